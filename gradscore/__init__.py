@@ -1,0 +1,28 @@
+"""gradscore: per-example gradient scores for every training example, at every checkpoint.
+
+Public API::
+
+    import gradscore as gs
+    scorer = gs.Scorer(model, loss="cross_entropy", engine="auto")
+    out = scorer.score_batch(x, y, refs=None)      # ScoreBatch(loss, sq_norm, dots, logits)
+    gs.score(checkpoints="ckpts/", data="train.h5", out="scores.h5")
+"""
+__version__ = "0.1.0"
+
+from .checkpoints import CheckpointInfo, CheckpointStore, CheckpointWriter  # noqa: E402
+from .config import RunConfig  # noqa: E402
+from .data import Dataset, load_dataset, save_dataset  # noqa: E402
+from .engines import Engine, ScoreBatch  # noqa: E402
+from .exceptions import (CheckpointError, ConfigError, ConfigMismatchError, DataError,  # noqa: E402
+                         EngineError, GradscoreError)
+from .losses import Loss, resolve_loss  # noqa: E402
+from .scorer import Scorer  # noqa: E402
+from .store import load_scores  # noqa: E402
+from .api import run, score  # noqa: E402
+
+__all__ = [
+    "__version__", "Scorer", "ScoreBatch", "Engine", "score", "run", "RunConfig",
+    "CheckpointWriter", "CheckpointStore", "CheckpointInfo", "Dataset", "load_dataset",
+    "save_dataset", "load_scores", "Loss", "resolve_loss", "GradscoreError", "ConfigError",
+    "CheckpointError", "DataError", "EngineError", "ConfigMismatchError",
+]

@@ -1,0 +1,143 @@
+"""``score()``: stream every example through every checkpoint and write a scores file."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .checkpoints import CheckpointStore, file_sha256
+from .config import RunConfig
+from .data import ArrayFileDataset, Dataset, load_dataset
+from .exceptions import ConfigError
+from .scorer import Scorer
+from .scores import datadiet
+from .store import HDF5ScoreStore
+
+#: Datasets larger than this are fingerprinted by size and mtime instead of SHA-256.
+_HASH_LIMIT = 1 << 30
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("invalid value for 'device': cuda was asked for but torch sees no CUDA device")
+    return device
+
+
+def _data_fingerprint(ds: Dataset, spec: str) -> dict[str, Any]:
+    if isinstance(ds, ArrayFileDataset):
+        st = ds.path.stat()
+        fp: dict[str, Any] = {"file": str(ds.path.resolve()), "size": st.st_size}
+        if st.st_size <= _HASH_LIMIT:
+            fp["sha256"] = file_sha256(ds.path)
+        else:
+            fp["mtime_ns"] = st.st_mtime_ns
+        return fp
+    return {"factory": spec, "n": len(ds)}
+
+
+def _select_checkpoints(ckpts: CheckpointStore, epochs_upto: float | None) -> np.ndarray:
+    epochs = np.array([i.epoch for i in ckpts], dtype=np.float64)
+    if epochs_upto is None:
+        return np.ones(len(epochs), dtype=bool)
+    select = epochs <= epochs_upto
+    if not select.any():
+        raise ConfigError(f"invalid value for 'epochs_upto': {epochs_upto} selects no checkpoint "
+                          f"(epochs present: {sorted(set(epochs.tolist()))})")
+    return select
+
+
+def score_chunk(scorer: Scorer, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
+                gradients: bool) -> dict[str, np.ndarray]:
+    """Per-example metrics (n,) for one chunk: loss, el2n, p_gold, correct[, sq_grad_norm]."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for i in range(0, x.shape[0], batch_size):
+        yb = y[i:i + batch_size]
+        out = scorer.score_batch(x[i:i + batch_size], yb, gradients=gradients)
+        metrics = {"loss": out.loss}
+        metrics.update(datadiet.classification_metrics(scorer.loss, out.logits, yb.to(out.logits.device)))
+        if out.sq_norm is not None:
+            metrics["sq_grad_norm"] = out.sq_norm
+        for k, v in metrics.items():
+            parts.setdefault(k, []).append(v.detach().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
+        progress: bool = True) -> Path:
+    """Score every example at every checkpoint per ``config``; write ``out`` (HDF5).
+
+    Resumable: rerunning after an interruption continues where it stopped. Returns
+    the path of the finished scores file.
+    """
+    ckpts = CheckpointStore(config.checkpoints)
+    ds = load_dataset(config.data)
+    select = _select_checkpoints(ckpts, config.epochs_upto)
+    device = resolve_device(config.device)
+    dtype = getattr(torch, config.dtype)
+    n, T = len(ds), len(ckpts)
+    fingerprint = {"config": config.to_dict(), "checkpoints_sha256": ckpts.checksums(),
+                   "data": _data_fingerprint(ds, config.data)}
+    store = HDF5ScoreStore(out, fingerprint, n=n, T=T, chunk_size=config.chunk_size,
+                           overwrite=overwrite)
+    if not store.complete:
+        _fill(store, ckpts, ds, config, device, dtype, progress)
+    noisy = ds.noisy()
+    extras: dict[str, Any] = {"checkpoints": {
+        "step": np.array([i.step for i in ckpts], dtype=np.int64),
+        "epoch": np.array([i.epoch for i in ckpts]), "lr": np.array([i.lr for i in ckpts]),
+        "selected": select}}
+    if noisy is not None:
+        extras["noisy"] = noisy
+    wanted = set(config.scores)
+
+    def aggregate(pc: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: v for k, v in datadiet.aggregate(pc, select).items() if k in wanted}
+
+    return store.finalize(ids=ds.ids(), extras=extras, aggregate=aggregate, attrs={
+        "config": config.to_dict(), "gradscore_version": __version__, "loss": ckpts.loss,
+        "checkpoints_sha256": fingerprint["checkpoints_sha256"]})
+
+
+def _fill(store: HDF5ScoreStore, ckpts: CheckpointStore, ds: Dataset, config: RunConfig,
+          device: str, dtype: torch.dtype, progress: bool) -> None:
+    todo = [[c for c in range(store.n_chunks) if not store.is_done(t, c)] for t in range(len(ckpts))]
+    remaining = sum(store.chunk_range(c)[1] - store.chunk_range(c)[0] for cs in todo for c in cs)
+    bar = tqdm(total=len(ds) * len(ckpts), initial=len(ds) * len(ckpts) - remaining,
+               desc="scoring", unit="ex", unit_scale=True, disable=not progress, dynamic_ncols=True)
+    with bar:
+        for t, chunks in enumerate(todo):
+            if not chunks:
+                continue
+            model = ckpts.build_model(t, dtype=dtype, device=device)
+            scorer = Scorer(model, loss=ckpts.loss, engine=config.engine, chunk_bytes=config.chunk_bytes)
+            n_classes = None
+            for c in chunks:
+                a, b = store.chunk_range(c)
+                x, y = ds.read(a, b)
+                if scorer.loss.is_classification and not y.dtype.is_floating_point:
+                    if n_classes is None:
+                        n_classes = int(scorer.score_batch(x[:1], y[:1] * 0, gradients=False).logits.shape[-1])
+                    ds.check_labels(a, y, n_classes)
+                store.write_chunk(t, c, score_chunk(scorer, x, y, batch_size=config.batch_size,
+                                                    gradients=config.needs_gradients))
+                bar.update(b - a)
+
+
+def score(checkpoints: str | os.PathLike, data: str | os.PathLike, *, out: str | os.PathLike,
+          scores: Sequence[str] = ("el2n", "grand", "loss"), overwrite: bool = False,
+          progress: bool = True, **options: Any) -> Path:
+    """Score every example of ``data`` at every checkpoint in ``checkpoints``.
+
+    Writes ``out`` (HDF5, see :mod:`gradscore.store`) and returns its path. ``options``
+    are the other :class:`~gradscore.config.RunConfig` fields (engine, device, dtype,
+    batch_size, chunk_size, chunk_bytes, epochs_upto).
+    """
+    config = RunConfig(checkpoints=str(checkpoints), data=str(data), scores=tuple(scores), **options)
+    return run(config, out, overwrite=overwrite, progress=progress)

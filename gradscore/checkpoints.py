@@ -1,0 +1,256 @@
+"""HDF5 checkpoints: one self-describing file per saved θ_t (``step_00001200.h5``).
+
+Layout: ``/params/<name>`` and ``/buffers/<name>`` (state_dict names), attrs ``step``,
+``epoch``, ``lr`` (η_t, the step size used for the step *after* θ_t), ``optimizer``,
+``model`` (``"package.module:factory"``), ``model_kwargs`` (JSON), ``loss`` and
+``format_version``. Files are written atomically with fletcher32 checksums.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+import torch
+from torch import nn
+
+from .atomic import atomic_path
+from .exceptions import CheckpointError
+from .imports import import_ref
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^step_(\d+)\.h5$")
+_REQUIRED_ATTRS = ("format_version", "step", "epoch", "lr", "model", "model_kwargs", "loss")
+
+
+def checkpoint_filename(step: int) -> str:
+    return f"step_{int(step):08d}.h5"
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: store losslessly as float32
+        t = t.float()
+    return t.numpy()
+
+
+def write_checkpoint(path: str | Path, model: nn.Module, *, step: int, lr: float,
+                     epoch: float = 0.0, model_factory: str = "", model_kwargs: dict | None = None,
+                     loss: str = "cross_entropy", optimizer: str = "") -> Path:
+    """Write ``model``'s parameters and persistent buffers to ``path`` atomically."""
+    path = Path(path)
+    params = dict(model.named_parameters())
+    state = model.state_dict()
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs.update({
+            "format_version": FORMAT_VERSION, "step": int(step), "epoch": float(epoch),
+            "lr": float(lr), "optimizer": optimizer, "model": model_factory,
+            "model_kwargs": json.dumps(model_kwargs or {}, sort_keys=True), "loss": loss,
+        })
+        gp, gb = f.create_group("params"), f.create_group("buffers")
+        for name, tensor in state.items():
+            group = gp if name in params else gb
+            arr = _to_numpy(tensor)
+            kw = {"fletcher32": True} if arr.ndim else {}  # scalars cannot be chunked
+            if arr.ndim:
+                kw["chunks"] = True
+            group.create_dataset(name, data=arr, **kw)
+    return path
+
+
+class CheckpointWriter:
+    """Save θ_t during training, one atomic HDF5 file per call to :meth:`save`.
+
+    >>> with CheckpointWriter("ckpts/", model_factory="gradscore.models:mlp",
+    ...                       model_kwargs={}, loss="cross_entropy") as w:
+    ...     w.save(model, step=0, lr=0.1, epoch=0)   # doctest: +SKIP
+
+    ``model_factory`` must rebuild the architecture from ``model_kwargs`` so that
+    ``gradscore run`` can score the checkpoints without your training script.
+    """
+
+    def __init__(self, directory: str | Path, *, model_factory: str, model_kwargs: dict | None = None,
+                 loss: str = "cross_entropy", optimizer: str = "") -> None:
+        self.directory = Path(directory)
+        self.model_factory = model_factory
+        self.model_kwargs = dict(model_kwargs or {})
+        self.loss = loss
+        self.optimizer = optimizer
+        self.saved: list[Path] = []
+
+    def __enter__(self) -> "CheckpointWriter":
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def save(self, model: nn.Module, *, step: int, lr: float, epoch: float = 0.0) -> Path:
+        """Write θ_t = ``model`` as ``step_<step>.h5``; ``lr`` is η_t used after θ_t."""
+        path = write_checkpoint(self.directory / checkpoint_filename(step), model, step=step,
+                                lr=lr, epoch=epoch, model_factory=self.model_factory,
+                                model_kwargs=self.model_kwargs, loss=self.loss,
+                                optimizer=self.optimizer)
+        self.saved.append(path)
+        return path
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """Attributes of one checkpoint file."""
+
+    path: Path
+    step: int
+    epoch: float
+    lr: float
+    model: str
+    model_kwargs: dict
+    loss: str
+    optimizer: str
+
+
+def _read_info(path: Path) -> CheckpointInfo:
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = dict(f.attrs)
+            groups = set(f.keys())
+    except OSError as e:
+        raise CheckpointError(f"{path}: not a readable HDF5 file (truncated or corrupt: {e}); "
+                              f"re-save this checkpoint") from e
+    missing = [a for a in _REQUIRED_ATTRS if a not in attrs]
+    if missing:
+        raise CheckpointError(f"{path}: missing attribute(s) {', '.join(missing)}; "
+                              f"write checkpoints with gradscore.CheckpointWriter")
+    if int(attrs["format_version"]) != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unknown format_version {attrs['format_version']} "
+                              f"(this gradscore reads {FORMAT_VERSION}); upgrade gradscore")
+    if "params" not in groups:
+        raise CheckpointError(f"{path}: no /params group; write checkpoints with CheckpointWriter")
+    try:
+        kwargs = json.loads(attrs["model_kwargs"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: attribute model_kwargs is not valid JSON ({e})") from e
+    return CheckpointInfo(path=path, step=int(attrs["step"]), epoch=float(attrs["epoch"]),
+                          lr=float(attrs["lr"]), model=str(attrs["model"]), model_kwargs=kwargs,
+                          loss=str(attrs["loss"]), optimizer=str(attrs.get("optimizer", "")))
+
+
+def load_state_dict(path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Read the tensors of checkpoint ``path`` validated against ``model``'s state_dict.
+
+    Raises :class:`CheckpointError` naming the file and tensor for a missing, extra,
+    mis-shaped or corrupt (checksum) tensor.
+    """
+    path = Path(path)
+    expected = model.state_dict()
+    params = dict(model.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    try:
+        with h5py.File(path, "r") as f:
+            stored = {f"{g}/{k}" for g in ("params", "buffers") if g in f for k in f[g].keys()}
+            for name, ref in expected.items():
+                key = f"{'params' if name in params else 'buffers'}/{name}"
+                if key not in stored:
+                    raise CheckpointError(f"{path}: tensor '{name}' of the model is missing "
+                                          f"from the file; was it saved from another model?")
+                stored.discard(key)
+                ds = f[key]
+                if tuple(ds.shape) != tuple(ref.shape):
+                    raise CheckpointError(f"{path}: tensor '{name}' has shape {tuple(ds.shape)} "
+                                          f"but the model expects {tuple(ref.shape)}; check "
+                                          f"model_kwargs")
+                try:
+                    arr = ds[()]
+                except OSError as e:
+                    raise CheckpointError(f"{path}: tensor '{name}' is corrupt ({e}); "
+                                          f"re-save this checkpoint") from e
+                out[name] = torch.as_tensor(np.asarray(arr)).to(ref.dtype)
+            if stored:
+                extra = sorted(k.split("/", 1)[1] for k in stored)
+                raise CheckpointError(f"{path}: tensor(s) {', '.join(extra[:5])} are not in "
+                                      f"the model; was it saved from another model?")
+    except OSError as e:
+        raise CheckpointError(f"{path}: not a readable HDF5 file ({e})") from e
+    return out
+
+
+def file_sha256(path: str | Path, block: int = 2**22) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class CheckpointStore:
+    """The checkpoints θ_0 … θ_{T-1} of one directory, sorted by step.
+
+    ``len(store)``, ``store[i] -> CheckpointInfo``, iteration, :meth:`load_into` and
+    :meth:`build_model`. Files whose names do not match ``step_<n>.h5`` are ignored.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory}: checkpoint directory does not exist")
+        paths = [p for p in self.directory.iterdir() if _NAME.match(p.name)]
+        if not paths:
+            raise CheckpointError(f"{self.directory}: no checkpoint files (step_<n>.h5) found; "
+                                  f"save them with gradscore.CheckpointWriter")
+        infos = [_read_info(p) for p in paths]
+        self.infos: list[CheckpointInfo] = sorted(infos, key=lambda i: i.step)
+        steps = [i.step for i in self.infos]
+        if len(set(steps)) != len(steps):
+            raise CheckpointError(f"{self.directory}: two files share a step attribute")
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def __getitem__(self, i: int) -> CheckpointInfo:
+        return self.infos[i]
+
+    def __iter__(self) -> Iterator[CheckpointInfo]:
+        return iter(self.infos)
+
+    @property
+    def loss(self) -> str:
+        """The loss named by the checkpoints (they must agree)."""
+        losses = {i.loss for i in self.infos}
+        if len(losses) != 1:
+            raise CheckpointError(f"{self.directory}: checkpoints name different losses {losses}")
+        return losses.pop()
+
+    def load_into(self, model: nn.Module, i: int) -> nn.Module:
+        """Load checkpoint ``i``'s tensors into ``model`` (in place) and return it."""
+        model.load_state_dict(load_state_dict(self.infos[i].path, model))
+        return model
+
+    def build_model(self, i: int, *, dtype: torch.dtype | None = None,
+                    device: str | torch.device = "cpu") -> nn.Module:
+        """Build the model from the checkpoint's factory, load θ_i, put it in eval mode."""
+        info = self.infos[i]
+        if not info.model:
+            raise CheckpointError(f"{info.path}: no 'model' factory attribute; save with "
+                                  f"CheckpointWriter(model_factory='package.module:fn')")
+        factory = import_ref(info.model, f"{info.path}: model factory", CheckpointError)
+        try:
+            model = factory(**info.model_kwargs)
+        except TypeError as e:
+            raise CheckpointError(f"{info.path}: model factory '{info.model}' rejected "
+                                  f"model_kwargs {info.model_kwargs}: {e}") from e
+        if not isinstance(model, nn.Module):
+            raise CheckpointError(f"{info.path}: factory '{info.model}' did not return an nn.Module")
+        self.load_into(model, i)
+        if dtype is not None:
+            model = model.to(dtype)
+        return model.to(device).eval()
+
+    def checksums(self) -> list[str]:
+        """SHA-256 of every checkpoint file, in step order."""
+        return [file_sha256(i.path) for i in self.infos]

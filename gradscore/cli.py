@@ -1,0 +1,128 @@
+"""The ``gradscore`` command line. Exit codes: 0 success, 2 bad input (one line on stderr)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .config import AVAILABLE_SCORES, DEVICES, DTYPES, ENGINES, RunConfig
+from .exceptions import GradscoreError, one_line
+
+EPILOG = """examples:
+  gradscore demo --out demo/                       # train on digits, score, report
+  gradscore run --checkpoints demo/ckpts --data demo/data/train.h5 --out scores.h5
+  gradscore info scores.h5
+
+A killed `run` resumes where it stopped when rerun with the same options."""
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="score every example at every checkpoint",
+                       description="Stream a dataset through every checkpoint of a training run "
+                       "and write per-checkpoint metrics and aggregated scores to an HDF5 file.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = RunConfig(checkpoints="", data="")
+    p.add_argument("--checkpoints", required=True, metavar="DIR",
+                   help="directory of step_<n>.h5 files written by gradscore.CheckpointWriter")
+    p.add_argument("--data", required=True, metavar="FILE",
+                   help=".h5/.npz with 'inputs' and 'targets' (optional 'ids', 'noisy'), "
+                   "or a 'module:fn' returning a torch Dataset of (input, target)")
+    p.add_argument("--out", required=True, metavar="FILE", help="scores file to write (HDF5)")
+    p.add_argument("--scores", default=",".join(d.scores),
+                   help=f"comma-separated scores, from: {', '.join(AVAILABLE_SCORES)}")
+    p.add_argument("--engine", default=d.engine, choices=ENGINES,
+                   help="per-example gradient engine (loop is the slow reference)")
+    p.add_argument("--device", default=d.device, choices=DEVICES)
+    p.add_argument("--dtype", default=d.dtype, choices=DTYPES)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per engine call")
+    p.add_argument("--chunk-size", type=int, default=d.chunk_size,
+                   help="examples per resumable unit of work")
+    p.add_argument("--chunk-mb", type=int, default=d.chunk_bytes // 2**20,
+                   help="memory budget (MiB) of one per-example gradient block")
+    p.add_argument("--epochs-upto", type=float, default=None, metavar="E",
+                   help="aggregate only over checkpoints with epoch <= E (Data Diet's early scores)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an output (or discard an interrupted run) made with other options")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .api import run
+    config = RunConfig(checkpoints=args.checkpoints, data=args.data,
+                       scores=tuple(s.strip() for s in args.scores.split(",") if s.strip()),
+                       engine=args.engine, device=args.device, dtype=args.dtype,
+                       batch_size=args.batch_size, chunk_size=args.chunk_size,
+                       chunk_bytes=args.chunk_mb * 2**20, epochs_upto=args.epochs_upto)
+    path = run(config, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"scores -> {path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    run_demo(args.out, epochs=args.epochs, n_train=args.n_train, engine=args.engine,
+             progress=not args.quiet)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .info import describe
+    if args.env:
+        from .info import environment
+        print(json.dumps(environment(), indent=2))
+    if args.path is not None:
+        print(describe(Path(args.path)))
+    elif not args.env:
+        raise GradscoreError("info needs a PATH (checkpoint dir, dataset or scores file) or --env")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradscore", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Per-example gradient scores (EL2N, GraNd, loss) for every training example "
+        "at every checkpoint of a training run.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"gradscore {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub)
+    p = sub.add_parser("demo", help="train on the bundled digits, score, report (no download)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Flip 20%% of the digits training labels, train a small CNN "
+                       "with a checkpoint per epoch, score every example with the same code "
+                       "path as `run`, print how well each score finds the flipped labels, "
+                       "and write DIR/data/train.h5, DIR/ckpts/, DIR/scores.h5, DIR/report.png.")
+    p.add_argument("--out", default="gradscore_demo", metavar="DIR", help="output directory")
+    p.add_argument("--epochs", type=int, default=15, help="training epochs (one checkpoint each)")
+    p.add_argument("--n-train", type=int, default=None, help="use only the first N training examples")
+    p.add_argument("--engine", default="auto", choices=ENGINES)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = sub.add_parser("info", help="describe a checkpoint dir, dataset or scores file",
+                       description="Describe a checkpoint directory, a dataset file or a scores "
+                       "file; --env prints the kernel backends and library versions.")
+    p.add_argument("path", nargs="?", default=None, help="checkpoint dir, dataset or scores file")
+    p.add_argument("--env", action="store_true", help="print the environment (kernel backends, versions)")
+    return parser
+
+
+_COMMANDS = {"run": _cmd_run, "demo": _cmd_demo, "info": _cmd_info}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gradscore`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except GradscoreError as e:
+        print(f"gradscore {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gradscore {args.command}: interrupted; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

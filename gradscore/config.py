@@ -1,0 +1,84 @@
+"""Validated run configuration, saved as JSON in every output file.
+
+A later run against an existing output compares :meth:`RunConfig.fingerprint` and is
+refused (:class:`~gradscore.exceptions.ConfigMismatchError`) unless ``overwrite`` is asked.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .exceptions import ConfigError
+
+#: Aggregated scores `gradscore run` can produce (see gradscore/scores/).
+AVAILABLE_SCORES = ("el2n", "grand", "loss")
+#: Scores that need per-example gradients (all others need a forward pass only).
+GRADIENT_SCORES = frozenset({"grand"})
+ENGINES = ("auto", "vmap", "loop")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "float64")
+
+
+def _require(ok: bool, name: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid value for '{name}': {why}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines the numbers a scoring run writes.
+
+    Two runs with equal configs (and equal checkpoint/data checksums) write
+    bit-identical scores, which is what makes resuming safe.
+    """
+
+    checkpoints: str = field(metadata={"help": "directory of step_*.h5 checkpoint files"})
+    data: str = field(metadata={"help": ".h5/.npz dataset or 'module:fn' factory"})
+    scores: tuple[str, ...] = field(default=("el2n", "grand", "loss"),
+                                    metadata={"help": "aggregated scores to compute"})
+    engine: str = field(default="auto", metadata={"help": "per-example gradient engine"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
+    dtype: str = field(default="float32", metadata={"help": "model/computation dtype"})
+    batch_size: int = field(default=256, metadata={"help": "examples per engine call"})
+    chunk_size: int = field(default=4096,
+                            metadata={"help": "examples per resumable unit of work"})
+    chunk_bytes: int = field(default=256 * 2**20,
+                             metadata={"help": "memory budget of one (B, P) gradient block"})
+    epochs_upto: float | None = field(default=None, metadata={
+        "help": "aggregate over checkpoints with epoch <= this (Data Diet's early scores)"})
+
+    def __post_init__(self) -> None:
+        scores = tuple(self.scores)
+        object.__setattr__(self, "scores", scores)
+        _require(len(scores) > 0, "scores", "give at least one score")
+        for s in scores:
+            _require(s in AVAILABLE_SCORES, "scores",
+                     f"unknown score '{s}'; choose from {', '.join(AVAILABLE_SCORES)}")
+        _require(len(set(scores)) == len(scores), "scores", "a score is listed twice")
+        _require(self.engine in ENGINES, "engine", f"'{self.engine}' is not one of {ENGINES}")
+        _require(self.device in DEVICES, "device", f"'{self.device}' is not one of {DEVICES}")
+        _require(self.dtype in DTYPES, "dtype", f"'{self.dtype}' is not one of {DTYPES}")
+        for name in ("batch_size", "chunk_size", "chunk_bytes"):
+            v = getattr(self, name)
+            _require(isinstance(v, int) and v > 0, name, f"must be a positive integer, got {v!r}")
+        _require(self.epochs_upto is None or self.epochs_upto >= 0, "epochs_upto",
+                 f"must be >= 0, got {self.epochs_upto!r}")
+
+    @property
+    def needs_gradients(self) -> bool:
+        """True when any requested score needs per-example gradients."""
+        return any(s in GRADIENT_SCORES for s in self.scores)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["scores"] = list(self.scores)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: (tuple(v) if k == "scores" else v) for k, v in d.items() if k in known})

@@ -1,0 +1,93 @@
+"""The engine ABC, the engine registry and the per-batch result type."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..exceptions import EngineError
+from ..losses import Loss
+
+#: Per-parameter reference blocks: refs[i] has shape (K, *param_i.shape).
+RefBlocks = Sequence[torch.Tensor]
+
+
+@dataclass
+class ScoreBatch:
+    """Per-example results for one batch of B examples at one checkpoint.
+
+    loss: (B,) per-example loss ℓ(x_b, y_b; θ).
+    sq_norm: (B,) ‖∇_θ ℓ_b‖² over the scored parameters, or None (forward only).
+    dots: (B, K) ⟨∇_θ ℓ_b, v_k⟩, or None when no references were given.
+    logits: (B, ...) the model output.
+    """
+
+    loss: torch.Tensor
+    sq_norm: torch.Tensor | None
+    dots: torch.Tensor | None
+    logits: torch.Tensor
+
+
+_ENGINES: dict[str, type["Engine"]] = {}
+
+
+def register_engine(name: str) -> Callable[[type["Engine"]], type["Engine"]]:
+    """Class decorator: make an :class:`Engine` available as ``engine=name``."""
+    def deco(cls: type[Engine]) -> type[Engine]:
+        _ENGINES[name] = cls
+        cls.name = name
+        return cls
+    return deco
+
+
+def engine_class(name: str) -> type["Engine"]:
+    if name not in _ENGINES:
+        raise EngineError(f"unknown engine '{name}'; choose from {', '.join(sorted(_ENGINES))}")
+    return _ENGINES[name]
+
+
+def check_eval_mode(model: nn.Module) -> None:
+    """Refuse layers whose training mode couples examples or randomizes them.
+
+    Train-mode BatchNorm normalizes with batch statistics, so one example's gradient
+    depends on the others in its batch; train-mode Dropout makes scores random.
+    """
+    for name, m in model.named_modules():
+        if m.training and isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)):
+            raise EngineError(f"layer '{name or type(m).__name__}' ({type(m).__name__}) is in "
+                              f"training mode, which couples or randomizes examples; call "
+                              f"model.eval() before scoring")
+
+
+class Engine(ABC):
+    """Computes per-example loss, ‖g_b‖² and ⟨g_b, v_k⟩ for a batch.
+
+    Engines never modify the model: parameters are read, hooks (if any) are removed
+    before returning.
+    """
+
+    name: str = ""
+
+    def __init__(self, model: nn.Module, loss: Loss, param_names: Sequence[str],
+                 chunk_bytes: int = 256 * 2**20) -> None:
+        self.model = model
+        self.loss = loss
+        self.param_names = list(param_names)
+        self.chunk_bytes = int(chunk_bytes)
+
+    @abstractmethod
+    def score_batch(self, x: torch.Tensor, y: torch.Tensor, refs: RefBlocks | None) -> ScoreBatch:
+        """Per-example loss (B,), sq_norm (B,), dots (B, K) or None, logits.
+
+        x: (B, ...) inputs and y: (B, ...) targets on the model's device; refs:
+        per-parameter blocks (K, *shape) in ``param_names`` order, or None.
+        """
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> ScoreBatch:
+        """Forward pass only: per-example loss and logits, no gradients."""
+        with torch.no_grad():
+            out = self.model(x)
+            return ScoreBatch(loss=self.loss.fn(out, y), sq_norm=None, dots=None, logits=out)

@@ -1,0 +1,31 @@
+"""The per-example autograd loop: slow, obviously correct; the reference for tests."""
+from __future__ import annotations
+
+import torch
+
+from .base import Engine, RefBlocks, ScoreBatch, register_engine
+
+
+@register_engine("loop")
+class LoopEngine(Engine):
+    """One forward and one backward per example; full gradient flattened and reduced."""
+
+    def score_batch(self, x: torch.Tensor, y: torch.Tensor, refs: RefBlocks | None) -> ScoreBatch:
+        named = dict(self.model.named_parameters())
+        params = [named[n] for n in self.param_names]
+        V = None if refs is None else torch.cat([r.reshape(r.shape[0], -1) for r in refs], dim=1)
+        losses, sqs, dots, outs = [], [], [], []
+        for b in range(x.shape[0]):
+            out = self.model(x[b:b + 1])
+            loss = self.loss.fn(out, y[b:b + 1]).sum()
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            g = torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1)
+                           for p, gi in zip(params, grads)])
+            losses.append(loss.detach())
+            outs.append(out.detach()[0])
+            sqs.append(g @ g)
+            if V is not None:
+                dots.append(V.to(g.dtype) @ g)
+        return ScoreBatch(loss=torch.stack(losses), sq_norm=torch.stack(sqs),
+                          dots=torch.stack(dots) if V is not None else None,
+                          logits=torch.stack(outs))

@@ -1,0 +1,35 @@
+"""One error hierarchy for gradscore.
+
+Every message states the cause and the fix. The CLI prints ``str(err)`` as a single
+line on stderr and exits with code 2 for any :class:`GradscoreError`.
+"""
+from __future__ import annotations
+
+
+class GradscoreError(Exception):
+    """Base class of every error gradscore raises on bad input or state."""
+
+
+class ConfigError(GradscoreError, ValueError):
+    """An option has an invalid value; the message names the field."""
+
+
+class CheckpointError(GradscoreError):
+    """A checkpoint file or directory is missing, corrupt or does not fit the model."""
+
+
+class DataError(GradscoreError):
+    """A dataset file is missing a field, has inconsistent lengths or bad labels."""
+
+
+class EngineError(GradscoreError):
+    """The model cannot be scored as given (e.g. train-mode BatchNorm, unknown loss)."""
+
+
+class ConfigMismatchError(GradscoreError):
+    """An existing output was made with a different configuration."""
+
+
+def one_line(text: str) -> str:
+    """Collapse whitespace so an error prints on one line."""
+    return " ".join(str(text).split())

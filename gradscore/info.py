@@ -1,0 +1,88 @@
+"""Human-readable descriptions for ``gradscore info``."""
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .exceptions import GradscoreError
+
+
+def environment() -> dict[str, Any]:
+    """Versions and the kernel backend chosen for each device."""
+    import torch
+
+    from . import __version__
+    from .kernels import describe as kernel_backends
+    return {"gradscore": __version__, "python": platform.python_version(),
+            "torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
+            "kernels": kernel_backends()}
+
+
+def _describe_checkpoints(path: Path) -> str:
+    from .checkpoints import CheckpointStore
+    store = CheckpointStore(path)
+    first = store[0]
+    with h5py.File(first.path, "r") as f:
+        n_params = sum(int(np.prod(f["params"][k].shape)) for k in f["params"])
+    lines = [f"checkpoint directory {path}: {len(store)} checkpoints",
+             f"  model {first.model}({json.dumps(first.model_kwargs)}), loss {store.loss}, "
+             f"{n_params:,} parameters",
+             f"  {'step':>10} {'epoch':>8} {'lr':>10}"]
+    lines += [f"  {i.step:>10} {i.epoch:>8g} {i.lr:>10.4g}" for i in store]
+    return "\n".join(lines)
+
+
+def _describe_dataset(path: Path) -> str:
+    from .data import ArrayFileDataset
+    ds = ArrayFileDataset(path)
+    x, y = ds.read(0, min(len(ds), 1))
+    lines = [f"dataset {path}: {len(ds)} examples",
+             f"  inputs: per-example shape {tuple(x.shape[1:])}, {x.dtype}",
+             f"  targets: per-example shape {tuple(y.shape[1:])}, {y.dtype}"]
+    if not y.dtype.is_floating_point:
+        _, yall = ds.read(0, len(ds))
+        lines.append(f"  classes: {int(yall.min())}..{int(yall.max())}")
+    noisy = ds.noisy()
+    if noisy is not None:
+        lines.append(f"  noisy: {int(noisy.sum())} of {len(noisy)} ({noisy.mean():.1%}) marked")
+    ds.close()
+    return "\n".join(lines)
+
+
+def _describe_scores(path: Path) -> str:
+    with h5py.File(path, "r") as f:
+        cfg = json.loads(f.attrs["config"])
+        lines = [f"scores file {path} (gradscore {f.attrs.get('gradscore_version', '?')})",
+                 f"  checkpoints {cfg['checkpoints']}, data {cfg['data']}, engine {cfg['engine']}",
+                 f"  per_checkpoint: " + ", ".join(f"{k} {f['per_checkpoint'][k].shape}"
+                                                   for k in f["per_checkpoint"])]
+        for k in f["scores"]:
+            s = f["scores"][k][()]
+            lines.append(f"  scores/{k}: mean {s.mean():.4g}, min {s.min():.4g}, max {s.max():.4g}")
+    return "\n".join(lines)
+
+
+def describe(path: Path) -> str:
+    """Describe a checkpoint directory, a dataset (.h5/.npz) or a scores file."""
+    if path.is_dir():
+        return _describe_checkpoints(path)
+    if not path.exists():
+        raise GradscoreError(f"{path}: no such file or directory")
+    if path.suffix == ".npz":
+        return _describe_dataset(path)
+    try:
+        with h5py.File(path, "r") as f:
+            kind = ("scores" if "fingerprint" in f.attrs else
+                    "checkpoint" if "params" in f else "dataset")
+    except OSError as e:
+        raise GradscoreError(f"{path}: not a readable HDF5 file ({e})") from e
+    if kind == "scores":
+        return _describe_scores(path)
+    if kind == "checkpoint":
+        return _describe_checkpoints(path.parent)
+    return _describe_dataset(path)

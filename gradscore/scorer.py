@@ -1,0 +1,101 @@
+"""``Scorer``: the Python entry point for scoring batches with any engine."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .engines import ScoreBatch, check_eval_mode, engine_class
+from .exceptions import EngineError
+from .losses import Loss, PerExampleLoss, resolve_loss
+
+Refs = torch.Tensor | Sequence[Mapping[str, torch.Tensor]] | None
+
+
+class Scorer:
+    """Per-example loss, squared gradient norm and dot products for a model.
+
+    Args:
+        model: an ``nn.Module`` in eval mode; it is never wrapped or modified.
+        loss: ``"cross_entropy"``, ``"nll"``, ``"mse"``, ``"module:fn"`` or a callable
+            ``(output (B, ...), target (B, ...)) -> (B,)``.
+        engine: ``"auto"`` (vmap for now), ``"vmap"`` or ``"loop"`` (slow reference).
+        chunk_bytes: memory budget of one materialized (b, P) gradient block.
+        params: names of the parameters to score (default: all with requires_grad).
+
+    Gradients are of the per-example loss ℓ(x_b, y_b; θ), not of a batch mean.
+    """
+
+    def __init__(self, model: nn.Module, loss: str | Loss | PerExampleLoss = "cross_entropy",
+                 engine: str = "auto", *, chunk_bytes: int = 256 * 2**20,
+                 params: Sequence[str] | None = None) -> None:
+        self.model = model
+        self.loss = resolve_loss(loss)
+        named = dict(model.named_parameters())
+        if params is None:
+            self.param_names = [n for n, p in named.items() if p.requires_grad]
+        else:
+            unknown = [n for n in params if n not in named]
+            if unknown:
+                raise EngineError(f"params {unknown} are not parameters of the model")
+            self.param_names = list(params)
+        if not self.param_names:
+            raise EngineError("the model has no trainable parameters to score")
+        self.engine_name = "vmap" if engine == "auto" else engine
+        self.engine = engine_class(self.engine_name)(model, self.loss, self.param_names, chunk_bytes)
+        self._shapes = [named[n].shape for n in self.param_names]
+
+    @property
+    def num_params(self) -> int:
+        """P, the number of scored parameter elements."""
+        return sum(s.numel() for s in self._shapes)
+
+    def _param_like(self) -> torch.Tensor:
+        return next(p for n, p in self.model.named_parameters() if n == self.param_names[0])
+
+    def ref_blocks(self, refs: Refs) -> list[torch.Tensor] | None:
+        """Normalize refs to per-parameter blocks ``[(K, *shape_i)]`` (views where possible).
+
+        refs: None; a (K, P) tensor in ``param_names`` flattening order; or a list of K
+        dicts ``{param_name: tensor shaped like the parameter}``.
+        """
+        if refs is None:
+            return None
+        like = self._param_like()
+        if isinstance(refs, torch.Tensor):
+            if refs.dim() != 2 or refs.shape[1] != self.num_params:
+                raise EngineError(f"refs tensor must be (K, {self.num_params}), got {tuple(refs.shape)}")
+            refs = refs.to(device=like.device, dtype=like.dtype)
+            sizes = [s.numel() for s in self._shapes]
+            return [b.reshape(refs.shape[0], *s) for b, s in zip(refs.split(sizes, dim=1), self._shapes)]
+        blocks = []
+        for name, shape in zip(self.param_names, self._shapes):
+            try:
+                vs = [torch.as_tensor(r[name]) for r in refs]
+            except KeyError as e:
+                raise EngineError(f"a reference dict has no entry for parameter {e}") from e
+            for v in vs:
+                if tuple(v.shape) != tuple(shape):
+                    raise EngineError(f"reference for '{name}' has shape {tuple(v.shape)}, "
+                                      f"expected {tuple(shape)}")
+            blocks.append(torch.stack(vs).to(device=like.device, dtype=like.dtype))
+        return blocks
+
+    def score_batch(self, x: torch.Tensor, y: torch.Tensor, refs: Refs = None, *,
+                    gradients: bool = True) -> ScoreBatch:
+        """Score B examples at the model's current parameters.
+
+        x: (B, ...) inputs; y: (B, ...) targets; refs: see :meth:`ref_blocks`.
+        Returns :class:`ScoreBatch` with loss (B,), sq_norm (B,), dots (B, K) or None,
+        logits. With ``gradients=False`` only a forward pass runs (sq_norm is None).
+        """
+        check_eval_mode(self.model)
+        like = self._param_like()
+        x = x.to(like.device)
+        if x.is_floating_point():
+            x = x.to(like.dtype)
+        y = y.to(like.device)
+        if not gradients:
+            return self.engine.forward(x, y)
+        return self.engine.score_batch(x, y, self.ref_blocks(refs))

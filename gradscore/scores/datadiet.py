@@ -1,0 +1,49 @@
+"""Data Diet scores (Paul, Ganguli & Dziugaite 2021).
+
+Per checkpoint t and example n:
+- ``el2n_t = ‖softmax(f(x_n; θ_t)) − onehot(y_n)‖₂`` (for ``mse``: ``‖f(x_n) − y_n‖₂``);
+- ``sq_grad_norm_t = ‖∇_θ ℓ(x_n, y_n; θ_t)‖₂²``.
+Aggregated over the chosen checkpoints (default all; ``epochs_upto`` keeps the early
+ones, as the paper scores at an early epoch):
+- ``el2n = mean_t el2n_t``; ``grand = mean_t sqrt(sq_grad_norm_t)``; ``loss = mean_t loss_t``.
+Larger = harder / more important (and, for noisy labels, more likely mislabeled). Units:
+EL2N is a probability-space distance in [0, √2]; GraNd is in loss units per parameter unit.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..losses import Loss
+
+
+def classification_metrics(loss: Loss, logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-example ``el2n``, ``p_gold`` and ``correct`` (B,) from the model output.
+
+    For regression losses only ``el2n`` (the error norm) is returned.
+    """
+    probs = loss.probs(logits) if logits.dim() == 2 and not y.dtype.is_floating_point else None
+    if probs is None:
+        err = (logits - y.to(logits.dtype)).reshape(logits.shape[0], -1)
+        return {"el2n": err.norm(dim=1)}
+    onehot = torch.nn.functional.one_hot(y, probs.shape[1]).to(probs.dtype)
+    return {
+        "el2n": (probs - onehot).norm(dim=1),
+        "p_gold": probs.gather(1, y[:, None])[:, 0],
+        "correct": (probs.argmax(1) == y).to(torch.int8),
+    }
+
+
+def aggregate(per_checkpoint: dict[str, np.ndarray], select: np.ndarray) -> dict[str, np.ndarray]:
+    """Aggregated Data Diet scores (N,) float64 from (T, N) per-checkpoint arrays.
+
+    ``select``: (T,) bool, the checkpoints to average over.
+    """
+    out: dict[str, np.ndarray] = {}
+    if "el2n" in per_checkpoint:
+        out["el2n"] = per_checkpoint["el2n"][select].astype(np.float64).mean(0)
+    if "sq_grad_norm" in per_checkpoint:
+        out["grand"] = np.sqrt(per_checkpoint["sq_grad_norm"][select].astype(np.float64)).mean(0)
+    if "loss" in per_checkpoint:
+        out["loss"] = per_checkpoint["loss"][select].astype(np.float64).mean(0)
+    return out

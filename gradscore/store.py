@@ -1,0 +1,183 @@
+"""The scores file: one HDF5 per run, written resumably.
+
+Final layout (``scores.h5``):
+- ``/per_checkpoint/<metric>`` (T, N): loss, el2n, p_gold, correct, sq_grad_norm, …
+- ``/scores/<name>`` (N,) float64: the aggregated scores asked for;
+- ``/ids`` (N,), ``/noisy`` (N,) when the data has it, ``/checkpoints/{step,epoch,lr}`` (T,);
+- ``/done`` (T, n_chunks) uint8 done-bitmap (all ones in a finished file);
+- attrs ``config`` and ``fingerprint`` (JSON), ``gradscore_version``.
+
+While a run is in progress its work lives in ``<out>.partial/``: ``meta.json`` (the
+fingerprint) and one atomically written ``t<t>_c<c>.npz`` per finished (checkpoint,
+chunk). The existence of those files *is* the done-bitmap. An HDF5 file being written
+is not crash-safe under SIGKILL, a directory of atomically renamed files is: a killed
+run resumes where it stopped and, as every chunk is computed the same way, the final
+file holds bit-identical numbers. The final file is itself written to a temp file and
+renamed, so ``scores.h5`` either does not exist or is complete.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Callable
+
+import h5py
+import numpy as np
+
+from .atomic import atomic_path
+from .exceptions import ConfigMismatchError, GradscoreError
+
+
+class ScoreStore(ABC):
+    """Where per-(checkpoint, chunk) results go, and how they become one scores file."""
+
+    @property
+    @abstractmethod
+    def complete(self) -> bool:
+        """True when a finished output with the same fingerprint already exists."""
+
+    @abstractmethod
+    def is_done(self, t: int, c: int) -> bool: ...
+
+    @abstractmethod
+    def write_chunk(self, t: int, c: int, metrics: dict[str, np.ndarray]) -> None:
+        """Persist the (chunk_len,) arrays of checkpoint t, chunk c atomically."""
+
+    @abstractmethod
+    def finalize(self, *, ids: np.ndarray, extras: dict[str, np.ndarray],
+                 aggregate: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+                 attrs: dict[str, Any]) -> Path:
+        """Assemble the output file; ``aggregate`` maps (T, n) metrics to (n,) scores."""
+
+
+def read_fingerprint(path: Path) -> dict | None:
+    """The fingerprint stored in a finished scores file, or None if unreadable."""
+    try:
+        with h5py.File(path, "r") as f:
+            return json.loads(f.attrs["fingerprint"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+class HDF5ScoreStore(ScoreStore):
+    """Journal of chunk files in ``<out>.partial/``, assembled into ``out`` (HDF5)."""
+
+    def __init__(self, out: str | Path, fingerprint: dict, *, n: int, T: int, chunk_size: int,
+                 overwrite: bool = False) -> None:
+        self.out = Path(out)
+        self.partial = self.out.with_name(self.out.name + ".partial")
+        self.fingerprint = fingerprint
+        self.n, self.T, self.chunk_size = n, T, chunk_size
+        self.n_chunks = (n + chunk_size - 1) // chunk_size
+        self._complete = False
+        if self.out.exists():
+            if read_fingerprint(self.out) == fingerprint and not overwrite:
+                self._complete = True
+                return
+            if not overwrite:
+                raise ConfigMismatchError(
+                    f"{self.out}: exists and was made with a different configuration, "
+                    f"checkpoints or data; pass --overwrite to replace it or choose another --out")
+        meta = self.partial / "meta.json"
+        if self.partial.exists():
+            try:
+                old = json.loads(meta.read_text())
+            except (OSError, ValueError):
+                old = None
+            if old != fingerprint:
+                if not overwrite:
+                    raise ConfigMismatchError(
+                        f"{self.partial}: an interrupted run with a different configuration is "
+                        f"in progress here; rerun it with the same options to resume, or pass "
+                        f"--overwrite to discard it")
+                shutil.rmtree(self.partial)
+        if overwrite and self.out.exists():
+            self.out.unlink()
+        self.partial.mkdir(parents=True, exist_ok=True)
+        if not meta.exists():
+            with atomic_path(meta) as tmp:
+                tmp.write_text(json.dumps(fingerprint, sort_keys=True))
+
+    @property
+    def complete(self) -> bool:
+        return self._complete
+
+    def chunk_range(self, c: int) -> tuple[int, int]:
+        return c * self.chunk_size, min(self.n, (c + 1) * self.chunk_size)
+
+    def _chunk_path(self, t: int, c: int) -> Path:
+        return self.partial / f"t{t:05d}_c{c:07d}.npz"
+
+    def is_done(self, t: int, c: int) -> bool:
+        return self._complete or self._chunk_path(t, c).exists()
+
+    def write_chunk(self, t: int, c: int, metrics: dict[str, np.ndarray]) -> None:
+        with atomic_path(self._chunk_path(t, c)) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **metrics)
+
+    def _read_chunk(self, t: int, c: int) -> dict[str, np.ndarray]:
+        path = self._chunk_path(t, c)
+        try:
+            with np.load(path) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError) as e:
+            raise GradscoreError(f"{path}: unreadable chunk file ({e}); delete it and rerun "
+                                 f"to recompute it") from e
+
+    def finalize(self, *, ids: np.ndarray, extras: dict[str, np.ndarray],
+                 aggregate: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+                 attrs: dict[str, Any]) -> Path:
+        if self._complete:
+            return self.out
+        first = self._read_chunk(0, 0)
+        with atomic_path(self.out) as tmp, h5py.File(tmp, "w") as f:
+            f.attrs.update({k: (json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v)
+                            for k, v in attrs.items()})
+            f.attrs["fingerprint"] = json.dumps(self.fingerprint, sort_keys=True)
+            pc = f.create_group("per_checkpoint")
+            chunks = (1, min(self.n, self.chunk_size))
+            dsets = {k: pc.create_dataset(k, (self.T, self.n), dtype=v.dtype, chunks=chunks)
+                     for k, v in first.items()}
+            for t in range(self.T):
+                for c in range(self.n_chunks):
+                    a, b = self.chunk_range(c)
+                    for k, v in self._read_chunk(t, c).items():
+                        dsets[k][t, a:b] = v
+            f.create_dataset("done", data=np.ones((self.T, self.n_chunks), dtype=np.uint8))
+            f.create_dataset("ids", data=ids)
+            for k, v in extras.items():
+                if isinstance(v, dict):
+                    g = f.create_group(k)
+                    for kk, vv in v.items():
+                        g.create_dataset(kk, data=vv)
+                else:
+                    f.create_dataset(k, data=v)
+            sg = f.create_group("scores")
+            for c in range(self.n_chunks):
+                a, b = self.chunk_range(c)
+                agg = aggregate({k: d[:, a:b] for k, d in dsets.items()})
+                for k, v in agg.items():
+                    if k not in sg:
+                        sg.create_dataset(k, (self.n,), dtype=np.float64)
+                    sg[k][a:b] = v
+        shutil.rmtree(self.partial, ignore_errors=True)
+        return self.out
+
+
+def load_scores(path: str | Path) -> dict[str, Any]:
+    """Read a finished scores file into memory: ``{"scores": {...}, "per_checkpoint": {...},
+    "ids", "noisy" (or None), "config"}``."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            return {
+                "scores": {k: f["scores"][k][()] for k in f["scores"]},
+                "per_checkpoint": {k: f["per_checkpoint"][k][()] for k in f["per_checkpoint"]},
+                "ids": f["ids"][()],
+                "noisy": f["noisy"][()] if "noisy" in f else None,
+                "config": json.loads(f.attrs["config"]),
+            }
+    except (OSError, KeyError) as e:
+        raise GradscoreError(f"{path}: not a gradscore scores file ({e})") from e

@@ -1,0 +1,65 @@
+"""Fused per-example squared norm and dot products: ``‖g_b‖²`` and ``⟨g_b, v_k⟩``.
+
+``G`` is the per-example gradient block (B, P) or the list of per-parameter blocks
+``[(B, *shape_i)]`` that ``torch.func.vmap(grad)`` returns; ``V`` is (K, P) or the
+matching list ``[(K, *shape_i)]`` (None or K = 0 for no references). Blocks are reduced
+one by one and accumulated; nothing is concatenated.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .dispatch import get_backend
+
+Blocks = torch.Tensor | Sequence[torch.Tensor]
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def norm_dot_reference(G: torch.Tensor, V: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference. G: (B, P), V: (K, P) or None -> sq_norm (B,), dots (B, K).
+
+    Accumulates in float32 (float64 when G is float64) whatever G's dtype.
+    """
+    acc = acc_dtype(G.dtype)
+    Ga = G.to(acc)
+    sq = Ga.pow(2).sum(1)
+    if V is None or V.shape[0] == 0:
+        return sq, Ga.new_zeros((G.shape[0], 0))
+    return sq, Ga @ V.to(acc).T
+
+
+def norm_dot(G: Blocks, V: Blocks | None = None, *, backend: str | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example ``sq_norm (B,)`` and ``dots (B, K)`` of G against V, fused.
+
+    G: (B, P) or list of (B, *shape_i); V: (K, P), list of (K, *shape_i) or None.
+    Accumulation is float32 for fp16/bf16/fp32 G and float64 for float64 G.
+    ``backend`` forces "torch", "numba" or "triton" (default: by device, see dispatch).
+    """
+    blocks = [G] if isinstance(G, torch.Tensor) else list(G)
+    if not blocks:
+        raise ValueError("norm_dot: G has no blocks")
+    if V is None:
+        vblocks: list[torch.Tensor | None] = [None] * len(blocks)
+    else:
+        vblocks = [V] if isinstance(V, torch.Tensor) else list(V)
+        if len(vblocks) != len(blocks):
+            raise ValueError(f"norm_dot: G has {len(blocks)} blocks but V has {len(vblocks)}")
+    B = blocks[0].shape[0]
+    impl = get_backend(blocks[0].device, backend)
+    sq_total = dots_total = None
+    for g, v in zip(blocks, vblocks):
+        g2 = g.reshape(B, -1)
+        v2 = None if v is None else v.reshape(v.shape[0], -1)
+        if v2 is not None and v2.shape[1] != g2.shape[1]:
+            raise ValueError(f"norm_dot: block of G has {g2.shape[1]} columns but V has {v2.shape[1]}")
+        sq, dots = impl.norm_dot(g2, v2)
+        sq_total = sq if sq_total is None else sq_total + sq
+        dots_total = dots if dots_total is None else dots_total + dots
+    return sq_total, dots_total
