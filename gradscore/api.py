@@ -13,7 +13,7 @@ from . import __version__
 from .checkpoints import CheckpointStore, file_sha256
 from .config import RunConfig
 from .data import ArrayFileDataset, Dataset, load_dataset
-from .exceptions import ConfigError
+from .exceptions import ConfigError, DataError
 from .scorer import Scorer
 from .scores import datadiet
 from .store import HDF5ScoreStore
@@ -110,7 +110,8 @@ def _fill(store: HDF5ScoreStore, ckpts: CheckpointStore, ds: Dataset, config: Ru
     todo = [[c for c in range(store.n_chunks) if not store.is_done(t, c)] for t in range(len(ckpts))]
     remaining = sum(store.chunk_range(c)[1] - store.chunk_range(c)[0] for cs in todo for c in cs)
     bar = tqdm(total=len(ds) * len(ckpts), initial=len(ds) * len(ckpts) - remaining,
-               desc="scoring", unit="ex", unit_scale=True, disable=not progress, dynamic_ncols=True)
+               desc="scoring", unit="ex", unit_scale=True, disable=None if progress else True,
+               dynamic_ncols=True)  # None: shown only on a terminal
     with bar:
         for t, chunks in enumerate(todo):
             if not chunks:
@@ -121,13 +122,22 @@ def _fill(store: HDF5ScoreStore, ckpts: CheckpointStore, ds: Dataset, config: Ru
             for c in chunks:
                 a, b = store.chunk_range(c)
                 x, y = ds.read(a, b)
+                if n_classes is None:
+                    n_classes = _probe_outputs(scorer, ds, x, ckpts[t].path)
                 if scorer.loss.is_classification and not y.dtype.is_floating_point:
-                    if n_classes is None:
-                        n_classes = int(scorer.score_batch(x[:1], y[:1] * 0, gradients=False).logits.shape[-1])
                     ds.check_labels(a, y, n_classes)
                 store.write_chunk(t, c, score_chunk(scorer, x, y, batch_size=config.batch_size,
                                                     gradients=config.needs_gradients))
                 bar.update(b - a)
+
+
+def _probe_outputs(scorer: Scorer, ds: Dataset, x: torch.Tensor, ckpt: Path) -> int:
+    """Run the model on one example; turn a shape/dtype failure into a DataError."""
+    try:
+        return int(scorer.output(x[:1]).shape[-1])
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        raise DataError(f"{ds.source}: field 'inputs' (per-example shape {tuple(x.shape[1:])}, "
+                        f"{x.dtype}) does not fit the model of {ckpt}: {e}") from e
 
 
 def score(checkpoints: str | os.PathLike, data: str | os.PathLike, *, out: str | os.PathLike,

@@ -82,6 +82,16 @@ class Scorer:
             blocks.append(torch.stack(vs).to(device=like.device, dtype=like.dtype))
         return blocks
 
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        like = self._param_like()
+        x = x.to(like.device)
+        return x.to(like.dtype) if x.is_floating_point() else x
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """The model output for inputs x (B, ...), without gradients."""
+        with torch.no_grad():
+            return self.model(self._inputs(x))
+
     def score_batch(self, x: torch.Tensor, y: torch.Tensor, refs: Refs = None, *,
                     gradients: bool = True) -> ScoreBatch:
         """Score B examples at the model's current parameters.
@@ -91,11 +101,7 @@ class Scorer:
         logits. With ``gradients=False`` only a forward pass runs (sq_norm is None).
         """
         check_eval_mode(self.model)
-        like = self._param_like()
-        x = x.to(like.device)
-        if x.is_floating_point():
-            x = x.to(like.dtype)
-        y = y.to(like.device)
+        x, y = self._inputs(x), y.to(self._param_like().device)
         if not gradients:
             return self.engine.forward(x, y)
         return self.engine.score_batch(x, y, self.ref_blocks(refs))

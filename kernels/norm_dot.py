@@ -7,6 +7,7 @@ one by one and accumulated; nothing is concatenated.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -56,9 +57,10 @@ def norm_dot(G: Blocks, V: Blocks | None = None, *, backend: str | None = None
     sq_total = dots_total = None
     for g, v in zip(blocks, vblocks):
         g2 = g.reshape(B, -1)
-        v2 = None if v is None else v.reshape(v.shape[0], -1)
-        if v2 is not None and v2.shape[1] != g2.shape[1]:
-            raise ValueError(f"norm_dot: block of G has {g2.shape[1]} columns but V has {v2.shape[1]}")
+        if v is not None and math.prod(v.shape[1:]) != g2.shape[1]:
+            raise ValueError(f"norm_dot: block of G has {g2.shape[1]} columns but V has "
+                             f"{math.prod(v.shape[1:])}")
+        v2 = None if v is None else v.reshape(v.shape[0], g2.shape[1])
         sq, dots = impl.norm_dot(g2, v2)
         sq_total = sq if sq_total is None else sq_total + sq
         dots_total = dots if dots_total is None else dots_total + dots

@@ -13,7 +13,7 @@ class LoopEngine(Engine):
     def score_batch(self, x: torch.Tensor, y: torch.Tensor, refs: RefBlocks | None) -> ScoreBatch:
         named = dict(self.model.named_parameters())
         params = [named[n] for n in self.param_names]
-        V = None if refs is None else torch.cat([r.reshape(r.shape[0], -1) for r in refs], dim=1)
+        V = None if refs is None else torch.cat([r.reshape(r.shape[0], p.numel()) for r, p in zip(refs, params)], dim=1)
         losses, sqs, dots, outs = [], [], [], []
         for b in range(x.shape[0]):
             out = self.model(x[b:b + 1])

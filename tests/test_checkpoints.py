@@ -1,0 +1,120 @@
+"""Checkpoint round trip and every validation error."""
+from __future__ import annotations
+
+import h5py
+import pytest
+import torch
+
+import gradscore as gs
+from gradscore.checkpoints import load_state_dict
+from gradscore.models import digits_cnn, mlp
+
+from conftest import MLP_KWARGS
+
+
+def test_round_trip_with_buffers_and_attrs(tmp_path):
+    torch.manual_seed(0)
+    model = digits_cnn(channels=4, batchnorm=True)
+    model[1].running_mean.uniform_()
+    with gs.CheckpointWriter(tmp_path, model_factory="gradscore.models:digits_cnn",
+                             model_kwargs={"channels": 4, "batchnorm": True}) as w:
+        w.save(model, step=20, lr=0.1, epoch=2)
+        w.save(model, step=3, lr=0.2, epoch=1)
+    store = gs.CheckpointStore(tmp_path)
+    assert [i.step for i in store] == [3, 20] and len(store) == 2
+    assert store[1].lr == 0.1 and store[1].epoch == 2 and store.loss == "cross_entropy"
+    rebuilt = store.build_model(1)
+    assert not rebuilt.training
+    for (k, a), (k2, b) in zip(model.state_dict().items(), rebuilt.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    with h5py.File(store[0].path) as f:
+        assert "1.running_mean" in f["buffers"] and "0.weight" in f["params"]
+        assert f["params/0.weight"].fletcher32
+
+
+def _saved(tmp_path, model=None, **kw):
+    model = model or mlp(**MLP_KWARGS)
+    with gs.CheckpointWriter(tmp_path, model_factory="gradscore.models:mlp",
+                             model_kwargs=kw.pop("model_kwargs", MLP_KWARGS)) as w:
+        return w.save(model, step=0, lr=0.1)
+
+
+def test_missing_tensor_names_file_and_tensor(tmp_path):
+    path = _saved(tmp_path)
+    with h5py.File(path, "a") as f:
+        del f["params/1.bias"]
+    with pytest.raises(gs.CheckpointError, match=r"step_00000000\.h5: tensor '1\.bias'.*missing"):
+        gs.CheckpointStore(tmp_path).build_model(0)
+
+
+def test_extra_tensor_is_refused(tmp_path):
+    path = _saved(tmp_path)
+    with h5py.File(path, "a") as f:
+        f["params/9.weight"] = [1.0]
+    with pytest.raises(gs.CheckpointError, match=r"9\.weight.*not in the model"):
+        gs.CheckpointStore(tmp_path).build_model(0)
+
+
+def test_mis_shaped_tensor_names_shapes(tmp_path):
+    _saved(tmp_path, model=mlp(**{**MLP_KWARGS, "hidden": 9}))
+    with pytest.raises(gs.CheckpointError, match=r"tensor '1\.weight' has shape \(9, 12\).*\(8, 12\)"):
+        gs.CheckpointStore(tmp_path).build_model(0)
+
+
+def test_truncated_file(tmp_path):
+    path = _saved(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(gs.CheckpointError, match=r"step_00000000\.h5.*truncated or corrupt"):
+        gs.CheckpointStore(tmp_path)
+
+
+def test_corrupt_tensor_fails_its_checksum(tmp_path):
+    model = mlp(d_in=64, hidden=64, n_classes=4, depth=1)
+    path = _saved(tmp_path, model=model, model_kwargs={"d_in": 64, "hidden": 64, "n_classes": 4, "depth": 1})
+    with h5py.File(path) as f:
+        offset = f["params/1.weight"].id.get_chunk_info(0).byte_offset
+    raw = bytearray(path.read_bytes())
+    raw[offset + 100] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(gs.CheckpointError, match=r"tensor '1\.weight' is corrupt"):
+        gs.CheckpointStore(tmp_path).build_model(0)
+
+
+def test_empty_and_missing_directory(tmp_path):
+    with pytest.raises(gs.CheckpointError, match="no checkpoint files"):
+        gs.CheckpointStore(tmp_path)
+    with pytest.raises(gs.CheckpointError, match="does not exist"):
+        gs.CheckpointStore(tmp_path / "nope")
+
+
+def test_unknown_format_version(tmp_path):
+    path = _saved(tmp_path)
+    with h5py.File(path, "a") as f:
+        f.attrs["format_version"] = 99
+    with pytest.raises(gs.CheckpointError, match="unknown format_version 99"):
+        gs.CheckpointStore(tmp_path)
+
+
+def test_bad_factory_is_named(tmp_path):
+    _saved(tmp_path)
+    path = next(tmp_path.glob("step_*.h5"))
+    with h5py.File(path, "a") as f:
+        f.attrs["model"] = "gradscore.models:nope"
+    with pytest.raises(gs.CheckpointError, match="has no attribute 'nope'"):
+        gs.CheckpointStore(tmp_path).build_model(0)
+
+
+def test_load_state_dict_keeps_dtype_of_model(tmp_path):
+    path = _saved(tmp_path)
+    sd = load_state_dict(path, mlp(**MLP_KWARGS).double())
+    assert all(v.dtype == torch.float64 for v in sd.values())
+
+
+def test_write_is_atomic_on_failure(tmp_path):
+    class Boom(torch.nn.Module):
+        def state_dict(self, *a, **k):
+            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError):
+        gs.CheckpointWriter(tmp_path, model_factory="x:y").__enter__().save(Boom(), step=1, lr=0.1)
+    assert list(tmp_path.iterdir()) == []

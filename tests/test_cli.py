@@ -1,0 +1,97 @@
+"""The command line: demo, run, info, and one clear line + exit 2 for bad input."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import gradscore as gs
+from gradscore.cli import main
+
+from conftest import MLP_KWARGS, make_run
+
+
+def _fails(capsys, argv, pattern):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("gradscore ") and " error: " in err
+    import re
+    assert re.search(pattern, err), err
+    return err
+
+
+def test_run_and_info(tiny_run, tmp_path, capsys):
+    ckpts, data = tiny_run
+    out = tmp_path / "scores.h5"
+    assert main(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(out),
+                 "--batch-size", "8", "--chunk-size", "32", "--quiet"]) == 0
+    res = gs.load_scores(out)
+    assert set(res["scores"]) == {"el2n", "grand", "loss"}
+    assert not list(tmp_path.glob("*.partial"))
+    capsys.readouterr()
+    for path in (ckpts, data, out):
+        assert main(["info", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "3 checkpoints" in text and "90 examples" in text and "scores/grand" in text
+    assert main(["info", "--env"]) == 0
+    assert '"kernels"' in capsys.readouterr().out
+
+
+def test_bad_inputs_exit_2_with_one_line(tiny_run, tmp_path, capsys):
+    ckpts, data = tiny_run
+    out = str(tmp_path / "s.h5")
+    _fails(capsys, ["run", "--checkpoints", str(tmp_path / "nope"), "--data", str(data), "--out", out],
+           r"nope: checkpoint directory does not exist")
+    np.savez(tmp_path / "bad.npz", x=np.zeros((3, 12)), targets=np.zeros(3))
+    _fails(capsys, ["run", "--checkpoints", str(ckpts), "--data", str(tmp_path / "bad.npz"), "--out", out],
+           r"bad\.npz: missing field 'inputs'")
+    other, _ = make_run(tmp_path / "other", kwargs={**MLP_KWARGS, "d_in": 5})
+    _fails(capsys, ["run", "--checkpoints", str(other), "--data", str(data), "--out", out],
+           r"train\.h5: field .inputs. \(per-example shape \(12,\).*does not fit the model of .*step_00000000\.h5")
+    _fails(capsys, ["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", out,
+                    "--scores", "el2n,magic"], r"invalid value for 'scores': unknown score 'magic'")
+    _fails(capsys, ["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", out,
+                    "--batch-size", "0"], r"'batch_size': must be a positive integer")
+    _fails(capsys, ["info", str(tmp_path / "missing.h5")], r"no such file")
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_mismatched_model_in_checkpoint_is_named(tiny_run, tmp_path, capsys):
+    import h5py
+    ckpts, data = tiny_run
+    path = sorted(ckpts.glob("step_*.h5"))[1]
+    with h5py.File(path, "a") as f:
+        f.attrs["model_kwargs"] = '{"d_in": 12, "hidden": 9, "n_classes": 4, "depth": 1}'
+    _fails(capsys, ["run", "--checkpoints", str(ckpts), "--data", str(data), "--out",
+                    str(tmp_path / "s.h5"), "--quiet"],
+           r"step_00000001\.h5: tensor '1\.weight' has shape \(8, 12\) but the model expects \(9, 12\)")
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--data", "x"])
+    assert e.value.code == 2
+
+
+def test_demo_fast_mode(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "2", "--n-train", "240",
+                 "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "AUROC" in text and "top-10 by el2n" in text
+    for p in ("data/train.h5", "scores.h5", "report.png", "ckpts/step_00000008.h5"):
+        assert (tmp_path / "demo" / p).exists(), p
+    res = gs.load_scores(tmp_path / "demo" / "scores.h5")
+    assert 0 < res["noisy"].sum() < 240
+    assert res["per_checkpoint"]["loss"].shape == (2, 240)
+
+
+def test_console_script_help_and_exit_code(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "gradscore", "run", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--checkpoints" in r.stdout and "resumable" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "gradscore", "info", str(tmp_path / "nope")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().endswith("no such file or directory")

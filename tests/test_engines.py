@@ -1,0 +1,120 @@
+"""Every fast engine against the per-example autograd loop, in float64."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gradscore as gs
+from gradscore.engines import Engine, engine_class
+from gradscore.engines.base import _ENGINES
+from gradscore.models import digits_cnn, mlp
+
+
+def _models():
+    torch.manual_seed(0)
+    cnn = digits_cnn(channels=4, batchnorm=True)
+    # give BatchNorm non-trivial running statistics so eval mode is really exercised
+    cnn[1].running_mean.uniform_(-0.5, 0.5)
+    cnn[1].running_var.uniform_(0.5, 2.0)
+    return {
+        "mlp": (mlp(d_in=12, hidden=8, n_classes=5, depth=2), torch.randn(9, 12)),
+        "cnn": (cnn, torch.randn(9, 1, 8, 8)),
+    }
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("chunk_elems", [1, 4, 10**9])
+def test_vmap_matches_loop_float64(name, chunk_elems):
+    model, x = _models()[name]
+    model = model.double().eval()
+    x = x.double()
+    n_classes = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
+    y = torch.randint(0, n_classes, (x.shape[0],), generator=torch.Generator().manual_seed(1))
+    P = sum(p.numel() for p in model.parameters())
+    V = torch.randn(3, P, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    ref = gs.Scorer(model, engine="loop").score_batch(x, y, refs=V)
+    fast = gs.Scorer(model, engine="vmap", chunk_bytes=chunk_elems * P * 8).score_batch(x, y, refs=V)
+    for field in ("loss", "sq_norm", "dots", "logits"):
+        torch.testing.assert_close(getattr(fast, field), getattr(ref, field), rtol=1e-6, atol=0)
+    assert ref.dots.shape == (9, 3) and ref.sq_norm.shape == (9,)
+    assert float(ref.sq_norm.min()) > 0
+
+
+def test_refs_as_dicts_equal_refs_as_tensor():
+    model = mlp(d_in=6, hidden=5, n_classes=3, depth=1).double().eval()
+    scorer = gs.Scorer(model, engine="vmap")
+    V = torch.randn(2, scorer.num_params, dtype=torch.float64)
+    dicts, offset = [{}, {}], 0
+    for name, p in model.named_parameters():
+        for k in range(2):
+            dicts[k][name] = V[k, offset:offset + p.numel()].reshape(p.shape)
+        offset += p.numel()
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    a = scorer.score_batch(x, y, refs=V)
+    b = scorer.score_batch(x, y, refs=dicts)
+    torch.testing.assert_close(a.dots, b.dots, rtol=1e-12, atol=0)
+    # the dot with g itself: V = per-example gradient of example 0 gives dots[0] = sq_norm[0]
+    named = dict(model.named_parameters())
+    loss = torch.nn.functional.cross_entropy(model(x[:1]), y[:1])
+    g0 = torch.autograd.grad(loss, list(named.values()))
+    out = scorer.score_batch(x, y, refs=[dict(zip(named, g0))])
+    torch.testing.assert_close(out.dots[0, 0], out.sq_norm[0], rtol=1e-12, atol=0)
+
+
+def test_no_refs_gives_no_dots_and_forward_only_matches():
+    model = mlp(d_in=6, hidden=5, n_classes=3, depth=1).double().eval()
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    full = gs.Scorer(model).score_batch(x, y)
+    fwd = gs.Scorer(model).score_batch(x, y, gradients=False)
+    assert full.dots is None and fwd.sq_norm is None
+    torch.testing.assert_close(full.loss, fwd.loss, rtol=1e-12, atol=0)
+
+
+def test_frozen_parameters_are_not_scored():
+    model = mlp(d_in=6, hidden=5, n_classes=3, depth=1).double().eval()
+    model[1].weight.requires_grad_(False)
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    vm = gs.Scorer(model, engine="vmap")
+    assert "1.weight" not in vm.param_names
+    torch.testing.assert_close(vm.score_batch(x, y).sq_norm,
+                               gs.Scorer(model, engine="loop").score_batch(x, y).sq_norm,
+                               rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("layer", [nn.BatchNorm1d(5), nn.Dropout(0.5)])
+def test_train_mode_coupling_layers_are_refused(layer):
+    model = nn.Sequential(nn.Linear(4, 5), layer, nn.Linear(5, 3)).train()
+    with pytest.raises(gs.EngineError, match="training mode.*model.eval"):
+        gs.Scorer(model).score_batch(torch.randn(3, 4), torch.tensor([0, 1, 2]))
+
+
+def test_bad_refs_are_refused():
+    model = mlp(d_in=6, hidden=5, n_classes=3, depth=1).eval()
+    scorer = gs.Scorer(model)
+    x, y = torch.randn(2, 6), torch.tensor([0, 1])
+    with pytest.raises(gs.EngineError, match=r"\(K, %d\)" % scorer.num_params):
+        scorer.score_batch(x, y, refs=torch.randn(2, scorer.num_params + 1))
+    with pytest.raises(gs.EngineError, match="no entry for parameter"):
+        scorer.score_batch(x, y, refs=[{}])
+    with pytest.raises(gs.EngineError, match="unknown engine"):
+        gs.Scorer(model, engine="nope")
+    with pytest.raises(gs.EngineError, match="unknown loss"):
+        gs.Scorer(model, loss="hinge")
+
+
+def test_every_engine_implements_the_abc():
+    assert {"vmap", "loop"} <= set(_ENGINES)
+    for name, cls in _ENGINES.items():
+        assert issubclass(cls, Engine) and engine_class(name) is cls and cls.name == name
+        assert not getattr(cls, "__abstractmethods__", None)
+
+
+def test_custom_and_mse_losses_match_loop():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)).double().eval()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    for loss in ("mse", lambda out, t: (out - t).abs().sum(1)):
+        a = gs.Scorer(model, loss=loss, engine="vmap").score_batch(x, y)
+        b = gs.Scorer(model, loss=loss, engine="loop").score_batch(x, y)
+        torch.testing.assert_close(a.sq_norm, b.sq_norm, rtol=1e-10, atol=0)

@@ -1,0 +1,80 @@
+"""The scoring pipeline through the Python API: engines agree, store semantics hold."""
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import gradscore as gs
+
+
+def test_run_vmap_equals_loop_and_direct_scorer(tiny_run, tmp_path):
+    ckpts, data = tiny_run
+    opts = dict(dtype="float64", batch_size=16, chunk_size=40, progress=False)
+    a = gs.load_scores(gs.score(ckpts, data, out=tmp_path / "a.h5", engine="vmap", **opts))
+    b = gs.load_scores(gs.score(ckpts, data, out=tmp_path / "b.h5", engine="loop", **opts))
+    for k in ("loss", "sq_grad_norm", "el2n", "p_gold", "correct"):
+        assert a["per_checkpoint"][k].shape == (3, 90)
+        np.testing.assert_allclose(a["per_checkpoint"][k], b["per_checkpoint"][k], rtol=1e-10)
+    # the stored per-checkpoint sq norms equal a direct per-example autograd computation
+    store = gs.CheckpointStore(ckpts)
+    ds = gs.load_dataset(data)
+    x, y = ds.read(0, len(ds))
+    for t in range(len(store)):
+        model = store.build_model(t, dtype=torch.float64)
+        for i in (0, 45, 89):
+            loss = torch.nn.functional.cross_entropy(model(x[i:i + 1].double()), y[i:i + 1])
+            g = torch.autograd.grad(loss, list(model.parameters()))
+            sq = sum(float(gi.pow(2).sum()) for gi in g)
+            assert a["per_checkpoint"]["sq_grad_norm"][t, i] == pytest.approx(sq, rel=1e-10)
+    grand = np.sqrt(a["per_checkpoint"]["sq_grad_norm"]).mean(0)
+    np.testing.assert_allclose(a["scores"]["grand"], grand, rtol=1e-12)
+    assert a["ids"].tolist() == list(range(100, 190))
+    assert a["noisy"].sum() == 13
+
+
+def test_forward_only_scores_skip_gradients(tiny_run, tmp_path):
+    ckpts, data = tiny_run
+    res = gs.load_scores(gs.score(ckpts, data, out=tmp_path / "s.h5", scores=["el2n"], progress=False))
+    assert set(res["scores"]) == {"el2n"} and "sq_grad_norm" not in res["per_checkpoint"]
+
+
+def test_epochs_upto_selects_early_checkpoints(tiny_run, tmp_path):
+    ckpts, data = tiny_run
+    res = gs.load_scores(gs.score(ckpts, data, out=tmp_path / "s.h5", epochs_upto=1, progress=False))
+    np.testing.assert_allclose(res["scores"]["el2n"], res["per_checkpoint"]["el2n"][:2].mean(0), rtol=1e-6)
+    assert not np.allclose(res["scores"]["el2n"], res["per_checkpoint"]["el2n"].mean(0), rtol=1e-6)
+    with h5py.File(tmp_path / "s.h5") as f:
+        assert f["checkpoints/selected"][()].tolist() == [True, True, False]
+        assert f["done"][()].all()
+    with pytest.raises(gs.ConfigError, match="epochs_upto"):
+        gs.score(ckpts, data, out=tmp_path / "t.h5", epochs_upto=-1, progress=False)
+    for path in ckpts.glob("step_*.h5"):
+        with h5py.File(path, "a") as f:
+            f.attrs["epoch"] = f.attrs["epoch"] + 5
+    with pytest.raises(gs.ConfigError, match=r"epochs_upto.*selects no checkpoint \(epochs present: \[5.0, 6.0, 7.0\]\)"):
+        gs.score(ckpts, data, out=tmp_path / "t.h5", epochs_upto=1, progress=False)
+    assert not (tmp_path / "t.h5").exists()
+
+
+def test_existing_output_with_other_config_is_refused_unless_overwrite(tiny_run, tmp_path):
+    ckpts, data = tiny_run
+    out = tmp_path / "s.h5"
+    gs.score(ckpts, data, out=out, progress=False)
+    mtime = out.stat().st_mtime_ns
+    assert gs.score(ckpts, data, out=out, progress=False) == out  # same config: nothing to do
+    assert out.stat().st_mtime_ns == mtime
+    with pytest.raises(gs.ConfigMismatchError, match="--overwrite"):
+        gs.score(ckpts, data, out=out, batch_size=7, progress=False)
+    gs.score(ckpts, data, out=out, batch_size=7, overwrite=True, progress=False)
+    assert out.stat().st_mtime_ns != mtime
+
+
+def test_labels_out_of_range_fail_before_writing(tmp_path):
+    from conftest import make_run
+    ckpts, _ = make_run(tmp_path)
+    bad = gs.save_dataset(tmp_path / "bad.h5", np.zeros((5, 12), np.float32), np.array([0, 1, 2, 3, 4]))
+    with pytest.raises(gs.DataError, match="label 4 at index 4"):
+        gs.score(ckpts, bad, out=tmp_path / "s.h5", progress=False)
+    assert not (tmp_path / "s.h5").exists()
