@@ -1,15 +1,21 @@
 """Pick a ``norm_dot`` backend by device and availability.
 
 Backends implement :class:`NormDotBackend`. Order: the ``backend=`` argument, then the
-``GRADSCORE_KERNELS`` environment variable, then the device default. Only the torch
-reference exists in this release; fused numba (CPU) and Triton (CUDA) kernels plug in here.
+``GRADSCORE_KERNELS`` environment variable (``torch``, ``numba`` or ``triton``), then
+the device default: Triton on CUDA, numba on CPU. A default backend is imported lazily
+and probed once with a tiny call checked against the torch reference; if the import or
+the probe fails, the reason is logged and the torch reference is used instead. float64
+inputs always take the torch reference (accumulation in float64).
 """
 from __future__ import annotations
 
+import logging
 import os
 from abc import ABC, abstractmethod
 
 import torch
+
+log = logging.getLogger("gradscore.kernels")
 
 
 class NormDotBackend(ABC):
@@ -29,21 +35,110 @@ class TorchBackend(NormDotBackend):
         return norm_dot_reference(G, V)
 
 
-_BACKENDS: dict[str, NormDotBackend] = {"torch": TorchBackend()}
+class NumbaBackend(NormDotBackend):
+    """numba kernel for CPU fp32/fp16/bf16; the torch reference for float64 or non-CPU."""
+
+    name = "numba"
+
+    def __init__(self) -> None:
+        from .norm_dot_numba import norm_dot_numba
+        self._kernel = norm_dot_numba
+
+    def norm_dot(self, G: torch.Tensor, V: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if G.dtype == torch.float64 or G.device.type != "cpu":
+            return TorchBackend().norm_dot(G, V)
+        return self._kernel(G, V)
+
+
+class TritonBackend(NormDotBackend):
+    """Triton kernel for CUDA (or CPU under TRITON_INTERPRET=1); torch for float64."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        from .norm_dot_triton import norm_dot_triton
+        self._kernel = norm_dot_triton
+
+    def norm_dot(self, G: torch.Tensor, V: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if G.dtype == torch.float64:
+            return TorchBackend().norm_dot(G, V)
+        return self._kernel(G, V)
+
+
+_CLASSES: dict[str, type[NormDotBackend]] = {"torch": TorchBackend, "numba": NumbaBackend,
+                                             "triton": TritonBackend}
+_loaded: dict[str, NormDotBackend] = {}
+_failed: dict[str, str] = {}  # (name:device type) -> reason
 
 
 def available_backends() -> list[str]:
-    return sorted(_BACKENDS)
+    """Backend names that can be asked for (whether they import here or not)."""
+    return sorted(_CLASSES)
 
 
-def get_backend(device: torch.device, name: str | None = None) -> NormDotBackend:
-    """The backend for ``device``: ``name`` if given, else $GRADSCORE_KERNELS, else default."""
-    name = name or os.environ.get("GRADSCORE_KERNELS") or "torch"
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown kernel backend '{name}'; available: {', '.join(available_backends())}")
-    return _BACKENDS[name]
+def _load(name: str) -> NormDotBackend:
+    if name not in _loaded:
+        _loaded[name] = _CLASSES[name]()
+    return _loaded[name]
+
+
+def _probe(backend: NormDotBackend, device: torch.device) -> None:
+    from .norm_dot import norm_dot_reference
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(3, 37, generator=g).to(device)
+    V = torch.randn(2, 37, generator=g).to(device)
+    sq, dots = backend.norm_dot(G, V)
+    sq_ref, dots_ref = norm_dot_reference(G, V)
+    torch.testing.assert_close(sq, sq_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dots, dots_ref, rtol=1e-4, atol=1e-4)
+
+
+def default_backend_name(device: torch.device) -> str:
+    return "triton" if device.type == "cuda" else "numba"
+
+
+def get_backend(device: torch.device | str, name: str | None = None) -> NormDotBackend:
+    """The backend for ``device``: ``name`` if given, else $GRADSCORE_KERNELS, else default.
+
+    A backend asked for by name must import (else ValueError); the default one falls
+    back to the torch reference, with the reason logged once, if it fails to import or
+    to pass its probe.
+    """
+    device = torch.device(device)
+    forced = name or os.environ.get("GRADSCORE_KERNELS") or None
+    if forced is not None:
+        if forced not in _CLASSES:
+            raise ValueError(f"unknown kernel backend '{forced}'; available: "
+                             f"{', '.join(available_backends())}")
+        try:
+            return _load(forced)
+        except ImportError as e:
+            raise ValueError(f"kernel backend '{forced}' cannot be imported ({e}); install "
+                             f"gradscore[kernels] or use GRADSCORE_KERNELS=torch") from e
+    name = default_backend_name(device)
+    key = f"{name}:{device.type}"
+    if key not in _failed:
+        try:
+            backend = _load(name)
+            if key not in _loaded:
+                _probe(backend, device)
+                _loaded[key] = backend
+            return backend
+        except Exception as e:  # noqa: BLE001 - any failure means: use the reference
+            _failed[key] = f"{type(e).__name__}: {e}".splitlines()[0]
+            log.warning("gradscore.kernels: %s backend unavailable on %s (%s); using the torch "
+                        "reference", name, device.type, _failed[key])
+    return _load("torch")
 
 
 def describe() -> dict[str, str]:
     """Which backend each device kind uses now (for ``gradscore info --env``)."""
-    return {dev: get_backend(torch.device(dev)).name for dev in ("cpu", "cuda")}
+    out = {}
+    for dev in ("cpu", "cuda"):
+        if dev == "cuda" and not torch.cuda.is_available():
+            out[dev] = "n/a (no CUDA device)"
+            continue
+        chosen = get_backend(torch.device(dev)).name
+        reason = _failed.get(f"{default_backend_name(torch.device(dev))}:{dev}")
+        out[dev] = chosen + (f" (fallback: {reason})" if reason and chosen == "torch" else "")
+    return out

@@ -1,11 +1,20 @@
-"""Shared fixtures: a tiny training run (checkpoints + dataset) made with the public API."""
+"""Shared fixtures: a tiny training run (checkpoints + dataset) made with the public API.
+
+Without a CUDA device, Triton kernels run in its interpreter on CPU tensors; that needs
+TRITON_INTERPRET=1 before triton is first imported, hence before anything else here.
+"""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np
 import pytest
-import torch
 
 import gradscore as gs
 from gradscore.models import mlp
@@ -40,3 +49,12 @@ def make_run(root: Path, *, n: int = 90, n_ckpts: int = 3, seed: int = 0,
 @pytest.fixture
 def tiny_run(tmp_path: Path) -> tuple[Path, Path]:
     return make_run(tmp_path)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -1,4 +1,7 @@
-"""norm_dot: block-wise reduction equals the flat reference; accumulation dtype."""
+"""Every norm_dot backend and ghost reduction against the torch reference.
+
+Triton runs on CUDA when present, else in its interpreter on CPU (see conftest.py).
+"""
 from __future__ import annotations
 
 import math
@@ -6,45 +9,173 @@ import math
 import pytest
 import torch
 
-from gradscore.kernels import NormDotBackend, available_backends, get_backend, norm_dot, norm_dot_reference
+from gradscore.kernels import (NormDotBackend, available_backends, describe, get_backend,
+                               norm_dot, norm_dot_reference)
+from gradscore.kernels.ghost_linear import ghost_linear, ghost_linear_reference, plan
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = [("torch", "cpu"), ("numba", "cpu"), ("triton", TRITON_DEVICE)]
 
 
-@pytest.mark.parametrize("K", [0, 1, 16])
+def _rand(*shape, seed, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(device)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("B,P,K", [(1, 1, 0), (1, 5000, 1), (7, 4099, 16), (33, 300, 2), (5, 1000, 17)])
+def test_backend_matches_reference_fp32(backend, device, B, P, K):
+    G = _rand(B, P, seed=B * P + K, device=device)
+    V = _rand(K, P, seed=K, device=device) if K else None
+    sq, dots = norm_dot(G, V, backend=backend)
+    sq_ref, dots_ref = norm_dot_reference(G.double(), None if V is None else V.double())
+    assert sq.dtype == torch.float32 and sq.shape == (B,) and dots.shape == (B, K)
+    torch.testing.assert_close(sq.double().cpu(), sq_ref.cpu(), rtol=2e-6, atol=0)
+    scale = (G.double().norm(dim=1, keepdim=True) * (V.double().norm(dim=1)[None] if K else 1)).cpu()
+    assert ((dots.double().cpu() - dots_ref.cpu()).abs() <= 2e-6 * scale + 1e-30).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_non_contiguous_blocks_and_lists(backend, device):
+    G = _rand(300, 6, seed=1, device=device).T  # (6, 300) with stride (1, 6)
+    V = _rand(3, 300, seed=2, device=device)
+    sq, dots = norm_dot(G, V, backend=backend)
+    sq_ref, dots_ref = norm_dot_reference(G.contiguous(), V)
+    torch.testing.assert_close(sq, sq_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dots, dots_ref, rtol=1e-4, atol=1e-4)
+    blocks = [G[:, :100].reshape(6, 10, 10), G[:, 100:]]
+    vblocks = [V[:, :100].reshape(3, 10, 10), V[:, 100:]]
+    sq2, dots2 = norm_dot(blocks, vblocks, backend=backend)
+    torch.testing.assert_close(sq2, sq_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dots2, dots_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_accumulate_in_fp32(backend, device, dtype):
+    # 4096 squares of 100 sum to 4.1e7, far beyond fp16's 65504
+    G = torch.full((3, 4096), 100.0, dtype=dtype, device=device)
+    G[1] = -100.0
+    V = torch.ones(2, 4096, dtype=dtype, device=device)
+    sq, dots = norm_dot(G, V, backend=backend)
+    assert sq.dtype == torch.float32 and torch.isfinite(sq).all()
+    torch.testing.assert_close(sq.cpu(), torch.full((3,), 4096 * 1e4), rtol=1e-6, atol=0)
+    torch.testing.assert_close(dots[:, 0].cpu(), torch.tensor([409600.0, -409600.0, 409600.0]),
+                               rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_deterministic(backend, device):
+    G, V = _rand(40, 9000, seed=3, device=device), _rand(4, 9000, seed=4, device=device)
+    a, b = norm_dot(G, V, backend=backend), norm_dot(G, V, backend=backend)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_numba_result_does_not_depend_on_thread_count():
+    import numba
+    G, V = _rand(37, 20000, seed=5), _rand(3, 20000, seed=6)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = norm_dot(G, V, backend="numba")
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        many = norm_dot(G, V, backend="numba")
+    finally:
+        numba.set_num_threads(before)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+
+
 @pytest.mark.parametrize("B", [1, 7])
-def test_blocks_equal_flat_reference(K, B):
-    g = torch.Generator().manual_seed(K * 10 + B)
+@pytest.mark.parametrize("K", [0, 1, 16])
+def test_float64_blocks_equal_flat_loop(B, K):
     shapes = [(3, 5), (5,), (2, 2, 3)]
-    G = [torch.randn(B, *s, dtype=torch.float64, generator=g) for s in shapes]
-    V = [torch.randn(K, *s, dtype=torch.float64, generator=g) for s in shapes]
+    G = [_rand(B, *s, seed=i, dtype=torch.float64) for i, s in enumerate(shapes)]
+    V = [_rand(K, *s, seed=10 + i, dtype=torch.float64) for i, s in enumerate(shapes)]
     flatG = torch.cat([x.reshape(B, -1) for x in G], 1)
     flatV = torch.cat([v.reshape(K, math.prod(s)) for v, s in zip(V, shapes)], 1)
-    sq, dots = norm_dot(G, V)
-    sq_ref = torch.stack([row @ row for row in flatG])
-    dots_ref = torch.stack([flatV @ row for row in flatG])
-    torch.testing.assert_close(sq, sq_ref, rtol=1e-12, atol=0)
-    torch.testing.assert_close(dots, dots_ref.reshape(B, K), rtol=1e-12, atol=1e-12)
-    assert dots.shape == (B, K)
+    sq, dots = norm_dot(G, V)  # default backend: float64 stays in float64
+    assert sq.dtype == torch.float64
+    torch.testing.assert_close(sq, torch.stack([row @ row for row in flatG]), rtol=1e-12, atol=0)
+    torch.testing.assert_close(dots, torch.stack([flatV @ row for row in flatG]).reshape(B, K),
+                               rtol=1e-12, atol=1e-12)
 
 
-def test_half_precision_accumulates_in_float32():
-    G = torch.full((2, 4096), 100.0, dtype=torch.float16)  # sum of squares 4.1e7 > fp16 max
-    sq, dots = norm_dot(G, torch.ones(1, 4096, dtype=torch.float16))
-    assert sq.dtype == torch.float32 and torch.isfinite(sq).all()
-    torch.testing.assert_close(sq, torch.full((2,), 4096 * 1e4), rtol=1e-6, atol=0)
-    torch.testing.assert_close(dots[:, 0], torch.full((2,), 409600.0), rtol=1e-6, atol=0)
-
-
-def test_non_contiguous_and_errors():
-    G = torch.randn(8, 6, dtype=torch.float64).T  # (6, 8) non-contiguous
-    sq, _ = norm_dot(G)
-    torch.testing.assert_close(sq, norm_dot_reference(G.contiguous(), None)[0], rtol=1e-12, atol=0)
+def test_errors():
+    G = _rand(6, 8, seed=0)
     with pytest.raises(ValueError, match="blocks"):
         norm_dot([G], [torch.randn(1, 8), torch.randn(1, 8)])
+    with pytest.raises(ValueError, match="columns"):
+        norm_dot(G, torch.randn(1, 9))
     with pytest.raises(ValueError, match="unknown kernel backend"):
         norm_dot(G, backend="nope")
 
 
-def test_backends_implement_abc():
+def test_dispatch_defaults_and_env(monkeypatch):
+    assert get_backend("cpu").name == "numba"
+    assert describe()["cpu"] == "numba"
+    monkeypatch.setenv("GRADSCORE_KERNELS", "torch")
+    assert get_backend("cpu").name == "torch"
     for name in available_backends():
-        b = get_backend(torch.device("cpu"), name)
-        assert isinstance(b, NormDotBackend) and b.name == name
+        b = get_backend("cpu", name)
+        assert isinstance(b, NormDotBackend) and b.name == name and not type(b).__abstractmethods__
+
+
+GHOST_SHAPES = [(3, 5, 7, 6, 2), (2, 1, 40, 33, 0), (2, 20, 17, 9, 3), (1, 3, 5, 4, 16), (4, 17, 33, 18, 1)]
+
+
+@pytest.mark.parametrize("B,T,di,do,K", GHOST_SHAPES)
+@pytest.mark.parametrize("form", ["gram", "outer"])
+def test_ghost_linear_torch_float64_equals_per_example_loop(B, T, di, do, K, form):
+    a, d = _rand(B, T, di, seed=1, dtype=torch.float64), _rand(B, T, do, seed=2, dtype=torch.float64)
+    V = _rand(K, do, di, seed=3, dtype=torch.float64) if K else None
+    sq, dots = ghost_linear(a, d, V, form=form)
+    for b in range(B):  # the per-example gradient written out term by term
+        g = sum(torch.outer(d[b, t], a[b, t]) for t in range(T))
+        assert sq[b].item() == pytest.approx(float((g * g).sum()), rel=1e-10)
+        for k in range(K):
+            assert dots[b, k].item() == pytest.approx(float((g * V[k]).sum()), rel=1e-9, abs=1e-9)
+
+
+@pytest.mark.parametrize("B,T,di,do,K", GHOST_SHAPES)
+@pytest.mark.parametrize("form", ["gram", "outer"])
+def test_ghost_linear_triton(B, T, di, do, K, form):
+    dev = TRITON_DEVICE
+    a, d = _rand(B, T, di, seed=1, device=dev), _rand(B, T, do, seed=2, device=dev)
+    V = _rand(K, do, di, seed=3, device=dev) if K else None
+    sq, dots = ghost_linear(a, d, V, form=form, backend="triton")
+    sq_ref, dots_ref = ghost_linear_reference(a.double(), d.double(), None if V is None else V.double())
+    torch.testing.assert_close(sq.double().cpu(), sq_ref.cpu(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(dots.double().cpu(), dots_ref.cpu(), rtol=1e-4, atol=1e-4)
+    again = ghost_linear(a, d, V, form=form, backend="triton")
+    assert torch.equal(sq, again[0]) and torch.equal(dots, again[1])
+
+
+def test_ghost_plan_picks_the_cheaper_form():
+    assert plan(T=1, d_in=512, d_out=512, K=0) == "gram"      # no sequence: ‖δ‖²‖a‖²
+    assert plan(T=4096, d_in=64, d_out=64, K=0) == "outer"     # long sequence, small layer
+    assert plan(T=64, d_in=64, d_out=64, K=8) == "outer"       # many refs: materialize once
+    with pytest.raises(ValueError, match="must be"):
+        ghost_linear(torch.zeros(2, 3), torch.zeros(2, 3))
+
+
+@pytest.mark.cuda
+def test_cuda_default_backend_is_triton():
+    assert get_backend("cuda").name == "triton"
+    G, V = _rand(64, 100_000, seed=7, device="cuda"), _rand(2, 100_000, seed=8, device="cuda")
+    sq, dots = norm_dot(G, V)
+    torch.testing.assert_close(sq, norm_dot_reference(G, V)[0], rtol=1e-5, atol=0)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 40), P=st.integers(1, 9000), K=st.integers(0, 5), seed=st.integers(0, 2**16))
+def test_numba_property_random_shapes(B, P, K, seed):
+    G = _rand(B, P, seed=seed)
+    V = _rand(K, P, seed=seed + 1) if K else None
+    sq, dots = norm_dot(G, V, backend="numba")
+    sq_ref, dots_ref = norm_dot_reference(G.double(), None if V is None else V.double())
+    torch.testing.assert_close(sq.double(), sq_ref, rtol=2e-6, atol=0)
+    if K:
+        scale = G.double().norm(dim=1, keepdim=True) * V.double().norm(dim=1)[None]
+        assert ((dots.double() - dots_ref).abs() <= 2e-6 * scale).all()

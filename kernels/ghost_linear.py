@@ -1,0 +1,97 @@
+"""Ghost reductions for a Linear layer: per-example gradient norm and dots, no (B, P) block.
+
+For activations a (B, T, d_in) and output gradients δ (B, T, d_out), the per-example
+weight gradient is g_b = Σ_t δ_bt a_btᵀ (d_out, d_in). Two ways to get what scores need:
+
+- outer: materialize g_b (B, d_out, d_in) one sub-batch at a time, then reduce it with
+  ``norm_dot``: ‖g_b‖² and ⟨g_b, V_k⟩. Cost ≈ (T + K)·d_in·d_out per example.
+- gram: ‖g_b‖² = Σ_{t,s} (a_bt·a_bs)(δ_bt·δ_bs) in T²·(d_in + d_out), and
+  ⟨g_b, V_k⟩ = Σ_t δ_btᵀ V_k a_bt by projecting a through V in T·K·d_in·d_out.
+
+``plan`` picks the cheaper by that flop count (gram wins for short sequences and wide
+layers, outer for long sequences or many references). Triton kernels on CUDA; torch
+elsewhere. ``ghost_linear_reference`` is the obviously-correct einsum version.
+"""
+from __future__ import annotations
+
+import torch
+
+from .norm_dot import acc_dtype, norm_dot
+
+#: memory budget of one materialized (b, d_out, d_in) block in the outer form
+OUTER_BYTES = 256 * 2**20
+
+
+def plan(T: int, d_in: int, d_out: int, K: int) -> str:
+    """``"gram"`` or ``"outer"``: whichever costs fewer flops per example."""
+    outer = (T + K) * d_in * d_out
+    gram = T * T * (d_in + d_out) + T * K * d_in * d_out
+    return "gram" if gram < outer else "outer"
+
+
+def ghost_linear_reference(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Einsum reference: a (B,T,d_in), δ (B,T,d_out), V (K,d_out,d_in) -> (B,), (B,K)."""
+    acc = acc_dtype(a.dtype)
+    g = torch.einsum("bto,bti->boi", d.to(acc), a.to(acc))
+    sq = g.pow(2).sum((1, 2))
+    if V is None:
+        return sq, g.new_zeros((a.shape[0], 0))
+    return sq, torch.einsum("boi,koi->bk", g, V.to(acc))
+
+
+def _outer(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    B, _, d_in = a.shape
+    d_out = d.shape[2]
+    acc = acc_dtype(a.dtype)
+    step = max(1, OUTER_BYTES // (d_in * d_out * torch.finfo(acc).bits // 8))
+    Vf = None if V is None else V.reshape(V.shape[0], d_out * d_in)
+    parts = []
+    for i in range(0, B, step):
+        g = torch.bmm(d[i:i + step].transpose(1, 2).to(acc), a[i:i + step].to(acc))
+        parts.append(norm_dot(g.reshape(g.shape[0], -1), Vf))
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _gram_sq(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    acc = acc_dtype(a.dtype)
+    a, d = a.to(acc), d.to(acc)
+    return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(d, d.transpose(1, 2))).sum((1, 2))
+
+
+def _project_dots(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    acc = acc_dtype(a.dtype)
+    proj = torch.einsum("bti,koi->btko", a.to(acc), V.to(acc))  # (B, T, K, d_out)
+    return torch.einsum("btko,bto->bk", proj, d.to(acc))
+
+
+def ghost_linear(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor | None = None, *,
+                 form: str | None = None, backend: str | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example ‖Σ_t δ_bt a_btᵀ‖² (B,) and Σ_t δ_btᵀ V_k a_bt (B, K), fused.
+
+    a: (B, T, d_in), δ: (B, T, d_out), V: (K, d_out, d_in) or None. ``form`` forces
+    "gram" or "outer" (default: :func:`plan`); ``backend`` "torch" or "triton"
+    (default: Triton for CUDA tensors that are not float64).
+    """
+    if a.dim() != 3 or d.dim() != 3 or a.shape[:2] != d.shape[:2]:
+        raise ValueError(f"ghost_linear: a {tuple(a.shape)} and δ {tuple(d.shape)} must be "
+                         f"(B, T, d_in) and (B, T, d_out)")
+    K = 0 if V is None else V.shape[0]
+    if V is not None and tuple(V.shape[1:]) != (d.shape[2], a.shape[2]):
+        raise ValueError(f"ghost_linear: V {tuple(V.shape)} must be (K, {d.shape[2]}, {a.shape[2]})")
+    form = form or plan(a.shape[1], a.shape[2], d.shape[2], K)
+    if form not in ("gram", "outer"):
+        raise ValueError(f"ghost_linear: unknown form '{form}'")
+    use_triton = backend == "triton" or (backend is None and a.is_cuda and a.dtype != torch.float64)
+    if use_triton:
+        from .ghost_linear_triton import gram_sq_triton, outer_triton
+        if form == "outer":
+            return outer_triton(a, d, V)
+        sq = gram_sq_triton(a, d)
+    else:
+        if form == "outer":
+            return _outer(a, d, V)
+        sq = _gram_sq(a, d)
+    dots = _project_dots(a, d, V) if V is not None else sq.new_zeros((a.shape[0], 0))
+    return sq, dots.to(sq.dtype)
