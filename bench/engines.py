@@ -11,26 +11,19 @@
 from __future__ import annotations
 
 import argparse
-import json
 import platform
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import best_time, save_json  # noqa: E402
+
 import gradscore as gs
 from gradscore.demo import make_digits, train
 from gradscore.models import digits_cnn
-
-
-def _best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def end_to_end(epochs: int, repeats: int) -> dict:
@@ -43,8 +36,9 @@ def end_to_end(epochs: int, repeats: int) -> dict:
         res = {}
         for label, opts in [("vmap", {"engine": "vmap"}), ("loop", {"engine": "loop"}),
                             ("forward_only_el2n", {"scores": ("el2n", "loss")})]:
-            sec = _best(lambda: gs.score(tmp / "ckpts", path, out=tmp / f"{label}.h5",
-                                         overwrite=True, progress=False, **opts), repeats)
+            sec = best_time(lambda: gs.score(tmp / "ckpts", path, out=tmp / f"{label}.h5",
+                                         overwrite=True, progress=False, **opts),
+                            repeats, warmup=False)
             res[label] = {"seconds": sec, "examples_per_second": work / sec}
         res["vmap_over_loop_speedup"] = res["vmap"]["examples_per_second"] / res["loop"]["examples_per_second"]
         res["examples_x_checkpoints"] = work
@@ -62,11 +56,11 @@ def hot_path(batch: int, repeats: int) -> dict:
         model.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
 
-    base = _best(plain, repeats)
+    base = best_time(plain, repeats)
     out = {"batch": batch, "params": P, "plain_fwd_bwd_seconds": base}
     for engine in ("vmap", "loop"):
         scorer = gs.Scorer(model, engine=engine)
-        sec = _best(lambda: scorer.score_batch(x, y, refs=V), repeats)
+        sec = best_time(lambda: scorer.score_batch(x, y, refs=V), repeats)
         out[engine] = {"seconds": sec, "ratio_to_plain_fwd_bwd": sec / base}
     return out
 
@@ -89,10 +83,7 @@ def main() -> None:
     print(f"hot path (B={hp['batch']}, P={hp['params']}, K=2), time / plain batched fwd+bwd:")
     for k in ("vmap", "loop"):
         print(f"  {k:<18} {hp[k]['ratio_to_plain_fwd_bwd']:>8.1f}x")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-        print(f"-> {args.json}")
+    save_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,14 @@ in the same run; on CUDA also the fraction of the device's peak memory bandwidth
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import time
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import best_time, save_json  # noqa: E402
 
 from gradscore.kernels import get_backend, norm_dot_reference
 
@@ -25,21 +27,8 @@ PEAK_GBS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 80GB HBM3": 3350.0, "H100 
             "H100": 3350.0, "A100-SXM4-80GB": 2039.0, "A100": 1555.0}
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def _time(fn, device: str, repeats: int) -> float:
-    fn()
-    _sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return best_time(fn, repeats, sync=torch.cuda.synchronize if device == "cuda" else lambda: None)
 
 
 def cases(device: str) -> list[tuple[int, int, int, torch.dtype]]:
@@ -116,10 +105,7 @@ def main() -> None:
     result = run(args.device, args.repeats)
     if args.sweep:
         result["sweep"] = sweep(args.repeats)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-        print(f"-> {args.json}")
+    save_json(result, args.json)
 
 
 if __name__ == "__main__":

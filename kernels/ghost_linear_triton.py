@@ -16,6 +16,20 @@ import triton.language as tl
 
 
 @triton.jit
+def _gram_tile(X, b, rows, cols, T, DK, s_b, s_t, s_k, BT: tl.constexpr, BK: tl.constexpr):
+    """(BT, BT) block rows x cols of X_b X_bᵀ for X (B, T, DK), summed over DK in tiles."""
+    acc = tl.zeros((BT, BT), dtype=tl.float32)
+    for k0 in range(0, DK, BK):
+        ks = k0 + tl.arange(0, BK)
+        x = tl.load(X + b * s_b + rows[:, None] * s_t + ks[None, :] * s_k,
+                    mask=(rows[:, None] < T) & (ks[None, :] < DK), other=0.0).to(tl.float32)
+        y = tl.load(X + b * s_b + cols[None, :] * s_t + ks[:, None] * s_k,
+                    mask=(cols[None, :] < T) & (ks[:, None] < DK), other=0.0).to(tl.float32)
+        acc += tl.dot(x, y, input_precision="ieee")
+    return acc
+
+
+@triton.jit
 def _gram_sq_kernel(A, D, OUT, T, DI, DO, s_ab, s_at, s_ai, s_db, s_dt, s_do, n_t,
                     BT: tl.constexpr, BK: tl.constexpr):
     b = tl.program_id(0)
@@ -24,23 +38,8 @@ def _gram_sq_kernel(A, D, OUT, T, DI, DO, s_ab, s_at, s_ai, s_db, s_dt, s_do, n_
     total = tl.zeros((BT, BT), dtype=tl.float32)
     for s0 in range(0, T, BT):
         cols = s0 + tl.arange(0, BT)
-        ga = tl.zeros((BT, BT), dtype=tl.float32)
-        for k0 in range(0, DI, BK):
-            ks = k0 + tl.arange(0, BK)
-            x = tl.load(A + b * s_ab + rows[:, None] * s_at + ks[None, :] * s_ai,
-                        mask=(rows[:, None] < T) & (ks[None, :] < DI), other=0.0).to(tl.float32)
-            y = tl.load(A + b * s_ab + cols[None, :] * s_at + ks[:, None] * s_ai,
-                        mask=(cols[None, :] < T) & (ks[:, None] < DI), other=0.0).to(tl.float32)
-            ga += tl.dot(x, y, input_precision="ieee")
-        gd = tl.zeros((BT, BT), dtype=tl.float32)
-        for k0 in range(0, DO, BK):
-            ks = k0 + tl.arange(0, BK)
-            x = tl.load(D + b * s_db + rows[:, None] * s_dt + ks[None, :] * s_do,
-                        mask=(rows[:, None] < T) & (ks[None, :] < DO), other=0.0).to(tl.float32)
-            y = tl.load(D + b * s_db + cols[None, :] * s_dt + ks[:, None] * s_do,
-                        mask=(cols[None, :] < T) & (ks[:, None] < DO), other=0.0).to(tl.float32)
-            gd += tl.dot(x, y, input_precision="ieee")
-        total += ga * gd
+        total += (_gram_tile(A, b, rows, cols, T, DI, s_ab, s_at, s_ai, BT, BK)
+                  * _gram_tile(D, b, rows, cols, T, DO, s_db, s_dt, s_do, BT, BK))
     tl.store(OUT + b * n_t + ti, tl.sum(tl.sum(total, axis=1), axis=0))
 
 
