@@ -15,7 +15,7 @@ from .exceptions import ConfigError
 AVAILABLE_SCORES = ("el2n", "grand", "loss")
 #: Scores that need per-example gradients (all others need a forward pass only).
 GRADIENT_SCORES = frozenset({"grand"})
-ENGINES = ("auto", "vmap", "loop")
+ENGINES = ("auto", "ghost", "vmap", "loop")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64")
 

@@ -1,12 +1,14 @@
 """``Scorer``: the Python entry point for scoring batches with any engine."""
 from __future__ import annotations
 
+import fnmatch
 from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .engines import ScoreBatch, check_eval_mode, engine_class
+from .engines.ghost import plan_layers
 from .exceptions import EngineError
 from .losses import Loss, PerExampleLoss, resolve_loss
 
@@ -20,9 +22,12 @@ class Scorer:
         model: an ``nn.Module`` in eval mode; it is never wrapped or modified.
         loss: ``"cross_entropy"``, ``"nll"``, ``"mse"``, ``"module:fn"`` or a callable
             ``(output (B, ...), target (B, ...)) -> (B,)``.
-        engine: ``"auto"`` (vmap for now), ``"vmap"`` or ``"loop"`` (slow reference).
+        engine: ``"auto"`` (ghost when every scored parameter's layer has a ghost rule,
+            else vmap), ``"ghost"`` (rules, with vmap for the parameters without one),
+            ``"vmap"`` or ``"loop"`` (the slow reference).
         chunk_bytes: memory budget of one materialized (b, P) gradient block.
-        params: names of the parameters to score (default: all with requires_grad).
+        params: names or shell-style patterns (``"fc.*"``) of the parameters to score
+            (default: all with requires_grad; frozen ones are skipped either way).
 
     Gradients are of the per-example loss ℓ(x_b, y_b; θ), not of a batch mean.
     """
@@ -33,18 +38,28 @@ class Scorer:
         self.model = model
         self.loss = resolve_loss(loss)
         named = dict(model.named_parameters())
+        trainable = [n for n, p in named.items() if p.requires_grad]
         if params is None:
-            self.param_names = [n for n, p in named.items() if p.requires_grad]
+            self.param_names = trainable
         else:
-            unknown = [n for n in params if n not in named]
-            if unknown:
-                raise EngineError(f"params {unknown} are not parameters of the model")
-            self.param_names = list(params)
+            for pattern in params:
+                if not fnmatch.filter(named, pattern):
+                    raise EngineError(f"params: '{pattern}' matches no parameter of the model "
+                                      f"(names look like '{next(iter(named), '')}')")
+            self.param_names = [n for n in trainable if any(fnmatch.fnmatchcase(n, p) for p in params)]
         if not self.param_names:
-            raise EngineError("the model has no trainable parameters to score")
-        self.engine_name = "vmap" if engine == "auto" else engine
-        self.engine = engine_class(self.engine_name)(model, self.loss, self.param_names, chunk_bytes)
+            raise EngineError("no trainable parameters to score (all frozen or none selected)")
+        if engine == "auto":
+            engine = "vmap" if plan_layers(model, self.param_names)[1] else "ghost"
+        self.engine_name = engine
+        self.engine = engine_class(engine)(model, self.loss, self.param_names, chunk_bytes)
         self._shapes = [named[n].shape for n in self.param_names]
+
+    def explain(self) -> dict[str, str]:
+        """{parameter name: how its per-example gradient is computed} (engine, rule, reason)."""
+        if hasattr(self.engine, "explain"):
+            return self.engine.explain()
+        return {n: self.engine_name for n in self.param_names}
 
     @property
     def num_params(self) -> int:

@@ -9,14 +9,16 @@ import torch
 import gradscore as gs
 
 
-def test_run_vmap_equals_loop_and_direct_scorer(tiny_run, tmp_path):
+def test_run_vmap_and_ghost_equal_loop_and_direct_scorer(tiny_run, tmp_path):
     ckpts, data = tiny_run
     opts = dict(dtype="float64", batch_size=16, chunk_size=40, progress=False)
     a = gs.load_scores(gs.score(ckpts, data, out=tmp_path / "a.h5", engine="vmap", **opts))
     b = gs.load_scores(gs.score(ckpts, data, out=tmp_path / "b.h5", engine="loop", **opts))
+    c = gs.load_scores(gs.score(ckpts, data, out=tmp_path / "c.h5", engine="ghost", **opts))
     for k in ("loss", "sq_grad_norm", "el2n", "p_gold", "correct"):
         assert a["per_checkpoint"][k].shape == (3, 90)
         np.testing.assert_allclose(a["per_checkpoint"][k], b["per_checkpoint"][k], rtol=1e-10)
+        np.testing.assert_allclose(c["per_checkpoint"][k], b["per_checkpoint"][k], rtol=1e-10)
     # the stored per-checkpoint sq norms equal a direct per-example autograd computation
     store = gs.CheckpointStore(ckpts)
     ds = gs.load_dataset(data)

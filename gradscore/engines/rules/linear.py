@@ -1,0 +1,28 @@
+"""Ghost rule for ``nn.Linear``: 2-D inputs (B, d) and sequences (B, ..., d).
+
+g_b(W) = Σ_t δ_bt a_btᵀ through ``kernels.ghost_linear`` (Gram or outer form by cost);
+g_b(bias) = Σ_t δ_bt. Several calls of one layer (shared weights) are concatenated
+along t, since the per-example gradient sums over calls too.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...kernels.ghost_linear import ghost_linear
+from .registry import bias_term, register_rule
+
+
+def as_sequence(xs: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate calls as (B, T, d): middle dims flattened into T, calls along T."""
+    return torch.cat([x.reshape(x.shape[0], -1, x.shape[-1]) for x in xs], dim=1)
+
+
+@register_rule(nn.Linear)
+def linear(layer: nn.Linear, acts, grads, refs, K):
+    a, d = as_sequence(acts), as_sequence(grads)
+    sq, dots = bias_term(d.sum(1), refs, K)
+    if "weight" in refs:
+        w_sq, w_dots = ghost_linear(a, d, refs["weight"] if K else None)
+        sq, dots = sq + w_sq, dots + w_dots
+    return sq, dots

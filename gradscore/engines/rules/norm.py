@@ -1,0 +1,78 @@
+"""Ghost rules for the affine parameters of LayerNorm, GroupNorm and eval-mode BatchNorm.
+
+y = x̂·γ + β with x̂ the normalized input, recomputed here from the captured input and
+the layer's own statistics (running statistics for BatchNorm). Per example:
+g_b(γ) = Σ_positions δ_b ⊙ x̂_b and g_b(β) = Σ_positions δ_b, vectors of the size of
+one channel/feature row, formed explicitly and reduced with ``norm_dot``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...kernels.norm_dot import acc_dtype
+from .registry import reduce_per_example, register_rule, zeros_like_result
+
+
+def _affine(x_hat: torch.Tensor, d: torch.Tensor, sum_dims: tuple[int, ...], refs, K):
+    grads = {}
+    if "weight" in refs:
+        grads["weight"] = (d * x_hat).sum(sum_dims) if sum_dims else d * x_hat
+    if "bias" in refs:
+        grads["bias"] = d.sum(sum_dims) if sum_dims else d
+    return grads
+
+
+def _reduce(per_call: list[dict[str, torch.Tensor]], refs, K, like):
+    if not per_call or not per_call[0]:
+        return zeros_like_result(like, K)
+    total = {k: sum(c[k] for c in per_call) for k in per_call[0]}  # calls add up
+    return reduce_per_example(total, refs, K)
+
+
+@register_rule(nn.LayerNorm, supports=lambda m: None if m.elementwise_affine else "LayerNorm without affine")
+def layer_norm(layer: nn.LayerNorm, acts, grads, refs, K):
+    n = len(layer.normalized_shape)
+    per_call = []
+    for x, d in zip(acts, grads):
+        acc = acc_dtype(x.dtype)
+        x, d = x.to(acc), d.to(acc)
+        dims = tuple(range(x.dim() - n, x.dim()))
+        var, mean = torch.var_mean(x, dim=dims, keepdim=True, unbiased=False)
+        x_hat = (x - mean) / torch.sqrt(var + layer.eps)
+        per_call.append(_affine(x_hat, d, tuple(range(1, x.dim() - n)), refs, K))
+    return _reduce(per_call, refs, K, grads[0])
+
+
+@register_rule(nn.GroupNorm, supports=lambda m: None if m.affine else "GroupNorm without affine")
+def group_norm(layer: nn.GroupNorm, acts, grads, refs, K):
+    per_call = []
+    for x, d in zip(acts, grads):
+        acc = acc_dtype(x.dtype)
+        x, d = x.to(acc), d.to(acc)
+        xg = x.reshape(x.shape[0], layer.num_groups, -1)
+        var, mean = torch.var_mean(xg, dim=2, keepdim=True, unbiased=False)
+        x_hat = ((xg - mean) / torch.sqrt(var + layer.eps)).reshape(x.shape)
+        per_call.append(_affine(x_hat, d, tuple(range(2, x.dim())), refs, K))
+    return _reduce(per_call, refs, K, grads[0])
+
+
+def _bn_supports(m: nn.Module) -> str | None:
+    if not m.affine:
+        return f"{type(m).__name__} without affine"
+    if m.running_mean is None:
+        return f"{type(m).__name__} without running statistics (uses batch statistics)"
+    return None
+
+
+@register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, supports=_bn_supports)
+def batch_norm(layer: nn.modules.batchnorm._BatchNorm, acts, grads, refs, K):
+    per_call = []
+    for x, d in zip(acts, grads):
+        acc = acc_dtype(x.dtype)
+        x, d = x.to(acc), d.to(acc)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        x_hat = ((x - layer.running_mean.to(acc).reshape(shape))
+                 / torch.sqrt(layer.running_var.to(acc).reshape(shape) + layer.eps))
+        per_call.append(_affine(x_hat, d, tuple(range(2, x.dim())), refs, K))
+    return _reduce(per_call, refs, K, grads[0])

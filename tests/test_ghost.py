@@ -1,0 +1,224 @@
+"""Ghost engine against the per-example autograd loop, float64, every rule, K = 0, 1, 3."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gradscore as gs
+from gradscore.models import digits_cnn, tiny_transformer
+
+
+class NoGradPart(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.a(x)
+        return self.b(torch.tanh(h))
+
+
+class SharedTwice(nn.Module):
+    """One Linear applied twice (tied weights) plus a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+class Seq1d(nn.Module):
+    """Conv1d, GroupNorm, bias-free Linear on (B, T, d) sequences, LayerNorm on 2-D."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2)
+        self.gn = nn.GroupNorm(3, 6)
+        self.lin = nn.Linear(6, 5, bias=False)
+        self.ln = nn.LayerNorm(5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.gn(self.conv(x)).transpose(1, 2)     # (B, L, 6)
+        return self.head(self.ln(self.lin(h).mean(1)))
+
+
+class TokenModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4, padding_idx=0)
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.lin(self.emb(ids)).mean(1)
+
+
+def _bn_eval():
+    m = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(inplace=True), nn.Linear(5, 3))
+    m[1].running_mean.uniform_(-1, 1)
+    m[1].running_var.uniform_(0.5, 2)
+    m[1].weight.data.uniform_(0.5, 1.5)
+    return m
+
+
+def _cnn():
+    m = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.ReLU(),
+                      nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, bias=False),
+                      nn.BatchNorm2d(6), nn.Flatten(), nn.Linear(6 * 4 * 4, 3))
+    m[3].running_var.uniform_(0.5, 2)
+    return m
+
+
+def _case(name):
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if name == "mlp_inplace_relu":
+        return nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 8, bias=False),
+                             nn.Tanh(), nn.Linear(8, 3)), torch.randn(7, 6, generator=g)
+    if name == "bn_eval":
+        return _bn_eval(), torch.randn(7, 6, generator=g)
+    if name == "cnn":
+        return _cnn(), torch.randn(7, 2, 8, 8, generator=g)
+    if name == "digits_cnn":
+        return digits_cnn(channels=4, batchnorm=True), torch.randn(7, 1, 8, 8, generator=g)
+    if name == "conv1d_groupnorm_seq_linear":
+        return Seq1d(), torch.randn(7, 4, 11, generator=g)
+    if name == "embedding_repeated_tokens":
+        ids = torch.randint(0, 7, (7, 9), generator=g)
+        ids[:, 4] = ids[:, 2]
+        ids[:, 5] = 0  # padding_idx: no gradient
+        return TokenModel(), ids
+    if name == "transformer":
+        ids = torch.randint(0, 20, (5, 7), generator=g)
+        ids[:, 3] = ids[:, 1]
+        return tiny_transformer(vocab=20, d=16, heads=2, layers=2, n_classes=3), ids
+    if name == "no_grad_region":
+        return NoGradPart(), torch.randn(7, 6, generator=g)
+    if name == "shared_twice":
+        return SharedTwice(), torch.randn(7, 6, generator=g)
+    raise KeyError(name)
+
+
+CASES = ["mlp_inplace_relu", "bn_eval", "cnn", "digits_cnn", "conv1d_groupnorm_seq_linear",
+         "embedding_repeated_tokens", "transformer", "no_grad_region", "shared_twice"]
+
+
+def _compare(model, x, K, engine="ghost", **kw):
+    model = model.double().eval()
+    x = x.double() if x.is_floating_point() else x
+    y = torch.randint(0, 3, (x.shape[0],), generator=torch.Generator().manual_seed(1))
+    ref_scorer = gs.Scorer(model, engine="loop", **kw)
+    V = torch.randn(K, ref_scorer.num_params, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(2)) if K else None
+    ref = ref_scorer.score_batch(x, y, refs=V)
+    scorer = gs.Scorer(model, engine=engine, **kw)
+    out = scorer.score_batch(x, y, refs=V)
+    torch.testing.assert_close(out.sq_norm, ref.sq_norm, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-12, atol=0)
+    if K:
+        torch.testing.assert_close(out.dots, ref.dots, rtol=1e-6, atol=1e-9)
+    else:
+        assert out.dots is None
+    assert float(ref.sq_norm.max()) > 0
+    return scorer
+
+
+@pytest.mark.parametrize("K", [0, 1, 3])
+@pytest.mark.parametrize("name", CASES)
+def test_ghost_equals_loop(name, K):
+    scorer = _compare(*_case(name), K)
+    assert scorer.engine_name == "ghost"
+    assert all(v.startswith("ghost") for v in scorer.explain().values()), scorer.explain()
+
+
+def test_auto_picks_ghost_when_every_layer_has_a_rule():
+    model, _ = _case("transformer")
+    assert gs.Scorer(model.eval()).engine_name == "ghost"
+    assert gs.Scorer(nn.Sequential(nn.Linear(3, 3), nn.PReLU()).eval()).engine_name == "vmap"
+
+
+@pytest.mark.parametrize("K", [0, 3])
+def test_unsupported_layers_fall_back_to_vmap_and_say_so(K):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), nn.PReLU(),
+                          nn.Flatten(), nn.Linear(3 * 5 * 5, 3))
+    scorer = _compare(model, torch.randn(6, 2, 5, 5), K)
+    why = scorer.explain()
+    assert why["0.weight"] == "vmap (Conv2d with padding_mode='reflect')"
+    assert why["1.weight"] == "vmap (no ghost rule for PReLU)"
+    assert why["3.weight"].startswith("ghost (linear rule on 3: Linear)")
+
+
+@pytest.mark.parametrize("K", [0, 2])
+def test_torch_transformer_layer_mixes_ghost_and_fallback(K):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0,
+                                       batch_first=True)
+    model = nn.Sequential(layer, nn.Flatten(), nn.Linear(8 * 5, 3))
+    scorer = _compare(model, torch.randn(4, 5, 8), K)
+    why = scorer.explain()
+    assert why["0.self_attn.in_proj_weight"].startswith("vmap (no ghost rule for MultiheadAttention")
+    assert why["0.self_attn.out_proj.weight"].startswith("vmap")   # used functionally by MHA
+    assert why["0.linear1.weight"].startswith("ghost") and why["0.norm1.weight"].startswith("ghost")
+
+
+def test_linear_used_without_its_forward_falls_back():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.head = nn.Linear(6, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(nn.functional.linear(x, self.lin.weight, self.lin.bias)))
+
+    torch.manual_seed(0)
+    scorer = _compare(Functional(), torch.randn(5, 6), 2)
+    assert "'lin' was not called" in scorer.explain()["lin.weight"]
+    assert scorer.explain()["head.weight"].startswith("ghost")
+
+
+def test_frozen_layers_and_param_patterns():
+    model, x = _case("mlp_inplace_relu")
+    model[0].weight.requires_grad_(False)
+    scorer = _compare(model, x, 2)
+    assert "0.weight" not in scorer.explain() and "0.bias" in scorer.explain()
+    last = _compare(model, x, 2, params=["4.*"])
+    assert list(last.explain()) == ["4.weight", "4.bias"]
+    with pytest.raises(gs.EngineError, match="matches no parameter"):
+        gs.Scorer(model, params=["head.*"])
+
+
+def test_positional_module_without_batch_dim_falls_back():
+    class Pos(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos, self.head = nn.Embedding(9, 4), nn.Embedding(6, 4), nn.Linear(4, 3)
+
+        def forward(self, ids):
+            return self.head((self.tok(ids) + self.pos(torch.arange(ids.shape[1]))).mean(1))
+
+    torch.manual_seed(0)
+    scorer = _compare(Pos(), torch.randint(0, 9, (5, 6)), 2)
+    assert "first dimension is not the batch" in scorer.explain()["pos.weight"]
+
+
+def test_mlp_norms_never_materialize_per_example_gradients(monkeypatch):
+    import gradscore.kernels.ghost_linear as gl
+
+    def boom(*a, **k):
+        raise AssertionError("per-example gradient materialized")
+    monkeypatch.setattr(gl, "_outer", boom)
+    model, x = _case("mlp_inplace_relu")
+    _compare(model, x, 0)   # T = 1: the Gram form, ‖δ‖²‖a‖², never g_b
+    _compare(model, x, 1)   # and dots by projecting a through V
+
+
+def test_loss_must_be_per_example():
+    model = nn.Linear(3, 2).eval()
+    with pytest.raises(gs.EngineError, match="one loss per example"):
+        gs.Scorer(model, loss=lambda out, y: nn.functional.cross_entropy(out, y),
+                  engine="ghost").score_batch(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
