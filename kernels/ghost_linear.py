@@ -60,9 +60,19 @@ def _gram_sq(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 
 def _project_dots(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """Σ_t δ_btᵀ V_k a_bt (B, K): one GEMM per reference, through the narrower side."""
+    B, T, d_in = a.shape
+    d_out = d.shape[2]
     acc = acc_dtype(a.dtype)
-    proj = torch.einsum("bti,koi->btko", a.to(acc), V.to(acc))  # (B, T, K, d_out)
-    return torch.einsum("btko,bto->bk", proj, d.to(acc))
+    a, d, V = a.to(acc), d.to(acc), V.to(acc)
+    out = []
+    for k in range(V.shape[0]):
+        if d_in <= d_out:   # (B·T, d_out) @ (d_out, d_in), then · a
+            proj, other = d.reshape(B * T, d_out) @ V[k], a
+        else:               # (B·T, d_in) @ (d_in, d_out), then · δ
+            proj, other = a.reshape(B * T, d_in) @ V[k].T, d
+        out.append(torch.linalg.vecdot(proj.reshape(B, -1), other.reshape(B, -1)))
+    return torch.stack(out, 1)
 
 
 def ghost_linear(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor | None = None, *,

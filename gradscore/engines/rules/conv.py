@@ -1,7 +1,7 @@
 """Ghost rule for ``nn.Conv1d`` / ``nn.Conv2d`` (any stride, padding, dilation, groups).
 
-The input is unfolded (im2col) to (B, C_in·k, L) and the output gradient viewed as
-(B, C_out, L); each group is then a Linear layer over L positions:
+The input is unfolded (im2col, as a strided view) to (B, L, C_in·k) and the output
+gradient viewed as (B, C_out, L); each group is then a Linear layer over L positions:
 g_b(W_g) = Σ_l δ_bl a_blᵀ (``kernels.ghost_linear``), g_b(bias) = Σ_l δ_bl. Calls of
 one layer are concatenated along l. Non-zero padding modes and string padding other
 than 'valid' fall back to vmap.
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...kernels.ghost_linear import ghost_linear
+from .linear import cat_calls
 from .registry import bias_term, register_rule
 
 
@@ -24,26 +25,38 @@ def _supports(m: nn.Module) -> str | None:
     return None
 
 
-def _unfold(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """im2col of one call's input: (B, C_in·k, L); Conv1d is a Conv2d of height 1."""
-    pad = (0,) * len(layer.kernel_size) if isinstance(layer.padding, str) else layer.padding
+def _patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """im2col of one call's input as a (B, L, C_in·k) view of a (B, C_in·k, L) tensor, whose
+    rows are (channel, kernel offset) in the order of the weight. Made from a strided
+    view of the zero-padded input with one copy that reads along the output width;
+    Conv1d is a Conv2d of height 1."""
     if isinstance(layer, nn.Conv1d):
-        return F.unfold(x.unsqueeze(2), (1, *layer.kernel_size), dilation=(1, *layer.dilation),
-                        padding=(0, *pad), stride=(1, *layer.stride))
-    return F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=pad, stride=layer.stride)
+        x, k, dil, stride = x.unsqueeze(2), (1, *layer.kernel_size), (1, *layer.dilation), (1, *layer.stride)
+        pad = (0, 0) if isinstance(layer.padding, str) else (0, *layer.padding)
+    else:
+        k, dil, stride = layer.kernel_size, layer.dilation, layer.stride
+        pad = (0, 0) if isinstance(layer.padding, str) else layer.padding
+    x = F.pad(x, (pad[1], pad[1], pad[0], pad[0])).contiguous()
+    B, C, H, W = x.shape
+    Ho = (H - dil[0] * (k[0] - 1) - 1) // stride[0] + 1
+    Wo = (W - dil[1] * (k[1] - 1) - 1) // stride[1] + 1
+    sB, sC, sH, sW = x.stride()
+    view = x.as_strided((B, C, k[0], k[1], Ho, Wo),
+                        (sB, sC, dil[0] * sH, dil[1] * sW, stride[0] * sH, stride[1] * sW))
+    return view.reshape(B, C * k[0] * k[1], Ho * Wo).transpose(1, 2)
 
 
 @register_rule(nn.Conv1d, nn.Conv2d, supports=_supports)
 def conv(layer: nn.Module, acts, grads, refs, K):
-    a_all = torch.cat([_unfold(layer, x) for x in acts], 2)                        # (B, C_in·k, L)
-    d_all = torch.cat([d.reshape(d.shape[0], layer.out_channels, -1) for d in grads], 2)
+    a_all = cat_calls([_patches(layer, x) for x in acts], 1)                         # (B, L, C_in·k)
+    d_all = cat_calls([d.reshape(d.shape[0], layer.out_channels, -1) for d in grads], 2)  # (B, C_out, L)
     sq, dots = bias_term(d_all.sum(2), refs, K)
     if "weight" in refs:
         G = layer.groups
-        d_in, d_out = a_all.shape[1] // G, layer.out_channels // G
+        d_in, d_out = a_all.shape[2] // G, layer.out_channels // G
         for g in range(G):
-            a = a_all[:, g * d_in:(g + 1) * d_in].transpose(1, 2)                  # (B, L, d_in)
-            d = d_all[:, g * d_out:(g + 1) * d_out].transpose(1, 2)                # (B, L, d_out)
+            a = a_all[:, :, g * d_in:(g + 1) * d_in]                                   # (B, L, d_in)
+            d = d_all[:, g * d_out:(g + 1) * d_out].transpose(1, 2)                    # (B, L, d_out)
             V = refs["weight"][:, g * d_out:(g + 1) * d_out].reshape(K, d_out, d_in) if K else None
             w_sq, w_dots = ghost_linear(a, d, V)
             sq, dots = sq + w_sq, dots + w_dots

@@ -13,9 +13,14 @@ from ...kernels.ghost_linear import ghost_linear
 from .registry import bias_term, register_rule
 
 
+def cat_calls(xs: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """Concatenate the calls of a layer along ``dim`` (no copy for a single call)."""
+    return xs[0] if len(xs) == 1 else torch.cat(xs, dim=dim)
+
+
 def as_sequence(xs: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate calls as (B, T, d): middle dims flattened into T, calls along T."""
-    return torch.cat([x.reshape(x.shape[0], -1, x.shape[-1]) for x in xs], dim=1)
+    """Calls as one (B, T, d): middle dims flattened into T, calls along T."""
+    return cat_calls([x.reshape(x.shape[0], -1, x.shape[-1]) for x in xs], 1)
 
 
 @register_rule(nn.Linear)

@@ -1,0 +1,219 @@
+"""Per-example gradient engines against one plain batched forward+backward, side by side.
+
+For each model (an MLP 784-1024-1024-10, the demo CNN, a 2-layer d=128 transformer on
+T=64 tokens) and batch size, every method is timed (best of ``repeats`` after a warm-up)
+and its peak memory measured in the same process:
+
+- ``plain``: forward + backward of the summed loss, the 1.0x line;
+- ``loop``: per-example autograd, norms + K=2 dots;  ``vmap_torch`` / ``vmap_fused``:
+  vmap(grad) with the torch reference / fused kernel reduction, K=2;
+- ``ghost_k0`` (norms only) and ``ghost_k2``, with their floor (2+K)/3 of plain: ghost
+  needs the forward and the input gradients but not the weight gradients, plus about
+  one matmul per reference vector;
+- peers, when installed: ``opacus`` (GradSampleModule per-sample gradients, then norms and
+  2 dots) and ``backpack_l2`` (BackPACK's BatchL2Grad, norms only).
+
+Peak memory on CUDA is ``torch.cuda.max_memory_allocated``; on CPU it is the rise of the
+process's resident-set high-water mark (reset through /proc/self/clear_refs) above the
+resident set before the call, reported as a ratio to plain.
+"""
+from __future__ import annotations
+
+import copy
+import ctypes
+import gc
+import os
+import platform
+import re
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .models import digits_cnn, mlp, tiny_transformer
+from .scorer import Scorer
+
+K_REFS = 2
+
+
+def model_cases(device: str) -> dict[str, tuple[Callable[[], nn.Module], Callable[[int], torch.Tensor]]]:
+    """name -> (model factory, batch of inputs of size B)."""
+    return {
+        "mlp_784_1024_1024": (lambda: mlp(d_in=784, hidden=1024, n_classes=10, depth=2),
+                              lambda B: torch.randn(B, 784, device=device)),
+        "digits_cnn": (lambda: digits_cnn(), lambda B: torch.rand(B, 1, 8, 8, device=device)),
+        "transformer_d128_T64": (lambda: tiny_transformer(vocab=1000, d=128, heads=4, layers=2, n_classes=10),
+                                 lambda B: torch.randint(0, 1000, (B, 64), device=device)),
+    }
+
+
+class _Memory:
+    """Peak memory of a call: CUDA allocator stats, or the RSS high-water mark on Linux."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.cpu_ok = os.path.exists("/proc/self/clear_refs")
+        try:
+            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except OSError:
+            self._trim = None
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return int(re.search(rf"{key}:\s+(\d+)", f.read()).group(1)) * 1024
+
+    @contextmanager
+    def measure(self) -> Iterator[dict]:
+        out: dict = {}
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            yield out
+            torch.cuda.synchronize()
+            out["peak_bytes"] = torch.cuda.max_memory_allocated() - base
+            return
+        if not self.cpu_ok:
+            yield out
+            return
+        if self._trim is not None:
+            self._trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = self._status("VmRSS")
+        yield out
+        out["peak_bytes"] = max(0, self._status("VmHWM") - base)
+
+
+def _methods(model: nn.Module, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor) -> dict[str, Callable[[], object]]:
+    def plain():
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+
+    def with_kernels(name: str, fn: Callable[[], object]) -> Callable[[], object]:
+        def run():
+            old = os.environ.get("GRADSCORE_KERNELS")
+            os.environ["GRADSCORE_KERNELS"] = name
+            try:
+                return fn()
+            finally:
+                if old is None:
+                    os.environ.pop("GRADSCORE_KERNELS")
+                else:
+                    os.environ["GRADSCORE_KERNELS"] = old
+        return run
+
+    loop, vm, gh = (Scorer(model, engine=e) for e in ("loop", "vmap", "ghost"))
+    methods = {
+        "plain": plain,
+        "loop": lambda: loop.score_batch(x, y, refs=V),
+        "vmap_torch": with_kernels("torch", lambda: vm.score_batch(x, y, refs=V)),
+        "vmap_fused": lambda: vm.score_batch(x, y, refs=V),
+        "ghost_k0": lambda: gh.score_batch(x, y),
+        "ghost_k2": lambda: gh.score_batch(x, y, refs=V),
+    }
+    methods.update(_peers(model, x, y, V))
+    return methods
+
+
+def _peers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor) -> dict[str, Callable[[], object]]:
+    peers: dict[str, Callable[[], object]] = {}
+    try:
+        from opacus import GradSampleModule
+        peer = copy.deepcopy(model)
+        for m in peer.modules():  # Opacus captures activations in train mode only
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+        gsm = GradSampleModule(peer.train(), batch_first=True, loss_reduction="sum")
+        params = [p for p in gsm.parameters() if p.requires_grad]
+        Vs = [v.reshape(V.shape[0], *p.shape) for v, p in
+              zip(V.split([p.numel() for p in params], dim=1), params)]
+
+        def opacus_run():
+            gsm.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
+            gs = [p.grad_sample.reshape(x.shape[0], -1) for p in params]
+            sq = sum(g.pow(2).sum(1) for g in gs)
+            dots = sum(g @ v.reshape(V.shape[0], -1).T for g, v in zip(gs, Vs))
+            return sq, dots
+        peers["opacus"] = opacus_run
+    except ImportError:
+        pass
+    try:
+        from backpack import backpack, extend
+        from backpack.extensions import BatchL2Grad
+        bp_model = extend(copy.deepcopy(model))
+        bp_loss = extend(nn.CrossEntropyLoss(reduction="sum"))
+
+        def backpack_run():
+            bp_model.zero_grad(set_to_none=True)
+            with backpack(BatchL2Grad()):
+                bp_loss(bp_model(x), y).backward()
+            return sum(p.batch_l2 for p in bp_model.parameters())
+        peers["backpack_l2"] = backpack_run
+    except ImportError:
+        pass
+    return peers
+
+
+FLOORS = {"ghost_k0": 2 / 3, "ghost_k2": (2 + K_REFS) / 3}
+
+
+def run_bench(batches: tuple[int, ...] = (64, 256), repeats: int = 3, device: str | None = None,
+              models: tuple[str, ...] | None = None, echo: Callable[[str], None] = print) -> dict:
+    """Time and measure every method on every model and batch; return the results dict."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    memory = _Memory(device)
+    cases = model_cases(device)
+    results = []
+    for name in models or tuple(cases):
+        factory, make_x = cases[name]
+        torch.manual_seed(0)
+        model = factory().to(device).eval()
+        P = sum(p.numel() for p in model.parameters())
+        for B in batches:
+            x = make_x(B)
+            with torch.no_grad():
+                n_out = model(x[:1]).shape[-1]
+            y = torch.randint(0, n_out, (B,), device=device)
+            V = torch.randn(K_REFS, P, device=device)
+            base = None
+            echo(f"\n{name} (P={P:,}), batch {B}:")
+            echo(f"  {'method':<12} {'time':>9} {'x plain':>8} {'floor':>6} {'peak mem':>10} {'x plain':>8}")
+            for method, fn in _methods(model, x, y, V).items():
+                try:
+                    fn()
+                    sync()
+                    with memory.measure() as mem:
+                        fn()
+                    best = float("inf")
+                    for _ in range(repeats):
+                        t0 = time.perf_counter()
+                        fn()
+                        sync()
+                        best = min(best, time.perf_counter() - t0)
+                except Exception as e:  # noqa: BLE001 - a peer that does not support a layer
+                    echo(f"  {method:<12} n/a ({type(e).__name__}: {str(e).splitlines()[0][:60]})")
+                    results.append({"model": name, "batch": B, "method": method, "error": str(e)[:200]})
+                    continue
+                if method == "plain":
+                    base = {"seconds": best, "peak_bytes": mem.get("peak_bytes")}
+                row = {"model": name, "params": P, "batch": B, "method": method, "seconds": best,
+                       "ratio_to_plain": best / base["seconds"], "floor": FLOORS.get(method),
+                       "peak_bytes": mem.get("peak_bytes")}
+                if mem.get("peak_bytes") is not None and base["peak_bytes"]:
+                    row["peak_ratio_to_plain"] = mem["peak_bytes"] / base["peak_bytes"]
+                results.append(row)
+                floor = f"{row['floor']:.2f}" if row["floor"] else ""
+                peak = f"{row['peak_bytes'] / 2**20:.1f} MB" if row["peak_bytes"] is not None else "n/a"
+                echo(f"  {method:<12} {best * 1e3:>7.1f}ms {row['ratio_to_plain']:>7.2f}x {floor:>6} "
+                     f"{peak:>10} {row.get('peak_ratio_to_plain', float('nan')):>7.2f}x")
+    dev_name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    return {"device": dev_name, "device_type": device, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "k_refs": K_REFS, "repeats": repeats, "rows": results}
