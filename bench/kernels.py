@@ -11,14 +11,14 @@ in the same run; on CUDA also the fraction of the device's peak memory bandwidth
 from __future__ import annotations
 
 import argparse
+import json
 import platform
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import best_time, save_json  # noqa: E402
+from gradscore.bench import best_time
+
 
 from gradscore.kernels import get_backend, norm_dot_reference
 
@@ -28,7 +28,11 @@ PEAK_GBS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 80GB HBM3": 3350.0, "H100 
 
 
 def _time(fn, device: str, repeats: int) -> float:
-    return best_time(fn, repeats, sync=torch.cuda.synchronize if device == "cuda" else lambda: None)
+    """Best wall time of ``repeats`` calls after a warm-up, in seconds."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fn()
+    sync()
+    return best_time(fn, repeats, sync)
 
 
 def cases(device: str) -> list[tuple[int, int, int, torch.dtype]]:
@@ -105,7 +109,10 @@ def main() -> None:
     result = run(args.device, args.repeats)
     if args.sweep:
         result["sweep"] = sweep(args.repeats)
-    save_json(result, args.json)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"-> {args.json}")
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ import gc
 import os
 import platform
 import re
+import tempfile
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -164,6 +166,17 @@ def _peers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor) 
 FLOORS = {"ghost_k0": 2 / 3, "ghost_k2": (2 + K_REFS) / 3}
 
 
+def best_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
+    """Best wall time in seconds of ``repeats`` calls of ``fn`` (``sync`` waits for the device)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def run_bench(batches: tuple[int, ...] = (64, 256), repeats: int = 3, device: str | None = None,
               models: tuple[str, ...] | None = None, echo: Callable[[str], None] = print) -> dict:
     """Time and measure every method on every model and batch; return the results dict."""
@@ -192,12 +205,7 @@ def run_bench(batches: tuple[int, ...] = (64, 256), repeats: int = 3, device: st
                     sync()
                     with memory.measure() as mem:
                         fn()
-                    best = float("inf")
-                    for _ in range(repeats):
-                        t0 = time.perf_counter()
-                        fn()
-                        sync()
-                        best = min(best, time.perf_counter() - t0)
+                    best = best_time(fn, repeats, sync)
                 except Exception as e:  # noqa: BLE001 - a peer that does not support a layer
                     echo(f"  {method:<12} n/a ({type(e).__name__}: {str(e).splitlines()[0][:60]})")
                     results.append({"model": name, "batch": B, "method": method, "error": str(e)[:200]})
@@ -217,3 +225,25 @@ def run_bench(batches: tuple[int, ...] = (64, 256), repeats: int = 3, device: st
     dev_name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
     return {"device": dev_name, "device_type": device, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "k_refs": K_REFS, "repeats": repeats, "rows": results}
+
+
+def end_to_end(epochs: int = 3, repeats: int = 3, echo: Callable[[str], None] = print) -> dict:
+    """Examples x checkpoints per second of ``gradscore.score`` on the demo setup, per engine."""
+    from .api import score
+    from .data import save_dataset
+    from .demo import make_digits, train
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data = make_digits()
+        path = save_dataset(root / "train.h5", data["x_train"], data["y_train"], noisy=data["noisy"])
+        train(data, root / "ckpts", epochs=epochs)
+        work = len(data["y_train"]) * epochs
+        res: dict = {"examples_x_checkpoints": work}
+        echo(f"\nend to end: `run` on the demo digits CNN, {work} examples x checkpoints")
+        for label, opts in [("ghost", {"engine": "ghost"}), ("vmap", {"engine": "vmap"}),
+                            ("loop", {"engine": "loop"}), ("forward_only_el2n", {"scores": ("el2n", "loss")})]:
+            best = best_time(lambda: score(root / "ckpts", path, out=root / f"{label}.h5",
+                                           overwrite=True, progress=False, **opts), repeats)
+            res[label] = {"seconds": best, "examples_per_second": work / best}
+            echo(f"  {label:<18} {work / best:>9.0f} ex/s  ({best:.2f}s)")
+        return res

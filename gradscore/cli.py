@@ -79,6 +79,30 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench import end_to_end, model_cases, run_bench
+    try:
+        batches = tuple(int(b) for b in args.batches.split(","))
+    except ValueError as e:
+        raise GradscoreError(f"--batches: '{args.batches}' is not a comma-separated list of integers") from e
+    models = tuple(args.models.split(",")) if args.models else None
+    unknown = set(models or ()) - set(model_cases("cpu"))
+    if unknown:
+        raise GradscoreError(f"--models: unknown {', '.join(sorted(unknown))}; choose from "
+                             f"{', '.join(model_cases('cpu'))}")
+    result = run_bench(batches, args.repeats, device=args.device, models=models)
+    if args.end_to_end:
+        result["end_to_end"] = end_to_end(args.epochs, args.repeats)
+    if args.json:
+        from .atomic import atomic_path
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(result, indent=2))
+        print(f"-> {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradscore", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -99,6 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=None, help="use only the first N training examples")
     p.add_argument("--engine", default="auto", choices=ENGINES)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = sub.add_parser("bench", help="time the engines against a plain forward+backward",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Time loop, vmap (torch and fused reduction) and ghost engines, "
+                       "and Opacus/BackPACK when installed, as ratios to one plain batched "
+                       "forward+backward, with peak memory, on an MLP, the demo CNN and a small "
+                       "transformer; then `run` throughput on the demo setup.")
+    p.add_argument("--batches", default="64,256", help="comma-separated batch sizes")
+    p.add_argument("--models", default=None, help="comma-separated subset of the models")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (best is kept)")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"))
+    p.add_argument("--epochs", type=int, default=3, help="demo checkpoints for the end-to-end part")
+    p.add_argument("--no-end-to-end", dest="end_to_end", action="store_false",
+                   help="skip the end-to-end `run` throughput")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     p = sub.add_parser("info", help="describe a checkpoint dir, dataset or scores file",
                        description="Describe a checkpoint directory, a dataset file or a scores "
                        "file; --env prints the kernel backends and library versions.")
@@ -107,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = {"run": _cmd_run, "demo": _cmd_demo, "info": _cmd_info}
+_COMMANDS = {"run": _cmd_run, "demo": _cmd_demo, "info": _cmd_info, "bench": _cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -95,3 +95,15 @@ def test_console_script_help_and_exit_code(tmp_path):
     r = subprocess.run([sys.executable, "-m", "gradscore", "info", str(tmp_path / "nope")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().endswith("no such file or directory")
+
+
+def test_bench_runs_small(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert main(["bench", "--models", "digits_cnn", "--batches", "4", "--repeats", "1",
+                 "--no-end-to-end", "--json", str(out)]) == 0
+    import json
+    rows = json.loads(out.read_text())["rows"]
+    methods = {r["method"] for r in rows if "error" not in r}
+    assert {"plain", "loop", "vmap_fused", "ghost_k0", "ghost_k2"} <= methods
+    assert all(r["ratio_to_plain"] > 0 for r in rows if "ratio_to_plain" in r)
+    _fails(capsys, ["bench", "--models", "resnet"], r"--models: unknown resnet")

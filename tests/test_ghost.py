@@ -135,6 +135,15 @@ def test_ghost_equals_loop(name, K):
     assert all(v.startswith("ghost") for v in scorer.explain().values()), scorer.explain()
 
 
+def test_conv_in_slices_equals_one_piece(monkeypatch):
+    from gradscore.engines.rules import conv
+    model, x = _case("cnn")
+    whole = _compare(model, x, 2).score_batch(x.double(), torch.zeros(7, dtype=torch.long))
+    monkeypatch.setattr(conv, "WORKSPACE_BYTES", 1)   # one example per slice
+    sliced = _compare(model, x, 2).score_batch(x.double(), torch.zeros(7, dtype=torch.long))
+    torch.testing.assert_close(sliced.sq_norm, whole.sq_norm, rtol=1e-12, atol=0)
+
+
 def test_auto_picks_ghost_when_every_layer_has_a_rule():
     model, _ = _case("transformer")
     assert gs.Scorer(model.eval()).engine_name == "ghost"

@@ -8,6 +8,8 @@ than 'valid' fall back to vmap.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,6 +17,10 @@ from torch import nn
 from ...kernels.ghost_linear import ghost_linear
 from .linear import cat_calls
 from .registry import bias_term, register_rule
+
+
+#: memory budget of the im2col patches of one slice of examples
+WORKSPACE_BYTES = 64 * 2**20
 
 
 def _supports(m: nn.Module) -> str | None:
@@ -46,18 +52,29 @@ def _patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return view.reshape(B, C * k[0] * k[1], Ho * Wo).transpose(1, 2)
 
 
-@register_rule(nn.Conv1d, nn.Conv2d, supports=_supports)
-def conv(layer: nn.Module, acts, grads, refs, K):
-    a_all = cat_calls([_patches(layer, x) for x in acts], 1)                         # (B, L, C_in·k)
-    d_all = cat_calls([d.reshape(d.shape[0], layer.out_channels, -1) for d in grads], 2)  # (B, C_out, L)
+def _conv_slice(layer: nn.Module, acts, grads, refs, K):
+    a_all = cat_calls([_patches(layer, x) for x in acts], 1)                         # (b, L, C_in·k)
+    d_all = cat_calls([d.reshape(d.shape[0], layer.out_channels, -1) for d in grads], 2)  # (b, C_out, L)
     sq, dots = bias_term(d_all.sum(2), refs, K)
     if "weight" in refs:
         G = layer.groups
         d_in, d_out = a_all.shape[2] // G, layer.out_channels // G
         for g in range(G):
-            a = a_all[:, :, g * d_in:(g + 1) * d_in]                                   # (B, L, d_in)
-            d = d_all[:, g * d_out:(g + 1) * d_out].transpose(1, 2)                    # (B, L, d_out)
+            a = a_all[:, :, g * d_in:(g + 1) * d_in]                                   # (b, L, d_in)
+            d = d_all[:, g * d_out:(g + 1) * d_out].transpose(1, 2)                    # (b, L, d_out)
             V = refs["weight"][:, g * d_out:(g + 1) * d_out].reshape(K, d_out, d_in) if K else None
             w_sq, w_dots = ghost_linear(a, d, V)
             sq, dots = sq + w_sq, dots + w_dots
     return sq, dots
+
+
+@register_rule(nn.Conv1d, nn.Conv2d, supports=_supports)
+def conv(layer: nn.Module, acts, grads, refs, K):
+    # im2col makes prod(kernel_size) copies of the input: take the examples in slices
+    # whose patches fit WORKSPACE_BYTES (small layers run in one piece)
+    B = acts[0].shape[0]
+    per_example = sum(x[0].numel() for x in acts) * math.prod(layer.kernel_size) * acts[0].element_size()
+    step = max(1, WORKSPACE_BYTES // max(1, per_example))
+    parts = [_conv_slice(layer, [x[i:i + step] for x in acts], [d[i:i + step] for d in grads], refs, K)
+             for i in range(0, B, step)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
