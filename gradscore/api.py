@@ -1,6 +1,7 @@
 """``score()``: stream every example through every checkpoint and write a scores file."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -10,17 +11,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoints import CheckpointStore, file_sha256
+from .checkpoints import CheckpointStore
 from .config import RunConfig
-from .data import ArrayFileDataset, Dataset, load_dataset
+from .data import Dataset, load_dataset
 from .exceptions import ConfigError, DataError
 from .scorer import Scorer
-from .scores import datadiet
+from .costate import CostateConfig, CostateFile, compute_costate
+from .scores import datadiet, pds
 from .store import HDF5ScoreStore
-
-#: Datasets larger than this are fingerprinted by size and mtime instead of SHA-256.
-_HASH_LIMIT = 1 << 30
-
 
 def resolve_device(device: str) -> str:
     if device == "auto":
@@ -28,18 +26,6 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("invalid value for 'device': cuda was asked for but torch sees no CUDA device")
     return device
-
-
-def _data_fingerprint(ds: Dataset, spec: str) -> dict[str, Any]:
-    if isinstance(ds, ArrayFileDataset):
-        st = ds.path.stat()
-        fp: dict[str, Any] = {"file": str(ds.path.resolve()), "size": st.st_size}
-        if st.st_size <= _HASH_LIMIT:
-            fp["sha256"] = file_sha256(ds.path)
-        else:
-            fp["mtime_ns"] = st.st_mtime_ns
-        return fp
-    return {"factory": spec, "n": len(ds)}
 
 
 def _select_checkpoints(ckpts: CheckpointStore, epochs_upto: float | None) -> np.ndarray:
@@ -53,17 +39,25 @@ def _select_checkpoints(ckpts: CheckpointStore, epochs_upto: float | None) -> np
     return select
 
 
+#: names of the per-checkpoint dots with the reference vectors, in order
+REF_METRICS = ("dot_target", "dot_costate")
+
+
 def score_chunk(scorer: Scorer, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
-                gradients: bool) -> dict[str, np.ndarray]:
-    """Per-example metrics (n,) for one chunk: loss, el2n, p_gold, correct[, sq_grad_norm]."""
+                gradients: bool, refs: list[dict[str, torch.Tensor]] | None = None) -> dict[str, np.ndarray]:
+    """Per-example metrics (n,) for one chunk: loss, el2n, p_gold, correct[, sq_grad_norm]
+    [, dot_target, dot_costate when ``refs`` = (∇J(θ_t), λ_{t+1}) are given]."""
     parts: dict[str, list[np.ndarray]] = {}
+    blocks = scorer.ref_blocks(refs) if refs is not None else None
     for i in range(0, x.shape[0], batch_size):
         yb = y[i:i + batch_size]
-        out = scorer.score_batch(x[i:i + batch_size], yb, gradients=gradients)
+        out = scorer.score_batch(x[i:i + batch_size], yb, refs=blocks, gradients=gradients)
         metrics = {"loss": out.loss}
         metrics.update(datadiet.classification_metrics(scorer.loss, out.logits, yb.to(out.logits.device)))
         if out.sq_norm is not None:
             metrics["sq_grad_norm"] = out.sq_norm
+        if out.dots is not None:
+            metrics.update({name: out.dots[:, k] for k, name in enumerate(REF_METRICS)})
         for k, v in metrics.items():
             parts.setdefault(k, []).append(v.detach().cpu().numpy())
     return {k: np.concatenate(v) for k, v in parts.items()}
@@ -83,30 +77,51 @@ def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
     dtype = getattr(torch, config.dtype)
     n, T = len(ds), len(ckpts)
     fingerprint = {"config": config.to_dict(), "checkpoints_sha256": ckpts.checksums(),
-                   "data": _data_fingerprint(ds, config.data)}
+                   "data": ds.fingerprint()}
+    costate = None
+    if config.needs_target:
+        costate = CostateFile(compute_costate(CostateConfig(
+            checkpoints=config.checkpoints, proxy=config.data, target=config.target,
+            batch_size=config.batch_size, dtype=config.dtype, device=config.device,
+            lr_scale_steps=config.lr_scale_steps), config.costate, progress=progress))
+        fingerprint["costate"] = json.loads(costate.fingerprint)
     store = HDF5ScoreStore(out, fingerprint, n=n, T=T, chunk_size=config.chunk_size,
                            overwrite=overwrite)
     if not store.complete:
-        _fill(store, ckpts, ds, config, device, dtype, progress)
+        _fill(store, ckpts, ds, config, device, dtype, progress, costate)
     noisy = ds.noisy()
     extras: dict[str, Any] = {"checkpoints": {
         "step": np.array([i.step for i in ckpts], dtype=np.int64),
         "epoch": np.array([i.epoch for i in ckpts]), "lr": np.array([i.lr for i in ckpts]),
         "selected": select}}
+    if costate is not None:
+        extras["checkpoints"].update(eta=costate.eta, grad_target_norm=costate.grad_target_norm)
     if noisy is not None:
         extras["noisy"] = noisy
     wanted = set(config.scores)
 
     def aggregate(pc: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {k: v for k, v in datadiet.aggregate(pc, select).items() if k in wanted}
+        agg = datadiet.aggregate(pc, select)
+        if costate is not None:
+            agg.update(pds.aggregate(pc, costate.eta, costate.grad_target_norm))
+        return {k: v for k, v in agg.items() if k in wanted}
 
     return store.finalize(ids=ds.ids(), extras=extras, aggregate=aggregate, attrs={
         "config": config.to_dict(), "gradscore_version": __version__, "loss": ckpts.loss,
         "checkpoints_sha256": fingerprint["checkpoints_sha256"]})
 
 
+def _refs(costate: CostateFile | None, t: int, T: int) -> list[dict[str, torch.Tensor]] | None:
+    """(∇J(θ_t), λ_{t+1}) for checkpoint t; λ_{T+1} does not exist: zeros at the last one."""
+    if costate is None:
+        return None
+    g = costate.grad_target(t)
+    lam = costate.costate(t + 1) if t < T - 1 else {k: torch.zeros_like(v) for k, v in g.items()}
+    return [g, lam]
+
+
 def _fill(store: HDF5ScoreStore, ckpts: CheckpointStore, ds: Dataset, config: RunConfig,
-          device: str, dtype: torch.dtype, progress: bool) -> None:
+          device: str, dtype: torch.dtype, progress: bool, costate: CostateFile | None) -> None:
     todo = [[c for c in range(store.n_chunks) if not store.is_done(t, c)] for t in range(len(ckpts))]
     remaining = sum(store.chunk_range(c)[1] - store.chunk_range(c)[0] for cs in todo for c in cs)
     bar = tqdm(total=len(ds) * len(ckpts), initial=len(ds) * len(ckpts) - remaining,
@@ -118,6 +133,7 @@ def _fill(store: HDF5ScoreStore, ckpts: CheckpointStore, ds: Dataset, config: Ru
                 continue
             model = ckpts.build_model(t, dtype=dtype, device=device)
             scorer = Scorer(model, loss=ckpts.loss, engine=config.engine, chunk_bytes=config.chunk_bytes)
+            refs = _refs(costate, t, len(ckpts))
             n_classes = None
             for c in chunks:
                 a, b = store.chunk_range(c)
@@ -127,7 +143,7 @@ def _fill(store: HDF5ScoreStore, ckpts: CheckpointStore, ds: Dataset, config: Ru
                 if scorer.loss.is_classification and not y.dtype.is_floating_point:
                     ds.check_labels(a, y, n_classes)
                 store.write_chunk(t, c, score_chunk(scorer, x, y, batch_size=config.batch_size,
-                                                    gradients=config.needs_gradients))
+                                                    gradients=config.needs_gradients, refs=refs))
                 bar.update(b - a)
 
 

@@ -246,9 +246,9 @@ class CheckpointStore:
                                   f"model_kwargs {info.model_kwargs}: {e}") from e
         if not isinstance(model, nn.Module):
             raise CheckpointError(f"{info.path}: factory '{info.model}' did not return an nn.Module")
-        self.load_into(model, i)
-        if dtype is not None:
+        if dtype is not None:  # cast first, so float64 checkpoints load without rounding
             model = model.to(dtype)
+        self.load_into(model, i)
         return model.to(device).eval()
 
     def checksums(self) -> list[str]:

@@ -12,9 +12,11 @@ from typing import Any
 from .exceptions import ConfigError
 
 #: Aggregated scores `gradscore run` can produce (see gradscore/scores/).
-AVAILABLE_SCORES = ("el2n", "grand", "loss")
+AVAILABLE_SCORES = ("el2n", "grand", "loss", "pds", "target_dot", "target_cos")
+#: Scores that need a target set and the co-states (gradscore/costate.py).
+TARGET_SCORES = frozenset({"pds", "target_dot", "target_cos"})
 #: Scores that need per-example gradients (all others need a forward pass only).
-GRADIENT_SCORES = frozenset({"grand"})
+GRADIENT_SCORES = frozenset({"grand"}) | TARGET_SCORES
 ENGINES = ("auto", "ghost", "vmap", "loop")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64")
@@ -47,8 +49,17 @@ class RunConfig:
                              metadata={"help": "memory budget of one (B, P) gradient block"})
     epochs_upto: float | None = field(default=None, metadata={
         "help": "aggregate over checkpoints with epoch <= this (Data Diet's early scores)"})
+    target: str | None = field(default=None, metadata={
+        "help": "target (downstream) dataset for pds, target_dot, target_cos"})
+    costate: str | None = field(default=None, metadata={
+        "help": "co-state file (default <checkpoints>/costate.h5, computed when missing)"})
+    lr_scale_steps: bool = field(default=False, metadata={
+        "help": "PDS: η_t = lr × optimizer steps between checkpoints t and t+1"})
 
     def __post_init__(self) -> None:
+        for name in ("checkpoints", "data", "target", "costate"):  # accept os.PathLike
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, str(getattr(self, name)))
         scores = tuple(self.scores)
         object.__setattr__(self, "scores", scores)
         _require(len(scores) > 0, "scores", "give at least one score")
@@ -64,6 +75,14 @@ class RunConfig:
             _require(isinstance(v, int) and v > 0, name, f"must be a positive integer, got {v!r}")
         _require(self.epochs_upto is None or self.epochs_upto >= 0, "epochs_upto",
                  f"must be >= 0, got {self.epochs_upto!r}")
+        wants_target = sorted(TARGET_SCORES & set(scores))
+        _require(self.target is not None or not wants_target, "target",
+                 f"scores {', '.join(wants_target)} need a target set (--target FILE)")
+
+    @property
+    def needs_target(self) -> bool:
+        """True when a requested score needs the target set and the co-states."""
+        return bool(TARGET_SCORES & set(self.scores))
 
     @property
     def needs_gradients(self) -> bool:

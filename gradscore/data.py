@@ -20,6 +20,8 @@ from .exceptions import DataError
 from .imports import import_ref
 
 REQUIRED_FIELDS = ("inputs", "targets")
+#: Dataset files larger than this are fingerprinted by size and mtime instead of SHA-256.
+_HASH_LIMIT = 1 << 30
 OPTIONAL_FIELDS = ("ids", "noisy", "attention_mask")
 
 
@@ -43,6 +45,10 @@ class Dataset(ABC):
     def noisy(self) -> np.ndarray | None:
         """(N,) bool known-corrupted mask, or None."""
         return None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies these examples, for refusing to resume on other data."""
+        return {"source": self.source, "n": len(self)}
 
     def check_labels(self, start: int, targets: torch.Tensor, n_classes: int) -> None:
         """Raise :class:`DataError` if integer targets fall outside ``[0, n_classes)``."""
@@ -116,6 +122,17 @@ class ArrayFileDataset(Dataset):
         if "noisy" in self._arrays:
             return np.asarray(self._arrays["noisy"][()]).astype(bool)
         return None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Path, size and SHA-256 (size and mtime for files over 1 GiB)."""
+        from .checkpoints import file_sha256
+        st = self.path.stat()
+        fp: dict[str, Any] = {"file": str(self.path.resolve()), "size": st.st_size}
+        if st.st_size <= _HASH_LIMIT:
+            fp["sha256"] = file_sha256(self.path)
+        else:
+            fp["mtime_ns"] = st.st_mtime_ns
+        return fp
 
     def close(self) -> None:
         if self._h5 is not None:

@@ -78,6 +78,8 @@ class Scorer:
         if refs is None:
             return None
         like = self._param_like()
+        if isinstance(refs, (list, tuple)) and refs and isinstance(refs[0], torch.Tensor):
+            return list(refs)  # already per-parameter blocks
         if isinstance(refs, torch.Tensor):
             if refs.dim() != 2 or refs.shape[1] != self.num_params:
                 raise EngineError(f"refs tensor must be (K, {self.num_params}), got {tuple(refs.shape)}")

@@ -61,20 +61,23 @@ def read_fingerprint(path: Path) -> dict | None:
         return None
 
 
-class HDF5ScoreStore(ScoreStore):
-    """Journal of chunk files in ``<out>.partial/``, assembled into ``out`` (HDF5)."""
+class Journal:
+    """A resumable unit-of-work journal for an output file ``out``.
 
-    def __init__(self, out: str | Path, fingerprint: dict, *, n: int, T: int, chunk_size: int,
-                 overwrite: bool = False) -> None:
+    Units are files in ``<out>.partial/`` written atomically; ``meta.json`` there holds
+    the fingerprint of the run. A finished ``out`` with the same fingerprint makes the
+    journal ``complete``; a different fingerprint (of ``out`` or of the partial run) is
+    refused with :class:`ConfigMismatchError` unless ``overwrite``.
+    """
+
+    def __init__(self, out: str | Path, fingerprint: dict, *, overwrite: bool = False) -> None:
         self.out = Path(out)
         self.partial = self.out.with_name(self.out.name + ".partial")
         self.fingerprint = fingerprint
-        self.n, self.T, self.chunk_size = n, T, chunk_size
-        self.n_chunks = (n + chunk_size - 1) // chunk_size
-        self._complete = False
+        self.complete = False
         if self.out.exists():
             if read_fingerprint(self.out) == fingerprint and not overwrite:
-                self._complete = True
+                self.complete = True
                 return
             if not overwrite:
                 raise ConfigMismatchError(
@@ -100,6 +103,29 @@ class HDF5ScoreStore(ScoreStore):
             with atomic_path(meta) as tmp:
                 tmp.write_text(json.dumps(fingerprint, sort_keys=True))
 
+    def unit(self, name: str) -> Path:
+        """Path of one unit of work inside the journal."""
+        return self.partial / name
+
+    def done(self, name: str) -> bool:
+        return self.complete or self.unit(name).exists()
+
+    def finish(self) -> None:
+        """Drop the journal once ``out`` has been written."""
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+
+class HDF5ScoreStore(ScoreStore):
+    """Journal of chunk files in ``<out>.partial/``, assembled into ``out`` (HDF5)."""
+
+    def __init__(self, out: str | Path, fingerprint: dict, *, n: int, T: int, chunk_size: int,
+                 overwrite: bool = False) -> None:
+        self.journal = Journal(out, fingerprint, overwrite=overwrite)
+        self.out, self.partial, self.fingerprint = self.journal.out, self.journal.partial, fingerprint
+        self.n, self.T, self.chunk_size = n, T, chunk_size
+        self.n_chunks = (n + chunk_size - 1) // chunk_size
+        self._complete = self.journal.complete
+
     @property
     def complete(self) -> bool:
         return self._complete
@@ -108,10 +134,10 @@ class HDF5ScoreStore(ScoreStore):
         return c * self.chunk_size, min(self.n, (c + 1) * self.chunk_size)
 
     def _chunk_path(self, t: int, c: int) -> Path:
-        return self.partial / f"t{t:05d}_c{c:07d}.npz"
+        return self.journal.unit(f"t{t:05d}_c{c:07d}.npz")
 
     def is_done(self, t: int, c: int) -> bool:
-        return self._complete or self._chunk_path(t, c).exists()
+        return self.journal.done(f"t{t:05d}_c{c:07d}.npz")
 
     def write_chunk(self, t: int, c: int, metrics: dict[str, np.ndarray]) -> None:
         with atomic_path(self._chunk_path(t, c)) as tmp, open(tmp, "wb") as fh:
@@ -162,7 +188,7 @@ class HDF5ScoreStore(ScoreStore):
                     if k not in sg:
                         sg.create_dataset(k, (self.n,), dtype=np.float64)
                     sg[k][a:b] = v
-        shutil.rmtree(self.partial, ignore_errors=True)
+        self.journal.finish()
         return self.out
 
 

@@ -118,3 +118,12 @@ def test_write_is_atomic_on_failure(tmp_path):
     with pytest.raises(RuntimeError):
         gs.CheckpointWriter(tmp_path, model_factory="x:y").__enter__().save(Boom(), step=1, lr=0.1)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_float64_checkpoint_loads_without_rounding(tmp_path):
+    model = mlp(**MLP_KWARGS).double()
+    with torch.no_grad():
+        model[1].weight[0, 0] = 1 + 2**-40  # not representable in float32
+    _saved(tmp_path, model=model)
+    rebuilt = gs.CheckpointStore(tmp_path).build_model(0, dtype=torch.float64)
+    assert rebuilt[1].weight[0, 0].item() == 1 + 2**-40

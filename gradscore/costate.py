@@ -1,0 +1,244 @@
+"""Co-states λ_t of the optimal-control (PDS) data scores.
+
+Conventions (also in the README):
+
+- Training on the proxy set with weights γ (γ_n = 1/N): θ_{t+1} = θ_t − η_t Σ_n γ_n ∇ℓ_n(θ_t),
+  η_t = the ``lr`` attribute of checkpoint t (times the number of optimizer steps to the
+  next checkpoint with ``lr_scale_steps``).
+- Target J(θ) = mean loss over the target set; J_total = Σ_{t=1..T} J(θ_t), with
+  checkpoints θ_0 … θ_T.
+- λ_T = ∇J(θ_T); λ_t = ∇J(θ_t) + (I − η_t H_t) λ_{t+1} for t = T−1 … 1, with
+  H_t = ∇²(Σ_n γ_n ℓ_n)(θ_t) applied as Hessian-vector products (``jvp`` of ``grad``,
+  streamed over the proxy set; the Hessian is never formed).
+- pds_n = Σ_{t=0..T−1} η_t ⟨λ_{t+1}, ∇ℓ_n(θ_t)⟩ = −∂J_total/∂γ_n: larger = more helpful.
+  Exact when every optimizer step of full-batch gradient descent is a checkpoint; with
+  sparser checkpoints, or minibatches, momentum, Adam, it is an approximation.
+
+The file (default ``<checkpoints>/costate.h5``) holds ``/t_<t>/grad_target/<name>`` for
+every checkpoint and ``/t_<t>/costate/<name>`` for t ≥ 1, parameter names as in the
+checkpoints, plus ``/eta`` (T,), ``/step`` and ``/grad_target_norm`` (T+1,). The
+computation runs backwards from θ_T, one journaled checkpoint at a time, so a killed run
+resumes and reproduces λ bit for bit.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import h5py
+import numpy as np
+import torch
+from torch.func import functional_call, grad, jvp
+from tqdm.auto import tqdm
+
+from .atomic import atomic_path
+from .checkpoints import CheckpointStore
+from .config import DEVICES, DTYPES
+from .data import Dataset, load_dataset
+from .exceptions import CheckpointError, ConfigError, GradscoreError
+from .losses import Loss, resolve_loss
+from .store import Journal
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class CostateConfig:
+    """What determines the co-states; saved in the file and checked on resume."""
+
+    checkpoints: str
+    proxy: str
+    target: str
+    batch_size: int = 256
+    dtype: str = "float32"
+    device: str = "auto"
+    lr_scale_steps: bool = False
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.batch_size, int) and self.batch_size > 0):
+            raise ConfigError(f"invalid value for 'batch_size': must be a positive integer, got {self.batch_size!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"invalid value for 'dtype': '{self.dtype}' is not one of {DTYPES}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"invalid value for 'device': '{self.device}' is not one of {DEVICES}")
+
+
+def step_sizes(ckpts: CheckpointStore, lr_scale_steps: bool = False) -> np.ndarray:
+    """η_t for t = 0 … T−1 (float64): the ``lr`` of checkpoint t, times the number of
+    optimizer steps to checkpoint t+1 when ``lr_scale_steps``."""
+    lr = np.array([i.lr for i in ckpts][:-1], dtype=np.float64)
+    if lr_scale_steps:
+        steps = np.array([i.step for i in ckpts], dtype=np.float64)
+        lr = lr * np.diff(steps)
+    return lr
+
+
+class _Objective:
+    """Σ_b w·ℓ_b over chunks of a dataset, as a function of the scored parameters."""
+
+    def __init__(self, model: torch.nn.Module, loss: Loss, ds: Dataset, batch_size: int, weight: float) -> None:
+        self.model, self.loss, self.ds, self.batch, self.weight = model, loss, ds, batch_size, weight
+        like = next(model.parameters())
+        self.device, self.dtype = like.device, like.dtype
+        self.fixed = dict(model.named_buffers())
+
+    def _chunks(self):
+        for a in range(0, len(self.ds), self.batch):
+            x, y = self.ds.read(a, min(len(self.ds), a + self.batch))
+            x = x.to(self.device)
+            yield (x.to(self.dtype) if x.is_floating_point() else x), y.to(self.device)
+
+    def _f(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = functional_call(self.model, (params, self.fixed), (x,))
+        return self.loss.fn(out, y).sum() * self.weight
+
+    def _accumulate(self, fn: Callable[[torch.Tensor, torch.Tensor], Params]) -> Params:
+        total: Params | None = None
+        for x, y in self._chunks():
+            part = fn(x, y)
+            total = part if total is None else {k: total[k] + part[k] for k in total}
+        return total
+
+    def gradient(self, params: Params) -> Params:
+        """∇_θ Σ_b w·ℓ_b."""
+        return self._accumulate(lambda x, y: grad(self._f)(params, x, y))
+
+    def hvp(self, params: Params, v: Params) -> Params:
+        """(∇²_θ Σ_b w·ℓ_b) v, forward-over-reverse, chunk by chunk."""
+        return self._accumulate(lambda x, y: jvp(lambda p: grad(self._f)(p, x, y), (params,), (v,))[1])
+
+
+def hvp(model: torch.nn.Module, loss: str | Loss, ds: Dataset, v: Params, *, batch_size: int = 256,
+        weight: float = 1.0) -> Params:
+    """Hessian-vector product of Σ_n weight·ℓ_n over ``ds`` at the model's parameters."""
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    return _Objective(model, resolve_loss(loss), ds, batch_size, weight).hvp(params, v)
+
+
+def _save_unit(path: Path, grad_target: Params, costate: Params | None) -> None:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for group, tensors in (("grad_target", grad_target), ("costate", costate)):
+            if tensors is not None:
+                g = f.create_group(group)
+                for name, t in tensors.items():
+                    g.create_dataset(name, data=t.detach().cpu().numpy())
+
+
+def _load_group(f: h5py.Group, name: str, device, dtype) -> Params | None:
+    if name not in f:
+        return None
+    return {k: torch.as_tensor(f[name][k][()]).to(device=device, dtype=dtype) for k in f[name]}
+
+
+def compute_costate(config: CostateConfig, out: str | Path | None = None, *, overwrite: bool = False,
+                    progress: bool = True) -> Path:
+    """Compute ∇J(θ_t) for every checkpoint and λ_t for t ≥ 1; write the costate file."""
+    from .api import resolve_device
+    ckpts = CheckpointStore(config.checkpoints)
+    if len(ckpts) < 2:
+        raise CheckpointError(f"{config.checkpoints}: PDS needs at least two checkpoints (θ_0 and θ_1)")
+    out = Path(out) if out is not None else Path(config.checkpoints) / "costate.h5"
+    proxy, target = load_dataset(config.proxy), load_dataset(config.target)
+    device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
+    eta = step_sizes(ckpts, config.lr_scale_steps)
+    fingerprint = {"config": asdict(config), "checkpoints_sha256": ckpts.checksums(),
+                   "proxy": proxy.fingerprint(), "target": target.fingerprint()}
+    T = len(ckpts) - 1
+    last = ckpts.build_model(T, dtype=dtype, device=device)
+    _check_fits(last, target, "target", ckpts[T].path)  # bad input fails before anything is written
+    _check_fits(last, proxy, "proxy", ckpts[T].path)
+    journal = Journal(out, fingerprint, overwrite=overwrite)
+    if journal.complete:
+        return out
+    loss = resolve_loss(ckpts.loss)
+    lam_next: Params | None = None
+    with tqdm(total=T + 1, desc="co-state", unit="ckpt", disable=None if progress else True) as bar:
+        for t in range(T, -1, -1):
+            unit = journal.unit(f"t{t:05d}.h5")
+            if unit.exists():
+                with h5py.File(unit, "r") as f:
+                    lam_next = _load_group(f, "costate", device, dtype)
+                bar.update()
+                continue
+            model = ckpts.build_model(t, dtype=dtype, device=device)
+            params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+            g_target = _Objective(model, loss, target, config.batch_size, 1.0 / len(target)).gradient(params)
+            if t == T:
+                lam = g_target
+            elif t >= 1:
+                h = _Objective(model, loss, proxy, config.batch_size, 1.0 / len(proxy)).hvp(params, lam_next)
+                lam = {k: g_target[k] + lam_next[k] - eta[t] * h[k] for k in params}
+            else:
+                lam = None  # λ_0 is never used: only ∇J(θ_0), for target_dot
+            _save_unit(unit, g_target, lam)
+            lam_next = lam
+            bar.update()
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["fingerprint"] = json.dumps(fingerprint, sort_keys=True)
+        f.attrs["config"] = json.dumps(asdict(config), sort_keys=True)
+        f.attrs["conventions"] = "pds_n = sum_t eta_t <lambda_{t+1}, grad l_n(theta_t)>; see gradscore.costate"
+        f["eta"] = eta
+        f["step"] = np.array([i.step for i in ckpts], dtype=np.int64)
+        norms = []
+        for t in range(T + 1):
+            with h5py.File(journal.unit(f"t{t:05d}.h5"), "r") as u:
+                u.copy(u["grad_target"], f, name=f"t_{t:05d}/grad_target")
+                if "costate" in u:
+                    u.copy(u["costate"], f, name=f"t_{t:05d}/costate")
+                norms.append(np.sqrt(sum(float((u["grad_target"][k][()].astype(np.float64) ** 2).sum())
+                                         for k in u["grad_target"])))
+        f["grad_target_norm"] = np.array(norms)
+    journal.finish()
+    return out
+
+
+def _check_fits(model: torch.nn.Module, ds: Dataset, role: str, ckpt: Path) -> None:
+    """Probe one example: a shape or label mismatch becomes a one-line DataError."""
+    from .exceptions import DataError
+    x, y = ds.read(0, min(len(ds), 2))
+    like = next(model.parameters())
+    x = x.to(like.device)
+    try:
+        with torch.no_grad():
+            out = model(x.to(like.dtype) if x.is_floating_point() else x)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        raise DataError(f"{ds.source}: {role} field 'inputs' (per-example shape {tuple(x.shape[1:])}) "
+                        f"does not fit the model of {ckpt}: {e}") from e
+    if not y.dtype.is_floating_point and out.dim() == 2:
+        _, yall = ds.read(0, len(ds))
+        ds.check_labels(0, yall, out.shape[-1])
+
+
+class CostateFile:
+    """Read a costate file: ``grad_target(t)``, ``costate(t)``, ``eta``, ``grad_target_norm``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self._f = h5py.File(self.path, "r")
+            self.eta = self._f["eta"][()]
+            self.grad_target_norm = self._f["grad_target_norm"][()]
+            self.steps = self._f["step"][()]
+            self.fingerprint = str(self._f.attrs["fingerprint"])
+        except (OSError, KeyError) as e:
+            raise GradscoreError(f"{self.path}: not a gradscore costate file ({e}); "
+                                 f"compute it with `gradscore costate`") from e
+
+    def _group(self, t: int, name: str) -> dict[str, torch.Tensor] | None:
+        key = f"t_{t:05d}/{name}"
+        if key not in self._f:
+            return None
+        return {k: torch.as_tensor(self._f[key][k][()]) for k in self._f[key]}
+
+    def grad_target(self, t: int) -> dict[str, torch.Tensor]:
+        """∇J(θ_t) as {parameter name: tensor}."""
+        return self._group(t, "grad_target")
+
+    def costate(self, t: int) -> dict[str, torch.Tensor] | None:
+        """λ_t as {parameter name: tensor}; None for t = 0."""
+        return self._group(t, "costate")
+
+    def close(self) -> None:
+        self._f.close()

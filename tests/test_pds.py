@@ -1,0 +1,125 @@
+"""PDS scores: exact against autograd through unrolled full-batch gradient descent."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call
+
+import gradscore as gs
+from gradscore.costate import CostateConfig, CostateFile, compute_costate, hvp
+from gradscore.models import mlp
+
+KW = {"d_in": 5, "hidden": 6, "n_classes": 3, "depth": 1}
+LRS = [0.5, 0.4, 0.6, 0.3, 0.5, 0.45]  # η_t for the 6 steps
+
+
+def _data(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def _gd_run(tmp_path):
+    """Full-batch GD with mean loss (γ_n = 1/N), a float64 checkpoint at every step."""
+    xp, yp = _data(0, 14)
+    xt, yt = _data(1, 9)
+    proxy = gs.save_dataset(tmp_path / "proxy.h5", xp.numpy(), yp.numpy())
+    target = gs.save_dataset(tmp_path / "target.h5", xt.numpy(), yt.numpy())
+    torch.manual_seed(0)
+    model = mlp(**KW).double()
+    theta0 = {k: v.detach().clone() for k, v in model.named_parameters()}
+    with gs.CheckpointWriter(tmp_path / "ckpts", model_factory="gradscore.models:mlp", model_kwargs=KW) as w:
+        for t, lr in enumerate(LRS + [0.0]):
+            w.save(model, step=t, lr=lr, epoch=t)
+            if t == len(LRS):
+                break
+            loss = torch.nn.functional.cross_entropy(model(xp), yp)
+            grads = torch.autograd.grad(loss, list(model.parameters()))
+            with torch.no_grad():
+                for p, g in zip(model.parameters(), grads):
+                    p -= lr * g
+    return tmp_path / "ckpts", proxy, target, theta0, (xp, yp, xt, yt)
+
+
+def _autograd_pds(theta0, xp, yp, xt, yt):
+    """−∂J_total/∂γ_n by autograd through the unrolled training, γ a leaf tensor."""
+    model = mlp(**KW).double()
+    gamma = torch.full((len(yp),), 1.0 / len(yp), dtype=torch.float64, requires_grad=True)
+    theta = {k: v.clone().requires_grad_(True) for k, v in theta0.items()}
+    J_total = 0.0
+    for lr in LRS:
+        losses = torch.nn.functional.cross_entropy(functional_call(model, theta, (xp,)), yp, reduction="none")
+        grads = torch.autograd.grad((gamma * losses).sum(), list(theta.values()), create_graph=True)
+        theta = {k: v - lr * g for (k, v), g in zip(theta.items(), grads)}
+        J_total = J_total + torch.nn.functional.cross_entropy(functional_call(model, theta, (xt,)), yt)
+    return -torch.autograd.grad(J_total, gamma)[0]
+
+
+@pytest.mark.parametrize("engine", ["ghost", "vmap", "loop"])
+def test_pds_equals_autograd_through_unrolled_training(tmp_path, engine):
+    ckpts, proxy, target, theta0, (xp, yp, xt, yt) = _gd_run(tmp_path)
+    expected = _autograd_pds(theta0, xp, yp, xt, yt)
+    out = gs.score(ckpts, proxy, out=tmp_path / "s.h5", target=target, engine=engine, dtype="float64",
+                   scores=["pds", "target_dot", "target_cos", "grand"], batch_size=5, progress=False)
+    res = gs.load_scores(out)
+    np.testing.assert_allclose(res["scores"]["pds"], expected.numpy(), rtol=1e-6, atol=1e-12)
+    assert np.abs(expected.numpy()).max() > 1e-3
+    # target_dot: the same sum with ∇J(θ_t) in place of λ_{t+1}
+    cs = CostateFile(ckpts / "costate.h5")
+    model = mlp(**KW).double()
+    store = gs.CheckpointStore(ckpts)
+    manual = np.zeros(len(yp))
+    for t, lr in enumerate(LRS):
+        store.load_into(model, t)
+        gJ = cs.grad_target(t)
+        for n in range(len(yp)):
+            g = torch.autograd.grad(torch.nn.functional.cross_entropy(model(xp[n:n + 1]), yp[n:n + 1]),
+                                    list(model.parameters()))
+            manual[n] += lr * sum(float((gi * gJ[k]).sum()) for gi, k in zip(g, dict(model.named_parameters())))
+    np.testing.assert_allclose(res["scores"]["target_dot"], manual, rtol=1e-8)
+    assert np.all(np.abs(res["scores"]["target_cos"]) <= 1 + 1e-12)
+
+
+def test_hvp_equals_formed_hessian():
+    torch.manual_seed(0)
+    model = mlp(d_in=3, hidden=4, n_classes=2, depth=1).double().eval()
+    x, y = torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 2, (10,))
+    ds = gs.load_dataset.__globals__["TorchDataset"](list(zip(x, y)))
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def total(flat):
+        parts, i = {}, 0
+        for n, s in zip(names, shapes):
+            parts[n] = flat[i:i + s.numel()].reshape(s)
+            i += s.numel()
+        return torch.nn.functional.cross_entropy(functional_call(model, parts, (x,)), y, reduction="sum") * 0.1
+
+    H = torch.autograd.functional.hessian(total, flat0)
+    v = torch.randn(flat0.numel(), dtype=torch.float64)
+    vd, i = {}, 0
+    for n, s in zip(names, shapes):
+        vd[n] = v[i:i + s.numel()].reshape(s)
+        i += s.numel()
+    hv = hvp(model, "cross_entropy", ds, vd, batch_size=3, weight=0.1)
+    torch.testing.assert_close(torch.cat([hv[n].reshape(-1) for n in names]), H @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_step_size_scaling_and_missing_target(tmp_path):
+    ckpts, proxy, target, *_ = _gd_run(tmp_path)
+    from gradscore.costate import step_sizes
+    assert step_sizes(gs.CheckpointStore(ckpts)).tolist() == LRS
+    with pytest.raises(gs.ConfigError, match="'target'.*need a target set"):
+        gs.score(ckpts, proxy, out=tmp_path / "s.h5", scores=["pds"], progress=False)
+
+
+def test_target_with_other_classes_or_shape_is_refused(tmp_path):
+    ckpts, proxy, target, *_ = _gd_run(tmp_path)
+    bad = gs.save_dataset(tmp_path / "bad.h5", np.zeros((4, 5)), np.array([0, 1, 2, 7]))
+    with pytest.raises(gs.DataError, match=r"bad\.h5: field 'targets' has label 7 at index 3"):
+        compute_costate(CostateConfig(str(ckpts), str(proxy), str(bad)), progress=False)
+    wide = gs.save_dataset(tmp_path / "wide.h5", np.zeros((4, 8)), np.array([0, 1, 2, 0]))
+    with pytest.raises(gs.DataError, match=r"wide\.h5: target field 'inputs' \(per-example shape \(8,\)\)"):
+        compute_costate(CostateConfig(str(ckpts), str(proxy), str(wide)), progress=False)
+    assert not (ckpts / "costate.h5").exists()
