@@ -247,3 +247,45 @@ def end_to_end(epochs: int = 3, repeats: int = 3, echo: Callable[[str], None] = 
             res[label] = {"seconds": best, "examples_per_second": work / best}
             echo(f"  {label:<18} {work / best:>9.0f} ex/s  ({best:.2f}s)")
         return res
+
+
+def pds_timing(steps: int = 10, repeats: int = 2, echo: Callable[[str], None] = print) -> dict:
+    """On the PDS demo setup: `costate` time against one epoch of plain training over the
+    proxy set, and the scoring pass with K = 2 references (pds) against K = 0 (grand)."""
+    from .api import score
+    from .costate import CostateConfig, compute_costate
+    from .data import load_dataset, save_dataset
+    from .demo import make_digits, train_full_batch
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data = make_digits()
+        proxy = save_dataset(root / "proxy.h5", data["x_train"], data["y_train"])
+        target = save_dataset(root / "target.h5", data["x_test"], data["y_test"])
+        train_full_batch(data, root / "ckpts", steps=steps)
+        model = digits_cnn()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        ds = load_dataset(proxy)
+
+        def epoch():
+            for a in range(0, len(ds), 256):
+                x, y = ds.read(a, min(len(ds), a + 256))
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+        t_epoch = best_time(epoch, repeats)
+        cfg = CostateConfig(str(root / "ckpts"), str(proxy), str(target))
+        t_cost = best_time(lambda: compute_costate(cfg, root / "c.h5", overwrite=True, progress=False), repeats)
+        t_k0 = best_time(lambda: score(root / "ckpts", proxy, out=root / "k0.h5", scores=("grand",),
+                                       overwrite=True, progress=False), repeats)
+        t_k2 = best_time(lambda: score(root / "ckpts", proxy, out=root / "k2.h5", target=target,
+                                       costate=str(root / "c.h5"), scores=("pds", "grand"),
+                                       overwrite=True, progress=False), repeats)
+        n_ckpt = steps + 1
+        res = {"checkpoints": n_ckpt, "proxy_examples": len(ds), "plain_epoch_seconds": t_epoch,
+               "costate_seconds": t_cost, "costate_over_epoch_per_checkpoint": t_cost / n_ckpt / t_epoch,
+               "score_k0_seconds": t_k0, "score_k2_seconds": t_k2, "score_k2_over_k0": t_k2 / t_k0}
+        echo(f"\nPDS on the demo setup ({n_ckpt} checkpoints, {len(ds)} proxy examples):")
+        echo(f"  costate: {t_cost:.2f}s = {res['costate_over_epoch_per_checkpoint']:.1f} plain epochs per checkpoint "
+             f"(one plain epoch: {t_epoch * 1e3:.0f}ms)")
+        echo(f"  scoring pass K=2 (pds) {t_k2:.2f}s vs K=0 (grand) {t_k0:.2f}s: {res['score_k2_over_k0']:.2f}x")
+        return res

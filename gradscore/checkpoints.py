@@ -204,10 +204,16 @@ class CheckpointStore:
             raise CheckpointError(f"{self.directory}: no checkpoint files (step_<n>.h5) found; "
                                   f"save them with gradscore.CheckpointWriter")
         infos = [_read_info(p) for p in paths]
+        for info in infos:
+            named = int(_NAME.match(info.path.name).group(1))
+            if named != info.step:
+                raise CheckpointError(f"{info.path}: the file name says step {named} but its 'step' "
+                                      f"attribute is {info.step}; rename or re-save it")
         self.infos: list[CheckpointInfo] = sorted(infos, key=lambda i: i.step)
-        steps = [i.step for i in self.infos]
-        if len(set(steps)) != len(steps):
-            raise CheckpointError(f"{self.directory}: two files share a step attribute")
+        for prev, cur in zip(self.infos, self.infos[1:]):
+            if cur.epoch < prev.epoch:
+                raise CheckpointError(f"{cur.path}: epoch {cur.epoch:g} is before epoch {prev.epoch:g} "
+                                      f"of the earlier step {prev.step}; steps and epochs must increase together")
 
     def __len__(self) -> int:
         return len(self.infos)

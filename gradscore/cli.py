@@ -43,9 +43,45 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="memory budget (MiB) of one per-example gradient block")
     p.add_argument("--epochs-upto", type=float, default=None, metavar="E",
                    help="aggregate only over checkpoints with epoch <= E (Data Diet's early scores)")
+    p.add_argument("--target", default=None, metavar="FILE",
+                   help="target (downstream) dataset: needed by pds, target_dot, target_cos")
+    p.add_argument("--costate", default=None, metavar="FILE",
+                   help="co-state file (default CHECKPOINTS/costate.h5; computed when missing)")
+    p.add_argument("--lr-scale-steps", action="store_true",
+                   help="PDS with sparse checkpoints: η_t = lr × optimizer steps to the next checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an output (or discard an interrupted run) made with other options")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_costate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("costate", help="compute the PDS co-states λ_t from checkpoints",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Compute ∇J(θ_t) on the target set for every checkpoint and "
+                       "the co-states λ_T = ∇J(θ_T), λ_t = ∇J(θ_t) + (I − η_t H_t) λ_{t+1} with "
+                       "Hessian-vector products on the proxy set (γ_n = 1/N), backwards from the "
+                       "last checkpoint. Resumable: rerun the same command after an interruption.")
+    p.add_argument("--checkpoints", required=True, metavar="DIR")
+    p.add_argument("--proxy", required=True, metavar="FILE", help="the training (proxy) set")
+    p.add_argument("--target", required=True, metavar="FILE", help="the target (downstream) set")
+    p.add_argument("--out", default=None, metavar="FILE", help="default: CHECKPOINTS/costate.h5")
+    p.add_argument("--hvp-batch", type=int, default=256, help="examples per gradient/HVP chunk")
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--lr-scale-steps", action="store_true",
+                   help="η_t = lr × optimizer steps to the next checkpoint (sparse checkpoints)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _cmd_costate(args: argparse.Namespace) -> int:
+    from .costate import CostateConfig, compute_costate
+    path = compute_costate(CostateConfig(args.checkpoints, args.proxy, args.target, batch_size=args.hvp_batch,
+                                         dtype=args.dtype, device=args.device,
+                                         lr_scale_steps=args.lr_scale_steps),
+                           args.out, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"co-states -> {path}")
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -54,16 +90,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
                        scores=tuple(s.strip() for s in args.scores.split(",") if s.strip()),
                        engine=args.engine, device=args.device, dtype=args.dtype,
                        batch_size=args.batch_size, chunk_size=args.chunk_size,
-                       chunk_bytes=args.chunk_mb * 2**20, epochs_upto=args.epochs_upto)
+                       chunk_bytes=args.chunk_mb * 2**20, epochs_upto=args.epochs_upto,
+                       target=args.target, costate=args.costate, lr_scale_steps=args.lr_scale_steps)
     path = run(config, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(f"scores -> {path}")
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.pds:
+        from .demo import run_pds_demo
+        run_pds_demo(args.out or "gradscore_demo_pds", steps=args.steps, engine=args.engine,
+                     progress=not args.quiet)
+        return 0
     from .demo import run_demo
-    run_demo(args.out, epochs=args.epochs, n_train=args.n_train, engine=args.engine,
-             progress=not args.quiet)
+    run_demo(args.out or "gradscore_demo", epochs=args.epochs, n_train=args.n_train,
+             engine=args.engine, progress=not args.quiet)
     return 0
 
 
@@ -94,7 +136,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                              f"{', '.join(model_cases('cpu'))}")
     result = run_bench(batches, args.repeats, device=args.device, models=models)
     if args.end_to_end:
+        from .bench import pds_timing
         result["end_to_end"] = end_to_end(args.epochs, args.repeats)
+        result["pds"] = pds_timing(repeats=args.repeats)
     if args.json:
         from .atomic import atomic_path
         with atomic_path(args.json) as tmp:
@@ -106,20 +150,26 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradscore", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Per-example gradient scores (EL2N, GraNd, loss) for every training example "
-        "at every checkpoint of a training run.")
+        description="Per-example gradient scores (EL2N, GraNd, loss, optimal-control PDS, "
+        "target alignment) for every training example at every checkpoint of a training run.")
     from . import __version__
     parser.add_argument("--version", action="version", version=f"gradscore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(sub)
+    _add_costate(sub)
     p = sub.add_parser("demo", help="train on the bundled digits, score, report (no download)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Flip 20%% of the digits training labels, train a small CNN "
                        "with a checkpoint per epoch, score every example with the same code "
                        "path as `run`, print how well each score finds the flipped labels, "
                        "and write DIR/data/train.h5, DIR/ckpts/, DIR/scores.h5, DIR/report.png.")
-    p.add_argument("--out", default="gradscore_demo", metavar="DIR", help="output directory")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output directory (default gradscore_demo, or gradscore_demo_pds)")
     p.add_argument("--epochs", type=int, default=15, help="training epochs (one checkpoint each)")
+    p.add_argument("--pds", action="store_true",
+                   help="optimal-control (PDS) demo: full-batch GD on the noisy set, clean "
+                   "held-out target, a checkpoint at every step")
+    p.add_argument("--steps", type=int, default=30, help="--pds: gradient-descent steps")
     p.add_argument("--n-train", type=int, default=None, help="use only the first N training examples")
     p.add_argument("--engine", default="auto", choices=ENGINES)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -135,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, choices=("cpu", "cuda"))
     p.add_argument("--epochs", type=int, default=3, help="demo checkpoints for the end-to-end part")
     p.add_argument("--no-end-to-end", dest="end_to_end", action="store_false",
-                   help="skip the end-to-end `run` throughput")
+                   help="skip the end-to-end `run` throughput and the PDS timings")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     p = sub.add_parser("info", help="describe a checkpoint dir, dataset or scores file",
                        description="Describe a checkpoint directory, a dataset file or a scores "
@@ -145,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = {"run": _cmd_run, "demo": _cmd_demo, "info": _cmd_info, "bench": _cmd_bench}
+_COMMANDS = {"run": _cmd_run, "costate": _cmd_costate, "demo": _cmd_demo, "info": _cmd_info,
+             "bench": _cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

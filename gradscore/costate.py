@@ -168,7 +168,8 @@ def compute_costate(config: CostateConfig, out: str | Path | None = None, *, ove
             if t == T:
                 lam = g_target
             elif t >= 1:
-                h = _Objective(model, loss, proxy, config.batch_size, 1.0 / len(proxy)).hvp(params, lam_next)
+                v = {k: lam_next[k] for k in params}  # the tangent must mirror params' structure
+                h = _Objective(model, loss, proxy, config.batch_size, 1.0 / len(proxy)).hvp(params, v)
                 lam = {k: g_target[k] + lam_next[k] - eta[t] * h[k] for k in params}
             else:
                 lam = None  # λ_0 is never used: only ∇J(θ_0), for target_dot

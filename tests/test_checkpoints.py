@@ -127,3 +127,25 @@ def test_float64_checkpoint_loads_without_rounding(tmp_path):
     _saved(tmp_path, model=model)
     rebuilt = gs.CheckpointStore(tmp_path).build_model(0, dtype=torch.float64)
     assert rebuilt[1].weight[0, 0].item() == 1 + 2**-40
+
+
+def test_step_name_attribute_mismatch_and_decreasing_epochs(tmp_path):
+    model = mlp(**MLP_KWARGS)
+    with gs.CheckpointWriter(tmp_path, model_factory="gradscore.models:mlp", model_kwargs=MLP_KWARGS) as w:
+        w.save(model, step=1, lr=0.1, epoch=2)
+        w.save(model, step=2, lr=0.1, epoch=1)
+    with pytest.raises(gs.CheckpointError, match=r"step_00000002\.h5: epoch 1 is before epoch 2"):
+        gs.CheckpointStore(tmp_path)
+    with h5py.File(tmp_path / "step_00000002.h5", "a") as f:
+        f.attrs["epoch"] = 3
+        f.attrs["step"] = 7
+    with pytest.raises(gs.CheckpointError, match="file name says step 2 but its 'step' attribute is 7"):
+        gs.CheckpointStore(tmp_path)
+
+
+def test_missing_lr_attribute(tmp_path):
+    path = _saved(tmp_path)
+    with h5py.File(path, "a") as f:
+        del f.attrs["lr"]
+    with pytest.raises(gs.CheckpointError, match=r"step_00000000\.h5: missing attribute\(s\) lr"):
+        gs.CheckpointStore(tmp_path)

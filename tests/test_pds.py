@@ -123,3 +123,68 @@ def test_target_with_other_classes_or_shape_is_refused(tmp_path):
     with pytest.raises(gs.DataError, match=r"wide\.h5: target field 'inputs' \(per-example shape \(8,\)\)"):
         compute_costate(CostateConfig(str(ckpts), str(proxy), str(wide)), progress=False)
     assert not (ckpts / "costate.h5").exists()
+
+
+def test_costate_cli_and_sigkill_resume_is_bit_identical(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import h5py
+    from gradscore.cli import main
+
+    ckpts, proxy, target, *_ = _gd_run(tmp_path)
+    # more checkpoints so the run lasts long enough to be killed: repeat θ_6 with new steps
+    for t in range(7, 40):
+        with h5py.File(ckpts / "step_00000006.h5") as src, h5py.File(ckpts / f"step_{t:08d}.h5", "w") as dst:
+            for k in src:
+                src.copy(src[k], dst, name=k)
+            dst.attrs.update(dict(src.attrs))
+            dst.attrs.update({"step": t, "epoch": t, "lr": 0.1})
+    cmd = [sys.executable, "-m", "gradscore", "costate", "--checkpoints", str(ckpts), "--proxy", str(proxy),
+           "--target", str(target), "--dtype", "float64", "--hvp-batch", "1", "--quiet"]
+    killed, partial = tmp_path / "killed.h5", tmp_path / "killed.h5.partial"
+    proc = subprocess.Popen(cmd + ["--out", str(killed)], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if partial.is_dir() and len(list(partial.glob("t*.h5"))) >= 2:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, f"costate ended before it could be killed: {proc.stderr.read()}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not killed.exists() and 2 <= len(list(partial.glob("t*.h5"))) < 40
+    subprocess.run(cmd + ["--out", str(killed)], check=True)
+    assert main(["costate", "--checkpoints", str(ckpts), "--proxy", str(proxy), "--target", str(target),
+                 "--dtype", "float64", "--hvp-batch", "1", "--quiet", "--out", str(tmp_path / "clean.h5")]) == 0
+    a, b = CostateFile(killed), CostateFile(tmp_path / "clean.h5")
+    for t in range(40):
+        for get in (a.grad_target, a.costate):
+            x, y = get(t), getattr(b, get.__name__)(t)
+            assert (x is None) == (y is None) and (x is None or all(torch.equal(x[k], y[k]) for k in x)), t
+
+
+def test_run_cli_pds_bad_target_exits_2(tmp_path, capsys):
+    from gradscore.cli import main
+    ckpts, proxy, target, *_ = _gd_run(tmp_path)
+    bad = gs.save_dataset(tmp_path / "bad.h5", np.zeros((4, 5)), np.array([0, 1, 2, 5]))
+    assert main(["run", "--checkpoints", str(ckpts), "--data", str(proxy), "--target", str(bad),
+                 "--scores", "pds", "--out", str(tmp_path / "s.h5"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.h5: field 'targets' has label 5 at index 3" in err and err.count("\n") == 1
+    assert main(["run", "--checkpoints", str(ckpts), "--data", str(proxy), "--scores", "pds",
+                 "--out", str(tmp_path / "s.h5"), "--quiet"]) == 2
+    assert "need a target set" in capsys.readouterr().err
+    assert not (tmp_path / "s.h5").exists() and not (ckpts / "costate.h5.partial").exists()
+
+
+def test_pds_demo_small(tmp_path, capsys):
+    from gradscore.demo import run_pds_demo
+    summary = run_pds_demo(tmp_path / "d", steps=2, progress=False)
+    text = capsys.readouterr().out
+    assert "10 most helpful by PDS" in text and "10 most harmful by PDS" in text and "the trap" in text
+    assert (tmp_path / "d" / "ckpts" / "costate.h5").exists()
+    assert len(list((tmp_path / "d" / "ckpts").glob("step_*.h5"))) == 3
+    assert 0 <= summary["flipped_in_top50_abs_pds"] <= 50
