@@ -126,13 +126,11 @@ def test_target_with_other_classes_or_shape_is_refused(tmp_path):
 
 
 def test_costate_cli_and_sigkill_resume_is_bit_identical(tmp_path):
-    import os
-    import signal
     import subprocess
     import sys
-    import time
 
     import h5py
+    from conftest import sigkill_when
     from gradscore.cli import main
 
     ckpts, proxy, target, *_ = _gd_run(tmp_path)
@@ -146,15 +144,7 @@ def test_costate_cli_and_sigkill_resume_is_bit_identical(tmp_path):
     cmd = [sys.executable, "-m", "gradscore", "costate", "--checkpoints", str(ckpts), "--proxy", str(proxy),
            "--target", str(target), "--dtype", "float64", "--hvp-batch", "1", "--quiet"]
     killed, partial = tmp_path / "killed.h5", tmp_path / "killed.h5.partial"
-    proc = subprocess.Popen(cmd + ["--out", str(killed)], stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if partial.is_dir() and len(list(partial.glob("t*.h5"))) >= 2:
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, f"costate ended before it could be killed: {proc.stderr.read()}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    sigkill_when(cmd + ["--out", str(killed)], lambda: partial.is_dir() and len(list(partial.glob("t*.h5"))) >= 2)
     assert not killed.exists() and 2 <= len(list(partial.glob("t*.h5"))) < 40
     subprocess.run(cmd + ["--out", str(killed)], check=True)
     assert main(["costate", "--checkpoints", str(ckpts), "--proxy", str(proxy), "--target", str(target),

@@ -1,16 +1,13 @@
 """A `gradscore run` killed with SIGKILL resumes and writes bit-identical scores."""
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import h5py
 import numpy as np
 
-from conftest import make_run
+from conftest import make_run, sigkill_when
 
 
 def _cmd(ckpts, data, out):
@@ -28,26 +25,17 @@ def _read_all(path):
 
 def test_sigkill_then_rerun_is_bit_identical(tmp_path):
     ckpts, data = make_run(tmp_path, n=400, n_ckpts=4)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     killed = tmp_path / "killed.h5"
     partial = tmp_path / "killed.h5.partial"
-    proc = subprocess.Popen(_cmd(ckpts, data, killed), env=env, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if partial.is_dir() and len(list(partial.glob("t*_c*.npz"))) >= 3:
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_when(_cmd(ckpts, data, killed),
+                 lambda: partial.is_dir() and len(list(partial.glob("t*_c*.npz"))) >= 3)
     n_done = len(list(partial.glob("t*_c*.npz")))
     assert not killed.exists() and 3 <= n_done < 4 * 20, n_done
 
-    subprocess.run(_cmd(ckpts, data, killed), env=env, check=True)
+    subprocess.run(_cmd(ckpts, data, killed), check=True)
     assert killed.exists() and not partial.exists()
     clean = tmp_path / "clean.h5"
-    subprocess.run(_cmd(ckpts, data, clean), env=env, check=True)
+    subprocess.run(_cmd(ckpts, data, clean), check=True)
 
     a, b = _read_all(killed), _read_all(clean)
     assert set(a) == set(b) and "scores/grand" in a and "per_checkpoint/sq_grad_norm" in a
