@@ -12,20 +12,13 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoints import CheckpointStore
-from .config import RunConfig
-from .data import Dataset, load_dataset
-from .exceptions import ConfigError, DataError
-from .scorer import Scorer
+from .config import RunConfig, resolve_device
+from .data import Dataset, load_dataset, probe_model
+from .exceptions import ConfigError
 from .costate import CostateConfig, CostateFile, compute_costate
+from .scorer import Scorer
 from .scores import datadiet, pds
 from .store import HDF5ScoreStore
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("invalid value for 'device': cuda was asked for but torch sees no CUDA device")
-    return device
 
 
 def _select_checkpoints(ckpts: CheckpointStore, epochs_upto: float | None) -> np.ndarray:
@@ -44,11 +37,10 @@ REF_METRICS = ("dot_target", "dot_costate")
 
 
 def score_chunk(scorer: Scorer, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
-                gradients: bool, refs: list[dict[str, torch.Tensor]] | None = None) -> dict[str, np.ndarray]:
+                gradients: bool, blocks: list[torch.Tensor] | None = None) -> dict[str, np.ndarray]:
     """Per-example metrics (n,) for one chunk: loss, el2n, p_gold, correct[, sq_grad_norm]
-    [, dot_target, dot_costate when ``refs`` = (∇J(θ_t), λ_{t+1}) are given]."""
+    [, dot_target, dot_costate when ``blocks`` = ref_blocks((∇J(θ_t), λ_{t+1})) are given]."""
     parts: dict[str, list[np.ndarray]] = {}
-    blocks = scorer.ref_blocks(refs) if refs is not None else None
     for i in range(0, x.shape[0], batch_size):
         yb = y[i:i + batch_size]
         out = scorer.score_batch(x[i:i + batch_size], yb, refs=blocks, gradients=gradients)
@@ -134,26 +126,18 @@ def _fill(store: HDF5ScoreStore, ckpts: CheckpointStore, ds: Dataset, config: Ru
             model = ckpts.build_model(t, dtype=dtype, device=device)
             scorer = Scorer(model, loss=ckpts.loss, engine=config.engine, chunk_bytes=config.chunk_bytes)
             refs = _refs(costate, t, len(ckpts))
+            blocks = scorer.ref_blocks(refs) if refs is not None else None
             n_classes = None
             for c in chunks:
                 a, b = store.chunk_range(c)
                 x, y = ds.read(a, b)
                 if n_classes is None:
-                    n_classes = _probe_outputs(scorer, ds, x, ckpts[t].path)
+                    n_classes = probe_model(model, ds, x, ckpts[t].path)
                 if scorer.loss.is_classification and not y.dtype.is_floating_point:
                     ds.check_labels(a, y, n_classes)
                 store.write_chunk(t, c, score_chunk(scorer, x, y, batch_size=config.batch_size,
-                                                    gradients=config.needs_gradients, refs=refs))
+                                                    gradients=config.needs_gradients, blocks=blocks))
                 bar.update(b - a)
-
-
-def _probe_outputs(scorer: Scorer, ds: Dataset, x: torch.Tensor, ckpt: Path) -> int:
-    """Run the model on one example; turn a shape/dtype failure into a DataError."""
-    try:
-        return int(scorer.output(x[:1]).shape[-1])
-    except (RuntimeError, ValueError, IndexError, TypeError) as e:
-        raise DataError(f"{ds.source}: field 'inputs' (per-example shape {tuple(x.shape[1:])}, "
-                        f"{x.dtype}) does not fit the model of {ckpt}: {e}") from e
 
 
 def score(checkpoints: str | os.PathLike, data: str | os.PathLike, *, out: str | os.PathLike,
@@ -163,7 +147,8 @@ def score(checkpoints: str | os.PathLike, data: str | os.PathLike, *, out: str |
 
     Writes ``out`` (HDF5, see :mod:`gradscore.store`) and returns its path. ``options``
     are the other :class:`~gradscore.config.RunConfig` fields (engine, device, dtype,
-    batch_size, chunk_size, chunk_bytes, epochs_upto).
+    batch_size, chunk_size, chunk_bytes, epochs_upto; target, costate, lr_scale_steps
+    for the PDS scores).
     """
     config = RunConfig(checkpoints=str(checkpoints), data=str(data), scores=tuple(scores), **options)
     return run(config, out, overwrite=overwrite, progress=progress)

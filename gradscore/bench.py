@@ -1,7 +1,8 @@
 """Per-example gradient engines against one plain batched forward+backward, side by side.
 
 For each model (an MLP 784-1024-1024-10, the demo CNN, a 2-layer d=128 transformer on
-T=64 tokens) and batch size, every method is timed (best of ``repeats`` after a warm-up)
+T=64 tokens) and batch size, every method is timed (best of ``repeats`` after a warm-up,
+more for calls shorter than 0.1 s)
 and its peak memory measured in the same process:
 
 - ``plain``: forward + backward of the summed loss, the 1.0x line;
@@ -203,9 +204,12 @@ def run_bench(batches: tuple[int, ...] = (64, 256), repeats: int = 3, device: st
                 try:
                     fn()
                     sync()
+                    t0 = time.perf_counter()
                     with memory.measure() as mem:
                         fn()
-                    best = best_time(fn, repeats, sync)
+                    once = time.perf_counter() - t0
+                    # fast calls get more repeats (about 0.3 s worth, at most 50): fewer are noise
+                    best = best_time(fn, max(repeats, min(50, int(0.3 / max(once, 1e-6)))), sync)
                 except Exception as e:  # noqa: BLE001 - a peer that does not support a layer
                     echo(f"  {method:<12} n/a ({type(e).__name__}: {str(e).splitlines()[0][:60]})")
                     results.append({"model": name, "batch": B, "method": method, "error": str(e)[:200]})

@@ -22,6 +22,16 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64")
 
 
+def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" when torch sees a GPU, else "cpu"; refuse "cuda" without one."""
+    import torch
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("invalid value for 'device': cuda was asked for but torch sees no CUDA device")
+    return device
+
+
 def _require(ok: bool, name: str, why: str) -> None:
     if not ok:
         raise ConfigError(f"invalid value for '{name}': {why}")

@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_path
 from .checkpoints import CheckpointStore
-from .config import DEVICES, DTYPES
-from .data import Dataset, load_dataset
+from .config import DEVICES, DTYPES, resolve_device
+from .data import Dataset, load_dataset, probe_model
 from .exceptions import CheckpointError, ConfigError, GradscoreError
 from .losses import Loss, resolve_loss
 from .store import Journal
@@ -135,7 +135,6 @@ def _load_group(f: h5py.Group, name: str, device, dtype) -> Params | None:
 def compute_costate(config: CostateConfig, out: str | Path | None = None, *, overwrite: bool = False,
                     progress: bool = True) -> Path:
     """Compute ∇J(θ_t) for every checkpoint and λ_t for t ≥ 1; write the costate file."""
-    from .api import resolve_device
     ckpts = CheckpointStore(config.checkpoints)
     if len(ckpts) < 2:
         raise CheckpointError(f"{config.checkpoints}: PDS needs at least two checkpoints (θ_0 and θ_1)")
@@ -196,20 +195,11 @@ def compute_costate(config: CostateConfig, out: str | Path | None = None, *, ove
 
 
 def _check_fits(model: torch.nn.Module, ds: Dataset, role: str, ckpt: Path) -> None:
-    """Probe one example: a shape or label mismatch becomes a one-line DataError."""
-    from .exceptions import DataError
-    x, y = ds.read(0, min(len(ds), 2))
-    like = next(model.parameters())
-    x = x.to(like.device)
-    try:
-        with torch.no_grad():
-            out = model(x.to(like.dtype) if x.is_floating_point() else x)
-    except (RuntimeError, ValueError, IndexError, TypeError) as e:
-        raise DataError(f"{ds.source}: {role} field 'inputs' (per-example shape {tuple(x.shape[1:])}) "
-                        f"does not fit the model of {ckpt}: {e}") from e
-    if not y.dtype.is_floating_point and out.dim() == 2:
-        _, yall = ds.read(0, len(ds))
-        ds.check_labels(0, yall, out.shape[-1])
+    """Inputs that do not fit the model, or labels outside its outputs: one DataError."""
+    x, y = ds.read(0, len(ds))
+    n_out = probe_model(model, ds, x, ckpt, role)
+    if not y.dtype.is_floating_point:
+        ds.check_labels(0, y, n_out)
 
 
 class CostateFile:

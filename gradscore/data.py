@@ -163,6 +163,22 @@ class TorchDataset(Dataset):
         return torch.stack([torch.as_tensor(x) for x in xs]), torch.stack([torch.as_tensor(y) for y in ys])
 
 
+def probe_model(model: torch.nn.Module, ds: Dataset, x: torch.Tensor, ckpt: str | Path, role: str = "") -> int:
+    """Run ``model`` on the first example of ``x``; return its output's last dimension.
+
+    A shape or dtype mismatch becomes one :class:`DataError` naming the data and checkpoint.
+    """
+    like = next(model.parameters())
+    x = x[:1].to(like.device)
+    try:
+        with torch.no_grad():
+            out = model(x.to(like.dtype) if x.is_floating_point() else x)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        raise DataError(f"{ds.source}: {role + ' ' if role else ''}field 'inputs' (per-example shape "
+                        f"{tuple(x.shape[1:])}, {x.dtype}) does not fit the model of {ckpt}: {e}") from e
+    return int(out.shape[-1])
+
+
 def load_dataset(spec: str | Path | Dataset) -> Dataset:
     """Open a dataset from a ``.h5``/``.npz`` path or a ``"module:fn"`` factory."""
     if isinstance(spec, Dataset):

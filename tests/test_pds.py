@@ -120,7 +120,7 @@ def test_target_with_other_classes_or_shape_is_refused(tmp_path):
     with pytest.raises(gs.DataError, match=r"bad\.h5: field 'targets' has label 7 at index 3"):
         compute_costate(CostateConfig(str(ckpts), str(proxy), str(bad)), progress=False)
     wide = gs.save_dataset(tmp_path / "wide.h5", np.zeros((4, 8)), np.array([0, 1, 2, 0]))
-    with pytest.raises(gs.DataError, match=r"wide\.h5: target field 'inputs' \(per-example shape \(8,\)\)"):
+    with pytest.raises(gs.DataError, match=r"wide\.h5: target field 'inputs' \(per-example shape \(8,\), torch.float64\)"):
         compute_costate(CostateConfig(str(ckpts), str(proxy), str(wide)), progress=False)
     assert not (ckpts / "costate.h5").exists()
 
