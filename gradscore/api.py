@@ -17,7 +17,7 @@ from .data import Dataset, load_dataset, probe_model
 from .exceptions import ConfigError
 from .costate import CostateConfig, CostateFile, compute_costate
 from .scorer import Scorer
-from .scores import datadiet, pds
+from .scores import datadiet, dynamics, pds
 from .store import HDF5ScoreStore
 
 
@@ -94,6 +94,7 @@ def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
 
     def aggregate(pc: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         agg = datadiet.aggregate(pc, select)
+        agg.update(dynamics.aggregate(pc, select))
         if costate is not None:
             agg.update(pds.aggregate(pc, costate.eta, costate.grad_target_norm))
         return {k: v for k, v in agg.items() if k in wanted}

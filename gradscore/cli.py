@@ -147,6 +147,69 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("select", help="choose examples by a score, a data-map region, or JTT",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Write the selected indices and ids as JSON. One of: --by SCORE "
+                       "(keep a fraction by rank), --region easy|ambiguous|hard|all (cartography "
+                       "regions), --jtt (error set of a checkpoint and per-example weights).")
+    p.add_argument("scores", metavar="SCORES.h5")
+    p.add_argument("--out", required=True, metavar="FILE.json")
+    p.add_argument("--by", default=None, metavar="SCORE", help="e.g. el2n, grand, pds, confidence")
+    p.add_argument("--keep", type=float, default=0.5, help="--by: fraction to keep")
+    order = p.add_mutually_exclusive_group()
+    order.add_argument("--highest", dest="highest", action="store_true", default=True,
+                       help="--by: keep the highest values")
+    order.add_argument("--lowest", dest="highest", action="store_false", help="--by: keep the lowest")
+    p.add_argument("--exclude-top", type=float, default=0.0, help="--by: first drop this fraction at the top")
+    p.add_argument("--region", default=None, choices=("easy", "ambiguous", "hard", "all"))
+    p.add_argument("--fraction", type=float, default=0.33, help="--region: fraction of the data per region")
+    p.add_argument("--jtt", action="store_true", help="JTT: error set and weights (FILE_weights.npz)")
+    p.add_argument("--upweight", type=float, default=20.0, help="--jtt: weight of the error set")
+    p.add_argument("--checkpoint", type=int, default=-1,
+                   help="--jtt: index of the checkpoint whose errors are taken (an early one, as JTT does)")
+    p = sub.add_parser("plot", help="data map or score histograms from a scores file",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="--kind datamap: confidence vs variability coloured by correctness, "
+                       "regions shaded (needs the dynamics scores); --kind hist: every score, clean vs "
+                       "known-noisy when the data marks it. PNG or SVG by the extension of --out.")
+    p.add_argument("scores", metavar="SCORES.h5")
+    p.add_argument("--kind", default="datamap", choices=("datamap", "hist"))
+    p.add_argument("--out", required=True, metavar="FILE.png|svg")
+    p.add_argument("--max-points", type=int, default=20000, help="datamap: hexbin above this many examples")
+
+
+def _cmd_select(args: argparse.Namespace) -> int:
+    from .select import select
+    res = select(args.scores, by=args.by, keep=args.keep, highest=args.highest, exclude_top=args.exclude_top,
+                 region=args.region, fraction=args.fraction, jtt=args.jtt, upweight=args.upweight,
+                 checkpoint=args.checkpoint, out=args.out)
+    n = res.get("n_selected", res.get("n_errors"))
+    print(f"selection -> {args.out}" + (f" ({n} examples)" if n is not None else "")
+          + (f"; weights -> {res['weights_file']}" if "weights_file" in res else ""))
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .plots import data_map, score_histograms
+    from .store import load_scores
+    if Path(args.out).suffix.lower() not in (".png", ".svg"):
+        raise GradscoreError(f"{args.out}: --out must end in .png or .svg")
+    res = load_scores(args.scores)
+    s = res["scores"]
+    if args.kind == "hist":
+        score_histograms(s, res["noisy"], args.out, title=Path(args.scores).name)
+    else:
+        missing = [k for k in ("confidence", "variability", "correctness") if k not in s]
+        if missing:
+            raise GradscoreError(f"{args.scores}: no {', '.join(missing)} scores; rerun `gradscore run "
+                                 f"--scores confidence,variability,correctness,...`")
+        data_map(s["confidence"], s["variability"], s["correctness"], args.out, noisy=res["noisy"],
+                 max_points=args.max_points, title=Path(args.scores).name)
+    print(f"plot -> {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradscore", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -157,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(sub)
     _add_costate(sub)
+    _add_select_and_plot(sub)
     p = sub.add_parser("demo", help="train on the bundled digits, score, report (no download)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Flip 20%% of the digits training labels, train a small CNN "
@@ -196,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _COMMANDS = {"run": _cmd_run, "costate": _cmd_costate, "demo": _cmd_demo, "info": _cmd_info,
-             "bench": _cmd_bench}
+             "bench": _cmd_bench, "select": _cmd_select, "plot": _cmd_plot}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,7 +12,8 @@ from typing import Any
 from .exceptions import ConfigError
 
 #: Aggregated scores `gradscore run` can produce (see gradscore/scores/).
-AVAILABLE_SCORES = ("el2n", "grand", "loss", "pds", "target_dot", "target_cos")
+AVAILABLE_SCORES = ("el2n", "grand", "loss", "pds", "target_dot", "target_cos", "confidence",
+                    "variability", "correctness", "forgetting", "threshold_closeness")
 #: Scores that need a target set and the co-states (gradscore/costate.py).
 TARGET_SCORES = frozenset({"pds", "target_dot", "target_cos"})
 #: Scores that need per-example gradients (all others need a forward pass only).

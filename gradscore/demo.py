@@ -21,7 +21,9 @@ from .api import score
 from .checkpoints import CheckpointWriter
 from .data import save_dataset
 from .models import digits_cnn
-from .plots import score_histograms
+from .plots import data_map, score_histograms
+from .scores.dynamics import NAMES as DYNAMICS
+from .select import regions
 from .store import load_scores
 
 FACTORY = "gradscore.models:digits_cnn"
@@ -88,8 +90,9 @@ def run_demo(out: str | Path = "gradscore_demo", *, epochs: int = 15, n_train: i
     echo(f"trained digits_cnn for {epochs} epochs ({t_train:.1f}s), clean test accuracy "
          f"{acc:.3f}; checkpoints -> {ckpt_dir}")
     t1 = time.perf_counter()
-    scores_path = score(ckpt_dir, train_path, out=out / "scores.h5", scores=("el2n", "grand", "loss"),
-                        engine=engine, overwrite=True, progress=progress)
+    scores_path = score(ckpt_dir, train_path, out=out / "scores.h5",
+                        scores=("el2n", "grand", "loss") + DYNAMICS, engine=engine, overwrite=True,
+                        progress=progress)
     t_score = time.perf_counter() - t1
     res = load_scores(scores_path)
     noisy = res["noisy"]
@@ -100,7 +103,8 @@ def run_demo(out: str | Path = "gradscore_demo", *, epochs: int = 15, n_train: i
     echo(f"scored {len(noisy)} examples x {epochs} checkpoints in {t_score:.1f}s -> {scores_path}")
     echo("")
     echo(f"{'score':<8}{'AUROC':>8}{'AP':>8}   top-10 flipped   (flipped = {noisy.mean():.0%} of data)")
-    for name, s in res["scores"].items():
+    for name in ("el2n", "grand", "loss"):
+        s = res["scores"][name]
         top = np.argsort(-s, kind="stable")[:10]
         summary["auroc"][name] = float(roc_auc_score(noisy, s))
         summary["average_precision"][name] = float(average_precision_score(noisy, s))
@@ -113,10 +117,17 @@ def run_demo(out: str | Path = "gradscore_demo", *, epochs: int = 15, n_train: i
         echo("  " + ", ".join(f"{res['ids'][i]} ({data['y_train'][i]}->{data['y_clean'][i]}"
                               f"{'*' if noisy[i] else ''}, {res['scores'][name][i]:.3g})" for i in top))
     echo("  (* = flipped label)")
-    report = score_histograms(res["scores"], noisy, out / "report.png",
+    sc = res["scores"]
+    found = regions(sc["confidence"], sc["variability"], 0.33)
+    summary["flipped_in_region"] = {r: int(noisy[idx].sum()) for r, idx in found.items()}
+    echo(f"\ndata map regions (33% of the data each), flipped labels in each: "
+         + ", ".join(f"{r} {n}/{int(noisy.sum())}" for r, n in summary["flipped_in_region"].items()))
+    data_map(sc["confidence"], sc["variability"], sc["correctness"], out / "datamap.png", noisy=noisy,
+             title="digits, 20% flipped labels (outlined)")
+    report = score_histograms({k: sc[k] for k in ("el2n", "grand", "loss")}, noisy, out / "report.png",
                               title=f"digits, {noisy.mean():.0%} flipped labels: clean vs flipped")
     summary["seconds"] = time.perf_counter() - t0
-    echo(f"\nreport -> {report}; total {summary['seconds']:.1f}s")
+    echo(f"\nreport -> {report}, data map -> {out / 'datamap.png'}; total {summary['seconds']:.1f}s")
     return summary
 
 

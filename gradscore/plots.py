@@ -38,3 +38,55 @@ def score_histograms(scores: dict[str, np.ndarray], noisy: np.ndarray | None, pa
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return path
+
+
+def data_map(confidence: np.ndarray, variability: np.ndarray, correctness: np.ndarray,
+             path: str | Path, *, noisy: np.ndarray | None = None, fraction: float = 0.33,
+             max_points: int = 20000, title: str = "") -> Path:
+    """Dataset-cartography map: confidence vs variability, coloured by correctness.
+
+    The three regions (easy, ambiguous, hard; each ``fraction`` of the data) are shaded.
+    Above ``max_points`` examples a hexbin of mean correctness replaces the scatter, so
+    10⁶ points stay readable; known-noisy examples are outlined when ``noisy`` is given.
+    PNG or SVG by the extension of ``path``.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(confidence)
+    fig, ax = plt.subplots(figsize=(6.4, 5.2))
+    hi_conf, lo_conf = np.quantile(confidence, 1 - fraction), np.quantile(confidence, fraction)
+    hi_var = np.quantile(variability, 1 - fraction)
+    vmax = max(float(variability.max()), 1e-6) * 1.05
+    ax.axhspan(hi_conf, 1.0, color="tab:green", alpha=0.08)
+    ax.axhspan(0.0, lo_conf, color="tab:red", alpha=0.08)
+    ax.axvspan(hi_var, vmax, color="tab:orange", alpha=0.08)
+    for text, x, y in (("easy-to-learn", 0.02 * vmax, 0.97), ("hard-to-learn", 0.5 * vmax, 0.02),
+                       ("ambiguous", hi_var + 0.02 * vmax, 0.5)):
+        ax.text(x, y, text, fontsize=9, va="top" if y > 0.5 else "bottom", zorder=5,
+                bbox={"facecolor": "white", "alpha": 0.7, "linewidth": 0})
+    if n > max_points:
+        hb = ax.hexbin(variability, confidence, C=correctness, reduce_C_function=np.mean,
+                       gridsize=70, cmap="coolwarm_r", mincnt=1)
+        fig.colorbar(hb, ax=ax, label="mean correctness")
+        note = f"hexbin of {n:,} examples"
+    else:
+        sc = ax.scatter(variability, confidence, c=correctness, cmap="coolwarm_r", s=6, alpha=0.7)
+        fig.colorbar(sc, ax=ax, label="correctness")
+        if noisy is not None and noisy.any():
+            ax.scatter(variability[noisy], confidence[noisy], facecolors="none", edgecolors="k",
+                       s=14, linewidths=0.5, label=f"known noisy ({int(noisy.sum())})")
+            ax.legend(loc="lower right", fontsize=8)
+        note = f"{n:,} examples"
+    ax.set_xlim(0, vmax)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("variability (std of p(gold) over checkpoints)")
+    ax.set_ylabel("confidence (mean p(gold))")
+    ax.set_title((title + "\n" if title else "") + f"data map, {note}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110)
+    plt.close(fig)
+    return path

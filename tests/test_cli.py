@@ -81,8 +81,8 @@ def test_demo_fast_mode(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "2", "--n-train", "240",
                  "--quiet"]) == 0
     text = capsys.readouterr().out
-    assert "AUROC" in text and "top-10 by el2n" in text
-    for p in ("data/train.h5", "scores.h5", "report.png", "ckpts/step_00000008.h5"):
+    assert "AUROC" in text and "top-10 by el2n" in text and "data map regions" in text
+    for p in ("data/train.h5", "scores.h5", "report.png", "datamap.png", "ckpts/step_00000008.h5"):
         assert (tmp_path / "demo" / p).exists(), p
     res = gs.load_scores(tmp_path / "demo" / "scores.h5")
     assert 0 < res["noisy"].sum() < 240

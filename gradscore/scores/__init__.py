@@ -1,4 +1,4 @@
 """Score definitions: each module states its formula, sign and units."""
-from . import datadiet
+from . import datadiet, dynamics, pds
 
-__all__ = ["datadiet"]
+__all__ = ["datadiet", "dynamics", "pds"]

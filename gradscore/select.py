@@ -1,0 +1,119 @@
+"""Choose examples from a scores file: by a score, by data-map region, or JTT's error set.
+
+- ``by``: keep the fraction ``keep`` with the highest (or lowest) values of a score, after
+  dropping the ``exclude_top`` fraction at the top (e.g. prune by EL2N but leave out the
+  most extreme, likely mislabeled, examples as Data Diet suggests);
+- ``regions``: the cartography regions, each a fraction of the data: easy-to-learn
+  (highest confidence), ambiguous (highest variability), hard-to-learn (lowest
+  confidence), in the shape of TrainingDynamics' ``three_regions_data_indices.json``;
+- ``jtt``: the error set of one checkpoint (JTT uses an early model) and per-example
+  weights, ``upweight`` for errors and 1 otherwise, for the second training run.
+Indices are row positions in the scores file; ids are the data's ``ids``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .atomic import atomic_path
+from .exceptions import ConfigError, GradscoreError
+from .store import load_scores
+
+REGIONS = ("easy", "ambiguous", "hard")
+
+
+def _fraction(name: str, value: float, allow_zero: bool = False) -> float:
+    lo_ok = value >= 0 if allow_zero else value > 0
+    if not (lo_ok and value <= 1):
+        raise ConfigError(f"invalid value for '{name}': {value} is not a fraction in "
+                          f"{'[0, 1]' if allow_zero else '(0, 1]'}")
+    return value
+
+
+def _score(res: dict[str, Any], name: str) -> np.ndarray:
+    if name not in res["scores"]:
+        raise GradscoreError(f"score '{name}' is not in the scores file (it has: "
+                             f"{', '.join(sorted(res['scores']))}); rerun `gradscore run --scores ...`")
+    return res["scores"][name]
+
+
+def by_score(values: np.ndarray, *, keep: float, highest: bool = True, exclude_top: float = 0.0) -> np.ndarray:
+    """Indices (sorted by rank) of the ``keep`` fraction of examples by ``values``."""
+    _fraction("keep", keep)
+    _fraction("exclude_top", exclude_top, allow_zero=True)
+    n = len(values)
+    order = np.argsort(-values if highest else values, kind="stable")
+    start = int(round(exclude_top * n))
+    return order[start:start + int(round(keep * n))]
+
+
+def regions(confidence: np.ndarray, variability: np.ndarray, fraction: float = 0.33) -> dict[str, np.ndarray]:
+    """{region: indices} of the three data-map regions, each ``fraction`` of the data."""
+    _fraction("fraction", fraction)
+    k = int(round(fraction * len(confidence)))
+    return {"easy": np.argsort(-confidence, kind="stable")[:k],
+            "ambiguous": np.argsort(-variability, kind="stable")[:k],
+            "hard": np.argsort(confidence, kind="stable")[:k]}
+
+
+def jtt_weights(correct: np.ndarray, upweight: float) -> np.ndarray:
+    """(N,) float64 weights: ``upweight`` for the error set (correct == 0), 1 otherwise."""
+    if upweight <= 0:
+        raise ConfigError(f"invalid value for 'upweight': {upweight} must be positive")
+    return np.where(correct.astype(bool), 1.0, float(upweight))
+
+
+def _ids(res: dict[str, Any], idx: np.ndarray) -> list:
+    return res["ids"][idx].tolist()
+
+
+def select(scores: str | Path, *, by: str | None = None, keep: float = 0.5, highest: bool = True,
+           exclude_top: float = 0.0, region: str | None = None, fraction: float = 0.33,
+           jtt: bool = False, upweight: float = 20.0, checkpoint: int = -1,
+           out: str | Path | None = None) -> dict[str, Any]:
+    """Select examples from a scores file; write the result as JSON to ``out`` if given.
+
+    Exactly one of ``by`` (a score name), ``region`` (easy, ambiguous, hard or all) or
+    ``jtt`` is used. With ``jtt`` the weights are also written next to ``out`` as
+    ``<out stem>_weights.npz`` (arrays ``ids``, ``weights``).
+    """
+    modes = [by is not None, region is not None, jtt]
+    if sum(modes) != 1:
+        raise ConfigError("give exactly one of --by SCORE, --region REGION or --jtt")
+    res = load_scores(scores)
+    result: dict[str, Any]
+    weights = None
+    if by is not None:
+        idx = by_score(_score(res, by), keep=keep, highest=highest, exclude_top=exclude_top)
+        result = {"by": by, "highest": highest, "keep": keep, "exclude_top": exclude_top,
+                  "n_selected": int(len(idx)), "indices": idx.tolist(), "ids": _ids(res, idx)}
+    elif region is not None:
+        if region not in REGIONS + ("all",):
+            raise ConfigError(f"invalid value for 'region': '{region}' is not one of "
+                              f"{', '.join(REGIONS + ('all',))}")
+        found = regions(_score(res, "confidence"), _score(res, "variability"), fraction)
+        names = REGIONS if region == "all" else (region,)
+        result = {f"{r}_region": found[r].tolist() for r in names}
+        result.update({f"{r}_ids": _ids(res, found[r]) for r in names})
+    else:
+        correct = res["per_checkpoint"]["correct"]
+        if not -correct.shape[0] <= checkpoint < correct.shape[0]:
+            raise ConfigError(f"invalid value for 'checkpoint': {checkpoint} is not one of the "
+                              f"{correct.shape[0]} checkpoints")
+        weights = jtt_weights(correct[checkpoint], upweight)
+        err = np.flatnonzero(weights != 1.0)
+        result = {"jtt_checkpoint": checkpoint % correct.shape[0], "upweight": upweight,
+                  "n_errors": int(len(err)), "error_set": err.tolist(), "error_ids": _ids(res, err)}
+    if out is not None:
+        out = Path(out)
+        with atomic_path(out) as tmp:
+            tmp.write_text(json.dumps(result))
+        if weights is not None:
+            wpath = out.with_name(out.stem + "_weights.npz")
+            with atomic_path(wpath) as tmp, open(tmp, "wb") as fh:
+                np.savez(fh, ids=res["ids"], weights=weights)
+            result["weights_file"] = str(wpath)
+    return result
