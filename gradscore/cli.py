@@ -179,6 +179,38 @@ def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-points", type=int, default=20000, help="datamap: hexbin above this many examples")
 
 
+def _add_import_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import-dynamics", help="read training dynamics jsonl (cartography) into a scores file",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Read DIR/dynamics_epoch_<e>.jsonl (or DIR/training_dynamics/...) with "
+                       "records {guid, gold, logits_epoch_<e> or logits}, streaming line by line, and "
+                       "write per-epoch loss/el2n/p_gold/correct and the dynamics scores.")
+    p.add_argument("directory", metavar="DIR")
+    p.add_argument("--format", default="cartography", choices=("cartography", "trainingdynamics"))
+    p.add_argument("--out", required=True, metavar="SCORES.h5")
+    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("export", help="write scores as td_metrics jsonl, csv or parquet",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="td_metrics: one JSON line per example with guid, index, "
+                       "threshold_closeness, confidence, variability, correctness, forgetfulness "
+                       "(TrainingDynamics); csv/parquet: id and every score.")
+    p.add_argument("scores", metavar="SCORES.h5")
+    p.add_argument("--format", required=True, choices=("td_metrics", "csv", "parquet"))
+    p.add_argument("--out", required=True, metavar="FILE")
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from .dynamics_io import import_dynamics
+    print(f"scores -> {import_dynamics(args.directory, args.out, fmt=args.format, overwrite=args.overwrite)}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .dynamics_io import export_scores
+    print(f"{args.format} -> {export_scores(args.scores, args.out, fmt=args.format)}")
+    return 0
+
+
 def _cmd_select(args: argparse.Namespace) -> int:
     from .select import select
     res = select(args.scores, by=args.by, keep=args.keep, highest=args.highest, exclude_top=args.exclude_top,
@@ -221,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_costate(sub)
     _add_select_and_plot(sub)
+    _add_import_export(sub)
     p = sub.add_parser("demo", help="train on the bundled digits, score, report (no download)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Flip 20%% of the digits training labels, train a small CNN "
@@ -260,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _COMMANDS = {"run": _cmd_run, "costate": _cmd_costate, "demo": _cmd_demo, "info": _cmd_info,
-             "bench": _cmd_bench, "select": _cmd_select, "plot": _cmd_plot}
+             "bench": _cmd_bench, "select": _cmd_select, "plot": _cmd_plot,
+             "import-dynamics": _cmd_import, "export": _cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -172,7 +172,10 @@ class HDF5ScoreStore(ScoreStore):
                     for k, v in self._read_chunk(t, c).items():
                         dsets[k][t, a:b] = v
             f.create_dataset("done", data=np.ones((self.T, self.n_chunks), dtype=np.uint8))
-            f.create_dataset("ids", data=ids)
+            if ids.dtype.kind in "OUS":  # string ids (e.g. imported guids)
+                f.create_dataset("ids", data=ids.astype(object), dtype=h5py.string_dtype())
+            else:
+                f.create_dataset("ids", data=ids)
             for k, v in extras.items():
                 if isinstance(v, dict):
                     g = f.create_group(k)
@@ -201,7 +204,7 @@ def load_scores(path: str | Path) -> dict[str, Any]:
             return {
                 "scores": {k: f["scores"][k][()] for k in f["scores"]},
                 "per_checkpoint": {k: f["per_checkpoint"][k][()] for k in f["per_checkpoint"]},
-                "ids": f["ids"][()],
+                "ids": f["ids"].asstr()[()] if h5py.check_string_dtype(f["ids"].dtype) else f["ids"][()],
                 "noisy": f["noisy"][()] if "noisy" in f else None,
                 "config": json.loads(f.attrs["config"]),
             }

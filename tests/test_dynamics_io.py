@@ -1,0 +1,107 @@
+"""Import of recorded training dynamics (jsonl) and export of scores."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+import gradscore as gs
+from gradscore.cli import main
+from gradscore.dynamics_io import export_scores, import_dynamics
+
+LOGITS = {  # guid -> per-epoch logits (3 classes), gold
+    "a": ([[3, 0, 0], [4, 0, 0], [5, 0, 0]], 0),          # always correct
+    "b": ([[0, 2, 0], [0, 0, 2], [0, 3, 0]], 1),          # correct, forgotten, relearned
+    "c": ([[0, 0, 1], [0, 0, 2], [0, 0, 3]], 0),          # never learned
+}
+
+
+def _write(root, key="logits_epoch_{e}", subdir="training_dynamics", order=None):
+    d = root / subdir if subdir else root
+    d.mkdir(parents=True, exist_ok=True)
+    for e in range(3):
+        with open(d / f"dynamics_epoch_{e}.jsonl", "w") as f:
+            for guid in (order or list(LOGITS)):
+                logits, gold = LOGITS[guid]
+                f.write(json.dumps({"guid": guid, key.format(e=e): logits[e], "gold": gold}) + "\n")
+    return root
+
+
+def _softmax_gold(logits, gold):
+    z = np.exp(np.asarray(logits, float) - np.max(logits))
+    return z[gold] / z.sum()
+
+
+@pytest.mark.parametrize("fmt,key,subdir", [("cartography", "logits_epoch_{e}", "training_dynamics"),
+                                            ("trainingdynamics", "logits", None)])
+def test_import_metrics_match_hand_computation(tmp_path, fmt, key, subdir):
+    root = _write(tmp_path / "dyn", key=key, subdir=subdir)
+    res = gs.load_scores(import_dynamics(root, tmp_path / "s.h5", fmt=fmt))
+    assert res["ids"].tolist() == ["a", "b", "c"]
+    p = np.array([[_softmax_gold(LOGITS[g][0][e], LOGITS[g][1]) for g in LOGITS] for e in range(3)])
+    np.testing.assert_allclose(res["per_checkpoint"]["p_gold"], p, rtol=1e-6)
+    np.testing.assert_allclose(res["scores"]["confidence"], p.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(res["scores"]["variability"], p.std(0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(res["scores"]["correctness"], [1, 2 / 3, 0])
+    np.testing.assert_array_equal(res["scores"]["forgetting"], [0, 1, 3])
+
+
+def test_guid_order_may_differ_between_epochs(tmp_path):
+    root = _write(tmp_path / "dyn")
+    (root / "training_dynamics" / "dynamics_epoch_1.jsonl").unlink()
+    d = root / "training_dynamics"
+    with open(d / "dynamics_epoch_1.jsonl", "w") as f:
+        for guid in ("c", "a", "b"):
+            f.write(json.dumps({"guid": guid, "logits_epoch_1": LOGITS[guid][0][1], "gold": LOGITS[guid][1]}) + "\n")
+    res = gs.load_scores(import_dynamics(root, tmp_path / "s.h5"))
+    assert res["per_checkpoint"]["correct"][1].tolist() == [1, 0, 0]
+
+
+@pytest.mark.parametrize("line,pattern", [
+    ("{not json", r"dynamics_epoch_1\.jsonl:2: not valid JSON"),
+    ('{"guid": "b", "logits_epoch_1": [0, 0, 2]}', r"dynamics_epoch_1\.jsonl:2: record has no 'gold'"),
+    ('{"guid": "b", "logits_epoch_1": [0, 2], "gold": 1}', r"dynamics_epoch_1\.jsonl:2: 2 logits where earlier records have 3"),
+    ('{"guid": "z", "logits_epoch_1": [0, 0, 2], "gold": 1}', r"dynamics_epoch_1\.jsonl:2: guid 'z' is not in"),
+])
+def test_malformed_lines_name_file_and_line(tmp_path, line, pattern):
+    root = _write(tmp_path / "dyn")
+    path = root / "training_dynamics" / "dynamics_epoch_1.jsonl"
+    lines = path.read_text().splitlines()
+    lines[1] = line
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(gs.DataError, match=pattern):
+        import_dynamics(root, tmp_path / "s.h5")
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_missing_epoch_file(tmp_path, capsys):
+    root = _write(tmp_path / "dyn")
+    (root / "training_dynamics" / "dynamics_epoch_1.jsonl").unlink()
+    assert main(["import-dynamics", str(root), "--out", str(tmp_path / "s.h5")]) == 2
+    assert "epoch file(s) [1] missing" in capsys.readouterr().err
+
+
+def test_export_round_trip_preserves_values_and_ids(tmp_path):
+    root = _write(tmp_path / "dyn")
+    scores = import_dynamics(root, tmp_path / "s.h5")
+    res = gs.load_scores(scores)
+    assert main(["export", str(scores), "--format", "td_metrics", "--out", str(tmp_path / "td.jsonl")]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "td.jsonl").read_text().splitlines()]
+    assert [r["guid"] for r in rows] == ["a", "b", "c"] and [r["index"] for r in rows] == [0, 1, 2]
+    for key, name in (("confidence", "confidence"), ("variability", "variability"),
+                      ("forgetfulness", "forgetting"), ("threshold_closeness", "threshold_closeness")):
+        assert [r[key] for r in rows] == res["scores"][name].tolist()
+    export_scores(scores, tmp_path / "s.csv", fmt="csv")
+    with open(tmp_path / "s.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["id"] for r in table] == ["a", "b", "c"]
+    for name, values in res["scores"].items():
+        assert [float(r[name]) for r in table] == values.tolist()
+    import pyarrow.parquet as pq
+    export_scores(scores, tmp_path / "s.parquet", fmt="parquet")
+    t = pq.read_table(tmp_path / "s.parquet").to_pydict()
+    assert t["id"] == ["a", "b", "c"]
+    for name, values in res["scores"].items():
+        assert t[name] == values.tolist()
