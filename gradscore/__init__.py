@@ -20,11 +20,12 @@ from .scorer import Scorer  # noqa: E402
 from .store import load_scores  # noqa: E402
 from .api import run, score  # noqa: E402
 from .costate import CostateConfig, CostateFile, compute_costate  # noqa: E402
+from .select import select  # noqa: E402
 
 __all__ = [
     "__version__", "Scorer", "ScoreBatch", "Engine", "score", "run", "RunConfig",
     "CheckpointWriter", "CheckpointStore", "CheckpointInfo", "Dataset", "load_dataset",
     "save_dataset", "load_scores", "Loss", "resolve_loss", "GradscoreError", "ConfigError",
     "CheckpointError", "DataError", "EngineError", "ConfigMismatchError",
-    "CostateConfig", "CostateFile", "compute_costate",
+    "CostateConfig", "CostateFile", "compute_costate", "select",
 ]

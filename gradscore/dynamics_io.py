@@ -82,59 +82,102 @@ def _metrics(logits: np.ndarray, gold: np.ndarray) -> dict[str, np.ndarray]:
 
 def import_dynamics(directory: str | Path, out: str | Path, *, fmt: str = "cartography",
                     overwrite: bool = False) -> Path:
-    """Read per-epoch dynamics jsonl files into a scores file (see module docstring)."""
+    """Read per-epoch dynamics jsonl files into a scores file (see module docstring).
+
+    Each epoch is parsed line by line and its metrics written out before the next is
+    read. On bad input nothing is left behind: the journal of the import is removed.
+    """
     directory = Path(directory)
     files = _epoch_files(directory, fmt)
-    index: dict[Any, int] = {}
-    golds: list[int] = []
-    n_classes = None
-    per_epoch: list[dict[str, np.ndarray]] = []
-    for t, (epoch, path) in enumerate(files):
-        rows, gold_t, logits_t = [], [], []
-        for lineno, guid, gold, logits in _records(path, epoch):
-            if n_classes is None:
-                n_classes = len(logits)
-            if len(logits) != n_classes:
-                raise DataError(f"{path}:{lineno}: {len(logits)} logits where earlier records have {n_classes}")
-            if t == 0:
-                if guid in index:
-                    raise DataError(f"{path}:{lineno}: guid {guid!r} appears twice")
-                index[guid] = len(golds)
-                golds.append(gold)
-            elif guid not in index:
-                raise DataError(f"{path}:{lineno}: guid {guid!r} is not in {files[0][1].name}")
-            if not 0 <= gold < n_classes:
-                raise DataError(f"{path}:{lineno}: gold {gold} outside [0, {n_classes})")
-            rows.append(index[guid])
-            gold_t.append(gold)
-            logits_t.append(logits)
-        if len(rows) != len(index) or len(set(rows)) != len(rows):
-            raise DataError(f"{path}: has {len(set(rows))} distinct guids, {files[0][1].name} has {len(index)}")
-        order = np.argsort(rows)
-        try:
-            logits_arr = np.array(logits_t, dtype=np.float64)
-        except (TypeError, ValueError) as e:
-            raise DataError(f"{path}: logits are not all numbers ({e})") from e
-        per_epoch.append(_metrics(logits_arr[order], np.asarray(gold_t)[order]))
-        del logits_t
-    n, T = len(index), len(files)
-    fingerprint = {"import": str(directory.resolve()), "format": fmt,
-                   "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for _, p in files]}
-    store = HDF5ScoreStore(out, fingerprint, n=n, T=T, chunk_size=max(1, n), overwrite=overwrite)
-    for t, m in enumerate(per_epoch):
-        store.write_chunk(t, 0, {k: (v if k == "correct" else v.astype(np.float32)) for k, v in m.items()})
-    select = np.ones(T, dtype=bool)
+    reader = _EpochReader(files)
+    store = None
+    try:
+        for t, (epoch, path) in enumerate(files):
+            logits = reader.read(t, epoch, path)
+            if store is None:
+                fingerprint = {"import": str(directory.resolve()), "format": fmt,
+                               "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for _, p in files]}
+                store = HDF5ScoreStore(out, fingerprint, n=len(reader.index), T=len(files),
+                                       chunk_size=max(1, len(reader.index)), overwrite=overwrite)
+            m = _metrics(logits, reader.gold)
+            store.write_chunk(t, 0, {k: (v if k == "correct" else v.astype(np.float32)) for k, v in m.items()})
+            del logits, m
+    except DataError:
+        if store is not None:
+            store.journal.finish()
+        raise
+    select = np.ones(len(files), dtype=bool)
 
     def aggregate(pc: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         agg = datadiet.aggregate(pc, select)
         agg.update(dynamics.aggregate(pc, select))
         return agg
 
-    guids = list(index)
+    guids = list(reader.index)
     ids = (np.array(guids, dtype=np.int64) if all(isinstance(g, int) for g in guids)
            else np.array([str(g) for g in guids], dtype=object))
     return store.finalize(ids=ids, extras={"checkpoints": {"epoch": np.array([e for e, _ in files])}},
                           aggregate=aggregate, attrs={"config": {"imported_from": str(directory), "format": fmt}})
+
+
+class _EpochReader:
+    """Reads epoch files into (N, C) logits in the row order of the first file's guids."""
+
+    def __init__(self, files: list[tuple[int, Path]]) -> None:
+        self.first = files[0][1].name
+        self.index: dict[Any, int] = {}
+        self.golds: list[int] = []
+        self.gold = np.zeros(0, dtype=np.int64)
+        self.n_classes: int | None = None
+
+    def _check(self, path: Path, lineno: int, gold: int, logits: list) -> None:
+        if self.n_classes is None:
+            self.n_classes = len(logits)
+        if len(logits) != self.n_classes:
+            raise DataError(f"{path}:{lineno}: {len(logits)} logits where earlier records have {self.n_classes}")
+        if not 0 <= gold < self.n_classes:
+            raise DataError(f"{path}:{lineno}: gold {gold} outside [0, {self.n_classes})")
+
+    def read(self, t: int, epoch: int, path: Path) -> np.ndarray:
+        """(N, C) float64 logits of one epoch file."""
+        if t == 0:  # learns the guids; N is unknown until the end of the file
+            rows: list[list] = []
+            for lineno, guid, gold, logits in _records(path, epoch):
+                self._check(path, lineno, gold, logits)
+                if guid in self.index:
+                    raise DataError(f"{path}:{lineno}: guid {guid!r} appears twice")
+                self.index[guid] = len(self.golds)
+                self.golds.append(gold)
+                rows.append(logits)
+            self.gold = np.asarray(self.golds)
+            return _as_array(path, rows)
+        out = np.empty((len(self.index), self.n_classes), dtype=np.float64)
+        seen = np.zeros(len(self.index), dtype=bool)
+        for lineno, guid, gold, logits in _records(path, epoch):
+            self._check(path, lineno, gold, logits)
+            row = self.index.get(guid)
+            if row is None:
+                raise DataError(f"{path}:{lineno}: guid {guid!r} is not in {self.first}")
+            if seen[row]:
+                raise DataError(f"{path}:{lineno}: guid {guid!r} appears twice")
+            if gold != self.golds[row]:
+                raise DataError(f"{path}:{lineno}: gold {gold} of guid {guid!r} differs from {self.first}")
+            seen[row] = True
+            try:
+                out[row] = logits
+            except (TypeError, ValueError) as e:
+                raise DataError(f"{path}:{lineno}: logits are not all numbers ({e})") from e
+        if not seen.all():
+            missing = next(g for g, r in self.index.items() if not seen[r])
+            raise DataError(f"{path}: {int((~seen).sum())} guid(s) of {self.first} are missing, e.g. {missing!r}")
+        return out
+
+
+def _as_array(path: Path, rows: list[list]) -> np.ndarray:
+    try:
+        return np.array(rows, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{path}: logits are not all numbers ({e})") from e
 
 
 def export_scores(scores: str | Path, out: str | Path, *, fmt: str) -> Path:

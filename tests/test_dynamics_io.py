@@ -73,7 +73,7 @@ def test_malformed_lines_name_file_and_line(tmp_path, line, pattern):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(gs.DataError, match=pattern):
         import_dynamics(root, tmp_path / "s.h5")
-    assert not (tmp_path / "s.h5").exists()
+    assert not (tmp_path / "s.h5").exists() and not (tmp_path / "s.h5.partial").exists()
 
 
 def test_missing_epoch_file(tmp_path, capsys):
