@@ -26,6 +26,7 @@ from .exceptions import DataError, GradscoreError
 from .scores import datadiet, dynamics
 from .store import HDF5ScoreStore, load_scores
 
+_BLOCK = 65536  # rows of the first epoch converted to an array at a time
 _EPOCH_FILE = re.compile(r"^dynamics_epoch_(\d+)\.jsonl$")
 FORMATS = ("cartography", "trainingdynamics")
 
@@ -140,7 +141,8 @@ class _EpochReader:
 
     def read(self, t: int, epoch: int, path: Path) -> np.ndarray:
         """(N, C) float64 logits of one epoch file."""
-        if t == 0:  # learns the guids; N is unknown until the end of the file
+        if t == 0:  # learns the guids; N is unknown until the end, so rows go in blocks
+            blocks: list[np.ndarray] = []
             rows: list[list] = []
             for lineno, guid, gold, logits in _records(path, epoch):
                 self._check(path, lineno, gold, logits)
@@ -149,8 +151,12 @@ class _EpochReader:
                 self.index[guid] = len(self.golds)
                 self.golds.append(gold)
                 rows.append(logits)
+                if len(rows) == _BLOCK:
+                    blocks.append(_as_array(path, rows))
+                    rows = []
+            blocks.append(_as_array(path, rows).reshape(len(rows), self.n_classes or 0))
             self.gold = np.asarray(self.golds)
-            return _as_array(path, rows)
+            return np.concatenate(blocks)
         out = np.empty((len(self.index), self.n_classes), dtype=np.float64)
         seen = np.zeros(len(self.index), dtype=bool)
         for lineno, guid, gold, logits in _records(path, epoch):
