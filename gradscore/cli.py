@@ -18,11 +18,15 @@ EPILOG = """examples:
 A killed `run` resumes where it stopped when rerun with the same options."""
 
 
+def _command(sub: argparse._SubParsersAction, name: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows every option's default."""
+    return sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
+
 def _add_run(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="score every example at every checkpoint",
-                       description="Stream a dataset through every checkpoint of a training run "
-                       "and write per-checkpoint metrics and aggregated scores to an HDF5 file.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _command(sub, "run", help="score every example at every checkpoint",
+                 description="Stream a dataset through every checkpoint of a training run "
+                 "and write per-checkpoint metrics and aggregated scores to an HDF5 file.")
     d = RunConfig(checkpoints="", data="")
     p.add_argument("--checkpoints", required=True, metavar="DIR",
                    help="directory of step_<n>.h5 files written by gradscore.CheckpointWriter")
@@ -55,12 +59,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_costate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("costate", help="compute the PDS co-states λ_t from checkpoints",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Compute ∇J(θ_t) on the target set for every checkpoint and "
-                       "the co-states λ_T = ∇J(θ_T), λ_t = ∇J(θ_t) + (I − η_t H_t) λ_{t+1} with "
-                       "Hessian-vector products on the proxy set (γ_n = 1/N), backwards from the "
-                       "last checkpoint. Resumable: rerun the same command after an interruption.")
+    p = _command(sub, "costate", help="compute the PDS co-states λ_t from checkpoints",
+                 description="Compute ∇J(θ_t) on the target set for every checkpoint and "
+                 "the co-states λ_T = ∇J(θ_T), λ_t = ∇J(θ_t) + (I − η_t H_t) λ_{t+1} with "
+                 "Hessian-vector products on the proxy set (γ_n = 1/N), backwards from the "
+                 "last checkpoint. Resumable: rerun the same command after an interruption.")
     p.add_argument("--checkpoints", required=True, metavar="DIR")
     p.add_argument("--proxy", required=True, metavar="FILE", help="the training (proxy) set")
     p.add_argument("--target", required=True, metavar="FILE", help="the target (downstream) set")
@@ -148,11 +151,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("select", help="choose examples by a score, a data-map region, or JTT",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Write the selected indices and ids as JSON. One of: --by SCORE "
-                       "(keep a fraction by rank), --region easy|ambiguous|hard|all (cartography "
-                       "regions), --jtt (error set of a checkpoint and per-example weights).")
+    p = _command(sub, "select", help="choose examples by a score, a data-map region, or JTT",
+                 description="Write the selected indices and ids as JSON. One of: --by SCORE "
+                 "(keep a fraction by rank), --region easy|ambiguous|hard|all (cartography "
+                 "regions), --jtt (error set of a checkpoint and per-example weights).")
     p.add_argument("scores", metavar="SCORES.h5")
     p.add_argument("--out", required=True, metavar="FILE.json")
     p.add_argument("--by", default=None, metavar="SCORE", help="e.g. el2n, grand, pds, confidence")
@@ -168,11 +170,10 @@ def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--upweight", type=float, default=20.0, help="--jtt: weight of the error set")
     p.add_argument("--checkpoint", type=int, default=-1,
                    help="--jtt: index of the checkpoint whose errors are taken (an early one, as JTT does)")
-    p = sub.add_parser("plot", help="data map or score histograms from a scores file",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="--kind datamap: confidence vs variability coloured by correctness, "
-                       "regions shaded (needs the dynamics scores); --kind hist: every score, clean vs "
-                       "known-noisy when the data marks it. PNG or SVG by the extension of --out.")
+    p = _command(sub, "plot", help="data map or score histograms from a scores file",
+                 description="--kind datamap: confidence vs variability coloured by correctness, "
+                 "regions shaded (needs the dynamics scores); --kind hist: every score, clean vs "
+                 "known-noisy when the data marks it. PNG or SVG by the extension of --out.")
     p.add_argument("scores", metavar="SCORES.h5")
     p.add_argument("--kind", default="datamap", choices=("datamap", "hist"))
     p.add_argument("--out", required=True, metavar="FILE.png|svg")
@@ -180,20 +181,18 @@ def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_import_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("import-dynamics", help="read training dynamics jsonl (cartography) into a scores file",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Read DIR/dynamics_epoch_<e>.jsonl (or DIR/training_dynamics/...) with "
-                       "records {guid, gold, logits_epoch_<e> or logits}, streaming line by line, and "
-                       "write per-epoch loss/el2n/p_gold/correct and the dynamics scores.")
+    p = _command(sub, "import-dynamics", help="read training dynamics jsonl (cartography) into a scores file",
+                 description="Read DIR/dynamics_epoch_<e>.jsonl (or DIR/training_dynamics/...) with "
+                 "records {guid, gold, logits_epoch_<e> or logits}, streaming line by line, and "
+                 "write per-epoch loss/el2n/p_gold/correct and the dynamics scores.")
     p.add_argument("directory", metavar="DIR")
     p.add_argument("--format", default="cartography", choices=("cartography", "trainingdynamics"))
     p.add_argument("--out", required=True, metavar="SCORES.h5")
     p.add_argument("--overwrite", action="store_true")
-    p = sub.add_parser("export", help="write scores as td_metrics jsonl, csv or parquet",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="td_metrics: one JSON line per example with guid, index, "
-                       "threshold_closeness, confidence, variability, correctness, forgetfulness "
-                       "(TrainingDynamics); csv/parquet: id and every score.")
+    p = _command(sub, "export", help="write scores as td_metrics jsonl, csv or parquet",
+                 description="td_metrics: one JSON line per example with guid, index, "
+                 "threshold_closeness, confidence, variability, correctness, forgetfulness "
+                 "(TrainingDynamics); csv/parquet: id and every score.")
     p.add_argument("scores", metavar="SCORES.h5")
     p.add_argument("--format", required=True, choices=("td_metrics", "csv", "parquet"))
     p.add_argument("--out", required=True, metavar="FILE")
@@ -254,12 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_costate(sub)
     _add_select_and_plot(sub)
     _add_import_export(sub)
-    p = sub.add_parser("demo", help="train on the bundled digits, score, report (no download)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Flip 20%% of the digits training labels, train a small CNN "
-                       "with a checkpoint per epoch, score every example with the same code "
-                       "path as `run`, print how well each score finds the flipped labels, "
-                       "and write DIR/data/train.h5, DIR/ckpts/, DIR/scores.h5, DIR/report.png.")
+    p = _command(sub, "demo", help="train on the bundled digits, score, report (no download)",
+                 description="Flip 20%% of the digits training labels, train a small CNN "
+                 "with a checkpoint per epoch, score every example with the same code "
+                 "path as `run`, print how well each score finds the flipped labels, "
+                 "and write DIR/data/train.h5, DIR/ckpts/, DIR/scores.h5, DIR/report.png.")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output directory (default gradscore_demo, or gradscore_demo_pds)")
     p.add_argument("--epochs", type=int, default=15, help="training epochs (one checkpoint each)")
@@ -270,12 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=None, help="use only the first N training examples")
     p.add_argument("--engine", default="auto", choices=ENGINES)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p = sub.add_parser("bench", help="time the engines against a plain forward+backward",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Time loop, vmap (torch and fused reduction) and ghost engines, "
-                       "and Opacus/BackPACK when installed, as ratios to one plain batched "
-                       "forward+backward, with peak memory, on an MLP, the demo CNN and a small "
-                       "transformer; then `run` throughput on the demo setup.")
+    p = _command(sub, "bench", help="time the engines against a plain forward+backward",
+                 description="Time loop, vmap (torch and fused reduction) and ghost engines, "
+                 "and Opacus/BackPACK when installed, as ratios to one plain batched "
+                 "forward+backward, with peak memory, on an MLP, the demo CNN and a small "
+                 "transformer; then `run` throughput on the demo setup.")
     p.add_argument("--batches", default="64,256", help="comma-separated batch sizes")
     p.add_argument("--models", default=None, help="comma-separated subset of the models")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (best is kept)")
