@@ -18,6 +18,7 @@ from .exceptions import ConfigError
 from .costate import CostateConfig, CostateFile, compute_costate
 from .scorer import Scorer
 from .scores import datadiet, dynamics, pds
+from .scores.pds import DOT_SCORES
 from .store import HDF5ScoreStore
 
 
@@ -86,8 +87,10 @@ def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
         "step": np.array([i.step for i in ckpts], dtype=np.int64),
         "epoch": np.array([i.epoch for i in ckpts]), "lr": np.array([i.lr for i in ckpts]),
         "selected": select}}
-    if costate is not None:
-        extras["checkpoints"].update(eta=costate.eta, grad_target_norm=costate.grad_target_norm)
+    if costate is not None:  # ‖v_t‖ of the two references of checkpoint t, for `diagnose`
+        extras["checkpoints"].update(
+            eta=costate.eta, ref_norm_target=costate.grad_target_norm,
+            ref_norm_costate=np.append(costate.costate_norm[1:], 0.0))  # ‖λ_{t+1}‖, 0 at the last
     if noisy is not None:
         extras["noisy"] = noisy
     wanted = set(config.scores)
@@ -99,7 +102,21 @@ def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
             agg.update(pds.aggregate(pc, costate.eta, costate.grad_target_norm))
         return {k: v for k, v in agg.items() if k in wanted}
 
-    return store.finalize(ids=ds.ids(), extras=extras, aggregate=aggregate, attrs={
+    def whole(f) -> dict[str, np.ndarray]:
+        """Variants of the dot scores: they rank, clip and regress over all examples."""
+        out: dict[str, np.ndarray] = {}
+        if costate is None or not config.variants:
+            return out
+        pc, ck = f["per_checkpoint"], f["checkpoints"]
+        weight = np.append(ck["eta"][()], 0.0)
+        for name, (dot_key, norm_key) in DOT_SCORES.items():
+            if name in wanted:
+                v = pds.variants(pc[dot_key][()], pc["sq_grad_norm"][()], ck[norm_key][()], weight,
+                                 clip_quantile=config.clip_quantile)
+                out.update({f"{name}_{k}": v[k] for k in config.variants})
+        return out
+
+    return store.finalize(ids=ds.ids(), extras=extras, aggregate=aggregate, whole=whole, attrs={
         "config": config.to_dict(), "gradscore_version": __version__, "loss": ckpts.loss,
         "checkpoints_sha256": fingerprint["checkpoints_sha256"]})
 

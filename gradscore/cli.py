@@ -53,6 +53,10 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="co-state file (default CHECKPOINTS/costate.h5; computed when missing)")
     p.add_argument("--lr-scale-steps", action="store_true",
                    help="PDS with sparse checkpoints: η_t = lr × optimizer steps to the next checkpoint")
+    p.add_argument("--variants", default="", metavar="V,...",
+                   help="also store pds_<V>/target_dot_<V> for V in cos (direction only), clip (‖g‖ clipped "
+                   "at --clip-quantile), rank (per-checkpoint ranks), resid (log‖g‖ regressed out)")
+    p.add_argument("--clip-quantile", type=float, default=0.9)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an output (or discard an interrupted run) made with other options")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -94,7 +98,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
                        engine=args.engine, device=args.device, dtype=args.dtype,
                        batch_size=args.batch_size, chunk_size=args.chunk_size,
                        chunk_bytes=args.chunk_mb * 2**20, epochs_upto=args.epochs_upto,
-                       target=args.target, costate=args.costate, lr_scale_steps=args.lr_scale_steps)
+                       target=args.target, costate=args.costate, lr_scale_steps=args.lr_scale_steps,
+                       variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
+                       clip_quantile=args.clip_quantile)
     path = run(config, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(f"scores -> {path}")
     return 0
@@ -210,6 +216,29 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_diagnose(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "diagnose", help="why examples score high: gradient norm vs direction",
+                 description="Decompose a dot-product score (pds or target_dot) into ‖g‖·‖v‖·cos, measure "
+                 "how much the gradient norm inflates it, and, with a known noisy mask, report AUROC / AP / "
+                 "precision@k of every score and variant for flagging the noisy examples and the share of "
+                 "noisy examples in the top and bottom of each variant. Writes diagnosis.json and plots.")
+    p.add_argument("scores", metavar="SCORES.h5")
+    p.add_argument("--score", default="pds", choices=("pds", "target_dot"))
+    mask = p.add_mutually_exclusive_group()
+    mask.add_argument("--noisy-mask", default=None, metavar="FILE", help=".npy bool mask, or .npz with 'noisy'")
+    mask.add_argument("--data", default=None, metavar="FILE",
+                      help="the scored dataset: its 'noisy' field, and ‖x‖ as a baseline score")
+    p.add_argument("--out", default=None, metavar="DIR", help="write diagnosis.json and plots here")
+    p.add_argument("--top-fraction", type=float, default=0.1, help="size of the top/bottom sets")
+
+
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    from .diagnose import diagnose
+    diagnose(args.scores, score=args.score, noisy_mask=args.noisy_mask, data=args.data, out=args.out,
+             top_fraction=args.top_fraction)
+    return 0
+
+
 def _cmd_select(args: argparse.Namespace) -> int:
     from .select import select
     res = select(args.scores, by=args.by, keep=args.keep, highest=args.highest, exclude_top=args.exclude_top,
@@ -253,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_costate(sub)
     _add_select_and_plot(sub)
     _add_import_export(sub)
+    _add_diagnose(sub)
     p = _command(sub, "demo", help="train on the bundled digits, score, report (no download)",
                  description="Flip 20%% of the digits training labels, train a small CNN "
                  "with a checkpoint per epoch, score every example with the same code "
@@ -291,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _COMMANDS = {"run": _cmd_run, "costate": _cmd_costate, "demo": _cmd_demo, "info": _cmd_info,
              "bench": _cmd_bench, "select": _cmd_select, "plot": _cmd_plot,
-             "import-dynamics": _cmd_import, "export": _cmd_export}
+             "import-dynamics": _cmd_import, "export": _cmd_export, "diagnose": _cmd_diagnose}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -66,6 +66,9 @@ class RunConfig:
         "help": "co-state file (default <checkpoints>/costate.h5, computed when missing)"})
     lr_scale_steps: bool = field(default=False, metadata={
         "help": "PDS: η_t = lr × optimizer steps between checkpoints t and t+1"})
+    variants: tuple[str, ...] = field(default=(), metadata={
+        "help": "also store <score>_<variant> for pds/target_dot: cos, clip, rank, resid"})
+    clip_quantile: float = field(default=0.9, metadata={"help": "the 'clip' variant's ‖g‖ quantile"})
 
     def __post_init__(self) -> None:
         for name in ("checkpoints", "data", "target", "costate"):  # accept os.PathLike
@@ -86,6 +89,13 @@ class RunConfig:
             _require(isinstance(v, int) and v > 0, name, f"must be a positive integer, got {v!r}")
         _require(self.epochs_upto is None or self.epochs_upto >= 0, "epochs_upto",
                  f"must be >= 0, got {self.epochs_upto!r}")
+        object.__setattr__(self, "variants", tuple(self.variants))
+        for v in self.variants:
+            _require(v in ("cos", "clip", "rank", "resid"), "variants",
+                     f"unknown variant '{v}'; choose from cos, clip, rank, resid")
+        _require(0 < self.clip_quantile <= 1, "clip_quantile", f"must be in (0, 1], got {self.clip_quantile!r}")
+        _require(not self.variants or bool({"pds", "target_dot"} & set(scores)), "variants",
+                 "variants apply to pds or target_dot; ask for one of them in scores")
         wants_target = sorted(TARGET_SCORES & set(scores))
         _require(self.target is not None or not wants_target, "target",
                  f"scores {', '.join(wants_target)} need a target set (--target FILE)")
@@ -103,6 +113,7 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["scores"] = list(self.scores)
+        d["variants"] = list(self.variants)
         return d
 
     def to_json(self) -> str:
@@ -111,4 +122,4 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
         known = {f.name for f in fields(cls)}
-        return cls(**{k: (tuple(v) if k == "scores" else v) for k, v in d.items() if k in known})
+        return cls(**{k: (tuple(v) if k in ("scores", "variants") else v) for k, v in d.items() if k in known})

@@ -16,7 +16,8 @@ Conventions (also in the README):
 
 The file (default ``<checkpoints>/costate.h5``) holds ``/t_<t>/grad_target/<name>`` for
 every checkpoint and ``/t_<t>/costate/<name>`` for t ≥ 1, parameter names as in the
-checkpoints, plus ``/eta`` (T,), ``/step`` and ``/grad_target_norm`` (T+1,). The
+checkpoints, plus ``/eta`` (T,), ``/step``, ``/grad_target_norm`` and ``/costate_norm``
+(T+1,; 0 for t = 0). The
 computation runs backwards from θ_T, one journaled checkpoint at a time, so a killed run
 resumes and reproduces λ bit for bit.
 """
@@ -181,17 +182,22 @@ def compute_costate(config: CostateConfig, out: str | Path | None = None, *, ove
         f.attrs["conventions"] = "pds_n = sum_t eta_t <lambda_{t+1}, grad l_n(theta_t)>; see gradscore.costate"
         f["eta"] = eta
         f["step"] = np.array([i.step for i in ckpts], dtype=np.int64)
-        norms = []
+        norms: dict[str, list[float]] = {"grad_target": [], "costate": []}
         for t in range(T + 1):
             with h5py.File(journal.unit(f"t{t:05d}.h5"), "r") as u:
-                u.copy(u["grad_target"], f, name=f"t_{t:05d}/grad_target")
-                if "costate" in u:
-                    u.copy(u["costate"], f, name=f"t_{t:05d}/costate")
-                norms.append(np.sqrt(sum(float((u["grad_target"][k][()].astype(np.float64) ** 2).sum())
-                                         for k in u["grad_target"])))
-        f["grad_target_norm"] = np.array(norms)
+                for group in norms:
+                    if group in u:
+                        u.copy(u[group], f, name=f"t_{t:05d}/{group}")
+                    norms[group].append(_norm(u[group]) if group in u else 0.0)
+        f["grad_target_norm"] = np.array(norms["grad_target"])
+        f["costate_norm"] = np.array(norms["costate"])
     journal.finish()
     return out
+
+
+def _norm(group: h5py.Group) -> float:
+    """‖v‖₂ of a vector stored as one dataset per parameter."""
+    return float(np.sqrt(sum(float((group[k][()].astype(np.float64) ** 2).sum()) for k in group)))
 
 
 def _check_fits(model: torch.nn.Module, ds: Dataset, role: str, ckpt: Path) -> None:
@@ -211,6 +217,7 @@ class CostateFile:
             self._f = h5py.File(self.path, "r")
             self.eta = self._f["eta"][()]
             self.grad_target_norm = self._f["grad_target_norm"][()]
+            self.costate_norm = self._f["costate_norm"][()]
             self.steps = self._f["step"][()]
             self.fingerprint = str(self._f.attrs["fingerprint"])
         except (OSError, KeyError) as e:

@@ -20,6 +20,7 @@ from sklearn.model_selection import train_test_split
 from .api import score
 from .checkpoints import CheckpointWriter
 from .data import save_dataset
+from .diagnose import diagnose
 from .models import digits_cnn
 from .plots import data_map, score_histograms
 from .scores.dynamics import NAMES as DYNAMICS
@@ -126,6 +127,8 @@ def run_demo(out: str | Path = "gradscore_demo", *, epochs: int = 15, n_train: i
              title="digits, 20% flipped labels (outlined)")
     report = score_histograms({k: sc[k] for k in ("el2n", "grand", "loss")}, noisy, out / "report.png",
                               title=f"digits, {noisy.mean():.0%} flipped labels: clean vs flipped")
+    echo("\ndiagnosis of this run:")
+    summary["diagnosis"] = diagnose(scores_path, data=str(train_path), out=out / "diagnosis", echo=echo)
     summary["seconds"] = time.perf_counter() - t0
     echo(f"\nreport -> {report}, data map -> {out / 'datamap.png'}; total {summary['seconds']:.1f}s")
     return summary
@@ -185,7 +188,7 @@ def run_pds_demo(out: str | Path = "gradscore_demo_pds", *, steps: int = 30, eng
          f"(PDS is exact for this trajectory) -> {out / 'ckpts'}")
     path = score(out / "ckpts", proxy, out=out / "scores.h5", target=target, engine=engine,
                  scores=("pds", "target_dot", "target_cos", "grand", "el2n"), overwrite=True,
-                 progress=progress)
+                 variants=("cos", "clip", "rank", "resid"), progress=progress)
     res = load_scores(path)
     s, noisy = res["scores"], res["noisy"]
     order = np.argsort(-s["pds"], kind="stable")
@@ -213,6 +216,8 @@ def run_pds_demo(out: str | Path = "gradscore_demo_pds", *, steps: int = 30, eng
          f"{summary['cos_abs_flipped']:.3f} vs {summary['cos_abs_clean']:.3f} for clean ones.")
     echo(f"AUROC for finding flipped labels: -pds {summary['auroc_neg_pds']:.3f}, "
          f"-target_cos {summary['auroc_neg_target_cos']:.3f}, grand {summary['auroc_grand']:.3f}")
+    echo("\ndiagnosis of this run:")
+    summary["diagnosis"] = diagnose(path, data=str(proxy), out=out / "diagnosis", echo=echo)
     summary["seconds"] = time.perf_counter() - t0
     echo(f"scores -> {path}; total {summary['seconds']:.1f}s")
     return summary

@@ -90,3 +90,30 @@ def data_map(confidence: np.ndarray, variability: np.ndarray, correctness: np.nd
         fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110)
     plt.close(fig)
     return path
+
+
+def norm_vs_cos(grad_norm: np.ndarray, cos: np.ndarray, path: str | Path, *, noisy: np.ndarray | None = None,
+                title: str = "") -> Path:
+    """Scatter of mean ‖g‖ (log x) against mean cos with the reference, noisy examples in red."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.2, 4.6))
+    clean = np.ones(len(cos), bool) if noisy is None else ~noisy
+    ax.scatter(grad_norm[clean], cos[clean], s=5, alpha=0.5, color="tab:blue", label="clean" if noisy is not None else None)
+    if noisy is not None:
+        ax.scatter(grad_norm[noisy], cos[noisy], s=5, alpha=0.6, color="tab:red", label=f"noisy ({int(noisy.sum())})")
+        ax.legend(fontsize=8)
+    ax.set_xscale("log")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xlabel("mean ‖∇ℓ‖ over checkpoints (log)")
+    ax.set_ylabel("η-weighted mean cos(∇ℓ, v)")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110)
+    plt.close(fig)
+    return path

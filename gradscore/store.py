@@ -154,7 +154,9 @@ class HDF5ScoreStore(ScoreStore):
 
     def finalize(self, *, ids: np.ndarray, extras: dict[str, np.ndarray],
                  aggregate: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
-                 attrs: dict[str, Any]) -> Path:
+                 attrs: dict[str, Any], whole: Callable[[h5py.File], dict[str, np.ndarray]] | None = None) -> Path:
+        """As :meth:`ScoreStore.finalize`; ``whole(file)`` adds (N,) scores that need every
+        example at once (ranks, quantiles), reading the assembled file before it is renamed."""
         if self._complete:
             return self.out
         first = self._read_chunk(0, 0)
@@ -191,13 +193,16 @@ class HDF5ScoreStore(ScoreStore):
                     if k not in sg:
                         sg.create_dataset(k, (self.n,), dtype=np.float64)
                     sg[k][a:b] = v
+            if whole is not None:
+                for k, v in whole(f).items():
+                    sg.create_dataset(k, data=v)
         self.journal.finish()
         return self.out
 
 
 def load_scores(path: str | Path) -> dict[str, Any]:
     """Read a finished scores file into memory: ``{"scores": {...}, "per_checkpoint": {...},
-    "ids", "noisy" (or None), "config"}``."""
+    "ids", "noisy" (or None), "checkpoints": {step, epoch, lr, eta, ref_norm_*...}, "config"}``."""
     path = Path(path)
     try:
         with h5py.File(path, "r") as f:
@@ -206,6 +211,7 @@ def load_scores(path: str | Path) -> dict[str, Any]:
                 "per_checkpoint": {k: f["per_checkpoint"][k][()] for k in f["per_checkpoint"]},
                 "ids": f["ids"].asstr()[()] if h5py.check_string_dtype(f["ids"].dtype) else f["ids"][()],
                 "noisy": f["noisy"][()] if "noisy" in f else None,
+                "checkpoints": {k: f["checkpoints"][k][()] for k in f["checkpoints"]} if "checkpoints" in f else {},
                 "config": json.loads(f.attrs["config"]),
             }
     except (OSError, KeyError) as e:

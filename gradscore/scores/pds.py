@@ -32,3 +32,41 @@ def aggregate(per_checkpoint: dict[str, np.ndarray], eta: np.ndarray, grad_targe
             cos = np.divide(dot, denom, out=np.zeros_like(dot), where=denom > 0)
             out["target_cos"] = cos.mean(0)
     return out
+
+
+#: the per-checkpoint dots and the reference norms (in /checkpoints) behind each dot score
+DOT_SCORES = {"pds": ("dot_costate", "ref_norm_costate"), "target_dot": ("dot_target", "ref_norm_target")}
+
+#: variants of a dot-product score that remove or bound the gradient norm's influence
+VARIANTS = ("cos", "clip", "rank", "resid")
+
+
+def decompose(dot: np.ndarray, sq_norm: np.ndarray, ref_norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """dot_nt = ‖g_nt‖·‖v_t‖·cos_nt: returns (‖g‖ (T, N), cos (T, N)), cos = 0 where a norm is 0."""
+    g = np.sqrt(np.maximum(sq_norm.astype(np.float64), 0.0))
+    denom = g * ref_norm[:, None]
+    cos = np.divide(dot.astype(np.float64), denom, out=np.zeros_like(denom), where=denom > 0)
+    return g, cos
+
+
+def variants(dot: np.ndarray, sq_norm: np.ndarray, ref_norm: np.ndarray, weight: np.ndarray, *,
+             clip_quantile: float = 0.9) -> dict[str, np.ndarray]:
+    """(N,) variants of the score s_n = Σ_t w_t·dot_nt (w_t = η_t, 0 where a term is absent).
+
+    - ``cos``: Σ_t w_t cos_nt, the direction only;
+    - ``clip``: Σ_t w_t min(‖g_nt‖, c)·‖v_t‖·cos_nt with c the ``clip_quantile`` of all ‖g_nt‖;
+    - ``rank``: Σ_t w_t r_nt / Σ_t w_t with r_nt the rank of dot_nt among examples at t, in [0, 1];
+    - ``resid``: s_n minus its least-squares fit on log mean_t ‖g_nt‖ (the part the norm explains).
+    """
+    dot = dot.astype(np.float64)
+    g, cos = decompose(dot, sq_norm, ref_norm)
+    w = weight[:, None]
+    raw = (w * dot).sum(0)
+    c = np.quantile(g, clip_quantile)
+    n = dot.shape[1]
+    ranks = dot.argsort(1, kind="stable").argsort(1, kind="stable") / max(1, n - 1)
+    logg = np.log(np.maximum(g.mean(0), 1e-300))
+    A = np.stack([logg, np.ones(n)], 1)
+    coef, *_ = np.linalg.lstsq(A, raw, rcond=None)
+    return {"cos": (w * cos).sum(0), "clip": (w * np.minimum(g, c) * ref_norm[:, None] * cos).sum(0),
+            "rank": (w * ranks).sum(0) / max(weight.sum(), 1e-300), "resid": raw - A @ coef}

@@ -1,0 +1,159 @@
+"""``gradscore diagnose``: why does an example score high — its gradient norm or its direction?
+
+For a dot-product score s_n = Σ_t η_t ⟨g_nt, v_t⟩ (``pds``: v_t = λ_{t+1}; ``target_dot``:
+v_t = ∇J(θ_t)) each term is ‖g_nt‖·‖v_t‖·cos_nt. A mislabeled example has a gradient many
+times longer than a clean one, so a weak alignment still yields the largest |s|. This
+module reports:
+
+- the decomposition (mean ‖g‖, η-weighted mean cos) and how well it reproduces the dots;
+- the inflation index: Spearman correlation of |s| with mean ‖g‖, and the share of Σ|s|
+  carried by the examples with the top 1% gradient norms;
+- with a known noisy mask: AUROC, average precision and precision@k (k = number flagged
+  noisy) of every available score for flagging the noisy examples (scikit-learn), and the
+  share of noisy examples in the top-k and bottom-k (k = 10% of N) of each variant;
+- the variants of ``scores.pds.variants``: cosine-only, norm-clipped, per-checkpoint
+  rank-normalized, norm-residualized.
+Output: a text table, ``diagnosis.json`` and plots in ``--out``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from scipy.stats import spearmanr
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from .atomic import atomic_path
+from .data import load_dataset
+from .exceptions import GradscoreError
+from .scores.pds import DOT_SCORES, decompose, variants
+from .store import load_scores
+
+
+def _mask(res: dict[str, Any], noisy_mask: str | None, data: str | None) -> tuple[np.ndarray | None, str]:
+    if noisy_mask is not None:
+        path = Path(noisy_mask)
+        try:
+            arr = np.load(path)
+            arr = arr["noisy"] if hasattr(arr, "files") else arr
+        except (OSError, ValueError, KeyError) as e:
+            raise GradscoreError(f"{path}: cannot read a noisy mask (.npy, or .npz with 'noisy'): {e}") from e
+        source = str(path)
+    elif data is not None:
+        arr = load_dataset(data).noisy()
+        if arr is None:
+            return None, f"{data} has no 'noisy' field"
+        source = str(data)
+    elif res["noisy"] is not None:
+        return res["noisy"].astype(bool), "the scores file"
+    else:
+        return None, "no noisy mask in the scores file; pass --noisy-mask FILE or --data FILE"
+    arr = np.asarray(arr).astype(bool)
+    if arr.shape != res["ids"].shape:
+        raise GradscoreError(f"{source}: noisy mask has {arr.shape[0]} entries, the scores file {len(res['ids'])}")
+    return arr, source
+
+
+def _flag_metrics(noisy: np.ndarray, s: np.ndarray) -> dict[str, float]:
+    k = int(noisy.sum())
+    top = np.argsort(-s, kind="stable")[:k]
+    return {"auroc": float(roc_auc_score(noisy, s)), "ap": float(average_precision_score(noisy, s)),
+            "precision_at_k": float(noisy[top].mean()) if k else float("nan")}
+
+
+def diagnose(scores: str | Path, *, score: str = "pds", noisy_mask: str | None = None, data: str | None = None,
+             out: str | Path | None = None, top_fraction: float = 0.1, clip_quantile: float = 0.9,
+             echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Diagnose a scores file (see module docstring); returns what ``diagnosis.json`` holds."""
+    res = load_scores(scores)
+    s, pc, ck = res["scores"], res["per_checkpoint"], res["checkpoints"]
+    n = len(res["ids"])
+    report: dict[str, Any] = {"scores_file": str(scores), "n": n, "score": score, "skipped": []}
+    noisy, source = _mask(res, noisy_mask, data)
+
+    def skip(why: str) -> None:
+        report["skipped"].append(why)
+        echo(f"skipped: {why}")
+
+    # candidates for flagging noisy examples: higher = more suspicious
+    flags: dict[str, np.ndarray] = {}
+    for name in ("el2n", "grand", "loss", "forgetting"):
+        if name in s:
+            flags[name] = s[name]
+    if "confidence" in s:
+        flags["-confidence"] = -s["confidence"]
+    if "target_cos" in s:
+        flags["-target_cos"] = -s["target_cos"]
+    if data is not None:
+        ds = load_dataset(data)
+        x, _ = ds.read(0, len(ds))
+        flags["input_norm"] = x.reshape(len(ds), -1).double().norm(dim=1).numpy()
+
+    var: dict[str, np.ndarray] = {}
+    if score not in DOT_SCORES:
+        raise GradscoreError(f"--score must be one of {', '.join(DOT_SCORES)}, got '{score}'")
+    dot_key, norm_key = DOT_SCORES[score]
+    if dot_key in pc and "sq_grad_norm" in pc and norm_key in ck and "eta" in ck:
+        T = pc[dot_key].shape[0]
+        weight = np.append(ck["eta"], np.zeros(T - len(ck["eta"])))
+        dot, sq, ref = pc[dot_key], pc["sq_grad_norm"], ck[norm_key]
+        g, cos = decompose(dot, sq, ref)
+        raw = (weight[:, None] * dot.astype(np.float64)).sum(0)
+        var = {"raw": raw, **variants(dot, sq, ref, weight, clip_quantile=clip_quantile)}
+        mean_g = g.mean(0)
+        top1 = np.argsort(-mean_g, kind="stable")[:max(1, n // 100)]
+        report["decomposition"] = {
+            "max_abs_error": float(np.abs(g * ref[:, None] * cos - dot).max()),
+            "mean_grad_norm": mean_g.tolist(), "mean_cos": ((weight[:, None] * cos).sum(0) / weight.sum()).tolist()}
+        report["inflation"] = {v: {"spearman_abs_score_vs_norm": float(spearmanr(np.abs(x), mean_g)[0]),
+                                   "top1pct_norm_share_of_abs_score": float(np.abs(x)[top1].sum() / np.abs(x).sum())}
+                               for v, x in var.items()}
+        flags[f"|{score}|"] = np.abs(raw)
+        flags.update({f"-{score}_{v}": -x for v, x in var.items()})
+        echo(f"{score} = Σ_t η_t ‖g‖‖v‖cos: decomposition error {report['decomposition']['max_abs_error']:.2e}")
+        echo(f"{'variant':<10}{'spearman(|s|, ‖g‖)':>22}{'top-1% ‖g‖ share of Σ|s|':>28}")
+        for v, d in report["inflation"].items():
+            echo(f"{v:<10}{d['spearman_abs_score_vs_norm']:>22.3f}{d['top1pct_norm_share_of_abs_score']:>28.3f}")
+    else:
+        skip(f"no per-checkpoint {dot_key} with reference norms in {scores}: rerun `gradscore run --target FILE "
+             f"--scores {score},grand` for the decomposition and the variants")
+
+    if noisy is None:
+        skip(f"mask-based figures ({source})")
+    else:
+        report["noisy_source"], report["n_noisy"] = source, int(noisy.sum())
+        report["flagging"] = {name: _flag_metrics(noisy, x) for name, x in flags.items()}
+        echo(f"\nflagging the {int(noisy.sum())} noisy examples ({source}); higher = more suspicious")
+        echo(f"{'score':<22}{'AUROC':>8}{'AP':>8}{'P@k':>8}")
+        for name, m in report["flagging"].items():
+            echo(f"{name:<22}{m['auroc']:>8.3f}{m['ap']:>8.3f}{m['precision_at_k']:>8.3f}")
+        if var:
+            k = max(1, int(round(top_fraction * n)))
+            report["contamination"] = {
+                v: {"top": float(noisy[np.argsort(-x, kind="stable")[:k]].mean()),
+                    "bottom": float(noisy[np.argsort(x, kind="stable")[:k]].mean())} for v, x in var.items()}
+            echo(f"\nshare noisy in the top / bottom {top_fraction:.0%} by {score} (base rate {noisy.mean():.3f})")
+            for v, c in report["contamination"].items():
+                echo(f"  {v:<8} top {c['top']:.3f}   bottom {c['bottom']:.3f}")
+    if out is not None:
+        _write(Path(out), report, res, noisy, var, score)
+        echo(f"\ndiagnosis -> {Path(out) / 'diagnosis.json'}")
+    return report
+
+
+def _write(out: Path, report: dict, res: dict, noisy: np.ndarray | None, var: dict, score: str) -> None:
+    from .plots import data_map, norm_vs_cos, score_histograms
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "diagnosis.json") as tmp:
+        tmp.write_text(json.dumps({k: v for k, v in report.items() if k != "decomposition"}
+                                  | ({"decomposition_max_abs_error": report["decomposition"]["max_abs_error"]}
+                                     if "decomposition" in report else {}), indent=2))
+    if var:
+        norm_vs_cos(np.array(report["decomposition"]["mean_grad_norm"]), np.array(report["decomposition"]["mean_cos"]),
+                    out / "norm_vs_cos.png", noisy=noisy, title=f"{score}: gradient norm vs direction")
+        score_histograms({f"{score}_{v}": x for v, x in var.items()}, noisy, out / "variants.png")
+    s = res["scores"]
+    if all(k in s for k in ("confidence", "variability", "correctness")):
+        data_map(s["confidence"], s["variability"], s["correctness"], out / "datamap.png", noisy=noisy)

@@ -1,0 +1,96 @@
+"""diagnose: decomposition, inflation, flagging metrics equal scikit-learn's, skips without a mask."""
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+import gradscore as gs
+from gradscore.cli import main
+from gradscore.diagnose import diagnose
+from gradscore.scores.pds import variants
+from gradscore.store import HDF5ScoreStore
+
+
+def _synthetic(path, *, with_mask=True, seed=0):
+    """Planted mask: noisy examples have 10x gradient norms and a weak negative cosine."""
+    rng = np.random.default_rng(seed)
+    n, T = 200, 4
+    noisy = np.zeros(n, bool)
+    noisy[rng.choice(n, 30, replace=False)] = True
+    g = rng.uniform(0.5, 1.5, (T, n)) * np.where(noisy, 10.0, 1.0)
+    cos = np.where(noisy, rng.uniform(-0.2, 0.0, (T, n)), rng.uniform(-0.3, 0.6, (T, n)))
+    ref = np.array([1.0, 2.0, 1.5, 0.0])
+    pc = {"sq_grad_norm": g ** 2, "dot_costate": g * ref[:, None] * cos, "el2n": rng.uniform(size=(T, n)) + noisy,
+          "p_gold": rng.uniform(size=(T, n)), "correct": (rng.uniform(size=(T, n)) > 0.5).astype(np.int8)}
+    store = HDF5ScoreStore(path, {"synthetic": seed}, n=n, T=T, chunk_size=n)
+    for t in range(T):
+        store.write_chunk(t, 0, {k: v[t] for k, v in pc.items()})
+    eta = np.array([0.1, 0.2, 0.1])
+    extras = {"checkpoints": {"eta": eta, "ref_norm_costate": ref}}
+    if with_mask:
+        extras["noisy"] = noisy
+    weight = np.append(eta, 0.0)
+    store.finalize(ids=np.arange(n), extras=extras, attrs={"config": {}},
+                   aggregate=lambda p: {"el2n": p["el2n"].mean(0), "grand": np.sqrt(p["sq_grad_norm"]).mean(0),
+                                        "pds": (weight[:, None] * p["dot_costate"]).sum(0)})
+    return path, noisy, pc, ref, weight
+
+
+def test_diagnosis_on_planted_mask(tmp_path):
+    path, noisy, pc, ref, weight = _synthetic(tmp_path / "s.h5")
+    rep = diagnose(path, out=tmp_path / "diag", echo=lambda *_: None)
+    assert rep["decomposition"]["max_abs_error"] < 1e-9
+    res = gs.load_scores(path)
+    for name, s in (("el2n", res["scores"]["el2n"]), ("grand", res["scores"]["grand"]),
+                    ("|pds|", np.abs(res["scores"]["pds"]))):
+        assert rep["flagging"][name]["auroc"] == pytest.approx(roc_auc_score(noisy, s), abs=1e-12)
+        assert rep["flagging"][name]["ap"] == pytest.approx(average_precision_score(noisy, s), abs=1e-12)
+    v = variants(pc["dot_costate"], pc["sq_grad_norm"], ref, weight)
+    assert rep["flagging"]["-pds_rank"]["auroc"] == pytest.approx(roc_auc_score(noisy, -v["rank"]), abs=1e-12)
+    # the planted inflation: |raw| follows the norm, the cosine variant much less
+    from scipy.stats import spearmanr
+    raw = (weight[:, None] * pc["dot_costate"]).sum(0)
+    expected = spearmanr(np.abs(raw), np.sqrt(pc["sq_grad_norm"]).mean(0))[0]
+    assert rep["inflation"]["raw"]["spearman_abs_score_vs_norm"] == pytest.approx(expected, abs=1e-12)
+    assert rep["inflation"]["cos"]["spearman_abs_score_vs_norm"] < rep["inflation"]["raw"]["spearman_abs_score_vs_norm"]
+    k = 20
+    top = np.argsort(-v["cos"], kind="stable")[:k]
+    assert rep["contamination"]["cos"]["top"] == pytest.approx(noisy[top].mean())
+    saved = json.loads((tmp_path / "diag" / "diagnosis.json").read_text())
+    assert saved["flagging"]["grand"] == rep["flagging"]["grand"]
+    assert (tmp_path / "diag" / "norm_vs_cos.png").stat().st_size > 5000
+
+
+def test_without_mask_the_mask_free_parts_run(tmp_path, capsys):
+    path, *_ = _synthetic(tmp_path / "s.h5", with_mask=False)
+    assert main(["diagnose", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "decomposition error" in text and "spearman" in text
+    assert "skipped: mask-based figures (no noisy mask in the scores file; pass --noisy-mask FILE" in text
+    np.save(tmp_path / "mask.npy", np.zeros(200, bool) | (np.arange(200) < 30))
+    assert main(["diagnose", str(path), "--noisy-mask", str(tmp_path / "mask.npy")]) == 0
+    assert "flagging the 30 noisy examples" in capsys.readouterr().out
+    np.save(tmp_path / "short.npy", np.zeros(5, bool))
+    assert main(["diagnose", str(path), "--noisy-mask", str(tmp_path / "short.npy")]) == 2
+    assert "noisy mask has 5 entries, the scores file 200" in capsys.readouterr().err
+
+
+def test_run_variants_equal_direct_computation(tmp_path):
+    from test_pds import _gd_run
+    ckpts, proxy, target, *_ = _gd_run(tmp_path)
+    out = gs.score(ckpts, proxy, out=tmp_path / "s.h5", target=target, dtype="float64", progress=False,
+                   scores=["pds", "grand"], variants=["cos", "clip", "rank", "resid"])
+    res = gs.load_scores(out)
+    ck, pc = res["checkpoints"], res["per_checkpoint"]
+    v = variants(pc["dot_costate"], pc["sq_grad_norm"], ck["ref_norm_costate"], np.append(ck["eta"], 0.0))
+    for name in ("cos", "clip", "rank", "resid"):
+        np.testing.assert_allclose(res["scores"][f"pds_{name}"], v[name], rtol=1e-12)
+    g = np.sqrt(pc["sq_grad_norm"])
+    np.testing.assert_allclose(g * ck["ref_norm_costate"][:, None] * (pc["dot_costate"] / np.where(
+        g * ck["ref_norm_costate"][:, None] > 0, g * ck["ref_norm_costate"][:, None], 1)), pc["dot_costate"], rtol=1e-10)
+    with pytest.raises(gs.ConfigError, match="'variants'"):
+        gs.score(ckpts, proxy, out=tmp_path / "t.h5", scores=["grand"], variants=["cos"], progress=False)
