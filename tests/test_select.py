@@ -59,9 +59,11 @@ def test_select_files_and_cli(scores_file, tmp_path, capsys):
 
 
 def test_plots(scores_file, tmp_path, capsys):
-    for kind, name in (("datamap", "map.png"), ("datamap", "map.svg"), ("hist", "h.png")):
+    for kind, name in (("datamap", "map.png"), ("datamap", "map.svg"), ("hist", "h.png"), ("hist", "h.svg")):
         assert main(["plot", str(scores_file), "--kind", kind, "--out", str(tmp_path / name)]) == 0
         assert (tmp_path / name).stat().st_size > 5000
+        head = (tmp_path / name).read_bytes()[:200]
+        assert head.startswith(b"\x89PNG") if name.endswith(".png") else b"<svg" in head or b"<?xml" in head
     assert main(["plot", str(scores_file), "--out", str(tmp_path / "big.png"), "--max-points", "10"]) == 0
     from PIL import Image
     assert Image.open(tmp_path / "map.png").size == (704, 572)
