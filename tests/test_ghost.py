@@ -190,6 +190,28 @@ def test_linear_used_without_its_forward_falls_back():
     assert scorer.explain()["head.weight"].startswith("ghost")
 
 
+class Tied(nn.Module):
+    """Input embedding reused as the output layer (tied weights, as in GPT-2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.mid, self.head = nn.Embedding(9, 4), nn.Linear(4, 4), nn.Linear(4, 9, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mid(self.emb(ids)))).mean(1)
+
+
+@pytest.mark.parametrize("K", [0, 2])
+def test_tied_weights_keep_the_cross_term(K):
+    torch.manual_seed(0)
+    scorer = _compare(Tied(), torch.randint(0, 9, (5, 6)), K)   # fails if either use, or the cross term, is dropped
+    why = scorer.explain()
+    assert "shared by modules emb and head" in why["emb.weight"] and why["emb.weight"].startswith("vmap")
+    assert why["mid.weight"].startswith("ghost")
+    assert gs.Scorer(Tied().eval()).engine_name == "vmap"   # auto: not every parameter has a rule
+
+
 def test_frozen_layers_and_param_patterns():
     model, x = _case("mlp_inplace_relu")
     model[0].weight.requires_grad_(False)

@@ -49,14 +49,27 @@ class _Layer:
 
 
 def plan_layers(model: nn.Module, param_names: list[str]) -> tuple[list[_Layer], dict[str, str]]:
-    """Split scored parameters into ruled layers and {fallback parameter: reason}."""
+    """Split scored parameters into ruled layers and {fallback parameter: reason}.
+
+    A tensor owned by several modules (tied weights, e.g. an input embedding reused as
+    the output layer) gets the sum of both uses as its gradient, whose norm has a cross
+    term no single rule sees: such parameters go to vmap (which ties them correctly).
+    """
+    canonical = {id(p): n for n, p in model.named_parameters()}  # the de-duplicated names
+    owners: dict[int, list[str]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for local, p in module.named_parameters(recurse=False):
+            where = mname or type(model).__name__
+            if where not in owners.setdefault(id(p), []):
+                owners[id(p)].append(where)
     wanted = set(param_names)
     layers, covered = [], set()
-    fallback: dict[str, str] = {}
+    fallback: dict[str, str] = {
+        canonical[i]: f"shared by modules {' and '.join(o)} (tied weights: the ghost rules would miss the cross term)"
+        for i, o in owners.items() if len(o) > 1 and canonical[i] in wanted}
     for mname, module in model.named_modules():
-        own = {local: f"{mname}.{local}" if mname else local
-               for local, _ in module.named_parameters(recurse=False)}
-        own = {k: v for k, v in own.items() if v in wanted}
+        own = {local: canonical[id(p)] for local, p in module.named_parameters(recurse=False)}
+        own = {k: v for k, v in own.items() if v in wanted and v not in fallback}
         if not own:
             continue
         rule, reason = find_rule(module)
