@@ -86,8 +86,7 @@ class _Objective:
         self.fixed = dict(model.named_buffers())
 
     def _chunks(self):
-        for a in range(0, len(self.ds), self.batch):
-            x, y = self.ds.read(a, min(len(self.ds), a + self.batch))
+        for _, x, y in self.ds.chunks(self.batch):
             x = x.to(self.device)
             yield (x.to(self.dtype) if x.is_floating_point() else x), y.to(self.device)
 
@@ -202,10 +201,12 @@ def _norm(group: h5py.Group) -> float:
 
 def _check_fits(model: torch.nn.Module, ds: Dataset, role: str, ckpt: Path) -> None:
     """Inputs that do not fit the model, or labels outside its outputs: one DataError."""
-    x, y = ds.read(0, len(ds))
-    n_out = probe_model(model, ds, x, ckpt, role)
-    if not y.dtype.is_floating_point:
-        ds.check_labels(0, y, n_out)
+    n_out = None
+    for start, x, y in ds.chunks():  # streamed: the data need not fit in memory
+        if n_out is None:
+            n_out = probe_model(model, ds, x, ckpt, role)
+        if not y.dtype.is_floating_point:
+            ds.check_labels(start, y, n_out)
 
 
 class CostateFile:

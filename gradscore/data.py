@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import h5py
 import numpy as np
@@ -37,6 +37,11 @@ class Dataset(ABC):
     @abstractmethod
     def read(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Examples ``start:stop`` as ``(inputs (B, ...), targets (B, ...))`` tensors."""
+
+    def chunks(self, size: int = 4096) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``(start, inputs, targets)`` for consecutive chunks of at most ``size`` examples."""
+        for start in range(0, len(self), size):
+            yield (start, *self.read(start, min(len(self), start + size)))
 
     def ids(self) -> np.ndarray:
         """(N,) example ids; ``arange(N)`` unless the data provides them."""

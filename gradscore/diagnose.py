@@ -26,13 +26,13 @@ from scipy.stats import spearmanr
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from .atomic import atomic_path
-from .data import load_dataset
+from .data import Dataset, load_dataset
 from .exceptions import GradscoreError
 from .scores.pds import DOT_SCORES, decompose, variants
 from .store import load_scores
 
 
-def _mask(res: dict[str, Any], noisy_mask: str | None, data: str | None) -> tuple[np.ndarray | None, str]:
+def _mask(res: dict[str, Any], noisy_mask: str | None, ds: Dataset | None) -> tuple[np.ndarray | None, str]:
     if noisy_mask is not None:
         path = Path(noisy_mask)
         try:
@@ -41,11 +41,11 @@ def _mask(res: dict[str, Any], noisy_mask: str | None, data: str | None) -> tupl
         except (OSError, ValueError, KeyError) as e:
             raise GradscoreError(f"{path}: cannot read a noisy mask (.npy, or .npz with 'noisy'): {e}") from e
         source = str(path)
-    elif data is not None:
-        arr = load_dataset(data).noisy()
+    elif ds is not None:
+        arr = ds.noisy()
         if arr is None:
-            return None, f"{data} has no 'noisy' field"
-        source = str(data)
+            return None, f"{ds.source} has no 'noisy' field"
+        source = ds.source
     elif res["noisy"] is not None:
         return res["noisy"].astype(bool), "the scores file"
     else:
@@ -71,7 +71,8 @@ def diagnose(scores: str | Path, *, score: str = "pds", noisy_mask: str | None =
     s, pc, ck = res["scores"], res["per_checkpoint"], res["checkpoints"]
     n = len(res["ids"])
     report: dict[str, Any] = {"scores_file": str(scores), "n": n, "score": score, "skipped": []}
-    noisy, source = _mask(res, noisy_mask, data)
+    ds = load_dataset(data) if data is not None else None
+    noisy, source = _mask(res, noisy_mask, ds)
 
     def skip(why: str) -> None:
         report["skipped"].append(why)
@@ -86,10 +87,9 @@ def diagnose(scores: str | Path, *, score: str = "pds", noisy_mask: str | None =
         flags["-confidence"] = -s["confidence"]
     if "target_cos" in s:
         flags["-target_cos"] = -s["target_cos"]
-    if data is not None:
-        ds = load_dataset(data)
-        x, _ = ds.read(0, len(ds))
-        flags["input_norm"] = x.reshape(len(ds), -1).double().norm(dim=1).numpy()
+    if ds is not None:
+        flags["input_norm"] = np.concatenate([x.reshape(len(x), -1).double().norm(dim=1).numpy()
+                                              for _, x, _ in ds.chunks()])
 
     var: dict[str, np.ndarray] = {}
     if score not in DOT_SCORES:

@@ -45,8 +45,8 @@ def _describe_dataset(path: Path) -> str:
              f"  inputs: per-example shape {tuple(x.shape[1:])}, {x.dtype}",
              f"  targets: per-example shape {tuple(y.shape[1:])}, {y.dtype}"]
     if not y.dtype.is_floating_point:
-        _, yall = ds.read(0, len(ds))
-        lines.append(f"  classes: {int(yall.min())}..{int(yall.max())}")
+        ranges = [(int(yc.min()), int(yc.max())) for _, _, yc in ds.chunks()]
+        lines.append(f"  classes: {min(r[0] for r in ranges)}..{max(r[1] for r in ranges)}")
     noisy = ds.noisy()
     if noisy is not None:
         lines.append(f"  noisy: {int(noisy.sum())} of {len(noisy)} ({noisy.mean():.1%}) marked")
