@@ -7,8 +7,10 @@ Layout: ``/params/<name>`` and ``/buffers/<name>`` (state_dict names), attrs ``s
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,11 +181,18 @@ def load_state_dict(path: str | Path, model: nn.Module) -> dict[str, torch.Tenso
     return out
 
 
-def file_sha256(path: str | Path, block: int = 2**22) -> str:
-    """Hex SHA-256 of a file's bytes."""
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes; remembered per (path, size, mtime), so a run that
+    fingerprints the same checkpoints and data twice (scores, then co-states) reads them once."""
+    st = os.stat(path)
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(block):
+        while chunk := f.read(2**22):
             h.update(chunk)
     return h.hexdigest()
 
