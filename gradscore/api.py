@@ -12,10 +12,12 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoints import CheckpointStore
-from .config import RunConfig, resolve_device
-from .data import Dataset, load_dataset, probe_model
+from .batch import Inputs, batch_len, take
+from .config import CLASS_SCORES, RunConfig, resolve_device
+from .data import Dataset, check_targets, load_dataset, probe_model
 from .exceptions import ConfigError
 from .costate import CostateConfig, CostateFile, compute_costate
+from .losses import resolve_loss
 from .scorer import Scorer
 from .scores import datadiet, dynamics, pds
 from .scores.pds import DOT_SCORES
@@ -37,14 +39,14 @@ def _select_checkpoints(ckpts: CheckpointStore, epochs_upto: float | None) -> np
 REF_METRICS = ("dot_target", "dot_costate")
 
 
-def score_chunk(scorer: Scorer, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
+def score_chunk(scorer: Scorer, x: Inputs, y: torch.Tensor, *, batch_size: int,
                 gradients: bool, blocks: list[torch.Tensor] | None = None) -> dict[str, np.ndarray]:
     """Per-example metrics (n,) for one chunk: loss, el2n, p_gold, correct[, sq_grad_norm]
     [, dot_target, dot_costate when ``blocks`` = ref_blocks((∇J(θ_t), λ_{t+1})) are given]."""
     parts: dict[str, list[np.ndarray]] = {}
-    for i in range(0, x.shape[0], batch_size):
+    for i in range(0, batch_len(x), batch_size):
         yb = y[i:i + batch_size]
-        out = scorer.score_batch(x[i:i + batch_size], yb, refs=blocks, gradients=gradients)
+        out = scorer.score_batch(take(x, i, i + batch_size), yb, refs=blocks, gradients=gradients)
         metrics = {"loss": out.loss}
         metrics.update(datadiet.classification_metrics(scorer.loss, out.logits, yb.to(out.logits.device)))
         if out.sq_norm is not None:
@@ -64,6 +66,10 @@ def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
     the path of the finished scores file.
     """
     ckpts = CheckpointStore(config.checkpoints)
+    if resolve_loss(ckpts.loss).output == "tokens" and CLASS_SCORES & set(config.scores):
+        raise ConfigError(f"invalid value for 'scores': {', '.join(sorted(CLASS_SCORES & set(config.scores)))} "
+                          f"need class probabilities; the loss '{ckpts.loss}' of {config.checkpoints} "
+                          f"is a language-modelling loss (use loss, grand, pds, target_dot, target_cos)")
     ds = load_dataset(config.data)
     select = _select_checkpoints(ckpts, config.epochs_upto)
     device = resolve_device(config.device)
@@ -76,7 +82,7 @@ def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
         costate = CostateFile(compute_costate(CostateConfig(
             checkpoints=config.checkpoints, proxy=config.data, target=config.target,
             batch_size=config.batch_size, dtype=config.dtype, device=config.device,
-            lr_scale_steps=config.lr_scale_steps), config.costate, progress=progress))
+            lr_scale_steps=config.lr_scale_steps, lm_reduction=config.lm_reduction), config.costate, progress=progress))
         fingerprint["costate"] = json.loads(costate.fingerprint)
     store = HDF5ScoreStore(out, fingerprint, n=n, T=T, chunk_size=config.chunk_size,
                            overwrite=overwrite)
@@ -142,7 +148,8 @@ def _fill(store: HDF5ScoreStore, ckpts: CheckpointStore, ds: Dataset, config: Ru
             if not chunks:
                 continue
             model = ckpts.build_model(t, dtype=dtype, device=device)
-            scorer = Scorer(model, loss=ckpts.loss, engine=config.engine, chunk_bytes=config.chunk_bytes)
+            scorer = Scorer(model, loss=resolve_loss(ckpts.loss, config.lm_reduction),
+                            engine=config.engine, chunk_bytes=config.chunk_bytes)
             refs = _refs(costate, t, len(ckpts))
             blocks = scorer.ref_blocks(refs) if refs is not None else None
             n_classes = None
@@ -151,8 +158,7 @@ def _fill(store: HDF5ScoreStore, ckpts: CheckpointStore, ds: Dataset, config: Ru
                 x, y = ds.read(a, b)
                 if n_classes is None:
                     n_classes = probe_model(model, ds, x, ckpts[t].path)
-                if scorer.loss.is_classification and not y.dtype.is_floating_point:
-                    ds.check_labels(a, y, n_classes)
+                check_targets(ds, scorer.loss, a, y, n_classes)
                 store.write_chunk(t, c, score_chunk(scorer, x, y, batch_size=config.batch_size,
                                                     gradients=config.needs_gradients, blocks=blocks))
                 bar.update(b - a)

@@ -21,6 +21,10 @@ GRADIENT_SCORES = frozenset({"grand"}) | TARGET_SCORES
 ENGINES = ("auto", "ghost", "vmap", "loop")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64")
+LM_REDUCTIONS = ("mean", "sum")
+#: Scores read from class probabilities: not defined for a language-modelling loss.
+CLASS_SCORES = frozenset({"el2n", "confidence", "variability", "correctness", "forgetting",
+                          "threshold_closeness"})
 
 
 def resolve_device(device: str) -> str:
@@ -69,6 +73,8 @@ class RunConfig:
     variants: tuple[str, ...] = field(default=(), metadata={
         "help": "also store <score>_<variant> for pds/target_dot: cos, clip, rank, resid"})
     clip_quantile: float = field(default=0.9, metadata={"help": "the 'clip' variant's ‖g‖ quantile"})
+    lm_reduction: str = field(default="mean", metadata={
+        "help": "causal_lm loss per example: mean or sum over its predicted tokens"})
 
     def __post_init__(self) -> None:
         for name in ("checkpoints", "data", "target", "costate"):  # accept os.PathLike
@@ -93,6 +99,8 @@ class RunConfig:
         for v in self.variants:
             _require(v in ("cos", "clip", "rank", "resid"), "variants",
                      f"unknown variant '{v}'; choose from cos, clip, rank, resid")
+        _require(self.lm_reduction in LM_REDUCTIONS, "lm_reduction",
+                 f"'{self.lm_reduction}' is not one of {LM_REDUCTIONS}")
         _require(0 < self.clip_quantile <= 1, "clip_quantile", f"must be in (0, 1], got {self.clip_quantile!r}")
         _require(not self.variants or bool({"pds", "target_dot"} & set(scores)), "variants",
                  "variants apply to pds or target_dot; ask for one of them in scores")

@@ -31,13 +31,14 @@ from typing import Callable
 import h5py
 import numpy as np
 import torch
-from torch.func import functional_call, grad, jvp
+from torch.func import grad, jvp
 from tqdm.auto import tqdm
 
 from .atomic import atomic_path
 from .checkpoints import CheckpointStore
-from .config import DEVICES, DTYPES, resolve_device
-from .data import Dataset, load_dataset, probe_model
+from .batch import Inputs, call_functional, move
+from .config import DEVICES, DTYPES, LM_REDUCTIONS, resolve_device
+from .data import Dataset, check_targets, load_dataset, probe_model
 from .exceptions import CheckpointError, ConfigError, GradscoreError
 from .losses import Loss, resolve_loss
 from .store import Journal
@@ -56,6 +57,7 @@ class CostateConfig:
     dtype: str = "float32"
     device: str = "auto"
     lr_scale_steps: bool = False
+    lm_reduction: str = "mean"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.batch_size, int) and self.batch_size > 0):
@@ -64,6 +66,8 @@ class CostateConfig:
             raise ConfigError(f"invalid value for 'dtype': '{self.dtype}' is not one of {DTYPES}")
         if self.device not in DEVICES:
             raise ConfigError(f"invalid value for 'device': '{self.device}' is not one of {DEVICES}")
+        if self.lm_reduction not in LM_REDUCTIONS:
+            raise ConfigError(f"invalid value for 'lm_reduction': '{self.lm_reduction}' is not one of {LM_REDUCTIONS}")
 
 
 def step_sizes(ckpts: CheckpointStore, lr_scale_steps: bool = False) -> np.ndarray:
@@ -86,12 +90,12 @@ class _Objective:
         self.fixed = dict(model.named_buffers())
 
     def _chunks(self):
+        like = next(self.model.parameters())
         for _, x, y in self.ds.chunks(self.batch):
-            x = x.to(self.device)
-            yield (x.to(self.dtype) if x.is_floating_point() else x), y.to(self.device)
+            yield move(x, like), y.to(self.device)
 
-    def _f(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = functional_call(self.model, (params, self.fixed), (x,))
+    def _f(self, params: Params, x: Inputs, y: torch.Tensor) -> torch.Tensor:
+        out = call_functional(self.model, (params, self.fixed), x)
         return self.loss.fn(out, y).sum() * self.weight
 
     def _accumulate(self, fn: Callable[[torch.Tensor, torch.Tensor], Params]) -> Params:
@@ -146,12 +150,12 @@ def compute_costate(config: CostateConfig, out: str | Path | None = None, *, ove
                    "proxy": proxy.fingerprint(), "target": target.fingerprint()}
     T = len(ckpts) - 1
     last = ckpts.build_model(T, dtype=dtype, device=device)
-    _check_fits(last, target, "target", ckpts[T].path)  # bad input fails before anything is written
-    _check_fits(last, proxy, "proxy", ckpts[T].path)
+    loss = resolve_loss(ckpts.loss, config.lm_reduction)
+    _check_fits(last, target, "target", ckpts[T].path, loss)  # bad input fails before anything is written
+    _check_fits(last, proxy, "proxy", ckpts[T].path, loss)
     journal = Journal(out, fingerprint, overwrite=overwrite)
     if journal.complete:
         return out
-    loss = resolve_loss(ckpts.loss)
     lam_next: Params | None = None
     with tqdm(total=T + 1, desc="co-state", unit="ckpt", disable=None if progress else True) as bar:
         for t in range(T, -1, -1):
@@ -199,14 +203,13 @@ def _norm(group: h5py.Group) -> float:
     return float(np.sqrt(sum(float((group[k][()].astype(np.float64) ** 2).sum()) for k in group)))
 
 
-def _check_fits(model: torch.nn.Module, ds: Dataset, role: str, ckpt: Path) -> None:
+def _check_fits(model: torch.nn.Module, ds: Dataset, role: str, ckpt: Path, loss: Loss) -> None:
     """Inputs that do not fit the model, or labels outside its outputs: one DataError."""
     n_out = None
     for start, x, y in ds.chunks():  # streamed: the data need not fit in memory
         if n_out is None:
             n_out = probe_model(model, ds, x, ckpt, role)
-        if not y.dtype.is_floating_point:
-            ds.check_labels(start, y, n_out)
+        check_targets(ds, loss, start, y, n_out)
 
 
 class CostateFile:

@@ -4,25 +4,35 @@ File fields: ``inputs`` (N, ...), ``targets`` (N, ...) (class indices for classi
 optional ``ids`` (N,) and ``noisy`` (N,) bool (a known-corrupted mask, for evaluation
 only). HDF5 files are read chunk by chunk, so N never has to fit in memory; ``.npz``
 files are loaded whole (zip members cannot be memory-mapped).
+
+Text (token sequences) instead of ``inputs``: ``input_ids`` (N, T) int, optional
+``attention_mask`` (N, T) (1 = real token, 0 = padding), and either ``labels`` (N, T)
+for language modelling (−100 = no loss at that position; default: ``input_ids`` with
+padding set to −100) or ``targets`` (N,) for sequence classification. The model is then
+called as ``model(input_ids=…, attention_mask=…)``.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import h5py
 import numpy as np
 import torch
 
 from .atomic import atomic_path
+from .batch import Inputs, call_model, describe, move, take
 from .exceptions import DataError
+from .losses import IGNORE_INDEX, Loss
 from .imports import import_ref
 
 REQUIRED_FIELDS = ("inputs", "targets")
+#: Model keyword inputs of a text dataset, in the order they are passed.
+TEXT_INPUTS = ("input_ids", "attention_mask")
 #: Dataset files larger than this are fingerprinted by size and mtime instead of SHA-256.
 _HASH_LIMIT = 1 << 30
-OPTIONAL_FIELDS = ("ids", "noisy", "attention_mask")
+OPTIONAL_FIELDS = ("ids", "noisy", "attention_mask", "labels", "targets")
 
 
 class Dataset(ABC):
@@ -30,15 +40,18 @@ class Dataset(ABC):
 
     #: where the data came from (a path or a factory reference), used in error messages
     source: str
+    #: the field that holds the targets, used in error messages
+    target_field: str = "targets"
 
     @abstractmethod
     def __len__(self) -> int: ...
 
     @abstractmethod
-    def read(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Examples ``start:stop`` as ``(inputs (B, ...), targets (B, ...))`` tensors."""
+    def read(self, start: int, stop: int) -> tuple[Inputs, torch.Tensor]:
+        """Examples ``start:stop`` as ``(inputs, targets (B, ...))``; inputs are a tensor
+        (B, ...) or, for text, a dict of (B, T) tensors (see the module docstring)."""
 
-    def chunks(self, size: int = 4096) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    def chunks(self, size: int = 4096) -> Iterator[tuple[int, Inputs, torch.Tensor]]:
         """``(start, inputs, targets)`` for consecutive chunks of at most ``size`` examples."""
         for start in range(0, len(self), size):
             yield (start, *self.read(start, min(len(self), start + size)))
@@ -55,16 +68,20 @@ class Dataset(ABC):
         """What identifies these examples, for refusing to resume on other data."""
         return {"source": self.source, "n": len(self)}
 
-    def check_labels(self, start: int, targets: torch.Tensor, n_classes: int) -> None:
-        """Raise :class:`DataError` if integer targets fall outside ``[0, n_classes)``."""
+    def check_labels(self, start: int, targets: torch.Tensor, n_classes: int,
+                     ignore_index: int | None = None) -> None:
+        """Raise :class:`DataError` if integer targets fall outside ``[0, n_classes)``
+        (values equal to ``ignore_index`` excepted)."""
         if targets.dtype.is_floating_point or targets.numel() == 0:
             return
         bad = (targets < 0) | (targets >= n_classes)
+        if ignore_index is not None:
+            bad &= targets != ignore_index
         if bool(bad.any()):
             j = int(bad.nonzero()[0, 0])
-            raise DataError(f"{self.source}: field 'targets' has label {int(targets[j])} at "
-                            f"index {start + j}, outside [0, {n_classes}) of the model's "
-                            f"{n_classes} outputs")
+            raise DataError(f"{self.source}: field '{self.target_field}' has label "
+                            f"{int(targets.flatten()[bad.flatten()][0])} at index {start + j}, outside "
+                            f"[0, {n_classes}) of the model's {n_classes} outputs")
 
 
 def _as_tensor(arr: np.ndarray) -> torch.Tensor:
@@ -97,26 +114,45 @@ class ArrayFileDataset(Dataset):
         except (OSError, ValueError) as e:
             raise DataError(f"{self.path}: cannot read dataset file ({e})") from e
         keys = set(self._arrays.keys())
-        for key in REQUIRED_FIELDS:
+        self.text = "input_ids" in keys
+        required = ("input_ids",) if self.text else REQUIRED_FIELDS
+        for key in required:
             if key not in keys:
                 raise DataError(f"{self.path}: missing field '{key}' (found: "
                                 f"{', '.join(sorted(keys)) or 'none'}); a dataset needs "
-                                f"'inputs' and 'targets'")
-        self._n = int(self._arrays["inputs"].shape[0])
-        for key in REQUIRED_FIELDS + OPTIONAL_FIELDS:
+                                f"'inputs' and 'targets', or 'input_ids' for text")
+        first = required[0]
+        self._n = int(self._arrays[first].shape[0])
+        for key in REQUIRED_FIELDS + OPTIONAL_FIELDS + ("input_ids",):
             if key in keys and int(self._arrays[key].shape[0]) != self._n:
                 raise DataError(f"{self.path}: field '{key}' has {self._arrays[key].shape[0]} "
-                                f"rows but 'inputs' has {self._n}")
+                                f"rows but '{first}' has {self._n}")
+        if self.text:
+            self.target_field = "labels" if "labels" in keys or "targets" not in keys else "targets"
+            shape = tuple(self._arrays["input_ids"].shape)
+            for key in ("attention_mask", "labels"):
+                if key in keys and tuple(self._arrays[key].shape) != shape:
+                    raise DataError(f"{self.path}: field '{key}' has shape {tuple(self._arrays[key].shape)} "
+                                    f"but 'input_ids' has {shape}")
         if "ids" in keys and len(np.unique(self._arrays["ids"][()])) != self._n:
             raise DataError(f"{self.path}: field 'ids' has duplicate values")
 
     def __len__(self) -> int:
         return self._n
 
-    def read(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = np.asarray(self._arrays["inputs"][start:stop])
-        y = np.asarray(self._arrays["targets"][start:stop])
-        return _as_tensor(x), _as_tensor(y)
+    def _field(self, key: str, start: int, stop: int) -> torch.Tensor:
+        return _as_tensor(np.asarray(self._arrays[key][start:stop]))
+
+    def read(self, start: int, stop: int) -> tuple[Inputs, torch.Tensor]:
+        if not self.text:
+            return self._field("inputs", start, stop), self._field("targets", start, stop)
+        x = {k: self._field(k, start, stop) for k in TEXT_INPUTS if k in self._arrays}
+        if self.target_field in self._arrays:
+            return x, self._field(self.target_field, start, stop)
+        labels = x["input_ids"].clone()
+        if "attention_mask" in x:
+            labels[x["attention_mask"] == 0] = IGNORE_INDEX
+        return x, labels
 
     def ids(self) -> np.ndarray:
         if "ids" in self._arrays:
@@ -159,29 +195,39 @@ class TorchDataset(Dataset):
     def __len__(self) -> int:
         return self._n
 
-    def read(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, start: int, stop: int) -> tuple[Inputs, torch.Tensor]:
         items = [self.dataset[i] for i in range(start, stop)]
         try:
             xs, ys = zip(*items)
         except (TypeError, ValueError) as e:
             raise DataError(f"{self.source}: items must be (input, target) pairs") from e
-        return torch.stack([torch.as_tensor(x) for x in xs]), torch.stack([torch.as_tensor(y) for y in ys])
+        ys_t = torch.stack([torch.as_tensor(y) for y in ys])
+        if isinstance(xs[0], Mapping):  # text: dicts of model keyword inputs
+            return {k: torch.stack([torch.as_tensor(x[k]) for x in xs]) for k in xs[0]}, ys_t
+        return torch.stack([torch.as_tensor(x) for x in xs]), ys_t
 
 
-def probe_model(model: torch.nn.Module, ds: Dataset, x: torch.Tensor, ckpt: str | Path, role: str = "") -> int:
+def probe_model(model: torch.nn.Module, ds: Dataset, x: Inputs, ckpt: str | Path, role: str = "") -> int:
     """Run ``model`` on the first example of ``x``; return its output's last dimension.
 
     A shape or dtype mismatch becomes one :class:`DataError` naming the data and checkpoint.
     """
-    like = next(model.parameters())
-    x = x[:1].to(like.device)
+    x = take(x, 0)
+    field = "input_ids" if isinstance(x, Mapping) else "inputs"
     try:
         with torch.no_grad():
-            out = model(x.to(like.dtype) if x.is_floating_point() else x)
+            out = call_model(model, move(x, next(model.parameters())))
     except (RuntimeError, ValueError, IndexError, TypeError) as e:
-        raise DataError(f"{ds.source}: {role + ' ' if role else ''}field 'inputs' (per-example shape "
-                        f"{tuple(x.shape[1:])}, {x.dtype}) does not fit the model of {ckpt}: {e}") from e
+        raise DataError(f"{ds.source}: {role + ' ' if role else ''}field '{field}' (per-example "
+                        f"{describe(x)}) does not fit the model of {ckpt}: {e}") from e
     return int(out.shape[-1])
+
+
+def check_targets(ds: Dataset, loss: Loss, start: int, targets: torch.Tensor, n_out: int) -> None:
+    """Integer targets must index the model's ``n_out`` outputs (classes, or the
+    vocabulary for a language-modelling loss, where −100 marks an ignored token)."""
+    if loss.is_classification or loss.output == "tokens":
+        ds.check_labels(start, targets, n_out, IGNORE_INDEX if loss.output == "tokens" else None)
 
 
 def load_dataset(spec: str | Path | Dataset) -> Dataset:
@@ -196,11 +242,24 @@ def load_dataset(spec: str | Path | Dataset) -> Dataset:
     raise DataError(f"{s}: dataset file does not exist (and it is not a 'module:fn' factory)")
 
 
-def save_dataset(path: str | Path, inputs: np.ndarray, targets: np.ndarray, *,
-                 ids: np.ndarray | None = None, noisy: np.ndarray | None = None) -> Path:
-    """Write a dataset HDF5 file atomically (chunked, so it can be read lazily)."""
+def save_dataset(path: str | Path, inputs: np.ndarray | Mapping[str, np.ndarray],
+                 targets: np.ndarray | None, *, ids: np.ndarray | None = None,
+                 noisy: np.ndarray | None = None) -> Path:
+    """Write a dataset HDF5 file atomically (chunked, so it can be read lazily).
+
+    ``inputs``: an array (N, ...), or for text a dict with ``input_ids`` (N, T) and
+    optionally ``attention_mask`` (N, T); its ``targets`` are then written as ``labels``
+    when they are per token (N, T), else as ``targets`` (N,); None: default LM labels.
+    """
     path = Path(path)
-    fields = {"inputs": inputs, "targets": targets, "ids": ids, "noisy": noisy}
+    if isinstance(inputs, Mapping):
+        fields = dict(inputs)
+        if targets is not None:
+            per_token = np.ndim(targets) == 2 and np.shape(targets) == np.shape(inputs["input_ids"])
+            fields["labels" if per_token else "targets"] = targets
+        fields.update(ids=ids, noisy=noisy)
+    else:
+        fields = {"inputs": inputs, "targets": targets, "ids": ids, "noisy": noisy}
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         for key, arr in fields.items():
             if arr is not None:

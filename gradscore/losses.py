@@ -5,6 +5,11 @@ A loss maps ``(output (B, ...), target (B, ...)) -> (B,)`` per-example losses. B
 - ``cross_entropy``: output = logits (B, C), target = class index (B,) int.
 - ``nll``: output = log-probabilities (B, C), target = class index (B,) int.
 - ``mse``: ``sum((output - target)**2)`` over non-batch dims (regression; no class metrics).
+- ``causal_lm``: output = logits (B, T, V), target = labels (B, T) aligned with the
+  inputs (labels[:, t] is the token at position t; the loss shifts them by one, as
+  Hugging Face does); label −100 is ignored. Per example: the mean over its
+  non-ignored predicted tokens (``lm_reduction="sum"``: their sum). An example with no
+  token to predict has loss 0 and gradient 0.
 - ``"module:fn"``: any callable with the signature above; classification metrics are
   computed from ``softmax(output)`` when the output is (B, C) and targets are integers.
 """
@@ -16,6 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .config import LM_REDUCTIONS
 from .exceptions import EngineError
 from .imports import import_ref
 
@@ -31,11 +37,11 @@ class Loss:
 
     name: str
     fn: PerExampleLoss
-    output: str  # "logits", "log_probs" or "regression"
+    output: str  # "logits", "log_probs", "regression" or "tokens" (language modelling)
 
     @property
     def is_classification(self) -> bool:
-        return self.output != "regression"
+        return self.output in ("logits", "log_probs")
 
     def probs(self, output: torch.Tensor) -> torch.Tensor | None:
         """Class probabilities (B, C) from the model output, None for regression losses."""
@@ -58,18 +64,49 @@ def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (out - y.to(out.dtype)).pow(2).reshape(out.shape[0], -1).sum(1)
 
 
+#: label value of a token that has no loss (Hugging Face's convention)
+IGNORE_INDEX = -100
+
+
+def causal_lm(reduction: str = "mean") -> Loss:
+    """Next-token cross-entropy per example: logits (B, T, V), labels (B, T) -> (B,).
+
+    Position t predicts labels[:, t + 1]; labels equal to −100 are ignored.
+    ``reduction``: "mean" over the example's predicted tokens, or their "sum".
+    """
+    if reduction not in LM_REDUCTIONS:
+        raise EngineError(f"invalid value for 'lm_reduction': '{reduction}' is not one of {LM_REDUCTIONS}")
+
+    def fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits, labels = out[:, :-1], y[:, 1:]
+        tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                              ignore_index=IGNORE_INDEX, reduction="none").reshape(labels.shape)
+        total = tok.sum(1)
+        if reduction == "sum":
+            return total
+        return total / (labels != IGNORE_INDEX).sum(1).clamp(min=1).to(total.dtype)
+    return Loss("causal_lm" if reduction == "mean" else "causal_lm_sum", fn, "tokens")
+
+
 _BUILTIN = {
     "cross_entropy": Loss("cross_entropy", _cross_entropy, "logits"),
     "nll": Loss("nll", _nll, "log_probs"),
     "mse": Loss("mse", _mse, "regression"),
+    "causal_lm": causal_lm("mean"),
+    "causal_lm_sum": causal_lm("sum"),
 }
 
 
-def resolve_loss(loss: str | Loss | PerExampleLoss) -> Loss:
-    """Turn a loss name, ``"module:fn"`` reference, callable or :class:`Loss` into a Loss."""
+def resolve_loss(loss: str | Loss | PerExampleLoss, lm_reduction: str | None = None) -> Loss:
+    """Turn a loss name, ``"module:fn"`` reference, callable or :class:`Loss` into a Loss.
+
+    ``lm_reduction`` ("mean"/"sum") overrides the token reduction of ``causal_lm``.
+    """
     if isinstance(loss, Loss):
         return loss
     if isinstance(loss, str):
+        if loss.startswith("causal_lm") and lm_reduction is not None:
+            return causal_lm(lm_reduction)
         if loss in _BUILTIN:
             return _BUILTIN[loss]
         if ":" in loss:

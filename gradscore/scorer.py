@@ -7,6 +7,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from .batch import Inputs, call_model, move
 from .engines import ScoreBatch, check_eval_mode, engine_class
 from .engines.ghost import plan_layers
 from .exceptions import EngineError
@@ -20,8 +21,10 @@ class Scorer:
 
     Args:
         model: an ``nn.Module`` in eval mode; it is never wrapped or modified.
-        loss: ``"cross_entropy"``, ``"nll"``, ``"mse"``, ``"module:fn"`` or a callable
-            ``(output (B, ...), target (B, ...)) -> (B,)``.
+        loss: ``"cross_entropy"``, ``"nll"``, ``"mse"``, ``"causal_lm"`` (per-example
+            mean over predicted tokens; ``"causal_lm_sum"``: their sum), ``"module:fn"``
+            or a callable ``(output (B, ...), target (B, ...)) -> (B,)``. The output is
+            the model's tensor output, or the ``.logits`` of a Hugging Face output.
         engine: ``"auto"`` (ghost when every scored parameter's layer has a ghost rule,
             else vmap), ``"ghost"`` (rules, with vmap for the parameters without one),
             ``"vmap"`` or ``"loop"`` (the slow reference).
@@ -99,21 +102,21 @@ class Scorer:
             blocks.append(torch.stack(vs).to(device=like.device, dtype=like.dtype))
         return blocks
 
-    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
-        like = self._param_like()
-        x = x.to(like.device)
-        return x.to(like.dtype) if x.is_floating_point() else x
+    def _inputs(self, x: Inputs) -> Inputs:
+        return move(x, self._param_like())
 
-    def output(self, x: torch.Tensor) -> torch.Tensor:
-        """The model output for inputs x (B, ...), without gradients."""
+    def output(self, x: Inputs) -> torch.Tensor:
+        """The model output (its ``.logits`` for Hugging Face models) for inputs x, without gradients."""
         with torch.no_grad():
-            return self.model(self._inputs(x))
+            return call_model(self.model, self._inputs(x))
 
-    def score_batch(self, x: torch.Tensor, y: torch.Tensor, refs: Refs = None, *,
+    def score_batch(self, x: Inputs, y: torch.Tensor, refs: Refs = None, *,
                     gradients: bool = True) -> ScoreBatch:
         """Score B examples at the model's current parameters.
 
-        x: (B, ...) inputs; y: (B, ...) targets; refs: see :meth:`ref_blocks`.
+        x: (B, ...) inputs, or a dict of keyword inputs for the model, e.g.
+        ``{"input_ids": (B, T), "attention_mask": (B, T)}``; y: (B, ...) targets (for
+        ``causal_lm``: labels (B, T), −100 = ignored); refs: see :meth:`ref_blocks`.
         Returns :class:`ScoreBatch` with loss (B,), sq_norm (B,), dots (B, K) or None,
         logits. With ``gradients=False`` only a forward pass runs (sq_norm is None).
         """

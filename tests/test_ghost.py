@@ -205,11 +205,35 @@ class Tied(nn.Module):
 @pytest.mark.parametrize("K", [0, 2])
 def test_tied_weights_keep_the_cross_term(K):
     torch.manual_seed(0)
-    scorer = _compare(Tied(), torch.randint(0, 9, (5, 6)), K)   # fails if either use, or the cross term, is dropped
+    ids = torch.randint(0, 9, (5, 6))
+    ids[:, 3] = ids[:, 0]
+    scorer = _compare(Tied(), ids, K)   # fails if either use, or the cross term, is dropped
+    why = scorer.explain()
+    assert why["emb.weight"].startswith("ghost (embedding rule on emb") and "tied, exact cross term" in why["emb.weight"]
+    assert gs.Scorer(Tied().eval()).engine_name == "ghost"   # auto: every parameter has a rule
+
+
+def test_dropping_the_tied_cross_term_is_caught(monkeypatch):
+    """The comparison above can fail: without the cross term the norms differ."""
+    from gradscore.engines import ghost
+    monkeypatch.setattr(ghost._Pass, "add_cross_terms", lambda self: None)
+    with pytest.raises(AssertionError):
+        _compare(Tied(), torch.randint(0, 9, (5, 6)), 0)
+
+
+class PlainLinear(nn.Linear):
+    """A Linear subclass: no ghost rule is registered for it."""
+
+
+def test_tied_to_a_layer_without_rule_falls_back():
+    model = Tied()
+    model.head = PlainLinear(4, 9, bias=False)
+    model.head.weight = model.emb.weight
+    scorer = _compare(model, torch.randint(0, 9, (5, 6)), 2)
     why = scorer.explain()
     assert "shared by modules emb and head" in why["emb.weight"] and why["emb.weight"].startswith("vmap")
     assert why["mid.weight"].startswith("ghost")
-    assert gs.Scorer(Tied().eval()).engine_name == "vmap"   # auto: not every parameter has a rule
+    assert gs.Scorer(model.eval()).engine_name == "vmap"   # auto: not every parameter has a rule
 
 
 def test_frozen_layers_and_param_patterns():

@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from ..batch import Inputs, call_model
 from ..exceptions import EngineError
 from ..losses import Loss
 
@@ -79,15 +80,16 @@ class Engine(ABC):
         self.chunk_bytes = int(chunk_bytes)
 
     @abstractmethod
-    def score_batch(self, x: torch.Tensor, y: torch.Tensor, refs: RefBlocks | None) -> ScoreBatch:
+    def score_batch(self, x: Inputs, y: torch.Tensor, refs: RefBlocks | None) -> ScoreBatch:
         """Per-example loss (B,), sq_norm (B,), dots (B, K) or None, logits.
 
-        x: (B, ...) inputs and y: (B, ...) targets on the model's device; refs:
+        x: (B, ...) inputs (or a dict of (B, ...) keyword inputs) and y: (B, ...)
+        targets on the model's device; refs:
         per-parameter blocks (K, *shape) in ``param_names`` order, or None.
         """
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> ScoreBatch:
+    def forward(self, x: Inputs, y: torch.Tensor) -> ScoreBatch:
         """Forward pass only: per-example loss and logits, no gradients."""
         with torch.no_grad():
-            out = self.model(x)
+            out = call_model(self.model, x)
             return ScoreBatch(loss=self.loss.fn(out, y), sq_norm=None, dots=None, logits=out)

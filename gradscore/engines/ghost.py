@@ -29,9 +29,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..batch import Inputs, batch_len, call_model
 from ..exceptions import EngineError
 from .base import Engine, RefBlocks, ScoreBatch, register_engine
-from .rules import Rule, find_rule
+from .rules import Factor, Rule, cross, find_rule
 from .vmap import VmapEngine
 
 
@@ -41,32 +42,48 @@ class _Layer:
     module: nn.Module
     rule: Rule
     params: dict[str, str]                          # local name -> full parameter name
+    tied: set[str] = field(default_factory=set)     # local names of weights shared with other layers
     acts: list[torch.Tensor] = field(default_factory=list)
     grads: dict[int, torch.Tensor] = field(default_factory=dict)   # call index -> δ
     calls: int = 0          # forward calls whose output needs a gradient
     seen: int = 0           # all forward calls
-    batch_ok: bool = True
+    problem: str | None = None   # why this layer must go to the vmap fallback after all
+    shared: list = field(default_factory=list)      # autograd nodes of batch-broadcast outputs
+
+
+def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """id(parameter) -> the distinct modules that own it directly, with a name each."""
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for _, p in module.named_parameters(recurse=False):
+            mods = owners.setdefault(id(p), [])
+            if all(m is not module for _, m in mods):  # one module registered twice is one owner
+                mods.append((mname or type(model).__name__, module))
+    return owners
 
 
 def plan_layers(model: nn.Module, param_names: list[str]) -> tuple[list[_Layer], dict[str, str]]:
     """Split scored parameters into ruled layers and {fallback parameter: reason}.
 
     A tensor owned by several modules (tied weights, e.g. an input embedding reused as
-    the output layer) gets the sum of both uses as its gradient, whose norm has a cross
-    term no single rule sees: such parameters go to vmap (which ties them correctly).
+    the output layer) gets the sum of the uses as its gradient, g = g₁ + g₂: each owner's
+    rule gives ‖g_i‖² and ⟨g_i, V⟩, and the cross terms 2⟨g_i, g_j⟩ come from the rules'
+    factors (``rules.registry.cross``). Owners without factors send the tensor to vmap.
     """
     canonical = {id(p): n for n, p in model.named_parameters()}  # the de-duplicated names
-    owners: dict[int, list[str]] = {}
-    for mname, module in model.named_modules(remove_duplicate=False):
-        for local, p in module.named_parameters(recurse=False):
-            where = mname or type(model).__name__
-            if where not in owners.setdefault(id(p), []):
-                owners[id(p)].append(where)
     wanted = set(param_names)
+    fallback: dict[str, str] = {}
+    tied: set[str] = set()
+    for i, mods in _owners(model).items():
+        if len(mods) < 2 or canonical[i] not in wanted:
+            continue
+        rules = [find_rule(m)[0] for _, m in mods]
+        if all(r is not None and r.factors is not None for r in rules):
+            tied.add(canonical[i])
+        else:
+            fallback[canonical[i]] = (f"shared by modules {' and '.join(n for n, _ in mods)}, not all "
+                                      f"with a ghost rule for tied weights")
     layers, covered = [], set()
-    fallback: dict[str, str] = {
-        canonical[i]: f"shared by modules {' and '.join(o)} (tied weights: the ghost rules would miss the cross term)"
-        for i, o in owners.items() if len(o) > 1 and canonical[i] in wanted}
     for mname, module in model.named_modules():
         own = {local: canonical[id(p)] for local, p in module.named_parameters(recurse=False)}
         own = {k: v for k, v in own.items() if v in wanted and v not in fallback}
@@ -76,9 +93,9 @@ def plan_layers(model: nn.Module, param_names: list[str]) -> tuple[list[_Layer],
         if rule is None:
             fallback.update({full: reason for full in own.values()})
             continue
-        layers.append(_Layer(mname, module, rule, own))
+        layers.append(_Layer(mname, module, rule, own, {k for k, v in own.items() if v in tied}))
         covered.update(own.values())
-    for name in param_names:  # e.g. a parameter shared by two modules: counted once, by vmap
+    for name in param_names:
         if name not in covered and name not in fallback:
             fallback[name] = "not owned by a module with a ghost rule"
     return layers, fallback
@@ -91,6 +108,7 @@ class _Pass:
         self.refs, self.index, self.K = refs, index, K
         self.sq: torch.Tensor | None = None
         self.dots: torch.Tensor | None = None
+        self.factors: dict[str, list[Factor]] = {}   # tied weight -> one factor per owner
 
     def add(self, sq: torch.Tensor, dots: torch.Tensor) -> None:
         self.sq, self.dots = (sq, dots) if self.sq is None else (self.sq + sq, self.dots + dots)
@@ -101,9 +119,45 @@ class _Pass:
             lrefs = {local: (self.refs[self.index[full]] if self.refs is not None else None)
                      for local, full in layer.params.items()}
             order = sorted(layer.grads)
-            self.add(*layer.rule.fn(layer.module, [layer.acts[i] for i in order],
-                                    [layer.grads[i] for i in order], lrefs, self.K))
+            acts, grads = [layer.acts[i] for i in order], [layer.grads[i] for i in order]
+            self.add(*layer.rule.fn(layer.module, acts, grads, lrefs, self.K))
+            if layer.tied:  # kept until every owner of the weight has reported
+                fs = layer.rule.factors(layer.module, acts, grads)
+                for local in layer.tied:
+                    self.factors.setdefault(layer.params[local], []).append(fs[local])
         layer.acts, layer.grads = [], {}
+
+    def add_cross_terms(self) -> None:
+        """‖Σ_i g_i‖² = Σ_i ‖g_i‖² + 2 Σ_{i<j} ⟨g_i, g_j⟩ for each tied weight."""
+        for fs in self.factors.values():
+            for i in range(len(fs)):
+                for j in range(i + 1, len(fs)):
+                    c = 2 * cross(fs[i], fs[j])
+                    self.add(c.to(self.sq.dtype), self.dots.new_zeros(self.dots.shape))
+        self.factors = {}
+
+
+def _consumers(root, targets: set) -> dict:
+    """{node in ``targets``: names of the autograd nodes that consume it}, walking the
+    graph from ``root`` (the loss)."""
+    found: dict = {}
+    seen, stack = {root}, [root]
+    while stack:
+        node = stack.pop()
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            if nxt in targets:
+                found.setdefault(nxt, set()).add(type(node).__name__)
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return found
+
+
+#: consumers of a batch-broadcast output under which row b of the expanded output is
+#: example b's alone: elementwise sums with a batch tensor (e.g. token + position embeddings)
+_BROADCAST_OK = {"AddBackward0", "AddBackward1", "SubBackward0"}
 
 
 @register_engine("ghost")
@@ -118,8 +172,13 @@ class GhostEngine(Engine):
 
     def explain(self) -> dict[str, str]:
         """{parameter name: path}, e.g. 'ghost (linear rule on fc: Linear)' or 'vmap (reason)'."""
-        out = {full: f"ghost ({layer.rule.name} rule on {layer.name}: {type(layer.module).__name__})"
-               for layer in self.layers for full in layer.params.values()}
+        uses: dict[str, list[str]] = {}
+        for layer in self.layers:
+            for full in layer.params.values():
+                uses.setdefault(full, []).append(f"{layer.rule.name} rule on {layer.name}: "
+                                                 f"{type(layer.module).__name__}")
+        out = {full: f"ghost ({' + '.join(u)}{'; tied, exact cross term' if len(u) > 1 else ''})"
+               for full, u in uses.items()}
         out.update({full: f"vmap ({reason})" for full, reason in self.fallback.items()})
         return {n: out[n] for n in self.param_names}
 
@@ -137,7 +196,7 @@ class GhostEngine(Engine):
     def _hooks(self, state: _Pass, probes: list[torch.Tensor], B: int) -> Iterator[None]:
         handles = []
         for layer in self.layers:
-            layer.acts, layer.grads, layer.calls, layer.seen, layer.batch_ok = [], {}, 0, 0, True
+            layer.acts, layer.grads, layer.calls, layer.seen, layer.problem, layer.shared = [], {}, 0, 0, None, []
 
             def on_grad(delta, layer=layer, call=None):
                 layer.grads[call] = delta
@@ -149,17 +208,23 @@ class GhostEngine(Engine):
                     raise EngineError(f"layer '{layer.name}' returned {type(output).__name__}; "
                                       f"the ghost engine needs a tensor output")
                 layer.seen += 1
-                if inputs[0].shape[:1] != (B,) or output.shape[:1] != (B,):
-                    layer.batch_ok = False
+                act = inputs[0]
+                shared = B > 1 and act.shape[:1] == (1,) and output.shape[:1] == (1,)
+                if shared:  # one row for the whole batch (position ids (1, T)): give each example its copy
+                    act, output = act.expand(B, *act.shape[1:]), output.expand(B, *output.shape[1:])
+                elif act.shape[:1] != (B,) or output.shape[:1] != (B,):
+                    layer.problem = "was called on a tensor whose first dimension is not the batch"
                 if not output.requires_grad:  # under no_grad: no gradient reaches this layer
                     return None
                 call = layer.calls
                 layer.calls += 1
-                layer.acts.append(inputs[0].detach())
+                layer.acts.append(act.detach())
                 z = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
                 probes.append(z)
                 probed = output + z  # reaching z in the backward needs ∂L/∂probed = δ
                 probed.register_hook(lambda d, layer=layer, call=call: on_grad(d, layer, call))
+                if shared:
+                    layer.shared.append(probed.grad_fn)
                 return probed
             handles.append(layer.module.register_forward_hook(hook))
         try:
@@ -168,17 +233,18 @@ class GhostEngine(Engine):
             for h in handles:
                 h.remove()
 
-    def score_batch(self, x: torch.Tensor, y: torch.Tensor, refs: RefBlocks | None) -> ScoreBatch:
+    def score_batch(self, x: Inputs, y: torch.Tensor, refs: RefBlocks | None) -> ScoreBatch:
         K = 0 if refs is None else refs[0].shape[0]
-        B = x.shape[0]
+        B = batch_len(x)
         state, probes = _Pass(refs, self._index, K), []
         with self._hooks(state, probes, B):
             with torch.enable_grad():
-                out = self.model(x)
+                out = call_model(self.model, x)
                 losses = self.loss.fn(out, y)
             if losses.shape != (B,):
                 raise EngineError(f"the loss returned shape {tuple(losses.shape)}; it must return one "
                                   f"loss per example, shape ({B},)")
+            self._check_shared(losses)
             replan = self._moved_to_fallback()
             if probes and not replan:
                 torch.autograd.grad(losses.sum(), probes, allow_unused=True)
@@ -186,6 +252,8 @@ class GhostEngine(Engine):
             return self.score_batch(x, y, refs)
         for layer in self.layers:  # calls whose output did not reach the loss add nothing
             state.run_rule(layer)
+        if state.factors:
+            state.add_cross_terms()
         fb = self._fallback(x, y, refs)
         if fb is not None:
             state.add(fb.sq_norm, fb.dots if fb.dots is not None else fb.sq_norm.new_zeros((B, 0)))
@@ -195,20 +263,32 @@ class GhostEngine(Engine):
         return ScoreBatch(loss=losses.detach(), sq_norm=state.sq,
                           dots=state.dots if refs is not None else None, logits=out.detach())
 
+    def _check_shared(self, losses: torch.Tensor) -> None:
+        """A batch-broadcast output expanded to B rows gives exact per-example shares only
+        when it is added to batch rows; any other use sends the layer to vmap."""
+        nodes = {n: layer for layer in self.layers for n in layer.shared}
+        if not nodes or losses.grad_fn is None:
+            return
+        for node, users in _consumers(losses.grad_fn, set(nodes)).items():
+            if not users <= _BROADCAST_OK:
+                nodes[node].problem = (f"returns one row for the whole batch, used by "
+                                       f"{', '.join(sorted(users))} (only a sum with batch rows is exact)")
+
     def _moved_to_fallback(self) -> bool:
-        """Send layers that were never called, or not called batch-first, to vmap."""
+        """Send layers that were never called, or not called batch-first, to vmap; a weight
+        tied to such a layer goes to vmap as a whole (it leaves its other owners too)."""
         moved = False
         for layer in self.layers:
-            if layer.seen == 0:
-                reason = "was not called; its parameters are used by another module"
-            elif not layer.batch_ok:
-                reason = "was called on a tensor whose first dimension is not the batch"
-            else:
+            reason = ("was not called; its parameters are used by another module"
+                      if layer.seen == 0 else layer.problem)
+            if reason is None:
                 continue
             self.fallback.update({full: f"{type(layer.module).__name__} '{layer.name}' {reason}"
                                   for full in layer.params.values()})
             moved = True
         if moved:
-            self.layers = [layer for layer in self.layers
-                           if not any(full in self.fallback for full in layer.params.values())]
+            for layer in self.layers:
+                layer.params = {k: v for k, v in layer.params.items() if v not in self.fallback}
+                layer.tied &= set(layer.params)
+            self.layers = [layer for layer in self.layers if layer.params]
         return moved

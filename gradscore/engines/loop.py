@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..batch import Inputs, batch_len, call_model, take
 from .base import Engine, RefBlocks, ScoreBatch, register_engine
 
 
@@ -10,13 +11,13 @@ from .base import Engine, RefBlocks, ScoreBatch, register_engine
 class LoopEngine(Engine):
     """One forward and one backward per example; full gradient flattened and reduced."""
 
-    def score_batch(self, x: torch.Tensor, y: torch.Tensor, refs: RefBlocks | None) -> ScoreBatch:
+    def score_batch(self, x: Inputs, y: torch.Tensor, refs: RefBlocks | None) -> ScoreBatch:
         named = dict(self.model.named_parameters())
         params = [named[n] for n in self.param_names]
         V = None if refs is None else torch.cat([r.reshape(r.shape[0], p.numel()) for r, p in zip(refs, params)], dim=1)
         losses, sqs, dots, outs = [], [], [], []
-        for b in range(x.shape[0]):
-            out = self.model(x[b:b + 1])
+        for b in range(batch_len(x)):
+            out = call_model(self.model, take(x, b))
             loss = self.loss.fn(out, y[b:b + 1]).sum()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             g = torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1)

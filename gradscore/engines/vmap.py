@@ -6,8 +6,9 @@ The block stays a list of per-parameter tensors: nothing is flattened or concate
 from __future__ import annotations
 
 import torch
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
+from ..batch import Inputs, batch_len, call_functional, take, unsqueeze
 from ..kernels import norm_dot
 from .base import Engine, RefBlocks, ScoreBatch, register_engine
 
@@ -21,22 +22,22 @@ class VmapEngine(Engine):
         bytes_per_example = sum(named[n].numel() * named[n].element_size() for n in self.param_names)
         return max(1, self.chunk_bytes // max(1, bytes_per_example))
 
-    def score_batch(self, x: torch.Tensor, y: torch.Tensor, refs: RefBlocks | None) -> ScoreBatch:
+    def score_batch(self, x: Inputs, y: torch.Tensor, refs: RefBlocks | None) -> ScoreBatch:
         model, loss_fn, names = self.model, self.loss.fn, self.param_names
         scored = {n: p.detach() for n, p in model.named_parameters() if n in set(names)}
         fixed = {n: p.detach() for n, p in model.named_parameters() if n not in scored}
         fixed.update({n: b for n, b in model.named_buffers()})
 
         def loss_one(params, xb, yb):
-            out = functional_call(model, (params, fixed), (xb.unsqueeze(0),))
+            out = call_functional(model, (params, fixed), unsqueeze(xb))
             loss = loss_fn(out, yb.unsqueeze(0)).sum()
             return loss, (loss.detach(), out.detach()[0])
 
         per_example = vmap(grad(loss_one, has_aux=True), in_dims=(None, 0, 0))
         step = self._sub_batch()
         parts = []
-        for i in range(0, x.shape[0], step):
-            grads, (loss, out) = per_example(scored, x[i:i + step], y[i:i + step])
+        for i in range(0, batch_len(x), step):
+            grads, (loss, out) = per_example(scored, take(x, i, i + step), y[i:i + step])
             sq, dots = norm_dot([grads[n] for n in names], refs)
             parts.append((loss, sq, dots, out))
         loss, sq, dots, out = (torch.cat(p) for p in zip(*parts))

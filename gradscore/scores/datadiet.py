@@ -20,8 +20,11 @@ from ..losses import Loss
 def classification_metrics(loss: Loss, logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-example ``el2n``, ``p_gold`` and ``correct`` (B,) from the model output.
 
-    For regression losses only ``el2n`` (the error norm) is returned.
+    For regression losses only ``el2n`` (the error norm) is returned; for language
+    modelling (token outputs) none of them.
     """
+    if loss.output == "tokens":
+        return {}
     probs = loss.probs(logits) if logits.dim() == 2 and not y.dtype.is_floating_point else None
     if probs is None:
         err = (logits - y.to(logits.dtype)).reshape(logits.shape[0], -1)

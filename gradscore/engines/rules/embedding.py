@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ...kernels.norm_dot import acc_dtype
-from .registry import register_rule
+from .registry import Factor, register_rule
 
 
 def _supports(m: nn.Embedding) -> str | None:
@@ -22,13 +22,26 @@ def _supports(m: nn.Embedding) -> str | None:
     return None
 
 
-@register_rule(nn.Embedding, supports=_supports)
-def embedding(layer: nn.Embedding, acts, grads, refs, K):
-    ids = torch.cat([i.reshape(i.shape[0], -1) for i in acts], 1)                   # (B, T)
+def _ids_and_grads(layer: nn.Embedding, acts, grads) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, T) and their output gradients (B, T, dim), calls along T, padding zeroed."""
+    ids = torch.cat([i.reshape(i.shape[0], -1) for i in acts], 1)
     acc = acc_dtype(grads[0].dtype)
-    d = torch.cat([g.reshape(g.shape[0], -1, g.shape[-1]) for g in grads], 1).to(acc)  # (B, T, dim)
+    d = torch.cat([g.reshape(g.shape[0], -1, g.shape[-1]) for g in grads], 1).to(acc)
     if layer.padding_idx is not None:
         d = d * (ids != layer.padding_idx).unsqueeze(-1).to(acc)
+    return ids, d
+
+
+def embedding_factors(layer: nn.Embedding, acts, grads) -> dict[str, Factor]:
+    """weight (num_embeddings, dim): g_b = Σ_t e_{id_bt} δ_btᵀ (one-hot rows)."""
+    ids, d = _ids_and_grads(layer, acts, grads)
+    return {"weight": Factor(ids, d, left_ids=True)}
+
+
+@register_rule(nn.Embedding, supports=_supports, factors=embedding_factors)
+def embedding(layer: nn.Embedding, acts, grads, refs, K):
+    ids, d = _ids_and_grads(layer, acts, grads)
+    acc = d.dtype
     same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(acc)                          # (B, T, T)
     sq = (torch.bmm(d, d.transpose(1, 2)) * same).sum((1, 2))
     if not K:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ...kernels.ghost_linear import ghost_linear
-from .registry import bias_term, register_rule
+from .registry import Factor, bias_term, register_rule
 
 
 def cat_calls(xs: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -23,11 +23,24 @@ def as_sequence(xs: list[torch.Tensor]) -> torch.Tensor:
     return cat_calls([x.reshape(x.shape[0], -1, x.shape[-1]) for x in xs], 1)
 
 
-@register_rule(nn.Linear)
-def linear(layer: nn.Linear, acts, grads, refs, K):
+def linear_factors(layer: nn.Linear, acts, grads) -> dict[str, Factor]:
+    """weight (d_out, d_in): g_b = Σ_t δ_bt a_btᵀ."""
+    return {"weight": Factor(as_sequence(grads), as_sequence(acts))}
+
+
+def weight_and_bias(acts, grads, refs, K, *, transposed: bool = False):
+    """sq (B,), dots (B, K) of an affine map y = W a + b (``transposed``: y = a W + b)."""
     a, d = as_sequence(acts), as_sequence(grads)
     sq, dots = bias_term(d.sum(1), refs, K)
     if "weight" in refs:
-        w_sq, w_dots = ghost_linear(a, d, refs["weight"] if K else None)
+        V = refs["weight"] if K else None
+        if V is not None and transposed:  # (K, d_in, d_out) -> (K, d_out, d_in)
+            V = V.transpose(1, 2)
+        w_sq, w_dots = ghost_linear(a, d, V)
         sq, dots = sq + w_sq, dots + w_dots
     return sq, dots
+
+
+@register_rule(nn.Linear, factors=linear_factors)
+def linear(layer: nn.Linear, acts, grads, refs, K):
+    return weight_and_bias(acts, grads, refs, K)

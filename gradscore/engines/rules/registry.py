@@ -13,18 +13,41 @@ layer's share of the per-example ‖g_b‖² and ⟨g_b, V_k⟩:
 
 ``supports(layer)`` returns None when the rule applies, else the reason it does not
 (the engine then falls back to vmap for that layer's parameters and says why).
+
+A rule whose weight gradient is a sum of outer products, g_b = Σ_t l_bt r_btᵀ, also
+registers ``factors(layer, acts, grads) -> {local name: Factor}``: the engine needs them
+for a weight shared by several modules (tied weights), whose per-example gradient is
+the sum of both uses g₁ + g₂, so that ‖g‖² = ‖g₁‖² + ‖g₂‖² + 2⟨g₁, g₂⟩; the rules give
+the first two terms and :func:`cross` the last one, exactly.
+
+Classes from optional packages are registered by qualified name
+(``"transformers.pytorch_utils.Conv1D"``), so the package is never imported here.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
 
 from ...kernels import norm_dot
+from ...kernels.norm_dot import acc_dtype
 
 RuleFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Factor:
+    """g_b = Σ_t left_bt right_btᵀ for a weight of shape (rows, cols).
+
+    left: (B, T, rows), or (B, T) int64 row indices when ``left_ids`` (one-hot rows, as
+    an embedding's); right: (B, T, cols).
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+    left_ids: bool = False
 
 
 @dataclass(frozen=True)
@@ -32,32 +55,69 @@ class Rule:
     name: str
     fn: RuleFn
     supports: Callable[[nn.Module], Optional[str]]
+    factors: Optional[Callable[..., dict[str, Factor]]] = None
 
 
-_RULES: dict[type[nn.Module], Rule] = {}
+TypeKey = Union[type[nn.Module], str]
+_RULES: dict[TypeKey, Rule] = {}
 
 
-def register_rule(*types: type[nn.Module], supports: Callable[[nn.Module], Optional[str]] = lambda m: None
+def register_rule(*types: TypeKey, supports: Callable[[nn.Module], Optional[str]] = lambda m: None,
+                  factors: Optional[Callable[..., dict[str, Factor]]] = None
                   ) -> Callable[[RuleFn], RuleFn]:
-    """Decorator: use ``fn`` as the ghost rule for every class in ``types``."""
+    """Decorator: use ``fn`` as the ghost rule for every class (or qualified class name)
+    in ``types``; ``factors`` (optional) lets its weight be tied to another layer's."""
     def deco(fn: RuleFn) -> RuleFn:
         for t in types:
-            _RULES[t] = Rule(fn.__name__, fn, supports)
+            _RULES[t] = Rule(fn.__name__, fn, supports, factors)
         return fn
     return deco
 
 
+def _lookup(module: nn.Module) -> Rule | None:
+    rule = _RULES.get(type(module))
+    if rule is None:  # optional packages: by qualified name, along the MRO
+        for cls in type(module).__mro__:
+            rule = _RULES.get(f"{cls.__module__}.{cls.__qualname__}")
+            if rule is not None:
+                break
+    return rule
+
+
 def find_rule(module: nn.Module) -> tuple[Rule | None, str | None]:
     """(rule, None) if ``module`` has an applicable rule, else (None, reason)."""
-    rule = _RULES.get(type(module))
+    rule = _lookup(module)
     if rule is None:
         return None, f"no ghost rule for {type(module).__name__}"
     reason = rule.supports(module)
     return (None, reason) if reason else (rule, None)
 
 
-def registered_types() -> list[type[nn.Module]]:
+def registered_types() -> list[TypeKey]:
     return list(_RULES)
+
+
+def _left_gram(f: Factor, g: Factor) -> torch.Tensor:
+    """(B, T_f, T_g) of ⟨f.left_t, g.left_s⟩, with one-hot lefts gathered, never expanded."""
+    if f.left_ids and g.left_ids:
+        return (f.left.unsqueeze(2) == g.left.unsqueeze(1)).to(f.right.dtype)
+    if f.left_ids:  # ⟨e_{id_t}, l_s⟩ = l_s[id_t]
+        B, Tf = f.left.shape
+        return g.left.gather(2, f.left.unsqueeze(1).expand(B, g.left.shape[1], Tf)).transpose(1, 2)
+    if g.left_ids:
+        return _left_gram(g, f).transpose(1, 2)
+    return torch.bmm(f.left, g.left.transpose(1, 2))
+
+
+def cross(f: Factor, g: Factor) -> torch.Tensor:
+    """⟨g_f, g_g⟩ per example (B,) = Σ_{t,s} ⟨l_t, l'_s⟩⟨r_t, r'_s⟩ (Gram form), in the
+    accumulation dtype (float32, or float64 for float64 factors)."""
+    acc = acc_dtype(f.right.dtype)
+
+    def cast(x: Factor) -> Factor:
+        return Factor(x.left if x.left_ids else x.left.to(acc), x.right.to(acc), x.left_ids)
+    f, g = cast(f), cast(g)
+    return (_left_gram(f, g) * torch.bmm(f.right, g.right.transpose(1, 2))).sum((1, 2))
 
 
 def reduce_per_example(grads: dict[str, torch.Tensor], refs: dict[str, torch.Tensor | None], K: int

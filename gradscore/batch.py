@@ -1,0 +1,86 @@
+"""Model inputs as one tensor or a dict of tensors, and model outputs as one tensor.
+
+Images and tabular data give ``x`` as one tensor (B, ...). Text gives a dict of model
+keyword arguments, e.g. ``{"input_ids": (B, T) int64, "attention_mask": (B, T)}``,
+every value batch-first. These helpers let every engine slice, move and feed both
+kinds the same way, and read a model's output as one tensor: a plain tensor, or the
+``.logits`` of a Hugging Face output (or the ``"logits"`` entry of a dict).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Union
+
+import torch
+from torch import nn
+
+Inputs = Union[torch.Tensor, Mapping[str, torch.Tensor]]
+
+
+def _map(x: Inputs, fn: Callable[[torch.Tensor], torch.Tensor]) -> Inputs:
+    return {k: fn(v) for k, v in x.items()} if isinstance(x, Mapping) else fn(x)
+
+
+def batch_len(x: Inputs) -> int:
+    """B, the number of examples in ``x``."""
+    if isinstance(x, Mapping):
+        return int(next(iter(x.values())).shape[0])
+    return int(x.shape[0])
+
+
+def take(x: Inputs, start: int, stop: int | None = None) -> Inputs:
+    """Examples ``start:stop`` (``stop=None``: the single example ``start`` kept as a batch of 1)."""
+    stop = start + 1 if stop is None else stop
+    return _map(x, lambda v: v[start:stop])
+
+
+def concat(parts: list[Inputs]) -> Inputs:
+    """Concatenate batches along the batch dimension."""
+    if isinstance(parts[0], Mapping):
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return torch.cat(parts)
+
+
+def move(x: Inputs, like: torch.Tensor) -> Inputs:
+    """``x`` on ``like``'s device; floating tensors cast to its dtype, integer ones kept."""
+    def one(v: torch.Tensor) -> torch.Tensor:
+        v = torch.as_tensor(v).to(like.device)
+        return v.to(like.dtype) if v.is_floating_point() else v
+    return _map(x, one)
+
+
+def unsqueeze(x: Inputs) -> Inputs:
+    """One example without its batch dimension back to a batch of 1 (inside ``vmap``)."""
+    return _map(x, lambda v: v.unsqueeze(0))
+
+
+def describe(x: Inputs) -> str:
+    """Per-example shapes and dtypes, for error messages."""
+    if isinstance(x, Mapping):
+        return "; ".join(f"{k} shape {tuple(v.shape[1:])}, {v.dtype}" for k, v in x.items())
+    return f"shape {tuple(x.shape[1:])}, {x.dtype}"
+
+
+def output_tensor(out: Any) -> torch.Tensor:
+    """The model output as a tensor: itself, ``out.logits`` or ``out["logits"]``."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, Mapping):
+        logits = out.get("logits")
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise TypeError(f"the model returned {type(out).__name__}; gradscore needs a tensor or an "
+                    f"output with a 'logits' tensor")
+
+
+def call_model(model: nn.Module, x: Inputs) -> torch.Tensor:
+    """``model(x)`` or ``model(**x)``, read as one tensor (see :func:`output_tensor`)."""
+    return output_tensor(model(**x) if isinstance(x, Mapping) else model(x))
+
+
+def call_functional(model: nn.Module, params: Any, x: Inputs) -> torch.Tensor:
+    """:func:`call_model` through ``torch.func.functional_call`` with ``params``."""
+    from torch.func import functional_call
+    if isinstance(x, Mapping):
+        return output_tensor(functional_call(model, params, (), dict(x)))
+    return output_tensor(functional_call(model, params, (x,)))
