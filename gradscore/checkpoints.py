@@ -41,13 +41,22 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{state_dict name: parameter name} for entries that are another name of a parameter
+    (tied weights, e.g. GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``)."""
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    return {name: canonical[id(t)] for name, t in model.state_dict(keep_vars=True).items()
+            if id(t) in canonical and canonical[id(t)] != name}
+
+
 def write_checkpoint(path: str | Path, model: nn.Module, *, step: int, lr: float,
                      epoch: float = 0.0, model_factory: str = "", model_kwargs: dict | None = None,
                      loss: str = "cross_entropy", optimizer: str = "") -> Path:
     """Write ``model``'s parameters and persistent buffers to ``path`` atomically."""
     path = Path(path)
     params = dict(model.named_parameters())
-    state = model.state_dict()
+    aliases = tied_aliases(model)  # a tied tensor is stored once, under its parameter name
+    state = {k: v for k, v in model.state_dict().items() if k not in aliases}
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update({
             "format_version": FORMAT_VERSION, "step": int(step), "epoch": float(epoch),
@@ -149,7 +158,8 @@ def load_state_dict(path: str | Path, model: nn.Module) -> dict[str, torch.Tenso
     mis-shaped or corrupt (checksum) tensor.
     """
     path = Path(path)
-    expected = model.state_dict()
+    aliases = tied_aliases(model)
+    expected = {k: v for k, v in model.state_dict().items() if k not in aliases}
     params = dict(model.named_parameters())
     out: dict[str, torch.Tensor] = {}
     try:
@@ -178,6 +188,7 @@ def load_state_dict(path: str | Path, model: nn.Module) -> dict[str, torch.Tenso
                                       f"the model; was it saved from another model?")
     except OSError as e:
         raise CheckpointError(f"{path}: not a readable HDF5 file ({e})") from e
+    out.update({alias: out[name] for alias, name in aliases.items()})
     return out
 
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .config import AVAILABLE_SCORES, DEVICES, DTYPES, ENGINES, RunConfig
+from .config import AVAILABLE_SCORES, DEVICES, DTYPES, ENGINES, LM_REDUCTIONS, RunConfig
 from .exceptions import GradscoreError, one_line
 
 EPILOG = """examples:
@@ -31,8 +31,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoints", required=True, metavar="DIR",
                    help="directory of step_<n>.h5 files written by gradscore.CheckpointWriter")
     p.add_argument("--data", required=True, metavar="FILE",
-                   help=".h5/.npz with 'inputs' and 'targets' (optional 'ids', 'noisy'), "
-                   "or a 'module:fn' returning a torch Dataset of (input, target)")
+                   help=".h5/.npz with 'inputs' and 'targets' (optional 'ids', 'noisy'); for text "
+                   "'input_ids' (+ 'attention_mask', 'labels' with -100 = ignored, or 'targets' for "
+                   "classification); or a 'module:fn' returning a torch Dataset of (input, target)")
     p.add_argument("--out", required=True, metavar="FILE", help="scores file to write (HDF5)")
     p.add_argument("--scores", default=",".join(d.scores),
                    help=f"comma-separated scores, from: {', '.join(AVAILABLE_SCORES)}")
@@ -57,9 +58,16 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="also store pds_<V>/target_dot_<V> for V in cos (direction only), clip (‖g‖ clipped "
                    "at --clip-quantile), rank (per-checkpoint ranks), resid (log‖g‖ regressed out)")
     p.add_argument("--clip-quantile", type=float, default=0.9)
+    _add_lm_reduction(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an output (or discard an interrupted run) made with other options")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_lm_reduction(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lm-reduction", default="mean", choices=LM_REDUCTIONS,
+                   help="causal_lm checkpoints: an example's loss is the mean (or sum) of its "
+                   "predicted tokens' losses; sum weighs long documents more")
 
 
 def _add_costate(sub: argparse._SubParsersAction) -> None:
@@ -77,6 +85,7 @@ def _add_costate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--lr-scale-steps", action="store_true",
                    help="η_t = lr × optimizer steps to the next checkpoint (sparse checkpoints)")
+    _add_lm_reduction(p)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -85,7 +94,8 @@ def _cmd_costate(args: argparse.Namespace) -> int:
     from .costate import CostateConfig, compute_costate
     path = compute_costate(CostateConfig(args.checkpoints, args.proxy, args.target, batch_size=args.hvp_batch,
                                          dtype=args.dtype, device=args.device,
-                                         lr_scale_steps=args.lr_scale_steps),
+                                         lr_scale_steps=args.lr_scale_steps,
+                                         lm_reduction=args.lm_reduction),
                            args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(f"co-states -> {path}")
     return 0
@@ -100,16 +110,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
                        chunk_bytes=args.chunk_mb * 2**20, epochs_upto=args.epochs_upto,
                        target=args.target, costate=args.costate, lr_scale_steps=args.lr_scale_steps,
                        variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
-                       clip_quantile=args.clip_quantile)
+                       clip_quantile=args.clip_quantile, lm_reduction=args.lm_reduction)
     path = run(config, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(f"scores -> {path}")
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.lm:
+        from .demo_lm import run_lm_demo
+        extra = {} if args.steps is None else {"steps": args.steps}
+        run_lm_demo(args.out or "gradscore_demo_lm", n_docs=args.docs, engine=args.engine,
+                    progress=not args.quiet, **extra)
+        return 0
     if args.pds:
         from .demo import run_pds_demo
-        run_pds_demo(args.out or "gradscore_demo_pds", steps=args.steps, engine=args.engine,
+        run_pds_demo(args.out or "gradscore_demo_pds", steps=args.steps or 30, engine=args.engine,
                      progress=not args.quiet)
         return 0
     from .demo import run_demo
@@ -289,12 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
                  "path as `run`, print how well each score finds the flipped labels, "
                  "and write DIR/data/train.h5, DIR/ckpts/, DIR/scores.h5, DIR/report.png.")
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="output directory (default gradscore_demo, or gradscore_demo_pds)")
+                   help="output directory (default gradscore_demo, gradscore_demo_pds or gradscore_demo_lm)")
     p.add_argument("--epochs", type=int, default=15, help="training epochs (one checkpoint each)")
     p.add_argument("--pds", action="store_true",
                    help="optimal-control (PDS) demo: full-batch GD on the noisy set, clean "
                    "held-out target, a checkpoint at every step")
-    p.add_argument("--steps", type=int, default=30, help="--pds: gradient-descent steps")
+    p.add_argument("--lm", action="store_true",
+                   help="language-model demo: a tiny GPT-2 (needs the 'hf' extra) on the docstrings of "
+                   "Python's standard library, 20%% of documents corrupted, clean held-out target; "
+                   "loss, GraNd, target_dot and PDS per document")
+    p.add_argument("--docs", type=int, default=800, help="--lm: training documents")
+    p.add_argument("--steps", type=int, default=None,
+                   help="--pds/--lm: gradient-descent steps (default 30 / 6)")
     p.add_argument("--n-train", type=int, default=None, help="use only the first N training examples")
     p.add_argument("--engine", default="auto", choices=ENGINES)
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -39,7 +39,7 @@ from .checkpoints import CheckpointStore
 from .batch import Inputs, call_functional, move
 from .config import DEVICES, DTYPES, LM_REDUCTIONS, resolve_device
 from .data import Dataset, check_targets, load_dataset, probe_model
-from .exceptions import CheckpointError, ConfigError, GradscoreError
+from .exceptions import CheckpointError, ConfigError, EngineError, GradscoreError
 from .losses import Loss, resolve_loss
 from .store import Journal
 
@@ -111,7 +111,13 @@ class _Objective:
 
     def hvp(self, params: Params, v: Params) -> Params:
         """(∇²_θ Σ_b w·ℓ_b) v, forward-over-reverse, chunk by chunk."""
-        return self._accumulate(lambda x, y: jvp(lambda p: grad(self._f)(p, x, y), (params,), (v,))[1])
+        try:
+            return self._accumulate(lambda x, y: jvp(lambda p: grad(self._f)(p, x, y), (params,), (v,))[1])
+        except NotImplementedError as e:
+            raise EngineError(f"the co-states need Hessian-vector products, i.e. forward-mode "
+                              f"derivatives of every op of the model, and torch lacks one here "
+                              f"({str(e).splitlines()[0][:160]}); for Hugging Face models pass "
+                              f"attn_implementation='eager' in model_kwargs") from e
 
 
 def hvp(model: torch.nn.Module, loss: str | Loss, ds: Dataset, v: Params, *, batch_size: int = 256,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 from scipy.stats import spearmanr
 from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -88,8 +89,12 @@ def diagnose(scores: str | Path, *, score: str = "pds", noisy_mask: str | None =
     if "target_cos" in s:
         flags["-target_cos"] = -s["target_cos"]
     if ds is not None:
-        flags["input_norm"] = np.concatenate([x.reshape(len(x), -1).double().norm(dim=1).numpy()
-                                              for _, x, _ in ds.chunks()])
+        norms = [x.reshape(len(x), -1).double().norm(dim=1).numpy() for _, x, _ in ds.chunks()
+                 if isinstance(x, torch.Tensor)]
+        if norms:
+            flags["input_norm"] = np.concatenate(norms)
+        else:
+            skip("input_norm: token inputs have no meaningful norm")
 
     var: dict[str, np.ndarray] = {}
     if score not in DOT_SCORES:

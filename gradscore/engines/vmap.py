@@ -9,6 +9,7 @@ import torch
 from torch.func import grad, vmap
 
 from ..batch import Inputs, batch_len, call_functional, take, unsqueeze
+from ..exceptions import EngineError
 from ..kernels import norm_dot
 from .base import Engine, RefBlocks, ScoreBatch, register_engine
 
@@ -37,7 +38,14 @@ class VmapEngine(Engine):
         step = self._sub_batch()
         parts = []
         for i in range(0, batch_len(x), step):
-            grads, (loss, out) = per_example(scored, take(x, i, i + step), y[i:i + step])
+            try:
+                grads, (loss, out) = per_example(scored, take(x, i, i + step), y[i:i + step])
+            except RuntimeError as e:
+                if not str(e).startswith("vmap:"):
+                    raise
+                raise EngineError(f"vmap cannot trace this model ({str(e).splitlines()[0][:120]}); use "
+                                  f"engine='ghost' or 'loop' (for Hugging Face models with an "
+                                  f"attention_mask, attn_implementation='eager' also works)") from e
             sq, dots = norm_dot([grads[n] for n in names], refs)
             parts.append((loss, sq, dots, out))
         loss, sq, dots, out = (torch.cat(p) for p in zip(*parts))

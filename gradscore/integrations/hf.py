@@ -1,0 +1,51 @@
+"""Hugging Face ``transformers`` models as gradscore model factories (extra ``hf``).
+
+Checkpoints name ``gradscore.integrations.hf:from_config`` as their factory with
+``model_kwargs = {"config": {"model_type": "gpt2", "n_layer": 2, ...}, "task": "causal_lm"}``:
+the architecture is rebuilt from the config dict, so checkpoints stay self-describing
+and no weights are ever downloaded. gradscore reads the model's ``.logits``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..exceptions import CheckpointError
+
+#: task -> the transformers auto class that builds it
+TASKS = {"causal_lm": "AutoModelForCausalLM",
+         "sequence_classification": "AutoModelForSequenceClassification",
+         "masked_lm": "AutoModelForMaskedLM"}
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:
+        raise CheckpointError("this model needs Hugging Face transformers: "
+                              "pip install 'gradscore[hf]'") from e
+    return transformers
+
+
+def from_config(config: dict[str, Any], task: str = "causal_lm",
+                attn_implementation: str | None = None) -> nn.Module:
+    """A randomly initialized transformers model from a config dict, in eval mode.
+
+    config: ``{"model_type": "gpt2" | "bert" | …, **config fields}``; task: one of
+    ``causal_lm``, ``sequence_classification``, ``masked_lm``; attn_implementation:
+    e.g. "eager" or "sdpa" (default: the library's choice).
+    """
+    tf = _transformers()
+    cfg = dict(config)
+    model_type = cfg.pop("model_type", None)
+    if model_type is None:
+        raise CheckpointError(f"model_kwargs 'config' needs a 'model_type' (e.g. 'gpt2'), got {sorted(config)}")
+    if task not in TASKS:
+        raise CheckpointError(f"unknown task '{task}'; choose from {', '.join(TASKS)}")
+    try:
+        hf_config = tf.AutoConfig.for_model(model_type, **cfg)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"transformers cannot build a '{model_type}' config: {e}") from e
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    return getattr(tf, TASKS[task]).from_config(hf_config, **kwargs).eval()

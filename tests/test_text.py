@@ -1,0 +1,247 @@
+"""Text: token sequences, causal-LM and sequence-classification losses, Hugging Face
+models built from config (no download), tied embeddings. Ghost against the loop, float64."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import gradscore as gs
+from gradscore.losses import causal_lm
+
+pytest.importorskip("transformers")  # in the test extra; absent only in a bare install
+from gradscore.integrations.hf import from_config  # noqa: E402
+
+GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 16, "n_head": 2, "vocab_size": 31,
+        "n_positions": 16, "bos_token_id": 0, "eos_token_id": 0}
+BERT = {"model_type": "bert", "vocab_size": 29, "hidden_size": 16, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "intermediate_size": 24, "max_position_embeddings": 16,
+        "num_labels": 3}
+
+
+def _batch(vocab, B=5, T=9, seed=0):
+    """Token ids with a repeated token, two padded examples, one ignored label."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (B, T), generator=g)
+    ids[:, 5] = ids[:, 2]
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 6:] = 0
+    mask[3, 4:] = 0
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    labels[0, 3] = -100
+    return {"input_ids": ids, "attention_mask": mask}, labels
+
+
+def _check(model, loss, x, y, K):
+    model = model.double().eval()
+    ref = gs.Scorer(model, loss, engine="loop")
+    V = torch.randn(K, ref.num_params, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(2)) if K else None
+    want = ref.score_batch(x, y, refs=V)
+    scorer = gs.Scorer(model, loss, engine="ghost")
+    got = scorer.score_batch(x, y, refs=V)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-6, atol=1e-12)
+    if K:
+        torch.testing.assert_close(got.dots, want.dots, rtol=1e-6, atol=1e-9)
+    return scorer
+
+
+@pytest.mark.parametrize("K", [0, 2])
+def test_gpt2_ghost_equals_loop_with_padding_ignored_labels_and_tied_embeddings(K):
+    torch.manual_seed(0)
+    model = from_config(GPT2)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    x, y = _batch(31)
+    scorer = _check(model, "causal_lm", x, y, K)
+    why = scorer.explain()
+    assert all(v.startswith("ghost") for v in why.values()), why   # SDPA needs no rule, nothing falls back
+    assert "tied, exact cross term" in why["transformer.wte.weight"]
+    assert why["transformer.h.0.attn.c_attn.weight"].startswith("ghost (hf_conv1d rule")
+    assert gs.Scorer(model, "causal_lm").engine_name == "ghost"
+
+
+def test_gpt2_cross_term_matters():
+    """Without the tied cross term GPT-2's norms are wrong: the check above can fail."""
+    from gradscore.engines import ghost
+    torch.manual_seed(0)
+    model = from_config(GPT2).double()
+    x, y = _batch(31)
+    full = gs.Scorer(model, "causal_lm", engine="ghost").score_batch(x, y).sq_norm
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ghost._Pass, "add_cross_terms", lambda self: None)
+        dropped = gs.Scorer(model, "causal_lm", engine="ghost").score_batch(x, y).sq_norm
+    assert (full - dropped).abs().min() > 1e-6 * full.abs().max()
+
+
+@pytest.mark.parametrize("K", [0, 2])
+def test_bert_sequence_classifier_ghost_equals_loop(K):
+    torch.manual_seed(0)
+    model = from_config(BERT, task="sequence_classification")
+    x, _ = _batch(29)
+    y = torch.tensor([0, 2, 1, 1, 0])
+    scorer = _check(model, "cross_entropy", x, y, K)
+    assert all(v.startswith("ghost") for v in scorer.explain().values())
+
+
+def test_mean_and_sum_reductions():
+    torch.manual_seed(0)
+    model = from_config(GPT2).double().eval()
+    x, y = _batch(31)
+    n_tok = (y[:, 1:] != -100).sum(1).double()
+    mean = gs.Scorer(model, causal_lm("mean"), engine="ghost").score_batch(x, y)
+    total = gs.Scorer(model, causal_lm("sum"), engine="ghost").score_batch(x, y)
+    torch.testing.assert_close(total.loss, mean.loss * n_tok)
+    torch.testing.assert_close(total.sq_norm, mean.sq_norm * n_tok ** 2)
+
+
+@pytest.mark.parametrize("engine", ["ghost", "loop"])
+def test_all_ignored_example_has_zero_loss_and_gradient(engine):
+    torch.manual_seed(0)
+    model = from_config(GPT2).double().eval()
+    x, y = _batch(31)
+    y[2] = -100
+    out = gs.Scorer(model, "causal_lm", engine=engine).score_batch(x, y, refs=torch.ones(1, sum(
+        p.numel() for p in model.parameters()), dtype=torch.float64))
+    assert torch.isfinite(out.sq_norm).all() and torch.isfinite(out.dots).all()
+    assert out.loss[2] == 0 and out.sq_norm[2] == 0 and out.dots[2, 0] == 0
+    assert (out.sq_norm[[0, 1, 3, 4]] > 0).all()
+
+
+def test_vmap_refusal_is_one_clear_error():
+    """Data-dependent control flow (as in attention-mask code) cannot be vmapped."""
+    from torch import nn
+
+    class MaskCheck(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x) if bool((x > -10).all()) else self.lin(-x)
+
+    with pytest.raises(gs.GradscoreError, match="engine='ghost' or 'loop'"):
+        gs.Scorer(MaskCheck().eval(), engine="vmap").score_batch(torch.randn(3, 4), torch.tensor([0, 1, 2]))
+
+
+def test_shared_row_used_otherwise_falls_back():
+    """A batch-broadcast output that is not simply added to batch rows goes to vmap."""
+    from torch import nn
+
+    class PosSelect(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos, self.head = nn.Embedding(7, 4), nn.Embedding(5, 4), nn.Linear(4, 3)
+
+        def forward(self, ids):
+            p = self.pos(torch.arange(ids.shape[1]).unsqueeze(0))   # (1, T, 4)
+            return self.head(self.tok(ids) * p).mean(1)              # multiplied, not added
+
+    torch.manual_seed(0)
+    model = PosSelect().double().eval()
+    ids = torch.randint(0, 7, (4, 5))
+    y = torch.tensor([0, 1, 2, 1])
+    want = gs.Scorer(model, engine="loop").score_batch(ids, y)
+    scorer = gs.Scorer(model, engine="ghost")
+    got = scorer.score_batch(ids, y)
+    torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-6, atol=1e-12)
+    assert scorer.explain()["pos.weight"].startswith("vmap") and "MulBackward0" in scorer.explain()["pos.weight"]
+    assert scorer.explain()["tok.weight"].startswith("ghost")
+
+
+def test_tied_checkpoint_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    model = from_config(GPT2)
+    kwargs = {"config": GPT2, "task": "causal_lm"}
+    with gs.CheckpointWriter(tmp_path, model_factory="gradscore.integrations.hf:from_config",
+                             model_kwargs=kwargs, loss="causal_lm") as w:
+        w.save(model, step=0, lr=0.1)
+    import h5py
+    with h5py.File(tmp_path / "step_00000000.h5") as f:
+        assert "lm_head.weight" not in f["buffers"] and "transformer.wte.weight" in f["params"]
+    back = gs.CheckpointStore(tmp_path).build_model(0)
+    assert back.lm_head.weight is back.transformer.wte.weight
+    torch.testing.assert_close(back.transformer.wte.weight, model.transformer.wte.weight)
+
+
+def test_text_dataset_run_end_to_end(tmp_path):
+    """`gradscore run` on an .h5 of input_ids/attention_mask with GPT-2 checkpoints:
+    ghost equals the loop, LM labels default to the ids with padding ignored."""
+    from gradscore.cli import main
+    torch.manual_seed(0)
+    model = from_config(GPT2)
+    with gs.CheckpointWriter(tmp_path / "ck", model_factory="gradscore.integrations.hf:from_config",
+                             model_kwargs={"config": GPT2}, loss="causal_lm") as w:
+        w.save(model, step=0, lr=0.1)
+        with torch.no_grad():
+            model.transformer.wte.weight.mul_(1.1)
+        w.save(model, step=1, lr=0.1)
+    x, y = _batch(31, B=7)
+    gs.save_dataset(tmp_path / "text.h5", {k: v.numpy() for k, v in x.items()}, None)
+    runs = {}
+    for engine in ("ghost", "loop"):
+        assert main(["run", "--checkpoints", str(tmp_path / "ck"), "--data", str(tmp_path / "text.h5"),
+                     "--out", str(tmp_path / f"{engine}.h5"), "--scores", "loss,grand", "--engine", engine,
+                     "--dtype", "float64", "--batch-size", "3", "--quiet"]) == 0
+        runs[engine] = gs.load_scores(tmp_path / f"{engine}.h5")
+    for k in ("loss", "grand"):
+        np_close = torch.testing.assert_close
+        np_close(torch.from_numpy(runs["ghost"]["scores"][k]), torch.from_numpy(runs["loop"]["scores"][k]),
+                 rtol=1e-6, atol=1e-12)
+    labels = y.clone()
+    labels[0, 3] = x["input_ids"][0, 3]   # the file has no labels: only padding is ignored
+    want = gs.Scorer(gs.CheckpointStore(tmp_path / "ck").build_model(0, dtype=torch.float64), "causal_lm",
+                     engine="loop").score_batch(x, labels).loss
+    torch.testing.assert_close(torch.from_numpy(runs["loop"]["per_checkpoint"]["loss"][0]), want)
+    # --lm-reduction sum: long documents weigh more
+    assert main(["run", "--checkpoints", str(tmp_path / "ck"), "--data", str(tmp_path / "text.h5"),
+                 "--out", str(tmp_path / "sum.h5"), "--scores", "loss", "--lm-reduction", "sum",
+                 "--dtype", "float64", "--quiet"]) == 0
+    n_tok = (labels[:, 1:] != -100).sum(1).double()
+    torch.testing.assert_close(torch.from_numpy(gs.load_scores(tmp_path / "sum.h5")["per_checkpoint"]["loss"][0]),
+                               want * n_tok)
+
+
+def test_class_scores_refused_for_lm_and_bad_token_ids(tmp_path, capsys):
+    from gradscore.cli import main
+    model = from_config(GPT2)
+    with gs.CheckpointWriter(tmp_path / "ck", model_factory="gradscore.integrations.hf:from_config",
+                             model_kwargs={"config": GPT2}, loss="causal_lm") as w:
+        w.save(model, step=0, lr=0.1)
+    x, y = _batch(31)
+    gs.save_dataset(tmp_path / "text.h5", {k: v.numpy() for k, v in x.items()}, None)
+    args = ["run", "--checkpoints", str(tmp_path / "ck"), "--data", str(tmp_path / "text.h5"), "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "a.h5"), "--scores", "el2n,loss"]) == 2
+    assert "el2n need class probabilities" in capsys.readouterr().err
+    y[2, 4] = 40   # beyond the vocabulary of 31
+    gs.save_dataset(tmp_path / "bad.h5", {k: v.numpy() for k, v in x.items()}, y.numpy())
+    args[args.index(str(tmp_path / "text.h5"))] = str(tmp_path / "bad.h5")
+    assert main(args + ["--out", str(tmp_path / "b.h5"), "--scores", "loss"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.h5: field 'labels' has label 40 at index 2" in err and err.count("\n") == 1
+
+
+def test_lm_demo_fast_mode(tmp_path):
+    from gradscore.demo_lm import run_lm_demo
+    lines = []
+    summary = run_lm_demo(tmp_path / "lm", n_docs=48, n_target=16, seq_len=24, warmup_epochs=1, steps=2,
+                          progress=False, echo=lines.append)
+    res = gs.load_scores(tmp_path / "lm" / "scores.h5")
+    assert res["noisy"].sum() == summary["n_noisy"] == 10
+    for k in ("loss", "grand", "target_dot", "target_cos", "pds"):
+        assert res["scores"][k].shape == (48,) and np.isfinite(res["scores"][k]).all()
+    assert set(summary["auroc"]) == {"all", "shuffled", "random"}
+    assert any("norm inflation" in ln for ln in lines)
+    assert (tmp_path / "lm" / "diagnosis" / "diagnosis.json").exists()
+
+
+def test_demo_lm_without_transformers_is_one_line(monkeypatch, capsys, tmp_path):
+    from gradscore.cli import main
+    from gradscore.integrations import hf
+
+    def missing():
+        raise gs.CheckpointError("this model needs Hugging Face transformers: pip install 'gradscore[hf]'")
+    monkeypatch.setattr(hf, "_transformers", missing)
+    assert main(["demo", "--lm", "--out", str(tmp_path / "d"), "--docs", "20", "--quiet"]) == 2
+    assert "pip install 'gradscore[hf]'" in capsys.readouterr().err
