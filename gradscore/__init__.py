@@ -15,7 +15,7 @@ from .data import Dataset, load_dataset, save_dataset  # noqa: E402
 from .engines import Engine, ScoreBatch  # noqa: E402
 from .exceptions import (CheckpointError, ConfigError, ConfigMismatchError, DataError,  # noqa: E402
                          EngineError, GradscoreError)
-from .losses import Loss, resolve_loss  # noqa: E402
+from .losses import Loss, causal_lm, resolve_loss  # noqa: E402
 from .scorer import Scorer  # noqa: E402
 from .store import load_scores  # noqa: E402
 from .api import run, score  # noqa: E402
@@ -25,7 +25,7 @@ from .select import select  # noqa: E402
 __all__ = [
     "__version__", "Scorer", "ScoreBatch", "Engine", "score", "run", "RunConfig",
     "CheckpointWriter", "CheckpointStore", "CheckpointInfo", "Dataset", "load_dataset",
-    "save_dataset", "load_scores", "Loss", "resolve_loss", "GradscoreError", "ConfigError",
+    "save_dataset", "load_scores", "Loss", "causal_lm", "resolve_loss", "GradscoreError", "ConfigError",
     "CheckpointError", "DataError", "EngineError", "ConfigMismatchError",
     "CostateConfig", "CostateFile", "compute_costate", "select",
 ]

@@ -1,7 +1,8 @@
 """Per-example gradient engines against one plain batched forward+backward, side by side.
 
 For each model (an MLP 784-1024-1024-10, the demo CNN, a 2-layer d=128 transformer on
-T=64 tokens) and batch size, every method is timed (best of ``repeats`` after a warm-up,
+T=64 tokens, and with ``transformers`` installed the LM demo's GPT-2 (2 layers, d=64,
+causal LM loss) at T=128, batch 32) and batch size, every method is timed (best of ``repeats`` after a warm-up,
 more for calls shorter than 0.1 s)
 and its peak memory measured in the same process:
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import gc
+import importlib.util
 import os
 import platform
 import re
@@ -30,26 +32,45 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch import nn
 
+from .batch import Inputs, call_model, take
+from .losses import resolve_loss
 from .models import digits_cnn, mlp, tiny_transformer
 from .scorer import Scorer
 
 K_REFS = 2
 
 
-def model_cases(device: str) -> dict[str, tuple[Callable[[], nn.Module], Callable[[int], torch.Tensor]]]:
-    """name -> (model factory, batch of inputs of size B)."""
-    return {
-        "mlp_784_1024_1024": (lambda: mlp(d_in=784, hidden=1024, n_classes=10, depth=2),
-                              lambda B: torch.randn(B, 784, device=device)),
-        "digits_cnn": (lambda: digits_cnn(), lambda B: torch.rand(B, 1, 8, 8, device=device)),
-        "transformer_d128_T64": (lambda: tiny_transformer(vocab=1000, d=128, heads=4, layers=2, n_classes=10),
-                                 lambda B: torch.randint(0, 1000, (B, 64), device=device)),
+class Case(NamedTuple):
+    """A benchmark model: factory, inputs of batch size B, its loss, fixed batch sizes."""
+
+    factory: Callable[[], nn.Module]
+    make_x: Callable[[int], Inputs]
+    loss: str = "cross_entropy"
+    batches: tuple[int, ...] | None = None   # None: the --batches given
+
+
+def model_cases(device: str) -> dict[str, Case]:
+    """name -> :class:`Case`. The GPT-2 case (T = 128, batch 32) needs ``transformers``."""
+    cases = {
+        "mlp_784_1024_1024": Case(lambda: mlp(d_in=784, hidden=1024, n_classes=10, depth=2),
+                                  lambda B: torch.randn(B, 784, device=device)),
+        "digits_cnn": Case(lambda: digits_cnn(), lambda B: torch.rand(B, 1, 8, 8, device=device)),
+        "transformer_d128_T64": Case(lambda: tiny_transformer(vocab=1000, d=128, heads=4, layers=2, n_classes=10),
+                                     lambda B: torch.randint(0, 1000, (B, 64), device=device)),
     }
+    if importlib.util.find_spec("transformers") is not None:
+        from .demo_lm import MODEL_KWARGS, VOCAB, gpt2_config
+        from .integrations.hf import from_config
+        cases["gpt2_d64_T128"] = Case(lambda: from_config(gpt2_config(128), **MODEL_KWARGS),
+                                      lambda B: {"input_ids": torch.randint(0, VOCAB - 1, (B, 128), device=device),
+                                                 "attention_mask": torch.ones(B, 128, dtype=torch.long, device=device)},
+                                      loss="causal_lm", batches=(32,))
+    return cases
 
 
 class _Memory:
@@ -93,10 +114,13 @@ class _Memory:
         out["peak_bytes"] = max(0, self._status("VmHWM") - base)
 
 
-def _methods(model: nn.Module, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor) -> dict[str, Callable[[], object]]:
+def _methods(model: nn.Module, x: Inputs, y: torch.Tensor, V: torch.Tensor, loss: str
+             ) -> dict[str, Callable[[], object]]:
+    loss_fn = resolve_loss(loss).fn
+
     def plain():
         model.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+        loss_fn(call_model(model, x), y).sum().backward()
 
     def with_kernels(name: str, fn: Callable[[], object]) -> Callable[[], object]:
         def run():
@@ -111,7 +135,7 @@ def _methods(model: nn.Module, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor
                     os.environ["GRADSCORE_KERNELS"] = old
         return run
 
-    loop, vm, gh = (Scorer(model, engine=e) for e in ("loop", "vmap", "ghost"))
+    loop, vm, gh = (Scorer(model, loss, engine=e) for e in ("loop", "vmap", "ghost"))
     methods = {
         "plain": plain,
         "loop": lambda: loop.score_batch(x, y, refs=V),
@@ -120,7 +144,8 @@ def _methods(model: nn.Module, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor
         "ghost_k0": lambda: gh.score_batch(x, y),
         "ghost_k2": lambda: gh.score_batch(x, y, refs=V),
     }
-    methods.update(_peers(model, x, y, V))
+    if isinstance(x, torch.Tensor) and loss == "cross_entropy":  # the peers' own loss and call
+        methods.update(_peers(model, x, y, V))
     return methods
 
 
@@ -187,20 +212,23 @@ def run_bench(batches: tuple[int, ...] = (64, 256), repeats: int = 3, device: st
     cases = model_cases(device)
     results = []
     for name in models or tuple(cases):
-        factory, make_x = cases[name]
+        case = cases[name]
         torch.manual_seed(0)
-        model = factory().to(device).eval()
+        model = case.factory().to(device).eval()
         P = sum(p.numel() for p in model.parameters())
-        for B in batches:
-            x = make_x(B)
-            with torch.no_grad():
-                n_out = model(x[:1]).shape[-1]
-            y = torch.randint(0, n_out, (B,), device=device)
+        for B in case.batches or batches:
+            x = case.make_x(B)
+            if case.loss == "causal_lm":
+                y = x["input_ids"]
+            else:
+                with torch.no_grad():
+                    n_out = call_model(model, take(x, 0)).shape[-1]
+                y = torch.randint(0, n_out, (B,), device=device)
             V = torch.randn(K_REFS, P, device=device)
             base = None
             echo(f"\n{name} (P={P:,}), batch {B}:")
             echo(f"  {'method':<12} {'time':>9} {'x plain':>8} {'floor':>6} {'peak mem':>10} {'x plain':>8}")
-            for method, fn in _methods(model, x, y, V).items():
+            for method, fn in _methods(model, x, y, V, case.loss).items():
                 try:
                     fn()
                     sync()

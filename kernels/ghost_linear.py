@@ -18,7 +18,8 @@ import torch
 
 from .norm_dot import acc_dtype, norm_dot
 
-#: memory budget of one materialized (b, d_out, d_in) block in the outer form
+#: memory budget of one materialized (b, d_out, d_in) block in the outer form, and of the
+#: two (b, T, T) Gram matrices in the gram form: long sequences go through in sub-batches
 OUTER_BYTES = 256 * 2**20
 
 
@@ -54,9 +55,14 @@ def _outer(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor | None) -> tuple[to
 
 
 def _gram_sq(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    B, T, _ = a.shape
     acc = acc_dtype(a.dtype)
-    a, d = a.to(acc), d.to(acc)
-    return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(d, d.transpose(1, 2))).sum((1, 2))
+    step = max(1, OUTER_BYTES // (2 * T * T * torch.finfo(acc).bits // 8))
+    parts = []
+    for i in range(0, B, step):
+        ai, di = a[i:i + step].to(acc), d[i:i + step].to(acc)
+        parts.append((torch.bmm(ai, ai.transpose(1, 2)) * torch.bmm(di, di.transpose(1, 2))).sum((1, 2)))
+    return torch.cat(parts)
 
 
 def _project_dots(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor) -> torch.Tensor:

@@ -179,3 +179,17 @@ def test_numba_property_random_shapes(B, P, K, seed):
     if K:
         scale = G.double().norm(dim=1, keepdim=True) * V.double().norm(dim=1)[None]
         assert ((dots.double() - dots_ref).abs() <= 2e-6 * scale).all()
+
+
+@pytest.mark.parametrize("form", ["gram", "outer"])
+def test_ghost_linear_sub_batches_within_the_memory_budget(monkeypatch, form):
+    """A budget smaller than one example's block: one example at a time, same numbers."""
+    import gradscore.kernels.ghost_linear as gl
+    g = torch.Generator().manual_seed(3)
+    a, d = torch.randn(5, 17, 6, generator=g, dtype=torch.float64), torch.randn(5, 17, 4, generator=g, dtype=torch.float64)
+    V = torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
+    whole = ghost_linear(a, d, V, form=form, backend="torch")
+    monkeypatch.setattr(gl, "OUTER_BYTES", 8)
+    pieces = ghost_linear(a, d, V, form=form, backend="torch")
+    torch.testing.assert_close(pieces[0], whole[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(pieces[1], whole[1], rtol=1e-12, atol=0)

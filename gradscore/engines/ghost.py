@@ -11,7 +11,15 @@ downstream (``ReLU(inplace=True)``) still receives the gradient of the value it 
 registered on, so in-place activations are safe. The backward is ``torch.autograd.grad(Σ ℓ, [z, …])``:
 it needs every δ but no parameter gradient, and returns only scalars, so peak memory
 stays near one plain forward+backward. The shares of the layers add up, since layers
-own disjoint parameters.
+own disjoint parameters, except for tied weights (one tensor owned by several modules,
+e.g. GPT-2's embedding and LM head): each owner's rule gives its use's share, and the
+cross terms 2⟨g_i, g_j⟩ are added from the rules' factors at the end of the batch.
+
+A layer called with a first dimension of 1 while the batch has B > 1 rows (Hugging
+Face's position embeddings look up ids of shape (1, T) once for the batch) has its
+input and output expanded to B rows, so that row b of δ is example b's; this is exact
+when the output is only added to batch rows, which the engine checks in the autograd
+graph after the forward, sending the layer to vmap otherwise.
 
 Parameters whose module has no applicable rule, whose module is never called (its
 weights used functionally by another module), or whose module is called on tensors
