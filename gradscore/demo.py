@@ -121,7 +121,7 @@ def run_demo(out: str | Path = "gradscore_demo", *, epochs: int = 15, n_train: i
     sc = res["scores"]
     found = regions(sc["confidence"], sc["variability"], 0.33)
     summary["flipped_in_region"] = {r: int(noisy[idx].sum()) for r, idx in found.items()}
-    echo(f"\ndata map regions (33% of the data each), flipped labels in each: "
+    echo("\ndata map regions (33% of the data each), flipped labels in each: "
          + ", ".join(f"{r} {n}/{int(noisy.sum())}" for r, n in summary["flipped_in_region"].items()))
     data_map(sc["confidence"], sc["variability"], sc["correctness"], out / "datamap.png", noisy=noisy,
              title="digits, 20% flipped labels (outlined)")
@@ -200,22 +200,34 @@ def run_pds_demo(out: str | Path = "gradscore_demo_pds", *, steps: int = 30, eng
                  f"  {s['pds'][i]:>+9.4f}  {s['grand'][i]:>7.2f}  {s['target_cos'][i]:>+6.3f}")
     table(order[:10], "10 most helpful by PDS")
     table(order[::-1][:10], "10 most harmful by PDS")
-    top_abs = np.argsort(-np.abs(s["pds"]), kind="stable")[:50]
     summary = {
         "auroc_neg_pds": float(roc_auc_score(noisy, -s["pds"])),
         "auroc_neg_target_cos": float(roc_auc_score(noisy, -s["target_cos"])),
         "auroc_grand": float(roc_auc_score(noisy, s["grand"])),
-        "flipped_in_top50_abs_pds": int(noisy[top_abs].sum()),
-        "grad_norm_ratio_flipped_over_clean": float(s["grand"][noisy].mean() / s["grand"][~noisy].mean()),
-        "cos_abs_flipped": float(np.abs(s["target_cos"][noisy]).mean()),
-        "cos_abs_clean": float(np.abs(s["target_cos"][~noisy]).mean()),
+        **norm_trap(s, noisy, "pds"),
     }
-    echo(f"\nthe trap: {summary['flipped_in_top50_abs_pds']}/50 of the largest |PDS| are flipped "
-         f"({noisy.mean():.0%} of the data); flipped examples have {summary['grad_norm_ratio_flipped_over_clean']:.1f}x "
+    echo(f"\nthe trap: {summary['noisy_in_top50_abs_pds']}/50 of the largest |PDS| are flipped "
+         f"({noisy.mean():.0%} of the data); flipped examples have {summary['grad_norm_ratio_noisy_over_clean']:.1f}x "
          f"the gradient norm of clean ones, while their mean |cos| with ∇J is "
-         f"{summary['cos_abs_flipped']:.3f} vs {summary['cos_abs_clean']:.3f} for clean ones.")
+         f"{summary['cos_abs_noisy']:.3f} vs {summary['cos_abs_clean']:.3f} for clean ones.")
     echo(f"AUROC for finding flipped labels: -pds {summary['auroc_neg_pds']:.3f}, "
          f"-target_cos {summary['auroc_neg_target_cos']:.3f}, grand {summary['auroc_grand']:.3f}")
+    return diagnose_and_finish(summary, path, proxy, out, t0, echo)
+
+
+def norm_trap(s: dict[str, np.ndarray], noisy: np.ndarray, score: str) -> dict[str, Any]:
+    """The norm trap of a dot-product ``score``: noisy examples among its 50 largest |values|,
+    their mean GraNd over the clean ones', and the mean |target_cos| of both groups."""
+    top = np.argsort(-np.abs(s[score]), kind="stable")[:50]
+    return {f"noisy_in_top50_abs_{score}": int(noisy[top].sum()),
+            "grad_norm_ratio_noisy_over_clean": float(s["grand"][noisy].mean() / s["grand"][~noisy].mean()),
+            "cos_abs_noisy": float(np.abs(s["target_cos"][noisy]).mean()),
+            "cos_abs_clean": float(np.abs(s["target_cos"][~noisy]).mean())}
+
+
+def diagnose_and_finish(summary: dict[str, Any], path: Path, proxy: Path, out: Path, t0: float,
+                        echo: Any) -> dict[str, Any]:
+    """Print ``gradscore diagnose`` of the demo's scores, add it and the total time to ``summary``."""
     echo("\ndiagnosis of this run:")
     summary["diagnosis"] = diagnose(path, data=str(proxy), out=out / "diagnosis", echo=echo)
     summary["seconds"] = time.perf_counter() - t0

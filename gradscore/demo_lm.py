@@ -25,7 +25,7 @@ import torch
 from .api import score
 from .checkpoints import CheckpointWriter
 from .data import save_dataset
-from .diagnose import diagnose
+from .demo import diagnose_and_finish, norm_trap
 from .exceptions import DataError
 from .losses import causal_lm
 from .store import load_scores
@@ -181,23 +181,14 @@ def run_lm_demo(out: str | Path = "gradscore_demo_lm", *, n_docs: int = 800, n_t
     echo(f"  {'score':<12}" + "".join(f"{k:>10}" for k in kinds))
     for k in signed:
         echo(f"  {k:<12}" + "".join(f"{summary['auroc'][c][k]:>10.3f}" for c in kinds))
-    top = np.argsort(-np.abs(s["target_dot"]), kind="stable")[:50]
     clean_norm = s["grand"][~noisy].mean()
-    summary.update({
-        "grad_norm_ratio_noisy_over_clean": float(s["grand"][noisy].mean() / clean_norm),
-        "grad_norm_ratio_by_kind": {k: float(s["grand"][kinds[k]].mean() / clean_norm) for k in ("shuffled", "random")},
-        "cos_abs_noisy": float(np.abs(s["target_cos"][noisy]).mean()),
-        "cos_abs_clean": float(np.abs(s["target_cos"][~noisy]).mean()),
-        "noisy_in_top50_abs_target_dot": int(noisy[top].sum()),
-    })
+    summary.update(norm_trap(s, noisy, "target_dot"))
+    summary["grad_norm_ratio_by_kind"] = {k: float(s["grand"][kinds[k]].mean() / clean_norm)
+                                          for k in ("shuffled", "random")}
     by_kind = summary["grad_norm_ratio_by_kind"]
     echo(f"\nnorm inflation: corrupted documents have {summary['grad_norm_ratio_noisy_over_clean']:.2f}x the "
          f"gradient norm of clean ones (shuffled {by_kind['shuffled']:.2f}x, random bytes "
          f"{by_kind['random']:.2f}x); {summary['noisy_in_top50_abs_target_dot']}/50 of the largest "
          f"|target_dot| are corrupted ({noise:.0%} of the data), while their mean |cos| with ∇J is "
          f"{summary['cos_abs_noisy']:.3f} vs {summary['cos_abs_clean']:.3f} for clean ones.")
-    echo("\ndiagnosis of this run:")
-    summary["diagnosis"] = diagnose(path, data=str(proxy), out=out / "diagnosis", echo=echo)
-    summary["seconds"] = time.perf_counter() - t0
-    echo(f"total {summary['seconds']:.1f}s")
-    return summary
+    return diagnose_and_finish(summary, path, proxy, out, t0, echo)

@@ -59,7 +59,7 @@ def _describe_scores(path: Path) -> str:
         cfg = json.loads(f.attrs["config"])
         lines = [f"scores file {path} (gradscore {f.attrs.get('gradscore_version', '?')})",
                  f"  checkpoints {cfg['checkpoints']}, data {cfg['data']}, engine {cfg['engine']}",
-                 f"  per_checkpoint: " + ", ".join(f"{k} {f['per_checkpoint'][k].shape}"
+                 "  per_checkpoint: " + ", ".join(f"{k} {f['per_checkpoint'][k].shape}"
                                                    for k in f["per_checkpoint"])]
         for k in f["scores"]:
             s = f["scores"][k][()]

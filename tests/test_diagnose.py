@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 
-import h5py
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score

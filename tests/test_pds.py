@@ -177,4 +177,4 @@ def test_pds_demo_small(tmp_path, capsys):
     assert "10 most helpful by PDS" in text and "10 most harmful by PDS" in text and "the trap" in text
     assert (tmp_path / "d" / "ckpts" / "costate.h5").exists()
     assert len(list((tmp_path / "d" / "ckpts").glob("step_*.h5"))) == 3
-    assert 0 <= summary["flipped_in_top50_abs_pds"] <= 50
+    assert 0 <= summary["noisy_in_top50_abs_pds"] <= 50
