@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ from .checkpoints import CheckpointStore
 from .batch import Inputs, batch_len, take
 from .config import CLASS_SCORES, RunConfig, resolve_device
 from .data import Dataset, check_targets, load_dataset, probe_model
+from .distributed import Ranks, process_group
 from .exceptions import ConfigError
 from .costate import CostateConfig, CostateFile, compute_costate
 from .losses import resolve_loss
@@ -59,12 +61,18 @@ def score_chunk(scorer: Scorer, x: Inputs, y: torch.Tensor, *, batch_size: int,
 
 
 def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
-        progress: bool = True) -> Path:
+        progress: bool = True, distributed: bool = False) -> Path:
     """Score every example at every checkpoint per ``config``; write ``out`` (HDF5).
 
     Resumable: rerunning after an interruption continues where it stopped. Returns
-    the path of the finished scores file.
+    the path of the finished scores file. Under torchrun the work is split by rank (see
+    :mod:`gradscore.distributed`); ``distributed=True`` refuses to run without torchrun.
     """
+    with process_group(resolve_device(config.device), required=distributed) as ranks:
+        return _run(config, Path(out), overwrite, progress, ranks)
+
+
+def _run(config: RunConfig, out: Path, overwrite: bool, progress: bool, ranks: Ranks) -> Path:
     ckpts = CheckpointStore(config.checkpoints)
     if resolve_loss(ckpts.loss).output == "tokens" and CLASS_SCORES & set(config.scores):
         raise ConfigError(f"invalid value for 'scores': {', '.join(sorted(CLASS_SCORES & set(config.scores)))} "
@@ -78,16 +86,29 @@ def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
     fingerprint = {"config": config.to_dict(), "checkpoints_sha256": ckpts.checksums(),
                    "data": ds.fingerprint()}
     costate = None
-    if config.needs_target:
-        costate = CostateFile(compute_costate(CostateConfig(
-            checkpoints=config.checkpoints, proxy=config.data, target=config.target,
-            batch_size=config.batch_size, dtype=config.dtype, device=config.device,
-            lr_scale_steps=config.lr_scale_steps, lm_reduction=config.lm_reduction), config.costate, progress=progress))
+    if config.needs_target:  # computed once, by rank 0; the other ranks read the file
+        path = Path(config.costate) if config.costate else Path(config.checkpoints) / "costate.h5"
+        if ranks.main:
+            compute_costate(CostateConfig(
+                checkpoints=config.checkpoints, proxy=config.data, target=config.target,
+                batch_size=config.batch_size, dtype=config.dtype, device=config.device,
+                lr_scale_steps=config.lr_scale_steps, lm_reduction=config.lm_reduction), path, progress=progress)
+        ranks.barrier()
+        costate = CostateFile(path)
         fingerprint["costate"] = json.loads(costate.fingerprint)
-    store = HDF5ScoreStore(out, fingerprint, n=n, T=T, chunk_size=config.chunk_size,
-                           overwrite=overwrite)
+    store = None
+    for turn in ("main", "others"):  # rank 0 sets up (or discards) the journal first
+        if ranks.main == (turn == "main"):
+            store = HDF5ScoreStore(out, fingerprint, n=n, T=T, chunk_size=config.chunk_size,
+                                   overwrite=overwrite and ranks.main)
+        ranks.barrier()
     if not store.complete:
-        _fill(store, ckpts, ds, config, device, dtype, progress, costate)
+        _fill(store, ckpts, ds, config, device, dtype, progress and ranks.main, costate,
+              ranks.share(store.n_chunks))
+    ranks.barrier()
+    if not ranks.main:
+        ranks.barrier()  # rank 0 joins the chunks meanwhile
+        return store.out
     noisy = ds.noisy()
     extras: dict[str, Any] = {"checkpoints": {
         "step": np.array([i.step for i in ckpts], dtype=np.int64),
@@ -122,9 +143,11 @@ def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
                 out.update({f"{name}_{k}": v[k] for k in config.variants})
         return out
 
-    return store.finalize(ids=ds.ids(), extras=extras, aggregate=aggregate, whole=whole, attrs={
+    path = store.finalize(ids=ds.ids(), extras=extras, aggregate=aggregate, whole=whole, attrs={
         "config": config.to_dict(), "gradscore_version": __version__, "loss": ckpts.loss,
         "checkpoints_sha256": fingerprint["checkpoints_sha256"]})
+    ranks.barrier()
+    return path
 
 
 def _refs(costate: CostateFile | None, t: int, T: int) -> list[dict[str, torch.Tensor]] | None:
@@ -136,11 +159,25 @@ def _refs(costate: CostateFile | None, t: int, T: int) -> list[dict[str, torch.T
     return [g, lam]
 
 
+def _prefetched(ds: Dataset, ranges: list[tuple[int, int]]) -> Iterator[tuple[int, int, Inputs, torch.Tensor]]:
+    """``(a, b, x, y)`` for each range, reading the next range in a thread meanwhile."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(ds.read, *ranges[0]) if ranges else None
+        for i, (a, b) in enumerate(ranges):
+            x, y = pending.result()
+            if i + 1 < len(ranges):
+                pending = pool.submit(ds.read, *ranges[i + 1])
+            yield a, b, x, y
+
+
 def _fill(store: HDF5ScoreStore, ckpts: CheckpointStore, ds: Dataset, config: RunConfig,
-          device: str, dtype: torch.dtype, progress: bool, costate: CostateFile | None) -> None:
-    todo = [[c for c in range(store.n_chunks) if not store.is_done(t, c)] for t in range(len(ckpts))]
+          device: str, dtype: torch.dtype, progress: bool, costate: CostateFile | None,
+          share: range) -> None:
+    """Score the chunks of ``share`` that are not done yet, at every checkpoint."""
+    todo = [[c for c in share if not store.is_done(t, c)] for t in range(len(ckpts))]
+    total = sum(store.chunk_range(c)[1] - store.chunk_range(c)[0] for c in share) * len(ckpts)
     remaining = sum(store.chunk_range(c)[1] - store.chunk_range(c)[0] for cs in todo for c in cs)
-    bar = tqdm(total=len(ds) * len(ckpts), initial=len(ds) * len(ckpts) - remaining,
+    bar = tqdm(total=total, initial=total - remaining,
                desc="scoring", unit="ex", unit_scale=True, disable=None if progress else True,
                dynamic_ncols=True)  # None: shown only on a terminal
     with bar:
@@ -153,9 +190,7 @@ def _fill(store: HDF5ScoreStore, ckpts: CheckpointStore, ds: Dataset, config: Ru
             refs = _refs(costate, t, len(ckpts))
             blocks = scorer.ref_blocks(refs) if refs is not None else None
             n_classes = None
-            for c in chunks:
-                a, b = store.chunk_range(c)
-                x, y = ds.read(a, b)
+            for c, (a, b, x, y) in zip(chunks, _prefetched(ds, [store.chunk_range(c) for c in chunks])):
                 if n_classes is None:
                     n_classes = probe_model(model, ds, x, ckpts[t].path)
                 check_targets(ds, scorer.loss, a, y, n_classes)

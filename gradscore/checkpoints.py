@@ -110,6 +110,33 @@ class CheckpointWriter:
         self.saved.append(path)
         return path
 
+    def every(self, n_steps: int) -> "StepRecorder":
+        """A recorder for a plain training loop that saves θ every ``n_steps`` optimizer steps.
+
+        >>> rec = writer.every(100)                                   # doctest: +SKIP
+        >>> for step, (x, y) in enumerate(loader):                    # doctest: +SKIP
+        ...     rec(model, step=step, lr=opt.param_groups[0]["lr"])   # before opt.step()
+        ...     loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()
+        """
+        if not (isinstance(n_steps, int) and n_steps > 0):
+            raise CheckpointError(f"every: n_steps must be a positive integer, got {n_steps!r}")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return StepRecorder(self, n_steps)
+
+
+@dataclass
+class StepRecorder:
+    """Call it before each optimizer step with the number of steps done so far and the
+    learning rate that step will use; it saves θ_step when ``step % n_steps == 0``."""
+
+    writer: CheckpointWriter
+    n_steps: int
+
+    def __call__(self, model: nn.Module, *, step: int, lr: float, epoch: float = 0.0) -> Path | None:
+        if step % self.n_steps:
+            return None
+        return self.writer.save(model, step=step, lr=lr, epoch=epoch)
+
 
 @dataclass(frozen=True)
 class CheckpointInfo:

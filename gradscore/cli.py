@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -59,6 +60,10 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    "at --clip-quantile), rank (per-checkpoint ranks), resid (log‖g‖ regressed out)")
     p.add_argument("--clip-quantile", type=float, default=0.9)
     _add_lm_reduction(p)
+    p.add_argument("--distributed", action="store_true",
+                   help="require torchrun (`torchrun --nproc-per-node N -m gradscore run ...`): ranks split "
+                   "the chunks, rank 0 computes the co-states and joins the result; under torchrun "
+                   "this is automatic")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an output (or discard an interrupted run) made with other options")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -111,8 +116,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
                        target=args.target, costate=args.costate, lr_scale_steps=args.lr_scale_steps,
                        variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
                        clip_quantile=args.clip_quantile, lm_reduction=args.lm_reduction)
-    path = run(config, args.out, overwrite=args.overwrite, progress=not args.quiet)
-    print(f"scores -> {path}")
+    path = run(config, args.out, overwrite=args.overwrite, progress=not args.quiet,
+               distributed=args.distributed)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"scores -> {path}")
     return 0
 
 

@@ -1,0 +1,93 @@
+"""`gradscore run` under torchrun: 2 gloo ranks on CPU write the same file, bit for bit,
+as one process, and a killed rank resumes."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from gradscore.cli import main
+from conftest import make_run
+
+
+def _datasets(path: Path) -> dict[str, np.ndarray]:
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def _assert_identical(a: Path, b: Path) -> None:
+    da, db = _datasets(a), _datasets(b)
+    assert da.keys() == db.keys()
+    for k in da:
+        assert np.array_equal(da[k], db[k]), k   # bit-identical, not close
+
+
+def _torchrun(args: list[str], nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "gradscore", *args]
+
+
+def _workers(parent: int) -> list[int]:
+    """PIDs of the processes whose parent is ``parent`` (torchrun's ranks)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                    pids.append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return pids
+
+
+def test_two_ranks_equal_one_process_and_a_killed_rank_resumes(tmp_path):
+    ckpts, data = make_run(tmp_path, n=240, n_ckpts=3)
+    common = ["run", "--checkpoints", str(ckpts), "--data", str(data), "--target", str(data),
+              "--scores", "el2n,grand,loss,pds", "--chunk-size", "16", "--batch-size", "8", "--quiet"]
+    assert main(common + ["--out", str(tmp_path / "one.h5"), "--costate", str(tmp_path / "c1.h5")]) == 0
+
+    two = common + ["--out", str(tmp_path / "two.h5"), "--costate", str(tmp_path / "c2.h5")]
+    done = subprocess.run(_torchrun(two), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("scores ->") == 1          # printed by rank 0 only
+    _assert_identical(tmp_path / "one.h5", tmp_path / "two.h5")
+    _assert_identical(tmp_path / "c1.h5", tmp_path / "c2.h5")
+
+    # kill one rank mid-run (loop engine: slow enough), then rerun the same command
+    killed = common + ["--out", str(tmp_path / "killed.h5"), "--costate", str(tmp_path / "c2.h5"),
+                       "--engine", "loop"]
+    ref = common + ["--out", str(tmp_path / "one_loop.h5"), "--costate", str(tmp_path / "c1.h5"),
+                    "--engine", "loop"]
+    assert main(ref) == 0
+    partial = tmp_path / "killed.h5.partial"
+    proc = subprocess.Popen(_torchrun(killed), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and len(list(partial.glob("t*.npz"))) < 4:
+        time.sleep(0.005)
+    ranks = _workers(proc.pid)
+    assert proc.poll() is None and len(ranks) == 2, "the run ended before a rank could be killed"
+    os.kill(ranks[1], signal.SIGKILL)
+    proc.communicate(timeout=300)
+    assert proc.returncode != 0 and not (tmp_path / "killed.h5").exists()
+    n_done = len(list(partial.glob("t*.npz")))
+    assert 4 <= n_done < 3 * 15
+    again = subprocess.run(_torchrun(killed), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    _assert_identical(tmp_path / "one_loop.h5", tmp_path / "killed.h5")
+
+
+def test_distributed_flag_needs_torchrun(tiny_run, tmp_path, capsys, monkeypatch):
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    ckpts, data = tiny_run
+    assert main(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(tmp_path / "s.h5"),
+                 "--distributed", "--quiet"]) == 2
+    assert "torchrun --nproc-per-node N -m gradscore run" in capsys.readouterr().err
