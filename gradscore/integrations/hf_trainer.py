@@ -1,0 +1,54 @@
+"""Hugging Face ``Trainer``: a callback that records gradscore checkpoints while training.
+
+>>> cb = GradscoreCallback.for_model("ckpts/", model, task="causal_lm", every_n_steps=100)  # doctest: +SKIP
+>>> Trainer(model=model, args=args, train_dataset=ds, callbacks=[cb]).train()              # doctest: +SKIP
+
+θ_step is saved at the beginning of optimizer step ``state.global_step`` with the
+learning rate that step uses (the scheduler steps after the optimizer), every
+``every_n_steps`` steps, and once more at the end. :meth:`GradscoreCallback.for_model`
+stores the model's config, so ``gradscore.integrations.hf:from_config`` rebuilds it.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from transformers import TrainerCallback
+
+from ..checkpoints import CheckpointWriter, checkpoint_filename
+
+FACTORY = "gradscore.integrations.hf:from_config"
+
+
+class GradscoreCallback(TrainerCallback):
+    """Save gradscore checkpoints every ``every_n_steps`` optimizer steps (and at the end)."""
+
+    def __init__(self, directory: str, *, model_factory: str, model_kwargs: dict | None = None,
+                 loss: str = "causal_lm", every_n_steps: int = 1) -> None:
+        self.writer = CheckpointWriter(directory, model_factory=model_factory, model_kwargs=model_kwargs,
+                                       loss=loss, optimizer="transformers.Trainer")
+        self.record = self.writer.every(every_n_steps)
+
+    @classmethod
+    def for_model(cls, directory: str, model: Any, *, task: str = "causal_lm", loss: str | None = None,
+                  every_n_steps: int = 1, attn_implementation: str | None = None) -> "GradscoreCallback":
+        """A callback whose checkpoints rebuild ``model`` from its config (no weights download)."""
+        kwargs: dict[str, Any] = {"config": json.loads(model.config.to_json_string(use_diff=False)), "task": task}
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        default_loss = "causal_lm" if task == "causal_lm" else "cross_entropy"
+        return cls(directory, model_factory=FACTORY, model_kwargs=kwargs, loss=loss or default_loss,
+                   every_n_steps=every_n_steps)
+
+    @staticmethod
+    def _lr(optimizer: Any) -> float:
+        return float(optimizer.param_groups[0]["lr"]) if optimizer is not None else 0.0
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.record(model, step=int(state.global_step), lr=self._lr(optimizer), epoch=float(state.epoch or 0.0))
+
+    def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        name = checkpoint_filename(state.global_step)
+        if not self.writer.saved or self.writer.saved[-1].name != name:
+            self.writer.save(model, step=int(state.global_step), lr=self._lr(optimizer),
+                             epoch=float(state.epoch or 0.0))

@@ -1,0 +1,46 @@
+"""PyTorch Lightning: a callback that records gradscore checkpoints while training.
+
+>>> trainer = L.Trainer(callbacks=[GradscoreCheckpoint("ckpts/", model_factory="pkg:make_net",
+...                                                    model_kwargs={}, every_n_steps=100,
+...                                                    attr="net")])          # doctest: +SKIP
+
+θ_step is saved before the optimizer step ``step`` (``trainer.global_step``) with the
+learning rate that step uses, every ``every_n_steps`` steps, and once more at the end.
+``attr`` names the submodule to save (the network the factory rebuilds); default: the
+LightningModule itself. Needs ``lightning`` (``pip install lightning``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import Callback
+
+from ..checkpoints import CheckpointWriter, checkpoint_filename
+
+
+class GradscoreCheckpoint(Callback):
+    """Save gradscore checkpoints every ``every_n_steps`` optimizer steps (and at the end)."""
+
+    def __init__(self, directory: str, *, model_factory: str, model_kwargs: dict | None = None,
+                 loss: str = "cross_entropy", every_n_steps: int = 1, attr: str | None = None) -> None:
+        self.writer = CheckpointWriter(directory, model_factory=model_factory, model_kwargs=model_kwargs,
+                                       loss=loss, optimizer="lightning")
+        self.record = self.writer.every(every_n_steps)
+        self.attr = attr
+
+    def _state(self, trainer: Any, pl_module: Any, batch_idx: int) -> dict[str, Any]:
+        module = getattr(pl_module, self.attr) if self.attr else pl_module
+        n_batches = trainer.num_training_batches or 1
+        return {"model": module, "step": int(trainer.global_step),
+                "lr": float(trainer.optimizers[0].param_groups[0]["lr"]),
+                "epoch": trainer.current_epoch + batch_idx / n_batches}
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        state = self._state(trainer, pl_module, batch_idx)
+        self.record(state.pop("model"), **state)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        state = self._state(trainer, pl_module, 0)
+        state["epoch"] = float(trainer.current_epoch)
+        if not self.writer.saved or self.writer.saved[-1].name != checkpoint_filename(state["step"]):
+            self.writer.save(state.pop("model"), **state)
