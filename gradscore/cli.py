@@ -239,6 +239,44 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_import_checkpoints(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "import-checkpoints", help="convert torch.save / safetensors checkpoints",
+                 description="Convert a directory of existing checkpoints (torch.save state_dicts: .pt, "
+                 ".pth, .bin; safetensors; directly in SRC_DIR or in subdirectories like checkpoint-1200/) "
+                 "into gradscore checkpoints. The step is the last number in the file (or subdirectory) "
+                 "name; the learning rate is --lr or --lr-schedule. Resumable.")
+    p.add_argument("src", metavar="SRC_DIR")
+    p.add_argument("--model", required=True, metavar="MODULE:FN", help="factory that rebuilds the model")
+    p.add_argument("--model-kwargs", default="{}", metavar="JSON", help="keyword arguments of the factory")
+    p.add_argument("--loss", default="cross_entropy",
+                   help="cross_entropy, nll, mse, causal_lm or module:fn (per-example losses)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    lr = p.add_mutually_exclusive_group(required=True)
+    lr.add_argument("--lr", type=float, help="constant learning rate η_t")
+    lr.add_argument("--lr-schedule", metavar="FILE.json", help='JSON {"step": lr, ...} covering every step')
+    p.add_argument("--steps-per-epoch", type=int, default=None, help="epoch = step / this (default: 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _cmd_import_checkpoints(args: argparse.Namespace) -> int:
+    from .ckpt_import import import_checkpoints
+    try:
+        kwargs = json.loads(args.model_kwargs)
+    except ValueError as e:
+        raise GradscoreError(f"--model-kwargs: not valid JSON ({e})") from e
+    schedule = None
+    if args.lr_schedule is not None:
+        try:
+            schedule = {int(k): float(v) for k, v in json.loads(Path(args.lr_schedule).read_text()).items()}
+        except (OSError, ValueError, AttributeError) as e:
+            raise GradscoreError(f"{args.lr_schedule}: not a JSON object {{step: lr}} ({e})") from e
+    out = import_checkpoints(args.src, args.out, model_factory=args.model, model_kwargs=kwargs, loss=args.loss,
+                             lr=args.lr, schedule=schedule, steps_per_epoch=args.steps_per_epoch,
+                             progress=not args.quiet)
+    print(f"checkpoints -> {out}")
+    return 0
+
+
 def _add_diagnose(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "diagnose", help="why examples score high: gradient norm vs direction",
                  description="Decompose a dot-product score (pds or target_dot) into ‖g‖·‖v‖·cos, measure "
@@ -305,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_costate(sub)
     _add_select_and_plot(sub)
     _add_import_export(sub)
+    _add_import_checkpoints(sub)
     _add_diagnose(sub)
     p = _command(sub, "demo", help="train on the bundled digits, score, report (no download)",
                  description="Flip 20%% of the digits training labels, train a small CNN "
@@ -350,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 _COMMANDS = {"run": _cmd_run, "costate": _cmd_costate, "demo": _cmd_demo, "info": _cmd_info,
              "bench": _cmd_bench, "select": _cmd_select, "plot": _cmd_plot,
-             "import-dynamics": _cmd_import, "export": _cmd_export, "diagnose": _cmd_diagnose}
+             "import-dynamics": _cmd_import, "export": _cmd_export, "diagnose": _cmd_diagnose,
+             "import-checkpoints": _cmd_import_checkpoints}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,101 @@
+"""``gradscore import-checkpoints``: existing training checkpoints -> gradscore checkpoints.
+
+Sources: ``torch.save`` state_dicts (``.pt``, ``.pth``, ``.bin``; a dict nested under
+``state_dict``/``model``/``model_state_dict`` is found, a DistributedDataParallel
+``module.`` prefix is stripped) and safetensors files, directly in SRC_DIR or one level
+down (Hugging Face's ``checkpoint-1200/model.safetensors``). The step is the last number
+in the file's path below SRC_DIR (``step_1200.pt``, ``checkpoint-1200/…``). The learning
+rate η_t comes from one constant ``lr`` or a schedule ``{step: lr}``; the epoch from
+``steps_per_epoch`` (else 0). Each file is loaded into ``model_factory(**model_kwargs)``
+with strict key and shape checks, and written atomically; files already imported (same
+step) are skipped, so an interrupted import resumes.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoints import CheckpointStore, checkpoint_filename, write_checkpoint
+from .exceptions import CheckpointError
+from .imports import import_ref
+
+SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+_NESTED = ("state_dict", "model_state_dict", "model")
+
+
+def find_sources(src: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint file in ``src`` (or one directory down), by step."""
+    src = Path(src)
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: source directory does not exist")
+    found: dict[int, Path] = {}
+    for path in sorted(list(src.glob("*")) + list(src.glob("*/*"))):
+        if path.suffix not in SUFFIXES or not path.is_file():
+            continue
+        rel = path.relative_to(src)
+        numbers = re.findall(r"\d+", rel.parts[0] if len(rel.parts) > 1 else rel.stem)
+        if not numbers:
+            raise CheckpointError(f"{path}: no step number in the name (e.g. step_1200.pt, checkpoint-1200/)")
+        step = int(numbers[-1])
+        if step in found:
+            raise CheckpointError(f"{path}: step {step} also names {found[step]}; keep one file per step")
+        found[step] = path
+    if not found:
+        raise CheckpointError(f"{src}: no checkpoint files ({', '.join(SUFFIXES)})")
+    return sorted(found.items())
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one source file (see the module docstring)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every reader's own error type
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+    for key in _NESTED:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a state_dict of tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def import_checkpoints(src: str | Path, out: str | Path, *, model_factory: str, model_kwargs: dict | None = None,
+                       loss: str = "cross_entropy", lr: float | None = None,
+                       schedule: dict[int, float] | None = None, steps_per_epoch: int | None = None,
+                       progress: bool = True) -> Path:
+    """Convert every source checkpoint in ``src`` into ``out/step_<n>.h5``; returns ``out``."""
+    if (lr is None) == (schedule is None):
+        raise CheckpointError("import-checkpoints: give either a constant lr or a schedule {step: lr}")
+    factory: Callable = import_ref(model_factory, "model factory", CheckpointError)
+    model = factory(**(model_kwargs or {}))
+    sources = find_sources(src)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for step, path in tqdm(sources, desc="import", unit="ckpt", disable=None if progress else True):
+        if (out / checkpoint_filename(step)).exists():
+            continue
+        if schedule is not None and step not in schedule:
+            raise CheckpointError(f"{path}: step {step} has no learning rate in the schedule")
+        try:
+            model.load_state_dict(read_state_dict(path), strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: does not fit {model_factory}({model_kwargs or {}}): "
+                                  f"{' '.join(str(e).split())[:300]}") from e
+        write_checkpoint(out / checkpoint_filename(step), model, step=step,
+                         lr=float(lr if schedule is None else schedule[step]),
+                         epoch=step / steps_per_epoch if steps_per_epoch else 0.0,
+                         model_factory=model_factory, model_kwargs=model_kwargs, loss=loss,
+                         optimizer="imported")
+    CheckpointStore(out)  # the same checks as `run` makes
+    return out

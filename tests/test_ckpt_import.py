@@ -1,0 +1,81 @@
+"""`gradscore import-checkpoints` from torch.save and safetensors files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import gradscore as gs
+from gradscore.cli import main
+from gradscore.models import mlp
+
+KW = {"d_in": 6, "hidden": 8, "n_classes": 3, "depth": 1}
+
+
+def _states(n=3):
+    torch.manual_seed(0)
+    model = mlp(**KW)
+    out = []
+    for _ in range(n):
+        out.append({k: v.clone() for k, v in model.state_dict().items()})
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1)
+    return out
+
+
+def _args(src, out, *extra):
+    return ["import-checkpoints", str(src), "--model", "gradscore.models:mlp", "--model-kwargs",
+            json.dumps(KW), "--out", str(out), "--quiet", *extra]
+
+
+def test_torch_save_files_nested_and_ddp_prefixed(tmp_path):
+    states = _states()
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save(states[0], src / "step_0.pt")
+    torch.save({"state_dict": states[1], "optimizer": {}}, src / "step_100.pth")
+    torch.save({f"module.{k}": v for k, v in states[2].items()}, src / "epoch2_step_200.bin")
+    (tmp_path / "lr.json").write_text(json.dumps({"0": 0.1, "100": 0.05, "200": 0.01}))
+    assert main(_args(src, tmp_path / "ck", "--lr-schedule", str(tmp_path / "lr.json"),
+                      "--steps-per-epoch", "100")) == 0
+    store = gs.CheckpointStore(tmp_path / "ck")
+    assert [(i.step, i.lr, i.epoch) for i in store] == [(0, 0.1, 0.0), (100, 0.05, 1.0), (200, 0.01, 2.0)]
+    for i, want in enumerate(states):
+        got = store.build_model(i).state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    data = gs.save_dataset(tmp_path / "d.h5", x.numpy(), y.numpy())
+    assert main(["run", "--checkpoints", str(tmp_path / "ck"), "--data", str(data), "--out",
+                 str(tmp_path / "s.h5"), "--quiet"]) == 0
+
+
+def test_safetensors_in_hf_style_directories(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    states = _states(2)
+    for step, st in zip((500, 1000), states):
+        (tmp_path / "src" / f"checkpoint-{step}").mkdir(parents=True)
+        safetensors.save_file(st, str(tmp_path / "src" / f"checkpoint-{step}" / "model.safetensors"))
+    assert main(_args(tmp_path / "src", tmp_path / "ck", "--lr", "0.3")) == 0
+    store = gs.CheckpointStore(tmp_path / "ck")
+    assert [(i.step, i.lr) for i in store] == [(500, 0.3), (1000, 0.3)]
+    got = store.build_model(1).state_dict()
+    assert all(torch.equal(got[k], v) for k, v in states[1].items())
+
+
+def test_bad_sources_are_one_line(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save({"w": torch.zeros(2)}, src / "step_3.pt")
+    assert main(_args(src, tmp_path / "ck", "--lr", "0.1")) == 2
+    err = capsys.readouterr().err
+    assert "step_3.pt: does not fit gradscore.models:mlp" in err and err.count("\n") == 1
+    (src / "step_3.pt").unlink()
+    torch.save(_states(1)[0], src / "final.pt")
+    assert main(_args(src, tmp_path / "ck", "--lr", "0.1")) == 2
+    assert "final.pt: no step number" in capsys.readouterr().err
+    (src / "final.pt").write_bytes(b"garbage")
+    (src / "final.pt").rename(src / "step_9.pt")
+    assert main(_args(src, tmp_path / "ck", "--lr", "0.1")) == 2
+    assert "step_9.pt: cannot read checkpoint" in capsys.readouterr().err
