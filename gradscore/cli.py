@@ -277,6 +277,68 @@ def _cmd_import_checkpoints(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_experiment(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "experiment", help="retrain on selected subsets: pruning curves, data-map regions, JTT",
+                 description="Check a data-selection claim by retraining: 'prune' (Data Diet: keep 30-90%% "
+                 "of the training set by each score, with and without 20%% flipped labels), 'regions' "
+                 "(Dataset Cartography: train on 33%% ambiguous/easy/hard/random vs all, test in and out of "
+                 "distribution), 'jtt' (ERM vs Just Train Twice on a spurious-patch variant of digits: "
+                 "average and worst-group accuracy). Embedded digits by default; prune and regions also "
+                 "take --train/--test files and a --model factory. Writes OUT/<name>.json, .md and .png.")
+    p.add_argument("name", choices=("prune", "regions", "jtt"))
+    p.add_argument("--out", default="gradscore_experiments", metavar="DIR")
+    p.add_argument("--mode", default="fast", choices=("tiny", "fast", "full"),
+                   help="fast: 1 seed, 8 epochs, fractions 30/50/100%% (< 3 min on 2 cores); full: 3 seeds, "
+                   "15 epochs, 30/50/70/90/100%%; tiny: 300 examples, 2 epochs (a smoke test)")
+    p.add_argument("--seeds", type=int, default=None, help="override the mode's number of seeds")
+    p.add_argument("--fractions", default=None, metavar="F,...", help="prune: override the kept fractions")
+    p.add_argument("--methods", default=None, metavar="M,...",
+                   help="prune: el2n, grand, forgetting, pds, ambiguous, hard, random, each optionally with "
+                   ":lowest (keep the lowest) and :exclude=F (drop the top F first)")
+    p.add_argument("--keep", default="highest", choices=("highest", "lowest"),
+                   help="prune: direction for methods given without ':lowest'")
+    p.add_argument("--exclude-top", type=float, default=0.0, help="prune: default ':exclude=' for every method")
+    p.add_argument("--train", default=None, metavar="FILE", help="prune/regions: your training set (.h5/.npz)")
+    p.add_argument("--test", default=None, metavar="FILE", help="prune/regions: your test set")
+    p.add_argument("--shifted-test", default=None, metavar="FILE", help="regions: your out-of-distribution test set")
+    p.add_argument("--model", default=None, metavar="MODULE:FN", help="with --train: the model factory")
+    p.add_argument("--model-kwargs", default="{}", metavar="JSON")
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .experiments import MODES, file_setup
+    mode = MODES[args.mode]
+    if args.seeds is not None:
+        mode = dataclasses.replace(mode, seeds=args.seeds)
+    if args.fractions is not None:
+        try:
+            mode = dataclasses.replace(mode, fractions=tuple(float(f) for f in args.fractions.split(",")))
+        except ValueError as e:
+            raise GradscoreError(f"--fractions: '{args.fractions}' is not a comma-separated list of numbers") from e
+    setup = None
+    if args.train or args.test or args.model:
+        if not (args.train and args.test and args.model) or args.name == "jtt":
+            raise GradscoreError("your own data needs --train, --test and --model together (prune, regions)")
+        setup = file_setup(args.train, args.test, args.model, json.loads(args.model_kwargs),
+                           shifted=args.shifted_test)
+    out = Path(args.out)
+    if args.name == "prune":
+        from .experiments import prune
+        methods = tuple(args.methods.split(",")) if args.methods else prune.DEFAULT_METHODS
+        mods = (":lowest" if args.keep == "lowest" else "") + (f":exclude={args.exclude_top}" if args.exclude_top else "")
+        methods = tuple(m if ":" in m or m == "random" else m + mods for m in methods)
+        prune.run(out, mode, methods=methods, setup=setup)
+    elif args.name == "regions":
+        from .experiments import regions
+        regions.run(out, mode, setup=setup)
+    else:
+        from .experiments import jtt
+        jtt.run(out, mode)
+    return 0
+
+
 def _add_diagnose(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "diagnose", help="why examples score high: gradient norm vs direction",
                  description="Decompose a dot-product score (pds or target_dot) into ‖g‖·‖v‖·cos, measure "
@@ -344,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_select_and_plot(sub)
     _add_import_export(sub)
     _add_import_checkpoints(sub)
+    _add_experiment(sub)
     _add_diagnose(sub)
     p = _command(sub, "demo", help="train on the bundled digits, score, report (no download)",
                  description="Flip 20%% of the digits training labels, train a small CNN "
@@ -390,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
 _COMMANDS = {"run": _cmd_run, "costate": _cmd_costate, "demo": _cmd_demo, "info": _cmd_info,
              "bench": _cmd_bench, "select": _cmd_select, "plot": _cmd_plot,
              "import-dynamics": _cmd_import, "export": _cmd_export, "diagnose": _cmd_diagnose,
-             "import-checkpoints": _cmd_import_checkpoints}
+             "import-checkpoints": _cmd_import_checkpoints, "experiment": _cmd_experiment}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

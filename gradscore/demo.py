@@ -30,18 +30,30 @@ from .store import load_scores
 FACTORY = "gradscore.models:digits_cnn"
 
 
+def flip_labels(y: np.ndarray, rate: float, rng: np.random.Generator, n_classes: int = 10
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """A copy of ``y`` with exactly round(rate·N) labels changed, always to a wrong class;
+    returns (labels, flipped mask)."""
+    y = y.copy()
+    flip = rng.choice(len(y), size=int(round(rate * len(y))), replace=False)
+    y[flip] = (y[flip] + rng.integers(1, n_classes, size=len(flip))) % n_classes
+    noisy = np.zeros(len(y), dtype=bool)
+    noisy[flip] = True
+    return y, noisy
+
+
+def load_digit_images() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits as (1797, 1, 8, 8) float32 in [0, 1] and labels (1797,)."""
+    X, y = load_digits(return_X_y=True)
+    return (X / 16.0).astype(np.float32).reshape(-1, 1, 8, 8), y.astype(np.int64)
+
+
 def make_digits(noise: float = 0.2, seed: int = 0) -> dict[str, np.ndarray]:
     """Digits as (N, 1, 8, 8) float32 in [0, 1]; train labels flipped at rate ``noise``."""
-    X, y = load_digits(return_X_y=True)
-    X = (X / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    X, y = load_digit_images()
     idx = np.arange(len(y))
     tr, te = train_test_split(idx, test_size=0.2, random_state=seed, stratify=y)
-    rng = np.random.default_rng(seed)
-    y_tr = y[tr].copy()
-    flip = rng.choice(len(tr), size=int(round(noise * len(tr))), replace=False)
-    y_tr[flip] = (y_tr[flip] + rng.integers(1, 10, size=len(flip))) % 10  # always a wrong label
-    noisy = np.zeros(len(tr), dtype=bool)
-    noisy[flip] = True
+    y_tr, noisy = flip_labels(y[tr], noise, np.random.default_rng(seed))
     return {"x_train": X[tr], "y_train": y_tr.astype(np.int64), "ids": tr.astype(np.int64),
             "noisy": noisy, "y_clean": y[tr].astype(np.int64), "x_test": X[te],
             "y_test": y[te].astype(np.int64)}

@@ -8,7 +8,7 @@ import numpy as np
 from .atomic import atomic_path
 
 
-def _pyplot():
+def pyplot():
     """matplotlib.pyplot on the headless Agg backend."""
     import matplotlib
     matplotlib.use("Agg")
@@ -16,7 +16,7 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
     """Lay out, write atomically as PNG or SVG (by the extension), close."""
     import matplotlib.pyplot as plt
     fig.tight_layout()
@@ -30,7 +30,7 @@ def _save(fig, path: str | Path) -> Path:
 def score_histograms(scores: dict[str, np.ndarray], noisy: np.ndarray | None, path: str | Path,
                      title: str = "") -> Path:
     """One histogram per score, clean vs known-noisy examples overlaid; PNG or SVG by extension."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(scores)
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
     for ax, name in zip(axes[0], names):
@@ -48,7 +48,7 @@ def score_histograms(scores: dict[str, np.ndarray], noisy: np.ndarray | None, pa
         ax.set_ylabel("density" if noisy is not None else "count")
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def data_map(confidence: np.ndarray, variability: np.ndarray, correctness: np.ndarray,
@@ -61,7 +61,7 @@ def data_map(confidence: np.ndarray, variability: np.ndarray, correctness: np.nd
     10⁶ points stay readable; known-noisy examples are outlined when ``noisy`` is given.
     PNG or SVG by the extension of ``path``.
     """
-    plt = _pyplot()
+    plt = pyplot()
     n = len(confidence)
     fig, ax = plt.subplots(figsize=(6.4, 5.2))
     hi_conf, lo_conf = np.quantile(confidence, 1 - fraction), np.quantile(confidence, fraction)
@@ -92,13 +92,13 @@ def data_map(confidence: np.ndarray, variability: np.ndarray, correctness: np.nd
     ax.set_xlabel("variability (std of p(gold) over checkpoints)")
     ax.set_ylabel("confidence (mean p(gold))")
     ax.set_title((title + "\n" if title else "") + f"data map, {note}", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def norm_vs_cos(grad_norm: np.ndarray, cos: np.ndarray, path: str | Path, *, noisy: np.ndarray | None = None,
                 title: str = "") -> Path:
     """Scatter of mean ‖g‖ (log x) against mean cos with the reference, noisy examples in red."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.2, 4.6))
     clean = np.ones(len(cos), bool) if noisy is None else ~noisy
     ax.scatter(grad_norm[clean], cos[clean], s=5, alpha=0.5, color="tab:blue", label="clean" if noisy is not None else None)
@@ -111,4 +111,4 @@ def norm_vs_cos(grad_norm: np.ndarray, cos: np.ndarray, path: str | Path, *, noi
     ax.set_ylabel("η-weighted mean cos(∇ℓ, v)")
     if title:
         ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -1,0 +1,211 @@
+"""What every experiment shares: modes, the data setup, one training loop, the reference
+scoring run, and writing results as JSON + Markdown (+ a PNG by each experiment).
+
+Retraining is gradscore's own small loop (:func:`fit`): SGD with momentum 0.9, batch 64,
+a fixed seed for the initialization and for the shuffling, so the same seed gives the
+same numbers. A subset is trained for as many optimizer steps as the whole training set
+would be in ``epochs`` epochs (so more epochs over fewer examples): a smaller subset
+must not also mean a less trained model. Upweighting (JTT) is done by upsampling: an
+example of integer weight w appears w times per epoch (those runs keep their epochs).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from ..atomic import atomic_path
+from ..checkpoints import CheckpointWriter
+from ..data import load_dataset, save_dataset
+from ..demo import flip_labels, load_digit_images
+from ..exceptions import ConfigError
+from ..imports import import_ref
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How much work: training epochs, seeds, kept fractions, data subsample (None = all)."""
+
+    name: str
+    epochs: int
+    seeds: int
+    fractions: tuple[float, ...]
+    n_train: int | None = None
+
+
+MODES = {
+    "tiny": Mode("tiny", epochs=2, seeds=1, fractions=(0.5, 1.0), n_train=300),
+    "fast": Mode("fast", epochs=8, seeds=1, fractions=(0.3, 0.5, 1.0)),
+    "full": Mode("full", epochs=15, seeds=3, fractions=(0.3, 0.5, 0.7, 0.9, 1.0)),
+}
+
+
+@dataclass
+class Setup:
+    """Arrays of one experiment: a training set (maybe noisy), a clean validation set
+    (the PDS target), a test set, optionally a shifted test set, and the model."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    model_factory: str = "gradscore.models:digits_cnn"
+    model_kwargs: dict = field(default_factory=dict)
+    noisy: np.ndarray | None = None
+    x_shift: np.ndarray | None = None
+    y_shift: np.ndarray | None = None
+    groups_test: np.ndarray | None = None
+
+    def model(self) -> torch.nn.Module:
+        return import_ref(self.model_factory, "model factory", ConfigError)(**self.model_kwargs)
+
+
+def digits_splits(seed: int = 0) -> dict[str, np.ndarray]:
+    """Digits split 70/10/20 into train / validation / test, stratified, fixed seed."""
+    X, y = load_digit_images()
+    idx = np.arange(len(y))
+    rest, test = train_test_split(idx, test_size=0.2, random_state=seed, stratify=y)
+    train, val = train_test_split(rest, test_size=0.125, random_state=seed, stratify=y[rest])
+    return {"x_train": X[train], "y_train": y[train], "x_val": X[val], "y_val": y[val],
+            "x_test": X[test], "y_test": y[test]}
+
+
+def digits_setup(noise: float = 0.0, n_train: int | None = None, seed: int = 0) -> Setup:
+    """The embedded digits with ``noise`` of the training labels flipped (mask kept)."""
+    d = digits_splits(seed)
+    x, y = d["x_train"][:n_train], d["y_train"][:n_train]
+    y_noisy, noisy = flip_labels(y, noise, np.random.default_rng(seed))
+    return Setup(x, y_noisy, d["x_val"], d["y_val"], d["x_test"], d["y_test"], noisy=noisy)
+
+
+def file_setup(train: str, test: str, model: str, model_kwargs: dict | None = None,
+               val: str | None = None, shifted: str | None = None) -> Setup:
+    """A user's data: .h5/.npz files with inputs/targets (validation: 10% of train if not given)."""
+    def arrays(path: str) -> tuple[np.ndarray, np.ndarray]:
+        ds = load_dataset(path)
+        x, y = ds.read(0, len(ds))
+        return x.numpy(), y.numpy()
+    x, y = arrays(train)
+    if val is None:
+        tr, va = train_test_split(np.arange(len(y)), test_size=0.1, random_state=0)
+        xv, yv, x, y = x[va], y[va], x[tr], y[tr]
+    else:
+        xv, yv = arrays(val)
+    xt, yt = arrays(test)
+    xs, ys = arrays(shifted) if shifted else (None, None)
+    return Setup(x, y, xv, yv, xt, yt, model_factory=model, model_kwargs=dict(model_kwargs or {}),
+                 x_shift=xs, y_shift=ys)
+
+
+def fit(setup: Setup, idx: np.ndarray, *, epochs: int, seed: int, lr: float = 0.05, batch_size: int = 64,
+        counts: np.ndarray | None = None,
+        on_epoch: Callable[[torch.nn.Module, int, int], None] | None = None) -> torch.nn.Module:
+    """Train a fresh model on the examples ``idx`` of the training set; deterministic.
+
+    counts: (len(idx),) int, how often each appears per epoch (upsampling); on_epoch:
+    called as (model, epoch, optimizer steps) after every epoch.
+    """
+    torch.manual_seed(seed)
+    model = setup.model()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    order = np.repeat(np.asarray(idx), counts) if counts is not None else np.asarray(idx)
+    if counts is None and len(order) < len(setup.y_train):   # same number of steps as the full set
+        epochs = int(np.ceil(epochs * len(setup.y_train) / max(1, len(order))))
+    x, y = torch.from_numpy(setup.x_train), torch.from_numpy(setup.y_train)
+    gen = torch.Generator().manual_seed(seed)
+    steps = 0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        for batch in torch.from_numpy(order)[torch.randperm(len(order), generator=gen)].split(batch_size):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            opt.step()
+            steps += 1
+        if on_epoch is not None:
+            on_epoch(model, epoch, steps)
+    return model.eval()
+
+
+def predict(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).argmax(1).numpy()
+
+
+def accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    return float((predict(model, x) == y).mean())
+
+
+def reference_run(setup: Setup, work: Path, *, epochs: int, scores: tuple[str, ...], seed: int = 0,
+                  **options: Any) -> dict[str, Any]:
+    """Train on the whole training set with a checkpoint per epoch, then score every
+    training example with ``gradscore.score`` (PDS target: the validation set)."""
+    from ..api import score
+    from ..store import load_scores
+    lr = 0.05
+    train = save_dataset(work / "train.h5", setup.x_train, setup.y_train, noisy=setup.noisy)
+    with CheckpointWriter(work / "ckpts", model_factory=setup.model_factory, model_kwargs=setup.model_kwargs,
+                          loss="cross_entropy", optimizer="SGD(momentum=0.9)") as w:
+        fit(setup, np.arange(len(setup.y_train)), epochs=epochs, seed=seed, lr=lr,
+            on_epoch=lambda m, e, s: w.save(m, step=s, lr=lr, epoch=e))
+    if {"pds", "target_dot", "target_cos"} & set(scores):
+        options.update(target=save_dataset(work / "val.h5", setup.x_val, setup.y_val), lr_scale_steps=True)
+    path = score(work / "ckpts", train, out=work / f"scores_{len(scores)}_{options.get('epochs_upto')}.h5",
+                 scores=scores, overwrite=True, progress=False, **options)
+    return load_scores(path)
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values))}
+
+
+def cell(stats: dict[str, float]) -> str:
+    return f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def write_results(out: Path, name: str, result: dict[str, Any], markdown: str) -> dict[str, Path]:
+    """``out/<name>.json`` and ``out/<name>.md``, atomically; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{name}.json", "md": out / f"{name}.md"}
+    with atomic_path(paths["json"]) as tmp:
+        tmp.write_text(json.dumps(result, indent=2, default=_jsonable))
+    with atomic_path(paths["md"]) as tmp:
+        tmp.write_text(markdown + "\n")
+    return paths
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Mode):
+        return asdict(o)
+    raise TypeError(type(o).__name__)
+
+
+def paired_bars(rows: list[dict], keys: tuple[str, str], labels: tuple[str, str], names: list[str],
+                title: str, ylabel: str, path: Path) -> Path:
+    """Two bars (mean ± std of ``row[key]``) per row, for the region and JTT tables."""
+    from ..plots import pyplot, save_figure
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    pos = np.arange(len(rows))
+    for k, (key, label) in enumerate(zip(keys, labels)):
+        ax.bar(pos + 0.2 * (2 * k - 1), [r[key]["mean"] for r in rows], 0.4,
+               yerr=[r[key]["std"] for r in rows], capsize=2, label=label)
+    ax.set_xticks(pos, names)
+    ax.set(ylabel=ylabel, title=title)
+    ax.legend()
+    return save_figure(fig, path)

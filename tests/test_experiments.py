@@ -1,0 +1,101 @@
+"""`gradscore experiment` in tiny mode: files written, subset sizes and data variants exact,
+the same seed gives the same numbers."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from gradscore.cli import main
+from gradscore.experiments import MODES, digits_setup
+from gradscore.experiments.common import digits_splits
+from gradscore.experiments.digits import shift, spurious
+from gradscore.experiments.jtt import spurious_setup
+from gradscore.experiments.prune import parse_method, subset
+
+TINY = MODES["tiny"]
+
+
+def test_splits_and_variants_are_exact():
+    d = digits_splits()
+    assert (len(d["y_train"]), len(d["y_val"]), len(d["y_test"])) == (1257, 180, 360)
+    st = digits_setup(0.2)
+    assert st.noisy.sum() == round(0.2 * 1257) and (st.y_train[st.noisy] != d["y_train"][st.noisy]).all()
+    # shifted test split: rotation by 10°, Gaussian blur σ = 0.5, as documented
+    x = d["x_test"][:5]
+    want = np.clip(ndimage.gaussian_filter(ndimage.rotate(x[3, 0], 10.0, reshape=False, order=1), 0.5,
+                                           mode="constant"), 0, 1)
+    np.testing.assert_array_equal(shift(x)[3, 0], want)
+    np.testing.assert_array_equal(shift(x), shift(x))
+    # spurious patch: agrees with the label on exactly 95% of training and 50% of test images
+    for agree, n in ((0.95, 1257), (0.5, 360)):
+        xs, y, groups = spurious(d["x_train"][:n], d["y_train"][:n], agree, seed=0)
+        patch = (xs[:, 0, :2, :2] == 1.0).all((1, 2))
+        assert (patch == y.astype(bool)).sum() == round(agree * n)
+        assert np.array_equal(groups, 2 * y + patch) and np.array_equal(y, d["y_train"][:n] >= 5)
+    st = spurious_setup()
+    assert st.model_kwargs == {"n_classes": 2} and len(np.unique(st.groups_test)) == 4
+
+
+def test_prune_subsets():
+    values = {"el2n": np.arange(10.0)}
+    assert list(subset("el2n", values, 0.3, 10, 0)) == [7, 8, 9]
+    assert list(subset("el2n", values, 0.3, 10, 0, highest=False)) == [0, 1, 2]
+    assert list(subset("el2n", values, 0.3, 10, 0, exclude_top=0.2)) == [5, 6, 7]
+    r = subset("random", values, 0.5, 10, 3)
+    assert len(r) == 5 and np.array_equal(r, subset("random", values, 0.5, 10, 3))
+    assert parse_method("el2n:lowest:exclude=0.1") == ("el2n", False, 0.1)
+
+
+def test_prune_tiny(tmp_path):
+    assert main(["experiment", "prune", "--mode", "tiny", "--out", str(tmp_path),
+                 "--methods", "el2n,pds,hard,random", "--exclude-top", "0.1"]) == 0
+    res = json.loads((tmp_path / "prune.json").read_text())
+    assert {r["method"] for r in res["rows"]} == {"el2n:exclude=0.1", "pds:exclude=0.1", "hard:exclude=0.1", "random"}
+    for r in res["rows"]:
+        assert r["n_kept"] == round(r["fraction"] * 300) and len(r["accuracy"]) == 1
+    noisy = [r for r in res["rows"] if r["condition"] == "20% flipped labels" and r["fraction"] < 1]
+    assert all(0 <= r["flipped_share"] <= 1 for r in noisy)
+    assert (tmp_path / "prune.png").stat().st_size > 0 and "| el2n:exclude=0.1 |" in (tmp_path / "prune.md").read_text()
+
+
+def test_regions_tiny(tmp_path):
+    assert main(["experiment", "regions", "--mode", "tiny", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "regions.json").read_text())
+    assert {r["subset"]: r["n_train"] for r in res["rows"]} == {
+        "ambiguous": 99, "easy": 99, "hard": 99, "random": 99, "all": 300}
+    assert (tmp_path / "regions.png").exists() and (tmp_path / "regions.md").exists()
+
+
+def test_jtt_tiny_same_seed_same_numbers(tmp_path):
+    for run in ("a", "b"):
+        assert main(["experiment", "jtt", "--mode", "tiny", "--out", str(tmp_path / run)]) == 0
+    a, b = (json.loads((tmp_path / r / "jtt.json").read_text()) for r in ("a", "b"))
+    assert a["rows"] == b["rows"]
+    assert [r["method"] for r in a["rows"]] == ["ERM", "JTT λ_up=5", "JTT λ_up=20", "JTT λ_up=50"]
+    assert a["rows"][1]["error_set"] > 0 and (tmp_path / "a" / "jtt.png").exists()
+
+
+def test_user_data_and_bad_options(tmp_path, capsys):
+    import gradscore as gs
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 120), ("test", 40)):
+        gs.save_dataset(tmp_path / f"{name}.h5", rng.standard_normal((n, 6)).astype(np.float32), rng.integers(0, 3, n))
+    args = ["experiment", "prune", "--mode", "tiny", "--out", str(tmp_path / "o"), "--methods", "el2n,random",
+            "--train", str(tmp_path / "train.h5"), "--test", str(tmp_path / "test.h5"),
+            "--model", "gradscore.models:mlp", "--model-kwargs", '{"d_in": 6, "hidden": 8, "n_classes": 3}']
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "o" / "prune.json").read_text())["rows"]
+    assert {r["condition"] for r in rows} == {"user data"} and rows[0]["n_kept"] == 54   # 90% of 120 train, half kept
+    assert main(["experiment", "jtt", "--train", str(tmp_path / "train.h5")]) == 2
+    assert "--train, --test and --model together" in capsys.readouterr().err
+    assert main(["experiment", "prune", "--mode", "tiny", "--methods", "el3n", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown 'el3n'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fast_modes_run(tmp_path):
+    for name in ("prune", "regions", "jtt"):
+        assert main(["experiment", name, "--out", str(tmp_path)]) == 0
