@@ -239,6 +239,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_kwargs(text: str) -> dict:
+    """--model-kwargs: a JSON object, or one line and exit 2."""
+    try:
+        kwargs = json.loads(text)
+    except ValueError as e:
+        raise GradscoreError(f"--model-kwargs: not valid JSON ({e})") from e
+    if not isinstance(kwargs, dict):
+        raise GradscoreError(f"--model-kwargs: must be a JSON object, got {text!r}")
+    return kwargs
+
+
 def _add_import_checkpoints(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "import-checkpoints", help="convert torch.save / safetensors checkpoints",
                  description="Convert a directory of existing checkpoints (torch.save state_dicts: .pt, "
@@ -260,10 +271,7 @@ def _add_import_checkpoints(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_import_checkpoints(args: argparse.Namespace) -> int:
     from .ckpt_import import import_checkpoints
-    try:
-        kwargs = json.loads(args.model_kwargs)
-    except ValueError as e:
-        raise GradscoreError(f"--model-kwargs: not valid JSON ({e})") from e
+    kwargs = _model_kwargs(args.model_kwargs)
     schedule = None
     if args.lr_schedule is not None:
         try:
@@ -321,7 +329,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     if args.train or args.test or args.model:
         if not (args.train and args.test and args.model) or args.name == "jtt":
             raise GradscoreError("your own data needs --train, --test and --model together (prune, regions)")
-        setup = file_setup(args.train, args.test, args.model, json.loads(args.model_kwargs),
+        setup = file_setup(args.train, args.test, args.model, _model_kwargs(args.model_kwargs),
                            shifted=args.shifted_test)
     out = Path(args.out)
     if args.name == "prune":
