@@ -38,15 +38,20 @@ def _describe_checkpoints(path: Path) -> str:
 
 
 def _describe_dataset(path: Path) -> str:
+    from .batch import describe
     from .data import ArrayFileDataset
+    from .losses import IGNORE_INDEX
     ds = ArrayFileDataset(path)
     x, y = ds.read(0, min(len(ds), 1))
-    lines = [f"dataset {path}: {len(ds)} examples",
-             f"  inputs: per-example shape {tuple(x.shape[1:])}, {x.dtype}",
-             f"  targets: per-example shape {tuple(y.shape[1:])}, {y.dtype}"]
+    lines = [f"dataset {path}: {len(ds)} examples{' (text)' if ds.text else ''}",
+             f"  inputs: per-example {describe(x)}",
+             f"  {ds.target_field}: per-example shape {tuple(y.shape[1:])}, {y.dtype}"]
     if not y.dtype.is_floating_point:
-        ranges = [(int(yc.min()), int(yc.max())) for _, _, yc in ds.chunks()]
-        lines.append(f"  classes: {min(r[0] for r in ranges)}..{max(r[1] for r in ranges)}")
+        ranges = [(int(v.min()), int(v.max())) for _, _, yc in ds.chunks()
+                  for v in [yc[yc != IGNORE_INDEX]] if v.numel()]
+        if ranges:
+            kind = "token ids" if ds.text and ds.target_field == "labels" else "classes"
+            lines.append(f"  {kind}: {min(r[0] for r in ranges)}..{max(r[1] for r in ranges)}")
     noisy = ds.noisy()
     if noisy is not None:
         lines.append(f"  noisy: {int(noisy.sum())} of {len(noisy)} ({noisy.mean():.1%}) marked")

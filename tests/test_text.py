@@ -179,6 +179,8 @@ def test_text_dataset_run_end_to_end(tmp_path):
         w.save(model, step=1, lr=0.1)
     x, y = _batch(31, B=7)
     gs.save_dataset(tmp_path / "text.h5", {k: v.numpy() for k, v in x.items()}, None)
+    from gradscore.info import describe
+    assert "7 examples (text)" in describe(tmp_path / "text.h5") and "token ids: 1..30" in describe(tmp_path / "text.h5")
     runs = {}
     for engine in ("ghost", "loop"):
         assert main(["run", "--checkpoints", str(tmp_path / "ck"), "--data", str(tmp_path / "text.h5"),

@@ -74,7 +74,8 @@ def subset(method: str, values: dict[str, np.ndarray], fraction: float, n: int, 
     return np.sort(by_score(values[method], keep=fraction, highest=highest, exclude_top=exclude_top))
 
 
-def run(out: Path, mode: Mode, *, methods: tuple[str, ...] = DEFAULT_METHODS, noise_levels=(0.0, 0.2),
+def run(out: Path, mode: Mode, *, methods: tuple[str, ...] = DEFAULT_METHODS,
+        noise_levels: tuple[float, ...] = (0.0, 0.2),
         early: float = 0.5, setup: Setup | None = None, echo: Any = print) -> dict[str, Any]:
     """Pruning curves into ``out/prune.{json,md,png}``; returns the result dict."""
     parsed = [parse_method(m) for m in methods]

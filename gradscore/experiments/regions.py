@@ -3,6 +3,7 @@ examples, or on all of them, and test in and out of distribution (the shifted te
 split of :mod:`.digits`; a user's ``--shifted-test`` file otherwise)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ def run(out: Path, mode: Mode, *, fraction: float = 0.33, noise: float = 0.0, se
     """Region table into ``out/regions.{json,md,png}``; returns the result dict."""
     st = setup or digits_setup(noise, mode.n_train)
     if st.x_shift is None:
-        st.x_shift, st.y_shift = shift(st.x_test), st.y_test
+        st = dataclasses.replace(st, x_shift=shift(st.x_test), y_shift=st.y_test)
     n = len(st.y_train)
     s = reference_run(st, out / "work" / "regions", epochs=mode.epochs,
                       scores=("confidence", "variability", "correctness"))["scores"]
