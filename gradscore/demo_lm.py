@@ -146,6 +146,9 @@ def run_lm_demo(out: str | Path = "gradscore_demo_lm", *, n_docs: int = 800, n_t
                 echo: Any = print) -> dict[str, Any]:
     """Run the LM demo into ``out``; return a summary (AUROCs, norm inflation, timings)."""
     from sklearn.metrics import roc_auc_score
+
+    from .integrations.hf import require_transformers
+    require_transformers()  # before anything is written
     t0 = time.perf_counter()
     out = Path(out)
     docs = stdlib_docstrings(n_docs + n_target)

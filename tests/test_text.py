@@ -244,6 +244,7 @@ def test_demo_lm_without_transformers_is_one_line(monkeypatch, capsys, tmp_path)
 
     def missing():
         raise gs.CheckpointError("this model needs Hugging Face transformers: pip install 'gradscore[hf]'")
-    monkeypatch.setattr(hf, "_transformers", missing)
+    monkeypatch.setattr(hf, "require_transformers", missing)
     assert main(["demo", "--lm", "--out", str(tmp_path / "d"), "--docs", "20", "--quiet"]) == 2
     assert "pip install 'gradscore[hf]'" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()   # refused before anything was written

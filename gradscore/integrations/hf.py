@@ -19,7 +19,8 @@ TASKS = {"causal_lm": "AutoModelForCausalLM",
          "masked_lm": "AutoModelForMaskedLM"}
 
 
-def _transformers():
+def require_transformers():
+    """The ``transformers`` module, or one CheckpointError naming the ``hf`` extra."""
     try:
         import transformers
     except ImportError as e:
@@ -36,7 +37,7 @@ def from_config(config: dict[str, Any], task: str = "causal_lm",
     ``causal_lm``, ``sequence_classification``, ``masked_lm``; attn_implementation:
     e.g. "eager" or "sdpa" (default: the library's choice).
     """
-    tf = _transformers()
+    tf = require_transformers()
     cfg = dict(config)
     model_type = cfg.pop("model_type", None)
     if model_type is None:
