@@ -96,12 +96,13 @@ def _run(config: RunConfig, out: Path, overwrite: bool, progress: bool, ranks: R
         ranks.barrier()
         costate = CostateFile(path)
         fingerprint["costate"] = json.loads(costate.fingerprint)
-    store = None
-    for turn in ("main", "others"):  # rank 0 sets up (or discards) the journal first
-        if ranks.main == (turn == "main"):
-            store = HDF5ScoreStore(out, fingerprint, n=n, T=T, chunk_size=config.chunk_size,
-                                   overwrite=overwrite and ranks.main)
-        ranks.barrier()
+    def open_store(replace: bool) -> HDF5ScoreStore:
+        return HDF5ScoreStore(out, fingerprint, n=n, T=T, chunk_size=config.chunk_size, overwrite=replace)
+    if ranks.main:  # rank 0 sets up (or discards) the journal before the others open it
+        store = open_store(overwrite)
+    ranks.barrier()
+    if not ranks.main:
+        store = open_store(False)
     if not store.complete:
         _fill(store, ckpts, ds, config, device, dtype, progress and ranks.main, costate,
               ranks.share(store.n_chunks))

@@ -57,6 +57,7 @@ class _Layer:
     seen: int = 0           # all forward calls
     problem: str | None = None   # why this layer must go to the vmap fallback after all
     shared: list = field(default_factory=list)      # autograd nodes of batch-broadcast outputs
+    shared_ok: bool = False      # its broadcast output passed the check once: the graph is the same
 
 
 def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
@@ -140,8 +141,7 @@ class _Pass:
         for fs in self.factors.values():
             for i in range(len(fs)):
                 for j in range(i + 1, len(fs)):
-                    c = 2 * cross(fs[i], fs[j])
-                    self.add(c.to(self.sq.dtype), self.dots.new_zeros(self.dots.shape))
+                    self.sq = self.sq + 2 * cross(fs[i], fs[j]).to(self.sq.dtype)   # dots are linear: no cross term
         self.factors = {}
 
 
@@ -274,13 +274,15 @@ class GhostEngine(Engine):
     def _check_shared(self, losses: torch.Tensor) -> None:
         """A batch-broadcast output expanded to B rows gives exact per-example shares only
         when it is added to batch rows; any other use sends the layer to vmap."""
-        nodes = {n: layer for layer in self.layers for n in layer.shared}
+        nodes = {n: layer for layer in self.layers if not layer.shared_ok for n in layer.shared}
         if not nodes or losses.grad_fn is None:
             return
         for node, users in _consumers(losses.grad_fn, set(nodes)).items():
             if not users <= _BROADCAST_OK:
                 nodes[node].problem = (f"returns one row for the whole batch, used by "
                                        f"{', '.join(sorted(users))} (only a sum with batch rows is exact)")
+        for layer in nodes.values():  # checked on the first batch: the consumer of a layer is fixed
+            layer.shared_ok = layer.problem is None
 
     def _moved_to_fallback(self) -> bool:
         """Send layers that were never called, or not called batch-first, to vmap; a weight
