@@ -85,14 +85,12 @@ class _Objective:
 
     def __init__(self, model: torch.nn.Module, loss: Loss, ds: Dataset, batch_size: int, weight: float) -> None:
         self.model, self.loss, self.ds, self.batch, self.weight = model, loss, ds, batch_size, weight
-        like = next(model.parameters())
-        self.device, self.dtype = like.device, like.dtype
+        self.like = next(model.parameters())   # device and dtype of the inputs
         self.fixed = dict(model.named_buffers())
 
     def _chunks(self):
-        like = next(self.model.parameters())
         for _, x, y in self.ds.chunks(self.batch):
-            yield move(x, like), y.to(self.device)
+            yield move(x, self.like), y.to(self.like.device)
 
     def _f(self, params: Params, x: Inputs, y: torch.Tensor) -> torch.Tensor:
         out = call_functional(self.model, (params, self.fixed), x)

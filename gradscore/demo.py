@@ -26,6 +26,7 @@ from .plots import data_map, score_histograms
 from .scores.dynamics import NAMES as DYNAMICS
 from .select import regions
 from .store import load_scores
+from .training import train_sgd
 
 FACTORY = "gradscore.models:digits_cnn"
 
@@ -64,21 +65,11 @@ def train(data: dict[str, np.ndarray], ckpt_dir: Path, *, epochs: int, lr: float
     """Train the demo CNN with SGD, one checkpoint per epoch; return test accuracy."""
     torch.manual_seed(seed)
     model = digits_cnn()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     x, y = torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])
-    gen = torch.Generator().manual_seed(seed)
-    step = 0
     with CheckpointWriter(ckpt_dir, model_factory=FACTORY, model_kwargs={}, loss="cross_entropy",
                           optimizer="SGD(momentum=0.9)") as writer:
-        for epoch in range(1, epochs + 1):
-            model.train()
-            for batch in torch.randperm(len(x), generator=gen).split(batch_size):
-                opt.zero_grad()
-                torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
-                opt.step()
-                step += 1
-            writer.save(model, step=step, lr=lr, epoch=epoch)
-    model.eval()
+        train_sgd(model, x, y, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size,
+                  on_epoch=lambda m, epoch, step: writer.save(m, step=step, lr=lr, epoch=epoch))
     with torch.no_grad():
         pred = model(torch.from_numpy(data["x_test"])).argmax(1).numpy()
     return float((pred == data["y_test"]).mean())
@@ -160,13 +151,7 @@ def train_full_batch(data: dict[str, np.ndarray], ckpt_dir: Path, *, steps: int,
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     x, y = torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(warmup_epochs):
-        for batch in torch.randperm(len(x), generator=gen).split(64):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
-            opt.step()
+    train_sgd(model, x, y, epochs=warmup_epochs, seed=seed)
     with CheckpointWriter(ckpt_dir, model_factory=FACTORY, model_kwargs={}, loss="cross_entropy",
                           optimizer="GD(full batch)") as writer:
         for step in range(steps + 1):

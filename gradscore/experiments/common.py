@@ -25,6 +25,7 @@ from ..data import load_dataset, save_dataset
 from ..demo import flip_labels, load_digit_images
 from ..exceptions import ConfigError
 from ..imports import import_ref
+from ..training import train_sgd
 
 
 @dataclass(frozen=True)
@@ -114,24 +115,11 @@ def fit(setup: Setup, idx: np.ndarray, *, epochs: int, seed: int, lr: float = 0.
     """
     torch.manual_seed(seed)
     model = setup.model()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     order = np.repeat(np.asarray(idx), counts) if counts is not None else np.asarray(idx)
     if counts is None and len(order) < len(setup.y_train):   # same number of steps as the full set
         epochs = int(np.ceil(epochs * len(setup.y_train) / max(1, len(order))))
-    x, y = torch.from_numpy(setup.x_train), torch.from_numpy(setup.y_train)
-    gen = torch.Generator().manual_seed(seed)
-    steps = 0
-    for epoch in range(1, epochs + 1):
-        model.train()
-        for batch in torch.from_numpy(order)[torch.randperm(len(order), generator=gen)].split(batch_size):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
-            opt.step()
-            steps += 1
-        if on_epoch is not None:
-            on_epoch(model, epoch, steps)
-    return model.eval()
-
+    return train_sgd(model, torch.from_numpy(setup.x_train), torch.from_numpy(setup.y_train), order,
+                     epochs=epochs, seed=seed, lr=lr, batch_size=batch_size, on_epoch=on_epoch)
 
 def predict(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
     with torch.no_grad():
