@@ -60,6 +60,8 @@ def model_cases(device: str) -> dict[str, Case]:
         "mlp_784_1024_1024": Case(lambda: mlp(d_in=784, hidden=1024, n_classes=10, depth=2),
                                   lambda B: torch.randn(B, 784, device=device)),
         "digits_cnn": Case(lambda: digits_cnn(), lambda B: torch.rand(B, 1, 8, 8, device=device)),
+        # the 0.56M-parameter CNN on 8x8 inputs that the ghost issue's peer figures were taken on
+        "digits_cnn_c128": Case(lambda: digits_cnn(channels=128), lambda B: torch.rand(B, 1, 8, 8, device=device)),
         "transformer_d128_T64": Case(lambda: tiny_transformer(vocab=1000, d=128, heads=4, layers=2, n_classes=10),
                                      lambda B: torch.randint(0, 1000, (B, 64), device=device)),
     }

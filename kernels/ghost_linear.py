@@ -18,9 +18,17 @@ import torch
 
 from .norm_dot import acc_dtype, norm_dot
 
-#: memory budget of one materialized (b, d_out, d_in) block in the outer form, and of the
-#: two (b, T, T) Gram matrices in the gram form: long sequences go through in sub-batches
-OUTER_BYTES = 256 * 2**20
+#: smallest workspace of one sub-batch: below it, per-call overhead would dominate
+MIN_WORKSPACE_BYTES = 2 * 2**20
+
+
+def workspace_bytes(*captured: torch.Tensor) -> int:
+    """Memory budget of a layer's transient blocks (the outer form's (b, d_out, d_in)
+    per-example gradients, the gram form's two (b, T, T) Grams, a conv's im2col patches):
+    the bytes of what the layer captured (its input and output gradient, which a plain
+    backward holds too), and at least ``MIN_WORKSPACE_BYTES``. Examples go through in
+    sub-batches that fit it, so ghost's peak stays near one plain forward+backward."""
+    return max(MIN_WORKSPACE_BYTES, sum(t.numel() * t.element_size() for t in captured))
 
 
 def plan(T: int, d_in: int, d_out: int, K: int) -> str:
@@ -41,11 +49,12 @@ def ghost_linear_reference(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor | N
     return sq, torch.einsum("boi,koi->bk", g, V.to(acc))
 
 
-def _outer(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _outer(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor | None, budget: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     B, _, d_in = a.shape
     d_out = d.shape[2]
     acc = acc_dtype(a.dtype)
-    step = max(1, OUTER_BYTES // (d_in * d_out * torch.finfo(acc).bits // 8))
+    step = max(1, budget // (d_in * d_out * torch.finfo(acc).bits // 8))
     Vf = None if V is None else V.reshape(V.shape[0], d_out * d_in)
     parts = []
     for i in range(0, B, step):
@@ -54,10 +63,10 @@ def _outer(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor | None) -> tuple[to
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def _gram_sq(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+def _gram_sq(a: torch.Tensor, d: torch.Tensor, budget: int) -> torch.Tensor:
     B, T, _ = a.shape
     acc = acc_dtype(a.dtype)
-    step = max(1, OUTER_BYTES // (2 * T * T * torch.finfo(acc).bits // 8))
+    step = max(1, budget // (2 * T * T * torch.finfo(acc).bits // 8))
     parts = []
     for i in range(0, B, step):
         ai, di = a[i:i + step].to(acc), d[i:i + step].to(acc)
@@ -82,13 +91,15 @@ def _project_dots(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor) -> torch.Te
 
 
 def ghost_linear(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor | None = None, *,
-                 form: str | None = None, backend: str | None = None
+                 form: str | None = None, backend: str | None = None, workspace: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example ‖Σ_t δ_bt a_btᵀ‖² (B,) and Σ_t δ_btᵀ V_k a_bt (B, K), fused.
 
     a: (B, T, d_in), δ: (B, T, d_out), V: (K, d_out, d_in) or None. ``form`` forces
     "gram" or "outer" (default: :func:`plan`); ``backend`` "torch" or "triton"
-    (default: Triton for CUDA tensors that are not float64).
+    (default: Triton for CUDA tensors that are not float64). ``workspace``: bytes of the
+    torch path's sub-batch blocks (default :func:`workspace_bytes` of a and δ); the
+    Triton kernels keep their blocks in tiles and need none.
     """
     if a.dim() != 3 or d.dim() != 3 or a.shape[:2] != d.shape[:2]:
         raise ValueError(f"ghost_linear: a {tuple(a.shape)} and δ {tuple(d.shape)} must be "
@@ -106,8 +117,9 @@ def ghost_linear(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor | None = None
             return outer_triton(a, d, V)
         sq = gram_sq_triton(a, d)
     else:
+        budget = workspace if workspace is not None else workspace_bytes(a, d)
         if form == "outer":
-            return _outer(a, d, V)
-        sq = _gram_sq(a, d)
+            return _outer(a, d, V, budget)
+        sq = _gram_sq(a, d, budget)
     dots = _project_dots(a, d, V) if V is not None else sq.new_zeros((a.shape[0], 0))
     return sq, dots.to(sq.dtype)

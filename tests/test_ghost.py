@@ -139,7 +139,7 @@ def test_conv_in_slices_equals_one_piece(monkeypatch):
     from gradscore.engines.rules import conv
     model, x = _case("cnn")
     whole = _compare(model, x, 2).score_batch(x.double(), torch.zeros(7, dtype=torch.long))
-    monkeypatch.setattr(conv, "WORKSPACE_BYTES", 1)   # one example per slice
+    monkeypatch.setattr(conv, "workspace_bytes", lambda *captured: 1)   # one example per slice
     sliced = _compare(model, x, 2).score_batch(x.double(), torch.zeros(7, dtype=torch.long))
     torch.testing.assert_close(sliced.sq_norm, whole.sq_norm, rtol=1e-12, atol=0)
 

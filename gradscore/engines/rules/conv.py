@@ -14,13 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...kernels.ghost_linear import ghost_linear
+from ...kernels.norm_dot import acc_dtype
+from ...kernels.ghost_linear import ghost_linear, plan, workspace_bytes
 from .linear import cat_calls
 from .registry import bias_term, register_rule
-
-
-#: memory budget of the im2col patches of one slice of examples
-WORKSPACE_BYTES = 64 * 2**20
 
 
 def _supports(m: nn.Module) -> str | None:
@@ -52,7 +49,7 @@ def _patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return view.reshape(B, C * k[0] * k[1], Ho * Wo).transpose(1, 2)
 
 
-def _conv_slice(layer: nn.Module, acts, grads, refs, K):
+def _conv_slice(layer: nn.Module, acts, grads, refs, K, budget: int):
     a_all = cat_calls([_patches(layer, x) for x in acts], 1)                         # (b, L, C_in·k)
     d_all = cat_calls([d.reshape(d.shape[0], layer.out_channels, -1) for d in grads], 2)  # (b, C_out, L)
     sq, dots = bias_term(d_all.sum(2), refs, K)
@@ -63,18 +60,28 @@ def _conv_slice(layer: nn.Module, acts, grads, refs, K):
             a = a_all[:, :, g * d_in:(g + 1) * d_in]                                   # (b, L, d_in)
             d = d_all[:, g * d_out:(g + 1) * d_out].transpose(1, 2)                    # (b, L, d_out)
             V = refs["weight"][:, g * d_out:(g + 1) * d_out].reshape(K, d_out, d_in) if K else None
-            w_sq, w_dots = ghost_linear(a, d, V)
+            w_sq, w_dots = ghost_linear(a, d, V, workspace=budget)
             sq, dots = sq + w_sq, dots + w_dots
     return sq, dots
 
 
+def _slice_bytes(layer: nn.Module, acts, grads, K: int) -> int:
+    """Bytes of one example's transient blocks: its im2col patches, plus its per-example
+    weight gradient (outer form) or its two (L, L) Grams (gram form), for one group."""
+    k = math.prod(layer.kernel_size)
+    L = sum(d[0].numel() for d in grads) // layer.out_channels
+    d_in, d_out = layer.in_channels // layer.groups * k, layer.out_channels // layer.groups
+    block = d_in * d_out if plan(L, d_in, d_out, K) == "outer" else 2 * L * L
+    return (sum(x[0].numel() for x in acts) * k + block) * torch.finfo(acc_dtype(acts[0].dtype)).bits // 8
+
+
 @register_rule(nn.Conv1d, nn.Conv2d, supports=_supports)
 def conv(layer: nn.Module, acts, grads, refs, K):
-    # im2col makes prod(kernel_size) copies of the input: take the examples in slices
-    # whose patches fit WORKSPACE_BYTES (small layers run in one piece)
+    # im2col makes prod(kernel_size) copies of the input: the examples go in slices whose
+    # patches and blocks fit the workspace (the size of the layer's input and δ)
     B = acts[0].shape[0]
-    per_example = sum(x[0].numel() for x in acts) * math.prod(layer.kernel_size) * acts[0].element_size()
-    step = max(1, WORKSPACE_BYTES // max(1, per_example))
-    parts = [_conv_slice(layer, [x[i:i + step] for x in acts], [d[i:i + step] for d in grads], refs, K)
+    budget = workspace_bytes(*acts, *grads)
+    step = max(1, budget // _slice_bytes(layer, acts, grads, K))
+    parts = [_conv_slice(layer, [x[i:i + step] for x in acts], [d[i:i + step] for d in grads], refs, K, budget)
              for i in range(0, B, step)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
