@@ -144,6 +144,31 @@ def test_conv_in_slices_equals_one_piece(monkeypatch):
     torch.testing.assert_close(sliced.sq_norm, whole.sq_norm, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("K", [0, 2])
+def test_conv_blocks_stay_within_the_layers_captured_bytes(monkeypatch, K):
+    """With the 2 MiB floor off, every im2col slice and every per-example gradient or Gram
+    block of a conv is no larger than the layer's input plus its output gradient, and
+    the numbers still equal the loop's."""
+    import gradscore.kernels.ghost_linear as gl
+    from gradscore.engines.rules import conv
+    monkeypatch.setattr(gl, "MIN_WORKSPACE_BYTES", 0)
+    largest = [0]
+    patches, bmm = conv._patches, torch.bmm
+
+    def record(out):
+        largest[0] = max(largest[0], out.numel() * out.element_size())
+        return out
+    monkeypatch.setattr(conv, "_patches", lambda layer, x: record(patches(layer, x)))
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: record(bmm(*a, **k)))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 3)).double().eval()
+    x = torch.randn(64, 4, 8, 8, dtype=torch.float64)
+    _compare(model, x, K)
+    captured = x.numel() * 8 + 64 * 8 * 6 * 6 * 8       # the conv's input and δ, float64
+    whole = 64 * 6 * 6 * 4 * 9 * 8                      # all 64 examples' patches at once
+    assert 0 < largest[0] <= captured < whole
+
+
 def test_auto_picks_ghost_when_every_layer_has_a_rule():
     model, _ = _case("transformer")
     assert gs.Scorer(model.eval()).engine_name == "ghost"
