@@ -11,7 +11,11 @@ and its peak memory measured in the same process:
   vmap(grad) with the torch reference / fused kernel reduction, K=2;
 - ``ghost_k0`` (norms only) and ``ghost_k2``, with their floor (2+K)/3 of plain: ghost
   needs the forward and the input gradients but not the weight gradients, plus about
-  one matmul per reference vector;
+  one matmul per reference vector. That floor holds for layers in the Gram form; a
+  layer in the outer form (long sequences, convolutions over many positions) costs
+  what its weight gradient costs, so each ghost row also gives ``flops``: the matmul
+  and convolution flops of the call over plain's, counted by
+  ``torch.utils.flop_counter`` — the model's own floor, free of timing noise;
 - peers, when installed: ``opacus`` (GradSampleModule per-sample gradients, then norms and
   2 dots) and ``backpack_l2`` (BackPACK's BatchL2Grad, norms only).
 
@@ -205,6 +209,14 @@ def best_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None] =
     return best
 
 
+def counted_flops(fn: Callable[[], object]) -> int:
+    """Matmul and convolution flops of one call of ``fn`` (``torch.utils.flop_counter``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def run_bench(batches: tuple[int, ...] = (64, 256), repeats: int = 3, device: str | None = None,
               models: tuple[str, ...] | None = None, echo: Callable[[str], None] = print) -> dict:
     """Time and measure every method on every model and batch; return the results dict."""
@@ -229,7 +241,7 @@ def run_bench(batches: tuple[int, ...] = (64, 256), repeats: int = 3, device: st
             V = torch.randn(K_REFS, P, device=device)
             base = None
             echo(f"\n{name} (P={P:,}), batch {B}:")
-            echo(f"  {'method':<12} {'time':>9} {'x plain':>8} {'floor':>6} {'peak mem':>10} {'x plain':>8}")
+            echo(f"  {'method':<12} {'time':>9} {'x plain':>8} {'floor':>6} {'flops':>6} {'peak mem':>10} {'x plain':>8}")
             for method, fn in _methods(model, x, y, V, case.loss).items():
                 try:
                     fn()
@@ -245,16 +257,18 @@ def run_bench(batches: tuple[int, ...] = (64, 256), repeats: int = 3, device: st
                     results.append({"model": name, "batch": B, "method": method, "error": str(e)[:200]})
                     continue
                 if method == "plain":
-                    base = {"seconds": best, "peak_bytes": mem.get("peak_bytes")}
+                    base = {"seconds": best, "peak_bytes": mem.get("peak_bytes"), "flops": counted_flops(fn)}
+                flops = counted_flops(fn) / base["flops"] if method.startswith("ghost") and base["flops"] else None
                 row = {"model": name, "params": P, "batch": B, "method": method, "seconds": best,
                        "ratio_to_plain": best / base["seconds"], "floor": FLOORS.get(method),
-                       "peak_bytes": mem.get("peak_bytes")}
+                       "flops_ratio_to_plain": flops, "peak_bytes": mem.get("peak_bytes")}
                 if mem.get("peak_bytes") is not None and base["peak_bytes"]:
                     row["peak_ratio_to_plain"] = mem["peak_bytes"] / base["peak_bytes"]
                 results.append(row)
                 floor = f"{row['floor']:.2f}" if row["floor"] else ""
+                flops = f"{flops:.2f}" if flops else ""
                 peak = f"{row['peak_bytes'] / 2**20:.1f} MB" if row["peak_bytes"] is not None else "n/a"
-                echo(f"  {method:<12} {best * 1e3:>7.1f}ms {row['ratio_to_plain']:>7.2f}x {floor:>6} "
+                echo(f"  {method:<12} {best * 1e3:>7.1f}ms {row['ratio_to_plain']:>7.2f}x {floor:>6} {flops:>6} "
                      f"{peak:>10} {row.get('peak_ratio_to_plain', float('nan')):>7.2f}x")
     dev_name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
     return {"device": dev_name, "device_type": device, "threads": torch.get_num_threads(),

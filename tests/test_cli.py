@@ -106,4 +106,6 @@ def test_bench_runs_small(tmp_path, capsys):
     methods = {r["method"] for r in rows if "error" not in r}
     assert {"plain", "loop", "vmap_fused", "ghost_k0", "ghost_k2"} <= methods
     assert all(r["ratio_to_plain"] > 0 for r in rows if "ratio_to_plain" in r)
+    flops = {r["method"]: r["flops_ratio_to_plain"] for r in rows if r["method"].startswith("ghost")}
+    assert 0 < flops["ghost_k0"] < flops["ghost_k2"]    # counted: the K = 2 dots add matmuls
     _fails(capsys, ["bench", "--models", "resnet"], r"--models: unknown resnet")
