@@ -169,6 +169,41 @@ def test_conv_blocks_stay_within_the_layers_captured_bytes(monkeypatch, K):
     assert 0 < largest[0] <= captured < whole
 
 
+class ConvTwice(nn.Module):
+    """Non-square kernel, stride and dilation, 'valid' depthwise conv, one conv called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2))
+        self.b = nn.Conv2d(4, 4, 2, padding="valid", groups=4)
+        self.head = nn.Linear(4 * 3 * 6, 3)
+
+    def forward(self, x):
+        return self.head(self.b(torch.tanh(self.b(torch.tanh(self.a(x))))).flatten(1))
+
+
+@pytest.mark.parametrize("K", [0, 3])
+@pytest.mark.parametrize("form", ["outer", "gram", "pixel"])
+@pytest.mark.parametrize("name", ["cnn", "conv1d_groupnorm_seq_linear", "conv_twice"])
+def test_every_conv_form_equals_loop(monkeypatch, name, form, K):
+    from gradscore.engines.rules import conv
+    # the pixel form takes single calls only: a layer called twice keeps the outer form
+    monkeypatch.setattr(conv, "plan", lambda layer, geo, calls, K: form if calls == 1 or form != "pixel" else "outer")
+    model, x = (ConvTwice(), torch.randn(5, 3, 9, 10)) if name == "conv_twice" else _case(name)
+    _compare(model, x, K)
+
+
+def test_conv_plan_follows_the_cost_of_each_form():
+    """Wide channels on a small image: the pixel Gram for norms, the outer form once the
+    references' convolutions cost more than a per-example gradient; narrow: outer."""
+    from gradscore.engines.rules.conv import _geometry, plan
+    x = torch.zeros(1, 128, 8, 8)
+    wide, narrow = digits_cnn(channels=128)[2], digits_cnn(channels=16)[2]
+    assert plan(wide, _geometry(wide, x.shape), 1, 0) == "pixel"
+    assert plan(wide, _geometry(wide, x.shape), 1, 2) == "outer"
+    assert plan(narrow, _geometry(narrow, x.shape), 1, 0) == "outer"
+
+
 def test_auto_picks_ghost_when_every_layer_has_a_rule():
     model, _ = _case("transformer")
     assert gs.Scorer(model.eval()).engine_name == "ghost"

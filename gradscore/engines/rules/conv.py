@@ -1,23 +1,40 @@
 """Ghost rule for ``nn.Conv1d`` / ``nn.Conv2d`` (any stride, padding, dilation, groups).
 
-The input is unfolded (im2col, as a strided view) to (B, L, C_in·k) and the output
-gradient viewed as (B, C_out, L); each group is then a Linear layer over L positions:
-g_b(W_g) = Σ_l δ_bl a_blᵀ (``kernels.ghost_linear``), g_b(bias) = Σ_l δ_bl. Calls of
-one layer are concatenated along l. Non-zero padding modes and string padding other
-than 'valid' fall back to vmap.
+Per group, a convolution is a Linear layer over its L output positions: with the input
+unfolded (im2col) to a_bl (C_in·k) and the output gradient δ_bl (C_out),
+g_b(W) = Σ_l δ_bl a_blᵀ and g_b(bias) = Σ_l δ_bl. The weight's share takes one of three
+forms per layer, whichever costs fewer multiply-adds (:func:`plan`):
+
+- ``outer`` / ``gram``: im2col patches through ``kernels.ghost_linear`` (the per-example
+  gradient of a sub-batch, or the (L, L) Grams of patches and δ);
+- ``pixel``: no im2col and no per-example gradient. The Gram of patches is a sum over
+  the k kernel offsets of shifted blocks of the Gram of input pixels,
+  ⟨a_bl, a_bm⟩ = Σ_offsets ⟨x_b[l + o], x_b[m + o]⟩, so ‖g_b‖² = ⟨Σ_o shift_o(X_bᵀX_b), δ_bᵀδ_b⟩
+  costs (H·W)²·C_in + L²·C_out + shifts, and ⟨g_b, V_k⟩ = ⟨conv(x_b, V_k), δ_b⟩ one
+  convolution per reference. It wins for wide channels on small images.
+
+Calls of one layer are concatenated along l (the pixel form takes single calls only).
+Examples go through in slices whose patches and blocks fit the workspace (the bytes of
+the layer's input and δ). Non-zero padding modes and string padding other than 'valid'
+fall back to vmap.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...kernels.ghost_linear import ghost_linear, workspace_bytes
 from ...kernels.norm_dot import acc_dtype
-from ...kernels.ghost_linear import ghost_linear, plan, workspace_bytes
 from .linear import cat_calls
 from .registry import bias_term, register_rule
+
+#: multiply-adds one element of a strided elementwise pass (an im2col copy, a shifted
+#: sum) costs against a GEMM's, in :func:`plan`; measured about 16 on a 2-core CPU
+ELEMENTWISE_COST = 16
 
 
 def _supports(m: nn.Module) -> str | None:
@@ -28,60 +45,139 @@ def _supports(m: nn.Module) -> str | None:
     return None
 
 
+class _Geometry(NamedTuple):
+    """A call as a Conv2d (Conv1d has height 1): zero-padded input size and output size."""
+
+    k: tuple[int, int]
+    dil: tuple[int, int]
+    stride: tuple[int, int]
+    pad: tuple[int, int]
+    Hp: int
+    Wp: int
+    Ho: int
+    Wo: int
+
+
+def _geometry(layer: nn.Module, shape: torch.Size) -> _Geometry:
+    one_d = isinstance(layer, nn.Conv1d)
+    k, dil, stride = ((1, *v) if one_d else tuple(v) for v in (layer.kernel_size, layer.dilation, layer.stride))
+    pad = (0, 0) if isinstance(layer.padding, str) else ((0, *layer.padding) if one_d else tuple(layer.padding))
+    H, W = (1, shape[-1]) if one_d else shape[-2:]
+    Hp, Wp = H + 2 * pad[0], W + 2 * pad[1]
+    Ho = (Hp - dil[0] * (k[0] - 1) - 1) // stride[0] + 1
+    Wo = (Wp - dil[1] * (k[1] - 1) - 1) // stride[1] + 1
+    return _Geometry(k, dil, stride, pad, Hp, Wp, Ho, Wo)
+
+
+def _padded(layer: nn.Module, x: torch.Tensor, geo: _Geometry) -> torch.Tensor:
+    """The zero-padded input as (B, C, Hp, Wp), contiguous."""
+    x = x.unsqueeze(2) if isinstance(layer, nn.Conv1d) else x
+    return F.pad(x, (geo.pad[1], geo.pad[1], geo.pad[0], geo.pad[0])).contiguous()
+
+
 def _patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """im2col of one call's input as a (B, L, C_in·k) view of a (B, C_in·k, L) tensor, whose
     rows are (channel, kernel offset) in the order of the weight. Made from a strided
-    view of the zero-padded input with one copy that reads along the output width;
-    Conv1d is a Conv2d of height 1."""
-    if isinstance(layer, nn.Conv1d):
-        x, k, dil, stride = x.unsqueeze(2), (1, *layer.kernel_size), (1, *layer.dilation), (1, *layer.stride)
-        pad = (0, 0) if isinstance(layer.padding, str) else (0, *layer.padding)
-    else:
-        k, dil, stride = layer.kernel_size, layer.dilation, layer.stride
-        pad = (0, 0) if isinstance(layer.padding, str) else layer.padding
-    x = F.pad(x, (pad[1], pad[1], pad[0], pad[0])).contiguous()
-    B, C, H, W = x.shape
-    Ho = (H - dil[0] * (k[0] - 1) - 1) // stride[0] + 1
-    Wo = (W - dil[1] * (k[1] - 1) - 1) // stride[1] + 1
+    view of the zero-padded input with one copy that reads along the output width."""
+    geo = _geometry(layer, x.shape)
+    x = _padded(layer, x, geo)
+    (kh, kw), (rh, rw), (sh, sw) = geo.k, geo.dil, geo.stride
+    B, C = x.shape[:2]
     sB, sC, sH, sW = x.stride()
-    view = x.as_strided((B, C, k[0], k[1], Ho, Wo),
-                        (sB, sC, dil[0] * sH, dil[1] * sW, stride[0] * sH, stride[1] * sW))
-    return view.reshape(B, C * k[0] * k[1], Ho * Wo).transpose(1, 2)
+    view = x.as_strided((B, C, kh, kw, geo.Ho, geo.Wo), (sB, sC, rh * sH, rw * sW, sh * sH, sw * sW))
+    return view.reshape(B, C * kh * kw, geo.Ho * geo.Wo).transpose(1, 2)
 
 
-def _conv_slice(layer: nn.Module, acts, grads, refs, K, budget: int):
-    a_all = cat_calls([_patches(layer, x) for x in acts], 1)                         # (b, L, C_in·k)
+def plan(layer: nn.Module, geo: _Geometry, calls: int, K: int) -> str:
+    """``"outer"``, ``"gram"`` or ``"pixel"``: the fewest multiply-adds per example and group."""
+    G = layer.groups
+    c_in, c_out = layer.in_channels // G, layer.out_channels // G
+    k = geo.k[0] * geo.k[1]
+    L, N = calls * geo.Ho * geo.Wo, geo.Hp * geo.Wp
+    d_in = c_in * k
+    im2col = ELEMENTWISE_COST * L * d_in
+    project = K * L * d_in * c_out                          # one convolution per reference
+    cost = {"outer": L * d_in * c_out + K * d_in * c_out + im2col,
+            "gram": L * L * (d_in + c_out) + project + im2col}
+    if calls == 1:
+        shifts = N * N + geo.Hp ** 2 * geo.Wo ** 2 * geo.k[1] + L * L * (geo.k[0] + 3)
+        cost["pixel"] = N * N * c_in + L * L * c_out + ELEMENTWISE_COST * shifts + project
+    return min(cost, key=cost.get)
+
+
+def _pixel_sq(layer: nn.Module, x: torch.Tensor, d: torch.Tensor, geo: _Geometry) -> torch.Tensor:
+    """‖g_b(W)‖² (B,) from the Gram of input pixels, summed over kernel offsets."""
+    acc = acc_dtype(x.dtype)
+    (kh, kw), (rh, rw), (sh, sw) = geo.k, geo.dil, geo.stride
+    G, Hp, Wp, Ho, Wo = layer.groups, geo.Hp, geo.Wp, geo.Ho, geo.Wo
+    B = x.shape[0]
+    xg = _padded(layer, x, geo).to(acc).reshape(B * G, layer.in_channels // G, Hp * Wp)
+    dg = d.to(acc).reshape(B * G, layer.out_channels // G, Ho * Wo)
+    # pixel Gram, as (n, h, h', w, w'): both pixels' rows, then both columns
+    P = torch.bmm(xg.transpose(1, 2), xg).view(-1, Hp, Wp, Hp, Wp).permute(0, 1, 3, 2, 4).contiguous()
+    n, s1, s2, s3, s4 = P.stride()
+    # Σ over column offsets j: P[h, h', w·sw + j·rw, w'·sw + j·rw] -> (n, h, h', w, w')
+    P = P.as_strided((B * G, Hp, Hp, kw, Wo, Wo), (n, s1, s2, rw * (s3 + s4), sw * s3, sw * s4)).sum(3)
+    n, s1, s2, s3, s4 = P.stride()
+    # Σ over row offsets i -> the Gram of patches, (n, t, t', w, w')
+    P = P.as_strided((B * G, kh, Ho, Ho, Wo, Wo), (n, rh * (s1 + s2), sh * s1, sh * s2, s3, s4)).sum(1)
+    D = torch.bmm(dg.transpose(1, 2), dg).view(-1, Ho, Wo, Ho, Wo).permute(0, 1, 3, 2, 4)
+    return (P * D).sum((1, 2, 3, 4)).view(B, G).sum(1)
+
+
+def _conv_dots(layer: nn.Module, x: torch.Tensor, d: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """⟨g_b(W), V_k⟩ (B, K) = ⟨conv(x_b, V_k), δ_b⟩: one convolution with the K references
+    stacked as output channels (group-major, as ``groups`` needs)."""
+    acc = acc_dtype(x.dtype)
+    B, K, G = x.shape[0], V.shape[0], layer.groups
+    d_out = layer.out_channels // G
+    w = V.to(acc).reshape(K, G, d_out, *V.shape[2:]).transpose(0, 1).reshape(G * K * d_out, *V.shape[2:])
+    conv = F.conv1d if isinstance(layer, nn.Conv1d) else F.conv2d
+    y = conv(x.to(acc), w, None, layer.stride, layer.padding, layer.dilation, G)
+    return torch.einsum("bgkol,bgol->bk", y.reshape(B, G, K, d_out, -1), d.to(acc).reshape(B, G, d_out, -1))
+
+
+def _conv_slice(layer: nn.Module, acts, grads, refs, K, form: str, budget: int):
     d_all = cat_calls([d.reshape(d.shape[0], layer.out_channels, -1) for d in grads], 2)  # (b, C_out, L)
     sq, dots = bias_term(d_all.sum(2), refs, K)
-    if "weight" in refs:
-        G = layer.groups
-        d_in, d_out = a_all.shape[2] // G, layer.out_channels // G
-        for g in range(G):
-            a = a_all[:, :, g * d_in:(g + 1) * d_in]                                   # (b, L, d_in)
-            d = d_all[:, g * d_out:(g + 1) * d_out].transpose(1, 2)                    # (b, L, d_out)
-            V = refs["weight"][:, g * d_out:(g + 1) * d_out].reshape(K, d_out, d_in) if K else None
-            w_sq, w_dots = ghost_linear(a, d, V, workspace=budget)
-            sq, dots = sq + w_sq, dots + w_dots
+    if "weight" not in refs:
+        return sq, dots
+    if form == "pixel":
+        x, d = acts[0], grads[0]
+        sq = sq + _pixel_sq(layer, x, d, _geometry(layer, x.shape))
+        return sq, (dots + _conv_dots(layer, x, d, refs["weight"]) if K else dots)
+    a_all = cat_calls([_patches(layer, x) for x in acts], 1)                         # (b, L, C_in·k)
+    G = layer.groups
+    d_in, d_out = a_all.shape[2] // G, layer.out_channels // G
+    for g in range(G):
+        a = a_all[:, :, g * d_in:(g + 1) * d_in]                                   # (b, L, d_in)
+        d = d_all[:, g * d_out:(g + 1) * d_out].transpose(1, 2)                    # (b, L, d_out)
+        V = refs["weight"][:, g * d_out:(g + 1) * d_out].reshape(K, d_out, d_in) if K else None
+        w_sq, w_dots = ghost_linear(a, d, V, form=form, workspace=budget)
+        sq, dots = sq + w_sq, dots + w_dots
     return sq, dots
 
 
-def _slice_bytes(layer: nn.Module, acts, grads, K: int) -> int:
-    """Bytes of one example's transient blocks: its im2col patches, plus its per-example
-    weight gradient (outer form) or its two (L, L) Grams (gram form), for one group."""
-    k = math.prod(layer.kernel_size)
-    L = sum(d[0].numel() for d in grads) // layer.out_channels
-    d_in, d_out = layer.in_channels // layer.groups * k, layer.out_channels // layer.groups
-    block = d_in * d_out if plan(L, d_in, d_out, K) == "outer" else 2 * L * L
-    return (sum(x[0].numel() for x in acts) * k + block) * torch.finfo(acc_dtype(acts[0].dtype)).bits // 8
+def _slice_bytes(layer: nn.Module, acts, grads, geo: _Geometry, form: str, K: int) -> int:
+    """Bytes of one example's transient blocks: its im2col patches and per-example
+    gradient or (L, L) Grams of one group, or, in the pixel form, its pixel Grams and
+    reference convolutions."""
+    G, L = layer.groups, geo.Ho * geo.Wo * len(acts)
+    d_in, d_out = layer.in_channels // G * math.prod(layer.kernel_size), layer.out_channels // G
+    patches = sum(x[0].numel() for x in acts) * math.prod(layer.kernel_size)
+    N = geo.Hp * geo.Wp
+    elements = {"outer": patches + d_in * d_out, "gram": patches + 2 * L * L,
+                "pixel": G * (2 * N * N + geo.Hp ** 2 * geo.Wo ** 2 + 3 * L * L) + K * layer.out_channels * L}[form]
+    return elements * torch.finfo(acc_dtype(acts[0].dtype)).bits // 8
 
 
 @register_rule(nn.Conv1d, nn.Conv2d, supports=_supports)
 def conv(layer: nn.Module, acts, grads, refs, K):
-    # im2col makes prod(kernel_size) copies of the input: the examples go in slices whose
-    # patches and blocks fit the workspace (the size of the layer's input and δ)
     B = acts[0].shape[0]
+    geo = _geometry(layer, acts[0].shape)
+    form = plan(layer, geo, len(acts), K) if "weight" in refs else "outer"
     budget = workspace_bytes(*acts, *grads)
-    step = max(1, budget // _slice_bytes(layer, acts, grads, K))
-    parts = [_conv_slice(layer, [x[i:i + step] for x in acts], [d[i:i + step] for d in grads], refs, K, budget)
+    step = max(1, budget // _slice_bytes(layer, acts, grads, geo, form, K))
+    parts = [_conv_slice(layer, [x[i:i + step] for x in acts], [d[i:i + step] for d in grads], refs, K, form, budget)
              for i in range(0, B, step)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
