@@ -19,19 +19,20 @@ and its peak memory measured in the same process:
 - peers, when installed: ``opacus`` (GradSampleModule per-sample gradients, then norms and
   2 dots) and ``backpack_l2`` (BackPACK's BatchL2Grad, norms only).
 
-Peak memory on CUDA is ``torch.cuda.max_memory_allocated``; on CPU it is the rise of the
-process's resident-set high-water mark (reset through /proc/self/clear_refs) above the
-resident set before the call, reported as a ratio to plain.
+Peak memory is the peak of tensor bytes allocated during the call and not yet freed,
+reported as a ratio to plain: ``torch.cuda.max_memory_allocated`` on CUDA, and on CPU
+the same count from the profiler's allocation events (an RSS high-water mark would
+count glibc's cache of freed blocks, which depends on what ran before and moved the
+ratios by up to 0.5x between runs). The memory call is a separate call from the
+timed ones.
 """
 from __future__ import annotations
 
 import copy
-import ctypes
 import gc
 import importlib.util
 import os
 import platform
-import re
 import tempfile
 import time
 from contextlib import contextmanager
@@ -79,21 +80,22 @@ def model_cases(device: str) -> dict[str, Case]:
     return cases
 
 
+def _peak_live_bytes(prof) -> int:
+    """Peak of the bytes allocated and not yet freed, from a memory-profiled run."""
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
 class _Memory:
-    """Peak memory of a call: CUDA allocator stats, or the RSS high-water mark on Linux."""
+    """Peak memory of a call, counted as tensors allocated through torch and not yet
+    freed: CUDA's allocator stats, or on CPU the profiler's allocation events."""
 
     def __init__(self, device: str) -> None:
         self.device = device
-        self.cpu_ok = os.path.exists("/proc/self/clear_refs")
-        try:
-            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except OSError:
-            self._trim = None
-
-    @staticmethod
-    def _status(key: str) -> int:
-        with open("/proc/self/status") as f:
-            return int(re.search(rf"{key}:\s+(\d+)", f.read()).group(1)) * 1024
 
     @contextmanager
     def measure(self) -> Iterator[dict]:
@@ -108,16 +110,10 @@ class _Memory:
             torch.cuda.synchronize()
             out["peak_bytes"] = torch.cuda.max_memory_allocated() - base
             return
-        if not self.cpu_ok:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             yield out
-            return
-        if self._trim is not None:
-            self._trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = self._status("VmRSS")
-        yield out
-        out["peak_bytes"] = max(0, self._status("VmHWM") - base)
+        out["peak_bytes"] = _peak_live_bytes(prof)
 
 
 def _methods(model: nn.Module, x: Inputs, y: torch.Tensor, V: torch.Tensor, loss: str
