@@ -19,20 +19,24 @@ and its peak memory measured in the same process:
 - peers, when installed: ``opacus`` (GradSampleModule per-sample gradients, then norms and
   2 dots) and ``backpack_l2`` (BackPACK's BatchL2Grad, norms only).
 
-Peak memory is the peak of tensor bytes allocated during the call and not yet freed,
-reported as a ratio to plain: ``torch.cuda.max_memory_allocated`` on CUDA, and on CPU
-the same count from the profiler's allocation events (an RSS high-water mark would
-count glibc's cache of freed blocks, which depends on what ran before and moved the
-ratios by up to 0.5x between runs). The memory call is a separate call from the
-timed ones.
+Peak memory on CUDA is ``torch.cuda.max_memory_allocated``; on CPU it is the rise of the
+process's resident-set high-water mark (reset through /proc/self/clear_refs) above the
+resident set before the call, measured in a child process with glibc's mmap threshold
+fixed (see ``MMAP_THRESHOLD``) so that the peak follows live tensors; reported as a
+ratio to plain.
 """
 from __future__ import annotations
 
 import copy
+import ctypes
 import gc
 import importlib.util
+import json
 import os
 import platform
+import re
+import subprocess
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -80,22 +84,30 @@ def model_cases(device: str) -> dict[str, Case]:
     return cases
 
 
-def _peak_live_bytes(prof) -> int:
-    """Peak of the bytes allocated and not yet freed, from a memory-profiled run."""
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
+#: glibc keeps freed blocks below its dynamic mmap threshold (up to 32 MiB) in the heap,
+#: and an RSS peak then counts that cache, which depends on what ran before (it moved
+#: the ratios by up to 0.5x between runs). On CPU the peaks are therefore measured in a
+#: child process whose threshold is fixed at glibc's initial 128 KiB, every method
+#: alike: large blocks go back to the OS when freed and the RSS peak follows live
+#: tensors. The timings run in the bench's own process, with the default allocator.
+MMAP_THRESHOLD = 128 * 2**10
 
 
 class _Memory:
-    """Peak memory of a call, counted as tensors allocated through torch and not yet
-    freed: CUDA's allocator stats, or on CPU the profiler's allocation events."""
+    """Peak memory of a call: CUDA allocator stats, or the RSS high-water mark on Linux."""
 
     def __init__(self, device: str) -> None:
         self.device = device
+        self.cpu_ok = os.path.exists("/proc/self/clear_refs")
+        try:
+            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except OSError:
+            self._trim = None
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return int(re.search(rf"{key}:\s+(\d+)", f.read()).group(1)) * 1024
 
     @contextmanager
     def measure(self) -> Iterator[dict]:
@@ -110,10 +122,16 @@ class _Memory:
             torch.cuda.synchronize()
             out["peak_bytes"] = torch.cuda.max_memory_allocated() - base
             return
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        if not self.cpu_ok:
             yield out
-        out["peak_bytes"] = _peak_live_bytes(prof)
+            return
+        if self._trim is not None:
+            self._trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = self._status("VmRSS")
+        yield out
+        out["peak_bytes"] = max(0, self._status("VmHWM") - base)
 
 
 def _methods(model: nn.Module, x: Inputs, y: torch.Tensor, V: torch.Tensor, loss: str
@@ -213,12 +231,54 @@ def counted_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
+def _inputs(case: Case, model: nn.Module, B: int, device: str) -> tuple[Inputs, torch.Tensor, torch.Tensor]:
+    """x, y and K_REFS reference vectors V (K, P) for a batch of B."""
+    x = case.make_x(B)
+    if case.loss == "causal_lm":
+        y = x["input_ids"]
+    else:
+        with torch.no_grad():
+            n_out = call_model(model, take(x, 0)).shape[-1]
+        y = torch.randint(0, n_out, (B,), device=device)
+    P = sum(p.numel() for p in model.parameters())
+    return x, y, torch.randn(K_REFS, P, device=device)
+
+
+def peak_memory(name: str, B: int, device: str) -> dict[str, int | None]:
+    """{method: peak bytes of one call after a warm-up} for one model and batch size."""
+    case = model_cases(device)[name]
+    torch.manual_seed(0)
+    model = case.factory().to(device).eval()
+    memory, peaks = _Memory(device), {}
+    for method, fn in _methods(model, *_inputs(case, model, B, device), case.loss).items():
+        try:
+            fn()
+            with memory.measure() as mem:
+                fn()
+            peaks[method] = mem.get("peak_bytes")
+        except Exception:  # noqa: BLE001 - a peer that does not support a layer
+            peaks[method] = None
+    return peaks
+
+
+def _peaks(name: str, B: int, device: str) -> dict[str, int | None]:
+    """:func:`peak_memory`, on CPU in a child process with a fixed mmap threshold."""
+    if device == "cuda":
+        return peak_memory(name, B, device)
+    code = ("import json, sys; from gradscore.bench import peak_memory; "
+            f"print(json.dumps(peak_memory({name!r}, {B}, {device!r})))")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def run_bench(batches: tuple[int, ...] = (64, 256), repeats: int = 3, device: str | None = None,
               models: tuple[str, ...] | None = None, echo: Callable[[str], None] = print) -> dict:
     """Time and measure every method on every model and batch; return the results dict."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    memory = _Memory(device)
     cases = model_cases(device)
     results = []
     for name in models or tuple(cases):
@@ -227,14 +287,8 @@ def run_bench(batches: tuple[int, ...] = (64, 256), repeats: int = 3, device: st
         model = case.factory().to(device).eval()
         P = sum(p.numel() for p in model.parameters())
         for B in case.batches or batches:
-            x = case.make_x(B)
-            if case.loss == "causal_lm":
-                y = x["input_ids"]
-            else:
-                with torch.no_grad():
-                    n_out = call_model(model, take(x, 0)).shape[-1]
-                y = torch.randint(0, n_out, (B,), device=device)
-            V = torch.randn(K_REFS, P, device=device)
+            x, y, V = _inputs(case, model, B, device)
+            peaks = _peaks(name, B, device)
             base = None
             echo(f"\n{name} (P={P:,}), batch {B}:")
             echo(f"  {'method':<12} {'time':>9} {'x plain':>8} {'floor':>6} {'flops':>6} {'peak mem':>10} {'x plain':>8}")
@@ -243,8 +297,8 @@ def run_bench(batches: tuple[int, ...] = (64, 256), repeats: int = 3, device: st
                     fn()
                     sync()
                     t0 = time.perf_counter()
-                    with memory.measure() as mem:
-                        fn()
+                    fn()
+                    sync()
                     once = time.perf_counter() - t0
                     # fast calls get more repeats (about 0.3 s worth, at most 50): fewer are noise
                     best = best_time(fn, max(repeats, min(50, int(0.3 / max(once, 1e-6)))), sync)
@@ -252,8 +306,9 @@ def run_bench(batches: tuple[int, ...] = (64, 256), repeats: int = 3, device: st
                     echo(f"  {method:<12} n/a ({type(e).__name__}: {str(e).splitlines()[0][:60]})")
                     results.append({"model": name, "batch": B, "method": method, "error": str(e)[:200]})
                     continue
+                mem = {"peak_bytes": peaks.get(method)}
                 if method == "plain":
-                    base = {"seconds": best, "peak_bytes": mem.get("peak_bytes"), "flops": counted_flops(fn)}
+                    base = {"seconds": best, "peak_bytes": mem["peak_bytes"], "flops": counted_flops(fn)}
                 flops = counted_flops(fn) / base["flops"] if method.startswith("ghost") and base["flops"] else None
                 row = {"model": name, "params": P, "batch": B, "method": method, "seconds": best,
                        "ratio_to_plain": best / base["seconds"], "floor": FLOORS.get(method),
