@@ -137,25 +137,23 @@ def _conv_dots(layer: nn.Module, x: torch.Tensor, d: torch.Tensor, V: torch.Tens
     return torch.einsum("bgkol,bgol->bk", y.reshape(B, G, K, d_out, -1), d.to(acc).reshape(B, G, d_out, -1))
 
 
-def _conv_slice(layer: nn.Module, acts, grads, refs, K, form: str, budget: int):
-    d_all = cat_calls([d.reshape(d.shape[0], layer.out_channels, -1) for d in grads], 2)  # (b, C_out, L)
-    sq, dots = bias_term(d_all.sum(2), refs, K)
-    if "weight" not in refs:
-        return sq, dots
+def _weight_slice(layer: nn.Module, acts, grads, refs, K, form: str, budget: int):
+    """The weight's sq (b,), dots (b, K) for a slice of examples."""
     if form == "pixel":
         x, d = acts[0], grads[0]
-        sq = sq + _pixel_sq(layer, x, d, _geometry(layer, x.shape))
-        return sq, (dots + _conv_dots(layer, x, d, refs["weight"]) if K else dots)
+        sq = _pixel_sq(layer, x, d, _geometry(layer, x.shape))
+        return sq, (_conv_dots(layer, x, d, refs["weight"]) if K else sq.new_zeros((sq.shape[0], 0)))
     a_all = cat_calls([_patches(layer, x) for x in acts], 1)                         # (b, L, C_in·k)
+    d_all = cat_calls([d.reshape(d.shape[0], layer.out_channels, -1) for d in grads], 2)  # (b, C_out, L)
     G = layer.groups
     d_in, d_out = a_all.shape[2] // G, layer.out_channels // G
+    parts = []
     for g in range(G):
         a = a_all[:, :, g * d_in:(g + 1) * d_in]                                   # (b, L, d_in)
         d = d_all[:, g * d_out:(g + 1) * d_out].transpose(1, 2)                    # (b, L, d_out)
         V = refs["weight"][:, g * d_out:(g + 1) * d_out].reshape(K, d_out, d_in) if K else None
-        w_sq, w_dots = ghost_linear(a, d, V, form=form, workspace=budget)
-        sq, dots = sq + w_sq, dots + w_dots
-    return sq, dots
+        parts.append(ghost_linear(a, d, V, form=form, workspace=budget))
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
 
 def _slice_bytes(layer: nn.Module, acts, grads, geo: _Geometry, form: str, K: int) -> int:
@@ -174,10 +172,13 @@ def _slice_bytes(layer: nn.Module, acts, grads, geo: _Geometry, form: str, K: in
 @register_rule(nn.Conv1d, nn.Conv2d, supports=_supports)
 def conv(layer: nn.Module, acts, grads, refs, K):
     B = acts[0].shape[0]
+    sq, dots = bias_term(cat_calls([d.reshape(B, layer.out_channels, -1) for d in grads], 2).sum(2), refs, K)
+    if "weight" not in refs:
+        return sq, dots
     geo = _geometry(layer, acts[0].shape)
-    form = plan(layer, geo, len(acts), K) if "weight" in refs else "outer"
+    form = plan(layer, geo, len(acts), K)
     budget = workspace_bytes(*acts, *grads)
     step = max(1, budget // _slice_bytes(layer, acts, grads, geo, form, K))
-    parts = [_conv_slice(layer, [x[i:i + step] for x in acts], [d[i:i + step] for d in grads], refs, K, form, budget)
+    parts = [_weight_slice(layer, [x[i:i + step] for x in acts], [d[i:i + step] for d in grads], refs, K, form, budget)
              for i in range(0, B, step)]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return sq + torch.cat([p[0] for p in parts]), dots + torch.cat([p[1] for p in parts])
