@@ -138,9 +138,11 @@ def _methods(model: nn.Module, x: Inputs, y: torch.Tensor, V: torch.Tensor, loss
              ) -> dict[str, Callable[[], object]]:
     loss_fn = resolve_loss(loss).fn
 
+    # each method frees what it made (gradients, grad samples) before it returns, so that
+    # a call starts from the same memory as any other and its peak counts them
     def plain():
-        model.zero_grad(set_to_none=True)
         loss_fn(call_model(model, x), y).sum().backward()
+        model.zero_grad(set_to_none=True)
 
     def with_kernels(name: str, fn: Callable[[], object]) -> Callable[[], object]:
         def run():
@@ -183,11 +185,12 @@ def _peers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor) 
               zip(V.split([p.numel() for p in params], dim=1), params)]
 
         def opacus_run():
-            gsm.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
             gs = [p.grad_sample.reshape(x.shape[0], -1) for p in params]
             sq = sum(g.pow(2).sum(1) for g in gs)
             dots = sum(g @ v.reshape(V.shape[0], -1).T for g, v in zip(gs, Vs))
+            del gs
+            gsm.zero_grad(set_to_none=True)   # drops .grad and .grad_sample
             return sq, dots
         peers["opacus"] = opacus_run
     except ImportError:
@@ -199,10 +202,11 @@ def _peers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor) 
         bp_loss = extend(nn.CrossEntropyLoss(reduction="sum"))
 
         def backpack_run():
-            bp_model.zero_grad(set_to_none=True)
             with backpack(BatchL2Grad()):
                 bp_loss(bp_model(x), y).backward()
-            return sum(p.batch_l2 for p in bp_model.parameters())
+            sq = sum(p.batch_l2 for p in bp_model.parameters())
+            bp_model.zero_grad(set_to_none=True)
+            return sq
         peers["backpack_l2"] = backpack_run
     except ImportError:
         pass
