@@ -1,12 +1,13 @@
 """Per-example gradient engines against one plain batched forward+backward, side by side.
 
-For each model (an MLP 784-1024-1024-10, the demo CNN, a 2-layer d=128 transformer on
-T=64 tokens, and with ``transformers`` installed the LM demo's GPT-2 (2 layers, d=64,
-causal LM loss) at T=128, batch 32) and batch size, every method is timed (best of ``repeats`` after a warm-up,
-more for calls shorter than 0.1 s)
-and its peak memory measured in the same process:
+For each model (an MLP 784-1024-1024-10, the demo CNN and its 128-channel version of
+0.56M parameters, a 2-layer d=128 transformer on T=64 tokens, and with ``transformers``
+installed the LM demo's GPT-2 (2 layers, d=64, causal LM loss) at T=128, batch 32) and
+batch size, every method is timed (best of ``repeats`` after a warm-up, more for calls
+shorter than 0.1 s) and its peak memory measured:
 
-- ``plain``: forward + backward of the summed loss, the 1.0x line;
+- ``plain``: forward + backward of the summed loss, the 1.0x line; it is timed again
+  alternately with every method (best of each), and each ratio is to those paired runs;
 - ``loop``: per-example autograd, norms + K=2 dots;  ``vmap_torch`` / ``vmap_fused``:
   vmap(grad) with the torch reference / fused kernel reduction, K=2;
 - ``ghost_k0`` (norms only) and ``ghost_k2``, with their floor (2+K)/3 of plain: ghost
@@ -227,6 +228,18 @@ def best_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None] =
     return best
 
 
+def paired_times(fn: Callable[[], object], plain: Callable[[], object], repeats: int,
+                 sync: Callable[[], None] = lambda: None) -> tuple[float, float]:
+    """Best wall times of ``fn`` and of ``plain``, called alternately ``repeats`` times each,
+    so that their ratio is not moved by the machine speeding up or slowing down between
+    one method and the next."""
+    best_fn = best_plain = float("inf")
+    for _ in range(repeats):
+        best_plain = min(best_plain, best_time(plain, 1, sync))
+        best_fn = min(best_fn, best_time(fn, 1, sync))
+    return best_fn, best_plain
+
+
 def counted_flops(fn: Callable[[], object]) -> int:
     """Matmul and convolution flops of one call of ``fn`` (``torch.utils.flop_counter``)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -296,16 +309,14 @@ def run_bench(batches: tuple[int, ...] = (64, 256), repeats: int = 3, device: st
             base = None
             echo(f"\n{name} (P={P:,}), batch {B}:")
             echo(f"  {'method':<12} {'time':>9} {'x plain':>8} {'floor':>6} {'flops':>6} {'peak mem':>10} {'x plain':>8}")
-            for method, fn in _methods(model, x, y, V, case.loss).items():
+            methods = _methods(model, x, y, V, case.loss)
+            for method, fn in methods.items():
                 try:
                     fn()
-                    sync()
-                    t0 = time.perf_counter()
-                    fn()
-                    sync()
-                    once = time.perf_counter() - t0
-                    # fast calls get more repeats (about 0.3 s worth, at most 50): fewer are noise
-                    best = best_time(fn, max(repeats, min(50, int(0.3 / max(once, 1e-6)))), sync)
+                    once = best_time(fn, 1, sync)
+                    # fast calls get more repeats (about 0.3 s worth, at most 50): fewer are noise;
+                    # plain runs between them, and the ratio is to those paired plain runs
+                    best, paired = paired_times(fn, methods["plain"], max(repeats, min(50, int(0.3 / max(once, 1e-6)))), sync)
                 except Exception as e:  # noqa: BLE001 - a peer that does not support a layer
                     echo(f"  {method:<12} n/a ({type(e).__name__}: {str(e).splitlines()[0][:60]})")
                     results.append({"model": name, "batch": B, "method": method, "error": str(e)[:200]})
@@ -315,7 +326,8 @@ def run_bench(batches: tuple[int, ...] = (64, 256), repeats: int = 3, device: st
                     base = {"seconds": best, "peak_bytes": mem["peak_bytes"], "flops": counted_flops(fn)}
                 flops = counted_flops(fn) / base["flops"] if method.startswith("ghost") and base["flops"] else None
                 row = {"model": name, "params": P, "batch": B, "method": method, "seconds": best,
-                       "ratio_to_plain": best / base["seconds"], "floor": FLOORS.get(method),
+                       "plain_seconds_paired": paired,
+                       "ratio_to_plain": best / paired, "floor": FLOORS.get(method),
                        "flops_ratio_to_plain": flops, "peak_bytes": mem.get("peak_bytes")}
                 if mem.get("peak_bytes") is not None and base["peak_bytes"]:
                     row["peak_ratio_to_plain"] = mem["peak_bytes"] / base["peak_bytes"]
