@@ -137,11 +137,11 @@ def _conv_dots(layer: nn.Module, x: torch.Tensor, d: torch.Tensor, V: torch.Tens
     return torch.einsum("bgkol,bgol->bk", y.reshape(B, G, K, d_out, -1), d.to(acc).reshape(B, G, d_out, -1))
 
 
-def _weight_slice(layer: nn.Module, acts, grads, refs, K, form: str, budget: int):
+def _weight_slice(layer: nn.Module, acts, grads, refs, K, form: str, geo: _Geometry, budget: int):
     """The weight's sq (b,), dots (b, K) for a slice of examples."""
     if form == "pixel":
         x, d = acts[0], grads[0]
-        sq = _pixel_sq(layer, x, d, _geometry(layer, x.shape))
+        sq = _pixel_sq(layer, x, d, geo)
         return sq, (_conv_dots(layer, x, d, refs["weight"]) if K else sq.new_zeros((sq.shape[0], 0)))
     a_all = cat_calls([_patches(layer, x) for x in acts], 1)                         # (b, L, C_in·k)
     d_all = cat_calls([d.reshape(d.shape[0], layer.out_channels, -1) for d in grads], 2)  # (b, C_out, L)
@@ -179,6 +179,6 @@ def conv(layer: nn.Module, acts, grads, refs, K):
     form = plan(layer, geo, len(acts), K)
     budget = workspace_bytes(*acts, *grads)
     step = max(1, budget // _slice_bytes(layer, acts, grads, geo, form, K))
-    parts = [_weight_slice(layer, [x[i:i + step] for x in acts], [d[i:i + step] for d in grads], refs, K, form, budget)
-             for i in range(0, B, step)]
+    parts = [_weight_slice(layer, [x[i:i + step] for x in acts], [d[i:i + step] for d in grads], refs, K, form, geo,
+                           budget) for i in range(0, B, step)]
     return sq + torch.cat([p[0] for p in parts]), dots + torch.cat([p[1] for p in parts])
