@@ -145,27 +145,34 @@ def test_conv_in_slices_equals_one_piece(monkeypatch):
 
 
 @pytest.mark.parametrize("K", [0, 2])
-def test_conv_blocks_stay_within_the_layers_captured_bytes(monkeypatch, K):
+@pytest.mark.parametrize("form", ["outer", "gram", "grouped"])
+def test_conv_blocks_stay_within_the_layers_captured_bytes(monkeypatch, form, K):
     """With the 2 MiB floor off, every im2col slice and every per-example gradient or Gram
     block of a conv is no larger than the layer's input plus its output gradient, and
     the numbers still equal the loop's."""
     import gradscore.kernels.ghost_linear as gl
     from gradscore.engines.rules import conv
     monkeypatch.setattr(gl, "MIN_WORKSPACE_BYTES", 0)
+    monkeypatch.setattr(conv, "plan", lambda *args, **kwargs: form)
     largest = [0]
-    patches, bmm = conv._patches, torch.bmm
 
-    def record(out):
-        largest[0] = max(largest[0], out.numel() * out.element_size())
-        return out
-    monkeypatch.setattr(conv, "_patches", lambda layer, x: record(patches(layer, x)))
-    monkeypatch.setattr(torch, "bmm", lambda *a, **k: record(bmm(*a, **k)))
+    def record(fn):
+        def run(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            largest[0] = max(largest[0], out.numel() * out.element_size())
+            return out
+        return run
+    monkeypatch.setattr(conv, "_patches", record(conv._patches))
+    monkeypatch.setattr(torch, "bmm", record(torch.bmm))
+    monkeypatch.setattr(torch.nn.grad, "conv2d_weight", record(torch.nn.grad.conv2d_weight))
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 3)).double().eval()
-    x = torch.randn(64, 4, 8, 8, dtype=torch.float64)
+    # wide and small: a per-example gradient (16·16·9) outweighs an example's input and δ
+    model = nn.Sequential(nn.Conv2d(16, 16, 3), nn.Flatten(), nn.Linear(16 * 4 * 4, 3)).double().eval()
+    x = torch.randn(64, 16, 6, 6, dtype=torch.float64)
+    model[2].requires_grad_(False)      # frozen head: every recorded block is the conv's
+    captured = (x.numel() + 64 * 16 * 4 * 4) * 8        # the conv's input and δ, float64
+    whole = 64 * 16 * 16 * 9 * 8                        # all 64 examples' patches, or gradients
     _compare(model, x, K)
-    captured = x.numel() * 8 + 64 * 8 * 6 * 6 * 8       # the conv's input and δ, float64
-    whole = 64 * 6 * 6 * 4 * 9 * 8                      # all 64 examples' patches at once
     assert 0 < largest[0] <= captured < whole
 
 
@@ -183,25 +190,27 @@ class ConvTwice(nn.Module):
 
 
 @pytest.mark.parametrize("K", [0, 3])
-@pytest.mark.parametrize("form", ["outer", "gram", "pixel"])
+@pytest.mark.parametrize("form", ["outer", "gram", "pixel", "grouped"])
 @pytest.mark.parametrize("name", ["cnn", "conv1d_groupnorm_seq_linear", "conv_twice"])
 def test_every_conv_form_equals_loop(monkeypatch, name, form, K):
     from gradscore.engines.rules import conv
     # the pixel form takes single calls only: a layer called twice keeps the outer form
-    monkeypatch.setattr(conv, "plan", lambda layer, geo, calls, K: form if calls == 1 or form != "pixel" else "outer")
+    monkeypatch.setattr(conv, "plan", lambda layer, geo, calls, K, cuda=False: form if calls == 1 or form != "pixel" else "outer")
     model, x = (ConvTwice(), torch.randn(5, 3, 9, 10)) if name == "conv_twice" else _case(name)
     _compare(model, x, K)
 
 
 def test_conv_plan_follows_the_cost_of_each_form():
     """Wide channels on a small image: the pixel Gram for norms, the outer form once the
-    references' convolutions cost more than a per-example gradient; narrow: outer."""
+    references' convolutions cost more than a per-example gradient; narrow: the grouped
+    form, which copies no patches, or on CUDA the outer form's Triton kernel."""
     from gradscore.engines.rules.conv import _geometry, plan
     x = torch.zeros(1, 128, 8, 8)
     wide, narrow = digits_cnn(channels=128)[2], digits_cnn(channels=16)[2]
     assert plan(wide, _geometry(wide, x.shape), 1, 0) == "pixel"
     assert plan(wide, _geometry(wide, x.shape), 1, 2) == "outer"
-    assert plan(narrow, _geometry(narrow, x.shape), 1, 0) == "outer"
+    assert plan(narrow, _geometry(narrow, x.shape), 1, 0) == "grouped"
+    assert plan(narrow, _geometry(narrow, x.shape), 1, 0, cuda=True) == "outer"
 
 
 def test_auto_picks_ghost_when_every_layer_has_a_rule():

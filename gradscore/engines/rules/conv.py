@@ -7,6 +7,10 @@ forms per layer, whichever costs fewer multiply-adds (:func:`plan`):
 
 - ``outer`` / ``gram``: im2col patches through ``kernels.ghost_linear`` (the per-example
   gradient of a sub-batch, or the (L, L) Grams of patches and δ);
+- ``grouped`` (CPU): the per-example gradients of a sub-batch as the weight gradient of
+  one convolution whose b·groups groups are the examples' (``torch.nn.grad``), with no
+  im2col copy; then ``norm_dot``. Same multiply-adds as ``outer`` in one call, and no
+  loop over groups: it wins for narrow and depthwise convs;
 - ``pixel``: no im2col and no per-example gradient. The Gram of patches is a sum over
   the k kernel offsets of shifted blocks of the Gram of input pixels,
   ⟨a_bl, a_bm⟩ = Σ_offsets ⟨x_b[l + o], x_b[m + o]⟩, so ‖g_b‖² = ⟨Σ_o shift_o(X_bᵀX_b), δ_bᵀδ_b⟩
@@ -28,13 +32,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...kernels.ghost_linear import ghost_linear, workspace_bytes
-from ...kernels.norm_dot import acc_dtype
+from ...kernels.norm_dot import acc_dtype, norm_dot
 from .linear import cat_calls
 from .registry import bias_term, register_rule
 
 #: multiply-adds one element of a strided elementwise pass (an im2col copy, a shifted
 #: sum) costs against a GEMM's, in :func:`plan`; measured about 16 on a 2-core CPU
 ELEMENTWISE_COST = 16
+#: the ``grouped`` form's multiply-adds against the ``outer`` form's batched GEMM on
+#: im2col patches: one convolution per example costs more per multiply-add but copies no
+#: patches; measured 1.0-1.35 on a 2-core CPU (the demo's, CIFAR-size and strided convs)
+GROUPED_COST = 1.25
 
 
 def _supports(m: nn.Module) -> str | None:
@@ -88,8 +96,10 @@ def _patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return view.reshape(B, C * kh * kw, geo.Ho * geo.Wo).transpose(1, 2)
 
 
-def plan(layer: nn.Module, geo: _Geometry, calls: int, K: int) -> str:
-    """``"outer"``, ``"gram"`` or ``"pixel"``: the fewest multiply-adds per example and group."""
+def plan(layer: nn.Module, geo: _Geometry, calls: int, K: int, cuda: bool = False) -> str:
+    """``"outer"``, ``"gram"``, ``"pixel"`` or (not on CUDA, where the outer form's Triton
+    kernel keeps per-example gradients in tiles) ``"grouped"``: the fewest multiply-adds
+    per example and group."""
     G = layer.groups
     c_in, c_out = layer.in_channels // G, layer.out_channels // G
     k = geo.k[0] * geo.k[1]
@@ -99,6 +109,8 @@ def plan(layer: nn.Module, geo: _Geometry, calls: int, K: int) -> str:
     project = K * L * d_in * c_out                          # one convolution per reference
     cost = {"outer": L * d_in * c_out + K * d_in * c_out + im2col,
             "gram": L * L * (d_in + c_out) + project + im2col}
+    if not cuda:
+        cost["grouped"] = GROUPED_COST * L * d_in * c_out + K * d_in * c_out
     if calls == 1:
         shifts = N * N + geo.Hp ** 2 * geo.Wo ** 2 * geo.k[1] + L * L * (geo.k[0] + 3)
         cost["pixel"] = N * N * c_in + L * L * c_out + ELEMENTWISE_COST * shifts + project
@@ -137,8 +149,26 @@ def _conv_dots(layer: nn.Module, x: torch.Tensor, d: torch.Tensor, V: torch.Tens
     return torch.einsum("bgkol,bgol->bk", y.reshape(B, G, K, d_out, -1), d.to(acc).reshape(B, G, d_out, -1))
 
 
+def _grouped(layer: nn.Module, acts, grads, V: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """‖g_b(W)‖² (b,), ⟨g_b(W), V_k⟩ (b, K) from the per-example gradients (b, P_W), each
+    call's made as the weight gradient of one convolution with b·groups groups."""
+    acc = acc_dtype(acts[0].dtype)
+    b, G = acts[0].shape[0], layer.groups
+    weight_grad = torch.nn.grad.conv1d_weight if isinstance(layer, nn.Conv1d) else torch.nn.grad.conv2d_weight
+    pad = 0 if isinstance(layer.padding, str) else layer.padding      # 'valid': the only string kept
+    shape = (b * layer.out_channels, *layer.weight.shape[1:])
+    g = None
+    for x, d in zip(acts, grads):
+        gi = weight_grad(x.to(acc).reshape(1, -1, *x.shape[2:]), shape, d.to(acc).reshape(1, -1, *d.shape[2:]),
+                         layer.stride, pad, layer.dilation, b * G)
+        g = gi if g is None else g.add_(gi)
+    return norm_dot(g.reshape(b, -1), None if V is None else V.reshape(V.shape[0], -1))
+
+
 def _weight_slice(layer: nn.Module, acts, grads, refs, K, form: str, geo: _Geometry, budget: int):
     """The weight's sq (b,), dots (b, K) for a slice of examples."""
+    if form == "grouped":
+        return _grouped(layer, acts, grads, refs["weight"] if K else None)
     if form == "pixel":
         x, d = acts[0], grads[0]
         sq = _pixel_sq(layer, x, d, geo)
@@ -158,13 +188,14 @@ def _weight_slice(layer: nn.Module, acts, grads, refs, K, form: str, geo: _Geome
 
 def _slice_bytes(layer: nn.Module, acts, grads, geo: _Geometry, form: str, K: int) -> int:
     """Bytes of one example's transient blocks: its im2col patches and per-example
-    gradient or (L, L) Grams of one group, or, in the pixel form, its pixel Grams and
-    reference convolutions."""
+    gradient or (L, L) Grams of one group, or its per-example gradient (grouped form),
+    or, in the pixel form, its pixel Grams and reference convolutions."""
     G, L = layer.groups, geo.Ho * geo.Wo * len(acts)
     d_in, d_out = layer.in_channels // G * math.prod(layer.kernel_size), layer.out_channels // G
     patches = sum(x[0].numel() for x in acts) * math.prod(layer.kernel_size)
     N = geo.Hp * geo.Wp
     elements = {"outer": patches + d_in * d_out, "gram": patches + 2 * L * L,
+                "grouped": min(2, len(acts)) * G * d_in * d_out,   # the running sum over calls, and one call's
                 "pixel": G * (2 * N * N + geo.Hp ** 2 * geo.Wo ** 2 + 3 * L * L) + K * layer.out_channels * L}[form]
     return elements * torch.finfo(acc_dtype(acts[0].dtype)).bits // 8
 
@@ -176,7 +207,7 @@ def conv(layer: nn.Module, acts, grads, refs, K):
     if "weight" not in refs:
         return sq, dots
     geo = _geometry(layer, acts[0].shape)
-    form = plan(layer, geo, len(acts), K)
+    form = plan(layer, geo, len(acts), K, acts[0].is_cuda)
     budget = workspace_bytes(*acts, *grads)
     step = max(1, budget // _slice_bytes(layer, acts, grads, geo, form, K))
     parts = [_weight_slice(layer, [x[i:i + step] for x in acts], [d[i:i + step] for d in grads], refs, K, form, geo,
