@@ -1,7 +1,8 @@
 """Per-example gradient engines against one plain batched forward+backward, side by side.
 
 For each model (an MLP 784-1024-1024-10, the demo CNN and its 128-channel version of
-0.56M parameters, a 2-layer d=128 transformer on T=64 tokens, and with ``transformers``
+0.56M parameters, a 25k-parameter CNN on 3x32x32 inputs with a strided and a
+depthwise-separable conv, a 2-layer d=128 transformer on T=64 tokens, and with ``transformers``
 installed the LM demo's GPT-2 (2 layers, d=64, causal LM loss) at T=128, batch 32) and
 batch size, every method is timed (best of ``repeats`` after a warm-up, more for calls
 shorter than 0.1 s) and its peak memory measured:
@@ -64,6 +65,16 @@ class Case(NamedTuple):
     batches: tuple[int, ...] | None = None   # None: the --batches given
 
 
+def _cifar_cnn() -> nn.Module:
+    """A CNN on 3x32x32 inputs (25k parameters): a 3x3 conv, a strided one, then a
+    depthwise-separable block (3x3 depthwise, 1x1 pointwise), global pooling, linear."""
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.Conv2d(64, 64, 3, padding=1, groups=64), nn.ReLU(),
+                         nn.Conv2d(64, 64, 1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+
 def model_cases(device: str) -> dict[str, Case]:
     """name -> :class:`Case`. The GPT-2 case (T = 128, batch 32) needs ``transformers``."""
     cases = {
@@ -72,6 +83,7 @@ def model_cases(device: str) -> dict[str, Case]:
         "digits_cnn": Case(lambda: digits_cnn(), lambda B: torch.rand(B, 1, 8, 8, device=device)),
         # the 0.56M-parameter CNN on 8x8 inputs that the ghost issue's peer figures were taken on
         "digits_cnn_c128": Case(lambda: digits_cnn(channels=128), lambda B: torch.rand(B, 1, 8, 8, device=device)),
+        "cifar_cnn_dw": Case(_cifar_cnn, lambda B: torch.randn(B, 3, 32, 32, device=device)),
         "transformer_d128_T64": Case(lambda: tiny_transformer(vocab=1000, d=128, heads=4, layers=2, n_classes=10),
                                      lambda B: torch.randint(0, 1000, (B, 64), device=device)),
     }
@@ -240,10 +252,26 @@ def paired_times(fn: Callable[[], object], plain: Callable[[], object], repeats:
     return best_fn, best_plain
 
 
+def _conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
+                        output_padding, groups, output_mask, out_shape=None, **kwargs) -> int:
+    """torch's count for a convolution's backward, with the weight gradient's divided by
+    ``groups``: torch counts that part as a dense convolution, ``groups`` times too many
+    flops for a depthwise conv, and b·groups times for the ghost conv rule's grouped form."""
+    from torch.utils.flop_counter import conv_backward_flop
+    on_shapes = getattr(conv_backward_flop, "__wrapped__", conv_backward_flop)   # torch's, unwrapped
+
+    def count(mask: list[bool]) -> int:
+        return on_shapes(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
+                                  output_padding, groups, mask, out_shape)
+    return count([output_mask[0], False, False]) + count([False, output_mask[1], False]) // groups
+
+
 def counted_flops(fn: Callable[[], object]) -> int:
-    """Matmul and convolution flops of one call of ``fn`` (``torch.utils.flop_counter``)."""
+    """Matmul and convolution flops of one call of ``fn`` (``torch.utils.flop_counter``,
+    with grouped convolutions' weight gradients counted per group)."""
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop}
+                         ) as counter:
         fn()
     return counter.get_total_flops()
 

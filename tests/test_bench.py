@@ -1,4 +1,6 @@
-"""The benchmark's CPU memory count follows live tensors, as the bench's child measures it."""
+"""The benchmark's own measurements: the CPU memory count follows live tensors, as the
+bench's child measures it, and the flop count counts a grouped conv's weight gradient
+per group."""
 from __future__ import annotations
 
 import json
@@ -7,8 +9,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from gradscore.bench import MMAP_THRESHOLD
+from gradscore.bench import MMAP_THRESHOLD, counted_flops
 
 CHILD = """
 import json, torch
@@ -35,3 +38,15 @@ def test_cpu_peak_counts_live_tensors_not_total_allocations():
     sequential, together = json.loads(done.stdout.strip().splitlines()[-1])
     assert 3.5 * 2**20 <= sequential < 6 * 2**20          # one 4 MiB tensor at a time
     assert 11.5 * 2**20 <= together < 14 * 2**20          # three alive together
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_grouped_conv_weight_gradient_counts_the_flops_of_its_groups(groups):
+    """The weight gradient of b examples as one conv with b·groups groups costs what b
+    one-example weight gradients cost (torch's own formula counts it as dense)."""
+    x, d = torch.randn(5, 8, 6, 6), torch.randn(5, 8, 4, 4)
+    one = counted_flops(lambda: torch.nn.grad.conv2d_weight(x[:1], (8, 8 // groups, 3, 3), d[:1], groups=groups))
+    grouped = counted_flops(lambda: torch.nn.grad.conv2d_weight(
+        x.reshape(1, 40, 6, 6), (40, 8 // groups, 3, 3), d.reshape(1, 40, 4, 4), groups=5 * groups))
+    assert one == 2 * 8 * 8 // groups * 9 * 16       # multiply-adds x 2 of one example's gradient
+    assert grouped == 5 * one
