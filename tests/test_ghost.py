@@ -177,16 +177,18 @@ def test_conv_blocks_stay_within_the_layers_captured_bytes(monkeypatch, form, K)
 
 
 class ConvTwice(nn.Module):
-    """Non-square kernel, stride and dilation, 'valid' depthwise conv, one conv called twice."""
+    """Non-square kernel, stride and dilation, 'valid' depthwise conv, one conv called
+    twice, a 1x1 conv (whose patches are its input)."""
 
     def __init__(self):
         super().__init__()
         self.a = nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2))
         self.b = nn.Conv2d(4, 4, 2, padding="valid", groups=4)
-        self.head = nn.Linear(4 * 3 * 6, 3)
+        self.c = nn.Conv2d(4, 5, 1)
+        self.head = nn.Linear(5 * 3 * 6, 3)
 
     def forward(self, x):
-        return self.head(self.b(torch.tanh(self.b(torch.tanh(self.a(x))))).flatten(1))
+        return self.head(self.c(self.b(torch.tanh(self.b(torch.tanh(self.a(x)))))).flatten(1))
 
 
 @pytest.mark.parametrize("K", [0, 3])
@@ -211,6 +213,11 @@ def test_conv_plan_follows_the_cost_of_each_form():
     assert plan(wide, _geometry(wide, x.shape), 1, 2) == "outer"
     assert plan(narrow, _geometry(narrow, x.shape), 1, 0) == "grouped"
     assert plan(narrow, _geometry(narrow, x.shape), 1, 0, cuda=True) == "outer"
+    # depthwise: the grouped form has no loop over groups; 1x1: the patches are the input
+    x = torch.zeros(1, 64, 16, 16)
+    depthwise, pointwise = nn.Conv2d(64, 64, 3, padding=1, groups=64), nn.Conv2d(64, 64, 1)
+    assert plan(depthwise, _geometry(depthwise, x.shape), 1, 0) == "grouped"
+    assert plan(pointwise, _geometry(pointwise, x.shape), 1, 0) == "outer"
 
 
 def test_auto_picks_ghost_when_every_layer_has_a_rule():

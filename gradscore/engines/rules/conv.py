@@ -42,7 +42,7 @@ ELEMENTWISE_COST = 16
 #: the ``grouped`` form's multiply-adds against the ``outer`` form's batched GEMM on
 #: im2col patches: one convolution per example costs more per multiply-add but copies no
 #: patches; measured 1.0-1.35 on a 2-core CPU (the demo's, CIFAR-size and strided convs)
-GROUPED_COST = 1.25
+GROUPED_COST = 1.2
 
 
 def _supports(m: nn.Module) -> str | None:
@@ -80,7 +80,7 @@ def _geometry(layer: nn.Module, shape: torch.Size) -> _Geometry:
 def _padded(layer: nn.Module, x: torch.Tensor, geo: _Geometry) -> torch.Tensor:
     """The zero-padded input as (B, C, Hp, Wp), contiguous."""
     x = x.unsqueeze(2) if isinstance(layer, nn.Conv1d) else x
-    return F.pad(x, (geo.pad[1], geo.pad[1], geo.pad[0], geo.pad[0])).contiguous()
+    return (F.pad(x, (geo.pad[1], geo.pad[1], geo.pad[0], geo.pad[0])) if any(geo.pad) else x).contiguous()
 
 
 def _patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +105,8 @@ def plan(layer: nn.Module, geo: _Geometry, calls: int, K: int, cuda: bool = Fals
     k = geo.k[0] * geo.k[1]
     L, N = calls * geo.Ho * geo.Wo, geo.Hp * geo.Wp
     d_in = c_in * k
-    im2col = ELEMENTWISE_COST * L * d_in
+    # a 1x1, stride-1, unpadded conv's patches are a view of its input
+    im2col = 0 if k == 1 and geo.stride == (1, 1) and not any(geo.pad) else ELEMENTWISE_COST * L * d_in
     project = K * L * d_in * c_out                          # one convolution per reference
     cost = {"outer": L * d_in * c_out + K * d_in * c_out + im2col,
             "gram": L * L * (d_in + c_out) + project + im2col}
