@@ -19,9 +19,18 @@ EPILOG = """examples:
 A killed `run` resumes where it stopped when rerun with the same options."""
 
 
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends an option's default to its help, unless it is None, empty or a flag's bool."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, "") or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _command(sub: argparse._SubParsersAction, name: str, **kwargs) -> argparse.ArgumentParser:
     """A subcommand whose --help shows every option's default."""
-    return sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+    return sub.add_parser(name, formatter_class=_ShowDefaults, **kwargs)
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
@@ -58,7 +67,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variants", default="", metavar="V,...",
                    help="also store pds_<V>/target_dot_<V> for V in cos (direction only), clip (‖g‖ clipped "
                    "at --clip-quantile), rank (per-checkpoint ranks), resid (log‖g‖ regressed out)")
-    p.add_argument("--clip-quantile", type=float, default=0.9)
+    p.add_argument("--clip-quantile", type=float, default=0.9, metavar="Q",
+                   help="the clip variant clips ‖g_nt‖ at this quantile of all ‖g_nt‖")
     _add_lm_reduction(p)
     p.add_argument("--distributed", action="store_true",
                    help="require torchrun (`torchrun --nproc-per-node N -m gradscore run ...`): ranks split "
@@ -440,15 +450,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "bench", help="time the engines against a plain forward+backward",
                  description="Time loop, vmap (torch and fused reduction) and ghost engines, "
                  "and Opacus/BackPACK when installed, as ratios to one plain batched "
-                 "forward+backward, with peak memory, on an MLP, the demo CNN and a small "
-                 "transformer; then `run` throughput on the demo setup.")
+                 "forward+backward, with peak memory, on an MLP, the demo CNN and its "
+                 "128-channel version, a CNN on 32x32 inputs, a small transformer and (with "
+                 "transformers installed) a small GPT-2; then `run` throughput and PDS "
+                 "timings on the demo setup.")
     p.add_argument("--batches", default="64,256", help="comma-separated batch sizes")
-    p.add_argument("--models", default=None, help="comma-separated subset of the models")
+    p.add_argument("--models", default=None, help="comma-separated subset of the models (default: all of "
+                   "mlp_784_1024_1024, digits_cnn, digits_cnn_c128, cifar_cnn_dw, transformer_d128_T64, "
+                   "gpt2_d64_T128)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (best is kept)")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"))
     p.add_argument("--epochs", type=int, default=3, help="demo checkpoints for the end-to-end part")
     p.add_argument("--no-end-to-end", dest="end_to_end", action="store_false",
-                   help="skip the end-to-end `run` throughput and the PDS timings")
+                   help="skip the end-to-end `run` throughput and the PDS timings (default: run them)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     p = sub.add_parser("info", help="describe a checkpoint dir, dataset or scores file",
                        description="Describe a checkpoint directory, a dataset file or a scores "
