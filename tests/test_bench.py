@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import measured_child
 
-from gradscore.bench import MMAP_THRESHOLD, counted_flops
+from gradscore.bench import counted_flops
 
 CHILD = """
 import json, torch
@@ -33,9 +32,7 @@ print(json.dumps(peaks))
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
 def test_cpu_peak_counts_live_tensors_not_total_allocations():
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
-    done = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, check=True)
-    sequential, together = json.loads(done.stdout.strip().splitlines()[-1])
+    sequential, together = json.loads(measured_child(CHILD))
     assert 3.5 * 2**20 <= sequential < 6 * 2**20          # one 4 MiB tensor at a time
     assert 11.5 * 2**20 <= together < 14 * 2**20          # three alive together
 

@@ -1,6 +1,9 @@
 """Ghost engine against the per-example autograd loop, float64, every rule, K = 0, 1, 3."""
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -174,6 +177,39 @@ def test_conv_blocks_stay_within_the_layers_captured_bytes(monkeypatch, form, K)
     whole = 64 * 16 * 16 * 9 * 8                        # all 64 examples' patches, or gradients
     _compare(model, x, K)
     assert 0 < largest[0] <= captured < whole
+
+
+CONV_PEAKS = """
+import json, torch
+from torch import nn
+from gradscore.bench import _Memory
+from gradscore.engines.rules import conv
+torch.manual_seed(0)
+layer = nn.Conv2d(16, 32, 3, padding=1)
+x, d = torch.randn(512, 16, 8, 8), torch.randn(512, 32, 8, 8)
+peaks = {}
+for form in ("outer", "gram", "grouped", "pixel"):
+    conv.plan = lambda *args, form=form, **kwargs: form
+    run = lambda: conv.conv(layer, [x], [d], {"weight": None}, 0)
+    run()
+    with _Memory("cpu").measure() as out:
+        run()
+    peaks[form] = out["peak_bytes"]
+print(json.dumps(peaks))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_every_conv_forms_measured_peak_stays_near_the_layers_captured_bytes():
+    """Measured, not counted: the resident-set peak of each conv form, with what torch
+    and oneDNN allocate inside a call (the grouped form's im2col), stays near the layer's
+    input plus δ; one batch's patches and per-example gradients would be 4x that."""
+    from conftest import measured_child
+    peaks = json.loads(measured_child(CONV_PEAKS))
+    captured = 512 * (16 + 32) * 64 * 4                   # 6.3 MB
+    whole = 512 * (16 * 9 * 64 + 32 * 16 * 9) * 4         # 28 MB
+    assert whole > 4 * captured
+    assert all(0 < peak < 1.5 * captured for peak in peaks.values()), peaks
 
 
 class ConvTwice(nn.Module):

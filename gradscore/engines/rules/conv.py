@@ -189,14 +189,15 @@ def _weight_slice(layer: nn.Module, acts, grads, refs, K, form: str, geo: _Geome
 
 def _slice_bytes(layer: nn.Module, acts, grads, geo: _Geometry, form: str, K: int) -> int:
     """Bytes of one example's transient blocks: its im2col patches and per-example
-    gradient or (L, L) Grams of one group, or its per-example gradient (grouped form),
-    or, in the pixel form, its pixel Grams and reference convolutions."""
+    gradient or (L, L) Grams of one group, or its patches and whole per-example gradient
+    (grouped form), or, in the pixel form, its pixel Grams and reference convolutions."""
     G, L = layer.groups, geo.Ho * geo.Wo * len(acts)
     d_in, d_out = layer.in_channels // G * math.prod(layer.kernel_size), layer.out_channels // G
     patches = sum(x[0].numel() for x in acts) * math.prod(layer.kernel_size)
     N = geo.Hp * geo.Wp
     elements = {"outer": patches + d_in * d_out, "gram": patches + 2 * L * L,
-                "grouped": min(2, len(acts)) * G * d_in * d_out,   # the running sum over calls, and one call's
+                # oneDNN im2col's the input inside the call (measured); the running sum over calls
+                "grouped": patches + min(2, len(acts)) * G * d_in * d_out,
                 "pixel": G * (2 * N * N + geo.Hp ** 2 * geo.Wo ** 2 + 3 * L * L) + K * layer.out_channels * L}[form]
     return elements * torch.finfo(acc_dtype(acts[0].dtype)).bits // 8
 
