@@ -262,7 +262,7 @@ def _conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding,
 
     def count(mask: list[bool]) -> int:
         return on_shapes(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
-                                  output_padding, groups, mask, out_shape)
+                         output_padding, groups, mask, out_shape)
     return count([output_mask[0], False, False]) + count([False, output_mask[1], False]) // groups
 
 
@@ -306,17 +306,29 @@ def peak_memory(name: str, B: int, device: str) -> dict[str, int | None]:
     return peaks
 
 
-def _peaks(name: str, B: int, device: str) -> dict[str, int | None]:
-    """:func:`peak_memory`, on CPU in a child process with a fixed mmap threshold."""
+def measured_child(code: str) -> str:
+    """Run Python ``code`` in a child process whose glibc mmap threshold is fixed at
+    ``MMAP_THRESHOLD``, so that an RSS peak measured there follows live tensors; return
+    its last line of output. RuntimeError, with the child's last error line, if it fails."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError((done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1])
+    return done.stdout.strip().splitlines()[-1]
+
+
+def _peaks(name: str, B: int, device: str, echo: Callable[[str], None]) -> dict[str, int | None]:
+    """:func:`peak_memory`, on CPU in a :func:`measured_child`; {} (and a line saying why)
+    if that child fails."""
     if device == "cuda":
         return peak_memory(name, B, device)
     code = ("import json, sys; from gradscore.bench import peak_memory; "
             f"print(json.dumps(peak_memory({name!r}, {B}, {device!r})))")
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    if done.returncode != 0:
+    try:
+        return json.loads(measured_child(code))
+    except RuntimeError as e:
+        echo(f"  peak memory n/a: the measuring child failed: {e}")
         return {}
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run_bench(batches: tuple[int, ...] = (64, 256), repeats: int = 3, device: str | None = None,
@@ -333,7 +345,7 @@ def run_bench(batches: tuple[int, ...] = (64, 256), repeats: int = 3, device: st
         P = sum(p.numel() for p in model.parameters())
         for B in case.batches or batches:
             x, y, V = _inputs(case, model, B, device)
-            peaks = _peaks(name, B, device)
+            peaks = _peaks(name, B, device, echo)
             base = None
             echo(f"\n{name} (P={P:,}), batch {B}:")
             echo(f"  {'method':<12} {'time':>9} {'x plain':>8} {'floor':>6} {'flops':>6} {'peak mem':>10} {'x plain':>8}")

@@ -75,16 +75,3 @@ def sigkill_when(cmd: list[str], ready, timeout: float = 120.0) -> None:
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
 
-
-def measured_child(code: str) -> str:
-    """Run ``code`` in a child Python whose malloc returns large blocks to the OS (the
-    bench's ``MMAP_THRESHOLD``), so that an RSS peak measured there follows live tensors;
-    return its last line of output."""
-    import subprocess
-    import sys
-
-    from gradscore.bench import MMAP_THRESHOLD
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip().splitlines()[-1]

@@ -8,9 +8,8 @@ import os
 
 import pytest
 import torch
-from conftest import measured_child
 
-from gradscore.bench import counted_flops
+from gradscore.bench import counted_flops, measured_child
 
 CHILD = """
 import json, torch
@@ -47,3 +46,8 @@ def test_grouped_conv_weight_gradient_counts_the_flops_of_its_groups(groups):
         x.reshape(1, 40, 6, 6), (40, 8 // groups, 3, 3), d.reshape(1, 40, 4, 4), groups=5 * groups))
     assert one == 2 * 8 * 8 // groups * 9 * 16       # multiply-adds x 2 of one example's gradient
     assert grouped == 5 * one
+
+
+def test_a_failing_memory_child_says_why():
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        measured_child("1 / 0")

@@ -204,7 +204,7 @@ def test_every_conv_forms_measured_peak_stays_near_the_layers_captured_bytes():
     """Measured, not counted: the resident-set peak of each conv form, with what torch
     and oneDNN allocate inside a call (the grouped form's im2col), stays near the layer's
     input plus δ; one batch's patches and per-example gradients would be 4x that."""
-    from conftest import measured_child
+    from gradscore.bench import measured_child
     peaks = json.loads(measured_child(CONV_PEAKS))
     captured = 512 * (16 + 32) * 64 * 4                   # 6.3 MB
     whole = 512 * (16 * 9 * 64 + 32 * 16 * 9) * 4         # 28 MB
