@@ -74,4 +74,3 @@ def sigkill_when(cmd: list[str], ready, timeout: float = 120.0) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-

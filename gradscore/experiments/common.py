@@ -121,6 +121,7 @@ def fit(setup: Setup, idx: np.ndarray, *, epochs: int, seed: int, lr: float = 0.
     return train_sgd(model, torch.from_numpy(setup.x_train), torch.from_numpy(setup.y_train), order,
                      epochs=epochs, seed=seed, lr=lr, batch_size=batch_size, on_epoch=on_epoch)
 
+
 def predict(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.from_numpy(x)).argmax(1).numpy()
