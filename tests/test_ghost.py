@@ -389,3 +389,35 @@ def test_loss_must_be_per_example():
     with pytest.raises(gs.EngineError, match="one loss per example"):
         gs.Scorer(model, loss=lambda out, y: nn.functional.cross_entropy(out, y),
                   engine="ghost").score_batch(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+
+
+class SquareThenBump(nn.Module):
+    """y = lin(x); y·y saves y for its backward, then y is changed in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(4, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.lin(x)
+        sq = h * h
+        h.add_(1.0)
+        return self.head(sq + h)
+
+
+def test_probe_hands_on_the_layers_output_without_a_copy():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Identity(), nn.Linear(3, 2)).eval()
+    ptrs = []
+    model[0].register_forward_hook(lambda m, i, out: ptrs.append(out.data_ptr()))   # before the engine's
+    model[1].register_forward_hook(lambda m, i, out: ptrs.append(out.data_ptr()))   # what the network got
+    gs.Scorer(model, engine="ghost").score_batch(torch.randn(5, 4), torch.tensor([0, 1, 0, 1, 1]))
+    assert len(ptrs) == 2 and ptrs[0] == ptrs[1]
+
+
+def test_an_in_place_change_of_a_saved_output_is_caught_as_without_the_engine():
+    model = SquareThenBump().eval()
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 0, 1, 1])
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        gs.Scorer(model, engine="ghost").score_batch(x, y)

@@ -1,15 +1,15 @@
 """Ghost engine: per-example ‖g_b‖² and ⟨g_b, V_k⟩ without the (B, P) gradient block.
 
 One ordinary batched forward and one backward of Σ_b ℓ_b. For each ruled layer a
-forward hook keeps the layer's input and hands the network ``output + z`` instead of
-``output``, where z is a zero scalar leaf; a tensor hook on the original output
-receives that layer's output gradient δ during the backward (row b belongs to example
-b alone: the model is in eval mode), runs the layer's rule (``engines/rules/``) at once
-and lets δ and the input go. The hook sits on ``output + z``, not on ``output``: only
-the former's gradient is needed to reach z. A hook registered before an in-place op
-downstream (``ReLU(inplace=True)``) still receives the gradient of the value it was
-registered on, so in-place activations are safe. The backward is ``torch.autograd.grad(Σ ℓ, [z, …])``:
-it needs every δ but no parameter gradient, and returns only scalars, so peak memory
+forward hook keeps the layer's input and hands the network ``_Probe(output, z)``, an
+identity whose only other input is a zero scalar leaf z; the probe's backward receives
+that layer's output gradient δ (row b belongs to example b alone: the model is in eval
+mode), runs the layer's rule (``engines/rules/``) at once and lets δ and the input go.
+The probe costs no copy of the output and no reduction of δ, and its output shares the
+output's storage and version counter without being a view of it, so in-place
+activations downstream (``ReLU(inplace=True)``) stay allowed and checked. The backward
+is ``torch.autograd.grad(Σ ℓ, [z, …])``: it needs every δ but no parameter gradient,
+and returns only scalars, so peak memory
 stays near one plain forward+backward. The shares of the layers add up, since layers
 own disjoint parameters, except for tied weights (one tensor owned by several modules,
 e.g. GPT-2's embedding and LM head): each owner's rule gives its use's share, and the
@@ -145,6 +145,24 @@ class _Pass:
         self.factors = {}
 
 
+class _Probe(torch.autograd.Function):
+    """Identity on a layer's output y whose backward hands δ = ∂L/∂y to a callback: the
+    backward reaches the zero leaf z only through it. No copy of y in the forward and no
+    reduction of δ in the backward (``y + z`` cost one of each). The output is ``y.detach()``,
+    a new tensor on y's storage and version counter rather than a view of y, so in-place
+    ops downstream (``ReLU(inplace=True)``) stay allowed and are checked as on y itself."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, z: torch.Tensor, on_grad) -> torch.Tensor:
+        ctx.on_grad = on_grad
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx, delta: torch.Tensor):
+        ctx.on_grad(delta)
+        return delta, None, None
+
+
 def _consumers(root, targets: set) -> dict:
     """{node in ``targets``: names of the autograd nodes that consume it}, walking the
     graph from ``root`` (the loss)."""
@@ -229,8 +247,9 @@ class GhostEngine(Engine):
                 layer.acts.append(act.detach())
                 z = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
                 probes.append(z)
-                probed = output + z  # reaching z in the backward needs ∂L/∂probed = δ
-                probed.register_hook(lambda d, layer=layer, call=call: on_grad(d, layer, call))
+                # reaching z in the backward needs ∂L/∂probed = δ; a broadcast output gets its B rows
+                probed = _Probe.apply(output.contiguous() if shared else output, z,
+                                      lambda d, layer=layer, call=call: on_grad(d, layer, call))
                 if shared:
                     layer.shared.append(probed.grad_fn)
                 return probed
