@@ -9,11 +9,11 @@ The probe costs no copy of the output and no reduction of δ, and its output sha
 output's storage and version counter without being a view of it, so in-place
 activations downstream (``ReLU(inplace=True)``) stay allowed and checked. The backward
 is ``torch.autograd.grad(Σ ℓ, [z, …])``: it needs every δ but no parameter gradient,
-and returns only scalars, so peak memory
-stays near one plain forward+backward. The shares of the layers add up, since layers
-own disjoint parameters, except for tied weights (one tensor owned by several modules,
-e.g. GPT-2's embedding and LM head): each owner's rule gives its use's share, and the
-cross terms 2⟨g_i, g_j⟩ are added from the rules' factors at the end of the batch.
+and returns only scalars, so peak memory stays near one plain forward+backward. The
+shares of the layers add up, since layers own disjoint parameters, except for tied
+weights (one tensor owned by several modules, e.g. GPT-2's embedding and LM head): each
+owner's rule gives its use's share, and the cross terms 2⟨g_i, g_j⟩ are added from the
+rules' factors at the end of the batch.
 
 A layer called with a first dimension of 1 while the batch has B > 1 rows (Hugging
 Face's position embeddings look up ids of shape (1, T) once for the batch) has its
