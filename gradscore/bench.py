@@ -314,7 +314,10 @@ def measured_child(code: str) -> str:
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError((done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1])
-    return done.stdout.strip().splitlines()[-1]
+    lines = done.stdout.strip().splitlines()
+    if not lines:
+        raise RuntimeError("the child printed nothing")
+    return lines[-1]
 
 
 def _peaks(name: str, B: int, device: str, echo: Callable[[str], None]) -> dict[str, int | None]:

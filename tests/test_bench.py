@@ -51,3 +51,5 @@ def test_grouped_conv_weight_gradient_counts_the_flops_of_its_groups(groups):
 def test_a_failing_memory_child_says_why():
     with pytest.raises(RuntimeError, match="ZeroDivisionError"):
         measured_child("1 / 0")
+    with pytest.raises(RuntimeError, match="printed nothing"):
+        measured_child("pass")
