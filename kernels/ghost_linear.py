@@ -74,20 +74,23 @@ def _gram_sq(a: torch.Tensor, d: torch.Tensor, budget: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _project_dots(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """Σ_t δ_btᵀ V_k a_bt (B, K): one GEMM per reference, through the narrower side."""
+def _project_dots(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor, budget: int) -> torch.Tensor:
+    """Σ_t δ_btᵀ V_k a_bt (B, K): the rows of one side go through all K references in one
+    broadcast matmul, (B·T, n) @ (k, n, m) -> (k, B·T, m), onto the narrower side m, as
+    many references k at a time as fit ``budget`` bytes; then a dot with the other side."""
     B, T, d_in = a.shape
     d_out = d.shape[2]
     acc = acc_dtype(a.dtype)
     a, d, V = a.to(acc), d.to(acc), V.to(acc)
-    out = []
-    for k in range(V.shape[0]):
-        if d_in <= d_out:   # (B·T, d_out) @ (d_out, d_in), then · a
-            proj, other = d.reshape(B * T, d_out) @ V[k], a
-        else:               # (B·T, d_in) @ (d_in, d_out), then · δ
-            proj, other = a.reshape(B * T, d_in) @ V[k].T, d
-        out.append(torch.linalg.vecdot(proj.reshape(B, -1), other.reshape(B, -1)))
-    return torch.stack(out, 1)
+    if d_in <= d_out:   # (B·T, d_out) @ (k, d_out, d_in), then · a
+        rows, refs, other = d.reshape(B * T, d_out), V, a
+    else:               # (B·T, d_in) @ (k, d_in, d_out), then · δ
+        rows, refs, other = a.reshape(B * T, d_in), V.transpose(1, 2), d
+    other = other.reshape(1, B, -1)
+    step = max(1, budget // (other.numel() * torch.finfo(acc).bits // 8))
+    out = [torch.linalg.vecdot(torch.matmul(rows, refs[k:k + step]).reshape(-1, B, other.shape[2]), other)
+           for k in range(0, V.shape[0], step)]
+    return torch.cat(out).T
 
 
 def ghost_linear(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor | None = None, *,
@@ -98,8 +101,9 @@ def ghost_linear(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor | None = None
     a: (B, T, d_in), δ: (B, T, d_out), V: (K, d_out, d_in) or None. ``form`` forces
     "gram" or "outer" (default: :func:`plan`); ``backend`` "torch" or "triton"
     (default: Triton for CUDA tensors that are not float64). ``workspace``: bytes of the
-    torch path's sub-batch blocks (default :func:`workspace_bytes` of a and δ); the
-    Triton kernels keep their blocks in tiles and need none.
+    torch path's sub-batch blocks and of the gram form's projections for the dots
+    (default :func:`workspace_bytes` of a and δ); the Triton kernels keep their blocks
+    in tiles and need none.
     """
     if a.dim() != 3 or d.dim() != 3 or a.shape[:2] != d.shape[:2]:
         raise ValueError(f"ghost_linear: a {tuple(a.shape)} and δ {tuple(d.shape)} must be "
@@ -111,15 +115,17 @@ def ghost_linear(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor | None = None
     if form not in ("gram", "outer"):
         raise ValueError(f"ghost_linear: unknown form '{form}'")
     use_triton = backend == "triton" or (backend is None and a.is_cuda and a.dtype != torch.float64)
+    budget = workspace if workspace is not None else workspace_bytes(a, d)
     if use_triton:
         from .ghost_linear_triton import gram_sq_triton, outer_triton
         if form == "outer":
             return outer_triton(a, d, V)
         sq = gram_sq_triton(a, d)
     else:
-        budget = workspace if workspace is not None else workspace_bytes(a, d)
         if form == "outer":
             return _outer(a, d, V, budget)
         sq = _gram_sq(a, d, budget)
-    dots = _project_dots(a, d, V) if V is not None else sq.new_zeros((a.shape[0], 0))
+    if V is None:
+        return sq, sq.new_zeros((a.shape[0], 0))
+    dots = _project_dots(a, d, V, budget)
     return sq, dots.to(sq.dtype)

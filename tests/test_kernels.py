@@ -182,12 +182,18 @@ def test_numba_property_random_shapes(B, P, K, seed):
 
 
 @pytest.mark.parametrize("form", ["gram", "outer"])
-def test_ghost_linear_sub_batches_within_the_memory_budget(form):
-    """A budget smaller than one example's block: one example at a time, same numbers."""
+@pytest.mark.parametrize("d_in,d_out", [(6, 4), (4, 6)])
+def test_ghost_linear_sub_batches_within_the_memory_budget(form, d_in, d_out):
+    """A budget smaller than one example's block (or one reference's projection): one
+    example (one reference) at a time, same numbers; either side may be the narrower."""
     g = torch.Generator().manual_seed(3)
-    a, d = torch.randn(5, 17, 6, generator=g, dtype=torch.float64), torch.randn(5, 17, 4, generator=g, dtype=torch.float64)
-    V = torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
+    a = torch.randn(5, 17, d_in, generator=g, dtype=torch.float64)
+    d = torch.randn(5, 17, d_out, generator=g, dtype=torch.float64)
+    V = torch.randn(3, d_out, d_in, generator=g, dtype=torch.float64)
     whole = ghost_linear(a, d, V, form=form, backend="torch")
     pieces = ghost_linear(a, d, V, form=form, backend="torch", workspace=8)
+    ref = ghost_linear_reference(a, d, V)
+    torch.testing.assert_close(whole[0], ref[0], rtol=1e-10, atol=0)
+    torch.testing.assert_close(whole[1], ref[1], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(pieces[0], whole[0], rtol=1e-12, atol=0)
     torch.testing.assert_close(pieces[1], whole[1], rtol=1e-12, atol=0)
