@@ -241,7 +241,8 @@ def test_every_conv_form_equals_loop(monkeypatch, name, form, K):
 def test_conv_plan_follows_the_cost_of_each_form():
     """Wide channels on a small image: the pixel Gram for norms, the outer form once the
     references' convolutions cost more than a per-example gradient; narrow: the grouped
-    form, which copies no patches, or on CUDA the outer form's Triton kernel."""
+    form, which copies no patches, or on CUDA the outer form's Triton kernel; few input
+    channels: the outer form."""
     from gradscore.engines.rules.conv import _geometry, plan
     x = torch.zeros(1, 128, 8, 8)
     wide, narrow = digits_cnn(channels=128)[2], digits_cnn(channels=16)[2]
@@ -254,6 +255,10 @@ def test_conv_plan_follows_the_cost_of_each_form():
     depthwise, pointwise = nn.Conv2d(64, 64, 3, padding=1, groups=64), nn.Conv2d(64, 64, 1)
     assert plan(depthwise, _geometry(depthwise, x.shape), 1, 0) == "grouped"
     assert plan(pointwise, _geometry(pointwise, x.shape), 1, 0) == "outer"
+    # a first conv (1 or 3 input channels): oneDNN's grouped weight gradient is slow there
+    first, rgb = digits_cnn()[0], nn.Conv2d(3, 32, 3, padding=1)
+    assert plan(first, _geometry(first, (1, 1, 8, 8)), 1, 0) == "outer"
+    assert plan(rgb, _geometry(rgb, (1, 3, 32, 32)), 1, 2) == "outer"
 
 
 def test_auto_picks_ghost_when_every_layer_has_a_rule():

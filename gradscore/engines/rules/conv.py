@@ -2,7 +2,7 @@
 
 Per group, a convolution is a Linear layer over its L output positions: with the input
 unfolded (im2col) to a_bl (C_in·k) and the output gradient δ_bl (C_out),
-g_b(W) = Σ_l δ_bl a_blᵀ and g_b(bias) = Σ_l δ_bl. The weight's share takes one of three
+g_b(W) = Σ_l δ_bl a_blᵀ and g_b(bias) = Σ_l δ_bl. The weight's share takes one of four
 forms per layer, whichever costs fewer multiply-adds (:func:`plan`):
 
 - ``outer`` / ``gram``: im2col patches through ``kernels.ghost_linear`` (the per-example
@@ -10,7 +10,8 @@ forms per layer, whichever costs fewer multiply-adds (:func:`plan`):
 - ``grouped`` (CPU): the per-example gradients of a sub-batch as the weight gradient of
   one convolution whose b·groups groups are the examples' (``torch.nn.grad``), with no
   im2col copy; then ``norm_dot``. Same multiply-adds as ``outer`` in one call, and no
-  loop over groups: it wins for narrow and depthwise convs;
+  loop over groups: it wins for narrow and depthwise convs, but not for a first conv
+  (1-3 input channels per group), where oneDNN runs it slowly;
 - ``pixel``: no im2col and no per-example gradient. The Gram of patches is a sum over
   the k kernel offsets of shifted blocks of the Gram of input pixels,
   ⟨a_bl, a_bm⟩ = Σ_offsets ⟨x_b[l + o], x_b[m + o]⟩, so ‖g_b‖² = ⟨Σ_o shift_o(X_bᵀX_b), δ_bᵀδ_b⟩
@@ -43,6 +44,12 @@ ELEMENTWISE_COST = 16
 #: im2col patches: one convolution per example costs more per multiply-add but copies no
 #: patches; measured 1.0-1.35 on a 2-core CPU (the demo's, CIFAR-size and strided convs)
 GROUPED_COST = 1.2
+#: the same with fewer than ``FEW_INPUTS`` input channels per group, where oneDNN's grouped
+#: weight gradient runs at a fraction of its rate: measured 1.2-1.7x the outer form's time
+#: for 1 and 3 input channels (a first conv on 8x8 and 32x32 images, batch 64 and 256),
+#: against 0.84-0.90x for 16 channels (the demo's second conv)
+GROUPED_FEW_INPUTS_COST = 2 * GROUPED_COST
+FEW_INPUTS = 4
 
 
 def _supports(m: nn.Module) -> str | None:
@@ -111,7 +118,8 @@ def plan(layer: nn.Module, geo: _Geometry, calls: int, K: int, cuda: bool = Fals
     cost = {"outer": L * d_in * c_out + K * d_in * c_out + im2col,
             "gram": L * L * (d_in + c_out) + project + im2col}
     if not cuda:
-        cost["grouped"] = GROUPED_COST * L * d_in * c_out + K * d_in * c_out
+        rate = GROUPED_FEW_INPUTS_COST if c_in < FEW_INPUTS else GROUPED_COST
+        cost["grouped"] = rate * L * d_in * c_out + K * d_in * c_out
     if calls == 1:
         shifts = N * N + geo.Hp ** 2 * geo.Wo ** 2 * geo.k[1] + L * L * (geo.k[0] + 3)
         cost["pixel"] = N * N * c_in + L * L * c_out + ELEMENTWISE_COST * shifts + project
