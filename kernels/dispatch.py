@@ -97,6 +97,16 @@ def default_backend_name(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "numba"
 
 
+#: (device type, forced name or None) -> the backend chosen for it: the choice is made
+#: once (imports, probe), and a call then costs a dictionary lookup
+_chosen: dict[tuple[str, str | None], NormDotBackend] = {}
+
+
+def forced_name(name: str | None = None) -> str | None:
+    """The backend asked for: ``name``, else $GRADSCORE_KERNELS, else None (the default)."""
+    return name or os.environ.get("GRADSCORE_KERNELS") or None
+
+
 def get_backend(device: torch.device | str, name: str | None = None) -> NormDotBackend:
     """The backend for ``device``: ``name`` if given, else $GRADSCORE_KERNELS, else default.
 
@@ -104,8 +114,15 @@ def get_backend(device: torch.device | str, name: str | None = None) -> NormDotB
     back to the torch reference, with the reason logged once, if it fails to import or
     to pass its probe.
     """
-    device = torch.device(device)
-    forced = name or os.environ.get("GRADSCORE_KERNELS") or None
+    forced = forced_name(name)
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    backend = _chosen.get((kind, forced))
+    if backend is None:
+        backend = _chosen[(kind, forced)] = _choose(torch.device(kind), forced)
+    return backend
+
+
+def _choose(device: torch.device, forced: str | None) -> NormDotBackend:
     if forced is not None:
         if forced not in _CLASSES:
             raise ValueError(f"unknown kernel backend '{forced}'; available: "

@@ -119,6 +119,32 @@ def test_dispatch_defaults_and_env(monkeypatch):
         assert isinstance(b, NormDotBackend) and b.name == name and not type(b).__abstractmethods__
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_blocks_take_torch_ops_only_under_the_default_backend(monkeypatch, dtype):
+    """Under the default CPU backend a block of at most SMALL_BLOCK elements skips the
+    numba kernel (and gives the reference's numbers); a larger block, or any block when
+    a backend is asked for by name or by $GRADSCORE_KERNELS, goes to the kernel."""
+    from gradscore.kernels.norm_dot import SMALL_BLOCK
+    monkeypatch.delenv("GRADSCORE_KERNELS", raising=False)
+    numba_backend = get_backend("cpu")        # chosen (and probed) before the count starts
+    assert numba_backend is get_backend("cpu", "numba")
+    seen = []
+    kernel = numba_backend._kernel
+    monkeypatch.setattr(numba_backend, "_kernel", lambda G, V: (seen.append(G.numel()), kernel(G, V))[1])
+    small, large = _rand(4, SMALL_BLOCK // 4, seed=1, dtype=dtype), _rand(4, SMALL_BLOCK // 4 + 1, seed=2, dtype=dtype)
+    for G in (small, large):
+        V = _rand(3, G.shape[1], seed=3, dtype=dtype)
+        sq, dots = norm_dot([G, G[:, :5]], [V, V[:, :5]])     # the large block, then a small one
+        ref_sq, ref_dots = norm_dot_reference(torch.cat([G, G[:, :5]], 1), torch.cat([V, V[:, :5]], 1))
+        torch.testing.assert_close(sq, ref_sq, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dots, ref_dots, rtol=1e-5, atol=1e-5)
+    assert seen == [large.numel()]
+    norm_dot(small, backend="numba")
+    monkeypatch.setenv("GRADSCORE_KERNELS", "numba")
+    norm_dot(small)
+    assert seen == [large.numel()] + 2 * [small.numel()]
+
+
 GHOST_SHAPES = [(3, 5, 7, 6, 2), (2, 1, 40, 33, 0), (2, 20, 17, 9, 3), (1, 3, 5, 4, 16), (4, 17, 33, 18, 1)]
 
 
