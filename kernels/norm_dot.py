@@ -16,8 +16,8 @@ from .dispatch import forced_name, get_backend
 
 Blocks = torch.Tensor | Sequence[torch.Tensor]
 
-#: on CPU, under the default backend, a block of at most this many elements takes two
-#: torch ops (vecdot, matmul): the numba kernel's fixed cost per call (numpy views,
+#: on CPU, under the default backend, a block of at most this many elements takes the
+#: torch reference (vecdot, matmul): the numba kernel's fixed cost per call (numpy views,
 #: dispatch, thread launch: about 20 µs) outweighs one pass over a block this small;
 #: measured on a 2-core CPU, the two ways tie near 16-32k elements
 SMALL_BLOCK = 16384
@@ -33,21 +33,11 @@ def norm_dot_reference(G: torch.Tensor, V: torch.Tensor | None) -> tuple[torch.T
 
     Accumulates in float32 (float64 when G is float64) whatever G's dtype.
     """
-    acc = acc_dtype(G.dtype)
-    Ga = G.to(acc)
-    sq = Ga.pow(2).sum(1)
+    Ga = G.to(acc_dtype(G.dtype))
+    sq = torch.linalg.vecdot(Ga, Ga)
     if V is None or V.shape[0] == 0:
         return sq, Ga.new_zeros((G.shape[0], 0))
-    return sq, Ga @ V.to(acc).T
-
-
-def _small_norm_dot(G: torch.Tensor, V: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`norm_dot_reference` in the fewest torch calls, for small blocks."""
-    G = G.to(acc_dtype(G.dtype))
-    sq = torch.linalg.vecdot(G, G)
-    if V is None or V.shape[0] == 0:
-        return sq, G.new_zeros((G.shape[0], 0))
-    return sq, G @ V.to(G.dtype).T
+    return sq, Ga @ V.to(Ga.dtype).T
 
 
 def norm_dot(G: Blocks, V: Blocks | None = None, *, backend: str | None = None
@@ -78,7 +68,7 @@ def norm_dot(G: Blocks, V: Blocks | None = None, *, backend: str | None = None
             raise ValueError(f"norm_dot: block of G has {g2.shape[1]} columns but V has "
                              f"{math.prod(v.shape[1:])}")
         v2 = None if v is None else v.reshape(v.shape[0], g2.shape[1])
-        sq, dots = (_small_norm_dot(g2, v2) if small and g2.numel() <= SMALL_BLOCK
+        sq, dots = (norm_dot_reference(g2, v2) if small and g2.numel() <= SMALL_BLOCK
                     else impl.norm_dot(g2, v2))
         sq_total = sq if sq_total is None else sq_total + sq
         dots_total = dots if dots_total is None else dots_total + dots

@@ -134,7 +134,7 @@ def test_small_blocks_take_torch_ops_only_under_the_default_backend(monkeypatch,
     small, large = _rand(4, SMALL_BLOCK // 4, seed=1, dtype=dtype), _rand(4, SMALL_BLOCK // 4 + 1, seed=2, dtype=dtype)
     for G in (small, large):
         V = _rand(3, G.shape[1], seed=3, dtype=dtype)
-        sq, dots = norm_dot([G, G[:, :5]], [V, V[:, :5]])     # the large block, then a small one
+        sq, dots = norm_dot([G, G[:, :5]], [V, V[:, :5]])     # G's block, then a small one
         ref_sq, ref_dots = norm_dot_reference(torch.cat([G, G[:, :5]], 1), torch.cat([V, V[:, :5]], 1))
         torch.testing.assert_close(sq, ref_sq, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(dots, ref_dots, rtol=1e-5, atol=1e-5)
