@@ -114,8 +114,12 @@ def get_backend(device: torch.device | str, name: str | None = None) -> NormDotB
     back to the torch reference, with the reason logged once, if it fails to import or
     to pass its probe.
     """
-    forced = forced_name(name)
     kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return backend_for(kind, forced_name(name))
+
+
+def backend_for(kind: str, forced: str | None) -> NormDotBackend:
+    """:func:`get_backend` for a device type and an already resolved :func:`forced_name`."""
     backend = _chosen.get((kind, forced))
     if backend is None:
         backend = _chosen[(kind, forced)] = _choose(torch.device(kind), forced)

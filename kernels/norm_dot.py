@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from .dispatch import forced_name, get_backend
+from .dispatch import backend_for, forced_name
 
 Blocks = torch.Tensor | Sequence[torch.Tensor]
 
@@ -58,9 +58,9 @@ def norm_dot(G: Blocks, V: Blocks | None = None, *, backend: str | None = None
         if len(vblocks) != len(blocks):
             raise ValueError(f"norm_dot: G has {len(blocks)} blocks but V has {len(vblocks)}")
     B = blocks[0].shape[0]
-    forced = forced_name(backend)
-    impl = get_backend(blocks[0].device, forced)
-    small = forced is None and blocks[0].device.type == "cpu"
+    forced, kind = forced_name(backend), blocks[0].device.type
+    impl = backend_for(kind, forced)
+    small = forced is None and kind == "cpu"
     sq_total = dots_total = None
     for g, v in zip(blocks, vblocks):
         g2 = g.reshape(B, -1)
