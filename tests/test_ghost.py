@@ -188,7 +188,7 @@ torch.manual_seed(0)
 layer = nn.Conv2d(16, 32, 3, padding=1)
 x, d = torch.randn(512, 16, 8, 8), torch.randn(512, 32, 8, 8)
 peaks = {}
-for form in ("outer", "gram", "grouped", "pixel"):
+for form in ("outer", "gram", "grouped", "pixel", "sparse"):
     conv.plan = lambda *args, form=form, **kwargs: form
     run = lambda: conv.conv(layer, [x], [d], {"weight": None}, 0)
     run()
@@ -228,14 +228,41 @@ class ConvTwice(nn.Module):
 
 
 @pytest.mark.parametrize("K", [0, 3])
-@pytest.mark.parametrize("form", ["outer", "gram", "pixel", "grouped"])
+@pytest.mark.parametrize("form", ["outer", "gram", "pixel", "grouped", "sparse"])
 @pytest.mark.parametrize("name", ["cnn", "conv1d_groupnorm_seq_linear", "conv_twice"])
 def test_every_conv_form_equals_loop(monkeypatch, name, form, K):
     from gradscore.engines.rules import conv
-    # the pixel form takes single calls only: a layer called twice keeps the outer form
-    monkeypatch.setattr(conv, "plan", lambda layer, geo, calls, K, cuda=False: form if calls == 1 or form != "pixel" else "outer")
+    # the pixel and sparse forms take single calls only: a layer called twice keeps the outer form
+    single = form in ("pixel", "sparse")
+    monkeypatch.setattr(conv, "plan", lambda layer, geo, calls, K, cuda=False, density=None:
+                        form if calls == 1 or not single else "outer")
     model, x = (ConvTwice(), torch.randn(5, 3, 9, 10)) if name == "conv_twice" else _case(name)
     _compare(model, x, K)
+
+
+@pytest.mark.parametrize("kernels,expected", [(None, "sparse"), ("torch", "grouped")])
+def test_sparse_conv_form_follows_the_density_of_delta(monkeypatch, kernels, expected):
+    """The demo CNN's second conv sits behind ReLU + max-pool: about 1 in 6 of its δ is
+    non-zero, and the plan takes the sparse kernel, unless the torch kernels are forced;
+    the numbers equal the loop's either way."""
+    from gradscore.engines.rules import conv
+    if kernels:
+        monkeypatch.setenv("GRADSCORE_KERNELS", kernels)
+    chosen = []
+
+    def plan(layer, *args, **kwargs):
+        form = original(layer, *args, **kwargs)
+        chosen.append((layer.in_channels, kwargs.get("density", args[4] if len(args) > 4 else None), form))
+        return form
+    original = conv.plan
+    monkeypatch.setattr(conv, "plan", plan)
+    torch.manual_seed(0)
+    _compare(digits_cnn(channels=16), torch.rand(24, 1, 8, 8), 2)
+    (density, form), = [(dens, form) for c_in, dens, form in chosen if c_in == 16]
+    assert form == expected
+    assert (density is None) == (kernels == "torch")
+    if density is not None:
+        assert 0.05 < density < 0.3
 
 
 def test_conv_plan_follows_the_cost_of_each_form():
@@ -259,6 +286,17 @@ def test_conv_plan_follows_the_cost_of_each_form():
     first, rgb = digits_cnn()[0], nn.Conv2d(3, 32, 3, padding=1)
     assert plan(first, _geometry(first, (1, 1, 8, 8)), 1, 0) == "outer"
     assert plan(rgb, _geometry(rgb, (1, 3, 32, 32)), 1, 2) == "outer"
+    # δ behind ReLU + max-pool (1 in 6 non-zero): the sparse kernel for the demo's second
+    # conv, not once δ is dense, nor for the wide conv (its pixel Gram costs less), nor
+    # for a layer called twice, nor on CUDA
+    x = torch.zeros(1, 16, 8, 8)
+    geo = _geometry(narrow, x.shape)
+    assert plan(narrow, geo, 1, 0, density=0.17) == "sparse"
+    assert plan(narrow, geo, 1, 2, density=0.17) == "sparse"
+    assert plan(narrow, geo, 1, 0, density=0.8) == "grouped"
+    assert plan(narrow, geo, 2, 0, density=0.17) != "sparse"
+    assert plan(narrow, geo, 1, 0, cuda=True, density=0.17) == "outer"
+    assert plan(wide, _geometry(wide, (1, 128, 8, 8)), 1, 0, density=0.17) == "pixel"
 
 
 def test_auto_picks_ghost_when_every_layer_has_a_rule():

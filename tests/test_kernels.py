@@ -223,3 +223,60 @@ def test_ghost_linear_sub_batches_within_the_memory_budget(form, d_in, d_out):
     torch.testing.assert_close(whole[1], ref[1], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(pieces[0], whole[0], rtol=1e-12, atol=0)
     torch.testing.assert_close(pieces[1], whole[1], rtol=1e-12, atol=0)
+
+
+# (C_in, C_out, H, W, kernel, stride, padding, dilation, groups): the demo's second conv,
+# a strided/dilated non-square kernel, grouped, a first conv (one input channel, whose
+# rows are shorter than the kernel's eight accumulators), depthwise 5x3, and a Conv1d
+# as height 1
+SPARSE_CONVS = [(16, 32, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+                (3, 8, 9, 7, (3, 2), (2, 1), (1, 0), (1, 2), 1),
+                (8, 8, 10, 10, (3, 3), (1, 2), (2, 1), (2, 1), 4),
+                (1, 4, 6, 6, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+                (6, 6, 7, 7, (5, 3), (1, 1), (0, 0), (1, 1), 6),
+                (4, 6, 1, 12, (1, 3), (1, 2), (0, 1), (1, 1), 2)]
+
+
+@pytest.mark.parametrize("density", [0.0, 0.2, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SPARSE_CONVS)
+def test_sparse_conv_kernel_equals_per_example_weight_gradients(shape, dtype, density):
+    """The numba conv kernel against each example's weight gradient from autograd's
+    convolution backward (vmap over examples): ‖g_b‖² and ⟨g_b, V_k⟩, whatever δ's density."""
+    from gradscore.kernels.conv_sparse_numba import conv_norm_dot_sparse
+    c_in, c_out, H, W, k, stride, pad, dil, groups = shape
+    x = _rand(5, c_in, H, W, seed=1, dtype=dtype)
+    w_shape = (c_out, c_in // groups, *k)
+    out = torch.nn.functional.conv2d(x, torch.zeros(w_shape, dtype=dtype), None, stride, pad, dil, groups)
+    d = _rand(*out.shape, seed=2, dtype=dtype) * (torch.rand(out.shape, generator=torch.Generator().manual_seed(3))
+                                                  < density)
+    V = _rand(3, *w_shape, seed=4, dtype=dtype)
+    g = torch.func.vmap(lambda xb, db: torch.nn.grad.conv2d_weight(
+        xb[None].double(), w_shape, db[None].double(), stride, pad, dil, groups))(x, d).reshape(5, -1)
+    sq, dots = conv_norm_dot_sparse(x, d, V, kernel=k, stride=stride, dilation=dil, padding=pad, groups=groups)
+    assert sq.dtype == dtype and sq.shape == (5,) and dots.shape == (5, 3)
+    rtol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(sq.double(), g.pow(2).sum(1), rtol=rtol, atol=0)
+    scale = g.norm(dim=1, keepdim=True) * V.double().reshape(3, -1).norm(dim=1)[None]
+    assert ((dots.double() - g @ V.double().reshape(3, -1).T).abs() <= rtol * scale).all()
+    assert (sq == 0).all() == (density == 0.0)
+    none_sq, none_dots = conv_norm_dot_sparse(x, d, None, kernel=k, stride=stride, dilation=dil, padding=pad,
+                                              groups=groups)
+    assert torch.equal(none_sq, sq) and none_dots.shape == (5, 0)
+
+
+def test_sparse_conv_kernel_does_not_depend_on_thread_count():
+    import numba
+
+    from gradscore.kernels.conv_sparse_numba import conv_norm_dot_sparse
+    x, d = _rand(40, 16, 8, 8, seed=1), _rand(40, 32, 8, 8, seed=2).relu()
+    V = _rand(2, 32, 16, 3, 3, seed=3)
+    kw = dict(kernel=(3, 3), stride=(1, 1), dilation=(1, 1), padding=(1, 1), groups=1)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = conv_norm_dot_sparse(x, d, V, **kw)
+    finally:
+        numba.set_num_threads(before)
+    many = conv_norm_dot_sparse(x, d, V, **kw)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])

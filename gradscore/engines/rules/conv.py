@@ -16,9 +16,14 @@ forms per layer, whichever costs fewer multiply-adds (:func:`plan`):
   the k kernel offsets of shifted blocks of the Gram of input pixels,
   ⟨a_bl, a_bm⟩ = Σ_offsets ⟨x_b[l + o], x_b[m + o]⟩, so ‖g_b‖² = ⟨Σ_o shift_o(X_bᵀX_b), δ_bᵀδ_b⟩
   costs (H·W)²·C_in + L²·C_out + shifts, and ⟨g_b, V_k⟩ = ⟨conv(x_b, V_k), δ_b⟩ one
-  convolution per reference. It wins for wide channels on small images.
+  convolution per reference. It wins for wide channels on small images;
+- ``sparse`` (CPU, numba): each example's gradient summed over the non-zero entries of δ
+  only, in a thread's cache, with no im2col (``kernels.conv_sparse_numba``). Behind a
+  ReLU half of δ is zero, behind ReLU + max-pool three quarters or more; the plan takes
+  δ's measured density.
 
-Calls of one layer are concatenated along l (the pixel form takes single calls only).
+Calls of one layer are concatenated along l (the pixel and sparse forms take single calls
+only).
 Examples go through in slices whose patches and blocks fit the workspace (the bytes of
 the layer's input and δ). Non-zero padding modes and string padding other than 'valid'
 fall back to vmap.
@@ -28,10 +33,12 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...kernels.dispatch import backend_for, forced_name
 from ...kernels.ghost_linear import ghost_linear, workspace_bytes
 from ...kernels.norm_dot import acc_dtype, norm_dot
 from .linear import cat_calls
@@ -50,6 +57,15 @@ GROUPED_COST = 1.2
 #: against 0.84-0.90x for 16 channels (the demo's second conv)
 GROUPED_FEW_INPUTS_COST = 2 * GROUPED_COST
 FEW_INPUTS = 4
+#: the ``sparse`` form's cost per example and group, in the units above: per multiply-add
+#: with a non-zero δ, per element of δ (listing it), per element of the gradient (its
+#: sums and norm) and per element of the padded input (the thread's copy). Fitted to the
+#: kernel's times on 12 conv layers at densities 0.05-1 (within 20%) and converted at
+#: 0.04 ns a unit, the dense forms' best measured rate (0.035-0.27 ns on a 2-core CPU):
+#: the sparse form is taken only where it beats a dense form running at its best
+SPARSE_MAC_COST, SPARSE_DELTA_COST, SPARSE_WEIGHT_COST, SPARSE_PIXEL_COST = 3.2, 28, 5, 25
+#: δ's density is measured on at most this many examples
+DENSITY_SAMPLE = 16
 
 
 def _supports(m: nn.Module) -> str | None:
@@ -103,10 +119,12 @@ def _patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return view.reshape(B, C * kh * kw, geo.Ho * geo.Wo).transpose(1, 2)
 
 
-def plan(layer: nn.Module, geo: _Geometry, calls: int, K: int, cuda: bool = False) -> str:
-    """``"outer"``, ``"gram"``, ``"pixel"`` or (not on CUDA, where the outer form's Triton
-    kernel keeps per-example gradients in tiles) ``"grouped"``: the fewest multiply-adds
-    per example and group."""
+def plan(layer: nn.Module, geo: _Geometry, calls: int, K: int, cuda: bool = False,
+         density: float | None = None) -> str:
+    """``"outer"``, ``"gram"``, ``"pixel"``, (not on CUDA, where the outer form's Triton
+    kernel keeps per-example gradients in tiles) ``"grouped"``, or, given δ's fraction of
+    non-zeros ``density`` (None: the sparse kernel is not available), ``"sparse"``: the
+    fewest multiply-adds per example and group."""
     G = layer.groups
     c_in, c_out = layer.in_channels // G, layer.out_channels // G
     k = geo.k[0] * geo.k[1]
@@ -123,7 +141,21 @@ def plan(layer: nn.Module, geo: _Geometry, calls: int, K: int, cuda: bool = Fals
     if calls == 1:
         shifts = N * N + geo.Hp ** 2 * geo.Wo ** 2 * geo.k[1] + L * L * (geo.k[0] + 3)
         cost["pixel"] = N * N * c_in + L * L * c_out + ELEMENTWISE_COST * shifts + project
+    if calls == 1 and density is not None and not cuda:
+        cost["sparse"] = (SPARSE_MAC_COST * density * L * d_in * c_out + SPARSE_DELTA_COST * L * c_out
+                          + (SPARSE_WEIGHT_COST + K) * d_in * c_out + SPARSE_PIXEL_COST * N * c_in)
     return min(cost, key=cost.get)
+
+
+def _density(layer: nn.Module, acts, grads) -> float | None:
+    """δ's fraction of non-zeros (on the first ``DENSITY_SAMPLE`` examples) where the
+    sparse form can run: one CPU call, under the numba kernels; else None."""
+    if len(acts) != 1 or acts[0].is_cuda or backend_for("cpu", forced_name()).name != "numba":
+        return None
+    d = grads[0][:DENSITY_SAMPLE].detach()
+    # numpy counts about 3x faster than torch's count_nonzero here (a float32 (16, 2048) block: 33 µs)
+    nonzero = np.count_nonzero(d.numpy()) if d.dtype in (torch.float32, torch.float64) else int(d.ne(0).sum())
+    return nonzero / max(1, d.numel())
 
 
 def _pixel_sq(layer: nn.Module, x: torch.Tensor, d: torch.Tensor, geo: _Geometry) -> torch.Tensor:
@@ -174,8 +206,20 @@ def _grouped(layer: nn.Module, acts, grads, V: torch.Tensor | None) -> tuple[tor
     return norm_dot(g.reshape(b, -1), None if V is None else V.reshape(V.shape[0], -1))
 
 
+def _sparse(layer: nn.Module, x: torch.Tensor, d: torch.Tensor, V: torch.Tensor | None, geo: _Geometry
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """‖g_b(W)‖² (b,), ⟨g_b(W), V_k⟩ (b, K) by the numba kernel, over δ's non-zeros."""
+    from ...kernels.conv_sparse_numba import conv_norm_dot_sparse
+    if isinstance(layer, nn.Conv1d):       # as a Conv2d of height 1
+        x, d, V = x.unsqueeze(2), d.unsqueeze(2), None if V is None else V.unsqueeze(3)
+    return conv_norm_dot_sparse(x, d, V, kernel=geo.k, stride=geo.stride, dilation=geo.dil,
+                                padding=geo.pad, groups=layer.groups)
+
+
 def _weight_slice(layer: nn.Module, acts, grads, refs, K, form: str, geo: _Geometry, budget: int):
     """The weight's sq (b,), dots (b, K) for a slice of examples."""
+    if form == "sparse":
+        return _sparse(layer, acts[0], grads[0], refs["weight"] if K else None, geo)
     if form == "grouped":
         return _grouped(layer, acts, grads, refs["weight"] if K else None)
     if form == "pixel":
@@ -198,7 +242,8 @@ def _weight_slice(layer: nn.Module, acts, grads, refs, K, form: str, geo: _Geome
 def _slice_bytes(layer: nn.Module, acts, grads, geo: _Geometry, form: str, K: int) -> int:
     """Bytes of one example's transient blocks: its im2col patches and per-example
     gradient or (L, L) Grams of one group, or its patches and whole per-example gradient
-    (grouped form), or, in the pixel form, its pixel Grams and reference convolutions."""
+    (grouped form), or, in the pixel form, its pixel Grams and reference convolutions;
+    none in the sparse form, whose buffers are per thread (one slice)."""
     G, L = layer.groups, geo.Ho * geo.Wo * len(acts)
     d_in, d_out = layer.in_channels // G * math.prod(layer.kernel_size), layer.out_channels // G
     patches = sum(x[0].numel() for x in acts) * math.prod(layer.kernel_size)
@@ -206,7 +251,9 @@ def _slice_bytes(layer: nn.Module, acts, grads, geo: _Geometry, form: str, K: in
     elements = {"outer": patches + d_in * d_out, "gram": patches + 2 * L * L,
                 # oneDNN im2col's the input inside the call (measured); the running sum over calls
                 "grouped": patches + min(2, len(acts)) * G * d_in * d_out,
-                "pixel": G * (2 * N * N + geo.Hp ** 2 * geo.Wo ** 2 + 3 * L * L) + K * layer.out_channels * L}[form]
+                "pixel": G * (2 * N * N + geo.Hp ** 2 * geo.Wo ** 2 + 3 * L * L) + K * layer.out_channels * L,
+                # per thread, not per example: a padded input and a gradient; one slice
+                "sparse": 0}[form]
     return elements * torch.finfo(acc_dtype(acts[0].dtype)).bits // 8
 
 
@@ -217,9 +264,9 @@ def conv(layer: nn.Module, acts, grads, refs, K):
     if "weight" not in refs:
         return sq, dots
     geo = _geometry(layer, acts[0].shape)
-    form = plan(layer, geo, len(acts), K, acts[0].is_cuda)
+    form = plan(layer, geo, len(acts), K, acts[0].is_cuda, _density(layer, acts, grads))
     budget = workspace_bytes(*acts, *grads)
-    step = max(1, budget // _slice_bytes(layer, acts, grads, geo, form, K))
+    step = max(1, budget // max(1, _slice_bytes(layer, acts, grads, geo, form, K)))
     parts = [_weight_slice(layer, [x[i:i + step] for x in acts], [d[i:i + step] for d in grads], refs, K, form, geo,
                            budget) for i in range(0, B, step)]
     return sq + torch.cat([p[0] for p in parts]), dots + torch.cat([p[1] for p in parts])
