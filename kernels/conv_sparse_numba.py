@@ -9,19 +9,22 @@ gradient of example b is, per output channel o, kernel row i, column j and input
 over the output positions l. Only the l with δ_b[o, l] ≠ 0 contribute: behind a ReLU half
 of δ is zero, behind ReLU + 2×2 max-pool three quarters or more (the demo CNN's second
 conv: 82%). One example at a time per thread: its padded input goes to a thread-local
-buffer, each output channel's non-zero δ are listed (position, value), and each (o, i)
-row of g, kw·C_in contiguous values when groups = 1 and the column dilation is 1, is
-summed over that list in eight register accumulators. Then g (P values, in L1/L2) is
-reduced to its squared norm and K dots, and forgotten. Multiply-adds: nnz(δ_b)·k·C_in/G
-per example against L·k·C_in·C_out/G for the dense forms; the rule's planner
-(``engines/rules/conv.py``) picks this form only where δ's measured density makes it
-cheaper.
+buffer and each output channel's non-zero δ are listed (position, value). Where a row of
+g, the kw·C_in values of one (o, i) when groups = 1 and the column dilation is 1 (else
+the C_in/G of one (o, i, j)), is at least 8 long, each listed δ adds its multiple of the
+matching input row to it, a pass LLVM vectorizes along the row; shorter rows (a first
+conv's 1-3 channels) keep one running sum per weight over the list. Then g (P values,
+in L1/L2) is reduced to its squared norm and K dots, and forgotten. Multiply-adds:
+nnz(δ_b)·k·C_in/G per example against L·k·C_in·C_out/G for the dense forms; the rule's
+planner (``engines/rules/conv.py``) picks this form only where δ's measured density
+makes it cheaper.
 
-The accumulations over δ's list allow fused multiply-adds but no reassociation: with it,
-LLVM vectorizes them across the list, gathering the input one value at a time, which is
-slower. The norm's and dots' sums within a tile of ``TILE`` values run in the input dtype
-(float32 or float64) with fastmath; tile sums are added in float64. Each example's arithmetic is the same whichever
-thread runs it, so results do not depend on the thread count.
+Every weight's sum runs over δ's list in order, with fused multiply-adds but no
+reassociation (with it, LLVM vectorizes the short-row sums across the list, gathering
+the input one value at a time, which is slower). The norm's and dots' sums within a tile
+of ``TILE`` values run in the input dtype (float32 or float64) with fastmath; tile sums
+are added in float64. Each example's arithmetic is the same whichever thread runs it, so
+results do not depend on the thread count.
 """
 from __future__ import annotations
 
@@ -61,7 +64,6 @@ def _conv_sparse(x, d, V, sq, dots, kh, kw, sh, sw, rh, rw, ph, pw, groups, zero
     whole = groups == 1 and rw == 1          # a kernel row's (j, c) values are contiguous in x̃
     run = kw * cin if whole else cin
     nj = 1 if whole else kw
-    run8 = run // 8
     pos = np.empty(L, dtype=np.int64)        # offset in x̃ of output position l's first tap
     for l in range(L):
         pos[l] = ((l // Wo) * sh * Wp + (l % Wo) * sw) * Cin
@@ -87,37 +89,27 @@ def _conv_sparse(x, d, V, sq, dots, kh, kw, sh, sw, rh, rw, ph, pw, groups, zero
                     idx[n] = pos[l] + cg
                     val[n] = v
                     n += v != 0
-                for i in range(kh):
-                    for j in range(nj):
-                        off = (i * rh * Wp + j * rw) * Cin
-                        go = ((co * kh + i) * kw + j) * cin
-                        for c8 in range(run8):
-                            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = zero
-                            for t in range(n):
-                                v = val[t]
-                                q = np.uint64(idx[t] + off + c8 * 8)   # unsigned: no wraparound check
-                                a0 += v * buf[q]
-                                a1 += v * buf[q + np.uint64(1)]
-                                a2 += v * buf[q + np.uint64(2)]
-                                a3 += v * buf[q + np.uint64(3)]
-                                a4 += v * buf[q + np.uint64(4)]
-                                a5 += v * buf[q + np.uint64(5)]
-                                a6 += v * buf[q + np.uint64(6)]
-                                a7 += v * buf[q + np.uint64(7)]
-                            q = np.uint64(go + c8 * 8)
-                            g[q] = a0
-                            g[q + np.uint64(1)] = a1
-                            g[q + np.uint64(2)] = a2
-                            g[q + np.uint64(3)] = a3
-                            g[q + np.uint64(4)] = a4
-                            g[q + np.uint64(5)] = a5
-                            g[q + np.uint64(6)] = a6
-                            g[q + np.uint64(7)] = a7
-                        for c in range(run8 * 8, run):
-                            a = zero
-                            for t in range(n):
-                                a += val[t] * buf[np.uint64(idx[t] + off + c)]
-                            g[np.uint64(go + c)] = a
+                go0 = co * kh * kw * cin
+                if run >= 8:     # long rows: one multiply-add pass along a row per listed δ
+                    for p in range(go0, go0 + kh * kw * cin):
+                        g[p] = zero
+                    for t in range(n):
+                        v = val[t]
+                        for i in range(kh):
+                            for j in range(nj):
+                                src = np.uint64(idx[t] + (i * rh * Wp + j * rw) * Cin)  # unsigned: no
+                                dst = np.uint64(go0 + (i * kw + j) * cin)                # wraparound check
+                                for c in range(run):
+                                    g[dst + np.uint64(c)] += v * buf[src + np.uint64(c)]
+                else:            # short rows (a first conv's 1-3 channels): a running sum per weight
+                    for i in range(kh):
+                        for j in range(nj):
+                            off = (i * rh * Wp + j * rw) * Cin
+                            for c in range(run):
+                                a = zero
+                                for t in range(n):
+                                    a += val[t] * buf[np.uint64(idx[t] + off + c)]
+                                g[np.uint64(go0 + (i * kw + j) * cin + c)] = a
             s = 0.0
             for k in range(K):
                 dots[b, k] = 0.0

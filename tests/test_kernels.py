@@ -225,11 +225,12 @@ def test_ghost_linear_sub_batches_within_the_memory_budget(form, d_in, d_out):
     torch.testing.assert_close(pieces[1], whole[1], rtol=1e-12, atol=0)
 
 
-# (C_in, C_out, H, W, kernel, stride, padding, dilation, groups): the demo's second conv,
-# a strided/dilated non-square kernel, grouped, a first conv (one input channel, whose
-# rows are shorter than the kernel's eight accumulators), depthwise 5x3, and a Conv1d
-# as height 1
+# (C_in, C_out, H, W, kernel, stride, padding, dilation, groups): the demo's second conv
+# (rows of kw·C_in = 48), grouped and dilated with rows of C_in/G = 8, a strided/dilated
+# non-square kernel, grouped, a first conv (one input channel: rows shorter than 8 take
+# the running-sum path), depthwise 5x3, and a Conv1d as height 1
 SPARSE_CONVS = [(16, 32, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+                (16, 6, 7, 7, (3, 3), (1, 1), (1, 1), (2, 2), 2),
                 (3, 8, 9, 7, (3, 2), (2, 1), (1, 0), (1, 2), 1),
                 (8, 8, 10, 10, (3, 3), (1, 2), (2, 1), (2, 1), 4),
                 (1, 4, 6, 6, (3, 3), (1, 1), (1, 1), (1, 1), 1),
