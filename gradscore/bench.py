@@ -266,14 +266,33 @@ def _conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding,
     return count([output_mask[0], False, False]) + count([False, output_mask[1], False]) // groups
 
 
+def _sparse_conv_flops(x: torch.Tensor, d: torch.Tensor, *, kernel: tuple[int, int], groups: int) -> int:
+    """2 × the multiply-adds of the sparse conv kernel's per-example weight gradients: one
+    per non-zero δ and kernel tap and input channel of its group (its norm and dots are
+    reductions, not counted, as ``norm_dot``'s are not)."""
+    return 2 * int(d.count_nonzero()) * kernel[0] * kernel[1] * (x.shape[1] // groups)
+
+
 def counted_flops(fn: Callable[[], object]) -> int:
     """Matmul and convolution flops of one call of ``fn`` (``torch.utils.flop_counter``,
-    with grouped convolutions' weight gradients counted per group)."""
+    with grouped convolutions' weight gradients counted per group), plus those of the
+    ghost conv rule's sparse numba kernel, which torch does not see."""
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop}
-                         ) as counter:
-        fn()
-    return counter.get_total_flops()
+
+    from .kernels import conv_sparse_numba as sparse
+    kernel, extra = sparse.conv_norm_dot_sparse, [0]
+
+    def counting(x, d, V, **kw):
+        extra[0] += _sparse_conv_flops(x, d, kernel=kw["kernel"], groups=kw["groups"])
+        return kernel(x, d, V, **kw)
+    sparse.conv_norm_dot_sparse = counting
+    try:
+        with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop}
+                             ) as counter:
+            fn()
+    finally:
+        sparse.conv_norm_dot_sparse = kernel
+    return counter.get_total_flops() + extra[0]
 
 
 def _inputs(case: Case, model: nn.Module, B: int, device: str) -> tuple[Inputs, torch.Tensor, torch.Tensor]:
