@@ -1,5 +1,5 @@
 """numba CPU kernel: a convolution's per-example ‖g_b(W)‖² and ⟨g_b(W), V_k⟩ from a
-sparse output gradient, with no im2col copy and no (B, P) block.
+sparse output gradient, with no batch-wide im2col and no (B, P) block.
 
 With the input zero-padded and laid out channels-last, x̃_b (Hp·Wp, C_in), the weight
 gradient of example b is, per output channel o, kernel row i, column j and input channel c,
@@ -9,15 +9,16 @@ gradient of example b is, per output channel o, kernel row i, column j and input
 over the output positions l. Only the l with δ_b[o, l] ≠ 0 contribute: behind a ReLU half
 of δ is zero, behind ReLU + 2×2 max-pool three quarters or more (the demo CNN's second
 conv: 82%). One example at a time per thread: its padded input goes to a thread-local
-buffer and each output channel's non-zero δ are listed (position, value). Where a row of
-g, the kw·C_in values of one (o, i) when groups = 1 and the column dilation is 1 (else
-the C_in/G of one (o, i, j)), is at least 8 long, each listed δ adds its multiple of the
-matching input row to it, a pass LLVM vectorizes along the row; shorter rows (a first
-conv's 1-3 channels) keep one running sum per weight over the list. Then g (P values,
-in L1/L2) is reduced to its squared norm and K dots, and forgotten. Multiply-adds:
-nnz(δ_b)·k·C_in/G per example against L·k·C_in·C_out/G for the dense forms; the rule's
-planner (``engines/rules/conv.py``) picks this form only where δ's measured density
-makes it cheaper.
+buffer and each output channel's non-zero δ are listed (position, value). Where an
+output channel's weights number at least ``LONG_ROW`` (kh·kw·C_in/G: 144 for the demo's
+second conv), the example's patches are copied out once, A (L, G, kh·kw·C_in/G) in
+cache, and each listed δ adds its multiple of its patch to the channel's row of g, a
+pass LLVM vectorizes; shorter rows (a depthwise or first conv: 9) keep one running sum
+per weight over the list, reading the padded input in place. Then g (P values) is
+reduced to its squared norm and K dots, and forgotten. Multiply-adds: nnz(δ_b)·k·C_in/G
+per example against L·k·C_in·C_out/G for the dense forms; the rule's planner
+(``engines/rules/conv.py``) picks this form only where δ's measured density makes it
+cheaper.
 
 Every weight's sum runs over δ's list in order, with fused multiply-adds but no
 reassociation (with it, LLVM vectorizes the short-row sums across the list, gathering
@@ -33,6 +34,10 @@ import numpy as np
 import torch
 
 TILE = 4096
+#: an output channel's weights (kh·kw·C_in/G) from which on each example's patches are
+#: copied out (A) and each listed δ adds its patch to the channel's row in one pass;
+#: shorter rows sum over the list per weight, reading the padded input in place
+LONG_ROW = 16
 #: examples per parallel task (one buffer allocation each)
 _CHUNK = 8
 
@@ -60,15 +65,15 @@ def _conv_sparse(x, d, V, sq, dots, kh, kw, sh, sw, rh, rw, ph, pw, groups, zero
     cin, cout = Cin // groups, Cout // groups
     K = V.shape[0]
     Hp, Wp, L = H + 2 * ph, W + 2 * pw, Ho * Wo
-    P = Cout * kh * kw * cin
-    whole = groups == 1 and rw == 1          # a kernel row's (j, c) values are contiguous in x̃
-    run = kw * cin if whole else cin
-    nj = 1 if whole else kw
+    R = kh * kw * cin                        # one output channel's weights, in (i, j, c) order
+    P = Cout * R
+    long_rows = R >= LONG_ROW
     pos = np.empty(L, dtype=np.int64)        # offset in x̃ of output position l's first tap
     for l in range(L):
         pos[l] = ((l // Wo) * sh * Wp + (l % Wo) * sw) * Cin
     for blk in numba.prange((B + _CHUNK - 1) // _CHUNK):
         buf = np.zeros(Hp * Wp * Cin, dtype=x.dtype)
+        A = np.empty(L * groups * R if long_rows else 0, dtype=x.dtype)
         g = np.empty(P, dtype=x.dtype)
         idx = np.empty(L, dtype=np.int64)
         val = np.empty(L, dtype=x.dtype)
@@ -79,37 +84,43 @@ def _conv_sparse(x, d, V, sq, dots, kh, kw, sh, sw, rh, rw, ph, pw, groups, zero
                     o = ((h + ph) * Wp + w + pw) * Cin
                     for c in range(Cin):
                         buf[o + c] = xb[c, h, w]
+            if long_rows:                    # A[l, gr]: the patch of position l in group gr
+                for l in range(L):
+                    for gr in range(groups):
+                        a0 = (l * groups + gr) * R
+                        for i in range(kh):
+                            for j in range(kw):
+                                s0 = np.uint64(pos[l] + (i * rh * Wp + j * rw) * Cin + gr * cin)  # unsigned:
+                                d0 = np.uint64(a0 + (i * kw + j) * cin)               # no wraparound check
+                                for c in range(cin):
+                                    A[d0 + np.uint64(c)] = buf[s0 + np.uint64(c)]
+                g[:] = zero
             db = d[b].reshape(Cout, L)
             for co in range(Cout):
                 drow = db[co]
-                cg = (co // cout) * cin
+                gr = co // cout
                 n = 0
                 for l in range(L):               # branch-free list of the non-zero δ
                     v = drow[l]
-                    idx[n] = pos[l] + cg
+                    idx[n] = (l * groups + gr) * R if long_rows else pos[l] + gr * cin
                     val[n] = v
                     n += v != 0
-                go0 = co * kh * kw * cin
-                if run >= 8:     # long rows: one multiply-add pass along a row per listed δ
-                    for p in range(go0, go0 + kh * kw * cin):
-                        g[p] = zero
+                go = co * R
+                if long_rows:    # g's row of channel co += δ · A's row, one pass per listed δ
                     for t in range(n):
                         v = val[t]
-                        for i in range(kh):
-                            for j in range(nj):
-                                src = np.uint64(idx[t] + (i * rh * Wp + j * rw) * Cin)  # unsigned: no
-                                dst = np.uint64(go0 + (i * kw + j) * cin)                # wraparound check
-                                for c in range(run):
-                                    g[dst + np.uint64(c)] += v * buf[src + np.uint64(c)]
-                else:            # short rows (a first conv's 1-3 channels): a running sum per weight
+                        src = np.uint64(idx[t])
+                        for c in range(R):
+                            g[np.uint64(go + c)] += v * A[src + np.uint64(c)]
+                else:            # short rows (depthwise, a first conv): a running sum per weight
                     for i in range(kh):
-                        for j in range(nj):
+                        for j in range(kw):
                             off = (i * rh * Wp + j * rw) * Cin
-                            for c in range(run):
+                            for c in range(cin):
                                 a = zero
                                 for t in range(n):
                                     a += val[t] * buf[np.uint64(idx[t] + off + c)]
-                                g[np.uint64(go0 + (i * kw + j) * cin + c)] = a
+                                g[np.uint64(go + (i * kw + j) * cin + c)] = a
             s = 0.0
             for k in range(K):
                 dots[b, k] = 0.0

@@ -18,7 +18,8 @@ forms per layer, whichever costs fewer multiply-adds (:func:`plan`):
   costs (H·W)²·C_in + L²·C_out + shifts, and ⟨g_b, V_k⟩ = ⟨conv(x_b, V_k), δ_b⟩ one
   convolution per reference. It wins for wide channels on small images;
 - ``sparse`` (CPU, numba): each example's gradient summed over the non-zero entries of δ
-  only, in a thread's cache, with no im2col (``kernels.conv_sparse_numba``). Behind a
+  only, one example at a time per thread, with no batch-wide im2col
+  (``kernels.conv_sparse_numba``). Behind a
   ReLU half of δ is zero, behind ReLU + max-pool three quarters or more; the plan takes
   δ's measured density.
 
