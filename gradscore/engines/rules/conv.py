@@ -59,12 +59,15 @@ GROUPED_COST = 1.2
 GROUPED_FEW_INPUTS_COST = 2 * GROUPED_COST
 FEW_INPUTS = 4
 #: the ``sparse`` form's cost per example and group, in the units above: per multiply-add
-#: with a non-zero δ, per element of δ (listing it), per element of the gradient (its
-#: sums and norm) and per element of the padded input (the thread's copy). Fitted to the
-#: kernel's times on 12 conv layers at densities 0.05-1 (within 20%) and converted at
-#: 0.04 ns a unit, the dense forms' best measured rate (0.035-0.27 ns on a 2-core CPU):
-#: the sparse form is taken only where it beats a dense form running at its best
-SPARSE_MAC_COST, SPARSE_DELTA_COST, SPARSE_WEIGHT_COST, SPARSE_PIXEL_COST = 3.2, 28, 5, 25
+#: with a non-zero δ (rows of at least ``LONG_ROW`` weights per output channel, and
+#: shorter ones), per element of δ (listing it), per weight (the sums' results and the
+#: norm), per element of the padded input (the thread's copy), and, for long rows, per
+#: patch row copied and per listed δ. Fitted to the kernel's times on 12 conv layers at
+#: densities 0.05-1 (within 20% but for one strided conv at low density, 30%) and
+#: converted at 0.04 ns a unit, the dense forms' best measured rate (0.035-0.27 ns on a
+#: 2-core CPU): the sparse form is taken only where it beats a dense form at its best
+SPARSE_MAC_COST, SPARSE_SHORT_MAC_COST, SPARSE_DELTA_COST, SPARSE_WEIGHT_COST = 1.7, 16.5, 30, 2
+SPARSE_PIXEL_COST, SPARSE_PATCH_COST, SPARSE_LISTED_COST = 18, 30, 51
 #: δ's density is measured on at most this many examples
 DENSITY_SAMPLE = 16
 
@@ -143,8 +146,13 @@ def plan(layer: nn.Module, geo: _Geometry, calls: int, K: int, cuda: bool = Fals
         shifts = N * N + geo.Hp ** 2 * geo.Wo ** 2 * geo.k[1] + L * L * (geo.k[0] + 3)
         cost["pixel"] = N * N * c_in + L * L * c_out + ELEMENTWISE_COST * shifts + project
     if calls == 1 and density is not None and not cuda:
-        cost["sparse"] = (SPARSE_MAC_COST * density * L * d_in * c_out + SPARSE_DELTA_COST * L * c_out
-                          + (SPARSE_WEIGHT_COST + K) * d_in * c_out + SPARSE_PIXEL_COST * N * c_in)
+        from ...kernels.conv_sparse_numba import LONG_ROW     # numba is loaded: density was measured
+        listed = density * L * c_out
+        long_rows = d_in >= LONG_ROW
+        cost["sparse"] = ((SPARSE_MAC_COST if long_rows else SPARSE_SHORT_MAC_COST) * listed * d_in
+                          + SPARSE_DELTA_COST * L * c_out + (SPARSE_WEIGHT_COST + K) * d_in * c_out
+                          + SPARSE_PIXEL_COST * N * c_in
+                          + (SPARSE_PATCH_COST * L * k + SPARSE_LISTED_COST * listed if long_rows else 0))
     return min(cost, key=cost.get)
 
 
