@@ -261,7 +261,7 @@ def _slice_bytes(layer: nn.Module, acts, grads, geo: _Geometry, form: str, K: in
                 # oneDNN im2col's the input inside the call (measured); the running sum over calls
                 "grouped": patches + min(2, len(acts)) * G * d_in * d_out,
                 "pixel": G * (2 * N * N + geo.Hp ** 2 * geo.Wo ** 2 + 3 * L * L) + K * layer.out_channels * L,
-                # per thread, not per example: a padded input and a gradient; one slice
+                # per thread, not per example: a padded input, its patches, a gradient; one slice
                 "sparse": 0}[form]
     return elements * torch.finfo(acc_dtype(acts[0].dtype)).bits // 8
 
