@@ -69,8 +69,12 @@ def _conv_sparse(x, d, V, sq, dots, kh, kw, sh, sw, rh, rw, ph, pw, groups, zero
     P = Cout * R
     long_rows = R >= LONG_ROW
     pos = np.empty(L, dtype=np.int64)        # offset in x̃ of output position l's first tap
+    ofs = np.empty(L, dtype=np.int64)        # where a listed δ at l points: A's row, or x̃
     for l in range(L):
         pos[l] = ((l // Wo) * sh * Wp + (l % Wo) * sw) * Cin
+        ofs[l] = l * groups * R if long_rows else pos[l]
+    whole = groups == 1 and rw == 1          # a kernel row's (j, c) values are contiguous in x̃
+    run = kw * Cin if whole else cin         # values copied at a time into A
     for blk in numba.prange((B + _CHUNK - 1) // _CHUNK):
         buf = np.zeros(Hp * Wp * Cin, dtype=x.dtype)
         A = np.empty(L * groups * R if long_rows else 0, dtype=x.dtype)
@@ -89,20 +93,20 @@ def _conv_sparse(x, d, V, sq, dots, kh, kw, sh, sw, rh, rw, ph, pw, groups, zero
                     for gr in range(groups):
                         a0 = (l * groups + gr) * R
                         for i in range(kh):
-                            for j in range(kw):
+                            for j in range(1 if whole else kw):
                                 s0 = np.uint64(pos[l] + (i * rh * Wp + j * rw) * Cin + gr * cin)  # unsigned:
                                 d0 = np.uint64(a0 + (i * kw + j) * cin)               # no wraparound check
-                                for c in range(cin):
+                                for c in range(run):
                                     A[d0 + np.uint64(c)] = buf[s0 + np.uint64(c)]
                 g[:] = zero
             db = d[b].reshape(Cout, L)
             for co in range(Cout):
                 drow = db[co]
-                gr = co // cout
+                gofs = (co // cout) * (R if long_rows else cin)
                 n = 0
                 for l in range(L):               # branch-free list of the non-zero δ
                     v = drow[l]
-                    idx[n] = (l * groups + gr) * R if long_rows else pos[l] + gr * cin
+                    idx[n] = ofs[l] + gofs
                     val[n] = v
                     n += v != 0
                 go = co * R
