@@ -33,29 +33,14 @@ import numba
 import numpy as np
 import torch
 
-TILE = 4096
+from .norm_dot_numba import TILE, _dot, _sq
+
 #: an output channel's weights (kh·kw·C_in/G) from which on each example's patches are
 #: copied out (A) and each listed δ adds its patch to the channel's row in one pass;
 #: shorter rows sum over the list per weight, reading the padded input in place
 LONG_ROW = 16
 #: examples per parallel task (one buffer allocation each)
 _CHUNK = 8
-
-
-@numba.njit(fastmath=True, cache=True)
-def _sq(g, zero):
-    acc = zero
-    for p in range(g.shape[0]):
-        acc += g[p] * g[p]
-    return acc
-
-
-@numba.njit(fastmath=True, cache=True)
-def _dot(g, v, zero):
-    acc = zero
-    for p in range(g.shape[0]):
-        acc += g[p] * v[p]
-    return acc
 
 
 @numba.njit(parallel=True, fastmath={"contract"}, cache=True)

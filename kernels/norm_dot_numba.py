@@ -26,16 +26,18 @@ _WIDEN_BYTES = 32 * 2**20
 
 
 @numba.njit(fastmath=True, cache=True)
-def _sq(g: np.ndarray) -> np.float32:
-    acc = np.float32(0.0)
+def _sq(g: np.ndarray, zero):
+    """Σ g², summed in the type of ``zero`` (np.float32(0) here; the conv kernel's dtype)."""
+    acc = zero
     for p in range(g.shape[0]):
         acc += g[p] * g[p]
     return acc
 
 
 @numba.njit(fastmath=True, cache=True)
-def _dot(g: np.ndarray, v: np.ndarray) -> np.float32:
-    acc = np.float32(0.0)
+def _dot(g: np.ndarray, v: np.ndarray, zero):
+    """Σ g·v, summed in the type of ``zero``."""
+    acc = zero
     for p in range(g.shape[0]):
         acc += g[p] * v[p]
     return acc
@@ -58,10 +60,10 @@ def _norm_dot_blocks(G: np.ndarray, V: np.ndarray, sq: np.ndarray, dots: np.ndar
             for b in range(r0, r1):
                 grow = G[b]
                 g = grow[lo:hi]
-                sq[b] += _sq(g)
+                sq[b] += _sq(g, np.float32(0.0))
                 for k in range(K):
                     vrow = V[k]
-                    dots[b, k] += _dot(g, vrow[lo:hi])
+                    dots[b, k] += _dot(g, vrow[lo:hi], np.float32(0.0))
 
 
 def _run(G: np.ndarray, V: np.ndarray, tile: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
