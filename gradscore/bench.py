@@ -268,9 +268,11 @@ def _conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding,
 
 def _sparse_conv_flops(x: torch.Tensor, d: torch.Tensor, *, kernel: tuple[int, int], groups: int) -> int:
     """2 × the multiply-adds of the sparse conv kernel's per-example weight gradients: one
-    per non-zero δ and kernel tap and input channel of its group (its norm and dots are
-    reductions, not counted, as ``norm_dot``'s are not)."""
-    return 2 * int(d.count_nonzero()) * kernel[0] * kernel[1] * (x.shape[1] // groups)
+    per δ (non-zero δ for long rows) and kernel tap and input channel of its group (its
+    norm, dots and bias sums are reductions, not counted, as ``norm_dot``'s are not)."""
+    from .kernels.conv_sparse_numba import LONG_ROW
+    row = kernel[0] * kernel[1] * (x.shape[1] // groups)
+    return 2 * (int(d.count_nonzero()) if row >= LONG_ROW else d.numel()) * row
 
 
 def counted_flops(fn: Callable[[], object]) -> int:

@@ -57,11 +57,13 @@ def test_a_failing_memory_child_says_why():
 
 def test_sparse_conv_kernel_counts_a_multiply_add_per_non_zero_delta_tap_and_channel(monkeypatch):
     """torch's flop counter does not see the numba kernel; the bench adds its multiply-adds
-    (one per non-zero δ, kernel tap and input channel), and counts nothing twice."""
+    (one per non-zero δ, kernel tap and input channel; per δ for short rows, summed
+    densely), and counts nothing twice."""
     from gradscore.engines.rules import conv
     monkeypatch.setattr(conv, "plan", lambda *args, **kwargs: "sparse")
-    layer = torch.nn.Conv2d(4, 6, 3, padding=1)
-    x, d = torch.randn(5, 4, 7, 7), torch.randn(5, 6, 7, 7).relu()
-    conv.conv(layer, [x], [d], {"weight": None}, 0)     # the first call probes the kernel backend
-    flops = counted_flops(lambda: conv.conv(layer, [x], [d], {"weight": None}, 0))
-    assert flops == 2 * int(d.count_nonzero()) * 9 * 4 > 0
+    for c_in, dense in ((4, False), (1, True)):          # rows of 36 and 9 weights
+        layer = torch.nn.Conv2d(c_in, 6, 3, padding=1)
+        x, d = torch.randn(5, c_in, 7, 7), torch.randn(5, 6, 7, 7).relu()
+        conv.conv(layer, [x], [d], {"weight": None}, 0)     # the first call probes the kernel backend
+        flops = counted_flops(lambda: conv.conv(layer, [x], [d], {"weight": None}, 0))
+        assert flops == 2 * (d.numel() if dense else int(d.count_nonzero())) * 9 * c_in > 0

@@ -293,7 +293,13 @@ def test_conv_plan_follows_the_cost_of_each_form():
     geo = _geometry(narrow, x.shape)
     assert plan(narrow, geo, 1, 0, density=0.17) == "sparse"
     assert plan(narrow, geo, 1, 2, density=0.17) == "sparse"
-    assert plan(narrow, geo, 1, 0, density=0.8) == "grouped"
+    assert plan(narrow, geo, 1, 0, density=1.0) == "grouped"
+    # short rows (9 weights per output channel) are summed densely, whatever δ's density:
+    # the kernel for the 1-channel first conv, not for the depthwise conv (grouped ties it)
+    # nor the RGB conv (27 weights, a long row: sparse only where δ is sparser than 1/2)
+    assert plan(first, _geometry(first, (1, 1, 8, 8)), 1, 0, density=1.0) == "sparse"
+    assert plan(depthwise, _geometry(depthwise, (1, 64, 16, 16)), 1, 0, density=0.5) == "grouped"
+    assert plan(rgb, _geometry(rgb, (1, 3, 32, 32)), 1, 2, density=0.5) == "outer"
     assert plan(narrow, geo, 2, 0, density=0.17) != "sparse"
     assert plan(narrow, geo, 1, 0, cuda=True, density=0.17) == "outer"
     assert plan(wide, _geometry(wide, (1, 128, 8, 8)), 1, 0, density=0.17) == "pixel"

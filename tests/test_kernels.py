@@ -235,7 +235,8 @@ SPARSE_CONVS = [(16, 32, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1),
                 (8, 8, 10, 10, (3, 3), (1, 2), (2, 1), (2, 1), 4),
                 (1, 4, 6, 6, (3, 3), (1, 1), (1, 1), (1, 1), 1),
                 (6, 6, 7, 7, (5, 3), (1, 1), (0, 0), (1, 1), 6),
-                (4, 6, 1, 12, (1, 3), (1, 2), (0, 1), (1, 1), 2)]
+                (4, 6, 1, 12, (1, 3), (1, 2), (0, 1), (1, 1), 2),
+                (2, 4, 9, 9, (3, 3), (2, 1), (1, 1), (2, 2), 2)]
 
 
 @pytest.mark.parametrize("density", [0.0, 0.2, 1.0])
@@ -264,15 +265,26 @@ def test_sparse_conv_kernel_equals_per_example_weight_gradients(shape, dtype, de
     none_sq, none_dots = conv_norm_dot_sparse(x, d, None, kernel=k, stride=stride, dilation=dil, padding=pad,
                                               groups=groups)
     assert torch.equal(none_sq, sq) and none_dots.shape == (5, 0)
+    # with the bias: its gradient Σ_l δ_b[:, l] joins the weight's
+    Vb = _rand(3, c_out, seed=5, dtype=dtype)
+    gb = torch.cat([g, d.double().sum((2, 3))], 1)
+    Vall = torch.cat([V.double().reshape(3, -1), Vb.double()], 1)
+    sq, dots = conv_norm_dot_sparse(x, d, V, kernel=k, stride=stride, dilation=dil, padding=pad, groups=groups,
+                                    bias=True, V_bias=Vb)
+    torch.testing.assert_close(sq.double(), gb.pow(2).sum(1), rtol=rtol, atol=0)
+    scale = gb.norm(dim=1, keepdim=True) * Vall.norm(dim=1)[None]
+    assert ((dots.double() - gb @ Vall.T).abs() <= rtol * scale).all()
 
 
-def test_sparse_conv_kernel_does_not_depend_on_thread_count():
+@pytest.mark.parametrize("c_in", [16, 1])          # long rows (sparse) and short rows (dense)
+def test_sparse_conv_kernel_does_not_depend_on_thread_count(c_in):
     import numba
 
     from gradscore.kernels.conv_sparse_numba import conv_norm_dot_sparse
-    x, d = _rand(40, 16, 8, 8, seed=1), _rand(40, 32, 8, 8, seed=2).relu()
-    V = _rand(2, 32, 16, 3, 3, seed=3)
-    kw = dict(kernel=(3, 3), stride=(1, 1), dilation=(1, 1), padding=(1, 1), groups=1)
+    x, d = _rand(40, c_in, 8, 8, seed=1), _rand(40, 32, 8, 8, seed=2).relu()
+    V = _rand(2, 32, c_in, 3, 3, seed=3)
+    kw = dict(kernel=(3, 3), stride=(1, 1), dilation=(1, 1), padding=(1, 1), groups=1, bias=True,
+              V_bias=_rand(2, 32, seed=4))
     before = numba.get_num_threads()
     try:
         numba.set_num_threads(1)

@@ -58,16 +58,22 @@ GROUPED_COST = 1.2
 #: against 0.84-0.90x for 16 channels (the demo's second conv)
 GROUPED_FEW_INPUTS_COST = 2 * GROUPED_COST
 FEW_INPUTS = 4
-#: the ``sparse`` form's cost per example and group, in the units above: per multiply-add
-#: with a non-zero δ (rows of at least ``LONG_ROW`` weights per output channel, and
-#: shorter ones), per element of δ (listing it), per weight (the sums' results and the
-#: norm), per element of the padded input (the thread's copy), and, for long rows, per
-#: patch row copied and per listed δ. Fitted to the kernel's times on 12 conv layers at
-#: densities 0.05-1 (within 20% but for one strided conv at low density, 30%) and
-#: converted at 0.04 ns a unit, the dense forms' best measured rate (0.035-0.27 ns on a
-#: 2-core CPU): the sparse form is taken only where it beats a dense form at its best
-SPARSE_MAC_COST, SPARSE_SHORT_MAC_COST, SPARSE_DELTA_COST, SPARSE_WEIGHT_COST = 1.7, 16.5, 30, 2
-SPARSE_PIXEL_COST, SPARSE_PATCH_COST, SPARSE_LISTED_COST = 18, 30, 51
+#: the ``sparse`` form's cost per example and group, in the units above. Long rows (at
+#: least ``LONG_ROW`` weights per output channel): per multiply-add with a non-zero δ, per
+#: element of δ (listing it), per listed δ, per patch row copied and per weight (the sums'
+#: results and the norm). Short rows, dense: per multiply-add, per patch value copied and
+#: per weight (one dot product each). Both: per element of the padded input (the thread's
+#: copy). Fitted to the kernel's times on 17 conv layers (12 with long rows, 5 with short
+#: rows, at densities 0.05-1: within 30%), then converted to units at the rates that make
+#: the plan lose least against the fastest form measured on those layers: 0.05 ns a unit
+#: for long rows and 0.27 ns for short ones (the dense forms run at 0.035-0.27 ns a unit
+#: on a 2-core CPU, the slowest on the small first convs that short rows compete with).
+#: Over the 85 layer-density points the plan's form is then 5% slower than the fastest
+#: on average, and more than 10% slower at 18, all but one a dense form taken where
+#: sparse was faster
+SPARSE_MAC_COST, SPARSE_DELTA_COST, SPARSE_LISTED_COST, SPARSE_PATCH_COST, SPARSE_WEIGHT_COST = 0.64, 23, 34, 24, 2.4
+SHORT_MAC_COST, SHORT_COPY_COST, SHORT_WEIGHT_COST = 0.21, 0.2, 8.7
+SPARSE_PIXEL_COST = 18
 #: δ's density is measured on at most this many examples
 DENSITY_SAMPLE = 16
 
@@ -147,12 +153,14 @@ def plan(layer: nn.Module, geo: _Geometry, calls: int, K: int, cuda: bool = Fals
         cost["pixel"] = N * N * c_in + L * L * c_out + ELEMENTWISE_COST * shifts + project
     if calls == 1 and density is not None and not cuda:
         from ...kernels.conv_sparse_numba import LONG_ROW     # numba is loaded: density was measured
-        listed = density * L * c_out
-        long_rows = d_in >= LONG_ROW
-        cost["sparse"] = ((SPARSE_MAC_COST if long_rows else SPARSE_SHORT_MAC_COST) * listed * d_in
-                          + SPARSE_DELTA_COST * L * c_out + (SPARSE_WEIGHT_COST + K) * d_in * c_out
-                          + SPARSE_PIXEL_COST * N * c_in
-                          + (SPARSE_PATCH_COST * L * k + SPARSE_LISTED_COST * listed if long_rows else 0))
+        if d_in >= LONG_ROW:
+            listed = density * L * c_out
+            work = (SPARSE_MAC_COST * listed * d_in + SPARSE_DELTA_COST * L * c_out + SPARSE_LISTED_COST * listed
+                    + SPARSE_PATCH_COST * L * k + (SPARSE_WEIGHT_COST + K) * d_in * c_out)
+        else:
+            work = (SHORT_MAC_COST * L * d_in * c_out + SHORT_COPY_COST * L * d_in
+                    + (SHORT_WEIGHT_COST + K) * d_in * c_out)
+        cost["sparse"] = work + SPARSE_PIXEL_COST * N * c_in
     return min(cost, key=cost.get)
 
 
@@ -215,20 +223,20 @@ def _grouped(layer: nn.Module, acts, grads, V: torch.Tensor | None) -> tuple[tor
     return norm_dot(g.reshape(b, -1), None if V is None else V.reshape(V.shape[0], -1))
 
 
-def _sparse(layer: nn.Module, x: torch.Tensor, d: torch.Tensor, V: torch.Tensor | None, geo: _Geometry
+def _sparse(layer: nn.Module, x: torch.Tensor, d: torch.Tensor, refs, K: int, geo: _Geometry
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """‖g_b(W)‖² (b,), ⟨g_b(W), V_k⟩ (b, K) by the numba kernel, over δ's non-zeros."""
+    """The layer's sq (B,), dots (B, K), its bias's share (when scored) included, by the
+    numba kernel (over δ's non-zeros for long rows)."""
     from ...kernels.conv_sparse_numba import conv_norm_dot_sparse
+    V = refs["weight"] if K else None
     if isinstance(layer, nn.Conv1d):       # as a Conv2d of height 1
         x, d, V = x.unsqueeze(2), d.unsqueeze(2), None if V is None else V.unsqueeze(3)
-    return conv_norm_dot_sparse(x, d, V, kernel=geo.k, stride=geo.stride, dilation=geo.dil,
-                                padding=geo.pad, groups=layer.groups)
+    return conv_norm_dot_sparse(x, d, V, kernel=geo.k, stride=geo.stride, dilation=geo.dil, padding=geo.pad,
+                                groups=layer.groups, bias="bias" in refs, V_bias=refs.get("bias") if K else None)
 
 
 def _weight_slice(layer: nn.Module, acts, grads, refs, K, form: str, geo: _Geometry, budget: int):
     """The weight's sq (b,), dots (b, K) for a slice of examples."""
-    if form == "sparse":
-        return _sparse(layer, acts[0], grads[0], refs["weight"] if K else None, geo)
     if form == "grouped":
         return _grouped(layer, acts, grads, refs["weight"] if K else None)
     if form == "pixel":
@@ -251,8 +259,8 @@ def _weight_slice(layer: nn.Module, acts, grads, refs, K, form: str, geo: _Geome
 def _slice_bytes(layer: nn.Module, acts, grads, geo: _Geometry, form: str, K: int) -> int:
     """Bytes of one example's transient blocks: its im2col patches and per-example
     gradient or (L, L) Grams of one group, or its patches and whole per-example gradient
-    (grouped form), or, in the pixel form, its pixel Grams and reference convolutions;
-    none in the sparse form, whose buffers are per thread (one slice)."""
+    (grouped form), or, in the pixel form, its pixel Grams and reference convolutions
+    (the sparse form's buffers are per thread, and it takes the batch at once)."""
     G, L = layer.groups, geo.Ho * geo.Wo * len(acts)
     d_in, d_out = layer.in_channels // G * math.prod(layer.kernel_size), layer.out_channels // G
     patches = sum(x[0].numel() for x in acts) * math.prod(layer.kernel_size)
@@ -260,22 +268,22 @@ def _slice_bytes(layer: nn.Module, acts, grads, geo: _Geometry, form: str, K: in
     elements = {"outer": patches + d_in * d_out, "gram": patches + 2 * L * L,
                 # oneDNN im2col's the input inside the call (measured); the running sum over calls
                 "grouped": patches + min(2, len(acts)) * G * d_in * d_out,
-                "pixel": G * (2 * N * N + geo.Hp ** 2 * geo.Wo ** 2 + 3 * L * L) + K * layer.out_channels * L,
-                # per thread, not per example: a padded input, its patches, a gradient; one slice
-                "sparse": 0}[form]
+                "pixel": G * (2 * N * N + geo.Hp ** 2 * geo.Wo ** 2 + 3 * L * L) + K * layer.out_channels * L}[form]
     return elements * torch.finfo(acc_dtype(acts[0].dtype)).bits // 8
 
 
 @register_rule(nn.Conv1d, nn.Conv2d, supports=_supports)
 def conv(layer: nn.Module, acts, grads, refs, K):
     B = acts[0].shape[0]
-    sq, dots = bias_term(cat_calls([d.reshape(B, layer.out_channels, -1) for d in grads], 2).sum(2), refs, K)
-    if "weight" not in refs:
-        return sq, dots
     geo = _geometry(layer, acts[0].shape)
-    form = plan(layer, geo, len(acts), K, acts[0].is_cuda, _density(layer, acts, grads))
+    form = "weight" in refs and plan(layer, geo, len(acts), K, acts[0].is_cuda, _density(layer, acts, grads))
+    if form == "sparse":        # the kernel adds the bias's share, and its buffers are per thread
+        return _sparse(layer, acts[0], grads[0], refs, K, geo)
+    sq, dots = bias_term(cat_calls([d.reshape(B, layer.out_channels, -1) for d in grads], 2).sum(2), refs, K)
+    if not form:
+        return sq, dots
     budget = workspace_bytes(*acts, *grads)
-    step = max(1, budget // max(1, _slice_bytes(layer, acts, grads, geo, form, K)))
+    step = max(1, budget // _slice_bytes(layer, acts, grads, geo, form, K))
     parts = [_weight_slice(layer, [x[i:i + step] for x in acts], [d[i:i + step] for d in grads], refs, K, form, geo,
                            budget) for i in range(0, B, step)]
     return sq + torch.cat([p[0] for p in parts]), dots + torch.cat([p[1] for p in parts])
