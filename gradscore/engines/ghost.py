@@ -2,14 +2,14 @@
 
 One ordinary batched forward and one backward of Σ_b ℓ_b. For each ruled layer a
 forward hook keeps the layer's input and hands the network ``_Probe(output, z)``, an
-identity whose only other input is a zero scalar leaf z; the probe's backward receives
-that layer's output gradient δ (row b belongs to example b alone: the model is in eval
-mode), runs the layer's rule (``engines/rules/``) at once and lets δ and the input go.
-The probe costs no copy of the output and no reduction of δ, and its output shares the
-output's storage and version counter without being a view of it, so in-place
-activations downstream (``ReLU(inplace=True)``) stay allowed and checked. The backward
-is ``torch.autograd.grad(Σ ℓ, [z, …])``: it needs every δ but no parameter gradient,
-and returns only scalars, so peak memory stays near one plain forward+backward. The
+identity whose only other input is a zero scalar leaf z, one for the batch; the probe's
+backward receives that layer's output gradient δ (row b belongs to example b alone: the
+model is in eval mode), runs the layer's rule (``engines/rules/``) at once and lets δ
+and the input go. The probe costs no copy of the output and no reduction of δ, and its
+output shares the output's storage and version counter without being a view of it, so
+in-place activations downstream (``ReLU(inplace=True)``) stay allowed and checked. The
+backward is ``torch.autograd.grad(Σ ℓ, z)``: it needs every δ but no parameter gradient,
+and returns only a scalar, so peak memory stays near one plain forward+backward. The
 shares of the layers add up, since layers own disjoint parameters, except for tied
 weights (one tensor owned by several modules, e.g. GPT-2's embedding and LM head): each
 owner's rule gives its use's share, and the cross terms 2⟨g_i, g_j⟩ are added from the
@@ -245,10 +245,10 @@ class GhostEngine(Engine):
                 call = layer.calls
                 layer.calls += 1
                 layer.acts.append(act.detach())
-                z = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
-                probes.append(z)
+                if not probes:      # one zero leaf for every probe of the batch
+                    probes.append(torch.zeros((), device=output.device, requires_grad=True))
                 # reaching z in the backward needs ∂L/∂probed = δ; a broadcast output gets its B rows
-                probed = _Probe.apply(output.contiguous() if shared else output, z,
+                probed = _Probe.apply(output.contiguous() if shared else output, probes[0],
                                       lambda d, layer=layer, call=call: on_grad(d, layer, call))
                 if shared:
                     layer.shared.append(probed.grad_fn)

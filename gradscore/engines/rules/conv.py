@@ -17,11 +17,12 @@ forms per layer, whichever costs fewer multiply-adds (:func:`plan`):
   ⟨a_bl, a_bm⟩ = Σ_offsets ⟨x_b[l + o], x_b[m + o]⟩, so ‖g_b‖² = ⟨Σ_o shift_o(X_bᵀX_b), δ_bᵀδ_b⟩
   costs (H·W)²·C_in + L²·C_out + shifts, and ⟨g_b, V_k⟩ = ⟨conv(x_b, V_k), δ_b⟩ one
   convolution per reference. It wins for wide channels on small images;
-- ``sparse`` (CPU, numba): each example's gradient summed over the non-zero entries of δ
-  only, one example at a time per thread, with no batch-wide im2col
-  (``kernels.conv_sparse_numba``). Behind a
-  ReLU half of δ is zero, behind ReLU + max-pool three quarters or more; the plan takes
-  δ's measured density.
+- ``sparse`` (CPU, numba): each example's gradient, one example at a time per thread,
+  with no batch-wide im2col (``kernels.conv_sparse_numba``), the bias's share included.
+  Where an output channel has many weights it is summed over the non-zero entries of δ
+  only: behind a ReLU half of δ is zero, behind ReLU + max-pool three quarters or more,
+  and the plan takes δ's measured density. Where it has few (a first conv, a depthwise
+  conv) it is summed densely, as dot products over the output positions.
 
 Calls of one layer are concatenated along l (the pixel and sparse forms take single calls
 only).
