@@ -21,7 +21,8 @@ of weights:
   ⟨δ_b[o, :], Aᵀ[r, :]⟩ over the L positions, contiguous on both sides (vectorized).
   Listing δ would leave sums of 9 values per listed entry, gathered one at a time.
 
-Then g (P values) is reduced to its squared norm and K dots, and forgotten.
+Then g (P values) is reduced to its squared norm and K dots, and forgotten; with the
+bias, its gradient Σ_l δ_b[o, l] (C_out values) joins them, summed while δ_b is in cache.
 Multiply-adds per example: nnz(δ_b)·R (long rows) or L·R·C_out (short rows), against
 L·R·C_out for the dense forms; the rule's planner (``engines/rules/conv.py``) picks this
 form only where its cost, with δ's measured density, is the lowest.
