@@ -40,22 +40,13 @@ import numba
 import numpy as np
 import torch
 
-from .norm_dot_numba import TILE, _dot, _sq
+from .norm_dot_numba import TILE, _dot, _sq, _total
 
 #: an output channel's weights (kh·kw·C_in/G) from which on its gradient is summed over
 #: δ's non-zeros only; shorter rows take dense dot products over all positions
 LONG_ROW = 16
 #: examples per parallel task (one buffer allocation each)
 _CHUNK = 8
-
-
-@numba.njit(fastmath=True, cache=True)
-def _total(v: np.ndarray, zero):
-    """Σ v, summed in the type of ``zero``."""
-    acc = zero
-    for p in range(v.shape[0]):
-        acc += v[p]
-    return acc
 
 
 @numba.njit(parallel=True, fastmath={"contract"}, cache=True)
@@ -68,8 +59,8 @@ def _conv_sparse(x, d, V, Vb, bias, sq, dots, kh, kw, sh, sw, rh, rw, ph, pw, gr
     R = kh * kw * cin                        # one output channel's weights, in (i, j, c) order
     P = Cout * R
     long_rows = R >= LONG_ROW
-    pos = np.empty(L, dtype=np.int64)        # long rows: offset in x̃ (channels-last) of l's first tap
-    for l in range(L):
+    pos = np.empty(L if long_rows else 0, dtype=np.int64)   # offset in x̃ (channels-last) of l's first tap
+    for l in range(pos.shape[0]):
         pos[l] = ((l // Wo) * sh * Wp + (l % Wo) * sw) * Cin
     whole = groups == 1 and rw == 1          # a kernel row's (j, c) values are contiguous in x̃
     run = kw * Cin if whole else cin         # values copied at a time into A
@@ -78,8 +69,8 @@ def _conv_sparse(x, d, V, Vb, bias, sq, dots, kh, kw, sh, sw, rh, rw, ph, pw, gr
         A = np.empty(L * groups * R if long_rows else 0, dtype=x.dtype)
         At = np.empty(0 if long_rows else groups * R * L, dtype=x.dtype)
         g = np.empty(P, dtype=x.dtype)
-        idx = np.empty(L, dtype=np.int64)
-        val = np.empty(L, dtype=x.dtype)
+        idx = np.empty(L if long_rows else 0, dtype=np.int64)   # the list of non-zero δ
+        val = np.empty(L if long_rows else 0, dtype=x.dtype)
         for b in range(blk * _CHUNK, min(B, blk * _CHUNK + _CHUNK)):
             xb = x[b]
             db = d[b].reshape(Cout, L)

@@ -43,6 +43,15 @@ def _dot(g: np.ndarray, v: np.ndarray, zero):
     return acc
 
 
+@numba.njit(fastmath=True, cache=True)
+def _total(v: np.ndarray, zero):
+    """Σ v, summed in the type of ``zero`` (the conv kernel's bias sums)."""
+    acc = zero
+    for p in range(v.shape[0]):
+        acc += v[p]
+    return acc
+
+
 @numba.njit(parallel=True, cache=True)
 def _norm_dot_blocks(G: np.ndarray, V: np.ndarray, sq: np.ndarray, dots: np.ndarray,
                      tile: int, rows: int) -> None:
