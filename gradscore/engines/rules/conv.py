@@ -167,9 +167,13 @@ def plan(layer: nn.Module, geo: _Geometry, calls: int, K: int, cuda: bool = Fals
 
 def _density(layer: nn.Module, acts, grads) -> float | None:
     """δ's fraction of non-zeros (on the first ``DENSITY_SAMPLE`` examples) where the
-    sparse form can run: one CPU call, under the numba kernels; else None."""
+    sparse form can run: one CPU call, under the numba kernels; else None. Not counted
+    for short rows, which the kernel sums densely (their cost does not depend on it)."""
     if len(acts) != 1 or acts[0].is_cuda or backend_for("cpu", forced_name()).name != "numba":
         return None
+    from ...kernels.conv_sparse_numba import LONG_ROW
+    if layer.in_channels // layer.groups * math.prod(layer.kernel_size) < LONG_ROW:
+        return 1.0
     d = grads[0][:DENSITY_SAMPLE].detach()
     # numpy counts about 3x faster than torch's count_nonzero here (a float32 (16, 2048) block: 33 µs)
     nonzero = np.count_nonzero(d.numpy()) if d.dtype in (torch.float32, torch.float64) else int(d.ne(0).sum())
