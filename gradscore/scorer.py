@@ -9,7 +9,6 @@ from torch import nn
 
 from .batch import Inputs, call_model, move
 from .engines import ScoreBatch, check_eval_mode, engine_class
-from .engines.ghost import plan_layers
 from .exceptions import EngineError
 from .losses import Loss, PerExampleLoss, resolve_loss
 
@@ -53,7 +52,7 @@ class Scorer:
         if not self.param_names:
             raise EngineError("no trainable parameters to score (all frozen or none selected)")
         if engine == "auto":
-            engine = "vmap" if plan_layers(model, self.param_names)[1] else "ghost"
+            engine = "ghost"
         self.engine_name = engine
         self.engine = engine_class(engine)(model, self.loss, self.param_names, chunk_bytes)
         self._shapes = [named[n].shape for n in self.param_names]

@@ -305,10 +305,17 @@ def test_conv_plan_follows_the_cost_of_each_form():
     assert plan(wide, _geometry(wide, (1, 128, 8, 8)), 1, 0, density=0.17) == "pixel"
 
 
-def test_auto_picks_ghost_when_every_layer_has_a_rule():
+def test_auto_is_the_chain_per_parameter():
+    """auto: a ghost rule where one applies, the fallback for exactly the other parameters."""
     model, _ = _case("transformer")
     assert gs.Scorer(model.eval()).engine_name == "ghost"
-    assert gs.Scorer(nn.Sequential(nn.Linear(3, 3), nn.PReLU()).eval()).engine_name == "vmap"
+    torch.manual_seed(0)
+    scorer = _compare(nn.Sequential(nn.Linear(3, 3), nn.PReLU(), nn.Linear(3, 3)), torch.randn(5, 3), 2,
+                      engine="auto")
+    assert scorer.engine_name == "ghost"
+    why = scorer.explain()
+    assert why["0.weight"].startswith("ghost") and why["2.bias"].startswith("ghost")
+    assert why["1.weight"] == "vmap (no ghost rule for PReLU)"
 
 
 @pytest.mark.parametrize("K", [0, 3])
@@ -383,7 +390,10 @@ def test_dropping_the_tied_cross_term_is_caught(monkeypatch):
 
 
 class PlainLinear(nn.Linear):
-    """A Linear subclass: no ghost rule is registered for it."""
+    """A Linear subclass whose forward is its own: the Linear rule does not apply to it."""
+
+    def forward(self, x):
+        return super().forward(x)
 
 
 def test_tied_to_a_layer_without_rule_falls_back():
@@ -394,7 +404,7 @@ def test_tied_to_a_layer_without_rule_falls_back():
     why = scorer.explain()
     assert "shared by modules emb and head" in why["emb.weight"] and why["emb.weight"].startswith("vmap")
     assert why["mid.weight"].startswith("ghost")
-    assert gs.Scorer(model.eval()).engine_name == "vmap"   # auto: not every parameter has a rule
+    assert "PlainLinear overrides the forward of Linear" in why["emb.weight"], why["emb.weight"]
 
 
 def test_frozen_layers_and_param_patterns():
@@ -419,7 +429,7 @@ def test_positional_module_without_batch_dim_falls_back():
 
     torch.manual_seed(0)
     scorer = _compare(Pos(), torch.randint(0, 9, (5, 6)), 2)
-    assert "first dimension is not the batch" in scorer.explain()["pos.weight"]
+    assert "has no batch dimension" in scorer.explain()["pos.weight"]
 
 
 def test_mlp_norms_never_materialize_per_example_gradients(monkeypatch):
@@ -460,7 +470,7 @@ def test_probe_hands_on_the_layers_output_without_a_copy():
     model[0].register_forward_hook(lambda m, i, out: ptrs.append(out.data_ptr()))   # before the engine's
     model[1].register_forward_hook(lambda m, i, out: ptrs.append(out.data_ptr()))   # what the network got
     gs.Scorer(model, engine="ghost").score_batch(torch.randn(5, 4), torch.tensor([0, 1, 0, 1, 1]))
-    assert len(ptrs) == 2 and ptrs[0] == ptrs[1]
+    assert len(ptrs) == 6 and ptrs[-2] == ptrs[-1]   # the first batch's two layout probes come first
 
 
 def test_an_in_place_change_of_a_saved_output_is_caught_as_without_the_engine():

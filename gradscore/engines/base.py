@@ -8,8 +8,9 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..batch import Inputs, call_model
+from ..batch import Inputs, batch_len, call_model
 from ..exceptions import EngineError
+from ..kernels.norm_dot import acc_dtype
 from ..losses import Loss
 
 #: Per-parameter reference blocks: refs[i] has shape (K, *param_i.shape).
@@ -79,14 +80,35 @@ class Engine(ABC):
         self.param_names = list(param_names)
         self.chunk_bytes = int(chunk_bytes)
 
-    @abstractmethod
     def score_batch(self, x: Inputs, y: torch.Tensor, refs: RefBlocks | None) -> ScoreBatch:
         """Per-example loss (B,), sq_norm (B,), dots (B, K) or None, logits.
 
         x: (B, ...) inputs (or a dict of (B, ...) keyword inputs) and y: (B, ...)
         targets on the model's device; refs:
         per-parameter blocks (K, *shape) in ``param_names`` order, or None.
+        An empty batch (B = 0) gives empty results.
         """
+        if batch_len(x) == 0:
+            return self._empty(x, y, refs)
+        return self._score(x, y, refs)
+
+    @abstractmethod
+    def _score(self, x: Inputs, y: torch.Tensor, refs: RefBlocks | None) -> ScoreBatch:
+        """:meth:`score_batch` for B >= 1."""
+
+    def _empty(self, x: Inputs, y: torch.Tensor, refs: RefBlocks | None) -> ScoreBatch:
+        """Results of shape (0,), (0, K); the logits and loss of the empty batch where the
+        model runs on it, else empty (0,) tensors."""
+        like = dict(self.model.named_parameters())[self.param_names[0]]
+        acc = acc_dtype(like.dtype)
+        try:
+            out = self.forward(x, y)
+            logits, loss = out.logits, out.loss
+        except Exception:   # many layers refuse an empty batch; nothing is lost
+            logits = loss = like.new_zeros(0)
+        K = 0 if refs is None else refs[0].shape[0]
+        return ScoreBatch(loss=loss, sq_norm=like.new_zeros(0, dtype=acc),
+                          dots=None if refs is None else like.new_zeros((0, K), dtype=acc), logits=logits)
 
     def forward(self, x: Inputs, y: torch.Tensor) -> ScoreBatch:
         """Forward pass only: per-example loss and logits, no gradients."""

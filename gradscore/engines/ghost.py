@@ -15,18 +15,19 @@ weights (one tensor owned by several modules, e.g. GPT-2's embedding and LM head
 owner's rule gives its use's share, and the cross terms 2⟨g_i, g_j⟩ are added from the
 rules' factors at the end of the batch.
 
-A layer called with a first dimension of 1 while the batch has B > 1 rows (Hugging
-Face's position embeddings look up ids of shape (1, T) once for the batch) has its
-input and output expanded to B rows, so that row b of δ is example b's; this is exact
-when the output is only added to batch rows, which the engine checks in the autograd
-graph after the forward, sending the layer to vmap otherwise.
+Each ruled layer's batch dimension is established on the first batch from evidence
+(:mod:`.layout`: two probe runs on 1 and 2 copies of an example), never from a size
+that happens to equal B. A sequence-first layer (T, B, d) whose rule acts on trailing
+features only has its batch moved to dimension 0; a layer called with one row for the
+whole batch (Hugging Face's position ids (1, T)) has its input and output expanded to
+B rows, which layout has checked is exact (the output is only added to batch rows).
 
-Parameters whose module has no applicable rule, whose module is never called (its
-weights used functionally by another module), or whose module is called on tensors
-whose first dimension is not the batch, go through the vmap engine, for exactly those
-parameters; :meth:`GhostEngine.explain` says which path each parameter took and why.
-Hooks live for one call and are removed by a context manager; nothing is stored on
-the model.
+Parameters whose module has no applicable rule, is never called (its weights used
+functionally by another module), or has no established batch dimension, go to the
+fallback (:mod:`.fallback`): vmap over exactly those parameters, or the per-example loop
+where vmap cannot trace the model. :meth:`GhostEngine.explain` says which path each
+parameter took and why; it is final after the first batch. Hooks live for one call and
+are removed by a context manager; nothing is stored on the model.
 """
 from __future__ import annotations
 
@@ -40,8 +41,9 @@ from torch import nn
 from ..batch import Inputs, batch_len, call_model
 from ..exceptions import EngineError
 from .base import Engine, RefBlocks, ScoreBatch, register_engine
+from .fallback import Fallback
+from .layout import Layout, establish
 from .rules import Factor, Rule, cross, find_rule
-from .vmap import VmapEngine
 
 
 @dataclass
@@ -55,9 +57,8 @@ class _Layer:
     grads: dict[int, torch.Tensor] = field(default_factory=dict)   # call index -> δ
     calls: int = 0          # forward calls whose output needs a gradient
     seen: int = 0           # all forward calls
-    problem: str | None = None   # why this layer must go to the vmap fallback after all
-    shared: list = field(default_factory=list)      # autograd nodes of batch-broadcast outputs
-    shared_ok: bool = False      # its broadcast output passed the check once: the graph is the same
+    problem: str | None = None   # why this layer must go to the fallback after all
+    layout: Layout | None = None  # established on the first batch
 
 
 def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
@@ -86,12 +87,13 @@ def plan_layers(model: nn.Module, param_names: list[str]) -> tuple[list[_Layer],
     for i, mods in _owners(model).items():
         if len(mods) < 2 or canonical[i] not in wanted:
             continue
-        rules = [find_rule(m)[0] for _, m in mods]
-        if all(r is not None and r.factors is not None for r in rules):
+        found = [find_rule(m) for _, m in mods]
+        if all(r is not None and r.factors is not None for r, _ in found):
             tied.add(canonical[i])
         else:
+            why = next((reason for r, reason in found if r is None), None) or "a rule without factors"
             fallback[canonical[i]] = (f"shared by modules {' and '.join(n for n, _ in mods)}, not all "
-                                      f"with a ghost rule for tied weights")
+                                      f"with a ghost rule for tied weights: {why}")
     layers, covered = [], set()
     for mname, module in model.named_modules():
         own = {local: canonical[id(p)] for local, p in module.named_parameters(recurse=False)}
@@ -163,104 +165,112 @@ class _Probe(torch.autograd.Function):
         return delta, None, None
 
 
-def _consumers(root, targets: set) -> dict:
-    """{node in ``targets``: names of the autograd nodes that consume it}, walking the
-    graph from ``root`` (the loss)."""
-    found: dict = {}
-    seen, stack = {root}, [root]
-    while stack:
-        node = stack.pop()
-        for nxt, _ in node.next_functions:
-            if nxt is None:
-                continue
-            if nxt in targets:
-                found.setdefault(nxt, set()).add(type(node).__name__)
-            if nxt not in seen:
-                seen.add(nxt)
-                stack.append(nxt)
-    return found
-
-
-#: consumers of a batch-broadcast output under which row b of the expanded output is
-#: example b's alone: elementwise sums with a batch tensor (e.g. token + position embeddings)
-_BROADCAST_OK = {"AddBackward0", "AddBackward1", "SubBackward0"}
-
-
 @register_engine("ghost")
 class GhostEngine(Engine):
-    """Norms and dots from one batched forward/backward with per-layer ghost rules."""
+    """Norms and dots from one batched forward/backward with per-layer ghost rules; the
+    parameters without one go to vmap, else the per-example loop (:mod:`.fallback`)."""
 
     def __init__(self, model, loss, param_names, chunk_bytes=256 * 2**20) -> None:
         super().__init__(model, loss, param_names, chunk_bytes)
         self.layers, self.fallback = plan_layers(model, self.param_names)
-        self._fallback_engines: dict[tuple[str, ...], VmapEngine] = {}
+        self._fallbacks: dict[tuple[str, ...], Fallback] = {}
         self._index = {n: i for i, n in enumerate(self.param_names)}
+        self._laid_out = False
 
     def explain(self) -> dict[str, str]:
-        """{parameter name: path}, e.g. 'ghost (linear rule on fc: Linear)' or 'vmap (reason)'."""
+        """{parameter name: path}, e.g. 'ghost (linear rule on fc: Linear)', 'vmap (reason)'
+        or 'loop (reason; vmap cannot trace this model (…))'. Final after the first batch."""
         uses: dict[str, list[str]] = {}
         for layer in self.layers:
+            where = "" if layer.layout is None or layer.layout.batch_dim == 0 else f", {layer.layout.describe()}"
             for full in layer.params.values():
                 uses.setdefault(full, []).append(f"{layer.rule.name} rule on {layer.name}: "
-                                                 f"{type(layer.module).__name__}")
+                                                 f"{type(layer.module).__name__}{where}")
         out = {full: f"ghost ({' + '.join(u)}{'; tied, exact cross term' if len(u) > 1 else ''})"
                for full, u in uses.items()}
-        out.update({full: f"vmap ({reason})" for full, reason in self.fallback.items()})
+        chain = self._fallbacks.get(self._fallback_key())
+        for full, reason in self.fallback.items():
+            if chain is not None and chain.path == "loop":
+                out[full] = f"loop ({reason}; {chain.why_loop})"
+            else:
+                out[full] = f"vmap ({reason})"
         return {n: out[n] for n in self.param_names}
 
+    def _fallback_key(self) -> tuple[str, ...]:
+        return tuple(n for n in self.param_names if n in self.fallback)
+
     def _fallback(self, x, y, refs) -> ScoreBatch | None:
-        """vmap over exactly the fallback parameters (in param_names order), or None."""
-        key = tuple(n for n in self.param_names if n in self.fallback)
+        """vmap (else the loop) over exactly the fallback parameters, or None."""
+        key = self._fallback_key()
         if not key:
             return None
-        if key not in self._fallback_engines:
-            self._fallback_engines[key] = VmapEngine(self.model, self.loss, list(key), self.chunk_bytes)
-        return self._fallback_engines[key].score_batch(
+        if key not in self._fallbacks:
+            self._fallbacks[key] = Fallback(self.model, self.loss, list(key), self.chunk_bytes)
+        return self._fallbacks[key].score_batch(
             x, y, None if refs is None else [refs[self._index[n]] for n in key])
+
+    def _lay_out(self, x: Inputs) -> None:
+        """Establish every ruled layer's batch dimension (:mod:`.layout`) on the first batch;
+        layers without one go to the fallback."""
+        found = establish(self.model, {layer.name: (layer.module, layer.rule.batch_dims)
+                                       for layer in self.layers}, x)
+        for layer in self.layers:
+            result = found[layer.name]
+            if isinstance(result, Layout):
+                layer.layout = result
+            else:
+                layer.problem = result
+        self._laid_out = True
+        self._moved_to_fallback(after_call=False)
 
     @contextlib.contextmanager
     def _hooks(self, state: _Pass, probes: list[torch.Tensor], B: int) -> Iterator[None]:
         handles = []
         for layer in self.layers:
-            layer.acts, layer.grads, layer.calls, layer.seen, layer.problem, layer.shared = [], {}, 0, 0, None, []
+            layer.acts, layer.grads, layer.calls, layer.seen, layer.problem = [], {}, 0, 0, None
 
-            def on_grad(delta, layer=layer, call=None):
-                layer.grads[call] = delta
+            def on_grad(delta, layer=layer, call=None, dim=0):
+                layer.grads[call] = delta.movedim(dim, 0) if dim else delta
                 if len(layer.grads) == layer.calls:  # every call's δ is in: reduce now
                     state.run_rule(layer)
 
-            def hook(module, inputs, output, layer=layer):
-                if not isinstance(output, torch.Tensor):
-                    raise EngineError(f"layer '{layer.name}' returned {type(output).__name__}; "
-                                      f"the ghost engine needs a tensor output")
+            def hook(module, args, kwargs, output, layer=layer):
                 layer.seen += 1
-                act = inputs[0]
-                shared = B > 1 and act.shape[:1] == (1,) and output.shape[:1] == (1,)
-                if shared:  # one row for the whole batch (position ids (1, T)): give each example its copy
-                    act, output = act.expand(B, *act.shape[1:]), output.expand(B, *output.shape[1:])
-                elif act.shape[:1] != (B,) or output.shape[:1] != (B,):
-                    layer.problem = "was called on a tensor whose first dimension is not the batch"
-                if not output.requires_grad:  # under no_grad: no gradient reaches this layer
+                act = args[0] if args else next(iter(kwargs.values()), None)
+                if not isinstance(act, torch.Tensor) or not isinstance(output, torch.Tensor):
+                    layer.problem = "was called with a non-tensor input or output"
                     return None
+                dim = layer.layout.batch_dim
+                shared = dim is None and B > 1
+                if dim is None and (act.shape[:1] != (1,) or output.shape[:1] != (1,)):
+                    layer.problem = "returned one row for the whole batch at first, then more"
+                elif dim is not None and (act.dim() <= dim or output.dim() <= dim
+                                          or act.shape[dim] != B or output.shape[dim] != B):
+                    layer.problem = f"was called without the batch in dimension {dim}"
+                if layer.problem or not output.requires_grad:  # no_grad: no gradient reaches it
+                    return None
+                if shared:  # one row for the whole batch: give each example its copy
+                    act, output = act.expand(B, *act.shape[1:]), output.expand(B, *output.shape[1:])
+                elif dim:   # sequence-first: the rule sees the batch in dimension 0
+                    act = act.movedim(dim, 0)
                 call = layer.calls
                 layer.calls += 1
                 layer.acts.append(act.detach())
                 if not probes:      # one zero leaf for every probe of the batch
                     probes.append(torch.zeros((), device=output.device, requires_grad=True))
                 # reaching z in the backward needs ∂L/∂probed = δ; a broadcast output gets its B rows
-                probed = _Probe.apply(output.contiguous() if shared else output, probes[0],
-                                      lambda d, layer=layer, call=call: on_grad(d, layer, call))
-                if shared:
-                    layer.shared.append(probed.grad_fn)
-                return probed
-            handles.append(layer.module.register_forward_hook(hook))
+                return _Probe.apply(output.contiguous() if shared else output, probes[0],
+                                    lambda d, layer=layer, call=call, dim=dim or 0: on_grad(d, layer, call, dim))
+            handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
 
-    def score_batch(self, x: Inputs, y: torch.Tensor, refs: RefBlocks | None) -> ScoreBatch:
+    def _score(self, x: Inputs, y: torch.Tensor, refs: RefBlocks | None) -> ScoreBatch:
+        if not self._laid_out:
+            self._lay_out(x)
         K = 0 if refs is None else refs[0].shape[0]
         B = batch_len(x)
         state, probes = _Pass(refs, self._index, K), []
@@ -271,12 +281,11 @@ class GhostEngine(Engine):
             if losses.shape != (B,):
                 raise EngineError(f"the loss returned shape {tuple(losses.shape)}; it must return one "
                                   f"loss per example, shape ({B},)")
-            self._check_shared(losses)
             replan = self._moved_to_fallback()
             if probes and not replan:
                 torch.autograd.grad(losses.sum(), probes, allow_unused=True)
-        if replan:  # some layers moved to the vmap fallback: redo this batch without their hooks
-            return self.score_batch(x, y, refs)
+        if replan:  # some layers moved to the fallback: redo this batch without their hooks
+            return self._score(x, y, refs)
         for layer in self.layers:  # calls whose output did not reach the loss add nothing
             state.run_rule(layer)
         if state.factors:
@@ -290,26 +299,14 @@ class GhostEngine(Engine):
         return ScoreBatch(loss=losses.detach(), sq_norm=state.sq,
                           dots=state.dots if refs is not None else None, logits=out.detach())
 
-    def _check_shared(self, losses: torch.Tensor) -> None:
-        """A batch-broadcast output expanded to B rows gives exact per-example shares only
-        when it is added to batch rows; any other use sends the layer to vmap."""
-        nodes = {n: layer for layer in self.layers if not layer.shared_ok for n in layer.shared}
-        if not nodes or losses.grad_fn is None:
-            return
-        for node, users in _consumers(losses.grad_fn, set(nodes)).items():
-            if not users <= _BROADCAST_OK:
-                nodes[node].problem = (f"returns one row for the whole batch, used by "
-                                       f"{', '.join(sorted(users))} (only a sum with batch rows is exact)")
-        for layer in nodes.values():  # checked on the first batch: the consumer of a layer is fixed
-            layer.shared_ok = layer.problem is None
-
-    def _moved_to_fallback(self) -> bool:
-        """Send layers that were never called, or not called batch-first, to vmap; a weight
-        tied to such a layer goes to vmap as a whole (it leaves its other owners too)."""
+    def _moved_to_fallback(self, after_call: bool = True) -> bool:
+        """Send layers with a problem (after a call of the model, also those it did not
+        call) to the fallback; a weight tied to such a layer goes there as a whole (it
+        leaves its other owners too)."""
         moved = False
         for layer in self.layers:
             reason = ("was not called; its parameters are used by another module"
-                      if layer.seen == 0 else layer.problem)
+                      if after_call and layer.seen == 0 and layer.problem is None else layer.problem)
             if reason is None:
                 continue
             self.fallback.update({full: f"{type(layer.module).__name__} '{layer.name}' {reason}"

@@ -11,7 +11,7 @@ from .base import Engine, RefBlocks, ScoreBatch, register_engine
 class LoopEngine(Engine):
     """One forward and one backward per example; full gradient flattened and reduced."""
 
-    def score_batch(self, x: Inputs, y: torch.Tensor, refs: RefBlocks | None) -> ScoreBatch:
+    def _score(self, x: Inputs, y: torch.Tensor, refs: RefBlocks | None) -> ScoreBatch:
         named = dict(self.model.named_parameters())
         params = [named[n] for n in self.param_names]
         V = None if refs is None else torch.cat([r.reshape(r.shape[0], p.numel()) for r, p in zip(refs, params)], dim=1)

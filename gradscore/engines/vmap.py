@@ -9,9 +9,14 @@ import torch
 from torch.func import grad, vmap
 
 from ..batch import Inputs, batch_len, call_functional, take, unsqueeze
-from ..exceptions import EngineError
+from ..exceptions import EngineError, GradscoreError
 from ..kernels import norm_dot
 from .base import Engine, RefBlocks, ScoreBatch, register_engine
+
+
+class VmapTraceError(EngineError):
+    """``vmap`` cannot trace the model (recurrent layers, data-dependent shapes, values
+    read into Python), although the model runs on the same batch without it."""
 
 
 @register_engine("vmap")
@@ -23,7 +28,7 @@ class VmapEngine(Engine):
         bytes_per_example = sum(named[n].numel() * named[n].element_size() for n in self.param_names)
         return max(1, self.chunk_bytes // max(1, bytes_per_example))
 
-    def score_batch(self, x: Inputs, y: torch.Tensor, refs: RefBlocks | None) -> ScoreBatch:
+    def _score(self, x: Inputs, y: torch.Tensor, refs: RefBlocks | None) -> ScoreBatch:
         model, loss_fn, names = self.model, self.loss.fn, self.param_names
         scored = {n: p.detach() for n, p in model.named_parameters() if n in set(names)}
         fixed = {n: p.detach() for n, p in model.named_parameters() if n not in scored}
@@ -38,15 +43,29 @@ class VmapEngine(Engine):
         step = self._sub_batch()
         parts = []
         for i in range(0, batch_len(x), step):
+            xs, ys = take(x, i, i + step), y[i:i + step]
             try:
-                grads, (loss, out) = per_example(scored, take(x, i, i + step), y[i:i + step])
-            except RuntimeError as e:
-                if not str(e).startswith("vmap:"):
-                    raise
-                raise EngineError(f"vmap cannot trace this model ({str(e).splitlines()[0][:120]}); use "
-                                  f"engine='ghost' or 'loop' (for Hugging Face models with an "
-                                  f"attention_mask, attn_implementation='eager' also works)") from e
+                grads, (loss, out) = per_example(scored, xs, ys)
+            except GradscoreError:
+                raise
+            except Exception as e:
+                self._diagnose(xs, ys, e)
             sq, dots = norm_dot([grads[n] for n in names], refs)
             parts.append((loss, sq, dots, out))
         loss, sq, dots, out = (torch.cat(p) for p in zip(*parts))
         return ScoreBatch(loss=loss, sq_norm=sq, dots=dots if refs is not None else None, logits=out)
+
+    def _diagnose(self, x: Inputs, y: torch.Tensor, e: Exception) -> None:
+        """Raise :class:`VmapTraceError` if the model and loss run on the batch without
+        vmap, else an :class:`EngineError` with what fails there."""
+        first = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        try:
+            self.forward(x, y)
+        except Exception as plain:
+            raise EngineError(f"the model or loss fails on this batch ({type(plain).__name__}: "
+                              f"{str(plain).splitlines()[0][:200] if str(plain) else ''}); check that "
+                              f"the inputs and targets fit the model") from plain
+        raise VmapTraceError(f"vmap cannot trace this model ({first}); use engine='auto', which "
+                             f"falls back to the per-example loop, or engine='loop' (for Hugging "
+                             f"Face models with an attention_mask, attn_implementation='eager' "
+                             f"also works)") from e

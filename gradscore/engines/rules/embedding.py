@@ -38,7 +38,7 @@ def embedding_factors(layer: nn.Embedding, acts, grads) -> dict[str, Factor]:
     return {"weight": Factor(ids, d, left_ids=True)}
 
 
-@register_rule(nn.Embedding, supports=_supports, factors=embedding_factors)
+@register_rule(nn.Embedding, supports=_supports, factors=embedding_factors, batch_dims=(0, 1))
 def embedding(layer: nn.Embedding, acts, grads, refs, K):
     ids, d = _ids_and_grads(layer, acts, grads)
     acc = d.dtype

@@ -17,6 +17,6 @@ def conv1d_factors(layer, acts, grads) -> dict[str, Factor]:
     return {"weight": Factor(as_sequence(acts), as_sequence(grads))}
 
 
-@register_rule(CONV1D, factors=conv1d_factors)
+@register_rule(CONV1D, factors=conv1d_factors, batch_dims=(0, 1))
 def hf_conv1d(layer, acts, grads, refs, K):
     return weight_and_bias(acts, grads, refs, K, transposed=True)

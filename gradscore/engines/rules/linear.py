@@ -41,6 +41,6 @@ def weight_and_bias(acts, grads, refs, K, *, transposed: bool = False):
     return sq, dots
 
 
-@register_rule(nn.Linear, factors=linear_factors)
+@register_rule(nn.Linear, factors=linear_factors, batch_dims=(0, 1))
 def linear(layer: nn.Linear, acts, grads, refs, K):
     return weight_and_bias(acts, grads, refs, K)

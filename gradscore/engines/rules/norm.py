@@ -30,7 +30,8 @@ def _reduce(per_call: list[dict[str, torch.Tensor]], refs, K, like):
     return reduce_per_example(total, refs, K)
 
 
-@register_rule(nn.LayerNorm, supports=lambda m: None if m.elementwise_affine else "LayerNorm without affine")
+@register_rule(nn.LayerNorm, supports=lambda m: None if m.elementwise_affine else "LayerNorm without affine",
+               batch_dims=(0, 1))
 def layer_norm(layer: nn.LayerNorm, acts, grads, refs, K):
     n = len(layer.normalized_shape)
     per_call = []

@@ -12,7 +12,14 @@ layer's share of the per-example ‖g_b‖² and ⟨g_b, V_k⟩:
 - sums are in float32 (float64 for float64 inputs), whatever the model dtype.
 
 ``supports(layer)`` returns None when the rule applies, else the reason it does not
-(the engine then falls back to vmap for that layer's parameters and says why).
+(the engine then falls back for that layer's parameters and says why). ``batch_dims``
+are the dimensions of the layer's input and output that may hold the batch: (0,) for
+most rules; (0, 1) for rules that act on trailing features only (Linear, Embedding,
+LayerNorm), which then also serve sequence-first layers (T, B, ...), the engine moving
+the batch to dimension 0 before the rule sees the tensors.
+
+A subclass of a registered class uses its parent's rule unless it overrides
+``forward``; the registry is searched along the MRO, for class and qualified-name keys.
 
 A rule whose weight gradient is a sum of outer products, g_b = Σ_t l_bt r_btᵀ, also
 registers ``factors(layer, acts, grads) -> {local name: Factor}``: the engine needs them
@@ -56,6 +63,7 @@ class Rule:
     fn: RuleFn
     supports: Callable[[nn.Module], Optional[str]]
     factors: Optional[Callable[..., dict[str, Factor]]] = None
+    batch_dims: tuple[int, ...] = (0,)
 
 
 TypeKey = Union[type[nn.Module], str]
@@ -63,32 +71,37 @@ _RULES: dict[TypeKey, Rule] = {}
 
 
 def register_rule(*types: TypeKey, supports: Callable[[nn.Module], Optional[str]] = lambda m: None,
-                  factors: Optional[Callable[..., dict[str, Factor]]] = None
-                  ) -> Callable[[RuleFn], RuleFn]:
+                  factors: Optional[Callable[..., dict[str, Factor]]] = None,
+                  batch_dims: tuple[int, ...] = (0,)) -> Callable[[RuleFn], RuleFn]:
     """Decorator: use ``fn`` as the ghost rule for every class (or qualified class name)
-    in ``types``; ``factors`` (optional) lets its weight be tied to another layer's."""
+    in ``types``; ``factors`` (optional) lets its weight be tied to another layer's;
+    ``batch_dims``: where the batch may be in the layer's input and output."""
     def deco(fn: RuleFn) -> RuleFn:
         for t in types:
-            _RULES[t] = Rule(fn.__name__, fn, supports, factors)
+            _RULES[t] = Rule(fn.__name__, fn, supports, factors, batch_dims)
         return fn
     return deco
 
 
-def _lookup(module: nn.Module) -> Rule | None:
-    rule = _RULES.get(type(module))
-    if rule is None:  # optional packages: by qualified name, along the MRO
-        for cls in type(module).__mro__:
-            rule = _RULES.get(f"{cls.__module__}.{cls.__qualname__}")
-            if rule is not None:
-                break
-    return rule
+def _lookup(module: nn.Module) -> tuple[Rule | None, str | None]:
+    """The rule of the nearest registered class along the MRO (class or qualified-name
+    key), or (None, reason)."""
+    kind = type(module)
+    for cls in kind.__mro__:
+        rule = _RULES.get(cls) or _RULES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if rule is None:
+            continue
+        if cls is not kind and getattr(kind, "forward", None) is not getattr(cls, "forward", None):
+            return None, f"{kind.__name__} overrides the forward of {cls.__name__}, whose rule assumes it"
+        return rule, None
+    return None, f"no ghost rule for {kind.__name__}"
 
 
 def find_rule(module: nn.Module) -> tuple[Rule | None, str | None]:
     """(rule, None) if ``module`` has an applicable rule, else (None, reason)."""
-    rule = _lookup(module)
+    rule, reason = _lookup(module)
     if rule is None:
-        return None, f"no ghost rule for {type(module).__name__}"
+        return None, reason
     reason = rule.supports(module)
     return (None, reason) if reason else (rule, None)
 

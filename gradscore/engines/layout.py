@@ -1,0 +1,192 @@
+"""Where each ruled layer keeps the batch: established from evidence, once per engine.
+
+A ghost rule needs row b of a layer's input and output gradient to be example b's. A
+layer's first dimension having B rows is no evidence: a sequence-first layer sees
+(T, B, d), and T can equal B. So, on the first batch, the model runs twice more on
+sub-batches of 1 and 2 copies of its first example (grad enabled, nothing kept), and a
+forward hook records the shapes each ruled layer sees. A dimension *follows the batch*
+when it is 1 in the first run and 2 in the second; repeated rows keep every
+data-dependent size (sequence lengths) the same in both runs.
+
+- Exactly one dimension follows, the same in input and output: that is the layer's
+  batch dimension (:class:`Layout`); rules accept dimension 0, row-wise ones also 1.
+- None follows and the first dimension is 1 in both runs (Hugging Face position ids
+  (1, T)): one row for the whole batch. The engine expands it to B rows, which is
+  exact only when every use of the output is a sum with a tensor of batch rows: each
+  op that consumes the output is recorded in both runs (a ``TorchFunctionMode``), and
+  each must be an add or subtract whose other operand has the output's rank, the batch
+  in dimension 0 (1 then 2 rows) and the result's shape.
+- Anything else, or a layer that is not called, or called in different layouts, gets
+  a reason and its parameters go to the fallback.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..batch import Inputs, call_model, concat, take
+
+#: ops under which a batch-broadcast output, expanded to B rows, stays exact
+_SUMS = {"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__", "__rsub__", "__isub__"}
+#: ops that pass a tensor on unchanged in shape and rows (their result is tracked instead)
+_PASS = {"to", "contiguous", "clone", "type", "float", "double", "half", "bfloat16"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A layer's batch dimension in its input and output; None: one row for the batch."""
+
+    batch_dim: int | None
+
+    def describe(self) -> str:
+        if self.batch_dim is None:
+            return "one row for the whole batch, expanded"
+        return f"batch in dimension {self.batch_dim}"
+
+
+@dataclass
+class _Record:
+    shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)  # per call
+    uses: list[list[tuple[str, list[tuple[int, ...]], tuple[int, ...] | None]]] = field(default_factory=list)
+
+
+def _tensors(args, kwargs) -> list[torch.Tensor]:
+    """The tensors among an op's arguments, one level into lists and tuples."""
+    flat = []
+    for a in (*args, *(kwargs or {}).values()):
+        flat.extend(a if isinstance(a, (list, tuple)) else (a,))
+    return [t for t in flat if isinstance(t, torch.Tensor)]
+
+
+class _Uses(TorchFunctionMode):
+    """Records every op that consumes a watched tensor: (op name, other tensor operands'
+    shapes, result shape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watched: dict[int, list] = {}   # id(tensor) -> that call's list of uses
+        self.alive: list[torch.Tensor] = []  # keeps ids from being reused during the run
+
+    def watch(self, t: torch.Tensor, uses: list) -> None:
+        self.watched[id(t)] = uses
+        self.alive.append(t)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = _tensors(args, kwargs)
+        hit = [t for t in tensors if id(t) in self.watched]
+        if not hit or not isinstance(out, torch.Tensor):   # .shape, .dim(), .size(): no data flows on
+            return out
+        name = getattr(func, "__name__", str(func))
+        for t in hit:
+            uses = self.watched[id(t)]
+            if name in _PASS:
+                self.watch(out, uses)
+            else:
+                uses.append((name, [tuple(o.shape) for o in tensors if o is not t], tuple(out.shape)))
+        return out
+
+
+def _record(model: nn.Module, layers: dict[str, nn.Module], x: Inputs) -> dict[str, _Record]:
+    records = {name: _Record() for name in layers}
+    mode = _Uses()
+
+    def hook(module, args, kwargs, output, record):
+        act = args[0] if args else next(iter(kwargs.values()), None)
+        if not isinstance(act, torch.Tensor) or not isinstance(output, torch.Tensor):
+            record.shapes.append(((), ()))
+            return
+        record.shapes.append((tuple(act.shape), tuple(output.shape)))
+        uses: list = []
+        record.uses.append(uses)
+        mode.watch(output, uses)
+
+    handles = [m.register_forward_hook(lambda mod, a, kw, out, r=records[n]: hook(mod, a, kw, out, r),
+                                       with_kwargs=True) for n, m in layers.items()]
+    try:
+        with torch.enable_grad(), mode:   # grad on: the same code path as the scoring pass
+            call_model(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+    return records
+
+
+def _follows(one: tuple[int, ...], two: tuple[int, ...]) -> list[int]:
+    if len(one) != len(two):
+        return []
+    return [i for i, (a, b) in enumerate(zip(one, two)) if a == 1 and b == 2]
+
+
+def _batch_dim(act1, out1, act2, out2) -> tuple[int | None, str | None]:
+    """(batch dim, None), (None, None) for one row for the batch, or (None, reason)."""
+    fa, fo = _follows(act1, act2), _follows(out1, out2)
+    if len(fa) == 1 and fa == fo:
+        return fa[0], None
+    if not fa and not fo:
+        if act1[:1] == (1,) and out1[:1] == (1,):
+            return None, None
+        return None, "has no batch dimension in its input or output"
+    return None, (f"has no single batch dimension (input {act1} -> {act2}, output {out1} -> {out2} "
+                  f"for 1 and 2 examples)")
+
+
+def _sums_with_batch_rows(uses1, uses2) -> str | None:
+    """None if every use of a batch-broadcast output is a sum with batch rows, else why not."""
+    if len(uses1) != len(uses2):
+        return "is used differently for 1 and 2 examples"
+    for (name, others1, res1), (_, others2, res2) in zip(uses1, uses2):
+        ok = (name in _SUMS and len(others1) == 1 == len(others2) and res1 == others1[0]
+              and res2 == others2[0] and len(res1) == len(res2) and _follows(res1, res2) == [0])
+        if not ok:
+            return (f"returns one row for the whole batch, used by {name} (only a sum with batch "
+                    f"rows is exact)")
+    return None
+
+
+def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, tuple[int, ...]]], x: Inputs
+              ) -> dict[str, Layout | str]:
+    """{layer name: its :class:`Layout`, or the reason it has none a rule accepts}.
+
+    layers: {name: (module, the batch dimensions its rule accepts)}; x: a batch of B >= 1.
+    """
+    mods = {name: m for name, (m, _) in layers.items()}
+    first = take(x, 0)
+    try:
+        rec1 = _record(model, mods, first)
+        rec2 = _record(model, mods, concat([first, first]))
+    except Exception as e:   # the fallback meets the same model and says what fails
+        why = f"the model did not run on 1 and 2 copies of an example ({type(e).__name__}: {e})"
+        return {name: why.splitlines()[0][:300] for name in layers}
+    out: dict[str, Layout | str] = {}
+    for name, (_, accepted) in layers.items():
+        r1, r2 = rec1[name], rec2[name]
+        if not r1.shapes:
+            out[name] = "was not called; its parameters are used by another module"
+            continue
+        if len(r1.shapes) != len(r2.shapes) or any(s == ((), ()) for s in r1.shapes):
+            out[name] = "was called with non-tensor or varying inputs"
+            continue
+        found: set[int | None] = set()
+        reason = None
+        for (a1, o1), (a2, o2), u1, u2 in zip(r1.shapes, r2.shapes, r1.uses, r2.uses):
+            dim, reason = _batch_dim(a1, o1, a2, o2)
+            if reason is None and dim is None:
+                reason = _sums_with_batch_rows(u1, u2)
+            if reason:
+                break
+            found.add(dim)
+        if reason is None and len(found) > 1:
+            reason = "was called in different layouts"
+        if reason is None:
+            dim = found.pop()
+            if dim is not None and dim not in accepted:
+                reason = f"has its batch in dimension {dim}, which its rule does not take"
+            else:
+                out[name] = Layout(dim)
+                continue
+        out[name] = reason
+    return out

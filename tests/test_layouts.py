@@ -1,0 +1,187 @@
+"""Odd layouts against the per-example loop, float64: a ruled layer's batch dimension is
+established from evidence, never from a size that happens to equal B.
+
+Every model takes batch-first inputs (B, ...) and moves to a sequence-first layout
+inside, where a layer sees (T, B, d): with T == B the first dimension has the batch's
+size without being the batch. Each case runs T == B, T == 1 and T != B, for ghost and
+auto, K = 0 and 2, and for B = 0 (empty results from every engine).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gradscore as gs
+
+B = 4
+
+
+class SeqFirstLinear(nn.Module):
+    """The issue's repro: head(lin(x.transpose(0, 1)).transpose(0, 1).flatten(1))."""
+
+    def __init__(self, T: int, d: int = 5):
+        super().__init__()
+        self.lin, self.head = nn.Linear(d, d), nn.Linear(T * d, 3)
+
+    def forward(self, x):
+        return self.head(self.lin(x.transpose(0, 1)).transpose(0, 1).flatten(1))
+
+
+class SeqFirstEmbedding(nn.Module):
+    def __init__(self, T: int):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(7, 4, padding_idx=0), nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids.t())).mean(0))
+
+
+class SeqFirstLayerNorm(nn.Module):
+    def __init__(self, T: int, d: int = 5):
+        super().__init__()
+        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, 3)
+
+    def forward(self, x):
+        return self.head((self.ln(x.transpose(0, 1)) ** 2).mean(0))
+
+
+class SeqFirstAttention(nn.Module):
+    """nn.MultiheadAttention in its default layout (T, B, d)."""
+
+    def __init__(self, T: int, d: int = 6):
+        super().__init__()
+        self.attn, self.head = nn.MultiheadAttention(d, 2), nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = x.transpose(0, 1)
+        return self.head(self.attn(h, h, h, need_weights=False)[0].mean(0))
+
+
+class SeqFirstEncoder(nn.Module):
+    def __init__(self, T: int, d: int = 6):
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(d, 2, dim_feedforward=8, dropout=0.0, batch_first=False)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        return self.head(self.enc(x.transpose(0, 1)).mean(0))
+
+
+class ResidualNotBatch(nn.Module):
+    """Sequence-first x + lin(x), mean-pooled: with T = 1 the Linear's first dimension is 1
+    and its output is added to rows that are time steps, not examples."""
+
+    def __init__(self, T: int, d: int = 5):
+        super().__init__()
+        self.lin, self.head = nn.Linear(d, d), nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = x.transpose(0, 1)
+        return self.head(torch.tanh(h + self.lin(h)).mean(0))
+
+
+class PositionsAddedToBatch(nn.Module):
+    """One positional row for the whole batch, added to batch rows: the exact broadcast case."""
+
+    def __init__(self, T: int, d: int = 4):
+        super().__init__()
+        self.tok, self.pos, self.head = nn.Embedding(9, d), nn.Embedding(T, d), nn.Linear(d, 3)
+
+    def forward(self, ids):
+        pos = self.pos(torch.arange(ids.shape[1]).unsqueeze(0))        # (1, T, d)
+        return self.head(torch.tanh(self.tok(ids) + pos).mean(1))
+
+
+class PositionsSeqFirst(nn.Module):
+    """Positions (T, d) broadcast along a sequence-first batch: (T, 1, d) + (T, B, d)."""
+
+    def __init__(self, T: int, d: int = 4):
+        super().__init__()
+        self.tok, self.pos, self.head = nn.Embedding(9, d), nn.Embedding(T, d), nn.Linear(d, 3)
+
+    def forward(self, ids):
+        pos = self.pos(torch.arange(ids.shape[1]).unsqueeze(1))        # (T, 1, d)
+        return self.head(torch.tanh(self.tok(ids.t()) + pos).mean(0))
+
+
+FLOAT_CASES = [SeqFirstLinear, SeqFirstLayerNorm, SeqFirstAttention, SeqFirstEncoder, ResidualNotBatch]
+TOKEN_CASES = [SeqFirstEmbedding, PositionsAddedToBatch, PositionsSeqFirst]
+
+
+def _inputs(cls, T: int, n: int = B) -> torch.Tensor:
+    g = torch.Generator().manual_seed(T)
+    if cls in TOKEN_CASES:
+        return torch.randint(1, 7, (n, T), generator=g)
+    d = 6 if cls in (SeqFirstAttention, SeqFirstEncoder) else 5
+    return torch.randn(n, T, d, generator=g, dtype=torch.float64)
+
+
+def _score(model, x, engine, K):
+    y = torch.randint(0, 3, (x.shape[0],), generator=torch.Generator().manual_seed(1))
+    scorer = gs.Scorer(model, engine=engine)
+    V = (torch.randn(K, scorer.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+         if K else None)
+    return scorer, scorer.score_batch(x, y, refs=V)
+
+
+@pytest.mark.parametrize("K", [0, 2])
+@pytest.mark.parametrize("engine", ["ghost", "auto"])
+@pytest.mark.parametrize("T", [B, 1, 3])
+@pytest.mark.parametrize("cls", FLOAT_CASES + TOKEN_CASES, ids=lambda c: c.__name__)
+def test_odd_layouts_equal_the_loop(cls, T, engine, K):
+    torch.manual_seed(0)
+    model = cls(T).double().eval()
+    x = _inputs(cls, T)
+    _, ref = _score(model, x, "loop", K)
+    scorer, out = _score(model, x, engine, K)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.sq_norm, ref.sq_norm, rtol=1e-6, atol=1e-12)
+    if K:
+        torch.testing.assert_close(out.dots, ref.dots, rtol=1e-6, atol=1e-9)
+    assert float(ref.sq_norm.min()) > 0
+    assert set(scorer.explain()) == set(scorer.param_names)
+
+
+@pytest.mark.parametrize("T", [B, 1, 3])
+def test_sequence_first_linear_is_ghost_with_its_batch_in_dimension_one(T):
+    """A sequence-first Linear, LayerNorm or Embedding whose batch is established in
+    dimension 1 keeps its ghost rule (transposed), whatever T is."""
+    for cls, name in [(SeqFirstLinear, "lin.weight"), (SeqFirstLayerNorm, "ln.weight"),
+                      (SeqFirstEmbedding, "emb.weight")]:
+        model = cls(T).double().eval()
+        scorer, _ = _score(model, _inputs(cls, T), "auto", 0)
+        assert scorer.explain()[name].startswith("ghost"), (cls.__name__, scorer.explain()[name])
+        assert "batch in dimension 1" in scorer.explain()[name]
+
+
+def test_a_broadcast_row_added_to_time_steps_is_not_expanded():
+    """T = 1: the Linear sees (1, B, d); its batch is dimension 1, not a shared row."""
+    model = ResidualNotBatch(1).double().eval()
+    scorer, _ = _score(model, _inputs(ResidualNotBatch, 1), "ghost", 0)
+    assert "batch in dimension 1" in scorer.explain()["lin.weight"]
+    model = PositionsSeqFirst(B).double().eval()
+    scorer, _ = _score(model, _inputs(PositionsSeqFirst, B), "ghost", 0)
+    assert not scorer.explain()["pos.weight"].startswith("ghost"), scorer.explain()["pos.weight"]
+    model = PositionsAddedToBatch(B).double().eval()
+    scorer, _ = _score(model, _inputs(PositionsAddedToBatch, B), "ghost", 0)
+    assert scorer.explain()["pos.weight"].startswith("ghost"), scorer.explain()["pos.weight"]
+
+
+@pytest.mark.parametrize("engine", ["ghost", "auto", "vmap", "loop"])
+@pytest.mark.parametrize("K", [0, 2])
+@pytest.mark.parametrize("cls", [SeqFirstLinear, SeqFirstEncoder, SeqFirstEmbedding],
+                         ids=lambda c: c.__name__)
+def test_an_empty_batch_gives_empty_results(cls, engine, K):
+    model = cls(3).double().eval()
+    x = _inputs(cls, 3, n=0)
+    scorer, out = _score(model, x, engine, K)
+    assert out.loss.shape == (0,) and out.sq_norm.shape == (0,)
+    assert out.dots is None if not K else out.dots.shape == (0, K)
+    # and the same scorer still scores a real batch afterwards
+    _, ref = _score(model, _inputs(cls, 3), "loop", K)
+    y = torch.randint(0, 3, (B,), generator=torch.Generator().manual_seed(1))
+    V = (torch.randn(K, scorer.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+         if K else None)
+    torch.testing.assert_close(scorer.score_batch(_inputs(cls, 3), y, refs=V).sq_norm, ref.sq_norm,
+                               rtol=1e-6, atol=1e-12)
