@@ -7,9 +7,9 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .batch import Inputs, call_model, move
+from .batch import Inputs, call_model, describe, move
 from .engines import ScoreBatch, check_eval_mode, engine_class
-from .exceptions import EngineError
+from .exceptions import EngineError, GradscoreError
 from .losses import Loss, PerExampleLoss, resolve_loss
 
 Refs = torch.Tensor | Sequence[Mapping[str, torch.Tensor]] | None
@@ -24,9 +24,12 @@ class Scorer:
             mean over predicted tokens; ``"causal_lm_sum"``: their sum), ``"module:fn"``
             or a callable ``(output (B, ...), target (B, ...)) -> (B,)``. The output is
             the model's tensor output, or the ``.logits`` of a Hugging Face output.
-        engine: ``"auto"`` (ghost when every scored parameter's layer has a ghost rule,
-            else vmap), ``"ghost"`` (rules, with vmap for the parameters without one),
-            ``"vmap"`` or ``"loop"`` (the slow reference).
+        engine: ``"auto"`` or ``"ghost"`` (the same chain, per parameter: a ghost rule
+            where one applies and the layer's batch dimension is established, else vmap
+            over exactly the other parameters, else the per-example loop over them where
+            vmap cannot trace the model; :meth:`explain` says which and why), ``"vmap"``
+            (every parameter; a :class:`VmapTraceError` where it cannot trace) or
+            ``"loop"`` (the slow reference).
         chunk_bytes: memory budget of one materialized (b, P) gradient block.
         params: names or shell-style patterns (``"fc.*"``) of the parameters to score
             (default: all with requires_grad; frozen ones are skipped either way).
@@ -120,7 +123,17 @@ class Scorer:
         logits. With ``gradients=False`` only a forward pass runs (sq_norm is None).
         """
         check_eval_mode(self.model)
-        x, y = self._inputs(x), y.to(self._param_like().device)
-        if not gradients:
-            return self.engine.forward(x, y)
-        return self.engine.score_batch(x, y, self.ref_blocks(refs))
+        x, y = self._inputs(x), torch.as_tensor(y).to(self._param_like().device)
+        blocks = self.ref_blocks(refs)
+        try:
+            if not gradients:
+                return self.engine.forward(x, y)
+            return self.engine.score_batch(x, y, blocks)
+        except GradscoreError:
+            raise
+        except Exception as e:   # no raw torch error reaches the user: cause, engine and fix
+            what = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            fix = ("use a smaller batch or chunk_bytes" if isinstance(e, torch.OutOfMemoryError) else
+                   f"check that the inputs ({describe(x)}) and targets (shape {tuple(y.shape[1:])}, "
+                   f"{y.dtype}) fit the model and loss")
+            raise EngineError(f"engine '{self.engine_name}' failed on this batch ({what}); {fix}") from e

@@ -1,0 +1,248 @@
+"""Every layer family over its option grid, against the per-example loop in float64.
+
+For each configuration: ``auto`` returns numbers equal to the loop's (K = 0 and 2) and
+never raises; ``ghost`` and ``vmap`` either return the same numbers or raise a
+:class:`gradscore.GradscoreError` (never a raw torch error, never a wrong number); B = 0
+gives empty results.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import gradscore as gs
+
+B, T, D = 3, 4, 5
+
+
+class Recurrent(nn.Module):
+    """RNN/GRU/LSTM on batch-first inputs (B, T, D) whose zero rows are padding."""
+
+    def __init__(self, kind: str, layers: int, bidirectional: bool, bias: bool, batch_first: bool,
+                 packed: bool):
+        super().__init__()
+        self.batch_first, self.packed = batch_first, packed
+        self.rnn = getattr(nn, kind)(D, 4, num_layers=layers, bidirectional=bidirectional, bias=bias,
+                                     batch_first=batch_first)
+        self.head = nn.Linear(4 * (2 if bidirectional else 1), 3)
+
+    def forward(self, x):
+        h = x if self.batch_first else x.transpose(0, 1)
+        if self.packed:
+            lengths = (x.abs().sum(-1) > 0).sum(1).clamp(min=1).cpu()
+            h = pack_padded_sequence(h, lengths, batch_first=self.batch_first, enforce_sorted=False)
+        out, _ = self.rnn(h)
+        if self.packed:
+            out, _ = pad_packed_sequence(out, batch_first=self.batch_first, total_length=x.shape[1])
+        out = out if self.batch_first else out.transpose(0, 1)
+        return self.head(out.mean(1))
+
+
+class Attention(nn.Module):
+    def __init__(self, batch_first: bool, bias: bool, add_bias_kv: bool, kdim: int | None):
+        super().__init__()
+        self.batch_first = batch_first
+        self.attn = nn.MultiheadAttention(D + 1, 2, bias=bias, add_bias_kv=add_bias_kv, kdim=kdim,
+                                          vdim=kdim, batch_first=batch_first)
+        self.q = nn.Linear(D, D + 1)
+        self.head = nn.Linear(D + 1, 3)
+
+    def forward(self, x):
+        q = self.q(x)
+        kv = x[..., :self.attn.kdim] if self.attn.kdim != D + 1 else q
+        if not self.batch_first:
+            q, kv = q.transpose(0, 1), kv.transpose(0, 1)
+        out = self.attn(q, kv, kv, need_weights=False)[0]
+        out = out if self.batch_first else out.transpose(0, 1)
+        return self.head(out.mean(1))
+
+
+class Bag(nn.Module):
+    """EmbeddingBag on ids (B, L): as a 2-D batch, or flattened with offsets (bags of
+    varying length: ids equal to 0 are dropped when ``ragged``)."""
+
+    def __init__(self, mode: str, weighted: bool, padding_idx: int | None, offsets: bool):
+        super().__init__()
+        self.weighted, self.offsets = weighted, offsets
+        self.bag = nn.EmbeddingBag(9, 4, mode=mode, padding_idx=padding_idx)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, ids):
+        w = (ids.to(self.head.weight.dtype) / 7 + 0.5) if self.weighted else None
+        if self.offsets:
+            n = ids.shape[0]
+            offsets = torch.arange(n, device=ids.device) * ids.shape[1]
+            out = self.bag(ids.reshape(-1), offsets, per_sample_weights=None if w is None else w.reshape(-1))
+        else:
+            out = self.bag(ids, per_sample_weights=w)
+        return self.head(torch.tanh(out))
+
+
+class Convs(nn.Module):
+    def __init__(self, dims: int, padding, stride: int, groups: int, bias: bool):
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        self.conv = conv(2, 4, 3, padding=padding, stride=stride, groups=groups, bias=bias,
+                         dilation=2 if padding == "same" else 1)
+        self.head = nn.LazyLinear(3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+class Norms(nn.Module):
+    def __init__(self, kind: str, affine: bool, track: bool):
+        super().__init__()
+        if kind.startswith("InstanceNorm"):
+            dims = int(kind[-2])
+            self.norm = getattr(nn, kind)(2, affine=affine, track_running_stats=track)
+            self.shape = (2,) + (4,) * dims
+        else:   # RMSNorm over the last one or two dimensions
+            shape = (4,) if kind == "RMSNorm" else (3, 4)
+            self.norm = nn.RMSNorm(shape, elementwise_affine=affine, eps=1e-3 if track else None)
+            self.shape = (3, 4)
+        self.head = nn.Linear(int(torch.tensor(self.shape).prod()), 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.norm(x)).flatten(1))
+
+
+class MyLinear(nn.Linear):
+    """A user's subclass with the parent's forward."""
+
+
+def _recurrent(kind, layers, bidirectional, bias, batch_first, packed):
+    return Recurrent(kind, layers, bidirectional, bias, batch_first, packed)
+
+
+RNN_GRID = [("recurrent", c) for c in itertools.product(["RNN", "GRU", "LSTM"], [1, 2], [False, True],
+                                                        [True, False], [True, False], [False, True])]
+MHA_GRID = [("attention", c) for c in itertools.product([True, False], [True, False], [False, True],
+                                                        [None, 3])]
+BAG_GRID = [("bag", c) for c in [(m, w, p, o) for m in ("sum", "mean", "max") for w in (False, True)
+                                 for p in (None, 0) for o in (False, True) if not (w and m != "sum")]]
+CONV_GRID = [("conv", c) for c in itertools.product([1, 2, 3], ["same", 1], [1, 2], [1, 2], [True, False])
+             if not (c[1] == "same" and c[2] == 2)]
+NORM_GRID = [("norm", c) for c in itertools.product(
+    ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm", "RMSNorm2"], [True, False], [False, True])]
+GRID = RNN_GRID + MHA_GRID + BAG_GRID + CONV_GRID + NORM_GRID + [("subclass", ())]
+
+
+def _build(family, config, n=B):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if family == "recurrent":
+        x = torch.randn(n, T, D, generator=g, dtype=torch.float64)
+        if n > 1:
+            x[1, 2:] = 0   # a shorter sequence (padding)
+        return _recurrent(*config), x
+    if family == "attention":
+        return Attention(*config), torch.randn(n, T, D, generator=g, dtype=torch.float64)
+    if family == "bag":
+        ids = torch.randint(1, 9, (n, 4), generator=g)
+        if n > 1:
+            ids[1, 1] = 0
+            ids[0, 3] = ids[0, 2]
+        return Bag(*config), ids
+    if family == "conv":
+        dims = config[0]
+        return Convs(*config), torch.randn(n, 2, *(6,) * dims, generator=g, dtype=torch.float64)
+    if family == "norm":
+        model = Norms(*config)
+        if isinstance(model.norm, nn.modules.instancenorm._InstanceNorm) and model.norm.track_running_stats:
+            model.norm.running_mean.uniform_(-1, 1)
+            model.norm.running_var.uniform_(0.5, 2)
+        if getattr(model.norm, "weight", None) is not None:
+            with torch.no_grad():
+                model.norm.weight.uniform_(0.5, 1.5)
+        return model, 2 * torch.randn(n, *model.shape, generator=g, dtype=torch.float64) + 1
+    if family == "subclass":
+        return nn.Sequential(MyLinear(D, 4), nn.Tanh(), nn.Linear(4, 3)), torch.randn(n, D, generator=g,
+                                                                                       dtype=torch.float64)
+    raise KeyError(family)
+
+
+def _prepare(family, config, n=B):
+    model, x = _build(family, config, n)
+    if any(isinstance(m, nn.modules.lazy.LazyModuleMixin) for m in model.modules()):
+        model(_build(family, config, 1)[1].float())   # materialize the lazy head
+    model = model.double().eval()
+    y = torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(2))
+    return model, x, y
+
+
+def _refs(scorer, K):
+    return (torch.randn(K, scorer.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+            if K else None)
+
+
+def _agree(family, config, engines=("auto", "ghost", "vmap")):
+    model, x, y = _prepare(family, config)
+    loop = gs.Scorer(model, engine="loop")
+    for K in (0, 2):
+        V = _refs(loop, K)
+        ref = loop.score_batch(x, y, refs=V)
+        assert float(ref.sq_norm.min()) > 0
+        for engine in engines:
+            scorer = gs.Scorer(model, engine=engine)
+            try:
+                out = scorer.score_batch(x, y, refs=V)
+            except gs.GradscoreError:
+                assert engine != "auto", f"auto raised on {family} {config}"
+                continue
+            torch.testing.assert_close(out.loss, ref.loss, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(out.sq_norm, ref.sq_norm, rtol=1e-6, atol=1e-12,
+                                       msg=lambda m: f"{engine} {family} {config} K={K}: {m}")
+            if K:
+                torch.testing.assert_close(out.dots, ref.dots, rtol=1e-6, atol=1e-9,
+                                           msg=lambda m: f"{engine} {family} {config} K={K}: {m}")
+    return gs.Scorer(model, engine="auto")
+
+
+@pytest.mark.parametrize("family,config", GRID, ids=lambda v: str(v))
+def test_every_engine_equals_the_loop_or_refuses(family, config):
+    _agree(family, config)
+
+
+@pytest.mark.parametrize("family,config", [RNN_GRID[0], RNN_GRID[-1], MHA_GRID[0], BAG_GRID[-1],
+                                           CONV_GRID[0], NORM_GRID[0]], ids=lambda v: str(v))
+@pytest.mark.parametrize("engine", ["auto", "ghost", "vmap", "loop"])
+def test_an_empty_batch_gives_empty_results(family, config, engine):
+    model, x, y = _prepare(family, config, n=0)
+    scorer = gs.Scorer(model, engine=engine)
+    out = scorer.score_batch(x, y, refs=_refs(scorer, 2))
+    assert out.sq_norm.shape == (0,) and out.dots.shape == (0, 2) and out.loss.shape[0] == 0
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_recurrent_layers_go_to_the_loop_and_say_why(packed):
+    scorer = _agree("recurrent", ("LSTM", 1, True, True, True, packed), engines=("auto",))
+    scorer.score_batch(*_prepare("recurrent", ("LSTM", 1, True, True, True, packed))[1:])
+    why = scorer.explain()
+    assert why["head.weight"].startswith("ghost")
+    assert why["rnn.weight_ih_l0"].startswith(("loop", "ghost")), why["rnn.weight_ih_l0"]
+    if why["rnn.weight_ih_l0"].startswith("loop"):
+        assert "vmap cannot trace this model" in why["rnn.weight_ih_l0"]
+
+
+def test_vmap_on_a_recurrent_model_is_one_gradscore_error():
+    model, x, y = _prepare("recurrent", ("GRU", 1, False, True, True, False))
+    with pytest.raises(gs.GradscoreError, match="vmap cannot trace this model.*engine='auto'"):
+        gs.Scorer(model, engine="vmap").score_batch(x, y)
+
+
+def test_a_subclass_with_the_parents_forward_uses_the_parents_rule():
+    scorer = _agree("subclass", ())
+    scorer.score_batch(*_prepare("subclass", ())[1:])
+    assert scorer.explain()["0.weight"].startswith("ghost (linear rule on 0: MyLinear")
+
+
+def test_bad_targets_are_one_gradscore_error_from_every_engine():
+    model, x, _ = _prepare("recurrent", ("GRU", 1, False, True, True, False))
+    for engine in ("auto", "vmap", "loop"):
+        with pytest.raises(gs.GradscoreError, match="fails on this batch|failed on this batch"):
+            gs.Scorer(model, engine=engine).score_batch(x, torch.tensor([0, 7, 1]))
