@@ -1,4 +1,5 @@
-"""Ghost rule for ``nn.Conv1d`` / ``nn.Conv2d`` (any stride, padding, dilation, groups).
+"""Ghost rule for ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (any stride, zero padding
+including ``'same'``, dilation, groups).
 
 Per group, a convolution is a Linear layer over its L output positions: with the input
 unfolded (im2col) to a_bl (C_in·k) and the output gradient δ_bl (C_out),
@@ -25,10 +26,10 @@ forms per layer, whichever costs fewer multiply-adds (:func:`plan`):
   conv) it is summed densely, as dot products over the output positions.
 
 Calls of one layer are concatenated along l (the pixel and sparse forms take single calls
-only).
+only). ``padding='same'`` pads the captured input as the layer did (the odd unit on the
+right) and the rule then sees an unpadded conv. Conv3d takes the ``grouped`` form.
 Examples go through in slices whose patches and blocks fit the workspace (the bytes of
-the layer's input and δ). Non-zero padding modes and string padding other than 'valid'
-fall back to vmap.
+the layer's input and δ). Non-zero padding modes fall back.
 """
 from __future__ import annotations
 
@@ -82,9 +83,24 @@ DENSITY_SAMPLE = 16
 def _supports(m: nn.Module) -> str | None:
     if m.padding_mode != "zeros":
         return f"{type(m).__name__} with padding_mode='{m.padding_mode}'"
-    if isinstance(m.padding, str) and m.padding != "valid":
-        return f"{type(m).__name__} with padding='{m.padding}'"
     return None
+
+
+def _numeric_padding(layer: nn.Module) -> tuple[int, ...]:
+    """The padding the rule applies: 0 for 'valid' and for 'same' (whose input is padded first)."""
+    return (0,) * len(layer.kernel_size) if isinstance(layer.padding, str) else tuple(layer.padding)
+
+
+def _same_padded(layer: nn.Module, acts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Inputs of a ``padding='same'`` layer padded as torch pads them: dilation·(k − 1) per
+    dimension, the odd unit on the right; other inputs as they are."""
+    if layer.padding != "same":
+        return acts
+    pad: list[int] = []
+    for k, r in zip(reversed(layer.kernel_size), reversed(layer.dilation)):   # F.pad: last dimension first
+        total = r * (k - 1)
+        pad += [total // 2, total - total // 2]
+    return [F.pad(x, pad) for x in acts]
 
 
 class _Geometry(NamedTuple):
@@ -103,7 +119,7 @@ class _Geometry(NamedTuple):
 def _geometry(layer: nn.Module, shape: torch.Size) -> _Geometry:
     one_d = isinstance(layer, nn.Conv1d)
     k, dil, stride = ((1, *v) if one_d else tuple(v) for v in (layer.kernel_size, layer.dilation, layer.stride))
-    pad = (0, 0) if isinstance(layer.padding, str) else ((0, *layer.padding) if one_d else tuple(layer.padding))
+    pad = (0, *_numeric_padding(layer)) if one_d else _numeric_padding(layer)
     H, W = (1, shape[-1]) if one_d else shape[-2:]
     Hp, Wp = H + 2 * pad[0], W + 2 * pad[1]
     Ho = (Hp - dil[0] * (k[0] - 1) - 1) // stride[0] + 1
@@ -208,7 +224,7 @@ def _conv_dots(layer: nn.Module, x: torch.Tensor, d: torch.Tensor, V: torch.Tens
     d_out = layer.out_channels // G
     w = V.to(acc).reshape(K, G, d_out, *V.shape[2:]).transpose(0, 1).reshape(G * K * d_out, *V.shape[2:])
     conv = F.conv1d if isinstance(layer, nn.Conv1d) else F.conv2d
-    y = conv(x.to(acc), w, None, layer.stride, layer.padding, layer.dilation, G)
+    y = conv(x.to(acc), w, None, layer.stride, _numeric_padding(layer), layer.dilation, G)
     return torch.einsum("bgkol,bgol->bk", y.reshape(B, G, K, d_out, -1), d.to(acc).reshape(B, G, d_out, -1))
 
 
@@ -217,8 +233,9 @@ def _grouped(layer: nn.Module, acts, grads, V: torch.Tensor | None) -> tuple[tor
     call's made as the weight gradient of one convolution with b·groups groups."""
     acc = acc_dtype(acts[0].dtype)
     b, G = acts[0].shape[0], layer.groups
-    weight_grad = torch.nn.grad.conv1d_weight if isinstance(layer, nn.Conv1d) else torch.nn.grad.conv2d_weight
-    pad = 0 if isinstance(layer.padding, str) else layer.padding      # 'valid': the only string kept
+    weight_grad = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight,
+                   3: torch.nn.grad.conv3d_weight}[len(layer.kernel_size)]
+    pad = _numeric_padding(layer)
     shape = (b * layer.out_channels, *layer.weight.shape[1:])
     g = None
     for x, d in zip(acts, grads):
@@ -277,8 +294,25 @@ def _slice_bytes(layer: nn.Module, acts, grads, geo: _Geometry, form: str, K: in
     return elements * torch.finfo(acc_dtype(acts[0].dtype)).bits // 8
 
 
-@register_rule(nn.Conv1d, nn.Conv2d, supports=_supports)
+def _conv3d(layer: nn.Conv3d, acts, grads, refs, K):
+    """Conv3d: the bias's share and the grouped form, in slices of the workspace."""
+    B = acts[0].shape[0]
+    sq, dots = bias_term(cat_calls([d.reshape(B, layer.out_channels, -1) for d in grads], 2).sum(2), refs, K)
+    if "weight" not in refs:
+        return sq, dots
+    patches = sum(x[0].numel() for x in acts) * math.prod(layer.kernel_size)
+    per_example = (patches + 2 * layer.weight.numel()) * torch.finfo(acc_dtype(acts[0].dtype)).bits // 8
+    step = max(1, workspace_bytes(*acts, *grads) // per_example)
+    parts = [_grouped(layer, [x[i:i + step] for x in acts], [d[i:i + step] for d in grads],
+                      refs["weight"] if K else None) for i in range(0, B, step)]
+    return sq + torch.cat([p[0] for p in parts]), dots + torch.cat([p[1] for p in parts])
+
+
+@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, supports=_supports)
 def conv(layer: nn.Module, acts, grads, refs, K):
+    acts = _same_padded(layer, acts)
+    if isinstance(layer, nn.Conv3d):
+        return _conv3d(layer, acts, grads, refs, K)
     B = acts[0].shape[0]
     geo = _geometry(layer, acts[0].shape)
     form = "weight" in refs and plan(layer, geo, len(acts), K, acts[0].is_cuda, _density(layer, acts, grads))

@@ -1,7 +1,9 @@
-"""Ghost rules for the affine parameters of LayerNorm, GroupNorm and eval-mode BatchNorm.
+"""Ghost rules for the affine parameters of LayerNorm, RMSNorm, GroupNorm, InstanceNorm and
+eval-mode BatchNorm.
 
 y = x̂·γ + β with x̂ the normalized input, recomputed here from the captured input and
-the layer's own statistics (running statistics for BatchNorm). Per example:
+the layer's own statistics (running statistics for BatchNorm, and for InstanceNorm with
+``track_running_stats``; RMSNorm: x̂ = x / √(mean(x²) + eps), no β). Per example:
 g_b(γ) = Σ_positions δ_b ⊙ x̂_b and g_b(β) = Σ_positions δ_b, vectors of the size of
 one channel/feature row, formed explicitly and reduced with ``norm_dot``.
 """
@@ -45,6 +47,28 @@ def layer_norm(layer: nn.LayerNorm, acts, grads, refs, K):
     return _reduce(per_call, refs, K, grads[0])
 
 
+def _rms_eps(layer: nn.RMSNorm, dtype: torch.dtype) -> float:
+    """RMSNorm's eps; None means the machine epsilon of the dtype torch computes in."""
+    if layer.eps is not None:
+        return layer.eps
+    return torch.finfo(dtype if dtype in (torch.float32, torch.float64) else torch.float32).eps
+
+
+@register_rule(nn.RMSNorm, supports=lambda m: None if m.elementwise_affine else "RMSNorm without affine",
+               batch_dims=(0, 1))
+def rms_norm(layer: nn.RMSNorm, acts, grads, refs, K):
+    n = len(layer.normalized_shape)
+    per_call = []
+    for x, d in zip(acts, grads):
+        eps = _rms_eps(layer, x.dtype)
+        acc = acc_dtype(x.dtype)
+        x, d = x.to(acc), d.to(acc)
+        dims = tuple(range(x.dim() - n, x.dim()))
+        x_hat = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+        per_call.append(_affine(x_hat, d, tuple(range(1, x.dim() - n)), refs, K))
+    return _reduce(per_call, refs, K, grads[0])
+
+
 @register_rule(nn.GroupNorm, supports=lambda m: None if m.affine else "GroupNorm without affine")
 def group_norm(layer: nn.GroupNorm, acts, grads, refs, K):
     per_call = []
@@ -66,14 +90,36 @@ def _bn_supports(m: nn.Module) -> str | None:
     return None
 
 
+def _running(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x normalized per channel (dimension 1) by the layer's running statistics."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return ((x - layer.running_mean.to(x.dtype).reshape(shape))
+            / torch.sqrt(layer.running_var.to(x.dtype).reshape(shape) + layer.eps))
+
+
 @register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, supports=_bn_supports)
 def batch_norm(layer: nn.modules.batchnorm._BatchNorm, acts, grads, refs, K):
     per_call = []
     for x, d in zip(acts, grads):
         acc = acc_dtype(x.dtype)
         x, d = x.to(acc), d.to(acc)
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        x_hat = ((x - layer.running_mean.to(acc).reshape(shape))
-                 / torch.sqrt(layer.running_var.to(acc).reshape(shape) + layer.eps))
+        per_call.append(_affine(_running(layer, x), d, tuple(range(2, x.dim())), refs, K))
+    return _reduce(per_call, refs, K, grads[0])
+
+
+@register_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+               supports=lambda m: None if m.affine else f"{type(m).__name__} without affine")
+def instance_norm(layer: nn.modules.instancenorm._InstanceNorm, acts, grads, refs, K):
+    """Eval mode: each example's own statistics per channel, or the running ones when tracked."""
+    per_call = []
+    for x, d in zip(acts, grads):
+        acc = acc_dtype(x.dtype)
+        x, d = x.to(acc), d.to(acc)
+        if layer.track_running_stats:
+            x_hat = _running(layer, x)
+        else:
+            dims = tuple(range(2, x.dim()))
+            var, mean = torch.var_mean(x, dim=dims, keepdim=True, unbiased=False)
+            x_hat = (x - mean) / torch.sqrt(var + layer.eps)
         per_call.append(_affine(x_hat, d, tuple(range(2, x.dim())), refs, K))
     return _reduce(per_call, refs, K, grads[0])
