@@ -62,23 +62,32 @@ class Attention(nn.Module):
 
 
 class Bag(nn.Module):
-    """EmbeddingBag on ids (B, L): as a 2-D batch, or flattened with offsets (bags of
-    varying length: ids equal to 0 are dropped when ``ragged``)."""
+    """EmbeddingBag on ids (B, L): as a 2-D batch, or flat with offsets: ``"even"`` (every
+    bag L long), ``"ragged"`` (bag b holds its first ids[b, 0] % 5 ids, so some are empty),
+    ``"last"`` (ragged, with include_last_offset); ``twice``: the bag is called again on
+    the reversed ids, and both outputs are used."""
 
-    def __init__(self, mode: str, weighted: bool, padding_idx: int | None, offsets: bool):
+    def __init__(self, mode: str, weighted: bool, padding_idx: int | None, offsets, twice: bool = False):
         super().__init__()
-        self.weighted, self.offsets = weighted, offsets
-        self.bag = nn.EmbeddingBag(9, 4, mode=mode, padding_idx=padding_idx)
+        self.weighted, self.offsets, self.twice = weighted, offsets, twice
+        self.bag = nn.EmbeddingBag(9, 4, mode=mode, padding_idx=padding_idx, include_last_offset=offsets == "last")
         self.head = nn.Linear(4, 3)
 
-    def forward(self, ids):
+    def _call(self, ids):
         w = (ids.to(self.head.weight.dtype) / 7 + 0.5) if self.weighted else None
-        if self.offsets:
-            n = ids.shape[0]
-            offsets = torch.arange(n, device=ids.device) * ids.shape[1]
-            out = self.bag(ids.reshape(-1), offsets, per_sample_weights=None if w is None else w.reshape(-1))
-        else:
-            out = self.bag(ids, per_sample_weights=w)
+        if not self.offsets:
+            return self.bag(ids, per_sample_weights=w)
+        n, L = ids.shape
+        lengths = torch.full((n,), L) if self.offsets == "even" else ids[:, 0] % 5
+        keep = torch.arange(L).unsqueeze(0) < lengths.unsqueeze(1)
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        offsets = offsets if self.offsets == "last" else offsets[:-1]
+        return self.bag(ids[keep], offsets, per_sample_weights=None if w is None else w[keep])
+
+    def forward(self, ids):
+        out = self._call(ids)
+        if self.twice:
+            out = out * self._call(ids.flip(1)).sigmoid()
         return self.head(torch.tanh(out))
 
 
@@ -123,8 +132,9 @@ RNN_GRID = [("recurrent", c) for c in itertools.product(["RNN", "GRU", "LSTM"], 
                                                         [True, False], [True, False], [False, True])]
 MHA_GRID = [("attention", c) for c in itertools.product([True, False], [True, False], [False, True],
                                                         [None, 3])]
-BAG_GRID = [("bag", c) for c in [(m, w, p, o) for m in ("sum", "mean", "max") for w in (False, True)
-                                 for p in (None, 0) for o in (False, True) if not (w and m != "sum")]]
+BAG_GRID = [("bag", c) for c in [(m, w, p, o, t) for m in ("sum", "mean", "max") for w in (False, True)
+                                 for p in (None, 0) for o in (False, "even", "ragged", "last")
+                                 for t in (False, True) if not (w and m != "sum")]]
 CONV_GRID = [("conv", c) for c in itertools.product([1, 2, 3], ["same", 1], [1, 2], [1, 2], [True, False])
              if not (c[1] == "same" and c[2] == 2)]
 NORM_GRID = [("norm", c) for c in itertools.product(
@@ -145,7 +155,8 @@ def _build(family, config, n=B):
     if family == "bag":
         ids = torch.randint(1, 9, (n, 4), generator=g)
         if n > 1:
-            ids[1, 1] = 0
+            ids[:, 0] = torch.tensor([4, 5, 3])[:n]   # ragged bags of 4, 0 and 3 ids
+            ids[1, 1] = ids[0, 1] = 0
             ids[0, 3] = ids[0, 2]
         return Bag(*config), ids
     if family == "conv":
@@ -246,3 +257,12 @@ def test_bad_targets_are_one_gradscore_error_from_every_engine():
     for engine in ("auto", "vmap", "loop"):
         with pytest.raises(gs.GradscoreError, match="fails on this batch|failed on this batch"):
             gs.Scorer(model, engine=engine).score_batch(x, torch.tensor([0, 7, 1]))
+
+
+@pytest.mark.parametrize("family,config", BAG_GRID + CONV_GRID + NORM_GRID, ids=lambda v: str(v))
+def test_families_with_a_rule_take_it(family, config):
+    """The agreement above is the rule's own, not the fallback's."""
+    model, x, y = _prepare(family, config)
+    scorer = gs.Scorer(model, engine="auto")
+    scorer.score_batch(x, y)
+    assert all(v.startswith("ghost") for v in scorer.explain().values()), scorer.explain()

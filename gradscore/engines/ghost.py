@@ -42,7 +42,7 @@ from ..batch import Inputs, batch_len, call_model
 from ..exceptions import EngineError
 from .base import Engine, RefBlocks, ScoreBatch, register_engine
 from .fallback import Fallback
-from .layout import Layout, establish
+from .layout import Layout, establish, first_input, output_tensor_of
 from .rules import Factor, Rule, cross, find_rule
 
 
@@ -94,13 +94,19 @@ def plan_layers(model: nn.Module, param_names: list[str]) -> tuple[list[_Layer],
             why = next((reason for r, reason in found if r is None), None) or "a rule without factors"
             fallback[canonical[i]] = (f"shared by modules {' and '.join(n for n, _ in mods)}, not all "
                                       f"with a ghost rule for tied weights: {why}")
-    layers, covered = [], set()
+    layers, covered, claimed = [], set(), set()
     for mname, module in model.named_modules():
+        if id(module) in claimed:
+            continue
+        rule, reason = find_rule(module)
         own = {local: canonical[id(p)] for local, p in module.named_parameters(recurse=False)}
+        for child in rule.children if rule is not None else ():   # submodules the rule uses functionally
+            claimed.add(id(module.get_submodule(child)))
+            own.update({f"{child}.{local}": canonical[id(p)]
+                        for local, p in module.get_submodule(child).named_parameters()})
         own = {k: v for k, v in own.items() if v in wanted and v not in fallback}
         if not own:
             continue
-        rule, reason = find_rule(module)
         if rule is None:
             fallback.update({full: reason for full in own.values()})
             continue
@@ -110,6 +116,10 @@ def plan_layers(model: nn.Module, param_names: list[str]) -> tuple[list[_Layer],
         if name not in covered and name not in fallback:
             fallback[name] = "not owned by a module with a ghost rule"
     return layers, fallback
+
+
+def _detached(v):
+    return v.detach() if isinstance(v, torch.Tensor) else v
 
 
 class _Pass:
@@ -212,8 +222,7 @@ class GhostEngine(Engine):
     def _lay_out(self, x: Inputs) -> None:
         """Establish every ruled layer's batch dimension (:mod:`.layout`) on the first batch;
         layers without one go to the fallback."""
-        found = establish(self.model, {layer.name: (layer.module, layer.rule.batch_dims)
-                                       for layer in self.layers}, x)
+        found = establish(self.model, {layer.name: (layer.module, layer.rule) for layer in self.layers}, x)
         for layer in self.layers:
             result = found[layer.name]
             if isinstance(result, Layout):
@@ -236,7 +245,9 @@ class GhostEngine(Engine):
 
             def hook(module, args, kwargs, output, layer=layer):
                 layer.seen += 1
-                act = args[0] if args else next(iter(kwargs.values()), None)
+                rule, whole = layer.rule, output
+                output = output_tensor_of(whole, rule.output_item)
+                act = output if rule.call else first_input(args, kwargs)
                 if not isinstance(act, torch.Tensor) or not isinstance(output, torch.Tensor):
                     layer.problem = "was called with a non-tensor input or output"
                     return None
@@ -249,18 +260,23 @@ class GhostEngine(Engine):
                     layer.problem = f"was called without the batch in dimension {dim}"
                 if layer.problem or not output.requires_grad:  # no_grad: no gradient reaches it
                     return None
-                if shared:  # one row for the whole batch: give each example its copy
+                if rule.call:  # the whole call, as the layer saw it
+                    act = (tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()})
+                elif shared:  # one row for the whole batch: give each example its copy
                     act, output = act.expand(B, *act.shape[1:]), output.expand(B, *output.shape[1:])
                 elif dim:   # sequence-first: the rule sees the batch in dimension 0
                     act = act.movedim(dim, 0)
                 call = layer.calls
                 layer.calls += 1
-                layer.acts.append(act.detach())
+                layer.acts.append(act.detach() if isinstance(act, torch.Tensor) else act)
                 if not probes:      # one zero leaf for every probe of the batch
                     probes.append(torch.zeros((), device=output.device, requires_grad=True))
                 # reaching z in the backward needs ∂L/∂probed = δ; a broadcast output gets its B rows
-                return _Probe.apply(output.contiguous() if shared else output, probes[0],
-                                    lambda d, layer=layer, call=call, dim=dim or 0: on_grad(d, layer, call, dim))
+                probed = _Probe.apply(output.contiguous() if shared else output, probes[0],
+                                      lambda d, layer=layer, call=call, dim=dim or 0: on_grad(d, layer, call, dim))
+                if rule.output_item is None:
+                    return probed
+                return type(whole)(probed if i == rule.output_item else v for i, v in enumerate(whole))
             handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
         try:
             yield

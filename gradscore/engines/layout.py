@@ -28,6 +28,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..batch import Inputs, call_model, concat, take
+from .rules import Rule
 
 #: ops under which a batch-broadcast output, expanded to B rows, stays exact
 _SUMS = {"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__", "__rsub__", "__isub__"}
@@ -90,12 +91,23 @@ class _Uses(TorchFunctionMode):
         return out
 
 
-def _record(model: nn.Module, layers: dict[str, nn.Module], x: Inputs) -> dict[str, _Record]:
+def first_input(args: tuple, kwargs: dict):
+    """A layer call's first input, positional or keyword."""
+    return args[0] if args else next(iter(kwargs.values()), None)
+
+
+def output_tensor_of(output, item: int | None):
+    """The layer's output tensor: itself, or item ``item`` of a tuple output."""
+    return output[item] if item is not None and isinstance(output, (tuple, list)) else output
+
+
+def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inputs) -> dict[str, _Record]:
     records = {name: _Record() for name in layers}
     mode = _Uses()
 
-    def hook(module, args, kwargs, output, record):
-        act = args[0] if args else next(iter(kwargs.values()), None)
+    def hook(module, args, kwargs, output, record, rule):
+        output = output_tensor_of(output, rule.output_item)
+        act = output if rule.call else first_input(args, kwargs)   # a whole-call rule: the output tells
         if not isinstance(act, torch.Tensor) or not isinstance(output, torch.Tensor):
             record.shapes.append(((), ()))
             return
@@ -104,8 +116,8 @@ def _record(model: nn.Module, layers: dict[str, nn.Module], x: Inputs) -> dict[s
         record.uses.append(uses)
         mode.watch(output, uses)
 
-    handles = [m.register_forward_hook(lambda mod, a, kw, out, r=records[n]: hook(mod, a, kw, out, r),
-                                       with_kwargs=True) for n, m in layers.items()]
+    handles = [m.register_forward_hook(lambda mod, a, kw, out, r=records[n], rule=rule: hook(mod, a, kw, out, r, rule),
+                                       with_kwargs=True) for n, (m, rule) in layers.items()]
     try:
         with torch.enable_grad(), mode:   # grad on: the same code path as the scoring pass
             call_model(model, x)
@@ -147,22 +159,23 @@ def _sums_with_batch_rows(uses1, uses2) -> str | None:
     return None
 
 
-def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, tuple[int, ...]]], x: Inputs
+def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inputs
               ) -> dict[str, Layout | str]:
-    """{layer name: its :class:`Layout`, or the reason it has none a rule accepts}.
+    """{layer name: its :class:`Layout`, or the reason it has none its rule accepts}.
 
-    layers: {name: (module, the batch dimensions its rule accepts)}; x: a batch of B >= 1.
+    layers: {name: (module, its rule)}; x: a batch of B >= 1. A rule that takes the whole
+    call (``Rule.call``) is laid out by its output alone.
     """
-    mods = {name: m for name, (m, _) in layers.items()}
     first = take(x, 0)
     try:
-        rec1 = _record(model, mods, first)
-        rec2 = _record(model, mods, concat([first, first]))
+        rec1 = _record(model, layers, first)
+        rec2 = _record(model, layers, concat([first, first]))
     except Exception as e:   # the fallback meets the same model and says what fails
         why = f"the model did not run on 1 and 2 copies of an example ({type(e).__name__}: {e})"
         return {name: why.splitlines()[0][:300] for name in layers}
     out: dict[str, Layout | str] = {}
-    for name, (_, accepted) in layers.items():
+    for name, (module, rule) in layers.items():
+        accepted = rule.dims(module)
         r1, r2 = rec1[name], rec2[name]
         if not r1.shapes:
             out[name] = "was not called; its parameters are used by another module"
@@ -179,6 +192,8 @@ def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, tuple[int, ..
             if reason:
                 break
             found.add(dim)
+        if reason is None and rule.call and None in found:
+            reason = "returns one row for the whole batch"
         if reason is None and len(found) > 1:
             reason = "was called in different layouts"
         if reason is None:

@@ -48,3 +48,76 @@ def embedding(layer: nn.Embedding, acts, grads, refs, K):
         return sq, sq.new_zeros((sq.shape[0], 0))
     rows = refs["weight"].to(acc)[:, ids]                                           # (K, B, T, dim)
     return sq, torch.einsum("kbtd,btd->bk", rows, d)
+
+
+def _bag_supports(m: nn.EmbeddingBag) -> str | None:
+    if m.max_norm is not None:
+        return "EmbeddingBag with max_norm"
+    if m.scale_grad_by_freq:
+        return "EmbeddingBag with scale_grad_by_freq"
+    return None
+
+
+def _bags(layer: nn.EmbeddingBag, call, B: int, acc: torch.dtype
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One call's bags as ids (B, L), their weights in the bag's sum (B, L) (0 where there
+    is no entry: padding, past a bag's end; 1/size for ``mean``) and a mask of entries."""
+    args, kwargs = call
+    bound = dict(zip(("input", "offsets", "per_sample_weights"), args)) | kwargs
+    ids, offsets, weights = bound["input"], bound.get("offsets"), bound.get("per_sample_weights")
+    if ids.dim() == 2:
+        valid = torch.ones_like(ids, dtype=torch.bool)
+    else:   # flat ids, a bag from each offset to the next (the last to the end, or a closing offset)
+        n = ids.shape[0]
+        ends = offsets[1:] if layer.include_last_offset else torch.cat([offsets[1:], offsets.new_tensor([n])])
+        starts = offsets[:B]
+        L = max(1, int((ends - starts).max()) if B else 1)
+        steps = torch.arange(L, device=ids.device)
+        valid = steps < (ends - starts).unsqueeze(1)
+        at = (starts.unsqueeze(1) + steps).clamp(max=max(n - 1, 0))
+        ids = ids[at] if n else ids.new_zeros((B, L))
+        weights = None if weights is None else weights[at]
+    if layer.padding_idx is not None:
+        valid = valid & (ids != layer.padding_idx)
+    coef = valid.to(acc) if weights is None else weights.to(acc) * valid
+    if layer.mode == "mean":
+        coef = coef / valid.sum(1, keepdim=True).clamp(min=1)
+    return ids, coef, valid
+
+
+@register_rule(nn.EmbeddingBag, supports=_bag_supports, call=True)
+def embedding_bag(layer: nn.EmbeddingBag, calls, grads, refs, K):
+    """Per call c, bag b: sum/mean: g_bc = Σ_j c_j e_{id_j} δ_bcᵀ; max: feature d's gradient
+    δ_bcd goes to the row that won its max. Calls add up, so
+    ‖g_b‖² = Σ_{c,c'} ⟨g_bc, g_bc'⟩, with ⟨g_bc, g_bc'⟩ = ⟨δ_bc, δ_bc'⟩ Σ_{j,k: id_j = id_k} c_j c'_k
+    (sum/mean) or Σ_d δ_bcd δ_bc'd [row_bcd = row_bc'd] (max); ⟨g_b, V⟩ is linear in the calls."""
+    acc = acc_dtype(grads[0].dtype)
+    B, dim = grads[0].shape
+    feat = torch.arange(dim, device=grads[0].device)
+    V = refs["weight"].to(acc) if K else None
+    dots = grads[0].new_zeros((B, K), dtype=acc)
+    parts = []
+    for call, d in zip(calls, grads):
+        d = d.to(acc)
+        ids, coef, valid = _bags(layer, call, B, acc)
+        if layer.mode == "max":   # the row each feature's max came from, and whether the bag had one
+            vals = layer.weight.detach().to(acc)[ids].masked_fill(~valid.unsqueeze(-1), float("-inf"))
+            d = d * valid.any(1, keepdim=True)
+            rows = ids.gather(1, vals.argmax(1))                                          # (B, dim)
+            parts.append((rows, d))
+            if K:
+                dots = dots + torch.einsum("kbd,bd->bk", V[:, rows, feat], d)
+        else:
+            parts.append((ids, coef, d))
+            if K:
+                dots = dots + torch.einsum("kbjd,bj,bd->bk", V[:, ids], coef, d)
+    sq = grads[0].new_zeros(B, dtype=acc)
+    for i, p in enumerate(parts):
+        for j, q in enumerate(parts[i:], i):
+            if layer.mode == "max":
+                term = (p[1] * q[1] * (p[0] == q[0])).sum(1)
+            else:
+                same = (p[0].unsqueeze(2) == q[0].unsqueeze(1)).to(acc)
+                term = (p[2] * q[2]).sum(1) * torch.einsum("bj,bjk,bk->b", p[1], same, q[1])
+            sq = sq + (term if i == j else 2 * term)
+    return sq, dots

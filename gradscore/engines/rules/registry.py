@@ -18,6 +18,14 @@ most rules; (0, 1) for rules that act on trailing features only (Linear, Embeddi
 LayerNorm), which then also serve sequence-first layers (T, B, ...), the engine moving
 the batch to dimension 0 before the rule sees the tensors.
 
+A rule registered with ``call=True`` receives each call whole, as ``(args, kwargs)``
+(detached), instead of its first input: EmbeddingBag's offsets and weights,
+MultiheadAttention's key, value and masks; its batch dimension is then read from the
+output alone. ``output_item`` picks the output tensor from a tuple output, and
+``children`` names submodules whose parameters the rule covers (MultiheadAttention's
+``out_proj``, which it uses functionally). ``batch_dims`` may also be a function of the
+layer (MultiheadAttention: where its ``batch_first`` puts the batch).
+
 A subclass of a registered class uses its parent's rule unless it overrides
 ``forward``; the registry is searched along the MRO, for class and qualified-name keys.
 
@@ -63,7 +71,14 @@ class Rule:
     fn: RuleFn
     supports: Callable[[nn.Module], Optional[str]]
     factors: Optional[Callable[..., dict[str, Factor]]] = None
-    batch_dims: tuple[int, ...] = (0,)
+    batch_dims: tuple[int, ...] | Callable[[nn.Module], tuple[int, ...]] = (0,)
+    call: bool = False
+    output_item: Optional[int] = None
+    children: tuple[str, ...] = ()
+
+    def dims(self, layer: nn.Module) -> tuple[int, ...]:
+        """The dimensions that may hold the batch in this layer's input and output."""
+        return self.batch_dims(layer) if callable(self.batch_dims) else self.batch_dims
 
 
 TypeKey = Union[type[nn.Module], str]
@@ -72,13 +87,14 @@ _RULES: dict[TypeKey, Rule] = {}
 
 def register_rule(*types: TypeKey, supports: Callable[[nn.Module], Optional[str]] = lambda m: None,
                   factors: Optional[Callable[..., dict[str, Factor]]] = None,
-                  batch_dims: tuple[int, ...] = (0,)) -> Callable[[RuleFn], RuleFn]:
+                  **options) -> Callable[[RuleFn], RuleFn]:
     """Decorator: use ``fn`` as the ghost rule for every class (or qualified class name)
     in ``types``; ``factors`` (optional) lets its weight be tied to another layer's;
-    ``batch_dims``: where the batch may be in the layer's input and output."""
+    ``options``: the :class:`Rule` fields ``batch_dims``, ``call``, ``output_item``,
+    ``children``."""
     def deco(fn: RuleFn) -> RuleFn:
         for t in types:
-            _RULES[t] = Rule(fn.__name__, fn, supports, factors, batch_dims)
+            _RULES[t] = Rule(fn.__name__, fn, supports, factors, **options)
         return fn
     return deco
 
