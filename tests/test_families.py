@@ -43,20 +43,36 @@ class Recurrent(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, batch_first: bool, bias: bool, add_bias_kv: bool, kdim: int | None):
+    """MultiheadAttention on q = Linear(x) and k = v = q or x's first kdim features;
+    ``mask``: None, ``"padding"`` (keys whose first feature is negative are masked, but
+    never all of them), ``"causal"`` (a float causal attn_mask) or ``"bool"`` (a boolean
+    one); ``twice``: called again on its own output."""
+
+    def __init__(self, batch_first: bool, bias: bool, add_bias_kv: bool, kdim: int | None,
+                 mask: str | None = None, zero_attn: bool = False, twice: bool = False):
         super().__init__()
-        self.batch_first = batch_first
+        self.batch_first, self.mask, self.twice = batch_first, mask, twice
         self.attn = nn.MultiheadAttention(D + 1, 2, bias=bias, add_bias_kv=add_bias_kv, kdim=kdim,
-                                          vdim=kdim, batch_first=batch_first)
+                                          vdim=kdim, batch_first=batch_first, add_zero_attn=zero_attn)
         self.q = nn.Linear(D, D + 1)
         self.head = nn.Linear(D + 1, 3)
 
     def forward(self, x):
         q = self.q(x)
         kv = x[..., :self.attn.kdim] if self.attn.kdim != D + 1 else q
+        n = x.shape[1]
+        kw = {}
+        if self.mask == "padding":
+            kw["key_padding_mask"] = (x[..., 0] < 0) & (torch.arange(n) > 0)
+        elif self.mask == "causal":
+            kw["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(n, dtype=x.dtype)
+        elif self.mask == "bool":
+            kw["attn_mask"] = torch.ones(n, n, dtype=torch.bool).triu(1)
         if not self.batch_first:
             q, kv = q.transpose(0, 1), kv.transpose(0, 1)
-        out = self.attn(q, kv, kv, need_weights=False)[0]
+        out = self.attn(q, kv, kv, need_weights=self.mask is None, **kw)[0]
+        if self.twice and self.attn.kdim == D + 1:
+            out = self.attn(out, out, out, need_weights=False, **kw)[0]
         out = out if self.batch_first else out.transpose(0, 1)
         return self.head(out.mean(1))
 
@@ -130,8 +146,11 @@ def _recurrent(kind, layers, bidirectional, bias, batch_first, packed):
 
 RNN_GRID = [("recurrent", c) for c in itertools.product(["RNN", "GRU", "LSTM"], [1, 2], [False, True],
                                                         [True, False], [True, False], [False, True])]
-MHA_GRID = [("attention", c) for c in itertools.product([True, False], [True, False], [False, True],
-                                                        [None, 3])]
+MHA_GRID = ([("attention", c) for c in itertools.product([True, False], [True, False], [False, True], [None, 3])]
+            + [("attention", (bf, True, False, kdim, mask, zero, twice))
+               for bf, kdim, mask, zero, twice in itertools.product([True, False], [None, 3],
+                                                                    ["padding", "causal", "bool"],
+                                                                    [False, True], [False, True])])
 BAG_GRID = [("bag", c) for c in [(m, w, p, o, t) for m in ("sum", "mean", "max") for w in (False, True)
                                  for p in (None, 0) for o in (False, "even", "ragged", "last")
                                  for t in (False, True) if not (w and m != "sum")]]
@@ -259,7 +278,8 @@ def test_bad_targets_are_one_gradscore_error_from_every_engine():
             gs.Scorer(model, engine=engine).score_batch(x, torch.tensor([0, 7, 1]))
 
 
-@pytest.mark.parametrize("family,config", BAG_GRID + CONV_GRID + NORM_GRID, ids=lambda v: str(v))
+@pytest.mark.parametrize("family,config", BAG_GRID + CONV_GRID + NORM_GRID
+                         + [(f, c) for f, c in MHA_GRID if not c[2]], ids=lambda v: str(v))
 def test_families_with_a_rule_take_it(family, config):
     """The agreement above is the rule's own, not the fallback's."""
     model, x, y = _prepare(family, config)

@@ -331,15 +331,15 @@ def test_unsupported_layers_fall_back_to_vmap_and_say_so(K):
 
 
 @pytest.mark.parametrize("K", [0, 2])
-def test_torch_transformer_layer_mixes_ghost_and_fallback(K):
+def test_torch_transformer_layer_is_ghost_throughout(K):
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0,
                                        batch_first=True)
     model = nn.Sequential(layer, nn.Flatten(), nn.Linear(8 * 5, 3))
     scorer = _compare(model, torch.randn(4, 5, 8), K)
     why = scorer.explain()
-    assert why["0.self_attn.in_proj_weight"].startswith("vmap (no ghost rule for MultiheadAttention")
-    assert why["0.self_attn.out_proj.weight"].startswith("vmap")   # used functionally by MHA
+    assert why["0.self_attn.in_proj_weight"].startswith("ghost (attention rule on 0.self_attn")
+    assert why["0.self_attn.out_proj.weight"].startswith("ghost (attention rule")  # used functionally by MHA
     assert why["0.linear1.weight"].startswith("ghost") and why["0.norm1.weight"].startswith("ghost")
 
 
