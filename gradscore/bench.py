@@ -2,7 +2,9 @@
 
 For each model (an MLP 784-1024-1024-10, the demo CNN and its 128-channel version of
 0.56M parameters, a 25k-parameter CNN on 3x32x32 inputs with a strided and a
-depthwise-separable conv, a 2-layer d=128 transformer on T=64 tokens, and with ``transformers``
+depthwise-separable conv, a 2-layer d=128 transformer on T=64 tokens, a 20k-parameter
+ResNet with BatchNorm (eval) and residual blocks, torch's TransformerEncoderLayer, an LSTM
+and a GRU + MultiheadAttention classifier on T=32 tokens, and with ``transformers``
 installed the LM demo's GPT-2 (2 layers, d=64, causal LM loss) at T=128, batch 32) and
 batch size, every method is timed (best of ``repeats`` after a warm-up, more for calls
 shorter than 0.1 s) and its peak memory measured:
@@ -50,7 +52,7 @@ from torch import nn
 
 from .batch import Inputs, call_model, take
 from .losses import resolve_loss
-from .models import digits_cnn, mlp, tiny_transformer
+from .models import digits_cnn, mlp, recurrent_classifier, small_resnet, tiny_transformer
 from .scorer import Scorer
 
 K_REFS = 2
@@ -86,6 +88,16 @@ def model_cases(device: str) -> dict[str, Case]:
         "cifar_cnn_dw": Case(_cifar_cnn, lambda B: torch.randn(B, 3, 32, 32, device=device)),
         "transformer_d128_T64": Case(lambda: tiny_transformer(vocab=1000, d=128, heads=4, layers=2, n_classes=10),
                                      lambda B: torch.randint(0, 1000, (B, 64), device=device)),
+        # a new user's ResNet: BatchNorm (eval) and residual blocks, 20k parameters
+        "resnet_bn_20k": Case(small_resnet, lambda B: torch.randn(B, 3, 32, 32, device=device)),
+        # torch's own attention layers, whose projections nn.MultiheadAttention uses functionally
+        "torch_encoder_d64_T32": Case(lambda: nn.Sequential(
+            nn.Embedding(1000, 64), nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True),
+            nn.Flatten(), nn.Linear(64 * 32, 2)), lambda B: torch.randint(0, 1000, (B, 32), device=device)),
+        "lstm_d64_T32": Case(lambda: recurrent_classifier(kind="LSTM"),
+                             lambda B: torch.randint(0, 1000, (B, 32), device=device), batches=(64,)),
+        "gru_attention_d64_T32": Case(lambda: recurrent_classifier(kind="GRU", attention=True),
+                                      lambda B: torch.randint(0, 1000, (B, 32), device=device), batches=(64,)),
     }
     if importlib.util.find_spec("transformers") is not None:
         from .demo_lm import MODEL_KWARGS, VOCAB, gpt2_config

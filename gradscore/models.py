@@ -80,3 +80,51 @@ class TinyTransformer(nn.Module):
 def tiny_transformer(**kwargs) -> nn.Module:
     """:class:`TinyTransformer` (2 layers, d=128 by default) from keyword arguments."""
     return TinyTransformer(**kwargs)
+
+
+class _ResidualBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus the input (a strided 1x1 conv + BN where the shape changes)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out),
+                                  nn.ReLU(), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out))
+        self.skip = (nn.Identity() if stride == 1 and c_in == c_out else
+                     nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)))
+
+    def forward(self, x):
+        return torch.relu(self.body(x) + self.skip(x))
+
+
+def small_resnet(n_classes: int = 10, width: int = 16) -> nn.Module:
+    """A ResNet for 3x32x32 images (about 20k parameters at width 16): a conv stem, a
+    residual block at 32x32 and a strided one to 2·width channels at 16x16, BatchNorm
+    throughout (scored in eval mode), global average pooling, a linear head."""
+    w = width
+    return nn.Sequential(nn.Conv2d(3, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
+                         _ResidualBlock(w, w, 1), _ResidualBlock(w, 2 * w, 2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * w, n_classes))
+
+
+class RecurrentClassifier(nn.Module):
+    """Token classifier: Embedding, a recurrent layer (``"GRU"``, ``"LSTM"`` or ``"RNN"``),
+    optionally self-attention over its outputs, mean pooling, a linear head."""
+
+    def __init__(self, kind: str = "GRU", vocab: int = 1000, d: int = 64, layers: int = 1,
+                 attention: bool = False, n_classes: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.rnn = getattr(nn, kind)(d, d, num_layers=layers, batch_first=True)
+        self.attn = nn.MultiheadAttention(d, 4, batch_first=True) if attention else None
+        self.head = nn.Linear(d, n_classes)
+
+    def forward(self, tokens):
+        h, _ = self.rnn(self.embed(tokens))
+        if self.attn is not None:
+            h = h + self.attn(h, h, h, need_weights=False)[0]
+        return self.head(h.mean(1))
+
+
+def recurrent_classifier(**kwargs) -> nn.Module:
+    """:class:`RecurrentClassifier` from keyword arguments."""
+    return RecurrentClassifier(**kwargs)

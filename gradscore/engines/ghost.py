@@ -59,6 +59,7 @@ class _Layer:
     seen: int = 0           # all forward calls
     problem: str | None = None   # why this layer must go to the fallback after all
     layout: Layout | None = None  # established on the first batch
+    skeletons: list = field(default_factory=list)  # probe_all rules: each call's output, leaves as indices
 
 
 def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
@@ -122,6 +123,26 @@ def _detached(v):
     return v.detach() if isinstance(v, torch.Tensor) else v
 
 
+def _map_leaves(out, fn, plain: bool = False):
+    """``out`` with every tensor leaf t replaced by fn(t), through tuples, lists and named
+    tuples (PackedSequence); ``plain``: named tuples become plain tuples."""
+    if isinstance(out, torch.Tensor):
+        return fn(out)
+    if isinstance(out, (tuple, list)):
+        items = [_map_leaves(o, fn, plain) for o in out]
+        if isinstance(out, list):
+            return items
+        return type(out)(*items) if hasattr(out, "_fields") and not plain else tuple(items)
+    return out
+
+
+def _fill(skeleton, grads: dict[int, torch.Tensor]):
+    """A call's output structure with leaf index i replaced by its δ (None where none came)."""
+    if isinstance(skeleton, tuple):
+        return tuple(_fill(s, grads) for s in skeleton)
+    return grads.get(skeleton) if isinstance(skeleton, int) else None
+
+
 class _Pass:
     """State of one batch: running sums of the rules' results."""
 
@@ -139,14 +160,20 @@ class _Pass:
         if layer.grads:
             lrefs = {local: (self.refs[self.index[full]] if self.refs is not None else None)
                      for local, full in layer.params.items()}
-            order = sorted(layer.grads)
-            acts, grads = [layer.acts[i] for i in order], [layer.grads[i] for i in order]
+            if layer.rule.probe_all:   # per call, the output's structure with each leaf's δ (or None)
+                order = sorted({call for call, _ in layer.grads})
+                grads = [_fill(layer.skeletons[c], {i: d for (cc, i), d in layer.grads.items() if cc == c})
+                         for c in order]
+            else:
+                order = sorted(layer.grads)
+                grads = [layer.grads[i] for i in order]
+            acts = [layer.acts[i] for i in order]
             self.add(*layer.rule.fn(layer.module, acts, grads, lrefs, self.K))
             if layer.tied:  # kept until every owner of the weight has reported
                 fs = layer.rule.factors(layer.module, acts, grads)
                 for local in layer.tied:
                     self.factors.setdefault(layer.params[local], []).append(fs[local])
-        layer.acts, layer.grads = [], {}
+        layer.acts, layer.grads, layer.skeletons = [], {}, []
 
     def add_cross_terms(self) -> None:
         """‖Σ_i g_i‖² = Σ_i ‖g_i‖² + 2 Σ_{i<j} ⟨g_i, g_j⟩ for each tied weight."""
@@ -192,7 +219,8 @@ class GhostEngine(Engine):
         or 'loop (reason; vmap cannot trace this model (…))'. Final after the first batch."""
         uses: dict[str, list[str]] = {}
         for layer in self.layers:
-            where = "" if layer.layout is None or layer.layout.batch_dim == 0 else f", {layer.layout.describe()}"
+            where = ("" if layer.layout is None or layer.layout.batch_dim == 0 or layer.rule.probe_all
+                     else f", {layer.layout.describe()}")   # a recurrent layer's layout is its final state's
             for full in layer.params.values():
                 uses.setdefault(full, []).append(f"{layer.rule.name} rule on {layer.name}: "
                                                  f"{type(layer.module).__name__}{where}")
@@ -237,6 +265,7 @@ class GhostEngine(Engine):
         handles = []
         for layer in self.layers:
             layer.acts, layer.grads, layer.calls, layer.seen, layer.problem = [], {}, 0, 0, None
+            layer.skeletons = []
 
             def on_grad(delta, layer=layer, call=None, dim=0):
                 layer.grads[call] = delta.movedim(dim, 0) if dim else delta
@@ -266,11 +295,13 @@ class GhostEngine(Engine):
                     act, output = act.expand(B, *act.shape[1:]), output.expand(B, *output.shape[1:])
                 elif dim:   # sequence-first: the rule sees the batch in dimension 0
                     act = act.movedim(dim, 0)
+                if not probes:      # one zero leaf for every probe of the batch
+                    probes.append(torch.zeros((), device=output.device, requires_grad=True))
+                if rule.probe_all:  # every floating output that needs a gradient, each with its own δ
+                    return self._probe_all(layer, whole, act, probes[0], on_grad)
                 call = layer.calls
                 layer.calls += 1
                 layer.acts.append(act.detach() if isinstance(act, torch.Tensor) else act)
-                if not probes:      # one zero leaf for every probe of the batch
-                    probes.append(torch.zeros((), device=output.device, requires_grad=True))
                 # reaching z in the backward needs ∂L/∂probed = δ; a broadcast output gets its B rows
                 probed = _Probe.apply(output.contiguous() if shared else output, probes[0],
                                       lambda d, layer=layer, call=call, dim=dim or 0: on_grad(d, layer, call, dim))
@@ -283,6 +314,26 @@ class GhostEngine(Engine):
         finally:
             for h in handles:
                 h.remove()
+
+    @staticmethod
+    def _probe_all(layer: _Layer, whole, call_inputs, z: torch.Tensor, on_grad):
+        """``whole`` with each floating leaf that needs a gradient probed; the call's δ's
+        are keyed (call, leaf index), and its skeleton keeps the structure."""
+        call, index = len(layer.acts), [0]
+        layer.acts.append(call_inputs)
+
+        def probe(t: torch.Tensor):
+            if not (t.is_floating_point() and t.requires_grad):
+                return t
+            i, layer.calls = index[0], layer.calls + 1
+            index[0] += 1
+            return _Probe.apply(t, z, lambda d: on_grad(d, layer, (call, i), 0))
+
+        probed = _map_leaves(whole, probe)
+        counter = iter(range(index[0]))
+        layer.skeletons.append(_map_leaves(whole, lambda t: next(counter) if t.is_floating_point()
+                                           and t.requires_grad else None, plain=True))
+        return probed
 
     def _score(self, x: Inputs, y: torch.Tensor, refs: RefBlocks | None) -> ScoreBatch:
         if not self._laid_out:

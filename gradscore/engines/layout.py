@@ -96,8 +96,10 @@ def first_input(args: tuple, kwargs: dict):
     return args[0] if args else next(iter(kwargs.values()), None)
 
 
-def output_tensor_of(output, item: int | None):
-    """The layer's output tensor: itself, or item ``item`` of a tuple output."""
+def output_tensor_of(output, item):
+    """The layer's output tensor: itself, item ``item`` of a tuple output, or ``item(output)``."""
+    if callable(item):
+        return item(output)
     return output[item] if item is not None and isinstance(output, (tuple, list)) else output
 
 

@@ -24,7 +24,12 @@ MultiheadAttention's key, value and masks; its batch dimension is then read from
 output alone. ``output_item`` picks the output tensor from a tuple output, and
 ``children`` names submodules whose parameters the rule covers (MultiheadAttention's
 ``out_proj``, which it uses functionally). ``batch_dims`` may also be a function of the
-layer (MultiheadAttention: where its ``batch_first`` puts the batch).
+layer (MultiheadAttention: where its ``batch_first`` puts the batch). ``output_item``
+may be a function of the output (the recurrent layers: their final hidden state, which
+has the batch in dimension 1 whatever the input's layout). A ``probe_all`` rule gets,
+per call, the output's structure (named tuples as tuples) with each floating leaf's
+output gradient, or None where none reached it: a recurrent layer's output and final
+states, any of which the loss may use.
 
 A subclass of a registered class uses its parent's rule unless it overrides
 ``forward``; the registry is searched along the MRO, for class and qualified-name keys.
@@ -73,8 +78,9 @@ class Rule:
     factors: Optional[Callable[..., dict[str, Factor]]] = None
     batch_dims: tuple[int, ...] | Callable[[nn.Module], tuple[int, ...]] = (0,)
     call: bool = False
-    output_item: Optional[int] = None
+    output_item: Optional[Union[int, Callable]] = None
     children: tuple[str, ...] = ()
+    probe_all: bool = False
 
     def dims(self, layer: nn.Module) -> tuple[int, ...]:
         """The dimensions that may hold the batch in this layer's input and output."""
