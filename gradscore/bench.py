@@ -400,7 +400,10 @@ def run_bench(batches: tuple[int, ...] = (64, 256), repeats: int = 3, device: st
                 mem = {"peak_bytes": peaks.get(method)}
                 if method == "plain":
                     base = {"seconds": best, "peak_bytes": mem["peak_bytes"], "flops": counted_flops(fn)}
-                flops = counted_flops(fn) / base["flops"] if method.startswith("ghost") and base["flops"] else None
+                # torch's flop counter does not see inside the fused recurrent kernels: no ratio there
+                countable = not any(isinstance(m, nn.RNNBase) for m in model.modules())
+                flops = (counted_flops(fn) / base["flops"] if method.startswith("ghost") and base["flops"]
+                         and countable else None)
                 row = {"model": name, "params": P, "batch": B, "method": method, "seconds": best,
                        "plain_seconds_paired": paired,
                        "ratio_to_plain": best / paired, "floor": FLOORS.get(method),

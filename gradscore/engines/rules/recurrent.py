@@ -82,6 +82,7 @@ def _replay(layer: nn.RNNBase, call, delta, acc):
     else:
         h0, c0 = (hx if lstm else (hx, None))
         h0, c0 = h0.to(acc), None if c0 is None else c0.to(acc)
+    ragged = bool((lengths < T).any())
     steps = torch.arange(T, device=X.device).unsqueeze(1) < lengths.unsqueeze(0)   # (T, B)
     saved, outs, finals, grads_in = {}, [], [], []
     with torch.enable_grad():
@@ -106,10 +107,11 @@ def _replay(layer: nn.RNNBase, call, delta, acc):
                         gh = gh.detach().requires_grad_()
                     ghs[t] = gh
                     h_new, c_new = _cell(layer.mode, gi[t], gh, h, c)
-                    m = steps[t].unsqueeze(1).to(acc)          # past a sequence's end: the state holds
-                    h = m * h_new + (1 - m) * h
-                    c = None if c is None else m * c_new + (1 - m) * c
-                    hs[t] = m * h_new
+                    if ragged:   # past a sequence's end the state holds and the output is zero
+                        m = steps[t].unsqueeze(1).to(acc)
+                        h_new, c_new = m * h_new + (1 - m) * h, None if c is None else m * c_new + (1 - m) * c
+                    hs[t] = h_new if not ragged else h_new * steps[t].unsqueeze(1).to(acc)
+                    h, c = h_new, c_new
                 per_dir.append(torch.stack(hs))
                 finals.append((h, c))
                 saved[(k, d)] = (inp, gi, prev, ghs)

@@ -1,0 +1,153 @@
+"""Which path ``engine="auto"`` takes for each layer family, and its time against one
+plain forward+backward of the same model, side by side in one run (CPU or CUDA).
+
+    python bench/families.py [--batch 64] [--json bench/results/families_cpu.json]
+
+One small model per family (the layer, then a linear head). For each: the paths
+``explain()`` reports for the family's parameters, and the best of paired calls of
+plain, ``auto`` (K = 0 and 2) and the per-example ``loop``, as ratios to plain.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from collections import Counter
+
+import torch
+from torch import nn
+
+import gradscore as gs
+from gradscore.bench import paired_times
+from gradscore.models import recurrent_classifier, small_resnet
+
+T, D = 32, 64
+
+
+class Head(nn.Module):
+    """``body`` then mean over every dimension but the batch's last, then a linear head."""
+
+    def __init__(self, body: nn.Module, width: int, seq_first: bool = False) -> None:
+        super().__init__()
+        self.body, self.head, self.seq_first = body, nn.Linear(width, 10), seq_first
+
+    def forward(self, x):
+        h = self.body(x.transpose(0, 1) if self.seq_first else x)
+        h = h[0] if isinstance(h, tuple) else h
+        h = h.transpose(0, 1) if self.seq_first else h
+        return self.head(h.reshape(h.shape[0], -1, h.shape[-1]).mean(1) if h.dim() > 2 else h)
+
+
+class Bag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(1000, D, mode="mean")
+
+    def forward(self, ids):
+        return self.bag(ids)
+
+
+class Channels(nn.Module):
+    """A channels-first layer followed by moving channels last."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x).flatten(2).transpose(1, 2)
+
+
+def families(B: int) -> dict[str, tuple[nn.Module, torch.Tensor, str]]:
+    """family -> (model, inputs of batch B, the parameter-name prefix of the family's layer)."""
+    ids = torch.randint(0, 1000, (B, T))
+    seq = torch.randn(B, T, D)
+    return {
+        "Linear (B, T, d)": (Head(nn.Linear(D, D), D), seq, "body."),
+        "Linear, sequence-first (T, B, d)": (Head(nn.Linear(D, D), D, seq_first=True), seq, "body."),
+        "Embedding": (Head(nn.Embedding(1000, D), D), ids, "body."),
+        "EmbeddingBag (mean)": (Head(Bag(), D), ids, "body."),
+        "LayerNorm": (Head(nn.LayerNorm(D), D), seq, "body."),
+        "RMSNorm": (Head(nn.RMSNorm(D), D), seq, "body."),
+        "Conv1d": (Head(Channels(nn.Conv1d(D, D, 3, padding=1)), D), seq.transpose(1, 2), "body."),
+        "Conv2d padding='same'": (Head(Channels(nn.Conv2d(16, 32, 3, padding="same")), 32),
+                                  torch.randn(B, 16, 16, 16), "body."),
+        "Conv3d": (Head(Channels(nn.Conv3d(4, 8, 3, padding=1)), 8), torch.randn(B, 4, 8, 8, 8), "body."),
+        "GroupNorm": (Head(Channels(nn.GroupNorm(4, 16)), 16), torch.randn(B, 16, 16, 16), "body."),
+        "InstanceNorm2d (affine)": (Head(Channels(nn.InstanceNorm2d(16, affine=True)), 16),
+                                    torch.randn(B, 16, 16, 16), "body."),
+        "BatchNorm2d (eval)": (Head(Channels(nn.BatchNorm2d(16)), 16), torch.randn(B, 16, 16, 16), "body."),
+        "MultiheadAttention": (Head(nn.MultiheadAttention(D, 4, batch_first=True), D), seq, "body."),
+        "MultiheadAttention, sequence-first": (Head(nn.MultiheadAttention(D, 4), D, seq_first=True), seq, "body."),
+        "TransformerEncoderLayer": (Head(nn.TransformerEncoderLayer(D, 4, 2 * D, dropout=0.0, batch_first=True), D),
+                                    seq, "body."),
+        "RNN": (Head(nn.RNN(D, D, batch_first=True), D), seq, "body."),
+        "GRU, 2 layers": (Head(nn.GRU(D, D, 2, batch_first=True), D), seq, "body."),
+        "LSTM, bidirectional": (Head(nn.LSTM(D, D, batch_first=True, bidirectional=True), 2 * D), seq, "body."),
+        "ResNet, BatchNorm (20k)": (small_resnet(), torch.randn(B, 3, 32, 32), ""),
+        "GRU + attention classifier": (recurrent_classifier(kind="GRU", attention=True), ids, ""),
+    }
+
+
+def _with_mha(model: nn.Module) -> nn.Module:
+    """Call MultiheadAttention as self-attention: (x, x, x)."""
+    for m in model.modules():
+        if isinstance(m, Head) and isinstance(m.body, nn.MultiheadAttention):
+            mha = m.body
+            m.body = _SelfAttention(mha)
+    return model
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.mha = mha
+
+    def forward(self, x):
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+def run(B: int, repeats: int) -> list[dict]:
+    rows = []
+    for name, (model, x, prefix) in families(B).items():
+        torch.manual_seed(0)
+        model = _with_mha(model).eval()
+        with torch.no_grad():
+            n_out = model(x[:1]).shape[-1]
+        y = torch.randint(0, n_out, (B,))
+        auto, loop = gs.Scorer(model, engine="auto"), gs.Scorer(model, engine="loop")
+        V = torch.randn(2, auto.num_params)
+        auto.score_batch(x, y)
+        paths = Counter(v.split(" (")[0] for k, v in auto.explain().items() if k.startswith(prefix + ("mha." if
+                        isinstance(getattr(model, "body", None), _SelfAttention) else "")) and not k.startswith("head"))
+
+        def plain():
+            nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+            model.zero_grad(set_to_none=True)
+        row = {"family": name, "batch": B, "paths": dict(paths)}
+        for label, fn in (("auto_k0", lambda: auto.score_batch(x, y)), ("auto_k2", lambda: auto.score_batch(x, y, V)),
+                          ("loop", lambda: loop.score_batch(x, y))):
+            fn()
+            best, paired = paired_times(fn, plain, repeats if label != "loop" else 2)
+            row[label] = best / paired
+        rows.append(row)
+        print(f"{name:<36} {', '.join(f'{k}: {v}' for k, v in paths.items()):<22} auto K=0 {row['auto_k0']:5.2f}x"
+              f"  K=2 {row['auto_k2']:5.2f}x  loop {row['loop']:6.1f}x", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=64, help="examples per batch (default 64)")
+    ap.add_argument("--repeats", type=int, default=7, help="paired calls per method; the best counts (default 7)")
+    ap.add_argument("--json", help="write the rows to this JSON file")
+    args = ap.parse_args()
+    rows = run(args.batch, args.repeats)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                       "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
