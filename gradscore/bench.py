@@ -197,45 +197,60 @@ def _methods(model: nn.Module, x: Inputs, y: torch.Tensor, V: torch.Tensor, loss
 
 
 def _peers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """The installed peers' methods; one that refuses the model raises its refusal when
+    called, so the bench says n/a and why."""
     peers: dict[str, Callable[[], object]] = {}
-    try:
-        from opacus import GradSampleModule
-        peer = copy.deepcopy(model)
-        for m in peer.modules():  # Opacus captures activations in train mode only
-            if isinstance(m, nn.Dropout):
-                m.p = 0.0
-        gsm = GradSampleModule(peer.train(), batch_first=True, loss_reduction="sum")
-        params = [p for p in gsm.parameters() if p.requires_grad]
-        Vs = [v.reshape(V.shape[0], *p.shape) for v, p in
-              zip(V.split([p.numel() for p in params], dim=1), params)]
-
-        def opacus_run():
-            nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
-            gs = [p.grad_sample.reshape(x.shape[0], -1) for p in params]
-            sq = sum(g.pow(2).sum(1) for g in gs)
-            dots = sum(g @ v.reshape(V.shape[0], -1).T for g, v in zip(gs, Vs))
-            del gs
-            gsm.zero_grad(set_to_none=True)   # drops .grad and .grad_sample
-            return sq, dots
-        peers["opacus"] = opacus_run
-    except ImportError:
-        pass
-    try:
-        from backpack import backpack, extend
-        from backpack.extensions import BatchL2Grad
-        bp_model = extend(copy.deepcopy(model))
-        bp_loss = extend(nn.CrossEntropyLoss(reduction="sum"))
-
-        def backpack_run():
-            with backpack(BatchL2Grad()):
-                bp_loss(bp_model(x), y).backward()
-            sq = sum(p.batch_l2 for p in bp_model.parameters())
-            bp_model.zero_grad(set_to_none=True)
-            return sq
-        peers["backpack_l2"] = backpack_run
-    except ImportError:
-        pass
+    for name, make in (("opacus", _opacus), ("backpack_l2", _backpack)):
+        try:
+            peers[name] = make(model, x, y, V)
+        except ImportError:
+            continue
+        except Exception as e:  # noqa: BLE001 - a peer that does not take this model (Opacus: BatchNorm)
+            peers[name] = _refusal(e)
     return peers
+
+
+def _refusal(e: Exception) -> Callable[[], object]:
+    def run():
+        raise e
+    return run
+
+
+def _opacus(model: nn.Module, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor) -> Callable[[], object]:
+    from opacus import GradSampleModule
+    peer = copy.deepcopy(model)
+    for m in peer.modules():  # Opacus captures activations in train mode only
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    gsm = GradSampleModule(peer.train(), batch_first=True, loss_reduction="sum")
+    params = [p for p in gsm.parameters() if p.requires_grad]
+    Vs = [v.reshape(V.shape[0], *p.shape) for v, p in
+          zip(V.split([p.numel() for p in params], dim=1), params)]
+
+    def opacus_run():
+        nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
+        gs = [p.grad_sample.reshape(x.shape[0], -1) for p in params]
+        sq = sum(g.pow(2).sum(1) for g in gs)
+        dots = sum(g @ v.reshape(V.shape[0], -1).T for g, v in zip(gs, Vs))
+        del gs
+        gsm.zero_grad(set_to_none=True)   # drops .grad and .grad_sample
+        return sq, dots
+    return opacus_run
+
+
+def _backpack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor) -> Callable[[], object]:
+    from backpack import backpack, extend
+    from backpack.extensions import BatchL2Grad
+    bp_model = extend(copy.deepcopy(model))
+    bp_loss = extend(nn.CrossEntropyLoss(reduction="sum"))
+
+    def backpack_run():
+        with backpack(BatchL2Grad()):
+            bp_loss(bp_model(x), y).backward()
+        sq = sum(p.batch_l2 for p in bp_model.parameters())
+        bp_model.zero_grad(set_to_none=True)
+        return sq
+    return backpack_run
 
 
 FLOORS = {"ghost_k0": 2 / 3, "ghost_k2": (2 + K_REFS) / 3}

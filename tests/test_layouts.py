@@ -185,3 +185,29 @@ def test_an_empty_batch_gives_empty_results(cls, engine, K):
          if K else None)
     torch.testing.assert_close(scorer.score_batch(_inputs(cls, 3), y, refs=V).sq_norm, ref.sq_norm,
                                rtol=1e-6, atol=1e-12)
+
+
+class BatchCentred(nn.Module):
+    """Subtracts the batch mean: an example's output depends on the rest of its batch, so
+    only an engine that runs each example alone (vmap, the loop) is per-example."""
+
+    def __init__(self, T: int = 0):
+        super().__init__()
+        self.lin, self.head = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return self.head(torch.tanh(h - h.mean(0, keepdim=True)))
+
+
+@pytest.mark.parametrize("K", [0, 2])
+def test_a_model_that_couples_examples_is_scored_per_example(K):
+    model = BatchCentred().double().eval()
+    x = torch.randn(B, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    _, ref = _score(model, x, "loop", K)
+    scorer, out = _score(model, x, "auto", K)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.sq_norm, ref.sq_norm, rtol=1e-6, atol=1e-12)
+    if K:
+        torch.testing.assert_close(out.dots, ref.dots, rtol=1e-6, atol=1e-9)
+    assert all("depends on the rest of its batch" in v for v in scorer.explain().values()), scorer.explain()

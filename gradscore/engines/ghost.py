@@ -42,7 +42,7 @@ from ..batch import Inputs, batch_len, call_model
 from ..exceptions import EngineError
 from .base import Engine, RefBlocks, ScoreBatch, register_engine
 from .fallback import Fallback
-from .layout import Layout, establish, first_input, output_tensor_of
+from .layout import Layout, couples_examples, establish, first_input, output_tensor_of
 from .rules import Factor, Rule, cross, find_rule
 
 
@@ -213,6 +213,8 @@ class GhostEngine(Engine):
         self._fallbacks: dict[tuple[str, ...], Fallback] = {}
         self._index = {n: i for i, n in enumerate(self.param_names)}
         self._laid_out = False
+        self._alone: torch.Tensor | None = None   # the first example's output alone, until checked
+        self._coupled = False   # an example's output depends on its batch: everything to the fallback
 
     def explain(self) -> dict[str, str]:
         """{parameter name: path}, e.g. 'ghost (linear rule on fc: Linear)', 'vmap (reason)'
@@ -227,7 +229,9 @@ class GhostEngine(Engine):
         out = {full: f"ghost ({' + '.join(u)}{'; tied, exact cross term' if len(u) > 1 else ''})"
                for full, u in uses.items()}
         chain = self._fallbacks.get(self._fallback_key())
-        for full, reason in self.fallback.items():
+        reasons = ({n: "the model's output for an example depends on the rest of its batch" for n in self.param_names}
+                   if self._coupled else self.fallback)
+        for full, reason in reasons.items():
             if chain is not None and chain.path == "loop":
                 out[full] = f"loop ({reason}; {chain.why_loop})"
             else:
@@ -235,6 +239,8 @@ class GhostEngine(Engine):
         return {n: out[n] for n in self.param_names}
 
     def _fallback_key(self) -> tuple[str, ...]:
+        if self._coupled:
+            return tuple(self.param_names)
         return tuple(n for n in self.param_names if n in self.fallback)
 
     def _fallback(self, x, y, refs) -> ScoreBatch | None:
@@ -250,7 +256,8 @@ class GhostEngine(Engine):
     def _lay_out(self, x: Inputs) -> None:
         """Establish every ruled layer's batch dimension (:mod:`.layout`) on the first batch;
         layers without one go to the fallback."""
-        found = establish(self.model, {layer.name: (layer.module, layer.rule) for layer in self.layers}, x)
+        found, self._alone = establish(self.model, {layer.name: (layer.module, layer.rule)
+                                                    for layer in self.layers}, x)
         for layer in self.layers:
             result = found[layer.name]
             if isinstance(result, Layout):
@@ -336,6 +343,8 @@ class GhostEngine(Engine):
         return probed
 
     def _score(self, x: Inputs, y: torch.Tensor, refs: RefBlocks | None) -> ScoreBatch:
+        if self._coupled:   # every parameter, the losses and the logits from examples run alone
+            return self._fallback(x, y, refs)
         if not self._laid_out:
             self._lay_out(x)
         K = 0 if refs is None else refs[0].shape[0]
@@ -349,6 +358,9 @@ class GhostEngine(Engine):
                 raise EngineError(f"the loss returned shape {tuple(losses.shape)}; it must return one "
                                   f"loss per example, shape ({B},)")
             replan = self._moved_to_fallback()
+            if self._alone is not None and not replan:   # checked once, on the first batch
+                alone, self._alone = self._alone, None
+                replan = self._coupled = couples_examples(alone, out.detach())
             if probes and not replan:
                 torch.autograd.grad(losses.sum(), probes, allow_unused=True)
         if replan:  # some layers moved to the fallback: redo this batch without their hooks

@@ -103,7 +103,8 @@ def output_tensor_of(output, item):
     return output[item] if item is not None and isinstance(output, (tuple, list)) else output
 
 
-def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inputs) -> dict[str, _Record]:
+def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inputs
+            ) -> tuple[dict[str, _Record], torch.Tensor]:
     records = {name: _Record() for name in layers}
     mode = _Uses()
 
@@ -122,11 +123,11 @@ def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inpu
                                        with_kwargs=True) for n, (m, rule) in layers.items()]
     try:
         with torch.enable_grad(), mode:   # grad on: the same code path as the scoring pass
-            call_model(model, x)
+            out = call_model(model, x)
     finally:
         for h in handles:
             h.remove()
-    return records
+    return records, out.detach()
 
 
 def _follows(one: tuple[int, ...], two: tuple[int, ...]) -> list[int]:
@@ -162,19 +163,20 @@ def _sums_with_batch_rows(uses1, uses2) -> str | None:
 
 
 def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inputs
-              ) -> dict[str, Layout | str]:
-    """{layer name: its :class:`Layout`, or the reason it has none its rule accepts}.
+              ) -> tuple[dict[str, Layout | str], torch.Tensor | None]:
+    """{layer name: its :class:`Layout`, or the reason it has none its rule accepts}, and
+    the model's output for x's first example alone (None where the model did not run).
 
     layers: {name: (module, its rule)}; x: a batch of B >= 1. A rule that takes the whole
     call (``Rule.call``) is laid out by its output alone.
     """
     first = take(x, 0)
     try:
-        rec1 = _record(model, layers, first)
-        rec2 = _record(model, layers, concat([first, first]))
+        rec1, alone = _record(model, layers, first)
+        rec2, _ = _record(model, layers, concat([first, first]))
     except Exception as e:   # the fallback meets the same model and says what fails
         why = f"the model did not run on 1 and 2 copies of an example ({type(e).__name__}: {e})"
-        return {name: why.splitlines()[0][:300] for name in layers}
+        return {name: why.splitlines()[0][:300] for name in layers}, None
     out: dict[str, Layout | str] = {}
     for name, (module, rule) in layers.items():
         accepted = rule.dims(module)
@@ -206,4 +208,17 @@ def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: In
                 out[name] = Layout(dim)
                 continue
         out[name] = reason
-    return out
+    return out, alone
+
+
+def couples_examples(alone: torch.Tensor, batched: torch.Tensor) -> bool:
+    """Whether the model's output for an example in its batch (``batched``, row 0) differs
+    from its output alone (``alone``) by more than the dtype's rounding: then the model
+    couples the examples of a batch, and only an engine that runs each example alone is
+    per-example."""
+    if alone.shape[1:] != batched.shape[1:]:
+        return True
+    # loose enough for batched GEMMs' other blocking (and TF32 on CUDA); a coupling moves an output by O(1)
+    tol = {torch.float64: 1e-9, torch.float32: 1e-3}.get(alone.dtype, 5e-2)
+    a, b = alone[0].double(), batched[0].double()
+    return not torch.allclose(a, b, rtol=tol, atol=tol * float(b.abs().max().clamp(min=1)))
