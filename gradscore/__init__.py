@@ -14,7 +14,8 @@ from .config import RunConfig  # noqa: E402
 from .data import Dataset, load_dataset, save_dataset  # noqa: E402
 from .engines import Engine, ScoreBatch  # noqa: E402
 from .exceptions import (CheckpointError, ConfigError, ConfigMismatchError, DataError,  # noqa: E402
-                         EngineError, GradscoreError)
+                         EngineError, GradscoreError, OutputError)
+from .engines.vmap import VmapTraceError  # noqa: E402
 from .losses import Loss, causal_lm, resolve_loss  # noqa: E402
 from .scorer import Scorer  # noqa: E402
 from .store import load_scores  # noqa: E402
@@ -26,6 +27,6 @@ __all__ = [
     "__version__", "Scorer", "ScoreBatch", "Engine", "score", "run", "RunConfig",
     "CheckpointWriter", "CheckpointStore", "CheckpointInfo", "Dataset", "load_dataset",
     "save_dataset", "load_scores", "Loss", "causal_lm", "resolve_loss", "GradscoreError", "ConfigError",
-    "CheckpointError", "DataError", "EngineError", "ConfigMismatchError",
+    "CheckpointError", "DataError", "EngineError", "ConfigMismatchError", "OutputError", "VmapTraceError",
     "CostateConfig", "CostateFile", "compute_costate", "select",
 ]

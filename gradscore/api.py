@@ -20,6 +20,7 @@ from .distributed import Ranks, process_group
 from .exceptions import ConfigError
 from .costate import CostateConfig, CostateFile, compute_costate
 from .losses import resolve_loss
+from .outputs import claim
 from .scorer import Scorer
 from .scores import datadiet, dynamics, pds
 from .scores.pds import DOT_SCORES
@@ -78,6 +79,11 @@ def _run(config: RunConfig, out: Path, overwrite: bool, progress: bool, ranks: R
         raise ConfigError(f"invalid value for 'scores': {', '.join(sorted(CLASS_SCORES & set(config.scores)))} "
                           f"need class probabilities; the loss '{ckpts.loss}' of {config.checkpoints} "
                           f"is a language-modelling loss (use loss, grand, pds, target_dot, target_cos)")
+    costate_path = (Path(config.costate) if config.costate else Path(config.checkpoints) / "costate.h5")
+    claim(out, "scores", overwrite=overwrite, resumable=True, inputs={
+        "the --data file": [config.data], "the --target file": [config.target],
+        "the co-state file": [costate_path if config.needs_target else None],
+        "a checkpoint": [info.path for info in ckpts.infos]})
     ds = load_dataset(config.data)
     select = _select_checkpoints(ckpts, config.epochs_upto)
     device = resolve_device(config.device)
@@ -87,7 +93,7 @@ def _run(config: RunConfig, out: Path, overwrite: bool, progress: bool, ranks: R
                    "data": ds.fingerprint()}
     costate = None
     if config.needs_target:  # computed once, by rank 0; the other ranks read the file
-        path = Path(config.costate) if config.costate else Path(config.checkpoints) / "costate.h5"
+        path = costate_path
         if ranks.main:
             compute_costate(CostateConfig(
                 checkpoints=config.checkpoints, proxy=config.data, target=config.target,

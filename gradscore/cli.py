@@ -75,7 +75,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    "the chunks, rank 0 computes the co-states and joins the result; under torchrun "
                    "this is automatic")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an output (or discard an interrupted run) made with other options")
+                   help="replace a scores file (or discard an interrupted run) made with other options; "
+                   "never an input, never a file that is not a gradscore scores file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -101,7 +102,8 @@ def _add_costate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr-scale-steps", action="store_true",
                    help="η_t = lr × optimizer steps to the next checkpoint (sparse checkpoints)")
     _add_lm_reduction(p)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a co-state file made with other options; never an input, never another kind of file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -182,9 +184,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         result["end_to_end"] = end_to_end(args.epochs, args.repeats)
         result["pds"] = pds_timing(repeats=args.repeats)
     if args.json:
+        from . import __version__
         from .atomic import atomic_path
+        from .outputs import claim
+        claim(args.json, "json", overwrite=True)   # the bench's own results file, rewritten each run
         with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(result, indent=2))
+            tmp.write_text(json.dumps({**result, "gradscore_version": __version__}, indent=2))
         print(f"-> {args.json}")
     return 0
 
@@ -209,6 +214,7 @@ def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--upweight", type=float, default=20.0, help="--jtt: weight of the error set")
     p.add_argument("--checkpoint", type=int, default=-1,
                    help="--jtt: index of the checkpoint whose errors are taken (an early one, as JTT does)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output of the same kind (never an input, never another kind of file)")
     p = _command(sub, "plot", help="data map or score histograms from a scores file",
                  description="--kind datamap: confidence vs variability coloured by correctness, "
                  "regions shaded (needs the dynamics scores); --kind hist: every score, clean vs "
@@ -217,6 +223,7 @@ def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kind", default="datamap", choices=("datamap", "hist"))
     p.add_argument("--out", required=True, metavar="FILE.png|svg")
     p.add_argument("--max-points", type=int, default=20000, help="datamap: hexbin above this many examples")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output of the same kind (never an input, never another kind of file)")
 
 
 def _add_import_export(sub: argparse._SubParsersAction) -> None:
@@ -225,16 +232,20 @@ def _add_import_export(sub: argparse._SubParsersAction) -> None:
                  "records {guid, gold, logits_epoch_<e> or logits}, streaming line by line, and "
                  "write per-epoch loss/el2n/p_gold/correct and the dynamics scores.")
     p.add_argument("directory", metavar="DIR")
-    p.add_argument("--format", default="cartography", choices=("cartography", "trainingdynamics"))
-    p.add_argument("--out", required=True, metavar="SCORES.h5")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--format", default="cartography", choices=("cartography", "trainingdynamics"),
+                   help="cartography: dynamics_epoch_<e>.jsonl; trainingdynamics: training_dynamics/ files")
+    p.add_argument("--out", required=True, metavar="SCORES.h5", help="scores file to write (HDF5)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a scores file made from other files; never an input, never another kind of file")
     p = _command(sub, "export", help="write scores as td_metrics jsonl, csv or parquet",
                  description="td_metrics: one JSON line per example with guid, index, "
                  "threshold_closeness, confidence, variability, correctness, forgetfulness "
                  "(TrainingDynamics); csv/parquet: id and every score.")
     p.add_argument("scores", metavar="SCORES.h5")
-    p.add_argument("--format", required=True, choices=("td_metrics", "csv", "parquet"))
-    p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument("--format", required=True, choices=("td_metrics", "csv", "parquet"),
+                   help="td_metrics: jsonl as TrainingDynamics writes; csv or parquet: id and every score")
+    p.add_argument("--out", required=True, metavar="FILE", help="file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output of the same kind (never an input, never another kind of file)")
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
@@ -245,7 +256,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from .dynamics_io import export_scores
-    print(f"{args.format} -> {export_scores(args.scores, args.out, fmt=args.format)}")
+    print(f"{args.format} -> {export_scores(args.scores, args.out, fmt=args.format, overwrite=args.overwrite)}")
     return 0
 
 
@@ -371,12 +382,13 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
                       help="the scored dataset: its 'noisy' field, and ‖x‖ as a baseline score")
     p.add_argument("--out", default=None, metavar="DIR", help="write diagnosis.json and plots here")
     p.add_argument("--top-fraction", type=float, default=0.1, help="size of the top/bottom sets")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output of the same kind (never an input, never another kind of file)")
 
 
 def _cmd_diagnose(args: argparse.Namespace) -> int:
     from .diagnose import diagnose
     diagnose(args.scores, score=args.score, noisy_mask=args.noisy_mask, data=args.data, out=args.out,
-             top_fraction=args.top_fraction)
+             top_fraction=args.top_fraction, overwrite=args.overwrite)
     return 0
 
 
@@ -384,7 +396,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
     from .select import select
     res = select(args.scores, by=args.by, keep=args.keep, highest=args.highest, exclude_top=args.exclude_top,
                  region=args.region, fraction=args.fraction, jtt=args.jtt, upweight=args.upweight,
-                 checkpoint=args.checkpoint, out=args.out)
+                 checkpoint=args.checkpoint, out=args.out, overwrite=args.overwrite)
     n = res.get("n_selected", res.get("n_errors"))
     print(f"selection -> {args.out}" + (f" ({n} examples)" if n is not None else "")
           + (f"; weights -> {res['weights_file']}" if "weights_file" in res else ""))
@@ -392,10 +404,12 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
+    from .outputs import claim
     from .plots import data_map, score_histograms
     from .store import load_scores
     if Path(args.out).suffix.lower() not in (".png", ".svg"):
         raise GradscoreError(f"{args.out}: --out must end in .png or .svg")
+    claim(args.out, "figure", inputs={"the scores file": [args.scores]}, overwrite=args.overwrite)
     res = load_scores(args.scores)
     s = res["scores"]
     if args.kind == "hist":
@@ -457,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", default="64,256", help="comma-separated batch sizes")
     p.add_argument("--models", default=None, help="comma-separated subset of the models (default: all of "
                    "mlp_784_1024_1024, digits_cnn, digits_cnn_c128, cifar_cnn_dw, transformer_d128_T64, "
-                   "gpt2_d64_T128)")
+                   "resnet_bn_20k, torch_encoder_d64_T32, lstm_d64_T32, gru_attention_d64_T32, gpt2_d64_T128)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (best is kept)")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"))
     p.add_argument("--epochs", type=int, default=3, help="demo checkpoints for the end-to-end part")
@@ -482,7 +496,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gradscore`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        return _COMMANDS[args.command](args)
+        code = _COMMANDS[args.command](args)
+        sys.stdout.flush()   # a closed pipe shows here, inside the handlers below
+        return code
     except GradscoreError as e:
         print(f"gradscore {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
@@ -490,6 +506,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gradscore {args.command}: interrupted; rerun the same command to resume",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:   # `gradscore info … | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as e:      # a read-only folder, a full disk: one line naming the file
+        where = e.filename or "a file"
+        print(f"gradscore {args.command}: error: cannot write or read {where}: {e.strerror or e}; "
+              f"check the path and its permissions, or choose another output path", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

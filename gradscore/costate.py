@@ -41,6 +41,7 @@ from .config import DEVICES, DTYPES, LM_REDUCTIONS, resolve_device
 from .data import Dataset, check_targets, load_dataset, probe_model
 from .exceptions import CheckpointError, ConfigError, EngineError, GradscoreError
 from .losses import Loss, resolve_loss
+from .outputs import claim
 from .store import Journal
 
 Params = dict[str, torch.Tensor]
@@ -146,7 +147,10 @@ def compute_costate(config: CostateConfig, out: str | Path | None = None, *, ove
     ckpts = CheckpointStore(config.checkpoints)
     if len(ckpts) < 2:
         raise CheckpointError(f"{config.checkpoints}: PDS needs at least two checkpoints (θ_0 and θ_1)")
-    out = Path(out) if out is not None else Path(config.checkpoints) / "costate.h5"
+    out = claim(Path(out) if out is not None else Path(config.checkpoints) / "costate.h5", "costate",
+                overwrite=overwrite, resumable=True,
+                inputs={"the proxy set": [config.proxy], "the target set": [config.target],
+                        "a checkpoint": [info.path for info in ckpts.infos]})
     proxy, target = load_dataset(config.proxy), load_dataset(config.target)
     device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
     eta = step_sizes(ckpts, config.lr_scale_steps)

@@ -26,9 +26,11 @@ import torch
 from scipy.stats import spearmanr
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from . import __version__
 from .atomic import atomic_path
 from .data import Dataset, load_dataset
 from .exceptions import GradscoreError
+from .outputs import claim
 from .scores.pds import DOT_SCORES, decompose, variants
 from .store import load_scores
 
@@ -66,8 +68,13 @@ def _flag_metrics(noisy: np.ndarray, s: np.ndarray) -> dict[str, float]:
 
 def diagnose(scores: str | Path, *, score: str = "pds", noisy_mask: str | None = None, data: str | None = None,
              out: str | Path | None = None, top_fraction: float = 0.1, clip_quantile: float = 0.9,
-             echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Diagnose a scores file (see module docstring); returns what ``diagnosis.json`` holds."""
+             echo: Callable[[str], None] = print, overwrite: bool = False) -> dict[str, Any]:
+    """Diagnose a scores file (see module docstring); returns what ``diagnosis.json`` holds.
+    Files already in ``out`` are replaced only with ``overwrite``, and only gradscore's."""
+    if out is not None:
+        inputs = {"the scores file": [scores], "the --data file": [data], "the noisy mask": [noisy_mask]}
+        for name, kind in OUTPUT_FILES.items():
+            claim(Path(out) / name, kind, inputs=inputs, overwrite=overwrite)
     res = load_scores(scores)
     s, pc, ck = res["scores"], res["per_checkpoint"], res["checkpoints"]
     n = len(res["ids"])
@@ -148,13 +155,19 @@ def diagnose(scores: str | Path, *, score: str = "pds", noisy_mask: str | None =
     return report
 
 
+#: what :func:`diagnose` may write into its ``out`` directory, and of which kind
+OUTPUT_FILES = {"diagnosis.json": "json", "norm_vs_cos.png": "figure", "variants.png": "figure",
+                "datamap.png": "figure"}
+
+
 def _write(out: Path, report: dict, res: dict, noisy: np.ndarray | None, var: dict, score: str) -> None:
     from .plots import data_map, norm_vs_cos, score_histograms
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "diagnosis.json") as tmp:
         tmp.write_text(json.dumps({k: v for k, v in report.items() if k != "decomposition"}
                                   | ({"decomposition_max_abs_error": report["decomposition"]["max_abs_error"]}
-                                     if "decomposition" in report else {}), indent=2))
+                                     if "decomposition" in report else {}) | {"gradscore_version": __version__},
+                                  indent=2))
     if var:
         norm_vs_cos(np.array(report["decomposition"]["mean_grad_norm"]), np.array(report["decomposition"]["mean_cos"]),
                     out / "norm_vs_cos.png", noisy=noisy, title=f"{score}: gradient norm vs direction")

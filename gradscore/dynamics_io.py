@@ -21,8 +21,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from . import __version__
 from .atomic import atomic_path
 from .exceptions import DataError, GradscoreError
+from .outputs import MARK, claim
 from .scores import datadiet, dynamics
 from .store import HDF5ScoreStore, load_scores
 
@@ -90,6 +92,7 @@ def import_dynamics(directory: str | Path, out: str | Path, *, fmt: str = "carto
     """
     directory = Path(directory)
     files = _epoch_files(directory, fmt)
+    claim(out, "scores", inputs={"a dynamics file": [p for _, p in files]}, overwrite=overwrite, resumable=True)
     reader = _EpochReader(files)
     store = None
     try:
@@ -186,8 +189,10 @@ def _as_array(path: Path, rows: list[list]) -> np.ndarray:
         raise DataError(f"{path}: logits are not all numbers ({e})") from e
 
 
-def export_scores(scores: str | Path, out: str | Path, *, fmt: str) -> Path:
-    """Write the scores of a scores file as ``td_metrics`` jsonl, ``csv`` or ``parquet``."""
+def export_scores(scores: str | Path, out: str | Path, *, fmt: str, overwrite: bool = False) -> Path:
+    """Write the scores of a scores file as ``td_metrics`` jsonl, ``csv`` or ``parquet`` (an
+    existing ``out`` only with ``overwrite``, and only if it is a gradscore export)."""
+    claim(out, "export", inputs={"the scores file": [scores]}, overwrite=overwrite)
     res = load_scores(scores)
     ids = [i.decode() if isinstance(i, bytes) else i.item() if hasattr(i, "item") else i for i in res["ids"]]
     s = res["scores"]
@@ -217,7 +222,8 @@ def export_scores(scores: str | Path, out: str | Path, *, fmt: str) -> Path:
             import pyarrow.parquet as pq
         except ImportError as e:
             raise GradscoreError("parquet export needs pyarrow: pip install pyarrow") from e
-        table = pa.table({"id": ids, **{k: s[k] for k in sorted(s)}})
+        table = pa.table({"id": ids, **{k: s[k] for k in sorted(s)}},
+                         metadata={MARK: __version__})   # marks it as gradscore's (see outputs.claim)
         with atomic_path(out) as tmp:
             pq.write_table(table, tmp)
     else:

@@ -33,3 +33,8 @@ class ConfigMismatchError(GradscoreError):
 def one_line(text: str) -> str:
     """Collapse whitespace so an error prints on one line."""
     return " ".join(str(text).split())
+
+
+class OutputError(GradscoreError):
+    """An output path would overwrite an input, or a file that is not a gradscore output of
+    that kind, or an existing output without --overwrite."""

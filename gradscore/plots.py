@@ -5,7 +5,9 @@ from pathlib import Path
 
 import numpy as np
 
+from . import __version__
 from .atomic import atomic_path
+from .outputs import MARK
 
 
 def pyplot():
@@ -21,8 +23,9 @@ def save_figure(fig, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
     fig.tight_layout()
     path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png", dpi=110)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    with atomic_path(path) as tmp:   # the metadata marks it as gradscore's (see outputs.claim)
+        fig.savefig(tmp, format=fmt, dpi=110, metadata={"Software" if fmt == "png" else "Creator": f"{MARK} {__version__}"})
     plt.close(fig)
     return path
 

@@ -18,9 +18,16 @@ from typing import Any
 
 import numpy as np
 
+from . import __version__
 from .atomic import atomic_path
 from .exceptions import ConfigError, GradscoreError
+from .outputs import claim
 from .store import load_scores
+
+
+def _weights_path(out: Path) -> Path:
+    """Where JTT's weights go beside the selection ``out``."""
+    return out.with_name(out.stem + "_weights.npz")
 
 REGIONS = ("easy", "ambiguous", "hard")
 
@@ -73,8 +80,9 @@ def _ids(res: dict[str, Any], idx: np.ndarray) -> list:
 def select(scores: str | Path, *, by: str | None = None, keep: float = 0.5, highest: bool = True,
            exclude_top: float = 0.0, region: str | None = None, fraction: float = 0.33,
            jtt: bool = False, upweight: float = 20.0, checkpoint: int = -1,
-           out: str | Path | None = None) -> dict[str, Any]:
-    """Select examples from a scores file; write the result as JSON to ``out`` if given.
+           out: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Select examples from a scores file; write the result as JSON to ``out`` if given
+    (an existing ``out`` only with ``overwrite``, and only if it is a gradscore report).
 
     Exactly one of ``by`` (a score name), ``region`` (easy, ambiguous, hard or all) or
     ``jtt`` is used. With ``jtt`` the weights are also written next to ``out`` as
@@ -83,6 +91,11 @@ def select(scores: str | Path, *, by: str | None = None, keep: float = 0.5, high
     modes = [by is not None, region is not None, jtt]
     if sum(modes) != 1:
         raise ConfigError("give exactly one of --by SCORE, --region REGION or --jtt")
+    if out is not None:
+        inputs = {"the scores file": [scores]}
+        claim(out, "json", inputs=inputs, overwrite=overwrite)
+        if jtt:
+            claim(_weights_path(Path(out)), "weights", inputs=inputs, overwrite=overwrite)
     res = load_scores(scores)
     result: dict[str, Any]
     weights = None
@@ -110,9 +123,9 @@ def select(scores: str | Path, *, by: str | None = None, keep: float = 0.5, high
     if out is not None:
         out = Path(out)
         with atomic_path(out) as tmp:
-            tmp.write_text(json.dumps(result))
+            tmp.write_text(json.dumps({**result, "gradscore_version": __version__}))
         if weights is not None:
-            wpath = out.with_name(out.stem + "_weights.npz")
+            wpath = _weights_path(out)
             with atomic_path(wpath) as tmp, open(tmp, "wb") as fh:
                 np.savez(fh, ids=res["ids"], weights=weights)
             result["weights_file"] = str(wpath)

@@ -96,8 +96,6 @@ class Journal:
                         f"in progress here; rerun it with the same options to resume, or pass "
                         f"--overwrite to discard it")
                 shutil.rmtree(self.partial)
-        if overwrite and self.out.exists():
-            self.out.unlink()
         self.partial.mkdir(parents=True, exist_ok=True)
         if not meta.exists():
             with atomic_path(meta) as tmp:

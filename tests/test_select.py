@@ -42,19 +42,24 @@ def test_select_files_and_cli(scores_file, tmp_path, capsys):
     sel = json.loads(out.read_text())
     expected = np.argsort(-res["scores"]["el2n"], kind="stable")[:9]
     assert sel["indices"] == expected.tolist() and sel["ids"] == res["ids"][expected].tolist()
-    assert main(["select", str(scores_file), "--region", "all", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["select", str(scores_file), "--region", "all", "--out", str(out)]) == 2   # exists
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert json.loads(out.read_text())["indices"] == expected.tolist()                  # untouched
+    assert main(["select", str(scores_file), "--region", "all", "--out", str(out), "--overwrite"]) == 0
     sel = json.loads(out.read_text())
     assert {"easy_region", "ambiguous_region", "hard_region"} <= set(sel) and len(sel["hard_region"]) == 30
-    assert main(["select", str(scores_file), "--jtt", "--checkpoint", "0", "--upweight", "5", "--out", str(out)]) == 0
+    assert main(["select", str(scores_file), "--jtt", "--checkpoint", "0", "--upweight", "5", "--out", str(out),
+                 "--overwrite"]) == 0
     sel = json.loads(out.read_text())
     errors = np.flatnonzero(res["per_checkpoint"]["correct"][0] == 0)
     assert sel["error_set"] == errors.tolist()
     w = np.load(tmp_path / "sel_weights.npz")
     assert w["weights"][errors].tolist() == [5.0] * len(errors) and w["weights"].sum() == 90 + 4 * len(errors)
     capsys.readouterr()
-    assert main(["select", str(scores_file), "--by", "pds", "--out", str(out)]) == 2
+    assert main(["select", str(scores_file), "--by", "pds", "--out", str(out), "--overwrite"]) == 2
     assert "score 'pds' is not in the scores file" in capsys.readouterr().err
-    assert main(["select", str(scores_file), "--out", str(out)]) == 2
+    assert main(["select", str(scores_file), "--out", str(out), "--overwrite"]) == 2
     assert "exactly one of" in capsys.readouterr().err
 
 

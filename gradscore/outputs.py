@@ -1,0 +1,131 @@
+"""Where a command may write: never onto one of its inputs, never over a file that is not
+a gradscore output of the same kind, and over one that is only when asked.
+
+Every command that writes calls :func:`claim` for each output before it computes
+anything. The kinds are recognized by their content, not their name: a scores file
+(HDF5 with a fingerprint and a config), a co-state file (HDF5 with its conventions),
+a JSON report (a ``gradscore_version`` key), a figure (PNG or SVG whose metadata names
+gradscore), an export (csv with an ``id`` column of scores, td_metrics jsonl, parquet
+with gradscore's schema metadata) and JTT weights (npz of ``ids`` and ``weights``).
+The write itself is atomic (:mod:`.atomic`): nothing half-written is ever left at
+``out``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+from .exceptions import OutputError
+
+#: the text a figure's metadata carries, and what marks a JSON report or a parquet export
+MARK = "gradscore"
+
+
+def _hdf5_attrs(path: Path) -> set[str]:
+    import h5py
+    try:
+        with h5py.File(path, "r") as f:
+            return set(f.attrs)
+    except (OSError, ValueError):
+        return set()
+
+
+def _is_scores(path: Path) -> bool:
+    attrs = _hdf5_attrs(path)
+    return {"fingerprint", "config"} <= attrs and "conventions" not in attrs
+
+
+def _is_costate(path: Path) -> bool:
+    return {"fingerprint", "config", "conventions"} <= _hdf5_attrs(path)
+
+
+def _is_json_report(path: Path) -> bool:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    # bench results written before reports were marked: {"device_type", "rows", ...}
+    return isinstance(obj, dict) and ("gradscore_version" in obj or {"device_type", "rows"} <= set(obj))
+
+
+def _is_figure(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    return (head.startswith(b"\x89PNG") or b"<svg" in head) and MARK.encode() in head
+
+
+def _is_export(path: Path) -> bool:
+    try:
+        if path.suffix.lower() == ".parquet" or path.read_bytes()[:4] == b"PAR1":
+            import pyarrow.parquet as pq
+            return MARK.encode() in (pq.read_schema(path).metadata or {})
+        with open(path, encoding="utf-8") as f:
+            first = f.readline()
+    except (OSError, ValueError, UnicodeDecodeError, ImportError):
+        return False
+    if first.startswith("{"):
+        try:
+            return {"guid", "index", "threshold_closeness"} <= set(json.loads(first))
+        except ValueError:
+            return False
+    return first.startswith("id,")
+
+
+def _is_weights(path: Path) -> bool:
+    import numpy as np
+    try:
+        with np.load(path) as z:
+            return set(z.files) == {"ids", "weights"}
+    except (OSError, ValueError):
+        return False
+
+
+KINDS: dict[str, tuple[str, Callable[[Path], bool]]] = {
+    "scores": ("a gradscore scores file", _is_scores),
+    "costate": ("a gradscore co-state file", _is_costate),
+    "json": ("a gradscore JSON report", _is_json_report),
+    "figure": ("a gradscore figure", _is_figure),
+    "export": ("a gradscore export", _is_export),
+    "weights": ("a gradscore JTT weights file", _is_weights),
+}
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def claim(out: str | os.PathLike, kind: str, *, inputs: Mapping[str, Iterable[str | os.PathLike | None]] = {},
+          overwrite: bool = False, resumable: bool = False) -> Path:
+    """Check that ``out`` may be written by a command; return it as a Path.
+
+    inputs: {role: paths} of everything the command reads ("the --data file": [...]);
+    None and non-paths (a ``module:fn`` factory) are skipped. ``resumable``: an existing
+    output of the right kind without ``overwrite`` is the caller's to judge (a finished
+    or interrupted run with the same fingerprint). Raises :class:`OutputError` if ``out``
+    is an input, a directory, or an existing file that is not ``kind`` (even with
+    ``overwrite``), or exists without ``overwrite`` (unless ``resumable``).
+    """
+    out = Path(out)
+    what, is_kind = KINDS[kind]
+    for role, paths in inputs.items():
+        for p in paths:
+            if p is not None and Path(p).exists() and _same(out, Path(p)):
+                raise OutputError(f"{out}: is {role}, an input of this command; gradscore never writes over "
+                                  f"its inputs: choose another output path")
+    if out.is_dir():
+        raise OutputError(f"{out}: is a directory; give a file path")
+    if out.exists():
+        if not is_kind(out):
+            raise OutputError(f"{out}: exists and is not {what}; gradscore never replaces it, even with "
+                              f"--overwrite: choose another output path or move the file away")
+        if not overwrite and not resumable:
+            raise OutputError(f"{out}: exists; pass --overwrite to replace it, or choose another output path")
+    return out

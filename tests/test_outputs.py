@@ -1,0 +1,154 @@
+"""Nothing lost: no command writes over one of its inputs or over a file that is not a
+gradscore output of its kind, even with --overwrite; bad paths are one line and exit 2.
+
+Driven through the CLI as a user would: the exit code, the one line on stderr, and the
+files on disk afterwards (inputs unchanged bit for bit, nothing half-written).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gradscore.cli import main
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.fixture
+def scored(tiny_run, tmp_path):
+    ckpts, data = tiny_run
+    out = tmp_path / "scores.h5"
+    assert main(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(out), "--quiet",
+                 "--scores", "el2n,grand,loss,confidence,variability,correctness"]) == 0
+    return ckpts, data, out
+
+
+def _user_files(root: Path) -> dict[str, Path]:
+    """Files a user keeps beside their runs, none of them gradscore's."""
+    import h5py
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    files = {"h5": root / "mine.h5", "json": root / "mine.json", "png": root / "mine.png",
+             "csv": root / "mine.csv", "npz": root / "mine_weights.npz"}
+    with h5py.File(files["h5"], "w") as f:
+        f["x"] = np.arange(3)
+    files["json"].write_text(json.dumps({"notes": "mine"}))
+    fig = plt.figure()
+    fig.savefig(files["png"])
+    plt.close(fig)
+    files["csv"].write_text("name,value\na,1\n")
+    np.savez(files["npz"], a=np.arange(2))
+    return files
+
+
+@pytest.mark.parametrize("target", ["data", "checkpoint"])
+def test_run_never_writes_over_its_input_even_with_overwrite(tiny_run, capsys, target):
+    ckpts, data = tiny_run
+    victim = data if target == "data" else sorted(ckpts.glob("step_*.h5"))[0]
+    before = {p: _digest(p) for p in [data, *ckpts.glob("*.h5")]}
+    code, err = _run(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(victim),
+                      "--overwrite", "--quiet"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert ("is the --data file" if target == "data" else "is a checkpoint") in err
+    assert {p: _digest(p) for p in before} == before
+    assert not victim.with_name(victim.name + ".partial").exists()
+
+
+def test_costate_never_writes_over_its_input(tiny_run, capsys):
+    ckpts, data = tiny_run
+    before = _digest(data)
+    code, err = _run(["costate", "--checkpoints", str(ckpts), "--proxy", str(data), "--target", str(data),
+                      "--out", str(data), "--overwrite", "--quiet"], capsys)
+    assert code == 2 and "is the proxy set" in err and _digest(data) == before
+
+
+def test_no_command_replaces_a_file_of_another_kind(scored, tmp_path, capsys):
+    ckpts, data, scores = scored
+    files = _user_files(tmp_path)
+    before = {k: _digest(p) for k, p in files.items()}
+    commands = [
+        (["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(files["h5"]), "--quiet"], "h5"),
+        (["select", str(scores), "--by", "el2n", "--out", str(files["json"])], "json"),
+        (["select", str(scores), "--jtt", "--out", str(tmp_path / "mine.json")], "npz"),
+        (["plot", str(scores), "--kind", "hist", "--out", str(files["png"])], "png"),
+        (["export", str(scores), "--format", "csv", "--out", str(files["csv"])], "csv"),
+        (["import-dynamics", str(tmp_path), "--out", str(files["h5"])], "h5"),
+    ]
+    for argv, kind in commands:
+        for extra in ([], ["--overwrite"]):
+            code, err = _run(argv + extra, capsys)
+            assert code == 2 and len(err.splitlines()) == 1, (argv, err)
+            if argv[0] != "import-dynamics":   # no dynamics files there: refused before the output
+                assert "exists and is not a gradscore" in err or "exists; pass --overwrite" in err, err
+    assert {k: _digest(p) for k, p in files.items()} == before
+    (tmp_path / "diag").mkdir()
+    (tmp_path / "diag" / "diagnosis.json").write_text("{}")
+    code, err = _run(["diagnose", str(scores), "--score", "target_dot", "--out", str(tmp_path / "diag"),
+                      "--overwrite"], capsys)
+    assert code == 2 and "diagnosis.json: exists and is not a gradscore JSON report" in err
+    assert (tmp_path / "diag" / "diagnosis.json").read_text() == "{}"
+
+
+def test_own_outputs_are_replaced_only_with_overwrite(scored, tmp_path, capsys):
+    ckpts, data, scores = scored
+    for argv in (["select", str(scores), "--by", "el2n", "--out", str(tmp_path / "sel.json")],
+                 ["plot", str(scores), "--kind", "hist", "--out", str(tmp_path / "h.png")],
+                 ["plot", str(scores), "--kind", "datamap", "--out", str(tmp_path / "m.svg")],
+                 ["export", str(scores), "--format", "csv", "--out", str(tmp_path / "s.csv")],
+                 ["export", str(scores), "--format", "parquet", "--out", str(tmp_path / "s.parquet")]):
+        assert _run(argv, capsys)[0] == 0
+        out = Path(argv[argv.index("--out") + 1])
+        before = _digest(out)
+        code, err = _run(argv, capsys)
+        assert code == 2 and "exists; pass --overwrite" in err and _digest(out) == before
+        assert _run(argv + ["--overwrite"], capsys)[0] == 0
+    # run: the same options find the finished file; other options need --overwrite
+    assert _run(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(scores),
+                 "--scores", "el2n,grand,loss,confidence,variability,correctness", "--quiet"], capsys)[0] == 0
+    code, err = _run(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(scores),
+                      "--scores", "loss", "--quiet"], capsys)
+    assert code == 2 and "different configuration" in err
+    assert _run(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(scores),
+                 "--scores", "loss", "--quiet", "--overwrite"], capsys)[0] == 0
+
+
+def test_an_unwritable_output_is_one_line(scored, tmp_path, capsys, monkeypatch):
+    """A read-only folder (simulated: the tests run as root, which no chmod stops)."""
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", kwargs.get("dir", "?"))
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    ckpts, data, scores = scored
+    for argv in (["select", str(scores), "--by", "el2n", "--out", str(tmp_path / "ro" / "sel.json")],
+                 ["plot", str(scores), "--kind", "hist", "--out", str(tmp_path / "ro" / "h.png")],
+                 ["export", str(scores), "--format", "csv", "--out", str(tmp_path / "ro" / "s.csv")]):
+        code, err = _run(argv, capsys)
+        assert code == 2 and len(err.splitlines()) == 1 and "Permission denied" in err, err
+
+
+def test_info_into_a_closed_pipe_prints_no_traceback(scored):
+    """`gradscore info … | head`: the reader is gone before gradscore writes."""
+    _, _, scores = scored
+    proc = subprocess.Popen([sys.executable, "-m", "gradscore", "info", str(scores)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()          # long before the child has imported torch and written anything
+    err = proc.stderr.read()
+    proc.wait()
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
