@@ -1,6 +1,7 @@
 """``score()``: stream every example through every checkpoint and write a scores file."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -17,10 +18,10 @@ from .batch import Inputs, batch_len, take
 from .config import CLASS_SCORES, RunConfig, resolve_device
 from .data import Dataset, check_targets, load_dataset, probe_model
 from .distributed import Ranks, process_group
-from .exceptions import ConfigError
+from .exceptions import ConfigError, DataError
 from .costate import CostateConfig, CostateFile, compute_costate
 from .losses import resolve_loss
-from .outputs import claim
+from .outputs import claim, lock
 from .scorer import Scorer
 from .scores import datadiet, dynamics, pds
 from .scores.pds import DOT_SCORES
@@ -70,7 +71,8 @@ def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
     :mod:`gradscore.distributed`); ``distributed=True`` refuses to run without torchrun.
     """
     with process_group(resolve_device(config.device), required=distributed) as ranks:
-        return _run(config, Path(out), overwrite, progress, ranks)
+        with lock(out) if ranks.main else contextlib.nullcontext():   # one writer per output
+            return _run(config, Path(out), overwrite, progress, ranks)
 
 
 def _run(config: RunConfig, out: Path, overwrite: bool, progress: bool, ranks: Ranks) -> Path:
@@ -85,6 +87,8 @@ def _run(config: RunConfig, out: Path, overwrite: bool, progress: bool, ranks: R
         "the co-state file": [costate_path if config.needs_target else None],
         "a checkpoint": [info.path for info in ckpts.infos]})
     ds = load_dataset(config.data)
+    if len(ds) == 0:
+        raise DataError(f"{config.data}: has no examples; there is nothing to score")
     select = _select_checkpoints(ckpts, config.epochs_upto)
     device = resolve_device(config.device)
     dtype = getattr(torch, config.dtype)

@@ -48,9 +48,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scores", default=",".join(d.scores),
                    help=f"comma-separated scores, from: {', '.join(AVAILABLE_SCORES)}")
     p.add_argument("--engine", default=d.engine, choices=ENGINES,
-                   help="per-example gradient engine (loop is the slow reference)")
-    p.add_argument("--device", default=d.device, choices=DEVICES)
-    p.add_argument("--dtype", default=d.dtype, choices=DTYPES)
+                   help="per-example gradient engine: auto (= ghost) takes a ghost rule per layer, else vmap, "
+                   "else the per-example loop, per parameter; vmap everywhere; loop, the slow reference")
+    p.add_argument("--device", default=d.device, choices=DEVICES,
+                   help="where to score: auto takes cuda when available, else cpu")
+    p.add_argument("--dtype", default=d.dtype, choices=DTYPES,
+                   help="the model's dtype while scoring (sums accumulate in float32, float64 for float64)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per engine call")
     p.add_argument("--chunk-size", type=int, default=d.chunk_size,
                    help="examples per resumable unit of work")
@@ -92,13 +95,15 @@ def _add_costate(sub: argparse._SubParsersAction) -> None:
                  "the co-states λ_T = ∇J(θ_T), λ_t = ∇J(θ_t) + (I − η_t H_t) λ_{t+1} with "
                  "Hessian-vector products on the proxy set (γ_n = 1/N), backwards from the "
                  "last checkpoint. Resumable: rerun the same command after an interruption.")
-    p.add_argument("--checkpoints", required=True, metavar="DIR")
+    p.add_argument("--checkpoints", required=True, metavar="DIR",
+                   help="directory of step_<n>.h5 files written by gradscore.CheckpointWriter")
     p.add_argument("--proxy", required=True, metavar="FILE", help="the training (proxy) set")
     p.add_argument("--target", required=True, metavar="FILE", help="the target (downstream) set")
     p.add_argument("--out", default=None, metavar="FILE", help="default: CHECKPOINTS/costate.h5")
     p.add_argument("--hvp-batch", type=int, default=256, help="examples per gradient/HVP chunk")
-    p.add_argument("--device", default="auto", choices=DEVICES)
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--device", default="auto", choices=DEVICES,
+                   help="where to compute: auto takes cuda when available, else cpu")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="the model's dtype while computing")
     p.add_argument("--lr-scale-steps", action="store_true",
                    help="η_t = lr × optimizer steps to the next checkpoint (sparse checkpoints)")
     _add_lm_reduction(p)
@@ -199,8 +204,8 @@ def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
                  description="Write the selected indices and ids as JSON. One of: --by SCORE "
                  "(keep a fraction by rank), --region easy|ambiguous|hard|all (cartography "
                  "regions), --jtt (error set of a checkpoint and per-example weights).")
-    p.add_argument("scores", metavar="SCORES.h5")
-    p.add_argument("--out", required=True, metavar="FILE.json")
+    p.add_argument("scores", metavar="SCORES.h5", help="a scores file written by gradscore run")
+    p.add_argument("--out", required=True, metavar="FILE.json", help="where to write the selection (JSON)")
     p.add_argument("--by", default=None, metavar="SCORE", help="e.g. el2n, grand, pds, confidence")
     p.add_argument("--keep", type=float, default=0.5, help="--by: fraction to keep")
     order = p.add_mutually_exclusive_group()
@@ -208,7 +213,8 @@ def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
                        help="--by: keep the highest values")
     order.add_argument("--lowest", dest="highest", action="store_false", help="--by: keep the lowest")
     p.add_argument("--exclude-top", type=float, default=0.0, help="--by: first drop this fraction at the top")
-    p.add_argument("--region", default=None, choices=("easy", "ambiguous", "hard", "all"))
+    p.add_argument("--region", default=None, choices=("easy", "ambiguous", "hard", "all"),
+                   help="Dataset Cartography region(s) by confidence and variability (needs those scores)")
     p.add_argument("--fraction", type=float, default=0.33, help="--region: fraction of the data per region")
     p.add_argument("--jtt", action="store_true", help="JTT: error set and weights (FILE_weights.npz)")
     p.add_argument("--upweight", type=float, default=20.0, help="--jtt: weight of the error set")
@@ -219,9 +225,10 @@ def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
                  description="--kind datamap: confidence vs variability coloured by correctness, "
                  "regions shaded (needs the dynamics scores); --kind hist: every score, clean vs "
                  "known-noisy when the data marks it. PNG or SVG by the extension of --out.")
-    p.add_argument("scores", metavar="SCORES.h5")
-    p.add_argument("--kind", default="datamap", choices=("datamap", "hist"))
-    p.add_argument("--out", required=True, metavar="FILE.png|svg")
+    p.add_argument("scores", metavar="SCORES.h5", help="a scores file written by gradscore run")
+    p.add_argument("--kind", default="datamap", choices=("datamap", "hist"),
+                   help="datamap: confidence vs variability; hist: every score's histogram")
+    p.add_argument("--out", required=True, metavar="FILE.png|svg", help="figure to write (PNG or SVG)")
     p.add_argument("--max-points", type=int, default=20000, help="datamap: hexbin above this many examples")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output of the same kind (never an input, never another kind of file)")
 
@@ -231,7 +238,7 @@ def _add_import_export(sub: argparse._SubParsersAction) -> None:
                  description="Read DIR/dynamics_epoch_<e>.jsonl (or DIR/training_dynamics/...) with "
                  "records {guid, gold, logits_epoch_<e> or logits}, streaming line by line, and "
                  "write per-epoch loss/el2n/p_gold/correct and the dynamics scores.")
-    p.add_argument("directory", metavar="DIR")
+    p.add_argument("directory", metavar="DIR", help="folder of the per-epoch dynamics jsonl files")
     p.add_argument("--format", default="cartography", choices=("cartography", "trainingdynamics"),
                    help="cartography: dynamics_epoch_<e>.jsonl; trainingdynamics: training_dynamics/ files")
     p.add_argument("--out", required=True, metavar="SCORES.h5", help="scores file to write (HDF5)")
@@ -241,7 +248,7 @@ def _add_import_export(sub: argparse._SubParsersAction) -> None:
                  description="td_metrics: one JSON line per example with guid, index, "
                  "threshold_closeness, confidence, variability, correctness, forgetfulness "
                  "(TrainingDynamics); csv/parquet: id and every score.")
-    p.add_argument("scores", metavar="SCORES.h5")
+    p.add_argument("scores", metavar="SCORES.h5", help="a scores file written by gradscore run")
     p.add_argument("--format", required=True, choices=("td_metrics", "csv", "parquet"),
                    help="td_metrics: jsonl as TrainingDynamics writes; csv or parquet: id and every score")
     p.add_argument("--out", required=True, metavar="FILE", help="file to write")
@@ -277,12 +284,12 @@ def _add_import_checkpoints(sub: argparse._SubParsersAction) -> None:
                  ".pth, .bin; safetensors; directly in SRC_DIR or in subdirectories like checkpoint-1200/) "
                  "into gradscore checkpoints. The step is the last number in the file (or subdirectory) "
                  "name; the learning rate is --lr or --lr-schedule. Resumable.")
-    p.add_argument("src", metavar="SRC_DIR")
+    p.add_argument("src", metavar="SRC_DIR", help="folder of torch.save / safetensors checkpoints")
     p.add_argument("--model", required=True, metavar="MODULE:FN", help="factory that rebuilds the model")
     p.add_argument("--model-kwargs", default="{}", metavar="JSON", help="keyword arguments of the factory")
     p.add_argument("--loss", default="cross_entropy",
                    help="cross_entropy, nll, mse, causal_lm or module:fn (per-example losses)")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the gradscore checkpoints into")
     lr = p.add_mutually_exclusive_group(required=True)
     lr.add_argument("--lr", type=float, help="constant learning rate η_t")
     lr.add_argument("--lr-schedule", metavar="FILE.json", help='JSON {"step": lr, ...} covering every step')
@@ -308,14 +315,15 @@ def _cmd_import_checkpoints(args: argparse.Namespace) -> int:
 
 def _add_experiment(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "experiment", help="retrain on selected subsets: pruning curves, data-map regions, JTT",
-                 description="Check a data-selection claim by retraining: 'prune' (Data Diet: keep 30-90%% "
-                 "of the training set by each score, with and without 20%% flipped labels), 'regions' "
-                 "(Dataset Cartography: train on 33%% ambiguous/easy/hard/random vs all, test in and out of "
+                 description="Check a data-selection claim by retraining: 'prune' (Data Diet: keep 30-90% "
+                 "of the training set by each score, with and without 20% flipped labels), 'regions' "
+                 "(Dataset Cartography: train on 33% ambiguous/easy/hard/random vs all, test in and out of "
                  "distribution), 'jtt' (ERM vs Just Train Twice on a spurious-patch variant of digits: "
                  "average and worst-group accuracy). Embedded digits by default; prune and regions also "
                  "take --train/--test files and a --model factory. Writes OUT/<name>.json, .md and .png.")
-    p.add_argument("name", choices=("prune", "regions", "jtt"))
-    p.add_argument("--out", default="gradscore_experiments", metavar="DIR")
+    p.add_argument("name", choices=("prune", "regions", "jtt"), help="which experiment (see above)")
+    p.add_argument("--out", default="gradscore_experiments", metavar="DIR",
+                   help="folder for <name>.json, .md and .png")
     p.add_argument("--mode", default="fast", choices=("tiny", "fast", "full"),
                    help="fast: 1 seed, 8 epochs, fractions 30/50/100%% (< 3 min on 2 cores); full: 3 seeds, "
                    "15 epochs, 30/50/70/90/100%%; tiny: 300 examples, 2 epochs (a smoke test)")
@@ -331,7 +339,7 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test", default=None, metavar="FILE", help="prune/regions: your test set")
     p.add_argument("--shifted-test", default=None, metavar="FILE", help="regions: your out-of-distribution test set")
     p.add_argument("--model", default=None, metavar="MODULE:FN", help="with --train: the model factory")
-    p.add_argument("--model-kwargs", default="{}", metavar="JSON")
+    p.add_argument("--model-kwargs", default="{}", metavar="JSON", help="with --model: its keyword arguments")
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
@@ -374,8 +382,8 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
                  "how much the gradient norm inflates it, and, with a known noisy mask, report AUROC / AP / "
                  "precision@k of every score and variant for flagging the noisy examples and the share of "
                  "noisy examples in the top and bottom of each variant. Writes diagnosis.json and plots.")
-    p.add_argument("scores", metavar="SCORES.h5")
-    p.add_argument("--score", default="pds", choices=("pds", "target_dot"))
+    p.add_argument("scores", metavar="SCORES.h5", help="a scores file with pds or target_dot")
+    p.add_argument("--score", default="pds", choices=("pds", "target_dot"), help="the dot-product score to diagnose")
     mask = p.add_mutually_exclusive_group()
     mask.add_argument("--noisy-mask", default=None, metavar="FILE", help=".npy bool mask, or .npz with 'noisy'")
     mask.add_argument("--data", default=None, metavar="FILE",
@@ -441,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_experiment(sub)
     _add_diagnose(sub)
     p = _command(sub, "demo", help="train on the bundled digits, score, report (no download)",
-                 description="Flip 20%% of the digits training labels, train a small CNN "
+                 description="Flip 20% of the digits training labels, train a small CNN "
                  "with a checkpoint per epoch, score every example with the same code "
                  "path as `run`, print how well each score finds the flipped labels, "
                  "and write DIR/data/train.h5, DIR/ckpts/, DIR/scores.h5, DIR/report.png.")
@@ -459,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None,
                    help="--pds/--lm: gradient-descent steps (default 30 / 6)")
     p.add_argument("--n-train", type=int, default=None, help="use only the first N training examples")
-    p.add_argument("--engine", default="auto", choices=ENGINES)
+    p.add_argument("--engine", default="auto", choices=ENGINES,
+                   help="per-example gradient engine (auto: ghost rules, else vmap, else the loop)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p = _command(sub, "bench", help="time the engines against a plain forward+backward",
                  description="Time loop, vmap (torch and fused reduction) and ghost engines, "
@@ -473,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "mlp_784_1024_1024, digits_cnn, digits_cnn_c128, cifar_cnn_dw, transformer_d128_T64, "
                    "resnet_bn_20k, torch_encoder_d64_T32, lstm_d64_T32, gru_attention_d64_T32, gpt2_d64_T128)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (best is kept)")
-    p.add_argument("--device", default=None, choices=("cpu", "cuda"))
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--epochs", type=int, default=3, help="demo checkpoints for the end-to-end part")
     p.add_argument("--no-end-to-end", dest="end_to_end", action="store_false",
                    help="skip the end-to-end `run` throughput and the PDS timings (default: run them)")

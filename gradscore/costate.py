@@ -39,9 +39,9 @@ from .checkpoints import CheckpointStore
 from .batch import Inputs, call_functional, move
 from .config import DEVICES, DTYPES, LM_REDUCTIONS, resolve_device
 from .data import Dataset, check_targets, load_dataset, probe_model
-from .exceptions import CheckpointError, ConfigError, EngineError, GradscoreError
+from .exceptions import CheckpointError, ConfigError, DataError, EngineError, GradscoreError
 from .losses import Loss, resolve_loss
-from .outputs import claim
+from .outputs import claim, lock
 from .store import Journal
 
 Params = dict[str, torch.Tensor]
@@ -151,7 +151,16 @@ def compute_costate(config: CostateConfig, out: str | Path | None = None, *, ove
                 overwrite=overwrite, resumable=True,
                 inputs={"the proxy set": [config.proxy], "the target set": [config.target],
                         "a checkpoint": [info.path for info in ckpts.infos]})
+    with lock(out):   # one writer per co-state file
+        return _compute(config, out, ckpts, overwrite, progress)
+
+
+def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite: bool, progress: bool) -> Path:
+    """:func:`compute_costate` once ``out`` is claimed and locked."""
     proxy, target = load_dataset(config.proxy), load_dataset(config.target)
+    for ds, role in ((proxy, config.proxy), (target, config.target)):
+        if len(ds) == 0:
+            raise DataError(f"{role}: has no examples; the co-states need a non-empty proxy and target set")
     device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
     eta = step_sizes(ckpts, config.lr_scale_steps)
     fingerprint = {"config": asdict(config), "checkpoints_sha256": ckpts.checksums(),
@@ -184,6 +193,7 @@ def compute_costate(config: CostateConfig, out: str | Path | None = None, *, ove
                 lam = {k: g_target[k] + lam_next[k] - eta[t] * h[k] for k in params}
             else:
                 lam = None  # λ_0 is never used: only ∇J(θ_0), for target_dot
+            journal.open()
             _save_unit(unit, g_target, lam)
             lam_next = lam
             bar.update()

@@ -24,7 +24,7 @@ import numpy as np
 from . import __version__
 from .atomic import atomic_path
 from .exceptions import DataError, GradscoreError
-from .outputs import MARK, claim
+from .outputs import MARK, claim, lock
 from .scores import datadiet, dynamics
 from .store import HDF5ScoreStore, load_scores
 
@@ -93,6 +93,12 @@ def import_dynamics(directory: str | Path, out: str | Path, *, fmt: str = "carto
     directory = Path(directory)
     files = _epoch_files(directory, fmt)
     claim(out, "scores", inputs={"a dynamics file": [p for _, p in files]}, overwrite=overwrite, resumable=True)
+    with lock(out):   # one writer per scores file
+        return _import(directory, files, out, fmt, overwrite)
+
+
+def _import(directory: Path, files: list[tuple[float, Path]], out: str | Path, fmt: str, overwrite: bool) -> Path:
+    """:func:`import_dynamics` once ``out`` is claimed and locked."""
     reader = _EpochReader(files)
     store = None
     try:

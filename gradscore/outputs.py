@@ -12,10 +12,12 @@ The write itself is atomic (:mod:`.atomic`): nothing half-written is ever left a
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 from .exceptions import OutputError
 
@@ -129,3 +131,39 @@ def claim(out: str | os.PathLike, kind: str, *, inputs: Mapping[str, Iterable[st
         if not overwrite and not resumable:
             raise OutputError(f"{out}: exists; pass --overwrite to replace it, or choose another output path")
     return out
+
+
+@contextlib.contextmanager
+def lock(out: str | os.PathLike) -> Iterator[None]:
+    """Hold the exclusive right to write ``out`` (and its journal) for the block.
+
+    ``<out>.lock`` holds the holder's pid and host; a second writer fails at once with an
+    :class:`OutputError` naming them. The lock is the kernel's (``flock``), so it dies with
+    its process: a lock file left by a killed run is taken over. No-op where ``fcntl`` is
+    missing (Windows).
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    out = Path(out)
+    path = out.with_name(out.name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode(errors="replace").strip() or "another process"
+            raise OutputError(f"{out}: another run ({holder}) is writing it; wait for it to finish, "
+                              f"or choose another output path") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    finally:
+        os.close(fd)   # releases the flock

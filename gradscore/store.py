@@ -61,52 +61,79 @@ def read_fingerprint(path: Path) -> dict | None:
         return None
 
 
+def difference(old: dict | None, new: dict) -> str:
+    """What differs between two run fingerprints, by field: "scores, engine", "the
+    checkpoints", "the data" …; "the configuration" when it cannot say."""
+    if not isinstance(old, dict):
+        return "the configuration"
+    names = {"checkpoints_sha256": "the checkpoints", "data": "the data", "costate": "the co-states",
+             "proxy": "the proxy set", "target": "the target set", "files": "the dynamics files"}
+    found = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if key == "config" and isinstance(a, dict) and isinstance(b, dict):
+            found += [f"{f} ({a.get(f)!r} before, {b.get(f)!r} now)" for f in sorted(set(a) | set(b))
+                      if a.get(f) != b.get(f)]
+        else:
+            found.append(names.get(key, key))
+    return ", ".join(found) or "the configuration"
+
+
 class Journal:
     """A resumable unit-of-work journal for an output file ``out``.
 
     Units are files in ``<out>.partial/`` written atomically; ``meta.json`` there holds
-    the fingerprint of the run. A finished ``out`` with the same fingerprint makes the
-    journal ``complete``; a different fingerprint (of ``out`` or of the partial run) is
-    refused with :class:`ConfigMismatchError` unless ``overwrite``.
+    the fingerprint of the run. The folder is made when the first unit is written, so a
+    run that fails before any work leaves nothing behind. A finished ``out`` with the
+    same fingerprint makes the journal ``complete``; a different fingerprint (of ``out``
+    or of a partial run with work in it) is refused with :class:`ConfigMismatchError`,
+    naming what differs, unless ``overwrite``; a partial run without work is discarded.
     """
 
     def __init__(self, out: str | Path, fingerprint: dict, *, overwrite: bool = False) -> None:
         self.out = Path(out)
         self.partial = self.out.with_name(self.out.name + ".partial")
+        self._meta = self.partial / "meta.json"
         self.fingerprint = fingerprint
         self.complete = False
         if self.out.exists():
-            if read_fingerprint(self.out) == fingerprint and not overwrite:
+            found = read_fingerprint(self.out)
+            if found == fingerprint and not overwrite:
                 self.complete = True
                 return
             if not overwrite:
                 raise ConfigMismatchError(
-                    f"{self.out}: exists and was made with a different configuration, "
-                    f"checkpoints or data; pass --overwrite to replace it or choose another --out")
-        meta = self.partial / "meta.json"
+                    f"{self.out}: exists and was made with other settings ({difference(found, fingerprint)} "
+                    f"differ); pass --overwrite to replace it or choose another --out")
         if self.partial.exists():
             try:
-                old = json.loads(meta.read_text())
+                old = json.loads(self._meta.read_text())
             except (OSError, ValueError):
                 old = None
             if old != fingerprint:
-                if not overwrite:
+                has_work = any(p.name != "meta.json" and not p.name.endswith(".tmp") for p in self.partial.iterdir())
+                if has_work and not overwrite:
                     raise ConfigMismatchError(
-                        f"{self.partial}: an interrupted run with a different configuration is "
-                        f"in progress here; rerun it with the same options to resume, or pass "
+                        f"{self.partial}: an interrupted run with other settings ({difference(old, fingerprint)} "
+                        f"differ) is in progress here; rerun it with the same options to resume, or pass "
                         f"--overwrite to discard it")
                 shutil.rmtree(self.partial)
-        self.partial.mkdir(parents=True, exist_ok=True)
-        if not meta.exists():
-            with atomic_path(meta) as tmp:
-                tmp.write_text(json.dumps(fingerprint, sort_keys=True))
+
+    def open(self) -> None:
+        """Make the journal's folder and its fingerprint; writers call it before each unit."""
+        if not self._meta.exists():
+            self.partial.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self._meta) as tmp:
+                tmp.write_text(json.dumps(self.fingerprint, sort_keys=True))
 
     def unit(self, name: str) -> Path:
         """Path of one unit of work inside the journal."""
         return self.partial / name
 
     def done(self, name: str) -> bool:
-        return self.complete or self.unit(name).exists()
+        return self.complete or (self.partial / name).exists()
 
     def finish(self) -> None:
         """Drop the journal once ``out`` has been written."""
@@ -138,6 +165,7 @@ class HDF5ScoreStore(ScoreStore):
         return self.journal.done(f"t{t:05d}_c{c:07d}.npz")
 
     def write_chunk(self, t: int, c: int, metrics: dict[str, np.ndarray]) -> None:
+        self.journal.open()
         with atomic_path(self._chunk_path(t, c)) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **metrics)
 

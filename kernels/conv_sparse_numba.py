@@ -40,6 +40,8 @@ import numba
 import numpy as np
 import torch
 
+from .numba_cache import njit_cached
+
 from .norm_dot_numba import TILE, _dot, _sq, _total
 
 #: an output channel's weights (kh·kw·C_in/G) from which on its gradient is summed over
@@ -49,7 +51,7 @@ LONG_ROW = 16
 _CHUNK = 8
 
 
-@numba.njit(parallel=True, fastmath={"contract"}, cache=True)
+@njit_cached(parallel=True, fastmath={"contract"})
 def _conv_sparse(x, d, V, Vb, bias, sq, dots, kh, kw, sh, sw, rh, rw, ph, pw, groups, zero):  # pragma: no cover - numba
     B, Cin, H, W = x.shape
     Cout, Ho, Wo = d.shape[1], d.shape[2], d.shape[3]

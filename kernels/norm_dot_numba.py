@@ -19,13 +19,15 @@ import numba
 import numpy as np
 import torch
 
+from .numba_cache import njit_cached
+
 TILE = 4096
 ROWS = 16
 #: fp16/bf16 inputs are widened to float32 in row blocks of at most this many bytes
 _WIDEN_BYTES = 32 * 2**20
 
 
-@numba.njit(fastmath=True, cache=True)
+@njit_cached(fastmath=True)
 def _sq(g: np.ndarray, zero):
     """Σ g², summed in the type of ``zero`` (np.float32(0) here; the conv kernel's dtype)."""
     acc = zero
@@ -34,7 +36,7 @@ def _sq(g: np.ndarray, zero):
     return acc
 
 
-@numba.njit(fastmath=True, cache=True)
+@njit_cached(fastmath=True)
 def _dot(g: np.ndarray, v: np.ndarray, zero):
     """Σ g·v, summed in the type of ``zero``."""
     acc = zero
@@ -43,7 +45,7 @@ def _dot(g: np.ndarray, v: np.ndarray, zero):
     return acc
 
 
-@numba.njit(fastmath=True, cache=True)
+@njit_cached(fastmath=True)
 def _total(v: np.ndarray, zero):
     """Σ v, summed in the type of ``zero`` (the conv kernel's bias sums)."""
     acc = zero
@@ -52,7 +54,7 @@ def _total(v: np.ndarray, zero):
     return acc
 
 
-@numba.njit(parallel=True, cache=True)
+@njit_cached(parallel=True)
 def _norm_dot_blocks(G: np.ndarray, V: np.ndarray, sq: np.ndarray, dots: np.ndarray,
                      tile: int, rows: int) -> None:
     B, P = G.shape

@@ -1,6 +1,7 @@
 """The command line: demo, run, info, and one clear line + exit 2 for bad input."""
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
@@ -109,3 +110,23 @@ def test_bench_runs_small(tmp_path, capsys):
     flops = {r["method"]: r["flops_ratio_to_plain"] for r in rows if r["method"].startswith("ghost")}
     assert 0 < flops["ghost_k0"] < flops["ghost_k2"]    # counted: the K = 2 dots add matmuls
     _fails(capsys, ["bench", "--models", "resnet"], r"--models: unknown resnet")
+
+
+def test_every_option_of_every_command_has_help_and_no_literal_percent(capsys):
+    from gradscore.cli import build_parser
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [(name, a.option_strings or a.dest) for name, p in sub.choices.items() for a in p._actions
+               if a.help is None and a.dest != "help"]
+    assert not missing, missing
+    for name, p in sub.choices.items():
+        assert "%%" not in p.format_help(), name
+
+
+def test_an_empty_dataset_is_one_line_and_leaves_nothing(tiny_run, tmp_path, capsys):
+    ckpts, _ = tiny_run
+    empty = gs.save_dataset(tmp_path / "empty.h5", np.zeros((0, 12), dtype=np.float32), np.zeros(0, dtype=np.int64))
+    out = tmp_path / "s.h5"
+    assert main(["run", "--checkpoints", str(ckpts), "--data", str(empty), "--out", str(out), "--quiet"]) == 2
+    assert "has no examples" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "s.h5.partial").exists()

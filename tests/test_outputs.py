@@ -123,7 +123,7 @@ def test_own_outputs_are_replaced_only_with_overwrite(scored, tmp_path, capsys):
                  "--scores", "el2n,grand,loss,confidence,variability,correctness", "--quiet"], capsys)[0] == 0
     code, err = _run(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(scores),
                       "--scores", "loss", "--quiet"], capsys)
-    assert code == 2 and "different configuration" in err
+    assert code == 2 and "made with other settings (scores (" in err and "['loss'] now) differ" in err
     assert _run(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(scores),
                  "--scores", "loss", "--quiet", "--overwrite"], capsys)[0] == 0
 
@@ -152,3 +152,28 @@ def test_info_into_a_closed_pipe_prints_no_traceback(scored):
     err = proc.stderr.read()
     proc.wait()
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_a_second_writer_is_refused_at_once_and_a_dead_ones_lock_taken_over(tiny_run, tmp_path, capsys):
+    from gradscore.outputs import lock
+    ckpts, data = tiny_run
+    out = tmp_path / "s.h5"
+    argv = ["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(out), "--quiet"]
+    with lock(out):   # another run holds it
+        code, err = _run(argv, capsys)
+    assert code == 2 and "another run (pid" in err and "is writing it" in err
+    assert not out.exists() and not Path(str(out) + ".partial").exists()
+    Path(str(out) + ".lock").write_text("pid 999999 on gone")   # left by a killed run: no flock held
+    assert _run(argv, capsys)[0] == 0 and out.exists() and not Path(str(out) + ".lock").exists()
+
+
+def test_a_failure_before_any_work_leaves_no_journal_and_a_changed_setting_is_named(tiny_run, tmp_path, capsys):
+    ckpts, data = tiny_run
+    out = tmp_path / "s.h5"
+    bad = tmp_path / "bad.h5"
+    import gradscore as gs
+    gs.save_dataset(bad, np.zeros((5, 3), dtype=np.float32), np.zeros(5, dtype=np.int64))   # wrong width
+    code, err = _run(["run", "--checkpoints", str(ckpts), "--data", str(bad), "--out", str(out), "--quiet"], capsys)
+    assert code == 2 and not Path(str(out) + ".partial").exists(), err
+    # the corrected rerun is not blocked
+    assert _run(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(out), "--quiet"], capsys)[0] == 0
