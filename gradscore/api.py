@@ -143,6 +143,9 @@ def _run(config: RunConfig, out: Path, overwrite: bool, progress: bool, ranks: R
     def whole(f) -> dict[str, np.ndarray]:
         """Variants of the dot scores: they rank, clip and regress over all examples."""
         out: dict[str, np.ndarray] = {}
+        if config.allow_nonfinite:   # the examples with a NaN/Inf metric at any checkpoint
+            f.create_dataset("nonfinite", data=np.any([(~np.isfinite(d[()])).any(0) for d in
+                                                       f["per_checkpoint"].values() if d.dtype.kind == "f"], 0))
         if costate is None or not config.variants:
             return out
         pc, ck = f["per_checkpoint"], f["checkpoints"]
@@ -159,6 +162,22 @@ def _run(config: RunConfig, out: Path, overwrite: bool, progress: bool, ranks: R
         "checkpoints_sha256": fingerprint["checkpoints_sha256"]})
     ranks.barrier()
     return path
+
+
+def _check_finite(metrics: dict[str, np.ndarray], ds: Dataset, start: int, ckpt: Path) -> None:
+    """One line naming the examples and the checkpoint where a metric is NaN or infinite."""
+    bad = np.zeros(len(next(iter(metrics.values()))), dtype=bool)
+    for v in metrics.values():
+        if v.dtype.kind == "f":
+            bad |= ~np.isfinite(v)
+    if bad.any():
+        where = np.flatnonzero(bad)
+        ids = ds.ids()[start + where[:5]]
+        names = sorted(k for k, v in metrics.items() if v.dtype.kind == "f" and not np.isfinite(v[where]).all())
+        raise DataError(f"{ds.source}: {len(where)} example(s) (ids {', '.join(map(str, ids))}"
+                        f"{', …' if len(where) > 5 else ''}) give non-finite {', '.join(names)} at checkpoint "
+                        f"{ckpt}: NaN/Inf in their inputs, or a diverged checkpoint; fix them, or pass "
+                        f"--allow-nonfinite to keep going and record them in /nonfinite")
 
 
 def _refs(costate: CostateFile | None, t: int, T: int) -> list[dict[str, torch.Tensor]] | None:
@@ -205,8 +224,11 @@ def _fill(store: HDF5ScoreStore, ckpts: CheckpointStore, ds: Dataset, config: Ru
                 if n_classes is None:
                     n_classes = probe_model(model, ds, x, ckpts[t].path)
                 check_targets(ds, scorer.loss, a, y, n_classes)
-                store.write_chunk(t, c, score_chunk(scorer, x, y, batch_size=config.batch_size,
-                                                    gradients=config.needs_gradients, blocks=blocks))
+                metrics = score_chunk(scorer, x, y, batch_size=config.batch_size,
+                                      gradients=config.needs_gradients, blocks=blocks)
+                if not config.allow_nonfinite:
+                    _check_finite(metrics, ds, a, ckpts[t].path)
+                store.write_chunk(t, c, metrics)
                 bar.update(b - a)
 
 

@@ -178,6 +178,15 @@ def _read_info(path: Path) -> CheckpointInfo:
                           loss=str(attrs["loss"]), optimizer=str(attrs.get("optimizer", "")))
 
 
+def _param_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """{parameter name: shape} of a checkpoint, from its metadata alone."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    with h5py.File(path, "r") as f:
+        f["params"].visititems(lambda name, obj: shapes.__setitem__(name, tuple(obj.shape))
+                               if isinstance(obj, h5py.Dataset) else None)
+    return shapes
+
+
 def load_state_dict(path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
     """Read the tensors of checkpoint ``path`` validated against ``model``'s state_dict.
 
@@ -257,10 +266,30 @@ class CheckpointStore:
                 raise CheckpointError(f"{info.path}: the file name says step {named} but its 'step' "
                                       f"attribute is {info.step}; rename or re-save it")
         self.infos: list[CheckpointInfo] = sorted(infos, key=lambda i: i.step)
+        self._check_one_run()
         for prev, cur in zip(self.infos, self.infos[1:]):
             if cur.epoch < prev.epoch:
                 raise CheckpointError(f"{cur.path}: epoch {cur.epoch:g} is before epoch {prev.epoch:g} "
                                       f"of the earlier step {prev.step}; steps and epochs must increase together")
+
+    def _check_one_run(self) -> None:
+        """Every checkpoint has the first one's model factory, keyword arguments, loss and
+        parameter names and shapes: a folder holds one training run."""
+        first = self.infos[0]
+        shapes = _param_shapes(first.path)
+        for info in self.infos[1:]:
+            for field in ("model", "model_kwargs", "loss"):
+                a, b = getattr(first, field), getattr(info, field)
+                if a != b:
+                    raise CheckpointError(f"{info.path}: its {field} {b!r} differs from {a!r} of the first "
+                                          f"checkpoint {first.path.name}; a checkpoint folder must hold one "
+                                          f"training run")
+            other = _param_shapes(info.path)
+            if other != shapes:
+                name = next(k for k in sorted(set(shapes) | set(other)) if shapes.get(k) != other.get(k))
+                raise CheckpointError(f"{info.path}: parameter '{name}' has shape {other.get(name)} but "
+                                      f"{shapes.get(name)} in the first checkpoint {first.path.name}; a "
+                                      f"checkpoint folder must hold one training run")
 
     def __len__(self) -> int:
         return len(self.infos)

@@ -73,6 +73,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clip-quantile", type=float, default=0.9, metavar="Q",
                    help="the clip variant clips ‖g_nt‖ at this quantile of all ‖g_nt‖")
     _add_lm_reduction(p)
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="keep going past NaN/Inf inputs or scores and record those examples in /nonfinite "
+                   "(default: stop with the first chunk's example ids and checkpoint)")
     p.add_argument("--distributed", action="store_true",
                    help="require torchrun (`torchrun --nproc-per-node N -m gradscore run ...`): ranks split "
                    "the chunks, rank 0 computes the co-states and joins the result; under torchrun "
@@ -132,7 +135,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                        chunk_bytes=args.chunk_mb * 2**20, epochs_upto=args.epochs_upto,
                        target=args.target, costate=args.costate, lr_scale_steps=args.lr_scale_steps,
                        variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
-                       clip_quantile=args.clip_quantile, lm_reduction=args.lm_reduction)
+                       clip_quantile=args.clip_quantile, lm_reduction=args.lm_reduction,
+                       allow_nonfinite=args.allow_nonfinite)
     path = run(config, args.out, overwrite=args.overwrite, progress=not args.quiet,
                distributed=args.distributed)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -75,6 +75,8 @@ class RunConfig:
     clip_quantile: float = field(default=0.9, metadata={"help": "the 'clip' variant's ‖g‖ quantile"})
     lm_reduction: str = field(default="mean", metadata={
         "help": "causal_lm loss per example: mean or sum over its predicted tokens"})
+    allow_nonfinite: bool = field(default=False, metadata={
+        "help": "keep going past NaN/Inf inputs or scores, recording the examples in /nonfinite"})
 
     def __post_init__(self) -> None:
         for name in ("checkpoints", "data", "target", "costate"):  # accept os.PathLike

@@ -224,10 +224,21 @@ def probe_model(model: torch.nn.Module, ds: Dataset, x: Inputs, ckpt: str | Path
 
 
 def check_targets(ds: Dataset, loss: Loss, start: int, targets: torch.Tensor, n_out: int) -> None:
-    """Integer targets must index the model's ``n_out`` outputs (classes, or the
-    vocabulary for a language-modelling loss, where −100 marks an ignored token)."""
-    if loss.is_classification or loss.output == "tokens":
-        ds.check_labels(start, targets, n_out, IGNORE_INDEX if loss.output == "tokens" else None)
+    """Targets of a classification or language-modelling loss must be integers that index
+    the model's ``n_out`` outputs (classes, or the vocabulary, where −100 marks an ignored
+    token). Float targets are refused: one-hot or soft labels (N, C) would give right
+    losses but wrong EL2N and no p_gold, and float class indices are ambiguous."""
+    if not (loss.is_classification or loss.output == "tokens"):
+        return
+    if targets.dtype.is_floating_point:
+        field = f"{ds.source}: field '{ds.target_field}'"
+        if targets.dim() >= 2 and targets.shape[-1] == n_out:
+            raise DataError(f"{field} holds float targets of shape (N, {n_out}), one-hot or soft labels, "
+                            f"which the loss '{loss.name}' does not take; store the class indices "
+                            f"(targets.argmax(1), int64) instead")
+        raise DataError(f"{field} holds float values (e.g. {float(targets.flatten()[0]):g} at index {start}); "
+                        f"class targets must be integers: store them as int64 (targets.astype('int64'))")
+    ds.check_labels(start, targets, n_out, IGNORE_INDEX if loss.output == "tokens" else None)
 
 
 def load_dataset(spec: str | Path | Dataset) -> Dataset:

@@ -177,3 +177,46 @@ def test_a_failure_before_any_work_leaves_no_journal_and_a_changed_setting_is_na
     assert code == 2 and not Path(str(out) + ".partial").exists(), err
     # the corrected rerun is not blocked
     assert _run(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(out), "--quiet"], capsys)[0] == 0
+
+
+def test_nonfinite_inputs_stop_with_their_ids_or_are_recorded(tiny_run, tmp_path, capsys):
+    import h5py
+    import gradscore as gs
+    ckpts, data = tiny_run
+    with h5py.File(data) as f:
+        x, y, ids = f["inputs"][()], f["targets"][()], f["ids"][()]
+    x[[3, 40]] = np.nan
+    bad = gs.save_dataset(tmp_path / "nan.h5", x, y, ids=ids)
+    out = tmp_path / "s.h5"
+    argv = ["run", "--checkpoints", str(ckpts), "--data", str(bad), "--out", str(out), "--quiet"]
+    code, err = _run(argv, capsys)
+    assert code == 2 and f"ids {ids[3]}, {ids[40]}" in err and "step_00000000.h5" in err, err
+    assert not out.exists() and not Path(str(out) + ".partial").exists()
+    assert _run(argv + ["--allow-nonfinite"], capsys)[0] == 0
+    with h5py.File(out) as f:
+        assert np.flatnonzero(f["nonfinite"][()]).tolist() == [3, 40]
+
+
+def test_float_and_one_hot_targets_are_refused_in_one_line(tiny_run, tmp_path, capsys):
+    import h5py
+    import gradscore as gs
+    ckpts, data = tiny_run
+    with h5py.File(data) as f:
+        x, y = f["inputs"][()], f["targets"][()]
+    for name, targets, says in (("float", y.astype(np.float32), "class targets must be integers"),
+                                ("onehot", np.eye(4, dtype=np.float32)[y], "one-hot or soft labels")):
+        path = gs.save_dataset(tmp_path / f"{name}.h5", x, targets)
+        code, err = _run(["run", "--checkpoints", str(ckpts), "--data", str(path), "--out",
+                          str(tmp_path / f"{name}_s.h5"), "--quiet"], capsys)
+        assert code == 2 and says in err and len(err.splitlines()) == 1, err
+
+
+def test_a_folder_mixing_two_runs_is_refused_naming_the_file(tmp_path, capsys):
+    from conftest import make_run
+    ckpts, data = make_run(tmp_path / "a", n_ckpts=2)
+    other, _ = make_run(tmp_path / "b", n_ckpts=3, kwargs={"d_in": 12, "hidden": 16, "n_classes": 4, "depth": 1})
+    stray = sorted(other.glob("step_*.h5"))[-1]
+    (ckpts / stray.name).write_bytes(stray.read_bytes())
+    code, err = _run(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(tmp_path / "s.h5"),
+                      "--quiet"], capsys)
+    assert code == 2 and stray.name in err and "model_kwargs" in err and "one training run" in err, err
