@@ -159,7 +159,8 @@ def _run(config: RunConfig, out: Path, overwrite: bool, progress: bool, ranks: R
 
     path = store.finalize(ids=ds.ids(), extras=extras, aggregate=aggregate, whole=whole, attrs={
         "config": config.to_dict(), "gradscore_version": __version__, "loss": ckpts.loss,
-        "checkpoints_sha256": fingerprint["checkpoints_sha256"]})
+        "checkpoints_sha256": fingerprint["checkpoints_sha256"],
+        "warnings": costate.warnings if costate is not None else []})
     ranks.barrier()
     return path
 

@@ -86,12 +86,13 @@ class CheckpointWriter:
     """
 
     def __init__(self, directory: str | Path, *, model_factory: str, model_kwargs: dict | None = None,
-                 loss: str = "cross_entropy", optimizer: str = "") -> None:
+                 loss: str = "cross_entropy", optimizer: "str | torch.optim.Optimizer" = "") -> None:
         self.directory = Path(directory)
         self.model_factory = model_factory
         self.model_kwargs = dict(model_kwargs or {})
         self.loss = loss
-        self.optimizer = optimizer
+        # the kind is what PDS needs to know: plain gradient steps, or momentum/Adam (a warning)
+        self.optimizer = optimizer if isinstance(optimizer, str) else optimizer_kind(optimizer)
         self.saved: list[Path] = []
 
     def __enter__(self) -> "CheckpointWriter":
@@ -176,6 +177,14 @@ def _read_info(path: Path) -> CheckpointInfo:
     return CheckpointInfo(path=path, step=int(attrs["step"]), epoch=float(attrs["epoch"]),
                           lr=float(attrs["lr"]), model=str(attrs["model"]), model_kwargs=kwargs,
                           loss=str(attrs["loss"]), optimizer=str(attrs.get("optimizer", "")))
+
+
+def optimizer_kind(optimizer: object) -> str:
+    """What a checkpoint records of the optimizer: its class, with SGD's momentum."""
+    kind = type(optimizer).__name__
+    groups = getattr(optimizer, "param_groups", None) or [{}]
+    momentum = groups[0].get("momentum", 0)
+    return f"{kind}(momentum={momentum:g})" if kind == "SGD" and momentum else kind
 
 
 def _param_shapes(path: Path) -> dict[str, tuple[int, ...]]:

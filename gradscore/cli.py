@@ -116,14 +116,21 @@ def _add_costate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_costate(args: argparse.Namespace) -> int:
-    from .costate import CostateConfig, compute_costate
+    from .costate import CostateConfig, CostateFile, compute_costate
     path = compute_costate(CostateConfig(args.checkpoints, args.proxy, args.target, batch_size=args.hvp_batch,
                                          dtype=args.dtype, device=args.device,
                                          lr_scale_steps=args.lr_scale_steps,
                                          lm_reduction=args.lm_reduction),
                            args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(f"co-states -> {path}")
+    _warn("costate", CostateFile(path).warnings)
     return 0
+
+
+def _warn(command: str, found: list[str]) -> None:
+    """Warnings stored in an output, one line each on stderr."""
+    for text in found:
+        print(f"gradscore {command}: warning: {text}", file=sys.stderr)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -140,7 +147,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     path = run(config, args.out, overwrite=args.overwrite, progress=not args.quiet,
                distributed=args.distributed)
     if int(os.environ.get("RANK", "0")) == 0:
+        from .store import load_scores
         print(f"scores -> {path}")
+        _warn("run", load_scores(path)["warnings"])
     return 0
 
 

@@ -12,7 +12,14 @@ Conventions (also in the README):
   streamed over the proxy set; the Hessian is never formed).
 - pds_n = Σ_{t=0..T−1} η_t ⟨λ_{t+1}, ∇ℓ_n(θ_t)⟩ = −∂J_total/∂γ_n: larger = more helpful.
   Exact when every optimizer step of full-batch gradient descent is a checkpoint; with
-  sparser checkpoints, or minibatches, momentum, Adam, it is an approximation.
+  sparser checkpoints, or minibatches, it is an approximation.
+- When PDS is not meaningful: an optimizer whose update is not the plain gradient step
+  (momentum, Adam: the recursion above is not its adjoint), or a recursion that diverges
+  (η_t above 2 / the largest Hessian eigenvalue makes I − η_t H_t expand). Both are
+  checked (:func:`stability_warnings`): the checkpoints' recorded optimizer kinds, and
+  ‖λ_t‖ growing more than ``GROWTH_BOUND``× in one step backwards, or non-finite. The
+  warnings are stored in the file's ``warnings`` attribute (JSON list), copied into the
+  scores file, printed by the CLI and reported by ``diagnose``.
 
 The file (default ``<checkpoints>/costate.h5``) holds ``/t_<t>/grad_target/<name>`` for
 every checkpoint and ``/t_<t>/costate/<name>`` for t ≥ 1, parameter names as in the
@@ -24,6 +31,8 @@ resumes and reproduces λ bit for bit.
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -39,7 +48,7 @@ from .checkpoints import CheckpointStore
 from .batch import Inputs, call_functional, move
 from .config import DEVICES, DTYPES, LM_REDUCTIONS, resolve_device
 from .data import Dataset, check_targets, load_dataset, probe_model
-from .exceptions import CheckpointError, ConfigError, DataError, EngineError, GradscoreError
+from .exceptions import CheckpointError, ConfigError, DataError, EngineError, GradscoreError, GradscoreWarning
 from .losses import Loss, resolve_loss
 from .outputs import claim, lock
 from .store import Journal
@@ -212,8 +221,42 @@ def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite
                     norms[group].append(_norm(u[group]) if group in u else 0.0)
         f["grad_target_norm"] = np.array(norms["grad_target"])
         f["costate_norm"] = np.array(norms["costate"])
+        found = stability_warnings([i.optimizer for i in ckpts], norms["costate"])
+        f.attrs["warnings"] = json.dumps(found)
+    for text in found:
+        warnings.warn(f"{out}: {text}", GradscoreWarning, stacklevel=3)
     journal.finish()
     return out
+
+
+#: ‖λ_t‖ / ‖λ_{t+1}‖ above this in one step backwards: the recursion diverges
+GROWTH_BOUND = 10.0
+#: optimizer kinds whose update is not the plain gradient step PDS assumes
+_NOT_PLAIN = re.compile(r"adam|momentum|nesterov|rmsprop|adagrad|adadelta|lamb|lion|lars|trainer", re.I)
+
+
+def stability_warnings(optimizers: list[str], costate_norms: list[float]) -> list[str]:
+    """Why the PDS co-states of a run may not be meaningful (an empty list if none).
+
+    optimizers: each checkpoint's recorded optimizer kind; costate_norms: ‖λ_t‖ for
+    t = 0..T (0 at t = 0)."""
+    found = []
+    odd = sorted({o for o in optimizers if o and _NOT_PLAIN.search(o)})
+    if odd:
+        found.append(f"the checkpoints were written by {', '.join(odd)}, not plain gradient steps; PDS "
+                     f"assumes θ_t+1 = θ_t − η_t ∇L(θ_t), so these co-states are only an approximation")
+    norms = np.asarray(costate_norms[1:], dtype=np.float64)            # t = 1 … T
+    if not np.isfinite(norms).all():
+        found.append("the co-state diverged to NaN/Inf going backwards; PDS scores are not meaningful "
+                     "(lower the learning rate, or use checkpoints of plain gradient descent)")
+    elif len(norms) > 1 and norms[1:].min() > 0:
+        growth = norms[:-1] / norms[1:]                                   # ‖λ_t‖ / ‖λ_t+1‖
+        t = int(np.argmax(growth))
+        if growth[t] > GROWTH_BOUND:
+            found.append(f"the co-state diverges going backwards: ‖λ‖ grows {growth[t]:.3g}× in one step "
+                         f"(t = {t + 1}) and from {norms[-1]:.3g} at the last checkpoint to {norms.max():.3g}; "
+                         f"η_t exceeds 2 / the largest Hessian eigenvalue, and PDS scores are not meaningful")
+    return found
 
 
 def _norm(group: h5py.Group) -> float:
@@ -242,6 +285,7 @@ class CostateFile:
             self.costate_norm = self._f["costate_norm"][()]
             self.steps = self._f["step"][()]
             self.fingerprint = str(self._f.attrs["fingerprint"])
+            self.warnings: list[str] = json.loads(self._f.attrs.get("warnings", "[]"))
         except (OSError, KeyError) as e:
             raise GradscoreError(f"{self.path}: not a gradscore costate file ({e}); "
                                  f"compute it with `gradscore costate`") from e

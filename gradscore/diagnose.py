@@ -78,7 +78,10 @@ def diagnose(scores: str | Path, *, score: str = "pds", noisy_mask: str | None =
     res = load_scores(scores)
     s, pc, ck = res["scores"], res["per_checkpoint"], res["checkpoints"]
     n = len(res["ids"])
-    report: dict[str, Any] = {"scores_file": str(scores), "n": n, "score": score, "skipped": []}
+    report: dict[str, Any] = {"scores_file": str(scores), "n": n, "score": score, "skipped": [],
+                              "warnings": res["warnings"]}
+    for text in res["warnings"]:   # a diverged co-state, momentum/Adam checkpoints: say so first
+        echo(f"warning: {text}")
     ds = load_dataset(data) if data is not None else None
     noisy, source = _mask(res, noisy_mask, ds)
 
@@ -116,15 +119,17 @@ def diagnose(scores: str | Path, *, score: str = "pds", noisy_mask: str | None =
         var = {"raw": raw, **variants(dot, sq, ref, weight, clip_quantile=clip_quantile)}
         mean_g = g.mean(0)
         top1 = np.argsort(-mean_g, kind="stable")[:max(1, n // 100)]
+        error = float(np.abs(g * ref[:, None] * cos - dot).max())
         report["decomposition"] = {
-            "max_abs_error": float(np.abs(g * ref[:, None] * cos - dot).max()),
+            "max_abs_error": error, "max_rel_error": error / max(float(np.abs(dot).max()), np.finfo(float).tiny),
             "mean_grad_norm": mean_g.tolist(), "mean_cos": ((weight[:, None] * cos).sum(0) / weight.sum()).tolist()}
         report["inflation"] = {v: {"spearman_abs_score_vs_norm": float(spearmanr(np.abs(x), mean_g)[0]),
                                    "top1pct_norm_share_of_abs_score": float(np.abs(x)[top1].sum() / np.abs(x).sum())}
                                for v, x in var.items()}
         flags[f"|{score}|"] = np.abs(raw)
         flags.update({f"-{score}_{v}": -x for v, x in var.items()})
-        echo(f"{score} = Σ_t η_t ‖g‖‖v‖cos: decomposition error {report['decomposition']['max_abs_error']:.2e}")
+        echo(f"{score} = Σ_t η_t ‖g‖‖v‖cos: decomposition error {report['decomposition']['max_rel_error']:.2e} "
+             f"of the largest |⟨g, v⟩| ({report['decomposition']['max_abs_error']:.2e} absolute)")
         echo(f"{'variant':<10}{'spearman(|s|, ‖g‖)':>22}{'top-1% ‖g‖ share of Σ|s|':>28}")
         for v, d in report["inflation"].items():
             echo(f"{v:<10}{d['spearman_abs_score_vs_norm']:>22.3f}{d['top1pct_norm_share_of_abs_score']:>28.3f}")
@@ -165,8 +170,8 @@ def _write(out: Path, report: dict, res: dict, noisy: np.ndarray | None, var: di
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "diagnosis.json") as tmp:
         tmp.write_text(json.dumps({k: v for k, v in report.items() if k != "decomposition"}
-                                  | ({"decomposition_max_abs_error": report["decomposition"]["max_abs_error"]}
-                                     if "decomposition" in report else {}) | {"gradscore_version": __version__},
+                                  | ({f"decomposition_{k}": report["decomposition"][k]
+                                      for k in ("max_abs_error", "max_rel_error")} if "decomposition" in report else {}) | {"gradscore_version": __version__},
                                   indent=2))
     if var:
         norm_vs_cos(np.array(report["decomposition"]["mean_grad_norm"]), np.array(report["decomposition"]["mean_cos"]),

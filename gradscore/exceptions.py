@@ -10,6 +10,10 @@ class GradscoreError(Exception):
     """Base class of every error gradscore raises on bad input or state."""
 
 
+class GradscoreWarning(UserWarning):
+    """Numbers were written, but may not mean what they seem (e.g. a diverged PDS co-state)."""
+
+
 class ConfigError(GradscoreError, ValueError):
     """An option has an invalid value; the message names the field."""
 

@@ -239,6 +239,7 @@ def load_scores(path: str | Path) -> dict[str, Any]:
                 "noisy": f["noisy"][()] if "noisy" in f else None,
                 "checkpoints": {k: f["checkpoints"][k][()] for k in f["checkpoints"]} if "checkpoints" in f else {},
                 "config": json.loads(f.attrs["config"]),
+                "warnings": json.loads(f.attrs.get("warnings", "[]")),
             }
     except (OSError, KeyError) as e:
         raise GradscoreError(f"{path}: not a gradscore scores file ({e})") from e

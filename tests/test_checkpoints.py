@@ -149,3 +149,14 @@ def test_missing_lr_attribute(tmp_path):
         del f.attrs["lr"]
     with pytest.raises(gs.CheckpointError, match=r"step_00000000\.h5: missing attribute\(s\) lr"):
         gs.CheckpointStore(tmp_path)
+
+
+def test_the_writer_records_the_optimizer_kind(tmp_path):
+    import torch
+    model = torch.nn.Linear(3, 2)
+    for opt, kind in ((torch.optim.SGD(model.parameters(), lr=0.1), "SGD"),
+                      (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "SGD(momentum=0.9)"),
+                      (torch.optim.Adam(model.parameters()), "Adam"), ("my note", "my note")):
+        with gs.CheckpointWriter(tmp_path / kind, model_factory="gradscore.models:mlp", optimizer=opt) as w:
+            w.save(model, step=0, lr=0.1)
+        assert gs.CheckpointStore(tmp_path / kind)[0].optimizer == kind

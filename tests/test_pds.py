@@ -1,6 +1,8 @@
 """PDS scores: exact against autograd through unrolled full-batch gradient descent."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -178,3 +180,42 @@ def test_pds_demo_small(tmp_path, capsys):
     assert (tmp_path / "d" / "ckpts" / "costate.h5").exists()
     assert len(list((tmp_path / "d" / "ckpts").glob("step_*.h5"))) == 3
     assert 0 <= summary["noisy_in_top50_abs_pds"] <= 50
+
+
+def test_stability_warnings_name_momentum_and_divergence():
+    from gradscore.costate import GROWTH_BOUND, stability_warnings
+    assert stability_warnings(["SGD", ""], [0.0, 1.0, 1.2, 1.1]) == []
+    assert "SGD(momentum=0.9)" in stability_warnings(["SGD(momentum=0.9)"], [0.0, 1.0, 1.0])[0]
+    assert "AdamW" in stability_warnings(["AdamW"], [0.0, 1.0, 1.0])[0]
+    grown = stability_warnings(["SGD"], [0.0, 4.8e29, 4.8e3, 4.8])   # ‖λ_1‖ … ‖λ_T‖, backwards growth
+    assert len(grown) == 1 and "diverges" in grown[0] and f"{1e26:.3g}" in grown[0]
+    assert stability_warnings(["SGD"], [0.0, GROWTH_BOUND * 0.99, 1.0]) == []
+    assert "NaN/Inf" in stability_warnings(["SGD"], [0.0, float("nan"), 1.0])[0]
+
+
+def test_a_diverging_costate_warns_in_the_file_the_cli_and_diagnose(tmp_path, capsys):
+    """Checkpoints of SGD with momentum whose recorded η makes I − ηH expand: the co-state
+    explodes backwards; costate, run and diagnose each say so, the files keep the warning."""
+    import h5py
+    from conftest import make_run
+    from gradscore.cli import main
+    ckpts, data = make_run(tmp_path, n_ckpts=4)
+    for p in ckpts.glob("step_*.h5"):
+        with h5py.File(p, "a") as f:
+            f.attrs["lr"] = 400.0
+            f.attrs["optimizer"] = "SGD(momentum=0.9)"
+    assert main(["costate", "--checkpoints", str(ckpts), "--proxy", str(data), "--target", str(data),
+                 "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the checkpoints were written by SGD(momentum=0.9)" in err
+    assert "warning: the co-state diverges going backwards" in err, err
+    out = tmp_path / "s.h5"
+    assert main(["run", "--checkpoints", str(ckpts), "--data", str(data), "--target", str(data), "--out", str(out),
+                 "--scores", "pds,grand", "--quiet"]) == 0
+    assert "warning: the co-state diverges" in capsys.readouterr().err
+    assert any("diverges" in w for w in gs.load_scores(out)["warnings"])
+    assert main(["diagnose", str(out), "--out", str(tmp_path / "d")]) == 0
+    text = capsys.readouterr().out
+    assert "warning: the co-state diverges" in text and "of the largest |⟨g, v⟩|" in text
+    report = json.loads((tmp_path / "d" / "diagnosis.json").read_text())
+    assert report["warnings"] and report["decomposition_max_rel_error"] < 1e-6
