@@ -217,7 +217,7 @@ def _fill(store: HDF5ScoreStore, ckpts: CheckpointStore, ds: Dataset, config: Ru
                 continue
             model = ckpts.build_model(t, dtype=dtype, device=device)
             scorer = Scorer(model, loss=resolve_loss(ckpts.loss, config.lm_reduction),
-                            engine=config.engine, chunk_bytes=config.chunk_bytes)
+                            engine=config.engine, chunk_bytes=config.chunk_bytes, params=config.params or None)
             refs = _refs(costate, t, len(ckpts))
             blocks = scorer.ref_blocks(refs) if refs is not None else None
             n_classes = None

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .config import AVAILABLE_SCORES, DEVICES, DTYPES, ENGINES, LM_REDUCTIONS, RunConfig
+from .config import AVAILABLE_SCORES, DEVICES, DTYPES, ENGINES, GRADIENT_SCORES, LM_REDUCTIONS, RunConfig
 from .exceptions import GradscoreError, one_line
 
 EPILOG = """examples:
@@ -45,8 +45,14 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    "'input_ids' (+ 'attention_mask', 'labels' with -100 = ignored, or 'targets' for "
                    "classification); or a 'module:fn' returning a torch Dataset of (input, target)")
     p.add_argument("--out", required=True, metavar="FILE", help="scores file to write (HDF5)")
-    p.add_argument("--scores", default=",".join(d.scores),
-                   help=f"comma-separated scores, from: {', '.join(AVAILABLE_SCORES)}")
+    p.add_argument("--scores", default=None,
+                   help=f"comma-separated scores, from: {', '.join(AVAILABLE_SCORES)}; "
+                   f"{', '.join(s for s in AVAILABLE_SCORES if s in GRADIENT_SCORES)} need per-example gradients "
+                   f"(the others one forward pass); default: {','.join(d.scores)}, or loss,grand for a "
+                   f"language-modelling loss")
+    p.add_argument("--params", default=None, metavar="PATTERN,...",
+                   help="score only the parameters whose names match these shell patterns ('head.*'); "
+                   "default: every trainable parameter")
     p.add_argument("--engine", default=d.engine, choices=ENGINES,
                    help="per-example gradient engine: auto (= ghost) takes a ghost rule per layer, else vmap, "
                    "else the per-example loop, per parameter; vmap everywhere; loop, the slow reference")
@@ -136,7 +142,8 @@ def _warn(command: str, found: list[str]) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .api import run
     config = RunConfig(checkpoints=args.checkpoints, data=args.data,
-                       scores=tuple(s.strip() for s in args.scores.split(",") if s.strip()),
+                       scores=_split(args.scores) if args.scores is not None else _default_scores(args.checkpoints),
+                       params=_split(args.params or ""),
                        engine=args.engine, device=args.device, dtype=args.dtype,
                        batch_size=args.batch_size, chunk_size=args.chunk_size,
                        chunk_bytes=args.chunk_mb * 2**20, epochs_upto=args.epochs_upto,
@@ -151,6 +158,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"scores -> {path}")
         _warn("run", load_scores(path)["warnings"])
     return 0
+
+
+def _split(text: str) -> tuple[str, ...]:
+    """A comma-separated option as a tuple of its non-empty items."""
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+def _default_scores(checkpoints: str) -> tuple[str, ...]:
+    """--scores when not given: what the checkpoints' loss supports."""
+    from .checkpoints import CheckpointStore
+    from .losses import resolve_loss
+    if resolve_loss(CheckpointStore(checkpoints).loss).output == "tokens":
+        return ("loss", "grand")
+    return RunConfig(checkpoints="", data="").scores
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -75,6 +75,8 @@ class RunConfig:
     clip_quantile: float = field(default=0.9, metadata={"help": "the 'clip' variant's ‖g‖ quantile"})
     lm_reduction: str = field(default="mean", metadata={
         "help": "causal_lm loss per example: mean or sum over its predicted tokens"})
+    params: tuple[str, ...] = field(default=(), metadata={
+        "help": "names or shell patterns of the parameters to score ('head.*'); empty: every trainable one"})
     allow_nonfinite: bool = field(default=False, metadata={
         "help": "keep going past NaN/Inf inputs or scores, recording the examples in /nonfinite"})
 
@@ -98,6 +100,7 @@ class RunConfig:
         _require(self.epochs_upto is None or self.epochs_upto >= 0, "epochs_upto",
                  f"must be >= 0, got {self.epochs_upto!r}")
         object.__setattr__(self, "variants", tuple(self.variants))
+        object.__setattr__(self, "params", tuple(self.params))
         for v in self.variants:
             _require(v in ("cos", "clip", "rank", "resid"), "variants",
                      f"unknown variant '{v}'; choose from cos, clip, rank, resid")
@@ -124,6 +127,7 @@ class RunConfig:
         d = asdict(self)
         d["scores"] = list(self.scores)
         d["variants"] = list(self.variants)
+        d["params"] = list(self.params)
         return d
 
     def to_json(self) -> str:

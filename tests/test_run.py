@@ -80,3 +80,20 @@ def test_labels_out_of_range_fail_before_writing(tmp_path):
     with pytest.raises(gs.DataError, match="label 4 at index 4"):
         gs.score(ckpts, bad, out=tmp_path / "s.h5", progress=False)
     assert not (tmp_path / "s.h5").exists()
+
+
+def test_run_scores_only_the_parameters_named(tiny_run, tmp_path, capsys):
+    from gradscore.cli import main
+    ckpts, data = tiny_run
+    out = tmp_path / "head.h5"
+    assert main(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(out), "--quiet",
+                 "--scores", "grand", "--params", "3.*"]) == 0
+    store = gs.CheckpointStore(ckpts)
+    ds = gs.load_dataset(data)
+    x, y = ds.read(0, len(ds))
+    want = np.stack([gs.Scorer(store.build_model(t, dtype=torch.float32), engine="loop", params=["3.*"])
+                     .score_batch(x, y).sq_norm.numpy() for t in range(len(store))])
+    np.testing.assert_allclose(gs.load_scores(out)["per_checkpoint"]["sq_grad_norm"], want, rtol=1e-4)
+    assert main(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(tmp_path / "x.h5"),
+                 "--quiet", "--params", "head.*"]) == 2
+    assert "'head.*' matches no parameter" in capsys.readouterr().err
