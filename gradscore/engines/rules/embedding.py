@@ -14,11 +14,11 @@ from ...kernels.norm_dot import acc_dtype
 from .registry import Factor, register_rule
 
 
-def _supports(m: nn.Embedding) -> str | None:
+def _supports(m: nn.Embedding | nn.EmbeddingBag) -> str | None:
     if m.max_norm is not None:
-        return "Embedding with max_norm"
+        return f"{type(m).__name__} with max_norm"
     if m.scale_grad_by_freq:
-        return "Embedding with scale_grad_by_freq"
+        return f"{type(m).__name__} with scale_grad_by_freq"
     return None
 
 
@@ -50,14 +50,6 @@ def embedding(layer: nn.Embedding, acts, grads, refs, K):
     return sq, torch.einsum("kbtd,btd->bk", rows, d)
 
 
-def _bag_supports(m: nn.EmbeddingBag) -> str | None:
-    if m.max_norm is not None:
-        return "EmbeddingBag with max_norm"
-    if m.scale_grad_by_freq:
-        return "EmbeddingBag with scale_grad_by_freq"
-    return None
-
-
 def _bags(layer: nn.EmbeddingBag, call, B: int, acc: torch.dtype
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One call's bags as ids (B, L), their weights in the bag's sum (B, L) (0 where there
@@ -85,7 +77,7 @@ def _bags(layer: nn.EmbeddingBag, call, B: int, acc: torch.dtype
     return ids, coef, valid
 
 
-@register_rule(nn.EmbeddingBag, supports=_bag_supports, call=True)
+@register_rule(nn.EmbeddingBag, supports=_supports, call=True)
 def embedding_bag(layer: nn.EmbeddingBag, calls, grads, refs, K):
     """Per call c, bag b: sum/mean: g_bc = Σ_j c_j e_{id_j} δ_bcᵀ; max: feature d's gradient
     δ_bcd goes to the row that won its max. Calls add up, so

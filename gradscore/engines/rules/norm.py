@@ -9,6 +9,8 @@ one channel/feature row, formed explicitly and reduced with ``norm_dot``.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -32,19 +34,37 @@ def _reduce(per_call: list[dict[str, torch.Tensor]], refs, K, like):
     return reduce_per_example(total, refs, K)
 
 
-@register_rule(nn.LayerNorm, supports=lambda m: None if m.elementwise_affine else "LayerNorm without affine",
-               batch_dims=(0, 1))
-def layer_norm(layer: nn.LayerNorm, acts, grads, refs, K):
-    n = len(layer.normalized_shape)
+def _affine_rule(acts, grads, refs, K, normalize: Callable[[torch.Tensor], torch.Tensor],
+                 summed: Callable[[torch.Tensor], tuple[int, ...]]):
+    """Each call's x̂ = normalize(x) in the accumulation dtype, its γ and β gradients summed
+    over the dimensions ``summed(x)``; the calls add up."""
     per_call = []
     for x, d in zip(acts, grads):
         acc = acc_dtype(x.dtype)
         x, d = x.to(acc), d.to(acc)
-        dims = tuple(range(x.dim() - n, x.dim()))
-        var, mean = torch.var_mean(x, dim=dims, keepdim=True, unbiased=False)
-        x_hat = (x - mean) / torch.sqrt(var + layer.eps)
-        per_call.append(_affine(x_hat, d, tuple(range(1, x.dim() - n)), refs, K))
+        per_call.append(_affine(normalize(x), d, summed(x), refs, K))
     return _reduce(per_call, refs, K, grads[0])
+
+
+def _last(n: int) -> Callable[[torch.Tensor], tuple[int, ...]]:
+    """A row-wise norm over the last n dimensions: the leading ones but the batch are summed."""
+    return lambda x: tuple(range(1, x.dim() - n))
+
+
+def _spatial(x: torch.Tensor) -> tuple[int, ...]:
+    """A channel-wise norm: γ per channel (dimension 1), summed over the positions."""
+    return tuple(range(2, x.dim()))
+
+
+@register_rule(nn.LayerNorm, supports=lambda m: None if m.elementwise_affine else "LayerNorm without affine",
+               batch_dims=(0, 1))
+def layer_norm(layer: nn.LayerNorm, acts, grads, refs, K):
+    n = len(layer.normalized_shape)
+
+    def normalize(x):
+        var, mean = torch.var_mean(x, dim=tuple(range(x.dim() - n, x.dim())), keepdim=True, unbiased=False)
+        return (x - mean) / torch.sqrt(var + layer.eps)
+    return _affine_rule(acts, grads, refs, K, normalize, _last(n))
 
 
 def _rms_eps(layer: nn.RMSNorm, dtype: torch.dtype) -> float:
@@ -57,29 +77,19 @@ def _rms_eps(layer: nn.RMSNorm, dtype: torch.dtype) -> float:
 @register_rule(nn.RMSNorm, supports=lambda m: None if m.elementwise_affine else "RMSNorm without affine",
                batch_dims=(0, 1))
 def rms_norm(layer: nn.RMSNorm, acts, grads, refs, K):
-    n = len(layer.normalized_shape)
-    per_call = []
-    for x, d in zip(acts, grads):
-        eps = _rms_eps(layer, x.dtype)
-        acc = acc_dtype(x.dtype)
-        x, d = x.to(acc), d.to(acc)
-        dims = tuple(range(x.dim() - n, x.dim()))
-        x_hat = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
-        per_call.append(_affine(x_hat, d, tuple(range(1, x.dim() - n)), refs, K))
-    return _reduce(per_call, refs, K, grads[0])
+    n, eps = len(layer.normalized_shape), _rms_eps(layer, acts[0].dtype)
+    return _affine_rule(acts, grads, refs, K,
+                        lambda x: x * torch.rsqrt(x.pow(2).mean(tuple(range(x.dim() - n, x.dim())), keepdim=True) + eps),
+                        _last(n))
 
 
 @register_rule(nn.GroupNorm, supports=lambda m: None if m.affine else "GroupNorm without affine")
 def group_norm(layer: nn.GroupNorm, acts, grads, refs, K):
-    per_call = []
-    for x, d in zip(acts, grads):
-        acc = acc_dtype(x.dtype)
-        x, d = x.to(acc), d.to(acc)
+    def normalize(x):
         xg = x.reshape(x.shape[0], layer.num_groups, -1)
         var, mean = torch.var_mean(xg, dim=2, keepdim=True, unbiased=False)
-        x_hat = ((xg - mean) / torch.sqrt(var + layer.eps)).reshape(x.shape)
-        per_call.append(_affine(x_hat, d, tuple(range(2, x.dim())), refs, K))
-    return _reduce(per_call, refs, K, grads[0])
+        return ((xg - mean) / torch.sqrt(var + layer.eps)).reshape(x.shape)
+    return _affine_rule(acts, grads, refs, K, normalize, _spatial)
 
 
 def _bn_supports(m: nn.Module) -> str | None:
@@ -99,27 +109,15 @@ def _running(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, supports=_bn_supports)
 def batch_norm(layer: nn.modules.batchnorm._BatchNorm, acts, grads, refs, K):
-    per_call = []
-    for x, d in zip(acts, grads):
-        acc = acc_dtype(x.dtype)
-        x, d = x.to(acc), d.to(acc)
-        per_call.append(_affine(_running(layer, x), d, tuple(range(2, x.dim())), refs, K))
-    return _reduce(per_call, refs, K, grads[0])
+    return _affine_rule(acts, grads, refs, K, lambda x: _running(layer, x), _spatial)
 
 
 @register_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
                supports=lambda m: None if m.affine else f"{type(m).__name__} without affine")
 def instance_norm(layer: nn.modules.instancenorm._InstanceNorm, acts, grads, refs, K):
     """Eval mode: each example's own statistics per channel, or the running ones when tracked."""
-    per_call = []
-    for x, d in zip(acts, grads):
-        acc = acc_dtype(x.dtype)
-        x, d = x.to(acc), d.to(acc)
-        if layer.track_running_stats:
-            x_hat = _running(layer, x)
-        else:
-            dims = tuple(range(2, x.dim()))
-            var, mean = torch.var_mean(x, dim=dims, keepdim=True, unbiased=False)
-            x_hat = (x - mean) / torch.sqrt(var + layer.eps)
-        per_call.append(_affine(x_hat, d, tuple(range(2, x.dim())), refs, K))
-    return _reduce(per_call, refs, K, grads[0])
+    def own(x):
+        var, mean = torch.var_mean(x, dim=_spatial(x), keepdim=True, unbiased=False)
+        return (x - mean) / torch.sqrt(var + layer.eps)
+    return _affine_rule(acts, grads, refs, K, (lambda x: _running(layer, x)) if layer.track_running_stats else own,
+                        _spatial)
