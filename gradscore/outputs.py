@@ -63,7 +63,9 @@ def _is_figure(path: Path) -> bool:
 
 def _is_export(path: Path) -> bool:
     try:
-        if path.suffix.lower() == ".parquet" or path.read_bytes()[:4] == b"PAR1":
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if path.suffix.lower() == ".parquet" or magic == b"PAR1":
             import pyarrow.parquet as pq
             return MARK.encode() in (pq.read_schema(path).metadata or {})
         with open(path, encoding="utf-8") as f:
@@ -104,7 +106,7 @@ def _same(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
 
 
-def claim(out: str | os.PathLike, kind: str, *, inputs: Mapping[str, Iterable[str | os.PathLike | None]] = {},
+def claim(out: str | os.PathLike, kind: str, *, inputs: Mapping[str, Iterable[str | os.PathLike | None]] | None = None,
           overwrite: bool = False, resumable: bool = False) -> Path:
     """Check that ``out`` may be written by a command; return it as a Path.
 
@@ -117,7 +119,7 @@ def claim(out: str | os.PathLike, kind: str, *, inputs: Mapping[str, Iterable[st
     """
     out = Path(out)
     what, is_kind = KINDS[kind]
-    for role, paths in inputs.items():
+    for role, paths in (inputs or {}).items():
         for p in paths:
             if p is not None and Path(p).exists() and _same(out, Path(p)):
                 raise OutputError(f"{out}: is {role}, an input of this command; gradscore never writes over "
