@@ -42,7 +42,7 @@ from ..batch import Inputs, batch_len, call_model
 from ..exceptions import EngineError
 from .base import Engine, RefBlocks, ScoreBatch, register_engine
 from .fallback import Fallback
-from .layout import Layout, couples_examples, establish, first_input, output_tensor_of
+from .layout import Layout, couples_examples, establish, observed
 from .rules import Factor, Rule, cross, find_rule
 
 
@@ -119,15 +119,13 @@ def plan_layers(model: nn.Module, param_names: list[str]) -> tuple[list[_Layer],
     return layers, fallback
 
 
-def _detached(v):
-    return v.detach() if isinstance(v, torch.Tensor) else v
-
-
 def _map_leaves(out, fn, plain: bool = False):
-    """``out`` with every tensor leaf t replaced by fn(t), through tuples, lists and named
-    tuples (PackedSequence); ``plain``: named tuples become plain tuples."""
+    """``out`` with every tensor leaf t replaced by fn(t), through tuples, lists, dicts and
+    named tuples (PackedSequence); ``plain``: named tuples become plain tuples."""
     if isinstance(out, torch.Tensor):
         return fn(out)
+    if isinstance(out, dict):
+        return {k: _map_leaves(v, fn, plain) for k, v in out.items()}
     if isinstance(out, (tuple, list)):
         items = [_map_leaves(o, fn, plain) for o in out]
         if isinstance(out, list):
@@ -282,8 +280,7 @@ class GhostEngine(Engine):
             def hook(module, args, kwargs, output, layer=layer):
                 layer.seen += 1
                 rule, whole = layer.rule, output
-                output = output_tensor_of(whole, rule.output_item)
-                act = output if rule.call else first_input(args, kwargs)
+                act, output = observed(rule, args, kwargs, whole)
                 if not isinstance(act, torch.Tensor) or not isinstance(output, torch.Tensor):
                     layer.problem = "was called with a non-tensor input or output"
                     return None
@@ -297,7 +294,7 @@ class GhostEngine(Engine):
                 if layer.problem or not output.requires_grad:  # no_grad: no gradient reaches it
                     return None
                 if rule.call:  # the whole call, as the layer saw it
-                    act = (tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()})
+                    act = _map_leaves((args, kwargs), torch.Tensor.detach)   # PackedSequence data too
                 elif shared:  # one row for the whole batch: give each example its copy
                     act, output = act.expand(B, *act.shape[1:]), output.expand(B, *output.shape[1:])
                 elif dim:   # sequence-first: the rule sees the batch in dimension 0

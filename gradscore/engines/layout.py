@@ -91,16 +91,18 @@ class _Uses(TorchFunctionMode):
         return out
 
 
-def first_input(args: tuple, kwargs: dict):
-    """A layer call's first input, positional or keyword."""
-    return args[0] if args else next(iter(kwargs.values()), None)
-
-
-def output_tensor_of(output, item):
-    """The layer's output tensor: itself, item ``item`` of a tuple output, or ``item(output)``."""
+def observed(rule: Rule, args: tuple, kwargs: dict, output) -> tuple:
+    """(the input, the output tensor) whose shapes tell a call's layout: the first input,
+    positional or keyword (a whole-call rule: the output again, which alone tells), and
+    the output itself, item ``output_item`` of a tuple output, or ``output_item(output)``."""
+    item = rule.output_item
     if callable(item):
-        return item(output)
-    return output[item] if item is not None and isinstance(output, (tuple, list)) else output
+        output = item(output)
+    elif item is not None and isinstance(output, (tuple, list)):
+        output = output[item]
+    if rule.call:
+        return output, output
+    return (args[0] if args else next(iter(kwargs.values()), None)), output
 
 
 def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inputs
@@ -109,8 +111,7 @@ def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inpu
     mode = _Uses()
 
     def hook(module, args, kwargs, output, record, rule):
-        output = output_tensor_of(output, rule.output_item)
-        act = output if rule.call else first_input(args, kwargs)   # a whole-call rule: the output tells
+        act, output = observed(rule, args, kwargs, output)
         if not isinstance(act, torch.Tensor) or not isinstance(output, torch.Tensor):
             record.shapes.append(((), ()))
             return
