@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 from . import __version__
 from .checkpoints import CheckpointStore
 from .batch import Inputs, batch_len, take
-from .config import CLASS_SCORES, RunConfig, resolve_device
-from .data import Dataset, check_targets, load_dataset, probe_model
+from .config import CLASS_SCORES, TARGET_SCORES, RunConfig, resolve_device
+from .data import Dataset, check_targets, load_dataset, probe_model, subset
 from .distributed import Ranks, process_group
 from .exceptions import ConfigError, DataError
 from .costate import CostateConfig, CostateFile, compute_costate
@@ -25,7 +25,7 @@ from .outputs import claim, lock
 from .scorer import Scorer
 from .scores import datadiet, dynamics, pds
 from .scores.pds import DOT_SCORES
-from .store import HDF5ScoreStore
+from .store import HDF5ScoreStore, ReusableRows, read_fingerprint
 
 
 def _select_checkpoints(ckpts: CheckpointStore, epochs_upto: float | None) -> np.ndarray:
@@ -37,6 +37,41 @@ def _select_checkpoints(ckpts: CheckpointStore, epochs_upto: float | None) -> np
         raise ConfigError(f"invalid value for 'epochs_upto': {epochs_upto} selects no checkpoint "
                           f"(epochs present: {sorted(set(epochs.tolist()))})")
     return select
+
+
+#: the settings that change a per-checkpoint row's numbers (beyond the data and the pass)
+ROW_SETTINGS = ("engine", "dtype", "batch_size", "chunk_size", "chunk_bytes", "lm_reduction", "params")
+
+
+def rows_key(config: RunConfig, device: str, data: dict, costate: dict | None) -> dict[str, Any]:
+    """What a per-checkpoint row depends on besides its checkpoint: the data, the pass that
+    made it (forward, gradients, or dots with the co-states), and the numeric settings.
+    Rows with equal keys and checkpoints are bit-identical, so a new run may reuse them."""
+    kind = "dots" if config.needs_target else "gradients" if config.needs_gradients else "forward"
+    return {"data": data, "pass": kind, "device": device, "costate": costate,
+            "settings": {k: config.to_dict()[k] for k in ROW_SETTINGS}}
+
+
+def adds_to(old: dict | None, new: dict) -> bool:
+    """True when the run fingerprinted ``new`` only adds to the file fingerprinted ``old``:
+    same data, checkpoints and settings, and a superset of its scores and variants, so
+    every score already in the file keeps its meaning (settings only the new scores use
+    may differ)."""
+    if not isinstance(old, dict) or not isinstance(old.get("config"), dict):
+        return False
+    a, b = old["config"], new["config"]
+    if not (set(a.get("scores", ())) <= set(b["scores"]) and set(a.get("variants", ())) <= set(b["variants"])):
+        return False
+    free = {"scores", "variants"}
+    if not TARGET_SCORES & set(a["scores"]):
+        free |= {"target", "costate", "lr_scale_steps"}
+    if not a.get("variants"):
+        free.add("clip_quantile")
+    if any(a.get(k) != b.get(k) for k in (set(a) | set(b)) - free):
+        return False
+    if "costate" in old and old["costate"] != new.get("costate"):
+        return False
+    return all(old.get(k) == new.get(k) for k in (set(old) | set(new)) - {"config", "costate"})
 
 
 #: names of the per-checkpoint dots with the reference vectors, in order
@@ -86,15 +121,17 @@ def _run(config: RunConfig, out: Path, overwrite: bool, progress: bool, ranks: R
         "the --data file": [config.data], "the --target file": [config.target],
         "the co-state file": [costate_path if config.needs_target else None],
         "a checkpoint": [info.path for info in ckpts.infos]})
-    ds = load_dataset(config.data)
+    ds = subset(load_dataset(config.data), ids=config.ids, index_range=config.index_range)
     if len(ds) == 0:
         raise DataError(f"{config.data}: has no examples; there is nothing to score")
     select = _select_checkpoints(ckpts, config.epochs_upto)
+    # the checkpoints scored: those aggregated over; PDS sums over every one
+    scored = np.arange(len(ckpts)) if config.needs_target else np.flatnonzero(select)
     device = resolve_device(config.device)
     dtype = getattr(torch, config.dtype)
-    n, T = len(ds), len(ckpts)
-    fingerprint = {"config": config.to_dict(), "checkpoints_sha256": ckpts.checksums(),
-                   "data": ds.fingerprint()}
+    n, T = len(ds), len(scored)
+    checksums = ckpts.checksums()
+    fingerprint = {"config": config.to_dict(), "checkpoints_sha256": checksums, "data": ds.fingerprint()}
     costate = None
     if config.needs_target:  # computed once, by rank 0; the other ranks read the file
         path = costate_path
@@ -106,25 +143,35 @@ def _run(config: RunConfig, out: Path, overwrite: bool, progress: bool, ranks: R
         ranks.barrier()
         costate = CostateFile(path)
         fingerprint["costate"] = json.loads(costate.fingerprint)
-    def open_store(replace: bool) -> HDF5ScoreStore:
-        return HDF5ScoreStore(out, fingerprint, n=n, T=T, chunk_size=config.chunk_size, overwrite=replace)
+    rows = {"key": rows_key(config, device, fingerprint["data"], fingerprint.get("costate")),
+            "checkpoints_sha256": [checksums[t] for t in scored]}
+    replace = out.exists() and adds_to(read_fingerprint(out), fingerprint)
+
+    def open_store(discard: bool) -> HDF5ScoreStore:
+        return HDF5ScoreStore(out, fingerprint, n=n, T=T, chunk_size=config.chunk_size,
+                              overwrite=discard, replace=replace)
     if ranks.main:  # rank 0 sets up (or discards) the journal before the others open it
         store = open_store(overwrite)
     ranks.barrier()
     if not ranks.main:
         store = open_store(False)
     if not store.complete:
-        _fill(store, ckpts, ds, config, device, dtype, progress and ranks.main, costate,
-              ranks.share(store.n_chunks))
+        reusable = ReusableRows(out, rows["key"])
+        try:
+            _fill(store, ckpts, scored, ds, config, device, dtype, progress and ranks.main, costate,
+                  ranks.share(store.n_chunks), reusable, rows["checkpoints_sha256"])
+        finally:
+            reusable.close()
     ranks.barrier()
     if not ranks.main:
         ranks.barrier()  # rank 0 joins the chunks meanwhile
         return store.out
     noisy = ds.noisy()
+    infos = [ckpts[t] for t in scored]
     extras: dict[str, Any] = {"checkpoints": {
-        "step": np.array([i.step for i in ckpts], dtype=np.int64),
-        "epoch": np.array([i.epoch for i in ckpts]), "lr": np.array([i.lr for i in ckpts]),
-        "selected": select}}
+        "step": np.array([i.step for i in infos], dtype=np.int64),
+        "epoch": np.array([i.epoch for i in infos]), "lr": np.array([i.lr for i in infos]),
+        "selected": select[scored]}}
     if costate is not None:  # ‖v_t‖ of the two references of checkpoint t, for `diagnose`
         extras["checkpoints"].update(
             eta=costate.eta, ref_norm_target=costate.grad_target_norm,
@@ -134,8 +181,8 @@ def _run(config: RunConfig, out: Path, overwrite: bool, progress: bool, ranks: R
     wanted = set(config.scores)
 
     def aggregate(pc: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        agg = datadiet.aggregate(pc, select)
-        agg.update(dynamics.aggregate(pc, select))
+        agg = datadiet.aggregate(pc, select[scored])
+        agg.update(dynamics.aggregate(pc, select[scored]))
         if costate is not None:
             agg.update(pds.aggregate(pc, costate.eta, costate.grad_target_norm))
         return {k: v for k, v in agg.items() if k in wanted}
@@ -159,7 +206,7 @@ def _run(config: RunConfig, out: Path, overwrite: bool, progress: bool, ranks: R
 
     path = store.finalize(ids=ds.ids(), extras=extras, aggregate=aggregate, whole=whole, attrs={
         "config": config.to_dict(), "gradscore_version": __version__, "loss": ckpts.loss,
-        "checkpoints_sha256": fingerprint["checkpoints_sha256"],
+        "checkpoints_sha256": fingerprint["checkpoints_sha256"], "rows": rows,
         "warnings": costate.warnings if costate is not None else []})
     ranks.barrier()
     return path
@@ -201,12 +248,14 @@ def _prefetched(ds: Dataset, ranges: list[tuple[int, int]]) -> Iterator[tuple[in
             yield a, b, x, y
 
 
-def _fill(store: HDF5ScoreStore, ckpts: CheckpointStore, ds: Dataset, config: RunConfig,
-          device: str, dtype: torch.dtype, progress: bool, costate: CostateFile | None,
-          share: range) -> None:
-    """Score the chunks of ``share`` that are not done yet, at every checkpoint."""
-    todo = [[c for c in share if not store.is_done(t, c)] for t in range(len(ckpts))]
-    total = sum(store.chunk_range(c)[1] - store.chunk_range(c)[0] for c in share) * len(ckpts)
+def _fill(store: HDF5ScoreStore, ckpts: CheckpointStore, scored: np.ndarray, ds: Dataset,
+          config: RunConfig, device: str, dtype: torch.dtype, progress: bool, costate: CostateFile | None,
+          share: range, reusable: ReusableRows, checksums: list[str]) -> None:
+    """Write the chunks of ``share`` that are not done yet, for every scored checkpoint
+    (row ``t`` of the store is checkpoint ``scored[t]``, SHA-256 ``checksums[t]``): taken
+    from ``reusable`` where it has them, else computed."""
+    todo = [[c for c in share if not store.is_done(t, c)] for t in range(len(scored))]
+    total = sum(store.chunk_range(c)[1] - store.chunk_range(c)[0] for c in share) * len(scored)
     remaining = sum(store.chunk_range(c)[1] - store.chunk_range(c)[0] for cs in todo for c in cs)
     bar = tqdm(total=total, initial=total - remaining,
                desc="scoring", unit="ex", unit_scale=True, disable=None if progress else True,
@@ -215,20 +264,29 @@ def _fill(store: HDF5ScoreStore, ckpts: CheckpointStore, ds: Dataset, config: Ru
         for t, chunks in enumerate(todo):
             if not chunks:
                 continue
-            model = ckpts.build_model(t, dtype=dtype, device=device)
+            k, sha = int(scored[t]), checksums[t]
+            if reusable.has(sha):
+                for c in chunks:
+                    metrics = reusable.read(sha, *store.chunk_range(c))
+                    if not config.allow_nonfinite:
+                        _check_finite(metrics, ds, store.chunk_range(c)[0], ckpts[k].path)
+                    store.write_chunk(t, c, metrics)
+                    bar.update(len(next(iter(metrics.values()))))
+                continue
+            model = ckpts.build_model(k, dtype=dtype, device=device)
             scorer = Scorer(model, loss=resolve_loss(ckpts.loss, config.lm_reduction),
                             engine=config.engine, chunk_bytes=config.chunk_bytes, params=config.params or None)
-            refs = _refs(costate, t, len(ckpts))
+            refs = _refs(costate, k, len(ckpts))
             blocks = scorer.ref_blocks(refs) if refs is not None else None
             n_classes = None
             for c, (a, b, x, y) in zip(chunks, _prefetched(ds, [store.chunk_range(c) for c in chunks])):
                 if n_classes is None:
-                    n_classes = probe_model(model, ds, x, ckpts[t].path)
+                    n_classes = probe_model(model, ds, x, ckpts[k].path)
                 check_targets(ds, scorer.loss, a, y, n_classes)
                 metrics = score_chunk(scorer, x, y, batch_size=config.batch_size,
                                       gradients=config.needs_gradients, blocks=blocks)
                 if not config.allow_nonfinite:
-                    _check_finite(metrics, ds, a, ckpts[t].path)
+                    _check_finite(metrics, ds, a, ckpts[k].path)
                 store.write_chunk(t, c, metrics)
                 bar.update(b - a)
 
@@ -240,8 +298,13 @@ def score(checkpoints: str | os.PathLike, data: str | os.PathLike, *, out: str |
 
     Writes ``out`` (HDF5, see :mod:`gradscore.store`) and returns its path. ``options``
     are the other :class:`~gradscore.config.RunConfig` fields (engine, device, dtype,
-    batch_size, chunk_size, chunk_bytes, epochs_upto; target, costate, lr_scale_steps
-    for the PDS scores).
+    batch_size, chunk_size, chunk_bytes, epochs_upto, params, ids, index_range; target,
+    costate, lr_scale_steps for the PDS scores).
+
+    Against an existing ``out``, only what is missing is computed: the rows of the
+    checkpoints it already holds, made by the same pass with the same numeric settings,
+    are reused, so the file is bit-identical to a fresh run. A run that only adds scores
+    replaces ``out`` without ``overwrite``; one that would change a score in it needs it.
     """
     config = RunConfig(checkpoints=str(checkpoints), data=str(data), scores=tuple(scores), **options)
     return run(config, out, overwrite=overwrite, progress=progress)

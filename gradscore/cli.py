@@ -50,6 +50,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    f"{', '.join(s for s in AVAILABLE_SCORES if s in GRADIENT_SCORES)} need per-example gradients "
                    f"(the others one forward pass); default: {','.join(d.scores)}, or loss,grand for a "
                    f"language-modelling loss")
+    p.add_argument("--ids", default=None, metavar="FILE",
+                   help="score only the examples with these ids: a text file with one id per line, or a "
+                   ".npy array (positions 0..N-1 when the data has no 'ids' field)")
+    p.add_argument("--range", dest="index_range", default=None, metavar="A:B",
+                   help="score only the examples at positions A up to (not including) B, e.g. 0:1000 "
+                   "or 5000: (the output holds those examples, with their ids); not with --ids")
     p.add_argument("--params", default=None, metavar="PATTERN,...",
                    help="score only the parameters whose names match these shell patterns ('head.*'); "
                    "default: every trainable parameter")
@@ -150,7 +156,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                        target=args.target, costate=args.costate, lr_scale_steps=args.lr_scale_steps,
                        variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
                        clip_quantile=args.clip_quantile, lm_reduction=args.lm_reduction,
-                       allow_nonfinite=args.allow_nonfinite)
+                       allow_nonfinite=args.allow_nonfinite, ids=args.ids, index_range=args.index_range)
     path = run(config, args.out, overwrite=args.overwrite, progress=not args.quiet,
                distributed=args.distributed)
     if int(os.environ.get("RANK", "0")) == 0:

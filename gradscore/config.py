@@ -42,6 +42,21 @@ def _require(ok: bool, name: str, why: str) -> None:
         raise ConfigError(f"invalid value for '{name}': {why}")
 
 
+def parse_range(text: str) -> tuple[int | None, int | None]:
+    """"A:B" -> (A, B) positions of a half-open range; an end left out is None."""
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        a, b = (int(p) if p.strip() else None for p in parts)
+    except ValueError:
+        raise ConfigError(f"invalid value for 'range': {text!r}; give A:B, the positions from A up to "
+                          f"(not including) B, e.g. 0:1000 or 5000:") from None
+    _require((a is None or a >= 0) and (b is None or b >= 0), "range", f"{text!r} has a negative position")
+    _require(a is None or b is None or b > a, "range", f"{text!r} is empty; B must be larger than A")
+    return a, b
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that determines the numbers a scoring run writes.
@@ -79,9 +94,13 @@ class RunConfig:
         "help": "names or shell patterns of the parameters to score ('head.*'); empty: every trainable one"})
     allow_nonfinite: bool = field(default=False, metadata={
         "help": "keep going past NaN/Inf inputs or scores, recording the examples in /nonfinite"})
+    ids: str | None = field(default=None, metadata={
+        "help": "score only these examples: a file of their ids (one per line, or .npy)"})
+    index_range: str | None = field(default=None, metadata={
+        "help": "score only the examples at positions A:B of the data (either end may be left out)"})
 
     def __post_init__(self) -> None:
-        for name in ("checkpoints", "data", "target", "costate"):  # accept os.PathLike
+        for name in ("checkpoints", "data", "target", "costate", "ids"):  # accept os.PathLike
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, str(getattr(self, name)))
         scores = tuple(self.scores)
@@ -109,6 +128,10 @@ class RunConfig:
         _require(0 < self.clip_quantile <= 1, "clip_quantile", f"must be in (0, 1], got {self.clip_quantile!r}")
         _require(not self.variants or bool({"pds", "target_dot"} & set(scores)), "variants",
                  "variants apply to pds or target_dot; ask for one of them in scores")
+        _require(self.ids is None or self.index_range is None, "ids",
+                 "give the examples to score by --ids or by --range, not both")
+        if self.index_range is not None:
+            parse_range(self.index_range)
         wants_target = sorted(TARGET_SCORES & set(scores))
         _require(self.target is not None or not wants_target, "target",
                  f"scores {', '.join(wants_target)} need a target set (--target FILE)")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
-from .batch import Inputs, call_model, describe, move, take
+from .batch import Inputs, call_model, concat, describe, move, take
 from .exceptions import DataError
 from .losses import IGNORE_INDEX, Loss
 from .imports import import_ref
@@ -205,6 +205,78 @@ class TorchDataset(Dataset):
         if isinstance(xs[0], Mapping):  # text: dicts of model keyword inputs
             return {k: torch.stack([torch.as_tensor(x[k]) for x in xs]) for k in xs[0]}, ys_t
         return torch.stack([torch.as_tensor(x) for x in xs]), ys_t
+
+
+class SubsetDataset(Dataset):
+    """The examples of ``base`` at ``positions`` ((M,) sorted, unique), in the base's order."""
+
+    def __init__(self, base: Dataset, positions: np.ndarray, what: str) -> None:
+        self.base, self.positions, self.what = base, np.asarray(positions, dtype=np.int64), what
+        self.source, self.target_field = f"{base.source} ({what})", base.target_field
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def read(self, start: int, stop: int) -> tuple[Inputs, torch.Tensor]:
+        pos = self.positions[start:stop]
+        if len(pos) == 0:
+            return self.base.read(0, 0)
+        breaks = np.flatnonzero(np.diff(pos) != 1) + 1   # one base read per run of consecutive positions
+        parts = [self.base.read(int(run[0]), int(run[-1]) + 1) for run in np.split(pos, breaks)]
+        return concat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+    def ids(self) -> np.ndarray:
+        return self.base.ids()[self.positions]
+
+    def noisy(self) -> np.ndarray | None:
+        noisy = self.base.noisy()
+        return None if noisy is None else noisy[self.positions]
+
+    def fingerprint(self) -> dict[str, Any]:
+        import hashlib
+        return {**self.base.fingerprint(), "subset": self.what,
+                "positions_sha256": hashlib.sha256(self.positions.tobytes()).hexdigest()}
+
+
+def _read_ids(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"{path}: does not exist; give a file of example ids, one per line (or .npy)")
+    try:
+        if path.suffix == ".npy":
+            return np.asarray(np.load(path, allow_pickle=False)).reshape(-1)
+        return np.array([line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()])
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot be read as example ids ({e}); give one id per line, or a .npy array") from e
+
+
+def subset(ds: Dataset, *, ids: str | Path | None = None, index_range: str | None = None) -> Dataset:
+    """``ds`` restricted to the examples whose ids are listed in the file ``ids``, or to the
+    positions ``index_range`` ("A:B"); ``ds`` itself when neither is given. The examples keep
+    the data's order; an id listed twice is scored once; an unknown id is a :class:`DataError`."""
+    from .config import parse_range
+    n = len(ds)
+    if index_range is not None:
+        a, b = parse_range(index_range)
+        a, b = 0 if a is None else a, n if b is None else b
+        if b > n:
+            raise DataError(f"{ds.source}: has {n} examples; the range {index_range} (--range) goes past them")
+        return SubsetDataset(ds, np.arange(a, b), f"positions {a}:{b}")
+    if ids is None:
+        return ds
+    path = Path(ids)
+    wanted = _read_ids(path)
+    have = ds.ids()
+    keys = have.astype(str) if have.dtype.kind in "OUS" or wanted.dtype.kind in "OUS" else have
+    wanted = wanted.astype(keys.dtype) if keys.dtype.kind in "OUS" else wanted
+    found = np.isin(keys, wanted)
+    missing = np.setdiff1d(wanted, keys[found])
+    if len(missing):
+        raise DataError(f"{path}: {len(missing)} id(s) are not in {ds.source} (e.g. "
+                        f"{', '.join(map(str, missing[:5]))}); list ids from its 'ids' field (positions 0..N-1 "
+                        f"when it has none)")
+    if not found.any():
+        raise DataError(f"{path}: lists no example id; there is nothing to score")
+    return SubsetDataset(ds, np.flatnonzero(found), f"ids of {path.name}")
 
 
 def probe_model(model: torch.nn.Module, ds: Dataset, x: Inputs, ckpt: str | Path, role: str = "") -> int:

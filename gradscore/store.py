@@ -89,10 +89,12 @@ class Journal:
     run that fails before any work leaves nothing behind. A finished ``out`` with the
     same fingerprint makes the journal ``complete``; a different fingerprint (of ``out``
     or of a partial run with work in it) is refused with :class:`ConfigMismatchError`,
-    naming what differs, unless ``overwrite``; a partial run without work is discarded.
+    naming what differs, unless ``overwrite`` (or, for ``out`` alone, ``replace``: the new
+    run only adds to it); a partial run without work is discarded.
     """
 
-    def __init__(self, out: str | Path, fingerprint: dict, *, overwrite: bool = False) -> None:
+    def __init__(self, out: str | Path, fingerprint: dict, *, overwrite: bool = False,
+                 replace: bool = False) -> None:
         self.out = Path(out)
         self.partial = self.out.with_name(self.out.name + ".partial")
         self._meta = self.partial / "meta.json"
@@ -103,7 +105,7 @@ class Journal:
             if found == fingerprint and not overwrite:
                 self.complete = True
                 return
-            if not overwrite:
+            if not (overwrite or replace):
                 raise ConfigMismatchError(
                     f"{self.out}: exists and was made with other settings ({difference(found, fingerprint)} "
                     f"differ); pass --overwrite to replace it or choose another --out")
@@ -144,8 +146,8 @@ class HDF5ScoreStore(ScoreStore):
     """Journal of chunk files in ``<out>.partial/``, assembled into ``out`` (HDF5)."""
 
     def __init__(self, out: str | Path, fingerprint: dict, *, n: int, T: int, chunk_size: int,
-                 overwrite: bool = False) -> None:
-        self.journal = Journal(out, fingerprint, overwrite=overwrite)
+                 overwrite: bool = False, replace: bool = False) -> None:
+        self.journal = Journal(out, fingerprint, overwrite=overwrite, replace=replace)
         self.out, self.partial, self.fingerprint = self.journal.out, self.journal.partial, fingerprint
         self.n, self.T, self.chunk_size = n, T, chunk_size
         self.n_chunks = (n + chunk_size - 1) // chunk_size
@@ -224,6 +226,46 @@ class HDF5ScoreStore(ScoreStore):
                     sg.create_dataset(k, data=v)
         self.journal.finish()
         return self.out
+
+
+class ReusableRows:
+    """The per-checkpoint rows of a finished scores file that a new run may take instead of
+    computing them: those of the checkpoints (by SHA-256) it scored with the same ``key``
+    (the data and every setting that changes the numbers, see ``gradscore.api``). The
+    file's attribute ``rows`` holds its key and the checksums of its rows' checkpoints;
+    a file without it (or with another key) offers nothing."""
+
+    def __init__(self, path: str | Path, key: dict) -> None:
+        self._file: h5py.File | None = None
+        self._row: dict[str, int] = {}
+        try:
+            f = h5py.File(path, "r")
+        except (OSError, ValueError):
+            return
+        try:
+            rows = json.loads(f.attrs.get("rows", "null"))
+        except ValueError:
+            rows = None
+        if not isinstance(rows, dict) or rows.get("key") != key:
+            f.close()
+            return
+        self._file = f
+        self._row = {sha: t for t, sha in enumerate(rows["checkpoints_sha256"])}
+
+    def has(self, sha256: str) -> bool:
+        """True when the rows of the checkpoint with this checksum can be taken."""
+        return sha256 in self._row
+
+    def read(self, sha256: str, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Every metric of that checkpoint for examples ``start:stop``: {name: (stop-start,)}."""
+        assert self._file is not None
+        pc, t = self._file["per_checkpoint"], self._row[sha256]
+        return {k: pc[k][t, start:stop] for k in pc}
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def load_scores(path: str | Path) -> dict[str, Any]:

@@ -1,0 +1,191 @@
+"""Incremental runs: a rerun with other scores or another checkpoint window reuses the
+per-checkpoint rows of the existing scores file that still apply, computes only the rest,
+and writes a file bit-identical to a fresh run; ``--ids``/``--range`` score a subset."""
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+import gradscore as gs
+from gradscore.checkpoints import CheckpointStore
+from gradscore.cli import main
+
+
+@pytest.fixture
+def built(monkeypatch) -> list[int]:
+    """The checkpoint indices whose model a run builds (= the checkpoints it scores)."""
+    seen: list[int] = []
+    original = CheckpointStore.build_model
+
+    def build_model(self, t, *args, **kwargs):
+        seen.append(t)
+        return original(self, t, *args, **kwargs)
+    monkeypatch.setattr(CheckpointStore, "build_model", build_model)
+    return seen
+
+
+def _assert_same_file(a, b) -> None:
+    """Equal scores files, bit for bit: every per-checkpoint row, score and checkpoint field."""
+    ra, rb = gs.load_scores(a), gs.load_scores(b)
+    for group in ("per_checkpoint", "scores", "checkpoints"):
+        assert sorted(ra[group]) == sorted(rb[group]), group
+        for k in ra[group]:
+            np.testing.assert_array_equal(ra[group][k], rb[group][k], err_msg=f"{group}/{k}")
+    np.testing.assert_array_equal(ra["ids"], rb["ids"])
+    assert ra["config"] == rb["config"]
+
+
+OPTS = dict(chunk_size=40, batch_size=16, progress=False)
+
+
+def test_epochs_upto_scores_only_the_checkpoints_it_uses(tiny_run, tmp_path, built):
+    ckpts, data = tiny_run
+    res = gs.load_scores(gs.score(ckpts, data, out=tmp_path / "s.h5", epochs_upto=1, **OPTS))
+    assert sorted(set(built)) == [0, 1]
+    assert res["per_checkpoint"]["el2n"].shape == (2, 90)
+    assert res["checkpoints"]["step"].tolist() == [0, 1]
+    np.testing.assert_allclose(res["scores"]["el2n"], res["per_checkpoint"]["el2n"].astype(np.float64).mean(0),
+                               rtol=1e-12)
+
+
+def test_adding_a_score_of_the_same_pass_computes_nothing(tiny_run, tmp_path, built):
+    ckpts, data = tiny_run
+    out = tmp_path / "s.h5"
+    gs.score(ckpts, data, out=out, scores=["el2n", "grand"], **OPTS)
+    built.clear()
+    gs.score(ckpts, data, out=out, scores=["el2n", "grand", "loss", "forgetting", "confidence"], **OPTS)
+    assert built == []    # every row came from the existing file; no --overwrite needed to add
+    gs.score(ckpts, data, out=tmp_path / "fresh.h5", scores=["el2n", "grand", "loss", "forgetting", "confidence"],
+             **OPTS)
+    _assert_same_file(out, tmp_path / "fresh.h5")
+    assert not (tmp_path / "s.h5.partial").exists()
+
+
+def test_adding_a_gradient_score_reruns_the_gradient_pass_only(tiny_run, tmp_path, built):
+    ckpts, data = tiny_run
+    out = tmp_path / "s.h5"
+    gs.score(ckpts, data, out=out, scores=["el2n"], **OPTS)
+    built.clear()
+    gs.score(ckpts, data, out=out, scores=["el2n", "grand"], **OPTS)
+    assert sorted(set(built)) == [0, 1, 2]
+    gs.score(ckpts, data, out=tmp_path / "fresh.h5", scores=["el2n", "grand"], **OPTS)
+    _assert_same_file(out, tmp_path / "fresh.h5")
+
+
+def test_a_wider_window_computes_only_the_missing_checkpoints(tiny_run, tmp_path, built):
+    ckpts, data = tiny_run
+    out = tmp_path / "s.h5"
+    gs.score(ckpts, data, out=out, epochs_upto=1, **OPTS)
+    built.clear()
+    with pytest.raises(gs.ConfigMismatchError, match=r"epochs_upto \(1 before, None now\)"):
+        gs.score(ckpts, data, out=out, **OPTS)   # changes the existing scores: needs --overwrite
+    gs.score(ckpts, data, out=out, overwrite=True, **OPTS)
+    assert sorted(set(built)) == [2]
+    gs.score(ckpts, data, out=tmp_path / "fresh.h5", **OPTS)
+    _assert_same_file(out, tmp_path / "fresh.h5")
+    built.clear()
+    gs.score(ckpts, data, out=out, epochs_upto=0, overwrite=True, **OPTS)   # narrower: all reused
+    assert built == []
+    gs.score(ckpts, data, out=tmp_path / "fresh0.h5", epochs_upto=0, **OPTS)
+    _assert_same_file(out, tmp_path / "fresh0.h5")
+
+
+def test_rows_made_with_other_numerics_are_not_reused(tiny_run, tmp_path, built):
+    ckpts, data = tiny_run
+    out = tmp_path / "s.h5"
+    gs.score(ckpts, data, out=out, **OPTS)
+    built.clear()
+    gs.score(ckpts, data, out=out, overwrite=True, **{**OPTS, "batch_size": 7})
+    assert sorted(set(built)) == [0, 1, 2]
+    built.clear()
+    gs.score(ckpts, data, out=out, overwrite=True, dtype="float64", **{**OPTS, "batch_size": 7})
+    assert sorted(set(built)) == [0, 1, 2]
+
+
+def test_removing_a_score_needs_overwrite(tiny_run, tmp_path):
+    ckpts, data = tiny_run
+    out = tmp_path / "s.h5"
+    gs.score(ckpts, data, out=out, scores=["el2n", "loss"], **OPTS)
+    with pytest.raises(gs.ConfigMismatchError, match="scores"):
+        gs.score(ckpts, data, out=out, scores=["el2n"], **OPTS)
+    assert set(gs.load_scores(out)["scores"]) == {"el2n", "loss"}
+
+
+def test_range_and_ids_score_a_subset(tiny_run, tmp_path):
+    ckpts, data = tiny_run
+    full = gs.load_scores(gs.score(ckpts, data, out=tmp_path / "full.h5", dtype="float64", **OPTS))
+    part = gs.load_scores(gs.score(ckpts, data, out=tmp_path / "r.h5", dtype="float64", index_range="10:30", **OPTS))
+    assert part["ids"].tolist() == list(range(110, 130))
+    np.testing.assert_array_equal(part["noisy"], full["noisy"][10:30])
+    for k in full["per_checkpoint"]:
+        np.testing.assert_allclose(part["per_checkpoint"][k], full["per_checkpoint"][k][:, 10:30], rtol=1e-10)
+    ids = tmp_path / "ids.txt"
+    ids.write_text("150\n101\n189\n150\n")
+    part = gs.load_scores(gs.score(ckpts, data, out=tmp_path / "i.h5", dtype="float64", ids=ids, **OPTS))
+    assert part["ids"].tolist() == [101, 150, 189]     # in the dataset's order, each once
+    for k in full["scores"]:
+        np.testing.assert_allclose(part["scores"][k], full["scores"][k][[1, 50, 89]], rtol=1e-10)
+    np.save(tmp_path / "ids.npy", np.array([120, 121]))
+    part = gs.load_scores(gs.score(ckpts, data, out=tmp_path / "n.h5", ids=tmp_path / "ids.npy", **OPTS))
+    assert part["ids"].tolist() == [120, 121]
+
+
+def test_subset_mistakes_get_one_line(tiny_run, tmp_path, capsys):
+    ckpts, data = tiny_run
+    base = ["run", "--checkpoints", str(ckpts), "--data", str(data), "--quiet"]
+    ids = tmp_path / "ids.txt"
+    ids.write_text("101\n7\n")
+    cases = [
+        (["--ids", str(ids)], "ids.txt: 1 id(s) are not in"),
+        (["--ids", str(tmp_path / "missing.txt")], "missing.txt: does not exist"),
+        (["--range", "80:200"], "range"),
+        (["--range", "abc"], "range"),
+        (["--range", "5:5"], "range"),
+        (["--range", "0:5", "--ids", str(ids)], "not both"),
+    ]
+    for extra, msg in cases:
+        out = tmp_path / "s.h5"
+        assert main([*base, "--out", str(out), *extra]) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert msg in err and len(err.splitlines()) == 1, (extra, err)
+        assert not out.exists() and not (tmp_path / "s.h5.partial").exists()
+    ids.write_text("101\n102\n")
+    assert main([*base, "--out", str(tmp_path / "ok.h5"), "--ids", str(ids)]) == 0
+    with h5py.File(tmp_path / "ok.h5") as f:
+        assert f["ids"][()].tolist() == [101, 102]
+    assert main([*base, "--out", str(tmp_path / "ok2.h5"), "--range", ":3"]) == 0
+    assert gs.load_scores(tmp_path / "ok2.h5")["ids"].tolist() == [100, 101, 102]
+
+
+def test_a_changed_ids_file_is_a_changed_run(tiny_run, tmp_path):
+    ckpts, data = tiny_run
+    ids = tmp_path / "ids.txt"
+    ids.write_text("101\n102\n")
+    out = tmp_path / "s.h5"
+    gs.score(ckpts, data, out=out, ids=ids, **OPTS)
+    ids.write_text("101\n103\n")
+    with pytest.raises(gs.ConfigMismatchError, match="the data"):
+        gs.score(ckpts, data, out=out, ids=ids, **OPTS)
+
+
+def test_an_interrupted_incremental_run_resumes(tiny_run, tmp_path, monkeypatch):
+    from gradscore.store import HDF5ScoreStore
+    ckpts, data = tiny_run
+    out = tmp_path / "s.h5"
+    gs.score(ckpts, data, out=out, epochs_upto=0, scores=["el2n", "grand"], **OPTS)
+    original, calls = HDF5ScoreStore.write_chunk, []
+
+    def write_chunk(self, t, c, metrics):
+        calls.append((t, c))
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        original(self, t, c, metrics)
+    monkeypatch.setattr(HDF5ScoreStore, "write_chunk", write_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        gs.score(ckpts, data, out=out, scores=["el2n", "grand"], overwrite=True, **OPTS)
+    assert gs.load_scores(out)["per_checkpoint"]["el2n"].shape == (1, 90)   # the old file is intact
+    monkeypatch.setattr(HDF5ScoreStore, "write_chunk", original)
+    gs.score(ckpts, data, out=out, scores=["el2n", "grand"], overwrite=True, **OPTS)
+    gs.score(ckpts, data, out=tmp_path / "fresh.h5", scores=["el2n", "grand"], **OPTS)
+    _assert_same_file(out, tmp_path / "fresh.h5")
