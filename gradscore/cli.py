@@ -258,6 +258,9 @@ def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fraction", type=float, default=0.33, help="--region: fraction of the data per region")
     p.add_argument("--jtt", action="store_true", help="JTT: error set and weights (FILE_weights.npz)")
     p.add_argument("--upweight", type=float, default=20.0, help="--jtt: weight of the error set")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="--by/--region: leave out the examples whose score is NaN/Inf (a run with "
+                   "--allow-nonfinite) and list them in 'nonfinite_ids'; default: stop, naming them")
     p.add_argument("--checkpoint", type=int, default=-1,
                    help="--jtt: index of the checkpoint whose errors are taken (an early one, as JTT does)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output of the same kind (never an input, never another kind of file)")
@@ -444,7 +447,11 @@ def _cmd_select(args: argparse.Namespace) -> int:
     from .select import select
     res = select(args.scores, by=args.by, keep=args.keep, highest=args.highest, exclude_top=args.exclude_top,
                  region=args.region, fraction=args.fraction, jtt=args.jtt, upweight=args.upweight,
-                 checkpoint=args.checkpoint, out=args.out, overwrite=args.overwrite)
+                 checkpoint=args.checkpoint, out=args.out, overwrite=args.overwrite,
+                 allow_nonfinite=args.allow_nonfinite)
+    if res.get("nonfinite_ids"):
+        _warn("select", [f"left out {len(res['nonfinite_ids'])} example(s) with a NaN/Inf score "
+                         f"(listed in 'nonfinite_ids')"])
     n = res.get("n_selected", res.get("n_errors"))
     print(f"selection -> {args.out}" + (f" ({n} examples)" if n is not None else "")
           + (f"; weights -> {res['weights_file']}" if "weights_file" in res else ""))

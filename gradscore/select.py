@@ -20,7 +20,7 @@ import numpy as np
 
 from . import __version__
 from .atomic import atomic_path
-from .exceptions import ConfigError, GradscoreError
+from .exceptions import ConfigError, DataError, GradscoreError
 from .outputs import claim
 from .store import load_scores
 
@@ -45,6 +45,18 @@ def _score(res: dict[str, Any], name: str) -> np.ndarray:
         raise GradscoreError(f"score '{name}' is not in the scores file (it has: "
                              f"{', '.join(sorted(res['scores']))}); rerun `gradscore run --scores ...`")
     return res["scores"][name]
+
+
+def _finite(res: dict[str, Any], names: tuple[str, ...], allow_nonfinite: bool) -> np.ndarray:
+    """(N,) bool: the examples whose scores ``names`` are all finite. Others are refused in
+    one line naming them, or with ``allow_nonfinite`` left out of the selection."""
+    ok = np.logical_and.reduce([np.isfinite(_score(res, name)) for name in names])
+    if not ok.all() and not allow_nonfinite:
+        bad = _ids(res, np.flatnonzero(~ok))
+        raise DataError(f"{len(bad)} example(s) (ids {', '.join(map(str, bad[:5]))}{', …' if len(bad) > 5 else ''}) "
+                        f"have a NaN/Inf {' or '.join(names)}; pass --allow-nonfinite to leave them out of the "
+                        f"selection (they are listed in its 'nonfinite_ids')")
+    return ok
 
 
 def by_score(values: np.ndarray, *, keep: float, highest: bool = True, exclude_top: float = 0.0) -> np.ndarray:
@@ -80,13 +92,16 @@ def _ids(res: dict[str, Any], idx: np.ndarray) -> list:
 def select(scores: str | Path, *, by: str | None = None, keep: float = 0.5, highest: bool = True,
            exclude_top: float = 0.0, region: str | None = None, fraction: float = 0.33,
            jtt: bool = False, upweight: float = 20.0, checkpoint: int = -1,
-           out: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
+           out: str | Path | None = None, overwrite: bool = False,
+           allow_nonfinite: bool = False) -> dict[str, Any]:
     """Select examples from a scores file; write the result as JSON to ``out`` if given
     (an existing ``out`` only with ``overwrite``, and only if it is a gradscore report).
 
     Exactly one of ``by`` (a score name), ``region`` (easy, ambiguous, hard or all) or
     ``jtt`` is used. With ``jtt`` the weights are also written next to ``out`` as
-    ``<out stem>_weights.npz`` (arrays ``ids``, ``weights``).
+    ``<out stem>_weights.npz`` (arrays ``ids``, ``weights``). Examples with a NaN/Inf
+    score are refused (:class:`DataError`), or with ``allow_nonfinite`` left out, the
+    fractions then taken of the rest, and listed in ``nonfinite_ids``.
     """
     modes = [by is not None, region is not None, jtt]
     if sum(modes) != 1:
@@ -100,14 +115,17 @@ def select(scores: str | Path, *, by: str | None = None, keep: float = 0.5, high
     result: dict[str, Any]
     weights = None
     if by is not None:
-        idx = by_score(_score(res, by), keep=keep, highest=highest, exclude_top=exclude_top)
+        finite = np.flatnonzero(_finite(res, (by,), allow_nonfinite))
+        idx = finite[by_score(_score(res, by)[finite], keep=keep, highest=highest, exclude_top=exclude_top)]
         result = {"by": by, "highest": highest, "keep": keep, "exclude_top": exclude_top,
                   "n_selected": int(len(idx)), "indices": idx.tolist(), "ids": _ids(res, idx)}
     elif region is not None:
         if region not in REGIONS + ("all",):
             raise ConfigError(f"invalid value for 'region': '{region}' is not one of "
                               f"{', '.join(REGIONS + ('all',))}")
-        found = regions(_score(res, "confidence"), _score(res, "variability"), fraction)
+        finite = np.flatnonzero(_finite(res, ("confidence", "variability"), allow_nonfinite))
+        found = {r: finite[i] for r, i in regions(_score(res, "confidence")[finite],
+                                                  _score(res, "variability")[finite], fraction).items()}
         names = REGIONS if region == "all" else (region,)
         result = {f"{r}_region": found[r].tolist() for r in names}
         result.update({f"{r}_ids": _ids(res, found[r]) for r in names})
@@ -120,6 +138,8 @@ def select(scores: str | Path, *, by: str | None = None, keep: float = 0.5, high
         err = np.flatnonzero(weights != 1.0)
         result = {"jtt_checkpoint": checkpoint % correct.shape[0], "upweight": upweight,
                   "n_errors": int(len(err)), "error_set": err.tolist(), "error_ids": _ids(res, err)}
+    if by is not None or region is not None:
+        result["nonfinite_ids"] = _ids(res, np.setdiff1d(np.arange(len(res["ids"])), finite))
     if out is not None:
         out = Path(out)
         with atomic_path(out) as tmp:

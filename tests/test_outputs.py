@@ -192,9 +192,20 @@ def test_nonfinite_inputs_stop_with_their_ids_or_are_recorded(tiny_run, tmp_path
     code, err = _run(argv, capsys)
     assert code == 2 and f"ids {ids[3]}, {ids[40]}" in err and "step_00000000.h5" in err, err
     assert not out.exists() and not Path(str(out) + ".partial").exists()
-    assert _run(argv + ["--allow-nonfinite"], capsys)[0] == 0
+    assert _run(argv + ["--allow-nonfinite", "--scores", "el2n,confidence,variability"], capsys)[0] == 0
     with h5py.File(out) as f:
         assert np.flatnonzero(f["nonfinite"][()]).tolist() == [3, 40]
+    # select does not drop them silently: one line, or with --allow-nonfinite left out and listed
+    sel = tmp_path / "sel.json"
+    for how in (["--by", "el2n", "--keep", "1.0"], ["--region", "all"]):
+        code, err = _run(["select", str(out), "--out", str(sel), *how], capsys)
+        assert code == 2 and len(err.splitlines()) == 1 and f"{ids[3]}, {ids[40]}" in err, err
+        assert "--allow-nonfinite" in err and not sel.exists()
+    assert _run(["select", str(out), "--out", str(sel), "--by", "el2n", "--keep", "1.0", "--allow-nonfinite"],
+                capsys)[0] == 0
+    res = json.loads(sel.read_text())
+    assert res["n_selected"] == 88 and res["nonfinite_ids"] == [int(ids[3]), int(ids[40])]
+    assert not {3, 40} & set(res["indices"])
 
 
 def test_float_and_one_hot_targets_are_refused_in_one_line(tiny_run, tmp_path, capsys):
