@@ -1,7 +1,7 @@
 """Per-example gradient engines vs one plain forward+backward, and end-to-end `run`
 throughput, in one run (the code is gradscore/bench.py; `gradscore bench` runs it too).
 
-    python bench/engines.py [--batches 64,256] [--json bench/results/engines_cpu.json]
+    python bench/engines.py [--batches 64,256] [--json bench/results/engines_cpu.json --overwrite]
 
 Peers (optional): pip install -c <(pip freeze | grep '^torch==') opacus einops unfoldNd
 and pip install --no-deps backpack-for-pytorch (pinning torch so pip never swaps it).

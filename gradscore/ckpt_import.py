@@ -12,6 +12,7 @@ step) are skipped, so an interrupted import resumes.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Callable
@@ -20,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoints import CheckpointStore, checkpoint_filename, write_checkpoint
-from .exceptions import CheckpointError
+from .exceptions import CheckpointError, OutputError
 from .imports import import_ref
 
 SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -70,6 +71,24 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _claim_out(src: Path, out: Path, model_factory: str, model_kwargs: dict, loss: str) -> Path:
+    """``out`` made, or checked to be a folder that holds nothing but checkpoints of this
+    same model (an earlier, maybe interrupted, import); never the source folder."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a directory; give the folder to write the checkpoints into")
+    if out.exists() and os.path.samefile(out, src):
+        raise OutputError(f"{out}: is the source folder, an input of this command; gradscore never writes "
+                          f"into its inputs: choose another --out")
+    if out.exists() and any(out.glob("step_*.h5")):
+        first = CheckpointStore(out)[0]
+        found = (first.model, first.model_kwargs, first.loss)
+        if found != (model_factory, model_kwargs, loss):
+            raise OutputError(f"{out}: holds the checkpoints of another model ({found[0]}({found[1]}), loss "
+                              f"{found[2]}); choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def import_checkpoints(src: str | Path, out: str | Path, *, model_factory: str, model_kwargs: dict | None = None,
                        loss: str = "cross_entropy", lr: float | None = None,
                        schedule: dict[int, float] | None = None, steps_per_epoch: int | None = None,
@@ -80,8 +99,7 @@ def import_checkpoints(src: str | Path, out: str | Path, *, model_factory: str, 
     factory: Callable = import_ref(model_factory, "model factory", CheckpointError)
     model = factory(**(model_kwargs or {}))
     sources = find_sources(src)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _claim_out(Path(src), Path(out), model_factory, model_kwargs or {}, loss)
     for step, path in tqdm(sources, desc="import", unit="ckpt", disable=None if progress else True):
         if (out / checkpoint_filename(step)).exists():
             continue

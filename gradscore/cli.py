@@ -17,6 +17,7 @@ EPILOG = """examples:
   gradscore info scores.h5
 
 A killed `run` resumes where it stopped when rerun with the same options."""
+OVERWRITE_HELP = "replace an existing output of the same kind (never an input, never another kind of file)"
 
 
 class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -223,6 +224,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if unknown:
         raise GradscoreError(f"--models: unknown {', '.join(sorted(unknown))}; choose from "
                              f"{', '.join(model_cases('cpu'))}")
+    if args.json:
+        from .outputs import claim
+        claim(args.json, "json", overwrite=args.overwrite)   # before the timing, not after
     result = run_bench(batches, args.repeats, device=args.device, models=models)
     if args.end_to_end:
         from .bench import pds_timing
@@ -231,8 +235,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         from . import __version__
         from .atomic import atomic_path
-        from .outputs import claim
-        claim(args.json, "json", overwrite=True)   # the bench's own results file, rewritten each run
         with atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps({**result, "gradscore_version": __version__}, indent=2))
         print(f"-> {args.json}")
@@ -263,7 +265,7 @@ def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
                    "--allow-nonfinite) and list them in 'nonfinite_ids'; default: stop, naming them")
     p.add_argument("--checkpoint", type=int, default=-1,
                    help="--jtt: index of the checkpoint whose errors are taken (an early one, as JTT does)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output of the same kind (never an input, never another kind of file)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p = _command(sub, "plot", help="data map or score histograms from a scores file",
                  description="--kind datamap: confidence vs variability coloured by correctness, "
                  "regions shaded (needs the dynamics scores); --kind hist: every score, clean vs "
@@ -273,7 +275,7 @@ def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
                    help="datamap: confidence vs variability; hist: every score's histogram")
     p.add_argument("--out", required=True, metavar="FILE.png|svg", help="figure to write (PNG or SVG)")
     p.add_argument("--max-points", type=int, default=20000, help="datamap: hexbin above this many examples")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output of the same kind (never an input, never another kind of file)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
 def _add_import_export(sub: argparse._SubParsersAction) -> None:
@@ -295,7 +297,7 @@ def _add_import_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", required=True, choices=("td_metrics", "csv", "parquet"),
                    help="td_metrics: jsonl as TrainingDynamics writes; csv or parquet: id and every score")
     p.add_argument("--out", required=True, metavar="FILE", help="file to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output of the same kind (never an input, never another kind of file)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
@@ -383,6 +385,7 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shifted-test", default=None, metavar="FILE", help="regions: your out-of-distribution test set")
     p.add_argument("--model", default=None, metavar="MODULE:FN", help="with --train: the model factory")
     p.add_argument("--model-kwargs", default="{}", metavar="JSON", help="with --model: its keyword arguments")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
@@ -409,13 +412,13 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         methods = tuple(args.methods.split(",")) if args.methods else prune.DEFAULT_METHODS
         mods = (":lowest" if args.keep == "lowest" else "") + (f":exclude={args.exclude_top}" if args.exclude_top else "")
         methods = tuple(m if ":" in m or m == "random" else m + mods for m in methods)
-        prune.run(out, mode, methods=methods, setup=setup)
+        prune.run(out, mode, methods=methods, setup=setup, overwrite=args.overwrite)
     elif args.name == "regions":
         from .experiments import regions
-        regions.run(out, mode, setup=setup)
+        regions.run(out, mode, setup=setup, overwrite=args.overwrite)
     else:
         from .experiments import jtt
-        jtt.run(out, mode)
+        jtt.run(out, mode, overwrite=args.overwrite)
     return 0
 
 
@@ -433,7 +436,7 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
                       help="the scored dataset: its 'noisy' field, and ‖x‖ as a baseline score")
     p.add_argument("--out", default=None, metavar="DIR", help="write diagnosis.json and plots here")
     p.add_argument("--top-fraction", type=float, default=0.1, help="size of the top/bottom sets")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output of the same kind (never an input, never another kind of file)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
 def _cmd_diagnose(args: argparse.Namespace) -> int:
@@ -534,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-end-to-end", dest="end_to_end", action="store_false",
                    help="skip the end-to-end `run` throughput and the PDS timings (default: run them)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p = sub.add_parser("info", help="describe a checkpoint dir, dataset or scores file",
                        description="Describe a checkpoint directory, a dataset file or a scores "
                        "file; --env prints the kernel backends and library versions.")

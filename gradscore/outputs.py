@@ -4,7 +4,7 @@ a gradscore output of the same kind, and over one that is only when asked.
 Every command that writes calls :func:`claim` for each output before it computes
 anything. The kinds are recognized by their content, not their name: a scores file
 (HDF5 with a fingerprint and a config), a co-state file (HDF5 with its conventions),
-a JSON report (a ``gradscore_version`` key), a figure (PNG or SVG whose metadata names
+a JSON report (a ``gradscore_version`` key), a Markdown report (its first line), a figure (PNG or SVG whose metadata names
 gradscore), an export (csv with an ``id`` column of scores, td_metrics jsonl, parquet
 with gradscore's schema metadata) and JTT weights (npz of ``ids`` and ``weights``).
 The write itself is atomic (:mod:`.atomic`): nothing half-written is ever left at
@@ -23,6 +23,8 @@ from .exceptions import OutputError
 
 #: the text a figure's metadata carries, and what marks a JSON report or a parquet export
 MARK = "gradscore"
+#: the first line of a Markdown report
+MARKDOWN_MARK = f"<!-- written by {MARK}"
 
 
 def _hdf5_attrs(path: Path) -> set[str]:
@@ -80,6 +82,14 @@ def _is_export(path: Path) -> bool:
     return first.startswith("id,")
 
 
+def _is_markdown(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().startswith(MARKDOWN_MARK)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def _is_weights(path: Path) -> bool:
     import numpy as np
     try:
@@ -96,6 +106,7 @@ KINDS: dict[str, tuple[str, Callable[[Path], bool]]] = {
     "figure": ("a gradscore figure", _is_figure),
     "export": ("a gradscore export", _is_export),
     "weights": ("a gradscore JTT weights file", _is_weights),
+    "markdown": ("a gradscore Markdown report", _is_markdown),
 }
 
 
@@ -133,6 +144,21 @@ def claim(out: str | os.PathLike, kind: str, *, inputs: Mapping[str, Iterable[st
         if not overwrite and not resumable:
             raise OutputError(f"{out}: exists; pass --overwrite to replace it, or choose another output path")
     return out
+
+
+def claim_folder(folder: str | os.PathLike, marker: str, what: str) -> Path:
+    """Make ``folder`` (a command's own scratch or output folder, marked by the file
+    ``marker`` in it) or check that an existing one is that; never a folder of the user's."""
+    folder = Path(folder)
+    if folder.exists() and not (folder / marker).exists():
+        if not folder.is_dir():
+            raise OutputError(f"{folder}: exists and is not a directory; choose another path")
+        if any(folder.iterdir()):
+            raise OutputError(f"{folder}: exists and is not {what}; gradscore never writes into it: "
+                              f"choose another path or move it away")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / marker).touch()
+    return folder
 
 
 @contextlib.contextmanager

@@ -231,3 +231,65 @@ def test_a_folder_mixing_two_runs_is_refused_naming_the_file(tmp_path, capsys):
     code, err = _run(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(tmp_path / "s.h5"),
                       "--quiet"], capsys)
     assert code == 2 and stray.name in err and "model_kwargs" in err and "one training run" in err, err
+
+
+def test_experiment_claims_its_results_before_training(tmp_path, capsys):
+    out = tmp_path / "exp"
+    out.mkdir()
+    mine = out / "jtt.md"
+    mine.write_text("# my notes\n")
+    code, err = _run(["experiment", "jtt", "--mode", "tiny", "--out", str(out), "--overwrite"], capsys)
+    assert code == 2 and "jtt.md: exists and is not a gradscore" in err and len(err.splitlines()) == 1, err
+    assert mine.read_text() == "# my notes\n" and not (out / "jtt.json").exists() and not (out / "work").exists()
+    mine.unlink()
+    assert _run(["experiment", "jtt", "--mode", "tiny", "--out", str(out)], capsys)[0] == 0
+    assert json.loads((out / "jtt.json").read_text())["gradscore_version"]
+    digests = {p.name: _digest(p) for p in out.glob("jtt.*")}
+    code, err = _run(["experiment", "jtt", "--mode", "tiny", "--out", str(out)], capsys)
+    assert code == 2 and "--overwrite" in err, err
+    assert {p.name: _digest(p) for p in out.glob("jtt.*")} == digests
+    other = tmp_path / "exp2"
+    (other / "work").mkdir(parents=True)
+    (other / "work" / "keep.txt").write_text("mine")
+    code, err = _run(["experiment", "jtt", "--mode", "tiny", "--out", str(other)], capsys)
+    assert code == 2 and "work: exists and is not" in err and len(err.splitlines()) == 1, err
+    assert (other / "work" / "keep.txt").read_text() == "mine"
+
+
+def test_import_checkpoints_never_writes_into_its_source_or_over_another_run(tmp_path, capsys):
+    import torch
+    from gradscore.models import mlp
+    kw = {"d_in": 6, "hidden": 8, "n_classes": 3, "depth": 1}
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save(mlp(**kw).state_dict(), src / "step_0.pt")
+    args = ["import-checkpoints", str(src), "--model", "gradscore.models:mlp", "--model-kwargs", json.dumps(kw),
+            "--lr", "0.1", "--quiet", "--out"]
+    code, err = _run(args + [str(src)], capsys)
+    assert code == 2 and "is the source folder" in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in src.iterdir()) == ["step_0.pt"]
+    from conftest import make_run
+    ckpts, _ = make_run(tmp_path / "other")          # another model's checkpoints
+    before = {p.name: _digest(p) for p in ckpts.iterdir()}
+    code, err = _run(args + [str(ckpts)], capsys)
+    assert code == 2 and "holds the checkpoints of another model" in err and len(err.splitlines()) == 1, err
+    assert {p.name: _digest(p) for p in ckpts.iterdir()} == before
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x")
+    code, err = _run(args + [str(notes)], capsys)
+    assert code == 2 and "not a directory" in err, err
+    assert _run(args + [str(tmp_path / "ck")], capsys)[0] == 0
+    assert _run(args + [str(tmp_path / "ck")], capsys)[0] == 0     # the same import again: nothing to do
+
+
+def test_bench_json_is_claimed_before_timing(tmp_path, capsys):
+    res = tmp_path / "bench.json"
+    res.write_text(json.dumps({"gradscore_version": "0", "rows": []}))
+    argv = ["bench", "--models", "digits_cnn", "--batches", "4", "--repeats", "1", "--no-end-to-end",
+            "--json", str(res)]
+    code, err = _run(argv, capsys)
+    assert code == 2 and "--overwrite" in err and len(err.splitlines()) == 1, err
+    res.write_text("not json")
+    code, err = _run(argv + ["--overwrite"], capsys)
+    assert code == 2 and "is not a gradscore" in err, err
+    assert res.read_text() == "not json"

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
+from .. import __version__
 from ..atomic import atomic_path
+from ..outputs import MARKDOWN_MARK, claim, claim_folder
 from ..checkpoints import CheckpointWriter
 from ..data import load_dataset, save_dataset
 from ..demo import flip_labels, load_digit_images
@@ -163,14 +165,22 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def claim_results(out: Path, name: str, overwrite: bool = False) -> Path:
+    """Check, before any training, that ``out/<name>.{json,md,png}`` may be written (see
+    :func:`gradscore.outputs.claim`); return the experiment's scratch folder ``out/work``."""
+    for suffix, kind in ((".json", "json"), (".md", "markdown"), (".png", "figure")):
+        claim(out / f"{name}{suffix}", kind, overwrite=overwrite)
+    return claim_folder(out / "work", ".gradscore-experiment", "a gradscore experiment's scratch folder")
+
+
 def write_results(out: Path, name: str, result: dict[str, Any], markdown: str) -> dict[str, Path]:
     """``out/<name>.json`` and ``out/<name>.md``, atomically; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{name}.json", "md": out / f"{name}.md"}
     with atomic_path(paths["json"]) as tmp:
-        tmp.write_text(json.dumps(result, indent=2, default=_jsonable))
+        tmp.write_text(json.dumps({**result, "gradscore_version": __version__}, indent=2, default=_jsonable))
     with atomic_path(paths["md"]) as tmp:
-        tmp.write_text(markdown + "\n")
+        tmp.write_text(f"{MARKDOWN_MARK} {__version__} -->\n{markdown}\n")
     return paths
 
 

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from ..select import jtt_weights
-from .common import (Mode, Setup, cell, digits_splits, fit, markdown_table, mean_std, paired_bars, predict,
-                     reference_run, write_results)
+from .common import (claim_results, Mode, Setup, cell, digits_splits, fit, markdown_table, mean_std, paired_bars, predict,
+                     reference_run, write_results, claim_results)
 from .digits import spurious
 
 UPWEIGHTS = (5, 20, 50)
@@ -32,11 +32,14 @@ def group_accuracies(model, st: Setup) -> dict[str, float]:
 
 
 def run(out: Path, mode: Mode, *, upweights: tuple[int, ...] = UPWEIGHTS, early_epoch: int = 1,
-        echo: Any = print) -> dict[str, Any]:
-    """ERM vs JTT table into ``out/jtt.{json,md,png}``; returns the result dict."""
+        echo: Any = print, overwrite: bool = False) -> dict[str, Any]:
+    """ERM vs JTT table into ``out/jtt.{json,md,png}``; returns the result dict.
+
+    Existing results are replaced only with ``overwrite`` (checked before any training)."""
+    work = claim_results(out, "jtt", overwrite)
     st = spurious_setup(mode.n_train)
     n = len(st.y_train)
-    ref = reference_run(st, out / "work" / "jtt", epochs=mode.epochs, scores=("loss",))
+    ref = reference_run(st, work / "jtt", epochs=mode.epochs, scores=("loss",))
     correct = ref["per_checkpoint"]["correct"][early_epoch - 1]   # checkpoint of epoch `early_epoch`
     rows = []
     for label, lam in [("ERM", None)] + [(f"JTT λ_up={u}", u) for u in upweights]:

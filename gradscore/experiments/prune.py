@@ -27,8 +27,8 @@ import numpy as np
 
 from ..exceptions import ConfigError
 from ..select import by_score
-from .common import (Mode, Setup, accuracy, cell, digits_setup, fit, markdown_table, mean_std,
-                     reference_run, write_results)
+from .common import (claim_results, Mode, Setup, accuracy, cell, digits_setup, fit, markdown_table, mean_std,
+                     reference_run, write_results, claim_results)
 
 DEFAULT_METHODS = ("el2n", "el2n:lowest", "el2n:exclude=0.1", "grand", "forgetting", "pds",
                    "ambiguous", "hard", "random")
@@ -76,15 +76,19 @@ def subset(method: str, values: dict[str, np.ndarray], fraction: float, n: int, 
 
 def run(out: Path, mode: Mode, *, methods: tuple[str, ...] = DEFAULT_METHODS,
         noise_levels: tuple[float, ...] = (0.0, 0.2),
-        early: float = 0.5, setup: Setup | None = None, echo: Any = print) -> dict[str, Any]:
-    """Pruning curves into ``out/prune.{json,md,png}``; returns the result dict."""
+        early: float = 0.5, setup: Setup | None = None, echo: Any = print,
+        overwrite: bool = False) -> dict[str, Any]:
+    """Pruning curves into ``out/prune.{json,md,png}``; returns the result dict.
+
+    Existing results are replaced only with ``overwrite`` (checked before any training)."""
+    work = claim_results(out, "prune", overwrite)
     parsed = [parse_method(m) for m in methods]
     rows = []
     conditions = [("user data", setup)] if setup is not None else [
         (f"{noise:.0%} flipped labels", digits_setup(noise, mode.n_train)) for noise in noise_levels]
     for label, st in conditions:
         n = len(st.y_train)
-        values = rankings(st, out / "work" / label.replace(" ", "_").replace("%", "pct"), mode, early)
+        values = rankings(st, work / label.replace(" ", "_").replace("%", "pct"), mode, early)
         full = [accuracy(fit(st, np.arange(n), epochs=mode.epochs, seed=s), st.x_test, st.y_test)
                 for s in range(mode.seeds)]
         for spec, (name, highest, exclude) in zip(methods, parsed):

@@ -10,21 +10,24 @@ from typing import Any
 import numpy as np
 
 from ..select import regions as data_map_regions
-from .common import (Mode, Setup, accuracy, cell, digits_setup, fit, markdown_table, mean_std, paired_bars,
-                     reference_run, write_results)
+from .common import (claim_results, Mode, Setup, accuracy, cell, digits_setup, fit, markdown_table, mean_std, paired_bars,
+                     reference_run, write_results, claim_results)
 from .digits import shift
 
 SUBSETS = ("ambiguous", "easy", "hard", "random", "all")
 
 
 def run(out: Path, mode: Mode, *, fraction: float = 0.33, noise: float = 0.0, setup: Setup | None = None,
-        echo: Any = print) -> dict[str, Any]:
-    """Region table into ``out/regions.{json,md,png}``; returns the result dict."""
+        echo: Any = print, overwrite: bool = False) -> dict[str, Any]:
+    """Region table into ``out/regions.{json,md,png}``; returns the result dict.
+
+    Existing results are replaced only with ``overwrite`` (checked before any training)."""
+    work = claim_results(out, "regions", overwrite)
     st = setup or digits_setup(noise, mode.n_train)
     if st.x_shift is None:
         st = dataclasses.replace(st, x_shift=shift(st.x_test), y_shift=st.y_test)
     n = len(st.y_train)
-    s = reference_run(st, out / "work" / "regions", epochs=mode.epochs,
+    s = reference_run(st, work / "regions", epochs=mode.epochs,
                       scores=("confidence", "variability", "correctness"))["scores"]
     chosen = data_map_regions(s["confidence"], s["variability"], fraction)
     rows = []
