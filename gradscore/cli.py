@@ -275,6 +275,8 @@ def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
                    help="datamap: confidence vs variability; hist: every score's histogram")
     p.add_argument("--out", required=True, metavar="FILE.png|svg", help="figure to write (PNG or SVG)")
     p.add_argument("--max-points", type=int, default=20000, help="datamap: hexbin above this many examples")
+    p.add_argument("--scores", dest="only", default=None, metavar="NAME,...",
+                   help="hist: the scores to show (default: every score in the file)")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
@@ -471,7 +473,13 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     res = load_scores(args.scores)
     s = res["scores"]
     if args.kind == "hist":
-        score_histograms(s, res["noisy"], args.out, title=Path(args.scores).name)
+        names = _split(args.only) if args.only else sorted(s)
+        unknown = [k for k in names if k not in s]
+        if unknown:
+            raise GradscoreError(f"--scores: {', '.join(unknown)} not in {args.scores} (it has: {', '.join(sorted(s))})")
+        n, T = len(res["ids"]), len(next(iter(res["per_checkpoint"].values()), []))
+        score_histograms({k: s[k] for k in names}, res["noisy"], args.out,
+                         title=f"score distributions of {n:,} examples over {T} checkpoint(s) — {Path(args.scores).name}")
     else:
         missing = [k for k in ("confidence", "variability", "correctness") if k not in s]
         if missing:

@@ -31,26 +31,38 @@ def save_figure(fig, path: str | Path) -> Path:
 
 
 def score_histograms(scores: dict[str, np.ndarray], noisy: np.ndarray | None, path: str | Path,
-                     title: str = "") -> Path:
-    """One histogram per score, clean vs known-noisy examples overlaid; PNG or SVG by extension."""
+                     title: str = "", ncols: int = 4) -> Path:
+    """One histogram per score in a grid of ``ncols`` columns, clean vs known-noisy examples
+    overlaid (as densities) when ``noisy`` is given; NaN/Inf values are left out and counted.
+    PNG or SVG by the extension of ``path``."""
     plt = pyplot()
     names = list(scores)
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    ncols = max(1, min(ncols, len(names)))
+    nrows = -(-len(names) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.9 * nrows + 0.5), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for k, (ax, name) in enumerate(zip(axes.flat, names)):
         s = scores[name]
-        bins = np.histogram_bin_edges(s[np.isfinite(s)], bins=40)
+        finite = np.isfinite(s)
+        ax.set_title(name + (f" ({int((~finite).sum())} NaN/Inf left out)" if not finite.all() else ""), fontsize=10)
+        if not finite.any():
+            continue
+        bins = np.histogram_bin_edges(s[finite], bins=40)
         if noisy is None:
-            ax.hist(s, bins=bins, color="tab:blue")
+            ax.hist(s[finite], bins=bins, color="tab:blue")
         else:
-            ax.hist(s[~noisy], bins=bins, alpha=0.6, label=f"clean ({int((~noisy).sum())})",
+            ax.hist(s[finite & ~noisy], bins=bins, alpha=0.6, label=f"clean ({int((~noisy).sum())})",
                     color="tab:blue", density=True)
-            ax.hist(s[noisy], bins=bins, alpha=0.6, label=f"noisy ({int(noisy.sum())})",
+            ax.hist(s[finite & noisy], bins=bins, alpha=0.6, label=f"known noisy ({int(noisy.sum())})",
                     color="tab:red", density=True)
-            ax.legend(fontsize=8)
-        ax.set_xlabel(name)
-        ax.set_ylabel("density" if noisy is not None else "count")
+            if k == 0:
+                ax.legend(fontsize=8)
+        ax.tick_params(labelsize=8)
+        if k % ncols == 0:
+            ax.set_ylabel("density" if noisy is not None else "count")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=11)
     return save_figure(fig, path)
 
 
@@ -88,14 +100,29 @@ def data_map(confidence: np.ndarray, variability: np.ndarray, correctness: np.nd
         if noisy is not None and noisy.any():
             ax.scatter(variability[noisy], confidence[noisy], facecolors="none", edgecolors="k",
                        s=14, linewidths=0.5, label=f"known noisy ({int(noisy.sum())})")
-            ax.legend(loc="lower right", fontsize=8)
+            # below the axes: inside, it would cover a region's label or its points
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=8, frameon=False)
         note = f"{n:,} examples"
     ax.set_xlim(0, vmax)
     ax.set_ylim(0, 1)
     ax.set_xlabel("variability (std of p(gold) over checkpoints)")
     ax.set_ylabel("confidence (mean p(gold))")
-    ax.set_title((title + "\n" if title else "") + f"data map, {note}", fontsize=10)
+    ax.set_title(f"data map, {note}" + (f" — {title}" if title else ""), fontsize=10)
     return save_figure(fig, path)
+
+
+def _log_x(ax, values: np.ndarray) -> None:
+    """A log x axis whose tick labels never crowd: over less than 1.5 decades a few plain
+    numbers (2, 4, 6, 8), else one labelled tick per decade, minor ticks unlabelled."""
+    from matplotlib import ticker
+    ax.set_xscale("log")
+    positive = values[np.isfinite(values) & (values > 0)]
+    if len(positive) and np.log10(positive.max() / positive.min()) < 1.5:
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(nbins=5))
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    else:
+        ax.xaxis.set_major_locator(ticker.LogLocator(base=10, numticks=8))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
 
 
 def norm_vs_cos(grad_norm: np.ndarray, cos: np.ndarray, path: str | Path, *, noisy: np.ndarray | None = None,
@@ -108,7 +135,7 @@ def norm_vs_cos(grad_norm: np.ndarray, cos: np.ndarray, path: str | Path, *, noi
     if noisy is not None:
         ax.scatter(grad_norm[noisy], cos[noisy], s=5, alpha=0.6, color="tab:red", label=f"noisy ({int(noisy.sum())})")
         ax.legend(fontsize=8)
-    ax.set_xscale("log")
+    _log_x(ax, grad_norm)
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xlabel("mean ‖∇ℓ‖ over checkpoints (log)")
     ax.set_ylabel("η-weighted mean cos(∇ℓ, v)")

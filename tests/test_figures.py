@@ -1,0 +1,74 @@
+"""Figures a user reads: a grid of histograms with a real title, a data-map legend that
+covers no region label, and log-scale tick labels that never overlap."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gradscore import plots
+
+
+@pytest.fixture
+def figures(monkeypatch) -> list:
+    """The matplotlib figures the plot functions build, drawn, instead of written."""
+    caught = []
+
+    def keep(fig, path):
+        fig.tight_layout()
+        fig.canvas.draw()
+        caught.append(fig)
+        return path
+    monkeypatch.setattr(plots, "save_figure", keep)
+    yield caught
+    for fig in caught:
+        plots.pyplot().close(fig)
+
+
+def _boxes(texts) -> list:
+    return [t.get_window_extent() for t in texts if t.get_visible() and t.get_text()]
+
+
+def _overlap(boxes) -> bool:
+    return any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+@pytest.mark.parametrize("lo, hi", [(1e-3, 1.2e-3), (0.3, 0.36), (0.05, 0.6), (0.3, 6.0), (2.2, 9.5),
+                                    (0.45, 3.1), (0.8, 30.0), (3e-3, 4e4), (1e-9, 1e12)])
+def test_norm_vs_cos_tick_labels_never_overlap(figures, lo, hi):
+    rng = np.random.default_rng(0)
+    g = np.exp(rng.uniform(np.log(lo), np.log(hi), 400))
+    plots.norm_vs_cos(g, rng.normal(size=400) * 0.2, "x.png", noisy=rng.random(400) < 0.2, title="t")
+    ax = figures[0].axes[0]
+    lo_x, hi_x = ax.get_xlim()
+    ticks = ax.xaxis.get_major_ticks() + ax.xaxis.get_minor_ticks()
+    labels = [t.label1 for t in ticks if lo_x <= t.get_loc() <= hi_x]   # the ones drawn
+    boxes = _boxes(labels)
+    assert len(boxes) >= 2, [t.get_text() for t in labels]
+    assert not _overlap(boxes), [t.get_text() for t in labels if t.get_text()]
+
+
+def test_histograms_are_a_grid_with_a_title(figures):
+    rng = np.random.default_rng(0)
+    scores = {f"s{k}": rng.normal(size=200) for k in range(9)}
+    scores["s3"][:5] = np.nan
+    plots.score_histograms(scores, rng.random(200) < 0.2, "x.png", title="score distributions")
+    fig = figures[0]
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(visible) == 9 and fig._suptitle.get_text() == "score distributions"
+    rows = {round(ax.get_position().y0, 3) for ax in visible}
+    assert len(rows) == 3                                    # 4 + 4 + 1, not 9 in a row
+    assert "5 NaN/Inf left out" in visible[3].get_title()
+    assert not _overlap(_boxes([ax.title for ax in visible] + [fig._suptitle]))
+
+
+def test_data_map_legend_covers_no_region_label(figures):
+    rng = np.random.default_rng(0)
+    n = 500
+    noisy = rng.random(n) < 0.2
+    conf = np.where(noisy, rng.uniform(0, 0.2, n), rng.uniform(0.3, 1, n))
+    plots.data_map(conf, rng.uniform(0, 0.1, n), (conf > 0.5).astype(float), "x.png", noisy=noisy)
+    ax = figures[0].axes[0]
+    legend = ax.get_legend().get_window_extent()
+    labels = [t for t in ax.texts if t.get_text() in ("easy-to-learn", "hard-to-learn", "ambiguous")]
+    assert len(labels) == 3
+    assert not any(legend.overlaps(box) for box in _boxes(labels))
