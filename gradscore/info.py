@@ -30,11 +30,20 @@ def _describe_checkpoints(path: Path) -> str:
     with h5py.File(first.path, "r") as f:
         n_params = sum(int(np.prod(f["params"][k].shape)) for k in f["params"])
     lines = [f"checkpoint directory {path}: {len(store)} checkpoints",
-             f"  model {first.model}({json.dumps(first.model_kwargs)}), loss {store.loss}, "
-             f"{n_params:,} parameters",
+             f"  model {first.model}, loss {store.loss}, {n_params:,} parameters",
+             *_fold("model_kwargs", first.model_kwargs),
              f"  {'step':>10} {'epoch':>8} {'lr':>10}"]
     lines += [f"  {i.step:>10} {i.epoch:>8g} {i.lr:>10.4g}" for i in store]
     return "\n".join(lines)
+
+
+def _fold(name: str, items: dict[str, Any], width: int = 96, sep: str = "=") -> list[str]:
+    """``name: k=v, k=v, …`` folded into indented lines of at most ``width`` characters
+    (a Hugging Face config has dozens of entries); ``sep=" "`` writes ``k v`` as is."""
+    import textwrap
+    text = ", ".join(f"{k}{sep}{json.dumps(v) if sep == '=' else v}" for k, v in items.items()) or "(none)"
+    return textwrap.wrap(text, width=width, initial_indent=f"  {name}: ", subsequent_indent="    ",
+                         break_long_words=True, break_on_hyphens=False)
 
 
 def _describe_dataset(path: Path) -> str:
@@ -62,13 +71,24 @@ def _describe_dataset(path: Path) -> str:
 def _describe_scores(path: Path) -> str:
     with h5py.File(path, "r") as f:
         cfg = json.loads(f.attrs["config"])
+        fp = json.loads(f.attrs["fingerprint"])
+        n, T = len(f["ids"]), len(f["checkpoints/step"]) if "checkpoints/step" in f else 0
+        subset = fp.get("data", {}).get("subset") if isinstance(fp.get("data"), dict) else None
+        total = len(fp.get("checkpoints_sha256", ())) or T
+        window = f" (epochs <= {cfg['epochs_upto']:g})" if cfg.get("epochs_upto") is not None else ""
         lines = [f"scores file {path} (gradscore {f.attrs.get('gradscore_version', '?')})",
                  f"  checkpoints {cfg['checkpoints']}, data {cfg['data']}, engine {cfg['engine']}",
-                 "  per_checkpoint: " + ", ".join(f"{k} {f['per_checkpoint'][k].shape}"
-                                                   for k in f["per_checkpoint"])]
+                 f"  {n:,} examples{f' ({subset})' if subset else ''}, {T} of {total} checkpoints{window}",
+                 *_fold("per_checkpoint", {k: "(" + "×".join(map(str, f["per_checkpoint"][k].shape)) + ")"
+                                          for k in f["per_checkpoint"]}, sep=" ")]
         for k in f["scores"]:
             s = f["scores"][k][()]
-            lines.append(f"  scores/{k}: mean {s.mean():.4g}, min {s.min():.4g}, max {s.max():.4g}")
+            finite = np.isfinite(s)
+            stats = (f"mean {s[finite].mean():.4g}, min {s[finite].min():.4g}, max {s[finite].max():.4g}"
+                     if finite.any() else "no finite value")
+            lines.append(f"  scores/{k}: {stats}" + (f" ({int((~finite).sum())} NaN/Inf)" if not finite.all() else ""))
+        for warning in json.loads(f.attrs.get("warnings", "[]")):
+            lines.append(f"  warning: {warning}")
     return "\n".join(lines)
 
 

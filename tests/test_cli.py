@@ -131,3 +131,31 @@ def test_an_empty_dataset_is_one_line_and_leaves_nothing(tiny_run, tmp_path, cap
     assert main(["run", "--checkpoints", str(ckpts), "--data", str(empty), "--out", str(out), "--quiet"]) == 2
     assert "has no examples" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "s.h5.partial").exists()
+
+
+def test_info_folds_a_long_model_config(tmp_path, capsys):
+    from conftest import MLP_KWARGS
+    from gradscore.checkpoints import write_checkpoint
+    from gradscore.models import mlp
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    kwargs = {**MLP_KWARGS, **{f"option_{k}": "x" * 12 for k in range(40)}}   # a Hugging Face-sized config
+    write_checkpoint(ckpts / "step_00000000.h5", mlp(**MLP_KWARGS), step=0, lr=0.1,
+                     model_factory="gradscore.models:mlp", model_kwargs=kwargs, loss="cross_entropy")
+    capsys.readouterr()
+    assert main(["info", str(ckpts)]) == 0
+    text = capsys.readouterr().out
+    assert max(len(line) for line in text.splitlines()[1:]) <= 100, text   # the first names the folder
+    assert "option_39" in text and "gradscore.models:mlp" in text
+
+
+def test_info_on_a_subset_and_window_run(tiny_run, tmp_path, capsys):
+    ckpts, data = tiny_run
+    out = tmp_path / "s.h5"
+    assert main(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(out), "--quiet",
+                 "--range", "10:30", "--epochs-upto", "1"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "20 examples (positions 10:30)" in text and "2 of 3 checkpoints (epochs <= 1)" in text, text
+    assert max(len(line) for line in text.splitlines()[2:]) <= 100, text
