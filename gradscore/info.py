@@ -79,8 +79,8 @@ def _describe_scores(path: Path) -> str:
         lines = [f"scores file {path} (gradscore {f.attrs.get('gradscore_version', '?')})",
                  f"  checkpoints {cfg['checkpoints']}, data {cfg['data']}, engine {cfg['engine']}",
                  f"  {n:,} examples{f' ({subset})' if subset else ''}, {T} of {total} checkpoints{window}",
-                 *_fold("per_checkpoint", {k: "(" + "×".join(map(str, f["per_checkpoint"][k].shape)) + ")"
-                                          for k in f["per_checkpoint"]}, sep=" ")]
+                 *_fold("per_checkpoint (T×N)", {k: "×".join(map(str, f["per_checkpoint"][k].shape))
+                                                for k in f["per_checkpoint"]}, sep=" ")]
         for k in f["scores"]:
             s = f["scores"][k][()]
             finite = np.isfinite(s)
