@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gradscore.dynamics_io import export_scores, import_dynamics
+from gradscore.io.dynamics import export_scores, import_dynamics
 
 
 def generate(root: Path, n: int, epochs: int, classes: int, seed: int = 0) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 
 import gradscore as gs
 from gradscore.bench import paired_times
-from gradscore.models import recurrent_classifier, small_resnet
+from gradscore.demos.models import recurrent_classifier, small_resnet
 
 T, D = 32, 64
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import gradscore as gs
-from gradscore.models import mlp
+from gradscore.demos.models import mlp
 
 KW = {"d_in": 64, "hidden": 256, "n_classes": 10, "depth": 2}
 CHILD = ("import resource, sys; from gradscore.cli import main; rc = main(sys.argv[1:]); "
@@ -47,7 +47,7 @@ def make_data(path: Path, n: int, slice_size: int = 100_000) -> None:
 def make_checkpoints(root: Path) -> Path:
     torch.manual_seed(0)
     model = mlp(**KW)
-    with gs.CheckpointWriter(root, model_factory="gradscore.models:mlp", model_kwargs=KW) as w:
+    with gs.CheckpointWriter(root, model_factory="gradscore.demos.models:mlp", model_kwargs=KW) as w:
         for step in range(2):
             w.save(model, step=step, lr=0.1, epoch=step)
             with torch.no_grad():

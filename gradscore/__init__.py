@@ -7,21 +7,21 @@ Public API::
     out = scorer.score_batch(x, y, refs=None)      # ScoreBatch(loss, sq_norm, dots, logits)
     gs.score(checkpoints="ckpts/", data="train.h5", out="scores.h5")
 """
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
-from .checkpoints import CheckpointInfo, CheckpointStore, CheckpointWriter  # noqa: E402
+from .io.checkpoints import CheckpointInfo, CheckpointStore, CheckpointWriter  # noqa: E402
 from .config import RunConfig  # noqa: E402
-from .data import Dataset, load_dataset, save_dataset  # noqa: E402
+from .io.datasets import Dataset, load_dataset, save_dataset  # noqa: E402
 from .engines import Engine, ScoreBatch  # noqa: E402
 from .exceptions import (CheckpointError, ConfigError, ConfigMismatchError, DataError,  # noqa: E402
                          EngineError, GradscoreError, OutputError)
 from .engines.vmap import VmapTraceError  # noqa: E402
 from .losses import Loss, causal_lm, resolve_loss  # noqa: E402
 from .scorer import Scorer  # noqa: E402
-from .store import load_scores  # noqa: E402
-from .api import run, score  # noqa: E402
-from .costate import CostateConfig, CostateFile, compute_costate  # noqa: E402
-from .select import select  # noqa: E402
+from .io.store import load_scores  # noqa: E402
+from .pipeline import run, score  # noqa: E402
+from .scores.costate import CostateConfig, CostateFile, compute_costate  # noqa: E402
+from .reports.select import select  # noqa: E402
 
 __all__ = [
     "__version__", "Scorer", "ScoreBatch", "Engine", "score", "run", "RunConfig",

@@ -52,7 +52,7 @@ from torch import nn
 
 from .batch import Inputs, call_model, take
 from .losses import resolve_loss
-from .models import digits_cnn, mlp, recurrent_classifier, small_resnet, tiny_transformer
+from .demos.models import digits_cnn, mlp, recurrent_classifier, small_resnet, tiny_transformer
 from .scorer import Scorer
 
 K_REFS = 2
@@ -100,7 +100,7 @@ def model_cases(device: str) -> dict[str, Case]:
                                       lambda B: torch.randint(0, 1000, (B, 32), device=device), batches=(64,)),
     }
     if importlib.util.find_spec("transformers") is not None:
-        from .demo_lm import MODEL_KWARGS, VOCAB, gpt2_config
+        from .demos.lm import MODEL_KWARGS, VOCAB, gpt2_config
         from .integrations.hf import from_config
         cases["gpt2_d64_T128"] = Case(lambda: from_config(gpt2_config(128), **MODEL_KWARGS),
                                       lambda B: {"input_ids": torch.randint(0, VOCAB - 1, (B, 128), device=device),
@@ -438,9 +438,9 @@ def run_bench(batches: tuple[int, ...] = (64, 256), repeats: int = 3, device: st
 
 def end_to_end(epochs: int = 3, repeats: int = 3, echo: Callable[[str], None] = print) -> dict:
     """Examples x checkpoints per second of ``gradscore.score`` on the demo setup, per engine."""
-    from .api import score
-    from .data import save_dataset
-    from .demo import make_digits, train
+    from .pipeline import score
+    from .io.datasets import save_dataset
+    from .demos.digits import make_digits, train
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = make_digits()
@@ -461,10 +461,10 @@ def end_to_end(epochs: int = 3, repeats: int = 3, echo: Callable[[str], None] = 
 def pds_timing(steps: int = 10, repeats: int = 2, echo: Callable[[str], None] = print) -> dict:
     """On the PDS demo setup: `costate` time against one epoch of plain training over the
     proxy set, and the scoring pass with K = 2 references (pds) against K = 0 (grand)."""
-    from .api import score
-    from .costate import CostateConfig, compute_costate
-    from .data import load_dataset, save_dataset
-    from .demo import make_digits, train_full_batch
+    from .pipeline import score
+    from .scores.costate import CostateConfig, compute_costate
+    from .io.datasets import load_dataset, save_dataset
+    from .demos.digits import make_digits, train_full_batch
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = make_digits()

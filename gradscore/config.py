@@ -14,7 +14,7 @@ from .exceptions import ConfigError
 #: Aggregated scores `gradscore run` can produce (see gradscore/scores/).
 AVAILABLE_SCORES = ("el2n", "grand", "loss", "pds", "target_dot", "target_cos", "confidence",
                     "variability", "correctness", "forgetting", "threshold_closeness")
-#: Scores that need a target set and the co-states (gradscore/costate.py).
+#: Scores that need a target set and the co-states (gradscore/scores/costate.py).
 TARGET_SCORES = frozenset({"pds", "target_dot", "target_cos"})
 #: Scores that need per-example gradients (all others need a forward pass only).
 GRADIENT_SCORES = frozenset({"grand"}) | TARGET_SCORES

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from .numba_cache import njit_cached
+from .reference import acc_dtype
 
 from .norm_dot_numba import TILE, _dot, _sq, _total
 
@@ -171,7 +172,7 @@ def conv_norm_dot_sparse(x: torch.Tensor, d: torch.Tensor, V: torch.Tensor | Non
     CPU tensors; float64 is kept, anything else is computed in float32. A Conv1d is the
     same with H = kh = 1.
     """
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtype = acc_dtype(x.dtype)
 
     def array(t: torch.Tensor):
         return t.detach().to(dtype).contiguous().numpy()

@@ -15,6 +15,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from .reference import norm_dot_reference
+
 log = logging.getLogger("gradscore.kernels")
 
 
@@ -31,7 +33,6 @@ class TorchBackend(NormDotBackend):
     name = "torch"
 
     def norm_dot(self, G: torch.Tensor, V: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        from .norm_dot import norm_dot_reference
         return norm_dot_reference(G, V)
 
 
@@ -83,7 +84,6 @@ def _load(name: str) -> NormDotBackend:
 
 
 def _probe(backend: NormDotBackend, device: torch.device) -> None:
-    from .norm_dot import norm_dot_reference
     g = torch.Generator().manual_seed(0)
     G = torch.randn(3, 37, generator=g).to(device)
     V = torch.randn(2, 37, generator=g).to(device)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .norm_dot import acc_dtype, norm_dot
+from .norm_dot import norm_dot
+from .reference import acc_dtype
 
 #: smallest workspace of one sub-batch: below it, per-call overhead would dominate
 MIN_WORKSPACE_BYTES = 2 * 2**20

@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 from .dispatch import backend_for, forced_name
+from .reference import norm_dot_reference
 
 Blocks = torch.Tensor | Sequence[torch.Tensor]
 
@@ -21,23 +22,6 @@ Blocks = torch.Tensor | Sequence[torch.Tensor]
 #: dispatch, thread launch: about 20 µs) outweighs one pass over a block this small;
 #: measured on a 2-core CPU, the two ways tie near 16-32k elements
 SMALL_BLOCK = 16384
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def norm_dot_reference(G: torch.Tensor, V: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference. G: (B, P), V: (K, P) or None -> sq_norm (B,), dots (B, K).
-
-    Accumulates in float32 (float64 when G is float64) whatever G's dtype.
-    """
-    Ga = G.to(acc_dtype(G.dtype))
-    sq = torch.linalg.vecdot(Ga, Ga)
-    if V is None or V.shape[0] == 0:
-        return sq, Ga.new_zeros((G.shape[0], 0))
-    return sq, Ga @ V.to(Ga.dtype).T
 
 
 def norm_dot(G: Blocks, V: Blocks | None = None, *, backend: str | None = None

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import gradscore as gs
-from gradscore.models import mlp
+from gradscore.demos.models import mlp
 
 MLP_KWARGS = {"d_in": 12, "hidden": 8, "n_classes": 4, "depth": 1}
 
@@ -36,7 +36,7 @@ def make_run(root: Path, *, n: int = 90, n_ckpts: int = 3, seed: int = 0,
     torch.manual_seed(seed)
     model = mlp(**kwargs)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    with gs.CheckpointWriter(root / "ckpts", model_factory="gradscore.models:mlp",
+    with gs.CheckpointWriter(root / "ckpts", model_factory="gradscore.demos.models:mlp",
                              model_kwargs=kwargs, loss="cross_entropy") as w:
         for t in range(n_ckpts):
             w.save(model, step=t, lr=0.5, epoch=t)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import gradscore as gs
-from gradscore.checkpoints import load_state_dict
-from gradscore.models import digits_cnn, mlp
+from gradscore.io.checkpoints import load_state_dict
+from gradscore.demos.models import digits_cnn, mlp
 
 from conftest import MLP_KWARGS
 
@@ -16,7 +16,7 @@ def test_round_trip_with_buffers_and_attrs(tmp_path):
     torch.manual_seed(0)
     model = digits_cnn(channels=4, batchnorm=True)
     model[1].running_mean.uniform_()
-    with gs.CheckpointWriter(tmp_path, model_factory="gradscore.models:digits_cnn",
+    with gs.CheckpointWriter(tmp_path, model_factory="gradscore.demos.models:digits_cnn",
                              model_kwargs={"channels": 4, "batchnorm": True}) as w:
         w.save(model, step=20, lr=0.1, epoch=2)
         w.save(model, step=3, lr=0.2, epoch=1)
@@ -34,7 +34,7 @@ def test_round_trip_with_buffers_and_attrs(tmp_path):
 
 def _saved(tmp_path, model=None, **kw):
     model = model or mlp(**MLP_KWARGS)
-    with gs.CheckpointWriter(tmp_path, model_factory="gradscore.models:mlp",
+    with gs.CheckpointWriter(tmp_path, model_factory="gradscore.demos.models:mlp",
                              model_kwargs=kw.pop("model_kwargs", MLP_KWARGS)) as w:
         return w.save(model, step=0, lr=0.1)
 
@@ -100,7 +100,7 @@ def test_bad_factory_is_named(tmp_path):
     _saved(tmp_path)
     path = next(tmp_path.glob("step_*.h5"))
     with h5py.File(path, "a") as f:
-        f.attrs["model"] = "gradscore.models:nope"
+        f.attrs["model"] = "gradscore.demos.models:nope"
     with pytest.raises(gs.CheckpointError, match="has no attribute 'nope'"):
         gs.CheckpointStore(tmp_path).build_model(0)
 
@@ -131,7 +131,7 @@ def test_float64_checkpoint_loads_without_rounding(tmp_path):
 
 def test_step_name_attribute_mismatch_and_decreasing_epochs(tmp_path):
     model = mlp(**MLP_KWARGS)
-    with gs.CheckpointWriter(tmp_path, model_factory="gradscore.models:mlp", model_kwargs=MLP_KWARGS) as w:
+    with gs.CheckpointWriter(tmp_path, model_factory="gradscore.demos.models:mlp", model_kwargs=MLP_KWARGS) as w:
         w.save(model, step=1, lr=0.1, epoch=2)
         w.save(model, step=2, lr=0.1, epoch=1)
     with pytest.raises(gs.CheckpointError, match=r"step_00000002\.h5: epoch 1 is before epoch 2"):
@@ -157,6 +157,19 @@ def test_the_writer_records_the_optimizer_kind(tmp_path):
     for opt, kind in ((torch.optim.SGD(model.parameters(), lr=0.1), "SGD"),
                       (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "SGD(momentum=0.9)"),
                       (torch.optim.Adam(model.parameters()), "Adam"), ("my note", "my note")):
-        with gs.CheckpointWriter(tmp_path / kind, model_factory="gradscore.models:mlp", optimizer=opt) as w:
+        with gs.CheckpointWriter(tmp_path / kind, model_factory="gradscore.demos.models:mlp", optimizer=opt) as w:
             w.save(model, step=0, lr=0.1)
         assert gs.CheckpointStore(tmp_path / kind)[0].optimizer == kind
+
+
+def test_checkpoints_naming_a_moved_factory_still_build(tmp_path):
+    """Files written before the reference models moved to gradscore.demos name them
+    'gradscore.models:mlp'; they still load."""
+    from gradscore.demos.models import mlp
+    from gradscore.io.checkpoints import write_checkpoint
+    kw = {"d_in": 4, "hidden": 3, "n_classes": 2, "depth": 1}
+    model = mlp(**kw)
+    write_checkpoint(tmp_path / "step_00000000.h5", model, step=0, lr=0.1, model_factory="gradscore.models:mlp",
+                     model_kwargs=kw, loss="cross_entropy")
+    built = gs.CheckpointStore(tmp_path).build_model(0)
+    assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), model.state_dict().values()))

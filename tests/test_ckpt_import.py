@@ -8,7 +8,7 @@ import torch
 
 import gradscore as gs
 from gradscore.cli import main
-from gradscore.models import mlp
+from gradscore.demos.models import mlp
 
 KW = {"d_in": 6, "hidden": 8, "n_classes": 3, "depth": 1}
 
@@ -26,7 +26,7 @@ def _states(n=3):
 
 
 def _args(src, out, *extra):
-    return ["import-checkpoints", str(src), "--model", "gradscore.models:mlp", "--model-kwargs",
+    return ["import-checkpoints", str(src), "--model", "gradscore.demos.models:mlp", "--model-kwargs",
             json.dumps(KW), "--out", str(out), "--quiet", *extra]
 
 
@@ -70,7 +70,7 @@ def test_bad_sources_are_one_line(tmp_path, capsys):
     torch.save({"w": torch.zeros(2)}, src / "step_3.pt")
     assert main(_args(src, tmp_path / "ck", "--lr", "0.1")) == 2
     err = capsys.readouterr().err
-    assert "step_3.pt: does not fit gradscore.models:mlp" in err and err.count("\n") == 1
+    assert "step_3.pt: does not fit gradscore.demos.models:mlp" in err and err.count("\n") == 1
     (src / "step_3.pt").unlink()
     torch.save(_states(1)[0], src / "final.pt")
     assert main(_args(src, tmp_path / "ck", "--lr", "0.1")) == 2

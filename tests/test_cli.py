@@ -135,18 +135,18 @@ def test_an_empty_dataset_is_one_line_and_leaves_nothing(tiny_run, tmp_path, cap
 
 def test_info_folds_a_long_model_config(tmp_path, capsys):
     from conftest import MLP_KWARGS
-    from gradscore.checkpoints import write_checkpoint
-    from gradscore.models import mlp
+    from gradscore.io.checkpoints import write_checkpoint
+    from gradscore.demos.models import mlp
     ckpts = tmp_path / "ckpts"
     ckpts.mkdir()
     kwargs = {**MLP_KWARGS, **{f"option_{k}": "x" * 12 for k in range(40)}}   # a Hugging Face-sized config
     write_checkpoint(ckpts / "step_00000000.h5", mlp(**MLP_KWARGS), step=0, lr=0.1,
-                     model_factory="gradscore.models:mlp", model_kwargs=kwargs, loss="cross_entropy")
+                     model_factory="gradscore.demos.models:mlp", model_kwargs=kwargs, loss="cross_entropy")
     capsys.readouterr()
     assert main(["info", str(ckpts)]) == 0
     text = capsys.readouterr().out
     assert max(len(line) for line in text.splitlines()[1:]) <= 100, text   # the first names the folder
-    assert "option_39" in text and "gradscore.models:mlp" in text
+    assert "option_39" in text and "gradscore.demos.models:mlp" in text
 
 
 def test_info_on_a_subset_and_window_run(tiny_run, tmp_path, capsys):
@@ -159,3 +159,18 @@ def test_info_on_a_subset_and_window_run(tiny_run, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "20 examples (positions 10:30)" in text and "2 of 3 checkpoints (epochs <= 1)" in text, text
     assert max(len(line) for line in text.splitlines()[2:]) <= 100, text
+
+
+def test_run_has_an_option_for_every_runconfig_field_with_its_default():
+    """`run`'s options are checked against RunConfig's fields, so the two cannot drift."""
+    from dataclasses import MISSING, fields
+    from gradscore.cli import build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    options = {a.dest: a for a in sub.choices["run"]._actions}
+    renamed = {"chunk_bytes": ("chunk_mb", lambda v: v // 2**20)}
+    for f in fields(gs.RunConfig):
+        dest, convert = renamed.get(f.name, (f.name, lambda v: v))
+        assert dest in options, f"RunConfig.{f.name} has no `run` option"
+        assert f.metadata.get("help"), f"RunConfig.{f.name} has no help"
+        if f.default is not MISSING and not isinstance(f.default, tuple):
+            assert options[dest].default == convert(f.default), f.name

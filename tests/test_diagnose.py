@@ -9,9 +9,9 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 import gradscore as gs
 from gradscore.cli import main
-from gradscore.diagnose import diagnose
+from gradscore.reports.diagnose import diagnose
 from gradscore.scores.pds import variants
-from gradscore.store import HDF5ScoreStore
+from gradscore.io.store import HDF5ScoreStore
 
 
 def _synthetic(path, *, with_mask=True, seed=0):

@@ -9,7 +9,7 @@ import pytest
 
 import gradscore as gs
 from gradscore.cli import main
-from gradscore.dynamics_io import export_scores, import_dynamics
+from gradscore.io.dynamics import export_scores, import_dynamics
 
 LOGITS = {  # guid -> per-epoch logits (3 classes), gold
     "a": ([[3, 0, 0], [4, 0, 0], [5, 0, 0]], 0),          # always correct

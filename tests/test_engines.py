@@ -8,7 +8,7 @@ from torch import nn
 import gradscore as gs
 from gradscore.engines import Engine, engine_class
 from gradscore.engines.base import _ENGINES
-from gradscore.models import digits_cnn, mlp
+from gradscore.demos.models import digits_cnn, mlp
 
 
 def _models():

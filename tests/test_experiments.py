@@ -9,11 +9,11 @@ import pytest
 from scipy import ndimage
 
 from gradscore.cli import main
-from gradscore.experiments import MODES, digits_setup
-from gradscore.experiments.common import digits_splits
-from gradscore.experiments.digits import shift, spurious
-from gradscore.experiments.jtt import spurious_setup
-from gradscore.experiments.prune import parse_method, subset
+from gradscore.demos.experiments import MODES, digits_setup
+from gradscore.demos.experiments.common import digits_splits
+from gradscore.demos.experiments.digits import shift, spurious
+from gradscore.demos.experiments.jtt import spurious_setup
+from gradscore.demos.experiments.prune import parse_method, subset
 
 TINY = MODES["tiny"]
 
@@ -85,7 +85,7 @@ def test_user_data_and_bad_options(tmp_path, capsys):
         gs.save_dataset(tmp_path / f"{name}.h5", rng.standard_normal((n, 6)).astype(np.float32), rng.integers(0, 3, n))
     args = ["experiment", "prune", "--mode", "tiny", "--out", str(tmp_path / "o"), "--methods", "el2n,random",
             "--train", str(tmp_path / "train.h5"), "--test", str(tmp_path / "test.h5"),
-            "--model", "gradscore.models:mlp", "--model-kwargs", '{"d_in": 6, "hidden": 8, "n_classes": 3}']
+            "--model", "gradscore.demos.models:mlp", "--model-kwargs", '{"d_in": 6, "hidden": 8, "n_classes": 3}']
     assert main(args) == 0
     rows = json.loads((tmp_path / "o" / "prune.json").read_text())["rows"]
     assert {r["condition"] for r in rows} == {"user data"} and rows[0]["n_kept"] == 54   # 90% of 120 train, half kept

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gradscore import plots
+from gradscore.reports import plots
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import gradscore as gs
-from gradscore.models import digits_cnn, tiny_transformer
+from gradscore.demos.models import digits_cnn, tiny_transformer
 
 
 class NoGradPart(nn.Module):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import gradscore as gs
-from gradscore.checkpoints import CheckpointStore
+from gradscore.io.checkpoints import CheckpointStore
 from gradscore.cli import main
 
 
@@ -170,7 +170,7 @@ def test_a_changed_ids_file_is_a_changed_run(tiny_run, tmp_path):
 
 
 def test_an_interrupted_incremental_run_resumes(tiny_run, tmp_path, monkeypatch):
-    from gradscore.store import HDF5ScoreStore
+    from gradscore.io.store import HDF5ScoreStore
     ckpts, data = tiny_run
     out = tmp_path / "s.h5"
     gs.score(ckpts, data, out=out, epochs_upto=0, scores=["el2n", "grand"], **OPTS)

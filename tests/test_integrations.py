@@ -8,7 +8,7 @@ import torch
 
 import gradscore as gs
 from gradscore.cli import main
-from gradscore.models import mlp
+from gradscore.demos.models import mlp
 
 KW = {"d_in": 6, "hidden": 8, "n_classes": 3, "depth": 1}
 
@@ -31,7 +31,7 @@ def test_plain_loop_every_n_steps(tmp_path):
     model = mlp(**KW)
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
-    rec = gs.CheckpointWriter(tmp_path / "ck", model_factory="gradscore.models:mlp", model_kwargs=KW).every(3)
+    rec = gs.CheckpointWriter(tmp_path / "ck", model_factory="gradscore.demos.models:mlp", model_kwargs=KW).every(3)
     for step in range(10):
         rec(model, step=step, lr=opt.param_groups[0]["lr"], epoch=step / 5)
         opt.zero_grad()
@@ -64,7 +64,7 @@ def test_lightning_callback(tmp_path):
 
     torch.manual_seed(0)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=10)
-    cb = GradscoreCheckpoint(str(tmp_path / "ck"), model_factory="gradscore.models:mlp", model_kwargs=KW,
+    cb = GradscoreCheckpoint(str(tmp_path / "ck"), model_factory="gradscore.demos.models:mlp", model_kwargs=KW,
                              every_n_steps=3, attr="net")
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])

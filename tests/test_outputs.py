@@ -155,7 +155,7 @@ def test_info_into_a_closed_pipe_prints_no_traceback(scored):
 
 
 def test_a_second_writer_is_refused_at_once_and_a_dead_ones_lock_taken_over(tiny_run, tmp_path, capsys):
-    from gradscore.outputs import lock
+    from gradscore.io.outputs import lock
     ckpts, data = tiny_run
     out = tmp_path / "s.h5"
     argv = ["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(out), "--quiet"]
@@ -258,12 +258,12 @@ def test_experiment_claims_its_results_before_training(tmp_path, capsys):
 
 def test_import_checkpoints_never_writes_into_its_source_or_over_another_run(tmp_path, capsys):
     import torch
-    from gradscore.models import mlp
+    from gradscore.demos.models import mlp
     kw = {"d_in": 6, "hidden": 8, "n_classes": 3, "depth": 1}
     src = tmp_path / "src"
     src.mkdir()
     torch.save(mlp(**kw).state_dict(), src / "step_0.pt")
-    args = ["import-checkpoints", str(src), "--model", "gradscore.models:mlp", "--model-kwargs", json.dumps(kw),
+    args = ["import-checkpoints", str(src), "--model", "gradscore.demos.models:mlp", "--model-kwargs", json.dumps(kw),
             "--lr", "0.1", "--quiet", "--out"]
     code, err = _run(args + [str(src)], capsys)
     assert code == 2 and "is the source folder" in err and len(err.splitlines()) == 1, err

@@ -17,3 +17,51 @@ def test_every_package_is_listed_in_pyproject():
     for name, path in mapped.items():
         found |= {name + "".join("." + p for p in i.parent.relative_to(path).parts) for i in path.rglob("__init__.py")}
     assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """{module: modules it imports, at import time or inside a function}, for gradscore and
+    gradscore.kernels, from the source."""
+    import ast
+    files = {}
+    for path in (ROOT / "gradscore").rglob("*.py"):
+        files[".".join(path.relative_to(ROOT).with_suffix("").parts)] = path
+    for path in (ROOT / "kernels").rglob("*.py"):
+        files["gradscore.kernels." + ".".join(path.relative_to(ROOT / "kernels").with_suffix("").parts)] = path
+    files = {m.removesuffix(".__init__"): p for m, p in files.items()}
+    graph: dict[str, set[str]] = {}
+    for mod, path in files.items():
+        package = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.split(".")
+                base = ".".join(base[:len(base) - node.level + 1] + ([node.module] if node.module else []))
+                for alias in node.names:
+                    edges.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in files else base)
+            elif isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names if a.name in files}
+        graph[mod] = edges & set(files)
+    return graph
+
+
+def test_no_module_imports_back_up_and_no_cycles():
+    """`import gradscore` imports no module that imports the package root back, and the
+    module graph (package __init__s re-exporting aside) has no cycle."""
+    graph = _module_imports()
+    up = sorted(m for m, e in graph.items() if "gradscore" in e and m != "gradscore")
+    assert not up, f"modules importing the package root: {up}"
+    inits = {m for m in graph if (ROOT / Path(*m.split("."))).is_dir() or m == "gradscore.kernels"}
+    state: dict[str, int] = {}
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(graph[m] - inits):
+            if state.get(n) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(n):] + [m, n]))
+            if n not in state:
+                visit(n, stack + [m])
+        state[m] = 2
+    for m in sorted(set(graph) - inits):
+        if m not in state:
+            visit(m, [])

@@ -9,8 +9,8 @@ import torch
 from torch.func import functional_call
 
 import gradscore as gs
-from gradscore.costate import CostateConfig, CostateFile, compute_costate, hvp
-from gradscore.models import mlp
+from gradscore.scores.costate import CostateConfig, CostateFile, compute_costate, hvp
+from gradscore.demos.models import mlp
 
 KW = {"d_in": 5, "hidden": 6, "n_classes": 3, "depth": 1}
 LRS = [0.5, 0.4, 0.6, 0.3, 0.5, 0.45]  # η_t for the 6 steps
@@ -30,7 +30,7 @@ def _gd_run(tmp_path):
     torch.manual_seed(0)
     model = mlp(**KW).double()
     theta0 = {k: v.detach().clone() for k, v in model.named_parameters()}
-    with gs.CheckpointWriter(tmp_path / "ckpts", model_factory="gradscore.models:mlp", model_kwargs=KW) as w:
+    with gs.CheckpointWriter(tmp_path / "ckpts", model_factory="gradscore.demos.models:mlp", model_kwargs=KW) as w:
         for t, lr in enumerate(LRS + [0.0]):
             w.save(model, step=t, lr=lr, epoch=t)
             if t == len(LRS):
@@ -110,7 +110,7 @@ def test_hvp_equals_formed_hessian():
 
 def test_step_size_scaling_and_missing_target(tmp_path):
     ckpts, proxy, target, *_ = _gd_run(tmp_path)
-    from gradscore.costate import step_sizes
+    from gradscore.scores.costate import step_sizes
     assert step_sizes(gs.CheckpointStore(ckpts)).tolist() == LRS
     with pytest.raises(gs.ConfigError, match="'target'.*need a target set"):
         gs.score(ckpts, proxy, out=tmp_path / "s.h5", scores=["pds"], progress=False)
@@ -173,7 +173,7 @@ def test_run_cli_pds_bad_target_exits_2(tmp_path, capsys):
 
 
 def test_pds_demo_small(tmp_path, capsys):
-    from gradscore.demo import run_pds_demo
+    from gradscore.demos.digits import run_pds_demo
     summary = run_pds_demo(tmp_path / "d", steps=2, progress=False)
     text = capsys.readouterr().out
     assert "10 most helpful by PDS" in text and "10 most harmful by PDS" in text and "the trap" in text
@@ -183,7 +183,7 @@ def test_pds_demo_small(tmp_path, capsys):
 
 
 def test_stability_warnings_name_momentum_and_divergence():
-    from gradscore.costate import GROWTH_BOUND, stability_warnings
+    from gradscore.scores.costate import GROWTH_BOUND, stability_warnings
     assert stability_warnings(["SGD", ""], [0.0, 1.0, 1.2, 1.1]) == []
     assert "SGD(momentum=0.9)" in stability_warnings(["SGD(momentum=0.9)"], [0.0, 1.0, 1.0])[0]
     assert "AdamW" in stability_warnings(["AdamW"], [0.0, 1.0, 1.0])[0]

@@ -8,7 +8,7 @@ import pytest
 
 import gradscore as gs
 from gradscore.cli import main
-from gradscore.select import by_score, jtt_weights, regions
+from gradscore.reports.select import by_score, jtt_weights, regions
 
 
 def test_by_score_exact_indices():

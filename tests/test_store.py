@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import gradscore as gs
-from gradscore.store import HDF5ScoreStore, ScoreStore
+from gradscore.io.store import HDF5ScoreStore, ScoreStore
 
 
 def _store(tmp_path, fp, **kw):

@@ -179,7 +179,7 @@ def test_text_dataset_run_end_to_end(tmp_path):
         w.save(model, step=1, lr=0.1)
     x, y = _batch(31, B=7)
     gs.save_dataset(tmp_path / "text.h5", {k: v.numpy() for k, v in x.items()}, None)
-    from gradscore.info import describe
+    from gradscore.reports.info import describe
     assert "7 examples (text)" in describe(tmp_path / "text.h5") and "token ids: 1..30" in describe(tmp_path / "text.h5")
     runs = {}
     for engine in ("ghost", "loop"):
@@ -227,7 +227,7 @@ def test_class_scores_refused_for_lm_and_bad_token_ids(tmp_path, capsys):
 
 
 def test_lm_demo_fast_mode(tmp_path):
-    from gradscore.demo_lm import run_lm_demo
+    from gradscore.demos.lm import run_lm_demo
     lines = []
     summary = run_lm_demo(tmp_path / "lm", n_docs=48, n_target=16, seq_len=24, warmup_epochs=1, steps=2,
                           progress=False, echo=lines.append)

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..batch import Inputs, batch_len, call_model
 from ..exceptions import EngineError
-from ..kernels.norm_dot import acc_dtype
+from ..kernels import acc_dtype
 from ..losses import Loss
 
 #: Per-parameter reference blocks: refs[i] has shape (K, *param_i.shape).

@@ -40,6 +40,7 @@ from torch import nn
 
 from ..batch import Inputs, batch_len, call_model
 from ..exceptions import EngineError
+from ..kernels import acc_dtype
 from .base import Engine, RefBlocks, ScoreBatch, register_engine
 from .fallback import Fallback
 from .layout import Layout, couples_examples, establish, observed
@@ -370,7 +371,7 @@ class GhostEngine(Engine):
         if fb is not None:
             state.add(fb.sq_norm, fb.dots if fb.dots is not None else fb.sq_norm.new_zeros((B, 0)))
         if state.sq is None:
-            acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+            acc = acc_dtype(out.dtype)
             state.add(out.new_zeros(B, dtype=acc), out.new_zeros((B, K), dtype=acc))
         return ScoreBatch(loss=losses.detach(), sq_norm=state.sq,
                           dots=state.dots if refs is not None else None, logits=out.detach())

@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ..checkpoints import CheckpointWriter, checkpoint_filename
+from ..io.checkpoints import CheckpointWriter, checkpoint_filename
 
 FACTORY = "gradscore.integrations.hf:from_config"
 

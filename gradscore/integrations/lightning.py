@@ -15,7 +15,7 @@ from typing import Any
 
 from lightning.pytorch import Callback
 
-from ..checkpoints import CheckpointWriter, checkpoint_filename
+from ..io.checkpoints import CheckpointWriter, checkpoint_filename
 
 
 class GradscoreCheckpoint(Callback):

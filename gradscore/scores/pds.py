@@ -1,4 +1,4 @@
-"""Optimal-control (PDS) scores and their dot-product relatives (see gradscore/costate.py).
+"""Optimal-control (PDS) scores and their dot-product relatives (see gradscore/scores/costate.py).
 
 From the per-checkpoint dots of every example's gradient g_nt = ∇ℓ_n(θ_t):
 - ``pds``: Σ_{t=0..T−1} η_t ⟨λ_{t+1}, g_nt⟩ = −∂J_total/∂γ_n (larger = more helpful);

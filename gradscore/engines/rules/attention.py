@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...kernels.norm_dot import acc_dtype
+from ...kernels import acc_dtype
 from .linear import weight_and_bias
 from .registry import register_rule
 

@@ -43,7 +43,7 @@ from torch import nn
 
 from ...kernels.dispatch import backend_for, forced_name
 from ...kernels.ghost_linear import ghost_linear, workspace_bytes
-from ...kernels.norm_dot import acc_dtype, norm_dot
+from ...kernels import acc_dtype, norm_dot
 from .linear import cat_calls
 from .registry import bias_term, register_rule
 

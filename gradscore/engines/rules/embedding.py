@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...kernels.norm_dot import acc_dtype
+from ...kernels import acc_dtype
 from .registry import Factor, register_rule
 
 

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ...kernels.norm_dot import acc_dtype
+from ...kernels import acc_dtype
 from .registry import reduce_per_example, register_rule, zeros_like_result
 
 

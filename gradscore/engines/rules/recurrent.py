@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from ...kernels.norm_dot import acc_dtype
+from ...kernels import acc_dtype
 from .linear import weight_and_bias
 from .registry import register_rule
 

@@ -51,8 +51,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from ...kernels import norm_dot
-from ...kernels.norm_dot import acc_dtype
+from ...kernels import acc_dtype, norm_dot
 
 RuleFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -167,7 +166,7 @@ def reduce_per_example(grads: dict[str, torch.Tensor], refs: dict[str, torch.Ten
 
 
 def zeros_like_result(like: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
-    acc = torch.float64 if like.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(like.dtype)
     B = like.shape[0]
     return like.new_zeros(B, dtype=acc), like.new_zeros((B, K), dtype=acc)
 

@@ -19,14 +19,14 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from .. import __version__
-from ..atomic import atomic_path
-from ..outputs import MARKDOWN_MARK, claim, claim_folder
-from ..checkpoints import CheckpointWriter
-from ..data import load_dataset, save_dataset
-from ..demo import flip_labels, load_digit_images
-from ..exceptions import ConfigError
-from ..imports import import_ref
+from ..._version import __version__
+from ...io.atomic import atomic_path
+from ...io.outputs import MARKDOWN_MARK, claim, claim_folder
+from ...io.checkpoints import CheckpointWriter
+from ...io.datasets import load_dataset, save_dataset
+from ..digits import flip_labels, load_digit_images
+from ...exceptions import ConfigError
+from ...imports import import_ref
 from ..training import train_sgd
 
 
@@ -59,7 +59,7 @@ class Setup:
     y_val: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
-    model_factory: str = "gradscore.models:digits_cnn"
+    model_factory: str = "gradscore.demos.models:digits_cnn"
     model_kwargs: dict = field(default_factory=dict)
     noisy: np.ndarray | None = None
     x_shift: np.ndarray | None = None
@@ -137,8 +137,8 @@ def reference_run(setup: Setup, work: Path, *, epochs: int, scores: tuple[str, .
                   **options: Any) -> dict[str, Any]:
     """Train on the whole training set with a checkpoint per epoch, then score every
     training example with ``gradscore.score`` (PDS target: the validation set)."""
-    from ..api import score
-    from ..store import load_scores
+    from ...pipeline import score
+    from ...io.store import load_scores
     lr = 0.05
     train = save_dataset(work / "train.h5", setup.x_train, setup.y_train, noisy=setup.noisy)
     with CheckpointWriter(work / "ckpts", model_factory=setup.model_factory, model_kwargs=setup.model_kwargs,
@@ -167,7 +167,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 def claim_results(out: Path, name: str, overwrite: bool = False) -> Path:
     """Check, before any training, that ``out/<name>.{json,md,png}`` may be written (see
-    :func:`gradscore.outputs.claim`); return the experiment's scratch folder ``out/work``."""
+    :func:`gradscore.io.outputs.claim`); return the experiment's scratch folder ``out/work``."""
     for suffix, kind in ((".json", "json"), (".md", "markdown"), (".png", "figure")):
         claim(out / f"{name}{suffix}", kind, overwrite=overwrite)
     return claim_folder(out / "work", ".gradscore-experiment", "a gradscore experiment's scratch folder")
@@ -197,7 +197,7 @@ def _jsonable(o: Any) -> Any:
 def paired_bars(rows: list[dict], keys: tuple[str, str], labels: tuple[str, str], names: list[str],
                 title: str, ylabel: str, path: Path) -> Path:
     """Two bars (mean ± std of ``row[key]``) per row, for the region and JTT tables."""
-    from ..plots import pyplot, save_figure
+    from ...reports.plots import pyplot, save_figure
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     pos = np.arange(len(rows))

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .atomic import atomic_path
-from .outputs import MARK
+from .._version import __version__
+from ..io.atomic import atomic_path
+from ..io.outputs import MARK
 
 
 def pyplot():

@@ -1,4 +1,4 @@
-"""Small reference models, importable as checkpoint factories (``"gradscore.models:mlp"``)."""
+"""Small reference models, importable as checkpoint factories (``"gradscore.demos.models:mlp"``)."""
 from __future__ import annotations
 
 import math

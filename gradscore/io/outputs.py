@@ -19,7 +19,7 @@ import socket
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
-from .exceptions import OutputError
+from ..exceptions import OutputError
 
 #: the text a figure's metadata carries, and what marks a JSON report or a parquet export
 MARK = "gradscore"

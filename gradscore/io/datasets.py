@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
-from .batch import Inputs, call_model, concat, describe, move, take
-from .exceptions import DataError
-from .losses import IGNORE_INDEX, Loss
-from .imports import import_ref
+from ..batch import Inputs, call_model, concat, describe, move, take
+from ..exceptions import DataError
+from ..losses import IGNORE_INDEX, Loss
+from ..imports import import_ref
 
 REQUIRED_FIELDS = ("inputs", "targets")
 #: Model keyword inputs of a text dataset, in the order they are passed.
@@ -253,7 +253,7 @@ def subset(ds: Dataset, *, ids: str | Path | None = None, index_range: str | Non
     """``ds`` restricted to the examples whose ids are listed in the file ``ids``, or to the
     positions ``index_range`` ("A:B"); ``ds`` itself when neither is given. The examples keep
     the data's order; an id listed twice is scored once; an unknown id is a :class:`DataError`."""
-    from .config import parse_range
+    from ..config import parse_range
     n = len(ds)
     if index_range is not None:
         a, b = parse_range(index_range)

@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 
 from .atomic import atomic_path
-from .exceptions import ConfigMismatchError, GradscoreError
+from ..exceptions import ConfigMismatchError, GradscoreError
 
 
 class ScoreStore(ABC):
@@ -231,7 +231,7 @@ class HDF5ScoreStore(ScoreStore):
 class ReusableRows:
     """The per-checkpoint rows of a finished scores file that a new run may take instead of
     computing them: those of the checkpoints (by SHA-256) it scored with the same ``key``
-    (the data and every setting that changes the numbers, see ``gradscore.api``). The
+    (the data and every setting that changes the numbers, see ``gradscore.pipeline``). The
     file's attribute ``rows`` holds its key and the checksums of its rows' checkpoints;
     a file without it (or with another key) offers nothing."""
 

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path
-from .exceptions import CheckpointError
-from .imports import import_ref
+from ..exceptions import CheckpointError
+from ..imports import import_ref
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step_(\d+)\.h5$")
@@ -77,7 +77,7 @@ def write_checkpoint(path: str | Path, model: nn.Module, *, step: int, lr: float
 class CheckpointWriter:
     """Save θ_t during training, one atomic HDF5 file per call to :meth:`save`.
 
-    >>> with CheckpointWriter("ckpts/", model_factory="gradscore.models:mlp",
+    >>> with CheckpointWriter("ckpts/", model_factory="gradscore.demos.models:mlp",
     ...                       model_kwargs={}, loss="cross_entropy") as w:
     ...     w.save(model, step=0, lr=0.1, epoch=0)   # doctest: +SKIP
 

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .atomic import atomic_path
-from .exceptions import ConfigError, DataError, GradscoreError
-from .outputs import claim
-from .store import load_scores
+from .._version import __version__
+from ..io.atomic import atomic_path
+from ..exceptions import ConfigError, DataError, GradscoreError
+from ..io.outputs import claim
+from ..io.store import load_scores
 
 
 def _weights_path(out: Path) -> Path:

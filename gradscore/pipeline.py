@@ -12,20 +12,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .checkpoints import CheckpointStore
+from ._version import __version__
+from .io.checkpoints import CheckpointStore
 from .batch import Inputs, batch_len, take
 from .config import CLASS_SCORES, TARGET_SCORES, RunConfig, resolve_device
-from .data import Dataset, check_targets, load_dataset, probe_model, subset
+from .io.datasets import Dataset, check_targets, load_dataset, probe_model, subset
 from .distributed import Ranks, process_group
 from .exceptions import ConfigError, DataError
-from .costate import CostateConfig, CostateFile, compute_costate
+from .scores.costate import CostateConfig, CostateFile, compute_costate
 from .losses import resolve_loss
-from .outputs import claim, lock
+from .io.outputs import claim, lock
 from .scorer import Scorer
 from .scores import datadiet, dynamics, pds
 from .scores.pds import DOT_SCORES
-from .store import HDF5ScoreStore, ReusableRows, read_fingerprint
+from .io.store import HDF5ScoreStore, ReusableRows, read_fingerprint
 
 
 def _select_checkpoints(ckpts: CheckpointStore, epochs_upto: float | None) -> np.ndarray:
@@ -296,7 +296,7 @@ def score(checkpoints: str | os.PathLike, data: str | os.PathLike, *, out: str |
           progress: bool = True, **options: Any) -> Path:
     """Score every example of ``data`` at every checkpoint in ``checkpoints``.
 
-    Writes ``out`` (HDF5, see :mod:`gradscore.store`) and returns its path. ``options``
+    Writes ``out`` (HDF5, see :mod:`gradscore.io.store`) and returns its path. ``options``
     are the other :class:`~gradscore.config.RunConfig` fields (engine, device, dtype,
     batch_size, chunk_size, chunk_bytes, epochs_upto, params, ids, index_range; target,
     costate, lr_scale_steps for the PDS scores).

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from ..select import regions as data_map_regions
-from .common import (claim_results, Mode, Setup, accuracy, cell, digits_setup, fit, markdown_table, mean_std, paired_bars,
-                     reference_run, write_results, claim_results)
+from ...reports.select import regions as data_map_regions
+from .common import (Mode, Setup, accuracy, cell, digits_setup, fit, markdown_table, mean_std, paired_bars,
+                     claim_results, reference_run, write_results)
 from .digits import shift
 
 SUBSETS = ("ambiguous", "easy", "hard", "random", "all")

@@ -43,15 +43,15 @@ import torch
 from torch.func import grad, jvp
 from tqdm.auto import tqdm
 
-from .atomic import atomic_path
-from .checkpoints import CheckpointStore
-from .batch import Inputs, call_functional, move
-from .config import DEVICES, DTYPES, LM_REDUCTIONS, resolve_device
-from .data import Dataset, check_targets, load_dataset, probe_model
-from .exceptions import CheckpointError, ConfigError, DataError, EngineError, GradscoreError, GradscoreWarning
-from .losses import Loss, resolve_loss
-from .outputs import claim, lock
-from .store import Journal
+from ..io.atomic import atomic_path
+from ..io.checkpoints import CheckpointStore
+from ..batch import Inputs, call_functional, move
+from ..config import DEVICES, DTYPES, LM_REDUCTIONS, resolve_device
+from ..io.datasets import Dataset, check_targets, load_dataset, probe_model
+from ..exceptions import CheckpointError, ConfigError, DataError, EngineError, GradscoreError, GradscoreWarning
+from ..losses import Loss, resolve_loss
+from ..io.outputs import claim, lock
+from ..io.store import Journal
 
 Params = dict[str, torch.Tensor]
 
@@ -209,7 +209,7 @@ def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["fingerprint"] = json.dumps(fingerprint, sort_keys=True)
         f.attrs["config"] = json.dumps(asdict(config), sort_keys=True)
-        f.attrs["conventions"] = "pds_n = sum_t eta_t <lambda_{t+1}, grad l_n(theta_t)>; see gradscore.costate"
+        f.attrs["conventions"] = "pds_n = sum_t eta_t <lambda_{t+1}, grad l_n(theta_t)>; see gradscore.scores.costate"
         f["eta"] = eta
         f["step"] = np.array([i.step for i in ckpts], dtype=np.int64)
         norms: dict[str, list[float]] = {"grad_target": [], "costate": []}

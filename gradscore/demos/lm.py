@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .api import score
-from .checkpoints import CheckpointWriter
-from .data import save_dataset
-from .demo import diagnose_and_finish, norm_trap
-from .exceptions import DataError
-from .losses import causal_lm
-from .store import load_scores
+from ..pipeline import score
+from ..io.checkpoints import CheckpointWriter
+from ..io.datasets import save_dataset
+from .digits import diagnose_and_finish, norm_trap
+from ..exceptions import DataError
+from ..losses import causal_lm
+from ..io.store import load_scores
 
 FACTORY = "gradscore.integrations.hf:from_config"
 PAD = 256
@@ -109,7 +109,7 @@ def train(x: dict[str, np.ndarray], ckpt_dir: Path, *, config: dict[str, Any], w
           steps: int, lr: float, seed: int = 0, echo: Any = print) -> None:
     """AdamW warm-up in minibatches (not recorded), then ``steps`` full-batch GD steps on
     the mean per-document loss, a checkpoint at every step (θ_0 … θ_steps)."""
-    from .integrations.hf import from_config
+    from ..integrations.hf import from_config
     torch.manual_seed(seed)
     model = from_config(config, attn_implementation=MODEL_KWARGS["attn_implementation"]).train()
     xt = {k: torch.from_numpy(v) for k, v in x.items()}
@@ -147,7 +147,7 @@ def run_lm_demo(out: str | Path = "gradscore_demo_lm", *, n_docs: int = 800, n_t
     """Run the LM demo into ``out``; return a summary (AUROCs, norm inflation, timings)."""
     from sklearn.metrics import roc_auc_score
 
-    from .integrations.hf import require_transformers
+    from ..integrations.hf import require_transformers
     require_transformers()  # before anything is written
     t0 = time.perf_counter()
     out = Path(out)

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from ..select import jtt_weights
-from .common import (claim_results, Mode, Setup, cell, digits_splits, fit, markdown_table, mean_std, paired_bars, predict,
-                     reference_run, write_results, claim_results)
+from ...reports.select import jtt_weights
+from .common import (Mode, Setup, cell, digits_splits, fit, markdown_table, mean_std, paired_bars, predict,
+                     claim_results, reference_run, write_results)
 from .digits import spurious
 
 UPWEIGHTS = (5, 20, 50)

@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from ..exceptions import ConfigError
-from ..select import by_score
-from .common import (claim_results, Mode, Setup, accuracy, cell, digits_setup, fit, markdown_table, mean_std,
-                     reference_run, write_results, claim_results)
+from ...exceptions import ConfigError
+from ...reports.select import by_score
+from .common import (Mode, Setup, accuracy, cell, digits_setup, fit, markdown_table, mean_std,
+                     claim_results, reference_run, write_results)
 
 DEFAULT_METHODS = ("el2n", "el2n:lowest", "el2n:exclude=0.1", "grand", "forgetting", "pds",
                    "ambiguous", "hard", "random")
@@ -119,7 +119,7 @@ def run(out: Path, mode: Mode, *, methods: tuple[str, ...] = DEFAULT_METHODS,
 
 
 def _plot(rows: list[dict], methods, conditions: list[str], path: Path) -> None:
-    from ..plots import pyplot, save_figure
+    from ...reports.plots import pyplot, save_figure
     plt = pyplot()
     fig, axes = plt.subplots(1, len(conditions), figsize=(5.5 * len(conditions), 4), squeeze=False)
     for ax, label in zip(axes[0], conditions):

@@ -21,8 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoints import CheckpointStore, checkpoint_filename, write_checkpoint
-from .exceptions import CheckpointError, OutputError
-from .imports import import_ref
+from ..exceptions import CheckpointError, OutputError
+from ..imports import import_ref
 
 SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 _NESTED = ("state_dict", "model_state_dict", "model")

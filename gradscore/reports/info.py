@@ -9,22 +9,22 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .exceptions import GradscoreError
+from ..exceptions import GradscoreError
 
 
 def environment() -> dict[str, Any]:
     """Versions and the kernel backend chosen for each device."""
     import torch
 
-    from . import __version__
-    from .kernels import describe as kernel_backends
+    from .._version import __version__
+    from ..kernels import describe as kernel_backends
     return {"gradscore": __version__, "python": platform.python_version(),
             "torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
             "kernels": kernel_backends()}
 
 
 def _describe_checkpoints(path: Path) -> str:
-    from .checkpoints import CheckpointStore
+    from ..io.checkpoints import CheckpointStore
     store = CheckpointStore(path)
     first = store[0]
     with h5py.File(first.path, "r") as f:
@@ -47,9 +47,9 @@ def _fold(name: str, items: dict[str, Any], width: int = 96, sep: str = "=") -> 
 
 
 def _describe_dataset(path: Path) -> str:
-    from .batch import describe
-    from .data import ArrayFileDataset
-    from .losses import IGNORE_INDEX
+    from ..batch import describe
+    from ..io.datasets import ArrayFileDataset
+    from ..losses import IGNORE_INDEX
     ds = ArrayFileDataset(path)
     x, y = ds.read(0, min(len(ds), 1))
     lines = [f"dataset {path}: {len(ds)} examples{' (text)' if ds.text else ''}",

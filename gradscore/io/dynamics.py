@@ -21,11 +21,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from . import __version__
+from .._version import __version__
 from .atomic import atomic_path
-from .exceptions import DataError, GradscoreError
+from ..exceptions import DataError, GradscoreError
 from .outputs import MARK, claim, lock
-from .scores import datadiet, dynamics
+from ..scores import datadiet, dynamics
 from .store import HDF5ScoreStore, load_scores
 
 _BLOCK = 65536  # rows of the first epoch converted to an array at a time

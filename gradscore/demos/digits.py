@@ -2,7 +2,7 @@
 
 scikit-learn's bundled digits (1797 8×8 images): an 80/20 train/test split, 20% of the
 training labels flipped with a fixed seed (mask kept as ``noisy``), the small CNN of
-:func:`gradscore.models.digits_cnn` trained with SGD, one checkpoint per epoch, then
+:func:`gradscore.demos.models.digits_cnn` trained with SGD, one checkpoint per epoch, then
 the same code path as ``gradscore run`` scores every training example.
 """
 from __future__ import annotations
@@ -17,18 +17,18 @@ from sklearn.datasets import load_digits
 from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.model_selection import train_test_split
 
-from .api import score
-from .checkpoints import CheckpointWriter
-from .data import save_dataset
-from .diagnose import diagnose
+from ..pipeline import score
+from ..io.checkpoints import CheckpointWriter
+from ..io.datasets import save_dataset
+from ..reports.diagnose import diagnose
 from .models import digits_cnn
-from .plots import data_map, score_histograms
-from .scores.dynamics import NAMES as DYNAMICS
-from .select import regions
-from .store import load_scores
+from ..reports.plots import data_map, score_histograms
+from ..scores.dynamics import NAMES as DYNAMICS
+from ..reports.select import regions
+from ..io.store import load_scores
 from .training import train_sgd
 
-FACTORY = "gradscore.models:digits_cnn"
+FACTORY = "gradscore.demos.models:digits_cnn"
 
 
 def flip_labels(y: np.ndarray, rate: float, rng: np.random.Generator, n_classes: int = 10

@@ -26,13 +26,13 @@ import torch
 from scipy.stats import spearmanr
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from . import __version__
-from .atomic import atomic_path
-from .data import Dataset, load_dataset
-from .exceptions import GradscoreError
-from .outputs import claim
-from .scores.pds import DOT_SCORES, decompose, variants
-from .store import load_scores
+from .._version import __version__
+from ..io.atomic import atomic_path
+from ..io.datasets import Dataset, load_dataset
+from ..exceptions import GradscoreError
+from ..io.outputs import claim
+from ..scores.pds import DOT_SCORES, decompose, variants
+from ..io.store import load_scores
 
 
 def _mask(res: dict[str, Any], noisy_mask: str | None, ds: Dataset | None) -> tuple[np.ndarray | None, str]:

@@ -1,0 +1,176 @@
+"""``demo``, ``experiment`` and ``bench``: runs on bundled data."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import ENGINES
+from ..exceptions import GradscoreError
+from .common import OVERWRITE_HELP, command, model_kwargs
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = command(sub, "demo", help="train on the bundled digits, score, report (no download)",
+                 description="Flip 20% of the digits training labels, train a small CNN "
+                 "with a checkpoint per epoch, score every example with the same code "
+                 "path as `run`, print how well each score finds the flipped labels, "
+                 "and write DIR/data/train.h5, DIR/ckpts/, DIR/scores.h5, DIR/report.png.")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output directory (default gradscore_demo, gradscore_demo_pds or gradscore_demo_lm)")
+    p.add_argument("--epochs", type=int, default=15, help="training epochs (one checkpoint each)")
+    p.add_argument("--pds", action="store_true",
+                   help="optimal-control (PDS) demo: full-batch GD on the noisy set, clean "
+                   "held-out target, a checkpoint at every step")
+    p.add_argument("--lm", action="store_true",
+                   help="language-model demo: a tiny GPT-2 (needs the 'hf' extra) on the docstrings of "
+                   "Python's standard library, 20%% of documents corrupted, clean held-out target; "
+                   "loss, GraNd, target_dot and PDS per document")
+    p.add_argument("--docs", type=int, default=800, help="--lm: training documents")
+    p.add_argument("--steps", type=int, default=None,
+                   help="--pds/--lm: gradient-descent steps (default 30 / 6)")
+    p.add_argument("--n-train", type=int, default=None, help="use only the first N training examples")
+    p.add_argument("--engine", default="auto", choices=ENGINES,
+                   help="per-example gradient engine (auto: ghost rules, else vmap, else the loop)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.lm:
+        from ..demos.lm import run_lm_demo
+        extra = {} if args.steps is None else {"steps": args.steps}
+        run_lm_demo(args.out or "gradscore_demo_lm", n_docs=args.docs, engine=args.engine,
+                    progress=not args.quiet, **extra)
+        return 0
+    if args.pds:
+        from ..demos.digits import run_pds_demo
+        run_pds_demo(args.out or "gradscore_demo_pds", steps=args.steps or 30, engine=args.engine,
+                     progress=not args.quiet)
+        return 0
+    from ..demos.digits import run_demo
+    run_demo(args.out or "gradscore_demo", epochs=args.epochs, n_train=args.n_train,
+             engine=args.engine, progress=not args.quiet)
+    return 0
+
+
+def _add_experiment(sub: argparse._SubParsersAction) -> None:
+    p = command(sub, "experiment", help="retrain on selected subsets: pruning curves, data-map regions, JTT",
+                 description="Check a data-selection claim by retraining: 'prune' (Data Diet: keep 30-90% "
+                 "of the training set by each score, with and without 20% flipped labels), 'regions' "
+                 "(Dataset Cartography: train on 33% ambiguous/easy/hard/random vs all, test in and out of "
+                 "distribution), 'jtt' (ERM vs Just Train Twice on a spurious-patch variant of digits: "
+                 "average and worst-group accuracy). Embedded digits by default; prune and regions also "
+                 "take --train/--test files and a --model factory. Writes OUT/<name>.json, .md and .png.")
+    p.add_argument("name", choices=("prune", "regions", "jtt"), help="which experiment (see above)")
+    p.add_argument("--out", default="gradscore_experiments", metavar="DIR",
+                   help="folder for <name>.json, .md and .png")
+    p.add_argument("--mode", default="fast", choices=("tiny", "fast", "full"),
+                   help="fast: 1 seed, 8 epochs, fractions 30/50/100%% (< 3 min on 2 cores); full: 3 seeds, "
+                   "15 epochs, 30/50/70/90/100%%; tiny: 300 examples, 2 epochs (a smoke test)")
+    p.add_argument("--seeds", type=int, default=None, help="override the mode's number of seeds")
+    p.add_argument("--fractions", default=None, metavar="F,...", help="prune: override the kept fractions")
+    p.add_argument("--methods", default=None, metavar="M,...",
+                   help="prune: el2n, grand, forgetting, pds, ambiguous, hard, random, each optionally with "
+                   ":lowest (keep the lowest) and :exclude=F (drop the top F first)")
+    p.add_argument("--keep", default="highest", choices=("highest", "lowest"),
+                   help="prune: direction for methods given without ':lowest'")
+    p.add_argument("--exclude-top", type=float, default=0.0, help="prune: default ':exclude=' for every method")
+    p.add_argument("--train", default=None, metavar="FILE", help="prune/regions: your training set (.h5/.npz)")
+    p.add_argument("--test", default=None, metavar="FILE", help="prune/regions: your test set")
+    p.add_argument("--shifted-test", default=None, metavar="FILE", help="regions: your out-of-distribution test set")
+    p.add_argument("--model", default=None, metavar="MODULE:FN", help="with --train: the model factory")
+    p.add_argument("--model-kwargs", default="{}", metavar="JSON", help="with --model: its keyword arguments")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from ..demos.experiments import MODES, file_setup
+    mode = MODES[args.mode]
+    if args.seeds is not None:
+        mode = dataclasses.replace(mode, seeds=args.seeds)
+    if args.fractions is not None:
+        try:
+            mode = dataclasses.replace(mode, fractions=tuple(float(f) for f in args.fractions.split(",")))
+        except ValueError as e:
+            raise GradscoreError(f"--fractions: '{args.fractions}' is not a comma-separated list of numbers") from e
+    setup = None
+    if args.train or args.test or args.model:
+        if not (args.train and args.test and args.model) or args.name == "jtt":
+            raise GradscoreError("your own data needs --train, --test and --model together (prune, regions)")
+        setup = file_setup(args.train, args.test, args.model, model_kwargs(args.model_kwargs),
+                           shifted=args.shifted_test)
+    out = Path(args.out)
+    if args.name == "prune":
+        from ..demos.experiments import prune
+        methods = tuple(args.methods.split(",")) if args.methods else prune.DEFAULT_METHODS
+        mods = (":lowest" if args.keep == "lowest" else "") + (f":exclude={args.exclude_top}" if args.exclude_top else "")
+        methods = tuple(m if ":" in m or m == "random" else m + mods for m in methods)
+        prune.run(out, mode, methods=methods, setup=setup, overwrite=args.overwrite)
+    elif args.name == "regions":
+        from ..demos.experiments import regions
+        regions.run(out, mode, setup=setup, overwrite=args.overwrite)
+    else:
+        from ..demos.experiments import jtt
+        jtt.run(out, mode, overwrite=args.overwrite)
+    return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = command(sub, "bench", help="time the engines against a plain forward+backward",
+                 description="Time loop, vmap (torch and fused reduction) and ghost engines, "
+                 "and Opacus/BackPACK when installed, as ratios to one plain batched "
+                 "forward+backward, with peak memory, on an MLP, the demo CNN and its "
+                 "128-channel version, a CNN on 32x32 inputs, a small transformer and (with "
+                 "transformers installed) a small GPT-2; then `run` throughput and PDS "
+                 "timings on the demo setup.")
+    p.add_argument("--batches", default="64,256", help="comma-separated batch sizes")
+    p.add_argument("--models", default=None, help="comma-separated subset of the models (default: all of "
+                   "mlp_784_1024_1024, digits_cnn, digits_cnn_c128, cifar_cnn_dw, transformer_d128_T64, "
+                   "resnet_bn_20k, torch_encoder_d64_T32, lstm_d64_T32, gru_attention_d64_T32, gpt2_d64_T128)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (best is kept)")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--epochs", type=int, default=3, help="demo checkpoints for the end-to-end part")
+    p.add_argument("--no-end-to-end", dest="end_to_end", action="store_false",
+                   help="skip the end-to-end `run` throughput and the PDS timings (default: run them)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from ..bench import end_to_end, model_cases, run_bench
+    try:
+        batches = tuple(int(b) for b in args.batches.split(","))
+    except ValueError as e:
+        raise GradscoreError(f"--batches: '{args.batches}' is not a comma-separated list of integers") from e
+    models = tuple(args.models.split(",")) if args.models else None
+    unknown = set(models or ()) - set(model_cases("cpu"))
+    if unknown:
+        raise GradscoreError(f"--models: unknown {', '.join(sorted(unknown))}; choose from "
+                             f"{', '.join(model_cases('cpu'))}")
+    if args.json:
+        from ..io.outputs import claim
+        claim(args.json, "json", overwrite=args.overwrite)   # before the timing, not after
+    result = run_bench(batches, args.repeats, device=args.device, models=models)
+    if args.end_to_end:
+        from ..bench import pds_timing
+        result["end_to_end"] = end_to_end(args.epochs, args.repeats)
+        result["pds"] = pds_timing(repeats=args.repeats)
+    if args.json:
+        from .._version import __version__
+        from ..io.atomic import atomic_path
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps({**result, "gradscore_version": __version__}, indent=2))
+        print(f"-> {args.json}")
+    return 0
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    """Register these commands."""
+    _add_demo(sub)
+    _add_experiment(sub)
+    _add_bench(sub)
+    sub.choices["demo"].set_defaults(func=_cmd_demo)
+    sub.choices["experiment"].set_defaults(func=_cmd_experiment)
+    sub.choices["bench"].set_defaults(func=_cmd_bench)

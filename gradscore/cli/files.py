@@ -1,0 +1,86 @@
+"""``import-dynamics``, ``export`` and ``import-checkpoints``: other tools' files in and out."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..exceptions import GradscoreError
+from .common import OVERWRITE_HELP, command, model_kwargs
+
+def _add_import_export(sub: argparse._SubParsersAction) -> None:
+    p = command(sub, "import-dynamics", help="read training dynamics jsonl (cartography) into a scores file",
+                 description="Read DIR/dynamics_epoch_<e>.jsonl (or DIR/training_dynamics/...) with "
+                 "records {guid, gold, logits_epoch_<e> or logits}, streaming line by line, and "
+                 "write per-epoch loss/el2n/p_gold/correct and the dynamics scores.")
+    p.add_argument("directory", metavar="DIR", help="folder of the per-epoch dynamics jsonl files")
+    p.add_argument("--format", default="cartography", choices=("cartography", "trainingdynamics"),
+                   help="cartography: dynamics_epoch_<e>.jsonl; trainingdynamics: training_dynamics/ files")
+    p.add_argument("--out", required=True, metavar="SCORES.h5", help="scores file to write (HDF5)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a scores file made from other files; never an input, never another kind of file")
+    p = command(sub, "export", help="write scores as td_metrics jsonl, csv or parquet",
+                 description="td_metrics: one JSON line per example with guid, index, "
+                 "threshold_closeness, confidence, variability, correctness, forgetfulness "
+                 "(TrainingDynamics); csv/parquet: id and every score.")
+    p.add_argument("scores", metavar="SCORES.h5", help="a scores file written by gradscore run")
+    p.add_argument("--format", required=True, choices=("td_metrics", "csv", "parquet"),
+                   help="td_metrics: jsonl as TrainingDynamics writes; csv or parquet: id and every score")
+    p.add_argument("--out", required=True, metavar="FILE", help="file to write")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from ..io.dynamics import import_dynamics
+    print(f"scores -> {import_dynamics(args.directory, args.out, fmt=args.format, overwrite=args.overwrite)}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ..io.dynamics import export_scores
+    print(f"{args.format} -> {export_scores(args.scores, args.out, fmt=args.format, overwrite=args.overwrite)}")
+    return 0
+
+
+def _add_import_checkpoints(sub: argparse._SubParsersAction) -> None:
+    p = command(sub, "import-checkpoints", help="convert torch.save / safetensors checkpoints",
+                 description="Convert a directory of existing checkpoints (torch.save state_dicts: .pt, "
+                 ".pth, .bin; safetensors; directly in SRC_DIR or in subdirectories like checkpoint-1200/) "
+                 "into gradscore checkpoints. The step is the last number in the file (or subdirectory) "
+                 "name; the learning rate is --lr or --lr-schedule. Resumable.")
+    p.add_argument("src", metavar="SRC_DIR", help="folder of torch.save / safetensors checkpoints")
+    p.add_argument("--model", required=True, metavar="MODULE:FN", help="factory that rebuilds the model")
+    p.add_argument("--model-kwargs", default="{}", metavar="JSON", help="keyword arguments of the factory")
+    p.add_argument("--loss", default="cross_entropy",
+                   help="cross_entropy, nll, mse, causal_lm or module:fn (per-example losses)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the gradscore checkpoints into")
+    lr = p.add_mutually_exclusive_group(required=True)
+    lr.add_argument("--lr", type=float, help="constant learning rate η_t")
+    lr.add_argument("--lr-schedule", metavar="FILE.json", help='JSON {"step": lr, ...} covering every step')
+    p.add_argument("--steps-per-epoch", type=int, default=None, help="epoch = step / this (default: 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _cmd_import_checkpoints(args: argparse.Namespace) -> int:
+    from ..io.checkpoint_import import import_checkpoints
+    kwargs = model_kwargs(args.model_kwargs)
+    schedule = None
+    if args.lr_schedule is not None:
+        try:
+            schedule = {int(k): float(v) for k, v in json.loads(Path(args.lr_schedule).read_text()).items()}
+        except (OSError, ValueError, AttributeError) as e:
+            raise GradscoreError(f"{args.lr_schedule}: not a JSON object {{step: lr}} ({e})") from e
+    out = import_checkpoints(args.src, args.out, model_factory=args.model, model_kwargs=kwargs, loss=args.loss,
+                             lr=args.lr, schedule=schedule, steps_per_epoch=args.steps_per_epoch,
+                             progress=not args.quiet)
+    print(f"checkpoints -> {out}")
+    return 0
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    """Register these commands."""
+    _add_import_export(sub)
+    _add_import_checkpoints(sub)
+    sub.choices["import-dynamics"].set_defaults(func=_cmd_import)
+    sub.choices["export"].set_defaults(func=_cmd_export)
+    sub.choices["import-checkpoints"].set_defaults(func=_cmd_import_checkpoints)

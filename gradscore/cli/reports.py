@@ -1,0 +1,145 @@
+"""``select``, ``plot``, ``diagnose`` and ``info``: read a scores file."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..exceptions import GradscoreError
+from .common import OVERWRITE_HELP, command, split, warn
+
+def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
+    p = command(sub, "select", help="choose examples by a score, a data-map region, or JTT",
+                 description="Write the selected indices and ids as JSON. One of: --by SCORE "
+                 "(keep a fraction by rank), --region easy|ambiguous|hard|all (cartography "
+                 "regions), --jtt (error set of a checkpoint and per-example weights).")
+    p.add_argument("scores", metavar="SCORES.h5", help="a scores file written by gradscore run")
+    p.add_argument("--out", required=True, metavar="FILE.json", help="where to write the selection (JSON)")
+    p.add_argument("--by", default=None, metavar="SCORE", help="e.g. el2n, grand, pds, confidence")
+    p.add_argument("--keep", type=float, default=0.5, help="--by: fraction to keep")
+    order = p.add_mutually_exclusive_group()
+    order.add_argument("--highest", dest="highest", action="store_true", default=True,
+                       help="--by: keep the highest values")
+    order.add_argument("--lowest", dest="highest", action="store_false", help="--by: keep the lowest")
+    p.add_argument("--exclude-top", type=float, default=0.0, help="--by: first drop this fraction at the top")
+    p.add_argument("--region", default=None, choices=("easy", "ambiguous", "hard", "all"),
+                   help="Dataset Cartography region(s) by confidence and variability (needs those scores)")
+    p.add_argument("--fraction", type=float, default=0.33, help="--region: fraction of the data per region")
+    p.add_argument("--jtt", action="store_true", help="JTT: error set and weights (FILE_weights.npz)")
+    p.add_argument("--upweight", type=float, default=20.0, help="--jtt: weight of the error set")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="--by/--region: leave out the examples whose score is NaN/Inf (a run with "
+                   "--allow-nonfinite) and list them in 'nonfinite_ids'; default: stop, naming them")
+    p.add_argument("--checkpoint", type=int, default=-1,
+                   help="--jtt: index of the checkpoint whose errors are taken (an early one, as JTT does)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p = command(sub, "plot", help="data map or score histograms from a scores file",
+                 description="--kind datamap: confidence vs variability coloured by correctness, "
+                 "regions shaded (needs the dynamics scores); --kind hist: every score, clean vs "
+                 "known-noisy when the data marks it. PNG or SVG by the extension of --out.")
+    p.add_argument("scores", metavar="SCORES.h5", help="a scores file written by gradscore run")
+    p.add_argument("--kind", default="datamap", choices=("datamap", "hist"),
+                   help="datamap: confidence vs variability; hist: every score's histogram")
+    p.add_argument("--out", required=True, metavar="FILE.png|svg", help="figure to write (PNG or SVG)")
+    p.add_argument("--max-points", type=int, default=20000, help="datamap: hexbin above this many examples")
+    p.add_argument("--scores", dest="only", default=None, metavar="NAME,...",
+                   help="hist: the scores to show (default: every score in the file)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+
+def _cmd_select(args: argparse.Namespace) -> int:
+    from ..reports.select import select
+    res = select(args.scores, by=args.by, keep=args.keep, highest=args.highest, exclude_top=args.exclude_top,
+                 region=args.region, fraction=args.fraction, jtt=args.jtt, upweight=args.upweight,
+                 checkpoint=args.checkpoint, out=args.out, overwrite=args.overwrite,
+                 allow_nonfinite=args.allow_nonfinite)
+    if res.get("nonfinite_ids"):
+        warn("select", [f"left out {len(res['nonfinite_ids'])} example(s) with a NaN/Inf score "
+                         f"(listed in 'nonfinite_ids')"])
+    n = res.get("n_selected", res.get("n_errors"))
+    print(f"selection -> {args.out}" + (f" ({n} examples)" if n is not None else "")
+          + (f"; weights -> {res['weights_file']}" if "weights_file" in res else ""))
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from ..io.outputs import claim
+    from ..reports.plots import data_map, score_histograms
+    from ..io.store import load_scores
+    if Path(args.out).suffix.lower() not in (".png", ".svg"):
+        raise GradscoreError(f"{args.out}: --out must end in .png or .svg")
+    claim(args.out, "figure", inputs={"the scores file": [args.scores]}, overwrite=args.overwrite)
+    res = load_scores(args.scores)
+    s = res["scores"]
+    if args.kind == "hist":
+        names = split(args.only) if args.only else sorted(s)
+        unknown = [k for k in names if k not in s]
+        if unknown:
+            raise GradscoreError(f"--scores: {', '.join(unknown)} not in {args.scores} (it has: {', '.join(sorted(s))})")
+        n, T = len(res["ids"]), len(next(iter(res["per_checkpoint"].values()), []))
+        score_histograms({k: s[k] for k in names}, res["noisy"], args.out,
+                         title=f"score distributions of {n:,} examples over {T} checkpoint(s) — {Path(args.scores).name}")
+    else:
+        missing = [k for k in ("confidence", "variability", "correctness") if k not in s]
+        if missing:
+            raise GradscoreError(f"{args.scores}: no {', '.join(missing)} scores; rerun `gradscore run "
+                                 f"--scores confidence,variability,correctness,...`")
+        data_map(s["confidence"], s["variability"], s["correctness"], args.out, noisy=res["noisy"],
+                 max_points=args.max_points, title=Path(args.scores).name)
+    print(f"plot -> {args.out}")
+    return 0
+
+
+def _add_diagnose(sub: argparse._SubParsersAction) -> None:
+    p = command(sub, "diagnose", help="why examples score high: gradient norm vs direction",
+                 description="Decompose a dot-product score (pds or target_dot) into ‖g‖·‖v‖·cos, measure "
+                 "how much the gradient norm inflates it, and, with a known noisy mask, report AUROC / AP / "
+                 "precision@k of every score and variant for flagging the noisy examples and the share of "
+                 "noisy examples in the top and bottom of each variant. Writes diagnosis.json and plots.")
+    p.add_argument("scores", metavar="SCORES.h5", help="a scores file with pds or target_dot")
+    p.add_argument("--score", default="pds", choices=("pds", "target_dot"), help="the dot-product score to diagnose")
+    mask = p.add_mutually_exclusive_group()
+    mask.add_argument("--noisy-mask", default=None, metavar="FILE", help=".npy bool mask, or .npz with 'noisy'")
+    mask.add_argument("--data", default=None, metavar="FILE",
+                      help="the scored dataset: its 'noisy' field, and ‖x‖ as a baseline score")
+    p.add_argument("--out", default=None, metavar="DIR", help="write diagnosis.json and plots here")
+    p.add_argument("--top-fraction", type=float, default=0.1, help="size of the top/bottom sets")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    from ..reports.diagnose import diagnose
+    diagnose(args.scores, score=args.score, noisy_mask=args.noisy_mask, data=args.data, out=args.out,
+             top_fraction=args.top_fraction, overwrite=args.overwrite)
+    return 0
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="describe a checkpoint dir, dataset or scores file",
+                       description="Describe a checkpoint directory, a dataset file or a scores "
+                       "file; --env prints the kernel backends and library versions.")
+    p.add_argument("path", nargs="?", default=None, help="checkpoint dir, dataset or scores file")
+    p.add_argument("--env", action="store_true", help="print the environment (kernel backends, versions)")
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from ..reports.info import describe
+    if args.env:
+        from ..reports.info import environment
+        print(json.dumps(environment(), indent=2))
+    if args.path is not None:
+        print(describe(Path(args.path)))
+    elif not args.env:
+        raise GradscoreError("info needs a PATH (checkpoint dir, dataset or scores file) or --env")
+    return 0
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    """Register these commands."""
+    _add_select_and_plot(sub)
+    _add_diagnose(sub)
+    _add_info(sub)
+    sub.choices["select"].set_defaults(func=_cmd_select)
+    sub.choices["plot"].set_defaults(func=_cmd_plot)
+    sub.choices["diagnose"].set_defaults(func=_cmd_diagnose)
+    sub.choices["info"].set_defaults(func=_cmd_info)

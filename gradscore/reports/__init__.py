@@ -1,0 +1,1 @@
+"""What a user reads from a scores file: the diagnosis, selections, plots and ``info``."""

@@ -1,0 +1,25 @@
+"""The torch reference every kernel is tested against, and the accumulation dtype rule.
+
+A leaf module: the dispatcher, the kernels and the engines import it; it imports none
+of them.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 for float64 inputs, float32 otherwise (fp16, bf16 too)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def norm_dot_reference(G: torch.Tensor, V: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference. G: (B, P), V: (K, P) or None -> sq_norm (B,), dots (B, K).
+
+    Accumulates in :func:`acc_dtype` of G's dtype.
+    """
+    Ga = G.to(acc_dtype(G.dtype))
+    sq = torch.linalg.vecdot(Ga, Ga)
+    if V is None or V.shape[0] == 0:
+        return sq, Ga.new_zeros((G.shape[0], 0))
+    return sq, Ga @ V.to(Ga.dtype).T
