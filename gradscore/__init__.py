@@ -6,6 +6,7 @@ Public API::
     scorer = gs.Scorer(model, loss="cross_entropy", engine="auto")
     out = scorer.score_batch(x, y, refs=None)      # ScoreBatch(loss, sq_norm, dots, logits)
     gs.score(checkpoints="ckpts/", data="train.h5", out="scores.h5")
+    gs.diagnose("scores.h5", score="pds")         # why examples score high: norm vs direction
 """
 from ._version import __version__  # noqa: E402
 
@@ -22,11 +23,12 @@ from .io.store import load_scores  # noqa: E402
 from .pipeline import run, score  # noqa: E402
 from .scores.costate import CostateConfig, CostateFile, compute_costate  # noqa: E402
 from .reports.select import select  # noqa: E402
+from .reports.diagnose import diagnose  # noqa: E402
 
 __all__ = [
     "__version__", "Scorer", "ScoreBatch", "Engine", "score", "run", "RunConfig",
     "CheckpointWriter", "CheckpointStore", "CheckpointInfo", "Dataset", "load_dataset",
     "save_dataset", "load_scores", "Loss", "causal_lm", "resolve_loss", "GradscoreError", "ConfigError",
     "CheckpointError", "DataError", "EngineError", "ConfigMismatchError", "OutputError", "VmapTraceError",
-    "CostateConfig", "CostateFile", "compute_costate", "select",
+    "CostateConfig", "CostateFile", "compute_costate", "select", "diagnose",
 ]

@@ -9,7 +9,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 import gradscore as gs
 from gradscore.cli import main
-from gradscore.reports.diagnose import diagnose
+from gradscore import diagnose
 from gradscore.scores.pds import variants
 from gradscore.io.store import HDF5ScoreStore
 

@@ -23,8 +23,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 from .._version import __version__
 from ..io.atomic import atomic_path
@@ -60,6 +58,7 @@ def _mask(res: dict[str, Any], noisy_mask: str | None, ds: Dataset | None) -> tu
 
 
 def _flag_metrics(noisy: np.ndarray, s: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import average_precision_score, roc_auc_score
     k = int(noisy.sum())
     top = np.argsort(-s, kind="stable")[:k]
     return {"auroc": float(roc_auc_score(noisy, s)), "ap": float(average_precision_score(noisy, s)),
@@ -75,25 +74,25 @@ def diagnose(scores: str | Path, *, score: str = "pds", noisy_mask: str | None =
         inputs = {"the scores file": [scores], "the --data file": [data], "the noisy mask": [noisy_mask]}
         for name, kind in OUTPUT_FILES.items():
             claim(Path(out) / name, kind, inputs=inputs, overwrite=overwrite)
+    if score not in DOT_SCORES:
+        raise GradscoreError(f"--score must be one of {', '.join(DOT_SCORES)}, got '{score}'")
     res = load_scores(scores)
-    s, pc, ck = res["scores"], res["per_checkpoint"], res["checkpoints"]
-    n = len(res["ids"])
-    report: dict[str, Any] = {"scores_file": str(scores), "n": n, "score": score, "skipped": [],
-                              "warnings": res["warnings"]}
-    for text in res["warnings"]:   # a diverged co-state, momentum/Adam checkpoints: say so first
-        echo(f"warning: {text}")
     ds = load_dataset(data) if data is not None else None
     noisy, source = _mask(res, noisy_mask, ds)
+    report, var = compute(res, str(scores), score=score, noisy=noisy, source=source, ds=ds,
+                          top_fraction=top_fraction, clip_quantile=clip_quantile)
+    for line in render(report, top_fraction):
+        echo(line)
+    if out is not None:
+        _write(Path(out), report, res, noisy, var, score)
+        echo(f"\ndiagnosis -> {Path(out) / 'diagnosis.json'}")
+    return report
 
-    def skip(why: str) -> None:
-        report["skipped"].append(why)
-        echo(f"skipped: {why}")
 
-    # candidates for flagging noisy examples: higher = more suspicious
-    flags: dict[str, np.ndarray] = {}
-    for name in ("el2n", "grand", "loss", "forgetting"):
-        if name in s:
-            flags[name] = s[name]
+def _flags(res: dict[str, Any], ds: Dataset | None, skip: Callable[[str], None]) -> dict[str, np.ndarray]:
+    """Candidates for flagging noisy examples, each (N,), higher = more suspicious."""
+    s = res["scores"]
+    flags = {name: s[name] for name in ("el2n", "grand", "loss", "forgetting") if name in s}
     if "confidence" in s:
         flags["-confidence"] = -s["confidence"]
     if "target_cos" in s:
@@ -105,10 +104,23 @@ def diagnose(scores: str | Path, *, score: str = "pds", noisy_mask: str | None =
             flags["input_norm"] = np.concatenate(norms)
         else:
             skip("input_norm: token inputs have no meaningful norm")
+    return flags
 
+
+def compute(res: dict[str, Any], source_file: str, *, score: str, noisy: np.ndarray | None, source: str,
+            ds: Dataset | None = None, top_fraction: float = 0.1, clip_quantile: float = 0.9
+            ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The diagnosis of a loaded scores file ``res``: (report, {variant: (N,) score}).
+
+    Nothing is printed or written: :func:`render` turns the report into text lines."""
+    from scipy.stats import spearmanr
+    pc, ck = res["per_checkpoint"], res["checkpoints"]
+    n = len(res["ids"])
+    report: dict[str, Any] = {"scores_file": source_file, "n": n, "score": score, "skipped": [],
+                              "warnings": res["warnings"]}
+    skip = report["skipped"].append
+    flags = _flags(res, ds, skip)
     var: dict[str, np.ndarray] = {}
-    if score not in DOT_SCORES:
-        raise GradscoreError(f"--score must be one of {', '.join(DOT_SCORES)}, got '{score}'")
     dot_key, norm_key = DOT_SCORES[score]
     if dot_key in pc and "sq_grad_norm" in pc and norm_key in ck and "eta" in ck:
         T = pc[dot_key].shape[0]
@@ -128,36 +140,45 @@ def diagnose(scores: str | Path, *, score: str = "pds", noisy_mask: str | None =
                                for v, x in var.items()}
         flags[f"|{score}|"] = np.abs(raw)
         flags.update({f"-{score}_{v}": -x for v, x in var.items()})
-        echo(f"{score} = Σ_t η_t ‖g‖‖v‖cos: decomposition error {report['decomposition']['max_rel_error']:.2e} "
-             f"of the largest |⟨g, v⟩| ({report['decomposition']['max_abs_error']:.2e} absolute)")
-        echo(f"{'variant':<10}{'spearman(|s|, ‖g‖)':>22}{'top-1% ‖g‖ share of Σ|s|':>28}")
-        for v, d in report["inflation"].items():
-            echo(f"{v:<10}{d['spearman_abs_score_vs_norm']:>22.3f}{d['top1pct_norm_share_of_abs_score']:>28.3f}")
     else:
-        skip(f"no per-checkpoint {dot_key} with reference norms in {scores}: rerun `gradscore run --target FILE "
+        skip(f"no per-checkpoint {dot_key} with reference norms in {source_file}: rerun `gradscore run --target FILE "
              f"--scores {score},grand` for the decomposition and the variants")
-
     if noisy is None:
         skip(f"mask-based figures ({source})")
-    else:
-        report["noisy_source"], report["n_noisy"] = source, int(noisy.sum())
-        report["flagging"] = {name: _flag_metrics(noisy, x) for name, x in flags.items()}
-        echo(f"\nflagging the {int(noisy.sum())} noisy examples ({source}); higher = more suspicious")
-        echo(f"{'score':<22}{'AUROC':>8}{'AP':>8}{'P@k':>8}")
-        for name, m in report["flagging"].items():
-            echo(f"{name:<22}{m['auroc']:>8.3f}{m['ap']:>8.3f}{m['precision_at_k']:>8.3f}")
-        if var:
-            k = max(1, int(round(top_fraction * n)))
-            report["contamination"] = {
-                v: {"top": float(noisy[np.argsort(-x, kind="stable")[:k]].mean()),
-                    "bottom": float(noisy[np.argsort(x, kind="stable")[:k]].mean())} for v, x in var.items()}
-            echo(f"\nshare noisy in the top / bottom {top_fraction:.0%} by {score} (base rate {noisy.mean():.3f})")
-            for v, c in report["contamination"].items():
-                echo(f"  {v:<8} top {c['top']:.3f}   bottom {c['bottom']:.3f}")
-    if out is not None:
-        _write(Path(out), report, res, noisy, var, score)
-        echo(f"\ndiagnosis -> {Path(out) / 'diagnosis.json'}")
-    return report
+        return report, var
+    report["noisy_source"], report["n_noisy"] = source, int(noisy.sum())
+    report["base_rate"] = float(noisy.mean())
+    report["flagging"] = {name: _flag_metrics(noisy, x) for name, x in flags.items()}
+    if var:
+        k = max(1, int(round(top_fraction * n)))
+        report["contamination"] = {
+            v: {"top": float(noisy[np.argsort(-x, kind="stable")[:k]].mean()),
+                "bottom": float(noisy[np.argsort(x, kind="stable")[:k]].mean())} for v, x in var.items()}
+    return report, var
+
+
+def render(report: dict[str, Any], top_fraction: float = 0.1) -> list[str]:
+    """The report as the text lines ``gradscore diagnose`` prints."""
+    lines = [f"warning: {text}" for text in report["warnings"]]   # a diverged co-state first
+    score = report["score"]
+    if "decomposition" in report:
+        d = report["decomposition"]
+        lines += [f"{score} = Σ_t η_t ‖g‖‖v‖cos: decomposition error {d['max_rel_error']:.2e} "
+                  f"of the largest |⟨g, v⟩| ({d['max_abs_error']:.2e} absolute)",
+                  f"{'variant':<10}{'spearman(|s|, ‖g‖)':>22}{'top-1% ‖g‖ share of Σ|s|':>28}"]
+        lines += [f"{v:<10}{x['spearman_abs_score_vs_norm']:>22.3f}{x['top1pct_norm_share_of_abs_score']:>28.3f}"
+                  for v, x in report["inflation"].items()]
+    lines += [f"skipped: {why}" for why in report["skipped"]]
+    if "flagging" in report:
+        lines += [f"\nflagging the {report['n_noisy']} noisy examples ({report['noisy_source']}); "
+                  f"higher = more suspicious", f"{'score':<22}{'AUROC':>8}{'AP':>8}{'P@k':>8}"]
+        lines += [f"{name:<22}{m['auroc']:>8.3f}{m['ap']:>8.3f}{m['precision_at_k']:>8.3f}"
+                  for name, m in report["flagging"].items()]
+    if "contamination" in report:
+        lines.append(f"\nshare noisy in the top / bottom {top_fraction:.0%} by {score} "
+                     f"(base rate {report['base_rate']:.3f})")
+        lines += [f"  {v:<8} top {c['top']:.3f}   bottom {c['bottom']:.3f}" for v, c in report["contamination"].items()]
+    return lines
 
 
 #: what :func:`diagnose` may write into its ``out`` directory, and of which kind
