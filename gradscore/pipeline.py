@@ -5,27 +5,30 @@ import contextlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import h5py
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ._version import __version__
-from .io.checkpoints import CheckpointStore
 from .batch import Inputs, batch_len, take
 from .config import CLASS_SCORES, TARGET_SCORES, RunConfig, resolve_device
-from .io.datasets import Dataset, check_targets, load_dataset, probe_model, subset
 from .distributed import Ranks, process_group
 from .exceptions import ConfigError, DataError
-from .scores.costate import CostateConfig, CostateFile, compute_costate
-from .losses import resolve_loss
+from .io.checkpoints import CheckpointStore
+from .io.datasets import Dataset, check_targets, load_dataset, probe_model, subset
+from .io.journal import read_fingerprint
 from .io.outputs import claim, lock
+from .io.store import HDF5ScoresWriter, ReusableRows
+from .losses import resolve_loss
 from .scorer import Scorer
-from .scores import datadiet, dynamics, pds
-from .scores.pds import DOT_SCORES
-from .io.store import HDF5ScoreStore, ReusableRows, read_fingerprint
+from .scores import datadiet, registry
+from .scores.costate import CostateConfig, CostateFile, compute_costate
+from .scores.registry import Window
 
 
 def _select_checkpoints(ckpts: CheckpointStore, epochs_upto: float | None) -> np.ndarray:
@@ -110,7 +113,45 @@ def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
             return _run(config, Path(out), overwrite, progress, ranks)
 
 
+@dataclass
+class _Plan:
+    """What a run has resolved and checked before any work: its inputs, the checkpoints
+    it scores (``scored``, indices into ``ckpts``), and what identifies its output."""
+
+    config: RunConfig
+    out: Path
+    ckpts: CheckpointStore
+    ds: Dataset
+    select: np.ndarray          # (T_all,) bool: the checkpoints the scores average over
+    scored: np.ndarray          # (T,) int: the checkpoints scored (every one for PDS)
+    device: str
+    costate_path: Path
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    rows: dict[str, Any] = field(default_factory=dict)
+
+
 def _run(config: RunConfig, out: Path, overwrite: bool, progress: bool, ranks: Ranks) -> Path:
+    """The phases of a run, in order; every rank runs them, rank 0 alone writes ``out``."""
+    plan = _plan(config, out, overwrite)                       # 1. inputs checked, output claimed
+    costate = _costate(plan, ranks, progress)                  # 2. co-states (rank 0 computes)
+    writer = _open_writer(plan, costate, ranks, overwrite)     # 3. a new, resumed or finished journal
+    if not writer.complete:                                    # 4. score (or reuse) every missing chunk
+        reusable = ReusableRows(out, plan.rows["key"])
+        try:
+            _score_chunks(plan, writer, costate, reusable, ranks.share(writer.n_chunks), progress and ranks.main)
+        finally:
+            reusable.close()
+    ranks.barrier()
+    if not ranks.main:
+        ranks.barrier()  # rank 0 assembles the file meanwhile
+        return writer.out
+    path = _assemble(plan, writer, costate)                    # 5. rows -> scores file
+    ranks.barrier()
+    return path
+
+
+def _plan(config: RunConfig, out: Path, overwrite: bool) -> _Plan:
+    """Phase 1: open and check the checkpoints and data, claim ``out``; no work yet."""
     ckpts = CheckpointStore(config.checkpoints)
     if resolve_loss(ckpts.loss).output == "tokens" and CLASS_SCORES & set(config.scores):
         raise ConfigError(f"invalid value for 'scores': {', '.join(sorted(CLASS_SCORES & set(config.scores)))} "
@@ -125,91 +166,81 @@ def _run(config: RunConfig, out: Path, overwrite: bool, progress: bool, ranks: R
     if len(ds) == 0:
         raise DataError(f"{config.data}: has no examples; there is nothing to score")
     select = _select_checkpoints(ckpts, config.epochs_upto)
-    # the checkpoints scored: those aggregated over; PDS sums over every one
     scored = np.arange(len(ckpts)) if config.needs_target else np.flatnonzero(select)
-    device = resolve_device(config.device)
-    dtype = getattr(torch, config.dtype)
-    n, T = len(ds), len(scored)
-    checksums = ckpts.checksums()
-    fingerprint = {"config": config.to_dict(), "checkpoints_sha256": checksums, "data": ds.fingerprint()}
-    costate = None
-    if config.needs_target:  # computed once, by rank 0; the other ranks read the file
-        path = costate_path
-        if ranks.main:
-            compute_costate(CostateConfig(
-                checkpoints=config.checkpoints, proxy=config.data, target=config.target,
-                batch_size=config.batch_size, dtype=config.dtype, device=config.device,
-                lr_scale_steps=config.lr_scale_steps, lm_reduction=config.lm_reduction), path, progress=progress)
-        ranks.barrier()
-        costate = CostateFile(path)
-        fingerprint["costate"] = json.loads(costate.fingerprint)
-    rows = {"key": rows_key(config, device, fingerprint["data"], fingerprint.get("costate")),
-            "checkpoints_sha256": [checksums[t] for t in scored]}
-    replace = out.exists() and adds_to(read_fingerprint(out), fingerprint)
+    plan = _Plan(config, out, ckpts, ds, select, scored, resolve_device(config.device), costate_path)
+    plan.fingerprint = {"config": config.to_dict(), "checkpoints_sha256": ckpts.checksums(),
+                        "data": ds.fingerprint()}
+    return plan
 
-    def open_store(discard: bool) -> HDF5ScoreStore:
-        return HDF5ScoreStore(out, fingerprint, n=n, T=T, chunk_size=config.chunk_size,
-                              overwrite=discard, replace=replace)
+
+def _costate(plan: _Plan, ranks: Ranks, progress: bool) -> CostateFile | None:
+    """Phase 2: the co-states the target scores need, computed (or found) once by rank 0."""
+    config = plan.config
+    if not config.needs_target:
+        return None
+    if ranks.main:
+        compute_costate(CostateConfig(
+            checkpoints=config.checkpoints, proxy=config.data, target=config.target,
+            batch_size=config.batch_size, dtype=config.dtype, device=config.device,
+            lr_scale_steps=config.lr_scale_steps, lm_reduction=config.lm_reduction), plan.costate_path,
+            progress=progress)
+    ranks.barrier()
+    costate = CostateFile(plan.costate_path)
+    plan.fingerprint["costate"] = json.loads(costate.fingerprint)
+    return costate
+
+
+def _open_writer(plan: _Plan, costate: CostateFile | None, ranks: Ranks, overwrite: bool) -> HDF5ScoresWriter:
+    """Phase 3: the journal of ``out``: resumed, started, or already complete. A run that
+    only adds scores to ``out`` may replace it without ``overwrite``."""
+    fp = plan.fingerprint
+    plan.rows = {"key": rows_key(plan.config, plan.device, fp["data"], fp.get("costate")),
+                 "checkpoints_sha256": [fp["checkpoints_sha256"][t] for t in plan.scored]}
+    replace = plan.out.exists() and adds_to(read_fingerprint(plan.out), fp)
+
+    def open_writer(discard: bool) -> HDF5ScoresWriter:
+        return HDF5ScoresWriter(plan.out, fp, n=len(plan.ds), T=len(plan.scored), chunk_size=plan.config.chunk_size,
+                                overwrite=discard, replace=replace)
     if ranks.main:  # rank 0 sets up (or discards) the journal before the others open it
-        store = open_store(overwrite)
+        writer = open_writer(overwrite)
     ranks.barrier()
-    if not ranks.main:
-        store = open_store(False)
-    if not store.complete:
-        reusable = ReusableRows(out, rows["key"])
-        try:
-            _fill(store, ckpts, scored, ds, config, device, dtype, progress and ranks.main, costate,
-                  ranks.share(store.n_chunks), reusable, rows["checkpoints_sha256"])
-        finally:
-            reusable.close()
-    ranks.barrier()
-    if not ranks.main:
-        ranks.barrier()  # rank 0 joins the chunks meanwhile
-        return store.out
-    noisy = ds.noisy()
-    infos = [ckpts[t] for t in scored]
+    return writer if ranks.main else open_writer(False)
+
+
+def _assemble(plan: _Plan, writer: HDF5ScoresWriter, costate: CostateFile | None) -> Path:
+    """Phase 5: the per-checkpoint rows, the scores the registry aggregates from them, the
+    checkpoints' facts and the run's attributes, into ``out``."""
+    config, scored = plan.config, plan.scored
+    infos = [plan.ckpts[t] for t in scored]
     extras: dict[str, Any] = {"checkpoints": {
         "step": np.array([i.step for i in infos], dtype=np.int64),
         "epoch": np.array([i.epoch for i in infos]), "lr": np.array([i.lr for i in infos]),
-        "selected": select[scored]}}
+        "selected": plan.select[scored]}}
     if costate is not None:  # ‖v_t‖ of the two references of checkpoint t, for `diagnose`
         extras["checkpoints"].update(
             eta=costate.eta, ref_norm_target=costate.grad_target_norm,
             ref_norm_costate=np.append(costate.costate_norm[1:], 0.0))  # ‖λ_{t+1}‖, 0 at the last
+    noisy = plan.ds.noisy()
     if noisy is not None:
         extras["noisy"] = noisy
     wanted = set(config.scores)
+    window = Window(plan.select[scored], *((costate.eta, costate.grad_target_norm) if costate is not None else ()))
 
-    def aggregate(pc: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        agg = datadiet.aggregate(pc, select[scored])
-        agg.update(dynamics.aggregate(pc, select[scored]))
-        if costate is not None:
-            agg.update(pds.aggregate(pc, costate.eta, costate.grad_target_norm))
-        return {k: v for k, v in agg.items() if k in wanted}
+    def whole_dataset(f: h5py.File) -> dict[str, np.ndarray]:
+        pc = {k: d[()] for k, d in f["per_checkpoint"].items()}
+        if config.allow_nonfinite:
+            f.create_dataset("nonfinite", data=registry.nonfinite(pc))
+        if costate is None:
+            return {}
+        ck = {k: f["checkpoints"][k][()] for k in ("ref_norm_target", "ref_norm_costate")}
+        return registry.whole_dataset(pc, ck, costate.eta, wanted, config.variants, config.clip_quantile)
 
-    def whole(f) -> dict[str, np.ndarray]:
-        """Variants of the dot scores: they rank, clip and regress over all examples."""
-        out: dict[str, np.ndarray] = {}
-        if config.allow_nonfinite:   # the examples with a NaN/Inf metric at any checkpoint
-            f.create_dataset("nonfinite", data=np.any([(~np.isfinite(d[()])).any(0) for d in
-                                                       f["per_checkpoint"].values() if d.dtype.kind == "f"], 0))
-        if costate is None or not config.variants:
-            return out
-        pc, ck = f["per_checkpoint"], f["checkpoints"]
-        weight = np.append(ck["eta"][()], 0.0)
-        for name, (dot_key, norm_key) in DOT_SCORES.items():
-            if name in wanted:
-                v = pds.variants(pc[dot_key][()], pc["sq_grad_norm"][()], ck[norm_key][()], weight,
-                                 clip_quantile=config.clip_quantile)
-                out.update({f"{name}_{k}": v[k] for k in config.variants})
-        return out
-
-    path = store.finalize(ids=ds.ids(), extras=extras, aggregate=aggregate, whole=whole, attrs={
-        "config": config.to_dict(), "gradscore_version": __version__, "loss": ckpts.loss,
-        "checkpoints_sha256": fingerprint["checkpoints_sha256"], "rows": rows,
-        "warnings": costate.warnings if costate is not None else []})
-    ranks.barrier()
-    return path
+    return writer.finalize(
+        ids=plan.ds.ids(), extras=extras, aggregate=lambda pc: registry.aggregate(pc, window, wanted),
+        whole=whole_dataset, attrs={
+            "config": config.to_dict(), "gradscore_version": __version__, "loss": plan.ckpts.loss,
+            "checkpoints_sha256": plan.fingerprint["checkpoints_sha256"], "rows": plan.rows,
+            "warnings": costate.warnings if costate is not None else []})
 
 
 def _check_finite(metrics: dict[str, np.ndarray], ds: Dataset, start: int, ckpt: Path) -> None:
@@ -248,38 +279,39 @@ def _prefetched(ds: Dataset, ranges: list[tuple[int, int]]) -> Iterator[tuple[in
             yield a, b, x, y
 
 
-def _fill(store: HDF5ScoreStore, ckpts: CheckpointStore, scored: np.ndarray, ds: Dataset,
-          config: RunConfig, device: str, dtype: torch.dtype, progress: bool, costate: CostateFile | None,
-          share: range, reusable: ReusableRows, checksums: list[str]) -> None:
-    """Write the chunks of ``share`` that are not done yet, for every scored checkpoint
-    (row ``t`` of the store is checkpoint ``scored[t]``, SHA-256 ``checksums[t]``): taken
-    from ``reusable`` where it has them, else computed."""
-    todo = [[c for c in share if not store.is_done(t, c)] for t in range(len(scored))]
-    total = sum(store.chunk_range(c)[1] - store.chunk_range(c)[0] for c in share) * len(scored)
-    remaining = sum(store.chunk_range(c)[1] - store.chunk_range(c)[0] for cs in todo for c in cs)
-    bar = tqdm(total=total, initial=total - remaining,
+def _score_chunks(plan: _Plan, writer: HDF5ScoresWriter, costate: CostateFile | None,
+                  reusable: ReusableRows, share: range, progress: bool) -> None:
+    """Phase 4: write the chunks of ``share`` that are not done yet, for every scored
+    checkpoint (row ``t`` of the writer is checkpoint ``plan.scored[t]``): taken from
+    ``reusable`` where it has them, else computed."""
+    config, ckpts, ds = plan.config, plan.ckpts, plan.ds
+    checksums, dtype = plan.rows["checkpoints_sha256"], getattr(torch, config.dtype)
+    todo = [[c for c in share if not writer.is_done(t, c)] for t in range(len(plan.scored))]
+    size = lambda c: writer.chunk_range(c)[1] - writer.chunk_range(c)[0]   # noqa: E731
+    total = sum(size(c) for c in share) * len(plan.scored)
+    bar = tqdm(total=total, initial=total - sum(size(c) for cs in todo for c in cs),
                desc="scoring", unit="ex", unit_scale=True, disable=None if progress else True,
                dynamic_ncols=True)  # None: shown only on a terminal
     with bar:
         for t, chunks in enumerate(todo):
             if not chunks:
                 continue
-            k, sha = int(scored[t]), checksums[t]
+            k, sha = int(plan.scored[t]), checksums[t]
             if reusable.has(sha):
                 for c in chunks:
-                    metrics = reusable.read(sha, *store.chunk_range(c))
+                    metrics = reusable.read(sha, *writer.chunk_range(c))
                     if not config.allow_nonfinite:
-                        _check_finite(metrics, ds, store.chunk_range(c)[0], ckpts[k].path)
-                    store.write_chunk(t, c, metrics)
-                    bar.update(len(next(iter(metrics.values()))))
+                        _check_finite(metrics, ds, writer.chunk_range(c)[0], ckpts[k].path)
+                    writer.write_chunk(t, c, metrics)
+                    bar.update(size(c))
                 continue
-            model = ckpts.build_model(k, dtype=dtype, device=device)
+            model = ckpts.build_model(k, dtype=dtype, device=plan.device)
             scorer = Scorer(model, loss=resolve_loss(ckpts.loss, config.lm_reduction),
                             engine=config.engine, chunk_bytes=config.chunk_bytes, params=config.params or None)
             refs = _refs(costate, k, len(ckpts))
             blocks = scorer.ref_blocks(refs) if refs is not None else None
             n_classes = None
-            for c, (a, b, x, y) in zip(chunks, _prefetched(ds, [store.chunk_range(c) for c in chunks])):
+            for c, (a, b, x, y) in zip(chunks, _prefetched(ds, [writer.chunk_range(c) for c in chunks])):
                 if n_classes is None:
                     n_classes = probe_model(model, ds, x, ckpts[k].path)
                 check_targets(ds, scorer.loss, a, y, n_classes)
@@ -287,7 +319,7 @@ def _fill(store: HDF5ScoreStore, ckpts: CheckpointStore, scored: np.ndarray, ds:
                                       gradients=config.needs_gradients, blocks=blocks)
                 if not config.allow_nonfinite:
                     _check_finite(metrics, ds, a, ckpts[k].path)
-                store.write_chunk(t, c, metrics)
+                writer.write_chunk(t, c, metrics)
                 bar.update(b - a)
 
 

@@ -11,7 +11,7 @@ import gradscore as gs
 from gradscore.cli import main
 from gradscore import diagnose
 from gradscore.scores.pds import variants
-from gradscore.io.store import HDF5ScoreStore
+from gradscore.io.store import HDF5ScoresWriter
 
 
 def _synthetic(path, *, with_mask=True, seed=0):
@@ -25,7 +25,7 @@ def _synthetic(path, *, with_mask=True, seed=0):
     ref = np.array([1.0, 2.0, 1.5, 0.0])
     pc = {"sq_grad_norm": g ** 2, "dot_costate": g * ref[:, None] * cos, "el2n": rng.uniform(size=(T, n)) + noisy,
           "p_gold": rng.uniform(size=(T, n)), "correct": (rng.uniform(size=(T, n)) > 0.5).astype(np.int8)}
-    store = HDF5ScoreStore(path, {"synthetic": seed}, n=n, T=T, chunk_size=n)
+    store = HDF5ScoresWriter(path, {"synthetic": seed}, n=n, T=T, chunk_size=n)
     for t in range(T):
         store.write_chunk(t, 0, {k: v[t] for k, v in pc.items()})
     eta = np.array([0.1, 0.2, 0.1])

@@ -170,22 +170,22 @@ def test_a_changed_ids_file_is_a_changed_run(tiny_run, tmp_path):
 
 
 def test_an_interrupted_incremental_run_resumes(tiny_run, tmp_path, monkeypatch):
-    from gradscore.io.store import HDF5ScoreStore
+    from gradscore.io.store import HDF5ScoresWriter
     ckpts, data = tiny_run
     out = tmp_path / "s.h5"
     gs.score(ckpts, data, out=out, epochs_upto=0, scores=["el2n", "grand"], **OPTS)
-    original, calls = HDF5ScoreStore.write_chunk, []
+    original, calls = HDF5ScoresWriter.write_chunk, []
 
     def write_chunk(self, t, c, metrics):
         calls.append((t, c))
         if len(calls) == 5:
             raise KeyboardInterrupt
         original(self, t, c, metrics)
-    monkeypatch.setattr(HDF5ScoreStore, "write_chunk", write_chunk)
+    monkeypatch.setattr(HDF5ScoresWriter, "write_chunk", write_chunk)
     with pytest.raises(KeyboardInterrupt):
         gs.score(ckpts, data, out=out, scores=["el2n", "grand"], overwrite=True, **OPTS)
     assert gs.load_scores(out)["per_checkpoint"]["el2n"].shape == (1, 90)   # the old file is intact
-    monkeypatch.setattr(HDF5ScoreStore, "write_chunk", original)
+    monkeypatch.setattr(HDF5ScoresWriter, "write_chunk", original)
     gs.score(ckpts, data, out=out, scores=["el2n", "grand"], overwrite=True, **OPTS)
     gs.score(ckpts, data, out=tmp_path / "fresh.h5", scores=["el2n", "grand"], **OPTS)
     _assert_same_file(out, tmp_path / "fresh.h5")

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 import gradscore as gs
-from gradscore.io.store import HDF5ScoreStore, ScoreStore
+from gradscore.io.store import HDF5ScoresWriter, ScoresWriter
 
 
 def _store(tmp_path, fp, **kw):
-    return HDF5ScoreStore(tmp_path / "s.h5", fp, n=5, T=2, chunk_size=2, **kw)
+    return HDF5ScoresWriter(tmp_path / "s.h5", fp, n=5, T=2, chunk_size=2, **kw)
 
 
 def test_interrupted_run_with_other_config_is_refused(tmp_path):
@@ -40,4 +40,4 @@ def test_finalize_assembles_and_removes_journal(tmp_path):
 
 
 def test_store_implements_abc():
-    assert issubclass(HDF5ScoreStore, ScoreStore) and not HDF5ScoreStore.__abstractmethods__
+    assert issubclass(HDF5ScoresWriter, ScoresWriter) and not HDF5ScoresWriter.__abstractmethods__

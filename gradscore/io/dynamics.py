@@ -25,8 +25,10 @@ from .._version import __version__
 from .atomic import atomic_path
 from ..exceptions import DataError, GradscoreError
 from .outputs import MARK, claim, lock
-from ..scores import datadiet, dynamics
-from .store import HDF5ScoreStore, load_scores
+from ..losses import resolve_loss
+from ..scores import datadiet
+from ..scores.registry import Window, aggregate
+from .store import HDF5ScoresWriter, load_scores
 
 _BLOCK = 65536  # rows of the first epoch converted to an array at a time
 _EPOCH_FILE = re.compile(r"^dynamics_epoch_(\d+)\.jsonl$")
@@ -73,14 +75,12 @@ def _records(path: Path, epoch: int) -> Iterator[tuple[int, Any, int, list]]:
 
 
 def _metrics(logits: np.ndarray, gold: np.ndarray) -> dict[str, np.ndarray]:
-    z = logits - logits.max(1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-    p = np.exp(logp)
-    p_gold = p[np.arange(len(gold)), gold]
-    onehot = np.zeros_like(p)
-    onehot[np.arange(len(gold)), gold] = 1
-    return {"loss": -logp[np.arange(len(gold)), gold], "el2n": np.linalg.norm(p - onehot, axis=1),
-            "p_gold": p_gold, "correct": (p.argmax(1) == gold).astype(np.int8)}
+    """loss, el2n, p_gold, correct (N,) from logits (N, C): the same code as `run`'s."""
+    import torch
+    x, y = torch.from_numpy(np.asarray(logits, dtype=np.float64)), torch.from_numpy(gold)
+    loss = resolve_loss("cross_entropy")
+    out = {"loss": loss.fn(x, y), **datadiet.classification_metrics(loss, x, y)}
+    return {k: v.numpy() for k, v in out.items()}
 
 
 def import_dynamics(directory: str | Path, out: str | Path, *, fmt: str = "cartography",
@@ -107,7 +107,7 @@ def _import(directory: Path, files: list[tuple[float, Path]], out: str | Path, f
             if store is None:
                 fingerprint = {"import": str(directory.resolve()), "format": fmt,
                                "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for _, p in files]}
-                store = HDF5ScoreStore(out, fingerprint, n=len(reader.index), T=len(files),
+                store = HDF5ScoresWriter(out, fingerprint, n=len(reader.index), T=len(files),
                                        chunk_size=max(1, len(reader.index)), overwrite=overwrite)
             m = _metrics(logits, reader.gold)
             store.write_chunk(t, 0, {k: (v if k == "correct" else v.astype(np.float32)) for k, v in m.items()})
@@ -116,18 +116,12 @@ def _import(directory: Path, files: list[tuple[float, Path]], out: str | Path, f
         if store is not None:
             store.journal.finish()
         raise
-    select = np.ones(len(files), dtype=bool)
-
-    def aggregate(pc: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        agg = datadiet.aggregate(pc, select)
-        agg.update(dynamics.aggregate(pc, select))
-        return agg
-
+    window = Window(select=np.ones(len(files), dtype=bool))
     guids = list(reader.index)
     ids = (np.array(guids, dtype=np.int64) if all(isinstance(g, int) for g in guids)
            else np.array([str(g) for g in guids], dtype=object))
     return store.finalize(ids=ids, extras={"checkpoints": {"epoch": np.array([e for e, _ in files])}},
-                          aggregate=aggregate, attrs={"config": {"imported_from": str(directory), "format": fmt}})
+                          aggregate=lambda pc: aggregate(pc, window), attrs={"config": {"imported_from": str(directory), "format": fmt}})
 
 
 class _EpochReader:

@@ -18,7 +18,6 @@ renamed, so ``scores.h5`` either does not exist or is complete.
 from __future__ import annotations
 
 import json
-import shutil
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable
@@ -27,10 +26,11 @@ import h5py
 import numpy as np
 
 from .atomic import atomic_path
-from ..exceptions import ConfigMismatchError, GradscoreError
+from ..exceptions import GradscoreError
+from .journal import Journal
 
 
-class ScoreStore(ABC):
+class ScoresWriter(ABC):
     """Where per-(checkpoint, chunk) results go, and how they become one scores file."""
 
     @property
@@ -52,97 +52,7 @@ class ScoreStore(ABC):
         """Assemble the output file; ``aggregate`` maps (T, n) metrics to (n,) scores."""
 
 
-def read_fingerprint(path: Path) -> dict | None:
-    """The fingerprint stored in a finished scores file, or None if unreadable."""
-    try:
-        with h5py.File(path, "r") as f:
-            return json.loads(f.attrs["fingerprint"])
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def difference(old: dict | None, new: dict) -> str:
-    """What differs between two run fingerprints, by field: "scores, engine", "the
-    checkpoints", "the data" …; "the configuration" when it cannot say."""
-    if not isinstance(old, dict):
-        return "the configuration"
-    names = {"checkpoints_sha256": "the checkpoints", "data": "the data", "costate": "the co-states",
-             "proxy": "the proxy set", "target": "the target set", "files": "the dynamics files"}
-    found = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if a == b:
-            continue
-        if key == "config" and isinstance(a, dict) and isinstance(b, dict):
-            found += [f"{f} ({a.get(f)!r} before, {b.get(f)!r} now)" for f in sorted(set(a) | set(b))
-                      if a.get(f) != b.get(f)]
-        else:
-            found.append(names.get(key, key))
-    return ", ".join(found) or "the configuration"
-
-
-class Journal:
-    """A resumable unit-of-work journal for an output file ``out``.
-
-    Units are files in ``<out>.partial/`` written atomically; ``meta.json`` there holds
-    the fingerprint of the run. The folder is made when the first unit is written, so a
-    run that fails before any work leaves nothing behind. A finished ``out`` with the
-    same fingerprint makes the journal ``complete``; a different fingerprint (of ``out``
-    or of a partial run with work in it) is refused with :class:`ConfigMismatchError`,
-    naming what differs, unless ``overwrite`` (or, for ``out`` alone, ``replace``: the new
-    run only adds to it); a partial run without work is discarded.
-    """
-
-    def __init__(self, out: str | Path, fingerprint: dict, *, overwrite: bool = False,
-                 replace: bool = False) -> None:
-        self.out = Path(out)
-        self.partial = self.out.with_name(self.out.name + ".partial")
-        self._meta = self.partial / "meta.json"
-        self.fingerprint = fingerprint
-        self.complete = False
-        if self.out.exists():
-            found = read_fingerprint(self.out)
-            if found == fingerprint and not overwrite:
-                self.complete = True
-                return
-            if not (overwrite or replace):
-                raise ConfigMismatchError(
-                    f"{self.out}: exists and was made with other settings ({difference(found, fingerprint)} "
-                    f"differ); pass --overwrite to replace it or choose another --out")
-        if self.partial.exists():
-            try:
-                old = json.loads(self._meta.read_text())
-            except (OSError, ValueError):
-                old = None
-            if old != fingerprint:
-                has_work = any(p.name != "meta.json" and not p.name.endswith(".tmp") for p in self.partial.iterdir())
-                if has_work and not overwrite:
-                    raise ConfigMismatchError(
-                        f"{self.partial}: an interrupted run with other settings ({difference(old, fingerprint)} "
-                        f"differ) is in progress here; rerun it with the same options to resume, or pass "
-                        f"--overwrite to discard it")
-                shutil.rmtree(self.partial)
-
-    def open(self) -> None:
-        """Make the journal's folder and its fingerprint; writers call it before each unit."""
-        if not self._meta.exists():
-            self.partial.mkdir(parents=True, exist_ok=True)
-            with atomic_path(self._meta) as tmp:
-                tmp.write_text(json.dumps(self.fingerprint, sort_keys=True))
-
-    def unit(self, name: str) -> Path:
-        """Path of one unit of work inside the journal."""
-        return self.partial / name
-
-    def done(self, name: str) -> bool:
-        return self.complete or (self.partial / name).exists()
-
-    def finish(self) -> None:
-        """Drop the journal once ``out`` has been written."""
-        shutil.rmtree(self.partial, ignore_errors=True)
-
-
-class HDF5ScoreStore(ScoreStore):
+class HDF5ScoresWriter(ScoresWriter):
     """Journal of chunk files in ``<out>.partial/``, assembled into ``out`` (HDF5)."""
 
     def __init__(self, out: str | Path, fingerprint: dict, *, n: int, T: int, chunk_size: int,
@@ -183,7 +93,7 @@ class HDF5ScoreStore(ScoreStore):
     def finalize(self, *, ids: np.ndarray, extras: dict[str, np.ndarray],
                  aggregate: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
                  attrs: dict[str, Any], whole: Callable[[h5py.File], dict[str, np.ndarray]] | None = None) -> Path:
-        """As :meth:`ScoreStore.finalize`; ``whole(file)`` adds (N,) scores that need every
+        """As :meth:`ScoresWriter.finalize`; ``whole(file)`` adds (N,) scores that need every
         example at once (ranks, quantiles), reading the assembled file before it is renamed."""
         if self._complete:
             return self.out

@@ -1,4 +1,6 @@
-"""Score definitions: each module states its formula, sign and units."""
+"""Score definitions (each module states its formula, sign and units) and the one
+registry of aggregators that turns per-checkpoint metrics into scores."""
 from . import datadiet, dynamics, pds
+from .registry import AGGREGATORS, Window, aggregate
 
-__all__ = ["datadiet", "dynamics", "pds"]
+__all__ = ["datadiet", "dynamics", "pds", "AGGREGATORS", "Window", "aggregate"]

@@ -51,7 +51,7 @@ from ..io.datasets import Dataset, check_targets, load_dataset, probe_model
 from ..exceptions import CheckpointError, ConfigError, DataError, EngineError, GradscoreError, GradscoreWarning
 from ..losses import Loss, resolve_loss
 from ..io.outputs import claim, lock
-from ..io.store import Journal
+from ..io.journal import Journal
 
 Params = dict[str, torch.Tensor]
 

@@ -1,0 +1,107 @@
+"""The journal of an output being written: resumable units of work in ``<out>.partial/``.
+
+A directory of atomically renamed files survives SIGKILL where an HDF5 file being
+written does not: a killed run resumes where it stopped. The journal also decides
+whether a finished ``out`` is this run's (same fingerprint), may be replaced, or must be
+refused, naming what differs.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+
+from ..exceptions import ConfigMismatchError
+from .atomic import atomic_path
+
+
+def read_fingerprint(path: Path) -> dict | None:
+    """The fingerprint stored in a finished scores file, or None if unreadable."""
+    try:
+        with h5py.File(path, "r") as f:
+            return json.loads(f.attrs["fingerprint"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def difference(old: dict | None, new: dict) -> str:
+    """What differs between two run fingerprints, by field: "scores, engine", "the
+    checkpoints", "the data" …; "the configuration" when it cannot say."""
+    if not isinstance(old, dict):
+        return "the configuration"
+    names = {"checkpoints_sha256": "the checkpoints", "data": "the data", "costate": "the co-states",
+             "proxy": "the proxy set", "target": "the target set", "files": "the dynamics files"}
+    found = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if key == "config" and isinstance(a, dict) and isinstance(b, dict):
+            found += [f"{f} ({a.get(f)!r} before, {b.get(f)!r} now)" for f in sorted(set(a) | set(b))
+                      if a.get(f) != b.get(f)]
+        else:
+            found.append(names.get(key, key))
+    return ", ".join(found) or "the configuration"
+
+
+class Journal:
+    """A resumable unit-of-work journal for an output file ``out``.
+
+    Units are files in ``<out>.partial/`` written atomically; ``meta.json`` there holds
+    the fingerprint of the run. The folder is made when the first unit is written, so a
+    run that fails before any work leaves nothing behind. A finished ``out`` with the
+    same fingerprint makes the journal ``complete``; a different fingerprint (of ``out``
+    or of a partial run with work in it) is refused with :class:`ConfigMismatchError`,
+    naming what differs, unless ``overwrite`` (or, for ``out`` alone, ``replace``: the new
+    run only adds to it); a partial run without work is discarded.
+    """
+
+    def __init__(self, out: str | Path, fingerprint: dict, *, overwrite: bool = False,
+                 replace: bool = False) -> None:
+        self.out = Path(out)
+        self.partial = self.out.with_name(self.out.name + ".partial")
+        self._meta = self.partial / "meta.json"
+        self.fingerprint = fingerprint
+        self.complete = False
+        if self.out.exists():
+            found = read_fingerprint(self.out)
+            if found == fingerprint and not overwrite:
+                self.complete = True
+                return
+            if not (overwrite or replace):
+                raise ConfigMismatchError(
+                    f"{self.out}: exists and was made with other settings ({difference(found, fingerprint)} "
+                    f"differ); pass --overwrite to replace it or choose another --out")
+        if self.partial.exists():
+            try:
+                old = json.loads(self._meta.read_text())
+            except (OSError, ValueError):
+                old = None
+            if old != fingerprint:
+                has_work = any(p.name != "meta.json" and not p.name.endswith(".tmp") for p in self.partial.iterdir())
+                if has_work and not overwrite:
+                    raise ConfigMismatchError(
+                        f"{self.partial}: an interrupted run with other settings ({difference(old, fingerprint)} "
+                        f"differ) is in progress here; rerun it with the same options to resume, or pass "
+                        f"--overwrite to discard it")
+                shutil.rmtree(self.partial)
+
+    def open(self) -> None:
+        """Make the journal's folder and its fingerprint; writers call it before each unit."""
+        if not self._meta.exists():
+            self.partial.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self._meta) as tmp:
+                tmp.write_text(json.dumps(self.fingerprint, sort_keys=True))
+
+    def unit(self, name: str) -> Path:
+        """Path of one unit of work inside the journal."""
+        return self.partial / name
+
+    def done(self, name: str) -> bool:
+        return self.complete or (self.partial / name).exists()
+
+    def finish(self) -> None:
+        """Drop the journal once ``out`` has been written."""
+        shutil.rmtree(self.partial, ignore_errors=True)

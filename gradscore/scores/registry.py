@@ -1,0 +1,66 @@
+"""One registry of aggregators: how (T, N) per-checkpoint metrics become (N,) scores.
+
+Every writer of a scores file (``gradscore run``, ``gradscore import-dynamics``) calls
+:func:`aggregate` per chunk of examples and :func:`whole_dataset` once; an aggregator
+returns the scores it can make from the metrics present and leaves the rest out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from . import datadiet, dynamics, pds
+
+
+@dataclass(frozen=True)
+class Window:
+    """Which checkpoints a score averages over, and the PDS step weights.
+
+    select: (T,) bool, the checkpoints the Data Diet and dynamics scores average over;
+    eta: (T-1,) η_t and grad_target_norm: (T,) ‖∇J(θ_t)‖ when the co-states exist.
+    """
+
+    select: np.ndarray
+    eta: np.ndarray | None = None
+    grad_target_norm: np.ndarray | None = None
+
+
+#: name -> aggregator(per_checkpoint (T, n) arrays, window) -> {score: (n,) float64}
+AGGREGATORS: dict[str, Callable[[dict[str, np.ndarray], Window], dict[str, np.ndarray]]] = {
+    "datadiet": lambda pc, w: datadiet.aggregate(pc, w.select),
+    "dynamics": lambda pc, w: dynamics.aggregate(pc, w.select),
+    "pds": lambda pc, w: pds.aggregate(pc, w.eta, w.grad_target_norm) if w.eta is not None else {},
+}
+
+
+def aggregate(per_checkpoint: dict[str, np.ndarray], window: Window,
+              wanted: set[str] | None = None) -> dict[str, np.ndarray]:
+    """Every registered aggregator's scores (N,) float64 for these examples; only those
+    in ``wanted`` when given."""
+    out: dict[str, np.ndarray] = {}
+    for fn in AGGREGATORS.values():
+        out.update(fn(per_checkpoint, window))
+    return out if wanted is None else {k: v for k, v in out.items() if k in wanted}
+
+
+def nonfinite(per_checkpoint: dict[str, np.ndarray]) -> np.ndarray:
+    """(N,) bool: the examples with a NaN/Inf float metric at any checkpoint."""
+    return np.any([(~np.isfinite(v)).any(0) for v in per_checkpoint.values() if v.dtype.kind == "f"], 0)
+
+
+def whole_dataset(per_checkpoint: dict[str, np.ndarray], ref_norms: dict[str, np.ndarray], eta: np.ndarray,
+                  wanted: set[str], variant_names: tuple[str, ...], clip_quantile: float) -> dict[str, np.ndarray]:
+    """The scores that need every example at once: ``<score>_<variant>`` of the dot scores
+    (ranks, quantile clipping, a regression over all examples; see :func:`pds.variants`).
+
+    ref_norms: {"ref_norm_target", "ref_norm_costate"}: (T,) ‖v_t‖; eta: (T-1,)."""
+    out: dict[str, np.ndarray] = {}
+    weight = np.append(eta, 0.0)
+    for name, (dot_key, norm_key) in pds.DOT_SCORES.items():
+        if name in wanted and variant_names:
+            v = pds.variants(per_checkpoint[dot_key], per_checkpoint["sq_grad_norm"], ref_norms[norm_key], weight,
+                             clip_quantile=clip_quantile)
+            out.update({f"{name}_{k}": v[k] for k in variant_names})
+    return out
