@@ -1,7 +1,7 @@
 """Scale of import-dynamics + metrics + export: N examples x E epochs x C classes of
 generated cartography jsonl; wall time and peak RSS of each step, in one run.
 
-    python bench/dynamics_scale.py [--n 1000000] [--epochs 5] [--classes 10] [--json FILE]
+    python -m bench.dynamics_scale [--n 1000000] [--epochs 5] [--classes 10] [--json FILE]
 """
 from __future__ import annotations
 

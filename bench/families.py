@@ -1,7 +1,7 @@
 """Which path ``engine="auto"`` takes for each layer family, and its time against one
 plain forward+backward of the same model, side by side in one run (CPU or CUDA).
 
-    python bench/families.py [--batch 64] [--json bench/results/families_cpu.json]
+    python -m bench.families [--batch 64] [--json bench/results/families_cpu.json]
 
 One small model per family (the layer, then a linear head). For each: the paths
 ``explain()`` reports for the family's parameters, and the best of paired calls of
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import gradscore as gs
-from gradscore.bench import paired_times
+from bench.engines import paired_times
 from gradscore.demos.models import recurrent_classifier, small_resnet
 
 T, D = 32, 64

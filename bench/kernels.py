@@ -5,8 +5,8 @@ CUDA) and the torch reference (G.pow(2).sum(1), G @ V.T), their effective bandwi
 (bytes of G read / time) and the ratio; the read bandwidth of a plain G.sum() measured
 in the same run; on CUDA also the fraction of the device's peak memory bandwidth.
 
-    python bench/kernels.py [--device cpu|cuda] [--json bench/results/kernels_cpu.json]
-    python bench/kernels.py --device cuda --sweep      # Triton block sizes, for launch_config
+    python -m bench.kernels [--device cpu|cuda] [--json bench/results/kernels_cpu.json]
+    python -m bench.kernels --device cuda --sweep      # Triton block sizes, for launch_config
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from gradscore.bench import best_time
+from bench.engines import best_time
 
 
 from gradscore.kernels import get_backend, norm_dot_reference

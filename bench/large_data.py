@@ -1,6 +1,6 @@
 """`gradscore run` on large HDF5 datasets: throughput and peak memory for 10^5 and 10^6 examples.
 
-    python bench/large_data.py [--sizes 100000,1000000] [--json bench/results/large_data_cpu.json]
+    python -m bench.large_data [--sizes 100000,1000000] [--json bench/results/large_data_cpu.json]
 
 Generates (in a temporary directory, never committed) a dataset of N random 64-dim
 examples with 10 classes, written in slices so the generator's memory stays small, and

@@ -36,6 +36,9 @@ on the thread count.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import numba
 import numpy as np
 import torch
@@ -160,6 +163,30 @@ def _conv_sparse(x, d, V, Vb, bias, sq, dots, kh, kw, sh, sw, rh, rw, ph, pw, gr
             sq[b] = s
 
 
+#: open :func:`counting_flops` blocks, innermost last
+_flop_counters: list[list[int]] = []
+
+
+def flops(x: torch.Tensor, d: torch.Tensor, *, kernel: tuple[int, int], groups: int) -> int:
+    """2 × the multiply-adds of one call's per-example weight gradients: one per δ (per
+    non-zero δ for long rows) and kernel tap and input channel of its group (the norm,
+    dots and bias sums are reductions, not counted, as ``norm_dot``'s are not)."""
+    row = kernel[0] * kernel[1] * (x.shape[1] // groups)
+    return 2 * (int(d.count_nonzero()) if row >= LONG_ROW else d.numel()) * row
+
+
+@contextmanager
+def counting_flops() -> Iterator[list[int]]:
+    """``with counting_flops() as n:`` — ``n[0]`` is the flops (see :func:`flops`) of this
+    kernel's calls in the block, which ``torch.utils.flop_counter`` cannot see."""
+    box = [0]
+    _flop_counters.append(box)
+    try:
+        yield box
+    finally:
+        _flop_counters.remove(box)
+
+
 def conv_norm_dot_sparse(x: torch.Tensor, d: torch.Tensor, V: torch.Tensor | None, *,
                          kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
                          padding: tuple[int, int], groups: int, bias: bool = False,
@@ -173,6 +200,8 @@ def conv_norm_dot_sparse(x: torch.Tensor, d: torch.Tensor, V: torch.Tensor | Non
     same with H = kh = 1.
     """
     dtype = acc_dtype(x.dtype)
+    for box in _flop_counters:
+        box[0] += flops(x, d, kernel=kernel, groups=groups)
 
     def array(t: torch.Tensor):
         return t.detach().to(dtype).contiguous().numpy()

@@ -9,11 +9,11 @@ import os
 import pytest
 import torch
 
-from gradscore.bench import counted_flops, measured_child
+from bench.engines import counted_flops, measured_child
 
 CHILD = """
 import json, torch
-from gradscore.bench import _Memory
+from bench.engines import _Memory
 def one_after_another():
     for _ in range(3):
         torch.ones(2**20).sum()          # 4 MiB, freed before the next

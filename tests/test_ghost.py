@@ -182,7 +182,7 @@ def test_conv_blocks_stay_within_the_layers_captured_bytes(monkeypatch, form, K)
 CONV_PEAKS = """
 import json, torch
 from torch import nn
-from gradscore.bench import _Memory
+from bench.engines import _Memory
 from gradscore.engines.rules import conv
 torch.manual_seed(0)
 layer = nn.Conv2d(16, 32, 3, padding=1)
@@ -204,7 +204,7 @@ def test_every_conv_forms_measured_peak_stays_near_the_layers_captured_bytes():
     """Measured, not counted: the resident-set peak of each conv form, with what torch
     and oneDNN allocate inside a call (the grouped form's im2col), stays near the layer's
     input plus δ; one batch's patches and per-example gradients would be 4x that."""
-    from gradscore.bench import measured_child
+    from bench.engines import measured_child
     peaks = json.loads(measured_child(CONV_PEAKS))
     captured = 512 * (16 + 32) * 64 * 4                   # 6.3 MB
     whole = 512 * (16 * 9 * 64 + 32 * 16 * 9) * 4         # 28 MB

@@ -116,54 +116,24 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = command(sub, "bench", help="time the engines against a plain forward+backward",
-                 description="Time loop, vmap (torch and fused reduction) and ghost engines, "
-                 "and Opacus/BackPACK when installed, as ratios to one plain batched "
-                 "forward+backward, with peak memory, on an MLP, the demo CNN and its "
-                 "128-channel version, a CNN on 32x32 inputs, a small transformer and (with "
-                 "transformers installed) a small GPT-2; then `run` throughput and PDS "
-                 "timings on the demo setup.")
-    p.add_argument("--batches", default="64,256", help="comma-separated batch sizes")
-    p.add_argument("--models", default=None, help="comma-separated subset of the models (default: all of "
-                   "mlp_784_1024_1024, digits_cnn, digits_cnn_c128, cifar_cnn_dw, transformer_d128_T64, "
-                   "resnet_bn_20k, torch_encoder_d64_T32, lstm_d64_T32, gru_attention_d64_T32, gpt2_d64_T128)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats (best is kept)")
-    p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--epochs", type=int, default=3, help="demo checkpoints for the end-to-end part")
-    p.add_argument("--no-end-to-end", dest="end_to_end", action="store_false",
-                   help="skip the end-to-end `run` throughput and the PDS timings (default: run them)")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    command(sub, "bench", help="time the engines against a plain forward+backward (from a source checkout)",
+            description="Runs bench/engines.py of the source checkout this package is installed from "
+            "(pip install -e .); `gradscore bench --help` lists its options.", add_help=False)
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    import json
-
-    from ..bench import end_to_end, model_cases, run_bench
-    try:
-        batches = tuple(int(b) for b in args.batches.split(","))
-    except ValueError as e:
-        raise GradscoreError(f"--batches: '{args.batches}' is not a comma-separated list of integers") from e
-    models = tuple(args.models.split(",")) if args.models else None
-    unknown = set(models or ()) - set(model_cases("cpu"))
-    if unknown:
-        raise GradscoreError(f"--models: unknown {', '.join(sorted(unknown))}; choose from "
-                             f"{', '.join(model_cases('cpu'))}")
-    if args.json:
-        from ..io.outputs import claim
-        claim(args.json, "json", overwrite=args.overwrite)   # before the timing, not after
-    result = run_bench(batches, args.repeats, device=args.device, models=models)
-    if args.end_to_end:
-        from ..bench import pds_timing
-        result["end_to_end"] = end_to_end(args.epochs, args.repeats)
-        result["pds"] = pds_timing(repeats=args.repeats)
-    if args.json:
-        from .._version import __version__
-        from ..io.atomic import atomic_path
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps({**result, "gradscore_version": __version__}, indent=2))
-        print(f"-> {args.json}")
-    return 0
+def run_bench(argv: list[str]) -> int:
+    """``gradscore bench ARGS``: the checkout's ``bench/engines.py`` with ARGS; the
+    benchmarks are not part of the installed package."""
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "bench" / "engines.py").is_file():
+        raise GradscoreError("gradscore bench runs the benchmarks of a source checkout; clone the repository, "
+                             "pip install -e . there, and run `gradscore bench` (or python -m bench.engines)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from bench.engines import main
+    return main(argv)
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -173,4 +143,3 @@ def add(sub: argparse._SubParsersAction) -> None:
     _add_bench(sub)
     sub.choices["demo"].set_defaults(func=_cmd_demo)
     sub.choices["experiment"].set_defaults(func=_cmd_experiment)
-    sub.choices["bench"].set_defaults(func=_cmd_bench)
