@@ -18,9 +18,8 @@ from .reference import norm_dot_reference
 Blocks = torch.Tensor | Sequence[torch.Tensor]
 
 #: on CPU, under the default backend, a block of at most this many elements takes the
-#: torch reference (vecdot, matmul): the numba kernel's fixed cost per call (numpy views,
-#: dispatch, thread launch: about 20 µs) outweighs one pass over a block this small;
-#: measured on a 2-core CPU, the two ways tie near 16-32k elements
+#: torch reference: the numba kernel's fixed cost per call outweighs one pass over it
+#: (``python -m bench.kernels`` shows where the two meet)
 SMALL_BLOCK = 16384
 
 

@@ -44,41 +44,12 @@ from torch import nn
 from ...kernels.dispatch import backend_for, forced_name
 from ...kernels.ghost_linear import ghost_linear, workspace_bytes
 from ...kernels import acc_dtype, norm_dot
+from .conv_costs import (DENSITY_SAMPLE, ELEMENTWISE_COST, FEW_INPUTS, GROUPED_COST, GROUPED_FEW_INPUTS_COST,
+                         SHORT_COPY_COST, SHORT_MAC_COST, SHORT_WEIGHT_COST, SPARSE_DELTA_COST,
+                         SPARSE_LISTED_COST, SPARSE_MAC_COST, SPARSE_PATCH_COST, SPARSE_PIXEL_COST,
+                         SPARSE_WEIGHT_COST)
 from .linear import cat_calls
 from .registry import bias_term, register_rule
-
-#: multiply-adds one element of a strided elementwise pass (an im2col copy, a shifted
-#: sum) costs against a GEMM's, in :func:`plan`; measured about 16 on a 2-core CPU
-ELEMENTWISE_COST = 16
-#: the ``grouped`` form's multiply-adds against the ``outer`` form's batched GEMM on
-#: im2col patches: one convolution per example costs more per multiply-add but copies no
-#: patches; measured 1.0-1.35 on a 2-core CPU (the demo's, CIFAR-size and strided convs)
-GROUPED_COST = 1.2
-#: the same with fewer than ``FEW_INPUTS`` input channels per group, where oneDNN's grouped
-#: weight gradient runs at a fraction of its rate: measured 1.2-1.7x the outer form's time
-#: for 1 and 3 input channels (a first conv on 8x8 and 32x32 images, batch 64 and 256),
-#: against 0.84-0.90x for 16 channels (the demo's second conv)
-GROUPED_FEW_INPUTS_COST = 2 * GROUPED_COST
-FEW_INPUTS = 4
-#: the ``sparse`` form's cost per example and group, in the units above. Long rows (at
-#: least ``LONG_ROW`` weights per output channel): per multiply-add with a non-zero δ, per
-#: element of δ (listing it), per listed δ, per patch row copied and per weight (the sums'
-#: results and the norm). Short rows, dense: per multiply-add, per patch value copied and
-#: per weight (one dot product each). Both: per element of the padded input (the thread's
-#: copy). Fitted to the kernel's times on 17 conv layers (12 with long rows, 5 with short
-#: rows, at densities 0.05-1: within 30%), then converted to units at the rates that make
-#: the plan lose least against the fastest form measured on those layers: 0.05 ns a unit
-#: for long rows and 0.27 ns for short ones (the dense forms run at 0.035-0.27 ns a unit
-#: on a 2-core CPU, the slowest on the small first convs that short rows compete with).
-#: Over the 85 layer-density points the plan's form is then 5% slower than the fastest
-#: on average, and more than 10% slower at 18, all but one a dense form taken where
-#: sparse was faster
-SPARSE_MAC_COST, SPARSE_DELTA_COST, SPARSE_LISTED_COST, SPARSE_PATCH_COST, SPARSE_WEIGHT_COST = 0.64, 23, 34, 24, 2.4
-SHORT_MAC_COST, SHORT_COPY_COST, SHORT_WEIGHT_COST = 0.21, 0.2, 8.7
-SPARSE_PIXEL_COST = 18
-#: δ's density is measured on at most this many examples
-DENSITY_SAMPLE = 16
-
 
 def _supports(m: nn.Module) -> str | None:
     if m.padding_mode != "zeros":
@@ -191,7 +162,7 @@ def _density(layer: nn.Module, acts, grads) -> float | None:
     if layer.in_channels // layer.groups * math.prod(layer.kernel_size) < LONG_ROW:
         return 1.0
     d = grads[0][:DENSITY_SAMPLE].detach()
-    # numpy counts about 3x faster than torch's count_nonzero here (a float32 (16, 2048) block: 33 µs)
+    # numpy counts faster than torch's count_nonzero on these small blocks
     nonzero = np.count_nonzero(d.numpy()) if d.dtype in (torch.float32, torch.float64) else int(d.ne(0).sum())
     return nonzero / max(1, d.numel())
 
@@ -288,7 +259,7 @@ def _slice_bytes(layer: nn.Module, acts, grads, geo: _Geometry, form: str, K: in
     patches = sum(x[0].numel() for x in acts) * math.prod(layer.kernel_size)
     N = geo.Hp * geo.Wp
     elements = {"outer": patches + d_in * d_out, "gram": patches + 2 * L * L,
-                # oneDNN im2col's the input inside the call (measured); the running sum over calls
+                # oneDNN im2cols the input inside the call; plus the running sum over calls
                 "grouped": patches + min(2, len(acts)) * G * d_in * d_out,
                 "pixel": G * (2 * N * N + geo.Hp ** 2 * geo.Wo ** 2 + 3 * L * L) + K * layer.out_channels * L}[form]
     return elements * torch.finfo(acc_dtype(acts[0].dtype)).bits // 8
