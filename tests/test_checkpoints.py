@@ -9,7 +9,7 @@ import gradscore as gs
 from gradscore.io.checkpoints import load_state_dict
 from gradscore.demos.models import digits_cnn, mlp
 
-from conftest import MLP_KWARGS
+from helpers import MLP_KWARGS
 
 
 def test_round_trip_with_buffers_and_attrs(tmp_path):

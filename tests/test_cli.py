@@ -11,7 +11,7 @@ import pytest
 import gradscore as gs
 from gradscore.cli import main
 
-from conftest import MLP_KWARGS, make_run
+from helpers import MLP_KWARGS, make_run
 
 
 def _fails(capsys, argv, pattern):
@@ -134,7 +134,7 @@ def test_an_empty_dataset_is_one_line_and_leaves_nothing(tiny_run, tmp_path, cap
 
 
 def test_info_folds_a_long_model_config(tmp_path, capsys):
-    from conftest import MLP_KWARGS
+    from helpers import MLP_KWARGS
     from gradscore.io.checkpoints import write_checkpoint
     from gradscore.demos.models import mlp
     ckpts = tmp_path / "ckpts"

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 
 from gradscore.cli import main
-from conftest import make_run
+from helpers import make_run
 
 
 def _datasets(path: Path) -> dict[str, np.ndarray]:

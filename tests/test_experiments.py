@@ -69,6 +69,7 @@ def test_regions_tiny(tmp_path):
     assert (tmp_path / "regions.png").exists() and (tmp_path / "regions.md").exists()
 
 
+@pytest.mark.slow   # spawns two experiment runs; prune and regions keep a tiny run in the default set
 def test_jtt_tiny_same_seed_same_numbers(tmp_path):
     for run in ("a", "b"):
         assert main(["experiment", "jtt", "--mode", "tiny", "--out", str(tmp_path / run)]) == 0

@@ -223,7 +223,7 @@ def test_float_and_one_hot_targets_are_refused_in_one_line(tiny_run, tmp_path, c
 
 
 def test_a_folder_mixing_two_runs_is_refused_naming_the_file(tmp_path, capsys):
-    from conftest import make_run
+    from helpers import make_run
     ckpts, data = make_run(tmp_path / "a", n_ckpts=2)
     other, _ = make_run(tmp_path / "b", n_ckpts=3, kwargs={"d_in": 12, "hidden": 16, "n_classes": 4, "depth": 1})
     stray = sorted(other.glob("step_*.h5"))[-1]
@@ -268,7 +268,7 @@ def test_import_checkpoints_never_writes_into_its_source_or_over_another_run(tmp
     code, err = _run(args + [str(src)], capsys)
     assert code == 2 and "is the source folder" in err and len(err.splitlines()) == 1, err
     assert sorted(p.name for p in src.iterdir()) == ["step_0.pt"]
-    from conftest import make_run
+    from helpers import make_run
     ckpts, _ = make_run(tmp_path / "other")          # another model's checkpoints
     before = {p.name: _digest(p) for p in ckpts.iterdir()}
     code, err = _run(args + [str(ckpts)], capsys)

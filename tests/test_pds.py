@@ -127,12 +127,13 @@ def test_target_with_other_classes_or_shape_is_refused(tmp_path):
     assert not (ckpts / "costate.h5").exists()
 
 
+@pytest.mark.slow   # spawns and kills the CLI; test_resume.py keeps run's SIGKILL smoke test in the default set
 def test_costate_cli_and_sigkill_resume_is_bit_identical(tmp_path):
     import subprocess
     import sys
 
     import h5py
-    from conftest import sigkill_when
+    from helpers import sigkill_when
     from gradscore.cli import main
 
     ckpts, proxy, target, *_ = _gd_run(tmp_path)
@@ -197,7 +198,7 @@ def test_a_diverging_costate_warns_in_the_file_the_cli_and_diagnose(tmp_path, ca
     """Checkpoints of SGD with momentum whose recorded η makes I − ηH expand: the co-state
     explodes backwards; costate, run and diagnose each say so, the files keep the warning."""
     import h5py
-    from conftest import make_run
+    from helpers import make_run
     from gradscore.cli import main
     ckpts, data = make_run(tmp_path, n_ckpts=4)
     for p in ckpts.glob("step_*.h5"):

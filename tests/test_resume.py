@@ -7,7 +7,7 @@ import sys
 import h5py
 import numpy as np
 
-from conftest import make_run, sigkill_when
+from helpers import make_run, sigkill_when
 
 
 def _cmd(ckpts, data, out):

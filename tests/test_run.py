@@ -75,7 +75,7 @@ def test_existing_output_with_other_config_is_refused_unless_overwrite(tiny_run,
 
 
 def test_labels_out_of_range_fail_before_writing(tmp_path):
-    from conftest import make_run
+    from helpers import make_run
     ckpts, _ = make_run(tmp_path)
     bad = gs.save_dataset(tmp_path / "bad.h5", np.zeros((5, 12), np.float32), np.array([0, 1, 2, 3, 4]))
     with pytest.raises(gs.DataError, match="label 4 at index 4"):

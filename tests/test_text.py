@@ -226,6 +226,7 @@ def test_class_scores_refused_for_lm_and_bad_token_ids(tmp_path, capsys):
     assert "bad.h5: field 'labels' has label 40 at index 2" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow   # a demo; test_text_dataset_run_end_to_end keeps the LM path in the default set
 def test_lm_demo_fast_mode(tmp_path):
     from gradscore.demos.lm import run_lm_demo
     lines = []

@@ -1,0 +1,176 @@
+"""What several test files share: a tiny training run made with the public API, a
+SIGKILL helper, and the ghost engine's model cases with their comparison to the loop."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import gradscore as gs
+from gradscore.demos.models import digits_cnn, mlp, tiny_transformer
+
+MLP_KWARGS = {"d_in": 12, "hidden": 8, "n_classes": 4, "depth": 1}
+
+
+def make_run(root: Path, *, n: int = 90, n_ckpts: int = 3, seed: int = 0,
+             kwargs: dict | None = None) -> tuple[Path, Path]:
+    """Train an MLP a few SGD steps, saving a checkpoint after each; write a dataset."""
+    kwargs = dict(MLP_KWARGS if kwargs is None else kwargs)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, kwargs["d_in"], generator=g)
+    y = torch.randint(0, kwargs["n_classes"], (n,), generator=g)
+    noisy = np.zeros(n, dtype=bool)
+    noisy[::7] = True
+    data = gs.save_dataset(root / "train.h5", x.numpy(), y.numpy(),
+                           ids=np.arange(100, 100 + n), noisy=noisy)
+    torch.manual_seed(seed)
+    model = mlp(**kwargs)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with gs.CheckpointWriter(root / "ckpts", model_factory="gradscore.demos.models:mlp",
+                             model_kwargs=kwargs, loss="cross_entropy") as w:
+        for t in range(n_ckpts):
+            w.save(model, step=t, lr=0.5, epoch=t)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    return root / "ckpts", data
+
+
+def sigkill_when(cmd: list[str], ready, timeout: float = 120.0) -> None:
+    """Start ``cmd``, SIGKILL it as soon as ``ready()`` is true; fail if it ends first."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.005)
+    assert proc.poll() is None, f"{cmd[3]} ended before it could be killed: {proc.stderr.read()}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+# the ghost engine's model cases, compared with the per-example loop in float64
+
+
+class NoGradPart(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.a(x)
+        return self.b(torch.tanh(h))
+
+
+class SharedTwice(nn.Module):
+    """One Linear applied twice (tied weights) plus a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+class Seq1d(nn.Module):
+    """Conv1d, GroupNorm, bias-free Linear on (B, T, d) sequences, LayerNorm on 2-D."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2)
+        self.gn = nn.GroupNorm(3, 6)
+        self.lin = nn.Linear(6, 5, bias=False)
+        self.ln = nn.LayerNorm(5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.gn(self.conv(x)).transpose(1, 2)     # (B, L, 6)
+        return self.head(self.ln(self.lin(h).mean(1)))
+
+
+class TokenModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4, padding_idx=0)
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.lin(self.emb(ids)).mean(1)
+
+
+def _bn_eval():
+    m = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(inplace=True), nn.Linear(5, 3))
+    m[1].running_mean.uniform_(-1, 1)
+    m[1].running_var.uniform_(0.5, 2)
+    m[1].weight.data.uniform_(0.5, 1.5)
+    return m
+
+
+def _cnn():
+    m = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.ReLU(),
+                      nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, bias=False),
+                      nn.BatchNorm2d(6), nn.Flatten(), nn.Linear(6 * 4 * 4, 3))
+    m[3].running_var.uniform_(0.5, 2)
+    return m
+
+
+def ghost_case(name):
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if name == "mlp_inplace_relu":
+        return nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 8, bias=False),
+                             nn.Tanh(), nn.Linear(8, 3)), torch.randn(7, 6, generator=g)
+    if name == "bn_eval":
+        return _bn_eval(), torch.randn(7, 6, generator=g)
+    if name == "cnn":
+        return _cnn(), torch.randn(7, 2, 8, 8, generator=g)
+    if name == "digits_cnn":
+        return digits_cnn(channels=4, batchnorm=True), torch.randn(7, 1, 8, 8, generator=g)
+    if name == "conv1d_groupnorm_seq_linear":
+        return Seq1d(), torch.randn(7, 4, 11, generator=g)
+    if name == "embedding_repeated_tokens":
+        ids = torch.randint(0, 7, (7, 9), generator=g)
+        ids[:, 4] = ids[:, 2]
+        ids[:, 5] = 0  # padding_idx: no gradient
+        return TokenModel(), ids
+    if name == "transformer":
+        ids = torch.randint(0, 20, (5, 7), generator=g)
+        ids[:, 3] = ids[:, 1]
+        return tiny_transformer(vocab=20, d=16, heads=2, layers=2, n_classes=3), ids
+    if name == "no_grad_region":
+        return NoGradPart(), torch.randn(7, 6, generator=g)
+    if name == "shared_twice":
+        return SharedTwice(), torch.randn(7, 6, generator=g)
+    raise KeyError(name)
+
+
+GHOST_CASES = ["mlp_inplace_relu", "bn_eval", "cnn", "digits_cnn", "conv1d_groupnorm_seq_linear",
+         "embedding_repeated_tokens", "transformer", "no_grad_region", "shared_twice"]
+
+
+def compare_with_loop(model, x, K, engine="ghost", **kw):
+    model = model.double().eval()
+    x = x.double() if x.is_floating_point() else x
+    y = torch.randint(0, 3, (x.shape[0],), generator=torch.Generator().manual_seed(1))
+    ref_scorer = gs.Scorer(model, engine="loop", **kw)
+    V = torch.randn(K, ref_scorer.num_params, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(2)) if K else None
+    ref = ref_scorer.score_batch(x, y, refs=V)
+    scorer = gs.Scorer(model, engine=engine, **kw)
+    out = scorer.score_batch(x, y, refs=V)
+    torch.testing.assert_close(out.sq_norm, ref.sq_norm, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-12, atol=0)
+    if K:
+        torch.testing.assert_close(out.dots, ref.dots, rtol=1e-6, atol=1e-9)
+    else:
+        assert out.dots is None
+    assert float(ref.sq_norm.max()) > 0
+    return scorer
