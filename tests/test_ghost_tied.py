@@ -37,7 +37,7 @@ def test_tied_weights_keep_the_cross_term(K):
 def test_dropping_the_tied_cross_term_is_caught(monkeypatch):
     """The comparison above can fail: without the cross term the norms differ."""
     from gradscore.engines import ghost
-    monkeypatch.setattr(ghost._Pass, "add_cross_terms", lambda self: None)
+    monkeypatch.setattr(ghost._BatchSums, "add_cross_terms", lambda self: None)
     with pytest.raises(AssertionError):
         compare_with_loop(Tied(), torch.randint(0, 9, (5, 6)), 0)
 

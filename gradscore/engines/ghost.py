@@ -135,15 +135,16 @@ def _map_leaves(out, fn, plain: bool = False):
     return out
 
 
-def _fill(skeleton, grads: dict[int, torch.Tensor]):
+def _deltas_like(skeleton, grads: dict[int, torch.Tensor]):
     """A call's output structure with leaf index i replaced by its δ (None where none came)."""
     if isinstance(skeleton, tuple):
-        return tuple(_fill(s, grads) for s in skeleton)
+        return tuple(_deltas_like(s, grads) for s in skeleton)
     return grads.get(skeleton) if isinstance(skeleton, int) else None
 
 
-class _Pass:
-    """State of one batch: running sums of the rules' results."""
+class _BatchSums:
+    """One batch's accumulator: the running sums of the rules' ‖g‖² (B,) and dots (B, K), and the
+    factors of tied weights until all their owners have reported."""
 
     def __init__(self, refs: RefBlocks | None, index: dict[str, int], K: int) -> None:
         self.refs, self.index, self.K = refs, index, K
@@ -161,7 +162,7 @@ class _Pass:
                      for local, full in layer.params.items()}
             if layer.rule.probe_all:   # per call, the output's structure with each leaf's δ (or None)
                 order = sorted({call for call, _ in layer.grads})
-                grads = [_fill(layer.skeletons[c], {i: d for (cc, i), d in layer.grads.items() if cc == c})
+                grads = [_deltas_like(layer.skeletons[c], {i: d for (cc, i), d in layer.grads.items() if cc == c})
                          for c in order]
             else:
                 order = sorted(layer.grads)
@@ -267,7 +268,7 @@ class GhostEngine(Engine):
         self._moved_to_fallback(after_call=False)
 
     @contextlib.contextmanager
-    def _hooks(self, state: _Pass, probes: list[torch.Tensor], B: int) -> Iterator[None]:
+    def _hooks(self, state: _BatchSums, probes: list[torch.Tensor], B: int) -> Iterator[None]:
         handles = []
         for layer in self.layers:
             layer.acts, layer.grads, layer.calls, layer.seen, layer.problem = [], {}, 0, 0, None
@@ -347,7 +348,7 @@ class GhostEngine(Engine):
             self._lay_out(x)
         K = 0 if refs is None else refs[0].shape[0]
         B = batch_len(x)
-        state, probes = _Pass(refs, self._index, K), []
+        state, probes = _BatchSums(refs, self._index, K), []
         with self._hooks(state, probes, B):
             with torch.enable_grad():
                 out = call_model(self.model, x)
