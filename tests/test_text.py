@@ -70,7 +70,7 @@ def test_gpt2_cross_term_matters():
     x, y = _batch(31)
     full = gs.Scorer(model, "causal_lm", engine="ghost").score_batch(x, y).sq_norm
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ghost._Pass, "add_cross_terms", lambda self: None)
+        mp.setattr(ghost._BatchSums, "add_cross_terms", lambda self: None)
         dropped = gs.Scorer(model, "causal_lm", engine="ghost").score_batch(x, y).sq_norm
     assert (full - dropped).abs().min() > 1e-6 * full.abs().max()
 
