@@ -12,12 +12,14 @@ from __future__ import annotations
 import logging
 import os
 from abc import ABC, abstractmethod
+from typing import Any, Callable, TypeVar
 
 import torch
 
 from .reference import norm_dot_reference
 
 log = logging.getLogger("gradscore.kernels")
+T = TypeVar("T")
 
 
 class NormDotBackend(ABC):
@@ -52,7 +54,8 @@ class NumbaBackend(NormDotBackend):
 
 
 class TritonBackend(NormDotBackend):
-    """Triton kernel for CUDA (or CPU under TRITON_INTERPRET=1); torch for float64."""
+    """Triton kernel for CUDA (or CPU under TRITON_INTERPRET=1); torch for float64, and
+    from the first run-time failure of the kernel on (see :func:`guarded`)."""
 
     name = "triton"
 
@@ -63,7 +66,27 @@ class TritonBackend(NormDotBackend):
     def norm_dot(self, G: torch.Tensor, V: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if G.dtype == torch.float64:
             return TorchBackend().norm_dot(G, V)
-        return self._kernel(G, V)
+        return guarded("the Triton norm_dot kernel", self._kernel, norm_dot_reference, G, V)
+
+
+#: kernel -> why it failed at run time; from then on its fallback runs
+_runtime_failed: dict[str, str] = {}
+
+
+def guarded(kernel_name: str, kernel: Callable[..., T], fallback: Callable[..., T], *args: Any) -> T:
+    """``kernel(*args)``; if it raises (a compiler that breaks on a new shape or dtype
+    mid-run), ``fallback(*args)`` now and on every later call, with one logged line naming
+    the reason. Running out of memory is not a kernel failure: it propagates."""
+    if kernel_name not in _runtime_failed:
+        try:
+            return kernel(*args)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any compile or launch failure: use the reference
+            _runtime_failed[kernel_name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log.warning("gradscore.kernels: %s failed (%s); using the torch reference from now on",
+                        kernel_name, _runtime_failed[kernel_name])
+    return fallback(*args)
 
 
 _CLASSES: dict[str, type[NormDotBackend]] = {"torch": TorchBackend, "numba": NumbaBackend,
@@ -162,4 +185,5 @@ def describe() -> dict[str, str]:
         chosen = get_backend(torch.device(dev)).name
         reason = _failed.get(f"{default_backend_name(torch.device(dev))}:{dev}")
         out[dev] = chosen + (f" (fallback: {reason})" if reason and chosen == "torch" else "")
+    out.update({f"failed at run time: {name}": why for name, why in _runtime_failed.items()})
     return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .dispatch import guarded
 from .norm_dot import norm_dot
 from .reference import acc_dtype
 
@@ -120,11 +121,12 @@ def ghost_linear(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor | None = None
         raise ValueError(f"ghost_linear: unknown form '{form}'")
     use_triton = backend == "triton" or (backend is None and a.is_cuda and a.dtype != torch.float64)
     budget = workspace if workspace is not None else workspace_bytes(a, d)
-    if use_triton:
-        from .ghost_linear_triton import gram_sq_triton, outer_triton
+    if use_triton:   # a run-time failure of a kernel: the torch path, logged once
+        from . import ghost_linear_triton as tk
         if form == "outer":
-            return outer_triton(a, d, V)
-        sq = gram_sq_triton(a, d)
+            return guarded("the Triton ghost_linear outer kernel", tk.outer_triton,
+                           lambda a, d, V: _outer(a, d, V, budget), a, d, V)
+        sq = guarded("the Triton ghost_linear Gram kernel", tk.gram_sq_triton, lambda a, d: _gram_sq(a, d, budget), a, d)
     else:
         if form == "outer":
             return _outer(a, d, V, budget)

@@ -38,7 +38,8 @@ def test_run_and_info(tiny_run, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "3 checkpoints" in text and "90 examples" in text and "scores/grand" in text
     assert main(["info", "--env"]) == 0
-    assert '"kernels"' in capsys.readouterr().out
+    env = capsys.readouterr().out
+    assert all(f'"{k}"' in env for k in ("kernels", "cuda_device", "triton", "numba")), env
 
 
 def test_bad_inputs_exit_2_with_one_line(tiny_run, tmp_path, capsys):

@@ -293,3 +293,32 @@ def test_sparse_conv_kernel_does_not_depend_on_thread_count(c_in):
         numba.set_num_threads(before)
     many = conv_norm_dot_sparse(x, d, V, **kw)
     assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+
+
+def test_a_triton_failure_at_run_time_falls_back_to_torch_with_one_line(monkeypatch, caplog):
+    """A Triton compile failure mid-run (a new shape on a machine whose compiler breaks)
+    never crashes the run: the torch reference takes over, with one logged line naming the
+    reason, for norm_dot and for ghost_linear."""
+    import logging
+
+    from gradscore.kernels import dispatch, ghost_linear_triton, norm_dot_triton
+    monkeypatch.setattr(dispatch, "_runtime_failed", {})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PassManager::run failed\nfull compiler log")
+    monkeypatch.setattr(norm_dot_triton, "norm_dot_triton", broken)
+    monkeypatch.setattr(ghost_linear_triton, "outer_triton", broken)
+    backend = dispatch.TritonBackend()
+    G, V = _rand(5, 300, seed=1), _rand(2, 300, seed=2)
+    a, d, W = _rand(3, 4, 6, seed=3), _rand(3, 4, 5, seed=4), _rand(2, 5, 6, seed=5)
+    with caplog.at_level(logging.WARNING, logger="gradscore.kernels"):
+        for _ in range(3):
+            sq, dots = backend.norm_dot(G, V)
+            torch.testing.assert_close(sq, norm_dot_reference(G, V)[0])
+            torch.testing.assert_close(dots, norm_dot_reference(G, V)[1])
+            got = ghost_linear(a, d, W, form="outer", backend="triton")
+            want = ghost_linear_reference(a, d, W)
+            torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and all("PassManager::run failed" in m and "torch reference" in m for m in lines), lines
+    assert all("\n" not in m for m in lines)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,24 @@ from ..exceptions import GradscoreError
 
 
 def environment() -> dict[str, Any]:
-    """Versions and the kernel backend chosen for each device."""
+    """Versions, the CUDA device, and the kernel backend chosen for each device kind."""
+    import importlib.metadata
+
     import torch
 
     from .._version import __version__
     from ..kernels import describe as kernel_backends
-    return {"gradscore": __version__, "python": platform.python_version(),
-            "torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
+
+    def version(package: str) -> str:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+    cuda = (f"{torch.cuda.get_device_name(0)} ({torch.cuda.device_count()} device(s), CUDA {torch.version.cuda})"
+            if torch.cuda.is_available() else "none")
+    return {"gradscore": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "cuda_available": torch.cuda.is_available(), "cuda_device": cuda, "triton": version("triton"),
+            "numba": version("numba"), "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
             "kernels": kernel_backends()}
 
 
