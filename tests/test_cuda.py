@@ -1,0 +1,106 @@
+"""The CUDA paths on a real GPU (`pytest -m cuda`, run by `python -m bench.gpu_check`): every
+Triton kernel against the torch reference (fp32, fp16, bf16; K = 0, 1, 2, 16; odd sizes),
+and the ghost and vmap engines against the loop on CUDA for an MLP, a CNN and a tiny GPT-2.
+Skipped without a CUDA device; the same kernels run under Triton's interpreter on CPU in
+test_kernels.py, and the engines on CPU everywhere else."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gradscore as gs
+from gradscore.demos.models import digits_cnn, mlp
+from gradscore.kernels import norm_dot_reference
+from gradscore.kernels.ghost_linear import ghost_linear, ghost_linear_reference
+
+pytestmark = pytest.mark.cuda
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+#: a reduced-precision input is read as is and accumulated in float32: its tolerance is its rounding
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _rand(*shape, seed, dtype=torch.float32):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randn(*shape, generator=g, device="cuda").to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K", [0, 1, 2, 16, 17])
+@pytest.mark.parametrize("B, P", [(1, 1), (7, 37), (33, 4097), (257, 100_003), (64, 1_000_000)])
+def test_triton_norm_dot_equals_the_reference(B, P, K, dtype):
+    from gradscore.kernels.norm_dot_triton import norm_dot_triton
+    G, V = _rand(B, P, seed=1, dtype=dtype), (_rand(K, P, seed=2, dtype=dtype) if K else None)
+    sq, dots = norm_dot_triton(G, V)
+    sq_ref, dots_ref = norm_dot_reference(G, V)
+    torch.testing.assert_close(sq, sq_ref, rtol=TOL[dtype], atol=TOL[dtype])
+    assert dots.shape == (B, K)
+    if K:
+        torch.testing.assert_close(dots, dots_ref, rtol=TOL[dtype], atol=TOL[dtype] * P ** 0.5)
+    again = norm_dot_triton(G, V)   # run to run identical: fixed summation order, no atomics
+    assert torch.equal(sq, again[0]) and torch.equal(dots, again[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("form", ["gram", "outer"])
+@pytest.mark.parametrize("K", [0, 2, 16])
+@pytest.mark.parametrize("B, T, d_in, d_out", [(1, 1, 3, 5), (5, 17, 33, 19), (64, 128, 256, 64)])
+def test_triton_ghost_linear_equals_the_reference(B, T, d_in, d_out, K, form, dtype):
+    a, d = _rand(B, T, d_in, seed=3, dtype=dtype), _rand(B, T, d_out, seed=4, dtype=dtype)
+    V = _rand(K, d_out, d_in, seed=5, dtype=dtype) if K else None
+    sq, dots = ghost_linear(a, d, V, form=form, backend="triton")
+    sq_ref, dots_ref = ghost_linear_reference(a.float(), d.float(), None if V is None else V.float())
+    tol = TOL[dtype] * 10
+    torch.testing.assert_close(sq.float(), sq_ref, rtol=tol, atol=tol)
+    if K:
+        torch.testing.assert_close(dots.float(), dots_ref, rtol=tol, atol=tol * (T * d_in * d_out) ** 0.5)
+
+
+def _tiny_gpt2() -> tuple[nn.Module, dict, torch.Tensor, str]:
+    pytest.importorskip("transformers")
+    from gradscore.integrations.hf import from_config
+    config = {"model_type": "gpt2", "n_layer": 2, "n_embd": 16, "n_head": 2, "vocab_size": 31, "n_positions": 16,
+              "bos_token_id": 0, "eos_token_id": 0}
+    model = from_config(config, attn_implementation="eager")
+    ids = torch.randint(1, 31, (5, 9), generator=torch.Generator().manual_seed(0))
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids, "causal_lm"
+
+
+def _case(name: str):
+    torch.manual_seed(0)
+    if name == "mlp":
+        return mlp(d_in=12, hidden=16, n_classes=4, depth=2), torch.randn(9, 12), torch.randint(0, 4, (9,)), "cross_entropy"
+    if name == "cnn":
+        return digits_cnn(channels=8), torch.randn(9, 1, 8, 8), torch.randint(0, 10, (9,)), "cross_entropy"
+    return _tiny_gpt2()
+
+
+def _to(x, **kw):
+    return {k: v.to(**({"device": kw["device"]} if not v.is_floating_point() else kw)) for k, v in x.items()} \
+        if isinstance(x, dict) else x.to(**kw)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-6), (torch.float32, 1e-3)], ids=["float64", "float32"])
+@pytest.mark.parametrize("engine", ["ghost", "vmap"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "gpt2"])
+def test_engines_on_cuda_equal_the_loop(name, engine, dtype, rtol):
+    """float64 checks the engines; float32 takes the Triton kernels (float64 takes torch)."""
+    model, x, y, loss = _case(name)
+    model = model.to(device="cuda", dtype=dtype).eval()
+    x, y = _to(x, device="cuda", dtype=dtype), y.cuda()
+    ref = gs.Scorer(model, loss, engine="loop")
+    V = torch.randn(2, ref.num_params, device="cuda", dtype=dtype)
+    want = ref.score_batch(x, y, refs=V)
+    got = gs.Scorer(model, loss, engine=engine).score_batch(x, y, refs=V)
+    torch.testing.assert_close(got.sq_norm.double(), want.sq_norm.double(), rtol=rtol, atol=rtol * 1e-3)
+    torch.testing.assert_close(got.dots.double(), want.dots.double(), rtol=rtol,
+                               atol=rtol * float(want.dots.abs().max()))
+    assert got.sq_norm.device.type == "cuda"
+
+
+def test_the_default_cuda_backend_is_triton_and_no_kernel_failed():
+    from gradscore.kernels import describe, get_backend
+    from gradscore.kernels.dispatch import _runtime_failed
+    assert get_backend("cuda").name == "triton", describe()
+    assert not _runtime_failed, _runtime_failed
