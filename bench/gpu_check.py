@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:   # `python bench/gpu_check.py` as well as `python -m bench.gpu_check`
+    sys.path.insert(0, str(ROOT))
 
 
 class Budget:
