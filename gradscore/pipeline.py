@@ -42,6 +42,8 @@ def _select_checkpoints(ckpts: CheckpointStore, epochs_upto: float | None) -> np
     return select
 
 
+#: what a per-checkpoint row holds; a new metric (2: margin) makes older rows not reusable
+ROWS_VERSION = 2
 #: the settings that change a per-checkpoint row's numbers (beyond the data and the pass)
 ROW_SETTINGS = ("engine", "dtype", "batch_size", "chunk_size", "chunk_bytes", "lm_reduction", "params")
 
@@ -51,7 +53,7 @@ def rows_key(config: RunConfig, device: str, data: dict, costate: dict | None) -
     made it (forward, gradients, or dots with the co-states), and the numeric settings.
     Rows with equal keys and checkpoints are bit-identical, so a new run may reuse them."""
     kind = "dots" if config.needs_target else "gradients" if config.needs_gradients else "forward"
-    return {"data": data, "pass": kind, "device": device, "costate": costate,
+    return {"rows_version": ROWS_VERSION, "data": data, "pass": kind, "device": device, "costate": costate,
             "settings": {k: config.to_dict()[k] for k in ROW_SETTINGS}}
 
 

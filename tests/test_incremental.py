@@ -189,3 +189,17 @@ def test_an_interrupted_incremental_run_resumes(tiny_run, tmp_path, monkeypatch)
     gs.score(ckpts, data, out=out, scores=["el2n", "grand"], overwrite=True, **OPTS)
     gs.score(ckpts, data, out=tmp_path / "fresh.h5", scores=["el2n", "grand"], **OPTS)
     _assert_same_file(out, tmp_path / "fresh.h5")
+
+
+def test_rows_of_another_rows_version_are_not_reused(tiny_run, tmp_path, built, monkeypatch):
+    """Rows written before a metric was added (margin, rows version 2) lack it: recomputed."""
+    from gradscore import pipeline
+    ckpts, data = tiny_run
+    out = tmp_path / "s.h5"
+    current = pipeline.ROWS_VERSION
+    monkeypatch.setattr(pipeline, "ROWS_VERSION", current - 1)
+    gs.score(ckpts, data, out=out, **OPTS)
+    monkeypatch.setattr(pipeline, "ROWS_VERSION", current)
+    built.clear()
+    gs.score(ckpts, data, out=out, overwrite=True, **OPTS)
+    assert sorted(set(built)) == [0, 1, 2]

@@ -18,7 +18,9 @@ from ..losses import Loss
 
 
 def classification_metrics(loss: Loss, logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-example ``el2n``, ``p_gold`` and ``correct`` (B,) from the model output.
+    """Per-example ``el2n``, ``p_gold``, ``correct`` and ``margin`` (B,) from the model output:
+    the margin is the given label's output minus the largest other one (logits, or
+    log-probabilities, which give the same margins).
 
     For regression losses only ``el2n`` (the error norm) is returned; for language
     modelling (token outputs) none of them.
@@ -30,10 +32,13 @@ def classification_metrics(loss: Loss, logits: torch.Tensor, y: torch.Tensor) ->
         err = (logits - y.to(logits.dtype)).reshape(logits.shape[0], -1)
         return {"el2n": err.norm(dim=1)}
     onehot = torch.nn.functional.one_hot(y, probs.shape[1]).to(probs.dtype)
+    given = logits.gather(1, y[:, None])[:, 0]
+    other = logits.masked_fill(onehot.bool(), -torch.inf).max(1).values
     return {
         "el2n": (probs - onehot).norm(dim=1),
         "p_gold": probs.gather(1, y[:, None])[:, 0],
         "correct": (probs.argmax(1) == y).to(torch.int8),
+        "margin": given - other,
     }
 
 

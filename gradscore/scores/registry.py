@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import datadiet, dynamics, pds
+from . import datadiet, dynamics, mislabel, pds
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class Window:
 AGGREGATORS: dict[str, Callable[[dict[str, np.ndarray], Window], dict[str, np.ndarray]]] = {
     "datadiet": lambda pc, w: datadiet.aggregate(pc, w.select),
     "dynamics": lambda pc, w: dynamics.aggregate(pc, w.select),
+    "mislabel": lambda pc, w: mislabel.aggregate(pc, w.select),
     "pds": lambda pc, w: pds.aggregate(pc, w.eta, w.grad_target_norm) if w.eta is not None else {},
 }
 
