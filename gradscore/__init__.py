@@ -20,13 +20,13 @@ from .engines.vmap import VmapTraceError  # noqa: E402
 from .losses import Loss, causal_lm, resolve_loss  # noqa: E402
 from .scorer import Scorer  # noqa: E402
 from .io.store import load_scores  # noqa: E402
-from .pipeline import run, score  # noqa: E402
+from .pipeline import reaggregate, run, score  # noqa: E402
 from .scores.costate import CostateConfig, CostateFile, compute_costate  # noqa: E402
 from .reports.select import select  # noqa: E402
 from .reports.diagnose import diagnose  # noqa: E402
 
 __all__ = [
-    "__version__", "Scorer", "ScoreBatch", "Engine", "score", "run", "RunConfig",
+    "__version__", "Scorer", "ScoreBatch", "Engine", "score", "run", "reaggregate", "RunConfig",
     "CheckpointWriter", "CheckpointStore", "CheckpointInfo", "Dataset", "load_dataset",
     "save_dataset", "load_scores", "Loss", "causal_lm", "resolve_loss", "GradscoreError", "ConfigError",
     "CheckpointError", "DataError", "EngineError", "ConfigMismatchError", "OutputError", "VmapTraceError",

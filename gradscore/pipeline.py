@@ -212,37 +212,97 @@ def _open_writer(plan: _Plan, costate: CostateFile | None, ranks: Ranks, overwri
 def _assemble(plan: _Plan, writer: HDF5ScoresWriter, costate: CostateFile | None) -> Path:
     """Phase 5: the per-checkpoint rows, the scores the registry aggregates from them, the
     checkpoints' facts and the run's attributes, into ``out``."""
-    config, scored = plan.config, plan.scored
-    infos = [plan.ckpts[t] for t in scored]
-    extras: dict[str, Any] = {"checkpoints": {
+    infos = [plan.ckpts[t] for t in plan.scored]
+    checkpoints: dict[str, np.ndarray] = {
         "step": np.array([i.step for i in infos], dtype=np.int64),
         "epoch": np.array([i.epoch for i in infos]), "lr": np.array([i.lr for i in infos]),
-        "selected": plan.select[scored]}}
+        "selected": plan.select[plan.scored]}
     if costate is not None:  # ‖v_t‖ of the two references of checkpoint t, for `diagnose`
-        extras["checkpoints"].update(
-            eta=costate.eta, ref_norm_target=costate.grad_target_norm,
-            ref_norm_costate=np.append(costate.costate_norm[1:], 0.0))  # ‖λ_{t+1}‖, 0 at the last
-    noisy = plan.ds.noisy()
+        checkpoints.update(eta=costate.eta, ref_norm_target=costate.grad_target_norm,
+                           ref_norm_costate=np.append(costate.costate_norm[1:], 0.0))  # ‖λ_{t+1}‖, 0 at the last
+    return write_scores(writer, plan.config, ids=plan.ds.ids(), noisy=plan.ds.noisy(), checkpoints=checkpoints,
+                        loss=plan.ckpts.loss, rows=plan.rows, checksums=plan.fingerprint["checkpoints_sha256"],
+                        warnings=costate.warnings if costate is not None else [])
+
+
+def write_scores(writer: HDF5ScoresWriter, config: RunConfig, *, ids: np.ndarray, noisy: np.ndarray | None,
+                 checkpoints: dict[str, np.ndarray], loss: str, rows: dict[str, Any], checksums: list[str],
+                 warnings: list[str]) -> Path:
+    """The scores file from ``writer``'s finished rows: the scores ``config`` asks for
+    (aggregated by the registry over ``checkpoints["selected"]``; with ``eta`` there, the
+    PDS scores and their variants too), the checkpoints' facts, ids, the known-noisy mask
+    and the run's attributes. ``run`` and ``aggregate`` both end here."""
+    extras: dict[str, Any] = {"checkpoints": checkpoints}
     if noisy is not None:
         extras["noisy"] = noisy
-    wanted = set(config.scores)
-    window = Window(plan.select[scored], *((costate.eta, costate.grad_target_norm) if costate is not None else ()))
+    wanted, eta = set(config.scores), checkpoints.get("eta")
+    window = Window(checkpoints["selected"], eta, checkpoints.get("ref_norm_target"))
 
     def whole_dataset(f: h5py.File) -> dict[str, np.ndarray]:
         pc = {k: d[()] for k, d in f["per_checkpoint"].items()}
         if config.allow_nonfinite:
             f.create_dataset("nonfinite", data=registry.nonfinite(pc))
-        if costate is None:
+        if eta is None:
             return {}
         ck = {k: f["checkpoints"][k][()] for k in ("ref_norm_target", "ref_norm_costate")}
-        return registry.whole_dataset(pc, ck, costate.eta, wanted, config.variants, config.clip_quantile)
+        return registry.whole_dataset(pc, ck, eta, wanted, config.variants, config.clip_quantile)
 
     return writer.finalize(
-        ids=plan.ds.ids(), extras=extras, aggregate=lambda pc: registry.aggregate(pc, window, wanted),
-        whole=whole_dataset, attrs={
-            "config": config.to_dict(), "gradscore_version": __version__, "loss": plan.ckpts.loss,
-            "checkpoints_sha256": plan.fingerprint["checkpoints_sha256"], "rows": plan.rows,
-            "warnings": costate.warnings if costate is not None else []})
+        ids=ids, extras=extras, aggregate=lambda pc: registry.aggregate(pc, window, wanted), whole=whole_dataset,
+        attrs={"config": config.to_dict(), "gradscore_version": __version__, "loss": loss,
+               "checkpoints_sha256": checksums, "rows": rows, "warnings": warnings})
+
+
+def reaggregate(scores: str | os.PathLike, out: str | os.PathLike, *, epochs_upto: float | None,
+                wanted: Sequence[str] | None = None, overwrite: bool = False) -> Path:
+    """A scores file for another checkpoint window (and, optionally, other scores of the same
+    per-checkpoint pass) from the rows of ``scores``, without a model or the data: the same
+    file, bit for bit, as ``gradscore run`` with that window. ``scores`` is never modified.
+
+    Possible where ``scores`` holds every checkpoint the new window needs: all of them, or a
+    window at least as wide. Raises :class:`ConfigError` naming what a run must compute."""
+    src, out = Path(scores), Path(out)
+    claim(out, "scores", inputs={"the scores file": [src]}, overwrite=overwrite)
+    with h5py.File(src, "r") as f:
+        if "rows" not in f.attrs:
+            raise ConfigError(f"{src}: has no record of how its rows were made (written by an older gradscore or "
+                              f"imported); rerun `gradscore run` with --epochs-upto instead")
+        old_fp, rows = json.loads(f.attrs["fingerprint"]), json.loads(f.attrs["rows"])
+        pc = {k: d[()] for k, d in f["per_checkpoint"].items()}
+        ck = {k: d[()] for k, d in f["checkpoints"].items()}
+        ids = f["ids"].asstr()[()] if h5py.check_string_dtype(f["ids"].dtype) else f["ids"][()]
+        noisy = f["noisy"][()] if "noisy" in f else None
+        loss, warnings = str(f.attrs["loss"]), json.loads(f.attrs.get("warnings", "[]"))
+    old = RunConfig.from_dict(old_fp["config"])
+    config = RunConfig.from_dict({**old.to_dict(), "epochs_upto": epochs_upto,
+                                  **({"scores": list(wanted)} if wanted else {})})
+    if rows_key(config, rows["key"]["device"], rows["key"]["data"], rows["key"]["costate"]) != rows["key"]:
+        raise ConfigError(f"invalid value for 'scores': {', '.join(config.scores)} need other per-checkpoint "
+                          f"metrics than {src} holds ({rows['key']['pass']} pass); use `gradscore run`")
+    every = len(rows["checkpoints_sha256"]) == len(old_fp["checkpoints_sha256"])
+    if not (every or (old.epochs_upto is not None and epochs_upto is not None and epochs_upto <= old.epochs_upto)):
+        raise ConfigError(f"invalid value for 'epochs_upto': {src} holds the checkpoints up to epoch "
+                          f"{old.epochs_upto:g} only; a wider window needs `gradscore run`")
+    select = ck["epoch"] <= epochs_upto if epochs_upto is not None else np.ones(len(ck["epoch"]), dtype=bool)
+    if not select.any():
+        raise ConfigError(f"invalid value for 'epochs_upto': {epochs_upto} selects no checkpoint "
+                          f"(epochs present: {sorted(set(ck['epoch'].tolist()))})")
+    keep = np.arange(len(select)) if config.needs_target else np.flatnonzero(select)
+    checkpoints = {k: (v if k == "eta" else v[keep]) for k, v in ck.items()}
+    checkpoints["selected"] = select[keep]
+    fingerprint = {**old_fp, "config": config.to_dict()}
+    new_rows = {"key": rows["key"], "checkpoints_sha256": [rows["checkpoints_sha256"][t] for t in keep]}
+    with lock(out):
+        writer = HDF5ScoresWriter(out, fingerprint, n=len(ids), T=len(keep), chunk_size=config.chunk_size,
+                                  overwrite=overwrite)
+        if writer.complete:
+            return writer.out
+        for t, row in enumerate(keep):
+            for c in range(writer.n_chunks):
+                a, b = writer.chunk_range(c)
+                writer.write_chunk(t, c, {k: v[row, a:b] for k, v in pc.items()})
+        return write_scores(writer, config, ids=ids, noisy=noisy, checkpoints=checkpoints, loss=loss,
+                            rows=new_rows, checksums=old_fp["checkpoints_sha256"], warnings=warnings)
 
 
 def _check_finite(metrics: dict[str, np.ndarray], ds: Dataset, start: int, ckpt: Path) -> None:

@@ -203,3 +203,47 @@ def test_rows_of_another_rows_version_are_not_reused(tiny_run, tmp_path, built, 
     built.clear()
     gs.score(ckpts, data, out=out, overwrite=True, **OPTS)
     assert sorted(set(built)) == [0, 1, 2]
+
+
+def test_aggregate_rewrites_the_window_bit_identical_to_a_fresh_run(tiny_run, tmp_path, built, capsys):
+    import hashlib
+    ckpts, data = tiny_run
+    full = tmp_path / "full.h5"
+    scores = ["el2n", "loss", "aum", "forgetting", "confidence"]
+    gs.score(ckpts, data, out=full, scores=scores, **OPTS)
+    digest = hashlib.sha256(full.read_bytes()).hexdigest()
+    built.clear()
+    assert main(["aggregate", str(full), "--epochs-upto", "1", "--out", str(tmp_path / "early.h5")]) == 0
+    assert built == []                               # no model was built: rows only
+    gs.score(ckpts, data, out=tmp_path / "fresh.h5", scores=scores, epochs_upto=1, **OPTS)
+    _assert_same_file(tmp_path / "early.h5", tmp_path / "fresh.h5")
+    assert hashlib.sha256(full.read_bytes()).hexdigest() == digest     # the input is never modified
+    # a narrower window from a windowed file, and other scores of the same pass
+    assert main(["aggregate", str(tmp_path / "early.h5"), "--epochs-upto", "0", "--scores", "aum,el2n",
+                 "--out", str(tmp_path / "first.h5")]) == 0
+    gs.score(ckpts, data, out=tmp_path / "fresh0.h5", scores=["aum", "el2n"], epochs_upto=0, **OPTS)
+    _assert_same_file(tmp_path / "first.h5", tmp_path / "fresh0.h5")
+    capsys.readouterr()
+    for argv, says in (([str(tmp_path / "early.h5"), "--epochs-upto", "2"], "up to epoch 1 only"),
+                       ([str(full), "--scores", "grand"], "need other per-checkpoint metrics"),
+                       ([str(full), "--epochs-upto", "-1"], "epochs_upto"),
+                       ([str(full)], "is the scores file, an input")):
+        out = argv[0] if says.startswith("is the") else str(tmp_path / "x.h5")
+        assert main(["aggregate", *argv, "--out", out]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert says in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_aggregate_keeps_every_checkpoint_for_pds_and_moves_the_window(tmp_path):
+    from helpers import make_run
+    ckpts, data = make_run(tmp_path)
+    target = gs.save_dataset(tmp_path / "val.h5", np.random.default_rng(0).normal(size=(20, 12)).astype(np.float32),
+                             np.arange(20) % 4)
+    opts = dict(target=target, variants=("cos", "rank"), **OPTS)
+    scores = ["pds", "target_dot", "grand", "el2n"]
+    gs.score(ckpts, data, out=tmp_path / "full.h5", scores=scores, **opts)
+    gs.reaggregate(tmp_path / "full.h5", tmp_path / "early.h5", epochs_upto=1)
+    gs.score(ckpts, data, out=tmp_path / "fresh.h5", scores=scores, epochs_upto=1, **opts)
+    _assert_same_file(tmp_path / "early.h5", tmp_path / "fresh.h5")
+    assert gs.load_scores(tmp_path / "early.h5")["checkpoints"]["selected"].tolist() == [True, True, False]

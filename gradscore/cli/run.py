@@ -5,7 +5,7 @@ import argparse
 import os
 
 from ..config import AVAILABLE_SCORES, DEVICES, DTYPES, ENGINES, GRADIENT_SCORES, RunConfig
-from .common import add_lm_reduction, command, split, warn
+from .common import OVERWRITE_HELP, add_lm_reduction, command, split, warn
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "run", help="score every example at every checkpoint",
@@ -137,9 +137,34 @@ def _cmd_costate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_aggregate(sub: argparse._SubParsersAction) -> None:
+    p = command(sub, "aggregate", help="another checkpoint window from a scores file's rows, without recomputing",
+                description="Write a scores file for another --epochs-upto window (and, optionally, other scores "
+                "of the same per-checkpoint pass) from the per-checkpoint rows of SCORES.h5: bit for bit what "
+                "`gradscore run` with that window writes, without the model or the data. SCORES.h5 is not modified.")
+    p.add_argument("scores", metavar="SCORES.h5", help="a scores file written by gradscore run")
+    p.add_argument("--epochs-upto", type=float, default=None, metavar="E",
+                   help="aggregate over the checkpoints with epoch <= E (default: every checkpoint in the file)")
+    p.add_argument("--scores", dest="wanted", default=None, metavar="NAME,...",
+                   help="the scores to write (default: those of SCORES.h5); they must need the same "
+                   "per-checkpoint metrics (forward only, gradients, or target dots)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the scores file to write (HDF5)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+
+def _cmd_aggregate(args: argparse.Namespace) -> int:
+    from ..pipeline import reaggregate
+    path = reaggregate(args.scores, args.out, epochs_upto=args.epochs_upto,
+                       wanted=split(args.wanted) if args.wanted else None, overwrite=args.overwrite)
+    print(f"scores -> {path}")
+    return 0
+
+
 def add(sub: argparse._SubParsersAction) -> None:
     """Register these commands."""
     _add_run(sub)
     _add_costate(sub)
+    _add_aggregate(sub)
     sub.choices["run"].set_defaults(func=_cmd_run)
     sub.choices["costate"].set_defaults(func=_cmd_costate)
+    sub.choices["aggregate"].set_defaults(func=_cmd_aggregate)
