@@ -24,11 +24,12 @@ from .pipeline import reaggregate, run, score  # noqa: E402
 from .scores.costate import CostateConfig, CostateFile, compute_costate  # noqa: E402
 from .reports.select import select  # noqa: E402
 from .reports.diagnose import diagnose  # noqa: E402
+from .reports.flag import flag  # noqa: E402
 
 __all__ = [
     "__version__", "Scorer", "ScoreBatch", "Engine", "score", "run", "reaggregate", "RunConfig",
     "CheckpointWriter", "CheckpointStore", "CheckpointInfo", "Dataset", "load_dataset",
     "save_dataset", "load_scores", "Loss", "causal_lm", "resolve_loss", "GradscoreError", "ConfigError",
     "CheckpointError", "DataError", "EngineError", "ConfigMismatchError", "OutputError", "VmapTraceError",
-    "CostateConfig", "CostateFile", "compute_costate", "select", "diagnose",
+    "CostateConfig", "CostateFile", "compute_costate", "select", "diagnose", "flag",
 ]

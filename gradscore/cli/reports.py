@@ -134,12 +134,39 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_flag(sub: argparse._SubParsersAction) -> None:
+    p = command(sub, "flag", help="estimate how many examples are mislabeled, and which",
+                description="Fit a two-component mixture to a mislabel score (higher or lower = more suspicious, "
+                "as the score says) and flag the examples of the suspicious component; write their ids and "
+                "scores, the estimated count and rate, the rate per class (with --data) and precision/recall "
+                "against a known-noisy mask when there is one.")
+    p.add_argument("scores", metavar="SCORES.h5", help="a scores file written by gradscore run")
+    p.add_argument("--score", default=None, metavar="NAME",
+                   help="the score to flag by (default: the first of mislabel, aum, el2n, loss in the file)")
+    p.add_argument("--data", default=None, metavar="FILE", help="the scored data: its labels give the rate per class")
+    p.add_argument("--out", required=True, metavar="FILE.json", help="where to write the report (JSON)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+
+def _cmd_flag(args: argparse.Namespace) -> int:
+    from ..reports.flag import flag
+    rep = flag(args.scores, score=args.score, data=args.data, out=args.out, overwrite=args.overwrite)
+    known = rep.get("against_known_noisy")
+    print(f"{rep['score']}: estimated {rep['estimated_count']} mislabeled of {rep['n']} "
+          f"({rep['estimated_rate']:.1%})" + (f"; against the {known['true_count']} known: precision "
+                                               f"{known['precision']:.3f}, recall {known['recall']:.3f}" if known else ""))
+    print(f"flagged -> {args.out}")
+    return 0
+
+
 def add(sub: argparse._SubParsersAction) -> None:
     """Register these commands."""
     _add_select_and_plot(sub)
     _add_diagnose(sub)
+    _add_flag(sub)
     _add_info(sub)
     sub.choices["select"].set_defaults(func=_cmd_select)
     sub.choices["plot"].set_defaults(func=_cmd_plot)
     sub.choices["diagnose"].set_defaults(func=_cmd_diagnose)
     sub.choices["info"].set_defaults(func=_cmd_info)
+    sub.choices["flag"].set_defaults(func=_cmd_flag)

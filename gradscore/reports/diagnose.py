@@ -30,6 +30,7 @@ from ..io.datasets import Dataset, load_dataset
 from ..exceptions import GradscoreError
 from ..io.outputs import claim
 from ..scores.pds import DOT_SCORES, decompose, variants
+from .flag import DEFAULT_SCORES, ORIENTATION, estimate
 from ..io.store import load_scores
 
 
@@ -143,6 +144,11 @@ def compute(res: dict[str, Any], source_file: str, *, score: str, noisy: np.ndar
     else:
         skip(f"no per-checkpoint {dot_key} with reference norms in {source_file}: rerun `gradscore run --target FILE "
              f"--scores {score},grand` for the decomposition and the variants")
+    name = next((s for s in DEFAULT_SCORES if s in res["scores"]), None)
+    values = None if name is None else res["scores"][name] * ORIENTATION[name]
+    if values is not None and np.isfinite(values).sum() >= 10:   # how many look mislabeled (gradscore flag)
+        est = estimate(values[np.isfinite(values)])
+        report["flag"] = {"score": name, "estimated_count": est["count"], "estimated_rate": est["count"] / n}
     if noisy is None:
         skip(f"mask-based figures ({source})")
         return report, var
@@ -168,6 +174,10 @@ def render(report: dict[str, Any], top_fraction: float = 0.1) -> list[str]:
                   f"{'variant':<10}{'spearman(|s|, ‖g‖)':>22}{'top-1% ‖g‖ share of Σ|s|':>28}"]
         lines += [f"{v:<10}{x['spearman_abs_score_vs_norm']:>22.3f}{x['top1pct_norm_share_of_abs_score']:>28.3f}"
                   for v, x in report["inflation"].items()]
+    if "flag" in report:
+        f = report["flag"]
+        lines.append(f"estimated mislabeled by {f['score']} (gradscore flag): {f['estimated_count']} of {report['n']} "
+                     f"({f['estimated_rate']:.1%})")
     lines += [f"skipped: {why}" for why in report["skipped"]]
     if "flagging" in report:
         lines += [f"\nflagging the {report['n_noisy']} noisy examples ({report['noisy_source']}); "

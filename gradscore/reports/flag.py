@@ -1,0 +1,104 @@
+"""How many examples are mislabeled, and which: ``gradscore flag``.
+
+The chosen score is oriented so that higher = more suspicious (``aum`` and ``confidence``
+are negated), then a two-component Gaussian mixture is fitted to it (scikit-learn, fixed
+seed). If two components explain the scores better than one (lower BIC), the examples
+more likely in the upper component are flagged; their number is the estimated count.
+Otherwise nothing is flagged and the report says there is no second population. With
+the labels (``data``), the estimated noise rate per class; with a known-noisy mask (in
+the scores file or the data), the flagged set's precision and recall against it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._version import __version__
+from ..exceptions import ConfigError, DataError
+from ..io.atomic import atomic_path
+from ..io.outputs import claim
+from ..io.store import load_scores
+
+#: +1: higher = more suspicious as stored; -1: lower is (the sign flag applies)
+ORIENTATION = {"mislabel": 1, "aum": -1, "el2n": 1, "loss": 1, "grand": 1, "forgetting": 1, "confidence": -1,
+               "correctness": -1, "target_cos": -1}
+#: the score flagged when none is named: the first of these the file has
+DEFAULT_SCORES = ("mislabel", "aum", "el2n", "loss")
+
+
+def estimate(suspicion: np.ndarray, seed: int = 0) -> dict[str, Any]:
+    """Two-component mixture on (N,) finite ``suspicion`` values (higher = more suspicious):
+    ``flagged`` (N,) bool, ``count``, ``threshold`` (the lowest flagged value, or None) and
+    the BIC of one and two components."""
+    from sklearn.mixture import GaussianMixture
+    x = suspicion.reshape(-1, 1).astype(np.float64)
+    fits = [GaussianMixture(k, random_state=seed, n_init=3).fit(x) for k in (1, 2)]
+    bic = [float(m.bic(x)) for m in fits]
+    out: dict[str, Any] = {"bic_one": bic[0], "bic_two": bic[1]}
+    two = fits[1]
+    upper = int(np.argmax(two.means_[:, 0]))
+    flagged = two.predict_proba(x)[:, upper] > 0.5 if bic[1] < bic[0] else np.zeros(len(x), dtype=bool)
+    if flagged.sum() * 2 > len(x):   # the "suspicious" population cannot be the majority
+        flagged = np.zeros(len(x), dtype=bool)
+    out.update(flagged=flagged, count=int(flagged.sum()),
+               threshold=float(suspicion[flagged].min()) if flagged.any() else None)
+    return out
+
+
+def flag(scores: str | Path, *, score: str | None = None, data: str | Path | None = None,
+         out: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Estimate how many examples of ``scores`` are mislabeled and which (see the module
+    docstring); write the report as JSON to ``out`` if given. Returns the report:
+    ``estimated_count``, ``estimated_rate``, ``flagged`` (index, id, score, most
+    suspicious first), ``per_class`` (with ``data``), ``against_known_noisy`` (with a mask)."""
+    if out is not None:
+        claim(out, "json", inputs={"the scores file": [scores], "the --data file": [data]}, overwrite=overwrite)
+    res = load_scores(scores)
+    name = score or next((s for s in DEFAULT_SCORES if s in res["scores"]), None)
+    if name is None or name not in res["scores"]:
+        raise ConfigError(f"invalid value for 'score': {scores} has no {name or ' or '.join(DEFAULT_SCORES)} score "
+                          f"(it has: {', '.join(sorted(res['scores']))}); rerun `gradscore run --scores aum,...`")
+    if name not in ORIENTATION:
+        raise ConfigError(f"invalid value for 'score': '{name}' is not a mislabel score; choose from "
+                          f"{', '.join(s for s in ORIENTATION if s in res['scores'])}")
+    values = res["scores"][name] * ORIENTATION[name]
+    finite = np.isfinite(values)
+    if finite.sum() < 10:
+        raise DataError(f"{scores}: {int(finite.sum())} finite '{name}' values; flagging needs at least 10")
+    est = estimate(values[finite])
+    flagged = np.zeros(len(values), dtype=bool)
+    flagged[np.flatnonzero(finite)[est["flagged"]]] = True
+    order = np.flatnonzero(flagged)[np.argsort(-values[flagged], kind="stable")]
+    ids = res["ids"]
+    report: dict[str, Any] = {
+        "scores_file": str(scores), "score": name, "orientation": "higher = more suspicious" if ORIENTATION[name] > 0
+        else "lower = more suspicious", "method": "two-component Gaussian mixture on the score (BIC against one)",
+        "n": int(len(values)), "estimated_count": est["count"], "estimated_rate": est["count"] / len(values),
+        "bic_one": est["bic_one"], "bic_two": est["bic_two"],
+        "threshold": None if est["threshold"] is None else est["threshold"] * ORIENTATION[name],
+        "flagged": [{"index": int(i), "id": ids[i].item() if hasattr(ids[i], "item") else ids[i],
+                     "score": float(res["scores"][name][i])} for i in order]}
+    noisy = res["noisy"]
+    if data is not None:
+        from ..io.datasets import load_dataset
+        ds = load_dataset(data)
+        if len(ds) != len(values):
+            raise DataError(f"{data}: has {len(ds)} examples but {scores} scores {len(values)}; give the data "
+                            f"that was scored")
+        labels = np.concatenate([y.numpy() for _, _, y in ds.chunks()])
+        report["per_class"] = {int(c): {"n": int((labels == c).sum()), "flagged": int(flagged[labels == c].sum()),
+                                        "estimated_rate": float(flagged[labels == c].mean())}
+                               for c in np.unique(labels)}
+        noisy = ds.noisy() if noisy is None else noisy
+    if noisy is not None:
+        hit = int((flagged & noisy).sum())
+        report["against_known_noisy"] = {"true_count": int(noisy.sum()), "flagged": int(flagged.sum()), "correct": hit,
+                                         "precision": hit / max(1, int(flagged.sum())),
+                                         "recall": hit / max(1, int(noisy.sum()))}
+    if out is not None:
+        with atomic_path(Path(out)) as tmp:
+            tmp.write_text(json.dumps({**report, "gradscore_version": __version__}, indent=1))
+    return report
