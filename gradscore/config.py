@@ -13,7 +13,7 @@ from .exceptions import ConfigError
 
 #: Aggregated scores `gradscore run` can produce (see gradscore/scores/).
 AVAILABLE_SCORES = ("el2n", "grand", "loss", "pds", "target_dot", "target_cos", "confidence",
-                    "variability", "correctness", "forgetting", "threshold_closeness", "aum")
+                    "variability", "correctness", "forgetting", "threshold_closeness", "aum", "mislabel")
 #: Scores that need a target set and the co-states (gradscore/scores/costate.py).
 TARGET_SCORES = frozenset({"pds", "target_dot", "target_cos"})
 #: Scores that need per-example gradients (all others need a forward pass only).
@@ -24,7 +24,7 @@ DTYPES = ("float32", "float64")
 LM_REDUCTIONS = ("mean", "sum")
 #: Scores read from class probabilities: not defined for a language-modelling loss.
 CLASS_SCORES = frozenset({"el2n", "confidence", "variability", "correctness", "forgetting",
-                          "threshold_closeness", "aum"})
+                          "threshold_closeness", "aum", "mislabel"})
 
 
 def resolve_device(device: str) -> str:

@@ -242,10 +242,8 @@ def write_scores(writer: HDF5ScoresWriter, config: RunConfig, *, ids: np.ndarray
         pc = {k: d[()] for k, d in f["per_checkpoint"].items()}
         if config.allow_nonfinite:
             f.create_dataset("nonfinite", data=registry.nonfinite(pc))
-        if eta is None:
-            return {}
-        ck = {k: f["checkpoints"][k][()] for k in ("ref_norm_target", "ref_norm_costate")}
-        return registry.whole_dataset(pc, ck, eta, wanted, config.variants, config.clip_quantile)
+        ck = None if eta is None else {k: f["checkpoints"][k][()] for k in ("ref_norm_target", "ref_norm_costate")}
+        return registry.whole_dataset(pc, window, wanted, ck, config.variants, config.clip_quantile)
 
     return writer.finalize(
         ids=ids, extras=extras, aggregate=lambda pc: registry.aggregate(pc, window, wanted), whole=whole_dataset,

@@ -27,7 +27,7 @@ from ..exceptions import DataError, GradscoreError
 from .outputs import MARK, claim, lock
 from ..losses import resolve_loss
 from ..scores import datadiet
-from ..scores.registry import Window, aggregate
+from ..scores.registry import Window, aggregate, whole_dataset
 from .store import HDF5ScoresWriter, load_scores
 
 _BLOCK = 65536  # rows of the first epoch converted to an array at a time
@@ -121,7 +121,9 @@ def _import(directory: Path, files: list[tuple[float, Path]], out: str | Path, f
     ids = (np.array(guids, dtype=np.int64) if all(isinstance(g, int) for g in guids)
            else np.array([str(g) for g in guids], dtype=object))
     return store.finalize(ids=ids, extras={"checkpoints": {"epoch": np.array([e for e, _ in files])}},
-                          aggregate=lambda pc: aggregate(pc, window), attrs={"config": {"imported_from": str(directory), "format": fmt}})
+                          aggregate=lambda pc: aggregate(pc, window),
+                          whole=lambda f: whole_dataset({k: d[()] for k, d in f["per_checkpoint"].items()}, window,
+                                                        {"mislabel"}), attrs={"config": {"imported_from": str(directory), "format": fmt}})
 
 
 class _EpochReader:

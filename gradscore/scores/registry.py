@@ -51,14 +51,20 @@ def nonfinite(per_checkpoint: dict[str, np.ndarray]) -> np.ndarray:
     return np.any([(~np.isfinite(v)).any(0) for v in per_checkpoint.values() if v.dtype.kind == "f"], 0)
 
 
-def whole_dataset(per_checkpoint: dict[str, np.ndarray], ref_norms: dict[str, np.ndarray], eta: np.ndarray,
-                  wanted: set[str], variant_names: tuple[str, ...], clip_quantile: float) -> dict[str, np.ndarray]:
-    """The scores that need every example at once: ``<score>_<variant>`` of the dot scores
-    (ranks, quantile clipping, a regression over all examples; see :func:`pds.variants`).
-
-    ref_norms: {"ref_norm_target", "ref_norm_costate"}: (T,) ‖v_t‖; eta: (T-1,)."""
+def whole_dataset(per_checkpoint: dict[str, np.ndarray], window: Window, wanted: set[str],
+                  ref_norms: dict[str, np.ndarray] | None = None, variant_names: tuple[str, ...] = (),
+                  clip_quantile: float = 0.9) -> dict[str, np.ndarray]:
+    """The scores that need every example at once: ``mislabel`` (ranks, a window from the
+    training accuracy of all examples; see :mod:`.mislabel`) and ``<score>_<variant>`` of
+    the dot scores (ranks, quantile clipping, a regression over all examples; see
+    :func:`pds.variants`, with ``window.eta`` and ref_norms {"ref_norm_target",
+    "ref_norm_costate"}: (T,) ‖v_t‖)."""
     out: dict[str, np.ndarray] = {}
-    weight = np.append(eta, 0.0)
+    if "mislabel" in wanted:
+        out.update(mislabel.mislabel(per_checkpoint, window.select))
+    if window.eta is None or ref_norms is None:
+        return out
+    weight = np.append(window.eta, 0.0)
     for name, (dot_key, norm_key) in pds.DOT_SCORES.items():
         if name in wanted and variant_names:
             v = pds.variants(per_checkpoint[dot_key], per_checkpoint["sq_grad_norm"], ref_norms[norm_key], weight,
