@@ -105,7 +105,9 @@ def _retrained(setup: Setup, keep: np.ndarray, mode: Mode) -> float:
 
 def one_kind(kind: str, mode: Mode, work: Path, echo: Callable[[str], None]) -> dict[str, Any]:
     """Every method on one noise kind: detection metrics, times, counts, retrained accuracy."""
-    import gradscore as gs
+    from ...io.store import load_scores
+    from ...pipeline import reaggregate
+    from ...reports.flag import flag
     base = digits_setup(0.0, mode.n_train)
     y_noisy, noisy = make_noise(kind, base.x_train, base.y_train, KINDS[kind])
     setup = Setup(base.x_train, y_noisy, base.x_val, base.y_val, base.x_test, base.y_test, noisy=noisy)
@@ -114,7 +116,7 @@ def one_kind(kind: str, mode: Mode, work: Path, echo: Callable[[str], None]) -> 
     suspicion = {name: sign * ref["scores"][name] for name, sign in SCORES.items()}
     times = {name: seconds for name in SCORES}
     scores_file = next(work.glob(f"scores_{len(SCORES)}_None.h5"))
-    window, t_early = _timed(lambda: gs.load_scores(gs.reaggregate(
+    window, t_early = _timed(lambda: load_scores(reaggregate(
         scores_file, work / "early.h5", epochs_upto=early, overwrite=True)))
     suspicion.update(el2n_early=window["scores"]["el2n"], aum_early=-window["scores"]["aum"])
     times.update(el2n_early=seconds + t_early, aum_early=seconds + t_early)
@@ -135,7 +137,7 @@ def one_kind(kind: str, mode: Mode, work: Path, echo: Callable[[str], None]) -> 
             found[name] = find_label_issues(y_noisy, probs)
     except ImportError:
         echo("  cleanlab is not installed (pip install cleanlab): its rows are left out")
-    flagged = gs.flag(scores_file, score="mislabel")
+    flagged = flag(scores_file, score="mislabel")
     found["gradscore flag (mislabel)"] = np.isin(np.arange(len(y_noisy)), [f["index"] for f in flagged["flagged"]])
     detection = {name: {**_metrics(noisy, s), "seconds": times[name]} for name, s in suspicion.items()}
     counts = {name: {"flagged": int(f.sum()), "true": int(noisy.sum()), "precision": float(noisy[f].mean()) if f.any()
