@@ -81,3 +81,48 @@ def test_plots(scores_file, tmp_path, capsys):
 def _run_parts(scores_file):
     cfg = gs.load_scores(scores_file)["config"]
     return cfg["checkpoints"], cfg["data"]
+
+
+def test_by_score_per_class_keeps_the_fraction_within_each_class():
+    from gradscore.reports.select import by_score
+    rng = np.random.default_rng(0)
+    classes = np.repeat([0, 1, 2], [100, 50, 10])
+    v = rng.normal(size=160) + 5 * (classes == 0)          # class 0 would take every top slot
+    idx = by_score(v, keep=0.2, classes=classes)
+    assert np.bincount(classes[idx]).tolist() == [20, 10, 2]
+    for c in range(3):                                       # within a class: its highest
+        members = np.flatnonzero(classes == c)
+        want = members[np.argsort(-v[members], kind="stable")[:len(idx[classes[idx] == c])]]
+        assert sorted(idx[classes[idx] == c]) == sorted(want)
+
+
+def test_gumbel_sampling_draws_by_weight_without_replacement_and_is_seeded():
+    from gradscore.reports.select import by_score
+    v = np.linspace(0, 3, 300)
+    a = by_score(v, keep=0.1, sample="gumbel", temperature=1.0, seed=1)
+    assert len(a) == 30 and len(set(a.tolist())) == 30
+    assert np.array_equal(a, by_score(v, keep=0.1, sample="gumbel", temperature=1.0, seed=1))
+    assert not np.array_equal(a, by_score(v, keep=0.1, sample="gumbel", temperature=1.0, seed=2))
+    cold = by_score(v, keep=0.1, sample="gumbel", temperature=1e-4, seed=1)
+    assert sorted(cold.tolist()) == sorted(by_score(v, keep=0.1).tolist())   # T -> 0: the hard top-k
+    hot = np.concatenate([by_score(v, keep=0.1, sample="gumbel", temperature=1.0, seed=s) for s in range(50)])
+    assert v[hot].mean() > v.mean() + 0.5 and len(np.unique(hot)) > 100      # weighted, yet diverse
+    with pytest.raises(gs.ConfigError, match="temperature"):
+        by_score(v, keep=0.1, sample="gumbel", temperature=0)
+
+
+def test_select_per_class_through_the_cli(scores_file, tmp_path, capsys):
+    import json
+    res = gs.load_scores(scores_file)
+    n = len(res["ids"])
+    data = tmp_path / "labels.h5"
+    labels = np.arange(n) % 3
+    gs.save_dataset(data, np.zeros((n, 1), np.float32), labels)
+    out = tmp_path / "keep.json"
+    assert main(["select", str(scores_file), "--by", "el2n", "--keep", "0.5", "--per-class", "--data", str(data),
+                 "--out", str(out)]) == 0
+    sel = json.loads(out.read_text())
+    counts = np.bincount(labels[sel["indices"]], minlength=3)
+    assert counts.tolist() == [round(0.5 * (labels == c).sum()) for c in range(3)]
+    assert main(["select", str(scores_file), "--by", "el2n", "--per-class", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--per-class needs --data" in capsys.readouterr().err

@@ -27,6 +27,14 @@ def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fraction", type=float, default=0.33, help="--region: fraction of the data per region")
     p.add_argument("--jtt", action="store_true", help="JTT: error set and weights (FILE_weights.npz)")
     p.add_argument("--upweight", type=float, default=20.0, help="--jtt: weight of the error set")
+    p.add_argument("--per-class", action="store_true",
+                   help="--by: keep the fraction within each class (the labels of --data), so no class is lost")
+    p.add_argument("--data", default=None, metavar="FILE", help="--per-class: the scored data, for its labels")
+    p.add_argument("--sample", default=None, choices=("gumbel",),
+                   help="--by: draw a weighted sample without replacement (weight exp(score / T)) instead of "
+                   "the hard top-k, for diversity")
+    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="--sample: T; smaller = closer to top-k")
+    p.add_argument("--seed", type=int, default=0, help="--sample: the random seed")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="--by/--region: leave out the examples whose score is NaN/Inf (a run with "
                    "--allow-nonfinite) and list them in 'nonfinite_ids'; default: stop, naming them")
@@ -52,7 +60,8 @@ def _cmd_select(args: argparse.Namespace) -> int:
     res = select(args.scores, by=args.by, keep=args.keep, highest=args.highest, exclude_top=args.exclude_top,
                  region=args.region, fraction=args.fraction, jtt=args.jtt, upweight=args.upweight,
                  checkpoint=args.checkpoint, out=args.out, overwrite=args.overwrite,
-                 allow_nonfinite=args.allow_nonfinite)
+                 allow_nonfinite=args.allow_nonfinite, per_class=args.per_class, data=args.data,
+                 sample=args.sample, temperature=args.temperature, seed=args.seed)
     if res.get("nonfinite_ids"):
         warn("select", [f"left out {len(res['nonfinite_ids'])} example(s) with a NaN/Inf score "
                          f"(listed in 'nonfinite_ids')"])

@@ -59,12 +59,34 @@ def _finite(res: dict[str, Any], names: tuple[str, ...], allow_nonfinite: bool) 
     return ok
 
 
-def by_score(values: np.ndarray, *, keep: float, highest: bool = True, exclude_top: float = 0.0) -> np.ndarray:
-    """Indices (sorted by rank) of the ``keep`` fraction of examples by ``values``."""
+def by_score(values: np.ndarray, *, keep: float, highest: bool = True, exclude_top: float = 0.0,
+             classes: np.ndarray | None = None, sample: str | None = None, temperature: float = 1.0,
+             seed: int = 0) -> np.ndarray:
+    """Indices (by rank) of the ``keep`` fraction of examples by ``values``, after dropping
+    the ``exclude_top`` fraction at the top.
+
+    classes: (N,) labels: the fractions are taken within each class (so a class whose
+    scores run high cannot take every slot), the classes' picks concatenated.
+    sample="gumbel": a weighted sample without replacement instead of the hard top-k,
+    example n drawn with weight exp(±value_n / temperature) (the Gumbel-top-k trick,
+    seeded); temperature → 0 gives the top-k back.
+    """
     _fraction("keep", keep)
     _fraction("exclude_top", exclude_top, allow_zero=True)
+    if sample not in (None, "gumbel"):
+        raise ConfigError(f"invalid value for 'sample': '{sample}'; choose gumbel (or none for the top-k)")
+    if sample and not temperature > 0:
+        raise ConfigError(f"invalid value for 'temperature': {temperature} must be positive")
+    if classes is not None:
+        parts = [members[by_score(values[members], keep=keep, highest=highest, exclude_top=exclude_top,
+                                  sample=sample, temperature=temperature, seed=seed + int(c))]
+                 for c in np.unique(classes) for members in [np.flatnonzero(classes == c)]]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     n = len(values)
-    order = np.argsort(-values if highest else values, kind="stable")
+    signed = values if highest else -values
+    if sample == "gumbel":
+        signed = signed / temperature + np.random.default_rng(seed).gumbel(size=n)
+    order = np.argsort(-signed, kind="stable")
     start = int(round(exclude_top * n))
     return order[start:start + int(round(keep * n))]
 
@@ -85,6 +107,15 @@ def jtt_weights(correct: np.ndarray, upweight: float) -> np.ndarray:
     return np.where(correct.astype(bool), 1.0, float(upweight))
 
 
+def _labels(data: str | Path | None, n: int) -> np.ndarray:
+    """(N,) labels of the scored data, checked to have the scores file's N examples."""
+    from ..io.datasets import load_dataset
+    ds = load_dataset(data)
+    if len(ds) != n:
+        raise DataError(f"{data}: has {len(ds)} examples but the scores file {n}; give the data that was scored")
+    return np.concatenate([y.numpy() for _, _, y in ds.chunks()])
+
+
 def _ids(res: dict[str, Any], idx: np.ndarray) -> list:
     return res["ids"][idx].tolist()
 
@@ -93,7 +124,8 @@ def select(scores: str | Path, *, by: str | None = None, keep: float = 0.5, high
            exclude_top: float = 0.0, region: str | None = None, fraction: float = 0.33,
            jtt: bool = False, upweight: float = 20.0, checkpoint: int = -1,
            out: str | Path | None = None, overwrite: bool = False,
-           allow_nonfinite: bool = False) -> dict[str, Any]:
+           allow_nonfinite: bool = False, per_class: bool = False, data: str | Path | None = None,
+           sample: str | None = None, temperature: float = 1.0, seed: int = 0) -> dict[str, Any]:
     """Select examples from a scores file; write the result as JSON to ``out`` if given
     (an existing ``out`` only with ``overwrite``, and only if it is a gradscore report).
 
@@ -101,13 +133,17 @@ def select(scores: str | Path, *, by: str | None = None, keep: float = 0.5, high
     ``jtt`` is used. With ``jtt`` the weights are also written next to ``out`` as
     ``<out stem>_weights.npz`` (arrays ``ids``, ``weights``). Examples with a NaN/Inf
     score are refused (:class:`DataError`), or with ``allow_nonfinite`` left out, the
-    fractions then taken of the rest, and listed in ``nonfinite_ids``.
+    fractions then taken of the rest, and listed in ``nonfinite_ids``. ``by`` only:
+    ``per_class`` takes the fraction within each class of ``data``'s labels; ``sample``,
+    ``temperature``, ``seed``: see :func:`by_score`.
     """
+    if per_class and data is None:
+        raise ConfigError("--per-class needs --data, the scored data whose labels give the classes")
     modes = [by is not None, region is not None, jtt]
     if sum(modes) != 1:
         raise ConfigError("give exactly one of --by SCORE, --region REGION or --jtt")
     if out is not None:
-        inputs = {"the scores file": [scores]}
+        inputs = {"the scores file": [scores], "the --data file": [data]}
         claim(out, "json", inputs=inputs, overwrite=overwrite)
         if jtt:
             claim(_weights_path(Path(out)), "weights", inputs=inputs, overwrite=overwrite)
@@ -116,8 +152,11 @@ def select(scores: str | Path, *, by: str | None = None, keep: float = 0.5, high
     weights = None
     if by is not None:
         finite = np.flatnonzero(_finite(res, (by,), allow_nonfinite))
-        idx = finite[by_score(_score(res, by)[finite], keep=keep, highest=highest, exclude_top=exclude_top)]
-        result = {"by": by, "highest": highest, "keep": keep, "exclude_top": exclude_top,
+        classes = _labels(data, len(res["ids"]))[finite] if per_class else None
+        idx = finite[by_score(_score(res, by)[finite], keep=keep, highest=highest, exclude_top=exclude_top,
+                              classes=classes, sample=sample, temperature=temperature, seed=seed)]
+        result = {"by": by, "highest": highest, "keep": keep, "exclude_top": exclude_top, "per_class": per_class,
+                  "sample": sample, "temperature": temperature if sample else None, "seed": seed if sample else None,
                   "n_selected": int(len(idx)), "indices": idx.tolist(), "ids": _ids(res, idx)}
     elif region is not None:
         if region not in REGIONS + ("all",):
