@@ -94,6 +94,8 @@ class RunConfig:
         "help": "names or shell patterns of the parameters to score ('head.*'); empty: every trainable one"})
     allow_nonfinite: bool = field(default=False, metadata={
         "help": "keep going past NaN/Inf inputs or scores, recording the examples in /nonfinite"})
+    store_logits: bool = field(default=False, metadata={
+        "help": "also keep every checkpoint's logits (T, N, C) as float16 in /logits, for other tools"})
     ids: str | None = field(default=None, metadata={
         "help": "score only these examples: a file of their ids (one per line, or .npy)"})
     index_range: str | None = field(default=None, metadata={

@@ -45,7 +45,8 @@ def _select_checkpoints(ckpts: CheckpointStore, epochs_upto: float | None) -> np
 #: what a per-checkpoint row holds; a new metric (2: margin) makes older rows not reusable
 ROWS_VERSION = 2
 #: the settings that change a per-checkpoint row's numbers (beyond the data and the pass)
-ROW_SETTINGS = ("engine", "dtype", "batch_size", "chunk_size", "chunk_bytes", "lm_reduction", "params")
+ROW_SETTINGS = ("engine", "dtype", "batch_size", "chunk_size", "chunk_bytes", "lm_reduction", "params",
+                "store_logits")
 
 
 def rows_key(config: RunConfig, device: str, data: dict, costate: dict | None) -> dict[str, Any]:
@@ -84,9 +85,11 @@ REF_METRICS = ("dot_target", "dot_costate")
 
 
 def score_chunk(scorer: Scorer, x: Inputs, y: torch.Tensor, *, batch_size: int,
-                gradients: bool, blocks: list[torch.Tensor] | None = None) -> dict[str, np.ndarray]:
-    """Per-example metrics (n,) for one chunk: loss, el2n, p_gold, correct[, sq_grad_norm]
-    [, dot_target, dot_costate when ``blocks`` = ref_blocks((∇J(θ_t), λ_{t+1})) are given]."""
+                gradients: bool, blocks: list[torch.Tensor] | None = None,
+                logits: bool = False) -> dict[str, np.ndarray]:
+    """Per-example metrics (n,) for one chunk: loss, el2n, p_gold, correct, margin
+    [, sq_grad_norm][, dot_target, dot_costate when ``blocks`` = ref_blocks((∇J(θ_t),
+    λ_{t+1})) are given][, logits (n, C) float16 with ``logits``]."""
     parts: dict[str, list[np.ndarray]] = {}
     for i in range(0, batch_len(x), batch_size):
         yb = y[i:i + batch_size]
@@ -97,6 +100,8 @@ def score_chunk(scorer: Scorer, x: Inputs, y: torch.Tensor, *, batch_size: int,
             metrics["sq_grad_norm"] = out.sq_norm
         if out.dots is not None:
             metrics.update({name: out.dots[:, k] for k, name in enumerate(REF_METRICS)})
+        if logits:
+            metrics["logits"] = out.logits.to(torch.float16)
         for k, v in metrics.items():
             parts.setdefault(k, []).append(v.detach().cpu().numpy())
     return {k: np.concatenate(v) for k, v in parts.items()}
@@ -267,6 +272,8 @@ def reaggregate(scores: str | os.PathLike, out: str | os.PathLike, *, epochs_upt
                               f"imported); rerun `gradscore run` with --epochs-upto instead")
         old_fp, rows = json.loads(f.attrs["fingerprint"]), json.loads(f.attrs["rows"])
         pc = {k: d[()] for k, d in f["per_checkpoint"].items()}
+        if "logits" in f:
+            pc["logits"] = f["logits"][()]
         ck = {k: d[()] for k, d in f["checkpoints"].items()}
         ids = f["ids"].asstr()[()] if h5py.check_string_dtype(f["ids"].dtype) else f["ids"][()]
         noisy = f["noisy"][()] if "noisy" in f else None
@@ -308,7 +315,7 @@ def _check_finite(metrics: dict[str, np.ndarray], ds: Dataset, start: int, ckpt:
     bad = np.zeros(len(next(iter(metrics.values()))), dtype=bool)
     for v in metrics.values():
         if v.dtype.kind == "f":
-            bad |= ~np.isfinite(v)
+            bad |= ~np.isfinite(v).reshape(len(v), -1).all(1)
     if bad.any():
         where = np.flatnonzero(bad)
         ids = ds.ids()[start + where[:5]]
@@ -376,7 +383,7 @@ def _score_chunks(plan: _Plan, writer: HDF5ScoresWriter, costate: CostateFile | 
                     n_classes = probe_model(model, ds, x, ckpts[k].path)
                 check_targets(ds, scorer.loss, a, y, n_classes)
                 metrics = score_chunk(scorer, x, y, batch_size=config.batch_size,
-                                      gradients=config.needs_gradients, blocks=blocks)
+                                      gradients=config.needs_gradients, blocks=blocks, logits=config.store_logits)
                 if not config.allow_nonfinite:
                     _check_finite(metrics, ds, a, ckpts[k].path)
                 writer.write_chunk(t, c, metrics)

@@ -82,3 +82,27 @@ def test_mislabel_through_run_and_flag(tiny_run, tmp_path):
     res = gs.load_scores(gs.score(ckpts, data, out=tmp_path / "s.h5", scores=["mislabel", "aum"], progress=False))
     assert res["scores"]["mislabel"].shape == (90,) and np.isfinite(res["scores"]["mislabel"]).all()
     assert gs.flag(tmp_path / "s.h5")["score"] == "mislabel"
+
+
+def test_store_logits_keeps_every_checkpoints_logits_in_float16(tiny_run, tmp_path):
+    import h5py
+    ckpts, data = tiny_run
+    out = gs.score(ckpts, data, out=tmp_path / "s.h5", scores=["aum"], store_logits=True, chunk_size=40,
+                   progress=False)
+    store, ds = gs.CheckpointStore(ckpts), gs.load_dataset(data)
+    x, _ = ds.read(0, len(ds))
+    with h5py.File(out) as f:
+        logits = f["logits"][()]
+        assert logits.dtype == np.float16 and logits.shape == (3, 90, 4) and "logits" not in f["per_checkpoint"]
+    for t in range(3):
+        with torch.no_grad():
+            want = store.build_model(t)(x).numpy()
+        np.testing.assert_allclose(logits[t], want.astype(np.float16), rtol=1e-3, atol=1e-3)
+    assert set(gs.load_scores(out)["per_checkpoint"]) >= {"margin", "loss"}
+    # the logits follow the rows: an incremental rerun and aggregate keep them, bit for bit
+    gs.score(ckpts, data, out=out, scores=["aum", "el2n"], store_logits=True, chunk_size=40, progress=False)
+    gs.reaggregate(out, tmp_path / "early.h5", epochs_upto=1)
+    fresh = gs.score(ckpts, data, out=tmp_path / "fresh.h5", scores=["aum", "el2n"], store_logits=True,
+                     chunk_size=40, epochs_upto=1, progress=False)
+    with h5py.File(tmp_path / "early.h5") as a, h5py.File(fresh) as b:
+        assert np.array_equal(a["logits"][()], b["logits"][()]) and a["logits"].shape == (2, 90, 4)

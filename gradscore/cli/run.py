@@ -59,6 +59,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clip-quantile", type=float, default=0.9, metavar="Q",
                    help="the clip variant clips ‖g_nt‖ at this quantile of all ‖g_nt‖")
     add_lm_reduction(p)
+    p.add_argument("--store-logits", action="store_true",
+                   help="also keep every checkpoint's logits (T, N, C) as float16 in /logits, for other tools "
+                   "(cleanlab, your own analysis)")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="keep going past NaN/Inf inputs or scores and record those examples in /nonfinite "
                    "(default: stop with the first chunk's example ids and checkpoint)")
@@ -83,7 +86,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                        target=args.target, costate=args.costate, lr_scale_steps=args.lr_scale_steps,
                        variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
                        clip_quantile=args.clip_quantile, lm_reduction=args.lm_reduction,
-                       allow_nonfinite=args.allow_nonfinite, ids=args.ids, index_range=args.index_range)
+                       allow_nonfinite=args.allow_nonfinite, ids=args.ids, index_range=args.index_range,
+                       store_logits=args.store_logits)
     path = run(config, args.out, overwrite=args.overwrite, progress=not args.quiet,
                distributed=args.distributed)
     if int(os.environ.get("RANK", "0")) == 0:

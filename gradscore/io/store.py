@@ -1,7 +1,8 @@
 """The scores file: one HDF5 per run, written resumably.
 
 Final layout (``scores.h5``):
-- ``/per_checkpoint/<metric>`` (T, N): loss, el2n, p_gold, correct, sq_grad_norm, …
+- ``/per_checkpoint/<metric>`` (T, N): loss, el2n, p_gold, correct, margin, sq_grad_norm, …;
+- ``/logits`` (T, N, C) float16 when the run keeps them (``store_logits``);
 - ``/scores/<name>`` (N,) float64: the aggregated scores asked for;
 - ``/ids`` (N,), ``/noisy`` (N,) when the data has it, ``/checkpoints/{step,epoch,lr}`` (T,);
 - ``/done`` (T, n_chunks) uint8 done-bitmap (all ones in a finished file);
@@ -104,7 +105,9 @@ class HDF5ScoresWriter(ScoresWriter):
             f.attrs["fingerprint"] = json.dumps(self.fingerprint, sort_keys=True)
             pc = f.create_group("per_checkpoint")
             chunks = (1, min(self.n, self.chunk_size))
-            dsets = {k: pc.create_dataset(k, (self.T, self.n), dtype=v.dtype, chunks=chunks)
+            # (n,) metrics go to /per_checkpoint (T, N); a wider one (logits (n, C)) to /<name> (T, N, C)
+            dsets = {k: (pc if v.ndim == 1 else f).create_dataset(k, (self.T, self.n, *v.shape[1:]), dtype=v.dtype,
+                                                                   chunks=chunks + v.shape[1:])
                      for k, v in first.items()}
             for t in range(self.T):
                 for c in range(self.n_chunks):
@@ -126,7 +129,7 @@ class HDF5ScoresWriter(ScoresWriter):
             sg = f.create_group("scores")
             for c in range(self.n_chunks):
                 a, b = self.chunk_range(c)
-                agg = aggregate({k: d[:, a:b] for k, d in dsets.items()})
+                agg = aggregate({k: d[:, a:b] for k, d in dsets.items() if d.ndim == 2})
                 for k, v in agg.items():
                     if k not in sg:
                         sg.create_dataset(k, (self.n,), dtype=np.float64)
@@ -170,7 +173,10 @@ class ReusableRows:
         """Every metric of that checkpoint for examples ``start:stop``: {name: (stop-start,)}."""
         assert self._file is not None
         pc, t = self._file["per_checkpoint"], self._row[sha256]
-        return {k: pc[k][t, start:stop] for k in pc}
+        rows = {k: pc[k][t, start:stop] for k in pc}
+        if "logits" in self._file:
+            rows["logits"] = self._file["logits"][t, start:stop]
+        return rows
 
     def close(self) -> None:
         if self._file is not None:
