@@ -83,15 +83,11 @@ def step_tests(sizes: Sizes, budget: Budget) -> dict[str, Any]:
 
 
 def _timed(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
+    """Best of ``repeats`` after one warm-up call (compiles the kernel for this shape)."""
+    from bench.engines import best_time
     fn()
     sync()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return best_time(fn, repeats, sync)
 
 
 def _config(B: int, P: int, n_sm: int, block_b: int, block_p: int, warps: int, split: float) -> dict[str, int]:
