@@ -22,7 +22,7 @@ from .exceptions import ConfigError, DataError
 from .io.checkpoints import CheckpointStore
 from .io.datasets import Dataset, check_targets, load_dataset, probe_model, subset
 from .io.journal import read_fingerprint
-from .io.outputs import claim, lock
+from .io.outputs import claim, is_scores_file, lock
 from .io.store import HDF5ScoresWriter, ReusableRows
 from .losses import resolve_loss
 from .scorer import Scorer
@@ -265,6 +265,10 @@ def reaggregate(scores: str | os.PathLike, out: str | os.PathLike, *, epochs_upt
     Possible where ``scores`` holds every checkpoint the new window needs: all of them, or a
     window at least as wide. Raises :class:`ConfigError` naming what a run must compute."""
     src, out = Path(scores), Path(out)
+    if not src.is_file():
+        raise DataError(f"{src}: no such file; give a scores file written by gradscore run")
+    if not is_scores_file(src):
+        raise DataError(f"{src}: is not a gradscore scores file; give one written by gradscore run")
     claim(out, "scores", inputs={"the scores file": [src]}, overwrite=overwrite)
     with h5py.File(src, "r") as f:
         if "rows" not in f.attrs:

@@ -227,7 +227,9 @@ def test_aggregate_rewrites_the_window_bit_identical_to_a_fresh_run(tiny_run, tm
     for argv, says in (([str(tmp_path / "early.h5"), "--epochs-upto", "2"], "up to epoch 1 only"),
                        ([str(full), "--scores", "grand"], "need other per-checkpoint metrics"),
                        ([str(full), "--epochs-upto", "-1"], "epochs_upto"),
-                       ([str(full)], "is the scores file, an input")):
+                       ([str(full)], "is the scores file, an input"),
+                       ([str(tmp_path / "nope.h5")], "nope.h5: no such file"),
+                       ([str(data)], "is not a gradscore scores file")):
         out = argv[0] if says.startswith("is the") else str(tmp_path / "x.h5")
         assert main(["aggregate", *argv, "--out", out]) == 2, argv
         err = capsys.readouterr().err.strip()

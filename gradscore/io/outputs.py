@@ -36,7 +36,8 @@ def _hdf5_attrs(path: Path) -> set[str]:
         return set()
 
 
-def _is_scores(path: Path) -> bool:
+def is_scores_file(path: Path) -> bool:
+    """True when ``path`` is a gradscore scores file (HDF5 with a fingerprint and a config)."""
     attrs = _hdf5_attrs(path)
     return {"fingerprint", "config"} <= attrs and "conventions" not in attrs
 
@@ -100,7 +101,7 @@ def _is_weights(path: Path) -> bool:
 
 
 KINDS: dict[str, tuple[str, Callable[[Path], bool]]] = {
-    "scores": ("a gradscore scores file", _is_scores),
+    "scores": ("a gradscore scores file", is_scores_file),
     "costate": ("a gradscore co-state file", _is_costate),
     "json": ("a gradscore JSON report", _is_json_report),
     "figure": ("a gradscore figure", _is_figure),
