@@ -244,7 +244,7 @@ def write_scores(writer: HDF5ScoresWriter, config: RunConfig, *, ids: np.ndarray
     window = Window(checkpoints["selected"], eta, checkpoints.get("ref_norm_target"))
 
     def whole_dataset(f: h5py.File) -> dict[str, np.ndarray]:
-        pc = {k: d[()] for k, d in f["per_checkpoint"].items()}
+        pc = f["per_checkpoint"]   # read metric by metric, only where a score needs it
         if config.allow_nonfinite:
             f.create_dataset("nonfinite", data=registry.nonfinite(pc))
         ck = None if eta is None else {k: f["checkpoints"][k][()] for k in ("ref_norm_target", "ref_norm_costate")}
@@ -282,6 +282,9 @@ def reaggregate(scores: str | os.PathLike, out: str | os.PathLike, *, epochs_upt
         ids = f["ids"].asstr()[()] if h5py.check_string_dtype(f["ids"].dtype) else f["ids"][()]
         noisy = f["noisy"][()] if "noisy" in f else None
         loss, warnings = str(f.attrs["loss"]), json.loads(f.attrs.get("warnings", "[]"))
+    if rows["key"].get("rows_version") != ROWS_VERSION:
+        raise ConfigError(f"{src}: its per-checkpoint rows were written by an older gradscore (without the "
+                          f"margin); rerun `gradscore run` with --epochs-upto instead")
     old = RunConfig.from_dict(old_fp["config"])
     config = RunConfig.from_dict({**old.to_dict(), "epochs_upto": epochs_upto,
                                   **({"scores": list(wanted)} if wanted else {})})

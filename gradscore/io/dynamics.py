@@ -122,8 +122,7 @@ def _import(directory: Path, files: list[tuple[float, Path]], out: str | Path, f
            else np.array([str(g) for g in guids], dtype=object))
     return store.finalize(ids=ids, extras={"checkpoints": {"epoch": np.array([e for e, _ in files])}},
                           aggregate=lambda pc: aggregate(pc, window),
-                          whole=lambda f: whole_dataset({k: d[()] for k, d in f["per_checkpoint"].items()}, window,
-                                                        {"mislabel"}), attrs={"config": {"imported_from": str(directory), "format": fmt}})
+                          whole=lambda f: whole_dataset(f["per_checkpoint"], window, {"mislabel"}), attrs={"config": {"imported_from": str(directory), "format": fmt}})
 
 
 class _EpochReader:

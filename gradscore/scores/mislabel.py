@@ -69,6 +69,6 @@ def mislabel(per_checkpoint: dict[str, np.ndarray], select: np.ndarray) -> dict[
     if not {"margin", "correct"} <= set(per_checkpoint):
         return {}
     rows = np.flatnonzero(select)
-    margin = per_checkpoint["margin"][rows]
-    end = window_end(margin, per_checkpoint["correct"][rows])
+    margin = per_checkpoint["margin"][()][rows]
+    end = window_end(margin, per_checkpoint["correct"][()][rows])
     return {"mislabel": -margin[:end + 1].astype(np.float64).mean(0)}

@@ -7,7 +7,7 @@ returns the scores it can make from the metrics present and leaves the rest out.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -46,19 +46,21 @@ def aggregate(per_checkpoint: dict[str, np.ndarray], window: Window,
     return out if wanted is None else {k: v for k, v in out.items() if k in wanted}
 
 
-def nonfinite(per_checkpoint: dict[str, np.ndarray]) -> np.ndarray:
-    """(N,) bool: the examples with a NaN/Inf float metric at any checkpoint."""
-    return np.any([(~np.isfinite(v)).any(0) for v in per_checkpoint.values() if v.dtype.kind == "f"], 0)
+def nonfinite(per_checkpoint: Mapping[str, Any]) -> np.ndarray:
+    """(N,) bool: the examples with a NaN/Inf float metric at any checkpoint (one (T, N)
+    array read at a time)."""
+    return np.any([(~np.isfinite(v[()])).any(0) for v in per_checkpoint.values() if v.dtype.kind == "f"], 0)
 
 
-def whole_dataset(per_checkpoint: dict[str, np.ndarray], window: Window, wanted: set[str],
+def whole_dataset(per_checkpoint: Mapping[str, Any], window: Window, wanted: set[str],
                   ref_norms: dict[str, np.ndarray] | None = None, variant_names: tuple[str, ...] = (),
                   clip_quantile: float = 0.9) -> dict[str, np.ndarray]:
     """The scores that need every example at once: ``mislabel`` (ranks, a window from the
     training accuracy of all examples; see :mod:`.mislabel`) and ``<score>_<variant>`` of
     the dot scores (ranks, quantile clipping, a regression over all examples; see
     :func:`pds.variants`, with ``window.eta`` and ref_norms {"ref_norm_target",
-    "ref_norm_costate"}: (T,) ‖v_t‖)."""
+    "ref_norm_costate"}: (T,) ‖v_t‖). ``per_checkpoint``: (T, N) arrays or the HDF5 group
+    holding them; only the metrics a wanted score needs are read."""
     out: dict[str, np.ndarray] = {}
     if "mislabel" in wanted:
         out.update(mislabel.mislabel(per_checkpoint, window.select))
@@ -67,7 +69,7 @@ def whole_dataset(per_checkpoint: dict[str, np.ndarray], window: Window, wanted:
     weight = np.append(window.eta, 0.0)
     for name, (dot_key, norm_key) in pds.DOT_SCORES.items():
         if name in wanted and variant_names:
-            v = pds.variants(per_checkpoint[dot_key], per_checkpoint["sq_grad_norm"], ref_norms[norm_key], weight,
-                             clip_quantile=clip_quantile)
+            v = pds.variants(per_checkpoint[dot_key][()], per_checkpoint["sq_grad_norm"][()], ref_norms[norm_key],
+                             weight, clip_quantile=clip_quantile)
             out.update({f"{name}_{k}": v[k] for k in variant_names})
     return out
