@@ -46,7 +46,11 @@ def test_prune_subsets():
     assert list(subset("el2n", values, 0.3, 10, 0, exclude_top=0.2)) == [5, 6, 7]
     r = subset("random", values, 0.5, 10, 3)
     assert len(r) == 5 and np.array_equal(r, subset("random", values, 0.5, 10, 3))
-    assert parse_method("el2n:lowest:exclude=0.1") == ("el2n", False, 0.1)
+    assert parse_method("el2n:lowest:exclude=0.1") == ("el2n", False, 0.1, False)
+    assert parse_method("pds:per_class") == ("pds", True, 0.0, True)
+    classes = np.array([0] * 8 + [1] * 2)                       # class 0 holds the 8 lowest values
+    kept = subset("el2n", values, 0.5, 10, 0, highest=False, classes=classes)
+    assert list(kept) == [0, 1, 2, 3, 8]                        # half of each class, not the 5 lowest
 
 
 def test_prune_tiny(tmp_path):

@@ -70,7 +70,8 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fractions", default=None, metavar="F,...", help="prune: override the kept fractions")
     p.add_argument("--methods", default=None, metavar="M,...",
                    help="prune: el2n, grand, forgetting, pds, ambiguous, hard, random, each optionally with "
-                   ":lowest (keep the lowest) and :exclude=F (drop the top F first)")
+                   ":lowest (keep the lowest), :exclude=F (drop the top F first) and :per_class (the fraction within "
+                   "each class)")
     p.add_argument("--keep", default="highest", choices=("highest", "lowest"),
                    help="prune: direction for methods given without ':lowest'")
     p.add_argument("--exclude-top", type=float, default=0.0, help="prune: default ':exclude=' for every method")

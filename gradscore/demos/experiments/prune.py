@@ -15,7 +15,8 @@ Methods (``--methods``; each ``name[:lowest][:exclude=F]``):
 - ``random``: a fresh random subset per seed.
 
 Scores rank "highest first" by default (``:lowest`` reverses, ``:exclude=F`` first drops
-the top F of the ranking, the "drop the very hardest, then keep the hardest" rule).
+the top F of the ranking, the "drop the very hardest, then keep the hardest" rule,
+``:per_class`` keeps the fraction within each class of the given labels).
 Run once on the clean labels and once with 20% of them flipped.
 """
 from __future__ import annotations
@@ -37,21 +38,23 @@ RANKINGS = {"el2n": ("el2n", 1), "grand": ("grand", 1), "forgetting": ("forgetti
             "ambiguous": ("variability", 1), "hard": ("confidence", -1)}
 
 
-def parse_method(spec: str) -> tuple[str, bool, float]:
-    """'el2n:lowest:exclude=0.1' -> ('el2n', highest=False, exclude_top=0.1)."""
+def parse_method(spec: str) -> tuple[str, bool, float, bool]:
+    """'el2n:lowest:exclude=0.1:per_class' -> ('el2n', highest=False, exclude_top=0.1, per_class=True)."""
     name, *mods = spec.split(":")
     if name not in RANKINGS and name != "random":
         raise ConfigError(f"invalid value for 'methods': unknown '{name}'; choose from "
                           f"{', '.join([*RANKINGS, 'random'])}")
-    highest, exclude = True, 0.0
+    highest, exclude, per_class = True, 0.0, False
     for m in mods:
         if m == "lowest":
             highest = False
+        elif m == "per_class":
+            per_class = True
         elif m.startswith("exclude="):
             exclude = float(m.split("=", 1)[1])
         else:
             raise ConfigError(f"invalid value for 'methods': unknown modifier '{m}' in '{spec}'")
-    return name, highest, exclude
+    return name, highest, exclude, per_class
 
 
 def rankings(setup: Setup, work: Path, mode: Mode, early: float) -> dict[str, np.ndarray]:
@@ -65,13 +68,14 @@ def rankings(setup: Setup, work: Path, mode: Mode, early: float) -> dict[str, np
 
 
 def subset(method: str, values: dict[str, np.ndarray], fraction: float, n: int, seed: int,
-           highest: bool = True, exclude_top: float = 0.0) -> np.ndarray:
-    """Indices of the kept examples (exactly round(fraction·n) of them)."""
+           highest: bool = True, exclude_top: float = 0.0, classes: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the kept examples (round(fraction·n) of them; with ``classes``, that
+    fraction of each class)."""
     if fraction >= 1.0:
         return np.arange(n)
     if method == "random":
         return np.sort(np.random.default_rng(1000 + seed).permutation(n)[:int(round(fraction * n))])
-    return np.sort(by_score(values[method], keep=fraction, highest=highest, exclude_top=exclude_top))
+    return np.sort(by_score(values[method], keep=fraction, highest=highest, exclude_top=exclude_top, classes=classes))
 
 
 def run(out: Path, mode: Mode, *, methods: tuple[str, ...] = DEFAULT_METHODS,
@@ -91,12 +95,12 @@ def run(out: Path, mode: Mode, *, methods: tuple[str, ...] = DEFAULT_METHODS,
         values = rankings(st, work / label.replace(" ", "_").replace("%", "pct"), mode, early)
         full = [accuracy(fit(st, np.arange(n), epochs=mode.epochs, seed=s), st.x_test, st.y_test)
                 for s in range(mode.seeds)]
-        for spec, (name, highest, exclude) in zip(methods, parsed):
+        for spec, (name, highest, exclude, per_class) in zip(methods, parsed):
             for f in mode.fractions:
                 accs, flipped = (full, []) if f >= 1.0 else ([], [])
                 if f < 1.0:
                     for s in range(mode.seeds):
-                        idx = subset(name, values, f, n, s, highest, exclude)
+                        idx = subset(name, values, f, n, s, highest, exclude, st.y_train if per_class else None)
                         accs.append(accuracy(fit(st, idx, epochs=mode.epochs, seed=s), st.x_test, st.y_test))
                         if st.noisy is not None:
                             flipped.append(float(st.noisy[idx].mean()))
