@@ -85,6 +85,6 @@ def test_the_readme_quickstart_runs_as_written(tmp_path):
     subprocess.run([sys.executable, "quickstart.py"], cwd=tmp_path, env=env, check=True, capture_output=True)
     done = subprocess.run(["bash", "-e", "quickstart.sh"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    for out in ("scores.h5", "diagnosis/diagnosis.json", "keep.json", "datamap.png"):
+    for out in ("scores.h5", "diagnosis/diagnosis.json", "flagged.json", "keep.json", "datamap.png"):
         assert (tmp_path / out).is_file(), out
     assert "flagging the" in done.stdout and "selection -> keep.json" in done.stdout
