@@ -42,18 +42,18 @@ def _require(ok: bool, name: str, why: str) -> None:
         raise ConfigError(f"invalid value for '{name}': {why}")
 
 
-def parse_range(text: str) -> tuple[int | None, int | None]:
-    """"A:B" -> (A, B) positions of a half-open range; an end left out is None."""
+def parse_range(text: str, name: str = "range") -> tuple[int | None, int | None]:
+    """"A:B" -> (A, B) of a half-open range of positions (or steps); an end left out is None."""
     parts = text.split(":")
     try:
         if len(parts) != 2:
             raise ValueError
         a, b = (int(p) if p.strip() else None for p in parts)
     except ValueError:
-        raise ConfigError(f"invalid value for 'range': {text!r}; give A:B, the positions from A up to "
-                          f"(not including) B, e.g. 0:1000 or 5000:") from None
-    _require((a is None or a >= 0) and (b is None or b >= 0), "range", f"{text!r} has a negative position")
-    _require(a is None or b is None or b > a, "range", f"{text!r} is empty; B must be larger than A")
+        raise ConfigError(f"invalid value for '{name}': {text!r}; give A:B, from A up to (not including) B, "
+                          f"e.g. 0:1000 or 5000:") from None
+    _require((a is None or a >= 0) and (b is None or b >= 0), name, f"{text!r} has a negative value")
+    _require(a is None or b is None or b > a, name, f"{text!r} is empty; B must be larger than A")
     return a, b
 
 
@@ -79,6 +79,8 @@ class RunConfig:
                              metadata={"help": "memory budget of one (B, P) gradient block"})
     epochs_upto: float | None = field(default=None, metadata={
         "help": "aggregate over checkpoints with epoch <= this (Data Diet's early scores)"})
+    steps: str | None = field(default=None, metadata={
+        "help": "aggregate over checkpoints with step in A:B (A <= step < B; either end may be left out)"})
     target: str | None = field(default=None, metadata={
         "help": "target (downstream) dataset for pds, target_dot, target_cos"})
     costate: str | None = field(default=None, metadata={
@@ -134,6 +136,8 @@ class RunConfig:
                  "give the examples to score by --ids or by --range, not both")
         if self.index_range is not None:
             parse_range(self.index_range)
+        if self.steps is not None:
+            parse_range(self.steps, "steps")
         wants_target = sorted(TARGET_SCORES & set(scores))
         _require(self.target is not None or not wants_target, "target",
                  f"scores {', '.join(wants_target)} need a target set (--target FILE)")

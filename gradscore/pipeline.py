@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ._version import __version__
 from .batch import Inputs, batch_len, take
-from .config import CLASS_SCORES, TARGET_SCORES, RunConfig, resolve_device
+from .config import CLASS_SCORES, TARGET_SCORES, RunConfig, parse_range, resolve_device
 from .distributed import Ranks, process_group
 from .exceptions import ConfigError, DataError
 from .io.checkpoints import CheckpointStore
@@ -31,14 +31,20 @@ from .scores.costate import CostateConfig, CostateFile, compute_costate
 from .scores.registry import Window
 
 
-def _select_checkpoints(ckpts: CheckpointStore, epochs_upto: float | None) -> np.ndarray:
-    epochs = np.array([i.epoch for i in ckpts], dtype=np.float64)
-    if epochs_upto is None:
-        return np.ones(len(epochs), dtype=bool)
-    select = epochs <= epochs_upto
+def window(epochs: np.ndarray, steps: np.ndarray, epochs_upto: float | None, step_range: str | None) -> np.ndarray:
+    """(T,) bool: the checkpoints with epoch <= ``epochs_upto`` and step in ``step_range``
+    ("A:B"), each constraint only where given; ConfigError when none is left."""
+    select = np.ones(len(epochs), dtype=bool)
+    if epochs_upto is not None:
+        select &= epochs <= epochs_upto
+    if step_range is not None:
+        a, b = parse_range(step_range, "steps")
+        select &= (steps >= (a or 0)) & (steps < (b if b is not None else np.iinfo(np.int64).max))
     if not select.any():
-        raise ConfigError(f"invalid value for 'epochs_upto': {epochs_upto} selects no checkpoint "
-                          f"(epochs present: {sorted(set(epochs.tolist()))})")
+        what = " and ".join(x for x in (epochs_upto is not None and f"epochs_upto {epochs_upto:g}",
+                                        step_range and f"steps {step_range}") if x)
+        raise ConfigError(f"invalid value for 'epochs_upto/steps': {what} selects no checkpoint (epochs present: "
+                          f"{sorted(set(epochs.tolist()))}; steps present: {sorted(set(steps.tolist()))})")
     return select
 
 
@@ -172,7 +178,8 @@ def _plan(config: RunConfig, out: Path, overwrite: bool) -> _Plan:
     ds = subset(load_dataset(config.data), ids=config.ids, index_range=config.index_range)
     if len(ds) == 0:
         raise DataError(f"{config.data}: has no examples; there is nothing to score")
-    select = _select_checkpoints(ckpts, config.epochs_upto)
+    select = window(np.array([i.epoch for i in ckpts], dtype=np.float64),
+                    np.array([i.step for i in ckpts], dtype=np.int64), config.epochs_upto, config.steps)
     scored = np.arange(len(ckpts)) if config.needs_target else np.flatnonzero(select)
     plan = _Plan(config, out, ckpts, ds, select, scored, resolve_device(config.device), costate_path)
     plan.fingerprint = {"config": config.to_dict(), "checkpoints_sha256": ckpts.checksums(),
@@ -230,6 +237,18 @@ def _assemble(plan: _Plan, writer: HDF5ScoresWriter, costate: CostateFile | None
                         warnings=costate.warnings if costate is not None else [])
 
 
+def _within(old_epochs: float | None, old_steps: str | None, epochs: float | None, steps: str | None) -> bool:
+    """True when the window (epochs, steps) lies inside the window (old_epochs, old_steps)."""
+    if old_epochs is not None and (epochs is None or epochs > old_epochs):
+        return False
+    if old_steps is None:
+        return True
+    if steps is None:
+        return False
+    (a0, b0), (a, b) = parse_range(old_steps), parse_range(steps)
+    return (a or 0) >= (a0 or 0) and (b0 is None or (b is not None and b <= b0))
+
+
 def write_scores(writer: HDF5ScoresWriter, config: RunConfig, *, ids: np.ndarray, noisy: np.ndarray | None,
                  checkpoints: dict[str, np.ndarray], loss: str, rows: dict[str, Any], checksums: list[str],
                  warnings: list[str]) -> Path:
@@ -256,8 +275,8 @@ def write_scores(writer: HDF5ScoresWriter, config: RunConfig, *, ids: np.ndarray
                "checkpoints_sha256": checksums, "rows": rows, "warnings": warnings})
 
 
-def reaggregate(scores: str | os.PathLike, out: str | os.PathLike, *, epochs_upto: float | None,
-                wanted: Sequence[str] | None = None, overwrite: bool = False) -> Path:
+def reaggregate(scores: str | os.PathLike, out: str | os.PathLike, *, epochs_upto: float | None = None,
+                steps: str | None = None, wanted: Sequence[str] | None = None, overwrite: bool = False) -> Path:
     """A scores file for another checkpoint window (and, optionally, other scores of the same
     per-checkpoint pass) from the rows of ``scores``, without a model or the data: the same
     file, bit for bit, as ``gradscore run`` with that window. ``scores`` is never modified.
@@ -286,19 +305,18 @@ def reaggregate(scores: str | os.PathLike, out: str | os.PathLike, *, epochs_upt
         raise ConfigError(f"{src}: its per-checkpoint rows were written by an older gradscore (without the "
                           f"margin); rerun `gradscore run` with --epochs-upto instead")
     old = RunConfig.from_dict(old_fp["config"])
-    config = RunConfig.from_dict({**old.to_dict(), "epochs_upto": epochs_upto,
+    config = RunConfig.from_dict({**old.to_dict(), "epochs_upto": epochs_upto, "steps": steps,
                                   **({"scores": list(wanted)} if wanted else {})})
     if rows_key(config, rows["key"]["device"], rows["key"]["data"], rows["key"]["costate"]) != rows["key"]:
         raise ConfigError(f"invalid value for 'scores': {', '.join(config.scores)} need other per-checkpoint "
                           f"metrics than {src} holds ({rows['key']['pass']} pass); use `gradscore run`")
     every = len(rows["checkpoints_sha256"]) == len(old_fp["checkpoints_sha256"])
-    if not (every or (old.epochs_upto is not None and epochs_upto is not None and epochs_upto <= old.epochs_upto)):
-        raise ConfigError(f"invalid value for 'epochs_upto': {src} holds the checkpoints up to epoch "
-                          f"{old.epochs_upto:g} only; a wider window needs `gradscore run`")
-    select = ck["epoch"] <= epochs_upto if epochs_upto is not None else np.ones(len(ck["epoch"]), dtype=bool)
-    if not select.any():
-        raise ConfigError(f"invalid value for 'epochs_upto': {epochs_upto} selects no checkpoint "
-                          f"(epochs present: {sorted(set(ck['epoch'].tolist()))})")
+    if not (every or _within(old.epochs_upto, old.steps, epochs_upto, steps)):
+        held = " and ".join(x for x in (old.epochs_upto is not None and f"epoch <= {old.epochs_upto:g}",
+                                        old.steps and f"step in {old.steps}") if x)
+        raise ConfigError(f"invalid value for 'epochs_upto/steps': {src} holds only the checkpoints with {held}; "
+                          f"a wider window needs `gradscore run`")
+    select = window(ck["epoch"], ck["step"], epochs_upto, steps)
     keep = np.arange(len(select)) if config.needs_target else np.flatnonzero(select)
     checkpoints = {k: (v if k == "eta" else v[keep]) for k, v in ck.items()}
     checkpoints["selected"] = select[keep]

@@ -224,7 +224,7 @@ def test_aggregate_rewrites_the_window_bit_identical_to_a_fresh_run(tiny_run, tm
     gs.score(ckpts, data, out=tmp_path / "fresh0.h5", scores=["aum", "el2n"], epochs_upto=0, **OPTS)
     _assert_same_file(tmp_path / "first.h5", tmp_path / "fresh0.h5")
     capsys.readouterr()
-    for argv, says in (([str(tmp_path / "early.h5"), "--epochs-upto", "2"], "up to epoch 1 only"),
+    for argv, says in (([str(tmp_path / "early.h5"), "--epochs-upto", "2"], "holds only the checkpoints with epoch <= 1"),
                        ([str(full), "--scores", "grand"], "need other per-checkpoint metrics"),
                        ([str(full), "--epochs-upto", "-1"], "epochs_upto"),
                        ([str(full)], "is the scores file, an input"),
@@ -249,3 +249,23 @@ def test_aggregate_keeps_every_checkpoint_for_pds_and_moves_the_window(tmp_path)
     gs.score(ckpts, data, out=tmp_path / "fresh.h5", scores=scores, epochs_upto=1, **opts)
     _assert_same_file(tmp_path / "early.h5", tmp_path / "fresh.h5")
     assert gs.load_scores(tmp_path / "early.h5")["checkpoints"]["selected"].tolist() == [True, True, False]
+
+
+def test_a_step_window_in_run_and_aggregate(tiny_run, tmp_path, built, capsys):
+    ckpts, data = tiny_run
+    full = tmp_path / "full.h5"
+    gs.score(ckpts, data, out=full, scores=["el2n", "aum"], **OPTS)
+    built.clear()
+    fresh = gs.load_scores(gs.score(ckpts, data, out=tmp_path / "fresh.h5", scores=["el2n", "aum"], steps="1:3",
+                                    **OPTS))
+    assert sorted(set(built)) == [1, 2] and fresh["checkpoints"]["step"].tolist() == [1, 2]   # only those scored
+    assert main(["aggregate", str(full), "--steps", "1:3", "--out", str(tmp_path / "s.h5")]) == 0
+    _assert_same_file(tmp_path / "s.h5", tmp_path / "fresh.h5")
+    both = gs.score(ckpts, data, out=tmp_path / "both.h5", scores=["el2n", "aum"], steps="1:", epochs_upto=1, **OPTS)
+    assert gs.load_scores(both)["checkpoints"]["step"].tolist() == [1]
+    capsys.readouterr()
+    assert main(["aggregate", str(tmp_path / "s.h5"), "--steps", "0:3", "--out", str(tmp_path / "x.h5")]) == 2
+    assert "a wider window needs `gradscore run`" in capsys.readouterr().err
+    assert main(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(tmp_path / "y.h5"),
+                 "--steps", "7:9", "--quiet"]) == 2
+    assert "selects no checkpoint" in capsys.readouterr().err

@@ -47,6 +47,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="memory budget (MiB) of one per-example gradient block")
     p.add_argument("--epochs-upto", type=float, default=None, metavar="E",
                    help="aggregate only over checkpoints with epoch <= E (Data Diet's early scores)")
+    p.add_argument("--steps", default=None, metavar="A:B",
+                   help="aggregate only over checkpoints with A <= step < B (either end may be left out)")
     p.add_argument("--target", default=None, metavar="FILE",
                    help="target (downstream) dataset: needed by pds, target_dot, target_cos")
     p.add_argument("--costate", default=None, metavar="FILE",
@@ -82,7 +84,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                        params=split(args.params or ""),
                        engine=args.engine, device=args.device, dtype=args.dtype,
                        batch_size=args.batch_size, chunk_size=args.chunk_size,
-                       chunk_bytes=args.chunk_mb * 2**20, epochs_upto=args.epochs_upto,
+                       chunk_bytes=args.chunk_mb * 2**20, epochs_upto=args.epochs_upto, steps=args.steps,
                        target=args.target, costate=args.costate, lr_scale_steps=args.lr_scale_steps,
                        variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
                        clip_quantile=args.clip_quantile, lm_reduction=args.lm_reduction,
@@ -149,6 +151,8 @@ def _add_aggregate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("scores", metavar="SCORES.h5", help="a scores file written by gradscore run")
     p.add_argument("--epochs-upto", type=float, default=None, metavar="E",
                    help="aggregate over the checkpoints with epoch <= E (default: every checkpoint in the file)")
+    p.add_argument("--steps", default=None, metavar="A:B",
+                   help="aggregate only over checkpoints with A <= step < B (either end may be left out)")
     p.add_argument("--scores", dest="wanted", default=None, metavar="NAME,...",
                    help="the scores to write (default: those of SCORES.h5); they must need the same "
                    "per-checkpoint metrics (forward only, gradients, or target dots)")
@@ -158,7 +162,7 @@ def _add_aggregate(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_aggregate(args: argparse.Namespace) -> int:
     from ..pipeline import reaggregate
-    path = reaggregate(args.scores, args.out, epochs_upto=args.epochs_upto,
+    path = reaggregate(args.scores, args.out, epochs_upto=args.epochs_upto, steps=args.steps,
                        wanted=split(args.wanted) if args.wanted else None, overwrite=args.overwrite)
     print(f"scores -> {path}")
     return 0
