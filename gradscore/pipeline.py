@@ -31,6 +31,12 @@ from .scores.costate import CostateConfig, CostateFile, compute_costate
 from .scores.registry import Window
 
 
+def _window_text(epochs_upto: float | None, steps: str | None) -> str:
+    """"epoch <= 12 and step in 100:500", for messages."""
+    return " and ".join(x for x in (epochs_upto is not None and f"epoch <= {epochs_upto:g}",
+                                    steps and f"step in {steps}") if x)
+
+
 def window(epochs: np.ndarray, steps: np.ndarray, epochs_upto: float | None, step_range: str | None) -> np.ndarray:
     """(T,) bool: the checkpoints with epoch <= ``epochs_upto`` and step in ``step_range``
     ("A:B"), each constraint only where given; ConfigError when none is left."""
@@ -41,9 +47,8 @@ def window(epochs: np.ndarray, steps: np.ndarray, epochs_upto: float | None, ste
         a, b = parse_range(step_range, "steps")
         select &= (steps >= (a or 0)) & (steps < (b if b is not None else np.iinfo(np.int64).max))
     if not select.any():
-        what = " and ".join(x for x in (epochs_upto is not None and f"epochs_upto {epochs_upto:g}",
-                                        step_range and f"steps {step_range}") if x)
-        raise ConfigError(f"invalid value for 'epochs_upto/steps': {what} selects no checkpoint (epochs present: "
+        raise ConfigError(f"invalid value for 'epochs_upto/steps': {_window_text(epochs_upto, step_range)} selects "
+                          f"no checkpoint (epochs present: "
                           f"{sorted(set(epochs.tolist()))}; steps present: {sorted(set(steps.tolist()))})")
     return select
 
@@ -60,8 +65,9 @@ def rows_key(config: RunConfig, device: str, data: dict, costate: dict | None) -
     made it (forward, gradients, or dots with the co-states), and the numeric settings.
     Rows with equal keys and checkpoints are bit-identical, so a new run may reuse them."""
     kind = "dots" if config.needs_target else "gradients" if config.needs_gradients else "forward"
+    settings = config.to_dict()
     return {"rows_version": ROWS_VERSION, "data": data, "pass": kind, "device": device, "costate": costate,
-            "settings": {k: config.to_dict()[k] for k in ROW_SETTINGS}}
+            "settings": {k: settings[k] for k in ROW_SETTINGS}}
 
 
 def adds_to(old: dict | None, new: dict) -> bool:
@@ -294,9 +300,6 @@ def reaggregate(scores: str | os.PathLike, out: str | os.PathLike, *, epochs_upt
             raise ConfigError(f"{src}: has no record of how its rows were made (written by an older gradscore or "
                               f"imported); rerun `gradscore run` with --epochs-upto instead")
         old_fp, rows = json.loads(f.attrs["fingerprint"]), json.loads(f.attrs["rows"])
-        pc = {k: d[()] for k, d in f["per_checkpoint"].items()}
-        if "logits" in f:
-            pc["logits"] = f["logits"][()]
         ck = {k: d[()] for k, d in f["checkpoints"].items()}
         ids = f["ids"].asstr()[()] if h5py.check_string_dtype(f["ids"].dtype) else f["ids"][()]
         noisy = f["noisy"][()] if "noisy" in f else None
@@ -312,10 +315,8 @@ def reaggregate(scores: str | os.PathLike, out: str | os.PathLike, *, epochs_upt
                           f"metrics than {src} holds ({rows['key']['pass']} pass); use `gradscore run`")
     every = len(rows["checkpoints_sha256"]) == len(old_fp["checkpoints_sha256"])
     if not (every or _within(old.epochs_upto, old.steps, epochs_upto, steps)):
-        held = " and ".join(x for x in (old.epochs_upto is not None and f"epoch <= {old.epochs_upto:g}",
-                                        old.steps and f"step in {old.steps}") if x)
-        raise ConfigError(f"invalid value for 'epochs_upto/steps': {src} holds only the checkpoints with {held}; "
-                          f"a wider window needs `gradscore run`")
+        raise ConfigError(f"invalid value for 'epochs_upto/steps': {src} holds only the checkpoints with "
+                          f"{_window_text(old.epochs_upto, old.steps)}; a wider window needs `gradscore run`")
     select = window(ck["epoch"], ck["step"], epochs_upto, steps)
     keep = np.arange(len(select)) if config.needs_target else np.flatnonzero(select)
     checkpoints = {k: (v if k == "eta" else v[keep]) for k, v in ck.items()}
@@ -327,10 +328,13 @@ def reaggregate(scores: str | os.PathLike, out: str | os.PathLike, *, epochs_upt
                                   overwrite=overwrite)
         if writer.complete:
             return writer.out
-        for t, row in enumerate(keep):
-            for c in range(writer.n_chunks):
-                a, b = writer.chunk_range(c)
-                writer.write_chunk(t, c, {k: v[row, a:b] for k, v in pc.items()})
+        source = ReusableRows(src, rows["key"])   # a chunk of rows at a time, as run reuses them
+        try:
+            for t, sha in enumerate(new_rows["checkpoints_sha256"]):
+                for c in range(writer.n_chunks):
+                    writer.write_chunk(t, c, source.read(sha, *writer.chunk_range(c)))
+        finally:
+            source.close()
         return write_scores(writer, config, ids=ids, noisy=noisy, checkpoints=checkpoints, loss=loss,
                             rows=new_rows, checksums=old_fp["checkpoints_sha256"], warnings=warnings)
 
