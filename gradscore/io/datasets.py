@@ -279,6 +279,15 @@ def subset(ds: Dataset, *, ids: str | Path | None = None, index_range: str | Non
     return SubsetDataset(ds, np.flatnonzero(found), f"ids of {path.name}")
 
 
+def scored_labels(data: str | Path | Dataset, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(N,) labels and the known-noisy mask (or None) of the data a scores file was made
+    from, checked to hold its ``n`` examples."""
+    ds = load_dataset(data)
+    if len(ds) != n:
+        raise DataError(f"{ds.source}: has {len(ds)} examples but the scores file {n}; give the data that was scored")
+    return np.concatenate([y.numpy() for _, _, y in ds.chunks()]), ds.noisy()
+
+
 def probe_model(model: torch.nn.Module, ds: Dataset, x: Inputs, ckpt: str | Path, role: str = "") -> int:
     """Run ``model`` on the first example of ``x``; return its output's last dimension.
 

@@ -30,7 +30,7 @@ from ..io.datasets import Dataset, load_dataset
 from ..exceptions import GradscoreError
 from ..io.outputs import claim
 from ..scores.pds import DOT_SCORES, decompose, variants
-from .flag import DEFAULT_SCORES, ORIENTATION, estimate
+from .flag import default_score, estimate, suspicion
 from ..io.store import load_scores
 
 
@@ -144,8 +144,8 @@ def compute(res: dict[str, Any], source_file: str, *, score: str, noisy: np.ndar
     else:
         skip(f"no per-checkpoint {dot_key} with reference norms in {source_file}: rerun `gradscore run --target FILE "
              f"--scores {score},grand` for the decomposition and the variants")
-    name = next((s for s in DEFAULT_SCORES if s in res["scores"]), None)
-    values = None if name is None else res["scores"][name] * ORIENTATION[name]
+    name = default_score(res["scores"])
+    values = None if name is None else suspicion(res["scores"], name)
     if values is not None and np.isfinite(values).sum() >= 10:   # how many look mislabeled (gradscore flag)
         est = estimate(values[np.isfinite(values)])
         report["flag"] = {"score": name, "estimated_count": est["count"], "estimated_rate": est["count"] / n}

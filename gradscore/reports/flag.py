@@ -19,6 +19,7 @@ import numpy as np
 from .._version import __version__
 from ..exceptions import ConfigError, DataError
 from ..io.atomic import atomic_path
+from ..io.datasets import scored_labels
 from ..io.outputs import claim
 from ..io.store import load_scores
 
@@ -27,6 +28,16 @@ ORIENTATION = {"mislabel": 1, "aum": -1, "el2n": 1, "loss": 1, "grand": 1, "forg
                "correctness": -1, "target_cos": -1}
 #: the score flagged when none is named: the first of these the file has
 DEFAULT_SCORES = ("mislabel", "aum", "el2n", "loss")
+
+
+def default_score(scores: dict[str, np.ndarray]) -> str | None:
+    """The score flagged when none is named: the first of :data:`DEFAULT_SCORES` present."""
+    return next((s for s in DEFAULT_SCORES if s in scores), None)
+
+
+def suspicion(scores: dict[str, np.ndarray], name: str) -> np.ndarray:
+    """(N,) score ``name`` oriented so that higher = more suspicious."""
+    return scores[name] * ORIENTATION[name]
 
 
 def estimate(suspicion: np.ndarray, seed: int = 0) -> dict[str, Any]:
@@ -57,14 +68,14 @@ def flag(scores: str | Path, *, score: str | None = None, data: str | Path | Non
     if out is not None:
         claim(out, "json", inputs={"the scores file": [scores], "the --data file": [data]}, overwrite=overwrite)
     res = load_scores(scores)
-    name = score or next((s for s in DEFAULT_SCORES if s in res["scores"]), None)
+    name = score or default_score(res["scores"])
     if name is None or name not in res["scores"]:
         raise ConfigError(f"invalid value for 'score': {scores} has no {name or ' or '.join(DEFAULT_SCORES)} score "
                           f"(it has: {', '.join(sorted(res['scores']))}); rerun `gradscore run --scores aum,...`")
     if name not in ORIENTATION:
         raise ConfigError(f"invalid value for 'score': '{name}' is not a mislabel score; choose from "
                           f"{', '.join(s for s in ORIENTATION if s in res['scores'])}")
-    values = res["scores"][name] * ORIENTATION[name]
+    values = suspicion(res["scores"], name)
     finite = np.isfinite(values)
     if finite.sum() < 10:
         raise DataError(f"{scores}: {int(finite.sum())} finite '{name}' values; flagging needs at least 10")
@@ -83,16 +94,11 @@ def flag(scores: str | Path, *, score: str | None = None, data: str | Path | Non
                      "score": float(res["scores"][name][i])} for i in order]}
     noisy = res["noisy"]
     if data is not None:
-        from ..io.datasets import load_dataset
-        ds = load_dataset(data)
-        if len(ds) != len(values):
-            raise DataError(f"{data}: has {len(ds)} examples but {scores} scores {len(values)}; give the data "
-                            f"that was scored")
-        labels = np.concatenate([y.numpy() for _, _, y in ds.chunks()])
+        labels, data_noisy = scored_labels(data, len(values))
         report["per_class"] = {int(c): {"n": int((labels == c).sum()), "flagged": int(flagged[labels == c].sum()),
                                         "estimated_rate": float(flagged[labels == c].mean())}
                                for c in np.unique(labels)}
-        noisy = ds.noisy() if noisy is None else noisy
+        noisy = data_noisy if noisy is None else noisy
     if noisy is not None:
         hit = int((flagged & noisy).sum())
         report["against_known_noisy"] = {"true_count": int(noisy.sum()), "flagged": int(flagged.sum()), "correct": hit,

@@ -21,6 +21,7 @@ import numpy as np
 from .._version import __version__
 from ..io.atomic import atomic_path
 from ..exceptions import ConfigError, DataError, GradscoreError
+from ..io.datasets import scored_labels
 from ..io.outputs import claim
 from ..io.store import load_scores
 
@@ -107,15 +108,6 @@ def jtt_weights(correct: np.ndarray, upweight: float) -> np.ndarray:
     return np.where(correct.astype(bool), 1.0, float(upweight))
 
 
-def _labels(data: str | Path | None, n: int) -> np.ndarray:
-    """(N,) labels of the scored data, checked to have the scores file's N examples."""
-    from ..io.datasets import load_dataset
-    ds = load_dataset(data)
-    if len(ds) != n:
-        raise DataError(f"{data}: has {len(ds)} examples but the scores file {n}; give the data that was scored")
-    return np.concatenate([y.numpy() for _, _, y in ds.chunks()])
-
-
 def _ids(res: dict[str, Any], idx: np.ndarray) -> list:
     return res["ids"][idx].tolist()
 
@@ -152,7 +144,7 @@ def select(scores: str | Path, *, by: str | None = None, keep: float = 0.5, high
     weights = None
     if by is not None:
         finite = np.flatnonzero(_finite(res, (by,), allow_nonfinite))
-        classes = _labels(data, len(res["ids"]))[finite] if per_class else None
+        classes = scored_labels(data, len(res["ids"]))[0][finite] if per_class else None
         idx = finite[by_score(_score(res, by)[finite], keep=keep, highest=highest, exclude_top=exclude_top,
                               classes=classes, sample=sample, temperature=temperature, seed=seed)]
         result = {"by": by, "highest": highest, "keep": keep, "exclude_top": exclude_top, "per_class": per_class,
