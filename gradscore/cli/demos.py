@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..config import ENGINES
 from ..exceptions import GradscoreError
-from .common import OVERWRITE_HELP, command, model_kwargs
+from .common import add_overwrite, add_quiet, command, model_kwargs
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "demo", help="train on the bundled digits, score, report (no download)",
@@ -30,7 +30,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-train", type=int, default=None, help="use only the first N training examples")
     p.add_argument("--engine", default="auto", choices=ENGINES,
                    help="per-example gradient engine (auto: ghost rules, else vmap, else the loop)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(p)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -80,7 +80,7 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shifted-test", default=None, metavar="FILE", help="regions: your out-of-distribution test set")
     p.add_argument("--model", default=None, metavar="MODULE:FN", help="with --train: the model factory")
     p.add_argument("--model-kwargs", default="{}", metavar="JSON", help="with --model: its keyword arguments")
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    add_overwrite(p)
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:

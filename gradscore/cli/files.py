@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..exceptions import GradscoreError
-from .common import OVERWRITE_HELP, command, model_kwargs
+from .common import add_overwrite, add_quiet, command, model_kwargs
 
 def _add_import_export(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "import-dynamics", help="read training dynamics jsonl (cartography) into a scores file",
@@ -27,7 +27,7 @@ def _add_import_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", required=True, choices=("td_metrics", "csv", "parquet"),
                    help="td_metrics: jsonl as TrainingDynamics writes; csv or parquet: id and every score")
     p.add_argument("--out", required=True, metavar="FILE", help="file to write")
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    add_overwrite(p)
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
@@ -58,7 +58,7 @@ def _add_import_checkpoints(sub: argparse._SubParsersAction) -> None:
     lr.add_argument("--lr", type=float, help="constant learning rate η_t")
     lr.add_argument("--lr-schedule", metavar="FILE.json", help='JSON {"step": lr, ...} covering every step')
     p.add_argument("--steps-per-epoch", type=int, default=None, help="epoch = step / this (default: 0)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(p)
 
 
 def _cmd_import_checkpoints(args: argparse.Namespace) -> int:

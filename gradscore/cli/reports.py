@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..exceptions import GradscoreError
-from .common import OVERWRITE_HELP, command, split, warn
+from .common import add_overwrite, command, split, warn
 
 def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "select", help="choose examples by a score, a data-map region, or JTT",
@@ -40,7 +40,7 @@ def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
                    "--allow-nonfinite) and list them in 'nonfinite_ids'; default: stop, naming them")
     p.add_argument("--checkpoint", type=int, default=-1,
                    help="--jtt: index of the checkpoint whose errors are taken (an early one, as JTT does)")
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    add_overwrite(p)
     p = command(sub, "plot", help="data map or score histograms from a scores file",
                  description="--kind datamap: confidence vs variability coloured by correctness, "
                  "regions shaded (needs the dynamics scores); --kind hist: every score, clean vs "
@@ -52,7 +52,7 @@ def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-points", type=int, default=20000, help="datamap: hexbin above this many examples")
     p.add_argument("--scores", dest="only", default=None, metavar="NAME,...",
                    help="hist: the scores to show (default: every score in the file)")
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    add_overwrite(p)
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
@@ -113,7 +113,7 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
                       help="the scored dataset: its 'noisy' field, and ‖x‖ as a baseline score")
     p.add_argument("--out", default=None, metavar="DIR", help="write diagnosis.json and plots here")
     p.add_argument("--top-fraction", type=float, default=0.1, help="size of the top/bottom sets")
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    add_overwrite(p)
 
 
 def _cmd_diagnose(args: argparse.Namespace) -> int:
@@ -154,7 +154,7 @@ def _add_flag(sub: argparse._SubParsersAction) -> None:
                    help="the score to flag by (default: the first of mislabel, aum, el2n, loss in the file)")
     p.add_argument("--data", default=None, metavar="FILE", help="the scored data: its labels give the rate per class")
     p.add_argument("--out", required=True, metavar="FILE.json", help="where to write the report (JSON)")
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    add_overwrite(p)
 
 
 def _cmd_flag(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ import argparse
 import os
 
 from ..config import AVAILABLE_SCORES, DEVICES, DTYPES, ENGINES, GRADIENT_SCORES, RunConfig
-from .common import OVERWRITE_HELP, add_lm_reduction, command, split, warn
+from .common import add_lm_reduction, add_overwrite, add_quiet, command, split, warn
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "run", help="score every example at every checkpoint",
@@ -74,7 +74,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a scores file (or discard an interrupted run) made with other options; "
                    "never an input, never a file that is not a gradscore scores file")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(p)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -128,7 +128,7 @@ def _add_costate(sub: argparse._SubParsersAction) -> None:
     add_lm_reduction(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace a co-state file made with other options; never an input, never another kind of file")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(p)
 
 
 def _cmd_costate(args: argparse.Namespace) -> int:
@@ -157,7 +157,7 @@ def _add_aggregate(sub: argparse._SubParsersAction) -> None:
                    help="the scores to write (default: those of SCORES.h5); they must need the same "
                    "per-checkpoint metrics (forward only, gradients, or target dots)")
     p.add_argument("--out", required=True, metavar="FILE", help="the scores file to write (HDF5)")
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    add_overwrite(p)
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> int:
