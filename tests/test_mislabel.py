@@ -42,18 +42,9 @@ def test_aum_is_the_mean_margin_over_the_checkpoints_used(tiny_run, tmp_path):
 
 
 
-def test_clean_fit_end_is_the_knee_of_the_training_accuracy():
-    from gradscore.scores.mislabel import clean_fit_end
-    fast_then_slow = np.array([0.1, 0.6, 0.78, 0.8, 0.82, 0.86, 0.92, 1.0])   # clean fit, then memorization
-    assert clean_fit_end(fast_then_slow) == 2
-    assert clean_fit_end(np.linspace(0.1, 0.9, 6)) == 5                  # no knee: every checkpoint
-    assert clean_fit_end(np.array([0.1, 0.12, 0.2, 0.9])) == 3           # accelerating: every checkpoint
-    assert clean_fit_end(np.array([0.5, 0.9])) == 1
-
-
 def _memorizing_run(T=10, N=400, seed=0):
-    """Clean examples fit by checkpoint 2; the 80 wrong labels pull apart until checkpoint 5
-    and are memorized from checkpoint 6 on (their margins turn positive)."""
+    """Clean examples fit by checkpoint 2; the 80 wrong labels are pushed away until
+    checkpoint 5 and are memorized from checkpoint 6 on (their margins turn positive)."""
     rng = np.random.default_rng(seed)
     noisy = np.zeros(N, dtype=bool)
     noisy[:80] = True
@@ -61,20 +52,33 @@ def _memorizing_run(T=10, N=400, seed=0):
     correct[2:, ~noisy] = 1
     correct[6:, noisy] = 1
     margin = np.where(correct == 1, 3.0, -2.0) + rng.normal(0, 0.5, (T, N))
-    margin[:2, ~noisy] = rng.normal(0, 0.5, (2, (~noisy).sum()))     # nothing learned yet
-    margin[:2, noisy] = rng.normal(0, 0.5, (2, noisy.sum()))
-    margin[6:, noisy] = 3.0 + rng.normal(0, 0.5, (T - 6, noisy.sum()))
+    margin[:2] = rng.normal(0, 0.5, (2, N))                             # nothing learned yet
     return {"correct": correct, "margin": margin.astype(np.float32)}, noisy
 
 
-def test_mislabel_ends_its_window_where_the_two_populations_are_farthest_apart():
-    from gradscore.scores.mislabel import mislabel, window_end
+def test_mislabel_is_minus_the_mean_of_the_running_aum():
+    from gradscore.scores.mislabel import aggregate, window_weights
     pc, noisy = _memorizing_run()
-    end = window_end(pc["margin"], pc["correct"])
-    assert end == 5                                       # after the clean fit, before memorization
-    score = mislabel(pc, np.ones(10, dtype=bool))["mislabel"]
-    np.testing.assert_allclose(score, -pc["margin"][:6].astype(np.float64).mean(0))
-    assert score[noisy].min() > score[~noisy].max()       # the window separates them fully
+    T = len(pc["margin"])
+    running = np.cumsum(pc["margin"].astype(np.float64), 0) / np.arange(1, T + 1)[:, None]
+    score = aggregate(pc, np.ones(T, dtype=bool))["mislabel"]
+    np.testing.assert_allclose(score, -running.mean(0), rtol=1e-12)
+    w = window_weights(T)                     # the same as one weighted mean of the margins
+    assert np.isclose(w.sum(), 1.0) and (np.diff(w) < 0).all()
+    np.testing.assert_allclose(score, -(w[:, None] * pc["margin"]).sum(0), rtol=1e-12)
+    assert score[noisy].min() > score[~noisy].max()       # early checkpoints dominate: fully separated
+    assert (-pc["margin"].astype(np.float64).mean(0)[noisy]).min() < 0   # plain AUM is not
+
+
+def test_mislabel_uses_only_the_selected_checkpoints():
+    from gradscore.scores.mislabel import aggregate
+    pc, _ = _memorizing_run()
+    select = np.arange(10) < 6
+    want = aggregate({k: v[:6] for k, v in pc.items()}, np.ones(6, dtype=bool))
+    got = aggregate(pc, select)
+    for name in ("aum", "mislabel"):
+        np.testing.assert_array_equal(got[name], want[name])
+    assert aggregate({"loss": pc["margin"]}, select) == {}
 
 
 def test_mislabel_through_run_and_flag(tiny_run, tmp_path):

@@ -27,7 +27,7 @@ from ..exceptions import DataError, GradscoreError
 from .outputs import MARK, claim, lock
 from ..losses import resolve_loss
 from ..scores import datadiet
-from ..scores.registry import Window, aggregate, whole_dataset
+from ..scores.registry import Window, aggregate
 from .store import HDF5ScoresWriter, load_scores
 
 _BLOCK = 65536  # rows of the first epoch converted to an array at a time
@@ -122,7 +122,7 @@ def _import(directory: Path, files: list[tuple[float, Path]], out: str | Path, f
            else np.array([str(g) for g in guids], dtype=object))
     return store.finalize(ids=ids, extras={"checkpoints": {"epoch": np.array([e for e, _ in files])}},
                           aggregate=lambda pc: aggregate(pc, window),
-                          whole=lambda f: whole_dataset(f["per_checkpoint"], window, {"mislabel"}), attrs={"config": {"imported_from": str(directory), "format": fmt}})
+                          attrs={"config": {"imported_from": str(directory), "format": fmt}})
 
 
 class _EpochReader:
