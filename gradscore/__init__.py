@@ -7,6 +7,7 @@ Public API::
     out = scorer.score_batch(x, y, refs=None)      # ScoreBatch(loss, sq_norm, dots, logits)
     gs.score(checkpoints="ckpts/", data="train.h5", out="scores.h5")
     gs.diagnose("scores.h5", score="pds")         # why examples score high: norm vs direction
+    rec = gs.InRun(model, out="inrun.h5")         # scores from the training steps themselves
 """
 from ._version import __version__  # noqa: E402
 
@@ -25,11 +26,12 @@ from .scores.costate import CostateConfig, CostateFile, compute_costate  # noqa:
 from .reports.select import select  # noqa: E402
 from .reports.diagnose import diagnose  # noqa: E402
 from .reports.flag import flag  # noqa: E402
+from .inrun import InRun  # noqa: E402
 
 __all__ = [
     "__version__", "Scorer", "ScoreBatch", "Engine", "score", "run", "reaggregate", "RunConfig",
     "CheckpointWriter", "CheckpointStore", "CheckpointInfo", "Dataset", "load_dataset",
     "save_dataset", "load_scores", "Loss", "causal_lm", "resolve_loss", "GradscoreError", "ConfigError",
     "CheckpointError", "DataError", "EngineError", "ConfigMismatchError", "OutputError", "VmapTraceError",
-    "CostateConfig", "CostateFile", "compute_costate", "select", "diagnose", "flag",
+    "CostateConfig", "CostateFile", "compute_costate", "select", "diagnose", "flag", "InRun",
 ]

@@ -341,6 +341,32 @@ class GhostEngine(Engine):
                                            and t.requires_grad else None, plain=True))
         return probed
 
+    def lay_out(self, x: Inputs) -> None:
+        """Establish the ruled layers' batch dimensions on ``x`` (done by the first
+        :meth:`score_batch` otherwise); layers without one go to the fallback. Runs the
+        model on 1 and 2 copies of x's first example."""
+        self._lay_out(x)
+
+    @contextlib.contextmanager
+    def recording(self, B: int, refs: RefBlocks | None) -> Iterator[_BatchSums]:
+        """The hooks of one batch of B examples whose forward and backward the caller runs
+        (in-run scoring: the training step's own). Yields the batch's sums; after the block
+        every rule that received its δ has run (``.sq`` (B,), ``.dots`` (B, K), None if no
+        δ arrived). Needs :meth:`lay_out` first; the caller checks :attr:`fallback`."""
+        K = 0 if refs is None else refs[0].shape[0]
+        state, probes = _BatchSums(refs, self._index, K), []
+        with self._hooks(state, probes, B):
+            yield state
+        for layer in self.layers:
+            state.run_rule(layer)
+        if state.factors:
+            state.add_cross_terms()
+
+    def moved_to_fallback(self) -> bool:
+        """After a call of the model under :meth:`recording`: send the layers it showed a
+        problem with (or did not call) to the fallback; True if any moved."""
+        return self._moved_to_fallback()
+
     def _score(self, x: Inputs, y: torch.Tensor, refs: RefBlocks | None) -> ScoreBatch:
         if self._coupled:   # every parameter, the losses and the logits from examples run alone
             return self._fallback(x, y, refs)

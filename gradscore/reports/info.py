@@ -88,10 +88,18 @@ def _describe_scores(path: Path) -> str:
         subset = fp.get("data", {}).get("subset") if isinstance(fp.get("data"), dict) else None
         total = len(fp.get("checkpoints_sha256", ())) or T
         window = f" (epochs <= {cfg['epochs_upto']:g})" if cfg.get("epochs_upto") is not None else ""
-        lines = [f"scores file {path} (gradscore {f.attrs.get('gradscore_version', '?')})",
-                 f"  checkpoints {cfg['checkpoints']}, data {cfg['data']}, engine {cfg['engine']}",
-                 f"  {n:,} examples{f' ({subset})' if subset else ''}, {T} of {total} checkpoints{window}",
-                 *_fold("per_checkpoint (T×N)", {k: "×".join(map(str, f["per_checkpoint"][k].shape))
+        head = f"scores file {path} (gradscore {f.attrs.get('gradscore_version', '?')})"
+        if cfg.get("inrun"):   # recorded during training (gs.InRun): rows per (step, example)
+            steps = f["inrun_steps/step"][()]
+            with_target = int(np.isfinite(f["inrun_steps/target_norm"][()]).sum())
+            lines = [head + ", recorded in training (gs.InRun)",
+                     f"  {n:,} examples, {len(f['inrun/row']):,} records over {len(np.unique(steps))} steps, "
+                     f"target gradient at {with_target} of {len(steps)} step calls (every {cfg['every']}; "
+                     f"preconditioner {cfg['preconditioner']})"]
+        else:
+            lines = [head, f"  checkpoints {cfg['checkpoints']}, data {cfg['data']}, engine {cfg['engine']}",
+                     f"  {n:,} examples{f' ({subset})' if subset else ''}, {T} of {total} checkpoints{window}"]
+        lines += [*_fold("per_checkpoint (T×N)", {k: "×".join(map(str, f["per_checkpoint"][k].shape))
                                                 for k in f["per_checkpoint"]}, sep=" ")]
         for k in f["scores"]:
             s = f["scores"][k][()]

@@ -1,0 +1,410 @@
+"""In-run scoring: every example's loss, gradient norm, margin and target alignment at the
+training step that uses it, read from that step's own backward (``gs.InRun``).
+
+Usage, in an existing training loop (three added lines)::
+
+    rec = gs.InRun(model, loss="cross_entropy", out="inrun.h5", targets=(x_val, y_val))
+    for ids, x, y in loader:
+        with rec.step(ids, y, lr=scheduler.get_last_lr()[0]):   # hooks live for this step only
+            loss = F.cross_entropy(model(x), y)                 # the user's own loss, any reduction
+            loss.backward()
+        opt.step(); opt.zero_grad()
+    rec.close()      # a standard scores file: info, diagnose, select, plot, flag read it
+
+How. Inside ``step`` the ghost engine's hooks (:mod:`gradscore.engines.ghost`) sit on the
+model's layers; the identity probes on the layer outputs hand each layer's output
+gradient δ to its rule *during the user's backward*. The probes pass δ on unchanged, so
+every parameter gradient, and so training, is bit for bit what it is without the
+recorder (tested); ``.grad`` is never read or written and ``backward`` never run twice.
+The recorder's own forwards (the layout check on the first step, the target gradient)
+run in eval mode with the random state forked, so dropout masks and BatchNorm statistics
+of the training are untouched.
+
+What is recorded for example b at step t (θ_t: the parameters this backward uses):
+
+- ``loss`` ℓ_b, ``margin``, ``correct``, ``p_gold``, ``el2n`` from the step's own output
+  (train mode: the minibatch predictions, as forgetting events are defined);
+- its **share** s_b of the step's loss L = Σ_b s_b ℓ_b, read from the output gradient
+  ∂L/∂z_b = s_b ∂ℓ_b/∂z_b and checked to be that for every example (1/B for a mean,
+  1/(B·k) for a mean over k accumulated micro-batches, w_{y_b}/Σw for class weights);
+  a loss that is not such a sum (e.g. label smoothing against a plain ``cross_entropy``)
+  is refused with one line;
+- ``share_sq_norm`` ‖∇L_b(θ_t)‖² from the rules and ``sq_norm`` ‖∇ℓ_b(θ_t)‖² = that / s_b²;
+- ``dot`` ⟨∇L_b(θ_t), ∇J(θ_t)⟩ every ``every`` steps, J the mean ``loss`` of ``targets``
+  in eval mode (one extra forward+backward of the target batch, with
+  ``torch.autograd.grad``); with ``optimizer=`` an Adam/AdamW, the dot is with
+  Γ_t ∇J(θ_t), Γ_t = diag(1/(√v̂_t + ε)) from its state before the step: the first-order
+  change of J under Adam's update, an approximation (Adam's step is not linear in the
+  gradient); with SGD the plain dot is exact to first order.
+
+Every trainable parameter needs a ghost rule (Linear, Conv, Embedding, norms, attention,
+recurrent layers, ...); a model with others, a model whose output for an example depends
+on its batch, or train-mode BatchNorm (which does) is refused with the parameters named.
+Records stay in memory until :meth:`InRun.close`, which writes the scores file
+atomically (nothing is written if training stops before it).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import h5py
+import numpy as np
+import torch
+from torch import nn
+
+from .._version import __version__
+from ..batch import Inputs, batch_len, call_model, output_tensor, take
+from ..engines.ghost import GhostEngine
+from ..engines.layout import couples_examples
+from ..exceptions import ConfigError, EngineError
+from ..io.atomic import atomic_path
+from ..io.outputs import claim
+from ..losses import Loss, resolve_loss
+from ..scores import inrun as inrun_scores
+from ..scores.datadiet import classification_metrics
+
+DEFAULT_SCORES = ("loss", "grand", "el2n", "aum", "forgetting", "confidence", "variability", "correctness",
+                  "inrun_value", "inrun_value_cos")
+#: relative residual of δ_b − s_b ∂ℓ_b/∂z_b allowed by dtype (bf16/fp16 under autocast: the rest)
+_SHARE_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+@dataclass(frozen=True)
+class InRunConfig:
+    """What an in-run recording computes; saved as the scores file's ``config``."""
+
+    out: str
+    loss: str = "cross_entropy"
+    scores: tuple[str, ...] = DEFAULT_SCORES
+    every: int = field(default=1, metadata={"help": "compute the target gradient every this many steps"})
+    targets: int = field(default=0, metadata={"help": "number of target examples (0: none)"})
+    preconditioner: str = field(default="none", metadata={"help": "'none' or 'adam' (Γ_t from the optimizer)"})
+    inrun: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.every, int) or self.every < 1:
+            raise ConfigError(f"invalid value for 'every': {self.every!r}; give a whole number of steps >= 1")
+        unknown = sorted(set(self.scores) - set(inrun_scores.NEEDS))
+        if unknown:
+            raise ConfigError(f"invalid value for 'scores': {', '.join(unknown)} cannot be recorded in-run; "
+                              f"choose from {', '.join(inrun_scores.NEEDS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["scores"] = list(self.scores)
+        return d
+
+
+@contextlib.contextmanager
+def _aside(model: nn.Module) -> Iterator[None]:
+    """Run the recorder's own forwards in eval mode with the random state forked: the
+    training's dropout masks, random numbers and BatchNorm statistics are untouched."""
+    modes = [(m, m.training) for m in model.modules()]
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+    with torch.random.fork_rng(devices=cuda):
+        model.eval()
+        try:
+            yield
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
+
+def _inputs(args: tuple, kwargs: dict) -> Inputs:
+    if len(args) == 1 and not kwargs:
+        return args[0]
+    if not args and kwargs:
+        return kwargs
+    raise EngineError("in-run scoring needs the model called as model(x) or model(**inputs); "
+                      f"it was called with {len(args)} positional and {len(kwargs)} keyword arguments")
+
+
+class InRun:
+    """Records per-example scores from the training steps themselves (module docstring).
+
+    model: the model being trained (never modified; hooks live for one step).
+    loss: the per-example form of the step's loss ("cross_entropy", "nll", or a Loss).
+    out: the scores file :meth:`close` writes (claimed now: an existing file needs
+    ``overwrite``). targets: (x, y) target examples for ``inrun_value`` (or None).
+    every: steps between target gradients. optimizer: an Adam/AdamW whose state
+    preconditions the target gradient (None: plain dot). scores: what close() writes.
+    """
+
+    def __init__(self, model: nn.Module, *, loss: str | Loss = "cross_entropy", out: str | Path,
+                 targets: tuple[Inputs, torch.Tensor] | None = None, every: int = 1,
+                 optimizer: torch.optim.Optimizer | None = None, scores: Sequence[str] = DEFAULT_SCORES,
+                 overwrite: bool = False) -> None:
+        self.model, self.loss = model, resolve_loss(loss)
+        pre = "none" if optimizer is None else "adam"
+        if optimizer is not None and not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            raise ConfigError(f"invalid value for 'optimizer': {type(optimizer).__name__}; only Adam/AdamW "
+                              f"precondition the target (leave it out for SGD: the plain dot is exact)")
+        self.config = InRunConfig(out=str(out), loss=self.loss.name, scores=tuple(scores), every=every,
+                                  targets=0 if targets is None else batch_len(targets[0]), preconditioner=pre)
+        self.out = claim(out, "scores", overwrite=overwrite)
+        self.targets, self.optimizer = targets, optimizer
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if not names:
+            raise ConfigError("the model has no trainable parameters; nothing is learned, nothing to record")
+        self.params = dict(model.named_parameters())
+        self.engine = GhostEngine(model, self.loss, names)
+        self._refuse_fallback()
+        self._laid_out = False
+        self._count = 0                       # rec.step calls so far
+        self._refs: tuple[Any, list[torch.Tensor], float] | None = None   # (step, refs, ‖∇J‖) cached
+        self._records: list[dict[str, np.ndarray]] = []
+        self._steps: list[tuple[int, float, float]] = []
+        self._closed = False
+
+    def _refuse_fallback(self) -> None:
+        if self.engine.fallback:
+            listed = "; ".join(f"{n}: {why}" for n, why in list(self.engine.fallback.items())[:4])
+            more = len(self.engine.fallback) - 4
+            raise EngineError(f"in-run scoring needs a ghost rule for every trainable parameter; "
+                              f"{listed}{f'; and {more} more' if more > 0 else ''}. Score saved checkpoints "
+                              f"instead (gradscore run), where the other parameters take the vmap path")
+
+    def step(self, ids: Sequence | np.ndarray | torch.Tensor, y: torch.Tensor, *, lr: float | None = None,
+             step: int | None = None) -> "_Step":
+        """The context of one training step (or micro-batch) over the examples ``ids`` (B,)
+        with targets ``y`` (B,): call the model once and ``backward`` once inside it.
+        lr: η of the optimizer step that follows (needed for ``inrun_value``); step: the
+        optimizer step (default: a counter of ``step`` calls; micro-batches of one
+        optimizer step share it, and its target gradient)."""
+        if self._closed:
+            raise ConfigError(f"{self.out}: this recorder is closed; make a new gs.InRun")
+        self._count += 1
+        return _Step(self, ids, y, lr, self._count - 1 if step is None else int(step))
+
+    def _target_refs(self, step: int) -> tuple[list[torch.Tensor], float] | None:
+        """[(1, *shape)] target blocks in the engine's parameter order and ‖∇J‖, computed at
+        every ``every``-th step (micro-batches of one step share it); None elsewhere."""
+        if self.targets is None or step % self.config.every:
+            return None
+        if self._refs is not None and self._refs[0] == step:
+            return self._refs[1], self._refs[2]
+        x, y = self.targets
+        params = [self.params[n] for n in self.engine.param_names]
+        with _aside(self.model), torch.enable_grad():
+            self._busy = True
+            try:
+                J = self.loss.fn(call_model(self.model, x), y).mean()
+            finally:
+                self._busy = False
+            grads = torch.autograd.grad(J, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
+        if self.optimizer is not None:
+            grads = self._precondition(grads, params)
+        norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+        refs = [g.unsqueeze(0) for g in grads]
+        self._refs = (step, refs, norm)
+        return refs, norm
+
+    def _precondition(self, grads: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Γ_t g with Γ_t = diag(1/(√v̂ + ε)) from Adam's state before this step; g unchanged
+        where the state is still empty (the first step)."""
+        out = []
+        for g, p in zip(grads, params):
+            state = self.optimizer.state.get(p, {})
+            group = next(gr for gr in self.optimizer.param_groups if any(q is p for q in gr["params"]))
+            if "exp_avg_sq" not in state:
+                out.append(g)
+                continue
+            beta2, eps = group["betas"][1], group["eps"]
+            v_hat = state["exp_avg_sq"] / (1 - beta2 ** float(state["step"]))
+            out.append(g / (v_hat.sqrt() + eps))
+        return out
+
+    def _add(self, record: dict[str, np.ndarray], step: int, lr: float, target_norm: float) -> None:
+        self._records.append(record)
+        self._steps.append((step, lr, target_norm))
+
+    def close(self) -> Path:
+        """Write the scores file (atomically) and return its path; the recorder is done."""
+        if self._closed:
+            return self.out
+        self._closed = True
+        if not self._records:
+            raise ConfigError(f"{self.out}: no step was recorded (call rec.step(...) around the training "
+                              f"steps); nothing written")
+        rows = {k: np.concatenate([r[k] for r in self._records]) for k in self._records[0] if k != "ids"}
+        all_ids = np.concatenate([r["ids"] for r in self._records])
+        ids, rows["row"] = np.unique(all_ids, return_inverse=True)
+        rows["row"] = rows["row"].reshape(-1)
+        scores = inrun_scores.aggregate(rows, len(ids), set(self.config.scores))
+        steps = np.array(self._steps, dtype=np.float64).reshape(-1, 3)
+        with atomic_path(self.out) as tmp, h5py.File(tmp, "w") as f:
+            f.attrs["config"] = json.dumps(self.config.to_dict(), sort_keys=True)
+            f.attrs["fingerprint"] = json.dumps({"inrun": type(self.model).__name__,
+                                                 "parameters": self.engine.param_names}, sort_keys=True)
+            f.attrs.update({"gradscore_version": __version__, "loss": self.loss.name, "warnings": "[]"})
+            if ids.dtype.kind in "OUS":
+                f.create_dataset("ids", data=ids.astype(str).astype(object), dtype=h5py.string_dtype())
+            else:
+                f.create_dataset("ids", data=ids.astype(np.int64))
+            g = f.create_group("scores")
+            for k, v in scores.items():
+                g.create_dataset(k, data=v)
+            f.create_group("per_checkpoint")   # none: the records are per (step, example)
+            rec = f.create_group("inrun")
+            for k, v in rows.items():
+                rec.create_dataset(k, data=v, compression="gzip", chunks=True)
+            for i, k in enumerate(("step", "lr", "target_norm")):
+                f.create_dataset(f"inrun_steps/{k}", data=steps[:, i])
+        return self.out
+
+    def __enter__(self) -> "InRun":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:   # training stopped: write nothing
+            self._closed = True
+
+    _busy = False
+
+
+class _Step:
+    """One training step's hooks (see :meth:`InRun.step`)."""
+
+    def __init__(self, rec: InRun, ids, y: torch.Tensor, lr: float | None, step: int) -> None:
+        self.rec, self.y, self.lr, self.step = rec, y, lr, step
+        self.ids = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids).reshape(-1)
+        if len(self.ids) != len(y):
+            raise ConfigError(f"invalid value for 'ids': {len(self.ids)} ids for {len(y)} targets y; give one id "
+                              f"per example of the batch")
+        if rec.targets is not None and lr is None and "inrun_value" in rec.config.scores:
+            raise ConfigError("invalid value for 'lr': inrun_value needs the step's learning rate; pass "
+                              "rec.step(ids, y, lr=...)")
+        self.stack = contextlib.ExitStack()
+        self.state = None
+        self.calls = 0
+        self.output: torch.Tensor | None = None
+        self.out_grad: torch.Tensor | None = None
+
+    def __enter__(self) -> "_Step":
+        rec = self.rec
+        for name, m in rec.model.named_modules():
+            if m.training and isinstance(m, nn.modules.batchnorm._BatchNorm):
+                raise EngineError(f"layer '{name}' ({type(m).__name__}) is in training mode: it normalizes "
+                                  f"each example with its batch's statistics, so no example has a gradient "
+                                  f"of its own; in-run scoring cannot record this model (score checkpoints "
+                                  f"in eval mode instead: gradscore run)")
+        self.target = rec._target_refs(self.step)
+        self.handles = [rec.model.register_forward_pre_hook(self._pre, with_kwargs=True),
+                        rec.model.register_forward_hook(self._post)]
+        return self
+
+    def _pre(self, module, args, kwargs):
+        rec = self.rec
+        if rec._busy:
+            return None
+        self.calls += 1
+        if self.calls > 1:
+            raise EngineError("the model was called twice inside one rec.step; wrap each forward+backward "
+                              "(each micro-batch) in its own rec.step")
+        x = _inputs(args, kwargs)
+        self.B = batch_len(x)
+        if self.B == 0:
+            return None
+        if not rec._laid_out:
+            self._lay_out(x)
+        self.state = self.stack.enter_context(rec.engine.recording(self.B, None if self.target is None
+                                                                   else self.target[0]))
+        return None
+
+    def _lay_out(self, x: Inputs) -> None:
+        """First step: each layer's batch dimension, and whether an example's output depends
+        on its batch, checked in eval mode on this batch."""
+        rec = self.rec
+        rec._busy = True
+        try:
+            with _aside(rec.model):
+                rec.engine.lay_out(x)
+                with torch.no_grad():
+                    batched = call_model(rec.model, x)
+                    alone = call_model(rec.model, take(x, 0))
+        finally:
+            rec._busy = False
+        if couples_examples(alone, batched):
+            raise EngineError("the model's output for an example depends on the rest of its batch; in-run "
+                              "scoring cannot give it a gradient of its own")
+        rec._refuse_fallback()
+        rec._laid_out = True
+
+    def _post(self, module, args, output):
+        if self.rec._busy or self.B == 0:
+            return None
+        try:
+            output = output_tensor(output)
+        except TypeError as e:
+            raise EngineError(f"in-run scoring reads the model's logits: {e}") from None
+        self.output = output.detach()
+        if output.requires_grad:
+            output.register_hook(self._grab)
+        return None
+
+    def _grab(self, grad: torch.Tensor) -> None:
+        self.out_grad = grad.detach()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for h in self.handles:
+            h.remove()
+        self.stack.close()                      # the hooks go; the rules of the δ's that came run
+        if exc_type is not None or getattr(self, "B", 1) == 0:
+            return None
+        if self.calls == 0:
+            raise EngineError("rec.step saw no call of the model; run the forward and backward inside it")
+        if self.rec.engine.moved_to_fallback():   # a layer not called, or called another way
+            self.rec._refuse_fallback()
+        if self.out_grad is None or self.state is None or self.state.sq is None:
+            raise EngineError("no backward reached the model inside rec.step; call loss.backward() inside the "
+                              "`with rec.step(...)` block")
+        self._record()
+        return None
+
+    def _record(self) -> None:
+        rec, z, y = self.rec, self.output, self.y
+        with torch.enable_grad():
+            leaf = z.detach().requires_grad_(True)
+            losses = rec.loss.fn(leaf, y)
+            (d,) = torch.autograd.grad(losses.sum(), leaf)
+        share = self._share(self.out_grad.reshape(self.B, -1).double(), d.reshape(self.B, -1).double())
+        sq_share = self.state.sq.double()
+        metrics = {k: v.detach() for k, v in classification_metrics(rec.loss, z, y).items()}
+        record = {"ids": self.ids, "step": np.full(self.B, self.step, dtype=np.int64),
+                  "lr": np.full(self.B, np.nan if self.lr is None else self.lr),
+                  "loss": losses.detach().double().cpu().numpy(), "share": share.cpu().numpy(),
+                  "share_sq_norm": sq_share.cpu().numpy(), "sq_norm": (sq_share / share ** 2).cpu().numpy()}
+        record.update({k: v.cpu().numpy() for k, v in metrics.items()})
+        if self.target is not None:
+            record["dot"] = self.state.dots[:, 0].double().cpu().numpy()
+            record["target_norm"] = np.full(self.B, self.target[1])
+        else:
+            record["dot"] = record["target_norm"] = np.full(self.B, np.nan)
+        rec._add(record, self.step, np.nan if self.lr is None else float(self.lr),
+                 np.nan if self.target is None else self.target[1])
+
+    def _share(self, delta: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """(B,) s_b with δ_b = s_b d_b (δ: the output gradient of the step's loss, d: of ℓ_b);
+        refused where δ_b is not such a multiple."""
+        dd = (d * d).sum(1)
+        s = (delta * d).sum(1) / dd.clamp(min=torch.finfo(torch.float64).tiny)
+        known = dd > 0
+        if not known.all():   # an example the loss no longer moves: the batch's share
+            s = torch.where(known, s, s[known].median() if known.any() else s.new_tensor(1.0))
+        tol = _SHARE_TOL.get(self.out_grad.dtype, 2e-2)
+        resid = (delta - s[:, None] * d).norm(dim=1)
+        bad = resid > tol * delta.norm(dim=1).clamp(min=tol * float(delta.norm(dim=1).max()))
+        if bad.any():
+            b = int(bad.nonzero()[0])
+            raise ConfigError(f"the step's loss is not a weighted sum of the per-example '{self.rec.loss.name}' "
+                              f"losses of the model's output (example {self.ids[b]!r}: its output gradient is "
+                              f"not a multiple of ∂ℓ/∂z, e.g. label smoothing); pass loss= the per-example loss "
+                              f"the step uses")
+        return s

@@ -1,0 +1,236 @@
+"""In-run scoring (gs.InRun): training is bit-identical with the recorder; every recorded
+quantity equals the per-example autograd loop at the step's parameters θ_t in float64."""
+from __future__ import annotations
+
+import copy
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradscore as gs
+from gradscore.demos.models import digits_cnn, mlp
+from gradscore.scores import inrun as inrun_scores
+
+
+def _train(model, x, y, *, steps, batch, opt="sgd", rec=None, targets_every=1, micro=1, seed=0,
+           loss_fn=None, snapshots=None):
+    """A plain training loop; with ``rec`` the three added lines. Returns the model."""
+    torch.manual_seed(seed)
+    optim = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if opt == "sgd"
+             else torch.optim.Adam(model.parameters(), lr=0.01))
+    loss_fn = loss_fn or (lambda z, t: F.cross_entropy(z, t))
+    g = torch.Generator().manual_seed(seed)
+    for t in range(steps):
+        idx = torch.randperm(len(y), generator=g)[:batch]
+        if snapshots is not None:
+            snapshots.append(({n: p.detach().clone() for n, p in model.named_parameters()}, idx))
+        for part in idx.chunk(micro):
+            if rec is None:
+                (loss_fn(model(x[part]), y[part]) / micro).backward()
+            else:
+                with rec.step(part, y[part], lr=0.1, step=t):
+                    (loss_fn(model(x[part]), y[part]) / micro).backward()
+        optim.step()
+        optim.zero_grad()
+    return model
+
+
+def _data(n=48, d=10, c=4, seed=0, dtype=torch.float64, image=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g, dtype=dtype) if image else torch.randn(n, d, generator=g, dtype=dtype)
+    return x, torch.randint(0, c, (n,), generator=g)
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_training_is_bit_identical_with_the_recorder(tmp_path, opt):
+    x, y = _data(dtype=torch.float32)
+    def fresh():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(10, 16), nn.ReLU(inplace=True), nn.Dropout(0.3), nn.Linear(16, 4))
+    plain = _train(fresh(), x, y, steps=6, batch=12, opt=opt)
+    rng_plain = torch.get_rng_state()
+    model = fresh()
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:8], y[:8]))
+    recorded = _train(model, x, y, steps=6, batch=12, opt=opt, rec=rec)
+    assert torch.equal(torch.get_rng_state(), rng_plain)     # dropout saw the same random numbers
+    for (n, a), (_, b) in zip(plain.state_dict().items(), recorded.state_dict().items()):
+        assert torch.equal(a, b), n
+    rec.close()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+def _reference(model, snapshot, x, y, targets, B):
+    """Per-example loop at θ_t: ℓ_b, ‖∇ℓ_b‖², ⟨∇ℓ_b, ∇J⟩ (J in eval mode), margin."""
+    m = copy.deepcopy(model).eval()
+    m.load_state_dict(snapshot)
+    params = list(m.parameters())
+    xt, yt = targets
+    gJ = torch.autograd.grad(F.cross_entropy(m(xt), yt), params)
+    out = []
+    for xb, yb in zip(x, y):
+        z = m(xb[None])
+        loss = F.cross_entropy(z, yb[None])
+        g = torch.autograd.grad(loss, params)
+        other = z[0].clone()
+        other[yb] = -torch.inf
+        out.append([float(v) for v in (loss, sum((gi ** 2).sum() for gi in g),
+                                       sum((gi * gj).sum() for gi, gj in zip(g, gJ)), z[0, yb] - other.max())])
+    return np.array(out)
+
+
+@pytest.mark.parametrize("family", ["mlp", "cnn"])
+@pytest.mark.parametrize("micro", [1, 2])
+def test_every_recorded_quantity_equals_the_per_example_loop(tmp_path, family, micro):
+    torch.manual_seed(0)
+    if family == "mlp":
+        model, (x, y) = mlp(d_in=10, hidden=12, n_classes=4, depth=2).double(), _data()
+    else:
+        model, (x, y) = digits_cnn(n_classes=4, channels=3).double(), _data(image=True)
+        next(m for m in model if isinstance(m, nn.Dropout)).p = 0.0   # the loop below runs without it
+    targets = (x[:6], y[:6])
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=targets)
+    snaps: list = []
+    _train(model, x, y, steps=4, batch=8, rec=rec, micro=micro, snapshots=snaps)
+    rec.close()
+    with h5py.File(tmp_path / "r.h5") as f:
+        rows = {k: f["inrun"][k][()] for k in f["inrun"]}
+        ids = f["ids"][()]
+    for t, (snap, idx) in enumerate(snaps):
+        at = rows["step"] == t
+        order = idx.numpy()
+        assert ids[rows["row"][at]].tolist() == order.tolist()     # recorded in the batch's order
+        want = _reference(model, snap, x[idx], y[idx], targets, len(idx))
+        np.testing.assert_allclose(rows["loss"][at], want[:, 0], rtol=1e-10)
+        np.testing.assert_allclose(rows["sq_norm"][at], want[:, 1], rtol=1e-9)
+        np.testing.assert_allclose(rows["share"][at], 1 / len(idx), rtol=1e-12)    # a mean over B (·micro)
+        np.testing.assert_allclose(rows["share_sq_norm"][at], want[:, 1] / len(idx) ** 2, rtol=1e-9)
+        np.testing.assert_allclose(rows["dot"][at], want[:, 2] / len(idx), rtol=1e-9, atol=1e-14)
+        np.testing.assert_allclose(rows["margin"][at], want[:, 3], rtol=1e-10)
+
+
+def test_share_is_read_from_the_loss_sum_and_class_weights(tmp_path):
+    torch.manual_seed(0)
+    model, (x, y) = mlp(d_in=10, hidden=8, n_classes=4, depth=1).double(), _data()
+    w = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
+    rec = gs.InRun(model, out=tmp_path / "r.h5")
+    snaps: list = []
+    _train(model, x, y, steps=2, batch=8, rec=rec, snapshots=snaps,
+           loss_fn=lambda z, t: F.cross_entropy(z, t, weight=w))
+    rec.close()
+    with h5py.File(tmp_path / "r.h5") as f:
+        share, step = f["inrun/share"][()], f["inrun/step"][()]
+    for t, (_, idx) in enumerate(snaps):
+        want = (w[y[idx]] / w[y[idx]].sum()).numpy()
+        np.testing.assert_allclose(share[step == t], want, rtol=1e-10)
+
+
+def test_adam_preconditioned_target(tmp_path):
+    torch.manual_seed(0)
+    model, (x, y) = mlp(d_in=10, hidden=8, n_classes=4, depth=1).double(), _data()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:6], y[:6]), optimizer=opt)
+    for t in range(3):
+        idx = torch.arange(8 * t, 8 * t + 8)
+        if t == 2:
+            m = copy.deepcopy(model).eval()
+            params = list(m.parameters())
+            gJ = torch.autograd.grad(F.cross_entropy(m(x[:6]), y[:6]), params)
+            pre = []
+            for g, p in zip(gJ, model.parameters()):
+                s = opt.state[p]
+                v_hat = s["exp_avg_sq"] / (1 - 0.999 ** float(s["step"]))
+                pre.append(g / (v_hat.sqrt() + 1e-8))
+            want = []
+            for b in idx:
+                gb = torch.autograd.grad(F.cross_entropy(m(x[b][None]), y[b][None]), params)
+                want.append(float(sum((a * c).sum() for a, c in zip(gb, pre))) / 8)
+        with rec.step(idx, y[idx], lr=0.01):
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        opt.zero_grad()
+    rec.close()
+    with h5py.File(tmp_path / "r.h5") as f:
+        dot, step = f["inrun/dot"][()], f["inrun/step"][()]
+    np.testing.assert_allclose(dot[step == 2], want, rtol=1e-9)
+
+
+def test_aggregates_over_presentations_by_hand():
+    rows = {"row": np.array([0, 1, 0, 0, 1]), "step": np.array([0, 0, 1, 2, 2]),
+            "loss": np.array([1.0, 2.0, 3.0, 5.0, 4.0]), "correct": np.array([1, 0, 0, 1, 0], dtype=np.int8),
+            "margin": np.array([1.0, -1.0, -2.0, 4.0, -3.0]), "lr": np.array([0.1, 0.1, 0.2, 0.3, 0.3]),
+            "dot": np.array([1.0, 2.0, np.nan, 2.0, -1.0]), "p_gold": np.array([0.5, 0.1, 0.3, 0.7, 0.2])}
+    s = inrun_scores.aggregate(rows, 2, {"loss", "forgetting", "aum", "inrun_value", "confidence", "variability"})
+    assert s["loss"].tolist() == [3.0, 3.0]
+    assert s["aum"].tolist() == [1.0, -2.0]
+    assert s["forgetting"].tolist() == [1.0, 2.0]       # 1 → 0 once; never correct: 2 presentations
+    np.testing.assert_allclose(s["inrun_value"], [0.1 * 1 + 0.3 * 2, 0.1 * 2 - 0.3])   # NaN steps skipped
+    np.testing.assert_allclose(s["confidence"], [0.5, 0.15])
+    np.testing.assert_allclose(s["variability"], [np.std([0.5, 0.3, 0.7]), np.std([0.1, 0.2])])
+
+
+def test_refusals_are_one_clear_line(tmp_path):
+    x, y = _data(dtype=torch.float32)
+    bn = nn.Sequential(nn.Linear(10, 8), nn.BatchNorm1d(8), nn.Linear(8, 4))
+    rec = gs.InRun(bn, out=tmp_path / "a.h5")
+    with pytest.raises(gs.EngineError, match="BatchNorm1d.*training mode"):
+        with rec.step(range(8), y[:8]):
+            pass
+    model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
+    rec = gs.InRun(model, out=tmp_path / "b.h5")
+    with pytest.raises(gs.ConfigError, match="not a weighted sum"):
+        with rec.step(range(8), y[:8]):
+            F.cross_entropy(model(x[:8]), y[:8], label_smoothing=0.1).backward()
+    with pytest.raises(gs.EngineError, match="backward"):
+        with rec.step(range(8), y[:8]):
+            model(x[:8])
+    with pytest.raises(gs.EngineError, match="called twice"):
+        with rec.step(range(8), y[:8]):
+            model(x[:8]) + model(x[:8])
+    with pytest.raises(gs.ConfigError, match="ids"):
+        rec.step(range(7), y[:8])
+    with pytest.raises(gs.ConfigError, match="lr"):
+        gs.InRun(model, out=tmp_path / "c.h5", targets=(x[:4], y[:4])).step(range(8), y[:8])
+    with pytest.raises(gs.ConfigError, match="nothing written"):
+        rec.close()
+    assert not (tmp_path / "b.h5").exists()
+    (tmp_path / "mine.txt").write_text("keep")
+    with pytest.raises(gs.OutputError):
+        gs.InRun(model, out=tmp_path / "mine.txt", overwrite=True)
+    assert (tmp_path / "mine.txt").read_text() == "keep"
+
+
+def test_nothing_is_written_when_training_stops(tmp_path):
+    x, y = _data(dtype=torch.float32)
+    model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
+    with pytest.raises(KeyboardInterrupt):
+        with gs.InRun(model, out=tmp_path / "r.h5") as rec:
+            with rec.step(range(8), y[:8]):
+                F.cross_entropy(model(x[:8]), y[:8]).backward()
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_the_scores_file_works_with_the_commands(tmp_path, capsys):
+    from gradscore.cli import main
+    x, y = _data(dtype=torch.float32)
+    model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
+    with gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:8], y[:8])) as rec:
+        _train(model, x, y, steps=12, batch=12, rec=rec)
+    scores = gs.load_scores(tmp_path / "r.h5")
+    assert set(scores["scores"]) == set(gs.inrun.recorder.DEFAULT_SCORES)
+    assert len(scores["ids"]) == len(np.unique(scores["ids"])) <= 48
+    for argv in (["info", str(tmp_path / "r.h5")],
+                 ["diagnose", str(tmp_path / "r.h5"), "--out", str(tmp_path / "d")],
+                 ["select", str(tmp_path / "r.h5"), "--by", "inrun_value", "--keep", "0.5",
+                  "--out", str(tmp_path / "keep.json")],
+                 ["flag", str(tmp_path / "r.h5"), "--score", "aum", "--out", str(tmp_path / "f.json")],
+                 ["plot", str(tmp_path / "r.h5"), "--out", str(tmp_path / "map.png")],
+                 ["plot", str(tmp_path / "r.h5"), "--kind", "hist", "--out", str(tmp_path / "hist.png")],
+                 ["export", str(tmp_path / "r.h5"), "--format", "csv", "--out", str(tmp_path / "r.csv")]):
+        assert main(argv) == 0, argv
