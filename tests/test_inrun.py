@@ -176,7 +176,7 @@ def test_refusals_are_one_clear_line(tmp_path):
     x, y = _data(dtype=torch.float32)
     bn = nn.Sequential(nn.Linear(10, 8), nn.BatchNorm1d(8), nn.Linear(8, 4))
     rec = gs.InRun(bn, out=tmp_path / "a.h5")
-    with pytest.raises(gs.EngineError, match="BatchNorm1d.*training mode"):
+    with pytest.raises(gs.EngineError, match="'1' \\(BatchNorm1d\\) is in training mode.*GroupNorm or LayerNorm"):
         with rec.step(range(8), y[:8]):
             pass
     model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
@@ -192,6 +192,8 @@ def test_refusals_are_one_clear_line(tmp_path):
             model(x[:8]) + model(x[:8])
     with pytest.raises(gs.ConfigError, match="ids"):
         rec.step(range(7), y[:8])
+    with pytest.raises(gs.ConfigError, match="'ids': 3 appears 2 times in one step"):
+        rec.step([0, 1, 2, 3, 3, 4, 5, 6], y[:8])
     with pytest.raises(gs.ConfigError, match="lr"):
         gs.InRun(model, out=tmp_path / "c.h5", targets=(x[:4], y[:4])).step(range(8), y[:8])
     with pytest.raises(gs.ConfigError, match="nothing written"):
@@ -234,3 +236,47 @@ def test_the_scores_file_works_with_the_commands(tmp_path, capsys):
                  ["plot", str(tmp_path / "r.h5"), "--kind", "hist", "--out", str(tmp_path / "hist.png")],
                  ["export", str(tmp_path / "r.h5"), "--format", "csv", "--out", str(tmp_path / "r.csv")]):
         assert main(argv) == 0, argv
+
+
+_KILLED = """
+import sys, time, torch, torch.nn.functional as F
+import gradscore as gs
+from gradscore.demos.models import mlp
+torch.manual_seed(0)
+model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
+x, y = torch.randn(64, 10), torch.randint(0, 4, (64,))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+rec = gs.InRun(model, out=sys.argv[1], flush_every=0)
+for t in range(10**6):
+    idx = torch.arange(t % 8 * 8, t % 8 * 8 + 8)
+    with rec.step(idx, y[idx], lr=0.1):
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+    opt.step(); opt.zero_grad()
+    print(t, file=sys.stderr, flush=True)
+"""
+
+
+def test_a_killed_recording_leaves_a_readable_file_of_the_flushed_steps(tmp_path):
+    import subprocess
+    import sys
+    from helpers import sigkill_when
+    script, out = tmp_path / "train.py", tmp_path / "r.h5"
+    script.write_text(_KILLED)
+    partial = tmp_path / "r.h5.partial"
+    sigkill_when([sys.executable, str(script), str(out)],
+                 lambda: partial.exists() and len(list(partial.glob("rank*.npz"))) >= 20)
+    res = gs.load_scores(out)                          # complete and readable, the steps flushed before the kill
+    steps = h5py.File(out)["inrun/step"][()]
+    assert len(np.unique(steps)) >= 19 and set(res["scores"]) >= {"loss", "aum", "forgetting"}
+    info = subprocess.run([sys.executable, "-m", "gradscore", "info", str(out)], capture_output=True, text=True)
+    assert "interrupted or still recording" in info.stdout
+    model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
+    with pytest.raises(gs.OutputError, match="overwrite"):
+        gs.InRun(model, out=out)
+    rec = gs.InRun(model, out=out, overwrite=True)         # a new recording discards the old journal
+    assert not partial.exists()
+    x, y = _data(dtype=torch.float32)
+    with rec.step(range(8), y[:8]):
+        F.cross_entropy(model(x[:8]), y[:8]).backward()
+    rec.close()
+    assert len(h5py.File(out)["inrun/step"]) == 8 and not partial.exists()

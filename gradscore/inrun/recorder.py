@@ -46,26 +46,26 @@ atomically (nothing is written if training stops before it).
 from __future__ import annotations
 
 import contextlib
-import json
+import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import h5py
 import numpy as np
 import torch
 from torch import nn
 
-from .._version import __version__
 from ..batch import Inputs, batch_len, call_model, output_tensor, take
 from ..engines.ghost import GhostEngine
 from ..engines.layout import couples_examples
 from ..exceptions import ConfigError, EngineError
-from ..io.atomic import atomic_path
+from ..io.journal import Journal
 from ..io.outputs import claim
 from ..losses import Loss, resolve_loss
 from ..scores import inrun as inrun_scores
 from ..scores.datadiet import classification_metrics
+from .store import RowJournal, read_rows, write
 
 DEFAULT_SCORES = ("loss", "grand", "el2n", "aum", "forgetting", "confidence", "variability", "correctness",
                   "inrun_value", "inrun_value_cos")
@@ -114,6 +114,28 @@ def _aside(model: nn.Module) -> Iterator[None]:
                 m.training = mode
 
 
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _recording_id() -> str:
+    """One id for a recording, the same on every rank (rank 0's, broadcast)."""
+    import torch.distributed as dist
+    token = [uuid.uuid4().hex]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(token, src=0)
+    return token[0]
+
+
 def _inputs(args: tuple, kwargs: dict) -> Inputs:
     if len(args) == 1 and not kwargs:
         return args[0]
@@ -132,12 +154,13 @@ class InRun:
     ``overwrite``). targets: (x, y) target examples for ``inrun_value`` (or None).
     every: steps between target gradients. optimizer: an Adam/AdamW whose state
     preconditions the target gradient (None: plain dot). scores: what close() writes.
+    flush_every: seconds between flushes to disk (a crash loses at most these steps).
     """
 
     def __init__(self, model: nn.Module, *, loss: str | Loss = "cross_entropy", out: str | Path,
                  targets: tuple[Inputs, torch.Tensor] | None = None, every: int = 1,
                  optimizer: torch.optim.Optimizer | None = None, scores: Sequence[str] = DEFAULT_SCORES,
-                 overwrite: bool = False) -> None:
+                 flush_every: float = 60.0, overwrite: bool = False) -> None:
         self.model, self.loss = model, resolve_loss(loss)
         pre = "none" if optimizer is None else "adam"
         if optimizer is not None and not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
@@ -145,7 +168,6 @@ class InRun:
                               f"precondition the target (leave it out for SGD: the plain dot is exact)")
         self.config = InRunConfig(out=str(out), loss=self.loss.name, scores=tuple(scores), every=every,
                                   targets=0 if targets is None else batch_len(targets[0]), preconditioner=pre)
-        self.out = claim(out, "scores", overwrite=overwrite)
         self.targets, self.optimizer = targets, optimizer
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         if not names:
@@ -153,11 +175,25 @@ class InRun:
         self.params = dict(model.named_parameters())
         self.engine = GhostEngine(model, self.loss, names)
         self._refuse_fallback()
+        self.rank, self.world = _rank_world()
+        # DDP averages the ranks' gradients: an example's share of the update is its share of its rank's loss / W
+        self._world_share = self.world if isinstance(model, nn.parallel.DistributedDataParallel) else 1
+        self.fingerprint = {"inrun": type(model).__name__, "parameters": names, "config": self.config.to_dict(),
+                            "recording": _recording_id()}
+        if self.rank == 0:
+            self.out = claim(out, "scores", overwrite=overwrite)
+            self.journal = Journal(self.out, self.fingerprint, overwrite=overwrite)
+        _barrier()
+        if self.rank != 0:
+            self.out = Path(out)
+            self.journal = Journal.attach(self.out, self.fingerprint)
+        self._row_files = RowJournal(self.journal, self.rank)
+        self.flush_every = float(flush_every)
+        self._flushed, self._write_seconds = time.monotonic(), 0.0
         self._laid_out = False
         self._count = 0                       # rec.step calls so far
         self._refs: tuple[Any, list[torch.Tensor], float] | None = None   # (step, refs, ‖∇J‖) cached
-        self._records: list[dict[str, np.ndarray]] = []
-        self._steps: list[tuple[int, float, float]] = []
+        self._pending: list[dict[str, np.ndarray]] = []
         self._closed = False
 
     def _refuse_fallback(self) -> None:
@@ -219,42 +255,47 @@ class InRun:
             out.append(g / (v_hat.sqrt() + eps))
         return out
 
-    def _add(self, record: dict[str, np.ndarray], step: int, lr: float, target_norm: float) -> None:
-        self._records.append(record)
-        self._steps.append((step, lr, target_norm))
+    def _add(self, record: dict[str, np.ndarray]) -> None:
+        self._pending.append(record)
+        if time.monotonic() - self._flushed >= max(self.flush_every, 10 * self._write_seconds):
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the records since the last flush to the journal and (rank 0) rewrite the
+        scores file from all of them; called every ``flush_every`` seconds (at least ten
+        times the last rewrite's duration apart, so rewriting costs at most a tenth of the
+        time) and by :meth:`close`."""
+        self._row_files.append(self._pending)
+        self._pending = []
+        if self.rank == 0:
+            self._write(complete=False)
+        self._flushed = time.monotonic()
+
+    def _write(self, complete: bool) -> None:
+        t0 = time.monotonic()
+        rows = read_rows(self.journal)
+        if rows is not None:
+            write(self.out, rows, config=self.config.to_dict(), fingerprint=self.fingerprint, loss=self.loss.name,
+                  wanted=set(self.config.scores), complete=complete)
+        self._write_seconds = time.monotonic() - t0
 
     def close(self) -> Path:
-        """Write the scores file (atomically) and return its path; the recorder is done."""
+        """Write the scores file (atomically), drop the journal and return the path; the
+        recorder is done. Under torch.distributed every rank calls it; rank 0 writes."""
         if self._closed:
             return self.out
         self._closed = True
-        if not self._records:
-            raise ConfigError(f"{self.out}: no step was recorded (call rec.step(...) around the training "
-                              f"steps); nothing written")
-        rows = {k: np.concatenate([r[k] for r in self._records]) for k in self._records[0] if k != "ids"}
-        all_ids = np.concatenate([r["ids"] for r in self._records])
-        ids, rows["row"] = np.unique(all_ids, return_inverse=True)
-        rows["row"] = rows["row"].reshape(-1)
-        scores = inrun_scores.aggregate(rows, len(ids), set(self.config.scores))
-        steps = np.array(self._steps, dtype=np.float64).reshape(-1, 3)
-        with atomic_path(self.out) as tmp, h5py.File(tmp, "w") as f:
-            f.attrs["config"] = json.dumps(self.config.to_dict(), sort_keys=True)
-            f.attrs["fingerprint"] = json.dumps({"inrun": type(self.model).__name__,
-                                                 "parameters": self.engine.param_names}, sort_keys=True)
-            f.attrs.update({"gradscore_version": __version__, "loss": self.loss.name, "warnings": "[]"})
-            if ids.dtype.kind in "OUS":
-                f.create_dataset("ids", data=ids.astype(str).astype(object), dtype=h5py.string_dtype())
-            else:
-                f.create_dataset("ids", data=ids.astype(np.int64))
-            g = f.create_group("scores")
-            for k, v in scores.items():
-                g.create_dataset(k, data=v)
-            f.create_group("per_checkpoint")   # none: the records are per (step, example)
-            rec = f.create_group("inrun")
-            for k, v in rows.items():
-                rec.create_dataset(k, data=v, compression="gzip", chunks=True)
-            for i, k in enumerate(("step", "lr", "target_norm")):
-                f.create_dataset(f"inrun_steps/{k}", data=steps[:, i])
+        self._row_files.append(self._pending)
+        self._pending = []
+        _barrier()
+        if self.rank == 0:
+            if read_rows(self.journal) is None:
+                self.journal.finish()
+                raise ConfigError(f"{self.out}: no step was recorded (call rec.step(...) around the training "
+                                  f"steps); nothing written")
+            self._write(complete=True)
+            self.journal.finish()
+        _barrier()
         return self.out
 
     def __enter__(self) -> "InRun":
@@ -263,7 +304,7 @@ class InRun:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        else:   # training stopped: write nothing
+        else:   # training stopped: the flushed steps stay readable in the file
             self._closed = True
 
     _busy = False
@@ -278,6 +319,10 @@ class _Step:
         if len(self.ids) != len(y):
             raise ConfigError(f"invalid value for 'ids': {len(self.ids)} ids for {len(y)} targets y; give one id "
                               f"per example of the batch")
+        uniq, counts = np.unique(self.ids, return_counts=True)
+        if (counts > 1).any():
+            raise ConfigError(f"invalid value for 'ids': {uniq[counts > 1][0].item()!r} appears {counts.max()} times in "
+                              f"one step; each example of a batch needs its own id (its index in the dataset)")
         if rec.targets is not None and lr is None and "inrun_value" in rec.config.scores:
             raise ConfigError("invalid value for 'lr': inrun_value needs the step's learning rate; pass "
                               "rec.step(ids, y, lr=...)")
@@ -293,8 +338,9 @@ class _Step:
             if m.training and isinstance(m, nn.modules.batchnorm._BatchNorm):
                 raise EngineError(f"layer '{name}' ({type(m).__name__}) is in training mode: it normalizes "
                                   f"each example with its batch's statistics, so no example has a gradient "
-                                  f"of its own; in-run scoring cannot record this model (score checkpoints "
-                                  f"in eval mode instead: gradscore run)")
+                                  f"of its own. Use GroupNorm or LayerNorm, or freeze its statistics "
+                                  f"(call .eval() on the BatchNorm layers after model.train()), or score "
+                                  f"saved checkpoints in eval mode (gradscore run)")
         self.target = rec._target_refs(self.step)
         self.handles = [rec.model.register_forward_pre_hook(self._pre, with_kwargs=True),
                         rec.model.register_forward_hook(self._post)]
@@ -375,6 +421,7 @@ class _Step:
             losses = rec.loss.fn(leaf, y)
             (d,) = torch.autograd.grad(losses.sum(), leaf)
         share = self._share(self.out_grad.reshape(self.B, -1).double(), d.reshape(self.B, -1).double())
+        share = share / rec._world_share
         sq_share = self.state.sq.double()
         metrics = {k: v.detach() for k, v in classification_metrics(rec.loss, z, y).items()}
         record = {"ids": self.ids, "step": np.full(self.B, self.step, dtype=np.int64),
@@ -387,8 +434,7 @@ class _Step:
             record["target_norm"] = np.full(self.B, self.target[1])
         else:
             record["dot"] = record["target_norm"] = np.full(self.B, np.nan)
-        rec._add(record, self.step, np.nan if self.lr is None else float(self.lr),
-                 np.nan if self.target is None else self.target[1])
+        rec._add(record)
 
     def _share(self, delta: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """(B,) s_b with δ_b = s_b d_b (δ: the output gradient of the step's loss, d: of ℓ_b);

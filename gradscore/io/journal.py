@@ -88,6 +88,16 @@ class Journal:
                         f"--overwrite to discard it")
                 shutil.rmtree(self.partial)
 
+    @classmethod
+    def attach(cls, out: str | Path, fingerprint: dict) -> "Journal":
+        """The journal of ``out`` that another process (rank 0) has checked: no checks, no
+        cleanup, only :meth:`open` and :meth:`unit`."""
+        self = cls.__new__(cls)
+        self.out = Path(out)
+        self.partial = self.out.with_name(self.out.name + ".partial")
+        self._meta, self.fingerprint, self.complete = self.partial / "meta.json", fingerprint, False
+        return self
+
     def open(self) -> None:
         """Make the journal's folder and its fingerprint; writers call it before each unit."""
         if not self._meta.exists():

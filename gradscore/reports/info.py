@@ -81,6 +81,7 @@ def _describe_dataset(path: Path) -> str:
 
 
 def _describe_scores(path: Path) -> str:
+    import textwrap
     with h5py.File(path, "r") as f:
         cfg = json.loads(f.attrs["config"])
         fp = json.loads(f.attrs["fingerprint"])
@@ -90,17 +91,21 @@ def _describe_scores(path: Path) -> str:
         window = f" (epochs <= {cfg['epochs_upto']:g})" if cfg.get("epochs_upto") is not None else ""
         head = f"scores file {path} (gradscore {f.attrs.get('gradscore_version', '?')})"
         if cfg.get("inrun"):   # recorded during training (gs.InRun): rows per (step, example)
-            steps = f["inrun_steps/step"][()]
-            with_target = int(np.isfinite(f["inrun_steps/target_norm"][()]).sum())
-            lines = [head + ", recorded in training (gs.InRun)",
-                     f"  {n:,} examples, {len(f['inrun/row']):,} records over {len(np.unique(steps))} steps, "
-                     f"target gradient at {with_target} of {len(steps)} step calls (every {cfg['every']}; "
-                     f"preconditioner {cfg['preconditioner']})"]
+            step, with_target = f["inrun/step"][()], np.isfinite(f["inrun/target_norm"][()])
+            state = "" if f.attrs.get("inrun_complete", True) else "; interrupted or still recording"
+            lines = [head + f", recorded in training (gs.InRun){state}",
+                     f"  {n:,} examples, {len(step):,} records over {len(np.unique(step))} steps, target gradient "
+                     f"at {len(np.unique(step[with_target]))} of them (every {cfg['every']}; preconditioner "
+                     f"{cfg['preconditioner']})"]
         else:
             lines = [head, f"  checkpoints {cfg['checkpoints']}, data {cfg['data']}, engine {cfg['engine']}",
                      f"  {n:,} examples{f' ({subset})' if subset else ''}, {T} of {total} checkpoints{window}"]
-        lines += [*_fold("per_checkpoint (T×N)", {k: "×".join(map(str, f["per_checkpoint"][k].shape))
-                                                for k in f["per_checkpoint"]}, sep=" ")]
+        if cfg.get("inrun"):
+            lines += textwrap.wrap(", ".join(f["inrun"]), width=96, initial_indent="  per record: ",
+                                   subsequent_indent="    ")
+        else:
+            lines += _fold("per_checkpoint (T×N)", {k: "×".join(map(str, f["per_checkpoint"][k].shape))
+                                                    for k in f["per_checkpoint"]}, sep=" ")
         for k in f["scores"]:
             s = f["scores"][k][()]
             finite = np.isfinite(s)

@@ -1,0 +1,89 @@
+"""Where in-run records go: a journal of row files, and the scores file made from them.
+
+Each rank appends its records as immutable files ``<out>.partial/rank<r>_<k>.npz``
+(written atomically, so a crash loses only the rows not yet flushed). Rank 0 writes
+``out`` from every row file present, atomically, at each flush of its own and at the
+end: the file on disk is always a complete, readable scores file of the steps flushed so
+far (``inrun_complete`` says whether the recording ended). Rows are ordered by step
+(stable: rank, then recording order), so the scores do not depend on the flush times or
+the number of ranks.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .._version import __version__
+from ..io.atomic import atomic_path
+from ..io.journal import Journal
+from ..scores import inrun as inrun_scores
+
+#: per-row fields and their stored dtype (ids are kept as given: int64 or str)
+FIELDS = {"step": np.int64, "lr": np.float64, "loss": np.float64, "share": np.float64, "share_sq_norm": np.float64,
+          "sq_norm": np.float64, "el2n": np.float64, "p_gold": np.float64, "correct": np.int8,
+          "margin": np.float64, "dot": np.float64, "target_norm": np.float64}
+
+
+class RowJournal:
+    """One rank's row files in the journal of ``out`` (see the module docstring)."""
+
+    def __init__(self, journal: Journal, rank: int) -> None:
+        self.journal, self.rank, self.count = journal, rank, 0
+
+    def append(self, records: list[dict[str, np.ndarray]]) -> None:
+        """Write ``records`` (dicts of (B,) arrays, ``ids`` and :data:`FIELDS`) as one row file."""
+        if not records:
+            return
+        rows = {k: np.concatenate([r[k] for r in records]) for k in records[0]}
+        rows = {k: (v if k == "ids" else v.astype(FIELDS[k])) for k, v in rows.items()}
+        if rows["ids"].dtype.kind in "OUS":
+            rows["ids"] = rows["ids"].astype(str)
+        self.journal.open()
+        with atomic_path(self.journal.unit(f"rank{self.rank:03d}_{self.count:06d}.npz")) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **rows)
+        self.count += 1
+
+
+def read_rows(journal: Journal) -> dict[str, np.ndarray] | None:
+    """Every rank's rows in step order (None if there are none yet)."""
+    files = sorted(journal.partial.glob("rank*_*.npz")) if journal.partial.exists() else []
+    if not files:
+        return None
+    parts = []
+    for path in files:
+        with np.load(path) as z:
+            parts.append({k: z[k] for k in z.files})
+    rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = np.argsort(rows["step"], kind="stable")
+    return {k: v[order] for k, v in rows.items()}
+
+
+def write(out: Path, rows: dict[str, np.ndarray], *, config: dict[str, Any], fingerprint: dict, loss: str,
+          wanted: set[str], complete: bool) -> None:
+    """The scores file ``out`` from step-ordered ``rows``: ``/ids`` (sorted unique), ``/scores``
+    (:mod:`gradscore.scores.inrun`), ``/inrun/<field>`` with ``/inrun/row`` (index into
+    ``/ids``), an empty ``/per_checkpoint`` and the run's attributes; atomically."""
+    ids, row = np.unique(rows["ids"], return_inverse=True)
+    fields = {k: v for k, v in rows.items() if k != "ids"}
+    fields["row"] = row.reshape(-1).astype(np.int64)
+    scores = inrun_scores.aggregate(fields, len(ids), wanted)
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs.update({"config": json.dumps(config, sort_keys=True), "fingerprint": json.dumps(fingerprint,
+                                                                                               sort_keys=True),
+                        "gradscore_version": __version__, "loss": loss, "warnings": "[]",
+                        "inrun_complete": complete})
+        if ids.dtype.kind in "OUS":
+            f.create_dataset("ids", data=ids.astype(object), dtype=h5py.string_dtype())
+        else:
+            f.create_dataset("ids", data=ids.astype(np.int64))
+        group = f.create_group("scores")
+        for k, v in scores.items():
+            group.create_dataset(k, data=v)
+        f.create_group("per_checkpoint")   # none: the records are per (step, example)
+        rec = f.create_group("inrun")
+        for k, v in fields.items():
+            rec.create_dataset(k, data=v, compression="gzip", chunks=True)
