@@ -280,3 +280,15 @@ def test_a_killed_recording_leaves_a_readable_file_of_the_flushed_steps(tmp_path
         F.cross_entropy(model(x[:8]), y[:8]).backward()
     rec.close()
     assert len(h5py.File(out)["inrun/step"]) == 8 and not partial.exists()
+
+
+def test_demo_inrun_fast(tmp_path):
+    from gradscore.demos.inrun import run_inrun_demo
+    lines: list[str] = []
+    summary = run_inrun_demo(tmp_path / "demo", epochs=2, n_train=200, progress=False, echo=lines.append)
+    assert summary["bit_identical"] is True
+    assert set(summary["inrun"]) == {"loss", "el2n", "grand", "aum", "forgetting", "confidence", "inrun_value",
+                                     "inrun_value_cos"}
+    assert all(0.0 <= auroc <= 1.0 for auroc, _ in summary["inrun"].values())
+    assert summary["overhead_norms"] > 0 and any("bit-identical with the recorder: True" in x for x in lines)
+    assert gs.load_scores(tmp_path / "demo" / "inrun.h5")["scores"]["loss"].shape == (200,)

@@ -15,7 +15,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                  "path as `run`, print how well each score finds the flipped labels, "
                  "and write DIR/data/train.h5, DIR/ckpts/, DIR/scores.h5, DIR/report.png.")
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="output directory (default gradscore_demo, gradscore_demo_pds or gradscore_demo_lm)")
+                   help="output directory (default gradscore_demo, gradscore_demo_pds, gradscore_demo_lm or "
+                   "gradscore_demo_inrun)")
     p.add_argument("--epochs", type=int, default=15, help="training epochs (one checkpoint each)")
     p.add_argument("--pds", action="store_true",
                    help="optimal-control (PDS) demo: full-batch GD on the noisy set, clean "
@@ -24,6 +25,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    help="language-model demo: a tiny GPT-2 (needs the 'hf' extra) on the docstrings of "
                    "Python's standard library, 20%% of documents corrupted, clean held-out target; "
                    "loss, GraNd, target_dot and PDS per document")
+    p.add_argument("--inrun", action="store_true",
+                   help="in-run demo: the same digits scored during training by gs.InRun (no checkpoint "
+                   "needed), each score's AUROC next to the checkpoint-based one, and the recorder's "
+                   "overhead as a ratio of training times in this run")
     p.add_argument("--docs", type=int, default=800, help="--lm: training documents")
     p.add_argument("--steps", type=int, default=None,
                    help="--pds/--lm: gradient-descent steps (default 30 / 6)")
@@ -39,6 +44,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         extra = {} if args.steps is None else {"steps": args.steps}
         run_lm_demo(args.out or "gradscore_demo_lm", n_docs=args.docs, engine=args.engine,
                     progress=not args.quiet, **extra)
+        return 0
+    if args.inrun:
+        from ..demos.inrun import run_inrun_demo
+        run_inrun_demo(args.out or "gradscore_demo_inrun", epochs=args.epochs, n_train=args.n_train,
+                       engine=args.engine, progress=not args.quiet)
         return 0
     if args.pds:
         from ..demos.digits import run_pds_demo
