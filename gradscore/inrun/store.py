@@ -16,6 +16,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+import torch
 
 from .._version import __version__
 from ..io.atomic import atomic_path
@@ -28,6 +29,13 @@ FIELDS = {"step": np.int64, "lr": np.float64, "loss": np.float64, "share": np.fl
           "margin": np.float64, "dot": np.float64, "target_norm": np.float64}
 
 
+def _concat(parts: list) -> np.ndarray:
+    """One array from per-step numpy arrays or (device) tensors, copied to the host once."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat([p.detach().double() if p.is_floating_point() else p for p in parts]).cpu().numpy()
+    return np.concatenate(parts)
+
+
 class RowJournal:
     """One rank's row files in the journal of ``out`` (see the module docstring)."""
 
@@ -35,10 +43,11 @@ class RowJournal:
         self.journal, self.rank, self.count = journal, rank, 0
 
     def append(self, records: list[dict[str, np.ndarray]]) -> None:
-        """Write ``records`` (dicts of (B,) arrays, ``ids`` and :data:`FIELDS`) as one row file."""
+        """Write ``records`` (dicts of (B,) arrays or tensors, ``ids`` and :data:`FIELDS`) as one
+        row file."""
         if not records:
             return
-        rows = {k: np.concatenate([r[k] for r in records]) for k in records[0]}
+        rows = {k: _concat([r[k] for r in records]) for k in records[0]}
         rows = {k: (v if k == "ids" else v.astype(FIELDS[k])) for k, v in rows.items()}
         if rows["ids"].dtype.kind in "OUS":
             rows["ids"] = rows["ids"].astype(str)

@@ -1,0 +1,147 @@
+"""In-run scoring's overhead: training steps with ``gs.InRun`` against the same steps
+without it, side by side in one run (CPU or CUDA).
+
+    python -m bench.inrun [--repeats 5] [--json bench/results/inrun_cpu.json --overwrite]
+
+For each model (the MLP 784-1024-1024-10 at batch 256, the d=128 transformer at T=64,
+the demo's digits CNN and, with ``transformers``, the LM demo's GPT-2 at T=128) one call
+is 10 training steps (forward, mean loss, backward, SGD step) and is timed, best of
+``repeats`` calls, alternately with the plain steps:
+
+- ``norms``: the recorder with no target: loss, ‖∇ℓ_b‖², margins per example;
+- ``target_every1`` / ``target_every10``: and the gradient of a target batch of 64
+  examples (one extra forward+backward) at every step / every 10th step, with the dots.
+
+Each row is a ratio to the plain steps timed in the same pairing; peak memory of one
+step is the rise of the resident set (CPU, measured in a child process as in
+``bench.engines``) or ``torch.cuda.max_memory_allocated``, as a ratio to plain's.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+import gradscore as gs
+from bench.engines import _inputs, _Memory, measured_child, model_cases, paired_times
+from gradscore._version import __version__
+from gradscore.batch import call_model
+from gradscore.io.outputs import claim
+from gradscore.losses import resolve_loss
+
+CASES = {"mlp_784_1024_1024": 256, "transformer_d128_T64": 64, "digits_cnn": 64, "gpt2_d64_T128": 32}
+STEPS = 10           # training steps per timed call
+N_TARGET = 64
+METHODS = {"plain": None, "norms": None, "target_every1": 1, "target_every10": 10}
+
+
+def _steppers(name: str, B: int, device: str, work: Path, steps: int = STEPS) -> dict[str, Callable[[], None]]:
+    """{method: a call of ``steps`` training steps}, each on its own copy of the model."""
+    case = model_cases(device)[name]
+    torch.manual_seed(0)
+    base = case.factory().to(device).train()
+    x, y, _ = _inputs(case, base, B, device)
+    xt, yt, _ = _inputs(case, base, N_TARGET, device)
+    loss_fn = resolve_loss(case.loss).fn
+    ids = torch.arange(B)
+    out: dict[str, Callable[[], None]] = {}
+    for method, every in METHODS.items():
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        rec = None if method == "plain" else gs.InRun(
+            model, loss=case.loss, out=work / f"{name}_{method}.h5", overwrite=True, flush_every=1e12,
+            targets=None if every is None else (xt, yt), every=every or 1)
+        count = [0]
+
+        def call(model=model, opt=opt, rec=rec):
+            for _ in range(steps):
+                if rec is None:
+                    loss_fn(call_model(model, x), y).mean().backward()
+                else:
+                    with rec.step(ids, y, lr=1e-3, step=count[0]):
+                        loss_fn(call_model(model, x), y).mean().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                count[0] += 1
+        out[method] = call
+    return out
+
+
+def peak_memory(name: str, B: int, device: str) -> dict[str, int | None]:
+    """{method: peak bytes of one training step after a warm-up}."""
+    memory, peaks = _Memory(device), {}
+    with tempfile.TemporaryDirectory() as work:
+        for method, fn in _steppers(name, B, device, Path(work), steps=1).items():
+            fn()
+            with memory.measure() as mem:
+                fn()
+            peaks[method] = mem.get("peak_bytes")
+    return peaks
+
+
+def run_bench(repeats: int = 5, device: str | None = None, echo=print) -> dict:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    available = model_cases(device)
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        for name, B in CASES.items():
+            if name not in available:
+                echo(f"{name}: skipped (needs transformers)")
+                continue
+            fns = _steppers(name, B, device, Path(work))
+            for fn in fns.values():
+                fn()   # warm-up: layouts, caches
+            times = {}
+            for method in METHODS:
+                if method != "plain":
+                    times[method] = paired_times(fns[method], fns["plain"], repeats, sync)
+            if device == "cuda":
+                peaks = peak_memory(name, B, device)
+            else:
+                code = ("import json; from bench.inrun import peak_memory; "
+                        f"print(json.dumps(peak_memory({name!r}, {B}, {device!r})))")
+                try:
+                    peaks = json.loads(measured_child(code))
+                except RuntimeError as e:
+                    echo(f"  peak memory n/a: {e}")
+                    peaks = {}
+            row = {"model": name, "batch": B, "steps_per_call": STEPS, "n_target": N_TARGET}
+            for method, (t, t_plain) in times.items():
+                row[method] = {"ratio": t / t_plain, "seconds_per_step": t / STEPS,
+                               "plain_seconds_per_step": t_plain / STEPS,
+                               "memory_ratio": (peaks[method] / peaks["plain"]
+                                                if peaks.get(method) and peaks.get("plain") else None)}
+            rows.append(row)
+            echo(f"{name:<22} B={B:<4} " + "  ".join(
+                f"{m} {row[m]['ratio']:.2f}x" + (f" ({row[m]['memory_ratio']:.2f}x mem)"
+                                                 if row[m]["memory_ratio"] else "") for m in times))
+    return {"device": device, "device_name": torch.cuda.get_device_name() if device == "cuda"
+            else platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "gradscore": __version__, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.inrun", description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=5, help="paired timed calls per method (best is kept)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing results file")
+    args = p.parse_args(argv)
+    if args.json:
+        claim(args.json, "json", overwrite=args.overwrite)
+    result = run_bench(args.repeats, args.device)
+    if args.json:
+        Path(args.json).write_text(json.dumps({**result, "gradscore_version": __version__}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
