@@ -292,3 +292,45 @@ def test_demo_inrun_fast(tmp_path):
     assert all(0.0 <= auroc <= 1.0 for auroc, _ in summary["inrun"].values())
     assert summary["overhead_norms"] > 0 and any("bit-identical with the recorder: True" in x for x in lines)
     assert gs.load_scores(tmp_path / "demo" / "inrun.h5")["scores"]["loss"].shape == (200,)
+
+
+def test_tiny_gpt2_with_padding_through_the_hf_loss(tmp_path):
+    """The step's loss is Hugging Face's own: the token mean over the whole padded batch,
+    so example b's share is its number of predicted tokens over the batch's."""
+    pytest.importorskip("transformers")
+    from gradscore.integrations.hf import from_config
+    from gradscore.losses import causal_lm
+    cfg = {"model_type": "gpt2", "n_layer": 2, "n_embd": 16, "n_head": 2, "vocab_size": 31, "n_positions": 16,
+           "bos_token_id": 0, "eos_token_id": 0, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    torch.manual_seed(0)
+    model = from_config(cfg, attn_implementation="eager").double().train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 31, (6, 9), generator=g)
+    mask = torch.ones(6, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    mask[3, 4:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    target = ({"input_ids": ids[4:], "attention_mask": mask[4:]}, labels[4:])
+    snapshot = copy.deepcopy(model).eval()
+    rec = gs.InRun(model, loss="causal_lm", out=tmp_path / "r.h5", targets=target)
+    with rec.step(range(4), labels[:4], lr=0.1):
+        model(input_ids=ids[:4], attention_mask=mask[:4], labels=labels[:4]).loss.backward()
+    rec.close()
+    with h5py.File(tmp_path / "r.h5") as f:
+        rows = {k: f["inrun"][k][()] for k in f["inrun"]}
+    loss_fn, params = causal_lm("mean").fn, list(snapshot.parameters())
+    gJ = torch.autograd.grad(loss_fn(snapshot(**target[0]).logits, target[1]).mean(), params)
+    tokens = (labels[:4, 1:] != -100).sum(1).double()
+    for b in range(4):
+        n = int(mask[b].sum())
+        loss = loss_fn(snapshot(input_ids=ids[b:b + 1, :n]).logits, labels[b:b + 1, :n])[0]
+        grads = torch.autograd.grad(loss, params)
+        np.testing.assert_allclose(rows["loss"][b], float(loss), rtol=1e-10)
+        # Hugging Face computes its loss in float32 (logits.float()): the share read from its
+        # output gradient, and what is divided by it, are exact to float32's rounding
+        np.testing.assert_allclose(rows["share"][b], float(tokens[b] / tokens.sum()), rtol=1e-6)
+        np.testing.assert_allclose(rows["share_sq_norm"][b], float(sum((x ** 2).sum() for x in grads))
+                                   * float(tokens[b] / tokens.sum()) ** 2, rtol=1e-6)
+        np.testing.assert_allclose(rows["sq_norm"][b], float(sum((x ** 2).sum() for x in grads)), rtol=1e-6)
+        np.testing.assert_allclose(rows["dot"][b], float(sum((x * y).sum() for x, y in zip(grads, gJ)))
+                                   * float(tokens[b] / tokens.sum()), rtol=1e-6)

@@ -69,8 +69,10 @@ from .store import RowJournal, read_rows, write
 
 DEFAULT_SCORES = ("loss", "grand", "el2n", "aum", "forgetting", "confidence", "variability", "correctness",
                   "inrun_value", "inrun_value_cos")
-#: relative residual of δ_b − s_b ∂ℓ_b/∂z_b allowed by dtype (bf16/fp16 under autocast: the rest)
-_SHARE_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+#: relative residual of δ_b − s_b ∂ℓ_b/∂z_b allowed, by the output gradient's dtype (others, under
+#: autocast: 3e-2). 1e-3 also for float64: a loss may compute in float32 (Hugging Face's upcasts
+#: its logits with .float()); a loss that is not a weighted sum is off by far more.
+_SHARE_TOL = {torch.float64: 1e-3, torch.float32: 1e-3}
 
 
 @dataclass(frozen=True)
@@ -444,13 +446,13 @@ class _Step:
         known = dd > 0
         if not known.all():   # an example the loss no longer moves: the batch's share
             s = torch.where(known, s, s[known].median() if known.any() else s.new_tensor(1.0))
-        tol = _SHARE_TOL.get(self.out_grad.dtype, 2e-2)
+        tol = _SHARE_TOL.get(self.out_grad.dtype, 3e-2)
         resid = (delta - s[:, None] * d).norm(dim=1)
         bad = resid > tol * delta.norm(dim=1).clamp(min=tol * float(delta.norm(dim=1).max()))
         if bad.any():
             b = int(bad.nonzero()[0])
             raise ConfigError(f"the step's loss is not a weighted sum of the per-example '{self.rec.loss.name}' "
-                              f"losses of the model's output (example {self.ids[b]!r}: its output gradient is "
+                              f"losses of the model's output (example {self.ids[b].item()!r}: its output gradient is "
                               f"not a multiple of ∂ℓ/∂z, e.g. label smoothing); pass loss= the per-example loss "
                               f"the step uses")
         return s
