@@ -101,3 +101,104 @@ def test_hf_trainer_callback(tmp_path):
     assert main(["run", "--checkpoints", str(tmp_path / "ck"), "--data", str(tmp_path / "text.h5"),
                  "--out", str(tmp_path / "s.h5"), "--scores", "loss,grand", "--quiet"]) == 0
     assert gs.load_scores(tmp_path / "s.h5")["per_checkpoint"]["sq_grad_norm"].shape == (4, 24)
+
+
+def test_hf_trainer_inrun_callback(tmp_path):
+    """The Trainer's own steps (gradient accumulation 2) recorded by gs.InRun; every
+    recorded loss and ‖∇ℓ_b‖² equals the per-example loop at the step's parameters."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import copy
+
+    import h5py
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from gradscore.integrations.hf import from_config
+    from gradscore.integrations.hf_trainer import GradscoreInRunCallback
+    from gradscore.losses import causal_lm
+    cfg = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "vocab_size": 31,
+           "n_positions": 16, "bos_token_id": 0, "eos_token_id": 0, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+           "attn_pdrop": 0.0}
+    torch.manual_seed(0)
+    model = from_config(cfg, attn_implementation="eager").train()
+    tokens = torch.randint(0, 31, (24, 12), generator=torch.Generator().manual_seed(0))
+    train = [{"input_ids": r, "labels": r, "ids": torch.tensor(100 + i)} for i, r in enumerate(tokens)]
+    snapshots = {}
+
+    class Snap(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            snapshots[state.global_step] = copy.deepcopy(model.state_dict())
+
+    rec = gs.InRun(model, loss="causal_lm", out=tmp_path / "inrun.h5")
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4,
+                             gradient_accumulation_steps=2, learning_rate=0.05, report_to=[], use_cpu=True,
+                             save_strategy="no", logging_strategy="no", disable_tqdm=True,
+                             remove_unused_columns=False)
+    Trainer(model=model, args=args, train_dataset=train, callbacks=[Snap(), GradscoreInRunCallback(rec)]).train()
+    with h5py.File(tmp_path / "inrun.h5") as f:
+        rows = {k: f["inrun"][k][()] for k in f["inrun"]}
+        ids = f["ids"][()]
+    assert sorted(np.unique(rows["step"]).tolist()) == [0, 1, 2] and len(rows["step"]) == 3 * 2 * 4
+    ref = copy.deepcopy(model).eval()
+    for t in (0, 2):
+        ref.load_state_dict(snapshots[t])
+        at = np.flatnonzero(rows["step"] == t)
+        # equal token counts: equal shares; they add up to 88/96, as this Trainer divides the 88 predicted
+        # tokens' loss by num_items_in_batch = 96 labels (the share is read from the loss actually used)
+        np.testing.assert_allclose(rows["share"][at], rows["share"][at][0], rtol=1e-6)
+        assert 0.9 < rows["share"][at].sum() <= 1.0 + 1e-6
+        for i in at:
+            x = tokens[int(ids[rows["row"][i]]) - 100][None]
+            loss = causal_lm("mean").fn(ref(input_ids=x).logits, x)[0]
+            grads = torch.autograd.grad(loss, list(ref.parameters()))
+            np.testing.assert_allclose(rows["loss"][i], float(loss), rtol=1e-5)
+            np.testing.assert_allclose(rows["sq_norm"][i], float(sum((g ** 2).sum() for g in grads)), rtol=1e-4)
+    assert main(["info", str(tmp_path / "inrun.h5")]) == 0
+
+
+def test_lightning_inrun_callback_is_bit_identical_and_exact(tmp_path):
+    L = pytest.importorskip("lightning")
+    import copy
+
+    import h5py
+
+    from gradscore.integrations.lightning import GradscoreInRun
+    x, y, _ = _data(tmp_path)
+    snapshots = {}
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = mlp(**KW).double()
+
+        def training_step(self, batch, batch_idx):
+            snapshots.setdefault(self.global_step, copy.deepcopy(self.net.state_dict()))
+            return torch.nn.functional.cross_entropy(self.net(batch[1]), batch[2])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def fit(callbacks):
+        module = Module()
+        data = torch.utils.data.TensorDataset(torch.arange(40), x.double(), y)
+        L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False,
+                  callbacks=callbacks(module)).fit(module, torch.utils.data.DataLoader(data, batch_size=10))
+        return module
+
+    plain = fit(lambda m: [])
+    recorded = fit(lambda m: [GradscoreInRun(gs.InRun(m.net, out=tmp_path / "inrun.h5"))])
+    for a, b in zip(plain.state_dict().values(), recorded.state_dict().values()):
+        assert torch.equal(a, b)
+    with h5py.File(tmp_path / "inrun.h5") as f:
+        rows = {k: f["inrun"][k][()] for k in f["inrun"]}
+        ids = f["ids"][()]
+    assert np.unique(rows["step"]).tolist() == list(range(8)) and ids.tolist() == list(range(40))
+    net = copy.deepcopy(recorded.net)
+    net.load_state_dict(snapshots[5])
+    for i in np.flatnonzero(rows["step"] == 5):
+        n = int(ids[rows["row"][i]])
+        loss = torch.nn.functional.cross_entropy(net(x[n:n + 1].double()), y[n:n + 1])
+        grads = torch.autograd.grad(loss, list(net.parameters()))
+        np.testing.assert_allclose(rows["sq_norm"][i], float(sum((g ** 2).sum() for g in grads)), rtol=1e-10)

@@ -196,6 +196,7 @@ class InRun:
         self._count = 0                       # rec.step calls so far
         self._refs: tuple[Any, list[torch.Tensor], float] | None = None   # (step, refs, ‖∇J‖) cached
         self._pending: list[dict[str, np.ndarray]] = []
+        self._attached, self._open, self._next, self._keys = None, None, None, ("ids", "labels")
         self._closed = False
 
     def _refuse_fallback(self) -> None:
@@ -217,6 +218,59 @@ class InRun:
             raise ConfigError(f"{self.out}: this recorder is closed; make a new gs.InRun")
         self._count += 1
         return _Step(self, ids, y, lr, self._count - 1 if step is None else int(step))
+
+    def attach(self, *, ids_key: str = "ids", labels_key: str = "labels") -> None:
+        """Record every training forward of the model from now on, without ``rec.step``: for
+        trainers that call the model themselves (Hugging Face's Trainer). Each call in
+        training mode with gradients on ends the step before it and opens one over the
+        examples ``kwargs[ids_key]`` (removed before the model sees it) with targets
+        ``kwargs[labels_key]``, at the step and learning rate of the last :meth:`set_step`.
+        Call :meth:`end_step` after each backward (or let the next forward do it) and
+        :meth:`detach` at the end."""
+        if self._attached is not None:
+            raise ConfigError("this recorder is already attached to the model")
+        self._keys = (ids_key, labels_key)
+        self._attached = self.model.register_forward_pre_hook(self._auto_step, with_kwargs=True)
+
+    def detach(self) -> None:
+        """End the open step and stop recording forwards (see :meth:`attach`)."""
+        self.end_step()
+        if self._attached is not None:
+            self._attached.remove()
+            self._attached = None
+
+    def set_step(self, step: int, lr: float | None) -> None:
+        """The optimizer step and learning rate of the forwards that follow (attached mode)."""
+        self._next = (int(step), lr)
+
+    def end_step(self) -> None:
+        """Record the open step of attached mode (after its backward); no-op if none is open."""
+        step, self._open = self._open, None
+        if step is not None:
+            step.__exit__(None, None, None)
+
+    def _auto_step(self, module: nn.Module, args: tuple, kwargs: dict):
+        if self._busy:
+            return None
+        ids_key, labels_key = self._keys
+        if ids_key not in kwargs:
+            raise ConfigError(f"invalid input: the model was called without '{ids_key}', the examples' ids the "
+                              f"attached recorder reads (keep that column: remove_unused_columns=False)")
+        kwargs = dict(kwargs)
+        ids = kwargs.pop(ids_key)
+        if not (module.training and torch.is_grad_enabled()):   # evaluation: not a training step
+            return args, kwargs
+        self.end_step()
+        if labels_key not in kwargs:
+            raise ConfigError(f"invalid input: the model was called without '{labels_key}'; the attached recorder "
+                              f"reads the targets from it")
+        step, lr = self._next if self._next is not None else (self._count, None)
+        self._count += 1
+        opened = _Step(self, ids, kwargs[labels_key], lr, step, auto=True)
+        opened.__enter__()
+        self._open = opened
+        opened._pre(module, args, kwargs)
+        return args, kwargs
 
     def _target_refs(self, step: int) -> tuple[list[torch.Tensor], float] | None:
         """[(1, *shape)] target blocks in the engine's parameter order and ‖∇J‖, computed at
@@ -286,6 +340,7 @@ class InRun:
         recorder is done. Under torch.distributed every rank calls it; rank 0 writes."""
         if self._closed:
             return self.out
+        self.detach()
         self._closed = True
         self._row_files.append(self._pending)
         self._pending = []
@@ -315,8 +370,8 @@ class InRun:
 class _Step:
     """One training step's hooks (see :meth:`InRun.step`)."""
 
-    def __init__(self, rec: InRun, ids, y: torch.Tensor, lr: float | None, step: int) -> None:
-        self.rec, self.y, self.lr, self.step = rec, y, lr, step
+    def __init__(self, rec: InRun, ids, y: torch.Tensor, lr: float | None, step: int, auto: bool = False) -> None:
+        self.rec, self.y, self.lr, self.step, self.auto = rec, y, lr, step, auto
         self.ids = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids).reshape(-1)
         if len(self.ids) != len(y):
             raise ConfigError(f"invalid value for 'ids': {len(self.ids)} ids for {len(y)} targets y; give one id "
@@ -344,8 +399,9 @@ class _Step:
                                   f"(call .eval() on the BatchNorm layers after model.train()), or score "
                                   f"saved checkpoints in eval mode (gradscore run)")
         self.target = rec._target_refs(self.step)
-        self.handles = [rec.model.register_forward_pre_hook(self._pre, with_kwargs=True),
-                        rec.model.register_forward_hook(self._post)]
+        self.handles = [rec.model.register_forward_hook(self._post)]
+        if not self.auto:   # attached: the recorder's own pre-hook calls _pre
+            self.handles.append(rec.model.register_forward_pre_hook(self._pre, with_kwargs=True))
         return self
 
     def _pre(self, module, args, kwargs):
@@ -357,7 +413,12 @@ class _Step:
             raise EngineError("the model was called twice inside one rec.step; wrap each forward+backward "
                               "(each micro-batch) in its own rec.step")
         x = _inputs(args, kwargs)
+        if isinstance(x, dict):   # the batch's tensors; other keywords (a Trainer's num_items_in_batch) stay out
+            x = {k: v for k, v in x.items() if isinstance(v, torch.Tensor) and v.dim() and len(v) == len(self.ids)}
         self.B = batch_len(x)
+        if self.B != len(self.ids):
+            raise ConfigError(f"invalid value for 'ids': {len(self.ids)} ids for a batch of {self.B}; give one id "
+                              f"per example of the batch")
         if self.B == 0:
             return None
         if not rec._laid_out:

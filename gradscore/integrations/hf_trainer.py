@@ -1,4 +1,5 @@
-"""Hugging Face ``Trainer``: a callback that records gradscore checkpoints while training.
+"""Hugging Face ``Trainer``: callbacks that record gradscore checkpoints, or in-run scores
+(:class:`GradscoreInRunCallback`), while training.
 
 >>> cb = GradscoreCallback.for_model("ckpts/", model, task="causal_lm", every_n_steps=100)  # doctest: +SKIP
 >>> Trainer(model=model, args=args, train_dataset=ds, callbacks=[cb]).train()              # doctest: +SKIP
@@ -52,3 +53,37 @@ class GradscoreCallback(TrainerCallback):
         if not self.writer.saved or self.writer.saved[-1].name != name:
             self.writer.save(model, step=int(state.global_step), lr=self._lr(optimizer),
                              epoch=float(state.epoch or 0.0))
+
+
+class GradscoreInRunCallback(TrainerCallback):
+    """Record in-run scores (:class:`gradscore.InRun`) of every training step of a ``Trainer``,
+    from the step's own backward, with no change to the Trainer (or a subclass of it).
+
+    >>> rec = gs.InRun(model, loss="causal_lm", out="inrun.h5", targets=(val_inputs, val_labels))  # doctest: +SKIP
+    >>> args = TrainingArguments(..., remove_unused_columns=False)                                 # doctest: +SKIP
+    >>> Trainer(model=model, args=args, train_dataset=ds, callbacks=[GradscoreInRunCallback(rec)]).train()  # doctest: +SKIP
+
+    The training examples carry their id in a column ``ids_key`` (kept with
+    ``remove_unused_columns=False``; the recorder removes it before the model sees it) and
+    their targets in ``labels_key``. Each micro-batch of gradient accumulation is one
+    recorded step at the optimizer step's number and learning rate. The file is written
+    when training ends.
+    """
+
+    def __init__(self, recorder: Any, *, ids_key: str = "ids", labels_key: str = "labels") -> None:
+        self.recorder, self.keys = recorder, {"ids_key": ids_key, "labels_key": labels_key}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.recorder.attach(**self.keys)
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.recorder.set_step(int(state.global_step), GradscoreCallback._lr(optimizer))
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self.recorder.end_step()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.recorder.end_step()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.recorder.close()

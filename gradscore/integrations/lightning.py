@@ -1,4 +1,5 @@
-"""PyTorch Lightning: a callback that records gradscore checkpoints while training.
+"""PyTorch Lightning: callbacks that record gradscore checkpoints, or in-run scores
+(:class:`GradscoreInRun`), while training.
 
 >>> trainer = L.Trainer(callbacks=[GradscoreCheckpoint("ckpts/", model_factory="pkg:make_net",
 ...                                                    model_kwargs={}, every_n_steps=100,
@@ -44,3 +45,42 @@ class GradscoreCheckpoint(Callback):
         state["epoch"] = float(trainer.current_epoch)
         if not self.writer.saved or self.writer.saved[-1].name != checkpoint_filename(state["step"]):
             self.writer.save(state.pop("model"), **state)
+
+
+class GradscoreInRun(Callback):
+    """Record in-run scores (:class:`gradscore.InRun`) of every training step, from the
+    step's own backward, with no change to the LightningModule.
+
+    >>> rec = gs.InRun(module.net, out="inrun.h5", targets=(x_val, y_val))                 # doctest: +SKIP
+    >>> L.Trainer(callbacks=[GradscoreInRun(rec, ids_and_targets=lambda b: (b[0], b[2]))])  # doctest: +SKIP
+
+    ``ids_and_targets(batch)`` gives the batch's example ids (B,) and targets (B, ...)
+    (default: a batch ``(ids, x, y)``). Each batch (each micro-batch under gradient
+    accumulation) is one recorded step, from ``on_train_batch_start`` to
+    ``on_after_backward``, at ``trainer.global_step`` and the first optimizer's learning
+    rate. The file is written when training ends.
+    """
+
+    def __init__(self, recorder: Any, *, ids_and_targets: Any = None) -> None:
+        self.recorder = recorder
+        self.ids_and_targets = ids_and_targets or (lambda batch: (batch[0], batch[-1]))
+        self._step: Any = None
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        ids, y = self.ids_and_targets(batch)
+        self._step = self.recorder.step(ids, y, lr=float(trainer.optimizers[0].param_groups[0]["lr"]),
+                                        step=int(trainer.global_step))
+        self._step.__enter__()
+
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+        step, self._step = self._step, None
+        if step is not None:
+            step.__exit__(None, None, None)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        step, self._step = self._step, None
+        if step is not None:
+            step.__exit__(type(exception), exception, None)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self.recorder.close()
