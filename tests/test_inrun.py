@@ -334,3 +334,50 @@ def test_tiny_gpt2_with_padding_through_the_hf_loss(tmp_path):
         np.testing.assert_allclose(rows["sq_norm"][b], float(sum((x ** 2).sum() for x in grads)), rtol=1e-6)
         np.testing.assert_allclose(rows["dot"][b], float(sum((x * y).sum() for x, y in zip(grads, gJ)))
                                    * float(tokens[b] / tokens.sum()), rtol=1e-6)
+
+
+_DDP = """
+import os, sys, torch, torch.nn.functional as F
+import gradscore as gs
+from gradscore.demos.models import mlp
+world = int(os.environ.get("WORLD_SIZE", "1"))
+if world > 1:
+    torch.distributed.init_process_group("gloo")
+rank = int(os.environ.get("RANK", "0"))
+torch.manual_seed(0)
+net = mlp(d_in=10, hidden=8, n_classes=4, depth=1).double()
+model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+g = torch.Generator().manual_seed(1)
+x, y = torch.randn(32, 10, generator=g, dtype=torch.float64), torch.randint(0, 4, (32,), generator=g)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+rec = gs.InRun(model, out=sys.argv[1], targets=(x[:6], y[:6]), flush_every=0)
+for t in range(6):
+    batch = torch.randperm(32, generator=g)[:8]
+    mine = batch.chunk(world)[rank]                 # each rank its share of the global batch
+    with rec.step(mine, y[mine], lr=0.1):
+        F.cross_entropy(model(x[mine]), y[mine]).backward()
+    opt.step()
+    opt.zero_grad()
+rec.close()
+"""
+
+
+def test_two_ddp_ranks_record_what_one_process_does(tmp_path):
+    import subprocess
+    import sys
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP)
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.h5")], capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          str(script), str(tmp_path / "two.h5")], capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (gs.load_scores(tmp_path / f) for f in ("one.h5", "two.h5"))
+    assert np.array_equal(a["ids"], b["ids"])
+    for name in a["scores"]:    # the same trajectory up to the all-reduce's rounding, in float64
+        np.testing.assert_allclose(b["scores"][name], a["scores"][name], rtol=1e-9, atol=1e-12, err_msg=name)
+    with h5py.File(tmp_path / "one.h5") as f, h5py.File(tmp_path / "two.h5") as g:
+        key = [np.lexsort((h["inrun/row"][()], h["inrun/step"][()])) for h in (f, g)]
+        for k in ("share", "sq_norm", "dot", "loss"):
+            np.testing.assert_allclose(g["inrun"][k][()][key[1]], f["inrun"][k][()][key[0]], rtol=1e-9, err_msg=k)
+    assert not (tmp_path / "two.h5.partial").exists()

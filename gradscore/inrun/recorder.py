@@ -59,7 +59,7 @@ from torch import nn
 from ..batch import Inputs, batch_len, call_model, output_tensor, take
 from ..engines.ghost import GhostEngine
 from ..engines.layout import couples_examples
-from ..exceptions import ConfigError, EngineError
+from ..exceptions import ConfigError, EngineError, GradscoreError, OutputError
 from ..io.journal import Journal
 from ..io.outputs import claim
 from ..losses import Loss, resolve_loss
@@ -129,6 +129,18 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _raise_everywhere(error: Exception | None) -> None:
+    """Raise rank 0's ``error`` (as it is there, as an OutputError elsewhere) on every rank."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        message = [None if error is None else str(error)]
+        dist.broadcast_object_list(message, src=0)
+        if message[0] is not None and error is None:
+            raise OutputError(f"rank 0: {message[0]}")
+    if error is not None:
+        raise error
+
+
 def _recording_id() -> str:
     """One id for a recording, the same on every rank (rank 0's, broadcast)."""
     import torch.distributed as dist
@@ -171,21 +183,28 @@ class InRun:
         self.config = InRunConfig(out=str(out), loss=self.loss.name, scores=tuple(scores), every=every,
                                   targets=0 if targets is None else batch_len(targets[0]), preconditioner=pre)
         self.targets, self.optimizer = targets, optimizer
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        # the recorder's own forwards (layout, target gradient) call the network inside a DDP
+        # wrapper directly, so that they never touch DDP's gradient reducer
+        self.network = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        names = [n for n, p in self.network.named_parameters() if p.requires_grad]
         if not names:
             raise ConfigError("the model has no trainable parameters; nothing is learned, nothing to record")
-        self.params = dict(model.named_parameters())
-        self.engine = GhostEngine(model, self.loss, names)
+        self.params = dict(self.network.named_parameters())
+        self.engine = GhostEngine(self.network, self.loss, names)
         self._refuse_fallback()
         self.rank, self.world = _rank_world()
         # DDP averages the ranks' gradients: an example's share of the update is its share of its rank's loss / W
         self._world_share = self.world if isinstance(model, nn.parallel.DistributedDataParallel) else 1
         self.fingerprint = {"inrun": type(model).__name__, "parameters": names, "config": self.config.to_dict(),
                             "recording": _recording_id()}
+        failed = None
         if self.rank == 0:
-            self.out = claim(out, "scores", overwrite=overwrite)
-            self.journal = Journal(self.out, self.fingerprint, overwrite=overwrite)
-        _barrier()
+            try:
+                self.out = claim(out, "scores", overwrite=overwrite)
+                self.journal = Journal(self.out, self.fingerprint, overwrite=overwrite)
+            except GradscoreError as e:
+                failed = e
+        _raise_everywhere(failed)   # every rank stops, none waits for rank 0 forever
         if self.rank != 0:
             self.out = Path(out)
             self.journal = Journal.attach(self.out, self.fingerprint)
@@ -284,7 +303,7 @@ class InRun:
         with _aside(self.model), torch.enable_grad():
             self._busy = True
             try:
-                J = self.loss.fn(call_model(self.model, x), y).mean()
+                J = self.loss.fn(call_model(self.network, x), y).mean()
             finally:
                 self._busy = False
             grads = torch.autograd.grad(J, params, allow_unused=True)
@@ -436,8 +455,8 @@ class _Step:
             with _aside(rec.model):
                 rec.engine.lay_out(x)
                 with torch.no_grad():
-                    batched = call_model(rec.model, x)
-                    alone = call_model(rec.model, take(x, 0))
+                    batched = call_model(rec.network, x)
+                    alone = call_model(rec.network, take(x, 0))
         finally:
             rec._busy = False
         if couples_examples(alone, batched):
@@ -483,17 +502,17 @@ class _Step:
             leaf = z.detach().requires_grad_(True)
             losses = rec.loss.fn(leaf, y)
             (d,) = torch.autograd.grad(losses.sum(), leaf)
-        share = self._share(self.out_grad.reshape(self.B, -1).double(), d.reshape(self.B, -1).double())
-        share = share / rec._world_share
-        sq_share = self.state.sq.double()
+        local = self._share(self.out_grad.reshape(self.B, -1).double(), d.reshape(self.B, -1).double())
+        sq_local = self.state.sq.double()           # ‖∇(s_b ℓ_b)‖², s_b: the share in this process's loss
+        W = rec._world_share                        # DDP averages W processes' gradients into the update
         metrics = {k: v.detach() for k, v in classification_metrics(rec.loss, z, y).items()}
         # device tensors until the flush: no host copy (nor CUDA sync) per step for these
         record = {"ids": self.ids, "step": np.full(self.B, self.step, dtype=np.int64),
                   "lr": np.full(self.B, np.nan if self.lr is None else self.lr),
-                  "loss": losses.detach(), "share": share, "share_sq_norm": sq_share, "sq_norm": sq_share / share ** 2,
-                  **metrics}
+                  "loss": losses.detach(), "share": local / W, "share_sq_norm": sq_local / W ** 2,
+                  "sq_norm": sq_local / local ** 2, **metrics}
         if self.target is not None:
-            record["dot"] = self.state.dots[:, 0]
+            record["dot"] = self.state.dots[:, 0] / W
             record["target_norm"] = np.full(self.B, self.target[1])
         else:
             record["dot"] = record["target_norm"] = np.full(self.B, np.nan)
