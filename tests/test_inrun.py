@@ -2,6 +2,7 @@
 quantity equals the per-example autograd loop at the step's parameters θ_t in float64."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import h5py
@@ -381,3 +382,38 @@ def test_two_ddp_ranks_record_what_one_process_does(tmp_path):
         for k in ("share", "sq_norm", "dot", "loss"):
             np.testing.assert_allclose(g["inrun"][k][()][key[1]], f["inrun"][k][()][key[0]], rtol=1e-9, err_msg=k)
     assert not (tmp_path / "two.h5.partial").exists()
+
+
+def test_autocast_bf16_training_is_recorded_and_unchanged(tmp_path):
+    x, y = _data(dtype=torch.float32)
+
+    def fresh():
+        torch.manual_seed(0)
+        return mlp(d_in=10, hidden=16, n_classes=4, depth=2)
+
+    def train(model, rec=None):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        snaps = []
+        for t in range(3):
+            idx = torch.arange(12 * t, 12 * t + 12)
+            snaps.append(copy.deepcopy(model.state_dict()))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                with (rec.step(idx, y[idx], lr=0.1) if rec else contextlib.nullcontext()):
+                    F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+            opt.zero_grad()
+        return snaps
+
+    plain, model = fresh(), fresh()
+    train(plain)
+    rec = gs.InRun(model, out=tmp_path / "r.h5")
+    snaps = train(model, rec)
+    rec.close()
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), model.state_dict().values()))
+    with h5py.File(tmp_path / "r.h5") as f:
+        sq, step = f["inrun/sq_norm"][()], f["inrun/step"][()]
+    ref = fresh()
+    ref.load_state_dict(snaps[1])
+    want = [float(sum((g ** 2).sum() for g in torch.autograd.grad(
+        F.cross_entropy(ref(x[b:b + 1]), y[b:b + 1]), list(ref.parameters())))) for b in range(12, 24)]
+    np.testing.assert_allclose(sq[step == 1], want, rtol=0.1)    # bf16's 8 bits of mantissa
