@@ -183,6 +183,7 @@ class InRun:
         self.config = InRunConfig(out=str(out), loss=self.loss.name, scores=tuple(scores), every=every,
                                   targets=0 if targets is None else batch_len(targets[0]), preconditioner=pre)
         self.targets, self.optimizer = targets, optimizer
+        self._groups = {} if optimizer is None else {id(p): g for g in optimizer.param_groups for p in g["params"]}
         # the recorder's own forwards (layout, target gradient) call the network inside a DDP
         # wrapper directly, so that they never touch DDP's gradient reducer
         self.network = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -202,6 +203,10 @@ class InRun:
             try:
                 self.out = claim(out, "scores", overwrite=overwrite)
                 self.journal = Journal(self.out, self.fingerprint, overwrite=overwrite)
+                self.journal.open()   # a read-only folder fails now, not at the first flush
+            except OSError as e:
+                failed = OutputError(f"{e.filename or out}: cannot be written ({e.strerror}); choose a writable "
+                                     f"folder for the in-run scores")
             except GradscoreError as e:
                 failed = e
         _raise_everywhere(failed)   # every rank stops, none waits for rank 0 forever
@@ -320,8 +325,7 @@ class InRun:
         where the state is still empty (the first step)."""
         out = []
         for g, p in zip(grads, params):
-            state = self.optimizer.state.get(p, {})
-            group = next(gr for gr in self.optimizer.param_groups if any(q is p for q in gr["params"]))
+            state, group = self.optimizer.state.get(p, {}), self._groups[id(p)]
             if "exp_avg_sq" not in state:
                 out.append(g)
                 continue
@@ -364,14 +368,18 @@ class InRun:
         self._row_files.append(self._pending)
         self._pending = []
         _barrier()
+        failed = None
         if self.rank == 0:
-            if read_rows(self.journal) is None:
+            try:
+                if read_rows(self.journal) is None:
+                    self.journal.finish()
+                    raise ConfigError(f"{self.out}: no step was recorded (call rec.step(...) around the training "
+                                      f"steps); nothing written")
+                self._write(complete=True)
                 self.journal.finish()
-                raise ConfigError(f"{self.out}: no step was recorded (call rec.step(...) around the training "
-                                  f"steps); nothing written")
-            self._write(complete=True)
-            self.journal.finish()
-        _barrier()
+            except GradscoreError as e:
+                failed = e
+        _raise_everywhere(failed)
         return self.out
 
     def __enter__(self) -> "InRun":
@@ -380,8 +388,10 @@ class InRun:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        else:   # training stopped: the flushed steps stay readable in the file
-            self._closed = True
+            return
+        self._closed = True   # training stopped: the flushed steps stay readable in the file
+        if self.rank == 0 and read_rows(self.journal) is None:
+            self.journal.finish()   # nothing was flushed: no journal left behind
 
     _busy = False
 
