@@ -84,12 +84,17 @@ def _reference(model, snapshot, x, y, targets, B):
     return np.array(out)
 
 
-@pytest.mark.parametrize("family", ["mlp", "cnn"])
+@pytest.mark.parametrize("family", ["mlp", "wide_mlp", "cnn"])
 @pytest.mark.parametrize("micro", [1, 2])
 def test_every_recorded_quantity_equals_the_per_example_loop(tmp_path, family, micro):
+    """Target dots in both forms: the reference-vector form (narrow layers) and the Gram
+    form with the target batch's factors (wide Linear layers, 6 target examples)."""
+    from gradscore.engines.rules.registry import FactoredRef
     torch.manual_seed(0)
     if family == "mlp":
         model, (x, y) = mlp(d_in=10, hidden=12, n_classes=4, depth=2).double(), _data()
+    elif family == "wide_mlp":
+        model, (x, y) = mlp(d_in=10, hidden=64, n_classes=4, depth=2).double(), _data()
     else:
         model, (x, y) = digits_cnn(n_classes=4, channels=3).double(), _data(image=True)
         next(m for m in model if isinstance(m, nn.Dropout)).p = 0.0   # the loop below runs without it
@@ -97,6 +102,8 @@ def test_every_recorded_quantity_equals_the_per_example_loop(tmp_path, family, m
     rec = gs.InRun(model, out=tmp_path / "r.h5", targets=targets)
     snaps: list = []
     _train(model, x, y, steps=4, batch=8, rec=rec, micro=micro, snapshots=snaps)
+    forms = {type(r).__name__ for r in rec._refs[1]}
+    assert (FactoredRef.__name__ in forms) == (family != "mlp") and "Tensor" in forms
     rec.close()
     with h5py.File(tmp_path / "r.h5") as f:
         rows = {k: f["inrun"][k][()] for k in f["inrun"]}

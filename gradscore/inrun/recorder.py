@@ -58,6 +58,7 @@ from torch import nn
 
 from ..batch import Inputs, batch_len, call_model, output_tensor, take
 from ..engines.ghost import GhostEngine
+from ..engines.rules.registry import FactoredRef
 from ..engines.layout import couples_examples
 from ..exceptions import ConfigError, EngineError, GradscoreError, OutputError
 from ..io.journal import Journal
@@ -305,7 +306,8 @@ class InRun:
             return self._refs[1], self._refs[2]
         x, y = self.targets
         params = [self.params[n] for n in self.engine.param_names]
-        with _aside(self.model), torch.enable_grad():
+        captured: dict[str, tuple[list, dict]] = {}
+        with _aside(self.model), torch.enable_grad(), self._capture_linear(captured):
             self._busy = True
             try:
                 J = self.loss.fn(call_model(self.network, x), y).mean()
@@ -315,10 +317,44 @@ class InRun:
         grads = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
         if self.optimizer is not None:
             grads = self._precondition(grads, params)
-        norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
-        refs = [g.unsqueeze(0) for g in grads]
+        norm = float(torch.sqrt(sum(torch.linalg.vector_norm(g).double() ** 2 for g in grads)))
+        refs: list = [g.unsqueeze(0) for g in grads]
+        index = {n: i for i, n in enumerate(self.engine.param_names)}
+        for weight, (acts, deltas) in captured.items():   # the Gram form where it is cheaper
+            if len(deltas) == len(acts) and acts:
+                ref = FactoredRef(torch.cat([deltas[i].reshape(-1, deltas[i].shape[-1]) for i in range(len(acts))]),
+                                  torch.cat([a.reshape(-1, a.shape[-1]) for a in acts]))
+                if ref.cheaper():
+                    refs[index[weight]] = ref
         self._refs = (step, refs, norm)
         return refs, norm
+
+    @contextlib.contextmanager
+    def _capture_linear(self, captured: dict[str, tuple[list, dict]]) -> Iterator[None]:
+        """During the target's forward and backward, each untied, batch-first nn.Linear's
+        inputs and output gradients (the factors of ∇J for its weight), keyed by the weight's
+        name; nothing with Adam's preconditioning (Γ ∇J has no such factors)."""
+        handles = []
+        if self.optimizer is None:
+            for layer in self.engine.layers:
+                if (layer.rule.name != "linear" or layer.tied or "weight" not in layer.params
+                        or layer.layout is None or layer.layout.batch_dim != 0):
+                    continue
+                acts: list = []
+                deltas: dict = {}
+
+                def hook(module, args, output, acts=acts, deltas=deltas):
+                    call = len(acts)
+                    acts.append(args[0].detach())
+                    if output.requires_grad:
+                        output.register_hook(lambda g, call=call: deltas.__setitem__(call, g.detach()))
+                captured[layer.params["weight"]] = (acts, deltas)
+                handles.append(layer.module.register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def _precondition(self, grads: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
         """Γ_t g with Γ_t = diag(1/(√v̂ + ε)) from Adam's state before this step; g unchanged
@@ -413,7 +449,7 @@ class _Step:
             raise ConfigError("invalid value for 'lr': inrun_value needs the step's learning rate; pass "
                               "rec.step(ids, y, lr=...)")
         self.stack = contextlib.ExitStack()
-        self.state = None
+        self.state, self.target = None, None
         self.calls = 0
         self.output: torch.Tensor | None = None
         self.out_grad: torch.Tensor | None = None
@@ -427,7 +463,6 @@ class _Step:
                                   f"of its own. Use GroupNorm or LayerNorm, or freeze its statistics "
                                   f"(call .eval() on the BatchNorm layers after model.train()), or score "
                                   f"saved checkpoints in eval mode (gradscore run)")
-        self.target = rec._target_refs(self.step)
         self.handles = [rec.model.register_forward_hook(self._post)]
         if not self.auto:   # attached: the recorder's own pre-hook calls _pre
             self.handles.append(rec.model.register_forward_pre_hook(self._pre, with_kwargs=True))
@@ -452,6 +487,7 @@ class _Step:
             return None
         if not rec._laid_out:
             self._lay_out(x)
+        self.target = rec._target_refs(self.step)   # after the layout: it picks each layer's form
         self.state = self.stack.enter_context(rec.engine.recording(self.B, None if self.target is None
                                                                    else self.target[0]))
         return None

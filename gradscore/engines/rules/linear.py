@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ...kernels.ghost_linear import ghost_linear
-from .registry import Factor, bias_term, register_rule
+from .registry import Factor, FactoredRef, bias_term, register_rule
 
 
 def cat_calls(xs: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -34,10 +34,14 @@ def weight_and_bias(acts, grads, refs, K, *, transposed: bool = False):
     sq, dots = bias_term(d.sum(1), refs, K)
     if "weight" in refs:
         V = refs["weight"] if K else None
-        if V is not None and transposed:  # (K, d_in, d_out) -> (K, d_out, d_in)
-            V = V.transpose(1, 2)
-        w_sq, w_dots = ghost_linear(a, d, V)
-        sq, dots = sq + w_sq, dots + w_dots
+        if isinstance(V, FactoredRef):   # a small batch's gradient in factored form: the Gram form
+            w_sq, _ = ghost_linear(a, d, None)
+            w_dots = V.dot(Factor(a, d) if transposed else Factor(d, a))
+        else:
+            if V is not None and transposed:  # (K, d_in, d_out) -> (K, d_out, d_in)
+                V = V.transpose(1, 2)
+            w_sq, w_dots = ghost_linear(a, d, V)
+        sq, dots = sq + w_sq, dots + w_dots.to(sq.dtype)
     return sq, dots
 
 

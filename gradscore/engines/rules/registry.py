@@ -70,6 +70,36 @@ class Factor:
 
 
 @dataclass(frozen=True)
+class FactoredRef:
+    """One reference vector of a weight (rows, cols) in factored form, V = Σ_m left_m right_mᵀ
+    (left: (M, rows), right: (M, cols)): a gradient summed over M rows of another batch, e.g.
+    a small target batch's. Stands for a (1, rows, cols) reference block; a rule that knows
+    it (``linear``) computes the dot in the Gram form, never forming V."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (1, self.left.shape[1], self.right.shape[1])
+
+    def dot(self, f: Factor) -> torch.Tensor:
+        """⟨g_b, V⟩ (B, 1) for g_b = Σ_t f.left_bt f.right_btᵀ: Σ_{t,m} (l_bt·left_m)(r_bt·right_m),
+        in B·T·M·(rows + cols) flops."""
+        B, T = f.left.shape[:2]
+        acc = acc_dtype(f.right.dtype)
+        lg = f.left.reshape(B * T, -1).to(acc) @ self.left.to(acc).T
+        rg = f.right.reshape(B * T, -1).to(acc) @ self.right.to(acc).T
+        return (lg * rg).sum(1).reshape(B, T).sum(1, keepdim=True)
+
+    def cheaper(self) -> bool:
+        """Whether the Gram form costs fewer flops per position than the reference-vector
+        form's rows·cols."""
+        rows, cols, M = self.left.shape[1], self.right.shape[1], self.left.shape[0]
+        return M * (rows + cols) < rows * cols
+
+
+@dataclass(frozen=True)
 class Rule:
     name: str
     fn: RuleFn
