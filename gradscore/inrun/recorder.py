@@ -544,10 +544,14 @@ class _Step:
 
     def _record(self) -> None:
         rec, z, y = self.rec, self.output, self.y
-        with torch.enable_grad():
-            leaf = z.detach().requires_grad_(True)
-            losses = rec.loss.fn(leaf, y)
-            (d,) = torch.autograd.grad(losses.sum(), leaf)
+        if rec.loss.name == "cross_entropy" and z.dim() == 2 and not y.dtype.is_floating_point:
+            losses = rec.loss.fn(z, y)    # ∂ℓ_b/∂z_b = softmax(z_b) − onehot(y_b), without a second backward
+            d = torch.softmax(z.double(), 1) - torch.nn.functional.one_hot(y, z.shape[1]).double()
+        else:
+            with torch.enable_grad():
+                leaf = z.detach().requires_grad_(True)
+                losses = rec.loss.fn(leaf, y)
+                (d,) = torch.autograd.grad(losses.sum(), leaf)
         local = self._share(self.out_grad.reshape(self.B, -1).double(), d.reshape(self.B, -1).double())
         sq_local = self.state.sq.double()           # ‖∇(s_b ℓ_b)‖², s_b: the share in this process's loss
         W = rec._world_share                        # DDP averages W processes' gradients into the update
