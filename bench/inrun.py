@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import nn
 
 import gradscore as gs
 from bench.engines import _inputs, _Memory, measured_child, model_cases, paired_times

@@ -440,3 +440,50 @@ def test_autocast_bf16_training_is_recorded_and_unchanged(tmp_path):
     want = [float(sum((g ** 2).sum() for g in torch.autograd.grad(
         F.cross_entropy(ref(x[b:b + 1]), y[b:b + 1]), list(ref.parameters())))) for b in range(12, 24)]
     np.testing.assert_allclose(sq[step == 1], want, rtol=0.1)    # bf16's 8 bits of mantissa
+
+
+class _SeqFirst(nn.Module):
+    """Embedding, a sequence-first GRU and LayerNorm (T, B, d), then a linear head on the mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.gru = nn.Embedding(11, 6), nn.GRU(6, 5)
+        self.norm, self.head = nn.LayerNorm(5), nn.Linear(5, 3)
+
+    def forward(self, ids):                      # ids (B, T)
+        h, _ = self.gru(self.emb(ids).transpose(0, 1))
+        return self.head(self.norm(h).mean(0))
+
+
+@pytest.mark.parametrize("T", [4, 1])
+def test_sequence_first_layers_with_T_equal_to_B_and_T_1(tmp_path, T):
+    """The layout of each layer comes from evidence on the first batch (B = 4 = T here, and
+    T = 1), never from a size; every norm equals the loop at θ_t in float64."""
+    torch.manual_seed(0)
+    model = _SeqFirst().double()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 11, (12, T), generator=g), torch.randint(0, 3, (12,), generator=g)
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:3], y[:3]))
+    snaps: list = []
+    _train(model, x, y, steps=3, batch=4, rec=rec, snapshots=snaps)
+    rec.close()
+    with h5py.File(tmp_path / "r.h5") as f:
+        rows = {k: f["inrun"][k][()] for k in f["inrun"]}
+        ids = f["ids"][()]
+    for t, (snap, idx) in enumerate(snaps):
+        at = rows["step"] == t
+        want = _reference(model, snap, x[idx], y[idx], (x[:3], y[:3]), len(idx))
+        assert ids[rows["row"][at]].tolist() == idx.tolist()
+        np.testing.assert_allclose(rows["sq_norm"][at], want[:, 1], rtol=1e-9)
+        np.testing.assert_allclose(rows["dot"][at], want[:, 2] / len(idx), rtol=1e-8, atol=1e-14)
+
+
+def test_an_empty_batch_records_nothing(tmp_path):
+    x, y = _data(dtype=torch.float32)
+    model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
+    rec = gs.InRun(model, out=tmp_path / "r.h5")
+    with rec.step(range(8), y[:8]):
+        F.cross_entropy(model(x[:8]), y[:8]).backward()
+    with rec.step([], y[:0]):                    # B == 0: the model runs, nothing to record
+        model(x[:0]).sum().backward()
+    assert len(gs.load_scores(rec.close())["ids"]) == 8

@@ -3,7 +3,6 @@ minus the largest other logit; AUM is its mean over the checkpoints used; low = 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 import gradscore as gs
