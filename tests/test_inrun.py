@@ -487,3 +487,40 @@ def test_an_empty_batch_records_nothing(tmp_path):
     with rec.step([], y[:0]):                    # B == 0: the model runs, nothing to record
         model(x[:0]).sum().backward()
     assert len(gs.load_scores(rec.close())["ids"]) == 8
+
+
+def test_reports_read_the_data_by_id_not_by_position(tmp_path):
+    """An in-run file lists its ids sorted; the data file keeps its own order. flag,
+    select and diagnose must pair each scored example with its own label and mask."""
+    from gradscore.io.datasets import scored_labels
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 10, generator=g), torch.randint(0, 4, (40,), generator=g)
+    ids = np.random.default_rng(0).permutation(np.arange(500, 540))
+    noisy = np.zeros(40, dtype=bool)
+    noisy[:8] = True
+    data = gs.save_dataset(tmp_path / "train.h5", x.numpy(), y.numpy(), ids=ids, noisy=noisy)
+    model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
+    with gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:4], y[:4])) as rec:
+        for t in range(10):
+            idx = torch.arange(t % 5 * 8, t % 5 * 8 + 8)
+            with rec.step(ids[idx.numpy()], y[idx], lr=0.1):
+                F.cross_entropy(model(x[idx]), y[idx]).backward()
+    scored = gs.load_scores(tmp_path / "r.h5")["ids"]
+    assert scored.tolist() == sorted(ids.tolist())
+    labels, mask = scored_labels(data, scored)
+    where = {int(i): k for k, i in enumerate(ids)}
+    assert labels.tolist() == [int(y[where[int(i)]]) for i in scored]
+    assert mask.tolist() == [bool(noisy[where[int(i)]]) for i in scored]
+    report = gs.flag(tmp_path / "r.h5", score="aum", data=data)
+    assert report["against_known_noisy"]["true_count"] == 8
+    assert {c: v["n"] for c, v in report["per_class"].items()} == \
+        {int(c): int((y.numpy() == c).sum()) for c in np.unique(y.numpy())}
+    diag = gs.diagnose(tmp_path / "r.h5", score="inrun_value", data=str(data), echo=lambda s: None)
+    assert diag["n_noisy"] == 8 and "|inrun_value|" in diag["flagging"] and set(diag["inflation"]) == {"raw", "cos",
+                                                                                                      "clip"}
+    from gradscore.io.store import load_inrun_rows
+    from gradscore.scores.inrun import dot_terms
+    np.testing.assert_allclose(dot_terms(load_inrun_rows(tmp_path / "r.h5"), 40)["raw"],
+                               gs.load_scores(tmp_path / "r.h5")["scores"]["inrun_value"], rtol=1e-12)
+    with pytest.raises(gs.DataError, match="no example with id 500"):   # an id the data does not have
+        scored_labels(gs.save_dataset(tmp_path / "other.h5", x.numpy(), y.numpy(), ids=np.arange(501, 541)), scored)

@@ -101,12 +101,14 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 def _add_diagnose(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "diagnose", help="why examples score high: gradient norm vs direction",
-                 description="Decompose a dot-product score (pds or target_dot) into ‖g‖·‖v‖·cos, measure "
+                 description="Decompose a dot-product score (pds, target_dot, or inrun_value of a file "
+                 "written by gs.InRun) into ‖g‖·‖v‖·cos, measure "
                  "how much the gradient norm inflates it, and, with a known noisy mask, report AUROC / AP / "
                  "precision@k of every score and variant for flagging the noisy examples and the share of "
                  "noisy examples in the top and bottom of each variant. Writes diagnosis.json and plots.")
-    p.add_argument("scores", metavar="SCORES.h5", help="a scores file with pds or target_dot")
-    p.add_argument("--score", default="pds", choices=("pds", "target_dot"), help="the dot-product score to diagnose")
+    p.add_argument("scores", metavar="SCORES.h5", help="a scores file with pds or target_dot, or an in-run file")
+    p.add_argument("--score", default="pds", choices=("pds", "target_dot", "inrun_value"),
+                   help="the dot-product score to diagnose (inrun_value: a file written by gs.InRun)")
     mask = p.add_mutually_exclusive_group()
     mask.add_argument("--noisy-mask", default=None, metavar="FILE", help=".npy bool mask, or .npz with 'noisy'")
     mask.add_argument("--data", default=None, metavar="FILE",

@@ -60,6 +60,10 @@ class Dataset(ABC):
         """(N,) example ids; ``arange(N)`` unless the data provides them."""
         return np.arange(len(self), dtype=np.int64)
 
+    def has_ids(self) -> bool:
+        """Whether the data provides its ids (else :meth:`ids` are its positions)."""
+        return False
+
     def noisy(self) -> np.ndarray | None:
         """(N,) bool known-corrupted mask, or None."""
         return None
@@ -159,6 +163,9 @@ class ArrayFileDataset(Dataset):
             return np.asarray(self._arrays["ids"][()])
         return super().ids()
 
+    def has_ids(self) -> bool:
+        return "ids" in self._arrays
+
     def noisy(self) -> np.ndarray | None:
         if "noisy" in self._arrays:
             return np.asarray(self._arrays["noisy"][()]).astype(bool)
@@ -228,6 +235,9 @@ class SubsetDataset(Dataset):
     def ids(self) -> np.ndarray:
         return self.base.ids()[self.positions]
 
+    def has_ids(self) -> bool:
+        return self.base.has_ids()
+
     def noisy(self) -> np.ndarray | None:
         noisy = self.base.noisy()
         return None if noisy is None else noisy[self.positions]
@@ -279,13 +289,35 @@ def subset(ds: Dataset, *, ids: str | Path | None = None, index_range: str | Non
     return SubsetDataset(ds, np.flatnonzero(found), f"ids of {path.name}")
 
 
-def scored_labels(data: str | Path | Dataset, n: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """(N,) labels and the known-noisy mask (or None) of the data a scores file was made
-    from, checked to hold its ``n`` examples."""
-    ds = load_dataset(data)
-    if len(ds) != n:
-        raise DataError(f"{ds.source}: has {len(ds)} examples but the scores file {n}; give the data that was scored")
-    return np.concatenate([y.numpy() for _, _, y in ds.chunks()]), ds.noisy()
+def positions_of(ds: Dataset, ids: np.ndarray) -> np.ndarray:
+    """(N,) int64: where each of a scores file's ``ids`` sits in ``ds``, matched by id — the
+    data's order need not be the scores file's (an in-run file lists its ids sorted; a
+    subset run holds some). Data without ids of its own and of the same length is read in
+    the scores file's row order. DataError naming an id the data does not have."""
+    have = ds.ids()
+    if len(have) == len(ids) and np.array_equal(have, ids):
+        return np.arange(len(ids))
+    order = np.argsort(have, kind="stable")
+    pos = order[np.minimum(np.searchsorted(have, ids, sorter=order), max(len(have) - 1, 0))]
+    missing = ~(have[pos] == ids) if len(have) else np.ones(len(ids), dtype=bool)
+    if not missing.any():
+        return pos
+    if not ds.has_ids() and len(have) == len(ids):
+        return np.arange(len(ids))
+    first = ids[np.flatnonzero(missing)[0]]
+    raise DataError(f"{ds.source}: has no example with id {first.item() if hasattr(first, 'item') else first} "
+                    f"({int(missing.sum())} of the scores file's {len(ids)} ids are missing); give the data "
+                    f"that was scored")
+
+
+def scored_labels(data: str | Path | Dataset, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(N,) labels and the known-noisy mask (or None) of the scores file's examples ``ids``
+    (N,), read from the data they were scored from, matched by id."""
+    ds = load_dataset(data) if not isinstance(data, Dataset) else data
+    pos = positions_of(ds, np.asarray(ids))
+    labels = np.concatenate([y.numpy() for _, _, y in ds.chunks()])
+    noisy = ds.noisy()
+    return labels[pos], None if noisy is None else noisy[pos]
 
 
 def probe_model(model: torch.nn.Module, ds: Dataset, x: Inputs, ckpt: str | Path, role: str = "") -> int:

@@ -184,6 +184,16 @@ class ReusableRows:
             self._file = None
 
 
+def load_inrun_rows(path: str | Path) -> dict[str, np.ndarray]:
+    """The per-(step, example) records of an in-run scores file (``gs.InRun``): (M,) arrays;
+    GradscoreError for a file without them."""
+    try:
+        with h5py.File(path, "r") as f:
+            return {k: f["inrun"][k][()] for k in f["inrun"]}
+    except (OSError, KeyError) as e:
+        raise GradscoreError(f"{path}: has no in-run records (it was not written by gs.InRun): {e}") from e
+
+
 def load_scores(path: str | Path) -> dict[str, Any]:
     """Read a finished scores file into memory: ``{"scores": {...}, "per_checkpoint": {...},
     "ids", "noisy" (or None), "checkpoints": {step, epoch, lr, eta, ref_norm_*...}, "config"}``."""

@@ -13,6 +13,8 @@ module reports:
   share of noisy examples in the top-k and bottom-k (k = 10% of N) of each variant;
 - the variants of ``scores.pds.variants``: cosine-only, norm-clipped, per-checkpoint
   rank-normalized, norm-residualized.
+For an in-run file (``gs.InRun``), ``inrun_value`` = Σ_t η_t ⟨∇L_b, ∇J(θ_t)⟩ is read the same
+way from its records, with the variants records allow (raw, cos, clip).
 Output: a text table, ``diagnosis.json`` and plots in ``--out``.
 """
 from __future__ import annotations
@@ -26,12 +28,16 @@ import torch
 
 from .._version import __version__
 from ..io.atomic import atomic_path
-from ..io.datasets import Dataset, load_dataset
+from ..io.datasets import Dataset, load_dataset, positions_of
 from ..exceptions import GradscoreError
 from ..io.outputs import claim
+from ..scores.inrun import dot_terms as inrun_dot_terms
 from ..scores.pds import DOT_SCORES, decompose, variants
 from .flag import default_score, estimate, suspicion
-from ..io.store import load_scores
+from ..io.store import load_inrun_rows, load_scores
+
+#: the dot-product score of an in-run file (gs.InRun), diagnosed from its records
+INRUN_SCORE = "inrun_value"
 
 
 def _mask(res: dict[str, Any], noisy_mask: str | None, ds: Dataset | None) -> tuple[np.ndarray | None, str]:
@@ -47,7 +53,7 @@ def _mask(res: dict[str, Any], noisy_mask: str | None, ds: Dataset | None) -> tu
         arr = ds.noisy()
         if arr is None:
             return None, f"{ds.source} has no 'noisy' field"
-        source = ds.source
+        arr, source = arr[positions_of(ds, res["ids"])], ds.source   # the scored examples, by id
     elif res["noisy"] is not None:
         return res["noisy"].astype(bool), "the scores file"
     else:
@@ -75,9 +81,11 @@ def diagnose(scores: str | Path, *, score: str = "pds", noisy_mask: str | None =
         inputs = {"the scores file": [scores], "the --data file": [data], "the noisy mask": [noisy_mask]}
         for name, kind in OUTPUT_FILES.items():
             claim(Path(out) / name, kind, inputs=inputs, overwrite=overwrite)
-    if score not in DOT_SCORES:
-        raise GradscoreError(f"--score must be one of {', '.join(DOT_SCORES)}, got '{score}'")
+    if score not in (*DOT_SCORES, INRUN_SCORE):
+        raise GradscoreError(f"--score must be one of {', '.join((*DOT_SCORES, INRUN_SCORE))}, got '{score}'")
     res = load_scores(scores)
+    if score == INRUN_SCORE:
+        res["inrun"] = load_inrun_rows(scores)
     ds = load_dataset(data) if data is not None else None
     noisy, source = _mask(res, noisy_mask, ds)
     report, var = compute(res, str(scores), score=score, noisy=noisy, source=source, ds=ds,
@@ -102,7 +110,7 @@ def _flags(res: dict[str, Any], ds: Dataset | None, skip: Callable[[str], None])
         norms = [x.reshape(len(x), -1).double().norm(dim=1).numpy() for _, x, _ in ds.chunks()
                  if isinstance(x, torch.Tensor)]
         if norms:
-            flags["input_norm"] = np.concatenate(norms)
+            flags["input_norm"] = np.concatenate(norms)[positions_of(ds, res["ids"])]
         else:
             skip("input_norm: token inputs have no meaningful norm")
     return flags
@@ -122,8 +130,22 @@ def compute(res: dict[str, Any], source_file: str, *, score: str, noisy: np.ndar
     skip = report["skipped"].append
     flags = _flags(res, ds, skip)
     var: dict[str, np.ndarray] = {}
-    dot_key, norm_key = DOT_SCORES[score]
-    if dot_key in pc and "sq_grad_norm" in pc and norm_key in ck and "eta" in ck:
+    dot_key, norm_key = DOT_SCORES.get(score, (None, None))
+    if score == INRUN_SCORE and "inrun" in res:   # recorded in training: per (step, example) records
+        terms = inrun_dot_terms(res["inrun"], n, clip_quantile)
+        mean_g = np.nan_to_num(terms.pop("mean_grad_norm"))
+        mean_cos = np.nan_to_num(terms.pop("mean_cos"))
+        var = terms
+        top1 = np.argsort(-mean_g, kind="stable")[:max(1, n // 100)]
+        report["decomposition"] = {"max_abs_error": 0.0, "max_rel_error": 0.0, "mean_grad_norm": mean_g.tolist(),
+                                   "mean_cos": mean_cos.tolist()}   # cos is read from the dot: exact by construction
+        report["inflation"] = {v: {"spearman_abs_score_vs_norm": float(spearmanr(np.abs(x), mean_g)[0]),
+                                   "top1pct_norm_share_of_abs_score": float(np.abs(x)[top1].sum()
+                                                                            / max(np.abs(x).sum(), 1e-300))}
+                               for v, x in var.items()}
+        flags[f"|{score}|"] = np.abs(var["raw"])
+        flags.update({f"-{score}_{v}": -x for v, x in var.items()})
+    elif dot_key in pc and "sq_grad_norm" in pc and norm_key in ck and "eta" in ck:
         T = pc[dot_key].shape[0]
         weight = np.append(ck["eta"], np.zeros(T - len(ck["eta"])))
         dot, sq, ref = pc[dot_key], pc["sq_grad_norm"], ck[norm_key]
@@ -206,7 +228,8 @@ def _write(out: Path, report: dict, res: dict, noisy: np.ndarray | None, var: di
                                   indent=2))
     if var:
         norm_vs_cos(np.array(report["decomposition"]["mean_grad_norm"]), np.array(report["decomposition"]["mean_cos"]),
-                    out / "norm_vs_cos.png", noisy=noisy, title=f"{score}: gradient norm vs direction")
+                    out / "norm_vs_cos.png", noisy=noisy, title=f"{score}: gradient norm vs direction",
+                    over="presentations" if score == INRUN_SCORE else "checkpoints")
         score_histograms({f"{score}_{v}": x for v, x in var.items()}, noisy, out / "variants.png")
     s = res["scores"]
     if all(k in s for k in ("confidence", "variability", "correctness")):

@@ -94,7 +94,7 @@ def flag(scores: str | Path, *, score: str | None = None, data: str | Path | Non
                      "score": float(res["scores"][name][i])} for i in order]}
     noisy = res["noisy"]
     if data is not None:
-        labels, data_noisy = scored_labels(data, len(values))
+        labels, data_noisy = scored_labels(data, res["ids"])
         report["per_class"] = {int(c): {"n": int((labels == c).sum()), "flagged": int(flagged[labels == c].sum()),
                                         "estimated_rate": float(flagged[labels == c].mean())}
                                for c in np.unique(labels)}

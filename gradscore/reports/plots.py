@@ -126,8 +126,9 @@ def _log_x(ax, values: np.ndarray) -> None:
 
 
 def norm_vs_cos(grad_norm: np.ndarray, cos: np.ndarray, path: str | Path, *, noisy: np.ndarray | None = None,
-                title: str = "") -> Path:
-    """Scatter of mean ‖g‖ (log x) against mean cos with the reference, noisy examples in red."""
+                title: str = "", over: str = "checkpoints") -> Path:
+    """Scatter of mean ‖g‖ (log x) against mean cos with the reference, noisy examples in red;
+    ``over``: what the means run over ("checkpoints", or an in-run file's "presentations")."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.2, 4.6))
     clean = np.ones(len(cos), bool) if noisy is None else ~noisy
@@ -137,7 +138,7 @@ def norm_vs_cos(grad_norm: np.ndarray, cos: np.ndarray, path: str | Path, *, noi
         ax.legend(fontsize=8)
     _log_x(ax, grad_norm)
     ax.axhline(0, color="k", lw=0.5)
-    ax.set_xlabel("mean ‖∇ℓ‖ over checkpoints (log)")
+    ax.set_xlabel(f"mean ‖∇ℓ‖ over {over} (log)")
     ax.set_ylabel("η-weighted mean cos(∇ℓ, v)")
     if title:
         ax.set_title(title, fontsize=10)

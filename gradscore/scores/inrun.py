@@ -76,3 +76,24 @@ def aggregate(rows: dict[str, np.ndarray], n: int, wanted: set[str]) -> dict[str
             cos = rows["dot"] / (np.sqrt(rows["share_sq_norm"]) * rows["target_norm"])
         out["inrun_value_cos"] = _mean(cos.astype(np.float64), row, n)
     return out
+
+
+def dot_terms(rows: dict[str, np.ndarray], n: int, clip_quantile: float = 0.9) -> dict[str, np.ndarray]:
+    """``inrun_value`` read as norm × direction, per example (N,), over the records with a
+    target gradient: ``mean_grad_norm`` (mean ‖∇ℓ_b‖), ``mean_cos``, and the variants of
+    :func:`gradscore.scores.pds.variants` that records allow (``mean_cos`` η-weighted): ``raw`` (= inrun_value),
+    ``cos`` (Σ_t η_t cos) and ``clip`` (each term's ‖∇L_b‖ clipped at the ``clip_quantile``
+    of all records' share norms)."""
+    ok = np.isfinite(rows["dot"]) & np.isfinite(rows["target_norm"])
+    row, eta, dot = rows["row"][ok], rows["lr"][ok].astype(np.float64), rows["dot"][ok].astype(np.float64)
+    g = np.sqrt(np.maximum(rows["share_sq_norm"][ok].astype(np.float64), 0.0))
+    denom = g * rows["target_norm"][ok]
+    cos = np.divide(dot, denom, out=np.zeros_like(denom), where=denom > 0)
+    c = np.quantile(g, clip_quantile) if len(g) else 0.0
+    per = {"raw": eta * dot, "cos": eta * cos, "clip": eta * np.minimum(g, c) * rows["target_norm"][ok] * cos}
+    out = {k: np.bincount(row, v, minlength=n) for k, v in per.items()}
+    out["mean_grad_norm"] = _mean(np.sqrt(np.maximum(rows["sq_norm"][ok].astype(np.float64), 0.0)), row, n)
+    weight = np.bincount(row, eta, minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["mean_cos"] = np.where(weight > 0, out["cos"] / weight, np.nan)   # η-weighted, as for checkpoints
+    return out
