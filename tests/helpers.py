@@ -49,7 +49,7 @@ def sigkill_when(cmd: list[str], ready, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None and not ready():
         time.sleep(0.005)
-    assert proc.poll() is None, f"{cmd[3]} ended before it could be killed: {proc.stderr.read()}"
+    assert proc.poll() is None, f"{' '.join(map(str, cmd))} ended before it could be killed: {proc.stderr.read()}"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL

@@ -288,10 +288,10 @@ def test_a_killed_recording_leaves_a_readable_file_of_the_flushed_steps(tmp_path
     script.write_text(_KILLED)
     partial = tmp_path / "r.h5.partial"
     sigkill_when([sys.executable, str(script), str(out)],
-                 lambda: partial.exists() and len(list(partial.glob("rank*.npz"))) >= 20)
+                 lambda: partial.exists() and len(list(partial.glob("rank*.npz"))) >= 5)
     res = gs.load_scores(out)                          # complete and readable, the steps flushed before the kill
     steps = h5py.File(out)["inrun/step"][()]
-    assert len(np.unique(steps)) >= 19 and set(res["scores"]) >= {"loss", "aum", "forgetting"}
+    assert len(np.unique(steps)) >= 4 and set(res["scores"]) >= {"loss", "aum", "forgetting"}
     info = subprocess.run([sys.executable, "-m", "gradscore", "info", str(out)], capture_output=True, text=True)
     assert "interrupted or still recording" in info.stdout
     model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
@@ -524,3 +524,28 @@ def test_reports_read_the_data_by_id_not_by_position(tmp_path):
                                gs.load_scores(tmp_path / "r.h5")["scores"]["inrun_value"], rtol=1e-12)
     with pytest.raises(gs.DataError, match="no example with id 500"):   # an id the data does not have
         scored_labels(gs.save_dataset(tmp_path / "other.h5", x.numpy(), y.numpy(), ids=np.arange(501, 541)), scored)
+
+
+def test_examples_the_loss_no_longer_moves_keep_the_batch_share(tmp_path):
+    """A fit example (p_gold = 1 − 2·10⁻⁷) has 1 − p at float32's rounding in its output
+    gradient: its share cannot be read from it. It takes its batch's share; nothing is
+    refused (this stopped a long training), nothing divides by zero. A whole batch like
+    that records no share (NaN), not a made-up one."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[16.0, 0, 0, 0], [0, 16.0, 0, 0], [0, 0, 16.0, 0]]))
+        model.bias.zero_()
+    x = torch.cat([torch.eye(4)[:3], torch.full((5, 4), 0.1)])   # 3 saturated examples, 5 uncertain
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    rec = gs.InRun(model, out=tmp_path / "r.h5")
+    with rec.step(range(8), y):
+        F.cross_entropy(model(x), y).backward()
+    with rec.step(range(8, 11), y[:3]):
+        F.cross_entropy(model(x[:3]), y[:3]).backward()
+    rec.close()
+    with h5py.File(tmp_path / "r.h5") as f:
+        share, sq, step = f["inrun/share"][()], f["inrun/sq_norm"][()], f["inrun/step"][()]
+    np.testing.assert_allclose(share[step == 0], 1 / 8, rtol=1e-6)
+    assert np.isfinite(sq[step == 0]).all() and (sq[step == 0] >= 0).all()
+    assert np.isnan(share[step == 1]).all() and np.isnan(sq[step == 1]).all()

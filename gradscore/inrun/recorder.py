@@ -569,20 +569,31 @@ class _Step:
         rec._add(record)
 
     def _share(self, delta: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """(B,) s_b with δ_b = s_b d_b (δ: the output gradient of the step's loss, d: of ℓ_b);
-        refused where δ_b is not such a multiple."""
-        dd = (d * d).sum(1)
-        s = (delta * d).sum(1) / dd.clamp(min=torch.finfo(torch.float64).tiny)
-        known = dd > 0
-        if not known.all():   # an example the loss no longer moves: the batch's share
-            s = torch.where(known, s, s[known].median() if known.any() else s.new_tensor(1.0))
+        """(B,) s_b with δ_b = s_b d_b (δ: the output gradient of the step's loss, d: of ℓ_b),
+        refused where δ_b is not such a multiple. δ carries its dtype's rounding (a float32
+        softmax near 1 keeps ~7 digits of 1 − p), so s_b is read only where ‖d_b‖ makes that
+        rounding below the tolerance; an example the loss no longer moves takes the median
+        share of its batch's readable examples of the same target (of all, else NaN)."""
         tol = _SHARE_TOL.get(self.out_grad.dtype, 3e-2)
+        eps = torch.finfo(self.out_grad.dtype).eps
+        dn = d.norm(dim=1)
+        readable = dn > eps * d.shape[1] ** 0.5 / tol
+        s = (delta * d).sum(1) / (dn * dn).clamp(min=torch.finfo(torch.float64).tiny)
         resid = (delta - s[:, None] * d).norm(dim=1)
-        bad = resid > tol * delta.norm(dim=1).clamp(min=tol * float(delta.norm(dim=1).max()))
+        bad = readable & (resid > tol * delta.norm(dim=1))
         if bad.any():
             b = int(bad.nonzero()[0])
             raise ConfigError(f"the step's loss is not a weighted sum of the per-example '{self.rec.loss.name}' "
                               f"losses of the model's output (example {self.ids[b].item()!r}: its output gradient is "
                               f"not a multiple of ∂ℓ/∂z, e.g. label smoothing); pass loss= the per-example loss "
                               f"the step uses")
+        if not readable.all():
+            fill = torch.full_like(s, float("nan"))
+            y = self.y.reshape(len(s), -1)[:, 0] if self.y.dim() == 1 else None
+            for b in torch.nonzero(~readable)[:, 0].tolist():
+                same = readable & (y == y[b]) if y is not None else readable
+                pool = s[same] if same.any() else s[readable]
+                if len(pool):
+                    fill[b] = pool.median()
+            s = torch.where(readable, s, fill)
         return s
