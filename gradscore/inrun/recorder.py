@@ -40,8 +40,9 @@ What is recorded for example b at step t (θ_t: the parameters this backward use
 Every trainable parameter needs a ghost rule (Linear, Conv, Embedding, norms, attention,
 recurrent layers, ...); a model with others, a model whose output for an example depends
 on its batch, or train-mode BatchNorm (which does) is refused with the parameters named.
-Records stay in memory until :meth:`InRun.close`, which writes the scores file
-atomically (nothing is written if training stops before it).
+Records stay on the device until a flush (every ``flush_every`` seconds, and at
+:meth:`InRun.close`) appends them to the journal and rewrites the scores file atomically
+(:mod:`.store`): a killed training leaves a readable file of the flushed steps.
 """
 from __future__ import annotations
 
@@ -223,6 +224,7 @@ class InRun:
         self._pending: list[dict[str, np.ndarray]] = []
         self._attached, self._open, self._next, self._keys = None, None, None, ("ids", "labels")
         self._closed = False
+        self._busy = False   # the recorder's own forwards are running: its hooks stand aside
 
     def _refuse_fallback(self) -> None:
         if self.engine.fallback:
@@ -428,8 +430,6 @@ class InRun:
         self._closed = True   # training stopped: the flushed steps stay readable in the file
         if self.rank == 0 and read_rows(self.journal) is None:
             self.journal.finish()   # nothing was flushed: no journal left behind
-
-    _busy = False
 
 
 class _Step:
