@@ -554,3 +554,23 @@ def test_examples_the_loss_no_longer_moves_keep_the_batch_share(tmp_path):
     np.testing.assert_allclose(share[step == 0], 1 / 8, rtol=1e-6)
     assert np.isfinite(sq[step == 0]).all() and (sq[step == 0] >= 0).all()
     assert np.isnan(share[step == 1]).all() and np.isnan(sq[step == 1]).all()
+
+
+def test_nonfinite_records_are_named_not_dropped_silently(tmp_path, capsys):
+    x, y = _data(dtype=torch.float32)
+    model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
+    rec = gs.InRun(model, out=tmp_path / "r.h5")
+    bad = x[:8].clone()
+    bad[2, 0] = float("nan")                      # a corrupt input: that example's loss is NaN
+    with rec.step(range(8), y[:8]):
+        F.cross_entropy(model(x[:8]), y[:8]).backward()
+    from gradscore.exceptions import GradscoreWarning
+    with pytest.warns(GradscoreWarning, match="1 of 16 records .* non-finite .* step 1, id 2"):
+        with rec.step(range(8), y[:8]):
+            F.cross_entropy(model(bad), y[:8], reduction="sum").backward()
+        rec.close()
+    res = gs.load_scores(tmp_path / "r.h5")
+    assert any("non-finite" in w for w in res["warnings"])
+    from gradscore.cli import main
+    assert main(["info", str(tmp_path / "r.h5")]) == 0
+    assert "warning: 1 of 16 records" in capsys.readouterr().out

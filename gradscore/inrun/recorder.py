@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -61,7 +62,7 @@ from ..batch import Inputs, batch_len, call_model, output_tensor, take
 from ..engines.ghost import GhostEngine
 from ..engines.rules.registry import FactoredRef
 from ..engines.layout import couples_examples
-from ..exceptions import ConfigError, EngineError, GradscoreError, OutputError
+from ..exceptions import ConfigError, EngineError, GradscoreError, GradscoreWarning, OutputError
 from ..io.journal import Journal
 from ..io.outputs import claim
 from ..losses import Loss, resolve_loss
@@ -217,7 +218,7 @@ class InRun:
             self.journal = Journal.attach(self.out, self.fingerprint)
         self._row_files = RowJournal(self.journal, self.rank)
         self.flush_every = float(flush_every)
-        self._flushed, self._write_seconds = time.monotonic(), 0.0
+        self._flushed, self._write_seconds, self._warnings = time.monotonic(), 0.0, []
         self._laid_out = False
         self._count = 0                       # rec.step calls so far
         self._refs: tuple[Any, list[torch.Tensor], float] | None = None   # (step, refs, ‖∇J‖) cached
@@ -392,8 +393,8 @@ class InRun:
         t0 = time.monotonic()
         rows = read_rows(self.journal)
         if rows is not None:
-            write(self.out, rows, config=self.config.to_dict(), fingerprint=self.fingerprint, loss=self.loss.name,
-                  wanted=set(self.config.scores), complete=complete)
+            self._warnings = write(self.out, rows, config=self.config.to_dict(), fingerprint=self.fingerprint,
+                                   loss=self.loss.name, wanted=set(self.config.scores), complete=complete)
         self._write_seconds = time.monotonic() - t0
 
     def close(self) -> Path:
@@ -414,6 +415,8 @@ class InRun:
                     raise ConfigError(f"{self.out}: no step was recorded (call rec.step(...) around the training "
                                       f"steps); nothing written")
                 self._write(complete=True)
+                for text in self._warnings:
+                    warnings.warn(f"{self.out}: {text}", GradscoreWarning, stacklevel=2)
                 self.journal.finish()
             except GradscoreError as e:
                 failed = e

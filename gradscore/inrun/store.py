@@ -71,19 +71,39 @@ def read_rows(journal: Journal) -> dict[str, np.ndarray] | None:
     return {k: v[order] for k, v in rows.items()}
 
 
+def warnings_of(rows: dict[str, np.ndarray]) -> list[str]:
+    """What the scores leave out, in words: records with a non-finite loss or gradient (a
+    diverging step, a corrupt input), and records of batches whose share was unreadable."""
+    out = []
+    bad = ~np.isfinite(rows["loss"]) | ~np.isfinite(rows["share_sq_norm"])
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        first = rows["ids"][i]
+        out.append(f"{int(bad.sum())} of {len(bad)} records have a non-finite loss or gradient (first at step "
+                   f"{int(rows['step'][i])}, id {first.item() if hasattr(first, 'item') else first}); the scores "
+                   f"leave those records out")
+    unread = np.isnan(rows["share"]) & ~bad
+    if unread.any():
+        out.append(f"{int(unread.sum())} records are of batches the loss no longer moves (no readable share): "
+                   f"their sq_norm is NaN and grand leaves them out")
+    return out
+
+
 def write(out: Path, rows: dict[str, np.ndarray], *, config: dict[str, Any], fingerprint: dict, loss: str,
-          wanted: set[str], complete: bool) -> None:
+          wanted: set[str], complete: bool) -> list[str]:
     """The scores file ``out`` from step-ordered ``rows``: ``/ids`` (sorted unique), ``/scores``
     (:mod:`gradscore.scores.inrun`), ``/inrun/<field>`` with ``/inrun/row`` (index into
-    ``/ids``), an empty ``/per_checkpoint`` and the run's attributes; atomically."""
+    ``/ids``), an empty ``/per_checkpoint`` and the run's attributes, with
+    :func:`warnings_of` the rows; atomically. Returns those warnings."""
     ids, row = np.unique(rows["ids"], return_inverse=True)
     fields = {k: v for k, v in rows.items() if k != "ids"}
+    found = warnings_of(rows)
     fields["row"] = row.reshape(-1).astype(np.int64)
     scores = inrun_scores.aggregate(fields, len(ids), wanted)
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update({"config": json.dumps(config, sort_keys=True), "fingerprint": json.dumps(fingerprint,
                                                                                                sort_keys=True),
-                        "gradscore_version": __version__, "loss": loss, "warnings": "[]",
+                        "gradscore_version": __version__, "loss": loss, "warnings": json.dumps(found),
                         "inrun_complete": complete})
         if ids.dtype.kind in "OUS":
             f.create_dataset("ids", data=ids.astype(object), dtype=h5py.string_dtype())
@@ -96,3 +116,4 @@ def write(out: Path, rows: dict[str, np.ndarray], *, config: dict[str, Any], fin
         rec = f.create_group("inrun")
         for k, v in fields.items():
             rec.create_dataset(k, data=v, compression="gzip", chunks=True)
+    return found
