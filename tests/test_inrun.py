@@ -574,3 +574,10 @@ def test_nonfinite_records_are_named_not_dropped_silently(tmp_path, capsys):
     from gradscore.cli import main
     assert main(["info", str(tmp_path / "r.h5")]) == 0
     assert "warning: 1 of 16 records" in capsys.readouterr().out
+
+
+def test_demo_kinds_are_one_at_a_time(capsys):
+    from gradscore.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--pds", "--inrun"])
+    assert e.value.code == 2 and "not allowed with" in capsys.readouterr().err

@@ -18,14 +18,15 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    help="output directory (default gradscore_demo, gradscore_demo_pds, gradscore_demo_lm or "
                    "gradscore_demo_inrun)")
     p.add_argument("--epochs", type=int, default=15, help="training epochs (one checkpoint each)")
-    p.add_argument("--pds", action="store_true",
+    kind = p.add_mutually_exclusive_group()   # one demo at a time
+    kind.add_argument("--pds", action="store_true",
                    help="optimal-control (PDS) demo: full-batch GD on the noisy set, clean "
                    "held-out target, a checkpoint at every step")
-    p.add_argument("--lm", action="store_true",
+    kind.add_argument("--lm", action="store_true",
                    help="language-model demo: a tiny GPT-2 (needs the 'hf' extra) on the docstrings of "
                    "Python's standard library, 20%% of documents corrupted, clean held-out target; "
                    "loss, GraNd, target_dot and PDS per document")
-    p.add_argument("--inrun", action="store_true",
+    kind.add_argument("--inrun", action="store_true",
                    help="in-run demo: the same digits scored during training by gs.InRun (no checkpoint "
                    "needed), each score's AUROC next to the checkpoint-based one, and the recorder's "
                    "overhead as a ratio of training times in this run")
