@@ -104,20 +104,23 @@ def test_every_recorded_quantity_equals_the_per_example_loop(tmp_path, family, m
     _train(model, x, y, steps=4, batch=8, rec=rec, micro=micro, snapshots=snaps)
     forms = {type(r).__name__ for r in rec._refs[1]}
     assert (FactoredRef.__name__ in forms) == (family != "mlp") and "Tensor" in forms
-    rec.close()
-    with h5py.File(tmp_path / "r.h5") as f:
-        rows = {k: f["inrun"][k][()] for k in f["inrun"]}
-        ids = f["ids"][()]
+    _check_against_loop(rec.close(), model, snaps, x, y, targets)
+
+
+def _check_against_loop(path, model, snaps, x, y, targets, dot_rtol=1e-9):
+    """Every record of ``path`` against the per-example loop at each step's θ_t (``snaps``:
+    (parameters, batch indices) per step), for a mean loss over each step's batch."""
+    from gradscore.io.store import load_inrun_rows
+    rows, ids = load_inrun_rows(path), gs.load_scores(path)["ids"]
     for t, (snap, idx) in enumerate(snaps):
         at = rows["step"] == t
-        order = idx.numpy()
-        assert ids[rows["row"][at]].tolist() == order.tolist()     # recorded in the batch's order
+        assert ids[rows["row"][at]].tolist() == idx.tolist()     # recorded in the batch's order
         want = _reference(model, snap, x[idx], y[idx], targets, len(idx))
         np.testing.assert_allclose(rows["loss"][at], want[:, 0], rtol=1e-10)
         np.testing.assert_allclose(rows["sq_norm"][at], want[:, 1], rtol=1e-9)
         np.testing.assert_allclose(rows["share"][at], 1 / len(idx), rtol=1e-12)    # a mean over B (·micro)
         np.testing.assert_allclose(rows["share_sq_norm"][at], want[:, 1] / len(idx) ** 2, rtol=1e-9)
-        np.testing.assert_allclose(rows["dot"][at], want[:, 2] / len(idx), rtol=1e-9, atol=1e-14)
+        np.testing.assert_allclose(rows["dot"][at], want[:, 2] / len(idx), rtol=dot_rtol, atol=1e-14)
         np.testing.assert_allclose(rows["margin"][at], want[:, 3], rtol=1e-10)
 
 
@@ -471,16 +474,7 @@ def test_sequence_first_layers_with_T_equal_to_B_and_T_1(tmp_path, T):
     rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:3], y[:3]))
     snaps: list = []
     _train(model, x, y, steps=3, batch=4, rec=rec, snapshots=snaps)
-    rec.close()
-    with h5py.File(tmp_path / "r.h5") as f:
-        rows = {k: f["inrun"][k][()] for k in f["inrun"]}
-        ids = f["ids"][()]
-    for t, (snap, idx) in enumerate(snaps):
-        at = rows["step"] == t
-        want = _reference(model, snap, x[idx], y[idx], (x[:3], y[:3]), len(idx))
-        assert ids[rows["row"][at]].tolist() == idx.tolist()
-        np.testing.assert_allclose(rows["sq_norm"][at], want[:, 1], rtol=1e-9)
-        np.testing.assert_allclose(rows["dot"][at], want[:, 2] / len(idx), rtol=1e-8, atol=1e-14)
+    _check_against_loop(rec.close(), model, snaps, x, y, (x[:3], y[:3]), dot_rtol=1e-8)
 
 
 def test_an_empty_batch_records_nothing(tmp_path):
