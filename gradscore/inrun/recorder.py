@@ -68,7 +68,7 @@ from ..io.outputs import claim
 from ..losses import Loss, resolve_loss
 from ..scores import inrun as inrun_scores
 from ..scores.datadiet import classification_metrics
-from .store import RowJournal, read_rows, write
+from .store import RowJournal, read_rows, row_files, write
 
 DEFAULT_SCORES = ("loss", "grand", "el2n", "aum", "forgetting", "confidence", "variability", "correctness",
                   "inrun_value", "inrun_value_cos")
@@ -382,12 +382,16 @@ class InRun:
         """Write the records since the last flush to the journal and (rank 0) rewrite the
         scores file from all of them; called every ``flush_every`` seconds (at least ten
         times the last rewrite's duration apart, so rewriting costs at most a tenth of the
-        time) and by :meth:`close`."""
-        self._row_files.append(self._pending)
-        self._pending = []
+        time); :meth:`close` writes the last of them."""
+        self._spill()
         if self.rank == 0:
             self._write(complete=False)
         self._flushed = time.monotonic()
+
+    def _spill(self) -> None:
+        """This rank's records since the last flush, as one row file in the journal."""
+        self._row_files.append(self._pending)
+        self._pending = []
 
     def _write(self, complete: bool) -> None:
         t0 = time.monotonic()
@@ -404,13 +408,12 @@ class InRun:
             return self.out
         self.detach()
         self._closed = True
-        self._row_files.append(self._pending)
-        self._pending = []
+        self._spill()
         _barrier()
         failed = None
         if self.rank == 0:
             try:
-                if read_rows(self.journal) is None:
+                if not row_files(self.journal):
                     self.journal.finish()
                     raise ConfigError(f"{self.out}: no step was recorded (call rec.step(...) around the training "
                                       f"steps); nothing written")
@@ -431,7 +434,7 @@ class InRun:
             self.close()
             return
         self._closed = True   # training stopped: the flushed steps stay readable in the file
-        if self.rank == 0 and read_rows(self.journal) is None:
+        if self.rank == 0 and not row_files(self.journal):
             self.journal.finish()   # nothing was flushed: no journal left behind
 
 

@@ -57,9 +57,14 @@ class RowJournal:
         self.count += 1
 
 
+def row_files(journal: Journal) -> list[Path]:
+    """Every rank's row files in the journal, in (rank, order) order."""
+    return sorted(journal.partial.glob("rank*_*.npz")) if journal.partial.exists() else []
+
+
 def read_rows(journal: Journal) -> dict[str, np.ndarray] | None:
     """Every rank's rows in step order (None if there are none yet)."""
-    files = sorted(journal.partial.glob("rank*_*.npz")) if journal.partial.exists() else []
+    files = row_files(journal)
     if not files:
         return None
     parts = []
