@@ -72,6 +72,7 @@ def _reference(model, snapshot, x, y, targets, B):
     params = list(m.parameters())
     xt, yt = targets
     gJ = torch.autograd.grad(F.cross_entropy(m(xt), yt), params)
+    norm_J = float(sum((g ** 2).sum() for g in gJ).sqrt())
     out = []
     for xb, yb in zip(x, y):
         z = m(xb[None])
@@ -80,11 +81,12 @@ def _reference(model, snapshot, x, y, targets, B):
         other = z[0].clone()
         other[yb] = -torch.inf
         out.append([float(v) for v in (loss, sum((gi ** 2).sum() for gi in g),
-                                       sum((gi * gj).sum() for gi, gj in zip(g, gJ)), z[0, yb] - other.max())])
+                                       sum((gi * gj).sum() for gi, gj in zip(g, gJ)), z[0, yb] - other.max(),
+                                       norm_J)])
     return np.array(out)
 
 
-@pytest.mark.parametrize("family", ["mlp", "wide_mlp", "cnn"])
+@pytest.mark.parametrize("family", ["mlp", "wide_mlp", "wide_mlp_inplace", "cnn"])
 @pytest.mark.parametrize("micro", [1, 2])
 def test_every_recorded_quantity_equals_the_per_example_loop(tmp_path, family, micro):
     """Target dots in both forms: the reference-vector form (narrow layers) and the Gram
@@ -95,6 +97,10 @@ def test_every_recorded_quantity_equals_the_per_example_loop(tmp_path, family, m
         model, (x, y) = mlp(d_in=10, hidden=12, n_classes=4, depth=2).double(), _data()
     elif family == "wide_mlp":
         model, (x, y) = mlp(d_in=10, hidden=64, n_classes=4, depth=2).double(), _data()
+    elif family == "wide_mlp_inplace":   # an in-place op on a Linear's output: δ is the gradient before it
+        model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(inplace=True), nn.Linear(64, 64),
+                              nn.ReLU(inplace=True), nn.Linear(64, 4)).double()
+        x, y = _data()
     else:
         model, (x, y) = digits_cnn(n_classes=4, channels=3).double(), _data(image=True)
         next(m for m in model if isinstance(m, nn.Dropout)).p = 0.0   # the loop below runs without it
@@ -122,6 +128,7 @@ def _check_against_loop(path, model, snaps, x, y, targets, dot_rtol=1e-9):
         np.testing.assert_allclose(rows["share_sq_norm"][at], want[:, 1] / len(idx) ** 2, rtol=1e-9)
         np.testing.assert_allclose(rows["dot"][at], want[:, 2] / len(idx), rtol=dot_rtol, atol=1e-14)
         np.testing.assert_allclose(rows["margin"][at], want[:, 3], rtol=1e-10)
+        np.testing.assert_allclose(rows["target_norm"][at], want[:, 4], rtol=1e-10)
 
 
 def test_share_is_read_from_the_loss_sum_and_class_weights(tmp_path):

@@ -202,6 +202,12 @@ class _Probe(torch.autograd.Function):
         return delta, None, None
 
 
+def probe(output: torch.Tensor, z: torch.Tensor, on_grad) -> torch.Tensor:
+    """``output`` through a :class:`_Probe`: ``on_grad(δ)`` is called with ∂L/∂output when
+    a backward asks for the gradient of the zero leaf ``z``."""
+    return _Probe.apply(output, z, on_grad)
+
+
 @register_engine("ghost")
 class GhostEngine(Engine):
     """Norms and dots from one batched forward/backward with per-layer ghost rules; the
@@ -309,8 +315,8 @@ class GhostEngine(Engine):
                 layer.calls += 1
                 layer.acts.append(act.detach() if isinstance(act, torch.Tensor) else act)
                 # reaching z in the backward needs ∂L/∂probed = δ; a broadcast output gets its B rows
-                probed = _Probe.apply(output.contiguous() if shared else output, probes[0],
-                                      lambda d, layer=layer, call=call, dim=dim or 0: on_grad(d, layer, call, dim))
+                probed = probe(output.contiguous() if shared else output, probes[0],
+                               lambda d, layer=layer, call=call, dim=dim or 0: on_grad(d, layer, call, dim))
                 if rule.output_item is None:
                     return probed
                 return type(whole)(probed if i == rule.output_item else v for i, v in enumerate(whole))
@@ -328,14 +334,14 @@ class GhostEngine(Engine):
         call, index = len(layer.acts), [0]
         layer.acts.append(call_inputs)
 
-        def probe(t: torch.Tensor):
+        def probe_leaf(t: torch.Tensor):
             if not (t.is_floating_point() and t.requires_grad):
                 return t
             i, layer.calls = index[0], layer.calls + 1
             index[0] += 1
-            return _Probe.apply(t, z, lambda d: on_grad(d, layer, (call, i), 0))
+            return probe(t, z, lambda d: on_grad(d, layer, (call, i), 0))
 
-        probed = _map_leaves(whole, probe)
+        probed = _map_leaves(whole, probe_leaf)
         counter = iter(range(index[0]))
         layer.skeletons.append(_map_leaves(whole, lambda t: next(counter) if t.is_floating_point()
                                            and t.requires_grad else None, plain=True))

@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from ..batch import Inputs, batch_len, call_model, output_tensor, take
-from ..engines.ghost import GhostEngine
+from ..engines.ghost import GhostEngine, probe
 from ..engines.rules.registry import FactoredRef
 from ..engines.layout import couples_examples
 from ..exceptions import ConfigError, EngineError, GradscoreError, GradscoreWarning, OutputError
@@ -117,6 +117,31 @@ def _aside(model: nn.Module) -> Iterator[None]:
         finally:
             for m, mode in modes:
                 m.training = mode
+
+
+class _TargetFactors:
+    """A Linear layer's inputs and output gradients in the target's forward and backward:
+    ∇J(W) = Σ_rows δ aᵀ, whatever the layout, since J sums over all of them."""
+
+    def __init__(self, layer: nn.Linear) -> None:
+        self.layer, self.acts, self.deltas = layer, [], {}
+
+    def cheaper(self) -> bool:
+        """Whether the Gram form (M·(d_out + d_in) per position, M rows) beats forming ∇J."""
+        M = sum(a.numel() // a.shape[-1] for a in self.acts)
+        rows, cols = self.layer.out_features, self.layer.in_features
+        return M * (rows + cols) < rows * cols
+
+    def ref(self) -> FactoredRef:
+        """The factors as one reference block; a call whose δ never came (its output did
+        not reach J) adds nothing."""
+        rows, cols = self.layer.out_features, self.layer.in_features
+        calls = sorted(self.deltas)
+        if not calls:
+            like = self.layer.weight
+            return FactoredRef(like.new_zeros((0, rows)), like.new_zeros((0, cols)))
+        return FactoredRef(torch.cat([self.deltas[c].reshape(-1, rows) for c in calls]),
+                           torch.cat([self.acts[c].reshape(-1, cols) for c in calls]))
 
 
 def _rank_world() -> tuple[int, int]:
@@ -302,59 +327,59 @@ class InRun:
 
     def _target_refs(self, step: int) -> tuple[list[torch.Tensor], float] | None:
         """[(1, *shape)] target blocks in the engine's parameter order and ‖∇J‖, computed at
-        every ``every``-th step (micro-batches of one step share it); None elsewhere."""
+        every ``every``-th step (micro-batches of one step share it); None elsewhere. A wide
+        Linear weight's block is the target batch's factors (:class:`FactoredRef`), whose
+        dense gradient the backward then never forms."""
         if self.targets is None or step % self.config.every:
             return None
         if self._refs is not None and self._refs[0] == step:
             return self._refs[1], self._refs[2]
         x, y = self.targets
-        params = [self.params[n] for n in self.engine.param_names]
-        captured: dict[str, tuple[list, dict]] = {}
-        with _aside(self.model), torch.enable_grad(), self._capture_linear(captured):
+        names = self.engine.param_names
+        captured: dict[str, _TargetFactors] = {}
+        with _aside(self.model), torch.enable_grad(), self._capture_linear(captured) as z:
             self._busy = True
             try:
                 J = self.loss.fn(call_model(self.network, x), y).mean()
             finally:
                 self._busy = False
-            grads = torch.autograd.grad(J, params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
+            factored = {w for w, c in captured.items() if c.cheaper()}   # decided from the forward's rows
+            dense = [n for n in names if n not in factored]
+            wanted = [self.params[n] for n in dense] + ([z] if factored else [])
+            grads = torch.autograd.grad(J, wanted, allow_unused=True) if wanted else ()
+        blocks = {n: torch.zeros_like(self.params[n]) if g is None else g.detach() for n, g in zip(dense, grads)}
         if self.optimizer is not None:
-            grads = self._precondition(grads, params)
-        norm = float(torch.sqrt(sum(torch.linalg.vector_norm(g).double() ** 2 for g in grads)))
-        refs: list = [g.unsqueeze(0) for g in grads]
-        index = {n: i for i, n in enumerate(self.engine.param_names)}
-        for weight, (acts, deltas) in captured.items():   # the Gram form where it is cheaper
-            if len(deltas) == len(acts) and acts:
-                ref = FactoredRef(torch.cat([deltas[i].reshape(-1, deltas[i].shape[-1]) for i in range(len(acts))]),
-                                  torch.cat([a.reshape(-1, a.shape[-1]) for a in acts]))
-                if ref.cheaper():
-                    refs[index[weight]] = ref
+            blocks = dict(zip(blocks, self._precondition(list(blocks.values()), [self.params[n] for n in blocks])))
+        refs: list = [captured[n].ref() if n in factored else blocks[n].unsqueeze(0) for n in names]
+        sq = sum(float(torch.linalg.vector_norm(b).double() ** 2) for b in blocks.values())
+        norm = (sq + sum(r.sq_norm() for r in refs if isinstance(r, FactoredRef))) ** 0.5
         self._refs = (step, refs, norm)
         return refs, norm
 
     @contextlib.contextmanager
-    def _capture_linear(self, captured: dict[str, tuple[list, dict]]) -> Iterator[None]:
+    def _capture_linear(self, captured: dict[str, _TargetFactors]) -> Iterator[torch.Tensor]:
         """During the target's forward and backward, each untied, batch-first nn.Linear's
         inputs and output gradients (the factors of ∇J for its weight), keyed by the weight's
-        name; nothing with Adam's preconditioning (Γ ∇J has no such factors)."""
-        handles = []
+        name; nothing with Adam's preconditioning (Γ ∇J has no such factors). Yields the zero
+        leaf whose gradient, asked for, sends δ through every probed output."""
+        device = next(iter(self.params.values())).device
+        handles, z = [], torch.zeros((), device=device, requires_grad=True)
         if self.optimizer is None:
             for layer in self.engine.layers:
                 if (layer.rule.name != "linear" or layer.tied or "weight" not in layer.params
                         or layer.layout is None or layer.layout.batch_dim != 0):
                     continue
-                acts: list = []
-                deltas: dict = {}
+                factors = captured[layer.params["weight"]] = _TargetFactors(layer.module)
 
-                def hook(module, args, output, acts=acts, deltas=deltas):
-                    call = len(acts)
-                    acts.append(args[0].detach())
-                    if output.requires_grad:
-                        output.register_hook(lambda g, call=call: deltas.__setitem__(call, g.detach()))
-                captured[layer.params["weight"]] = (acts, deltas)
+                def hook(module, args, output, factors=factors):
+                    if not output.requires_grad:   # no gradient reaches it: the call adds nothing
+                        return None
+                    call = len(factors.acts)
+                    factors.acts.append(args[0].detach())
+                    return probe(output, z, lambda d, call=call: factors.deltas.__setitem__(call, d.detach()))
                 handles.append(layer.module.register_forward_hook(hook))
         try:
-            yield
+            yield z
         finally:
             for h in handles:
                 h.remove()

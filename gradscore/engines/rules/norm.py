@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ...kernels import acc_dtype
 from .registry import reduce_per_example, register_rule, zeros_like_result
@@ -61,9 +62,8 @@ def _spatial(x: torch.Tensor) -> tuple[int, ...]:
 def layer_norm(layer: nn.LayerNorm, acts, grads, refs, K):
     n = len(layer.normalized_shape)
 
-    def normalize(x):
-        var, mean = torch.var_mean(x, dim=tuple(range(x.dim() - n, x.dim())), keepdim=True, unbiased=False)
-        return (x - mean) / torch.sqrt(var + layer.eps)
+    def normalize(x):   # torch's own kernel: several times faster than var_mean on CPU
+        return F.layer_norm(x, layer.normalized_shape, eps=layer.eps)
     return _affine_rule(acts, grads, refs, K, normalize, _last(n))
 
 

@@ -92,6 +92,12 @@ class FactoredRef:
         rg = f.right.reshape(B * T, -1).to(acc) @ self.right.to(acc).T
         return (lg * rg).sum(1).reshape(B, T).sum(1, keepdim=True)
 
+    def sq_norm(self) -> float:
+        """‖V‖² = Σ_{m,m'} (left_m·left_m')(right_m·right_m'), in M²·(rows + cols) flops."""
+        acc = acc_dtype(self.right.dtype)
+        left, right = self.left.to(acc), self.right.to(acc)
+        return float(((left @ left.T) * (right @ right.T)).sum())
+
     def cheaper(self) -> bool:
         """Whether the Gram form costs fewer flops per position than the reference-vector
         form's rows·cols."""
