@@ -8,6 +8,8 @@ Public API::
     gs.score(checkpoints="ckpts/", data="train.h5", out="scores.h5")
     gs.diagnose("scores.h5", score="pds")         # why examples score high: norm vs direction
     rec = gs.InRun(model, out="inrun.h5")         # scores from the training steps themselves
+    gs.sketch(checkpoints="ckpts/", data="train.h5", out="train.sketch.h5", dim=8192)
+    gs.attribute("train.sketch.h5", "test.h5", out="attr.h5", method="tracin")
 """
 from ._version import __version__  # noqa: E402
 
@@ -27,6 +29,9 @@ from .reports.select import select  # noqa: E402
 from .reports.diagnose import diagnose  # noqa: E402
 from .reports.flag import flag  # noqa: E402
 from .inrun import InRun  # noqa: E402
+from .sketches.store import sketch  # noqa: E402
+from .sketches.attribute import attribute  # noqa: E402
+from .sketches.projection import Projection  # noqa: E402
 
 __all__ = [
     "__version__", "Scorer", "ScoreBatch", "Engine", "score", "run", "reaggregate", "RunConfig",
@@ -34,4 +39,5 @@ __all__ = [
     "save_dataset", "load_scores", "Loss", "causal_lm", "resolve_loss", "GradscoreError", "ConfigError",
     "CheckpointError", "DataError", "EngineError", "ConfigMismatchError", "OutputError", "VmapTraceError",
     "CostateConfig", "CostateFile", "compute_costate", "select", "diagnose", "flag", "InRun",
+    "sketch", "attribute", "Projection",
 ]

@@ -58,6 +58,7 @@ class Scorer:
             engine = "ghost"
         self.engine_name = engine
         self.engine = engine_class(engine)(model, self.loss, self.param_names, chunk_bytes)
+        self._sketcher = None   # a SketchEngine, made by the first sketch_batch
         self._shapes = [named[n].shape for n in self.param_names]
 
     def explain(self) -> dict[str, str]:
@@ -125,10 +126,26 @@ class Scorer:
         check_eval_mode(self.model)
         x, y = self._inputs(x), torch.as_tensor(y).to(self._param_like().device)
         blocks = self.ref_blocks(refs)
+        if not gradients:
+            return self._guarded(lambda: self.engine.forward(x, y), x, y)
+        return self._guarded(lambda: self.engine.score_batch(x, y, blocks), x, y)
+
+    def sketch_batch(self, x: Inputs, y: torch.Tensor, projection) -> ScoreBatch:
+        """Sketches of B examples' gradients: a :class:`ScoreBatch` whose ``dots`` are
+        Φ g_b (B, projection.dim) for a :class:`gradscore.sketches.Projection` of this
+        model's ``param_names`` (``sq_norm`` is not computed)."""
+        from .sketches.engine import SketchEngine
+        check_eval_mode(self.model)
+        x, y = self._inputs(x), torch.as_tensor(y).to(self._param_like().device)
+        if self._sketcher is None or self._sketcher.projection is not projection:
+            self._sketcher = SketchEngine(self.model, self.loss, self.param_names, projection,
+                                          self.engine.chunk_bytes)
+        return self._guarded(lambda: self._sketcher.sketch_batch(x, y), x, y)
+
+    def _guarded(self, call, x: Inputs, y: torch.Tensor) -> ScoreBatch:
+        """``call()``; an error of torch's becomes one :class:`EngineError` with its cause and fix."""
         try:
-            if not gradients:
-                return self.engine.forward(x, y)
-            return self.engine.score_batch(x, y, blocks)
+            return call()
         except GradscoreError:
             raise
         except Exception as e:   # no raw torch error reaches the user: cause, engine and fix

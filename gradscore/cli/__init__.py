@@ -9,7 +9,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from ..exceptions import GradscoreError, one_line
-from . import demos, files, reports, run
+from . import demos, files, reports, run, sketch
 
 EPILOG = """examples:
   gradscore demo --out demo/                       # train on digits, score, report
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .._version import __version__
     parser.add_argument("--version", action="version", version=f"gradscore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (run, reports, files, demos):
+    for group in (run, sketch, reports, files, demos):
         group.add(sub)
     return parser
 
@@ -63,10 +63,6 @@ def run_and_report(command: str, fn: Callable[[Any], int], arg: Any) -> int:
         print(f"gradscore {command}: error: cannot write or read {where}: {e.strerror or e}; "
               f"check the path and its permissions, or choose another output path", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 if __name__ == "__main__":

@@ -39,7 +39,16 @@ def _hdf5_attrs(path: Path) -> set[str]:
 def is_scores_file(path: Path) -> bool:
     """True when ``path`` is a gradscore scores file (HDF5 with a fingerprint and a config)."""
     attrs = _hdf5_attrs(path)
-    return {"fingerprint", "config"} <= attrs and "conventions" not in attrs
+    return {"fingerprint", "config"} <= attrs and not attrs & {"conventions", "sketch", "attribution"}
+
+
+def is_sketch_file(path: Path) -> bool:
+    """True when ``path`` is a gradscore sketch file (``gradscore sketch``)."""
+    return {"fingerprint", "config", "sketch"} <= _hdf5_attrs(path)
+
+
+def _is_attribution(path: Path) -> bool:
+    return {"config", "attribution"} <= _hdf5_attrs(path)
 
 
 def _is_costate(path: Path) -> bool:
@@ -108,6 +117,8 @@ KINDS: dict[str, tuple[str, Callable[[Path], bool]]] = {
     "export": ("a gradscore export", _is_export),
     "weights": ("a gradscore JTT weights file", _is_weights),
     "markdown": ("a gradscore Markdown report", _is_markdown),
+    "sketch": ("a gradscore sketch file", is_sketch_file),
+    "attribution": ("a gradscore attribution file", _is_attribution),
 }
 
 

@@ -1,0 +1,199 @@
+"""Per-query attribution from a sketch file: which training examples most raised (or
+lowered) each query's loss, by TracIn-CP or a TRAK-style estimator.
+
+With S_t (N, dim) the training sketches Φ ∇ℓ_n(θ_t) and Q_t (M, dim) the queries':
+
+- ``tracin``: τ(n, q) = Σ_t η_t ⟨S_t[n], Q_t[q]⟩ over every checkpoint (TracIn-CP with
+  the learning rates η_t saved with the checkpoints). Positive: a gradient step on n
+  lowers q's loss (a proponent); negative: an opponent.
+- ``trak``: features x = Φ ∇f of the margin f = log(p/(1−p)), which for cross-entropy is
+  −Φ∇ℓ/(1−p); τ(n, q) = x_qᵀ (XᵀX + λI)⁻¹ x_n (1 − p_n) = S_t[q]ᵀ K⁻¹ S_t[n] / (1 − p_q)
+  with K = Σ_n x_n x_nᵀ + λI, λ = ``ridge`` × the mean of K's diagonal, averaged over
+  the ``trak_checkpoints`` (the last by default; TRAK proper averages over independently
+  trained models). 1 − p is clipped at 1e-6.
+
+The N × M scores are computed in blocks of training rows (blocked GEMMs), so they need
+never fit in memory; the top ``top`` proponents and opponents of each query are kept as
+the blocks go by, and the whole matrix is written only when asked (``full``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .._version import __version__
+from ..config import DEVICES, DTYPES, _require, resolve_device
+from ..exceptions import CheckpointError, ConfigError, DataError
+from ..io.atomic import atomic_path
+from ..io.checkpoints import CheckpointStore
+from ..io.datasets import check_targets, load_dataset, probe_model
+from ..io.outputs import claim
+from ..scorer import Scorer
+from .projection import Projection
+from .store import SketchFile, sketch_chunk
+
+METHODS = ("tracin", "trak")
+MIN_ONE_MINUS_P = 1e-6
+
+
+@dataclass(frozen=True)
+class AttributeConfig:
+    """What ``gradscore attribute`` computes; saved as the attribution file's ``config``."""
+
+    sketch: str
+    query: str
+    checkpoints: str = ""            # default: those the sketch file was made from
+    method: str = "tracin"
+    top: int = 20
+    full: bool = False
+    ridge: float = 1e-3
+    trak_checkpoints: str = "last"   # "last" or "all"
+    block_size: int = 65536
+    device: str = "auto"
+    dtype: str = "float32"
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        _require(self.method in METHODS, "method", f"{self.method!r}; choose {', '.join(METHODS)}")
+        _require(isinstance(self.top, int) and self.top >= 1, "top", f"{self.top!r}; give a whole number >= 1")
+        _require(self.ridge > 0, "ridge", f"{self.ridge!r}; give a number > 0")
+        _require(self.trak_checkpoints in ("last", "all"), "trak_checkpoints",
+                 f"{self.trak_checkpoints!r}; choose last or all")
+        _require(self.block_size >= 1, "block_size", f"{self.block_size}; give a whole number >= 1")
+        _require(self.device in DEVICES, "device", f"{self.device!r}; choose {DEVICES}")
+        _require(self.dtype in DTYPES, "dtype", f"{self.dtype!r}; choose {DTYPES}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _checked_checkpoints(config: AttributeConfig, sf: SketchFile) -> CheckpointStore:
+    """The checkpoints the sketch file was made from, or one clear error naming the difference."""
+    where = config.checkpoints or sf.config["checkpoints"]
+    ckpts = CheckpointStore(where)
+    want, have = sf.fingerprint["checkpoints_sha256"], ckpts.checksums()
+    if len(want) != len(have):
+        raise CheckpointError(f"{where}: has "
+                              f"{len(have)} checkpoints; {sf.path} was sketched at {len(want)}: give the checkpoints "
+                              f"it was made from")
+    for t, (a, b) in enumerate(zip(want, have)):
+        if a != b:
+            raise CheckpointError(f"{ckpts[t].path}: differs from the checkpoint {sf.path} was sketched at "
+                                  f"(its sha256 changed); give the checkpoints it was made from")
+    return ckpts
+
+
+def sketch_queries(config: AttributeConfig, sf: SketchFile, ckpts: CheckpointStore, steps: list[int],
+                   progress: bool) -> tuple[np.ndarray, dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """(query ids, {t: sketches (M, dim) float32}, {t: p_gold (M,)}) with the sketch file's Φ."""
+    ds = load_dataset(config.query)
+    if len(ds) == 0:
+        raise DataError(f"{config.query}: has no examples; there is nothing to attribute")
+    device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
+    x, y = ds.read(0, len(ds))
+    sketches, p_gold = {}, {}
+    for t in tqdm(steps, desc="sketching queries", disable=None if progress else True, dynamic_ncols=True):
+        model = ckpts.build_model(t, dtype=dtype, device=device)
+        scorer = Scorer(model, loss=ckpts.loss, params=tuple(sf.config["params"]) or None)
+        projection = Projection.for_model(model, scorer.param_names, sf.config["dim"], sf.spec.seed)
+        if projection.spec != sf.spec:
+            raise ConfigError(f"{sf.path}: its projection (seed {sf.spec.seed}, dim {sf.spec.dim}) does not match "
+                              f"the model of {ckpts[t].path} (dim {projection.dim}): the parameters differ; "
+                              f"sketch the training set again with these checkpoints")
+        check_targets(ds, scorer.loss, 0, y, probe_model(model, ds, x, ckpts[t].path, role="query"))
+        chunk = sketch_chunk(scorer, projection, x, y, config.batch_size, "float32")
+        sketches[t], p_gold[t] = chunk["sketch"], chunk["p_gold"]
+    return ds.ids(), sketches, p_gold
+
+
+class _Top:
+    """The ``k`` largest and smallest scores of each query, with their training rows."""
+
+    def __init__(self, M: int, k: int) -> None:
+        self.k = k
+        self.hi = (np.full((M, 0), -np.inf), np.zeros((M, 0), dtype=np.int64))
+        self.lo = (np.full((M, 0), np.inf), np.zeros((M, 0), dtype=np.int64))
+
+    def add(self, scores: np.ndarray, start: int) -> None:
+        """``scores`` (n, M) of the training rows start : start + n."""
+        rows = np.broadcast_to(np.arange(start, start + len(scores)), (scores.shape[1], len(scores)))
+        for side, sign in (("hi", -1.0), ("lo", 1.0)):
+            s, r = getattr(self, side)
+            s, r = np.concatenate([s, scores.T], 1), np.concatenate([r, rows], 1)
+            keep = np.argsort(sign * s, axis=1, kind="stable")[:, :self.k]
+            setattr(self, side, (np.take_along_axis(s, keep, 1), np.take_along_axis(r, keep, 1)))
+
+
+def _trak_weights(sf: SketchFile, t: int, queries: np.ndarray, p_q: np.ndarray, config: AttributeConfig,
+                  progress: bool) -> np.ndarray:
+    """K⁻¹ S_t[q]ᵀ / (1 − p_q) (dim, M): one pass over the training sketches for K."""
+    T, N, dim = sf.shape
+    K = np.zeros((dim, dim))
+    with h5py.File(sf.path, "r") as f:
+        p_all = f["per_checkpoint/p_gold"][t]
+        for a in tqdm(range(0, N, config.block_size), desc="TRAK kernel", disable=None if progress else True):
+            b = min(N, a + config.block_size)
+            x = f["sketch"][t, a:b].astype(np.float64) / np.maximum(1 - p_all[a:b], MIN_ONE_MINUS_P)[:, None]
+            K += x.T @ x
+    K[np.diag_indices(dim)] += config.ridge * max(np.trace(K) / dim, np.finfo(float).tiny)
+    L = np.linalg.cholesky(K)
+    W = np.linalg.solve(L.T, np.linalg.solve(L, queries.T.astype(np.float64)))
+    return W / np.maximum(1 - p_q, MIN_ONE_MINUS_P)[None, :]
+
+
+def run_attribute(config: AttributeConfig, out: str | os.PathLike, *, overwrite: bool = False,
+                  progress: bool = True) -> Path:
+    """Attribute every query of ``config.query`` to the training examples of ``config.sketch``."""
+    sf = SketchFile.open(config.sketch)
+    claim(out, "attribution", overwrite=overwrite, inputs={
+        "the --sketch file": [config.sketch], "the --query file": [config.query]})
+    ckpts = _checked_checkpoints(config, sf)
+    T, N, dim = sf.shape
+    steps = list(range(T)) if config.method == "tracin" or config.trak_checkpoints == "all" else [T - 1]
+    query_ids, Q, p_q = sketch_queries(config, sf, ckpts, steps, progress)
+    M = len(query_ids)
+    if config.method == "tracin":
+        weights = {t: sf.lr[t] * Q[t].T.astype(np.float64) for t in steps}          # (dim, M) each
+    else:
+        weights = {t: _trak_weights(sf, t, Q[t], p_q[t], config, progress) / len(steps) for t in steps}
+    top = _Top(M, min(config.top, N))
+    out = Path(out)
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f, h5py.File(sf.path, "r") as src:
+        full = f.create_dataset("scores", (N, M), dtype=np.float32, chunks=(min(N, 4096), M)) if config.full else None
+        for a in tqdm(range(0, N, config.block_size), desc="attributing", disable=None if progress else True):
+            b = min(N, a + config.block_size)
+            scores = sum(src["sketch"][t, a:b].astype(np.float64) @ weights[t] for t in steps)
+            top.add(scores, a)
+            if full is not None:
+                full[a:b] = scores
+        train_ids = sf.ids
+        f.create_dataset("query_ids", data=query_ids)
+        f.create_dataset("train_ids", data=train_ids)
+        for side, name in (("hi", "proponents"), ("lo", "opponents")):
+            s, r = getattr(top, side)
+            g = f.create_group(name)
+            g.create_dataset("ids", data=train_ids[r])
+            g.create_dataset("rows", data=r)
+            g.create_dataset("scores", data=s)
+        f.attrs["config"] = json.dumps(config.to_dict(), sort_keys=True)
+        f.attrs["attribution"] = json.dumps({"method": config.method, "checkpoints": steps, "dim": dim,
+                                             "seed": sf.spec.seed, "n_train": N, "n_query": M}, sort_keys=True)
+        f.attrs["gradscore_version"] = __version__
+    return out
+
+
+def attribute(sketch: str | os.PathLike, query: str | os.PathLike, *, out: str | os.PathLike,
+              method: str = "tracin", top: int = 20, overwrite: bool = False, progress: bool = True,
+              **options: Any) -> Path:
+    """Top proponents and opponents of every query (see :mod:`gradscore.sketches.attribute`);
+    ``options``: the other :class:`AttributeConfig` fields. Returns the file's path."""
+    config = AttributeConfig(sketch=str(sketch), query=str(query), method=method, top=top, **options)
+    return run_attribute(config, out, overwrite=overwrite, progress=progress)

@@ -1,0 +1,91 @@
+"""Sketches Φ g_b of every example's gradient from one batched forward and backward.
+
+The ghost engine (:mod:`gradscore.engines.ghost`) with each layer's rule turned into its
+projection: a Kronecker block is projected from the rule's factors
+(:meth:`.Projection.project_factor`), a dense block is the rule's dots with that block's
+rows as the references. The engine's layouts (sequence-first, broadcast rows), tied
+weights (the sketch is linear: the uses add up), and fallback chain (vmap, else the
+loop, with the dense blocks as references) are the ghost engine's, unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from ..batch import Inputs
+from ..engines.base import ScoreBatch
+from ..engines.fallback import Fallback
+from ..engines.ghost import GhostEngine
+from ..kernels import acc_dtype
+from .projection import Block, Projection
+
+
+class _Coords:
+    """Stands for parameter ``block.name``'s reference block of the whole sketch,
+    (dim, *shape), without holding it: the rules get these and project instead."""
+
+    def __init__(self, block: Block, dim: int) -> None:
+        self.block, self.shape = block, (dim, *block.shape)
+
+
+class SketchEngine(GhostEngine):
+    """``score_batch(x, y, refs=engine.coords)`` gives ``dots`` = Φ g_b (B, dim) (and the
+    loss and logits; ``sq_norm`` is not computed: zeros)."""
+
+    def __init__(self, model, loss, param_names, projection: Projection, chunk_bytes: int = 256 * 2**20) -> None:
+        super().__init__(model, loss, param_names, chunk_bytes)
+        self.projection = projection
+        self.coords = [_Coords(projection.by_name[n], projection.dim) for n in self.param_names]
+        for layer in self.layers:
+            layer.rule = replace(layer.rule, fn=self._projecting(layer.rule))
+            layer.tied = set()   # Φ(g₁ + g₂) = Φg₁ + Φg₂: no cross terms
+
+    def sketch_batch(self, x: Inputs, y: torch.Tensor) -> ScoreBatch:
+        """Per-example loss (B,), logits, and ``dots`` = the sketches (B, dim)."""
+        return self.score_batch(x, y, self.coords)
+
+    def _place(self, B: int, like: torch.Tensor, parts: list[tuple[Block, torch.Tensor]]) -> torch.Tensor:
+        out = torch.zeros((B, self.projection.dim), dtype=acc_dtype(like.dtype), device=like.device)
+        for block, value in parts:
+            out[:, block.offset:block.offset + block.k] += value.to(out.dtype)
+        return out
+
+    def _projecting(self, rule):
+        """The rule as a projection: fn(layer, acts, grads, {local: _Coords}, dim) -> (0, Φ g)."""
+        def fn(module, acts, grads, lrefs, K):
+            parts = []
+            kron = {local: c.block for local, c in lrefs.items() if c.block.kind == "kron"}
+            if kron:
+                factors = rule.factors(module, acts, grads)
+                parts += [(b, self.projection.project_factor(b.name, factors[local])) for local, b in kron.items()]
+            for local, c in lrefs.items():   # dense blocks: the rule's dots with the block's rows
+                if c.block.kind == "dense":
+                    V = self.projection.dense(c.block.name, module.get_parameter(local))
+                    _, dots = rule.fn(module, acts, grads, {local: V}, c.block.k)
+                    parts.append((c.block, dots))
+            like = parts[0][1]
+            return like.new_zeros(like.shape[0]), self._place(like.shape[0], like, parts)
+        return fn
+
+    def _fallback(self, x, y, refs) -> ScoreBatch | None:
+        """The fallback parameters' dense blocks, stacked as one reference set."""
+        key = self._fallback_key()
+        if not key or refs is None:
+            return super()._fallback(x, y, refs)
+        blocks = [self.projection.by_name[n] for n in key]
+        named = dict(self.model.named_parameters())
+        K = sum(b.k for b in blocks)
+        V, row = [], 0
+        for b in blocks:
+            dense = self.projection.dense(b.name, named[b.name])
+            V.append(torch.cat([dense.new_zeros((row, *b.shape)), dense, dense.new_zeros((K - row - b.k, *b.shape))]))
+            row += b.k
+        if key not in self._fallbacks:
+            self._fallbacks[key] = Fallback(self.model, self.loss, list(key), self.chunk_bytes)
+        out = self._fallbacks[key].score_batch(x, y, V)
+        parts, row = [], 0
+        for b in blocks:
+            parts.append((b, out.dots[:, row:row + b.k]))
+            row += b.k
+        return replace(out, sq_norm=torch.zeros_like(out.sq_norm), dots=self._place(len(out.loss), out.dots, parts))

@@ -1,0 +1,194 @@
+"""The sketch file: every example's gradient sketch at every checkpoint, written once.
+
+``gradscore sketch`` / :func:`sketch`. Layout (HDF5, a scores file's conventions):
+
+- ``/sketch`` (T, N, dim) float16 or float32: Φ g_n(θ_t), one Φ for every checkpoint;
+- ``/per_checkpoint/{loss, p_gold, sq_sketch}`` (T, N): the loss, the probability of the
+  given label (TRAK's out-to-loss weight 1 − p) and ‖Φ g_n(θ_t)‖²;
+- ``/scores/self_influence`` (N,): Σ_t η_t ‖Φ g_n(θ_t)‖² (TracIn's self-influence);
+- ``/ids``, ``/checkpoints/{step, epoch, lr}``;
+- attrs ``config`` (:class:`SketchConfig`), ``sketch`` (the :class:`SketchSpec`: seed,
+  dim, per-parameter blocks), ``fingerprint`` (config, checkpoints, data).
+
+Written through the score store's journal (:class:`~gradscore.io.store.HDF5ScoresWriter`):
+one atomically renamed file per (checkpoint, chunk), so a killed run resumes and the
+final file is bit-identical to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .._version import __version__
+from ..batch import batch_len, take
+from ..config import DEVICES, DTYPES, _require, resolve_device
+from ..exceptions import DataError, OutputError
+from ..io.checkpoints import CheckpointStore
+from ..io.datasets import check_targets, load_dataset, probe_model
+from ..io.outputs import claim, is_sketch_file, lock
+from ..io.store import HDF5ScoresWriter
+from ..losses import resolve_loss
+from ..scorer import Scorer
+from ..scores.datadiet import classification_metrics
+from .projection import Projection, SketchSpec
+
+STORE_DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class SketchConfig:
+    """What ``gradscore sketch`` computes; saved as the sketch file's ``config``."""
+
+    checkpoints: str
+    data: str
+    dim: int = 8192
+    seed: int = 0
+    store_dtype: str = "float16"
+    params: tuple[str, ...] = ()
+    device: str = "auto"
+    dtype: str = "float32"
+    batch_size: int = 256
+    chunk_size: int = 4096
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.dim, int) and self.dim >= 1, "dim", f"{self.dim!r}; give a whole number >= 1")
+        _require(isinstance(self.seed, int) and self.seed >= 0, "seed", f"{self.seed!r}; give a whole number >= 0")
+        _require(self.store_dtype in STORE_DTYPES, "store_dtype", f"{self.store_dtype!r}; choose {STORE_DTYPES}")
+        _require(self.device in DEVICES, "device", f"{self.device!r}; choose {DEVICES}")
+        _require(self.dtype in DTYPES, "dtype", f"{self.dtype!r}; choose {DTYPES}")
+        _require(self.batch_size >= 1, "batch_size", f"{self.batch_size}; give a whole number >= 1")
+        _require(self.chunk_size >= 1, "chunk_size", f"{self.chunk_size}; give a whole number >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["params"] = list(self.params)
+        return d
+
+
+def sketch_chunk(scorer: Scorer, projection: Projection, x, y: torch.Tensor, batch_size: int,
+                 store_dtype: str) -> dict[str, np.ndarray]:
+    """{sketch (n, dim) in ``store_dtype``, loss, p_gold, sq_sketch (n,)} of one chunk."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for i in range(0, batch_len(x), batch_size):
+        yb = y[i:i + batch_size]
+        out = scorer.sketch_batch(take(x, i, i + batch_size), yb, projection)
+        p_gold = classification_metrics(scorer.loss, out.logits, yb.to(out.logits.device)).get("p_gold")
+        metrics = {"sketch": out.dots.to(getattr(torch, store_dtype)), "loss": out.loss,
+                   "p_gold": out.loss.new_full(out.loss.shape, float("nan")) if p_gold is None else p_gold,
+                   "sq_sketch": out.dots.double().pow(2).sum(1)}
+        for k, v in metrics.items():
+            parts.setdefault(k, []).append(v.detach().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _check_finite(metrics: dict[str, np.ndarray], ids: np.ndarray, ckpt: Path) -> None:
+    bad = ~np.isfinite(metrics["sq_sketch"]) | ~np.isfinite(metrics["loss"])
+    if bad.any():
+        raise DataError(f"{ckpt}: examples {', '.join(map(str, ids[bad][:5]))} have a non-finite loss or "
+                        f"gradient sketch (also out of float16's range, 65504, with --store-dtype float16); "
+                        f"check these inputs, or use --store-dtype float32")
+
+
+def run_sketch(config: SketchConfig, out: str | os.PathLike, *, overwrite: bool = False,
+               progress: bool = True) -> Path:
+    """Sketch every example of ``config.data`` at every checkpoint; write ``out``."""
+    with lock(out):
+        return _run(config, Path(out), overwrite, progress)
+
+
+def _run(config: SketchConfig, out: Path, overwrite: bool, progress: bool) -> Path:
+    ckpts = CheckpointStore(config.checkpoints)
+    claim(out, "sketch", overwrite=overwrite, resumable=True, inputs={
+        "the --data file": [config.data], "a checkpoint": [info.path for info in ckpts.infos]})
+    ds = load_dataset(config.data)
+    if len(ds) == 0:
+        raise DataError(f"{config.data}: has no examples; there is nothing to sketch")
+    loss = resolve_loss(ckpts.loss)
+    if loss.output == "tokens":
+        raise DataError(f"{config.checkpoints}: the loss '{ckpts.loss}' is a language-modelling loss; "
+                        f"sketches need a classification loss in this version")
+    device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
+    fingerprint = {"config": config.to_dict(), "checkpoints_sha256": ckpts.checksums(), "data": ds.fingerprint()}
+    writer = HDF5ScoresWriter(out, fingerprint, n=len(ds), T=len(ckpts), chunk_size=config.chunk_size,
+                              overwrite=overwrite)
+    ids, spec = ds.ids(), None
+    size = lambda c: writer.chunk_range(c)[1] - writer.chunk_range(c)[0]   # noqa: E731
+    todo = [[c for c in range(writer.n_chunks) if not writer.is_done(t, c)] for t in range(len(ckpts))]
+    total = len(ds) * len(ckpts)
+    with tqdm(total=total, initial=total - sum(size(c) for cs in todo for c in cs), desc="sketching", unit="ex",
+              unit_scale=True, disable=None if progress else True, dynamic_ncols=True) as bar:
+        for t in range(len(ckpts)):
+            if not todo[t] and spec is not None:
+                continue
+            model = ckpts.build_model(t, dtype=dtype, device=device)
+            scorer = Scorer(model, loss=loss, params=config.params or None)
+            projection = Projection.for_model(model, scorer.param_names, config.dim, config.seed)
+            spec = spec or projection.spec
+            n_out = None
+            for c in todo[t]:
+                a, b = writer.chunk_range(c)
+                x, y = ds.read(a, b)
+                n_out = n_out or probe_model(model, ds, x, ckpts[t].path)
+                check_targets(ds, loss, a, y, n_out)
+                metrics = sketch_chunk(scorer, projection, x, y, config.batch_size, config.store_dtype)
+                _check_finite(metrics, ids[a:b], ckpts[t].path)
+                writer.write_chunk(t, c, metrics)
+                bar.update(b - a)
+    lr = np.array([i.lr for i in ckpts], dtype=np.float64)
+    return writer.finalize(
+        ids=ids, extras={"checkpoints": {"step": np.array([i.step for i in ckpts], dtype=np.int64),
+                                         "epoch": np.array([i.epoch for i in ckpts]), "lr": lr}},
+        aggregate=lambda m: {"self_influence": (lr[:, None] * m["sq_sketch"]).sum(0)},
+        attrs={"config": config.to_dict(), "sketch": spec.to_dict(), "gradscore_version": __version__,
+               "loss": ckpts.loss})
+
+
+def sketch(checkpoints: str | os.PathLike, data: str | os.PathLike, *, out: str | os.PathLike,
+           dim: int = 8192, seed: int = 0, overwrite: bool = False, progress: bool = True, **options: Any) -> Path:
+    """Sketch every example of ``data`` at every checkpoint in ``checkpoints`` (see
+    :mod:`gradscore.sketches.store`); ``options``: the other :class:`SketchConfig` fields
+    (store_dtype, params, device, dtype, batch_size, chunk_size). Returns the file's path."""
+    config = SketchConfig(checkpoints=str(checkpoints), data=str(data), dim=dim, seed=seed, **options)
+    return run_sketch(config, out, overwrite=overwrite, progress=progress)
+
+
+@dataclass
+class SketchFile:
+    """A finished sketch file, opened for reading: its spec, config, ids and checkpoints."""
+
+    path: Path
+    spec: SketchSpec
+    config: dict[str, Any]
+    fingerprint: dict[str, Any]
+    ids: np.ndarray
+    lr: np.ndarray
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "SketchFile":
+        path = Path(path)
+        if not path.is_file():
+            raise OutputError(f"{path}: no such sketch file; write one with `gradscore sketch`")
+        if not is_sketch_file(path):
+            raise OutputError(f"{path}: is not a gradscore sketch file (written by `gradscore sketch`)")
+        with h5py.File(path, "r") as f:
+            return cls(path, SketchSpec.from_dict(json.loads(f.attrs["sketch"])), json.loads(f.attrs["config"]),
+                       json.loads(f.attrs["fingerprint"]), f["ids"][:], f["checkpoints/lr"][:])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(T, N, dim)."""
+        with h5py.File(self.path, "r") as f:
+            return tuple(f["sketch"].shape)
+
+    def read(self, t: int, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of checkpoint t's sketches, (n, dim) float32."""
+        with h5py.File(self.path, "r") as f:
+            return f["sketch"][t, start:stop].astype(np.float32)

@@ -1,0 +1,127 @@
+"""Sketch files and attribution: the stored sketches are the engine's; a stopped run
+resumes bit-identically; TracIn and TRAK scores equal their formulas computed directly
+from the sketches, whatever the block size; bad input is one line and exit code 2."""
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+import gradscore as gs
+from gradscore.cli import main
+from gradscore.io.checkpoints import CheckpointStore
+from gradscore.io.store import HDF5ScoresWriter
+from gradscore.sketches import Projection, SketchEngine
+from gradscore.sketches.attribute import attribute
+from gradscore.sketches.store import SketchFile, sketch
+
+
+def _sketch(tiny_run, tmp_path, name="train.sketch.h5", **kw):
+    ckpts, data = tiny_run
+    kw = {"dim": 60, "chunk_size": 40, "store_dtype": "float32", "progress": False, **kw}
+    return sketch(ckpts, data, out=tmp_path / name, **kw)
+
+
+def _engine_sketches(ckpts, t, data, dim, seed):
+    store = CheckpointStore(ckpts)
+    model = store.build_model(t)
+    names = [n for n, _ in model.named_parameters()]
+    x, y = gs.load_dataset(data).read(0, len(gs.load_dataset(data)))
+    proj = Projection.for_model(model, names, dim, seed)
+    return SketchEngine(model, gs.resolve_loss(store.loss), names, proj).sketch_batch(x, y).dots.numpy()
+
+
+def test_the_file_holds_the_engines_sketches(tiny_run, tmp_path):
+    path = _sketch(tiny_run, tmp_path, seed=4)
+    sf = SketchFile.open(path)
+    T, N, dim = sf.shape
+    assert (T, N) == (3, 90) and dim == sf.spec.dim
+    for t in range(T):
+        np.testing.assert_allclose(sf.read(t, 0, N), _engine_sketches(*tiny_run[:1], t, tiny_run[1], 60, 4),
+                                   rtol=1e-5, atol=1e-7)
+    with h5py.File(path) as f:
+        sq = f["per_checkpoint/sq_sketch"][:]
+        np.testing.assert_allclose(f["scores/self_influence"][:], (sf.lr[:, None] * sq).sum(0))
+        np.testing.assert_allclose(sq[0], (f["sketch"][0].astype(np.float64) ** 2).sum(1), rtol=1e-6)
+
+
+def test_a_stopped_run_resumes_to_the_same_file_bit_for_bit(tiny_run, tmp_path, monkeypatch):
+    fresh = _sketch(tiny_run, tmp_path, name="fresh.h5")
+    write, calls = HDF5ScoresWriter.write_chunk, [0]
+
+    def stop_after_two(self, t, c, metrics):
+        if calls[0] == 2:
+            raise KeyboardInterrupt
+        calls[0] += 1
+        write(self, t, c, metrics)
+    monkeypatch.setattr(HDF5ScoresWriter, "write_chunk", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        _sketch(tiny_run, tmp_path, name="stopped.h5")
+    assert not (tmp_path / "stopped.h5").exists()
+    assert len(list((tmp_path / "stopped.h5.partial").glob("t*.npz"))) == 2
+    monkeypatch.setattr(HDF5ScoresWriter, "write_chunk", write)
+    resumed = _sketch(tiny_run, tmp_path, name="stopped.h5")
+    with h5py.File(fresh) as a, h5py.File(resumed) as b:
+        assert np.array_equal(a["sketch"][:], b["sketch"][:])
+        assert np.array_equal(a["scores/self_influence"][:], b["scores/self_influence"][:])
+
+
+@pytest.mark.parametrize("method", ["tracin", "trak"])
+def test_scores_equal_the_formula_whatever_the_block_size(tiny_run, tmp_path, method):
+    ckpts, data = tiny_run
+    path = _sketch(tiny_run, tmp_path)
+    sf = SketchFile.open(path)
+    outs = [attribute(path, data, out=tmp_path / f"a{b}.h5", method=method, top=5, full=True, block_size=b,
+                      progress=False) for b in (7, 1000)]
+    with h5py.File(outs[0]) as a, h5py.File(outs[1]) as b:
+        np.testing.assert_allclose(a["scores"][:], b["scores"][:], rtol=1e-6)
+        for side in ("proponents", "opponents"):
+            assert np.array_equal(a[f"{side}/rows"][:], b[f"{side}/rows"][:])
+        full = b["scores"][:].astype(np.float64)
+        ids = b["train_ids"][:]
+        rows_hi, rows_lo = b["proponents/rows"][:], b["opponents/rows"][:]
+        assert np.array_equal(b["proponents/ids"][:], ids[rows_hi])
+    # the formula, from the stored training sketches and the queries sketched by the engine
+    with h5py.File(path) as f:
+        S, p = f["sketch"][:].astype(np.float64), f["per_checkpoint/p_gold"][:]
+    Q = np.stack([_engine_sketches(ckpts, t, data, 60, 0) for t in range(3)]).astype(np.float64)
+    if method == "tracin":
+        want = sum(sf.lr[t] * S[t] @ Q[t].T for t in range(3))
+    else:
+        X = S[2] / (1 - p[2])[:, None]
+        K = X.T @ X
+        K += 1e-3 * np.trace(K) / len(K) * np.eye(len(K))
+        want = S[2] @ np.linalg.solve(K, Q[2].T) / (1 - p[2])[None, :]   # queries are the training set
+    np.testing.assert_allclose(full, want, rtol=2e-4, atol=1e-6 * np.abs(want).max())
+    assert np.array_equal(rows_hi, np.argsort(-want, axis=0, kind="stable")[:5].T)
+    assert np.array_equal(rows_lo, np.argsort(want, axis=0, kind="stable")[:5].T)
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tiny_run, tmp_path, capsys):
+    ckpts, data = tiny_run
+    path = _sketch(tiny_run, tmp_path)
+
+    def fails(*argv, says):
+        assert main(list(argv)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err, err
+
+    fails("attribute", "--sketch", str(data), "--query", str(data), "--out", str(tmp_path / "x.h5"),
+          says="is not a gradscore sketch file")
+    fails("attribute", "--sketch", str(path), "--query", str(data), "--out", str(path),
+          says="an input of this command")
+    fails("sketch", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(path), "--dim", "80",
+          says="dim (60 before, 80 now)")                          # another dim into the same file
+    bad = tmp_path / "bad.h5"
+    gs.save_dataset(bad, np.zeros((4, 3), np.float32), np.zeros(4, np.int64))
+    fails("attribute", "--sketch", str(path), "--query", str(bad), "--out", str(tmp_path / "x.h5"),
+          says="does not fit the model")
+    first = sorted(ckpts.glob("step_*.h5"))[0]
+    with h5py.File(first, "a") as f:                                 # a checkpoint changed since
+        f.attrs["lr"] = 0.25
+    fails("attribute", "--sketch", str(path), "--query", str(data), "--out", str(tmp_path / "x.h5"),
+          says="differs from the checkpoint")
+    first.unlink()
+    fails("attribute", "--sketch", str(path), "--query", str(data), "--out", str(tmp_path / "x.h5"),
+          says="has 2 checkpoints")
+    assert not (tmp_path / "x.h5").exists()
