@@ -114,22 +114,33 @@ def sketch_queries(config: AttributeConfig, sf: SketchFile, ckpts: CheckpointSto
     return ds.ids(), sketches, p_gold
 
 
-class _Top:
-    """The ``k`` largest and smallest scores of each query, with their training rows."""
+class TopK:
+    """The ``k`` largest and smallest scores of each of M queries, with their training rows,
+    kept as blocks of scores go by."""
 
     def __init__(self, M: int, k: int) -> None:
         self.k = k
-        self.hi = (np.full((M, 0), -np.inf), np.zeros((M, 0), dtype=np.int64))
-        self.lo = (np.full((M, 0), np.inf), np.zeros((M, 0), dtype=np.int64))
+        empty = (torch.zeros((M, 0)), torch.zeros((M, 0), dtype=torch.int64))
+        self.hi, self.lo = empty, empty
 
-    def add(self, scores: np.ndarray, start: int) -> None:
+    def add(self, scores: torch.Tensor, start: int) -> None:
         """``scores`` (n, M) of the training rows start : start + n."""
-        rows = np.broadcast_to(np.arange(start, start + len(scores)), (scores.shape[1], len(scores)))
-        for side, sign in (("hi", -1.0), ("lo", 1.0)):
-            s, r = getattr(self, side)
-            s, r = np.concatenate([s, scores.T], 1), np.concatenate([r, rows], 1)
-            keep = np.argsort(sign * s, axis=1, kind="stable")[:, :self.k]
-            setattr(self, side, (np.take_along_axis(s, keep, 1), np.take_along_axis(r, keep, 1)))
+        s = scores.T
+        rows = torch.arange(start, start + s.shape[1]).expand_as(s)
+        for side, largest in (("hi", True), ("lo", False)):
+            vals, idx = getattr(self, side)
+            vals, idx = torch.cat([vals, s], 1), torch.cat([idx, rows], 1)
+            v, i = torch.topk(vals, min(self.k, vals.shape[1]), dim=1, largest=largest)
+            setattr(self, side, (v, idx.gather(1, i)))
+
+
+def block_scores(rows: list[np.ndarray], weights: list[torch.Tensor]) -> torch.Tensor:
+    """Σ_t rows_t (n, dim) @ weights_t (dim, M), float32 GEMMs: (n, M)."""
+    out = None
+    for r, w in zip(rows, weights):
+        s = torch.from_numpy(np.asarray(r, dtype=np.float32)) @ w
+        out = s if out is None else out.add_(s)
+    return out
 
 
 def _trak_weights(sf: SketchFile, t: int, queries: np.ndarray, p_q: np.ndarray, config: AttributeConfig,
@@ -161,24 +172,25 @@ def run_attribute(config: AttributeConfig, out: str | os.PathLike, *, overwrite:
     query_ids, Q, p_q = sketch_queries(config, sf, ckpts, steps, progress)
     M = len(query_ids)
     if config.method == "tracin":
-        weights = {t: sf.lr[t] * Q[t].T.astype(np.float64) for t in steps}          # (dim, M) each
+        weights = [sf.lr[t] * Q[t].T.astype(np.float64) for t in steps]          # (dim, M) each
     else:
-        weights = {t: _trak_weights(sf, t, Q[t], p_q[t], config, progress) / len(steps) for t in steps}
-    top = _Top(M, min(config.top, N))
+        weights = [_trak_weights(sf, t, Q[t], p_q[t], config, progress) / len(steps) for t in steps]
+    weights = [torch.from_numpy(w.astype(np.float32)) for w in weights]
+    top = TopK(M, min(config.top, N))
     out = Path(out)
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f, h5py.File(sf.path, "r") as src:
         full = f.create_dataset("scores", (N, M), dtype=np.float32, chunks=(min(N, 4096), M)) if config.full else None
         for a in tqdm(range(0, N, config.block_size), desc="attributing", disable=None if progress else True):
             b = min(N, a + config.block_size)
-            scores = sum(src["sketch"][t, a:b].astype(np.float64) @ weights[t] for t in steps)
+            scores = block_scores([src["sketch"][t, a:b] for t in steps], weights)
             top.add(scores, a)
             if full is not None:
-                full[a:b] = scores
+                full[a:b] = scores.numpy()
         train_ids = sf.ids
         f.create_dataset("query_ids", data=query_ids)
         f.create_dataset("train_ids", data=train_ids)
         for side, name in (("hi", "proponents"), ("lo", "opponents")):
-            s, r = getattr(top, side)
+            s, r = (v.numpy() for v in getattr(top, side))
             g = f.create_group(name)
             g.create_dataset("ids", data=train_ids[r])
             g.create_dataset("rows", data=r)

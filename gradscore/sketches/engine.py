@@ -56,7 +56,10 @@ class SketchEngine(GhostEngine):
         def fn(module, acts, grads, lrefs, K):
             parts = []
             kron = {local: c.block for local, c in lrefs.items() if c.block.kind == "kron"}
-            if kron:
+            if kron and rule.sketch is not None:   # the rule's own projection (a convolution's)
+                parts += [(b, rule.sketch(module, acts, grads, *self.projection.factors(b.name, grads[0]))
+                           .reshape(-1, b.k)) for b in kron.values()]
+            elif kron:
                 factors = rule.factors(module, acts, grads)
                 parts += [(b, self.projection.project_factor(b.name, factors[local])) for local, b in kron.items()]
             for local, c in lrefs.items():   # dense blocks: the rule's dots with the block's rows

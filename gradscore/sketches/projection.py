@@ -6,7 +6,9 @@ gets the coordinates ``offset : offset + k`` of the sketch, with k ∝ its size
 (``k_p ≈ dim · numel_p / Σ numel``, at least 1, at most numel_p):
 
 - a weight W (rows, cols) whose layer's rule has factors (nn.Linear, nn.Embedding,
-  Hugging Face's Conv1D), so that its per-example gradient is g = Σ_t l_t r_tᵀ: the
+  Hugging Face's Conv1D), so that its per-example gradient is g = Σ_t l_t r_tᵀ, or its own
+  ``sketch`` (nn.Conv*, W viewed as (C_out, C_in/groups·kernel), P_in applied to the
+  patches as a convolution): the
   Kronecker-factored block Φ_p vec(g) = vec(P_out g P_inᵀ) = vec(Σ_t (P_out l_t)(P_in r_t)ᵀ),
   P_out (k_out, rows), P_in (k_in, cols), k_out / k_in ≈ rows / cols, k_out·k_in ≈ k_p:
   two thin products per layer, the gradient never formed;
@@ -59,14 +61,15 @@ def plan_blocks(model: nn.Module, param_names: list[str], dim: int, factored: bo
         raise ConfigError(f"invalid value for 'dim': {dim!r}; give a whole number >= 1")
     named = dict(model.named_parameters())
     layers, _ = plan_layers(model, param_names)
-    kron = {full for layer in layers if factored and layer.rule.factors is not None
-            for local, full in layer.params.items() if local == "weight" and named[full].dim() == 2}
+    kron = {full for layer in layers if factored and (layer.rule.factors is not None or layer.rule.sketch is not None)
+            for local, full in layer.params.items()
+            if local == "weight" and named[full].dim() >= 2 and (layer.rule.sketch or named[full].dim() == 2)}
     total = sum(named[n].numel() for n in param_names)
     sizes: dict[str, list[int]] = {}     # name -> [k_out, k_in] (kron) or [k] (dense)
     for name in param_names:
         shape, want = tuple(named[name].shape), dim * named[name].numel() / total
-        if name in kron:
-            rows, cols = shape
+        if name in kron:   # viewed as (shape[0], the rest): a conv's (C_out, C_in/groups·k)
+            rows, cols = shape[0], math.prod(shape[1:])
             k_out = min(rows, max(1, round(math.sqrt(want * rows / cols))))
             sizes[name] = [k_out, min(cols, max(1, round(want / k_out)))]
         else:
@@ -98,6 +101,7 @@ def _fill(sizes: dict[str, list[int]], shapes: dict[str, tuple[int, ...]], dim: 
             add = max(0, min(math.prod(shape) - size[0], left))
             size[0], left = size[0] + add, left - add
             continue
+        shape = (shape[0], math.prod(shape[1:]))
         while left > 0:
             grow = [i for i in (0, 1) if size[i] < shape[i] and size[1 - i] <= left]
             if not grow:
@@ -158,7 +162,8 @@ class Projection:
     def factors(self, name: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """P_out (k_out, rows), P_in (k_in, cols) of a Kronecker block."""
         b = self.by_name[name]
-        return (self._draw(name, "out", b.k_out, b.shape[0], like), self._draw(name, "in", b.k_in, b.shape[1], like))
+        return (self._draw(name, "out", b.k_out, b.shape[0], like),
+                self._draw(name, "in", b.k_in, math.prod(b.shape[1:]), like))
 
     def dense(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """The block as a dense (k, *shape) matrix (a Kronecker block's is P_out ⊗ P_in)."""
@@ -189,7 +194,7 @@ class Projection:
             acc = acc_dtype(g.dtype)
             if b.kind == "kron":
                 p_out, p_in = self.factors(b.name, g)
-                out.append((p_out @ g.to(acc) @ p_in.T).reshape(g.shape[0], -1))
+                out.append((p_out @ g.to(acc).reshape(*g.shape[:2], -1) @ p_in.T).reshape(g.shape[0], -1))
             else:
                 out.append(g.to(acc).reshape(g.shape[0], -1) @ self.dense(b.name, g).reshape(b.k, -1).T)
         return torch.cat(out, 1)

@@ -279,7 +279,27 @@ def _conv3d(layer: nn.Conv3d, acts, grads, refs, K):
     return sq + torch.cat([p[0] for p in parts]), dots + torch.cat([p[1] for p in parts])
 
 
-@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, supports=_supports)
+def conv_sketch(layer: nn.Module, acts, grads, p_out: torch.Tensor, p_in: torch.Tensor) -> torch.Tensor:
+    """P_out g_b P_inᵀ (B, k_out, k_in) of the weight viewed as (C_out, C_in/groups·k):
+    Σ_l (P_out δ_bl)(P_in a_bl)ᵀ per group, P_in applied to the patches as one grouped
+    convolution of the input by P_in reshaped to filters (no im2col)."""
+    conv_nd = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(layer.kernel_size)]
+    g, k_out, k_in = layer.groups, p_out.shape[0], p_in.shape[0]
+    filters = p_in.reshape(k_in, layer.in_channels // g, *layer.kernel_size)
+    filters = filters.repeat(g, *(1,) * (filters.dim() - 1))
+    left = p_out.reshape(k_out, g, layer.out_channels // g)
+    total = None
+    for x, d in zip(_same_padded(layer, acts), grads):   # the calls add up
+        B = x.shape[0]
+        r = conv_nd(x.to(p_in.dtype), filters, stride=layer.stride, padding=_numeric_padding(layer),
+                    dilation=layer.dilation, groups=g).reshape(B, g, k_in, -1)
+        l = torch.einsum("kgc,bgcl->bgkl", left, d.to(p_out.dtype).reshape(B, g, layer.out_channels // g, -1))
+        s = torch.einsum("bgkl,bgjl->bkj", l, r)
+        total = s if total is None else total + s
+    return total
+
+
+@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, supports=_supports, sketch=conv_sketch)
 def conv(layer: nn.Module, acts, grads, refs, K):
     acts = _same_padded(layer, acts)
     if isinstance(layer, nn.Conv3d):

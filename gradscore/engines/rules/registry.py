@@ -40,6 +40,11 @@ for a weight shared by several modules (tied weights), whose per-example gradien
 the sum of both uses g₁ + g₂, so that ‖g‖² = ‖g₁‖² + ‖g₂‖² + 2⟨g₁, g₂⟩; the rules give
 the first two terms and :func:`cross` the last one, exactly.
 
+A rule may also register ``sketch(layer, acts, grads, p_out, p_in) -> (B, k_out, k_in)``:
+the Kronecker-factored projection P_out g_b P_inᵀ of its weight's per-example gradient
+viewed as (shape[0], rest), without forming it (a convolution: P_in applied to the patches
+as a convolution); a rule with ``factors`` gets it from them (:mod:`gradscore.sketches`).
+
 Classes from optional packages are registered by qualified name
 (``"transformers.pytorch_utils.Conv1D"``), so the package is never imported here.
 """
@@ -116,6 +121,7 @@ class Rule:
     output_item: Optional[Union[int, Callable]] = None
     children: tuple[str, ...] = ()
     probe_all: bool = False
+    sketch: Optional[Callable[..., torch.Tensor]] = None
 
     def dims(self, layer: nn.Module) -> tuple[int, ...]:
         """The dimensions that may hold the batch in this layer's input and output."""
@@ -132,7 +138,7 @@ def register_rule(*types: TypeKey, supports: Callable[[nn.Module], Optional[str]
     """Decorator: use ``fn`` as the ghost rule for every class (or qualified class name)
     in ``types``; ``factors`` (optional) lets its weight be tied to another layer's;
     ``options``: the :class:`Rule` fields ``batch_dims``, ``call``, ``output_item``,
-    ``children``."""
+    ``children``, ``sketch``."""
     def deco(fn: RuleFn) -> RuleFn:
         for t in types:
             _RULES[t] = Rule(fn.__name__, fn, supports, factors, **options)
