@@ -88,6 +88,7 @@ def test_scores_equal_the_formula_whatever_the_block_size(tiny_run, tmp_path, me
     for out in outs:
         with h5py.File(out) as f:
             np.testing.assert_allclose(f["scores"][:], want, rtol=2e-4, atol=tol)
+            np.testing.assert_allclose(f["target_dot"][:], want.mean(1), rtol=2e-4, atol=tol)
             ids = f["train_ids"][:]
             for side, order in (("proponents", -want), ("opponents", want)):   # the formula's top 5, up to ties
                 rows = f[f"{side}/rows"][:]
@@ -124,3 +125,21 @@ def test_bad_input_is_one_line_and_exit_code_2(tiny_run, tmp_path, capsys):
     fails("attribute", "--sketch", str(path), "--query", str(data), "--out", str(tmp_path / "x.h5"),
           says="has 2 checkpoints")
     assert not (tmp_path / "x.h5").exists()
+
+
+@pytest.mark.slow   # spawns and kills the CLI; the interrupted-run test above stays in the default set
+def test_a_killed_sketch_run_resumes_bit_identically(tiny_run, tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import sigkill_when
+    ckpts, data = tiny_run
+    cmd = [sys.executable, "-m", "gradscore", "sketch", "--checkpoints", str(ckpts), "--data", str(data),
+           "--dim", "60", "--chunk-size", "1", "--batch-size", "1", "--quiet"]
+    killed, partial = tmp_path / "killed.h5", tmp_path / "killed.h5.partial"
+    sigkill_when(cmd + ["--out", str(killed)], lambda: partial.is_dir() and len(list(partial.glob("t*.npz"))) >= 5)
+    assert not killed.exists() and 5 <= len(list(partial.glob("t*.npz"))) < 270
+    subprocess.run(cmd + ["--out", str(killed)], check=True, capture_output=True)
+    assert main(cmd[3:] + ["--out", str(tmp_path / "clean.h5")]) == 0
+    with h5py.File(killed) as a, h5py.File(tmp_path / "clean.h5") as b:
+        assert np.array_equal(a["sketch"][:], b["sketch"][:]) and np.array_equal(a["ids"][:], b["ids"][:])

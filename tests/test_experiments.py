@@ -104,3 +104,33 @@ def test_user_data_and_bad_options(tmp_path, capsys):
 def test_fast_modes_run(tmp_path):
     for name in ("prune", "regions", "jtt"):
         assert main(["experiment", name, "--out", str(tmp_path)]) == 0
+
+
+def test_lds_by_hand():
+    from gradscore.demos.experiments.attribution import lds
+    masks = np.array([[1, 0, 1], [0, 1, 1], [1, 1, 0], [0, 0, 1]], dtype=bool)
+    scores = np.array([[1.0, -1.0], [2.0, 0.5], [0.0, 2.0]])
+    predicted = masks @ scores                              # [[1, 1], [2, 2.5], [3, -0.5], [0, 2]]
+    actual = np.stack([predicted[:, 0], -predicted[:, 1]], 1)
+    assert lds(scores, masks, actual) == pytest.approx(0.0)  # +1 for query 0, -1 for query 1
+
+
+def test_attribution_tiny(tmp_path):
+    assert main(["experiment", "attribution", "--mode", "tiny", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "attribution.json").read_text())
+    assert {r["method"] for r in result["lds"]} >= {"gradscore tracin, k=256", "gradscore trak, k=256"}
+    assert all(np.isfinite(r["lds"]) and r["seconds"] > 0 for r in result["lds"])
+    assert (tmp_path / "attribution.png").stat().st_size > 0 and (tmp_path / "attribution.md").exists()
+
+
+@pytest.mark.slow
+def test_attribution_fast_beats_random_removal(tmp_path):
+    """The issue's fast mode (20 subset models, k = 2048 and 8192, traker beside when
+    installed): TracIn's LDS is positive and removing its top proponents flips more
+    predictions than removing random examples."""
+    assert main(["experiment", "attribution", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "attribution.json").read_text())
+    lds = {r["method"]: r["lds"] for r in result["lds"]}
+    assert lds["gradscore tracin, k=8192"] > 0.05
+    rates = result["flips"]["rates"]
+    assert rates["gradscore tracin, k=8192"] > rates["random examples"]

@@ -69,9 +69,12 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
                  "(Dataset Cartography: train on 33% ambiguous/easy/hard/random vs all, test in and out of "
                  "distribution), 'jtt' (ERM vs Just Train Twice on a spurious-patch variant of digits: "
                  "average and worst-group accuracy), 'noise' (finding mislabeled examples under symmetric, pair and "
-                 "instance-dependent noise, against cleanlab and a kNN baseline). Embedded digits by default; prune and regions also "
+                 "instance-dependent noise, against cleanlab and a kNN baseline), 'attribution' (TracIn and TRAK-style from "
+                 "gradient sketches against the traker package, by the linear datamodeling score over models retrained "
+                 "on random halves, and the prediction flips when the top proponents are removed). Embedded digits by default; prune and regions also "
                  "take --train/--test files and a --model factory. Writes OUT/<name>.json, .md and .png.")
-    p.add_argument("name", choices=("prune", "regions", "jtt", "noise"), help="which experiment (see above)")
+    p.add_argument("name", choices=("prune", "regions", "jtt", "noise", "attribution"),
+                   help="which experiment (see above)")
     p.add_argument("--out", default="gradscore_experiments", metavar="DIR",
                    help="folder for <name>.json, .md and .png")
     p.add_argument("--mode", default="fast", choices=("tiny", "fast", "full"),
@@ -108,7 +111,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
             raise GradscoreError(f"--fractions: '{args.fractions}' is not a comma-separated list of numbers") from e
     setup = None
     if args.train or args.test or args.model:
-        if not (args.train and args.test and args.model) or args.name in ("jtt", "noise"):
+        if not (args.train and args.test and args.model) or args.name in ("jtt", "noise", "attribution"):
             raise GradscoreError("your own data needs --train, --test and --model together (prune, regions)")
         setup = file_setup(args.train, args.test, args.model, model_kwargs(args.model_kwargs),
                            shifted=args.shifted_test)
@@ -122,6 +125,9 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     elif args.name == "regions":
         from ..demos.experiments import regions
         regions.run(out, mode, setup=setup, overwrite=args.overwrite)
+    elif args.name == "attribution":
+        from ..demos.experiments import attribution
+        attribution.run(out, mode, overwrite=args.overwrite)
     elif args.name == "noise":
         from ..demos.experiments import noise
         noise.run(out, mode, overwrite=args.overwrite)

@@ -152,8 +152,11 @@ class _BatchSums:
         self.dots: torch.Tensor | None = None
         self.factors: dict[str, list[Factor]] = {}   # tied weight -> one factor per owner
 
-    def add(self, sq: torch.Tensor, dots: torch.Tensor) -> None:
-        self.sq, self.dots = (sq, dots) if self.sq is None else (self.sq + sq, self.dots + dots)
+    def add(self, sq: torch.Tensor, dots: torch.Tensor | None) -> None:
+        """Add a share; ``dots`` None: the rule kept its dots itself (the sketch engine's buffer)."""
+        self.sq = sq if self.sq is None else self.sq + sq
+        if dots is not None:
+            self.dots = dots if self.dots is None else self.dots + dots
 
     def run_rule(self, layer: _Layer) -> None:
         """Apply the layer's rule to the calls whose δ arrived, then drop them."""

@@ -14,7 +14,9 @@ With S_t (N, dim) the training sketches Φ ∇ℓ_n(θ_t) and Q_t (M, dim) the q
 
 The N × M scores are computed in blocks of training rows (blocked GEMMs), so they need
 never fit in memory; the top ``top`` proponents and opponents of each query are kept as
-the blocks go by, and the whole matrix is written only when asked (``full``).
+the blocks go by, and the whole matrix is written only when asked (``full``). Their mean
+over the queries, ``/target_dot`` (N,), scores every training example against the query
+set as one target: for TracIn, Σ_t η_t ⟨Φ g_n, Φ ∇J(θ_t)⟩ with J the queries' mean loss.
 """
 from __future__ import annotations
 
@@ -180,10 +182,12 @@ def run_attribute(config: AttributeConfig, out: str | os.PathLike, *, overwrite:
     out = Path(out)
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f, h5py.File(sf.path, "r") as src:
         full = f.create_dataset("scores", (N, M), dtype=np.float32, chunks=(min(N, 4096), M)) if config.full else None
+        mean = f.create_dataset("target_dot", (N,), dtype=np.float64)
         for a in tqdm(range(0, N, config.block_size), desc="attributing", disable=None if progress else True):
             b = min(N, a + config.block_size)
             scores = block_scores([src["sketch"][t, a:b] for t in steps], weights)
             top.add(scores, a)
+            mean[a:b] = scores.double().mean(1).numpy()
             if full is not None:
                 full[a:b] = scores.numpy()
         train_ids = sf.ids

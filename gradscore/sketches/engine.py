@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import torch
 
-from ..batch import Inputs
+from ..batch import Inputs, batch_len
 from ..engines.base import ScoreBatch
 from ..engines.fallback import Fallback
 from ..engines.ghost import GhostEngine
@@ -30,26 +30,36 @@ class _Coords:
 
 
 class SketchEngine(GhostEngine):
-    """``score_batch(x, y, refs=engine.coords)`` gives ``dots`` = Φ g_b (B, dim) (and the
-    loss and logits; ``sq_norm`` is not computed: zeros)."""
+    """:meth:`sketch_batch` gives ``dots`` = Φ g_b (B, dim) (and the loss and logits;
+    ``sq_norm`` is not computed: zeros). Its rules add their blocks to one buffer and
+    return no dots of their own."""
 
     def __init__(self, model, loss, param_names, projection: Projection, chunk_bytes: int = 256 * 2**20) -> None:
         super().__init__(model, loss, param_names, chunk_bytes)
         self.projection = projection
         self.coords = [_Coords(projection.by_name[n], projection.dim) for n in self.param_names]
+        self._out: torch.Tensor | None = None   # the batch's sketches, while sketch_batch runs
         for layer in self.layers:
             layer.rule = replace(layer.rule, fn=self._projecting(layer.rule))
             layer.tied = set()   # Φ(g₁ + g₂) = Φg₁ + Φg₂: no cross terms
 
     def sketch_batch(self, x: Inputs, y: torch.Tensor) -> ScoreBatch:
-        """Per-example loss (B,), logits, and ``dots`` = the sketches (B, dim)."""
-        return self.score_batch(x, y, self.coords)
+        """Per-example loss (B,), logits, and ``dots`` = the sketches (B, dim): one (B, dim)
+        buffer that each layer's projection adds its block to, in place."""
+        B = batch_len(x)
+        if B == 0:
+            return self.score_batch(x, y, self.coords)
+        like = dict(self.model.named_parameters())[self.param_names[0]]
+        self._out = torch.zeros((B, self.projection.dim), dtype=acc_dtype(like.dtype), device=like.device)
+        try:
+            result = self.score_batch(x, y, self.coords)
+        finally:
+            out, self._out = self._out, None
+        return replace(result, sq_norm=torch.zeros_like(result.loss, dtype=out.dtype), dots=out)
 
-    def _place(self, B: int, like: torch.Tensor, parts: list[tuple[Block, torch.Tensor]]) -> torch.Tensor:
-        out = torch.zeros((B, self.projection.dim), dtype=acc_dtype(like.dtype), device=like.device)
+    def _place(self, parts: list[tuple[Block, torch.Tensor]]) -> None:
         for block, value in parts:
-            out[:, block.offset:block.offset + block.k] += value.to(out.dtype)
-        return out
+            self._out[:, block.offset:block.offset + block.k] += value.to(self._out.dtype)
 
     def _projecting(self, rule):
         """The rule as a projection: fn(layer, acts, grads, {local: _Coords}, dim) -> (0, Φ g)."""
@@ -67,8 +77,8 @@ class SketchEngine(GhostEngine):
                     V = self.projection.dense(c.block.name, module.get_parameter(local))
                     _, dots = rule.fn(module, acts, grads, {local: V}, c.block.k)
                     parts.append((c.block, dots))
-            like = parts[0][1]
-            return like.new_zeros(like.shape[0]), self._place(like.shape[0], like, parts)
+            self._place(parts)
+            return self._out.new_zeros(self._out.shape[0]), None
         return fn
 
     def _fallback(self, x, y, refs) -> ScoreBatch | None:
@@ -91,4 +101,5 @@ class SketchEngine(GhostEngine):
         for b in blocks:
             parts.append((b, out.dots[:, row:row + b.k]))
             row += b.k
-        return replace(out, sq_norm=torch.zeros_like(out.sq_norm), dots=self._place(len(out.loss), out.dots, parts))
+        self._place(parts)
+        return replace(out, sq_norm=torch.zeros_like(out.sq_norm), dots=None)

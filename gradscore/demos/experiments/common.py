@@ -133,18 +133,24 @@ def accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     return float((predict(model, x) == y).mean())
 
 
+def checkpointed_run(setup: Setup, work: Path, *, epochs: int, seed: int = 0, lr: float = 0.05) -> tuple[Path, Path]:
+    """Train on the whole training set with a checkpoint per epoch: (``work/ckpts``, the
+    training set written as ``work/train.h5``)."""
+    train = save_dataset(work / "train.h5", setup.x_train, setup.y_train, noisy=setup.noisy)
+    with CheckpointWriter(work / "ckpts", model_factory=setup.model_factory, model_kwargs=setup.model_kwargs,
+                          loss="cross_entropy", optimizer="SGD(momentum=0.9)") as w:
+        fit(setup, np.arange(len(setup.y_train)), epochs=epochs, seed=seed, lr=lr,
+            on_epoch=lambda m, e, s: w.save(m, step=s, lr=lr, epoch=e))
+    return work / "ckpts", train
+
+
 def reference_run(setup: Setup, work: Path, *, epochs: int, scores: tuple[str, ...], seed: int = 0,
                   **options: Any) -> dict[str, Any]:
     """Train on the whole training set with a checkpoint per epoch, then score every
     training example with ``gradscore.score`` (PDS target: the validation set)."""
     from ...pipeline import score
     from ...io.store import load_scores
-    lr = 0.05
-    train = save_dataset(work / "train.h5", setup.x_train, setup.y_train, noisy=setup.noisy)
-    with CheckpointWriter(work / "ckpts", model_factory=setup.model_factory, model_kwargs=setup.model_kwargs,
-                          loss="cross_entropy", optimizer="SGD(momentum=0.9)") as w:
-        fit(setup, np.arange(len(setup.y_train)), epochs=epochs, seed=seed, lr=lr,
-            on_epoch=lambda m, e, s: w.save(m, step=s, lr=lr, epoch=e))
+    ckpts, train = checkpointed_run(setup, work, epochs=epochs, seed=seed)
     if {"pds", "target_dot", "target_cos"} & set(scores):
         options.update(target=save_dataset(work / "val.h5", setup.x_val, setup.y_val), lr_scale_steps=True)
     path = score(work / "ckpts", train, out=work / f"scores_{len(scores)}_{options.get('epochs_upto')}.h5",
