@@ -143,3 +143,16 @@ def test_a_killed_sketch_run_resumes_bit_identically(tiny_run, tmp_path):
     assert main(cmd[3:] + ["--out", str(tmp_path / "clean.h5")]) == 0
     with h5py.File(killed) as a, h5py.File(tmp_path / "clean.h5") as b:
         assert np.array_equal(a["sketch"][:], b["sketch"][:]) and np.array_equal(a["ids"][:], b["ids"][:])
+
+
+def test_info_describes_sketch_and_attribution_files(tiny_run, tmp_path, capsys):
+    ckpts, data = tiny_run
+    path = _sketch(tiny_run, tmp_path, seed=2)
+    assert main(["info", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "sketch file" in text and "3 checkpoints x 90 examples x" in text and "seed 2" in text
+    assert "scores/self_influence" in text
+    attr = attribute(path, data, out=tmp_path / "a.h5", top=3, progress=False)
+    assert main(["info", str(attr)]) == 0
+    text = capsys.readouterr().out
+    assert "attribution file" in text and "tracin" in text and "90 queries" in text and "top 3" in text

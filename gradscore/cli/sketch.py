@@ -12,7 +12,7 @@ def _add_sketch(sub: argparse._SubParsersAction) -> None:
     d = SketchConfig(checkpoints="", data="")
     p = command(sub, "sketch", help="store a random projection of every example's gradient at every checkpoint",
                 description="Project every example's per-example gradient at every checkpoint to --dim numbers "
-                "(Kronecker-factored per Linear/Embedding weight from the ghost hooks, dense for the other "
+                "(Kronecker-factored per Linear, Embedding and Conv weight from the ghost hooks, dense for the other "
                 "parameters; the gradient is never formed) and store them, for `gradscore attribute`. "
                 "Resumable: rerun the same command after an interruption.")
     p.add_argument("--checkpoints", required=True, metavar="DIR",

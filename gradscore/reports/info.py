@@ -117,8 +117,38 @@ def _describe_scores(path: Path) -> str:
     return "\n".join(lines)
 
 
+def _describe_sketch(path: Path) -> str:
+    from ..sketches.store import SketchFile
+    sf = SketchFile.open(path)
+    T, N, dim = sf.shape
+    kinds = {}
+    for b in sf.spec.blocks:
+        kinds[b.kind] = kinds.get(b.kind, 0) + b.k
+    with h5py.File(path, "r") as f:
+        lines = [f"sketch file {path} (gradscore {f.attrs.get('gradscore_version', '?')})",
+                 f"  checkpoints {sf.config['checkpoints']}, data {sf.config['data']}",
+                 f"  {T} checkpoints x {N:,} examples x {dim} ({f['sketch'].dtype}), seed {sf.spec.seed}, "
+                 f"{len(sf.spec.blocks)} blocks: " + ", ".join(f"{k} {v} rows" for k, v in sorted(kinds.items()))]
+        s = f["scores/self_influence"][()]
+        lines.append(f"  scores/self_influence: mean {s.mean():.4g}, min {s.min():.4g}, max {s.max():.4g}")
+    return "\n".join(lines)
+
+
+def _describe_attribution(path: Path) -> str:
+    with h5py.File(path, "r") as f:
+        cfg, facts = json.loads(f.attrs["config"]), json.loads(f.attrs["attribution"])
+        top = f["proponents/ids"].shape[1]
+        full = "; the full N x Q matrix in /scores" if "scores" in f else ""
+        return "\n".join([
+            f"attribution file {path} (gradscore {f.attrs.get('gradscore_version', '?')})",
+            f"  {facts['method']} over checkpoints {facts['checkpoints']} of sketch {cfg['sketch']} (dim {facts['dim']})",
+            f"  {facts['n_query']:,} queries from {cfg['query']} against {facts['n_train']:,} training examples: "
+            f"top {top} proponents and opponents each{full}; /target_dot: their mean"])
+
+
 def describe(path: Path) -> str:
-    """Describe a checkpoint directory, a dataset (.h5/.npz) or a scores file."""
+    """Describe a checkpoint directory, a dataset (.h5/.npz), a scores, sketch or
+    attribution file."""
     if path.is_dir():
         return _describe_checkpoints(path)
     if not path.exists():
@@ -127,10 +157,14 @@ def describe(path: Path) -> str:
         return _describe_dataset(path)
     try:
         with h5py.File(path, "r") as f:
-            kind = ("scores" if "fingerprint" in f.attrs else
-                    "checkpoint" if "params" in f else "dataset")
+            kind = ("sketch" if "sketch" in f.attrs else "attribution" if "attribution" in f.attrs else
+                    "scores" if "fingerprint" in f.attrs else "checkpoint" if "params" in f else "dataset")
     except OSError as e:
         raise GradscoreError(f"{path}: not a readable HDF5 file ({e})") from e
+    if kind == "sketch":
+        return _describe_sketch(path)
+    if kind == "attribution":
+        return _describe_attribution(path)
     if kind == "scores":
         return _describe_scores(path)
     if kind == "checkpoint":
