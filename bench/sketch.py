@@ -46,15 +46,20 @@ def _best(fn, repeats: int) -> float:
     return min(times)
 
 
+def _case(name: str, B: int, dim: int, device: str):
+    """(model, x, y, scorer, projection) of one bench case, seeded."""
+    case = model_cases(device)[name]
+    torch.manual_seed(0)
+    model = case.factory().to(device).eval()
+    x, y, _ = _inputs(case, model, B, device)
+    scorer = gs.Scorer(model, loss=case.loss)
+    return model, x, y, scorer, gs.Projection.for_model(model, scorer.param_names, dim)
+
+
 def sketch_rows(dim: int, repeats: int, device: str) -> list[dict]:
     rows = []
     for name, B in CASES.items():
-        case = model_cases(device)[name]
-        torch.manual_seed(0)
-        model = case.factory().to(device).eval()
-        x, y, _ = _inputs(case, model, B, device)
-        scorer = gs.Scorer(model, loss=case.loss)
-        proj = gs.Projection.for_model(model, scorer.param_names, dim)
+        model, x, y, scorer, proj = _case(name, B, dim, device)
         params = dict(model.named_parameters())
         loss_fn = scorer.loss.fn
 
@@ -96,12 +101,7 @@ def attribute_row(dim: int, n_train: int, n_query: int, block: int, repeats: int
 def peak_memory(name: str, B: int, dim: int, device: str) -> dict[str, int | None]:
     """{plain, sketch: peak bytes of one call after a warm-up} (``bench.engines``' measure)."""
     from bench.engines import _Memory
-    case = model_cases(device)[name]
-    torch.manual_seed(0)
-    model = case.factory().to(device).eval()
-    x, y, _ = _inputs(case, model, B, device)
-    scorer = gs.Scorer(model, loss=case.loss)
-    proj = gs.Projection.for_model(model, scorer.param_names, dim)
+    model, x, y, scorer, proj = _case(name, B, dim, device)
     params = list(model.parameters())
     calls = {"plain": lambda: torch.autograd.grad(scorer.loss.fn(model(x), y).sum(), params),
              "sketch": lambda: scorer.sketch_batch(x, y, proj)}

@@ -104,3 +104,20 @@ def test_the_default_cuda_backend_is_triton_and_no_kernel_failed():
     from gradscore.kernels.dispatch import _runtime_failed
     assert get_backend("cuda").name == "triton", describe()
     assert not _runtime_failed, _runtime_failed
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_sketches_on_cuda_equal_the_cpu_ones(name):
+    """Φ is drawn on the CPU, so a CUDA sketch equals the CPU sketch of the same batch."""
+    from gradscore.sketches import Projection, SketchEngine
+    torch.manual_seed(0)
+    model = (mlp(d_in=64, hidden=32, n_classes=10, depth=2) if name == "mlp" else digits_cnn()).double().eval()
+    x = torch.randn(16, 64, dtype=torch.float64) if name == "mlp" else torch.randn(16, 1, 8, 8, dtype=torch.float64)
+    y = torch.arange(16) % 10
+    names = [n for n, _ in model.named_parameters()]
+    proj = Projection.for_model(model, names, 512, seed=1)
+    loss = gs.resolve_loss("cross_entropy")
+    cpu = SketchEngine(model, loss, names, proj).sketch_batch(x, y).dots
+    model = model.cuda()
+    gpu = SketchEngine(model, loss, names, proj).sketch_batch(x.cuda(), y.cuda()).dots
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-9, atol=1e-11)
