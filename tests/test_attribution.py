@@ -156,3 +156,31 @@ def test_info_describes_sketch_and_attribution_files(tiny_run, tmp_path, capsys)
     assert main(["info", str(attr)]) == 0
     text = capsys.readouterr().out
     assert "attribution file" in text and "tracin" in text and "90 queries" in text and "top 3" in text
+
+
+def test_run_takes_its_target_from_a_sketch_file(tiny_run, tmp_path):
+    """`run --target T.sketch.h5`: ∇J(θ_t) is Φᵀ m_t, m_t the mean of the target's
+    sketches, so each example's dot_target is its own sketch's dot with m_t."""
+    ckpts, data = tiny_run
+    train = _sketch(tiny_run, tmp_path, name="train.sketch.h5", dim=60, seed=3)
+    target = sketch(ckpts, data, out=tmp_path / "target.sketch.h5", dim=60, seed=3, store_dtype="float32",
+                    progress=False)
+    out = gs.score(ckpts, data, out=tmp_path / "s.h5", scores=["target_dot"], target=str(target),
+                   costate=str(tmp_path / "c.h5"), progress=False)
+    with h5py.File(out) as f, h5py.File(train) as a, h5py.File(target) as b:
+        got = f["per_checkpoint/dot_target"][:]
+        for t in range(3):
+            m = b["sketch"][t].astype(np.float64).mean(0)
+            np.testing.assert_allclose(got[t], a["sketch"][t].astype(np.float64) @ m, rtol=1e-4,
+                                       atol=1e-6 * np.abs(got[t]).max())
+
+
+def test_a_target_sketch_of_other_checkpoints_is_refused(tiny_run, tmp_path, capsys):
+    from helpers import make_run
+    ckpts, data = tiny_run
+    other_ckpts, _ = make_run(tmp_path / "other", seed=1)
+    target = sketch(other_ckpts, data, out=tmp_path / "t.sketch.h5", dim=40, progress=False)
+    assert main(["run", "--checkpoints", str(ckpts), "--data", str(data), "--target", str(target),
+                 "--scores", "target_dot", "--out", str(tmp_path / "s.h5")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "was sketched at other checkpoints" in err, err

@@ -198,3 +198,20 @@ def test_sketch_dots_are_unbiased_and_their_error_shrinks_with_k(factored, shrin
         assert abs(est.mean() - exact) < 3 * est.std(ddof=1) / np.sqrt(len(est)), (k, est.mean(), exact)
         rms[k] = np.sqrt(np.mean((est - exact) ** 2))
     assert shrink[0] < rms[16] / rms[256] < shrink[1], rms
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
+def test_unapply_is_the_adjoint_of_the_projection(name):
+    """⟨Φᵀ m, g⟩ = ⟨m, Φ g⟩ for every m and g: Φᵀ m is the parameter-space vector whose
+    exact dot with a gradient is the sketch dot (unbiased for ⟨v, g⟩ when m = Φ v)."""
+    model, _, _ = _case(name)
+    model = model.double()
+    names = [n for n, _ in model.named_parameters()]
+    proj = Projection.for_model(model, names, 97, seed=4)
+    g = torch.Generator().manual_seed(0)
+    grads = {n: torch.randn(3, *p.shape, generator=g, dtype=torch.float64) for n, p in model.named_parameters()}
+    m = torch.randn(proj.dim, generator=g, dtype=torch.float64)
+    back = proj.unapply(m)
+    assert {n: tuple(v.shape) for n, v in back.items()} == {n: tuple(p.shape) for n, p in model.named_parameters()}
+    lhs = sum((back[n] * grads[n]).flatten(1).sum(1) for n in names)
+    torch.testing.assert_close(lhs, proj.apply(grads) @ m, rtol=1e-12, atol=1e-12)

@@ -50,7 +50,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", default=None, metavar="A:B",
                    help="aggregate only over checkpoints with A <= step < B (either end may be left out)")
     p.add_argument("--target", default=None, metavar="FILE",
-                   help="target (downstream) dataset: needed by pds, target_dot, target_cos")
+                   help="target (downstream) dataset: needed by pds, target_dot, target_cos; or its sketch file "
+                   "(gradscore sketch at the same checkpoints): ∇J is then estimated from the sketches")
     p.add_argument("--costate", default=None, metavar="FILE",
                    help="co-state file (default CHECKPOINTS/costate.h5; computed when missing)")
     p.add_argument("--lr-scale-steps", action="store_true",
@@ -117,7 +118,8 @@ def _add_costate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoints", required=True, metavar="DIR",
                    help="directory of step_<n>.h5 files written by gradscore.CheckpointWriter")
     p.add_argument("--proxy", required=True, metavar="FILE", help="the training (proxy) set")
-    p.add_argument("--target", required=True, metavar="FILE", help="the target (downstream) set")
+    p.add_argument("--target", required=True, metavar="FILE",
+                   help="the target (downstream) set, or its sketch file (gradscore sketch at the same checkpoints)")
     p.add_argument("--out", default=None, metavar="FILE", help="default: CHECKPOINTS/costate.h5")
     p.add_argument("--hvp-batch", type=int, default=256, help="examples per gradient/HVP chunk")
     p.add_argument("--device", default="auto", choices=DEVICES,

@@ -6,7 +6,10 @@ Conventions (also in the README):
   η_t = the ``lr`` attribute of checkpoint t (times the number of optimizer steps to the
   next checkpoint with ``lr_scale_steps``).
 - Target J(θ) = mean loss over the target set; J_total = Σ_{t=1..T} J(θ_t), with
-  checkpoints θ_0 … θ_T.
+  checkpoints θ_0 … θ_T. A target given as a sketch file (``gradscore sketch``) has
+  ∇J(θ_t) = Φᵀ m_t, m_t the mean of its sketches: an unbiased estimate
+  (:class:`gradscore.sketches.store.SketchTarget`); the recursion below is then exact
+  given that estimate.
 - λ_T = ∇J(θ_T); λ_t = ∇J(θ_t) + (I − η_t H_t) λ_{t+1} for t = T−1 … 1, with
   H_t = ∇²(Σ_n γ_n ℓ_n)(θ_t) applied as Hessian-vector products (``jvp`` of ``grad``,
   streamed over the proxy set; the Hessian is never formed).
@@ -166,8 +169,13 @@ def compute_costate(config: CostateConfig, out: str | Path | None = None, *, ove
 
 def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite: bool, progress: bool) -> Path:
     """:func:`compute_costate` once ``out`` is claimed and locked."""
-    proxy, target = load_dataset(config.proxy), load_dataset(config.target)
-    for ds, role in ((proxy, config.proxy), (target, config.target)):
+    from ..io.outputs import is_sketch_file
+    from ..sketches.store import SketchTarget
+    sketched = is_sketch_file(Path(config.target))
+    proxy = load_dataset(config.proxy)
+    target = (SketchTarget(config.target, ckpts.checksums(), config.checkpoints) if sketched
+              else load_dataset(config.target))
+    for ds, role in [(proxy, config.proxy)] + ([] if sketched else [(target, config.target)]):
         if len(ds) == 0:
             raise DataError(f"{role}: has no examples; the co-states need a non-empty proxy and target set")
     device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
@@ -177,7 +185,8 @@ def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite
     T = len(ckpts) - 1
     last = ckpts.build_model(T, dtype=dtype, device=device)
     loss = resolve_loss(ckpts.loss, config.lm_reduction)
-    _check_fits(last, target, "target", ckpts[T].path, loss)  # bad input fails before anything is written
+    if not sketched:   # bad input fails before anything is written
+        _check_fits(last, target, "target", ckpts[T].path, loss)
     _check_fits(last, proxy, "proxy", ckpts[T].path, loss)
     journal = Journal(out, fingerprint, overwrite=overwrite)
     if journal.complete:
@@ -193,7 +202,8 @@ def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite
                 continue
             model = ckpts.build_model(t, dtype=dtype, device=device)
             params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-            g_target = _Objective(model, loss, target, config.batch_size, 1.0 / len(target)).gradient(params)
+            g_target = (target.gradient(t, model, params) if sketched else
+                        _Objective(model, loss, target, config.batch_size, 1.0 / len(target)).gradient(params))
             if t == T:
                 lam = g_target
             elif t >= 1:

@@ -185,6 +185,20 @@ class Projection:
         right = f.right.to(acc) @ p_in.T
         return torch.bmm(left.transpose(1, 2), right).reshape(left.shape[0], -1)
 
+    def unapply(self, m: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Φᵀ m {name: tensor shaped like the parameter} of one sketch-space vector m (dim,):
+        P_outᵀ M P_in per Kronecker block, Pᵀ m_p per dense one. ⟨Φᵀ m, g⟩ = ⟨m, Φ g⟩, so
+        for m = Φ v it is an unbiased estimate of v (E[ΦᵀΦ] = I)."""
+        out = {}
+        for b in self.spec.blocks:
+            part = m[b.offset:b.offset + b.k]
+            if b.kind == "kron":
+                p_out, p_in = self.factors(b.name, m)
+                out[b.name] = (p_out.T @ part.reshape(b.k_out, b.k_in) @ p_in).reshape(b.shape)
+            else:
+                out[b.name] = (part @ self.dense(b.name, m).reshape(b.k, -1)).reshape(b.shape)
+        return out
+
     def apply(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         """Φ g (B, dim) of materialized per-example gradients {name: (B, *shape)}: the
         obviously-correct form (P_out g P_inᵀ per Kronecker block, P vec(g) per dense one)."""

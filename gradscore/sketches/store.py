@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .._version import __version__
 from ..batch import batch_len, take
 from ..config import DEVICES, DTYPES, _require, resolve_device
-from ..exceptions import DataError, OutputError
+from ..exceptions import CheckpointError, ConfigError, DataError, OutputError
 from ..io.checkpoints import CheckpointStore
 from ..io.datasets import check_targets, load_dataset, probe_model
 from ..io.outputs import claim, is_sketch_file, lock
@@ -192,3 +192,35 @@ class SketchFile:
         """Rows ``start:stop`` of checkpoint t's sketches, (n, dim) float32."""
         with h5py.File(self.path, "r") as f:
             return f["sketch"][t, start:stop].astype(np.float32)
+
+
+class SketchTarget:
+    """A target set given by its sketch file (``run --target T.sketch.h5``): ∇J(θ_t) is
+    Φᵀ m_t, m_t the mean of its sketches at checkpoint t, an unbiased estimate of the
+    target gradient (E[ΦᵀΦ] = I) whose dot with any example's exact gradient is that
+    example's sketch dot with m_t. The checkpoints must be those it was sketched at."""
+
+    def __init__(self, path: str | os.PathLike, checksums: list[str], where: str) -> None:
+        self.file = SketchFile.open(path)
+        if self.file.fingerprint["checkpoints_sha256"] != checksums:
+            raise CheckpointError(f"{path}: was sketched at other checkpoints than those in {where}; sketch the "
+                                  f"target set with these checkpoints (gradscore sketch --checkpoints {where})")
+        if self.file.config["params"]:
+            raise ConfigError(f"{path}: sketches only the parameters {self.file.config['params']}; a target "
+                              f"gradient needs every trainable parameter: sketch it without --params")
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"sketch": self.file.fingerprint}
+
+    def gradient(self, t: int, model: torch.nn.Module, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Φᵀ m_t {name: tensor like params[name]} for the model at checkpoint t."""
+        proj = Projection.for_model(model, list(params), self.file.config["dim"], self.file.spec.seed)
+        if proj.spec != self.file.spec:
+            raise ConfigError(f"{self.file.path}: its projection does not match this model's parameters; "
+                              f"sketch the target set again with these checkpoints")
+        _, N, dim = self.file.shape
+        m = torch.zeros(dim, dtype=torch.float64)
+        for a in range(0, N, 65536):
+            m += torch.from_numpy(self.file.read(t, a, min(N, a + 65536))).double().sum(0)
+        back = proj.unapply(m / N)
+        return {n: back[n].to(device=p.device, dtype=p.dtype) for n, p in params.items()}
