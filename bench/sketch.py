@@ -8,7 +8,8 @@
   alone (B, P), before any projection: the first half of materialize-then-project, which
   TRAK's library does (its dense projection of P = 1.9M at k = 8192 would cost another
   2·B·P·k flops per batch);
-- ``memory``: peak memory of a sketch call against the plain forward+backward's;
+- ``memory``: peak memory of a sketch call against the plain forward+backward's, with
+  float32 sketches and with the float16 ones ``gradscore sketch`` stores by default;
 - ``storage`` (``--storage-n``): a generated sketch file written through the store's
   journal and read back in blocks: bytes per example, seconds, the process's peak RSS;
 - ``attribute``: the blocked scoring of 1,000 queries against N sketched rows
@@ -99,12 +100,14 @@ def attribute_row(dim: int, n_train: int, n_query: int, block: int, repeats: int
 
 
 def peak_memory(name: str, B: int, dim: int, device: str) -> dict[str, int | None]:
-    """{plain, sketch: peak bytes of one call after a warm-up} (``bench.engines``' measure)."""
+    """{plain, sketch, sketch_float16: peak bytes of one call after a warm-up}
+    (``bench.engines``' measure); float16: the buffer ``gradscore sketch`` uses by default."""
     from bench.engines import _Memory
     model, x, y, scorer, proj = _case(name, B, dim, device)
     params = list(model.parameters())
     calls = {"plain": lambda: torch.autograd.grad(scorer.loss.fn(model(x), y).sum(), params),
-             "sketch": lambda: scorer.sketch_batch(x, y, proj)}
+             "sketch": lambda: scorer.sketch_batch(x, y, proj),
+             "sketch_float16": lambda: scorer.sketch_batch(x, y, proj, torch.float16)}
     memory, peaks = _Memory(device), {}
     for method, fn in calls.items():
         fn()
@@ -182,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         peaks = peak_memory(r["model"], r["batch"], args.dim, device) if device == "cuda" else \
             json.loads(measured_child(code))
         r["memory_ratio"] = peaks["sketch"] / peaks["plain"] if peaks.get("plain") else None
-        print(f"{r['model']:<22} peak memory: sketch {r['memory_ratio']:.2f}x plain fwd+bwd")
+        r["memory_ratio_float16"] = peaks["sketch_float16"] / peaks["plain"] if peaks.get("plain") else None
+        print(f"{r['model']:<22} peak memory: sketch {r['memory_ratio']:.2f}x plain fwd+bwd "
+              f"({r['memory_ratio_float16']:.2f}x into float16, as gradscore sketch stores)")
     att = attribute_row(args.dim, args.n_train, 1000, 8192, args.repeats)
     print(f"attribute 1000 queries x {att['n_train']} rows, k={att['dim']}: {att['fraction_of_gemm']:.0%} of a plain "
           f"float32 GEMM ({att['gemm_gflops']:.0f} GFLOP/s)")

@@ -130,17 +130,18 @@ class Scorer:
             return self._guarded(lambda: self.engine.forward(x, y), x, y)
         return self._guarded(lambda: self.engine.score_batch(x, y, blocks), x, y)
 
-    def sketch_batch(self, x: Inputs, y: torch.Tensor, projection) -> ScoreBatch:
+    def sketch_batch(self, x: Inputs, y: torch.Tensor, projection, dtype: torch.dtype | None = None) -> ScoreBatch:
         """Sketches of B examples' gradients: a :class:`ScoreBatch` whose ``dots`` are
         Φ g_b (B, projection.dim) for a :class:`gradscore.sketches.Projection` of this
-        model's ``param_names`` (``sq_norm`` is not computed)."""
+        model's ``param_names`` (``sq_norm`` is not computed); ``dtype``: theirs (default:
+        float32, float64 for a float64 model)."""
         from .sketches.engine import SketchEngine
         check_eval_mode(self.model)
         x, y = self._inputs(x), torch.as_tensor(y).to(self._param_like().device)
         if self._sketcher is None or self._sketcher.projection is not projection:
             self._sketcher = SketchEngine(self.model, self.loss, self.param_names, projection,
                                           self.engine.chunk_bytes)
-        return self._guarded(lambda: self._sketcher.sketch_batch(x, y), x, y)
+        return self._guarded(lambda: self._sketcher.sketch_batch(x, y, dtype), x, y)
 
     def _guarded(self, call, x: Inputs, y: torch.Tensor) -> ScoreBatch:
         """``call()``; an error of torch's becomes one :class:`EngineError` with its cause and fix."""

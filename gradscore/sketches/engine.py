@@ -43,14 +43,17 @@ class SketchEngine(GhostEngine):
             layer.rule = replace(layer.rule, fn=self._projecting(layer.rule))
             layer.tied = set()   # Φ(g₁ + g₂) = Φg₁ + Φg₂: no cross terms
 
-    def sketch_batch(self, x: Inputs, y: torch.Tensor) -> ScoreBatch:
+    def sketch_batch(self, x: Inputs, y: torch.Tensor, dtype: torch.dtype | None = None) -> ScoreBatch:
         """Per-example loss (B,), logits, and ``dots`` = the sketches (B, dim): one (B, dim)
-        buffer that each layer's projection adds its block to, in place."""
+        buffer that each layer's projection adds its block to, in place. ``dtype``: the
+        buffer's (default: the accumulation dtype); each block is computed in the
+        accumulation dtype, so a float16 buffer only rounds what a float16 file would (and
+        adds a tied weight's two uses in float16)."""
         B = batch_len(x)
         if B == 0:
             return self.score_batch(x, y, self.coords)
         like = dict(self.model.named_parameters())[self.param_names[0]]
-        self._out = torch.zeros((B, self.projection.dim), dtype=acc_dtype(like.dtype), device=like.device)
+        self._out = torch.zeros((B, self.projection.dim), dtype=dtype or acc_dtype(like.dtype), device=like.device)
         try:
             result = self.score_batch(x, y, self.coords)
         finally:
@@ -69,9 +72,10 @@ class SketchEngine(GhostEngine):
             if kron and rule.sketch is not None:   # the rule's own projection (a convolution's)
                 parts += [(b, rule.sketch(module, acts, grads, *self.projection.factors(b.name, grads[0]))
                            .reshape(-1, b.k)) for b in kron.values()]
-            elif kron:
+            elif kron:   # added to the buffer in sub-batches
                 factors = rule.factors(module, acts, grads)
-                parts += [(b, self.projection.project_factor(b.name, factors[local])) for local, b in kron.items()]
+                for local, b in kron.items():
+                    self.projection.project_factor(b.name, factors[local], self._out[:, b.offset:b.offset + b.k])
             for local, c in lrefs.items():   # dense blocks: the rule's dots with the block's rows
                 if c.block.kind == "dense":
                     V = self.projection.dense(c.block.name, module.get_parameter(local))

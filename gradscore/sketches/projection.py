@@ -37,6 +37,8 @@ from ..kernels import acc_dtype
 
 #: the most entries one dense block may have (a larger one needs a Kronecker rule)
 MAX_DENSE_ENTRIES = 2**28
+#: bytes of one sub-batch's (b, k_out, k_in) block when a projection adds into a buffer
+SUB_BATCH_BYTES = 2**20
 
 
 @dataclass(frozen=True)
@@ -176,14 +178,21 @@ class Projection:
         p_out, p_in = self.factors(name, like)
         return torch.einsum("ar,bc->abrc", p_out, p_in).reshape(b.k, *b.shape)
 
-    def project_factor(self, name: str, f: Factor) -> torch.Tensor:
+    def project_factor(self, name: str, f: Factor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Φ_p g_b (B, k) of a weight with g_b = Σ_t f.left_bt f.right_btᵀ: Σ_t (P_out l_bt)(P_in r_bt)ᵀ,
-        through (B, T, k_out) and (B, T, k_in), never the (rows, cols) gradient."""
+        through (B, T, k_out) and (B, T, k_in), never the (rows, cols) gradient. With ``out``
+        (B, k), added to it a sub-batch at a time (no (B, k) block of its own); returns out."""
         p_out, p_in = self.factors(name, f.right)
         acc = p_in.dtype
         left = p_out.T[f.left] if f.left_ids else f.left.to(acc) @ p_out.T   # one-hot rows: gather
         right = f.right.to(acc) @ p_in.T
-        return torch.bmm(left.transpose(1, 2), right).reshape(left.shape[0], -1)
+        if out is None:
+            return torch.bmm(left.transpose(1, 2), right).reshape(left.shape[0], -1)
+        step = max(1, SUB_BATCH_BYTES // (left.shape[2] * right.shape[2] * left.element_size()))
+        for i in range(0, len(out), step):
+            out[i:i + step] += torch.bmm(left[i:i + step].transpose(1, 2), right[i:i + step]).reshape(
+                -1, out.shape[1]).to(out.dtype)
+        return out
 
     def unapply(self, m: torch.Tensor) -> dict[str, torch.Tensor]:
         """Φᵀ m {name: tensor shaped like the parameter} of one sketch-space vector m (dim,):

@@ -79,7 +79,7 @@ def sketch_chunk(scorer: Scorer, projection: Projection, x, y: torch.Tensor, bat
     parts: dict[str, list[np.ndarray]] = {}
     for i in range(0, batch_len(x), batch_size):
         yb = y[i:i + batch_size]
-        out = scorer.sketch_batch(take(x, i, i + batch_size), yb, projection)
+        out = scorer.sketch_batch(take(x, i, i + batch_size), yb, projection, getattr(torch, store_dtype))
         p_gold = classification_metrics(scorer.loss, out.logits, yb.to(out.logits.device)).get("p_gold")
         metrics = {"sketch": out.dots.to(getattr(torch, store_dtype)), "loss": out.loss,
                    "p_gold": out.loss.new_full(out.loss.shape, float("nan")) if p_gold is None else p_gold,
