@@ -106,6 +106,21 @@ class TokenModel(nn.Module):
         return self.lin(self.emb(ids)).mean(1)
 
 
+class NormIntoRNN(nn.Module):
+    """InstanceNorm2d whose output a batch-first RNN reads as a sequence: the RNN's input
+    gradient comes back laid out (T, B, C), a layout torch's instance-norm backward
+    mishandles on CPU (torch 2.13: a wrong input gradient for B > 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(1, 4, 3, padding=1), nn.InstanceNorm2d(4, affine=True)
+        self.rnn, self.head = nn.RNN(4, 3, batch_first=True), nn.Linear(3, 3)
+
+    def forward(self, x):
+        out, _ = self.rnn(self.norm(self.conv(x)).flatten(2).transpose(1, 2))
+        return self.head(out.mean(1))
+
+
 def _bn_eval():
     m = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(inplace=True), nn.Linear(5, 3))
     m[1].running_mean.uniform_(-1, 1)
@@ -149,11 +164,13 @@ def ghost_case(name):
         return NoGradPart(), torch.randn(7, 6, generator=g)
     if name == "shared_twice":
         return SharedTwice(), torch.randn(7, 6, generator=g)
+    if name == "instance_norm_into_rnn":
+        return NormIntoRNN(), torch.randn(5, 1, 4, 4, generator=g)
     raise KeyError(name)
 
 
 GHOST_CASES = ["mlp_inplace_relu", "bn_eval", "cnn", "digits_cnn", "conv1d_groupnorm_seq_linear",
-         "embedding_repeated_tokens", "transformer", "no_grad_region", "shared_twice"]
+         "embedding_repeated_tokens", "transformer", "no_grad_region", "shared_twice", "instance_norm_into_rnn"]
 
 
 def compare_with_loop(model, x, K, engine="ghost", **kw):

@@ -215,3 +215,62 @@ def test_unapply_is_the_adjoint_of_the_projection(name):
     assert {n: tuple(v.shape) for n, v in back.items()} == {n: tuple(p.shape) for n, p in model.named_parameters()}
     lhs = sum((back[n] * grads[n]).flatten(1).sum(1) for n in names)
     torch.testing.assert_close(lhs, proj.apply(grads) @ m, rtol=1e-12, atol=1e-12)
+
+
+class _Norms(nn.Module):
+    """GroupNorm, eval-mode BatchNorm, InstanceNorm with affine, RMSNorm; a plain RNN on a
+    second path (an RNN's input gradient into InstanceNorm trips a torch bug: helpers.py)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.gn, self.bn = nn.GroupNorm(2, 4), nn.BatchNorm2d(4)
+        self.inorm = nn.InstanceNorm2d(4, affine=True)
+        self.rms, self.rnn = nn.RMSNorm(4), nn.RNN(4, 3, batch_first=True)
+        self.head = nn.Linear(7, 3)
+
+    def forward(self, x):                                 # x (B, 1, 4, 4)
+        h = self.inorm(self.bn(torch.tanh(self.gn(self.conv(x)))))
+        out, _ = self.rnn(self.rms(x.reshape(-1, 4, 4)))  # rows of the image as a sequence
+        return self.head(torch.cat([torch.tanh(h).mean((2, 3)), out.mean(1)], 1))
+
+
+def test_norm_and_rnn_families():
+    torch.manual_seed(0)
+    model = _Norms().double().eval()
+    with torch.no_grad():   # BatchNorm's running statistics away from the identity
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(5, 1, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    y = torch.arange(5) % 3
+    names = [n for n, _ in model.named_parameters()]
+    proj = Projection.for_model(model, names, 90, seed=2)
+    got = SketchEngine(model, LOSS, names, proj).sketch_batch(x, y).dots
+    torch.testing.assert_close(got, proj.apply(_loop_grads(model, x, y, names)), rtol=1e-10, atol=1e-12)
+
+
+def test_gpt2_conv1d_tied_embeddings_and_padding():
+    """Hugging Face's Conv1D (Kronecker from its factors), the embedding tied to the LM
+    head, padded examples through the causal-LM loss."""
+    pytest.importorskip("transformers")
+    from gradscore.integrations.hf import from_config
+    cfg = {"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2, "vocab_size": 17, "n_positions": 8,
+           "bos_token_id": 0, "eos_token_id": 0, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    torch.manual_seed(0)
+    model = from_config(cfg, attn_implementation="eager").double().eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 17, (4, 6), generator=g)
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    loss = resolve_loss("causal_lm")
+    names = [n for n, _ in model.named_parameters()]
+    proj = Projection.for_model(model, names, 200, seed=5)
+    assert any(b.kind == "kron" and "c_attn" in b.name for b in proj.spec.blocks)
+    x = {"input_ids": ids, "attention_mask": mask}
+    got = SketchEngine(model, loss, names, proj).sketch_batch(x, labels).dots
+    params = dict(model.named_parameters())
+    per = [torch.autograd.grad(loss.fn(model(input_ids=ids[b:b + 1], attention_mask=mask[b:b + 1]).logits,
+                                       labels[b:b + 1]).sum(), [params[n] for n in names]) for b in range(4)]
+    want = proj.apply({n: torch.stack([p[i] for p in per]) for i, n in enumerate(names)})
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)

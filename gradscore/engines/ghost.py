@@ -195,20 +195,24 @@ class _Probe(torch.autograd.Function):
     ops downstream (``ReLU(inplace=True)``) stay allowed and are checked as on y itself."""
 
     @staticmethod
-    def forward(ctx, output: torch.Tensor, z: torch.Tensor, on_grad) -> torch.Tensor:
-        ctx.on_grad = on_grad
+    def forward(ctx, output: torch.Tensor, z: torch.Tensor, on_grad, contiguous: bool) -> torch.Tensor:
+        ctx.on_grad, ctx.contiguous = on_grad, contiguous
         return output.detach()
 
     @staticmethod
     def backward(ctx, delta: torch.Tensor):
         ctx.on_grad(delta)
-        return delta, None, None
+        return (delta.contiguous() if ctx.contiguous else delta), None, None, None
 
 
-def probe(output: torch.Tensor, z: torch.Tensor, on_grad) -> torch.Tensor:
+def probe(output: torch.Tensor, z: torch.Tensor, on_grad, contiguous: bool = False) -> torch.Tensor:
     """``output`` through a :class:`_Probe`: ``on_grad(δ)`` is called with ∂L/∂output when
-    a backward asks for the gradient of the zero leaf ``z``."""
-    return _Probe.apply(output, z, on_grad)
+    a backward asks for the gradient of the zero leaf z. ``contiguous``: pass δ on in a
+    contiguous layout, not the one it came in (the engines' own backwards: torch's CPU
+    instance-norm backward is wrong for the (T, B, C) layout a batch-first RNN's input
+    gradient has); the in-run recorder passes δ on exactly as it came, so that training
+    stays bit for bit what it is without it."""
+    return _Probe.apply(output, z, on_grad, contiguous)
 
 
 @register_engine("ghost")
@@ -277,7 +281,8 @@ class GhostEngine(Engine):
         self._moved_to_fallback(after_call=False)
 
     @contextlib.contextmanager
-    def _hooks(self, state: _BatchSums, probes: list[torch.Tensor], B: int) -> Iterator[None]:
+    def _hooks(self, state: _BatchSums, probes: list[torch.Tensor], B: int, contiguous: bool = True
+               ) -> Iterator[None]:
         handles = []
         for layer in self.layers:
             layer.acts, layer.grads, layer.calls, layer.seen, layer.problem = [], {}, 0, 0, None
@@ -313,13 +318,14 @@ class GhostEngine(Engine):
                 if not probes:      # one zero leaf for every probe of the batch
                     probes.append(torch.zeros((), device=output.device, requires_grad=True))
                 if rule.probe_all:  # every floating output that needs a gradient, each with its own δ
-                    return self._probe_all(layer, whole, act, probes[0], on_grad)
+                    return self._probe_all(layer, whole, act, probes[0], on_grad, contiguous)
                 call = layer.calls
                 layer.calls += 1
                 layer.acts.append(act.detach() if isinstance(act, torch.Tensor) else act)
                 # reaching z in the backward needs ∂L/∂probed = δ; a broadcast output gets its B rows
                 probed = probe(output.contiguous() if shared else output, probes[0],
-                               lambda d, layer=layer, call=call, dim=dim or 0: on_grad(d, layer, call, dim))
+                               lambda d, layer=layer, call=call, dim=dim or 0: on_grad(d, layer, call, dim),
+                               contiguous)
                 if rule.output_item is None:
                     return probed
                 return type(whole)(probed if i == rule.output_item else v for i, v in enumerate(whole))
@@ -331,7 +337,7 @@ class GhostEngine(Engine):
                 h.remove()
 
     @staticmethod
-    def _probe_all(layer: _Layer, whole, call_inputs, z: torch.Tensor, on_grad):
+    def _probe_all(layer: _Layer, whole, call_inputs, z: torch.Tensor, on_grad, contiguous: bool):
         """``whole`` with each floating leaf that needs a gradient probed; the call's δ's
         are keyed (call, leaf index), and its skeleton keeps the structure."""
         call, index = len(layer.acts), [0]
@@ -342,7 +348,7 @@ class GhostEngine(Engine):
                 return t
             i, layer.calls = index[0], layer.calls + 1
             index[0] += 1
-            return probe(t, z, lambda d: on_grad(d, layer, (call, i), 0))
+            return probe(t, z, lambda d: on_grad(d, layer, (call, i), 0), contiguous)
 
         probed = _map_leaves(whole, probe_leaf)
         counter = iter(range(index[0]))
@@ -364,7 +370,7 @@ class GhostEngine(Engine):
         δ arrived). Needs :meth:`lay_out` first; the caller checks :attr:`fallback`."""
         K = 0 if refs is None else refs[0].shape[0]
         state, probes = _BatchSums(refs, self._index, K), []
-        with self._hooks(state, probes, B):
+        with self._hooks(state, probes, B, contiguous=False):   # the user's training: δ passed on as it came
             yield state
         for layer in self.layers:
             state.run_rule(layer)
