@@ -23,7 +23,7 @@ from .io.checkpoints import CheckpointStore
 from .io.datasets import Dataset, check_targets, load_dataset, probe_model, subset
 from .io.journal import read_fingerprint
 from .io.outputs import claim, is_scores_file, lock
-from .io.store import HDF5ScoresWriter, ReusableRows
+from .io.store import HDF5ScoresWriter, ReusableRows, read_ids
 from .losses import resolve_loss
 from .scorer import Scorer
 from .scores import datadiet, registry
@@ -301,7 +301,7 @@ def reaggregate(scores: str | os.PathLike, out: str | os.PathLike, *, epochs_upt
                               f"imported); rerun `gradscore run` with --epochs-upto instead")
         old_fp, rows = json.loads(f.attrs["fingerprint"]), json.loads(f.attrs["rows"])
         ck = {k: d[()] for k, d in f["checkpoints"].items()}
-        ids = f["ids"].asstr()[()] if h5py.check_string_dtype(f["ids"].dtype) else f["ids"][()]
+        ids = read_ids(f["ids"])
         noisy = f["noisy"][()] if "noisy" in f else None
         loss, warnings = str(f.attrs["loss"]), json.loads(f.attrs.get("warnings", "[]"))
     if rows["key"].get("rows_version") != ROWS_VERSION:

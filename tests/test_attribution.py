@@ -184,3 +184,17 @@ def test_a_target_sketch_of_other_checkpoints_is_refused(tiny_run, tmp_path, cap
                  "--scores", "target_dot", "--out", str(tmp_path / "s.h5")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "was sketched at other checkpoints" in err, err
+
+
+def test_string_ids_go_through_sketch_and_attribution(tmp_path):
+    """Imported data keeps string ids (guids): they come back in every output."""
+    from helpers import make_run
+    ckpts, data = make_run(tmp_path, n=30)
+    x, y = gs.load_dataset(data).read(0, 30)
+    ids = np.array([f"ex-{i:03d}" for i in range(30)], dtype=object)
+    named = gs.save_dataset(tmp_path / "named.h5", x.numpy(), y.numpy(), ids=ids)
+    path = sketch(ckpts, named, out=tmp_path / "s.h5", dim=30, progress=False)
+    assert list(SketchFile.open(path).ids[:2]) == ["ex-000", "ex-001"]
+    attr = attribute(path, named, out=tmp_path / "a.h5", top=2, progress=False)
+    with h5py.File(attr) as f:
+        assert f["query_ids"].asstr()[0] == "ex-000" and f["proponents/ids"].asstr()[0, 0].startswith("ex-")

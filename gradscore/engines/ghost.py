@@ -261,10 +261,13 @@ class GhostEngine(Engine):
         key = self._fallback_key()
         if not key:
             return None
+        return self._fallback_of(key).score_batch(x, y, None if refs is None else [refs[self._index[n]] for n in key])
+
+    def _fallback_of(self, key: tuple[str, ...]) -> Fallback:
+        """The fallback over exactly the parameters ``key``, made once."""
         if key not in self._fallbacks:
             self._fallbacks[key] = Fallback(self.model, self.loss, list(key), self.chunk_bytes)
-        return self._fallbacks[key].score_batch(
-            x, y, None if refs is None else [refs[self._index[n]] for n in key])
+        return self._fallbacks[key]
 
     def _lay_out(self, x: Inputs) -> None:
         """Establish every ruled layer's batch dimension (:mod:`.layout`) on the first batch;

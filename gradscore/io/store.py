@@ -31,6 +31,20 @@ from ..exceptions import GradscoreError
 from .journal import Journal
 
 
+def write_ids(group: h5py.Group, name: str, ids: np.ndarray) -> None:
+    """Example ids (any shape) as a dataset: integers as they are, strings (imported guids)
+    as HDF5 strings."""
+    if ids.dtype.kind in "OUS":
+        group.create_dataset(name, data=ids.astype(object), dtype=h5py.string_dtype())
+    else:
+        group.create_dataset(name, data=ids)
+
+
+def read_ids(dataset: h5py.Dataset) -> np.ndarray:
+    """Ids written by :func:`write_ids`: strings come back as str, not bytes."""
+    return dataset.asstr()[()] if h5py.check_string_dtype(dataset.dtype) else dataset[()]
+
+
 class ScoresWriter(ABC):
     """Where per-(checkpoint, chunk) results go, and how they become one scores file."""
 
@@ -115,10 +129,7 @@ class HDF5ScoresWriter(ScoresWriter):
                     for k, v in self._read_chunk(t, c).items():
                         dsets[k][t, a:b] = v
             f.create_dataset("done", data=np.ones((self.T, self.n_chunks), dtype=np.uint8))
-            if ids.dtype.kind in "OUS":  # string ids (e.g. imported guids)
-                f.create_dataset("ids", data=ids.astype(object), dtype=h5py.string_dtype())
-            else:
-                f.create_dataset("ids", data=ids)
+            write_ids(f, "ids", ids)
             for k, v in extras.items():
                 if isinstance(v, dict):
                     g = f.create_group(k)
@@ -203,7 +214,7 @@ def load_scores(path: str | Path) -> dict[str, Any]:
             return {
                 "scores": {k: f["scores"][k][()] for k in f["scores"]},
                 "per_checkpoint": {k: f["per_checkpoint"][k][()] for k in f["per_checkpoint"]},
-                "ids": f["ids"].asstr()[()] if h5py.check_string_dtype(f["ids"].dtype) else f["ids"][()],
+                "ids": read_ids(f["ids"]),
                 "noisy": f["noisy"][()] if "noisy" in f else None,
                 "checkpoints": {k: f["checkpoints"][k][()] for k in f["checkpoints"]} if "checkpoints" in f else {},
                 "config": json.loads(f.attrs["config"]),

@@ -38,6 +38,7 @@ from ..io.atomic import atomic_path
 from ..io.checkpoints import CheckpointStore
 from ..io.datasets import check_targets, load_dataset, probe_model
 from ..io.outputs import claim
+from ..io.store import write_ids
 from ..scorer import Scorer
 from .projection import Projection
 from .store import SketchFile, sketch_chunk
@@ -191,12 +192,12 @@ def run_attribute(config: AttributeConfig, out: str | os.PathLike, *, overwrite:
             if full is not None:
                 full[a:b] = scores.numpy()
         train_ids = sf.ids
-        f.create_dataset("query_ids", data=query_ids)
-        f.create_dataset("train_ids", data=train_ids)
+        write_ids(f, "query_ids", query_ids)
+        write_ids(f, "train_ids", train_ids)
         for side, name in (("hi", "proponents"), ("lo", "opponents")):
             s, r = (v.numpy() for v in getattr(top, side))
             g = f.create_group(name)
-            g.create_dataset("ids", data=train_ids[r])
+            write_ids(g, "ids", train_ids[r])
             g.create_dataset("rows", data=r)
             g.create_dataset("scores", data=s)
         f.attrs["config"] = json.dumps(config.to_dict(), sort_keys=True)

@@ -15,7 +15,6 @@ import torch
 
 from ..batch import Inputs, batch_len
 from ..engines.base import ScoreBatch
-from ..engines.fallback import Fallback
 from ..engines.ghost import GhostEngine
 from ..kernels import acc_dtype
 from .projection import Block, Projection
@@ -98,9 +97,7 @@ class SketchEngine(GhostEngine):
             dense = self.projection.dense(b.name, named[b.name])
             V.append(torch.cat([dense.new_zeros((row, *b.shape)), dense, dense.new_zeros((K - row - b.k, *b.shape))]))
             row += b.k
-        if key not in self._fallbacks:
-            self._fallbacks[key] = Fallback(self.model, self.loss, list(key), self.chunk_bytes)
-        out = self._fallbacks[key].score_batch(x, y, V)
+        out = self._fallback_of(key).score_batch(x, y, V)
         parts, row = [], 0
         for b in blocks:
             parts.append((b, out.dots[:, row:row + b.k]))

@@ -34,7 +34,7 @@ from ..exceptions import CheckpointError, ConfigError, DataError, OutputError
 from ..io.checkpoints import CheckpointStore
 from ..io.datasets import check_targets, load_dataset, probe_model
 from ..io.outputs import claim, is_sketch_file, lock
-from ..io.store import HDF5ScoresWriter
+from ..io.store import HDF5ScoresWriter, read_ids
 from ..losses import resolve_loss
 from ..scorer import Scorer
 from ..scores.datadiet import classification_metrics
@@ -180,7 +180,7 @@ class SketchFile:
             raise OutputError(f"{path}: is not a gradscore sketch file (written by `gradscore sketch`)")
         with h5py.File(path, "r") as f:
             return cls(path, SketchSpec.from_dict(json.loads(f.attrs["sketch"])), json.loads(f.attrs["config"]),
-                       json.loads(f.attrs["fingerprint"]), f["ids"][:], f["checkpoints/lr"][:])
+                       json.loads(f.attrs["fingerprint"]), read_ids(f["ids"]), f["checkpoints/lr"][:])
 
     @property
     def shape(self) -> tuple[int, int, int]:
