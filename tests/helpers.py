@@ -106,6 +106,15 @@ class TokenModel(nn.Module):
         return self.lin(self.emb(ids)).mean(1)
 
 
+def tiny_gpt2(**config) -> nn.Module:
+    """A Hugging Face GPT-2 from a config (no download), dropout off, eager attention,
+    float64; ``config`` overrides the sizes."""
+    from gradscore.integrations.hf import from_config
+    cfg = {"model_type": "gpt2", "n_layer": 2, "n_embd": 16, "n_head": 2, "vocab_size": 31, "n_positions": 16,
+           "bos_token_id": 0, "eos_token_id": 0, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, **config}
+    return from_config(cfg, attn_implementation="eager").double()
+
+
 class NormIntoRNN(nn.Module):
     """InstanceNorm2d whose output a batch-first RNN reads as a sequence: the RNN's input
     gradient comes back laid out (T, B, C), a layout torch's instance-norm backward

@@ -332,12 +332,10 @@ def test_tiny_gpt2_with_padding_through_the_hf_loss(tmp_path):
     """The step's loss is Hugging Face's own: the token mean over the whole padded batch,
     so example b's share is its number of predicted tokens over the batch's."""
     pytest.importorskip("transformers")
-    from gradscore.integrations.hf import from_config
+    from helpers import tiny_gpt2
     from gradscore.losses import causal_lm
-    cfg = {"model_type": "gpt2", "n_layer": 2, "n_embd": 16, "n_head": 2, "vocab_size": 31, "n_positions": 16,
-           "bos_token_id": 0, "eos_token_id": 0, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
     torch.manual_seed(0)
-    model = from_config(cfg, attn_implementation="eager").double().train()
+    model = tiny_gpt2().train()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 31, (6, 9), generator=g)
     mask = torch.ones(6, 9, dtype=torch.long)

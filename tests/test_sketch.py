@@ -253,11 +253,9 @@ def test_gpt2_conv1d_tied_embeddings_and_padding():
     """Hugging Face's Conv1D (Kronecker from its factors), the embedding tied to the LM
     head, padded examples through the causal-LM loss."""
     pytest.importorskip("transformers")
-    from gradscore.integrations.hf import from_config
-    cfg = {"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2, "vocab_size": 17, "n_positions": 8,
-           "bos_token_id": 0, "eos_token_id": 0, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    from helpers import tiny_gpt2
     torch.manual_seed(0)
-    model = from_config(cfg, attn_implementation="eager").double().eval()
+    model = tiny_gpt2(n_layer=1, n_embd=8, vocab_size=17, n_positions=8).eval()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 17, (4, 6), generator=g)
     mask = torch.ones(4, 6, dtype=torch.long)
