@@ -16,7 +16,10 @@ written after every step, so a kill leaves them too):
 3. ``engines``: ``bench.engines`` (plain forward+backward, ghost K = 0/2, vmap + fused,
    the loop, Opacus and BackPACK when installed) at batch 64, 256 and 1024, with
    ``torch.cuda.max_memory_allocated`` for memory.
-4. ``torchrun``: a 2-process NCCL ``gradscore run`` against one process, bit for bit,
+4. ``inrun_sketch``: ``bench.inrun`` (the in-run recorder against the same training
+   steps) and ``bench.sketch`` (gradient sketches against a plain forward+backward) on
+   the MLP, the transformer and GPT-2.
+5. ``torchrun``: a 2-process NCCL ``gradscore run`` against one process, bit for bit,
    where the machine has two GPUs or more.
 """
 from __future__ import annotations
@@ -66,6 +69,9 @@ class Sizes:
                                                       "lstm_d64_T32", "gpt2_d64_T128"]
         self.batches = [4] if dry_run else [64, 256, 1024]
         self.engine_repeats = 1 if dry_run else 3
+        self.inrun_cases = ({"mlp_784_1024_1024": 8} if dry_run else
+                            {"mlp_784_1024_1024": 256, "transformer_d128_T64": 64, "gpt2_d64_T128": 32})
+        self.sketch_dim = 256 if dry_run else 8192
 
 
 def step_tests(sizes: Sizes, budget: Budget) -> dict[str, Any]:
@@ -168,8 +174,24 @@ def step_engines(sizes: Sizes, budget: Budget) -> dict[str, Any]:
                 rows.append({"model": name, "batch": B, "error": f"{type(e).__name__}: {str(e)[:200]}"})
                 continue
             rows += res["rows"]
-    return {"rows": rows, "skipped_for_time": skipped,
-            "inrun_overhead": "n/a: there is no in-run recorder yet (issue 26)"}
+    return {"rows": rows, "skipped_for_time": skipped}
+
+
+def step_inrun_sketch(sizes: Sizes, budget: Budget) -> dict[str, Any]:
+    """bench.inrun (the in-run recorder's overhead on training steps) and bench.sketch
+    (sketching against a plain forward+backward) on the device."""
+    from bench.inrun import run_bench as inrun_bench
+    from bench.sketch import sketch_rows
+    if budget.left < 90:
+        return {"status": "skipped: out of time budget"}
+    out: dict[str, Any] = {}
+    try:
+        out["inrun"] = inrun_bench(sizes.engine_repeats, sizes.device, echo=lambda _: None,
+                                   cases=sizes.inrun_cases)["rows"]
+        out["sketch"] = sketch_rows(sizes.sketch_dim, sizes.engine_repeats, sizes.device, cases=sizes.inrun_cases)
+    except Exception as e:  # noqa: BLE001 - a failure is a result, not the end of the kit
+        out["status"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+    return out
 
 
 def step_torchrun(sizes: Sizes, budget: Budget) -> dict[str, Any]:
@@ -213,7 +235,8 @@ def step_torchrun(sizes: Sizes, budget: Budget) -> dict[str, Any]:
 
 
 STEPS: dict[str, Callable[[Sizes, Budget], dict[str, Any]]] = {
-    "tests": step_tests, "bandwidth": step_bandwidth, "engines": step_engines, "torchrun": step_torchrun}
+    "tests": step_tests, "bandwidth": step_bandwidth, "engines": step_engines, "inrun_sketch": step_inrun_sketch,
+    "torchrun": step_torchrun}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -250,6 +273,16 @@ def markdown(result: dict[str, Any]) -> str:
                 peak = r.get("peak_ratio_to_plain")
                 out.append(f"| {r['model']} | {r['batch']} | {r['method']} | {r['ratio_to_plain']:.2f} | "
                            f"{'' if peak is None else f'{peak:.2f}'} |")
+    extra = result.get("inrun_sketch", {})
+    if extra.get("inrun"):
+        out += ["", "| in-run: model | batch | norms | target every step | target every 10 |", "|---|---|---|---|---|"]
+        out += [f"| {r['model']} | {r['batch']} | " + " | ".join(f"{r[m]['ratio']:.2f}" for m in
+                                                               ("norms", "target_every1", "target_every10")) + " |"
+                for r in extra["inrun"]]
+    if extra.get("sketch"):
+        out += ["", "| sketch: model | batch | dim | × plain | vmap alone × plain |", "|---|---|---|---|---|"]
+        out += [f"| {r['model']} | {r['batch']} | {r['dim']} | {r['sketch_ratio']:.2f} | {r['vmap_ratio']:.2f} |"
+                for r in extra["sketch"]]
     return "\n".join(out) + "\n"
 
 

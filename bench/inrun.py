@@ -85,13 +85,14 @@ def peak_memory(name: str, B: int, device: str) -> dict[str, int | None]:
     return peaks
 
 
-def run_bench(repeats: int = 5, device: str | None = None, echo=print) -> dict:
+def run_bench(repeats: int = 5, device: str | None = None, echo=print, cases: dict[str, int] | None = None) -> dict:
+    """The table's rows: {model: batch} ``cases`` (default :data:`CASES`) on ``device``."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     available = model_cases(device)
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        for name, B in CASES.items():
+        for name, B in (cases or CASES).items():
             if name not in available:
                 echo(f"{name}: skipped (needs transformers)")
                 continue

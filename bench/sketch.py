@@ -57,9 +57,10 @@ def _case(name: str, B: int, dim: int, device: str):
     return model, x, y, scorer, gs.Projection.for_model(model, scorer.param_names, dim)
 
 
-def sketch_rows(dim: int, repeats: int, device: str) -> list[dict]:
+def sketch_rows(dim: int, repeats: int, device: str, cases: dict[str, int] | None = None) -> list[dict]:
+    """Sketch against plain forward+backward and vmap, per {model: batch} (default :data:`CASES`)."""
     rows = []
-    for name, B in CASES.items():
+    for name, B in (cases or CASES).items():
         model, x, y, scorer, proj = _case(name, B, dim, device)
         params = dict(model.named_parameters())
         loss_fn = scorer.loss.fn

@@ -22,8 +22,11 @@ def test_gpu_check_dry_run_takes_every_step_and_writes_its_results(tmp_path):
     methods = {r["method"] for r in result["engines"]["rows"] if "error" not in r}
     assert {"plain", "loop", "vmap_fused", "ghost_k0", "ghost_k2"} <= methods
     assert result["torchrun"]["status"].startswith("skipped")
+    assert "status" not in result["inrun_sketch"], result["inrun_sketch"]
+    assert result["inrun_sketch"]["inrun"][0]["norms"]["ratio"] > 0
+    assert result["inrun_sketch"]["sketch"][0]["sketch_ratio"] > 0
     md = (tmp_path / "gpu_dry-run-cpu.md").read_text()
-    assert "| B | P | dtype |" in md and "| model | batch |" in md
+    assert "| B | P | dtype |" in md and "| model | batch |" in md and "| in-run: model |" in md and "| sketch: model |" in md
 
 
 def test_gpu_check_stops_at_its_budget_with_what_it_has(tmp_path):
