@@ -33,14 +33,13 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..config import DEVICES, DTYPES, _require, resolve_device
-from ..exceptions import CheckpointError, ConfigError, DataError
+from ..exceptions import CheckpointError, DataError
 from ..io.atomic import atomic_path
 from ..io.checkpoints import CheckpointStore
 from ..io.datasets import check_targets, load_dataset, probe_model
 from ..io.outputs import claim
 from ..io.store import write_ids
 from ..scorer import Scorer
-from .projection import Projection
 from .store import SketchFile, sketch_chunk
 
 METHODS = ("tracin", "trak")
@@ -106,11 +105,7 @@ def sketch_queries(config: AttributeConfig, sf: SketchFile, ckpts: CheckpointSto
     for t in tqdm(steps, desc="sketching queries", disable=None if progress else True, dynamic_ncols=True):
         model = ckpts.build_model(t, dtype=dtype, device=device)
         scorer = Scorer(model, loss=ckpts.loss, params=tuple(sf.config["params"]) or None)
-        projection = Projection.for_model(model, scorer.param_names, sf.config["dim"], sf.spec.seed)
-        if projection.spec != sf.spec:
-            raise ConfigError(f"{sf.path}: its projection (seed {sf.spec.seed}, dim {sf.spec.dim}) does not match "
-                              f"the model of {ckpts[t].path} (dim {projection.dim}): the parameters differ; "
-                              f"sketch the training set again with these checkpoints")
+        projection = sf.projection(model, scorer.param_names, ckpts[t].path)
         check_targets(ds, scorer.loss, 0, y, probe_model(model, ds, x, ckpts[t].path, role="query"))
         chunk = sketch_chunk(scorer, projection, x, y, config.batch_size, "float32")
         sketches[t], p_gold[t] = chunk["sketch"], chunk["p_gold"]

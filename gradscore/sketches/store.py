@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -119,19 +119,19 @@ def _run(config: SketchConfig, out: Path, overwrite: bool, progress: bool) -> Pa
     fingerprint = {"config": config.to_dict(), "checkpoints_sha256": ckpts.checksums(), "data": ds.fingerprint()}
     writer = HDF5ScoresWriter(out, fingerprint, n=len(ds), T=len(ckpts), chunk_size=config.chunk_size,
                               overwrite=overwrite)
-    ids, spec = ds.ids(), None
+    ids, projection = ds.ids(), None
     size = lambda c: writer.chunk_range(c)[1] - writer.chunk_range(c)[0]   # noqa: E731
     todo = [[c for c in range(writer.n_chunks) if not writer.is_done(t, c)] for t in range(len(ckpts))]
     total = len(ds) * len(ckpts)
     with tqdm(total=total, initial=total - sum(size(c) for cs in todo for c in cs), desc="sketching", unit="ex",
               unit_scale=True, disable=None if progress else True, dynamic_ncols=True) as bar:
         for t in range(len(ckpts)):
-            if not todo[t] and spec is not None:
+            if not todo[t] and projection is not None:
                 continue
             model = ckpts.build_model(t, dtype=dtype, device=device)
             scorer = Scorer(model, loss=loss, params=config.params or None)
-            projection = Projection.for_model(model, scorer.param_names, config.dim, config.seed)
-            spec = spec or projection.spec
+            if projection is None:   # one Φ for every checkpoint: its matrices are drawn once
+                projection = Projection.for_model(model, scorer.param_names, config.dim, config.seed)
             n_out = None
             for c in todo[t]:
                 a, b = writer.chunk_range(c)
@@ -147,7 +147,7 @@ def _run(config: SketchConfig, out: Path, overwrite: bool, progress: bool) -> Pa
         ids=ids, extras={"checkpoints": {"step": np.array([i.step for i in ckpts], dtype=np.int64),
                                          "epoch": np.array([i.epoch for i in ckpts]), "lr": lr}},
         aggregate=lambda m: {"self_influence": (lr[:, None] * m["sq_sketch"]).sum(0)},
-        attrs={"config": config.to_dict(), "sketch": spec.to_dict(), "gradscore_version": __version__,
+        attrs={"config": config.to_dict(), "sketch": projection.spec.to_dict(), "gradscore_version": __version__,
                "loss": ckpts.loss})
 
 
@@ -170,6 +170,7 @@ class SketchFile:
     fingerprint: dict[str, Any]
     ids: np.ndarray
     lr: np.ndarray
+    _projection: Projection | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "SketchFile":
@@ -181,6 +182,18 @@ class SketchFile:
         with h5py.File(path, "r") as f:
             return cls(path, SketchSpec.from_dict(json.loads(f.attrs["sketch"])), json.loads(f.attrs["config"]),
                        json.loads(f.attrs["fingerprint"]), read_ids(f["ids"]), f["checkpoints/lr"][:])
+
+    def projection(self, model: torch.nn.Module, param_names: list[str], where: str | os.PathLike) -> Projection:
+        """The file's Φ for ``model`` (checkpoint ``where``), made once per file; one
+        clear error if the model's parameters would give another split."""
+        found = Projection.for_model(model, param_names, self.config["dim"], self.spec.seed).spec
+        if found != self.spec:
+            raise ConfigError(f"{self.path}: its projection (seed {self.spec.seed}, dim {self.spec.dim}) does not "
+                              f"match the model of {where} (dim {found.dim}): the parameters differ; sketch again "
+                              f"with these checkpoints")
+        if self._projection is None:
+            self._projection = Projection(self.spec)
+        return self._projection
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -214,10 +227,7 @@ class SketchTarget:
 
     def gradient(self, t: int, model: torch.nn.Module, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Φᵀ m_t {name: tensor like params[name]} for the model at checkpoint t."""
-        proj = Projection.for_model(model, list(params), self.file.config["dim"], self.file.spec.seed)
-        if proj.spec != self.file.spec:
-            raise ConfigError(f"{self.file.path}: its projection does not match this model's parameters; "
-                              f"sketch the target set again with these checkpoints")
+        proj = self.file.projection(model, list(params), f"checkpoint {t}")
         _, N, dim = self.file.shape
         m = torch.zeros(dim, dtype=torch.float64)
         for a in range(0, N, 65536):
