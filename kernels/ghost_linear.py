@@ -11,8 +11,18 @@ weight gradient is g_b = Σ_t δ_bt a_btᵀ (d_out, d_in). Two ways to get what 
 ``plan`` picks the cheaper by that flop count (gram wins for short sequences and wide
 layers, outer for long sequences or many references). Triton kernels on CUDA; torch
 elsewhere. ``ghost_linear_reference`` is the obviously-correct einsum version.
+
+Layers that read one input (a transformer's q, k and v projections of one hidden state)
+share its Gram a aᵀ on the torch path: an engine counts the readers of each input in the
+forward (:class:`SharedGrams`) and, while its rules run (:func:`sharing`), the first
+reader's Gram is kept for the others until the last is done, so the gram form then costs
+T²·(d_in/readers + d_out).
 """
 from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Callable, Iterator
 
 import torch
 
@@ -33,11 +43,77 @@ def workspace_bytes(*captured: torch.Tensor) -> int:
     return max(MIN_WORKSPACE_BYTES, sum(t.numel() * t.element_size() for t in captured))
 
 
-def plan(T: int, d_in: int, d_out: int, K: int) -> str:
-    """``"gram"`` or ``"outer"``: whichever costs fewer flops per example."""
+def plan(T: int, d_in: int, d_out: int, K: int, readers: int = 1) -> str:
+    """``"gram"`` or ``"outer"``: whichever costs fewer flops per example; the input's
+    Gram counts once over its ``readers`` (layers sharing it, :class:`SharedGrams`)."""
     outer = (T + K) * d_in * d_out
-    gram = T * T * (d_in + d_out) + T * K * d_in * d_out
+    gram = T * T * (d_in / max(1, readers) + d_out) + T * K * d_in * d_out
     return "gram" if gram < outer else "outer"
+
+
+def _identity(t: torch.Tensor) -> tuple:
+    """What makes two tensors the same data: storage, offset, shape, strides, dtype, version."""
+    return (t.untyped_storage().data_ptr(), t.device, t.storage_offset(), tuple(t.shape), t.stride(),
+            t.dtype, t._version)
+
+
+class SharedGrams:
+    """One batch's layer inputs (B, T, d_in), how many layers read each, and the Gram
+    a aᵀ (B, T, T) of one read by several, kept from its first reader's rule to its last's.
+    An entry holds its input (as the engine's hooks do over the same span), so its storage
+    cannot be freed and reused under the same key while kept; an in-place change of the
+    input changes the key (its version)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, list] = {}   # identity -> [readers, readers to come, input, Gram or None]
+        self._lock = threading.Lock()           # CUDA backwards run the rules in autograd's thread
+
+    def note(self, a: torch.Tensor) -> None:
+        """A layer of the forward reads ``a`` (as the (B, T, d_in) sequence its rule sees)."""
+        with self._lock:
+            entry = self._entries.setdefault(_identity(a), [0, 0, a, None])
+            entry[0] += 1
+            entry[1] += 1
+
+    def readers(self, a: torch.Tensor) -> int:
+        """How many layers read ``a`` in this batch (1 for an input not noted)."""
+        entry = self._entries.get(_identity(a))
+        return 1 if entry is None else entry[0]
+
+    def gram(self, a: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """a aᵀ: ``compute()`` once per input read by several layers."""
+        with self._lock:
+            entry = self._entries.get(_identity(a))
+            if entry is None or entry[0] < 2:
+                return compute()
+            if entry[3] is None:
+                entry[3] = compute()
+            return entry[3]
+
+    def used(self, a: torch.Tensor) -> None:
+        """A reader's rule is done with ``a`` (the engine says so after the rule ran): after
+        the last reader, the entry and its Gram go."""
+        key = _identity(a)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    del self._entries[key]
+
+
+_active: SharedGrams | None = None   # the batch whose rules are running (any thread)
+
+
+@contextlib.contextmanager
+def sharing(shared: SharedGrams) -> Iterator[None]:
+    """Let the Linear rules that run inside reuse ``shared``'s input Grams."""
+    global _active
+    before, _active = _active, shared
+    try:
+        yield
+    finally:
+        _active = before
 
 
 def ghost_linear_reference(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor | None = None
@@ -72,6 +148,11 @@ def _gram_sq(a: torch.Tensor, d: torch.Tensor, budget: int) -> torch.Tensor:
         a, d = a.to(acc).reshape(B, -1), d.to(acc).reshape(B, -1)
         return torch.linalg.vecdot(a, a) * torch.linalg.vecdot(d, d)
     step = max(1, budget // (2 * T * T * torch.finfo(acc).bits // 8))
+    shared = _active
+    if shared is not None and step >= B:   # one block: the input's Gram may be another layer's too
+        A = shared.gram(a, lambda: torch.bmm(a.to(acc), a.to(acc).transpose(1, 2)))
+        dc = d.to(acc)
+        return (A * torch.bmm(dc, dc.transpose(1, 2))).sum((1, 2))
     parts = []
     for i in range(0, B, step):
         ai, di = a[i:i + step].to(acc), d[i:i + step].to(acc)
@@ -108,7 +189,8 @@ def ghost_linear(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor | None = None
     (default: Triton for CUDA tensors that are not float64). ``workspace``: bytes of the
     torch path's sub-batch blocks and of the gram form's projections for the dots
     (default :func:`workspace_bytes` of a and δ); the Triton kernels keep their blocks
-    in tiles and need none.
+    in tiles and need none. Inside :func:`sharing`, ``a``'s Gram is shared with the
+    other layers that read it.
     """
     if a.dim() != 3 or d.dim() != 3 or a.shape[:2] != d.shape[:2]:
         raise ValueError(f"ghost_linear: a {tuple(a.shape)} and δ {tuple(d.shape)} must be "
@@ -116,10 +198,11 @@ def ghost_linear(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor | None = None
     K = 0 if V is None else V.shape[0]
     if V is not None and tuple(V.shape[1:]) != (d.shape[2], a.shape[2]):
         raise ValueError(f"ghost_linear: V {tuple(V.shape)} must be (K, {d.shape[2]}, {a.shape[2]})")
-    form = form or plan(a.shape[1], a.shape[2], d.shape[2], K)
+    use_triton = backend == "triton" or (backend is None and a.is_cuda and a.dtype != torch.float64)
+    readers = _active.readers(a) if _active is not None and not use_triton else 1
+    form = form or plan(a.shape[1], a.shape[2], d.shape[2], K, readers)
     if form not in ("gram", "outer"):
         raise ValueError(f"ghost_linear: unknown form '{form}'")
-    use_triton = backend == "triton" or (backend is None and a.is_cuda and a.dtype != torch.float64)
     budget = workspace if workspace is not None else workspace_bytes(a, d)
     if use_triton:   # a run-time failure of a kernel: the torch path, logged once
         from . import ghost_linear_triton as tk

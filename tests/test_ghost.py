@@ -145,3 +145,57 @@ def test_an_in_place_change_of_a_saved_output_is_caught_as_without_the_engine():
         nn.functional.cross_entropy(model(x), y).backward()
     with pytest.raises(gs.GradscoreError, match="modified by an inplace operation"):   # torch's error, one line
         gs.Scorer(model, engine="ghost").score_batch(x, y)
+
+
+class QKV(nn.Module):
+    """Three projections of one hidden state (a transformer's q, k, v), one of another."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.inp = nn.Linear(3, d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):                        # x (B, T, 3)
+        h = torch.tanh(self.inp(x))
+        att = torch.softmax(self.q(h) @ self.k(h).transpose(1, 2), -1) @ self.v(h)
+        return self.head(self.o(att).mean(1))
+
+
+@pytest.mark.parametrize("K", [0, 2])
+def test_layers_reading_one_input_form_its_gram_once(monkeypatch, K):
+    """q, k and v read one h: its Gram h hᵀ is formed once per batch and shared (at T = 4,
+    d = 8 the Gram form wins only with it), and every norm still equals the loop."""
+    from gradscore.kernels import ghost_linear as gl
+    formed = []
+    plain = gl.SharedGrams.gram
+
+    def counting(self, a, compute):
+        return plain(self, a, lambda: formed.append(tuple(a.shape)) or compute())
+    monkeypatch.setattr(gl.SharedGrams, "gram", counting)
+    torch.manual_seed(0)
+    model = QKV()
+    scorer = gs.Scorer(model.double().eval(), engine="ghost")
+    x, y = torch.randn(5, 4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    scorer.score_batch(x, y)     # the first batch lays out the layers
+    formed.clear()
+    compare_with_loop(model, x, K)
+    assert gl.plan(4, 8, 8, 0) == "outer" and gl.plan(4, 8, 8, 0, readers=3) == "gram"
+    if K == 0:
+        assert formed.count((5, 4, 8)) == 1, formed   # h hᵀ once for q, k and v
+
+
+def test_shared_grams_key_by_identity_and_go_after_the_last_reader():
+    from gradscore.kernels.ghost_linear import SharedGrams
+    shared, a = SharedGrams(), torch.randn(2, 3, 4)
+    shared.note(a)
+    shared.note(a.view(2, 3, 4))                 # another tensor object, the same data
+    assert shared.readers(a) == 2 and shared.readers(a.clone()) == 1   # equal values are not the same input
+    first = shared.gram(a, lambda: torch.bmm(a, a.transpose(1, 2)))
+    assert shared.gram(a, lambda: pytest.fail("formed twice")) is first
+    shared.used(a), shared.used(a)
+    assert not shared._entries                  # the Gram and its input go with the last reader
+    b = torch.randn(2, 3, 4)
+    shared.note(b), shared.note(b)
+    b.mul_(2)                                    # an in-place change: not the input the layers read
+    assert shared.readers(b) == 1

@@ -580,3 +580,17 @@ def test_demo_kinds_are_one_at_a_time(capsys):
     with pytest.raises(SystemExit) as e:
         main(["demo", "--pds", "--inrun"])
     assert e.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+def test_projections_of_one_input_share_its_gram_in_training(tmp_path):
+    """The tiny transformer's q, k and v read one hidden state, whose Gram the rules share;
+    every recorded norm and dot equals the loop at θ_t in float64."""
+    from gradscore.demos.models import tiny_transformer
+    torch.manual_seed(0)
+    model = tiny_transformer(vocab=20, d=16, heads=2, layers=1, n_classes=3).double()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 20, (12, 7), generator=g), torch.randint(0, 3, (12,), generator=g)
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:3], y[:3]))
+    snaps: list = []
+    _train(model, x, y, steps=3, batch=5, rec=rec, snapshots=snaps)
+    _check_against_loop(rec.close(), model, snaps, x, y, (x[:3], y[:3]), dot_rtol=1e-8)

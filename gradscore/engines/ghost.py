@@ -13,7 +13,9 @@ and returns only a scalar, so peak memory stays near one plain forward+backward.
 shares of the layers add up, since layers own disjoint parameters, except for tied
 weights (one tensor owned by several modules, e.g. GPT-2's embedding and LM head): each
 owner's rule gives its use's share, and the cross terms 2⟨g_i, g_j⟩ are added from the
-rules' factors at the end of the batch.
+rules' factors at the end of the batch. Layers that read one input (a transformer's q, k
+and v projections) are counted in the forward, and their rules form its Gram a aᵀ once
+(``kernels.ghost_linear.SharedGrams``).
 
 Each ruled layer's batch dimension is established on the first batch from evidence
 (:mod:`.layout`: two probe runs on 1 and 2 copies of an example), never from a size
@@ -41,6 +43,7 @@ from torch import nn
 from ..batch import Inputs, batch_len, call_model
 from ..exceptions import EngineError
 from ..kernels import acc_dtype
+from ..kernels.ghost_linear import SharedGrams, sharing
 from .base import Engine, RefBlocks, ScoreBatch, register_engine
 from .fallback import Fallback
 from .layout import Layout, couples_examples, establish, observed
@@ -151,6 +154,19 @@ class _BatchSums:
         self.sq: torch.Tensor | None = None
         self.dots: torch.Tensor | None = None
         self.factors: dict[str, list[Factor]] = {}   # tied weight -> one factor per owner
+        self.grams = SharedGrams()   # inputs read by several layers: their Grams, formed once
+
+    def note_input(self, layer: _Layer, act) -> None:
+        """A call of ``layer`` reads ``act``: counted, if its rule may form the input's Gram."""
+        seq = self._gram_input(layer, act)
+        if seq is not None:
+            self.grams.note(seq)
+
+    @staticmethod
+    def _gram_input(layer: _Layer, act) -> torch.Tensor | None:
+        if layer.rule.gram_input is None or "weight" not in layer.params or not isinstance(act, torch.Tensor):
+            return None
+        return layer.rule.gram_input(act)
 
     def add(self, sq: torch.Tensor, dots: torch.Tensor | None) -> None:
         """Add a share; ``dots`` None: the rule kept its dots itself (the sketch engine's buffer)."""
@@ -172,6 +188,10 @@ class _BatchSums:
                 grads = [layer.grads[i] for i in order]
             acts = [layer.acts[i] for i in order]
             self.add(*layer.rule.fn(layer.module, acts, grads, lrefs, self.K))
+            for act in acts:
+                seq = self._gram_input(layer, act)
+                if seq is not None:
+                    self.grams.used(seq)
             if layer.tied:  # kept until every owner of the weight has reported
                 fs = layer.rule.factors(layer.module, acts, grads)
                 for local in layer.tied:
@@ -325,6 +345,7 @@ class GhostEngine(Engine):
                 call = layer.calls
                 layer.calls += 1
                 layer.acts.append(act.detach() if isinstance(act, torch.Tensor) else act)
+                state.note_input(layer, layer.acts[-1])
                 # reaching z in the backward needs ∂L/∂probed = δ; a broadcast output gets its B rows
                 probed = probe(output.contiguous() if shared else output, probes[0],
                                lambda d, layer=layer, call=call, dim=dim or 0: on_grad(d, layer, call, dim),
@@ -373,10 +394,10 @@ class GhostEngine(Engine):
         δ arrived). Needs :meth:`lay_out` first; the caller checks :attr:`fallback`."""
         K = 0 if refs is None else refs[0].shape[0]
         state, probes = _BatchSums(refs, self._index, K), []
-        with self._hooks(state, probes, B, contiguous=False):   # the user's training: δ passed on as it came
+        with self._hooks(state, probes, B, contiguous=False), sharing(state.grams):   # δ passed on as it came
             yield state
-        for layer in self.layers:
-            state.run_rule(layer)
+            for layer in self.layers:
+                state.run_rule(layer)
         if state.factors:
             state.add_cross_terms()
 
@@ -405,11 +426,13 @@ class GhostEngine(Engine):
                 alone, self._alone = self._alone, None
                 replan = self._coupled = couples_examples(alone, out.detach())
             if probes and not replan:
-                torch.autograd.grad(losses.sum(), probes, allow_unused=True)
+                with sharing(state.grams):
+                    torch.autograd.grad(losses.sum(), probes, allow_unused=True)
         if replan:  # some layers moved to the fallback: redo this batch without their hooks
             return self._score(x, y, refs)
-        for layer in self.layers:  # calls whose output did not reach the loss add nothing
-            state.run_rule(layer)
+        with sharing(state.grams):
+            for layer in self.layers:  # calls whose output did not reach the loss add nothing
+                state.run_rule(layer)
         if state.factors:
             state.add_cross_terms()
         fb = self._fallback(x, y, refs)

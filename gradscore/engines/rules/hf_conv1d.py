@@ -6,7 +6,7 @@ by qualified name: ``transformers`` is never imported here.
 """
 from __future__ import annotations
 
-from .linear import as_sequence, weight_and_bias
+from .linear import as_sequence, sequence_view, weight_and_bias
 from .registry import Factor, register_rule
 
 CONV1D = "transformers.pytorch_utils.Conv1D"
@@ -17,6 +17,6 @@ def conv1d_factors(layer, acts, grads) -> dict[str, Factor]:
     return {"weight": Factor(as_sequence(acts), as_sequence(grads))}
 
 
-@register_rule(CONV1D, factors=conv1d_factors, batch_dims=(0, 1))
+@register_rule(CONV1D, factors=conv1d_factors, batch_dims=(0, 1), gram_input=sequence_view)
 def hf_conv1d(layer, acts, grads, refs, K):
     return weight_and_bias(acts, grads, refs, K, transposed=True)

@@ -23,6 +23,15 @@ def as_sequence(xs: list[torch.Tensor]) -> torch.Tensor:
     return cat_calls([x.reshape(x.shape[0], -1, x.shape[-1]) for x in xs], 1)
 
 
+def sequence_view(x: torch.Tensor) -> torch.Tensor | None:
+    """One call's input as the (B, T, d) sequence :func:`as_sequence` gives, if that is a
+    view of it (None where it would be a copy)."""
+    try:
+        return x.view(x.shape[0], -1, x.shape[-1])
+    except RuntimeError:
+        return None
+
+
 def linear_factors(layer: nn.Linear, acts, grads) -> dict[str, Factor]:
     """weight (d_out, d_in): g_b = Σ_t δ_bt a_btᵀ."""
     return {"weight": Factor(as_sequence(grads), as_sequence(acts))}
@@ -45,6 +54,6 @@ def weight_and_bias(acts, grads, refs, K, *, transposed: bool = False):
     return sq, dots
 
 
-@register_rule(nn.Linear, factors=linear_factors, batch_dims=(0, 1))
+@register_rule(nn.Linear, factors=linear_factors, batch_dims=(0, 1), gram_input=sequence_view)
 def linear(layer: nn.Linear, acts, grads, refs, K):
     return weight_and_bias(acts, grads, refs, K)

@@ -47,6 +47,11 @@ as a convolution); a rule with ``factors`` gets it from them (:mod:`gradscore.sk
 
 Classes from optional packages are registered by qualified name
 (``"transformers.pytorch_utils.Conv1D"``), so the package is never imported here.
+
+A rule whose weight's norm may take the Gram form of ``kernels.ghost_linear`` registers
+``gram_input(input) -> (B, T, d_in) view or None``: the engine counts the layers reading
+each such input in the forward, so that their rules form its Gram once
+(``ghost_linear.SharedGrams``: a transformer's q, k and v projections of one hidden state).
 """
 from __future__ import annotations
 
@@ -122,6 +127,7 @@ class Rule:
     children: tuple[str, ...] = ()
     probe_all: bool = False
     sketch: Optional[Callable[..., torch.Tensor]] = None
+    gram_input: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None
 
     def dims(self, layer: nn.Module) -> tuple[int, ...]:
         """The dimensions that may hold the batch in this layer's input and output."""
@@ -138,7 +144,7 @@ def register_rule(*types: TypeKey, supports: Callable[[nn.Module], Optional[str]
     """Decorator: use ``fn`` as the ghost rule for every class (or qualified class name)
     in ``types``; ``factors`` (optional) lets its weight be tied to another layer's;
     ``options``: the :class:`Rule` fields ``batch_dims``, ``call``, ``output_item``,
-    ``children``, ``sketch``."""
+    ``children``, ``probe_all``, ``sketch``, ``gram_input``."""
     def deco(fn: RuleFn) -> RuleFn:
         for t in types:
             _RULES[t] = Rule(fn.__name__, fn, supports, factors, **options)
