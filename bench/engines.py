@@ -278,15 +278,25 @@ def best_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None] =
     return best
 
 
+def pair_ratios(fn: Callable[[], object], plain: Callable[[], object], repeats: int,
+                sync: Callable[[], None] = lambda: None) -> tuple[list[float], float, float]:
+    """``fn`` and ``plain`` called alternately ``repeats`` times each: the ratio of each
+    pair's wall times (neighbours in time, so the machine speeding up or slowing down moves
+    both), and the best time of each."""
+    ratios, best_fn, best_plain = [], float("inf"), float("inf")
+    for _ in range(repeats):
+        t_plain, t_fn = best_time(plain, 1, sync), best_time(fn, 1, sync)
+        ratios.append(t_fn / t_plain)
+        best_fn, best_plain = min(best_fn, t_fn), min(best_plain, t_plain)
+    return ratios, best_fn, best_plain
+
+
 def paired_times(fn: Callable[[], object], plain: Callable[[], object], repeats: int,
                  sync: Callable[[], None] = lambda: None) -> tuple[float, float]:
     """Best wall times of ``fn`` and of ``plain``, called alternately ``repeats`` times each,
     so that their ratio is not moved by the machine speeding up or slowing down between
     one method and the next."""
-    best_fn = best_plain = float("inf")
-    for _ in range(repeats):
-        best_plain = min(best_plain, best_time(plain, 1, sync))
-        best_fn = min(best_fn, best_time(fn, 1, sync))
+    _, best_fn, best_plain = pair_ratios(fn, plain, repeats, sync)
     return best_fn, best_plain
 
 

@@ -275,9 +275,11 @@ def markdown(result: dict[str, Any]) -> str:
                            f"{'' if peak is None else f'{peak:.2f}'} |")
     extra = result.get("inrun_sketch", {})
     if extra.get("inrun"):
-        out += ["", "| in-run: model | batch | norms | target every step | target every 10 |", "|---|---|---|---|---|"]
-        out += [f"| {r['model']} | {r['batch']} | " + " | ".join(f"{r[m]['ratio']:.2f}" for m in
-                                                               ("norms", "target_every1", "target_every10")) + " |"
+        out += ["", "| in-run: model | batch | norms | target every step (floor) | target every 10 (floor) |",
+                "|---|---|---|---|---|"]
+        out += [f"| {r['model']} | {r['batch']} | " + " | ".join(
+                    f"{r[m]['ratio']:.2f}" + (f" ({r[m]['floor']:.2f})" if r[m].get("floor") else "")
+                    for m in ("norms", "target_every1", "target_every10")) + " |"
                 for r in extra["inrun"]]
     if extra.get("sketch"):
         out += ["", "| sketch: model | batch | dim | × plain | vmap alone × plain |", "|---|---|---|---|---|"]

@@ -1,19 +1,23 @@
 """In-run scoring's overhead: training steps with ``gs.InRun`` against the same steps
 without it, side by side in one run (CPU or CUDA).
 
-    python -m bench.inrun [--repeats 5] [--json bench/results/inrun_cpu.json --overwrite]
+    python -m bench.inrun [--repeats 15] [--json bench/results/inrun_cpu.json --overwrite]
 
 For each model (the MLP 784-1024-1024-10 at batch 256, the d=128 transformer at T=64,
 the demo's digits CNN and, with ``transformers``, the LM demo's GPT-2 at T=128) one call
-is 10 training steps (forward, mean loss, backward, SGD step) and is timed, best of
-``repeats`` calls, alternately with the plain steps:
+is 10 training steps (forward, mean loss, backward, SGD step), timed ``repeats`` times,
+each call next to a call of the plain steps:
 
 - ``norms``: the recorder with no target: loss, ‖∇ℓ_b‖², margins per example;
 - ``target_every1`` / ``target_every10``: and the gradient of a target batch of 64
   examples (one extra forward+backward) at every step / every 10th step, with the dots.
 
-Each row is a ratio to the plain steps timed in the same pairing; peak memory of one
-step is the rise of the resident set (CPU, measured in a child process as in
+A row's ``ratio`` is the median over the pairs of (recorder's call / plain call next to
+it), with the quartiles beside it: the median of neighbours in time is what a noisy
+machine moves least. ``floor`` is 1 + the target gradient's own time (the recorder's
+target pass alone, timed apart) / a plain step / ``every``: what the issue's design, one
+extra forward+backward of the target batch, costs before any recording. Peak memory of
+one step is the rise of the resident set (CPU, measured in a child process as in
 ``bench.engines``) or ``torch.cuda.max_memory_allocated``, as a ratio to plain's.
 """
 from __future__ import annotations
@@ -22,6 +26,7 @@ import argparse
 import copy
 import json
 import platform
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -29,7 +34,7 @@ from typing import Callable
 import torch
 
 import gradscore as gs
-from bench.engines import _inputs, _Memory, measured_child, model_cases, paired_times
+from bench.engines import _inputs, _Memory, best_time, measured_child, model_cases, pair_ratios
 from gradscore._version import __version__
 from gradscore.batch import call_model
 from gradscore.io.outputs import claim
@@ -41,8 +46,10 @@ N_TARGET = 64
 METHODS = {"plain": None, "norms": None, "target_every1": 1, "target_every10": 10}
 
 
-def _steppers(name: str, B: int, device: str, work: Path, steps: int = STEPS) -> dict[str, Callable[[], None]]:
-    """{method: a call of ``steps`` training steps}, each on its own copy of the model."""
+def _steppers(name: str, B: int, device: str, work: Path, steps: int = STEPS,
+              recorders: dict[str, gs.InRun] | None = None) -> dict[str, Callable[[], None]]:
+    """{method: a call of ``steps`` training steps}, each on its own copy of the model;
+    ``recorders`` (if given) receives {method: its recorder}."""
     case = model_cases(device)[name]
     torch.manual_seed(0)
     base = case.factory().to(device).train()
@@ -57,6 +64,8 @@ def _steppers(name: str, B: int, device: str, work: Path, steps: int = STEPS) ->
         rec = None if method == "plain" else gs.InRun(
             model, loss=case.loss, out=work / f"{name}_{method}.h5", overwrite=True, flush_every=1e12,
             targets=None if every is None else (xt, yt), every=every or 1)
+        if rec is not None and recorders is not None:
+            recorders[method] = rec
         count = [0]
 
         def call(model=model, opt=opt, rec=rec):
@@ -85,7 +94,17 @@ def peak_memory(name: str, B: int, device: str) -> dict[str, int | None]:
     return peaks
 
 
-def run_bench(repeats: int = 5, device: str | None = None, echo=print, cases: dict[str, int] | None = None) -> dict:
+def target_pass_seconds(rec: gs.InRun, repeats: int, sync: Callable[[], None]) -> float:
+    """Best time of the recorder's target gradient alone (forward+backward of the target
+    batch, its factors and ‖∇J‖), recomputed at a step that has one."""
+    def once():
+        rec._refs = None
+        rec._target_refs(0)
+    once()
+    return best_time(once, repeats, sync)
+
+
+def run_bench(repeats: int = 15, device: str | None = None, echo=print, cases: dict[str, int] | None = None) -> dict:
     """The table's rows: {model: batch} ``cases`` (default :data:`CASES`) on ``device``."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -96,13 +115,14 @@ def run_bench(repeats: int = 5, device: str | None = None, echo=print, cases: di
             if name not in available:
                 echo(f"{name}: skipped (needs transformers)")
                 continue
-            fns = _steppers(name, B, device, Path(work))
+            recorders: dict[str, gs.InRun] = {}
+            fns = _steppers(name, B, device, Path(work), recorders=recorders)
             for fn in fns.values():
                 fn()   # warm-up: layouts, caches
-            times = {}
-            for method in METHODS:
-                if method != "plain":
-                    times[method] = paired_times(fns[method], fns["plain"], repeats, sync)
+            times = {method: pair_ratios(fns[method], fns["plain"], repeats, sync)
+                     for method in METHODS if method != "plain"}
+            plain_step = min(t_plain for _, _, t_plain in times.values()) / STEPS
+            target = target_pass_seconds(recorders["target_every1"], repeats, sync)
             if device == "cuda":
                 peaks = peak_memory(name, B, device)
             else:
@@ -113,16 +133,21 @@ def run_bench(repeats: int = 5, device: str | None = None, echo=print, cases: di
                 except RuntimeError as e:
                     echo(f"  peak memory n/a: {e}")
                     peaks = {}
-            row = {"model": name, "batch": B, "steps_per_call": STEPS, "n_target": N_TARGET}
-            for method, (t, t_plain) in times.items():
-                row[method] = {"ratio": t / t_plain, "seconds_per_step": t / STEPS,
-                               "plain_seconds_per_step": t_plain / STEPS,
+            row = {"model": name, "batch": B, "steps_per_call": STEPS, "n_target": N_TARGET, "pairs": repeats,
+                   "target_pass_seconds": target, "target_pass_ratio": target / plain_step}
+            for method, (ratios, t, t_plain) in times.items():
+                q1, median, q3 = (statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1
+                                  else ratios * 3)
+                every = METHODS[method]
+                row[method] = {"ratio": median, "quartiles": [q1, q3],
+                               "floor": None if every is None else 1 + target / plain_step / every,
+                               "seconds_per_step": t / STEPS, "plain_seconds_per_step": t_plain / STEPS,
                                "memory_ratio": (peaks[method] / peaks["plain"]
                                                 if peaks.get(method) and peaks.get("plain") else None)}
             rows.append(row)
             echo(f"{name:<22} B={B:<4} " + "  ".join(
-                f"{m} {row[m]['ratio']:.2f}x" + (f" ({row[m]['memory_ratio']:.2f}x mem)"
-                                                 if row[m]["memory_ratio"] else "") for m in times))
+                f"{m} {row[m]['ratio']:.2f}x" + (f" (floor {row[m]['floor']:.2f})" if row[m]["floor"] else "")
+                + (f" ({row[m]['memory_ratio']:.2f}x mem)" if row[m]["memory_ratio"] else "") for m in times))
     return {"device": device, "device_name": torch.cuda.get_device_name() if device == "cuda"
             else platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "gradscore": __version__, "rows": rows}
@@ -130,7 +155,8 @@ def run_bench(repeats: int = 5, device: str | None = None, echo=print, cases: di
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.inrun", description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=5, help="paired timed calls per method (best is kept)")
+    p.add_argument("--repeats", type=int, default=15,
+                   help="timed pairs (recorder, plain) per method; the median ratio is kept")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace an existing results file")
