@@ -148,15 +148,14 @@ def _gram_sq(a: torch.Tensor, d: torch.Tensor, budget: int) -> torch.Tensor:
         a, d = a.to(acc).reshape(B, -1), d.to(acc).reshape(B, -1)
         return torch.linalg.vecdot(a, a) * torch.linalg.vecdot(d, d)
     step = max(1, budget // (2 * T * T * torch.finfo(acc).bits // 8))
-    shared = _active
-    if shared is not None and step >= B:   # one block: the input's Gram may be another layer's too
-        A = shared.gram(a, lambda: torch.bmm(a.to(acc), a.to(acc).transpose(1, 2)))
-        dc = d.to(acc)
-        return (A * torch.bmm(dc, dc.transpose(1, 2))).sum((1, 2))
+    shared = _active if step >= B else None   # one block: the input's Gram may be other layers' too
     parts = []
     for i in range(0, B, step):
         ai, di = a[i:i + step].to(acc), d[i:i + step].to(acc)
-        parts.append((torch.bmm(ai, ai.transpose(1, 2)) * torch.bmm(di, di.transpose(1, 2))).sum((1, 2)))
+        def gram(ai=ai):
+            return torch.bmm(ai, ai.transpose(1, 2))
+        A = gram() if shared is None else shared.gram(a, gram)
+        parts.append((A * torch.bmm(di, di.transpose(1, 2))).sum((1, 2)))
     return torch.cat(parts)
 
 
