@@ -162,10 +162,22 @@ class QKV(nn.Module):
         return self.head(self.o(att).mean(1))
 
 
+class QKVSeqFirst(QKV):
+    """QKV run sequence-first: every layer's input is (T, B, ·), its batch in dimension 1."""
+
+    def forward(self, x):                        # x (B, T, 3)
+        h = torch.tanh(self.inp(x.transpose(0, 1)))
+        q, k, v = (f(h).transpose(0, 1) for f in (self.q, self.k, self.v))
+        att = (torch.softmax(q @ k.transpose(1, 2), -1) @ v).transpose(0, 1)
+        return self.head(self.o(att).mean(0))
+
+
+@pytest.mark.parametrize("layout", ["batch_first", "seq_first_T_eq_B"])
 @pytest.mark.parametrize("K", [0, 2])
-def test_layers_reading_one_input_form_its_gram_once(monkeypatch, K):
+def test_layers_reading_one_input_form_its_gram_once(monkeypatch, K, layout):
     """q, k and v read one h: its Gram h hᵀ is formed once per batch and shared (at T = 4,
-    d = 8 the Gram form wins only with it), and every norm still equals the loop."""
+    d = 8 the Gram form wins only with it), and every norm still equals the loop, also
+    sequence-first with T == B (the batch moved to dimension 0 of a view)."""
     from gradscore.kernels import ghost_linear as gl
     formed = []
     plain = gl.SharedGrams.gram
@@ -174,15 +186,19 @@ def test_layers_reading_one_input_form_its_gram_once(monkeypatch, K):
         return plain(self, a, lambda: formed.append(tuple(a.shape)) or compute())
     monkeypatch.setattr(gl.SharedGrams, "gram", counting)
     torch.manual_seed(0)
-    model = QKV()
+    if layout == "batch_first":
+        model, x, y = QKV(), torch.randn(5, 4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+        shared = (5, 4, 8)
+    else:
+        model, x, y = QKVSeqFirst(), torch.randn(4, 4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0])   # T == B
+        shared = (4, 4, 8)
     scorer = gs.Scorer(model.double().eval(), engine="ghost")
-    x, y = torch.randn(5, 4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
     scorer.score_batch(x, y)     # the first batch lays out the layers
     formed.clear()
     compare_with_loop(model, x, K)
     assert gl.plan(4, 8, 8, 0) == "outer" and gl.plan(4, 8, 8, 0, readers=3) == "gram"
     if K == 0:
-        assert formed.count((5, 4, 8)) == 1, formed   # h hᵀ once for q, k and v
+        assert formed.count(shared) == 1, formed   # h hᵀ once for q, k and v
 
 
 def test_shared_grams_key_by_identity_and_go_after_the_last_reader():
