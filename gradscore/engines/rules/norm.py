@@ -13,10 +13,16 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ...kernels import acc_dtype
 from .registry import reduce_per_example, register_rule, zeros_like_result
+
+
+def _standardize(x: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tensor:
+    """(x − mean) / √(var + eps) over ``dims``, two passes (centre, then the centred square's
+    mean): on CPU several times faster than ``var_mean`` and than recomputing ``layer_norm``."""
+    centred = x - x.mean(dims, keepdim=True)
+    return centred * torch.rsqrt(centred.pow(2).mean(dims, keepdim=True) + eps)
 
 
 def _affine(x_hat: torch.Tensor, d: torch.Tensor, sum_dims: tuple[int, ...], refs, K):
@@ -61,10 +67,7 @@ def _spatial(x: torch.Tensor) -> tuple[int, ...]:
                batch_dims=(0, 1))
 def layer_norm(layer: nn.LayerNorm, acts, grads, refs, K):
     n = len(layer.normalized_shape)
-
-    def normalize(x):   # torch's own kernel: several times faster than var_mean on CPU
-        return F.layer_norm(x, layer.normalized_shape, eps=layer.eps)
-    return _affine_rule(acts, grads, refs, K, normalize, _last(n))
+    return _affine_rule(acts, grads, refs, K, lambda x: _standardize(x, tuple(range(-n, 0)), layer.eps), _last(n))
 
 
 def _rms_eps(layer: nn.RMSNorm, dtype: torch.dtype) -> float:
@@ -86,9 +89,7 @@ def rms_norm(layer: nn.RMSNorm, acts, grads, refs, K):
 @register_rule(nn.GroupNorm, supports=lambda m: None if m.affine else "GroupNorm without affine")
 def group_norm(layer: nn.GroupNorm, acts, grads, refs, K):
     def normalize(x):
-        xg = x.reshape(x.shape[0], layer.num_groups, -1)
-        var, mean = torch.var_mean(xg, dim=2, keepdim=True, unbiased=False)
-        return ((xg - mean) / torch.sqrt(var + layer.eps)).reshape(x.shape)
+        return _standardize(x.reshape(x.shape[0], layer.num_groups, -1), (2,), layer.eps).reshape(x.shape)
     return _affine_rule(acts, grads, refs, K, normalize, _spatial)
 
 
@@ -117,7 +118,6 @@ def batch_norm(layer: nn.modules.batchnorm._BatchNorm, acts, grads, refs, K):
 def instance_norm(layer: nn.modules.instancenorm._InstanceNorm, acts, grads, refs, K):
     """Eval mode: each example's own statistics per channel, or the running ones when tracked."""
     def own(x):
-        var, mean = torch.var_mean(x, dim=_spatial(x), keepdim=True, unbiased=False)
-        return (x - mean) / torch.sqrt(var + layer.eps)
+        return _standardize(x, _spatial(x), layer.eps)
     return _affine_rule(acts, grads, refs, K, (lambda x: _running(layer, x)) if layer.track_running_stats else own,
                         _spatial)
