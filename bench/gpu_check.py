@@ -275,10 +275,12 @@ def markdown(result: dict[str, Any]) -> str:
                            f"{'' if peak is None else f'{peak:.2f}'} |")
     extra = result.get("inrun_sketch", {})
     if extra.get("inrun"):
-        out += ["", "| in-run: model | batch | norms | target every step (floor) | target every 10 (floor) |",
+        out += ["", "in-run cells: time ratio to plain (floor) [counted flops ratio]", "",
+                "| in-run: model | batch | norms | target every step | target every 10 |",
                 "|---|---|---|---|---|"]
         out += [f"| {r['model']} | {r['batch']} | " + " | ".join(
                     f"{r[m]['ratio']:.2f}" + (f" ({r[m]['floor']:.2f})" if r[m].get("floor") else "")
+                    + (f" [{r[m]['flops_ratio']:.3f}]" if r[m].get("flops_ratio") else "")
                     for m in ("norms", "target_every1", "target_every10")) + " |"
                 for r in extra["inrun"]]
     if extra.get("sketch"):

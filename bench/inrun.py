@@ -19,6 +19,9 @@ target pass alone, timed apart) / a plain step / ``every``: what the issue's des
 extra forward+backward of the target batch, costs before any recording. Peak memory of
 one step is the rise of the resident set (CPU, measured in a child process as in
 ``bench.engines``) or ``torch.cuda.max_memory_allocated``, as a ratio to plain's.
+``flops_ratio`` is the same call's counted matmul and convolution flops
+(``bench.engines.counted_flops``) as a ratio to plain's: what a method costs before memory
+traffic and per-op overhead, and without timing noise.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from typing import Callable
 import torch
 
 import gradscore as gs
-from bench.engines import _inputs, _Memory, best_time, measured_child, model_cases, pair_ratios
+from bench.engines import _inputs, _Memory, best_time, counted_flops, measured_child, model_cases, pair_ratios
 from gradscore._version import __version__
 from gradscore.batch import call_model
 from gradscore.io.outputs import claim
@@ -121,6 +124,7 @@ def run_bench(repeats: int = 15, device: str | None = None, echo=print, cases: d
                 fn()   # warm-up: layouts, caches
             times = {method: pair_ratios(fns[method], fns["plain"], repeats, sync)
                      for method in METHODS if method != "plain"}
+            flops = {method: counted_flops(fn) for method, fn in fns.items()}
             plain_step = min(t_plain for _, _, t_plain in times.values()) / STEPS
             target = target_pass_seconds(recorders["target_every1"], repeats, sync)
             if device == "cuda":
@@ -141,12 +145,14 @@ def run_bench(repeats: int = 15, device: str | None = None, echo=print, cases: d
                 every = METHODS[method]
                 row[method] = {"ratio": median, "quartiles": [q1, q3],
                                "floor": None if every is None else 1 + target / plain_step / every,
+                               "flops_ratio": flops[method] / flops["plain"] if flops["plain"] else None,
                                "seconds_per_step": t / STEPS, "plain_seconds_per_step": t_plain / STEPS,
                                "memory_ratio": (peaks[method] / peaks["plain"]
                                                 if peaks.get(method) and peaks.get("plain") else None)}
             rows.append(row)
             echo(f"{name:<22} B={B:<4} " + "  ".join(
-                f"{m} {row[m]['ratio']:.2f}x" + (f" (floor {row[m]['floor']:.2f})" if row[m]["floor"] else "")
+                f"{m} {row[m]['ratio']:.2f}x" + (f" [flops {row[m]['flops_ratio']:.3f}x]" if row[m]["flops_ratio"] else "")
+                + (f" (floor {row[m]['floor']:.2f})" if row[m]["floor"] else "")
                 + (f" ({row[m]['memory_ratio']:.2f}x mem)" if row[m]["memory_ratio"] else "") for m in times))
     return {"device": device, "device_name": torch.cuda.get_device_name() if device == "cuda"
             else platform.processor() or platform.machine(), "threads": torch.get_num_threads(),

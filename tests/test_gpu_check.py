@@ -23,7 +23,11 @@ def test_gpu_check_dry_run_takes_every_step_and_writes_its_results(tmp_path):
     assert {"plain", "loop", "vmap_fused", "ghost_k0", "ghost_k2"} <= methods
     assert result["torchrun"]["status"].startswith("skipped")
     assert "status" not in result["inrun_sketch"], result["inrun_sketch"]
-    assert result["inrun_sketch"]["inrun"][0]["norms"]["ratio"] > 0
+    inrun = result["inrun_sketch"]["inrun"][0]
+    assert inrun["norms"]["ratio"] > 0
+    # counted flops: the MLP's ghost norms (T = 1) add no matmul; a target every step adds its pass
+    assert inrun["norms"]["flops_ratio"] == 1.0
+    assert inrun["target_every1"]["flops_ratio"] > inrun["target_every10"]["flops_ratio"] > 1.0
     assert result["inrun_sketch"]["sketch"][0]["sketch_ratio"] > 0
     md = (tmp_path / "gpu_dry-run-cpu.md").read_text()
     assert "| B | P | dtype |" in md and "| model | batch |" in md and "| in-run: model |" in md and "| sketch: model |" in md
