@@ -482,6 +482,52 @@ def test_sequence_first_layers_with_T_equal_to_B_and_T_1(tmp_path, T):
     _check_against_loop(rec.close(), model, snaps, x, y, (x[:3], y[:3]), dot_rtol=1e-8)
 
 
+class _TorchFamily(nn.Module):
+    """Token ids (B, T) through one of torch's own layers, batch-first or sequence-first,
+    then a linear head on the mean over positions."""
+
+    def __init__(self, kind: str, batch_first: bool):
+        super().__init__()
+        self.kind, self.batch_first = kind, batch_first
+        self.emb = nn.Embedding(11, 8)
+        if kind == "encoder_post_norm" or kind == "encoder_pre_norm":
+            self.body = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first,
+                                                   norm_first=kind == "encoder_pre_norm")
+        elif kind == "lstm_2_layers":
+            self.body = nn.LSTM(8, 8, num_layers=2, batch_first=batch_first)
+        else:   # "attention": nn.MultiheadAttention, its projections used functionally, then LayerNorm
+            self.body, self.norm = nn.MultiheadAttention(8, 2, batch_first=batch_first), nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids if self.batch_first else ids.T)
+        if self.kind == "lstm_2_layers":
+            h = self.body(h)[0]
+        elif self.kind == "attention":
+            h = self.norm(self.body(h, h, h, need_weights=False)[0] + h)
+        else:
+            h = self.body(h)
+        return self.head(h.mean(1 if self.batch_first else 0))
+
+
+@pytest.mark.parametrize("T", [4, 1])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kind", ["encoder_post_norm", "encoder_pre_norm", "lstm_2_layers", "attention"])
+def test_torch_layer_families_in_training_equal_the_loop(tmp_path, kind, batch_first, T):
+    """In training the recorder passes δ on as it came (the checkpoint engines make it
+    contiguous), so torch's own layers get their in-run check too: B = 4 = T and T = 1,
+    batch-first and sequence-first, every record against the loop at θ_t in float64."""
+    torch.manual_seed(0)
+    model = _TorchFamily(kind, batch_first).double()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 11, (12, T), generator=g), torch.randint(0, 3, (12,), generator=g)
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:3], y[:3]))
+    snaps: list = []
+    _train(model, x, y, steps=3, batch=4, rec=rec, snapshots=snaps)
+    assert all(path.startswith("ghost") for path in rec.engine.explain().values())
+    _check_against_loop(rec.close(), model, snaps, x, y, (x[:3], y[:3]), dot_rtol=1e-8)
+
+
 def test_an_empty_batch_records_nothing(tmp_path):
     x, y = _data(dtype=torch.float32)
     model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
