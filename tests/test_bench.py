@@ -67,3 +67,15 @@ def test_sparse_conv_kernel_counts_a_multiply_add_per_non_zero_delta_tap_and_cha
         conv.conv(layer, [x], [d], {"weight": None}, 0)     # the first call probes the kernel backend
         flops = counted_flops(lambda: conv.conv(layer, [x], [d], {"weight": None}, 0))
         assert flops == 2 * (d.numel() if dense else int(d.count_nonzero())) * 9 * c_in > 0
+
+
+def test_norm_rules_bench_times_the_forms_the_rules_use():
+    """Smoke: each row pairs a rule's own form of x̂ with the alternative, and both forms
+    give the same x̂ (else the bench would time a wrong candidate)."""
+    from bench.norm_rules import CASES, run_bench
+    for _, shape, dims, ours, other in CASES:
+        x = torch.randn(*shape, dtype=torch.float64) * 3 + 1
+        torch.testing.assert_close(ours(x, dims), other(x, dims), rtol=1e-8, atol=1e-8)
+    result = run_bench(pairs=4, echo=lambda _: None)
+    assert [r["layer"] for r in result["rows"]] == [c[0] for c in CASES]
+    assert all(r["ratio_rule_form_to_other"] > 0 for r in result["rows"])

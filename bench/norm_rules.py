@@ -1,0 +1,102 @@
+"""How the normalization rules form x̂: the two-pass standardize they use for GroupNorm
+and InstanceNorm against ``var_mean`` (what they used before), and for LayerNorm
+against torch's fused ``layer_norm`` (what its rule keeps), side by side in one run.
+
+    python -m bench.norm_rules [--pairs 200] [--json bench/results/norm_rules_cpu.json --overwrite]
+
+Each pair times the two forms back to back, in alternating order, after allocating and
+freeing 8 MB of other tensors, as a rule runs between the backward's own ops (a tight
+loop over one input alone keeps caches and the allocator warm and flatters composite
+ops); a row is the median of the pairs' ratios with its quartiles.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.nn import functional as F
+
+from gradscore._version import __version__
+from gradscore.engines.rules.norm import _standardize
+from gradscore.io.outputs import claim
+
+EPS = 1e-5
+
+
+def _var_mean(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    var, mean = torch.var_mean(x, dim=dims, keepdim=True, unbiased=False)
+    return (x - mean) / torch.sqrt(var + EPS)
+
+
+def _two_pass(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    return _standardize(x, dims, EPS)
+
+
+def _layer_norm(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[len(x.shape) + dims[0]:], eps=EPS)
+
+
+#: (layer, input shape, normalized dims, the rule's form, the other form)
+CASES: list[tuple[str, tuple[int, ...], tuple[int, ...], Callable, Callable]] = [
+    ("GroupNorm 8 groups, 128 ch 8x8", (64, 8, 16 * 8 * 8), (2,), _two_pass, _var_mean),
+    ("GroupNorm 32 groups, 64 ch 32x32", (32, 32, 2 * 32 * 32), (2,), _two_pass, _var_mean),
+    ("InstanceNorm 16 ch 8x8", (64, 16, 8, 8), (2, 3), _two_pass, _var_mean),
+    ("LayerNorm d=128, T=64", (64, 64, 128), (-1,), _layer_norm, _two_pass),
+    ("LayerNorm d=64, T=128 (GPT-2)", (32, 128, 64), (-1,), _layer_norm, _two_pass),
+]
+
+
+def _pair_ratios(ours: Callable[[], object], other: Callable[[], object], pairs: int) -> list[float]:
+    ratios = []
+    for i in range(pairs):
+        junk = [torch.empty(256, 1024).normal_() for _ in range(8)]
+        del junk
+        first, second = (ours, other) if i % 2 else (other, ours)
+        t0 = time.perf_counter()
+        first()
+        t1 = time.perf_counter()
+        second()
+        t2 = time.perf_counter()
+        t_ours, t_other = (t1 - t0, t2 - t1) if first is ours else (t2 - t1, t1 - t0)
+        ratios.append(t_ours / t_other)
+    return ratios
+
+
+def run_bench(pairs: int = 200, echo=print) -> dict:
+    """Rows: the rule's form / the other form, median [quartiles] over ``pairs``."""
+    torch.manual_seed(0)
+    rows = []
+    for name, shape, dims, ours, other in CASES:
+        x = torch.randn(*shape) * 3 + 1
+        ratios = _pair_ratios(lambda: ours(x, dims), lambda: other(x, dims), pairs)
+        q1, median, q3 = statistics.quantiles(ratios, n=4)
+        rows.append({"layer": name, "shape": list(shape), "ratio_rule_form_to_other": median,
+                     "quartiles": [q1, q3]})
+        echo(f"{name:<34} rule's form / other: {median:.2f} [{q1:.2f}-{q3:.2f}]")
+    return {"device": "cpu", "device_name": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "gradscore": __version__,
+            "pairs": pairs, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.norm_rules", description=__doc__.split("\n\n")[0])
+    p.add_argument("--pairs", type=int, default=200, help="timed pairs per layer; the median ratio is kept")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing results file")
+    args = p.parse_args(argv)
+    if args.json:
+        claim(args.json, "json", overwrite=args.overwrite)
+    result = run_bench(args.pairs)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
