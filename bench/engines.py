@@ -279,13 +279,21 @@ def best_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None] =
 
 
 def pair_ratios(fn: Callable[[], object], plain: Callable[[], object], repeats: int,
-                sync: Callable[[], None] = lambda: None) -> tuple[list[float], float, float]:
+                sync: Callable[[], None] = lambda: None, *, between: Callable[[], object] | None = None,
+                alternate: bool = False) -> tuple[list[float], float, float]:
     """``fn`` and ``plain`` called alternately ``repeats`` times each: the ratio of each
     pair's wall times (neighbours in time, so the machine speeding up or slowing down moves
-    both), and the best time of each."""
+    both), and the best time of each. ``between``: called untimed before each pair (other
+    work, as a real program does between the two); ``alternate``: every other pair runs
+    ``fn`` first, so neither side always finds the caches the other left."""
     ratios, best_fn, best_plain = [], float("inf"), float("inf")
-    for _ in range(repeats):
-        t_plain, t_fn = best_time(plain, 1, sync), best_time(fn, 1, sync)
+    for i in range(repeats):
+        if between is not None:
+            between()
+        if alternate and i % 2:
+            t_fn, t_plain = best_time(fn, 1, sync), best_time(plain, 1, sync)
+        else:
+            t_plain, t_fn = best_time(plain, 1, sync), best_time(fn, 1, sync)
         ratios.append(t_fn / t_plain)
         best_fn, best_plain = min(best_fn, t_fn), min(best_plain, t_plain)
     return ratios, best_fn, best_plain
