@@ -267,6 +267,13 @@ def _backpack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, V: torch.Tenso
 FLOORS = {"ghost_k0": 2 / 3, "ghost_k2": (2 + K_REFS) / 3}
 
 
+def write_results(path: str | Path, result: dict, indent: int = 1) -> None:
+    """``result`` as a gradscore JSON report (its ``gradscore_version`` lets a rerun replace
+    it with ``--overwrite``), written atomically; claim the path before timing anything."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({**result, "gradscore_version": __version__}, indent=indent))
+
+
 def best_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
     """Best wall time in seconds of ``repeats`` calls of ``fn`` (``sync`` waits for the device)."""
     best = float("inf")
@@ -555,8 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         result["end_to_end"] = end_to_end(args.epochs, args.repeats)
         result["pds"] = pds_timing(repeats=args.repeats)
     if args.json:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps({**result, "gradscore_version": __version__}, indent=2))
+        write_results(args.json, result, indent=2)
         print(f"-> {args.json}")
     return 0
 

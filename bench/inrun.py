@@ -37,10 +37,10 @@ from typing import Callable
 import torch
 
 import gradscore as gs
-from bench.engines import _inputs, _Memory, best_time, counted_flops, measured_child, model_cases, pair_ratios
+from bench.engines import (_inputs, _Memory, best_time, counted_flops, measured_child, model_cases, pair_ratios,
+                           write_results)
 from gradscore._version import __version__
 from gradscore.batch import call_model
-from gradscore.io.atomic import atomic_path
 from gradscore.io.outputs import claim
 from gradscore.losses import resolve_loss
 
@@ -172,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         claim(args.json, "json", overwrite=args.overwrite)
     result = run_bench(args.repeats, args.device)
     if args.json:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps({**result, "gradscore_version": __version__}, indent=1))
+        write_results(args.json, result)
     return 0
 
 

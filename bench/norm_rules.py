@@ -12,7 +12,6 @@ ops); a row is the median of the pairs' ratios with its quartiles.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 from typing import Callable
@@ -20,10 +19,9 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
-from bench.engines import pair_ratios
+from bench.engines import pair_ratios, write_results
 from gradscore._version import __version__
 from gradscore.engines.rules.norm import _standardize
-from gradscore.io.atomic import atomic_path
 from gradscore.io.outputs import claim
 
 EPS = 1e-5
@@ -85,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         claim(args.json, "json", overwrite=args.overwrite)
     result = run_bench(args.pairs)
     if args.json:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps({**result, "gradscore_version": __version__}, indent=1))
+        write_results(args.json, result)
     return 0
 
 
