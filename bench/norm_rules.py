@@ -37,7 +37,7 @@ def _two_pass(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
 
 
 def _layer_norm(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    return F.layer_norm(x, x.shape[len(x.shape) + dims[0]:], eps=EPS)
+    return F.layer_norm(x, x.shape[dims[0]:], eps=EPS)   # dims: the trailing ones, negative
 
 
 #: (layer, input shape, normalized dims, the rule's form, the other form)
