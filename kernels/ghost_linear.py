@@ -215,5 +215,12 @@ def ghost_linear(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor | None = None
         sq = _gram_sq(a, d, budget)
     if V is None:
         return sq, sq.new_zeros((a.shape[0], 0))
-    dots = _project_dots(a, d, V, budget)
-    return sq, dots.to(sq.dtype)
+    return sq, ghost_linear_dots(a, d, V, workspace=budget)
+
+
+def ghost_linear_dots(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor, *, workspace: int | None = None
+                      ) -> torch.Tensor:
+    """Σ_t δ_btᵀ V_k a_bt (B, K) alone, in the accumulation dtype: a (B, T, d_in), δ (B, T, d_out),
+    V (K, d_out, d_in); ``workspace`` as in :func:`ghost_linear`."""
+    budget = workspace if workspace is not None else workspace_bytes(a, d)
+    return _project_dots(a, d, V, budget).to(acc_dtype(a.dtype))

@@ -147,6 +147,27 @@ class Norms(nn.Module):
         return self.head(torch.tanh(self.norm(x)).flatten(1))
 
 
+class Affine(nn.Module):
+    """nn.Linear or Hugging Face's Conv1D (y = a W + b) on 2-D inputs (B, D) (``T`` None) or
+    sequences (B, T, D); ``bias``: the bias is trained; ``frozen``: the weight is not."""
+
+    def __init__(self, kind: str, T: int | None, bias: bool, frozen: bool):
+        super().__init__()
+        self.T = T
+        if kind == "Linear":
+            self.layer = nn.Linear(D, 4, bias=bias)
+        else:
+            Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+            self.layer = Conv1D(4, D)
+            self.layer.bias.requires_grad_(bias)
+        self.layer.weight.requires_grad_(not frozen)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.layer(x))
+        return self.head(h if self.T is None else h.mean(1))
+
+
 class MyLinear(nn.Linear):
     """A user's subclass with the parent's forward."""
 
@@ -168,7 +189,9 @@ CONV_GRID = [("conv", c) for c in itertools.product([1, 2, 3], ["same", 1], [1, 
              if not (c[1] == "same" and c[2] == 2)]
 NORM_GRID = [("norm", c) for c in itertools.product(
     ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm", "RMSNorm2"], [True, False], [False, True])]
-GRID = RNN_GRID + MHA_GRID + BAG_GRID + CONV_GRID + NORM_GRID + [("subclass", ())]
+AFFINE_GRID = [("affine", c) for c in itertools.product(["Linear", "Conv1D"], [None, 1, T], [True, False],
+                                                        [False, True])]
+GRID = AFFINE_GRID + RNN_GRID + MHA_GRID + BAG_GRID + CONV_GRID + NORM_GRID + [("subclass", ())]
 
 
 def _build(family, config, n=B):
@@ -200,6 +223,10 @@ def _build(family, config, n=B):
             with torch.no_grad():
                 model.norm.weight.uniform_(0.5, 1.5)
         return model, 2 * torch.randn(n, *model.shape, generator=g, dtype=torch.float64) + 1
+    if family == "affine":
+        model = Affine(*config)
+        shape = (n, D) if model.T is None else (n, model.T, D)
+        return model, torch.randn(*shape, generator=g, dtype=torch.float64)
     if family == "subclass":
         return nn.Sequential(MyLinear(D, 4), nn.Tanh(), nn.Linear(4, 3)), torch.randn(n, D, generator=g,
                                                                                        dtype=torch.float64)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...kernels.ghost_linear import ghost_linear
+from ...kernels import acc_dtype
+from ...kernels.ghost_linear import ghost_linear, ghost_linear_dots
 from .registry import Factor, FactoredRef, bias_term, register_rule
 
 
@@ -40,18 +41,41 @@ def linear_factors(layer: nn.Linear, acts, grads) -> dict[str, Factor]:
 def weight_and_bias(acts, grads, refs, K, *, transposed: bool = False):
     """sq (B,), dots (B, K) of an affine map y = W a + b (``transposed``: y = a W + b)."""
     a, d = as_sequence(acts), as_sequence(grads)
+    if a.shape[1] == 1:
+        return _one_position(a[:, 0], d[:, 0], refs, K, transposed)
     sq, dots = bias_term(d.sum(1), refs, K)
     if "weight" in refs:
-        V = refs["weight"] if K else None
-        if isinstance(V, FactoredRef):   # a small batch's gradient in factored form: the Gram form
-            w_sq, _ = ghost_linear(a, d, None)
-            w_dots = V.dot(Factor(a, d) if transposed else Factor(d, a))
-        else:
-            if V is not None and transposed:  # (K, d_in, d_out) -> (K, d_out, d_in)
-                V = V.transpose(1, 2)
-            w_sq, w_dots = ghost_linear(a, d, V)
+        w_sq, w_dots = _weight_term(a, d, refs["weight"] if K else None, transposed, with_sq=True)
         sq, dots = sq + w_sq, dots + w_dots.to(sq.dtype)
     return sq, dots
+
+
+def _one_position(a: torch.Tensor, d: torch.Tensor, refs, K, transposed: bool):
+    """A 2-D input, a (B, d_in), δ (B, d_out): g_b(W) = δ_b a_bᵀ and g_b(bias) = δ_b, so
+    ‖g_b‖² = ‖δ_b‖² (‖a_b‖² + 1) from two row norms; the bias needs no pass of its own."""
+    acc = acc_dtype(a.dtype)
+    a, d = a.to(acc), d.to(acc)
+    d_sq = torch.linalg.vecdot(d, d)
+    sq = d_sq * torch.linalg.vecdot(a, a) if "weight" in refs else torch.zeros_like(d_sq)
+    if "bias" in refs:
+        sq = sq + d_sq
+    dots = bias_term(d, refs, K)[1] if K and "bias" in refs else sq.new_zeros((len(sq), K))
+    if K and "weight" in refs:
+        dots = dots + _weight_term(a[:, None], d[:, None], refs["weight"], transposed, with_sq=False)[1].to(acc)
+    return sq, dots
+
+
+def _weight_term(a: torch.Tensor, d: torch.Tensor, V, transposed: bool, with_sq: bool):
+    """sq (B,) (None unless ``with_sq``), dots (B, K) of the weight, for a (B, T, d_in), δ (B, T, d_out)
+    and V its reference block (K, *weight.shape), a :class:`FactoredRef` or None."""
+    if isinstance(V, FactoredRef):   # a small batch's gradient in factored form: the Gram form
+        w_sq = ghost_linear(a, d, None)[0] if with_sq else None
+        return w_sq, V.dot(Factor(a, d) if transposed else Factor(d, a))
+    if V is not None and transposed:  # (K, d_in, d_out) -> (K, d_out, d_in)
+        V = V.transpose(1, 2)
+    if with_sq:
+        return ghost_linear(a, d, V)
+    return None, ghost_linear_dots(a, d, V)
 
 
 @register_rule(nn.Linear, factors=linear_factors, batch_dims=(0, 1), gram_input=sequence_view)
