@@ -575,25 +575,28 @@ class _Step:
 
     def _record(self) -> None:
         rec, z, y = self.rec, self.output, self.y
+        probs = None
         if rec.loss.name == "cross_entropy" and z.dim() == 2 and not y.dtype.is_floating_point:
             losses = rec.loss.fn(z, y)    # ∂ℓ_b/∂z_b = softmax(z_b) − onehot(y_b), without a second backward
-            d = torch.softmax(z.double(), 1) - torch.nn.functional.one_hot(y, z.shape[1]).double()
+            probs = torch.softmax(z.double(), 1)
+            d = probs.scatter(1, y[:, None], (probs.gather(1, y[:, None]) - 1))
         else:
             with torch.enable_grad():
                 leaf = z.detach().requires_grad_(True)
                 losses = rec.loss.fn(leaf, y)
                 (d,) = torch.autograd.grad(losses.sum(), leaf)
+            losses = losses.detach()
         local = self._share(self.out_grad.reshape(self.B, -1).double(), d.reshape(self.B, -1).double())
         sq_local = self.state.sq.double()           # ‖∇(s_b ℓ_b)‖², s_b: the share in this process's loss
         W = rec._world_share                        # DDP averages W processes' gradients into the update
-        metrics = {k: v.detach() for k, v in classification_metrics(rec.loss, z, y).items()}
         # device tensors until the flush: no host copy (nor CUDA sync) per step for these
         record = {"ids": self.ids, "step": np.full(self.B, self.step, dtype=np.int64),
                   "lr": np.full(self.B, np.nan if self.lr is None else self.lr),
-                  "loss": losses.detach(), "share": local / W, "share_sq_norm": sq_local / W ** 2,
-                  "sq_norm": sq_local / local ** 2, **metrics}
+                  "loss": losses, "share": local / W if W > 1 else local,
+                  "share_sq_norm": sq_local / W ** 2 if W > 1 else sq_local,
+                  "sq_norm": sq_local / local ** 2, **classification_metrics(rec.loss, z, y, probs)}
         if self.target is not None:
-            record["dot"] = self.state.dots[:, 0] / W
+            record["dot"] = self.state.dots[:, 0] / W if W > 1 else self.state.dots[:, 0]
             record["target_norm"] = np.full(self.B, self.target[1])
         else:
             record["dot"] = record["target_norm"] = np.full(self.B, np.nan)
@@ -607,11 +610,12 @@ class _Step:
         share of its batch's readable examples of the same target (of all, else NaN)."""
         tol = _SHARE_TOL.get(self.out_grad.dtype, 3e-2)
         eps = torch.finfo(self.out_grad.dtype).eps
-        dn = d.norm(dim=1)
-        readable = dn > eps * d.shape[1] ** 0.5 / tol
-        s = (delta * d).sum(1) / (dn * dn).clamp(min=torch.finfo(torch.float64).tiny)
-        resid = (delta - s[:, None] * d).norm(dim=1)
-        bad = readable & (resid > tol * delta.norm(dim=1))
+        d_sq, dot, delta_sq = (torch.linalg.vecdot(d, d), torch.linalg.vecdot(delta, d),
+                               torch.linalg.vecdot(delta, delta))
+        readable = d_sq > (eps / tol) ** 2 * d.shape[1]
+        s = dot / d_sq.clamp(min=torch.finfo(torch.float64).tiny)
+        resid_sq = delta_sq - s * dot               # ‖δ − s d‖² (float64: no cancellation at tol² ≥ 1e-6)
+        bad = readable & (resid_sq > tol ** 2 * delta_sq)
         if bad.any():
             b = int(bad.nonzero()[0])
             raise ConfigError(f"the step's loss is not a weighted sum of the per-example '{self.rec.loss.name}' "

@@ -17,27 +17,32 @@ import torch
 from ..losses import Loss
 
 
-def classification_metrics(loss: Loss, logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+def classification_metrics(loss: Loss, logits: torch.Tensor, y: torch.Tensor,
+                           probs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-example ``el2n``, ``p_gold``, ``correct`` and ``margin`` (B,) from the model output:
     the margin is the given label's output minus the largest other one (logits, or
-    log-probabilities, which give the same margins).
+    log-probabilities, which give the same margins). ``probs``: the output's class
+    probabilities (B, C) where the caller has them already (default: ``loss.probs``).
 
     For regression losses only ``el2n`` (the error norm) is returned; for language
     modelling (token outputs) none of them.
     """
     if loss.output == "tokens":
         return {}
-    probs = loss.probs(logits) if logits.dim() == 2 and not y.dtype.is_floating_point else None
+    if probs is None and logits.dim() == 2 and not y.dtype.is_floating_point:
+        probs = loss.probs(logits)
     if probs is None:
         err = (logits - y.to(logits.dtype)).reshape(logits.shape[0], -1)
         return {"el2n": err.norm(dim=1)}
-    onehot = torch.nn.functional.one_hot(y, probs.shape[1]).to(probs.dtype)
-    given = logits.gather(1, y[:, None])[:, 0]
-    other = logits.masked_fill(onehot.bool(), -torch.inf).max(1).values
+    column = y[:, None]
+    given = logits.gather(1, column)[:, 0]
+    other = logits.scatter(1, column, -torch.inf).max(1).values
+    p_gold = probs.gather(1, column)[:, 0]
+    error = probs.scatter(1, column, (p_gold - 1)[:, None])   # probs − onehot(y)
     return {
-        "el2n": (probs - onehot).norm(dim=1),
-        "p_gold": probs.gather(1, y[:, None])[:, 0],
-        "correct": (probs.argmax(1) == y).to(torch.int8),
+        "el2n": torch.linalg.vector_norm(error, dim=1),
+        "p_gold": p_gold,
+        "correct": (logits.argmax(1) == y).to(torch.int8),
         "margin": given - other,
     }
 
