@@ -11,7 +11,6 @@ the fastest, the form the plan takes, and how much slower than the fastest it is
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 from unittest import mock
 
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 import gradscore as gs
-from bench.engines import best_time
+from bench.engines import best_time, claim_results, results_options, run_script, write_results
 from gradscore.engines.rules import conv
 
 #: (name, C_in, C_out, kernel, stride, image side, groups)
@@ -63,21 +62,22 @@ def measure(batch: int, K: int, repeats: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=64, help="examples per call")
     ap.add_argument("--refs", type=int, default=2, help="reference vectors K")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per form (best kept)")
-    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    args = ap.parse_args()
+    results_options(ap)
+    args = ap.parse_args(argv)
+    claim_results(args)
     rows = measure(args.batch, args.refs, args.repeats)
     mean = sum(r["plan_over_fastest"] for r in rows) / len(rows)
     print(f"plan's pick: {mean:.2f}x the fastest form on average over {len(rows)} layers")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                       "batch": args.batch, "refs": args.refs, "rows": rows}, f, indent=2)
+        write_results(args.json, {"device": platform.processor() or platform.machine(),
+                                  "threads": torch.get_num_threads(), "batch": args.batch, "refs": args.refs,
+                                  "rows": rows}, indent=2)
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.engines import claim_results, results_options, run_script, write_results
 from gradscore.io.dynamics import export_scores, import_dynamics
 
 
@@ -31,13 +32,14 @@ def generate(root: Path, n: int, epochs: int, classes: int, seed: int = 0) -> No
                         % (i, e, ", ".join(map(str, logits[i])), gold[i]))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--classes", type=int, default=10)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    results_options(ap)
+    args = ap.parse_args(argv)
+    claim_results(args)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
@@ -58,8 +60,8 @@ def main() -> None:
            "peak_rss_mb_before_import": rss0, "peak_rss_mb_after_import": rss1, "peak_rss_mb_after_export": rss2}
     print(json.dumps(res, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+        write_results(args.json, res, indent=2)
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

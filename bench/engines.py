@@ -267,6 +267,32 @@ def _backpack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, V: torch.Tenso
 FLOORS = {"ghost_k0": 2 / 3, "ghost_k2": (2 + K_REFS) / 3}
 
 
+def results_options(p: argparse.ArgumentParser) -> None:
+    """Every bench script's ``--json FILE`` and ``--overwrite``."""
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as a JSON report")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier results file (a gradscore JSON report only)")
+
+
+def claim_results(args: argparse.Namespace) -> None:
+    """Check that ``args.json`` may be written (see :func:`gradscore.io.outputs.claim`), before
+    anything is timed, not after."""
+    if args.json:
+        claim(args.json, "json", overwrite=args.overwrite)
+
+
+def run_script(main: Callable[[list[str]], object]) -> None:
+    """A bench script's ``__main__``: ``main(sys.argv[1:])``, with a gradscore error (a results
+    file that may not be written) or Ctrl-C as one line and exit code 2 or 130, as in
+    gradscore's own commands."""
+    from gradscore.cli import run_and_report
+
+    def call(argv: list[str]) -> int:
+        code = main(argv)
+        return code if isinstance(code, int) else 0
+    sys.exit(run_and_report("bench", call, sys.argv[1:]))
+
+
 def write_results(path: str | Path, result: dict, indent: int = 1) -> None:
     """``result`` as a gradscore JSON report (its ``gradscore_version`` lets a rerun replace
     it with ``--overwrite``), written atomically; claim the path before timing anything."""
@@ -538,8 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=3, help="demo checkpoints for the end-to-end part")
     p.add_argument("--no-end-to-end", dest="end_to_end", action="store_false",
                    help="skip the end-to-end `run` throughput and the PDS timings (default: run them)")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier results file (a gradscore JSON report only)")
+    results_options(p)
     return p
 
 
@@ -555,8 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise GradscoreError(f"--models: unknown {', '.join(sorted(unknown))}; choose from "
                              f"{', '.join(model_cases('cpu'))}")
-    if args.json:
-        claim(args.json, "json", overwrite=args.overwrite)   # before the timing, not after
+    claim_results(args)
     result = run_bench(batches, args.repeats, device=args.device, models=models)
     if args.end_to_end:
         result["end_to_end"] = end_to_end(args.epochs, args.repeats)
@@ -568,5 +592,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from gradscore.cli import run_and_report
-    sys.exit(run_and_report("bench", main, sys.argv[1:]))
+    run_script(main)

@@ -10,7 +10,6 @@ plain, ``auto`` (K = 0 and 2) and the per-example ``loop``, as ratios to plain.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 from collections import Counter
 
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 import gradscore as gs
-from bench.engines import paired_times
+from bench.engines import claim_results, paired_times, results_options, run_script, write_results
 from gradscore.demos.models import recurrent_classifier, small_resnet
 
 T, D = 32, 64
@@ -136,18 +135,18 @@ def run(B: int, repeats: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=64, help="examples per batch (default 64)")
     ap.add_argument("--repeats", type=int, default=7, help="paired calls per method; the best counts (default 7)")
-    ap.add_argument("--json", help="write the rows to this JSON file")
-    args = ap.parse_args()
+    results_options(ap)
+    args = ap.parse_args(argv)
+    claim_results(args)
     rows = run(args.batch, args.repeats)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                       "torch": torch.__version__, "rows": rows}, f, indent=1)
+        write_results(args.json, {"device": platform.processor() or platform.machine(),
+                                  "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows})
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -37,11 +37,10 @@ from typing import Callable
 import torch
 
 import gradscore as gs
-from bench.engines import (_inputs, _Memory, best_time, counted_flops, measured_child, model_cases, pair_ratios,
-                           write_results)
+from bench.engines import (_inputs, _Memory, best_time, claim_results, counted_flops, measured_child, model_cases,
+                           pair_ratios, results_options, run_script, write_results)
 from gradscore._version import __version__
 from gradscore.batch import call_model
-from gradscore.io.outputs import claim
 from gradscore.losses import resolve_loss
 
 CASES = {"mlp_784_1024_1024": 256, "transformer_d128_T64": 64, "digits_cnn": 64, "gpt2_d64_T128": 32}
@@ -165,11 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=15,
                    help="timed pairs (recorder, plain) per method; the median ratio is kept")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing results file")
+    results_options(p)
     args = p.parse_args(argv)
-    if args.json:
-        claim(args.json, "json", overwrite=args.overwrite)
+    claim_results(args)
     result = run_bench(args.repeats, args.device)
     if args.json:
         write_results(args.json, result)
@@ -177,4 +174,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_script(main)

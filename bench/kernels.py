@@ -11,13 +11,11 @@ in the same run; on CUDA also the fraction of the device's peak memory bandwidth
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-from pathlib import Path
 
 import torch
 
-from bench.engines import best_time
+from bench.engines import best_time, claim_results, results_options, run_script, write_results
 
 
 from gradscore.kernels import get_backend, norm_dot_reference
@@ -99,21 +97,21 @@ def sweep(repeats: int) -> list[dict]:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--json", default=None)
     ap.add_argument("--sweep", action="store_true")
-    args = ap.parse_args()
+    results_options(ap)
+    args = ap.parse_args(argv)
+    claim_results(args)
     result = run(args.device, args.repeats)
     if args.sweep:
         result["sweep"] = sweep(args.repeats)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_results(args.json, result, indent=2)
         print(f"-> {args.json}")
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -13,7 +13,6 @@ results go to the journal, then into the output file chunk by chunk.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 import gradscore as gs
+from bench.engines import claim_results, results_options, run_script, write_results
 from gradscore.demos.models import mlp
 
 KW = {"d_in": 64, "hidden": 256, "n_classes": 10, "depth": 2}
@@ -36,8 +36,8 @@ CHILD = ("import resource, sys; from gradscore.cli import main; rc = main(sys.ar
 def make_data(path: Path, n: int, slice_size: int = 100_000) -> None:
     rng = np.random.default_rng(0)
     with h5py.File(path, "w") as f:
-        x = f.create_dataset("inputs", (n, 64), dtype=np.float32, chunks=(4096, 64))
-        y = f.create_dataset("targets", (n,), dtype=np.int64, chunks=(4096,))
+        x = f.create_dataset("inputs", (n, 64), dtype=np.float32, chunks=(min(4096, n), 64))
+        y = f.create_dataset("targets", (n,), dtype=np.int64, chunks=(min(4096, n),))
         for a in range(0, n, slice_size):
             b = min(n, a + slice_size)
             x[a:b] = rng.standard_normal((b - a, 64), dtype=np.float32)
@@ -59,8 +59,9 @@ def make_checkpoints(root: Path) -> Path:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="100000,1000000")
-    ap.add_argument("--json", default=None)
+    results_options(ap)
     args = ap.parse_args(argv)
+    claim_results(args)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -84,10 +85,10 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"device": platform.processor() or platform.machine(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "model": "mlp 64-256-256-10", "rows": rows}
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_results(args.json, result, indent=2)
         print(f"-> {args.json}")
     return result
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

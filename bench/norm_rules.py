@@ -19,10 +19,9 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
-from bench.engines import pair_ratios, write_results
+from bench.engines import claim_results, pair_ratios, results_options, run_script, write_results
 from gradscore._version import __version__
 from gradscore.engines.rules.norm import _standardize
-from gradscore.io.outputs import claim
 
 EPS = 1e-5
 
@@ -76,11 +75,9 @@ def run_bench(pairs: int = 200, echo=print) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.norm_rules", description=__doc__.split("\n\n")[0])
     p.add_argument("--pairs", type=int, default=200, help="timed pairs per layer; the median ratio is kept")
-    p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing results file")
+    results_options(p)
     args = p.parse_args(argv)
-    if args.json:
-        claim(args.json, "json", overwrite=args.overwrite)
+    claim_results(args)
     result = run_bench(args.pairs)
     if args.json:
         write_results(args.json, result)
@@ -88,4 +85,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_script(main)

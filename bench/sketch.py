@@ -29,9 +29,8 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 import gradscore as gs
-from bench.engines import _inputs, measured_child, model_cases
-from gradscore._version import __version__
-from gradscore.io.outputs import claim
+from bench.engines import (_inputs, claim_results, measured_child, model_cases, results_options, run_script,
+                           write_results)
 from gradscore.sketches.attribute import TopK, block_scores
 
 CASES = {"mlp_784_1024_1024": 256, "transformer_d128_T64": 64}
@@ -170,11 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also write and read back a generated sketch file of N examples (10^6: 4 GB at dim 2048)")
     p.add_argument("--storage-dim", type=int, default=2048, help="dim of the generated sketch file")
     p.add_argument("--storage-dir", default=".", metavar="DIR", help="where the generated file is written (then removed)")
-    p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing results file")
+    results_options(p)
     args = p.parse_args(argv)
-    if args.json:
-        claim(args.json, "json", overwrite=args.overwrite)
+    claim_results(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = sketch_rows(args.dim, args.repeats, device)
     for r in rows:
@@ -193,8 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"attribute 1000 queries x {att['n_train']} rows, k={att['dim']}: {att['fraction_of_gemm']:.0%} of a plain "
           f"float32 GEMM ({att['gemm_gflops']:.0f} GFLOP/s)")
     result = {"device": device, "device_name": platform.processor() or platform.machine(),
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "gradscore_version": __version__,
-              "sketch": rows, "attribute": att}
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "sketch": rows, "attribute": att}
     if args.storage_n:
         code = ("import json; from pathlib import Path; from bench.sketch import storage_row; "
                 f"print(json.dumps(storage_row({args.storage_n}, {args.storage_dim}, 4096, Path({args.storage_dir!r}))))")
@@ -202,9 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sketch file, {st['n']} examples x {st['dim']} float16: {st['file_bytes'] / 1e9:.2f} GB, read at "
               f"{st['read_gb_per_s']:.2f} GB/s, peak memory rise {st['peak_rss_rise_bytes'] / 1e9:.2f} GB")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_results(args.json, result)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_script(main)

@@ -79,3 +79,39 @@ def test_norm_rules_bench_times_the_forms_the_rules_use():
     result = run_bench(pairs=4, echo=lambda _: None)
     assert [r["layer"] for r in result["rows"]] == [c[0] for c in CASES]
     assert all(r["ratio_rule_form_to_other"] > 0 for r in result["rows"])
+
+
+SCRIPTS = ["conv_plan", "dynamics_scale", "engines", "families", "inrun", "kernels", "large_data", "norm_rules",
+           "sketch"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_bench_script_keeps_a_file_it_may_not_replace(script, tmp_path, monkeypatch, capsys):
+    """Before timing anything: a JSON file that is not a results report is never replaced, an
+    earlier report only with --overwrite; each refusal is one line and exit code 2."""
+    import importlib
+
+    from bench.engines import run_script
+    main = importlib.import_module(f"bench.{script}").main
+    notes, report = tmp_path / "notes.json", tmp_path / "report.json"
+    notes.write_text('{"mine": 1}')
+    report.write_text('{"gradscore_version": "0"}')
+    for path, says in ((notes, "is not a gradscore JSON report"), (report, "pass --overwrite")):
+        monkeypatch.setattr("sys.argv", [script, "--json", str(path)])
+        with pytest.raises(SystemExit) as stop:
+            run_script(main)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    assert notes.read_text() == '{"mine": 1}' and report.read_text() == '{"gradscore_version": "0"}'
+
+
+def test_the_committed_results_are_reports_a_rerun_may_replace():
+    """Results written before reports carried ``gradscore_version`` are still recognized, so
+    ``--overwrite`` replaces them."""
+    from pathlib import Path
+
+    from gradscore.io.outputs import claim
+    results = sorted((Path(__file__).parent.parent / "bench" / "results").glob("*.json"))
+    assert results
+    for path in results:
+        claim(path, "json", overwrite=True)

@@ -60,8 +60,11 @@ def _is_json_report(path: Path) -> bool:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError):
         return False
-    # bench results written before reports were marked: {"device_type", "rows", ...}
-    return isinstance(obj, dict) and ("gradscore_version" in obj or {"device_type", "rows"} <= set(obj))
+    if not isinstance(obj, dict):
+        return False
+    # bench results written before reports were marked, by their keys
+    legacy = ({"device_type", "rows"}, {"device", "threads", "rows"}, {"jsonl_bytes", "generate_s"})
+    return "gradscore_version" in obj or any(keys <= set(obj) for keys in legacy)
 
 
 def _is_figure(path: Path) -> bool:
