@@ -15,8 +15,9 @@ each call next to a call of the plain steps:
 A row's ``ratio`` is the median over the pairs of (recorder's call / plain call next to
 it), with the quartiles beside it: the median of neighbours in time is what a noisy
 machine moves least. ``floor`` is 1 + the target gradient's own time (the recorder's
-target pass alone, timed apart) / a plain step / ``every``: what the issue's design, one
-extra forward+backward of the target batch, costs before any recording. Peak memory of
+target pass alone, in plain steps: the median of its pairs with plain calls) / ``every``:
+what the issue's design, one extra forward+backward of the target batch, costs before
+any recording. Peak memory of
 one step is the rise of the resident set (CPU, measured in a child process as in
 ``bench.engines``) or ``torch.cuda.max_memory_allocated``, as a ratio to plain's.
 ``flops_ratio`` is the same call's counted matmul and convolution flops
@@ -37,7 +38,7 @@ from typing import Callable
 import torch
 
 import gradscore as gs
-from bench.engines import (_inputs, _Memory, best_time, claim_results, counted_flops, measured_child, model_cases,
+from bench.engines import (_inputs, _Memory, claim_results, counted_flops, measured_child, model_cases,
                            pair_ratios, results_options, run_script, write_results)
 from gradscore._version import __version__
 from gradscore.batch import call_model
@@ -97,14 +98,17 @@ def peak_memory(name: str, B: int, device: str) -> dict[str, int | None]:
     return peaks
 
 
-def target_pass_seconds(rec: gs.InRun, repeats: int, sync: Callable[[], None]) -> float:
-    """Best time of the recorder's target gradient alone (forward+backward of the target
-    batch, its factors and ‖∇J‖), recomputed at a step that has one."""
+def target_pass_steps(rec: gs.InRun, plain: Callable[[], None], repeats: int, sync: Callable[[], None]) -> float:
+    """The recorder's target gradient alone (forward+backward of the target batch, its
+    factors and ‖∇J‖, recomputed at a step that has one) in plain training steps: the
+    median over ``repeats`` pairs of (target pass / a plain call of :data:`STEPS` steps next
+    to it), times STEPS."""
     def once():
         rec._refs = None
         rec._target_refs(0)
     once()
-    return best_time(once, repeats, sync)
+    ratios, _, _ = pair_ratios(once, plain, repeats, sync)
+    return STEPS * statistics.median(ratios)
 
 
 def run_bench(repeats: int = 15, device: str | None = None, echo=print, cases: dict[str, int] | None = None) -> dict:
@@ -125,8 +129,7 @@ def run_bench(repeats: int = 15, device: str | None = None, echo=print, cases: d
             times = {method: pair_ratios(fns[method], fns["plain"], repeats, sync)
                      for method in METHODS if method != "plain"}
             flops = {method: counted_flops(fn) for method, fn in fns.items()}
-            plain_step = min(t_plain for _, _, t_plain in times.values()) / STEPS
-            target = target_pass_seconds(recorders["target_every1"], repeats, sync)
+            target = target_pass_steps(recorders["target_every1"], fns["plain"], repeats, sync)
             if device == "cuda":
                 peaks = peak_memory(name, B, device)
             else:
@@ -138,13 +141,13 @@ def run_bench(repeats: int = 15, device: str | None = None, echo=print, cases: d
                     echo(f"  peak memory n/a: {e}")
                     peaks = {}
             row = {"model": name, "batch": B, "steps_per_call": STEPS, "n_target": N_TARGET, "pairs": repeats,
-                   "target_pass_seconds": target, "target_pass_ratio": target / plain_step}
+                   "target_pass_ratio": target}
             for method, (ratios, t, t_plain) in times.items():
                 q1, median, q3 = (statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1
                                   else ratios * 3)
                 every = METHODS[method]
                 row[method] = {"ratio": median, "quartiles": [q1, q3],
-                               "floor": None if every is None else 1 + target / plain_step / every,
+                               "floor": None if every is None else 1 + target / every,
                                "flops_ratio": flops[method] / flops["plain"] if flops["plain"] else None,
                                "seconds_per_step": t / STEPS, "plain_seconds_per_step": t_plain / STEPS,
                                "memory_ratio": (peaks[method] / peaks["plain"]
