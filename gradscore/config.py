@@ -84,7 +84,8 @@ class RunConfig:
     target: str | None = field(default=None, metadata={
         "help": "target (downstream) dataset for pds, target_dot, target_cos"})
     costate: str | None = field(default=None, metadata={
-        "help": "co-state file (default <checkpoints>/costate.h5, computed when missing)"})
+        "help": "co-state file (default <checkpoints>/costate.h5, computed when missing; without pds, "
+                "<checkpoints>/target_gradient.h5 with ∇J(θ_t) alone)"})
     lr_scale_steps: bool = field(default=False, metadata={
         "help": "PDS: η_t = lr × optimizer steps between checkpoints t and t+1"})
     variants: tuple[str, ...] = field(default=(), metadata={

@@ -18,7 +18,7 @@ from ._version import __version__
 from .batch import Inputs, batch_len, take
 from .config import CLASS_SCORES, TARGET_SCORES, RunConfig, parse_range, resolve_device
 from .distributed import Ranks, process_group
-from .exceptions import ConfigError, DataError
+from .exceptions import ConfigError, DataError, GradscoreError
 from .io.checkpoints import CheckpointStore
 from .io.datasets import Dataset, check_targets, load_dataset, probe_model, subset
 from .io.journal import read_fingerprint
@@ -64,10 +64,27 @@ def rows_key(config: RunConfig, device: str, data: dict, costate: dict | None) -
     """What a per-checkpoint row depends on besides its checkpoint: the data, the pass that
     made it (forward, gradients, or dots with the co-states), and the numeric settings.
     Rows with equal keys and checkpoints are bit-identical, so a new run may reuse them."""
-    kind = "dots" if config.needs_target else "gradients" if config.needs_gradients else "forward"
+    kind = (_dots_pass(config, costate) if config.needs_target else "gradients" if config.needs_gradients
+            else "forward")
     settings = config.to_dict()
     return {"rows_version": ROWS_VERSION, "data": data, "pass": kind, "device": device, "costate": costate,
             "settings": {k: settings[k] for k in ROW_SETTINGS}}
+
+
+def _dots_pass(config: RunConfig, costate: dict | None) -> str:
+    """The dots a target pass makes: "dots" with ∇J(θ_t) and λ_{t+1} (what pds needs, and
+    what a co-state file with λ gives), "target_dots" with ∇J(θ_t) alone."""
+    full = "pds" in config.scores or ((costate or {}).get("config") or {}).get("costates", True)
+    return "dots" if full else "target_dots"
+
+
+def _target_part(costate: dict | None) -> dict | None:
+    """A co-state fingerprint without what only the co-states depend on (the proxy set and
+    whether λ was computed): what ∇J(θ_t), and so target_dot and target_cos, depend on."""
+    if not isinstance(costate, dict):
+        return costate
+    config = {k: v for k, v in (costate.get("config") or {}).items() if k != "costates"}
+    return {**{k: v for k, v in costate.items() if k != "proxy"}, "config": config}
 
 
 def adds_to(old: dict | None, new: dict) -> bool:
@@ -88,7 +105,9 @@ def adds_to(old: dict | None, new: dict) -> bool:
     if any(a.get(k) != b.get(k) for k in (set(a) | set(b)) - free):
         return False
     if "costate" in old and old["costate"] != new.get("costate"):
-        return False
+        # a file of target scores only (its co-state file without λ) takes pds as an addition
+        if "pds" in a["scores"] or _target_part(old["costate"]) != _target_part(new.get("costate")):
+            return False
     return all(old.get(k) == new.get(k) for k in (set(old) | set(new)) - {"config", "costate"})
 
 
@@ -101,7 +120,8 @@ def score_chunk(scorer: Scorer, x: Inputs, y: torch.Tensor, *, batch_size: int,
                 logits: bool = False) -> dict[str, np.ndarray]:
     """Per-example metrics (n,) for one chunk: loss, el2n, p_gold, correct, margin
     [, sq_grad_norm][, dot_target, dot_costate when ``blocks`` = ref_blocks((∇J(θ_t),
-    λ_{t+1})) are given][, logits (n, C) float16 with ``logits``]."""
+    λ_{t+1})) are given; dot_target alone for ref_blocks((∇J(θ_t),))][, logits (n, C)
+    float16 with ``logits``]."""
     parts: dict[str, list[np.ndarray]] = {}
     for i in range(0, batch_len(x), batch_size):
         yb = y[i:i + batch_size]
@@ -111,7 +131,7 @@ def score_chunk(scorer: Scorer, x: Inputs, y: torch.Tensor, *, batch_size: int,
         if out.sq_norm is not None:
             metrics["sq_grad_norm"] = out.sq_norm
         if out.dots is not None:
-            metrics.update({name: out.dots[:, k] for k, name in enumerate(REF_METRICS)})
+            metrics.update({name: out.dots[:, k] for k, name in zip(range(out.dots.shape[1]), REF_METRICS)})
         if logits:
             metrics["logits"] = out.logits.to(torch.float16)
         for k, v in metrics.items():
@@ -145,6 +165,7 @@ class _Plan:
     scored: np.ndarray          # (T,) int: the checkpoints scored (every one for PDS)
     device: str
     costate_path: Path
+    costates: bool              # compute λ_t in the co-state file (pds, or a given file holds them)
     fingerprint: dict[str, Any] = field(default_factory=dict)
     rows: dict[str, Any] = field(default_factory=dict)
 
@@ -176,7 +197,14 @@ def _plan(config: RunConfig, out: Path, overwrite: bool) -> _Plan:
         raise ConfigError(f"invalid value for 'scores': {', '.join(sorted(CLASS_SCORES & set(config.scores)))} "
                           f"need class probabilities; the loss '{ckpts.loss}' of {config.checkpoints} "
                           f"is a language-modelling loss (use loss, grand, pds, target_dot, target_cos)")
-    costate_path = (Path(config.costate) if config.costate else Path(config.checkpoints) / "costate.h5")
+    # target_dot and target_cos need ∇J(θ_t) alone: no co-states (their Hessian products over the data)
+    costates = "pds" in config.scores or (config.costate is not None and _holds_costates(Path(config.costate)))
+    costate_path = (Path(config.costate) if config.costate else
+                    Path(config.checkpoints) / ("costate.h5" if costates else "target_gradient.h5"))
+    if "pds" in config.scores and config.costate is not None and _holds_target_alone(costate_path):
+        raise ConfigError(f"{costate_path}: holds ∇J(θ_t) alone (made for target_dot and target_cos), not the "
+                          f"co-states pds needs; leave out --costate (default CHECKPOINTS/costate.h5) or give "
+                          f"another path")
     claim(out, "scores", overwrite=overwrite, resumable=True, inputs={
         "the --data file": [config.data], "the --target file": [config.target],
         "the co-state file": [costate_path if config.needs_target else None],
@@ -187,10 +215,34 @@ def _plan(config: RunConfig, out: Path, overwrite: bool) -> _Plan:
     select = window(np.array([i.epoch for i in ckpts], dtype=np.float64),
                     np.array([i.step for i in ckpts], dtype=np.int64), config.epochs_upto, config.steps)
     scored = np.arange(len(ckpts)) if config.needs_target else np.flatnonzero(select)
-    plan = _Plan(config, out, ckpts, ds, select, scored, resolve_device(config.device), costate_path)
+    plan = _Plan(config, out, ckpts, ds, select, scored, resolve_device(config.device), costate_path, costates)
     plan.fingerprint = {"config": config.to_dict(), "checkpoints_sha256": ckpts.checksums(),
                         "data": ds.fingerprint()}
     return plan
+
+
+def _costate_kind(path: Path) -> bool | None:
+    """Whether the finished co-state file ``path`` holds λ_t; None if it is not one."""
+    if not path.is_file():
+        return None
+    try:
+        found = CostateFile(path)
+    except GradscoreError:
+        return None
+    try:
+        return found.has_costates
+    finally:
+        found.close()
+
+
+def _holds_costates(path: Path) -> bool:
+    """A finished co-state file with λ_t (one a target-only run may use as it is)."""
+    return _costate_kind(path) is True
+
+
+def _holds_target_alone(path: Path) -> bool:
+    """A finished co-state file with ∇J(θ_t) alone (one a pds run cannot use)."""
+    return _costate_kind(path) is False
 
 
 def _costate(plan: _Plan, ranks: Ranks, progress: bool) -> CostateFile | None:
@@ -202,8 +254,8 @@ def _costate(plan: _Plan, ranks: Ranks, progress: bool) -> CostateFile | None:
         compute_costate(CostateConfig(
             checkpoints=config.checkpoints, proxy=config.data, target=config.target,
             batch_size=config.batch_size, dtype=config.dtype, device=config.device,
-            lr_scale_steps=config.lr_scale_steps, lm_reduction=config.lm_reduction), plan.costate_path,
-            progress=progress)
+            lr_scale_steps=config.lr_scale_steps, lm_reduction=config.lm_reduction, costates=plan.costates),
+            plan.costate_path, progress=progress)
     ranks.barrier()
     costate = CostateFile(plan.costate_path)
     plan.fingerprint["costate"] = json.loads(costate.fingerprint)
@@ -235,9 +287,10 @@ def _assemble(plan: _Plan, writer: HDF5ScoresWriter, costate: CostateFile | None
         "step": np.array([i.step for i in infos], dtype=np.int64),
         "epoch": np.array([i.epoch for i in infos]), "lr": np.array([i.lr for i in infos]),
         "selected": plan.select[plan.scored]}
-    if costate is not None:  # ‖v_t‖ of the two references of checkpoint t, for `diagnose`
-        checkpoints.update(eta=costate.eta, ref_norm_target=costate.grad_target_norm,
-                           ref_norm_costate=np.append(costate.costate_norm[1:], 0.0))  # ‖λ_{t+1}‖, 0 at the last
+    if costate is not None:  # ‖v_t‖ of the references of checkpoint t, for `diagnose`
+        checkpoints.update(eta=costate.eta, ref_norm_target=costate.grad_target_norm)
+        if costate.has_costates:   # ‖λ_{t+1}‖, 0 at the last
+            checkpoints["ref_norm_costate"] = np.append(costate.costate_norm[1:], 0.0)
     return write_scores(writer, plan.config, ids=plan.ds.ids(), noisy=plan.ds.noisy(), checkpoints=checkpoints,
                         loss=plan.ckpts.loss, rows=plan.rows, checksums=plan.fingerprint["checkpoints_sha256"],
                         warnings=costate.warnings if costate is not None else [])
@@ -272,7 +325,8 @@ def write_scores(writer: HDF5ScoresWriter, config: RunConfig, *, ids: np.ndarray
         pc = f["per_checkpoint"]   # read metric by metric, only where a score needs it
         if config.allow_nonfinite:
             f.create_dataset("nonfinite", data=registry.nonfinite(pc))
-        ck = None if eta is None else {k: f["checkpoints"][k][()] for k in ("ref_norm_target", "ref_norm_costate")}
+        ck = None if eta is None else {k: f["checkpoints"][k][()] for k in ("ref_norm_target", "ref_norm_costate")
+                                       if k in f["checkpoints"]}
         return registry.whole_dataset(pc, window, wanted, ck, config.variants, config.clip_quantile)
 
     return writer.finalize(
@@ -356,10 +410,13 @@ def _check_finite(metrics: dict[str, np.ndarray], ds: Dataset, start: int, ckpt:
 
 
 def _refs(costate: CostateFile | None, t: int, T: int) -> list[dict[str, torch.Tensor]] | None:
-    """(∇J(θ_t), λ_{t+1}) for checkpoint t; λ_{T+1} does not exist: zeros at the last one."""
+    """(∇J(θ_t), λ_{t+1}) for checkpoint t; λ_{T+1} does not exist: zeros at the last one.
+    (∇J(θ_t),) alone from a file without co-states."""
     if costate is None:
         return None
     g = costate.grad_target(t)
+    if not costate.has_costates:
+        return [g]
     lam = costate.costate(t + 1) if t < T - 1 else {k: torch.zeros_like(v) for k, v in g.items()}
     return [g, lam]
 

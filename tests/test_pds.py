@@ -82,6 +82,45 @@ def test_pds_equals_autograd_through_unrolled_training(tmp_path, engine):
     assert np.all(np.abs(res["scores"]["target_cos"]) <= 1 + 1e-12)
 
 
+def test_target_scores_without_pds_compute_no_costate(tmp_path, monkeypatch):
+    """target_dot and target_cos need ∇J(θ_t) only: a run without pds makes no Hessian-vector
+    product over the data and gives the scores of a run with pds; pds can be added later,
+    but not re-aggregated from its rows, which hold no dots with co-states."""
+    import shutil
+
+    from gradscore.scores import costate
+
+    ckpts, proxy, target, *_ = _gd_run(tmp_path)
+
+    def no_hvp(*args, **kwargs):
+        raise AssertionError("a Hessian-vector product was computed")
+    with monkeypatch.context() as patch:
+        patch.setattr(costate._Objective, "hvp", no_hvp)
+        alone = tmp_path / "target_only.h5"
+        gs.score(ckpts, proxy, out=alone, target=target, dtype="float64", scores=["target_dot", "target_cos"],
+                 progress=False)
+    gradients = CostateFile(ckpts / "target_gradient.h5")
+    assert not gradients.has_costates and gradients.costate(1) is None and gradients.warnings == []
+    full = gs.load_scores(gs.score(ckpts, proxy, out=tmp_path / "full.h5", target=target, dtype="float64",
+                                   scores=["pds", "target_dot", "target_cos"], progress=False))
+    res = gs.load_scores(alone)
+    assert "pds" not in res["scores"]
+    for name in ("target_dot", "target_cos"):
+        np.testing.assert_allclose(res["scores"][name], full["scores"][name], rtol=1e-12, atol=1e-15)
+    added = tmp_path / "added.h5"
+    shutil.copy(alone, added)
+    both = gs.load_scores(gs.score(ckpts, proxy, out=added, target=target, dtype="float64",
+                                   scores=["target_dot", "target_cos", "pds"], progress=False))
+    np.testing.assert_array_equal(both["scores"]["pds"], full["scores"]["pds"])
+    with pytest.raises(gs.ConfigError, match="pds need other per-checkpoint metrics"):
+        gs.reaggregate(alone, tmp_path / "again.h5", wanted=["pds"])
+    with pytest.raises(gs.ConfigError, match="target_gradient.h5: holds ∇J.* alone"):
+        gs.score(ckpts, proxy, out=tmp_path / "pds.h5", target=target, scores=["pds"],
+                 costate=ckpts / "target_gradient.h5", progress=False)
+    assert gs.load_scores(gs.reaggregate(tmp_path / "full.h5", tmp_path / "dots.h5",
+                                         wanted=["target_dot"]))["scores"]["target_dot"].shape == (14,)
+
+
 def test_hvp_equals_formed_hessian():
     torch.manual_seed(0)
     model = mlp(d_in=3, hidden=4, n_classes=2, depth=1).double().eval()

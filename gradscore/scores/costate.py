@@ -25,7 +25,9 @@ Conventions (also in the README):
   scores file, printed by the CLI and reported by ``diagnose``.
 
 The file (default ``<checkpoints>/costate.h5``) holds ``/t_<t>/grad_target/<name>`` for
-every checkpoint and ``/t_<t>/costate/<name>`` for t ≥ 1, parameter names as in the
+every checkpoint and ``/t_<t>/costate/<name>`` for t ≥ 1 (none with ``costates=False``:
+what target_dot and target_cos need, without the Hessian-vector products over the proxy
+set that cost most of the file's time), parameter names as in the
 checkpoints, plus ``/eta`` (T,), ``/step``, ``/grad_target_norm`` and ``/costate_norm``
 (T+1,; 0 for t = 0). The
 computation runs backwards from θ_T, one journaled checkpoint at a time, so a killed run
@@ -61,7 +63,8 @@ Params = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class CostateConfig:
-    """What determines the co-states; saved in the file and checked on resume."""
+    """What determines the co-states; saved in the file and checked on resume.
+    ``costates``: compute λ_t (False: only ∇J(θ_t), and the proxy set is not read)."""
 
     checkpoints: str
     proxy: str
@@ -71,6 +74,7 @@ class CostateConfig:
     device: str = "auto"
     lr_scale_steps: bool = False
     lm_reduction: str = "mean"
+    costates: bool = True
 
     def __post_init__(self) -> None:
         if not (isinstance(self.batch_size, int) and self.batch_size > 0):
@@ -81,6 +85,15 @@ class CostateConfig:
             raise ConfigError(f"invalid value for 'device': '{self.device}' is not one of {DEVICES}")
         if self.lm_reduction not in LM_REDUCTIONS:
             raise ConfigError(f"invalid value for 'lm_reduction': '{self.lm_reduction}' is not one of {LM_REDUCTIONS}")
+
+
+def _fingerprinted(config: CostateConfig) -> dict:
+    """The config as fingerprinted: ``costates`` only where False, so that the files made
+    before it existed (all with co-states) keep their fingerprints."""
+    d = asdict(config)
+    if d.pop("costates"):
+        return d
+    return {**d, "costates": False}
 
 
 def step_sizes(ckpts: CheckpointStore, lr_scale_steps: bool = False) -> np.ndarray:
@@ -155,7 +168,8 @@ def _load_group(f: h5py.Group, name: str, device, dtype) -> Params | None:
 
 def compute_costate(config: CostateConfig, out: str | Path | None = None, *, overwrite: bool = False,
                     progress: bool = True) -> Path:
-    """Compute ∇J(θ_t) for every checkpoint and λ_t for t ≥ 1; write the costate file."""
+    """Compute ∇J(θ_t) for every checkpoint and (``config.costates``) λ_t for t ≥ 1; write the
+    costate file."""
     ckpts = CheckpointStore(config.checkpoints)
     if len(ckpts) < 2:
         raise CheckpointError(f"{config.checkpoints}: PDS needs at least two checkpoints (θ_0 and θ_1)")
@@ -172,22 +186,23 @@ def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite
     from ..io.outputs import is_sketch_file
     from ..sketches.store import SketchTarget
     sketched = is_sketch_file(Path(config.target))
-    proxy = load_dataset(config.proxy)
+    proxy = load_dataset(config.proxy) if config.costates else None   # only the Hessian products read it
     target = (SketchTarget(config.target, ckpts.checksums(), config.checkpoints) if sketched
               else load_dataset(config.target))
-    for ds, role in [(proxy, config.proxy)] + ([] if sketched else [(target, config.target)]):
-        if len(ds) == 0:
+    for ds, role in [(proxy, config.proxy), (None if sketched else target, config.target)]:
+        if ds is not None and len(ds) == 0:
             raise DataError(f"{role}: has no examples; the co-states need a non-empty proxy and target set")
     device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
     eta = step_sizes(ckpts, config.lr_scale_steps)
-    fingerprint = {"config": asdict(config), "checkpoints_sha256": ckpts.checksums(),
-                   "proxy": proxy.fingerprint(), "target": target.fingerprint()}
+    fingerprint = {"config": _fingerprinted(config), "checkpoints_sha256": ckpts.checksums(),
+                   "proxy": proxy and proxy.fingerprint(), "target": target.fingerprint()}
     T = len(ckpts) - 1
     last = ckpts.build_model(T, dtype=dtype, device=device)
     loss = resolve_loss(ckpts.loss, config.lm_reduction)
     if not sketched:   # bad input fails before anything is written
         _check_fits(last, target, "target", ckpts[T].path, loss)
-    _check_fits(last, proxy, "proxy", ckpts[T].path, loss)
+    if proxy is not None:
+        _check_fits(last, proxy, "proxy", ckpts[T].path, loss)
     journal = Journal(out, fingerprint, overwrite=overwrite)
     if journal.complete:
         return out
@@ -196,15 +211,18 @@ def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite
         for t in range(T, -1, -1):
             unit = journal.unit(f"t{t:05d}.h5")
             if unit.exists():
-                with h5py.File(unit, "r") as f:
-                    lam_next = _load_group(f, "costate", device, dtype)
+                if config.costates:
+                    with h5py.File(unit, "r") as f:
+                        lam_next = _load_group(f, "costate", device, dtype)
                 bar.update()
                 continue
             model = ckpts.build_model(t, dtype=dtype, device=device)
             params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
             g_target = (target.gradient(t, model, params) if sketched else
                         _Objective(model, loss, target, config.batch_size, 1.0 / len(target)).gradient(params))
-            if t == T:
+            if not config.costates:
+                lam = None
+            elif t == T:
                 lam = g_target
             elif t >= 1:
                 v = {k: lam_next[k] for k in params}  # the tangent must mirror params' structure
@@ -231,7 +249,7 @@ def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite
                     norms[group].append(_norm(u[group]) if group in u else 0.0)
         f["grad_target_norm"] = np.array(norms["grad_target"])
         f["costate_norm"] = np.array(norms["costate"])
-        found = stability_warnings([i.optimizer for i in ckpts], norms["costate"])
+        found = stability_warnings([i.optimizer for i in ckpts], norms["costate"]) if config.costates else []
         f.attrs["warnings"] = json.dumps(found)
     for text in found:
         warnings.warn(f"{out}: {text}", GradscoreWarning, stacklevel=3)
@@ -284,7 +302,8 @@ def _check_fits(model: torch.nn.Module, ds: Dataset, role: str, ckpt: Path, loss
 
 
 class CostateFile:
-    """Read a costate file: ``grad_target(t)``, ``costate(t)``, ``eta``, ``grad_target_norm``."""
+    """Read a costate file: ``grad_target(t)``, ``costate(t)``, ``eta``, ``grad_target_norm``;
+    ``has_costates``: whether it holds λ_t (a file made for target_dot/target_cos only does not)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -296,6 +315,7 @@ class CostateFile:
             self.steps = self._f["step"][()]
             self.fingerprint = str(self._f.attrs["fingerprint"])
             self.warnings: list[str] = json.loads(self._f.attrs.get("warnings", "[]"))
+            self.has_costates = bool(json.loads(self._f.attrs.get("config", "{}")).get("costates", True))
         except (OSError, KeyError) as e:
             raise GradscoreError(f"{self.path}: not a gradscore costate file ({e}); "
                                  f"compute it with `gradscore costate`") from e
