@@ -51,8 +51,9 @@ def weight_and_bias(acts, grads, refs, K, *, transposed: bool = False):
 
 
 def _one_position(a: torch.Tensor, d: torch.Tensor, refs, K, transposed: bool):
-    """A 2-D input, a (B, d_in), δ (B, d_out): g_b(W) = δ_b a_bᵀ and g_b(bias) = δ_b, so
-    ‖g_b‖² = ‖δ_b‖² (‖a_b‖² + 1) from two row norms; the bias needs no pass of its own."""
+    """One position per example (a 2-D input, or a sequence of length 1), a (B, d_in),
+    δ (B, d_out): g_b(W) = δ_b a_bᵀ and g_b(bias) = δ_b, so ‖g_b‖² = ‖δ_b‖² (‖a_b‖² + 1)
+    from two row norms; the bias needs no pass of its own."""
     acc = acc_dtype(a.dtype)
     a, d = a.to(acc), d.to(acc)
     d_sq = torch.linalg.vecdot(d, d)
