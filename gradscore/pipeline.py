@@ -198,10 +198,11 @@ def _plan(config: RunConfig, out: Path, overwrite: bool) -> _Plan:
                           f"need class probabilities; the loss '{ckpts.loss}' of {config.checkpoints} "
                           f"is a language-modelling loss (use loss, grand, pds, target_dot, target_cos)")
     # target_dot and target_cos need ∇J(θ_t) alone: no co-states (their Hessian products over the data)
-    costates = "pds" in config.scores or (config.costate is not None and _holds_costates(Path(config.costate)))
+    given = _costate_kind(Path(config.costate)) if config.costate else None
+    costates = "pds" in config.scores or given is True
     costate_path = (Path(config.costate) if config.costate else
                     Path(config.checkpoints) / ("costate.h5" if costates else "target_gradient.h5"))
-    if "pds" in config.scores and config.costate is not None and _holds_target_alone(costate_path):
+    if "pds" in config.scores and given is False:
         raise ConfigError(f"{costate_path}: holds ∇J(θ_t) alone (made for target_dot and target_cos), not the "
                           f"co-states pds needs; leave out --costate (default CHECKPOINTS/costate.h5) or give "
                           f"another path")
@@ -222,7 +223,8 @@ def _plan(config: RunConfig, out: Path, overwrite: bool) -> _Plan:
 
 
 def _costate_kind(path: Path) -> bool | None:
-    """Whether the finished co-state file ``path`` holds λ_t; None if it is not one."""
+    """Whether the finished co-state file ``path`` holds λ_t (True: a target-only run may use
+    it as it is; False: ∇J(θ_t) alone, which pds cannot use); None if it is not one."""
     if not path.is_file():
         return None
     try:
@@ -233,16 +235,6 @@ def _costate_kind(path: Path) -> bool | None:
         return found.has_costates
     finally:
         found.close()
-
-
-def _holds_costates(path: Path) -> bool:
-    """A finished co-state file with λ_t (one a target-only run may use as it is)."""
-    return _costate_kind(path) is True
-
-
-def _holds_target_alone(path: Path) -> bool:
-    """A finished co-state file with ∇J(θ_t) alone (one a pds run cannot use)."""
-    return _costate_kind(path) is False
 
 
 def _costate(plan: _Plan, ranks: Ranks, progress: bool) -> CostateFile | None:
