@@ -588,15 +588,17 @@ class _Step:
             losses = losses.detach()
         local = self._share(self.out_grad.reshape(self.B, -1).double(), d.reshape(self.B, -1).double())
         sq_local = self.state.sq.double()           # ‖∇(s_b ℓ_b)‖², s_b: the share in this process's loss
+        share, share_sq, dot = local, sq_local, self.state.dots
         W = rec._world_share                        # DDP averages W processes' gradients into the update
+        if W > 1:
+            share, share_sq, dot = local / W, sq_local / W ** 2, None if dot is None else dot / W
         # device tensors until the flush: no host copy (nor CUDA sync) per step for these
         record = {"ids": self.ids, "step": np.full(self.B, self.step, dtype=np.int64),
                   "lr": np.full(self.B, np.nan if self.lr is None else self.lr),
-                  "loss": losses, "share": local / W if W > 1 else local,
-                  "share_sq_norm": sq_local / W ** 2 if W > 1 else sq_local,
+                  "loss": losses, "share": share, "share_sq_norm": share_sq,
                   "sq_norm": sq_local / local ** 2, **classification_metrics(rec.loss, z, y, probs)}
         if self.target is not None:
-            record["dot"] = self.state.dots[:, 0] / W if W > 1 else self.state.dots[:, 0]
+            record["dot"] = dot[:, 0]
             record["target_norm"] = np.full(self.B, self.target[1])
         else:
             record["dot"] = record["target_norm"] = np.full(self.B, np.nan)
