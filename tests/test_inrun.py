@@ -622,6 +622,56 @@ def test_examples_the_loss_no_longer_moves_keep_the_batch_share(tmp_path):
     assert np.isnan(share[step == 1]).all() and np.isnan(sq[step == 1]).all()
 
 
+def test_examples_the_loss_no_longer_moves_take_their_class_share(tmp_path):
+    """With class weights the shares differ by class, w_y / Σ_b w_(y_b): a fit example takes
+    the median share of its batch's readable examples of its class (the true share), and
+    of all readable ones where its class has none."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[16.0, 0, 0, 0], [0, 16.0, 0, 0], [0, 0, 16.0, 0]]))
+        model.bias.zero_()
+    fit = torch.eye(4)[:3]                            # saturated at classes 0, 1, 2
+    x = torch.cat([fit, fit[:2], torch.full((6, 4), 0.1)])
+    y = torch.tensor([0, 1, 2, 0, 1, 0, 1, 0, 1, 0, 1])   # class 2 has no readable example
+    w = torch.tensor([1.0, 3.0, 0.5])
+    rec = gs.InRun(model, out=tmp_path / "r.h5")
+    with rec.step(range(11), y):
+        F.cross_entropy(model(x), y, weight=w).backward()
+    rec.close()
+    with h5py.File(tmp_path / "r.h5") as f:
+        ids = f["ids"][()][f["inrun/row"][()]].astype(int)
+        share = f["inrun/share"][()][np.argsort(ids)]
+    true = (w[y] / w[y].sum()).numpy()
+    readable = np.arange(11) >= 5
+    np.testing.assert_allclose(share[readable], true[readable], rtol=1e-5)
+    np.testing.assert_allclose(share[[0, 1, 3, 4]], true[[0, 1, 3, 4]], rtol=1e-5)   # from their class
+    lower_median = np.sort(true[readable])[(readable.sum() - 1) // 2]
+    np.testing.assert_allclose(share[2], lower_median, rtol=1e-5)                    # class 2: from all
+
+
+@pytest.mark.parametrize("B", [1, 7, 300])
+@pytest.mark.parametrize("block", [5, 2**22])
+def test_the_median_fill_equals_the_per_example_loop(B, block, monkeypatch):
+    """The batched fill of the unreadable shares, in blocks of any size, equals the loop over
+    examples it replaced: the median over readable examples of the same target, else over
+    all readable ones, else NaN."""
+    from gradscore.inrun import recorder
+    monkeypatch.setattr(recorder, "_FILL_ELEMENTS", block)
+    g = torch.Generator().manual_seed(B)
+    s = torch.rand(B, dtype=torch.float64, generator=g)
+    readable, y = torch.rand(B, generator=g) > 0.6, torch.randint(0, 4, (B,), generator=g)
+    expected = torch.full_like(s, float("nan"))
+    for b in range(B):
+        same = readable & (y == y[b])
+        pool = s[same] if same.any() else s[readable]
+        if len(pool):
+            expected[b] = pool.median()
+    torch.testing.assert_close(recorder._median_fill(s, readable, y), expected, equal_nan=True, rtol=0, atol=0)
+    no_target = torch.full_like(s, s[readable].median() if readable.any() else float("nan"))
+    torch.testing.assert_close(recorder._median_fill(s, readable, None), no_target, equal_nan=True, rtol=0, atol=0)
+
+
 def test_nonfinite_records_are_named_not_dropped_silently(tmp_path, capsys):
     x, y = _data(dtype=torch.float32)
     model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)

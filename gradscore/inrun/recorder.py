@@ -463,6 +463,26 @@ class InRun:
             self.journal.finish()   # nothing was flushed: no journal left behind
 
 
+#: elements of the (rows, B) same-target block :func:`_median_fill` forms at a time
+_FILL_ELEMENTS = 2**22
+
+
+def _median_fill(s: torch.Tensor, readable: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """(B,) for each example: the median (the lower one, as ``torch.median``) of ``s`` over the
+    ``readable`` examples with its target ``y``, else over all readable ones, else NaN; in
+    batched ops, without a pass per example (late in training most of a batch may be fit)."""
+    nan = s.new_tensor(float("nan"))
+    pool = torch.where(readable, s, nan)
+    fill = torch.nanmedian(pool).expand_as(s)
+    if y is None:
+        return fill
+    rows = max(1, _FILL_ELEMENTS // len(s))
+    parts = [torch.nanmedian(torch.where(y[i:i + rows, None] == y[None, :], pool[None, :], nan), dim=1).values
+             for i in range(0, len(s), rows)]
+    by_target = torch.cat(parts)
+    return torch.where(torch.isnan(by_target), fill, by_target)
+
+
 class _Step:
     """One training step's hooks (see :meth:`InRun.step`)."""
 
@@ -625,12 +645,5 @@ class _Step:
                               f"not a multiple of ∂ℓ/∂z, e.g. label smoothing); pass loss= the per-example loss "
                               f"the step uses")
         if not readable.all():
-            fill = torch.full_like(s, float("nan"))
-            y = self.y.reshape(len(s), -1)[:, 0] if self.y.dim() == 1 else None
-            for b in torch.nonzero(~readable)[:, 0].tolist():
-                same = readable & (y == y[b]) if y is not None else readable
-                pool = s[same] if same.any() else s[readable]
-                if len(pool):
-                    fill[b] = pool.median()
-            s = torch.where(readable, s, fill)
+            s = torch.where(readable, s, _median_fill(s, readable, self.y if self.y.dim() == 1 else None))
         return s
