@@ -48,6 +48,22 @@ def _workers(parent: int) -> list[int]:
     return pids
 
 
+def test_two_ranks_score_target_alignment_without_costates_as_one_process(tmp_path):
+    """target_dot and target_cos without pds: rank 0 computes ∇J(θ_t) alone, every rank reads
+    it, and the file equals one process's bit for bit."""
+    ckpts, data = make_run(tmp_path, n=64, n_ckpts=3)
+    common = ["run", "--checkpoints", str(ckpts), "--data", str(data), "--target", str(data),
+              "--scores", "target_dot,target_cos", "--chunk-size", "16", "--batch-size", "8", "--quiet"]
+    assert main(common + ["--out", str(tmp_path / "one.h5"), "--costate", str(tmp_path / "g1.h5")]) == 0
+    two = common + ["--out", str(tmp_path / "two.h5"), "--costate", str(tmp_path / "g2.h5")]
+    done = subprocess.run(_torchrun(two), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    _assert_identical(tmp_path / "one.h5", tmp_path / "two.h5")
+    _assert_identical(tmp_path / "g1.h5", tmp_path / "g2.h5")
+    with h5py.File(tmp_path / "two.h5") as f:
+        assert "dot_target" in f["per_checkpoint"] and "dot_costate" not in f["per_checkpoint"]
+
+
 def test_two_ranks_equal_one_process_and_a_killed_rank_resumes(tmp_path):
     ckpts, data = make_run(tmp_path, n=240, n_ckpts=3)
     common = ["run", "--checkpoints", str(ckpts), "--data", str(data), "--target", str(data),
