@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...kernels import acc_dtype
+from ...kernels import acc_dtype, norm_dot
 from ...kernels.ghost_linear import ghost_linear, ghost_linear_dots
 from .registry import Factor, FactoredRef, bias_term, register_rule
 
@@ -55,9 +55,8 @@ def _one_position(a: torch.Tensor, d: torch.Tensor, refs, K, transposed: bool):
     δ (B, d_out): g_b(W) = δ_b a_bᵀ and g_b(bias) = δ_b, so ‖g_b‖² = ‖δ_b‖² (‖a_b‖² + 1)
     from two row norms; the bias needs no pass of its own."""
     acc = acc_dtype(a.dtype)
-    a, d = a.to(acc), d.to(acc)
-    d_sq = torch.linalg.vecdot(d, d)
-    sq = d_sq * torch.linalg.vecdot(a, a) if "weight" in refs else torch.zeros_like(d_sq)
+    d_sq = norm_dot(d)[0]
+    sq = d_sq * norm_dot(a)[0] if "weight" in refs else torch.zeros_like(d_sq)
     if "bias" in refs:
         sq = sq + d_sq
     dots = bias_term(d, refs, K)[1] if K and "bias" in refs else sq.new_zeros((len(sq), K))
