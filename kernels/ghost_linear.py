@@ -145,8 +145,7 @@ def _gram_sq(a: torch.Tensor, d: torch.Tensor, budget: int) -> torch.Tensor:
     B, T, _ = a.shape
     acc = acc_dtype(a.dtype)
     if T == 1:  # a 2-D input: the (1, 1) Grams are ‖a_b‖² and ‖δ_b‖²
-        a, d = a.to(acc).reshape(B, -1), d.to(acc).reshape(B, -1)
-        return torch.linalg.vecdot(a, a) * torch.linalg.vecdot(d, d)
+        return norm_dot(a.reshape(B, -1))[0] * norm_dot(d.reshape(B, -1))[0]
     step = max(1, budget // (2 * T * T * torch.finfo(acc).bits // 8))
     shared = _active if step >= B else None   # one block: the input's Gram may be other layers' too
     parts = []
