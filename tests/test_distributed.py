@@ -48,34 +48,35 @@ def _workers(parent: int) -> list[int]:
     return pids
 
 
+def _one_process_and_two_ranks(tmp_path: Path, ckpts: Path, data: Path, scores: str
+                               ) -> tuple[list[str], subprocess.CompletedProcess]:
+    """``run --scores scores`` in one process (one.h5, co-state file c1.h5) and under torchrun
+    with two ranks (two.h5, c2.h5); both outputs must be bit-identical. Returns the common
+    arguments and torchrun's result."""
+    common = ["run", "--checkpoints", str(ckpts), "--data", str(data), "--target", str(data),
+              "--scores", scores, "--chunk-size", "16", "--batch-size", "8", "--quiet"]
+    assert main(common + ["--out", str(tmp_path / "one.h5"), "--costate", str(tmp_path / "c1.h5")]) == 0
+    two = common + ["--out", str(tmp_path / "two.h5"), "--costate", str(tmp_path / "c2.h5")]
+    done = subprocess.run(_torchrun(two), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    _assert_identical(tmp_path / "one.h5", tmp_path / "two.h5")
+    _assert_identical(tmp_path / "c1.h5", tmp_path / "c2.h5")
+    return common, done
+
+
 def test_two_ranks_score_target_alignment_without_costates_as_one_process(tmp_path):
     """target_dot and target_cos without pds: rank 0 computes ∇J(θ_t) alone, every rank reads
     it, and the file equals one process's bit for bit."""
     ckpts, data = make_run(tmp_path, n=64, n_ckpts=3)
-    common = ["run", "--checkpoints", str(ckpts), "--data", str(data), "--target", str(data),
-              "--scores", "target_dot,target_cos", "--chunk-size", "16", "--batch-size", "8", "--quiet"]
-    assert main(common + ["--out", str(tmp_path / "one.h5"), "--costate", str(tmp_path / "g1.h5")]) == 0
-    two = common + ["--out", str(tmp_path / "two.h5"), "--costate", str(tmp_path / "g2.h5")]
-    done = subprocess.run(_torchrun(two), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    _assert_identical(tmp_path / "one.h5", tmp_path / "two.h5")
-    _assert_identical(tmp_path / "g1.h5", tmp_path / "g2.h5")
+    _one_process_and_two_ranks(tmp_path, ckpts, data, "target_dot,target_cos")
     with h5py.File(tmp_path / "two.h5") as f:
         assert "dot_target" in f["per_checkpoint"] and "dot_costate" not in f["per_checkpoint"]
 
 
 def test_two_ranks_equal_one_process_and_a_killed_rank_resumes(tmp_path):
     ckpts, data = make_run(tmp_path, n=240, n_ckpts=3)
-    common = ["run", "--checkpoints", str(ckpts), "--data", str(data), "--target", str(data),
-              "--scores", "el2n,grand,loss,pds", "--chunk-size", "16", "--batch-size", "8", "--quiet"]
-    assert main(common + ["--out", str(tmp_path / "one.h5"), "--costate", str(tmp_path / "c1.h5")]) == 0
-
-    two = common + ["--out", str(tmp_path / "two.h5"), "--costate", str(tmp_path / "c2.h5")]
-    done = subprocess.run(_torchrun(two), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    common, done = _one_process_and_two_ranks(tmp_path, ckpts, data, "el2n,grand,loss,pds")
     assert done.stdout.count("scores ->") == 1          # printed by rank 0 only
-    _assert_identical(tmp_path / "one.h5", tmp_path / "two.h5")
-    _assert_identical(tmp_path / "c1.h5", tmp_path / "c2.h5")
 
     # kill one rank mid-run (loop engine: slow enough), then rerun the same command
     killed = common + ["--out", str(tmp_path / "killed.h5"), "--costate", str(tmp_path / "c2.h5"),
