@@ -145,7 +145,7 @@ def _gram_sq(a: torch.Tensor, d: torch.Tensor, budget: int) -> torch.Tensor:
     B, T, _ = a.shape
     acc = acc_dtype(a.dtype)
     if T == 1:  # a 2-D input: the (1, 1) Grams are ‖a_b‖² and ‖δ_b‖²
-        return norm_dot(a.reshape(B, -1))[0] * norm_dot(d.reshape(B, -1))[0]
+        return norm_dot(a[:, 0])[0] * norm_dot(d[:, 0])[0]
     step = max(1, budget // (2 * T * T * torch.finfo(acc).bits // 8))
     shared = _active if step >= B else None   # one block: the input's Gram may be other layers' too
     parts = []
@@ -196,6 +196,9 @@ def ghost_linear(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor | None = None
     K = 0 if V is None else V.shape[0]
     if V is not None and tuple(V.shape[1:]) != (d.shape[2], a.shape[2]):
         raise ValueError(f"ghost_linear: V {tuple(V.shape)} must be (K, {d.shape[2]}, {a.shape[2]})")
+    if a.shape[0] == 0:   # an empty batch: the sub-batch loops and kernel grids need rows
+        acc = acc_dtype(a.dtype)
+        return a.new_zeros(0, dtype=acc), a.new_zeros((0, K), dtype=acc)
     use_triton = backend == "triton" or (backend is None and a.is_cuda and a.dtype != torch.float64)
     readers = _active.readers(a) if _active is not None and not use_triton else 1
     form = form or plan(a.shape[1], a.shape[2], d.shape[2], K, readers)

@@ -46,12 +46,13 @@ def norm_dot(G: Blocks, V: Blocks | None = None, *, backend: str | None = None
     small = forced is None and kind == "cpu"
     sq_total = dots_total = None
     for g, v in zip(blocks, vblocks):
-        g2 = g.reshape(B, -1)
+        g2 = g.reshape(B, math.prod(g.shape[1:]))   # not (B, -1): B may be 0
         if v is not None and math.prod(v.shape[1:]) != g2.shape[1]:
             raise ValueError(f"norm_dot: block of G has {g2.shape[1]} columns but V has "
                              f"{math.prod(v.shape[1:])}")
         v2 = None if v is None else v.reshape(v.shape[0], g2.shape[1])
-        sq, dots = (norm_dot_reference(g2, v2) if small and g2.numel() <= SMALL_BLOCK
+        # an empty batch takes the reference too: the kernels' launch grids assume rows
+        sq, dots = (norm_dot_reference(g2, v2) if (small and g2.numel() <= SMALL_BLOCK) or B == 0
                     else impl.norm_dot(g2, v2))
         sq_total = sq if sq_total is None else sq_total + sq
         dots_total = dots if dots_total is None else dots_total + dots

@@ -35,6 +35,19 @@ def test_backend_matches_reference_fp32(backend, device, B, P, K):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("K", [0, 2])
+def test_an_empty_batch_gives_empty_results(backend, device, K):
+    """B = 0, as a last chunk of nothing or an empty data subset: (0,) and (0, K), no error."""
+    V = _rand(K, 12, seed=K, device=device) if K else None
+    for G in (torch.zeros(0, 12, device=device), [torch.zeros(0, 3, 4, device=device)]):
+        sq, dots = norm_dot(G, V, backend=backend)
+        assert sq.shape == (0,) and dots.shape == (0, K)
+    for T in (1, 3):
+        sq, dots = ghost_linear(torch.zeros(0, T, 4), torch.zeros(0, T, 3), _rand(K, 3, 4, seed=1) if K else None)
+        assert sq.shape == (0,) and dots.shape == (0, K)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_non_contiguous_blocks_and_lists(backend, device):
     G = _rand(300, 6, seed=1, device=device).T  # (6, 300) with stride (1, 6)
     V = _rand(3, 300, seed=2, device=device)
