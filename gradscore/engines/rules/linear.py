@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...kernels import acc_dtype, norm_dot
+from ...kernels import norm_dot
 from ...kernels.ghost_linear import ghost_linear, ghost_linear_dots
 from .registry import Factor, FactoredRef, bias_term, register_rule
 
@@ -54,14 +54,13 @@ def _one_position(a: torch.Tensor, d: torch.Tensor, refs, K, transposed: bool):
     """One position per example (a 2-D input, or a sequence of length 1), a (B, d_in),
     δ (B, d_out): g_b(W) = δ_b a_bᵀ and g_b(bias) = δ_b, so ‖g_b‖² = ‖δ_b‖² (‖a_b‖² + 1)
     from two row norms; the bias needs no pass of its own."""
-    acc = acc_dtype(a.dtype)
     d_sq = norm_dot(d)[0]
     sq = d_sq * norm_dot(a)[0] if "weight" in refs else torch.zeros_like(d_sq)
     if "bias" in refs:
         sq = sq + d_sq
     dots = bias_term(d, refs, K)[1] if K and "bias" in refs else sq.new_zeros((len(sq), K))
     if K and "weight" in refs:
-        dots = dots + _weight_term(a[:, None], d[:, None], refs["weight"], transposed, with_sq=False)[1].to(acc)
+        dots = dots + _weight_term(a[:, None], d[:, None], refs["weight"], transposed, with_sq=False)[1]
     return sq, dots
 
 
