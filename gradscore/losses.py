@@ -33,11 +33,15 @@ class Loss:
     """A per-example loss with the knowledge of what its model output means.
 
     ``fn(output, target) -> (B,)``; ``probs(output) -> (B, C)`` or None for regression.
+    ``weights_sq(target) -> (B,)``: Σ_t w_bt² over the output rows t (positions) whose
+    per-row loss ℓ_b weighs by w_bt (a classifier's one row: 1; a mean over n_b tokens:
+    1/n_b), which bounds the rounding of ∂ℓ_b/∂output; None where unknown.
     """
 
     name: str
     fn: PerExampleLoss
     output: str  # "logits", "log_probs", "regression" or "tokens" (language modelling)
+    weights_sq: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def is_classification(self) -> bool:
@@ -85,12 +89,21 @@ def causal_lm(reduction: str = "mean") -> Loss:
         if reduction == "sum":
             return total
         return total / (labels != IGNORE_INDEX).sum(1).clamp(min=1).to(total.dtype)
-    return Loss("causal_lm" if reduction == "mean" else "causal_lm_sum", fn, "tokens")
+
+    def weights_sq(y: torch.Tensor) -> torch.Tensor:   # each predicted token weighs 1/n_b (mean) or 1
+        n = (y[:, 1:] != IGNORE_INDEX).sum(1).clamp(min=1).double()
+        return n if reduction == "sum" else 1 / n
+    return Loss("causal_lm" if reduction == "mean" else "causal_lm_sum", fn, "tokens", weights_sq)
+
+
+def _one_row(y: torch.Tensor) -> torch.Tensor:
+    """A classifier's loss: one output row of weight 1 per example."""
+    return torch.ones(len(y), dtype=torch.float64, device=y.device)
 
 
 _BUILTIN = {
-    "cross_entropy": Loss("cross_entropy", _cross_entropy, "logits"),
-    "nll": Loss("nll", _nll, "log_probs"),
+    "cross_entropy": Loss("cross_entropy", _cross_entropy, "logits", _one_row),
+    "nll": Loss("nll", _nll, "log_probs", _one_row),
     "mse": Loss("mse", _mse, "regression"),
     "causal_lm": causal_lm("mean"),
     "causal_lm_sum": causal_lm("sum"),

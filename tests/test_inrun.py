@@ -113,6 +113,19 @@ def test_every_recorded_quantity_equals_the_per_example_loop(tmp_path, family, m
     _check_against_loop(rec.close(), model, snaps, x, y, targets)
 
 
+def test_loss_terms_read_a_few_examples_at_a_time_equal_the_loop(tmp_path, monkeypatch):
+    """The output and its gradient are read in blocks of examples (a large vocabulary's
+    float64 copies stay small): blocks of 2 examples give the loop's records too."""
+    from gradscore.inrun import recorder
+    monkeypatch.setattr(recorder, "_TERM_ELEMENTS", 8)     # 4 classes: 2 examples per block
+    torch.manual_seed(0)
+    model, (x, y) = mlp(d_in=10, hidden=12, n_classes=4, depth=2).double(), _data()
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:6], y[:6]))
+    snaps: list = []
+    _train(model, x, y, steps=3, batch=7, rec=rec, snapshots=snaps)
+    _check_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
+
+
 def _check_against_loop(path, model, snaps, x, y, targets, dot_rtol=1e-9):
     """Every record of ``path`` against the per-example loop at each step's θ_t (``snaps``:
     (parameters, batch indices) per step), for a mean loss over each step's batch."""
@@ -366,6 +379,36 @@ def test_tiny_gpt2_with_padding_through_the_hf_loss(tmp_path):
         np.testing.assert_allclose(rows["sq_norm"][b], float(sum((x ** 2).sum() for x in grads)), rtol=1e-6)
         np.testing.assert_allclose(rows["dot"][b], float(sum((x * y).sum() for x, y in zip(grads, gJ)))
                                    * float(tokens[b] / tokens.sum()), rtol=1e-6)
+
+
+def test_a_float32_lm_with_a_real_vocabulary_has_readable_shares(tmp_path):
+    """A float32 causal LM with a vocabulary and context of real size (8192 tokens, T = 128):
+    every example's share is read and its ‖∇ℓ_b‖² equals the float64 loop. The rounding of
+    ∂L/∂z grows with the positions a loss sums over, not with the vocabulary; a bound per
+    output element called every example of such a batch 'fit' and recorded NaN."""
+    pytest.importorskip("transformers")
+    from helpers import tiny_gpt2
+    from gradscore.losses import causal_lm
+    torch.manual_seed(0)
+    model = tiny_gpt2(vocab_size=8192, n_positions=128, n_embd=8).float().train()
+    ids = torch.randint(0, 8192, (3, 128), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[2, 40:] = -100                       # a shorter example: its share is its tokens' part
+    snapshot = copy.deepcopy(model).double().eval()
+    rec = gs.InRun(model, loss="causal_lm", out=tmp_path / "r.h5")
+    with rec.step(range(3), labels, lr=0.1):
+        model(input_ids=ids, labels=labels).loss.backward()
+    rec.close()
+    with h5py.File(tmp_path / "r.h5") as f:
+        rows = {k: f["inrun"][k][()] for k in ("loss", "share", "sq_norm")}
+    tokens = (labels[:, 1:] != -100).sum(1).double()
+    loss_fn, params = causal_lm("mean").fn, list(snapshot.parameters())
+    for b in range(3):
+        loss = loss_fn(snapshot(input_ids=ids[b:b + 1]).logits, labels[b:b + 1])[0]
+        sq = float(sum((g ** 2).sum() for g in torch.autograd.grad(loss, params)))
+        np.testing.assert_allclose(rows["loss"][b], float(loss), rtol=1e-5)
+        np.testing.assert_allclose(rows["share"][b], float(tokens[b] / tokens.sum()), rtol=1e-5)
+        np.testing.assert_allclose(rows["sq_norm"][b], sq, rtol=1e-4)
 
 
 _DDP = """

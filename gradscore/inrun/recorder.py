@@ -76,6 +76,10 @@ DEFAULT_SCORES = ("loss", "grand", "el2n", "aum", "forgetting", "confidence", "v
 #: autocast: 3e-2). 1e-3 also for float64: a loss may compute in float32 (Hugging Face's upcasts
 #: its logits with .float()); a loss that is not a weighted sum is off by far more.
 _SHARE_TOL = {torch.float64: 1e-3, torch.float32: 1e-3}
+#: a softmax loss's ∂ℓ_b/∂z is off by up to ~2 eps per output row, in units of the row's weight in
+#: ℓ_b (p − 1 at the label, and the other classes' relative rounding together): a share is read
+#: where that stays below the tolerance
+_ROW_ROUNDING = 2
 
 
 @dataclass(frozen=True)
@@ -483,6 +487,60 @@ def _median_fill(s: torch.Tensor, readable: torch.Tensor, y: torch.Tensor | None
     return torch.where(torch.isnan(by_target), fill, by_target)
 
 
+#: elements of the model output whose loss gradient :class:`_LossTerms` forms at a time
+_TERM_ELEMENTS = 2**20
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(n,) Σ_j a_ij b_ij as a batched matrix product (BLAS dots; ``vecdot`` is several
+    times slower on CPU for long rows)."""
+    return torch.bmm(a[:, None, :], b[:, :, None]).reshape(len(a))
+
+
+@dataclass
+class _LossTerms:
+    """What a step's record reads from its output z and output gradient δ, per example:
+    ℓ_b (B,), the classification metrics, and, in float64, ‖d_b‖², ⟨δ_b, d_b⟩ and ‖δ_b‖²
+    (B,) with d_b = ∂ℓ_b/∂z_b; ``dtype``: δ's; ``width``: output elements per example."""
+
+    losses: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+    d_sq: torch.Tensor
+    dot: torch.Tensor
+    delta_sq: torch.Tensor
+    dtype: torch.dtype
+    width: int
+
+    @classmethod
+    def of(cls, loss: Loss, z: torch.Tensor, delta: torch.Tensor, y: torch.Tensor) -> "_LossTerms":
+        """From z and δ (B, ...) and the targets y (B, ...), a block of examples at a time:
+        the float64 copies stay at :data:`_TERM_ELEMENTS` elements, whatever the vocabulary."""
+        width = z[0].numel()
+        blocks = -(-len(z) * width // _TERM_ELEMENTS)   # as few as fit, of equal size
+        rows = -(-len(z) // max(1, blocks))
+        parts = [cls._block(loss, z[i:i + rows], delta[i:i + rows], y[i:i + rows]) for i in range(0, len(z), rows)]
+        losses, metrics, d_sq, dot, delta_sq = zip(*parts)
+        return cls(torch.cat(losses), {k: torch.cat([m[k] for m in metrics]) for k in metrics[0]},
+                   torch.cat(d_sq), torch.cat(dot), torch.cat(delta_sq), delta.dtype, width)
+
+    @staticmethod
+    def _block(loss: Loss, z: torch.Tensor, delta: torch.Tensor, y: torch.Tensor):
+        probs = None
+        if loss.name == "cross_entropy" and z.dim() == 2 and not y.dtype.is_floating_point:
+            losses = loss.fn(z, y)    # ∂ℓ_b/∂z_b = softmax(z_b) − onehot(y_b), without a backward
+            probs = torch.softmax(z.double(), 1)
+            d = probs.scatter(1, y[:, None], (probs.gather(1, y[:, None]) - 1))
+        else:
+            with torch.enable_grad():
+                leaf = z.detach().requires_grad_(True)
+                losses = loss.fn(leaf, y)
+                (d,) = torch.autograd.grad(losses.sum(), leaf)
+            losses = losses.detach()
+        d, delta = d.reshape(len(z), -1).double(), delta.reshape(len(z), -1).double()
+        return (losses, classification_metrics(loss, z, y, probs), _row_dot(d, d), _row_dot(delta, d),
+                _row_dot(delta, delta))
+
+
 class _Step:
     """One training step's hooks (see :meth:`InRun.step`)."""
 
@@ -503,7 +561,8 @@ class _Step:
         self.state, self.target = None, None
         self.calls = 0
         self.output: torch.Tensor | None = None
-        self.out_grad: torch.Tensor | None = None
+        self.terms: _LossTerms | None = None
+        self.error: Exception | None = None
 
     def __enter__(self) -> "_Step":
         rec = self.rec
@@ -575,7 +634,14 @@ class _Step:
         return None
 
     def _grab(self, grad: torch.Tensor) -> None:
-        self.out_grad = grad.detach()
+        """δ = ∂L/∂z has come: read what the record needs from z and δ now, in row blocks, and
+        let both go (a language model's (B, T, V) logits and their gradient are the step's
+        largest tensors). An error is raised after the backward, not inside it."""
+        try:
+            self.terms = _LossTerms.of(self.rec.loss, self.output, grad.detach(), self.y)
+        except Exception as e:  # noqa: BLE001 - raised by __exit__, outside autograd's engine
+            self.error = e
+        self.output = None
 
     def __exit__(self, exc_type, exc, tb) -> None:
         for h in self.handles:
@@ -587,26 +653,17 @@ class _Step:
             raise EngineError("rec.step saw no call of the model; run the forward and backward inside it")
         if self.rec.engine.moved_to_fallback():   # a layer not called, or called another way
             self.rec._refuse_fallback()
-        if self.out_grad is None or self.state is None or self.state.sq is None:
+        if self.error is not None:
+            raise self.error
+        if self.terms is None or self.state is None or self.state.sq is None:
             raise EngineError("no backward reached the model inside rec.step; call loss.backward() inside the "
                               "`with rec.step(...)` block")
         self._record()
         return None
 
     def _record(self) -> None:
-        rec, z, y = self.rec, self.output, self.y
-        probs = None
-        if rec.loss.name == "cross_entropy" and z.dim() == 2 and not y.dtype.is_floating_point:
-            losses = rec.loss.fn(z, y)    # ∂ℓ_b/∂z_b = softmax(z_b) − onehot(y_b), without a second backward
-            probs = torch.softmax(z.double(), 1)
-            d = probs.scatter(1, y[:, None], (probs.gather(1, y[:, None]) - 1))
-        else:
-            with torch.enable_grad():
-                leaf = z.detach().requires_grad_(True)
-                losses = rec.loss.fn(leaf, y)
-                (d,) = torch.autograd.grad(losses.sum(), leaf)
-            losses = losses.detach()
-        local = self._share(self.out_grad.reshape(self.B, -1).double(), d.reshape(self.B, -1).double())
+        rec, t = self.rec, self.terms
+        local = self._share(t)
         sq_local = self.state.sq.double()           # ‖∇(s_b ℓ_b)‖², s_b: the share in this process's loss
         share, share_sq, dot = local, sq_local, self.state.dots
         W = rec._world_share                        # DDP averages W processes' gradients into the update
@@ -615,8 +672,8 @@ class _Step:
         # device tensors until the flush: no host copy (nor CUDA sync) per step for these
         record = {"ids": self.ids, "step": np.full(self.B, self.step, dtype=np.int64),
                   "lr": np.full(self.B, np.nan if self.lr is None else self.lr),
-                  "loss": losses, "share": share, "share_sq_norm": share_sq,
-                  "sq_norm": sq_local / local ** 2, **classification_metrics(rec.loss, z, y, probs)}
+                  "loss": t.losses, "share": share, "share_sq_norm": share_sq,
+                  "sq_norm": sq_local / local ** 2, **t.metrics}
         if self.target is not None:
             record["dot"] = dot[:, 0]
             record["target_norm"] = np.full(self.B, self.target[1])
@@ -624,17 +681,20 @@ class _Step:
             record["dot"] = record["target_norm"] = np.full(self.B, np.nan)
         rec._add(record)
 
-    def _share(self, delta: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    def _share(self, t: "_LossTerms") -> torch.Tensor:
         """(B,) s_b with δ_b = s_b d_b (δ: the output gradient of the step's loss, d: of ℓ_b),
         refused where δ_b is not such a multiple. δ carries its dtype's rounding (a float32
         softmax near 1 keeps ~7 digits of 1 − p), so s_b is read only where ‖d_b‖ makes that
-        rounding below the tolerance; an example the loss no longer moves takes the median
-        share of its batch's readable examples of the same target (of all, else NaN)."""
-        tol = _SHARE_TOL.get(self.out_grad.dtype, 3e-2)
-        eps = torch.finfo(self.out_grad.dtype).eps
-        d_sq, dot, delta_sq = (torch.linalg.vecdot(d, d), torch.linalg.vecdot(delta, d),
-                               torch.linalg.vecdot(delta, delta))
-        readable = d_sq > (eps / tol) ** 2 * d.shape[1]
+        rounding below the tolerance: a few eps per output row in units of the row's weight
+        (``Loss.weights_sq``; one eps per output element for a loss that does not say); an example
+        the loss no longer moves takes the median share of its batch's readable examples of the
+        same target (of all, else NaN)."""
+        tol = _SHARE_TOL.get(t.dtype, 3e-2)
+        eps = torch.finfo(t.dtype).eps
+        d_sq, dot, delta_sq = t.d_sq, t.dot, t.delta_sq
+        weights_sq = self.rec.loss.weights_sq      # the rounding grows with the rows ℓ_b sums, not their width
+        units = t.width if weights_sq is None else _ROW_ROUNDING ** 2 * weights_sq(self.y).to(d_sq)
+        readable = d_sq > (eps / tol) ** 2 * units
         s = dot / d_sq.clamp(min=torch.finfo(torch.float64).tiny)
         resid_sq = delta_sq - s * dot               # ‖δ − s d‖² (float64: no cancellation at tol² ≥ 1e-6)
         bad = readable & (resid_sq > tol ** 2 * delta_sq)
