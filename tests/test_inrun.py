@@ -411,6 +411,31 @@ def test_a_float32_lm_with_a_real_vocabulary_has_readable_shares(tmp_path):
         np.testing.assert_allclose(rows["sq_norm"][b], sq, rtol=1e-4)
 
 
+def test_a_memorized_sequence_records_nan_not_another_examples_share(tmp_path):
+    """A language model's share depends on the example's token count (n_b/N for a token
+    mean), so an example the loss no longer moves cannot take its batch's median share:
+    it records NaN (and the scores leave it out), not a share off by n_b/n_median."""
+    V, T = 12, 9
+    model = nn.Embedding(V, V).double()              # a bigram model: logits of the next token
+    with torch.no_grad():
+        model.weight.copy_(40.0 * torch.roll(torch.eye(V, dtype=torch.float64), 1, dims=1))
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, V, (3, T), generator=g)
+    tokens[0] = torch.arange(T) % V                  # follows the bigram: every token is predicted
+    labels = tokens.clone()
+    labels[1, 5:] = -100                             # lengths 8, 4 and 8 predicted tokens
+    rec = gs.InRun(model, loss="causal_lm", out=tmp_path / "r.h5")
+    with rec.step(range(3), labels, lr=0.1):
+        logits = model(tokens)
+        F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1)).backward()
+    with pytest.warns(gs.exceptions.GradscoreWarning, match="1 records"):
+        rec.close()
+    with h5py.File(tmp_path / "r.h5") as f:
+        share, sq = f["inrun/share"][()], f["inrun/sq_norm"][()]
+    np.testing.assert_allclose(share[1:], [4 / 20, 8 / 20], rtol=1e-9)
+    assert np.isnan(share[0]) and np.isnan(sq[0])
+
+
 _DDP = """
 import os, sys, torch, torch.nn.functional as F
 import gradscore as gs

@@ -688,7 +688,8 @@ class _Step:
         rounding below the tolerance: a few eps per output row in units of the row's weight
         (``Loss.weights_sq``; one eps per output element for a loss that does not say); an example
         the loss no longer moves takes the median share of its batch's readable examples of the
-        same target (of all, else NaN)."""
+        same target (of all, else NaN); a language model's, whose share follows its token
+        count, NaN."""
         tol = _SHARE_TOL.get(t.dtype, 3e-2)
         eps = torch.finfo(t.dtype).eps
         d_sq, dot, delta_sq = t.d_sq, t.dot, t.delta_sq
@@ -704,6 +705,8 @@ class _Step:
                               f"losses of the model's output (example {self.ids[b].item()!r}: its output gradient is "
                               f"not a multiple of ∂ℓ/∂z, e.g. label smoothing); pass loss= the per-example loss "
                               f"the step uses")
-        if not readable.all():
-            s = torch.where(readable, s, _median_fill(s, readable, self.y if self.y.dim() == 1 else None))
+        if not readable.all():   # a language model's share follows its token count: no other example's
+            fill = (torch.full_like(s, float("nan")) if self.rec.loss.output == "tokens" else
+                    _median_fill(s, readable, self.y if self.y.dim() == 1 else None))
+            s = torch.where(readable, s, fill)
         return s

@@ -78,7 +78,7 @@ def read_rows(journal: Journal) -> dict[str, np.ndarray] | None:
 
 def warnings_of(rows: dict[str, np.ndarray]) -> list[str]:
     """What the scores leave out, in words: records with a non-finite loss or gradient (a
-    diverging step, a corrupt input), and records of batches whose share was unreadable."""
+    diverging step, a corrupt input), and records whose share was unreadable."""
     out = []
     bad = ~np.isfinite(rows["loss"]) | ~np.isfinite(rows["share_sq_norm"])
     if bad.any():
@@ -89,8 +89,9 @@ def warnings_of(rows: dict[str, np.ndarray]) -> list[str]:
                    f"leave those records out")
     unread = np.isnan(rows["share"]) & ~bad
     if unread.any():
-        out.append(f"{int(unread.sum())} records are of batches the loss no longer moves (no readable share): "
-                   f"their sq_norm is NaN and grand leaves them out")
+        out.append(f"{int(unread.sum())} records are of examples the loss no longer moves, with no readable "
+                   f"share (a batch of them, or a language model's): their sq_norm is NaN and grand leaves "
+                   f"them out")
     return out
 
 
