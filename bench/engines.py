@@ -89,7 +89,7 @@ def _cifar_cnn() -> nn.Module:
 
 
 def model_cases(device: str) -> dict[str, Case]:
-    """name -> :class:`Case`. The GPT-2 case (T = 128, batch 32) needs ``transformers``."""
+    """name -> :class:`Case`. The GPT-2 cases (T = 128) need ``transformers``."""
     cases = {
         "mlp_784_1024_1024": Case(lambda: mlp(d_in=784, hidden=1024, n_classes=10, depth=2),
                                   lambda B: torch.randn(B, 784, device=device)),
@@ -113,10 +113,15 @@ def model_cases(device: str) -> dict[str, Case]:
     if importlib.util.find_spec("transformers") is not None:
         from gradscore.demos.lm import MODEL_KWARGS, VOCAB, gpt2_config
         from gradscore.integrations.hf import from_config
-        cases["gpt2_d64_T128"] = Case(lambda: from_config(gpt2_config(128), **MODEL_KWARGS),
-                                      lambda B: {"input_ids": torch.randint(0, VOCAB - 1, (B, 128), device=device),
-                                                 "attention_mask": torch.ones(B, 128, dtype=torch.long, device=device)},
-                                      loss="causal_lm", batches=(32,))
+        def gpt2(vocab: int, batch: int) -> Case:
+            return Case(lambda: from_config({**gpt2_config(128), "vocab_size": vocab}, **MODEL_KWARGS),
+                        lambda B: {"input_ids": torch.randint(0, vocab - 1, (B, 128), device=device),
+                                   "attention_mask": torch.ones(B, 128, dtype=torch.long, device=device)},
+                        loss="causal_lm", batches=(batch,))
+        cases["gpt2_d64_T128"] = gpt2(VOCAB, 32)
+        # the same with a real vocabulary, where the (B, T, V) logits are the step's largest tensors
+        cases["gpt2_d64_T128_V8192"] = gpt2(8192, 16)
+        cases["gpt2_d64_T128_V32768"] = gpt2(32768, 16)
     return cases
 
 

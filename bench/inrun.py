@@ -12,6 +12,10 @@ each call next to a call of the plain steps:
 - ``target_every1`` / ``target_every10``: and the gradient of a target batch of 64
   examples (one extra forward+backward) at every step / every 10th step, with the dots.
 
+The same GPT-2 with a vocabulary of 8192 and 32768 (batch 16) gets ``norms`` only, in
+calls of 2 steps: there the (B, T, V) logits and their gradient are the step's largest
+tensors, which is what its peak memory ratio shows.
+
 A row's ``ratio`` is the median over the pairs of (recorder's call / plain call next to
 it), with the quartiles beside it: the median of neighbours in time is what a noisy
 machine moves least. ``floor`` is 1 + the target gradient's own time (the recorder's
@@ -45,15 +49,21 @@ from gradscore.batch import call_model
 from gradscore.losses import resolve_loss
 
 CASES = {"mlp_784_1024_1024": 256, "transformer_d128_T64": 64, "digits_cnn": 64, "gpt2_d64_T128": 32}
+#: a language model with a real vocabulary (its logits are the step's largest tensors): norms only,
+#: 2 steps per call (a target of 64 would time the target batch's own output layer)
+VOCAB_CASES = {"gpt2_d64_T128_V8192": 16, "gpt2_d64_T128_V32768": 16}
 STEPS = 10           # training steps per timed call
+VOCAB_STEPS = 2      # ... of a VOCAB_CASES model
 N_TARGET = 64
 METHODS = {"plain": None, "norms": None, "target_every1": 1, "target_every10": 10}
+NORMS_ONLY = {"plain": None, "norms": None}
 
 
 def _steppers(name: str, B: int, device: str, work: Path, steps: int = STEPS,
               recorders: dict[str, gs.InRun] | None = None) -> dict[str, Callable[[], None]]:
-    """{method: a call of ``steps`` training steps}, each on its own copy of the model;
-    ``recorders`` (if given) receives {method: its recorder}."""
+    """{method: a call of ``steps`` training steps}, each on its own copy of the model
+    (:data:`METHODS`, or :data:`NORMS_ONLY` for :data:`VOCAB_CASES`); ``recorders`` (if
+    given) receives {method: its recorder}."""
     case = model_cases(device)[name]
     torch.manual_seed(0)
     base = case.factory().to(device).train()
@@ -62,7 +72,7 @@ def _steppers(name: str, B: int, device: str, work: Path, steps: int = STEPS,
     loss_fn = resolve_loss(case.loss).fn
     ids = torch.arange(B)
     out: dict[str, Callable[[], None]] = {}
-    for method, every in METHODS.items():
+    for method, every in (NORMS_ONLY if name in VOCAB_CASES else METHODS).items():
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
         rec = None if method == "plain" else gs.InRun(
@@ -98,38 +108,42 @@ def peak_memory(name: str, B: int, device: str) -> dict[str, int | None]:
     return peaks
 
 
-def target_pass_steps(rec: gs.InRun, plain: Callable[[], None], repeats: int, sync: Callable[[], None]) -> float:
+def target_pass_steps(rec: gs.InRun, plain: Callable[[], None], repeats: int, sync: Callable[[], None],
+                      steps: int = STEPS) -> float:
     """The recorder's target gradient alone (forward+backward of the target batch, its
     factors and ‖∇J‖, recomputed at a step that has one) in plain training steps: the
-    median over ``repeats`` pairs of (target pass / a plain call of :data:`STEPS` steps next
-    to it), times STEPS."""
+    median over ``repeats`` pairs of (target pass / a plain call of ``steps`` steps next
+    to it), times ``steps``."""
     def once():
         rec._refs = None
         rec._target_refs(0)
     once()
     ratios, _, _ = pair_ratios(once, plain, repeats, sync)
-    return STEPS * statistics.median(ratios)
+    return steps * statistics.median(ratios)
 
 
 def run_bench(repeats: int = 15, device: str | None = None, echo=print, cases: dict[str, int] | None = None) -> dict:
-    """The table's rows: {model: batch} ``cases`` (default :data:`CASES`) on ``device``."""
+    """The table's rows: {model: batch} ``cases`` (default :data:`CASES` and
+    :data:`VOCAB_CASES`) on ``device``."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     available = model_cases(device)
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        for name, B in (cases or CASES).items():
+        for name, B in (cases or {**CASES, **VOCAB_CASES}).items():
             if name not in available:
                 echo(f"{name}: skipped (needs transformers)")
                 continue
             recorders: dict[str, gs.InRun] = {}
-            fns = _steppers(name, B, device, Path(work), recorders=recorders)
+            steps = VOCAB_STEPS if name in VOCAB_CASES else STEPS
+            fns = _steppers(name, B, device, Path(work), steps=steps, recorders=recorders)
             for fn in fns.values():
                 fn()   # warm-up: layouts, caches
             times = {method: pair_ratios(fns[method], fns["plain"], repeats, sync)
-                     for method in METHODS if method != "plain"}
+                     for method in fns if method != "plain"}
             flops = {method: counted_flops(fn) for method, fn in fns.items()}
-            target = target_pass_steps(recorders["target_every1"], fns["plain"], repeats, sync)
+            target = (target_pass_steps(recorders["target_every1"], fns["plain"], repeats, sync, steps)
+                      if "target_every1" in recorders else None)
             if device == "cuda":
                 peaks = peak_memory(name, B, device)
             else:
@@ -140,7 +154,8 @@ def run_bench(repeats: int = 15, device: str | None = None, echo=print, cases: d
                 except RuntimeError as e:
                     echo(f"  peak memory n/a: {e}")
                     peaks = {}
-            row = {"model": name, "batch": B, "steps_per_call": STEPS, "n_target": N_TARGET, "pairs": repeats,
+            row = {"model": name, "batch": B, "steps_per_call": steps, "pairs": repeats,
+                   "n_target": None if target is None else N_TARGET,
                    "target_pass_ratio": target}
             for method, (ratios, t, t_plain) in times.items():
                 q1, median, q3 = (statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1
@@ -149,7 +164,7 @@ def run_bench(repeats: int = 15, device: str | None = None, echo=print, cases: d
                 row[method] = {"ratio": median, "quartiles": [q1, q3],
                                "floor": None if every is None else 1 + target / every,
                                "flops_ratio": flops[method] / flops["plain"] if flops["plain"] else None,
-                               "seconds_per_step": t / STEPS, "plain_seconds_per_step": t_plain / STEPS,
+                               "seconds_per_step": t / steps, "plain_seconds_per_step": t_plain / steps,
                                "memory_ratio": (peaks[method] / peaks["plain"]
                                                 if peaks.get(method) and peaks.get("plain") else None)}
             rows.append(row)
