@@ -7,6 +7,7 @@ gives empty results.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -335,3 +336,49 @@ def test_families_with_a_rule_take_it(family, config):
     scorer = gs.Scorer(model, engine="auto")
     scorer.score_batch(x, y)
     assert all(v.startswith("ghost") for v in scorer.explain().values()), scorer.explain()
+
+
+class RowNorm(nn.Module):
+    """LayerNorm (with or without bias) or RMSNorm over the last dimension, on (B, D),
+    (B, T, D) or a sequence-first (T, B, D) input, then a linear head on the mean."""
+
+    def __init__(self, kind: str, layout: str):
+        super().__init__()
+        self.layout = layout
+        self.norm = (nn.RMSNorm(D, eps=1e-4) if kind == "RMSNorm" else
+                     nn.LayerNorm(D, bias=kind == "LayerNorm", eps=1e-4))
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        if self.layout == "seq_first":
+            return self.head(torch.tanh(self.norm(x.transpose(0, 1))).mean(0))
+        h = torch.tanh(self.norm(x))
+        return self.head(h if self.layout == "2d" else h.mean(1))
+
+
+@pytest.mark.parametrize("kind", ["LayerNorm", "LayerNorm_no_bias", "RMSNorm"])
+@pytest.mark.parametrize("layout", ["2d", "batch_first", "seq_first"])
+def test_float32_row_norms_take_the_fused_kernel_and_equal_the_loop(kind, layout, monkeypatch):
+    """On CPU in float32 the LayerNorm and RMSNorm rules form γ's and β's per-example
+    gradients in one fused numba pass: the same numbers as the float64 loop, K = 0 and 2."""
+    from gradscore.kernels import norm_affine_numba as kernel
+    calls = []
+    fused = kernel.norm_affine_numba
+    monkeypatch.setattr(kernel, "norm_affine_numba", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    torch.manual_seed(0)
+    model = RowNorm(kind, layout).eval()
+    g = torch.Generator().manual_seed(1)
+    x = 2 * torch.randn(*((4, D) if layout == "2d" else (4, T, D)), generator=g) + 1
+    y = torch.randint(0, 3, (4,), generator=g)
+    loop = gs.Scorer(copy.deepcopy(model).double(), engine="loop")
+    ghost = gs.Scorer(model, engine="ghost")
+    for K in (0, 2):
+        V = _refs(loop, K)
+        ref = loop.score_batch(x.double(), y, refs=V)
+        out = ghost.score_batch(x, y, refs=None if V is None else V.float())
+        torch.testing.assert_close(out.sq_norm.double(), ref.sq_norm, rtol=1e-5, atol=0)
+        if K:
+            torch.testing.assert_close(out.dots.double(), ref.dots, rtol=1e-4, atol=1e-6)
+    assert len(calls) == 2

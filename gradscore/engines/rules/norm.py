@@ -5,7 +5,9 @@ y = x̂·γ + β with x̂ the normalized input, recomputed here from the capture
 the layer's own statistics (running statistics for BatchNorm, and for InstanceNorm with
 ``track_running_stats``; RMSNorm: x̂ = x / √(mean(x²) + eps), no β). Per example:
 g_b(γ) = Σ_positions δ_b ⊙ x̂_b and g_b(β) = Σ_positions δ_b, vectors of the size of
-one channel/feature row, formed explicitly and reduced with ``norm_dot``.
+one channel/feature row, formed explicitly and reduced with ``norm_dot``. LayerNorm and
+RMSNorm over the last dimension, on CPU under the numba kernels, form them in one fused
+pass (``kernels.norm_affine_numba``) instead of x̂ and a product.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ...kernels import acc_dtype
+from ...kernels.dispatch import backend_for, forced_name
 from .registry import reduce_per_example, register_rule, zeros_like_result
 
 
@@ -64,9 +67,26 @@ def _spatial(x: torch.Tensor) -> tuple[int, ...]:
     return tuple(range(2, x.dim()))
 
 
+def _fused_rows(layer: nn.Module, acts, grads, refs, K, eps: float, centred: bool):
+    """(sq, dots) by the fused numba kernel for one call of a norm over the last dimension
+    on CPU in float32 (or narrower) under the numba kernels; None elsewhere."""
+    x, d = acts[0], grads[0]
+    if (len(acts) != 1 or len(layer.normalized_shape) != 1 or x.device.type != "cpu"
+            or acc_dtype(x.dtype) != torch.float32 or backend_for("cpu", forced_name()).name != "numba"):
+        return None
+    from ...kernels.norm_affine_numba import norm_affine_numba
+    rows = (x.shape[0], -1, x.shape[-1])
+    gw, gb = norm_affine_numba(x.reshape(rows).float(), d.reshape(rows).float(), eps, centred)
+    scored = {k: g for k, g in (("weight", gw), ("bias", gb)) if k in refs}
+    return reduce_per_example(scored, refs, K) if scored else zeros_like_result(d, K)
+
+
 @register_rule(nn.LayerNorm, supports=lambda m: None if m.elementwise_affine else "LayerNorm without affine",
                batch_dims=(0, 1))
 def layer_norm(layer: nn.LayerNorm, acts, grads, refs, K):
+    fused = _fused_rows(layer, acts, grads, refs, K, layer.eps, centred=True)
+    if fused is not None:
+        return fused
     n = len(layer.normalized_shape)
 
     def normalize(x):   # torch's fused kernel: fewer passes and temporaries than any composite
@@ -85,6 +105,9 @@ def _rms_eps(layer: nn.RMSNorm, dtype: torch.dtype) -> float:
                batch_dims=(0, 1))
 def rms_norm(layer: nn.RMSNorm, acts, grads, refs, K):
     n, eps = len(layer.normalized_shape), _rms_eps(layer, acts[0].dtype)
+    fused = _fused_rows(layer, acts, grads, refs, K, eps, centred=False)
+    if fused is not None:
+        return fused
     return _affine_rule(acts, grads, refs, K,
                         lambda x: x * torch.rsqrt(x.pow(2).mean(tuple(range(x.dim() - n, x.dim())), keepdim=True) + eps),
                         _last(n))
