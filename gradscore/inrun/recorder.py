@@ -518,6 +518,8 @@ class _LossTerms:
         width = z[0].numel()
         blocks = -(-len(z) * width // _TERM_ELEMENTS)   # as few as fit, of equal size
         rows = -(-len(z) // max(1, blocks))
+        if rows >= len(z):   # one block (a classifier's batch): no copies into a whole
+            return cls(*cls._block(loss, z, delta, y), delta.dtype, width)
         parts = [cls._block(loss, z[i:i + rows], delta[i:i + rows], y[i:i + rows]) for i in range(0, len(z), rows)]
         losses, metrics, d_sq, dot, delta_sq = zip(*parts)
         return cls(torch.cat(losses), {k: torch.cat([m[k] for m in metrics]) for k in metrics[0]},
