@@ -779,3 +779,16 @@ def test_projections_of_one_input_share_its_gram_in_training(tmp_path):
     snaps: list = []
     _train(model, x, y, steps=3, batch=5, rec=rec, snapshots=snaps)
     _check_against_loop(rec.close(), model, snaps, x, y, (x[:3], y[:3]), dot_rtol=1e-8)
+
+
+def test_a_second_backward_in_one_step_is_one_clear_error(tmp_path):
+    """Two backwards inside one rec.step (retain_graph): one GradscoreError naming the fix,
+    not an IndexError from the rules' bookkeeping."""
+    model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
+    x, y = _data(dtype=torch.float32)
+    rec = gs.InRun(model, out=tmp_path / "r.h5")
+    with pytest.raises(gs.EngineError, match="a second backward reached the model inside one rec.step"):
+        with rec.step(range(8), y[:8]):
+            loss = F.cross_entropy(model(x[:8]), y[:8])
+            loss.backward(retain_graph=True)
+            loss.backward()

@@ -155,6 +155,7 @@ class _BatchSums:
         self.dots: torch.Tensor | None = None
         self.factors: dict[str, list[Factor]] = {}   # tied weight -> one factor per owner
         self.grams = SharedGrams()   # inputs read by several layers: their Grams, formed once
+        self.again = False           # a δ came after its layer's rule had run: a second backward
 
     def note_input(self, layer: _Layer, act) -> None:
         """A call of ``layer`` reads ``act``: counted, if its rule may form the input's Gram."""
@@ -312,6 +313,9 @@ class GhostEngine(Engine):
             layer.skeletons = []
 
             def on_grad(delta, layer=layer, call=None, dim=0):
+                if not layer.acts:   # its rule ran and let the inputs go: a second backward
+                    state.again = True
+                    return
                 layer.grads[call] = delta.movedim(dim, 0) if dim else delta
                 if len(layer.grads) == layer.calls:  # every call's δ is in: reduce now
                     state.run_rule(layer)
@@ -396,6 +400,9 @@ class GhostEngine(Engine):
         state, probes = _BatchSums(refs, self._index, K), []
         with self._hooks(state, probes, B, contiguous=False), sharing(state.grams):   # δ passed on as it came
             yield state
+            if state.again:
+                raise EngineError("a second backward reached the model inside one rec.step; run one forward and "
+                                  "one backward per rec.step (each micro-batch in its own)")
             for layer in self.layers:
                 state.run_rule(layer)
         if state.factors:

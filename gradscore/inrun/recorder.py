@@ -639,6 +639,8 @@ class _Step:
         """δ = ∂L/∂z has come: read what the record needs from z and δ now, in row blocks, and
         let both go (a language model's (B, T, V) logits and their gradient are the step's
         largest tensors). An error is raised after the backward, not inside it."""
+        if self.output is None:   # read by an earlier backward of this step, which the engine refuses
+            return
         try:
             self.terms = _LossTerms.of(self.rec.loss, self.output, grad.detach(), self.y)
         except Exception as e:  # noqa: BLE001 - raised by __exit__, outside autograd's engine

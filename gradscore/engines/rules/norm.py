@@ -11,6 +11,7 @@ pass (``kernels.norm_affine_numba``) instead of x̂ and a product.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -75,7 +76,7 @@ def _fused_rows(layer: nn.Module, acts, grads, refs, K, eps: float, centred: boo
             or acc_dtype(x.dtype) != torch.float32 or backend_for("cpu", forced_name()).name != "numba"):
         return None
     from ...kernels.norm_affine_numba import norm_affine_numba
-    rows = (x.shape[0], -1, x.shape[-1])
+    rows = (x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])   # not -1: B may be 0
     gw, gb = norm_affine_numba(x.reshape(rows).float(), d.reshape(rows).float(), eps, centred)
     scored = {k: g for k, g in (("weight", gw), ("bias", gb)) if k in refs}
     return reduce_per_example(scored, refs, K) if scored else zeros_like_result(d, K)
