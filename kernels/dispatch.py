@@ -149,6 +149,12 @@ def backend_for(kind: str, forced: str | None) -> NormDotBackend:
     return backend
 
 
+def numba_on_cpu() -> bool:
+    """Whether CPU tensors take the numba kernels now (the default there, unless forced
+    otherwise or unavailable): the rules with a numba-only form ask this."""
+    return backend_for("cpu", forced_name()).name == "numba"
+
+
 def _choose(device: torch.device, forced: str | None) -> NormDotBackend:
     if forced is not None:
         if forced not in _CLASSES:

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...kernels.dispatch import backend_for, forced_name
+from ...kernels.dispatch import numba_on_cpu
 from ...kernels.ghost_linear import ghost_linear, workspace_bytes
 from ...kernels import acc_dtype, norm_dot
 from .conv_costs import (DENSITY_SAMPLE, ELEMENTWISE_COST, FEW_INPUTS, GROUPED_COST, GROUPED_FEW_INPUTS_COST,
@@ -156,7 +156,7 @@ def _density(layer: nn.Module, acts, grads) -> float | None:
     """δ's fraction of non-zeros (on the first ``DENSITY_SAMPLE`` examples) where the
     sparse form can run: one CPU call, under the numba kernels; else None. Not counted
     for short rows, which the kernel sums densely (their cost does not depend on it)."""
-    if len(acts) != 1 or acts[0].is_cuda or backend_for("cpu", forced_name()).name != "numba":
+    if len(acts) != 1 or acts[0].is_cuda or not numba_on_cpu():
         return None
     from ...kernels.conv_sparse_numba import LONG_ROW
     if layer.in_channels // layer.groups * math.prod(layer.kernel_size) < LONG_ROW:

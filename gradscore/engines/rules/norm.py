@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ...kernels import acc_dtype
-from ...kernels.dispatch import backend_for, forced_name
+from ...kernels.dispatch import numba_on_cpu
 from .registry import reduce_per_example, register_rule, zeros_like_result
 
 
@@ -73,7 +73,7 @@ def _fused_rows(layer: nn.Module, acts, grads, refs, K, eps: float, centred: boo
     on CPU in float32 (or narrower) under the numba kernels; None elsewhere."""
     x, d = acts[0], grads[0]
     if (len(acts) != 1 or len(layer.normalized_shape) != 1 or x.device.type != "cpu"
-            or acc_dtype(x.dtype) != torch.float32 or backend_for("cpu", forced_name()).name != "numba"):
+            or acc_dtype(x.dtype) != torch.float32 or not numba_on_cpu()):
         return None
     from ...kernels.norm_affine_numba import norm_affine_numba
     rows = (x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])   # not -1: B may be 0
