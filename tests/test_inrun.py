@@ -228,6 +228,9 @@ def test_refusals_are_one_clear_line(tmp_path):
         rec.step([0, 1, 2, 3, 3, 4, 5, 6], y[:8])
     with pytest.raises(gs.ConfigError, match="lr"):
         gs.InRun(model, out=tmp_path / "c.h5", targets=(x[:4], y[:4])).step(range(8), y[:8])
+    with pytest.raises(gs.ConfigError, match="'scaler': float; give the torch.amp.GradScaler"):
+        gs.InRun(model, out=tmp_path / "d.h5", scaler=65536.0)
+    assert not (tmp_path / "d.h5").exists()
     with pytest.raises(gs.ConfigError, match="nothing written"):
         rec.close()
     assert not (tmp_path / "b.h5").exists()
@@ -792,3 +795,60 @@ def test_a_second_backward_in_one_step_is_one_clear_error(tmp_path):
             loss = F.cross_entropy(model(x[:8]), y[:8])
             loss.backward(retain_graph=True)
             loss.backward()
+
+
+def _train_scaled(model, x, y, scaler, rec, *, steps, batch=8, snapshots=None, poisoned_step=None):
+    """The loop of ``torch.amp`` fp16 training: the loss scaled by ``scaler`` before the
+    backward, the step through it. At ``poisoned_step`` the first weight's gradient is made
+    infinite (after the layers' output gradients, which the recorder reads), so the scaler
+    skips that step."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = next(model.parameters())
+    g = torch.Generator().manual_seed(0)
+    for t in range(steps):
+        idx = torch.randperm(len(y), generator=g)[:batch]
+        if snapshots is not None:
+            snapshots.append(({n: p.detach().clone() for n, p in model.named_parameters()}, idx))
+        with rec.step(idx, y[idx], lr=0.1):
+            loss = F.cross_entropy(model(x[idx]), y[idx])   # the target gradient came before: unpoisoned
+            hook = first.register_hook(lambda grad: grad * float("inf")) if t == poisoned_step else None
+            scaler.scale(loss).backward()
+        if hook is not None:
+            hook.remove()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+
+
+def test_a_scaled_loss_is_recorded_unscaled_and_a_skipped_step_moves_nothing(tmp_path):
+    """fp16 training's GradScaler multiplies the loss by a scale that changes from step to
+    step: with ``scaler=`` every record is of the loss the update uses (the loop's), and the
+    step the scaler skips (an infinite gradient) records lr 0, so inrun_value leaves it out."""
+    torch.manual_seed(0)
+    model, (x, y) = mlp(d_in=10, hidden=12, n_classes=4, depth=2).double(), _data()
+    targets = (x[:6], y[:6])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)   # doubles each good step
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=targets, scaler=scaler)
+    snaps: list = []
+    _train_scaled(model, x, y, scaler, rec, steps=5, snapshots=snaps, poisoned_step=2)
+    path = rec.close()
+    assert all(torch.equal(snaps[2][0][n], snaps[3][0][n]) for n in snaps[2][0])   # step 2 was skipped
+    _check_against_loop(path, model, snaps, x, y, targets)
+    from gradscore.io.store import load_inrun_rows
+    rows = load_inrun_rows(path)
+    np.testing.assert_array_equal(rows["lr"], np.where(rows["step"] == 2, 0.0, 0.1))
+    want = np.bincount(rows["row"], np.where(rows["step"] == 2, 0.0, 0.1 * rows["dot"]))
+    np.testing.assert_allclose(gs.load_scores(path)["scores"]["inrun_value"], want, rtol=1e-12, atol=1e-15)
+
+
+def test_a_scaled_loss_without_its_scaler_is_named(tmp_path):
+    """Without ``scaler=`` the shares read from a scaled loss are the scale times too large:
+    the file's warning says so and names the fix."""
+    torch.manual_seed(0)
+    model, (x, y) = mlp(d_in=10, hidden=12, n_classes=4, depth=1).double(), _data()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    rec = gs.InRun(model, out=tmp_path / "r.h5")
+    _train_scaled(model, x, y, scaler, rec, steps=2)
+    from gradscore.exceptions import GradscoreWarning
+    with pytest.warns(GradscoreWarning, match=r"16 of 16 records have a share above 1 .* scaler="):
+        rec.close()

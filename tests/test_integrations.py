@@ -103,9 +103,12 @@ def test_hf_trainer_callback(tmp_path):
     assert gs.load_scores(tmp_path / "s.h5")["per_checkpoint"]["sq_grad_norm"].shape == (4, 24)
 
 
-def test_hf_trainer_inrun_callback(tmp_path):
+@pytest.mark.parametrize("scale", [None, 256.0])
+def test_hf_trainer_inrun_callback(tmp_path, scale):
     """The Trainer's own steps (gradient accumulation 2) recorded by gs.InRun; every
-    recorded loss and ‖∇ℓ_b‖² equals the per-example loop at the step's parameters."""
+    recorded loss and ‖∇ℓ_b‖² equals the per-example loop at the step's parameters. With a
+    loss scaler (what ``fp16=True`` gives on a GPU; set here by hand, as the CPU has none)
+    the callback finds it on the Trainer's optimizer: the shares are of the unscaled loss."""
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     import copy
@@ -134,7 +137,10 @@ def test_hf_trainer_inrun_callback(tmp_path):
                              gradient_accumulation_steps=2, learning_rate=0.05, report_to=[], use_cpu=True,
                              save_strategy="no", logging_strategy="no", disable_tqdm=True,
                              remove_unused_columns=False)
-    Trainer(model=model, args=args, train_dataset=train, callbacks=[Snap(), GradscoreInRunCallback(rec)]).train()
+    trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[Snap(), GradscoreInRunCallback(rec)])
+    if scale is not None:
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    trainer.train()
     with h5py.File(tmp_path / "inrun.h5") as f:
         rows = {k: f["inrun"][k][()] for k in f["inrun"]}
         ids = f["ids"][()]
@@ -202,3 +208,36 @@ def test_lightning_inrun_callback_is_bit_identical_and_exact(tmp_path):
         loss = torch.nn.functional.cross_entropy(net(x[n:n + 1].double()), y[n:n + 1])
         grads = torch.autograd.grad(loss, list(net.parameters()))
         np.testing.assert_allclose(rows["sq_norm"][i], float(sum((g ** 2).sum() for g in grads)), rtol=1e-10)
+
+
+def test_lightning_inrun_callback_reads_the_loss_scaler(tmp_path):
+    """Lightning's "16-mixed" precision scales the loss by a GradScaler: the callback hands
+    it to the recorder, whose shares are of the unscaled mean (1/B), as the plain run's."""
+    L = pytest.importorskip("lightning")
+    import h5py
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from gradscore.integrations.lightning import GradscoreInRun
+    x, y, _ = _data(tmp_path)
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = mlp(**KW).double()     # float64: autocast leaves it as it is; the scaler still scales
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.cross_entropy(self.net(batch[1]), batch[2])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = Module()
+    data = torch.utils.data.TensorDataset(torch.arange(40), x.double(), y)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=256.0))
+    L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, plugins=[plugin],
+              callbacks=[GradscoreInRun(gs.InRun(module.net, out=tmp_path / "inrun.h5"))]
+              ).fit(module, torch.utils.data.DataLoader(data, batch_size=10))
+    with h5py.File(tmp_path / "inrun.h5") as f:
+        np.testing.assert_allclose(f["inrun/share"][()], 0.1, rtol=1e-12)

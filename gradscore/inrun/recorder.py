@@ -37,6 +37,12 @@ What is recorded for example b at step t (θ_t: the parameters this backward use
   change of J under Adam's update, an approximation (Adam's step is not linear in the
   gradient); with SGD the plain dot is exact to first order.
 
+Under fp16 training the loop scales its loss by a ``torch.amp.GradScaler`` before the
+backward, by a scale that changes from step to step: given ``scaler=`` (the Hugging Face and
+Lightning callbacks find it themselves), the shares and dots are divided by the scale the
+backward used, so every record is of the loss the update uses; a step the scaler skips (it
+found an infinite gradient) records lr 0, as it moved nothing.
+
 Every trainable parameter needs a ghost rule (Linear, Conv, Embedding, norms, attention,
 recurrent layers, ...); a model with others, a model whose output for an example depends
 on its batch, or train-mode BatchNorm (which does) is refused with the parameters named.
@@ -201,13 +207,17 @@ class InRun:
     every: steps between target gradients. optimizer: an Adam/AdamW whose state
     preconditions the target gradient (None: plain dot). scores: what close() writes.
     flush_every: seconds between flushes to disk (a crash loses at most these steps).
+    scaler: the ``torch.amp.GradScaler`` that scales the step's loss (fp16 training), or None;
+    also settable as the attribute ``scaler`` before the first step.
     """
 
     def __init__(self, model: nn.Module, *, loss: str | Loss = "cross_entropy", out: str | Path,
                  targets: tuple[Inputs, torch.Tensor] | None = None, every: int = 1,
                  optimizer: torch.optim.Optimizer | None = None, scores: Sequence[str] = DEFAULT_SCORES,
-                 flush_every: float = 60.0, overwrite: bool = False) -> None:
+                 flush_every: float = 60.0, overwrite: bool = False,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
         self.model, self.loss = model, resolve_loss(loss)
+        self.scaler = scaler
         pre = "none" if optimizer is None else "adam"
         if optimizer is not None and not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             raise ConfigError(f"invalid value for 'optimizer': {type(optimizer).__name__}; only Adam/AdamW "
@@ -252,9 +262,27 @@ class InRun:
         self._count = 0                       # rec.step calls so far
         self._refs: tuple[Any, list[torch.Tensor], float] | None = None   # (step, refs, ‖∇J‖) cached
         self._pending: list[dict[str, np.ndarray]] = []
+        self._held: tuple[int, float, list[dict[str, np.ndarray]]] | None = None   # (step, scale, records)
         self._attached, self._open, self._next, self._keys = None, None, None, ("ids", "labels")
         self._closed = False
         self._busy = False   # the recorder's own forwards are running: its hooks stand aside
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler | None:
+        """The loss scaler of fp16 training (None: the loss is not scaled)."""
+        return self._scaler
+
+    @scaler.setter
+    def scaler(self, scaler: torch.amp.GradScaler | None) -> None:
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise ConfigError(f"invalid value for 'scaler': {type(scaler).__name__}; give the torch.amp.GradScaler "
+                              f"that scales the training loss, or leave it out")
+        self._scaler = scaler
+
+    def _loss_scale(self) -> float:
+        """The scale of the loss whose backward just ran (1 without an enabled scaler)."""
+        scaler = self._scaler
+        return 1.0 if scaler is None or not scaler.is_enabled() else float(scaler.get_scale())
 
     def _refuse_fallback(self) -> None:
         if self.engine.fallback:
@@ -402,10 +430,29 @@ class InRun:
             out.append(g / (v_hat.sqrt() + eps))
         return out
 
-    def _add(self, record: dict[str, np.ndarray]) -> None:
-        self._pending.append(record)
+    def _add(self, record: dict[str, np.ndarray], step: int, scale: float) -> None:
+        """Queue a step's ``record``; with a loss scaler, hold the latest step's records until
+        the scale of a later step (or the scaler's at close) says whether it was skipped."""
+        if self._scaler is None:
+            self._pending.append(record)
+        else:
+            if self._held is not None and self._held[0] != step:
+                self._settle(scale)
+            if self._held is None:
+                self._held = (step, scale, [])
+            self._held[2].append(record)
         if time.monotonic() - self._flushed >= max(self.flush_every, 10 * self._write_seconds):
             self.flush()
+
+    def _settle(self, scale_after: float) -> None:
+        """Queue the held step's records: lr 0 if the scale fell after it (the scaler backs off
+        exactly when it skips a step, and grows otherwise)."""
+        step, scale, records = self._held
+        self._held = None
+        if scale_after < scale:
+            for r in records:
+                r["lr"] = np.zeros_like(r["lr"])
+        self._pending.extend(records)
 
     def flush(self) -> None:
         """Write the records since the last flush to the journal and (rank 0) rewrite the
@@ -437,6 +484,8 @@ class InRun:
             return self.out
         self.detach()
         self._closed = True
+        if self._held is not None:
+            self._settle(self._loss_scale())   # the scaler's update after the last step has run
         self._spill()
         _barrier()
         failed = None
@@ -667,9 +716,11 @@ class _Step:
 
     def _record(self) -> None:
         rec, t = self.rec, self.terms
-        local = self._share(t)
-        sq_local = self.state.sq.double()           # ‖∇(s_b ℓ_b)‖², s_b: the share in this process's loss
-        share, share_sq, dot = local, sq_local, self.state.dots
+        scale = rec._loss_scale()                   # the backward's δ is of the loss times this
+        local = self._share(t) / scale
+        sq_local = self.state.sq.double() / scale ** 2   # ‖∇(s_b ℓ_b)‖², s_b: the share in this process's loss
+        share, share_sq = local, sq_local
+        dot = None if self.state.dots is None else self.state.dots / scale
         W = rec._world_share                        # DDP averages W processes' gradients into the update
         if W > 1:
             share, share_sq, dot = local / W, sq_local / W ** 2, None if dot is None else dot / W
@@ -683,7 +734,7 @@ class _Step:
             record["target_norm"] = np.full(self.B, self.target[1])
         else:
             record["dot"] = record["target_norm"] = np.full(self.B, np.nan)
-        rec._add(record)
+        rec._add(record, self.step, scale)
 
     def _share(self, t: "_LossTerms") -> torch.Tensor:
         """(B,) s_b with δ_b = s_b d_b (δ: the output gradient of the step's loss, d: of ℓ_b),

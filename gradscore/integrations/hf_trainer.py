@@ -66,14 +66,16 @@ class GradscoreInRunCallback(TrainerCallback):
     The training examples carry their id in a column ``ids_key`` (kept with
     ``remove_unused_columns=False``; the recorder removes it before the model sees it) and
     their targets in ``labels_key``. Each micro-batch of gradient accumulation is one
-    recorded step at the optimizer step's number and learning rate. The file is written
-    when training ends.
+    recorded step at the optimizer step's number and learning rate. Under ``fp16=True`` the
+    recorder is given the Trainer's loss scaler. The file is written when training ends.
     """
 
     def __init__(self, recorder: Any, *, ids_key: str = "ids", labels_key: str = "labels") -> None:
         self.recorder, self.keys = recorder, {"ids_key": ids_key, "labels_key": labels_key}
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if self.recorder.scaler is None:   # fp16: Accelerate's optimizer holds the GradScaler of the loss
+            self.recorder.scaler = getattr(optimizer, "scaler", None)
         self.recorder.attach(**self.keys)
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):

@@ -58,13 +58,18 @@ class GradscoreInRun(Callback):
     (default: a batch ``(ids, x, y)``). Each batch (each micro-batch under gradient
     accumulation) is one recorded step, from ``on_train_batch_start`` to
     ``on_after_backward``, at ``trainer.global_step`` and the first optimizer's learning
-    rate. The file is written when training ends.
+    rate; under ``precision="16-mixed"`` the recorder is given the loss scaler. The file is
+    written when training ends.
     """
 
     def __init__(self, recorder: Any, *, ids_and_targets: Any = None) -> None:
         self.recorder = recorder
         self.ids_and_targets = ids_and_targets or (lambda batch: (batch[0], batch[-1]))
         self._step: Any = None
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.recorder.scaler is None:   # "16-mixed": the precision plugin's GradScaler scales the loss
+            self.recorder.scaler = getattr(trainer.precision_plugin, "scaler", None)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         ids, y = self.ids_and_targets(batch)
