@@ -2,6 +2,8 @@
 Each writes checkpoints that `gradscore run` accepts; tiny models, no downloads."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -241,3 +243,40 @@ def test_lightning_inrun_callback_reads_the_loss_scaler(tmp_path):
               ).fit(module, torch.utils.data.DataLoader(data, batch_size=10))
     with h5py.File(tmp_path / "inrun.h5") as f:
         np.testing.assert_allclose(f["inrun/share"][()], 0.1, rtol=1e-12)
+
+
+def test_inrun_callbacks_name_gradient_clipping(tmp_path, recwarn):
+    """A trainer that clips the gradient makes a clipped step shorter than its learning rate
+    says: with a target, both callbacks warn that inrun_value does not see it (one line
+    naming the option); without clipping, or without a target, they do not."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("lightning")
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+
+    from gradscore.exceptions import GradscoreWarning
+    from gradscore.integrations.hf_trainer import GradscoreInRunCallback
+    from gradscore.integrations.lightning import GradscoreInRun
+    x, y, _ = _data(tmp_path)
+    model = mlp(**KW)
+
+    def args(clip):
+        return TrainingArguments(output_dir=str(tmp_path / "o"), max_grad_norm=clip, report_to=[], use_cpu=True)
+
+    def lightning_trainer(clip):
+        return SimpleNamespace(precision_plugin=SimpleNamespace(), gradient_clip_val=clip)
+
+    for i, (targets, clip) in enumerate([((x[:4], y[:4]), 1.0), ((x[:4], y[:4]), 0.0), (None, 1.0)]):
+        warns = targets is not None and clip > 0
+        rec = gs.InRun(model, out=tmp_path / f"hf{i}.h5", targets=targets)
+        with (pytest.warns(GradscoreWarning, match=r"^TrainingArguments\(max_grad_norm=1.0\): the trainer clips "
+                                                   r"the gradient.*inrun_value") if warns else contextlib.nullcontext()):
+            GradscoreInRunCallback(rec).on_train_begin(args(clip), None, None, optimizer=None)
+        rec.detach()
+        rec = gs.InRun(model, out=tmp_path / f"pl{i}.h5", targets=targets)
+        with (pytest.warns(GradscoreWarning, match=r"^Trainer\(gradient_clip_val=1.0\): the trainer clips")
+              if warns else contextlib.nullcontext()):
+            GradscoreInRun(rec).on_train_start(lightning_trainer(clip), None)
+        if not warns:
+            assert not [w for w in recwarn if issubclass(w.category, GradscoreWarning)]

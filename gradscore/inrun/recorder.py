@@ -279,6 +279,15 @@ class InRun:
                               f"that scales the training loss, or leave it out")
         self._scaler = scaler
 
+    def warn_clipping(self, setting: str) -> None:
+        """Warn that the trainer clips the gradient (``setting``: its option, as set), if
+        ``inrun_value`` is recorded: it weighs each step by η_t, not by the clipped update."""
+        if self.targets is not None and "inrun_value" in self.config.scores:
+            warnings.warn(f"{setting}: the trainer clips the gradient, so a clipped step moves θ less than its "
+                          f"learning rate says, and inrun_value (Σ_t η_t ⟨∇L_b, ∇J⟩) weighs every step by η_t "
+                          f"alone; turn clipping off for the exact first-order value (inrun_value_cos, a mean "
+                          f"cosine, is unaffected)", GradscoreWarning, stacklevel=3)
+
     def _loss_scale(self) -> float:
         """The scale of the loss whose backward just ran (1 without an enabled scaler)."""
         scaler = self._scaler

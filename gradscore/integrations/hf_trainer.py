@@ -76,6 +76,8 @@ class GradscoreInRunCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         if self.recorder.scaler is None:   # fp16: Accelerate's optimizer holds the GradScaler of the loss
             self.recorder.scaler = getattr(optimizer, "scaler", None)
+        if args.max_grad_norm:
+            self.recorder.warn_clipping(f"TrainingArguments(max_grad_norm={args.max_grad_norm})")
         self.recorder.attach(**self.keys)
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):

@@ -70,6 +70,8 @@ class GradscoreInRun(Callback):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self.recorder.scaler is None:   # "16-mixed": the precision plugin's GradScaler scales the loss
             self.recorder.scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if trainer.gradient_clip_val:
+            self.recorder.warn_clipping(f"Trainer(gradient_clip_val={trainer.gradient_clip_val})")
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         ids, y = self.ids_and_targets(batch)
