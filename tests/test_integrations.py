@@ -110,7 +110,8 @@ def test_hf_trainer_inrun_callback(tmp_path, scale):
     """The Trainer's own steps (gradient accumulation 2) recorded by gs.InRun; every
     recorded loss and ‖∇ℓ_b‖² equals the per-example loop at the step's parameters. With a
     loss scaler (what ``fp16=True`` gives on a GPU; set here by hand, as the CPU has none)
-    the callback finds it on the Trainer's optimizer: the shares are of the unscaled loss."""
+    the callback finds it on the Trainer's optimizer: the shares are of the unscaled loss, also
+    when the scale doubles every step (the Trainer updates it before the step's record is made)."""
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     import copy
@@ -141,7 +142,7 @@ def test_hf_trainer_inrun_callback(tmp_path, scale):
                              remove_unused_columns=False)
     trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[Snap(), GradscoreInRunCallback(rec)])
     if scale is not None:
-        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=1)
     trainer.train()
     with h5py.File(tmp_path / "inrun.h5") as f:
         rows = {k: f["inrun"][k][()] for k in f["inrun"]}
@@ -236,7 +237,7 @@ def test_lightning_inrun_callback_reads_the_loss_scaler(tmp_path):
 
     module = Module()
     data = torch.utils.data.TensorDataset(torch.arange(40), x.double(), y)
-    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=256.0))
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=1))
     L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, plugins=[plugin],
               callbacks=[GradscoreInRun(gs.InRun(module.net, out=tmp_path / "inrun.h5"))]

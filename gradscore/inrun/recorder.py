@@ -622,6 +622,7 @@ class _Step:
         self.calls = 0
         self.output: torch.Tensor | None = None
         self.terms: _LossTerms | None = None
+        self.scale = 1.0                      # the loss scale of this step's backward
         self.error: Exception | None = None
 
     def __enter__(self) -> "_Step":
@@ -699,6 +700,7 @@ class _Step:
         largest tensors). An error is raised after the backward, not inside it."""
         if self.output is None:   # read by an earlier backward of this step, which the engine refuses
             return
+        self.scale = self.rec._loss_scale()   # now: a trainer may update its scaler before __exit__
         try:
             self.terms = _LossTerms.of(self.rec.loss, self.output, grad.detach(), self.y)
         except Exception as e:  # noqa: BLE001 - raised by __exit__, outside autograd's engine
@@ -725,7 +727,7 @@ class _Step:
 
     def _record(self) -> None:
         rec, t = self.rec, self.terms
-        scale = rec._loss_scale()                   # the backward's δ is of the loss times this
+        scale = self.scale                          # the backward's δ is of the loss times this
         local = self._share(t) / scale
         sq_local = self.state.sq.double() / scale ** 2   # ‖∇(s_b ℓ_b)‖², s_b: the share in this process's loss
         share, share_sq = local, sq_local
