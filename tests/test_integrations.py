@@ -281,3 +281,94 @@ def test_inrun_callbacks_name_gradient_clipping(tmp_path, recwarn):
             GradscoreInRun(rec).on_train_start(lightning_trainer(clip), None)
         if not warns:
             assert not [w for w in recwarn if issubclass(w.category, GradscoreWarning)]
+
+
+def test_hf_trainer_inrun_callback_preconditions_with_the_trainers_adam(tmp_path):
+    """The Trainer makes its AdamW inside train(), after the recorder: with
+    ``optimizer="adam"`` the callback hands it over, and each dot is the share times
+    ⟨∇ℓ_b, Γ_t ∇J⟩, Γ_t from the Trainer's AdamW state before step t, as the loop gives."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import copy
+
+    import h5py
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from gradscore.integrations.hf import from_config
+    from gradscore.integrations.hf_trainer import GradscoreInRunCallback
+    from gradscore.losses import causal_lm
+    cfg = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "vocab_size": 31,
+           "n_positions": 16, "bos_token_id": 0, "eos_token_id": 0, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+           "attn_pdrop": 0.0}
+    torch.manual_seed(0)
+    model = from_config(cfg, attn_implementation="eager").train()
+    tokens = torch.randint(0, 31, (24, 12), generator=torch.Generator().manual_seed(0))
+    train = [{"input_ids": r, "labels": r, "ids": torch.tensor(i)} for i, r in enumerate(tokens)]
+    target = ({"input_ids": tokens[:3]}, tokens[:3])
+    snapshots = {}
+
+    class Snap(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            v = {n: (copy.deepcopy(optimizer.state[p]) if p in optimizer.state else None)
+                 for n, p in model.named_parameters()}
+            snapshots[state.global_step] = (copy.deepcopy(model.state_dict()), v)
+
+    rec = gs.InRun(model, loss="causal_lm", out=tmp_path / "inrun.h5", targets=target, optimizer="adam")
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4,
+                             learning_rate=0.01, report_to=[], use_cpu=True, save_strategy="no",
+                             logging_strategy="no", disable_tqdm=True, remove_unused_columns=False,
+                             max_grad_norm=0.0)
+    Trainer(model=model, args=args, train_dataset=train, callbacks=[Snap(), GradscoreInRunCallback(rec)]).train()
+    assert isinstance(rec.optimizer, torch.optim.AdamW)
+    with h5py.File(tmp_path / "inrun.h5") as f:
+        rows = {k: f["inrun"][k][()] for k in f["inrun"]}
+        ids = f["ids"][()]
+        assert '"preconditioner": "adam"' in f.attrs["config"]
+    ref = copy.deepcopy(model).eval()
+    loss_fn = causal_lm("mean").fn
+    params, v = dict(ref.named_parameters()), snapshots[2][1]
+    ref.load_state_dict(snapshots[2][0])
+    gJ = dict(zip(params, torch.autograd.grad(loss_fn(ref(**target[0]).logits, target[1]).mean(),
+                                              list(params.values()))))
+    pre = {n: gJ[n] / ((v[n]["exp_avg_sq"] / (1 - 0.999 ** float(v[n]["step"]))).sqrt() + 1e-8) for n in params}
+    for i in np.flatnonzero(rows["step"] == 2):
+        x = tokens[int(ids[rows["row"][i]])][None]
+        grads = torch.autograd.grad(loss_fn(ref(input_ids=x).logits, x)[0], list(params.values()))
+        want = float(sum((g * pre[n]).sum() for g, n in zip(grads, params)))
+        np.testing.assert_allclose(rows["dot"][i], rows["share"][i] * want, rtol=1e-4)
+
+
+def test_lightning_inrun_callback_hands_over_the_adam(tmp_path):
+    """Lightning makes the optimizer in fit(), after the recorder: with optimizer="adam"
+    the callback gives the recorder the trainer's Adam, whose state then preconditions
+    every dot (the exact preconditioned dot is checked on the Hugging Face Trainer)."""
+    L = pytest.importorskip("lightning")
+    from gradscore.integrations.lightning import GradscoreInRun
+    x, y, _ = _data(tmp_path)
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = mlp(**KW).double()
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.cross_entropy(self.net(batch[1]), batch[2])
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=0.01)
+
+    module = Module()
+    data = torch.utils.data.TensorDataset(torch.arange(40), x.double(), y)
+    rec = gs.InRun(module.net, out=tmp_path / "inrun.h5", targets=(x[:4].double(), y[:4]), optimizer="adam")
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[GradscoreInRun(rec)])
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=10))
+    assert rec.optimizer is trainer.optimizers[0]
+    assert np.isfinite(gs.load_scores(tmp_path / "inrun.h5")["scores"]["inrun_value"]).all()
+    with pytest.raises(gs.ConfigError, match="'adam' asks for the trainer's Adam, which no callback has given"):
+        plain = gs.InRun(module.net, out=tmp_path / "plain.h5", targets=(x[:4].double(), y[:4]), optimizer="adam")
+        with plain.step(range(10), y[:10], lr=0.01):
+            torch.nn.functional.cross_entropy(module.net(x[:10].double()), y[:10]).backward()
+    with pytest.raises(gs.ConfigError, match="'sgd'; give an Adam/AdamW, 'adam'"):
+        gs.InRun(module.net, out=tmp_path / "sgd.h5", optimizer="sgd")

@@ -205,7 +205,9 @@ class InRun:
     out: the scores file :meth:`close` writes (claimed now: an existing file needs
     ``overwrite``). targets: (x, y) target examples for ``inrun_value`` (or None).
     every: steps between target gradients. optimizer: an Adam/AdamW whose state
-    preconditions the target gradient (None: plain dot). scores: what close() writes.
+    preconditions the target gradient (None: plain dot), or "adam": the trainer's, which a
+    Hugging Face or Lightning callback sets as the attribute ``optimizer`` when training
+    begins (those trainers make it after the recorder). scores: what close() writes.
     flush_every: seconds between flushes to disk (a crash loses at most these steps).
     scaler: the ``torch.amp.GradScaler`` that scales the step's loss (fp16 training), or None;
     also settable as the attribute ``scaler`` before the first step.
@@ -213,19 +215,19 @@ class InRun:
 
     def __init__(self, model: nn.Module, *, loss: str | Loss = "cross_entropy", out: str | Path,
                  targets: tuple[Inputs, torch.Tensor] | None = None, every: int = 1,
-                 optimizer: torch.optim.Optimizer | None = None, scores: Sequence[str] = DEFAULT_SCORES,
+                 optimizer: torch.optim.Optimizer | str | None = None, scores: Sequence[str] = DEFAULT_SCORES,
                  flush_every: float = 60.0, overwrite: bool = False,
                  scaler: torch.amp.GradScaler | None = None) -> None:
         self.model, self.loss = model, resolve_loss(loss)
         self.scaler = scaler
+        if isinstance(optimizer, str) and optimizer != "adam":
+            raise ConfigError(f"invalid value for 'optimizer': {optimizer!r}; give an Adam/AdamW, 'adam' (the "
+                              f"trainer's, handed over by its callback), or leave it out (SGD: the plain dot)")
         pre = "none" if optimizer is None else "adam"
-        if optimizer is not None and not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-            raise ConfigError(f"invalid value for 'optimizer': {type(optimizer).__name__}; only Adam/AdamW "
-                              f"precondition the target (leave it out for SGD: the plain dot is exact)")
+        self.optimizer = None if optimizer == "adam" else optimizer   # "adam": the trainer's, set later
         self.config = InRunConfig(out=str(out), loss=self.loss.name, scores=tuple(scores), every=every,
                                   targets=0 if targets is None else batch_len(targets[0]), preconditioner=pre)
-        self.targets, self.optimizer = targets, optimizer
-        self._groups = {} if optimizer is None else {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        self.targets = targets
         # the recorder's own forwards (layout, target gradient) call the network inside a DDP
         # wrapper directly, so that they never touch DDP's gradient reducer
         self.network = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -278,6 +280,20 @@ class InRun:
             raise ConfigError(f"invalid value for 'scaler': {type(scaler).__name__}; give the torch.amp.GradScaler "
                               f"that scales the training loss, or leave it out")
         self._scaler = scaler
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The Adam/AdamW whose state preconditions the target gradient (None: not yet given,
+        or a plain dot: ``config.preconditioner`` says which)."""
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        if optimizer is not None and not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            raise ConfigError(f"invalid value for 'optimizer': {type(optimizer).__name__}; only Adam/AdamW "
+                              f"precondition the target (leave it out for SGD: the plain dot is exact)")
+        self._optimizer = optimizer
+        self._groups = {} if optimizer is None else {id(p): g for g in optimizer.param_groups for p in g["params"]}
 
     def warn_clipping(self, setting: str) -> None:
         """Warn that the trainer clips the gradient (``setting``: its option, as set), if
@@ -389,7 +405,7 @@ class InRun:
             wanted = [self.params[n] for n in dense] + ([z] if factored else [])
             grads = torch.autograd.grad(J, wanted, allow_unused=True) if wanted else ()
         blocks = {n: torch.zeros_like(self.params[n]) if g is None else g.detach() for n, g in zip(dense, grads)}
-        if self.optimizer is not None:
+        if self.config.preconditioner == "adam":
             blocks = dict(zip(blocks, self._precondition(list(blocks.values()), [self.params[n] for n in blocks])))
         refs: list = [captured[n].ref() if n in factored else blocks[n].unsqueeze(0) for n in names]
         sq = sum(float(torch.linalg.vector_norm(b).double() ** 2) for b in blocks.values())
@@ -405,7 +421,7 @@ class InRun:
         leaf whose gradient, asked for, sends δ through every probed output."""
         device = next(iter(self.params.values())).device
         handles, z = [], torch.zeros((), device=device, requires_grad=True)
-        if self.optimizer is None:
+        if self.config.preconditioner == "none":
             for layer in self.engine.layers:
                 if (layer.rule.name != "linear" or layer.tied or "weight" not in layer.params
                         or layer.layout is None or layer.layout.batch_dim != 0):
@@ -428,6 +444,9 @@ class InRun:
     def _precondition(self, grads: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
         """Γ_t g with Γ_t = diag(1/(√v̂ + ε)) from Adam's state before this step; g unchanged
         where the state is still empty (the first step)."""
+        if self.optimizer is None:
+            raise ConfigError("invalid value for 'optimizer': 'adam' asks for the trainer's Adam, which no callback "
+                              "has given; in a plain loop pass the optimizer itself (gs.InRun(..., optimizer=opt))")
         out = []
         for g, p in zip(grads, params):
             state, group = self.optimizer.state.get(p, {}), self._groups[id(p)]

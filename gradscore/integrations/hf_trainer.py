@@ -67,7 +67,8 @@ class GradscoreInRunCallback(TrainerCallback):
     ``remove_unused_columns=False``; the recorder removes it before the model sees it) and
     their targets in ``labels_key``. Each micro-batch of gradient accumulation is one
     recorded step at the optimizer step's number and learning rate. Under ``fp16=True`` the
-    recorder is given the Trainer's loss scaler. The file is written when training ends.
+    recorder is given the Trainer's loss scaler, and with ``gs.InRun(..., optimizer="adam")``
+    the Trainer's AdamW. The file is written when training ends.
     """
 
     def __init__(self, recorder: Any, *, ids_key: str = "ids", labels_key: str = "labels") -> None:
@@ -76,6 +77,8 @@ class GradscoreInRunCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         if self.recorder.scaler is None:   # fp16: Accelerate's optimizer holds the GradScaler of the loss
             self.recorder.scaler = getattr(optimizer, "scaler", None)
+        if self.recorder.config.preconditioner == "adam" and self.recorder.optimizer is None:
+            self.recorder.optimizer = getattr(optimizer, "optimizer", optimizer)   # inside Accelerate's wrapper
         if args.max_grad_norm:
             self.recorder.warn_clipping(f"TrainingArguments(max_grad_norm={args.max_grad_norm})")
         self.recorder.attach(**self.keys)
