@@ -11,27 +11,60 @@ Public API::
     gs.sketch(checkpoints="ckpts/", data="train.h5", out="train.sketch.h5", dim=8192)
     gs.attribute("train.sketch.h5", "test.h5", out="attr.h5", method="tracin")
 """
-from ._version import __version__  # noqa: E402
+import importlib
+from typing import TYPE_CHECKING
 
-from .io.checkpoints import CheckpointInfo, CheckpointStore, CheckpointWriter  # noqa: E402
-from .config import RunConfig  # noqa: E402
-from .io.datasets import Dataset, load_dataset, save_dataset  # noqa: E402
-from .engines import Engine, ScoreBatch  # noqa: E402
-from .exceptions import (CheckpointError, ConfigError, ConfigMismatchError, DataError,  # noqa: E402
-                         EngineError, GradscoreError, OutputError)
-from .engines.vmap import VmapTraceError  # noqa: E402
-from .losses import Loss, causal_lm, resolve_loss  # noqa: E402
-from .scorer import Scorer  # noqa: E402
-from .io.store import load_scores  # noqa: E402
-from .pipeline import reaggregate, run, score  # noqa: E402
-from .scores.costate import CostateConfig, CostateFile, compute_costate  # noqa: E402
-from .reports.select import select  # noqa: E402
-from .reports.diagnose import diagnose  # noqa: E402
-from .reports.flag import flag  # noqa: E402
-from .inrun import InRun  # noqa: E402
-from .sketches.store import sketch  # noqa: E402
-from .sketches.attribute import attribute  # noqa: E402
-from .sketches.projection import Projection  # noqa: E402
+from ._version import __version__
+from .exceptions import (CheckpointError, ConfigError, ConfigMismatchError, DataError, EngineError, GradscoreError,
+                         OutputError)
+
+#: the rest of the public API, by the module that defines it: imported on first use, so that
+#: ``import gradscore`` (and the command line) is ready before torch loads; Ctrl-C while it
+#: loads is then the command's one-line interruption, not a traceback
+_LAZY = {
+    "CheckpointInfo": "io.checkpoints", "CheckpointStore": "io.checkpoints", "CheckpointWriter": "io.checkpoints",
+    "RunConfig": "config", "Dataset": "io.datasets", "load_dataset": "io.datasets", "save_dataset": "io.datasets",
+    "Engine": "engines", "ScoreBatch": "engines", "VmapTraceError": "engines.vmap", "Loss": "losses",
+    "causal_lm": "losses", "resolve_loss": "losses", "Scorer": "scorer", "load_scores": "io.store",
+    "reaggregate": "pipeline", "run": "pipeline", "score": "pipeline", "CostateConfig": "scores.costate",
+    "CostateFile": "scores.costate", "compute_costate": "scores.costate", "select": "reports.select",
+    "diagnose": "reports.diagnose", "flag": "reports.flag", "InRun": "inrun", "sketch": "sketches.store",
+    "attribute": "sketches.attribute", "Projection": "sketches.projection",
+}
+
+
+if TYPE_CHECKING:   # the same names, for type checkers and editors
+    from .config import RunConfig
+    from .engines import Engine, ScoreBatch
+    from .engines.vmap import VmapTraceError
+    from .inrun import InRun
+    from .io.checkpoints import CheckpointInfo, CheckpointStore, CheckpointWriter
+    from .io.datasets import Dataset, load_dataset, save_dataset
+    from .io.store import load_scores
+    from .losses import Loss, causal_lm, resolve_loss
+    from .pipeline import reaggregate, run, score
+    from .reports.diagnose import diagnose
+    from .reports.flag import flag
+    from .reports.select import select
+    from .scorer import Scorer
+    from .scores.costate import CostateConfig, CostateFile, compute_costate
+    from .sketches.attribute import attribute
+    from .sketches.projection import Projection
+    from .sketches.store import sketch
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gradscore' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "__version__", "Scorer", "ScoreBatch", "Engine", "score", "run", "reaggregate", "RunConfig",

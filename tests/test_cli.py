@@ -175,3 +175,21 @@ def test_run_has_an_option_for_every_runconfig_field_with_its_default():
         assert f.metadata.get("help"), f"RunConfig.{f.name} has no help"
         if f.default is not MISSING and not isinstance(f.default, tuple):
             assert options[dest].default == convert(f.default), f.name
+
+
+def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
+    """``import gradscore`` and the command line load no torch (the API loads its modules on
+    first use), so a Ctrl-C while a command loads it is that command's one-line
+    interruption, exit 130, not a traceback from inside torch's import."""
+    import signal
+    import time
+    probe = "import sys, gradscore, gradscore.cli; print('torch' in sys.modules, gradscore.InRun.__name__)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "InRun"]
+    proc = subprocess.Popen([sys.executable, "-m", "gradscore", "demo", "--out", str(tmp_path / "demo")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)   # the interpreter is up (0.1 s); loading torch takes seconds
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["gradscore demo: interrupted; rerun the same command to resume"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,3 +67,24 @@ def test_no_module_imports_back_up_and_no_cycles():
     for m in sorted(set(graph) - inits):
         if m not in state:
             visit(m, [])
+
+
+def test_the_public_api_loads_on_first_use_and_type_checkers_see_it():
+    """``gradscore/__init__.py`` names each public object three times: in ``__all__``, in the
+    lazy map (imported on first use) and under ``TYPE_CHECKING``; the three agree, and each
+    name resolves to the object its module defines."""
+    import ast
+    import importlib
+
+    import gradscore as gs
+    tree = ast.parse((ROOT / "gradscore" / "__init__.py").read_text())
+    guarded = next(n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING")
+    typed = {a.asname or a.name: node.module for node in guarded.body for a in node.names}
+    eager = {"__version__", *(a.name for n in tree.body if isinstance(n, ast.ImportFrom)
+                              and n.module == "exceptions" for a in n.names)}
+    assert set(typed) == set(gs._LAZY) and set(gs.__all__) == set(gs._LAZY) | eager
+    for name, module in gs._LAZY.items():
+        assert typed[name] == module and getattr(gs, name) is getattr(importlib.import_module(f"gradscore.{module}"),
+                                                                      name)
+    with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
+        gs.Nothing

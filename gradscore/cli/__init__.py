@@ -4,9 +4,13 @@ demos), the options several share in :mod:`.common`. Exit codes: 0 success, 2 ba
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import os
+import signal
 import sys
-from typing import Any, Callable, Sequence
+import threading
+from typing import Any, Callable, Iterator, Sequence
 
 from ..exceptions import GradscoreError, one_line
 from . import demos, files, reports, run, sketch
@@ -17,6 +21,29 @@ EPILOG = """examples:
   gradscore info scores.h5
 
 A killed `run` resumes where it stopped when rerun with the same options."""
+
+
+#: what every command loads first (seconds, for torch), with a command's own ``libraries``
+LIBRARIES = ("numpy", "h5py", "torch")
+
+
+@contextlib.contextmanager
+def interrupt_after() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise it: an import cut short can leave a
+    library half-loaded, failing later with other errors (a no-op off the main thread, and
+    where Ctrl-C is ignored, as in a background job)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
+        yield
+        return
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+    if held:
+        raise KeyboardInterrupt
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,14 +65,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:   # the checkout's benchmark parses its own options
         return run_and_report("bench", demos.run_bench, argv[1:])
-    args = build_parser().parse_args(argv)
+    try:
+        with interrupt_after():   # some commands' option defaults come from modules that load torch
+            parser = build_parser()
+    except KeyboardInterrupt:
+        return interrupted(argv[0] if argv and not argv[0].startswith("-") else None)
+    args = parser.parse_args(argv)
     return run_and_report(args.command, args.func, args)
+
+
+def interrupted(command: str | None) -> int:
+    """Ctrl-C: one line on stderr, exit code 130."""
+    print(f"gradscore{f' {command}' if command else ''}: interrupted; rerun the same command to resume",
+          file=sys.stderr)
+    return 130
 
 
 def run_and_report(command: str, fn: Callable[[Any], int], arg: Any) -> int:
     """``fn(arg)``'s exit code; a gradscore error, an OS error, Ctrl-C or a closed pipe
     become one line on stderr and exit codes 2, 2, 130 and 141."""
     try:
+        with interrupt_after():
+            for name in (*LIBRARIES, *getattr(arg, "libraries", ())):
+                importlib.import_module(name)
         code = fn(arg)
         sys.stdout.flush()   # a closed pipe shows here, inside the handlers below
         return code
@@ -53,8 +95,7 @@ def run_and_report(command: str, fn: Callable[[Any], int], arg: Any) -> int:
         print(f"gradscore {command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"gradscore {command}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return interrupted(command)
     except BrokenPipeError:   # `gradscore info … | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141

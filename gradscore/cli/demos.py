@@ -163,5 +163,5 @@ def add(sub: argparse._SubParsersAction) -> None:
     _add_demo(sub)
     _add_experiment(sub)
     _add_bench(sub)
-    sub.choices["demo"].set_defaults(func=_cmd_demo)
-    sub.choices["experiment"].set_defaults(func=_cmd_experiment)
+    for name, func in (("demo", _cmd_demo), ("experiment", _cmd_experiment)):   # both load the digits, plot
+        sub.choices[name].set_defaults(func=func, libraries=("sklearn.datasets", "matplotlib.pyplot"))
