@@ -27,6 +27,53 @@ def _run_ok(ckpts, data, tmp_path):
     return gs.load_scores(tmp_path / "scores.h5")
 
 
+#: a 1-layer GPT-2, built from its config (no download)
+GPT2 = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "vocab_size": 31, "n_positions": 16,
+        "bos_token_id": 0, "eos_token_id": 0}
+
+
+def _inrun_gpt2(first_id: int = 0):
+    """The in-run Trainer tests' model (GPT2 without dropout, eager attention, train mode),
+    24 token rows (24, 12) and their training set with an ``ids`` column from ``first_id``."""
+    from gradscore.integrations.hf import from_config
+    torch.manual_seed(0)
+    model = from_config({**GPT2, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+                        attn_implementation="eager").train()
+    tokens = torch.randint(0, 31, (24, 12), generator=torch.Generator().manual_seed(0))
+    return model, tokens, [{"input_ids": r, "labels": r, "ids": torch.tensor(first_id + i)}
+                           for i, r in enumerate(tokens)]
+
+
+def _inrun_module(L, optimizer=torch.optim.SGD, lr=0.1, snapshots=None):
+    """A LightningModule over batches (ids, x, y) training a float64 MLP ``net`` with mean
+    cross-entropy; ``snapshots`` (if given) gets the net's state at the start of each step."""
+    import copy
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = mlp(**KW).double()     # float64: autocast leaves it as it is; a scaler still scales
+
+        def training_step(self, batch, batch_idx):
+            if snapshots is not None:
+                snapshots.setdefault(self.global_step, copy.deepcopy(self.net.state_dict()))
+            return torch.nn.functional.cross_entropy(self.net(batch[1]), batch[2])
+
+        def configure_optimizers(self):
+            return optimizer(self.parameters(), lr=lr)
+    return Module()
+
+
+def _fit(L, module, x, y, callbacks, epochs=1, **trainer_kwargs):
+    """``module`` fit on the 40 examples (ids, x, y) in batches of 10; returns the trainer."""
+    data = torch.utils.data.TensorDataset(torch.arange(40), x.double(), y)
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, **trainer_kwargs)
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=10))
+    return trainer
+
+
 def test_plain_loop_every_n_steps(tmp_path):
     x, y, data = _data(tmp_path)
     torch.manual_seed(0)
@@ -84,10 +131,8 @@ def test_hf_trainer_callback(tmp_path):
 
     from gradscore.integrations.hf import from_config
     from gradscore.integrations.hf_trainer import GradscoreCallback
-    cfg = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "vocab_size": 31,
-           "n_positions": 16, "bos_token_id": 0, "eos_token_id": 0}
     torch.manual_seed(0)
-    model = from_config(cfg).train()
+    model = from_config(GPT2).train()
     ids = torch.randint(0, 31, (24, 12), generator=torch.Generator().manual_seed(0))
     train = [{"input_ids": r, "labels": r} for r in ids]
     cb = GradscoreCallback.for_model(str(tmp_path / "ck"), model, every_n_steps=2)
@@ -119,16 +164,9 @@ def test_hf_trainer_inrun_callback(tmp_path, scale):
     import h5py
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from gradscore.integrations.hf import from_config
     from gradscore.integrations.hf_trainer import GradscoreInRunCallback
     from gradscore.losses import causal_lm
-    cfg = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "vocab_size": 31,
-           "n_positions": 16, "bos_token_id": 0, "eos_token_id": 0, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
-           "attn_pdrop": 0.0}
-    torch.manual_seed(0)
-    model = from_config(cfg, attn_implementation="eager").train()
-    tokens = torch.randint(0, 31, (24, 12), generator=torch.Generator().manual_seed(0))
-    train = [{"input_ids": r, "labels": r, "ids": torch.tensor(100 + i)} for i, r in enumerate(tokens)]
+    model, tokens, train = _inrun_gpt2(first_id=100)
     snapshots = {}
 
     class Snap(TrainerCallback):
@@ -175,25 +213,9 @@ def test_lightning_inrun_callback_is_bit_identical_and_exact(tmp_path):
     x, y, _ = _data(tmp_path)
     snapshots = {}
 
-    class Module(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = mlp(**KW).double()
-
-        def training_step(self, batch, batch_idx):
-            snapshots.setdefault(self.global_step, copy.deepcopy(self.net.state_dict()))
-            return torch.nn.functional.cross_entropy(self.net(batch[1]), batch[2])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
     def fit(callbacks):
-        module = Module()
-        data = torch.utils.data.TensorDataset(torch.arange(40), x.double(), y)
-        L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False,
-                  callbacks=callbacks(module)).fit(module, torch.utils.data.DataLoader(data, batch_size=10))
+        module = _inrun_module(L, snapshots=snapshots)
+        _fit(L, module, x, y, callbacks(module), epochs=2)
         return module
 
     plain = fit(lambda m: [])
@@ -222,26 +244,9 @@ def test_lightning_inrun_callback_reads_the_loss_scaler(tmp_path):
 
     from gradscore.integrations.lightning import GradscoreInRun
     x, y, _ = _data(tmp_path)
-
-    class Module(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = mlp(**KW).double()     # float64: autocast leaves it as it is; the scaler still scales
-
-        def training_step(self, batch, batch_idx):
-            return torch.nn.functional.cross_entropy(self.net(batch[1]), batch[2])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    module = Module()
-    data = torch.utils.data.TensorDataset(torch.arange(40), x.double(), y)
+    module = _inrun_module(L)
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=1))
-    L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, plugins=[plugin],
-              callbacks=[GradscoreInRun(gs.InRun(module.net, out=tmp_path / "inrun.h5"))]
-              ).fit(module, torch.utils.data.DataLoader(data, batch_size=10))
+    _fit(L, module, x, y, [GradscoreInRun(gs.InRun(module.net, out=tmp_path / "inrun.h5"))], plugins=[plugin])
     with h5py.File(tmp_path / "inrun.h5") as f:
         np.testing.assert_allclose(f["inrun/share"][()], 0.1, rtol=1e-12)
 
@@ -294,16 +299,9 @@ def test_hf_trainer_inrun_callback_preconditions_with_the_trainers_adam(tmp_path
     import h5py
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from gradscore.integrations.hf import from_config
     from gradscore.integrations.hf_trainer import GradscoreInRunCallback
     from gradscore.losses import causal_lm
-    cfg = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "vocab_size": 31,
-           "n_positions": 16, "bos_token_id": 0, "eos_token_id": 0, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
-           "attn_pdrop": 0.0}
-    torch.manual_seed(0)
-    model = from_config(cfg, attn_implementation="eager").train()
-    tokens = torch.randint(0, 31, (24, 12), generator=torch.Generator().manual_seed(0))
-    train = [{"input_ids": r, "labels": r, "ids": torch.tensor(i)} for i, r in enumerate(tokens)]
+    model, tokens, train = _inrun_gpt2()
     target = ({"input_ids": tokens[:3]}, tokens[:3])
     snapshots = {}
 
@@ -345,25 +343,9 @@ def test_lightning_inrun_callback_hands_over_the_adam(tmp_path):
     L = pytest.importorskip("lightning")
     from gradscore.integrations.lightning import GradscoreInRun
     x, y, _ = _data(tmp_path)
-
-    class Module(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = mlp(**KW).double()
-
-        def training_step(self, batch, batch_idx):
-            return torch.nn.functional.cross_entropy(self.net(batch[1]), batch[2])
-
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=0.01)
-
-    module = Module()
-    data = torch.utils.data.TensorDataset(torch.arange(40), x.double(), y)
+    module = _inrun_module(L, optimizer=torch.optim.Adam, lr=0.01)
     rec = gs.InRun(module.net, out=tmp_path / "inrun.h5", targets=(x[:4].double(), y[:4]), optimizer="adam")
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[GradscoreInRun(rec)])
-    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=10))
+    trainer = _fit(L, module, x, y, [GradscoreInRun(rec)])
     assert rec.optimizer is trainer.optimizers[0]
     assert np.isfinite(gs.load_scores(tmp_path / "inrun.h5")["scores"]["inrun_value"]).all()
     with pytest.raises(gs.ConfigError, match="'adam' asks for the trainer's Adam, which no callback has given"):
