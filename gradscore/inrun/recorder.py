@@ -675,6 +675,9 @@ class _Step:
                               f"per example of the batch")
         if self.B == 0:
             return None
+        # the scale this step's backward will use: a trainer may update its scaler before __exit__,
+        # and reading it here, not in the backward, keeps a device sync out of the backward
+        self.scale = rec._loss_scale()
         if not rec._laid_out:
             self._lay_out(x)
         self.target = rec._target_refs(self.step)   # after the layout: it picks each layer's form
@@ -719,7 +722,6 @@ class _Step:
         largest tensors). An error is raised after the backward, not inside it."""
         if self.output is None:   # read by an earlier backward of this step, which the engine refuses
             return
-        self.scale = self.rec._loss_scale()   # now: a trainer may update its scaler before __exit__
         try:
             self.terms = _LossTerms.of(self.rec.loss, self.output, grad.detach(), self.y)
         except Exception as e:  # noqa: BLE001 - raised by __exit__, outside autograd's engine
