@@ -453,7 +453,10 @@ model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
 g = torch.Generator().manual_seed(1)
 x, y = torch.randn(32, 10, generator=g, dtype=torch.float64), torch.randint(0, 4, (32,), generator=g)
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
-rec = gs.InRun(model, out=sys.argv[1], targets=(x[:6], y[:6]), flush_every=0)
+if sys.argv[2] == "wrapped":   # the recorder on the DDP model: it reads the world size from the wrapper
+    rec = gs.InRun(model, out=sys.argv[1], targets=(x[:6], y[:6]), flush_every=0)
+else:                          # on the network inside it, as a trainer's callback has it: told the world size
+    rec = gs.InRun(net, out=sys.argv[1], targets=(x[:6], y[:6]), flush_every=0, data_parallel=world)
 for t in range(6):
     batch = torch.randperm(32, generator=g)[:8]
     mine = batch.chunk(world)[rank]                 # each rank its share of the global batch
@@ -470,15 +473,22 @@ if world > 1:
 """
 
 
-def test_two_ddp_ranks_record_what_one_process_does(tmp_path):
+@pytest.mark.parametrize("recorded", ["wrapped", "inner"])
+def test_two_ddp_ranks_record_what_one_process_does(tmp_path, recorded):
+    """Two gloo ranks, each recording its half of every global batch, give what one process
+    gives on the whole batches: DDP averages the ranks' gradients, so each share is the
+    local one / 2, whether the recorder is on the DDP model or (told ``data_parallel``) on
+    the network inside it, as the Hugging Face and Lightning callbacks have it."""
     import subprocess
     import sys
     script = tmp_path / "ddp.py"
     script.write_text(_DDP)
-    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.h5")], capture_output=True, text=True)
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.h5"), recorded], capture_output=True,
+                         text=True)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                          str(script), str(tmp_path / "two.h5")], capture_output=True, text=True, timeout=300)
+                          str(script), str(tmp_path / "two.h5"), recorded], capture_output=True, text=True,
+                         timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = (gs.load_scores(tmp_path / f) for f in ("one.h5", "two.h5"))
     assert np.array_equal(a["ids"], b["ids"])

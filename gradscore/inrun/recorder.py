@@ -210,14 +210,17 @@ class InRun:
     begins (those trainers make it after the recorder). scores: what close() writes.
     flush_every: seconds between flushes to disk (a crash loses at most these steps).
     scaler: the ``torch.amp.GradScaler`` that scales the step's loss (fp16 training), or None;
-    also settable as the attribute ``scaler`` before the first step.
+    also settable as the attribute ``scaler`` before the first step. data_parallel: the
+    processes whose gradients each update averages (DDP's world size); default: the world
+    size if ``model`` is a DistributedDataParallel, else 1; the Hugging Face and Lightning
+    callbacks set it from the trainer, whose DDP wraps the model the recorder is given.
     """
 
     def __init__(self, model: nn.Module, *, loss: str | Loss = "cross_entropy", out: str | Path,
                  targets: tuple[Inputs, torch.Tensor] | None = None, every: int = 1,
                  optimizer: torch.optim.Optimizer | str | None = None, scores: Sequence[str] = DEFAULT_SCORES,
                  flush_every: float = 60.0, overwrite: bool = False,
-                 scaler: torch.amp.GradScaler | None = None) -> None:
+                 scaler: torch.amp.GradScaler | None = None, data_parallel: int | None = None) -> None:
         self.model, self.loss = model, resolve_loss(loss)
         self.scaler = scaler
         if isinstance(optimizer, str) and optimizer != "adam":
@@ -239,7 +242,8 @@ class InRun:
         self._refuse_fallback()
         self.rank, self.world = _rank_world()
         # DDP averages the ranks' gradients: an example's share of the update is its share of its rank's loss / W
-        self._world_share = self.world if isinstance(model, nn.parallel.DistributedDataParallel) else 1
+        self.data_parallel = (data_parallel if data_parallel is not None else
+                              self.world if isinstance(model, nn.parallel.DistributedDataParallel) else 1)
         self.fingerprint = {"inrun": type(model).__name__, "parameters": names, "config": self.config.to_dict(),
                             "recording": _recording_id()}
         failed = None
@@ -280,6 +284,18 @@ class InRun:
             raise ConfigError(f"invalid value for 'scaler': {type(scaler).__name__}; give the torch.amp.GradScaler "
                               f"that scales the training loss, or leave it out")
         self._scaler = scaler
+
+    @property
+    def data_parallel(self) -> int:
+        """The processes whose gradients each update averages (1: none)."""
+        return self._data_parallel
+
+    @data_parallel.setter
+    def data_parallel(self, processes: int) -> None:
+        if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+            raise ConfigError(f"invalid value for 'data_parallel': {processes!r}; give the number of processes whose "
+                              f"gradients each update averages (DDP's world size), a whole number >= 1")
+        self._data_parallel = processes
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
@@ -753,7 +769,7 @@ class _Step:
         sq_local = self.state.sq.double() / scale ** 2   # ‖∇(s_b ℓ_b)‖², s_b: the share in this process's loss
         share, share_sq = local, sq_local
         dot = None if self.state.dots is None else self.state.dots / scale
-        W = rec._world_share                        # DDP averages W processes' gradients into the update
+        W = rec.data_parallel                       # DDP averages W processes' gradients into the update
         if W > 1:
             share, share_sq, dot = local / W, sq_local / W ** 2, None if dot is None else dot / W
         # device tensors until the flush: no host copy (nor CUDA sync) per step for these

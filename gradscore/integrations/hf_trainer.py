@@ -67,8 +67,9 @@ class GradscoreInRunCallback(TrainerCallback):
     ``remove_unused_columns=False``; the recorder removes it before the model sees it) and
     their targets in ``labels_key``. Each micro-batch of gradient accumulation is one
     recorded step at the optimizer step's number and learning rate. Under ``fp16=True`` the
-    recorder is given the Trainer's loss scaler, and with ``gs.InRun(..., optimizer="adam")``
-    the Trainer's AdamW. The file is written when training ends.
+    recorder is given the Trainer's loss scaler, under DDP its world size, and with
+    ``gs.InRun(..., optimizer="adam")`` the Trainer's AdamW. The file is written when
+    training ends.
     """
 
     def __init__(self, recorder: Any, *, ids_key: str = "ids", labels_key: str = "labels") -> None:
@@ -79,6 +80,8 @@ class GradscoreInRunCallback(TrainerCallback):
             self.recorder.scaler = getattr(optimizer, "scaler", None)
         if self.recorder.config.preconditioner == "adam" and self.recorder.optimizer is None:
             self.recorder.optimizer = getattr(optimizer, "optimizer", optimizer)   # inside Accelerate's wrapper
+        if args.world_size > 1 and self.recorder.data_parallel == 1:   # the Trainer's DDP averages the ranks
+            self.recorder.data_parallel = args.world_size
         if args.max_grad_norm:
             self.recorder.warn_clipping(f"TrainingArguments(max_grad_norm={args.max_grad_norm})")
         self.recorder.attach(**self.keys)

@@ -58,9 +58,9 @@ class GradscoreInRun(Callback):
     (default: a batch ``(ids, x, y)``). Each batch (each micro-batch under gradient
     accumulation) is one recorded step, from ``on_train_batch_start`` to
     ``on_after_backward``, at ``trainer.global_step`` and the first optimizer's learning
-    rate; under ``precision="16-mixed"`` the recorder is given the loss scaler, and with
-    ``gs.InRun(..., optimizer="adam")`` the first optimizer. The file is written when
-    training ends.
+    rate; under ``precision="16-mixed"`` the recorder is given the loss scaler, under DDP
+    the world size, and with ``gs.InRun(..., optimizer="adam")`` the first optimizer. The
+    file is written when training ends.
     """
 
     def __init__(self, recorder: Any, *, ids_and_targets: Any = None) -> None:
@@ -73,6 +73,8 @@ class GradscoreInRun(Callback):
             self.recorder.scaler = getattr(trainer.precision_plugin, "scaler", None)
         if self.recorder.config.preconditioner == "adam" and self.recorder.optimizer is None:
             self.recorder.optimizer = trainer.optimizers[0]
+        if trainer.world_size > 1 and self.recorder.data_parallel == 1:   # DDP averages the ranks' gradients
+            self.recorder.data_parallel = trainer.world_size
         if trainer.gradient_clip_val:
             self.recorder.warn_clipping(f"Trainer(gradient_clip_val={trainer.gradient_clip_val})")
 
