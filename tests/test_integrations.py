@@ -271,7 +271,7 @@ def test_inrun_callbacks_name_gradient_clipping(tmp_path, recwarn):
         return TrainingArguments(output_dir=str(tmp_path / "o"), max_grad_norm=clip, report_to=[], use_cpu=True)
 
     def lightning_trainer(clip):
-        return SimpleNamespace(precision_plugin=SimpleNamespace(), gradient_clip_val=clip, world_size=1)
+        return SimpleNamespace(precision_plugin=SimpleNamespace(), gradient_clip_val=clip, world_size=1, optimizers=[])
 
     for i, (targets, clip) in enumerate([((x[:4], y[:4]), 1.0), ((x[:4], y[:4]), 0.0), (None, 1.0)]):
         warns = targets is not None and clip > 0
@@ -371,8 +371,8 @@ def test_inrun_callbacks_give_the_recorder_the_ranks_ddp_averages(tmp_path):
     GradscoreInRunCallback(rec).on_train_begin(SimpleNamespace(world_size=4, max_grad_norm=0.0), None, None)
     rec.detach()
     rec2 = gs.InRun(model, out=tmp_path / "pl.h5")
-    GradscoreInRun(rec2).on_train_start(SimpleNamespace(precision_plugin=None, gradient_clip_val=None, world_size=2),
-                                        None)
+    trainer = SimpleNamespace(precision_plugin=None, gradient_clip_val=None, world_size=2, optimizers=[])
+    GradscoreInRun(rec2).on_train_start(trainer, None)
     assert (rec.data_parallel, rec2.data_parallel) == (4, 2)
     with pytest.raises(gs.ConfigError, match="'data_parallel': 0; give the number of processes"):
         gs.InRun(model, out=tmp_path / "bad.h5", data_parallel=0)

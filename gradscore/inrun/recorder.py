@@ -311,11 +311,20 @@ class InRun:
         self._optimizer = optimizer
         self._groups = {} if optimizer is None else {id(p): g for g in optimizer.param_groups for p in g["params"]}
 
-    def warn_clipping(self, setting: str) -> None:
-        """Warn that the trainer clips the gradient (``setting``: its option, as set), if
-        ``inrun_value`` is recorded: it weighs each step by η_t, not by the clipped update."""
-        if self.targets is not None and "inrun_value" in self.config.scores:
-            warnings.warn(f"{setting}: the trainer clips the gradient, so a clipped step moves θ less than its "
+    def from_trainer(self, *, scaler: Any, optimizer: Any, world_size: int, clipping: str | None) -> None:
+        """What a trainer's callback hands over when training begins, where the recorder was
+        not given it: the trainer's loss scaler (or None), its optimizer (taken if
+        ``optimizer="adam"``), the ranks its DDP averages; ``clipping``: the trainer's
+        gradient-clipping option as set (None: off), which ``inrun_value`` does not see (a
+        warning, if it is recorded)."""
+        if self.scaler is None:
+            self.scaler = scaler
+        if self.config.preconditioner == "adam" and self.optimizer is None:
+            self.optimizer = optimizer
+        if world_size > 1 and self.data_parallel == 1:
+            self.data_parallel = world_size
+        if clipping and self.targets is not None and "inrun_value" in self.config.scores:
+            warnings.warn(f"{clipping}: the trainer clips the gradient, so a clipped step moves θ less than its "
                           f"learning rate says, and inrun_value (Σ_t η_t ⟨∇L_b, ∇J⟩) weighs every step by η_t "
                           f"alone; turn clipping off for the exact first-order value (inrun_value_cos, a mean "
                           f"cosine, is unaffected)", GradscoreWarning, stacklevel=3)

@@ -76,14 +76,11 @@ class GradscoreInRunCallback(TrainerCallback):
         self.recorder, self.keys = recorder, {"ids_key": ids_key, "labels_key": labels_key}
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        if self.recorder.scaler is None:   # fp16: Accelerate's optimizer holds the GradScaler of the loss
-            self.recorder.scaler = getattr(optimizer, "scaler", None)
-        if self.recorder.config.preconditioner == "adam" and self.recorder.optimizer is None:
-            self.recorder.optimizer = getattr(optimizer, "optimizer", optimizer)   # inside Accelerate's wrapper
-        if args.world_size > 1 and self.recorder.data_parallel == 1:   # the Trainer's DDP averages the ranks
-            self.recorder.data_parallel = args.world_size
-        if args.max_grad_norm:
-            self.recorder.warn_clipping(f"TrainingArguments(max_grad_norm={args.max_grad_norm})")
+        # Accelerate's optimizer wraps the torch one and holds fp16's GradScaler
+        self.recorder.from_trainer(
+            scaler=getattr(optimizer, "scaler", None), optimizer=getattr(optimizer, "optimizer", optimizer),
+            world_size=args.world_size,
+            clipping=f"TrainingArguments(max_grad_norm={args.max_grad_norm})" if args.max_grad_norm else None)
         self.recorder.attach(**self.keys)
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):

@@ -69,14 +69,11 @@ class GradscoreInRun(Callback):
         self._step: Any = None
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        if self.recorder.scaler is None:   # "16-mixed": the precision plugin's GradScaler scales the loss
-            self.recorder.scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if self.recorder.config.preconditioner == "adam" and self.recorder.optimizer is None:
-            self.recorder.optimizer = trainer.optimizers[0]
-        if trainer.world_size > 1 and self.recorder.data_parallel == 1:   # DDP averages the ranks' gradients
-            self.recorder.data_parallel = trainer.world_size
-        if trainer.gradient_clip_val:
-            self.recorder.warn_clipping(f"Trainer(gradient_clip_val={trainer.gradient_clip_val})")
+        clip = trainer.gradient_clip_val
+        self.recorder.from_trainer(   # "16-mixed": the precision plugin holds the GradScaler
+            scaler=getattr(trainer.precision_plugin, "scaler", None),
+            optimizer=trainer.optimizers[0] if trainer.optimizers else None, world_size=trainer.world_size,
+            clipping=f"Trainer(gradient_clip_val={clip})" if clip else None)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         ids, y = self.ids_and_targets(batch)
