@@ -330,7 +330,7 @@ class InRun:
                           f"cosine, is unaffected)", GradscoreWarning, stacklevel=3)
 
     def _loss_scale(self) -> float:
-        """The scale of the loss whose backward just ran (1 without an enabled scaler)."""
+        """The loss scale the next backward uses (1 without an enabled scaler)."""
         scaler = self._scaler
         return 1.0 if scaler is None or not scaler.is_enabled() else float(scaler.get_scale())
 
@@ -500,7 +500,7 @@ class InRun:
     def _settle(self, scale_after: float) -> None:
         """Queue the held step's records: lr 0 if the scale fell after it (the scaler backs off
         exactly when it skips a step, and grows otherwise)."""
-        step, scale, records = self._held
+        _, scale, records = self._held
         self._held = None
         if scale_after < scale:
             for r in records:
@@ -773,14 +773,12 @@ class _Step:
 
     def _record(self) -> None:
         rec, t = self.rec, self.terms
-        scale = self.scale                          # the backward's δ is of the loss times this
-        local = self._share(t) / scale
-        sq_local = self.state.sq.double() / scale ** 2   # ‖∇(s_b ℓ_b)‖², s_b: the share in this process's loss
-        share, share_sq = local, sq_local
-        dot = None if self.state.dots is None else self.state.dots / scale
-        W = rec.data_parallel                       # DDP averages W processes' gradients into the update
-        if W > 1:
-            share, share_sq, dot = local / W, sq_local / W ** 2, None if dot is None else dot / W
+        local = self._share(t)                      # s_b in the loss this backward ran on
+        sq_local = self.state.sq.double()           # ‖∇(s_b ℓ_b)‖²
+        # the update's gradient is the backward's over the loss scale and the W ranks DDP averages
+        divisor = self.scale * rec.data_parallel
+        share, share_sq = local / divisor, sq_local / divisor ** 2
+        dot = None if self.state.dots is None else self.state.dots / divisor
         # device tensors until the flush: no host copy (nor CUDA sync) per step for these
         record = {"ids": self.ids, "step": np.full(self.B, self.step, dtype=np.int64),
                   "lr": np.full(self.B, np.nan if self.lr is None else self.lr),
@@ -791,7 +789,7 @@ class _Step:
             record["target_norm"] = np.full(self.B, self.target[1])
         else:
             record["dot"] = record["target_norm"] = np.full(self.B, np.nan)
-        rec._add(record, self.step, scale)
+        rec._add(record, self.step, self.scale)
 
     def _share(self, t: "_LossTerms") -> torch.Tensor:
         """(B,) s_b with δ_b = s_b d_b (δ: the output gradient of the step's loss, d: of ℓ_b),
