@@ -3,9 +3,12 @@ the chain per parameter and its fallbacks. Convolutions: test_ghost_conv.py; tie
 test_ghost_tied.py; every family's option grid: test_families.py."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 import gradscore as gs
 from helpers import GHOST_CASES, compare_with_loop, ghost_case
@@ -81,6 +84,41 @@ def test_frozen_layers_and_param_patterns():
     assert list(last.explain()) == ["4.weight", "4.bias"]
     with pytest.raises(gs.EngineError, match="matches no parameter"):
         gs.Scorer(model, params=["head.*"])
+
+
+def _reparametrized(layer: str, how: str) -> tuple[nn.Module, torch.Tensor]:
+    """A small model whose first layer's weight is recomputed in a forward pre-hook from
+    parameters of other names: legacy ``weight_norm`` (weight_g, weight_v) or ``prune``
+    (weight_orig and a mask)."""
+    torch.manual_seed(0)
+    first, rest, x = {
+        "linear": (nn.Linear(4, 5), [nn.Tanh(), nn.Linear(5, 3)], torch.randn(6, 4)),
+        "conv": (nn.Conv2d(2, 3, 3, padding=1), [nn.Flatten(), nn.Linear(3 * 4 * 4, 3)], torch.randn(6, 2, 4, 4)),
+        "embedding": (nn.Embedding(10, 4), [nn.Flatten(), nn.Linear(4 * 5, 3)], torch.randint(0, 10, (6, 5))),
+    }[layer]
+    if how == "weight_norm":
+        with warnings.catch_warnings():   # deprecated in favour of parametrizations, still in wide use
+            warnings.simplefilter("ignore", FutureWarning)
+            nn.utils.weight_norm(first)
+    else:
+        prune.random_unstructured(first, "weight", amount=0.4)
+    return nn.Sequential(first, *rest), x
+
+
+@pytest.mark.parametrize("K", [0, 2])
+@pytest.mark.parametrize("how", ["weight_norm", "prune"])
+@pytest.mark.parametrize("layer", ["linear", "conv", "embedding"])
+def test_a_weight_recomputed_from_other_parameters_falls_back(layer, how, K):
+    """A rule knows the gradient of the parameters its layer defines (``weight``, ``bias``);
+    weight_g, weight_v or weight_orig, from which a pre-hook makes ``weight``, go to the
+    fallback, named, and the scores equal the loop's."""
+    model, x = _reparametrized(layer, how)
+    why = compare_with_loop(model, x, K).explain()
+    names = ["0.weight_g", "0.weight_v"] if how == "weight_norm" else ["0.weight_orig"]
+    assert {n for n in why if n.startswith("0.")} == set(names + (["0.bias"] if layer != "embedding" else []))
+    for n in names:
+        assert why[n].startswith("vmap (") and f"'{n[2:]}'" in why[n], why[n]
+    assert layer == "embedding" or why["0.bias"].startswith("ghost"), why["0.bias"]
 
 
 def test_positional_module_without_batch_dim_falls_back():

@@ -240,6 +240,20 @@ def test_refusals_are_one_clear_line(tmp_path):
     assert (tmp_path / "mine.txt").read_text() == "keep"
 
 
+def test_a_weight_made_from_other_parameters_is_refused_not_misread(tmp_path):
+    """Legacy weight_norm's weight_g and weight_v have no rule of their own (the Linear
+    rule gives the gradient of the weight made from them): one line naming them."""
+    import warnings
+    model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        nn.utils.weight_norm(model[1])
+    with pytest.raises(gs.EngineError, match="needs a ghost rule for every trainable parameter; "
+                                             "1.weight_g: 'weight_g' is not a parameter of Linear"):
+        gs.InRun(model, out=tmp_path / "r.h5")
+    assert not (tmp_path / "r.h5").exists()
+
+
 def test_a_read_only_folder_is_refused_before_training(tmp_path):
     import subprocess
     ro = tmp_path / "ro"

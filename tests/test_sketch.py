@@ -3,6 +3,8 @@ gradient (per-example autograd loop) in float64, for every rule family and layou
 sketch dot is an unbiased estimate of the exact dot, its error shrinking as 1/√k."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -69,6 +71,12 @@ def _case(name: str, B: int = 6, T: int = 5):
         return _Scaled(4), torch.randn(B, 4, generator=g), 3
     if name == "tied":
         return _Tied(), tokens(7), 7
+    if name == "weight_norm":   # weight_g, weight_v: the fallback's, not the Linear rule's
+        model = mlp(d_in=9, hidden=7, n_classes=3, depth=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            nn.utils.weight_norm(model[3])
+        return model, torch.randn(B, 9, generator=g), 3
     if name == "seq_first":
         return _SeqFirst(), tokens(11), 3
     raise ValueError(name)
@@ -83,7 +91,7 @@ def _loop_grads(model, x, y, names):
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "transformer", "gru_attention", "lstm", "fallback", "tied",
-                                  "seq_first"])
+                                  "seq_first", "weight_norm"])
 @pytest.mark.parametrize("dim", [50, 300])
 def test_sketch_equals_projection_of_the_loop_gradient(name, dim):
     torch.manual_seed(0)

@@ -115,6 +115,13 @@ def plan_layers(model: nn.Module, param_names: list[str]) -> tuple[list[_Layer],
         if rule is None:
             fallback.update({full: reason for full in own.values()})
             continue
+        known = rule.knows(module)
+        for local in [k for k in own if k not in known]:   # e.g. weight_norm's weight_g: `weight` is made from it
+            fallback[own.pop(local)] = (f"'{local}' is not a parameter of {type(module).__name__} that its "
+                                        f"{rule.name} rule differentiates (a reparametrization such as "
+                                        f"weight_norm or prune)")
+        if not own:
+            continue
         layers.append(_Layer(mname, module, rule, own, {k for k, v in own.items() if v in tied}))
         covered.update(own.values())
     for name in param_names:

@@ -75,7 +75,9 @@ def _replay(layer: nn.MultiheadAttention, call, delta: torch.Tensor, acc: torch.
 
 
 @register_rule(nn.MultiheadAttention, supports=_supports, call=True, output_item=0, children=("out_proj",),
-               batch_dims=lambda m: (0,) if m.batch_first else (1,))
+               batch_dims=lambda m: (0,) if m.batch_first else (1,),
+               params=("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
+                       "out_proj.weight", "out_proj.bias"))
 def attention(layer: nn.MultiheadAttention, calls, grads, refs, K):
     acc = acc_dtype(grads[0].dtype)
     per_proj: list[tuple[list, list]] = [([], []) for _ in range(4)]   # q, k, v, out: inputs and δ per call

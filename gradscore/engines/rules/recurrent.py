@@ -144,7 +144,7 @@ def _replay(layer: nn.RNNBase, call, delta, acc):
 
 
 @register_rule(nn.RNN, nn.GRU, nn.LSTM, supports=_supports, call=True, probe_all=True,
-               output_item=_final_state, batch_dims=(1,))
+               output_item=_final_state, batch_dims=(1,), params=lambda m: m._flat_weights_names)
 def recurrent(layer: nn.RNNBase, calls, grads, refs, K):
     acc = acc_dtype(next(d for g in grads for d in _leaves(g)).dtype)
     per_param: dict[tuple, tuple[list, list]] = {}

@@ -45,6 +45,13 @@ the Kronecker-factored projection P_out g_b P_inᵀ of its weight's per-example 
 viewed as (shape[0], rest), without forming it (a convolution: P_in applied to the patches
 as a convolution); a rule with ``factors`` gets it from them (:mod:`gradscore.sketches`).
 
+``params`` (default ``("weight", "bias")``, or a function of the layer) names the
+parameters, as the layer's class defines them, whose gradients the rule gives. Any other
+parameter of the layer goes to the fallback: ``torch.nn.utils.weight_norm`` (legacy) and
+``prune`` replace ``weight`` by parameters of other names (weight_g and weight_v,
+weight_orig) and rebuild it in a forward pre-hook, so the rule's gradient of ``weight`` is
+not theirs.
+
 Classes from optional packages are registered by qualified name
 (``"transformers.pytorch_utils.Conv1D"``), so the package is never imported here.
 
@@ -56,7 +63,7 @@ each such input in the forward, so that their rules form its Gram once
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -128,10 +135,15 @@ class Rule:
     probe_all: bool = False
     sketch: Optional[Callable[..., torch.Tensor]] = None
     gram_input: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None
+    params: tuple[str, ...] | Callable[[nn.Module], Sequence[str]] = ("weight", "bias")
 
     def dims(self, layer: nn.Module) -> tuple[int, ...]:
         """The dimensions that may hold the batch in this layer's input and output."""
         return self.batch_dims(layer) if callable(self.batch_dims) else self.batch_dims
+
+    def knows(self, layer: nn.Module) -> Sequence[str]:
+        """The local names of the parameters whose gradients the rule gives for ``layer``."""
+        return self.params(layer) if callable(self.params) else self.params
 
 
 TypeKey = Union[type[nn.Module], str]
@@ -144,7 +156,7 @@ def register_rule(*types: TypeKey, supports: Callable[[nn.Module], Optional[str]
     """Decorator: use ``fn`` as the ghost rule for every class (or qualified class name)
     in ``types``; ``factors`` (optional) lets its weight be tied to another layer's;
     ``options``: the :class:`Rule` fields ``batch_dims``, ``call``, ``output_item``,
-    ``children``, ``probe_all``, ``sketch``, ``gram_input``."""
+    ``children``, ``probe_all``, ``sketch``, ``gram_input``, ``params``."""
     def deco(fn: RuleFn) -> RuleFn:
         for t in types:
             _RULES[t] = Rule(fn.__name__, fn, supports, factors, **options)
