@@ -121,6 +121,19 @@ def test_a_weight_recomputed_from_other_parameters_falls_back(layer, how, K):
     assert layer == "embedding" or why["0.bias"].startswith("ghost"), why["0.bias"]
 
 
+@pytest.mark.parametrize("K", [0, 2])
+def test_a_users_forward_hook_that_changes_a_layers_output(K):
+    """A forward hook the user registered before scoring may return a new output (o·2,
+    o + c): a rule's δ must be the gradient of the layer's own output, before that hook."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 4 * 4, 5), nn.Tanh(),
+                          nn.Linear(5, 3))
+    model[0].register_forward_hook(lambda mod, args, out: out * 2 + 1)
+    model[2].register_forward_hook(lambda mod, args, out: torch.tanh(out))
+    why = compare_with_loop(model, torch.randn(6, 2, 4, 4), K).explain()
+    assert all(v.startswith("ghost") for v in why.values()), why
+
+
 def test_positional_module_without_batch_dim_falls_back():
     class Pos(nn.Module):
         def __init__(self):

@@ -113,6 +113,19 @@ def test_every_recorded_quantity_equals_the_per_example_loop(tmp_path, family, m
     _check_against_loop(rec.close(), model, snaps, x, y, targets)
 
 
+def test_a_users_forward_hook_that_changes_a_layers_output_in_training(tmp_path):
+    """The training backward and the target's (Gram form, wide layers) read each layer's δ
+    before the user's own forward hook (here ×2 and tanh) changes its output."""
+    torch.manual_seed(0)
+    model, (x, y) = mlp(d_in=10, hidden=64, n_classes=4, depth=2).double(), _data()
+    model[1].register_forward_hook(lambda mod, args, out: out * 2)
+    model[3].register_forward_hook(lambda mod, args, out: torch.tanh(out))
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:6], y[:6]))
+    snaps: list = []
+    _train(model, x, y, steps=3, batch=8, rec=rec, snapshots=snaps)
+    _check_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
+
+
 def test_loss_terms_read_a_few_examples_at_a_time_equal_the_loop(tmp_path, monkeypatch):
     """The output and its gradient are read in blocks of examples (a large vocabulary's
     float64 copies stay small): blocks of 2 examples give the loop's records too."""

@@ -364,7 +364,9 @@ class GhostEngine(Engine):
                 if rule.output_item is None:
                     return probed
                 return type(whole)(probed if i == rule.output_item else v for i, v in enumerate(whole))
-            handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
+            # first among the layer's forward hooks: a rule needs δ of the layer's own output, before a user's hook
+            # returns another (o·2); hooks registered after that see the probed output as the layer's
+            handles.append(layer.module.register_forward_hook(hook, with_kwargs=True, prepend=True))
         try:
             yield
         finally:

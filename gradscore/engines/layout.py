@@ -121,7 +121,7 @@ def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inpu
         mode.watch(output, uses)
 
     handles = [m.register_forward_hook(lambda mod, a, kw, out, r=records[n], rule=rule: hook(mod, a, kw, out, r, rule),
-                                       with_kwargs=True) for n, (m, rule) in layers.items()]
+                                       with_kwargs=True, prepend=True) for n, (m, rule) in layers.items()]
     try:
         with torch.enable_grad(), mode:   # grad on: the same code path as the scoring pass
             out = call_model(model, x)

@@ -459,7 +459,7 @@ class InRun:
                     call = len(factors.acts)
                     factors.acts.append(args[0].detach())
                     return probe(output, z, lambda d, call=call: factors.deltas.__setitem__(call, d.detach()))
-                handles.append(layer.module.register_forward_hook(hook))
+                handles.append(layer.module.register_forward_hook(hook, prepend=True))   # before a user's hook
         try:
             yield z
         finally:
