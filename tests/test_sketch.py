@@ -77,6 +77,10 @@ def _case(name: str, B: int = 6, T: int = 5):
             warnings.simplefilter("ignore", FutureWarning)
             nn.utils.weight_norm(model[3])
         return model, torch.randn(B, 9, generator=g), 3
+    if name == "hooked":   # a user's forward hook returns a new output: the rule needs δ of the layer's own
+        model = mlp(d_in=9, hidden=7, n_classes=3, depth=2)
+        model[3].register_forward_hook(lambda mod, args, out: out * 2 + 1)
+        return model, torch.randn(B, 9, generator=g), 3
     if name == "seq_first":
         return _SeqFirst(), tokens(11), 3
     raise ValueError(name)
@@ -91,7 +95,7 @@ def _loop_grads(model, x, y, names):
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "transformer", "gru_attention", "lstm", "fallback", "tied",
-                                  "seq_first", "weight_norm"])
+                                  "seq_first", "weight_norm", "hooked"])
 @pytest.mark.parametrize("dim", [50, 300])
 def test_sketch_equals_projection_of_the_loop_gradient(name, dim):
     torch.manual_seed(0)
