@@ -134,6 +134,30 @@ def test_a_users_forward_hook_that_changes_a_layers_output(K):
     assert all(v.startswith("ghost") for v in why.values()), why
 
 
+def test_a_forward_replaced_on_the_instance_falls_back():
+    """``layer.forward = ...`` on one instance: its rule assumes the class's forward, so its
+    parameters go to the fallback, named, and the scores equal the loop's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    first = model[0]
+    first.forward = lambda x: nn.functional.linear(x, first.weight * 2, first.bias)
+    why = compare_with_loop(model, torch.randn(6, 4), 2).explain()
+    assert why["0.weight"] == "vmap (Linear has its forward replaced on the instance, which its rule cannot see)", why
+    assert why["2.weight"].startswith("ghost")
+
+
+def test_accelerates_device_hooks_keep_the_rules():
+    """Accelerate's hooks (``device_map``, offloading) replace ``forward`` on the instance
+    with a wrapper that moves tensors and calls the class's forward: the rules still apply."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    for m in (model[0], model[2]):
+        add_hook_to_module(m, AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    why = compare_with_loop(model, torch.randn(6, 4), 2).explain()
+    assert all(v.startswith("ghost") for v in why.values()), why
+
+
 def test_positional_module_without_batch_dim_falls_back():
     class Pos(nn.Module):
         def __init__(self):

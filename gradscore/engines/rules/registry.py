@@ -33,6 +33,8 @@ states, any of which the loss may use.
 
 A subclass of a registered class uses its parent's rule unless it overrides
 ``forward``; the registry is searched along the MRO, for class and qualified-name keys.
+A layer whose ``forward`` was replaced on the instance has no rule (Accelerate's device
+hook excepted: it moves tensors and calls the class's forward).
 
 A rule whose weight gradient is a sum of outer products, g_b = Σ_t l_bt r_btᵀ, also
 registers ``factors(layer, acts, grads) -> {local name: Factor}``: the engine needs them
@@ -178,11 +180,22 @@ def _lookup(module: nn.Module) -> tuple[Rule | None, str | None]:
     return None, f"no ghost rule for {kind.__name__}"
 
 
+def _instance_forward(module: nn.Module) -> bool:
+    """Whether ``forward`` was replaced on this instance (``layer.forward = ...``) by anything
+    but Accelerate's device hook, which moves tensors and calls the class's own forward."""
+    if "forward" not in vars(module):
+        return False
+    old = getattr(module, "_old_forward", None)
+    return not (hasattr(module, "_hf_hook") and getattr(old, "__func__", None) is type(module).forward)
+
+
 def find_rule(module: nn.Module) -> tuple[Rule | None, str | None]:
     """(rule, None) if ``module`` has an applicable rule, else (None, reason)."""
     rule, reason = _lookup(module)
     if rule is None:
         return None, reason
+    if _instance_forward(module):
+        return None, f"{type(module).__name__} has its forward replaced on the instance, which its rule cannot see"
     reason = rule.supports(module)
     return (None, reason) if reason else (rule, None)
 
