@@ -158,6 +158,32 @@ def test_accelerates_device_hooks_keep_the_rules():
     assert all(v.startswith("ghost") for v in why.values()), why
 
 
+class _FunctionalHead(nn.Module):
+    """An embedding whose weight is also the output layer, used functionally (h @ Eᵀ), as
+    many language models tie their head; and a Linear whose weight is used once more
+    outside its own call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc, self.head = nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, ids):
+        h = torch.tanh(self.fc(self.emb(ids))).mean(1)
+        return self.head(h) + h @ self.emb.weight.T[:, :3] + nn.functional.linear(h, self.fc.weight)[:, :3]
+
+
+@pytest.mark.parametrize("K", [0, 2])
+def test_a_weight_used_outside_its_layer_falls_back(K):
+    """A rule sees its layer's own calls only: a weight also used outside them (a tied head
+    written h @ E.T, F.linear(h, fc.weight)) goes to the fallback, named with the op, and the
+    scores equal the loop's; the layers' other parameters keep their rules."""
+    torch.manual_seed(0)
+    why = compare_with_loop(_FunctionalHead(), torch.randint(0, 10, (6, 5)), K).explain()
+    assert why["emb.weight"].startswith("vmap (used outside Embedding 'emb' (by .T)"), why["emb.weight"]
+    assert why["fc.weight"].startswith("vmap (used outside Linear 'fc' (by linear)"), why["fc.weight"]
+    assert why["fc.bias"].startswith("ghost") and why["head.weight"].startswith("ghost"), why
+
+
 def test_positional_module_without_batch_dim_falls_back():
     class Pos(nn.Module):
         def __init__(self):

@@ -267,6 +267,24 @@ def test_a_weight_made_from_other_parameters_is_refused_not_misread(tmp_path):
     assert not (tmp_path / "r.h5").exists()
 
 
+def test_a_weight_used_outside_its_layer_is_refused_not_misread(tmp_path):
+    """A tied output head written h @ E.T uses the embedding's weight outside its layer,
+    where no rule sees it: one line naming it, at the first step."""
+    class TiedHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(10, 4), nn.Linear(4, 4)
+
+        def forward(self, ids):
+            return torch.tanh(self.fc(self.emb(ids))).mean(1) @ self.emb.weight.T
+
+    model, ids, y = TiedHead(), torch.randint(0, 10, (8, 5)), torch.randint(0, 10, (8,))
+    rec = gs.InRun(model, out=tmp_path / "r.h5")
+    with pytest.raises(gs.EngineError, match="emb.weight: used outside Embedding 'emb' \\(by .T\\)"):
+        with rec.step(range(8), y):
+            F.cross_entropy(model(ids), y).backward()
+
+
 def test_a_read_only_folder_is_refused_before_training(tmp_path):
     import subprocess
     ro = tmp_path / "ro"

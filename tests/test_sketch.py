@@ -41,6 +41,18 @@ class _Tied(nn.Module):
         return self.head(torch.tanh(self.emb(ids)).mean(1))
 
 
+class _TiedFunctional(nn.Module):
+    """An embedding whose weight is the output layer too, used functionally (h @ Eᵀ), as
+    many language models write their tied head."""
+
+    def __init__(self, vocab: int = 7, d: int = 5) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+
+    def forward(self, ids):
+        return torch.tanh(self.emb(ids)).mean(1) @ self.emb.weight.T
+
+
 class _SeqFirst(nn.Module):
     """Sequence-first layers (T, B, d): Embedding, GRU, LayerNorm, a Linear on each step."""
 
@@ -77,6 +89,8 @@ def _case(name: str, B: int = 6, T: int = 5):
             warnings.simplefilter("ignore", FutureWarning)
             nn.utils.weight_norm(model[3])
         return model, torch.randn(B, 9, generator=g), 3
+    if name == "tied_functional":   # the embedding's weight also used outside its layer: the fallback's
+        return _TiedFunctional(), tokens(7), 7
     if name == "hooked":   # a user's forward hook returns a new output: the rule needs δ of the layer's own
         model = mlp(d_in=9, hidden=7, n_classes=3, depth=2)
         model[3].register_forward_hook(lambda mod, args, out: out * 2 + 1)
@@ -95,7 +109,7 @@ def _loop_grads(model, x, y, names):
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "transformer", "gru_attention", "lstm", "fallback", "tied",
-                                  "seq_first", "weight_norm", "hooked"])
+                                  "seq_first", "weight_norm", "hooked", "tied_functional"])
 @pytest.mark.parametrize("dim", [50, 300])
 def test_sketch_equals_projection_of_the_loop_gradient(name, dim):
     torch.manual_seed(0)
@@ -112,7 +126,7 @@ def test_sketch_equals_projection_of_the_loop_gradient(name, dim):
     assert got.shape == (len(y), proj.dim) and got.dtype == torch.float64
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     kinds = {b.kind for b in proj.spec.blocks}
-    assert "kron" in kinds and ("dense" in kinds) == (name != "tied")   # the tied model has one weight only
+    assert "kron" in kinds and ("dense" in kinds) == (name not in ("tied", "tied_functional"))   # one weight
 
 
 class _Convs(nn.Module):

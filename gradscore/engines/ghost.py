@@ -299,17 +299,28 @@ class GhostEngine(Engine):
 
     def _lay_out(self, x: Inputs) -> None:
         """Establish every ruled layer's batch dimension (:mod:`.layout`) on the first batch;
-        layers without one go to the fallback."""
-        found, self._alone = establish(self.model, {layer.name: (layer.module, layer.rule)
-                                                    for layer in self.layers}, x)
+        layers without one, and parameters used outside their layers' calls, go to the fallback."""
+        tensors = dict(self.model.named_parameters())
+        owners: dict[str, list[_Layer]] = {}
+        for layer in self.layers:
+            for full in layer.params.values():
+                owners.setdefault(full, []).append(layer)
+        found, self._alone, strays = establish(
+            self.model, {layer.name: (layer.module, layer.rule) for layer in self.layers}, x,
+            {full: (tensors[full], tuple(layer.name for layer in ls)) for full, ls in owners.items()})
         for layer in self.layers:
             result = found[layer.name]
             if isinstance(result, Layout):
                 layer.layout = result
             else:
                 layer.problem = result
+        for full, op in strays.items():
+            first = owners[full][0]
+            self.fallback[full] = (f"used outside {type(first.module).__name__} '{first.name}' (by {op}), "
+                                   f"whose rule sees the layer's own calls only")
         self._laid_out = True
         self._moved_to_fallback(after_call=False)
+        self._drop_fallback_params()   # the strays
 
     @contextlib.contextmanager
     def _hooks(self, state: _BatchSums, probes: list[torch.Tensor], B: int, contiguous: bool = True
@@ -474,8 +485,12 @@ class GhostEngine(Engine):
                                   for full in layer.params.values()})
             moved = True
         if moved:
-            for layer in self.layers:
-                layer.params = {k: v for k, v in layer.params.items() if v not in self.fallback}
-                layer.tied &= set(layer.params)
-            self.layers = [layer for layer in self.layers if layer.params]
+            self._drop_fallback_params()
         return moved
+
+    def _drop_fallback_params(self) -> None:
+        """Take the fallback's parameters out of the ruled layers (and layers left with none)."""
+        for layer in self.layers:
+            layer.params = {k: v for k, v in layer.params.items() if v not in self.fallback}
+            layer.tied &= set(layer.params)
+        self.layers = [layer for layer in self.layers if layer.params]

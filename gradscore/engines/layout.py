@@ -18,6 +18,11 @@ data-dependent size (sequence lengths) the same in both runs.
   in dimension 0 (1 then 2 rows) and the result's shape.
 - Anything else, or a layer that is not called, or called in different layouts, gets
   a reason and its parameters go to the fallback.
+
+The same runs watch the ruled parameters: a rule sees its layer's own calls only, so a
+parameter that an op uses, with a result that needs a gradient, while none of its layers
+is running (a tied output head written ``h @ emb.weight.T``, ``F.linear(h, fc.weight)``)
+is reported, and goes to the fallback whole.
 """
 from __future__ import annotations
 
@@ -62,14 +67,25 @@ def _tensors(args, kwargs) -> list[torch.Tensor]:
     return [t for t in flat if isinstance(t, torch.Tensor)]
 
 
+def _op_name(func) -> str:
+    """An op's name; a tensor property's (``w.T``) as ``.T``."""
+    name = getattr(func, "__name__", str(func))
+    owner = getattr(func, "__self__", None)
+    return f".{owner.__name__}" if name == "__get__" and hasattr(owner, "__name__") else name
+
+
 class _Uses(TorchFunctionMode):
     """Records every op that consumes a watched tensor: (op name, other tensor operands'
-    shapes, result shape)."""
+    shapes, result shape); and, for the ruled parameters ``params`` (id -> (name, the layers
+    whose rule covers it)), the first op that uses one while none of those layers runs."""
 
-    def __init__(self) -> None:
+    def __init__(self, params: dict[int, tuple[str, tuple[str, ...]]]) -> None:
         super().__init__()
         self.watched: dict[int, list] = {}   # id(tensor) -> that call's list of uses
         self.alive: list[torch.Tensor] = []  # keeps ids from being reused during the run
+        self.params = params
+        self.running: dict[str, int] = {}    # layer name -> its calls under way
+        self.strays: dict[str, str] = {}     # parameter name -> the op that used it outside its layers
 
     def watch(self, t: torch.Tensor, uses: list) -> None:
         self.watched[id(t)] = uses
@@ -78,10 +94,15 @@ class _Uses(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         tensors = _tensors(args, kwargs)
+        if isinstance(out, torch.Tensor) and out.requires_grad:   # .dtype, .shape, .detach(): no gradient flows
+            for t in tensors:
+                name, layers = self.params.get(id(t), (None, ()))
+                if name is not None and not any(self.running.get(n) for n in layers):
+                    self.strays.setdefault(name, _op_name(func))
         hit = [t for t in tensors if id(t) in self.watched]
         if not hit or not isinstance(out, torch.Tensor):   # .shape, .dim(), .size(): no data flows on
             return out
-        name = getattr(func, "__name__", str(func))
+        name = _op_name(func)
         for t in hit:
             uses = self.watched[id(t)]
             if name in _PASS:
@@ -105,12 +126,16 @@ def observed(rule: Rule, args: tuple, kwargs: dict, output) -> tuple:
     return (args[0] if args else next(iter(kwargs.values()), None)), output
 
 
-def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inputs
-            ) -> tuple[dict[str, _Record], torch.Tensor]:
+def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inputs,
+            params: dict[int, tuple[str, tuple[str, ...]]]) -> tuple[dict[str, _Record], torch.Tensor, dict[str, str]]:
     records = {name: _Record() for name in layers}
-    mode = _Uses()
+    mode = _Uses(params)
 
-    def hook(module, args, kwargs, output, record, rule):
+    def enter(name):
+        mode.running[name] = mode.running.get(name, 0) + 1
+
+    def hook(module, args, kwargs, output, record, rule, name):
+        mode.running[name] -= 1
         act, output = observed(rule, args, kwargs, output)
         if not isinstance(act, torch.Tensor) or not isinstance(output, torch.Tensor):
             record.shapes.append(((), ()))
@@ -120,15 +145,18 @@ def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inpu
         record.uses.append(uses)
         mode.watch(output, uses)
 
-    handles = [m.register_forward_hook(lambda mod, a, kw, out, r=records[n], rule=rule: hook(mod, a, kw, out, r, rule),
-                                       with_kwargs=True, prepend=True) for n, (m, rule) in layers.items()]
+    # a layer runs from after its pre-hooks (a user's pre-hook is outside it) to before its forward hooks
+    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: enter(n)) for n, (m, _) in layers.items()]
+    handles += [m.register_forward_hook(lambda mod, a, kw, out, r=records[n], rule=rule, n=n:
+                                        hook(mod, a, kw, out, r, rule, n), with_kwargs=True, prepend=True)
+                for n, (m, rule) in layers.items()]
     try:
         with torch.enable_grad(), mode:   # grad on: the same code path as the scoring pass
             out = call_model(model, x)
     finally:
         for h in handles:
             h.remove()
-    return records, out.detach()
+    return records, out.detach(), mode.strays
 
 
 def _follows(one: tuple[int, ...], two: tuple[int, ...]) -> list[int]:
@@ -163,21 +191,25 @@ def _sums_with_batch_rows(uses1, uses2) -> str | None:
     return None
 
 
-def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inputs
-              ) -> tuple[dict[str, Layout | str], torch.Tensor | None]:
-    """{layer name: its :class:`Layout`, or the reason it has none its rule accepts}, and
-    the model's output for x's first example alone (None where the model did not run).
+def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inputs,
+              params: dict[str, tuple[torch.Tensor, tuple[str, ...]]] | None = None
+              ) -> tuple[dict[str, Layout | str], torch.Tensor | None, dict[str, str]]:
+    """{layer name: its :class:`Layout`, or the reason it has none its rule accepts}, the
+    model's output for x's first example alone (None where the model did not run), and
+    {parameter name: the op that used it outside its layers' calls}.
 
-    layers: {name: (module, its rule)}; x: a batch of B >= 1. A rule that takes the whole
+    layers: {name: (module, its rule)}; params: {parameter name: (the tensor, the names of
+    the layers whose rule covers it)}; x: a batch of B >= 1. A rule that takes the whole
     call (``Rule.call``) is laid out by its output alone.
     """
     first = take(x, 0)
+    watched = {id(t): (name, owners) for name, (t, owners) in (params or {}).items()}
     try:
-        rec1, alone = _record(model, layers, first)
-        rec2, _ = _record(model, layers, concat([first, first]))
+        rec1, alone, strays = _record(model, layers, first, watched)
+        rec2, _, _ = _record(model, layers, concat([first, first]), watched)
     except Exception as e:   # the fallback meets the same model and says what fails
         why = f"the model did not run on 1 and 2 copies of an example ({type(e).__name__}: {e})"
-        return {name: why.splitlines()[0][:300] for name in layers}, None
+        return {name: why.splitlines()[0][:300] for name in layers}, None, {}
     out: dict[str, Layout | str] = {}
     for name, (module, rule) in layers.items():
         accepted = rule.dims(module)
@@ -209,7 +241,7 @@ def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: In
                 out[name] = Layout(dim)
                 continue
         out[name] = reason
-    return out, alone
+    return out, alone, strays
 
 
 def couples_examples(alone: torch.Tensor, batched: torch.Tensor) -> bool:
