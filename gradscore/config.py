@@ -22,6 +22,10 @@ ENGINES = ("auto", "ghost", "vmap", "loop")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64")
 LM_REDUCTIONS = ("mean", "sum")
+#: dtypes a sketch file may store its sketches in
+STORE_DTYPES = ("float16", "float32")
+#: ways `gradscore attribute` scores a query against the sketches
+ATTRIBUTION_METHODS = ("tracin", "trak")
 #: Scores read from class probabilities: not defined for a language-modelling loss.
 CLASS_SCORES = frozenset({"el2n", "confidence", "variability", "correctness", "forgetting",
                           "threshold_closeness", "aum", "mislabel"})
@@ -167,3 +171,64 @@ class RunConfig:
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: (tuple(v) if k in ("scores", "variants") else v) for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class SketchConfig:
+    """What ``gradscore sketch`` computes; saved as the sketch file's ``config``."""
+
+    checkpoints: str
+    data: str
+    dim: int = 8192
+    seed: int = 0
+    store_dtype: str = "float16"
+    params: tuple[str, ...] = ()
+    device: str = "auto"
+    dtype: str = "float32"
+    batch_size: int = 256
+    chunk_size: int = 4096
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.dim, int) and self.dim >= 1, "dim", f"{self.dim!r}; give a whole number >= 1")
+        _require(isinstance(self.seed, int) and self.seed >= 0, "seed", f"{self.seed!r}; give a whole number >= 0")
+        _require(self.store_dtype in STORE_DTYPES, "store_dtype", f"{self.store_dtype!r}; choose {STORE_DTYPES}")
+        _require(self.device in DEVICES, "device", f"{self.device!r}; choose {DEVICES}")
+        _require(self.dtype in DTYPES, "dtype", f"{self.dtype!r}; choose {DTYPES}")
+        _require(self.batch_size >= 1, "batch_size", f"{self.batch_size}; give a whole number >= 1")
+        _require(self.chunk_size >= 1, "chunk_size", f"{self.chunk_size}; give a whole number >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["params"] = list(self.params)
+        return d
+
+
+@dataclass(frozen=True)
+class AttributeConfig:
+    """What ``gradscore attribute`` computes; saved as the attribution file's ``config``."""
+
+    sketch: str
+    query: str
+    checkpoints: str = ""            # default: those the sketch file was made from
+    method: str = "tracin"
+    top: int = 20
+    full: bool = False
+    ridge: float = 1e-3
+    trak_checkpoints: str = "last"   # "last" or "all"
+    block_size: int = 65536
+    device: str = "auto"
+    dtype: str = "float32"
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        _require(self.method in ATTRIBUTION_METHODS, "method", f"{self.method!r}; choose {', '.join(ATTRIBUTION_METHODS)}")
+        _require(isinstance(self.top, int) and self.top >= 1, "top", f"{self.top!r}; give a whole number >= 1")
+        _require(self.ridge > 0, "ridge", f"{self.ridge!r}; give a number > 0")
+        _require(self.trak_checkpoints in ("last", "all"), "trak_checkpoints",
+                 f"{self.trak_checkpoints!r}; choose last or all")
+        _require(self.block_size >= 1, "block_size", f"{self.block_size}; give a whole number >= 1")
+        _require(self.device in DEVICES, "device", f"{self.device!r}; choose {DEVICES}")
+        _require(self.dtype in DTYPES, "dtype", f"{self.dtype!r}; choose {DTYPES}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -183,7 +183,8 @@ def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
     interruption, exit 130, not a traceback from inside torch's import."""
     import signal
     import time
-    probe = "import sys, gradscore, gradscore.cli; print('torch' in sys.modules, gradscore.InRun.__name__)"
+    probe = ("import sys, gradscore, gradscore.cli; gradscore.cli.build_parser(); "
+             "print('torch' in sys.modules, gradscore.InRun.__name__)")   # --help: every option, no torch
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "InRun"]
     proc = subprocess.Popen([sys.executable, "-m", "gradscore", "demo", "--out", str(tmp_path / "demo")],

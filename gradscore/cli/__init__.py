@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["bench"]:   # the checkout's benchmark parses its own options
         return run_and_report("bench", demos.run_bench, argv[1:])
     try:
-        with interrupt_after():   # some commands' option defaults come from modules that load torch
+        with interrupt_after():   # the command modules load (no torch: --help answers at once)
             parser = build_parser()
     except KeyboardInterrupt:
         return interrupted(argv[0] if argv and not argv[0].startswith("-") else None)

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import DEVICES, DTYPES
+from ..config import ATTRIBUTION_METHODS, DEVICES, DTYPES, STORE_DTYPES, AttributeConfig, SketchConfig
 from .common import add_quiet, command, split
 
 
 def _add_sketch(sub: argparse._SubParsersAction) -> None:
-    from ..sketches.store import STORE_DTYPES, SketchConfig
     d = SketchConfig(checkpoints="", data="")
     p = command(sub, "sketch", help="store a random projection of every example's gradient at every checkpoint",
                 description="Project every example's per-example gradient at every checkpoint to --dim numbers "
@@ -38,7 +37,7 @@ def _add_sketch(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_sketch(args: argparse.Namespace) -> int:
-    from ..sketches.store import SketchConfig, SketchFile, run_sketch
+    from ..sketches.store import SketchFile, run_sketch
     config = SketchConfig(checkpoints=args.checkpoints, data=args.data, dim=args.dim, seed=args.seed,
                           store_dtype=args.store_dtype, params=split(args.params or ""), device=args.device,
                           dtype=args.dtype, batch_size=args.batch_size, chunk_size=args.chunk_size)
@@ -49,7 +48,6 @@ def _cmd_sketch(args: argparse.Namespace) -> int:
 
 
 def _add_attribute(sub: argparse._SubParsersAction) -> None:
-    from ..sketches.attribute import METHODS, AttributeConfig
     d = AttributeConfig(sketch="", query="")
     p = command(sub, "attribute", help="the training examples that most raised or lowered each query's loss",
                 description="Sketch each query example with the sketch file's projection and score it against "
@@ -61,7 +59,7 @@ def _add_attribute(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoints", default="", metavar="DIR",
                    help="the checkpoints the sketch file was made from (default: the folder it names); a changed "
                    "or missing checkpoint is refused")
-    p.add_argument("--method", default=d.method, choices=METHODS, help="tracin: TracIn-CP; trak: TRAK-style")
+    p.add_argument("--method", default=d.method, choices=ATTRIBUTION_METHODS, help="tracin: TracIn-CP; trak: TRAK-style")
     p.add_argument("--top", type=int, default=d.top, help="proponents and opponents kept per query")
     p.add_argument("--full", action="store_true", help="also write the whole N x Q score matrix as /scores")
     p.add_argument("--ridge", type=float, default=d.ridge,
@@ -79,7 +77,7 @@ def _add_attribute(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
-    from ..sketches.attribute import AttributeConfig, run_attribute
+    from ..sketches.attribute import run_attribute
     config = AttributeConfig(sketch=args.sketch, query=args.query, checkpoints=args.checkpoints, method=args.method,
                              top=args.top, full=args.full, ridge=args.ridge, trak_checkpoints=args.trak_checkpoints,
                              block_size=args.block_size, device=args.device, dtype=args.dtype,

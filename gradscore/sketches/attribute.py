@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._version import __version__
-from ..config import DEVICES, DTYPES, _require, resolve_device
+from ..config import AttributeConfig, resolve_device
 from ..exceptions import CheckpointError, DataError
 from ..io.atomic import atomic_path
 from ..io.checkpoints import CheckpointStore
@@ -42,39 +41,7 @@ from ..io.store import write_ids
 from ..scorer import Scorer
 from .store import SketchFile, sketch_chunk
 
-METHODS = ("tracin", "trak")
 MIN_ONE_MINUS_P = 1e-6
-
-
-@dataclass(frozen=True)
-class AttributeConfig:
-    """What ``gradscore attribute`` computes; saved as the attribution file's ``config``."""
-
-    sketch: str
-    query: str
-    checkpoints: str = ""            # default: those the sketch file was made from
-    method: str = "tracin"
-    top: int = 20
-    full: bool = False
-    ridge: float = 1e-3
-    trak_checkpoints: str = "last"   # "last" or "all"
-    block_size: int = 65536
-    device: str = "auto"
-    dtype: str = "float32"
-    batch_size: int = 256
-
-    def __post_init__(self) -> None:
-        _require(self.method in METHODS, "method", f"{self.method!r}; choose {', '.join(METHODS)}")
-        _require(isinstance(self.top, int) and self.top >= 1, "top", f"{self.top!r}; give a whole number >= 1")
-        _require(self.ridge > 0, "ridge", f"{self.ridge!r}; give a number > 0")
-        _require(self.trak_checkpoints in ("last", "all"), "trak_checkpoints",
-                 f"{self.trak_checkpoints!r}; choose last or all")
-        _require(self.block_size >= 1, "block_size", f"{self.block_size}; give a whole number >= 1")
-        _require(self.device in DEVICES, "device", f"{self.device!r}; choose {DEVICES}")
-        _require(self.dtype in DTYPES, "dtype", f"{self.dtype!r}; choose {DTYPES}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _checked_checkpoints(config: AttributeConfig, sf: SketchFile) -> CheckpointStore:

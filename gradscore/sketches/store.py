@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..batch import batch_len, take
-from ..config import DEVICES, DTYPES, _require, resolve_device
+from ..config import SketchConfig, resolve_device
 from ..exceptions import CheckpointError, ConfigError, DataError, OutputError
 from ..io.checkpoints import CheckpointStore
 from ..io.datasets import check_targets, load_dataset, probe_model
@@ -39,38 +39,6 @@ from ..losses import resolve_loss
 from ..scorer import Scorer
 from ..scores.datadiet import classification_metrics
 from .projection import Projection, SketchSpec
-
-STORE_DTYPES = ("float16", "float32")
-
-
-@dataclass(frozen=True)
-class SketchConfig:
-    """What ``gradscore sketch`` computes; saved as the sketch file's ``config``."""
-
-    checkpoints: str
-    data: str
-    dim: int = 8192
-    seed: int = 0
-    store_dtype: str = "float16"
-    params: tuple[str, ...] = ()
-    device: str = "auto"
-    dtype: str = "float32"
-    batch_size: int = 256
-    chunk_size: int = 4096
-
-    def __post_init__(self) -> None:
-        _require(isinstance(self.dim, int) and self.dim >= 1, "dim", f"{self.dim!r}; give a whole number >= 1")
-        _require(isinstance(self.seed, int) and self.seed >= 0, "seed", f"{self.seed!r}; give a whole number >= 0")
-        _require(self.store_dtype in STORE_DTYPES, "store_dtype", f"{self.store_dtype!r}; choose {STORE_DTYPES}")
-        _require(self.device in DEVICES, "device", f"{self.device!r}; choose {DEVICES}")
-        _require(self.dtype in DTYPES, "dtype", f"{self.dtype!r}; choose {DTYPES}")
-        _require(self.batch_size >= 1, "batch_size", f"{self.batch_size}; give a whole number >= 1")
-        _require(self.chunk_size >= 1, "chunk_size", f"{self.chunk_size}; give a whole number >= 1")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["params"] = list(self.params)
-        return d
 
 
 def sketch_chunk(scorer: Scorer, projection: Projection, x, y: torch.Tensor, batch_size: int,
