@@ -15,6 +15,7 @@ from torch import nn
 
 import gradscore as gs
 from gradscore.demos.models import digits_cnn, mlp
+from gradscore.engines.rules.registry import FactoredRef
 from gradscore.scores import inrun as inrun_scores
 
 
@@ -91,7 +92,6 @@ def _reference(model, snapshot, x, y, targets, B):
 def test_every_recorded_quantity_equals_the_per_example_loop(tmp_path, family, micro):
     """Target dots in both forms: the reference-vector form (narrow layers) and the Gram
     form with the target batch's factors (wide Linear layers, 6 target examples)."""
-    from gradscore.engines.rules.registry import FactoredRef
     torch.manual_seed(0)
     if family == "mlp":
         model, (x, y) = mlp(d_in=10, hidden=12, n_classes=4, depth=2).double(), _data()
@@ -201,6 +201,44 @@ def test_adam_preconditioned_target(tmp_path):
     with h5py.File(tmp_path / "r.h5") as f:
         dot, step = f["inrun/dot"][()], f["inrun/step"][()]
     np.testing.assert_allclose(dot[step == 2], want, rtol=1e-9)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_parameter_groups_with_their_own_learning_rates(tmp_path, wide):
+    """An optimizer whose groups have their own learning rates (a slower body, a frozen bias
+    at lr 0, a parameter it does not hold) moves each parameter by its group's η_g: the dot
+    weighs each parameter's term by η_g/η of the step's η, so that Σ_t η_t·dot is the first-order
+    change of J. ``wide``: the Gram form of the target (factored blocks) is weighed too."""
+    torch.manual_seed(0)
+    model, (x, y) = mlp(d_in=10, hidden=64 if wide else 8, n_classes=4, depth=2).double(), _data()
+    lin = [m for m in model if isinstance(m, nn.Linear)]
+    lr_of = {lin[0].weight: 0.02, lin[0].bias: 0.0, lin[1].weight: 0.1, lin[1].bias: 0.1, lin[2].weight: 0.1}
+    opt = torch.optim.SGD([{"params": [lin[0].weight], "lr": 0.02}, {"params": [lin[0].bias], "lr": 0.0},
+                           {"params": [lin[1].weight, lin[1].bias, lin[2].weight]}], lr=0.1)   # lin[2].bias: none
+    lr_of[lin[2].bias] = 0.0
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:6], y[:6]), optimizer=opt)
+    assert rec.config.preconditioner == "none"
+    want = []
+    for t in range(2):
+        idx = torch.arange(8 * t, 8 * t + 8)
+        m = copy.deepcopy(model).eval()
+        params = list(m.parameters())
+        gJ = torch.autograd.grad(F.cross_entropy(m(x[:6]), y[:6]), params)
+        for b in idx:
+            gb = torch.autograd.grad(F.cross_entropy(m(x[b][None]), y[b][None]), params)
+            want.append(float(sum(lr_of[p] / 0.1 * (a * c).sum() for a, c, p in zip(gb, gJ, model.parameters()))) / 8)
+        with rec.step(idx, y[idx], lr=0.1):
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        opt.zero_grad()
+    if wide:
+        assert any(isinstance(r, FactoredRef) for r in rec._refs[1])
+    rec.close()
+    with h5py.File(tmp_path / "r.h5") as f:
+        dot, lr = f["inrun/dot"][()], f["inrun/lr"][()]
+    np.testing.assert_allclose(dot, want, rtol=1e-9)
+    np.testing.assert_allclose(gs.load_scores(tmp_path / "r.h5")["scores"]["inrun_value"].sum(),
+                               0.1 * np.sum(want), rtol=1e-9)
 
 
 def test_aggregates_over_presentations_by_hand():

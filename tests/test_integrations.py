@@ -352,8 +352,47 @@ def test_lightning_inrun_callback_hands_over_the_adam(tmp_path):
         plain = gs.InRun(module.net, out=tmp_path / "plain.h5", targets=(x[:4].double(), y[:4]), optimizer="adam")
         with plain.step(range(10), y[:10], lr=0.01):
             torch.nn.functional.cross_entropy(module.net(x[:10].double()), y[:10]).backward()
-    with pytest.raises(gs.ConfigError, match="'sgd'; give an Adam/AdamW, 'adam'"):
+    with pytest.raises(gs.ConfigError, match="'sgd'; give the torch optimizer that steps the model, 'adam'"):
         gs.InRun(module.net, out=tmp_path / "sgd.h5", optimizer="sgd")
+
+
+def test_lightning_inrun_callback_weighs_parameter_groups_by_their_learning_rates(tmp_path):
+    """configure_optimizers with a slower first layer (lr/5): the callback hands the optimizer
+    over, and each dot is the share times Σ_p (η_p/η)⟨∇_p ℓ_b, ∇_p J⟩ at θ_t, η the step's
+    (group 0's) lr, so that inrun_value is the first-order change of J the updates made."""
+    L = pytest.importorskip("lightning")
+    import copy
+
+    import h5py
+
+    from gradscore.integrations.lightning import GradscoreInRun
+
+    def two_groups(params, lr):
+        params = list(params)
+        return torch.optim.SGD([{"params": params[2:]}, {"params": params[:2], "lr": lr / 5}], lr=lr)
+
+    x, y, _ = _data(tmp_path)
+    snapshots: dict = {}
+    module = _inrun_module(L, optimizer=two_groups, lr=0.1, snapshots=snapshots)
+    target = (x[:4].double(), y[:4])
+    rec = gs.InRun(module.net, out=tmp_path / "inrun.h5", targets=target)
+    _fit(L, module, x, y, [GradscoreInRun(rec)])
+    with h5py.File(tmp_path / "inrun.h5") as f:
+        rows = {k: f["inrun"][k][()] for k in f["inrun"]}
+        ids = f["ids"][()]
+    ref = copy.deepcopy(module.net).eval()
+    params = dict(ref.named_parameters())
+    weight = {n: 0.2 if i < 2 else 1.0 for i, n in enumerate(params)}
+    for t in (0, 3):
+        ref.load_state_dict(snapshots[t])
+        gJ = torch.autograd.grad(torch.nn.functional.cross_entropy(ref(target[0]), target[1]), list(params.values()))
+        for i in np.flatnonzero(rows["step"] == t):
+            b = int(ids[rows["row"][i]])
+            gb = torch.autograd.grad(torch.nn.functional.cross_entropy(ref(x[b:b + 1].double()), y[b:b + 1]),
+                                     list(params.values()))
+            want = float(sum(weight[n] * (g * j).sum() for g, j, n in zip(gb, gJ, params)))
+            np.testing.assert_allclose(rows["dot"][i], rows["share"][i] * want, rtol=1e-9)
+    np.testing.assert_allclose(rows["lr"], 0.1)
 
 
 def test_inrun_callbacks_give_the_recorder_the_ranks_ddp_averages(tmp_path):

@@ -35,7 +35,8 @@ What is recorded for example b at step t (θ_t: the parameters this backward use
   ``torch.autograd.grad``); with ``optimizer=`` an Adam/AdamW, the dot is with
   Γ_t ∇J(θ_t), Γ_t = diag(1/(√v̂_t + ε)) from its state before the step: the first-order
   change of J under Adam's update, an approximation (Adam's step is not linear in the
-  gradient); with SGD the plain dot is exact to first order.
+  gradient); with SGD the plain dot is exact to first order. Given the optimizer, each
+  parameter's term is weighed by its group's learning rate over the step's (η_g/η).
 
 Under fp16 training the loop scales its loss by a ``torch.amp.GradScaler`` before the
 backward, by a scale that changes from step to step: given ``scaler=`` (the Hugging Face and
@@ -204,10 +205,12 @@ class InRun:
     loss: the per-example form of the step's loss ("cross_entropy", "nll", or a Loss).
     out: the scores file :meth:`close` writes (claimed now: an existing file needs
     ``overwrite``). targets: (x, y) target examples for ``inrun_value`` (or None).
-    every: steps between target gradients. optimizer: an Adam/AdamW whose state
-    preconditions the target gradient (None: plain dot), or "adam": the trainer's, which a
-    Hugging Face or Lightning callback sets as the attribute ``optimizer`` when training
-    begins (those trainers make it after the recorder). scores: what close() writes.
+    every: steps between target gradients. optimizer: the torch optimizer that steps the
+    model (or None): its parameter groups' learning rates weigh each parameter's term of the
+    dot by η_g/η of the step's η, and an Adam/AdamW's state preconditions the target
+    gradient; or "adam": the trainer's Adam, which a Hugging Face or Lightning callback sets
+    as the attribute ``optimizer`` when training begins (those trainers make it after the
+    recorder; they hand over any optimizer, for its groups). scores: what close() writes.
     flush_every: seconds between flushes to disk (a crash loses at most these steps).
     scaler: the ``torch.amp.GradScaler`` that scales the step's loss (fp16 training), or None;
     also settable as the attribute ``scaler`` before the first step. data_parallel: the
@@ -224,12 +227,13 @@ class InRun:
         self.model, self.loss = model, resolve_loss(loss)
         self.scaler = scaler
         if isinstance(optimizer, str) and optimizer != "adam":
-            raise ConfigError(f"invalid value for 'optimizer': {optimizer!r}; give an Adam/AdamW, 'adam' (the "
-                              f"trainer's, handed over by its callback), or leave it out (SGD: the plain dot)")
-        pre = "none" if optimizer is None else "adam"
-        self.optimizer = None if optimizer == "adam" else optimizer   # "adam": the trainer's, set later
+            raise ConfigError(f"invalid value for 'optimizer': {optimizer!r}; give the torch optimizer that steps "
+                              f"the model, 'adam' (the trainer's Adam, handed over by its callback), or leave it out")
+        adam = optimizer == "adam" or isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
         self.config = InRunConfig(out=str(out), loss=self.loss.name, scores=tuple(scores), every=every,
-                                  targets=0 if targets is None else batch_len(targets[0]), preconditioner=pre)
+                                  targets=0 if targets is None else batch_len(targets[0]),
+                                  preconditioner="adam" if adam else "none")
+        self.optimizer = None if optimizer == "adam" else optimizer   # "adam": the trainer's, set later
         self.targets = targets
         # the recorder's own forwards (layout, target gradient) call the network inside a DDP
         # wrapper directly, so that they never touch DDP's gradient reducer
@@ -271,6 +275,7 @@ class InRun:
         self._held: tuple[int, float, list[dict[str, np.ndarray]]] | None = None   # (step, scale, records)
         self._attached, self._open, self._next, self._keys = None, None, None, ("ids", "labels")
         self._closed = False
+        self._warned_groups = False
         self._busy = False   # the recorder's own forwards are running: its hooks stand aside
 
     @property
@@ -299,17 +304,21 @@ class InRun:
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
-        """The Adam/AdamW whose state preconditions the target gradient (None: not yet given,
-        or a plain dot: ``config.preconditioner`` says which)."""
+        """The optimizer that steps the model (None: not given): its parameter groups' learning
+        rates weigh the target per parameter, and an Adam/AdamW's state preconditions it where
+        ``config.preconditioner`` is "adam"."""
         return self._optimizer
 
     @optimizer.setter
     def optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
-        if optimizer is not None and not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-            raise ConfigError(f"invalid value for 'optimizer': {type(optimizer).__name__}; only Adam/AdamW "
-                              f"precondition the target (leave it out for SGD: the plain dot is exact)")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(f"invalid value for 'optimizer': {type(optimizer).__name__}; give the torch optimizer "
+                              f"that steps the model")
+        if (optimizer is not None and self.config.preconditioner == "adam"
+                and not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))):
+            raise ConfigError(f"invalid value for 'optimizer': {type(optimizer).__name__}; 'adam' asks for an "
+                              f"Adam/AdamW, whose state preconditions the target")
         self._optimizer = optimizer
-        self._groups = {} if optimizer is None else {id(p): g for g in optimizer.param_groups for p in g["params"]}
 
     def from_trainer(self, *, scaler: Any, optimizer: Any, world_size: int, clipping: str | None) -> None:
         """What a trainer's callback hands over when training begins, where the recorder was
@@ -319,7 +328,8 @@ class InRun:
         warning, if it is recorded)."""
         if self.scaler is None:
             self.scaler = scaler
-        if self.config.preconditioner == "adam" and self.optimizer is None:
+        if self.optimizer is None and (self.config.preconditioner == "adam"
+                                       or isinstance(optimizer, torch.optim.Optimizer)):
             self.optimizer = optimizer
         if world_size > 1 and self.data_parallel == 1:
             self.data_parallel = world_size
@@ -407,11 +417,13 @@ class InRun:
         opened._pre(module, args, kwargs)
         return args, kwargs
 
-    def _target_refs(self, step: int) -> tuple[list[torch.Tensor], float] | None:
-        """[(1, *shape)] target blocks in the engine's parameter order and ‖∇J‖, computed at
-        every ``every``-th step (micro-batches of one step share it); None elsewhere. A wide
+    def _target_refs(self, step: int, lr: float | None = None) -> tuple[list[torch.Tensor], float] | None:
+        """[(1, *shape)] target blocks in the engine's parameter order and their norm, computed
+        at every ``every``-th step (micro-batches of one step share it); None elsewhere. A wide
         Linear weight's block is the target batch's factors (:class:`FactoredRef`), whose
-        dense gradient the backward then never forms."""
+        dense gradient the backward then never forms. Each block is ∇J of its parameter,
+        preconditioned by Adam's Γ_t (if asked) and weighed by η_g/η (:meth:`_lr_weights`,
+        ``lr``: the step's η)."""
         if self.targets is None or step % self.config.every:
             return None
         if self._refs is not None and self._refs[0] == step:
@@ -430,9 +442,13 @@ class InRun:
             wanted = [self.params[n] for n in dense] + ([z] if factored else [])
             grads = torch.autograd.grad(J, wanted, allow_unused=True) if wanted else ()
         blocks = {n: torch.zeros_like(self.params[n]) if g is None else g.detach() for n, g in zip(dense, grads)}
+        groups = {} if self.optimizer is None else {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
         if self.config.preconditioner == "adam":
-            blocks = dict(zip(blocks, self._precondition(list(blocks.values()), [self.params[n] for n in blocks])))
-        refs: list = [captured[n].ref() if n in factored else blocks[n].unsqueeze(0) for n in names]
+            blocks = {n: self._precondition(b, self.params[n], groups) for n, b in blocks.items()}
+        weights = self._lr_weights(lr, groups)
+        blocks = {n: b * weights[n] if n in weights else b for n, b in blocks.items()}
+        refs: list = [(captured[n].ref().scaled(weights.get(n, 1.0)) if n in factored else blocks[n].unsqueeze(0))
+                      for n in names]
         sq = sum(float(torch.linalg.vector_norm(b).double() ** 2) for b in blocks.values())
         norm = (sq + sum(r.sq_norm() for r in refs if isinstance(r, FactoredRef))) ** 0.5
         self._refs = (step, refs, norm)
@@ -466,22 +482,36 @@ class InRun:
             for h in handles:
                 h.remove()
 
-    def _precondition(self, grads: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Γ_t g with Γ_t = diag(1/(√v̂ + ε)) from Adam's state before this step; g unchanged
-        where the state is still empty (the first step)."""
+    def _precondition(self, g: torch.Tensor, p: torch.Tensor, groups: dict[int, dict]) -> torch.Tensor:
+        """Γ_t g with Γ_t = diag(1/(√v̂ + ε)) from Adam's state of ``p`` before this step; g
+        unchanged where the state is still empty (the first step) or Adam does not hold p."""
         if self.optimizer is None:
             raise ConfigError("invalid value for 'optimizer': 'adam' asks for the trainer's Adam, which no callback "
                               "has given; in a plain loop pass the optimizer itself (gs.InRun(..., optimizer=opt))")
-        out = []
-        for g, p in zip(grads, params):
-            state, group = self.optimizer.state.get(p, {}), self._groups[id(p)]
-            if "exp_avg_sq" not in state:
-                out.append(g)
-                continue
-            beta2, eps = group["betas"][1], group["eps"]
-            v_hat = state["exp_avg_sq"] / (1 - beta2 ** float(state["step"]))
-            out.append(g / (v_hat.sqrt() + eps))
-        return out
+        state = self.optimizer.state.get(p, {})
+        if "exp_avg_sq" not in state:
+            return g
+        beta2, eps = groups[id(p)]["betas"][1], groups[id(p)]["eps"]
+        v_hat = state["exp_avg_sq"] / (1 - beta2 ** float(state["step"]))
+        return g / (v_hat.sqrt() + eps)
+
+    def _lr_weights(self, lr: float | None, groups: dict[int, dict]) -> dict[str, float]:
+        """{parameter name: η_g/η} for the parameters the optimizer moves by another learning
+        rate η_g than the step's η (its group's; 0 where it holds no such parameter), so that
+        η·dot is the first-order change of J; {} without an optimizer or η, or where the
+        optimizer holds none of the parameters (a warning: it steps copies of them)."""
+        if self.optimizer is None or not lr:
+            return {}
+        names = self.engine.param_names
+        if not any(id(self.params[n]) in groups for n in names):
+            if not self._warned_groups:
+                self._warned_groups = True
+                warnings.warn(f"the optimizer ({type(self.optimizer).__name__}) holds none of the model's "
+                              f"parameters, so their learning rates are unknown; inrun_value weighs every parameter "
+                              f"by the step's lr", GradscoreWarning, stacklevel=2)
+            return {}
+        rates = {n: float(groups[id(self.params[n])]["lr"]) if id(self.params[n]) in groups else 0.0 for n in names}
+        return {n: r / lr for n, r in rates.items() if r != lr}
 
     def _add(self, record: dict[str, np.ndarray], step: int, scale: float) -> None:
         """Queue a step's ``record``; with a loss scaler, hold the latest step's records until
@@ -705,7 +735,7 @@ class _Step:
         self.scale = rec._loss_scale()
         if not rec._laid_out:
             self._lay_out(x)
-        self.target = rec._target_refs(self.step)   # after the layout: it picks each layer's form
+        self.target = rec._target_refs(self.step, self.lr)   # after the layout: it picks each layer's form
         self.state = self.stack.enter_context(rec.engine.recording(self.B, None if self.target is None
                                                                    else self.target[0]))
         return None

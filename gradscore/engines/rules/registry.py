@@ -111,6 +111,10 @@ class FactoredRef:
         rg = f.right.reshape(B * T, -1).to(acc) @ self.right.to(acc).T
         return (lg * rg).sum(1).reshape(B, T).sum(1, keepdim=True)
 
+    def scaled(self, c: float) -> "FactoredRef":
+        """c·V, the same factors with the left ones scaled."""
+        return self if c == 1.0 else FactoredRef(self.left * c, self.right)
+
     def sq_norm(self) -> float:
         """‖V‖² = Σ_{m,m'} (left_m·left_m')(right_m·right_m'), in M²·(rows + cols) flops."""
         acc = acc_dtype(self.right.dtype)
