@@ -237,6 +237,7 @@ def test_parameter_groups_with_their_own_learning_rates(tmp_path, wide):
     with h5py.File(tmp_path / "r.h5") as f:
         dot, lr = f["inrun/dot"][()], f["inrun/lr"][()]
     np.testing.assert_allclose(dot, want, rtol=1e-9)
+    np.testing.assert_allclose(lr, 0.1)   # the step's η, as given
     np.testing.assert_allclose(gs.load_scores(tmp_path / "r.h5")["scores"]["inrun_value"].sum(),
                                0.1 * np.sum(want), rtol=1e-9)
 
