@@ -184,6 +184,24 @@ def test_a_weight_used_outside_its_layer_falls_back(K):
     assert why["fc.bias"].startswith("ghost") and why["head.weight"].startswith("ghost"), why
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_instance_norm_with_running_stats_normalizes_as_its_mode_does(training):
+    """InstanceNorm with ``track_running_stats`` normalizes by its running statistics in
+    eval mode only, by each example's own in training mode: the rule follows the mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.InstanceNorm2d(3, affine=True, track_running_stats=True),
+                          nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).double().train(training)
+    model[1].running_mean.fill_(0.3)
+    model[1].running_var.fill_(2.0)
+    x = torch.randn(5, 2, 4, 4, dtype=torch.float64)
+    y = torch.arange(5) % 3
+    V = torch.randn(2, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    ref = gs.Scorer(model, engine="loop").score_batch(x, y, refs=V)
+    got = gs.Scorer(model, engine="ghost").score_batch(x, y, refs=V)
+    torch.testing.assert_close(got.sq_norm, ref.sq_norm, rtol=1e-9, atol=0)
+    torch.testing.assert_close(got.dots, ref.dots, rtol=1e-9, atol=1e-12)
+
+
 def test_positional_module_without_batch_dim_falls_back():
     class Pos(nn.Module):
         def __init__(self):

@@ -126,6 +126,26 @@ def test_a_users_forward_hook_that_changes_a_layers_output_in_training(tmp_path)
     _check_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
 
 
+def test_instance_norm_with_running_stats_in_training(tmp_path):
+    """In training mode a tracked InstanceNorm normalizes by each example's own statistics
+    (and updates the running ones): the recorded ‖∇ℓ_b‖² is that of the training forward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.InstanceNorm2d(3, affine=True, track_running_stats=True),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(3 * 64, 4)).double()
+    x, y = _data(image=True)
+    rec = gs.InRun(model, out=tmp_path / "r.h5")
+    snaps: list = []
+    _train(model, x, y, steps=3, batch=8, rec=rec, snapshots=snaps)
+    from gradscore.io.store import load_inrun_rows
+    rows = load_inrun_rows(rec.close())
+    for t, (snap, idx) in enumerate(snaps):
+        m = copy.deepcopy(model).train()
+        m.load_state_dict(snap, strict=False)
+        want = [float(sum((g ** 2).sum() for g in torch.autograd.grad(F.cross_entropy(m(x[b][None]), y[b][None]),
+                                                                       list(m.parameters())))) for b in idx]
+        np.testing.assert_allclose(rows["sq_norm"][rows["step"] == t], want, rtol=1e-9)
+
+
 def test_loss_terms_read_a_few_examples_at_a_time_equal_the_loop(tmp_path, monkeypatch):
     """The output and its gradient are read in blocks of examples (a large vocabulary's
     float64 copies stay small): blocks of 2 examples give the loop's records too."""

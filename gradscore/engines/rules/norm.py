@@ -3,7 +3,7 @@ eval-mode BatchNorm.
 
 y = x̂·γ + β with x̂ the normalized input, recomputed here from the captured input and
 the layer's own statistics (running statistics for BatchNorm, and for InstanceNorm with
-``track_running_stats``; RMSNorm: x̂ = x / √(mean(x²) + eps), no β). Per example:
+``track_running_stats`` in eval mode; RMSNorm: x̂ = x / √(mean(x²) + eps), no β). Per example:
 g_b(γ) = Σ_positions δ_b ⊙ x̂_b and g_b(β) = Σ_positions δ_b, vectors of the size of
 one channel/feature row, formed explicitly and reduced with ``norm_dot``. LayerNorm and
 RMSNorm over the last dimension, on CPU under the numba kernels, form them in one fused
@@ -144,8 +144,9 @@ def batch_norm(layer: nn.modules.batchnorm._BatchNorm, acts, grads, refs, K):
 @register_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
                supports=lambda m: None if m.affine else f"{type(m).__name__} without affine")
 def instance_norm(layer: nn.modules.instancenorm._InstanceNorm, acts, grads, refs, K):
-    """Eval mode: each example's own statistics per channel, or the running ones when tracked."""
+    """Each example's own statistics per channel; the running ones where tracked, in eval mode
+    only (torch's ``use_input_stats``; the mode is the forward's, unchanged until its backward)."""
     def own(x):
         return _standardize(x, _spatial(x), layer.eps)
-    return _affine_rule(acts, grads, refs, K, (lambda x: _running(layer, x)) if layer.track_running_stats else own,
-                        _spatial)
+    running = layer.track_running_stats and not layer.training
+    return _affine_rule(acts, grads, refs, K, (lambda x: _running(layer, x)) if running else own, _spatial)
