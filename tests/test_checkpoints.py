@@ -156,7 +156,9 @@ def test_the_writer_records_the_optimizer_kind(tmp_path):
     model = torch.nn.Linear(3, 2)
     for opt, kind in ((torch.optim.SGD(model.parameters(), lr=0.1), "SGD"),
                       (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "SGD(momentum=0.9)"),
-                      (torch.optim.Adam(model.parameters()), "Adam"), ("my note", "my note")):
+                      (torch.optim.Adam(model.parameters()), "Adam"), ("my note", "my note"),
+                      (torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.01}], lr=0.1),
+                       "SGD(lr per group=0.1,0.01)")):
         with gs.CheckpointWriter(tmp_path / kind, model_factory="gradscore.demos.models:mlp", optimizer=opt) as w:
             w.save(model, step=0, lr=0.1)
         assert gs.CheckpointStore(tmp_path / kind)[0].optimizer == kind

@@ -227,6 +227,7 @@ def test_stability_warnings_name_momentum_and_divergence():
     assert stability_warnings(["SGD", ""], [0.0, 1.0, 1.2, 1.1]) == []
     assert "SGD(momentum=0.9)" in stability_warnings(["SGD(momentum=0.9)"], [0.0, 1.0, 1.0])[0]
     assert "AdamW" in stability_warnings(["AdamW"], [0.0, 1.0, 1.0])[0]
+    assert "SGD(lr per group=0.1,0.01)" in stability_warnings(["SGD(lr per group=0.1,0.01)"], [0.0, 1.0, 1.0])[0]
     grown = stability_warnings(["SGD"], [0.0, 4.8e29, 4.8e3, 4.8])   # ‖λ_1‖ … ‖λ_T‖, backwards growth
     assert len(grown) == 1 and "diverges" in grown[0] and f"{1e26:.3g}" in grown[0]
     assert stability_warnings(["SGD"], [0.0, GROWTH_BOUND * 0.99, 1.0]) == []

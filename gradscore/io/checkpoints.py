@@ -180,11 +180,15 @@ def _read_info(path: Path) -> CheckpointInfo:
 
 
 def optimizer_kind(optimizer: object) -> str:
-    """What a checkpoint records of the optimizer: its class, with SGD's momentum."""
+    """What a checkpoint records of the optimizer: its class, with SGD's momentum and the
+    learning rates of parameter groups that have their own (a step is then not θ − η ∇L)."""
     kind = type(optimizer).__name__
     groups = getattr(optimizer, "param_groups", None) or [{}]
     momentum = groups[0].get("momentum", 0)
-    return f"{kind}(momentum={momentum:g})" if kind == "SGD" and momentum else kind
+    rates = list(dict.fromkeys(float(g["lr"]) for g in groups if "lr" in g))
+    notes = ([f"momentum={momentum:g}"] if kind == "SGD" and momentum else []) + (
+        [f"lr per group={','.join(f'{r:g}' for r in rates)}"] if len(rates) > 1 else [])
+    return f"{kind}({', '.join(notes)})" if notes else kind
 
 
 def _param_shapes(path: Path) -> dict[str, tuple[int, ...]]:

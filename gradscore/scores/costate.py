@@ -260,7 +260,7 @@ def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite
 #: ‖λ_t‖ / ‖λ_{t+1}‖ above this in one step backwards: the recursion diverges
 GROWTH_BOUND = 10.0
 #: optimizer kinds whose update is not the plain gradient step PDS assumes
-_NOT_PLAIN = re.compile(r"adam|momentum|nesterov|rmsprop|adagrad|adadelta|lamb|lion|lars|trainer", re.I)
+_NOT_PLAIN = re.compile(r"adam|momentum|nesterov|rmsprop|adagrad|adadelta|lamb|lion|lars|trainer|per group", re.I)
 
 
 def stability_warnings(optimizers: list[str], costate_norms: list[float]) -> list[str]:
