@@ -234,6 +234,25 @@ def test_stability_warnings_name_momentum_and_divergence():
     assert "NaN/Inf" in stability_warnings(["SGD"], [0.0, float("nan"), 1.0])[0]
 
 
+def test_a_warning_is_one_line_of_the_command_once(tmp_path):
+    """The command line prints each warning once, as its own line: not again as a Python
+    warning with a file name and a source line."""
+    import subprocess
+    import sys
+
+    import h5py
+    from helpers import make_run
+    ckpts, data = make_run(tmp_path, n_ckpts=3)
+    for p in ckpts.glob("step_*.h5"):
+        with h5py.File(p, "a") as f:
+            f.attrs["optimizer"] = "SGD(momentum=0.9)"
+    err = subprocess.run([sys.executable, "-m", "gradscore", "costate", "--checkpoints", str(ckpts), "--proxy",
+                          str(data), "--target", str(data), "--quiet"], capture_output=True, text=True,
+                         check=True).stderr
+    assert err.count("written by SGD(momentum=0.9)") == 1 and "GradscoreWarning" not in err, err
+    assert all(line.startswith("gradscore costate: warning: ") for line in err.strip().splitlines()), err
+
+
 def test_a_diverging_costate_warns_in_the_file_the_cli_and_diagnose(tmp_path, capsys):
     """Checkpoints of SGD with momentum whose recorded η makes I − ηH expand: the co-state
     explodes backwards; costate, run and diagnose each say so, the files keep the warning."""
@@ -248,12 +267,12 @@ def test_a_diverging_costate_warns_in_the_file_the_cli_and_diagnose(tmp_path, ca
     assert main(["costate", "--checkpoints", str(ckpts), "--proxy", str(data), "--target", str(data),
                  "--quiet"]) == 0
     err = capsys.readouterr().err
-    assert "warning: the checkpoints were written by SGD(momentum=0.9)" in err
-    assert "warning: the co-state diverges going backwards" in err, err
+    assert "the checkpoints were written by SGD(momentum=0.9)" in err
+    assert "the co-state diverges going backwards" in err, err
     out = tmp_path / "s.h5"
     assert main(["run", "--checkpoints", str(ckpts), "--data", str(data), "--target", str(data), "--out", str(out),
                  "--scores", "pds,grand", "--quiet"]) == 0
-    assert "warning: the co-state diverges" in capsys.readouterr().err
+    assert "the co-state diverges" in capsys.readouterr().err
     assert any("diverges" in w for w in gs.load_scores(out)["warnings"])
     assert main(["diagnose", str(out), "--out", str(tmp_path / "d")]) == 0
     text = capsys.readouterr().out

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from ..exceptions import GradscoreError, one_line
 from . import demos, files, reports, run, sketch
+from .common import warnings_as_lines
 
 EPILOG = """examples:
   gradscore demo --out demo/                       # train on digits, score, report
@@ -88,7 +89,8 @@ def run_and_report(command: str, fn: Callable[[Any], int], arg: Any) -> int:
         with interrupt_after():
             for name in (*LIBRARIES, *getattr(arg, "libraries", ())):
                 importlib.import_module(name)
-        code = fn(arg)
+        with warnings_as_lines(command):
+            code = fn(arg)
         sys.stdout.flush()   # a closed pipe shows here, inside the handlers below
         return code
     except GradscoreError as e:

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import warnings
+from typing import Iterator
 
 from ..config import LM_REDUCTIONS
-from ..exceptions import GradscoreError
+from ..exceptions import GradscoreError, GradscoreWarning
 
 OVERWRITE_HELP = "replace an existing output of the same kind (never an input, never another kind of file)"
 
@@ -39,10 +42,36 @@ def add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+_shown: list[str] = []   # the warnings the running command has printed
+
+
 def warn(command: str, found: list[str]) -> None:
-    """Warnings stored in an output, one line each on stderr."""
+    """Warnings stored in an output, one line each on stderr; one printed already (also as
+    the part of a longer text that names the file) is not printed again."""
     for text in found:
+        if any(text in s or s in text for s in _shown):
+            continue
+        _shown.append(text)
         print(f"gradscore {command}: warning: {text}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def warnings_as_lines(command: str) -> Iterator[None]:
+    """While ``command`` runs, gradscore's Python warnings print as its warning lines (:func:`warn`),
+    not as Python's file-and-source-line display; other warnings as Python shows them."""
+    _shown.clear()
+    python_show = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, GradscoreWarning):
+            warn(command, [str(message)])
+        else:
+            python_show(message, category, filename, lineno, file, line)
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = python_show
 
 
 def split(text: str) -> tuple[str, ...]:
