@@ -202,6 +202,22 @@ def test_instance_norm_with_running_stats_normalizes_as_its_mode_does(training):
     torch.testing.assert_close(got.dots, ref.dots, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["attention", "lstm"])
+def test_dropout_inside_a_layer_is_refused_in_training_mode(kind):
+    """Attention dropout and an LSTM's dropout between layers randomize examples in training
+    mode, as Dropout modules do: scoring refuses them with the fix, model.eval()."""
+    from gradscore.demos.models import recurrent_classifier
+    torch.manual_seed(0)
+    model = recurrent_classifier(kind="GRU", attention=True) if kind == "attention" else \
+        recurrent_classifier(kind="LSTM", layers=2)
+    (model.attn if kind == "attention" else model.rnn).dropout = 0.3
+    ids, y = torch.randint(0, 1000, (4, 6)), torch.randint(0, 2, (4,))
+    with pytest.raises(gs.EngineError, match="in training mode, which couples or randomizes examples; call "
+                                             "model.eval"):
+        gs.Scorer(model.train()).score_batch(ids, y)
+    assert gs.Scorer(model.eval()).score_batch(ids, y).sq_norm.isfinite().all()
+
+
 def test_positional_module_without_batch_dim_falls_back():
     class Pos(nn.Module):
         def __init__(self):

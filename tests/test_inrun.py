@@ -344,6 +344,32 @@ def test_a_weight_used_outside_its_layer_is_refused_not_misread(tmp_path):
             F.cross_entropy(model(ids), y).backward()
 
 
+@pytest.mark.parametrize("kind", ["attention", "lstm"])
+def test_dropout_inside_a_replayed_layer_is_refused_in_training(tmp_path, kind):
+    """MultiheadAttention's attention dropout and a 2-layer LSTM's dropout between layers
+    draw their masks inside torch's kernel, and their rules replay the layer without them:
+    in training mode they are refused, named with the fix, whether the model is in training
+    mode when the recorder is made or is put there later."""
+    from gradscore.demos.models import recurrent_classifier
+    torch.manual_seed(0)
+    model = recurrent_classifier(kind="GRU", attention=True) if kind == "attention" else \
+        recurrent_classifier(kind="LSTM", layers=2)
+    layer = model.attn if kind == "attention" else model.rnn
+    layer.dropout = 0.3
+    ids, y = torch.randint(0, 1000, (8, 6)), torch.randint(0, 2, (8,))
+    why = "dropout=0.3 in training mode, whose masks its rule cannot replay; set its dropout to 0"
+    with pytest.raises(gs.EngineError, match=why):
+        gs.InRun(model.train(), out=tmp_path / "a.h5")
+    rec = gs.InRun(model.eval(), out=tmp_path / "b.h5")
+    with pytest.raises(gs.EngineError, match=why):
+        with rec.step(range(8), y):
+            F.cross_entropy(model.train()(ids), y).backward()
+    layer.dropout = 0.0
+    with rec.step(range(8), y):   # without dropout: recorded
+        F.cross_entropy(model(ids), y).backward()
+    assert np.isfinite(gs.load_scores(rec.close())["scores"]["grand"]).all()
+
+
 def test_a_read_only_folder_is_refused_before_training(tmp_path):
     import subprocess
     ro = tmp_path / "ro"

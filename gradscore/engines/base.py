@@ -12,6 +12,7 @@ from ..batch import Inputs, batch_len, call_model
 from ..exceptions import EngineError
 from ..kernels import acc_dtype
 from ..losses import Loss
+from .rules.registry import kernel_dropout
 
 #: Per-parameter reference blocks: refs[i] has shape (K, *param_i.shape).
 RefBlocks = Sequence[torch.Tensor]
@@ -55,10 +56,12 @@ def check_eval_mode(model: nn.Module) -> None:
     """Refuse layers whose training mode couples examples or randomizes them.
 
     Train-mode BatchNorm normalizes with batch statistics, so one example's gradient
-    depends on the others in its batch; train-mode Dropout makes scores random.
+    depends on the others in its batch; train-mode Dropout (a module's, or attention's and a
+    multi-layer RNN's inside their kernels) makes scores random.
     """
     for name, m in model.named_modules():
-        if m.training and isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)):
+        if m.training and (isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))
+                           or kernel_dropout(m)):
             raise EngineError(f"layer '{name or type(m).__name__}' ({type(m).__name__}) is in "
                               f"training mode, which couples or randomizes examples; call "
                               f"model.eval() before scoring")

@@ -730,6 +730,10 @@ class _Step:
                               f"per example of the batch")
         if self.B == 0:
             return None
+        for layer in rec.engine.layers:   # in the forward's mode a rule may not apply (dropout inside attention)
+            reason = layer.rule.supports(layer.module)
+            if reason:
+                raise EngineError(f"layer '{layer.name}': {reason}")
         # the scale this step's backward will use: a trainer may update its scaler before __exit__,
         # and reading it here, not in the backward, keeps a device sync out of the backward
         self.scale = rec._loss_scale()

@@ -8,7 +8,8 @@ output gradient. The rule has the layer's call (query, key, value, masks) and δ
 it replays the attention alone, with q, k, v as leaves, through torch's own
 ``F.multi_head_attention_forward`` with identity projections (which multiply exactly),
 and one backward of that replay gives δ_q, δ_k, δ_v and ctx: one extra forward and
-backward of the attention, nothing of the rest of the model. ``add_bias_kv`` falls back.
+backward of the attention, nothing of the rest of the model. ``add_bias_kv`` falls back,
+and so does attention dropout in training mode (its masks are drawn inside the kernel).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from ...kernels import acc_dtype
 from .linear import weight_and_bias
-from .registry import register_rule
+from .registry import kernel_dropout, register_rule
 
 _ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
          "is_causal")
@@ -27,7 +28,7 @@ _ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask
 def _supports(m: nn.MultiheadAttention) -> str | None:
     if m.bias_k is not None:
         return "MultiheadAttention with add_bias_kv"
-    return None
+    return kernel_dropout(m)
 
 
 def _projections(layer: nn.MultiheadAttention, acc: torch.dtype):

@@ -11,7 +11,8 @@ the recurrence alone, in the accumulation dtype, with the cells' equations as to
 documents them, and one backward of that replay gives every δgi, δgh and h: one extra
 forward and backward of this layer, nothing of the rest of the model. A packed input
 is replayed padded, each sequence's state held past its end (forward) or before its
-start (reverse), as the packed kernels do. ``proj_size`` falls back.
+start (reverse), as the packed kernels do. ``proj_size`` falls back, and so does dropout
+between layers in training mode (its masks are drawn inside the kernel).
 """
 from __future__ import annotations
 
@@ -21,13 +22,13 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from ...kernels import acc_dtype
 from .linear import weight_and_bias
-from .registry import register_rule
+from .registry import kernel_dropout, register_rule
 
 
 def _supports(m: nn.RNNBase) -> str | None:
     if getattr(m, "proj_size", 0):
         return "LSTM with proj_size"
-    return None
+    return kernel_dropout(m)
 
 
 def _final_state(output):

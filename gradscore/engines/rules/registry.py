@@ -184,6 +184,19 @@ def _lookup(module: nn.Module) -> tuple[Rule | None, str | None]:
     return None, f"no ghost rule for {kind.__name__}"
 
 
+def kernel_dropout(module: nn.Module) -> str | None:
+    """Why ``module`` draws dropout masks inside torch's kernel in its present (training)
+    mode, which a rule that replays the layer cannot see (None if it does not): attention
+    dropout, a multi-layer RNN's dropout between layers."""
+    p = getattr(module, "dropout", 0.0)
+    if not module.training or not isinstance(p, float) or p <= 0:
+        return None
+    if isinstance(module, nn.MultiheadAttention) or (isinstance(module, nn.RNNBase) and module.num_layers > 1):
+        return (f"{type(module).__name__} with dropout={p:g} in training mode, whose masks its rule cannot replay; "
+                f"set its dropout to 0")
+    return None
+
+
 def _instance_forward(module: nn.Module) -> bool:
     """Whether ``forward`` was replaced on this instance (``layer.forward = ...``) by anything
     but Accelerate's device hook, which moves tensors and calls the class's own forward."""
