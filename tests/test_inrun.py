@@ -262,6 +262,22 @@ def test_parameter_groups_with_their_own_learning_rates(tmp_path, wide):
                                0.1 * np.sum(want), rtol=1e-9)
 
 
+def test_an_optimizer_holding_none_of_the_parameters_is_named(tmp_path):
+    """An optimizer over copies of the parameters (a wrapper's flat copies) says nothing of
+    their learning rates: one warning, and the dot stays the plain one."""
+    torch.manual_seed(0)
+    model, (x, y) = mlp(d_in=10, hidden=8, n_classes=4, depth=1).double(), _data()
+    other = torch.optim.SGD(copy.deepcopy(model).parameters(), lr=0.5)
+    plain = gs.InRun(copy.deepcopy(model), out=tmp_path / "plain.h5", targets=(x[:6], y[:6]))
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:6], y[:6]), optimizer=other)
+    with pytest.warns(gs.exceptions.GradscoreWarning, match="holds none of the model's parameters"):
+        for r in (rec, plain):
+            with r.step(range(8), y[:8], lr=0.1):
+                F.cross_entropy(r.model(x[:8]), y[:8]).backward()
+    dots = [gs.load_scores(r.close())["scores"]["inrun_value"] for r in (rec, plain)]
+    np.testing.assert_allclose(dots[0], dots[1], rtol=1e-12)
+
+
 def test_aggregates_over_presentations_by_hand():
     rows = {"row": np.array([0, 1, 0, 0, 1]), "step": np.array([0, 0, 1, 2, 2]),
             "loss": np.array([1.0, 2.0, 3.0, 5.0, 4.0]), "correct": np.array([1, 0, 0, 1, 0], dtype=np.int8),
