@@ -10,7 +10,7 @@ from .common import add_quiet, command, split
 def _add_sketch(sub: argparse._SubParsersAction) -> None:
     d = SketchConfig(checkpoints="", data="")
     p = command(sub, "sketch", help="store a random projection of every example's gradient at every checkpoint",
-                description="Project every example's per-example gradient at every checkpoint to --dim numbers "
+                description="Project every example's per-example gradient at every checkpoint to about --dim numbers "
                 "(Kronecker-factored per Linear, Embedding and Conv weight from the ghost hooks, dense for the other "
                 "parameters; the gradient is never formed) and store them, for `gradscore attribute`. "
                 "Resumable: rerun the same command after an interruption.")
@@ -19,8 +19,9 @@ def _add_sketch(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, metavar="FILE", help="the training set (.h5/.npz, as for `run`)")
     p.add_argument("--out", required=True, metavar="FILE", help="the sketch file to write (HDF5)")
     p.add_argument("--dim", type=int, default=d.dim,
-                   help="numbers per example and checkpoint, split over the parameters in proportion to their "
-                   "size (the file records the exact split; at most the number of parameters)")
+                   help="numbers per example and checkpoint, about: split over the parameters in proportion to "
+                   "their size, a weight's k_out x k_in block rounding to whole rows, so the total may differ by a few "
+                   "(the file records the exact split; at most the number of parameters)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the projection: queries reuse it")
     p.add_argument("--store-dtype", default=d.store_dtype, choices=STORE_DTYPES,
                    help="how the sketches are stored (float16 halves the file; float32 for TRAK on well-fit data)")
