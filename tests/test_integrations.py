@@ -356,20 +356,24 @@ def test_lightning_inrun_callback_hands_over_the_adam(tmp_path):
         gs.InRun(module.net, out=tmp_path / "sgd.h5", optimizer="sgd")
 
 
-def test_lightning_inrun_callback_weighs_parameter_groups_by_their_learning_rates(tmp_path):
-    """configure_optimizers with a slower first layer (lr/5): the callback hands the optimizer
-    over, and each dot is the share times Σ_p (η_p/η)⟨∇_p ℓ_b, ∇_p J⟩ at θ_t, η the step's
-    (group 0's) lr, so that inrun_value is the first-order change of J the updates made."""
+@pytest.mark.parametrize("first", ["fast", "frozen"])
+def test_lightning_inrun_callback_weighs_parameter_groups_by_their_learning_rates(tmp_path, first):
+    """configure_optimizers with a slower first layer (lr/5), or with it frozen at lr 0 in
+    the optimizer's first group: the callback hands the optimizer over, the step's η is the
+    largest group lr, and each dot is the share times Σ_p (η_p/η)⟨∇_p ℓ_b, ∇_p J⟩ at θ_t, so
+    that inrun_value is the first-order change of J the updates made."""
     L = pytest.importorskip("lightning")
     import copy
 
     import h5py
 
     from gradscore.integrations.lightning import GradscoreInRun
+    slow = 0.0 if first == "frozen" else 0.2
 
     def two_groups(params, lr):
         params = list(params)
-        return torch.optim.SGD([{"params": params[2:]}, {"params": params[:2], "lr": lr / 5}], lr=lr)
+        groups = [{"params": params[2:]}, {"params": params[:2], "lr": lr * slow}]
+        return torch.optim.SGD(groups[::-1] if first == "frozen" else groups, lr=lr)
 
     x, y, _ = _data(tmp_path)
     snapshots: dict = {}
@@ -382,7 +386,7 @@ def test_lightning_inrun_callback_weighs_parameter_groups_by_their_learning_rate
         ids = f["ids"][()]
     ref = copy.deepcopy(module.net).eval()
     params = dict(ref.named_parameters())
-    weight = {n: 0.2 if i < 2 else 1.0 for i, n in enumerate(params)}
+    weight = {n: slow if i < 2 else 1.0 for i, n in enumerate(params)}
     for t in (0, 3):
         ref.load_state_dict(snapshots[t])
         gJ = torch.autograd.grad(torch.nn.functional.cross_entropy(ref(target[0]), target[1]), list(params.values()))

@@ -603,6 +603,15 @@ class InRun:
 _FILL_ELEMENTS = 2**22
 
 
+def step_lr(optimizer: Any) -> float:
+    """The step's η that a trainer's callback records: the largest learning rate among the
+    optimizer's parameter groups (the recorder weighs each group by its own over it, so a
+    first group frozen at lr 0 does not zero the step); 0.0 without an optimizer."""
+    if optimizer is None:
+        return 0.0
+    return max(float(g["lr"]) for g in optimizer.param_groups)
+
+
 def _median_fill(s: torch.Tensor, readable: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     """(B,) for each example: the median (the lower one, as ``torch.median``) of ``s`` over the
     ``readable`` examples with its target ``y``, else over all readable ones, else NaN; in

@@ -16,6 +16,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from ..inrun.recorder import step_lr
 from ..io.checkpoints import CheckpointWriter, checkpoint_filename
 
 FACTORY = "gradscore.integrations.hf:from_config"
@@ -84,7 +85,7 @@ class GradscoreInRunCallback(TrainerCallback):
         self.recorder.attach(**self.keys)
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
-        self.recorder.set_step(int(state.global_step), GradscoreCallback._lr(optimizer))
+        self.recorder.set_step(int(state.global_step), step_lr(optimizer))
 
     def on_substep_end(self, args, state, control, **kwargs):
         self.recorder.end_step()

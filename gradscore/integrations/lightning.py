@@ -16,6 +16,7 @@ from typing import Any
 
 from lightning.pytorch import Callback
 
+from ..inrun.recorder import step_lr
 from ..io.checkpoints import CheckpointWriter, checkpoint_filename
 
 
@@ -77,8 +78,7 @@ class GradscoreInRun(Callback):
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         ids, y = self.ids_and_targets(batch)
-        self._step = self.recorder.step(ids, y, lr=float(trainer.optimizers[0].param_groups[0]["lr"]),
-                                        step=int(trainer.global_step))
+        self._step = self.recorder.step(ids, y, lr=step_lr(trainer.optimizers[0]), step=int(trainer.global_step))
         self._step.__enter__()
 
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
