@@ -345,9 +345,13 @@ class InRun:
         return 1.0 if scaler is None or not scaler.is_enabled() else float(scaler.get_scale())
 
     def _refuse_fallback(self) -> None:
+        """One line naming the parameters without a ghost rule, those with one reason together."""
         if self.engine.fallback:
-            listed = "; ".join(f"{n}: {why}" for n, why in list(self.engine.fallback.items())[:4])
-            more = len(self.engine.fallback) - 4
+            by_reason: dict[str, list[str]] = {}
+            for name, why in self.engine.fallback.items():
+                by_reason.setdefault(why, []).append(name)
+            listed = "; ".join(f"{', '.join(names)}: {why}" for why, names in list(by_reason.items())[:4])
+            more = sum(len(names) for names in list(by_reason.values())[4:])
             raise EngineError(f"in-run scoring needs a ghost rule for every trainable parameter; "
                               f"{listed}{f'; and {more} more' if more > 0 else ''}. Score saved checkpoints "
                               f"instead (gradscore run), where the other parameters take the vmap path")
