@@ -322,8 +322,9 @@ class InRun:
 
     def from_trainer(self, *, scaler: Any, optimizer: Any, world_size: int, clipping: str | None) -> None:
         """What a trainer's callback hands over when training begins, where the recorder was
-        not given it: the trainer's loss scaler (or None), its optimizer (taken if
-        ``optimizer="adam"``), the ranks its DDP averages; ``clipping``: the trainer's
+        not given it: the trainer's loss scaler (or None), its optimizer (its groups' learning
+        rates weigh the dots; with ``optimizer="adam"`` an Adam/AdamW, whose state preconditions
+        them), the ranks its DDP averages; ``clipping``: the trainer's
         gradient-clipping option as set (None: off), which ``inrun_value`` does not see (a
         warning, if it is recorded)."""
         if self.scaler is None:
