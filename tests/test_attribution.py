@@ -3,6 +3,7 @@ resumes bit-identically; TracIn and TRAK scores equal their formulas computed di
 from the sketches, whatever the block size; bad input is one line and exit code 2."""
 from __future__ import annotations
 
+import json
 import h5py
 import numpy as np
 import pytest
@@ -198,3 +199,39 @@ def test_string_ids_go_through_sketch_and_attribution(tmp_path):
     attr = attribute(path, named, out=tmp_path / "a.h5", top=2, progress=False)
     with h5py.File(attr) as f:
         assert f["query_ids"].asstr()[0] == "ex-000" and f["proponents/ids"].asstr()[0, 0].startswith("ex-")
+
+
+def test_tracin_over_checkpoints_of_adam_warns_in_the_file_the_cli_and_info(tmp_path, capsys):
+    """TracIn-CP weighs each checkpoint by its η_t as for plain gradient steps: over
+    checkpoints of AdamW it says so (the API, the file, `info`, one CLI line); TRAK, which
+    uses no η, and TracIn over plain SGD checkpoints do not."""
+    import subprocess
+    import sys
+    import warnings
+
+    from helpers import make_run
+    ckpts, data = make_run(tmp_path / "plain")
+    path = _sketch((ckpts, data), tmp_path / "plain")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gs.exceptions.GradscoreWarning)
+        out = attribute(path, data, out=tmp_path / "plain.h5", progress=False)
+    with h5py.File(out) as f:
+        assert json.loads(f.attrs["warnings"]) == []
+    ckpts, data = make_run(tmp_path / "adam")
+    for p in ckpts.glob("step_*.h5"):
+        with h5py.File(p, "a") as f:
+            f.attrs["optimizer"] = "AdamW"
+    path = _sketch((ckpts, data), tmp_path / "adam")
+    with pytest.warns(gs.exceptions.GradscoreWarning, match="written by AdamW, not plain gradient steps; TracIn-CP"):
+        out = attribute(path, data, out=tmp_path / "tracin.h5", progress=False)
+    with h5py.File(out) as f:
+        assert "written by AdamW" in json.loads(f.attrs["warnings"])[0]
+    assert main(["info", str(out)]) == 0
+    assert "  warning: the checkpoints were written by AdamW" in capsys.readouterr().out
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gs.exceptions.GradscoreWarning)
+        attribute(path, data, out=tmp_path / "trak.h5", method="trak", progress=False)
+    err = subprocess.run([sys.executable, "-m", "gradscore", "attribute", "--sketch", str(path), "--query", str(data),
+                          "--out", str(tmp_path / "cli.h5"), "--quiet"], capture_output=True, text=True,
+                         check=True).stderr
+    assert err.count("written by AdamW") == 1 and err.startswith("gradscore attribute: warning: "), err

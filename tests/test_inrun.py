@@ -177,6 +177,41 @@ def _check_against_loop(path, model, snaps, x, y, targets, dot_rtol=1e-9):
         np.testing.assert_allclose(rows["target_norm"][at], want[:, 4], rtol=1e-10)
 
 
+def test_an_auxiliary_term_on_a_hidden_layer_is_in_the_examples_gradient(tmp_path):
+    """docs/inrun.md: with a per-example penalty on a hidden layer's output in the loss,
+    share_sq_norm and dot are of everything b adds to the step's loss (ℓ_b/B plus its
+    penalty), in both target forms; loss and share are read at the output alone."""
+    torch.manual_seed(0)
+    model, (x, y) = mlp(d_in=10, hidden=64, n_classes=4, depth=2).double(), _data()
+    hidden: list = []
+    model[1].register_forward_hook(lambda mod, args, out: hidden.append(out))
+    penalty = 0.3
+
+    def loss_fn(z, t):
+        return F.cross_entropy(z, t) + penalty * hidden[-1].pow(2).sum(1).mean()
+    targets = (x[:6], y[:6])
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=targets)
+    snaps: list = []
+    _train(model, x, y, steps=3, batch=8, rec=rec, snapshots=snaps, loss_fn=loss_fn)
+    from gradscore.io.store import load_inrun_rows
+    rows = load_inrun_rows(rec.close())
+    for t, (snap, idx) in enumerate(snaps):
+        m = copy.deepcopy(model).eval()
+        m.load_state_dict(snap)
+        params = list(m.parameters())
+        gJ = torch.autograd.grad(F.cross_entropy(m(x[:6]), y[:6]), params)
+        at, B = rows["step"] == t, len(idx)
+        for b, i in enumerate(idx):
+            z = m(x[i][None])
+            term = (F.cross_entropy(z, y[i][None]) + penalty * hidden[-1].pow(2).sum()) / B
+            g = torch.autograd.grad(term, params)
+            np.testing.assert_allclose(rows["share_sq_norm"][at][b], float(sum((v ** 2).sum() for v in g)), rtol=1e-9)
+            np.testing.assert_allclose(rows["dot"][at][b], float(sum((v * w).sum() for v, w in zip(g, gJ))),
+                                       rtol=1e-9, atol=1e-14)
+            np.testing.assert_allclose(rows["loss"][at][b], float(F.cross_entropy(z, y[i][None]).detach()), rtol=1e-10)
+        np.testing.assert_allclose(rows["share"][at], 1 / B, rtol=1e-12)
+
+
 def test_share_is_read_from_the_loss_sum_and_class_weights(tmp_path):
     torch.manual_seed(0)
     model, (x, y) = mlp(d_in=10, hidden=8, n_classes=4, depth=1).double(), _data()

@@ -279,3 +279,22 @@ def test_a_diverging_costate_warns_in_the_file_the_cli_and_diagnose(tmp_path, ca
     assert "warning: the co-state diverges" in text and "of the largest |⟨g, v⟩|" in text
     report = json.loads((tmp_path / "d" / "diagnosis.json").read_text())
     assert report["warnings"] and report["decomposition_max_rel_error"] < 1e-6
+
+
+def test_target_dot_over_checkpoints_of_momentum_warns_without_pds(tmp_path):
+    """target_dot weighs ⟨∇J(θ_t), g_n⟩ by η_t as for plain gradient steps, with or without
+    the co-states: checkpoints of SGD with momentum say so in a target_dot-only run too."""
+    import h5py
+    from helpers import make_run
+    ckpts, data = make_run(tmp_path, n_ckpts=3)
+    plain = gs.load_scores(gs.score(ckpts, data, out=tmp_path / "plain.h5", target=data, scores=["target_dot"],
+                                    progress=False))
+    assert plain["warnings"] == []
+    (ckpts / "target_gradient.h5").unlink()
+    for p in ckpts.glob("step_*.h5"):
+        with h5py.File(p, "a") as f:
+            f.attrs["optimizer"] = "SGD(momentum=0.9)"
+    with pytest.warns(gs.exceptions.GradscoreWarning, match=r"written by SGD\(momentum=0.9\).*target_dot"):
+        out = gs.score(ckpts, data, out=tmp_path / "s.h5", target=data, scores=["target_dot"], progress=False)
+    assert not CostateFile(ckpts / "target_gradient.h5").has_costates
+    assert any("written by SGD(momentum=0.9)" in w for w in gs.load_scores(out)["warnings"])

@@ -143,7 +143,8 @@ def _describe_attribution(path: Path) -> str:
             f"attribution file {path} (gradscore {f.attrs.get('gradscore_version', '?')})",
             f"  {facts['method']} over checkpoints {facts['checkpoints']} of sketch {cfg['sketch']} (dim {facts['dim']})",
             f"  {facts['n_query']:,} queries from {cfg['query']} against {facts['n_train']:,} training examples: "
-            f"top {top} proponents and opponents each{full}; /target_dot: their mean"])
+            f"top {top} proponents and opponents each{full}; /target_dot: their mean"]
+            + [f"  warning: {w}" for w in json.loads(f.attrs.get("warnings", "[]"))])
 
 
 def describe(path: Path) -> str:

@@ -36,7 +36,6 @@ resumes and reproduces λ bit for bit.
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,7 +48,7 @@ from torch.func import grad, jvp
 from tqdm.auto import tqdm
 
 from ..io.atomic import atomic_path
-from ..io.checkpoints import CheckpointStore
+from ..io.checkpoints import CheckpointStore, not_plain_steps
 from ..batch import Inputs, call_functional, move
 from ..config import DEVICES, DTYPES, LM_REDUCTIONS, resolve_device
 from ..io.datasets import Dataset, check_targets, load_dataset, probe_model
@@ -249,7 +248,9 @@ def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite
                     norms[group].append(_norm(u[group]) if group in u else 0.0)
         f["grad_target_norm"] = np.array(norms["grad_target"])
         f["costate_norm"] = np.array(norms["costate"])
-        found = stability_warnings([i.optimizer for i in ckpts], norms["costate"]) if config.costates else []
+        kinds = [i.optimizer for i in ckpts]
+        found = (stability_warnings(kinds, norms["costate"]) if config.costates else
+                 not_plain_steps(kinds, "target_dot, Σ_t η_t ⟨∇J(θ_t), g_n(θ_t)⟩,", "its first-order change of J is"))
         f.attrs["warnings"] = json.dumps(found)
     for text in found:
         warnings.warn(f"{out}: {text}", GradscoreWarning, stacklevel=3)
@@ -259,8 +260,6 @@ def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite
 
 #: ‖λ_t‖ / ‖λ_{t+1}‖ above this in one step backwards: the recursion diverges
 GROWTH_BOUND = 10.0
-#: optimizer kinds whose update is not the plain gradient step PDS assumes
-_NOT_PLAIN = re.compile(r"adam|momentum|nesterov|rmsprop|adagrad|adadelta|lamb|lion|lars|trainer|per group", re.I)
 
 
 def stability_warnings(optimizers: list[str], costate_norms: list[float]) -> list[str]:
@@ -268,11 +267,7 @@ def stability_warnings(optimizers: list[str], costate_norms: list[float]) -> lis
 
     optimizers: each checkpoint's recorded optimizer kind; costate_norms: ‖λ_t‖ for
     t = 0..T (0 at t = 0)."""
-    found = []
-    odd = sorted({o for o in optimizers if o and _NOT_PLAIN.search(o)})
-    if odd:
-        found.append(f"the checkpoints were written by {', '.join(odd)}, not plain gradient steps; PDS "
-                     f"assumes θ_t+1 = θ_t − η_t ∇L(θ_t), so these co-states are only an approximation")
+    found = not_plain_steps(optimizers, "PDS", "these co-states are")
     norms = np.asarray(costate_norms[1:], dtype=np.float64)            # t = 1 … T
     if not np.isfinite(norms).all():
         found.append("the co-state diverged to NaN/Inf going backwards; PDS scores are not meaningful "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,9 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..config import AttributeConfig, resolve_device
-from ..exceptions import CheckpointError, DataError
+from ..exceptions import CheckpointError, DataError, GradscoreWarning
 from ..io.atomic import atomic_path
-from ..io.checkpoints import CheckpointStore
+from ..io.checkpoints import CheckpointStore, not_plain_steps
 from ..io.datasets import check_targets, load_dataset, probe_model
 from ..io.outputs import claim
 from ..io.store import write_ids
@@ -136,8 +137,11 @@ def run_attribute(config: AttributeConfig, out: str | os.PathLike, *, overwrite:
     steps = list(range(T)) if config.method == "tracin" or config.trak_checkpoints == "all" else [T - 1]
     query_ids, Q, p_q = sketch_queries(config, sf, ckpts, steps, progress)
     M = len(query_ids)
+    found: list[str] = []
     if config.method == "tracin":
         weights = [sf.lr[t] * Q[t].T.astype(np.float64) for t in steps]          # (dim, M) each
+        found = not_plain_steps([ckpts[t].optimizer for t in steps], "TracIn-CP's Σ_t η_t ⟨g_n, g_q⟩",
+                                "its scores are")
     else:
         weights = [_trak_weights(sf, t, Q[t], p_q[t], config, progress) / len(steps) for t in steps]
     weights = [torch.from_numpy(w.astype(np.float32)) for w in weights]
@@ -166,6 +170,9 @@ def run_attribute(config: AttributeConfig, out: str | os.PathLike, *, overwrite:
         f.attrs["attribution"] = json.dumps({"method": config.method, "checkpoints": steps, "dim": dim,
                                              "seed": sf.spec.seed, "n_train": N, "n_query": M}, sort_keys=True)
         f.attrs["gradscore_version"] = __version__
+        f.attrs["warnings"] = json.dumps(found)
+    for text in found:
+        warnings.warn(f"{out}: {text}", GradscoreWarning, stacklevel=2)
     return out
 
 
