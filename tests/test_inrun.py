@@ -423,6 +423,24 @@ def test_dropout_inside_a_replayed_layer_is_refused_in_training(tmp_path, kind):
     assert np.isfinite(gs.load_scores(rec.close())["scores"]["grand"]).all()
 
 
+def test_a_model_whose_output_depends_on_the_place_in_the_batch_is_refused(tmp_path):
+    """Positions indexed along the batch: example 0 alone gives its batched output, the
+    others do not; no example has a gradient of its own."""
+    class Places(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.pos = nn.Linear(10, 4), nn.Embedding(8, 4)
+
+        def forward(self, x):
+            return self.lin(x) + self.pos(torch.arange(len(x)))
+    x, y = _data(dtype=torch.float32)
+    model = Places()
+    rec = gs.InRun(model, out=tmp_path / "r.h5")
+    with pytest.raises(gs.EngineError, match="depends on the rest of its batch"):
+        with rec.step(range(8), y[:8]):
+            F.cross_entropy(model(x[:8]), y[:8]).backward()
+
+
 def test_a_read_only_folder_is_refused_before_training(tmp_path):
     import subprocess
     ro = tmp_path / "ro"

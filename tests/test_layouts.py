@@ -200,10 +200,26 @@ class BatchCentred(nn.Module):
         return self.head(torch.tanh(h - h.mean(0, keepdim=True)))
 
 
+class PositionsOfTheBatch(nn.Module):
+    """Positions indexed along dimension 0 of batch-first ids (a sequence-first model fed
+    batch-first data): an example's output depends on its place in the batch, which the
+    first example, at place 0 in both, does not show."""
+
+    def __init__(self, T: int = 0, d: int = 4):
+        super().__init__()
+        self.tok, self.pos, self.head = nn.Embedding(9, d), nn.Embedding(B, d), nn.Linear(d, 3)
+
+    def forward(self, ids):
+        pos = self.pos(torch.arange(ids.shape[0])).unsqueeze(1)        # (B, 1, d): the batch's places
+        return self.head(torch.tanh(self.tok(ids) + pos).mean(1))
+
+
 @pytest.mark.parametrize("K", [0, 2])
-def test_a_model_that_couples_examples_is_scored_per_example(K):
-    model = BatchCentred().double().eval()
-    x = torch.randn(B, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("cls", [BatchCentred, PositionsOfTheBatch], ids=lambda c: c.__name__)
+def test_a_model_that_couples_examples_is_scored_per_example(cls, K):
+    model = cls().double().eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, 5, dtype=torch.float64, generator=g) if cls is BatchCentred else torch.randint(1, 7, (B, 3), generator=g)
     _, ref = _score(model, x, "loop", K)
     scorer, out = _score(model, x, "auto", K)
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-10, atol=1e-12)

@@ -254,7 +254,7 @@ class GhostEngine(Engine):
         self._fallbacks: dict[tuple[str, ...], Fallback] = {}
         self._index = {n: i for i, n in enumerate(self.param_names)}
         self._laid_out = False
-        self._alone: torch.Tensor | None = None   # the first example's output alone, until checked
+        self._alone: torch.Tensor | None = None   # the first and last examples' outputs alone, until checked
         self._coupled = False   # an example's output depends on its batch: everything to the fallback
 
     def explain(self) -> dict[str, str]:

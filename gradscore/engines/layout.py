@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..batch import Inputs, call_model, concat, take
+from ..batch import Inputs, batch_len, call_model, concat, take
 from .rules import Rule
 
 #: ops under which a batch-broadcast output, expanded to B rows, stays exact
@@ -127,7 +127,7 @@ def observed(rule: Rule, args: tuple, kwargs: dict, output) -> tuple:
 
 
 def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inputs,
-            params: dict[int, tuple[str, tuple[str, ...]]]) -> tuple[dict[str, _Record], torch.Tensor, dict[str, str]]:
+            params: dict[int, tuple[str, tuple[str, ...]]]) -> tuple[dict[str, _Record], dict[str, str]]:
     records = {name: _Record() for name in layers}
     mode = _Uses(params)
 
@@ -152,11 +152,11 @@ def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inpu
                 for n, (m, rule) in layers.items()]
     try:
         with torch.enable_grad(), mode:   # grad on: the same code path as the scoring pass
-            out = call_model(model, x)
+            call_model(model, x)
     finally:
         for h in handles:
             h.remove()
-    return records, out.detach(), mode.strays
+    return records, mode.strays
 
 
 def _follows(one: tuple[int, ...], two: tuple[int, ...]) -> list[int]:
@@ -195,8 +195,9 @@ def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: In
               params: dict[str, tuple[torch.Tensor, tuple[str, ...]]] | None = None
               ) -> tuple[dict[str, Layout | str], torch.Tensor | None, dict[str, str]]:
     """{layer name: its :class:`Layout`, or the reason it has none its rule accepts}, the
-    model's output for x's first example alone (None where the model did not run), and
-    {parameter name: the op that used it outside its layers' calls}.
+    model's outputs for x's first and last examples each alone (:func:`alone_outputs`;
+    None where the model did not run), and {parameter name: the op that used it outside
+    its layers' calls}.
 
     layers: {name: (module, its rule)}; params: {parameter name: (the tensor, the names of
     the layers whose rule covers it)}; x: a batch of B >= 1. A rule that takes the whole
@@ -205,8 +206,9 @@ def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: In
     first = take(x, 0)
     watched = {id(t): (name, owners) for name, (t, owners) in (params or {}).items()}
     try:
-        rec1, alone, strays = _record(model, layers, first, watched)
-        rec2, _, _ = _record(model, layers, concat([first, first]), watched)
+        rec1, strays = _record(model, layers, first, watched)
+        rec2, _ = _record(model, layers, concat([first, first]), watched)
+        alone = alone_outputs(model, x)
     except Exception as e:   # the fallback meets the same model and says what fails
         why = f"the model did not run on 1 and 2 copies of an example ({type(e).__name__}: {e})"
         return {name: why.splitlines()[0][:300] for name in layers}, None, {}
@@ -244,14 +246,24 @@ def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: In
     return out, alone, strays
 
 
+def alone_outputs(model: nn.Module, x: Inputs) -> torch.Tensor:
+    """The model's outputs for x's first and last examples, each run alone (one row for a
+    batch of 1), without gradients: what :func:`couples_examples` compares."""
+    B = batch_len(x)
+    with torch.no_grad():
+        return torch.cat([call_model(model, take(x, i)) for i in sorted({0, B - 1})])
+
+
 def couples_examples(alone: torch.Tensor, batched: torch.Tensor) -> bool:
-    """Whether the model's output for an example in its batch (``batched``, row 0) differs
-    from its output alone (``alone``) by more than the dtype's rounding: then the model
-    couples the examples of a batch, and only an engine that runs each example alone is
-    per-example."""
+    """Whether the model's outputs for the first and last examples of a batch (``batched``,
+    rows 0 and B − 1) differ from their outputs alone (``alone``, :func:`alone_outputs`)
+    by more than the dtype's rounding: then the model couples the examples of a batch
+    (through batch statistics, or by an example's place in it, which the first example
+    alone cannot show), and only an engine that runs each example alone is per-example."""
     if alone.shape[1:] != batched.shape[1:]:
         return True
     # loose enough for batched GEMMs' other blocking (and TF32 on CUDA); a coupling moves an output by O(1)
     tol = {torch.float64: 1e-9, torch.float32: 1e-3}.get(alone.dtype, 5e-2)
-    a, b = alone[0].double(), batched[0].double()
+    rows = [0, len(batched) - 1][:len(alone)]
+    a, b = alone.double(), batched[rows].double()
     return not torch.allclose(a, b, rtol=tol, atol=tol * float(b.abs().max().clamp(min=1)))

@@ -65,10 +65,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..batch import Inputs, batch_len, call_model, output_tensor, take
+from ..batch import Inputs, batch_len, call_model, output_tensor
 from ..engines.ghost import GhostEngine, probe
 from ..engines.rules.registry import FactoredRef
-from ..engines.layout import couples_examples
+from ..engines.layout import alone_outputs, couples_examples
 from ..exceptions import ConfigError, EngineError, GradscoreError, GradscoreWarning, OutputError
 from ..io.journal import Journal
 from ..io.outputs import claim
@@ -768,7 +768,7 @@ class _Step:
                 rec.engine.lay_out(x)
                 with torch.no_grad():
                     batched = call_model(rec.network, x)
-                    alone = call_model(rec.network, take(x, 0))
+                alone = alone_outputs(rec.network, x)
         finally:
             rec._busy = False
         if couples_examples(alone, batched):
