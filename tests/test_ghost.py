@@ -270,7 +270,7 @@ def test_probe_hands_on_the_layers_output_without_a_copy():
     model[0].register_forward_hook(lambda m, i, out: ptrs.append(out.data_ptr()))   # before the engine's
     model[1].register_forward_hook(lambda m, i, out: ptrs.append(out.data_ptr()))   # what the network got
     gs.Scorer(model, engine="ghost").score_batch(torch.randn(5, 4), torch.tensor([0, 1, 0, 1, 1]))
-    assert len(ptrs) == 10 and ptrs[-2] == ptrs[-1]   # the first batch's four layout runs come first
+    assert len(ptrs) == 12 and ptrs[-2] == ptrs[-1]   # the first batch's five layout runs come first
 
 
 def test_an_in_place_change_of_a_saved_output_is_caught_as_without_the_engine():

@@ -441,6 +441,24 @@ def test_a_model_whose_output_depends_on_the_place_in_the_batch_is_refused(tmp_p
             F.cross_entropy(model(x[:8]), y[:8]).backward()
 
 
+def test_a_layer_that_sees_the_batch_reordered_is_refused(tmp_path):
+    """A Linear applied to the batch in reverse order: its row b is another example's,
+    so its rule would record another example's gradient; refused, the layer named."""
+    class Reversed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.head = nn.Linear(10, 6), nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.lin(x.flip(0)).flip(0)))
+    x, y = _data(dtype=torch.float32)
+    model = Reversed()
+    rec = gs.InRun(model, out=tmp_path / "r.h5")
+    with pytest.raises(gs.EngineError, match="lin.weight.*rows are not the batch's examples in order"):
+        with rec.step(range(8), y[:8]):
+            F.cross_entropy(model(x[:8]), y[:8]).backward()
+
+
 def test_a_read_only_folder_is_refused_before_training(tmp_path):
     import subprocess
     ro = tmp_path / "ro"

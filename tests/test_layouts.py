@@ -227,3 +227,58 @@ def test_a_model_that_couples_examples_is_scored_per_example(cls, K):
     if K:
         torch.testing.assert_close(out.dots, ref.dots, rtol=1e-6, atol=1e-9)
     assert all("depends on the rest of its batch" in v for v in scorer.explain().values()), scorer.explain()
+
+
+class SortedByLength(nn.Module):
+    """Older NLP code: sort the batch by length, pack (enforce_sorted), run an LSTM, unsort
+    its final states. Each example's output is its own, but the embedding, the Linear and
+    the LSTM see the batch's rows in another order."""
+
+    def __init__(self, T: int = 0, d: int = 4):
+        super().__init__()
+        self.emb, self.pre = nn.Embedding(9, d), nn.Linear(d, d)
+        self.rnn, self.head = nn.LSTM(d, d, batch_first=True), nn.Linear(d, 3)
+
+    def forward(self, ids):
+        from torch.nn.utils.rnn import pack_padded_sequence
+        lengths, order = (ids != 0).sum(1).sort(descending=True)
+        h = self.pre(self.emb(ids[order]))
+        _, (hn, _) = self.rnn(pack_padded_sequence(h, lengths, batch_first=True, enforce_sorted=True))
+        return self.head(hn[-1][order.argsort()])
+
+
+class Reversed(nn.Module):
+    """A Linear applied to the batch in reverse order, reversed back after it."""
+
+    def __init__(self, T: int = 0):
+        super().__init__()
+        self.lin, self.head = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(x.flip(0)).flip(0)))
+
+
+@pytest.mark.parametrize("K", [0, 2])
+@pytest.mark.parametrize("cls", [SortedByLength, Reversed], ids=lambda c: c.__name__)
+def test_layers_that_see_the_batch_reordered_go_to_the_fallback(cls, K):
+    """Their rows are not the examples in order (row 0 of the batch is not the first
+    example's row alone): the rule would give example b another example's gradient."""
+    model = cls().double().eval()
+    g = torch.Generator().manual_seed(3)
+    if cls is Reversed:
+        x = torch.randn(B, 5, dtype=torch.float64, generator=g)
+    else:
+        x = torch.randint(1, 9, (B, 6), generator=g)
+        for b, length in enumerate([2, 6, 3, 5]):   # the longest is not first
+            x[b, length:] = 0
+    _, ref = _score(model, x, "loop", K)
+    scorer, out = _score(model, x, "auto", K)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.sq_norm, ref.sq_norm, rtol=1e-6, atol=1e-12)
+    if K:
+        torch.testing.assert_close(out.dots, ref.dots, rtol=1e-6, atol=1e-9)
+    why = scorer.explain()
+    moved = ["emb.weight", "pre.weight", "rnn.weight_ih_l0"] if cls is SortedByLength else ["lin.weight"]
+    for name in moved:
+        assert "rows are not the batch's examples in order" in why[name], (name, why[name])
+    assert why["head.weight"].startswith("ghost"), why["head.weight"]

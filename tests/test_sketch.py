@@ -97,7 +97,18 @@ def _case(name: str, B: int = 6, T: int = 5):
         return model, torch.randn(B, 9, generator=g), 3
     if name == "seq_first":
         return _SeqFirst(), tokens(11), 3
+    if name == "reordered":   # a Linear sees the batch reversed: its rows are not the examples': the fallback's
+        return _Reversed(), torch.randn(B, 9, generator=g), 3
     raise ValueError(name)
+
+
+class _Reversed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.head = nn.Linear(9, 7), nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(x.flip(0)).flip(0)))
 
 
 def _loop_grads(model, x, y, names):
@@ -109,7 +120,7 @@ def _loop_grads(model, x, y, names):
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "transformer", "gru_attention", "lstm", "fallback", "tied",
-                                  "seq_first", "weight_norm", "hooked", "tied_functional"])
+                                  "seq_first", "weight_norm", "hooked", "tied_functional", "reordered"])
 @pytest.mark.parametrize("dim", [50, 300])
 def test_sketch_equals_projection_of_the_loop_gradient(name, dim):
     torch.manual_seed(0)

@@ -46,7 +46,7 @@ from ..kernels import acc_dtype
 from ..kernels.ghost_linear import SharedGrams, sharing
 from .base import Engine, RefBlocks, ScoreBatch, register_engine
 from .fallback import Fallback
-from .layout import Layout, couples_examples, establish, observed
+from .layout import Layout, establish, observed
 from .rules import Factor, Rule, cross, find_rule
 
 
@@ -254,7 +254,6 @@ class GhostEngine(Engine):
         self._fallbacks: dict[tuple[str, ...], Fallback] = {}
         self._index = {n: i for i, n in enumerate(self.param_names)}
         self._laid_out = False
-        self._alone: torch.Tensor | None = None   # the first and last examples' outputs alone, until checked
         self._coupled = False   # an example's output depends on its batch: everything to the fallback
 
     def explain(self) -> dict[str, str]:
@@ -305,7 +304,7 @@ class GhostEngine(Engine):
         for layer in self.layers:
             for full in layer.params.values():
                 owners.setdefault(full, []).append(layer)
-        found, self._alone, strays = establish(
+        found, self._coupled, strays = establish(
             self.model, {layer.name: (layer.module, layer.rule) for layer in self.layers}, x,
             {full: (tensors[full], tuple(layer.name for layer in ls)) for full, ls in owners.items()})
         for layer in self.layers:
@@ -406,9 +405,16 @@ class GhostEngine(Engine):
 
     def lay_out(self, x: Inputs) -> None:
         """Establish the ruled layers' batch dimensions on ``x`` (done by the first
-        :meth:`score_batch` otherwise); layers without one go to the fallback. Runs the
-        model on 1 and 2 copies of x's first example."""
+        :meth:`score_batch` otherwise); layers without one, or whose rows are not the
+        examples in order, go to the fallback. Runs the model on 1 and 2 copies of x's
+        first example, then on x and on its first and last examples alone."""
         self._lay_out(x)
+
+    @property
+    def coupled(self) -> bool:
+        """Whether an example's output depends on the rest of its batch (known after
+        :meth:`lay_out`): then every parameter takes the fallback."""
+        return self._coupled
 
     @contextlib.contextmanager
     def recording(self, B: int, refs: RefBlocks | None) -> Iterator[_BatchSums]:
@@ -434,10 +440,10 @@ class GhostEngine(Engine):
         return self._moved_to_fallback()
 
     def _score(self, x: Inputs, y: torch.Tensor, refs: RefBlocks | None) -> ScoreBatch:
-        if self._coupled:   # every parameter, the losses and the logits from examples run alone
-            return self._fallback(x, y, refs)
         if not self._laid_out:
             self._lay_out(x)
+        if self._coupled:   # every parameter, the losses and the logits from examples run alone
+            return self._fallback(x, y, refs)
         K = 0 if refs is None else refs[0].shape[0]
         B = batch_len(x)
         state, probes = _BatchSums(refs, self._index, K), []
@@ -449,9 +455,6 @@ class GhostEngine(Engine):
                 raise EngineError(f"the loss returned shape {tuple(losses.shape)}; it must return one "
                                   f"loss per example, shape ({B},)")
             replan = self._moved_to_fallback()
-            if self._alone is not None and not replan:   # checked once, on the first batch
-                alone, self._alone = self._alone, None
-                replan = self._coupled = couples_examples(alone, out.detach())
             if probes and not replan:
                 with sharing(state.grams):
                     torch.autograd.grad(losses.sum(), probes, allow_unused=True)

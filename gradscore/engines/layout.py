@@ -19,6 +19,13 @@ data-dependent size (sequence lengths) the same in both runs.
 - Anything else, or a layer that is not called, or called in different layouts, gets
   a reason and its parameters go to the fallback.
 
+Copies of one example cannot show the order of a batch's rows. So the batch itself, and
+its first and last examples alone, run once more (no gradients), and each laid-out
+layer's rows 0 and B − 1 must be the first and last examples' own rows: a model that
+sorts its batch (by length, before packing a sequence) or permutes it gives a layer
+another example's row, and that layer goes to the fallback. The outputs of the two
+examples alone are what :func:`couples_examples` compares with the batch's.
+
 The same runs watch the ruled parameters: a rule sees its layer's own calls only, so a
 parameter that an op uses, with a result that needs a gradient, while none of its layers
 is running (a tied output head written ``h @ emb.weight.T``, ``F.linear(h, fc.weight)``)
@@ -191,13 +198,57 @@ def _sums_with_batch_rows(uses1, uses2) -> str | None:
     return None
 
 
+#: a layer whose batch rows are not the examples' own rows, in order
+REORDERED = ("its rows are not the batch's examples in order (the model reorders or mixes the batch before "
+             "it): row 0 is not the first example's row alone, or row B − 1 the last's")
+
+
+def _rows(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], found: dict[str, "Layout | str"],
+          x: Inputs, picks: list[int]) -> tuple[dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]], torch.Tensor]:
+    """Run the model on ``x`` without gradients; {layer name: per call, (input rows, output
+    rows, the batch dimension they are in) ``picks`` along the layer's batch dimension}
+    for the layers laid out with one, and the model's output."""
+    rows: dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
+
+    def hook(module, args, kwargs, output, name, rule, dim):
+        act, output = observed(rule, args, kwargs, output)
+        if isinstance(act, torch.Tensor) and isinstance(output, torch.Tensor) and dim < min(act.dim(), output.dim()):
+            index = torch.tensor(picks, device=act.device)
+            rows.setdefault(name, []).append((act.index_select(dim, index), output.index_select(dim, index), dim))
+    handles = [module.register_forward_hook(lambda mod, a, kw, o, n=name, r=rule, k=found[name].batch_dim:
+                                            hook(mod, a, kw, o, n, r, k), with_kwargs=True, prepend=True)
+               for name, (module, rule) in layers.items()
+               if isinstance(found.get(name), Layout) and found[name].batch_dim is not None]
+    try:
+        with torch.no_grad():
+            out = call_model(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+    return rows, out
+
+
+def _reordered(batch: list, first: list, last: list) -> bool:
+    """Whether a layer's rows 0 and B − 1 in the batch (``batch``: per call, both rows)
+    differ from its rows for the first and last examples alone; calls that cannot be
+    paired (another count or shape) are not compared."""
+    if not (len(batch) == len(first) == len(last)):
+        return False
+    for (a, o, dim), (a0, o0, _), (a1, o1, _) in zip(batch, first, last):
+        for both, one, other in ((a, a0, a1), (o, o0, o1)):
+            alone = torch.cat([one, other], dim=dim)
+            if alone.shape == both.shape and not _close(alone, both):
+                return True
+    return False
+
+
 def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inputs,
               params: dict[str, tuple[torch.Tensor, tuple[str, ...]]] | None = None
-              ) -> tuple[dict[str, Layout | str], torch.Tensor | None, dict[str, str]]:
-    """{layer name: its :class:`Layout`, or the reason it has none its rule accepts}, the
-    model's outputs for x's first and last examples each alone (:func:`alone_outputs`;
-    None where the model did not run), and {parameter name: the op that used it outside
-    its layers' calls}.
+              ) -> tuple[dict[str, Layout | str], bool, dict[str, str]]:
+    """{layer name: its :class:`Layout`, or the reason it has none its rule accepts},
+    whether an example's output depends on its batch (:func:`couples_examples`; False
+    where the model did not run), and {parameter name: the op that used it outside its
+    layers' calls}.
 
     layers: {name: (module, its rule)}; params: {parameter name: (the tensor, the names of
     the layers whose rule covers it)}; x: a batch of B >= 1. A rule that takes the whole
@@ -208,10 +259,9 @@ def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: In
     try:
         rec1, strays = _record(model, layers, first, watched)
         rec2, _ = _record(model, layers, concat([first, first]), watched)
-        alone = alone_outputs(model, x)
     except Exception as e:   # the fallback meets the same model and says what fails
         why = f"the model did not run on 1 and 2 copies of an example ({type(e).__name__}: {e})"
-        return {name: why.splitlines()[0][:300] for name in layers}, None, {}
+        return {name: why.splitlines()[0][:300] for name in layers}, False, {}
     out: dict[str, Layout | str] = {}
     for name, (module, rule) in layers.items():
         accepted = rule.dims(module)
@@ -243,27 +293,40 @@ def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: In
                 out[name] = Layout(dim)
                 continue
         out[name] = reason
-    return out, alone, strays
+    return out, _check_order(model, layers, out, x), strays
 
 
-def alone_outputs(model: nn.Module, x: Inputs) -> torch.Tensor:
-    """The model's outputs for x's first and last examples, each run alone (one row for a
-    batch of 1), without gradients: what :func:`couples_examples` compares."""
+def _check_order(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], found: dict[str, Layout | str],
+                 x: Inputs) -> bool:
+    """Give the layers whose batch rows are not the examples' own, in order, the reason
+    :data:`REORDERED` (in ``found``); return whether the model's outputs for x's first
+    and last examples alone differ from theirs in the batch (:func:`couples_examples`)."""
     B = batch_len(x)
-    with torch.no_grad():
-        return torch.cat([call_model(model, take(x, i)) for i in sorted({0, B - 1})])
+    batch_rows, batched = _rows(model, layers, found, x, sorted({0, B - 1}))
+    first_rows, first_out = _rows(model, layers, found, take(x, 0), [0])
+    if B == 1:
+        return couples_examples(first_out, batched)
+    last_rows, last_out = _rows(model, layers, found, take(x, B - 1), [0])
+    for name, calls in batch_rows.items():
+        if _reordered(calls, first_rows.get(name, []), last_rows.get(name, [])):
+            found[name] = REORDERED
+    return couples_examples(torch.cat([first_out, last_out]), batched)
 
 
 def couples_examples(alone: torch.Tensor, batched: torch.Tensor) -> bool:
     """Whether the model's outputs for the first and last examples of a batch (``batched``,
-    rows 0 and B − 1) differ from their outputs alone (``alone``, :func:`alone_outputs`)
-    by more than the dtype's rounding: then the model couples the examples of a batch
+    rows 0 and B − 1) differ from their outputs alone (``alone``, one or two rows) by more
+    than the dtype's rounding: then the model couples the examples of a batch
     (through batch statistics, or by an example's place in it, which the first example
     alone cannot show), and only an engine that runs each example alone is per-example."""
     if alone.shape[1:] != batched.shape[1:]:
         return True
-    # loose enough for batched GEMMs' other blocking (and TF32 on CUDA); a coupling moves an output by O(1)
-    tol = {torch.float64: 1e-9, torch.float32: 1e-3}.get(alone.dtype, 5e-2)
-    rows = [0, len(batched) - 1][:len(alone)]
-    a, b = alone.double(), batched[rows].double()
-    return not torch.allclose(a, b, rtol=tol, atol=tol * float(b.abs().max().clamp(min=1)))
+    return not _close(alone, batched[[0, len(batched) - 1][:len(alone)]])
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to the rounding of batched GEMMs' other blocking (and TF32 on CUDA), in a's
+    dtype; a coupling or another example's row moves a value by O(1)."""
+    tol = {torch.float64: 1e-9, torch.float32: 1e-3}.get(a.dtype, 5e-2)
+    a, b = a.double(), b.double()
+    return torch.allclose(a, b, rtol=tol, atol=tol * float(b.abs().max().clamp(min=1)) if b.numel() else tol)

@@ -68,7 +68,6 @@ from torch import nn
 from ..batch import Inputs, batch_len, call_model, output_tensor
 from ..engines.ghost import GhostEngine, probe
 from ..engines.rules.registry import FactoredRef
-from ..engines.layout import alone_outputs, couples_examples
 from ..exceptions import ConfigError, EngineError, GradscoreError, GradscoreWarning, OutputError
 from ..io.journal import Journal
 from ..io.outputs import claim
@@ -766,12 +765,9 @@ class _Step:
         try:
             with _aside(rec.model):
                 rec.engine.lay_out(x)
-                with torch.no_grad():
-                    batched = call_model(rec.network, x)
-                alone = alone_outputs(rec.network, x)
         finally:
             rec._busy = False
-        if couples_examples(alone, batched):
+        if rec.engine.coupled:
             raise EngineError("the model's output for an example depends on the rest of its batch; in-run "
                               "scoring cannot give it a gradient of its own")
         rec._refuse_fallback()
