@@ -282,3 +282,28 @@ def test_layers_that_see_the_batch_reordered_go_to_the_fallback(cls, K):
     for name in moved:
         assert "rows are not the batch's examples in order" in why[name], (name, why[name])
     assert why["head.weight"].startswith("ghost"), why["head.weight"]
+
+
+class Chunked(nn.Module):
+    """A Linear called on chunks of 2 examples: no call sees the whole batch, so the row
+    order check has nothing to compare (it raised an IndexError for a while); the scoring
+    pass sends the layer to the fallback ("called without the batch in dimension 0")."""
+
+    def __init__(self, T: int = 0):
+        super().__init__()
+        self.lin, self.head = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(torch.cat([self.lin(c) for c in x.split(2)])))
+
+
+@pytest.mark.parametrize("K", [0, 2])
+def test_a_layer_called_on_parts_of_the_batch_equals_the_loop(K):
+    model = Chunked().double().eval()
+    x = torch.randn(B + 1, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    _, ref = _score(model, x, "loop", K)
+    scorer, out = _score(model, x, "auto", K)
+    torch.testing.assert_close(out.sq_norm, ref.sq_norm, rtol=1e-6, atol=1e-12)
+    if K:
+        torch.testing.assert_close(out.dots, ref.dots, rtol=1e-6, atol=1e-9)
+    assert "called without the batch in dimension 0" in scorer.explain()["lin.weight"]

@@ -206,15 +206,19 @@ REORDERED = ("its rows are not the batch's examples in order (the model reorders
 def _rows(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], found: dict[str, "Layout | str"],
           x: Inputs, picks: list[int]) -> tuple[dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]], torch.Tensor]:
     """Run the model on ``x`` without gradients; {layer name: per call, (input rows, output
-    rows, the batch dimension they are in) ``picks`` along the layer's batch dimension}
-    for the layers laid out with one, and the model's output."""
-    rows: dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
+    rows, the batch dimension they are in) ``picks`` along the layer's batch dimension, or
+    None for a call that does not see the whole batch there} for the layers laid out with
+    one, and the model's output."""
+    rows: dict[str, list[tuple[torch.Tensor, torch.Tensor, int] | None]] = {}
+    B = batch_len(x)
 
     def hook(module, args, kwargs, output, name, rule, dim):
         act, output = observed(rule, args, kwargs, output)
-        if isinstance(act, torch.Tensor) and isinstance(output, torch.Tensor) and dim < min(act.dim(), output.dim()):
-            index = torch.tensor(picks, device=act.device)
-            rows.setdefault(name, []).append((act.index_select(dim, index), output.index_select(dim, index), dim))
+        whole = (isinstance(act, torch.Tensor) and isinstance(output, torch.Tensor)
+                 and dim < min(act.dim(), output.dim()) and act.shape[dim] == B == output.shape[dim])
+        index = torch.tensor(picks, device=output.device) if whole else None
+        rows.setdefault(name, []).append((act.index_select(dim, index), output.index_select(dim, index), dim)
+                                         if whole else None)
     handles = [module.register_forward_hook(lambda mod, a, kw, o, n=name, r=rule, k=found[name].batch_dim:
                                             hook(mod, a, kw, o, n, r, k), with_kwargs=True, prepend=True)
                for name, (module, rule) in layers.items()
@@ -231,10 +235,13 @@ def _rows(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], found: di
 def _reordered(batch: list, first: list, last: list) -> bool:
     """Whether a layer's rows 0 and B − 1 in the batch (``batch``: per call, both rows)
     differ from its rows for the first and last examples alone; calls that cannot be
-    paired (another count or shape) are not compared."""
+    paired (another count or shape, or not seeing the whole batch) are not compared."""
     if not (len(batch) == len(first) == len(last)):
         return False
-    for (a, o, dim), (a0, o0, _), (a1, o1, _) in zip(batch, first, last):
+    for calls in zip(batch, first, last):
+        if any(c is None for c in calls):
+            continue
+        (a, o, dim), (a0, o0, _), (a1, o1, _) = calls
         for both, one, other in ((a, a0, a1), (o, o0, o1)):
             alone = torch.cat([one, other], dim=dim)
             if alone.shape == both.shape and not _close(alone, both):
