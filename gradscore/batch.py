@@ -53,6 +53,20 @@ def unsqueeze(x: Inputs) -> Inputs:
     return _map(x, lambda v: v.unsqueeze(0))
 
 
+def check_batch(x: Inputs, y: torch.Tensor) -> None:
+    """One :class:`DataError` unless every input holds the batch's examples in dimension 0,
+    as many as the targets ``y`` (B, ...); a constant (a temperature, a flag) belongs to
+    the model, not to the batch, which every engine slices by example."""
+    from .exceptions import DataError
+    if y.dim() == 0:
+        raise DataError("invalid targets: one number for the batch; give one target per example, shape (B, ...)")
+    for name, v in (x.items() if isinstance(x, Mapping) else [("x", x)]):
+        if v.dim() == 0 or len(v) != len(y):
+            raise DataError(f"invalid input '{name}': shape {tuple(v.shape)} in a batch of {len(y)} examples (the "
+                            f"targets'); every input needs the examples in dimension 0: pass a constant to the "
+                            f"model itself, not in the batch")
+
+
 def describe(x: Inputs) -> str:
     """Per-example shapes and dtypes, for error messages."""
     if isinstance(x, Mapping):

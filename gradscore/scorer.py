@@ -7,7 +7,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .batch import Inputs, call_model, describe, move
+from .batch import Inputs, call_model, check_batch, describe, move
 from .engines import ScoreBatch, check_eval_mode, engine_class
 from .exceptions import EngineError, GradscoreError
 from .losses import Loss, PerExampleLoss, resolve_loss
@@ -125,6 +125,7 @@ class Scorer:
         """
         check_eval_mode(self.model)
         x, y = self._inputs(x), torch.as_tensor(y).to(self._param_like().device)
+        check_batch(x, y)
         blocks = self.ref_blocks(refs)
         if not gradients:
             return self._guarded(lambda: self.engine.forward(x, y), x, y)
@@ -138,6 +139,7 @@ class Scorer:
         from .sketches.engine import SketchEngine
         check_eval_mode(self.model)
         x, y = self._inputs(x), torch.as_tensor(y).to(self._param_like().device)
+        check_batch(x, y)
         if self._sketcher is None or self._sketcher.projection is not projection:
             self._sketcher = SketchEngine(self.model, self.loss, self.param_names, projection,
                                           self.engine.chunk_bytes)

@@ -118,3 +118,29 @@ def test_custom_and_mse_losses_match_loop():
         a = gs.Scorer(model, loss=loss, engine="vmap").score_batch(x, y)
         b = gs.Scorer(model, loss=loss, engine="loop").score_batch(x, y)
         torch.testing.assert_close(a.sq_norm, b.sq_norm, rtol=1e-10, atol=0)
+
+
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(9, 4), nn.Linear(4, 3)
+
+    def forward(self, input_ids, scale):
+        return self.head(torch.tanh(self.emb(input_ids) * scale).mean(1))
+
+
+@pytest.mark.parametrize("engine", ["auto", "vmap", "loop"])
+@pytest.mark.parametrize("scale", [torch.tensor(2.0), torch.tensor([2.0])], ids=["0-dim", "one row"])
+def test_an_input_without_the_batch_is_one_data_error_naming_it(engine, scale):
+    """Every engine slices inputs by example: a constant among them (a temperature) gave
+    an IndexError or a shape error from deep inside, blamed on the model and loss."""
+    ids, y = torch.randint(0, 9, (6, 4)), torch.randint(0, 3, (6,))
+    scorer = gs.Scorer(_Scaled(), engine=engine)
+    with pytest.raises(gs.DataError, match=r"invalid input 'scale': shape \(.*\) in a batch of 6 examples"):
+        scorer.score_batch({"input_ids": ids, "scale": scale}, y)
+    with pytest.raises(gs.DataError, match="invalid input 'input_ids': shape \\(5, 4\\) in a batch of 6"):
+        scorer.score_batch({"input_ids": ids[:5], "scale": torch.full((5,), 2.0)}, y)
+    with pytest.raises(gs.DataError, match="invalid targets: one number"):
+        scorer.score_batch({"input_ids": ids, "scale": torch.full((6, 1, 1), 2.0)}, torch.tensor(1))
+    out = scorer.score_batch({"input_ids": ids, "scale": torch.full((6, 1, 1), 2.0)}, y)
+    assert out.sq_norm.shape == (6,)
