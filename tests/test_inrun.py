@@ -81,9 +81,9 @@ def _reference(model, snapshot, x, y, targets, B):
         g = torch.autograd.grad(loss, params)
         other = z[0].clone()
         other[yb] = -torch.inf
-        out.append([float(v) for v in (loss, sum((gi ** 2).sum() for gi in g),
-                                       sum((gi * gj).sum() for gi, gj in zip(g, gJ)), z[0, yb] - other.max(),
-                                       norm_J)])
+        out.append([float(v) for v in (loss.detach(), sum((gi ** 2).sum() for gi in g),
+                                       sum((gi * gj).sum() for gi, gj in zip(g, gJ)),
+                                       (z[0, yb] - other.max()).detach(), norm_J)])
     return np.array(out)
 
 
