@@ -459,6 +459,20 @@ def test_a_layer_that_sees_the_batch_reordered_is_refused(tmp_path):
             F.cross_entropy(model(x[:8]), y[:8]).backward()
 
 
+def test_a_step_number_that_goes_back_is_refused(tmp_path):
+    """Steps number the run's optimizer steps: a counter reset every epoch would make
+    epoch 2's step 0 reuse epoch 1's target gradient (cached for micro-batches of one
+    step) and misorder forgetting events; one clear error instead."""
+    x, y = _data(dtype=torch.float32)
+    model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:4], y[:4]), every=2)
+    for step in (0, 0, 1, 2):   # two micro-batches of step 0
+        with rec.step(range(4), y[:4], lr=0.1, step=step):
+            F.cross_entropy(model(x[:4]), y[:4]).backward()
+    with pytest.raises(gs.ConfigError, match="invalid value for 'step': 0 after 2; .*never go back"):
+        rec.step(range(4), y[:4], lr=0.1, step=0)
+
+
 def test_a_read_only_folder_is_refused_before_training(tmp_path):
     import subprocess
     ro = tmp_path / "ro"

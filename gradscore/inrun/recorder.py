@@ -269,6 +269,7 @@ class InRun:
         self._flushed, self._write_seconds, self._warnings = time.monotonic(), 0.0, []
         self._laid_out = False
         self._count = 0                       # rec.step calls so far
+        self._last_step: int | None = None    # the step of the last rec.step
         self._refs: tuple[Any, list[torch.Tensor], float] | None = None   # (step, refs, ‖∇J‖) cached
         self._pending: list[dict[str, np.ndarray]] = []
         self._held: tuple[int, float, list[dict[str, np.ndarray]]] | None = None   # (step, scale, records)
@@ -361,8 +362,8 @@ class InRun:
         """The context of one training step (or micro-batch) over the examples ``ids`` (B,)
         with targets ``y`` (B,): call the model once and ``backward`` once inside it.
         lr: η of the optimizer step that follows (needed for ``inrun_value``); step: the
-        optimizer step (default: a counter of ``step`` calls; micro-batches of one
-        optimizer step share it, and its target gradient)."""
+        optimizer step of the whole run, never decreasing (default: a counter of ``step``
+        calls; micro-batches of one optimizer step share it, and its target gradient)."""
         if self._closed:
             raise ConfigError(f"{self.out}: this recorder is closed; make a new gs.InRun")
         self._count += 1
@@ -704,6 +705,11 @@ class _Step:
         if rec.targets is not None and lr is None and "inrun_value" in rec.config.scores:
             raise ConfigError("invalid value for 'lr': inrun_value needs the step's learning rate; pass "
                               "rec.step(ids, y, lr=...)")
+        if rec._last_step is not None and step < rec._last_step:   # a target is shared by one step's micro-batches
+            raise ConfigError(f"invalid value for 'step': {step} after {rec._last_step}; steps number the optimizer "
+                              f"steps of the whole run and never go back (pass e.g. epoch * steps_per_epoch + i, "
+                              f"or leave step out to count rec.step calls)")
+        rec._last_step = step
         self.stack = contextlib.ExitStack()
         self.state, self.target = None, None
         self.calls = 0
