@@ -42,3 +42,10 @@ def one_line(text: str) -> str:
 class OutputError(GradscoreError):
     """An output path would overwrite an input, or a file that is not a gradscore output of
     that kind, or an existing output without --overwrite."""
+
+
+def cause(e: BaseException, width: int = 200) -> str:
+    """``Type: the first line of its message`` (at most ``width`` characters): another
+    library's error as the cause part of one of ours."""
+    text = str(e).splitlines()[0][:width] if str(e) else ""
+    return f"{type(e).__name__}: {text}"

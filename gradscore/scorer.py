@@ -9,7 +9,7 @@ from torch import nn
 
 from .batch import Inputs, call_model, check_batch, describe, move
 from .engines import ScoreBatch, check_eval_mode, engine_class
-from .exceptions import EngineError, GradscoreError
+from .exceptions import EngineError, GradscoreError, cause
 from .losses import Loss, PerExampleLoss, resolve_loss
 
 Refs = torch.Tensor | Sequence[Mapping[str, torch.Tensor]] | None
@@ -152,7 +152,7 @@ class Scorer:
         except GradscoreError:
             raise
         except Exception as e:   # no raw torch error reaches the user: cause, engine and fix
-            what = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            what = cause(e)
             fix = ("use a smaller batch or chunk_bytes" if isinstance(e, torch.OutOfMemoryError) else
                    f"check that the inputs ({describe(x)}) and targets (shape {tuple(y.shape[1:])}, "
                    f"{y.dtype}) fit the model and loss")

@@ -473,6 +473,32 @@ def test_a_step_number_that_goes_back_is_refused(tmp_path):
         rec.step(range(4), y[:4], lr=0.1, step=0)
 
 
+def test_targets_that_do_not_fit_are_one_config_error_naming_them(tmp_path):
+    """The recorder's own loss on the step's y, and its target pass, fail on a user's
+    mistake with one ConfigError naming the argument, not torch's IndexError or shape
+    error; y given as a list is taken as the tensor it stands for."""
+    x, y = _data(dtype=torch.float32)
+    model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
+
+    def one_step(name, yy, **kw):
+        rec = gs.InRun(model, out=tmp_path / f"{name}.h5", **kw)
+        with rec.step(range(8), yy, lr=0.1):
+            F.cross_entropy(model(x[:8]), y[:8]).backward()
+        return rec.close()
+    rows = gs.load_scores(one_step("list", y[:8].tolist()))
+    assert np.isfinite(rows["scores"]["loss"]).all()
+    with pytest.raises(gs.ConfigError, match="invalid value for 'y': the recorder's 'cross_entropy' loss failed .*"
+                                             r"IndexError: Target \d+ is out of bounds"):
+        one_step("range", y[:8] + 10)
+    with pytest.raises(gs.ConfigError, match="invalid value for 'y'.*RuntimeError"):
+        one_step("float", y[:8].float())
+    with pytest.raises(gs.ConfigError, match="invalid value for 'targets': the model or the 'cross_entropy' loss "
+                                             "failed on them.*RuntimeError: mat1 and mat2 shapes"):
+        one_step("shape", y[:8], targets=(x[:4, :5], y[:4]))
+    with pytest.raises(gs.ConfigError, match="invalid value for 'targets'.*IndexError"):
+        one_step("labels", y[:8], targets=(x[:4], y[:4] + 10))
+
+
 def test_a_read_only_folder_is_refused_before_training(tmp_path):
     import subprocess
     ro = tmp_path / "ro"

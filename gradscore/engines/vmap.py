@@ -9,7 +9,7 @@ import torch
 from torch.func import grad, vmap
 
 from ..batch import Inputs, batch_len, call_functional, take, unsqueeze
-from ..exceptions import EngineError, GradscoreError
+from ..exceptions import EngineError, GradscoreError, cause
 from ..kernels import norm_dot
 from .base import Engine, RefBlocks, ScoreBatch, register_engine
 
@@ -58,14 +58,12 @@ class VmapEngine(Engine):
     def _diagnose(self, x: Inputs, y: torch.Tensor, e: Exception) -> None:
         """Raise :class:`VmapTraceError` if the model and loss run on the batch without
         vmap, else an :class:`EngineError` with what fails there."""
-        first = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         try:
             self.forward(x, y)
         except Exception as plain:
-            raise EngineError(f"the model or loss fails on this batch ({type(plain).__name__}: "
-                              f"{str(plain).splitlines()[0][:200] if str(plain) else ''}); check that "
+            raise EngineError(f"the model or loss fails on this batch ({cause(plain)}); check that "
                               f"the inputs and targets fit the model") from plain
-        raise VmapTraceError(f"vmap cannot trace this model ({first}); use engine='auto', which "
+        raise VmapTraceError(f"vmap cannot trace this model ({cause(e)}); use engine='auto', which "
                              f"falls back to the per-example loop, or engine='loop' (for Hugging "
                              f"Face models with an attention_mask, attn_implementation='eager' "
                              f"also works)") from e

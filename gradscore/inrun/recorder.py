@@ -68,7 +68,7 @@ from torch import nn
 from ..batch import Inputs, batch_len, call_model, output_tensor
 from ..engines.ghost import GhostEngine, probe
 from ..engines.rules.registry import FactoredRef
-from ..exceptions import ConfigError, EngineError, GradscoreError, GradscoreWarning, OutputError
+from ..exceptions import ConfigError, EngineError, GradscoreError, GradscoreWarning, OutputError, cause
 from ..io.journal import Journal
 from ..io.outputs import claim
 from ..losses import Loss, resolve_loss
@@ -440,6 +440,11 @@ class InRun:
             self._busy = True
             try:
                 J = self.loss.fn(call_model(self.network, x), y).mean()
+            except (GradscoreError, torch.OutOfMemoryError):
+                raise
+            except Exception as e:  # noqa: BLE001 - the user's targets do not fit the model or loss
+                raise ConfigError(f"invalid value for 'targets': the model or the '{self.loss.name}' loss failed on "
+                                  f"them ({cause(e)}); give (x, y) as the training batches are given") from e
             finally:
                 self._busy = False
             factored = {w for w, c in captured.items() if c.cheaper()}   # decided from the forward's rows
@@ -693,6 +698,7 @@ class _Step:
     """One training step's hooks (see :meth:`InRun.step`)."""
 
     def __init__(self, rec: InRun, ids, y: torch.Tensor, lr: float | None, step: int, auto: bool = False) -> None:
+        y = y if isinstance(y, torch.Tensor) else torch.as_tensor(y)
         self.rec, self.y, self.lr, self.step, self.auto = rec, y, lr, step, auto
         self.ids = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids).reshape(-1)
         if len(self.ids) != len(y):
@@ -798,9 +804,13 @@ class _Step:
         if self.output is None:   # read by an earlier backward of this step, which the engine refuses
             return
         try:
-            self.terms = _LossTerms.of(self.rec.loss, self.output, grad.detach(), self.y)
-        except Exception as e:  # noqa: BLE001 - raised by __exit__, outside autograd's engine
+            self.terms = _LossTerms.of(self.rec.loss, self.output, grad.detach(), self.y.to(self.output.device))
+        except GradscoreError as e:   # raised by __exit__, outside autograd's engine
             self.error = e
+        except Exception as e:  # noqa: BLE001 - the targets do not fit the loss: the user's y
+            self.error = ConfigError(f"invalid value for 'y': the recorder's '{self.rec.loss.name}' loss failed on "
+                                     f"the model's output and these targets ({cause(e)}); give y as the step's "
+                                     f"own loss takes it (shape {tuple(self.y.shape)}, {self.y.dtype} here)")
         self.output = None
 
     def __exit__(self, exc_type, exc, tb) -> None:
