@@ -61,6 +61,7 @@ def check_batch(x: Inputs, y: torch.Tensor) -> None:
     if y.dim() == 0:
         raise DataError("invalid targets: one number for the batch; give one target per example, shape (B, ...)")
     for name, v in (x.items() if isinstance(x, Mapping) else [("x", x)]):
+        v = torch.as_tensor(v)
         if v.dim() == 0 or len(v) != len(y):
             raise DataError(f"invalid input '{name}': shape {tuple(v.shape)} in a batch of {len(y)} examples (the "
                             f"targets'); every input needs the examples in dimension 0: pass a constant to the "

@@ -499,6 +499,27 @@ def test_targets_that_do_not_fit_are_one_config_error_naming_them(tmp_path):
         one_step("labels", y[:8], targets=(x[:4], y[:4] + 10))
 
 
+def test_arguments_a_user_may_get_wrong_are_refused_at_once(tmp_path):
+    """targets not an (x, y) pair, empty or of two lengths; a learning rate below 0 or not
+    finite: one ConfigError before any training, not an unpacking error at the first
+    target step, a NaN ∇J or a silent NaN inrun_value. One score name given as a string
+    is that score, not its letters."""
+    x, y = _data(dtype=torch.float32)
+    model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
+    for targets, why in [(x[:4], "give the target batch as a pair"), ((x[:0], y[:0]), "no examples"),
+                         ((x[:4], y[:3]), "invalid input 'x': shape \\(4, 10\\) in a batch of 3")]:
+        with pytest.raises(gs.ConfigError, match=f"invalid value for 'targets': .*{why}"):
+            gs.InRun(model, out=tmp_path / "t.h5", targets=targets)
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:4], y[:4]), scores="inrun_value")
+    assert rec.config.scores == ("inrun_value",)
+    for lr in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(gs.ConfigError, match="invalid value for 'lr': .*a finite learning rate >= 0"):
+            rec.step(range(8), y[:8], lr=lr)
+    with rec.step(range(8), y[:8], lr=torch.tensor(0.1)):
+        F.cross_entropy(model(x[:8]), y[:8]).backward()
+    assert np.isfinite(gs.load_scores(rec.close())["scores"]["inrun_value"]).all()
+
+
 def test_a_read_only_folder_is_refused_before_training(tmp_path):
     import subprocess
     ro = tmp_path / "ro"

@@ -54,6 +54,7 @@ Records stay on the device until a flush (every ``flush_every`` seconds, and at
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import uuid
 import warnings
@@ -65,7 +66,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..batch import Inputs, batch_len, call_model, output_tensor
+from ..batch import Inputs, batch_len, call_model, check_batch, move, output_tensor
 from ..engines.ghost import GhostEngine, probe
 from ..engines.rules.registry import FactoredRef
 from ..exceptions import ConfigError, EngineError, GradscoreError, GradscoreWarning, OutputError, cause
@@ -154,6 +155,23 @@ class _TargetFactors:
                            torch.cat([self.acts[c].reshape(-1, cols) for c in calls]))
 
 
+def _checked_targets(targets: Any) -> tuple[Inputs, torch.Tensor]:
+    """The target batch (x, y), y a tensor; one ConfigError unless it is a pair of at least
+    one example, with the examples in dimension 0 of every input and of y."""
+    if not (isinstance(targets, (tuple, list)) and len(targets) == 2):
+        raise ConfigError(f"invalid value for 'targets': {type(targets).__name__}; give the target batch as a pair "
+                          f"(x, y), as the training batches are given")
+    x, y = targets[0], torch.as_tensor(targets[1])
+    try:
+        check_batch(x, y)
+    except GradscoreError as e:
+        raise ConfigError(f"invalid value for 'targets': {e}") from None
+    if len(y) == 0:
+        raise ConfigError("invalid value for 'targets': no examples; give at least one target example, or leave "
+                          "targets out")
+    return x, y
+
+
 def _rank_world() -> tuple[int, int]:
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
@@ -229,7 +247,9 @@ class InRun:
             raise ConfigError(f"invalid value for 'optimizer': {optimizer!r}; give the torch optimizer that steps "
                               f"the model, 'adam' (the trainer's Adam, handed over by its callback), or leave it out")
         adam = optimizer == "adam" or isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
-        self.config = InRunConfig(out=str(out), loss=self.loss.name, scores=tuple(scores), every=every,
+        targets = None if targets is None else _checked_targets(targets)
+        self.config = InRunConfig(out=str(out), loss=self.loss.name,
+                                  scores=(scores,) if isinstance(scores, str) else tuple(scores), every=every,
                                   targets=0 if targets is None else batch_len(targets[0]),
                                   preconditioner="adam" if adam else "none")
         self.optimizer = None if optimizer == "adam" else optimizer   # "adam": the trainer's, set later
@@ -433,7 +453,8 @@ class InRun:
             return None
         if self._refs is not None and self._refs[0] == step:
             return self._refs[1], self._refs[2]
-        x, y = self.targets
+        like = next(iter(self.params.values()))
+        x, y = move(self.targets[0], like), self.targets[1].to(like.device)   # the model's device and dtype
         names = self.engine.param_names
         captured: dict[str, _TargetFactors] = {}
         with _aside(self.model), torch.enable_grad(), self._capture_linear(captured) as z:
@@ -711,6 +732,9 @@ class _Step:
         if rec.targets is not None and lr is None and "inrun_value" in rec.config.scores:
             raise ConfigError("invalid value for 'lr': inrun_value needs the step's learning rate; pass "
                               "rec.step(ids, y, lr=...)")
+        if lr is not None and not (math.isfinite(float(lr)) and float(lr) >= 0):
+            raise ConfigError(f"invalid value for 'lr': {float(lr)}; give the step's learning rate, a finite "
+                              f"learning rate >= 0")
         if rec._last_step is not None and step < rec._last_step:   # a target is shared by one step's micro-batches
             raise ConfigError(f"invalid value for 'step': {step} after {rec._last_step}; steps number the optimizer "
                               f"steps of the whole run and never go back (pass e.g. epoch * steps_per_epoch + i, "
