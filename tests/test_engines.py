@@ -144,3 +144,20 @@ def test_an_input_without_the_batch_is_one_data_error_naming_it(engine, scale):
         scorer.score_batch({"input_ids": ids, "scale": torch.full((6, 1, 1), 2.0)}, torch.tensor(1))
     out = scorer.score_batch({"input_ids": ids, "scale": torch.full((6, 1, 1), 2.0)}, y)
     assert out.sq_norm.shape == (6,)
+
+
+@pytest.mark.parametrize("row", [0, 3, 7], ids=["first", "middle", "last"])
+def test_a_nan_in_one_examples_input_is_that_examples_nan_as_in_the_loop(row):
+    """The layout runs read the first and last examples alone: a NaN there made their
+    comparison raise torch's 'atol must be greater than or equal to zero'."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 10, dtype=torch.float64), torch.randint(0, 4, (8,))
+    x[row, 2] = float("nan")
+    model = mlp(d_in=10, hidden=8, n_classes=4, depth=1).double().eval()
+    V = torch.randn(2, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    ref = gs.Scorer(model, engine="loop").score_batch(x, y, refs=V)
+    for engine in ("auto", "ghost"):
+        out = gs.Scorer(model, engine=engine).score_batch(x, y, refs=V)
+        assert out.sq_norm.isnan().nonzero().flatten().tolist() == [row]
+        torch.testing.assert_close(out.sq_norm, ref.sq_norm, rtol=1e-10, atol=0, equal_nan=True)
+        torch.testing.assert_close(out.dots, ref.dots, rtol=1e-10, atol=1e-12, equal_nan=True)

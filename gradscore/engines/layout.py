@@ -336,4 +336,5 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     dtype; a coupling or another example's row moves a value by O(1)."""
     tol = {torch.float64: 1e-9, torch.float32: 1e-3}.get(a.dtype, 5e-2)
     a, b = a.double(), b.double()
-    return torch.allclose(a, b, rtol=tol, atol=tol * float(b.abs().max().clamp(min=1)) if b.numel() else tol)
+    scale = float(torch.nan_to_num(b.abs(), nan=0.0, posinf=0.0).max()) if b.numel() else 0.0
+    return torch.allclose(a, b, rtol=tol, atol=tol * max(1.0, scale), equal_nan=True)   # a NaN input stays NaN
