@@ -423,38 +423,38 @@ def test_dropout_inside_a_replayed_layer_is_refused_in_training(tmp_path, kind):
     assert np.isfinite(gs.load_scores(rec.close())["scores"]["grand"]).all()
 
 
-def test_a_model_whose_output_depends_on_the_place_in_the_batch_is_refused(tmp_path):
+class _Places(nn.Module):
     """Positions indexed along the batch: example 0 alone gives its batched output, the
     others do not; no example has a gradient of its own."""
-    class Places(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin, self.pos = nn.Linear(10, 4), nn.Embedding(8, 4)
 
-        def forward(self, x):
-            return self.lin(x) + self.pos(torch.arange(len(x)))
+    def __init__(self):
+        super().__init__()
+        self.lin, self.pos = nn.Linear(10, 4), nn.Embedding(8, 4)
+
+    def forward(self, x):
+        return self.lin(x) + self.pos(torch.arange(len(x)))
+
+
+class _Reversed(nn.Module):
+    """A Linear applied to the batch in reverse order: its row b is another example's."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(10, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(x.flip(0)).flip(0)))
+
+
+@pytest.mark.parametrize("cls, why", [(_Places, "depends on the rest of its batch"),
+                                      (_Reversed, "lin.weight.*rows are not the batch's examples in order")],
+                         ids=["places", "reversed"])
+def test_a_model_that_mixes_up_the_batch_is_refused(tmp_path, cls, why):
+    """Its rules would record another example's gradient, or one no example has alone."""
     x, y = _data(dtype=torch.float32)
-    model = Places()
+    model = cls()
     rec = gs.InRun(model, out=tmp_path / "r.h5")
-    with pytest.raises(gs.EngineError, match="depends on the rest of its batch"):
-        with rec.step(range(8), y[:8]):
-            F.cross_entropy(model(x[:8]), y[:8]).backward()
-
-
-def test_a_layer_that_sees_the_batch_reordered_is_refused(tmp_path):
-    """A Linear applied to the batch in reverse order: its row b is another example's,
-    so its rule would record another example's gradient; refused, the layer named."""
-    class Reversed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin, self.head = nn.Linear(10, 6), nn.Linear(6, 4)
-
-        def forward(self, x):
-            return self.head(torch.tanh(self.lin(x.flip(0)).flip(0)))
-    x, y = _data(dtype=torch.float32)
-    model = Reversed()
-    rec = gs.InRun(model, out=tmp_path / "r.h5")
-    with pytest.raises(gs.EngineError, match="lin.weight.*rows are not the batch's examples in order"):
+    with pytest.raises(gs.EngineError, match=why):
         with rec.step(range(8), y[:8]):
             F.cross_entropy(model(x[:8]), y[:8]).backward()
 
