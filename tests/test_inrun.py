@@ -1142,3 +1142,13 @@ def test_a_scaled_loss_without_its_scaler_is_named(tmp_path):
     from gradscore.exceptions import GradscoreWarning
     with pytest.warns(GradscoreWarning, match=r"16 of 16 records have a share above 1 .* scaler="):
         rec.close()
+
+
+def test_the_file_warnings_count_one_record_in_the_singular():
+    from gradscore.inrun.store import warnings_of
+    rows = {"loss": np.array([1.0, np.nan, 2.0, 1.0]), "share_sq_norm": np.ones(4),
+            "share": np.array([0.5, 0.5, 2.0, np.nan]), "ids": np.arange(4), "step": np.zeros(4, dtype=int)}
+    found = warnings_of(rows)
+    assert found[0].startswith("1 of 4 records has a non-finite loss")
+    assert found[1].startswith("1 of 4 records has a share")
+    assert found[2].startswith("1 record is of examples the loss no longer moves")

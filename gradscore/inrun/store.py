@@ -76,6 +76,11 @@ def read_rows(journal: Journal) -> dict[str, np.ndarray] | None:
     return {k: v[order] for k, v in rows.items()}
 
 
+def _verb(n: int, one: str, many: str) -> str:
+    """``one`` for a count of 1, else ``many`` ("1 record is", "2 records are")."""
+    return one if n == 1 else many
+
+
 def warnings_of(rows: dict[str, np.ndarray]) -> list[str]:
     """What the scores leave out or may get wrong, in words: records with a non-finite loss or
     gradient (a diverging step, a corrupt input), shares above 1 (a scaled loss), and records
@@ -84,21 +89,23 @@ def warnings_of(rows: dict[str, np.ndarray]) -> list[str]:
     bad = ~np.isfinite(rows["loss"]) | ~np.isfinite(rows["share_sq_norm"])
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        first = rows["ids"][i]
-        out.append(f"{int(bad.sum())} of {len(bad)} records have a non-finite loss or gradient (first at step "
+        first, n = rows["ids"][i], int(bad.sum())
+        out.append(f"{n} of {len(bad)} records {_verb(n, 'has', 'have')} a non-finite loss or gradient (first at step "
                    f"{int(rows['step'][i])}, id {first.item() if hasattr(first, 'item') else first}): a diverging "
                    f"step, a corrupt input, or an overflow that a loss scaler skips; the scores leave those "
                    f"records out")
     over = (rows["share"] > 1 + 1e-6) & ~bad     # NaN compares False
     if over.any():
-        out.append(f"{int(over.sum())} of {len(over)} records have a share above 1 (the step's loss weighs the "
+        n = int(over.sum())
+        out.append(f"{n} of {len(over)} records {_verb(n, 'has', 'have')} a share above 1 (the step's loss weighs the "
                    f"example more than its own loss): if the loss was scaled (torch.amp.GradScaler, fp16 "
                    f"training), pass scaler= to gs.InRun, as share, share_sq_norm, dot and inrun_value are then "
                    f"the scale times too large")
     unread = np.isnan(rows["share"]) & ~bad
     if unread.any():
-        out.append(f"{int(unread.sum())} records are of examples the loss no longer moves, with no readable "
-                   f"share (a batch of them, or a language model's): their sq_norm is NaN and grand leaves "
+        n = int(unread.sum())
+        out.append(f"{n} {_verb(n, 'record is', 'records are')} of examples the loss no longer moves, with no "
+                   f"readable share (a batch of them, or a language model's): their sq_norm is NaN and grand leaves "
                    f"them out")
     return out
 
