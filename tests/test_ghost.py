@@ -350,3 +350,43 @@ def test_shared_grams_key_by_identity_and_go_after_the_last_reader():
     shared.note(b), shared.note(b)
     b.mul_(2)                                    # an in-place change: not the input the layers read
     assert shared.readers(b) == 1
+
+
+class MyRMSNorm(nn.Module):
+    """An RMSNorm of a user's own, named like Hugging Face's: ``kind`` "plain" computes
+    w · x̂; "gated" multiplies by a gate of its input; "idle" holds a weight it never uses."""
+
+    def __init__(self, d: int, kind: str):
+        super().__init__()
+        self.weight, self.variance_epsilon, self.kind = nn.Parameter(1 + 0.3 * torch.randn(d)), 1e-6, kind
+
+    def forward(self, x):
+        x_hat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        if self.kind == "idle":
+            return x_hat
+        return self.weight * x_hat * (torch.sigmoid(x.mean(-1, keepdim=True)) if self.kind == "gated" else 1)
+
+
+@pytest.mark.parametrize("K", [0, 2])
+@pytest.mark.parametrize("kind", ["plain", "gated", "idle"])
+def test_a_layer_named_like_an_rms_norm_takes_its_rule_only_if_it_computes_one(kind, K):
+    """The structural rule is checked on the first batch with another weight: a gated or
+    an idle layer of that name falls back, named, and every engine equals the loop."""
+    torch.manual_seed(0)
+    model = _Pooled(nn.Sequential(nn.Linear(5, 6), MyRMSNorm(6, kind), nn.Tanh(), nn.Linear(6, 3)))
+    why = compare_with_loop(model, torch.randn(7, 4, 5), K).explain()
+    if kind == "plain":
+        assert why["net.1.weight"] == "ghost (hf_rms_norm rule on net.1: MyRMSNorm)", why
+    else:
+        assert why["net.1.weight"].startswith("vmap (MyRMSNorm 'net.1' does not compute weight · x / √(mean(x²)"), why
+
+
+class _Pooled(nn.Module):
+    """A sequence model's output, averaged over the positions."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x).mean(1)

@@ -624,14 +624,26 @@ def test_demo_inrun_fast(tmp_path):
     assert gs.load_scores(tmp_path / "demo" / "inrun.h5")["scores"]["loss"].shape == (200,)
 
 
-def test_tiny_gpt2_with_padding_through_the_hf_loss(tmp_path):
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_tiny_lm_with_padding_through_the_hf_loss(tmp_path, kind):
     """The step's loss is Hugging Face's own: the token mean over the whole padded batch,
-    so example b's share is its number of predicted tokens over the batch's."""
+    so example b's share is its number of predicted tokens over the batch's. A Llama's
+    RMSNorm layers take the structural rule (no rule before: refused in-run)."""
     pytest.importorskip("transformers")
     from helpers import tiny_gpt2
+    from gradscore.integrations.hf import from_config
     from gradscore.losses import causal_lm
     torch.manual_seed(0)
-    model = tiny_gpt2().train()
+    if kind == "gpt2":
+        model = tiny_gpt2().train()
+    else:
+        model = from_config({"model_type": "llama", "vocab_size": 31, "hidden_size": 16, "intermediate_size": 24,
+                             "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                             "max_position_embeddings": 16}, attn_implementation="eager").double().train()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.add_(0.3 * torch.randn_like(p))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 31, (6, 9), generator=g)
     mask = torch.ones(6, 9, dtype=torch.long)
@@ -653,7 +665,7 @@ def test_tiny_gpt2_with_padding_through_the_hf_loss(tmp_path):
         n = int(mask[b].sum())
         loss = loss_fn(snapshot(input_ids=ids[b:b + 1, :n]).logits, labels[b:b + 1, :n])[0]
         grads = torch.autograd.grad(loss, params)
-        np.testing.assert_allclose(rows["loss"][b], float(loss), rtol=1e-10)
+        np.testing.assert_allclose(rows["loss"][b], float(loss.detach()), rtol=1e-10)
         # Hugging Face computes its loss in float32 (logits.float()): the share read from its
         # output gradient, and what is divided by it, are exact to float32's rounding
         np.testing.assert_allclose(rows["share"][b], float(tokens[b] / tokens.sum()), rtol=1e-6)
@@ -711,7 +723,7 @@ def test_a_memorized_sequence_records_nan_not_another_examples_share(tmp_path):
     with rec.step(range(3), labels, lr=0.1):
         logits = model(tokens)
         F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1)).backward()
-    with pytest.warns(gs.exceptions.GradscoreWarning, match="1 records"):
+    with pytest.warns(gs.exceptions.GradscoreWarning, match="1 record is of examples the loss no longer moves"):
         rec.close()
     with h5py.File(tmp_path / "r.h5") as f:
         share, sq = f["inrun/share"][()], f["inrun/sq_norm"][()]

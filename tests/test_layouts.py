@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import gradscore as gs
+from helpers import compare_with_loop
 
 B = 4
 
@@ -125,17 +126,6 @@ def _score(model, x, engine, K):
     return scorer, scorer.score_batch(x, y, refs=V)
 
 
-def _auto_equals_the_loop(model, x, K):
-    """Score x with engine "auto" and the loop; assert losses, norms and dots agree; the scorer."""
-    _, ref = _score(model, x, "loop", K)
-    scorer, out = _score(model, x, "auto", K)
-    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(out.sq_norm, ref.sq_norm, rtol=1e-6, atol=1e-12)
-    if K:
-        torch.testing.assert_close(out.dots, ref.dots, rtol=1e-6, atol=1e-9)
-    return scorer
-
-
 @pytest.mark.parametrize("K", [0, 2])
 @pytest.mark.parametrize("engine", ["ghost", "auto"])
 @pytest.mark.parametrize("T", [B, 1, 3])
@@ -231,7 +221,7 @@ def test_a_model_that_couples_examples_is_scored_per_example(cls, K):
     model = cls().double().eval()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, 5, dtype=torch.float64, generator=g) if cls is BatchCentred else torch.randint(1, 7, (B, 3), generator=g)
-    scorer = _auto_equals_the_loop(model, x, K)
+    scorer = compare_with_loop(model, x, K, engine="auto")
     assert all("depends on the rest of its batch" in v for v in scorer.explain().values()), scorer.explain()
 
 
@@ -277,7 +267,7 @@ def test_layers_that_see_the_batch_reordered_go_to_the_fallback(cls, K):
         x = torch.randint(1, 9, (B, 6), generator=g)
         for b, length in enumerate([2, 6, 3, 5]):   # the longest is not first
             x[b, length:] = 0
-    why = _auto_equals_the_loop(model, x, K).explain()
+    why = compare_with_loop(model, x, K, engine="auto").explain()
     moved = ["emb.weight", "pre.weight", "rnn.weight_ih_l0"] if cls is SortedByLength else ["lin.weight"]
     for name in moved:
         assert "rows are not the batch's examples in order" in why[name], (name, why[name])
@@ -301,5 +291,5 @@ class Chunked(nn.Module):
 def test_a_layer_called_on_parts_of_the_batch_equals_the_loop(K):
     model = Chunked().double().eval()
     x = torch.randn(B + 1, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    scorer = _auto_equals_the_loop(model, x, K)
+    scorer = compare_with_loop(model, x, K, engine="auto")
     assert "called without the batch in dimension 0" in scorer.explain()["lin.weight"]

@@ -19,6 +19,12 @@ BERT = {"model_type": "bert", "vocab_size": 29, "hidden_size": 16, "num_hidden_l
         "num_labels": 3}
 
 
+LLAMA = {"model_type": "llama", "vocab_size": 31, "hidden_size": 16, "intermediate_size": 24,
+         "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 16}
+QWEN2 = {**LLAMA, "model_type": "qwen2"}   # Qwen2RMSNorm: a copy of Llama's under another name
+GEMMA = {**LLAMA, "model_type": "gemma", "head_dim": 8}   # (1 + w) · x̂
+
+
 def _batch(vocab, B=5, T=9, seed=0):
     """Token ids with a repeated token, two padded examples, one ignored label."""
     g = torch.Generator().manual_seed(seed)
@@ -60,6 +66,26 @@ def test_gpt2_ghost_equals_loop_with_padding_ignored_labels_and_tied_embeddings(
     assert "tied, exact cross term" in why["transformer.wte.weight"]
     assert why["transformer.h.0.attn.c_attn.weight"].startswith("ghost (hf_conv1d rule")
     assert gs.Scorer(model, "causal_lm").engine_name == "ghost"
+
+
+@pytest.mark.parametrize("K", [0, 2])
+@pytest.mark.parametrize("config", [LLAMA, QWEN2, GEMMA], ids=["llama", "qwen2", "gemma"])
+def test_hugging_face_rms_norms_take_their_checked_rule(config, K):
+    """Their RMSNorm classes (w · x̂, and Gemma's (1 + w) · x̂) take the structural rule,
+    checked on the first batch, with weights moved off their initial 1s and 0s; equal to
+    the loop (which Llama's float32 normalization holds to about 1e-7 in float64)."""
+    torch.manual_seed(0)
+    model = from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.3 * torch.randn_like(p))
+    x, y = _batch(31)
+    why = _check(model, "causal_lm", x, y, K).explain()
+    norms = [n for n in why if n.endswith("norm.weight")]
+    assert len(norms) == 5 and all(why[n].startswith("ghost (hf_rms_norm rule on ") for n in norms), why
+    if config is not GEMMA:   # Gemma's embedding scales its output in a forward of its own: the fallback's
+        assert all(v.startswith("ghost") for v in why.values()), why
 
 
 def test_gpt2_cross_term_matters():

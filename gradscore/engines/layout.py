@@ -41,6 +41,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..batch import Inputs, batch_len, call_model, concat, take
 from .rules import Rule
+from .rules.registry import close
 
 #: ops under which a batch-broadcast output, expanded to B rows, stays exact
 _SUMS = {"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__", "__rsub__", "__isub__"}
@@ -64,6 +65,8 @@ class Layout:
 class _Record:
     shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)  # per call
     uses: list[list[tuple[str, list[tuple[int, ...]], tuple[int, ...] | None]]] = field(default_factory=list)
+    sample: tuple[torch.Tensor, torch.Tensor] | None = None   # the first call's input and output
+    problem: str | None = None   # why the layer does not compute what its rule assumes (Rule.verify)
 
 
 def _tensors(args, kwargs) -> list[torch.Tensor]:
@@ -148,6 +151,8 @@ def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inpu
             record.shapes.append(((), ()))
             return
         record.shapes.append((tuple(act.shape), tuple(output.shape)))
+        if rule.verify is not None and record.sample is None:
+            record.sample = (act.detach(), output.detach())
         uses: list = []
         record.uses.append(uses)
         mode.watch(output, uses)
@@ -163,6 +168,12 @@ def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inpu
     finally:
         for h in handles:
             h.remove()
+    for name, record in records.items():   # outside the mode: a rule's check is no use of the layer
+        module, rule = layers[name]
+        if record.sample is not None:
+            with torch.no_grad():
+                record.problem = rule.verify(module, *record.sample)
+            record.sample = None
     return records, mode.strays
 
 
@@ -244,7 +255,7 @@ def _reordered(batch: list, first: list, last: list) -> bool:
         (a, o, dim), (a0, o0, _), (a1, o1, _) = calls
         for both, one, other in ((a, a0, a1), (o, o0, o1)):
             alone = torch.cat([one, other], dim=dim)
-            if alone.shape == both.shape and not _close(alone, both):
+            if alone.shape == both.shape and not close(alone, both):
                 return True
     return False
 
@@ -275,6 +286,9 @@ def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: In
         r1, r2 = rec1[name], rec2[name]
         if not r1.shapes:
             out[name] = "was not called; its parameters are used by another module"
+            continue
+        if r1.problem or r2.problem:
+            out[name] = r1.problem or r2.problem
             continue
         if len(r1.shapes) != len(r2.shapes) or any(s == ((), ()) for s in r1.shapes):
             out[name] = "was called with non-tensor or varying inputs"
@@ -328,13 +342,4 @@ def couples_examples(alone: torch.Tensor, batched: torch.Tensor) -> bool:
     alone cannot show), and only an engine that runs each example alone is per-example."""
     if alone.shape[1:] != batched.shape[1:]:
         return True
-    return not _close(alone, batched[[0, len(batched) - 1][:len(alone)]])
-
-
-def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal up to the rounding of batched GEMMs' other blocking (and TF32 on CUDA), in a's
-    dtype; a coupling or another example's row moves a value by O(1)."""
-    tol = {torch.float64: 1e-9, torch.float32: 1e-3}.get(a.dtype, 5e-2)
-    a, b = a.double(), b.double()
-    scale = float(torch.nan_to_num(b.abs(), nan=0.0, posinf=0.0).max()) if b.numel() else 0.0
-    return torch.allclose(a, b, rtol=tol, atol=tol * max(1.0, scale), equal_nan=True)   # a NaN input stays NaN
+    return not close(alone, batched[[0, len(batched) - 1][:len(alone)]])   # a NaN input stays NaN

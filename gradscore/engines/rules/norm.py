@@ -1,5 +1,6 @@
 """Ghost rules for the affine parameters of LayerNorm, RMSNorm, GroupNorm, InstanceNorm and
-eval-mode BatchNorm.
+eval-mode BatchNorm, and Hugging Face's RMSNorm classes (matched by structure and checked
+on the first batch: ``register_structural``).
 
 y = x̂·γ + β with x̂ the normalized input, recomputed here from the captured input and
 the layer's own statistics (running statistics for BatchNorm, and for InstanceNorm with
@@ -20,7 +21,7 @@ from torch.nn import functional as F
 
 from ...kernels import acc_dtype
 from ...kernels.dispatch import numba_on_cpu
-from .registry import reduce_per_example, register_rule, zeros_like_result
+from .registry import close, reduce_per_example, register_rule, register_structural, zeros_like_result
 
 
 def _standardize(x: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tensor:
@@ -112,6 +113,51 @@ def rms_norm(layer: nn.RMSNorm, acts, grads, refs, K):
     return _affine_rule(acts, grads, refs, K,
                         lambda x: x * torch.rsqrt(x.pow(2).mean(tuple(range(x.dim() - n, x.dim())), keepdim=True) + eps),
                         _last(n))
+
+
+def _hf_rms_eps(layer: nn.Module) -> float | None:
+    """A Hugging Face RMSNorm's eps (``variance_epsilon`` in Llama's, ``eps`` in Gemma's)."""
+    eps = getattr(layer, "variance_epsilon", getattr(layer, "eps", None))
+    return float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else None
+
+
+def _like_hf_rms_norm(layer: nn.Module) -> bool:
+    """Named like a Hugging Face RMSNorm (LlamaRMSNorm and its copies, GemmaRMSNorm,
+    T5LayerNorm), with one 1-D ``weight``, no submodules and an eps; what it computes is
+    checked by :func:`_computes_rms_norm`."""
+    name = type(layer).__name__
+    own = dict(layer.named_parameters(recurse=False))
+    return ((name.endswith("RMSNorm") or name == "T5LayerNorm") and list(own) == ["weight"]
+            and own["weight"].dim() == 1 and next(layer.children(), None) is None and _hf_rms_eps(layer) is not None)
+
+
+def _rms_hat(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / √(mean(x²) + eps) over the last dimension, in the accumulation dtype."""
+    x = x.to(acc_dtype(x.dtype))
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _computes_rms_norm(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> str | None:
+    """None if the layer gives w ⊙ x̂ (Llama) or (1 + w) ⊙ x̂ (Gemma) on the input ``x``, for
+    a weight w other than its own (no 1s, no 0s; the layer is called functionally, left
+    as it is); both have the gradient δ ⊙ x̂ in w. Else why not."""
+    weight = layer.weight
+    w = torch.linspace(-1.5, 2.0, weight.numel(), dtype=weight.dtype, device=weight.device)
+    out = torch.func.functional_call(layer, {"weight": w}, (x,))
+    x_hat, w = _rms_hat(x, _hf_rms_eps(layer)), w.to(acc_dtype(x.dtype))
+    if not isinstance(out, torch.Tensor):
+        return "returns no tensor, where the RMSNorm rule its name suggests assumes one"
+    out = out.float() if out.dtype == torch.float64 else out   # Llama's normalizes in float32 even then
+    if any(close(out, form) for form in (w * x_hat, (1 + w) * x_hat)):
+        return None
+    return ("does not compute weight · x / √(mean(x²) + eps) over its last dimension (nor (1 + weight) · …), "
+            "which the RMSNorm rule its name suggests assumes")
+
+
+@register_structural(_like_hf_rms_norm, verify=_computes_rms_norm, batch_dims=(0, 1), params=("weight",))
+def hf_rms_norm(layer: nn.Module, acts, grads, refs, K):
+    eps = _hf_rms_eps(layer)
+    return _affine_rule(acts, grads, refs, K, lambda x: _rms_hat(x, eps), _last(1))
 
 
 @register_rule(nn.GroupNorm, supports=lambda m: None if m.affine else "GroupNorm without affine")

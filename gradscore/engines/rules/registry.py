@@ -57,6 +57,13 @@ not theirs.
 Classes from optional packages are registered by qualified name
 (``"transformers.pytorch_utils.Conv1D"``), so the package is never imported here.
 
+A family that libraries copy under many class names (Hugging Face's RMSNorm: Llama's,
+Mistral's, Qwen's, Gemma's …) is registered by its structure instead
+(:func:`register_structural`): a predicate on the module, tried only where no class
+matches. Such a rule is not trusted on its name: its ``verify(layer, input, output)``
+runs once on the first batch and checks that the layer computes what the rule assumes,
+else the layer falls back with the reason.
+
 A rule whose weight's norm may take the Gram form of ``kernels.ghost_linear`` registers
 ``gram_input(input) -> (B, T, d_in) view or None``: the engine counts the layers reading
 each such input in the forward, so that their rules form its Gram once
@@ -142,6 +149,7 @@ class Rule:
     sketch: Optional[Callable[..., torch.Tensor]] = None
     gram_input: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None
     params: tuple[str, ...] | Callable[[nn.Module], Sequence[str]] = ("weight", "bias")
+    verify: Optional[Callable[[nn.Module, torch.Tensor, torch.Tensor], Optional[str]]] = None
 
     def dims(self, layer: nn.Module) -> tuple[int, ...]:
         """The dimensions that may hold the batch in this layer's input and output."""
@@ -154,6 +162,7 @@ class Rule:
 
 TypeKey = Union[type[nn.Module], str]
 _RULES: dict[TypeKey, Rule] = {}
+_STRUCTURAL: list[tuple[Callable[[nn.Module], bool], Rule]] = []
 
 
 def register_rule(*types: TypeKey, supports: Callable[[nn.Module], Optional[str]] = lambda m: None,
@@ -170,9 +179,22 @@ def register_rule(*types: TypeKey, supports: Callable[[nn.Module], Optional[str]
     return deco
 
 
+def register_structural(match: Callable[[nn.Module], bool], *, verify: Callable[..., Optional[str]],
+                        supports: Callable[[nn.Module], Optional[str]] = lambda m: None,
+                        **options) -> Callable[[RuleFn], RuleFn]:
+    """Decorator: use ``fn`` as the ghost rule for modules of no registered class that
+    ``match`` accepts; ``verify(layer, input, output)`` (None, or why the layer does not
+    compute what the rule assumes) checks each such layer on the first batch.
+    ``options`` as for :func:`register_rule`."""
+    def deco(fn: RuleFn) -> RuleFn:
+        _STRUCTURAL.append((match, Rule(fn.__name__, fn, supports, None, verify=verify, **options)))
+        return fn
+    return deco
+
+
 def _lookup(module: nn.Module) -> tuple[Rule | None, str | None]:
     """The rule of the nearest registered class along the MRO (class or qualified-name
-    key), or (None, reason)."""
+    key), else of the first structural match, or (None, reason)."""
     kind = type(module)
     for cls in kind.__mro__:
         rule = _RULES.get(cls) or _RULES.get(f"{cls.__module__}.{cls.__qualname__}")
@@ -181,7 +203,20 @@ def _lookup(module: nn.Module) -> tuple[Rule | None, str | None]:
         if cls is not kind and getattr(kind, "forward", None) is not getattr(cls, "forward", None):
             return None, f"{kind.__name__} overrides the forward of {cls.__name__}, whose rule assumes it"
         return rule, None
+    for match, rule in _STRUCTURAL:
+        if match(module):
+            return rule, None
     return None, f"no ghost rule for {kind.__name__}"
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to the rounding of another blocking of the same computation (batched GEMMs,
+    TF32 on CUDA), in a's dtype; another computation moves a value by O(1). NaNs in the
+    same places are equal."""
+    tol = {torch.float64: 1e-9, torch.float32: 1e-3}.get(a.dtype, 5e-2)
+    a, b = a.double(), b.double()
+    scale = float(torch.nan_to_num(b.abs(), nan=0.0, posinf=0.0).max()) if b.numel() else 0.0
+    return a.shape == b.shape and torch.allclose(a, b, rtol=tol, atol=tol * max(1.0, scale), equal_nan=True)
 
 
 def kernel_dropout(module: nn.Module) -> str | None:
