@@ -214,13 +214,16 @@ REORDERED = ("its rows are not the batch's examples in order (the model reorders
              "it): row 0 is not the first example's row alone, or row B − 1 the last's")
 
 
-def _rows(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], found: dict[str, "Layout | str"],
-          x: Inputs, picks: list[int]) -> tuple[dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]], torch.Tensor]:
+_Rows = list[tuple[torch.Tensor, torch.Tensor, int] | None]   # per call: input rows, output rows, their dim
+
+
+def _rows(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], found: dict[str, Layout | str],
+          x: Inputs, picks: list[int]) -> tuple[dict[str, _Rows], torch.Tensor]:
     """Run the model on ``x`` without gradients; {layer name: per call, (input rows, output
     rows, the batch dimension they are in) ``picks`` along the layer's batch dimension, or
     None for a call that does not see the whole batch there} for the layers laid out with
     one, and the model's output."""
-    rows: dict[str, list[tuple[torch.Tensor, torch.Tensor, int] | None]] = {}
+    rows: dict[str, _Rows] = {}
     B = batch_len(x)
 
     def hook(module, args, kwargs, output, name, rule, dim):
@@ -243,7 +246,7 @@ def _rows(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], found: di
     return rows, out
 
 
-def _reordered(batch: list, first: list, last: list) -> bool:
+def _reordered(batch: _Rows, first: _Rows, last: _Rows) -> bool:
     """Whether a layer's rows 0 and B − 1 in the batch (``batch``: per call, both rows)
     differ from its rows for the first and last examples alone; calls that cannot be
     paired (another count or shape, or not seeing the whole batch) are not compared."""
