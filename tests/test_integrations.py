@@ -203,6 +203,24 @@ def test_hf_trainer_inrun_callback(tmp_path, scale):
     assert main(["info", str(tmp_path / "inrun.h5")]) == 0
 
 
+def test_hf_trainer_with_label_smoothing_is_refused_with_the_reason(tmp_path):
+    """The Trainer takes the labels out of the model's inputs to smooth the loss itself:
+    the recorder has no targets, and says why in one line."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    from gradscore.integrations.hf_trainer import GradscoreInRunCallback
+    model, _, train = _inrun_gpt2()
+    rec = gs.InRun(model, loss="causal_lm", out=tmp_path / "inrun.h5")
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=4,
+                             report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True,
+                             remove_unused_columns=False, label_smoothing_factor=0.1)
+    trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[GradscoreInRunCallback(rec)])
+    with pytest.raises(gs.ConfigError, match="without 'labels'.*label_smoothing_factor > 0 .*set it to 0"):
+        trainer.train()
+
+
 def test_lightning_inrun_callback_is_bit_identical_and_exact(tmp_path):
     L = pytest.importorskip("lightning")
     import copy

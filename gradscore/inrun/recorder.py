@@ -433,7 +433,9 @@ class InRun:
         self.end_step()
         if labels_key not in kwargs:
             raise ConfigError(f"invalid input: the model was called without '{labels_key}'; the attached recorder "
-                              f"reads the targets from it")
+                              f"reads the targets from it (a Hugging Face Trainer with label_smoothing_factor > 0 "
+                              f"takes them out and smooths the loss itself: set it to 0 to record in-run; a "
+                              f"compute_loss of your own must pass them to the model)")
         step, lr = self._next if self._next is not None else (self._count, None)
         self._count += 1
         opened = _Step(self, ids, kwargs[labels_key], lr, step, auto=True)
