@@ -390,3 +390,29 @@ class _Pooled(nn.Module):
 
     def forward(self, x):
         return self.net(x).mean(1)
+
+
+class _PaddedEncoder(nn.Module):
+    """torch's encoder with a padding mask and nested tensors: without gradients, in eval
+    mode, it takes a fused path on nested tensors that never calls its Linear layers."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(9, d), nn.Linear(d, 3)
+        layer = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+
+    def forward(self, ids):
+        pad = ids == 0
+        return self.head(self.enc(self.emb(ids), src_key_padding_mask=pad).masked_fill(pad[..., None], 0).sum(1))
+
+
+@pytest.mark.parametrize("K", [0, 2])
+def test_an_encoder_with_nested_tensors_is_laid_out_on_the_scoring_path(K):
+    """The layout's runs keep gradients on, as the scoring pass does: the row order check
+    without them met nested tensors (torch's fused path) and raised."""
+    ids = torch.randint(1, 9, (5, 7), generator=torch.Generator().manual_seed(0))
+    ids[1, 4:] = 0
+    ids[4, 2:] = 0
+    why = compare_with_loop(_PaddedEncoder(), ids, K).explain()
+    assert all(v.startswith("ghost") for v in why.values()), why

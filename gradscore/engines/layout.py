@@ -20,7 +20,7 @@ data-dependent size (sequence lengths) the same in both runs.
   a reason and its parameters go to the fallback.
 
 Copies of one example cannot show the order of a batch's rows. So the batch itself, and
-its first and last examples alone, run once more (no gradients), and each laid-out
+its first and last examples alone, run once more (nothing kept), and each laid-out
 layer's rows 0 and B − 1 must be the first and last examples' own rows: a model that
 sorts its batch (by length, before packing a sequence) or permutes it gives a layer
 another example's row, and that layer goes to the fallback. The outputs of the two
@@ -219,27 +219,28 @@ _Rows = list[tuple[torch.Tensor, torch.Tensor, int] | None]   # per call: input 
 
 def _rows(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], found: dict[str, Layout | str],
           x: Inputs, picks: list[int]) -> tuple[dict[str, _Rows], torch.Tensor]:
-    """Run the model on ``x`` without gradients; {layer name: per call, (input rows, output
-    rows, the batch dimension they are in) ``picks`` along the layer's batch dimension, or
-    None for a call that does not see the whole batch there} for the layers laid out with
-    one, and the model's output."""
+    """Run the model on ``x`` (grad on: the scoring pass's code path, as torch's encoder
+    layers take a fused path without it); {layer name: per call, (input rows, output rows,
+    the batch dimension they are in) ``picks`` along the layer's batch dimension, or None
+    for a call that does not see the whole batch there} for the layers laid out with one,
+    and the model's output, all detached."""
     rows: dict[str, _Rows] = {}
     B = batch_len(x)
 
     def hook(module, args, kwargs, output, name, rule, dim):
         act, output = observed(rule, args, kwargs, output)
-        whole = (isinstance(act, torch.Tensor) and isinstance(output, torch.Tensor)
-                 and dim < min(act.dim(), output.dim()) and act.shape[dim] == B == output.shape[dim])
+        whole = (all(isinstance(t, torch.Tensor) and not t.is_nested and dim < t.dim() and t.shape[dim] == B
+                     for t in (act, output)))
         index = torch.tensor(picks, device=output.device) if whole else None
-        rows.setdefault(name, []).append((act.index_select(dim, index), output.index_select(dim, index), dim)
-                                         if whole else None)
+        rows.setdefault(name, []).append((act.detach().index_select(dim, index),
+                                          output.detach().index_select(dim, index), dim) if whole else None)
     handles = [module.register_forward_hook(lambda mod, a, kw, o, n=name, r=rule, k=found[name].batch_dim:
                                             hook(mod, a, kw, o, n, r, k), with_kwargs=True, prepend=True)
                for name, (module, rule) in layers.items()
                if isinstance(found.get(name), Layout) and found[name].batch_dim is not None]
     try:
-        with torch.no_grad():
-            out = call_model(model, x)
+        with torch.enable_grad():
+            out = call_model(model, x).detach()
     finally:
         for h in handles:
             h.remove()
