@@ -47,6 +47,28 @@ class SeqFirstLayerNorm(nn.Module):
         return self.head((self.ln(x.transpose(0, 1)) ** 2).mean(0))
 
 
+class LlamaLikeRMSNorm(nn.Module):
+    """A Hugging Face-style RMSNorm (Llama's forward, under a name of its own): the
+    structural rule, checked on the first batch."""
+
+    def __init__(self, d: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight, self.variance_epsilon = nn.Parameter(1 + 0.3 * torch.randn(d)), eps
+
+    def forward(self, x):
+        h = x.to(torch.float32)
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(x.dtype)
+
+
+class SeqFirstRMSNorm(nn.Module):
+    def __init__(self, T: int, d: int = 5):
+        super().__init__()
+        self.norm, self.head = LlamaLikeRMSNorm(d), nn.Linear(d, 3)
+
+    def forward(self, x):
+        return self.head((self.norm(x.transpose(0, 1)) ** 2).mean(0))
+
+
 class SeqFirstAttention(nn.Module):
     """nn.MultiheadAttention in its default layout (T, B, d)."""
 
@@ -106,7 +128,8 @@ class PositionsSeqFirst(nn.Module):
         return self.head(torch.tanh(self.tok(ids.t()) + pos).mean(0))
 
 
-FLOAT_CASES = [SeqFirstLinear, SeqFirstLayerNorm, SeqFirstAttention, SeqFirstEncoder, ResidualNotBatch]
+FLOAT_CASES = [SeqFirstLinear, SeqFirstLayerNorm, SeqFirstRMSNorm, SeqFirstAttention, SeqFirstEncoder,
+               ResidualNotBatch]
 TOKEN_CASES = [SeqFirstEmbedding, PositionsAddedToBatch, PositionsSeqFirst]
 
 
@@ -149,7 +172,7 @@ def test_sequence_first_linear_is_ghost_with_its_batch_in_dimension_one(T):
     """A sequence-first Linear, LayerNorm or Embedding whose batch is established in
     dimension 1 keeps its ghost rule (transposed), whatever T is."""
     for cls, name in [(SeqFirstLinear, "lin.weight"), (SeqFirstLayerNorm, "ln.weight"),
-                      (SeqFirstEmbedding, "emb.weight")]:
+                      (SeqFirstRMSNorm, "norm.weight"), (SeqFirstEmbedding, "emb.weight")]:
         model = cls(T).double().eval()
         scorer, _ = _score(model, _inputs(cls, T), "auto", 0)
         assert scorer.explain()[name].startswith("ghost"), (cls.__name__, scorer.explain()[name])
@@ -171,7 +194,7 @@ def test_a_broadcast_row_added_to_time_steps_is_not_expanded():
 
 @pytest.mark.parametrize("engine", ["ghost", "auto", "vmap", "loop"])
 @pytest.mark.parametrize("K", [0, 2])
-@pytest.mark.parametrize("cls", [SeqFirstLinear, SeqFirstEncoder, SeqFirstEmbedding],
+@pytest.mark.parametrize("cls", [SeqFirstLinear, SeqFirstEncoder, SeqFirstEmbedding, SeqFirstRMSNorm],
                          ids=lambda c: c.__name__)
 def test_an_empty_batch_gives_empty_results(cls, engine, K):
     model = cls(3).double().eval()
