@@ -381,6 +381,31 @@ def test_a_layer_named_like_an_rms_norm_takes_its_rule_only_if_it_computes_one(k
         assert why["net.1.weight"].startswith("vmap (MyRMSNorm 'net.1' does not compute weight · x / √(mean(x²)"), why
 
 
+class MyScaledWordEmbedding(nn.Embedding):
+    """An Embedding subclass named like Gemma's: "plain" scales its rows by embed_scale;
+    "squared" by its square, which the rule its name suggests does not assume."""
+
+    def __init__(self, kind: str):
+        super().__init__(9, 6, padding_idx=0)
+        self.embed_scale, self.kind = torch.tensor(2.5), kind
+
+    def forward(self, ids):
+        return super().forward(ids) * (self.embed_scale if self.kind == "plain" else self.embed_scale ** 2)
+
+
+@pytest.mark.parametrize("K", [0, 2])
+@pytest.mark.parametrize("kind", ["plain", "squared"])
+def test_a_scaled_embedding_takes_its_rule_only_if_it_computes_one(kind, K):
+    torch.manual_seed(0)
+    model = _Pooled(nn.Sequential(MyScaledWordEmbedding(kind), nn.Tanh(), nn.Linear(6, 3)))
+    ids = torch.randint(0, 9, (7, 5), generator=torch.Generator().manual_seed(0))
+    why = compare_with_loop(model, ids, K).explain()
+    if kind == "plain":
+        assert why["net.0.weight"] == "ghost (scaled_embedding rule on net.0: MyScaledWordEmbedding)", why
+    else:
+        assert why["net.0.weight"].startswith("vmap (MyScaledWordEmbedding 'net.0' does not compute embed_scale"), why
+
+
 class _Pooled(nn.Module):
     """A sequence model's output, averaged over the positions."""
 

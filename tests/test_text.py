@@ -71,9 +71,10 @@ def test_gpt2_ghost_equals_loop_with_padding_ignored_labels_and_tied_embeddings(
 @pytest.mark.parametrize("K", [0, 2])
 @pytest.mark.parametrize("config", [LLAMA, QWEN2, GEMMA], ids=["llama", "qwen2", "gemma"])
 def test_hugging_face_rms_norms_take_their_checked_rule(config, K):
-    """Their RMSNorm classes (w · x̂, and Gemma's (1 + w) · x̂) take the structural rule,
-    checked on the first batch, with weights moved off their initial 1s and 0s; equal to
-    the loop (which Llama's float32 normalization holds to about 1e-7 in float64)."""
+    """Their RMSNorm classes (w · x̂, and Gemma's (1 + w) · x̂) and Gemma's scaled embedding
+    (tied to its head) take the structural rules, checked on the first batch, with the norm
+    weights moved off their initial 1s and 0s; equal to the loop (which Llama's float32
+    normalization holds to about 1e-7 in float64)."""
     torch.manual_seed(0)
     model = from_config(config)
     with torch.no_grad():
@@ -84,8 +85,10 @@ def test_hugging_face_rms_norms_take_their_checked_rule(config, K):
     why = _check(model, "causal_lm", x, y, K).explain()
     norms = [n for n in why if n.endswith("norm.weight")]
     assert len(norms) == 5 and all(why[n].startswith("ghost (hf_rms_norm rule on ") for n in norms), why
-    if config is not GEMMA:   # Gemma's embedding scales its output in a forward of its own: the fallback's
-        assert all(v.startswith("ghost") for v in why.values()), why
+    assert all(v.startswith("ghost") for v in why.values()), why
+    if config is GEMMA:
+        assert why["model.embed_tokens.weight"].startswith("ghost (scaled_embedding rule on model.embed_tokens: ")
+        assert "tied, exact cross term" in why["model.embed_tokens.weight"]
 
 
 def test_gpt2_cross_term_matters():

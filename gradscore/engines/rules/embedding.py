@@ -3,15 +3,18 @@
 g_b = Σ_t e_{id_bt} δ_btᵀ, so ‖g_b‖² = Σ_{t,s: id_bt = id_bs} δ_bt·δ_bs (equal token ids
 add up) and ⟨g_b, V_k⟩ = Σ_t δ_bt·V_k[id_bt]. Tokens equal to ``padding_idx`` get no
 gradient. ``max_norm`` (renormalizes the weight in the forward) and
-``scale_grad_by_freq`` fall back to vmap.
+``scale_grad_by_freq`` fall back to vmap. Hugging Face's scaled embedding (Gemma's rows
+times √d, in a forward of its own) takes the rule with δ scaled back, matched by
+structure and checked on the first batch (``register_structural``).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ...kernels import acc_dtype
-from .registry import Factor, register_rule
+from .registry import Factor, close, register_rule, register_structural
 
 
 def _supports(m: nn.Embedding | nn.EmbeddingBag) -> str | None:
@@ -75,6 +78,46 @@ def _bags(layer: nn.EmbeddingBag, call, B: int, acc: torch.dtype
     if layer.mode == "mean":
         coef = coef / valid.sum(1, keepdim=True).clamp(min=1)
     return ids, coef, valid
+
+
+def _embed_scale(layer: nn.Module) -> float | None:
+    """The factor a Hugging Face scaled embedding multiplies its rows by (Gemma's √d)."""
+    scale = getattr(layer, "embed_scale", None)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        return float(scale)
+    return float(scale) if isinstance(scale, (int, float)) and not isinstance(scale, bool) else None
+
+
+def _like_scaled_embedding(layer: nn.Module) -> bool:
+    """An Embedding subclass named like Hugging Face's scaled one (Gemma's), with one
+    ``weight`` and an ``embed_scale``; what it computes is checked by
+    :func:`_computes_scaled_embedding`."""
+    return (isinstance(layer, nn.Embedding) and type(layer).__name__.endswith("ScaledWordEmbedding")
+            and list(dict(layer.named_parameters(recurse=False))) == ["weight"] and _embed_scale(layer) is not None)
+
+
+def _computes_scaled_embedding(layer: nn.Embedding, ids: torch.Tensor, y: torch.Tensor) -> str | None:
+    """None if the layer gives embed_scale · (the rows of its weight at ``ids``), for a weight
+    other than its own (the layer is called functionally, left as it is). Else why not."""
+    weight = layer.weight
+    w = torch.linspace(-1.5, 2.0, weight.numel(), dtype=weight.dtype, device=weight.device).reshape(weight.shape)
+    out = torch.func.functional_call(layer, {"weight": w}, (ids,))
+    if isinstance(out, torch.Tensor) and close(out, F.embedding(ids, w, layer.padding_idx) * _embed_scale(layer)):
+        return None
+    return "does not compute embed_scale · its weight's rows, which the scaled-embedding rule its name suggests assumes"
+
+
+def _scaled(layer: nn.Module, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradients at the embedding's rows, before its scale: embed_scale · δ."""
+    scale = _embed_scale(layer)
+    return [g * scale for g in grads]
+
+
+@register_structural(_like_scaled_embedding, verify=_computes_scaled_embedding, supports=_supports,
+                     factors=lambda layer, acts, grads: embedding_factors(layer, acts, _scaled(layer, grads)),
+                     batch_dims=(0, 1), params=("weight",))
+def scaled_embedding(layer: nn.Embedding, acts, grads, refs, K):
+    return embedding(layer, acts, _scaled(layer, grads), refs, K)
 
 
 @register_rule(nn.EmbeddingBag, supports=_supports, call=True)

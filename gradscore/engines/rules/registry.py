@@ -60,7 +60,7 @@ Classes from optional packages are registered by qualified name
 A family that libraries copy under many class names (Hugging Face's RMSNorm: Llama's,
 Mistral's, Qwen's, Gemma's …) is registered by its structure instead
 (:func:`register_structural`): a predicate on the module, tried only where no class
-matches. Such a rule is not trusted on its name: its ``verify(layer, input, output)``
+matches (or a subclass overrides its parent's forward: Gemma's scaled embedding). Such a rule is not trusted on its name: its ``verify(layer, input, output)``
 runs once on the first batch and checks that the layer computes what the rule assumes,
 else the layer falls back with the reason.
 
@@ -181,13 +181,14 @@ def register_rule(*types: TypeKey, supports: Callable[[nn.Module], Optional[str]
 
 def register_structural(match: Callable[[nn.Module], bool], *, verify: Callable[..., Optional[str]],
                         supports: Callable[[nn.Module], Optional[str]] = lambda m: None,
+                        factors: Optional[Callable[..., dict[str, Factor]]] = None,
                         **options) -> Callable[[RuleFn], RuleFn]:
     """Decorator: use ``fn`` as the ghost rule for modules of no registered class that
     ``match`` accepts; ``verify(layer, input, output)`` (None, or why the layer does not
     compute what the rule assumes) checks each such layer on the first batch.
-    ``options`` as for :func:`register_rule`."""
+    ``factors`` and ``options`` as for :func:`register_rule`."""
     def deco(fn: RuleFn) -> RuleFn:
-        _STRUCTURAL.append((match, Rule(fn.__name__, fn, supports, None, verify=verify, **options)))
+        _STRUCTURAL.append((match, Rule(fn.__name__, fn, supports, factors, verify=verify, **options)))
         return fn
     return deco
 
@@ -196,17 +197,19 @@ def _lookup(module: nn.Module) -> tuple[Rule | None, str | None]:
     """The rule of the nearest registered class along the MRO (class or qualified-name
     key), else of the first structural match, or (None, reason)."""
     kind = type(module)
+    reason = f"no ghost rule for {kind.__name__}"
     for cls in kind.__mro__:
         rule = _RULES.get(cls) or _RULES.get(f"{cls.__module__}.{cls.__qualname__}")
         if rule is None:
             continue
         if cls is not kind and getattr(kind, "forward", None) is not getattr(cls, "forward", None):
-            return None, f"{kind.__name__} overrides the forward of {cls.__name__}, whose rule assumes it"
+            reason = f"{kind.__name__} overrides the forward of {cls.__name__}, whose rule assumes it"
+            break
         return rule, None
-    for match, rule in _STRUCTURAL:
+    for match, rule in _STRUCTURAL:   # checked on the first batch (Rule.verify)
         if match(module):
             return rule, None
-    return None, f"no ghost rule for {kind.__name__}"
+    return None, reason
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
