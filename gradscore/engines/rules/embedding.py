@@ -81,10 +81,11 @@ def _bags(layer: nn.EmbeddingBag, call, B: int, acc: torch.dtype
 
 
 def _embed_scale(layer: nn.Module) -> float | None:
-    """The factor a Hugging Face scaled embedding multiplies its rows by (Gemma's √d)."""
+    """The factor a Hugging Face scaled embedding multiplies its rows by (Gemma's √d), in
+    the weight's dtype, as its forward applies it."""
     scale = getattr(layer, "embed_scale", None)
     if isinstance(scale, torch.Tensor) and scale.numel() == 1:
-        return float(scale)
+        return float(scale.to(layer.weight.dtype))
     return float(scale) if isinstance(scale, (int, float)) and not isinstance(scale, bool) else None
 
 
@@ -104,7 +105,8 @@ def _computes_scaled_embedding(layer: nn.Embedding, ids: torch.Tensor, y: torch.
     out = torch.func.functional_call(layer, {"weight": w}, (ids,))
     if isinstance(out, torch.Tensor) and close(out, F.embedding(ids, w, layer.padding_idx) * _embed_scale(layer)):
         return None
-    return "does not compute embed_scale · its weight's rows, which the scaled-embedding rule its name suggests assumes"
+    return ("does not compute embed_scale · its weight's rows, which the scaled-embedding rule its name "
+            "suggests assumes")
 
 
 def _scaled(layer: nn.Module, grads: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -60,9 +60,10 @@ Classes from optional packages are registered by qualified name
 A family that libraries copy under many class names (Hugging Face's RMSNorm: Llama's,
 Mistral's, Qwen's, Gemma's …) is registered by its structure instead
 (:func:`register_structural`): a predicate on the module, tried only where no class
-matches (or a subclass overrides its parent's forward: Gemma's scaled embedding). Such a rule is not trusted on its name: its ``verify(layer, input, output)``
-runs once on the first batch and checks that the layer computes what the rule assumes,
-else the layer falls back with the reason.
+matches (or a subclass overrides its parent's forward: Gemma's scaled embedding). Such a
+rule is not trusted on its name: its ``verify(layer, input, output)`` runs once on the
+first batch and checks that the layer computes what the rule assumes, else the layer
+falls back with the reason.
 
 A rule whose weight's norm may take the Gram form of ``kernels.ghost_linear`` registers
 ``gram_input(input) -> (B, T, d_in) view or None``: the engine counts the layers reading
