@@ -115,6 +115,18 @@ def tiny_gpt2(**config) -> nn.Module:
     return from_config(cfg, attn_implementation="eager").double()
 
 
+class Reversed(nn.Module):
+    """A Linear applied to the batch in reverse order, reversed back after it: its row b
+    is another example's, which the layout's order check must see."""
+
+    def __init__(self, d_in: int = 5, hidden: int = 4, classes: int = 3):
+        super().__init__()
+        self.lin, self.head = nn.Linear(d_in, hidden), nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(x.flip(0)).flip(0)))
+
+
 class NormIntoRNN(nn.Module):
     """InstanceNorm2d whose output a batch-first RNN reads as a sequence: the RNN's input
     gradient comes back laid out (T, B, C), a layout torch's instance-norm backward

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscore as gs
+from helpers import Reversed
 from gradscore.demos.models import digits_cnn, mlp
 from gradscore.engines.rules.registry import FactoredRef
 from gradscore.scores import inrun as inrun_scores
@@ -435,19 +436,9 @@ class _Places(nn.Module):
         return self.lin(x) + self.pos(torch.arange(len(x)))
 
 
-class _Reversed(nn.Module):
-    """A Linear applied to the batch in reverse order: its row b is another example's."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin, self.head = nn.Linear(10, 6), nn.Linear(6, 4)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.lin(x.flip(0)).flip(0)))
-
-
 @pytest.mark.parametrize("cls, why", [(_Places, "depends on the rest of its batch"),
-                                      (_Reversed, "lin.weight.*rows are not the batch's examples in order")],
+                                      (lambda: Reversed(10, 6, 4),
+                                       "lin.weight.*rows are not the batch's examples in order")],
                          ids=["places", "reversed"])
 def test_a_model_that_mixes_up_the_batch_is_refused(tmp_path, cls, why):
     """Its rules would record another example's gradient, or one no example has alone."""

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import gradscore as gs
-from helpers import compare_with_loop
+from helpers import Reversed, compare_with_loop
 
 B = 4
 
@@ -264,17 +264,6 @@ class SortedByLength(nn.Module):
         h = self.pre(self.emb(ids[order]))
         _, (hn, _) = self.rnn(pack_padded_sequence(h, lengths, batch_first=True, enforce_sorted=True))
         return self.head(hn[-1][order.argsort()])
-
-
-class Reversed(nn.Module):
-    """A Linear applied to the batch in reverse order, reversed back after it."""
-
-    def __init__(self, T: int = 0):
-        super().__init__()
-        self.lin, self.head = nn.Linear(5, 4), nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.lin(x.flip(0)).flip(0)))
 
 
 @pytest.mark.parametrize("K", [0, 2])

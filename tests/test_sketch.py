@@ -13,6 +13,7 @@ from torch import nn
 from gradscore.demos.models import digits_cnn, mlp, recurrent_classifier, tiny_transformer
 from gradscore.losses import resolve_loss
 from gradscore.sketches import Projection, SketchEngine
+from helpers import Reversed
 
 LOSS = resolve_loss("cross_entropy")
 
@@ -98,17 +99,8 @@ def _case(name: str, B: int = 6, T: int = 5):
     if name == "seq_first":
         return _SeqFirst(), tokens(11), 3
     if name == "reordered":   # a Linear sees the batch reversed: its rows are not the examples': the fallback's
-        return _Reversed(), torch.randn(B, 9, generator=g), 3
+        return Reversed(9, 7, 3), torch.randn(B, 9, generator=g), 3
     raise ValueError(name)
-
-
-class _Reversed(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin, self.head = nn.Linear(9, 7), nn.Linear(7, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.lin(x.flip(0)).flip(0)))
 
 
 def _loop_grads(model, x, y, names):
