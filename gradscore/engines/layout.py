@@ -137,7 +137,10 @@ def observed(rule: Rule, args: tuple, kwargs: dict, output) -> tuple:
 
 
 def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inputs,
-            params: dict[int, tuple[str, tuple[str, ...]]]) -> tuple[dict[str, _Record], dict[str, str]]:
+            params: dict[int, tuple[str, tuple[str, ...]]], verify: bool = False
+            ) -> tuple[dict[str, _Record], dict[str, str]]:
+    """Each ruled layer's call shapes and output uses on ``x``, and the parameters used
+    outside their layers; with ``verify``, each rule's :attr:`Rule.verify` of its first call."""
     records = {name: _Record() for name in layers}
     mode = _Uses(params)
 
@@ -151,7 +154,7 @@ def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inpu
             record.shapes.append(((), ()))
             return
         record.shapes.append((tuple(act.shape), tuple(output.shape)))
-        if rule.verify is not None and record.sample is None:
+        if verify and rule.verify is not None and record.sample is None:
             record.sample = (act.detach(), output.detach())
         uses: list = []
         record.uses.append(uses)
@@ -279,7 +282,7 @@ def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: In
     first = take(x, 0)
     watched = {id(t): (name, owners) for name, (t, owners) in (params or {}).items()}
     try:
-        rec1, strays = _record(model, layers, first, watched)
+        rec1, strays = _record(model, layers, first, watched, verify=True)
         rec2, _ = _record(model, layers, concat([first, first]), watched)
     except Exception as e:   # the fallback meets the same model and says what fails
         why = f"the model did not run on 1 and 2 copies of an example ({type(e).__name__}: {e})"
@@ -291,8 +294,8 @@ def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: In
         if not r1.shapes:
             out[name] = "was not called; its parameters are used by another module"
             continue
-        if r1.problem or r2.problem:
-            out[name] = r1.problem or r2.problem
+        if r1.problem:
+            out[name] = r1.problem
             continue
         if len(r1.shapes) != len(r2.shapes) or any(s == ((), ()) for s in r1.shapes):
             out[name] = "was called with non-tensor or varying inputs"
