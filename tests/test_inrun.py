@@ -986,6 +986,27 @@ def test_examples_the_loss_no_longer_moves_keep_the_batch_share(tmp_path):
     assert np.isnan(share[step == 1]).all() and np.isnan(sq[step == 1]).all()
 
 
+def test_examples_the_step_leaves_out_are_named(tmp_path):
+    """A loss over part of the batch (a mask, a detached half, weight 0) sends some examples
+    no gradient: their share is 0 and sq_norm cannot be read (NaN, left out of grand).
+    The file says so; inrun_value counts the step as 0 for them (it moved nothing)."""
+    x, y = _data(dtype=torch.float32)
+    model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[8:12], y[8:12]))
+    keep = torch.arange(8) < 5
+    with rec.step(range(8), y[:8], lr=0.1):
+        F.cross_entropy(model(x[:8])[keep], y[:8][keep]).backward()
+    with pytest.warns(gs.exceptions.GradscoreWarning, match=r"3 of 8 records have share 0 .* first at step 0, id 5"):
+        res = rec.close()
+    with h5py.File(tmp_path / "r.h5") as f:
+        share, sq = f["inrun/share"][()], f["inrun/sq_norm"][()]
+    np.testing.assert_allclose(share[:5], 1 / 5, rtol=1e-6)
+    assert (share[5:] == 0).all() and np.isnan(sq[5:]).all() and np.isfinite(sq[:5]).all()
+    scores = gs.load_scores(tmp_path / "r.h5")
+    assert np.isnan(scores["scores"]["grand"][5:]).all() and (scores["scores"]["inrun_value"][5:] == 0).all()
+    assert any("share 0" in w for w in scores["warnings"]) and res == tmp_path / "r.h5"
+
+
 def test_examples_the_loss_no_longer_moves_take_their_class_share(tmp_path):
     """With class weights the shares differ by class, w_y / Σ_b w_(y_b): a fit example takes
     the median share of its batch's readable examples of its class (the true share), and

@@ -81,19 +81,24 @@ def _verb(n: int, one: str, many: str) -> str:
     return one if n == 1 else many
 
 
+def _first(rows: dict[str, np.ndarray], mask: np.ndarray) -> str:
+    """"step s, id i" of the first record in ``mask``."""
+    i = int(np.flatnonzero(mask)[0])
+    first = rows["ids"][i]
+    return f"step {int(rows['step'][i])}, id {first.item() if hasattr(first, 'item') else first}"
+
+
 def warnings_of(rows: dict[str, np.ndarray]) -> list[str]:
     """What the scores leave out or may get wrong, in words: records with a non-finite loss or
-    gradient (a diverging step, a corrupt input), shares above 1 (a scaled loss), and records
-    whose share was unreadable."""
+    gradient (a diverging step, a corrupt input), shares above 1 (a scaled loss), shares of 0
+    (examples the step's loss leaves out), and records whose share was unreadable."""
     out = []
     bad = ~np.isfinite(rows["loss"]) | ~np.isfinite(rows["share_sq_norm"])
     if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        first, n = rows["ids"][i], int(bad.sum())
-        out.append(f"{n} of {len(bad)} records {_verb(n, 'has', 'have')} a non-finite loss or gradient (first at step "
-                   f"{int(rows['step'][i])}, id {first.item() if hasattr(first, 'item') else first}): a diverging "
-                   f"step, a corrupt input, or an overflow that a loss scaler skips; the scores leave those "
-                   f"records out")
+        n = int(bad.sum())
+        out.append(f"{n} of {len(bad)} records {_verb(n, 'has', 'have')} a non-finite loss or gradient (first at "
+                   f"{_first(rows, bad)}): a diverging step, a corrupt input, or an overflow that a loss scaler "
+                   f"skips; the scores leave those records out")
     over = (rows["share"] > 1 + 1e-6) & ~bad     # NaN compares False
     if over.any():
         n = int(over.sum())
@@ -101,6 +106,13 @@ def warnings_of(rows: dict[str, np.ndarray]) -> list[str]:
                    f"example more than its own loss): if the loss was scaled (torch.amp.GradScaler, fp16 "
                    f"training), pass scaler= to gs.InRun, as share, share_sq_norm, dot and inrun_value are then "
                    f"the scale times too large")
+    left_out = (rows["share"] == 0) & ~bad
+    if left_out.any():
+        n = int(left_out.sum())
+        out.append(f"{n} of {len(left_out)} records {_verb(n, 'has', 'have')} share 0 (the step's loss leaves the "
+                   f"example out: a mask, a detached output, a weight 0; first at {_first(rows, left_out)}): no "
+                   f"gradient of it to read, so its sq_norm is NaN and grand leaves it out; inrun_value counts it "
+                   f"as 0")
     unread = np.isnan(rows["share"]) & ~bad
     if unread.any():
         n = int(unread.sum())
