@@ -229,6 +229,34 @@ def test_share_is_read_from_the_loss_sum_and_class_weights(tmp_path):
         np.testing.assert_allclose(share[step == t], want, rtol=1e-10)
 
 
+def test_a_loss_that_is_a_function_of_each_loss_has_that_share(tmp_path):
+    """docs/inrun.md: focal loss f(ℓ_b) = −(1 − p)² log p is not a weighted sum of ℓ_b, but
+    its output gradient is f′(ℓ_b)/B · ∂ℓ_b/∂z_b: share f′(ℓ_b)/B, sq_norm of ℓ_b alone and
+    share_sq_norm of f(ℓ_b)/B, against the loop in float64."""
+    torch.manual_seed(0)
+    model, (x, y) = mlp(d_in=10, hidden=8, n_classes=4, depth=1).double(), _data()
+
+    def focal(z, t):
+        lp = z.log_softmax(1).gather(1, t[:, None])[:, 0]
+        return -(1 - lp.exp()) ** 2 * lp
+
+    rec = gs.InRun(model, out=tmp_path / "r.h5")
+    snaps: list = []
+    _train(model, x, y, steps=2, batch=8, rec=rec, snapshots=snaps, loss_fn=lambda z, t: focal(z, t).mean())
+    rec.close()
+    with h5py.File(tmp_path / "r.h5") as f:
+        sq, share_sq, step = f["inrun/sq_norm"][()], f["inrun/share_sq_norm"][()], f["inrun/step"][()]
+    m = copy.deepcopy(model)
+    for t, (snap, idx) in enumerate(snaps):
+        m.load_state_dict(snap)
+        params = list(m.parameters())
+        for k, b in enumerate(idx):
+            z = m(x[b][None])
+            for loss, got in ((F.cross_entropy(z, y[b][None]), sq), (focal(z, y[b][None]).sum() / 8, share_sq)):
+                g = torch.autograd.grad(loss, params, retain_graph=True)
+                np.testing.assert_allclose(got[step == t][k], float(sum(v.pow(2).sum() for v in g)), rtol=1e-10)
+
+
 def test_adam_preconditioned_target(tmp_path):
     torch.manual_seed(0)
     model, (x, y) = mlp(d_in=10, hidden=8, n_classes=4, depth=1).double(), _data()
