@@ -51,6 +51,19 @@ def test_torch_save_files_nested_and_ddp_prefixed(tmp_path):
                  str(tmp_path / "s.h5"), "--quiet"]) == 0
 
 
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
+def test_compiled_and_ddp_wrapper_prefixes_are_stripped(tmp_path, prefix):
+    """A torch.compile'd model saves its keys under ``_orig_mod.``; under DDP the two
+    wrappers nest either way round."""
+    state = _states(1)[0]
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save({prefix + k: v for k, v in state.items()}, src / "step_5.pt")
+    assert main(_args(src, tmp_path / "ck", "--lr", "0.1")) == 0
+    got = gs.CheckpointStore(tmp_path / "ck").build_model(0).state_dict()
+    assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state)
+
+
 def test_safetensors_in_hf_style_directories(tmp_path):
     safetensors = pytest.importorskip("safetensors.torch")
     states = _states(2)

@@ -1,8 +1,9 @@
 """``gradscore import-checkpoints``: existing training checkpoints -> gradscore checkpoints.
 
 Sources: ``torch.save`` state_dicts (``.pt``, ``.pth``, ``.bin``; a dict nested under
-``state_dict``/``model``/``model_state_dict`` is found, a DistributedDataParallel
-``module.`` prefix is stripped) and safetensors files, directly in SRC_DIR or one level
+``state_dict``/``model``/``model_state_dict`` is found; the key prefixes of a
+DistributedDataParallel (``module.``) or ``torch.compile`` (``_orig_mod.``) model are
+stripped, nested either way) and safetensors files, directly in SRC_DIR or one level
 down (Hugging Face's ``checkpoint-1200/model.safetensors``). The step is the last number
 in the file's path below SRC_DIR (``step_1200.pt``, ``checkpoint-1200/…``). The learning
 rate η_t comes from one constant ``lr`` or a schedule ``{step: lr}``; the epoch from
@@ -26,6 +27,8 @@ from ..imports import import_ref
 
 SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 _NESTED = ("state_dict", "model_state_dict", "model")
+#: key prefixes of wrapped models' state_dicts: DistributedDataParallel, torch.compile
+_WRAPPERS = ("module.", "_orig_mod.")
 
 
 def find_sources(src: str | Path) -> list[tuple[int, Path]]:
@@ -66,8 +69,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: not a state_dict of tensors")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+    while state and (prefix := next((w for w in _WRAPPERS if all(k.startswith(w) for k in state)), None)):
+        state = {k[len(prefix):]: v for k, v in state.items()}
     return state
 
 
