@@ -33,10 +33,24 @@ def test_round_trip_with_buffers_and_attrs(tmp_path):
 
 
 def _saved(tmp_path, model=None, **kw):
-    model = model or mlp(**MLP_KWARGS)
+    model = mlp(**MLP_KWARGS) if model is None else model
     with gs.CheckpointWriter(tmp_path, model_factory="gradscore.demos.models:mlp",
                              model_kwargs=kw.pop("model_kwargs", MLP_KWARGS)) as w:
         return w.save(model, step=0, lr=0.1)
+
+
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel", "both"])
+def test_a_wrapped_model_is_saved_as_the_model_it_wraps(tmp_path, wrap):
+    """torch.compile's and DataParallel's wrappers prefix their state_dict keys (``_orig_mod.``,
+    ``module.``); the writer saves the wrapped model's own, which its factory rebuilds."""
+    torch.manual_seed(0)
+    model = mlp(**MLP_KWARGS)
+    wrapped = {"compile": lambda m: torch.compile(m), "data_parallel": torch.nn.DataParallel,
+               "both": lambda m: torch.compile(torch.nn.DataParallel(m))}[wrap](model)
+    _saved(tmp_path, wrapped)
+    rebuilt = gs.CheckpointStore(tmp_path).build_model(0).state_dict()
+    want = model.state_dict()
+    assert rebuilt.keys() == want.keys() and all(torch.equal(rebuilt[k], want[k]) for k in want)
 
 
 def test_missing_tensor_names_file_and_tensor(tmp_path):

@@ -49,11 +49,24 @@ def tied_aliases(model: nn.Module) -> dict[str, str]:
             if id(t) in canonical and canonical[id(t)] != name}
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's and (Distributed)DataParallel's wrappers, which
+    prefix its state_dict keys (``_orig_mod.``, ``module.``); ``model`` if not wrapped."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):   # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
 def write_checkpoint(path: str | Path, model: nn.Module, *, step: int, lr: float,
                      epoch: float = 0.0, model_factory: str = "", model_kwargs: dict | None = None,
                      loss: str = "cross_entropy", optimizer: str = "") -> Path:
-    """Write ``model``'s parameters and persistent buffers to ``path`` atomically."""
-    path = Path(path)
+    """Write ``model``'s parameters and persistent buffers to ``path`` atomically (of the
+    model inside a compile or DataParallel wrapper: what its factory rebuilds)."""
+    path, model = Path(path), unwrapped(model)
     params = dict(model.named_parameters())
     aliases = tied_aliases(model)  # a tied tensor is stored once, under its parameter name
     state = {k: v for k, v in model.state_dict().items() if k not in aliases}
