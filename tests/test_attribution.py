@@ -203,25 +203,33 @@ def test_string_ids_go_through_sketch_and_attribution(tmp_path):
 
 def test_tracin_over_checkpoints_of_adam_warns_in_the_file_the_cli_and_info(tmp_path, capsys):
     """TracIn-CP weighs each checkpoint by its η_t as for plain gradient steps: over
-    checkpoints of AdamW it says so (the API, the file, `info`, one CLI line); TRAK, which
-    uses no η, and TracIn over plain SGD checkpoints do not."""
+    checkpoints of AdamW it says so (the API, the file, `info`, one CLI line), as does the
+    sketch's self_influence (TracIn's, Σ_t η_t ‖Φ g_n‖²); TRAK, which uses no η, and TracIn
+    over plain SGD checkpoints do not."""
     import subprocess
     import sys
     import warnings
 
     from helpers import make_run
     ckpts, data = make_run(tmp_path / "plain")
-    path = _sketch((ckpts, data), tmp_path / "plain")
     with warnings.catch_warnings():
         warnings.simplefilter("error", gs.exceptions.GradscoreWarning)
+        path = _sketch((ckpts, data), tmp_path / "plain")
         out = attribute(path, data, out=tmp_path / "plain.h5", progress=False)
-    with h5py.File(out) as f:
-        assert json.loads(f.attrs["warnings"]) == []
+    for f in (out, path):
+        with h5py.File(f) as f:
+            assert json.loads(f.attrs["warnings"]) == []
     ckpts, data = make_run(tmp_path / "adam")
     for p in ckpts.glob("step_*.h5"):
         with h5py.File(p, "a") as f:
             f.attrs["optimizer"] = "AdamW"
-    path = _sketch((ckpts, data), tmp_path / "adam")
+    with pytest.warns(gs.exceptions.GradscoreWarning, match="written by AdamW, not plain gradient steps; TracIn's "
+                                                            "self-influence"):
+        path = _sketch((ckpts, data), tmp_path / "adam")
+    with h5py.File(path) as f:
+        assert "self_influence" in json.loads(f.attrs["warnings"])[0]
+    assert main(["info", str(path)]) == 0
+    assert "  warning: the checkpoints were written by AdamW" in capsys.readouterr().out
     with pytest.warns(gs.exceptions.GradscoreWarning, match="written by AdamW, not plain gradient steps; TracIn-CP"):
         out = attribute(path, data, out=tmp_path / "tracin.h5", progress=False)
     with h5py.File(out) as f:

@@ -131,6 +131,7 @@ def _describe_sketch(path: Path) -> str:
                  f"{len(sf.spec.blocks)} blocks: " + ", ".join(f"{k} {v} rows" for k, v in sorted(kinds.items()))]
         s = f["scores/self_influence"][()]
         lines.append(f"  scores/self_influence: mean {s.mean():.4g}, min {s.min():.4g}, max {s.max():.4g}")
+        lines += [f"  warning: {w}" for w in json.loads(f.attrs.get("warnings", "[]"))]
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,8 @@ from tqdm.auto import tqdm
 from .._version import __version__
 from ..batch import batch_len, take
 from ..config import SketchConfig, resolve_device
-from ..exceptions import CheckpointError, ConfigError, DataError, OutputError
-from ..io.checkpoints import CheckpointStore
+from ..exceptions import CheckpointError, ConfigError, DataError, GradscoreWarning, OutputError
+from ..io.checkpoints import CheckpointStore, not_plain_steps
 from ..io.datasets import check_targets, load_dataset, probe_model
 from ..io.outputs import claim, is_sketch_file, lock
 from ..io.store import HDF5ScoresWriter, read_ids
@@ -111,12 +112,17 @@ def _run(config: SketchConfig, out: Path, overwrite: bool, progress: bool) -> Pa
                 writer.write_chunk(t, c, metrics)
                 bar.update(b - a)
     lr = np.array([i.lr for i in ckpts], dtype=np.float64)
-    return writer.finalize(
+    found = not_plain_steps([i.optimizer for i in ckpts], "TracIn's self-influence Σ_t η_t ‖Φ g_n(θ_t)‖²",
+                            "its self_influence is")
+    path = writer.finalize(
         ids=ids, extras={"checkpoints": {"step": np.array([i.step for i in ckpts], dtype=np.int64),
                                          "epoch": np.array([i.epoch for i in ckpts]), "lr": lr}},
         aggregate=lambda m: {"self_influence": (lr[:, None] * m["sq_sketch"]).sum(0)},
         attrs={"config": config.to_dict(), "sketch": projection.spec.to_dict(), "gradscore_version": __version__,
-               "loss": ckpts.loss})
+               "loss": ckpts.loss, "warnings": found})
+    for text in found:
+        warnings.warn(f"{path}: {text}", GradscoreWarning, stacklevel=3)
+    return path
 
 
 def sketch(checkpoints: str | os.PathLike, data: str | os.PathLike, *, out: str | os.PathLike,
