@@ -734,9 +734,11 @@ class _Step:
         if rec.targets is not None and lr is None and "inrun_value" in rec.config.scores:
             raise ConfigError("invalid value for 'lr': inrun_value needs the step's learning rate; pass "
                               "rec.step(ids, y, lr=...)")
-        if lr is not None and not (math.isfinite(float(lr)) and float(lr) >= 0):
-            raise ConfigError(f"invalid value for 'lr': {float(lr)}; give the step's learning rate, a finite "
-                              f"learning rate >= 0")
+        if lr is not None:
+            self.lr = lr = float(lr)
+            if not (math.isfinite(lr) and lr >= 0):
+                raise ConfigError(f"invalid value for 'lr': {lr}; give the step's learning rate, a finite "
+                                  f"learning rate >= 0")
         if rec._last_step is not None and step < rec._last_step:   # a target is shared by one step's micro-batches
             raise ConfigError(f"invalid value for 'step': {step} after {rec._last_step}; steps number the optimizer "
                               f"steps of the whole run and never go back (pass e.g. epoch * steps_per_epoch + i, "
