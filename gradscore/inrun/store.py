@@ -92,27 +92,20 @@ def warnings_of(rows: dict[str, np.ndarray]) -> list[str]:
     """What the scores leave out or may get wrong, in words: records with a non-finite loss or
     gradient (a diverging step, a corrupt input), shares above 1 (a scaled loss), shares of 0
     (examples the step's loss leaves out), and records whose share was unreadable."""
-    out = []
     bad = ~np.isfinite(rows["loss"]) | ~np.isfinite(rows["share_sq_norm"])
-    if bad.any():
-        n = int(bad.sum())
-        out.append(f"{n} of {len(bad)} records {_verb(n, 'has', 'have')} a non-finite loss or gradient (first at "
-                   f"{_first(rows, bad)}): a diverging step, a corrupt input, or an overflow that a loss scaler "
-                   f"skips; the scores leave those records out")
-    over = (rows["share"] > 1 + 1e-6) & ~bad     # NaN compares False
-    if over.any():
-        n = int(over.sum())
-        out.append(f"{n} of {len(over)} records {_verb(n, 'has', 'have')} a share above 1 (the step's loss weighs the "
-                   f"example more than its own loss): if the loss was scaled (torch.amp.GradScaler, fp16 "
-                   f"training), pass scaler= to gs.InRun, as share, share_sq_norm, dot and inrun_value are then "
-                   f"the scale times too large")
-    left_out = (rows["share"] == 0) & ~bad
-    if left_out.any():
-        n = int(left_out.sum())
-        out.append(f"{n} of {len(left_out)} records {_verb(n, 'has', 'have')} share 0 (the step's loss leaves the "
-                   f"example out: a mask, a detached output, a weight 0; first at {_first(rows, left_out)}): no "
-                   f"gradient of it to read, so its sq_norm is NaN and grand leaves it out; inrun_value counts it "
-                   f"as 0")
+    counted = [   # (records, what they have), each phrased "n of N records have ..."
+        (bad, lambda m: f"a non-finite loss or gradient (first at {_first(rows, m)}): a diverging step, a corrupt "
+                        f"input, or an overflow that a loss scaler skips; the scores leave those records out"),
+        ((rows["share"] > 1 + 1e-6) & ~bad,     # NaN compares False
+         lambda m: "a share above 1 (the step's loss weighs the example more than its own loss): if the loss was "
+                   "scaled (torch.amp.GradScaler, fp16 training), pass scaler= to gs.InRun, as share, "
+                   "share_sq_norm, dot and inrun_value are then the scale times too large"),
+        ((rows["share"] == 0) & ~bad,
+         lambda m: f"share 0 (the step's loss leaves the example out: a mask, a detached output, a weight 0; first "
+                   f"at {_first(rows, m)}): no gradient of it to read, so its sq_norm is NaN and grand leaves it "
+                   f"out; inrun_value counts it as 0"),
+    ]
+    out = [f"{n} of {len(m)} records {_verb(n, 'has', 'have')} {what(m)}" for m, what in counted if (n := int(m.sum()))]
     unread = np.isnan(rows["share"]) & ~bad
     if unread.any():
         n = int(unread.sum())
