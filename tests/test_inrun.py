@@ -518,6 +518,58 @@ def test_targets_that_do_not_fit_are_one_config_error_naming_them(tmp_path):
         one_step("labels", y[:8], targets=(x[:4], y[:4] + 10))
 
 
+@pytest.mark.parametrize("hidden", [12, 64])   # 64: the wide layers take the Gram form of the target's factors
+def test_targets_from_a_loader_are_one_target_of_all_its_examples(tmp_path, hidden):
+    """targets= a DataLoader (batches of 4, 4 and 2) is J = the mean loss of its 10 examples,
+    as one batch of them: every record equals the per-example loop's with that batch."""
+    torch.manual_seed(0)
+    model, (x, y) = mlp(d_in=10, hidden=hidden, n_classes=4, depth=2).double(), _data()
+    xt, yt = x[30:40], y[30:40]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xt, yt), batch_size=4)
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=loader)
+    assert rec.config.targets == 10
+    snaps: list = []
+    _train(model, x, y, steps=3, batch=8, rec=rec, snapshots=snaps)
+    _check_against_loop(rec.close(), model, snaps, x, y, (xt, yt), dot_rtol=1e-8)
+
+
+def test_target_batches_from_a_generator_or_with_labels_inside(tmp_path):
+    """Any iterable of (x, y) batches is read once, when the recorder is made (a generator
+    too); a batch that is a dict holding 'labels' (a Hugging Face collator's) is the other
+    keys and the labels. The records equal those of the same examples given as one pair."""
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp(d_in=10, hidden=8, n_classes=4, depth=1).double()
+
+        def forward(self, x):
+            return self.net(x)
+
+    x, y = _data()
+    got = {}
+    for kind in ("pair", "generator", "dicts"):
+        torch.manual_seed(0)
+        model = Named()
+        targets = {"pair": ({"x": x[30:40]}, y[30:40]),
+                   "generator": (({"x": x[a:b]}, y[a:b]) for a, b in ((30, 34), (34, 38), (38, 40))),
+                   "dicts": [{"x": x[a:b], "labels": y[a:b]} for a, b in ((30, 34), (34, 38), (38, 40))]}[kind]
+        if kind == "dicts":
+            targets = iter(targets)
+        rec = gs.InRun(model, out=tmp_path / f"{kind}.h5", targets=targets)
+        for t in range(2):
+            with rec.step(range(8 * t, 8 * t + 8), y[8 * t:8 * t + 8], lr=0.1):
+                F.cross_entropy(model(x[8 * t:8 * t + 8]), y[8 * t:8 * t + 8]).backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+                    p.grad = None
+        with h5py.File(rec.close()) as f:
+            got[kind] = f["inrun/dot"][()], f["inrun/target_norm"][()]
+    for kind in ("generator", "dicts"):
+        np.testing.assert_allclose(got[kind][0], got["pair"][0], rtol=1e-10, atol=1e-16)
+        np.testing.assert_allclose(got[kind][1], got["pair"][1], rtol=1e-12)
+
+
 def test_arguments_a_user_may_get_wrong_are_refused_at_once(tmp_path):
     """targets not an (x, y) pair, empty or of two lengths; a learning rate below 0 or not
     finite: one ConfigError before any training, not an unpacking error at the first
@@ -525,8 +577,17 @@ def test_arguments_a_user_may_get_wrong_are_refused_at_once(tmp_path):
     is that score, not its letters."""
     x, y = _data(dtype=torch.float32)
     model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
+    sampler = torch.utils.data.distributed.DistributedSampler(range(8), num_replicas=2, rank=0)
     for targets, why in [(x[:4], "give the target batch as a pair"), ((x[:0], y[:0]), "no examples"),
-                         ((x[:4], y[:3]), "invalid input 'x': shape \\(4, 10\\) in a batch of 3")]:
+                         ((x[:4], y[:3]), "invalid input 'x': shape \\(4, 10\\) in a batch of 3"),
+                         ({"x": x[:4]}, "give the target batch as a pair"),
+                         (iter([]), "no examples"),
+                         ([(x[:4], y[:4]), (x[4:8], y[4:8])], "give the target batch as a pair"),
+                         (iter([(x[:4], y[:4]), (x[4:8],)]), "batch 1 of the target batches is a tuple of 1"),
+                         (iter([(range(4), x[:4], y[:4])]), "batch 0 of the target batches is a tuple of 3"),
+                         (iter([(x[:4], y[:4]), (x[4:8], y[4:7])]), "batch 1 of the target batches: invalid input 'x': shape \\(4, 10\\)"),
+                         (torch.utils.data.DataLoader(list(zip(x[:8], y[:8])), sampler=sampler),
+                          "DistributedSampler")]:
         with pytest.raises(gs.ConfigError, match=f"invalid value for 'targets': .*{why}"):
             gs.InRun(model, out=tmp_path / "t.h5", targets=targets)
     rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:4], y[:4]), scores="inrun_value")

@@ -31,7 +31,7 @@ What is recorded for example b at step t (θ_t: the parameters this backward use
   is refused with one line;
 - ``share_sq_norm`` ‖∇L_b(θ_t)‖² from the rules and ``sq_norm`` ‖∇ℓ_b(θ_t)‖² = that / s_b²;
 - ``dot`` ⟨∇L_b(θ_t), ∇J(θ_t)⟩ every ``every`` steps, J the mean ``loss`` of ``targets``
-  in eval mode (one extra forward+backward of the target batch, with
+  in eval mode (one extra forward+backward of each target batch, with
   ``torch.autograd.grad``); with ``optimizer=`` an Adam/AdamW, the dot is with
   Γ_t ∇J(θ_t), Γ_t = diag(1/(√v̂_t + ε)) from its state before the step: the first-order
   change of J under Adam's update, an approximation (Adam's step is not linear in the
@@ -60,7 +60,7 @@ import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -136,10 +136,12 @@ class _TargetFactors:
 
     def __init__(self, layer: nn.Linear) -> None:
         self.layer, self.acts, self.deltas = layer, [], {}
+        self.off = False   # the layer takes the dense form: nothing more to capture
 
-    def cheaper(self) -> bool:
-        """Whether the Gram form (M·(d_out + d_in) per position, M rows) beats forming ∇J."""
-        M = sum(a.numel() // a.shape[-1] for a in self.acts)
+    def cheaper(self, scale: float = 1.0) -> bool:
+        """Whether the Gram form (M·(d_out + d_in) per position, M rows: those seen so far
+        times ``scale``) beats forming ∇J."""
+        M = scale * sum(a.numel() // a.shape[-1] for a in self.acts)
         rows, cols = self.layer.out_features, self.layer.in_features
         return M * (rows + cols) < rows * cols
 
@@ -155,21 +157,46 @@ class _TargetFactors:
                            torch.cat([self.acts[c].reshape(-1, cols) for c in calls]))
 
 
-def _checked_targets(targets: Any) -> tuple[Inputs, torch.Tensor]:
-    """The target batch (x, y), y a tensor; one ConfigError unless it is a pair of at least
-    one example, with the examples in dimension 0 of every input and of y."""
-    if not (isinstance(targets, (tuple, list)) and len(targets) == 2):
-        raise ConfigError(f"invalid value for 'targets': {type(targets).__name__}; give the target batch as a pair "
-                          f"(x, y), as the training batches are given")
-    x, y = targets[0], torch.as_tensor(targets[1])
-    try:
-        check_batch(x, y)
-    except GradscoreError as e:
-        raise ConfigError(f"invalid value for 'targets': {e}") from None
-    if len(y) == 0:
+def _checked_targets(targets: Any) -> list[tuple[Inputs, torch.Tensor]]:
+    """The target batches [(x, y)], each y a tensor: ``targets`` is one pair (x, y) (a tuple or
+    list), or any other iterable of batches (a DataLoader, a generator), read once now; a
+    batch is a pair, or a dict holding 'labels' (the other keys are x). One ConfigError
+    unless there is at least one example, every batch with its examples in dimension 0 of
+    every input and of y, and no DistributedSampler (every rank needs the same ∇J)."""
+    fix = "give the target batch as a pair (x, y), or several batches as a DataLoader or iter([...])"
+    if isinstance(targets, (tuple, list)):
+        batches, where = [targets], ""
+    elif isinstance(targets, (torch.Tensor, dict, str)) or not hasattr(targets, "__iter__"):
+        raise ConfigError(f"invalid value for 'targets': {type(targets).__name__}; {fix}")
+    elif isinstance(getattr(targets, "sampler", None), torch.utils.data.distributed.DistributedSampler):
+        raise ConfigError("invalid value for 'targets': a loader with a DistributedSampler gives each rank other "
+                          "target examples, so other ∇J; give every rank the same target batches")
+    else:
+        batches, where = list(targets), "of the target batches "
+    out = []
+    for i, batch in enumerate(batches):
+        at = f"batch {i} {where}" if where else ""
+        if isinstance(batch, dict) and "labels" in batch and where:
+            batch = ({k: v for k, v in batch.items() if k != "labels"}, batch["labels"])
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            what = f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) else \
+                type(batch).__name__
+            raise ConfigError(f"invalid value for 'targets': {at or 'it '}is {what}; {fix}")
+        try:
+            x, y = batch[0], torch.as_tensor(batch[1])
+        except (TypeError, ValueError, RuntimeError):
+            raise ConfigError(f"invalid value for 'targets': {at}its y ({type(batch[1]).__name__}) is not a tensor "
+                              f"of targets; {fix}") from None
+        try:
+            check_batch(x, y)
+        except GradscoreError as e:
+            raise ConfigError(f"invalid value for 'targets': {at.rstrip() + ': ' if at else ''}{e}") from None
+        if len(y):
+            out.append((x, y))
+    if not out:
         raise ConfigError("invalid value for 'targets': no examples; give at least one target example, or leave "
                           "targets out")
-    return x, y
+    return out
 
 
 def _rank_world() -> tuple[int, int]:
@@ -221,7 +248,8 @@ class InRun:
     model: the model being trained (never modified; hooks live for one step).
     loss: the per-example form of the step's loss ("cross_entropy", "nll", or a Loss).
     out: the scores file :meth:`close` writes (claimed now: an existing file needs
-    ``overwrite``). targets: (x, y) target examples for ``inrun_value`` (or None).
+    ``overwrite``). targets: the target examples of ``inrun_value`` (or None): one batch
+    (x, y), or an iterable of such batches (a DataLoader, a generator; read once, now).
     every: steps between target gradients. optimizer: the torch optimizer that steps the
     model (or None): its parameter groups' learning rates weigh each parameter's term of the
     dot by η_g/η of the step's η, and an Adam/AdamW's state preconditions the target
@@ -237,7 +265,7 @@ class InRun:
     """
 
     def __init__(self, model: nn.Module, *, loss: str | Loss = "cross_entropy", out: str | Path,
-                 targets: tuple[Inputs, torch.Tensor] | None = None, every: int = 1,
+                 targets: tuple[Inputs, torch.Tensor] | Iterable[Any] | None = None, every: int = 1,
                  optimizer: torch.optim.Optimizer | str | None = None, scores: Sequence[str] = DEFAULT_SCORES,
                  flush_every: float = 60.0, overwrite: bool = False,
                  scaler: torch.amp.GradScaler | None = None, data_parallel: int | None = None) -> None:
@@ -250,7 +278,7 @@ class InRun:
         targets = None if targets is None else _checked_targets(targets)
         self.config = InRunConfig(out=str(out), loss=self.loss.name,
                                   scores=(scores,) if isinstance(scores, str) else tuple(scores), every=every,
-                                  targets=0 if targets is None else batch_len(targets[0]),
+                                  targets=0 if targets is None else sum(len(y) for _, y in targets),
                                   preconditioner="adam" if adam else "none")
         self.optimizer = None if optimizer == "adam" else optimizer   # "adam": the trainer's, set later
         self.targets = targets
@@ -456,25 +484,33 @@ class InRun:
         if self._refs is not None and self._refs[0] == step:
             return self._refs[1], self._refs[2]
         like = next(iter(self.params.values()))
-        x, y = move(self.targets[0], like), self.targets[1].to(like.device)   # the model's device and dtype
-        names = self.engine.param_names
+        names, N = self.engine.param_names, self.config.targets
         captured: dict[str, _TargetFactors] = {}
+        blocks: dict[str, torch.Tensor] = {}
         with _aside(self.model), torch.enable_grad(), self._capture_linear(captured) as z:
-            self._busy = True
-            try:
-                J = self.loss.fn(call_model(self.network, x), y).mean()
-            except (GradscoreError, torch.OutOfMemoryError):
-                raise
-            except Exception as e:  # noqa: BLE001 - the user's targets do not fit the model or loss
-                raise ConfigError(f"invalid value for 'targets': the model or the '{self.loss.name}' loss failed on "
-                                  f"them ({cause(e)}); give (x, y) as the training batches are given") from e
-            finally:
-                self._busy = False
-            factored = {w for w, c in captured.items() if c.cheaper()}   # decided from the forward's rows
-            dense = [n for n in names if n not in factored]
-            wanted = [self.params[n] for n in dense] + ([z] if factored else [])
-            grads = torch.autograd.grad(J, wanted, allow_unused=True) if wanted else ()
-        blocks = {n: torch.zeros_like(self.params[n]) if g is None else g.detach() for n, g in zip(dense, grads)}
+            for i, (x, y) in enumerate(self.targets):   # J = Σ over the batches of their summed losses / N
+                x, y = move(x, like), y.to(like.device)   # the model's device and dtype
+                self._busy = True
+                try:
+                    J = self.loss.fn(call_model(self.network, x), y).sum() / N
+                except (GradscoreError, torch.OutOfMemoryError):
+                    raise
+                except Exception as e:  # noqa: BLE001 - the user's targets do not fit the model or loss
+                    raise ConfigError(f"invalid value for 'targets': the model or the '{self.loss.name}' loss failed "
+                                      f"on them ({cause(e)}); give (x, y) as the training batches are given") from e
+                finally:
+                    self._busy = False
+                if i == 0:   # each layer's form, from the first batch's rows as a share of all N examples
+                    factored = {w for w, c in captured.items() if c.cheaper(N / len(y))}
+                    for w in set(captured) - factored:
+                        captured.pop(w).off = True
+                    dense = [n for n in names if n not in factored]
+                    wanted = [self.params[n] for n in dense] + ([z] if factored else [])
+                grads = torch.autograd.grad(J, wanted, allow_unused=True) if wanted else ()
+                for n, g in zip(dense, grads):
+                    if g is not None:
+                        blocks[n] = g.detach() if n not in blocks else blocks[n] + g.detach()
+        blocks = {n: blocks[n] if n in blocks else torch.zeros_like(self.params[n]) for n in dense}
         groups = {} if self.optimizer is None else {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
         if self.config.preconditioner == "adam":
             blocks = {n: self._precondition(b, self.params[n], groups) for n, b in blocks.items()}
@@ -503,7 +539,7 @@ class InRun:
                 factors = captured[layer.params["weight"]] = _TargetFactors(layer.module)
 
                 def hook(module, args, output, factors=factors):
-                    if not output.requires_grad:   # no gradient reaches it: the call adds nothing
+                    if factors.off or not output.requires_grad:   # dense form, or no gradient reaches it
                         return None
                     call = len(factors.acts)
                     factors.acts.append(args[0].detach())
