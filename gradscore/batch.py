@@ -93,9 +93,32 @@ def call_model(model: nn.Module, x: Inputs) -> torch.Tensor:
     return output_tensor(model(**x) if isinstance(x, Mapping) else model(x))
 
 
-def call_functional(model: nn.Module, params: Any, x: Inputs) -> torch.Tensor:
-    """:func:`call_model` through ``torch.func.functional_call`` with ``params``."""
+def by_slot(model: nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``values`` (keyed by ``named_parameters``/``named_buffers`` names) keyed once per slot:
+    each module's own attribute, each module once, a tensor tied across modules at each of
+    its slots. torch's ``functional_call(tie_weights=True)`` swaps a module registered
+    under two names twice and restores its stand-ins, not the model's own tensors
+    (pytorch/pytorch#164759); with this dict and ``tie_weights=False`` every slot is
+    swapped once and restored."""
+    canonical = {id(t): n for n, t in (*model.named_parameters(), *model.named_buffers())}
+    out: dict[str, torch.Tensor] = {}
+    for path, module in model.named_modules():
+        for attr, t in (*module.named_parameters(recurse=False, remove_duplicate=False),
+                        *module.named_buffers(recurse=False, remove_duplicate=False)):
+            name = canonical.get(id(t))
+            if name in values:
+                out[f"{path}.{attr}" if path else attr] = values[name]
+    return out
+
+
+def call_functional(model: nn.Module, params: dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], ...],
+                    x: Inputs) -> torch.Tensor:
+    """:func:`call_model` through ``torch.func.functional_call`` with ``params`` (a dict, or
+    a tuple of dicts, by ``named_parameters``/``named_buffers`` name), each slot swapped once
+    (:func:`by_slot`): the model holds its own tensors again afterwards."""
     from torch.func import functional_call
+    values = {k: v for d in (params if isinstance(params, tuple) else (params,)) for k, v in d.items()}
+    slots = by_slot(model, values)
     if isinstance(x, Mapping):
-        return output_tensor(functional_call(model, params, (), dict(x)))
-    return output_tensor(functional_call(model, params, (x,)))
+        return output_tensor(functional_call(model, slots, (), dict(x), tie_weights=False))
+    return output_tensor(functional_call(model, slots, (x,), tie_weights=False))

@@ -161,3 +161,58 @@ def test_a_nan_in_one_examples_input_is_that_examples_nan_as_in_the_loop(row):
         assert out.sq_norm.isnan().nonzero().flatten().tolist() == [row]
         torch.testing.assert_close(out.sq_norm, ref.sq_norm, rtol=1e-10, atol=0, equal_nan=True)
         torch.testing.assert_close(out.dots, ref.dots, rtol=1e-10, atol=1e-12, equal_nan=True)
+
+
+class _ShapeSwitch(nn.Module):
+    """A GRU (vmap cannot trace it: the fallback takes the loop) and one Linear registered
+    under two names, called on (B, T, d) and on its (T, B, d) transpose: with T == B the
+    layout cannot tell its calls apart, so the Linear goes to the fallback."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(4, 3, batch_first=True)
+        self.a = nn.Linear(3, 3)
+        self.b = self.a
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.rnn(x)[0]
+        h = torch.tanh(self.a(h.transpose(0, 1))).transpose(0, 1)
+        return self.head(torch.tanh(self.b(h)).mean(1))
+
+
+@pytest.mark.parametrize("case, engine", [("twice", "vmap"), ("batchnorm_twice", "vmap"), ("twice", "auto"),
+                                          ("batchnorm_twice", "auto"), ("fallback", "auto")])
+def test_a_module_registered_twice_is_scored_and_left_as_it_was(case, engine):
+    """torch's functional_call(tie_weights=True) leaves a module registered under two
+    names holding its stand-in tensors (pytorch/pytorch#164759): the user's model lost
+    its Parameters, and a loop that ran after it differentiated parameters no longer
+    used, so its norms were 0. Every engine leaves each parameter and buffer the object it
+    was and equals the loop, before and after."""
+    torch.manual_seed(0)
+    if case == "fallback":
+        model, x = _ShapeSwitch().double(), torch.randn(2, 2, 4, dtype=torch.float64)   # T == B
+    else:
+        lin = nn.Linear(4, 4)
+        mid = nn.BatchNorm1d(4) if case == "batchnorm_twice" else nn.Tanh()
+        model, x = nn.Sequential(lin, mid, lin, mid, nn.Linear(4, 3)).double().eval(), torch.randn(5, 4, dtype=torch.float64)
+        if case == "batchnorm_twice":
+            mid.running_mean.uniform_()
+    y = torch.randint(0, 3, (x.shape[0],))
+    before = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    ref = gs.Scorer(model, engine="loop")
+    V = torch.randn(2, ref.num_params, dtype=torch.float64)
+    want = ref.score_batch(x, y, refs=V)
+    for params in (None, ["head.weight" if case == "fallback" else "0.weight"]):
+        got = gs.Scorer(model, engine=engine, params=params).score_batch(x, y)
+        after = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()]}
+        assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+    got = gs.Scorer(model, engine=engine).score_batch(x, y, refs=V)
+    torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-10, atol=0)
+    torch.testing.assert_close(got.dots, want.dots, rtol=1e-10, atol=1e-14)
+    if case == "fallback":   # the Linear's own norms, through the fallback's loop, after a vmap attempt
+        for name in ("a.weight", "a.bias"):
+            one = gs.Scorer(model, engine=engine, params=[name]).score_batch(x, y).sq_norm
+            torch.testing.assert_close(one, gs.Scorer(model, engine="loop", params=[name]).score_batch(x, y).sq_norm,
+                                       rtol=1e-10, atol=0)
+            assert (one > 0).all()
