@@ -1,0 +1,132 @@
+"""Random small sequence models in random layouts against the per-example loop, float64.
+
+Each seed builds a model from a few blocks (Linear, a Linear registered twice, LayerNorm,
+RMSNorm, Conv1d with its padding modes, groups and dilation, GroupNorm, multi-head
+attention, RNN/GRU/LSTM, uni- or bidirectional, one or two layers), each applied to the
+(B, T, C) sequence or to its (T, B, C) transpose, with residuals and pooling; B and T
+drawn so that T == B, T == 1 and T == B + 1 all come up. ``auto`` and ``ghost`` must
+equal the loop (or take the fallback, which does): a wrong number is a failure, a
+refusal is not. This found a Linear registered twice whose Parameters torch's
+functional_call replaced (tests/test_engines.py).
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import gradscore as gs
+
+
+class Block(nn.Module):
+    """One layer applied to h (B, T, C), or to its (T, B, C) transpose (``seq_first``)."""
+
+    def __init__(self, layer: nn.Module, kind: str, seq_first: bool, residual: bool, act: bool) -> None:
+        super().__init__()
+        self.layer, self.kind, self.seq_first, self.residual, self.act = layer, kind, seq_first, residual, act
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = h.transpose(0, 1) if self.seq_first else h
+        if self.kind in ("conv", "groupnorm"):   # channels in dim 1, from (B, T, C)
+            y = self.layer(h.transpose(1, 2)).transpose(1, 2)
+            y = y.transpose(0, 1) if self.seq_first else y
+        elif self.kind == "attention":
+            y = self.layer(x, x, x, need_weights=False)[0]
+        elif self.kind == "recurrent":
+            y = self.layer(x)[0]
+        else:
+            y = self.layer(x)
+        y = y.transpose(0, 1) if self.seq_first else y
+        y = torch.tanh(y) if self.act else y
+        return h + y if self.residual and y.shape == h.shape else y
+
+
+def _layer(rng: random.Random, kind: str, C: int, linears: list[nn.Linear], seq_first: bool) -> tuple[nn.Module, int]:
+    """A layer of ``kind`` reading C features, and the features it gives."""
+    if kind == "linear":
+        layer = nn.Linear(C, rng.choice([C, 3, 5]), bias=rng.random() < 0.7)
+        linears.append(layer)
+        return layer, layer.out_features
+    if kind == "twice":
+        return rng.choice([lin for lin in linears if lin.in_features == lin.out_features == C]), C
+    if kind == "layernorm":
+        return nn.LayerNorm(C, bias=rng.random() < 0.5), C
+    if kind == "rmsnorm":
+        return nn.RMSNorm(C), C
+    if kind == "conv":
+        k, groups = rng.choice([1, 2, 3]), rng.choice([1, C])
+        out = C if groups > 1 else rng.choice([C, 4])
+        return nn.Conv1d(C, out, k, padding="same", groups=groups, dilation=rng.choice([1, 2]), bias=rng.random() < 0.7,
+                         padding_mode=rng.choice(["zeros", "circular", "reflect"]) if k > 1 else "zeros"), out
+    if kind == "groupnorm":
+        return nn.GroupNorm(rng.choice([g for g in (1, 2, C) if C % g == 0]), C), C
+    if kind == "attention":
+        return nn.MultiheadAttention(C, rng.choice([h for h in (1, 2) if C % h == 0]), batch_first=not seq_first, bias=rng.random() < 0.7), C
+    cls, bi, H = rng.choice([nn.RNN, nn.GRU, nn.LSTM]), rng.random() < 0.4, rng.choice([2, 3])
+    return cls(C, H, num_layers=rng.choice([1, 2]), batch_first=not seq_first, bidirectional=bi,
+               bias=rng.random() < 0.8), H * (2 if bi else 1)
+
+
+class RandomModel(nn.Module):
+    KINDS = ("linear", "linear", "layernorm", "rmsnorm", "conv", "groupnorm", "attention", "recurrent", "twice")
+
+    def __init__(self, rng: random.Random, C: int, vocab: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, C) if vocab else None
+        blocks, linears = [], []
+        for _ in range(rng.randint(1, 4)):
+            kind, seq_first = rng.choice(self.KINDS), rng.random() < 0.5
+            if kind == "twice" and not any(lin.in_features == lin.out_features == C for lin in linears):
+                kind = "linear"
+            layer, out = _layer(rng, kind, C, linears, seq_first)
+            blocks.append(Block(layer, kind, seq_first, rng.random() < 0.3, rng.random() < 0.5))
+            C = out
+        self.blocks = nn.ModuleList(blocks)
+        self.pool = rng.choice(["mean", "last", "first"])
+        self.head = nn.Linear(C, 3)
+
+    def describe(self) -> str:
+        return ", ".join(f"{b.kind}{' (T, B, C)' if b.seq_first else ''}" for b in self.blocks) + f"; pool {self.pool}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x) if self.emb is not None else x
+        for block in self.blocks:
+            h = block(h)
+        return self.head({"mean": h.mean(1), "last": h[:, -1], "first": h[:, 0]}[self.pool])
+
+
+def _check(seed: int) -> None:
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    B = rng.choice([1, 2, 3, 4])
+    T, C, vocab = rng.choice([1, B, B + 1, 2, 5]), rng.choice([2, 4]), rng.choice([0, 0, 7])
+    model = RandomModel(rng, C, vocab).double().eval()
+    x = torch.randint(0, vocab, (B, T)) if vocab else torch.randn(B, T, C, dtype=torch.float64)
+    y = torch.randint(0, 3, (B,))
+    loop = gs.Scorer(model, engine="loop")
+    V = torch.randn(2, loop.num_params, dtype=torch.float64)
+    try:
+        want = loop.score_batch(x, y, refs=V)
+    except gs.GradscoreError:   # a layer torch itself refuses (GroupNorm of one value, reflect padding of T = 1)
+        return
+    if not (torch.isfinite(want.sq_norm).all() and want.sq_norm.max() < 1e8):
+        return   # a normalization of a constant: the gradient is rounding noise blown up, in any engine
+    for engine in ("auto", "ghost"):
+        got = gs.Scorer(model, engine=engine).score_batch(x, y, refs=V)
+        where = f"seed {seed}, {engine}, B={B} T={T}: {model.describe()}"
+        torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-7, atol=1e-12, msg=lambda m: f"{where}\n{m}")
+        torch.testing.assert_close(got.dots, want.dots, rtol=1e-7, atol=1e-9, msg=lambda m: f"{where}\n{m}")
+
+
+@pytest.mark.parametrize("block", range(4))
+def test_random_models_equal_the_loop(block):
+    for seed in range(block * 75, block * 75 + 75):
+        _check(seed)
+
+
+@pytest.mark.slow
+def test_many_random_models_equal_the_loop():
+    for seed in range(300, 3300):
+        _check(seed)
