@@ -2,11 +2,13 @@
 SIGKILL helper, and the ghost engine's model cases with their comparison to the loop."""
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import gradscore as gs
@@ -212,3 +214,52 @@ def compare_with_loop(model, x, K, engine="ghost", **kw):
         assert out.dots is None
     assert float(ref.sq_norm.max()) > 0
     return scorer
+
+
+# the in-run recorder's records against the per-example loop at each step's θ_t
+
+
+def _grads(loss, params):
+    """∂loss/∂p for each of ``params``, zeros for those it does not use."""
+    return [torch.zeros_like(p) if g is None else g
+            for g, p in zip(torch.autograd.grad(loss, params, allow_unused=True), params)]
+
+
+def inrun_reference(model, snapshot, x, y, targets):
+    """Per-example loop at θ_t: ℓ_b, ‖∇ℓ_b‖², ⟨∇ℓ_b, ∇J⟩ (J in eval mode), margin."""
+    m = copy.deepcopy(model).eval()
+    m.load_state_dict(snapshot)
+    params = list(m.parameters())
+    xt, yt = targets
+    gJ = _grads(F.cross_entropy(m(xt), yt), params)
+    norm_J = float(sum((g ** 2).sum() for g in gJ).sqrt())
+    out = []
+    for xb, yb in zip(x, y):
+        z = m(xb[None])
+        loss = F.cross_entropy(z, yb[None])
+        g = _grads(loss, params)
+        other = z[0].clone()
+        other[yb] = -torch.inf
+        out.append([float(v) for v in (loss.detach(), sum((gi ** 2).sum() for gi in g),
+                                       sum((gi * gj).sum() for gi, gj in zip(g, gJ)),
+                                       (z[0, yb] - other.max()).detach(), norm_J)])
+    return np.array(out)
+
+
+def check_inrun_against_loop(path, model, snaps, x, y, targets, dot_rtol=1e-9, rtol=1e-9):
+    """Every record of ``path`` against the per-example loop at each step's θ_t (``snaps``:
+    (parameters, batch indices) per step), for a mean loss over each step's batch; ``rtol``
+    of the norms, ``dot_rtol`` of the dots."""
+    from gradscore.io.store import load_inrun_rows
+    rows, ids = load_inrun_rows(path), gs.load_scores(path)["ids"]
+    for t, (snap, idx) in enumerate(snaps):
+        at = rows["step"] == t
+        assert ids[rows["row"][at]].tolist() == idx.tolist()     # recorded in the batch's order
+        want = inrun_reference(model, snap, x[idx], y[idx], targets)
+        np.testing.assert_allclose(rows["loss"][at], want[:, 0], rtol=1e-10)
+        np.testing.assert_allclose(rows["sq_norm"][at], want[:, 1], rtol=rtol)
+        np.testing.assert_allclose(rows["share"][at], 1 / len(idx), rtol=1e-12)    # a mean over B (·micro)
+        np.testing.assert_allclose(rows["share_sq_norm"][at], want[:, 1] / len(idx) ** 2, rtol=rtol)
+        np.testing.assert_allclose(rows["dot"][at], want[:, 2] / len(idx), rtol=dot_rtol, atol=1e-14)
+        np.testing.assert_allclose(rows["margin"][at], want[:, 3], rtol=1e-10)
+        np.testing.assert_allclose(rows["target_norm"][at], want[:, 4], rtol=1e-10)

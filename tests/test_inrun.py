@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscore as gs
-from helpers import Reversed
+from helpers import Reversed, check_inrun_against_loop
 from gradscore.demos.models import digits_cnn, mlp
 from gradscore.engines.rules.registry import FactoredRef
 from gradscore.scores import inrun as inrun_scores
@@ -67,27 +67,6 @@ def test_training_is_bit_identical_with_the_recorder(tmp_path, opt):
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
-def _reference(model, snapshot, x, y, targets, B):
-    """Per-example loop at θ_t: ℓ_b, ‖∇ℓ_b‖², ⟨∇ℓ_b, ∇J⟩ (J in eval mode), margin."""
-    m = copy.deepcopy(model).eval()
-    m.load_state_dict(snapshot)
-    params = list(m.parameters())
-    xt, yt = targets
-    gJ = torch.autograd.grad(F.cross_entropy(m(xt), yt), params)
-    norm_J = float(sum((g ** 2).sum() for g in gJ).sqrt())
-    out = []
-    for xb, yb in zip(x, y):
-        z = m(xb[None])
-        loss = F.cross_entropy(z, yb[None])
-        g = torch.autograd.grad(loss, params)
-        other = z[0].clone()
-        other[yb] = -torch.inf
-        out.append([float(v) for v in (loss.detach(), sum((gi ** 2).sum() for gi in g),
-                                       sum((gi * gj).sum() for gi, gj in zip(g, gJ)),
-                                       (z[0, yb] - other.max()).detach(), norm_J)])
-    return np.array(out)
-
-
 @pytest.mark.parametrize("family", ["mlp", "wide_mlp", "wide_mlp_inplace", "cnn"])
 @pytest.mark.parametrize("micro", [1, 2])
 def test_every_recorded_quantity_equals_the_per_example_loop(tmp_path, family, micro):
@@ -111,7 +90,7 @@ def test_every_recorded_quantity_equals_the_per_example_loop(tmp_path, family, m
     _train(model, x, y, steps=4, batch=8, rec=rec, micro=micro, snapshots=snaps)
     forms = {type(r).__name__ for r in rec._refs[1]}
     assert (FactoredRef.__name__ in forms) == (family != "mlp") and "Tensor" in forms
-    _check_against_loop(rec.close(), model, snaps, x, y, targets)
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, targets)
 
 
 def test_a_users_forward_hook_that_changes_a_layers_output_in_training(tmp_path):
@@ -124,7 +103,7 @@ def test_a_users_forward_hook_that_changes_a_layers_output_in_training(tmp_path)
     rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:6], y[:6]))
     snaps: list = []
     _train(model, x, y, steps=3, batch=8, rec=rec, snapshots=snaps)
-    _check_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
 
 
 def test_instance_norm_with_running_stats_in_training(tmp_path):
@@ -157,25 +136,7 @@ def test_loss_terms_read_a_few_examples_at_a_time_equal_the_loop(tmp_path, monke
     rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:6], y[:6]))
     snaps: list = []
     _train(model, x, y, steps=3, batch=7, rec=rec, snapshots=snaps)
-    _check_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
-
-
-def _check_against_loop(path, model, snaps, x, y, targets, dot_rtol=1e-9):
-    """Every record of ``path`` against the per-example loop at each step's θ_t (``snaps``:
-    (parameters, batch indices) per step), for a mean loss over each step's batch."""
-    from gradscore.io.store import load_inrun_rows
-    rows, ids = load_inrun_rows(path), gs.load_scores(path)["ids"]
-    for t, (snap, idx) in enumerate(snaps):
-        at = rows["step"] == t
-        assert ids[rows["row"][at]].tolist() == idx.tolist()     # recorded in the batch's order
-        want = _reference(model, snap, x[idx], y[idx], targets, len(idx))
-        np.testing.assert_allclose(rows["loss"][at], want[:, 0], rtol=1e-10)
-        np.testing.assert_allclose(rows["sq_norm"][at], want[:, 1], rtol=1e-9)
-        np.testing.assert_allclose(rows["share"][at], 1 / len(idx), rtol=1e-12)    # a mean over B (·micro)
-        np.testing.assert_allclose(rows["share_sq_norm"][at], want[:, 1] / len(idx) ** 2, rtol=1e-9)
-        np.testing.assert_allclose(rows["dot"][at], want[:, 2] / len(idx), rtol=dot_rtol, atol=1e-14)
-        np.testing.assert_allclose(rows["margin"][at], want[:, 3], rtol=1e-10)
-        np.testing.assert_allclose(rows["target_norm"][at], want[:, 4], rtol=1e-10)
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
 
 
 def test_an_auxiliary_term_on_a_hidden_layer_is_in_the_examples_gradient(tmp_path):
@@ -530,7 +491,7 @@ def test_targets_from_a_loader_are_one_target_of_all_its_examples(tmp_path, hidd
     assert rec.config.targets == 10
     snaps: list = []
     _train(model, x, y, steps=3, batch=8, rec=rec, snapshots=snaps)
-    _check_against_loop(rec.close(), model, snaps, x, y, (xt, yt), dot_rtol=1e-8)
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, (xt, yt), dot_rtol=1e-8)
 
 
 def test_target_batches_from_a_generator_or_with_labels_inside(tmp_path):
@@ -932,7 +893,7 @@ def test_sequence_first_layers_with_T_equal_to_B_and_T_1(tmp_path, T):
     rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:3], y[:3]))
     snaps: list = []
     _train(model, x, y, steps=3, batch=4, rec=rec, snapshots=snaps)
-    _check_against_loop(rec.close(), model, snaps, x, y, (x[:3], y[:3]), dot_rtol=1e-8)
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[:3], y[:3]), dot_rtol=1e-8)
 
 
 class _TorchFamily(nn.Module):
@@ -978,7 +939,7 @@ def test_torch_layer_families_in_training_equal_the_loop(tmp_path, kind, batch_f
     snaps: list = []
     _train(model, x, y, steps=3, batch=4, rec=rec, snapshots=snaps)
     assert all(path.startswith("ghost") for path in rec.engine.explain().values())
-    _check_against_loop(rec.close(), model, snaps, x, y, (x[:3], y[:3]), dot_rtol=1e-8)
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[:3], y[:3]), dot_rtol=1e-8)
 
 
 def test_a_compiled_model_is_recorded_as_the_loop_and_trains_unchanged(tmp_path):
@@ -999,7 +960,7 @@ def test_a_compiled_model_is_recorded_as_the_loop_and_trains_unchanged(tmp_path)
     for (n, a), (_, b) in zip(plain.state_dict().items(), compiled.state_dict().items()):
         assert torch.equal(a, b), n
     snaps = [({k.removeprefix("_orig_mod."): v for k, v in snap.items()}, idx) for snap, idx in snaps]
-    _check_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
 
 
 def test_an_empty_batch_records_nothing(tmp_path):
@@ -1184,7 +1145,7 @@ def test_projections_of_one_input_share_its_gram_in_training(tmp_path):
     rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:3], y[:3]))
     snaps: list = []
     _train(model, x, y, steps=3, batch=5, rec=rec, snapshots=snaps)
-    _check_against_loop(rec.close(), model, snaps, x, y, (x[:3], y[:3]), dot_rtol=1e-8)
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[:3], y[:3]), dot_rtol=1e-8)
 
 
 def test_a_second_backward_in_one_step_is_one_clear_error(tmp_path):
@@ -1236,7 +1197,7 @@ def test_a_scaled_loss_is_recorded_unscaled_and_a_skipped_step_moves_nothing(tmp
     _train_scaled(model, x, y, scaler, rec, steps=5, snapshots=snaps, poisoned_step=2)
     path = rec.close()
     assert all(torch.equal(snaps[2][0][n], snaps[3][0][n]) for n in snaps[2][0])   # step 2 was skipped
-    _check_against_loop(path, model, snaps, x, y, targets)
+    check_inrun_against_loop(path, model, snaps, x, y, targets)
     from gradscore.io.store import load_inrun_rows
     rows = load_inrun_rows(path)
     np.testing.assert_array_equal(rows["lr"], np.where(rows["step"] == 2, 0.0, 0.1))

@@ -7,7 +7,9 @@ attention, RNN/GRU/LSTM, uni- or bidirectional, one or two layers), each applied
 drawn so that T == B, T == 1 and T == B + 1 all come up. ``auto`` and ``ghost`` must
 equal the loop (or take the fallback, which does): a wrong number is a failure, a
 refusal is not. This found a Linear registered twice whose Parameters torch's
-functional_call replaced (tests/test_engines.py).
+functional_call replaced (tests/test_engines.py). The same models, in training, go
+through the in-run recorder: every record equals the loop at each step's θ_t, or the
+recorder refuses the model with one GradscoreError.
 """
 from __future__ import annotations
 
@@ -15,9 +17,11 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import gradscore as gs
+from helpers import check_inrun_against_loop
 
 
 class Block(nn.Module):
@@ -97,36 +101,77 @@ class RandomModel(nn.Module):
         return self.head({"mean": h.mean(1), "last": h[:, -1], "first": h[:, 0]}[self.pool])
 
 
-def _check(seed: int) -> None:
+def _draw(seed: int, batches: int = 1, extra: int = 0) -> tuple[RandomModel, torch.Tensor, torch.Tensor, int]:
+    """Seed's model (float64), ``batches`` batches of its B examples and ``extra`` more, their
+    labels, and B."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     B = rng.choice([1, 2, 3, 4])
     T, C, vocab = rng.choice([1, B, B + 1, 2, 5]), rng.choice([2, 4]), rng.choice([0, 0, 7])
-    model = RandomModel(rng, C, vocab).double().eval()
-    x = torch.randint(0, vocab, (B, T)) if vocab else torch.randn(B, T, C, dtype=torch.float64)
-    y = torch.randint(0, 3, (B,))
+    model = RandomModel(rng, C, vocab).double()
+    n = batches * B + extra
+    x = torch.randint(0, vocab, (n, T)) if vocab else torch.randn(n, T, C, dtype=torch.float64)
+    return model, x, torch.randint(0, 3, (n,)), B
+
+
+def _check(seed: int) -> bool:
+    """Whether the seed's model was compared with the loop (else torch refused it)."""
+    model, x, y, B = _draw(seed)
+    model.eval()
+    T = x.shape[1]
     loop = gs.Scorer(model, engine="loop")
     V = torch.randn(2, loop.num_params, dtype=torch.float64)
     try:
         want = loop.score_batch(x, y, refs=V)
     except gs.GradscoreError:   # a layer torch itself refuses (GroupNorm of one value, reflect padding of T = 1)
-        return
+        return False
     if not (torch.isfinite(want.sq_norm).all() and want.sq_norm.max() < 1e8):
-        return   # a normalization of a constant: the gradient is rounding noise blown up, in any engine
+        return False   # a normalization of a constant: the gradient is rounding noise blown up, in any engine
     for engine in ("auto", "ghost"):
         got = gs.Scorer(model, engine=engine).score_batch(x, y, refs=V)
         where = f"seed {seed}, {engine}, B={B} T={T}: {model.describe()}"
         torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-7, atol=1e-12, msg=lambda m: f"{where}\n{m}")
         torch.testing.assert_close(got.dots, want.dots, rtol=1e-7, atol=1e-9, msg=lambda m: f"{where}\n{m}")
+    return True
 
 
 @pytest.mark.parametrize("block", range(4))
 def test_random_models_equal_the_loop(block):
-    for seed in range(block * 75, block * 75 + 75):
-        _check(seed)
+    assert sum(_check(seed) for seed in range(block * 75, block * 75 + 75)) > 60   # most are compared
 
 
 @pytest.mark.slow
 def test_many_random_models_equal_the_loop():
-    for seed in range(300, 3300):
-        _check(seed)
+    assert sum(_check(seed) for seed in range(300, 3300)) > 2400
+
+
+def _check_inrun(seed: int, tmp_path) -> bool:
+    """Whether the seed's model was recorded and compared with the loop (else refused)."""
+    model, x, y, B = _draw(seed, batches=3, extra=3)
+    targets = (x[-3:], y[-3:])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    snaps = []
+    try:
+        rec = gs.InRun(model.train(), out=tmp_path / f"{seed}.h5", targets=targets)
+        for t in range(3):
+            idx = torch.arange(t * B, t * B + B)
+            snaps.append(({k: v.detach().clone() for k, v in model.state_dict().items()}, idx))
+            with rec.step(idx, y[idx], lr=0.05, step=t):
+                F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+            opt.zero_grad()
+        path = rec.close()
+    except gs.GradscoreError:   # refused: a layer without a rule, a model that mixes its batch, ...
+        return False
+    check_inrun_against_loop(path, model, snaps, x, y, targets, dot_rtol=1e-7, rtol=1e-7)
+    return True
+
+
+@pytest.mark.parametrize("block", range(2))
+def test_random_models_in_training_record_what_the_loop_gives(block, tmp_path):
+    assert sum(_check_inrun(seed, tmp_path) for seed in range(block * 25, block * 25 + 25)) > 15
+
+
+@pytest.mark.slow
+def test_many_random_models_in_training_record_what_the_loop_gives(tmp_path):
+    assert sum(_check_inrun(seed, tmp_path) for seed in range(50, 650)) > 400
