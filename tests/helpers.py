@@ -144,6 +144,19 @@ class NormIntoRNN(nn.Module):
         return self.head(out.mean(1))
 
 
+class ChannelsLastNorm(nn.Module):
+    """conv -> InstanceNorm -> conv: in channels_last, the norm's output gradient comes
+    back channels_last, which torch's CPU InstanceNorm backward gets wrong for one example."""
+
+    def __init__(self, affine: bool):
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(2, 3, 3, padding=1), nn.InstanceNorm2d(3, affine=affine)
+        self.conv2, self.head = nn.Conv2d(3, 2, 3, padding=1), nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv2(self.norm(self.conv(x)))).flatten(1))
+
+
 def _bn_eval():
     m = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(inplace=True), nn.Linear(5, 3))
     m[1].running_mean.uniform_(-1, 1)

@@ -1,11 +1,13 @@
 """Every fast engine against the per-example autograd loop, in float64."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import gradscore as gs
+from helpers import ChannelsLastNorm
 from gradscore.engines import Engine, engine_class
 from gradscore.engines.base import _ENGINES
 from gradscore.demos.models import digits_cnn, mlp
@@ -216,3 +218,53 @@ def test_a_module_registered_twice_is_scored_and_left_as_it_was(case, engine):
             torch.testing.assert_close(one, gs.Scorer(model, engine="loop", params=[name]).score_batch(x, y).sq_norm,
                                        rtol=1e-10, atol=0)
             assert (one > 0).all()
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_instance_norm_in_a_channels_last_model_equals_the_same_model_contiguous(affine):
+    """A model in memory_format=channels_last computes the same function as in the default
+    format; torch's InstanceNorm backward does not for one example (the loop's batches,
+    a ghost batch of one, a co-state chunk of one). Every engine, and the co-states'
+    gradient and Hessian-vector product, equal the contiguous model's loop."""
+    import copy
+    torch.manual_seed(0)
+    model = ChannelsLastNorm(affine).double().eval()
+    if affine:
+        with torch.no_grad():
+            model.norm.weight.uniform_(0.5, 1.5)
+            model.norm.bias.uniform_(-0.5, 0.5)
+    plain = copy.deepcopy(model)
+    model = model.to(memory_format=torch.channels_last)
+    x, y = torch.randn(3, 2, 4, 4, dtype=torch.float64), torch.tensor([0, 2, 1])
+    ref = gs.Scorer(plain, engine="loop")
+    V = torch.randn(2, ref.num_params, dtype=torch.float64)
+    for batch in (slice(0, 3), slice(1, 2)):
+        want = ref.score_batch(x[batch], y[batch], refs=V)
+        for engine in ("loop", "ghost", "auto", "vmap"):
+            got = gs.Scorer(model, engine=engine).score_batch(x[batch].contiguous(memory_format=torch.channels_last),
+                                                             y[batch], refs=V)
+            torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-10, atol=0, msg=engine)
+            torch.testing.assert_close(got.dots, want.dots, rtol=1e-10, atol=1e-13, msg=engine)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_the_co_states_gradient_of_one_example_in_a_channels_last_model(tmp_path, affine):
+    """The co-states' ∇ and Hessian-vector products over chunks of one example (torch.func's
+    grad and jvp) equal the contiguous model's."""
+    import copy
+
+    from gradscore.io.datasets import load_dataset
+    from gradscore.scores.costate import _Objective
+    torch.manual_seed(0)
+    plain = ChannelsLastNorm(affine).double().eval()
+    model = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    ds = load_dataset(gs.save_dataset(tmp_path / "d.h5", torch.randn(3, 2, 4, 4).numpy(), np.array([0, 2, 1])))
+    v = {n: torch.randn_like(p) for n, p in plain.named_parameters()}
+    results = {}
+    for name, m in (("channels_last", model), ("plain", plain)):
+        params = {n: p.detach() for n, p in m.named_parameters()}
+        objective = _Objective(m, gs.resolve_loss("cross_entropy"), ds, 1, 1.0)   # chunks of one example
+        results[name] = (objective.gradient(params), objective.hvp(params, v))
+    for got, want in zip(results["channels_last"], results["plain"]):
+        for n in v:
+            torch.testing.assert_close(got[n], want[n], rtol=1e-8, atol=1e-12, msg=n)

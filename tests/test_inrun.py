@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscore as gs
-from helpers import Reversed, check_inrun_against_loop
+from helpers import ChannelsLastNorm, Reversed, check_inrun_against_loop
 from gradscore.demos.models import digits_cnn, mlp
 from gradscore.engines.rules.registry import FactoredRef
 from gradscore.scores import inrun as inrun_scores
@@ -1226,3 +1226,22 @@ def test_the_file_warnings_count_one_record_in_the_singular():
     assert found[0].startswith("1 of 4 records has a non-finite loss")
     assert found[1].startswith("1 of 4 records has a share")
     assert found[2].startswith("1 record is of examples the loss no longer moves")
+
+
+def test_a_target_of_one_example_in_a_channels_last_model(tmp_path):
+    """The target pass is the recorder's own backward: with one target example it routes
+    around torch's InstanceNorm backward for one example with a channels_last gradient
+    (engines.workarounds), so ‖∇J‖ and the dots are the contiguous model's."""
+    torch.manual_seed(0)
+    plain = ChannelsLastNorm(affine=True).double()
+    x, y = torch.randn(5, 2, 4, 4, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0])
+    got = {}
+    for name, model in (("channels_last", copy.deepcopy(plain).to(memory_format=torch.channels_last)),
+                        ("plain", plain)):
+        rec = gs.InRun(model, out=tmp_path / f"{name}.h5", targets=(x[4:], y[4:]))
+        with rec.step(range(4), y[:4], lr=0.1):
+            F.cross_entropy(model(x[:4]), y[:4]).backward()
+        with h5py.File(rec.close()) as f:
+            got[name] = f["inrun/target_norm"][()], f["inrun/dot"][()]
+    for a, b in zip(got["channels_last"], got["plain"]):
+        np.testing.assert_allclose(a, b, rtol=1e-10)

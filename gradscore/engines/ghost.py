@@ -46,6 +46,7 @@ from ..kernels import acc_dtype
 from ..kernels.ghost_linear import SharedGrams, sharing
 from .base import Engine, RefBlocks, ScoreBatch, register_engine
 from .fallback import Fallback
+from .workarounds import torch_workarounds
 from .layout import Layout, establish, observed
 from .rules import Factor, Rule, cross, find_rule
 
@@ -447,7 +448,7 @@ class GhostEngine(Engine):
         K = 0 if refs is None else refs[0].shape[0]
         B = batch_len(x)
         state, probes = _BatchSums(refs, self._index, K), []
-        with self._hooks(state, probes, B):
+        with self._hooks(state, probes, B), torch_workarounds(self.model):
             with torch.enable_grad():
                 out = call_model(self.model, x)
                 losses = self.loss.fn(out, y)

@@ -68,6 +68,7 @@ from torch import nn
 
 from ..batch import Inputs, batch_len, call_model, check_batch, move, output_tensor
 from ..engines.ghost import GhostEngine, probe
+from ..engines.workarounds import torch_workarounds
 from ..engines.rules.registry import FactoredRef
 from ..exceptions import ConfigError, EngineError, GradscoreError, GradscoreWarning, OutputError, cause
 from ..io.journal import Journal
@@ -487,7 +488,8 @@ class InRun:
         names, N = self.engine.param_names, self.config.targets
         captured: dict[str, _TargetFactors] = {}
         blocks: dict[str, torch.Tensor] = {}
-        with _aside(self.model), torch.enable_grad(), self._capture_linear(captured) as z:
+        with _aside(self.model), torch.enable_grad(), self._capture_linear(captured) as z, \
+                torch_workarounds(self.network):
             for i, (x, y) in enumerate(self.targets):   # J = Σ over the batches of their summed losses / N
                 x, y = move(x, like), y.to(like.device)   # the model's device and dtype
                 self._busy = True

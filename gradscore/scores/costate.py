@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from ..io.atomic import atomic_path
 from ..io.checkpoints import CheckpointStore, not_plain_steps
 from ..batch import Inputs, call_functional, move
+from ..engines.workarounds import torch_workarounds
 from ..config import DEVICES, DTYPES, LM_REDUCTIONS, resolve_device
 from ..io.datasets import Dataset, check_targets, load_dataset, probe_model
 from ..exceptions import CheckpointError, ConfigError, DataError, EngineError, GradscoreError, GradscoreWarning
@@ -124,7 +125,8 @@ class _Objective:
     def _accumulate(self, fn: Callable[[torch.Tensor, torch.Tensor], Params]) -> Params:
         total: Params | None = None
         for x, y in self._chunks():
-            part = fn(x, y)
+            with torch_workarounds(self.model):
+                part = fn(x, y)
             total = part if total is None else {k: total[k] + part[k] for k in total}
         return total
 

@@ -1,0 +1,60 @@
+"""Temporary hooks that route gradscore's own backwards around torch bugs giving wrong
+gradients; on the model only while the ``with`` block runs.
+
+- torch's CPU InstanceNorm backward is wrong for a batch of one example whose output
+  gradient comes in channels_last (a model in ``memory_format=torch.channels_last``, a
+  channels_last max-pool after the norm): the weight, bias and input gradients are all
+  off (10–100% in tests/test_engines.py). The per-example loop and the co-states'
+  ``torch.func.grad`` run on one example. The norm's output passes through an identity
+  whose backward makes the gradient contiguous first (which torch handles right);
+  ``torch.func`` transforms (grad, jvp, vmap) see it as the identity it is.
+
+The in-run recorder does not use these on the training step: the step must stay what
+the user's loop computes.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward passes the gradient on contiguous."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+    @staticmethod
+    def jvp(ctx, tangent: torch.Tensor) -> torch.Tensor:
+        return tangent
+
+
+def _contiguous_grad(module: nn.Module, args, output):
+    return _ContiguousGrad.apply(output) if isinstance(output, torch.Tensor) and output.requires_grad else None
+
+
+@contextlib.contextmanager
+def torch_workarounds(model: nn.Module) -> Iterator[None]:
+    """While inside, the model's InstanceNorm layers hand their backward a contiguous output
+    gradient (module docstring)."""
+    handles = [m.register_forward_hook(_contiguous_grad) for m in model.modules()
+               if isinstance(m, nn.modules.instancenorm._InstanceNorm)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
