@@ -84,6 +84,7 @@ def test_bad_sources_are_one_line(tmp_path, capsys):
     assert main(_args(src, tmp_path / "ck", "--lr", "0.1")) == 2
     err = capsys.readouterr().err
     assert "step_3.pt: does not fit gradscore.demos.models:mlp" in err and err.count("\n") == 1
+    assert not (tmp_path / "ck").exists()   # the folder it made for nothing is gone
     (src / "step_3.pt").unlink()
     torch.save(_states(1)[0], src / "final.pt")
     assert main(_args(src, tmp_path / "ck", "--lr", "0.1")) == 2

@@ -102,21 +102,27 @@ def import_checkpoints(src: str | Path, out: str | Path, *, model_factory: str, 
     factory: Callable = import_ref(model_factory, "model factory", CheckpointError)
     model = factory(**(model_kwargs or {}))
     sources = find_sources(src)
+    made = not Path(out).exists()
     out = _claim_out(Path(src), Path(out), model_factory, model_kwargs or {}, loss)
-    for step, path in tqdm(sources, desc="import", unit="ckpt", disable=None if progress else True):
-        if (out / checkpoint_filename(step)).exists():
-            continue
-        if schedule is not None and step not in schedule:
-            raise CheckpointError(f"{path}: step {step} has no learning rate in the schedule")
-        try:
-            model.load_state_dict(read_state_dict(path), strict=True)
-        except RuntimeError as e:
-            raise CheckpointError(f"{path}: does not fit {model_factory}({model_kwargs or {}}): "
-                                  f"{' '.join(str(e).split())[:300]}") from e
-        write_checkpoint(out / checkpoint_filename(step), model, step=step,
-                         lr=float(lr if schedule is None else schedule[step]),
-                         epoch=step / steps_per_epoch if steps_per_epoch else 0.0,
-                         model_factory=model_factory, model_kwargs=model_kwargs, loss=loss,
-                         optimizer="imported")
+    try:
+        for step, path in tqdm(sources, desc="import", unit="ckpt", disable=None if progress else True):
+            if (out / checkpoint_filename(step)).exists():
+                continue
+            if schedule is not None and step not in schedule:
+                raise CheckpointError(f"{path}: step {step} has no learning rate in the schedule")
+            try:
+                model.load_state_dict(read_state_dict(path), strict=True)
+            except RuntimeError as e:
+                raise CheckpointError(f"{path}: does not fit {model_factory}({model_kwargs or {}}): "
+                                      f"{' '.join(str(e).split())[:300]}") from e
+            write_checkpoint(out / checkpoint_filename(step), model, step=step,
+                             lr=float(lr if schedule is None else schedule[step]),
+                             epoch=step / steps_per_epoch if steps_per_epoch else 0.0,
+                             model_factory=model_factory, model_kwargs=model_kwargs, loss=loss,
+                             optimizer="imported")
+    except BaseException:
+        if made and not any(out.iterdir()):   # a folder made for nothing goes with the failure
+            out.rmdir()
+        raise
     CheckpointStore(out)  # the same checks as `run` makes
     return out
