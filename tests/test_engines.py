@@ -224,8 +224,8 @@ def test_a_module_registered_twice_is_scored_and_left_as_it_was(case, engine):
 def test_instance_norm_in_a_channels_last_model_equals_the_same_model_contiguous(affine):
     """A model in memory_format=channels_last computes the same function as in the default
     format; torch's InstanceNorm backward does not for one example (the loop's batches,
-    a ghost batch of one, a co-state chunk of one). Every engine, and the co-states'
-    gradient and Hessian-vector product, equal the contiguous model's loop."""
+    a ghost batch of one). Every engine, on a batch of three and of one, equals the
+    contiguous model's loop (the co-states: the next test)."""
     import copy
     torch.manual_seed(0)
     model = ChannelsLastNorm(affine).double().eval()
