@@ -145,12 +145,15 @@ class NormIntoRNN(nn.Module):
 
 
 class ChannelsLastNorm(nn.Module):
-    """conv -> InstanceNorm -> conv: in channels_last, the norm's output gradient comes
-    back channels_last, which torch's CPU InstanceNorm backward gets wrong for one example."""
+    """conv -> norm -> conv: in channels_last, the norm's output gradient comes back
+    channels_last, which torch's CPU InstanceNorm backward gets wrong for one example;
+    with ``group=True`` a GroupNorm, whose CPU backward of a channels_last input crashes
+    the process when the input's gradient is not asked for (only later parameters scored)."""
 
-    def __init__(self, affine: bool):
+    def __init__(self, affine: bool, group: bool = False):
         super().__init__()
-        self.conv, self.norm = nn.Conv2d(2, 3, 3, padding=1), nn.InstanceNorm2d(3, affine=affine)
+        norm = nn.GroupNorm(3, 3, affine=affine) if group else nn.InstanceNorm2d(3, affine=affine)
+        self.conv, self.norm = nn.Conv2d(2, 3, 3, padding=1), norm
         self.conv2, self.head = nn.Conv2d(3, 2, 3, padding=1), nn.Linear(2 * 4 * 4, 3)
 
     def forward(self, x):

@@ -268,3 +268,43 @@ def test_the_co_states_gradient_of_one_example_in_a_channels_last_model(tmp_path
     for got, want in zip(results["channels_last"], results["plain"]):
         for n in v:
             torch.testing.assert_close(got[n], want[n], rtol=1e-8, atol=1e-12, msg=n)
+
+
+_GROUP_NORM_CHECK = """
+import copy, sys, torch
+import gradscore as gs
+from helpers import ChannelsLastNorm
+torch.manual_seed(0)
+plain = ChannelsLastNorm(affine=True, group=True).double().eval()
+with torch.no_grad():
+    plain.norm.weight.uniform_(0.5, 1.5)
+    plain.norm.bias.uniform_(-0.5, 0.5)
+model = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+x, y = torch.randn(3, 2, 4, 4, dtype=torch.float64), torch.tensor([0, 2, 1])
+for params in (["norm.*", "conv2.*", "head.*"], ["norm.*"], None):
+    ref = gs.Scorer(plain, engine="loop", params=params)
+    V = torch.randn(2, ref.num_params, dtype=torch.float64)
+    want = ref.score_batch(x, y, refs=V)
+    for engine in ("loop", "ghost", "auto", "vmap"):
+        got = gs.Scorer(model, engine=engine, params=params).score_batch(
+            x.contiguous(memory_format=torch.channels_last), y, refs=V)
+        torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-10, atol=0, msg=f"{engine} {params}")
+        torch.testing.assert_close(got.dots, want.dots, rtol=1e-10, atol=1e-13, msg=f"{engine} {params}")
+print("compared")
+"""
+
+
+def test_group_norm_in_a_channels_last_model_scored_from_the_norm_on():
+    """torch's CPU GroupNorm backward of a channels_last input crashes the process
+    (segfault) when the input's gradient is not asked for: the loop scoring only the norm
+    and what follows it. Run in a child process, so that a crash fails this test alone.
+    Every engine, over three parameter selections, equals the contiguous model's loop."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", _GROUP_NORM_CHECK], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0 and "compared" in proc.stdout, (proc.returncode, proc.stderr[-2000:])

@@ -4,7 +4,8 @@ Each seed builds a model from a few blocks (Linear, a Linear registered twice, L
 RMSNorm, Conv1d with its padding modes, groups and dilation, GroupNorm, multi-head
 attention, RNN/GRU/LSTM, uni- or bidirectional, one or two layers), each applied to the
 (B, T, C) sequence or to its (T, B, C) transpose, with residuals and pooling; B and T
-drawn so that T == B, T == 1 and T == B + 1 all come up. ``auto`` and ``ghost`` must
+drawn so that T == B, T == 1 and T == B + 1 all come up; all parameters scored, or
+those from a random block on, or the rest with random blocks frozen. ``auto`` and ``ghost`` must
 equal the loop (or take the fallback, which does): a wrong number is a failure, a
 refusal is not. This found a Linear registered twice whose Parameters torch's
 functional_call replaced (tests/test_engines.py). The same models, in training, go
@@ -114,12 +115,30 @@ def _draw(seed: int, batches: int = 1, extra: int = 0) -> tuple[RandomModel, tor
     return model, x, torch.randint(0, 3, (n,)), B
 
 
+def _selection(seed: int, model: RandomModel) -> list[str] | None:
+    """Which parameters the seed scores: all (None); or, a third of the time each, the
+    blocks from a random one on (``params=``, as a user scores the last layers), or all
+    with a random set of blocks frozen (``requires_grad=False``) first."""
+    rng = random.Random(seed + 10**6)   # the model's draw stays what it was
+    way, start = rng.choice(["all", "from", "frozen"]), rng.randrange(len(model.blocks) + 1)
+    if way == "from":   # a block with no parameter of its own (a Linear registered twice) has no pattern
+        names = [n for n, _ in model.named_parameters()]
+        return [f"blocks.{i}.*" for i in range(start, len(model.blocks))
+                if any(n.startswith(f"blocks.{i}.") for n in names)] + ["head.*"]
+    if way == "frozen":
+        for block in model.blocks:
+            if rng.random() < 0.5:
+                block.requires_grad_(False)
+    return None
+
+
 def _check(seed: int) -> bool:
     """Whether the seed's model was compared with the loop (else torch refused it)."""
     model, x, y, B = _draw(seed)
     model.eval()
     T = x.shape[1]
-    loop = gs.Scorer(model, engine="loop")
+    params = _selection(seed, model)
+    loop = gs.Scorer(model, engine="loop", params=params)
     V = torch.randn(2, loop.num_params, dtype=torch.float64)
     try:
         want = loop.score_batch(x, y, refs=V)
@@ -128,8 +147,8 @@ def _check(seed: int) -> bool:
     if not (torch.isfinite(want.sq_norm).all() and want.sq_norm.max() < 1e8):
         return False   # a normalization of a constant: the gradient is rounding noise blown up, in any engine
     for engine in ("auto", "ghost"):
-        got = gs.Scorer(model, engine=engine).score_batch(x, y, refs=V)
-        where = f"seed {seed}, {engine}, B={B} T={T}: {model.describe()}"
+        got = gs.Scorer(model, engine=engine, params=params).score_batch(x, y, refs=V)
+        where = f"seed {seed}, {engine}, B={B} T={T}, params {params}: {model.describe()}"
         torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-7, atol=1e-12, msg=lambda m: f"{where}\n{m}")
         torch.testing.assert_close(got.dots, want.dots, rtol=1e-7, atol=1e-9, msg=lambda m: f"{where}\n{m}")
     return True

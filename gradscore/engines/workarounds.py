@@ -1,5 +1,5 @@
-"""Temporary hooks that route gradscore's own backwards around torch bugs giving wrong
-gradients; on the model only while the ``with`` block runs.
+"""Temporary hooks that route gradscore's own backwards around torch bugs (wrong gradients,
+a crash); on the model only while the ``with`` block runs.
 
 - torch's CPU InstanceNorm backward is wrong for a batch of one example whose output
   gradient comes in channels_last (a model in ``memory_format=torch.channels_last``, a
@@ -9,7 +9,13 @@ gradients; on the model only while the ``with`` block runs.
   whose backward makes the gradient contiguous first (which torch handles right);
   ``torch.func`` transforms (grad, jvp, vmap) see it as the identity it is.
 
-The in-run recorder does not use these on the training step: the step must stay what
+- torch's CPU GroupNorm backward crashes the process (a segfault) when its input is
+  channels_last and the input's gradient is not asked for: the loop scoring only the
+  norm and the layers after it (``params=``), or a norm on the model's input. The norm
+  reads a contiguous copy of such an input: the same values, so the same function.
+
+Both are module hooks: ``F.instance_norm`` and ``F.group_norm`` called in a forward are not
+covered. The in-run recorder does not use these on the training step: the step must stay what
 the user's loop computes.
 """
 from __future__ import annotations
@@ -47,12 +53,23 @@ def _contiguous_grad(module: nn.Module, args, output):
     return _ContiguousGrad.apply(output) if isinstance(output, torch.Tensor) and output.requires_grad else None
 
 
+def _contiguous_input(module: nn.Module, args):
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.device.type == "cpu" and not x.is_contiguous():
+        return (x.contiguous(), *args[1:])
+    return None
+
+
 @contextlib.contextmanager
 def torch_workarounds(model: nn.Module) -> Iterator[None]:
     """While inside, the model's InstanceNorm layers hand their backward a contiguous output
-    gradient (module docstring)."""
-    handles = [m.register_forward_hook(_contiguous_grad) for m in model.modules()
-               if isinstance(m, nn.modules.instancenorm._InstanceNorm)]
+    gradient and its GroupNorm layers read a contiguous input on CPU (module docstring)."""
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.instancenorm._InstanceNorm):
+            handles.append(m.register_forward_hook(_contiguous_grad))
+        elif isinstance(m, nn.GroupNorm):
+            handles.append(m.register_forward_pre_hook(_contiguous_input))
     try:
         yield
     finally:
