@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -150,11 +151,12 @@ class ChannelsLastNorm(nn.Module):
     with ``group=True`` a GroupNorm, whose CPU backward of a channels_last input crashes
     the process when the input's gradient is not asked for (only later parameters scored)."""
 
-    def __init__(self, affine: bool, group: bool = False):
+    def __init__(self, affine: bool, group: bool = False, channels: int = 3):
         super().__init__()
-        norm = nn.GroupNorm(3, 3, affine=affine) if group else nn.InstanceNorm2d(3, affine=affine)
-        self.conv, self.norm = nn.Conv2d(2, 3, 3, padding=1), norm
-        self.conv2, self.head = nn.Conv2d(3, 2, 3, padding=1), nn.Linear(2 * 4 * 4, 3)
+        C = channels   # 1: channels_last strides that also pass as contiguous
+        norm = nn.GroupNorm(C, C, affine=affine) if group else nn.InstanceNorm2d(C, affine=affine)
+        self.conv, self.norm = nn.Conv2d(2, C, 3, padding=1), norm
+        self.conv2, self.head = nn.Conv2d(C, 2, 3, padding=1), nn.Linear(2 * 4 * 4, 3)
 
     def forward(self, x):
         return self.head(torch.tanh(self.conv2(self.norm(self.conv(x)))).flatten(1))
@@ -230,6 +232,55 @@ def compare_with_loop(model, x, K, engine="ghost", **kw):
         assert out.dots is None
     assert float(ref.sq_norm.max()) > 0
     return scorer
+
+
+# random models (tests/test_random_models.py, tests/test_random_images.py) against the loop
+
+
+def random_selection(seed: int, model: nn.Module) -> list[str] | None:
+    """Which parameters a random model (its layers in ``model.blocks``, then ``model.head``)
+    is scored on: all (None); or, a third of the time each, the blocks from a random one
+    on (``params=``, as a user scores the last layers), or all after freezing a random set
+    of blocks (``requires_grad=False``). Drawn from its own stream: the model's draw from
+    ``seed`` stays what it was."""
+    rng = random.Random(seed + 10**6)
+    way, start = rng.choice(["all", "from", "frozen"]), rng.randrange(len(model.blocks) + 1)
+    if way == "from":   # a block with no parameter of its own (a pool, a Linear registered twice) has no pattern
+        names = [n for n, _ in model.named_parameters()]
+        return [f"blocks.{i}.*" for i in range(start, len(model.blocks))
+                if any(n.startswith(f"blocks.{i}.") for n in names)] + ["head.*"]
+    if way == "frozen":
+        for block in model.blocks:
+            if rng.random() < 0.5:
+                block.requires_grad_(False)
+    return None
+
+
+def check_random_model(seed: int, model: nn.Module, x, y, what: str, engines=("auto", "ghost")) -> bool:
+    """A random float64 model in eval mode, on the parameters :func:`random_selection` draws:
+    each of ``engines`` equals the loop (assert, ``what`` describes the model), or torch
+    refused it; ``vmap`` may refuse a model it cannot trace with its GradscoreError.
+    Returns whether it was compared."""
+    params = random_selection(seed, model)
+    loop = gs.Scorer(model, engine="loop", params=params)
+    V = torch.randn(2, loop.num_params, dtype=torch.float64)
+    try:
+        want = loop.score_batch(x, y, refs=V)
+    except gs.GradscoreError:   # a layer torch itself refuses (GroupNorm of one value, reflect padding of T = 1)
+        return False
+    if not (torch.isfinite(want.sq_norm).all() and want.sq_norm.max() < 1e8):
+        return False   # a normalization of a constant: the gradient is rounding noise blown up, in any engine
+    for engine in engines:
+        try:
+            got = gs.Scorer(model, engine=engine, params=params).score_batch(x, y, refs=V)
+        except gs.GradscoreError:
+            if engine == "vmap":   # a channels_last conversion, which vmap does not support
+                continue
+            raise
+        where = f"seed {seed}, {engine}, params {params}, {what}"
+        torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-7, atol=1e-12, msg=lambda m: f"{where}\n{m}")
+        torch.testing.assert_close(got.dots, want.dots, rtol=1e-7, atol=1e-9, msg=lambda m: f"{where}\n{m}")
+    return True
 
 
 # the in-run recorder's records against the per-example loop at each step's θ_t

@@ -275,21 +275,21 @@ import copy, sys, torch
 import gradscore as gs
 from helpers import ChannelsLastNorm
 torch.manual_seed(0)
-plain = ChannelsLastNorm(affine=True, group=True).double().eval()
-with torch.no_grad():
-    plain.norm.weight.uniform_(0.5, 1.5)
-    plain.norm.bias.uniform_(-0.5, 0.5)
-model = copy.deepcopy(plain).to(memory_format=torch.channels_last)
 x, y = torch.randn(3, 2, 4, 4, dtype=torch.float64), torch.tensor([0, 2, 1])
-for params in (["norm.*", "conv2.*", "head.*"], ["norm.*"], None):
+for C, params in [(C, params) for C in (3, 1) for params in (["norm.*", "conv2.*", "head.*"], ["norm.*"], None)]:
+    plain = ChannelsLastNorm(affine=True, group=True, channels=C).double().eval()
+    with torch.no_grad():
+        plain.norm.weight.uniform_(0.5, 1.5)
+        plain.norm.bias.uniform_(-0.5, 0.5)
+    model = copy.deepcopy(plain).to(memory_format=torch.channels_last)
     ref = gs.Scorer(plain, engine="loop", params=params)
     V = torch.randn(2, ref.num_params, dtype=torch.float64)
     want = ref.score_batch(x, y, refs=V)
     for engine in ("loop", "ghost", "auto", "vmap"):
         got = gs.Scorer(model, engine=engine, params=params).score_batch(
             x.contiguous(memory_format=torch.channels_last), y, refs=V)
-        torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-10, atol=0, msg=f"{engine} {params}")
-        torch.testing.assert_close(got.dots, want.dots, rtol=1e-10, atol=1e-13, msg=f"{engine} {params}")
+        torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-10, atol=0, msg=f"{engine} C={C} {params}")
+        torch.testing.assert_close(got.dots, want.dots, rtol=1e-10, atol=1e-13, msg=f"{engine} C={C} {params}")
 print("compared")
 """
 
@@ -297,8 +297,9 @@ print("compared")
 def test_group_norm_in_a_channels_last_model_scored_from_the_norm_on():
     """torch's CPU GroupNorm backward of a channels_last input crashes the process
     (segfault) when the input's gradient is not asked for: the loop scoring only the norm
-    and what follows it. Run in a child process, so that a crash fails this test alone.
-    Every engine, over three parameter selections, equals the contiguous model's loop."""
+    and what follows it. With one channel, the input's channels_last strides also pass
+    as contiguous. Run in a child process, so that a crash fails this test alone. Every
+    engine, over three parameter selections, equals the contiguous model's loop."""
     import os
     import subprocess
     import sys

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscore as gs
-from helpers import check_inrun_against_loop
+from helpers import check_inrun_against_loop, check_random_model
 
 
 class Block(nn.Module):
@@ -115,43 +115,10 @@ def _draw(seed: int, batches: int = 1, extra: int = 0) -> tuple[RandomModel, tor
     return model, x, torch.randint(0, 3, (n,)), B
 
 
-def _selection(seed: int, model: RandomModel) -> list[str] | None:
-    """Which parameters the seed scores: all (None); or, a third of the time each, the
-    blocks from a random one on (``params=``, as a user scores the last layers), or all
-    with a random set of blocks frozen (``requires_grad=False``) first."""
-    rng = random.Random(seed + 10**6)   # the model's draw stays what it was
-    way, start = rng.choice(["all", "from", "frozen"]), rng.randrange(len(model.blocks) + 1)
-    if way == "from":   # a block with no parameter of its own (a Linear registered twice) has no pattern
-        names = [n for n, _ in model.named_parameters()]
-        return [f"blocks.{i}.*" for i in range(start, len(model.blocks))
-                if any(n.startswith(f"blocks.{i}.") for n in names)] + ["head.*"]
-    if way == "frozen":
-        for block in model.blocks:
-            if rng.random() < 0.5:
-                block.requires_grad_(False)
-    return None
-
-
 def _check(seed: int) -> bool:
     """Whether the seed's model was compared with the loop (else torch refused it)."""
     model, x, y, B = _draw(seed)
-    model.eval()
-    T = x.shape[1]
-    params = _selection(seed, model)
-    loop = gs.Scorer(model, engine="loop", params=params)
-    V = torch.randn(2, loop.num_params, dtype=torch.float64)
-    try:
-        want = loop.score_batch(x, y, refs=V)
-    except gs.GradscoreError:   # a layer torch itself refuses (GroupNorm of one value, reflect padding of T = 1)
-        return False
-    if not (torch.isfinite(want.sq_norm).all() and want.sq_norm.max() < 1e8):
-        return False   # a normalization of a constant: the gradient is rounding noise blown up, in any engine
-    for engine in ("auto", "ghost"):
-        got = gs.Scorer(model, engine=engine, params=params).score_batch(x, y, refs=V)
-        where = f"seed {seed}, {engine}, B={B} T={T}, params {params}: {model.describe()}"
-        torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-7, atol=1e-12, msg=lambda m: f"{where}\n{m}")
-        torch.testing.assert_close(got.dots, want.dots, rtol=1e-7, atol=1e-9, msg=lambda m: f"{where}\n{m}")
-    return True
+    return check_random_model(seed, model.eval(), x, y, f"B={B} T={x.shape[1]}: {model.describe()}")
 
 
 @pytest.mark.parametrize("block", range(4))

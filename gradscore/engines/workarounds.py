@@ -12,7 +12,8 @@ a crash); on the model only while the ``with`` block runs.
 - torch's CPU GroupNorm backward crashes the process (a segfault) when its input is
   channels_last and the input's gradient is not asked for: the loop scoring only the
   norm and the layers after it (``params=``), or a norm on the model's input. The norm
-  reads a contiguous copy of such an input: the same values, so the same function.
+  reads a row-major copy of any CPU input with other strides: the same values, so the
+  same function.
 
 Both are module hooks: ``F.instance_norm`` and ``F.group_norm`` called in a forward are not
 covered. The in-run recorder does not use these on the training step: the step must stay what
@@ -53,10 +54,21 @@ def _contiguous_grad(module: nn.Module, args, output):
     return _ContiguousGrad.apply(output) if isinstance(output, torch.Tensor) and output.requires_grad else None
 
 
+def _row_major_strides(shape: torch.Size) -> tuple[int, ...]:
+    """The strides of a freshly allocated contiguous tensor of ``shape``."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
 def _contiguous_input(module: nn.Module, args):
+    # strides, not is_contiguous(): with one channel, channels_last strides pass as
+    # contiguous, yet torch's kernel still takes them for channels_last
     x = args[0] if args else None
-    if isinstance(x, torch.Tensor) and x.device.type == "cpu" and not x.is_contiguous():
-        return (x.contiguous(), *args[1:])
+    if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.stride() != _row_major_strides(x.shape):
+        return (x.clone(memory_format=torch.contiguous_format), *args[1:])
     return None
 
 
