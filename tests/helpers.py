@@ -286,6 +286,32 @@ def check_random_model(seed: int, model: nn.Module, x, y, what: str, engines=("a
 # the in-run recorder's records against the per-example loop at each step's θ_t
 
 
+def check_random_inrun(model: nn.Module, x, y, B: int, out: Path, input_grad: bool = False) -> bool:
+    """A random float64 model trained for 3 SGD steps on batches of B from ``x``, ``y`` (the
+    last 3 examples are the target) through the in-run recorder: every record equals the
+    loop at the step's θ_t (assert), or the recorder refused the model with a GradscoreError.
+    ``input_grad``: the step's input requires grad (torch's own CPU GroupNorm backward
+    crashes, in training too, on a channels_last input that does not). Returns whether
+    it was compared."""
+    targets = (x[-3:], y[-3:])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    snaps = []
+    try:
+        rec = gs.InRun(model.train(), out=out, targets=targets)
+        for t in range(3):
+            idx = torch.arange(t * B, t * B + B)
+            snaps.append(({k: v.detach().clone() for k, v in model.state_dict().items()}, idx))
+            with rec.step(idx, y[idx], lr=0.05, step=t):
+                F.cross_entropy(model(x[idx].clone().requires_grad_(input_grad)), y[idx]).backward()
+            opt.step()
+            opt.zero_grad()
+        path = rec.close()
+    except gs.GradscoreError:   # refused: a layer without a rule, a model that mixes its batch, ...
+        return False
+    check_inrun_against_loop(path, model, snaps, x, y, targets, dot_rtol=1e-7, rtol=1e-7)
+    return True
+
+
 def _grads(loss, params):
     """∂loss/∂p for each of ``params``, zeros for those it does not use."""
     return [torch.zeros_like(p) if g is None else g
@@ -293,23 +319,27 @@ def _grads(loss, params):
 
 
 def inrun_reference(model, snapshot, x, y, targets):
-    """Per-example loop at θ_t: ℓ_b, ‖∇ℓ_b‖², ⟨∇ℓ_b, ∇J⟩ (J in eval mode), margin."""
+    """Per-example loop at θ_t: ℓ_b, ‖∇ℓ_b‖², ⟨∇ℓ_b, ∇J⟩ (J in eval mode), margin. Under
+    gradscore's workarounds for torch's own CPU norm bugs, as the loop engine runs (each
+    checked against a contiguous model in test_engines.py)."""
+    from gradscore.engines.workarounds import torch_workarounds
     m = copy.deepcopy(model).eval()
     m.load_state_dict(snapshot)
     params = list(m.parameters())
     xt, yt = targets
-    gJ = _grads(F.cross_entropy(m(xt), yt), params)
-    norm_J = float(sum((g ** 2).sum() for g in gJ).sqrt())
     out = []
-    for xb, yb in zip(x, y):
-        z = m(xb[None])
-        loss = F.cross_entropy(z, yb[None])
-        g = _grads(loss, params)
-        other = z[0].clone()
-        other[yb] = -torch.inf
-        out.append([float(v) for v in (loss.detach(), sum((gi ** 2).sum() for gi in g),
-                                       sum((gi * gj).sum() for gi, gj in zip(g, gJ)),
-                                       (z[0, yb] - other.max()).detach(), norm_J)])
+    with torch_workarounds(m):
+        gJ = _grads(F.cross_entropy(m(xt), yt), params)
+        norm_J = float(sum((g ** 2).sum() for g in gJ).sqrt())
+        for xb, yb in zip(x, y):
+            z = m(xb[None])
+            loss = F.cross_entropy(z, yb[None])
+            g = _grads(loss, params)
+            other = z[0].clone()
+            other[yb] = -torch.inf
+            out.append([float(v) for v in (loss.detach(), sum((gi ** 2).sum() for gi in g),
+                                           sum((gi * gj).sum() for gi, gj in zip(g, gJ)),
+                                           (z[0, yb] - other.max()).detach(), norm_J)])
     return np.array(out)
 
 

@@ -21,13 +21,14 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from helpers import check_random_model
+from helpers import check_random_inrun, check_random_model
 
 
 class Block(nn.Module):
@@ -90,11 +91,11 @@ class RandomImageModel(nn.Module):
     KINDS = ("conv", "conv", "conv_transpose", "linear", "linear_w", "layernorm", "groupnorm", "batchnorm",
              "instancenorm", "maxpool", "avgpool")
 
-    def __init__(self, rng: random.Random, C: int, H: int, W: int) -> None:
+    def __init__(self, rng: random.Random, C: int, H: int, W: int, kinds: tuple[str, ...] = KINDS) -> None:
         super().__init__()
         blocks = []
         for _ in range(rng.randint(1, 4)):
-            kind = rng.choice(self.KINDS)
+            kind = rng.choice(kinds)
             made = _layer(rng, kind, C, H, W)
             if made is None:
                 continue
@@ -112,42 +113,72 @@ class RandomImageModel(nn.Module):
         return self.head(x.flatten(1))
 
 
-def _check(seed: int) -> bool:
-    """Whether the seed's model was compared with the loop (else torch refused it)."""
+def _draw(seed: int, batches: int = 1, extra: int = 0, kinds: tuple[str, ...] = RandomImageModel.KINDS
+          ) -> tuple[RandomImageModel, torch.Tensor, torch.Tensor, int, str]:
+    """Seed's model (float64) of layers from ``kinds``, ``batches`` batches of its B images and
+    ``extra`` more, their labels, B, and what they are."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     B = rng.choice([1, 2, 3])
     C, H, W = rng.choice([1, 2, 4]), rng.choice([1, 2, 3, 5]), rng.choice([1, B, 4])
-    model = RandomImageModel(rng, C, H, W).double().eval()
-    x, y = torch.randn(B, C, H, W, dtype=torch.float64), torch.randint(0, 3, (B,))
-    return check_random_model(seed, model, x, y, f"B={B} C={C} H={H} W={W}: {model.describe()}",
-                              engines=("auto", "ghost", "vmap"))
+    model = RandomImageModel(rng, C, H, W, kinds).double()
+    n = batches * B + extra
+    x, y = torch.randn(n, C, H, W, dtype=torch.float64), torch.randint(0, 3, (n,))
+    return model, x, y, B, f"B={B} C={C} H={H} W={W}: {model.describe()}"
 
 
-def compared(first: int, last: int) -> int:
-    """How many of the seeds first..last-1 were compared; each seed is named before it runs."""
+def _check(seed: int) -> bool:
+    """Whether the seed's model was compared with the loop (else torch refused it)."""
+    model, x, y, _, what = _draw(seed)
+    return check_random_model(seed, model.eval(), x, y, what, engines=("auto", "ghost", "vmap"))
+
+
+def _check_inrun(seed: int) -> bool:
+    """Whether the seed's model in training was recorded and compared with the loop (else
+    refused). No ConvTranspose2d (no ghost rule, which in-run needs) nor BatchNorm (refused
+    in training). The step's input requires grad: torch's own GroupNorm backward crashes
+    on a channels_last input that does not, in training too."""
+    kinds = tuple(k for k in RandomImageModel.KINDS if k not in ("conv_transpose", "batchnorm"))
+    model, x, y, B, _ = _draw(seed, batches=3, extra=3, kinds=kinds)
+    with tempfile.TemporaryDirectory() as work:
+        return check_random_inrun(model, x, y, B, Path(work) / "inrun.h5", input_grad=True)
+
+
+def compared(check: str, first: int, last: int) -> int:
+    """How many of the seeds first..last-1 ``check`` (a function's name here) compared; each
+    seed is named before it runs."""
     count = 0
     for seed in range(first, last):
         print(f"seed {seed}", flush=True)
-        count += _check(seed)
+        count += globals()[check](seed)
     return count
 
 
-def _in_a_child(first: int, last: int) -> int:
+def _in_a_child(check: str, first: int, last: int) -> int:
     """:func:`compared` in a child process (a torch crash fails the test, not the session)."""
     tests = str(Path(__file__).parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
-    code = f"import warnings; warnings.simplefilter('ignore'); import test_random_images as t; print('compared', t.compared({first}, {last}))"
+    code = ("import warnings; warnings.simplefilter('ignore'); import test_random_images as t; "
+            f"print('compared', t.compared({check!r}, {first}, {last}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=3000)
     last_seed = next((line for line in reversed(proc.stdout.splitlines()) if line.startswith("seed ")), "no seed")
-    assert proc.returncode == 0, f"died at {last_seed} (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"{check} died at {last_seed} (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
     return int(proc.stdout.splitlines()[-1].split()[1])
 
 
 def test_random_image_models_equal_the_loop():
-    assert _in_a_child(0, 60) > 45   # most are compared
+    assert _in_a_child("_check", 0, 60) > 45   # most are compared
+
+
+def test_random_image_models_in_training_record_what_the_loop_gives():
+    assert _in_a_child("_check_inrun", 0, 40) > 25
 
 
 @pytest.mark.slow
 def test_many_random_image_models_equal_the_loop():
-    assert _in_a_child(60, 2060) > 1600
+    assert _in_a_child("_check", 60, 2060) > 1600
+
+
+@pytest.mark.slow
+def test_many_random_image_models_in_training_record_what_the_loop_gives():
+    assert _in_a_child("_check_inrun", 40, 640) > 400
