@@ -17,7 +17,8 @@ a crash); on the model only while the ``with`` block runs.
 
 Both are module hooks: ``F.instance_norm`` and ``F.group_norm`` called in a forward are not
 covered. The in-run recorder does not use these on the training step: the step must stay what
-the user's loop computes.
+the user's loop computes. There :func:`wrong_in_torch` only notes an InstanceNorm whose
+backward torch gets wrong, and the recorder refuses that step.
 """
 from __future__ import annotations
 
@@ -87,3 +88,25 @@ def torch_workarounds(model: nn.Module) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
+
+
+def _channels_last_only(g: torch.Tensor) -> bool:
+    """Whether ``g`` (B, C, *spatial) is laid out channels_last and not also contiguous."""
+    if g.dim() not in (4, 5) or g.is_contiguous():
+        return False
+    return g.is_contiguous(memory_format=torch.channels_last if g.dim() == 4 else torch.channels_last_3d)
+
+
+def wrong_in_torch(model: nn.Module, found: list[str]) -> list[torch.utils.hooks.RemovableHandle]:
+    """Forward hooks (the caller removes them) that append to ``found`` the name of each CPU
+    InstanceNorm whose backward in this forward's graph torch computes wrong: a batch of one
+    example whose output gradient comes channels_last. They change nothing: the gradient
+    passes on as it came."""
+    def watch(name: str):
+        def hook(module, args, output):
+            if (isinstance(output, torch.Tensor) and output.requires_grad and output.device.type == "cpu"
+                    and output.dim() in (4, 5) and output.shape[0] == 1):
+                output.register_hook(lambda g: found.append(name) if _channels_last_only(g) else None)
+        return hook
+    return [m.register_forward_hook(watch(name)) for name, m in model.named_modules()
+            if isinstance(m, nn.modules.instancenorm._InstanceNorm)]

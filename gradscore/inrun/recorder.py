@@ -68,7 +68,7 @@ from torch import nn
 
 from ..batch import Inputs, batch_len, call_model, check_batch, move, output_tensor
 from ..engines.ghost import GhostEngine, probe
-from ..engines.workarounds import torch_workarounds
+from ..engines.workarounds import torch_workarounds, wrong_in_torch
 from ..engines.rules.registry import FactoredRef
 from ..exceptions import ConfigError, EngineError, GradscoreError, GradscoreWarning, OutputError, cause
 from ..io.journal import Journal
@@ -789,6 +789,7 @@ class _Step:
         self.terms: _LossTerms | None = None
         self.scale = 1.0                      # the loss scale of this step's backward
         self.error: Exception | None = None
+        self.wrong: list[str] = []            # norms whose backward torch got wrong in this step
 
     def __enter__(self) -> "_Step":
         rec = self.rec
@@ -799,7 +800,7 @@ class _Step:
                                   f"of its own. Use GroupNorm or LayerNorm, or freeze its statistics "
                                   f"(call .eval() on the BatchNorm layers after model.train()), or score "
                                   f"saved checkpoints in eval mode (gradscore run)")
-        self.handles = [rec.model.register_forward_hook(self._post)]
+        self.handles = [rec.model.register_forward_hook(self._post), *wrong_in_torch(rec.model, self.wrong)]
         if not self.auto:   # attached: the recorder's own pre-hook calls _pre
             self.handles.append(rec.model.register_forward_pre_hook(self._pre, with_kwargs=True))
         return self
@@ -891,6 +892,14 @@ class _Step:
             self.rec._refuse_fallback()
         if self.error is not None:
             raise self.error
+        if self.wrong:
+            norm = self.wrong[0]
+            raise EngineError(f"layer '{norm}' ({type(self.rec.model.get_submodule(norm)).__name__}): torch's CPU "
+                              f"InstanceNorm backward is wrong for a batch of one example whose output gradient "
+                              f"comes channels_last, so this step's gradient (the training's own) and the records "
+                              f"of the layers before the norm would be wrong; nothing is recorded for it. Train on "
+                              f"batches of two or more (drop_last=True keeps a last batch of one out), or keep "
+                              f"the layers after the norm in the default memory format")
         if self.terms is None or self.state is None or self.state.sq is None:
             raise EngineError("no backward reached the model inside rec.step; call loss.backward() inside the "
                               "`with rec.step(...)` block")
