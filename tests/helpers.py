@@ -61,6 +61,17 @@ def sigkill_when(cmd: list[str], ready, timeout: float = 120.0) -> None:
 # the ghost engine's model cases, compared with the per-example loop in float64
 
 
+def python_child(code: str, timeout: float = 3000):
+    """``python -c code`` in a child process, with tests/ importable (``helpers``, test
+    modules): for checks whose failure may be a crash inside torch, which then fails one
+    test rather than the session. Returns the CompletedProcess (text stdout and stderr)."""
+    import subprocess
+    import sys
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+
+
 class NoGradPart(nn.Module):
     def __init__(self):
         super().__init__()

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import gradscore as gs
-from helpers import ChannelsLastNorm
+from helpers import ChannelsLastNorm, python_child
 from gradscore.engines import Engine, engine_class
 from gradscore.engines.base import _ENGINES
 from gradscore.demos.models import digits_cnn, mlp
@@ -300,12 +300,5 @@ def test_group_norm_in_a_channels_last_model_scored_from_the_norm_on():
     and what follows it. With one channel, the input's channels_last strides also pass
     as contiguous. Run in a child process, so that a crash fails this test alone. Every
     engine, over three parameter selections, equals the contiguous model's loop."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    tests = str(Path(__file__).parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", _GROUP_NORM_CHECK], capture_output=True, text=True, env=env,
-                          timeout=600)
+    proc = python_child(_GROUP_NORM_CHECK, timeout=600)
     assert proc.returncode == 0 and "compared" in proc.stdout, (proc.returncode, proc.stderr[-2000:])

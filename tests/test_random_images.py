@@ -17,10 +17,7 @@ torch fails the test that ran it and says which seed, rather than ending the ses
 """
 from __future__ import annotations
 
-import os
 import random
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -28,7 +25,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import check_random_inrun, check_random_model
+from helpers import check_random_inrun, check_random_model, python_child
 
 
 class Block(nn.Module):
@@ -156,11 +153,8 @@ def compared(check: str, first: int, last: int) -> int:
 
 def _in_a_child(check: str, first: int, last: int) -> int:
     """:func:`compared` in a child process (a torch crash fails the test, not the session)."""
-    tests = str(Path(__file__).parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
-    code = ("import warnings; warnings.simplefilter('ignore'); import test_random_images as t; "
-            f"print('compared', t.compared({check!r}, {first}, {last}))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=3000)
+    proc = python_child("import warnings; warnings.simplefilter('ignore'); import test_random_images as t; "
+                        f"print('compared', t.compared({check!r}, {first}, {last}))")
     last_seed = next((line for line in reversed(proc.stdout.splitlines()) if line.startswith("seed ")), "no seed")
     assert proc.returncode == 0, f"{check} died at {last_seed} (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
     return int(proc.stdout.splitlines()[-1].split()[1])
