@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscore as gs
+from gradscore.engines.workarounds import torch_workarounds
 from gradscore.demos.models import digits_cnn, mlp, tiny_transformer
 
 MLP_KWARGS = {"d_in": 12, "hidden": 8, "n_classes": 4, "depth": 1}
@@ -58,9 +59,6 @@ def sigkill_when(cmd: list[str], ready, timeout: float = 120.0) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
-# the ghost engine's model cases, compared with the per-example loop in float64
-
-
 def python_child(code: str, timeout: float = 3000):
     """``python -c code`` in a child process, with tests/ importable (``helpers``, test
     modules): for checks whose failure may be a crash inside torch, which then fails one
@@ -70,6 +68,9 @@ def python_child(code: str, timeout: float = 3000):
     tests = str(Path(__file__).parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+# the ghost engine's model cases, compared with the per-example loop in float64
 
 
 class NoGradPart(nn.Module):
@@ -171,6 +172,23 @@ class ChannelsLastNorm(nn.Module):
 
     def forward(self, x):
         return self.head(torch.tanh(self.conv2(self.norm(self.conv(x)))).flatten(1))
+
+
+def channels_last_equals_contiguous(plain: nn.Module, x, y, params=None, batches=(slice(None),)) -> None:
+    """``plain`` (float64, eval) converted to channels_last, its inputs too, scored by every
+    engine on each of ``batches`` of x, equals ``plain``'s loop (assert): the same function
+    in another layout."""
+    model = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    ref = gs.Scorer(plain, engine="loop", params=params)
+    V = torch.randn(2, ref.num_params, dtype=torch.float64)
+    for batch in batches:
+        want = ref.score_batch(x[batch], y[batch], refs=V)
+        for engine in ("loop", "ghost", "auto", "vmap"):
+            got = gs.Scorer(model, engine=engine, params=params).score_batch(
+                x[batch].contiguous(memory_format=torch.channels_last), y[batch], refs=V)
+            where = f"{engine}, params {params}, batch {batch}"
+            torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-10, atol=0, msg=where)
+            torch.testing.assert_close(got.dots, want.dots, rtol=1e-10, atol=1e-13, msg=where)
 
 
 def _bn_eval():
@@ -333,7 +351,6 @@ def inrun_reference(model, snapshot, x, y, targets):
     """Per-example loop at θ_t: ℓ_b, ‖∇ℓ_b‖², ⟨∇ℓ_b, ∇J⟩ (J in eval mode), margin. Under
     gradscore's workarounds for torch's own CPU norm bugs, as the loop engine runs (each
     checked against a contiguous model in test_engines.py)."""
-    from gradscore.engines.workarounds import torch_workarounds
     m = copy.deepcopy(model).eval()
     m.load_state_dict(snapshot)
     params = list(m.parameters())

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import gradscore as gs
-from helpers import ChannelsLastNorm, python_child
+from helpers import ChannelsLastNorm, channels_last_equals_contiguous, python_child
 from gradscore.engines import Engine, engine_class
 from gradscore.engines.base import _ENGINES
 from gradscore.demos.models import digits_cnn, mlp
@@ -226,25 +226,14 @@ def test_instance_norm_in_a_channels_last_model_equals_the_same_model_contiguous
     format; torch's InstanceNorm backward does not for one example (the loop's batches,
     a ghost batch of one). Every engine, on a batch of three and of one, equals the
     contiguous model's loop (the co-states: the next test)."""
-    import copy
     torch.manual_seed(0)
-    model = ChannelsLastNorm(affine).double().eval()
+    plain = ChannelsLastNorm(affine).double().eval()
     if affine:
         with torch.no_grad():
-            model.norm.weight.uniform_(0.5, 1.5)
-            model.norm.bias.uniform_(-0.5, 0.5)
-    plain = copy.deepcopy(model)
-    model = model.to(memory_format=torch.channels_last)
+            plain.norm.weight.uniform_(0.5, 1.5)
+            plain.norm.bias.uniform_(-0.5, 0.5)
     x, y = torch.randn(3, 2, 4, 4, dtype=torch.float64), torch.tensor([0, 2, 1])
-    ref = gs.Scorer(plain, engine="loop")
-    V = torch.randn(2, ref.num_params, dtype=torch.float64)
-    for batch in (slice(0, 3), slice(1, 2)):
-        want = ref.score_batch(x[batch], y[batch], refs=V)
-        for engine in ("loop", "ghost", "auto", "vmap"):
-            got = gs.Scorer(model, engine=engine).score_batch(x[batch].contiguous(memory_format=torch.channels_last),
-                                                             y[batch], refs=V)
-            torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-10, atol=0, msg=engine)
-            torch.testing.assert_close(got.dots, want.dots, rtol=1e-10, atol=1e-13, msg=engine)
+    channels_last_equals_contiguous(plain, x, y, batches=(slice(0, 3), slice(1, 2)))
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -271,25 +260,17 @@ def test_the_co_states_gradient_of_one_example_in_a_channels_last_model(tmp_path
 
 
 _GROUP_NORM_CHECK = """
-import copy, sys, torch
-import gradscore as gs
-from helpers import ChannelsLastNorm
+import torch
+from helpers import ChannelsLastNorm, channels_last_equals_contiguous
 torch.manual_seed(0)
 x, y = torch.randn(3, 2, 4, 4, dtype=torch.float64), torch.tensor([0, 2, 1])
-for C, params in [(C, params) for C in (3, 1) for params in (["norm.*", "conv2.*", "head.*"], ["norm.*"], None)]:
+for C in (3, 1):
     plain = ChannelsLastNorm(affine=True, group=True, channels=C).double().eval()
     with torch.no_grad():
         plain.norm.weight.uniform_(0.5, 1.5)
         plain.norm.bias.uniform_(-0.5, 0.5)
-    model = copy.deepcopy(plain).to(memory_format=torch.channels_last)
-    ref = gs.Scorer(plain, engine="loop", params=params)
-    V = torch.randn(2, ref.num_params, dtype=torch.float64)
-    want = ref.score_batch(x, y, refs=V)
-    for engine in ("loop", "ghost", "auto", "vmap"):
-        got = gs.Scorer(model, engine=engine, params=params).score_batch(
-            x.contiguous(memory_format=torch.channels_last), y, refs=V)
-        torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-10, atol=0, msg=f"{engine} C={C} {params}")
-        torch.testing.assert_close(got.dots, want.dots, rtol=1e-10, atol=1e-13, msg=f"{engine} C={C} {params}")
+    for params in (["norm.*", "conv2.*", "head.*"], ["norm.*"], None):
+        channels_last_equals_contiguous(plain, x, y, params=params)
 print("compared")
 """
 

@@ -124,10 +124,10 @@ class _Objective:
 
     def _accumulate(self, fn: Callable[[torch.Tensor, torch.Tensor], Params]) -> Params:
         total: Params | None = None
-        for x, y in self._chunks():
-            with torch_workarounds(self.model):
+        with torch_workarounds(self.model):
+            for x, y in self._chunks():
                 part = fn(x, y)
-            total = part if total is None else {k: total[k] + part[k] for k in total}
+                total = part if total is None else {k: total[k] + part[k] for k in total}
         return total
 
     def gradient(self, params: Params) -> Params:
