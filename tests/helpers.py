@@ -348,9 +348,10 @@ def _grads(loss, params):
 
 
 def inrun_reference(model, snapshot, x, y, targets):
-    """Per-example loop at θ_t: ℓ_b, ‖∇ℓ_b‖², ⟨∇ℓ_b, ∇J⟩ (J in eval mode), margin. Under
-    gradscore's workarounds for torch's own CPU norm bugs, as the loop engine runs (each
-    checked against a contiguous model in test_engines.py)."""
+    """Per-example loop at θ_t (the parameters and buffers ``snapshot``): ℓ_b, ‖∇ℓ_b‖²,
+    ⟨∇ℓ_b, ∇J⟩, margin; the examples in training mode, as the step ran them, J in eval mode.
+    Under gradscore's workarounds for torch's own CPU norm bugs, as the loop engine runs
+    (each checked against a contiguous model in test_engines.py)."""
     m = copy.deepcopy(model).eval()
     m.load_state_dict(snapshot)
     params = list(m.parameters())
@@ -359,6 +360,7 @@ def inrun_reference(model, snapshot, x, y, targets):
     with torch_workarounds(m):
         gJ = _grads(F.cross_entropy(m(xt), yt), params)
         norm_J = float(sum((g ** 2).sum() for g in gJ).sqrt())
+        m.train()
         for xb, yb in zip(x, y):
             z = m(xb[None])
             loss = F.cross_entropy(z, yb[None])

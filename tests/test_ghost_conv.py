@@ -200,3 +200,28 @@ def test_conv_plan_picks_are_pinned_as_a_performance_regression_check():
     assert plan(narrow, geo, 2, 0, density=0.17) != "sparse"
     assert plan(narrow, geo, 1, 0, cuda=True, density=0.17) == "outer"
     assert plan(wide, _geometry(wide, (1, 128, 8, 8)), 1, 0, density=0.17) == "pixel"
+
+
+class StridedPixel(nn.Module):
+    """A conv reading one pixel per channel whose strides are not row-major (an adaptive pool
+    of a channels-last input): torch takes such an input for channels_last and its weight
+    gradient kernel then refuses it ("grad_weight must be contiguous")."""
+
+    def __init__(self, dims: int):
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        pool = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}[dims]
+        self.pool, self.conv, self.head = pool(1), conv(2, 3, 3, padding=2, groups=1), nn.Linear(3 * 3 ** dims, 3)
+
+    def forward(self, x):
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)   # channels-last strides, in any dimension
+        return self.head(torch.tanh(self.conv(self.pool(x))).flatten(1))
+
+
+@pytest.mark.parametrize("K", [0, 2])
+@pytest.mark.parametrize("form", ["outer", "gram", "pixel", "grouped", "sparse"])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_every_conv_form_takes_a_pixel_with_any_strides(monkeypatch, dims, form, K):
+    from gradscore.engines.rules import conv
+    monkeypatch.setattr(conv, "plan", lambda *args, **kwargs: form)
+    compare_with_loop(StridedPixel(dims), torch.randn(3, 2, *[4] * dims), K)

@@ -64,12 +64,19 @@ def _row_major_strides(shape: torch.Size) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
+def row_major(x: torch.Tensor) -> torch.Tensor:
+    """x itself if its strides are row-major, else a row-major copy. Strides, not
+    ``is_contiguous()``: where an axis has length 1, channels_last strides pass as
+    contiguous, yet torch's CPU kernels still take them for channels_last (GroupNorm's
+    backward crashes, a convolution's weight gradient refuses its own output)."""
+    return x if x.stride() == _row_major_strides(x.shape) else x.clone(memory_format=torch.contiguous_format)
+
+
 def _contiguous_input(module: nn.Module, args):
-    # strides, not is_contiguous(): with one channel, channels_last strides pass as
-    # contiguous, yet torch's kernel still takes them for channels_last
     x = args[0] if args else None
-    if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.stride() != _row_major_strides(x.shape):
-        return (x.clone(memory_format=torch.contiguous_format), *args[1:])
+    if isinstance(x, torch.Tensor) and x.device.type == "cpu":
+        y = row_major(x)
+        return None if y is x else (y, *args[1:])
     return None
 
 

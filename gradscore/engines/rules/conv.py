@@ -48,6 +48,7 @@ from .conv_costs import (DENSITY_SAMPLE, ELEMENTWISE_COST, FEW_INPUTS, GROUPED_C
                          SHORT_COPY_COST, SHORT_MAC_COST, SHORT_WEIGHT_COST, SPARSE_DELTA_COST,
                          SPARSE_LISTED_COST, SPARSE_MAC_COST, SPARSE_PATCH_COST, SPARSE_PIXEL_COST,
                          SPARSE_WEIGHT_COST)
+from ..workarounds import row_major
 from .linear import cat_calls
 from .registry import bias_term, register_rule
 
@@ -210,8 +211,9 @@ def _grouped(layer: nn.Module, acts, grads, V: torch.Tensor | None) -> tuple[tor
     shape = (b * layer.out_channels, *layer.weight.shape[1:])
     g = None
     for x, d in zip(acts, grads):
-        gi = weight_grad(x.to(acc).reshape(1, -1, *x.shape[2:]), shape, d.to(acc).reshape(1, -1, *d.shape[2:]),
-                         layer.stride, pad, layer.dilation, b * G)
+        # row-major: with odd strides torch picks a channels_last kernel that refuses its own output
+        gi = weight_grad(row_major(x.to(acc)).reshape(1, -1, *x.shape[2:]), shape,
+                         row_major(d.to(acc)).reshape(1, -1, *d.shape[2:]), layer.stride, pad, layer.dilation, b * G)
         g = gi if g is None else g.add_(gi)
     return norm_dot(g.reshape(b, -1), None if V is None else V.reshape(V.shape[0], -1))
 
