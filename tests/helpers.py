@@ -309,7 +309,23 @@ def check_random_model(seed: int, model: nn.Module, x, y, what: str, engines=("a
         where = f"seed {seed}, {engine}, params {params}, {what}"
         torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-7, atol=1e-12, msg=lambda m: f"{where}\n{m}")
         torch.testing.assert_close(got.dots, want.dots, rtol=1e-7, atol=1e-9, msg=lambda m: f"{where}\n{m}")
+    _check_sketch(seed, model, x, y, params, f"seed {seed}, sketch, params {params}, {what}")
     return True
+
+
+def _check_sketch(seed: int, model: nn.Module, x, y, params, where: str) -> None:
+    """The sketch of each example (``Scorer.sketch_batch``, as ``gradscore sketch`` runs it)
+    equals Φ·g_b of its gradient from a per-example autograd loop (assert)."""
+    from gradscore.sketches import Projection
+    scorer = gs.Scorer(model, params=params)
+    proj = Projection.for_model(model, scorer.param_names, 40, seed=seed)
+    got = scorer.sketch_batch(x, y, proj).dots
+    named = dict(model.named_parameters())
+    wanted = [named[n] for n in scorer.param_names]
+    with torch_workarounds(model):
+        per = [_grads(F.cross_entropy(model(x[b:b + 1]), y[b:b + 1]), wanted) for b in range(len(y))]
+    want = proj.apply({n: torch.stack([g[i] for g in per]) for i, n in enumerate(scorer.param_names)})
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9, msg=lambda m: f"{where}\n{m}")
 
 
 # the in-run recorder's records against the per-example loop at each step's θ_t

@@ -4,17 +4,18 @@ float64, over 1, 2 and 3 spatial dimensions (signals, images, volumes).
 Each seed builds a model from a few blocks: ConvNd with a kernel, stride and dilation per
 axis, numeric, "same" or "valid" padding, every padding mode and groups; ConvTransposeNd
 with stride, padding, output padding, dilation and groups; a Linear over the channels (a
-channels-last permute) or over the last axis; LayerNorm over the channels; GroupNorm;
-eval BatchNormNd; InstanceNormNd with or without affine, tracking running statistics or
-not; max, average and adaptive average pooling. Each layer reads its input as it comes or
-converted to channels-last strides (``torch.channels_last`` / ``channels_last_3d``; for
-1-D, the strides of a transposed copy), with residuals; B from 1 to 3 and sizes down to
-1, so an axis of length B, one channel and 1 × 1 images come up. The parameters scored
-are drawn as in ``test_random_models.py``: all, those from a random block on, or the
-rest of a model with random blocks frozen. ``auto``, ``ghost`` and ``vmap`` must equal
-the loop: a wrong number is a failure, a refusal by torch is not. The 2-D set found
-torch's CPU InstanceNorm backward wrong for one example with a channels_last gradient,
-and its GroupNorm backward crashing on a channels_last input (``engines/workarounds.py``).
+channels-last permute) or over the last axis; LayerNorm over the channels; GroupNorm; eval
+BatchNormNd; InstanceNormNd with or without affine, tracking running statistics or not;
+max, average and adaptive average pooling; a layer called twice (shared weights). Each
+layer reads its input as it comes or converted to channels-last strides
+(``torch.channels_last`` / ``channels_last_3d``; for 1-D, the strides of a transposed
+copy), with residuals; B from 1 to 3 and sizes down to 1, so an axis of length B, one
+channel and 1 × 1 images come up. The parameters scored are drawn as in
+``test_random_models.py``: all, those from a random block on, or the rest of a model with
+random blocks frozen. ``auto``, ``ghost`` and ``vmap`` must equal the loop: a wrong number
+is a failure, a refusal by torch is not. The 2-D set found torch's CPU InstanceNorm
+backward wrong for one example with a channels_last gradient, and its GroupNorm backward
+crashing on a channels_last input (``engines/workarounds.py``).
 
 The seeds run in a child process that names each seed before it runs: a crash inside
 torch fails the test that ran it and says which seed, rather than ending the session.
@@ -157,25 +158,40 @@ def _layer(rng: random.Random, kind: str, C: int, size: list[int], training: boo
 
 
 class RandomImageModel(nn.Module):
+    """Up to 4 blocks of ``kinds``, then a Linear head; "twice" calls an earlier block's layer
+    again (shared weights) where the input fits it."""
+
     KINDS = ("conv", "conv", "conv_transpose", "linear", "linear_w", "layernorm", "groupnorm", "batchnorm",
-             "instancenorm", "maxpool", "avgpool", "adaptivepool")
+             "instancenorm", "maxpool", "avgpool", "adaptivepool", "twice", "twice")
 
     def __init__(self, rng: random.Random, C: int, size: list[int], kinds: tuple[str, ...] = KINDS,
                  training: bool = False) -> None:
         super().__init__()
-        blocks = []
+        blocks, made = [], []   # made: (layer, kind, what it reads, what it gives)
         for _ in range(rng.randint(1, 4)):
             kind = rng.choice(kinds)
-            made = _layer(rng, kind, C, size, training)
-            if made is None:
-                continue
-            layer, C, size = made
+            if kind == "twice":
+                fits = [m for m in made if m[2] == (C, size) and any(p.numel() for p in m[0].parameters())]
+                if not fits:
+                    continue
+                layer, kind, _, (C, size) = rng.choice(fits)
+            else:
+                new = _layer(rng, kind, C, size, training)
+                if new is None:
+                    continue
+                made.append((new[0], kind, (C, size), (new[1], new[2])))
+                layer, C, size = new
             blocks.append(Block(layer, kind, rng.random() < 0.5, rng.random() < 0.5, rng.random() < 0.3))
         self.blocks = nn.ModuleList(blocks)
         self.head = nn.Linear(C * math.prod(size), 3)
 
     def describe(self) -> str:
-        return ", ".join(f"{b.layer}{' (channels_last)' if b.channels_last else ''}" for b in self.blocks)
+        seen: set[int] = set()
+        out = []
+        for b in self.blocks:
+            out.append(f"{b.layer}{' again' if id(b.layer) in seen else ''}{' (channels_last)' if b.channels_last else ''}")
+            seen.add(id(b.layer))
+        return ", ".join(out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
@@ -240,7 +256,7 @@ def _in_a_child(check: str, dims: int, first: int, last: int) -> int:
 
 
 #: seeds per number of spatial axes: (scored fast, in training fast, scored slow, in training slow)
-SEEDS = {1: (40, 20, 1500, 400), 2: (60, 40, 2000, 600), 3: (40, 20, 1000, 300)}
+SEEDS = {1: (30, 15, 1500, 400), 2: (40, 25, 2000, 600), 3: (30, 15, 1000, 300)}
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
