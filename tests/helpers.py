@@ -161,17 +161,26 @@ class ChannelsLastNorm(nn.Module):
     """conv -> norm -> conv: in channels_last, the norm's output gradient comes back
     channels_last, which torch's CPU InstanceNorm backward gets wrong for one example;
     with ``group=True`` a GroupNorm, whose CPU backward of a channels_last input crashes
-    the process when the input's gradient is not asked for (only later parameters scored)."""
+    the process when the input's gradient is not asked for (only later parameters scored).
+    ``functional``: the norm's forward is ``F.instance_norm`` / ``F.group_norm`` called with
+    its parameters, as style-transfer (AdaIN) and diffusion code writes it."""
 
-    def __init__(self, affine: bool, group: bool = False, channels: int = 3):
+    def __init__(self, affine: bool, group: bool = False, channels: int = 3, functional: bool = False):
         super().__init__()
         C = channels   # 1: channels_last strides that also pass as contiguous
         norm = nn.GroupNorm(C, C, affine=affine) if group else nn.InstanceNorm2d(C, affine=affine)
-        self.conv, self.norm = nn.Conv2d(2, C, 3, padding=1), norm
+        self.conv, self.norm, self.functional = nn.Conv2d(2, C, 3, padding=1), norm, functional
         self.conv2, self.head = nn.Conv2d(C, 2, 3, padding=1), nn.Linear(2 * 4 * 4, 3)
 
     def forward(self, x):
-        return self.head(torch.tanh(self.conv2(self.norm(self.conv(x)))).flatten(1))
+        h, n = self.conv(x), self.norm
+        if not self.functional:
+            h = n(h)
+        elif isinstance(n, nn.GroupNorm):
+            h = F.group_norm(h, n.num_groups, n.weight, n.bias, n.eps)
+        else:
+            h = F.instance_norm(h, weight=n.weight, bias=n.bias, eps=n.eps)
+        return self.head(torch.tanh(self.conv2(h)).flatten(1))
 
 
 def channels_last_equals_contiguous(plain: nn.Module, x, y, params=None, batches=(slice(None),)) -> None:
@@ -322,7 +331,7 @@ def _check_sketch(seed: int, model: nn.Module, x, y, params, where: str) -> None
     got = scorer.sketch_batch(x, y, proj).dots
     named = dict(model.named_parameters())
     wanted = [named[n] for n in scorer.param_names]
-    with torch_workarounds(model):
+    with torch_workarounds():
         per = [_grads(F.cross_entropy(model(x[b:b + 1]), y[b:b + 1]), wanted) for b in range(len(y))]
     want = proj.apply({n: torch.stack([g[i] for g in per]) for i, n in enumerate(scorer.param_names)})
     torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9, msg=lambda m: f"{where}\n{m}")
@@ -373,7 +382,7 @@ def inrun_reference(model, snapshot, x, y, targets):
     params = list(m.parameters())
     xt, yt = targets
     out = []
-    with torch_workarounds(m):
+    with torch_workarounds():
         gJ = _grads(F.cross_entropy(m(xt), yt), params)
         norm_J = float(sum((g ** 2).sum() for g in gJ).sqrt())
         m.train()

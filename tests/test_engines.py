@@ -220,14 +220,16 @@ def test_a_module_registered_twice_is_scored_and_left_as_it_was(case, engine):
             assert (one > 0).all()
 
 
+@pytest.mark.parametrize("functional", [False, True])
 @pytest.mark.parametrize("affine", [True, False])
-def test_instance_norm_in_a_channels_last_model_equals_the_same_model_contiguous(affine):
+def test_instance_norm_in_a_channels_last_model_equals_the_same_model_contiguous(affine, functional):
     """A model in memory_format=channels_last computes the same function as in the default
     format; torch's InstanceNorm backward does not for one example (the loop's batches,
     a ghost batch of one). Every engine, on a batch of three and of one, equals the
-    contiguous model's loop (the co-states: the next test)."""
+    contiguous model's loop (the co-states: the next test); the norm as a module or
+    called through ``F.instance_norm``."""
     torch.manual_seed(0)
-    plain = ChannelsLastNorm(affine).double().eval()
+    plain = ChannelsLastNorm(affine, functional=functional).double().eval()
     if affine:
         with torch.no_grad():
             plain.norm.weight.uniform_(0.5, 1.5)
@@ -236,8 +238,9 @@ def test_instance_norm_in_a_channels_last_model_equals_the_same_model_contiguous
     channels_last_equals_contiguous(plain, x, y, batches=(slice(0, 3), slice(1, 2)))
 
 
+@pytest.mark.parametrize("functional", [False, True])
 @pytest.mark.parametrize("affine", [True, False])
-def test_the_co_states_gradient_of_one_example_in_a_channels_last_model(tmp_path, affine):
+def test_the_co_states_gradient_of_one_example_in_a_channels_last_model(tmp_path, affine, functional):
     """The co-states' ∇ and Hessian-vector products over chunks of one example (torch.func's
     grad and jvp) equal the contiguous model's."""
     import copy
@@ -245,7 +248,7 @@ def test_the_co_states_gradient_of_one_example_in_a_channels_last_model(tmp_path
     from gradscore.io.datasets import load_dataset
     from gradscore.scores.costate import _Objective
     torch.manual_seed(0)
-    plain = ChannelsLastNorm(affine).double().eval()
+    plain = ChannelsLastNorm(affine, functional=functional).double().eval()
     model = copy.deepcopy(plain).to(memory_format=torch.channels_last)
     ds = load_dataset(gs.save_dataset(tmp_path / "d.h5", torch.randn(3, 2, 4, 4).numpy(), np.array([0, 2, 1])))
     v = {n: torch.randn_like(p) for n, p in plain.named_parameters()}
@@ -264,8 +267,8 @@ import torch
 from helpers import ChannelsLastNorm, channels_last_equals_contiguous
 torch.manual_seed(0)
 x, y = torch.randn(3, 2, 4, 4, dtype=torch.float64), torch.tensor([0, 2, 1])
-for C in (3, 1):
-    plain = ChannelsLastNorm(affine=True, group=True, channels=C).double().eval()
+for C, functional in ((3, False), (1, False), (3, True), (1, True)):
+    plain = ChannelsLastNorm(affine=True, group=True, channels=C, functional=functional).double().eval()
     with torch.no_grad():
         plain.norm.weight.uniform_(0.5, 1.5)
         plain.norm.bias.uniform_(-0.5, 0.5)

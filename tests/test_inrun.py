@@ -1247,21 +1247,24 @@ def test_a_target_of_one_example_in_a_channels_last_model(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-10)
 
 
-def test_a_training_batch_of_one_that_torch_differentiates_wrongly_is_refused(tmp_path):
+@pytest.mark.parametrize("functional, named", [(False, r"layer 'norm' \(InstanceNorm2d\)"),
+                                               (True, r"F.instance_norm in the forward of the model \(ChannelsLastNorm\)")])
+def test_a_training_batch_of_one_that_torch_differentiates_wrongly_is_refused(tmp_path, functional, named):
     """torch's CPU InstanceNorm backward is wrong for a batch of one example whose output
     gradient comes channels_last; the training step is the user's, so its δ's, and every
     record of the layers before the norm, would be wrong. The step is refused with one
-    error naming the norm; batches of two in the same model are recorded and equal the
-    loop."""
+    error naming the norm (a layer, or F.instance_norm in a forward); batches of two in
+    the same model are recorded and equal the loop."""
     torch.manual_seed(0)
-    model = ChannelsLastNorm(affine=True).double().to(memory_format=torch.channels_last)
+    # F.instance_norm without affine (AdaIN's): with the norm's parameters the recorder would refuse the model
+    model = ChannelsLastNorm(affine=not functional, functional=functional).double().to(memory_format=torch.channels_last)
     x, y = torch.randn(5, 2, 4, 4, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0])
     rec = gs.InRun(model, out=tmp_path / "a.h5", targets=(x[3:], y[3:]))
     snaps = [({k: v.detach().clone() for k, v in model.state_dict().items()}, torch.arange(2))]
     with rec.step(range(2), y[:2], lr=0.1, step=0):
         F.cross_entropy(model(x[:2]), y[:2]).backward()
     model.zero_grad()
-    with pytest.raises(gs.GradscoreError, match=r"'norm' \(InstanceNorm2d\).*batch of one"):
+    with pytest.raises(gs.GradscoreError, match=named + ".*batch of one"):
         with rec.step([2], y[2:3], lr=0.1, step=1):
             F.cross_entropy(model(x[2:3]), y[2:3]).backward()
     path = rec.close()

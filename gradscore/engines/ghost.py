@@ -448,7 +448,7 @@ class GhostEngine(Engine):
         K = 0 if refs is None else refs[0].shape[0]
         B = batch_len(x)
         state, probes = _BatchSums(refs, self._index, K), []
-        with self._hooks(state, probes, B), torch_workarounds(self.model):
+        with self._hooks(state, probes, B), torch_workarounds():
             with torch.enable_grad():
                 out = call_model(self.model, x)
                 losses = self.loss.fn(out, y)

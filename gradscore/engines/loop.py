@@ -19,7 +19,7 @@ class LoopEngine(Engine):
         params = [named[n] for n in self.param_names]
         V = None if refs is None else torch.cat([r.reshape(r.shape[0], p.numel()) for r, p in zip(refs, params)], dim=1)
         losses, sqs, dots, outs = [], [], [], []
-        with torch_workarounds(self.model):
+        with torch_workarounds():
             for b in range(batch_len(x)):
                 out = call_model(self.model, take(x, b))
                 loss = self.loss.fn(out, y[b:b + 1]).sum()

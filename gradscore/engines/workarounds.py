@@ -1,5 +1,5 @@
-"""Temporary hooks that route gradscore's own backwards around torch bugs (wrong gradients,
-a crash); on the model only while the ``with`` block runs.
+"""Routes gradscore's own backwards around torch bugs (wrong gradients, a crash), and notes
+where the training step of the in-run recorder meets one; only while a ``with`` block runs.
 
 - torch's CPU InstanceNorm backward is wrong for a batch of one example whose output
   gradient comes in channels_last (a model in ``memory_format=torch.channels_last``, a
@@ -15,18 +15,28 @@ a crash); on the model only while the ``with`` block runs.
   reads a row-major copy of any CPU input with other strides: the same values, so the
   same function.
 
-Both are module hooks: ``F.instance_norm`` and ``F.group_norm`` called in a forward are not
-covered. The in-run recorder does not use these on the training step: the step must stay what
-the user's loop computes. There :func:`wrong_in_torch` only notes an InstanceNorm whose
-backward torch gets wrong, and the recorder refuses that step.
+Both norms reach torch through ``torch.instance_norm`` and ``torch.group_norm``, whether a
+model holds ``nn.InstanceNorm2d`` / ``nn.GroupNorm`` layers or calls ``F.instance_norm`` /
+``F.group_norm`` in its forward (style transfer's AdaIN, diffusion U-Nets). While a block
+runs, those two names in the ``torch`` namespace are functions of this module that call
+torch's own and return the same values; torch's are back when the last block ends.
+Functions imported by name before (``from torch import instance_norm``) are not covered.
+
+The in-run recorder cannot change the training step: it must stay what the user's loop
+computes. There :func:`wrong_in_torch` only notes an instance norm whose backward torch
+gets wrong, and the recorder refuses that step.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import threading
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
+
+#: torch's own functions, which the replacements below call
+_INSTANCE_NORM, _GROUP_NORM = torch.instance_norm, torch.group_norm
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -51,10 +61,6 @@ class _ContiguousGrad(torch.autograd.Function):
         return tangent
 
 
-def _contiguous_grad(module: nn.Module, args, output):
-    return _ContiguousGrad.apply(output) if isinstance(output, torch.Tensor) and output.requires_grad else None
-
-
 def _row_major_strides(shape: torch.Size) -> tuple[int, ...]:
     """The strides of a freshly allocated contiguous tensor of ``shape``."""
     strides, step = [], 1
@@ -72,29 +78,58 @@ def row_major(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride() == _row_major_strides(x.shape) else x.clone(memory_format=torch.contiguous_format)
 
 
-def _contiguous_input(module: nn.Module, args):
-    x = args[0] if args else None
-    if isinstance(x, torch.Tensor) and x.device.type == "cpu":
-        y = row_major(x)
-        return None if y is x else (y, *args[1:])
-    return None
+class _Active:
+    """What the replaced norms do now, process-wide: ``fixing`` (blocks of
+    :func:`torch_workarounds` open) and ``watchers`` (callbacks on an instance norm's
+    output, from :func:`wrong_in_torch`). torch's functions are back when both are empty."""
+
+    lock = threading.Lock()
+    fixing = 0
+    watchers: list[Callable[[torch.Tensor], None]] = []
+
+
+def _instance_norm(*args, **kwargs):
+    out = _INSTANCE_NORM(*args, **kwargs)
+    if not (isinstance(out, torch.Tensor) and out.requires_grad):
+        return out
+    if _Active.fixing:
+        return _ContiguousGrad.apply(out)
+    for watch in list(_Active.watchers):
+        watch(out)
+    return out
+
+
+def _group_norm(input, *args, **kwargs):
+    if _Active.fixing and isinstance(input, torch.Tensor) and input.device.type == "cpu":
+        input = row_major(input)
+    return _GROUP_NORM(input, *args, **kwargs)
 
 
 @contextlib.contextmanager
-def torch_workarounds(model: nn.Module) -> Iterator[None]:
-    """While inside, the model's InstanceNorm layers hand their backward a contiguous output
-    gradient and its GroupNorm layers read a contiguous input on CPU (module docstring)."""
-    handles = []
-    for m in model.modules():
-        if isinstance(m, nn.modules.instancenorm._InstanceNorm):
-            handles.append(m.register_forward_hook(_contiguous_grad))
-        elif isinstance(m, nn.GroupNorm):
-            handles.append(m.register_forward_pre_hook(_contiguous_input))
+def _replaced(fixing: int = 0, watcher: Callable[[torch.Tensor], None] | None = None) -> Iterator[None]:
+    """torch.instance_norm / torch.group_norm replaced while inside, with ``fixing`` and
+    ``watcher`` added to what they do."""
+    with _Active.lock:
+        if not _Active.fixing and not _Active.watchers:
+            torch.instance_norm, torch.group_norm = _instance_norm, _group_norm
+        _Active.fixing += fixing
+        if watcher is not None:
+            _Active.watchers.append(watcher)
     try:
         yield
     finally:
-        for h in handles:
-            h.remove()
+        with _Active.lock:
+            _Active.fixing -= fixing
+            if watcher is not None:
+                _Active.watchers.remove(watcher)
+            if not _Active.fixing and not _Active.watchers:
+                torch.instance_norm, torch.group_norm = _INSTANCE_NORM, _GROUP_NORM
+
+
+def torch_workarounds() -> contextlib.AbstractContextManager[None]:
+    """While inside, every instance norm hands its backward a contiguous output gradient and
+    every GroupNorm reads a row-major input on CPU, in any thread (module docstring)."""
+    return _replaced(fixing=1)
 
 
 def _channels_last_only(g: torch.Tensor) -> bool:
@@ -104,16 +139,34 @@ def _channels_last_only(g: torch.Tensor) -> bool:
     return g.is_contiguous(memory_format=torch.channels_last if g.dim() == 4 else torch.channels_last_3d)
 
 
-def wrong_in_torch(model: nn.Module, found: list[str]) -> list[torch.utils.hooks.RemovableHandle]:
-    """Forward hooks (the caller removes them) that append to ``found`` the name of each CPU
-    InstanceNorm whose backward in this forward's graph torch computes wrong: a batch of one
-    example whose output gradient comes channels_last. They change nothing: the gradient
-    passes on as it came."""
-    def watch(name: str):
-        def hook(module, args, output):
-            if (isinstance(output, torch.Tensor) and output.requires_grad and output.device.type == "cpu"
-                    and output.dim() in (4, 5) and output.shape[0] == 1):
-                output.register_hook(lambda g: found.append(name) if _channels_last_only(g) else None)
+@contextlib.contextmanager
+def wrong_in_torch(model: nn.Module, found: list[str]) -> Iterator[None]:
+    """While inside, each CPU instance norm in a forward of ``model`` whose backward torch
+    computes wrong (a batch of one example whose output gradient comes channels_last)
+    appends to ``found`` the name of the module running it (its own, or the one whose
+    forward calls ``F.instance_norm``). Nothing changes: the gradient passes on as it came.
+    Meant for a training step of one example: it hooks every module to know which runs."""
+    running: list[str] = []
+
+    def enter(name: str):
+        def hook(module, args):
+            running.append(name)
         return hook
-    return [m.register_forward_hook(watch(name)) for name, m in model.named_modules()
-            if isinstance(m, nn.modules.instancenorm._InstanceNorm)]
+
+    def leave(module, args, output):
+        running.pop()
+
+    handles = [h for name, m in model.named_modules()
+               for h in (m.register_forward_pre_hook(enter(name)), m.register_forward_hook(leave))]
+
+    def watch(out: torch.Tensor) -> None:
+        if out.device.type == "cpu" and out.dim() in (4, 5) and out.shape[0] == 1 and running:
+            where = running[-1]
+            out.register_hook(lambda g: found.append(where) if _channels_last_only(g) else None)
+
+    try:
+        with _replaced(watcher=watch):
+            yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -489,7 +489,7 @@ class InRun:
         captured: dict[str, _TargetFactors] = {}
         blocks: dict[str, torch.Tensor] = {}
         with _aside(self.model), torch.enable_grad(), self._capture_linear(captured) as z, \
-                torch_workarounds(self.network):
+                torch_workarounds():
             for i, (x, y) in enumerate(self.targets):   # J = Σ over the batches of their summed losses / N
                 x, y = move(x, like), y.to(like.device)   # the model's device and dtype
                 self._busy = True
@@ -800,7 +800,9 @@ class _Step:
                                   f"of its own. Use GroupNorm or LayerNorm, or freeze its statistics "
                                   f"(call .eval() on the BatchNorm layers after model.train()), or score "
                                   f"saved checkpoints in eval mode (gradscore run)")
-        self.handles = [rec.model.register_forward_hook(self._post), *wrong_in_torch(rec.model, self.wrong)]
+        self.handles = [rec.model.register_forward_hook(self._post)]
+        if len(self.ids) == 1:   # where torch's backward of a batch of one is wrong
+            self.stack.enter_context(wrong_in_torch(rec.model, self.wrong))
         if not self.auto:   # attached: the recorder's own pre-hook calls _pre
             self.handles.append(rec.model.register_forward_pre_hook(self._pre, with_kwargs=True))
         return self
@@ -893,9 +895,12 @@ class _Step:
         if self.error is not None:
             raise self.error
         if self.wrong:
-            norm = self.wrong[0]
-            raise EngineError(f"layer '{norm}' ({type(self.rec.model.get_submodule(norm)).__name__}): torch's CPU "
-                              f"InstanceNorm backward is wrong for a batch of one example whose output gradient "
+            module = self.rec.model.get_submodule(self.wrong[0])
+            where = (f"layer '{self.wrong[0]}' ({type(module).__name__})"
+                     if isinstance(module, nn.modules.instancenorm._InstanceNorm) else
+                     f"F.instance_norm in the forward of {f'layer {self.wrong[0]!r}' if self.wrong[0] else 'the model'} "
+                     f"({type(module).__name__})")
+            raise EngineError(f"{where}: torch's CPU InstanceNorm backward is wrong for a batch of one example whose output gradient "
                               f"comes channels_last, so this step's gradient (the training's own) and the records "
                               f"of the layers before the norm would be wrong; nothing is recorded for it. Train on "
                               f"batches of two or more (drop_last=True keeps a last batch of one out), or keep "

@@ -124,7 +124,7 @@ class _Objective:
 
     def _accumulate(self, fn: Callable[[torch.Tensor, torch.Tensor], Params]) -> Params:
         total: Params | None = None
-        with torch_workarounds(self.model):
+        with torch_workarounds():
             for x, y in self._chunks():
                 part = fn(x, y)
                 total = part if total is None else {k: total[k] + part[k] for k in total}
