@@ -6,16 +6,16 @@ axis, numeric, "same" or "valid" padding, every padding mode and groups; ConvTra
 with stride, padding, output padding, dilation and groups; a Linear over the channels (a
 channels-last permute) or over the last axis; LayerNorm over the channels; GroupNorm; eval
 BatchNormNd; InstanceNormNd with or without affine, tracking running statistics or not;
-max, average and adaptive average pooling; a layer called twice (shared weights). Each
-layer reads its input as it comes or converted to channels-last strides
-(``torch.channels_last`` / ``channels_last_3d``; for 1-D, the strides of a transposed
-copy), with residuals; B from 1 to 3 and sizes down to 1, so an axis of length B, one
-channel and 1 × 1 images come up. The parameters scored are drawn as in
-``test_random_models.py``: all, those from a random block on, or the rest of a model with
-random blocks frozen. ``auto``, ``ghost`` and ``vmap`` must equal the loop: a wrong number
-is a failure, a refusal by torch is not. The 2-D set found torch's CPU InstanceNorm
-backward wrong for one example with a channels_last gradient, and its GroupNorm backward
-crashing on a channels_last input (``engines/workarounds.py``).
+F.instance_norm and F.group_norm called in a forward; max, average and adaptive average
+pooling; a layer called twice (shared weights). Each layer reads its input as it comes or
+converted to channels-last strides (``torch.channels_last`` / ``channels_last_3d``; for
+1-D, the strides of a transposed copy), with residuals; B from 1 to 3 and sizes down to 1,
+so an axis of length B, one channel and 1 × 1 images come up. The parameters scored are
+drawn as in ``test_random_models.py``: all, those from a random block on, or the rest of a
+model with random blocks frozen. ``auto``, ``ghost`` and ``vmap`` must equal the loop: a
+wrong number is a failure, a refusal by torch is not. The 2-D set found torch's CPU
+InstanceNorm backward wrong for one example with a channels_last gradient, and its
+GroupNorm backward crashing on a channels_last input (``engines/workarounds.py``).
 
 The seeds run in a child process that names each seed before it runs: a crash inside
 torch fails the test that ran it and says which seed, rather than ending the session.
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from helpers import check_random_inrun, check_random_model, python_child
@@ -68,6 +69,18 @@ class Block(nn.Module):
             y = self.layer(channels_last(h) if self.channels_last else h)
         y = torch.tanh(y) if self.act else y
         return h + y if self.residual and y.shape == h.shape else y
+
+
+class FunctionalNorm(nn.Module):
+    """``F.instance_norm`` or ``F.group_norm`` without parameters, called in a forward as
+    AdaIN-style code does (no norm layer for a hook to find)."""
+
+    def __init__(self, groups: int | None) -> None:
+        super().__init__()
+        self.groups = groups
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.instance_norm(h) if self.groups is None else F.group_norm(h, self.groups)
 
 
 def _conv(rng: random.Random, C: int, size: list[int]) -> tuple[nn.Module, int, list[int]] | None:
@@ -149,6 +162,10 @@ def _layer(rng: random.Random, kind: str, C: int, size: list[int], training: boo
             layer.running_mean.uniform_(-0.5, 0.5)
             layer.running_var.uniform_(0.5, 2.0)
         return layer, C, size
+    if kind == "functional_norm":
+        if training and math.prod(size) == 1:   # F.instance_norm needs two values in training
+            return FunctionalNorm(rng.choice([g for g in (1, C) if C % g == 0])), C, size
+        return FunctionalNorm(rng.choice([None, 1, C])), C, size
     if kind == "adaptivepool":
         size2 = [rng.randint(1, n) for n in size]
         return ADAPTIVE_POOL[d](size2), C, size2
@@ -162,7 +179,7 @@ class RandomImageModel(nn.Module):
     again (shared weights) where the input fits it."""
 
     KINDS = ("conv", "conv", "conv_transpose", "linear", "linear_w", "layernorm", "groupnorm", "batchnorm",
-             "instancenorm", "maxpool", "avgpool", "adaptivepool", "twice", "twice")
+             "instancenorm", "functional_norm", "maxpool", "avgpool", "adaptivepool", "twice", "twice")
 
     def __init__(self, rng: random.Random, C: int, size: list[int], kinds: tuple[str, ...] = KINDS,
                  training: bool = False) -> None:
