@@ -296,9 +296,10 @@ def random_selection(seed: int, model: nn.Module) -> list[str] | None:
 
 def check_random_model(seed: int, model: nn.Module, x, y, what: str, engines=("auto", "ghost")) -> bool:
     """A random float64 model in eval mode, on the parameters :func:`random_selection` draws:
-    each of ``engines`` equals the loop (assert, ``what`` describes the model), or torch
-    refused it; ``vmap`` may refuse a model it cannot trace with its GradscoreError.
-    Returns whether it was compared."""
+    each of ``engines`` equals the loop (assert, ``what`` describes the model) on a batch
+    that follows an empty one, or torch refused it; ``vmap`` may refuse a model it cannot
+    trace with its GradscoreError. The sketches too (:func:`_check_sketch`), and ``auto``
+    in float32 (:func:`_check_float32`). Returns whether it was compared."""
     params = random_selection(seed, model)
     loop = gs.Scorer(model, engine="loop", params=params)
     V = torch.randn(2, loop.num_params, dtype=torch.float64)
@@ -310,7 +311,10 @@ def check_random_model(seed: int, model: nn.Module, x, y, what: str, engines=("a
         return False   # a normalization of a constant: the gradient is rounding noise blown up, in any engine
     for engine in engines:
         try:
-            got = gs.Scorer(model, engine=engine, params=params).score_batch(x, y, refs=V)
+            scorer = gs.Scorer(model, engine=engine, params=params)
+            empty = scorer.score_batch(x[:0], y[:0], refs=V)   # B == 0 first: nothing to lay out from
+            assert empty.sq_norm.shape == (0,) and empty.dots.shape == (0, 2), (engine, empty)
+            got = scorer.score_batch(x, y, refs=V)
         except gs.GradscoreError:
             if engine == "vmap":   # a channels_last conversion, which vmap does not support
                 continue
@@ -319,7 +323,29 @@ def check_random_model(seed: int, model: nn.Module, x, y, what: str, engines=("a
         torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-7, atol=1e-12, msg=lambda m: f"{where}\n{m}")
         torch.testing.assert_close(got.dots, want.dots, rtol=1e-7, atol=1e-9, msg=lambda m: f"{where}\n{m}")
     _check_sketch(seed, model, x, y, params, f"seed {seed}, sketch, params {params}, {what}")
+    _check_float32(model, x, y, params, V, want, f"seed {seed}, float32, params {params}, {what}")
     return True
+
+
+def _errors(got, want, V) -> tuple[float, float]:
+    """The largest relative error of ‖g_b‖², and of ⟨g_b, v_k⟩ in units of ‖g_b‖·‖v_k‖."""
+    sq = want.sq_norm.double()
+    sq_err = ((got.sq_norm.double() - sq).abs() / (sq + 1e-6 * sq.max() + 1e-30)).max()
+    scale = sq.sqrt()[:, None] * V.double().norm(dim=1)[None] + 1e-30
+    return float(sq_err), float(((got.dots.double() - want.dots.double()).abs() / scale).max())
+
+
+def _check_float32(model: nn.Module, x, y, params, V, want, where: str) -> None:
+    """The model in float32, as users run it, scored by ``auto``: within 10⁻⁴ of the float64
+    loop (assert) wherever float32 itself is: where the float32 loop is within 10⁻⁵."""
+    m32 = copy.deepcopy(model).float()
+    x32, V32 = (x.float() if x.is_floating_point() else x), V.float()
+    loop_sq, loop_dot = _errors(gs.Scorer(m32, engine="loop", params=params).score_batch(x32, y, refs=V32), want, V)
+    if max(loop_sq, loop_dot) > 1e-5:   # ill-conditioned in float32 whatever computes it
+        return
+    got_sq, got_dot = _errors(gs.Scorer(m32, engine="auto", params=params).score_batch(x32, y, refs=V32), want, V)
+    assert got_sq < 1e-4 and got_dot < 1e-4, (f"{where}: relative error {got_sq:.2e} (‖g‖²), {got_dot:.2e} (dots); "
+                                              f"the float32 loop's {loop_sq:.2e}, {loop_dot:.2e}")
 
 
 def _check_sketch(seed: int, model: nn.Module, x, y, params, where: str) -> None:
@@ -328,6 +354,7 @@ def _check_sketch(seed: int, model: nn.Module, x, y, params, where: str) -> None
     from gradscore.sketches import Projection
     scorer = gs.Scorer(model, params=params)
     proj = Projection.for_model(model, scorer.param_names, 40, seed=seed)
+    assert scorer.sketch_batch(x[:0], y[:0], proj).dots.shape == (0, proj.dim), where
     got = scorer.sketch_batch(x, y, proj).dots
     named = dict(model.named_parameters())
     wanted = [named[n] for n in scorer.param_names]

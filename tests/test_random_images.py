@@ -162,10 +162,8 @@ def _layer(rng: random.Random, kind: str, C: int, size: list[int], training: boo
             layer.running_mean.uniform_(-0.5, 0.5)
             layer.running_var.uniform_(0.5, 2.0)
         return layer, C, size
-    if kind == "functional_norm":
-        if training and math.prod(size) == 1:   # F.instance_norm needs two values in training
-            return FunctionalNorm(rng.choice([g for g in (1, C) if C % g == 0])), C, size
-        return FunctionalNorm(rng.choice([None, 1, C])), C, size
+    if kind == "functional_norm":   # F.instance_norm takes each input's statistics: it needs two values
+        return FunctionalNorm(rng.choice(([None] if math.prod(size) > 1 else []) + [1, C])), C, size
     if kind == "adaptivepool":
         size2 = [rng.randint(1, n) for n in size]
         return ADAPTIVE_POOL[d](size2), C, size2
