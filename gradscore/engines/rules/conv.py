@@ -44,11 +44,11 @@ from torch import nn
 from ...kernels.dispatch import numba_on_cpu
 from ...kernels.ghost_linear import ghost_linear, workspace_bytes
 from ...kernels import acc_dtype, norm_dot
+from ..workarounds import row_major
 from .conv_costs import (DENSITY_SAMPLE, ELEMENTWISE_COST, FEW_INPUTS, GROUPED_COST, GROUPED_FEW_INPUTS_COST,
                          SHORT_COPY_COST, SHORT_MAC_COST, SHORT_WEIGHT_COST, SPARSE_DELTA_COST,
                          SPARSE_LISTED_COST, SPARSE_MAC_COST, SPARSE_PATCH_COST, SPARSE_PIXEL_COST,
                          SPARSE_WEIGHT_COST)
-from ..workarounds import row_major
 from .linear import cat_calls
 from .registry import bias_term, register_rule
 
