@@ -336,16 +336,18 @@ def _errors(got, want, V) -> tuple[float, float]:
 
 
 def _check_float32(model: nn.Module, x, y, params, V, want, where: str) -> None:
-    """The model in float32, as users run it, scored by ``auto``: within 10⁻⁴ of the float64
-    loop (assert) wherever float32 itself is: where the float32 loop is within 10⁻⁵."""
+    """The model in float32, as users run it, scored by ``auto``, against the float64 loop
+    (assert): within 10⁻⁴, or 100 times the float32 loop's own error if that is larger.
+    Skipped where the float32 loop is off by over 10⁻⁵: ill-conditioned in float32 (a
+    normalization of a near-constant amplifies each rounding by up to 1/√eps)."""
     m32 = copy.deepcopy(model).float()
     x32, V32 = (x.float() if x.is_floating_point() else x), V.float()
-    loop_sq, loop_dot = _errors(gs.Scorer(m32, engine="loop", params=params).score_batch(x32, y, refs=V32), want, V)
-    if max(loop_sq, loop_dot) > 1e-5:   # ill-conditioned in float32 whatever computes it
+    loop_err = max(_errors(gs.Scorer(m32, engine="loop", params=params).score_batch(x32, y, refs=V32), want, V))
+    if loop_err > 1e-5:
         return
     got_sq, got_dot = _errors(gs.Scorer(m32, engine="auto", params=params).score_batch(x32, y, refs=V32), want, V)
-    assert got_sq < 1e-4 and got_dot < 1e-4, (f"{where}: relative error {got_sq:.2e} (‖g‖²), {got_dot:.2e} (dots); "
-                                              f"the float32 loop's {loop_sq:.2e}, {loop_dot:.2e}")
+    assert max(got_sq, got_dot) < max(1e-4, 100 * loop_err), (
+        f"{where}: relative error {got_sq:.2e} (‖g‖²), {got_dot:.2e} (dots); the float32 loop's {loop_err:.2e}")
 
 
 def _check_sketch(seed: int, model: nn.Module, x, y, params, where: str) -> None:
