@@ -895,16 +895,17 @@ class _Step:
         if self.error is not None:
             raise self.error
         if self.wrong:
-            module = self.rec.model.get_submodule(self.wrong[0])
-            where = (f"layer '{self.wrong[0]}' ({type(module).__name__})"
-                     if isinstance(module, nn.modules.instancenorm._InstanceNorm) else
-                     f"F.instance_norm in the forward of {f'layer {self.wrong[0]!r}' if self.wrong[0] else 'the model'} "
-                     f"({type(module).__name__})")
-            raise EngineError(f"{where}: torch's CPU InstanceNorm backward is wrong for a batch of one example whose output gradient "
-                              f"comes channels_last, so this step's gradient (the training's own) and the records "
-                              f"of the layers before the norm would be wrong; nothing is recorded for it. Train on "
-                              f"batches of two or more (drop_last=True keeps a last batch of one out), or keep "
-                              f"the layers after the norm in the default memory format")
+            name = self.wrong[0]
+            module = self.rec.model.get_submodule(name)
+            where = f"layer '{name}'" if name else "the model"
+            if not isinstance(module, nn.modules.instancenorm._InstanceNorm):   # F.instance_norm in its forward
+                where = f"F.instance_norm in the forward of {where}"
+            raise EngineError(f"{where} ({type(module).__name__}): torch's CPU InstanceNorm backward is wrong for "
+                              f"a batch of one example whose output gradient comes channels_last, so this step's "
+                              f"gradient (the training's own) and the records of the layers before the norm would "
+                              f"be wrong; nothing is recorded for it. Train on batches of two or more "
+                              f"(drop_last=True keeps a last batch of one out), or keep the layers after the norm "
+                              f"in the default memory format")
         if self.terms is None or self.state is None or self.state.sq is None:
             raise EngineError("no backward reached the model inside rec.step; call loss.backward() inside the "
                               "`with rec.step(...)` block")
