@@ -286,3 +286,31 @@ def test_group_norm_in_a_channels_last_model_scored_from_the_norm_on():
     engine, over three parameter selections, equals the contiguous model's loop."""
     proc = python_child(_GROUP_NORM_CHECK, timeout=600)
     assert proc.returncode == 0 and "compared" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
+
+
+def test_the_norm_workarounds_leave_torch_as_they_found_it(monkeypatch):
+    """The workarounds replace torch.instance_norm and torch.group_norm while gradscore's
+    blocks run (nested, or with the in-run watch inside), call what they replaced, and put
+    back exactly that, a user's own wrapper included."""
+    from gradscore.engines.workarounds import torch_workarounds, wrong_in_torch
+    calls, instance_norm, group_norm = [], torch.instance_norm, torch.group_norm
+
+    def users_instance_norm(*args, **kwargs):
+        calls.append("instance")
+        return instance_norm(*args, **kwargs)
+
+    def users_group_norm(*args, **kwargs):
+        calls.append("group")
+        return group_norm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "instance_norm", users_instance_norm)
+    monkeypatch.setattr(torch, "group_norm", users_group_norm)
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    with torch_workarounds():
+        assert torch.instance_norm is not users_instance_norm
+        with wrong_in_torch(nn.Linear(1, 1), []), torch_workarounds():
+            torch.nn.functional.instance_norm(x).sum().backward()
+        assert torch.instance_norm is not users_instance_norm
+        torch.nn.functional.group_norm(x, 3)
+    assert (torch.instance_norm, torch.group_norm) == (users_instance_norm, users_group_norm)
+    assert calls == ["instance", "group"]

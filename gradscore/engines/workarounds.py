@@ -19,7 +19,7 @@ Both norms reach torch through ``torch.instance_norm`` and ``torch.group_norm``,
 model holds ``nn.InstanceNorm2d`` / ``nn.GroupNorm`` layers or calls ``F.instance_norm`` /
 ``F.group_norm`` in its forward (style transfer's AdaIN, diffusion U-Nets). While a block
 runs, those two names in the ``torch`` namespace are functions of this module that call
-torch's own and return the same values; torch's are back when the last block ends.
+the ones they replaced and return the same values; those are back when the last block ends.
 Functions imported by name before (``from torch import instance_norm``) are not covered.
 
 The in-run recorder cannot change the training step: it must stay what the user's loop
@@ -34,10 +34,6 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
-
-#: torch's own functions, which the replacements below call
-_INSTANCE_NORM, _GROUP_NORM = torch.instance_norm, torch.group_norm
-
 
 class _ContiguousGrad(torch.autograd.Function):
     """Identity whose backward passes the gradient on contiguous."""
@@ -81,15 +77,18 @@ def row_major(x: torch.Tensor) -> torch.Tensor:
 class _Active:
     """What the replaced norms do now, process-wide: ``fixing`` (blocks of
     :func:`torch_workarounds` open) and ``watchers`` (callbacks on an instance norm's
-    output, from :func:`wrong_in_torch`). torch's functions are back when both are empty."""
+    output, from :func:`wrong_in_torch`); ``found``: torch.instance_norm and
+    torch.group_norm as they were before, which the replacements call and which are put
+    back when both are empty."""
 
     lock = threading.Lock()
     fixing = 0
     watchers: list[Callable[[torch.Tensor], None]] = []
+    found: tuple[Callable, Callable] = (torch.instance_norm, torch.group_norm)
 
 
 def _instance_norm(*args, **kwargs):
-    out = _INSTANCE_NORM(*args, **kwargs)
+    out = _Active.found[0](*args, **kwargs)
     if not (isinstance(out, torch.Tensor) and out.requires_grad):
         return out
     if _Active.fixing:
@@ -102,7 +101,7 @@ def _instance_norm(*args, **kwargs):
 def _group_norm(input, *args, **kwargs):
     if _Active.fixing and isinstance(input, torch.Tensor) and input.device.type == "cpu":
         input = row_major(input)
-    return _GROUP_NORM(input, *args, **kwargs)
+    return _Active.found[1](input, *args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -111,6 +110,7 @@ def _replaced(fixing: int = 0, watcher: Callable[[torch.Tensor], None] | None = 
     ``watcher`` added to what they do."""
     with _Active.lock:
         if not _Active.fixing and not _Active.watchers:
+            _Active.found = (torch.instance_norm, torch.group_norm)
             torch.instance_norm, torch.group_norm = _instance_norm, _group_norm
         _Active.fixing += fixing
         if watcher is not None:
@@ -123,7 +123,7 @@ def _replaced(fixing: int = 0, watcher: Callable[[torch.Tensor], None] | None = 
             if watcher is not None:
                 _Active.watchers.remove(watcher)
             if not _Active.fixing and not _Active.watchers:
-                torch.instance_norm, torch.group_norm = _INSTANCE_NORM, _GROUP_NORM
+                torch.instance_norm, torch.group_norm = _Active.found
 
 
 def torch_workarounds() -> contextlib.AbstractContextManager[None]:
