@@ -350,6 +350,16 @@ def _check_float32(model: nn.Module, x, y, params, V, want, where: str) -> None:
         f"{where}: relative error {got_sq:.2e} (‖g‖²), {got_dot:.2e} (dots); the float32 loop's {loop_err:.2e}")
 
 
+def loop_grads(model: nn.Module, x, y, names: list[str]) -> dict[str, torch.Tensor]:
+    """{name: (B, *shape)} per-example gradients of the cross-entropy ℓ_b, one autograd call
+    per example, under gradscore's workarounds for torch's CPU norm bugs (as the loop engine)."""
+    named = dict(model.named_parameters())
+    with torch_workarounds():
+        per = [torch.autograd.grad(F.cross_entropy(model(x[b:b + 1]), y[b:b + 1]), [named[n] for n in names])
+               for b in range(len(y))]
+    return {n: torch.stack([g[i] for g in per]) for i, n in enumerate(names)}
+
+
 def _check_sketch(seed: int, model: nn.Module, x, y, params, where: str) -> None:
     """The sketch of each example (``Scorer.sketch_batch``, as ``gradscore sketch`` runs it)
     equals Φ·g_b of its gradient from a per-example autograd loop (assert)."""
@@ -358,11 +368,7 @@ def _check_sketch(seed: int, model: nn.Module, x, y, params, where: str) -> None
     proj = Projection.for_model(model, scorer.param_names, 40, seed=seed)
     assert scorer.sketch_batch(x[:0], y[:0], proj).dots.shape == (0, proj.dim), where
     got = scorer.sketch_batch(x, y, proj).dots
-    named = dict(model.named_parameters())
-    wanted = [named[n] for n in scorer.param_names]
-    with torch_workarounds():
-        per = [_grads(F.cross_entropy(model(x[b:b + 1]), y[b:b + 1]), wanted) for b in range(len(y))]
-    want = proj.apply({n: torch.stack([g[i] for g in per]) for i, n in enumerate(scorer.param_names)})
+    want = proj.apply(loop_grads(model, x, y, scorer.param_names))
     torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9, msg=lambda m: f"{where}\n{m}")
 
 

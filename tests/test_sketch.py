@@ -13,7 +13,7 @@ from torch import nn
 from gradscore.demos.models import digits_cnn, mlp, recurrent_classifier, tiny_transformer
 from gradscore.losses import resolve_loss
 from gradscore.sketches import Projection, SketchEngine
-from helpers import Reversed
+from helpers import Reversed, loop_grads
 
 LOSS = resolve_loss("cross_entropy")
 
@@ -103,14 +103,6 @@ def _case(name: str, B: int = 6, T: int = 5):
     raise ValueError(name)
 
 
-def _loop_grads(model, x, y, names):
-    """{name: (B, *shape)} per-example gradients of ℓ_b, one autograd call per example."""
-    params = dict(model.named_parameters())
-    per = [torch.autograd.grad(LOSS.fn(model(x[b:b + 1]), y[b:b + 1]).sum(), [params[n] for n in names])
-           for b in range(len(y))]
-    return {n: torch.stack([p[i] for p in per]) for i, n in enumerate(names)}
-
-
 @pytest.mark.parametrize("name", ["mlp", "cnn", "transformer", "gru_attention", "lstm", "fallback", "tied",
                                   "seq_first", "weight_norm", "hooked", "tied_functional", "reordered"])
 @pytest.mark.parametrize("dim", [50, 300])
@@ -125,7 +117,7 @@ def test_sketch_equals_projection_of_the_loop_gradient(name, dim):
     proj = Projection.for_model(model, names, dim, seed=3)
     engine = SketchEngine(model, LOSS, names, proj)
     got = engine.sketch_batch(x, y).dots
-    want = proj.apply(_loop_grads(model, x, y, names))
+    want = proj.apply(loop_grads(model, x, y, names))
     assert got.shape == (len(y), proj.dim) and got.dtype == torch.float64
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     kinds = {b.kind for b in proj.spec.blocks}
@@ -163,7 +155,7 @@ def test_conv_sketches_equal_projection_of_the_loop_gradient(dim):
     proj = Projection.for_model(model, names, dim, seed=7)
     assert all(proj.by_name[f"{c}.weight"].kind == "kron" for c in ("c1", "c2", "grouped", "twice", "c3"))
     got = SketchEngine(model, LOSS, names, proj).sketch_batch(x, y).dots
-    torch.testing.assert_close(got, proj.apply(_loop_grads(model, x, y, names)), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got, proj.apply(loop_grads(model, x, y, names)), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("T", [6, 1])
@@ -175,7 +167,7 @@ def test_sequence_first_with_T_equal_to_B_and_T_1(T):
     names = [n for n, _ in model.named_parameters()]
     proj = Projection.for_model(model, names, 120, seed=1)
     got = SketchEngine(model, LOSS, names, proj).sketch_batch(x, y).dots
-    torch.testing.assert_close(got, proj.apply(_loop_grads(model, x, y, names)), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got, proj.apply(loop_grads(model, x, y, names)), rtol=1e-10, atol=1e-12)
 
 
 def test_an_empty_batch_gives_an_empty_sketch():
@@ -213,7 +205,7 @@ def test_sketch_dots_are_unbiased_and_their_error_shrinks_with_k(factored, shrin
     x = torch.randn(2, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     y = torch.tensor([0, 1])
     names = ["0.weight"]
-    grads = _loop_grads(model, x, y, names)
+    grads = loop_grads(model, x, y, names)
     flat = torch.cat([grads[n].reshape(2, -1) for n in names], 1)
     exact = (flat[0] @ flat[1]).item()
     rms = {}
@@ -275,7 +267,7 @@ def test_norm_and_rnn_families():
     names = [n for n, _ in model.named_parameters()]
     proj = Projection.for_model(model, names, 90, seed=2)
     got = SketchEngine(model, LOSS, names, proj).sketch_batch(x, y).dots
-    torch.testing.assert_close(got, proj.apply(_loop_grads(model, x, y, names)), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got, proj.apply(loop_grads(model, x, y, names)), rtol=1e-10, atol=1e-12)
 
 
 def test_gpt2_conv1d_tied_embeddings_and_padding():

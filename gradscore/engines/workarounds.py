@@ -35,6 +35,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+
 class _ContiguousGrad(torch.autograd.Function):
     """Identity whose backward passes the gradient on contiguous."""
 
