@@ -173,6 +173,57 @@ class MyLinear(nn.Linear):
     """A user's subclass with the parent's forward."""
 
 
+class OwnLinear(nn.Linear):
+    """A Linear subclass with a forward of its own: ``form`` "same" computes x Wᵀ + b
+    (Falcon's), "scaled" x (2W)ᵀ + b, "detached" the same values with no gradient in W,
+    "relu" relu(x) Wᵀ + b."""
+
+    def __init__(self, form: str, bias: bool):
+        super().__init__(D, D, bias=bias)
+        self.form = form
+
+    def forward(self, x):
+        w = {"scaled": 2 * self.weight, "detached": self.weight.detach()}.get(self.form, self.weight)
+        y = (x.relu() if self.form == "relu" else x) @ w.T
+        return y if self.bias is None else y + self.bias
+
+
+class OwnLayerNorm(nn.Module):
+    """A LayerNorm class of its own (DeBERTa's; Cohere's without β) over the last dimension,
+    in float32 whatever the input's dtype; ``form`` "rms": an RMSNorm under that name,
+    "channels": over dimension 1 of (B, C, T) (SqueezeBERT's)."""
+
+    def __init__(self, form: str, bias: bool):
+        super().__init__()
+        self.form = form
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, D))
+        self.bias = nn.Parameter(torch.linspace(-0.3, 0.2, D)) if bias else None
+        self.variance_epsilon = 1e-5
+
+    def forward(self, x):
+        h = (x.transpose(1, 2) if self.form == "channels" else x).float()
+        mean = 0 if self.form == "rms" else h.mean(-1, keepdim=True)
+        h = (h - mean) * torch.rsqrt((h - mean).pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        h = self.weight.float() * h + (0 if self.bias is None else self.bias.float())
+        return (h.transpose(1, 2) if self.form == "channels" else h).to(x.dtype)
+
+
+class Own(nn.Module):
+    """An :class:`OwnLinear` or :class:`OwnLayerNorm` after a Linear on (B, T, D), then a head."""
+
+    def __init__(self, kind: str, form: str, bias: bool):
+        super().__init__()
+        self.channels = form == "channels"
+        self.pre = nn.Linear(D, D)
+        self.own = (OwnLinear if kind == "linear" else OwnLayerNorm)(form, bias)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        h = self.pre(x)
+        h = self.own(h.transpose(1, 2) if self.channels else h)
+        return self.head(torch.tanh(h.transpose(1, 2) if self.channels else h).mean(1))
+
+
 RNN_GRID = ([("recurrent", c) for c in itertools.product(["RNN", "GRU", "LSTM"], [1, 2], [False, True],
                                                          [True, False], [True, False], [False, True])]
             + [("recurrent", (kind, 2, True, True, bf, packed, use, hx))
@@ -192,7 +243,10 @@ NORM_GRID = [("norm", c) for c in itertools.product(
     ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm", "RMSNorm2"], [True, False], [False, True])]
 AFFINE_GRID = [("affine", c) for c in itertools.product(["Linear", "Conv1D"], [None, 1, T], [True, False],
                                                         [False, True])]
-GRID = AFFINE_GRID + RNN_GRID + MHA_GRID + BAG_GRID + CONV_GRID + NORM_GRID + [("subclass", ())]
+OWN_GRID = [("own", (kind, form, bias)) for kind, forms in (("linear", ["same", "scaled", "detached", "relu"]),
+                                                             ("layer_norm", ["same", "rms", "channels"]))
+            for form in forms for bias in (True, False)]
+GRID = AFFINE_GRID + RNN_GRID + MHA_GRID + BAG_GRID + CONV_GRID + NORM_GRID + OWN_GRID + [("subclass", ())]
 
 
 def _build(family, config, n=B):
@@ -231,6 +285,8 @@ def _build(family, config, n=B):
     if family == "subclass":
         return nn.Sequential(MyLinear(D, 4), nn.Tanh(), nn.Linear(4, 3)), torch.randn(n, D, generator=g,
                                                                                        dtype=torch.float64)
+    if family == "own":
+        return Own(*config), torch.randn(n, T, D, generator=g, dtype=torch.float64)
     raise KeyError(family)
 
 
@@ -319,6 +375,23 @@ def test_a_subclass_with_the_parents_forward_uses_the_parents_rule():
     scorer = _agree("subclass", ())
     scorer.score_batch(*_prepare("subclass", ())[1:])
     assert scorer.explain()["0.weight"].startswith("ghost (linear rule on 0: MyLinear")
+
+
+@pytest.mark.parametrize("family,config", OWN_GRID, ids=lambda v: str(v))
+def test_a_layer_class_of_its_own_takes_the_rule_only_where_it_computes_what_the_rule_assumes(family, config):
+    """A Linear subclass with its own forward, or a LayerNorm class of one's own (Falcon's,
+    DeBERTa's, Cohere's), takes the Linear or LayerNorm rule where it computes x Wᵀ + b or
+    γ ⊙ x̂ + β in value and gradient (checked on the first batch, with other weights); any
+    other computation (with a W that gets no gradient too) goes to the fallback with why."""
+    scorer = _agree(family, config)
+    scorer.score_batch(*_prepare(family, config)[1:])
+    kind, form, _ = config
+    why = scorer.explain()["own.weight"]
+    if form == "same":
+        assert why.startswith(f"ghost ({'linear_subclass' if kind == 'linear' else 'hf_layer_norm'} rule on own: "), why
+    else:
+        assert why.startswith("vmap (") and "does not compute" in why, why
+    assert scorer.explain()["head.weight"].startswith("ghost")
 
 
 def test_bad_targets_are_one_gradscore_error_from_every_engine():

@@ -404,7 +404,8 @@ class InRun:
             more = sum(len(names) for names in list(by_reason.values())[4:])
             raise EngineError(f"in-run scoring needs a ghost rule for every trainable parameter; "
                               f"{listed}{f'; and {more} more' if more > 0 else ''}. Score saved checkpoints "
-                              f"instead (gradscore run), where the other parameters take the vmap path")
+                              f"instead (gradscore run), where these parameters take the fallback (vmap, else the "
+                              f"per-example loop)")
 
     def step(self, ids: Sequence | np.ndarray | torch.Tensor, y: torch.Tensor, *, lr: float | None = None,
              step: int | None = None) -> "_Step":

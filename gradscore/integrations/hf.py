@@ -16,7 +16,8 @@ from ..exceptions import CheckpointError
 #: task -> the transformers auto class that builds it
 TASKS = {"causal_lm": "AutoModelForCausalLM",
          "sequence_classification": "AutoModelForSequenceClassification",
-         "masked_lm": "AutoModelForMaskedLM"}
+         "masked_lm": "AutoModelForMaskedLM",
+         "image_classification": "AutoModelForImageClassification"}
 
 
 def require_transformers():
@@ -34,7 +35,8 @@ def from_config(config: dict[str, Any], task: str = "causal_lm",
     """A randomly initialized transformers model from a config dict, in eval mode.
 
     config: ``{"model_type": "gpt2" | "bert" | …, **config fields}``; task: one of
-    ``causal_lm``, ``sequence_classification``, ``masked_lm``; attn_implementation:
+    ``causal_lm``, ``sequence_classification``, ``masked_lm``,
+    ``image_classification``; attn_implementation:
     e.g. "eager" or "sdpa" (default: the library's choice).
     """
     tf = require_transformers()

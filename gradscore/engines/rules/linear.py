@@ -2,16 +2,19 @@
 
 g_b(W) = Σ_t δ_bt a_btᵀ through ``kernels.ghost_linear`` (Gram or outer form by cost);
 g_b(bias) = Σ_t δ_bt. Several calls of one layer (shared weights) are concatenated
-along t, since the per-example gradient sums over calls too.
+along t, since the per-example gradient sums over calls too. A subclass with a forward
+of its own (Falcon's ``x @ W.T + b``) takes the rule where it computes x Wᵀ + b, checked
+on the first batch in value and gradient (``register_structural``).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ...kernels import norm_dot
 from ...kernels.ghost_linear import ghost_linear, ghost_linear_dots
-from .registry import Factor, FactoredRef, bias_term, register_rule
+from .registry import Factor, FactoredRef, bias_term, computes, register_rule, register_structural
 
 
 def cat_calls(xs: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -79,4 +82,15 @@ def _weight_term(a: torch.Tensor, d: torch.Tensor, V, transposed: bool, with_sq:
 
 @register_rule(nn.Linear, factors=linear_factors, batch_dims=(0, 1), gram_input=sequence_view)
 def linear(layer: nn.Linear, acts, grads, refs, K):
+    return weight_and_bias(acts, grads, refs, K)
+
+
+def _computes_linear(layer: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> str | None:
+    return computes(layer, x, lambda x, w: F.linear(x, w["weight"], w.get("bias")), "x Wᵀ + b (a Linear)")
+
+
+@register_structural(lambda m: isinstance(m, nn.Linear), verify=_computes_linear, factors=linear_factors,
+                     batch_dims=(0, 1), gram_input=sequence_view)
+def linear_subclass(layer: nn.Linear, acts, grads, refs, K):
+    """A Linear subclass whose own forward computes x Wᵀ + b (checked on the first batch)."""
     return weight_and_bias(acts, grads, refs, K)

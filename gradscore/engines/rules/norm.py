@@ -1,6 +1,7 @@
 """Ghost rules for the affine parameters of LayerNorm, RMSNorm, GroupNorm, InstanceNorm and
-eval-mode BatchNorm, and Hugging Face's RMSNorm classes (matched by structure and checked
-on the first batch: ``register_structural``).
+eval-mode BatchNorm, and Hugging Face's RMSNorm classes and LayerNorm classes of their own
+(Cohere's, DeBERTa's: matched by structure and checked on the first batch, in value and
+gradient: ``register_structural``).
 
 y = x̂·γ + β with x̂ the normalized input, recomputed here from the captured input and
 the layer's own statistics (running statistics for BatchNorm, and for InstanceNorm with
@@ -21,7 +22,7 @@ from torch.nn import functional as F
 
 from ...kernels import acc_dtype
 from ...kernels.dispatch import numba_on_cpu
-from .registry import close, reduce_per_example, register_rule, register_structural, zeros_like_result
+from .registry import close, computes, reduce_per_example, register_rule, register_structural, zeros_like_result
 
 
 def _standardize(x: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tensor:
@@ -69,11 +70,11 @@ def _spatial(x: torch.Tensor) -> tuple[int, ...]:
     return tuple(range(2, x.dim()))
 
 
-def _fused_rows(layer: nn.Module, acts, grads, refs, K, eps: float, centred: bool):
+def _fused_rows(acts, grads, refs, K, eps: float, centred: bool, last: bool = True):
     """(sq, dots) by the fused numba kernel for one call of a norm over the last dimension
-    on CPU in float32 (or narrower) under the numba kernels; None elsewhere."""
+    (``last``) on CPU in float32 (or narrower) under the numba kernels; None elsewhere."""
     x, d = acts[0], grads[0]
-    if (len(acts) != 1 or len(layer.normalized_shape) != 1 or x.device.type != "cpu"
+    if (len(acts) != 1 or not last or x.device.type != "cpu"
             or acc_dtype(x.dtype) != torch.float32 or not numba_on_cpu()):
         return None
     from ...kernels.norm_affine_numba import norm_affine_numba
@@ -86,7 +87,7 @@ def _fused_rows(layer: nn.Module, acts, grads, refs, K, eps: float, centred: boo
 @register_rule(nn.LayerNorm, supports=lambda m: None if m.elementwise_affine else "LayerNorm without affine",
                batch_dims=(0, 1))
 def layer_norm(layer: nn.LayerNorm, acts, grads, refs, K):
-    fused = _fused_rows(layer, acts, grads, refs, K, layer.eps, centred=True)
+    fused = _fused_rows(acts, grads, refs, K, layer.eps, True, len(layer.normalized_shape) == 1)
     if fused is not None:
         return fused
     n = len(layer.normalized_shape)
@@ -107,7 +108,7 @@ def _rms_eps(layer: nn.RMSNorm, dtype: torch.dtype) -> float:
                batch_dims=(0, 1))
 def rms_norm(layer: nn.RMSNorm, acts, grads, refs, K):
     n, eps = len(layer.normalized_shape), _rms_eps(layer, acts[0].dtype)
-    fused = _fused_rows(layer, acts, grads, refs, K, eps, centred=False)
+    fused = _fused_rows(acts, grads, refs, K, eps, False, n == 1)
     if fused is not None:
         return fused
     return _affine_rule(acts, grads, refs, K,
@@ -115,8 +116,8 @@ def rms_norm(layer: nn.RMSNorm, acts, grads, refs, K):
                         _last(n))
 
 
-def _hf_rms_eps(layer: nn.Module) -> float | None:
-    """A Hugging Face RMSNorm's eps (``variance_epsilon`` in Llama's, ``eps`` in Gemma's)."""
+def _hf_eps(layer: nn.Module) -> float | None:
+    """A Hugging Face norm's eps (``variance_epsilon`` in Llama's RMSNorm, ``eps`` in Gemma's)."""
     eps = getattr(layer, "variance_epsilon", getattr(layer, "eps", None))
     return float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else None
 
@@ -128,7 +129,7 @@ def _like_hf_rms_norm(layer: nn.Module) -> bool:
     name = type(layer).__name__
     own = dict(layer.named_parameters(recurse=False))
     return ((name.endswith("RMSNorm") or name == "T5LayerNorm") and list(own) == ["weight"]
-            and own["weight"].dim() == 1 and next(layer.children(), None) is None and _hf_rms_eps(layer) is not None)
+            and own["weight"].dim() == 1 and next(layer.children(), None) is None and _hf_eps(layer) is not None)
 
 
 def _rms_hat(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -144,7 +145,7 @@ def _computes_rms_norm(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> st
     weight = layer.weight
     w = torch.linspace(-1.5, 2.0, weight.numel(), dtype=weight.dtype, device=weight.device)
     out = torch.func.functional_call(layer, {"weight": w}, (x,))
-    x_hat, w = _rms_hat(x, _hf_rms_eps(layer)), w.to(acc_dtype(x.dtype))
+    x_hat, w = _rms_hat(x, _hf_eps(layer)), w.to(acc_dtype(x.dtype))
     if not isinstance(out, torch.Tensor):
         return "returns no tensor, where the RMSNorm rule its name suggests assumes one"
     out = out.float() if out.dtype == torch.float64 else out   # Llama's normalizes in float32 even then
@@ -156,8 +157,36 @@ def _computes_rms_norm(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> st
 
 @register_structural(_like_hf_rms_norm, verify=_computes_rms_norm, batch_dims=(0, 1), params=("weight",))
 def hf_rms_norm(layer: nn.Module, acts, grads, refs, K):
-    eps = _hf_rms_eps(layer)
+    eps = _hf_eps(layer)
     return _affine_rule(acts, grads, refs, K, lambda x: _rms_hat(x, eps), _last(1))
+
+
+def _like_hf_layer_norm(layer: nn.Module) -> bool:
+    """Named like a LayerNorm of a class of its own (Cohere's without β, DeBERTa's), with a
+    1-D ``weight`` (and ``bias`` of its size), no submodules and an eps; what it computes is
+    checked by :func:`_computes_layer_norm`."""
+    own = dict(layer.named_parameters(recurse=False))
+    return (type(layer).__name__.endswith("LayerNorm") and list(own) in (["weight"], ["weight", "bias"])
+            and own["weight"].dim() == 1 and all(p.shape == own["weight"].shape for p in own.values())
+            and next(layer.children(), None) is None and _hf_eps(layer) is not None)
+
+
+def _computes_layer_norm(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> str | None:
+    """None if the layer gives γ ⊙ x̂ + β over its input's last dimension, in value and gradient."""
+    eps, n = _hf_eps(layer), layer.weight.numel()
+    what = "weight · (x − mean) / √(var + eps) + bias over its input's last dimension (a LayerNorm)"
+    if x.shape[-1:] != (n,):   # SqueezeBERT's normalizes the channels of (B, C, T)
+        return f"does not compute {what}: its weight has {n} elements, its input's last dimension {x.shape[-1]}"
+    return computes(layer, x, lambda x, w: F.layer_norm(x, (n,), w["weight"], w.get("bias"), eps), what)
+
+
+@register_structural(_like_hf_layer_norm, verify=_computes_layer_norm, batch_dims=(0, 1))
+def hf_layer_norm(layer: nn.Module, acts, grads, refs, K):
+    eps = _hf_eps(layer)
+    fused = _fused_rows(acts, grads, refs, K, eps, True)
+    if fused is not None:
+        return fused
+    return _affine_rule(acts, grads, refs, K, lambda x: F.layer_norm(x, x.shape[-1:], eps=eps), _last(1))
 
 
 @register_rule(nn.GroupNorm, supports=lambda m: None if m.affine else "GroupNorm without affine")

@@ -223,6 +223,37 @@ def close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.allclose(a, b, rtol=tol, atol=tol * max(1.0, scale), equal_nan=True)
 
 
+def computes(layer: nn.Module, x: torch.Tensor,
+             expected: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor], what: str) -> str | None:
+    """None if ``layer`` on ``x``, with each of its own parameters p replaced by other values
+    w_p, gives ``expected(x, w)``, in value and in every w_p's gradient (one product with a
+    generic output gradient); else why not, naming ``what`` the rule assumes. The layer is
+    called functionally and left as it is. A float64 output is compared in float32: Hugging
+    Face's norms compute in float32 whatever the model's dtype."""
+    own = dict(layer.named_parameters(recurse=False))
+    w = {n: torch.linspace(-1.5, 2.0, p.numel(), dtype=p.dtype, device=p.device).reshape(p.shape).requires_grad_()
+         for n, p in own.items()}
+    try:
+        with torch.enable_grad():
+            out = torch.func.functional_call(layer, w, (x,))
+            want = expected(x, w)
+            if not isinstance(out, torch.Tensor) or out.shape != want.shape or not out.requires_grad:
+                return f"does not compute {what}, which its rule assumes"
+            r = torch.linspace(-1.0, 1.3, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
+            got_g = torch.autograd.grad((out * r).sum(), list(w.values()), allow_unused=True)
+            want_g = torch.autograd.grad((want * r).sum(), list(w.values()), allow_unused=True)
+    except Exception as e:  # noqa: BLE001 - the layer's own forward, on its first input alone
+        return f"could not be checked against {what}, which its rule assumes ({type(e).__name__}: {e})"
+
+    def same(a, b):
+        if a is None or b is None:
+            return a is None and b is None
+        return close(a.float() if a.dtype == torch.float64 else a, b)
+    if same(out, want) and all(same(a, b) for a, b in zip(got_g, want_g)):
+        return None
+    return f"does not compute {what}, which its rule assumes"
+
+
 def kernel_dropout(module: nn.Module) -> str | None:
     """Why ``module`` draws dropout masks inside torch's kernel in its present (training)
     mode, which a rule that replays the layer cannot see (None if it does not): attention

@@ -1,0 +1,196 @@
+"""Hugging Face model families built from config (no download), against the per-example
+loop in float64: causal LMs, sequence classifiers and image classifiers.
+
+For each family, on a batch with padding, a repeated token and an ignored label (images:
+random pixels): ``auto`` equals the loop (K = 0 and 2 references); ``ghost`` equals it or
+raises one :class:`gradscore.GradscoreError`, never a raw error. In training (text), the
+in-run recorder's records equal the loop at θ_t, or it refuses with one GradscoreError.
+A family the installed transformers does not know is skipped with that reason. The fast
+set is five families (Mistral, OPT with its fallbacks, RoBERTa, ViT, ConvNeXt); GPT-2,
+BERT, Llama, Qwen2 and Gemma are ``test_text.py``'s; the rest are ``slow``.
+"""
+from __future__ import annotations
+
+import copy
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import gradscore as gs
+
+tf = pytest.importorskip("transformers")   # in the test extra; absent only in a bare install
+from gradscore.integrations.hf import from_config  # noqa: E402
+from gradscore.losses import causal_lm  # noqa: E402
+
+VOCAB = 37
+TEXT = {"vocab_size": VOCAB, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "max_position_embeddings": 32, "pad_token_id": 0, "bos_token_id": 1,
+        "eos_token_id": 2}
+#: dropout off (a step's records are for its own dropout mask, which a loop cannot redraw)
+NO_DROPOUT = dict.fromkeys(["hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout",
+                            "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout",
+                            "activation_dropout", "classifier_dropout", "classifier_dropout_prob", "seq_classif_dropout",
+                            "resid_dropout", "embedding_dropout"], 0.0)
+GQA = {"num_key_value_heads": 1}
+CAUSAL_LM = {
+    "mistral": GQA, "phi": {}, "phi3": GQA, "gpt_neox": {}, "opt": {"ffn_dim": 24, "word_embed_proj_dim": 16},
+    "bloom": {"n_layer": 2, "n_head": 2}, "falcon": {},
+    "gptj": {"n_embd": 16, "n_layer": 2, "n_head": 2, "rotary_dim": 4, "n_positions": 32},
+    "codegen": {"n_embd": 16, "n_layer": 2, "n_head": 2, "rotary_dim": 4, "n_positions": 32, "n_ctx": 32},
+    "stablelm": GQA, "olmo": {}, "olmo2": {}, "gemma2": {**GQA, "head_dim": 8}, "qwen3": {**GQA, "head_dim": 8},
+    "starcoder2": GQA, "gpt_bigcode": {"n_embd": 16, "n_layer": 2, "n_head": 2, "n_positions": 32},
+    "gpt_neo": {"num_layers": 2, "attention_types": [[["global", "local"], 1]], "window_size": 4},
+    "biogpt": {}, "cohere": GQA, "granite": GQA, "persimmon": {}, "mpt": {"d_model": 16, "n_heads": 2,
+                                                                          "n_layers": 2, "max_seq_len": 32},
+    "smollm3": GQA, "glm": {**GQA, "head_dim": 8}, "helium": {**GQA, "head_dim": 8},
+}
+SEQUENCE_CLASSIFICATION = {
+    "roberta": {}, "distilbert": {"dim": 16, "hidden_dim": 24, "n_layers": 2, "n_heads": 2},
+    "albert": {"embedding_size": 8}, "electra": {}, "xlm-roberta": {}, "camembert": {}, "megatron-bert": {},
+    "ernie": {}, "nystromformer": {}, "roformer": {"embedding_size": 16}, "mpnet": {},
+    "squeezebert": {"embedding_size": 16}, "convbert": {"embedding_size": 16},
+    "mobilebert": {"embedding_size": 8, "intra_bottleneck_size": 16, "true_hidden_size": 16,
+                   "num_feedforward_networks": 1},
+    "deberta": {"relative_attention": True, "pos_att_type": ["p2c", "c2p"], "max_relative_positions": 8},
+    "deberta-v2": {"relative_attention": True, "pos_att_type": ["p2c", "c2p"], "max_relative_positions": 8},
+}
+IMAGE = {"num_labels": 3, "image_size": 16, "num_channels": 3}
+IMAGE_CLASSIFICATION = {
+    "vit": {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 24,
+            "patch_size": 4},
+    "beit": {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 24,
+             "patch_size": 4, "use_relative_position_bias": True},
+    "dinov2": {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "patch_size": 4},
+    "convnext": {"hidden_sizes": [8, 16], "depths": [1, 1], "num_stages": 2},
+    "convnextv2": {"hidden_sizes": [8, 16], "depths": [1, 1], "num_stages": 2},
+    "resnet": {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1], "layer_type": "basic"},
+    "regnet": {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1], "groups_width": 4},
+    "swin": {"embed_dim": 8, "depths": [1, 1], "num_heads": [2, 2], "window_size": 2, "patch_size": 2},
+    "swinv2": {"embed_dim": 8, "depths": [1, 1], "num_heads": [2, 2], "window_size": 2, "patch_size": 2},
+    "mobilenet_v2": {"depth_multiplier": 0.25},
+    "mobilevit": {"hidden_sizes": [16, 16, 16], "neck_hidden_sizes": [8, 8, 16, 16, 16, 16, 32], "patch_size": 2},
+    "poolformer": {"hidden_sizes": [8, 16, 16, 16], "depths": [1, 1, 1, 1]},
+    "focalnet": {"embed_dim": 8, "depths": [1, 1], "hidden_sizes": [8, 16]},
+    "bit": {"embedding_size": 8, "hidden_sizes": [8, 16, 16, 16], "depths": [1, 1, 1, 1],
+            "layer_type": "bottleneck", "num_groups": 2},
+}
+#: families with a parameter no rule covers (so in-run scoring refuses them), and which
+REFUSED_IN_RUN = {
+    "opt": "a learned position embedding with a forward of its own; its MLP reads (B·T, d) rows",
+    "biogpt": "a learned position embedding with a forward of its own",
+    "mpnet": "a relative attention bias (an Embedding of positions, one for the batch, used by a view)",
+    "squeezebert": "a LayerNorm over the channels of (B, C, T)",
+    "convbert": "a separable Conv1d of its own",
+    "mobilebert": "NoNorm (x · γ + β)",
+    "deberta": "q_bias and v_bias, parameters used outside a layer",
+    "deberta-v2": "relative position embeddings and projections, one for the batch",
+}
+FAST = {"mistral", "opt", "roberta", "vit", "convnext"}
+TASKS = {"causal_lm": CAUSAL_LM, "sequence_classification": SEQUENCE_CLASSIFICATION,
+         "image_classification": IMAGE_CLASSIFICATION}
+CASES = [pytest.param(task, name, id=f"{task}-{name}",
+                      marks=() if name in FAST else pytest.mark.slow)
+         for task, families in TASKS.items() for name in families]
+TEXT_CASES = [c for c in CASES if c.values[0] != "image_classification"]
+
+
+def build(task: str, name: str, train: bool = False) -> torch.nn.Module:
+    """The family's model from its config in float64, or a skip where the installed
+    transformers does not know the family."""
+    if name not in tf.models.auto.configuration_auto.CONFIG_MAPPING:
+        pytest.skip(f"transformers {tf.__version__} has no '{name}' model")
+    torch.manual_seed(0)
+    config = {"model_type": name, **(IMAGE if task == "image_classification" else {**TEXT, "num_labels": 3}),
+              **NO_DROPOUT, **TASKS[task][name]}
+    model = from_config(config, task=task).double()
+    return model.train() if train else model
+
+
+def batch(task: str, B: int = 5, T: int = 9) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Inputs and targets: tokens with two padded examples, a repeated token and (LM) an
+    ignored label; or images of the config's size."""
+    g = torch.Generator().manual_seed(0)
+    if task == "image_classification":
+        x = {"pixel_values": torch.randn(B, 3, 16, 16, generator=g, dtype=torch.float64)}
+        return x, torch.randint(0, 3, (B,), generator=g)
+    ids = torch.randint(3, VOCAB, (B, T), generator=g)
+    ids[:, 5] = ids[:, 2]
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 6:] = 0
+    mask[3, 4:] = 0
+    ids[mask == 0] = 0
+    if task == "causal_lm":
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[0, 3] = -100
+    else:
+        labels = torch.randint(0, 3, (B,), generator=g)
+    return {"input_ids": ids, "attention_mask": mask}, labels
+
+
+def loss_of(task: str) -> str:
+    return "causal_lm" if task == "causal_lm" else "cross_entropy"
+
+
+@pytest.mark.parametrize("task, name", CASES)
+def test_a_family_is_scored_as_the_loop_scores_it(task, name):
+    model = build(task, name).eval()
+    x, y = batch(task)
+    loop = gs.Scorer(model, loss_of(task), engine="loop")
+    V = torch.randn(2, loop.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for K in (0, 2):
+        want = loop.score_batch(x, y, refs=V[:K] if K else None)
+        for engine in ("auto", "ghost"):
+            try:
+                got = gs.Scorer(model, loss_of(task), engine=engine).score_batch(x, y, refs=V[:K] if K else None)
+            except gs.GradscoreError:
+                assert engine != "auto"
+                continue
+            torch.testing.assert_close(got.loss, want.loss, rtol=1e-10, atol=1e-12)
+            # LlamaRMSNorm and its copies normalize in float32 whatever the model's dtype
+            torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-7, atol=0)
+            if K:
+                torch.testing.assert_close(got.dots, want.dots, rtol=1e-7, atol=1e-7 * float(want.dots.abs().max()))
+
+
+@pytest.mark.parametrize("task, name", TEXT_CASES)
+def test_a_family_in_training_is_recorded_as_the_loop_scores_it(tmp_path, task, name):
+    """One training step through the model's own loss (Hugging Face's token mean for an
+    LM, its mean cross-entropy for a classifier), with a target of two examples."""
+    model = build(task, name, train=True)
+    x, y = batch(task, B=6)
+    first = {k: v[:4] for k, v in x.items()}
+    target = ({k: v[4:] for k, v in x.items()}, y[4:])
+    before = copy.deepcopy(model)
+    try:
+        rec = gs.InRun(model, loss=loss_of(task), out=tmp_path / "r.h5", targets=target)
+        with rec.step(range(4), y[:4], lr=0.1):
+            model(**first, labels=y[:4]).loss.backward()
+        rec.close()
+    except gs.GradscoreError as e:   # a parameter without a rule: refused, and it is named
+        assert "needs a ghost rule for every trainable parameter" in str(e)
+        assert name in REFUSED_IN_RUN, f"{name} was recorded in training before: {e}"
+        return
+    with h5py.File(tmp_path / "r.h5") as f:
+        rows = {k: f["inrun"][k][()] for k in f["inrun"]}
+    per_token = causal_lm("mean").fn
+
+    def loss(m, inputs, labels):
+        z = m(**inputs).logits
+        return per_token(z, labels) if task == "causal_lm" else torch.nn.functional.cross_entropy(
+            z, labels, reduction="none")
+    params = [p for p in before.parameters() if p.requires_grad]   # RoFormer's sinusoidal table is frozen
+    gJ = torch.autograd.grad(loss(before.eval(), *target).mean(), params, allow_unused=True)
+    before.train()
+    for b in range(4):
+        lb = loss(before, {k: v[b:b + 1] for k, v in x.items()}, y[b:b + 1])[0]
+        g = torch.autograd.grad(lb, params, allow_unused=True)
+        sq = sum(float((gi ** 2).sum()) for gi in g if gi is not None)
+        dot = sum(float((gi * gj).sum()) for gi, gj in zip(g, gJ) if gi is not None and gj is not None)
+        np.testing.assert_allclose(rows["loss"][b], lb.item(), rtol=1e-10)
+        # Hugging Face's loss runs in float32 (logits.float()): the share it gives each
+        # example, read from its output gradient, is exact to float32's rounding
+        np.testing.assert_allclose(rows["sq_norm"][b], sq, rtol=1e-5)
+        np.testing.assert_allclose(rows["dot"][b] / rows["share"][b], dot, rtol=1e-5,
+                                   atol=1e-5 * np.sqrt(sq) * rows["target_norm"][b])
