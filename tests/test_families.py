@@ -13,6 +13,7 @@ import itertools
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import gradscore as gs
@@ -208,14 +209,31 @@ class OwnLayerNorm(nn.Module):
         return (h.transpose(1, 2) if self.form == "channels" else h).to(x.dtype)
 
 
+class OwnRMSNorm(nn.Module):
+    """Hugging Face's RMSNorm copied under a name of one's own: ``form`` "same" (Llama's),
+    "gemma" ((1 + w) · x̂), "detached" (Llama's values, no gradient in w)."""
+
+    def __init__(self, form: str, bias: bool):
+        super().__init__()
+        self.form = form
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, D))
+        self.variance_epsilon = 1e-5
+
+    def forward(self, x):
+        h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        w = {"gemma": 1 + self.weight, "detached": self.weight.detach()}.get(self.form, self.weight)
+        return (w.float() * h).to(x.dtype)
+
+
 class Own(nn.Module):
-    """An :class:`OwnLinear` or :class:`OwnLayerNorm` after a Linear on (B, T, D), then a head."""
+    """An :class:`OwnLinear`, :class:`OwnLayerNorm` or :class:`OwnRMSNorm` after a Linear on
+    (B, T, D), then a head."""
 
     def __init__(self, kind: str, form: str, bias: bool):
         super().__init__()
         self.channels = form == "channels"
         self.pre = nn.Linear(D, D)
-        self.own = (OwnLinear if kind == "linear" else OwnLayerNorm)(form, bias)
+        self.own = {"linear": OwnLinear, "layer_norm": OwnLayerNorm, "rms_norm": OwnRMSNorm}[kind](form, bias)
         self.head = nn.Linear(D, 3)
 
     def forward(self, x):
@@ -244,8 +262,9 @@ NORM_GRID = [("norm", c) for c in itertools.product(
 AFFINE_GRID = [("affine", c) for c in itertools.product(["Linear", "Conv1D"], [None, 1, T], [True, False],
                                                         [False, True])]
 OWN_GRID = [("own", (kind, form, bias)) for kind, forms in (("linear", ["same", "scaled", "detached", "relu"]),
-                                                             ("layer_norm", ["same", "rms", "channels"]))
-            for form in forms for bias in (True, False)]
+                                                             ("layer_norm", ["same", "rms", "channels"]),
+                                                             ("rms_norm", ["same", "gemma", "detached"]))
+            for form in forms for bias in ((True, False) if kind != "rms_norm" else (False,))]
 GRID = AFFINE_GRID + RNN_GRID + MHA_GRID + BAG_GRID + CONV_GRID + NORM_GRID + OWN_GRID + [("subclass", ())]
 
 
@@ -379,19 +398,46 @@ def test_a_subclass_with_the_parents_forward_uses_the_parents_rule():
 
 @pytest.mark.parametrize("family,config", OWN_GRID, ids=lambda v: str(v))
 def test_a_layer_class_of_its_own_takes_the_rule_only_where_it_computes_what_the_rule_assumes(family, config):
-    """A Linear subclass with its own forward, or a LayerNorm class of one's own (Falcon's,
-    DeBERTa's, Cohere's), takes the Linear or LayerNorm rule where it computes x Wᵀ + b or
-    γ ⊙ x̂ + β in value and gradient (checked on the first batch, with other weights); any
-    other computation (with a W that gets no gradient too) goes to the fallback with why."""
+    """A Linear subclass with its own forward, or a LayerNorm or RMSNorm class of one's own
+    (Falcon's, DeBERTa's, Cohere's, Llama's), takes the Linear or norm rule where it computes
+    x Wᵀ + b, γ ⊙ x̂ + β or γ ⊙ x̂ in value and gradient (checked on the first batch, with
+    other weights); any other computation (with a weight that gets no gradient too) goes to
+    the fallback with why."""
     scorer = _agree(family, config)
     scorer.score_batch(*_prepare(family, config)[1:])
     kind, form, _ = config
     why = scorer.explain()["own.weight"]
-    if form == "same":
-        assert why.startswith(f"ghost ({'linear_subclass' if kind == 'linear' else 'hf_layer_norm'} rule on own: "), why
+    if form in ("same", "gemma"):
+        rule = {"linear": "linear_subclass", "layer_norm": "hf_layer_norm", "rms_norm": "hf_rms_norm"}[kind]
+        assert why.startswith(f"ghost ({rule} rule on own: "), why
     else:
         assert why.startswith("vmap (") and "does not compute" in why, why
     assert scorer.explain()["head.weight"].startswith("ghost")
+
+
+class OwnScaledWordEmbedding(nn.Embedding):
+    """Gemma's scaled embedding under a name of one's own; ``detached``: the same values, no
+    gradient in the weight."""
+
+    def __init__(self, detached: bool):
+        super().__init__(11, D, padding_idx=0)
+        self.embed_scale, self.detached = 2.0 ** 0.5, detached
+
+    def forward(self, ids):
+        return F.embedding(ids, self.weight.detach() if self.detached else self.weight, self.padding_idx) * self.embed_scale
+
+
+@pytest.mark.parametrize("detached", [False, True])
+def test_a_scaled_embedding_of_its_own_takes_the_rule_only_where_its_weight_gets_the_gradient(detached):
+    torch.manual_seed(0)
+    model = nn.Sequential(OwnScaledWordEmbedding(detached), nn.Flatten(), nn.Linear(T * D, 3)).double().eval()
+    x = torch.randint(0, 11, (B, T), generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2])
+    want = gs.Scorer(model, engine="loop").score_batch(x, y)
+    scorer = gs.Scorer(model)
+    torch.testing.assert_close(scorer.score_batch(x, y).sq_norm, want.sq_norm, rtol=1e-6, atol=1e-12)
+    why = scorer.explain()["0.weight"]
+    assert why.startswith("vmap (") if detached else why.startswith("ghost (scaled_embedding rule"), why
 
 
 def test_bad_targets_are_one_gradscore_error_from_every_engine():

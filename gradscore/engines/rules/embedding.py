@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ...kernels import acc_dtype
-from .registry import Factor, close, register_rule, register_structural
+from .registry import Factor, computes, register_rule, register_structural
 
 
 def _supports(m: nn.Embedding | nn.EmbeddingBag) -> str | None:
@@ -98,15 +98,10 @@ def _like_scaled_embedding(layer: nn.Module) -> bool:
 
 
 def _computes_scaled_embedding(layer: nn.Embedding, ids: torch.Tensor, y: torch.Tensor) -> str | None:
-    """None if the layer gives embed_scale · (the rows of its weight at ``ids``), for a weight
-    other than its own (the layer is called functionally, left as it is). Else why not."""
-    weight = layer.weight
-    w = torch.linspace(-1.5, 2.0, weight.numel(), dtype=weight.dtype, device=weight.device).reshape(weight.shape)
-    out = torch.func.functional_call(layer, {"weight": w}, (ids,))
-    if isinstance(out, torch.Tensor) and close(out, F.embedding(ids, w, layer.padding_idx) * _embed_scale(layer)):
-        return None
-    return ("does not compute embed_scale · its weight's rows, which the scaled-embedding rule its name "
-            "suggests assumes")
+    """None if the layer gives embed_scale · (the rows of its weight at ``ids``), in value and
+    gradient; else why not."""
+    return computes(layer, ids, lambda ids, w: F.embedding(ids, w["weight"], layer.padding_idx) * _embed_scale(layer),
+                    "embed_scale · its weight's rows (a scaled embedding, as its name suggests)")
 
 
 def _scaled(layer: nn.Module, grads: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from ...kernels import acc_dtype
 from ...kernels.dispatch import numba_on_cpu
-from .registry import close, computes, reduce_per_example, register_rule, register_structural, zeros_like_result
+from .registry import computes, reduce_per_example, register_rule, register_structural, zeros_like_result
 
 
 def _standardize(x: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tensor:
@@ -139,20 +139,16 @@ def _rms_hat(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _computes_rms_norm(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> str | None:
-    """None if the layer gives w ⊙ x̂ (Llama) or (1 + w) ⊙ x̂ (Gemma) on the input ``x``, for
-    a weight w other than its own (no 1s, no 0s; the layer is called functionally, left
-    as it is); both have the gradient δ ⊙ x̂ in w. Else why not."""
-    weight = layer.weight
-    w = torch.linspace(-1.5, 2.0, weight.numel(), dtype=weight.dtype, device=weight.device)
-    out = torch.func.functional_call(layer, {"weight": w}, (x,))
-    x_hat, w = _rms_hat(x, _hf_eps(layer)), w.to(acc_dtype(x.dtype))
-    if not isinstance(out, torch.Tensor):
-        return "returns no tensor, where the RMSNorm rule its name suggests assumes one"
-    out = out.float() if out.dtype == torch.float64 else out   # Llama's normalizes in float32 even then
-    if any(close(out, form) for form in (w * x_hat, (1 + w) * x_hat)):
+    """None if the layer gives w ⊙ x̂ (Llama) or (1 + w) ⊙ x̂ (Gemma) over its input's last
+    dimension, in value and gradient (both have the gradient δ ⊙ x̂ in w); else why not."""
+    eps = _hf_eps(layer)
+    what = ("weight · x / √(mean(x²) + eps) over its last dimension (or (1 + weight) · …, an RMSNorm, "
+            "as its name suggests)")
+    llama = computes(layer, x, lambda x, w: w["weight"].to(acc_dtype(x.dtype)) * _rms_hat(x, eps), what)
+    if llama is None:
         return None
-    return ("does not compute weight · x / √(mean(x²) + eps) over its last dimension (nor (1 + weight) · …), "
-            "which the RMSNorm rule its name suggests assumes")
+    gemma = computes(layer, x, lambda x, w: (1 + w["weight"].to(acc_dtype(x.dtype))) * _rms_hat(x, eps), what)
+    return None if gemma is None else llama
 
 
 @register_structural(_like_hf_rms_norm, verify=_computes_rms_norm, batch_dims=(0, 1), params=("weight",))
