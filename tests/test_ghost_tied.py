@@ -42,19 +42,39 @@ def test_dropping_the_tied_cross_term_is_caught(monkeypatch):
         compare_with_loop(Tied(), torch.randint(0, 9, (5, 6)), 0)
 
 
-class PlainLinear(nn.Linear):
-    """A Linear subclass whose forward is its own: the Linear rule does not apply to it."""
+class OwnHead(nn.Module):
+    """An output layer of one's own class, ``x @ W.T``: no rule."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight
 
     def forward(self, x):
-        return super().forward(x)
+        return x @ self.weight.T
+
+
+class PlainLinear(nn.Linear):
+    """A Linear subclass whose forward is its own (Falcon's): it takes the Linear rule where
+    the first batch shows it computes x Wᵀ + b."""
+
+    def forward(self, x):
+        return x @ self.weight.T
 
 
 def test_tied_to_a_layer_without_rule_falls_back():
     model = Tied()
-    model.head = PlainLinear(4, 9, bias=False)
-    model.head.weight = model.emb.weight
+    model.head = OwnHead(model.emb.weight)
     scorer = compare_with_loop(model, torch.randint(0, 9, (5, 6)), 2)
     why = scorer.explain()
     assert "shared by modules emb and head" in why["emb.weight"] and why["emb.weight"].startswith("vmap")
     assert why["mid.weight"].startswith("ghost")
-    assert "PlainLinear overrides the forward of Linear" in why["emb.weight"], why["emb.weight"]
+    assert "no ghost rule for OwnHead" in why["emb.weight"], why["emb.weight"]
+
+
+def test_tied_to_a_linear_subclass_of_its_own_keeps_the_cross_term():
+    model = Tied()
+    model.head = PlainLinear(4, 9, bias=False)
+    model.head.weight = model.emb.weight
+    why = compare_with_loop(model, torch.randint(0, 9, (5, 6)), 2).explain()["emb.weight"]
+    assert why.startswith("ghost (embedding rule on emb: Embedding + linear_subclass rule on head: PlainLinear; "
+                          "tied, exact cross term)"), why
