@@ -299,7 +299,7 @@ def check_random_model(seed: int, model: nn.Module, x, y, what: str, engines=("a
     each of ``engines`` equals the loop (assert, ``what`` describes the model) on a batch
     that follows an empty one, or torch refused it; ``vmap`` may refuse a model it cannot
     trace with its GradscoreError. The sketches too (:func:`_check_sketch`), and ``auto``
-    in float32 (:func:`_check_float32`). Returns whether it was compared."""
+    in float32 (:func:`check_float32`). Returns whether it was compared."""
     params = random_selection(seed, model)
     loop = gs.Scorer(model, engine="loop", params=params)
     V = torch.randn(2, loop.num_params, dtype=torch.float64)
@@ -323,7 +323,7 @@ def check_random_model(seed: int, model: nn.Module, x, y, what: str, engines=("a
         torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-7, atol=1e-12, msg=lambda m: f"{where}\n{m}")
         torch.testing.assert_close(got.dots, want.dots, rtol=1e-7, atol=1e-9, msg=lambda m: f"{where}\n{m}")
     _check_sketch(seed, model, x, y, params, f"seed {seed}, sketch, params {params}, {what}")
-    _check_float32(model, x, y, params, V, want, f"seed {seed}, float32, params {params}, {what}")
+    check_float32(model, x, y, params, V, want, f"seed {seed}, float32, params {params}, {what}")
     return True
 
 
@@ -335,17 +335,21 @@ def _errors(got, want, V) -> tuple[float, float]:
     return float(sq_err), float(((got.dots.double() - want.dots.double()).abs() / scale).max())
 
 
-def _check_float32(model: nn.Module, x, y, params, V, want, where: str) -> None:
+def check_float32(model: nn.Module, x, y, params, V, want, where: str, loss: str = "cross_entropy") -> None:
     """The model in float32, as users run it, scored by ``auto``, against the float64 loop
     (assert): within 10⁻⁴, or 100 times the float32 loop's own error if that is larger.
     Skipped where the float32 loop is off by over 10⁻⁵: ill-conditioned in float32 (a
-    normalization of a near-constant amplifies each rounding by up to 1/√eps)."""
+    normalization of a near-constant amplifies each rounding by up to 1/√eps). ``x``: a
+    tensor or a dict of them (a Hugging Face model's keywords)."""
     m32 = copy.deepcopy(model).float()
-    x32, V32 = (x.float() if x.is_floating_point() else x), V.float()
-    loop_err = max(_errors(gs.Scorer(m32, engine="loop", params=params).score_batch(x32, y, refs=V32), want, V))
+    x32 = {k: v.float() if v.is_floating_point() else v for k, v in x.items()} if isinstance(x, dict) else (
+        x.float() if x.is_floating_point() else x)
+    V32 = V.float()
+    loop_err = max(_errors(gs.Scorer(m32, loss, engine="loop", params=params).score_batch(x32, y, refs=V32), want, V))
     if loop_err > 1e-5:
         return
-    got_sq, got_dot = _errors(gs.Scorer(m32, engine="auto", params=params).score_batch(x32, y, refs=V32), want, V)
+    got_sq, got_dot = _errors(gs.Scorer(m32, loss, engine="auto", params=params).score_batch(x32, y, refs=V32),
+                              want, V)
     assert max(got_sq, got_dot) < max(1e-4, 100 * loop_err), (
         f"{where}: relative error {got_sq:.2e} (‖g‖²), {got_dot:.2e} (dots); the float32 loop's {loop_err:.2e}")
 

@@ -3,7 +3,8 @@ loop in float64: causal LMs, sequence classifiers and image classifiers.
 
 For each family, on a batch with padding, a repeated token and an ignored label (images:
 random pixels): ``auto`` equals the loop (K = 0 and 2 references); ``ghost`` equals it or
-raises one :class:`gradscore.GradscoreError`, never a raw error. In training (text), the
+raises one :class:`gradscore.GradscoreError`, never a raw error; ``auto`` on the model in
+float32 is as close to the float64 loop as the float32 loop is (``helpers``). In training (text), the
 in-run recorder's records equal the loop at θ_t, or it refuses with one GradscoreError.
 A family the installed transformers does not know is skipped with that reason. The fast
 set is five families (Mistral, OPT with its fallbacks, RoBERTa, ViT, ConvNeXt); GPT-2,
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 import gradscore as gs
+from helpers import check_float32
 
 tf = pytest.importorskip("transformers")   # in the test extra; absent only in a bare install
 from gradscore.integrations.hf import from_config  # noqa: E402
@@ -152,6 +154,7 @@ def test_a_family_is_scored_as_the_loop_scores_it(task, name):
             torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-7, atol=0)
             if K:
                 torch.testing.assert_close(got.dots, want.dots, rtol=1e-7, atol=1e-7 * float(want.dots.abs().max()))
+    check_float32(model, x, y, None, V, want, f"{name} in float32", loss_of(task))
 
 
 @pytest.mark.parametrize("task, name", TEXT_CASES)
