@@ -415,6 +415,31 @@ def test_a_layer_class_of_its_own_takes_the_rule_only_where_it_computes_what_the
     assert scorer.explain()["head.weight"].startswith("ghost")
 
 
+class Int8Linear(nn.Linear):
+    """A quantized Linear: a frozen int8 weight, dequantized in its own forward."""
+
+    def __init__(self):
+        super().__init__(D, 4)
+        del self.weight
+        self.weight = nn.Parameter(torch.randint(-100, 100, (4, D), dtype=torch.int8), requires_grad=False)
+
+    def forward(self, x):
+        return x @ (0.01 * self.weight.to(x.dtype)).T + self.bias
+
+
+def test_a_quantized_linear_subclass_falls_back_with_why():
+    """Its check cannot give an int8 weight a gradient: that layer alone falls back, named."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Int8Linear(), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(B, D, dtype=torch.float64), torch.tensor([0, 1, 2])
+    scorer = gs.Scorer(model)
+    got, want = scorer.score_batch(x, y), gs.Scorer(model, engine="loop").score_batch(x, y)
+    torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-6, atol=1e-12)
+    why = scorer.explain()
+    assert why["0.bias"].startswith("vmap (Int8Linear '0' could not be checked against x Wᵀ + b"), why
+    assert why["2.weight"].startswith("ghost")
+
+
 class OwnScaledWordEmbedding(nn.Embedding):
     """Gemma's scaled embedding under a name of one's own; ``detached``: the same values, no
     gradient in the weight."""

@@ -231,9 +231,9 @@ def computes(layer: nn.Module, x: torch.Tensor,
     called functionally and left as it is. A float64 output is compared in float32: Hugging
     Face's norms compute in float32 whatever the model's dtype."""
     own = dict(layer.named_parameters(recurse=False))
-    w = {n: torch.linspace(-1.5, 2.0, p.numel(), dtype=p.dtype, device=p.device).reshape(p.shape).requires_grad_()
-         for n, p in own.items()}
-    try:
+    try:   # a weight that is not floating (a quantized layer's) fails here, with the reason
+        w = {n: torch.linspace(-1.5, 2.0, p.numel(), dtype=p.dtype, device=p.device).reshape(p.shape).requires_grad_()
+             for n, p in own.items()}
         with torch.enable_grad():
             out = torch.func.functional_call(layer, w, (x,))
             want = expected(x, w)
