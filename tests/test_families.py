@@ -225,15 +225,29 @@ class OwnRMSNorm(nn.Module):
         return (w.float() * h).to(x.dtype)
 
 
+class OwnNoNorm(nn.Module):
+    """MobileBERT's NoNorm (x · γ + β) under a name of one's own; ``form`` "square": x² · γ + β."""
+
+    def __init__(self, form: str, bias: bool):
+        super().__init__()
+        self.form = form
+        self.bias = nn.Parameter(torch.linspace(-0.3, 0.2, D))
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, D))
+
+    def forward(self, x):
+        return (x * x if self.form == "square" else x) * self.weight + self.bias
+
+
 class Own(nn.Module):
-    """An :class:`OwnLinear`, :class:`OwnLayerNorm` or :class:`OwnRMSNorm` after a Linear on
-    (B, T, D), then a head."""
+    """An :class:`OwnLinear`, :class:`OwnLayerNorm`, :class:`OwnRMSNorm` or :class:`OwnNoNorm`
+    after a Linear on (B, T, D), then a head."""
 
     def __init__(self, kind: str, form: str, bias: bool):
         super().__init__()
         self.channels = form == "channels"
         self.pre = nn.Linear(D, D)
-        self.own = {"linear": OwnLinear, "layer_norm": OwnLayerNorm, "rms_norm": OwnRMSNorm}[kind](form, bias)
+        self.own = {"linear": OwnLinear, "layer_norm": OwnLayerNorm, "rms_norm": OwnRMSNorm,
+                    "no_norm": OwnNoNorm}[kind](form, bias)
         self.head = nn.Linear(D, 3)
 
     def forward(self, x):
@@ -263,8 +277,9 @@ AFFINE_GRID = [("affine", c) for c in itertools.product(["Linear", "Conv1D"], [N
                                                         [False, True])]
 OWN_GRID = [("own", (kind, form, bias)) for kind, forms in (("linear", ["same", "scaled", "detached", "relu"]),
                                                              ("layer_norm", ["same", "rms", "channels"]),
-                                                             ("rms_norm", ["same", "gemma", "detached"]))
-            for form in forms for bias in ((True, False) if kind != "rms_norm" else (False,))]
+                                                             ("rms_norm", ["same", "gemma", "detached"]),
+                                                             ("no_norm", ["same", "square"]))
+            for form in forms for bias in ((True, False) if kind in ("linear", "layer_norm") else (False,))]
 GRID = AFFINE_GRID + RNN_GRID + MHA_GRID + BAG_GRID + CONV_GRID + NORM_GRID + OWN_GRID + [("subclass", ())]
 
 
@@ -408,7 +423,8 @@ def test_a_layer_class_of_its_own_takes_the_rule_only_where_it_computes_what_the
     kind, form, _ = config
     why = scorer.explain()["own.weight"]
     if form in ("same", "gemma"):
-        rule = {"linear": "linear_subclass", "layer_norm": "hf_layer_norm", "rms_norm": "hf_rms_norm"}[kind]
+        rule = {"linear": "linear_subclass", "layer_norm": "hf_layer_norm", "rms_norm": "hf_rms_norm",
+                "no_norm": "no_norm"}[kind]
         assert why.startswith(f"ghost ({rule} rule on own: "), why
     else:
         assert why.startswith("vmap (") and "does not compute" in why, why

@@ -88,7 +88,6 @@ REFUSED_IN_RUN = {
     "mpnet": NO_RULE,          # a relative attention bias: one Embedding for the batch, used by a view
     "squeezebert": NO_RULE,    # a LayerNorm over the channels of (B, C, T)
     "convbert": NO_RULE,       # a separable Conv1d of its own
-    "mobilebert": NO_RULE,     # NoNorm (x · γ + β)
     "deberta": NO_RULE,        # q_bias and v_bias
     "deberta-v2": NO_RULE,     # relative position embeddings and projections, one for the batch
     "vit": NO_RULE, "dinov2": NO_RULE, "beit": NO_RULE,   # cls token, position embeddings, layer scale

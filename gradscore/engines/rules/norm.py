@@ -1,7 +1,7 @@
 """Ghost rules for the affine parameters of LayerNorm, RMSNorm, GroupNorm, InstanceNorm and
-eval-mode BatchNorm, and Hugging Face's RMSNorm classes and LayerNorm classes of their own
-(Cohere's, DeBERTa's: matched by structure and checked on the first batch, in value and
-gradient: ``register_structural``).
+eval-mode BatchNorm, and Hugging Face's RMSNorm classes, LayerNorm classes of their own
+(Cohere's, DeBERTa's) and MobileBERT's NoNorm (x · γ + β): matched by structure and
+checked on the first batch, in value and gradient (``register_structural``).
 
 y = x̂·γ + β with x̂ the normalized input, recomputed here from the captured input and
 the layer's own statistics (running statistics for BatchNorm, and for InstanceNorm with
@@ -183,6 +183,30 @@ def hf_layer_norm(layer: nn.Module, acts, grads, refs, K):
     if fused is not None:
         return fused
     return _affine_rule(acts, grads, refs, K, lambda x: F.layer_norm(x, x.shape[-1:], eps=eps), _last(1))
+
+
+def _like_no_norm(layer: nn.Module) -> bool:
+    """Named like MobileBERT's ``NoNorm`` (x · γ + β, no normalization), with a 1-D ``weight``
+    and ``bias`` of its size and no submodules; what it computes is checked by
+    :func:`_computes_no_norm`."""
+    own = dict(layer.named_parameters(recurse=False))
+    return (type(layer).__name__.endswith("NoNorm") and set(own) == {"weight", "bias"} and own["weight"].dim() == 1
+            and own["bias"].shape == own["weight"].shape and next(layer.children(), None) is None)
+
+
+def _computes_no_norm(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> str | None:
+    """None if the layer gives x ⊙ γ + β over its input's last dimension, in value and gradient."""
+    n = layer.weight.numel()
+    what = "x · weight + bias over its input's last dimension (MobileBERT's NoNorm)"
+    if x.shape[-1:] != (n,):
+        return f"does not compute {what}: its weight has {n} elements, its input's last dimension {x.shape[-1]}"
+    return computes(layer, x, lambda x, w: x * w["weight"] + w["bias"], what)
+
+
+@register_structural(_like_no_norm, verify=_computes_no_norm, batch_dims=(0, 1))
+def no_norm(layer: nn.Module, acts, grads, refs, K):
+    """An elementwise affine map: the affine rule with x̂ = x."""
+    return _affine_rule(acts, grads, refs, K, lambda x: x, _last(1))
 
 
 @register_rule(nn.GroupNorm, supports=lambda m: None if m.affine else "GroupNorm without affine")
