@@ -528,15 +528,15 @@ class InRun:
 
     @contextlib.contextmanager
     def _capture_linear(self, captured: dict[str, _TargetFactors]) -> Iterator[torch.Tensor]:
-        """During the target's forward and backward, each untied, batch-first nn.Linear's
-        inputs and output gradients (the factors of ∇J for its weight), keyed by the weight's
+        """During the target's forward and backward, each untied, batch-first nn.Linear's (or
+        checked subclass's) inputs and output gradients (the factors of ∇J for its weight), keyed by the weight's
         name; nothing with Adam's preconditioning (Γ ∇J has no such factors). Yields the zero
         leaf whose gradient, asked for, sends δ through every probed output."""
         device = next(iter(self.params.values())).device
         handles, z = [], torch.zeros((), device=device, requires_grad=True)
         if self.config.preconditioner == "none":
             for layer in self.engine.layers:
-                if (layer.rule.name != "linear" or layer.tied or "weight" not in layer.params
+                if (layer.rule.name not in ("linear", "linear_subclass") or layer.tied or "weight" not in layer.params
                         or layer.layout is None or layer.layout.batch_dim != 0):
                     continue
                 factors = captured[layer.params["weight"]] = _TargetFactors(layer.module)
