@@ -240,20 +240,28 @@ class OwnNoNorm(nn.Module):
 
 class Own(nn.Module):
     """An :class:`OwnLinear`, :class:`OwnLayerNorm`, :class:`OwnRMSNorm` or :class:`OwnNoNorm`
-    after a Linear on (B, T, D), then a head."""
+    after a Linear, then a head, on ``layout``: "batch" (B, T, D), "seq_first" (the same
+    transposed to (T, B, D) inside), "flat" (B, D), "T1" (B, 1, D), "TB" (B, B, D)."""
 
-    def __init__(self, kind: str, form: str, bias: bool):
+    def __init__(self, kind: str, form: str, bias: bool, layout: str = "batch"):
         super().__init__()
-        self.channels = form == "channels"
+        self.channels, self.layout = form == "channels", layout
         self.pre = nn.Linear(D, D)
         self.own = {"linear": OwnLinear, "layer_norm": OwnLayerNorm, "rms_norm": OwnRMSNorm,
                     "no_norm": OwnNoNorm}[kind](form, bias)
         self.head = nn.Linear(D, 3)
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """One example's input shape."""
+        return {"flat": (D,), "T1": (1, D), "TB": (B, D)}.get(self.layout, (T, D))
+
     def forward(self, x):
-        h = self.pre(x)
+        seq_first = self.layout == "seq_first"
+        h = self.pre(x.transpose(0, 1) if seq_first else x)
         h = self.own(h.transpose(1, 2) if self.channels else h)
-        return self.head(torch.tanh(h.transpose(1, 2) if self.channels else h).mean(1))
+        h = torch.tanh(h.transpose(1, 2) if self.channels else h)
+        return self.head(h if self.layout == "flat" else h.mean(0 if seq_first else 1))
 
 
 RNN_GRID = ([("recurrent", c) for c in itertools.product(["RNN", "GRU", "LSTM"], [1, 2], [False, True],
@@ -280,6 +288,8 @@ OWN_GRID = [("own", (kind, form, bias)) for kind, forms in (("linear", ["same", 
                                                              ("rms_norm", ["same", "gemma", "detached"]),
                                                              ("no_norm", ["same", "square"]))
             for form in forms for bias in ((True, False) if kind in ("linear", "layer_norm") else (False,))]
+OWN_GRID += [("own", (kind, "same", True, layout)) for kind in ("linear", "layer_norm", "rms_norm", "no_norm")
+             for layout in ("seq_first", "flat", "T1", "TB")]
 GRID = AFFINE_GRID + RNN_GRID + MHA_GRID + BAG_GRID + CONV_GRID + NORM_GRID + OWN_GRID + [("subclass", ())]
 
 
@@ -320,7 +330,8 @@ def _build(family, config, n=B):
         return nn.Sequential(MyLinear(D, 4), nn.Tanh(), nn.Linear(4, 3)), torch.randn(n, D, generator=g,
                                                                                        dtype=torch.float64)
     if family == "own":
-        return Own(*config), torch.randn(n, T, D, generator=g, dtype=torch.float64)
+        model = Own(*config)
+        return model, torch.randn(n, *model.shape, generator=g, dtype=torch.float64)
     raise KeyError(family)
 
 
@@ -367,7 +378,7 @@ def test_every_engine_equals_the_loop_or_refuses(family, config):
 
 
 @pytest.mark.parametrize("family,config", [RNN_GRID[0], RNN_GRID[-1], MHA_GRID[0], BAG_GRID[-1],
-                                           CONV_GRID[0], NORM_GRID[0]], ids=lambda v: str(v))
+                                           CONV_GRID[0], NORM_GRID[0], *OWN_GRID[::7]], ids=lambda v: str(v))
 @pytest.mark.parametrize("engine", ["auto", "ghost", "vmap", "loop"])
 def test_an_empty_batch_gives_empty_results(family, config, engine):
     model, x, y = _prepare(family, config, n=0)
@@ -420,7 +431,7 @@ def test_a_layer_class_of_its_own_takes_the_rule_only_where_it_computes_what_the
     the fallback with why."""
     scorer = _agree(family, config)
     scorer.score_batch(*_prepare(family, config)[1:])
-    kind, form, _ = config
+    kind, form = config[:2]
     why = scorer.explain()["own.weight"]
     if form in ("same", "gemma"):
         rule = {"linear": "linear_subclass", "layer_norm": "hf_layer_norm", "rms_norm": "hf_rms_norm",
