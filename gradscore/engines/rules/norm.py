@@ -122,14 +122,29 @@ def _hf_eps(layer: nn.Module) -> float | None:
     return float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else None
 
 
+def _row_affine(layer: nn.Module, *names: set[str]) -> bool:
+    """Whether ``layer`` has no submodules and its own parameters are one of the sets
+    ``names``, each a 1-D vector of one size (a norm's γ, β over the last dimension)."""
+    own = dict(layer.named_parameters(recurse=False))
+    return (set(own) in names and next(layer.children(), None) is None
+            and all(p.dim() == 1 and p.shape == own["weight"].shape for p in own.values()))
+
+
+def _computes_rowwise(layer: nn.Module, x: torch.Tensor, expected, what: str) -> str | None:
+    """:func:`registry.computes` for a layer whose weight spans its input's last dimension."""
+    n = layer.weight.numel()
+    if x.shape[-1:] != (n,):   # SqueezeBERT's LayerNorm normalizes the channels of (B, C, T)
+        return f"does not compute {what}: its weight has {n} elements, its input's last dimension {x.shape[-1]}"
+    return computes(layer, x, expected, what)
+
+
 def _like_hf_rms_norm(layer: nn.Module) -> bool:
     """Named like a Hugging Face RMSNorm (LlamaRMSNorm and its copies, GemmaRMSNorm,
     T5LayerNorm), with one 1-D ``weight``, no submodules and an eps; what it computes is
     checked by :func:`_computes_rms_norm`."""
     name = type(layer).__name__
-    own = dict(layer.named_parameters(recurse=False))
-    return ((name.endswith("RMSNorm") or name == "T5LayerNorm") and list(own) == ["weight"]
-            and own["weight"].dim() == 1 and next(layer.children(), None) is None and _hf_eps(layer) is not None)
+    return ((name.endswith("RMSNorm") or name == "T5LayerNorm") and _row_affine(layer, {"weight"})
+            and _hf_eps(layer) is not None)
 
 
 def _rms_hat(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -144,10 +159,11 @@ def _computes_rms_norm(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> st
     eps = _hf_eps(layer)
     what = ("weight · x / √(mean(x²) + eps) over its last dimension (or (1 + weight) · …, an RMSNorm, "
             "as its name suggests)")
-    llama = computes(layer, x, lambda x, w: w["weight"].to(acc_dtype(x.dtype)) * _rms_hat(x, eps), what)
+    llama = _computes_rowwise(layer, x, lambda x, w: w["weight"].to(acc_dtype(x.dtype)) * _rms_hat(x, eps), what)
     if llama is None:
         return None
-    gemma = computes(layer, x, lambda x, w: (1 + w["weight"].to(acc_dtype(x.dtype))) * _rms_hat(x, eps), what)
+    gemma = _computes_rowwise(layer, x, lambda x, w: (1 + w["weight"].to(acc_dtype(x.dtype))) * _rms_hat(x, eps),
+                              what)
     return None if gemma is None else llama
 
 
@@ -161,19 +177,15 @@ def _like_hf_layer_norm(layer: nn.Module) -> bool:
     """Named like a LayerNorm of a class of its own (Cohere's without β, DeBERTa's), with a
     1-D ``weight`` (and ``bias`` of its size), no submodules and an eps; what it computes is
     checked by :func:`_computes_layer_norm`."""
-    own = dict(layer.named_parameters(recurse=False))
-    return (type(layer).__name__.endswith("LayerNorm") and list(own) in (["weight"], ["weight", "bias"])
-            and own["weight"].dim() == 1 and all(p.shape == own["weight"].shape for p in own.values())
-            and next(layer.children(), None) is None and _hf_eps(layer) is not None)
+    return (type(layer).__name__.endswith("LayerNorm") and _row_affine(layer, {"weight"}, {"weight", "bias"})
+            and _hf_eps(layer) is not None)
 
 
 def _computes_layer_norm(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> str | None:
     """None if the layer gives γ ⊙ x̂ + β over its input's last dimension, in value and gradient."""
-    eps, n = _hf_eps(layer), layer.weight.numel()
-    what = "weight · (x − mean) / √(var + eps) + bias over its input's last dimension (a LayerNorm)"
-    if x.shape[-1:] != (n,):   # SqueezeBERT's normalizes the channels of (B, C, T)
-        return f"does not compute {what}: its weight has {n} elements, its input's last dimension {x.shape[-1]}"
-    return computes(layer, x, lambda x, w: F.layer_norm(x, (n,), w["weight"], w.get("bias"), eps), what)
+    eps = _hf_eps(layer)
+    return _computes_rowwise(layer, x, lambda x, w: F.layer_norm(x, x.shape[-1:], w["weight"], w.get("bias"), eps),
+                             "weight · (x − mean) / √(var + eps) + bias over its input's last dimension (a LayerNorm)")
 
 
 @register_structural(_like_hf_layer_norm, verify=_computes_layer_norm, batch_dims=(0, 1))
@@ -189,18 +201,13 @@ def _like_no_norm(layer: nn.Module) -> bool:
     """Named like MobileBERT's ``NoNorm`` (x · γ + β, no normalization), with a 1-D ``weight``
     and ``bias`` of its size and no submodules; what it computes is checked by
     :func:`_computes_no_norm`."""
-    own = dict(layer.named_parameters(recurse=False))
-    return (type(layer).__name__.endswith("NoNorm") and set(own) == {"weight", "bias"} and own["weight"].dim() == 1
-            and own["bias"].shape == own["weight"].shape and next(layer.children(), None) is None)
+    return type(layer).__name__.endswith("NoNorm") and _row_affine(layer, {"weight", "bias"})
 
 
 def _computes_no_norm(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> str | None:
     """None if the layer gives x ⊙ γ + β over its input's last dimension, in value and gradient."""
-    n = layer.weight.numel()
-    what = "x · weight + bias over its input's last dimension (MobileBERT's NoNorm)"
-    if x.shape[-1:] != (n,):
-        return f"does not compute {what}: its weight has {n} elements, its input's last dimension {x.shape[-1]}"
-    return computes(layer, x, lambda x, w: x * w["weight"] + w["bias"], what)
+    return _computes_rowwise(layer, x, lambda x, w: x * w["weight"] + w["bias"],
+                             "x · weight + bias over its input's last dimension (MobileBERT's NoNorm)")
 
 
 @register_structural(_like_no_norm, verify=_computes_no_norm, batch_dims=(0, 1))
