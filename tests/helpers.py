@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscore as gs
+from gradscore.batch import move
 from gradscore.engines.workarounds import torch_workarounds
 from gradscore.demos.models import digits_cnn, mlp, tiny_transformer
 
@@ -342,9 +343,8 @@ def check_float32(model: nn.Module, x, y, params, V, want, where: str, loss: str
     normalization of a near-constant amplifies each rounding by up to 1/√eps). ``x``: a
     tensor or a dict of them (a Hugging Face model's keywords)."""
     m32 = copy.deepcopy(model).float()
-    x32 = {k: v.float() if v.is_floating_point() else v for k, v in x.items()} if isinstance(x, dict) else (
-        x.float() if x.is_floating_point() else x)
     V32 = V.float()
+    x32 = move(x, V32)   # floating inputs in float32, token ids kept
     loop_err = max(_errors(gs.Scorer(m32, loss, engine="loop", params=params).score_batch(x32, y, refs=V32), want, V))
     if loop_err > 1e-5:
         return
