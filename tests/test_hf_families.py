@@ -25,7 +25,7 @@ from helpers import check_float32
 
 tf = pytest.importorskip("transformers")   # in the test extra; absent only in a bare install
 from gradscore.integrations.hf import from_config  # noqa: E402
-from gradscore.losses import causal_lm  # noqa: E402
+from gradscore.losses import resolve_loss  # noqa: E402
 
 VOCAB = 37
 TEXT = {"vocab_size": VOCAB, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
@@ -183,12 +183,10 @@ def test_a_family_in_training_is_recorded_as_the_loop_scores_it(tmp_path, task, 
         return
     with h5py.File(tmp_path / "r.h5") as f:
         rows = {k: f["inrun"][k][()] for k in f["inrun"]}
-    per_token = causal_lm("mean").fn
+    per_example = resolve_loss(loss_of(task)).fn   # ℓ_b (B,): an LM's token mean, a classifier's cross-entropy
 
     def loss(m, inputs, labels):
-        z = m(**inputs).logits
-        return per_token(z, labels) if task == "causal_lm" else torch.nn.functional.cross_entropy(
-            z, labels, reduction="none")
+        return per_example(m(**inputs).logits, labels)
     params = [p for p in before.parameters() if p.requires_grad]   # RoFormer's sinusoidal table is frozen
     gJ = torch.autograd.grad(loss(before.eval(), *target).mean(), params, allow_unused=True)
     before.train()
