@@ -42,6 +42,7 @@ class Loss:
     fn: PerExampleLoss
     output: str  # "logits", "log_probs", "regression" or "tokens" (language modelling)
     weights_sq: Callable[[torch.Tensor], torch.Tensor] | None = None
+    softmax_rows: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor] | None] | None = None
 
     @property
     def is_classification(self) -> bool:
@@ -93,7 +94,18 @@ def causal_lm(reduction: str = "mean") -> Loss:
     def weights_sq(y: torch.Tensor) -> torch.Tensor:   # each predicted token weighs 1/n_b (mean) or 1
         n = (y[:, 1:] != IGNORE_INDEX).sum(1).clamp(min=1).double()
         return n if reduction == "sum" else 1 / n
-    return Loss("causal_lm" if reduction == "mean" else "causal_lm_sum", fn, "tokens", weights_sq)
+
+    def softmax_rows(y: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Position t's label is y[:, t + 1]; the last position and ignored labels: −1.
+        None where y is not (B, T) class indices in [0, classes) or −100 (``fn`` says why)."""
+        labels = torch.full(y.shape, -1, dtype=torch.int64, device=y.device)
+        labels[:, :-1] = y[:, 1:]
+        labels[labels == IGNORE_INDEX] = -1
+        if y.dtype.is_floating_point or y.dim() != 2 or ((labels < -1) | (labels >= classes)).any():
+            return None
+        n = (labels >= 0).sum(1).clamp(min=1).double()
+        return labels, (torch.ones_like(n) if reduction == "sum" else 1 / n)
+    return Loss("causal_lm" if reduction == "mean" else "causal_lm_sum", fn, "tokens", weights_sq, softmax_rows)
 
 
 def _one_row(y: torch.Tensor) -> torch.Tensor:

@@ -23,3 +23,14 @@ def norm_dot_reference(G: torch.Tensor, V: torch.Tensor | None) -> tuple[torch.T
     if V is None or V.shape[0] == 0:
         return sq, Ga.new_zeros((G.shape[0], 0))
     return sq, Ga @ V.to(Ga.dtype).T
+
+
+def softmax_ce_rows_reference(z: torch.Tensor, delta: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Torch reference of ``softmax_ce_numba.softmax_ce_rows_numba``, in float64: z, δ (R, V),
+    labels (R,) (−1: no loss) -> (R, 4): loss, ‖d‖², ⟨δ, d⟩, ‖δ‖² with d = softmax(z) − onehot(y)."""
+    z, delta = z.double(), delta.double()
+    has = labels >= 0
+    at = labels.clamp(min=0).to(torch.int64)[:, None]
+    d = torch.softmax(z, 1).scatter_add(1, at, -torch.ones_like(z[:, :1])) * has[:, None]
+    loss = (torch.logsumexp(z, 1) - z.gather(1, at)[:, 0]) * has
+    return torch.stack([loss, (d * d).sum(1), (delta * d).sum(1), (delta * delta).sum(1)], 1)

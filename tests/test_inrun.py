@@ -747,6 +747,42 @@ def test_a_float32_lm_with_a_real_vocabulary_has_readable_shares(tmp_path):
         np.testing.assert_allclose(rows["sq_norm"][b], sq, rtol=1e-4)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("B,T,V", [(4, 9, 31), (3, 1, 5), (0, 4, 7), (2, 6, 1)])
+def test_language_model_terms_in_one_pass_equal_the_generic_path(B, T, V, reduction):
+    """On CPU a causal LM's loss, ‖∂ℓ_b/∂z‖², ⟨δ_b, ∂ℓ_b/∂z⟩ and ‖δ_b‖² come from one pass
+    over the logits and δ (``kernels.softmax_ce_numba``): equal, in float64, to the generic
+    path (the loss's autograd), with ignored labels, an example without a predicted token,
+    T = 1 and B = 0. Targets the loss refuses take the generic path, which says why."""
+    import dataclasses
+
+    from gradscore.inrun.recorder import _LossTerms
+    from gradscore.losses import causal_lm
+    loss = causal_lm(reduction)
+    generic = dataclasses.replace(loss, softmax_rows=None)
+    g = torch.Generator().manual_seed(B * 100 + T)
+    z = 2 * torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    y = torch.randint(0, V, (B, T), generator=g)
+    if B > 1:
+        y[0, 3:] = -100       # a short example
+        y[1, 1:] = -100       # none to predict
+    leaf = z.clone().requires_grad_(True)
+    (loss.fn(leaf, y).sum() / max(B, 1)).backward()
+    delta = leaf.grad + 1e-3 * torch.randn(z.shape, generator=g, dtype=torch.float64)  # not a multiple of d
+    assert _LossTerms._softmax_rows(loss, z, delta, y) is not None
+    fast, slow = _LossTerms.of(loss, z, delta, y), _LossTerms.of(generic, z, delta, y)
+    for name in ("losses", "d_sq", "dot", "delta_sq"):
+        torch.testing.assert_close(getattr(fast, name), getattr(slow, name), rtol=1e-12, atol=1e-300)
+    assert fast.metrics == slow.metrics == {} and fast.width == T * V and fast.dtype == torch.float64
+    if B and T > 1:
+        bad = y.clone()
+        bad[-1, -1] = V                          # out of the vocabulary
+        assert _LossTerms._softmax_rows(loss, z, delta, bad) is None
+        with pytest.raises((IndexError, RuntimeError)):
+            _LossTerms.of(loss, z, delta, bad)
+        assert _LossTerms._softmax_rows(loss, z, delta, y.double()) is None
+
+
 def test_a_memorized_sequence_records_nan_not_another_examples_share(tmp_path):
     """A language model's share depends on the example's token count (n_b/N for a token
     mean), so an example the loss no longer moves cannot take its batch's median share:

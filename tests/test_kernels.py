@@ -335,3 +335,59 @@ def test_a_triton_failure_at_run_time_falls_back_to_torch_with_one_line(monkeypa
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and all("PassManager::run failed" in m and "torch reference" in m for m in lines), lines
     assert all("\n" not in m for m in lines)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 128])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("R,V", [(0, 5), (1, 1), (9, 2), (9, 7), (6, 300)])
+def test_softmax_ce_rows_kernel_equals_the_float64_reference(R, V, dtype, chunk):
+    """The language model's terms per output row (loss, ‖d‖², ⟨δ, d⟩, ‖δ‖², d = p − onehot)
+    against torch in float64 on the same values: rows without a loss (label −1), a row whose
+    label is near certain (1 − p_y ~ 1e-5: no cancellation), one whose label is near
+    impossible, δ a multiple of d and δ any."""
+    from gradscore.kernels.reference import softmax_ce_rows_reference
+    from gradscore.kernels.softmax_ce_numba import softmax_ce_rows_numba
+    g = torch.Generator().manual_seed(R * 1000 + V)
+    z = (3 * torch.randn(R, V, generator=g, dtype=torch.float64)).to(dtype)
+    labels = torch.randint(0, V, (R,), generator=g)
+    if R > 2:
+        labels[1] = -1
+        z[0, labels[0]] = z[0].max() + 12           # p_y = 1 − O(V e^-12)
+        z[2, labels[2]] = z[2].min() - 30           # p_y ~ e^-30
+    delta = torch.randn(R, V, generator=g, dtype=torch.float64).to(dtype)
+    ref = softmax_ce_rows_reference(z, delta, labels)
+    if R > 3:   # a row whose δ is a multiple of its d: the share the recorder reads
+        d3 = torch.softmax(z[3].double(), 0) - torch.nn.functional.one_hot(labels[3], V)
+        delta[3] = (0.25 * d3).to(dtype)
+        ref = softmax_ce_rows_reference(z, delta, labels)
+    got = softmax_ce_rows_numba(z, delta, labels, chunk=chunk)
+    assert got.shape == (R, 4) and got.dtype == torch.float64
+    # the reference's own 1 − p_y, formed as p_y − 1, keeps 1e-16 / 1e-5 of it in float64
+    rtol = 1e-10 if dtype == torch.float64 else 1e-6
+    loss, d_sq, dot, delta_sq = ref.unbind(1)
+    torch.testing.assert_close(got[:, 0], loss, rtol=rtol, atol=rtol * float(z.abs().max().double()) if R else 0)
+    torch.testing.assert_close(got[:, 1], d_sq, rtol=rtol, atol=0)
+    assert ((got[:, 2] - dot).abs() <= rtol * (d_sq * delta_sq).sqrt()).all()
+    torch.testing.assert_close(got[:, 3], delta_sq, rtol=rtol, atol=0)
+    if R > 3:
+        share = 0.25 if dtype != torch.bfloat16 else dot[3] / d_sq[3]   # bfloat16's δ: a multiple to 3 digits
+        torch.testing.assert_close(got[3, 2] / got[3, 1], torch.as_tensor(share, dtype=torch.float64), rtol=rtol,
+                                   atol=0)
+        assert (got[1, :3] == 0).all() and got[1, 3] > 0   # no loss, but its δ is counted
+
+
+def test_softmax_ce_rows_kernel_does_not_depend_on_thread_count():
+    import numba
+
+    from gradscore.kernels.softmax_ce_numba import softmax_ce_rows_numba
+    z, delta = _rand(37, 3000, seed=5), _rand(37, 3000, seed=6)
+    labels = torch.randint(-1, 3000, (37,), generator=torch.Generator().manual_seed(7))
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = softmax_ce_rows_numba(z, delta, labels)
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        many = softmax_ce_rows_numba(z, delta, labels)
+    finally:
+        numba.set_num_threads(before)
+    assert torch.equal(one, many)

@@ -73,6 +73,7 @@ from ..engines.rules.registry import FactoredRef
 from ..exceptions import ConfigError, EngineError, GradscoreError, GradscoreWarning, OutputError, cause
 from ..io.journal import Journal
 from ..io.outputs import claim
+from ..kernels.dispatch import numba_on_cpu
 from ..losses import Loss, resolve_loss
 from ..scores import inrun as inrun_scores
 from ..scores.datadiet import classification_metrics
@@ -728,7 +729,10 @@ class _LossTerms:
     def of(cls, loss: Loss, z: torch.Tensor, delta: torch.Tensor, y: torch.Tensor) -> "_LossTerms":
         """From z and δ (B, ...) and the targets y (B, ...), a block of examples at a time:
         the float64 copies stay at :data:`_TERM_ELEMENTS` elements, whatever the vocabulary."""
-        width = z[0].numel()
+        width = math.prod(z.shape[1:])
+        fused = cls._softmax_rows(loss, z, delta, y)
+        if fused is not None:
+            return cls(*fused, delta.dtype, width)
         blocks = -(-len(z) * width // _TERM_ELEMENTS)   # as few as fit, of equal size
         rows = -(-len(z) // max(1, blocks))
         if rows >= len(z):   # one block (a classifier's batch): no copies into a whole
@@ -737,6 +741,23 @@ class _LossTerms:
         losses, metrics, d_sq, dot, delta_sq = zip(*parts)
         return cls(torch.cat(losses), {k: torch.cat([m[k] for m in metrics]) for k in metrics[0]},
                    torch.cat(d_sq), torch.cat(dot), torch.cat(delta_sq), delta.dtype, width)
+
+    @staticmethod
+    def _softmax_rows(loss: Loss, z: torch.Tensor, delta: torch.Tensor, y: torch.Tensor):
+        """A language model's terms in one pass over z and δ (``kernels.softmax_ce_numba``), on
+        CPU, where ℓ_b is a weighted sum of its rows' cross-entropies; None elsewhere."""
+        if (loss.softmax_rows is None or z.dim() != 3 or z.device.type != "cpu" or y.shape != z.shape[:2]
+                or not numba_on_cpu()):
+            return None
+        rows = loss.softmax_rows(y, z.shape[2])
+        if rows is None:   # targets the loss refuses: the generic path says why
+            return None
+        from ..kernels.softmax_ce_numba import softmax_ce_rows_numba
+        labels, w = rows
+        B, T, V = z.shape
+        losses, d_sq, dot, delta_sq = softmax_ce_rows_numba(z.reshape(B * T, V), delta.reshape(B * T, V),
+                                                            labels.reshape(-1)).reshape(B, T, 4).sum(1).unbind(1)
+        return (losses * w).to(z.dtype), classification_metrics(loss, z, y), d_sq * w ** 2, dot * w, delta_sq
 
     @staticmethod
     def _block(loss: Loss, z: torch.Tensor, delta: torch.Tensor, y: torch.Tensor):
@@ -751,7 +772,8 @@ class _LossTerms:
                 losses = loss.fn(leaf, y)
                 (d,) = torch.autograd.grad(losses.sum(), leaf)
             losses = losses.detach()
-        d, delta = d.reshape(len(z), -1).double(), delta.reshape(len(z), -1).double()
+        width = math.prod(z.shape[1:])
+        d, delta = d.reshape(len(z), width).double(), delta.reshape(len(z), width).double()
         return (losses, classification_metrics(loss, z, y, probs), _row_dot(d, d), _row_dot(delta, d),
                 _row_dot(delta, delta))
 

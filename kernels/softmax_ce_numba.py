@@ -1,0 +1,75 @@
+"""numba CPU kernel: a softmax cross-entropy's terms per output row, in one pass over z and δ.
+
+For logits z (R, V), an output gradient δ (R, V) and labels (R,) (−1: the row has no
+loss), with p = softmax(z_r) and d_r = p − onehot(y_r) (0 for a row without a loss),
+it gives per row, in float64: the loss log Σ_v e^{z_v} − z_y, ‖d_r‖², ⟨δ_r, d_r⟩ and
+‖δ_r‖². What the in-run recorder reads from a language model's (B, T, V) logits and
+their gradient, without the float64 copies and the autograd pass of the generic path.
+
+Rows go in chunks: e^{z − max} into one reused buffer (torch's vectorized exp), then
+one numba pass sums it against δ. The label's own entry is set to 0 in the buffer first,
+so the sums are over the other classes only: 1 − p_y = Σ_{v≠y} p_v and the terms are
+sums of like-signed parts, with no cancellation when p_y is near 1.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+
+from .numba_cache import njit_cached
+
+#: rows per chunk: the exp buffer holds ``CHUNK`` × V elements
+CHUNK = 128
+
+
+@njit_cached(parallel=True, fastmath=True)
+def _sums(e, delta, out):  # pragma: no cover - numba
+    """Per row r: Σ_v e_rv, Σ_v e_rv², Σ_v e_rv δ_rv and Σ_v δ_rv², accumulated in float64."""
+    R, V = e.shape
+    for r in numba.prange(R):
+        er, dr = e[r], delta[r]
+        s, s2, sd, dd = 0.0, 0.0, 0.0, 0.0
+        for v in range(V):
+            x, g = np.float64(er[v]), np.float64(dr[v])
+            s += x
+            s2 += x * x
+            sd += x * g
+            dd += g * g
+        out[r, 0], out[r, 1], out[r, 2], out[r, 3] = s, s2, sd, dd
+
+
+def softmax_ce_rows_numba(z: torch.Tensor, delta: torch.Tensor, labels: torch.Tensor, *,
+                          chunk: int = CHUNK) -> torch.Tensor:
+    """z, δ: (R, V) float32 or float64 CPU tensors (other float dtypes are upcast a chunk
+    at a time), labels (R,) int (−1: no loss) -> (R, 4) float64: loss, ‖d‖², ⟨δ, d⟩, ‖δ‖²."""
+    R, V = z.shape
+    work = z.dtype if z.dtype in (torch.float32, torch.float64) else torch.float32
+    labels = labels.to(torch.int64)
+    has = labels >= 0
+    label = labels.clamp(min=0)
+    sums = np.empty((R, 4), dtype=np.float64)
+    top = torch.empty(R, dtype=torch.float64)
+    e_label = torch.empty(R, dtype=torch.float64)
+    buf = torch.empty((min(chunk, R), V), dtype=work)
+    for i in range(0, R, chunk):
+        zc = z[i:i + chunk].to(work)
+        n, at = len(zc), label[i:i + chunk, None]
+        e = buf[:n]
+        m = zc.amax(1, keepdim=True)
+        torch.exp(torch.sub(zc, m, out=e), out=e)
+        e_label[i:i + n] = e.gather(1, at)[:, 0].double()
+        e.scatter_(1, at, 0)   # the sums below are over the other classes
+        top[i:i + n] = m[:, 0].double()
+        _sums(e.numpy(), delta[i:i + chunk].to(work).contiguous().numpy(), sums[i:i + n])
+    other, other_sq, other_dot, delta_sq = torch.from_numpy(sums).unbind(1)
+    total = other + e_label                            # Σ_v e^{z_v − max}
+    gap = other / total                                # 1 − p_y
+    z_label = z.gather(1, label[:, None])[:, 0].double()
+    d_label = delta.gather(1, label[:, None])[:, 0].double()
+    zero = torch.zeros((), dtype=torch.float64)
+    return torch.stack([
+        torch.where(has, top + total.log() - z_label, zero),
+        torch.where(has, other_sq / total ** 2 + gap ** 2, zero),           # Σ_{v≠y} p_v² + (1 − p_y)²
+        torch.where(has, other_dot / total - d_label * gap, zero),          # Σ_{v≠y} p_v δ_v − δ_y (1 − p_y)
+        delta_sq], 1)
