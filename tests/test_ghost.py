@@ -441,3 +441,20 @@ def test_an_encoder_with_nested_tensors_is_laid_out_on_the_scoring_path(K):
     ids[4, 2:] = 0
     why = compare_with_loop(_PaddedEncoder(), ids, K).explain()
     assert all(v.startswith("ghost") for v in why.values()), why
+
+
+@pytest.mark.parametrize("B,T", [(0, 3), (3, 0), (1, 1), (4, 4), (5, 9)])
+@pytest.mark.parametrize("form", ["by_rows", "by_pairs"])
+def test_embedding_sq_norms_equal_each_examples_dense_gradient(B, T, form):
+    """Both forms of an embedding's ‖g_b‖² (δ's summed by token id on CPU, pairs of equal ids
+    elsewhere) against each example's dense gradient (vocabulary, dim) in float64: repeated
+    ids, T == B, an empty batch or sequence, int32 ids."""
+    from gradscore.engines.rules import embedding
+    g = torch.Generator().manual_seed(10 * B + T)
+    ids = torch.randint(0, 4, (B, T), generator=g, dtype=torch.int32)   # 4 ids: many repeats
+    d = torch.randn(B, T, 3, generator=g, dtype=torch.float64)
+    got = getattr(embedding, f"sq_norms_{form}")(ids, d)
+    want = torch.stack([torch.zeros(4, 3, dtype=torch.float64).index_add_(0, ids[b].long(), d[b]).pow(2).sum()
+                        for b in range(B)]) if B else torch.zeros(0, dtype=torch.float64)
+    assert got.shape == (B,)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=0)

@@ -41,12 +41,32 @@ def embedding_factors(layer: nn.Embedding, acts, grads) -> dict[str, Factor]:
     return {"weight": Factor(ids, d, left_ids=True)}
 
 
+def sq_norms_by_pairs(ids: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """(B,) ‖g_b‖² = Σ_{t,s: id_bt = id_bs} δ_bt·δ_bs for ids (B, T) and δ (B, T, dim):
+    O(B·T²·dim), a batched product (deterministic on CUDA, where index_add is not)."""
+    same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(d.dtype)                      # (B, T, T)
+    return (torch.bmm(d, d.transpose(1, 2)) * same).sum((1, 2))
+
+
+def sq_norms_by_rows(ids: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """(B,) ‖g_b‖² = Σ_u ‖Σ_{t: id_bt = u} δ_bt‖², the δ's summed by (example, id): the
+    gradient's nonzero rows, O(B·T·dim)."""
+    B, T, dim = d.shape
+    if not d.numel():
+        return d.new_zeros(B)
+    ids = ids.to(torch.int64)
+    rows = int(ids.max()) + 1
+    key = (torch.arange(B, device=ids.device)[:, None] * rows + ids).reshape(-1)
+    rows_of, at = torch.unique(key, return_inverse=True)                          # each (example, id) once
+    sums = d.new_zeros((len(rows_of), dim)).index_add_(0, at, d.reshape(B * T, dim))
+    return d.new_zeros(B).index_add_(0, rows_of // rows, sums.pow(2).sum(1))
+
+
 @register_rule(nn.Embedding, supports=_supports, factors=embedding_factors, batch_dims=(0, 1))
 def embedding(layer: nn.Embedding, acts, grads, refs, K):
     ids, d = _ids_and_grads(layer, acts, grads)
     acc = d.dtype
-    same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(acc)                          # (B, T, T)
-    sq = (torch.bmm(d, d.transpose(1, 2)) * same).sum((1, 2))
+    sq = (sq_norms_by_rows if d.device.type == "cpu" else sq_norms_by_pairs)(ids, d)
     if not K:
         return sq, sq.new_zeros((sq.shape[0], 0))
     rows = refs["weight"].to(acc)[:, ids]                                           # (K, B, T, dim)
