@@ -98,11 +98,13 @@ def causal_lm(reduction: str = "mean") -> Loss:
     def softmax_rows(y: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Position t's label is y[:, t + 1]; the last position and ignored labels: −1.
         None where y is not (B, T) class indices in [0, classes) or −100 (``fn`` says why)."""
-        labels = torch.full(y.shape, -1, dtype=torch.int64, device=y.device)
-        labels[:, :-1] = y[:, 1:]
-        labels[labels == IGNORE_INDEX] = -1
-        if y.dtype.is_floating_point or y.dim() != 2 or ((labels < -1) | (labels >= classes)).any():
+        if y.dtype.is_floating_point or y.dim() != 2:
             return None
+        predicted = y[:, 1:]
+        if ((predicted != IGNORE_INDEX) & ((predicted < 0) | (predicted >= classes))).any():
+            return None
+        labels = torch.full(y.shape, -1, dtype=torch.int64, device=y.device)
+        labels[:, :-1] = predicted.masked_fill(predicted == IGNORE_INDEX, -1)
         n = (labels >= 0).sum(1).clamp(min=1).double()
         return labels, (torch.ones_like(n) if reduction == "sum" else 1 / n)
     return Loss("causal_lm" if reduction == "mean" else "causal_lm_sum", fn, "tokens", weights_sq, softmax_rows)

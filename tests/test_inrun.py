@@ -775,11 +775,12 @@ def test_language_model_terms_in_one_pass_equal_the_generic_path(B, T, V, reduct
         torch.testing.assert_close(getattr(fast, name), getattr(slow, name), rtol=1e-12, atol=1e-300)
     assert fast.metrics == slow.metrics == {} and fast.width == T * V and fast.dtype == torch.float64
     if B and T > 1:
-        bad = y.clone()
-        bad[-1, -1] = V                          # out of the vocabulary
-        assert _LossTerms._softmax_rows(loss, z, delta, bad) is None
-        with pytest.raises((IndexError, RuntimeError)):
-            _LossTerms.of(loss, z, delta, bad)
+        for wrong in (V, -1):                    # out of the vocabulary; a negative label not -100
+            bad = y.clone()
+            bad[-1, -1] = wrong
+            assert _LossTerms._softmax_rows(loss, z, delta, bad) is None
+            with pytest.raises((IndexError, RuntimeError)):
+                _LossTerms.of(loss, z, delta, bad)
         assert _LossTerms._softmax_rows(loss, z, delta, y.double()) is None
 
 
