@@ -6,8 +6,8 @@ it gives per row, in float64: the loss log Σ_v e^{z_v} − z_y, ‖d_r‖², �
 ‖δ_r‖². What the in-run recorder reads from a language model's (B, T, V) logits and
 their gradient, without the float64 copies and the autograd pass of the generic path.
 
-Rows go in chunks: e^{z − max} into one reused buffer (torch's vectorized exp), then
-one numba pass sums it against δ. The label's own entry is set to 0 in the buffer first,
+Rows go in chunks of at most 2²⁰ elements: e^{z − max} into one reused buffer (torch's
+vectorized exp), then one numba pass sums it against δ. The label's own entry is set to 0 in the buffer first,
 so the sums are over the other classes only: 1 − p_y = Σ_{v≠y} p_v and the terms are
 sums of like-signed parts, with no cancellation when p_y is near 1.
 """
@@ -19,8 +19,9 @@ import torch
 
 from .numba_cache import njit_cached
 
-#: rows per chunk: the exp buffer holds ``CHUNK`` × V elements
+#: rows per chunk, at most: the exp buffer holds at most ``CHUNK`` × V and :data:`ELEMENTS` elements
 CHUNK = 128
+ELEMENTS = 2**20
 
 
 @njit_cached(parallel=True, fastmath=True)
@@ -44,6 +45,7 @@ def softmax_ce_rows_numba(z: torch.Tensor, delta: torch.Tensor, labels: torch.Te
     """z, δ: (R, V) float32 or float64 CPU tensors (other float dtypes are upcast a chunk
     at a time), labels (R,) int (−1: no loss) -> (R, 4) float64: loss, ‖d‖², ⟨δ, d⟩, ‖δ‖²."""
     R, V = z.shape
+    chunk = max(1, min(chunk, ELEMENTS // max(V, 1)))
     work = z.dtype if z.dtype in (torch.float32, torch.float64) else torch.float32
     labels = labels.to(torch.int64)
     has = labels >= 0

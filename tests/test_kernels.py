@@ -391,3 +391,21 @@ def test_softmax_ce_rows_kernel_does_not_depend_on_thread_count():
     finally:
         numba.set_num_threads(before)
     assert torch.equal(one, many)
+
+
+def test_softmax_ce_rows_kernel_bounds_its_buffer_by_elements(monkeypatch):
+    """A wide vocabulary takes fewer rows per chunk (the buffer stays at ELEMENTS logits), with
+    the same results; a row wider than ELEMENTS goes alone."""
+    from gradscore.kernels import softmax_ce_numba
+    from gradscore.kernels.reference import softmax_ce_rows_reference
+    z, delta = _rand(9, 300, seed=1).double(), _rand(9, 300, seed=2).double()
+    labels = torch.randint(-1, 300, (9,), generator=torch.Generator().manual_seed(3))
+    chunks = []
+    real_sums = softmax_ce_numba._sums
+    monkeypatch.setattr(softmax_ce_numba, "_sums", lambda e, d, out: (chunks.append(len(e)), real_sums(e, d, out)))
+    for elements, rows in [(1200, 4), (100, 1)]:
+        monkeypatch.setattr(softmax_ce_numba, "ELEMENTS", elements)
+        chunks.clear()
+        got = softmax_ce_numba.softmax_ce_rows_numba(z, delta, labels)
+        assert max(chunks) == rows and sum(chunks) == 9
+        torch.testing.assert_close(got, softmax_ce_rows_reference(z, delta, labels), rtol=1e-10, atol=1e-12)
