@@ -18,7 +18,8 @@ written after every step, so a kill leaves them too):
    ``torch.cuda.max_memory_allocated`` for memory.
 4. ``inrun_sketch``: ``bench.inrun`` (the in-run recorder against the same training
    steps) and ``bench.sketch`` (gradient sketches against a plain forward+backward) on
-   the MLP, the transformer and GPT-2.
+   the MLP, the transformer and GPT-2; the in-run recorder also on GPT-2 with a
+   vocabulary of 32768, whose loss terms take the generic path on CUDA.
 5. ``torchrun``: a 2-process NCCL ``gradscore run`` against one process, bit for bit,
    where the machine has two GPUs or more.
 """
@@ -71,6 +72,8 @@ class Sizes:
         self.engine_repeats = 1 if dry_run else 3
         self.inrun_cases = ({"mlp_784_1024_1024": 8} if dry_run else
                             {"mlp_784_1024_1024": 256, "transformer_d128_T64": 64, "gpt2_d64_T128": 32})
+        # in-run only: a real vocabulary, whose loss terms take the generic path on CUDA
+        self.inrun_vocab_cases = {} if dry_run else {"gpt2_d64_T128_V32768": 16}
         self.sketch_dim = 256 if dry_run else 8192
 
 
@@ -187,7 +190,7 @@ def step_inrun_sketch(sizes: Sizes, budget: Budget) -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
         out["inrun"] = inrun_bench(sizes.engine_repeats, sizes.device, echo=lambda _: None,
-                                   cases=sizes.inrun_cases)["rows"]
+                                   cases={**sizes.inrun_cases, **sizes.inrun_vocab_cases})["rows"]
         out["sketch"] = sketch_rows(sizes.sketch_dim, sizes.engine_repeats, sizes.device, cases=sizes.inrun_cases)
     except Exception as e:  # noqa: BLE001 - a failure is a result, not the end of the kit
         out["status"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
@@ -279,6 +282,7 @@ def markdown(result: dict[str, Any]) -> str:
                 "| in-run: model | batch | norms | target every step | target every 10 |",
                 "|---|---|---|---|---|"]
         out += [f"| {r['model']} | {r['batch']} | " + " | ".join(
+                    "—" if m not in r else   # a vocabulary row: norms only
                     f"{r[m]['ratio']:.2f}" + (f" ({r[m]['floor']:.2f})" if r[m].get("floor") else "")
                     + (f" [{r[m]['flops_ratio']:.3f}]" if r[m].get("flops_ratio") else "")
                     for m in ("norms", "target_every1", "target_every10")) + " |"

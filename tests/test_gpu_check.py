@@ -41,3 +41,16 @@ def test_gpu_check_stops_at_its_budget_with_what_it_has(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_dry-run-cpu.json").read_text())
     assert result["bandwidth"]["status"].startswith("skipped") and result["engines"]["status"].startswith("skipped")
+
+
+def test_gpu_check_markdown_shows_a_norms_only_vocabulary_row():
+    """The vocabulary row of the in-run step has norms only: its other cells read '—'."""
+    sys.path.insert(0, str(ROOT))
+    from bench.gpu_check import markdown
+    cell = {"ratio": 1.5, "floor": None, "flops_ratio": 1.33}
+    md = markdown({"device": "cpu", "environment": {"torch": "x", "kernels": {"cpu": "numba"}},
+                   "inrun_sketch": {"inrun": [{"model": "gpt2_d64_T128_V32768", "batch": 16, "norms": cell},
+                                              {"model": "mlp", "batch": 8, "norms": cell,
+                                               "target_every1": {**cell, "floor": 1.3}, "target_every10": cell}]}})
+    assert "| gpt2_d64_T128_V32768 | 16 | 1.50 [1.330] | — | — |" in md
+    assert "| mlp | 8 | 1.50 [1.330] | 1.50 (1.30) [1.330] | 1.50 [1.330] |" in md
