@@ -7,9 +7,9 @@ it gives per row, in float64: the loss log Σ_v e^{z_v} − z_y, ‖d_r‖², �
 their gradient, without the float64 copies and the autograd pass of the generic path.
 
 Rows go in chunks of at most 2²⁰ elements: e^{z − max} into one reused buffer (torch's
-vectorized exp), then one numba pass sums it against δ. The label's own entry is set to 0 in the buffer first,
-so the sums are over the other classes only: 1 − p_y = Σ_{v≠y} p_v and the terms are
-sums of like-signed parts, with no cancellation when p_y is near 1.
+vectorized exp), then one numba pass sums it against δ. The label's own entry is set to
+0 in the buffer first, so the sums are over the other classes only: 1 − p_y = Σ_{v≠y} p_v
+and the terms are sums of like-signed parts, with no cancellation when p_y is near 1.
 """
 from __future__ import annotations
 
