@@ -16,7 +16,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-from .reference import norm_dot_reference
+from .reference import autocast_off, norm_dot_reference
 
 log = logging.getLogger("gradscore.kernels")
 T = TypeVar("T")
@@ -107,11 +107,14 @@ def _load(name: str) -> NormDotBackend:
 
 
 def _probe(backend: NormDotBackend, device: torch.device) -> None:
+    """The backend's result against the torch reference, in float32 (autocast off: a first
+    use inside an autocast region would compare against a half-precision reference)."""
     g = torch.Generator().manual_seed(0)
     G = torch.randn(3, 37, generator=g).to(device)
     V = torch.randn(2, 37, generator=g).to(device)
-    sq, dots = backend.norm_dot(G, V)
-    sq_ref, dots_ref = norm_dot_reference(G, V)
+    with autocast_off():
+        sq, dots = backend.norm_dot(G, V)
+        sq_ref, dots_ref = norm_dot_reference(G, V)
     torch.testing.assert_close(sq, sq_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(dots, dots_ref, rtol=1e-4, atol=1e-4)
 

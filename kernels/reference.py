@@ -5,7 +5,23 @@ of them.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+
+def autocast_off() -> contextlib.ExitStack:
+    """A context with autocast switched off where it is on (CPU, CUDA): what runs inside
+    computes in the dtypes it chooses, not in the region's half type."""
+    stack = contextlib.ExitStack()
+    for device in ("cpu", "cuda"):
+        try:
+            on = torch.is_autocast_enabled(device)
+        except TypeError:   # torch < 2.4: no device argument
+            on = torch.is_autocast_cpu_enabled() if device == "cpu" else torch.is_autocast_enabled()
+        if on:
+            stack.enter_context(torch.autocast(device, enabled=False))
+    return stack
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

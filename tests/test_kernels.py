@@ -409,3 +409,24 @@ def test_softmax_ce_rows_kernel_bounds_its_buffer_by_elements(monkeypatch):
         got = softmax_ce_numba.softmax_ce_rows_numba(z, delta, labels)
         assert max(chunks) == rows and sum(chunks) == 9
         torch.testing.assert_close(got, softmax_ce_rows_reference(z, delta, labels), rtol=1e-10, atol=1e-12)
+
+
+def test_the_first_use_under_autocast_keeps_the_numba_backend():
+    """The backend's probe (its result against the torch reference, once per process) runs
+    with autocast off: a first use inside a bf16 autocast region (an in-run step, a scorer
+    under autocast) compared a bf16 reference with float32 and turned numba off for the
+    whole process, with a warning that it was unavailable."""
+    import os
+    import subprocess
+    import sys
+    code = ("import logging, torch\n"
+            "logging.basicConfig(level=logging.WARNING)\n"
+            "from gradscore.kernels.dispatch import get_backend\n"
+            "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
+            "    print(get_backend('cpu').name)\n"
+            "print(get_backend('cpu').name)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "GRADSCORE_KERNELS"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["numba", "numba"], (done.stdout, done.stderr[-2000:])
+    assert "unavailable" not in done.stderr, done.stderr[-2000:]
