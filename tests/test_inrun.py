@@ -784,6 +784,21 @@ def test_language_model_terms_in_one_pass_equal_the_generic_path(B, T, V, reduct
         assert _LossTerms._softmax_rows(loss, z, delta, y.double()) is None
 
 
+def test_language_model_losses_of_bfloat16_logits_keep_float32_digits():
+    """bfloat16 logits (a step under autocast): the one-pass losses come in float32, equal to
+    the cross-entropy of the same bfloat16 values in float64, not rounded to 3 digits."""
+    from gradscore.inrun.recorder import _LossTerms
+    from gradscore.losses import causal_lm
+    g = torch.Generator().manual_seed(0)
+    z = (3 * torch.randn(3, 7, 50, generator=g)).bfloat16()
+    y = torch.randint(0, 50, (3, 7), generator=g)
+    delta = torch.randn(z.shape, generator=g).bfloat16()
+    loss = causal_lm("mean")
+    terms = _LossTerms.of(loss, z, delta, y)
+    assert _LossTerms._softmax_rows(loss, z, delta, y) is not None and terms.losses.dtype == torch.float32
+    torch.testing.assert_close(terms.losses.double(), loss.fn(z.double(), y), rtol=1e-6, atol=0)
+
+
 def test_a_memorized_sequence_records_nan_not_another_examples_share(tmp_path):
     """A language model's share depends on the example's token count (n_b/N for a token
     mean), so an example the loss no longer moves cannot take its batch's median share:

@@ -74,6 +74,7 @@ from ..exceptions import ConfigError, EngineError, GradscoreError, GradscoreWarn
 from ..io.journal import Journal
 from ..io.outputs import claim
 from ..kernels.dispatch import numba_on_cpu
+from ..kernels.reference import acc_dtype
 from ..losses import Loss, resolve_loss
 from ..scores import inrun as inrun_scores
 from ..scores.datadiet import classification_metrics
@@ -757,7 +758,9 @@ class _LossTerms:
         B, T, V = z.shape
         losses, d_sq, dot, delta_sq = softmax_ce_rows_numba(z.reshape(B * T, V), delta.reshape(B * T, V),
                                                             labels.reshape(-1)).reshape(B, T, 4).sum(1).unbind(1)
-        return (losses * w).to(z.dtype), classification_metrics(loss, z, y), d_sq * w ** 2, dot * w, delta_sq
+        # float32 at least: a bfloat16 output's losses keep their digits (autocast's loss is float32 too)
+        return ((losses * w).to(acc_dtype(z.dtype)), classification_metrics(loss, z, y), d_sq * w ** 2, dot * w,
+                delta_sq)
 
     @staticmethod
     def _block(loss: Loss, z: torch.Tensor, delta: torch.Tensor, y: torch.Tensor):
