@@ -921,6 +921,43 @@ def test_autocast_bf16_training_is_recorded_and_unchanged(tmp_path):
     np.testing.assert_allclose(sq[step == 1], want, rtol=0.1)    # bf16's 8 bits of mantissa
 
 
+def test_structural_rules_are_checked_in_full_precision_under_autocast(tmp_path):
+    """Under bf16 autocast a Llama's RMSNorm layers and a Linear subclass with a forward of
+    its own (Falcon's) take their structural rules: the check of what a layer computes runs
+    with autocast off, its sample in the weights' dtype. Before, the half-precision forward
+    missed the float32 expectation and in-run scoring refused both models."""
+    pytest.importorskip("transformers")
+    from gradscore.integrations.hf import from_config
+    from gradscore.losses import causal_lm
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 31, (4, 9), generator=g)
+    labels = ids.clone()
+    labels[1, 6:] = -100
+    for family in ("llama", "falcon"):
+        config = ({"model_type": "llama", "vocab_size": 31, "hidden_size": 16, "intermediate_size": 24,
+                   "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                   "max_position_embeddings": 16} if family == "llama" else
+                  {"model_type": "falcon", "vocab_size": 31, "hidden_size": 16, "num_hidden_layers": 1,
+                   "num_attention_heads": 2, "new_decoder_architecture": False, "alibi": False, "bias": True})
+        model = from_config(config, attn_implementation="eager").train()
+        snapshot = copy.deepcopy(model).eval()
+        rec = gs.InRun(model, loss="causal_lm", out=tmp_path / f"{family}.h5")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with rec.step(range(4), labels, lr=0.1):
+                model(input_ids=ids, labels=labels).loss.backward()
+        rec.close()
+        paths = rec.engine.explain()
+        assert all(v.startswith("ghost") for v in paths.values()), paths
+        with h5py.File(tmp_path / f"{family}.h5") as f:
+            sq = f["inrun/sq_norm"][()]
+        params = list(snapshot.parameters())
+        want = [float(sum((x ** 2).sum() for x in torch.autograd.grad(
+            causal_lm("mean").fn(snapshot(input_ids=ids[b:b + 1]).logits, labels[b:b + 1])[0], params)))
+            for b in range(4)]
+        np.testing.assert_allclose(sq, want, rtol=0.1)    # bf16's 8 bits of mantissa
+
+
 class _SeqFirst(nn.Module):
     """Embedding, a sequence-first GRU and LayerNorm (T, B, d), then a linear head on the mean."""
 

@@ -40,6 +40,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..batch import Inputs, batch_len, call_model, concat, take
+from ..kernels.reference import autocast_off
 from .rules import Rule
 from .rules.registry import close
 
@@ -173,8 +174,8 @@ def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inpu
             h.remove()
     for name, record in records.items():   # outside the mode: a rule's check is no use of the layer
         module, rule = layers[name]
-        if record.sample is not None:
-            with torch.no_grad():
+        if record.sample is not None:   # what the layer computes, whatever precision the batch ran in
+            with torch.no_grad(), autocast_off():
                 record.problem = rule.verify(module, *record.sample)
             record.sample = None
     return records, mode.strays

@@ -229,8 +229,12 @@ def computes(layer: nn.Module, x: torch.Tensor,
     w_p, gives ``expected(x, w)``, in value and in every w_p's gradient (one product with a
     generic output gradient); else why not, naming ``what`` the rule assumes. The layer is
     called functionally and left as it is. A float64 output is compared in float32: Hugging
-    Face's norms compute in float32 whatever the model's dtype."""
+    Face's norms compute in float32 whatever the model's dtype. A floating x is taken in
+    the weights' dtype (an input that came from an autocast region in its half type)."""
     own = dict(layer.named_parameters(recurse=False))
+    weights = [p for p in own.values() if p.is_floating_point()]
+    if x.is_floating_point() and weights:   # an input of autocast's half type: checked in the weights' dtype
+        x = x.to(weights[0].dtype)
     try:   # a weight that is not floating (a quantized layer's) fails here, with the reason
         w = {n: torch.linspace(-1.5, 2.0, p.numel(), dtype=p.dtype, device=p.device).reshape(p.shape).requires_grad_()
              for n, p in own.items()}
