@@ -922,10 +922,11 @@ def test_autocast_bf16_training_is_recorded_and_unchanged(tmp_path):
 
 
 def test_structural_rules_are_checked_in_full_precision_under_autocast(tmp_path):
-    """Under bf16 autocast a Llama's RMSNorm layers and a Linear subclass with a forward of
-    its own (Falcon's) take their structural rules: the check of what a layer computes runs
-    with autocast off, its sample in the weights' dtype. Before, the half-precision forward
-    missed the float32 expectation and in-run scoring refused both models."""
+    """Under bf16 autocast the RMSNorm layers of a Llama and of a Qwen3 (whose q_norm and
+    k_norm read bf16 projections) and a Linear subclass with a forward of its own (Falcon's,
+    with biases) take their structural rules: the check of what a layer computes runs with
+    autocast off, its sample in the weights' dtype. Before, the half-precision forward
+    missed the float32 expectation and in-run scoring refused the Qwen3 and the Falcon."""
     pytest.importorskip("transformers")
     from gradscore.integrations.hf import from_config
     from gradscore.losses import causal_lm
@@ -934,10 +935,10 @@ def test_structural_rules_are_checked_in_full_precision_under_autocast(tmp_path)
     ids = torch.randint(1, 31, (4, 9), generator=g)
     labels = ids.clone()
     labels[1, 6:] = -100
-    for family in ("llama", "falcon"):
-        config = ({"model_type": "llama", "vocab_size": 31, "hidden_size": 16, "intermediate_size": 24,
-                   "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-                   "max_position_embeddings": 16} if family == "llama" else
+    for family in ("llama", "qwen3", "falcon"):
+        config = ({"model_type": family, "vocab_size": 31, "hidden_size": 16, "intermediate_size": 24,
+                   "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
+                   "max_position_embeddings": 16} if family != "falcon" else
                   {"model_type": "falcon", "vocab_size": 31, "hidden_size": 16, "num_hidden_layers": 1,
                    "num_attention_heads": 2, "new_decoder_architecture": False, "alibi": False, "bias": True})
         model = from_config(config, attn_implementation="eager").train()
