@@ -10,16 +10,31 @@ import contextlib
 import torch
 
 
+def _autocast_on(device: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device)
+    except TypeError:   # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled() if device == "cpu" else torch.is_autocast_enabled()
+
+
+def autocast_dtypes() -> list[torch.dtype]:
+    """The half types of the autocast regions active here (CPU, CUDA); empty outside one."""
+    out = []
+    for device in ("cpu", "cuda"):
+        if _autocast_on(device):
+            try:
+                out.append(torch.get_autocast_dtype(device))
+            except AttributeError:   # torch < 2.4
+                out.append(torch.get_autocast_cpu_dtype() if device == "cpu" else torch.get_autocast_gpu_dtype())
+    return out
+
+
 def autocast_off() -> contextlib.ExitStack:
     """A context with autocast switched off where it is on (CPU, CUDA): what runs inside
     computes in the dtypes it chooses, not in the region's half type."""
     stack = contextlib.ExitStack()
     for device in ("cpu", "cuda"):
-        try:
-            on = torch.is_autocast_enabled(device)
-        except TypeError:   # torch < 2.4: no device argument
-            on = torch.is_autocast_cpu_enabled() if device == "cpu" else torch.is_autocast_enabled()
-        if on:
+        if _autocast_on(device):
             stack.enter_context(torch.autocast(device, enabled=False))
     return stack
 

@@ -959,6 +959,50 @@ def test_structural_rules_are_checked_in_full_precision_under_autocast(tmp_path)
         np.testing.assert_allclose(sq, want, rtol=0.1)    # bf16's 8 bits of mantissa
 
 
+def test_an_output_returned_as_a_cast_copy_is_read_where_the_loss_read_it(tmp_path):
+    """A model that computes its loss inside and returns its output as a cast copy, which the
+    loss does not read (Accelerate's float32 outputs of bf16 logits): δ is read at the values
+    the model computed. An upcast copy holds them exactly (and its batch is not taken for
+    coupled by a float64 rounding its values never had: the check's tolerance is of the
+    least precise of the output's, the parameters' and autocast's dtypes); a rounded copy
+    does not, and the step is refused with the reason. A loss that reads the copy itself is
+    recorded at the copy."""
+    class Cast(nn.Module):
+        def __init__(self, net, dtype):
+            super().__init__()
+            self.net, self.dtype = net, dtype
+
+        def forward(self, x, labels=None):
+            z = self.net(x)
+            if labels is not None:   # the loss inside, from the values before the copy
+                self.loss = F.cross_entropy(z, labels)
+            return z.to(self.dtype)
+    x, y = _data()
+    for net_dtype, dtype, inside in [(torch.float32, torch.float64, True), (torch.float64, torch.float32, True),
+                                     (torch.float64, torch.float32, False)]:
+        torch.manual_seed(0)
+        model = Cast(mlp(d_in=10, hidden=8, n_classes=4, depth=1).to(net_dtype), dtype)
+        rec = gs.InRun(model, out=tmp_path / "r.h5", overwrite=True)
+        xb = x[:8].to(net_dtype)
+        refused = net_dtype == torch.float64 and inside
+        with (pytest.raises(gs.exceptions.EngineError, match=r"in torch.float32, a rounded copy of the torch.float64")
+              if refused else contextlib.nullcontext()):
+            with rec.step(range(8), y[:8], lr=0.1):
+                if inside:
+                    model(x=xb, labels=y[:8])
+                    model.loss.backward()
+                else:
+                    F.cross_entropy(model(xb).double(), y[:8]).backward()
+        if refused:
+            continue
+        rec.close()
+        with h5py.File(tmp_path / "r.h5") as f:
+            loss = f["inrun/loss"][()]
+        read = model.net(xb) if inside else model.net(xb).float()   # the values the loss read
+        want = F.cross_entropy(read.double(), y[:8], reduction="none").detach()
+        np.testing.assert_allclose(loss, want, rtol=1e-6)   # in the dtype of those values
+
+
 class _SeqFirst(nn.Module):
     """Embedding, a sequence-first GRU and LayerNorm (T, B, d), then a linear head on the mean."""
 

@@ -203,6 +203,59 @@ def test_hf_trainer_inrun_callback(tmp_path, scale):
     assert main(["info", str(tmp_path / "inrun.h5")]) == 0
 
 
+@pytest.mark.parametrize("family", ["gpt2", "qwen3"])
+def test_hf_trainer_inrun_callback_under_bf16_mixed_precision(tmp_path, family):
+    """``TrainingArguments(bf16=True)``: Accelerate runs the forward under autocast and returns
+    its outputs as float32 copies, made after the model computed its loss from the bf16
+    logits, so no gradient reaches the returned logits. The recorder reads δ of the values
+    the model computed; before, the step failed ("no backward reached the model"), and the
+    Qwen3's RMSNorms were refused under autocast. Every record is within bf16's rounding
+    of the float32 loop at the step's parameters."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import copy
+
+    import h5py
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from gradscore.integrations.hf import from_config
+    from gradscore.integrations.hf_trainer import GradscoreInRunCallback
+    from gradscore.losses import causal_lm
+    model, tokens, train = _inrun_gpt2()
+    if family == "qwen3":
+        torch.manual_seed(0)
+        model = from_config({"model_type": "qwen3", "vocab_size": 31, "hidden_size": 16, "intermediate_size": 24,
+                             "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                             "head_dim": 8, "max_position_embeddings": 16}, attn_implementation="eager").train()
+    snapshots = {}
+
+    class Snap(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            snapshots[state.global_step] = copy.deepcopy(model.state_dict())
+
+    rec = gs.InRun(model, loss="causal_lm", out=tmp_path / "inrun.h5")
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
+                             learning_rate=0.05, report_to=[], use_cpu=True, bf16=True, save_strategy="no",
+                             logging_strategy="no", disable_tqdm=True, remove_unused_columns=False)
+    Trainer(model=model, args=args, train_dataset=train, callbacks=[Snap(), GradscoreInRunCallback(rec)]).train()
+    with h5py.File(tmp_path / "inrun.h5") as f:
+        rows = {k: f["inrun"][k][()] for k in f["inrun"]}
+        ids = f["ids"][()]
+    assert sorted(np.unique(rows["step"]).tolist()) == [0, 1] and len(rows["step"]) == 2 * 4
+    ref = copy.deepcopy(model).float().eval()
+    ref.load_state_dict(snapshots[1])
+    at = np.flatnonzero(rows["step"] == 1)
+    # equal token counts, equal shares; their sum is the loss's own normalization (num_items_in_batch)
+    np.testing.assert_allclose(rows["share"][at], rows["share"][at][0], rtol=0.02)
+    assert 0.9 < rows["share"][at].sum() <= 1.02
+    for i in at:
+        x = tokens[int(ids[rows["row"][i]])][None]
+        loss = causal_lm("mean").fn(ref(input_ids=x).logits, x)[0]
+        grads = torch.autograd.grad(loss, list(ref.parameters()))
+        np.testing.assert_allclose(rows["loss"][i], float(loss), rtol=0.02)       # bf16's 8 bits of mantissa
+        np.testing.assert_allclose(rows["sq_norm"][i], float(sum((g ** 2).sum() for g in grads)), rtol=0.1)
+
+
 def test_hf_trainer_with_label_smoothing_is_refused_with_the_reason(tmp_path):
     """The Trainer takes the labels out of the model's inputs to smooth the loss itself:
     the recorder has no targets, and says why in one line."""

@@ -40,7 +40,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..batch import Inputs, batch_len, call_model, concat, take
-from ..kernels.reference import autocast_off
+from ..kernels.reference import autocast_dtypes, autocast_off
 from .rules import Rule
 from .rules.registry import close
 
@@ -333,21 +333,31 @@ def _check_order(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], fo
     B = batch_len(x)
     batch_rows, batched = _rows(model, layers, found, x, sorted({0, B - 1}))
     first_rows, first_out = _rows(model, layers, found, take(x, 0), [0])
+    working = working_dtype(model, batched.dtype)
     if B == 1:
-        return couples_examples(first_out, batched)
+        return couples_examples(first_out, batched, working)
     last_rows, last_out = _rows(model, layers, found, take(x, B - 1), [0])
     for name, calls in batch_rows.items():
         if _reordered(calls, first_rows.get(name, []), last_rows.get(name, [])):
             found[name] = REORDERED
-    return couples_examples(torch.cat([first_out, last_out]), batched)
+    return couples_examples(torch.cat([first_out, last_out]), batched, working)
 
 
-def couples_examples(alone: torch.Tensor, batched: torch.Tensor) -> bool:
+def working_dtype(model: nn.Module, output: torch.dtype) -> torch.dtype:
+    """The least precise of the output's dtype, the model's floating parameters' and an
+    active autocast region's: what an output's rounding is of (a float32 copy of bf16 logits,
+    as Accelerate returns under mixed precision, carries bf16's)."""
+    dtypes = {output, *autocast_dtypes()} | {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return max((d for d in dtypes if d.is_floating_point), key=lambda d: torch.finfo(d).eps, default=output)
+
+
+def couples_examples(alone: torch.Tensor, batched: torch.Tensor, working: torch.dtype | None = None) -> bool:
     """Whether the model's outputs for the first and last examples of a batch (``batched``,
     rows 0 and B − 1) differ from their outputs alone (``alone``, one or two rows) by more
-    than the dtype's rounding: then the model couples the examples of a batch
-    (through batch statistics, or by an example's place in it, which the first example
-    alone cannot show), and only an engine that runs each example alone is per-example."""
+    than the rounding of ``working`` (default their dtype): then the model couples the
+    examples of a batch (through batch statistics, or by an example's place in it, which
+    the first example alone cannot show), and only an engine that runs each example alone
+    is per-example."""
     if alone.shape[1:] != batched.shape[1:]:
         return True
-    return not close(alone, batched[[0, len(batched) - 1][:len(alone)]])   # a NaN input stays NaN
+    return not close(alone, batched[[0, len(batched) - 1][:len(alone)]], working)   # a NaN input stays NaN

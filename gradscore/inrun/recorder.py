@@ -706,6 +706,18 @@ def _median_fill(s: torch.Tensor, readable: torch.Tensor, y: torch.Tensor | None
 _TERM_ELEMENTS = 2**20
 
 
+def _cast_from(t: torch.Tensor) -> tuple[Any, int] | None:
+    """(autograd node, output index) of the tensor that ``t`` is a dtype or device copy of
+    (``s.float()``, as Accelerate converts a model's outputs under mixed precision, after the
+    model computed its loss from s), or None: the δ a loss sends to s does not pass
+    through t."""
+    fn = t.grad_fn
+    if fn is None or type(fn).__name__ != "ToCopyBackward0" or len(fn.next_functions) != 1:
+        return None
+    node, index = fn.next_functions[0]
+    return None if node is None else (node, index)
+
+
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(n,) Σ_j a_ij b_ij as a batched matrix product (BLAS dots; ``vecdot`` is several
     times slower on CPU for long rows)."""
@@ -888,8 +900,12 @@ class _Step:
         except TypeError as e:
             raise EngineError(f"in-run scoring reads the model's logits: {e}") from None
         self.output = output.detach()
-        if output.requires_grad:
+        if output.requires_grad:   # the first δ to come is read: the output's own, else (below) its source's
             output.register_hook(self._grab)
+        source = _cast_from(output)
+        if source is not None:   # a cast copy the loss may not read (Accelerate's float32 outputs, made after
+            node, index = source  # the model's own loss): δ of the values the model computed
+            node.register_prehook(lambda grads: self._grab(grads[index]) if grads[index] is not None else None)
         return None
 
     def _grab(self, grad: torch.Tensor) -> None:
@@ -898,8 +914,17 @@ class _Step:
         largest tensors). An error is raised after the backward, not inside it."""
         if self.output is None:   # read by an earlier backward of this step, which the engine refuses
             return
+        z, grad = self.output, grad.detach().to(self.output.device)
+        if z.dtype != grad.dtype:   # the model returned a cast copy of its output
+            if torch.finfo(z.dtype).bits < torch.finfo(grad.dtype).bits:
+                self.error = EngineError(f"the model returns its output in {z.dtype}, a rounded copy of the "
+                                         f"{grad.dtype} values its loss used; in-run scoring reads the loss from "
+                                         f"the output, so return it in {grad.dtype}")
+                self.output = None
+                return
+            z = z.to(grad.dtype)    # an upcast copy: the values the loss read, exactly
         try:
-            self.terms = _LossTerms.of(self.rec.loss, self.output, grad.detach(), self.y.to(self.output.device))
+            self.terms = _LossTerms.of(self.rec.loss, z, grad, self.y.to(z.device))
         except GradscoreError as e:   # raised by __exit__, outside autograd's engine
             self.error = e
         except Exception as e:  # noqa: BLE001 - the targets do not fit the loss: the user's y

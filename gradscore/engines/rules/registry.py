@@ -213,11 +213,11 @@ def _lookup(module: nn.Module) -> tuple[Rule | None, str | None]:
     return None, reason
 
 
-def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
     """Equal up to the rounding of another blocking of the same computation (batched GEMMs,
-    TF32 on CUDA), in a's dtype; another computation moves a value by O(1). NaNs in the
-    same places are equal."""
-    tol = {torch.float64: 1e-9, torch.float32: 1e-3}.get(a.dtype, 5e-2)
+    TF32 on CUDA), in ``dtype`` (default a's: the precision the values were computed in);
+    another computation moves a value by O(1). NaNs in the same places are equal."""
+    tol = {torch.float64: 1e-9, torch.float32: 1e-3}.get(dtype or a.dtype, 5e-2)
     a, b = a.double(), b.double()
     scale = float(torch.nan_to_num(b.abs(), nan=0.0, posinf=0.0).max()) if b.numel() else 0.0
     return a.shape == b.shape and torch.allclose(a, b, rtol=tol, atol=tol * max(1.0, scale), equal_nan=True)
