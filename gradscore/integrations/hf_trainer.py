@@ -67,10 +67,11 @@ class GradscoreInRunCallback(TrainerCallback):
     The training examples carry their id in a column ``ids_key`` (kept with
     ``remove_unused_columns=False``; the recorder removes it before the model sees it) and
     their targets in ``labels_key``. Each micro-batch of gradient accumulation is one
-    recorded step at the optimizer step's number and learning rate. Under ``fp16=True`` the
-    recorder is given the Trainer's loss scaler, under DDP its world size, and with
-    ``gs.InRun(..., optimizer="adam")`` the Trainer's AdamW. The file is written when
-    training ends.
+    recorded step at the optimizer step's number and learning rate. Under ``bf16=True`` or
+    ``fp16=True`` the recorder reads the half-precision logits the model's loss used (not
+    the float32 copies Accelerate returns); under ``fp16=True`` it is given the Trainer's
+    loss scaler, under DDP its world size, and with ``gs.InRun(..., optimizer="adam")`` the
+    Trainer's AdamW. The file is written when training ends.
     """
 
     def __init__(self, recorder: Any, *, ids_key: str = "ids", labels_key: str = "labels") -> None:
