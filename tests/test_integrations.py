@@ -44,6 +44,18 @@ def _inrun_gpt2(first_id: int = 0):
                            for i, r in enumerate(tokens)]
 
 
+def _Snapshots(snapshots: dict):
+    """A Trainer callback keeping the model's state at the start of each step in ``snapshots``."""
+    import copy
+
+    from transformers import TrainerCallback
+
+    class Snapshots(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            snapshots[state.global_step] = copy.deepcopy(model.state_dict())
+    return Snapshots()
+
+
 def _inrun_module(L, optimizer=torch.optim.SGD, lr=0.1, snapshots=None):
     """A LightningModule over batches (ids, x, y) training a float64 MLP ``net`` with mean
     cross-entropy; ``snapshots`` (if given) gets the net's state at the start of each step."""
@@ -162,23 +174,18 @@ def test_hf_trainer_inrun_callback(tmp_path, scale):
     import copy
 
     import h5py
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     from gradscore.integrations.hf_trainer import GradscoreInRunCallback
     from gradscore.losses import causal_lm
     model, tokens, train = _inrun_gpt2(first_id=100)
-    snapshots = {}
-
-    class Snap(TrainerCallback):
-        def on_step_begin(self, args, state, control, model=None, **kwargs):
-            snapshots[state.global_step] = copy.deepcopy(model.state_dict())
-
+    snapshots: dict = {}
     rec = gs.InRun(model, loss="causal_lm", out=tmp_path / "inrun.h5")
     args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4,
                              gradient_accumulation_steps=2, learning_rate=0.05, report_to=[], use_cpu=True,
                              save_strategy="no", logging_strategy="no", disable_tqdm=True,
                              remove_unused_columns=False)
-    trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[Snap(), GradscoreInRunCallback(rec)])
+    trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[_Snapshots(snapshots), GradscoreInRunCallback(rec)])
     if scale is not None:
         trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=1)
     trainer.train()
@@ -216,7 +223,7 @@ def test_hf_trainer_inrun_callback_under_bf16_mixed_precision(tmp_path, family):
     import copy
 
     import h5py
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     from gradscore.integrations.hf import from_config
     from gradscore.integrations.hf_trainer import GradscoreInRunCallback
@@ -227,17 +234,12 @@ def test_hf_trainer_inrun_callback_under_bf16_mixed_precision(tmp_path, family):
         model = from_config({"model_type": "qwen3", "vocab_size": 31, "hidden_size": 16, "intermediate_size": 24,
                              "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
                              "head_dim": 8, "max_position_embeddings": 16}, attn_implementation="eager").train()
-    snapshots = {}
-
-    class Snap(TrainerCallback):
-        def on_step_begin(self, args, state, control, model=None, **kwargs):
-            snapshots[state.global_step] = copy.deepcopy(model.state_dict())
-
+    snapshots: dict = {}
     rec = gs.InRun(model, loss="causal_lm", out=tmp_path / "inrun.h5")
     args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
                              learning_rate=0.05, report_to=[], use_cpu=True, bf16=True, save_strategy="no",
                              logging_strategy="no", disable_tqdm=True, remove_unused_columns=False)
-    Trainer(model=model, args=args, train_dataset=train, callbacks=[Snap(), GradscoreInRunCallback(rec)]).train()
+    Trainer(model=model, args=args, train_dataset=train, callbacks=[_Snapshots(snapshots), GradscoreInRunCallback(rec)]).train()
     with h5py.File(tmp_path / "inrun.h5") as f:
         rows = {k: f["inrun"][k][()] for k in f["inrun"]}
         ids = f["ids"][()]
