@@ -916,7 +916,7 @@ class _Step:
             return
         z, grad = self.output, grad.detach().to(self.output.device)
         if z.dtype != grad.dtype:   # the model returned a cast copy of its output
-            if torch.finfo(z.dtype).bits < torch.finfo(grad.dtype).bits:
+            if torch.promote_types(z.dtype, grad.dtype) != z.dtype:   # not an exact upcast (bf16 ↔ fp16 neither)
                 self.error = EngineError(f"the model returns its output in {z.dtype}, a rounded copy of the "
                                          f"{grad.dtype} values its loss used; in-run scoring reads the loss from "
                                          f"the output, so return it in {grad.dtype}")
