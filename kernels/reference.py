@@ -65,3 +65,16 @@ def softmax_ce_rows_reference(z: torch.Tensor, delta: torch.Tensor, labels: torc
     d = torch.softmax(z, 1).scatter_add(1, at, -torch.ones_like(z[:, :1])) * has[:, None]
     loss = (torch.logsumexp(z, 1) - z.gather(1, at)[:, 0]) * has
     return torch.stack([loss, (d * d).sum(1), (delta * d).sum(1), (delta * delta).sum(1)], 1)
+
+
+def classifier_rows_reference(z: torch.Tensor, delta: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Torch reference of ``softmax_ce_numba.classifier_rows_numba``, in float64: z, δ (B, C),
+    labels (B,) in [0, C) -> (B, 7): loss, ‖d‖², ⟨δ, d⟩, ‖δ‖², margin, p_y, correct."""
+    at = labels.to(torch.int64)[:, None]
+    z64, delta = z.double(), delta.double()
+    log_p = torch.log_softmax(z64, 1)
+    d = log_p.exp().scatter_add(1, at, -torch.ones_like(z64[:, :1]))
+    other = z64.scatter(1, at, -torch.inf).amax(1)
+    return torch.stack([-log_p.gather(1, at)[:, 0], (d * d).sum(1), (delta * d).sum(1), (delta * delta).sum(1),
+                        z64.gather(1, at)[:, 0] - other, log_p.gather(1, at)[:, 0].exp(),
+                        (z.argmax(1) == labels).double()], 1)

@@ -10,6 +10,11 @@ Rows go in chunks of at most 2²⁰ elements: e^{z − max} into one reused buff
 vectorized exp), then one numba pass sums it against δ. The label's own entry is set to
 0 in the buffer first, so the sums are over the other classes only: 1 − p_y = Σ_{v≠y} p_v
 and the terms are sums of like-signed parts, with no cancellation when p_y is near 1.
+
+A classifier's (B, C) logits, small enough that a step's fixed costs dominate, take
+:func:`classifier_rows_numba`: the same four terms and the metrics a record keeps (the
+margin, p_y, whether the argmax is y), all in one serial pass per row, instead of some
+thirty small torch operations.
 """
 from __future__ import annotations
 
@@ -75,3 +80,72 @@ def softmax_ce_rows_numba(z: torch.Tensor, delta: torch.Tensor, labels: torch.Te
         torch.where(has, other_sq / total ** 2 + gap ** 2, zero),           # Σ_{v≠y} p_v² + (1 − p_y)²
         torch.where(has, other_dot / total - d_label * gap, zero),          # Σ_{v≠y} p_v δ_v − δ_y (1 − p_y)
         delta_sq], 1)
+
+
+#: a classifier's logits take :func:`classifier_rows_numba` up to this many elements; above
+#: it, torch's vectorized softmax over the batch is faster than a serial pass per row
+CLASSIFIER_ELEMENTS = 2**16
+
+
+@njit_cached()   # no fastmath: NaN logits must compare as they do in torch
+def _classifier_rows(z, delta, labels, out):  # pragma: no cover - numba
+    """Row r of ``out``: loss, ‖d‖², ⟨δ, d⟩, ‖δ‖², margin, p_y, correct; False (and ``out``
+    unfinished) at the first label outside [0, C)."""
+    R, C = z.shape
+    for r in range(R):
+        y = labels[r]
+        if y < 0 or y >= C:
+            return False
+        zr, dr = z[r], delta[r]
+        top, arg, other, nan = -np.inf, 0, -np.inf, False
+        for c in range(C):
+            v = np.float64(zr[c])
+            if v != v:   # torch's argmax and max take a NaN as the largest value
+                if not nan:
+                    arg = c
+                nan = True
+            elif v > top and not nan:
+                top, arg = v, c
+            if c != y and (v > other or v != v):
+                other = v if other == other else other
+        if nan:   # the terms of z are NaN; ‖δ‖² is δ's own
+            out[r, :] = np.nan
+            out[r, 3] = np.sum(dr.astype(np.float64) ** 2)
+            out[r, 6] = 1.0 if arg == y else 0.0
+            continue
+        total = 0.0
+        for c in range(C):
+            total += np.exp(np.float64(zr[c]) - top)
+        lse = top + np.log(total)
+        gap, p_sq, p_dot, d_sq = 0.0, 0.0, 0.0, 0.0
+        for c in range(C):
+            g = np.float64(dr[c])
+            d_sq += g * g
+            if c != y:   # 1 − p_y as the sum of the other classes: no cancellation near p_y = 1
+                p = np.exp(np.float64(zr[c]) - lse)
+                gap += p
+                p_sq += p * p
+                p_dot += p * g
+        z_y = np.float64(zr[y])
+        out[r, 0] = lse - z_y
+        out[r, 1] = p_sq + gap * gap
+        out[r, 2] = p_dot - np.float64(dr[y]) * gap
+        out[r, 3] = d_sq
+        out[r, 4] = z_y - other
+        out[r, 5] = np.exp(z_y - lse)
+        out[r, 6] = 1.0 if arg == y else 0.0
+    return True
+
+
+def classifier_rows_numba(z: torch.Tensor, delta: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+    """z, δ: (B, C) CPU tensors (float32 or float64 are read in place; half types upcast),
+    labels (B,) int -> (B, 7) float64: loss, ‖d‖², ⟨δ, d⟩, ‖δ‖² with d = softmax(z) − onehot(y),
+    the margin z_y − max_{c≠y} z_c, p_y and 1.0 where argmax z = y (torch's argmax: the first
+    largest, a NaN first); None where a label is outside [0, C) (the caller's loss says why).
+    A row with a NaN logit has NaN terms (but ‖δ‖²)."""
+    def rows(t: torch.Tensor) -> np.ndarray:
+        return t.detach().to(t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32).numpy()
+    out = np.empty((z.shape[0], 7), dtype=np.float64)
+    if not _classifier_rows(rows(z), rows(delta), labels.detach().to(torch.int64).numpy(), out):
+        return None
+    return torch.from_numpy(out)

@@ -411,6 +411,59 @@ def test_softmax_ce_rows_kernel_bounds_its_buffer_by_elements(monkeypatch):
         torch.testing.assert_close(got, softmax_ce_rows_reference(z, delta, labels), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,C", [(0, 3), (1, 1), (5, 2), (9, 10), (4, 257)])
+def test_classifier_rows_kernel_equals_the_float64_reference(B, C, dtype):
+    """A classifier's terms and metrics per row (loss, ‖d‖², ⟨δ, d⟩, ‖δ‖², margin, p_y, correct)
+    against torch in float64 on the same values: a label near certain (1 − p_y ~ e^-12, no
+    cancellation), one near impossible, a tie for the largest logit (torch's argmax takes the
+    first), a row whose largest logit is the label's."""
+    from gradscore.kernels.reference import classifier_rows_reference
+    from gradscore.kernels.softmax_ce_numba import classifier_rows_numba
+    g = torch.Generator().manual_seed(B * 1000 + C)
+    z = (3 * torch.randn(B, C, generator=g, dtype=torch.float64)).to(dtype)
+    labels = torch.randint(0, C, (B,), generator=g)
+    if B > 3 and C > 2:
+        z[0, labels[0]] = z[0].max() + 12            # p_y = 1 − O(C e^-12)
+        z[1, labels[1]] = z[1].min() - 30            # p_y ~ e^-30
+        labels[2] = 1
+        z[2, 0] = z[2, 1] = z[2].max() + 1           # a tie at the top: argmax is 0, not the label
+        labels[3] = int(z[3].argmax())
+    delta = torch.randn(B, C, generator=g, dtype=torch.float64).to(dtype)
+    got, ref = classifier_rows_numba(z, delta, labels), classifier_rows_reference(z, delta, labels)
+    assert got.shape == (B, 7) and got.dtype == torch.float64
+    rtol = 1e-10 if dtype == torch.float64 else 1e-6   # float32 arithmetic of the reference's softmax
+    scale = float(z.abs().max().double()) if B else 0.0
+    torch.testing.assert_close(got[:, 0], ref[:, 0], rtol=rtol, atol=rtol * scale)
+    torch.testing.assert_close(got[:, 1], ref[:, 1], rtol=rtol, atol=0)
+    assert ((got[:, 2] - ref[:, 2]).abs() <= rtol * (ref[:, 1] * ref[:, 3]).sqrt()).all()
+    torch.testing.assert_close(got[:, 3], ref[:, 3], rtol=rtol, atol=0)
+    torch.testing.assert_close(got[:, 4], ref[:, 4], rtol=0, atol=0)   # a difference of two logits, exact
+    torch.testing.assert_close(got[:, 5], ref[:, 5], rtol=rtol, atol=0)
+    assert torch.equal(got[:, 6], ref[:, 6])
+    if B > 3 and C > 2:
+        assert got[2, 6] == 0 and got[3, 6] == 1 and got[0, 1] < 1e-9
+
+
+def test_classifier_rows_kernel_nan_rows_and_labels_out_of_range():
+    """A row with a NaN logit: NaN terms but ‖δ‖², and correct as torch's argmax (the first NaN) says;
+    the other rows as without it. A label outside [0, C) (−100 included): None, for the
+    caller's loss to say why."""
+    from gradscore.kernels.reference import classifier_rows_reference
+    from gradscore.kernels.softmax_ce_numba import classifier_rows_numba
+    z, delta = _rand(4, 5, seed=1).double(), _rand(4, 5, seed=2).double()
+    labels = torch.tensor([2, 0, 4, 1])
+    z[1, 0] = z[2, 3] = float("nan")
+    got, ref = classifier_rows_numba(z, delta, labels), classifier_rows_reference(z, delta, labels)
+    nan = [0, 1, 2, 4, 5]
+    assert torch.isnan(got[1:3, nan]).all() and torch.isnan(ref[1:3, nan]).all()
+    torch.testing.assert_close(got[:, 3], ref[:, 3], rtol=1e-12, atol=0)
+    assert torch.equal(got[:, 6], ref[:, 6]) and got[1, 6] == 1 and got[2, 6] == 0
+    torch.testing.assert_close(got[[0, 3]], ref[[0, 3]], rtol=1e-12, atol=1e-12)
+    for bad in (5, -1, -100):
+        assert classifier_rows_numba(z, delta, torch.tensor([2, 0, bad, 1])) is None
+
+
 def test_the_first_use_under_autocast_keeps_the_numba_backend():
     """The backend's probe (its result against the torch reference, once per process) runs
     with autocast off: a first use inside a bf16 autocast region (an in-run step, a scorer
