@@ -784,6 +784,47 @@ def test_language_model_terms_in_one_pass_equal_the_generic_path(B, T, V, reduct
         assert _LossTerms._softmax_rows(loss, z, delta, y.double()) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("B,C", [(7, 10), (1, 2), (0, 3), (5, 1)])
+def test_classifier_terms_in_one_call_equal_the_generic_path(B, C, dtype, monkeypatch):
+    """On CPU a small classifier's loss, ‖∂ℓ_b/∂z‖², ⟨δ_b, ∂ℓ_b/∂z⟩, ‖δ_b‖² and metrics (el2n,
+    p_gold, correct, margin: the keys of ``classification_metrics``) come from one numba call:
+    equal to the generic path (softmax in float64, then torch), with a tie at the top and
+    B = 0 and C = 1. Labels outside [0, C) take the generic path, which says why."""
+    from gradscore.inrun.recorder import _LossTerms
+    from gradscore.kernels import softmax_ce_numba
+    from gradscore.losses import resolve_loss
+    loss = resolve_loss("cross_entropy")
+    g = torch.Generator().manual_seed(B * 100 + C)
+    z = (2 * torch.randn(B, C, generator=g, dtype=torch.float64)).to(dtype)
+    y = torch.randint(0, C, (B,), generator=g)
+    if B > 2 and C > 2:
+        y[1], z[1, 0], z[1, 1] = 1, z[1].max() + 1, z[1].max() + 1   # a tie: argmax is class 0
+    delta = torch.randn(B, C, generator=g, dtype=torch.float64).to(dtype)
+    assert _LossTerms._classifier_rows(loss, z, delta, y) is not None
+    fast = _LossTerms.of(loss, z, delta, y)
+    monkeypatch.setattr(softmax_ce_numba, "CLASSIFIER_ELEMENTS", -1)
+    assert _LossTerms._classifier_rows(loss, z, delta, y) is None
+    slow = _LossTerms.of(loss, z, delta, y)
+    rtol = 1e-12 if dtype == torch.float64 else 2e-6   # the generic loss and margin are in z's dtype
+    for name in ("losses", "d_sq", "dot", "delta_sq"):
+        torch.testing.assert_close(getattr(fast, name).double(), getattr(slow, name).double(), rtol=rtol, atol=1e-300)
+    assert fast.metrics.keys() == slow.metrics.keys() == {"el2n", "p_gold", "correct", "margin"}
+    assert fast.metrics["correct"].dtype == slow.metrics["correct"].dtype == torch.int8
+    assert torch.equal(fast.metrics["correct"], slow.metrics["correct"])
+    for name in ("el2n", "p_gold", "margin"):
+        torch.testing.assert_close(fast.metrics[name].double(), slow.metrics[name].double(), rtol=rtol, atol=1e-300)
+    assert fast.width == slow.width == C and fast.dtype == slow.dtype == dtype
+    if B > 2 and C > 2:
+        assert fast.metrics["correct"][1] == 0
+        monkeypatch.undo()
+        bad = y.clone()
+        bad[-1] = C
+        assert _LossTerms._classifier_rows(loss, z, delta, bad) is None
+        with pytest.raises((IndexError, RuntimeError)):
+            _LossTerms.of(loss, z, delta, bad)
+
+
 def test_language_model_losses_of_bfloat16_logits_keep_float32_digits():
     """bfloat16 logits (a step under autocast): the one-pass losses come in float32, equal to
     the cross-entropy of the same bfloat16 values in float64, not rounded to 3 digits."""

@@ -292,6 +292,8 @@ class InRun:
         if not names:
             raise ConfigError("the model has no trainable parameters; nothing is learned, nothing to record")
         self.params = dict(self.network.named_parameters())
+        # checked at every step (a loop may switch modes), listed once: a large model has thousands of modules
+        self.batchnorms = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.engine = GhostEngine(self.network, self.loss, names)
         self._refuse_fallback()
         self.rank, self.world = _rank_world()
@@ -744,6 +746,8 @@ class _LossTerms:
         the float64 copies stay at :data:`_TERM_ELEMENTS` elements, whatever the vocabulary."""
         width = math.prod(z.shape[1:])
         fused = cls._softmax_rows(loss, z, delta, y)
+        if fused is None:
+            fused = cls._classifier_rows(loss, z, delta, y)
         if fused is not None:
             return cls(*fused, delta.dtype, width)
         blocks = -(-len(z) * width // _TERM_ELEMENTS)   # as few as fit, of equal size
@@ -775,6 +779,23 @@ class _LossTerms:
                 delta_sq)
 
     @staticmethod
+    def _classifier_rows(loss: Loss, z: torch.Tensor, delta: torch.Tensor, y: torch.Tensor):
+        """A small classifier's terms and metrics in one numba call
+        (``kernels.softmax_ce_numba.classifier_rows_numba``), on CPU, where a step's fixed
+        costs dominate; None elsewhere, and for labels outside [0, C) (the generic path says why)."""
+        if (loss.name != "cross_entropy" or z.dim() != 2 or y.shape != z.shape[:1] or y.dtype.is_floating_point
+                or z.device.type != "cpu" or not numba_on_cpu()):
+            return None
+        from ..kernels.softmax_ce_numba import CLASSIFIER_ELEMENTS, classifier_rows_numba
+        rows = classifier_rows_numba(z, delta, y) if z.numel() <= CLASSIFIER_ELEMENTS else None
+        if rows is None:
+            return None
+        losses, d_sq, dot, delta_sq, margin, p_gold, correct = rows.unbind(1)
+        # the keys and meaning of classification_metrics (a test holds the two paths equal)
+        metrics = {"el2n": d_sq.sqrt(), "p_gold": p_gold, "correct": correct.to(torch.int8), "margin": margin}
+        return losses, metrics, d_sq, dot, delta_sq
+
+    @staticmethod
     def _block(loss: Loss, z: torch.Tensor, delta: torch.Tensor, y: torch.Tensor):
         probs = None
         if loss.name == "cross_entropy" and z.dim() == 2 and not y.dtype.is_floating_point:
@@ -803,9 +824,11 @@ class _Step:
         if len(self.ids) != len(y):
             raise ConfigError(f"invalid value for 'ids': {len(self.ids)} ids for {len(y)} targets y; give one id "
                               f"per example of the batch")
-        uniq, counts = np.unique(self.ids, return_counts=True)
-        if (counts > 1).any():
-            raise ConfigError(f"invalid value for 'ids': {uniq[counts > 1][0].item()!r} appears {counts.max()} times in "
+        ordered = np.sort(self.ids)   # neighbors: a tenth of np.unique's cost on a batch
+        repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+        if len(repeated):
+            times = int((self.ids == repeated[0]).sum())
+            raise ConfigError(f"invalid value for 'ids': {repeated[0].item()!r} appears {times} times in "
                               f"one step; each example of a batch needs its own id (its index in the dataset)")
         if rec.targets is not None and lr is None and "inrun_value" in rec.config.scores:
             raise ConfigError("invalid value for 'lr': inrun_value needs the step's learning rate; pass "
@@ -831,8 +854,8 @@ class _Step:
 
     def __enter__(self) -> "_Step":
         rec = self.rec
-        for name, m in rec.model.named_modules():
-            if m.training and isinstance(m, nn.modules.batchnorm._BatchNorm):
+        for name, m in rec.batchnorms:
+            if m.training:
                 raise EngineError(f"layer '{name}' ({type(m).__name__}) is in training mode: it normalizes "
                                   f"each example with its batch's statistics, so no example has a gradient "
                                   f"of its own. Use GroupNorm or LayerNorm, or freeze its statistics "
