@@ -1006,8 +1006,8 @@ def test_an_output_returned_as_a_cast_copy_is_read_where_the_loss_read_it(tmp_pa
     the model computed. An upcast copy holds them exactly (and its batch is not taken for
     coupled by a float64 rounding its values never had: the check's tolerance is of the
     least precise of the output's, the parameters' and autocast's dtypes); a rounded copy
-    does not, and the step is refused with the reason. A loss that reads the copy itself is
-    recorded at the copy."""
+    does not (a bfloat16 copy of float16 values, or the reverse, neither), and the step is
+    refused with the reason. A loss that reads the copy itself is recorded at the copy."""
     class Cast(nn.Module):
         def __init__(self, net, dtype):
             super().__init__()
@@ -1019,14 +1019,15 @@ def test_an_output_returned_as_a_cast_copy_is_read_where_the_loss_read_it(tmp_pa
                 self.loss = F.cross_entropy(z, labels)
             return z.to(self.dtype)
     x, y = _data()
+    half = torch.bfloat16, torch.float16
     for net_dtype, dtype, inside in [(torch.float32, torch.float64, True), (torch.float64, torch.float32, True),
-                                     (torch.float64, torch.float32, False)]:
+                                     (torch.float64, torch.float32, False), (*half, True), (*half[::-1], True)]:
         torch.manual_seed(0)
         model = Cast(mlp(d_in=10, hidden=8, n_classes=4, depth=1).to(net_dtype), dtype)
         rec = gs.InRun(model, out=tmp_path / "r.h5", overwrite=True)
         xb = x[:8].to(net_dtype)
-        refused = net_dtype == torch.float64 and inside
-        with (pytest.raises(gs.exceptions.EngineError, match=r"in torch.float32, a rounded copy of the torch.float64")
+        refused = inside and torch.promote_types(net_dtype, dtype) != dtype   # bf16 <-> fp16: rounded either way
+        with (pytest.raises(gs.exceptions.EngineError, match=rf"in {dtype}, a rounded copy of the {net_dtype}")
               if refused else contextlib.nullcontext()):
             with rec.step(range(8), y[:8], lr=0.1):
                 if inside:
