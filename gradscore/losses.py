@@ -35,13 +35,14 @@ class Loss:
     ``fn(output, target) -> (B,)``; ``probs(output) -> (B, C)`` or None for regression.
     ``weights_sq(target) -> (B,)``: Σ_t w_bt² over the output rows t (positions) whose
     per-row loss ℓ_b weighs by w_bt (a classifier's one row: 1; a mean over n_b tokens:
-    1/n_b), which bounds the rounding of ∂ℓ_b/∂output; None where unknown.
+    1/n_b), which bounds the rounding of ∂ℓ_b/∂output, or one float for every example;
+    None where unknown.
     """
 
     name: str
     fn: PerExampleLoss
     output: str  # "logits", "log_probs", "regression" or "tokens" (language modelling)
-    weights_sq: Callable[[torch.Tensor], torch.Tensor] | None = None
+    weights_sq: Callable[[torch.Tensor], torch.Tensor | float] | None = None
     softmax_rows: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor] | None] | None = None
 
     @property
@@ -110,9 +111,9 @@ def causal_lm(reduction: str = "mean") -> Loss:
     return Loss("causal_lm" if reduction == "mean" else "causal_lm_sum", fn, "tokens", weights_sq, softmax_rows)
 
 
-def _one_row(y: torch.Tensor) -> torch.Tensor:
+def _one_row(y: torch.Tensor) -> float:
     """A classifier's loss: one output row of weight 1 per example."""
-    return torch.ones(len(y), dtype=torch.float64, device=y.device)
+    return 1.0
 
 
 _BUILTIN = {

@@ -1019,7 +1019,9 @@ class _Step:
         eps = torch.finfo(t.dtype).eps
         d_sq, dot, delta_sq = t.d_sq, t.dot, t.delta_sq
         weights_sq = self.rec.loss.weights_sq      # the rounding grows with the rows ℓ_b sums, not their width
-        units = t.width if weights_sq is None else _ROW_ROUNDING ** 2 * weights_sq(self.y).to(d_sq)
+        weights = None if weights_sq is None else weights_sq(self.y)
+        units = (t.width if weights is None else _ROW_ROUNDING ** 2 *
+                 (weights.to(d_sq) if isinstance(weights, torch.Tensor) else weights))
         readable = d_sq > (eps / tol) ** 2 * units
         s = dot / d_sq.clamp(min=torch.finfo(torch.float64).tiny)
         resid_sq = delta_sq - s * dot               # ‖δ − s d‖² (float64: no cancellation at tol² ≥ 1e-6)
