@@ -84,7 +84,7 @@ def softmax_ce_rows_numba(z: torch.Tensor, delta: torch.Tensor, labels: torch.Te
 
 #: a classifier's logits take :func:`classifier_rows_numba` up to this many elements; above
 #: it, torch's vectorized softmax over the batch is faster than a serial pass per row
-CLASSIFIER_ELEMENTS = 2**16
+CLASSIFIER_ELEMENTS = 2**13
 
 
 @njit_cached()   # no fastmath: NaN logits must compare as they do in torch
