@@ -72,6 +72,9 @@ def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 #: label value of a token that has no loss (Hugging Face's convention)
 IGNORE_INDEX = -100
+#: the dtypes F.cross_entropy takes as class indices (it refuses int32, bool, …): a fused
+#: path takes only these, so that the loss says why where it refuses a target
+CLASS_INDEX_DTYPES = (torch.int64, torch.uint8)
 
 
 def causal_lm(reduction: str = "mean") -> Loss:
@@ -98,8 +101,9 @@ def causal_lm(reduction: str = "mean") -> Loss:
 
     def softmax_rows(y: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Position t's label is y[:, t + 1]; the last position and ignored labels: −1.
-        None where y is not (B, T) class indices in [0, classes) or −100 (``fn`` says why)."""
-        if y.dtype.is_floating_point or y.dim() != 2:
+        None where y is not (B, T) class indices in [0, classes) or −100, of a dtype
+        F.cross_entropy takes (``fn`` says why)."""
+        if y.dtype not in CLASS_INDEX_DTYPES or y.dim() != 2:
             return None
         predicted = y[:, 1:]
         if ((predicted != IGNORE_INDEX) & ((predicted < 0) | (predicted >= classes))).any():

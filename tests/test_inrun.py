@@ -753,7 +753,8 @@ def test_language_model_terms_in_one_pass_equal_the_generic_path(B, T, V, reduct
     """On CPU a causal LM's loss, ‖∂ℓ_b/∂z‖², ⟨δ_b, ∂ℓ_b/∂z⟩ and ‖δ_b‖² come from one pass
     over the logits and δ (``kernels.softmax_ce_numba``): equal, in float64, to the generic
     path (the loss's autograd), with ignored labels, an example without a predicted token,
-    T = 1 and B = 0. Targets the loss refuses take the generic path, which says why."""
+    T = 1 and B = 0. Targets the loss refuses (out of range, or int32 and bool labels) take
+    the generic path, which says why."""
     import dataclasses
 
     from gradscore.inrun.recorder import _LossTerms
@@ -782,6 +783,10 @@ def test_language_model_terms_in_one_pass_equal_the_generic_path(B, T, V, reduct
             with pytest.raises((IndexError, RuntimeError)):
                 _LossTerms.of(loss, z, delta, bad)
         assert _LossTerms._softmax_rows(loss, z, delta, y.double()) is None
+        for kind in (torch.int32, torch.bool):   # label dtypes F.cross_entropy refuses: refused here too
+            assert _LossTerms._softmax_rows(loss, z, delta, (y > 0).to(kind)) is None
+            with pytest.raises(RuntimeError, match="expected target dtype"):
+                _LossTerms.of(loss, z, delta, (y > 0).to(kind))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -790,7 +795,8 @@ def test_classifier_terms_in_one_call_equal_the_generic_path(B, C, dtype, monkey
     """On CPU a small classifier's loss, ‖∂ℓ_b/∂z‖², ⟨δ_b, ∂ℓ_b/∂z⟩, ‖δ_b‖² and metrics (el2n,
     p_gold, correct, margin: the keys of ``classification_metrics``) come from one numba call:
     equal to the generic path (softmax in float64, then torch), with a tie at the top and
-    B = 0 and C = 1. Labels outside [0, C) take the generic path, which says why."""
+    B = 0 and C = 1. Labels outside [0, C), or of a dtype F.cross_entropy refuses (int32,
+    bool), take the generic path, which says why."""
     from gradscore.inrun.recorder import _LossTerms
     from gradscore.kernels import softmax_ce_numba
     from gradscore.losses import resolve_loss
@@ -823,6 +829,11 @@ def test_classifier_terms_in_one_call_equal_the_generic_path(B, C, dtype, monkey
         assert _LossTerms._classifier_rows(loss, z, delta, bad) is None
         with pytest.raises((IndexError, RuntimeError)):
             _LossTerms.of(loss, z, delta, bad)
+        for kind in (torch.int32, torch.bool):   # label dtypes F.cross_entropy refuses: refused here too
+            assert _LossTerms._classifier_rows(loss, z, delta, (y > 0).to(kind)) is None
+            with pytest.raises(RuntimeError, match="expected target dtype"):
+                _LossTerms.of(loss, z, delta, (y > 0).to(kind))
+        torch.testing.assert_close(_LossTerms.of(loss, z, delta, y.to(torch.uint8)).losses, fast.losses)
 
 
 def test_language_model_losses_of_bfloat16_logits_keep_float32_digits():

@@ -75,7 +75,7 @@ from ..io.journal import Journal
 from ..io.outputs import claim
 from ..kernels.dispatch import numba_on_cpu
 from ..kernels.reference import acc_dtype
-from ..losses import Loss, resolve_loss
+from ..losses import CLASS_INDEX_DTYPES, Loss, resolve_loss
 from ..scores import inrun as inrun_scores
 from ..scores.datadiet import classification_metrics
 from .store import RowJournal, read_rows, row_files, write
@@ -782,8 +782,10 @@ class _LossTerms:
     def _classifier_rows(loss: Loss, z: torch.Tensor, delta: torch.Tensor, y: torch.Tensor):
         """A small classifier's terms and metrics in one numba call
         (``kernels.softmax_ce_numba.classifier_rows_numba``), on CPU, where a step's fixed
-        costs dominate; None elsewhere, and for labels outside [0, C) (the generic path says why)."""
-        if (loss.name != "cross_entropy" or z.dim() != 2 or y.shape != z.shape[:1] or y.dtype.is_floating_point
+        costs dominate; None elsewhere, and for labels outside [0, C) or of a dtype the loss refuses
+        (the generic path says why)."""
+        if (loss.name != "cross_entropy" or z.dim() != 2 or y.shape != z.shape[:1]
+                or y.dtype not in CLASS_INDEX_DTYPES
                 or z.device.type != "cpu" or not numba_on_cpu()):
             return None
         from ..kernels.softmax_ce_numba import CLASSIFIER_ELEMENTS, classifier_rows_numba
