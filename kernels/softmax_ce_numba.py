@@ -100,15 +100,15 @@ def _classifier_rows(z, delta, labels, out):  # pragma: no cover - numba
         top, arg, other, nan = -np.inf, 0, -np.inf, False
         for c in range(C):
             v = np.float64(zr[c])
-            if v != v:   # torch's argmax and max take a NaN as the largest value
+            if v != v:   # torch's argmax takes the first NaN as the largest value
                 if not nan:
                     arg = c
                 nan = True
-            elif v > top and not nan:
+            elif not nan and v > top:
                 top, arg = v, c
-            if c != y and (v > other or v != v):
-                other = v if other == other else other
-        if nan:   # the terms of z are NaN; ‖δ‖² is δ's own
+            if c != y and v > other:
+                other = v
+        if nan:   # the terms of z (the margin too) are NaN; ‖δ‖² is δ's own
             out[r, :] = np.nan
             out[r, 3] = np.sum(dr.astype(np.float64) ** 2)
             out[r, 6] = 1.0 if arg == y else 0.0
