@@ -45,13 +45,19 @@ def _sums(e, delta, out):  # pragma: no cover - numba
         out[r, 0], out[r, 1], out[r, 2], out[r, 3] = s, s2, sd, dd
 
 
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the kernels read a tensor of ``dtype`` as: float32 and float64 as they are, the
+    half types upcast to float32 (numpy has no bfloat16)."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def softmax_ce_rows_numba(z: torch.Tensor, delta: torch.Tensor, labels: torch.Tensor, *,
                           chunk: int = CHUNK) -> torch.Tensor:
     """z, δ: (R, V) float32 or float64 CPU tensors (other float dtypes are upcast a chunk
     at a time), labels (R,) int (−1: no loss) -> (R, 4) float64: loss, ‖d‖², ⟨δ, d⟩, ‖δ‖²."""
     R, V = z.shape
     chunk = max(1, min(chunk, ELEMENTS // max(V, 1)))
-    work = z.dtype if z.dtype in (torch.float32, torch.float64) else torch.float32
+    work = _work_dtype(z.dtype)
     labels = labels.to(torch.int64)
     has = labels >= 0
     label = labels.clamp(min=0)
@@ -143,9 +149,8 @@ def classifier_rows_numba(z: torch.Tensor, delta: torch.Tensor, labels: torch.Te
     the margin z_y − max_{c≠y} z_c, p_y and 1.0 where argmax z = y (torch's argmax: the first
     largest, a NaN first); None where a label is outside [0, C) (the caller's loss says why).
     A row with a NaN logit has NaN terms (but ‖δ‖²)."""
-    def rows(t: torch.Tensor) -> np.ndarray:
-        return t.detach().to(t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32).numpy()
+    z, delta = (t.detach().to(_work_dtype(t.dtype)).numpy() for t in (z, delta))
     out = np.empty((z.shape[0], 7), dtype=np.float64)
-    if not _classifier_rows(rows(z), rows(delta), labels.detach().to(torch.int64).numpy(), out):
+    if not _classifier_rows(z, delta, labels.detach().to(torch.int64).numpy(), out):
         return None
     return torch.from_numpy(out)

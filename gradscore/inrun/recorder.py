@@ -745,9 +745,11 @@ class _LossTerms:
         """From z and δ (B, ...) and the targets y (B, ...), a block of examples at a time:
         the float64 copies stay at :data:`_TERM_ELEMENTS` elements, whatever the vocabulary."""
         width = math.prod(z.shape[1:])
-        fused = cls._softmax_rows(loss, z, delta, y)
-        if fused is None:
-            fused = cls._classifier_rows(loss, z, delta, y)
+        fused = None
+        if z.device.type == "cpu" and numba_on_cpu():   # the one-pass numba paths
+            fused = cls._softmax_rows(loss, z, delta, y)
+            if fused is None:
+                fused = cls._classifier_rows(loss, z, delta, y)
         if fused is not None:
             return cls(*fused, delta.dtype, width)
         blocks = -(-len(z) * width // _TERM_ELEMENTS)   # as few as fit, of equal size
@@ -761,10 +763,9 @@ class _LossTerms:
 
     @staticmethod
     def _softmax_rows(loss: Loss, z: torch.Tensor, delta: torch.Tensor, y: torch.Tensor):
-        """A language model's terms in one pass over z and δ (``kernels.softmax_ce_numba``), on
-        CPU, where ℓ_b is a weighted sum of its rows' cross-entropies; None elsewhere."""
-        if (loss.softmax_rows is None or z.dim() != 3 or z.device.type != "cpu" or y.shape != z.shape[:2]
-                or not numba_on_cpu()):
+        """A language model's terms in one pass over z and δ (``kernels.softmax_ce_numba``; CPU
+        tensors, numba on), where ℓ_b is a weighted sum of its rows' cross-entropies; None elsewhere."""
+        if loss.softmax_rows is None or z.dim() != 3 or y.shape != z.shape[:2]:
             return None
         rows = loss.softmax_rows(y, z.shape[2])
         if rows is None:   # targets the loss refuses: the generic path says why
@@ -781,12 +782,10 @@ class _LossTerms:
     @staticmethod
     def _classifier_rows(loss: Loss, z: torch.Tensor, delta: torch.Tensor, y: torch.Tensor):
         """A small classifier's terms and metrics in one numba call
-        (``kernels.softmax_ce_numba.classifier_rows_numba``), on CPU, where a step's fixed
-        costs dominate; None elsewhere, and for labels outside [0, C) or of a dtype the loss refuses
-        (the generic path says why)."""
-        if (loss.name != "cross_entropy" or z.dim() != 2 or y.shape != z.shape[:1]
-                or y.dtype not in CLASS_INDEX_DTYPES
-                or z.device.type != "cpu" or not numba_on_cpu()):
+        (``kernels.softmax_ce_numba.classifier_rows_numba``; CPU tensors, numba on), where a step's
+        fixed costs dominate; None elsewhere, and for labels outside [0, C) or of a dtype the loss
+        refuses (the generic path says why)."""
+        if loss.name != "cross_entropy" or z.dim() != 2 or y.shape != z.shape[:1] or y.dtype not in CLASS_INDEX_DTYPES:
             return None
         from ..kernels.softmax_ce_numba import CLASSIFIER_ELEMENTS, classifier_rows_numba
         rows = classifier_rows_numba(z, delta, y) if z.numel() <= CLASSIFIER_ELEMENTS else None
