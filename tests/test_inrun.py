@@ -851,6 +851,34 @@ def test_language_model_losses_of_bfloat16_logits_keep_float32_digits():
     torch.testing.assert_close(terms.losses.double(), loss.fn(z.double(), y), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["causal_lm", "cross_entropy"])
+def test_generic_path_losses_of_bfloat16_logits_keep_float32_digits(kind, monkeypatch):
+    """bfloat16 logits on the generic path (CUDA, a forced torch backend, a wide classifier):
+    the losses come in float32, equal to the cross-entropy of the same bfloat16 values in
+    float64, not rounded to 3 digits; δ's terms agree with the one-pass path's."""
+    import dataclasses
+
+    from gradscore.inrun.recorder import _LossTerms
+    from gradscore.kernels import softmax_ce_numba
+    from gradscore.losses import causal_lm, resolve_loss
+    g = torch.Generator().manual_seed(0)
+    if kind == "causal_lm":
+        loss = causal_lm("mean")
+        z, y = (3 * torch.randn(3, 7, 50, generator=g)).bfloat16(), torch.randint(0, 50, (3, 7), generator=g)
+        fast, generic = loss, dataclasses.replace(loss, softmax_rows=None)
+    else:
+        loss = fast = generic = resolve_loss("cross_entropy")
+        z, y = (3 * torch.randn(9, 50, generator=g)).bfloat16(), torch.randint(0, 50, (9,), generator=g)
+    delta = torch.randn(z.shape, generator=g).bfloat16()
+    one_pass = _LossTerms.of(fast, z, delta, y)
+    monkeypatch.setattr(softmax_ce_numba, "CLASSIFIER_ELEMENTS", -1)
+    terms = _LossTerms.of(generic, z, delta, y)
+    assert terms.losses.dtype == torch.float32
+    torch.testing.assert_close(terms.losses.double(), loss.fn(z.double(), y), rtol=1e-6, atol=0)
+    for name in ("d_sq", "dot", "delta_sq"):
+        torch.testing.assert_close(getattr(terms, name), getattr(one_pass, name), rtol=1e-5, atol=0)
+
+
 def test_a_memorized_sequence_records_nan_not_another_examples_share(tmp_path):
     """A language model's share depends on the example's token count (n_b/N for a token
     mean), so an example the loss no longer moves cannot take its batch's median share:

@@ -799,6 +799,7 @@ class _LossTerms:
     @staticmethod
     def _block(loss: Loss, z: torch.Tensor, delta: torch.Tensor, y: torch.Tensor):
         probs = None
+        z = z.to(acc_dtype(z.dtype))   # float32 at least: a bfloat16 output's losses keep their digits
         if loss.name == "cross_entropy" and z.dim() == 2 and not y.dtype.is_floating_point:
             losses = loss.fn(z, y)    # ∂ℓ_b/∂z_b = softmax(z_b) − onehot(y_b), without a backward
             probs = torch.softmax(z.double(), 1)
