@@ -23,6 +23,13 @@ def tiny_run(tmp_path: Path) -> tuple[Path, Path]:
     return make_run(tmp_path)
 
 
+@pytest.fixture
+def default_kernels(monkeypatch) -> None:
+    """The default kernel backends, whatever $GRADSCORE_KERNELS the suite runs under: for
+    the tests of a path only the default CPU backend (numba) takes."""
+    monkeypatch.delenv("GRADSCORE_KERNELS", raising=False)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

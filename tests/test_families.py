@@ -531,7 +531,7 @@ class RowNorm(nn.Module):
 
 @pytest.mark.parametrize("kind", ["LayerNorm", "LayerNorm_no_bias", "RMSNorm"])
 @pytest.mark.parametrize("layout", ["2d", "batch_first", "seq_first"])
-def test_float32_row_norms_take_the_fused_kernel_and_equal_the_loop(kind, layout, monkeypatch):
+def test_float32_row_norms_take_the_fused_kernel_and_equal_the_loop(kind, layout, monkeypatch, default_kernels):
     """On CPU in float32 the LayerNorm and RMSNorm rules form γ's and β's per-example
     gradients in one fused numba pass: the same numbers as the float64 loop, K = 0 and 2."""
     from gradscore.kernels import norm_affine_numba as kernel

@@ -124,6 +124,8 @@ def test_sparse_conv_form_follows_the_density_of_delta(monkeypatch, kernels, exp
     from gradscore.engines.rules import conv
     if kernels:
         monkeypatch.setenv("GRADSCORE_KERNELS", kernels)
+    else:
+        monkeypatch.delenv("GRADSCORE_KERNELS", raising=False)
     chosen = []
 
     def plan(layer, *args, **kwargs):

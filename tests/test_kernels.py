@@ -122,7 +122,7 @@ def test_errors():
         norm_dot(G, backend="nope")
 
 
-def test_dispatch_defaults_and_env(monkeypatch):
+def test_dispatch_defaults_and_env(monkeypatch, default_kernels):
     assert get_backend("cpu").name == "numba"
     assert describe()["cpu"] == "numba"
     monkeypatch.setenv("GRADSCORE_KERNELS", "torch")
