@@ -803,7 +803,8 @@ class _LossTerms:
         if loss.name == "cross_entropy" and z.dim() == 2 and not y.dtype.is_floating_point:
             losses = loss.fn(z, y)    # ∂ℓ_b/∂z_b = softmax(z_b) − onehot(y_b), without a backward
             probs = torch.softmax(z.double(), 1)
-            d = probs.scatter(1, y[:, None], (probs.gather(1, y[:, None]) - 1))
+            column = y[:, None].long()   # an index: uint8 labels, which the loss takes, too
+            d = probs.scatter(1, column, (probs.gather(1, column) - 1))
         else:
             with torch.enable_grad():
                 leaf = z.detach().requires_grad_(True)

@@ -34,7 +34,7 @@ def classification_metrics(loss: Loss, logits: torch.Tensor, y: torch.Tensor,
     if probs is None:
         err = (logits - y.to(logits.dtype)).reshape(logits.shape[0], -1)
         return {"el2n": err.norm(dim=1)}
-    column = y[:, None]
+    column = y[:, None].long()   # an index: uint8 labels, which the loss takes, too
     given = logits.gather(1, column)[:, 0]
     other = logits.scatter(1, column, -torch.inf).max(1).values
     p_gold = probs.gather(1, column)[:, 0]
