@@ -367,6 +367,38 @@ def test_refusals_are_one_clear_line(tmp_path):
     assert (tmp_path / "mine.txt").read_text() == "keep"
 
 
+def test_ids_that_would_be_stored_as_other_ids_are_refused(tmp_path):
+    """Ids are stored as int64 or str: a fractional id (0.5 was stored as 0, beside the
+    example whose id is 0), an unsigned id above 2⁶³ − 1 (it wrapped negative), a bool id,
+    or integers in one step and strings in another (1 and "1" were one example) are one
+    clear line; whole-number float ids are their integers."""
+    x, y = _data(n=8, dtype=torch.float32)
+    model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
+    rec = gs.InRun(model, out=tmp_path / "r.h5")
+    for ids, why in [(np.array([0.5, 1.5, 0.7, 3.0]), "'ids': 0.5 is not a whole number"),
+                     (np.array([np.nan, 1, 2, 3]), "'ids': nan is not a whole number"),
+                     (np.array([2**63 + 1, 5, 6, 7], dtype=np.uint64), "'ids': 9223372036854775809 is above"),
+                     (np.array([True, False, True, False]), "'ids': bool ids"),
+                     (np.array([None, 1, 2, 3], dtype=object), "'ids': object ids")]:
+        with pytest.raises(gs.ConfigError, match=why):
+            rec.step(ids, y[:4])
+    for t, ids in enumerate([torch.tensor([0., 1., 2., 3.]), np.arange(4, 8, dtype=np.uint8)]):
+        with rec.step(ids, y[4 * t:4 * t + 4], step=t):
+            F.cross_entropy(model(x[4 * t:4 * t + 4]), y[4 * t:4 * t + 4]).backward()
+        model.zero_grad()
+    with pytest.raises(gs.ConfigError, match="'ids': strings in step 2, integers before"):
+        rec.step(["0", "1", "2", "3"], y[:4], step=2)
+    ids = gs.load_scores(rec.close())["ids"]
+    assert ids.dtype == np.int64 and ids.tolist() == list(range(8))
+    rec = gs.InRun(model, out=tmp_path / "s.h5")
+    with rec.step(np.array(["a", "b"], dtype=object), y[:2]):
+        F.cross_entropy(model(x[:2]), y[:2]).backward()
+    model.zero_grad()
+    with pytest.raises(gs.ConfigError, match="'ids': integers in step 1, strings before"):
+        rec.step(torch.arange(2), y[:2], step=1)
+    assert gs.load_scores(rec.close())["ids"].tolist() == ["a", "b"]
+
+
 def test_a_weight_made_from_other_parameters_is_refused_not_misread(tmp_path):
     """Legacy weight_norm's weight_g and weight_v have no rule of their own (the Linear
     rule gives the gradient of the weight made from them): one line naming them."""

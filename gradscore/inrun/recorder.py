@@ -323,6 +323,7 @@ class InRun:
         self._laid_out = False
         self._count = 0                       # rec.step calls so far
         self._last_step: int | None = None    # the step of the last rec.step
+        self._id_kind: str | None = None      # "integers" or "strings": the ids of every step
         self._refs: tuple[Any, list[torch.Tensor], float] | None = None   # (step, refs, ‖∇J‖) cached
         self._pending: list[dict[str, np.ndarray]] = []
         self._held: tuple[int, float, list[dict[str, np.ndarray]]] | None = None   # (step, scale, records)
@@ -415,6 +416,8 @@ class InRun:
              step: int | None = None) -> "_Step":
         """The context of one training step (or micro-batch) over the examples ``ids`` (B,)
         with targets ``y`` (B,): call the model once and ``backward`` once inside it.
+        ids: integers (whole-number floats are their integers) or strings, one kind in every
+        step, as the data's ids are, since reports pair the file's examples with it by id.
         lr: η of the optimizer step that follows (needed for ``inrun_value``); step: the
         optimizer step of the whole run, never decreasing (default: a counter of ``step``
         calls; micro-batches of one optimizer step share it, and its target gradient)."""
@@ -817,13 +820,38 @@ class _LossTerms:
                 _row_dot(delta, delta))
 
 
+def example_ids(ids: Any) -> np.ndarray:
+    """A step's example ids (B,) as they are stored: int64, or str. Ids that would be stored
+    as another id are refused: a fraction (0.5 would be 0), an unsigned id above 2⁶³ − 1
+    (it would wrap), bools, and objects that are neither integers nor strings."""
+    arr = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids).reshape(-1)
+    if arr.dtype.kind == "O":   # Python objects: all strings, or all integers
+        if all(isinstance(i, str) for i in arr):
+            arr = arr.astype(str)
+        elif all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in arr):
+            arr = np.asarray(arr.tolist())
+    kind, fix = arr.dtype.kind, "give each example's index in the dataset (integers) or its id string"
+    if kind == "U" or kind == "S":
+        return arr.astype(str)
+    if kind == "f" and len(arr):
+        whole = np.isfinite(arr) & (arr == np.round(arr)) & (np.abs(arr) < 2.0**63)
+        if not whole.all():
+            raise ConfigError(f"invalid value for 'ids': {arr[~whole][0].item()!r} is not a whole number; {fix}")
+    elif kind == "u" and len(arr) and arr.max() > np.iinfo(np.int64).max:
+        raise ConfigError(f"invalid value for 'ids': {arr.max().item()} is above 2**63 - 1, the largest id "
+                          f"stored; {fix}")
+    elif kind not in "iuf":
+        raise ConfigError(f"invalid value for 'ids': {arr.dtype.name if kind != 'O' else 'object'} ids; {fix}")
+    return arr.astype(np.int64, copy=False)
+
+
 class _Step:
     """One training step's hooks (see :meth:`InRun.step`)."""
 
     def __init__(self, rec: InRun, ids, y: torch.Tensor, lr: float | None, step: int, auto: bool = False) -> None:
         y = y if isinstance(y, torch.Tensor) else torch.as_tensor(y)
         self.rec, self.y, self.lr, self.step, self.auto = rec, y, lr, step, auto
-        self.ids = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids).reshape(-1)
+        self.ids = example_ids(ids)
         if len(self.ids) != len(y):
             raise ConfigError(f"invalid value for 'ids': {len(self.ids)} ids for {len(y)} targets y; give one id "
                               f"per example of the batch")
@@ -833,6 +861,11 @@ class _Step:
             times = int((self.ids == repeated[0]).sum())
             raise ConfigError(f"invalid value for 'ids': {repeated[0].item()!r} appears {times} times in "
                               f"one step; each example of a batch needs its own id (its index in the dataset)")
+        kind = "strings" if self.ids.dtype.kind == "U" else "integers"
+        if len(self.ids) and rec._id_kind not in (None, kind):   # 1 and "1" would be one example
+            raise ConfigError(f"invalid value for 'ids': {kind} in step {step}, {rec._id_kind} before; give "
+                              f"every step's ids as one kind (integers or strings)")
+        rec._id_kind = rec._id_kind or (kind if len(self.ids) else None)
         if rec.targets is not None and lr is None and "inrun_value" in rec.config.scores:
             raise ConfigError("invalid value for 'lr': inrun_value needs the step's learning rate; pass "
                               "rec.step(ids, y, lr=...)")
