@@ -1048,6 +1048,34 @@ def test_autocast_bf16_training_is_recorded_and_unchanged(tmp_path):
     np.testing.assert_allclose(sq[step == 1], want, rtol=0.1)    # bf16's 8 bits of mantissa
 
 
+@pytest.mark.parametrize("T,d", [(2, 16), (8, 4)])   # the Gram form, the outer form
+def test_rules_compute_in_float32_under_autocast(tmp_path, T, d):
+    """Under bf16 autocast the rules read the half-type a and δ and compute in float32, as
+    outside it: here every value of the step is an integer bf16 holds exactly, but the
+    Grams, the per-example gradients and their sums are not (above 256), so the norms equal
+    the float64 loop only if no rule computes in bf16. Both forms of a Linear's rule."""
+    g = torch.Generator().manual_seed(T)
+    model = nn.Linear(d, 3 if d == 4 else d)
+    with torch.no_grad():
+        model.weight.copy_(torch.randint(-1, 2, model.weight.shape, generator=g))
+        model.bias.copy_(torch.randint(-1, 2, model.bias.shape, generator=g))
+    x = torch.randint(-1, 2, (6, T, d), generator=g).float()
+    y = torch.randint(-3, 4, (6, T, model.out_features), generator=g).float()
+    snap = copy.deepcopy(model).double()
+    rec = gs.InRun(model, loss="mse", out=tmp_path / "r.h5")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with rec.step(torch.arange(6), y):
+            ((model(x).float() - y) ** 2).sum().backward()
+    rec.close()
+    with h5py.File(tmp_path / "r.h5") as f:
+        sq = f["inrun/sq_norm"][()]
+    want = [float(sum((gr ** 2).sum() for gr in torch.autograd.grad(
+        ((snap(x[b:b + 1].double()) - y[b:b + 1].double()) ** 2).sum(), list(snap.parameters()))))
+        for b in range(6)]
+    assert (torch.tensor(want).bfloat16().double() != torch.tensor(want)).any()   # bf16 would round them
+    np.testing.assert_allclose(sq, want, rtol=1e-6)
+
+
 def test_structural_rules_are_checked_in_full_precision_under_autocast(tmp_path):
     """Under bf16 autocast the RMSNorm layers of a Llama and of a Qwen3 (whose q_norm and
     k_norm read bf16 projections) and a Linear subclass with a forward of its own (Falcon's,

@@ -43,6 +43,7 @@ from torch import nn
 from ..batch import Inputs, batch_len, call_model
 from ..exceptions import EngineError
 from ..kernels import acc_dtype
+from ..kernels.reference import autocast_off
 from ..kernels.ghost_linear import SharedGrams, sharing
 from .base import Engine, RefBlocks, ScoreBatch, register_engine
 from .fallback import Fallback
@@ -196,7 +197,8 @@ class _BatchSums:
                 order = sorted(layer.grads)
                 grads = [layer.grads[i] for i in order]
             acts = [layer.acts[i] for i in order]
-            self.add(*layer.rule.fn(layer.module, acts, grads, lrefs, self.K))
+            with autocast_off():   # in the dtypes the rule chooses (float32 for half types), not the region's
+                self.add(*layer.rule.fn(layer.module, acts, grads, lrefs, self.K))
             for act in acts:
                 seq = self._gram_input(layer, act)
                 if seq is not None:
@@ -212,7 +214,8 @@ class _BatchSums:
         for fs in self.factors.values():
             for i in range(len(fs)):
                 for j in range(i + 1, len(fs)):
-                    self.sq = self.sq + 2 * cross(fs[i], fs[j]).to(self.sq.dtype)   # dots are linear: no cross term
+                    with autocast_off():
+                        self.sq = self.sq + 2 * cross(fs[i], fs[j]).to(self.sq.dtype)   # dots are linear: no cross term
         self.factors = {}
 
 
