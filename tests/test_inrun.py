@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscore as gs
-from helpers import ChannelsLastNorm, Reversed, check_inrun_against_loop
+from helpers import ChannelsLastNorm, Reversed, check_inrun_against_loop, inrun_reference
 from gradscore.demos.models import digits_cnn, mlp
 from gradscore.engines.rules.registry import FactoredRef
 from gradscore.scores import inrun as inrun_scores
@@ -1449,6 +1449,50 @@ def test_a_second_backward_in_one_step_is_one_clear_error(tmp_path):
             loss = F.cross_entropy(model(x[:8]), y[:8])
             loss.backward(retain_graph=True)
             loss.backward()
+
+
+class _Checkpointed(nn.Module):
+    """An MLP whose second half runs under torch.utils.checkpoint (recomputed in the backward)."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.first, self.rest, self.reentrant = nn.Linear(10, 12), mlp(d_in=12, hidden=12, n_classes=4, depth=1), reentrant
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.rest, torch.tanh(self.first(x)), use_reentrant=self.reentrant)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_in_training(tmp_path, reentrant):
+    """A checkpointed block (its forward hooks fire again in the recomputation) records what
+    the loop gives, reentrant or not. The target gradient needs torch.autograd.grad, which a
+    reentrant checkpoint refuses: one clear error naming the fix, not torch's RuntimeError
+    from inside the recorder."""
+    from gradscore.io.store import load_inrun_rows
+    torch.manual_seed(0)
+    x, y = _data()
+    model = _Checkpointed(reentrant).double()
+    targets = (x[:6], y[:6])
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=None if reentrant else targets)
+    snaps: list = []
+    _train(model, x, y, steps=3, batch=8, rec=rec, snapshots=snaps)
+    path = rec.close()
+    model.reentrant = False   # the same function; the loop's torch.autograd.grad takes only this checkpoint
+    if not reentrant:
+        check_inrun_against_loop(path, model, snaps, x, y, targets)
+    else:
+        rows = load_inrun_rows(path)
+        for t, (snap, idx) in enumerate(snaps):
+            want = inrun_reference(model, snap, x[idx], y[idx], targets)
+            np.testing.assert_allclose(rows["loss"][rows["step"] == t], want[:, 0], rtol=1e-10)
+            np.testing.assert_allclose(rows["sq_norm"][rows["step"] == t], want[:, 1], rtol=1e-9)
+        model.reentrant = True
+        rec = gs.InRun(model, out=tmp_path / "t.h5", targets=(x[:6], y[:6]))
+        with pytest.raises(gs.EngineError, match="use_reentrant=True.*pass use_reentrant=False"):
+            with rec.step(range(8), y[:8], lr=0.1):
+                F.cross_entropy(model(x[:8]), y[:8]).backward()
+        assert not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in model.modules())
+        assert model.training
 
 
 def _train_scaled(model, x, y, scaler, rec, *, steps, batch=8, snapshots=None, poisoned_step=None):

@@ -202,6 +202,21 @@ def _checked_targets(targets: Any) -> list[tuple[Inputs, torch.Tensor]]:
     return out
 
 
+def _target_grads(J: torch.Tensor, wanted: list[torch.Tensor]) -> tuple:
+    """∂J/∂wanted (None where unused): torch.autograd.grad, which leaves ``.grad`` alone. A
+    reentrant torch.utils.checkpoint refuses it: one EngineError naming the fix."""
+    if not wanted:
+        return ()
+    try:
+        return torch.autograd.grad(J, wanted, allow_unused=True)
+    except RuntimeError as e:
+        if "use_reentrant=True" not in str(e):
+            raise
+        raise EngineError("the target gradient: the model calls torch.utils.checkpoint with use_reentrant=True, "
+                          "which refuses torch.autograd.grad (the recorder's way to leave .grad alone); pass "
+                          "use_reentrant=False to it (the same gradients), or record without targets") from None
+
+
 def _rank_world() -> tuple[int, int]:
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
@@ -516,7 +531,7 @@ class InRun:
                         captured.pop(w).off = True
                     dense = [n for n in names if n not in factored]
                     wanted = [self.params[n] for n in dense] + ([z] if factored else [])
-                grads = torch.autograd.grad(J, wanted, allow_unused=True) if wanted else ()
+                grads = _target_grads(J, wanted)
                 for n, g in zip(dense, grads):
                     if g is not None:
                         blocks[n] = g.detach() if n not in blocks else blocks[n] + g.detach()
