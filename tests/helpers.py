@@ -418,7 +418,7 @@ def inrun_reference(model, snapshot, x, y, targets):
     (each checked against a contiguous model in test_engines.py)."""
     m = copy.deepcopy(model).eval()
     m.load_state_dict(snapshot)
-    params = list(m.parameters())
+    params = [p for p in m.parameters() if p.requires_grad]   # what the step trains
     xt, yt = targets
     out = []
     with torch_workarounds():

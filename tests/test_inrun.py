@@ -1451,6 +1451,43 @@ def test_a_second_backward_in_one_step_is_one_clear_error(tmp_path):
             loss.backward()
 
 
+@pytest.mark.parametrize("first_frozen", [False, True])
+def test_parameters_frozen_or_unfrozen_during_training(tmp_path, first_frozen):
+    """Gradual unfreezing: each step records the gradient over the parameters it trains
+    (those that require grad at that step), norms and target dots, against the loop. A
+    layer frozen after the recorder was made was counted (its δ still flows to the layers
+    before it), and one unfrozen after it was left out."""
+    from gradscore.io.store import load_inrun_rows
+    torch.manual_seed(0)
+    x, y = _data()
+    model = mlp(d_in=10, hidden=12, n_classes=4, depth=2).double()
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    schedule = [[1], [], [1, 2], [0]] if first_frozen else [[0], [2], [], [1, 2]]   # frozen Linears per step
+    linears[0].requires_grad_(not first_frozen)
+    targets = (x[:6], y[:6])
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=targets)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    flags = []
+    for t, frozen in enumerate(schedule):
+        for i, layer in enumerate(linears):
+            layer.requires_grad_(i not in frozen)
+        idx = torch.arange(8 * t, 8 * t + 8)
+        flags.append(([p.requires_grad for p in model.parameters()], copy.deepcopy(model.state_dict()), idx))
+        with rec.step(idx, y[idx], lr=0.1, step=t):
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        opt.zero_grad()
+    rows = load_inrun_rows(rec.close())
+    for t, (trains, snap, idx) in enumerate(flags):
+        for p, on in zip(model.parameters(), trains):
+            p.requires_grad_(on)
+        want = inrun_reference(model, snap, x[idx], y[idx], targets)
+        at = rows["step"] == t
+        np.testing.assert_allclose(rows["sq_norm"][at], want[:, 1], rtol=1e-9, err_msg=f"step {t}")
+        np.testing.assert_allclose(rows["dot"][at], want[:, 2] / len(idx), rtol=1e-9, atol=1e-14, err_msg=f"step {t}")
+        np.testing.assert_allclose(rows["target_norm"][at], want[:, 4], rtol=1e-10, err_msg=f"step {t}")
+
+
 class _Checkpointed(nn.Module):
     """An MLP whose second half runs under torch.utils.checkpoint (recomputed in the backward)."""
 

@@ -307,6 +307,7 @@ class InRun:
         if not names:
             raise ConfigError("the model has no trainable parameters; nothing is learned, nothing to record")
         self.params = dict(self.network.named_parameters())
+        self._trains = tuple(p.requires_grad for p in self.params.values())   # the engine's, see _follow_training
         # checked at every step (a loop may switch modes), listed once: a large model has thousands of modules
         self.batchnorms = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.engine = GhostEngine(self.network, self.loss, names)
@@ -413,6 +414,21 @@ class InRun:
         """The loss scale the next backward uses (1 without an enabled scaler)."""
         scaler = self._scaler
         return 1.0 if scaler is None or not scaler.is_enabled() else float(scaler.get_scale())
+
+    def _follow_training(self, step: int) -> None:
+        """Score the parameters this step trains: where a loop freezes or unfreezes some
+        (gradual unfreezing) since the last step, a new engine over those that require grad
+        now, laid out again on this step, and the target gradient computed again."""
+        trains = tuple(p.requires_grad for p in self.params.values())
+        if trains == self._trains:
+            return
+        names = [n for n, on in zip(self.params, trains) if on]
+        if not names:
+            raise ConfigError(f"step {step}: no parameter of the model requires grad; nothing is learned, "
+                              f"nothing to record")
+        self.engine = GhostEngine(self.network, self.loss, names)
+        self._refuse_fallback()
+        self._trains, self._laid_out, self._refs = trains, False, None
 
     def _refuse_fallback(self) -> None:
         """One line naming the parameters without a ghost rule, those with one reason together."""
@@ -936,6 +952,7 @@ class _Step:
                               f"per example of the batch")
         if self.B == 0:
             return None
+        rec._follow_training(self.step)
         for layer in rec.engine.layers:   # in the forward's mode a rule may not apply (dropout inside attention)
             reason = layer.rule.supports(layer.module)
             if reason:
