@@ -32,7 +32,8 @@ class Scorer:
             ``"loop"`` (the slow reference).
         chunk_bytes: memory budget of one materialized (b, P) gradient block.
         params: names or shell-style patterns (``"fc.*"``) of the parameters to score
-            (default: all with requires_grad; frozen ones are skipped either way).
+            (default: all with requires_grad; frozen ones are skipped either way). The set
+            is fixed when the Scorer is made: make a new one after freezing layers.
 
     Gradients are of the per-example loss ℓ(x_b, y_b; θ), not of a batch mean.
     """
