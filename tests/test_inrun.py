@@ -1488,6 +1488,35 @@ def test_parameters_frozen_or_unfrozen_during_training(tmp_path, first_frozen):
         np.testing.assert_allclose(rows["target_norm"][at], want[:, 4], rtol=1e-10, err_msg=f"step {t}")
 
 
+def test_a_layer_or_parameter_replaced_during_training(tmp_path):
+    """A loop that puts a new head on the model, or a new Parameter into a layer, between
+    steps: each step records the gradient of the model it trains, against the loop. Before,
+    the recorder kept its first layers and refused the step with a wrong reason."""
+    from gradscore.io.store import load_inrun_rows
+    torch.manual_seed(0)
+    x, y = _data()
+    model = mlp(d_in=10, hidden=12, n_classes=4, depth=2).double()
+    targets = (x[:6], y[:6])
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=targets)
+    snaps = []
+    for t in range(3):
+        if t == 1:
+            model[-1] = nn.Linear(12, 4).double()                               # a new head
+        if t == 2:
+            model[1].weight = nn.Parameter(torch.randn_like(model[1].weight))   # a new weight
+        idx = torch.arange(8 * t, 8 * t + 8)
+        snaps.append((copy.deepcopy(model), idx))
+        with rec.step(idx, y[idx], lr=0.1, step=t):
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+        model.zero_grad()
+    rows = load_inrun_rows(rec.close())
+    for t, (then, idx) in enumerate(snaps):
+        want = inrun_reference(then, then.state_dict(), x[idx], y[idx], targets)
+        at = rows["step"] == t
+        np.testing.assert_allclose(rows["sq_norm"][at], want[:, 1], rtol=1e-9, err_msg=f"step {t}")
+        np.testing.assert_allclose(rows["dot"][at], want[:, 2] / len(idx), rtol=1e-9, atol=1e-14, err_msg=f"step {t}")
+
+
 class _Checkpointed(nn.Module):
     """An MLP whose second half runs under torch.utils.checkpoint (recomputed in the backward)."""
 

@@ -58,6 +58,7 @@ import math
 import time
 import uuid
 import warnings
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -202,6 +203,39 @@ def _checked_targets(targets: Any) -> list[tuple[Inputs, torch.Tensor]]:
     return out
 
 
+class _ModelEdits:
+    """Whether a module registered a parameter or a submodule since the last :meth:`seen`
+    (a loop that puts a new head or weight on the model between steps), from torch's global
+    registration hooks: a flag set, so that a step walks the model only after an edit. The
+    hooks go with :meth:`remove`, or with the recorder."""
+
+    def __init__(self, owner: object) -> None:
+        self.edited = False
+        me = weakref.ref(self)
+
+        def hook(module, name, value) -> None:
+            edits = me()
+            if edits is not None:
+                edits.edited = True
+        hooks = nn.modules.module
+        self._handles = [hooks.register_module_parameter_registration_hook(hook),
+                         hooks.register_module_module_registration_hook(hook)]
+        weakref.finalize(owner, _ModelEdits._drop, self._handles)
+
+    def seen(self) -> bool:
+        """Whether an edit came since the last call."""
+        edited, self.edited = self.edited, False
+        return edited
+
+    def remove(self) -> None:
+        self._drop(self._handles)
+
+    @staticmethod
+    def _drop(handles: list) -> None:
+        for h in handles:
+            h.remove()
+
+
 def _target_grads(J: torch.Tensor, wanted: list[torch.Tensor]) -> tuple:
     """∂J/∂wanted (None where unused): torch.autograd.grad, which leaves ``.grad`` alone. A
     reentrant torch.utils.checkpoint refuses it: one EngineError naming the fix."""
@@ -308,6 +342,7 @@ class InRun:
             raise ConfigError("the model has no trainable parameters; nothing is learned, nothing to record")
         self.params = dict(self.network.named_parameters())
         self._trains = tuple(p.requires_grad for p in self.params.values())   # the engine's, see _follow_training
+        self._edits = _ModelEdits(self)
         # checked at every step (a loop may switch modes), listed once: a large model has thousands of modules
         self.batchnorms = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.engine = GhostEngine(self.network, self.loss, names)
@@ -417,8 +452,15 @@ class InRun:
 
     def _follow_training(self, step: int) -> None:
         """Score the parameters this step trains: where a loop freezes or unfreezes some
-        (gradual unfreezing) since the last step, a new engine over those that require grad
-        now, laid out again on this step, and the target gradient computed again."""
+        (gradual unfreezing), or puts a new layer or Parameter on the model, since the last
+        step, a new engine over those that require grad now, laid out again on this step,
+        and the target gradient computed again."""
+        if self._edits.seen():
+            params = dict(self.network.named_parameters())
+            if list(map(id, params.values())) != list(map(id, self.params.values())) or params.keys() != self.params.keys():
+                self.params, self._trains = params, None
+                self.batchnorms = [(n, m) for n, m in self.model.named_modules()
+                                   if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         trains = tuple(p.requires_grad for p in self.params.values())
         if trains == self._trains:
             return
@@ -676,6 +718,7 @@ class InRun:
         if self._closed:
             return self.out
         self.detach()
+        self._edits.remove()
         self._closed = True
         if self._held is not None:
             self._settle(self._loss_scale())   # the scaler's update after the last step has run
