@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import warnings
 
 import h5py
 import numpy as np
@@ -315,6 +316,34 @@ def test_an_optimizer_holding_none_of_the_parameters_is_named(tmp_path):
                 F.cross_entropy(r.model(x[:8]), y[:8]).backward()
     dots = [gs.load_scores(r.close())["scores"]["inrun_value"] for r in (rec, plain)]
     np.testing.assert_allclose(dots[0], dots[1], rtol=1e-12)
+
+
+def test_parameters_the_optimizer_does_not_hold_are_named(tmp_path):
+    """A new head trained by a new optimizer the recorder was not given: the recorder's
+    optimizer does not move it, so inrun_value weighs it 0. One warning names the
+    parameters and the fix (set rec.optimizer), once per set of them."""
+    torch.manual_seed(0)
+    model, (x, y) = mlp(d_in=10, hidden=8, n_classes=4, depth=1).double(), _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:6], y[:6]), optimizer=opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with rec.step(range(8), y[:8], lr=0.1):
+            F.cross_entropy(model(x[:8]), y[:8]).backward()
+    model[-1] = nn.Linear(8, 4).double()
+    with pytest.warns(gs.exceptions.GradscoreWarning, match="3.weight, 3.bias require grad.*set rec.optimizer"):
+        with rec.step(range(8, 16), y[8:16], lr=0.1, step=1):
+            F.cross_entropy(model(x[8:16]), y[8:16]).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with rec.step(range(16, 24), y[16:24], lr=0.1, step=2):
+            F.cross_entropy(model(x[16:24]), y[16:24]).backward()
+    rec.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with rec.step(range(24, 32), y[24:32], lr=0.1, step=3):
+            F.cross_entropy(model(x[24:32]), y[24:32]).backward()
+    rec.close()
 
 
 def test_aggregates_over_presentations_by_hand():

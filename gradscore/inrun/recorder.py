@@ -381,6 +381,7 @@ class InRun:
         self._attached, self._open, self._next, self._keys = None, None, None, ("ids", "labels")
         self._closed = False
         self._warned_groups = False
+        self._warned_stray: set[str] = set()   # trainable parameters the optimizer does not hold, named once
         self._busy = False   # the recorder's own forwards are running: its hooks stand aside
 
     @property
@@ -662,7 +663,15 @@ class InRun:
                               f"parameters, so their learning rates are unknown; inrun_value weighs every parameter "
                               f"by the step's lr", GradscoreWarning, stacklevel=2)
             return {}
-        rates = {n: float(groups[id(self.params[n])]["lr"]) if id(self.params[n]) in groups else 0.0 for n in names}
+        held = [id(self.params[n]) in groups for n in names]
+        stray = [n for n, h in zip(names, held) if not h]
+        if stray and set(stray) != self._warned_stray:   # once per set: a new head the loop's new optimizer steps
+            self._warned_stray = set(stray)
+            listed = ", ".join(stray[:6]) + (f" and {len(stray) - 6} more" if len(stray) > 6 else "")
+            warnings.warn(f"{listed} require grad, but the optimizer ({type(self.optimizer).__name__}) does "
+                          f"not hold them, so inrun_value weighs them 0 (they do not move); if the loop steps another "
+                          f"optimizer now, set rec.optimizer to it", GradscoreWarning, stacklevel=2)
+        rates = {n: float(groups[id(self.params[n])]["lr"]) if h else 0.0 for n, h in zip(names, held)}
         return {n: r / lr for n, r in rates.items() if r != lr}
 
     def _add(self, record: dict[str, np.ndarray], step: int, scale: float) -> None:
