@@ -1554,7 +1554,8 @@ class _Checkpointed(nn.Module):
 
     def __init__(self, reentrant: bool) -> None:
         super().__init__()
-        self.first, self.rest, self.reentrant = nn.Linear(10, 12), mlp(d_in=12, hidden=12, n_classes=4, depth=1), reentrant
+        self.first, self.reentrant = nn.Linear(10, 12), reentrant
+        self.rest = mlp(d_in=12, hidden=12, n_classes=4, depth=1)
 
     def forward(self, x):
         return torch.utils.checkpoint.checkpoint(self.rest, torch.tanh(self.first(x)), use_reentrant=self.reentrant)

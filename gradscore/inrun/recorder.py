@@ -458,7 +458,7 @@ class InRun:
         and the target gradient computed again."""
         if self._edits.seen():
             params = dict(self.network.named_parameters())
-            if list(map(id, params.values())) != list(map(id, self.params.values())) or params.keys() != self.params.keys():
+            if [(n, id(p)) for n, p in params.items()] != [(n, id(p)) for n, p in self.params.items()]:
                 self.params, self._trains = params, None
                 self.batchnorms = [(n, m) for n, m in self.model.named_modules()
                                    if isinstance(m, nn.modules.batchnorm._BatchNorm)]
