@@ -349,6 +349,27 @@ def test_parameters_the_optimizer_does_not_hold_are_named(tmp_path):
     rec.close()
 
 
+def test_probability_targets_have_the_el2n_of_their_probabilities(tmp_path):
+    """F.cross_entropy takes class probabilities as targets (soft labels, mixup): the step's
+    el2n is ‖softmax(z_b) − y_b‖, as for class indices, not the regression error ‖z_b − y_b‖;
+    no margin, p_gold or correct (there is no single label). Norms against the loop."""
+    from gradscore.io.store import load_inrun_rows
+    torch.manual_seed(0)
+    model, (x, y) = mlp(d_in=10, hidden=8, n_classes=4, depth=1).double(), _data()
+    soft = F.one_hot(y, 4).double() * 0.8 + 0.05
+    before = copy.deepcopy(model)
+    rec = gs.InRun(model, out=tmp_path / "r.h5")
+    with rec.step(range(8), soft[:8]):
+        F.cross_entropy(model(x[:8]), soft[:8]).backward()
+    rows = load_inrun_rows(rec.close())
+    z = before(x[:8])
+    np.testing.assert_allclose(rows["el2n"], (torch.softmax(z, 1) - soft[:8]).norm(dim=1).detach(), rtol=1e-12)
+    assert not {"margin", "p_gold", "correct"} & set(rows)
+    want = [float(sum((g ** 2).sum() for g in torch.autograd.grad(
+        F.cross_entropy(before(x[b:b + 1]), soft[b:b + 1]), list(before.parameters())))) for b in range(8)]
+    np.testing.assert_allclose(rows["sq_norm"], want, rtol=1e-9)
+
+
 def test_aggregates_over_presentations_by_hand():
     rows = {"row": np.array([0, 1, 0, 0, 1]), "step": np.array([0, 0, 1, 2, 2]),
             "loss": np.array([1.0, 2.0, 3.0, 5.0, 4.0]), "correct": np.array([1, 0, 0, 1, 0], dtype=np.int8),

@@ -24,11 +24,15 @@ def classification_metrics(loss: Loss, logits: torch.Tensor, y: torch.Tensor,
     log-probabilities, which give the same margins). ``probs``: the output's class
     probabilities (B, C) where the caller has them already (default: ``loss.probs``).
 
-    For regression losses only ``el2n`` (the error norm) is returned; for language
-    modelling (token outputs) none of them.
+    For regression losses only ``el2n`` (the error norm) is returned, and for
+    ``cross_entropy`` against class probabilities (soft labels) only ``el2n`` of the
+    probabilities; for language modelling (token outputs) none of them.
     """
     if loss.output == "tokens":
         return {}
+    if loss.name == "cross_entropy" and y.dtype.is_floating_point and y.shape == logits.shape and logits.dim() == 2:
+        # class probabilities as targets (soft labels): the error of the probabilities, no single label
+        return {"el2n": torch.linalg.vector_norm(loss.probs(logits) - y.to(logits.dtype), dim=1)}
     if probs is None and logits.dim() == 2 and not y.dtype.is_floating_point:
         probs = loss.probs(logits)
     if probs is None:
