@@ -1379,6 +1379,23 @@ def test_examples_the_loss_no_longer_moves_keep_the_batch_share(tmp_path):
     assert np.isnan(share[step == 1]).all() and np.isnan(sq[step == 1]).all()
 
 
+@pytest.mark.parametrize("loss", ["cross_entropy", "nll"])
+def test_unlabeled_examples_of_a_classifier_are_one_clear_error(tmp_path, loss):
+    """Labels of -100 (the loss's ignore_index: unlabeled examples in a semi-supervised
+    batch) leave those examples out of the step's loss; they have no loss or margin of their
+    own. One ConfigError that says so, not an index error that blames y's form."""
+    x, y = _data(dtype=torch.float32)
+    model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
+    rec = gs.InRun(nn.Sequential(model, nn.LogSoftmax(1)) if loss == "nll" else model, loss=loss,
+                   out=tmp_path / "r.h5")
+    labels = y[:8].clone()
+    labels[[2, 5]] = -100
+    with pytest.raises(gs.ConfigError, match="2 of 8 labels are -100, the loss's ignore_index"):
+        with rec.step(range(8), labels):
+            z = rec.model(x[:8])
+            (F.cross_entropy(z, labels) if loss == "cross_entropy" else F.nll_loss(z, labels)).backward()
+
+
 def test_examples_the_step_leaves_out_are_named(tmp_path):
     """A loss over part of the batch (a mask, a detached half, weight 0) sends some examples
     no gradient: their share is 0 and sq_norm cannot be read (NaN, left out of grand).

@@ -76,7 +76,7 @@ from ..io.journal import Journal
 from ..io.outputs import claim
 from ..kernels.dispatch import numba_on_cpu
 from ..kernels.reference import acc_dtype
-from ..losses import CLASS_INDEX_DTYPES, Loss, resolve_loss
+from ..losses import CLASS_INDEX_DTYPES, IGNORE_INDEX, Loss, resolve_loss
 from ..scores import inrun as inrun_scores
 from ..scores.datadiet import classification_metrics
 from .store import RowJournal, read_rows, row_files, write
@@ -886,6 +886,13 @@ class _LossTerms:
     def _block(loss: Loss, z: torch.Tensor, delta: torch.Tensor, y: torch.Tensor):
         probs = None
         z = z.to(acc_dtype(z.dtype))   # float32 at least: a bfloat16 output's losses keep their digits
+        if loss.is_classification and z.dim() == 2 and not y.dtype.is_floating_point:
+            unlabeled = int((y == IGNORE_INDEX).sum())
+            if unlabeled:   # the loss leaves them out, but they have no loss or margin of their own to record
+                raise ConfigError(f"invalid value for 'y': {unlabeled} of {len(y)} labels are {IGNORE_INDEX}, the "
+                                  f"loss's ignore_index (unlabeled examples), which have no loss, margin or gradient "
+                                  f"of their own; in-run scoring records labeled examples: record the steps over "
+                                  f"them, or give every example of a recorded step its label")
         if loss.name == "cross_entropy" and z.dim() == 2 and not y.dtype.is_floating_point:
             losses = loss.fn(z, y)    # ∂ℓ_b/∂z_b = softmax(z_b) − onehot(y_b), without a backward
             probs = torch.softmax(z.double(), 1)
