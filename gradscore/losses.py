@@ -4,7 +4,9 @@ A loss maps ``(output (B, ...), target (B, ...)) -> (B,)`` per-example losses. B
 
 - ``cross_entropy``: output = logits (B, C), target = class index (B,) int.
 - ``nll``: output = log-probabilities (B, C), target = class index (B,) int.
-- ``mse``: ``sum((output - target)**2)`` over non-batch dims (regression; no class metrics).
+- ``mse``: ``sum((output - target)**2)`` over non-batch dims (regression; no class metrics);
+  the target in the output's shape up to single dimensions ((B,) for an output (B, 1)),
+  never broadcast against other examples' outputs.
 - ``causal_lm``: output = logits (B, T, V), target = labels (B, T) aligned with the
   inputs (labels[:, t] is the token at position t; the loss shifts them by one, as
   Hugging Face does); label −100 is ignored. Per example: the mean over its
@@ -67,7 +69,21 @@ def _nll(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (out - y.to(out.dtype)).pow(2).reshape(out.shape[0], -1).sum(1)
+    target = target_like(out, y)
+    if target is None:   # broadcasting would pair an output with other examples' targets
+        raise EngineError(f"the 'mse' loss: targets of shape {tuple(y.shape)} for outputs of shape "
+                          f"{tuple(out.shape)}; give one target per output value, in the output's shape")
+    return (out - target.to(out.dtype)).pow(2).reshape(out.shape[0], -1).sum(1)
+
+
+def target_like(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    """``y`` in the shape of ``out`` where it holds one value per output value, up to single
+    dimensions ((B,) for an output (B, 1)); None for any other layout."""
+    if y.shape == out.shape:
+        return y
+    if y.shape[:1] != out.shape[:1] or [d for d in y.shape[1:] if d != 1] != [d for d in out.shape[1:] if d != 1]:
+        return None
+    return y.reshape(out.shape)
 
 
 #: label value of a token that has no loss (Hugging Face's convention)

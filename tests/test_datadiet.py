@@ -28,6 +28,10 @@ def test_el2n_for_nll_uses_log_probs_and_mse_uses_error_norm():
     np.testing.assert_allclose(m["el2n"].numpy(), [np.sqrt(2) * 0.25], rtol=1e-12)
     out, target = torch.tensor([[1.0, 2.0]]), torch.tensor([[4.0, 6.0]])
     assert datadiet.classification_metrics(resolve_loss("mse"), out, target)["el2n"].item() == 5.0
+    # one output per example against a target vector: |out_b − y_b|, not a broadcast over the batch
+    col, vec = torch.tensor([[1.0], [2.0]]), torch.tensor([4.0, 2.5])
+    np.testing.assert_allclose(datadiet.classification_metrics(resolve_loss("mse"), col, vec)["el2n"], [3.0, 0.5])
+    assert datadiet.classification_metrics(resolve_loss("mse"), out, torch.tensor([4.0])) == {}   # no such pairing
 
 
 def test_grand_of_linear_softmax_model_is_analytic():

@@ -122,6 +122,26 @@ def test_custom_and_mse_losses_match_loop():
         torch.testing.assert_close(a.sq_norm, b.sq_norm, rtol=1e-10, atol=0)
 
 
+@pytest.mark.parametrize("engine", ["auto", "ghost", "vmap", "loop"])
+def test_mse_of_one_output_per_example_against_a_target_vector(engine):
+    """A regressor's output (B, 1) against targets (B,), the usual layout of y: the loss of
+    example b is (out_b − y_b)², not Σ_j (out_b − y_j)² over the batch, which broadcasting
+    gave (a wrong loss and norm for every example). Targets whose layout is not the
+    output's up to single dimensions are one EngineError."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 1)).double().eval()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    got = gs.Scorer(model, loss="mse", engine=engine).score_batch(x, y)
+    params = list(model.parameters())
+    losses = [(model(x[b:b + 1])[0, 0] - y[b]) ** 2 for b in range(6)]
+    want = torch.stack([sum((g ** 2).sum() for g in torch.autograd.grad(l, params)) for l in losses])
+    torch.testing.assert_close(got.loss, torch.stack(losses).detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(got.sq_norm, want, rtol=1e-10, atol=0)
+    wide = nn.Sequential(nn.Linear(5, 2)).double().eval()
+    with pytest.raises(gs.EngineError, match=r"'mse' loss: targets of shape \((6|1),\) for outputs of shape \((6|1), 2\)"):
+        gs.Scorer(wide, loss="mse", engine=engine).score_batch(x, y)
+
+
 class _Scaled(nn.Module):
     def __init__(self):
         super().__init__()

@@ -1396,6 +1396,30 @@ def test_unlabeled_examples_of_a_classifier_are_one_clear_error(tmp_path, loss):
             (F.cross_entropy(z, labels) if loss == "cross_entropy" else F.nll_loss(z, labels)).backward()
 
 
+def test_a_loss_per_pixel_is_one_clear_error_and_its_per_example_mean_is_recorded(tmp_path):
+    """Segmentation: cross_entropy over (B, C, H, W) gives a loss per pixel; the recorder
+    says that it needs one per example, and records the per-example mean given as loss=."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 3, 1)).double()
+    x, y = torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (5, 6, 6))
+    rec = gs.InRun(model, out=tmp_path / "a.h5")
+    with pytest.raises(gs.ConfigError, match=r"gives shape \(5, 6, 6\) for an output of \(5, 3, 6, 6\); .* one loss "
+                                             r"per example, \(5,\)"):
+        with rec.step(range(5), y):
+            F.cross_entropy(model(x), y).backward()
+    per_example = lambda z, t: F.cross_entropy(z, t, reduction="none").flatten(1).mean(1)   # noqa: E731
+    before = copy.deepcopy(model)
+    rec = gs.InRun(model, loss=per_example, out=tmp_path / "b.h5")
+    with rec.step(range(5), y):
+        F.cross_entropy(model(x), y).backward()
+    with h5py.File(rec.close()) as f:
+        loss, sq = f["inrun/loss"][()], f["inrun/sq_norm"][()]
+    want = [float(sum((g ** 2).sum() for g in torch.autograd.grad(per_example(before(x[b:b + 1]), y[b:b + 1]).sum(),
+                                                                   list(before.parameters())))) for b in range(5)]
+    np.testing.assert_allclose(loss, per_example(before(x), y).detach(), rtol=1e-12)
+    np.testing.assert_allclose(sq, want, rtol=1e-9)
+
+
 def test_examples_the_step_leaves_out_are_named(tmp_path):
     """A loss over part of the batch (a mask, a detached half, weight 0) sends some examples
     no gradient: their share is 0 and sq_norm cannot be read (NaN, left out of grand).

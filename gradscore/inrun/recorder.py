@@ -902,6 +902,10 @@ class _LossTerms:
             with torch.enable_grad():
                 leaf = z.detach().requires_grad_(True)
                 losses = loss.fn(leaf, y)
+                if losses.shape != (len(z),):   # a per-pixel loss (segmentation), say
+                    raise ConfigError(f"the '{loss.name}' loss gives shape {tuple(losses.shape)} for an output of "
+                                      f"{tuple(z.shape)}; in-run scoring needs one loss per example, ({len(z)},): "
+                                      f"pass loss= a function of (output, y) that reduces each example's terms")
                 (d,) = torch.autograd.grad(losses.sum(), leaf)
             losses = losses.detach()
         width = math.prod(z.shape[1:])

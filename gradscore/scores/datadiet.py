@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..losses import Loss
+from ..losses import Loss, target_like
 
 
 def classification_metrics(loss: Loss, logits: torch.Tensor, y: torch.Tensor,
@@ -24,7 +24,8 @@ def classification_metrics(loss: Loss, logits: torch.Tensor, y: torch.Tensor,
     log-probabilities, which give the same margins). ``probs``: the output's class
     probabilities (B, C) where the caller has them already (default: ``loss.probs``).
 
-    For regression losses only ``el2n`` (the error norm) is returned, and for
+    For regression losses only ``el2n`` (the error norm, where the target has the output's
+    shape; none for other targets, per-pixel class labels say) is returned, and for
     ``cross_entropy`` against class probabilities (soft labels) only ``el2n`` of the
     probabilities; for language modelling (token outputs) none of them.
     """
@@ -36,7 +37,10 @@ def classification_metrics(loss: Loss, logits: torch.Tensor, y: torch.Tensor,
     if probs is None and logits.dim() == 2 and not y.dtype.is_floating_point:
         probs = loss.probs(logits)
     if probs is None:
-        err = (logits - y.to(logits.dtype)).reshape(logits.shape[0], -1)
+        target = target_like(logits, y)
+        if target is None:   # neither a value per output value nor a class per example (per-pixel labels)
+            return {}
+        err = (logits - target.to(logits.dtype)).reshape(logits.shape[0], -1)
         return {"el2n": err.norm(dim=1)}
     column = y[:, None].long()   # an index: uint8 labels, which the loss takes, too
     given = logits.gather(1, column)[:, 0]
