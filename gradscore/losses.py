@@ -12,8 +12,10 @@ A loss maps ``(output (B, ...), target (B, ...)) -> (B,)`` per-example losses. B
   Hugging Face does); label −100 is ignored. Per example: the mean over its
   non-ignored predicted tokens (``lm_reduction="sum"``: their sum). An example with no
   token to predict has loss 0 and gradient 0.
-- ``"module:fn"``: any callable with the signature above; classification metrics are
-  computed from ``softmax(output)`` when the output is (B, C) and targets are integers.
+- ``"module:fn"``: any callable with the signature above, taking its targets as it reads
+  them; classification metrics are computed from ``softmax(output)`` when the output is
+  (B, C) with C ≥ 2 and targets are integers. It is the user's function whatever its name
+  (one called ``cross_entropy`` is not the built-in).
 """
 from __future__ import annotations
 
@@ -50,6 +52,18 @@ class Loss:
     @property
     def is_classification(self) -> bool:
         return self.output in ("logits", "log_probs")
+
+    @property
+    def is_cross_entropy(self) -> bool:
+        """The built-in ``cross_entropy``, not a user's function of that name: what the fused
+        paths and the soft-label metrics compute."""
+        return self.fn is _cross_entropy
+
+    @property
+    def indexes_classes(self) -> bool:
+        """A built-in loss whose integer targets index the output's classes (cross_entropy,
+        nll); a user's function may read its targets otherwise (one logit and 0/1 labels)."""
+        return self.fn is _cross_entropy or self.fn is _nll
 
     def probs(self, output: torch.Tensor) -> torch.Tensor | None:
         """Class probabilities (B, C) from the model output, None for regression losses."""

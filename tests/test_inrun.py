@@ -370,6 +370,26 @@ def test_probability_targets_have_the_el2n_of_their_probabilities(tmp_path):
     np.testing.assert_allclose(rows["sq_norm"], want, rtol=1e-9)
 
 
+def test_a_users_loss_named_cross_entropy_is_the_users(tmp_path):
+    """A user's own per-example loss that happens to be called ``cross_entropy`` (here with
+    label smoothing) is that function, not the built-in one its name matches: the fused
+    paths and the soft-label metrics are the built-in's alone."""
+    def cross_entropy(z, t):
+        return F.cross_entropy(z, t, reduction="none", label_smoothing=0.1)
+    torch.manual_seed(0)
+    model, (x, y) = mlp(d_in=10, hidden=8, n_classes=4, depth=1).double(), _data()
+    before = copy.deepcopy(model)
+    rec = gs.InRun(model, loss=cross_entropy, out=tmp_path / "r.h5")
+    with rec.step(range(8), y[:8]):
+        cross_entropy(model(x[:8]), y[:8]).mean().backward()
+    with h5py.File(rec.close()) as f:
+        loss, sq = f["inrun/loss"][()], f["inrun/sq_norm"][()]
+    np.testing.assert_allclose(loss, cross_entropy(before(x[:8]), y[:8]).detach(), rtol=1e-12)
+    want = [float(sum((g ** 2).sum() for g in torch.autograd.grad(cross_entropy(before(x[b:b + 1]), y[b:b + 1]).sum(),
+                                                                   list(before.parameters())))) for b in range(8)]
+    np.testing.assert_allclose(sq, want, rtol=1e-9)
+
+
 def test_aggregates_over_presentations_by_hand():
     rows = {"row": np.array([0, 1, 0, 0, 1]), "step": np.array([0, 0, 1, 2, 2]),
             "loss": np.array([1.0, 2.0, 3.0, 5.0, 4.0]), "correct": np.array([1, 0, 0, 1, 0], dtype=np.int8),

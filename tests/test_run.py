@@ -74,6 +74,33 @@ def test_existing_output_with_other_config_is_refused_unless_overwrite(tiny_run,
     assert out.stat().st_mtime_ns != mtime
 
 
+@pytest.mark.parametrize("loss", ["bce", "huber"])
+def test_a_users_loss_on_one_output_takes_its_targets_as_it_reads_them(tmp_path, loss):
+    """A user's loss function on one output: a binary classifier's 0/1 labels (one logit)
+    or a regressor's float targets. Both were refused as class targets (label 1 outside
+    [0, 1), float values); the losses and norms now equal the loop, and no class metric is
+    made up for one output."""
+    import tests_factory
+    g = np.random.RandomState(0)
+    x = g.randn(12, 5).astype(np.float32)
+    y = (g.rand(12) > 0.5).astype(np.int64) if loss == "bce" else g.randn(12).astype(np.float32)
+    data = gs.save_dataset(tmp_path / "d.h5", x, y)
+    model = tests_factory.one_logit()
+    with gs.CheckpointWriter(tmp_path / "ckpts", model_factory="tests_factory:one_logit", model_kwargs={},
+                             loss=f"tests_factory:{loss}") as w:
+        w.save(model, step=0, lr=0.1, epoch=0)
+    scores = gs.load_scores(gs.score(checkpoints=tmp_path / "ckpts", data=data, out=tmp_path / "s.h5", progress=False))
+    fn = getattr(tests_factory, loss)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    want_loss = fn(model(xt), yt).detach().numpy()
+    want_norm = [float(sum((g_ ** 2).sum() for g_ in torch.autograd.grad(fn(model(xt[b:b + 1]), yt[b:b + 1]).sum(),
+                                                                        list(model.parameters())))) ** 0.5
+                 for b in range(12)]
+    np.testing.assert_allclose(scores["scores"]["loss"], want_loss, rtol=1e-5)
+    np.testing.assert_allclose(scores["scores"]["grand"], want_norm, rtol=1e-4)
+    assert not {"aum", "confidence", "margin"} & set(scores["scores"])
+
+
 def test_labels_out_of_range_fail_before_writing(tmp_path):
     from helpers import make_run
     ckpts, _ = make_run(tmp_path)

@@ -4,3 +4,19 @@ import torch
 
 def make():
     return [(torch.full((4,), float(i)), i) for i in range(5)]
+
+
+def one_logit():
+    """A binary classifier with one logit (5 inputs), seeded."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+
+def bce(out, y):
+    """Per-example binary cross-entropy of one logit against 0/1 labels."""
+    return torch.nn.functional.binary_cross_entropy_with_logits(out[:, 0], y.to(out.dtype), reduction="none")
+
+
+def huber(out, y):
+    """Per-example Huber loss of one output against a float target."""
+    return torch.nn.functional.huber_loss(out[:, 0], y.to(out.dtype), reduction="none")

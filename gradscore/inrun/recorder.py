@@ -871,7 +871,7 @@ class _LossTerms:
         (``kernels.softmax_ce_numba.classifier_rows_numba``; CPU tensors, numba on), where a step's
         fixed costs dominate; None elsewhere, and for labels outside [0, C) or of a dtype the loss
         refuses (the generic path says why)."""
-        if loss.name != "cross_entropy" or z.dim() != 2 or y.shape != z.shape[:1] or y.dtype not in CLASS_INDEX_DTYPES:
+        if not loss.is_cross_entropy or z.dim() != 2 or y.shape != z.shape[:1] or y.dtype not in CLASS_INDEX_DTYPES:
             return None
         from ..kernels.softmax_ce_numba import CLASSIFIER_ELEMENTS, classifier_rows_numba
         rows = classifier_rows_numba(z, delta, y) if z.numel() <= CLASSIFIER_ELEMENTS else None
@@ -893,7 +893,7 @@ class _LossTerms:
                                   f"loss's ignore_index (unlabeled examples), which have no loss, margin or gradient "
                                   f"of their own; in-run scoring records labeled examples: record the steps over "
                                   f"them, or give every example of a recorded step its label")
-        if loss.name == "cross_entropy" and z.dim() == 2 and not y.dtype.is_floating_point:
+        if loss.is_cross_entropy and z.dim() == 2 and not y.dtype.is_floating_point:
             losses = loss.fn(z, y)    # ∂ℓ_b/∂z_b = softmax(z_b) − onehot(y_b), without a backward
             probs = torch.softmax(z.double(), 1)
             column = y[:, None].long()   # an index: uint8 labels, which the loss takes, too

@@ -337,11 +337,18 @@ def probe_model(model: torch.nn.Module, ds: Dataset, x: Inputs, ckpt: str | Path
 
 
 def check_targets(ds: Dataset, loss: Loss, start: int, targets: torch.Tensor, n_out: int) -> None:
-    """Targets of a classification or language-modelling loss must be integers that index
-    the model's ``n_out`` outputs (classes, or the vocabulary, where −100 marks an ignored
-    token). Float targets are refused: one-hot or soft labels (N, C) would give right
-    losses but wrong EL2N and no p_gold, and float class indices are ambiguous."""
+    """Targets of a built-in classification or language-modelling loss must be integers that
+    index the model's ``n_out`` outputs (classes, or the vocabulary, where −100 marks an
+    ignored token). Float targets are refused: one-hot or soft labels (N, C) would give right
+    losses but wrong EL2N and no p_gold, and float class indices are ambiguous. A user's
+    loss function takes its targets as it reads them (float values, or 0/1 labels for one
+    logit); integer targets of a model with several outputs must index them, since the
+    class metrics do."""
     if not (loss.is_classification or loss.output == "tokens"):
+        return
+    if loss.output != "tokens" and not loss.indexes_classes:   # a user's function reads its targets its own way
+        if not targets.dtype.is_floating_point and n_out >= 2:   # the class metrics index the outputs with them
+            ds.check_labels(start, targets, n_out)
         return
     if targets.dtype.is_floating_point:
         field = f"{ds.source}: field '{ds.target_field}'"

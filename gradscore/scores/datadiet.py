@@ -31,10 +31,12 @@ def classification_metrics(loss: Loss, logits: torch.Tensor, y: torch.Tensor,
     """
     if loss.output == "tokens":
         return {}
-    if loss.name == "cross_entropy" and y.dtype.is_floating_point and y.shape == logits.shape and logits.dim() == 2:
+    if loss.is_cross_entropy and y.dtype.is_floating_point and y.shape == logits.shape and logits.dim() == 2:
         # class probabilities as targets (soft labels): the error of the probabilities, no single label
         return {"el2n": torch.linalg.vector_norm(loss.probs(logits) - y.to(logits.dtype), dim=1)}
     if probs is None and logits.dim() == 2 and not y.dtype.is_floating_point:
+        if logits.shape[1] < 2:   # one output (a user's binary loss on one logit): no classes for a softmax
+            return {}
         probs = loss.probs(logits)
     if probs is None:
         target = target_like(logits, y)
