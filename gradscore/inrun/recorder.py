@@ -236,6 +236,11 @@ class _ModelEdits:
             h.remove()
 
 
+def _batchnorms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's BatchNorm modules, (name, module), whose train mode a step refuses."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def _target_grads(J: torch.Tensor, wanted: list[torch.Tensor]) -> tuple:
     """∂J/∂wanted (None where unused): torch.autograd.grad, which leaves ``.grad`` alone. A
     reentrant torch.utils.checkpoint refuses it: one EngineError naming the fix."""
@@ -343,8 +348,8 @@ class InRun:
         self.params = dict(self.network.named_parameters())
         self._trains = tuple(p.requires_grad for p in self.params.values())   # the engine's, see _follow_training
         self._edits = _ModelEdits(self)
-        # checked at every step (a loop may switch modes), listed once: a large model has thousands of modules
-        self.batchnorms = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        # checked at every step (a loop may switch modes), listed once and after an edit: thousands of modules
+        self.batchnorms = _batchnorms(model)
         self.engine = GhostEngine(self.network, self.loss, names)
         self._refuse_fallback()
         self.rank, self.world = _rank_world()
@@ -460,8 +465,7 @@ class InRun:
             params = dict(self.network.named_parameters())
             if [(n, id(p)) for n, p in params.items()] != [(n, id(p)) for n, p in self.params.items()]:
                 self.params, self._trains = params, None
-                self.batchnorms = [(n, m) for n, m in self.model.named_modules()
-                                   if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+                self.batchnorms = _batchnorms(self.model)
         trains = tuple(p.requires_grad for p in self.params.values())
         if trains == self._trains:
             return
@@ -886,7 +890,7 @@ class _LossTerms:
     def _block(loss: Loss, z: torch.Tensor, delta: torch.Tensor, y: torch.Tensor):
         probs = None
         z = z.to(acc_dtype(z.dtype))   # float32 at least: a bfloat16 output's losses keep their digits
-        if loss.is_classification and z.dim() == 2 and not y.dtype.is_floating_point:
+        if loss.indexes_classes and z.dim() == 2 and not y.dtype.is_floating_point:
             unlabeled = int((y == IGNORE_INDEX).sum())
             if unlabeled:   # the loss leaves them out, but they have no loss or margin of their own to record
                 raise ConfigError(f"invalid value for 'y': {unlabeled} of {len(y)} labels are {IGNORE_INDEX}, the "
