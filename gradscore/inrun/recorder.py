@@ -76,7 +76,7 @@ from ..io.journal import Journal
 from ..io.outputs import claim
 from ..kernels.dispatch import numba_on_cpu
 from ..kernels.reference import acc_dtype
-from ..losses import CLASS_INDEX_DTYPES, IGNORE_INDEX, Loss, resolve_loss
+from ..losses import CLASS_INDEX_DTYPES, IGNORE_INDEX, Loss, PerExampleLoss, resolve_loss
 from ..scores import inrun as inrun_scores
 from ..scores.datadiet import classification_metrics
 from .store import RowJournal, read_rows, row_files, write
@@ -302,8 +302,11 @@ def _inputs(args: tuple, kwargs: dict) -> Inputs:
 class InRun:
     """Records per-example scores from the training steps themselves (module docstring).
 
-    model: the model being trained (never modified; hooks live for one step).
-    loss: the per-example form of the step's loss ("cross_entropy", "nll", or a Loss).
+    model: the model being trained (never modified; hooks live for one step). Each step
+    scores the parameters that require grad then: a loop may freeze, unfreeze or replace
+    layers between steps (set ``optimizer`` anew if it makes a new one).
+    loss: the per-example form of the step's loss ("cross_entropy", "nll", "mse", a
+    function of (output, y), or a Loss).
     out: the scores file :meth:`close` writes (claimed now: an existing file needs
     ``overwrite``). targets: the target examples of ``inrun_value`` (or None): one batch
     (x, y), or an iterable of such batches (a DataLoader, a generator; read once, now).
@@ -321,7 +324,7 @@ class InRun:
     callbacks set it from the trainer, whose DDP wraps the model the recorder is given.
     """
 
-    def __init__(self, model: nn.Module, *, loss: str | Loss = "cross_entropy", out: str | Path,
+    def __init__(self, model: nn.Module, *, loss: str | Loss | PerExampleLoss = "cross_entropy", out: str | Path,
                  targets: tuple[Inputs, torch.Tensor] | Iterable[Any] | None = None, every: int = 1,
                  optimizer: torch.optim.Optimizer | str | None = None, scores: Sequence[str] = DEFAULT_SCORES,
                  flush_every: float = 60.0, overwrite: bool = False,
