@@ -78,8 +78,8 @@ def test_existing_output_with_other_config_is_refused_unless_overwrite(tiny_run,
 def test_a_users_loss_on_one_output_takes_its_targets_as_it_reads_them(tmp_path, loss):
     """A user's loss function on one output: a binary classifier's 0/1 labels (one logit)
     or a regressor's float targets. Both were refused as class targets (label 1 outside
-    [0, 1), float values); the losses and norms now equal the loop, and no class metric is
-    made up for one output."""
+    [0, 1), float values); the losses and norms now equal the loop, and no metric whose
+    meaning depends on the loss (el2n: of the logit? of its sigmoid?) is made up."""
     import tests_factory
     g = np.random.RandomState(0)
     x = g.randn(12, 5).astype(np.float32)
@@ -98,7 +98,7 @@ def test_a_users_loss_on_one_output_takes_its_targets_as_it_reads_them(tmp_path,
                  for b in range(12)]
     np.testing.assert_allclose(scores["scores"]["loss"], want_loss, rtol=1e-5)
     np.testing.assert_allclose(scores["scores"]["grand"], want_norm, rtol=1e-4)
-    assert not {"aum", "confidence", "margin"} & set(scores["scores"])
+    assert not {"aum", "confidence", "margin", "el2n"} & set(scores["scores"])   # meanings the loss does not give
 
 
 def test_labels_out_of_range_fail_before_writing(tmp_path):

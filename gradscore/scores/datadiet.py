@@ -25,9 +25,10 @@ def classification_metrics(loss: Loss, logits: torch.Tensor, y: torch.Tensor,
     probabilities (B, C) where the caller has them already (default: ``loss.probs``).
 
     For regression losses only ``el2n`` (the error norm, where the target has the output's
-    shape; none for other targets, per-pixel class labels say) is returned, and for
-    ``cross_entropy`` against class probabilities (soft labels) only ``el2n`` of the
-    probabilities; for language modelling (token outputs) none of them.
+    shape) is returned, and for ``cross_entropy`` against class probabilities (soft labels)
+    only ``el2n`` of the probabilities. None of them for language modelling (token
+    outputs), nor where their meaning is not known: a user's loss function on float
+    targets or on one output, per-pixel labels.
     """
     if loss.output == "tokens":
         return {}
@@ -39,8 +40,8 @@ def classification_metrics(loss: Loss, logits: torch.Tensor, y: torch.Tensor,
             return {}
         probs = loss.probs(logits)
     if probs is None:
-        target = target_like(logits, y)
-        if target is None:   # neither a value per output value nor a class per example (per-pixel labels)
+        target = target_like(logits, y) if loss.output == "regression" else None
+        if target is None:   # a user's loss on float targets (regression? soft labels?), per-pixel labels
             return {}
         err = (logits - target.to(logits.dtype)).reshape(logits.shape[0], -1)
         return {"el2n": err.norm(dim=1)}
