@@ -211,10 +211,10 @@ class _BatchSums:
 
     def add_cross_terms(self) -> None:
         """‖Σ_i g_i‖² = Σ_i ‖g_i‖² + 2 Σ_{i<j} ⟨g_i, g_j⟩ for each tied weight."""
-        for fs in self.factors.values():
-            for i in range(len(fs)):
-                for j in range(i + 1, len(fs)):
-                    with autocast_off():
+        with autocast_off():
+            for fs in self.factors.values():
+                for i in range(len(fs)):
+                    for j in range(i + 1, len(fs)):
                         self.sq = self.sq + 2 * cross(fs[i], fs[j]).to(self.sq.dtype)   # dots are linear: no cross term
         self.factors = {}
 
