@@ -137,7 +137,9 @@ class _Objective:
     def hvp(self, params: Params, v: Params) -> Params:
         """(∇²_θ Σ_b w·ℓ_b) v, forward-over-reverse, chunk by chunk."""
         try:
-            return self._accumulate(lambda x, y: jvp(lambda p: grad(self._f)(p, x, y), (params,), (v,))[1])
+            with warnings.catch_warnings():   # torch's own jvp decompositions call its deprecated jit.script
+                warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
+                return self._accumulate(lambda x, y: jvp(lambda p: grad(self._f)(p, x, y), (params,), (v,))[1])
         except NotImplementedError as e:
             raise EngineError(f"the co-states need Hessian-vector products, i.e. forward-mode "
                               f"derivatives of every op of the model, and torch lacks one here "
