@@ -93,3 +93,69 @@ def test_bad_sources_are_one_line(tmp_path, capsys):
     (src / "final.pt").rename(src / "step_9.pt")
     assert main(_args(src, tmp_path / "ck", "--lr", "0.1")) == 2
     assert "step_9.pt: cannot read checkpoint" in capsys.readouterr().err
+
+
+def test_lightning_checkpoints_of_a_real_trainer(tmp_path):
+    """A Lightning run's ModelCheckpoint folder as it is: ``epoch=0-step=2.ckpt`` files with
+    the model under the LightningModule's attribute (``net.``) and a ``last.ckpt`` copy of
+    the newest. Each step's weights are the trainer's."""
+    L = pytest.importorskip("lightning")
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp(**KW)
+            self.criterion = torch.nn.CrossEntropyLoss()
+
+        def training_step(self, batch, i):
+            return self.criterion(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 6), torch.randint(0, 3, (32,)))
+    saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "src", every_n_train_steps=2, save_top_k=-1,
+                                                save_last=True)
+    trainer = L.Trainer(max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, callbacks=[saver])
+    trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=8))
+    assert (tmp_path / "src" / "last.ckpt").exists()
+    assert main(_args(tmp_path / "src", tmp_path / "ck", "--lr", "0.1")) == 0
+    store = gs.CheckpointStore(tmp_path / "ck")
+    assert [i.step for i in store] == [2, 4]
+    for i, step in enumerate((2, 4)):
+        saved = torch.load(tmp_path / "src" / f"epoch=0-step={step}.ckpt", weights_only=True)["state_dict"]
+        got = store.build_model(i).state_dict()
+        assert all(torch.equal(got[k], saved["net." + k]) for k in got)
+
+
+def test_lightning_prefix_only_where_one_attribute_holds_the_model(tmp_path, capsys):
+    """The model's weights are taken from under the one attribute whose keys are the
+    model's; a ``.ckpt`` takes its step from the file, whatever numbers its name ends in
+    (a ``-v1`` of a second run, a metric); two attributes that both hold such a model (an
+    EMA copy) are refused, naming both."""
+    states = _states(2)
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save({"global_step": 7, "state_dict": {**{"net." + k: v for k, v in states[0].items()},
+                                                  "teacher.0.weight": torch.zeros(5, 5)}}, src / "last.ckpt")
+    assert main(_args(src, tmp_path / "ck", "--lr", "0.1")) == 0
+    store = gs.CheckpointStore(tmp_path / "ck")
+    assert [i.step for i in store] == [7]
+    assert all(torch.equal(store.build_model(0).state_dict()[k], v) for k, v in states[0].items())
+    (src / "last.ckpt").rename(src / "epoch=1-val_loss=0.25.ckpt")
+    assert main(_args(src, tmp_path / "ck1", "--lr", "0.1")) == 0
+    assert [i.step for i in gs.CheckpointStore(tmp_path / "ck1")] == [7]
+    torch.save({"global_step": 7, "state_dict": {"net." + k: v for k, v in states[1].items()}},
+               src / "epoch=1-step=7-v1.ckpt")
+    assert main(_args(src, tmp_path / "ck3", "--lr", "0.1")) == 2
+    assert "step 7 also names" in capsys.readouterr().err
+    for p in src.iterdir():
+        p.unlink()
+    torch.save({"global_step": 9, "state_dict": {**{"net." + k: v for k, v in states[0].items()},
+                                                  **{"ema." + k: v for k, v in states[1].items()}}},
+               src / "epoch=1-step=9.ckpt")
+    assert main(_args(src, tmp_path / "ck2", "--lr", "0.1")) == 2
+    err = capsys.readouterr().err
+    assert "epoch=1-step=9.ckpt" in err and "'net.'" in err and "'ema.'" in err and err.count("\n") == 1

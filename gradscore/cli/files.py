@@ -43,12 +43,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _add_import_checkpoints(sub: argparse._SubParsersAction) -> None:
-    p = command(sub, "import-checkpoints", help="convert torch.save / safetensors checkpoints",
+    p = command(sub, "import-checkpoints", help="convert torch.save / Lightning / safetensors checkpoints",
                  description="Convert a directory of existing checkpoints (torch.save state_dicts: .pt, "
-                 ".pth, .bin; safetensors; directly in SRC_DIR or in subdirectories like checkpoint-1200/) "
-                 "into gradscore checkpoints. The step is the last number in the file (or subdirectory) "
-                 "name; the learning rate is --lr or --lr-schedule. Resumable.")
-    p.add_argument("src", metavar="SRC_DIR", help="folder of torch.save / safetensors checkpoints")
+                 ".pth, .bin; Lightning's .ckpt; safetensors; directly in SRC_DIR or in subdirectories like "
+                 "checkpoint-1200/) into gradscore checkpoints. The step is the last number in the file (or "
+                 "subdirectory) name, or the global_step a .ckpt records; a LightningModule's model is found "
+                 "under the attribute that holds it. The learning rate is --lr or --lr-schedule. Resumable.")
+    p.add_argument("src", metavar="SRC_DIR", help="folder of torch.save / Lightning / safetensors checkpoints")
     p.add_argument("--model", required=True, metavar="MODULE:FN", help="factory that rebuilds the model")
     p.add_argument("--model-kwargs", default="{}", metavar="JSON", help="keyword arguments of the factory")
     p.add_argument("--loss", default="cross_entropy",

@@ -3,13 +3,22 @@
 Sources: ``torch.save`` state_dicts (``.pt``, ``.pth``, ``.bin``; a dict nested under
 ``state_dict``/``model``/``model_state_dict`` is found; the key prefixes of a
 DistributedDataParallel (``module.``) or ``torch.compile`` (``_orig_mod.``) model are
-stripped, nested either way) and safetensors files, directly in SRC_DIR or one level
-down (Hugging Face's ``checkpoint-1200/model.safetensors``). The step is the last number
-in the file's path below SRC_DIR (``step_1200.pt``, ``checkpoint-1200/…``). The learning
-rate η_t comes from one constant ``lr`` or a schedule ``{step: lr}``; the epoch from
-``steps_per_epoch`` (else 0). Each file is loaded into ``model_factory(**model_kwargs)``
-with strict key and shape checks, and written atomically; files already imported (same
-step) are skipped, so an interrupted import resumes.
+stripped, nested either way), Lightning's ``.ckpt`` files and safetensors files, directly
+in SRC_DIR or one level down (Hugging Face's ``checkpoint-1200/model.safetensors``).
+
+The step is the last number in the file's path below SRC_DIR (``step_1200.pt``,
+``checkpoint-1200/…``); a ``.ckpt`` file gives the ``global_step`` it records (Lightning's
+names may end in other numbers: ``-v1``, ``val_loss=0.25``), and Lightning's ``last.ckpt``
+is left out where it repeats the step of another file. Where the keys are not the
+model's, its weights are taken from under the one first key component whose keys are
+exactly the model's (the attribute of a LightningModule that holds it: ``net.``); two
+such components are refused, naming both.
+
+The learning rate η_t comes from one constant ``lr`` or a schedule ``{step: lr}``; the
+epoch from ``steps_per_epoch`` (else 0). Each file is loaded into
+``model_factory(**model_kwargs)`` with strict key and shape checks, and written
+atomically; files already imported (same step) are skipped, so an interrupted import
+resumes.
 """
 from __future__ import annotations
 
@@ -25,7 +34,7 @@ from .checkpoints import CheckpointStore, checkpoint_filename, write_checkpoint
 from ..exceptions import CheckpointError, OutputError
 from ..imports import import_ref
 
-SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 _NESTED = ("state_dict", "model_state_dict", "model")
 #: key prefixes of wrapped models' state_dicts: DistributedDataParallel, torch.compile
 _WRAPPERS = ("module.", "_orig_mod.")
@@ -42,15 +51,48 @@ def find_sources(src: str | Path) -> list[tuple[int, Path]]:
             continue
         rel = path.relative_to(src)
         numbers = re.findall(r"\d+", rel.parts[0] if len(rel.parts) > 1 else rel.stem)
-        if not numbers:
+        step = _global_step(path) if path.suffix == ".ckpt" else None
+        if step is None and not numbers:
             raise CheckpointError(f"{path}: no step number in the name (e.g. step_1200.pt, checkpoint-1200/)")
-        step = int(numbers[-1])
+        step = int(numbers[-1]) if step is None else step
         if step in found:
-            raise CheckpointError(f"{path}: step {step} also names {found[step]}; keep one file per step")
+            copies = [p for p in (found[step], path) if p.suffix == ".ckpt" and p.stem.startswith("last")]
+            if len(copies) != 1:
+                raise CheckpointError(f"{path}: step {step} also names {found[step]}; keep one file per step")
+            path = found[step] if copies[0] == path else path   # Lightning's last.ckpt repeats a named file
         found[step] = path
     if not found:
         raise CheckpointError(f"{src}: no checkpoint files ({', '.join(SUFFIXES)})")
     return sorted(found.items())
+
+
+def _global_step(path: Path) -> int | None:
+    """The optimizer steps a Lightning ``.ckpt`` file records (``global_step``), read with
+    the tensors mapped, not loaded; None where it records none."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - torch.load's own error types
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+    step = state.get("global_step") if isinstance(state, dict) else None
+    return step if isinstance(step, int) else None
+
+
+def model_keys(state: dict[str, torch.Tensor], keys: set[str], path: Path) -> dict[str, torch.Tensor]:
+    """``state`` as the model's keys ``keys``: itself where its keys are those, else the part
+    under the one first key component (``net.``) whose keys are exactly those; unchanged
+    where none is (the strict load then names the mismatch)."""
+    if set(state) == keys:
+        return state
+    under = {}
+    for prefix in sorted({k.split(".", 1)[0] + "." for k in state if "." in k}):
+        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if set(part) == keys:
+            under[prefix] = part
+    if len(under) > 1:
+        raise CheckpointError(f"{path}: the model's weights are under each of {', '.join(map(repr, under))}; "
+                              f"save the one to score as its own state_dict "
+                              f"(torch.save(module.<name>.state_dict(), ...)) and import that")
+    return next(iter(under.values()), state)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -101,6 +143,7 @@ def import_checkpoints(src: str | Path, out: str | Path, *, model_factory: str, 
         raise CheckpointError("import-checkpoints: give either a constant lr or a schedule {step: lr}")
     factory: Callable = import_ref(model_factory, "model factory", CheckpointError)
     model = factory(**(model_kwargs or {}))
+    keys = set(model.state_dict())
     sources = find_sources(src)
     made = not Path(out).exists()
     out = _claim_out(Path(src), Path(out), model_factory, model_kwargs or {}, loss)
@@ -111,7 +154,7 @@ def import_checkpoints(src: str | Path, out: str | Path, *, model_factory: str, 
             if schedule is not None and step not in schedule:
                 raise CheckpointError(f"{path}: step {step} has no learning rate in the schedule")
             try:
-                model.load_state_dict(read_state_dict(path), strict=True)
+                model.load_state_dict(model_keys(read_state_dict(path), keys, path), strict=True)
             except RuntimeError as e:
                 raise CheckpointError(f"{path}: does not fit {model_factory}({model_kwargs or {}}): "
                                       f"{' '.join(str(e).split())[:300]}") from e
