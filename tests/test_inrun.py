@@ -108,6 +108,33 @@ def test_byte_labels_are_recorded_as_the_loop_on_each_path(tmp_path, backend, mo
     check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
 
 
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_forwards_without_gradient_inside_a_step_are_left_out(tmp_path, where):
+    """Pseudo-labelling (FixMatch) or a metric: the model also runs under torch.no_grad
+    inside the step, on another batch of another size, before or after the training
+    forward. That call gives no gradient, so the records are the training forward's."""
+    torch.manual_seed(0)
+    model, (x, y) = mlp(d_in=10, hidden=64, n_classes=4, depth=2).double(), _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:6], y[:6]))
+    snaps: list = []
+    for t in range(3):
+        idx = torch.arange(8 * t, 8 * t + 8)
+        snaps.append(({n: p.detach().clone() for n, p in model.named_parameters()}, idx))
+        with rec.step(idx, y[idx], lr=0.1, step=t):
+            if where == "before":
+                with torch.no_grad():
+                    model(x[30:43]).argmax(1)
+            z = model(x[idx])
+            if where == "after":
+                with torch.inference_mode():
+                    model(x[30:43]).argmax(1)
+            F.cross_entropy(z, y[idx]).backward()
+        opt.step()
+        opt.zero_grad()
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
+
+
 def test_a_users_forward_hook_that_changes_a_layers_output_in_training(tmp_path):
     """The training backward and the target's (Gram form, wide layers) read each layer's δ
     before the user's own forward hook (here ×2 and tanh) changes its output."""

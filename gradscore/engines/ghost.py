@@ -343,6 +343,8 @@ class GhostEngine(Engine):
 
             def hook(module, args, kwargs, output, layer=layer):
                 layer.seen += 1
+                if not torch.is_grad_enabled():   # no gradient reaches this call (in-run: a pseudo-labelling call)
+                    return None
                 rule, whole = layer.rule, output
                 act, output = observed(rule, args, kwargs, whole)
                 if not isinstance(act, torch.Tensor) or not isinstance(output, torch.Tensor):

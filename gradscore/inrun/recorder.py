@@ -1007,7 +1007,7 @@ class _Step:
 
     def _pre(self, module, args, kwargs):
         rec = self.rec
-        if rec._busy:
+        if rec._busy or not torch.is_grad_enabled():   # a call under no_grad (pseudo-labels) adds no gradient
             return None
         self.calls += 1
         if self.calls > 1:
@@ -1054,7 +1054,7 @@ class _Step:
         rec._laid_out = True
 
     def _post(self, module, args, output):
-        if self.rec._busy or self.B == 0:
+        if self.rec._busy or not torch.is_grad_enabled() or self.B == 0:
             return None
         try:
             output = output_tensor(output)
