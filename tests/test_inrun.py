@@ -135,6 +135,89 @@ def test_forwards_without_gradient_inside_a_step_are_left_out(tmp_path, where):
     check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
 
 
+class _WithAux(nn.Module):
+    """An MLP that keeps its hidden activation and has an auxiliary head on it, for losses
+    that reach the model other than through its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.aux = nn.Linear(10, 12), nn.Linear(12, 4), nn.Linear(12, 4)
+        self.h = self.aux_out = None
+
+    def forward(self, x):
+        self.h = torch.tanh(self.a(x))
+        self.aux_out = self.aux(self.h)   # deep supervision's second head
+        return self.b(self.h)
+
+
+@pytest.mark.parametrize("extra", ["activation_penalty", "batch_penalty", "auxiliary_head"])
+def test_a_loss_that_reaches_the_model_other_than_through_its_output_is_refused(tmp_path, extra):
+    """An activation penalty, a batch-level term (MoE load balancing) or an auxiliary head
+    (deep supervision) adds gradient inside the model, which no per-example share of the
+    output's loss holds: the norms were 0.7-3.6x the loop's. The first step's backward is
+    checked against one from the output alone, and the step is refused, naming the layer."""
+    torch.manual_seed(0)
+    model, (x, y) = _WithAux().double(), _data()
+    with pytest.raises(gs.ConfigError, match="invalid value for 'hidden_terms'"):
+        gs.InRun(model, out=tmp_path / "r.h5", hidden_terms="ignore")
+    rec = gs.InRun(model, out=tmp_path / "r.h5")
+    with pytest.raises(gs.EngineError, match=r"reaches layer '(a|aux)' other than through the model's output"):
+        with rec.step(torch.arange(8), y[:8], lr=0.1):
+            loss = F.cross_entropy(model(x[:8]), y[:8])
+            if extra == "activation_penalty":
+                loss = loss + model.h.pow(2).mean()
+            elif extra == "batch_penalty":
+                loss = loss + model.h.mean(0).pow(2).sum()
+            else:
+                loss = loss + 0.3 * F.cross_entropy(model.aux_out, y[:8])
+            loss.backward()
+    assert model.a.weight.grad is not None   # the step's own backward ran to the end
+
+
+@pytest.mark.parametrize("router_loss", [True, False])
+def test_a_mixture_of_experts_router_loss_is_refused(tmp_path, router_loss):
+    """A Hugging Face Mixtral fine-tuned with its experts frozen: with
+    output_router_logits=True its loss adds the router's load-balancing term, which reaches
+    the layers before each router; without it the step is recorded."""
+    pytest.importorskip("transformers")
+    from gradscore.integrations.hf import from_config
+    torch.manual_seed(0)
+    model = from_config({"model_type": "mixtral", "vocab_size": 31, "hidden_size": 16, "intermediate_size": 24,
+                         "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                         "max_position_embeddings": 16, "num_local_experts": 4, "num_experts_per_tok": 2,
+                         "output_router_logits": router_loss}, attn_implementation="eager").train()
+    for name, p in model.named_parameters():
+        p.requires_grad_(".mlp." not in name)   # no ghost rule for the experts
+    ids = torch.randint(1, 31, (4, 9), generator=torch.Generator().manual_seed(0))
+    rec = gs.InRun(model, loss="causal_lm", out=tmp_path / "r.h5")
+    with contextlib.ExitStack() as refused:
+        if router_loss:
+            refused.enter_context(pytest.raises(gs.EngineError, match="other than through the model's output"))
+        with rec.step(range(4), ids, lr=0.1):
+            model(input_ids=ids, labels=ids).loss.backward()
+    if not router_loss:
+        assert len(gs.load_scores(rec.close())["ids"]) == 4
+
+
+def test_a_second_head_the_loss_does_not_read_is_recorded(tmp_path):
+    """The same model trained on its output's loss alone: the check of the loss's paths
+    passes (the second head gets no gradient), and every record equals the loop."""
+    torch.manual_seed(0)
+    model, (x, y) = _WithAux().double(), _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:6], y[:6]))
+    snaps: list = []
+    for t in range(2):
+        idx = torch.arange(8 * t, 8 * t + 8)
+        snaps.append(({n: p.detach().clone() for n, p in model.named_parameters()}, idx))
+        with rec.step(idx, y[idx], lr=0.1, step=t):
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        opt.zero_grad()
+    model.h = model.aux_out = None   # the loop deep-copies the model
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
+
+
 def test_a_users_forward_hook_that_changes_a_layers_output_in_training(tmp_path):
     """The training backward and the target's (Gram form, wide layers) read each layer's δ
     before the user's own forward hook (here ×2 and tanh) changes its output."""
@@ -183,8 +266,9 @@ def test_loss_terms_read_a_few_examples_at_a_time_equal_the_loop(tmp_path, monke
 
 def test_an_auxiliary_term_on_a_hidden_layer_is_in_the_examples_gradient(tmp_path):
     """docs/inrun.md: with a per-example penalty on a hidden layer's output in the loss,
-    share_sq_norm and dot are of everything b adds to the step's loss (ℓ_b/B plus its
-    penalty), in both target forms; loss and share are read at the output alone."""
+    declared (hidden_terms="per_example"), share_sq_norm and dot are of everything b adds
+    to the step's loss (ℓ_b/B plus its penalty), in both target forms; loss and share are
+    read at the output alone."""
     torch.manual_seed(0)
     model, (x, y) = mlp(d_in=10, hidden=64, n_classes=4, depth=2).double(), _data()
     hidden: list = []
@@ -194,7 +278,7 @@ def test_an_auxiliary_term_on_a_hidden_layer_is_in_the_examples_gradient(tmp_pat
     def loss_fn(z, t):
         return F.cross_entropy(z, t) + penalty * hidden[-1].pow(2).sum(1).mean()
     targets = (x[:6], y[:6])
-    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=targets)
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=targets, hidden_terms="per_example")
     snaps: list = []
     _train(model, x, y, steps=3, batch=8, rec=rec, snapshots=snaps, loss_fn=loss_fn)
     from gradscore.io.store import load_inrun_rows

@@ -154,6 +154,68 @@ def _deltas_like(skeleton, grads: dict[int, torch.Tensor]):
     return grads.get(skeleton) if isinstance(skeleton, int) else None
 
 
+class OutputPaths:
+    """Checks that a backward reaches the ruled layers only through the model's output z:
+    each layer's δ from a backward of z alone (:meth:`run`, with the step's own ∂L/∂z)
+    against the step's. A loss term on an activation inside the model (a penalty, a batch
+    term such as MoE load balancing, an auxiliary head) adds gradient there that belongs to
+    no example's share of the output's loss."""
+
+    def __init__(self, leaf: list[torch.Tensor]) -> None:
+        self.leaf = leaf             # the probes' zero leaf, once the forward has made it
+        self.alone: dict = {}        # (layer name, call) -> fingerprint of its δ from z alone
+        self.running = False
+        self.ran = False
+        self.other: str | None = None   # the first layer the step's loss reaches another way
+
+    def run(self, output: torch.Tensor | torch.autograd.graph.GradientEdge, delta: torch.Tensor) -> None:
+        """The backward of ``output`` alone, with gradient ``delta``, to every probe; keeps
+        the graph for the step's own backward."""
+        if not self.leaf:
+            return
+        self.running = True
+        try:
+            torch.autograd.grad(output, self.leaf, delta, retain_graph=True, allow_unused=True)
+            self.ran = True
+        finally:
+            self.running = False
+
+    def see(self, name: str, call, delta: torch.Tensor) -> bool:
+        """Take a probe's δ: its fingerprint kept while :meth:`run` runs (True: nothing more
+        to do with it), else compared with the kept one."""
+        key, seen = (name, call), _fingerprint(delta.detach())
+        if self.running:
+            self.alone[key] = seen
+            return True
+        if self.ran and self.other is None:
+            alone = self.alone.pop(key, None)
+            if alone is None or not _same_fingerprint(seen, alone):
+                self.other = name
+        return False
+
+
+def _fingerprint(delta: torch.Tensor) -> tuple:
+    """(shape, ‖δ‖, ⟨δ, r⟩) with r a fixed quasi-random ±½ pattern (period 2²⁰): an added
+    gradient Δ moves ⟨δ, r⟩ by about ‖Δ‖/3.5 in any direction. Two scalars are kept, not a
+    copy of δ: a language model's first step would hold every layer's δ at once."""
+    flat = delta.reshape(-1)
+    dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
+    period = min(flat.numel(), 1 << 20)
+    r = torch.arange(period, device=flat.device, dtype=torch.float64).mul_(0.6180339887498949).frac_().sub_(0.5)
+    r, proj = r.to(dtype), torch.zeros((), device=flat.device, dtype=torch.float64)
+    for at in range(0, flat.numel(), period):   # chunks: no float32 copy of a half-precision δ at once
+        part = flat[at:at + period]
+        proj += torch.dot(part.to(dtype), r[:len(part)]).double()
+    return tuple(delta.shape), float(torch.linalg.vector_norm(flat, dtype=dtype)), float(proj)
+
+
+def _same_fingerprint(a: tuple, b: tuple) -> bool:
+    """Fingerprints of the same δ up to rounding (10⁻⁴ of ‖δ‖: the same backward, its
+    ops in any order)."""
+    tol = 1e-4 * max(a[1], b[1]) + 1e-30
+    return a[0] == b[0] and abs(a[1] - b[1]) <= tol and abs(a[2] - b[2]) <= tol
+
+
 class _BatchSums:
     """One batch's accumulator: the running sums of the rules' ‖g‖² (B,) and dots (B, K), and the
     factors of tied weights until all their owners have reported."""
@@ -165,6 +227,7 @@ class _BatchSums:
         self.factors: dict[str, list[Factor]] = {}   # tied weight -> one factor per owner
         self.grams = SharedGrams()   # inputs read by several layers: their Grams, formed once
         self.again = False           # a δ came after its layer's rule had run: a second backward
+        self.paths: OutputPaths | None = None   # in-run: the check that the loss reaches layers only through z
 
     def note_input(self, layer: _Layer, act) -> None:
         """A call of ``layer`` reads ``act``: counted, if its rule may form the input's Gram."""
@@ -334,6 +397,8 @@ class GhostEngine(Engine):
             layer.skeletons = []
 
             def on_grad(delta, layer=layer, call=None, dim=0):
+                if state.paths is not None and state.paths.see(layer.name, call, delta):
+                    return
                 if not layer.acts:   # its rule ran and let the inputs go: a second backward
                     state.again = True
                     return
@@ -423,13 +488,16 @@ class GhostEngine(Engine):
         return self._coupled
 
     @contextlib.contextmanager
-    def recording(self, B: int, refs: RefBlocks | None) -> Iterator[_BatchSums]:
+    def recording(self, B: int, refs: RefBlocks | None, check_paths: bool = False) -> Iterator[_BatchSums]:
         """The hooks of one batch of B examples whose forward and backward the caller runs
         (in-run scoring: the training step's own). Yields the batch's sums; after the block
         every rule that received its δ has run (``.sq`` (B,), ``.dots`` (B, K), None if no
-        δ arrived). Needs :meth:`lay_out` first; the caller checks :attr:`fallback`."""
+        δ arrived). ``check_paths``: ``.paths`` is an :class:`OutputPaths` whose ``run`` the
+        caller calls when ∂L/∂z comes. Needs :meth:`lay_out` first; the caller checks
+        :attr:`fallback`."""
         K = 0 if refs is None else refs[0].shape[0]
         state, probes = _BatchSums(refs, self._index, K), []
+        state.paths = OutputPaths(probes) if check_paths else None
         with self._hooks(state, probes, B, contiguous=False), sharing(state.grams):   # δ passed on as it came
             yield state
             if state.again:

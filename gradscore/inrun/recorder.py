@@ -93,6 +93,10 @@ _SHARE_TOL = {torch.float64: 1e-3, torch.float32: 1e-3}
 _ROW_ROUNDING = 2
 
 
+#: what a step does with a loss term on activations inside the model (OutputPaths finds one)
+HIDDEN_TERMS = ("refuse", "per_example")
+
+
 @dataclass(frozen=True)
 class InRunConfig:
     """What an in-run recording computes; saved as the scores file's ``config``."""
@@ -103,11 +107,17 @@ class InRunConfig:
     every: int = field(default=1, metadata={"help": "compute the target gradient every this many steps"})
     targets: int = field(default=0, metadata={"help": "number of target examples (0: none)"})
     preconditioner: str = field(default="none", metadata={"help": "'none' or 'adam' (Γ_t from the optimizer)"})
+    hidden_terms: str = field(default="refuse", metadata={
+        "help": "a loss term on activations inside the model: 'refuse' it, or record it in each example's "
+                "gradient as 'per_example' terms (deep supervision, an activation penalty)"})
     inrun: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.every, int) or self.every < 1:
             raise ConfigError(f"invalid value for 'every': {self.every!r}; give a whole number of steps >= 1")
+        if self.hidden_terms not in HIDDEN_TERMS:
+            raise ConfigError(f"invalid value for 'hidden_terms': {self.hidden_terms!r}; give 'refuse' or "
+                              f"'per_example'")
         unknown = sorted(set(self.scores) - set(inrun_scores.NEEDS))
         if unknown:
             raise ConfigError(f"invalid value for 'scores': {', '.join(unknown)} cannot be recorded in-run; "
@@ -322,13 +332,20 @@ class InRun:
     processes whose gradients each update averages (DDP's world size); default: the world
     size if ``model`` is a DistributedDataParallel, else 1; the Hugging Face and Lightning
     callbacks set it from the trainer, whose DDP wraps the model the recorder is given.
+    hidden_terms: a term of the step's loss on activations inside the model adds gradient
+    there that no per-example share of the output's loss holds; "refuse" (default): the
+    first step of each plan checks for one and refuses it, naming the layer; "per_example":
+    the loop's such terms are each one example's (deep supervision, an activation penalty),
+    recorded in that example's gradient, unchecked (a term over the batch, such as MoE load
+    balancing, would make every record wrong).
     """
 
     def __init__(self, model: nn.Module, *, loss: str | Loss | PerExampleLoss = "cross_entropy", out: str | Path,
                  targets: tuple[Inputs, torch.Tensor] | Iterable[Any] | None = None, every: int = 1,
                  optimizer: torch.optim.Optimizer | str | None = None, scores: Sequence[str] = DEFAULT_SCORES,
                  flush_every: float = 60.0, overwrite: bool = False,
-                 scaler: torch.amp.GradScaler | None = None, data_parallel: int | None = None) -> None:
+                 scaler: torch.amp.GradScaler | None = None, data_parallel: int | None = None,
+                 hidden_terms: str = "refuse") -> None:
         self.model, self.loss = model, resolve_loss(loss)
         self.scaler = scaler
         if isinstance(optimizer, str) and optimizer != "adam":
@@ -339,7 +356,7 @@ class InRun:
         self.config = InRunConfig(out=str(out), loss=self.loss.name,
                                   scores=(scores,) if isinstance(scores, str) else tuple(scores), every=every,
                                   targets=0 if targets is None else sum(len(y) for _, y in targets),
-                                  preconditioner="adam" if adam else "none")
+                                  preconditioner="adam" if adam else "none", hidden_terms=hidden_terms)
         self.optimizer = None if optimizer == "adam" else optimizer   # "adam": the trainer's, set later
         self.targets = targets
         # the recorder's own forwards (layout, target gradient) call the network inside a DDP
@@ -984,6 +1001,7 @@ class _Step:
         self.state, self.target = None, None
         self.calls = 0
         self.output: torch.Tensor | None = None
+        self.live: torch.Tensor | None = None   # the output itself, on a step that checks the loss's paths
         self.terms: _LossTerms | None = None
         self.scale = 1.0                      # the loss scale of this step's backward
         self.error: Exception | None = None
@@ -1030,11 +1048,12 @@ class _Step:
         # the scale this step's backward will use: a trainer may update its scaler before __exit__,
         # and reading it here, not in the backward, keeps a device sync out of the backward
         self.scale = rec._loss_scale()
+        check = not rec._laid_out and rec.config.hidden_terms == "refuse"   # the loss's paths (OutputPaths)
         if not rec._laid_out:
             self._lay_out(x)
         self.target = rec._target_refs(self.step, self.lr)   # after the layout: it picks each layer's form
         self.state = self.stack.enter_context(rec.engine.recording(self.B, None if self.target is None
-                                                                   else self.target[0]))
+                                                                   else self.target[0], check_paths=check))
         return None
 
     def _lay_out(self, x: Inputs) -> None:
@@ -1061,20 +1080,44 @@ class _Step:
         except TypeError as e:
             raise EngineError(f"in-run scoring reads the model's logits: {e}") from None
         self.output = output.detach()
+        if self.state is not None and self.state.paths is not None:   # a backward of z alone starts from it
+            self.live = output
         if output.requires_grad:   # the first δ to come is read: the output's own, else (below) its source's
             output.register_hook(self._grab)
         source = _cast_from(output)
         if source is not None:   # a cast copy the loss may not read (Accelerate's float32 outputs, made after
             node, index = source  # the model's own loss): δ of the values the model computed
-            node.register_prehook(lambda grads: self._grab(grads[index]) if grads[index] is not None else None)
+            node.register_prehook(lambda grads: self._grab(grads[index], (node, index))
+                                  if grads[index] is not None else None)
         return None
 
-    def _grab(self, grad: torch.Tensor) -> None:
+    def _check_paths(self, grad: torch.Tensor, edge: tuple | None) -> None:
+        """On a plan's first step, before the backward goes on from z: a backward of z alone
+        with the same ∂L/∂z, whose δ's the engine compares with the step's (OutputPaths). A
+        model that refuses a second backward (a reentrant checkpoint) is not checked."""
+        paths, live, self.live = self.state.paths, self.live, None
+        if paths is None or paths.ran or live is None:
+            return
+        if edge is not None:   # δ came to the cast's source: start from that edge of the graph
+            live = torch.autograd.graph.GradientEdge(*edge)
+        try:
+            paths.run(live, grad)
+        except RuntimeError as e:
+            paths.alone.clear()
+            warnings.warn(f"could not check that the loss reaches the model only through its output ({cause(e)}); "
+                          f"an auxiliary loss on an activation inside the model would go unseen", GradscoreWarning,
+                          stacklevel=2)
+
+    def _grab(self, grad: torch.Tensor, edge: tuple | None = None) -> None:
         """δ = ∂L/∂z has come: read what the record needs from z and δ now, in row blocks, and
         let both go (a language model's (B, T, V) logits and their gradient are the step's
-        largest tensors). An error is raised after the backward, not inside it."""
+        largest tensors). An error is raised after the backward, not inside it. ``edge``: (node,
+        input) where δ came to the source of a cast copy of z."""
         if self.output is None:   # read by an earlier backward of this step, which the engine refuses
             return
+        if self.state is not None and self.state.paths is not None and self.state.paths.running:
+            return                 # the backward of z alone (_check_paths) passes z too
+        self._check_paths(grad, edge)
         z, grad = self.output, grad.detach().to(self.output.device)
         if z.dtype != grad.dtype:   # the model returned a cast copy of its output
             if torch.promote_types(z.dtype, grad.dtype) != z.dtype:   # not an exact upcast (bf16 ↔ fp16 neither)
@@ -1121,6 +1164,15 @@ class _Step:
         if self.terms is None or self.state is None or self.state.sq is None:
             raise EngineError("no backward reached the model inside rec.step; call loss.backward() inside the "
                               "`with rec.step(...)` block")
+        if self.state.paths is not None and self.state.paths.other is not None:
+            raise EngineError(f"the step's loss reaches layer '{self.state.paths.other}' other than through the "
+                              f"model's output: a term on an activation inside the model (a penalty, a batch term "
+                              f"such as MoE load balancing, an auxiliary head) adds gradient there that is no "
+                              f"example's share of the output's loss. "
+                              f"If each such term is one example's (deep supervision, an activation penalty), pass "
+                              f"gs.InRun(..., hidden_terms='per_example') to record it in that example's gradient; "
+                              f"else score saved checkpoints (gradscore run), which differentiate the per-example "
+                              f"loss alone")
         self._record()
         return None
 
