@@ -1759,7 +1759,8 @@ def test_activation_checkpointing_in_training(tmp_path, reentrant):
     """A checkpointed block (its forward hooks fire again in the recomputation) records what
     the loop gives, reentrant or not. The target gradient needs torch.autograd.grad, which a
     reentrant checkpoint refuses: one clear error naming the fix, not torch's RuntimeError
-    from inside the recorder."""
+    from inside the recorder. So does the check of the loss's paths: one warning, naming
+    the fix, and the step is recorded."""
     from gradscore.io.store import load_inrun_rows
     torch.manual_seed(0)
     x, y = _data()
@@ -1767,7 +1768,11 @@ def test_activation_checkpointing_in_training(tmp_path, reentrant):
     targets = (x[:6], y[:6])
     rec = gs.InRun(model, out=tmp_path / "r.h5", targets=None if reentrant else targets)
     snaps: list = []
-    _train(model, x, y, steps=3, batch=8, rec=rec, snapshots=snaps)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(model, x, y, steps=3, batch=8, rec=rec, snapshots=snaps)
+    unchecked = [w for w in caught if "could not check that the step's loss" in str(w.message)]
+    assert len(unchecked) == reentrant and (not reentrant or "use_reentrant=False" in str(unchecked[0].message))
     path = rec.close()
     model.reentrant = False   # the same function; the loop's torch.autograd.grad takes only this checkpoint
     if not reentrant:

@@ -1104,8 +1104,10 @@ class _Step:
             paths.run(live, grad)
         except RuntimeError as e:
             paths.alone.clear()
-            warnings.warn(f"could not check that the loss reaches the model only through its output ({cause(e)}); "
-                          f"an auxiliary loss on an activation inside the model would go unseen", GradscoreWarning,
+            why = ("a reentrant torch.utils.checkpoint refuses it: pass use_reentrant=False (the same gradients) "
+                   "to have it checked" if "use_reentrant=True" in str(e) else cause(e))
+            warnings.warn(f"could not check that the step's loss reaches the model only through its output ({why}); "
+                          f"a loss term on an activation inside the model would go unseen", GradscoreWarning,
                           stacklevel=2)
 
     def _grab(self, grad: torch.Tensor, edge: tuple | None = None) -> None:
