@@ -884,9 +884,15 @@ def test_a_killed_recording_leaves_a_readable_file_of_the_flushed_steps(tmp_path
 
 
 def test_demo_inrun_fast(tmp_path):
+    """The demo runs and says its own caveats: no warning comes out of it (the momentum
+    caveat of its first-order values is one line below its table)."""
     from gradscore.demos.inrun import run_inrun_demo
     lines: list[str] = []
-    summary = run_inrun_demo(tmp_path / "demo", epochs=2, n_train=200, progress=False, echo=lines.append)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = run_inrun_demo(tmp_path / "demo", epochs=2, n_train=200, progress=False, echo=lines.append)
+    assert not [w for w in caught if issubclass(w.category, gs.GradscoreWarning)], [str(w.message) for w in caught]
+    assert any("momentum 0.9 both only approximate" in x for x in lines)
     assert summary["bit_identical"] is True
     assert set(summary["inrun"]) == {"loss", "el2n", "grand", "aum", "forgetting", "confidence", "inrun_value",
                                      "inrun_value_cos"}

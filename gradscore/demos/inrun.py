@@ -96,8 +96,8 @@ def run_inrun_demo(out: str | Path = "gradscore_demo_inrun", *, epochs: int = 15
          f"{t_target:.1f}s ({t_target / t_plain:.2f}x). Parameters bit-identical with the recorder: {same}")
     t1 = time.perf_counter()
     target_path = save_dataset(out / "data" / "target.h5", target[0].numpy(), target[1].numpy())
-    with warnings.catch_warnings():   # target_dot reads ∇J from the co-state file, whose PDS caveat does not apply
-        warnings.filterwarnings("ignore", message=".*co-states are only an approximation")
+    with warnings.catch_warnings():   # the momentum caveat of the first-order values: said once, below the table
+        warnings.filterwarnings("ignore", message=".*only an approximation")
         ckpt_scores = score(out / "ckpts", train_path, out=out / "scores.h5", target=target_path, engine=engine,
                             scores=("el2n", "grand", "loss", "aum", "forgetting", "confidence", "target_dot",
                                     "target_cos"), overwrite=True, progress=progress)
@@ -117,6 +117,8 @@ def run_inrun_demo(out: str | Path = "gradscore_demo_inrun", *, epochs: int = 15
         row += f"{summary['checkpoints'][twin][0]:>19.3f}{summary['checkpoints'][twin][1]:>7.3f}"
         row += f"   ({twin})" if twin != name else ""
         echo(row)
+    echo("(inrun_value and target_dot are first-order: Σ_t η_t ⟨∇J, g_n⟩; with this demo's momentum 0.9 both "
+         "only approximate J's change)")
     unseen = int(np.isnan(inrun["scores"]["inrun_value_cos"]).sum())
     if unseen:
         echo(f"({unseen} examples were never in a batch with a target gradient: inrun_value 0, cos NaN)")
