@@ -159,3 +159,20 @@ def test_lightning_prefix_only_where_one_attribute_holds_the_model(tmp_path, cap
     assert main(_args(src, tmp_path / "ck2", "--lr", "0.1")) == 2
     err = capsys.readouterr().err
     assert "epoch=1-step=9.ckpt" in err and "'net.'" in err and "'ema.'" in err and err.count("\n") == 1
+
+
+def test_a_metric_in_the_name_is_not_taken_for_the_step(tmp_path, capsys):
+    """Names that hold a metric (``val_loss=0.25``, ``acc_0.91``): the number after
+    ``step`` (or ``iter``) is the step; a name with a decimal number and no such mark is
+    refused, not read as step 25."""
+    states = _states(2)
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save(states[0], src / "epoch=1-step=40-val_loss=0.25.pt")
+    torch.save(states[1], src / "model_epoch3_iter120_acc_0.91.pt")
+    assert main(_args(src, tmp_path / "ck", "--lr", "0.1")) == 0
+    assert [i.step for i in gs.CheckpointStore(tmp_path / "ck")] == [40, 120]
+    torch.save(states[1], src / "epoch=2-val_loss=0.19.pt")
+    assert main(_args(src, tmp_path / "ck2", "--lr", "0.1")) == 2
+    err = capsys.readouterr().err
+    assert "epoch=2-val_loss=0.19.pt: cannot tell the step" in err and err.count("\n") == 1

@@ -6,10 +6,12 @@ DistributedDataParallel (``module.``) or ``torch.compile`` (``_orig_mod.``) mode
 stripped, nested either way), Lightning's ``.ckpt`` files and safetensors files, directly
 in SRC_DIR or one level down (Hugging Face's ``checkpoint-1200/model.safetensors``).
 
-The step is the last number in the file's path below SRC_DIR (``step_1200.pt``,
-``checkpoint-1200/…``); a ``.ckpt`` file gives the ``global_step`` it records (Lightning's
-names may end in other numbers: ``-v1``, ``val_loss=0.25``), and Lightning's ``last.ckpt``
-is left out where it repeats the step of another file. Where the keys are not the
+The step is the number the file's name (or its folder's below SRC_DIR) marks as one
+(``step_1200.pt``, ``step=1200``, ``iter1200``, ``checkpoint-1200/…``), else the name's last
+number; a name with a decimal number (a metric) and no mark is refused. A ``.ckpt`` file
+gives the ``global_step`` it records (Lightning's names may end in other numbers: ``-v1``,
+``val_loss=0.25``), and Lightning's ``last.ckpt`` is left out where it repeats the step of
+another file. Where the keys are not the
 model's, its weights are taken from under the one first key component whose keys are
 exactly the model's (the attribute of a LightningModule that holds it: ``net.``); two
 such components are refused, naming both.
@@ -50,11 +52,9 @@ def find_sources(src: str | Path) -> list[tuple[int, Path]]:
         if path.suffix not in SUFFIXES or not path.is_file():
             continue
         rel = path.relative_to(src)
-        numbers = re.findall(r"\d+", rel.parts[0] if len(rel.parts) > 1 else rel.stem)
         step = _global_step(path) if path.suffix == ".ckpt" else None
-        if step is None and not numbers:
-            raise CheckpointError(f"{path}: no step number in the name (e.g. step_1200.pt, checkpoint-1200/)")
-        step = int(numbers[-1]) if step is None else step
+        if step is None:
+            step = _step_in_name(rel.parts[0] if len(rel.parts) > 1 else rel.stem, path)
         if step in found:
             copies = [p for p in (found[step], path) if p.suffix == ".ckpt" and p.stem.startswith("last")]
             if len(copies) != 1:
@@ -64,6 +64,26 @@ def find_sources(src: str | Path) -> list[tuple[int, Path]]:
     if not found:
         raise CheckpointError(f"{src}: no checkpoint files ({', '.join(SUFFIXES)})")
     return sorted(found.items())
+
+
+#: a number marked as the step in a file name: step_1200, step=1200, iter1200, checkpoint-1200
+_MARKED_STEP = re.compile(r"(?:step|iter|iteration|checkpoint)[-_=]?(\d+)", re.IGNORECASE)
+
+
+def _step_in_name(name: str, path: Path) -> int:
+    """The step a file or folder name gives: the number marked as one, else the last
+    number, which a name holding a decimal number (a metric: ``val_loss=0.25``) leaves in
+    doubt."""
+    marked = _MARKED_STEP.findall(name)
+    if marked:
+        return int(marked[-1])
+    if re.search(r"\d\.\d", name):
+        raise CheckpointError(f"{path}: cannot tell the step from the name: it holds a decimal number (a metric?) "
+                              f"and no step_<n>; rename it (e.g. step_1200.pt)")
+    numbers = re.findall(r"\d+", name)
+    if not numbers:
+        raise CheckpointError(f"{path}: no step number in the name (e.g. step_1200.pt, checkpoint-1200/)")
+    return int(numbers[-1])
 
 
 def _global_step(path: Path) -> int | None:
