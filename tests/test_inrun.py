@@ -204,16 +204,9 @@ def test_a_second_head_the_loss_does_not_read_is_recorded(tmp_path):
     passes (the second head gets no gradient), and every record equals the loop."""
     torch.manual_seed(0)
     model, (x, y) = _WithAux().double(), _data()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:6], y[:6]))
     snaps: list = []
-    for t in range(2):
-        idx = torch.arange(8 * t, 8 * t + 8)
-        snaps.append(({n: p.detach().clone() for n, p in model.named_parameters()}, idx))
-        with rec.step(idx, y[idx], lr=0.1, step=t):
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-        opt.zero_grad()
+    _train(model, x, y, steps=2, batch=8, rec=rec, snapshots=snaps)
     model.h = model.aux_out = None   # the loop deep-copies the model
     check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
 
