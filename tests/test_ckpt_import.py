@@ -176,3 +176,19 @@ def test_a_metric_in_the_name_is_not_taken_for_the_step(tmp_path, capsys):
     assert main(_args(src, tmp_path / "ck2", "--lr", "0.1")) == 2
     err = capsys.readouterr().err
     assert "epoch=2-val_loss=0.19.pt: cannot tell the step" in err and err.count("\n") == 1
+
+
+def test_the_step_a_file_records_wins_over_its_name(tmp_path, capsys):
+    """A loop's ``torch.save({"model": ..., "step": 300, "epoch": 3}, "ckpt_epoch3.pt")``:
+    the step is 300, not the 3 of the name; a name whose marked step disagrees with the
+    file is refused."""
+    states = _states(2)
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save({"model": states[0], "step": 300, "epoch": 3}, src / "ckpt_epoch3.pt")
+    torch.save({"model": states[1], "global_step": 400, "epoch": 4}, src / "ckpt_epoch4.pt")
+    assert main(_args(src, tmp_path / "ck", "--lr", "0.1")) == 0
+    assert [i.step for i in gs.CheckpointStore(tmp_path / "ck")] == [300, 400]
+    torch.save({"model": states[1], "step": 500}, src / "step_501.pt")
+    assert main(_args(src, tmp_path / "ck2", "--lr", "0.1")) == 2
+    assert "the name says step 501, the file records step 500" in capsys.readouterr().err

@@ -46,10 +46,10 @@ def _add_import_checkpoints(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "import-checkpoints", help="convert torch.save / Lightning / safetensors checkpoints",
                  description="Convert a directory of existing checkpoints (torch.save state_dicts: .pt, "
                  ".pth, .bin; Lightning's .ckpt; safetensors; directly in SRC_DIR or in subdirectories like "
-                 "checkpoint-1200/) into gradscore checkpoints. The step is the number the file (or subdirectory) "
-                 "name marks as one (step_1200, step=1200, iter1200, checkpoint-1200), else its last number (a "
-                 "name with a decimal number, a metric, needs the mark), or the global_step a .ckpt records; "
-                 "a LightningModule's model is found "
+                 "checkpoint-1200/) into gradscore checkpoints. The step is the one a torch.save dict records "
+                 "(global_step, else step), else the number the file (or subdirectory) name marks as one "
+                 "(step_1200, step=1200, iter1200, checkpoint-1200), else its last number (a name with a decimal "
+                 "number, a metric, needs the mark); a LightningModule's model is found "
                  "under the attribute that holds it. The learning rate is --lr or --lr-schedule. Resumable.")
     p.add_argument("src", metavar="SRC_DIR", help="folder of torch.save / Lightning / safetensors checkpoints")
     p.add_argument("--model", required=True, metavar="MODULE:FN", help="factory that rebuilds the model")

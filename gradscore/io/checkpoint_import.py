@@ -6,12 +6,13 @@ DistributedDataParallel (``module.``) or ``torch.compile`` (``_orig_mod.``) mode
 stripped, nested either way), Lightning's ``.ckpt`` files and safetensors files, directly
 in SRC_DIR or one level down (Hugging Face's ``checkpoint-1200/model.safetensors``).
 
-The step is the number the file's name (or its folder's below SRC_DIR) marks as one
-(``step_1200.pt``, ``step=1200``, ``iter1200``, ``checkpoint-1200/…``), else the name's last
-number; a name with a decimal number (a metric) and no mark is refused. A ``.ckpt`` file
-gives the ``global_step`` it records (Lightning's names may end in other numbers: ``-v1``,
-``val_loss=0.25``), and Lightning's ``last.ckpt`` is left out where it repeats the step of
-another file. Where the keys are not the
+The step is the one a ``torch.save`` dict records at its top level (``global_step``, as
+Lightning's ``.ckpt`` files do, else ``step``); else the number the file's name (or its
+folder's below SRC_DIR) marks as one (``step_1200.pt``, ``step=1200``, ``iter1200``,
+``checkpoint-1200/…``); else the name's last number. A name with a decimal number (a
+metric: ``val_loss=0.25``) and no mark is refused, and so is a name whose marked step is
+not the one the file records. Lightning's ``last.ckpt`` is left out where it repeats the
+step of another file. Where the keys are not the
 model's, its weights are taken from under the one first key component whose keys are
 exactly the model's (the attribute of a LightningModule that holds it: ``net.``); two
 such components are refused, naming both.
@@ -52,9 +53,13 @@ def find_sources(src: str | Path) -> list[tuple[int, Path]]:
         if path.suffix not in SUFFIXES or not path.is_file():
             continue
         rel = path.relative_to(src)
-        step = _global_step(path) if path.suffix == ".ckpt" else None
+        name = rel.parts[0] if len(rel.parts) > 1 else rel.stem
+        step = None if path.suffix == ".safetensors" else _recorded_step(path)
         if step is None:
-            step = _step_in_name(rel.parts[0] if len(rel.parts) > 1 else rel.stem, path)
+            step = _step_in_name(name, path)
+        elif any(int(n) != step for n in _MARKED_STEP.findall(name)):
+            raise CheckpointError(f"{path}: the name says step {_MARKED_STEP.findall(name)[-1]}, the file records "
+                                  f"step {step}; keep the two in agreement")
         if step in found:
             copies = [p for p in (found[step], path) if p.suffix == ".ckpt" and p.stem.startswith("last")]
             if len(copies) != 1:
@@ -86,15 +91,23 @@ def _step_in_name(name: str, path: Path) -> int:
     return int(numbers[-1])
 
 
-def _global_step(path: Path) -> int | None:
-    """The optimizer steps a Lightning ``.ckpt`` file records (``global_step``), read with
-    the tensors mapped, not loaded; None where it records none."""
+def _recorded_step(path: Path) -> int | None:
+    """The step a ``torch.save`` dict records at its top level (``global_step``, Lightning's
+    and many loops'; else ``step``), read with the tensors mapped, not loaded; None where it
+    records none."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:   # a file in torch's legacy format cannot be mapped
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load's own error types
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
-    step = state.get("global_step") if isinstance(state, dict) else None
-    return step if isinstance(step, int) else None
+    if not isinstance(state, dict):
+        return None
+    step = state.get("global_step", state.get("step"))
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def model_keys(state: dict[str, torch.Tensor], keys: set[str], path: Path) -> dict[str, torch.Tensor]:
