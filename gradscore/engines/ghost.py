@@ -183,13 +183,12 @@ class OutputPaths:
     def see(self, name: str, call, delta: torch.Tensor) -> bool:
         """Take a probe's δ: its fingerprint kept while :meth:`run` runs (True: nothing more
         to do with it), else compared with the kept one."""
-        key, seen = (name, call), _fingerprint(delta.detach())
         if self.running:
-            self.alone[key] = seen
+            self.alone[(name, call)] = _fingerprint(delta.detach())
             return True
-        if self.ran and self.other is None:
-            alone = self.alone.pop(key, None)
-            if alone is None or not _same_fingerprint(seen, alone):
+        if self.ran and self.other is None:   # fingerprinted only where there is one to compare with
+            alone = self.alone.pop((name, call), None)
+            if alone is None or not _same_fingerprint(_fingerprint(delta.detach()), alone):
                 self.other = name
         return False
 
