@@ -1,6 +1,7 @@
 """`gradscore import-checkpoints` from torch.save and safetensors files."""
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -75,6 +76,29 @@ def test_safetensors_in_hf_style_directories(tmp_path):
     assert [(i.step, i.lr) for i in store] == [(500, 0.3), (1000, 0.3)]
     got = store.build_model(1).state_dict()
     assert all(torch.equal(got[k], v) for k, v in states[1].items())
+
+
+def test_a_hugging_face_trainers_checkpoint_folders_as_they_are(tmp_path):
+    """A Trainer's checkpoint-<step>/ holds, beside the model, its optimizer, scheduler,
+    random states and its arguments (a pickled object torch.load(weights_only=True)
+    refuses): those are not the model, and are left alone."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    states = _states(2)
+    model = mlp(**KW)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step, st in zip((500, 1000), states):
+        folder = tmp_path / "src" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        safetensors.save_file(st, str(folder / "model.safetensors"))
+        torch.save(opt.state_dict(), folder / "optimizer.pt")
+        torch.save({"last_epoch": step}, folder / "scheduler.pt")
+        torch.save({"python": 1, "cpu": torch.get_rng_state()}, folder / "rng_state.pth")
+        torch.save(argparse.Namespace(learning_rate=0.1), folder / "training_args.bin")
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    assert main(_args(tmp_path / "src", tmp_path / "ck", "--lr", "0.1")) == 0
+    store = gs.CheckpointStore(tmp_path / "ck")
+    assert [i.step for i in store] == [500, 1000]
+    assert all(torch.equal(store.build_model(1).state_dict()[k], v) for k, v in states[1].items())
 
 
 def test_bad_sources_are_one_line(tmp_path, capsys):

@@ -4,7 +4,9 @@ Sources: ``torch.save`` state_dicts (``.pt``, ``.pth``, ``.bin``; a dict nested 
 ``state_dict``/``model``/``model_state_dict`` is found; the key prefixes of a
 DistributedDataParallel (``module.``) or ``torch.compile`` (``_orig_mod.``) model are
 stripped, nested either way), Lightning's ``.ckpt`` files and safetensors files, directly
-in SRC_DIR or one level down (Hugging Face's ``checkpoint-1200/model.safetensors``).
+in SRC_DIR or one level down (Hugging Face's ``checkpoint-1200/model.safetensors``; the
+Trainer's ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``, ``training_args.bin`` beside
+it are not the model and are left alone).
 
 The step is the one a ``torch.save`` dict records at its top level (``global_step``, as
 Lightning's ``.ckpt`` files do, else ``step``); else the number the file's name (or its
@@ -38,6 +40,8 @@ from ..exceptions import CheckpointError, OutputError
 from ..imports import import_ref
 
 SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+#: what a Hugging Face Trainer's checkpoint-<step>/ holds beside the model: never its weights
+_TRAINER_FILES = re.compile(r"(optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|training_args\.bin)")
 _NESTED = ("state_dict", "model_state_dict", "model")
 #: key prefixes of wrapped models' state_dicts: DistributedDataParallel, torch.compile
 _WRAPPERS = ("module.", "_orig_mod.")
@@ -50,7 +54,7 @@ def find_sources(src: str | Path) -> list[tuple[int, Path]]:
         raise CheckpointError(f"{src}: source directory does not exist")
     found: dict[int, Path] = {}
     for path in sorted(list(src.glob("*")) + list(src.glob("*/*"))):
-        if path.suffix not in SUFFIXES or not path.is_file():
+        if path.suffix not in SUFFIXES or not path.is_file() or _TRAINER_FILES.fullmatch(path.name):
             continue
         rel = path.relative_to(src)
         name = rel.parts[0] if len(rel.parts) > 1 else rel.stem
