@@ -59,11 +59,12 @@ def find_sources(src: str | Path) -> list[tuple[int, Path]]:
         rel = path.relative_to(src)
         name = rel.parts[0] if len(rel.parts) > 1 else rel.stem
         step = None if path.suffix == ".safetensors" else _recorded_step(path)
+        marked = _MARKED_STEP.findall(name)
         if step is None:
             step = _step_in_name(name, path)
-        elif any(int(n) != step for n in _MARKED_STEP.findall(name)):
-            raise CheckpointError(f"{path}: the name says step {_MARKED_STEP.findall(name)[-1]}, the file records "
-                                  f"step {step}; keep the two in agreement")
+        elif any(int(n) != step for n in marked):
+            raise CheckpointError(f"{path}: the name says step {marked[-1]}, the file records step {step}; keep the "
+                                  f"two in agreement")
         if step in found:
             copies = [p for p in (found[step], path) if p.suffix == ".ckpt" and p.stem.startswith("last")]
             if len(copies) != 1:
@@ -99,15 +100,7 @@ def _recorded_step(path: Path) -> int | None:
     """The step a ``torch.save`` dict records at its top level (``global_step``, Lightning's
     and many loops'; else ``step``), read with the tensors mapped, not loaded; None where it
     records none."""
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:   # a file in torch's legacy format cannot be mapped
-            if "mmap" not in str(e):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch.load's own error types
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+    state = _read(path, mapped=True)
     if not isinstance(state, dict):
         return None
     step = state.get("global_step", state.get("step"))
@@ -132,16 +125,27 @@ def model_keys(state: dict[str, torch.Tensor], keys: set[str], path: Path) -> di
     return next(iter(under.values()), state)
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of one source file (see the module docstring)."""
+def _read(path: Path, mapped: bool = False):
+    """What one source file holds, on the CPU (tensors and plain data only). ``mapped``: a
+    ``torch.save`` file's tensors mapped, not read (one in torch's legacy format is read)."""
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        if mapped:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:   # a file in torch's legacy format cannot be mapped
+                if "mmap" not in str(e):
+                    raise
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - every reader's own error type
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one source file (see the module docstring)."""
+    state = _read(path)
     for key in _NESTED:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
