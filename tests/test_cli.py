@@ -85,6 +85,8 @@ def test_demo_fast_mode(tmp_path, capsys):
                  "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "AUROC" in text and "top-10 by el2n" in text and "data map regions" in text
+    # the demo scores no dot product: its diagnosis points to the demo that does, not to a rerun of `run`
+    assert "rerun `gradscore run" not in text and "`gradscore demo --pds` computes them" in text
     for p in ("data/train.h5", "scores.h5", "report.png", "datamap.png", "ckpts/step_00000008.h5"):
         assert (tmp_path / "demo" / p).exists(), p
     res = gs.load_scores(tmp_path / "demo" / "scores.h5")

@@ -131,7 +131,8 @@ def run_demo(out: str | Path = "gradscore_demo", *, epochs: int = 15, n_train: i
     report = score_histograms({k: sc[k] for k in ("el2n", "grand", "loss")}, noisy, out / "report.png",
                               title=f"digits, {noisy.mean():.0%} flipped labels: clean vs flipped")
     echo("\ndiagnosis of this run:")
-    summary["diagnosis"] = diagnose(scores_path, data=str(train_path), out=out / "diagnosis", echo=echo)
+    summary["diagnosis"] = diagnose(scores_path, data=str(train_path), out=out / "diagnosis", echo=echo,
+                                    rerun="`gradscore demo --pds` computes them,")
     summary["seconds"] = time.perf_counter() - t0
     echo(f"\nreport -> {report}, data map -> {out / 'datamap.png'}; total {summary['seconds']:.1f}s")
     return summary

@@ -74,9 +74,12 @@ def _flag_metrics(noisy: np.ndarray, s: np.ndarray) -> dict[str, float]:
 
 def diagnose(scores: str | Path, *, score: str = "pds", noisy_mask: str | None = None, data: str | None = None,
              out: str | Path | None = None, top_fraction: float = 0.1, clip_quantile: float = 0.9,
-             echo: Callable[[str], None] = print, overwrite: bool = False) -> dict[str, Any]:
+             echo: Callable[[str], None] = print, overwrite: bool = False, rerun: str | None = None
+             ) -> dict[str, Any]:
     """Diagnose a scores file (see module docstring); returns what ``diagnosis.json`` holds.
-    Files already in ``out`` are replaced only with ``overwrite``, and only gradscore's."""
+    Files already in ``out`` are replaced only with ``overwrite``, and only gradscore's.
+    ``rerun``: what gives the dot score where the file has none (default: a ``gradscore run``
+    command line with a target)."""
     if out is not None:
         inputs = {"the scores file": [scores], "the --data file": [data], "the noisy mask": [noisy_mask]}
         for name, kind in OUTPUT_FILES.items():
@@ -89,7 +92,7 @@ def diagnose(scores: str | Path, *, score: str = "pds", noisy_mask: str | None =
     ds = load_dataset(data) if data is not None else None
     noisy, source = _mask(res, noisy_mask, ds)
     report, var = compute(res, str(scores), score=score, noisy=noisy, source=source, ds=ds,
-                          top_fraction=top_fraction, clip_quantile=clip_quantile)
+                          top_fraction=top_fraction, clip_quantile=clip_quantile, rerun=rerun)
     for line in render(report, top_fraction):
         echo(line)
     if out is not None:
@@ -117,9 +120,10 @@ def _flags(res: dict[str, Any], ds: Dataset | None, skip: Callable[[str], None])
 
 
 def compute(res: dict[str, Any], source_file: str, *, score: str, noisy: np.ndarray | None, source: str,
-            ds: Dataset | None = None, top_fraction: float = 0.1, clip_quantile: float = 0.9
-            ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The diagnosis of a loaded scores file ``res``: (report, {variant: (N,) score}).
+            ds: Dataset | None = None, top_fraction: float = 0.1, clip_quantile: float = 0.9,
+            rerun: str | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The diagnosis of a loaded scores file ``res``: (report, {variant: (N,) score});
+    ``rerun`` as in :func:`diagnose`.
 
     Nothing is printed or written: :func:`render` turns the report into text lines."""
     from scipy.stats import spearmanr
@@ -164,8 +168,9 @@ def compute(res: dict[str, Any], source_file: str, *, score: str, noisy: np.ndar
         flags[f"|{score}|"] = np.abs(raw)
         flags.update({f"-{score}_{v}": -x for v, x in var.items()})
     else:
-        skip(f"no per-checkpoint {dot_key} with reference norms in {source_file}: rerun `gradscore run --target FILE "
-             f"--scores {score},grand` for the decomposition and the variants")
+        rerun = rerun or f"rerun `gradscore run --target FILE --scores {score},grand`"
+        skip(f"no per-checkpoint {dot_key} with reference norms in {source_file}: {rerun} for the decomposition "
+             f"and the variants")
     name = default_score(res["scores"])
     values = None if name is None else suspicion(res["scores"], name)
     if values is not None and np.isfinite(values).sum() >= 10:   # how many look mislabeled (gradscore flag)
