@@ -9,6 +9,7 @@ import pytest
 
 import gradscore as gs
 from gradscore.cli import main
+from gradscore.io.store import HDF5ScoresWriter
 from gradscore.reports.flag import estimate
 
 
@@ -21,25 +22,70 @@ def test_the_count_of_a_known_two_component_mixture_is_recovered(n_noisy):
     assert est["flagged"][1000 - n_noisy:].mean() > 0.95 and est["flagged"][:1000 - n_noisy].mean() < 0.02
 
 
-def test_one_population_flags_nothing():
+def test_one_population_flags_nothing_and_gives_no_count():
     est = estimate(np.random.default_rng(0).normal(size=2000))
-    assert est["count"] == 0 and est["threshold"] is None
+    assert est["count"] is None and est["threshold"] is None and not est["flagged"].any()
+    assert est["finding"] == "one population"
+
+
+def test_a_suspicious_majority_flags_nothing_and_gives_no_count():
+    """Two components, but the upper one holds most examples: no minority to call
+    mislabeled, and no count (not 0, which would say the labels are clean)."""
+    rng = np.random.default_rng(1)
+    est = estimate(np.concatenate([rng.normal(-3.0, 1.0, 300), rng.normal(2.0, 1.0, 700)]))
+    assert est["count"] is None and est["threshold"] is None and not est["flagged"].any()
+    assert est["finding"] == "suspicious majority" and est["bic_two"] < est["bic_one"]
+
+
+def test_flag_says_when_the_score_gives_no_count(tmp_path, capsys):
+    """The README's quickstart case: scores whose clean and flipped populations overlap.
+    The CLI line, the JSON and diagnose say that no count can be read, not "0 mislabeled"."""
+    rng = np.random.default_rng(0)
+    n, noisy = 1000, np.arange(1000) < 200
+    scores = np.where(noisy, rng.normal(0.3, 0.2, n), rng.normal(0.0, 0.2, n))
+    path = _planted(tmp_path / "s.h5", np.arange(n), noisy, {"mislabel": scores})
+    out = tmp_path / "f.json"
+    assert main(["flag", str(path), "--out", str(out)]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert "no count" in line and "estimated 0" not in line and "gradscore select" in line, line
+    rep = json.loads(out.read_text())
+    assert rep["estimated_count"] is None and rep["estimated_rate"] is None and rep["flagged"] == []
+    assert rep["finding"] == "one population"
+    assert rep["against_known_noisy"]["flagged"] == 0
+    lines = []
+    assert gs.diagnose(path, echo=lines.append)["flag"]["estimated_count"] is None
+    text = "\n".join(lines)
+    assert "no count" in text and "0 of 1000" not in text, text
+
+
+def _planted(path, ids, noisy, scores: dict[str, np.ndarray]):
+    """A scores file holding ``scores`` (N,) for ``ids``, and the known-noisy mask."""
+    store = HDF5ScoresWriter(path, {"synthetic": 0}, n=len(ids), T=1, chunk_size=len(ids))
+    store.write_chunk(0, 0, {k: v.astype(np.float64) for k, v in scores.items()})
+    store.finalize(ids=np.asarray(ids), extras={"noisy": noisy}, attrs={"config": {}},
+                   aggregate=lambda p: {k: v[0] for k, v in p.items()})
+    return path
 
 
 def test_flag_through_the_cli_writes_ids_rates_and_precision(tiny_run, tmp_path, capsys):
-    ckpts, data = tiny_run
-    scores = gs.score(ckpts, data, out=tmp_path / "s.h5", scores=["aum", "el2n", "variability"],
-                      progress=False)
+    _, data = tiny_run   # 90 examples, ids 100..189, every 7th noisy
+    n, rng = 90, np.random.default_rng(0)
+    noisy = np.arange(n) % 7 == 0
+    aum = np.where(noisy, rng.normal(-2.0, 0.3, n), rng.normal(1.0, 0.3, n))   # the noisy ones low
+    scores = _planted(tmp_path / "s.h5", np.arange(100, 100 + n), noisy,
+                      {"aum": aum, "el2n": rng.uniform(size=n), "variability": rng.uniform(size=n)})
     out = tmp_path / "flagged.json"
     assert main(["flag", str(scores), "--data", str(data), "--out", str(out)]) == 0
     rep = json.loads(out.read_text())
     assert rep["score"] == "aum" and rep["orientation"] == "lower = more suspicious"
-    assert rep["estimated_count"] == len(rep["flagged"]) and sum(c["flagged"] for c in rep["per_class"].values()) \
-        == rep["estimated_count"]
+    assert rep["finding"] == "two populations" and rep["estimated_count"] == 13 == len(rep["flagged"])
+    assert sum(c["flagged"] for c in rep["per_class"].values()) == 13
     values = [f["score"] for f in rep["flagged"]]
     assert values == sorted(values)                           # most suspicious (lowest AUM) first
-    assert rep["against_known_noisy"]["true_count"] == 13     # the tiny run's mask
-    assert "estimated" in capsys.readouterr().out
+    assert sorted(f["id"] for f in rep["flagged"]) == list(100 + np.flatnonzero(noisy))
+    assert rep["against_known_noisy"] == {"true_count": 13, "flagged": 13, "correct": 13, "precision": 1.0,
+                                          "recall": 1.0}
+    assert "aum: estimated 13 mislabeled of 90 (14.4%)" in capsys.readouterr().out
     for argv, says in ((["--score", "pds"], "has no pds score"), (["--score", "variability"], "not a mislabel score"),
                        (["--data", str(tmp_path / "nope.h5")], "nope.h5")):
         assert main(["flag", str(scores), *argv, "--out", str(tmp_path / "x.json")]) == 2

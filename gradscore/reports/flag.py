@@ -40,10 +40,19 @@ def suspicion(scores: dict[str, np.ndarray], name: str) -> np.ndarray:
     return scores[name] * ORIENTATION[name]
 
 
+#: what :func:`estimate` found, where it gives no count, as a user reads it
+NO_COUNT = {
+    "one population": "one component fits the scores as well as two (BIC)",
+    "suspicious majority": "the suspicious of two components would hold most examples",
+}
+
+
 def estimate(suspicion: np.ndarray, seed: int = 0) -> dict[str, Any]:
     """Two-component mixture on (N,) finite ``suspicion`` values (higher = more suspicious):
-    ``flagged`` (N,) bool, ``count``, ``threshold`` (the lowest flagged value, or None) and
-    the BIC of one and two components."""
+    ``flagged`` (N,) bool, ``count`` (None where no suspicious minority separates: then
+    nothing is flagged, which says nothing about how many labels are wrong), ``finding``
+    ("two populations" or a key of :data:`NO_COUNT`), ``threshold`` (the lowest flagged
+    value, or None) and the BIC of one and two components."""
     from sklearn.mixture import GaussianMixture
     x = suspicion.reshape(-1, 1).astype(np.float64)
     fits = [GaussianMixture(k, random_state=seed, n_init=3).fit(x) for k in (1, 2)]
@@ -51,19 +60,33 @@ def estimate(suspicion: np.ndarray, seed: int = 0) -> dict[str, Any]:
     out: dict[str, Any] = {"bic_one": bic[0], "bic_two": bic[1]}
     two = fits[1]
     upper = int(np.argmax(two.means_[:, 0]))
-    flagged = two.predict_proba(x)[:, upper] > 0.5 if bic[1] < bic[0] else np.zeros(len(x), dtype=bool)
-    if flagged.sum() * 2 > len(x):   # the "suspicious" population cannot be the majority
+    flagged = two.predict_proba(x)[:, upper] > 0.5
+    if bic[1] >= bic[0]:
+        finding = "one population"
+    elif flagged.sum() * 2 > len(x):   # the "suspicious" population cannot be the majority
+        finding = "suspicious majority"
+    else:
+        finding = "two populations"
+    if finding != "two populations":
         flagged = np.zeros(len(x), dtype=bool)
-    out.update(flagged=flagged, count=int(flagged.sum()),
+    out.update(flagged=flagged, finding=finding, count=int(flagged.sum()) if finding == "two populations" else None,
                threshold=float(suspicion[flagged].min()) if flagged.any() else None)
     return out
+
+
+def no_count_line(score: str, finding: str) -> str:
+    """What a user reads where :func:`estimate` gives no count for ``score``."""
+    return (f"{score}: no count: {NO_COUNT[finding]}, so nothing is flagged. That does not mean "
+            f"the labels are clean: where clean and mislabeled examples score alike, their number cannot be "
+            f"read from the scores; rank by {score} instead (gradscore select)")
 
 
 def flag(scores: str | Path, *, score: str | None = None, data: str | Path | None = None,
          out: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Estimate how many examples of ``scores`` are mislabeled and which (see the module
     docstring); write the report as JSON to ``out`` if given. Returns the report:
-    ``estimated_count``, ``estimated_rate``, ``flagged`` (index, id, score, most
+    ``estimated_count`` and ``estimated_rate`` (None, with ``finding`` saying why, where no
+    suspicious minority separates), ``flagged`` (index, id, score, most
     suspicious first), ``per_class`` (with ``data``), ``against_known_noisy`` (with a mask)."""
     if out is not None:
         claim(out, "json", inputs={"the scores file": [scores], "the --data file": [data]}, overwrite=overwrite)
@@ -87,7 +110,8 @@ def flag(scores: str | Path, *, score: str | None = None, data: str | Path | Non
     report: dict[str, Any] = {
         "scores_file": str(scores), "score": name, "orientation": "higher = more suspicious" if ORIENTATION[name] > 0
         else "lower = more suspicious", "method": "two-component Gaussian mixture on the score (BIC against one)",
-        "n": int(len(values)), "estimated_count": est["count"], "estimated_rate": est["count"] / len(values),
+        "n": int(len(values)), "estimated_count": est["count"], "finding": est["finding"],
+        "estimated_rate": None if est["count"] is None else est["count"] / len(values),
         "bic_one": est["bic_one"], "bic_two": est["bic_two"],
         "threshold": None if est["threshold"] is None else est["threshold"] * ORIENTATION[name],
         "flagged": [{"index": int(i), "id": ids[i].item() if hasattr(ids[i], "item") else ids[i],
