@@ -150,7 +150,8 @@ def _add_flag(sub: argparse._SubParsersAction) -> None:
                 description="Fit a two-component mixture to a mislabel score (higher or lower = more suspicious, "
                 "as the score says) and flag the examples of the suspicious component; write their ids and "
                 "scores, the estimated count and rate, the rate per class (with --data) and precision/recall "
-                "against a known-noisy mask when there is one.")
+                "against a known-noisy mask when there is one. Where no suspicious minority separates from the "
+                "rest, it flags nothing and gives no count (which does not mean the labels are clean).")
     p.add_argument("scores", metavar="SCORES.h5", help="a scores file written by gradscore run")
     p.add_argument("--score", default=None, metavar="NAME",
                    help="the score to flag by (default: the first of mislabel, aum, el2n, loss in the file)")
