@@ -44,14 +44,16 @@ def test_flag_says_when_the_score_gives_no_count(tmp_path, capsys):
     n, noisy = 1000, np.arange(1000) < 200
     scores = np.where(noisy, rng.normal(0.3, 0.2, n), rng.normal(0.0, 0.2, n))
     path = _planted(tmp_path / "s.h5", np.arange(n), noisy, {"mislabel": scores})
+    data = gs.save_dataset(tmp_path / "d.h5", rng.normal(size=(n, 2)).astype(np.float32), np.arange(n) % 3)
     out = tmp_path / "f.json"
-    assert main(["flag", str(path), "--out", str(out)]) == 0
+    assert main(["flag", str(path), "--data", str(data), "--out", str(out)]) == 0
     line = capsys.readouterr().out.splitlines()[0]
     assert "no count" in line and "estimated 0" not in line and "gradscore select" in line, line
     rep = json.loads(out.read_text())
     assert rep["estimated_count"] is None and rep["estimated_rate"] is None and rep["flagged"] == []
     assert rep["finding"] == "one population"
     assert rep["against_known_noisy"]["flagged"] == 0
+    assert {c["estimated_rate"] for c in rep["per_class"].values()} == {None}   # no rate per class either
     lines = []
     assert gs.diagnose(path, echo=lines.append)["flag"]["estimated_count"] is None
     text = "\n".join(lines)

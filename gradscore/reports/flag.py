@@ -120,7 +120,8 @@ def flag(scores: str | Path, *, score: str | None = None, data: str | Path | Non
     if data is not None:
         labels, data_noisy = scored_labels(data, res["ids"])
         report["per_class"] = {int(c): {"n": int((labels == c).sum()), "flagged": int(flagged[labels == c].sum()),
-                                        "estimated_rate": float(flagged[labels == c].mean())}
+                                        "estimated_rate": None if est["count"] is None
+                                        else float(flagged[labels == c].mean())}
                                for c in np.unique(labels)}
         noisy = data_noisy if noisy is None else noisy
     if noisy is not None:
