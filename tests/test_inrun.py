@@ -499,13 +499,83 @@ def test_aggregates_over_presentations_by_hand():
             "loss": np.array([1.0, 2.0, 3.0, 5.0, 4.0]), "correct": np.array([1, 0, 0, 1, 0], dtype=np.int8),
             "margin": np.array([1.0, -1.0, -2.0, 4.0, -3.0]), "lr": np.array([0.1, 0.1, 0.2, 0.3, 0.3]),
             "dot": np.array([1.0, 2.0, np.nan, 2.0, -1.0]), "p_gold": np.array([0.5, 0.1, 0.3, 0.7, 0.2])}
+    rows["target_norm"] = np.where(np.isnan(rows["dot"]), np.nan, 1.0)   # step 1 had no target gradient
     s = inrun_scores.aggregate(rows, 2, {"loss", "forgetting", "aum", "inrun_value", "confidence", "variability"})
     assert s["loss"].tolist() == [3.0, 3.0]
     assert s["aum"].tolist() == [1.0, -2.0]
     assert s["forgetting"].tolist() == [1.0, 2.0]       # 1 → 0 once; never correct: 2 presentations
-    np.testing.assert_allclose(s["inrun_value"], [0.1 * 1 + 0.3 * 2, 0.1 * 2 - 0.3])   # NaN steps skipped
+    # example 0: 2 of its 3 presentations measured, so their sum times 3/2
+    np.testing.assert_allclose(s["inrun_value"], [1.5 * (0.1 * 1 + 0.3 * 2), 0.1 * 2 - 0.3])
     np.testing.assert_allclose(s["confidence"], [0.5, 0.15])
     np.testing.assert_allclose(s["variability"], [np.std([0.5, 0.3, 0.7]), np.std([0.1, 0.2])])
+
+
+def test_inrun_value_is_over_all_presentations_and_nan_where_none_was_measured():
+    """With a target every k > 1 steps, an example's inrun_value is the sum over its measured
+    presentations times presentations / measured: an estimate of the whole sum, in its units,
+    whatever k is and however many of its presentations a target step happened to meet.
+    Where none did, NaN: a 0 would read as "moved J by nothing". A step the loss scaler
+    skipped (lr 0) is measured, and moved nothing, whatever its non-finite dot."""
+    nan = np.nan
+    rows = {"row": np.array([0, 1, 0, 0, 1, 2, 3, 3]), "step": np.array([0, 0, 1, 2, 2, 1, 3, 4]),
+            "lr": np.array([0.1, 0.1, 0.2, 0.3, 0.3, 0.2, 0.0, 0.2]),
+            "dot": np.array([1.0, 2.0, nan, 2.0, -1.0, nan, nan, 0.5]),
+            "target_norm": np.array([1.0, 1.0, nan, 1.0, 1.0, nan, 1.0, 1.0]),
+            "share_sq_norm": np.array([4.0, 4.0, 1.0, 4.0, 1.0, 1.0, nan, 1.0]),
+            "sq_norm": np.array([4.0, 4.0, 1.0, 4.0, 1.0, 1.0, nan, 1.0])}
+    s = inrun_scores.aggregate(rows, 4, {"inrun_value", "inrun_value_cos"})
+    want = [1.5 * (0.1 * 1 + 0.3 * 2), 0.1 * 2 - 0.3, nan, 0.0 + 0.2 * 0.5]
+    np.testing.assert_allclose(s["inrun_value"], want)
+    assert np.isnan(s["inrun_value_cos"][2])
+    terms = inrun_scores.dot_terms(rows, 4)      # diagnose's reading: raw is inrun_value
+    np.testing.assert_allclose(terms["raw"], want)
+    np.testing.assert_allclose(terms["cos"], [1.5 * (0.1 * 0.5 + 0.3 * 1.0), 0.1 * 1.0 - 0.3, nan, 0.2 * 0.5])
+
+
+def test_a_target_every_k_steps_estimates_the_every_step_value(tmp_path):
+    """The same training (bit-identical) recorded with a target every step and every 3rd:
+    every 3rd gives each example its measured steps' sum times presentations / measured,
+    NaN where no presentation met a target step (the close() warning counts them)."""
+    x, y = _data()
+    values, rows = {}, {}
+    for every in (1, 3):
+        torch.manual_seed(0)
+        model = mlp(d_in=10, hidden=8, n_classes=4, depth=1).double()
+        rec = gs.InRun(model, out=tmp_path / f"e{every}.h5", targets=(x[:6], y[:6]), every=every)
+        _train(model, x, y, steps=7, batch=8, rec=rec)
+        if every == 3:
+            with pytest.warns(gs.exceptions.GradscoreWarning,
+                              match=r"(\d+) of (\d+) examples met no step with a target gradient \(every=3\): their "
+                                    r"inrun_value and inrun_value_cos are NaN"):
+                rec.close()
+        else:
+            rec.close()
+        values[every] = gs.load_scores(tmp_path / f"e{every}.h5")["scores"]["inrun_value"]
+        from gradscore.io.store import load_inrun_rows
+        rows[every] = load_inrun_rows(tmp_path / f"e{every}.h5")
+    r = rows[1]
+    measured = r["step"] % 3 == 0
+    n = len(values[1])
+    seen = np.bincount(r["row"], minlength=n)
+    met = np.bincount(r["row"][measured], minlength=n)
+    total = np.bincount(r["row"][measured], (r["lr"] * r["dot"])[measured], minlength=n)
+    want = np.where(met > 0, total * seen / np.maximum(met, 1), np.nan)
+    assert np.isnan(want).any() and (met < seen).any() and (met == seen).any()   # all three cases occur
+    np.testing.assert_allclose(values[3], want, rtol=1e-12)
+    np.testing.assert_allclose(values[1], np.bincount(r["row"], r["lr"] * r["dot"], minlength=n), rtol=1e-12)
+    # diagnose reads it over the examples that have a value, and says so
+    ids = gs.load_scores(tmp_path / "e3.h5")["ids"]
+    noisy = np.arange(len(y)) % 4 == 0
+    data = gs.save_dataset(tmp_path / "d.h5", x.numpy(), y.numpy(), noisy=noisy)
+    lines: list = []
+    rep = gs.diagnose(tmp_path / "e3.h5", score="inrun_value", data=data, echo=lines.append)
+    scored = int(np.isfinite(values[3]).sum())
+    assert rep["flagging"]["-inrun_value_raw"]["scored"] == scored < len(ids)
+    assert rep["flagging"]["loss"]["scored"] == len(ids)
+    from sklearn.metrics import roc_auc_score
+    ok = np.isfinite(values[3])
+    assert rep["flagging"]["-inrun_value_raw"]["auroc"] == pytest.approx(roc_auc_score(noisy[ids][ok], -values[3][ok]))
+    assert any(f"over the {scored} of {len(ids)} with a value" in line for line in lines)
 
 
 def test_refusals_are_one_clear_line(tmp_path):

@@ -30,10 +30,14 @@ FIELDS = {"step": np.int64, "lr": np.float64, "loss": np.float64, "share": np.fl
 
 
 def _concat(parts: list) -> np.ndarray:
-    """One array from per-step numpy arrays or (device) tensors, copied to the host once."""
-    if isinstance(parts[0], torch.Tensor):
-        return torch.cat([p.detach().double() if p.is_floating_point() else p for p in parts]).cpu().numpy()
-    return np.concatenate(parts)
+    """One array from per-step numpy arrays or (device) tensors, copied to the host once. A
+    field may be both: a step without a target gradient records its dots as a NaN array."""
+    like = next((p for p in parts if isinstance(p, torch.Tensor)), None)
+    if like is None:
+        return np.concatenate(parts)
+    parts = [p.detach() if isinstance(p, torch.Tensor) else torch.from_numpy(np.asarray(p)).to(like.device)
+             for p in parts]
+    return torch.cat([p.double() if p.is_floating_point() else p for p in parts]).cpu().numpy()
 
 
 class RowJournal:
@@ -115,6 +119,18 @@ def warnings_of(rows: dict[str, np.ndarray]) -> list[str]:
     return out
 
 
+def _unmeasured(fields: dict[str, np.ndarray], n: int, every: int, wanted: set[str]) -> list[str]:
+    """A warning naming how many of the ``n`` examples have no measured presentation (their
+    inrun_value and inrun_value_cos are NaN), where a target gradient was recorded."""
+    if not wanted & {"inrun_value", "inrun_value_cos"} or not np.isfinite(fields["target_norm"]).any():
+        return []
+    k = int((np.bincount(fields["row"][inrun_scores.measured(fields)], minlength=n) == 0).sum())
+    why = (f"met no step with a target gradient (every={every})" if every > 1
+           else "have no finite dot with the target gradient")
+    return [f"{k} of {n} examples {why}: their inrun_value and inrun_value_cos are NaN"
+            + ("; a smaller every measures more of them" if every > 1 else "")] if k else []
+
+
 def write(out: Path, rows: dict[str, np.ndarray], *, config: dict[str, Any], fingerprint: dict, loss: str,
           wanted: set[str], complete: bool) -> list[str]:
     """The scores file ``out`` from step-ordered ``rows``: ``/ids`` (sorted unique), ``/scores``
@@ -123,8 +139,8 @@ def write(out: Path, rows: dict[str, np.ndarray], *, config: dict[str, Any], fin
     :func:`warnings_of` the rows; atomically. Returns those warnings."""
     ids, row = np.unique(rows["ids"], return_inverse=True)
     fields = {k: v for k, v in rows.items() if k != "ids"}
-    found = warnings_of(rows)
     fields["row"] = row.reshape(-1).astype(np.int64)
+    found = warnings_of(rows) + _unmeasured(fields, len(ids), config.get("every", 1), wanted)
     scores = inrun_scores.aggregate(fields, len(ids), wanted)
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update({"config": json.dumps(config, sort_keys=True), "fingerprint": json.dumps(fingerprint,

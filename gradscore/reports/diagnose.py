@@ -65,11 +65,18 @@ def _mask(res: dict[str, Any], noisy_mask: str | None, ds: Dataset | None) -> tu
 
 
 def _flag_metrics(noisy: np.ndarray, s: np.ndarray) -> dict[str, float]:
+    """AUROC, AP and precision at k (k = the noisy ones) of ``s`` for the ``noisy`` mask, over
+    the examples whose score is finite (``scored``: how many; an in-run value is NaN where no
+    target step met the example)."""
     from sklearn.metrics import average_precision_score, roc_auc_score
+    ok = np.isfinite(s)
+    noisy, s = noisy[ok], s[ok]
     k = int(noisy.sum())
     top = np.argsort(-s, kind="stable")[:k]
-    return {"auroc": float(roc_auc_score(noisy, s)), "ap": float(average_precision_score(noisy, s)),
-            "precision_at_k": float(noisy[top].mean()) if k else float("nan")}
+    both = 0 < k < len(noisy)   # AUROC and AP need both kinds of example
+    return {"auroc": float(roc_auc_score(noisy, s)) if both else float("nan"),
+            "ap": float(average_precision_score(noisy, s)) if both else float("nan"),
+            "precision_at_k": float(noisy[top].mean()) if k else float("nan"), "scored": int(ok.sum())}
 
 
 def diagnose(scores: str | Path, *, score: str = "pds", noisy_mask: str | None = None, data: str | None = None,
@@ -143,10 +150,11 @@ def compute(res: dict[str, Any], source_file: str, *, score: str, noisy: np.ndar
         top1 = np.argsort(-mean_g, kind="stable")[:max(1, n // 100)]
         report["decomposition"] = {"max_abs_error": 0.0, "max_rel_error": 0.0, "mean_grad_norm": mean_g.tolist(),
                                    "mean_cos": mean_cos.tolist()}   # cos is read from the dot: exact by construction
-        report["inflation"] = {v: {"spearman_abs_score_vs_norm": float(spearmanr(np.abs(x), mean_g)[0]),
-                                   "top1pct_norm_share_of_abs_score": float(np.abs(x)[top1].sum()
-                                                                            / max(np.abs(x).sum(), 1e-300))}
-                               for v, x in var.items()}
+        report["inflation"] = {v: {"spearman_abs_score_vs_norm": float(spearmanr(np.abs(x), mean_g,
+                                                                                 nan_policy="omit")[0]),
+                                   "top1pct_norm_share_of_abs_score": float(np.nansum(np.abs(x)[top1])
+                                                                            / max(np.nansum(np.abs(x)), 1e-300))}
+                               for v, x in var.items()}   # over the examples a target step met (NaN: none)
         flags[f"|{score}|"] = np.abs(var["raw"])
         flags.update({f"-{score}_{v}": -x for v, x in var.items()})
     elif dot_key in pc and "sq_grad_norm" in pc and norm_key in ck and "eta" in ck:
@@ -185,9 +193,11 @@ def compute(res: dict[str, Any], source_file: str, *, score: str, noisy: np.ndar
     report["flagging"] = {name: _flag_metrics(noisy, x) for name, x in flags.items()}
     if var:
         k = max(1, int(round(top_fraction * n)))
+        finite = {v: np.flatnonzero(np.isfinite(x)) for v, x in var.items()}   # NaN: not measured, in no tail
         report["contamination"] = {
-            v: {"top": float(noisy[np.argsort(-x, kind="stable")[:k]].mean()),
-                "bottom": float(noisy[np.argsort(x, kind="stable")[:k]].mean())} for v, x in var.items()}
+            v: {"top": float(noisy[finite[v][np.argsort(-x[finite[v]], kind="stable")[:k]]].mean()),
+                "bottom": float(noisy[finite[v][np.argsort(x[finite[v]], kind="stable")[:k]]].mean())}
+            for v, x in var.items()}
     return report, var
 
 
@@ -212,7 +222,8 @@ def render(report: dict[str, Any], top_fraction: float = 0.1) -> list[str]:
         lines += [f"\nflagging the {report['n_noisy']} noisy examples ({report['noisy_source']}); "
                   f"higher = more suspicious", f"{'score':<22}{'AUROC':>8}{'AP':>8}{'P@k':>8}"]
         lines += [f"{name:<22}{m['auroc']:>8.3f}{m['ap']:>8.3f}{m['precision_at_k']:>8.3f}"
-                  for name, m in report["flagging"].items()]
+                  + (f"   over the {m['scored']} of {report['n']} with a value" if m.get("scored", report["n"])
+                     < report["n"] else "") for name, m in report["flagging"].items()]
     if "contamination" in report:
         lines.append(f"\nshare noisy in the top / bottom {top_fraction:.0%} by {score} "
                      f"(base rate {report['base_rate']:.3f})")

@@ -10,10 +10,14 @@ steps without a target gradient). Every score is over the presentations of an ex
   ``variability`` (mean, std of p_gold), ``correctness``: means over its presentations;
 - ``forgetting``: correct → incorrect transitions between consecutive presentations, on
   the minibatch predictions (Toneva et al. 2019); never correct: its number of presentations;
-- ``inrun_value`` = Σ_t η_t ⟨∇L_b(θ_t), ∇J(θ_t)⟩ over the steps with a target gradient:
-  the first-order decrease of the target loss J caused by b's share of the updates
-  (In-Run Data Shapley's first-order term; exact to first order for plain SGD).
-  Larger = more helpful; units: target loss. ``inrun_value_cos``: the mean cosine.
+- ``inrun_value`` = Σ_t η_t ⟨∇L_b(θ_t), ∇J(θ_t)⟩ over b's presentations: the first-order
+  decrease of the target loss J caused by b's share of the updates (In-Run Data Shapley's
+  first-order term; exact to first order for plain SGD). Larger = more helpful; units:
+  target loss. With a target gradient every k > 1 steps only the presentations at those
+  steps are measured: their sum times presentations / measured, an estimate of the whole
+  sum in its units, whatever k; NaN for an example no target step met. A step with η_t = 0
+  (one a loss scaler skipped) is measured as 0. ``inrun_value_cos``: the mean cosine over
+  the measured presentations.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import numpy as np
 #: the scores :func:`aggregate` can make, with the rows each needs
 NEEDS = {"loss": {"loss"}, "el2n": {"el2n"}, "grand": {"sq_norm"}, "aum": {"margin"},
          "confidence": {"p_gold"}, "variability": {"p_gold"}, "correctness": {"correct"},
-         "forgetting": {"correct"}, "threshold_closeness": {"p_gold"}, "inrun_value": {"dot", "lr"},
+         "forgetting": {"correct"}, "threshold_closeness": {"p_gold"}, "inrun_value": {"dot", "lr", "target_norm"},
          "inrun_value_cos": {"dot", "share_sq_norm", "target_norm"}}
 
 
@@ -33,6 +37,24 @@ def _mean(values: np.ndarray, row: np.ndarray, n: int) -> np.ndarray:
     count = np.bincount(row[ok], minlength=n)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def measured(rows: dict[str, np.ndarray]) -> np.ndarray:
+    """(M,) bool: the records of a step with a target gradient whose dot can be read, or
+    that moved nothing (η = 0: a step the loss scaler skipped, whatever its dot)."""
+    target = np.isfinite(rows["target_norm"])
+    return target & ((rows["lr"] == 0) | np.isfinite(rows["lr"] * rows["dot"]))
+
+
+def over_presentations(terms: np.ndarray, ok: np.ndarray, row: np.ndarray, n: int) -> np.ndarray:
+    """(n,) float64: per example, the sum of ``terms`` (M,) over its records ``ok`` (M,) bool
+    times its presentations / those records: the whole sum where every presentation is
+    measured, an estimate of it where some are; NaN where none is."""
+    total = np.bincount(row[ok], terms[ok].astype(np.float64), minlength=n)
+    count = np.bincount(row[ok], minlength=n)
+    seen = np.bincount(row, minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total * seen / np.maximum(count, 1), np.nan)
 
 
 def forgetting(correct: np.ndarray, row: np.ndarray, step: np.ndarray, n: int) -> np.ndarray:
@@ -68,9 +90,9 @@ def aggregate(rows: dict[str, np.ndarray], n: int, wanted: set[str]) -> dict[str
     if "forgetting" in pick:
         out["forgetting"] = forgetting(rows["correct"], row, rows["step"], n)
     if "inrun_value" in pick:
-        term = rows["lr"].astype(np.float64) * rows["dot"].astype(np.float64)
-        ok = np.isfinite(term)
-        out["inrun_value"] = np.bincount(row[ok], term[ok], minlength=n)
+        ok = measured(rows)
+        term = np.where(rows["lr"] == 0, 0.0, rows["lr"].astype(np.float64) * rows["dot"].astype(np.float64))
+        out["inrun_value"] = over_presentations(term, ok, row, n)
     if "inrun_value_cos" in pick:
         with np.errstate(invalid="ignore", divide="ignore"):
             cos = rows["dot"] / (np.sqrt(rows["share_sq_norm"]) * rows["target_norm"])
@@ -83,17 +105,23 @@ def dot_terms(rows: dict[str, np.ndarray], n: int, clip_quantile: float = 0.9) -
     target gradient: ``mean_grad_norm`` (mean ‖∇ℓ_b‖), ``mean_cos``, and the variants of
     :func:`gradscore.scores.pds.variants` that records allow (``mean_cos`` η-weighted): ``raw`` (= inrun_value),
     ``cos`` (Σ_t η_t cos) and ``clip`` (each term's ‖∇L_b‖ clipped at the ``clip_quantile``
-    of all records' share norms)."""
-    ok = np.isfinite(rows["dot"]) & np.isfinite(rows["target_norm"])
-    row, eta, dot = rows["row"][ok], rows["lr"][ok].astype(np.float64), rows["dot"][ok].astype(np.float64)
-    g = np.sqrt(np.maximum(rows["share_sq_norm"][ok].astype(np.float64), 0.0))
-    denom = g * rows["target_norm"][ok]
+    of all records' share norms); each sum over the measured presentations, scaled to all
+    as ``inrun_value`` is (:func:`over_presentations`)."""
+    ok = measured(rows)
+    moved = ok & (rows["lr"] != 0)   # the records that enter the norm, the cosine and the clip
+    row, eta, dot = rows["row"][moved], rows["lr"][moved].astype(np.float64), rows["dot"][moved].astype(np.float64)
+    g = np.sqrt(np.maximum(rows["share_sq_norm"][moved].astype(np.float64), 0.0))
+    denom = g * rows["target_norm"][moved]
     cos = np.divide(dot, denom, out=np.zeros_like(denom), where=denom > 0)
     c = np.quantile(g, clip_quantile) if len(g) else 0.0
-    per = {"raw": eta * dot, "cos": eta * cos, "clip": eta * np.minimum(g, c) * rows["target_norm"][ok] * cos}
-    out = {k: np.bincount(row, v, minlength=n) for k, v in per.items()}
-    out["mean_grad_norm"] = _mean(np.sqrt(np.maximum(rows["sq_norm"][ok].astype(np.float64), 0.0)), row, n)
-    weight = np.bincount(row, eta, minlength=n)
+    per = {"raw": eta * dot, "cos": eta * cos, "clip": eta * np.minimum(g, c) * rows["target_norm"][moved] * cos}
+    out = {}
+    for k, v in per.items():   # 0 for the records of skipped steps, then over all presentations
+        terms = np.zeros(len(ok))
+        terms[moved] = v
+        out[k] = over_presentations(terms, ok, rows["row"], n)
+    out["mean_grad_norm"] = _mean(np.sqrt(np.maximum(rows["sq_norm"][moved].astype(np.float64), 0.0)), row, n)
+    weight, total = np.bincount(row, eta, minlength=n), np.bincount(row, per["cos"], minlength=n)
     with np.errstate(invalid="ignore", divide="ignore"):
-        out["mean_cos"] = np.where(weight > 0, out["cos"] / weight, np.nan)   # η-weighted, as for checkpoints
+        out["mean_cos"] = np.where(weight > 0, total / weight, np.nan)   # η-weighted, as for checkpoints
     return out
