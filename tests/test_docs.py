@@ -88,4 +88,5 @@ def test_the_readme_quickstart_runs_as_written(tmp_path):
     for out in ("scores.h5", "diagnosis/diagnosis.json", "flagged.json", "keep.json", "datamap.png"):
         assert (tmp_path / out).is_file(), out
     assert "flagging the" in done.stdout and "selection -> keep.json" in done.stdout
-    assert "mislabel: no count" in done.stdout   # what the README says flag answers here
+    # flag's line: a count, or where no population separates (another init), that there is none
+    assert "mislabel: estimated" in done.stdout or "mislabel: no count" in done.stdout
