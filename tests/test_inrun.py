@@ -578,6 +578,23 @@ def test_a_target_every_k_steps_estimates_the_every_step_value(tmp_path):
     assert any(f"over the {scored} of {len(ids)} with a value" in line for line in lines)
 
 
+def test_without_targets_no_target_score_is_written_and_asking_for_one_is_refused(tmp_path):
+    """With no target gradient there is no inrun_value: the default scores leave the two
+    target scores out (they were written as 0 for every example), and asking for them is one
+    clear error naming targets=."""
+    x, y = _data(dtype=torch.float32)
+    model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
+    rec = gs.InRun(model, out=tmp_path / "r.h5")
+    with rec.step(range(8), y[:8], lr=0.1):
+        F.cross_entropy(model(x[:8]), y[:8]).backward()
+    res = gs.load_scores(rec.close())
+    assert {"loss", "grand", "aum"} <= set(res["scores"]) and not {"inrun_value", "inrun_value_cos"} & set(res["scores"])
+    for scores in (("loss", "inrun_value"), "inrun_value_cos"):
+        with pytest.raises(gs.ConfigError, match=r"invalid value for 'scores': inrun_value.* needs? a target "
+                                                 r"gradient; pass targets="):
+            gs.InRun(model, out=tmp_path / "s.h5", scores=scores)
+
+
 def test_refusals_are_one_clear_line(tmp_path):
     x, y = _data(dtype=torch.float32)
     bn = nn.Sequential(nn.Linear(10, 8), nn.BatchNorm1d(8), nn.Linear(8, 4))

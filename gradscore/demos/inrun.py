@@ -121,6 +121,6 @@ def run_inrun_demo(out: str | Path = "gradscore_demo_inrun", *, epochs: int = 15
          "only approximate J's change)")
     unseen = int(np.isnan(inrun["scores"]["inrun_value_cos"]).sum())
     if unseen:
-        echo(f"({unseen} examples were never in a batch with a target gradient: inrun_value 0, cos NaN)")
+        echo(f"({unseen} examples were never in a batch with a target gradient: their inrun_value and cos are NaN)")
     echo(f"\nin-run scores -> {out / 'inrun.h5'} (gradscore info / diagnose / select / flag read it)")
     return summary

@@ -83,6 +83,8 @@ from .store import RowJournal, read_rows, row_files, write
 
 DEFAULT_SCORES = ("loss", "grand", "el2n", "aum", "forgetting", "confidence", "variability", "correctness",
                   "inrun_value", "inrun_value_cos")
+#: the scores that need a target gradient (``targets=``): the defaults leave them out without one
+TARGET_SCORES = ("inrun_value", "inrun_value_cos")
 #: relative residual of δ_b − s_b ∂ℓ_b/∂z_b allowed, by the output gradient's dtype (others, under
 #: autocast: 3e-2). 1e-3 also for float64: a loss may compute in float32 (Hugging Face's upcasts
 #: its logits with .float()); a loss that is not a weighted sum is off by far more.
@@ -353,8 +355,14 @@ class InRun:
                               f"the model, 'adam' (the trainer's Adam, handed over by its callback), or leave it out")
         adam = optimizer == "adam" or isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
         targets = None if targets is None else _checked_targets(targets)
-        self.config = InRunConfig(out=str(out), loss=self.loss.name,
-                                  scores=(scores,) if isinstance(scores, str) else tuple(scores), every=every,
+        asked = (scores,) if isinstance(scores, str) else tuple(scores)
+        if targets is None and scores is DEFAULT_SCORES:
+            asked = tuple(s for s in asked if s not in TARGET_SCORES)
+        elif targets is None and (needs := [s for s in asked if s in TARGET_SCORES]):
+            raise ConfigError(f"invalid value for 'scores': {' and '.join(needs)} "
+                              f"{'need' if len(needs) > 1 else 'needs'} a target gradient; pass targets=(x, y) (a "
+                              f"batch of target examples), or leave {'them' if len(needs) > 1 else 'it'} out")
+        self.config = InRunConfig(out=str(out), loss=self.loss.name, scores=asked, every=every,
                                   targets=0 if targets is None else sum(len(y) for _, y in targets),
                                   preconditioner="adam" if adam else "none", hidden_terms=hidden_terms)
         self.optimizer = None if optimizer == "adam" else optimizer   # "adam": the trainer's, set later
