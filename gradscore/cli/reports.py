@@ -162,16 +162,11 @@ def _add_flag(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_flag(args: argparse.Namespace) -> int:
     from ..reports.flag import flag
-    from ..reports.flag import no_count_line
+    from ..reports.flag import count_line
     rep = flag(args.scores, score=args.score, data=args.data, out=args.out, overwrite=args.overwrite)
     known = rep.get("against_known_noisy")
-    if rep["estimated_count"] is None:
-        print(no_count_line(rep["score"], rep["finding"]))
-    else:
-        print(f"{rep['score']}: estimated {rep['estimated_count']} mislabeled of {rep['n']} "
-              f"({rep['estimated_rate']:.1%})" + (f"; against the {known['true_count']} known: precision "
-                                                   f"{known['precision']:.3f}, recall {known['recall']:.3f}"
-                                                   if known else ""))
+    print(count_line(rep) + (f"; against the {known['true_count']} known: precision {known['precision']:.3f}, "
+                             f"recall {known['recall']:.3f}" if known and rep["estimated_count"] is not None else ""))
     print(f"flagged -> {args.out}")
     return 0
 

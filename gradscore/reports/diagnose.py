@@ -33,7 +33,7 @@ from ..exceptions import GradscoreError
 from ..io.outputs import claim
 from ..scores.inrun import dot_terms as inrun_dot_terms
 from ..scores.pds import DOT_SCORES, decompose, variants
-from .flag import default_score, estimate, no_count_line, suspicion
+from .flag import count_line, default_score, estimate, suspicion
 from ..io.store import load_inrun_rows, load_scores
 
 #: the dot-product score of an in-run file (gs.InRun), diagnosed from its records
@@ -183,7 +183,8 @@ def compute(res: dict[str, Any], source_file: str, *, score: str, noisy: np.ndar
     values = None if name is None else suspicion(res["scores"], name)
     if values is not None and np.isfinite(values).sum() >= 10:   # how many look mislabeled (gradscore flag)
         est = estimate(values[np.isfinite(values)])
-        report["flag"] = {"score": name, "estimated_count": est["count"], "finding": est["finding"],
+        report["flag"] = {"score": name, "n": n, "estimated_count": est["count"], "finding": est["finding"],
+                          "separation": est["separation"],
                           "estimated_rate": None if est["count"] is None else est["count"] / n}
     if noisy is None:
         skip(f"mask-based figures ({source})")
@@ -214,9 +215,7 @@ def render(report: dict[str, Any], top_fraction: float = 0.1) -> list[str]:
                   for v, x in report["inflation"].items()]
     if "flag" in report:
         f = report["flag"]
-        lines.append(f"estimated mislabeled by {f['score']} (gradscore flag): {f['estimated_count']} of {report['n']} "
-                     f"({f['estimated_rate']:.1%})" if f["estimated_count"] is not None
-                     else "gradscore flag by " + no_count_line(f["score"], f["finding"]))
+        lines.append("gradscore flag by " + count_line(f))
     lines += [f"skipped: {why}" for why in report["skipped"]]
     if "flagging" in report:
         lines += [f"\nflagging the {report['n_noisy']} noisy examples ({report['noisy_source']}); "

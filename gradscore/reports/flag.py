@@ -40,6 +40,8 @@ def suspicion(scores: dict[str, np.ndarray], name: str) -> np.ndarray:
     return scores[name] * ORIENTATION[name]
 
 
+#: Ashman's D of two components at which they separate cleanly; below it the count is rough
+CLEAR_SEPARATION = 2.0
 #: what :func:`estimate` found, where it gives no count, as a user reads it
 NO_COUNT = {
     "one population": "one component fits the scores as well as two (BIC)",
@@ -51,15 +53,19 @@ def estimate(suspicion: np.ndarray, seed: int = 0) -> dict[str, Any]:
     """Two-component mixture on (N,) finite ``suspicion`` values (higher = more suspicious):
     ``flagged`` (N,) bool, ``count`` (None where no suspicious minority separates: then
     nothing is flagged, which says nothing about how many labels are wrong), ``finding``
-    ("two populations" or a key of :data:`NO_COUNT`), ``threshold`` (the lowest flagged
-    value, or None) and the BIC of one and two components."""
+    ("two populations" or a key of :data:`NO_COUNT`), ``separation`` (Ashman's D of the two
+    components, √2·|μ₁ − μ₂| / √(σ₁² + σ₂²): under :data:`CLEAR_SEPARATION` they overlap and
+    the count is rough), ``threshold`` (the lowest flagged value, or None) and the BIC of one
+    and two components."""
     from sklearn.mixture import GaussianMixture
     x = suspicion.reshape(-1, 1).astype(np.float64)
     fits = [GaussianMixture(k, random_state=seed, n_init=3).fit(x) for k in (1, 2)]
     bic = [float(m.bic(x)) for m in fits]
     out: dict[str, Any] = {"bic_one": bic[0], "bic_two": bic[1]}
     two = fits[1]
-    upper = int(np.argmax(two.means_[:, 0]))
+    mu, var = two.means_[:, 0], two.covariances_.reshape(-1)
+    out["separation"] = float(np.sqrt(2) * abs(mu[0] - mu[1]) / np.sqrt(var.sum()))
+    upper = int(np.argmax(mu))
     flagged = two.predict_proba(x)[:, upper] > 0.5
     if bic[1] >= bic[0]:
         finding = "one population"
@@ -74,11 +80,19 @@ def estimate(suspicion: np.ndarray, seed: int = 0) -> dict[str, Any]:
     return out
 
 
-def no_count_line(score: str, finding: str) -> str:
-    """What a user reads where :func:`estimate` gives no count for ``score``."""
-    return (f"{score}: no count: {NO_COUNT[finding]}, so nothing is flagged. That does not mean "
-            f"the labels are clean: where clean and mislabeled examples score alike, their number cannot be "
-            f"read from the scores; rank by {score} instead (gradscore select)")
+def count_line(report: dict[str, Any]) -> str:
+    """What a user reads of a count (``report``: :func:`flag`'s, or ``diagnose``'s "flag"):
+    the count and rate, said to be rough where the populations overlap, or why there is none."""
+    score, count = report["score"], report["estimated_count"]
+    if count is None:
+        return (f"{score}: no count: {NO_COUNT[report['finding']]}, so nothing is flagged. That does not mean "
+                f"the labels are clean: where clean and mislabeled examples score alike, their number cannot be "
+                f"read from the scores; rank by {score} instead (gradscore select)")
+    line = f"{score}: estimated {count} mislabeled of {report['n']} ({report['estimated_rate']:.1%})"
+    if report["separation"] < CLEAR_SEPARATION:
+        line += (f", a rough count: the two populations overlap (separation {report['separation']:.2f}, "
+                 f"under {CLEAR_SEPARATION:g}), so it can be off by many; rank by {score} instead (gradscore select)")
+    return line
 
 
 def flag(scores: str | Path, *, score: str | None = None, data: str | Path | None = None,
@@ -111,6 +125,7 @@ def flag(scores: str | Path, *, score: str | None = None, data: str | Path | Non
         "scores_file": str(scores), "score": name, "orientation": "higher = more suspicious" if ORIENTATION[name] > 0
         else "lower = more suspicious", "method": "two-component Gaussian mixture on the score (BIC against one)",
         "n": int(len(values)), "estimated_count": est["count"], "finding": est["finding"],
+        "separation": est["separation"],
         "estimated_rate": None if est["count"] is None else est["count"] / len(values),
         "bic_one": est["bic_one"], "bic_two": est["bic_two"],
         "threshold": None if est["threshold"] is None else est["threshold"] * ORIENTATION[name],
