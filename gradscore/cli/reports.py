@@ -161,8 +161,7 @@ def _add_flag(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_flag(args: argparse.Namespace) -> int:
-    from ..reports.flag import flag
-    from ..reports.flag import count_line
+    from ..reports.flag import count_line, flag
     rep = flag(args.scores, score=args.score, data=args.data, out=args.out, overwrite=args.overwrite)
     known = rep.get("against_known_noisy")
     print(count_line(rep) + (f"; against the {known['true_count']} known: precision {known['precision']:.3f}, "

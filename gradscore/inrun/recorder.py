@@ -83,8 +83,6 @@ from .store import RowJournal, read_rows, row_files, write
 
 DEFAULT_SCORES = ("loss", "grand", "el2n", "aum", "forgetting", "confidence", "variability", "correctness",
                   "inrun_value", "inrun_value_cos")
-#: the scores that need a target gradient (``targets=``): the defaults leave them out without one
-TARGET_SCORES = ("inrun_value", "inrun_value_cos")
 #: relative residual of δ_b − s_b ∂ℓ_b/∂z_b allowed, by the output gradient's dtype (others, under
 #: autocast: 3e-2). 1e-3 also for float64: a loss may compute in float32 (Hugging Face's upcasts
 #: its logits with .float()); a loss that is not a weighted sum is off by far more.
@@ -357,8 +355,8 @@ class InRun:
         targets = None if targets is None else _checked_targets(targets)
         asked = (scores,) if isinstance(scores, str) else tuple(scores)
         if targets is None and scores is DEFAULT_SCORES:
-            asked = tuple(s for s in asked if s not in TARGET_SCORES)
-        elif targets is None and (needs := [s for s in asked if s in TARGET_SCORES]):
+            asked = tuple(s for s in asked if s not in inrun_scores.TARGET_SCORES)  # none without targets
+        elif targets is None and (needs := [s for s in asked if s in inrun_scores.TARGET_SCORES]):
             raise ConfigError(f"invalid value for 'scores': {' and '.join(needs)} "
                               f"{'need' if len(needs) > 1 else 'needs'} a target gradient; pass targets=(x, y) (a "
                               f"batch of target examples), or leave {'them' if len(needs) > 1 else 'it'} out")

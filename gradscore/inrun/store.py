@@ -122,7 +122,7 @@ def warnings_of(rows: dict[str, np.ndarray]) -> list[str]:
 def _unmeasured(fields: dict[str, np.ndarray], n: int, every: int, wanted: set[str]) -> list[str]:
     """A warning naming how many of the ``n`` examples have no measured presentation (their
     inrun_value and inrun_value_cos are NaN), where a target gradient was recorded."""
-    if not wanted & {"inrun_value", "inrun_value_cos"} or not np.isfinite(fields["target_norm"]).any():
+    if not wanted & inrun_scores.TARGET_SCORES or not np.isfinite(fields["target_norm"]).any():
         return []
     k = int((np.bincount(fields["row"][inrun_scores.measured(fields)], minlength=n) == 0).sum())
     why = (f"met no step with a target gradient (every={every})" if every > 1

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
+#: the scores that need a target gradient (a recorder's ``targets=``)
+TARGET_SCORES = frozenset({"inrun_value", "inrun_value_cos"})
 #: the scores :func:`aggregate` can make, with the rows each needs
 NEEDS = {"loss": {"loss"}, "el2n": {"el2n"}, "grand": {"sq_norm"}, "aum": {"margin"},
          "confidence": {"p_gold"}, "variability": {"p_gold"}, "correctness": {"correct"},
