@@ -45,7 +45,9 @@ def _user_files(root: Path) -> dict[str, Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     files = {"h5": root / "mine.h5", "json": root / "mine.json", "png": root / "mine.png",
-             "csv": root / "mine.csv", "npz": root / "mine_weights.npz"}
+             "csv": root / "mine.csv", "npz": root / "mine_weights.npz",
+             # a data set's table starts with an id column as an export does
+             "csv_data": root / "train.csv", "csv_numbers": root / "features.csv"}
     with h5py.File(files["h5"], "w") as f:
         f["x"] = np.arange(3)
     files["json"].write_text(json.dumps({"notes": "mine"}))
@@ -53,6 +55,8 @@ def _user_files(root: Path) -> dict[str, Path]:
     fig.savefig(files["png"])
     plt.close(fig)
     files["csv"].write_text("name,value\na,1\n")
+    files["csv_data"].write_text("id,text,label\n1,a good film,1\n2,a bad one,0\n")
+    files["csv_numbers"].write_text("id,x,label\n1,0.5,2\n2,1.5,0\n")
     np.savez(files["npz"], a=np.arange(2))
     return files
 
@@ -88,6 +92,8 @@ def test_no_command_replaces_a_file_of_another_kind(scored, tmp_path, capsys):
         (["select", str(scores), "--jtt", "--out", str(tmp_path / "mine.json")], "npz"),
         (["plot", str(scores), "--kind", "hist", "--out", str(files["png"])], "png"),
         (["export", str(scores), "--format", "csv", "--out", str(files["csv"])], "csv"),
+        (["export", str(scores), "--format", "csv", "--out", str(files["csv_data"])], "csv"),
+        (["export", str(scores), "--format", "csv", "--out", str(files["csv_numbers"])], "csv"),
         (["import-dynamics", str(tmp_path), "--out", str(files["h5"])], "h5"),
     ]
     for argv, kind in commands:

@@ -5,14 +5,16 @@ Every command that writes calls :func:`claim` for each output before it computes
 anything. The kinds are recognized by their content, not their name: a scores file
 (HDF5 with a fingerprint and a config), a co-state file (HDF5 with its conventions),
 a JSON report (a ``gradscore_version`` key), a Markdown report (its first line), a figure (PNG or SVG whose metadata names
-gradscore), an export (csv with an ``id`` column of scores, td_metrics jsonl, parquet
-with gradscore's schema metadata) and JTT weights (npz of ``ids`` and ``weights``).
+gradscore), an export (csv whose header is ``id`` and then gradscore's score names in
+order, td_metrics jsonl, parquet with gradscore's schema metadata) and JTT weights (npz
+of ``ids`` and ``weights``).
 The write itself is atomic (:mod:`.atomic`): nothing half-written is ever left at
 ``out``.
 """
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import socket
@@ -92,7 +94,19 @@ def _is_export(path: Path) -> bool:
             return {"guid", "index", "threshold_closeness"} <= set(json.loads(first))
         except ValueError:
             return False
-    return first.startswith("id,")
+    # a data set's own table may start with an id column too: the rest must be score names, sorted
+    header = next(csv.reader([first]), [])
+    return header[:1] == ["id"] and len(header) > 1 and header[1:] == sorted(header[1:]) \
+        and all(name in score_names() for name in header[1:])
+
+
+def score_names() -> frozenset[str]:
+    """Every score a gradscore scores file can hold (a checkpoint run's, an in-run
+    recording's, and the dot scores' variants): the columns of a csv export."""
+    from ..config import AVAILABLE_SCORES
+    from ..scores import inrun
+    from ..scores.pds import DOT_SCORES, VARIANTS
+    return frozenset(AVAILABLE_SCORES) | frozenset(inrun.NEEDS) | {f"{d}_{v}" for d in DOT_SCORES for v in VARIANTS}
 
 
 def _is_markdown(path: Path) -> bool:
