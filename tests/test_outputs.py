@@ -58,6 +58,8 @@ def _user_files(root: Path) -> dict[str, Path]:
     files["csv_data"].write_text("id,text,label\n1,a good film,1\n2,a bad one,0\n")
     files["csv_numbers"].write_text("id,x,label\n1,0.5,2\n2,1.5,0\n")
     np.savez(files["npz"], a=np.arange(2))
+    files["npz_weights"] = root / "theirs_weights.npz"   # another tool's sample weights, in JTT's two arrays
+    np.savez(files["npz_weights"], ids=np.arange(3), weights=np.ones(3))
     return files
 
 
@@ -90,6 +92,7 @@ def test_no_command_replaces_a_file_of_another_kind(scored, tmp_path, capsys):
         (["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(files["h5"]), "--quiet"], "h5"),
         (["select", str(scores), "--by", "el2n", "--out", str(files["json"])], "json"),
         (["select", str(scores), "--jtt", "--out", str(tmp_path / "mine.json")], "npz"),
+        (["select", str(scores), "--jtt", "--out", str(tmp_path / "theirs.json")], "npz"),
         (["plot", str(scores), "--kind", "hist", "--out", str(files["png"])], "png"),
         (["export", str(scores), "--format", "csv", "--out", str(files["csv"])], "csv"),
         (["export", str(scores), "--format", "csv", "--out", str(files["csv_data"])], "csv"),
@@ -114,6 +117,7 @@ def test_no_command_replaces_a_file_of_another_kind(scored, tmp_path, capsys):
 def test_own_outputs_are_replaced_only_with_overwrite(scored, tmp_path, capsys):
     ckpts, data, scores = scored
     for argv in (["select", str(scores), "--by", "el2n", "--out", str(tmp_path / "sel.json")],
+                 ["select", str(scores), "--jtt", "--out", str(tmp_path / "jtt.json")],
                  ["plot", str(scores), "--kind", "hist", "--out", str(tmp_path / "h.png")],
                  ["plot", str(scores), "--kind", "datamap", "--out", str(tmp_path / "m.svg")],
                  ["export", str(scores), "--format", "csv", "--out", str(tmp_path / "s.csv")],

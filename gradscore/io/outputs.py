@@ -7,7 +7,7 @@ anything. The kinds are recognized by their content, not their name: a scores fi
 a JSON report (a ``gradscore_version`` key), a Markdown report (its first line), a figure (PNG or SVG whose metadata names
 gradscore), an export (csv whose header is ``id`` and then gradscore's score names in
 order, td_metrics jsonl, parquet with gradscore's schema metadata) and JTT weights (npz
-of ``ids`` and ``weights``).
+of ``ids`` and ``weights``, and ``written_by`` naming gradscore).
 The write itself is atomic (:mod:`.atomic`): nothing half-written is ever left at
 ``out``.
 """
@@ -120,8 +120,8 @@ def _is_markdown(path: Path) -> bool:
 def _is_weights(path: Path) -> bool:
     import numpy as np
     try:
-        with np.load(path) as z:
-            return set(z.files) == {"ids", "weights"}
+        with np.load(path) as z:   # another tool's sample weights may hold ids and weights too: the mark
+            return set(z.files) == {"ids", "weights", "written_by"} and str(z["written_by"]) == MARK
     except (OSError, ValueError):
         return False
 

@@ -22,7 +22,7 @@ from .._version import __version__
 from ..io.atomic import atomic_path
 from ..exceptions import ConfigError, DataError, GradscoreError
 from ..io.datasets import scored_labels
-from ..io.outputs import claim
+from ..io.outputs import MARK, claim
 from ..io.store import load_scores
 
 
@@ -123,7 +123,7 @@ def select(scores: str | Path, *, by: str | None = None, keep: float = 0.5, high
 
     Exactly one of ``by`` (a score name), ``region`` (easy, ambiguous, hard or all) or
     ``jtt`` is used. With ``jtt`` the weights are also written next to ``out`` as
-    ``<out stem>_weights.npz`` (arrays ``ids``, ``weights``). Examples with a NaN/Inf
+    ``<out stem>_weights.npz`` (arrays ``ids``, ``weights``, ``written_by``). Examples with a NaN/Inf
     score are refused (:class:`DataError`), or with ``allow_nonfinite`` left out, the
     fractions then taken of the rest, and listed in ``nonfinite_ids``. ``by`` only:
     ``per_class`` takes the fraction within each class of ``data``'s labels; ``sample``,
@@ -178,6 +178,6 @@ def select(scores: str | Path, *, by: str | None = None, keep: float = 0.5, high
         if weights is not None:
             wpath = _weights_path(out)
             with atomic_path(wpath) as tmp, open(tmp, "wb") as fh:
-                np.savez(fh, ids=res["ids"], weights=weights)
+                np.savez(fh, ids=res["ids"], weights=weights, written_by=np.array(MARK))   # outputs.claim reads it
             result["weights_file"] = str(wpath)
     return result
