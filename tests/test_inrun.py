@@ -519,15 +519,17 @@ def test_inrun_value_is_over_all_presentations_and_nan_where_none_was_measured()
     nan = np.nan
     rows = {"row": np.array([0, 1, 0, 0, 1, 2, 3, 3]), "step": np.array([0, 0, 1, 2, 2, 1, 3, 4]),
             "lr": np.array([0.1, 0.1, 0.2, 0.3, 0.3, 0.2, 0.0, 0.2]),
-            "dot": np.array([1.0, 2.0, nan, 2.0, -1.0, nan, nan, 0.5]),
+            "dot": np.array([1.0, 2.0, nan, 2.0, -1.0, nan, np.inf, 0.5]),   # an fp16 overflow at step 3
             "target_norm": np.array([1.0, 1.0, nan, 1.0, 1.0, nan, 1.0, 1.0]),
-            "share_sq_norm": np.array([4.0, 4.0, 1.0, 4.0, 1.0, 1.0, nan, 1.0]),
-            "sq_norm": np.array([4.0, 4.0, 1.0, 4.0, 1.0, 1.0, nan, 1.0])}
-    s = inrun_scores.aggregate(rows, 4, {"inrun_value", "inrun_value_cos"})
+            "share_sq_norm": np.array([4.0, 4.0, 1.0, 4.0, 1.0, 1.0, np.inf, 1.0]),
+            "sq_norm": np.array([4.0, 4.0, 1.0, 4.0, 1.0, 1.0, np.inf, 1.0])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)   # 0 · inf is no warning to the user
+        s = inrun_scores.aggregate(rows, 4, {"inrun_value", "inrun_value_cos"})
+        terms = inrun_scores.dot_terms(rows, 4)      # diagnose's reading: raw is inrun_value
     want = [1.5 * (0.1 * 1 + 0.3 * 2), 0.1 * 2 - 0.3, nan, 0.0 + 0.2 * 0.5]
     np.testing.assert_allclose(s["inrun_value"], want)
     assert np.isnan(s["inrun_value_cos"][2])
-    terms = inrun_scores.dot_terms(rows, 4)      # diagnose's reading: raw is inrun_value
     np.testing.assert_allclose(terms["raw"], want)
     np.testing.assert_allclose(terms["cos"], [1.5 * (0.1 * 0.5 + 0.3 * 1.0), 0.1 * 1.0 - 0.3, nan, 0.2 * 0.5])
 

@@ -45,7 +45,8 @@ def measured(rows: dict[str, np.ndarray]) -> np.ndarray:
     """(M,) bool: the records of a step with a target gradient whose dot can be read, or
     that moved nothing (η = 0: a step the loss scaler skipped, whatever its dot)."""
     target = np.isfinite(rows["target_norm"])
-    return target & ((rows["lr"] == 0) | np.isfinite(rows["lr"] * rows["dot"]))
+    with np.errstate(invalid="ignore", over="ignore"):   # 0 · inf at a skipped step
+        return target & ((rows["lr"] == 0) | np.isfinite(rows["lr"] * rows["dot"]))
 
 
 def over_presentations(terms: np.ndarray, ok: np.ndarray, row: np.ndarray, n: int) -> np.ndarray:
@@ -93,7 +94,8 @@ def aggregate(rows: dict[str, np.ndarray], n: int, wanted: set[str]) -> dict[str
         out["forgetting"] = forgetting(rows["correct"], row, rows["step"], n)
     if "inrun_value" in pick:
         ok = measured(rows)
-        term = np.where(rows["lr"] == 0, 0.0, rows["lr"].astype(np.float64) * rows["dot"].astype(np.float64))
+        with np.errstate(invalid="ignore", over="ignore"):
+            term = np.where(rows["lr"] == 0, 0.0, rows["lr"].astype(np.float64) * rows["dot"].astype(np.float64))
         out["inrun_value"] = over_presentations(term, ok, row, n)
     if "inrun_value_cos" in pick:
         with np.errstate(invalid="ignore", divide="ignore"):
