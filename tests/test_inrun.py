@@ -901,8 +901,13 @@ def test_nothing_is_written_when_training_stops(tmp_path):
     assert all(not m._forward_hooks for m in model.modules())
 
 
-def test_the_scores_file_works_with_the_commands(tmp_path, capsys):
+def test_the_scores_file_works_with_the_commands(tmp_path, capsys, monkeypatch):
     from gradscore.cli import main
+    from gradscore.reports import plots
+    titles = []
+    histograms = plots.score_histograms
+    monkeypatch.setattr(plots, "score_histograms", lambda *a, title, **k: titles.append(title) or histograms(
+        *a, title=title, **k))
     x, y = _data(dtype=torch.float32)
     model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
     with gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:8], y[:8])) as rec:
@@ -919,6 +924,8 @@ def test_the_scores_file_works_with_the_commands(tmp_path, capsys):
                  ["plot", str(tmp_path / "r.h5"), "--kind", "hist", "--out", str(tmp_path / "hist.png")],
                  ["export", str(tmp_path / "r.h5"), "--format", "csv", "--out", str(tmp_path / "r.csv")]):
         assert main(argv) == 0, argv
+    # the histograms' title: a recording has no checkpoints ("over 0 checkpoint(s)" before)
+    assert titles == [f"score distributions of {len(scores['ids'])} examples recorded in training — r.h5"]
 
 
 _KILLED = """

@@ -86,8 +86,9 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         if unknown:
             raise GradscoreError(f"--scores: {', '.join(unknown)} not in {args.scores} (it has: {', '.join(sorted(s))})")
         n, T = len(res["ids"]), len(next(iter(res["per_checkpoint"].values()), []))
+        span = "recorded in training" if res["config"].get("inrun") else f"over {T} checkpoint{'s' * (T != 1)}"
         score_histograms({k: s[k] for k in names}, res["noisy"], args.out,
-                         title=f"score distributions of {n:,} examples over {T} checkpoint(s) — {Path(args.scores).name}")
+                         title=f"score distributions of {n:,} examples {span} — {Path(args.scores).name}")
     else:
         missing = [k for k in ("confidence", "variability", "correctness") if k not in s]
         if missing:
