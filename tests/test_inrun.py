@@ -908,6 +908,8 @@ def test_the_scores_file_works_with_the_commands(tmp_path, capsys, monkeypatch):
     histograms = plots.score_histograms
     monkeypatch.setattr(plots, "score_histograms", lambda *a, title, **k: titles.append(title) or histograms(
         *a, title=title, **k))
+    overs, maps = [], plots.data_map
+    monkeypatch.setattr(plots, "data_map", lambda *a, over, **k: overs.append(over) or maps(*a, over=over, **k))
     x, y = _data(dtype=torch.float32)
     model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
     with gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:8], y[:8])) as rec:
@@ -926,6 +928,7 @@ def test_the_scores_file_works_with_the_commands(tmp_path, capsys, monkeypatch):
         assert main(argv) == 0, argv
     # the histograms' title: a recording has no checkpoints ("over 0 checkpoint(s)" before)
     assert titles == [f"score distributions of {len(scores['ids'])} examples recorded in training — r.h5"]
+    assert overs == ["presentations", "presentations"]   # the data maps of diagnose and plot
 
 
 _KILLED = """

@@ -73,7 +73,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 def _cmd_plot(args: argparse.Namespace) -> int:
     from ..io.outputs import claim
-    from ..reports.plots import data_map, score_histograms
+    from ..reports.plots import data_map, score_histograms, statistics_over
     from ..io.store import load_scores
     if Path(args.out).suffix.lower() not in (".png", ".svg"):
         raise GradscoreError(f"{args.out}: --out must end in .png or .svg")
@@ -95,7 +95,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
             raise GradscoreError(f"{args.scores}: no {', '.join(missing)} scores; rerun `gradscore run "
                                  f"--scores confidence,variability,correctness,...`")
         data_map(s["confidence"], s["variability"], s["correctness"], args.out, noisy=res["noisy"],
-                 max_points=args.max_points, title=Path(args.scores).name)
+                 max_points=args.max_points, title=Path(args.scores).name,
+                 over=statistics_over(res))
     print(f"plot -> {args.out}")
     return 0
 

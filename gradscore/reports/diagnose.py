@@ -236,7 +236,7 @@ OUTPUT_FILES = {"diagnosis.json": "json", "norm_vs_cos.png": "figure", "variants
 
 
 def _write(out: Path, report: dict, res: dict, noisy: np.ndarray | None, var: dict, score: str) -> None:
-    from .plots import data_map, norm_vs_cos, score_histograms
+    from .plots import data_map, norm_vs_cos, score_histograms, statistics_over
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "diagnosis.json") as tmp:
         tmp.write_text(json.dumps({k: v for k, v in report.items() if k != "decomposition"}
@@ -246,8 +246,9 @@ def _write(out: Path, report: dict, res: dict, noisy: np.ndarray | None, var: di
     if var:
         norm_vs_cos(np.array(report["decomposition"]["mean_grad_norm"]), np.array(report["decomposition"]["mean_cos"]),
                     out / "norm_vs_cos.png", noisy=noisy, title=f"{score}: gradient norm vs direction",
-                    over="presentations" if score == INRUN_SCORE else "checkpoints")
+                    over=statistics_over(res))
         score_histograms({f"{score}_{v}": x for v, x in var.items()}, noisy, out / "variants.png")
     s = res["scores"]
     if all(k in s for k in ("confidence", "variability", "correctness")):
-        data_map(s["confidence"], s["variability"], s["correctness"], out / "datamap.png", noisy=noisy)
+        data_map(s["confidence"], s["variability"], s["correctness"], out / "datamap.png", noisy=noisy,
+                 over=statistics_over(res))

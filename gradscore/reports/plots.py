@@ -66,10 +66,17 @@ def score_histograms(scores: dict[str, np.ndarray], noisy: np.ndarray | None, pa
     return save_figure(fig, path)
 
 
+def statistics_over(res: dict) -> str:
+    """What the per-example statistics of a loaded scores file (``load_scores``) run over:
+    an in-run recording's "presentations", else "checkpoints"."""
+    return "presentations" if res["config"].get("inrun") else "checkpoints"
+
+
 def data_map(confidence: np.ndarray, variability: np.ndarray, correctness: np.ndarray,
              path: str | Path, *, noisy: np.ndarray | None = None, fraction: float = 0.33,
-             max_points: int = 20000, title: str = "") -> Path:
-    """Dataset-cartography map: confidence vs variability, coloured by correctness.
+             max_points: int = 20000, title: str = "", over: str = "checkpoints") -> Path:
+    """Dataset-cartography map: confidence vs variability, coloured by correctness; ``over``:
+    what the statistics run over ("checkpoints", or an in-run file's "presentations").
 
     The three regions (easy, ambiguous, hard; each ``fraction`` of the data) are shaded.
     Above ``max_points`` examples a hexbin of mean correctness replaces the scatter, so
@@ -105,8 +112,8 @@ def data_map(confidence: np.ndarray, variability: np.ndarray, correctness: np.nd
         note = f"{n:,} examples"
     ax.set_xlim(0, vmax)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("variability (std of p(gold) over checkpoints)")
-    ax.set_ylabel("confidence (mean p(gold))")
+    ax.set_xlabel(f"variability (std of p(gold) over {over})")
+    ax.set_ylabel(f"confidence (mean p(gold) over {over})")
     ax.set_title(f"data map, {note}" + (f" — {title}" if title else ""), fontsize=10)
     return save_figure(fig, path)
 
