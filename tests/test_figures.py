@@ -61,6 +61,16 @@ def test_histograms_are_a_grid_with_a_title(figures):
     assert not _overlap(_boxes([ax.title for ax in visible] + [fig._suptitle]))
 
 
+def test_the_histogram_legend_counts_what_its_panel_draws(figures):
+    rng = np.random.default_rng(0)
+    noisy = np.arange(100) < 20
+    s = rng.normal(size=100)
+    s[:5] = s[50:60] = np.nan     # 5 noisy and 10 clean examples have no value
+    plots.score_histograms({"s": s}, noisy, "x.png")
+    labels = [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()]
+    assert labels == ["clean (70)", "known noisy (15)"]
+
+
 def test_data_map_legend_covers_no_region_label(figures):
     rng = np.random.default_rng(0)
     n = 500

@@ -52,9 +52,9 @@ def score_histograms(scores: dict[str, np.ndarray], noisy: np.ndarray | None, pa
         if noisy is None:
             ax.hist(s[finite], bins=bins, color="tab:blue")
         else:
-            ax.hist(s[finite & ~noisy], bins=bins, alpha=0.6, label=f"clean ({int((~noisy).sum())})",
-                    color="tab:blue", density=True)
-            ax.hist(s[finite & noisy], bins=bins, alpha=0.6, label=f"known noisy ({int(noisy.sum())})",
+            ax.hist(s[finite & ~noisy], bins=bins, alpha=0.6, label=f"clean ({int((finite & ~noisy).sum())})",
+                    color="tab:blue", density=True)   # the counts of what this panel draws
+            ax.hist(s[finite & noisy], bins=bins, alpha=0.6, label=f"known noisy ({int((finite & noisy).sum())})",
                     color="tab:red", density=True)
             if k == 0:
                 ax.legend(fontsize=8)
