@@ -102,6 +102,16 @@ def test_console_script_help_and_exit_code(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().endswith("no such file or directory")
 
 
+@pytest.mark.parametrize("argv", [["flag", "{x}", "--out", "{o}.json"], ["select", "{x}", "--by", "el2n", "--out",
+                                   "{o}.json"], ["export", "{x}", "--format", "csv", "--out", "{o}.csv"],
+                                  ["diagnose", "{x}"], ["plot", "{x}", "--out", "{o}.png"]])
+def test_a_missing_scores_file_is_named_in_one_line(tmp_path, capsys, argv):
+    missing = tmp_path / "nope.h5"
+    assert main([a.format(x=missing, o=tmp_path / "out") for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.endswith(f"{missing}: no such file or directory"), err
+
+
 def test_bench_runs_small(tmp_path, capsys):
     out = tmp_path / "b.json"
     assert main(["bench", "--models", "digits_cnn", "--batches", "4", "--repeats", "1",

@@ -209,6 +209,8 @@ def load_scores(path: str | Path) -> dict[str, Any]:
     """Read a finished scores file into memory: ``{"scores": {...}, "per_checkpoint": {...},
     "ids", "noisy" (or None), "checkpoints": {step, epoch, lr, eta, ref_norm_*...}, "config"}``."""
     path = Path(path)
+    if not path.exists():
+        raise GradscoreError(f"{path}: no such file or directory")
     try:
         with h5py.File(path, "r") as f:
             return {
