@@ -97,7 +97,7 @@ def _is_export(path: Path) -> bool:
     # a data set's own table may start with an id column too: the rest must be score names, sorted
     header = next(csv.reader([first]), [])
     return header[:1] == ["id"] and len(header) > 1 and header[1:] == sorted(header[1:]) \
-        and all(name in score_names() for name in header[1:])
+        and set(header[1:]) <= score_names()
 
 
 def score_names() -> frozenset[str]:
