@@ -189,3 +189,48 @@ def test_checkpoints_naming_a_moved_factory_still_build(tmp_path):
                      model_kwargs=kw, loss="cross_entropy")
     built = gs.CheckpointStore(tmp_path).build_model(0)
     assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), model.state_dict().values()))
+
+
+def _run_into(folder, steps, seed, **kw):
+    """A 'training run' of an MLP (weights from ``seed``) saving ``steps`` into ``folder``."""
+    torch.manual_seed(seed)
+    model = mlp(**MLP_KWARGS)
+    with gs.CheckpointWriter(folder, model_factory="gradscore.demos.models:mlp", model_kwargs=MLP_KWARGS, **kw) as w:
+        for s in steps:
+            w.save(model, step=s, lr=0.1, epoch=s)
+    return model
+
+
+def test_a_second_run_into_a_folder_of_checkpoints_is_refused(tmp_path):
+    """A rerun of a training script into the folder of an earlier, longer run left that run's
+    later checkpoints beside the new ones, and `gradscore run` scored both as one trajectory."""
+    _run_into(tmp_path, [0, 1, 2, 3], seed=0)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(gs.CheckpointError, match=r"already holds the checkpoints of an earlier run at steps 0 to 3"
+                       r".*overwrite=True"):
+        _run_into(tmp_path, [0, 1], seed=1)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before   # nothing written, nothing removed
+
+
+def test_overwrite_replaces_the_earlier_runs_checkpoints_from_the_first_step_on(tmp_path):
+    _run_into(tmp_path, [0, 1, 2, 3], seed=0)
+    model = _run_into(tmp_path, [0, 1], seed=1, overwrite=True)
+    store = gs.CheckpointStore(tmp_path)
+    assert [i.step for i in store] == [0, 1]
+    assert all(torch.equal(a, b) for a, b in zip(store.build_model(1).state_dict().values(),
+                                                 model.state_dict().values()))
+    # a resumed run saves after the folder's last step: it continues the folder, no option needed
+    _run_into(tmp_path, [2, 3], seed=1)
+    assert [i.step for i in gs.CheckpointStore(tmp_path)] == [0, 1, 2, 3]
+    # one resumed from an earlier step replaces what the stopped run saved after it, when asked
+    _run_into(tmp_path, [2], seed=2, overwrite=True)
+    assert [i.step for i in gs.CheckpointStore(tmp_path)] == [0, 1, 2]
+
+
+def test_overwrite_never_removes_a_file_that_is_not_a_checkpoint(tmp_path):
+    _run_into(tmp_path, [0, 1], seed=0)
+    (tmp_path / "step_00000005.h5").write_text("my notes")
+    with pytest.raises(gs.CheckpointError, match=r"step_00000005\.h5: .*not a gradscore checkpoint"):
+        _run_into(tmp_path, [0], seed=1, overwrite=True)
+    assert (tmp_path / "step_00000005.h5").read_text() == "my notes"
+    assert len(list(tmp_path.glob("step_*.h5"))) == 3

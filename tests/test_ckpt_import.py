@@ -216,3 +216,42 @@ def test_the_step_a_file_records_wins_over_its_name(tmp_path, capsys):
     torch.save({"model": states[1], "step": 500}, src / "step_501.pt")
     assert main(_args(src, tmp_path / "ck2", "--lr", "0.1")) == 2
     assert "the name says step 501, the file records step 500" in capsys.readouterr().err
+
+
+def _contents(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_an_import_resumes_only_what_the_same_source_and_options_made(tmp_path, capsys):
+    """An import into a folder that an import of another run filled kept that run's checkpoints
+    at every step both runs had, silently: the folder then held two runs' weights."""
+    first, second = _states(2), [{k: v + 1.0 for k, v in s.items()} for s in _states(2)]
+    for name, states in (("a", first), ("b", second)):
+        (tmp_path / name).mkdir()
+        for step, state in zip((0, 100), states):
+            torch.save(state, tmp_path / name / f"step_{step}.pt")
+    ck = tmp_path / "ck"
+    assert main(_args(tmp_path / "a", ck, "--lr", "0.1")) == 0
+    # interrupted: the missing step is imported, the other kept as it is
+    kept = (ck / "step_00000000.h5").read_bytes()
+    (ck / "step_00000100.h5").unlink()
+    assert main(_args(tmp_path / "a", ck, "--lr", "0.1")) == 0
+    assert (ck / "step_00000000.h5").read_bytes() == kept and len(gs.CheckpointStore(ck)) == 2
+    before = _contents(ck)
+    for src, lr, says in ((tmp_path / "b", "0.1", "was imported from .*a/step_0.pt, not .*b/step_0.pt"),
+                          (tmp_path / "a", "0.2", "was imported with lr 0.1, not 0.2")):
+        assert main(_args(src, ck, "--lr", lr)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "step_00000000.h5" in err, err
+        assert __import__("re").search(says, err), err
+        assert _contents(ck) == before
+    torch.save(second[0], tmp_path / "a" / "step_0.pt")   # the source folder retrained since
+    assert main(_args(tmp_path / "a", ck, "--lr", "0.1")) == 2
+    assert "has changed since" in capsys.readouterr().err and _contents(ck) == before
+    # steps the source does not have are another run's too
+    (tmp_path / "c").mkdir()
+    torch.save(first[0], tmp_path / "c" / "step_0.pt")
+    assert main(_args(tmp_path / "c", tmp_path / "ck2", "--lr", "0.1")) == 0
+    (tmp_path / "ck2" / "step_00000100.h5").write_bytes((ck / "step_00000100.h5").read_bytes())
+    assert main(_args(tmp_path / "c", tmp_path / "ck2", "--lr", "0.1")) == 2
+    assert "step 100, which" in capsys.readouterr().err

@@ -94,6 +94,30 @@ def test_demo_fast_mode(tmp_path, capsys):
     assert res["per_checkpoint"]["loss"].shape == (2, 240)
 
 
+def test_a_demo_rerun_with_fewer_epochs_scores_only_its_own_checkpoints(tmp_path, capsys):
+    """The rerun left the first run's later checkpoints in DIR/ckpts and scored them too."""
+    out = tmp_path / "demo"
+    for epochs in ("3", "2"):
+        assert main(["demo", "--out", str(out), "--epochs", epochs, "--n-train", "240", "--quiet"]) == 0
+    assert gs.load_scores(out / "scores.h5")["per_checkpoint"]["loss"].shape == (2, 240)
+    assert sorted(p.name for p in (out / "ckpts").iterdir()) == ["step_00000004.h5", "step_00000008.h5"]
+
+
+@pytest.mark.parametrize("kind", [[], ["--pds"], ["--inrun"], ["--lm"]])
+def test_a_demo_never_writes_into_a_folder_of_the_users(tmp_path, capsys, kind):
+    """`gradscore demo --out .` replaced a project's data/train.h5, report.png and
+    ckpts/step_<n>.h5 with the demo's."""
+    mine = {"data/train.h5": "my data", "report.png": "my figure", "ckpts/step_00000023.h5": "my weights"}
+    for name, text in mine.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert main(["demo", *kind, "--out", str(tmp_path), "--epochs", "2", "--n-train", "240", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("exists and is not a gradscore demo folder; gradscore never writes into it: choose another "
+                        "path or move it away") and len(err.splitlines()) == 1
+    assert {p.relative_to(tmp_path).as_posix(): p.read_text() for p in tmp_path.rglob("*") if p.is_file()} == mine
+
+
 def test_console_script_help_and_exit_code(tmp_path):
     r = subprocess.run([sys.executable, "-m", "gradscore", "run", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--checkpoints" in r.stdout and "resumable" in r.stdout

@@ -134,3 +134,14 @@ def test_attribution_fast_beats_random_removal(tmp_path):
     assert lds["gradscore tracin, k=8192"] > 0.05
     rates = result["flips"]["rates"]
     assert rates["gradscore tracin, k=8192"] > rates["random examples"]
+
+
+def test_a_rerun_with_fewer_epochs_trains_a_folder_of_its_own_checkpoints(tmp_path):
+    """A rerun of an experiment into its OUT (another --mode) left the first run's later
+    checkpoints in OUT/work: they were scored with the rerun's, or refused for their epochs."""
+    import gradscore as gs
+    from gradscore.demos.experiments.common import checkpointed_run
+    st = digits_setup(0.2)
+    for epochs in (3, 2):
+        ckpts, _ = checkpointed_run(st, tmp_path, epochs=epochs)
+    assert [i.epoch for i in gs.CheckpointStore(ckpts)] == [1, 2]

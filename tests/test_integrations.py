@@ -134,6 +134,16 @@ def test_lightning_callback(tmp_path):
     assert [i.step for i in store] == [0, 3, 6, 8]   # every 3 steps, and the end
     assert [i.epoch for i in store][:3] == [0.0, 0.75, 1.5] and all(i.lr == 0.1 for i in store)
     _run_ok(tmp_path / "ck", data, tmp_path)
+    # a second, shorter fit into the folder: refused, else its steps 0-4 would sit beside the first's 6 and 8
+    def fit(**kw):
+        cb = GradscoreCheckpoint(str(tmp_path / "ck"), model_factory="gradscore.demos.models:mlp", model_kwargs=KW,
+                                 every_n_steps=3, attr="net", **kw)
+        L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, callbacks=[cb]).fit(Module(), loader)
+    with pytest.raises(gs.CheckpointError, match="already holds the checkpoints of an earlier run at steps 0 to 8"):
+        fit()
+    fit(overwrite=True)
+    assert [i.step for i in gs.CheckpointStore(tmp_path / "ck")] == [0, 3, 4]
 
 
 def test_hf_trainer_callback(tmp_path):
@@ -154,6 +164,9 @@ def test_hf_trainer_callback(tmp_path):
     Trainer(model=model, args=args, train_dataset=train, callbacks=[cb]).train()
     store = gs.CheckpointStore(tmp_path / "ck")
     assert [i.step for i in store] == [0, 2, 4, 5]
+    with pytest.raises(gs.CheckpointError, match="already holds the checkpoints of an earlier run at steps 0 to 5"):
+        GradscoreCallback.for_model(str(tmp_path / "ck"), model, every_n_steps=2).writer.save(model, step=0, lr=0.1)
+    assert [i.step for i in gs.CheckpointStore(tmp_path / "ck")] == [0, 2, 4, 5]
     lrs = [i.lr for i in store]
     np.testing.assert_allclose(lrs[:3], [0.05, 0.05 * 3 / 5, 0.05 * 1 / 5])   # the linear schedule
     gs.save_dataset(tmp_path / "text.h5", {"input_ids": ids.numpy()}, None)

@@ -16,7 +16,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                  "and write DIR/data/train.h5, DIR/ckpts/, DIR/scores.h5, DIR/report.png.")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output directory (default gradscore_demo, gradscore_demo_pds, gradscore_demo_lm or "
-                   "gradscore_demo_inrun)")
+                   "gradscore_demo_inrun): new, empty, or one a demo wrote before, whose files a rerun replaces; "
+                   "never a folder of yours")
     p.add_argument("--epochs", type=int, default=15, help="training epochs (one checkpoint each)")
     kind = p.add_mutually_exclusive_group()   # one demo at a time
     kind.add_argument("--pds", action="store_true",

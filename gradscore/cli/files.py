@@ -50,7 +50,9 @@ def _add_import_checkpoints(sub: argparse._SubParsersAction) -> None:
                  "(global_step, else step), else the number the file (or subdirectory) name marks as one "
                  "(step_1200, step=1200, iter1200, checkpoint-1200), else its last number (a name with a decimal "
                  "number, a metric, needs the mark); a LightningModule's model is found "
-                 "under the attribute that holds it. The learning rate is --lr or --lr-schedule. Resumable.")
+                 "under the attribute that holds it. The learning rate is --lr or --lr-schedule. Resumable: a rerun imports "
+                 "the steps still missing, and refuses an --out that another source, a changed file or other "
+                 "options filled.")
     p.add_argument("src", metavar="SRC_DIR", help="folder of torch.save / Lightning / safetensors checkpoints")
     p.add_argument("--model", required=True, metavar="MODULE:FN", help="factory that rebuilds the model")
     p.add_argument("--model-kwargs", default="{}", metavar="JSON", help="keyword arguments of the factory")

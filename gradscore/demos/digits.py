@@ -20,6 +20,7 @@ from sklearn.model_selection import train_test_split
 from ..pipeline import score
 from ..io.checkpoints import CheckpointWriter
 from ..io.datasets import save_dataset
+from ..io.outputs import claim_folder
 from ..reports.diagnose import diagnose
 from .models import digits_cnn
 from ..reports.plots import data_map, score_histograms
@@ -29,6 +30,15 @@ from ..io.store import load_scores
 from .training import train_sgd
 
 FACTORY = "gradscore.demos.models:digits_cnn"
+#: the file that marks a folder as a demo's own, which a demo may write over
+DEMO_MARKER = ".gradscore-demo"
+
+
+def demo_folder(out: str | Path) -> Path:
+    """``out`` made, or checked to be a demo's folder (empty, or written by a demo before),
+    before anything is written: never a folder of the user's. Inside it a demo replaces
+    its own files of an earlier run (its checkpoints first, so no stale ones are scored)."""
+    return claim_folder(out, DEMO_MARKER, "a gradscore demo folder")
 
 
 def flip_labels(y: np.ndarray, rate: float, rng: np.random.Generator, n_classes: int = 10
@@ -67,7 +77,7 @@ def train(data: dict[str, np.ndarray], ckpt_dir: Path, *, epochs: int, lr: float
     model = digits_cnn()
     x, y = torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])
     with CheckpointWriter(ckpt_dir, model_factory=FACTORY, model_kwargs={}, loss="cross_entropy",
-                          optimizer="SGD(momentum=0.9)") as writer:
+                          optimizer="SGD(momentum=0.9)", overwrite=True) as writer:
         train_sgd(model, x, y, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size,
                   on_epoch=lambda m, epoch, step: writer.save(m, step=step, lr=lr, epoch=epoch))
     with torch.no_grad():
@@ -79,7 +89,7 @@ def run_demo(out: str | Path = "gradscore_demo", *, epochs: int = 15, n_train: i
              engine: str = "auto", progress: bool = True, echo: Any = print) -> dict[str, Any]:
     """Run the whole demo into ``out``; return a summary (AUROCs, counts, timings)."""
     t0 = time.perf_counter()
-    out = Path(out)
+    out = demo_folder(out)
     data = make_digits()
     if n_train is not None:
         for k in ("x_train", "y_train", "ids", "noisy", "y_clean"):
@@ -132,7 +142,7 @@ def run_demo(out: str | Path = "gradscore_demo", *, epochs: int = 15, n_train: i
                               title=f"digits, {noisy.mean():.0%} flipped labels: clean vs flipped")
     echo("\ndiagnosis of this run:")
     summary["diagnosis"] = diagnose(scores_path, data=str(train_path), out=out / "diagnosis", echo=echo,
-                                    rerun="`gradscore demo --pds` computes them,")
+                                    overwrite=True, rerun="`gradscore demo --pds` computes them,")
     summary["seconds"] = time.perf_counter() - t0
     echo(f"\nreport -> {report}, data map -> {out / 'datamap.png'}; total {summary['seconds']:.1f}s")
     return summary
@@ -154,7 +164,7 @@ def train_full_batch(data: dict[str, np.ndarray], ckpt_dir: Path, *, steps: int,
     x, y = torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])
     train_sgd(model, x, y, epochs=warmup_epochs, seed=seed)
     with CheckpointWriter(ckpt_dir, model_factory=FACTORY, model_kwargs={}, loss="cross_entropy",
-                          optimizer="GD(full batch)") as writer:
+                          optimizer="GD(full batch)", overwrite=True) as writer:
         for step in range(steps + 1):
             writer.save(model, step=step, lr=lr, epoch=step)
             if step == steps:
@@ -174,7 +184,7 @@ def run_pds_demo(out: str | Path = "gradscore_demo_pds", *, steps: int = 30, eng
     and shows the trap: flipped labels reach the largest |PDS| through their norms.
     """
     t0 = time.perf_counter()
-    out = Path(out)
+    out = demo_folder(out)
     data = make_digits()
     proxy = save_dataset(out / "data" / "train.h5", data["x_train"], data["y_train"],
                          ids=data["ids"], noisy=data["noisy"])
@@ -227,7 +237,7 @@ def diagnose_and_finish(summary: dict[str, Any], path: Path, proxy: Path, out: P
                         echo: Any) -> dict[str, Any]:
     """Print ``gradscore diagnose`` of the demo's scores, add it and the total time to ``summary``."""
     echo("\ndiagnosis of this run:")
-    summary["diagnosis"] = diagnose(path, data=str(proxy), out=out / "diagnosis", echo=echo)
+    summary["diagnosis"] = diagnose(path, data=str(proxy), out=out / "diagnosis", echo=echo, overwrite=True)
     summary["seconds"] = time.perf_counter() - t0
     echo(f"scores -> {path}; total {summary['seconds']:.1f}s")
     return summary

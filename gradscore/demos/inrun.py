@@ -26,7 +26,7 @@ from ..io.checkpoints import CheckpointWriter
 from ..io.datasets import save_dataset
 from ..io.store import load_scores
 from ..pipeline import score
-from .digits import FACTORY, make_digits
+from .digits import FACTORY, demo_folder, make_digits
 from .models import digits_cnn
 from .training import train_sgd
 
@@ -71,7 +71,7 @@ def run_inrun_demo(out: str | Path = "gradscore_demo_inrun", *, epochs: int = 15
                    ) -> dict[str, Any]:
     """Run the in-run demo into ``out`` (``inrun.h5``, ``ckpts/``, ``scores.h5``); return the
     AUROC/AP of each score in-run and from checkpoints, and the overhead ratios."""
-    out = Path(out)
+    out = demo_folder(out)
     data = make_digits()
     if n_train is not None:
         for k in ("x_train", "y_train", "ids", "noisy", "y_clean"):
@@ -85,7 +85,7 @@ def run_inrun_demo(out: str | Path = "gradscore_demo_inrun", *, epochs: int = 15
         _train(data, 1)                                  # would land on whichever run came first
         _train(data, 1, recorder=lambda m: InRun(m, out=Path(scratch) / "warmup.h5", targets=target))
     with CheckpointWriter(out / "ckpts", model_factory=FACTORY, model_kwargs={}, loss="cross_entropy",
-                          optimizer="SGD(momentum=0.9)") as writer:
+                          optimizer="SGD(momentum=0.9)", overwrite=True) as writer:
         plain, t_plain = _train(data, epochs, on_epoch=lambda m, e, s: writer.save(m, step=s, lr=0.05, epoch=e))
     _, t_norms = _train(data, epochs, recorder=lambda m: InRun(m, out=out / "inrun_norms.h5", overwrite=True))
     recorded, t_target = _train(data, epochs, recorder=lambda m: InRun(

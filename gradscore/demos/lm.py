@@ -25,7 +25,7 @@ import torch
 from ..pipeline import score
 from ..io.checkpoints import CheckpointWriter
 from ..io.datasets import save_dataset
-from .digits import diagnose_and_finish, norm_trap
+from .digits import demo_folder, diagnose_and_finish, norm_trap
 from ..exceptions import DataError
 from ..losses import causal_lm
 from ..io.store import load_scores
@@ -123,7 +123,7 @@ def train(x: dict[str, np.ndarray], ckpt_dir: Path, *, config: dict[str, Any], w
             loss_fn(model(**{k: v[batch] for k, v in xt.items()}).logits, y[batch]).mean().backward()
             opt.step()
     with CheckpointWriter(ckpt_dir, model_factory=FACTORY, model_kwargs=MODEL_KWARGS | {"config": config},
-                          loss="causal_lm", optimizer="GD(full batch)") as writer:
+                          loss="causal_lm", optimizer="GD(full batch)", overwrite=True) as writer:
         for step in range(steps + 1):
             writer.save(model, step=step, lr=lr, epoch=step)
             if step == steps:
@@ -150,7 +150,7 @@ def run_lm_demo(out: str | Path = "gradscore_demo_lm", *, n_docs: int = 800, n_t
     from ..integrations.hf import require_transformers
     require_transformers()  # before anything is written
     t0 = time.perf_counter()
-    out = Path(out)
+    out = demo_folder(out)
     docs = stdlib_docstrings(n_docs + n_target)
     train_x, noisy, kind = corrupt(encode(docs[:n_docs], seq_len), noise)
     proxy = save_dataset(out / "data" / "train.h5", train_x, None, noisy=noisy)

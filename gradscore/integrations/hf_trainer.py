@@ -23,24 +23,29 @@ FACTORY = "gradscore.integrations.hf:from_config"
 
 
 class GradscoreCallback(TrainerCallback):
-    """Save gradscore checkpoints every ``every_n_steps`` optimizer steps (and at the end)."""
+    """Save gradscore checkpoints every ``every_n_steps`` optimizer steps (and at the end).
+    ``overwrite``: replace an earlier run's checkpoints in ``directory`` from this run's
+    first step on (:class:`~gradscore.io.checkpoints.CheckpointWriter`); a run resumed
+    from a Trainer checkpoint starts at its step, so it needs it where the stopped run
+    saved that step or later."""
 
     def __init__(self, directory: str, *, model_factory: str, model_kwargs: dict | None = None,
-                 loss: str = "causal_lm", every_n_steps: int = 1) -> None:
+                 loss: str = "causal_lm", every_n_steps: int = 1, overwrite: bool = False) -> None:
         self.writer = CheckpointWriter(directory, model_factory=model_factory, model_kwargs=model_kwargs,
-                                       loss=loss, optimizer="transformers.Trainer")
+                                       loss=loss, optimizer="transformers.Trainer", overwrite=overwrite)
         self.record = self.writer.every(every_n_steps)
 
     @classmethod
     def for_model(cls, directory: str, model: Any, *, task: str = "causal_lm", loss: str | None = None,
-                  every_n_steps: int = 1, attn_implementation: str | None = None) -> "GradscoreCallback":
+                  every_n_steps: int = 1, attn_implementation: str | None = None,
+                  overwrite: bool = False) -> "GradscoreCallback":
         """A callback whose checkpoints rebuild ``model`` from its config (no weights download)."""
         kwargs: dict[str, Any] = {"config": json.loads(model.config.to_json_string(use_diff=False)), "task": task}
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
         default_loss = "causal_lm" if task == "causal_lm" else "cross_entropy"
         return cls(directory, model_factory=FACTORY, model_kwargs=kwargs, loss=loss or default_loss,
-                   every_n_steps=every_n_steps)
+                   every_n_steps=every_n_steps, overwrite=overwrite)
 
     @staticmethod
     def _lr(optimizer: Any) -> float:

@@ -21,12 +21,17 @@ from ..io.checkpoints import CheckpointWriter, checkpoint_filename
 
 
 class GradscoreCheckpoint(Callback):
-    """Save gradscore checkpoints every ``every_n_steps`` optimizer steps (and at the end)."""
+    """Save gradscore checkpoints every ``every_n_steps`` optimizer steps (and at the end).
+    ``overwrite``: replace an earlier run's checkpoints in ``directory`` from this run's
+    first step on (:class:`~gradscore.io.checkpoints.CheckpointWriter`); a fit resumed
+    from a Lightning checkpoint starts at its step, so it needs it where the stopped fit
+    saved that step or later."""
 
     def __init__(self, directory: str, *, model_factory: str, model_kwargs: dict | None = None,
-                 loss: str = "cross_entropy", every_n_steps: int = 1, attr: str | None = None) -> None:
+                 loss: str = "cross_entropy", every_n_steps: int = 1, attr: str | None = None,
+                 overwrite: bool = False) -> None:
         self.writer = CheckpointWriter(directory, model_factory=model_factory, model_kwargs=model_kwargs,
-                                       loss=loss, optimizer="lightning")
+                                       loss=loss, optimizer="lightning", overwrite=overwrite)
         self.record = self.writer.every(every_n_steps)
         self.attr = attr
 

@@ -27,15 +27,17 @@ resumes.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 from typing import Callable
 
+import h5py
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoints import CheckpointStore, checkpoint_filename, write_checkpoint
+from .checkpoints import CheckpointStore, checkpoint_filename, checkpoint_files, write_checkpoint
 from ..exceptions import CheckpointError, OutputError
 from ..imports import import_ref
 
@@ -175,6 +177,43 @@ def _claim_out(src: Path, out: Path, model_factory: str, model_kwargs: dict, los
     return out
 
 
+def _source_of(path: Path) -> str:
+    """What an imported checkpoint records of the file it came from (JSON): its path, size
+    and modification time, which change when a training run writes it anew."""
+    st = path.stat()
+    return json.dumps({"file": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns},
+                      sort_keys=True)
+
+
+def _check_earlier_import(out: Path, src: Path, sources: list[tuple[int, Path]]) -> None:
+    """A resumed import's folder holds no step that ``src`` lacks (another run's)."""
+    stale = sorted(set(checkpoint_files(out)) - {s for s, _ in sources})
+    if stale:
+        raise OutputError(f"{out}: holds step {stale[0]}, which {src} has no checkpoint of: it is another run's, "
+                          f"and a folder holds one run; choose another --out")
+
+
+def _check_imported(done: Path, path: Path, lr: float, epoch: float) -> None:
+    """``done`` (a checkpoint in --out at ``path``'s step) is ``path`` imported as this
+    import would: from that file as it is now, with its learning rate and epoch; else one
+    OutputError, since keeping it would put another run's weights in the folder."""
+    with h5py.File(done, "r") as f:
+        attrs = dict(f.attrs)
+    fix = "choose another --out, or delete the folder to import again"
+    try:
+        was = json.loads(attrs.get("source", ""))
+    except ValueError:
+        raise OutputError(f"{done}: was not imported from {path} (gradscore.CheckpointWriter wrote it); {fix}") from None
+    now = json.loads(_source_of(path))
+    if was["file"] != now["file"]:
+        raise OutputError(f"{done}: was imported from {was['file']}, not {now['file']}; {fix}")
+    if was != now:
+        raise OutputError(f"{done}: was imported from {path}, which has changed since; {fix}")
+    differ = [f"{k} {float(attrs[k]):g}, not {v:g}" for k, v in (("lr", lr), ("epoch", epoch)) if float(attrs[k]) != v]
+    if differ:
+        raise OutputError(f"{done}: was imported with {', and '.join(differ)}; {fix}")
+
+
 def import_checkpoints(src: str | Path, out: str | Path, *, model_factory: str, model_kwargs: dict | None = None,
                        loss: str = "cross_entropy", lr: float | None = None,
                        schedule: dict[int, float] | None = None, steps_per_epoch: int | None = None,
@@ -188,22 +227,24 @@ def import_checkpoints(src: str | Path, out: str | Path, *, model_factory: str, 
     sources = find_sources(src)
     made = not Path(out).exists()
     out = _claim_out(Path(src), Path(out), model_factory, model_kwargs or {}, loss)
+    _check_earlier_import(out, src, sources)
     try:
         for step, path in tqdm(sources, desc="import", unit="ckpt", disable=None if progress else True):
-            if (out / checkpoint_filename(step)).exists():
-                continue
             if schedule is not None and step not in schedule:
                 raise CheckpointError(f"{path}: step {step} has no learning rate in the schedule")
+            step_lr = float(lr if schedule is None else schedule[step])
+            epoch = step / steps_per_epoch if steps_per_epoch else 0.0
+            if (out / checkpoint_filename(step)).exists():   # imported before: the same file, the same options
+                _check_imported(out / checkpoint_filename(step), path, step_lr, epoch)
+                continue
             try:
                 model.load_state_dict(model_keys(read_state_dict(path), keys, path), strict=True)
             except RuntimeError as e:
                 raise CheckpointError(f"{path}: does not fit {model_factory}({model_kwargs or {}}): "
                                       f"{' '.join(str(e).split())[:300]}") from e
-            write_checkpoint(out / checkpoint_filename(step), model, step=step,
-                             lr=float(lr if schedule is None else schedule[step]),
-                             epoch=step / steps_per_epoch if steps_per_epoch else 0.0,
+            write_checkpoint(out / checkpoint_filename(step), model, step=step, lr=step_lr, epoch=epoch,
                              model_factory=model_factory, model_kwargs=model_kwargs, loss=loss,
-                             optimizer="imported")
+                             optimizer="imported", source=_source_of(path))
     except BaseException:
         if made and not any(out.iterdir()):   # a folder made for nothing goes with the failure
             out.rmdir()

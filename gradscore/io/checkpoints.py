@@ -3,7 +3,9 @@
 Layout: ``/params/<name>`` and ``/buffers/<name>`` (state_dict names), attrs ``step``,
 ``epoch``, ``lr`` (η_t, the step size used for the step *after* θ_t), ``optimizer``,
 ``model`` (``"package.module:factory"``), ``model_kwargs`` (JSON), ``loss`` and
-``format_version``. Files are written atomically with fletcher32 checksums.
+``format_version``; an imported checkpoint also ``source`` (JSON: the file it was
+converted from, its size and modification time). Files are written atomically with
+fletcher32 checksums.
 """
 from __future__ import annotations
 
@@ -32,6 +34,16 @@ _REQUIRED_ATTRS = ("format_version", "step", "epoch", "lr", "model", "model_kwar
 
 def checkpoint_filename(step: int) -> str:
     return f"step_{int(step):08d}.h5"
+
+
+def checkpoint_files(directory: str | Path) -> dict[int, Path]:
+    """{step: path} of the files named ``step_<n>.h5`` in ``directory`` (none if it is missing),
+    by the step their names give."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return {}
+    found = ((_NAME.match(p.name), p) for p in directory.iterdir())
+    return dict(sorted((int(m.group(1)), p) for m, p in found if m))
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -63,9 +75,10 @@ def unwrapped(model: nn.Module) -> nn.Module:
 
 def write_checkpoint(path: str | Path, model: nn.Module, *, step: int, lr: float,
                      epoch: float = 0.0, model_factory: str = "", model_kwargs: dict | None = None,
-                     loss: str = "cross_entropy", optimizer: str = "") -> Path:
+                     loss: str = "cross_entropy", optimizer: str = "", source: str = "") -> Path:
     """Write ``model``'s parameters and persistent buffers to ``path`` atomically (of the
-    model inside a compile or DataParallel wrapper: what its factory rebuilds)."""
+    model inside a compile or DataParallel wrapper: what its factory rebuilds). ``source``:
+    the file an imported checkpoint was converted from (``import-checkpoints``)."""
     path, model = Path(path), unwrapped(model)
     params = dict(model.named_parameters())
     aliases = tied_aliases(model)  # a tied tensor is stored once, under its parameter name
@@ -75,6 +88,7 @@ def write_checkpoint(path: str | Path, model: nn.Module, *, step: int, lr: float
             "format_version": FORMAT_VERSION, "step": int(step), "epoch": float(epoch),
             "lr": float(lr), "optimizer": optimizer, "model": model_factory,
             "model_kwargs": json.dumps(model_kwargs or {}, sort_keys=True), "loss": loss,
+            **({"source": source} if source else {}),
         })
         gp, gb = f.create_group("params"), f.create_group("buffers")
         for name, tensor in state.items():
@@ -96,16 +110,25 @@ class CheckpointWriter:
 
     ``model_factory`` must rebuild the architecture from ``model_kwargs`` so that
     ``gradscore run`` can score the checkpoints without your training script.
+
+    A folder holds one training run, since ``gradscore run`` scores all of its checkpoints
+    as one trajectory. The first :meth:`save` at step s refuses a folder that already holds
+    checkpoints at step s or later (an earlier run's: a rerun of the script would leave
+    the longer run's last ones beside its own) unless ``overwrite=True``, which removes
+    those checkpoints first. Checkpoints before s stay: a run resumed after a stop
+    continues them.
     """
 
     def __init__(self, directory: str | Path, *, model_factory: str, model_kwargs: dict | None = None,
-                 loss: str = "cross_entropy", optimizer: "str | torch.optim.Optimizer" = "") -> None:
+                 loss: str = "cross_entropy", optimizer: "str | torch.optim.Optimizer" = "",
+                 overwrite: bool = False) -> None:
         self.directory = Path(directory)
         self.model_factory = model_factory
         self.model_kwargs = dict(model_kwargs or {})
         self.loss = loss
         # the kind is what PDS needs to know: plain gradient steps, or momentum/Adam (a warning)
         self.optimizer = optimizer if isinstance(optimizer, str) else optimizer_kind(optimizer)
+        self.overwrite = overwrite
         self.saved: list[Path] = []
 
     def __enter__(self) -> "CheckpointWriter":
@@ -117,12 +140,36 @@ class CheckpointWriter:
 
     def save(self, model: nn.Module, *, step: int, lr: float, epoch: float = 0.0) -> Path:
         """Write θ_t = ``model`` as ``step_<step>.h5``; ``lr`` is η_t used after θ_t."""
+        if not self.saved:
+            self._make_room(step)
         path = write_checkpoint(self.directory / checkpoint_filename(step), model, step=step,
                                 lr=lr, epoch=epoch, model_factory=self.model_factory,
                                 model_kwargs=self.model_kwargs, loss=self.loss,
                                 optimizer=self.optimizer)
         self.saved.append(path)
         return path
+
+    def _make_room(self, first: int) -> None:
+        """Before the first save, at step ``first``: refuse the folder's checkpoints at that
+        step or later (an earlier run's), or remove them under ``overwrite``; never a file
+        that is not a gradscore checkpoint."""
+        later = [(s, p) for s, p in checkpoint_files(self.directory).items() if s >= int(first)]
+        if not later:
+            return
+        steps = f"step {later[0][0]}" if len(later) == 1 else f"steps {later[0][0]} to {later[-1][0]}"
+        if not self.overwrite:
+            raise CheckpointError(f"{self.directory}: already holds the checkpoints of an earlier run at {steps}; "
+                                  f"this run's, from step {first}, would be scored with them as one trajectory. "
+                                  f"Save into a new folder, or pass overwrite=True to remove them first (the "
+                                  f"checkpoints before step {first} stay: a resumed run continues them)")
+        for _, p in later:
+            try:
+                _read_info(p)
+            except CheckpointError:
+                raise CheckpointError(f"{p}: is not a gradscore checkpoint, and overwrite=True removes only an "
+                                      f"earlier run's checkpoints; move it out of {self.directory}") from None
+        for _, p in later:
+            p.unlink()
 
     def every(self, n_steps: int) -> "StepRecorder":
         """A recorder for a plain training loop that saves θ every ``n_steps`` optimizer steps.
@@ -296,7 +343,7 @@ class CheckpointStore:
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise CheckpointError(f"{self.directory}: checkpoint directory does not exist")
-        paths = [p for p in self.directory.iterdir() if _NAME.match(p.name)]
+        paths = list(checkpoint_files(self.directory).values())
         if not paths:
             raise CheckpointError(f"{self.directory}: no checkpoint files (step_<n>.h5) found; "
                                   f"save them with gradscore.CheckpointWriter")

@@ -138,7 +138,7 @@ def checkpointed_run(setup: Setup, work: Path, *, epochs: int, seed: int = 0, lr
     training set written as ``work/train.h5``)."""
     train = save_dataset(work / "train.h5", setup.x_train, setup.y_train, noisy=setup.noisy)
     with CheckpointWriter(work / "ckpts", model_factory=setup.model_factory, model_kwargs=setup.model_kwargs,
-                          loss="cross_entropy", optimizer="SGD(momentum=0.9)") as w:
+                          loss="cross_entropy", optimizer="SGD(momentum=0.9)", overwrite=True) as w:
         fit(setup, np.arange(len(setup.y_train)), epochs=epochs, seed=seed, lr=lr,
             on_epoch=lambda m, e, s: w.save(m, step=s, lr=lr, epoch=e))
     return work / "ckpts", train
