@@ -18,7 +18,7 @@ from ._version import __version__
 from .batch import Inputs, batch_len, take
 from .config import CLASS_SCORES, TARGET_SCORES, RunConfig, parse_range, resolve_device
 from .distributed import Ranks, process_group
-from .exceptions import ConfigError, DataError, GradscoreError
+from .exceptions import ConfigError, ConfigMismatchError, DataError, GradscoreError
 from .io.checkpoints import CheckpointStore
 from .io.datasets import Dataset, check_targets, load_dataset, probe_model, subset
 from .io.journal import read_fingerprint
@@ -173,7 +173,7 @@ class _Plan:
 def _run(config: RunConfig, out: Path, overwrite: bool, progress: bool, ranks: Ranks) -> Path:
     """The phases of a run, in order; every rank runs them, rank 0 alone writes ``out``."""
     plan = _plan(config, out, overwrite)                       # 1. inputs checked, output claimed
-    costate = _costate(plan, ranks, progress)                  # 2. co-states (rank 0 computes)
+    costate = _costate(plan, ranks, progress, overwrite)       # 2. co-states (rank 0 computes)
     writer = _open_writer(plan, costate, ranks, overwrite)     # 3. a new, resumed or finished journal
     if not writer.complete:                                    # 4. score (or reuse) every missing chunk
         reusable = ReusableRows(out, plan.rows["key"])
@@ -237,17 +237,25 @@ def _costate_kind(path: Path) -> bool | None:
         found.close()
 
 
-def _costate(plan: _Plan, ranks: Ranks, progress: bool) -> CostateFile | None:
-    """Phase 2: the co-states the target scores need, computed (or found) once by rank 0."""
+def _costate(plan: _Plan, ranks: Ranks, progress: bool, overwrite: bool) -> CostateFile | None:
+    """Phase 2: the co-states the target scores need, computed (or found) once by rank 0;
+    under ``overwrite``, a co-state file made with other settings is recomputed."""
     config = plan.config
     if not config.needs_target:
         return None
     if ranks.main:
-        compute_costate(CostateConfig(
-            checkpoints=config.checkpoints, proxy=config.data, target=config.target,
-            batch_size=config.batch_size, dtype=config.dtype, device=config.device,
-            lr_scale_steps=config.lr_scale_steps, lm_reduction=config.lm_reduction, costates=plan.costates),
-            plan.costate_path, progress=progress)
+        try:
+            compute_costate(CostateConfig(
+                checkpoints=config.checkpoints, proxy=config.data, target=config.target,
+                batch_size=config.batch_size, dtype=config.dtype, device=config.device,
+                lr_scale_steps=config.lr_scale_steps, lm_reduction=config.lm_reduction, costates=plan.costates),
+                plan.costate_path, replace=overwrite, progress=progress)
+        except ConfigMismatchError as e:   # the co-state file's own fix, in run's options
+            if not hasattr(e, "differ"):
+                raise
+            raise ConfigMismatchError(f"{plan.costate_path}: was computed with other settings ({e.differ} differ); "
+                                      f"pass --overwrite to recompute it, or --costate FILE to keep it and write "
+                                      f"these to FILE") from None
     ranks.barrier()
     costate = CostateFile(plan.costate_path)
     plan.fingerprint["costate"] = json.loads(costate.fingerprint)

@@ -212,6 +212,34 @@ def test_run_cli_pds_bad_target_exits_2(tmp_path, capsys):
     assert not (tmp_path / "s.h5").exists() and not (ckpts / "costate.h5.partial").exists()
 
 
+def test_run_with_another_target_says_how_to_recompute_its_costates_and_does(tmp_path, capsys):
+    """The default co-state file (CHECKPOINTS/costate.h5) of another target, or of checkpoints
+    trained anew, stopped `run` with "pass --overwrite to replace it", which `run --overwrite`
+    did not do: the user could not get past it without deleting the file."""
+    from gradscore.cli import main
+    ckpts, proxy, target, *_ = _gd_run(tmp_path)
+    other = gs.save_dataset(tmp_path / "other.h5", *(a.numpy() for a in _data(2, 7)))
+
+    def run(target, out, *extra):
+        return main(["run", "--checkpoints", str(ckpts), "--data", str(proxy), "--target", str(target),
+                     "--scores", "pds,grand", "--out", str(tmp_path / out), "--quiet", *extra])
+    assert run(target, "a.h5") == 0
+    before = (ckpts / "costate.h5").read_bytes()
+    assert run(other, "b.h5") == 2
+    err = capsys.readouterr().err
+    assert "costate.h5: was computed with other settings (target" in err and err.count("\n") == 1
+    assert "pass --overwrite to recompute it, or --costate FILE to keep it and write these to FILE" in err
+    assert (ckpts / "costate.h5").read_bytes() == before and not (tmp_path / "b.h5").exists()
+    assert run(other, "b.h5", "--costate", str(tmp_path / "other_costate.h5")) == 0
+    assert run(other, "c.h5", "--overwrite") == 0
+    want, got = gs.load_scores(tmp_path / "b.h5")["scores"], gs.load_scores(tmp_path / "c.h5")["scores"]
+    assert np.array_equal(want["pds"], got["pds"]) and not np.array_equal(want["pds"], gs.load_scores(
+        tmp_path / "a.h5")["scores"]["pds"])
+    # co-states that match are reused under --overwrite, not recomputed
+    mtime = (ckpts / "costate.h5").stat().st_mtime_ns
+    assert run(other, "c.h5", "--overwrite") == 0 and (ckpts / "costate.h5").stat().st_mtime_ns == mtime
+
+
 def test_pds_demo_small(tmp_path, capsys):
     from gradscore.demos.digits import run_pds_demo
     summary = run_pds_demo(tmp_path / "d", steps=2, progress=False)

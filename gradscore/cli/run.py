@@ -53,9 +53,10 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="target (downstream) dataset: needed by pds, target_dot, target_cos; or its sketch file "
                    "(gradscore sketch at the same checkpoints): ∇J is then estimated from the sketches")
     p.add_argument("--costate", default=None, metavar="FILE",
-                   help="co-state file (default CHECKPOINTS/costate.h5; computed when missing). Without pds, "
-                   "target_dot and target_cos need only ∇J(θ_t): CHECKPOINTS/target_gradient.h5 by default, "
-                   "with no co-states (no Hessian-vector products over the data)")
+                   help="co-state file (default CHECKPOINTS/costate.h5; computed when missing, reused when made "
+                   "with these settings, refused when made with others, recomputed then under --overwrite). "
+                   "Without pds, target_dot and target_cos need only ∇J(θ_t): CHECKPOINTS/target_gradient.h5 by "
+                   "default, with no co-states (no Hessian-vector products over the data)")
     p.add_argument("--lr-scale-steps", action="store_true",
                    help="PDS with sparse checkpoints: η_t = lr × optimizer steps to the next checkpoint")
     p.add_argument("--variants", default="", metavar="V,...",

@@ -54,12 +54,13 @@ class Journal:
     run that fails before any work leaves nothing behind. A finished ``out`` with the
     same fingerprint makes the journal ``complete``; a different fingerprint (of ``out``
     or of a partial run with work in it) is refused with :class:`ConfigMismatchError`,
-    naming what differs, unless ``overwrite`` (or, for ``out`` alone, ``replace``: the new
-    run only adds to it); a partial run without work is discarded.
+    naming what differs (its ``differ`` attribute), unless ``overwrite`` (or, for ``out``
+    alone, ``replace``: the new run only adds to it; for the partial run alone, ``discard``);
+    a partial run without work is discarded.
     """
 
     def __init__(self, out: str | Path, fingerprint: dict, *, overwrite: bool = False,
-                 replace: bool = False) -> None:
+                 replace: bool = False, discard: bool = False) -> None:
         self.out = Path(out)
         self.partial = self.out.with_name(self.out.name + ".partial")
         self._meta = self.partial / "meta.json"
@@ -71,9 +72,11 @@ class Journal:
                 self.complete = True
                 return
             if not (overwrite or replace):
-                raise ConfigMismatchError(
-                    f"{self.out}: exists and was made with other settings ({difference(found, fingerprint)} "
-                    f"differ); pass --overwrite to replace it or choose another --out")
+                differ = difference(found, fingerprint)
+                error = ConfigMismatchError(f"{self.out}: exists and was made with other settings ({differ} differ); "
+                                            f"pass --overwrite to replace it or choose another --out")
+                error.differ = differ
+                raise error
         if self.partial.exists():
             try:
                 old = json.loads(self._meta.read_text())
@@ -81,7 +84,7 @@ class Journal:
                 old = None
             if old != fingerprint:
                 has_work = any(p.name != "meta.json" and not p.name.endswith(".tmp") for p in self.partial.iterdir())
-                if has_work and not overwrite:
+                if has_work and not (overwrite or discard):
                     raise ConfigMismatchError(
                         f"{self.partial}: an interrupted run with other settings ({difference(old, fingerprint)} "
                         f"differ) is in progress here; rerun it with the same options to resume, or pass "

@@ -170,9 +170,11 @@ def _load_group(f: h5py.Group, name: str, device, dtype) -> Params | None:
 
 
 def compute_costate(config: CostateConfig, out: str | Path | None = None, *, overwrite: bool = False,
-                    progress: bool = True) -> Path:
+                    replace: bool = False, progress: bool = True) -> Path:
     """Compute ∇J(θ_t) for every checkpoint and (``config.costates``) λ_t for t ≥ 1; write the
-    costate file."""
+    costate file. An existing one made with these settings is kept (resumed if interrupted);
+    one made with others is refused (:class:`ConfigMismatchError`), recomputed with
+    ``replace``; ``overwrite`` recomputes it whatever it holds."""
     ckpts = CheckpointStore(config.checkpoints)
     if len(ckpts) < 2:
         raise CheckpointError(f"{config.checkpoints}: PDS needs at least two checkpoints (θ_0 and θ_1)")
@@ -181,10 +183,11 @@ def compute_costate(config: CostateConfig, out: str | Path | None = None, *, ove
                 inputs={"the proxy set": [config.proxy], "the target set": [config.target],
                         "a checkpoint": [info.path for info in ckpts.infos]})
     with lock(out):   # one writer per co-state file
-        return _compute(config, out, ckpts, overwrite, progress)
+        return _compute(config, out, ckpts, overwrite, replace, progress)
 
 
-def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite: bool, progress: bool) -> Path:
+def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite: bool, replace: bool,
+             progress: bool) -> Path:
     """:func:`compute_costate` once ``out`` is claimed and locked."""
     from ..io.outputs import is_sketch_file
     from ..sketches.store import SketchTarget
@@ -206,7 +209,7 @@ def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite
         _check_fits(last, target, "target", ckpts[T].path, loss)
     if proxy is not None:
         _check_fits(last, proxy, "proxy", ckpts[T].path, loss)
-    journal = Journal(out, fingerprint, overwrite=overwrite)
+    journal = Journal(out, fingerprint, overwrite=overwrite, replace=replace, discard=replace)
     if journal.complete:
         return out
     lam_next: Params | None = None
