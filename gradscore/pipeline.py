@@ -172,7 +172,7 @@ class _Plan:
 
 def _run(config: RunConfig, out: Path, overwrite: bool, progress: bool, ranks: Ranks) -> Path:
     """The phases of a run, in order; every rank runs them, rank 0 alone writes ``out``."""
-    plan = _plan(config, out, overwrite)                       # 1. inputs checked, output claimed
+    plan = _plan(config, out, overwrite, progress)             # 1. inputs checked, output claimed
     costate = _costate(plan, ranks, progress, overwrite)       # 2. co-states (rank 0 computes)
     writer = _open_writer(plan, costate, ranks, overwrite)     # 3. a new, resumed or finished journal
     if not writer.complete:                                    # 4. score (or reuse) every missing chunk
@@ -190,7 +190,7 @@ def _run(config: RunConfig, out: Path, overwrite: bool, progress: bool, ranks: R
     return path
 
 
-def _plan(config: RunConfig, out: Path, overwrite: bool) -> _Plan:
+def _plan(config: RunConfig, out: Path, overwrite: bool, progress: bool = False) -> _Plan:
     """Phase 1: open and check the checkpoints and data, claim ``out``; no work yet."""
     ckpts = CheckpointStore(config.checkpoints)
     if resolve_loss(ckpts.loss).output == "tokens" and CLASS_SCORES & set(config.scores):
@@ -218,7 +218,7 @@ def _plan(config: RunConfig, out: Path, overwrite: bool) -> _Plan:
     scored = np.arange(len(ckpts)) if config.needs_target else np.flatnonzero(select)
     plan = _Plan(config, out, ckpts, ds, select, scored, resolve_device(config.device), costate_path, costates)
     plan.fingerprint = {"config": config.to_dict(), "checkpoints_sha256": ckpts.checksums(),
-                        "data": ds.fingerprint()}
+                        "data": ds.fingerprint(progress)}
     return plan
 
 

@@ -125,3 +125,21 @@ def test_run_scores_only_the_parameters_named(tiny_run, tmp_path, capsys):
     assert main(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(tmp_path / "x.h5"),
                  "--quiet", "--params", "head.*"]) == 2
     assert "'head.*' matches no parameter" in capsys.readouterr().err
+
+
+def test_a_factory_dataset_whose_examples_changed_is_not_taken_for_the_same(tiny_run, tmp_path, monkeypatch):
+    """A `module:fn` dataset was known by its name and length alone: after the user fixed some
+    labels, a rerun found its finished scores file "the same" and kept the old numbers."""
+    import tests_factory
+    ckpts, _ = tiny_run
+    out = tmp_path / "s.h5"
+    gs.score(ckpts, "tests_factory:relabeled", out=out, progress=False)
+    before = gs.load_scores(out)["scores"]["loss"]
+    assert gs.score(ckpts, "tests_factory:relabeled", out=out, progress=False) == out   # the same: kept
+    monkeypatch.setattr(tests_factory, "LABELS", [0, 1, 2, 2])   # a quarter of the labels fixed
+    with pytest.raises(gs.ConfigMismatchError, match=r"the data differ.*--overwrite"):
+        gs.score(ckpts, "tests_factory:relabeled", out=out, progress=False)
+    np.testing.assert_array_equal(gs.load_scores(out)["scores"]["loss"], before)
+    gs.score(ckpts, "tests_factory:relabeled", out=out, overwrite=True, progress=False)
+    after = gs.load_scores(out)["scores"]["loss"]
+    assert np.array_equal(after[0::4], before[0::4]) and not np.array_equal(after[3::4], before[3::4])

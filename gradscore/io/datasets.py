@@ -13,6 +13,7 @@ called as ``model(input_ids=…, attention_mask=…)``.
 """
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -20,6 +21,7 @@ from typing import Any, Iterator, Mapping
 import h5py
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .atomic import atomic_path
 from ..batch import Inputs, call_model, concat, describe, move, take
@@ -68,9 +70,20 @@ class Dataset(ABC):
         """(N,) bool known-corrupted mask, or None."""
         return None
 
-    def fingerprint(self) -> dict[str, Any]:
-        """What identifies these examples, for refusing to resume on other data."""
-        return {"source": self.source, "n": len(self)}
+    def fingerprint(self, progress: bool = False) -> dict[str, Any]:
+        """What identifies these examples, for refusing to resume on other data: the SHA-256
+        of every example's inputs and target (one pass over the data; a factory's data can
+        change under the same name). ``progress``: a bar over that pass."""
+        h = hashlib.sha256()
+        with tqdm(total=len(self), desc="fingerprint", unit="ex", leave=False,
+                  disable=None if progress else True) as bar:
+            for start, x, y in self.chunks(1024):
+                for t in [*(x.values() if isinstance(x, Mapping) else [x]), y]:
+                    t = t.detach().cpu().contiguous()
+                    h.update(f"{t.dtype} {tuple(t.shape)}".encode())
+                    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+                bar.update(len(y))
+        return {"source": self.source, "n": len(self), "sha256": h.hexdigest()}
 
     def check_labels(self, start: int, targets: torch.Tensor, n_classes: int,
                      ignore_index: int | None = None) -> None:
@@ -171,7 +184,7 @@ class ArrayFileDataset(Dataset):
             return np.asarray(self._arrays["noisy"][()]).astype(bool)
         return None
 
-    def fingerprint(self) -> dict[str, Any]:
+    def fingerprint(self, progress: bool = False) -> dict[str, Any]:
         """Path, size and SHA-256 (size and mtime for files over 1 GiB)."""
         from .checkpoints import file_sha256
         st = self.path.stat()
@@ -242,9 +255,8 @@ class SubsetDataset(Dataset):
         noisy = self.base.noisy()
         return None if noisy is None else noisy[self.positions]
 
-    def fingerprint(self) -> dict[str, Any]:
-        import hashlib
-        return {**self.base.fingerprint(), "subset": self.what,
+    def fingerprint(self, progress: bool = False) -> dict[str, Any]:
+        return {**self.base.fingerprint(progress), "subset": self.what,
                 "positions_sha256": hashlib.sha256(self.positions.tobytes()).hexdigest()}
 
 

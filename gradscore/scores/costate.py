@@ -201,7 +201,7 @@ def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite
     device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
     eta = step_sizes(ckpts, config.lr_scale_steps)
     fingerprint = {"config": _fingerprinted(config), "checkpoints_sha256": ckpts.checksums(),
-                   "proxy": proxy and proxy.fingerprint(), "target": target.fingerprint()}
+                   "proxy": proxy and proxy.fingerprint(progress), "target": target.fingerprint(progress)}
     T = len(ckpts) - 1
     last = ckpts.build_model(T, dtype=dtype, device=device)
     loss = resolve_loss(ckpts.loss, config.lm_reduction)

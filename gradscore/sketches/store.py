@@ -85,7 +85,7 @@ def _run(config: SketchConfig, out: Path, overwrite: bool, progress: bool) -> Pa
         raise DataError(f"{config.checkpoints}: the loss '{ckpts.loss}' is a language-modelling loss; "
                         f"sketches need a classification loss in this version")
     device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
-    fingerprint = {"config": config.to_dict(), "checkpoints_sha256": ckpts.checksums(), "data": ds.fingerprint()}
+    fingerprint = {"config": config.to_dict(), "checkpoints_sha256": ckpts.checksums(), "data": ds.fingerprint(progress)}
     writer = HDF5ScoresWriter(out, fingerprint, n=len(ds), T=len(ckpts), chunk_size=config.chunk_size,
                               overwrite=overwrite)
     ids, projection = ds.ids(), None
@@ -196,7 +196,7 @@ class SketchTarget:
             raise ConfigError(f"{path}: sketches only the parameters {self.file.config['params']}; a target "
                               f"gradient needs every trainable parameter: sketch it without --params")
 
-    def fingerprint(self) -> dict[str, Any]:
+    def fingerprint(self, progress: bool = False) -> dict[str, Any]:
         return {"sketch": self.file.fingerprint}
 
     def gradient(self, t: int, model: torch.nn.Module, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
