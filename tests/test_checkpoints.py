@@ -18,8 +18,8 @@ def test_round_trip_with_buffers_and_attrs(tmp_path):
     model[1].running_mean.uniform_()
     with gs.CheckpointWriter(tmp_path, model_factory="gradscore.demos.models:digits_cnn",
                              model_kwargs={"channels": 4, "batchnorm": True}) as w:
-        w.save(model, step=20, lr=0.1, epoch=2)
         w.save(model, step=3, lr=0.2, epoch=1)
+        w.save(model, step=20, lr=0.1, epoch=2)
     store = gs.CheckpointStore(tmp_path)
     assert [i.step for i in store] == [3, 20] and len(store) == 2
     assert store[1].lr == 0.1 and store[1].epoch == 2 and store.loss == "cross_entropy"
@@ -225,6 +225,14 @@ def test_overwrite_replaces_the_earlier_runs_checkpoints_from_the_first_step_on(
     # one resumed from an earlier step replaces what the stopped run saved after it, when asked
     _run_into(tmp_path, [2], seed=2, overwrite=True)
     assert [i.step for i in gs.CheckpointStore(tmp_path)] == [0, 1, 2]
+    # a second run through the same writer (a callback reused by a second trainer.train()) starts over
+    torch.manual_seed(3)
+    model = mlp(**MLP_KWARGS)
+    w = gs.CheckpointWriter(tmp_path, model_factory="gradscore.demos.models:mlp", model_kwargs=MLP_KWARGS)
+    for s in (3, 4, 4):   # the same step twice: one run saving it again
+        w.save(model, step=s, lr=0.1, epoch=s)
+    with pytest.raises(gs.CheckpointError, match="at steps 0 to 4"):
+        w.save(model, step=0, lr=0.1)
 
 
 def test_overwrite_never_removes_a_file_that_is_not_a_checkpoint(tmp_path):

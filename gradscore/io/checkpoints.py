@@ -112,7 +112,8 @@ class CheckpointWriter:
     ``gradscore run`` can score the checkpoints without your training script.
 
     A folder holds one training run, since ``gradscore run`` scores all of its checkpoints
-    as one trajectory. The first :meth:`save` at step s refuses a folder that already holds
+    as one trajectory. The first :meth:`save` at step s (or one at a step before the last
+    saved: a new run through the same writer) refuses a folder that already holds
     checkpoints at step s or later (an earlier run's: a rerun of the script would leave
     the longer run's last ones beside its own) unless ``overwrite=True``, which removes
     those checkpoints first. Checkpoints before s stay: a run resumed after a stop
@@ -130,6 +131,7 @@ class CheckpointWriter:
         self.optimizer = optimizer if isinstance(optimizer, str) else optimizer_kind(optimizer)
         self.overwrite = overwrite
         self.saved: list[Path] = []
+        self._last = -1   # the step of the last save
 
     def __enter__(self) -> "CheckpointWriter":
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -140,8 +142,9 @@ class CheckpointWriter:
 
     def save(self, model: nn.Module, *, step: int, lr: float, epoch: float = 0.0) -> Path:
         """Write θ_t = ``model`` as ``step_<step>.h5``; ``lr`` is η_t used after θ_t."""
-        if not self.saved:
+        if not self.saved or int(step) < self._last:   # a run's first save, or a new run's (back at an earlier step)
             self._make_room(step)
+        self._last = int(step)
         path = write_checkpoint(self.directory / checkpoint_filename(step), model, step=step,
                                 lr=lr, epoch=epoch, model_factory=self.model_factory,
                                 model_kwargs=self.model_kwargs, loss=self.loss,
