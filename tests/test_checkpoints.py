@@ -242,3 +242,28 @@ def test_overwrite_never_removes_a_file_that_is_not_a_checkpoint(tmp_path):
         _run_into(tmp_path, [0], seed=1, overwrite=True)
     assert (tmp_path / "step_00000005.h5").read_text() == "my notes"
     assert len(list(tmp_path.glob("step_*.h5"))) == 3
+
+
+def test_a_folder_filled_by_two_runs_at_once_is_refused(tmp_path):
+    """Two jobs of a sweep that started on the same empty folder each passed the writer's
+    check, and their checkpoints interleaved: `run` scored them as one trajectory."""
+    a, b = (gs.CheckpointWriter(tmp_path, model_factory="gradscore.demos.models:mlp", model_kwargs=MLP_KWARGS)
+            for _ in range(2))
+    for w in (a, b):
+        w._start_run(0)   # both look before either writes
+    torch.manual_seed(0)
+    model = mlp(**MLP_KWARGS)
+    for step, w in ((0, a), (1, b), (2, a), (3, b)):
+        w.save(model, step=step, lr=0.1, epoch=step)
+    with pytest.raises(gs.CheckpointError, match=r"holds the checkpoints of 2 training runs \(steps 0, 2 of one, "
+                       r"1, 3 of another\)"):
+        gs.CheckpointStore(tmp_path)
+
+
+def test_a_resumed_run_is_the_same_run(tmp_path):
+    _run_into(tmp_path, [0, 1], seed=0)
+    _run_into(tmp_path, [2, 3], seed=0)   # a new process, after a stop
+    runs = {i.run for i in gs.CheckpointStore(tmp_path)}
+    assert len(runs) == 1 and "" not in runs
+    _run_into(tmp_path, [0, 1], seed=1, overwrite=True)   # a new run from the start
+    assert {i.run for i in gs.CheckpointStore(tmp_path)}.isdisjoint(runs)

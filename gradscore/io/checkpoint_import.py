@@ -27,6 +27,7 @@ resumes.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -37,7 +38,7 @@ import h5py
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoints import CheckpointStore, checkpoint_filename, checkpoint_files, write_checkpoint
+from .checkpoints import CheckpointStore, checkpoint_filename, checkpoint_files, read_info, write_checkpoint
 from ..exceptions import CheckpointError, OutputError
 from ..imports import import_ref
 
@@ -167,8 +168,8 @@ def _claim_out(src: Path, out: Path, model_factory: str, model_kwargs: dict, los
     if out.exists() and os.path.samefile(out, src):
         raise OutputError(f"{out}: is the source folder, an input of this command; gradscore never writes "
                           f"into its inputs: choose another --out")
-    if out.exists() and any(out.glob("step_*.h5")):
-        first = CheckpointStore(out)[0]
+    if checkpoint_files(out):
+        first = read_info(next(iter(checkpoint_files(out).values())))
         found = (first.model, first.model_kwargs, first.loss)
         if found != (model_factory, model_kwargs, loss):
             raise OutputError(f"{out}: holds the checkpoints of another model ({found[0]}({found[1]}), loss "
@@ -228,6 +229,7 @@ def import_checkpoints(src: str | Path, out: str | Path, *, model_factory: str, 
     made = not Path(out).exists()
     out = _claim_out(Path(src), Path(out), model_factory, model_kwargs or {}, loss)
     _check_earlier_import(out, src, sources)
+    run = "import-" + hashlib.sha256(str(Path(src).resolve()).encode()).hexdigest()[:16]   # one run: one source
     try:
         for step, path in tqdm(sources, desc="import", unit="ckpt", disable=None if progress else True):
             if schedule is not None and step not in schedule:
@@ -244,7 +246,7 @@ def import_checkpoints(src: str | Path, out: str | Path, *, model_factory: str, 
                                       f"{' '.join(str(e).split())[:300]}") from e
             write_checkpoint(out / checkpoint_filename(step), model, step=step, lr=step_lr, epoch=epoch,
                              model_factory=model_factory, model_kwargs=model_kwargs, loss=loss,
-                             optimizer="imported", source=_source_of(path))
+                             optimizer="imported", source=_source_of(path), run=run)
     except BaseException:
         if made and not any(out.iterdir()):   # a folder made for nothing goes with the failure
             out.rmdir()

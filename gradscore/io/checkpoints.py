@@ -3,8 +3,9 @@
 Layout: ``/params/<name>`` and ``/buffers/<name>`` (state_dict names), attrs ``step``,
 ``epoch``, ``lr`` (η_t, the step size used for the step *after* θ_t), ``optimizer``,
 ``model`` (``"package.module:factory"``), ``model_kwargs`` (JSON), ``loss`` and
-``format_version``; an imported checkpoint also ``source`` (JSON: the file it was
-converted from, its size and modification time). Files are written atomically with
+``format_version``; ``run``, the id of the training run (one per folder, checked); an
+imported checkpoint also ``source`` (JSON: the file it was converted from, its size and
+modification time). Files are written atomically with
 fletcher32 checksums.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -75,10 +77,11 @@ def unwrapped(model: nn.Module) -> nn.Module:
 
 def write_checkpoint(path: str | Path, model: nn.Module, *, step: int, lr: float,
                      epoch: float = 0.0, model_factory: str = "", model_kwargs: dict | None = None,
-                     loss: str = "cross_entropy", optimizer: str = "", source: str = "") -> Path:
+                     loss: str = "cross_entropy", optimizer: str = "", source: str = "", run: str = "") -> Path:
     """Write ``model``'s parameters and persistent buffers to ``path`` atomically (of the
     model inside a compile or DataParallel wrapper: what its factory rebuilds). ``source``:
-    the file an imported checkpoint was converted from (``import-checkpoints``)."""
+    the file an imported checkpoint was converted from (``import-checkpoints``); ``run``:
+    the training run's id, the same in every checkpoint of one run."""
     path, model = Path(path), unwrapped(model)
     params = dict(model.named_parameters())
     aliases = tied_aliases(model)  # a tied tensor is stored once, under its parameter name
@@ -88,7 +91,7 @@ def write_checkpoint(path: str | Path, model: nn.Module, *, step: int, lr: float
             "format_version": FORMAT_VERSION, "step": int(step), "epoch": float(epoch),
             "lr": float(lr), "optimizer": optimizer, "model": model_factory,
             "model_kwargs": json.dumps(model_kwargs or {}, sort_keys=True), "loss": loss,
-            **({"source": source} if source else {}),
+            **({"source": source} if source else {}), **({"run": run} if run else {}),
         })
         gp, gb = f.create_group("params"), f.create_group("buffers")
         for name, tensor in state.items():
@@ -131,7 +134,8 @@ class CheckpointWriter:
         self.optimizer = optimizer if isinstance(optimizer, str) else optimizer_kind(optimizer)
         self.overwrite = overwrite
         self.saved: list[Path] = []
-        self._last = -1   # the step of the last save
+        self.run: str | None = None   # this run's id, recorded in each checkpoint (set by the first save)
+        self._last = -1               # the step of the last save
 
     def __enter__(self) -> "CheckpointWriter":
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -142,21 +146,25 @@ class CheckpointWriter:
 
     def save(self, model: nn.Module, *, step: int, lr: float, epoch: float = 0.0) -> Path:
         """Write θ_t = ``model`` as ``step_<step>.h5``; ``lr`` is η_t used after θ_t."""
-        if not self.saved or int(step) < self._last:   # a run's first save, or a new run's (back at an earlier step)
-            self._make_room(step)
+        if self.run is None or int(step) < self._last:   # a run's first save, or a new run's (back at an earlier step)
+            self._start_run(step)
         self._last = int(step)
         path = write_checkpoint(self.directory / checkpoint_filename(step), model, step=step,
                                 lr=lr, epoch=epoch, model_factory=self.model_factory,
                                 model_kwargs=self.model_kwargs, loss=self.loss,
-                                optimizer=self.optimizer)
+                                optimizer=self.optimizer, run=self.run)
         self.saved.append(path)
         return path
 
-    def _make_room(self, first: int) -> None:
-        """Before the first save, at step ``first``: refuse the folder's checkpoints at that
-        step or later (an earlier run's), or remove them under ``overwrite``; never a file
-        that is not a gradscore checkpoint."""
-        later = [(s, p) for s, p in checkpoint_files(self.directory).items() if s >= int(first)]
+    def _start_run(self, first: int) -> None:
+        """Before a run's first save, at step ``first``: refuse the folder's checkpoints at
+        that step or later (an earlier run's), or remove them under ``overwrite``; never a
+        file that is not a gradscore checkpoint. The run's id is that of the checkpoints
+        left before ``first`` (a resumed run continues its run), else a new one."""
+        found = checkpoint_files(self.directory)
+        later = [(s, p) for s, p in found.items() if s >= int(first)]
+        earlier = [p for s, p in found.items() if s < int(first)]
+        self.run = (read_info(earlier[-1]).run if earlier else "") or uuid.uuid4().hex
         if not later:
             return
         steps = f"step {later[0][0]}" if len(later) == 1 else f"steps {later[0][0]} to {later[-1][0]}"
@@ -167,7 +175,7 @@ class CheckpointWriter:
                                   f"checkpoints before step {first} stay: a resumed run continues them)")
         for _, p in later:
             try:
-                _read_info(p)
+                read_info(p)
             except CheckpointError:
                 raise CheckpointError(f"{p}: is not a gradscore checkpoint, and overwrite=True removes only an "
                                       f"earlier run's checkpoints; move it out of {self.directory}") from None
@@ -214,9 +222,11 @@ class CheckpointInfo:
     model_kwargs: dict
     loss: str
     optimizer: str
+    run: str = ""   # the training run's id ("" in checkpoints written before runs had one)
 
 
-def _read_info(path: Path) -> CheckpointInfo:
+def read_info(path: Path) -> CheckpointInfo:
+    """The attributes of the checkpoint file ``path``; one CheckpointError if it is not one."""
     try:
         with h5py.File(path, "r") as f:
             attrs = dict(f.attrs)
@@ -239,7 +249,13 @@ def _read_info(path: Path) -> CheckpointInfo:
         raise CheckpointError(f"{path}: attribute model_kwargs is not valid JSON ({e})") from e
     return CheckpointInfo(path=path, step=int(attrs["step"]), epoch=float(attrs["epoch"]),
                           lr=float(attrs["lr"]), model=str(attrs["model"]), model_kwargs=kwargs,
-                          loss=str(attrs["loss"]), optimizer=str(attrs.get("optimizer", "")))
+                          loss=str(attrs["loss"]), optimizer=str(attrs.get("optimizer", "")),
+                          run=str(attrs.get("run", "")))
+
+
+def _steps(steps: list[int]) -> str:
+    """'0, 2, 4' (up to 4), '0, 2, …, 98'."""
+    return ", ".join(map(str, steps)) if len(steps) <= 4 else f"{steps[0]}, {steps[1]}, …, {steps[-1]}"
 
 
 def optimizer_kind(optimizer: object) -> str:
@@ -350,7 +366,7 @@ class CheckpointStore:
         if not paths:
             raise CheckpointError(f"{self.directory}: no checkpoint files (step_<n>.h5) found; "
                                   f"save them with gradscore.CheckpointWriter")
-        infos = [_read_info(p) for p in paths]
+        infos = [read_info(p) for p in paths]
         for info in infos:
             named = int(_NAME.match(info.path.name).group(1))
             if named != info.step:
@@ -365,7 +381,18 @@ class CheckpointStore:
 
     def _check_one_run(self) -> None:
         """Every checkpoint has the first one's model factory, keyword arguments, loss and
-        parameter names and shapes: a folder holds one training run."""
+        parameter names and shapes, and one run id (where they record one): a folder holds
+        one training run."""
+        runs: dict[str, list[int]] = {}
+        for info in self.infos:
+            if info.run:
+                runs.setdefault(info.run, []).append(info.step)
+        if len(runs) > 1:
+            (a, b, *_) = sorted(runs.values())
+            raise CheckpointError(f"{self.directory}: holds the checkpoints of {len(runs)} training runs (steps "
+                                  f"{_steps(a)} of one, {_steps(b)} of another), as when two jobs write into it at "
+                                  f"once or two runs' files are copied together; a checkpoint folder must hold one training run: give each run a folder "
+                                  f"of its own")
         first = self.infos[0]
         shapes = _param_shapes(first.path)
         for info in self.infos[1:]:
