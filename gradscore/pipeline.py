@@ -350,6 +350,9 @@ def reaggregate(scores: str | os.PathLike, out: str | os.PathLike, *, epochs_upt
         raise DataError(f"{src}: is not a gradscore scores file; give one written by gradscore run")
     claim(out, "scores", inputs={"the scores file": [src]}, overwrite=overwrite)
     with h5py.File(src, "r") as f:
+        if json.loads(f.attrs["config"]).get("inrun"):
+            raise ConfigError(f"{src}: is an in-run recording (gs.InRun), whose rows are training steps, not "
+                              f"checkpoints; aggregate takes a scores file of `gradscore run`")
         if "rows" not in f.attrs:
             raise ConfigError(f"{src}: has no record of how its rows were made (written by an older gradscore or "
                               f"imported); rerun `gradscore run` with --epochs-upto instead")

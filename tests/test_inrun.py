@@ -1740,6 +1740,22 @@ def test_nonfinite_records_are_named_not_dropped_silently(tmp_path, capsys):
     assert "warning: 1 of 16 records" in capsys.readouterr().out
 
 
+def test_aggregate_says_an_inrun_file_is_not_a_runs(tmp_path, capsys):
+    """It said the file was "written by an older gradscore or imported" and to rerun `gradscore run`."""
+    from gradscore.cli import main
+    torch.manual_seed(0)
+    model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
+    x, y = torch.randn(8, 10), torch.randint(0, 4, (8,))
+    rec = gs.InRun(model, out=tmp_path / "r.h5")
+    with rec.step(range(8), y):
+        F.cross_entropy(model(x), y).backward()
+    rec.close()
+    assert main(["aggregate", str(tmp_path / "r.h5"), "--steps", "0:1", "--out", str(tmp_path / "a.h5")]) == 2
+    err = capsys.readouterr().err
+    assert "r.h5: is an in-run recording (gs.InRun), whose rows are training steps" in err and err.count("\n") == 1
+    assert not (tmp_path / "a.h5").exists()
+
+
 def test_demo_kinds_are_one_at_a_time(capsys):
     from gradscore.cli import main
     with pytest.raises(SystemExit) as e:
