@@ -130,10 +130,17 @@ def test_console_script_help_and_exit_code(tmp_path):
                                    "{o}.json"], ["export", "{x}", "--format", "csv", "--out", "{o}.csv"],
                                   ["diagnose", "{x}"], ["plot", "{x}", "--out", "{o}.png"]])
 def test_a_missing_scores_file_is_named_in_one_line(tmp_path, capsys, argv):
-    missing = tmp_path / "nope.h5"
-    assert main([a.format(x=missing, o=tmp_path / "out") for a in argv]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.endswith(f"{missing}: no such file or directory"), err
+    missing, folder, text = tmp_path / "nope.h5", tmp_path / "ckpts", tmp_path / "notes.h5"
+    folder.mkdir()
+    text.write_text("not HDF5")
+    for given, says in ((missing, "no such file or directory"),   # h5py's open error was printed for these
+                        (folder, "is a directory; give a scores file (written by gradscore run or gs.InRun)"),
+                        (text, "is not a gradscore scores file (not an HDF5 file)"),
+                        (make_run(tmp_path)[1], "is not a gradscore scores file (it has no /scores); give one "
+                                                "written by gradscore run or gs.InRun")):
+        assert main([a.format(x=given, o=tmp_path / "out") for a in argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.endswith(f"{given}: {says}"), err
 
 
 def test_bench_runs_small(tmp_path, capsys):

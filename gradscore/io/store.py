@@ -200,6 +200,11 @@ def load_inrun_rows(path: str | Path) -> dict[str, np.ndarray]:
     GradscoreError for a file without them."""
     try:
         with h5py.File(path, "r") as f:
+            missing = [f"/{k}" for k in ("scores", "per_checkpoint", "ids") if k not in f] + \
+                [f"attribute {k}" for k in ("config",) if k not in f.attrs]
+            if missing:   # a data set, a checkpoint, a sketch file ...
+                raise GradscoreError(f"{path}: is not a gradscore scores file (it has no {missing[0]}); give one "
+                                     f"written by gradscore run or gs.InRun")
             return {k: f["inrun"][k][()] for k in f["inrun"]}
     except (OSError, KeyError) as e:
         raise GradscoreError(f"{path}: has no in-run records (it was not written by gs.InRun): {e}") from e
@@ -211,8 +216,17 @@ def load_scores(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise GradscoreError(f"{path}: no such file or directory")
+    if path.is_dir():
+        raise GradscoreError(f"{path}: is a directory; give a scores file (written by gradscore run or gs.InRun)")
+    if not h5py.is_hdf5(path):
+        raise GradscoreError(f"{path}: is not a gradscore scores file (not an HDF5 file)")
     try:
         with h5py.File(path, "r") as f:
+            missing = [f"/{k}" for k in ("scores", "per_checkpoint", "ids") if k not in f] + \
+                [f"attribute {k}" for k in ("config",) if k not in f.attrs]
+            if missing:   # a data set, a checkpoint, a sketch file ...
+                raise GradscoreError(f"{path}: is not a gradscore scores file (it has no {missing[0]}); give one "
+                                     f"written by gradscore run or gs.InRun")
             return {
                 "scores": {k: f["scores"][k][()] for k in f["scores"]},
                 "per_checkpoint": {k: f["per_checkpoint"][k][()] for k in f["per_checkpoint"]},
