@@ -5,8 +5,7 @@ Layout: ``/params/<name>`` and ``/buffers/<name>`` (state_dict names), attrs ``s
 ``model`` (``"package.module:factory"``), ``model_kwargs`` (JSON), ``loss`` and
 ``format_version``; ``run``, the id of the training run (one per folder, checked); an
 imported checkpoint also ``source`` (JSON: the file it was converted from, its size and
-modification time). Files are written atomically with
-fletcher32 checksums.
+modification time). Files are written atomically with fletcher32 checksums.
 """
 from __future__ import annotations
 
@@ -164,8 +163,9 @@ class CheckpointWriter:
         found = checkpoint_files(self.directory)
         later = [(s, p) for s, p in found.items() if s >= int(first)]
         earlier = [p for s, p in found.items() if s < int(first)]
-        self.run = (read_info(earlier[-1]).run if earlier else "") or uuid.uuid4().hex
+        run = (read_info(earlier[-1]).run if earlier else "") or uuid.uuid4().hex
         if not later:
+            self.run = run
             return
         steps = f"step {later[0][0]}" if len(later) == 1 else f"steps {later[0][0]} to {later[-1][0]}"
         if not self.overwrite:
@@ -181,6 +181,7 @@ class CheckpointWriter:
                                       f"earlier run's checkpoints; move it out of {self.directory}") from None
         for _, p in later:
             p.unlink()
+        self.run = run   # set once the folder is this run's: a refused save leaves the next one checked too
 
     def every(self, n_steps: int) -> "StepRecorder":
         """A recorder for a plain training loop that saves θ every ``n_steps`` optimizer steps.
