@@ -209,6 +209,10 @@ def test_a_second_run_into_a_folder_of_checkpoints_is_refused(tmp_path):
     with pytest.raises(gs.CheckpointError, match=r"already holds the checkpoints of an earlier run at steps 0 to 3"
                        r".*overwrite=True"):
         _run_into(tmp_path, [0, 1], seed=1)
+    w = gs.CheckpointWriter(tmp_path, model_factory="gradscore.demos.models:mlp", model_kwargs=MLP_KWARGS)
+    for _ in range(2):   # a loop that catches the error and saves on is refused again
+        with pytest.raises(gs.CheckpointError, match="already holds"):
+            w.save(mlp(**MLP_KWARGS), step=1, lr=0.1)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before   # nothing written, nothing removed
 
 
