@@ -1,9 +1,12 @@
 """Resolve ``"package.module:attr"`` references (model factories, losses, datasets)."""
 from __future__ import annotations
 
+import hashlib
 import importlib
-from typing import Any, Callable
+import inspect
+from typing import Any, Callable, Iterable
 
+from ._version import __version__
 from .exceptions import GradscoreError
 
 #: modules that moved, so that references stored in files written before (a checkpoint's
@@ -30,3 +33,25 @@ def import_ref(ref: str, what: str, error: type[GradscoreError] = GradscoreError
     if not callable(obj):
         raise error(f"{what} '{ref}' is not callable")
     return obj
+
+
+def source_sha256(objects: Iterable[Any]) -> str:
+    """SHA-256 of the source code of ``objects`` (classes, functions) in order; one whose
+    source cannot be read (compiled, defined in a notebook cell) counts by its name."""
+    h = hashlib.sha256()
+    for obj in objects:
+        try:
+            text = inspect.getsource(obj)
+        except (OSError, TypeError):
+            text = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', repr(obj))}"
+        h.update(text.encode())
+    return h.hexdigest()
+
+
+def code_fingerprint(model: Any, loss_fn: Callable) -> dict[str, str]:
+    """What made the numbers besides the options, checkpoints and data: gradscore's version,
+    the source of the model's own module classes (those not from torch, so an edited
+    forward counts) and of the loss function. A resumed or reused output needs the same."""
+    classes = {type(m) for m in model.modules() if not type(m).__module__.startswith("torch.")}
+    ordered = sorted(classes, key=lambda c: (c.__module__, c.__qualname__))
+    return {"gradscore": __version__, "model": source_sha256(ordered), "loss": source_sha256([loss_fn])}

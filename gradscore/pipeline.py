@@ -19,6 +19,7 @@ from .batch import Inputs, batch_len, take
 from .config import CLASS_SCORES, TARGET_SCORES, RunConfig, parse_range, resolve_device
 from .distributed import Ranks, process_group
 from .exceptions import ConfigError, ConfigMismatchError, DataError, GradscoreError
+from .imports import code_fingerprint
 from .io.checkpoints import CheckpointStore
 from .io.datasets import Dataset, check_targets, load_dataset, probe_model, subset
 from .io.journal import read_fingerprint
@@ -60,15 +61,16 @@ ROW_SETTINGS = ("engine", "dtype", "batch_size", "chunk_size", "chunk_bytes", "l
                 "store_logits")
 
 
-def rows_key(config: RunConfig, device: str, data: dict, costate: dict | None) -> dict[str, Any]:
+def rows_key(config: RunConfig, device: str, data: dict, costate: dict | None, code: dict | None) -> dict[str, Any]:
     """What a per-checkpoint row depends on besides its checkpoint: the data, the pass that
-    made it (forward, gradients, or dots with the co-states), and the numeric settings.
+    made it (forward, gradients, or dots with the co-states), the numeric settings and the
+    code (:func:`gradscore.imports.code_fingerprint`).
     Rows with equal keys and checkpoints are bit-identical, so a new run may reuse them."""
     kind = (_dots_pass(config, costate) if config.needs_target else "gradients" if config.needs_gradients
             else "forward")
     settings = config.to_dict()
     return {"rows_version": ROWS_VERSION, "data": data, "pass": kind, "device": device, "costate": costate,
-            "settings": {k: settings[k] for k in ROW_SETTINGS}}
+            "settings": {k: settings[k] for k in ROW_SETTINGS}, "code": code}
 
 
 def _dots_pass(config: RunConfig, costate: dict | None) -> str:
@@ -218,7 +220,8 @@ def _plan(config: RunConfig, out: Path, overwrite: bool, progress: bool = False)
     scored = np.arange(len(ckpts)) if config.needs_target else np.flatnonzero(select)
     plan = _Plan(config, out, ckpts, ds, select, scored, resolve_device(config.device), costate_path, costates)
     plan.fingerprint = {"config": config.to_dict(), "checkpoints_sha256": ckpts.checksums(),
-                        "data": ds.fingerprint(progress)}
+                        "data": ds.fingerprint(progress),
+                        "code": code_fingerprint(ckpts.new_model(), resolve_loss(ckpts.loss, config.lm_reduction).fn)}
     return plan
 
 
@@ -266,7 +269,7 @@ def _open_writer(plan: _Plan, costate: CostateFile | None, ranks: Ranks, overwri
     """Phase 3: the journal of ``out``: resumed, started, or already complete. A run that
     only adds scores to ``out`` may replace it without ``overwrite``."""
     fp = plan.fingerprint
-    plan.rows = {"key": rows_key(plan.config, plan.device, fp["data"], fp.get("costate")),
+    plan.rows = {"key": rows_key(plan.config, plan.device, fp["data"], fp.get("costate"), fp["code"]),
                  "checkpoints_sha256": [fp["checkpoints_sha256"][t] for t in plan.scored]}
     replace = plan.out.exists() and adds_to(read_fingerprint(plan.out), fp)
 
@@ -367,7 +370,8 @@ def reaggregate(scores: str | os.PathLike, out: str | os.PathLike, *, epochs_upt
     old = RunConfig.from_dict(old_fp["config"])
     config = RunConfig.from_dict({**old.to_dict(), "epochs_upto": epochs_upto, "steps": steps,
                                   **({"scores": list(wanted)} if wanted else {})})
-    if rows_key(config, rows["key"]["device"], rows["key"]["data"], rows["key"]["costate"]) != rows["key"]:
+    if rows_key(config, rows["key"]["device"], rows["key"]["data"], rows["key"]["costate"],
+                rows["key"].get("code")) != rows["key"]:
         raise ConfigError(f"invalid value for 'scores': {', '.join(config.scores)} need other per-checkpoint "
                           f"metrics than {src} holds ({rows['key']['pass']} pass); use `gradscore run`")
     every = len(rows["checkpoints_sha256"]) == len(old_fp["checkpoints_sha256"])

@@ -143,3 +143,37 @@ def test_a_factory_dataset_whose_examples_changed_is_not_taken_for_the_same(tiny
     gs.score(ckpts, "tests_factory:relabeled", out=out, overwrite=True, progress=False)
     after = gs.load_scores(out)["scores"]["loss"]
     assert np.array_equal(after[0::4], before[0::4]) and not np.array_equal(after[3::4], before[3::4])
+
+
+def test_a_rerun_after_the_code_changed_is_not_taken_for_the_same(tmp_path, monkeypatch):
+    """A finished scores file was known by its options, checkpoints and data: after the user
+    edited their loss (or their model's forward, or upgraded gradscore), a rerun kept the
+    numbers the old code made."""
+    import sys
+    import gradscore.imports
+    from gradscore.demos.models import mlp
+    from helpers import MLP_KWARGS
+    module = tmp_path / "userloss.py"
+    v1 = ("import torch.nn.functional as F\n\ndef ce(out, y):\n"
+          "    return F.cross_entropy(out, y, reduction='none')\n")
+    module.write_text(v1)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    with gs.CheckpointWriter(tmp_path / "ckpts", model_factory="gradscore.demos.models:mlp", model_kwargs=MLP_KWARGS,
+                             loss="userloss:ce") as w:
+        w.save(mlp(**MLP_KWARGS), step=0, lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    data = gs.save_dataset(tmp_path / "d.h5", torch.randn(10, 12, generator=g).numpy(), np.arange(10) % 4)
+    out = tmp_path / "s.h5"
+    gs.score(tmp_path / "ckpts", data, out=out, progress=False)
+    before = gs.load_scores(out)["scores"]["loss"]
+    assert gs.score(tmp_path / "ckpts", data, out=out, progress=False) == out   # the same code: kept
+    module.write_text(v1.replace("return F", "return 2 * F"))   # the user's fix, in a new process
+    monkeypatch.delitem(sys.modules, "userloss")
+    with pytest.raises(gs.ConfigMismatchError, match=r"the code .* differ.*--overwrite"):
+        gs.score(tmp_path / "ckpts", data, out=out, progress=False)
+    gs.score(tmp_path / "ckpts", data, out=out, overwrite=True, progress=False)
+    np.testing.assert_allclose(gs.load_scores(out)["scores"]["loss"], 2 * before)
+    monkeypatch.setattr(gradscore.imports, "__version__", "99.0")   # an upgrade of gradscore
+    with pytest.raises(gs.ConfigMismatchError, match=r"the code .* differ"):
+        gs.score(tmp_path / "ckpts", data, out=out, progress=False)

@@ -435,6 +435,14 @@ class CheckpointStore:
     def build_model(self, i: int, *, dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu") -> nn.Module:
         """Build the model from the checkpoint's factory, load θ_i, put it in eval mode."""
+        model = self.new_model(i)
+        if dtype is not None:  # cast first, so float64 checkpoints load without rounding
+            model = model.to(dtype)
+        self.load_into(model, i)
+        return model.to(device).eval()
+
+    def new_model(self, i: int = 0) -> nn.Module:
+        """The model checkpoint ``i``'s factory builds, with its own initial weights."""
         info = self.infos[i]
         if not info.model:
             raise CheckpointError(f"{info.path}: no 'model' factory attribute; save with "
@@ -447,10 +455,7 @@ class CheckpointStore:
                                   f"model_kwargs {info.model_kwargs}: {e}") from e
         if not isinstance(model, nn.Module):
             raise CheckpointError(f"{info.path}: factory '{info.model}' did not return an nn.Module")
-        if dtype is not None:  # cast first, so float64 checkpoints load without rounding
-            model = model.to(dtype)
-        self.load_into(model, i)
-        return model.to(device).eval()
+        return model
 
     def checksums(self) -> list[str]:
         """SHA-256 of every checkpoint file, in step order."""

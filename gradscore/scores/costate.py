@@ -54,6 +54,7 @@ from ..engines.workarounds import torch_workarounds
 from ..config import DEVICES, DTYPES, LM_REDUCTIONS, resolve_device
 from ..io.datasets import Dataset, check_targets, load_dataset, probe_model
 from ..exceptions import CheckpointError, ConfigError, DataError, EngineError, GradscoreError, GradscoreWarning
+from ..imports import code_fingerprint
 from ..losses import Loss, resolve_loss
 from ..io.outputs import claim, lock
 from ..io.journal import Journal
@@ -200,11 +201,12 @@ def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite
             raise DataError(f"{role}: has no examples; the co-states need a non-empty proxy and target set")
     device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
     eta = step_sizes(ckpts, config.lr_scale_steps)
-    fingerprint = {"config": _fingerprinted(config), "checkpoints_sha256": ckpts.checksums(),
-                   "proxy": proxy and proxy.fingerprint(progress), "target": target.fingerprint(progress)}
     T = len(ckpts) - 1
     last = ckpts.build_model(T, dtype=dtype, device=device)
     loss = resolve_loss(ckpts.loss, config.lm_reduction)
+    fingerprint = {"config": _fingerprinted(config), "checkpoints_sha256": ckpts.checksums(),
+                   "proxy": proxy and proxy.fingerprint(progress), "target": target.fingerprint(progress),
+                   "code": code_fingerprint(last, loss.fn)}
     if not sketched:   # bad input fails before anything is written
         _check_fits(last, target, "target", ckpts[T].path, loss)
     if proxy is not None:
