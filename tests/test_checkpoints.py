@@ -259,8 +259,8 @@ def test_a_folder_filled_by_two_runs_at_once_is_refused(tmp_path):
     model = mlp(**MLP_KWARGS)
     for step, w in ((0, a), (1, b), (2, a), (3, b)):
         w.save(model, step=step, lr=0.1, epoch=step)
-    with pytest.raises(gs.CheckpointError, match=r"holds the checkpoints of 2 training runs \(steps 0, 2 of one, "
-                       r"1, 3 of another\)"):
+    with pytest.raises(gs.CheckpointError, match=r"step_00000001\.h5: is of another training run than "
+                       r"step_00000000\.h5 \(steps 0, 2 of one, 1, 3 of the other\)"):
         gs.CheckpointStore(tmp_path)
 
 

@@ -384,16 +384,6 @@ class CheckpointStore:
         """Every checkpoint has the first one's model factory, keyword arguments, loss and
         parameter names and shapes, and one run id (where they record one): a folder holds
         one training run."""
-        runs: dict[str, list[int]] = {}
-        for info in self.infos:
-            if info.run:
-                runs.setdefault(info.run, []).append(info.step)
-        if len(runs) > 1:
-            (a, b, *_) = sorted(runs.values())
-            raise CheckpointError(f"{self.directory}: holds the checkpoints of {len(runs)} training runs (steps "
-                                  f"{_steps(a)} of one, {_steps(b)} of another), as when two jobs write into it at "
-                                  f"once or two runs' files are copied together; a checkpoint folder must hold one training run: give each run a folder "
-                                  f"of its own")
         first = self.infos[0]
         shapes = _param_shapes(first.path)
         for info in self.infos[1:]:
@@ -409,6 +399,17 @@ class CheckpointStore:
                 raise CheckpointError(f"{info.path}: parameter '{name}' has shape {other.get(name)} but "
                                       f"{shapes.get(name)} in the first checkpoint {first.path.name}; a "
                                       f"checkpoint folder must hold one training run")
+        runs: dict[str, list[CheckpointInfo]] = {}
+        for info in self.infos:
+            if info.run:
+                runs.setdefault(info.run, []).append(info)
+        if len(runs) > 1:   # the same model and shapes, from two runs (two jobs of a sweep, say)
+            a, b, *_ = sorted(runs.values(), key=lambda infos: infos[0].step)
+            raise CheckpointError(f"{b[0].path}: is of another training run than {a[0].path.name} (steps "
+                                  f"{_steps([i.step for i in a])} of one, {_steps([i.step for i in b])} of the "
+                                  f"other), as when two jobs write into one folder at once or two runs' files are "
+                                  f"copied together; a checkpoint folder must hold one training run: give each "
+                                  f"run a folder of its own")
 
     def __len__(self) -> int:
         return len(self.infos)
