@@ -33,6 +33,9 @@ class EngineError(GradscoreError):
 class ConfigMismatchError(GradscoreError):
     """An existing output was made with a different configuration."""
 
+    #: what differs, where a finished output was made with other settings (None: other cases)
+    differ: str | None = None
+
 
 def one_line(text: str) -> str:
     """Collapse whitespace so an error prints on one line."""

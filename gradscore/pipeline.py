@@ -254,7 +254,7 @@ def _costate(plan: _Plan, ranks: Ranks, progress: bool, overwrite: bool) -> Cost
                 lr_scale_steps=config.lr_scale_steps, lm_reduction=config.lm_reduction, costates=plan.costates),
                 plan.costate_path, replace=overwrite, progress=progress)
         except ConfigMismatchError as e:   # the co-state file's own fix, in run's options
-            if not hasattr(e, "differ"):
+            if e.differ is None:
                 raise
             raise ConfigMismatchError(f"{plan.costate_path}: was computed with other settings ({e.differ} differ); "
                                       f"pass --overwrite to recompute it, or --costate FILE to keep it and write "

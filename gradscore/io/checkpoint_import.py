@@ -34,7 +34,6 @@ import re
 from pathlib import Path
 from typing import Callable
 
-import h5py
 import torch
 from tqdm.auto import tqdm
 
@@ -198,11 +197,10 @@ def _check_imported(done: Path, path: Path, lr: float, epoch: float) -> None:
     """``done`` (a checkpoint in --out at ``path``'s step) is ``path`` imported as this
     import would: from that file as it is now, with its learning rate and epoch; else one
     OutputError, since keeping it would put another run's weights in the folder."""
-    with h5py.File(done, "r") as f:
-        attrs = dict(f.attrs)
+    info = read_info(done)
     fix = "choose another --out, or delete the folder to import again"
     try:
-        was = json.loads(attrs.get("source", ""))
+        was = json.loads(info.source)
     except ValueError:
         raise OutputError(f"{done}: was not imported from {path} (gradscore.CheckpointWriter wrote it); {fix}") from None
     now = json.loads(_source_of(path))
@@ -210,7 +208,7 @@ def _check_imported(done: Path, path: Path, lr: float, epoch: float) -> None:
         raise OutputError(f"{done}: was imported from {was['file']}, not {now['file']}; {fix}")
     if was != now:
         raise OutputError(f"{done}: was imported from {path}, which has changed since; {fix}")
-    differ = [f"{k} {float(attrs[k]):g}, not {v:g}" for k, v in (("lr", lr), ("epoch", epoch)) if float(attrs[k]) != v]
+    differ = [f"{k} {getattr(info, k):g}, not {v:g}" for k, v in (("lr", lr), ("epoch", epoch)) if getattr(info, k) != v]
     if differ:
         raise OutputError(f"{done}: was imported with {', and '.join(differ)}; {fix}")
 

@@ -223,7 +223,8 @@ class CheckpointInfo:
     model_kwargs: dict
     loss: str
     optimizer: str
-    run: str = ""   # the training run's id ("" in checkpoints written before runs had one)
+    run: str = ""      # the training run's id ("" in checkpoints written before runs had one)
+    source: str = ""   # an imported checkpoint's source file, JSON (``import-checkpoints``)
 
 
 def read_info(path: Path) -> CheckpointInfo:
@@ -251,7 +252,7 @@ def read_info(path: Path) -> CheckpointInfo:
     return CheckpointInfo(path=path, step=int(attrs["step"]), epoch=float(attrs["epoch"]),
                           lr=float(attrs["lr"]), model=str(attrs["model"]), model_kwargs=kwargs,
                           loss=str(attrs["loss"]), optimizer=str(attrs.get("optimizer", "")),
-                          run=str(attrs.get("run", "")))
+                          run=str(attrs.get("run", "")), source=str(attrs.get("source", "")))
 
 
 def _steps(steps: list[int]) -> str:
