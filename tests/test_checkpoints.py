@@ -207,8 +207,10 @@ def test_a_second_run_into_a_folder_of_checkpoints_is_refused(tmp_path):
     _run_into(tmp_path, [0, 1, 2, 3], seed=0)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     with pytest.raises(gs.CheckpointError, match=r"already holds the checkpoints of an earlier run at steps 0 to 3"
-                       r".*overwrite=True"):
+                       r".*overwrite=True to remove them first$"):
         _run_into(tmp_path, [0, 1], seed=1)
+    with pytest.raises(gs.CheckpointError, match=r"at steps 2 to 3.*the checkpoints before step 2 stay"):
+        _run_into(tmp_path, [2], seed=1)
     w = gs.CheckpointWriter(tmp_path, model_factory="gradscore.demos.models:mlp", model_kwargs=MLP_KWARGS)
     for _ in range(2):   # a loop that catches the error and saves on is refused again
         with pytest.raises(gs.CheckpointError, match="already holds"):

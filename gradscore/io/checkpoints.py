@@ -169,10 +169,10 @@ class CheckpointWriter:
             return
         steps = f"step {later[0][0]}" if len(later) == 1 else f"steps {later[0][0]} to {later[-1][0]}"
         if not self.overwrite:
+            kept = (f" (the checkpoints before step {first} stay: a resumed run continues them)" if earlier else "")
             raise CheckpointError(f"{self.directory}: already holds the checkpoints of an earlier run at {steps}; "
                                   f"this run's, from step {first}, would be scored with them as one trajectory. "
-                                  f"Save into a new folder, or pass overwrite=True to remove them first (the "
-                                  f"checkpoints before step {first} stay: a resumed run continues them)")
+                                  f"Save into a new folder, or pass overwrite=True to remove them first{kept}")
         for _, p in later:
             try:
                 read_info(p)
