@@ -54,3 +54,18 @@ def test_factory_dataset():
     ds = gs.load_dataset("tests_factory:make")
     x, y = ds.read(1, 3)
     assert x.shape == (2, 4) and y.tolist() == [1, 2]
+
+
+def test_a_factorys_fingerprint_follows_every_example():
+    """Text inputs (dicts), bfloat16 and bool: a change of one value anywhere changes it."""
+    TorchDataset = gs.load_dataset.__globals__["TorchDataset"]
+    items = [({"input_ids": torch.arange(5) + i, "attention_mask": torch.ones(5, dtype=torch.long)}, i % 2)
+             for i in range(7)]
+    before = TorchDataset(items, source="f:g").fingerprint()
+    assert TorchDataset(items, source="f:g").fingerprint() == before
+    items[3][0]["attention_mask"][4] = 0
+    assert TorchDataset(items, source="f:g").fingerprint()["sha256"] != before["sha256"]
+    halves = [(torch.randn(3, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16), True) for i in range(4)]
+    first = TorchDataset(halves, source="f:h").fingerprint()
+    halves[2] = (halves[2][0], False)
+    assert TorchDataset(halves, source="f:h").fingerprint()["sha256"] != first["sha256"]
