@@ -51,6 +51,13 @@ class Ranks:
             torch.distributed.barrier()
 
 
+def current_ranks() -> tuple[int, int]:
+    """(rank, world size) of the initialized torch.distributed process group; (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def env_ranks() -> Ranks | None:
     """Ranks from torchrun's environment variables, or None outside torchrun."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:

@@ -273,3 +273,18 @@ def test_a_resumed_run_is_the_same_run(tmp_path):
     assert len(runs) == 1 and "" not in runs
     _run_into(tmp_path, [0, 1], seed=1, overwrite=True)   # a new run from the start
     assert {i.run for i in gs.CheckpointStore(tmp_path)}.isdisjoint(runs)
+
+
+def test_under_ddp_only_rank_0_writes(tmp_path, monkeypatch):
+    """Every rank of a DDP run holds the same θ and calls the writer (a Trainer callback
+    runs on each): rank 1 found rank 0's first checkpoint and refused it as an earlier run's."""
+    import gradscore.io.checkpoints as checkpoints
+    torch.manual_seed(0)
+    model = mlp(**MLP_KWARGS)
+    monkeypatch.setattr(checkpoints, "current_ranks", lambda: (0, 2))
+    _run_into(tmp_path, [0, 1], seed=0)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    monkeypatch.setattr(checkpoints, "current_ranks", lambda: (1, 2))
+    w = gs.CheckpointWriter(tmp_path, model_factory="gradscore.demos.models:mlp", model_kwargs=MLP_KWARGS)
+    assert [w.save(model, step=s, lr=0.1) for s in (0, 1, 2)] == [tmp_path / f"step_0000000{s}.h5" for s in (0, 1, 2)]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -108,3 +108,36 @@ def test_distributed_flag_needs_torchrun(tiny_run, tmp_path, capsys, monkeypatch
     assert main(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(tmp_path / "s.h5"),
                  "--distributed", "--quiet"]) == 2
     assert "torchrun --nproc-per-node N -m gradscore run" in capsys.readouterr().err
+
+
+DDP_TRAINING = """
+import sys, torch, torch.distributed as dist
+import gradscore as gs
+from gradscore.demos.models import mlp
+dist.init_process_group("gloo")
+kw = {"d_in": 12, "hidden": 8, "n_classes": 4, "depth": 1}
+torch.manual_seed(0)
+model = torch.nn.parallel.DistributedDataParallel(mlp(**kw))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+g = torch.Generator().manual_seed(dist.get_rank())
+with gs.CheckpointWriter(sys.argv[1], model_factory="gradscore.demos.models:mlp", model_kwargs=kw) as w:
+    for step in range(4):
+        w.save(model, step=step, lr=0.1, epoch=step)
+        x, y = torch.randn(8, 12, generator=g), torch.randint(0, 4, (8,), generator=g)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step(); opt.zero_grad()
+dist.destroy_process_group()
+"""
+
+
+def test_a_ddp_training_loop_writes_one_run_of_checkpoints(tmp_path):
+    """Each rank calls the writer (as a Trainer's callback does on every rank); only rank 0
+    writes, so the folder holds one run and no rank finds another's file for an earlier run's."""
+    import gradscore as gs
+    script = tmp_path / "train.py"
+    script.write_text(DDP_TRAINING)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script), str(tmp_path / "ckpts")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    store = gs.CheckpointStore(tmp_path / "ckpts")
+    assert [i.step for i in store] == [0, 1, 2, 3] and len({i.run for i in store}) == 1

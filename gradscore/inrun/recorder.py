@@ -72,6 +72,7 @@ from ..engines.ghost import GhostEngine, probe
 from ..engines.workarounds import torch_workarounds, wrong_in_torch
 from ..engines.rules.registry import FactoredRef
 from ..exceptions import ConfigError, EngineError, GradscoreError, GradscoreWarning, OutputError, cause
+from ..distributed import current_ranks
 from ..io.journal import Journal
 from ..io.outputs import claim
 from ..kernels.dispatch import numba_on_cpu
@@ -266,13 +267,6 @@ def _target_grads(J: torch.Tensor, wanted: list[torch.Tensor]) -> tuple:
                           "use_reentrant=False to it (the same gradients), or record without targets") from None
 
 
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _barrier() -> None:
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
@@ -378,7 +372,7 @@ class InRun:
         self.batchnorms = _batchnorms(model)
         self.engine = GhostEngine(self.network, self.loss, names)
         self._refuse_fallback()
-        self.rank, self.world = _rank_world()
+        self.rank, self.world = current_ranks()
         # DDP averages the ranks' gradients: an example's share of the update is its share of its rank's loss / W
         self.data_parallel = (data_parallel if data_parallel is not None else
                               self.world if isinstance(model, nn.parallel.DistributedDataParallel) else 1)

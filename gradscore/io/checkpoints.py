@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path
+from ..distributed import current_ranks
 from ..exceptions import CheckpointError
 from ..imports import import_ref
 
@@ -144,7 +145,12 @@ class CheckpointWriter:
         return None
 
     def save(self, model: nn.Module, *, step: int, lr: float, epoch: float = 0.0) -> Path:
-        """Write θ_t = ``model`` as ``step_<step>.h5``; ``lr`` is η_t used after θ_t."""
+        """Write θ_t = ``model`` as ``step_<step>.h5``; ``lr`` is η_t used after θ_t. Under
+        torch.distributed only rank 0 writes (DDP: every rank holds the same θ); the others
+        return the path it writes."""
+        if current_ranks()[0] != 0:
+            self.saved.append(self.directory / checkpoint_filename(step))
+            return self.saved[-1]
         if self.run is None or int(step) < self._last:   # a run's first save, or a new run's (back at an earlier step)
             self._start_run(step)
         self._last = int(step)
