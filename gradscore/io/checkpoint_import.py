@@ -167,8 +167,9 @@ def _claim_out(src: Path, out: Path, model_factory: str, model_kwargs: dict, los
     if out.exists() and os.path.samefile(out, src):
         raise OutputError(f"{out}: is the source folder, an input of this command; gradscore never writes "
                           f"into its inputs: choose another --out")
-    if checkpoint_files(out):
-        first = read_info(next(iter(checkpoint_files(out).values())))
+    found = checkpoint_files(out)
+    if found:
+        first = read_info(next(iter(found.values())))
         found = (first.model, first.model_kwargs, first.loss)
         if found != (model_factory, model_kwargs, loss):
             raise OutputError(f"{out}: holds the checkpoints of another model ({found[0]}({found[1]}), loss "
