@@ -288,3 +288,13 @@ def test_under_ddp_only_rank_0_writes(tmp_path, monkeypatch):
     w = gs.CheckpointWriter(tmp_path, model_factory="gradscore.demos.models:mlp", model_kwargs=MLP_KWARGS)
     assert [w.save(model, step=s, lr=0.1) for s in (0, 1, 2)] == [tmp_path / f"step_0000000{s}.h5" for s in (0, 1, 2)]
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("factory", ["gradscore.demos.models:mlp", "tests_factory:reads_a_value"])
+def test_the_model_classes_come_without_weights_or_from_an_ordinary_build(tmp_path, factory):
+    with gs.CheckpointWriter(tmp_path, model_factory=factory, model_kwargs=MLP_KWARGS) as w:
+        w.save(mlp(**MLP_KWARGS), step=0, lr=0.1)
+    store = gs.CheckpointStore(tmp_path)
+    skeleton = store.model_classes()
+    assert [type(m) for m in skeleton.modules()] == [type(m) for m in store.new_model().modules()]
+    assert next(skeleton.parameters()).is_meta == (factory.endswith("mlp"))

@@ -31,3 +31,12 @@ def relabeled():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(90, 12, generator=g)
     return [(x[i], LABELS[i % len(LABELS)]) for i in range(90)]
+
+
+def reads_a_value(d_in=12, hidden=8, n_classes=4, depth=1):
+    """The helpers' MLP from a factory that reads a value while it builds (as one that loads a
+    file would): it cannot be built on the meta device."""
+    from gradscore.demos.models import mlp
+    model = mlp(d_in=d_in, hidden=hidden, n_classes=n_classes, depth=depth)
+    float(next(model.parameters()).detach().sum())
+    return model
