@@ -48,10 +48,14 @@ def source_sha256(objects: Iterable[Any]) -> str:
     return h.hexdigest()
 
 
-def code_fingerprint(model: Any, loss_fn: Callable) -> dict[str, str]:
-    """What made the numbers besides the options, checkpoints and data: gradscore's version,
-    the source of the model's own module classes (those not from torch, so an edited
-    forward counts) and of the loss function. A resumed or reused output needs the same."""
+def code_fingerprint(model: Any, factory: Callable, loss_fn: Callable) -> dict[str, str]:
+    """What made the numbers besides the options, checkpoints and data: gradscore's version;
+    the model's factory, structure (its modules' repr: an ``nn.Sequential`` of torch layers
+    has no class of its own) and the source of its own module classes (those not from
+    torch: an edited forward counts); and the loss function's source. A resumed or reused
+    output needs the same."""
     classes = {type(m) for m in model.modules() if not type(m).__module__.startswith("torch.")}
     ordered = sorted(classes, key=lambda c: (c.__module__, c.__qualname__))
-    return {"gradscore": __version__, "model": source_sha256(ordered), "loss": source_sha256([loss_fn])}
+    structure = hashlib.sha256(repr(model).encode()).hexdigest()
+    return {"gradscore": __version__, "model": source_sha256([factory, *ordered]) + structure[:16],
+            "loss": source_sha256([loss_fn])}

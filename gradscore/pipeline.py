@@ -221,7 +221,8 @@ def _plan(config: RunConfig, out: Path, overwrite: bool, progress: bool = False)
     plan = _Plan(config, out, ckpts, ds, select, scored, resolve_device(config.device), costate_path, costates)
     plan.fingerprint = {"config": config.to_dict(), "checkpoints_sha256": ckpts.checksums(),
                         "data": ds.fingerprint(progress),
-                        "code": code_fingerprint(ckpts.model_classes(), resolve_loss(ckpts.loss, config.lm_reduction).fn)}
+                        "code": code_fingerprint(ckpts.model_classes(), ckpts.factory(),
+                                                 resolve_loss(ckpts.loss, config.lm_reduction).fn)}
     return plan
 
 

@@ -177,3 +177,24 @@ def test_a_rerun_after_the_code_changed_is_not_taken_for_the_same(tmp_path, monk
     monkeypatch.setattr(gradscore.imports, "__version__", "99.0")   # an upgrade of gradscore
     with pytest.raises(gs.ConfigMismatchError, match=r"the code .* differ"):
         gs.score(tmp_path / "ckpts", data, out=out, progress=False)
+
+
+def test_a_rerun_after_the_models_structure_changed_is_not_taken_for_the_same(tmp_path, monkeypatch):
+    """A factory of an nn.Sequential has no class of its own: Tanh swapped for ReLU (the
+    same parameters) must count as other code too."""
+    import sys
+    module = tmp_path / "usernet.py"
+    v1 = ("import torch\n\ndef make():\n    torch.manual_seed(0)\n"
+          "    return torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))\n")
+    module.write_text(v1)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import usernet
+    with gs.CheckpointWriter(tmp_path / "ckpts", model_factory="usernet:make") as w:
+        w.save(usernet.make(), step=0, lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    data = gs.save_dataset(tmp_path / "d.h5", torch.randn(10, 12, generator=g).numpy(), np.arange(10) % 4)
+    gs.score(tmp_path / "ckpts", data, out=tmp_path / "s.h5", progress=False)
+    module.write_text(v1.replace("Tanh", "ReLU"))
+    monkeypatch.delitem(sys.modules, "usernet")
+    with pytest.raises(gs.ConfigMismatchError, match=r"the code .* differ"):
+        gs.score(tmp_path / "ckpts", data, out=tmp_path / "s.h5", progress=False)

@@ -451,11 +451,7 @@ class CheckpointStore:
 
     def new_model(self, i: int = 0) -> nn.Module:
         """The model checkpoint ``i``'s factory builds, with its own initial weights."""
-        info = self.infos[i]
-        if not info.model:
-            raise CheckpointError(f"{info.path}: no 'model' factory attribute; save with "
-                                  f"CheckpointWriter(model_factory='package.module:fn')")
-        factory = import_ref(info.model, f"{info.path}: model factory", CheckpointError)
+        info, factory = self.infos[i], self.factory(i)
         try:
             model = factory(**info.model_kwargs)
         except TypeError as e:
@@ -464,6 +460,14 @@ class CheckpointStore:
         if not isinstance(model, nn.Module):
             raise CheckpointError(f"{info.path}: factory '{info.model}' did not return an nn.Module")
         return model
+
+    def factory(self, i: int = 0) -> Any:
+        """Checkpoint ``i``'s model factory (the function its ``model`` attribute names)."""
+        info = self.infos[i]
+        if not info.model:
+            raise CheckpointError(f"{info.path}: no 'model' factory attribute; save with "
+                                  f"CheckpointWriter(model_factory='package.module:fn')")
+        return import_ref(info.model, f"{info.path}: model factory", CheckpointError)
 
     def model_classes(self) -> nn.Module:
         """The model's structure, for what its classes are (no weights): built on the meta

@@ -206,7 +206,7 @@ def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite
     loss = resolve_loss(ckpts.loss, config.lm_reduction)
     fingerprint = {"config": _fingerprinted(config), "checkpoints_sha256": ckpts.checksums(),
                    "proxy": proxy and proxy.fingerprint(progress), "target": target.fingerprint(progress),
-                   "code": code_fingerprint(last, loss.fn)}
+                   "code": code_fingerprint(last, ckpts.factory(), loss.fn)}
     if not sketched:   # bad input fails before anything is written
         _check_fits(last, target, "target", ckpts[T].path, loss)
     if proxy is not None:

@@ -87,7 +87,7 @@ def _run(config: SketchConfig, out: Path, overwrite: bool, progress: bool) -> Pa
                         f"sketches need a classification loss in this version")
     device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
     fingerprint = {"config": config.to_dict(), "checkpoints_sha256": ckpts.checksums(), "data": ds.fingerprint(progress),
-                   "code": code_fingerprint(ckpts.model_classes(), loss.fn)}
+                   "code": code_fingerprint(ckpts.model_classes(), ckpts.factory(), loss.fn)}
     writer = HDF5ScoresWriter(out, fingerprint, n=len(ds), T=len(ckpts), chunk_size=config.chunk_size,
                               overwrite=overwrite)
     ids, projection = ds.ids(), None
