@@ -19,7 +19,6 @@ from .batch import Inputs, batch_len, take
 from .config import CLASS_SCORES, TARGET_SCORES, RunConfig, parse_range, resolve_device
 from .distributed import Ranks, process_group
 from .exceptions import ConfigError, ConfigMismatchError, DataError, GradscoreError
-from .imports import code_fingerprint
 from .io.checkpoints import CheckpointStore
 from .io.datasets import Dataset, check_targets, load_dataset, probe_model, subset
 from .io.journal import read_fingerprint
@@ -221,8 +220,7 @@ def _plan(config: RunConfig, out: Path, overwrite: bool, progress: bool = False)
     plan = _Plan(config, out, ckpts, ds, select, scored, resolve_device(config.device), costate_path, costates)
     plan.fingerprint = {"config": config.to_dict(), "checkpoints_sha256": ckpts.checksums(),
                         "data": ds.fingerprint(progress),
-                        "code": code_fingerprint(ckpts.model_classes(), ckpts.factory(),
-                                                 resolve_loss(ckpts.loss, config.lm_reduction).fn)}
+                        "code": ckpts.code(resolve_loss(ckpts.loss, config.lm_reduction).fn)}
     return plan
 
 

@@ -291,10 +291,10 @@ def test_under_ddp_only_rank_0_writes(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("factory", ["gradscore.demos.models:mlp", "tests_factory:reads_a_value"])
-def test_the_model_classes_come_without_weights_or_from_an_ordinary_build(tmp_path, factory):
+def test_the_model_skeleton_comes_without_weights_or_from_an_ordinary_build(tmp_path, factory):
     with gs.CheckpointWriter(tmp_path, model_factory=factory, model_kwargs=MLP_KWARGS) as w:
         w.save(mlp(**MLP_KWARGS), step=0, lr=0.1)
     store = gs.CheckpointStore(tmp_path)
-    skeleton = store.model_classes()
+    skeleton = store.model_skeleton()
     assert [type(m) for m in skeleton.modules()] == [type(m) for m in store.new_model().modules()]
     assert next(skeleton.parameters()).is_meta == (factory.endswith("mlp"))

@@ -170,10 +170,9 @@ def _claim_out(src: Path, out: Path, model_factory: str, model_kwargs: dict, los
     found = checkpoint_files(out)
     if found:
         first = read_info(next(iter(found.values())))
-        found = (first.model, first.model_kwargs, first.loss)
-        if found != (model_factory, model_kwargs, loss):
-            raise OutputError(f"{out}: holds the checkpoints of another model ({found[0]}({found[1]}), loss "
-                              f"{found[2]}); choose another --out")
+        if (first.model, first.model_kwargs, first.loss) != (model_factory, model_kwargs, loss):
+            raise OutputError(f"{out}: holds the checkpoints of another model ({first.model}({first.model_kwargs}), "
+                              f"loss {first.loss}); choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     return out
 

@@ -27,7 +27,7 @@ from torch import nn
 from .atomic import atomic_path
 from ..distributed import current_ranks
 from ..exceptions import CheckpointError
-from ..imports import import_ref
+from ..imports import code_fingerprint, import_ref
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step_(\d+)\.h5$")
@@ -370,17 +370,16 @@ class CheckpointStore:
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise CheckpointError(f"{self.directory}: checkpoint directory does not exist")
-        paths = list(checkpoint_files(self.directory).values())
-        if not paths:
+        files = checkpoint_files(self.directory)
+        if not files:
             raise CheckpointError(f"{self.directory}: no checkpoint files (step_<n>.h5) found; "
                                   f"save them with gradscore.CheckpointWriter")
-        infos = [read_info(p) for p in paths]
-        for info in infos:
-            named = int(_NAME.match(info.path.name).group(1))
+        infos = [read_info(p) for p in files.values()]
+        for named, info in zip(files, infos):
             if named != info.step:
                 raise CheckpointError(f"{info.path}: the file name says step {named} but its 'step' "
                                       f"attribute is {info.step}; rename or re-save it")
-        self.infos: list[CheckpointInfo] = sorted(infos, key=lambda i: i.step)
+        self.infos: list[CheckpointInfo] = infos   # in step order: the names' steps, checked equal
         self._check_one_run()
         for prev, cur in zip(self.infos, self.infos[1:]):
             if cur.epoch < prev.epoch:
@@ -469,7 +468,12 @@ class CheckpointStore:
                                   f"CheckpointWriter(model_factory='package.module:fn')")
         return import_ref(info.model, f"{info.path}: model factory", CheckpointError)
 
-    def model_classes(self) -> nn.Module:
+    def code(self, loss_fn: Any, model: nn.Module | None = None) -> dict[str, str]:
+        """:func:`~gradscore.imports.code_fingerprint` of these checkpoints' model (``model``,
+        one built already, else :meth:`model_skeleton`), its factory and ``loss_fn``."""
+        return code_fingerprint(self.model_skeleton() if model is None else model, self.factory(), loss_fn)
+
+    def model_skeleton(self) -> nn.Module:
         """The model's structure, for what its classes are (no weights): built on the meta
         device, which allocates nothing (a GPT-2-small in a fraction of a second, not
         seconds); a factory that cannot build there (one that reads a file) is built as usual."""

@@ -33,7 +33,7 @@ def difference(old: dict | None, new: dict) -> str:
         return "the configuration"
     names = {"checkpoints_sha256": "the checkpoints", "data": "the data", "costate": "the co-states",
              "proxy": "the proxy set", "target": "the target set", "files": "the dynamics files",
-             "code": "the code (gradscore's version, the model's classes or the loss)"}
+             "code": "the code (gradscore's version, the model's or the loss's)"}
     found = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)

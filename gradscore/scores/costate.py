@@ -54,7 +54,6 @@ from ..engines.workarounds import torch_workarounds
 from ..config import DEVICES, DTYPES, LM_REDUCTIONS, resolve_device
 from ..io.datasets import Dataset, check_targets, load_dataset, probe_model
 from ..exceptions import CheckpointError, ConfigError, DataError, EngineError, GradscoreError, GradscoreWarning
-from ..imports import code_fingerprint
 from ..losses import Loss, resolve_loss
 from ..io.outputs import claim, lock
 from ..io.journal import Journal
@@ -206,7 +205,7 @@ def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite
     loss = resolve_loss(ckpts.loss, config.lm_reduction)
     fingerprint = {"config": _fingerprinted(config), "checkpoints_sha256": ckpts.checksums(),
                    "proxy": proxy and proxy.fingerprint(progress), "target": target.fingerprint(progress),
-                   "code": code_fingerprint(last, ckpts.factory(), loss.fn)}
+                   "code": ckpts.code(loss.fn, last)}
     if not sketched:   # bad input fails before anything is written
         _check_fits(last, target, "target", ckpts[T].path, loss)
     if proxy is not None:

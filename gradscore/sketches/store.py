@@ -36,7 +36,6 @@ from ..io.checkpoints import CheckpointStore, not_plain_steps
 from ..io.datasets import check_targets, load_dataset, probe_model
 from ..io.outputs import claim, is_sketch_file, lock
 from ..io.store import HDF5ScoresWriter, read_ids
-from ..imports import code_fingerprint
 from ..losses import resolve_loss
 from ..scorer import Scorer
 from ..scores.datadiet import classification_metrics
@@ -87,7 +86,7 @@ def _run(config: SketchConfig, out: Path, overwrite: bool, progress: bool) -> Pa
                         f"sketches need a classification loss in this version")
     device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
     fingerprint = {"config": config.to_dict(), "checkpoints_sha256": ckpts.checksums(), "data": ds.fingerprint(progress),
-                   "code": code_fingerprint(ckpts.model_classes(), ckpts.factory(), loss.fn)}
+                   "code": ckpts.code(loss.fn)}
     writer = HDF5ScoresWriter(out, fingerprint, n=len(ds), T=len(ckpts), chunk_size=config.chunk_size,
                               overwrite=overwrite)
     ids, projection = ds.ids(), None
