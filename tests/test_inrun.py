@@ -964,8 +964,9 @@ def test_a_killed_recording_leaves_a_readable_file_of_the_flushed_steps(tmp_path
     info = subprocess.run([sys.executable, "-m", "gradscore", "info", str(out)], capture_output=True, text=True)
     assert "interrupted or still recording" in info.stdout
     model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
-    with pytest.raises(gs.OutputError, match="overwrite"):
+    with pytest.raises(gs.OutputError, match="holds an interrupted in-run recording; pass resume=True .* overwrite"):
         gs.InRun(model, out=out)
+    _resume_a_killed_recording(tmp_path, out, partial)
     rec = gs.InRun(model, out=out, overwrite=True)         # a new recording discards the old journal
     assert not list(partial.glob("rank*.npz"))
     x, y = _data(dtype=torch.float32)
@@ -973,6 +974,35 @@ def test_a_killed_recording_leaves_a_readable_file_of_the_flushed_steps(tmp_path
         F.cross_entropy(model(x[:8]), y[:8]).backward()
     rec.close()
     assert len(h5py.File(out)["inrun/step"]) == 8 and not partial.exists()
+
+
+def _resume_a_killed_recording(tmp_path, out, partial) -> None:
+    """A copy of the killed recording, moved to another file, resumes two steps before its
+    last flushed step: the records before stay as the kill left them, each step from there
+    on holds this run's 8 records once (a temp file the kill left is no row file)."""
+    import shutil
+    copy_out = tmp_path / "moved" / "r2.h5"
+    copy_out.parent.mkdir()
+    shutil.copytree(partial, copy_out.with_name("r2.h5.partial"))
+    shutil.copy(out, copy_out)
+    before = {k: v for k, v in gs.inrun.store.read_rows(gs.io.journal.Journal.attach(copy_out, {})).items()}
+    resume_at = int(before["step"].max()) - 1
+    model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
+    x, y = torch.randn(64, 10), torch.randint(0, 4, (64,))
+    rec = gs.InRun(model, out=copy_out, flush_every=0, resume=True)
+    for t in range(resume_at, resume_at + 3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", gs.exceptions.GradscoreWarning)   # the replaced steps, said once
+            with rec.step(range(t * 8, t * 8 + 8), y[:8], step=t):
+                F.cross_entropy(model(x[:8]), y[:8]).backward()
+    rec.close()
+    with h5py.File(copy_out) as f:
+        steps, row, ids = f["inrun/step"][()], f["inrun/row"][()], f["ids"][()]
+    kept = before["step"] < resume_at
+    np.testing.assert_array_equal(steps[:kept.sum()], before["step"][kept])
+    np.testing.assert_array_equal(ids[row[:kept.sum()]], before["ids"][kept])
+    assert np.array_equal(np.unique(steps[kept.sum():], return_counts=True)[1], [8, 8, 8])
+    assert np.array_equal(ids[row[kept.sum():]], np.arange(resume_at * 8, resume_at * 8 + 24))
 
 
 def test_demo_inrun_fast(tmp_path):

@@ -223,6 +223,45 @@ def test_hf_trainer_inrun_callback(tmp_path, scale):
     assert main(["info", str(tmp_path / "inrun.h5")]) == 0
 
 
+def test_hf_trainer_resumed_from_its_checkpoint_continues_the_recording(tmp_path):
+    """A Trainer stops after step 4 (its recording closed), then resumes from its saved
+    checkpoint-3 (``resume_from_checkpoint``) with ``gs.InRun(..., resume=True)``: the
+    recording equals the one of an uninterrupted Trainer, step 3 recorded once."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import h5py
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from gradscore.exceptions import GradscoreWarning
+    from gradscore.integrations.hf_trainer import GradscoreInRunCallback
+
+    class StopAfter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 5
+
+    def train(out, *, resume=False, stop=False, from_checkpoint=None):
+        model, _, data = _inrun_gpt2()
+        rec = gs.InRun(model, loss="causal_lm", out=tmp_path / out, resume=resume)
+        args = TrainingArguments(output_dir=str(tmp_path / f"{out}.trainer"), max_steps=7,
+                                 per_device_train_batch_size=4, learning_rate=0.05, report_to=[], use_cpu=True,
+                                 save_strategy="steps", save_steps=3, logging_strategy="no", disable_tqdm=True,
+                                 remove_unused_columns=False, seed=0)
+        callbacks = [GradscoreInRunCallback(rec)] + ([StopAfter()] if stop else [])
+        Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks).train(
+            resume_from_checkpoint=from_checkpoint)
+
+    train("whole.h5")
+    train("r.h5", stop=True)
+    with h5py.File(tmp_path / "r.h5") as f:
+        assert sorted(set(f["inrun/step"][()])) == [0, 1, 2, 3, 4]
+    with pytest.warns(GradscoreWarning, match="resumed at step 3: the records of steps 3 to 4"):
+        train("r.h5", resume=True, from_checkpoint=str(tmp_path / "r.h5.trainer" / "checkpoint-3"))
+    with h5py.File(tmp_path / "r.h5") as f, h5py.File(tmp_path / "whole.h5") as g:
+        assert np.array_equal(f["ids"][()], g["ids"][()])
+        for k in g["inrun"]:   # the same steps on the same batches from the same state
+            np.testing.assert_allclose(f["inrun"][k][()], g["inrun"][k][()], rtol=1e-5, err_msg=k)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "qwen3"])
 def test_hf_trainer_inrun_callback_under_bf16_mixed_precision(tmp_path, family):
     """``TrainingArguments(bf16=True)``: Accelerate runs the forward under autocast and returns

@@ -71,16 +71,17 @@ from ..batch import Inputs, batch_len, call_model, check_batch, move, output_ten
 from ..engines.ghost import GhostEngine, probe
 from ..engines.workarounds import torch_workarounds, wrong_in_torch
 from ..engines.rules.registry import FactoredRef
-from ..exceptions import ConfigError, EngineError, GradscoreError, GradscoreWarning, OutputError, cause
+from ..exceptions import (ConfigError, ConfigMismatchError, EngineError, GradscoreError, GradscoreWarning,
+                          OutputError, cause)
 from ..distributed import current_ranks
-from ..io.journal import Journal
+from ..io.journal import Journal, difference
 from ..io.outputs import claim
 from ..kernels.dispatch import numba_on_cpu
 from ..kernels.reference import acc_dtype
 from ..losses import CLASS_INDEX_DTYPES, IGNORE_INDEX, Loss, PerExampleLoss, resolve_loss
 from ..scores import inrun as inrun_scores
 from ..scores.datadiet import classification_metrics
-from .store import RowJournal, read_rows, row_files, write
+from .store import RowJournal, find_recording, read_rows, recorded_rows, row_files, write
 
 DEFAULT_SCORES = ("loss", "grand", "el2n", "aum", "forgetting", "confidence", "variability", "correctness",
                   "inrun_value", "inrun_value_cos")
@@ -273,16 +274,19 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _raise_everywhere(error: Exception | None) -> None:
-    """Raise rank 0's ``error`` (as it is there, as an OutputError elsewhere) on every rank."""
+def _raise_everywhere(error: Exception | None, value: Any = None) -> Any:
+    """Raise rank 0's ``error`` (as it is there, as an OutputError elsewhere) on every rank;
+    else return rank 0's ``value`` on every rank."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
-        message = [None if error is None else str(error)]
+        message = [None if error is None else str(error), value]
         dist.broadcast_object_list(message, src=0)
         if message[0] is not None and error is None:
             raise OutputError(f"rank 0: {message[0]}")
+        value = message[1]
     if error is not None:
         raise error
+    return value
 
 
 def _recording_id() -> str:
@@ -312,7 +316,7 @@ class InRun:
     loss: the per-example form of the step's loss ("cross_entropy", "nll", "mse", a
     function of (output, y), or a Loss).
     out: the scores file :meth:`close` writes (claimed now: an existing file needs
-    ``overwrite``). targets: the target examples of ``inrun_value`` (or None): one batch
+    ``overwrite`` or ``resume``). targets: the target examples of ``inrun_value`` (or None): one batch
     (x, y), or an iterable of such batches (a DataLoader, a generator; read once, now).
     every: steps between target gradients. optimizer: the torch optimizer that steps the
     model (or None): its parameter groups' learning rates weigh each parameter's term of the
@@ -332,6 +336,11 @@ class InRun:
     the loop's such terms are each one example's (deep supervision, an activation penalty),
     recorded in that example's gradient, unchecked (a term over the batch, such as MoE load
     balancing, would make every record wrong).
+    overwrite: replace a recording (or scores file) in ``out``. resume: continue the in-run
+    recording in ``out`` (interrupted or closed; same model, loss, targets and options), for a
+    training restarted from a saved state: each step then needs its ``step=`` number, and
+    the records from the first step on replace those the earlier run made of those steps;
+    with nothing to continue, a new recording.
     """
 
     def __init__(self, model: nn.Module, *, loss: str | Loss | PerExampleLoss = "cross_entropy", out: str | Path,
@@ -339,7 +348,10 @@ class InRun:
                  optimizer: torch.optim.Optimizer | str | None = None, scores: Sequence[str] = DEFAULT_SCORES,
                  flush_every: float = 60.0, overwrite: bool = False,
                  scaler: torch.amp.GradScaler | None = None, data_parallel: int | None = None,
-                 hidden_terms: str = "refuse") -> None:
+                 hidden_terms: str = "refuse", resume: bool = False) -> None:
+        if resume and overwrite:
+            raise ConfigError("invalid value for 'resume': resume=True continues the recording in out and "
+                              "overwrite=True replaces it; pass one of them")
         self.model, self.loss = model, resolve_loss(loss)
         self.scaler = scaler
         if isinstance(optimizer, str) and optimizer != "adam":
@@ -378,28 +390,33 @@ class InRun:
                               self.world if isinstance(model, nn.parallel.DistributedDataParallel) else 1)
         self.fingerprint = {"inrun": type(model).__name__, "parameters": names, "config": self.config.to_dict(),
                             "recording": _recording_id()}
-        failed = None
+        failed, continued = None, None
         if self.rank == 0:
             try:
-                self.out = claim(out, "scores", overwrite=overwrite)
-                self.journal = Journal(self.out, self.fingerprint, overwrite=overwrite)
-                self.journal.open()   # a read-only folder fails now, not at the first flush
+                self.out = claim(out, "scores", overwrite=overwrite, resumable=True)
+                continued = self._claim_recording(overwrite, resume)
             except OSError as e:
                 failed = OutputError(f"{e.filename or out}: cannot be written ({e.strerror}); choose a writable "
                                      f"folder for the in-run scores")
             except GradscoreError as e:
                 failed = e
-        _raise_everywhere(failed)   # every rank stops, none waits for rank 0 forever
+        # every rank stops, none waits for rank 0 forever; each learns what rank 0 continues
+        continued = _raise_everywhere(failed, continued)
+        if continued is not None:
+            self.fingerprint = continued[0]
         if self.rank != 0:
             self.out = Path(out)
             self.journal = Journal.attach(self.out, self.fingerprint)
-        self._row_files = RowJournal(self.journal, self.rank)
+        #: the continued recording's (segment of this run's rows, last step recorded, kind of ids); None: a new one
+        self._continued = None if continued is None else continued[1:]
+        self._row_files = RowJournal(self.journal, self.rank, segment=0 if continued is None else continued[1])
         self.flush_every = float(flush_every)
         self._flushed, self._write_seconds, self._warnings = time.monotonic(), 0.0, []
         self._laid_out = False
         self._count = 0                       # rec.step calls so far
         self._last_step: int | None = None    # the step of the last rec.step
-        self._id_kind: str | None = None      # "integers" or "strings": the ids of every step
+        # "integers" or "strings": the ids of every step (a continued recording's, from its rows)
+        self._id_kind: str | None = None if continued is None else continued[3]
         self._refs: tuple[Any, list[torch.Tensor], float] | None = None   # (step, refs, ‖∇J‖) cached
         self._pending: list[dict[str, np.ndarray]] = []
         self._held: tuple[int, float, list[dict[str, np.ndarray]]] | None = None   # (step, scale, records)
@@ -408,6 +425,42 @@ class InRun:
         self._warned_groups = False
         self._warned_stray: set[str] = set()   # trainable parameters the optimizer does not hold, named once
         self._busy = False   # the recorder's own forwards are running: its hooks stand aside
+
+    def _claim_recording(self, overwrite: bool, resume: bool) -> tuple[dict, int, int, str | None] | None:
+        """Rank 0: open the journal of ``out``, a new recording's or (``resume``) the one found
+        there with the same settings. Returns the continued recording's (fingerprint, this
+        run's segment, its last recorded step, its kind of ids), or None for a new one."""
+        found = None if overwrite else find_recording(self.out)
+        if found is None and self.out.exists() and not overwrite:
+            raise OutputError(f"{self.out}: exists and is not an in-run recording (a scores file of gradscore run); "
+                              + ("resume=True continues an in-run recording: " if resume else "pass overwrite=True "
+                                 "to replace it, or ") + "choose another out")
+        if found is not None and not resume:
+            raise OutputError(f"{self.out}: holds {'an interrupted' if not found.complete else 'a finished'} in-run "
+                              f"recording; pass resume=True to continue it (a training resumed from its saved "
+                              f"state), overwrite=True to replace it, or choose another out")
+        if found is not None:
+            def settings(fingerprint: dict) -> dict:   # what the records depend on: not the file's id or path
+                config = {k: v for k, v in fingerprint.get("config", {}).items() if k != "out"}
+                return {**{k: v for k, v in fingerprint.items() if k != "recording"}, "config": config}
+            if settings(found.fingerprint) != settings(self.fingerprint):
+                differ = difference(settings(found.fingerprint), settings(self.fingerprint))
+                error = ConfigMismatchError(f"{self.out}: its recording was made with other settings ({differ} "
+                                            f"differ), so this run cannot continue it; record with the same model, "
+                                            f"loss, targets and options, pass overwrite=True to replace it, or "
+                                            f"choose another out")
+                error.differ = differ
+                raise error
+        fingerprint = self.fingerprint if found is None else found.fingerprint
+        self.journal = Journal(self.out, fingerprint, overwrite=overwrite, replace=found is not None)
+        self.journal.open()   # a read-only folder fails now, not at the first flush
+        if found is None:
+            return None
+        if not found.in_journal:   # a closed recording: its rows go back into the journal as segment 0
+            RowJournal(self.journal, 0).append([recorded_rows(self.out)])
+        rows = read_rows(self.journal)
+        kind = "strings" if rows["ids"].dtype.kind in "OUS" else "integers"
+        return fingerprint, found.segment, int(rows["step"].max()), kind
 
     @property
     def scaler(self) -> torch.amp.GradScaler | None:
@@ -521,8 +574,32 @@ class InRun:
         calls; micro-batches of one optimizer step share it, and its target gradient)."""
         if self._closed:
             raise ConfigError(f"{self.out}: this recorder is closed; make a new gs.InRun")
+        number = self._step_number(step)
         self._count += 1
-        return _Step(self, ids, y, lr, self._count - 1 if step is None else int(step))
+        return _Step(self, ids, y, lr, number)
+
+    def _step_number(self, step: int | None) -> int:
+        """``step`` as given, else the count of steps so far; a continued recording needs it given."""
+        if step is None and self._continued is not None:
+            raise ConfigError("invalid value for 'step': this recording continues an earlier one, so each step needs "
+                              "its number in the whole run; pass rec.step(..., step=...), the optimizer step the "
+                              "training resumed at and on (a trainer's global step)")
+        return self._count if step is None else int(step)
+
+    def _resumed_at(self, step: int) -> None:
+        """The first step of a continued recording: its rows from ``step`` on are this run's
+        (:mod:`.store`), said once where that replaces records or leaves steps without any."""
+        self._row_files.start = step
+        last = self._continued[1]
+        if self.rank != 0:
+            return
+        if step <= last:
+            warnings.warn(f"{self.out}: resumed at step {step}: the records of steps {step} to {last} made before the "
+                          f"interruption are replaced by this run's", GradscoreWarning, stacklevel=4)
+        elif step > last + 1:
+            warnings.warn(f"{self.out}: resumed at step {step}, and the last recorded step is {last}: steps {last + 1} "
+                          f"to {step - 1} have no records (trained after the last flush before the interruption), "
+                          f"so the scores miss those presentations", GradscoreWarning, stacklevel=4)
 
     def attach(self, *, ids_key: str = "ids", labels_key: str = "labels") -> None:
         """Record every training forward of the model from now on, without ``rec.step``: for
@@ -571,7 +648,7 @@ class InRun:
                               f"reads the targets from it (a Hugging Face Trainer with label_smoothing_factor > 0 "
                               f"takes them out and smooths the loss itself: set it to 0 to record in-run; a "
                               f"compute_loss of your own must pass them to the model)")
-        step, lr = self._next if self._next is not None else (self._count, None)
+        step, lr = self._next if self._next is not None else (self._step_number(None), None)
         self._count += 1
         opened = _Step(self, ids, kwargs[labels_key], lr, step, auto=True)
         opened.__enter__()
@@ -996,6 +1073,8 @@ class _Step:
             raise ConfigError(f"invalid value for 'step': {step} after {rec._last_step}; steps number the optimizer "
                               f"steps of the whole run and never go back (pass e.g. epoch * steps_per_epoch + i, "
                               f"or leave step out to count rec.step calls)")
+        if rec._last_step is None and rec._continued is not None:
+            rec._resumed_at(step)
         rec._last_step = step
         self.stack = contextlib.ExitStack()
         self.state, self.target = None, None

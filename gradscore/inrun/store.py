@@ -7,10 +7,18 @@ end: the file on disk is always a complete, readable scores file of the steps fl
 far (``inrun_complete`` says whether the recording ended). Rows are ordered by step
 (stable: rank, then recording order), so the scores do not depend on the flush times or
 the number of ranks.
+
+A resumed recording (a training restarted from a saved state at step s) writes a new
+*segment* of row files, ``seg<g>_rank<r>_<k>.npz``, each holding s as ``segment_start``:
+the training runs steps s, s+1, … again, so the rows of earlier segments from step s on
+are void. That cut is made when rows are read, never by changing a file, so a crash at
+any point leaves the journal consistent.
 """
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +28,16 @@ import torch
 
 from .._version import __version__
 from ..io.atomic import atomic_path
-from ..io.journal import Journal
+from ..exceptions import OutputError
+from ..io.journal import Journal, read_fingerprint
 from ..scores import inrun as inrun_scores
 
 #: per-row fields and their stored dtype (ids are kept as given: int64 or str)
 FIELDS = {"step": np.int64, "lr": np.float64, "loss": np.float64, "share": np.float64, "share_sq_norm": np.float64,
           "sq_norm": np.float64, "el2n": np.float64, "p_gold": np.float64, "correct": np.int8,
           "margin": np.float64, "dot": np.float64, "target_norm": np.float64}
+#: the fields every record has (a classifier's loss adds el2n, p_gold, correct and margin)
+RECORDED = ("step", "lr", "loss", "share", "share_sq_norm", "sq_norm", "dot", "target_norm")
 
 
 def _concat(parts: list) -> np.ndarray:
@@ -40,11 +51,17 @@ def _concat(parts: list) -> np.ndarray:
     return torch.cat([p.double() if p.is_floating_point() else p for p in parts]).cpu().numpy()
 
 
-class RowJournal:
-    """One rank's row files in the journal of ``out`` (see the module docstring)."""
+#: a row file's name: segment (absent: 0, a recording's first), rank, order
+_ROW_FILE = re.compile(r"^(?:seg(\d+)_)?rank(\d+)_(\d+)\.npz$")
 
-    def __init__(self, journal: Journal, rank: int) -> None:
-        self.journal, self.rank, self.count = journal, rank, 0
+
+class RowJournal:
+    """One rank's row files in the journal of ``out``, in ``segment`` (see the module
+    docstring); ``start``, the segment's first step, is set by its first step."""
+
+    def __init__(self, journal: Journal, rank: int, segment: int = 0) -> None:
+        self.journal, self.rank, self.segment, self.count = journal, rank, segment, 0
+        self.start: int | None = None
 
     def append(self, records: list[dict[str, np.ndarray]]) -> None:
         """Write ``records`` (dicts of (B,) arrays or tensors, ``ids`` and :data:`FIELDS`) as one
@@ -55,29 +72,95 @@ class RowJournal:
         rows = {k: (v if k == "ids" else v.astype(FIELDS[k])) for k, v in rows.items()}
         if rows["ids"].dtype.kind in "OUS":
             rows["ids"] = rows["ids"].astype(str)
+        name = f"rank{self.rank:03d}_{self.count:06d}.npz"
+        if self.segment:
+            name, rows["segment_start"] = f"seg{self.segment:03d}_{name}", np.int64(self.start)
         self.journal.open()
-        with atomic_path(self.journal.unit(f"rank{self.rank:03d}_{self.count:06d}.npz")) as tmp, open(tmp, "wb") as fh:
+        with atomic_path(self.journal.unit(name)) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **rows)
         self.count += 1
 
 
+def _row_files(partial: Path) -> list[tuple[int, Path]]:
+    """(segment, path) of every row file in the journal folder ``partial``, in (segment,
+    rank, order) order."""
+    found = [(m, p) for p in (partial.iterdir() if partial.is_dir() else ()) if (m := _ROW_FILE.match(p.name))]
+    found.sort(key=lambda mp: (int(mp[0][1] or 0), int(mp[0][2]), int(mp[0][3])))
+    return [(int(m[1] or 0), p) for m, p in found]
+
+
 def row_files(journal: Journal) -> list[Path]:
-    """Every rank's row files in the journal, in (rank, order) order."""
-    return sorted(journal.partial.glob("rank*_*.npz")) if journal.partial.exists() else []
+    """Every rank's row files in the journal, in (segment, rank, order) order."""
+    return [p for _, p in _row_files(journal.partial)]
 
 
 def read_rows(journal: Journal) -> dict[str, np.ndarray] | None:
-    """Every rank's rows in step order (None if there are none yet)."""
-    files = row_files(journal)
-    if not files:
-        return None
-    parts = []
-    for path in files:
+    """Every rank's rows in step order (None if there are none yet), without the rows that
+    a later segment's steps replace (the module docstring)."""
+    parts, starts = [], {}
+    for segment, path in _row_files(journal.partial):
         with np.load(path) as z:
-            parts.append({k: z[k] for k in z.files})
-    rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            rows = {k: z[k] for k in z.files if k != "segment_start"}
+            if "segment_start" in z.files:
+                start = int(z["segment_start"])
+                starts[segment] = min(start, starts.get(segment, start))
+        parts.append((segment, rows))
+    if not parts:
+        return None
+    kept = []
+    for segment, rows in parts:
+        cut = min((s for g, s in starts.items() if g > segment), default=None)
+        if cut is not None:
+            rows = {k: v[rows["step"] < cut] for k, v in rows.items()}
+        kept.append(rows)
+    rows = {k: np.concatenate([p[k] for p in kept]) for k in kept[0]}
     order = np.argsort(rows["step"], kind="stable")
     return {k: v[order] for k, v in rows.items()}
+
+
+@dataclass(frozen=True)
+class Recording:
+    """An in-run recording found at ``out``: its fingerprint, whether its rows are in the
+    journal (an interrupted recording's; else only in the finished scores file), its next
+    segment and whether it ended (:meth:`InRun.close`)."""
+
+    fingerprint: dict
+    in_journal: bool
+    segment: int
+    complete: bool
+
+
+def find_recording(out: Path) -> Recording | None:
+    """The in-run recording in ``out`` and its journal, or None where there is none: no
+    file, or a scores file of ``gradscore run``."""
+    files = _row_files(out.with_name(out.name + ".partial"))
+    if files:
+        try:
+            fingerprint = json.loads((files[0][1].parent / "meta.json").read_text())
+        except (OSError, ValueError):
+            fingerprint = None
+        if isinstance(fingerprint, dict) and "inrun" in fingerprint:
+            return Recording(fingerprint, True, files[-1][0] + 1, False)
+    fingerprint = read_fingerprint(out) if out.is_file() else None
+    if not (isinstance(fingerprint, dict) and "inrun" in fingerprint):
+        return None
+    with h5py.File(out, "r") as f:
+        complete = bool(f.attrs.get("inrun_complete", True))
+    return Recording(fingerprint, False, 1, complete)
+
+
+def recorded_rows(out: Path) -> dict[str, np.ndarray]:
+    """The rows of the in-run scores file ``out`` (its ``/inrun`` group), in step order, as
+    :class:`RowJournal` writes them: what a resumed recording continues when its journal is
+    gone (the recording was closed)."""
+    with h5py.File(out, "r") as f:
+        group = f["inrun"]
+        missing = [k for k in (*RECORDED, "row") if k not in group]
+        if missing:
+            raise OutputError(f"{out}: its in-run records lack {', '.join(missing)} (written by an older gradscore), "
+                              f"so it cannot be continued; record into another file")
+        ids = f["ids"].asstr()[()] if h5py.check_string_dtype(f["ids"].dtype) else f["ids"][()]
+        return {"ids": ids[group["row"][()]], **{k: group[k][()] for k in FIELDS if k in group}}
 
 
 def _verb(n: int, one: str, many: str) -> str:

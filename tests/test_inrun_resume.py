@@ -1,0 +1,251 @@
+"""Resuming an in-run recording: a training restarted from a saved state continues its
+file, and the file then equals one recording of the steps the training kept."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gradscore as gs
+from gradscore.exceptions import GradscoreWarning
+from gradscore.demos.models import mlp
+
+X = torch.randn(48, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+Y = torch.randint(0, 4, (48,), generator=torch.Generator().manual_seed(1))
+TARGETS = (X[:6], Y[:6])
+
+
+def _batches(steps: range, seed: int) -> dict[int, torch.Tensor]:
+    """{step: 8 example indices}: one order of the data."""
+    g = torch.Generator().manual_seed(seed)
+    return {t: torch.randperm(48, generator=g)[:8] for t in steps}
+
+
+class _Training:
+    """A model, its optimizer and the three lines of a recorder; ``state`` and ``restored``
+    are a training's saved state."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        self.model = mlp(d_in=10, hidden=8, n_classes=4, depth=1).double()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9)
+
+    def run(self, rec: gs.InRun, batches: dict[int, torch.Tensor], steps: range) -> None:
+        for t in steps:
+            idx = batches[t]
+            with rec.step(idx, Y[idx], lr=0.1, step=t):
+                F.cross_entropy(self.model(X[idx]), Y[idx]).backward()
+            self.opt.step()
+            self.opt.zero_grad()
+
+    def state(self) -> tuple[dict, dict]:
+        return copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.opt.state_dict())
+
+    @classmethod
+    def restored(cls, state: tuple[dict, dict]) -> "_Training":
+        training = cls()
+        training.model.load_state_dict(state[0])
+        training.opt.load_state_dict(state[1])
+        return training
+
+
+def _recorder(training: _Training, out, **kwargs) -> gs.InRun:
+    return gs.InRun(training.model, out=out, targets=TARGETS, flush_every=0, **kwargs)
+
+
+def _assert_same_file(a, b) -> None:
+    with h5py.File(a) as f, h5py.File(b) as g:
+        assert np.array_equal(f["ids"][()], g["ids"][()])
+        assert set(f["inrun"]) == set(g["inrun"]) and set(f["scores"]) == set(g["scores"])
+        for k in f["inrun"]:
+            np.testing.assert_array_equal(f["inrun"][k][()], g["inrun"][k][()], err_msg=k)
+        for k in f["scores"]:
+            np.testing.assert_array_equal(f["scores"][k][()], g["scores"][k][()], err_msg=k)
+        assert f.attrs["inrun_complete"] and g.attrs["inrun_complete"]
+
+
+def _reference(out, parts: list[tuple[dict, range]]) -> None:
+    """One uninterrupted recording of the steps a resumed one kept: ``parts`` of (batches, steps)."""
+    training = _Training()
+    rec = _recorder(training, out)
+    for batches, steps in parts:
+        training.run(rec, batches, steps)
+    rec.close()
+
+
+def test_a_training_resumed_after_a_crash_continues_its_recording(tmp_path):
+    """Steps 0–7 recorded, the training's state saved before step 5, then a crash; the
+    training resumes from that state on another order of the data. The file equals one
+    recording of steps 0–4 (first order) and 5–11 (second): the records of steps 5–7 made
+    before the crash are replaced, not counted twice."""
+    out, first, second = tmp_path / "r.h5", _batches(range(12), seed=1), _batches(range(12), seed=2)
+    training = _Training()
+    rec = _recorder(training, out)
+    training.run(rec, first, range(5))
+    saved = training.state()
+    training.run(rec, first, range(5, 8))
+    rec.flush()
+    del rec                                             # the crash: never closed, every step flushed
+    with h5py.File(out) as f:
+        assert not f.attrs["inrun_complete"] and f["inrun/step"][()].max() == 7
+    resumed = _Training.restored(saved)
+    rec = _recorder(resumed, out, resume=True)
+    with pytest.warns(GradscoreWarning, match="resumed at step 5: the records of steps 5 to 7 made before"):
+        resumed.run(rec, second, range(5, 6))
+    resumed.run(rec, second, range(6, 12))
+    rec.close()
+    _reference(tmp_path / "ref.h5", [(first, range(5)), (second, range(5, 12))])
+    _assert_same_file(out, tmp_path / "ref.h5")
+    assert not (tmp_path / "r.h5.partial").exists()
+
+
+def test_a_closed_recording_continues_and_a_second_crash_resumes_again(tmp_path):
+    """A finished recording (its journal gone) continues with more training; that run
+    crashes after step 6 and resumes from its state before step 5."""
+    out, a, b, c = tmp_path / "r.h5", _batches(range(10), 1), _batches(range(10), 2), _batches(range(10), 3)
+    training = _Training()
+    rec = _recorder(training, out)
+    training.run(rec, a, range(4))
+    rec.close()
+    rec = _recorder(training, out, resume=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                  # step 4 follows step 3: nothing replaced, nothing missing
+        training.run(rec, b, range(4, 5))
+    saved = training.state()
+    training.run(rec, b, range(5, 7))
+    rec.flush()
+    del rec
+    resumed = _Training.restored(saved)
+    rec = _recorder(resumed, out, resume=True)
+    with pytest.warns(GradscoreWarning, match="steps 5 to 6"):
+        resumed.run(rec, c, range(5, 9))
+    rec.close()
+    _reference(tmp_path / "ref.h5", [(a, range(4)), (b, range(4, 5)), (c, range(5, 9))])
+    _assert_same_file(out, tmp_path / "ref.h5")
+
+
+def test_steps_lost_in_the_interruption_are_named(tmp_path):
+    """Records flushed to step 3; the training resumes from its state after step 5 (steps
+    4 and 5 ran but their records were never flushed): the file says so and keeps both runs."""
+    out, a = tmp_path / "r.h5", _batches(range(9), 1)
+    training = _Training()
+    rec = _recorder(training, out)
+    training.run(rec, a, range(4))
+    rec.flush()
+    rec = None
+    training2 = _Training()
+    rec = _recorder(training2, out, resume=True)
+    with pytest.warns(GradscoreWarning, match=r"resumed at step 6, and the last recorded step is 3: steps 4 to 5 "
+                                                 r"have no records"):
+        training2.run(rec, a, range(6, 9))
+    rec.close()
+    with h5py.File(out) as f:
+        assert sorted(set(f["inrun/step"][()])) == [0, 1, 2, 3, 6, 7, 8]
+
+
+def test_resuming_what_cannot_be_continued_is_one_clear_error(tmp_path):
+    out = tmp_path / "r.h5"
+    training = _Training()
+    rec = _recorder(training, out)
+    training.run(rec, _batches(range(2), 1), range(2))
+    rec.flush()
+    del rec                                              # interrupted
+    with pytest.raises(gs.OutputError, match="holds an interrupted in-run recording; pass resume=True to continue"):
+        _recorder(training, out)
+    with pytest.raises(gs.ConfigError, match="resume=True continues the recording in out and overwrite=True "
+                                             "replaces it"):
+        _recorder(training, out, resume=True, overwrite=True)
+    with pytest.raises(gs.ConfigMismatchError, match=r"other settings \(every \(1 before, 2 now\) differ\)"):
+        _recorder(training, out, resume=True, every=2)
+    other = torch.nn.Sequential(torch.nn.Linear(10, 4)).double()
+    with pytest.raises(gs.ConfigMismatchError, match=r"other settings \(parameters differ\)"):
+        gs.InRun(other, out=out, targets=TARGETS, resume=True)
+    rec = _recorder(training, out, resume=True)
+    with pytest.raises(gs.ConfigError, match="invalid value for 'step': this recording continues an earlier one"):
+        rec.step(range(8), Y[:8])
+    with pytest.raises(gs.ConfigError, match="'ids': strings in step 2, integers before"):
+        rec.step(list("abcdefgh"), Y[:8], lr=0.1, step=2)
+    # a scores file of gradscore run is no recording to continue, nor replaced unasked
+    with h5py.File(tmp_path / "run.h5", "w") as f:
+        f.attrs.update({"fingerprint": '{"engine": "ghost"}', "config": "{}"})
+        f.create_dataset("ids", data=np.arange(3))
+        f.create_group("scores").create_dataset("grand", data=np.ones(3))
+    with pytest.raises(gs.OutputError, match="not an in-run recording .*resume=True continues an in-run recording"):
+        _recorder(training, tmp_path / "run.h5", resume=True)
+    with pytest.raises(gs.OutputError, match="not an in-run recording .*pass overwrite=True to replace it"):
+        _recorder(training, tmp_path / "run.h5")
+    assert h5py.File(tmp_path / "run.h5")["scores/grand"].shape == (3,)
+
+
+def test_resume_with_nothing_to_continue_starts_a_recording(tmp_path):
+    training = _Training()
+    rec = _recorder(training, tmp_path / "r.h5", resume=True)
+    training.run(rec, _batches(range(3), 1), range(3))
+    rec.close()
+    _reference(tmp_path / "ref.h5", [(_batches(range(3), 1), range(3))])
+    _assert_same_file(tmp_path / "r.h5", tmp_path / "ref.h5")
+
+
+_DDP = """
+import os, sys, torch, torch.nn.functional as F
+import gradscore as gs
+from gradscore.demos.models import mlp
+torch.distributed.init_process_group("gloo")
+rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+out, phase, state = sys.argv[1:4]
+torch.manual_seed(0)
+net = mlp(d_in=10, hidden=8, n_classes=4, depth=1).double()
+model = torch.nn.parallel.DistributedDataParallel(net)
+g = torch.Generator().manual_seed(1)
+x, y = torch.randn(32, 10, generator=g, dtype=torch.float64), torch.randint(0, 4, (32,), generator=g)
+batches = [torch.randperm(32, generator=g)[:8] for _ in range(8)]
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+steps = {"whole": range(8), "first": range(6), "resumed": range(3, 8)}[phase]
+if phase == "resumed":
+    saved = torch.load(state)
+    net.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+rec = gs.InRun(model, out=out, targets=(x[:6], y[:6]), flush_every=0, resume=phase == "resumed")
+for t in steps:
+    if phase == "first" and t == 3 and rank == 0:
+        torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, state)
+    mine = batches[t].chunk(world)[rank]
+    with rec.step(mine, y[mine], lr=0.1, step=t):
+        F.cross_entropy(model(x[mine]), y[mine]).backward()
+    opt.step()
+    opt.zero_grad()
+if phase == "first":
+    rec.flush()       # then the crash: never closed
+else:
+    rec.close()
+torch.distributed.destroy_process_group()
+os._exit(0)           # DDP's teardown at exit aborts now and then on 2 cores (test_inrun's DDP test)
+"""
+
+
+def test_two_ddp_ranks_resume_their_recording(tmp_path):
+    """Two gloo ranks record steps 0–5 and stop unclosed; restarted from their state before
+    step 3, they continue the recording. It equals the two ranks' uninterrupted recording
+    of steps 0–7: each rank writes the continued segment, none keeps a replaced record."""
+    import subprocess
+    import sys
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP)
+
+    def torchrun(out: str, phase: str) -> None:
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                               str(script), str(tmp_path / out), phase, str(tmp_path / "state.pt")],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    torchrun("whole.h5", "whole")
+    torchrun("r.h5", "first")
+    assert sorted({p.name[:7] for p in (tmp_path / "r.h5.partial").glob("rank*.npz")}) == ["rank000", "rank001"]
+    torchrun("r.h5", "resumed")
+    _assert_same_file(tmp_path / "r.h5", tmp_path / "whole.h5")
+    assert not (tmp_path / "r.h5.partial").exists()
