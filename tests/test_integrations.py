@@ -360,6 +360,43 @@ def test_lightning_inrun_callback_is_bit_identical_and_exact(tmp_path):
         np.testing.assert_allclose(rows["sq_norm"][i], float(sum((g ** 2).sum() for g in grads)), rtol=1e-10)
 
 
+def test_lightning_resumed_from_its_checkpoint_continues_the_recording(tmp_path):
+    """A Lightning fit stops after step 5; a second fit resumes from its checkpoint after
+    step 4 (``ckpt_path``) with ``gs.InRun(..., resume=True)``: the recording equals an
+    uninterrupted fit's, step 4 recorded once."""
+    L = pytest.importorskip("lightning")
+    import h5py
+
+    from gradscore.exceptions import GradscoreWarning
+    from gradscore.integrations.lightning import GradscoreInRun
+    x, y, _ = _data(tmp_path)
+
+    class StopAfter(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            trainer.should_stop = trainer.global_step == 6
+
+    def fit(out, *, resume=False, stop=False, ckpt_path=None):
+        module = _inrun_module(L)
+        saves = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / f"{out}.ckpt", every_n_train_steps=4,
+                                                    save_top_k=-1)
+        callbacks = [GradscoreInRun(gs.InRun(module.net, out=tmp_path / out, resume=resume)), saves]
+        data = torch.utils.data.TensorDataset(torch.arange(40), x.double(), y)
+        L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, callbacks=callbacks + ([StopAfter()] if stop else [])).fit(
+            module, torch.utils.data.DataLoader(data, batch_size=10), ckpt_path=ckpt_path)
+
+    fit("whole.h5")
+    fit("r.h5", stop=True)
+    with h5py.File(tmp_path / "r.h5") as f:
+        assert sorted(set(f["inrun/step"][()])) == [0, 1, 2, 3, 4, 5]
+    with pytest.warns(GradscoreWarning, match="resumed at step 4: the records of steps 4 to 5"):
+        fit("r.h5", resume=True, ckpt_path=next((tmp_path / "r.h5.ckpt").glob("*step=4.ckpt")))
+    with h5py.File(tmp_path / "r.h5") as f, h5py.File(tmp_path / "whole.h5") as g:
+        assert np.array_equal(f["ids"][()], g["ids"][()]) and sorted(set(g["inrun/step"][()])) == list(range(12))
+        for k in g["inrun"]:
+            np.testing.assert_array_equal(f["inrun"][k][()], g["inrun"][k][()], err_msg=k)
+
+
 def test_lightning_inrun_callback_reads_the_loss_scaler(tmp_path):
     """Lightning's "16-mixed" precision scales the loss by a GradScaler: the callback hands
     it to the recorder, whose shares are of the unscaled mean (1/B), as the plain run's."""
