@@ -962,7 +962,7 @@ def test_a_killed_recording_leaves_a_readable_file_of_the_flushed_steps(tmp_path
     steps = h5py.File(out)["inrun/step"][()]
     assert len(np.unique(steps)) >= 4 and set(res["scores"]) >= {"loss", "aum", "forgetting"}
     info = subprocess.run([sys.executable, "-m", "gradscore", "info", str(out)], capture_output=True, text=True)
-    assert "interrupted or still recording" in info.stdout
+    assert "interrupted or still recording (gs.InRun(..., resume=True) continues it)" in info.stdout
     model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
     with pytest.raises(gs.OutputError, match="holds an interrupted in-run recording; pass resume=True .* overwrite"):
         gs.InRun(model, out=out)

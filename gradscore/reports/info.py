@@ -92,7 +92,8 @@ def _describe_scores(path: Path) -> str:
         head = f"scores file {path} (gradscore {f.attrs.get('gradscore_version', '?')})"
         if cfg.get("inrun"):   # recorded during training (gs.InRun): rows per (step, example)
             step, with_target = f["inrun/step"][()], np.isfinite(f["inrun/target_norm"][()])
-            state = "" if f.attrs.get("inrun_complete", True) else "; interrupted or still recording"
+            state = ("" if f.attrs.get("inrun_complete", True) else
+                     "; interrupted or still recording (gs.InRun(..., resume=True) continues it)")
             lines = [head + f", recorded in training (gs.InRun){state}",
                      f"  {n:,} examples, {len(step):,} records over {len(np.unique(step))} steps, target gradient "
                      f"at {len(np.unique(step[with_target]))} of them (every {cfg['every']}; preconditioner "
