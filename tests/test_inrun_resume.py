@@ -129,6 +129,28 @@ def test_a_closed_recording_continues_and_a_second_crash_resumes_again(tmp_path)
     _assert_same_file(out, tmp_path / "ref.h5")
 
 
+def test_a_journal_left_by_a_recorder_that_never_stepped_is_not_the_recordings(tmp_path):
+    """A finished recording; then a recorder with other options (overwrite=True) is made
+    and dropped before its first step, leaving a journal with its settings and no records.
+    A resume continues the finished recording, and so does a resume after that one's crash."""
+    out, a = tmp_path / "r.h5", _batches(range(6), 1)
+    training = _Training()
+    rec = _recorder(training, out)
+    training.run(rec, a, range(2))
+    rec.close()
+    _recorder(_Training(), out, overwrite=True, every=2)
+    assert (tmp_path / "r.h5.partial" / "meta.json").exists()
+    rec = _recorder(training, out, resume=True)
+    training.run(rec, a, range(2, 4))
+    rec.flush()
+    del rec
+    rec = _recorder(training, out, resume=True)
+    training.run(rec, a, range(4, 6))
+    rec.close()
+    _reference(tmp_path / "ref.h5", [(a, range(6))])
+    _assert_same_file(out, tmp_path / "ref.h5")
+
+
 def test_steps_lost_in_the_interruption_are_named(tmp_path):
     """Records flushed to step 3; the training resumes from its state after step 5 (steps
     4 and 5 ran but their records were never flushed): the file says so and keeps both runs."""

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import time
 import uuid
 import warnings
@@ -452,6 +453,9 @@ class InRun:
                 error.differ = differ
                 raise error
         fingerprint = self.fingerprint if found is None else found.fingerprint
+        stale = Journal.attach(self.out, fingerprint)
+        if found is not None and not found.in_journal and not row_files(stale):
+            shutil.rmtree(stale.partial, ignore_errors=True)   # a recorder's that never flushed: not the recording's
         self.journal = Journal(self.out, fingerprint, overwrite=overwrite, replace=found is not None)
         self.journal.open()   # a read-only folder fails now, not at the first flush
         if found is None:
