@@ -133,7 +133,7 @@ class Recording:
 def find_recording(out: Path) -> Recording | None:
     """The in-run recording in ``out`` and its journal, or None where there is none: no
     file, or a scores file of ``gradscore run``."""
-    files = _row_files(out.with_name(out.name + ".partial"))
+    files = _row_files(Journal.partial_of(out))
     if files:
         try:
             fingerprint = json.loads((files[0][1].parent / "meta.json").read_text())

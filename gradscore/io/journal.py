@@ -63,7 +63,7 @@ class Journal:
     def __init__(self, out: str | Path, fingerprint: dict, *, overwrite: bool = False,
                  replace: bool = False, discard: bool = False) -> None:
         self.out = Path(out)
-        self.partial = self.out.with_name(self.out.name + ".partial")
+        self.partial = self.partial_of(self.out)
         self._meta = self.partial / "meta.json"
         self.fingerprint = fingerprint
         self.complete = False
@@ -92,13 +92,19 @@ class Journal:
                         f"--overwrite to discard it")
                 shutil.rmtree(self.partial)
 
+    @staticmethod
+    def partial_of(out: str | Path) -> Path:
+        """The journal folder of ``out``: ``<out>.partial``."""
+        out = Path(out)
+        return out.with_name(out.name + ".partial")
+
     @classmethod
     def attach(cls, out: str | Path, fingerprint: dict) -> "Journal":
         """The journal of ``out`` that another process (rank 0) has checked: no checks, no
         cleanup, only :meth:`open` and :meth:`unit`."""
         self = cls.__new__(cls)
         self.out = Path(out)
-        self.partial = self.out.with_name(self.out.name + ".partial")
+        self.partial = self.partial_of(self.out)
         self._meta, self.fingerprint, self.complete = self.partial / "meta.json", fingerprint, False
         return self
 
