@@ -1,9 +1,15 @@
 """Resolve ``"package.module:attr"`` references (model factories, losses, datasets)."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import inspect
+import os
+import site
+import sys
+import sysconfig
+import types
 from typing import Any, Callable, Iterable
 
 from ._version import __version__
@@ -52,10 +58,153 @@ def code_fingerprint(model: Any, factory: Callable, loss_fn: Callable) -> dict[s
     """What made the numbers besides the options, checkpoints and data: gradscore's version;
     the model's factory, structure (its modules' repr: an ``nn.Sequential`` of torch layers
     has no class of its own) and the source of its own module classes (those not from
-    torch: an edited forward counts); and the loss function's source. A resumed or reused
-    output needs the same."""
+    torch: an edited forward counts); the loss function's source; and, where that code
+    calls any, the user's code it reaches (:func:`user_code`: an edited helper counts). A
+    resumed or reused output needs the same."""
     classes = {type(m) for m in model.modules() if not type(m).__module__.startswith("torch.")}
     ordered = sorted(classes, key=lambda c: (c.__module__, c.__qualname__))
     structure = hashlib.sha256(repr(model).encode()).hexdigest()
-    return {"gradscore": __version__, "model": source_sha256([factory, *ordered]) + structure[:16],
+    code = {"gradscore": __version__, "model": source_sha256([factory, *ordered]) + structure[:16],
             "loss": source_sha256([loss_fn])}
+    reached = user_code([factory, *ordered, loss_fn])
+    if reached:   # absent where there is none: such a fingerprint is what it was before helpers counted
+        h = hashlib.sha256()
+        for key in sorted(reached):
+            h.update(f"{key}\0{reached[key]}\0".encode())
+        code["helpers"] = h.hexdigest()
+    return code
+
+
+#: top-level packages whose code is versioned by their release, not read (gradscore's version is in the fingerprint)
+_VERSIONED = frozenset({"torch", "gradscore", "numpy", "builtins"}) | frozenset(sys.stdlib_module_names)
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_dirs() -> tuple[str, ...]:
+    """The folders installed packages and the standard library live in, with a trailing separator."""
+    paths = sysconfig.get_paths()
+    dirs = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    dirs.update(site.getsitepackages() if hasattr(site, "getsitepackages") else ())
+    dirs.add(site.getusersitepackages())
+    return tuple(os.path.join(os.path.realpath(d), "") for d in dirs if d)
+
+
+def _is_user_module(name: str | None) -> bool:
+    """Whether the module ``name`` is the user's own code: a script or a file outside the
+    installed packages and the standard library (an editable install counts as the user's)."""
+    if not name or name.split(".")[0] in _VERSIONED:
+        return False
+    file = getattr(sys.modules.get(name), "__file__", None)
+    return name == "__main__" if file is None else not _installed_file(file)
+
+
+@functools.lru_cache(maxsize=4096)
+def _installed_file(file: str) -> bool:
+    return os.path.realpath(file).startswith(_installed_dirs())
+
+
+def _plain(value: Any, depth: int = 0) -> str | None:
+    """A text of plain data (numbers, strings, None and containers of them) that is the same
+    in every process (a set's and a dict's items sorted), else None."""
+    if isinstance(value, (bool, int, float, complex, str, bytes, type(None))):
+        return repr(value)
+    if depth > 3 or not isinstance(value, (tuple, list, set, frozenset, dict)) or len(value) > 10_000:
+        return None
+    pairs = value.items() if isinstance(value, dict) else ((v,) for v in value)
+    parts = [[_plain(x, depth + 1) for x in pair] for pair in pairs]
+    if any(x is None for pair in parts for x in pair):
+        return None
+    texts = [": ".join(pair) for pair in parts]
+    return f"{type(value).__name__}({', '.join(texts if isinstance(value, (tuple, list)) else sorted(texts))})"
+
+
+def _named(value: Any) -> str | None:
+    """'module.qualname' of an installed package's function or class (``act = F.gelu``), else None."""
+    module, name = getattr(value, "__module__", None), getattr(value, "__qualname__", None)
+    return f"{module}.{name}" if isinstance(module, str) and isinstance(name, str) else None
+
+
+def _code_objects(code: types.CodeType) -> Iterable[types.CodeType]:
+    """``code`` and the code of the functions, lambdas and comprehensions defined in it."""
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _code_objects(const)
+
+
+def _functions_of(obj: Any) -> list[Callable]:
+    """The plain functions behind ``obj``: itself, a class's methods (and its user-code bases'),
+    a property's accessors, a partial's function, a decorated function's original."""
+    if isinstance(obj, type):
+        found = []
+        for cls in obj.__mro__:
+            if cls is obj or _is_user_module(cls.__module__):
+                for member in vars(cls).values():
+                    found += _functions_of(member) if not isinstance(member, type) else []
+        return found
+    if isinstance(obj, (staticmethod, classmethod)):
+        return _functions_of(obj.__func__)
+    if isinstance(obj, property):
+        return [f for f in (obj.fget, obj.fset, obj.fdel) if isinstance(f, types.FunctionType)]
+    if isinstance(obj, functools.partial):
+        return _functions_of(obj.func)
+    if isinstance(obj, types.MethodType):
+        return _functions_of(obj.__func__)
+    if isinstance(obj, types.FunctionType):
+        return [obj] + (_functions_of(obj.__wrapped__) if hasattr(obj, "__wrapped__") else [])
+    return []
+
+
+def _referenced(fn: types.FunctionType) -> Iterable[tuple[str, Any]]:
+    """(name, value) of what ``fn``'s code reads from its module, its closure and the user
+    modules it reads attributes of (``helpers.act``): names are all a code object keeps of them."""
+    names = {n for code in _code_objects(fn.__code__) for n in code.co_names}
+    scope = fn.__globals__
+    for name in sorted(names):
+        if name in scope:
+            value = scope[name]
+            yield f"{fn.__module__}.{name}", value
+            if isinstance(value, types.ModuleType) and _is_user_module(value.__name__):
+                for attr in sorted(names):
+                    if attr in vars(value):
+                        yield f"{value.__name__}.{attr}", vars(value)[attr]
+    for i, cell in enumerate(fn.__closure__ or ()):
+        try:
+            yield f"{fn.__module__}.{fn.__qualname__}.<cell {i}>", cell.cell_contents
+        except ValueError:   # an empty cell
+            continue
+
+
+def user_code(roots: Iterable[Any]) -> dict[str, str]:
+    """{name: source or value}: the user's code that ``roots`` (a factory, model classes, a
+    loss) reach and that is not one of them: the functions and classes of the user's own
+    modules their code reads (transitively) and the user-code classes they inherit from, by
+    source; and what such code reads from its module besides: plain constants (numbers,
+    strings, tuples …) by value, an installed package's function or class by name. The code
+    of installed packages counts by its release, and attributes of ``self`` by their class."""
+    roots = [r for r in roots if r is not None]
+    seen, found, todo = {id(r) for r in roots}, {}, []
+
+    def reach(obj: Any) -> None:
+        """Walk ``obj``'s functions later; record the user-code classes it inherits from now."""
+        todo.extend(_functions_of(obj))   # a class's: its user-code bases' methods too
+        for base in (obj.__mro__[1:] if isinstance(obj, type) else ()):
+            if _is_user_module(base.__module__) and id(base) not in seen:
+                seen.add(id(base))
+                found[f"{base.__module__}.{base.__qualname__}"] = source_sha256([base])
+
+    for root in roots:
+        reach(root)
+    while todo:
+        fn = todo.pop()
+        for key, value in _referenced(fn):
+            if isinstance(value, (types.FunctionType, type)) and _is_user_module(value.__module__):
+                if id(value) not in seen:
+                    seen.add(id(value))
+                    found[f"{value.__module__}.{value.__qualname__}"] = source_sha256([value])
+                    reach(value)
+            elif not isinstance(value, types.ModuleType) and _is_user_module(fn.__module__):
+                text = _named(value) if callable(value) else _plain(value)   # which library function; a constant
+                if text is not None:
+                    found[key] = text
+    return found

@@ -1,6 +1,8 @@
 """The scoring pipeline through the Python API: engines agree, store semantics hold."""
 from __future__ import annotations
 
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -198,3 +200,108 @@ def test_a_rerun_after_the_models_structure_changed_is_not_taken_for_the_same(tm
     monkeypatch.delitem(sys.modules, "usernet")
     with pytest.raises(gs.ConfigMismatchError, match=r"the code .* differ"):
         gs.score(tmp_path / "ckpts", data, out=tmp_path / "s.h5", progress=False)
+
+
+USERHELP = """import torch
+
+SCALE = 1.0
+GAIN = 1.0
+KINDS = {"tanh", "sin", "cos", "relu"}   # a set: its order differs between processes
+squash = torch.tanh
+
+
+def act(x):
+    assert "tanh" in KINDS
+    return squash(x) * SCALE
+"""
+USERNET = """import torch
+from torch import nn
+
+import userhelp
+from userhelp import act
+
+
+class Base(nn.Module):
+    def mix(self, h):
+        return h
+
+
+class Net(Base):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(12, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.b(self.mix(_local(act(self.a(x))))) * userhelp.GAIN
+
+
+def _local(h):
+    return h
+
+
+def unused():
+    return 1
+
+
+def make():
+    torch.manual_seed(0)
+    return Net()
+"""
+#: (file, text, replacement): a user's edit of code the model's forward runs
+FORWARD_EDITS = {
+    "a helper beside the model": ("usernet.py", "    return h\n\n\ndef unused", "    return 2 * h\n\n\ndef unused"),
+    "a helper imported from another file": ("userhelp.py", "squash(x) * SCALE", "squash(x) * SCALE + 1"),
+    "a library function bound to a name": ("userhelp.py", "squash = torch.tanh", "squash = torch.sin"),
+    "an inherited method": ("usernet.py", "def mix(self, h):\n        return h", "def mix(self, h):\n        return h + 1"),
+    "a constant read through its module": ("userhelp.py", "GAIN = 1.0", "GAIN = 2.0"),
+    "a constant a helper reads": ("userhelp.py", "SCALE = 1.0", "SCALE = 0.5"),
+}
+
+
+@pytest.mark.parametrize("edit", [*FORWARD_EDITS, "unused code"])
+def test_a_rerun_after_code_the_forward_calls_changed_is_not_taken_for_the_same(tmp_path, monkeypatch, edit):
+    """The code fingerprint read the source of the model's own classes alone: after the user
+    edited a helper function their forward calls (beside it or in another file), a method it
+    inherits, or a constant it reads, a rerun took the old numbers for the new code's. An edit
+    of code the model never runs changes nothing."""
+    import sys
+    files = {"usernet.py": USERNET, "userhelp.py": USERHELP}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("usernet", "userhelp"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    import usernet
+    with gs.CheckpointWriter(tmp_path / "ckpts", model_factory="usernet:make") as w:
+        w.save(usernet.make(), step=0, lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    data = gs.save_dataset(tmp_path / "d.h5", torch.randn(10, 12, generator=g).numpy(), np.arange(10) % 4)
+    out = tmp_path / "s.h5"
+    gs.score(tmp_path / "ckpts", data, out=out, progress=False)
+    name, old, new = FORWARD_EDITS.get(edit, ("usernet.py", "return 1", "return 2"))
+    assert old in files[name]
+    (tmp_path / name).write_text(files[name].replace(old, new))
+    for module in ("usernet", "userhelp"):   # the user's next process
+        monkeypatch.delitem(sys.modules, module)
+    if edit == "unused code":
+        assert gs.score(tmp_path / "ckpts", data, out=out, progress=False) == out   # kept
+        return
+    with pytest.raises(gs.ConfigMismatchError, match=r"the code .* differ"):
+        gs.score(tmp_path / "ckpts", data, out=out, progress=False)
+
+
+def test_the_code_fingerprint_is_the_same_in_every_process(tmp_path):
+    """A resume runs in a new process: what the fingerprint reads of the user's code (a set
+    among its constants, whose order follows the process's string hashing) must not differ."""
+    import json
+    import subprocess
+    import sys
+    (tmp_path / "usernet.py").write_text(USERNET)
+    (tmp_path / "userhelp.py").write_text(USERHELP)
+    code = ("import json, usernet; from gradscore.imports import code_fingerprint; "
+            "from gradscore.losses import resolve_loss; "
+            "print(json.dumps(code_fingerprint(usernet.make(), usernet.make, resolve_loss('cross_entropy').fn)))")
+    prints = [json.loads(subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, capture_output=True,
+                                        text=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout)
+              for seed in ("1", "2")]
+    assert prints[0] == prints[1] and "helpers" in prints[0]

@@ -33,7 +33,7 @@ def difference(old: dict | None, new: dict) -> str:
         return "the configuration"
     names = {"checkpoints_sha256": "the checkpoints", "data": "the data", "costate": "the co-states",
              "proxy": "the proxy set", "target": "the target set", "files": "the dynamics files",
-             "code": "the code (gradscore's version, the model's or the loss's)"}
+             "code": "the code (gradscore's version, the model's or the loss's, or code they call)"}
     found = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
