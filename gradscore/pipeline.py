@@ -27,7 +27,7 @@ from .io.store import HDF5ScoresWriter, ReusableRows, read_ids
 from .losses import resolve_loss
 from .scorer import Scorer
 from .scores import datadiet, registry
-from .scores.costate import CostateConfig, CostateFile, compute_costate
+from .scores.costate import CostateConfig, CostateFile, beside_checkpoints, compute_costate
 from .scores.registry import Window
 
 
@@ -247,11 +247,13 @@ def _costate(plan: _Plan, ranks: Ranks, progress: bool, overwrite: bool) -> Cost
         return None
     if ranks.main:
         try:
-            compute_costate(CostateConfig(
-                checkpoints=config.checkpoints, proxy=config.data, target=config.target,
-                batch_size=config.batch_size, dtype=config.dtype, device=config.device,
-                lr_scale_steps=config.lr_scale_steps, lm_reduction=config.lm_reduction, costates=plan.costates),
-                plan.costate_path, replace=overwrite, progress=progress)
+            with (beside_checkpoints(config.checkpoints, "--costate FILE") if config.costate is None
+                  else contextlib.nullcontext()):
+                compute_costate(CostateConfig(
+                    checkpoints=config.checkpoints, proxy=config.data, target=config.target,
+                    batch_size=config.batch_size, dtype=config.dtype, device=config.device,
+                    lr_scale_steps=config.lr_scale_steps, lm_reduction=config.lm_reduction, costates=plan.costates),
+                    plan.costate_path, replace=overwrite, progress=progress)
         except ConfigMismatchError as e:   # the co-state file's own fix, in run's options
             if e.differ is None:
                 raise

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -151,6 +152,55 @@ def test_an_unwritable_output_is_one_line(scored, tmp_path, capsys, monkeypatch)
                  ["export", str(scores), "--format", "csv", "--out", str(tmp_path / "ro" / "s.csv")]):
         code, err = _run(argv, capsys)
         assert code == 2 and len(err.splitlines()) == 1 and "Permission denied" in err, err
+
+
+def _read_only(folder: Path, monkeypatch) -> None:
+    """Nothing can be created in ``folder`` (simulated: the tests run as root, which no chmod
+    stops): os.open with O_CREAT, a temp file, a new directory."""
+    import tempfile
+    inside = str(folder.resolve())
+
+    def refused(path) -> bool:
+        return os.path.realpath(os.fspath(path)).startswith(inside)
+    real_open, real_mkstemp, real_mkdir = os.open, tempfile.mkstemp, os.mkdir
+
+    def os_open(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT and refused(path):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def mkstemp(*args, **kwargs):
+        if refused(kwargs.get("dir") or "."):
+            raise PermissionError(13, "Permission denied", os.fspath(kwargs.get("dir") or "."))
+        return real_mkstemp(*args, **kwargs)
+
+    def mkdir(path, *args, **kwargs):
+        if refused(path) and not os.path.isdir(path):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_mkdir(path, *args, **kwargs)
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(os, "mkdir", mkdir)
+
+
+@pytest.mark.parametrize("scores", ["target_dot", "pds"])
+def test_a_read_only_checkpoint_folder_asks_for_the_costate_file_elsewhere(tiny_run, tmp_path, capsys, monkeypatch,
+                                                                          scores):
+    """The target scores keep ∇J(θ_t) (and the co-states) in a file beside the checkpoints by
+    default. Where that folder is read-only (an archive, a colleague's run), the error said
+    "choose another output path" of an --out that was fine; the fix is --costate FILE."""
+    ckpts, data = tiny_run
+    out = tmp_path / "s.h5"
+    _read_only(ckpts, monkeypatch)
+    argv = ["run", "--checkpoints", str(ckpts), "--data", str(data), "--target", str(data), "--scores", scores,
+            "--out", str(out), "--quiet"]
+    code, err = _run(argv, capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert str(ckpts) in err and "Permission denied" in err and "--costate FILE" in err, err
+    assert not out.exists() and not Path(str(out) + ".partial").exists()
+    assert _run(argv + ["--costate", str(tmp_path / "costate.h5")], capsys)[0] == 0 and out.exists()
+    code, err = _run(["costate", "--checkpoints", str(ckpts), "--proxy", str(data), "--target", str(data)], capsys)
+    assert code == 2 and "--out FILE" in err and "Permission denied" in err, err
 
 
 def test_info_into_a_closed_pipe_prints_no_traceback(scored):

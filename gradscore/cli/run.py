@@ -1,6 +1,7 @@
 """``gradscore run`` and ``gradscore costate``: score a training run."""
 from __future__ import annotations
 
+import contextlib
 import argparse
 import os
 
@@ -137,12 +138,13 @@ def _add_costate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_costate(args: argparse.Namespace) -> int:
-    from ..scores.costate import CostateConfig, CostateFile, compute_costate
-    path = compute_costate(CostateConfig(args.checkpoints, args.proxy, args.target, batch_size=args.hvp_batch,
-                                         dtype=args.dtype, device=args.device,
-                                         lr_scale_steps=args.lr_scale_steps,
-                                         lm_reduction=args.lm_reduction),
-                           args.out, overwrite=args.overwrite, progress=not args.quiet)
+    from ..scores.costate import CostateConfig, CostateFile, beside_checkpoints, compute_costate
+    with beside_checkpoints(args.checkpoints, "--out FILE") if args.out is None else contextlib.nullcontext():
+        path = compute_costate(CostateConfig(args.checkpoints, args.proxy, args.target, batch_size=args.hvp_batch,
+                                             dtype=args.dtype, device=args.device,
+                                             lr_scale_steps=args.lr_scale_steps,
+                                             lm_reduction=args.lm_reduction),
+                               args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(f"co-states -> {path}")
     warn("costate", CostateFile(path).warnings)
     return 0

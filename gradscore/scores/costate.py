@@ -35,11 +35,14 @@ resumes and reproduces λ bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import h5py
 import numpy as np
@@ -53,7 +56,8 @@ from ..batch import Inputs, call_functional, move
 from ..engines.workarounds import torch_workarounds
 from ..config import DEVICES, DTYPES, LM_REDUCTIONS, resolve_device
 from ..io.datasets import Dataset, check_targets, load_dataset, probe_model
-from ..exceptions import CheckpointError, ConfigError, DataError, EngineError, GradscoreError, GradscoreWarning
+from ..exceptions import (CheckpointError, ConfigError, DataError, EngineError, GradscoreError, GradscoreWarning,
+                          OutputError)
 from ..losses import Loss, resolve_loss
 from ..io.outputs import claim, lock
 from ..io.journal import Journal
@@ -167,6 +171,23 @@ def _load_group(f: h5py.Group, name: str, device, dtype) -> Params | None:
     if name not in f:
         return None
     return {k: torch.as_tensor(f[name][k][()]).to(device=device, dtype=dtype) for k in f[name]}
+
+
+@contextlib.contextmanager
+def beside_checkpoints(checkpoints: str | os.PathLike, option: str) -> Iterator[None]:
+    """For a co-state file going to its default place, the ``checkpoints`` folder: an error
+    for want of the right to write there (a read-only folder, an archive) is one
+    :class:`OutputError` naming ``option``, the way to put the file elsewhere."""
+    try:
+        yield
+    except OSError as e:
+        folder = os.path.realpath(checkpoints)
+        where = os.path.realpath(os.fspath(e.filename)) if e.filename else ""
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or not (
+                where == folder or where.startswith(os.path.join(folder, ""))):
+            raise
+        raise OutputError(f"{checkpoints}: cannot write the co-state file there ({e.strerror}), where it goes "
+                          f"by default; pass {option} in a folder you can write") from None
 
 
 def compute_costate(config: CostateConfig, out: str | Path | None = None, *, overwrite: bool = False,
