@@ -1544,18 +1544,24 @@ def test_torch_layer_families_in_training_equal_the_loop(tmp_path, kind, batch_f
     check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[:3], y[:3]), dot_rtol=1e-8)
 
 
-def test_a_compiled_model_is_recorded_as_the_loop_and_trains_unchanged(tmp_path):
+@pytest.mark.parametrize("warm_up", [0, 2])
+def test_a_compiled_model_is_recorded_as_the_loop_and_trains_unchanged(tmp_path, warm_up):
     """A user's torch.compile'd model (AOTAutograd traces forward and backward): training
     with the recorder is bit-identical to the same compiled training without it, and every
-    record equals the loop at θ_t in float64."""
+    record equals the loop at θ_t in float64; also where the model was compiled and ran
+    before the recorder's hooks existed (``warm_up`` steps without it: a recorder started
+    late, or a callback added to a running training)."""
     x, y = _data()
 
     def fresh():
         torch.manual_seed(0)
         return mlp(d_in=10, hidden=12, n_classes=4, depth=2).double()
-    plain = _train(torch.compile(fresh(), backend="aot_eager"), x, y, steps=3, batch=8)
+    plain = torch.compile(fresh(), backend="aot_eager")
+    _train(plain, x, y, steps=warm_up, batch=8, seed=5)
+    _train(plain, x, y, steps=3, batch=8)
     model = fresh()
     compiled = torch.compile(model, backend="aot_eager")
+    _train(compiled, x, y, steps=warm_up, batch=8, seed=5)
     rec = gs.InRun(compiled, out=tmp_path / "r.h5", targets=(x[:6], y[:6]))
     snaps: list = []
     _train(compiled, x, y, steps=3, batch=8, rec=rec, snapshots=snaps)
