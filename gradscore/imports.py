@@ -1,6 +1,7 @@
 """Resolve ``"package.module:attr"`` references (model factories, losses, datasets)."""
 from __future__ import annotations
 
+import dis
 import functools
 import hashlib
 import importlib
@@ -103,19 +104,18 @@ def _installed_file(file: str) -> bool:
     return os.path.realpath(file).startswith(_installed_dirs())
 
 
-def _plain(value: Any, depth: int = 0) -> str | None:
-    """A text of plain data (numbers, strings, None and containers of them) that is the same
-    in every process (a set's and a dict's items sorted), else None."""
+def _constant(value: Any, depth: int = 0) -> str | None:
+    """A text of an immutable constant (a number, string, None, or a tuple or frozenset of
+    them) that is the same in every process (a frozenset's items sorted), else None: a list,
+    dict or set a module holds is as often a cache the code fills as a setting."""
     if isinstance(value, (bool, int, float, complex, str, bytes, type(None))):
         return repr(value)
-    if depth > 3 or not isinstance(value, (tuple, list, set, frozenset, dict)) or len(value) > 10_000:
+    if depth > 3 or not isinstance(value, (tuple, frozenset)) or len(value) > 10_000:
         return None
-    pairs = value.items() if isinstance(value, dict) else ((v,) for v in value)
-    parts = [[_plain(x, depth + 1) for x in pair] for pair in pairs]
-    if any(x is None for pair in parts for x in pair):
+    texts = [_constant(v, depth + 1) for v in value]
+    if any(t is None for t in texts):
         return None
-    texts = [": ".join(pair) for pair in parts]
-    return f"{type(value).__name__}({', '.join(texts if isinstance(value, (tuple, list)) else sorted(texts))})"
+    return f"{type(value).__name__}({', '.join(texts if isinstance(value, tuple) else sorted(texts))})"
 
 
 def _named(value: Any) -> str | None:
@@ -156,11 +156,15 @@ def _functions_of(obj: Any) -> list[Callable]:
 
 
 def _referenced(fn: types.FunctionType) -> Iterable[tuple[str, Any]]:
-    """(name, value) of what ``fn``'s code reads from its module, its closure and the user
-    modules it reads attributes of (``helpers.act``): names are all a code object keeps of them."""
-    names = {n for code in _code_objects(fn.__code__) for n in code.co_names}
+    """(name, value) of what ``fn``'s code reads from its module (save the names it rebinds),
+    its closure and the user modules it reads attributes of (``helpers.act``): names are all
+    a code object keeps of them."""
+    codes = list(_code_objects(fn.__code__))
+    names = {n for code in codes for n in code.co_names}
+    rebound = {i.argval for code in codes for i in dis.get_instructions(code)
+               if i.opname in ("STORE_GLOBAL", "DELETE_GLOBAL")}   # state (``global calls; calls += 1``)
     scope = fn.__globals__
-    for name in sorted(names):
+    for name in sorted(names - rebound):
         if name in scope:
             value = scope[name]
             yield f"{fn.__module__}.{name}", value
@@ -179,7 +183,7 @@ def user_code(roots: Iterable[Any]) -> dict[str, str]:
     """{name: source or value}: the user's code that ``roots`` (a factory, model classes, a
     loss) reach and that is not one of them: the functions and classes of the user's own
     modules their code reads (transitively) and the user-code classes they inherit from, by
-    source; and what such code reads from its module besides: plain constants (numbers,
+    source; and what such code reads from its module besides: immutable constants (numbers,
     strings, tuples …) by value, an installed package's function or class by name. The code
     of installed packages counts by its release, and attributes of ``self`` by their class."""
     roots = [r for r in roots if r is not None]
@@ -204,7 +208,7 @@ def user_code(roots: Iterable[Any]) -> dict[str, str]:
                     found[f"{value.__module__}.{value.__qualname__}"] = source_sha256([value])
                     reach(value)
             elif not isinstance(value, types.ModuleType) and _is_user_module(fn.__module__):
-                text = _named(value) if callable(value) else _plain(value)   # which library function; a constant
+                text = _named(value) if callable(value) else _constant(value)   # which library function; a constant
                 if text is not None:
                     found[key] = text
     return found

@@ -206,7 +206,7 @@ USERHELP = """import torch
 
 SCALE = 1.0
 GAIN = 1.0
-KINDS = {"tanh", "sin", "cos", "relu"}   # a set: its order differs between processes
+KINDS = frozenset({"tanh", "sin", "cos", "relu"})   # its order differs between processes
 squash = torch.tanh
 
 
@@ -291,8 +291,9 @@ def test_a_rerun_after_code_the_forward_calls_changed_is_not_taken_for_the_same(
 
 
 def test_the_code_fingerprint_is_the_same_in_every_process(tmp_path):
-    """A resume runs in a new process: what the fingerprint reads of the user's code (a set
-    among its constants, whose order follows the process's string hashing) must not differ."""
+    """A resume runs in a new process: what the fingerprint reads of the user's code (a
+    frozenset among its constants, whose order follows the process's string hashing) must
+    not differ."""
     import json
     import subprocess
     import sys
@@ -305,3 +306,24 @@ def test_the_code_fingerprint_is_the_same_in_every_process(tmp_path):
                                         text=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout)
               for seed in ("1", "2")]
     assert prints[0] == prints[1] and "helpers" in prints[0]
+
+
+def test_state_the_users_code_keeps_in_its_module_is_not_code(tmp_path, monkeypatch):
+    """A module global the forward rebinds (a call counter) or a list it fills (a cache) is
+    state, not code: a second run in the same process must find the file it wrote finished."""
+    import sys
+    (tmp_path / "usernet.py").write_text(USERNET.replace("def _local(h):\n    return h", (
+        "CALLS = 0\nSEEN = []\n\n\ndef _local(h):\n    global CALLS\n    CALLS += 1\n"
+        "    SEEN.append(h.shape[0])\n    return h")))
+    (tmp_path / "userhelp.py").write_text(USERHELP)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("usernet", "userhelp"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    import usernet
+    with gs.CheckpointWriter(tmp_path / "ckpts", model_factory="usernet:make") as w:
+        w.save(usernet.make(), step=0, lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    data = gs.save_dataset(tmp_path / "d.h5", torch.randn(10, 12, generator=g).numpy(), np.arange(10) % 4)
+    out = gs.score(tmp_path / "ckpts", data, out=tmp_path / "s.h5", progress=False)
+    assert usernet.CALLS > 0 and usernet.SEEN
+    assert gs.score(tmp_path / "ckpts", data, out=out, progress=False) == out
