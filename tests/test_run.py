@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -258,14 +259,10 @@ FORWARD_EDITS = {
 }
 
 
-@pytest.mark.parametrize("edit", [*FORWARD_EDITS, "unused code"])
-def test_a_rerun_after_code_the_forward_calls_changed_is_not_taken_for_the_same(tmp_path, monkeypatch, edit):
-    """The code fingerprint read the source of the model's own classes alone: after the user
-    edited a helper function their forward calls (beside it or in another file), a method it
-    inherits, or a constant it reads, a rerun took the old numbers for the new code's. An edit
-    of code the model never runs changes nothing."""
+def _user_code_run(tmp_path: Path, monkeypatch, files: dict[str, str]) -> tuple[Path, Path]:
+    """The user's model code ``files`` ({name: text}, as :data:`USERNET` and :data:`USERHELP`)
+    written and imported fresh, one checkpoint of ``usernet:make`` and a dataset: (ckpts, data)."""
     import sys
-    files = {"usernet.py": USERNET, "userhelp.py": USERHELP}
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -276,18 +273,29 @@ def test_a_rerun_after_code_the_forward_calls_changed_is_not_taken_for_the_same(
         w.save(usernet.make(), step=0, lr=0.1)
     g = torch.Generator().manual_seed(0)
     data = gs.save_dataset(tmp_path / "d.h5", torch.randn(10, 12, generator=g).numpy(), np.arange(10) % 4)
-    out = tmp_path / "s.h5"
-    gs.score(tmp_path / "ckpts", data, out=out, progress=False)
+    return tmp_path / "ckpts", data
+
+
+@pytest.mark.parametrize("edit", [*FORWARD_EDITS, "unused code"])
+def test_a_rerun_after_code_the_forward_calls_changed_is_not_taken_for_the_same(tmp_path, monkeypatch, edit):
+    """The code fingerprint read the source of the model's own classes alone: after the user
+    edited a helper function their forward calls (beside it or in another file), a method it
+    inherits, or a constant it reads, a rerun took the old numbers for the new code's. An edit
+    of code the model never runs changes nothing."""
+    import sys
+    files = {"usernet.py": USERNET, "userhelp.py": USERHELP}
+    ckpts, data = _user_code_run(tmp_path, monkeypatch, files)
+    out = gs.score(ckpts, data, out=tmp_path / "s.h5", progress=False)
     name, old, new = FORWARD_EDITS.get(edit, ("usernet.py", "return 1", "return 2"))
     assert old in files[name]
     (tmp_path / name).write_text(files[name].replace(old, new))
     for module in ("usernet", "userhelp"):   # the user's next process
         monkeypatch.delitem(sys.modules, module)
     if edit == "unused code":
-        assert gs.score(tmp_path / "ckpts", data, out=out, progress=False) == out   # kept
+        assert gs.score(ckpts, data, out=out, progress=False) == out   # kept
         return
     with pytest.raises(gs.ConfigMismatchError, match=r"the code .* differ"):
-        gs.score(tmp_path / "ckpts", data, out=out, progress=False)
+        gs.score(ckpts, data, out=out, progress=False)
 
 
 def test_the_code_fingerprint_is_the_same_in_every_process(tmp_path):
@@ -311,19 +319,11 @@ def test_the_code_fingerprint_is_the_same_in_every_process(tmp_path):
 def test_state_the_users_code_keeps_in_its_module_is_not_code(tmp_path, monkeypatch):
     """A module global the forward rebinds (a call counter) or a list it fills (a cache) is
     state, not code: a second run in the same process must find the file it wrote finished."""
-    import sys
-    (tmp_path / "usernet.py").write_text(USERNET.replace("def _local(h):\n    return h", (
+    counting = USERNET.replace("def _local(h):\n    return h", (
         "CALLS = 0\nSEEN = []\n\n\ndef _local(h):\n    global CALLS\n    CALLS += 1\n"
-        "    SEEN.append(h.shape[0])\n    return h")))
-    (tmp_path / "userhelp.py").write_text(USERHELP)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    for name in ("usernet", "userhelp"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
+        "    SEEN.append(h.shape[0])\n    return h"))
+    ckpts, data = _user_code_run(tmp_path, monkeypatch, {"usernet.py": counting, "userhelp.py": USERHELP})
     import usernet
-    with gs.CheckpointWriter(tmp_path / "ckpts", model_factory="usernet:make") as w:
-        w.save(usernet.make(), step=0, lr=0.1)
-    g = torch.Generator().manual_seed(0)
-    data = gs.save_dataset(tmp_path / "d.h5", torch.randn(10, 12, generator=g).numpy(), np.arange(10) % 4)
-    out = gs.score(tmp_path / "ckpts", data, out=tmp_path / "s.h5", progress=False)
+    out = gs.score(ckpts, data, out=tmp_path / "s.h5", progress=False)
     assert usernet.CALLS > 0 and usernet.SEEN
-    assert gs.score(tmp_path / "ckpts", data, out=out, progress=False) == out
+    assert gs.score(ckpts, data, out=out, progress=False) == out
