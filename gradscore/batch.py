@@ -68,6 +68,15 @@ def check_batch(x: Inputs, y: torch.Tensor) -> None:
                             f"model itself, not in the batch")
 
 
+def hash_batch(h: Any, x: Inputs, y: torch.Tensor) -> None:
+    """Feed a batch to the hashlib object ``h``: each input (a dict's values in order), then
+    the targets, as dtype, shape and bytes."""
+    for t in [*(x.values() if isinstance(x, Mapping) else [x]), y]:
+        t = torch.as_tensor(t).detach().cpu().contiguous()
+        h.update(f"{t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
 def describe(x: Inputs) -> str:
     """Per-example shapes and dtypes, for error messages."""
     if isinstance(x, Mapping):

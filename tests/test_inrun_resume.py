@@ -187,6 +187,11 @@ def test_resuming_what_cannot_be_continued_is_one_clear_error(tmp_path):
     other = torch.nn.Sequential(torch.nn.Linear(10, 4)).double()
     with pytest.raises(gs.ConfigMismatchError, match=r"other settings \(parameters differ\)"):
         gs.InRun(other, out=out, targets=TARGETS, resume=True)
+    # another target set of the same size (inrun_value would add up dots with two targets), or its
+    # values in another dtype: the same count, other numbers
+    for targets in [(X[6:12], Y[6:12]), (X[:6].float(), Y[:6]), (X[:6], (Y[:6] + 1) % 4)]:
+        with pytest.raises(gs.ConfigMismatchError, match=r"other settings \(the target set differ\)"):
+            gs.InRun(training.model, out=out, targets=targets, flush_every=0, resume=True)
     rec = _recorder(training, out, resume=True)
     with pytest.raises(gs.ConfigError, match="invalid value for 'step': this recording continues an earlier one"):
         rec.step(range(8), Y[:8])

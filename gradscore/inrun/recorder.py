@@ -54,6 +54,7 @@ Records stay on the device until a flush (every ``flush_every`` seconds, and at
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import shutil
 import time
@@ -68,7 +69,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..batch import Inputs, batch_len, call_model, check_batch, move, output_tensor
+from ..batch import Inputs, batch_len, call_model, check_batch, hash_batch, move, output_tensor
 from ..engines.ghost import GhostEngine, probe
 from ..engines.workarounds import torch_workarounds, wrong_in_torch
 from ..engines.rules.registry import FactoredRef
@@ -214,6 +215,17 @@ def _checked_targets(targets: Any) -> list[tuple[Inputs, torch.Tensor]]:
         raise ConfigError("invalid value for 'targets': no examples; give at least one target example, or leave "
                           "targets out")
     return out
+
+
+def _targets_sha256(targets: list[tuple[Inputs, torch.Tensor]] | None) -> str | None:
+    """SHA-256 of the target batches (their values, dtypes and shapes): a resumed recording
+    needs the same ∇J, not only as many target examples."""
+    if targets is None:
+        return None
+    h = hashlib.sha256()
+    for x, y in targets:
+        hash_batch(h, x, y)
+    return h.hexdigest()
 
 
 class _ModelEdits:
@@ -390,7 +402,7 @@ class InRun:
         self.data_parallel = (data_parallel if data_parallel is not None else
                               self.world if isinstance(model, nn.parallel.DistributedDataParallel) else 1)
         self.fingerprint = {"inrun": type(model).__name__, "parameters": names, "config": self.config.to_dict(),
-                            "recording": _recording_id()}
+                            "target": _targets_sha256(targets), "recording": _recording_id()}
         failed, continued = None, None
         if self.rank == 0:
             try:

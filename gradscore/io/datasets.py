@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic import atomic_path
-from ..batch import Inputs, call_model, concat, describe, move, take
+from ..batch import Inputs, call_model, concat, describe, hash_batch, move, take
 from ..exceptions import DataError
 from ..losses import IGNORE_INDEX, Loss
 from ..imports import import_ref
@@ -78,10 +78,7 @@ class Dataset(ABC):
         with tqdm(total=len(self), desc="fingerprint", unit="ex", leave=False,
                   disable=None if progress else True) as bar:
             for start, x, y in self.chunks(1024):
-                for t in [*(x.values() if isinstance(x, Mapping) else [x]), y]:
-                    t = t.detach().cpu().contiguous()
-                    h.update(f"{t.dtype} {tuple(t.shape)}".encode())
-                    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+                hash_batch(h, x, y)
                 bar.update(len(y))
         return {"source": self.source, "n": len(self), "sha256": h.hexdigest()}
 
