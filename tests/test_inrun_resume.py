@@ -192,6 +192,9 @@ def test_resuming_what_cannot_be_continued_is_one_clear_error(tmp_path):
     for targets in [(X[6:12], Y[6:12]), (X[:6].float(), Y[:6]), (X[:6], (Y[:6] + 1) % 4)]:
         with pytest.raises(gs.ConfigMismatchError, match=r"other settings \(the target set differ\)"):
             gs.InRun(training.model, out=out, targets=targets, flush_every=0, resume=True)
+    # the same examples from a shuffled loader: the same ∇J
+    gs.InRun(training.model, out=out, targets=iter([(X[3:6], Y[3:6]), (X[[2, 0, 1]], Y[[2, 0, 1]])]),
+             resume=True)
     rec = _recorder(training, out, resume=True)
     with pytest.raises(gs.ConfigError, match="invalid value for 'step': this recording continues an earlier one"):
         rec.step(range(8), Y[:8])

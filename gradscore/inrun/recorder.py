@@ -69,7 +69,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..batch import Inputs, batch_len, call_model, check_batch, hash_batch, move, output_tensor
+from ..batch import Inputs, batch_len, call_model, check_batch, hash_batch, move, output_tensor, take
 from ..engines.ghost import GhostEngine, probe
 from ..engines.workarounds import torch_workarounds, wrong_in_torch
 from ..engines.rules.registry import FactoredRef
@@ -218,14 +218,18 @@ def _checked_targets(targets: Any) -> list[tuple[Inputs, torch.Tensor]]:
 
 
 def _targets_sha256(targets: list[tuple[Inputs, torch.Tensor]] | None) -> str | None:
-    """SHA-256 of the target batches (their values, dtypes and shapes): a resumed recording
-    needs the same ∇J, not only as many target examples."""
+    """SHA-256 of the target examples (their values, dtypes and shapes) in any order and
+    batching (a shuffled loader's): a resumed recording needs the same ∇J, not only as many
+    target examples."""
     if targets is None:
         return None
-    h = hashlib.sha256()
+    digests = []
     for x, y in targets:
-        hash_batch(h, x, y)
-    return h.hexdigest()
+        for i in range(len(y)):
+            h = hashlib.sha256()
+            hash_batch(h, take(x, i, i + 1), y[i:i + 1])
+            digests.append(h.digest())
+    return hashlib.sha256(b"".join(sorted(digests))).hexdigest()
 
 
 class _ModelEdits:
