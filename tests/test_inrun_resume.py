@@ -185,8 +185,10 @@ def test_resuming_what_cannot_be_continued_is_one_clear_error(tmp_path):
     with pytest.raises(gs.ConfigMismatchError, match=r"other settings \(every \(1 before, 2 now\) differ\)"):
         _recorder(training, out, resume=True, every=2)
     other = torch.nn.Sequential(torch.nn.Linear(10, 4)).double()
-    with pytest.raises(gs.ConfigMismatchError, match=r"other settings \(parameters differ\)"):
-        gs.InRun(other, out=out, targets=TARGETS, resume=True)
+    wider = mlp(d_in=10, hidden=16, n_classes=4, depth=1).double()   # the same parameter names
+    for model in (other, wider):
+        with pytest.raises(gs.ConfigMismatchError, match=r"other settings \(parameters differ\)"):
+            gs.InRun(model, out=out, targets=TARGETS, resume=True)
     # another target set of the same size (inrun_value would add up dots with two targets), or its
     # values in another dtype: the same count, other numbers
     for targets in [(X[6:12], Y[6:12]), (X[:6].float(), Y[:6]), (X[:6], (Y[:6] + 1) % 4)]:
