@@ -203,6 +203,28 @@ def test_a_read_only_checkpoint_folder_asks_for_the_costate_file_elsewhere(tiny_
     assert code == 2 and "--out FILE" in err and "Permission denied" in err, err
 
 
+def test_a_finished_costate_file_in_a_read_only_folder_is_read_as_it_is(tiny_run, tmp_path, capsys, monkeypatch):
+    """A co-state file made before, beside checkpoints that are read-only now (an archived
+    run): a run only reads it, but took the file's write lock first, which the folder
+    refused, and asked for the co-states to be computed again elsewhere."""
+    import gradscore as gs
+    ckpts, data = tiny_run
+    argv = ["run", "--checkpoints", str(ckpts), "--data", str(data), "--target", str(data), "--scores", "pds",
+            "--quiet", "--out"]
+    assert _run(argv + [str(tmp_path / "before.h5")], capsys)[0] == 0 and (ckpts / "costate.h5").exists()
+    _read_only(ckpts, monkeypatch)
+    code, err = _run(argv + [str(tmp_path / "after.h5")], capsys)
+    assert code == 0, err
+    before, after = gs.load_scores(tmp_path / "before.h5"), gs.load_scores(tmp_path / "after.h5")
+    np.testing.assert_array_equal(before["scores"]["pds"], after["scores"]["pds"])
+    code, err = _run(["costate", "--checkpoints", str(ckpts), "--proxy", str(data), "--target", str(data),
+                      "--quiet"], capsys)
+    assert code == 0, err
+    # other settings would need a new file: that is the folder's refusal, with the way out
+    code, err = _run(argv + [str(tmp_path / "other.h5"), "--lr-scale-steps"], capsys)
+    assert code == 2 and "--costate FILE" in err, err
+
+
 def test_info_into_a_closed_pipe_prints_no_traceback(scored):
     """`gradscore info … | head`: the reader is gone before gradscore writes."""
     _, _, scores = scored

@@ -60,7 +60,7 @@ from ..exceptions import (CheckpointError, ConfigError, DataError, EngineError, 
                           OutputError)
 from ..losses import Loss, resolve_loss
 from ..io.outputs import claim, lock
-from ..io.journal import Journal
+from ..io.journal import Journal, read_fingerprint
 
 Params = dict[str, torch.Tensor]
 
@@ -173,6 +173,10 @@ def _load_group(f: h5py.Group, name: str, device, dtype) -> Params | None:
     return {k: torch.as_tensor(f[name][k][()]).to(device=device, dtype=dtype) for k in f[name]}
 
 
+#: errors for want of the right to write a folder (a read-only one, a read-only file system)
+_CANNOT_WRITE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
 @contextlib.contextmanager
 def beside_checkpoints(checkpoints: str | os.PathLike, option: str) -> Iterator[None]:
     """For a co-state file going to its default place, the ``checkpoints`` folder: an error
@@ -183,7 +187,7 @@ def beside_checkpoints(checkpoints: str | os.PathLike, option: str) -> Iterator[
     except OSError as e:
         folder = os.path.realpath(checkpoints)
         where = os.path.realpath(os.fspath(e.filename)) if e.filename else ""
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or not (
+        if e.errno not in _CANNOT_WRITE or not (
                 where == folder or where.startswith(os.path.join(folder, ""))):
             raise
         raise OutputError(f"{checkpoints}: cannot write the co-state file there ({e.strerror}), where it goes "
@@ -203,30 +207,49 @@ def compute_costate(config: CostateConfig, out: str | Path | None = None, *, ove
                 overwrite=overwrite, resumable=True,
                 inputs={"the proxy set": [config.proxy], "the target set": [config.target],
                         "a checkpoint": [info.path for info in ckpts.infos]})
-    with lock(out):   # one writer per co-state file
-        return _compute(config, out, ckpts, overwrite, replace, progress)
+    try:
+        with lock(out):   # one writer per co-state file
+            return _compute(config, out, ckpts, overwrite, replace, progress)
+    except OSError as e:
+        # a folder this process may not write (an archived run) refuses the lock: a finished
+        # file with these settings is only read, which needs none
+        if e.errno not in _CANNOT_WRITE or overwrite or not out.exists():
+            raise
+        if read_fingerprint(out) != _Inputs(config, ckpts, progress).fingerprint:
+            raise
+        return out
+
+
+class _Inputs:
+    """What a co-state file is computed from: the proxy and target sets (a sketch file as
+    target), the last checkpoint's model, the loss and η_t; and the file's fingerprint."""
+
+    def __init__(self, config: CostateConfig, ckpts: CheckpointStore, progress: bool) -> None:
+        from ..io.outputs import is_sketch_file
+        from ..sketches.store import SketchTarget
+        self.sketched = is_sketch_file(Path(config.target))
+        self.proxy = load_dataset(config.proxy) if config.costates else None   # only the Hessian products read it
+        self.target = (SketchTarget(config.target, ckpts.checksums(), config.checkpoints) if self.sketched
+                       else load_dataset(config.target))
+        for ds, role in [(self.proxy, config.proxy), (None if self.sketched else self.target, config.target)]:
+            if ds is not None and len(ds) == 0:
+                raise DataError(f"{role}: has no examples; the co-states need a non-empty proxy and target set")
+        self.device, self.dtype = resolve_device(config.device), getattr(torch, config.dtype)
+        self.eta = step_sizes(ckpts, config.lr_scale_steps)
+        self.last = ckpts.build_model(len(ckpts) - 1, dtype=self.dtype, device=self.device)
+        self.loss = resolve_loss(ckpts.loss, config.lm_reduction)
+        self.fingerprint = {"config": _fingerprinted(config), "checkpoints_sha256": ckpts.checksums(),
+                            "proxy": self.proxy and self.proxy.fingerprint(progress),
+                            "target": self.target.fingerprint(progress), "code": ckpts.code(self.loss.fn, self.last)}
 
 
 def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite: bool, replace: bool,
              progress: bool) -> Path:
     """:func:`compute_costate` once ``out`` is claimed and locked."""
-    from ..io.outputs import is_sketch_file
-    from ..sketches.store import SketchTarget
-    sketched = is_sketch_file(Path(config.target))
-    proxy = load_dataset(config.proxy) if config.costates else None   # only the Hessian products read it
-    target = (SketchTarget(config.target, ckpts.checksums(), config.checkpoints) if sketched
-              else load_dataset(config.target))
-    for ds, role in [(proxy, config.proxy), (None if sketched else target, config.target)]:
-        if ds is not None and len(ds) == 0:
-            raise DataError(f"{role}: has no examples; the co-states need a non-empty proxy and target set")
-    device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
-    eta = step_sizes(ckpts, config.lr_scale_steps)
+    inputs = _Inputs(config, ckpts, progress)
+    sketched, proxy, target, last, loss = inputs.sketched, inputs.proxy, inputs.target, inputs.last, inputs.loss
+    device, dtype, eta, fingerprint = inputs.device, inputs.dtype, inputs.eta, inputs.fingerprint
     T = len(ckpts) - 1
-    last = ckpts.build_model(T, dtype=dtype, device=device)
-    loss = resolve_loss(ckpts.loss, config.lm_reduction)
-    fingerprint = {"config": _fingerprinted(config), "checkpoints_sha256": ckpts.checksums(),
-                   "proxy": proxy and proxy.fingerprint(progress), "target": target.fingerprint(progress),
-                   "code": ckpts.code(loss.fn, last)}
     if not sketched:   # bad input fails before anything is written
         _check_fits(last, target, "target", ckpts[T].path, loss)
     if proxy is not None:
