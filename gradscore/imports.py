@@ -60,8 +60,8 @@ def code_fingerprint(model: Any, factory: Callable, loss_fn: Callable) -> dict[s
     the model's factory, structure (its modules' repr: an ``nn.Sequential`` of torch layers
     has no class of its own) and the source of its own module classes (those not from
     torch: an edited forward counts); the loss function's source; and, where that code
-    calls any, the user's code it reaches (:func:`user_code`: an edited helper counts). A
-    resumed or reused output needs the same."""
+    calls any, the user's code it reaches (:func:`user_code`: an edited helper counts),
+    each by name, so that a refusal can say which. A resumed or reused output needs the same."""
     classes = {type(m) for m in model.modules() if not type(m).__module__.startswith("torch.")}
     ordered = sorted(classes, key=lambda c: (c.__module__, c.__qualname__))
     structure = hashlib.sha256(repr(model).encode()).hexdigest()
@@ -69,10 +69,7 @@ def code_fingerprint(model: Any, factory: Callable, loss_fn: Callable) -> dict[s
             "loss": source_sha256([loss_fn])}
     reached = user_code([factory, *ordered, loss_fn])
     if reached:   # absent where there is none: such a fingerprint is what it was before helpers counted
-        h = hashlib.sha256()
-        for key in sorted(reached):
-            h.update(f"{key}\0{reached[key]}\0".encode())
-        code["helpers"] = h.hexdigest()
+        code["helpers"] = {key: hashlib.sha256(reached[key].encode()).hexdigest()[:16] for key in sorted(reached)}
     return code
 
 

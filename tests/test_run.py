@@ -248,14 +248,18 @@ def make():
     torch.manual_seed(0)
     return Net()
 """
-#: (file, text, replacement): a user's edit of code the model's forward runs
+#: (file, text, replacement, the name a refusal gives): a user's edit of code the model's forward runs
 FORWARD_EDITS = {
-    "a helper beside the model": ("usernet.py", "    return h\n\n\ndef unused", "    return 2 * h\n\n\ndef unused"),
-    "a helper imported from another file": ("userhelp.py", "squash(x) * SCALE", "squash(x) * SCALE + 1"),
-    "a library function bound to a name": ("userhelp.py", "squash = torch.tanh", "squash = torch.sin"),
-    "an inherited method": ("usernet.py", "def mix(self, h):\n        return h", "def mix(self, h):\n        return h + 1"),
-    "a constant read through its module": ("userhelp.py", "GAIN = 1.0", "GAIN = 2.0"),
-    "a constant a helper reads": ("userhelp.py", "SCALE = 1.0", "SCALE = 0.5"),
+    "a helper beside the model": ("usernet.py", "    return h\n\n\ndef unused", "    return 2 * h\n\n\ndef unused",
+                                  "usernet._local"),
+    "a helper imported from another file": ("userhelp.py", "squash(x) * SCALE", "squash(x) * SCALE + 1",
+                                            "userhelp.act"),
+    "a library function bound to a name": ("userhelp.py", "squash = torch.tanh", "squash = torch.sin",
+                                           "userhelp.squash"),
+    "an inherited method": ("usernet.py", "def mix(self, h):\n        return h", "def mix(self, h):\n        return h + 1",
+                            "usernet.Base"),
+    "a constant read through its module": ("userhelp.py", "GAIN = 1.0", "GAIN = 2.0", "userhelp.GAIN"),
+    "a constant a helper reads": ("userhelp.py", "SCALE = 1.0", "SCALE = 0.5", "userhelp.SCALE"),
 }
 
 
@@ -286,7 +290,7 @@ def test_a_rerun_after_code_the_forward_calls_changed_is_not_taken_for_the_same(
     files = {"usernet.py": USERNET, "userhelp.py": USERHELP}
     ckpts, data = _user_code_run(tmp_path, monkeypatch, files)
     out = gs.score(ckpts, data, out=tmp_path / "s.h5", progress=False)
-    name, old, new = FORWARD_EDITS.get(edit, ("usernet.py", "return 1", "return 2"))
+    name, old, new, named = FORWARD_EDITS.get(edit, ("usernet.py", "return 1", "return 2", None))
     assert old in files[name]
     (tmp_path / name).write_text(files[name].replace(old, new))
     for module in ("usernet", "userhelp"):   # the user's next process
@@ -294,7 +298,7 @@ def test_a_rerun_after_code_the_forward_calls_changed_is_not_taken_for_the_same(
     if edit == "unused code":
         assert gs.score(ckpts, data, out=out, progress=False) == out   # kept
         return
-    with pytest.raises(gs.ConfigMismatchError, match=r"the code .* differ"):
+    with pytest.raises(gs.ConfigMismatchError, match=rf"the code \(code they call: {named}\) differ"):
         gs.score(ckpts, data, out=out, progress=False)
 
 

@@ -32,8 +32,7 @@ def difference(old: dict | None, new: dict) -> str:
     if not isinstance(old, dict):
         return "the configuration"
     names = {"checkpoints_sha256": "the checkpoints", "data": "the data", "costate": "the co-states",
-             "proxy": "the proxy set", "target": "the target set", "files": "the dynamics files",
-             "code": "the code (gradscore's version, the model's or the loss's, or code they call)"}
+             "proxy": "the proxy set", "target": "the target set", "files": "the dynamics files"}
     found = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
@@ -42,9 +41,31 @@ def difference(old: dict | None, new: dict) -> str:
         if key == "config" and isinstance(a, dict) and isinstance(b, dict):
             found += [f"{f} ({a.get(f)!r} before, {b.get(f)!r} now)" for f in sorted(set(a) | set(b))
                       if a.get(f) != b.get(f)]
+        elif key == "code":
+            found.append(_code_difference(a if isinstance(a, dict) else {}, b if isinstance(b, dict) else {}))
         else:
             found.append(names.get(key, key))
     return ", ".join(found) or "the configuration"
+
+
+def _code_difference(a: dict, b: dict) -> str:
+    """Which part of two code fingerprints (:func:`gradscore.imports.code_fingerprint`)
+    differs: gradscore's version, the model's code, the loss's, or by name the user's code
+    they call."""
+    parts = []
+    if a.get("gradscore") != b.get("gradscore"):
+        parts.append(f"gradscore {a.get('gradscore')} before, {b.get('gradscore')} now")
+    if a.get("model") != b.get("model"):
+        parts.append("the model's factory, classes or structure")
+    if a.get("loss") != b.get("loss"):
+        parts.append("the loss function")
+    ha, hb = a.get("helpers") or {}, b.get("helpers") or {}
+    ha, hb = (ha if isinstance(ha, dict) else {}), (hb if isinstance(hb, dict) else {})
+    changed = sorted(k for k in set(ha) | set(hb) if ha.get(k) != hb.get(k))
+    if changed:
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        parts.append(f"code they call: {', '.join(changed[:5])}{more}")
+    return f"the code ({'; '.join(parts) or 'the model or the loss'})"
 
 
 class Journal:
