@@ -117,7 +117,10 @@ def _constant(value: Any, depth: int = 0) -> str | None:
 
 def _named(value: Any) -> str | None:
     """'module.qualname' of an installed package's function or class (``act = F.gelu``), else None."""
-    module, name = getattr(value, "__module__", None), getattr(value, "__qualname__", None)
+    try:
+        module, name = getattr(value, "__module__", None), getattr(value, "__qualname__", None)
+    except Exception:  # noqa: BLE001 - a proxy object's __getattr__ may raise anything
+        return None
     return f"{module}.{name}" if isinstance(module, str) and isinstance(name, str) else None
 
 
