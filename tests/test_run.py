@@ -331,3 +331,24 @@ def test_state_the_users_code_keeps_in_its_module_is_not_code(tmp_path, monkeypa
     out = gs.score(ckpts, data, out=tmp_path / "s.h5", progress=False)
     assert usernet.CALLS > 0 and usernet.SEEN
     assert gs.score(ckpts, data, out=out, progress=False) == out
+
+
+def test_what_the_fingerprint_reads_of_a_modules_globals(tmp_path, monkeypatch):
+    """Immutable constants by value, library functions by name; state (a list, a set, a
+    rebound global), callable objects and a proxy whose attributes raise are left out."""
+    import sys
+    from gradscore.imports import user_code
+    (tmp_path / "userglobals.py").write_text(
+        "import torch\n\nRATE = 0.5\nSIZES = (1, 2)\nKINDS = frozenset({'a', 'b'})\nCACHE = []\nSEEN = {1}\n"
+        "act = torch.tanh\nCOUNT = 0\n\n\nclass Proxy:\n    def __getattr__(self, name):\n"
+        "        raise RuntimeError(name)\n\n    def __call__(self, x):\n        return x\n\n\nP = Proxy()\n\n\n"
+        "def forward(x):\n    global COUNT\n    COUNT += 1\n    CACHE.append(1)\n"
+        "    return P(act(x)) * RATE + SIZES[0] + len(KINDS) + len(SEEN) + COUNT\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "userglobals", raising=False)
+    import userglobals
+    found = user_code([userglobals.forward])
+    act = found.pop("userglobals.act")
+    assert act.startswith("torch.") and act.endswith(".tanh")
+    assert found == {"userglobals.RATE": "0.5", "userglobals.SIZES": "tuple(1, 2)",
+                     "userglobals.KINDS": "frozenset('a', 'b')"}
