@@ -405,10 +405,10 @@ class InRun:
         # DDP averages the ranks' gradients: an example's share of the update is its share of its rank's loss / W
         self.data_parallel = (data_parallel if data_parallel is not None else
                               self.world if isinstance(model, nn.parallel.DistributedDataParallel) else 1)
-        shapes = {n: list(p.shape) for n, p in self.params.items()}   # a resize keeps the names
-        self.fingerprint = {"inrun": type(model).__name__, "parameters": [[n, shapes[n]] for n in names],
-                            "config": self.config.to_dict(),
-                            "target": _targets_sha256(targets), "recording": _recording_id()}
+        self.fingerprint = {"inrun": type(model).__name__,   # shapes too: a resize keeps the names
+                            "parameters": [[n, list(self.params[n].shape)] for n in names],
+                            "config": self.config.to_dict(), "target": _targets_sha256(targets),
+                            "recording": _recording_id()}
         failed, continued = None, None
         if self.rank == 0:
             try:
