@@ -60,6 +60,7 @@ from torch import nn
 from gradscore._version import __version__
 from gradscore.batch import Inputs, call_model, take
 from gradscore.exceptions import GradscoreError
+from gradscore.engines.workarounds import torch_workarounds
 from gradscore.io.atomic import atomic_path
 from gradscore.io.outputs import claim
 from gradscore.losses import resolve_loss
@@ -181,8 +182,9 @@ def _methods(model: nn.Module, x: Inputs, y: torch.Tensor, V: torch.Tensor, loss
 
     # each method frees what it made (gradients, grad samples) before it returns, so that
     # a call starts from the same memory as any other and its peak counts them
-    def plain():
-        loss_fn(call_model(model, x), y).sum().backward()
+    def plain():   # under the engines' workarounds: in eval mode on CUDA, cuDNN's RNN backward refuses to run
+        with torch_workarounds():
+            loss_fn(call_model(model, x), y).sum().backward()
         model.zero_grad(set_to_none=True)
 
     def with_kernels(name: str, fn: Callable[[], object]) -> Callable[[], object]:

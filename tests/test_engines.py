@@ -334,3 +334,30 @@ def test_the_norm_workarounds_leave_torch_as_they_found_it(monkeypatch):
         torch.nn.functional.group_norm(x, 3)
     assert (torch.instance_norm, torch.group_norm) == (users_instance_norm, users_group_norm)
     assert calls == ["instance", "group"]
+
+
+def test_recurrent_layers_run_without_cudnn_only_inside_the_workarounds(monkeypatch):
+    """cuDNN's RNN backward refuses a module in eval mode, which scoring uses: on CUDA every
+    engine failed on an LSTM (tests/test_cuda.py holds the engines equal there). Inside the
+    workarounds, torch._VF's recurrent kernels run with cuDNN off for CUDA inputs, and are
+    torch's own again after the last block; on CPU they compute the same values."""
+    from gradscore.engines import workarounds
+    from gradscore.engines.workarounds import torch_workarounds
+    kernels = {name: getattr(torch._VF, name) for name in workarounds._RNN_KERNELS}
+    torch.manual_seed(0)
+    rnn, x = torch.nn.LSTM(4, 5, batch_first=True), torch.randn(2, 3, 4)
+    want = rnn(x)[0]
+    monkeypatch.setattr(torch.backends.cudnn, "enabled", True)
+    with torch_workarounds():
+        with torch_workarounds():
+            assert all(getattr(torch._VF, n) is not k for n, k in kernels.items())
+            assert torch.equal(rnn(x)[0], want)
+        assert all(getattr(torch._VF, n) is not k for n, k in kernels.items())   # the outer block still open
+    assert all(getattr(torch._VF, n) is k for n, k in kernels.items()) and "lstm" not in vars(torch._VF)
+    # a CUDA input (faked): the kernel runs with cuDNN off, and cuDNN is on again after it; a CPU one as is
+    seen = []
+    kernel = workarounds._without_cudnn(lambda *a, **k: seen.append(torch.backends.cudnn.enabled))
+    cuda_like = type("Cuda", (torch.Tensor,), {"is_cuda": property(lambda self: True)})
+    kernel(torch.zeros(1).as_subclass(cuda_like))
+    kernel(torch.zeros(1))
+    assert seen == [False, True] and torch.backends.cudnn.enabled

@@ -15,6 +15,12 @@ where the training step of the in-run recorder meets one; only while a ``with`` 
   reads a row-major copy of any CPU input with other strides: the same values, so the
   same function.
 
+- cuDNN's RNN backward refuses a module in eval mode ("cudnn RNN backward can only be
+  called in training mode"), and scoring runs the model in eval mode: on CUDA every engine
+  failed on an LSTM, GRU or RNN. Their forwards (``torch._VF.lstm`` / ``gru`` /
+  ``rnn_tanh`` / ``rnn_relu``) run with cuDNN off on CUDA inputs, torch's own kernels,
+  whose backward has no such limit; other layers keep cuDNN.
+
 Both norms reach torch through ``torch.instance_norm`` and ``torch.group_norm``, whether a
 model holds ``nn.InstanceNorm2d`` / ``nn.GroupNorm`` layers or calls ``F.instance_norm`` /
 ``F.group_norm`` in its forward (style transfer's AdaIN, diffusion U-Nets). While a block
@@ -99,6 +105,25 @@ def _instance_norm(*args, **kwargs):
     return out
 
 
+#: the recurrent layers' kernels, as ``nn.RNNBase`` calls them (``torch._VF.<name>``)
+_RNN_KERNELS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+
+
+def _without_cudnn(kernel: Callable) -> Callable:
+    """``kernel`` (one of torch's recurrent kernels) run with cuDNN off where its input is a
+    CUDA tensor."""
+    def call(*args, **kwargs):
+        if not (args and isinstance(args[0], torch.Tensor) and args[0].is_cuda):
+            return kernel(*args, **kwargs)
+        enabled = torch.backends.cudnn.enabled
+        torch.backends.cudnn.enabled = False
+        try:
+            return kernel(*args, **kwargs)
+        finally:
+            torch.backends.cudnn.enabled = enabled
+    return call
+
+
 def _group_norm(input, *args, **kwargs):
     if _Active.fixing and isinstance(input, torch.Tensor) and input.device.type == "cpu":
         input = row_major(input)
@@ -113,6 +138,9 @@ def _replaced(fixing: int = 0, watcher: Callable[[torch.Tensor], None] | None = 
         if not _Active.fixing and not _Active.watchers:
             _Active.found = (torch.instance_norm, torch.group_norm)
             torch.instance_norm, torch.group_norm = _instance_norm, _group_norm
+        if fixing and not _Active.fixing:
+            for name in _RNN_KERNELS:   # an attribute of the _VF module object: its __getattr__ finds torch's
+                setattr(torch._VF, name, _without_cudnn(getattr(torch._C._VariableFunctions, name)))
         _Active.fixing += fixing
         if watcher is not None:
             _Active.watchers.append(watcher)
@@ -121,6 +149,9 @@ def _replaced(fixing: int = 0, watcher: Callable[[torch.Tensor], None] | None = 
     finally:
         with _Active.lock:
             _Active.fixing -= fixing
+            if fixing and not _Active.fixing:
+                for name in _RNN_KERNELS:
+                    torch._VF.__dict__.pop(name, None)
             if watcher is not None:
                 _Active.watchers.remove(watcher)
             if not _Active.fixing and not _Active.watchers:
@@ -128,8 +159,9 @@ def _replaced(fixing: int = 0, watcher: Callable[[torch.Tensor], None] | None = 
 
 
 def torch_workarounds() -> contextlib.AbstractContextManager[None]:
-    """While inside, every instance norm hands its backward a contiguous output gradient and
-    every GroupNorm reads a row-major input on CPU, in any thread (module docstring)."""
+    """While inside, every instance norm hands its backward a contiguous output gradient,
+    every GroupNorm reads a row-major input on CPU, and the recurrent layers run without
+    cuDNN on CUDA, in any thread (module docstring)."""
     return _replaced(fixing=1)
 
 
