@@ -483,3 +483,14 @@ def test_the_first_use_under_autocast_keeps_the_numba_backend():
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["numba", "numba"], (done.stdout, done.stderr[-2000:])
     assert "unavailable" not in done.stderr, done.stderr[-2000:]
+
+
+def test_which_blocks_the_default_backend_hands_to_the_reference():
+    """An empty batch always (the kernels' launch grids assume rows); on CPU a small block
+    unless a backend is forced (the CUDA rule is tests/test_cuda.py's)."""
+    from gradscore.kernels.norm_dot import SMALL_BLOCK, takes_reference
+    small, large = torch.zeros(4, SMALL_BLOCK // 4), torch.zeros(4, SMALL_BLOCK // 4 + 1)
+    V = torch.zeros(2, SMALL_BLOCK // 4)
+    assert takes_reference(small, None, None) and takes_reference(small, V, None)
+    assert not takes_reference(large, None, None) and not takes_reference(small, None, "numba")
+    assert takes_reference(torch.zeros(0, 10), None, "numba")

@@ -23,6 +23,22 @@ Blocks = torch.Tensor | Sequence[torch.Tensor]
 SMALL_BLOCK = 16384
 
 
+def takes_reference(G: torch.Tensor, V: torch.Tensor | None, forced: str | None) -> bool:
+    """Whether the default backend hands the block G (B, P) with V (K, P) to the torch
+    reference: an empty batch (the kernels' launch grids assume rows); on CPU a block of at
+    most :data:`SMALL_BLOCK` elements; on CUDA a float32/float64 block with references,
+    where cuBLAS's matrix product reads faster than the Triton kernel's dots
+    (``bench.gpu_check``'s bandwidth rows) and the reference makes no copy of G."""
+    if G.shape[0] == 0:
+        return True
+    if forced is not None:
+        return False
+    if G.device.type == "cpu":
+        return G.numel() <= SMALL_BLOCK
+    return (G.device.type == "cuda" and V is not None and V.shape[0] > 0
+            and G.dtype in (torch.float32, torch.float64))
+
+
 def norm_dot(G: Blocks, V: Blocks | None = None, *, backend: str | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example ``sq_norm (B,)`` and ``dots (B, K)`` of G against V, fused.
@@ -43,7 +59,6 @@ def norm_dot(G: Blocks, V: Blocks | None = None, *, backend: str | None = None
     B = blocks[0].shape[0]
     forced, kind = forced_name(backend), blocks[0].device.type
     impl = backend_for(kind, forced)
-    small = forced is None and kind == "cpu"
     sq_total = dots_total = None
     for g, v in zip(blocks, vblocks):
         g2 = g.reshape(B, math.prod(g.shape[1:]))   # not (B, -1): B may be 0
@@ -51,9 +66,7 @@ def norm_dot(G: Blocks, V: Blocks | None = None, *, backend: str | None = None
             raise ValueError(f"norm_dot: block of G has {g2.shape[1]} columns but V has "
                              f"{math.prod(v.shape[1:])}")
         v2 = None if v is None else v.reshape(v.shape[0], g2.shape[1])
-        # an empty batch takes the reference too: the kernels' launch grids assume rows
-        sq, dots = (norm_dot_reference(g2, v2) if (small and g2.numel() <= SMALL_BLOCK) or B == 0
-                    else impl.norm_dot(g2, v2))
+        sq, dots = (norm_dot_reference(g2, v2) if takes_reference(g2, v2, forced) else impl.norm_dot(g2, v2))
         sq_total = sq if sq_total is None else sq_total + sq
         dots_total = dots if dots_total is None else dots_total + dots
     return sq_total, dots_total
