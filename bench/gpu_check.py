@@ -327,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"gpu_{_slug(device)}.json"
-    result: dict[str, Any] = {"device": device, "dry_run": args.dry_run, "budget_s": args.budget_s,
+    from gradscore._version import __version__
+    result: dict[str, Any] = {"gradscore_version": __version__,   # a gradscore report (io.outputs), which a rerun may replace
+                              "device": device, "dry_run": args.dry_run, "budget_s": args.budget_s,
                               "environment": environment(), "seconds": {}}
     for name in args.steps.split(","):
         if name not in STEPS:
