@@ -304,7 +304,7 @@ def write_results(path: str | Path, result: dict, indent: int = 1) -> None:
     """``result`` as a gradscore JSON report (its ``gradscore_version`` lets a rerun replace
     it with ``--overwrite``), written atomically; claim the path before timing anything."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps({**result, "gradscore_version": __version__}, indent=indent))
+        tmp.write_text(json.dumps({**result, "gradscore_version": __version__}, indent=indent, default=str))
 
 
 def best_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:

@@ -26,7 +26,6 @@ written after every step, so a kill leaves them too):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -327,9 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"gpu_{_slug(device)}.json"
-    from gradscore._version import __version__
-    result: dict[str, Any] = {"gradscore_version": __version__,   # a gradscore report (io.outputs), which a rerun may replace
-                              "device": device, "dry_run": args.dry_run, "budget_s": args.budget_s,
+    from bench.engines import write_results
+    result: dict[str, Any] = {"device": device, "dry_run": args.dry_run, "budget_s": args.budget_s,
                               "environment": environment(), "seconds": {}}
     for name in args.steps.split(","):
         if name not in STEPS:
@@ -343,9 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             result[name] = {"status": f"error: {type(e).__name__}: {e}"}
             print(f"gpu_check: step {name} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         result["seconds"][name] = time.monotonic() - t0
-        with open(path.with_suffix(".tmp"), "w") as f:   # after every step: a kill keeps what is done
-            json.dump(result, f, indent=2, default=str)
-        os.replace(path.with_suffix(".tmp"), path)
+        write_results(path, result, indent=2)   # after every step: a kill keeps what is done
     path.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
     print(f"-> {path}, {path.with_suffix('.md')}")
