@@ -240,27 +240,37 @@ def _weight_slice(layer: nn.Module, acts, grads, refs, K, form: str, geo: _Geome
         return sq, (_conv_dots(layer, x, d, refs["weight"]) if K else sq.new_zeros((sq.shape[0], 0)))
     a_all = cat_calls([_patches(layer, x) for x in acts], 1)                         # (b, L, C_in·k)
     d_all = cat_calls([d.reshape(d.shape[0], layer.out_channels, -1) for d in grads], 2)  # (b, C_out, L)
-    G = layer.groups
+    (b, L, _), G = a_all.shape, layer.groups
     d_in, d_out = a_all.shape[2] // G, layer.out_channels // G
-    parts = []
-    for g in range(G):
-        a = a_all[:, :, g * d_in:(g + 1) * d_in]                                   # (b, L, d_in)
-        d = d_all[:, g * d_out:(g + 1) * d_out].transpose(1, 2)                    # (b, L, d_out)
-        V = refs["weight"][:, g * d_out:(g + 1) * d_out].reshape(K, d_out, d_in) if K else None
-        parts.append(ghost_linear(a, d, V, form=form, workspace=budget))
-    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+    if G == 1:
+        V = refs["weight"].reshape(K, d_out, d_in) if K else None
+        return ghost_linear(a_all, d_all.transpose(1, 2), V, form=form, workspace=budget)
+    # the groups at once, as b·G linear maps (views of the patches and of δ): no op per group
+    a = a_all.reshape(b, L, G, d_in).transpose(1, 2)                                 # (b, G, L, d_in)
+    d = d_all.reshape(b, G, d_out, L).transpose(2, 3)                                # (b, G, L, d_out)
+    if form == "outer":   # each example's gradient (G, d_out, d_in) is the weight's layout
+        acc = acc_dtype(a.dtype)
+        g = torch.matmul(d.transpose(2, 3).to(acc), a.to(acc))
+        return norm_dot(g.reshape(b, -1), refs["weight"].reshape(K, -1) if K else None)
+    sq = ghost_linear(a.reshape(b * G, L, d_in), d.reshape(b * G, L, d_out), None, form=form, workspace=budget)[0]
+    sq = sq.view(b, G).sum(1)
+    if not K:
+        return sq, sq.new_zeros((b, 0))
+    return sq, sum(_conv_dots(layer, x, dx, refs["weight"]) for x, dx in zip(acts, grads)).to(sq.dtype)
 
 
 def _slice_bytes(layer: nn.Module, acts, grads, geo: _Geometry, form: str, K: int) -> int:
-    """Bytes of one example's transient blocks: its im2col patches and per-example
-    gradient or (L, L) Grams of one group, or its patches and whole per-example gradient
-    (grouped form), or, in the pixel form, its pixel Grams and reference convolutions
-    (the sparse form's buffers are per thread, and it takes the batch at once)."""
+    """Bytes of one example's transient blocks: its im2col patches and whole per-example
+    gradient (outer and grouped forms), or its patches, the (L, L) Grams of one group and,
+    with several groups, the references' convolutions (Gram form), or, in the pixel form,
+    its pixel Grams and reference convolutions (the sparse form's buffers are per thread,
+    and it takes the batch at once)."""
     G, L = layer.groups, geo.Ho * geo.Wo * len(acts)
     d_in, d_out = layer.in_channels // G * math.prod(layer.kernel_size), layer.out_channels // G
     patches = sum(x[0].numel() for x in acts) * math.prod(layer.kernel_size)
     N = geo.Hp * geo.Wp
-    elements = {"outer": patches + d_in * d_out, "gram": patches + 2 * L * L,
+    dots = K * layer.out_channels * L if G > 1 else 0
+    elements = {"outer": patches + G * d_in * d_out, "gram": patches + 2 * L * L + dots,
                 # oneDNN im2cols the input inside the call; plus the running sum over calls
                 "grouped": patches + min(2, len(acts)) * G * d_in * d_out,
                 "pixel": G * (2 * N * N + geo.Hp ** 2 * geo.Wo ** 2 + 3 * L * L) + K * layer.out_channels * L}[form]
