@@ -184,6 +184,39 @@ class ChannelsLastNorm(nn.Module):
         return self.head(torch.tanh(self.conv2(h)).flatten(1))
 
 
+class PatchTokens(nn.Module):
+    """A ViT-style patch embedding, as timm's XCiT writes it: conv -> BatchNorm -> tokens
+    (B, N, C) by ``flatten(2).transpose(1, 2)``, + a position, LayerNorm, mean, head. For one
+    example the BatchNorm's output gradient comes back channels_last with a batch stride
+    of C, which torch's CPU BatchNorm backward gets wrong. ``functional``: the norm called
+    through ``F.batch_norm``. Eval mode, random running statistics."""
+
+    def __init__(self, functional: bool = False):
+        super().__init__()
+        self.conv, self.norm, self.functional = nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), functional
+        self.pos, self.ln, self.head = nn.Parameter(torch.randn(1, 9, 4)), nn.LayerNorm(4), nn.Linear(4, 3)
+        with torch.no_grad():
+            self.norm.running_mean.uniform_(-1, 1)
+            self.norm.running_var.uniform_(0.5, 2)
+            self.norm.weight.uniform_(0.5, 1.5)
+            self.norm.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        h, n = self.conv(x), self.norm
+        h = (F.batch_norm(h, n.running_mean, n.running_var, n.weight, n.bias, False, 0.0, n.eps)
+             if self.functional else n(h))
+        return self.head(self.ln(h.flatten(2).transpose(1, 2) + self.pos).mean(1))
+
+
+def batch_forward_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B, P) each example's gradient of its cross-entropy, from the whole batch's forward
+    and a backward of its loss alone (for a model whose examples do not interact), in
+    ``model.parameters()`` order."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = [torch.autograd.grad(F.cross_entropy(model(x)[b:b + 1], y[b:b + 1]), params) for b in range(len(x))]
+    return torch.stack([torch.cat([g.flatten() for g in row]) for row in rows])
+
+
 def channels_last_equals_contiguous(plain: nn.Module, x, y, params=None, batches=(slice(None),)) -> None:
     """``plain`` (float64, eval) converted to channels_last, its inputs too, scored by every
     engine on each of ``batches`` of x, equals ``plain``'s loop (assert): the same function

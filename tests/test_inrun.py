@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscore as gs
-from helpers import ChannelsLastNorm, Reversed, check_inrun_against_loop, inrun_reference
+from helpers import ChannelsLastNorm, PatchTokens, Reversed, check_inrun_against_loop, inrun_reference
 from gradscore.demos.models import digits_cnn, mlp
 from gradscore.engines.rules.registry import FactoredRef
 from gradscore.scores import inrun as inrun_scores
@@ -2026,6 +2026,35 @@ def test_a_target_of_one_example_in_a_channels_last_model(tmp_path):
             got[name] = f["inrun/target_norm"][()], f["inrun/dot"][()]
     for a, b in zip(got["channels_last"], got["plain"]):
         np.testing.assert_allclose(a, b, rtol=1e-10)
+
+
+@pytest.mark.parametrize("functional, named", [(False, r"layer 'norm' \(BatchNorm2d\).*BatchNorm backward"),
+                                               (True, r"F.batch_norm in the forward of the model \(PatchTokens\)")])
+def test_a_training_batch_of_one_before_tokens_is_refused(tmp_path, functional, named):
+    """torch's CPU BatchNorm backward is wrong for a batch of one example whose output
+    gradient comes channels_last with another batch stride (a patch embedding's tokens):
+    with frozen statistics (train mode is refused anyway) such a step is refused, naming
+    the norm; batches of two are recorded and equal the loop."""
+    torch.manual_seed(0)
+    model = PatchTokens(functional).double().train()
+    model.norm.eval()   # frozen statistics: no coupling of a batch's examples
+    model.pos.requires_grad_(False)   # a bare parameter of the model: no ghost rule
+    if functional:                    # nor has the norm's, read by the model's own forward
+        model.norm.requires_grad_(False)
+    x, y = torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0])
+    rec = gs.InRun(model, out=tmp_path / "a.h5", targets=(x[3:], y[3:]))
+    snaps = [({k: v.detach().clone() for k, v in model.state_dict().items()}, torch.arange(2))]
+    with rec.step(range(2), y[:2], lr=0.1, step=0):
+        F.cross_entropy(model(x[:2]), y[:2]).backward()
+    model.zero_grad()
+    with pytest.raises(gs.GradscoreError, match=named + ".*batch of one"):
+        with rec.step([2], y[2:3], lr=0.1, step=1):
+            F.cross_entropy(model(x[2:3]), y[2:3]).backward()
+    path = rec.close()
+    with h5py.File(path) as f:
+        assert sorted(f["inrun/step"][()]) == [0, 0]   # the refused step left no record
+    if functional:   # the loop's reference trains the model as a whole; the functional norm stays frozen
+        check_inrun_against_loop(path, model, snaps, x, y, (x[3:], y[3:]))
 
 
 @pytest.mark.parametrize("functional, named", [(False, r"layer 'norm' \(InstanceNorm2d\)"),

@@ -9,6 +9,13 @@ where the training step of the in-run recorder meets one; only while a ``with`` 
   whose backward makes the gradient contiguous first (which torch handles right);
   ``torch.func`` transforms (grad, jvp, vmap) see it as the identity it is.
 
+- torch's CPU BatchNorm backward (2-D and 3-D, eval and train mode) is wrong for a batch
+  of one example whose output gradient comes channels_last with a batch stride other
+  than C·H·W: a ViT-style patch embedding (conv -> BatchNorm -> ``flatten(2).transpose(1,
+  2)``, timm's XCiT and LeViT) sends it back so, since a view gives a length-1 axis any
+  stride. The per-example loop read XCiT's norms 0.05% off and its dots 34%. The same
+  identity fixes it, for outputs of one example.
+
 - torch's CPU GroupNorm backward crashes the process (a segfault) when its input is
   channels_last and the input's gradient is not asked for: the loop scoring only the
   norm and the layers after it (``params=``), or a norm on the model's input. The norm
@@ -21,16 +28,17 @@ where the training step of the in-run recorder meets one; only while a ``with`` 
   ``rnn_tanh`` / ``rnn_relu``) run with cuDNN off on CUDA inputs, torch's own kernels,
   whose backward has no such limit; other layers keep cuDNN.
 
-Both norms reach torch through ``torch.instance_norm`` and ``torch.group_norm``, whether a
-model holds ``nn.InstanceNorm2d`` / ``nn.GroupNorm`` layers or calls ``F.instance_norm`` /
-``F.group_norm`` in its forward (style transfer's AdaIN, diffusion U-Nets). While a block
-runs, those two names in the ``torch`` namespace are functions of this module that call
-the ones they replaced and return the same values; those are back when the last block ends.
-Functions imported by name before (``from torch import instance_norm``) are not covered.
+The norms reach torch through ``torch.instance_norm``, ``torch.batch_norm`` and
+``torch.group_norm``, whether a model holds norm layers or calls ``F.instance_norm`` /
+``F.batch_norm`` / ``F.group_norm`` in its forward (style transfer's AdaIN, diffusion
+U-Nets). While a block runs, those names in the ``torch`` namespace are functions of this
+module that call the ones they replaced and return the same values; those are back when
+the last block ends. Functions imported by name before (``from torch import
+instance_norm``) are not covered.
 
 The in-run recorder cannot change the training step: it must stay what the user's loop
-computes. There :func:`wrong_in_torch` only notes an instance norm whose backward torch
-gets wrong, and the recorder refuses that step.
+computes. There :func:`wrong_in_torch` only notes a norm whose backward torch may get
+wrong, and the recorder refuses that step.
 """
 from __future__ import annotations
 
@@ -43,13 +51,15 @@ from torch import nn
 
 
 class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward passes the gradient on contiguous."""
+    """Identity whose backward passes the gradient on contiguous. Its output is a copy, not
+    a view: a model may change it in place (``ReLU(inplace=True)`` after the norm), which
+    torch refuses on a custom Function's view."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
+        return x.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -81,28 +91,42 @@ def row_major(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride() == _row_major_strides(x.shape) else x.clone(memory_format=torch.contiguous_format)
 
 
+#: the names in the ``torch`` namespace replaced while a block runs
+_NORMS = ("instance_norm", "batch_norm", "group_norm")
+
+
 class _Active:
     """What the replaced norms do now, process-wide: ``fixing`` (blocks of
-    :func:`torch_workarounds` open) and ``watchers`` (callbacks on an instance norm's
-    output, from :func:`wrong_in_torch`); ``found``: torch.instance_norm and
-    torch.group_norm as they were before, which the replacements call and which are put
-    back when both are empty."""
+    :func:`torch_workarounds` open) and ``watchers`` (callbacks on an instance or batch
+    norm's output and the norm's name, from :func:`wrong_in_torch`); ``found``: the
+    functions :data:`_NORMS` as they were before, which the replacements call and which
+    are put back when both are empty."""
 
     lock = threading.Lock()
     fixing = 0
-    watchers: list[Callable[[torch.Tensor], None]] = []
-    found: tuple[Callable, Callable] = (torch.instance_norm, torch.group_norm)
+    watchers: list[Callable[[torch.Tensor, str], None]] = []
+    found: dict[str, Callable] = {name: getattr(torch, name) for name in _NORMS}
 
 
-def _instance_norm(*args, **kwargs):
-    out = _Active.found[0](*args, **kwargs)
-    if not (isinstance(out, torch.Tensor) and out.requires_grad):
+def _passed_on(out, norm: str):
+    """A norm's output for one example: through :class:`_ContiguousGrad` while fixing, else
+    shown to the watchers (torch gets a batch of several right)."""
+    if not (isinstance(out, torch.Tensor) and out.requires_grad and out.dim() and len(out) == 1):
         return out
     if _Active.fixing:
         return _ContiguousGrad.apply(out)
     for watch in list(_Active.watchers):
-        watch(out)
+        watch(out, norm)
     return out
+
+
+def _instance_norm(*args, **kwargs):
+    return _passed_on(_Active.found["instance_norm"](*args, **kwargs), "instance_norm")
+
+
+def _batch_norm(*args, **kwargs):
+    out = _Active.found["batch_norm"](*args, **kwargs)
+    return _passed_on(out, "batch_norm") if out.dim() in (4, 5) else out
 
 
 #: the recurrent layers' kernels, as ``nn.RNNBase`` calls them (``torch._VF.<name>``)
@@ -127,17 +151,17 @@ def _without_cudnn(kernel: Callable) -> Callable:
 def _group_norm(input, *args, **kwargs):
     if _Active.fixing and isinstance(input, torch.Tensor) and input.device.type == "cpu":
         input = row_major(input)
-    return _Active.found[1](input, *args, **kwargs)
+    return _Active.found["group_norm"](input, *args, **kwargs)
 
 
 @contextlib.contextmanager
-def _replaced(fixing: int = 0, watcher: Callable[[torch.Tensor], None] | None = None) -> Iterator[None]:
-    """torch.instance_norm / torch.group_norm replaced while inside, with ``fixing`` and
-    ``watcher`` added to what they do."""
+def _replaced(fixing: int = 0, watcher: Callable[[torch.Tensor, str], None] | None = None) -> Iterator[None]:
+    """The functions :data:`_NORMS` replaced while inside, with ``fixing`` and ``watcher``
+    added to what they do."""
     with _Active.lock:
         if not _Active.fixing and not _Active.watchers:
-            _Active.found = (torch.instance_norm, torch.group_norm)
-            torch.instance_norm, torch.group_norm = _instance_norm, _group_norm
+            _Active.found = {name: getattr(torch, name) for name in _NORMS}
+            torch.instance_norm, torch.batch_norm, torch.group_norm = _instance_norm, _batch_norm, _group_norm
         if fixing and not _Active.fixing:
             for name in _RNN_KERNELS:   # an attribute of the _VF module object: its __getattr__ finds torch's
                 setattr(torch._VF, name, _without_cudnn(getattr(torch._C._VariableFunctions, name)))
@@ -155,13 +179,14 @@ def _replaced(fixing: int = 0, watcher: Callable[[torch.Tensor], None] | None = 
             if watcher is not None:
                 _Active.watchers.remove(watcher)
             if not _Active.fixing and not _Active.watchers:
-                torch.instance_norm, torch.group_norm = _Active.found
+                for name, fn in _Active.found.items():
+                    setattr(torch, name, fn)
 
 
 def torch_workarounds() -> contextlib.AbstractContextManager[None]:
-    """While inside, every instance norm hands its backward a contiguous output gradient,
-    every GroupNorm reads a row-major input on CPU, and the recurrent layers run without
-    cuDNN on CUDA, in any thread (module docstring)."""
+    """While inside, every instance norm, and every batch norm of one example, hands its
+    backward a contiguous output gradient, every GroupNorm reads a row-major input on CPU,
+    and the recurrent layers run without cuDNN on CUDA, in any thread (module docstring)."""
     return _replaced(fixing=1)
 
 
@@ -173,12 +198,13 @@ def _channels_last_only(g: torch.Tensor) -> bool:
 
 
 @contextlib.contextmanager
-def wrong_in_torch(model: nn.Module, found: list[str]) -> Iterator[None]:
-    """While inside, each CPU instance norm in a forward of ``model`` whose backward torch
-    computes wrong (a batch of one example whose output gradient comes channels_last)
-    appends to ``found`` the name of the module running it (its own, or the one whose
-    forward calls ``F.instance_norm``). Nothing changes: the gradient passes on as it came.
-    Meant for a training step of one example: it hooks every module to know which runs."""
+def wrong_in_torch(model: nn.Module, found: list[tuple[str, str]]) -> Iterator[None]:
+    """While inside, each CPU instance or batch norm in a forward of ``model`` whose backward
+    torch may compute wrong (a batch of one example whose output gradient comes
+    channels_last) appends to ``found`` (the name of the module running it: its own, or the
+    one whose forward calls ``F.instance_norm`` / ``F.batch_norm``; the norm,
+    ``"instance_norm"`` or ``"batch_norm"``). Nothing changes: the gradient passes on as it
+    came. Meant for a training step of one example: it hooks every module to know which runs."""
     running: list[str] = []
 
     def enter(name: str):
@@ -192,10 +218,10 @@ def wrong_in_torch(model: nn.Module, found: list[str]) -> Iterator[None]:
     handles = [h for name, m in model.named_modules()
                for h in (m.register_forward_pre_hook(enter(name)), m.register_forward_hook(leave))]
 
-    def watch(out: torch.Tensor) -> None:
+    def watch(out: torch.Tensor, norm: str) -> None:
         if out.device.type == "cpu" and out.dim() in (4, 5) and out.shape[0] == 1 and running:
             where = running[-1]
-            out.register_hook(lambda g: found.append(where) if _channels_last_only(g) else None)
+            out.register_hook(lambda g: found.append((where, norm)) if _channels_last_only(g) else None)
 
     try:
         with _replaced(watcher=watch):

@@ -1106,7 +1106,7 @@ class _Step:
         self.terms: _LossTerms | None = None
         self.scale = 1.0                      # the loss scale of this step's backward
         self.error: Exception | None = None
-        self.wrong: list[str] = []            # norms whose backward torch got wrong in this step
+        self.wrong: list[tuple[str, str]] = []   # (module, norm) whose backward torch may get wrong here
 
     def __enter__(self) -> "_Step":
         rec = self.rec
@@ -1253,17 +1253,20 @@ class _Step:
         if self.error is not None:
             raise self.error
         if self.wrong:
-            name = self.wrong[0]
+            name, norm = self.wrong[0]
             module = self.rec.model.get_submodule(name)
             where = f"layer '{name}'" if name else "the model"
-            if not isinstance(module, nn.modules.instancenorm._InstanceNorm):   # F.instance_norm in its forward
-                where = f"F.instance_norm in the forward of {where}"
-            raise EngineError(f"{where} ({type(module).__name__}): torch's CPU InstanceNorm backward is wrong for "
-                              f"a batch of one example whose output gradient comes channels_last, so this step's "
-                              f"gradient (the training's own) and the records of the layers before the norm would "
-                              f"be wrong; nothing is recorded for it. Train on batches of two or more "
-                              f"(drop_last=True keeps a last batch of one out), or keep the layers after the norm "
-                              f"in the default memory format")
+            kind = {"instance_norm": nn.modules.instancenorm._InstanceNorm,
+                    "batch_norm": nn.modules.batchnorm._BatchNorm}[norm]
+            if not isinstance(module, kind):   # F.instance_norm / F.batch_norm in its forward
+                where = f"F.{norm} in the forward of {where}"
+            label = {"instance_norm": "InstanceNorm", "batch_norm": "BatchNorm"}[norm]
+            raise EngineError(f"{where} ({type(module).__name__}): torch's CPU {label} backward can be wrong for "
+                              f"a batch of one example whose output gradient comes channels_last (a model in "
+                              f"channels_last, or tokens made by flatten(2).transpose(1, 2) after the norm), so "
+                              f"this step's gradient (the training's own) and the records of the layers before "
+                              f"the norm would be wrong; nothing is recorded for it. Train on batches of two or "
+                              f"more (drop_last=True keeps a last batch of one out)")
         if self.terms is None or self.state is None or self.state.sq is None:
             raise EngineError("no backward reached the model inside rec.step; call loss.backward() inside the "
                               "`with rec.step(...)` block")
