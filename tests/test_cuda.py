@@ -14,6 +14,7 @@ import gradscore as gs
 from gradscore.demos.models import digits_cnn, mlp, recurrent_classifier
 from gradscore.kernels import norm_dot_reference
 from gradscore.kernels.ghost_linear import ghost_linear, ghost_linear_reference
+from helpers import PatchTokens, batch_forward_gradients
 
 pytestmark = pytest.mark.cuda
 
@@ -74,6 +75,12 @@ def _case(name: str):
         return mlp(d_in=12, hidden=16, n_classes=4, depth=2), torch.randn(9, 12), torch.randint(0, 4, (9,)), "cross_entropy"
     if name == "cnn":
         return digits_cnn(channels=8), torch.randn(9, 1, 8, 8), torch.randint(0, 10, (9,)), "cross_entropy"
+    if name == "depthwise":   # CUDA has no grouped conv form: the outer form takes the groups at once
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                              nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+        return model, torch.randn(9, 3, 6, 6), torch.randint(0, 4, (9,)), "cross_entropy"
+    if name == "tokens":      # a BatchNorm before tokens: torch's CPU backward of one example is wrong there
+        return PatchTokens(), torch.randn(9, 2, 6, 6), torch.randint(0, 3, (9,)), "cross_entropy"
     if name in ("lstm", "gru"):   # scored in eval mode, whose backward cuDNN's RNN refuses
         model = recurrent_classifier(kind=name.upper(), vocab=20, d=8, layers=2, n_classes=3)
         return model, torch.randint(0, 20, (9, 6)), torch.randint(0, 3, (9,)), "cross_entropy"
@@ -89,7 +96,7 @@ def _to(x, **kw):
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-6), (torch.float32, 1e-3)], ids=["float64", "float32"])
 @pytest.mark.parametrize("engine", ["ghost", "vmap", "auto"])
-@pytest.mark.parametrize("name", ["mlp", "cnn", "gpt2", "lstm", "gru"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "depthwise", "tokens", "gpt2", "lstm", "gru"])
 def test_engines_on_cuda_equal_the_loop(name, engine, dtype, rtol):
     """float64 checks the engines; float32 takes the Triton kernels (float64 takes torch)."""
     model, x, y, loss = _case(name)
@@ -107,6 +114,16 @@ def test_engines_on_cuda_equal_the_loop(name, engine, dtype, rtol):
     torch.testing.assert_close(got.dots.double(), want.dots.double(), rtol=rtol,
                                atol=rtol * float(want.dots.abs().max()))
     assert got.sq_norm.device.type == "cuda"
+
+
+def test_the_loop_on_cuda_equals_the_batch_forward_before_tokens():
+    """Each example's gradient of the loop (a batch of one) equals the whole batch's forward,
+    where a BatchNorm's output gradient comes back channels_last (wrong on CPU, fixed)."""
+    model, x, y, _ = _case("tokens")
+    model, x, y = model.to(device="cuda", dtype=torch.float64).eval(), x.to("cuda", torch.float64), y.cuda()
+    G = batch_forward_gradients(model, x, y)
+    got = gs.Scorer(model, engine="loop").score_batch(x, y)
+    torch.testing.assert_close(got.sq_norm, (G ** 2).sum(1), rtol=1e-10, atol=0)
 
 
 def test_the_default_cuda_backend_is_triton_and_no_kernel_failed():
