@@ -2,15 +2,21 @@
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .batch import Inputs, call_model, check_batch, describe, move
+from .batch import Inputs, batch_len, call_model, check_batch, describe, move, take
 from .engines import ScoreBatch, check_eval_mode, engine_class
-from .exceptions import EngineError, GradscoreError, cause
+from .exceptions import EngineError, GradscoreError, GradscoreWarning, cause
 from .losses import Loss, PerExampleLoss, resolve_loss
+
+#: examples of the first scored batch that :meth:`Scorer._check_first_batch` checks
+REACH_EXAMPLES = 8
+#: relative tolerance of that check's sum, by the parameters' dtype
+_SUM_TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
 
 Refs = torch.Tensor | Sequence[Mapping[str, torch.Tensor]] | None
 
@@ -61,6 +67,7 @@ class Scorer:
         self.engine = engine_class(engine)(model, self.loss, self.param_names, chunk_bytes)
         self._sketcher = None   # a SketchEngine, made by the first sketch_batch
         self._shapes = [named[n].shape for n in self.param_names]
+        self._reach_checked = False   # whether the first gradient batch was checked (_check_first_batch)
 
     def explain(self) -> dict[str, str]:
         """{parameter name: how its per-example gradient is computed} (engine, rule, reason)."""
@@ -130,7 +137,59 @@ class Scorer:
         blocks = self.ref_blocks(refs)
         if not gradients:
             return self._guarded(lambda: self.engine.forward(x, y), x, y)
-        return self._guarded(lambda: self.engine.score_batch(x, y, blocks), x, y)
+        out = self._guarded(lambda: self.engine.score_batch(x, y, blocks), x, y)
+        if not self._reach_checked:
+            self._reach_checked = True
+            self._check_first_batch(x, y)
+        return out
+
+    def _check_first_batch(self, x: Inputs, y: torch.Tensor) -> None:
+        """Warn (:class:`GradscoreWarning`) where the engine's per-example gradients of the first
+        :data:`REACH_EXAMPLES` examples disagree with plain autograd on their summed loss:
+        parameters no gradient reaches (every engine counts them as zero: right for a head
+        the forward does not use, wrong for one read through a tensor the model cached in an
+        earlier call), or Σ_b ⟨g_b, v⟩ ≠ ⟨∇ Σ_b ℓ_b, v⟩ for a random v (a model whose examples
+        interact, or whose cache a functional call does not see)."""
+        from .engines.workarounds import torch_workarounds
+        named = dict(self.model.named_parameters())
+        params = [named[n] for n in self.param_names]
+        n = min(batch_len(x), REACH_EXAMPLES)
+        first, y_first = take(x, 0, n), y[:n]
+        cached = ("the model reads a tensor it cached in an earlier call (timm's LeViT and EfficientViT-M cache "
+                  "attention biases in eval mode, also under torch.no_grad()): clear the cache before scoring (for "
+                  "those, model.train(); model.eval())")
+        try:
+            with torch.enable_grad(), torch_workarounds():
+                loss = self.loss.fn(call_model(self.model, first), y_first).sum()
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+        except RuntimeError as e:
+            if "backward through the graph a second time" in str(e):
+                warnings.warn(f"the scores may be wrong: {cached}", GradscoreWarning, stacklevel=3)
+            return
+        except Exception:  # noqa: BLE001 - the check only informs; the batch itself was scored
+            return
+        unreached = [name for name, g in zip(self.param_names, grads) if g is None]
+        if unreached:
+            names = ", ".join(f"'{name}'" for name in unreached[:5]) + (f" and {len(unreached) - 5} more"
+                                                                      if len(unreached) > 5 else "")
+            warnings.warn(f"no gradient reaches {names} from the loss of the first batch's examples, so every "
+                          f"engine counts their per-example gradients as zero. Right for a parameter the forward "
+                          f"does not use (an auxiliary head in eval mode): leave it out with params=. Wrong if "
+                          f"{cached}", GradscoreWarning, stacklevel=3)
+            return
+        gen = torch.Generator().manual_seed(0)
+        V = [torch.randn((1, *p.shape), generator=gen, dtype=torch.float64).to(p) for p in params]
+        want = float(sum((g.double() * v[0].double()).sum() for g, v in zip(grads, V)))
+        try:
+            dots = self.engine.score_batch(first, y_first, V).dots[:, 0].double()
+        except Exception:  # noqa: BLE001 - as above
+            return
+        got, scale = float(dots.sum()), float(dots.abs().sum()) + abs(want)
+        if abs(got - want) > _SUM_TOL.get(params[0].dtype, 1e-2) * scale + 1e-300:
+            warnings.warn(f"the scores may be wrong: the engine's per-example gradients of the first {n} examples "
+                          f"do not add up to the gradient of their summed loss (Σ_b ⟨g_b, v⟩ = {got:.6g} against "
+                          f"⟨∇ Σ_b ℓ_b, v⟩ = {want:.6g} for a random v). The model's output for an example may "
+                          f"depend on the other examples of its batch, or {cached}", GradscoreWarning, stacklevel=3)
 
     def sketch_batch(self, x: Inputs, y: torch.Tensor, projection, dtype: torch.dtype | None = None) -> ScoreBatch:
         """Sketches of B examples' gradients: a :class:`ScoreBatch` whose ``dots`` are
@@ -154,7 +213,15 @@ class Scorer:
             raise
         except Exception as e:   # no raw torch error reaches the user: cause, engine and fix
             what = cause(e)
-            fix = ("use a smaller batch or chunk_bytes" if isinstance(e, torch.OutOfMemoryError) else
-                   f"check that the inputs ({describe(x)}) and targets (shape {tuple(y.shape[1:])}, "
-                   f"{y.dtype}) fit the model and loss")
+            if isinstance(e, torch.OutOfMemoryError):
+                fix = "use a smaller batch or chunk_bytes"
+            elif "backward through the graph a second time" in str(e):
+                fix = ("the model reads a tensor the model kept from an earlier call (a cache or a state kept "
+                       "between calls, as timm's LeViT and EfficientViT-M cache attention biases in eval mode), "
+                       "whose graph that call's backward freed; each example's gradient needs a forward of its "
+                       "own: clear the cache (for those, model.train(); model.eval()), or score with engine "
+                       "'ghost', which takes a batch in one call")
+            else:
+                fix = (f"check that the inputs ({describe(x)}) and targets (shape {tuple(y.shape[1:])}, "
+                       f"{y.dtype}) fit the model and loss")
             raise EngineError(f"engine '{self.engine_name}' failed on this batch ({what}); {fix}") from e

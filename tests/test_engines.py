@@ -1,6 +1,8 @@
 """Every fast engine against the per-example autograd loop, in float64."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -239,6 +241,97 @@ def test_a_module_registered_twice_is_scored_and_left_as_it_was(case, engine):
             torch.testing.assert_close(one, gs.Scorer(model, engine="loop", params=[name]).score_batch(x, y).sq_norm,
                                        rtol=1e-10, atol=0)
             assert (one > 0).all()
+
+
+class CachedBias(nn.Module):
+    """Caches a tensor made from a parameter in eval mode and reuses it in later calls, as
+    timm's LeViT and EfficientViT-M cache their attention biases (cleared by ``train()``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.table, self.head = nn.Linear(4, 4), nn.Parameter(torch.randn(4)), nn.Linear(4, 3)
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def train(self, mode: bool = True):
+        self.cache = {}
+        return super().train(mode)
+
+    def forward(self, x):
+        bias = self.table * 2 if self.training else self.cache.setdefault("bias", self.table * 2)
+        return self.head(torch.tanh(self.body(x) + bias))
+
+
+@pytest.mark.parametrize("engine", ["auto", "vmap", "loop"])
+def test_a_parameter_the_loss_does_not_reach_is_named_in_a_warning(engine):
+    """A model that reads its parameter through a tensor cached by an earlier call under
+    torch.no_grad() (an accuracy check before scoring) gives that parameter no gradient:
+    every engine agreed on the norms without it, silently (timm's LeViT: 1e-5 off). The
+    first scored batch now warns naming it, once per Scorer."""
+    torch.manual_seed(0)
+    model = CachedBias().double().eval()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0])
+    with torch.no_grad():
+        model(x)
+    scorer = gs.Scorer(model, engine=engine)
+    with pytest.warns(gs.exceptions.GradscoreWarning, match=r"no gradient reaches 'table'.*cached"):
+        scorer.score_batch(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scorer.score_batch(x, y)
+
+
+@pytest.mark.parametrize("engine", ["auto", "vmap"])
+def test_per_example_gradients_that_do_not_add_up_are_warned_of(engine):
+    """With the cache made by the scoring's own forward, the fallback's functional call does
+    not see the parameter behind it: ghost's numbers (vmap's from the second batch) missed
+    it, silently. The check against autograd on the first examples' summed loss says so."""
+    torch.manual_seed(0)
+    model = CachedBias().double().eval()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0])
+    with pytest.warns(gs.exceptions.GradscoreWarning, match=r"may be wrong|no gradient reaches 'table'"):
+        gs.Scorer(model, engine=engine).score_batch(x, y)
+
+
+@pytest.mark.parametrize("engine", ["auto", "vmap", "loop"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "tokens"])
+def test_a_model_whose_loss_reaches_every_parameter_scores_without_a_warning(engine, name):
+    torch.manual_seed(0)
+    model, x = ((PatchTokens(), torch.randn(5, 2, 6, 6)) if name == "tokens" else
+                (mlp(d_in=6, hidden=8, n_classes=3), torch.randn(5, 6)) if name == "mlp" else
+                (digits_cnn(channels=4, n_classes=3), torch.randn(5, 1, 8, 8)))
+    model = model.double().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gs.Scorer(model, engine=engine).score_batch(x.double(), torch.tensor([0, 2, 1, 1, 0]))
+
+
+class AuxHead(nn.Module):
+    """An auxiliary head that only training uses (Inception's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.main, self.aux = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.main(x) + (self.aux(x) if self.training else 0)
+
+
+def test_a_head_the_forward_does_not_use_is_named():
+    torch.manual_seed(0)
+    model = AuxHead().double().eval()
+    with pytest.warns(gs.exceptions.GradscoreWarning, match=r"no gradient reaches 'aux.weight', 'aux.bias'"):
+        gs.Scorer(model).score_batch(torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 2]))
+
+
+def test_a_tensor_the_model_kept_from_an_earlier_example_is_named_in_the_loops_error():
+    """The loop's second example ran into the graph its first example's backward freed (the
+    cache made with gradients): the error says what that means, not that the inputs do not
+    fit the model."""
+    torch.manual_seed(0)
+    model = CachedBias().double().eval()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0])
+    with pytest.raises(gs.EngineError, match="a tensor the model kept from an earlier call"):
+        gs.Scorer(model, engine="loop").score_batch(x, y)
 
 
 @pytest.mark.parametrize("functional", [False, True])
