@@ -545,6 +545,8 @@ def test_float32_row_norms_take_the_fused_kernel_and_equal_the_loop(kind, layout
     y = torch.randint(0, 3, (4,), generator=g)
     loop = gs.Scorer(copy.deepcopy(model).double(), engine="loop")
     ghost = gs.Scorer(model, engine="ghost")
+    ghost.score_batch(x, y)   # the first batch, and its check's pass
+    calls.clear()
     for K in (0, 2):
         V = _refs(loop, K)
         ref = loop.score_batch(x.double(), y, refs=V)

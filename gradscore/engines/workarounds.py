@@ -5,9 +5,12 @@ where the training step of the in-run recorder meets one; only while a ``with`` 
   gradient comes in channels_last (a model in ``memory_format=torch.channels_last``, a
   channels_last max-pool after the norm): the weight, bias and input gradients are all
   off (10–100% in tests/test_engines.py). The per-example loop and the co-states'
-  ``torch.func.grad`` run on one example. The norm's output passes through an identity
-  whose backward makes the gradient contiguous first (which torch handles right);
-  ``torch.func`` transforms (grad, jvp, vmap) see it as the identity it is.
+  ``torch.func.grad`` run on one example. Its input gradient is wrong for any batch whose
+  output gradient comes laid out (T, B, C) (an RNN reading the norm's output as a
+  sequence). The norm's output passes through an identity whose backward makes the
+  gradient contiguous first (which torch handles right); ``torch.func`` transforms (grad,
+  jvp, vmap) see it as the identity it is. Its output is a copy, which a model may change
+  in place.
 
 - torch's CPU BatchNorm backward (2-D and 3-D, eval and train mode) is wrong for a batch
   of one example whose output gradient comes channels_last with a batch stride other
@@ -108,10 +111,12 @@ class _Active:
     found: dict[str, Callable] = {name: getattr(torch, name) for name in _NORMS}
 
 
-def _passed_on(out, norm: str):
-    """A norm's output for one example: through :class:`_ContiguousGrad` while fixing, else
-    shown to the watchers (torch gets a batch of several right)."""
-    if not (isinstance(out, torch.Tensor) and out.requires_grad and out.dim() and len(out) == 1):
+def _passed_on(out, norm: str, one_example: bool):
+    """A norm's output: through :class:`_ContiguousGrad` while fixing, else shown to the
+    watchers; ``one_example``: only an output of one example (a batch norm's: torch gets a
+    batch of several right, where an instance norm's backward of a (T, B, C)-laid gradient
+    is wrong for any B)."""
+    if not (isinstance(out, torch.Tensor) and out.requires_grad and out.dim()) or (one_example and len(out) != 1):
         return out
     if _Active.fixing:
         return _ContiguousGrad.apply(out)
@@ -121,12 +126,12 @@ def _passed_on(out, norm: str):
 
 
 def _instance_norm(*args, **kwargs):
-    return _passed_on(_Active.found["instance_norm"](*args, **kwargs), "instance_norm")
+    return _passed_on(_Active.found["instance_norm"](*args, **kwargs), "instance_norm", one_example=False)
 
 
 def _batch_norm(*args, **kwargs):
     out = _Active.found["batch_norm"](*args, **kwargs)
-    return _passed_on(out, "batch_norm") if out.dim() in (4, 5) else out
+    return _passed_on(out, "batch_norm", one_example=True) if out.dim() in (4, 5) else out
 
 
 #: the recurrent layers' kernels, as ``nn.RNNBase`` calls them (``torch._VF.<name>``)
