@@ -176,6 +176,8 @@ class Scorer:
                           f"engine counts their per-example gradients as zero. Right for a parameter the forward "
                           f"does not use (an auxiliary head in eval mode): leave it out with params=. Wrong if "
                           f"{cached}", GradscoreWarning, stacklevel=3)
+        if getattr(self.engine, "coupled", False):   # known, and explained: each example is scored alone
+            return
         grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
         # v = G = ∇ Σ_b ℓ_b itself: a parameter block the engine misses lowers Σ_b ⟨g_b, G⟩ by its
         # share of ‖G‖², where a random direction would see it shrunk by √P
@@ -185,8 +187,6 @@ class Scorer:
         except Exception:  # noqa: BLE001 - as above
             return
         got, scale = float(dots.sum()), float(dots.abs().sum()) + want
-        if getattr(self.engine, "coupled", False):   # known, and explained: each example is scored alone
-            return
         if abs(got - want) > _SUM_TOL.get(params[0].dtype, 1e-2) * scale:
             warnings.warn(f"the engine's per-example gradients of the first {n} examples do not add up to the "
                           f"gradient G of their summed loss (Σ_b ⟨g_b, G⟩ = {got:.6g} against ‖G‖² = {want:.6g}). "
