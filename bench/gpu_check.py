@@ -69,10 +69,11 @@ class Sizes:
                                                       "lstm_d64_T32", "gpt2_d64_T128"]
         self.batches = [4] if dry_run else [64, 256, 1024]
         self.engine_repeats = 1 if dry_run else 3
-        self.inrun_cases = ({"mlp_784_1024_1024": 8} if dry_run else
-                            {"mlp_784_1024_1024": 256, "transformer_d128_T64": 64, "gpt2_d64_T128": 32})
+        self.inrun_cases = ([("mlp_784_1024_1024", 8)] if dry_run else
+                            [("mlp_784_1024_1024", 256), ("transformer_d128_T64", 64), ("transformer_d128_T64", 256),
+                             ("gpt2_d64_T128", 32)])
         # in-run only: a real vocabulary, whose loss terms take the generic path on CUDA
-        self.inrun_vocab_cases = {} if dry_run else {"gpt2_d64_T128_V32768": 16}
+        self.inrun_vocab_cases = [] if dry_run else [("gpt2_d64_T128_V32768", 16)]
         self.sketch_dim = 256 if dry_run else 8192
         # bench.sketch's own cases (a classifier's: the GPT-2 above is a language model, which sketches refuse)
         self.sketch_cases = {"mlp_784_1024_1024": 8} if dry_run else None
@@ -196,7 +197,7 @@ def step_inrun_sketch(sizes: Sizes, budget: Budget) -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
         out["inrun"] = inrun_bench(sizes.engine_repeats, sizes.device, echo=lambda _: None,
-                                   cases={**sizes.inrun_cases, **sizes.inrun_vocab_cases})["rows"]
+                                   cases=sizes.inrun_cases + sizes.inrun_vocab_cases)["rows"]
         out["sketch"] = sketch_rows(sizes.sketch_dim, sizes.engine_repeats, sizes.device, cases=sizes.sketch_cases)
     except Exception as e:  # noqa: BLE001 - a failure is a result, not the end of the kit
         out["status"] = f"failed: {type(e).__name__}: {str(e)[:200]}"

@@ -3,7 +3,7 @@ without it, side by side in one run (CPU or CUDA).
 
     python -m bench.inrun [--repeats 15] [--json bench/results/inrun_cpu.json --overwrite]
 
-For each model (the MLP 784-1024-1024-10 at batch 256, the d=128 transformer at T=64,
+For each model (the MLP 784-1024-1024-10 at batch 256, the d=128 transformer at T=64 (batch 64 and 256),
 the demo's digits CNN and, with ``transformers``, the LM demo's GPT-2 at T=128) one call
 is 10 training steps (forward, mean loss, backward, SGD step), timed ``repeats`` times,
 each call next to a call of the plain steps:
@@ -48,15 +48,18 @@ from gradscore._version import __version__
 from gradscore.batch import call_model
 from gradscore.losses import resolve_loss
 
-CASES = {"mlp_784_1024_1024": 256, "transformer_d128_T64": 64, "digits_cnn": 64, "gpt2_d64_T128": 32}
+#: (model, batch): the transformer at the MLP's batch too, where a target of 64 is a quarter of a step
+CASES = [("mlp_784_1024_1024", 256), ("transformer_d128_T64", 64), ("transformer_d128_T64", 256),
+         ("digits_cnn", 64), ("gpt2_d64_T128", 32)]
 #: a language model with a real vocabulary (its logits are the step's largest tensors): norms only,
 #: 2 steps per call (a target of 64 would time the target batch's own output layer)
-VOCAB_CASES = {"gpt2_d64_T128_V8192": 16, "gpt2_d64_T128_V32768": 16}
+VOCAB_CASES = [("gpt2_d64_T128_V8192", 16), ("gpt2_d64_T128_V32768", 16)]
 STEPS = 10           # training steps per timed call
 VOCAB_STEPS = 2      # ... of a VOCAB_CASES model
 N_TARGET = 64
 METHODS = {"plain": None, "norms": None, "target_every1": 1, "target_every10": 10}
 NORMS_ONLY = {"plain": None, "norms": None}
+VOCAB_MODELS = {name for name, _ in VOCAB_CASES}
 
 
 def _steppers(name: str, B: int, device: str, work: Path, steps: int = STEPS,
@@ -72,7 +75,7 @@ def _steppers(name: str, B: int, device: str, work: Path, steps: int = STEPS,
     loss_fn = resolve_loss(case.loss).fn
     ids = torch.arange(B)
     out: dict[str, Callable[[], None]] = {}
-    for method, every in (NORMS_ONLY if name in VOCAB_CASES else METHODS).items():
+    for method, every in (NORMS_ONLY if name in VOCAB_MODELS else METHODS).items():
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
         rec = None if method == "plain" else gs.InRun(
@@ -109,40 +112,41 @@ def peak_memory(name: str, B: int, device: str) -> dict[str, int | None]:
 
 
 def target_pass_steps(rec: gs.InRun, plain: Callable[[], None], repeats: int, sync: Callable[[], None],
-                      steps: int = STEPS) -> float:
-    """The recorder's target gradient alone (forward+backward of the target batch, its
-    factors and ‖∇J‖, recomputed at a step that has one) in plain training steps: the
-    median over ``repeats`` pairs of (target pass / a plain call of ``steps`` steps next
-    to it), times ``steps``."""
+                      steps: int = STEPS, rows: int | None = None) -> float:
+    """The recorder's target gradient alone (forward+backward of the target batch, ``rows``
+    examples at a time as a training batch of ``rows`` has it, its factors and ‖∇J‖,
+    recomputed at a step that has one) in plain training steps: the median over ``repeats``
+    pairs of (target pass / a plain call of ``steps`` steps next to it), times ``steps``."""
     def once():
         rec._refs = None
-        rec._target_refs(0)
+        rec._target_refs(0, rows=rows)
     once()
     ratios, _, _ = pair_ratios(once, plain, repeats, sync)
     return steps * statistics.median(ratios)
 
 
-def run_bench(repeats: int = 15, device: str | None = None, echo=print, cases: dict[str, int] | None = None) -> dict:
-    """The table's rows: {model: batch} ``cases`` (default :data:`CASES` and
+def run_bench(repeats: int = 15, device: str | None = None, echo=print,
+              cases: list[tuple[str, int]] | None = None) -> dict:
+    """The table's rows: (model, batch) ``cases`` (default :data:`CASES` and
     :data:`VOCAB_CASES`) on ``device``."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     available = model_cases(device)
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        for name, B in (cases or {**CASES, **VOCAB_CASES}).items():
+        for name, B in (cases or CASES + VOCAB_CASES):
             if name not in available:
                 echo(f"{name}: skipped (needs transformers)")
                 continue
             recorders: dict[str, gs.InRun] = {}
-            steps = VOCAB_STEPS if name in VOCAB_CASES else STEPS
+            steps = VOCAB_STEPS if name in VOCAB_MODELS else STEPS
             fns = _steppers(name, B, device, Path(work), steps=steps, recorders=recorders)
             for fn in fns.values():
                 fn()   # warm-up: layouts, caches
             times = {method: pair_ratios(fns[method], fns["plain"], repeats, sync)
                      for method in fns if method != "plain"}
             flops = {method: counted_flops(fn) for method, fn in fns.items()}
-            target = (target_pass_steps(recorders["target_every1"], fns["plain"], repeats, sync, steps)
+            target = (target_pass_steps(recorders["target_every1"], fns["plain"], repeats, sync, steps, B)
                       if "target_every1" in recorders else None)
             if device == "cuda":
                 peaks = peak_memory(name, B, device)

@@ -806,6 +806,27 @@ def test_targets_from_a_loader_are_one_target_of_all_its_examples(tmp_path, hidd
     check_inrun_against_loop(rec.close(), model, snaps, x, y, (xt, yt), dot_rtol=1e-8)
 
 
+@pytest.mark.parametrize("hidden", [12, 64])   # 64: the wide layers' factors gather over the chunks
+@pytest.mark.parametrize("micro", [1, 2])
+def test_a_target_larger_than_the_training_batch_runs_in_chunks_of_it(tmp_path, hidden, micro):
+    """A target batch of 20 with training (micro-)batches of 6 (or 3): the target's forwards
+    see no more examples at once than the step's batch, so the target pass holds no more
+    than the training step does, and every record equals the loop's with the 20 as one J."""
+    torch.manual_seed(0)
+    model, (x, y) = mlp(d_in=10, hidden=hidden, n_classes=4, depth=2).double(), _data()
+    xt, yt = x[28:48], y[28:48]
+    seen: list[int] = []
+    handle = model.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(xt, yt))
+    snaps: list = []
+    _train(model, x, y, steps=3, batch=6, micro=micro, rec=rec, snapshots=snaps)
+    handle.remove()
+    rows = 6 // micro
+    late = seen[-(2 * (micro + -(-20 // rows))):]   # the last two steps: no first-step layout calls
+    assert max(seen) == rows and sum(late) == 2 * (6 + 20)
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, (xt, yt), dot_rtol=1e-8)
+
+
 def test_target_batches_from_a_generator_or_with_labels_inside(tmp_path):
     """Any iterable of (x, y) batches is read once, when the recorder is made (a generator
     too); a batch that is a dict holding 'labels' (a Hugging Face collator's) is the other

@@ -678,13 +678,15 @@ class InRun:
         opened._pre(module, args, kwargs)
         return args, kwargs
 
-    def _target_refs(self, step: int, lr: float | None = None) -> tuple[list[torch.Tensor], float] | None:
+    def _target_refs(self, step: int, lr: float | None = None,
+                     rows: int | None = None) -> tuple[list[torch.Tensor], float] | None:
         """[(1, *shape)] target blocks in the engine's parameter order and their norm, computed
         at every ``every``-th step (micro-batches of one step share it); None elsewhere. A wide
         Linear weight's block is the target batch's factors (:class:`FactoredRef`), whose
         dense gradient the backward then never forms. Each block is ∇J of its parameter,
         preconditioned by Adam's Γ_t (if asked) and weighed by η_g/η (:meth:`_lr_weights`,
-        ``lr``: the step's η)."""
+        ``lr``: the step's η). The target examples go through the model ``rows`` at a time
+        (the step's batch: the target pass then holds no more than the training step)."""
         if self.targets is None or step % self.config.every:
             return None
         if self._refs is not None and self._refs[0] == step:
@@ -695,7 +697,9 @@ class InRun:
         blocks: dict[str, torch.Tensor] = {}
         with _aside(self.model), torch.enable_grad(), self._capture_linear(captured) as z, \
                 torch_workarounds():
-            for i, (x, y) in enumerate(self.targets):   # J = Σ over the batches of their summed losses / N
+            chunks = ((take(x, a, a + (rows or len(y))), y[a:a + (rows or len(y))])
+                      for x, y in self.targets for a in range(0, len(y), rows or len(y)))
+            for i, (x, y) in enumerate(chunks):   # J = Σ over the chunks of their summed losses / N
                 x, y = move(x, like), y.to(like.device)   # the model's device and dtype
                 self._busy = True
                 try:
@@ -707,7 +711,7 @@ class InRun:
                                       f"on them ({cause(e)}); give (x, y) as the training batches are given") from e
                 finally:
                     self._busy = False
-                if i == 0:   # each layer's form, from the first batch's rows as a share of all N examples
+                if i == 0:   # each layer's form, from the first chunk's rows as a share of all N examples
                     factored = {w for w, c in captured.items() if c.cheaper(N / len(y))}
                     for w in set(captured) - factored:
                         captured.pop(w).off = True
@@ -1152,7 +1156,7 @@ class _Step:
         check = not rec._laid_out and rec.config.hidden_terms == "refuse"   # the loss's paths (OutputPaths)
         if not rec._laid_out:
             self._lay_out(x)
-        self.target = rec._target_refs(self.step, self.lr)   # after the layout: it picks each layer's form
+        self.target = rec._target_refs(self.step, self.lr, self.B)   # after the layout: it picks each layer's form
         self.state = self.stack.enter_context(rec.engine.recording(self.B, None if self.target is None
                                                                    else self.target[0], check_paths=check))
         return None
