@@ -184,6 +184,113 @@ class ChannelsLastNorm(nn.Module):
         return self.head(torch.tanh(self.conv2(h)).flatten(1))
 
 
+ACTS = {"none": nn.Identity, "relu_inplace": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU, "silu": nn.SiLU,
+        "hardswish": nn.Hardswish}
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """A BatchNorm2d, then a dropout and an activation, in a forward of its own (the
+    structure of timm's BatchNormAct2d); ``act_first``: the activation before the norm,
+    which the norm-act rule does not assume."""
+
+    def __init__(self, C: int, act: str = "none", act_first: bool = False):
+        super().__init__(C)
+        self.act_first, self.drop, self.act = act_first, nn.Identity(), ACTS[act]()
+
+    def forward(self, x):
+        if self.act_first:
+            x = self.act(x)
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1, self.eps)
+        return x if self.act_first else self.act(self.drop(x))
+
+
+class GroupNormAct(nn.GroupNorm):
+    """F.group_norm, a dropout of p = 0 and an activation (timm's GroupNormAct's structure)."""
+
+    def __init__(self, C: int, groups: int, act: str = "none"):
+        super().__init__(groups, C)
+        self.drop, self.act = nn.Dropout(0.0), ACTS[act]()
+
+    def forward(self, x):
+        return self.act(self.drop(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)))
+
+
+class GroupNormOne(nn.GroupNorm):
+    """One group, in a forward of its own (timm's GroupNorm1)."""
+
+    def __init__(self, C: int):
+        super().__init__(1, C)
+
+    def forward(self, x):
+        return F.group_norm(x, 1, self.weight, self.bias, self.eps)
+
+
+class LayerNormAct2d(nn.LayerNorm):
+    """A LayerNorm over the channels of (B, C, H, W) (timm's LayerNorm2d), then an
+    activation; ``over_last``: over the last dimension despite its name (not what the
+    rule assumes of a ``…2d``)."""
+
+    def __init__(self, C: int, act: str = "none", over_last: bool = False):
+        super().__init__(C)
+        self.over_last, self.act = over_last, ACTS[act]()
+
+    def forward(self, x):
+        if self.over_last:
+            return self.act(F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps))
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return self.act(x.permute(0, 3, 1, 2))
+
+
+class LayerNormAct(nn.LayerNorm):
+    """A LayerNorm over the last dimension, then an activation (timm's LayerNormAct)."""
+
+    def __init__(self, D: int, act: str = "none", bias: bool = True):
+        super().__init__(D, bias=bias)
+        self.act = ACTS[act]()
+
+    def forward(self, x):
+        return self.act(F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps))
+
+
+class NormActNet(nn.Module):
+    """A norm subclass of :data:`NORM_ACT_KINDS` between a layer and a head. Images (B, 2, 3, 4)
+    through a 3x3 conv to 4 channels (W = C, so a LayerNorm over the last dimension fits
+    too); "ln": sequences (B, T, 4) through a Linear, in ``layout`` "batch", "seq_first"
+    (transposed inside) or "TB" (T = B = 3). Norm weights and BatchNorm statistics drawn."""
+
+    def __init__(self, kind: str, act: str = "none", layout: str = "batch", C: int = 4):
+        super().__init__()
+        self.kind, self.layout = kind, layout
+        self.norm = {"bn": lambda: BatchNormAct(C, act), "bn_act_first": lambda: BatchNormAct(C, act, act_first=True),
+                     "gn": lambda: GroupNormAct(C, 2, act), "gn1": lambda: GroupNormOne(C),
+                     "ln2d": lambda: LayerNormAct2d(C, act), "ln2d_last": lambda: LayerNormAct2d(C, act, over_last=True),
+                     "ln": lambda: LayerNormAct(C, act), "ln_nobias": lambda: LayerNormAct(C, act, bias=False)}[kind]()
+        self.pre = nn.Linear(C, C) if kind.startswith("ln") and not kind.startswith("ln2d") else nn.Conv2d(2, C, 3, padding=1)
+        self.head = nn.Linear(C if isinstance(self.pre, nn.Linear) else C * 12, 3)
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            self.norm.weight.copy_(torch.rand(C, generator=g) + 0.5)
+            if self.norm.bias is not None:
+                self.norm.bias.copy_(torch.rand(C, generator=g) - 0.5)
+            if isinstance(self.norm, nn.BatchNorm2d):
+                self.norm.running_mean.copy_(torch.rand(C, generator=g) - 0.5)
+                self.norm.running_var.copy_(torch.rand(C, generator=g) + 0.5)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """One example's input shape."""
+        if isinstance(self.pre, nn.Conv2d):
+            return (2, 3, 4)
+        return (3, 4)
+
+    def forward(self, x):
+        if isinstance(self.pre, nn.Conv2d):
+            return self.head(self.norm(self.pre(x)).flatten(1))
+        seq_first = self.layout == "seq_first"
+        h = self.norm(self.pre(x.transpose(0, 1) if seq_first else x))
+        return self.head(h.mean(0 if seq_first else 1))
+
+
 class PatchTokens(nn.Module):
     """A ViT-style patch embedding, as timm's XCiT writes it: conv -> BatchNorm -> tokens
     (B, N, C) by ``flatten(2).transpose(1, 2)``, + a position, LayerNorm, mean, head. For one
@@ -444,9 +551,10 @@ def _grads(loss, params):
             for g, p in zip(torch.autograd.grad(loss, params, allow_unused=True), params)]
 
 
-def inrun_reference(model, snapshot, x, y, targets):
+def inrun_reference(model, snapshot, x, y, targets, keep_modes=False):
     """Per-example loop at θ_t (the parameters and buffers ``snapshot``): ℓ_b, ‖∇ℓ_b‖²,
-    ⟨∇ℓ_b, ∇J⟩, margin; the examples in training mode, as the step ran them, J in eval mode.
+    ⟨∇ℓ_b, ∇J⟩, margin; the examples in training mode, as the step ran them (``keep_modes``:
+    each module in the mode it has in ``model``, a frozen BatchNorm's eval), J in eval mode.
     Under gradscore's workarounds for torch's own CPU norm bugs, as the loop engine runs
     (each checked against a contiguous model in test_engines.py)."""
     m = copy.deepcopy(model).eval()
@@ -458,6 +566,9 @@ def inrun_reference(model, snapshot, x, y, targets):
         gJ = _grads(F.cross_entropy(m(xt), yt), params)
         norm_J = float(sum((g ** 2).sum() for g in gJ).sqrt())
         m.train()
+        if keep_modes:
+            for mine, theirs in zip(m.modules(), model.modules()):
+                mine.training = theirs.training
         for xb, yb in zip(x, y):
             z = m(xb[None])
             loss = F.cross_entropy(z, yb[None])
@@ -470,16 +581,16 @@ def inrun_reference(model, snapshot, x, y, targets):
     return np.array(out)
 
 
-def check_inrun_against_loop(path, model, snaps, x, y, targets, dot_rtol=1e-9, rtol=1e-9):
+def check_inrun_against_loop(path, model, snaps, x, y, targets, dot_rtol=1e-9, rtol=1e-9, keep_modes=False):
     """Every record of ``path`` against the per-example loop at each step's θ_t (``snaps``:
     (parameters, batch indices) per step), for a mean loss over each step's batch; ``rtol``
-    of the norms, ``dot_rtol`` of the dots."""
+    of the norms, ``dot_rtol`` of the dots; ``keep_modes`` as for :func:`inrun_reference`."""
     from gradscore.io.store import load_inrun_rows
     rows, ids = load_inrun_rows(path), gs.load_scores(path)["ids"]
     for t, (snap, idx) in enumerate(snaps):
         at = rows["step"] == t
         assert ids[rows["row"][at]].tolist() == idx.tolist()     # recorded in the batch's order
-        want = inrun_reference(model, snap, x[idx], y[idx], targets)
+        want = inrun_reference(model, snap, x[idx], y[idx], targets, keep_modes)
         np.testing.assert_allclose(rows["loss"][at], want[:, 0], rtol=1e-10)
         np.testing.assert_allclose(rows["sq_norm"][at], want[:, 1], rtol=rtol)
         np.testing.assert_allclose(rows["share"][at], 1 / len(idx), rtol=1e-12)    # a mean over B (·micro)

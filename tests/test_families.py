@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import gradscore as gs
+from helpers import NormActNet
 
 B, T, D = 3, 4, 5
 
@@ -290,7 +291,14 @@ OWN_GRID = [("own", (kind, form, bias)) for kind, forms in (("linear", ["same", 
             for form in forms for bias in ((True, False) if kind in ("linear", "layer_norm") else (False,))]
 OWN_GRID += [("own", (kind, "same", True, layout)) for kind in ("linear", "layer_norm", "rms_norm", "no_norm")
              for layout in ("seq_first", "flat", "T1", "TB")]
-GRID = AFFINE_GRID + RNN_GRID + MHA_GRID + BAG_GRID + CONV_GRID + NORM_GRID + OWN_GRID + [("subclass", ())]
+NORM_ACT_GRID = ([("norm_act", ("bn", act, "batch")) for act in ("none", "relu_inplace", "gelu", "silu")]
+                 + [("norm_act", ("gn", act, "batch")) for act in ("none", "hardswish")]
+                 + [("norm_act", ("gn1", "none", "batch")), ("norm_act", ("ln_nobias", "none", "batch"))]
+                 + [("norm_act", ("ln2d", act, "batch")) for act in ("none", "gelu")]
+                 + [("norm_act", ("ln", "gelu", layout)) for layout in ("batch", "seq_first", "TB")]
+                 + [("norm_act", ("ln2d_last", "none", "batch")), ("norm_act", ("bn_act_first", "silu", "batch"))])
+GRID = (AFFINE_GRID + RNN_GRID + MHA_GRID + BAG_GRID + CONV_GRID + NORM_GRID + OWN_GRID + NORM_ACT_GRID
+        + [("subclass", ())])
 
 
 def _build(family, config, n=B):
@@ -332,6 +340,9 @@ def _build(family, config, n=B):
     if family == "own":
         model = Own(*config)
         return model, torch.randn(n, *model.shape, generator=g, dtype=torch.float64)
+    if family == "norm_act":
+        model = NormActNet(*config)
+        return model, 2 * torch.randn(n, *model.shape, generator=g, dtype=torch.float64) + 0.5
     raise KeyError(family)
 
 
@@ -440,6 +451,37 @@ def test_a_layer_class_of_its_own_takes_the_rule_only_where_it_computes_what_the
     else:
         assert why.startswith("vmap (") and "does not compute" in why, why
     assert scorer.explain()["head.weight"].startswith("ghost")
+
+
+@pytest.mark.parametrize("family,config", NORM_ACT_GRID, ids=lambda v: str(v))
+def test_a_norm_subclass_with_its_own_forward_takes_the_norm_act_rule_where_it_computes_it(family, config):
+    """A BatchNorm, GroupNorm or LayerNorm subclass with a forward of its own (timm's
+    BatchNormAct2d, GroupNormAct, GroupNorm1, LayerNorm2d, LayerNormAct: the norm, then
+    its own drop and act) takes the norm-act rule, the output gradient taken back through
+    the activation; one that computes something else (a "2d" norm over the last dimension,
+    the activation before the norm) goes to the fallback with why."""
+    scorer = _agree(family, config)
+    scorer.score_batch(*_prepare(family, config)[1:])
+    why = scorer.explain()
+    if config[0] in ("ln2d_last", "bn_act_first"):
+        assert why["norm.weight"].startswith("vmap (") and "does not compute" in why["norm.weight"], why
+    else:
+        assert why["norm.weight"].startswith("ghost (norm_act rule on norm: "), why
+        assert config[0] == "ln_nobias" or why["norm.bias"].startswith("ghost (norm_act rule"), why
+    assert why["head.weight"].startswith("ghost")
+
+
+def test_a_norm_act_batchnorm_in_training_mode_is_never_run_by_its_check():
+    """The check of what a layer computes calls it: a BatchNorm in training mode would
+    update its running statistics. It is refused unrun; the model's buffers stay as they were."""
+    from gradscore.engines.rules.norm import _computes_norm_act, _norm_act_supports
+    model = NormActNet("bn", "silu").double().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(3, 4, 3, 4, dtype=torch.float64)
+    assert "training mode" in _norm_act_supports(model.norm)
+    assert "training mode" in _computes_norm_act(model.norm, x, None)
+    assert _computes_norm_act(model.norm.eval(), x, None) is None
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 class Int8Linear(nn.Linear):

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscore as gs
-from helpers import ChannelsLastNorm, PatchTokens, Reversed, check_inrun_against_loop, inrun_reference
+from helpers import (BatchNormAct, ChannelsLastNorm, GroupNormAct, LayerNormAct2d, PatchTokens, Reversed,
+                     check_inrun_against_loop, inrun_reference)
 from gradscore.demos.models import digits_cnn, mlp
 from gradscore.engines.rules.registry import FactoredRef
 from gradscore.scores import inrun as inrun_scores
@@ -825,6 +826,46 @@ def test_a_target_larger_than_the_training_batch_runs_in_chunks_of_it(tmp_path, 
     late = seen[-(2 * (micro + -(-20 // rows))):]   # the last two steps: no first-step layout calls
     assert max(seen) == rows and sum(late) == 2 * (6 + 20)
     check_inrun_against_loop(rec.close(), model, snaps, x, y, (xt, yt), dot_rtol=1e-8)
+
+
+def test_norm_subclasses_with_an_activation_are_recorded_as_the_loop_scores_them(tmp_path):
+    """timm's norm subclasses (their structure: a LayerNorm over the channels, a GroupNorm
+    and a frozen BatchNorm, each followed by its own activation) have the norm-act rule:
+    recorded in training (refused before: no ghost rule), equal to the loop at θ_t."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 4, 3, padding=1)
+            self.ln = LayerNormAct2d(4, "gelu")
+            self.gn = GroupNormAct(4, 2, "silu")
+            self.bn = BatchNormAct(4, "relu_inplace")
+            self.head = nn.Linear(48, 3)
+
+        def forward(self, x):
+            return self.head(self.bn(self.gn(self.ln(self.conv(x)))).flatten(1))
+
+    torch.manual_seed(0)
+    model = Net().double().train()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 1.5)
+    model.bn.eval()   # frozen statistics
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 2, 3, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g)
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[8:], y[8:]))
+    assert not rec.engine.fallback
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    snaps = []
+    for t, idx in enumerate([torch.arange(4), torch.tensor([7, 5, 6])]):
+        snaps.append(({k: v.detach().clone() for k, v in model.state_dict().items()}, idx))
+        with rec.step(idx, y[idx], lr=0.1, step=t):
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        opt.zero_grad()
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[8:], y[8:]), keep_modes=True)
+    model.eval()   # and a saved checkpoint's scores: the GroupNorm's check reads the LayerNorm2d's channels_last output
+    ref = gs.Scorer(model, engine="loop").score_batch(x, y)
+    torch.testing.assert_close(gs.Scorer(model).score_batch(x, y).sq_norm, ref.sq_norm, rtol=1e-9, atol=0)
 
 
 def test_target_batches_from_a_generator_or_with_labels_inside(tmp_path):

@@ -43,6 +43,7 @@ from ..batch import Inputs, batch_len, call_model, concat, take
 from ..kernels.reference import autocast_dtypes, autocast_off
 from .rules import Rule
 from .rules.registry import close
+from .workarounds import torch_workarounds
 
 #: ops under which a batch-broadcast output, expanded to B rows, stays exact
 _SUMS = {"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__", "__rsub__", "__isub__"}
@@ -175,7 +176,7 @@ def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inpu
     for name, record in records.items():   # outside the mode: a rule's check is no use of the layer
         module, rule = layers[name]
         if record.sample is not None:   # what the layer computes, whatever precision the batch ran in
-            with torch.no_grad(), autocast_off():
+            with torch.no_grad(), autocast_off(), torch_workarounds():   # its own backward: a GroupNorm's can crash
                 record.problem = rule.verify(module, *record.sample)
             record.sample = None
     return records, mode.strays

@@ -1,7 +1,11 @@
 """Ghost rules for the affine parameters of LayerNorm, RMSNorm, GroupNorm, InstanceNorm and
 eval-mode BatchNorm, and Hugging Face's RMSNorm classes, LayerNorm classes of their own
-(Cohere's, DeBERTa's) and MobileBERT's NoNorm (x · γ + β): matched by structure and
-checked on the first batch, in value and gradient (``register_structural``).
+(Cohere's, DeBERTa's), MobileBERT's NoNorm (x · γ + β) and norm subclasses with a forward
+of their own (timm's BatchNormAct2d, GroupNormAct, LayerNormAct: the norm, then a
+dropout and an activation; GroupNorm1; LayerNorm2d over the channels): matched by
+structure and checked on the first batch, in value and gradient (``register_structural``).
+After an activation, the output gradient is taken back through it before the affine
+rule (:func:`norm_act`).
 
 y = x̂·γ + β with x̂ the normalized input, recomputed here from the captured input and
 the layer's own statistics (running statistics for BatchNorm, and for InstanceNorm with
@@ -252,3 +256,117 @@ def instance_norm(layer: nn.modules.instancenorm._InstanceNorm, acts, grads, ref
         return _standardize(x, _spatial(x), layer.eps)
     running = layer.track_running_stats and not layer.training
     return _affine_rule(acts, grads, refs, K, (lambda x: _running(layer, x)) if running else own, _spatial)
+
+
+# A norm subclass with a forward of its own: timm's BatchNormAct2d, GroupNormAct and
+# LayerNormAct (the norm, then a dropout and an activation), GroupNorm1, LayerNorm2d (a
+# LayerNorm over the channels of (B, C, H, W)). Matched by structure, checked on the first
+# batch against the parent's normalization followed by the layer's own ``drop`` and ``act``.
+_NORM_PARENTS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)
+
+
+def _channels_first(layer: nn.Module) -> bool:
+    """A LayerNorm over dimension 1 (its class named ``…2d``, as timm's LayerNorm2d), not the
+    last dimension(s); the name only picks what the first batch's check then confirms."""
+    return isinstance(layer, nn.LayerNorm) and type(layer).__name__.lower().endswith("2d")
+
+
+def _like_norm_act(layer: nn.Module) -> bool:
+    """A subclass of a BatchNorm, GroupNorm or LayerNorm (whose own forward kept it from its
+    parent's rule), with ``weight`` (and ``bias``) as its only parameters and, as its only
+    submodules, a parameter-free ``drop`` and ``act``; what it computes is checked by
+    :func:`_computes_norm_act`."""
+    children = dict(layer.named_children())
+    return (isinstance(layer, _NORM_PARENTS) and type(layer) not in _NORM_PARENTS
+            and set(children) <= {"drop", "act"} and not any(True for c in children.values() for _ in c.parameters())
+            and {n for n, _ in layer.named_parameters(recurse=False)} in ({"weight"}, {"weight", "bias"})
+            and (not _channels_first(layer) or len(layer.normalized_shape) == 1))
+
+
+def _norm_act_supports(layer: nn.Module) -> str | None:
+    """Why the rule cannot recompute the layer's output gradient before its activation now:
+    a BatchNorm in training mode (its batch's statistics), or a dropout or RReLU that draws
+    anew in training mode."""
+    name = type(layer).__name__
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        if layer.running_mean is None:
+            return f"{name} without running statistics (uses batch statistics)"
+        if layer.training:
+            return f"{name} in training mode (uses its batch's statistics)"
+    for part in ("drop", "act"):
+        m = getattr(layer, part, None)
+        random = (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0) or isinstance(m, nn.RReLU) or (
+            m is not None and part == "drop" and not isinstance(m, (nn.Identity, nn.modules.dropout._DropoutNd)))
+        if random and m.training:
+            return f"{name}'s {part} ({type(m).__name__}) draws anew in training mode, which its rule cannot redraw"
+    return None
+
+
+def _norm_of(layer: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable, tuple[int, ...]]:
+    """(x ↦ x̂, x ↦ the dimensions γ's gradient sums over, the shape γ takes against x̂ less
+    its batch) for the layer's parent norm."""
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        return (lambda x: _running(layer, x)), _spatial, (-1,)
+    if isinstance(layer, nn.GroupNorm):
+        def grouped(x):
+            return _standardize(x.reshape(x.shape[0], layer.num_groups, -1), (2,), layer.eps).reshape(x.shape)
+        return grouped, _spatial, (-1,)
+    if _channels_first(layer):
+        return (lambda x: F.layer_norm(x.movedim(1, -1), layer.normalized_shape, eps=layer.eps).movedim(-1, 1),
+                _spatial, (-1,))
+    n = len(layer.normalized_shape)
+    return (lambda x: F.layer_norm(x, layer.normalized_shape, eps=layer.eps)), _last(n), tuple(layer.normalized_shape)
+
+
+def _affine_view(w: torch.Tensor, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """γ or β broadcast against x: per channel (dimension 1) where ``shape`` is (-1,), else
+    over the trailing ``shape``."""
+    return w.reshape((1, -1) + (1,) * (x.dim() - 2)) if shape == (-1,) else w.reshape(shape)
+
+
+def _computes_norm_act(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> str | None:
+    """None if the layer gives act(drop(γ ⊙ x̂ + β)) with its parent's x̂, in value and gradient."""
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.training:   # never run: it would update the statistics
+        return f"{type(layer).__name__} in training mode (uses its batch's statistics)"
+    normalize, _, shape = _norm_of(layer)
+    drop, act = getattr(layer, "drop", nn.Identity()), getattr(layer, "act", nn.Identity())
+
+    def expected(x, w):
+        h = normalize(x) * _affine_view(w["weight"], x, shape)
+        return act(drop(h + _affine_view(w["bias"], x, shape) if "bias" in w else h))
+    parent = next(c for c in type(layer).__mro__ if c in _NORM_PARENTS).__name__
+    where = "its channels (dimension 1)" if shape == (-1,) else "its last dimension(s)"
+    return computes(layer, x, expected, f"a {parent} over {where}, then its own drop and act")
+
+
+def _before_act(layer: nn.Module, x_hat: torch.Tensor, d: torch.Tensor, shape: tuple[int, ...],
+                dtype: torch.dtype) -> torch.Tensor:
+    """δ before the layer's ``drop`` and ``act``: their backward at γ ⊙ x̂ + β (in the layer's
+    dtype, as the forward computed it) applied to the output gradient ``d``."""
+    parts = [m for m in (getattr(layer, "drop", None), getattr(layer, "act", None))
+             if m is not None and not isinstance(m, nn.Identity)]
+    if not parts:
+        return d
+    with torch.no_grad():
+        pre = x_hat * _affine_view(layer.weight, x_hat, shape)
+        if layer.bias is not None:
+            pre = pre + _affine_view(layer.bias, x_hat, shape)
+    pre = pre.to(dtype).requires_grad_()
+    with torch.enable_grad():
+        out = pre.clone()   # an in-place activation changes the copy, not the point of the derivative
+        for m in parts:
+            out = m(out)
+        return torch.autograd.grad(out, pre, d.to(out.dtype))[0]
+
+
+@register_structural(_like_norm_act, verify=_computes_norm_act, supports=_norm_act_supports,
+                     batch_dims=lambda m: (0, 1) if isinstance(m, nn.LayerNorm) and not _channels_first(m) else (0,))
+def norm_act(layer: nn.Module, acts, grads, refs, K):
+    """The parent's affine rule on the output gradient taken back through ``act`` and ``drop``."""
+    normalize, summed, shape = _norm_of(layer)
+    per_call = []
+    for x, d in zip(acts, grads):
+        acc = acc_dtype(x.dtype)
+        x_hat = normalize(x.to(acc))
+        per_call.append(_affine(x_hat, _before_act(layer, x_hat, d, shape, x.dtype).to(acc), summed(x), refs, K))
+    return _reduce(per_call, refs, K, grads[0])
