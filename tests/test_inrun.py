@@ -1488,6 +1488,41 @@ def test_structural_rules_are_checked_in_full_precision_under_autocast(tmp_path)
         np.testing.assert_allclose(sq, want, rtol=0.1)    # bf16's 8 bits of mantissa
 
 
+def test_norm_act_layers_under_autocast_are_recorded_near_the_float32_loop(tmp_path):
+    """Under bf16 autocast a LayerNorm2d and a GroupNorm run in float32 on bf16 inputs, and
+    their activations after them in float32: the norm-act rule takes the gradient back
+    through the activation in the dtype it ran in. Every parameter is ghost-ruled; the
+    norms are the float32 loop's to bf16's precision."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 4, 3, padding=1)
+            self.ln = LayerNormAct2d(4, "gelu")
+            self.gn = GroupNormAct(4, 2, "silu")
+            self.head = nn.Linear(48, 3)
+
+        def forward(self, x):
+            return self.head(self.gn(self.ln(self.conv(x))).flatten(1))
+
+    torch.manual_seed(0)
+    model = Net().train()
+    snapshot = copy.deepcopy(model).eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 2, 3, 4, generator=g), torch.tensor([0, 1, 2, 1])
+    rec = gs.InRun(model, out=tmp_path / "r.h5")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with rec.step(range(4), y, lr=0.1):
+            F.cross_entropy(model(x), y).backward()
+    rec.close()
+    assert all(v.startswith("ghost") for v in rec.engine.explain().values())
+    with h5py.File(tmp_path / "r.h5") as f:
+        sq = f["inrun/sq_norm"][()]
+    params = list(snapshot.parameters())
+    want = [float(sum((p ** 2).sum() for p in torch.autograd.grad(
+        F.cross_entropy(snapshot(x[b:b + 1]), y[b:b + 1]), params))) for b in range(4)]
+    np.testing.assert_allclose(sq, want, rtol=0.05)
+
+
 def test_an_output_returned_as_a_cast_copy_is_read_where_the_loss_read_it(tmp_path):
     """A model that computes its loss inside and returns its output as a cast copy, which the
     loss does not read (Accelerate's float32 outputs of bf16 logits): δ is read at the values

@@ -339,10 +339,10 @@ def _computes_norm_act(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> st
     return computes(layer, x, expected, f"a {parent} over {where}, then its own drop and act")
 
 
-def _before_act(layer: nn.Module, x_hat: torch.Tensor, d: torch.Tensor, shape: tuple[int, ...],
-                dtype: torch.dtype) -> torch.Tensor:
-    """δ before the layer's ``drop`` and ``act``: their backward at γ ⊙ x̂ + β (in the layer's
-    dtype, as the forward computed it) applied to the output gradient ``d``."""
+def _before_act(layer: nn.Module, x_hat: torch.Tensor, d: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """δ before the layer's ``drop`` and ``act``: their backward at γ ⊙ x̂ + β, in the dtype
+    they ran in (their output's, that of ``d``: float32 after an autocast LayerNorm or
+    GroupNorm of a half input), applied to the output gradient ``d``."""
     parts = [m for m in (getattr(layer, "drop", None), getattr(layer, "act", None))
              if m is not None and not isinstance(m, nn.Identity)]
     if not parts:
@@ -351,12 +351,12 @@ def _before_act(layer: nn.Module, x_hat: torch.Tensor, d: torch.Tensor, shape: t
         pre = x_hat * _affine_view(layer.weight, x_hat, shape)
         if layer.bias is not None:
             pre = pre + _affine_view(layer.bias, x_hat, shape)
-    pre = pre.to(dtype).requires_grad_()
+    pre = pre.to(d.dtype).requires_grad_()
     with torch.enable_grad():
         out = pre.clone()   # an in-place activation changes the copy, not the point of the derivative
         for m in parts:
             out = m(out)
-        return torch.autograd.grad(out, pre, d.to(out.dtype))[0]
+        return torch.autograd.grad(out, pre, d)[0]
 
 
 @register_structural(_like_norm_act, verify=_computes_norm_act, supports=_norm_act_supports,
@@ -368,5 +368,5 @@ def norm_act(layer: nn.Module, acts, grads, refs, K):
     for x, d in zip(acts, grads):
         acc = acc_dtype(x.dtype)
         x_hat = normalize(x.to(acc))
-        per_call.append(_affine(x_hat, _before_act(layer, x_hat, d, shape, x.dtype).to(acc), summed(x), refs, K))
+        per_call.append(_affine(x_hat, _before_act(layer, x_hat, d, shape).to(acc), summed(x), refs, K))
     return _reduce(per_call, refs, K, grads[0])
