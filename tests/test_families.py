@@ -485,6 +485,21 @@ def test_a_norm_act_batchnorm_in_training_mode_is_never_run_by_its_check():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_a_norm_act_layer_that_draws_in_training_mode_is_refused_by_its_rule():
+    """A dropout of p > 0 (or any other drop module) or an RReLU draws anew in training mode,
+    which the rule's recomputed backward cannot redraw: refused then, with why; in eval
+    mode, and with a dropout of p = 0, taken."""
+    from gradscore.engines.rules.norm import _norm_act_supports
+    from helpers import GroupNormAct
+    layer = GroupNormAct(4, 2, "silu")
+    assert _norm_act_supports(layer.train()) is None   # its dropout has p = 0
+    layer.drop = nn.Dropout(0.3)
+    assert "drop (Dropout) draws anew in training mode" in _norm_act_supports(layer.train())
+    assert _norm_act_supports(layer.eval()) is None
+    layer.drop, layer.act = nn.Identity(), nn.RReLU()
+    assert "act (RReLU) draws anew" in _norm_act_supports(layer.train())
+
+
 class Int8Linear(nn.Linear):
     """A quantized Linear: a frozen int8 weight, dequantized in its own forward."""
 

@@ -697,8 +697,8 @@ class InRun:
         blocks: dict[str, torch.Tensor] = {}
         with _aside(self.model), torch.enable_grad(), self._capture_linear(captured) as z, \
                 torch_workarounds():
-            chunks = ((take(x, a, a + (rows or len(y))), y[a:a + (rows or len(y))])
-                      for x, y in self.targets for a in range(0, len(y), rows or len(y)))
+            size = rows or max(len(y) for _, y in self.targets)
+            chunks = ((take(x, a, a + size), y[a:a + size]) for x, y in self.targets for a in range(0, len(y), size))
             for i, (x, y) in enumerate(chunks):   # J = Σ over the chunks of their summed losses / N
                 x, y = move(x, like), y.to(like.device)   # the model's device and dtype
                 self._busy = True

@@ -220,11 +220,14 @@ def no_norm(layer: nn.Module, acts, grads, refs, K):
     return _affine_rule(acts, grads, refs, K, lambda x: x, _last(1))
 
 
+def _grouped(layer: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """x standardized over each of the layer's groups of channels (and the positions)."""
+    return _standardize(x.reshape(x.shape[0], layer.num_groups, -1), (2,), layer.eps).reshape(x.shape)
+
+
 @register_rule(nn.GroupNorm, supports=lambda m: None if m.affine else "GroupNorm without affine")
 def group_norm(layer: nn.GroupNorm, acts, grads, refs, K):
-    def normalize(x):
-        return _standardize(x.reshape(x.shape[0], layer.num_groups, -1), (2,), layer.eps).reshape(x.shape)
-    return _affine_rule(acts, grads, refs, K, normalize, _spatial)
+    return _affine_rule(acts, grads, refs, K, lambda x: _grouped(layer, x), _spatial)
 
 
 def _bn_supports(m: nn.Module) -> str | None:
@@ -295,9 +298,9 @@ def _norm_act_supports(layer: nn.Module) -> str | None:
             return f"{name} in training mode (uses its batch's statistics)"
     for part in ("drop", "act"):
         m = getattr(layer, part, None)
-        random = (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0) or isinstance(m, nn.RReLU) or (
-            m is not None and part == "drop" and not isinstance(m, (nn.Identity, nn.modules.dropout._DropoutNd)))
-        if random and m.training:
+        if m is None or not m.training or isinstance(m, nn.Identity):
+            continue
+        if isinstance(m, nn.RReLU) or (part == "drop" and not (isinstance(m, nn.modules.dropout._DropoutNd) and m.p == 0)):
             return f"{name}'s {part} ({type(m).__name__}) draws anew in training mode, which its rule cannot redraw"
     return None
 
@@ -308,9 +311,7 @@ def _norm_of(layer: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], 
     if isinstance(layer, nn.modules.batchnorm._BatchNorm):
         return (lambda x: _running(layer, x)), _spatial, (-1,)
     if isinstance(layer, nn.GroupNorm):
-        def grouped(x):
-            return _standardize(x.reshape(x.shape[0], layer.num_groups, -1), (2,), layer.eps).reshape(x.shape)
-        return grouped, _spatial, (-1,)
+        return (lambda x: _grouped(layer, x)), _spatial, (-1,)
     if _channels_first(layer):
         return (lambda x: F.layer_norm(x.movedim(1, -1), layer.normalized_shape, eps=layer.eps).movedim(-1, 1),
                 _spatial, (-1,))
