@@ -291,6 +291,73 @@ class NormActNet(nn.Module):
         return self.head(h.mean(0 if seq_first else 1))
 
 
+class LayerScale(nn.Module):
+    """x ⊙ γ over the last dimension (timm's LayerScale); ``inplace``: ``x.mul_(γ)``;
+    ``squared``: x² ⊙ γ (not a layer scale)."""
+
+    def __init__(self, C: int, inplace: bool = False, squared: bool = False):
+        super().__init__()
+        self.inplace, self.squared = inplace, squared
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, C))
+
+    def forward(self, x):
+        if self.squared:
+            return x * x * self.gamma
+        return x.mul_(self.gamma) if self.inplace else x * self.gamma
+
+
+class LayerScale2d(nn.Module):
+    """γ per channel of (B, C, H, W) (timm's LayerScale2d)."""
+
+    def __init__(self, C: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, C))
+
+    def forward(self, x):
+        return x * self.gamma.view(1, -1, 1, 1)
+
+
+class ShapedScale(nn.Module):
+    """``scale`` viewed as its ``shape`` (MetaFormer's Scale: (C, 1, 1) for NCHW, else (C,))."""
+
+    def __init__(self, C: int, nchw: bool):
+        super().__init__()
+        self.shape = (C, 1, 1) if nchw else (C,)
+        self.scale = nn.Parameter(torch.linspace(-1.0, 1.5, C))
+
+    def forward(self, x):
+        return x * self.scale.view(self.shape)
+
+
+class ScaleNet(nn.Module):
+    """A layer scale between a layer and a head: "last", "inplace", "squared" and "shaped"
+    on sequences (B, 3, 4) through a Linear, in ``layout`` "batch", "seq_first", "TB"
+    (T = B = 3) or "flat" (B, 4); "2d" and "shaped_nchw" on images (B, 2, 3, 4) through a
+    3x3 conv to 4 channels."""
+
+    def __init__(self, kind: str, layout: str = "batch", C: int = 4):
+        super().__init__()
+        self.layout = layout
+        self.scale = {"last": lambda: LayerScale(C), "inplace": lambda: LayerScale(C, inplace=True),
+                      "squared": lambda: LayerScale(C, squared=True), "shaped": lambda: ShapedScale(C, False),
+                      "2d": lambda: LayerScale2d(C), "shaped_nchw": lambda: ShapedScale(C, True)}[kind]()
+        self.image = kind in ("2d", "shaped_nchw")
+        self.pre = nn.Conv2d(2, C, 3, padding=1) if self.image else nn.Linear(C, C)
+        self.head = nn.Linear(C * 12 if self.image else C, 3)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """One example's input shape."""
+        return (2, 3, 4) if self.image else (4,) if self.layout == "flat" else (3, 4)
+
+    def forward(self, x):
+        if self.image:
+            return self.head(torch.tanh(self.scale(self.pre(x))).flatten(1))
+        seq_first = self.layout == "seq_first"
+        h = torch.tanh(self.scale(self.pre(x.transpose(0, 1) if seq_first else x)))
+        return self.head(h if self.layout == "flat" else h.mean(0 if seq_first else 1))
+
+
 class PatchTokens(nn.Module):
     """A ViT-style patch embedding, as timm's XCiT writes it: conv -> BatchNorm -> tokens
     (B, N, C) by ``flatten(2).transpose(1, 2)``, + a position, LayerNorm, mean, head. For one

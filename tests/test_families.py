@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import gradscore as gs
-from helpers import NormActNet
+from helpers import NormActNet, ScaleNet
 
 B, T, D = 3, 4, 5
 
@@ -297,8 +297,10 @@ NORM_ACT_GRID = ([("norm_act", ("bn", act, "batch")) for act in ("none", "relu_i
                  + [("norm_act", ("ln2d", act, "batch")) for act in ("none", "gelu")]
                  + [("norm_act", ("ln", "gelu", layout)) for layout in ("batch", "seq_first", "TB")]
                  + [("norm_act", ("ln2d_last", "none", "batch")), ("norm_act", ("bn_act_first", "silu", "batch"))])
+SCALE_GRID = ([("scale", ("last", layout)) for layout in ("batch", "seq_first", "TB", "flat")]
+              + [("scale", (kind, "batch")) for kind in ("shaped", "2d", "shaped_nchw", "inplace", "squared")])
 GRID = (AFFINE_GRID + RNN_GRID + MHA_GRID + BAG_GRID + CONV_GRID + NORM_GRID + OWN_GRID + NORM_ACT_GRID
-        + [("subclass", ())])
+        + SCALE_GRID + [("subclass", ())])
 
 
 def _build(family, config, n=B):
@@ -343,6 +345,9 @@ def _build(family, config, n=B):
     if family == "norm_act":
         model = NormActNet(*config)
         return model, 2 * torch.randn(n, *model.shape, generator=g, dtype=torch.float64) + 0.5
+    if family == "scale":
+        model = ScaleNet(*config)
+        return model, torch.randn(n, *model.shape, generator=g, dtype=torch.float64)
     raise KeyError(family)
 
 
@@ -498,6 +503,23 @@ def test_a_norm_act_layer_that_draws_in_training_mode_is_refused_by_its_rule():
     assert _norm_act_supports(layer.eval()) is None
     layer.drop, layer.act = nn.Identity(), nn.RReLU()
     assert "act (RReLU) draws anew" in _norm_act_supports(layer.train())
+
+
+@pytest.mark.parametrize("family,config", SCALE_GRID, ids=lambda v: str(v))
+def test_a_layer_scale_takes_its_rule_where_it_computes_x_times_gamma(family, config):
+    """A layer scale (timm's LayerScale and LayerScale2d, MetaFormer's Scale) takes the
+    layer-scale rule where it gives x ⊙ γ in its view, on every layout; one that changes
+    its input in place, or computes x² ⊙ γ, goes to the fallback with why."""
+    scorer = _agree(family, config)
+    scorer.score_batch(*_prepare(family, config)[1:])
+    why = scorer.explain()
+    name = "scale.scale" if config[0].startswith("shaped") else "scale.gamma"
+    if config[0] == "inplace":
+        assert why[name].startswith("vmap (LayerScale with inplace=True"), why
+    elif config[0] == "squared":
+        assert why[name].startswith("vmap (") and "does not compute" in why[name], why
+    else:
+        assert why[name].startswith("ghost (layer_scale rule on scale: "), why
 
 
 class Int8Linear(nn.Linear):

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscore as gs
-from helpers import (BatchNormAct, ChannelsLastNorm, GroupNormAct, LayerNormAct2d, PatchTokens, Reversed,
-                     check_inrun_against_loop, inrun_reference)
+from helpers import (BatchNormAct, ChannelsLastNorm, GroupNormAct, LayerNormAct2d, LayerScale2d, PatchTokens,
+                     Reversed, check_inrun_against_loop, inrun_reference)
 from gradscore.demos.models import digits_cnn, mlp
 from gradscore.engines.rules.registry import FactoredRef
 from gradscore.scores import inrun as inrun_scores
@@ -830,8 +830,9 @@ def test_a_target_larger_than_the_training_batch_runs_in_chunks_of_it(tmp_path, 
 
 def test_norm_subclasses_with_an_activation_are_recorded_as_the_loop_scores_them(tmp_path):
     """timm's norm subclasses (their structure: a LayerNorm over the channels, a GroupNorm
-    and a frozen BatchNorm, each followed by its own activation) have the norm-act rule:
-    recorded in training (refused before: no ghost rule), equal to the loop at θ_t."""
+    and a frozen BatchNorm, each followed by its own activation) have the norm-act rule,
+    and its layer scale the layer-scale rule: recorded in training (refused before: no
+    ghost rule), equal to the loop at θ_t."""
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -839,10 +840,11 @@ def test_norm_subclasses_with_an_activation_are_recorded_as_the_loop_scores_them
             self.ln = LayerNormAct2d(4, "gelu")
             self.gn = GroupNormAct(4, 2, "silu")
             self.bn = BatchNormAct(4, "relu_inplace")
+            self.ls = LayerScale2d(4)
             self.head = nn.Linear(48, 3)
 
         def forward(self, x):
-            return self.head(self.bn(self.gn(self.ln(self.conv(x)))).flatten(1))
+            return self.head(self.ls(self.bn(self.gn(self.ln(self.conv(x))))).flatten(1))
 
     torch.manual_seed(0)
     model = Net().double().train()
