@@ -358,6 +358,23 @@ class ScaleNet(nn.Module):
         return self.head(h if self.layout == "flat" else h.mean(0 if seq_first else 1))
 
 
+class NormActCNN(nn.Module):
+    """timm's layers' structure on (B, 2, 3, 4): a 3x3 conv to 4 channels, a LayerNorm over
+    the channels with GELU, a GroupNorm of 2 groups with SiLU, and (``batch_norm``) a
+    BatchNorm with ReLU in place and a per-channel layer scale, then a head."""
+
+    def __init__(self, batch_norm: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.ln = LayerNormAct2d(4, "gelu")
+        self.gn = GroupNormAct(4, 2, "silu")
+        self.tail = nn.Sequential(BatchNormAct(4, "relu_inplace"), LayerScale2d(4)) if batch_norm else nn.Identity()
+        self.head = nn.Linear(48, 3)
+
+    def forward(self, x):
+        return self.head(self.tail(self.gn(self.ln(self.conv(x)))).flatten(1))
+
+
 class PatchTokens(nn.Module):
     """A ViT-style patch embedding, as timm's XCiT writes it: conv -> BatchNorm -> tokens
     (B, N, C) by ``flatten(2).transpose(1, 2)``, + a position, LayerNorm, mean, head. For one

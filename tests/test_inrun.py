@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscore as gs
-from helpers import (BatchNormAct, ChannelsLastNorm, GroupNormAct, LayerNormAct2d, LayerScale2d, PatchTokens,
-                     Reversed, check_inrun_against_loop, inrun_reference)
+from helpers import (ChannelsLastNorm, NormActCNN, PatchTokens, Reversed, check_inrun_against_loop,
+                     inrun_reference)
 from gradscore.demos.models import digits_cnn, mlp
 from gradscore.engines.rules.registry import FactoredRef
 from gradscore.scores import inrun as inrun_scores
@@ -833,25 +833,12 @@ def test_norm_subclasses_with_an_activation_are_recorded_as_the_loop_scores_them
     and a frozen BatchNorm, each followed by its own activation) have the norm-act rule,
     and its layer scale the layer-scale rule: recorded in training (refused before: no
     ghost rule), equal to the loop at θ_t."""
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(2, 4, 3, padding=1)
-            self.ln = LayerNormAct2d(4, "gelu")
-            self.gn = GroupNormAct(4, 2, "silu")
-            self.bn = BatchNormAct(4, "relu_inplace")
-            self.ls = LayerScale2d(4)
-            self.head = nn.Linear(48, 3)
-
-        def forward(self, x):
-            return self.head(self.ls(self.bn(self.gn(self.ln(self.conv(x))))).flatten(1))
-
     torch.manual_seed(0)
-    model = Net().double().train()
+    model = NormActCNN().double().train()
     with torch.no_grad():
-        model.bn.running_mean.uniform_(-0.5, 0.5)
-        model.bn.running_var.uniform_(0.5, 1.5)
-    model.bn.eval()   # frozen statistics
+        model.tail[0].running_mean.uniform_(-0.5, 0.5)
+        model.tail[0].running_var.uniform_(0.5, 1.5)
+    model.tail[0].eval()   # frozen statistics
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(12, 2, 3, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g)
     rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[8:], y[8:]))
@@ -1495,19 +1482,8 @@ def test_norm_act_layers_under_autocast_are_recorded_near_the_float32_loop(tmp_p
     their activations after them in float32: the norm-act rule takes the gradient back
     through the activation in the dtype it ran in. Every parameter is ghost-ruled; the
     norms are the float32 loop's to bf16's precision."""
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(2, 4, 3, padding=1)
-            self.ln = LayerNormAct2d(4, "gelu")
-            self.gn = GroupNormAct(4, 2, "silu")
-            self.head = nn.Linear(48, 3)
-
-        def forward(self, x):
-            return self.head(self.gn(self.ln(self.conv(x))).flatten(1))
-
     torch.manual_seed(0)
-    model = Net().train()
+    model = NormActCNN(batch_norm=False).train()
     snapshot = copy.deepcopy(model).eval()
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(4, 2, 3, 4, generator=g), torch.tensor([0, 1, 2, 1])
