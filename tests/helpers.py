@@ -375,6 +375,27 @@ class NormActCNN(nn.Module):
         return self.head(self.tail(self.gn(self.ln(self.conv(x)))).flatten(1))
 
 
+class MyStdConv2d(nn.Conv2d):
+    """A conv whose weight is standardized per output channel in its forward (timm's
+    StdConv2d's structure; ``gain``: ScaledStdConv2d's, a per-channel gain times 1/√fan-in);
+    ``plain``: named so but not standardizing (not what the rule assumes)."""
+
+    def __init__(self, *args, gain: bool = False, plain: bool = False, eps: float = 1e-5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eps, self.plain = eps, plain
+        if gain:
+            self.gain = nn.Parameter(torch.linspace(0.5, 1.5, self.out_channels).reshape(-1, 1, 1, 1))
+            self.scale = self.weight[0].numel() ** -0.5
+
+    def forward(self, x):
+        if self.plain:
+            return super().forward(x)
+        c = (self.gain * self.scale).view(-1) if hasattr(self, "gain") else None
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, weight=c, training=True,
+                         momentum=0.0, eps=self.eps).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
 class PatchTokens(nn.Module):
     """A ViT-style patch embedding, as timm's XCiT writes it: conv -> BatchNorm -> tokens
     (B, N, C) by ``flatten(2).transpose(1, 2)``, + a position, LayerNorm, mean, head. For one

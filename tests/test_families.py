@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import gradscore as gs
-from helpers import NormActNet, ScaleNet
+from helpers import MyStdConv2d, NormActNet, ScaleNet
 
 B, T, D = 3, 4, 5
 
@@ -299,8 +299,12 @@ NORM_ACT_GRID = ([("norm_act", ("bn", act, "batch")) for act in ("none", "relu_i
                  + [("norm_act", ("ln2d_last", "none", "batch")), ("norm_act", ("bn_act_first", "silu", "batch"))])
 SCALE_GRID = ([("scale", ("last", layout)) for layout in ("batch", "seq_first", "TB", "flat")]
               + [("scale", (kind, "batch")) for kind in ("shaped", "2d", "shaped_nchw", "inplace", "squared")])
+#: (gain, bias, groups, stride, padding, dilation, plain)
+STD_CONV_GRID = [("std_conv", c) for c in [(False, False, 1, 1, 1, 1, False), (False, True, 2, 2, 0, 1, False),
+                                           (True, True, 1, 1, "same", 2, False), (True, False, 2, 1, 1, 1, False),
+                                           (True, True, 4, 2, 1, 1, False), (False, True, 1, 1, 1, 1, True)]]
 GRID = (AFFINE_GRID + RNN_GRID + MHA_GRID + BAG_GRID + CONV_GRID + NORM_GRID + OWN_GRID + NORM_ACT_GRID
-        + SCALE_GRID + [("subclass", ())])
+        + SCALE_GRID + STD_CONV_GRID + [("subclass", ())])
 
 
 def _build(family, config, n=B):
@@ -348,6 +352,12 @@ def _build(family, config, n=B):
     if family == "scale":
         model = ScaleNet(*config)
         return model, torch.randn(n, *model.shape, generator=g, dtype=torch.float64)
+    if family == "std_conv":
+        gain, bias, groups, stride, padding, dilation, plain = config
+        layer = MyStdConv2d(4, 8, 3, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias,
+                            gain=gain, plain=plain)
+        return (nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)),
+                torch.randn(n, 4, 7, 6, generator=g, dtype=torch.float64))
     raise KeyError(family)
 
 
@@ -520,6 +530,23 @@ def test_a_layer_scale_takes_its_rule_where_it_computes_x_times_gamma(family, co
         assert why[name].startswith("vmap (") and "does not compute" in why[name], why
     else:
         assert why[name].startswith("ghost (layer_scale rule on scale: "), why
+
+
+@pytest.mark.parametrize("family,config", STD_CONV_GRID, ids=lambda v: str(v))
+def test_a_weight_standardized_conv_takes_its_rule_where_it_standardizes(family, config):
+    """A Conv2d whose forward standardizes its weight per output channel (timm's StdConv2d,
+    and ScaledStdConv2d with a gain) takes the std-conv rule: its weight's gradient through
+    the standardization, its gain's and bias's; one named so that does not standardize goes
+    to the fallback with why."""
+    scorer = _agree(family, config)
+    scorer.score_batch(*_prepare(family, config)[1:])
+    why = scorer.explain()
+    conv = {k: v for k, v in why.items() if k.startswith("0.")}
+    if config[-1]:
+        assert all(v.startswith("vmap (") and "does not compute" in v for v in conv.values()), why
+    else:
+        assert all(v.startswith("ghost (std_conv rule on 0: ") for v in conv.values()), why
+        assert ("0.gain" in conv) == config[0]
 
 
 class Int8Linear(nn.Linear):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscore as gs
-from helpers import (ChannelsLastNorm, NormActCNN, PatchTokens, Reversed, check_inrun_against_loop,
+from helpers import (ChannelsLastNorm, MyStdConv2d, NormActCNN, PatchTokens, Reversed, check_inrun_against_loop,
                      inrun_reference)
 from gradscore.demos.models import digits_cnn, mlp
 from gradscore.engines.rules.registry import FactoredRef
@@ -1475,6 +1475,21 @@ def test_structural_rules_are_checked_in_full_precision_under_autocast(tmp_path)
             causal_lm("mean").fn(snapshot(input_ids=ids[b:b + 1]).logits, labels[b:b + 1])[0], params)))
             for b in range(4)]
         np.testing.assert_allclose(sq, want, rtol=0.1)    # bf16's 8 bits of mantissa
+
+
+def test_weight_standardized_convs_are_recorded_as_the_loop_scores_them(tmp_path):
+    """Convs that standardize their weight in their forward (timm's StdConv2d, and
+    ScaledStdConv2d with a gain: BiT ResNets, NFNets) have the std-conv rule: recorded in
+    training (refused before: no ghost rule), equal to the loop at θ_t."""
+    torch.manual_seed(0)
+    model = nn.Sequential(MyStdConv2d(1, 4, 3, padding=1), nn.SiLU(), MyStdConv2d(4, 4, 3, stride=2, groups=2, gain=True),
+                          nn.Flatten(), nn.Linear(36, 4)).double()
+    x, y = _data(image=True)
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[40:], y[40:]))
+    assert not rec.engine.fallback
+    snaps: list = []
+    _train(model, x, y, steps=2, batch=6, rec=rec, snapshots=snaps)
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[40:], y[40:]), dot_rtol=1e-8)
 
 
 def test_norm_act_layers_under_autocast_are_recorded_near_the_float32_loop(tmp_path):
