@@ -404,7 +404,8 @@ def test_every_engine_equals_the_loop_or_refuses(family, config):
 
 
 @pytest.mark.parametrize("family,config", [RNN_GRID[0], RNN_GRID[-1], MHA_GRID[0], BAG_GRID[-1],
-                                           CONV_GRID[0], NORM_GRID[0], *OWN_GRID[::7]], ids=lambda v: str(v))
+                                           CONV_GRID[0], NORM_GRID[0], *OWN_GRID[::7], *NORM_ACT_GRID[::3],
+                                           *SCALE_GRID[::2], *STD_CONV_GRID[::2]], ids=lambda v: str(v))
 @pytest.mark.parametrize("engine", ["auto", "ghost", "vmap", "loop"])
 def test_an_empty_batch_gives_empty_results(family, config, engine):
     model, x, y = _prepare(family, config, n=0)

@@ -238,11 +238,15 @@ def _bn_supports(m: nn.Module) -> str | None:
     return None
 
 
+def _per_channel(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-channel vector v (C,) broadcast against x (B, C, *spatial)."""
+    return v.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
 def _running(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x normalized per channel (dimension 1) by the layer's running statistics."""
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    return ((x - layer.running_mean.to(x.dtype).reshape(shape))
-            / torch.sqrt(layer.running_var.to(x.dtype).reshape(shape) + layer.eps))
+    return ((x - _per_channel(layer.running_mean.to(x.dtype), x))
+            / torch.sqrt(_per_channel(layer.running_var.to(x.dtype), x) + layer.eps))
 
 
 @register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, supports=_bn_supports)
@@ -322,7 +326,7 @@ def _norm_of(layer: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], 
 def _affine_view(w: torch.Tensor, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """γ or β broadcast against x: per channel (dimension 1) where ``shape`` is (-1,), else
     over the trailing ``shape``."""
-    return w.reshape((1, -1) + (1,) * (x.dim() - 2)) if shape == (-1,) else w.reshape(shape)
+    return _per_channel(w, x) if shape == (-1,) else w.reshape(shape)
 
 
 def _computes_norm_act(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> str | None:
