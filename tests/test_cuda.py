@@ -159,3 +159,32 @@ def test_dots_in_float32_take_cublas_and_the_rest_the_triton_kernel():
     assert takes_reference(G, V, None) and takes_reference(G.double(), V.double(), None)
     assert not takes_reference(G, None, None) and not takes_reference(G, V[:0], None)
     assert not takes_reference(G.bfloat16(), V.bfloat16(), None) and not takes_reference(G, V, "triton")
+
+
+def _family_cases():
+    """One case in a few of each layer family's CPU grid (tests/test_families.py), and every
+    case of the structural rules' grids (norm-act, layer scale, weight-standardized conv)."""
+    import test_families as f
+    return (f.AFFINE_GRID[::6] + f.RNN_GRID[::24] + f.MHA_GRID[::16] + f.BAG_GRID[::16] + f.CONV_GRID[::6]
+            + f.NORM_GRID[::4] + f.OWN_GRID[::5] + f.NORM_ACT_GRID + f.SCALE_GRID + f.STD_CONV_GRID)
+
+
+@pytest.mark.parametrize("family,config", _family_cases(), ids=lambda v: str(v))
+@pytest.mark.parametrize("engine", ["ghost", "auto"])
+def test_the_layer_families_on_cuda_equal_the_loop_on_cpu(family, config, engine):
+    """Every ghost rule's CUDA path in float64 against the CPU loop; ghost may refuse, auto may not."""
+    import copy
+
+    from test_families import _prepare, _refs
+    model, x, y = _prepare(family, config)
+    loop = gs.Scorer(model, engine="loop")
+    V = _refs(loop, 2)
+    want = loop.score_batch(x, y, refs=V)
+    try:
+        got = gs.Scorer(copy.deepcopy(model).cuda(), engine=engine).score_batch(x.cuda(), y.cuda(), refs=V.cuda())
+    except gs.GradscoreError:
+        assert engine != "auto", f"auto raised on {family} {config}"
+        return
+    torch.testing.assert_close(got.sq_norm.cpu(), want.sq_norm, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(got.dots.cpu(), want.dots, rtol=1e-6, atol=1e-9)
+    assert got.sq_norm.device.type == "cuda"
