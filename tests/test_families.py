@@ -77,11 +77,11 @@ class Attention(nn.Module):
         n = x.shape[1]
         kw = {}
         if self.mask == "padding":
-            kw["key_padding_mask"] = (x[..., 0] < 0) & (torch.arange(n) > 0)
+            kw["key_padding_mask"] = (x[..., 0] < 0) & (torch.arange(n, device=x.device) > 0)
         elif self.mask == "causal":
-            kw["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(n, dtype=x.dtype)
+            kw["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(n, device=x.device, dtype=x.dtype)
         elif self.mask == "bool":
-            kw["attn_mask"] = torch.ones(n, n, dtype=torch.bool).triu(1)
+            kw["attn_mask"] = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
         if not self.batch_first:
             q, kv = q.transpose(0, 1), kv.transpose(0, 1)
         out = self.attn(q, kv, kv, need_weights=self.mask is None, **kw)[0]
@@ -108,8 +108,8 @@ class Bag(nn.Module):
         if not self.offsets:
             return self.bag(ids, per_sample_weights=w)
         n, L = ids.shape
-        lengths = torch.full((n,), L) if self.offsets == "even" else ids[:, 0] % 5
-        keep = torch.arange(L).unsqueeze(0) < lengths.unsqueeze(1)
+        lengths = torch.full((n,), L, device=ids.device) if self.offsets == "even" else ids[:, 0] % 5
+        keep = torch.arange(L, device=ids.device).unsqueeze(0) < lengths.unsqueeze(1)
         offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
         offsets = offsets if self.offsets == "last" else offsets[:-1]
         return self.bag(ids[keep], offsets, per_sample_weights=None if w is None else w[keep])
