@@ -1,7 +1,7 @@
 """GPU validation kit: one prepared command that proves the CUDA paths and comes back with
 every figure, inside a time budget.
 
-    pip install --no-deps -e .                     # on the GPU machine, over its own torch
+    pip install --no-deps -e .                     # optional (offline: --no-build-isolation), over its own torch
     python -m bench.gpu_check [--budget-s 420]     # -> bench/results/gpu_<device>.{json,md}
     python -m bench.gpu_check --dry-run --out DIR  # CPU, tiny sizes, Triton's interpreter (CI)
 
@@ -57,7 +57,9 @@ class Sizes:
 
     def __init__(self, dry_run: bool) -> None:
         self.device = "cpu" if dry_run else "cuda"
-        self.shapes = [(8, 1000)] if dry_run else [(64, 1 << 20), (256, 1 << 20), (1024, 1 << 18)]
+        # the first two: blocks of a small layer, where a call is its launch (CUDA_SMALL_BLOCK's rows)
+        self.shapes = [(8, 1000)] if dry_run else [(256, 1024), (4096, 1024), (64, 1 << 20), (256, 1 << 20),
+                                                   (1024, 1 << 18)]
         self.dtypes = ["float32"] if dry_run else ["float32", "bfloat16"]
         self.refs = [0, 2]
         self.repeats = 1 if dry_run else 20

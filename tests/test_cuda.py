@@ -94,11 +94,16 @@ def _to(x, **kw):
     return {k: one(v) for k, v in x.items()} if isinstance(x, dict) else one(x)
 
 
-@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-6), (torch.float32, 1e-3)], ids=["float64", "float32"])
+@pytest.mark.parametrize("dtype, rtol, kernels", [(torch.float64, 1e-6, None), (torch.float32, 1e-3, None),
+                                                  (torch.float32, 1e-3, "triton")],
+                         ids=["float64", "float32", "float32-triton"])
 @pytest.mark.parametrize("engine", ["ghost", "vmap", "auto"])
 @pytest.mark.parametrize("name", ["mlp", "cnn", "depthwise", "tokens", "gpt2", "lstm", "gru"])
-def test_engines_on_cuda_equal_the_loop(name, engine, dtype, rtol):
-    """float64 checks the engines; float32 takes the Triton kernels (float64 takes torch)."""
+def test_engines_on_cuda_equal_the_loop(name, engine, dtype, rtol, kernels, monkeypatch):
+    """float64 checks the engines; float32 the kernels: these small blocks take torch by
+    default, and the Triton kernels when forced."""
+    if kernels is not None:
+        monkeypatch.setenv("GRADSCORE_KERNELS", kernels)
     model, x, y, loss = _case(name)
     model = model.to(device="cuda", dtype=dtype).eval()
     x, y = _to(x, device="cuda", dtype=dtype), y.cuda()
@@ -150,12 +155,17 @@ def test_sketches_on_cuda_equal_the_cpu_ones(name):
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-9, atol=1e-11)
 
 
-def test_dots_in_float32_take_cublas_and_the_rest_the_triton_kernel():
+def test_small_blocks_and_dots_in_float32_take_torch_and_the_rest_the_triton_kernel():
     """On the H200, cuBLAS read float32 blocks with references 2 to 5 times faster than the
-    Triton kernel's dots (bench/results/gpu_nvidia-h200.json); norms alone and half types
-    stay on the kernel, and a forced backend is obeyed."""
-    from gradscore.kernels.norm_dot import takes_reference
-    G, V = _rand(8, 1000, seed=0), _rand(2, 1000, seed=1)
+    Triton kernel's dots (bench/results/gpu_nvidia-h200.json), and a small block's call is
+    its launch, cheaper in torch; large blocks' norms alone and half types stay on the
+    kernel, and a forced backend is obeyed."""
+    from gradscore.kernels.norm_dot import CUDA_SMALL_BLOCK, takes_reference
+    small, V = _rand(8, 1000, seed=0), _rand(2, 1000, seed=1)
+    assert takes_reference(small, None, None) and takes_reference(small.bfloat16(), V.bfloat16(), None)
+    assert not takes_reference(small, None, "triton")
+    P = CUDA_SMALL_BLOCK // 4 + 1
+    G, V = _rand(4, P, seed=0), _rand(2, P, seed=1)
     assert takes_reference(G, V, None) and takes_reference(G.double(), V.double(), None)
     assert not takes_reference(G, None, None) and not takes_reference(G, V[:0], None)
     assert not takes_reference(G.bfloat16(), V.bfloat16(), None) and not takes_reference(G, V, "triton")

@@ -494,3 +494,23 @@ def test_which_blocks_the_default_backend_hands_to_the_reference():
     assert takes_reference(small, None, None) and takes_reference(small, V, None)
     assert not takes_reference(large, None, None) and not takes_reference(small, None, "numba")
     assert takes_reference(torch.zeros(0, 10), None, "numba")
+
+
+def test_which_cuda_blocks_the_default_backend_hands_to_the_reference():
+    """The CUDA rule without a GPU (tests/test_cuda.py runs it on real blocks): a block of at
+    most CUDA_SMALL_BLOCK elements, and float32/float64 blocks with references."""
+    from types import SimpleNamespace
+
+    from gradscore.kernels.norm_dot import CUDA_SMALL_BLOCK, takes_reference
+
+    def block(rows, cols, dtype=torch.float32):   # what takes_reference reads of a CUDA tensor
+        return SimpleNamespace(shape=(rows, cols), dtype=dtype, device=torch.device("cuda", 0),
+                               numel=lambda: rows * cols)
+    small, large = block(4, CUDA_SMALL_BLOCK // 4), block(4, CUDA_SMALL_BLOCK // 4 + 1)
+    refs, none = block(2, 1), block(0, 1)
+    assert takes_reference(small, None, None) and takes_reference(block(4, CUDA_SMALL_BLOCK // 4, torch.bfloat16),
+                                                                   refs, None)
+    assert not takes_reference(large, None, None) and not takes_reference(large, none, None)
+    assert takes_reference(large, refs, None) and takes_reference(block(4, CUDA_SMALL_BLOCK, torch.float64), refs, None)
+    assert not takes_reference(block(4, CUDA_SMALL_BLOCK, torch.bfloat16), refs, None)
+    assert not takes_reference(small, None, "triton")

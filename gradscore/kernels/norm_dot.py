@@ -21,22 +21,28 @@ Blocks = torch.Tensor | Sequence[torch.Tensor]
 #: torch reference: the numba kernel's fixed cost per call outweighs one pass over it
 #: (``python -m bench.kernels`` shows where the two meet)
 SMALL_BLOCK = 16384
+#: on CUDA, a block of at most this many elements takes the torch reference: there a call
+#: is its launch, and the Triton kernel's (its Python launcher, partial sums, their sum)
+#: cost 62 µs on the H200 against 24 µs for the reference; the kernel reads faster from
+#: about four times this size on (``bench.gpu_check``'s bandwidth rows, small shapes too)
+CUDA_SMALL_BLOCK = 2**22
 
 
 def takes_reference(G: torch.Tensor, V: torch.Tensor | None, forced: str | None) -> bool:
     """Whether the default backend hands the block G (B, P) with V (K, P) to the torch
     reference: an empty batch (the kernels' launch grids assume rows); on CPU a block of at
-    most :data:`SMALL_BLOCK` elements; on CUDA a float32/float64 block with references,
-    where cuBLAS's matrix product reads faster than the Triton kernel's dots
-    (``bench.gpu_check``'s bandwidth rows) and the reference makes no copy of G."""
+    most :data:`SMALL_BLOCK` elements; on CUDA a block of at most :data:`CUDA_SMALL_BLOCK`,
+    and a float32/float64 block with references, where cuBLAS's matrix product reads faster
+    than the Triton kernel's dots (``bench.gpu_check``'s bandwidth rows) and the reference
+    makes no copy of G."""
     if G.shape[0] == 0:
         return True
     if forced is not None:
         return False
     if G.device.type == "cpu":
         return G.numel() <= SMALL_BLOCK
-    return (G.device.type == "cuda" and V is not None and V.shape[0] > 0
-            and G.dtype in (torch.float32, torch.float64))
+    return G.device.type == "cuda" and (G.numel() <= CUDA_SMALL_BLOCK or (
+        V is not None and V.shape[0] > 0 and G.dtype in (torch.float32, torch.float64)))
 
 
 def norm_dot(G: Blocks, V: Blocks | None = None, *, backend: str | None = None
