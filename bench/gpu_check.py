@@ -73,7 +73,9 @@ class Sizes:
         self.engine_repeats = 1 if dry_run else 3
         self.inrun_cases = ([("mlp_784_1024_1024", 8)] if dry_run else
                             [("mlp_784_1024_1024", 256), ("transformer_d128_T64", 64), ("transformer_d128_T64", 256),
-                             ("gpt2_d64_T128", 32)])
+                             ("gpt2_d64_T128", 32),
+                             # a step whose GPU work outlasts its launches: the recorder's own GPU time shows
+                             ("transformer_d128_T64", 2048)])
         # in-run only: a real vocabulary, whose loss terms take the generic path on CUDA
         self.inrun_vocab_cases = [] if dry_run else [("gpt2_d64_T128_V32768", 16)]
         self.sketch_dim = 256 if dry_run else 8192
