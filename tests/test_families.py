@@ -487,6 +487,46 @@ def test_a_norm_subclass_with_its_own_forward_takes_the_norm_act_rule_where_it_c
     assert why["head.weight"].startswith("ghost")
 
 
+@pytest.mark.parametrize("kind", ["gn", "ln", "ln2d", "bn"])
+@pytest.mark.parametrize("act", ["relu_inplace", "hardswish"])
+def test_a_norm_act_at_its_activations_kink_takes_the_side_the_forward_took(kind, act):
+    """A group with no variance (an example's positions alike: a repeated token, a padded
+    region) normalizes to rounding noise, and a zero bias (its init) puts the activation's
+    input at the kink of a ReLU (or of Hardswish, at −3 with a bias of −3): the derivative
+    there follows the noise's sign. The rule takes that input from the forward's own
+    computation, so its side of the kink is the forward's (found by the random models:
+    seed 722, GroupNormAct with ReLU; it recomputed the input by another formula)."""
+    from helpers import ACTS, BatchNormAct, GroupNormAct, LayerNormAct, LayerNormAct2d
+    torch.manual_seed(0)
+    C = 4
+    norm = {"gn": lambda: GroupNormAct(C, C, act), "ln": lambda: LayerNormAct(C, act),
+            "ln2d": lambda: LayerNormAct2d(C, act), "bn": lambda: BatchNormAct(C, act)}[kind]()
+    with torch.no_grad():
+        norm.bias.fill_(-3.0 if act == "hardswish" else 0.0)
+        if kind == "bn":   # per channel by its statistics: x at the running mean is the kink
+            norm.running_mean.copy_(torch.tensor([0.3, -0.7, 1.1, 0.1]))
+    g = torch.Generator().manual_seed(0)
+    if kind == "ln":   # (B, T, C), a LayerNorm over C: positions whose C features are alike
+        x = torch.randn(5, 3, C, generator=g, dtype=torch.float64)
+        x[:, :2] = torch.randn(5, 2, 1, generator=g, dtype=torch.float64) * 3.7 + 0.1
+        model = nn.Sequential(norm, nn.Flatten(), nn.Linear(3 * C, 3)).double().eval()
+    else:              # (B, C, T, 2): channels alike over the positions (gn), or over the channels (ln2d)
+        x = torch.randn(5, C, 3, 2, generator=g, dtype=torch.float64)
+        if kind == "gn":
+            x[:, :, :, :] = torch.randn(5, C, 1, 1, generator=g, dtype=torch.float64) * 3.7 + 0.1
+        elif kind == "ln2d":
+            x[:, :, :2] = torch.randn(5, 1, 2, 2, generator=g, dtype=torch.float64) * 3.7 + 0.1
+        else:
+            x[:, :, 0] = norm.running_mean.double()[None, :, None]
+        model = nn.Sequential(norm, nn.Flatten(), nn.Linear(6 * C, 3)).double().eval()
+    y = torch.arange(5) % 3
+    want = gs.Scorer(model, engine="loop").score_batch(x, y).sq_norm
+    for engine in ("ghost", "auto"):
+        scorer = gs.Scorer(model, engine=engine)
+        torch.testing.assert_close(scorer.score_batch(x, y).sq_norm, want, rtol=1e-9, atol=1e-12)
+        assert scorer.explain()["0.weight"].startswith("ghost (norm_act rule"), scorer.explain()
+
+
 def test_a_norm_act_batchnorm_in_training_mode_is_never_run_by_its_check():
     """The check of what a layer computes calls it: a BatchNorm in training mode would
     update its running statistics. It is refused unrun; the model's buffers stay as they were."""

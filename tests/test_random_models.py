@@ -2,7 +2,8 @@
 
 Each seed builds a model from a few blocks (Linear, a Linear registered twice, LayerNorm,
 RMSNorm, Conv1d with its padding modes, groups and dilation, GroupNorm, multi-head
-attention, RNN/GRU/LSTM, uni- or bidirectional, one or two layers), each applied to the
+attention, RNN/GRU/LSTM, uni- or bidirectional, one or two layers, and the structural
+rules' timm-like GroupNormAct, LayerNormAct and LayerScale), each applied to the
 (B, T, C) sequence or to its (T, B, C) transpose, with residuals and pooling; B and T
 drawn so that T == B, T == 1 and T == B + 1 all come up; all parameters scored, or
 those from a random block on, or the rest with random blocks frozen. ``auto`` and ``ghost`` must
@@ -20,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import check_random_inrun, check_random_model
+from helpers import ACTS, GroupNormAct, LayerNormAct, LayerScale, check_random_inrun, check_random_model
 
 
 class Block(nn.Module):
@@ -32,7 +33,7 @@ class Block(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         x = h.transpose(0, 1) if self.seq_first else h
-        if self.kind in ("conv", "groupnorm"):   # channels in dim 1, from (B, T, C)
+        if self.kind in ("conv", "groupnorm", "gn_act"):   # channels in dim 1, from (B, T, C)
             y = self.layer(h.transpose(1, 2)).transpose(1, 2)
             y = y.transpose(0, 1) if self.seq_first else y
         elif self.kind == "attention":
@@ -65,6 +66,12 @@ def _layer(rng: random.Random, kind: str, C: int, linears: list[nn.Linear], seq_
                          padding_mode=rng.choice(["zeros", "circular", "reflect"]) if k > 1 else "zeros"), out
     if kind == "groupnorm":
         return nn.GroupNorm(rng.choice([g for g in (1, 2, C) if C % g == 0]), C), C
+    if kind == "gn_act":   # the norm-act rule (timm's GroupNormAct): a norm, then an activation
+        return GroupNormAct(C, rng.choice([g for g in (1, 2, C) if C % g == 0]), rng.choice(list(ACTS))), C
+    if kind == "ln_act":
+        return LayerNormAct(C, rng.choice(list(ACTS)), bias=rng.random() < 0.7), C
+    if kind == "scale":    # the layer-scale rule (timm's LayerScale)
+        return LayerScale(C), C
     if kind == "attention":
         return nn.MultiheadAttention(C, rng.choice([h for h in (1, 2) if C % h == 0]), batch_first=not seq_first, bias=rng.random() < 0.7), C
     cls, bi, H = rng.choice([nn.RNN, nn.GRU, nn.LSTM]), rng.random() < 0.4, rng.choice([2, 3])
@@ -73,7 +80,8 @@ def _layer(rng: random.Random, kind: str, C: int, linears: list[nn.Linear], seq_
 
 
 class RandomModel(nn.Module):
-    KINDS = ("linear", "linear", "layernorm", "rmsnorm", "conv", "groupnorm", "attention", "recurrent", "twice")
+    KINDS = ("linear", "linear", "layernorm", "rmsnorm", "conv", "groupnorm", "attention", "recurrent", "twice",
+             "gn_act", "ln_act", "scale")
 
     def __init__(self, rng: random.Random, C: int, vocab: int) -> None:
         super().__init__()

@@ -344,19 +344,33 @@ def _computes_norm_act(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> st
     return computes(layer, x, expected, f"a {parent} over {where}, then its own drop and act")
 
 
-def _before_act(layer: nn.Module, x_hat: torch.Tensor, d: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """δ before the layer's ``drop`` and ``act``: their backward at γ ⊙ x̂ + β, in the dtype
-    they ran in (their output's, that of ``d``: float32 after an autocast LayerNorm or
-    GroupNorm of a half input), applied to the output gradient ``d``."""
+def _forward_pre_act(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """γ ⊙ x̂ + β as the layer's forward computes it, by its parent's own functional on x (as
+    timm's layers call it): the same values to the last bit, so an activation's kink is
+    taken on the forward's side (a group without variance normalizes to rounding noise,
+    which a zero bias leaves at a ReLU's kink)."""
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        return F.batch_norm(x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0, layer.eps)
+    if isinstance(layer, nn.GroupNorm):
+        return F.group_norm(x, layer.num_groups, layer.weight, layer.bias, layer.eps)
+    if _channels_first(layer):
+        return F.layer_norm(x.movedim(1, -1), layer.normalized_shape, layer.weight, layer.bias,
+                            layer.eps).movedim(-1, 1)
+    return F.layer_norm(x, layer.normalized_shape, layer.weight, layer.bias, layer.eps)
+
+
+def _before_act(layer: nn.Module, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """δ before the layer's ``drop`` and ``act``: their backward at the forward's γ ⊙ x̂ + β
+    (:func:`_forward_pre_act` of its input x), in the dtype they ran in (their output's, that
+    of ``d``: float32 after an autocast LayerNorm or GroupNorm of a half input), applied to
+    the output gradient ``d``."""
     parts = [m for m in (getattr(layer, "drop", None), getattr(layer, "act", None))
              if m is not None and not isinstance(m, nn.Identity)]
     if not parts:
         return d
     with torch.no_grad():
-        pre = x_hat * _affine_view(layer.weight, x_hat, shape)
-        if layer.bias is not None:
-            pre = pre + _affine_view(layer.bias, x_hat, shape)
-    pre = pre.to(d.dtype).requires_grad_()
+        pre = _forward_pre_act(layer, x.to(d.dtype))
+    pre = pre.requires_grad_()
     with torch.enable_grad():
         out = pre.clone()   # an in-place activation changes the copy, not the point of the derivative
         for m in parts:
@@ -368,10 +382,10 @@ def _before_act(layer: nn.Module, x_hat: torch.Tensor, d: torch.Tensor, shape: t
                      batch_dims=lambda m: (0, 1) if isinstance(m, nn.LayerNorm) and not _channels_first(m) else (0,))
 def norm_act(layer: nn.Module, acts, grads, refs, K):
     """The parent's affine rule on the output gradient taken back through ``act`` and ``drop``."""
-    normalize, summed, shape = _norm_of(layer)
+    normalize, summed, _ = _norm_of(layer)
     per_call = []
     for x, d in zip(acts, grads):
         acc = acc_dtype(x.dtype)
         x_hat = normalize(x.to(acc))
-        per_call.append(_affine(x_hat, _before_act(layer, x_hat, d, shape).to(acc), summed(x), refs, K))
+        per_call.append(_affine(x_hat, _before_act(layer, x, d).to(acc), summed(x), refs, K))
     return _reduce(per_call, refs, K, grads[0])
