@@ -609,6 +609,21 @@ def loop_grads(model: nn.Module, x, y, names: list[str]) -> dict[str, torch.Tens
     return {n: torch.stack([g[i] for g in per]) for i, n in enumerate(names)}
 
 
+def vmap_grads(model: nn.Module, x, y, names: list[str]) -> dict[str, torch.Tensor] | None:
+    """The same gradients by torch.func (vmap of grad): other kernels, other rounding; None
+    where vmap cannot trace the model."""
+    from torch.func import functional_call, grad, vmap
+    model = copy.deepcopy(model)   # a failed trace can leave vmap's wrappers in a module (an RNN's weights)
+    params = {n: p.detach() for n, p in model.named_parameters() if n in names}
+
+    def loss(p, xb, yb):
+        return F.cross_entropy(functional_call(model, p, (xb[None],)), yb[None])
+    try:
+        return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    except (RuntimeError, NotImplementedError, ValueError):   # e.g. torch's RNN kernels
+        return None
+
+
 def _check_sketch(seed: int, model: nn.Module, x, y, params, where: str) -> None:
     """The sketch of each example (``Scorer.sketch_batch``, as ``gradscore sketch`` runs it)
     equals Φ·g_b of its gradient from a per-example autograd loop (assert)."""
@@ -618,7 +633,11 @@ def _check_sketch(seed: int, model: nn.Module, x, y, params, where: str) -> None
     assert scorer.sketch_batch(x[:0], y[:0], proj).dots.shape == (0, proj.dim), where
     got = scorer.sketch_batch(x, y, proj).dots
     want = proj.apply(loop_grads(model, x, y, scorer.param_names))
-    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9, msg=lambda m: f"{where}\n{m}")
+    # the rounding that two exact references already disagree by: an ill-conditioned example
+    # (a LayerNorm of two near-equal values) amplifies it far past float64's
+    other = vmap_grads(model, x, y, scorer.param_names)
+    noise = 0.0 if other is None or not len(y) else float((proj.apply(other) - want).abs().max())
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=max(1e-9, 10 * noise), msg=lambda m: f"{where}\n{m}")
 
 
 # the in-run recorder's records against the per-example loop at each step's θ_t
