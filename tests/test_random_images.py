@@ -7,7 +7,9 @@ with stride, padding, output padding, dilation and groups; a Linear over the cha
 channels-last permute) or over the last axis; LayerNorm over the channels; GroupNorm; eval
 BatchNormNd; InstanceNormNd with or without affine, tracking running statistics or not;
 F.instance_norm and F.group_norm called in a forward; max, average and adaptive average
-pooling; a layer called twice (shared weights). Each layer reads its input as it comes or
+pooling; a layer called twice (shared weights); the structural rules' timm-like layers
+(GroupNormAct, BatchNormAct, and for images LayerNormAct2d, LayerScale2d, a
+weight-standardized conv). Each layer reads its input as it comes or
 converted to channels-last strides (``torch.channels_last`` / ``channels_last_3d``; for
 1-D, the strides of a transposed copy), with residuals; B from 1 to 3 and sizes down to 1,
 so an axis of length B, one channel and 1 × 1 images come up. The parameters scored are
@@ -32,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import check_random_inrun, check_random_model, python_child
+from helpers import (ACTS, BatchNormAct, GroupNormAct, LayerNormAct2d, LayerScale2d, MyStdConv2d, check_random_inrun,
+                     check_random_model, python_child)
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -162,6 +165,24 @@ def _layer(rng: random.Random, kind: str, C: int, size: list[int], training: boo
             layer.running_mean.uniform_(-0.5, 0.5)
             layer.running_var.uniform_(0.5, 2.0)
         return layer, C, size
+    if kind == "gn_act":            # the structural rules' timm-like layers (tests/helpers.py)
+        return GroupNormAct(C, rng.choice([g for g in (1, C) if C % g == 0]), rng.choice(list(ACTS))), C, size
+    if kind == "bn_act":
+        layer = BatchNormAct(C, rng.choice(list(ACTS)))
+        layer.running_mean.uniform_(-0.5, 0.5)
+        layer.running_var.uniform_(0.5, 2.0)
+        return layer, C, size
+    if d != 2 and kind in ("ln2d_act", "scale2d", "std_conv"):   # written for (B, C, H, W)
+        return None
+    if kind == "ln2d_act":
+        return LayerNormAct2d(C, rng.choice(list(ACTS))), C, size
+    if kind == "scale2d":
+        return LayerScale2d(C), C, size
+    if kind == "std_conv":
+        k, out = rng.choice([1, 3]), rng.choice([C, 2, 4])
+        groups = rng.choice([g for g in (1, C) if C % g == 0 and out % g == 0])
+        return MyStdConv2d(C, out, k, padding=k // 2, groups=groups, bias=rng.random() < 0.5,
+                           gain=rng.random() < 0.5), out, size
     if kind == "functional_norm":   # F.instance_norm takes each input's statistics: it needs two values
         return FunctionalNorm(rng.choice(([None] if math.prod(size) > 1 else []) + [1, C])), C, size
     if kind == "adaptivepool":
@@ -177,7 +198,8 @@ class RandomImageModel(nn.Module):
     again (shared weights) where the input fits it."""
 
     KINDS = ("conv", "conv", "conv_transpose", "linear", "linear_w", "layernorm", "groupnorm", "batchnorm",
-             "instancenorm", "functional_norm", "maxpool", "avgpool", "adaptivepool", "twice", "twice")
+             "instancenorm", "functional_norm", "maxpool", "avgpool", "adaptivepool", "twice", "twice",
+             "gn_act", "bn_act", "ln2d_act", "scale2d", "std_conv")
 
     def __init__(self, rng: random.Random, C: int, size: list[int], kinds: tuple[str, ...] = KINDS,
                  training: bool = False) -> None:
@@ -244,7 +266,7 @@ def _check_inrun(seed: int, dims: int) -> bool:
     refused). No ConvTranspose (no ghost rule, which in-run needs) nor BatchNorm (refused
     in training). The step's input requires grad: torch's own GroupNorm backward crashes
     on a channels_last input that does not, in training too."""
-    kinds = tuple(k for k in RandomImageModel.KINDS if k not in ("conv_transpose", "batchnorm"))
+    kinds = tuple(k for k in RandomImageModel.KINDS if k not in ("conv_transpose", "batchnorm", "bn_act"))
     model, x, y, B, _ = _draw(seed, dims, batches=3, extra=3, kinds=kinds, training=True)
     with tempfile.TemporaryDirectory() as work:
         return check_random_inrun(model, x, y, B, Path(work) / "inrun.h5", input_grad=True)
