@@ -63,7 +63,7 @@ def measure(batch: int, K: int, repeats: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=64, help="examples per call")
     ap.add_argument("--refs", type=int, default=2, help="reference vectors K")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per form (best kept)")

@@ -136,7 +136,7 @@ def run(B: int, repeats: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=64, help="examples per batch (default 64)")
     ap.add_argument("--repeats", type=int, default=7, help="paired calls per method; the best counts (default 7)")
     results_options(ap)

@@ -310,7 +310,7 @@ def _slug(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true",
                     help="the same steps on CPU with tiny sizes, Triton under its interpreter (what CI runs)")
     ap.add_argument("--budget-s", type=float, default=420.0,
