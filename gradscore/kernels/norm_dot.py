@@ -22,9 +22,9 @@ Blocks = torch.Tensor | Sequence[torch.Tensor]
 #: (``python -m bench.kernels`` shows where the two meet)
 SMALL_BLOCK = 16384
 #: on CUDA, a block of at most this many elements takes the torch reference: there a call
-#: is its launch, and the Triton kernel's (its Python launcher, partial sums, their sum)
-#: cost 62 µs on the H200 against 24 µs for the reference; the kernel reads faster from
-#: about four times this size on (``bench.gpu_check``'s bandwidth rows, small shapes too)
+#: costs its launch, and the Triton kernel's (its Python launcher, partial sums, their sum)
+#: costs more than the reference's; ``bench.gpu_check``'s bandwidth rows time small shapes
+#: beside large ones (figures in CHANGELOG.md)
 CUDA_SMALL_BLOCK = 2**22
 
 
