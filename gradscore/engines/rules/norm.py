@@ -309,54 +309,46 @@ def _norm_act_supports(layer: nn.Module) -> str | None:
     return None
 
 
-def _norm_of(layer: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable, tuple[int, ...]]:
-    """(x ↦ x̂, x ↦ the dimensions γ's gradient sums over, the shape γ takes against x̂ less
-    its batch) for the layer's parent norm."""
+def _norm_of(layer: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable]:
+    """(x ↦ x̂, x ↦ the dimensions γ's gradient sums over) for the layer's parent norm."""
     if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-        return (lambda x: _running(layer, x)), _spatial, (-1,)
+        return (lambda x: _running(layer, x)), _spatial
     if isinstance(layer, nn.GroupNorm):
-        return (lambda x: _grouped(layer, x)), _spatial, (-1,)
+        return (lambda x: _grouped(layer, x)), _spatial
     if _channels_first(layer):
         return (lambda x: F.layer_norm(x.movedim(1, -1), layer.normalized_shape, eps=layer.eps).movedim(-1, 1),
-                _spatial, (-1,))
+                _spatial)
     n = len(layer.normalized_shape)
-    return (lambda x: F.layer_norm(x, layer.normalized_shape, eps=layer.eps)), _last(n), tuple(layer.normalized_shape)
+    return (lambda x: F.layer_norm(x, layer.normalized_shape, eps=layer.eps)), _last(n)
 
 
-def _affine_view(w: torch.Tensor, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """γ or β broadcast against x: per channel (dimension 1) where ``shape`` is (-1,), else
-    over the trailing ``shape``."""
-    return _per_channel(w, x) if shape == (-1,) else w.reshape(shape)
+def _forward_pre_act(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """γ ⊙ x̂ + β as the layer's forward computes it, by its parent's own functional on x (as
+    timm's layers call it): the same values to the last bit, so an activation's kink is
+    taken on the forward's side (a group without variance normalizes to rounding noise,
+    which a zero bias leaves at a ReLU's kink)."""
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        return F.batch_norm(x, layer.running_mean, layer.running_var, weight, bias, False, 0.0, layer.eps)
+    if isinstance(layer, nn.GroupNorm):
+        return F.group_norm(x, layer.num_groups, weight, bias, layer.eps)
+    if _channels_first(layer):
+        return F.layer_norm(x.movedim(1, -1), layer.normalized_shape, weight, bias, layer.eps).movedim(-1, 1)
+    return F.layer_norm(x, layer.normalized_shape, weight, bias, layer.eps)
 
 
 def _computes_norm_act(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> str | None:
     """None if the layer gives act(drop(γ ⊙ x̂ + β)) with its parent's x̂, in value and gradient."""
     if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.training:   # never run: it would update the statistics
         return f"{type(layer).__name__} in training mode (uses its batch's statistics)"
-    normalize, _, shape = _norm_of(layer)
     drop, act = getattr(layer, "drop", nn.Identity()), getattr(layer, "act", nn.Identity())
 
     def expected(x, w):
-        h = normalize(x) * _affine_view(w["weight"], x, shape)
-        return act(drop(h + _affine_view(w["bias"], x, shape) if "bias" in w else h))
+        return act(drop(_forward_pre_act(layer, x, w["weight"], w.get("bias"))))
     parent = next(c for c in type(layer).__mro__ if c in _NORM_PARENTS).__name__
-    where = "its channels (dimension 1)" if shape == (-1,) else "its last dimension(s)"
+    over_last = isinstance(layer, nn.LayerNorm) and not _channels_first(layer)
+    where = "its last dimension(s)" if over_last else "its channels (dimension 1)"
     return computes(layer, x, expected, f"a {parent} over {where}, then its own drop and act")
-
-
-def _forward_pre_act(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """γ ⊙ x̂ + β as the layer's forward computes it, by its parent's own functional on x (as
-    timm's layers call it): the same values to the last bit, so an activation's kink is
-    taken on the forward's side (a group without variance normalizes to rounding noise,
-    which a zero bias leaves at a ReLU's kink)."""
-    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-        return F.batch_norm(x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0, layer.eps)
-    if isinstance(layer, nn.GroupNorm):
-        return F.group_norm(x, layer.num_groups, layer.weight, layer.bias, layer.eps)
-    if _channels_first(layer):
-        return F.layer_norm(x.movedim(1, -1), layer.normalized_shape, layer.weight, layer.bias,
-                            layer.eps).movedim(-1, 1)
-    return F.layer_norm(x, layer.normalized_shape, layer.weight, layer.bias, layer.eps)
 
 
 def _before_act(layer: nn.Module, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -369,7 +361,7 @@ def _before_act(layer: nn.Module, x: torch.Tensor, d: torch.Tensor) -> torch.Ten
     if not parts:
         return d
     with torch.no_grad():
-        pre = _forward_pre_act(layer, x.to(d.dtype))
+        pre = _forward_pre_act(layer, x.to(d.dtype), layer.weight, layer.bias)
     pre = pre.requires_grad_()
     with torch.enable_grad():
         out = pre.clone()   # an in-place activation changes the copy, not the point of the derivative
@@ -382,7 +374,7 @@ def _before_act(layer: nn.Module, x: torch.Tensor, d: torch.Tensor) -> torch.Ten
                      batch_dims=lambda m: (0, 1) if isinstance(m, nn.LayerNorm) and not _channels_first(m) else (0,))
 def norm_act(layer: nn.Module, acts, grads, refs, K):
     """The parent's affine rule on the output gradient taken back through ``act`` and ``drop``."""
-    normalize, summed, _ = _norm_of(layer)
+    normalize, summed = _norm_of(layer)
     per_call = []
     for x, d in zip(acts, grads):
         acc = acc_dtype(x.dtype)
