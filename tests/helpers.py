@@ -329,6 +329,106 @@ class ShapedScale(nn.Module):
         return x * self.scale.view(self.shape)
 
 
+class FreeNet(nn.Module):
+    """A ViT's start on tokens (B, T, 5): a Linear, a class token expanded and concatenated,
+    a position embedding (or another parameter the forward uses directly), then a head on
+    the mean token. ``kind``: how the forward uses ``pos_embed``. Taken by the
+    free-parameter rule: "vit" (added after the class token), "vit_after" (before it),
+    "twice" (added, then multiplied), "radd" (pos + h), "inplace" (h.add_(pos)),
+    "expand_as", "torch_add" (torch.add with alpha), "scale" (h * γ, γ (1, 1, 5)), "squeeze"
+    (h + pos.squeeze(0)), "rank2" (h + w, w (1, 5): broadcast over the tokens too),
+    "gamma" (h * γ, γ (5,): CaiT), "reshaped" (h * γ.reshape(1, 1, -1): ConvNeXt). Not
+    taken: "index" (pos[0]), "linear" (F.linear(h, w), w (1, 5)), "exp" (h + pos.exp()),
+    "reorder" (added to the batch's rows reversed), "function" (a custom autograd.Function
+    of h and pos: its forward runs without gradients), "tuple" (torch.broadcast_tensors,
+    whose result is a tuple), "list" (torch.stack([pos])), "checkpoint" (h * pos inside
+    torch.utils.checkpoint, which would recompute it with pos itself). ``layout``: "batch", "TB" (2 tokens:
+    B = 3 with the class token), "T1" (1 token), "seq_first" (tokens (T, B, 5) inside; the
+    class token expanded to (1, B, 5), the embedding broadcast over T: neither is over the
+    batch)."""
+
+    TAKEN = ("vit", "vit_after", "twice", "radd", "inplace", "expand_as", "torch_add", "scale", "squeeze", "rank2",
+             "gamma", "reshaped")
+    KINDS = TAKEN + ("index", "linear", "exp", "reorder", "function", "tuple", "list", "checkpoint")
+
+    def __init__(self, kind: str, layout: str = "batch", D: int = 5):
+        super().__init__()
+        self.kind, self.layout = kind, layout
+        self.T = {"TB": 2, "T1": 1}.get(layout, 4)
+        seq = layout == "seq_first"
+        self.pre, self.head = nn.Linear(D, D), nn.Linear(D, 3)
+        self.cls_token = nn.Parameter(0.5 * torch.randn(1, 1, D))
+        n = self.T + (kind != "vit_after")
+        shape = ((1, D) if kind in ("linear", "rank2") else (D,) if kind in ("gamma", "reshaped")
+                 else (1, 1, D) if seq or kind == "scale" else (1, n, D))
+        self.pos_embed = nn.Parameter(0.5 * torch.randn(*shape))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """One example's input shape."""
+        return (self.T, self.pre.in_features)
+
+    def forward(self, x):
+        seq = self.layout == "seq_first"
+        h = self.pre(x)
+        h = h.transpose(0, 1) if seq else h
+        rows, tokens = (1, 0) if seq else (0, 1)
+        B = h.shape[rows]
+        cls = self.cls_token.expand(*((1, B, -1) if seq else (B, -1, -1)))
+        pos, kind = self.pos_embed, self.kind
+        if kind == "vit_after":
+            return self.head(torch.tanh(torch.cat([cls, h + pos], tokens)).mean(tokens))
+        h = torch.cat([cls, h], tokens)
+        if kind in ("vit", "rank2"):
+            h = h + pos
+        elif kind in ("scale", "gamma"):
+            h = h * pos
+        elif kind == "twice":
+            h = (h + pos) * pos
+        elif kind == "radd":
+            h = pos + h
+        elif kind == "inplace":
+            h.add_(pos)
+        elif kind == "expand_as":
+            h = h + pos.expand_as(h)
+        elif kind == "torch_add":
+            h = torch.add(h, pos, alpha=0.5)
+        elif kind == "squeeze":
+            h = h + pos.squeeze(0)
+        elif kind == "reshaped":
+            h = h.mul(pos.reshape(1, 1, -1))
+        elif kind == "index":
+            h = h + pos[0]
+        elif kind == "linear":
+            h = h + F.linear(h, pos)
+        elif kind == "exp":
+            h = h + pos.exp()
+        elif kind == "reorder":
+            h = (h.flip(rows) + pos).flip(rows)
+        elif kind == "function":
+            h = _Add.apply(h, pos)
+        elif kind == "tuple":
+            h = sum(torch.broadcast_tensors(h, pos))
+        elif kind == "list":
+            h = h + torch.stack([pos]).squeeze(0)
+        elif kind == "checkpoint":
+            h = torch.utils.checkpoint.checkpoint(torch.mul, h, pos, use_reentrant=False)
+        return self.head(torch.tanh(h).mean(tokens))
+
+
+class _Add(torch.autograd.Function):
+    """a + b with broadcasting, as a custom Function: ops in its forward run without gradients."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.shapes = a.shape, b.shape
+        return a + b
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.sum_to_size(ctx.shapes[0]), g.sum_to_size(ctx.shapes[1])
+
+
 class ScaleNet(nn.Module):
     """A layer scale between a layer and a head: "last", "inplace", "squared" and "shaped"
     on sequences (B, 3, 4) through a Linear, in ``layout`` "batch", "seq_first", "TB"

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import gradscore as gs
-from helpers import MyStdConv2d, NormActNet, ScaleNet
+from helpers import FreeNet, MyStdConv2d, NormActNet, ScaleNet
 
 B, T, D = 3, 4, 5
 
@@ -303,8 +303,10 @@ SCALE_GRID = ([("scale", ("last", layout)) for layout in ("batch", "seq_first", 
 STD_CONV_GRID = [("std_conv", c) for c in [(False, False, 1, 1, 1, 1, False), (False, True, 2, 2, 0, 1, False),
                                            (True, True, 1, 1, "same", 2, False), (True, False, 2, 1, 1, 1, False),
                                            (True, True, 4, 2, 1, 1, False), (False, True, 1, 1, 1, 1, True)]]
+#: (how the forward uses pos_embed, layout): see FreeNet
+FREE_GRID = [("free", (kind, layout)) for kind in FreeNet.KINDS for layout in ("batch", "TB", "T1", "seq_first")]
 GRID = (AFFINE_GRID + RNN_GRID + MHA_GRID + BAG_GRID + CONV_GRID + NORM_GRID + OWN_GRID + NORM_ACT_GRID
-        + SCALE_GRID + STD_CONV_GRID + [("subclass", ())])
+        + SCALE_GRID + STD_CONV_GRID + FREE_GRID + [("subclass", ())])
 
 
 def _build(family, config, n=B):
@@ -351,6 +353,9 @@ def _build(family, config, n=B):
         return model, 2 * torch.randn(n, *model.shape, generator=g, dtype=torch.float64) + 0.5
     if family == "scale":
         model = ScaleNet(*config)
+        return model, torch.randn(n, *model.shape, generator=g, dtype=torch.float64)
+    if family == "free":
+        model = FreeNet(*config)
         return model, torch.randn(n, *model.shape, generator=g, dtype=torch.float64)
     if family == "std_conv":
         gain, bias, groups, stride, padding, dilation, plain = config
@@ -403,7 +408,7 @@ def test_every_engine_equals_the_loop_or_refuses(family, config):
     _agree(family, config)
 
 
-@pytest.mark.parametrize("family,config", [RNN_GRID[0], RNN_GRID[-1], MHA_GRID[0], BAG_GRID[-1],
+@pytest.mark.parametrize("family,config", [RNN_GRID[0], RNN_GRID[-1], MHA_GRID[0], BAG_GRID[-1], FREE_GRID[0],
                                            CONV_GRID[0], NORM_GRID[0], *OWN_GRID[::7], *NORM_ACT_GRID[::3],
                                            *SCALE_GRID[::2], *STD_CONV_GRID[::2]], ids=lambda v: str(v))
 @pytest.mark.parametrize("engine", ["auto", "ghost", "vmap", "loop"])
@@ -571,6 +576,35 @@ def test_a_layer_scale_takes_its_rule_where_it_computes_x_times_gamma(family, co
         assert why[name].startswith("vmap (") and "does not compute" in why[name], why
     else:
         assert why[name].startswith("ghost (layer_scale rule on scale: "), why
+
+
+@pytest.mark.parametrize("family,config", FREE_GRID, ids=lambda v: str(v))
+def test_a_parameter_the_forward_broadcasts_over_the_batch_takes_the_free_rule(family, config):
+    """A parameter that a forward uses directly (a ViT's class token and position embedding,
+    CaiT's and ConvNeXt's γ) takes the free-parameter rule where every use broadcasts it,
+    or an order-keeping view of it, over the batch rows in dimension 0; any other use (an
+    index, a matmul, exp, a sequence-first layout, rows in another order, a custom autograd
+    Function, an op with a tuple result or a list argument, a checkpointed region) sends it
+    to the fallback with why. Either way every engine equals the loop."""
+    kind, layout = config
+    scorer = _agree(family, config)
+    scorer.score_batch(*_prepare(family, config)[1:])
+    why = scorer.explain()
+    free = "ghost (free-parameter rule"
+    if layout == "seq_first":
+        assert why["cls_token"].startswith(("vmap (", "loop (")) and "expand to [1, " in why["cls_token"], why
+        assert why["pos_embed"].startswith(("vmap (no ghost rule for FreeNet", "loop (no ghost rule for FreeNet")), why
+        return
+    assert why["cls_token"].startswith(free), why
+    if kind in FreeNet.TAKEN:
+        assert why["pos_embed"].startswith(free), why
+    else:
+        said = {"reorder": "; as a free parameter it is added to rows that are not the batch's examples in order",
+                "function": "; as a free parameter it is used by _AddBackward, which the op watch cannot see",
+                "checkpoint": "; as a free parameter it is used by mul under saved-tensor hooks (torch.utils."
+                }.get(kind, ")" if kind != "tuple" else ";")   # no use the rule takes: no ghost rule, nothing added
+        assert why["pos_embed"].startswith(("vmap (no ghost rule for FreeNet" + said,   # loop: a Function
+                                            "loop (no ghost rule for FreeNet" + said)), why
 
 
 @pytest.mark.parametrize("family,config", STD_CONV_GRID, ids=lambda v: str(v))

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscore as gs
-from helpers import (ChannelsLastNorm, MyStdConv2d, NormActCNN, PatchTokens, Reversed, check_inrun_against_loop,
-                     inrun_reference)
+from helpers import (ChannelsLastNorm, FreeNet, MyStdConv2d, NormActCNN, PatchTokens, Reversed,
+                     check_inrun_against_loop, inrun_reference)
 from gradscore.demos.models import digits_cnn, mlp
 from gradscore.engines.rules.registry import FactoredRef
 from gradscore.scores import inrun as inrun_scores
@@ -1475,6 +1475,68 @@ def test_structural_rules_are_checked_in_full_precision_under_autocast(tmp_path)
             causal_lm("mean").fn(snapshot(input_ids=ids[b:b + 1]).logits, labels[b:b + 1])[0], params)))
             for b in range(4)]
         np.testing.assert_allclose(sq, want, rtol=0.1)    # bf16's 8 bits of mantissa
+
+
+class _Tokens(nn.Module):
+    """FreeNet on flat inputs (B, T·5), as _train and _data give them."""
+
+    def __init__(self, kind: str, layout: str = "batch"):
+        super().__init__()
+        self.net = FreeNet(kind, layout)
+
+    def forward(self, x):
+        return self.net(x.reshape(len(x), *self.net.shape))
+
+
+@pytest.mark.parametrize("kind", ["vit", "twice", "inplace", "torch_add", "scale", "rank2", "gamma", "reshaped"])
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_parameters_the_forward_uses_directly_train_bit_identically_with_the_recorder(tmp_path, kind, opt):
+    """A ViT's class token and position embedding (the free-parameter rule: expanded over
+    the batch in each use) leave training bit for bit what it is without the recorder, in
+    float32, one use or two, broadcast over the batch alone or over the tokens too."""
+    x, y = _data(d=20, c=3, dtype=torch.float32)
+
+    def fresh():
+        torch.manual_seed(1)
+        return _Tokens(kind)
+    plain = _train(fresh(), x, y, steps=5, batch=12, opt=opt)
+    model = fresh()
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:8], y[:8]))
+    recorded = _train(model, x, y, steps=5, batch=12, opt=opt, rec=rec)
+    assert not rec.engine.fallback and set(rec.engine.free) == {"net.cls_token", "net.pos_embed"}
+    for (n, a), (_, b) in zip(plain.state_dict().items(), recorded.state_dict().items()):
+        assert torch.equal(a, b), n
+    rec.close()
+
+
+@pytest.mark.parametrize("kind", FreeNet.TAKEN)
+@pytest.mark.parametrize("micro", [1, 2])
+def test_parameters_the_forward_uses_directly_are_recorded_as_the_loop_scores_them(tmp_path, kind, micro):
+    """The free-parameter rule in training (refused before: no ghost rule), equal to the loop at θ_t."""
+    torch.manual_seed(0)
+    model = _Tokens(kind).double()
+    x, y = _data(d=20, c=3)
+    targets = (x[40:], y[40:])
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=targets)
+    snaps: list = []
+    _train(model, x, y, steps=3, batch=6, rec=rec, micro=micro, snapshots=snaps)
+    assert not rec.engine.fallback
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, targets)
+
+
+@pytest.mark.parametrize("kind", ["index", "reorder", "checkpoint"])
+def test_a_parameter_the_forward_uses_otherwise_is_refused_in_training_with_why(tmp_path, kind):
+    """Refused before the first step changes anything (a checkpointed use would have
+    crashed the step's backward: its recomputation saw other shapes)."""
+    x, y = _data(d=20, c=3)
+    model = _Tokens(kind).double()
+    before = copy.deepcopy(model.state_dict())
+    rec = gs.InRun(model, out=tmp_path / "r.h5")
+    said = {"index": r"\.", "reorder": "; as a free parameter it is added to rows that are not",
+            "checkpoint": "; as a free parameter it is used by mul under saved-tensor hooks"}[kind]
+    with pytest.raises(gs.GradscoreError, match="net.pos_embed: no ghost rule for FreeNet" + said):
+        _train(model, x, y, steps=1, batch=6, rec=rec)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_weight_standardized_convs_are_recorded_as_the_loop_scores_them(tmp_path):

@@ -24,10 +24,13 @@ features only has its batch moved to dimension 0; a layer called with one row fo
 whole batch (Hugging Face's position ids (1, T)) has its input and output expanded to
 B rows, which layout has checked is exact (the output is only added to batch rows).
 
-Parameters whose module has no applicable rule, is never called (its weights used
-functionally by another module), or has no established batch dimension, go to the
-fallback (:mod:`.fallback`): vmap over exactly those parameters, or the per-example loop
-where vmap cannot trace the model. :meth:`GhostEngine.explain` says which path each
+A parameter that a forward uses directly, broadcast over the batch (a ViT's class token
+and position embedding, CaiT's and ConvNeXt's γ), takes the free-parameter rule
+(:mod:`.free`): in each use it is expanded to the use's shape through a probe. Parameters
+whose module has no applicable rule, is never called (its weights used functionally by
+another module), or has no established batch dimension, go to the fallback
+(:mod:`.fallback`): vmap over exactly those parameters, or the per-example loop where
+vmap cannot trace the model. :meth:`GhostEngine.explain` says which path each
 parameter took and why; it is final after the first batch. Hooks live for one call and
 are removed by a context manager; nothing is stored on the model.
 """
@@ -47,9 +50,11 @@ from ..kernels.reference import autocast_off
 from ..kernels.ghost_linear import SharedGrams, sharing
 from .base import Engine, RefBlocks, ScoreBatch, register_engine
 from .fallback import Fallback
+from .free import FreeUses, candidates
 from .workarounds import torch_workarounds
 from .layout import Layout, establish, observed
-from .rules import Factor, Rule, cross, find_rule
+from .probe import probe
+from .rules import Factor, Rule, cross, find_rule, has_rule
 
 
 @dataclass
@@ -227,6 +232,7 @@ class _BatchSums:
         self.grams = SharedGrams()   # inputs read by several layers: their Grams, formed once
         self.again = False           # a δ came after its layer's rule had run: a second backward
         self.paths: OutputPaths | None = None   # in-run: the check that the loss reaches layers only through z
+        self.free: FreeUses | None = None       # the free parameters' uses in this batch's forward
 
     def note_input(self, layer: _Layer, act) -> None:
         """A call of ``layer`` reads ``act``: counted, if its rule may form the input's Gram."""
@@ -271,6 +277,16 @@ class _BatchSums:
                     self.factors.setdefault(layer.params[local], []).append(fs[local])
         layer.acts, layer.grads, layer.skeletons = [], {}, []
 
+    def add_free(self) -> None:
+        """Add the free parameters' shares (their δ's, summed over their uses)."""
+        if self.free is None:
+            return
+        refs = {n: (self.refs[self.index[n]] if self.refs is not None else None) for n in self.free.grads}
+        sums = self.free.sums(refs, self.K)
+        if sums is not None:
+            self.add(*sums)
+        self.free.grads = {}
+
     def add_cross_terms(self) -> None:
         """‖Σ_i g_i‖² = Σ_i ‖g_i‖² + 2 Σ_{i<j} ⟨g_i, g_j⟩ for each tied weight."""
         with autocast_off():
@@ -281,42 +297,23 @@ class _BatchSums:
         self.factors = {}
 
 
-class _Probe(torch.autograd.Function):
-    """Identity on a layer's output y whose backward hands δ = ∂L/∂y to a callback: the
-    backward reaches the zero leaf z only through it. No copy of y in the forward and no
-    reduction of δ in the backward (``y + z`` cost one of each). The output is ``y.detach()``,
-    a new tensor on y's storage and version counter rather than a view of y, so in-place
-    ops downstream (``ReLU(inplace=True)``) stay allowed and are checked as on y itself."""
-
-    @staticmethod
-    def forward(ctx, output: torch.Tensor, z: torch.Tensor, on_grad, contiguous: bool) -> torch.Tensor:
-        ctx.on_grad, ctx.contiguous = on_grad, contiguous
-        return output.detach()
-
-    @staticmethod
-    def backward(ctx, delta: torch.Tensor):
-        ctx.on_grad(delta)
-        return (delta.contiguous() if ctx.contiguous else delta), None, None, None
-
-
-def probe(output: torch.Tensor, z: torch.Tensor, on_grad, contiguous: bool = False) -> torch.Tensor:
-    """``output`` through a :class:`_Probe`: ``on_grad(δ)`` is called with ∂L/∂output when
-    a backward asks for the gradient of the zero leaf z. ``contiguous``: pass δ on in a
-    contiguous layout, not the one it came in (the engines' own backwards: torch's CPU
-    instance-norm backward is wrong for the (T, B, C) layout a batch-first RNN's input
-    gradient has); the in-run recorder passes δ on exactly as it came, so that training
-    stays bit for bit what it is without it."""
-    return _Probe.apply(output, z, on_grad, contiguous)
-
-
 @register_engine("ghost")
 class GhostEngine(Engine):
     """Norms and dots from one batched forward/backward with per-layer ghost rules; the
     parameters without one go to vmap, else the per-example loop (:mod:`.fallback`)."""
 
+    #: whether parameters a forward uses directly take the free-parameter rule
+    takes_free = True
+
     def __init__(self, model, loss, param_names, chunk_bytes=256 * 2**20) -> None:
         super().__init__(model, loss, param_names, chunk_bytes)
         self.layers, self.fallback = plan_layers(model, self.param_names)
+        # free parameters (of modules without a rule), until the first batch shows how they are used
+        owners = _owners(model)
+        self.free = {n: p for n, p in candidates(model, list(self.fallback)).items()
+                     if not any(has_rule(m) for _, m in owners[id(p)])} if self.takes_free else {}
+        self._free_why = {n: self.fallback.pop(n) for n in self.free}   # why no layer rule took each
+        self._free_problems: dict[str, str] = {}   # a use the rule does not take, seen while scoring
         self._fallbacks: dict[tuple[str, ...], Fallback] = {}
         self._index = {n: i for i, n in enumerate(self.param_names)}
         self._laid_out = False
@@ -334,6 +331,8 @@ class GhostEngine(Engine):
                                                  f"{type(layer.module).__name__}{where}")
         out = {full: f"ghost ({' + '.join(u)}{'; tied, exact cross term' if len(u) > 1 else ''})"
                for full, u in uses.items()}
+        out.update({full: "ghost (free-parameter rule: expanded over the batch's rows in each use)"
+                    for full in self.free})
         chain = self._fallbacks.get(self._fallback_key())
         reasons = ({n: "the model's output for an example depends on the rest of its batch" for n in self.param_names}
                    if self._coupled else self.fallback)
@@ -370,9 +369,12 @@ class GhostEngine(Engine):
         for layer in self.layers:
             for full in layer.params.values():
                 owners.setdefault(full, []).append(layer)
-        found, self._coupled, strays = establish(
+        found, self._coupled, strays, free = establish(
             self.model, {layer.name: (layer.module, layer.rule) for layer in self.layers}, x,
-            {full: (tensors[full], tuple(layer.name for layer in ls)) for full, ls in owners.items()})
+            {full: (tensors[full], tuple(layer.name for layer in ls)) for full, ls in owners.items()}, self.free)
+        for full, why in free.items():
+            if why is not None:
+                self._free_to_fallback(full, why)
         for layer in self.layers:
             result = found[layer.name]
             if isinstance(result, Layout):
@@ -387,10 +389,21 @@ class GhostEngine(Engine):
         self._moved_to_fallback(after_call=False)
         self._drop_fallback_params()   # the strays
 
+    def _free_to_fallback(self, full: str, why: str) -> None:
+        """``why``: what the free-parameter rule found ("": nothing worth adding to the reason no rule took it)."""
+        self.fallback[full] = self._free_why[full] + (f"; as a free parameter it {why}" if why else "")
+        del self.free[full]
+
     @contextlib.contextmanager
     def _hooks(self, state: _BatchSums, probes: list[torch.Tensor], B: int, contiguous: bool = True
                ) -> Iterator[None]:
         handles = []
+        self._free_problems.clear()
+        if self.free:   # active for the model's forward: from here to the end of its call
+            state.free = FreeUses({id(t): n for n, t in self.free.items()}, B, probes, contiguous,
+                                  self._free_problems, None if state.paths is None else state.paths.see)
+            state.free.__enter__()
+            handles.append(self.model.register_forward_hook(lambda *_: state.free.leave()))
         for layer in self.layers:
             layer.acts, layer.grads, layer.calls, layer.seen, layer.problem = [], {}, 0, 0, None
             layer.skeletons = []
@@ -452,6 +465,8 @@ class GhostEngine(Engine):
         finally:
             for h in handles:
                 h.remove()
+            if state.free is not None:
+                state.free.leave()
 
     @staticmethod
     def _probe_all(layer: _Layer, whole, call_inputs, z: torch.Tensor, on_grad, contiguous: bool):
@@ -499,11 +514,12 @@ class GhostEngine(Engine):
         state.paths = OutputPaths(probes) if check_paths else None
         with self._hooks(state, probes, B, contiguous=False), sharing(state.grams):   # δ passed on as it came
             yield state
-            if state.again:
+            if state.again or (state.free is not None and state.free.again):
                 raise EngineError("a second backward reached the model inside one rec.step; run one forward and "
                                   "one backward per rec.step (each micro-batch in its own)")
             for layer in self.layers:
                 state.run_rule(layer)
+            state.add_free()
         if state.factors:
             state.add_cross_terms()
 
@@ -536,6 +552,7 @@ class GhostEngine(Engine):
         with sharing(state.grams):
             for layer in self.layers:  # calls whose output did not reach the loss add nothing
                 state.run_rule(layer)
+            state.add_free()
         if state.factors:
             state.add_cross_terms()
         fb = self._fallback(x, y, refs)
@@ -551,7 +568,11 @@ class GhostEngine(Engine):
         """Send layers with a problem (after a call of the model, also those it did not
         call) to the fallback; a weight tied to such a layer goes there as a whole (it
         leaves its other owners too)."""
-        moved = False
+        moved = bool(self._free_problems)
+        for full, why in self._free_problems.items():
+            if full in self.free:
+                self._free_to_fallback(full, why)
+        self._free_problems.clear()
         for layer in self.layers:
             reason = ("was not called; its parameters are used by another module"
                       if after_call and layer.seen == 0 and layer.problem is None else layer.problem)

@@ -29,7 +29,10 @@ examples alone are what :func:`couples_examples` compares with the batch's.
 The same runs watch the ruled parameters: a rule sees its layer's own calls only, so a
 parameter that an op uses, with a result that needs a gradient, while none of its layers
 is running (a tied output head written ``h @ emb.weight.T``, ``F.linear(h, fc.weight)``)
-is reported, and goes to the fallback whole.
+is reported, and goes to the fallback whole. They also watch the free parameters
+(:mod:`.free`): each use with a gradient must broadcast the parameter over 1 row for one
+example and 2 for two, and its result's rows 0 and B − 1 must be the first and last
+examples' own.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..batch import Inputs, batch_len, call_model, concat, take
 from ..kernels.reference import autocast_dtypes, autocast_off
+from .free import Views, leaves, misfit, needs_grad, unseen_uses
 from .rules import Rule
 from .rules.registry import close
 from .workarounds import torch_workarounds
@@ -91,13 +95,18 @@ class _Uses(TorchFunctionMode):
     shapes, result shape); and, for the ruled parameters ``params`` (id -> (name, the layers
     whose rule covers it)), the first op that uses one while none of those layers runs."""
 
-    def __init__(self, params: dict[int, tuple[str, tuple[str, ...]]]) -> None:
+    def __init__(self, params: dict[int, tuple[str, tuple[str, ...]]], free: dict[int, str], B: int) -> None:
         super().__init__()
         self.watched: dict[int, list] = {}   # id(tensor) -> that call's list of uses
         self.alive: list[torch.Tensor] = []  # keeps ids from being reused during the run
         self.params = params
         self.running: dict[str, int] = {}    # layer name -> its calls under way
         self.strays: dict[str, str] = {}     # parameter name -> the op that used it outside its layers
+        self.views, self.B = Views(free), B  # free parameters {id: name} and their views, and the run's batch
+        # per use: (what does not fit or None, whether it has the form the rule takes)
+        self.free_uses: dict[str, list[tuple[str | None, bool]]] = {n: [] for n in free.values()}
+        self.consumers: set = set()          # the autograd nodes of those uses (and of their views)
+        self.unseen: dict[str, str] = {}     # free parameter -> a node that uses it where no op was seen
 
     def watch(self, t: torch.Tensor, uses: list) -> None:
         self.watched[id(t)] = uses
@@ -111,6 +120,13 @@ class _Uses(TorchFunctionMode):
                 name, layers = self.params.get(id(t), (None, ()))
                 if name is not None and not any(self.running.get(n) for n in layers):
                     self.strays.setdefault(name, _op_name(func))
+        if needs_grad(out):
+            hits = self.views.hits(args, kwargs or {})
+            self.consumers.update(t.grad_fn for t in leaves(out) if hits and t.grad_fn is not None)
+            if not self.views.note(func, args, out):
+                for t in hits:
+                    if t.requires_grad:
+                        self.free_uses[self.views.of[id(t)]].append(misfit(func, args, kwargs or {}, t, self.B))
         hit = [t for t in tensors if id(t) in self.watched]
         if not hit or not isinstance(out, torch.Tensor):   # .shape, .dim(), .size(): no data flows on
             return out
@@ -139,12 +155,13 @@ def observed(rule: Rule, args: tuple, kwargs: dict, output) -> tuple:
 
 
 def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inputs,
-            params: dict[int, tuple[str, tuple[str, ...]]], verify: bool = False
-            ) -> tuple[dict[str, _Record], dict[str, str]]:
-    """Each ruled layer's call shapes and output uses on ``x``, and the parameters used
-    outside their layers; with ``verify``, each rule's :attr:`Rule.verify` of its first call."""
+            params: dict[int, tuple[str, tuple[str, ...]]], free: dict[int, str], verify: bool = False
+            ) -> tuple[dict[str, _Record], _Uses]:
+    """Each ruled layer's call shapes and output uses on ``x``, and the op watch (the
+    parameters used outside their layers, the free parameters' uses); with ``verify``,
+    each rule's :attr:`Rule.verify` of its first call."""
     records = {name: _Record() for name in layers}
-    mode = _Uses(params)
+    mode = _Uses(params, free, batch_len(x))
 
     def enter(name):
         mode.running[name] = mode.running.get(name, 0) + 1
@@ -169,17 +186,19 @@ def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inpu
                 for n, (m, rule) in layers.items()]
     try:
         with torch.enable_grad(), mode:   # grad on: the same code path as the scoring pass
-            call_model(model, x)
+            out = call_model(model, x)
     finally:
         for h in handles:
             h.remove()
+    if mode.free_uses:
+        mode.unseen = unseen_uses(out, mode.views, mode.consumers)
     for name, record in records.items():   # outside the mode: a rule's check is no use of the layer
         module, rule = layers[name]
         if record.sample is not None:   # what the layer computes, whatever precision the batch ran in
             with torch.no_grad(), autocast_off(), torch_workarounds():   # its own backward: a GroupNorm's can crash
                 record.problem = rule.verify(module, *record.sample)
             record.sample = None
-    return records, mode.strays
+    return records, mode
 
 
 def _follows(one: tuple[int, ...], two: tuple[int, ...]) -> list[int]:
@@ -222,13 +241,32 @@ REORDERED = ("its rows are not the batch's examples in order (the model reorders
 _Rows = list[tuple[torch.Tensor, torch.Tensor, int] | None]   # per call: input rows, output rows, their dim
 
 
+class _FreeRows(TorchFunctionMode):
+    """Records rows ``picks`` (dimension 0) of each result with a gradient of an op that uses
+    a free parameter ({id: name}); a result without B rows records None."""
+
+    def __init__(self, free: dict[int, str], B: int, picks: list[int]) -> None:
+        super().__init__()
+        self.views, self.B, self.picks = Views(free), B, picks
+        self.rows: dict[str, list[torch.Tensor | None]] = {n: [] for n in free.values()}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.requires_grad and not self.views.note(func, args, out):
+            for t in self.views.hits(args, kwargs or {}):
+                whole = out.dim() > 0 and out.shape[0] == self.B and not out.is_nested
+                self.rows[self.views.of[id(t)]].append(out.detach()[self.picks] if whole else None)
+        return out
+
+
 def _rows(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], found: dict[str, Layout | str],
-          x: Inputs, picks: list[int]) -> tuple[dict[str, _Rows], torch.Tensor]:
+          x: Inputs, picks: list[int], free: dict[int, str]) -> tuple[dict[str, _Rows], torch.Tensor]:
     """Run the model on ``x`` (grad on: the scoring pass's code path, as torch's encoder
     layers take a fused path without it); {layer name: per call, (input rows, output rows,
     the batch dimension they are in) ``picks`` along the layer's batch dimension, or None
     for a call that does not see the whole batch there} for the layers laid out with one,
-    and the model's output, all detached."""
+    and for each free parameter (``free``, {id: name}), per use, (result rows, result rows,
+    0); and the model's output, all detached."""
     rows: dict[str, _Rows] = {}
     B = batch_len(x)
 
@@ -243,12 +281,15 @@ def _rows(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], found: di
                                             hook(mod, a, kw, o, n, r, k), with_kwargs=True, prepend=True)
                for name, (module, rule) in layers.items()
                if isinstance(found.get(name), Layout) and found[name].batch_dim is not None]
+    uses = _FreeRows(free, B, picks)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), uses:
             out = call_model(model, x).detach()
     finally:
         for h in handles:
             h.remove()
+    for name, results in uses.rows.items():
+        rows[name] = [None if r is None else (r, r, 0) for r in results]
     return rows, out
 
 
@@ -270,25 +311,29 @@ def _reordered(batch: _Rows, first: _Rows, last: _Rows) -> bool:
 
 
 def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inputs,
-              params: dict[str, tuple[torch.Tensor, tuple[str, ...]]] | None = None
-              ) -> tuple[dict[str, Layout | str], bool, dict[str, str]]:
+              params: dict[str, tuple[torch.Tensor, tuple[str, ...]]] | None = None,
+              free: dict[str, torch.Tensor] | None = None
+              ) -> tuple[dict[str, Layout | str], bool, dict[str, str], dict[str, str | None]]:
     """{layer name: its :class:`Layout`, or the reason it has none its rule accepts},
     whether an example's output depends on its batch (:func:`couples_examples`; False
-    where the model did not run), and {parameter name: the op that used it outside its
-    layers' calls}.
+    where the model did not run), {parameter name: the op that used it outside its
+    layers' calls}, and {free parameter name: None if the free-parameter rule takes it,
+    else why not}.
 
     layers: {name: (module, its rule)}; params: {parameter name: (the tensor, the names of
-    the layers whose rule covers it)}; x: a batch of B >= 1. A rule that takes the whole
-    call (``Rule.call``) is laid out by its output alone.
+    the layers whose rule covers it)}; free: {name: a parameter no rule covers}; x: a
+    batch of B >= 1. A rule that takes the whole call (``Rule.call``) is laid out by its
+    output alone.
     """
     first = take(x, 0)
     watched = {id(t): (name, owners) for name, (t, owners) in (params or {}).items()}
+    free_ids = {id(t): name for name, t in (free or {}).items()}
     try:
-        rec1, strays = _record(model, layers, first, watched, verify=True)
-        rec2, _ = _record(model, layers, concat([first, first]), watched)
+        rec1, uses1 = _record(model, layers, first, watched, free_ids, verify=True)
+        rec2, uses2 = _record(model, layers, concat([first, first]), watched, free_ids)
     except Exception as e:   # the fallback meets the same model and says what fails
-        why = f"the model did not run on 1 and 2 copies of an example ({type(e).__name__}: {e})"
-        return {name: why.splitlines()[0][:300] for name in layers}, False, {}
+        why = f"the model did not run on 1 and 2 copies of an example ({type(e).__name__}: {e})".splitlines()[0][:300]
+        return {name: why for name in layers}, False, {}, {name: f"was not checked: {why}" for name in free or {}}
     out: dict[str, Layout | str] = {}
     for name, (module, rule) in layers.items():
         accepted = rule.dims(module)
@@ -323,24 +368,51 @@ def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: In
                 out[name] = Layout(dim)
                 continue
         out[name] = reason
-    return out, _check_order(model, layers, out, x), strays
+    free_out = {name: _free_layout(uses1.free_uses[name], uses2.free_uses[name],
+                                   uses1.unseen.get(name) or uses2.unseen.get(name)) for name in free or {}}
+    return out, _check_order(model, layers, out, x, free_ids, free_out), uses1.strays, free_out
+
+
+def _free_layout(uses1: list[tuple[str | None, bool]], uses2: list[tuple[str | None, bool]],
+                 unseen: str | None) -> str | None:
+    """None if a free parameter's uses broadcast it over the batch rows (1 row for one
+    example, 2 for two: :func:`.free.misfit` found nothing in either run) and the op watch
+    saw every one (``unseen``: a graph node that uses it unseen), else why not; "" where
+    no use has the form the rule takes (a layer's weight in its own op: nothing to say)."""
+    why = next((w for w, _ in (*uses1, *uses2) if w is not None), None)
+    if why is not None and not any(form for _, form in (*uses1, *uses2)):
+        return ""
+    if why is not None:
+        return (f"is used by {why} (the rule takes an elementwise op or an expand whose result has the batch "
+                f"in dimension 0)")
+    if unseen is not None:
+        return (f"is used by {unseen}, which the op watch cannot see (a custom autograd.Function, or an op "
+                f"inside another function)")
+    if len(uses1) != len(uses2):
+        return "is used differently for 1 and 2 examples"
+    return None
 
 
 def _check_order(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], found: dict[str, Layout | str],
-                 x: Inputs) -> bool:
+                 x: Inputs, free: dict[int, str], free_found: dict[str, str | None]) -> bool:
     """Give the layers whose batch rows are not the examples' own, in order, the reason
-    :data:`REORDERED` (in ``found``); return whether the model's outputs for x's first
-    and last examples alone differ from theirs in the batch (:func:`couples_examples`)."""
+    :data:`REORDERED` (in ``found``; for the taken free parameters ({id: name}), the results
+    of their uses, in ``free_found``); return whether the model's outputs for x's first and
+    last examples alone differ from theirs in the batch (:func:`couples_examples`)."""
     B = batch_len(x)
-    batch_rows, batched = _rows(model, layers, found, x, sorted({0, B - 1}))
-    first_rows, first_out = _rows(model, layers, found, take(x, 0), [0])
+    free = {i: n for i, n in free.items() if free_found[n] is None}
+    batch_rows, batched = _rows(model, layers, found, x, sorted({0, B - 1}), free)
+    first_rows, first_out = _rows(model, layers, found, take(x, 0), [0], free)
     working = working_dtype(model, batched.dtype)
     if B == 1:
         return couples_examples(first_out, batched, working)
-    last_rows, last_out = _rows(model, layers, found, take(x, B - 1), [0])
+    last_rows, last_out = _rows(model, layers, found, take(x, B - 1), [0], free)
     for name, calls in batch_rows.items():
         if _reordered(calls, first_rows.get(name, []), last_rows.get(name, [])):
-            found[name] = REORDERED
+            if name in free_found:
+                free_found[name] = "is added to rows that are not the batch's examples in order"
+            else:
+                found[name] = REORDERED
     return couples_examples(torch.cat([first_out, last_out]), batched, working)
 
 

@@ -33,6 +33,8 @@ class SketchEngine(GhostEngine):
     ``sq_norm`` is not computed: zeros). Its rules add their blocks to one buffer and
     return no dots of their own."""
 
+    takes_free = False   # the free parameters' blocks are dense: the fallback's reference set
+
     def __init__(self, model, loss, param_names, projection: Projection, chunk_bytes: int = 256 * 2**20) -> None:
         super().__init__(model, loss, param_names, chunk_bytes)
         self.projection = projection

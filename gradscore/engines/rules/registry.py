@@ -213,6 +213,11 @@ def _lookup(module: nn.Module) -> tuple[Rule | None, str | None]:
     return None, reason
 
 
+def has_rule(module: nn.Module) -> bool:
+    """Whether a rule is registered for ``module``'s class or structure, applicable or not."""
+    return _lookup(module)[0] is not None
+
+
 def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
     """Equal up to the rounding of another blocking of the same computation (batched GEMMs,
     TF32 on CUDA), in ``dtype`` (default a's: the precision the values were computed in);

@@ -1,0 +1,270 @@
+"""The free-parameter rule: a parameter that a forward uses directly, broadcast over the batch.
+
+A ViT's class token and position embedding (``cls_token.expand(B, -1, -1)``,
+``x + pos_embed``), CaiT's ``gamma_1 * x`` and ConvNeXt's ``x.mul(gamma.reshape(1, -1,
+1, 1))`` belong to no layer: their module's forward reads them itself, so no layer rule
+sees them. For one call of the model, a ``TorchFunctionMode`` gives each op that uses such
+a parameter P (or a reshaped view of it), instead of P, P expanded to the op's whole
+result shape, through a probe (:func:`.probe.probe`): the same values (a broadcast is an
+expand), and P's gradient is the same ``sum_to_size`` of the same tensor, bit for bit (an
+expand's backward is the broadcast's reduction). The probe's δ, summed over every
+dimension P was broadcast over except the batch's, is each example's gradient of P
+through that use; the uses of a call add up.
+
+Only two kinds of use are taken, where row b of the result reads no other row of P's
+expansion: an elementwise op of P with tensors whose broadcast shape has the batch in
+dimension 0, which P has not (it is 1 there, or P has fewer dimensions), and an
+``expand``/``expand_as`` to such a shape. Views that keep the order of P's elements
+(``reshape``, ``view``, ``unsqueeze``, ``squeeze``, ``flatten``) pass P on. That the
+batch is in dimension 0 is established on the first batch from evidence (:mod:`.layout`:
+every use has 1 row for one example and 2 for two; a sequence-first (T, B, d) never does),
+and that those rows are the examples' own, in order, from the batch's first and last
+examples run alone. Any other use of P with a gradient (``F.linear(x, P)``, ``P[1:]``,
+``P.exp()``) sends P to the fallback, as does a use whose shape is not the evidence's at
+scoring time.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..kernels import acc_dtype
+from .probe import probe
+
+#: elementwise ops that broadcast an operand over the batch rows of another
+ELEMENTWISE = frozenset({
+    "add", "sub", "subtract", "mul", "multiply", "div", "divide", "true_divide",
+    "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
+    "add_", "sub_", "mul_", "div_", "__iadd__", "__isub__", "__imul__", "__itruediv__"})
+#: ops that repeat a tensor over the batch rows
+EXPAND = frozenset({"expand", "expand_as"})
+#: views that keep the order of a tensor's elements: their result stands for the parameter
+VIEWS = frozenset({"reshape", "view", "view_as", "unsqueeze", "squeeze", "flatten"})
+
+
+def candidates(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """{name: parameter} of ``names`` that the rule may take: the floating ones."""
+    named = dict(model.named_parameters())
+    return {n: named[n] for n in names if named[n].is_floating_point()}
+
+
+def _name(func) -> str:
+    return getattr(func, "__name__", str(func))
+
+
+def _operands(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors among an op's arguments (not inside lists)."""
+    return [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+
+
+def leaves(obj) -> Iterator[torch.Tensor]:
+    """Every tensor in ``obj``, through tuples, lists and dicts."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from leaves(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from leaves(o)
+
+
+def needs_grad(out) -> bool:
+    """Whether any tensor of an op's result (a tuple's too) needs a gradient."""
+    return any(t.requires_grad for t in leaves(out))
+
+
+def _expand_shape(args: tuple, kwargs: dict) -> tuple[int, ...]:
+    """The shape ``t.expand(*sizes)`` (or ``t.expand(sizes)``) gives, −1 resolved."""
+    t = args[0]
+    if "size" in kwargs:
+        sizes = tuple(kwargs["size"])
+    elif len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)):
+        sizes = tuple(args[1])
+    else:
+        sizes = tuple(args[1:])
+    lead = len(sizes) - t.dim()
+    return tuple(t.shape[i - lead] if s == -1 and i >= lead else s for i, s in enumerate(sizes))
+
+
+def _saving_hooks() -> bool:
+    """Whether saved-tensor hooks are active (a ``torch.utils.checkpoint`` region)."""
+    top = torch._C._autograd._top_saved_tensors_default_hooks
+    try:
+        return top(False) is not None
+    except TypeError:   # torch before its ignore_is_tracing argument
+        return top() is not None
+
+
+def target_shape(func, args: tuple, kwargs: dict, t: torch.Tensor, B: int,
+                 hooks: bool = True) -> tuple[tuple[int, ...] | None, str]:
+    """(the shape t is expanded to by the op ``func(*args, **kwargs)``, one of whose operands
+    is t (a free parameter, or a view of one), None if the rule does not take the op; what
+    the op is): an elementwise op or expand whose result has B rows in dimension 0 and t
+    neither more dimensions nor rows of its own there, and (``hooks``) no saved-tensor
+    hooks active: a checkpoint would recompute the op with t itself and find other shapes."""
+    name = _name(func)
+    if not any(o is t for o in _operands(args, kwargs)):   # inside a list: torch.cat([P, x])
+        return None, name
+    if hooks and _saving_hooks():
+        return None, f"{name} under saved-tensor hooks (torch.utils.checkpoint, save_on_cpu)"
+    if name in EXPAND:
+        if args[0] is not t:
+            return None, f"{name} of another tensor to its shape"
+        shape = tuple(args[1].shape) if name == "expand_as" else _expand_shape(args, kwargs)
+        what = f"{name} to {list(shape)}"
+    elif name in ELEMENTWISE:
+        if (name.endswith("_") or name.startswith("__i")) and args[0] is t:
+            return None, f"{name} on itself"
+        try:
+            shape = tuple(torch.broadcast_shapes(*(o.shape for o in _operands(args, kwargs))))
+        except RuntimeError:
+            return None, name
+        what = f"{name} into shape {list(shape)}"
+    else:
+        return None, name
+    own_rows = len(shape) == t.dim() and t.dim() > 0 and t.shape[0] != 1
+    if len(shape) < max(t.dim(), 1) or shape[0] != B or own_rows:
+        return None, what
+    return shape, what
+
+
+def misfit(func, args: tuple, kwargs: dict, t: torch.Tensor, B: int) -> tuple[str | None, bool]:
+    """(None if the rule takes this use of t in a batch of B (:func:`target_shape`), else what
+    it is; whether the use has the form the rule takes, saved-tensor hooks aside)."""
+    shape, what = target_shape(func, args, kwargs, t, B)
+    return (None, True) if shape is not None else (what, target_shape(func, args, kwargs, t, B, hooks=False)[0]
+                                                   is not None)
+
+
+class Views:
+    """The free parameters ({id: name}) and the order-keeping views made of them in one forward."""
+
+    def __init__(self, free: dict[int, str]) -> None:
+        self.of: dict[int, str] = dict(free)
+        self.alive: list[torch.Tensor] = []   # keeps the views' ids from being reused
+
+    def hits(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        """The tensors among the arguments (lists too) that are a free parameter or a view of one."""
+        return [t for t in leaves((args, kwargs)) if id(t) in self.of]
+
+    def note(self, func, args: tuple, out) -> bool:
+        """If ``func`` is a view of a tracked tensor, track its result; whether it was."""
+        if (_name(func) in VIEWS and args and isinstance(args[0], torch.Tensor) and id(args[0]) in self.of
+                and isinstance(out, torch.Tensor)):
+            self.of[id(out)] = self.of[id(args[0])]
+            self.alive.append(out)
+            return True
+        return False
+
+
+def unseen_uses(out, views: Views, consumers: set) -> dict[str, str]:
+    """{name: the node} for each free parameter (or tracked view) that a node of the
+    autograd graph of ``out`` takes as input without being among ``consumers``, the
+    nodes of the uses the op watch saw: a use inside a custom ``autograd.Function`` (whose
+    forward runs without gradients) or inside another function's ``__torch_function__``
+    handler, which the rule would miss."""
+    var_names = {i: n for i, n in views.of.items()}
+    tracked = {t.grad_fn: views.of[id(t)] for t in views.alive if t.grad_fn is not None}
+    stack = [t.grad_fn for t in leaves(out) if t.grad_fn is not None]
+    seen: set = set()
+    found: dict[str, str] = {}
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            var = getattr(nxt, "variable", None)
+            name = var_names.get(id(var)) if var is not None else tracked.get(nxt)
+            if name is not None and node not in consumers:
+                found.setdefault(name, node.name())
+            stack.append(nxt)
+    return found
+
+
+class FreeUses(TorchFunctionMode):
+    """While active (one forward of a batch of B: entered, then :meth:`leave`), each op that
+    uses a parameter of ``free`` ({id: name}), or a view of one, gets it expanded to the
+    op's result shape through a probe on the zero leaf of ``leaf`` (made here if the list
+    is empty), whose δ, per example, is added to :attr:`grads`. A use the rule does not
+    take, whose result needs a gradient, is noted in ``problems`` ({name: what}; the
+    parameter then goes to the fallback). ``see(name, use, δ)`` (the ghost engine's
+    output-path check) may claim a δ first; a δ that comes twice for one use sets
+    :attr:`again` (a second backward)."""
+
+    def __init__(self, free: dict[int, str], B: int, leaf: list[torch.Tensor], contiguous: bool,
+                 problems: dict[str, str], see: Callable[[str, object, torch.Tensor], bool] | None = None) -> None:
+        super().__init__()
+        self.views, self.B, self.leaf, self.contiguous, self.see = Views(free), B, leaf, contiguous, see
+        self.grads: dict[str, torch.Tensor] = {}   # name -> Σ over its uses of each example's gradient (B, numel)
+        self.problems = problems
+        self.uses = 0
+        self.came: set[int] = set()
+        self.again = False
+        self.active = False
+
+    def __enter__(self):
+        self.active = True
+        return super().__enter__()
+
+    def leave(self) -> None:
+        """End the forward's substitutions (once; the innermost mode is this one)."""
+        if self.active:
+            self.active = False
+            self.__exit__(None, None, None)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        hits = self.views.hits(args, kwargs)
+        if not hits or not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        swap = {}
+        for t in hits:
+            if not t.requires_grad:
+                continue
+            shape, what = target_shape(func, args, kwargs, t, self.B)
+            if shape is None:
+                out = func(*args, **kwargs)
+                if not self.views.note(func, args, out) and needs_grad(out):
+                    self.problems.setdefault(self.views.of[id(t)], f"used by {what}")
+                return out
+            swap[id(t)] = self._expanded(t, shape)
+        args = tuple(swap.get(id(a), a) if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: swap.get(id(v), v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+    def _expanded(self, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        if not self.leaf:
+            self.leaf.append(torch.zeros((), device=t.device, requires_grad=True))
+        name, use = self.views.of[id(t)], self.uses
+        self.uses += 1
+        rows = (self.B, *((1,) * (len(shape) - t.dim()) + tuple(t.shape))[1:])   # t's elements, per example
+        return probe(t.expand(shape), self.leaf[0], lambda d: self._add(name, use, d, rows), self.contiguous)
+
+    def _add(self, name: str, use: int, delta: torch.Tensor, rows: tuple[int, ...]) -> None:
+        if self.see is not None and self.see(name, use, delta):
+            return
+        if use in self.came:
+            self.again = True
+            return
+        self.came.add(use)
+        g = delta.detach().to(acc_dtype(delta.dtype)).sum_to_size(rows).reshape(self.B, -1)
+        self.grads[name] = g if name not in self.grads else self.grads[name] + g
+
+    def sums(self, refs: dict[str, torch.Tensor | None], K: int
+             ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(‖g_b‖² (B,), ⟨g_b, V_k⟩ (B, K)) over the parameters whose δ came; ``refs``: name ->
+        its (K, *shape) reference block or None. None if no δ came."""
+        sq = dots = None
+        for name, G in self.grads.items():
+            s = (G * G).sum(1)
+            V = refs.get(name)
+            d = G.new_zeros((len(G), K)) if V is None else G @ V.reshape(K, -1).to(G.dtype).T
+            sq, dots = (s, d) if sq is None else (sq + s, dots + d)
+        return None if sq is None else (sq, dots)
