@@ -3,7 +3,8 @@
 Each seed builds a model from a few blocks (Linear, a Linear registered twice, LayerNorm,
 RMSNorm, Conv1d with its padding modes, groups and dilation, GroupNorm, multi-head
 attention, RNN/GRU/LSTM, uni- or bidirectional, one or two layers, and the structural
-rules' timm-like GroupNormAct, LayerNormAct and LayerScale), each applied to the
+rules' timm-like GroupNormAct, LayerNormAct and LayerScale, and parameters the forward
+uses directly: a γ, a shift, a class token, a position embedding), each applied to the
 (B, T, C) sequence or to its (T, B, C) transpose, with residuals and pooling; B and T
 drawn so that T == B, T == 1 and T == B + 1 all come up; all parameters scored, or
 those from a random block on, or the rest with random blocks frozen. ``auto`` and ``ghost`` must
@@ -47,6 +48,29 @@ class Block(nn.Module):
         return h + y if self.residual and y.shape == h.shape else y
 
 
+class Free(nn.Module):
+    """Parameters the forward uses directly (the free-parameter rule) on (B, T, C), or on
+    (T, B, C) with ``seq_first``: "gamma" x * γ (C,), "shift" x + β (1, 1, C), "cls" a
+    class token put first (expanded to (B, 1, C), or (1, B, C)), "pos" x + a position
+    embedding (1, T, C), or (T, 1, C)."""
+
+    def __init__(self, kind: str, C: int, T: int, seq_first: bool) -> None:
+        super().__init__()
+        self.kind, self.seq_first = kind, seq_first
+        shape = {"gamma": (C,), "shift": (1, 1, C), "cls": (1, 1, C),
+                 "pos": (T, 1, C) if seq_first else (1, T, C)}[kind]
+        self.p = nn.Parameter((1.0 if kind == "gamma" else 0.0) + 0.3 * torch.randn(*shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "gamma":
+            return x * self.p
+        if self.kind in ("shift", "pos"):
+            return x + self.p
+        if self.seq_first:
+            return torch.cat([self.p.expand(1, x.shape[1], -1), x], 0)
+        return torch.cat([self.p.expand(x.shape[0], -1, -1), x], 1)
+
+
 def _layer(rng: random.Random, kind: str, C: int, linears: list[nn.Linear], seq_first: bool) -> tuple[nn.Module, int]:
     """A layer of ``kind`` reading C features, and the features it gives."""
     if kind == "linear":
@@ -81,9 +105,9 @@ def _layer(rng: random.Random, kind: str, C: int, linears: list[nn.Linear], seq_
 
 class RandomModel(nn.Module):
     KINDS = ("linear", "linear", "layernorm", "rmsnorm", "conv", "groupnorm", "attention", "recurrent", "twice",
-             "gn_act", "ln_act", "scale")
+             "gn_act", "ln_act", "scale", "free")
 
-    def __init__(self, rng: random.Random, C: int, vocab: int) -> None:
+    def __init__(self, rng: random.Random, C: int, vocab: int, T: int) -> None:
         super().__init__()
         self.emb = nn.Embedding(vocab, C) if vocab else None
         blocks, linears = [], []
@@ -91,7 +115,11 @@ class RandomModel(nn.Module):
             kind, seq_first = rng.choice(self.KINDS), rng.random() < 0.5
             if kind == "twice" and not any(lin.in_features == lin.out_features == C for lin in linears):
                 kind = "linear"
-            layer, out = _layer(rng, kind, C, linears, seq_first)
+            if kind == "free":
+                layer, out = Free(rng.choice(["gamma", "shift", "cls", "pos"]), C, T, seq_first), C
+                T += layer.kind == "cls"
+            else:
+                layer, out = _layer(rng, kind, C, linears, seq_first)
             blocks.append(Block(layer, kind, seq_first, rng.random() < 0.3, rng.random() < 0.5))
             C = out
         self.blocks = nn.ModuleList(blocks)
@@ -99,7 +127,8 @@ class RandomModel(nn.Module):
         self.head = nn.Linear(C, 3)
 
     def describe(self) -> str:
-        return ", ".join(f"{b.kind}{' (T, B, C)' if b.seq_first else ''}" for b in self.blocks) + f"; pool {self.pool}"
+        return ", ".join(f"{b.kind if b.kind != 'free' else b.layer.kind}{' (T, B, C)' if b.seq_first else ''}"
+                         for b in self.blocks) + f"; pool {self.pool}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.emb(x) if self.emb is not None else x
@@ -115,7 +144,7 @@ def _draw(seed: int, batches: int = 1, extra: int = 0) -> tuple[RandomModel, tor
     torch.manual_seed(seed)
     B = rng.choice([1, 2, 3, 4])
     T, C, vocab = rng.choice([1, B, B + 1, 2, 5]), rng.choice([2, 4]), rng.choice([0, 0, 7])
-    model = RandomModel(rng, C, vocab).double()
+    model = RandomModel(rng, C, vocab, T).double()
     n = batches * B + extra
     x = torch.randint(0, vocab, (n, T)) if vocab else torch.randn(n, T, C, dtype=torch.float64)
     return model, x, torch.randint(0, 3, (n,)), B
