@@ -337,7 +337,8 @@ class FreeNet(nn.Module):
     "twice" (added, then multiplied), "radd" (pos + h), "inplace" (h.add_(pos)),
     "expand_as", "torch_add" (torch.add with alpha), "scale" (h * γ, γ (1, 1, 5)), "squeeze"
     (h + pos.squeeze(0)), "rank2" (h + w, w (1, 5): broadcast over the tokens too),
-    "gamma" (h * γ, γ (5,): CaiT), "reshaped" (h * γ.reshape(1, 1, -1): ConvNeXt). Not
+    "gamma" (h * γ, γ (5,): CaiT), "reshaped" (h * γ.reshape(1, 1, -1): ConvNeXt), "cast"
+    (h + pos.to(h.dtype).clone()). Not
     taken: "index" (pos[0]), "linear" (F.linear(h, w), w (1, 5)), "exp" (h + pos.exp()),
     "reorder" (added to the batch's rows reversed), "function" (a custom autograd.Function
     of h and pos: its forward runs without gradients), "tuple" (torch.broadcast_tensors,
@@ -348,7 +349,7 @@ class FreeNet(nn.Module):
     batch)."""
 
     TAKEN = ("vit", "vit_after", "twice", "radd", "inplace", "expand_as", "torch_add", "scale", "squeeze", "rank2",
-             "gamma", "reshaped")
+             "gamma", "reshaped", "cast")
     KINDS = TAKEN + ("index", "linear", "exp", "reorder", "function", "tuple", "list", "checkpoint")
 
     def __init__(self, kind: str, layout: str = "batch", D: int = 5):
@@ -397,6 +398,8 @@ class FreeNet(nn.Module):
             h = h + pos.squeeze(0)
         elif kind == "reshaped":
             h = h.mul(pos.reshape(1, 1, -1))
+        elif kind == "cast":
+            h = h + pos.to(h.dtype).clone()
         elif kind == "index":
             h = h + pos[0]
         elif kind == "linear":

@@ -4,7 +4,7 @@ A ViT's class token and position embedding (``cls_token.expand(B, -1, -1)``,
 ``x + pos_embed``), CaiT's ``gamma_1 * x`` and ConvNeXt's ``x.mul(gamma.reshape(1, -1,
 1, 1))`` belong to no layer: their module's forward reads them itself, so no layer rule
 sees them. For one call of the model, a ``TorchFunctionMode`` gives each op that uses such
-a parameter P (or a reshaped view of it), instead of P, P expanded to the op's whole
+a parameter P (or a view, cast or copy of it), instead of P, P expanded to the op's whole
 result shape, through a probe (:func:`.probe.probe`): the same values (a broadcast is an
 expand), and P's gradient is the same ``sum_to_size`` of the same tensor, bit for bit (an
 expand's backward is the broadcast's reduction). The probe's δ, summed over every
@@ -14,8 +14,9 @@ through that use; the uses of a call add up.
 Only two kinds of use are taken, where row b of the result reads no other row of P's
 expansion: an elementwise op of P with tensors whose broadcast shape has the batch in
 dimension 0, which P has not (it is 1 there, or P has fewer dimensions), and an
-``expand``/``expand_as`` to such a shape. Views that keep the order of P's elements
-(``reshape``, ``view``, ``unsqueeze``, ``squeeze``, ``flatten``) pass P on. That the
+``expand``/``expand_as`` to such a shape. Ops that keep P's elements in their order pass
+P on: views (``reshape``, ``view``, ``unsqueeze``, ``squeeze``, ``flatten``), casts
+(``to``, ``float``, ``type_as``) and copies (``clone``, ``contiguous``). That the
 batch is in dimension 0 is established on the first batch from evidence (:mod:`.layout`:
 every use has 1 row for one example and 2 for two; a sequence-first (T, B, d) never does),
 and that those rows are the examples' own, in order, from the batch's first and last
@@ -41,8 +42,9 @@ ELEMENTWISE = frozenset({
     "add_", "sub_", "mul_", "div_", "__iadd__", "__isub__", "__imul__", "__itruediv__"})
 #: ops that repeat a tensor over the batch rows
 EXPAND = frozenset({"expand", "expand_as"})
-#: views that keep the order of a tensor's elements: their result stands for the parameter
-VIEWS = frozenset({"reshape", "view", "view_as", "unsqueeze", "squeeze", "flatten"})
+#: ops whose result holds a tensor's elements in their order (views, casts, copies): it stands for the parameter
+SAME_ELEMENTS = frozenset({"reshape", "view", "view_as", "unsqueeze", "squeeze", "flatten", "to", "type_as",
+                           "float", "double", "half", "bfloat16", "contiguous", "clone"})
 
 
 def candidates(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
@@ -141,7 +143,7 @@ def misfit(func, args: tuple, kwargs: dict, t: torch.Tensor, B: int) -> tuple[st
 
 
 class Views:
-    """The free parameters ({id: name}) and the order-keeping views made of them in one forward."""
+    """The free parameters ({id: name}) and what :data:`SAME_ELEMENTS` makes of them in one forward."""
 
     def __init__(self, free: dict[int, str]) -> None:
         self.of: dict[int, str] = dict(free)
@@ -153,7 +155,7 @@ class Views:
 
     def note(self, func, args: tuple, out) -> bool:
         """If ``func`` is a view of a tracked tensor, track its result; whether it was."""
-        if (_name(func) in VIEWS and args and isinstance(args[0], torch.Tensor) and id(args[0]) in self.of
+        if (_name(func) in SAME_ELEMENTS and args and isinstance(args[0], torch.Tensor) and id(args[0]) in self.of
                 and isinstance(out, torch.Tensor)):
             self.of[id(out)] = self.of[id(args[0])]
             self.alive.append(out)
