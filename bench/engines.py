@@ -89,6 +89,26 @@ def _cifar_cnn() -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
 
 
+class TinyViT(nn.Module):
+    """A ViT on (B, T, 48) patches: a projection to d, a class token and a position
+    embedding that the forward uses directly (the free-parameter rule), encoder layers
+    without dropout, and a head on the class token."""
+
+    def __init__(self, d: int = 128, T: int = 64, layers: int = 2, n_classes: int = 10) -> None:
+        super().__init__()
+        self.patch = nn.Linear(48, d)
+        self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, d))
+        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, T + 1, d))
+        self.blocks = nn.Sequential(*(nn.TransformerEncoderLayer(d, 4, 2 * d, dropout=0.0, batch_first=True)
+                                      for _ in range(layers)))
+        self.head = nn.Linear(d, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.patch(x)
+        h = torch.cat([self.cls_token.expand(len(h), -1, -1), h], 1) + self.pos_embed
+        return self.head(self.blocks(h)[:, 0])
+
+
 def model_cases(device: str) -> dict[str, Case]:
     """name -> :class:`Case`. The GPT-2 cases (T = 128) need ``transformers``."""
     cases = {
@@ -100,6 +120,7 @@ def model_cases(device: str) -> dict[str, Case]:
         "cifar_cnn_dw": Case(_cifar_cnn, lambda B: torch.randn(B, 3, 32, 32, device=device)),
         "transformer_d128_T64": Case(lambda: tiny_transformer(vocab=1000, d=128, heads=4, layers=2, n_classes=10),
                                      lambda B: torch.randint(0, 1000, (B, 64), device=device)),
+        "vit_d128_T64": Case(TinyViT, lambda B: torch.randn(B, 64, 48, device=device)),
         # a new user's ResNet: BatchNorm (eval) and residual blocks, 20k parameters
         "resnet_bn_20k": Case(small_resnet, lambda B: torch.randn(B, 3, 32, 32, device=device)),
         # torch's own attention layers, whose projections nn.MultiheadAttention uses functionally

@@ -4,7 +4,8 @@ without it, side by side in one run (CPU or CUDA).
     python -m bench.inrun [--repeats 15] [--json bench/results/inrun_cpu.json --overwrite]
 
 For each model (the MLP 784-1024-1024-10 at batch 256, the d=128 transformer at T=64 (batch 64 and 256),
-the demo's digits CNN and, with ``transformers``, the LM demo's GPT-2 at T=128) one call
+the demo's digits CNN, a d=128 ViT on 64 patches (its class token and position embedding
+take the free-parameter rule) and, with ``transformers``, the LM demo's GPT-2 at T=128) one call
 is 10 training steps (forward, mean loss, backward, SGD step), timed ``repeats`` times,
 each call next to a call of the plain steps:
 
@@ -50,7 +51,7 @@ from gradscore.losses import resolve_loss
 
 #: (model, batch): the transformer at the MLP's batch too, where a target of 64 is a quarter of a step
 CASES = [("mlp_784_1024_1024", 256), ("transformer_d128_T64", 64), ("transformer_d128_T64", 256),
-         ("digits_cnn", 64), ("gpt2_d64_T128", 32)]
+         ("digits_cnn", 64), ("gpt2_d64_T128", 32), ("vit_d128_T64", 64)]
 #: a language model with a real vocabulary (its logits are the step's largest tensors): norms only,
 #: 2 steps per call (a target of 64 would time the target batch's own output layer)
 VOCAB_CASES = [("gpt2_d64_T128_V8192", 16), ("gpt2_d64_T128_V32768", 16)]

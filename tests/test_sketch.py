@@ -13,7 +13,7 @@ from torch import nn
 from gradscore.demos.models import digits_cnn, mlp, recurrent_classifier, tiny_transformer
 from gradscore.losses import resolve_loss
 from gradscore.sketches import Projection, SketchEngine
-from helpers import Reversed, loop_grads
+from helpers import FreeNet, Reversed, loop_grads
 
 LOSS = resolve_loss("cross_entropy")
 
@@ -168,6 +168,24 @@ def test_sequence_first_with_T_equal_to_B_and_T_1(T):
     proj = Projection.for_model(model, names, 120, seed=1)
     got = SketchEngine(model, LOSS, names, proj).sketch_batch(x, y).dots
     torch.testing.assert_close(got, proj.apply(loop_grads(model, x, y, names)), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["vit", "twice", "gamma", "reshaped", "index"])
+@pytest.mark.parametrize("layout", ["batch", "TB", "seq_first"])
+def test_parameters_the_forward_uses_directly_are_sketched_as_the_loop_gives(kind, layout):
+    """A class token and position embedding (the free-parameter rule; "index" and
+    sequence-first: the fallback): their dense blocks against each example's gradient."""
+    torch.manual_seed(0)
+    model = FreeNet(kind, layout).double().eval()
+    x = torch.randn(3, *model.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    y = torch.arange(3) % 3
+    names = [n for n, _ in model.named_parameters()]
+    proj = Projection.for_model(model, names, 60, seed=5)
+    engine = SketchEngine(model, LOSS, names, proj)
+    got = engine.sketch_batch(x, y).dots
+    torch.testing.assert_close(got, proj.apply(loop_grads(model, x, y, names)), rtol=1e-10, atol=1e-12)
+    taken = layout != "seq_first" and kind != "index"
+    assert ("pos_embed" in engine.free) == taken and ("pos_embed" in engine.fallback) == (not taken)
 
 
 def test_an_empty_batch_gives_an_empty_sketch():

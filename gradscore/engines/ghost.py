@@ -389,6 +389,10 @@ class GhostEngine(Engine):
         self._moved_to_fallback(after_call=False)
         self._drop_fallback_params()   # the strays
 
+    def _add_free(self, state: _BatchSums) -> None:
+        """Add the free parameters' shares of the batch to its sums."""
+        state.add_free()
+
     def _free_to_fallback(self, full: str, why: str) -> None:
         """``why``: what the free-parameter rule found ("": nothing worth adding to the reason no rule took it)."""
         self.fallback[full] = self._free_why[full] + (f"; as a free parameter it {why}" if why else "")
@@ -519,7 +523,7 @@ class GhostEngine(Engine):
                                   "one backward per rec.step (each micro-batch in its own)")
             for layer in self.layers:
                 state.run_rule(layer)
-            state.add_free()
+            self._add_free(state)
         if state.factors:
             state.add_cross_terms()
 
@@ -552,7 +556,7 @@ class GhostEngine(Engine):
         with sharing(state.grams):
             for layer in self.layers:  # calls whose output did not reach the loss add nothing
                 state.run_rule(layer)
-            state.add_free()
+            self._add_free(state)
         if state.factors:
             state.add_cross_terms()
         fb = self._fallback(x, y, refs)

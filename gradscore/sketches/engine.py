@@ -4,8 +4,9 @@ The ghost engine (:mod:`gradscore.engines.ghost`) with each layer's rule turned 
 projection: a Kronecker block is projected from the rule's factors
 (:meth:`.Projection.project_factor`), a dense block is the rule's dots with that block's
 rows as the references. The engine's layouts (sequence-first, broadcast rows), tied
-weights (the sketch is linear: the uses add up), and fallback chain (vmap, else the
-loop, with the dense blocks as references) are the ghost engine's, unchanged.
+weights (the sketch is linear: the uses add up), free parameters (a dense block against
+their per-example gradients) and fallback chain (vmap, else the loop, with the dense blocks
+as references) are the ghost engine's.
 """
 from __future__ import annotations
 
@@ -32,8 +33,6 @@ class SketchEngine(GhostEngine):
     """:meth:`sketch_batch` gives ``dots`` = Φ g_b (B, dim) (and the loss and logits;
     ``sq_norm`` is not computed: zeros). Its rules add their blocks to one buffer and
     return no dots of their own."""
-
-    takes_free = False   # the free parameters' blocks are dense: the fallback's reference set
 
     def __init__(self, model, loss, param_names, projection: Projection, chunk_bytes: int = 256 * 2**20) -> None:
         super().__init__(model, loss, param_names, chunk_bytes)
@@ -85,6 +84,19 @@ class SketchEngine(GhostEngine):
             self._place(parts)
             return self._out.new_zeros(self._out.shape[0]), None
         return fn
+
+    def _add_free(self, state) -> None:
+        """Each free parameter's dense block: its per-example gradients (B, numel) against the block's rows."""
+        if state.free is None:
+            return
+        named = dict(self.model.named_parameters())
+        parts = []
+        for name, G in state.free.grads.items():
+            block = self.projection.by_name[name]
+            V = self.projection.dense(name, named[name]).reshape(block.k, -1)
+            parts.append((block, G @ V.to(G.dtype).T))
+        self._place(parts)
+        state.free.grads = {}
 
     def _fallback(self, x, y, refs) -> ScoreBatch | None:
         """The fallback parameters' dense blocks, stacked as one reference set."""
