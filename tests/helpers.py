@@ -338,7 +338,8 @@ class FreeNet(nn.Module):
     "expand_as", "torch_add" (torch.add with alpha), "scale" (h * γ, γ (1, 1, 5)), "squeeze"
     (h + pos.squeeze(0)), "rank2" (h + w, w (1, 5): broadcast over the tokens too),
     "gamma" (h * γ, γ (5,): CaiT), "reshaped" (h * γ.reshape(1, 1, -1): ConvNeXt), "cast"
-    (h + pos.to(h.dtype).clone()). Not
+    (h + pos.to(h.dtype).clone()), "addcmul" (torch.addcmul(β, γ, h) with views of (5,)
+    parameters: ConvNeXt-V2's GRN), "where" (torch.where(h > 0, h, pos)). Not
     taken: "index" (pos[0]), "linear" (F.linear(h, w), w (1, 5)), "exp" (h + pos.exp()),
     "reorder" (added to the batch's rows reversed), "function" (a custom autograd.Function
     of h and pos: its forward runs without gradients), "tuple" (torch.broadcast_tensors,
@@ -349,7 +350,7 @@ class FreeNet(nn.Module):
     batch)."""
 
     TAKEN = ("vit", "vit_after", "twice", "radd", "inplace", "expand_as", "torch_add", "scale", "squeeze", "rank2",
-             "gamma", "reshaped", "cast")
+             "gamma", "reshaped", "cast", "addcmul", "where")
     KINDS = TAKEN + ("index", "linear", "exp", "reorder", "function", "tuple", "list", "checkpoint")
 
     def __init__(self, kind: str, layout: str = "batch", D: int = 5):
@@ -360,7 +361,7 @@ class FreeNet(nn.Module):
         self.pre, self.head = nn.Linear(D, D), nn.Linear(D, 3)
         self.cls_token = nn.Parameter(0.5 * torch.randn(1, 1, D))
         n = self.T + (kind != "vit_after")
-        shape = ((1, D) if kind in ("linear", "rank2") else (D,) if kind in ("gamma", "reshaped")
+        shape = ((1, D) if kind in ("linear", "rank2") else (D,) if kind in ("gamma", "reshaped", "addcmul")
                  else (1, 1, D) if seq or kind == "scale" else (1, n, D))
         self.pos_embed = nn.Parameter(0.5 * torch.randn(*shape))
 
@@ -400,6 +401,10 @@ class FreeNet(nn.Module):
             h = h.mul(pos.reshape(1, 1, -1))
         elif kind == "cast":
             h = h + pos.to(h.dtype).clone()
+        elif kind == "addcmul":
+            h = h + torch.addcmul(self.cls_token.view(1, 1, -1), pos.view(1, 1, -1), h)
+        elif kind == "where":
+            h = torch.where(h > 0, h, pos)
         elif kind == "index":
             h = h + pos[0]
         elif kind == "linear":

@@ -1488,7 +1488,8 @@ class _Tokens(nn.Module):
         return self.net(x.reshape(len(x), *self.net.shape))
 
 
-@pytest.mark.parametrize("kind", ["vit", "twice", "inplace", "torch_add", "scale", "rank2", "gamma", "reshaped"])
+@pytest.mark.parametrize("kind", ["vit", "twice", "inplace", "torch_add", "scale", "rank2", "gamma", "reshaped",
+                                  "addcmul", "where"])
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 def test_parameters_the_forward_uses_directly_train_bit_identically_with_the_recorder(tmp_path, kind, opt):
     """A ViT's class token and position embedding (the free-parameter rule: expanded over

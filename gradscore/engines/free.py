@@ -37,9 +37,9 @@ from .probe import probe
 
 #: elementwise ops that broadcast an operand over the batch rows of another
 ELEMENTWISE = frozenset({
-    "add", "sub", "subtract", "mul", "multiply", "div", "divide", "true_divide",
+    "add", "sub", "subtract", "mul", "multiply", "div", "divide", "true_divide", "addcmul", "addcdiv", "where",
     "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
-    "add_", "sub_", "mul_", "div_", "__iadd__", "__isub__", "__imul__", "__itruediv__"})
+    "add_", "sub_", "mul_", "div_", "addcmul_", "addcdiv_", "__iadd__", "__isub__", "__imul__", "__itruediv__"})
 #: ops that repeat a tensor over the batch rows
 EXPAND = frozenset({"expand", "expand_as"})
 #: ops whose result holds a tensor's elements in their order (views, casts, copies): it stands for the parameter
