@@ -169,7 +169,6 @@ def unseen_uses(out, views: Views, consumers: set) -> dict[str, str]:
     nodes of the uses the op watch saw: a use inside a custom ``autograd.Function`` (whose
     forward runs without gradients) or inside another function's ``__torch_function__``
     handler, which the rule would miss."""
-    var_names = {i: n for i, n in views.of.items()}
     tracked = {t.grad_fn: views.of[id(t)] for t in views.alive if t.grad_fn is not None}
     stack = [t.grad_fn for t in leaves(out) if t.grad_fn is not None]
     seen: set = set()
@@ -183,7 +182,7 @@ def unseen_uses(out, views: Views, consumers: set) -> dict[str, str]:
             if nxt is None:
                 continue
             var = getattr(nxt, "variable", None)
-            name = var_names.get(id(var)) if var is not None else tracked.get(nxt)
+            name = views.of.get(id(var)) if var is not None else tracked.get(nxt)
             if name is not None and node not in consumers:
                 found.setdefault(name, node.name())
             stack.append(nxt)
@@ -223,20 +222,21 @@ class FreeUses(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        hits = self.views.hits(args, kwargs)
+        hits = [t for t in self.views.hits(args, kwargs) if t.requires_grad]
         if not hits or not torch.is_grad_enabled():
             return func(*args, **kwargs)
+        shapes = {id(t): target_shape(func, args, kwargs, t, self.B) for t in hits}
+        bad = {self.views.of[i]: what for i, (shape, what) in shapes.items() if shape is None}
+        if bad:   # run as it is; a view passes the parameter on, any other use with a gradient is a problem
+            out = func(*args, **kwargs)
+            if not self.views.note(func, args, out) and needs_grad(out):
+                for name, what in bad.items():
+                    self.problems.setdefault(name, f"used by {what}")
+            return out
         swap = {}
-        for t in hits:
-            if not t.requires_grad:
-                continue
-            shape, what = target_shape(func, args, kwargs, t, self.B)
-            if shape is None:
-                out = func(*args, **kwargs)
-                if not self.views.note(func, args, out) and needs_grad(out):
-                    self.problems.setdefault(self.views.of[id(t)], f"used by {what}")
-                return out
-            swap[id(t)] = self._expanded(t, shape)
+        for t in hits:   # P * P: one expansion
+            if id(t) not in swap:
+                swap[id(t)] = self._expanded(t, shapes[id(t)][0])
         args = tuple(swap.get(id(a), a) if isinstance(a, torch.Tensor) else a for a in args)
         kwargs = {k: swap.get(id(v), v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         return func(*args, **kwargs)

@@ -120,9 +120,9 @@ class _Uses(TorchFunctionMode):
                 name, layers = self.params.get(id(t), (None, ()))
                 if name is not None and not any(self.running.get(n) for n in layers):
                     self.strays.setdefault(name, _op_name(func))
-        if needs_grad(out):
-            hits = self.views.hits(args, kwargs or {})
-            self.consumers.update(t.grad_fn for t in leaves(out) if hits and t.grad_fn is not None)
+        hits = self.views.hits(args, kwargs or {}) if needs_grad(out) else []
+        if hits:
+            self.consumers.update(t.grad_fn for t in leaves(out) if t.grad_fn is not None)
             if not self.views.note(func, args, out):
                 for t in hits:
                     if t.requires_grad:
