@@ -18,7 +18,7 @@ from torch import nn
 
 import gradscore as gs
 from gradscore.engines.ghost import GhostEngine
-from bench.engines import claim_results, paired_times, results_options, run_script, write_results
+from bench.engines import TinyViT, claim_results, paired_times, results_options, run_script, write_results
 from gradscore.demos.models import recurrent_classifier, small_resnet
 
 T, D = 32, 64
@@ -45,23 +45,6 @@ class Bag(nn.Module):
 
     def forward(self, ids):
         return self.bag(ids)
-
-
-class Tokens(nn.Module):
-    """A ViT's start: patches (B, T, 48) to d, a class token expanded and concatenated, a
-    position embedding added (the free-parameter rule), then an encoder layer."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.patch = nn.Linear(48, D)
-        self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, D))
-        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, T + 1, D))
-        self.encoder = nn.TransformerEncoderLayer(D, 4, 2 * D, dropout=0.0, batch_first=True)
-
-    def forward(self, x):
-        h = self.patch(x)
-        h = torch.cat([self.cls_token.expand(len(h), -1, -1), h], 1) + self.pos_embed
-        return self.encoder(h)
 
 
 #: families scored twice: with the free-parameter rule, and with it off (their parameters in vmap)
@@ -105,8 +88,8 @@ def families(B: int) -> dict[str, tuple[nn.Module, torch.Tensor, str]]:
         "RNN": (Head(nn.RNN(D, D, batch_first=True), D), seq, "body."),
         "GRU, 2 layers": (Head(nn.GRU(D, D, 2, batch_first=True), D), seq, "body."),
         "LSTM, bidirectional": (Head(nn.LSTM(D, D, batch_first=True, bidirectional=True), 2 * D), seq, "body."),
-        "ViT tokens (class token, position embedding)": (Head(Tokens(), D), torch.randn(B, T, 48), "body."),
-        "ViT tokens" + WITHOUT_FREE: (Head(Tokens(), D), torch.randn(B, T, 48), "body."),
+        "ViT tokens (class token, position embedding)": (TinyViT(D, T, layers=1), torch.randn(B, T, 48), ""),
+        "ViT tokens" + WITHOUT_FREE: (TinyViT(D, T, layers=1), torch.randn(B, T, 48), ""),
         "ResNet, BatchNorm (20k)": (small_resnet(), torch.randn(B, 3, 32, 32), ""),
         "GRU + attention classifier": (recurrent_classifier(kind="GRU", attention=True), ids, ""),
     }

@@ -277,16 +277,6 @@ class _BatchSums:
                     self.factors.setdefault(layer.params[local], []).append(fs[local])
         layer.acts, layer.grads, layer.skeletons = [], {}, []
 
-    def add_free(self) -> None:
-        """Add the free parameters' shares (their δ's, summed over their uses)."""
-        if self.free is None:
-            return
-        refs = {n: (self.refs[self.index[n]] if self.refs is not None else None) for n in self.free.grads}
-        sums = self.free.sums(refs, self.K)
-        if sums is not None:
-            self.add(*sums)
-        self.free.grads = {}
-
     def add_cross_terms(self) -> None:
         """‖Σ_i g_i‖² = Σ_i ‖g_i‖² + 2 Σ_{i<j} ⟨g_i, g_j⟩ for each tied weight."""
         with autocast_off():
@@ -390,8 +380,14 @@ class GhostEngine(Engine):
         self._drop_fallback_params()   # the strays
 
     def _add_free(self, state: _BatchSums) -> None:
-        """Add the free parameters' shares of the batch to its sums."""
-        state.add_free()
+        """Add the free parameters' shares of the batch (their δ's, summed over their uses) to its sums."""
+        if state.free is None:
+            return
+        refs = {n: (state.refs[state.index[n]] if state.refs is not None else None) for n in state.free.grads}
+        sums = state.free.sums(refs, state.K)
+        if sums is not None:
+            state.add(*sums)
+        state.free.grads = {}
 
     def _free_to_fallback(self, full: str, why: str) -> None:
         """``why``: what the free-parameter rule found ("": nothing worth adding to the reason no rule took it)."""
