@@ -344,14 +344,17 @@ class FreeNet(nn.Module):
     "reorder" (added to the batch's rows reversed), "function" (a custom autograd.Function
     of h and pos: its forward runs without gradients), "tuple" (torch.broadcast_tensors,
     whose result is a tuple), "list" (torch.stack([pos])), "checkpoint" (h * pos inside
-    torch.utils.checkpoint, which would recompute it with pos itself). ``layout``: "batch", "TB" (2 tokens:
+    torch.utils.checkpoint, which would recompute it with pos itself), "setitem" (a copy of pos
+    with one token zeroed in place, then added), "view_setitem" (the same through a view of
+    the copy), "into" (pos written into a zero tensor, then added). ``layout``: "batch", "TB" (2 tokens:
     B = 3 with the class token), "T1" (1 token), "seq_first" (tokens (T, B, 5) inside; the
     class token expanded to (1, B, 5), the embedding broadcast over T: neither is over the
     batch)."""
 
     TAKEN = ("vit", "vit_after", "twice", "radd", "inplace", "expand_as", "torch_add", "scale", "squeeze", "rank2",
              "gamma", "reshaped", "cast", "addcmul", "where")
-    KINDS = TAKEN + ("index", "linear", "exp", "reorder", "function", "tuple", "list", "checkpoint")
+    KINDS = TAKEN + ("index", "linear", "exp", "reorder", "function", "tuple", "list", "checkpoint", "setitem",
+                     "view_setitem", "into")
 
     def __init__(self, kind: str, layout: str = "batch", D: int = 5):
         super().__init__()
@@ -421,6 +424,18 @@ class FreeNet(nn.Module):
             h = h + torch.stack([pos]).squeeze(0)
         elif kind == "checkpoint":
             h = torch.utils.checkpoint.checkpoint(torch.mul, h, pos, use_reentrant=False)
+        elif kind == "setitem":
+            q = pos.clone()
+            q[..., 0] = 0
+            h = h + q
+        elif kind == "view_setitem":
+            q = pos.clone()
+            q.view(-1)[:2] = 0
+            h = h + q
+        elif kind == "into":
+            q = torch.zeros_like(pos)
+            q[...] = pos
+            h = h + q
         return self.head(torch.tanh(h).mean(tokens))
 
 

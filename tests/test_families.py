@@ -584,7 +584,8 @@ def test_a_parameter_the_forward_broadcasts_over_the_batch_takes_the_free_rule(f
     CaiT's and ConvNeXt's γ) takes the free-parameter rule where every use broadcasts it,
     or an order-keeping view of it, over the batch rows in dimension 0; any other use (an
     index, a matmul, exp, a sequence-first layout, rows in another order, a custom autograd
-    Function, an op with a tuple result or a list argument, a checkpointed region) sends it
+    Function, an op with a tuple result or a list argument, a checkpointed region, a copy
+    changed in place before its use, a write into another tensor) sends it
     to the fallback with why. Either way every engine equals the loop."""
     kind, layout = config
     scorer = _agree(family, config)
@@ -600,9 +601,12 @@ def test_a_parameter_the_forward_broadcasts_over_the_batch_takes_the_free_rule(f
     if kind in FreeNet.TAKEN:
         assert why["pos_embed"].startswith(free), why
     else:
+        changed = "is changed in place (its copy or view) before its use by add)"
         said = {"reorder": "; as a free parameter it is added to rows that are not the batch's examples in order",
                 "function": "; as a free parameter it is used by _AddBackward, which the op watch cannot see",
-                "checkpoint": "; as a free parameter it is used by mul under saved-tensor hooks (torch.utils."
+                "checkpoint": "; as a free parameter it is used by mul under saved-tensor hooks (torch.utils.",
+                "setitem": "; as a free parameter it " + changed, "view_setitem": "; as a free parameter it " + changed,
+                "into": "; as a free parameter it is written into another tensor by __setitem__)",
                 }.get(kind, ")" if kind != "tuple" else ";")   # no use the rule takes: no ghost rule, nothing added
         assert why["pos_embed"].startswith(("vmap (no ghost rule for FreeNet" + said,   # loop: a Function
                                             "loop (no ghost rule for FreeNet" + said)), why

@@ -1525,7 +1525,7 @@ def test_parameters_the_forward_uses_directly_are_recorded_as_the_loop_scores_th
     check_inrun_against_loop(rec.close(), model, snaps, x, y, targets)
 
 
-@pytest.mark.parametrize("kind", ["index", "reorder", "checkpoint"])
+@pytest.mark.parametrize("kind", ["index", "reorder", "checkpoint", "setitem"])
 def test_a_parameter_the_forward_uses_otherwise_is_refused_in_training_with_why(tmp_path, kind):
     """Refused before the first step changes anything (a checkpointed use would have
     crashed the step's backward: its recomputation saw other shapes)."""
@@ -1534,7 +1534,8 @@ def test_a_parameter_the_forward_uses_otherwise_is_refused_in_training_with_why(
     before = copy.deepcopy(model.state_dict())
     rec = gs.InRun(model, out=tmp_path / "r.h5")
     said = {"index": r"\.", "reorder": "; as a free parameter it is added to rows that are not",
-            "checkpoint": "; as a free parameter it is used by mul under saved-tensor hooks"}[kind]
+            "checkpoint": "; as a free parameter it is used by mul under saved-tensor hooks",
+            "setitem": r"; as a free parameter it is changed in place \(its copy or view\) before its use by add"}[kind]
     with pytest.raises(gs.GradscoreError, match="net.pos_embed: no ghost rule for FreeNet" + said):
         _train(model, x, y, steps=1, batch=6, rec=rec)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

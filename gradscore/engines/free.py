@@ -57,6 +57,12 @@ def _name(func) -> str:
     return getattr(func, "__name__", str(func))
 
 
+def in_place(func) -> bool:
+    """Whether an op writes into its first argument (``x[i] = v``, ``x.add_(v)``, ``x += v``)."""
+    name = _name(func)
+    return name == "__setitem__" or (name.endswith("_") and not name.startswith("__")) or name.startswith("__i")
+
+
 def _operands(args: tuple, kwargs: dict) -> list[torch.Tensor]:
     """The tensors among an op's arguments (not inside lists)."""
     return [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
@@ -148,6 +154,7 @@ class Views:
     def __init__(self, free: dict[int, str]) -> None:
         self.of: dict[int, str] = dict(free)
         self.alive: list[torch.Tensor] = []   # keeps the views' ids from being reused
+        self.version: dict[int, int] = {}     # a view or copy -> its version counter when it was made
 
     def hits(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         """The tensors among the arguments (lists too) that are a free parameter or a view of one."""
@@ -156,11 +163,31 @@ class Views:
     def note(self, func, args: tuple, out) -> bool:
         """If ``func`` is a view of a tracked tensor, track its result; whether it was."""
         if (_name(func) in SAME_ELEMENTS and args and isinstance(args[0], torch.Tensor) and id(args[0]) in self.of
-                and isinstance(out, torch.Tensor)):
+                and isinstance(out, torch.Tensor) and not self.changed(args[0])):
             self.of[id(out)] = self.of[id(args[0])]
+            self.version[id(out)] = out._version
             self.alive.append(out)
             return True
         return False
+
+    def changed(self, t: torch.Tensor) -> bool:
+        """Whether a tracked view or copy was changed in place since it was made (through
+        itself or another view of its storage): its elements are no longer the parameter's."""
+        made = self.version.get(id(t))
+        return made is not None and t._version != made
+
+    def unfit(self, func, args: tuple, kwargs: dict, hits: list[torch.Tensor]) -> str | None:
+        """Why the tracked tensors ``hits`` of an op are no longer the parameter's elements
+        for what follows, or None: a view or copy changed in place before this op, or the
+        parameter written into another tensor (``out[...] = P``, ``out.copy_(P)``; ``h.add_(P)``
+        is an elementwise use)."""
+        name = _name(func)
+        stale = next((t for t in hits if self.changed(t)), None)
+        if stale is not None:
+            return f"is changed in place (its copy or view) before its use by {name}"
+        if in_place(func) and name not in ELEMENTWISE and any(t is not (args[0] if args else None) for t in hits):
+            return f"is written into another tensor by {name}"
+        return None
 
 
 def unseen_uses(out, views: Views, consumers: set) -> dict[str, str]:
@@ -225,6 +252,13 @@ class FreeUses(TorchFunctionMode):
         hits = [t for t in self.views.hits(args, kwargs) if t.requires_grad]
         if not hits or not torch.is_grad_enabled():
             return func(*args, **kwargs)
+        unfit = self.views.unfit(func, args, kwargs, hits)
+        if unfit is not None:
+            out = func(*args, **kwargs)
+            if needs_grad(out) or in_place(func):   # .shape of a changed copy is no use; out[...] = P returns None
+                for t in hits:
+                    self.problems.setdefault(self.views.of[id(t)], unfit)
+            return out
         shapes = {id(t): target_shape(func, args, kwargs, t, self.B) for t in hits}
         bad = {self.views.of[i]: what for i, (shape, what) in shapes.items() if shape is None}
         if bad:   # run as it is; a view passes the parameter on, any other use with a gradient is a problem

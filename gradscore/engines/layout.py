@@ -44,7 +44,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..batch import Inputs, batch_len, call_model, concat, take
 from ..kernels.reference import autocast_dtypes, autocast_off
-from .free import Views, leaves, misfit, needs_grad, unseen_uses
+from .free import Views, in_place, leaves, misfit, needs_grad, unseen_uses
 from .rules import Rule
 from .rules.registry import close
 from .workarounds import torch_workarounds
@@ -107,13 +107,20 @@ class _Uses(TorchFunctionMode):
         self.free_uses: dict[str, list[tuple[str | None, bool]]] = {n: [] for n in free.values()}
         self.consumers: set = set()          # the autograd nodes of those uses (and of their views)
         self.unseen: dict[str, str] = {}     # free parameter -> a node that uses it where no op was seen
+        self.unfit: dict[str, str] = {}      # free parameter -> why its copy is no longer it (Views.unfit)
 
     def watch(self, t: torch.Tensor, uses: list) -> None:
         self.watched[id(t)] = uses
         self.alive.append(t)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        tracked = [t for t in self.views.hits(args, kwargs or {}) if t.requires_grad]
+        unfit = self.views.unfit(func, args, kwargs or {}, tracked) if tracked else None   # before it runs
         out = func(*args, **(kwargs or {}))
+        if unfit is not None and (needs_grad(out) or in_place(func)):
+            for t in tracked:
+                self.unfit.setdefault(self.views.of[id(t)], unfit)
+            return out
         tensors = _tensors(args, kwargs)
         if isinstance(out, torch.Tensor) and out.requires_grad:   # .dtype, .shape, .detach(): no gradient flows
             for t in tensors:
@@ -368,8 +375,9 @@ def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: In
                 out[name] = Layout(dim)
                 continue
         out[name] = reason
-    free_out = {name: _free_layout(uses1.free_uses[name], uses2.free_uses[name],
-                                   uses1.unseen.get(name) or uses2.unseen.get(name)) for name in free or {}}
+    free_out = {name: uses1.unfit.get(name) or uses2.unfit.get(name) or _free_layout(
+        uses1.free_uses[name], uses2.free_uses[name], uses1.unseen.get(name) or uses2.unseen.get(name))
+        for name in free or {}}
     return out, _check_order(model, layers, out, x, free_ids, free_out), uses1.strays, free_out
 
 
