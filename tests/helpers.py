@@ -339,22 +339,31 @@ class FreeNet(nn.Module):
     (h + pos.squeeze(0)), "rank2" (h + w, w (1, 5): broadcast over the tokens too),
     "gamma" (h * γ, γ (5,): CaiT), "reshaped" (h * γ.reshape(1, 1, -1): ConvNeXt), "cast"
     (h + pos.to(h.dtype).clone()), "addcmul" (torch.addcmul(β, γ, h) with views of (5,)
-    parameters: ConvNeXt-V2's GRN), "where" (torch.where(h > 0, h, pos)). Not
-    taken: "index" (pos[0]), "linear" (F.linear(h, w), w (1, 5)), "exp" (h + pos.exp()),
-    "reorder" (added to the batch's rows reversed), "function" (a custom autograd.Function
-    of h and pos: its forward runs without gradients), "tuple" (torch.broadcast_tensors,
-    whose result is a tuple), "list" (torch.stack([pos])), "checkpoint" (h * pos inside
-    torch.utils.checkpoint, which would recompute it with pos itself), "setitem" (a copy of pos
-    with one token zeroed in place, then added), "view_setitem" (the same through a view of
-    the copy), "into" (pos written into a zero tensor, then added). ``layout``: "batch", "TB" (2 tokens:
+    parameters: ConvNeXt-V2's GRN), "where" (torch.where(h > 0, h, pos)); and what the
+    forward makes of pos first: "index" (pos[0]), "slice" (the middle tokens of a longer
+    pos), "table" (rows of a (3, 5) table picked by a buffer of ids, repeats included: a
+    relative position bias), "permute" (pos stored (5, n), transposed), "repeat" (the first
+    token repeated), "exp" (pos.exp()), "sigmoid" (h * pos.sigmoid()), "chain" ((2 ·
+    pos[0]).tanh().flip(0)), "const" (h * (pos / c), c a buffer), "widen" (γ (5,) times a
+    (n + 1, 5) buffer, its last n rows), "three" (γ (5,) times a (3, 5) buffer, repeated to
+    n rows: 3 rows, as many as the tests' batches, that are not the batch's). Not taken: "linear" (F.linear(h, w), w (1, 5)), "sum" (pos summed over
+    the tokens), "reorder" (added to the batch's rows reversed), "function" (a custom
+    autograd.Function of h and pos: its forward runs without gradients), "tuple"
+    (torch.broadcast_tensors, whose result is a tuple), "list" (torch.stack([pos])),
+    "checkpoint" (h * pos inside torch.utils.checkpoint, which would recompute it with pos
+    itself), "setitem" (a copy of pos with one token zeroed in place, then added),
+    "view_setitem" (the same through a view of the copy), "into" (pos written into a zero
+    tensor, then added), "batch_shaped" (pos times ones of shape (n, B, 5), then example 0's
+    slice added: its shape follows the batch's). ``layout``: "batch", "TB" (2 tokens:
     B = 3 with the class token), "T1" (1 token), "seq_first" (tokens (T, B, 5) inside; the
     class token expanded to (1, B, 5), the embedding broadcast over T: neither is over the
     batch)."""
 
     TAKEN = ("vit", "vit_after", "twice", "radd", "inplace", "expand_as", "torch_add", "scale", "squeeze", "rank2",
-             "gamma", "reshaped", "cast", "addcmul", "where")
-    KINDS = TAKEN + ("index", "linear", "exp", "reorder", "function", "tuple", "list", "checkpoint", "setitem",
-                     "view_setitem", "into")
+             "gamma", "reshaped", "cast", "addcmul", "where", "index", "slice", "table", "permute", "repeat", "exp",
+             "sigmoid", "chain", "const", "widen", "three")
+    KINDS = TAKEN + ("linear", "sum", "reorder", "function", "tuple", "list", "checkpoint", "setitem",
+                     "view_setitem", "into", "batch_shaped")
 
     def __init__(self, kind: str, layout: str = "batch", D: int = 5):
         super().__init__()
@@ -364,9 +373,15 @@ class FreeNet(nn.Module):
         self.pre, self.head = nn.Linear(D, D), nn.Linear(D, 3)
         self.cls_token = nn.Parameter(0.5 * torch.randn(1, 1, D))
         n = self.T + (kind != "vit_after")
-        shape = ((1, D) if kind in ("linear", "rank2") else (D,) if kind in ("gamma", "reshaped", "addcmul")
+        shape = ((1, D) if kind in ("linear", "rank2")
+                 else (D,) if kind in ("gamma", "reshaped", "addcmul", "widen", "three")
+                 else (3, D) if kind == "table" else (D, n) if kind == "permute"
+                 else ((n + 2, 1, D) if seq else (1, n + 2, D)) if kind == "slice"
                  else (1, 1, D) if seq or kind == "scale" else (1, n, D))
         self.pos_embed = nn.Parameter(0.5 * torch.randn(*shape))
+        self.register_buffer("ids", torch.tensor([0, 2, 1, 2, 0])[:n], persistent=False)
+        self.register_buffer("c", 0.5 + torch.rand((n + 1, D) if kind == "widen" else (3, D) if kind == "three"
+                                                   else shape), persistent=False)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -410,6 +425,31 @@ class FreeNet(nn.Module):
             h = torch.where(h > 0, h, pos)
         elif kind == "index":
             h = h + pos[0]
+        elif kind == "slice":
+            h = h + pos[(slice(None),) * tokens + (slice(1, h.shape[tokens] + 1),)]
+        elif kind == "table":
+            h = h + pos[self.ids].unsqueeze(rows)
+        elif kind == "permute":
+            h = h + pos.t().unsqueeze(rows)
+        elif kind == "repeat":
+            times = [1, 1, 1]
+            times[tokens] = h.shape[tokens]
+            h = h + pos[(slice(None),) * tokens + (slice(0, 1),)].repeat(*times)
+        elif kind == "sigmoid":
+            h = h * pos.sigmoid()
+        elif kind == "chain":
+            h = h + (2 * pos[0]).tanh().flip(0)
+        elif kind == "const":
+            h = h * (pos / self.c)
+        elif kind == "widen":
+            h = h + (pos * self.c)[1:].unsqueeze(rows)
+        elif kind == "three":   # (3, 5): as many rows as the tests' batches have, not the batch's
+            h = h + (pos * self.c).repeat(2, 1)[:h.shape[tokens]].unsqueeze(rows)
+        elif kind == "sum":
+            h = h + pos.sum(tokens, keepdim=True)
+        elif kind == "batch_shaped":
+            wide = pos.reshape(-1, 1, pos.shape[-1]) * torch.ones(h.shape[tokens], B, pos.shape[-1], dtype=h.dtype)
+            h = h + wide.select(1, 0).unsqueeze(rows)
         elif kind == "linear":
             h = h + F.linear(h, pos)
         elif kind == "exp":

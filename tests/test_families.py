@@ -581,11 +581,13 @@ def test_a_layer_scale_takes_its_rule_where_it_computes_x_times_gamma(family, co
 @pytest.mark.parametrize("family,config", FREE_GRID, ids=lambda v: str(v))
 def test_a_parameter_the_forward_broadcasts_over_the_batch_takes_the_free_rule(family, config):
     """A parameter that a forward uses directly (a ViT's class token and position embedding,
-    CaiT's and ConvNeXt's γ) takes the free-parameter rule where every use broadcasts it,
-    or an order-keeping view of it, over the batch rows in dimension 0; any other use (an
-    index, a matmul, exp, a sequence-first layout, rows in another order, a custom autograd
+    CaiT's and ConvNeXt's γ) takes the free-parameter rule where every use broadcasts it
+    over the batch rows in dimension 0, or what the forward makes of it first: a view, a
+    slice, a table's rows (repeats included), an elementwise function of it; any other use
+    (a matmul, a sum, a sequence-first layout, rows in another order, a custom autograd
     Function, an op with a tuple result or a list argument, a checkpointed region, a copy
-    changed in place before its use, a write into another tensor) sends it
+    changed in place before its use, a write into another tensor, a tensor made of it
+    whose shape follows the batch's) sends it
     to the fallback with why. Either way every engine equals the loop."""
     kind, layout = config
     scorer = _agree(family, config)
@@ -594,7 +596,8 @@ def test_a_parameter_the_forward_broadcasts_over_the_batch_takes_the_free_rule(f
     free = "ghost (free-parameter rule"
     if layout == "seq_first":
         assert why["cls_token"].startswith(("vmap (", "loop (")), why
-        assert "as a free parameter it is used by" in why["cls_token"], why
+        assert "as a free parameter it is made by expand into a tensor whose shape follows the batch's ([1, 1, 5] " \
+               "for one example, [1, 2, 5] for two)" in why["cls_token"], why
         assert why["pos_embed"].startswith(("vmap (no ghost rule for FreeNet", "loop (no ghost rule for FreeNet")), why
         return
     assert why["cls_token"].startswith(free), why
@@ -607,6 +610,7 @@ def test_a_parameter_the_forward_broadcasts_over_the_batch_takes_the_free_rule(f
                 "checkpoint": "; as a free parameter it is used by mul under saved-tensor hooks (torch.utils.",
                 "setitem": "; as a free parameter it " + changed, "view_setitem": "; as a free parameter it " + changed,
                 "into": "; as a free parameter it is written into another tensor by __setitem__)",
+                "batch_shaped": "; as a free parameter it is made by mul into a tensor whose shape follows the batch's",
                 }.get(kind, ")" if kind != "tuple" else ";")   # no use the rule takes: no ghost rule, nothing added
         assert why["pos_embed"].startswith(("vmap (no ghost rule for FreeNet" + said,   # loop: a Function
                                             "loop (no ghost rule for FreeNet" + said)), why

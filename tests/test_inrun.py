@@ -1489,12 +1489,13 @@ class _Tokens(nn.Module):
 
 
 @pytest.mark.parametrize("kind", ["vit", "twice", "inplace", "torch_add", "scale", "rank2", "gamma", "reshaped",
-                                  "addcmul", "where"])
+                                  "addcmul", "where", "slice", "table", "exp", "chain", "widen"])
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 def test_parameters_the_forward_uses_directly_train_bit_identically_with_the_recorder(tmp_path, kind, opt):
     """A ViT's class token and position embedding (the free-parameter rule: expanded over
     the batch in each use) leave training bit for bit what it is without the recorder, in
-    float32, one use or two, broadcast over the batch alone or over the tokens too."""
+    float32, one use or two, broadcast over the batch alone or over the tokens too, of the
+    parameter or of a slice, a table's rows or an elementwise function of it."""
     x, y = _data(d=20, c=3, dtype=torch.float32)
 
     def fresh():
@@ -1525,7 +1526,7 @@ def test_parameters_the_forward_uses_directly_are_recorded_as_the_loop_scores_th
     check_inrun_against_loop(rec.close(), model, snaps, x, y, targets)
 
 
-@pytest.mark.parametrize("kind", ["index", "reorder", "checkpoint", "setitem"])
+@pytest.mark.parametrize("kind", ["sum", "reorder", "checkpoint", "setitem"])
 def test_a_parameter_the_forward_uses_otherwise_is_refused_in_training_with_why(tmp_path, kind):
     """Refused before the first step changes anything (a checkpointed use would have
     crashed the step's backward: its recomputation saw other shapes)."""
@@ -1533,7 +1534,7 @@ def test_a_parameter_the_forward_uses_otherwise_is_refused_in_training_with_why(
     model = _Tokens(kind).double()
     before = copy.deepcopy(model.state_dict())
     rec = gs.InRun(model, out=tmp_path / "r.h5")
-    said = {"index": r"\.", "reorder": "; as a free parameter it is added to rows that are not",
+    said = {"sum": r"\.", "reorder": "; as a free parameter it is added to rows that are not",
             "checkpoint": "; as a free parameter it is used by mul under saved-tensor hooks",
             "setitem": r"; as a free parameter it is changed in place \(its copy or view\) before its use by add"}[kind]
     with pytest.raises(gs.GradscoreError, match="net.pos_embed: no ghost rule for FreeNet" + said):

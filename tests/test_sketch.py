@@ -170,11 +170,12 @@ def test_sequence_first_with_T_equal_to_B_and_T_1(T):
     torch.testing.assert_close(got, proj.apply(loop_grads(model, x, y, names)), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["vit", "twice", "gamma", "reshaped", "index"])
+@pytest.mark.parametrize("kind", ["vit", "twice", "gamma", "reshaped", "table", "chain", "sum"])
 @pytest.mark.parametrize("layout", ["batch", "TB", "seq_first"])
 def test_parameters_the_forward_uses_directly_are_sketched_as_the_loop_gives(kind, layout):
-    """A class token and position embedding (the free-parameter rule; "index" and
-    sequence-first: the fallback): their dense blocks against each example's gradient."""
+    """A class token and position embedding (the free-parameter rule, through a table's
+    rows or an elementwise function too; "sum" and sequence-first: the fallback): their
+    dense blocks against each example's gradient."""
     torch.manual_seed(0)
     model = FreeNet(kind, layout).double().eval()
     x = torch.randn(3, *model.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -184,7 +185,7 @@ def test_parameters_the_forward_uses_directly_are_sketched_as_the_loop_gives(kin
     engine = SketchEngine(model, LOSS, names, proj)
     got = engine.sketch_batch(x, y).dots
     torch.testing.assert_close(got, proj.apply(loop_grads(model, x, y, names)), rtol=1e-10, atol=1e-12)
-    taken = layout != "seq_first" and kind != "index"
+    taken = layout != "seq_first" and kind != "sum"
     assert ("pos_embed" in engine.free) == taken and ("pos_embed" in engine.fallback) == (not taken)
 
 

@@ -14,15 +14,27 @@ through that use; the uses of a call add up.
 Only two kinds of use are taken, where row b of the result reads no other row of P's
 expansion: an elementwise op of P with tensors whose broadcast shape has the batch in
 dimension 0, which P has not (it is 1 there, or P has fewer dimensions), and an
-``expand``/``expand_as`` to such a shape. Ops that keep P's elements in their order pass
-P on: views (``reshape``, ``view``, ``unsqueeze``, ``squeeze``, ``flatten``), casts
-(``to``, ``float``, ``type_as``) and copies (``clone``, ``contiguous``). That the
-batch is in dimension 0 is established on the first batch from evidence (:mod:`.layout`:
-every use has 1 row for one example and 2 for two; a sequence-first (T, B, d) never does),
-and that those rows are the examples' own, in order, from the batch's first and last
-examples run alone. Any other use of P with a gradient (``F.linear(x, P)``, ``P[1:]``,
-``P.exp()``) sends P to the fallback, as does a use whose shape is not the evidence's at
-scoring time.
+``expand``/``expand_as`` to such a shape. What the forward makes of P before such a use
+passes P on (:class:`Views`), with a map from its elements to P's:
+
+- views, casts and copies that keep P's elements in their order (``reshape``, ``view``,
+  ``unsqueeze``, ``flatten``, ``to``, ``float``, ``clone``): the identity;
+- selections (:data:`SELECTION`: ``P[:, 1:]``, ``P[idx]``, ``permute``, ``gather``,
+  ``repeat``, an expand without the batch), whose result holds one of P's elements in
+  each place: the same op on P's element numbers says which (a relative position table
+  ``table[index]`` repeats elements; their shares add up);
+- elementwise functions of P alone, or of P and tensors without a gradient (``P.exp()``,
+  ``P.sigmoid()``, ``P / c``): their derivative in each place, from autograd on a copy.
+
+So each example's gradient of P through a use is its δ summed to the used tensor's
+shape, times the derivatives, added into P's elements by the map. That the batch is in
+dimension 0 is established on the first batch from evidence (:mod:`.layout`: every use
+has 1 row for one example and 2 for two, and what is made of P the same shape for both;
+a sequence-first (T, B, d) never does), and that those rows are the examples' own, in
+order, from the batch's first and last examples run alone. Any other use of P with a
+gradient (``F.linear(x, P)``, ``P.sum()``, ``torch.cat([P, x])``) sends P to the
+fallback, as does a copy changed in place before its use, or a use whose shape is not
+the evidence's at scoring time.
 """
 from __future__ import annotations
 
@@ -45,6 +57,20 @@ EXPAND = frozenset({"expand", "expand_as"})
 #: ops whose result holds a tensor's elements in their order (views, casts, copies): it stands for the parameter
 SAME_ELEMENTS = frozenset({"reshape", "view", "view_as", "unsqueeze", "squeeze", "flatten", "to", "type_as",
                            "float", "double", "half", "bfloat16", "contiguous", "clone"})
+#: of those, the casts: their result's elements are the tensor's in any layout
+CASTS = frozenset({"to", "type_as", "float", "double", "half", "bfloat16"})
+#: ops whose result holds one of a tensor's elements in each place (slices, gathers, permutations, repeats):
+#: which one, the same op on the tensor's element numbers says
+SELECTION = frozenset({
+    "__getitem__", "select", "narrow", "permute", "transpose", "t", "movedim", "moveaxis", "swapaxes", "swapdims",
+    "index_select", "gather", "take", "take_along_dim", "flip", "fliplr", "flipud", "roll", "repeat", "tile",
+    "diagonal", "unfold", "expand", "expand_as", "broadcast_to", "repeat_interleave", "unflatten", "reshape_as"})
+#: elementwise functions of one tensor (and numbers): with ELEMENTWISE, what the forward may make of a parameter
+UNARY = frozenset({
+    "exp", "exp2", "expm1", "log", "log1p", "log2", "log10", "sigmoid", "tanh", "sin", "cos", "tan", "sinh", "cosh",
+    "atan", "asin", "acos", "erf", "neg", "negative", "__neg__", "sqrt", "rsqrt", "reciprocal", "square", "abs",
+    "__abs__", "relu", "gelu", "silu", "softplus", "elu", "leaky_relu", "hardtanh", "sign", "logit", "pow", "__pow__",
+    "__rpow__", "float_power", "clamp", "clip", "clamp_min", "clamp_max"})
 
 
 def candidates(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
@@ -149,26 +175,115 @@ def misfit(func, args: tuple, kwargs: dict, t: torch.Tensor, B: int) -> tuple[st
 
 
 class Views:
-    """The free parameters ({id: name}) and what :data:`SAME_ELEMENTS` makes of them in one forward."""
+    """The free parameters ({id: name}) and what the forward makes of them (:data:`SAME_ELEMENTS`,
+    :data:`SELECTION`, elementwise functions) in one forward of a batch of B, each with the
+    map of its elements to its parameter's (:attr:`maps`)."""
 
-    def __init__(self, free: dict[int, str]) -> None:
+    def __init__(self, free: dict[int, str], B: int) -> None:
         self.of: dict[int, str] = dict(free)
+        self.B = B
         self.alive: list[torch.Tensor] = []   # keeps the views' ids from being reused
         self.version: dict[int, int] = {}     # a view or copy -> its version counter when it was made
+        # id -> (each element's number in the parameter, the derivative of the element by it or None,
+        # the parameter's numel); none: the parameter's elements in their order
+        self.maps: dict[int, tuple[torch.Tensor, torch.Tensor | None, int]] = {}
+        self.made: dict[str, list[tuple[str, tuple[int, ...]]]] = {}   # name -> (op, shape) of what was made
+        self.steps: dict[str, list[str]] = {}   # name -> each op on it or on what was made of it: "use" or "made"
 
     def hits(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         """The tensors among the arguments (lists too) that are a free parameter or a view of one."""
         return [t for t in leaves((args, kwargs)) if id(t) in self.of]
 
-    def note(self, func, args: tuple, out) -> bool:
-        """If ``func`` is a view of a tracked tensor, track its result; whether it was."""
-        if (_name(func) in SAME_ELEMENTS and args and isinstance(args[0], torch.Tensor) and id(args[0]) in self.of
-                and isinstance(out, torch.Tensor) and not self.changed(args[0])):
-            self.of[id(out)] = self.of[id(args[0])]
-            self.version[id(out)] = out._version
-            self.alive.append(out)
-            return True
-        return False
+    def note(self, func, args: tuple, kwargs: dict, out, planned: bool = False) -> bool:
+        """If ``func`` makes ``out`` from a tracked tensor in a way the rule follows (and is
+        not a use, :func:`target_shape`, unless ``planned``: the first batch showed that it
+        is not), track ``out`` with its map; whether it did."""
+        name = _name(func)
+        tracked = self.hits(args, kwargs)
+        if not isinstance(out, torch.Tensor) or not tracked or in_place(func) or "out" in kwargs:
+            return False
+        t = tracked[0]
+        if any(o is not t for o in tracked) or self.changed(t) or (
+                not planned and target_shape(func, args, kwargs, t, self.B, hooks=False)[0] is not None):
+            return False
+        if name in SAME_ELEMENTS or name in SELECTION:
+            if args[0] is not t or (name == "view" and any(isinstance(a, torch.dtype) for a in args[1:])):
+                return False   # t.view(torch.int32) reinterprets its bits
+            made = self._picked(func, args, kwargs, t, out)
+        elif name in ELEMENTWISE or name in UNARY:
+            made = self._derived(func, args, kwargs, t, out)
+        else:
+            return False
+        if made is False:
+            return False
+        self.of[id(out)] = self.of[id(t)]
+        self.version[id(out)] = out._version
+        self.alive.append(out)
+        if made is not None:
+            self.maps[id(out)] = made
+        if name not in SAME_ELEMENTS:
+            self.made.setdefault(self.of[id(t)], []).append((name, tuple(out.shape)))
+        self.step(self.of[id(t)], "made")
+        return True
+
+    def step(self, name: str, kind: str) -> None:
+        """Note an op on parameter ``name`` (or on what was made of it): "use" or "made"."""
+        self.steps.setdefault(name, []).append(kind)
+
+    def next_step(self, name: str, plan: dict[str, list[str]]) -> str | None:
+        """What the first batch's op at this place was ("use", "made"; None past its ops)."""
+        done, planned = len(self.steps.get(name, [])), plan.get(name, [])
+        return planned[done] if done < len(planned) else None
+
+    def planned_made(self, hits: list[torch.Tensor], plan: dict[str, list[str]] | None) -> bool:
+        """Whether ``plan`` says that the op on ``hits`` makes another tensor of them: its
+        shapes do not decide (a size that equals B by chance is not the batch's)."""
+        return plan is not None and all(self.next_step(self.of[id(t)], plan) == "made" for t in hits)
+
+    def _numbers(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """t's map; for a tensor that holds its parameter's elements in order, their numbers."""
+        made = self.maps.get(id(t))
+        if made is None:
+            return torch.arange(t.numel(), device=t.device).view(t.shape), None, t.numel()
+        return made
+
+    def _picked(self, func, args: tuple, kwargs: dict, t: torch.Tensor, out: torch.Tensor):
+        """The map of a selection (or view, cast, copy) of t: the same op on t's map; None where
+        out still holds the parameter's elements in order; False where the op cannot be replayed."""
+        name = _name(func)
+        if id(t) not in self.maps and name in SAME_ELEMENTS:
+            return None
+        if name in CASTS:
+            return self.maps[id(t)]
+        numbers, scale, numel = self._numbers(t)
+        try:
+            picked = func(numbers, *args[1:], **kwargs)
+            scale = None if scale is None else func(scale, *args[1:], **kwargs)
+        except (RuntimeError, TypeError, IndexError, ValueError):
+            return False
+        if not isinstance(picked, torch.Tensor) or picked.shape != out.shape:
+            return False
+        return picked, scale, numel
+
+    def _derived(self, func, args: tuple, kwargs: dict, t: torch.Tensor, out: torch.Tensor):
+        """The map of an elementwise function of t (every other tensor operand without a
+        gradient): t's, broadcast to out's shape, with the derivative in each place, from
+        autograd on a copy of t expanded to that shape; False where it does not apply."""
+        if any(o is not t and o.requires_grad for o in leaves((args, kwargs)) if isinstance(o, torch.Tensor)):
+            return False
+        shape = tuple(out.shape)
+        if len(shape) < t.dim() or not out.is_floating_point():
+            return False
+        with torch.enable_grad():
+            copy = t.detach().expand(shape).clone().requires_grad_(True)
+            swap = (lambda a: copy if a is t else a)
+            again = func(*(swap(a) for a in args), **{k: swap(v) for k, v in kwargs.items()})
+            if not isinstance(again, torch.Tensor) or tuple(again.shape) != shape or not again.requires_grad:
+                return False
+            (slope,) = torch.autograd.grad(again, copy, torch.ones_like(again))
+        numbers, scale, numel = self._numbers(t)
+        slope = slope.detach()
+        return numbers.expand(shape), slope if scale is None else scale.expand(shape) * slope, numel
 
     def changed(self, t: torch.Tensor) -> bool:
         """Whether a tracked view or copy was changed in place since it was made (through
@@ -224,12 +339,16 @@ class FreeUses(TorchFunctionMode):
     take, whose result needs a gradient, is noted in ``problems`` ({name: what}; the
     parameter then goes to the fallback). ``see(name, use, δ)`` (the ghost engine's
     output-path check) may claim a δ first; a δ that comes twice for one use sets
-    :attr:`again` (a second backward)."""
+    :attr:`again` (a second backward). ``plan``: for each parameter, what its ops were on the
+    first batch, in order ("use" or "made", :attr:`Views.steps`): an op is taken as the same
+    (a size that equals B by chance is not the batch's), any other is a problem."""
 
     def __init__(self, free: dict[int, str], B: int, leaf: list[torch.Tensor], contiguous: bool,
-                 problems: dict[str, str], see: Callable[[str, object, torch.Tensor], bool] | None = None) -> None:
+                 problems: dict[str, str], plan: dict[str, list[str]],
+                 see: Callable[[str, object, torch.Tensor], bool] | None = None) -> None:
         super().__init__()
-        self.views, self.B, self.leaf, self.contiguous, self.see = Views(free), B, leaf, contiguous, see
+        self.views, self.B, self.leaf, self.contiguous, self.see = Views(free, B), B, leaf, contiguous, see
+        self.plan = plan
         self.grads: dict[str, torch.Tensor] = {}   # name -> Σ over its uses of each example's gradient (B, numel)
         self.problems = problems
         self.uses = 0
@@ -259,15 +378,27 @@ class FreeUses(TorchFunctionMode):
                 for t in hits:
                     self.problems.setdefault(self.views.of[id(t)], unfit)
             return out
+        names = {self.views.of[id(t)] for t in hits}
+        planned = {name: self.views.next_step(name, self.plan) for name in names}
+        if self.views.planned_made(hits, self.plan):   # what the first batch made of it
+            out = func(*args, **kwargs)
+            if not self.views.note(func, args, kwargs, out, planned=True) and needs_grad(out):
+                for name in names:
+                    self.problems.setdefault(name, f"is used by {_name(func)}, which made another tensor of it on "
+                                                   f"the first batch")
+            return out
         shapes = {id(t): target_shape(func, args, kwargs, t, self.B) for t in hits}
         bad = {self.views.of[i]: what for i, (shape, what) in shapes.items() if shape is None}
-        if bad:   # run as it is; a view passes the parameter on, any other use with a gradient is a problem
+        bad.update({name: f"{_name(func)}, unlike on the first batch" for name in names if planned[name] != "use"})
+        if bad:   # run as it is; any use with a gradient the rule does not take is a problem
             out = func(*args, **kwargs)
-            if not self.views.note(func, args, out) and needs_grad(out):
+            if needs_grad(out):
                 for name, what in bad.items():
-                    self.problems.setdefault(name, f"used by {what}")
+                    self.problems.setdefault(name, f"is used by {what}")
             return out
         swap = {}
+        for name in names:
+            self.views.step(name, "use")
         for t in hits:   # P * P: one expansion
             if id(t) not in swap:
                 swap[id(t)] = self._expanded(t, shapes[id(t)][0])
@@ -278,12 +409,13 @@ class FreeUses(TorchFunctionMode):
     def _expanded(self, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         if not self.leaf:
             self.leaf.append(torch.zeros((), device=t.device, requires_grad=True))
-        name, use = self.views.of[id(t)], self.uses
+        name, use, made = self.views.of[id(t)], self.uses, self.views.maps.get(id(t))
         self.uses += 1
         rows = (self.B, *((1,) * (len(shape) - t.dim()) + tuple(t.shape))[1:])   # t's elements, per example
-        return probe(t.expand(shape), self.leaf[0], lambda d: self._add(name, use, d, rows), self.contiguous)
+        return probe(t.expand(shape), self.leaf[0], lambda d: self._add(name, use, d, rows, made), self.contiguous)
 
-    def _add(self, name: str, use: int, delta: torch.Tensor, rows: tuple[int, ...]) -> None:
+    def _add(self, name: str, use: int, delta: torch.Tensor, rows: tuple[int, ...],
+             made: tuple[torch.Tensor, torch.Tensor | None, int] | None) -> None:
         if self.see is not None and self.see(name, use, delta):
             return
         if use in self.came:
@@ -291,6 +423,12 @@ class FreeUses(TorchFunctionMode):
             return
         self.came.add(use)
         g = delta.detach().to(acc_dtype(delta.dtype)).sum_to_size(rows).reshape(self.B, -1)
+        if made is not None:   # t's elements are some of the parameter's (Views.maps): each share added to its own
+            numbers, slope, numel = made
+            if slope is not None:
+                g = g * slope.reshape(1, -1).to(g)
+            # index_put_ with accumulate: the same sums in the same order on every run (CUDA too)
+            g = g.new_zeros((numel, self.B)).index_put_((numbers.reshape(-1).to(g.device),), g.T, accumulate=True).T
         self.grads[name] = g if name not in self.grads else self.grads[name] + g
 
     def sums(self, refs: dict[str, torch.Tensor | None], K: int

@@ -304,6 +304,7 @@ class GhostEngine(Engine):
                      if not any(has_rule(m) for _, m in owners[id(p)])} if self.takes_free else {}
         self._free_why = {n: self.fallback.pop(n) for n in self.free}   # why no layer rule took each
         self._free_problems: dict[str, str] = {}   # a use the rule does not take, seen while scoring
+        self._free_plan: dict[str, list[str]] = {}   # each free parameter's ops on the first batch (FreeUses)
         self._fallbacks: dict[tuple[str, ...], Fallback] = {}
         self._index = {n: i for i, n in enumerate(self.param_names)}
         self._laid_out = False
@@ -359,7 +360,7 @@ class GhostEngine(Engine):
         for layer in self.layers:
             for full in layer.params.values():
                 owners.setdefault(full, []).append(layer)
-        found, self._coupled, strays, free = establish(
+        found, self._coupled, strays, free, self._free_plan = establish(
             self.model, {layer.name: (layer.module, layer.rule) for layer in self.layers}, x,
             {full: (tensors[full], tuple(layer.name for layer in ls)) for full, ls in owners.items()}, self.free)
         for full, why in free.items():
@@ -401,7 +402,7 @@ class GhostEngine(Engine):
         self._free_problems.clear()
         if self.free:   # active for the model's forward: from here to the end of its call
             state.free = FreeUses({id(t): n for n, t in self.free.items()}, B, probes, contiguous,
-                                  self._free_problems, None if state.paths is None else state.paths.see)
+                                  self._free_problems, self._free_plan, None if state.paths is None else state.paths.see)
             state.free.__enter__()
             handles.append(self.model.register_forward_hook(lambda *_: state.free.leave()))
         for layer in self.layers:

@@ -95,14 +95,16 @@ class _Uses(TorchFunctionMode):
     shapes, result shape); and, for the ruled parameters ``params`` (id -> (name, the layers
     whose rule covers it)), the first op that uses one while none of those layers runs."""
 
-    def __init__(self, params: dict[int, tuple[str, tuple[str, ...]]], free: dict[int, str], B: int) -> None:
+    def __init__(self, params: dict[int, tuple[str, tuple[str, ...]]], free: dict[int, str], B: int,
+                 plan: dict[str, list[str]] | None = None) -> None:
         super().__init__()
+        self.plan = plan   # the free parameters' ops ("use", "made") in a run of 2 examples, which this one follows
         self.watched: dict[int, list] = {}   # id(tensor) -> that call's list of uses
         self.alive: list[torch.Tensor] = []  # keeps ids from being reused during the run
         self.params = params
         self.running: dict[str, int] = {}    # layer name -> its calls under way
         self.strays: dict[str, str] = {}     # parameter name -> the op that used it outside its layers
-        self.views, self.B = Views(free), B  # free parameters {id: name} and their views, and the run's batch
+        self.views, self.B = Views(free, B), B  # free parameters {id: name}, what is made of them, the batch
         # per use: (what does not fit or None, whether it has the form the rule takes)
         self.free_uses: dict[str, list[tuple[str | None, bool]]] = {n: [] for n in free.values()}
         self.consumers: set = set()          # the autograd nodes of those uses (and of their views)
@@ -130,10 +132,22 @@ class _Uses(TorchFunctionMode):
         hits = self.views.hits(args, kwargs or {}) if needs_grad(out) else []
         if hits:
             self.consumers.update(t.grad_fn for t in leaves(out) if t.grad_fn is not None)
-            if not self.views.note(func, args, out):
+            hits = [t for t in hits if t.requires_grad]
+            made = (self.views.note(func, args, kwargs or {}, out, planned=True)
+                    if hits and self.views.planned_made(hits, self.plan)
+                    else self.plan is None and self.views.note(func, args, kwargs or {}, out))
+            if not made:
+                used = set()
                 for t in hits:
-                    if t.requires_grad:
-                        self.free_uses[self.views.of[id(t)]].append(misfit(func, args, kwargs or {}, t, self.B))
+                    name = self.views.of[id(t)]
+                    fit = misfit(func, args, kwargs or {}, t, self.B)
+                    if fit[0] is None and self.plan is not None and self.views.next_step(name, self.plan) != "use":
+                        fit = (f"{_op_name(func)}, which makes another tensor of it for 2 examples", True)
+                    self.free_uses[name].append(fit)
+                    if fit[0] is None:
+                        used.add(name)
+                for name in used:   # once per parameter, as the scoring pass counts it (FreeUses)
+                    self.views.step(name, "use")
         hit = [t for t in tensors if id(t) in self.watched]
         if not hit or not isinstance(out, torch.Tensor):   # .shape, .dim(), .size(): no data flows on
             return out
@@ -162,13 +176,13 @@ def observed(rule: Rule, args: tuple, kwargs: dict, output) -> tuple:
 
 
 def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inputs,
-            params: dict[int, tuple[str, tuple[str, ...]]], free: dict[int, str], verify: bool = False
-            ) -> tuple[dict[str, _Record], _Uses]:
+            params: dict[int, tuple[str, tuple[str, ...]]], free: dict[int, str], verify: bool = False,
+            plan: dict[str, list[str]] | None = None) -> tuple[dict[str, _Record], _Uses]:
     """Each ruled layer's call shapes and output uses on ``x``, and the op watch (the
-    parameters used outside their layers, the free parameters' uses); with ``verify``,
-    each rule's :attr:`Rule.verify` of its first call."""
+    parameters used outside their layers, the free parameters' uses, following ``plan``
+    if given, :class:`_Uses`); with ``verify``, each rule's :attr:`Rule.verify` of its first call."""
     records = {name: _Record() for name in layers}
-    mode = _Uses(params, free, batch_len(x))
+    mode = _Uses(params, free, batch_len(x), plan)
 
     def enter(name):
         mode.running[name] = mode.running.get(name, 0) + 1
@@ -252,22 +266,30 @@ class _FreeRows(TorchFunctionMode):
     """Records rows ``picks`` (dimension 0) of each result with a gradient of an op that uses
     a free parameter ({id: name}); a result without B rows records None."""
 
-    def __init__(self, free: dict[int, str], B: int, picks: list[int]) -> None:
+    def __init__(self, free: dict[int, str], B: int, picks: list[int], plan: dict[str, list[str]]) -> None:
         super().__init__()
-        self.views, self.B, self.picks = Views(free), B, picks
+        self.views, self.B, self.picks, self.plan = Views(free, B), B, picks, plan
         self.rows: dict[str, list[torch.Tensor | None]] = {n: [] for n in free.values()}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor) and out.requires_grad and not self.views.note(func, args, out):
-            for t in self.views.hits(args, kwargs or {}):
-                whole = out.dim() > 0 and out.shape[0] == self.B and not out.is_nested
+        hits = [t for t in self.views.hits(args, kwargs or {}) if t.requires_grad]
+        if not hits or not isinstance(out, torch.Tensor) or not out.requires_grad:
+            return out
+        if self.views.planned_made(hits, self.plan):
+            self.views.note(func, args, kwargs or {}, out, planned=True)
+        else:
+            whole = out.dim() > 0 and out.shape[0] == self.B and not out.is_nested
+            for t in hits:
                 self.rows[self.views.of[id(t)]].append(out.detach()[self.picks] if whole else None)
+            for name in {self.views.of[id(t)] for t in hits}:
+                self.views.step(name, "use")
         return out
 
 
 def _rows(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], found: dict[str, Layout | str],
-          x: Inputs, picks: list[int], free: dict[int, str]) -> tuple[dict[str, _Rows], torch.Tensor]:
+          x: Inputs, picks: list[int], free: dict[int, str], plan: dict[str, list[str]]
+          ) -> tuple[dict[str, _Rows], torch.Tensor]:
     """Run the model on ``x`` (grad on: the scoring pass's code path, as torch's encoder
     layers take a fused path without it); {layer name: per call, (input rows, output rows,
     the batch dimension they are in) ``picks`` along the layer's batch dimension, or None
@@ -288,7 +310,7 @@ def _rows(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], found: di
                                             hook(mod, a, kw, o, n, r, k), with_kwargs=True, prepend=True)
                for name, (module, rule) in layers.items()
                if isinstance(found.get(name), Layout) and found[name].batch_dim is not None]
-    uses = _FreeRows(free, B, picks)
+    uses = _FreeRows(free, B, picks, plan)
     try:
         with torch.enable_grad(), uses:
             out = call_model(model, x).detach()
@@ -320,12 +342,14 @@ def _reordered(batch: _Rows, first: _Rows, last: _Rows) -> bool:
 def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inputs,
               params: dict[str, tuple[torch.Tensor, tuple[str, ...]]] | None = None,
               free: dict[str, torch.Tensor] | None = None
-              ) -> tuple[dict[str, Layout | str], bool, dict[str, str], dict[str, str | None]]:
+              ) -> tuple[dict[str, Layout | str], bool, dict[str, str], dict[str, str | None],
+                         dict[str, list[str]]]:
     """{layer name: its :class:`Layout`, or the reason it has none its rule accepts},
     whether an example's output depends on its batch (:func:`couples_examples`; False
     where the model did not run), {parameter name: the op that used it outside its
-    layers' calls}, and {free parameter name: None if the free-parameter rule takes it,
-    else why not}.
+    layers' calls}, {free parameter name: None if the free-parameter rule takes it,
+    else why not}, and for each one it takes, its ops in order ("use" or "made": the plan
+    :class:`.free.FreeUses` follows).
 
     layers: {name: (module, its rule)}; params: {parameter name: (the tensor, the names of
     the layers whose rule covers it)}; free: {name: a parameter no rule covers}; x: a
@@ -336,11 +360,12 @@ def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: In
     watched = {id(t): (name, owners) for name, (t, owners) in (params or {}).items()}
     free_ids = {id(t): name for name, t in (free or {}).items()}
     try:
-        rec1, uses1 = _record(model, layers, first, watched, free_ids, verify=True)
+        # 2 examples first: with one, any tensor of one row looks like the batch's (a (1, T, d) embedding)
         rec2, uses2 = _record(model, layers, concat([first, first]), watched, free_ids)
+        rec1, uses1 = _record(model, layers, first, watched, free_ids, verify=True, plan=uses2.views.steps)
     except Exception as e:   # the fallback meets the same model and says what fails
         why = f"the model did not run on 1 and 2 copies of an example ({type(e).__name__}: {e})".splitlines()[0][:300]
-        return {name: why for name in layers}, False, {}, {name: f"was not checked: {why}" for name in free or {}}
+        return {name: why for name in layers}, False, {}, {name: f"was not checked: {why}" for name in free or {}}, {}
     out: dict[str, Layout | str] = {}
     for name, (module, rule) in layers.items():
         accepted = rule.dims(module)
@@ -376,17 +401,27 @@ def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: In
                 continue
         out[name] = reason
     free_out = {name: uses1.unfit.get(name) or uses2.unfit.get(name) or _free_layout(
-        uses1.free_uses[name], uses2.free_uses[name], uses1.unseen.get(name) or uses2.unseen.get(name))
-        for name in free or {}}
-    return out, _check_order(model, layers, out, x, free_ids, free_out), uses1.strays, free_out
+        uses1.free_uses[name], uses2.free_uses[name], uses1.unseen.get(name) or uses2.unseen.get(name),
+        (uses1.views.made.get(name, []), uses2.views.made.get(name, [])),
+        (uses1.views.steps.get(name, []), uses2.views.steps.get(name, []))) for name in free or {}}
+    plan = {name: uses2.views.steps.get(name, []) for name, why in free_out.items() if why is None}
+    return out, _check_order(model, layers, out, x, free_ids, free_out, plan), uses1.strays, free_out, plan
 
 
 def _free_layout(uses1: list[tuple[str | None, bool]], uses2: list[tuple[str | None, bool]],
-                 unseen: str | None) -> str | None:
+                 unseen: str | None, made: tuple[list, list] = ([], []), steps: tuple[list, list] = ([], [])
+                 ) -> str | None:
     """None if a free parameter's uses broadcast it over the batch rows (1 row for one
-    example, 2 for two: :func:`.free.misfit` found nothing in either run) and the op watch
-    saw every one (``unseen``: a graph node that uses it unseen), else why not; "" where
-    no use has the form the rule takes (a layer's weight in its own op: nothing to say)."""
+    example, 2 for two: :func:`.free.misfit` found nothing in either run), what the forward
+    makes of it before (``made``: (op, shape) in each run, :class:`.free.Views`) has the same
+    shapes for both, its ops are the same kinds in the same order (``steps``: "use" or
+    "made"), and the op watch saw every use (``unseen``: a graph node that uses it
+    unseen), else why not; "" where no use has the form the rule takes (a layer's weight in
+    its own op: nothing to say)."""
+    if made[0] != made[1]:   # before any use: what a use then did with it is beside the point
+        (op, one), (_, two) = next(((a, b) for a, b in zip(*made) if a != b), (("ops", ()), ("", ())))
+        return (f"is made by {op} into a tensor whose shape follows the batch's ({list(one)} for one example, "
+                f"{list(two)} for two)")
     why = next((w for w, _ in (*uses1, *uses2) if w is not None), None)
     if why is not None and not any(form for _, form in (*uses1, *uses2)):
         return ""
@@ -396,25 +431,26 @@ def _free_layout(uses1: list[tuple[str | None, bool]], uses2: list[tuple[str | N
     if unseen is not None:
         return (f"is used by {unseen}, which the op watch cannot see (a custom autograd.Function, or an op "
                 f"inside another function)")
-    if len(uses1) != len(uses2):
+    if len(uses1) != len(uses2) or steps[0] != steps[1]:
         return "is used differently for 1 and 2 examples"
     return None
 
 
 def _check_order(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], found: dict[str, Layout | str],
-                 x: Inputs, free: dict[int, str], free_found: dict[str, str | None]) -> bool:
+                 x: Inputs, free: dict[int, str], free_found: dict[str, str | None], plan: dict[str, list[str]]
+                 ) -> bool:
     """Give the layers whose batch rows are not the examples' own, in order, the reason
     :data:`REORDERED` (in ``found``; for the taken free parameters ({id: name}), the results
     of their uses, in ``free_found``); return whether the model's outputs for x's first and
     last examples alone differ from theirs in the batch (:func:`couples_examples`)."""
     B = batch_len(x)
     free = {i: n for i, n in free.items() if free_found[n] is None}
-    batch_rows, batched = _rows(model, layers, found, x, sorted({0, B - 1}), free)
-    first_rows, first_out = _rows(model, layers, found, take(x, 0), [0], free)
+    batch_rows, batched = _rows(model, layers, found, x, sorted({0, B - 1}), free, plan)
+    first_rows, first_out = _rows(model, layers, found, take(x, 0), [0], free, plan)
     working = working_dtype(model, batched.dtype)
     if B == 1:
         return couples_examples(first_out, batched, working)
-    last_rows, last_out = _rows(model, layers, found, take(x, B - 1), [0], free)
+    last_rows, last_out = _rows(model, layers, found, take(x, B - 1), [0], free, plan)
     for name, calls in batch_rows.items():
         if _reordered(calls, first_rows.get(name, []), last_rows.get(name, [])):
             if name in free_found:
