@@ -2232,3 +2232,49 @@ def test_a_training_batch_of_one_that_torch_differentiates_wrongly_is_refused(tm
     # F.instance_norm without affine (AdaIN's): with the norm's parameters the recorder would refuse the model
     model = ChannelsLastNorm(affine=not functional, functional=functional).double().to(memory_format=torch.channels_last)
     _two_then_one_refused(tmp_path, model, torch.randn(5, 2, 4, 4, dtype=torch.float64), named)
+
+
+class _CachedBias(nn.Module):
+    """timm's LeViT and EfficientFormer attention biases: in eval mode a table's rows are
+    picked once and kept, until ``train(True)`` drops them."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre, self.head = nn.Linear(5, 5), nn.Linear(5, 3)
+        self.table = nn.Parameter(torch.randn(3, 5))
+        self.register_buffer("ids", torch.tensor([2, 0, 1, 2]), persistent=False)
+        self.cache: dict = {}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            self.cache = {}
+        return self
+
+    def forward(self, x):
+        if self.training:
+            bias = self.table[self.ids]
+        else:
+            if "bias" not in self.cache:
+                self.cache["bias"] = self.table[self.ids]
+            bias = self.cache["bias"]
+        return self.head(torch.tanh(self.pre(x.reshape(len(x), 4, 5)) + bias).mean(1))
+
+
+def test_the_recorders_eval_forwards_leave_no_cache_in_the_model(tmp_path):
+    """The recorder's own forwards (the layout, the target's) run in eval mode; what a
+    model keeps from an eval forward (timm's cached attention biases) would be read by
+    the user's own evaluation later, stale. Nothing is left: the training's model, evaluated
+    after the step, equals the same model never recorded."""
+    x, y = _data(d=20, c=3)
+    torch.manual_seed(0)
+    model = _CachedBias().double()
+    plain = copy.deepcopy(model)
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:4], y[:4]))
+    with pytest.raises(gs.GradscoreError, match="is made into other tensors for one example than for two"):
+        _train(model, x, y, steps=1, batch=6, rec=rec)
+    assert model.cache == {}
+    with torch.no_grad():
+        model.table.add_(1.0)
+        plain.table.add_(1.0)
+    torch.testing.assert_close(model.eval()(x), plain.eval()(x), rtol=0, atol=0)

@@ -305,3 +305,32 @@ def test_a_layer_called_on_parts_of_the_batch_equals_the_loop(K):
     x = torch.randn(B + 1, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     scorer = compare_with_loop(model, x, K, engine="auto")
     assert "called without the batch in dimension 0" in scorer.explain()["lin.weight"]
+
+
+class _CachedBias(nn.Module):
+    """timm's LeViT and EfficientFormer in eval mode: a table's rows picked once, then kept
+    for every later call."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.table = nn.Parameter(torch.randn(3, 4))
+        self.register_buffer("ids", torch.tensor([2, 0, 1, 2, 0]), persistent=False)
+        self.cache = None
+
+    def forward(self, x):
+        if self.cache is None:
+            self.cache = self.table[self.ids]
+        return self.head(torch.tanh(self.pre(x) + self.cache).mean(1))
+
+
+def test_a_tensor_made_of_a_parameter_and_kept_between_calls_is_not_followed():
+    """The first batch's runs of 2 examples and then 1 see the table picked once: the
+    free-parameter rule does not take it (nor would a later batch's gradient reach it
+    through this call's ops), and says why."""
+    from gradscore.engines.layout import establish
+    model = _CachedBias().double().eval()
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    found, coupled, strays, free, plan = establish(model, {}, x, {}, {"table": model.table})
+    assert free["table"].startswith("is made into other tensors for one example than for two (0 and 1 ops"), free
+    assert "table" not in plan

@@ -418,8 +418,11 @@ def _free_layout(uses1: list[tuple[str | None, bool]], uses2: list[tuple[str | N
     "made"), and the op watch saw every use (``unseen``: a graph node that uses it
     unseen), else why not; "" where no use has the form the rule takes (a layer's weight in
     its own op: nothing to say)."""
-    if made[0] != made[1]:   # before any use: what a use then did with it is beside the point
-        (op, one), (_, two) = next(((a, b) for a, b in zip(*made) if a != b), (("ops", ()), ("", ())))
+    if len(made[0]) != len(made[1]):   # before any use: what a use then did with it is beside the point
+        return (f"is made into other tensors for one example than for two ({len(made[0])} and {len(made[1])} ops; a "
+                f"tensor kept from an earlier call, such as a cache, is not followed)")
+    if made[0] != made[1]:
+        (op, one), (_, two) = next((a, b) for a, b in zip(*made) if a != b)
         return (f"is made by {op} into a tensor whose shape follows the batch's ({list(one)} for one example, "
                 f"{list(two)} for two)")
     why = next((w for w, _ in (*uses1, *uses2) if w is not None), None)

@@ -136,7 +136,10 @@ class InRunConfig:
 @contextlib.contextmanager
 def _aside(model: nn.Module) -> Iterator[None]:
     """Run the recorder's own forwards in eval mode with the random state forked: the
-    training's dropout masks, random numbers and BatchNorm statistics are untouched."""
+    training's dropout masks, random numbers and BatchNorm statistics are untouched. A
+    module whose class has a ``train`` of its own is given its mode back through it: what
+    it keeps from an eval forward (timm's LeViT and EfficientFormer cache their attention
+    biases until ``train(True)``) would otherwise be read, stale, by the user's next eval."""
     modes = [(m, m.training) for m in model.modules()]
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
     with torch.random.fork_rng(devices=cuda):
@@ -145,6 +148,9 @@ def _aside(model: nn.Module) -> Iterator[None]:
             yield
         finally:
             for m, mode in modes:
+                if type(m).train is not nn.Module.train:
+                    m.train(mode)
+            for m, mode in modes:   # each module's own mode again (train() sets its children's too)
                 m.training = mode
 
 
