@@ -51,6 +51,26 @@ class Bag(nn.Module):
 WITHOUT_FREE = " (free-parameter rule off)"
 
 
+class BiasedAttention(nn.Module):
+    """Self-attention on (B, T, d) whose scores get a bias per head and relative offset,
+    picked from a table by index (LeViT's and EfficientFormer's attention biases): the
+    table is a parameter the forward uses directly, through an index."""
+
+    def __init__(self, d: int, T: int, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.attention_biases = nn.Parameter(0.02 * torch.randn(heads, 2 * T - 1))
+        offsets = torch.arange(T)[:, None] - torch.arange(T)[None] + T - 1
+        self.register_buffer("offsets", offsets, persistent=False)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5 + self.attention_biases[:, self.offsets]
+        return self.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, d))
+
+
 class Channels(nn.Module):
     """A channels-first layer followed by moving channels last."""
 
@@ -90,6 +110,8 @@ def families(B: int) -> dict[str, tuple[nn.Module, torch.Tensor, str]]:
         "LSTM, bidirectional": (Head(nn.LSTM(D, D, batch_first=True, bidirectional=True), 2 * D), seq, "body."),
         "ViT tokens (class token, position embedding)": (TinyViT(D, T, layers=1), torch.randn(B, T, 48), ""),
         "ViT tokens" + WITHOUT_FREE: (TinyViT(D, T, layers=1), torch.randn(B, T, 48), ""),
+        "attention biases picked from a table": (Head(BiasedAttention(D, T), D), seq, "body."),
+        "attention biases" + WITHOUT_FREE: (Head(BiasedAttention(D, T), D), seq, "body."),
         "ResNet, BatchNorm (20k)": (small_resnet(), torch.randn(B, 3, 32, 32), ""),
         "GRU + attention classifier": (recurrent_classifier(kind="GRU", attention=True), ids, ""),
     }
@@ -113,9 +135,11 @@ class _SelfAttention(nn.Module):
         return self.mha(x, x, x, need_weights=False)[0]
 
 
-def run(B: int, repeats: int) -> list[dict]:
+def run(B: int, repeats: int, only: str = "") -> list[dict]:
     rows = []
     for name, (model, x, prefix) in families(B).items():
+        if only not in name:
+            continue
         torch.manual_seed(0)
         model = _with_mha(model).eval()
         with torch.no_grad():
@@ -150,10 +174,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=64, help="examples per batch (default 64)")
     ap.add_argument("--repeats", type=int, default=7, help="paired calls per method; the best counts (default 7)")
+    ap.add_argument("--only", default="", help="run the families whose name contains this text (default: all)")
     results_options(ap)
     args = ap.parse_args(argv)
+    if args.only and args.json:
+        ap.error("--only runs some families: a results file holds all of them (leave out --only)")
     claim_results(args)
-    rows = run(args.batch, args.repeats)
+    rows = run(args.batch, args.repeats, args.only)
     if args.json:
         write_results(args.json, {"device": platform.processor() or platform.machine(),
                                   "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows})

@@ -52,20 +52,33 @@ class Free(nn.Module):
     """Parameters the forward uses directly (the free-parameter rule) on (B, T, C), or on
     (T, B, C) with ``seq_first``: "gamma" x * γ (C,), "shift" x + β (1, 1, C), "cls" a
     class token put first (expanded to (B, 1, C), or (1, B, C)), "pos" x + a position
-    embedding (1, T, C), or (T, 1, C)."""
+    embedding (1, T, C), or (T, 1, C); "slice" x + the middle T of a (T + 2)-token
+    embedding; "table" x + rows of a (3, C) table picked by token (a relative position
+    bias); "gate" x * sigmoid(γ)."""
+
+    KINDS = ("gamma", "shift", "cls", "pos", "slice", "table", "gate")
 
     def __init__(self, kind: str, C: int, T: int, seq_first: bool) -> None:
         super().__init__()
         self.kind, self.seq_first = kind, seq_first
-        shape = {"gamma": (C,), "shift": (1, 1, C), "cls": (1, 1, C),
-                 "pos": (T, 1, C) if seq_first else (1, T, C)}[kind]
+        shape = {"gamma": (C,), "shift": (1, 1, C), "cls": (1, 1, C), "gate": (C,), "table": (3, C),
+                 "pos": (T, 1, C) if seq_first else (1, T, C),
+                 "slice": (T + 2, 1, C) if seq_first else (1, T + 2, C)}[kind]
         self.p = nn.Parameter((1.0 if kind == "gamma" else 0.0) + 0.3 * torch.randn(*shape))
+        self.register_buffer("ids", torch.arange(T) % 3, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "gamma":
             return x * self.p
+        if self.kind == "gate":
+            return x * self.p.sigmoid()
         if self.kind in ("shift", "pos"):
             return x + self.p
+        T = x.shape[0 if self.seq_first else 1]
+        if self.kind == "slice":
+            return x + (self.p[1:T + 1] if self.seq_first else self.p[:, 1:T + 1])
+        if self.kind == "table":
+            return x + self.p[self.ids[:T]].unsqueeze(1 if self.seq_first else 0)
         if self.seq_first:
             return torch.cat([self.p.expand(1, x.shape[1], -1), x], 0)
         return torch.cat([self.p.expand(x.shape[0], -1, -1), x], 1)
@@ -116,7 +129,7 @@ class RandomModel(nn.Module):
             if kind == "twice" and not any(lin.in_features == lin.out_features == C for lin in linears):
                 kind = "linear"
             if kind == "free":
-                layer, out = Free(rng.choice(["gamma", "shift", "cls", "pos"]), C, T, seq_first), C
+                layer, out = Free(rng.choice(Free.KINDS), C, T, seq_first), C
                 T += layer.kind == "cls"
             else:
                 layer, out = _layer(rng, kind, C, linears, seq_first)
