@@ -230,6 +230,11 @@ class Views:
         """Note an op on parameter ``name`` (or on what was made of it): "use" or "made"."""
         self.steps.setdefault(name, []).append(kind)
 
+    def used(self, hits: list[torch.Tensor]) -> None:
+        """Note a use of the tracked tensors ``hits``: once per parameter (``P * P`` is one)."""
+        for name in dict.fromkeys(self.of[id(t)] for t in hits):
+            self.step(name, "use")
+
     def next_step(self, name: str, plan: dict[str, list[str]]) -> str | None:
         """What the first batch's op at this place was ("use", "made"; None past its ops)."""
         done, planned = len(self.steps.get(name, [])), plan.get(name, [])
@@ -397,8 +402,7 @@ class FreeUses(TorchFunctionMode):
                     self.problems.setdefault(name, f"is used by {what}")
             return out
         swap = {}
-        for name in names:
-            self.views.step(name, "use")
+        self.views.used(hits)
         for t in hits:   # P * P: one expansion
             if id(t) not in swap:
                 swap[id(t)] = self._expanded(t, shapes[id(t)][0])

@@ -136,18 +136,11 @@ class _Uses(TorchFunctionMode):
             made = (self.views.note(func, args, kwargs or {}, out, planned=True)
                     if hits and self.views.planned_made(hits, self.plan)
                     else self.plan is None and self.views.note(func, args, kwargs or {}, out))
-            if not made:
-                used = set()
-                for t in hits:
-                    name = self.views.of[id(t)]
-                    fit = misfit(func, args, kwargs or {}, t, self.B)
-                    if fit[0] is None and self.plan is not None and self.views.next_step(name, self.plan) != "use":
-                        fit = (f"{_op_name(func)}, which makes another tensor of it for 2 examples", True)
-                    self.free_uses[name].append(fit)
-                    if fit[0] is None:
-                        used.add(name)
-                for name in used:   # once per parameter, as the scoring pass counts it (FreeUses)
-                    self.views.step(name, "use")
+            if not made:   # a use; where the run of 2 made another tensor here, the steps differ (_free_layout)
+                fits = [misfit(func, args, kwargs or {}, t, self.B) for t in hits]
+                for t, fit in zip(hits, fits):
+                    self.free_uses[self.views.of[id(t)]].append(fit)
+                self.views.used([t for t, (why, _) in zip(hits, fits) if why is None])
         hit = [t for t in tensors if id(t) in self.watched]
         if not hit or not isinstance(out, torch.Tensor):   # .shape, .dim(), .size(): no data flows on
             return out
@@ -282,8 +275,7 @@ class _FreeRows(TorchFunctionMode):
             whole = out.dim() > 0 and out.shape[0] == self.B and not out.is_nested
             for t in hits:
                 self.rows[self.views.of[id(t)]].append(out.detach()[self.picks] if whole else None)
-            for name in {self.views.of[id(t)] for t in hits}:
-                self.views.step(name, "use")
+            self.views.used(hits)
         return out
 
 
