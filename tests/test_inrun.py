@@ -2278,3 +2278,38 @@ def test_the_recorders_eval_forwards_leave_no_cache_in_the_model(tmp_path):
         model.table.add_(1.0)
         plain.table.add_(1.0)
     torch.testing.assert_close(model.eval()(x), plain.eval()(x), rtol=0, atol=0)
+
+
+class _TwoCalls(nn.Module):
+    """A Linear called twice on the batch: once for the output, once for a tensor the
+    model's output does not use (a statistic a user's forward hook may read)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(20, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        self.a(2 * x)
+        return self.head(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("penalty", [False, True])
+def test_a_layer_call_the_output_does_not_reach_is_left_out_unless_the_loss_reaches_it(tmp_path, penalty):
+    """The call whose output the model's output does not reach gets no gradient and is left
+    out; a loss that reaches it after all (a penalty on it, read by the user's hook) is
+    refused, not recorded without its term."""
+    x, y = _data(d=20, c=3)
+    torch.manual_seed(0)
+    model = _TwoCalls().double()
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[40:], y[40:]))
+    if penalty:
+        seen: list = []
+        model.a.register_forward_hook(lambda module, args, out: seen.append(out))
+        with pytest.raises(gs.GradscoreError, match="got a gradient in a call that none reached on the first batch"):
+            _train(model, x, y, steps=2, batch=6, rec=rec,
+                   loss_fn=lambda z, t: F.cross_entropy(z, t) + (seen[-2] ** 2).mean())
+        return
+    snaps: list = []
+    _train(model, x, y, steps=2, batch=6, rec=rec, snapshots=snaps)
+    assert not rec.engine.fallback and rec.engine.layers[0].layout.dead == (0,)
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[40:], y[40:]))

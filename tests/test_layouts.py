@@ -334,3 +334,41 @@ def test_a_tensor_made_of_a_parameter_and_kept_between_calls_is_not_followed():
     found, coupled, strays, free, plan = establish(model, {}, x, {}, {"table": model.table})
     assert free["table"].startswith("is made into other tensors for one example than for two (0 and 1 ops"), free
     assert "table" not in plan
+
+
+class _NormedAdapter(nn.Module):
+    """DoRA's form (peft's ``use_dora``) on tokens (B, T, 5): a frozen Linear plus a low-rank
+    adapter B·A, whose weight is also formed by calling A and B on an identity matrix (for
+    the norm of the adapted weight, detached: that call gets no gradient), and a magnitude
+    m scaling each output by m / ‖W + BA‖."""
+
+    def __init__(self, d: int = 5, r: int = 2) -> None:
+        super().__init__()
+        self.base = nn.Linear(d, d).requires_grad_(False)
+        self.A, self.B = nn.Linear(d, r, bias=False), nn.Linear(r, d, bias=False)
+        self.m = nn.Parameter(1 + 0.3 * torch.randn(d))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        eye = torch.eye(self.A.in_features, dtype=x.dtype)
+        adapted = self.B(self.A(eye)).T
+        norm = (self.base.weight + adapted.detach()).norm(dim=1).detach()
+        scale = (self.m / norm).view(1, -1)
+        h = (scale - 1) * self.base(x) + scale * self.B(self.A(x))
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("T", [4, 3, 1])
+def test_a_layer_call_that_gets_no_gradient_is_left_out_of_its_layout(T):
+    """A call of a layer whose output reaches the loss by no path (DoRA's adapters called
+    on an identity matrix for a detached norm) has no batch to find and adds nothing to
+    any example's gradient: the rule takes the layer's other calls. T == B == 3 too."""
+    torch.manual_seed(0)
+    model = _NormedAdapter()
+    x = torch.randn(3, T, 5, dtype=torch.float64)
+    for K in (0, 2):
+        scorer = compare_with_loop(model, x, K, engine="auto")
+    paths = scorer.explain()
+    assert paths["A.weight"].startswith("ghost (linear rule on A"), paths
+    assert paths["B.weight"].startswith("ghost (linear rule on B"), paths
+    assert paths["m"].startswith("ghost (free-parameter rule"), paths

@@ -288,7 +288,8 @@ class Views:
             (slope,) = torch.autograd.grad(again, copy, torch.ones_like(again))
         numbers, scale, numel = self._numbers(t)
         slope = slope.detach()
-        return numbers.expand(shape), slope if scale is None else scale.expand(shape) * slope, numel
+        # contiguous: a later view of what is made (``.view(1, -1)``) replays on these as on it
+        return numbers.expand(shape).contiguous(), slope if scale is None else scale.expand(shape) * slope, numel
 
     def changed(self, t: torch.Tensor) -> bool:
         """Whether a tracked view or copy was changed in place since it was made (through
@@ -310,6 +311,19 @@ class Views:
         return None
 
 
+def graph_nodes(out) -> Iterator:
+    """Every node of the autograd graph of ``out`` (the tensors in it, through tuples), once."""
+    stack = [t.grad_fn for t in leaves(out) if t.grad_fn is not None]
+    seen: set = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        yield node
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+
+
 def unseen_uses(out, views: Views, consumers: set) -> dict[str, str]:
     """{name: the node} for each free parameter (or tracked view) that a node of the
     autograd graph of ``out`` takes as input without being among ``consumers``, the
@@ -317,14 +331,8 @@ def unseen_uses(out, views: Views, consumers: set) -> dict[str, str]:
     forward runs without gradients) or inside another function's ``__torch_function__``
     handler, which the rule would miss."""
     tracked = {t.grad_fn: views.of[id(t)] for t in views.alive if t.grad_fn is not None}
-    stack = [t.grad_fn for t in leaves(out) if t.grad_fn is not None]
-    seen: set = set()
     found: dict[str, str] = {}
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
+    for node in graph_nodes(out):
         for nxt, _ in node.next_functions:
             if nxt is None:
                 continue
@@ -332,7 +340,6 @@ def unseen_uses(out, views: Views, consumers: set) -> dict[str, str]:
             name = views.of.get(id(var)) if var is not None else tracked.get(nxt)
             if name is not None and node not in consumers:
                 found.setdefault(name, node.name())
-            stack.append(nxt)
     return found
 
 

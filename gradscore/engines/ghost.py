@@ -220,6 +220,12 @@ def _same_fingerprint(a: tuple, b: tuple) -> bool:
     return a[0] == b[0] and abs(a[1] - b[1]) <= tol and abs(a[2] - b[2]) <= tol
 
 
+def _got_gradient(layer: _Layer) -> None:
+    """A gradient reached a call of ``layer`` that the first batch showed none reaching."""
+    layer.problem = layer.problem or ("got a gradient in a call that none reached on the first batch (a term on its "
+                                      "output in the step's loss?)")
+
+
 class _BatchSums:
     """One batch's accumulator: the running sums of the rules' ‖g‖² (B,) and dots (B, K), and the
     factors of tied weights until all their owners have reported."""
@@ -401,8 +407,8 @@ class GhostEngine(Engine):
         handles = []
         self._free_problems.clear()
         if self.free:   # active for the model's forward: from here to the end of its call
-            state.free = FreeUses({id(t): n for n, t in self.free.items()}, B, probes, contiguous,
-                                  self._free_problems, self._free_plan, None if state.paths is None else state.paths.see)
+            state.free = FreeUses({id(t): n for n, t in self.free.items()}, B, probes, contiguous, self._free_problems,
+                                  self._free_plan, None if state.paths is None else state.paths.see)
             state.free.__enter__()
             handles.append(self.model.register_forward_hook(lambda *_: state.free.leave()))
         for layer in self.layers:
@@ -425,6 +431,11 @@ class GhostEngine(Engine):
                     return None
                 rule, whole = layer.rule, output
                 act, output = observed(rule, args, kwargs, whole)
+                if layer.seen - 1 in layer.layout.dead:   # the first batch showed no gradient reaches this call
+                    if isinstance(output, torch.Tensor) and output.requires_grad:
+                        # in training, a gradient that reaches it after all (a term on it in the loss) is a problem
+                        output.register_hook(lambda grad, layer=layer: _got_gradient(layer))
+                    return None
                 if not isinstance(act, torch.Tensor) or not isinstance(output, torch.Tensor):
                     layer.problem = "was called with a non-tensor input or output"
                     return None

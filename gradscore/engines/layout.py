@@ -44,7 +44,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..batch import Inputs, batch_len, call_model, concat, take
 from ..kernels.reference import autocast_dtypes, autocast_off
-from .free import Views, in_place, leaves, misfit, needs_grad, unseen_uses
+from .free import Views, graph_nodes, in_place, leaves, misfit, needs_grad, unseen_uses
 from .rules import Rule
 from .rules.registry import close
 from .workarounds import torch_workarounds
@@ -57,9 +57,13 @@ _PASS = {"to", "contiguous", "clone", "type", "float", "double", "half", "bfloat
 
 @dataclass(frozen=True)
 class Layout:
-    """A layer's batch dimension in its input and output; None: one row for the batch."""
+    """A layer's batch dimension in its input and output (None: one row for the batch), and
+    which of its calls in a forward get no gradient (``dead``, by call number: their output
+    reaches the model's by no path, as DoRA's adapters called on an identity matrix for a
+    detached norm): those are no example's, and have no batch to find."""
 
     batch_dim: int | None
+    dead: tuple[int, ...] = ()
 
     def describe(self) -> str:
         if self.batch_dim is None:
@@ -72,6 +76,8 @@ class _Record:
     shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)  # per call
     uses: list[list[tuple[str, list[tuple[int, ...]], tuple[int, ...] | None]]] = field(default_factory=list)
     sample: tuple[torch.Tensor, torch.Tensor] | None = None   # the first call's input and output
+    outputs: list = field(default_factory=list)   # per call, its output (for its autograd node, read after)
+    dead: tuple[int, ...] = ()   # the calls whose output the model's output does not reach
     problem: str | None = None   # why the layer does not compute what its rule assumes (Rule.verify)
 
 
@@ -187,6 +193,7 @@ def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inpu
             record.shapes.append(((), ()))
             return
         record.shapes.append((tuple(act.shape), tuple(output.shape)))
+        record.outputs.append(output)   # its autograd node is read after the forward (torch.compile may trace this)
         if verify and rule.verify is not None and record.sample is None:
             record.sample = (act.detach(), output.detach())
         uses: list = []
@@ -206,6 +213,11 @@ def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inpu
             h.remove()
     if mode.free_uses:
         mode.unseen = unseen_uses(out, mode.views, mode.consumers)
+    reached = set(graph_nodes(out))
+    for record in records.values():
+        dead = tuple(i for i, t in enumerate(record.outputs)
+                     if not t.requires_grad or (t.grad_fn is not None and t.grad_fn not in reached))
+        record.dead, record.outputs = (dead if len(dead) < len(record.outputs) else ()), []
     for name, record in records.items():   # outside the mode: a rule's check is no use of the layer
         module, rule = layers[name]
         if record.sample is not None:   # what the layer computes, whatever precision the batch ran in
@@ -371,9 +383,14 @@ def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: In
         if len(r1.shapes) != len(r2.shapes) or any(s == ((), ()) for s in r1.shapes):
             out[name] = "was called with non-tensor or varying inputs"
             continue
+        if r1.dead != r2.dead:
+            out[name] = "gets a gradient in other calls for 1 example than for 2"
+            continue
         found: set[int | None] = set()
         reason = None
-        for (a1, o1), (a2, o2), u1, u2 in zip(r1.shapes, r2.shapes, r1.uses, r2.uses):
+        for i, ((a1, o1), (a2, o2), u1, u2) in enumerate(zip(r1.shapes, r2.shapes, r1.uses, r2.uses)):
+            if i in r1.dead:   # no gradient reaches this call: no example's, nothing to lay out
+                continue
             dim, reason = _batch_dim(a1, o1, a2, o2)
             if reason is None and dim is None:
                 reason = _sums_with_batch_rows(u1, u2)
@@ -389,7 +406,7 @@ def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: In
             if dim is not None and dim not in accepted:
                 reason = f"has its batch in dimension {dim}, which its rule does not take"
             else:
-                out[name] = Layout(dim)
+                out[name] = Layout(dim, r1.dead)
                 continue
         out[name] = reason
     free_out = {name: uses1.unfit.get(name) or uses2.unfit.get(name) or _free_layout(
