@@ -191,6 +191,7 @@ def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inpu
         act, output = observed(rule, args, kwargs, output)
         if not isinstance(act, torch.Tensor) or not isinstance(output, torch.Tensor):
             record.shapes.append(((), ()))
+            record.outputs.append(None)
             return
         record.shapes.append((tuple(act.shape), tuple(output.shape)))
         record.outputs.append(output)   # its autograd node is read after the forward (torch.compile may trace this)
@@ -215,8 +216,8 @@ def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inpu
         mode.unseen = unseen_uses(out, mode.views, mode.consumers)
     reached = set(graph_nodes(out))
     for record in records.values():
-        dead = tuple(i for i, t in enumerate(record.outputs)
-                     if not t.requires_grad or (t.grad_fn is not None and t.grad_fn not in reached))
+        dead = tuple(i for i, t in enumerate(record.outputs) if t is not None
+                     and (not t.requires_grad or (t.grad_fn is not None and t.grad_fn not in reached)))
         record.dead, record.outputs = (dead if len(dead) < len(record.outputs) else ()), []
     for name, record in records.items():   # outside the mode: a rule's check is no use of the layer
         module, rule = layers[name]
