@@ -392,7 +392,7 @@ class FreeUses(TorchFunctionMode):
             return out
         names = {self.views.of[id(t)] for t in hits}
         planned = {name: self.views.next_step(name, self.plan) for name in names}
-        if self.views.planned_made(hits, self.plan):   # what the first batch made of it
+        if all(kind == "made" for kind in planned.values()):   # what the first batch made of it (Views.planned_made)
             out = func(*args, **kwargs)
             if not self.views.note(func, args, kwargs, out, planned=True) and needs_grad(out):
                 for name in names:

@@ -122,7 +122,8 @@ class _Uses(TorchFunctionMode):
         self.alive.append(t)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        tracked = [t for t in self.views.hits(args, kwargs or {}) if t.requires_grad]
+        seen = self.views.hits(args, kwargs or {})
+        tracked = [t for t in seen if t.requires_grad]
         unfit = self.views.unfit(func, args, kwargs or {}, tracked) if tracked else None   # before it runs
         out = func(*args, **(kwargs or {}))
         if unfit is not None and (needs_grad(out) or in_place(func)):
@@ -135,10 +136,9 @@ class _Uses(TorchFunctionMode):
                 name, layers = self.params.get(id(t), (None, ()))
                 if name is not None and not any(self.running.get(n) for n in layers):
                     self.strays.setdefault(name, _op_name(func))
-        hits = self.views.hits(args, kwargs or {}) if needs_grad(out) else []
-        if hits:
+        if seen and needs_grad(out):
             self.consumers.update(t.grad_fn for t in leaves(out) if t.grad_fn is not None)
-            hits = [t for t in hits if t.requires_grad]
+            hits = tracked
             made = (self.views.note(func, args, kwargs or {}, out, planned=True)
                     if hits and self.views.planned_made(hits, self.plan)
                     else self.plan is None and self.views.note(func, args, kwargs or {}, out))
