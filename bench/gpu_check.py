@@ -10,16 +10,17 @@ written after every step, so a kill leaves them too):
 
 1. ``tests``: ``pytest -m cuda`` (tests/test_cuda.py and the other CUDA-marked tests):
    every Triton kernel against the torch reference, the engines against the loop on CUDA.
-2. ``bandwidth``: ``norm_dot``'s read bandwidth, Triton kernel and torch reference,
-   against a device-to-device copy of the same bytes timed in the same run; then a sweep
-   of ``launch_config``'s block sizes with the best configuration per shape.
-3. ``engines``: ``bench.engines`` (plain forward+backward, ghost K = 0/2, vmap + fused,
-   the loop, Opacus and BackPACK when installed) at batch 64, 256 and 1024, with
-   ``torch.cuda.max_memory_allocated`` for memory.
-4. ``inrun_sketch``: ``bench.inrun`` (the in-run recorder against the same training
+2. ``inrun_sketch``: ``bench.inrun`` (the in-run recorder against the same training
    steps) and ``bench.sketch`` (gradient sketches against a plain forward+backward) on
    the MLP, the transformer and GPT-2; the in-run recorder also on GPT-2 with a
-   vocabulary of 32768, whose loss terms take the generic path on CUDA.
+   vocabulary of 32768, whose loss terms take the generic path on CUDA. It runs before
+   the long steps, so the open issue's figures come back first.
+3. ``bandwidth``: ``norm_dot``'s read bandwidth, Triton kernel and torch reference,
+   against a device-to-device copy of the same bytes timed in the same run; then a sweep
+   of ``launch_config``'s block sizes with the best configuration per shape.
+4. ``engines``: ``bench.engines`` (plain forward+backward, ghost K = 0/2, vmap + fused,
+   the loop, Opacus and BackPACK when installed) at batch 64, 256 and 1024, with
+   ``torch.cuda.max_memory_allocated`` for memory.
 5. ``torchrun``: a 2-process NCCL ``gradscore run`` against one process, bit for bit,
    where the machine has two GPUs or more.
 """
@@ -105,12 +106,13 @@ def _timed(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> flo
     return best_time(fn, repeats, sync)
 
 
-def _config(B: int, P: int, n_sm: int, block_b: int, block_p: int, warps: int, split: float) -> dict[str, int]:
+def _config(B: int, P: int, n_sm: int, K: int, block_b: int, block_p: int, warps: int, split: float
+            ) -> dict[str, int]:
     """``launch_config``'s default with other block sizes, and ``split`` times its P splits."""
     import triton
 
     from gradscore.kernels.norm_dot_triton import launch_config
-    base = launch_config(B, P, n_sm)
+    base = launch_config(B, P, n_sm, K)
     n_split = max(1, int(round(base["n_split"] * split)))
     split_p = triton.cdiv(triton.cdiv(P, n_split), block_p) * block_p
     return {"BLOCK_B": block_b, "BLOCK_P": block_p, "num_warps": warps, "n_split": triton.cdiv(P, split_p),
@@ -141,7 +143,7 @@ def step_bandwidth(sizes: Sizes, budget: Budget) -> dict[str, Any]:
                 rows.append({"B": B, "P": P, "dtype": dtype, "K": K, "copy_GBps": 2 * gbytes / t_copy,
                              "triton_read_GBps": gbytes / t_triton, "torch_read_GBps": gbytes / t_torch,
                              "triton_over_copy": (gbytes / t_triton) / (2 * gbytes / t_copy),
-                             "config": launch_config(B, P, _sm_count(G.device))})
+                             "config": launch_config(B, P, _sm_count(G.device), K)})
             n_sm = _sm_count(G.device)
             V = torch.randn(2, P, device=sizes.device).to(G.dtype)
             want = norm_dot_reference(G, V)
@@ -152,7 +154,7 @@ def step_bandwidth(sizes: Sizes, budget: Budget) -> dict[str, Any]:
                         for split in sizes.sweep["split"]:
                             if budget.left < 60:
                                 break
-                            cfg = _config(B, P, n_sm, bb, bp, w, split)
+                            cfg = _config(B, P, n_sm, len(V), bb, bp, w, split)
                             try:
                                 got = norm_dot_triton(G, V, config=cfg)
                             except Exception as e:  # noqa: BLE001 - a block too large for the chip's shared memory
@@ -163,7 +165,7 @@ def step_bandwidth(sizes: Sizes, budget: Budget) -> dict[str, Any]:
                             t = _timed(lambda: norm_dot_triton(G, V, config=cfg), sizes.repeats, sync)
                             timed.append({**cfg, "seconds": t, "read_GBps": gbytes / t, "correct": ok})
             good = [c for c in timed if c.get("correct")]
-            default = launch_config(B, P, n_sm)
+            default = launch_config(B, P, n_sm, len(V))
             if good:
                 best = min(good, key=lambda c: c["seconds"])
                 failed = sum("failed" in c for c in timed)
@@ -249,7 +251,7 @@ def step_torchrun(sizes: Sizes, budget: Budget) -> dict[str, Any]:
 
 
 STEPS: dict[str, Callable[[Sizes, Budget], dict[str, Any]]] = {
-    "tests": step_tests, "bandwidth": step_bandwidth, "engines": step_engines, "inrun_sketch": step_inrun_sketch,
+    "tests": step_tests, "inrun_sketch": step_inrun_sketch, "bandwidth": step_bandwidth, "engines": step_engines,
     "torchrun": step_torchrun}
 
 

@@ -83,7 +83,7 @@ def sweep(repeats: int) -> list[dict]:
     for bb in (16, 32, 64):
         for bp in (128, 256, 512, 1024):
             for warps in (2, 4, 8):
-                cfg = launch_config(B, P, n_sm)
+                cfg = launch_config(B, P, n_sm, len(V))
                 cfg.update(BLOCK_B=bb, BLOCK_P=bp, num_warps=warps)
                 cfg["split_p"] = -(-cfg["split_p"] // bp) * bp
                 cfg["n_split"] = -(-P // cfg["split_p"])

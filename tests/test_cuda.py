@@ -155,19 +155,17 @@ def test_sketches_on_cuda_equal_the_cpu_ones(name):
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-9, atol=1e-11)
 
 
-def test_small_blocks_and_dots_in_float32_take_torch_and_the_rest_the_triton_kernel():
-    """On the H200, cuBLAS read float32 blocks with references 2 to 5 times faster than the
-    Triton kernel's dots (bench/results/gpu_nvidia-h200.json), and a small block's call is
-    its launch, cheaper in torch; large blocks' norms alone and half types stay on the
-    kernel, and a forced backend is obeyed."""
+def test_small_blocks_take_torch_and_the_rest_the_triton_kernel():
+    """A small block's call is its launch, cheaper in torch (bench/results/gpu_nvidia-h200.json);
+    large blocks go to the kernel, with references too (its K row reductions read G faster than
+    cuBLAS's product on the H200); a forced backend is obeyed."""
     from gradscore.kernels.norm_dot import CUDA_SMALL_BLOCK, takes_reference
     small, V = _rand(8, 1000, seed=0), _rand(2, 1000, seed=1)
     assert takes_reference(small, None, None) and takes_reference(small.bfloat16(), V.bfloat16(), None)
     assert not takes_reference(small, None, "triton")
     P = CUDA_SMALL_BLOCK // 4 + 1
     G, V = _rand(4, P, seed=0), _rand(2, P, seed=1)
-    assert takes_reference(G, V, None) and takes_reference(G.double(), V.double(), None)
-    assert not takes_reference(G, None, None) and not takes_reference(G, V[:0], None)
+    assert not takes_reference(G, V, None) and not takes_reference(G, None, None)
     assert not takes_reference(G.bfloat16(), V.bfloat16(), None) and not takes_reference(G, V, "triton")
 
 

@@ -9,11 +9,13 @@ weight gradient is g_b = Σ_t δ_bt a_btᵀ (d_out, d_in). Two ways to get what 
   ⟨g_b, V_k⟩ = Σ_t δ_btᵀ V_k a_bt by projecting a through V in T·K·d_in·d_out.
 
 ``plan`` picks the cheaper by that flop count (gram wins for short sequences and wide
-layers, outer for long sequences or many references). Triton kernels on CUDA; torch
-elsewhere. ``ghost_linear_reference`` is the obviously-correct einsum version.
+layers, outer for long sequences or many references). The outer form runs a Triton
+kernel on CUDA (g_b stays in its tiles); the gram form is batched matrix products in
+torch everywhere (cuBLAS on CUDA). ``ghost_linear_reference`` is the obviously-correct
+einsum version.
 
 Layers that read one input (a transformer's q, k and v projections of one hidden state)
-share its Gram a aᵀ on the torch path: an engine counts the readers of each input in the
+share its Gram a aᵀ: an engine counts the readers of each input in the
 forward (:class:`SharedGrams`) and, while its rules run (:func:`sharing`), the first
 reader's Gram is kept for the others until the last is done, so the gram form then costs
 T²·(d_in/readers + d_out).
@@ -183,12 +185,12 @@ def ghost_linear(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor | None = None
     """Per-example ‖Σ_t δ_bt a_btᵀ‖² (B,) and Σ_t δ_btᵀ V_k a_bt (B, K), fused.
 
     a: (B, T, d_in), δ: (B, T, d_out), V: (K, d_out, d_in) or None. ``form`` forces
-    "gram" or "outer" (default: :func:`plan`); ``backend`` "torch" or "triton"
-    (default: Triton for CUDA tensors that are not float64). ``workspace``: bytes of the
-    torch path's sub-batch blocks and of the gram form's projections for the dots
-    (default :func:`workspace_bytes` of a and δ); the Triton kernels keep their blocks
-    in tiles and need none. Inside :func:`sharing`, ``a``'s Gram is shared with the
-    other layers that read it.
+    "gram" or "outer" (default: :func:`plan`); ``backend`` "torch" or "triton" for the
+    outer form (default: Triton for CUDA tensors that are not float64; the gram form is
+    torch's on either). ``workspace``: bytes of the torch path's sub-batch blocks and of
+    the gram form's projections for the dots (default :func:`workspace_bytes` of a and
+    δ); the Triton kernel keeps its blocks in tiles and needs none. Inside
+    :func:`sharing`, ``a``'s Gram is shared with the other layers that read it.
     """
     if a.dim() != 3 or d.dim() != 3 or a.shape[:2] != d.shape[:2]:
         raise ValueError(f"ghost_linear: a {tuple(a.shape)} and δ {tuple(d.shape)} must be "
@@ -199,22 +201,20 @@ def ghost_linear(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor | None = None
     if a.shape[0] == 0:   # an empty batch: the sub-batch loops and kernel grids need rows
         acc = acc_dtype(a.dtype)
         return a.new_zeros(0, dtype=acc), a.new_zeros((0, K), dtype=acc)
-    use_triton = backend == "triton" or (backend is None and a.is_cuda and a.dtype != torch.float64)
-    readers = _active.readers(a) if _active is not None and not use_triton else 1
+    if backend not in (None, "torch", "triton"):
+        raise ValueError(f"ghost_linear: unknown backend '{backend}'")
+    readers = _active.readers(a) if _active is not None else 1
     form = form or plan(a.shape[1], a.shape[2], d.shape[2], K, readers)
     if form not in ("gram", "outer"):
         raise ValueError(f"ghost_linear: unknown form '{form}'")
     budget = workspace if workspace is not None else workspace_bytes(a, d)
-    if use_triton:   # a run-time failure of a kernel: the torch path, logged once
-        from . import ghost_linear_triton as tk
-        if form == "outer":
+    if form == "outer":
+        if backend == "triton" or (backend is None and a.is_cuda and a.dtype != torch.float64):
+            from . import ghost_linear_triton as tk   # a run-time failure: the torch path, logged once
             return guarded("the Triton ghost_linear outer kernel", tk.outer_triton,
                            lambda a, d, V: _outer(a, d, V, budget), a, d, V)
-        sq = guarded("the Triton ghost_linear Gram kernel", tk.gram_sq_triton, lambda a, d: _gram_sq(a, d, budget), a, d)
-    else:
-        if form == "outer":
-            return _outer(a, d, V, budget)
-        sq = _gram_sq(a, d, budget)
+        return _outer(a, d, V, budget)
+    sq = _gram_sq(a, d, budget)
     if V is None:
         return sq, sq.new_zeros((a.shape[0], 0))
     return sq, ghost_linear_dots(a, d, V, workspace=budget)

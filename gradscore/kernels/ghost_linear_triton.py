@@ -1,46 +1,19 @@
-"""Triton kernels for the Linear-layer ghost reductions (see ghost_linear.py).
+"""Triton kernel for the Linear-layer ghost reductions' outer form (see ghost_linear.py).
 
-- ``gram_sq_triton``: grid (B, T tiles); a program builds the (BT, BT) blocks of a·aᵀ
-  and δ·δᵀ for its row tile against every column tile with ``tl.dot`` over d_in / d_out
-  and accumulates Σ (a·aᵀ)⊙(δ·δᵀ).
-- ``outer_triton``: grid (B, d_out tiles × d_in tiles); a program forms its (BO, BI)
-  tile of g_b = Σ_t δ_btᵀ a_bt and reduces it against itself and the K tiles of V.
-Both write one partial per program and torch sums the partials in a fixed order, so
-results are run-to-run identical. All products in IEEE float32.
+``outer_triton``: grid (B, d_out tiles × d_in tiles); a program forms its (BO, BI) tile
+of g_b = Σ_t δ_btᵀ a_bt and reduces it against itself and the K tiles of V, so g_b is
+never written out. Each program writes one partial and torch sums the partials in a
+fixed order, so results are run-to-run identical. All products in IEEE float32.
+
+The Gram form has no kernel here: its two (T, T) Grams are batched matrix products,
+which cuBLAS does 4 to 8 times faster than a Triton kernel did on the H200
+(``bench.gpu_check``; figures in CHANGELOG.md).
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def _gram_tile(X, b, rows, cols, T, DK, s_b, s_t, s_k, BT: tl.constexpr, BK: tl.constexpr):
-    """(BT, BT) block rows x cols of X_b X_bᵀ for X (B, T, DK), summed over DK in tiles."""
-    acc = tl.zeros((BT, BT), dtype=tl.float32)
-    for k0 in range(0, DK, BK):
-        ks = k0 + tl.arange(0, BK)
-        x = tl.load(X + b * s_b + rows[:, None] * s_t + ks[None, :] * s_k,
-                    mask=(rows[:, None] < T) & (ks[None, :] < DK), other=0.0).to(tl.float32)
-        y = tl.load(X + b * s_b + cols[None, :] * s_t + ks[:, None] * s_k,
-                    mask=(cols[None, :] < T) & (ks[:, None] < DK), other=0.0).to(tl.float32)
-        acc += tl.dot(x, y, input_precision="ieee")
-    return acc
-
-
-@triton.jit
-def _gram_sq_kernel(A, D, OUT, T, DI, DO, s_ab, s_at, s_ai, s_db, s_dt, s_do, n_t,
-                    BT: tl.constexpr, BK: tl.constexpr):
-    b = tl.program_id(0)
-    ti = tl.program_id(1)
-    rows = ti * BT + tl.arange(0, BT)
-    total = tl.zeros((BT, BT), dtype=tl.float32)
-    for s0 in range(0, T, BT):
-        cols = s0 + tl.arange(0, BT)
-        total += (_gram_tile(A, b, rows, cols, T, DI, s_ab, s_at, s_ai, BT, BK)
-                  * _gram_tile(D, b, rows, cols, T, DO, s_db, s_dt, s_do, BT, BK))
-    tl.store(OUT + b * n_t + ti, tl.sum(tl.sum(total, axis=1), axis=0))
 
 
 @triton.jit
@@ -66,16 +39,6 @@ def _outer_kernel(A, D, V, SQ, DOTS, T, DI, DO, K, n_i, n_tiles,
             v = tl.load(V + k * s_vk + os_[:, None] * s_vo + is_[None, :] * s_vi,
                         mask=vmask, other=0.0).to(tl.float32)
             tl.store(DOTS + (b * n_tiles + tile) * K + k, tl.sum(tl.sum(g * v, axis=1), axis=0))
-
-
-def gram_sq_triton(a: torch.Tensor, d: torch.Tensor, *, BT: int = 16, BK: int = 32) -> torch.Tensor:
-    """‖g_b‖² (B,) float32 by the Gram form; a (B, T, d_in), δ (B, T, d_out)."""
-    B, T, DI = a.shape
-    DO = d.shape[2]
-    n_t = triton.cdiv(T, BT)
-    out = torch.empty((B, n_t), dtype=torch.float32, device=a.device)
-    _gram_sq_kernel[(B, n_t)](a, d, out, T, DI, DO, *a.stride(), *d.stride(), n_t, BT=BT, BK=BK)
-    return out.sum(1)
 
 
 def outer_triton(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor | None, *, BO: int = 32,

@@ -31,18 +31,15 @@ CUDA_SMALL_BLOCK = 2**22
 def takes_reference(G: torch.Tensor, V: torch.Tensor | None, forced: str | None) -> bool:
     """Whether the default backend hands the block G (B, P) with V (K, P) to the torch
     reference: an empty batch (the kernels' launch grids assume rows); on CPU a block of at
-    most :data:`SMALL_BLOCK` elements; on CUDA a block of at most :data:`CUDA_SMALL_BLOCK`,
-    and a float32/float64 block with references, where cuBLAS's matrix product reads faster
-    than the Triton kernel's dots (``bench.gpu_check``'s bandwidth rows) and the reference
-    makes no copy of G."""
+    most :data:`SMALL_BLOCK` elements; on CUDA a block of at most :data:`CUDA_SMALL_BLOCK`
+    (float64 takes the reference in every backend)."""
     if G.shape[0] == 0:
         return True
     if forced is not None:
         return False
     if G.device.type == "cpu":
         return G.numel() <= SMALL_BLOCK
-    return G.device.type == "cuda" and (G.numel() <= CUDA_SMALL_BLOCK or (
-        V is not None and V.shape[0] > 0 and G.dtype in (torch.float32, torch.float64)))
+    return G.device.type == "cuda" and G.numel() <= CUDA_SMALL_BLOCK
 
 
 def norm_dot(G: Blocks, V: Blocks | None = None, *, backend: str | None = None
