@@ -11,7 +11,7 @@ written after every step, so a kill leaves them too):
 1. ``tests``: ``pytest -m cuda`` (tests/test_cuda.py and the other CUDA-marked tests):
    every Triton kernel against the torch reference, the engines against the loop on CUDA.
 2. ``inrun_sketch``: ``bench.inrun`` (the in-run recorder against the same training
-   steps) and ``bench.sketch`` (gradient sketches against a plain forward+backward) on
+   steps, and the torch ops, kernel launches and device waits of one step) and ``bench.sketch`` (gradient sketches against a plain forward+backward) on
    the MLP, the transformer and GPT-2; the in-run recorder also on GPT-2 with a
    vocabulary of 32768, whose loss terms take the generic path on CUDA. It runs before
    the long steps, so the open issue's figures come back first.
@@ -196,12 +196,17 @@ def step_engines(sizes: Sizes, budget: Budget) -> dict[str, Any]:
 def step_inrun_sketch(sizes: Sizes, budget: Budget) -> dict[str, Any]:
     """bench.inrun (the in-run recorder's overhead on training steps) and bench.sketch
     (sketching against a plain forward+backward) on the device."""
+    from bench.inrun import op_counts
     from bench.inrun import run_bench as inrun_bench
     from bench.sketch import sketch_rows
     if budget.left < 90:
         return {"status": "skipped: out of time budget"}
     out: dict[str, Any] = {}
     try:
+        out["ops"] = [{"model": name, "batch": B, **{f"{method}_{k}": v for method, counts in
+                                                     op_counts(name, B, sizes.device).items()
+                                                     for k, v in counts.items()}}
+                      for name, B in sizes.inrun_cases[:2]]
         out["inrun"] = inrun_bench(sizes.engine_repeats, sizes.device, echo=lambda _: None,
                                    cases=sizes.inrun_cases + sizes.inrun_vocab_cases)["rows"]
         out["sketch"] = sketch_rows(sizes.sketch_dim, sizes.engine_repeats, sizes.device, cases=sizes.sketch_cases)
@@ -300,6 +305,13 @@ def markdown(result: dict[str, Any]) -> str:
                     + (f" [{r[m]['flops_ratio']:.3f}]" if r[m].get("flops_ratio") else "")
                     for m in ("norms", "target_every1", "target_every10")) + " |"
                 for r in extra["inrun"]]
+    if extra.get("ops"):
+        out += ["", "in-run fixed costs of one training step: torch ops dispatched (nested too), kernel launches, "
+                "waits for the device", "", "| model | batch | method | torch ops | launches | waits |",
+                "|---|---|---|---|---|---|"]
+        out += [f"| {r['model']} | {r['batch']} | {m} | {r[f'{m}_aten_ops']} | {r[f'{m}_launches']} | "
+                f"{r[f'{m}_syncs']} |" for r in extra["ops"] for m in ("plain", "norms", "target_every1")
+                if f"{m}_aten_ops" in r]
     if extra.get("sketch"):
         out += ["", "| sketch: model | batch | dim | × plain | vmap alone × plain |", "|---|---|---|---|---|"]
         out += [f"| {r['model']} | {r['batch']} | {r['dim']} | {r['sketch_ratio']:.2f} | {r['vmap_ratio']:.2f} |"

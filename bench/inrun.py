@@ -112,6 +112,34 @@ def peak_memory(name: str, B: int, device: str) -> dict[str, int | None]:
     return peaks
 
 
+#: profiler events that launch a kernel, and that wait for the device
+LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaEventSynchronize")
+
+
+def op_counts(name: str, B: int, device: str) -> dict[str, dict[str, int]]:
+    """{method: {"aten_ops", "launches", "syncs"}} of one training step after a warm-up:
+    the torch ops dispatched (nested ones too), and on CUDA the kernel launches and the
+    waits for the device. Where a step is short, its fixed costs are these counts."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    out = {}
+    with tempfile.TemporaryDirectory() as work:
+        for method, fn in _steppers(name, B, device, Path(work), steps=1).items():
+            fn()
+            fn()
+            sync()
+            with profile(activities=activities) as prof:
+                fn()
+                sync()
+            events = prof.key_averages()
+            out[method] = {"aten_ops": sum(e.count for e in events if e.key.startswith("aten::")),
+                           "launches": sum(e.count for e in events if e.key in LAUNCH_EVENTS),
+                           "syncs": sum(e.count for e in events if e.key in SYNC_EVENTS)}
+    return out
+
+
 def target_pass_steps(rec: gs.InRun, plain: Callable[[], None], repeats: int, sync: Callable[[], None],
                       steps: int = STEPS, rows: int | None = None) -> float:
     """The recorder's target gradient alone (forward+backward of the target batch, ``rows``

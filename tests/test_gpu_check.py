@@ -25,6 +25,8 @@ def test_gpu_check_dry_run_takes_every_step_and_writes_its_results(tmp_path):
     assert {"plain", "loop", "vmap_fused", "ghost_k0", "ghost_k2"} <= methods
     assert result["torchrun"]["status"].startswith("skipped")
     assert "status" not in result["inrun_sketch"], result["inrun_sketch"]
+    ops = result["inrun_sketch"]["ops"][0]   # the recorder's ops on top of the step's own (no CUDA: no launches)
+    assert ops["norms_aten_ops"] > ops["plain_aten_ops"] > 0 and ops["norms_launches"] == 0
     inrun = result["inrun_sketch"]["inrun"][0]
     assert inrun["norms"]["ratio"] > 0
     # counted flops: the MLP's ghost norms (T = 1) add no matmul; the record's loss terms add
