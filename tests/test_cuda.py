@@ -1,7 +1,7 @@
 """The CUDA paths on a real GPU (`pytest -m cuda`, run by `python -m bench.gpu_check`): every
 Triton kernel against the torch reference (fp32, fp16, bf16; K = 0, 1, 2, 16; odd sizes),
-and the ghost, vmap and auto engines against the loop on CUDA for an MLP, a CNN, a tiny GPT-2,
-an LSTM and a GRU.
+the ghost, vmap and auto engines against the loop on CUDA for an MLP, a CNN, a tiny GPT-2,
+an LSTM and a GRU, and the in-run recorder's records against the loop.
 Skipped without a CUDA device; the same kernels run under Triton's interpreter on CPU in
 test_kernels.py, and the engines on CPU everywhere else."""
 from __future__ import annotations
@@ -204,3 +204,55 @@ def test_the_layer_families_on_cuda_equal_the_loop_on_cpu(family, config, engine
     torch.testing.assert_close(got.sq_norm.cpu(), want.sq_norm, rtol=1e-6, atol=1e-12)
     torch.testing.assert_close(got.dots.cpu(), want.dots, rtol=1e-6, atol=1e-9)
     assert got.sq_norm.device.type == "cuda"
+
+
+#: where the in-run tests below run (a scratch run of them on "cpu" checks the tests themselves)
+INRUN_DEVICE = "cuda"
+
+
+class _SharedInput(nn.Module):
+    """Token embeddings read by three Linear layers (q, k, v) of one attention. With T = 4
+    and d = 32 the Gram form is the cheaper only when the three share their input's Gram,
+    so the recorder forms it once per step for the three."""
+
+    def __init__(self, vocab: int = 20, d: int = 32, n_classes: int = 4):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.head = nn.Linear(d, n_classes)
+
+    def forward(self, x):
+        h = self.emb(x)
+        attn = torch.softmax(self.q(h) @ self.k(h).transpose(1, 2) / h.shape[-1] ** 0.5, -1)
+        return self.head((attn @ self.v(h)).mean(1))
+
+
+@pytest.mark.parametrize("kernels", [None, "torch"], ids=["default", "torch-kernels"])
+@pytest.mark.parametrize("family", ["mlp", "wide_mlp", "cnn", "shared_input"])
+def test_inrun_records_on_cuda_equal_the_loop(tmp_path, family, kernels, monkeypatch):
+    """The in-run recorder on CUDA in float64: every recorded quantity (loss, share, norms,
+    target dots, margin) against the per-example loop at each step's θ_t, through the CUDA
+    loss terms, the Linear rules' Gram form (an input's Gram shared by q, k and v), the
+    target's factored form (wide layers) and the conv rules; with the default kernels and
+    with GRADSCORE_KERNELS=torch."""
+    from test_inrun import _data, _train
+
+    from helpers import check_inrun_against_loop
+    if kernels is not None:
+        monkeypatch.setenv("GRADSCORE_KERNELS", kernels)
+    torch.manual_seed(0)
+    if family in ("mlp", "wide_mlp"):
+        model, (x, y) = mlp(d_in=10, hidden=12 if family == "mlp" else 64, n_classes=4, depth=2), _data()
+    elif family == "cnn":
+        model, (x, y) = digits_cnn(n_classes=4, channels=3), _data(image=True)
+        next(m for m in model if isinstance(m, nn.Dropout)).p = 0.0   # the loop runs without it
+    else:
+        g = torch.Generator().manual_seed(0)
+        model, x, y = _SharedInput(), torch.randint(0, 20, (48, 4), generator=g), torch.randint(0, 4, (48,), generator=g)
+    model = model.to(INRUN_DEVICE, torch.float64)
+    x, y = x.to(INRUN_DEVICE), y.to(INRUN_DEVICE)
+    targets = (x[:6], y[:6])
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=targets)
+    snaps: list = []
+    _train(model, x, y, steps=3, batch=8, rec=rec, snapshots=snaps)
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, targets)
