@@ -256,3 +256,12 @@ def test_inrun_records_on_cuda_equal_the_loop(tmp_path, family, kernels, monkeyp
     snaps: list = []
     _train(model, x, y, steps=3, batch=8, rec=rec, snapshots=snaps)
     check_inrun_against_loop(rec.close(), model, snaps, x, y, targets)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_inrun_records_of_a_padded_lm_on_cuda_equal_the_loop(tmp_path, kind):
+    """A tiny padded GPT-2 and Llama on CUDA, one step through Hugging Face's loss: the
+    language model's loss terms take the generic path on CUDA (test_inrun.py's CPU test
+    takes numba's)."""
+    from test_inrun import check_tiny_lm_with_padding
+    check_tiny_lm_with_padding(tmp_path, kind, INRUN_DEVICE)

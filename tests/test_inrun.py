@@ -1079,6 +1079,12 @@ def test_tiny_lm_with_padding_through_the_hf_loss(tmp_path, kind):
     """The step's loss is Hugging Face's own: the token mean over the whole padded batch,
     so example b's share is its number of predicted tokens over the batch's. A Llama's
     RMSNorm layers take the structural rule (no rule before: refused in-run)."""
+    check_tiny_lm_with_padding(tmp_path, kind, "cpu")
+
+
+def check_tiny_lm_with_padding(tmp_path, kind: str, device: str) -> None:
+    """A tiny padded GPT-2 or Llama on ``device``, one recorded step through Hugging Face's
+    loss, each record against the per-example loop (test_cuda.py runs it on CUDA)."""
     pytest.importorskip("transformers")
     from helpers import tiny_gpt2
     from gradscore.integrations.hf import from_config
@@ -1094,12 +1100,14 @@ def test_tiny_lm_with_padding_through_the_hf_loss(tmp_path, kind):
             for name, p in model.named_parameters():
                 if name.endswith("norm.weight"):
                     p.add_(0.3 * torch.randn_like(p))
+    model = model.to(device)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 31, (6, 9), generator=g)
     mask = torch.ones(6, 9, dtype=torch.long)
     mask[1, 6:] = 0
     mask[3, 4:] = 0
     labels = ids.masked_fill(mask == 0, -100)
+    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
     target = ({"input_ids": ids[4:], "attention_mask": mask[4:]}, labels[4:])
     snapshot = copy.deepcopy(model).eval()
     rec = gs.InRun(model, loss="causal_lm", out=tmp_path / "r.h5", targets=target)
