@@ -965,8 +965,8 @@ class _LossTerms:
         the float64 copies stay at :data:`_TERM_ELEMENTS` elements, whatever the vocabulary."""
         width = math.prod(z.shape[1:])
         fused = None
-        if z.device.type == "cpu" and numba_on_cpu():   # the one-pass numba paths
-            fused = cls._softmax_rows(loss, z, delta, y)
+        if numba_on_cpu():   # the one-pass numba paths (a small classifier's on a GPU's outputs too)
+            fused = cls._softmax_rows(loss, z, delta, y) if z.device.type == "cpu" else None
             if fused is None:
                 fused = cls._classifier_rows(loss, z, delta, y)
         if fused is not None:
@@ -1001,16 +1001,20 @@ class _LossTerms:
     @staticmethod
     def _classifier_rows(loss: Loss, z: torch.Tensor, delta: torch.Tensor, y: torch.Tensor):
         """A small classifier's terms and metrics in one numba call
-        (``kernels.softmax_ce_numba.classifier_rows_numba``; CPU tensors, numba on), where a step's
-        fixed costs dominate; None elsewhere, and for labels outside [0, C) or of a dtype the loss
-        refuses (the generic path says why)."""
-        if not loss.is_cross_entropy or z.dim() != 2 or y.shape != z.shape[:1] or y.dtype not in CLASS_INDEX_DTYPES:
-            return None
+        (``kernels.softmax_ce_numba.classifier_rows_numba``; numba on), where a step's fixed costs
+        dominate; None elsewhere, and for labels outside [0, C) or of a dtype the loss refuses (the
+        generic path says why). On a GPU, z, δ and y come to the host and the terms go back in
+        one copy each: the generic path's ~30 small ops are each a kernel launch there, and it
+        waits for δ too (its label check)."""
         from ..kernels.softmax_ce_numba import CLASSIFIER_ELEMENTS, classifier_rows_numba
-        rows = classifier_rows_numba(z, delta, y) if z.numel() <= CLASSIFIER_ELEMENTS else None
+        if (not loss.is_cross_entropy or z.dim() != 2 or y.shape != z.shape[:1] or y.dtype not in CLASS_INDEX_DTYPES
+                or z.numel() > CLASSIFIER_ELEMENTS):
+            return None
+        device = z.device
+        rows = classifier_rows_numba(z.cpu(), delta.cpu(), y.cpu())
         if rows is None:
             return None
-        losses, d_sq, dot, delta_sq, margin, p_gold, correct = rows.unbind(1)
+        losses, d_sq, dot, delta_sq, margin, p_gold, correct = rows.to(device).unbind(1)
         # the keys and meaning of classification_metrics (a test holds the two paths equal)
         metrics = {"el2n": d_sq.sqrt(), "p_gold": p_gold, "correct": correct.to(torch.int8), "margin": margin}
         return losses, metrics, d_sq, dot, delta_sq
