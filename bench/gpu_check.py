@@ -58,9 +58,10 @@ class Sizes:
 
     def __init__(self, dry_run: bool) -> None:
         self.device = "cpu" if dry_run else "cuda"
-        # the first two: blocks of a small layer, where a call is its launch (CUDA_SMALL_BLOCK's rows)
-        self.shapes = [(8, 1000)] if dry_run else [(256, 1024), (4096, 1024), (64, 1 << 20), (256, 1 << 20),
-                                                   (1024, 1 << 18)]
+        # the first two: blocks of a small layer, where a call is its launch (CUDA_SMALL_BLOCK's rows);
+        # the next two: 2 and 8 times CUDA_SMALL_BLOCK, where torch and the kernel may cross
+        self.shapes = [(8, 1000)] if dry_run else [(256, 1024), (4096, 1024), (1024, 8192), (256, 1 << 17),
+                                                   (64, 1 << 20), (256, 1 << 20), (1024, 1 << 18)]
         self.dtypes = ["float32"] if dry_run else ["float32", "bfloat16"]
         self.refs = [0, 2]
         self.repeats = 1 if dry_run else 20
