@@ -11,8 +11,9 @@ written after every step, so a kill leaves them too):
 1. ``tests``: ``pytest -m cuda`` (tests/test_cuda.py and the other CUDA-marked tests):
    every Triton kernel against the torch reference, the engines against the loop on CUDA.
 2. ``inrun_sketch``: ``bench.inrun`` (the in-run recorder against the same training
-   steps, and the torch ops, kernel launches and device waits of one step) and ``bench.sketch`` (gradient sketches against a plain forward+backward) on
-   the MLP, the transformer and GPT-2; the in-run recorder also on GPT-2 with a
+   steps, and the torch ops, kernel launches and device waits of one step) and
+   ``bench.sketch`` (gradient sketches against a plain forward+backward) on the MLP,
+   the transformer and GPT-2; the in-run recorder also on GPT-2 with a
    vocabulary of 32768, whose loss terms take the generic path on CUDA. It runs before
    the long steps, so the open issue's figures come back first.
 3. ``bandwidth``: ``norm_dot``'s read bandwidth, Triton kernel and torch reference,

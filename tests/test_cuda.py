@@ -248,7 +248,8 @@ def test_inrun_records_on_cuda_equal_the_loop(tmp_path, family, kernels, monkeyp
         next(m for m in model if isinstance(m, nn.Dropout)).p = 0.0   # the loop runs without it
     else:
         g = torch.Generator().manual_seed(0)
-        model, x, y = _SharedInput(), torch.randint(0, 20, (48, 4), generator=g), torch.randint(0, 4, (48,), generator=g)
+        model = _SharedInput()
+        x, y = torch.randint(0, 20, (48, 4), generator=g), torch.randint(0, 4, (48,), generator=g)
     model = model.to(INRUN_DEVICE, torch.float64)
     x, y = x.to(INRUN_DEVICE), y.to(INRUN_DEVICE)
     targets = (x[:6], y[:6])

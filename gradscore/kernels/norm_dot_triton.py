@@ -4,9 +4,9 @@ Grid (row blocks, P splits). A program loads a (BLOCK_B, BLOCK_P) tile of G once
 widens it to float32, adds its squares to the row norms and, from the same registers,
 its products with each of the K rows of V, reduced along P, to the K dots (K row
 reductions, not ``tl.dot``: with an IEEE-float32 ``tl.dot`` against K ≤ 16 rows, the
-kernel read G 10 to 19 times slower than for the norms alone on the H200). Each program writes one partial per row; the partials
-over P splits are summed by torch in a fixed order (no atomics), so results are
-run-to-run identical.
+kernel read G 10 to 19 times slower than for the norms alone on the H200). Each program
+writes one partial per row; the partials over P splits are summed by torch in a fixed
+order (no atomics), so results are run-to-run identical.
 
 Block sizes are a deterministic function of the shape (``launch_config``), not picked
 by timing: a timing-based autotuner could choose differently in another process and
