@@ -59,8 +59,12 @@ class Recurrent(nn.Module):
 class Attention(nn.Module):
     """MultiheadAttention on q = Linear(x) and k = v = q or x's first kdim features;
     ``mask``: None, ``"padding"`` (keys whose first feature is negative are masked, but
-    never all of them), ``"causal"`` (a float causal attn_mask) or ``"bool"`` (a boolean
-    one); ``twice``: called again on its own output."""
+    never all of them), ``"causal"`` (a float causal attn_mask), ``"bool"`` (a boolean
+    one), ``"float_padding"`` (a float key_padding_mask), ``"3d"`` (a float mask per
+    example and head, (B·heads, T, T)), or ``"is_causal"`` with a boolean mask that is not
+    causal, which torch replaces by the causal one (``"is_causal"``), keeps where the
+    weights are asked for (``"is_causal_weights"``) and adds the padding mask to
+    (``"is_causal_padding"``); ``twice``: called again on its own output."""
 
     def __init__(self, batch_first: bool, bias: bool, add_bias_kv: bool, kdim: int | None,
                  mask: str | None = None, zero_attn: bool = False, twice: bool = False):
@@ -82,9 +86,19 @@ class Attention(nn.Module):
             kw["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(n, device=x.device, dtype=x.dtype)
         elif self.mask == "bool":
             kw["attn_mask"] = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
+        elif self.mask == "float_padding":
+            kw["key_padding_mask"] = x[..., 0]
+        elif self.mask == "3d":   # example b's rows are b·heads ... b·heads + heads - 1
+            kw["attn_mask"] = -(x[..., None, :, 1] - x[..., :, None, 2]).square().repeat_interleave(2, 0)
+        elif self.mask and self.mask.startswith("is_causal"):
+            kw["attn_mask"] = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(2)
+            kw["is_causal"] = True
+            if self.mask == "is_causal_padding":
+                kw["key_padding_mask"] = (x[..., 0] < 0) & (torch.arange(n, device=x.device) > 0)
         if not self.batch_first:
             q, kv = q.transpose(0, 1), kv.transpose(0, 1)
-        out = self.attn(q, kv, kv, need_weights=self.mask is None, **kw)[0]
+        need_weights = self.mask is None or self.mask == "is_causal_weights"
+        out = self.attn(q, kv, kv, need_weights=need_weights, **kw)[0]
         if self.twice and self.attn.kdim == D + 1:
             out = self.attn(out, out, out, need_weights=False, **kw)[0]
         out = out if self.batch_first else out.transpose(0, 1)
@@ -274,7 +288,11 @@ MHA_GRID = ([("attention", c) for c in itertools.product([True, False], [True, F
             + [("attention", (bf, True, False, kdim, mask, zero, twice))
                for bf, kdim, mask, zero, twice in itertools.product([True, False], [None, 3],
                                                                     ["padding", "causal", "bool"],
-                                                                    [False, True], [False, True])])
+                                                                    [False, True], [False, True])]
+            + [("attention", (bf, True, False, None, mask, zero, False))
+               for bf, mask, zero in itertools.product([True, False], ["float_padding", "3d", "is_causal",
+                                                                       "is_causal_weights", "is_causal_padding"],
+                                                       [False, True])])
 BAG_GRID = [("bag", c) for c in [(m, w, p, o, t) for m in ("sum", "mean", "max") for w in (False, True)
                                  for p in (None, 0) for o in (False, "even", "ragged", "last")
                                  for t in (False, True) if not (w and m != "sum")]]

@@ -1,17 +1,20 @@
 """Ghost rule for ``nn.MultiheadAttention`` (batch-first or not, packed or separate q/k/v
-projections, masks, ``add_zero_attn``), including its ``out_proj``.
+projections, masks, ``is_causal``, ``add_zero_attn``), including its ``out_proj``.
 
 Its parameters are four Linear maps, used functionally: q = query W_qᵀ + b_q (likewise k,
 v), and out = ctx W_oᵀ + b_o with ctx the attention of q, k, v. Each one's per-example
 gradient is a sequence-Linear form Σ_t δ_t a_tᵀ (:mod:`.linear`), given its input and
 output gradient. The rule has the layer's call (query, key, value, masks) and δ_out;
-it replays the attention alone, with q, k, v as leaves, through torch's own
-``F.multi_head_attention_forward`` with identity projections (which multiply exactly),
-and one backward of that replay gives δ_q, δ_k, δ_v and ctx: one extra forward and
-backward of the attention, nothing of the rest of the model. ``add_bias_kv`` falls back,
-and so does attention dropout in training mode (its masks are drawn inside the kernel).
+it replays the attention alone, with q, k, v as leaves: the mask that torch's
+``F.multi_head_attention_forward`` builds from the call's arguments (:func:`_mask`, its
+own rules), then ``F.scaled_dot_product_attention``, and one backward of that replay
+gives δ_q, δ_k, δ_v and ctx: one extra forward and backward of the attention core,
+nothing of the rest of the model. ``add_bias_kv`` falls back, and so does attention
+dropout in training mode (its masks are drawn inside the kernel).
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -45,34 +48,54 @@ def _projections(layer: nn.MultiheadAttention, acc: torch.dtype):
              bias[i * E:(i + 1) * E]) for i, (name, rows, w) in enumerate(weights)]
 
 
+def _mask(bound: dict, B: int, H: int, T: int, S: int, acc: torch.dtype) -> tuple[torch.Tensor | None, bool]:
+    """The additive mask (broadcastable to (B, H, T, S)) and causal flag that torch's
+    ``F.multi_head_attention_forward`` applies for the call's arguments: boolean masks as
+    -inf, ``key_padding_mask`` added to ``attn_mask``, and ``is_causal`` used as such only
+    where neither a padding mask nor the weights are asked for (else ``attn_mask`` is)."""
+    attn_mask, padding = bound["attn_mask"], bound["key_padding_mask"]
+    with warnings.catch_warnings():   # mismatched mask types: the layer's own call has warned the user
+        warnings.simplefilter("ignore", UserWarning)
+        padding = F._canonical_mask(mask=padding, mask_name="key_padding_mask",
+                                    other_type=F._none_or_dtype(attn_mask), other_name="attn_mask", target_type=acc)
+    causal = bool(bound["is_causal"])
+    if causal and padding is None and not bound["need_weights"]:
+        return None, True
+    attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+                                  target_type=acc, check_other=False)
+    mask = None if attn_mask is None else attn_mask.to(acc).reshape((T, S) if attn_mask.dim() == 2 else (B, H, T, S))
+    if padding is not None:
+        padding = padding.to(acc).reshape(B, 1, 1, S)
+        mask = padding if mask is None else mask + padding
+    return mask, False
+
+
 def _replay(layer: nn.MultiheadAttention, call, delta: torch.Tensor, acc: torch.dtype):
     """One call's [(input (B, T, d_in), its projection's δ (B, T, E))] for q, k, v, and
-    (ctx (B, T, E), δ_out (B, T, E)) for out_proj."""
+    (ctx (B, T, E), δ_out (B, T, E)) for out_proj; δ_out (B, T, E) is batch-first."""
     args, kwargs = call
     bound = {"key_padding_mask": None, "need_weights": True, "attn_mask": None, "average_attn_weights": True,
              "is_causal": False}
     bound.update(zip(_ARGS, args))
     bound.update(kwargs)
     inputs = [bound[n].to(acc) for n in ("query", "key", "value")]
-    if layer.batch_first:          # F works sequence-first: (T, B, E)
+    if not layer.batch_first:      # (T, B, d) -> (B, T, d)
         inputs = [x.transpose(0, 1) for x in inputs]
-    E = layer.embed_dim
-    eye = torch.eye(E, dtype=acc, device=delta.device)
-    proj = _projections(layer, acc)
+    (B, T, _), S, H, E = inputs[0].shape, inputs[1].shape[1], layer.num_heads, layer.embed_dim
+    mask, causal = _mask(bound, B, H, T, S, acc)
     with torch.enable_grad():
-        leaves = [F.linear(x, w, b).detach().requires_grad_() for x, (_, _, w, _, b) in zip(inputs, proj)]
-        ctx, _ = F.multi_head_attention_forward(
-            *leaves, E, layer.num_heads, None, None, None, None, layer.add_zero_attn, 0.0, eye, None,
-            training=False, key_padding_mask=bound["key_padding_mask"], need_weights=bound["need_weights"],
-            attn_mask=bound["attn_mask"], use_separate_proj_weight=True, q_proj_weight=eye, k_proj_weight=eye,
-            v_proj_weight=eye, average_attn_weights=bound["average_attn_weights"], is_causal=bound["is_causal"])
-        d_out = delta.to(acc)                                               # (B, T, E)
-        d_ctx = (d_out @ layer.out_proj.weight.detach().to(acc)).transpose(0, 1)
-        d_qkv = torch.autograd.grad(ctx, leaves, d_ctx, allow_unused=True)
-    as_batch = lambda t: t.transpose(0, 1)                                  # noqa: E731  (T, B, .) -> (B, T, .)
-    pairs = [(as_batch(x), as_batch(torch.zeros_like(leaf) if d is None else d))
-             for x, leaf, d in zip(inputs, leaves, d_qkv)]
-    return pairs, (as_batch(ctx.detach()), d_out)
+        leaves = [F.linear(x, w, b).detach().requires_grad_()
+                  for x, (_, _, w, _, b) in zip(inputs, _projections(layer, acc))]
+        q, k, v = leaves
+        if layer.add_zero_attn:   # a zero key and value after the projections; the masks let them in
+            k, v = (F.pad(t, (0, 0, 0, 1)) for t in (k, v))
+            mask = None if mask is None else F.pad(mask, (0, 1))
+        heads = [t.unflatten(-1, (H, E // H)).transpose(1, 2) for t in (q, k, v)]   # (B, H, T, E / H)
+        ctx = F.scaled_dot_product_attention(*heads, attn_mask=mask, is_causal=causal).transpose(1, 2).flatten(2)
+        d_out = delta.to(acc)
+        d_qkv = torch.autograd.grad(ctx, leaves, d_out @ layer.out_proj.weight.detach().to(acc), allow_unused=True)
+    pairs = [(x, torch.zeros_like(leaf) if d is None else d) for x, leaf, d in zip(inputs, leaves, d_qkv)]
+    return pairs, (ctx.detach(), d_out)
 
 
 @register_rule(nn.MultiheadAttention, supports=_supports, call=True, output_item=0, children=("out_proj",),
