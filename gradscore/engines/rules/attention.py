@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...kernels import acc_dtype
-from .linear import weight_and_bias
+from ...kernels.ghost_linear import SharedGrams, sharing
+from .linear import as_sequence, weight_and_bias
 from .registry import kernel_dropout, register_rule
 
 _ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
@@ -78,9 +79,9 @@ def _replay(layer: nn.MultiheadAttention, call, delta: torch.Tensor, acc: torch.
              "is_causal": False}
     bound.update(zip(_ARGS, args))
     bound.update(kwargs)
-    inputs = [bound[n].to(acc) for n in ("query", "key", "value")]
-    if not layer.batch_first:      # (T, B, d) -> (B, T, d)
-        inputs = [x.transpose(0, 1) for x in inputs]
+    batch_first = {}               # one (B, T, d) per tensor: q, k and v of one input share it (and its Gram)
+    inputs = [batch_first.setdefault(id(x), x.to(acc) if layer.batch_first else x.to(acc).transpose(0, 1))
+              for x in (bound[n] for n in ("query", "key", "value"))]
     (B, T, _), S, H, E = inputs[0].shape, inputs[1].shape[1], layer.num_heads, layer.embed_dim
     mask, causal = _mask(bound, B, H, T, S, acc)
     with torch.enable_grad():
@@ -111,15 +112,27 @@ def attention(layer: nn.MultiheadAttention, calls, grads, refs, K):
             per_proj[i][0].append(a)
             per_proj[i][1].append(d)
     sq, dots = None, None
+    sequences: dict[tuple, torch.Tensor] = {}   # one (B, T, d_in) per input the projections read
+    grams = SharedGrams()                       # ... and its Gram, formed once for q, k and v
+    subs = []
     for i, (name, rows, _, bias_rows, _) in enumerate(_projections(layer, acc)):
         sub = {}
         if name in refs:
             sub["weight"] = refs[name][:, rows] if K else None
         if "in_proj_bias" in refs:
             sub["bias"] = refs["in_proj_bias"][:, bias_rows] if K else None
-        if sub:
-            s, d = weight_and_bias(*per_proj[i], sub, K)
-            sq, dots = (s, d) if sq is None else (sq + s, dots + d)
+        acts = per_proj[i][0]
+        seq = sequences.setdefault(tuple(map(id, acts)), as_sequence(acts))
+        if "weight" in sub:
+            grams.note(seq)
+        subs.append((sub, seq))
+    with sharing(grams):
+        for i, (sub, seq) in enumerate(subs):
+            if sub:
+                s, d = weight_and_bias([seq], per_proj[i][1], sub, K)
+                sq, dots = (s, d) if sq is None else (sq + s, dots + d)
+            if "weight" in sub:
+                grams.used(seq)
     sub = {local: refs[f"out_proj.{local}"] for local in ("weight", "bias") if f"out_proj.{local}" in refs}
     s, d = weight_and_bias(*per_proj[3], sub, K)
     return (s, d) if sq is None else (sq + s, dots + d)
