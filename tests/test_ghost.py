@@ -339,6 +339,43 @@ def test_layers_reading_one_input_form_its_gram_once(monkeypatch, K, layout):
         assert formed.count(shared) == 1, formed   # h hᵀ once for q, k and v
 
 
+class SelfAttention(nn.Module):
+    """nn.MultiheadAttention on one h for query, key and value (d = 8, 2 heads)."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.batch_first = batch_first
+        self.inp, self.head = nn.Linear(3, 8), nn.Linear(8, 3)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+
+    def forward(self, x):                        # x (B, T, 3)
+        h = torch.tanh(self.inp(x if self.batch_first else x.transpose(0, 1)))
+        out = self.attn(h, h, h, need_weights=False)[0]
+        return self.head(out.mean(1 if self.batch_first else 0))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("K", [0, 2])
+def test_multihead_attention_forms_its_inputs_gram_once_for_q_k_and_v(monkeypatch, K, batch_first):
+    """The attention rule's q, k and v projections of one h share its Gram (at T = 4, d = 8
+    the Gram form wins only with it), batch-first and sequence-first with T == B, and
+    every norm and dot equals the loop."""
+    from gradscore.kernels import ghost_linear as gl
+    formed = []
+    plain = gl.SharedGrams.gram
+
+    def counting(self, a, compute):
+        return plain(self, a, lambda: formed.append(tuple(a.shape)) or compute())
+    monkeypatch.setattr(gl.SharedGrams, "gram", counting)
+    torch.manual_seed(0)
+    model, x = SelfAttention(batch_first), torch.randn(4, 4, 3, dtype=torch.float64)   # T == B
+    gs.Scorer(model.double().eval(), engine="ghost").score_batch(x, torch.tensor([0, 1, 2, 0]))   # lays out
+    formed.clear()
+    compare_with_loop(model, x, K)
+    if K == 0:
+        assert formed == [(4, 4, 8)]   # h hᵀ once for q, k and v
+
+
 def test_shared_grams_key_by_identity_and_go_after_the_last_reader():
     from gradscore.kernels.ghost_linear import SharedGrams
     shared, a = SharedGrams(), torch.randn(2, 3, 4)
