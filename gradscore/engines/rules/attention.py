@@ -121,8 +121,10 @@ def attention(layer: nn.MultiheadAttention, calls, grads, refs, K):
             sub["weight"] = refs[name][:, rows] if K else None
         if "in_proj_bias" in refs:
             sub["bias"] = refs["in_proj_bias"][:, bias_rows] if K else None
-        acts = per_proj[i][0]
-        seq = sequences.setdefault(tuple(map(id, acts)), as_sequence(acts))
+        acts, key = per_proj[i][0], tuple(map(id, per_proj[i][0]))
+        if key not in sequences:   # several calls: one concatenation for the projections that read it
+            sequences[key] = as_sequence(acts)
+        seq = sequences[key]
         if "weight" in sub:
             grams.note(seq)
         subs.append((sub, seq))
