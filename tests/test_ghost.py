@@ -310,19 +310,25 @@ class QKVSeqFirst(QKV):
         return self.head(self.o(att).mean(0))
 
 
-@pytest.mark.parametrize("layout", ["batch_first", "seq_first_T_eq_B"])
-@pytest.mark.parametrize("K", [0, 2])
-def test_layers_reading_one_input_form_its_gram_once(monkeypatch, K, layout):
-    """q, k and v read one h: its Gram h hᵀ is formed once per batch and shared (at T = 4,
-    d = 8 the Gram form wins only with it), and every norm still equals the loop, also
-    sequence-first with T == B (the batch moved to dimension 0 of a view)."""
+@pytest.fixture
+def formed(monkeypatch) -> list:
+    """The shapes (B, T, d) of the input Grams a batch forms (SharedGrams.gram's computations)."""
     from gradscore.kernels import ghost_linear as gl
-    formed = []
+    shapes: list = []
     plain = gl.SharedGrams.gram
 
     def counting(self, a, compute):
-        return plain(self, a, lambda: formed.append(tuple(a.shape)) or compute())
+        return plain(self, a, lambda: shapes.append(tuple(a.shape)) or compute())
     monkeypatch.setattr(gl.SharedGrams, "gram", counting)
+    return shapes
+
+
+@pytest.mark.parametrize("layout", ["batch_first", "seq_first_T_eq_B"])
+@pytest.mark.parametrize("K", [0, 2])
+def test_layers_reading_one_input_form_its_gram_once(formed, K, layout):
+    """q, k and v read one h: its Gram h hᵀ is formed once per batch and shared (at T = 4,
+    d = 8 the Gram form wins only with it), and every norm still equals the loop, also
+    sequence-first with T == B (the batch moved to dimension 0 of a view)."""
     torch.manual_seed(0)
     if layout == "batch_first":
         model, x, y = QKV(), torch.randn(5, 4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
@@ -334,7 +340,8 @@ def test_layers_reading_one_input_form_its_gram_once(monkeypatch, K, layout):
     scorer.score_batch(x, y)     # the first batch lays out the layers
     formed.clear()
     compare_with_loop(model, x, K)
-    assert gl.plan(4, 8, 8, 0) == "outer" and gl.plan(4, 8, 8, 0, readers=3) == "gram"
+    from gradscore.kernels.ghost_linear import plan
+    assert plan(4, 8, 8, 0) == "outer" and plan(4, 8, 8, 0, readers=3) == "gram"
     if K == 0:
         assert formed.count(shared) == 1, formed   # h hᵀ once for q, k and v
 
@@ -356,17 +363,10 @@ class SelfAttention(nn.Module):
 
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("K", [0, 2])
-def test_multihead_attention_forms_its_inputs_gram_once_for_q_k_and_v(monkeypatch, K, batch_first):
+def test_multihead_attention_forms_its_inputs_gram_once_for_q_k_and_v(formed, K, batch_first):
     """The attention rule's q, k and v projections of one h share its Gram (at T = 4, d = 8
     the Gram form wins only with it), batch-first and sequence-first with T == B, and
     every norm and dot equals the loop."""
-    from gradscore.kernels import ghost_linear as gl
-    formed = []
-    plain = gl.SharedGrams.gram
-
-    def counting(self, a, compute):
-        return plain(self, a, lambda: formed.append(tuple(a.shape)) or compute())
-    monkeypatch.setattr(gl.SharedGrams, "gram", counting)
     torch.manual_seed(0)
     model, x = SelfAttention(batch_first), torch.randn(4, 4, 3, dtype=torch.float64)   # T == B
     gs.Scorer(model.double().eval(), engine="ghost").score_batch(x, torch.tensor([0, 1, 2, 0]))   # lays out
