@@ -54,7 +54,7 @@ def _mask(bound: dict, B: int, H: int, T: int, S: int, acc: torch.dtype) -> tupl
     ``F.multi_head_attention_forward`` applies for the call's arguments: boolean masks as
     -inf, ``key_padding_mask`` added to ``attn_mask``, and ``is_causal`` used as such only
     where neither a padding mask nor the weights are asked for (else ``attn_mask`` is)."""
-    attn_mask, padding = bound["attn_mask"], bound["key_padding_mask"]
+    attn_mask, padding = (None if m is None else m.detach() for m in (bound["attn_mask"], bound["key_padding_mask"]))
     with warnings.catch_warnings():   # mismatched mask types: the layer's own call has warned the user
         warnings.simplefilter("ignore", UserWarning)
         padding = F._canonical_mask(mask=padding, mask_name="key_padding_mask",
