@@ -79,8 +79,8 @@ def _replay(layer: nn.MultiheadAttention, call, delta: torch.Tensor, acc: torch.
              "is_causal": False}
     bound.update(zip(_ARGS, args))
     bound.update(kwargs)
-    batch_first = {}               # one (B, T, d) per tensor: q, k and v of one input share it (and its Gram)
-    inputs = [batch_first.setdefault(id(x), x.to(acc) if layer.batch_first else x.to(acc).transpose(0, 1))
+    laid_out = {}                  # one (B, T, d) per tensor: q, k and v of one input share it (and its Gram)
+    inputs = [laid_out.setdefault(id(x), x.to(acc) if layer.batch_first else x.to(acc).transpose(0, 1))
               for x in (bound[n] for n in ("query", "key", "value"))]
     (B, T, _), S, H, E = inputs[0].shape, inputs[1].shape[1], layer.num_heads, layer.embed_dim
     mask, causal = _mask(bound, B, H, T, S, acc)
