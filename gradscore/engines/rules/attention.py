@@ -79,9 +79,11 @@ def _replay(layer: nn.MultiheadAttention, call, delta: torch.Tensor, acc: torch.
              "is_causal": False}
     bound.update(zip(_ARGS, args))
     bound.update(kwargs)
-    laid_out = {}                  # one (B, T, d) per tensor: q, k and v of one input share it (and its Gram)
-    inputs = [laid_out.setdefault(id(x), x.to(acc) if layer.batch_first else x.to(acc).transpose(0, 1))
-              for x in (bound[n] for n in ("query", "key", "value"))]
+    laid_out: dict[int, torch.Tensor] = {}   # one (B, T, d) per tensor: q, k and v of one input share it
+    for x in (bound[n] for n in ("query", "key", "value")):   # (and its Gram), cast once
+        if id(x) not in laid_out:
+            laid_out[id(x)] = x.to(acc) if layer.batch_first else x.to(acc).transpose(0, 1)
+    inputs = [laid_out[id(bound[n])] for n in ("query", "key", "value")]
     (B, T, _), S, H, E = inputs[0].shape, inputs[1].shape[1], layer.num_heads, layer.embed_dim
     mask, causal = _mask(bound, B, H, T, S, acc)
     with torch.enable_grad():
