@@ -8,8 +8,9 @@ form (:mod:`.linear`): g_b(W_ih) = Σ_t δgi_bt x_btᵀ, g_b(W_hh) = Σ_t δgh_b
 the biases' are Σ_t δgi_bt and Σ_t δgh_bt. The rule has the layer's call and the output
 gradients of its output and final states (any of which the loss may use); it replays
 the recurrence alone, in the accumulation dtype, with the cells' equations as torch
-documents them, and one backward of that replay gives every δgi, δgh and h: one extra
-forward and backward of this layer, nothing of the rest of the model. A packed input
+documents them, and one backward of that replay gives every δgi and h: one extra
+forward and backward of this layer, nothing of the rest of the model. δgh is δgi, but
+for the GRU's new gate (:func:`_gh_grad`). A packed input
 is replayed padded, each sequence's state held past its end (forward) or before its
 start (reverse), as the packed kernels do. ``proj_size`` falls back, and so does dropout
 between layers in training mode (its masks are drawn inside the kernel).
@@ -104,8 +105,6 @@ def _replay(layer: nn.RNNBase, call, delta, acc):
                 for t in (range(T - 1, -1, -1) if d else range(T)):
                     prev[t] = h
                     gh = torch.nn.functional.linear(h, w_hh, b_hh)
-                    if not gh.requires_grad:                  # the first step: h is the initial state
-                        gh = gh.detach().requires_grad_()
                     ghs[t] = gh
                     h_new, c_new = _cell(layer.mode, gi[t], gh, h, c)
                     if ragged:   # past a sequence's end the state holds and the output is zero
@@ -132,16 +131,24 @@ def _replay(layer: nn.RNNBase, call, delta, acc):
             if d_c is not None:
                 targets.append(c)
                 grads_in.append(d_c[i].to(acc))
-        wrt = [t for key in saved for t in (saved[key][1], *saved[key][3])]
-        found = torch.autograd.grad(targets, wrt, grads_in, allow_unused=True)
-    result, at = {}, 0
+        found = torch.autograd.grad(targets, [gi for _, gi, _, _ in saved.values()], grads_in, allow_unused=True)
     batch = lambda t: t.transpose(0, 1)                                    # noqa: E731  (T, B, .) -> (B, T, .)
-    for key, (inp, gi, prev, ghs) in saved.items():
-        d_gi = found[at] if found[at] is not None else torch.zeros_like(gi)
-        d_gh = [g if g is not None else torch.zeros_like(ghs[0]) for g in found[at + 1:at + 1 + T]]
-        at += 1 + T
-        result[key] = (batch(inp.detach()), batch(d_gi), batch(torch.stack(prev).detach()), batch(torch.stack(d_gh)))
+    result = {}
+    for (key, (inp, gi, prev, ghs)), d_gi in zip(saved.items(), found):
+        d_gi = torch.zeros_like(gi) if d_gi is None else d_gi
+        result[key] = (batch(inp.detach()), batch(d_gi), batch(torch.stack(prev).detach()),
+                       batch(_gh_grad(layer.mode, gi.detach(), torch.stack(ghs).detach(), d_gi)))
     return result
+
+
+def _gh_grad(mode: str, gi: torch.Tensor, gh: torch.Tensor, d_gi: torch.Tensor) -> torch.Tensor:
+    """δgh (T, B, G·H) from δgi: the gates are gi + gh, so the same, but for the GRU's new
+    gate, which reads r ⊙ gh_n: there δgh_n = r ⊙ δgi_n, r = σ(gi_r + gh_r)."""
+    if mode != "GRU":
+        return d_gi
+    H = gi.shape[-1] // 3
+    r = torch.sigmoid(gi[..., :H] + gh[..., :H])
+    return torch.cat([d_gi[..., :2 * H], r * d_gi[..., 2 * H:]], -1)
 
 
 @register_rule(nn.RNN, nn.GRU, nn.LSTM, supports=_supports, call=True, probe_all=True,
