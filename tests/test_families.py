@@ -105,6 +105,36 @@ class Attention(nn.Module):
         return self.head(out.mean(1))
 
 
+class CrossAttention(nn.Module):
+    """MultiheadAttention from all T positions to the first S = T - 2 (query and key
+    lengths differ), with ``mask``: None, ``"padding"``, ``"bool"`` (T, S), ``"3d"``
+    (per example and head) or ``"is_causal"`` (with a (T, S) mask that is not causal)."""
+
+    def __init__(self, batch_first: bool, mask: str | None, zero_attn: bool, need_weights: bool):
+        super().__init__()
+        self.batch_first, self.mask, self.need_weights = batch_first, mask, need_weights
+        self.attn = nn.MultiheadAttention(D + 1, 2, batch_first=batch_first, add_zero_attn=zero_attn)
+        self.q, self.kv, self.head = nn.Linear(D, D + 1), nn.Linear(D, D + 1), nn.Linear(D + 1, 3)
+
+    def forward(self, x):
+        n, s = x.shape[1], x.shape[1] - 2
+        q, kv = self.q(x), self.kv(x[:, :s])
+        kw = {}
+        if self.mask == "padding":
+            kw["key_padding_mask"] = (x[:, :s, 0] < 0) & (torch.arange(s, device=x.device) > 0)
+        elif self.mask == "bool":
+            kw["attn_mask"] = torch.ones(n, s, dtype=torch.bool, device=x.device).triu(1)
+        elif self.mask == "3d":
+            kw["attn_mask"] = -(x[..., None, :s, 1] - x[..., :, None, 2]).square().repeat_interleave(2, 0)
+        elif self.mask == "is_causal":
+            kw["attn_mask"] = torch.ones(n, s, dtype=torch.bool, device=x.device).triu(2)
+            kw["is_causal"] = True
+        if not self.batch_first:
+            q, kv = q.transpose(0, 1), kv.transpose(0, 1)
+        out = self.attn(q, kv, kv, need_weights=self.need_weights, **kw)[0]
+        return self.head(out.mean(1 if self.batch_first else 0))
+
+
 class Bag(nn.Module):
     """EmbeddingBag on ids (B, L): as a 2-D batch, or flat with offsets: ``"even"`` (every
     bag L long), ``"ragged"`` (bag b holds its first ids[b, 0] % 5 ids, so some are empty),
@@ -293,6 +323,8 @@ MHA_GRID = ([("attention", c) for c in itertools.product([True, False], [True, F
                for bf, mask, zero in itertools.product([True, False], ["float_padding", "3d", "is_causal",
                                                                        "is_causal_weights", "is_causal_padding"],
                                                        [False, True])])
+CROSS_GRID = [("cross_attention", c) for c in itertools.product([True, False], [None, "padding", "bool", "3d",
+                                                                            "is_causal"], [False, True], [False, True])]
 BAG_GRID = [("bag", c) for c in [(m, w, p, o, t) for m in ("sum", "mean", "max") for w in (False, True)
                                  for p in (None, 0) for o in (False, "even", "ragged", "last")
                                  for t in (False, True) if not (w and m != "sum")]]
@@ -323,7 +355,7 @@ STD_CONV_GRID = [("std_conv", c) for c in [(False, False, 1, 1, 1, 1, False), (F
                                            (True, True, 4, 2, 1, 1, False), (False, True, 1, 1, 1, 1, True)]]
 #: (how the forward uses pos_embed, layout): see FreeNet
 FREE_GRID = [("free", (kind, layout)) for kind in FreeNet.KINDS for layout in ("batch", "TB", "T1", "seq_first")]
-GRID = (AFFINE_GRID + RNN_GRID + MHA_GRID + BAG_GRID + CONV_GRID + NORM_GRID + OWN_GRID + NORM_ACT_GRID
+GRID = (AFFINE_GRID + RNN_GRID + MHA_GRID + CROSS_GRID + BAG_GRID + CONV_GRID + NORM_GRID + OWN_GRID + NORM_ACT_GRID
         + SCALE_GRID + STD_CONV_GRID + FREE_GRID + [("subclass", ())])
 
 
@@ -337,6 +369,8 @@ def _build(family, config, n=B):
         return Recurrent(*config), x
     if family == "attention":
         return Attention(*config), torch.randn(n, T, D, generator=g, dtype=torch.float64)
+    if family == "cross_attention":
+        return CrossAttention(*config), torch.randn(n, T, D, generator=g, dtype=torch.float64)
     if family == "bag":
         ids = torch.randint(1, 9, (n, 4), generator=g)
         if n > 1:
