@@ -137,17 +137,17 @@ def _replay(layer: nn.RNNBase, call, delta, acc):
     for (key, (inp, gi, prev, ghs)), d_gi in zip(saved.items(), found):
         d_gi = torch.zeros_like(gi) if d_gi is None else d_gi
         result[key] = (batch(inp.detach()), batch(d_gi), batch(torch.stack(prev).detach()),
-                       batch(_gh_grad(layer.mode, gi.detach(), torch.stack(ghs).detach(), d_gi)))
+                       batch(_gh_grad(layer.mode, gi.detach(), ghs, d_gi)))
     return result
 
 
-def _gh_grad(mode: str, gi: torch.Tensor, gh: torch.Tensor, d_gi: torch.Tensor) -> torch.Tensor:
+def _gh_grad(mode: str, gi: torch.Tensor, ghs: list[torch.Tensor], d_gi: torch.Tensor) -> torch.Tensor:
     """δgh (T, B, G·H) from δgi: the gates are gi + gh, so the same, but for the GRU's new
-    gate, which reads r ⊙ gh_n: there δgh_n = r ⊙ δgi_n, r = σ(gi_r + gh_r)."""
+    gate, which reads r ⊙ gh_n: there δgh_n = r ⊙ δgi_n, r = σ(gi_r + gh_r) (ghs: gh per step)."""
     if mode != "GRU":
         return d_gi
     H = gi.shape[-1] // 3
-    r = torch.sigmoid(gi[..., :H] + gh[..., :H])
+    r = torch.sigmoid(gi[..., :H] + torch.stack([gh[..., :H] for gh in ghs]).detach())
     return torch.cat([d_gi[..., :2 * H], r * d_gi[..., 2 * H:]], -1)
 
 
