@@ -56,15 +56,38 @@ class Recurrent(nn.Module):
         return self.head(feats)
 
 
+def attention_masks(x: torch.Tensor, kind: str | None, s: int) -> dict:
+    """MultiheadAttention's mask arguments for queries at x's n positions and keys at its
+    first s, 2 heads: ``kind`` None, ``"padding"`` (keys whose first feature is negative
+    are masked, never the first), ``"float_padding"`` (a float key_padding_mask),
+    ``"causal"`` (a float causal (n, n) mask), ``"bool"`` (a boolean (n, s) one), ``"3d"``
+    (a float mask per example and head, (B·heads, n, s)), or ``"is_causal"`` with a boolean
+    mask that is not causal, which torch replaces by the causal one (``"is_causal"``), keeps
+    where the weights are asked for (``"is_causal_weights"``) and adds the padding mask to
+    (``"is_causal_padding"``)."""
+    n, kw = x.shape[1], {}
+    padding = (x[:, :s, 0] < 0) & (torch.arange(s, device=x.device) > 0)
+    if kind == "padding":
+        kw["key_padding_mask"] = padding
+    elif kind == "float_padding":
+        kw["key_padding_mask"] = x[:, :s, 0]
+    elif kind == "causal":
+        kw["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(n, device=x.device, dtype=x.dtype)
+    elif kind == "bool":
+        kw["attn_mask"] = torch.ones(n, s, dtype=torch.bool, device=x.device).triu(1)
+    elif kind == "3d":   # example b's rows are b·heads ... b·heads + heads - 1
+        kw["attn_mask"] = -(x[..., None, :s, 1] - x[..., :, None, 2]).square().repeat_interleave(2, 0)
+    elif kind and kind.startswith("is_causal"):
+        kw["attn_mask"] = torch.ones(n, s, dtype=torch.bool, device=x.device).triu(2)
+        kw["is_causal"] = True
+        if kind == "is_causal_padding":
+            kw["key_padding_mask"] = padding
+    return kw
+
+
 class Attention(nn.Module):
     """MultiheadAttention on q = Linear(x) and k = v = q or x's first kdim features;
-    ``mask``: None, ``"padding"`` (keys whose first feature is negative are masked, but
-    never all of them), ``"causal"`` (a float causal attn_mask), ``"bool"`` (a boolean
-    one), ``"float_padding"`` (a float key_padding_mask), ``"3d"`` (a float mask per
-    example and head, (B·heads, T, T)), or ``"is_causal"`` with a boolean mask that is not
-    causal, which torch replaces by the causal one (``"is_causal"``), keeps where the
-    weights are asked for (``"is_causal_weights"``) and adds the padding mask to
-    (``"is_causal_padding"``); ``twice``: called again on its own output."""
+    ``mask``: a kind of :func:`attention_masks`; ``twice``: called again on its own output."""
 
     def __init__(self, batch_first: bool, bias: bool, add_bias_kv: bool, kdim: int | None,
                  mask: str | None = None, zero_attn: bool = False, twice: bool = False):
@@ -78,23 +101,7 @@ class Attention(nn.Module):
     def forward(self, x):
         q = self.q(x)
         kv = x[..., :self.attn.kdim] if self.attn.kdim != D + 1 else q
-        n = x.shape[1]
-        kw = {}
-        if self.mask == "padding":
-            kw["key_padding_mask"] = (x[..., 0] < 0) & (torch.arange(n, device=x.device) > 0)
-        elif self.mask == "causal":
-            kw["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(n, device=x.device, dtype=x.dtype)
-        elif self.mask == "bool":
-            kw["attn_mask"] = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
-        elif self.mask == "float_padding":
-            kw["key_padding_mask"] = x[..., 0]
-        elif self.mask == "3d":   # example b's rows are b·heads ... b·heads + heads - 1
-            kw["attn_mask"] = -(x[..., None, :, 1] - x[..., :, None, 2]).square().repeat_interleave(2, 0)
-        elif self.mask and self.mask.startswith("is_causal"):
-            kw["attn_mask"] = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(2)
-            kw["is_causal"] = True
-            if self.mask == "is_causal_padding":
-                kw["key_padding_mask"] = (x[..., 0] < 0) & (torch.arange(n, device=x.device) > 0)
+        kw = attention_masks(x, self.mask, x.shape[1])
         if not self.batch_first:
             q, kv = q.transpose(0, 1), kv.transpose(0, 1)
         need_weights = self.mask is None or self.mask == "is_causal_weights"
@@ -107,8 +114,7 @@ class Attention(nn.Module):
 
 class CrossAttention(nn.Module):
     """MultiheadAttention from all T positions to the first S = T - 2 (query and key
-    lengths differ), with ``mask``: None, ``"padding"``, ``"bool"`` (T, S), ``"3d"``
-    (per example and head) or ``"is_causal"`` (with a (T, S) mask that is not causal)."""
+    lengths differ); ``mask``: a kind of :func:`attention_masks`."""
 
     def __init__(self, batch_first: bool, mask: str | None, zero_attn: bool, need_weights: bool):
         super().__init__()
@@ -117,18 +123,9 @@ class CrossAttention(nn.Module):
         self.q, self.kv, self.head = nn.Linear(D, D + 1), nn.Linear(D, D + 1), nn.Linear(D + 1, 3)
 
     def forward(self, x):
-        n, s = x.shape[1], x.shape[1] - 2
+        s = x.shape[1] - 2
         q, kv = self.q(x), self.kv(x[:, :s])
-        kw = {}
-        if self.mask == "padding":
-            kw["key_padding_mask"] = (x[:, :s, 0] < 0) & (torch.arange(s, device=x.device) > 0)
-        elif self.mask == "bool":
-            kw["attn_mask"] = torch.ones(n, s, dtype=torch.bool, device=x.device).triu(1)
-        elif self.mask == "3d":
-            kw["attn_mask"] = -(x[..., None, :s, 1] - x[..., :, None, 2]).square().repeat_interleave(2, 0)
-        elif self.mask == "is_causal":
-            kw["attn_mask"] = torch.ones(n, s, dtype=torch.bool, device=x.device).triu(2)
-            kw["is_causal"] = True
+        kw = attention_masks(x, self.mask, s)
         if not self.batch_first:
             q, kv = q.transpose(0, 1), kv.transpose(0, 1)
         out = self.attn(q, kv, kv, need_weights=self.need_weights, **kw)[0]
