@@ -23,16 +23,17 @@ B, T, D = 3, 4, 5
 
 
 class Recurrent(nn.Module):
-    """RNN/GRU/LSTM on batch-first inputs (B, T, D) whose zero rows are padding; the head
-    reads the mean output, the final states (``use="state"``) or both; ``hx``: an initial
-    state made from the input."""
+    """RNN/GRU/LSTM (``kind``, "RNN_relu": the RNN with ReLU) on batch-first inputs (B, T, D)
+    whose zero rows are padding; the head reads the mean output, the final states
+    (``use="state"``) or both; ``hx``: an initial state made from the input."""
 
     def __init__(self, kind: str, layers: int, bidirectional: bool, bias: bool, batch_first: bool,
                  packed: bool, use: str = "output", hx: bool = False):
         super().__init__()
         self.batch_first, self.packed, self.use, self.hx = batch_first, packed, use, hx
-        self.rnn = getattr(nn, kind)(D, 4, num_layers=layers, bidirectional=bidirectional, bias=bias,
-                                     batch_first=batch_first)
+        cls, relu = getattr(nn, kind.removesuffix("_relu")), kind.endswith("_relu")
+        self.rnn = cls(D, 4, num_layers=layers, bidirectional=bidirectional, bias=bias, batch_first=batch_first,
+                       **({"nonlinearity": "relu"} if relu else {}))
         n = layers * (2 if bidirectional else 1)
         self.head = nn.Linear(4 * (2 if bidirectional else 1) + 4 * n * (2 if kind == "LSTM" else 1), 3)
 
@@ -306,10 +307,11 @@ class Own(nn.Module):
         return self.head(h if self.layout == "flat" else h.mean(0 if seq_first else 1))
 
 
-RNN_GRID = ([("recurrent", c) for c in itertools.product(["RNN", "GRU", "LSTM"], [1, 2], [False, True],
+RNN_KINDS = ["RNN", "RNN_relu", "GRU", "LSTM"]
+RNN_GRID = ([("recurrent", c) for c in itertools.product(RNN_KINDS, [1, 2], [False, True],
                                                          [True, False], [True, False], [False, True])]
             + [("recurrent", (kind, 2, True, True, bf, packed, use, hx))
-               for kind, bf, packed, use, hx in itertools.product(["RNN", "GRU", "LSTM"], [True, False],
+               for kind, bf, packed, use, hx in itertools.product(RNN_KINDS, [True, False],
                                                                   [False, True], ["state", "both"], [False, True])])
 MHA_GRID = ([("attention", c) for c in itertools.product([True, False], [True, False], [False, True], [None, 3])]
             + [("attention", (bf, True, False, kdim, mask, zero, twice))

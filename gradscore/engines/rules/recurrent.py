@@ -6,20 +6,24 @@ Per layer and direction, the gates are gi_t + gh_t with gi_t = W_ih x_t + b_ih a
 gh_t = W_hh h_{t−1} + b_hh, so each weight's per-example gradient is a sequence-Linear
 form (:mod:`.linear`): g_b(W_ih) = Σ_t δgi_bt x_btᵀ, g_b(W_hh) = Σ_t δgh_bt h_b,t−1ᵀ, and
 the biases' are Σ_t δgi_bt and Σ_t δgh_bt. The rule has the layer's call and the output
-gradients of its output and final states (any of which the loss may use); it replays
-the recurrence alone, in the accumulation dtype, with the cells' equations as torch
-documents them, and one backward of that replay gives every δgi and h: one extra
-forward and backward of this layer, nothing of the rest of the model. δgh is δgi, but
-for the GRU's new gate (:func:`_gh_grad`). A packed input
-is replayed padded, each sequence's state held past its end (forward) or before its
-start (reverse), as the packed kernels do. ``proj_size`` falls back, and so does dropout
-between layers in training mode (its masks are drawn inside the kernel).
+gradients of its output and final states (any of which the loss may use). It runs each
+layer's forward again through torch's own kernel (no gradient), which gives every h_t;
+the gates of all steps then come in a few batched ops, and a hand-written
+backpropagation through time, one short loop of a matmul and a few small ops per step,
+gives every δgi (:func:`_direction`, with the cells' equations as torch documents them,
+in the accumulation dtype): one extra forward and backward of this layer, nothing of
+the rest of the model. δgh is δgi, but for the GRU's new gate, which reads r ⊙ gh_n:
+there δgh_n = r ⊙ δgi_n. A packed input runs packed, each sequence's state held past its
+end (forward) or before its start (reverse), as the packed kernels do. ``proj_size``
+falls back, and so does dropout between layers in training mode (its masks are drawn
+inside the kernel).
 """
 from __future__ import annotations
 
 import torch
-from torch import nn
-from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+import torch.nn.functional as F
+from torch import _VF, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from ...kernels import acc_dtype
 from .linear import weight_and_bias
@@ -36,20 +40,6 @@ def _final_state(output):
     """h_n, whose batch is in dimension 1 whatever the input's layout."""
     state = output[1]
     return state[0] if isinstance(state, tuple) else state
-
-
-def _cell(mode: str, gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None):
-    """One step of the cell from its two gate pre-activations: (h', c')."""
-    if mode == "LSTM":
-        i, f, g, o = (gi + gh).chunk(4, -1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
-    if mode == "GRU":
-        (ir, iz, in_), (hr, hz, hn) = gi.chunk(3, -1), gh.chunk(3, -1)
-        r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
-        n = torch.tanh(in_ + r * hn)
-        return (1 - z) * n + z * h, None
-    return (torch.tanh if mode == "RNN_TANH" else torch.relu)(gi + gh), None
 
 
 def _padded(layer: nn.RNNBase, x, acc) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,8 +61,124 @@ def _as_padded(layer: nn.RNNBase, x, d: torch.Tensor | None, T: int) -> torch.Te
     return d.transpose(0, 1) if layer.batch_first else d
 
 
+def _layer_output(layer: nn.RNNBase, k: int, x: torch.Tensor, hx, lengths: torch.Tensor | None,
+                  acc) -> torch.Tensor:
+    """Layer k's output (T, B, H·D) on its input x (T, B, d), by the kernel the layer's
+    forward calls (``torch._VF.lstm``, …, looked up now: :mod:`..workarounds` may have
+    replaced it) in ``acc``; with ``lengths``, packed, so each sequence's state holds past
+    its end and its output there is zero. hx: the layer's (h0, c0) or h0, each (D, B, H)."""
+    names = [n for n in layer._flat_weights_names if n.rsplit("_l", 1)[1].split("_")[0] == str(k)]
+    weights = [getattr(layer, n).detach().to(acc) for n in names]
+    kernel, D = getattr(_VF, layer.mode.lower()), 2 if layer.bidirectional else 1
+    if lengths is None:
+        return kernel(x, hx, weights, layer.bias, 1, 0.0, False, D == 2, False)[0]
+    packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
+    order = packed.sorted_indices
+    hx = tuple(h[:, order] for h in hx) if isinstance(hx, tuple) else hx[:, order]
+    out = kernel(packed.data, packed.batch_sizes, hx, weights, layer.bias, 1, 0.0, False, D == 2)[0]
+    return pad_packed_sequence(packed._replace(data=out), total_length=x.shape[0])[0]
+
+
+def _ends(d_final: torch.Tensor | None, lengths: torch.Tensor, reverse: bool, T: int) -> torch.Tensor | None:
+    """A final state's gradient (B, H) put at the step that made the state: each sequence's
+    last step, or step 0 in reverse; (T, B, H), or None."""
+    if d_final is None:
+        return None
+    out = d_final.new_zeros(T, *d_final.shape)
+    steps = torch.zeros_like(lengths) if reverse else lengths - 1
+    out[steps, torch.arange(len(lengths), device=out.device)] = d_final
+    return out
+
+
+def _direction(mode: str, x, out, h0, c0, w_ih, w_hh, b_ih, b_hh, d_out, d_h, d_c, valid, reverse):
+    """One layer and direction's (δgi, h_prev, δgh), each (T, B, ·), by hand-written
+    backpropagation through time: every quantity of the forward comes in one batched op
+    from torch's own outputs ``out`` (T, B, H), then one short loop carries the recurrent
+    gradient. x: its input (T, B, d); h0, c0: (B, H); d_out: the gradient of ``out``;
+    d_h, d_c: of the final states (B, H) or None; valid: (T, B) the steps inside each
+    sequence, or None (all)."""
+    T = x.shape[0]
+    lengths = valid.sum(0) if valid is not None else torch.full((x.shape[1],), T, device=x.device)
+    if reverse:   # the step before t is t + 1; at each sequence's end it is the initial state
+        prev = torch.cat([out[1:], h0[None]])
+        if valid is not None:
+            prev = torch.where(torch.cat([valid[1:], valid[:1] & False])[..., None], prev, h0)
+    else:
+        prev = torch.cat([h0[None], out[:-1]])
+    d_out = d_out if d_h is None else d_out + _ends(d_h, lengths, reverse, T)
+    order = range(T) if reverse else range(T - 1, -1, -1)   # the backward's order: the forward's reversed
+    # no δ at steps past a sequence's end: there its δ's coefficients are zeroed. In reverse,
+    # what the loop carries on from the sequence's first step (δh0) reaches only such steps
+    mask = None if valid is None else valid[..., None].to(x.dtype)
+    if mode == "LSTM":
+        H = h0.shape[-1]
+        gates = _gates(x, prev, w_ih, w_hh, b_ih, b_hh)
+        s = gates.sigmoid()
+        i, f, g, o = s[..., :H], s[..., H:2 * H], gates[..., 2 * H:3 * H].tanh(), s[..., 3 * H:]
+        c = _cell_states(f, i * g, c0, valid if reverse else None, reverse)
+        c_prev = torch.cat([c[1:], c0[None]]) if reverse else torch.cat([c0[None], c[:-1]])
+        tc = c.tanh()
+        A = o * (1 - tc * tc)                                       # ∂h/∂c
+        P = torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g), tc * o * (1 - o)], 2)
+        if mask is not None:
+            P = P * mask[..., None]
+        d_c_end = _ends(d_c, lengths, reverse, T)
+        DH, DC = torch.empty_like(out), torch.empty_like(out)
+        carry_h, carry_c = torch.zeros_like(h0), torch.zeros_like(h0)
+        for t in order:
+            dh = torch.add(d_out[t], carry_h, out=DH[t])
+            dc = torch.addcmul(carry_c if d_c_end is None else carry_c + d_c_end[t], dh, A[t], out=DC[t])
+            carry_h = (torch.stack([dc, dc, dc, dh], 1) * P[t]).flatten(1) @ w_hh
+            carry_c = dc * f[t]
+        d_gi = (torch.stack([DC, DC, DC, DH], 2) * P).flatten(2)
+        return d_gi, prev, d_gi
+    if mode == "GRU":
+        (ir, iz, in_), (hr, hz, hn) = F.linear(x, w_ih, b_ih).chunk(3, -1), F.linear(prev, w_hh, b_hh).chunk(3, -1)
+        r, z = (ir + hr).sigmoid(), (iz + hz).sigmoid()
+        n = (in_ + r * hn).tanh()
+        Pn = (1 - z) * (1 - n * n)
+        Pr, Pz = Pn * hn * r * (1 - r), (prev - n) * z * (1 - z)
+        P, Q = torch.stack([Pr, Pz, Pn], 2), torch.stack([Pr, Pz, Pn * r], 2)   # δgi = δh P, δgh = δh Q
+        if mask is not None:
+            P, Q = P * mask[..., None], Q * mask[..., None]
+        DH, carry = torch.empty_like(out), torch.zeros_like(h0)
+        for t in order:
+            dh = torch.add(d_out[t], carry, out=DH[t])
+            carry = torch.addmm(dh * z[t], (dh[:, None] * Q[t]).flatten(1), w_hh)
+        return (DH[:, :, None] * P).flatten(2), prev, (DH[:, :, None] * Q).flatten(2)
+    P = 1 - out * out if mode == "RNN_TANH" else (out > 0).to(x.dtype)   # h = relu(a) > 0 where a > 0
+    if mask is not None:
+        P = P * mask
+    DA, carry = torch.empty_like(out), torch.zeros_like(h0)
+    for t in order:
+        carry = torch.mul(d_out[t] + carry, P[t], out=DA[t]) @ w_hh
+    return DA, prev, DA
+
+
+def _gates(x: torch.Tensor, prev: torch.Tensor, w_ih, w_hh, b_ih, b_hh) -> torch.Tensor:
+    """gi + gh = W_ih x_t + b_ih + W_hh h_{t−1} + b_hh for every step: (T, B, G)."""
+    bias = b_ih if b_hh is None else b_ih + b_hh
+    gates = F.linear(x, w_ih, bias)
+    gates.view(-1, gates.shape[-1]).addmm_(prev.reshape(-1, prev.shape[-1]), w_hh.t())
+    return gates
+
+
+def _cell_states(f: torch.Tensor, ig: torch.Tensor, c0: torch.Tensor, valid: torch.Tensor | None,
+                 reverse: bool) -> torch.Tensor:
+    """The LSTM's cell states c_t = f_t c_{t−1} + i_t g_t (T, B, H), from c0 (B, H); in
+    reverse, c_{t+1} comes before c_t, and with ``valid`` a sequence's steps past its end
+    hold c0, so that its last step starts from it."""
+    C, c = torch.empty_like(f), c0
+    for t in (range(f.shape[0] - 1, -1, -1) if reverse else range(f.shape[0])):
+        c = torch.addcmul(ig[t], f[t], c, out=C[t])
+        if valid is not None:
+            c = C[t] = torch.where(valid[t, :, None], c, c0)
+    return C
+
+
 def _replay(layer: nn.RNNBase, call, delta, acc):
-    """{(layer k, direction): (x, δgi, h_prev, δgh)}, each (B, T, ·), for one call."""
+    """{(layer k, direction): (x, δgi, h_prev, δgh)}, each (B, T, ·), for one call: each
+    layer's outputs from torch's kernel, then its gradients from the last layer back."""
     args, kwargs = call
     bound = dict(zip(("input", "hx"), args)) | kwargs
     x_in, hx = bound["input"], bound.get("hx")
@@ -85,70 +191,36 @@ def _replay(layer: nn.RNNBase, call, delta, acc):
         h0, c0 = (hx if lstm else (hx, None))
         h0, c0 = h0.to(acc), None if c0 is None else c0.to(acc)
     ragged = bool((lengths < T).any())
-    steps = torch.arange(T, device=X.device).unsqueeze(1) < lengths.unsqueeze(0)   # (T, B)
-    saved, outs, finals, grads_in = {}, [], [], []
-    with torch.enable_grad():
-        inp = X
+    valid = (torch.arange(T, device=X.device).unsqueeze(1) < lengths.unsqueeze(0)) if ragged else None   # (T, B)
+    with torch.no_grad():
+        inputs = [X]
         for k in range(layer.num_layers):
-            per_dir = []
+            part = slice(k * D, (k + 1) * D)
+            inputs.append(_layer_output(layer, k, inputs[-1], (h0[part], c0[part]) if lstm else h0[part],
+                                        lengths if ragged else None, acc))
+        d_out, d_state = delta
+        d_h, d_c = (d_state if lstm else (d_state, None)) if d_state is not None else (None, None)
+        d_out = _as_padded(layer, x_in, d_out[0] if isinstance(d_out, tuple) else d_out, T)   # packed: its data
+        d_out = inputs[-1].new_zeros(inputs[-1].shape) if d_out is None else d_out.to(acc)
+        batch = lambda t: t.transpose(0, 1)                                # noqa: E731  (T, B, .) -> (B, T, .)
+        result = {}
+        for k in range(layer.num_layers - 1, -1, -1):
+            x, d_x = inputs[k], None
             for d in range(D):
                 sfx = f"_l{k}" + ("_reverse" if d else "")
                 w_ih, w_hh = (getattr(layer, f"weight_{n}{sfx}").detach().to(acc) for n in ("ih", "hh"))
                 b_ih, b_hh = ((getattr(layer, f"bias_{n}{sfx}").detach().to(acc) if layer.bias else None)
                               for n in ("ih", "hh"))
-                gi = torch.nn.functional.linear(inp, w_ih, b_ih)
-                if not gi.requires_grad:
-                    gi = gi.detach().requires_grad_()
-                h = h0[k * D + d]
-                c = c0[k * D + d] if lstm else None
-                hs, ghs, prev = [None] * T, [None] * T, [None] * T
-                for t in (range(T - 1, -1, -1) if d else range(T)):
-                    prev[t] = h
-                    gh = torch.nn.functional.linear(h, w_hh, b_hh)
-                    ghs[t] = gh
-                    h_new, c_new = _cell(layer.mode, gi[t], gh, h, c)
-                    if ragged:   # past a sequence's end the state holds and the output is zero
-                        m = steps[t].unsqueeze(1).to(acc)
-                        h_new, c_new = m * h_new + (1 - m) * h, None if c is None else m * c_new + (1 - m) * c
-                    hs[t] = h_new if not ragged else h_new * steps[t].unsqueeze(1).to(acc)
-                    h, c = h_new, c_new
-                per_dir.append(torch.stack(hs))
-                finals.append((h, c))
-                saved[(k, d)] = (inp, gi, prev, ghs)
-            inp = torch.cat(per_dir, -1) if D == 2 else per_dir[0]
-        outs = inp
-        d_out, d_state = delta
-        d_h, d_c = (d_state if lstm else (d_state, None)) if d_state is not None else (None, None)
-        targets, grads_in = [], []
-        d_out = _as_padded(layer, x_in, d_out[0] if isinstance(d_out, tuple) else d_out, T)   # packed: its data
-        if d_out is not None:
-            targets.append(outs)
-            grads_in.append(d_out.to(acc))
-        for i, (h, c) in enumerate(finals):
-            if d_h is not None:
-                targets.append(h)
-                grads_in.append(d_h[i].to(acc))
-            if d_c is not None:
-                targets.append(c)
-                grads_in.append(d_c[i].to(acc))
-        found = torch.autograd.grad(targets, [gi for _, gi, _, _ in saved.values()], grads_in, allow_unused=True)
-    batch = lambda t: t.transpose(0, 1)                                    # noqa: E731  (T, B, .) -> (B, T, .)
-    result = {}
-    for (key, (inp, gi, prev, ghs)), d_gi in zip(saved.items(), found):
-        d_gi = torch.zeros_like(gi) if d_gi is None else d_gi
-        result[key] = (batch(inp.detach()), batch(d_gi), batch(torch.stack(prev).detach()),
-                       batch(_gh_grad(layer.mode, gi.detach(), ghs, d_gi)))
-    return result
-
-
-def _gh_grad(mode: str, gi: torch.Tensor, ghs: list[torch.Tensor], d_gi: torch.Tensor) -> torch.Tensor:
-    """δgh (T, B, G·H) from δgi: the gates are gi + gh, so the same, but for the GRU's new
-    gate, which reads r ⊙ gh_n: there δgh_n = r ⊙ δgi_n, r = σ(gi_r + gh_r) (ghs: gh per step)."""
-    if mode != "GRU":
-        return d_gi
-    H = gi.shape[-1] // 3
-    r = torch.sigmoid(gi[..., :H] + torch.stack([gh[..., :H] for gh in ghs]).detach())
-    return torch.cat([d_gi[..., :2 * H], r * d_gi[..., 2 * H:]], -1)
+                j, cols = k * D + d, slice(d * H, (d + 1) * H)
+                d_gi, prev, d_gh = _direction(
+                    layer.mode, x, inputs[k + 1][..., cols], h0[j], c0[j] if lstm else None, w_ih, w_hh, b_ih, b_hh,
+                    d_out[..., cols], None if d_h is None else d_h[j].to(acc),
+                    None if d_c is None else d_c[j].to(acc), valid, reverse=d == 1)
+                result[(k, d)] = (batch(x), batch(d_gi), batch(prev), batch(d_gh))
+                if k:   # the gradient of the layer below's output
+                    d_x = d_gi @ w_ih if d_x is None else d_x + d_gi @ w_ih
+            d_out = d_x
+    return dict(sorted(result.items()))
 
 
 @register_rule(nn.RNN, nn.GRU, nn.LSTM, supports=_supports, call=True, probe_all=True,
