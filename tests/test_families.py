@@ -14,9 +14,10 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import gradscore as gs
+from gradscore.engines.rules import recurrent as recurrent_rule
 from helpers import FreeNet, MyStdConv2d, NormActNet, ScaleNet
 
 B, T, D = 3, 4, 5
@@ -497,6 +498,45 @@ def test_vmap_on_a_recurrent_model_is_one_gradscore_error():
     model, x, y = _prepare("recurrent", ("GRU", 1, False, True, True, False))
     with pytest.raises(gs.GradscoreError, match="vmap cannot trace this model.*engine='auto'"):
         gs.Scorer(model, engine="vmap").score_batch(x, y)
+
+
+class ChangedOutput(Recurrent):
+    """:class:`Recurrent` whose forward then changes the recurrent layer's output in place
+    (``change``), before the head reads it."""
+
+    def __init__(self, *config, change: bool = True):
+        super().__init__(*config)
+        self.change = change
+        self.rnn.register_forward_hook(lambda m, args, out: self.changed(out))
+
+    def changed(self, out):
+        if self.change:
+            (out[0].data if isinstance(out[0], PackedSequence) else out[0]).mul_(2)
+
+
+@pytest.mark.parametrize("kind", ["RNN", "GRU", "LSTM"])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("change", [False, True])
+def test_the_recurrent_rule_takes_the_last_layers_states_from_the_calls_output_unless_changed_since(
+        kind, packed, change, monkeypatch):
+    """Two layers, one run of torch's kernel per call, for the first: the last layer's
+    states are the call's output. An output changed in place after the call (here
+    doubled) is not the layer's states any more: then both layers run again, and the
+    numbers still equal the loop's."""
+    _, x, y = _prepare("recurrent", (kind, 2, True, True, True, packed))
+    model = ChangedOutput(kind, 2, True, True, True, packed, change=change).double().eval()
+    runs = []
+    kernel = recurrent_rule._layer_output
+    monkeypatch.setattr(recurrent_rule, "_layer_output", lambda *a, **k: runs.append(a[1]) or kernel(*a, **k))
+    V = _refs(gs.Scorer(model, engine="loop"), 2)
+    scorer = gs.Scorer(model, engine="ghost")
+    scorer.score_batch(x, y, refs=V)   # the first batch also checks the sum of the gradients
+    runs.clear()
+    got = scorer.score_batch(x, y, refs=V)
+    want = gs.Scorer(model, engine="loop").score_batch(x, y, refs=V)
+    torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(got.dots, want.dots, rtol=1e-6, atol=1e-9)
+    assert runs == ([0, 1] if change else [0])
 
 
 def test_a_subclass_with_the_parents_forward_uses_the_parents_rule():

@@ -152,6 +152,13 @@ def _map_leaves(out, fn, plain: bool = False):
     return out
 
 
+def _unchanged(out, versions: list[int]):
+    """``out`` with each tensor leaf whose version is no longer the one in ``versions``
+    (in :func:`_map_leaves` order) replaced by None."""
+    left = iter(versions)
+    return _map_leaves(out, lambda t: t if t._version == next(left) else None)
+
+
 def _deltas_like(skeleton, grads: dict[int, torch.Tensor]):
     """A call's output structure with leaf index i replaced by its δ (None where none came)."""
     if isinstance(skeleton, tuple):
@@ -271,6 +278,8 @@ class _BatchSums:
                 order = sorted(layer.grads)
                 grads = [layer.grads[i] for i in order]
             acts = [layer.acts[i] for i in order]
+            if layer.rule.probe_all:   # ((args, kwargs), output), each output leaf changed in place since: None
+                acts = [(call, _unchanged(out, versions)) for call, out, versions in acts]
             with autocast_off():   # in the dtypes the rule chooses (float32 for half types), not the region's
                 self.add(*layer.rule.fn(layer.module, acts, grads, lrefs, self.K))
             for act in acts:
@@ -484,8 +493,10 @@ class GhostEngine(Engine):
     def _probe_all(layer: _Layer, whole, call_inputs, z: torch.Tensor, on_grad, contiguous: bool):
         """``whole`` with each floating leaf that needs a gradient probed; the call's δ's
         are keyed (call, leaf index), and its skeleton keeps the structure."""
-        call, index = len(layer.acts), [0]
-        layer.acts.append(call_inputs)
+        call, index, versions = len(layer.acts), [0], []
+        # the output too, with its version, which tells whether it is still what the call returned
+        kept = _map_leaves(whole, lambda t: versions.append(t._version) or t.detach(), plain=True)
+        layer.acts.append((call_inputs, kept, versions))
 
         def probe_leaf(t: torch.Tensor):
             if not (t.is_floating_point() and t.requires_grad):

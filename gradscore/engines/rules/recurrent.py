@@ -176,9 +176,11 @@ def _cell_states(f: torch.Tensor, ig: torch.Tensor, c0: torch.Tensor, valid: tor
     return C
 
 
-def _replay(layer: nn.RNNBase, call, delta, acc):
+def _replay(layer: nn.RNNBase, call, output, delta, acc):
     """{(layer k, direction): (x, δgi, h_prev, δgh)}, each (B, T, ·), for one call: each
-    layer's outputs from torch's kernel, then its gradients from the last layer back."""
+    layer's outputs (the last one's is the call's ``output``, if still what the call
+    returned and in ``acc``; else from torch's kernel, as those below it), then its
+    gradients from the last layer back."""
     args, kwargs = call
     bound = dict(zip(("input", "hx"), args)) | kwargs
     x_in, hx = bound["input"], bound.get("hx")
@@ -194,10 +196,12 @@ def _replay(layer: nn.RNNBase, call, delta, acc):
     valid = (torch.arange(T, device=X.device).unsqueeze(1) < lengths.unsqueeze(0)) if ragged else None   # (T, B)
     with torch.no_grad():
         inputs = [X]
+        given = output[0][0] if isinstance(output[0], tuple) else output[0]   # packed: its data
+        given = _as_padded(layer, x_in, given, T) if given is not None and given.dtype == acc else None
         for k in range(layer.num_layers):
             part = slice(k * D, (k + 1) * D)
-            inputs.append(_layer_output(layer, k, inputs[-1], (h0[part], c0[part]) if lstm else h0[part],
-                                        lengths if ragged else None, acc))
+            inputs.append(given if k == layer.num_layers - 1 and given is not None else _layer_output(
+                layer, k, inputs[-1], (h0[part], c0[part]) if lstm else h0[part], lengths if ragged else None, acc))
         d_out, d_state = delta
         d_h, d_c = (d_state if lstm else (d_state, None)) if d_state is not None else (None, None)
         d_out = _as_padded(layer, x_in, d_out[0] if isinstance(d_out, tuple) else d_out, T)   # packed: its data
@@ -228,8 +232,8 @@ def _replay(layer: nn.RNNBase, call, delta, acc):
 def recurrent(layer: nn.RNNBase, calls, grads, refs, K):
     acc = acc_dtype(next(d for g in grads for d in _leaves(g)).dtype)
     per_param: dict[tuple, tuple[list, list]] = {}
-    for call, delta in zip(calls, grads):
-        for (k, d), (x, d_gi, h_prev, d_gh) in _replay(layer, call, delta, acc).items():
+    for (call, output), delta in zip(calls, grads):
+        for (k, d), (x, d_gi, h_prev, d_gh) in _replay(layer, call, output, delta, acc).items():
             sfx = f"_l{k}" + ("_reverse" if d else "")
             for part, a, g in (("ih", x, d_gi), ("hh", h_prev, d_gh)):
                 acts, ds = per_param.setdefault((part, sfx), ([], []))
