@@ -29,7 +29,10 @@ may be a function of the output (the recurrent layers: their final hidden state,
 has the batch in dimension 1 whatever the input's layout). A ``probe_all`` rule gets,
 per call, the output's structure (named tuples as tuples) with each floating leaf's
 output gradient, or None where none reached it: a recurrent layer's output and final
-states, any of which the loss may use.
+states, any of which the loss may use. It receives each call as ``((args, kwargs),
+output)``: the output detached, in the same structure, with None for a leaf the model
+changed in place after the call (its version moved), which no longer holds what the
+layer computed.
 
 A subclass of a registered class uses its parent's rule unless it overrides
 ``forward``; the registry is searched along the MRO, for class and qualified-name keys.
