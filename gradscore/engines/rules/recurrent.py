@@ -111,56 +111,87 @@ def _direction(mode: str, x, out, h0, c0, w_ih, w_hh, b_ih, b_hh, d_out, d_h, d_
     # what the loop carries on from the sequence's first step (δh0) reaches only such steps
     mask = None if valid is None else valid[..., None].to(x.dtype)
     if mode == "LSTM":
-        H = h0.shape[-1]
-        gates = _gates(x, prev, w_ih, w_hh, b_ih, b_hh)
-        s = gates.sigmoid()
-        i, f, g, o = s[..., :H], s[..., H:2 * H], gates[..., 2 * H:3 * H].tanh(), s[..., 3 * H:]
-        c = _cell_states(f, i * g, c0, valid if reverse else None, reverse)
-        c_prev = torch.cat([c[1:], c0[None]]) if reverse else torch.cat([c0[None], c[:-1]])
-        tc = c.tanh()
-        A = o * (1 - tc * tc)                                       # ∂h/∂c
-        P = torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g), tc * o * (1 - o)], 2)
-        if mask is not None:
-            P = P * mask[..., None]
-        d_c_end = _ends(d_c, lengths, reverse, T)
-        DH, DC = torch.empty_like(out), torch.empty_like(out)
-        carry_h, carry_c = torch.zeros_like(h0), torch.zeros_like(h0)
-        for t in order:
-            dh = torch.add(d_out[t], carry_h, out=DH[t])
-            dc = torch.addcmul(carry_c if d_c_end is None else carry_c + d_c_end[t], dh, A[t], out=DC[t])
-            carry_h = (torch.stack([dc, dc, dc, dh], 1) * P[t]).flatten(1) @ w_hh
-            carry_c = dc * f[t]
-        d_gi = (torch.stack([DC, DC, DC, DH], 2) * P).flatten(2)
+        d_gi = _lstm(x, prev, c0, w_ih, w_hh, b_ih, b_hh, d_out, _ends(d_c, lengths, reverse, T), valid, mask,
+                     order, reverse)
         return d_gi, prev, d_gi
     if mode == "GRU":
-        (ir, iz, in_), (hr, hz, hn) = F.linear(x, w_ih, b_ih).chunk(3, -1), F.linear(prev, w_hh, b_hh).chunk(3, -1)
-        r, z = (ir + hr).sigmoid(), (iz + hz).sigmoid()
-        n = (in_ + r * hn).tanh()
-        Pn = (1 - z) * (1 - n * n)
-        Pr, Pz = Pn * hn * r * (1 - r), (prev - n) * z * (1 - z)
-        P, Q = torch.stack([Pr, Pz, Pn], 2), torch.stack([Pr, Pz, Pn * r], 2)   # δgi = δh P, δgh = δh Q
-        if mask is not None:
-            P, Q = P * mask[..., None], Q * mask[..., None]
-        DH, carry = torch.empty_like(out), torch.zeros_like(h0)
-        for t in order:
-            dh = torch.add(d_out[t], carry, out=DH[t])
-            carry = torch.addmm(dh * z[t], (dh[:, None] * Q[t]).flatten(1), w_hh)
-        return (DH[:, :, None] * P).flatten(2), prev, (DH[:, :, None] * Q).flatten(2)
+        return _gru(x, prev, w_ih, w_hh, b_ih, b_hh, d_out, mask, order)
     P = 1 - out * out if mode == "RNN_TANH" else (out > 0).to(x.dtype)   # h = relu(a) > 0 where a > 0
     if mask is not None:
-        P = P * mask
-    DA, carry = torch.empty_like(out), torch.zeros_like(h0)
+        P.mul_(mask)
+    DA, carry = torch.empty_like(P), torch.zeros_like(h0)
     for t in order:
         carry = torch.mul(d_out[t] + carry, P[t], out=DA[t]) @ w_hh
     return DA, prev, DA
 
 
+def _lstm(x, prev, c0, w_ih, w_hh, b_ih, b_hh, d_out, d_c_end, valid, mask, order, reverse) -> torch.Tensor:
+    """The LSTM's δgi (T, B, 4H): the gates i, f, g, o of every step, then per step
+    δh = d_out + δgates_{next} W_hh, δc = δh ⊙ o ⊙ (1 − tanh²c) + δc_{next} ⊙ f_{next} and
+    δgates = (δc, δc, δc, δh) ⊙ P, P the gates' local derivatives, computed in place where
+    they can be (peak memory). d_c_end: the final cell state's gradient at its step, or None."""
+    T, B, H = d_out.shape
+    s = _gates(x, prev, w_ih, w_hh, b_ih, b_hh)
+    g = s[..., 2 * H:3 * H].tanh()
+    s.sigmoid_()                                                # i, f, o (its g part unused)
+    i, f, o = s[..., :H], s[..., H:2 * H], s[..., 3 * H:]
+    c = _cell_states(f, i * g, c0, valid if reverse else None, reverse)
+    c_prev = torch.cat([c[1:], c0[None]]) if reverse else torch.cat([c0[None], c[:-1]])
+    P = s.new_empty(T, B, 4, H)
+    torch.mul(g, i * (1 - i), out=P[:, :, 0])
+    torch.mul(c_prev, f * (1 - f), out=P[:, :, 1])
+    torch.mul(i, 1 - g * g, out=P[:, :, 2])
+    tc = c.tanh_()
+    torch.mul(tc, o * (1 - o), out=P[:, :, 3])
+    A = o * (1 - tc * tc)                                       # ∂h/∂c
+    f = f.contiguous()
+    del s, g, i, o, c, c_prev, tc
+    if mask is not None:
+        P.mul_(mask[..., None])
+    DH, DC = torch.empty_like(A), torch.empty_like(A)
+    carry_h, carry_c = torch.zeros_like(c0), torch.zeros_like(c0)
+    for t in order:
+        dh = torch.add(d_out[t], carry_h, out=DH[t])
+        dc = torch.addcmul(carry_c if d_c_end is None else carry_c + d_c_end[t], dh, A[t], out=DC[t])
+        carry_h = (torch.stack([dc, dc, dc, dh], 1) * P[t]).flatten(1) @ w_hh
+        carry_c = dc * f[t]
+    P[:, :, :3].mul_(DC[:, :, None])
+    P[:, :, 3].mul_(DH)
+    return P.flatten(2)
+
+
+def _gru(x, prev, w_ih, w_hh, b_ih, b_hh, d_out, mask, order) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The GRU's (δgi, h_prev, δgh), each (T, B, ·): r, z, n of every step, then per step
+    δh = d_out + δh_{next} ⊙ z_{next} + δgh_{next} W_hh, with δgi = δh ⊙ P and
+    δgh = δh ⊙ Q (P and Q the gates' local derivatives; they differ in the new gate,
+    which reads r ⊙ gh_n)."""
+    T, B, H = d_out.shape
+    gi, gh = F.linear(x, w_ih, b_ih), F.linear(prev, w_hh, b_hh)
+    r = (gi[..., :H] + gh[..., :H]).sigmoid_()
+    z = (gi[..., H:2 * H] + gh[..., H:2 * H]).sigmoid_()
+    n = torch.addcmul(gi[..., 2 * H:], r, gh[..., 2 * H:]).tanh_()
+    P, Q = gi.new_empty(T, B, 3, H), gi.new_empty(T, B, 3, H)
+    torch.mul(1 - z, 1 - n * n, out=P[:, :, 2])
+    torch.mul(P[:, :, 2], gh[..., 2 * H:] * r * (1 - r), out=P[:, :, 0])
+    torch.mul(prev - n, z * (1 - z), out=P[:, :, 1])
+    Q[:, :, :2] = P[:, :, :2]
+    torch.mul(P[:, :, 2], r, out=Q[:, :, 2])
+    del gi, gh, r, n
+    if mask is not None:
+        P.mul_(mask[..., None])
+        Q.mul_(mask[..., None])
+    DH, carry = torch.empty_like(z), torch.zeros_like(z[0])
+    for t in order:
+        dh = torch.add(d_out[t], carry, out=DH[t])
+        carry = torch.addmm(dh * z[t], (dh[:, None] * Q[t]).flatten(1), w_hh)
+    return P.mul_(DH[:, :, None]).flatten(2), prev, Q.mul_(DH[:, :, None]).flatten(2)
+
+
 def _gates(x: torch.Tensor, prev: torch.Tensor, w_ih, w_hh, b_ih, b_hh) -> torch.Tensor:
     """gi + gh = W_ih x_t + b_ih + W_hh h_{t−1} + b_hh for every step: (T, B, G)."""
-    bias = b_ih if b_hh is None else b_ih + b_hh
-    gates = F.linear(x, w_ih, bias)
-    gates.view(-1, gates.shape[-1]).addmm_(prev.reshape(-1, prev.shape[-1]), w_hh.t())
-    return gates
+    rows = x.reshape(-1, x.shape[-1])
+    gates = rows @ w_ih.t() if b_ih is None else torch.addmm(b_ih + b_hh, rows, w_ih.t())   # (T·B, G), its own
+    return gates.addmm_(prev.reshape(-1, prev.shape[-1]), w_hh.t()).view(*x.shape[:-1], -1)
 
 
 def _cell_states(f: torch.Tensor, ig: torch.Tensor, c0: torch.Tensor, valid: torch.Tensor | None,
