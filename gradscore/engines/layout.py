@@ -327,10 +327,12 @@ def _rows(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], found: di
     return rows, out
 
 
-def _reordered(batch: _Rows, first: _Rows, last: _Rows) -> bool:
+def _reordered(batch: _Rows, first: _Rows, last: _Rows, model: nn.Module) -> bool:
     """Whether a layer's rows 0 and B − 1 in the batch (``batch``: per call, both rows)
-    differ from its rows for the first and last examples alone; calls that cannot be
-    paired (another count or shape, or not seeing the whole batch) are not compared."""
+    differ from its rows for the first and last examples alone, by more than the rounding
+    of :func:`working_dtype` (under autocast a float32 row may come from half-precision
+    matmuls: torch's CPU GRU's); calls that cannot be paired (another count or shape, or
+    not seeing the whole batch) are not compared."""
     if not (len(batch) == len(first) == len(last)):
         return False
     for calls in zip(batch, first, last):
@@ -339,7 +341,7 @@ def _reordered(batch: _Rows, first: _Rows, last: _Rows) -> bool:
         (a, o, dim), (a0, o0, _), (a1, o1, _) = calls
         for both, one, other in ((a, a0, a1), (o, o0, o1)):
             alone = torch.cat([one, other], dim=dim)
-            if alone.shape == both.shape and not close(alone, both):
+            if alone.shape == both.shape and not close(alone, both, working_dtype(model, both.dtype)):
                 return True
     return False
 
@@ -465,7 +467,7 @@ def _check_order(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], fo
         return couples_examples(first_out, batched, working)
     last_rows, last_out = _rows(model, layers, found, take(x, B - 1), [0], free, plan)
     for name, calls in batch_rows.items():
-        if _reordered(calls, first_rows.get(name, []), last_rows.get(name, [])):
+        if _reordered(calls, first_rows.get(name, []), last_rows.get(name, []), model):
             if name in free_found:
                 free_found[name] = "is added to rows that are not the batch's examples in order"
             else:
