@@ -165,11 +165,13 @@ class Bag(nn.Module):
 
 
 class Convs(nn.Module):
-    def __init__(self, dims: int, padding, stride: int, groups: int, bias: bool):
+    """A Conv1d/2d/3d of 3-wide kernels (dilation 2 with ``padding="same"``), tanh, a linear head."""
+
+    def __init__(self, dims: int, padding, stride: int, groups: int, bias: bool, padding_mode: str = "zeros"):
         super().__init__()
         conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
         self.conv = conv(2, 4, 3, padding=padding, stride=stride, groups=groups, bias=bias,
-                         dilation=2 if padding == "same" else 1)
+                         dilation=2 if padding == "same" else 1, padding_mode=padding_mode)
         self.head = nn.LazyLinear(3)
 
     def forward(self, x):
@@ -328,8 +330,11 @@ CROSS_GRID = [("cross_attention", c) for c in itertools.product([True, False], [
 BAG_GRID = [("bag", c) for c in [(m, w, p, o, t) for m in ("sum", "mean", "max") for w in (False, True)
                                  for p in (None, 0) for o in (False, "even", "ragged", "last")
                                  for t in (False, True) if not (w and m != "sum")]]
-CONV_GRID = [("conv", c) for c in itertools.product([1, 2, 3], ["same", 1], [1, 2], [1, 2], [True, False])
-             if not (c[1] == "same" and c[2] == 2)]
+CONV_GRID = ([("conv", c) for c in itertools.product([1, 2, 3], ["same", 1], [1, 2], [1, 2], [True, False])
+              if not (c[1] == "same" and c[2] == 2)]
+             + [("conv", (dims, padding, stride, 2, True, mode))   # the input padded by the mode, then no padding
+                for dims, (padding, stride), mode in itertools.product([1, 2, 3], [("same", 1), (1, 1), (1, 2)],
+                                                                       ["reflect", "replicate", "circular"])])
 NORM_GRID = [("norm", c) for c in itertools.product(
     ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm", "RMSNorm2"], [True, False], [False, True])]
 AFFINE_GRID = [("affine", c) for c in itertools.product(["Linear", "Conv1D"], [None, 1, T], [True, False],

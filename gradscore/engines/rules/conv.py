@@ -1,5 +1,5 @@
-"""Ghost rule for ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (any stride, zero padding
-including ``'same'``, dilation, groups).
+"""Ghost rule for ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (any stride, padding
+including ``'same'``, every padding mode, dilation, groups).
 
 Per group, a convolution is a Linear layer over its L output positions: with the input
 unfolded (im2col) to a_bl (C_in·k) and the output gradient δ_bl (C_out),
@@ -26,10 +26,11 @@ forms per layer, whichever costs fewer multiply-adds (:func:`plan`):
   conv) it is summed densely, as dot products over the output positions.
 
 Calls of one layer are concatenated along l (the pixel and sparse forms take single calls
-only). ``padding='same'`` pads the captured input as the layer did (the odd unit on the
-right) and the rule then sees an unpadded conv. Conv3d takes the ``grouped`` form.
-Examples go through in slices whose patches and blocks fit the workspace (the bytes of
-the layer's input and δ). Non-zero padding modes fall back.
+only). ``padding='same'`` and the padding modes other than zeros (reflect, replicate,
+circular) pad the captured input as the layer's forward does (the odd unit on the right)
+and the rule then sees an unpadded conv. Conv3d takes the ``grouped`` form. Examples go
+through in slices whose patches and blocks fit the workspace (the bytes of the layer's
+input and δ).
 """
 from __future__ import annotations
 
@@ -52,27 +53,32 @@ from .conv_costs import (DENSITY_SAMPLE, ELEMENTWISE_COST, FEW_INPUTS, GROUPED_C
 from .linear import cat_calls
 from .registry import bias_term, register_rule
 
-def _supports(m: nn.Module) -> str | None:
-    if m.padding_mode != "zeros":
-        return f"{type(m).__name__} with padding_mode='{m.padding_mode}'"
-    return None
+def _padded_first(layer: nn.Module) -> bool:
+    """Whether the rule pads the input itself and then sees a convolution without padding:
+    ``padding='same'``, or a padding mode other than zeros (the layer's forward pads so)."""
+    return layer.padding == "same" or layer.padding_mode != "zeros"
 
 
 def _numeric_padding(layer: nn.Module) -> tuple[int, ...]:
-    """The padding the rule applies: 0 for 'valid' and for 'same' (whose input is padded first)."""
-    return (0,) * len(layer.kernel_size) if isinstance(layer.padding, str) else tuple(layer.padding)
+    """The padding the rule's convolution applies: 0 for 'valid' and where the input is
+    padded first (:func:`_padded_first`)."""
+    return (0,) * len(layer.kernel_size) if isinstance(layer.padding, str) or _padded_first(layer) \
+        else tuple(layer.padding)
 
 
-def _same_padded(layer: nn.Module, acts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Inputs of a ``padding='same'`` layer padded as torch pads them: dilation·(k − 1) per
-    dimension, the odd unit on the right; other inputs as they are."""
-    if layer.padding != "same":
+def _pre_padded(layer: nn.Module, acts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Inputs padded as the layer's forward pads them (:func:`_padded_first`): by its padding
+    mode (reflect, replicate, circular) or with zeros, its padding per side, or for 'same'
+    dilation·(k − 1) per dimension, the odd unit on the right; other inputs as they are."""
+    if not _padded_first(layer):
         return acts
     pad: list[int] = []
-    for k, r in zip(reversed(layer.kernel_size), reversed(layer.dilation)):   # F.pad: last dimension first
-        total = r * (k - 1)
+    for k, r, p in zip(reversed(layer.kernel_size), reversed(layer.dilation),   # F.pad: last dimension first
+                       reversed((0,) * len(layer.kernel_size) if layer.padding == "valid" else layer.padding)):
+        total = r * (k - 1) if layer.padding == "same" else 2 * p
         pad += [total // 2, total - total // 2]
-    return [F.pad(x, pad) for x in acts]
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    return [F.pad(x, pad, mode=mode) for x in acts]
 
 
 class _Geometry(NamedTuple):
@@ -301,7 +307,7 @@ def conv_sketch(layer: nn.Module, acts, grads, p_out: torch.Tensor, p_in: torch.
     filters = filters.repeat(g, *(1,) * (filters.dim() - 1))
     left = p_out.reshape(k_out, g, layer.out_channels // g)
     total = None
-    for x, d in zip(_same_padded(layer, acts), grads):   # the calls add up
+    for x, d in zip(_pre_padded(layer, acts), grads):   # the calls add up
         B = x.shape[0]
         r = conv_nd(x.to(p_in.dtype), filters, stride=layer.stride, padding=_numeric_padding(layer),
                     dilation=layer.dilation, groups=g).reshape(B, g, k_in, -1)
@@ -311,9 +317,9 @@ def conv_sketch(layer: nn.Module, acts, grads, p_out: torch.Tensor, p_in: torch.
     return total
 
 
-@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, supports=_supports, sketch=conv_sketch)
+@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, sketch=conv_sketch)
 def conv(layer: nn.Module, acts, grads, refs, K):
-    acts = _same_padded(layer, acts)
+    acts = _pre_padded(layer, acts)
     if isinstance(layer, nn.Conv3d):
         return _conv3d(layer, acts, grads, refs, K)
     B = acts[0].shape[0]

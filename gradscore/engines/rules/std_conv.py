@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ...kernels import acc_dtype
-from .conv import _supports, conv
+from .conv import conv
 from .registry import bias_term, computes, reduce_per_example, register_structural
 
 
@@ -50,7 +50,7 @@ def _computes_std_conv(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> st
                     "a convolution with its weight standardized per output channel (a StdConv2d)")
 
 
-@register_structural(_like_std_conv, verify=_computes_std_conv, supports=_supports,
+@register_structural(_like_std_conv, verify=_computes_std_conv,
                      params=lambda m: [n for n, _ in m.named_parameters(recurse=False)])
 def std_conv(layer: nn.Module, acts, grads, refs, K):
     B, C = acts[0].shape[0], layer.out_channels
