@@ -102,7 +102,7 @@ def _direction(mode: str, x, out, h0, c0, w_ih, w_hh, b_ih, b_hh, d_out, d_h, d_
     if reverse:   # the step before t is t + 1; at each sequence's end it is the initial state
         prev = torch.cat([out[1:], h0[None]])
         if valid is not None:
-            prev = torch.where(torch.cat([valid[1:], valid[:1] & False])[..., None], prev, h0)
+            prev = torch.where(torch.cat([valid[1:], torch.zeros_like(valid[:1])])[..., None], prev, h0)
     else:
         prev = torch.cat([h0[None], out[:-1]])
     d_out = d_out if d_h is None else d_out + _ends(d_h, lengths, reverse, T)
