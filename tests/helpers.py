@@ -541,11 +541,14 @@ class NormActCNN(nn.Module):
 class MyStdConv2d(nn.Conv2d):
     """A conv whose weight is standardized per output channel in its forward (timm's
     StdConv2d's structure; ``gain``: ScaledStdConv2d's, a per-channel gain times 1/√fan-in);
-    ``plain``: named so but not standardizing (not what the rule assumes)."""
+    ``plain``: named so but not standardizing (not what the rule assumes). Its forward
+    calls ``F.conv2d`` with its padding, as timm's does, which pads with zeros whatever its
+    ``padding_mode``; ``by_mode``: through ``_conv_forward``, as torch's Conv2d pads."""
 
-    def __init__(self, *args, gain: bool = False, plain: bool = False, eps: float = 1e-5, **kwargs):
+    def __init__(self, *args, gain: bool = False, plain: bool = False, eps: float = 1e-5, by_mode: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self.eps, self.plain = eps, plain
+        self.eps, self.plain, self.by_mode = eps, plain, by_mode
         if gain:
             self.gain = nn.Parameter(torch.linspace(0.5, 1.5, self.out_channels).reshape(-1, 1, 1, 1))
             self.scale = self.weight[0].numel() ** -0.5
@@ -556,6 +559,8 @@ class MyStdConv2d(nn.Conv2d):
         c = (self.gain * self.scale).view(-1) if hasattr(self, "gain") else None
         w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, weight=c, training=True,
                          momentum=0.0, eps=self.eps).reshape_as(self.weight)
+        if self.by_mode:
+            return self._conv_forward(x, w, self.bias)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 

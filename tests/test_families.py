@@ -357,7 +357,11 @@ SCALE_GRID = ([("scale", ("last", layout)) for layout in ("batch", "seq_first", 
 #: (gain, bias, groups, stride, padding, dilation, plain)
 STD_CONV_GRID = [("std_conv", c) for c in [(False, False, 1, 1, 1, 1, False), (False, True, 2, 2, 0, 1, False),
                                            (True, True, 1, 1, "same", 2, False), (True, False, 2, 1, 1, 1, False),
-                                           (True, True, 4, 2, 1, 1, False), (False, True, 1, 1, 1, 1, True)]]
+                                           (True, True, 4, 2, 1, 1, False), (False, True, 1, 1, 1, 1, True),
+                                           # padding modes: its forward pads by the mode, or ignores it (zeros)
+                                           (False, True, 1, 1, 1, 1, False, "reflect"),
+                                           (True, True, 2, 2, 1, 1, False, "circular"),
+                                           (False, True, 1, 1, 1, 1, False, "reflect_ignored")]]
 #: (how the forward uses pos_embed, layout): see FreeNet
 FREE_GRID = [("free", (kind, layout)) for kind in FreeNet.KINDS for layout in ("batch", "TB", "T1", "seq_first")]
 GRID = (AFFINE_GRID + RNN_GRID + MHA_GRID + CROSS_GRID + BAG_GRID + CONV_GRID + NORM_GRID + OWN_GRID + NORM_ACT_GRID
@@ -415,9 +419,11 @@ def _build(family, config, n=B):
         model = FreeNet(*config)
         return model, torch.randn(n, *model.shape, generator=g, dtype=torch.float64)
     if family == "std_conv":
-        gain, bias, groups, stride, padding, dilation, plain = config
+        gain, bias, groups, stride, padding, dilation, plain, *mode = config
+        mode = mode[0] if mode else "zeros"
         layer = MyStdConv2d(4, 8, 3, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias,
-                            gain=gain, plain=plain)
+                            gain=gain, plain=plain, padding_mode=mode.removesuffix("_ignored"),
+                            by_mode=not mode.endswith("_ignored"))
         return (nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)),
                 torch.randn(n, 4, 7, 6, generator=g, dtype=torch.float64))
     raise KeyError(family)
@@ -716,13 +722,14 @@ def test_a_parameter_the_forward_broadcasts_over_the_batch_takes_the_free_rule(f
 def test_a_weight_standardized_conv_takes_its_rule_where_it_standardizes(family, config):
     """A Conv2d whose forward standardizes its weight per output channel (timm's StdConv2d,
     and ScaledStdConv2d with a gain) takes the std-conv rule: its weight's gradient through
-    the standardization, its gain's and bias's; one named so that does not standardize goes
-    to the fallback with why."""
+    the standardization, its gain's and bias's, with any padding mode; one named so that
+    does not standardize, or whose forward pads with zeros in spite of its padding mode,
+    goes to the fallback with why."""
     scorer = _agree(family, config)
     scorer.score_batch(*_prepare(family, config)[1:])
     why = scorer.explain()
     conv = {k: v for k, v in why.items() if k.startswith("0.")}
-    if config[-1]:
+    if config[6] or config[-1] == "reflect_ignored":   # not standardizing, or padding with zeros all the same
         assert all(v.startswith("vmap (") and "does not compute" in v for v in conv.values()), why
     else:
         assert all(v.startswith("ghost (std_conv rule on 0: ") for v in conv.values()), why
