@@ -96,6 +96,8 @@ def families(B: int) -> dict[str, tuple[nn.Module, torch.Tensor, str]]:
         "Conv1d": (Head(Channels(nn.Conv1d(D, D, 3, padding=1)), D), seq.transpose(1, 2), "body."),
         "Conv2d padding='same'": (Head(Channels(nn.Conv2d(16, 32, 3, padding="same")), 32),
                                   torch.randn(B, 16, 16, 16), "body."),
+        "Conv2d padding_mode='reflect'": (Head(Channels(nn.Conv2d(16, 32, 3, padding=1, padding_mode="reflect")), 32),
+                                          torch.randn(B, 16, 16, 16), "body."),
         "Conv3d": (Head(Channels(nn.Conv3d(4, 8, 3, padding=1)), 8), torch.randn(B, 4, 8, 8, 8), "body."),
         "GroupNorm": (Head(Channels(nn.GroupNorm(4, 16)), 16), torch.randn(B, 16, 16, 16), "body."),
         "InstanceNorm2d (affine)": (Head(Channels(nn.InstanceNorm2d(16, affine=True)), 16),
