@@ -354,7 +354,7 @@ NORM_ACT_GRID = ([("norm_act", ("bn", act, "batch")) for act in ("none", "relu_i
                  + [("norm_act", ("ln2d_last", "none", "batch")), ("norm_act", ("bn_act_first", "silu", "batch"))])
 SCALE_GRID = ([("scale", ("last", layout)) for layout in ("batch", "seq_first", "TB", "flat")]
               + [("scale", (kind, "batch")) for kind in ("shaped", "2d", "shaped_nchw", "inplace", "squared")])
-#: (gain, bias, groups, stride, padding, dilation, plain)
+#: (gain, bias, groups, stride, padding, dilation, plain[, padding mode: "_ignored" if the forward pads with zeros])
 STD_CONV_GRID = [("std_conv", c) for c in [(False, False, 1, 1, 1, 1, False), (False, True, 2, 2, 0, 1, False),
                                            (True, True, 1, 1, "same", 2, False), (True, False, 2, 1, 1, 1, False),
                                            (True, True, 4, 2, 1, 1, False), (False, True, 1, 1, 1, 1, True),

@@ -6,9 +6,10 @@ Per layer and direction, the gates are gi_t + gh_t with gi_t = W_ih x_t + b_ih a
 gh_t = W_hh h_{t−1} + b_hh, so each weight's per-example gradient is a sequence-Linear
 form (:mod:`.linear`): g_b(W_ih) = Σ_t δgi_bt x_btᵀ, g_b(W_hh) = Σ_t δgh_bt h_b,t−1ᵀ, and
 the biases' are Σ_t δgi_bt and Σ_t δgh_bt. The rule has the layer's call and the output
-gradients of its output and final states (any of which the loss may use). It runs each
-layer's forward again through torch's own kernel (no gradient), which gives every h_t;
-the gates of all steps then come in a few batched ops, and a hand-written
+gradients of its output and final states (any of which the loss may use). Every h_t
+comes from the call's own output (the last layer, where the model did not change it in
+place after the call) or from torch's own kernel run again without gradient (the layers
+below); the gates of all steps then come in a few batched ops, and a hand-written
 backpropagation through time, one short loop of a matmul and a few small ops per step,
 gives every δgi (:func:`_direction`, with the cells' equations as torch documents them,
 in the accumulation dtype): one extra forward and backward of this layer, nothing of
@@ -90,15 +91,14 @@ def _ends(d_final: torch.Tensor | None, lengths: torch.Tensor, reverse: bool, T:
     return out
 
 
-def _direction(mode: str, x, out, h0, c0, w_ih, w_hh, b_ih, b_hh, d_out, d_h, d_c, valid, reverse):
+def _direction(mode: str, x, out, h0, c0, w_ih, w_hh, b_ih, b_hh, d_out, d_h, d_c, lengths, valid, reverse):
     """One layer and direction's (δgi, h_prev, δgh), each (T, B, ·), by hand-written
     backpropagation through time: every quantity of the forward comes in one batched op
     from torch's own outputs ``out`` (T, B, H), then one short loop carries the recurrent
     gradient. x: its input (T, B, d); h0, c0: (B, H); d_out: the gradient of ``out``;
-    d_h, d_c: of the final states (B, H) or None; valid: (T, B) the steps inside each
-    sequence, or None (all)."""
+    d_h, d_c: of the final states (B, H) or None; lengths: (B,) the sequences' lengths;
+    valid: (T, B) the steps inside each sequence, or None (all)."""
     T = x.shape[0]
-    lengths = valid.sum(0) if valid is not None else torch.full((x.shape[1],), T, device=x.device)
     if reverse:   # the step before t is t + 1; at each sequence's end it is the initial state
         prev = torch.cat([out[1:], h0[None]])
         if valid is not None:
@@ -250,7 +250,7 @@ def _replay(layer: nn.RNNBase, call, output, delta, acc):
                 d_gi, prev, d_gh = _direction(
                     layer.mode, x, inputs[k + 1][..., cols], h0[j], c0[j] if lstm else None, w_ih, w_hh, b_ih, b_hh,
                     d_out[..., cols], None if d_h is None else d_h[j].to(acc),
-                    None if d_c is None else d_c[j].to(acc), valid, reverse=d == 1)
+                    None if d_c is None else d_c[j].to(acc), lengths, valid, reverse=d == 1)
                 result[(k, d)] = (batch(x), batch(d_gi), batch(prev), batch(d_gh))
                 if k:   # the gradient of the layer below's output
                     d_x = d_gi @ w_ih if d_x is None else d_x + d_gi @ w_ih
