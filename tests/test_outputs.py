@@ -77,6 +77,37 @@ def test_run_never_writes_over_its_input_even_with_overwrite(tiny_run, capsys, t
     assert not victim.with_name(victim.name + ".partial").exists()
 
 
+@pytest.mark.parametrize("command", ["run", "sketch", "costate", "select", "export", "inrun"])
+def test_no_output_joins_a_folder_of_checkpoints_under_a_checkpoints_name(scored, tmp_path, capsys, command):
+    # a scores file written as ckpts/step_00000009.h5 was read as a checkpoint by every later
+    # command on that folder, which then refused it ("missing attribute(s) format_version, ...")
+    ckpts, data, scores = scored
+    before = {p.name: _digest(p) for p in ckpts.iterdir()}
+    out = ckpts / "step_00000009.h5"
+    argv = {"run": ["run", "--checkpoints", str(ckpts), "--data", str(data), "--quiet"],
+            "sketch": ["sketch", "--checkpoints", str(ckpts), "--data", str(data), "--dim", "8", "--quiet"],
+            "costate": ["costate", "--checkpoints", str(ckpts), "--proxy", str(data), "--target", str(data),
+                        "--quiet"],
+            "select": ["select", str(scores), "--by", "el2n"],
+            "export": ["export", str(scores), "--format", "csv"]}
+    if command == "inrun":
+        import gradscore as gs
+        from gradscore.demos.models import mlp
+        from helpers import MLP_KWARGS
+        with pytest.raises(gs.OutputError, match="read as a checkpoint"):
+            gs.InRun(mlp(**MLP_KWARGS), out=out)
+    else:
+        code, err = _run(argv[command] + ["--out", str(out), "--overwrite"], capsys)
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert "read as a checkpoint" in err and "step_00000009.h5" in err, err
+    assert {p.name: _digest(p) for p in ckpts.iterdir()} == before
+    assert main(["info", str(ckpts)]) == 0
+    elsewhere = ckpts / "scores.h5"   # another name in the same folder is the user's choice
+    if command == "run":
+        assert main(argv["run"] + ["--out", str(elsewhere)]) == 0
+        assert main(["info", str(ckpts)]) == 0
+
+
 def test_costate_never_writes_over_its_input(tiny_run, capsys):
     ckpts, data = tiny_run
     before = _digest(data)

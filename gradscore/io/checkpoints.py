@@ -30,7 +30,8 @@ from ..exceptions import CheckpointError
 from ..imports import code_fingerprint, import_ref
 
 FORMAT_VERSION = 1
-_NAME = re.compile(r"^step_(\d+)\.h5$")
+#: the names a checkpoint folder's files have; any other file in the folder is ignored
+CHECKPOINT_NAME = re.compile(r"^step_(\d+)\.h5$")
 _REQUIRED_ATTRS = ("format_version", "step", "epoch", "lr", "model", "model_kwargs", "loss")
 
 
@@ -44,7 +45,7 @@ def checkpoint_files(directory: str | Path) -> dict[int, Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return {}
-    found = ((_NAME.match(p.name), p) for p in directory.iterdir())
+    found = ((CHECKPOINT_NAME.match(p.name), p) for p in directory.iterdir())
     return dict(sorted((int(m.group(1)), p) for m, p in found if m))
 
 

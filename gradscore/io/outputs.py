@@ -155,7 +155,8 @@ def claim(out: str | os.PathLike, kind: str, *, inputs: Mapping[str, Iterable[st
     output of the right kind without ``overwrite`` is the caller's to judge (a finished
     or interrupted run with the same fingerprint). Raises :class:`OutputError` if ``out``
     is an input, a directory, or an existing file that is not ``kind`` (even with
-    ``overwrite``), or exists without ``overwrite`` (unless ``resumable``).
+    ``overwrite``), or exists without ``overwrite`` (unless ``resumable``), or is named as
+    a checkpoint (``step_<n>.h5``) in a folder of checkpoints, which would then read it.
     """
     out = Path(out)
     what, is_kind = KINDS[kind]
@@ -166,6 +167,10 @@ def claim(out: str | os.PathLike, kind: str, *, inputs: Mapping[str, Iterable[st
                                   f"its inputs: choose another output path")
     if out.is_dir():
         raise OutputError(f"{out}: is a directory; give a file path")
+    from .checkpoints import CHECKPOINT_NAME, checkpoint_files
+    if CHECKPOINT_NAME.match(out.name) and checkpoint_files(out.parent):
+        raise OutputError(f"{out}: would be read as a checkpoint of {out.parent}, which holds checkpoints "
+                          f"named step_<n>.h5, by every later command on that folder; choose another name")
     if out.exists():
         if not is_kind(out):
             raise OutputError(f"{out}: exists and is not {what}; gradscore never replaces it, even with "
