@@ -18,10 +18,11 @@ renamed, so ``scores.h5`` either does not exist or is complete.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import h5py
 import numpy as np
@@ -195,38 +196,45 @@ class ReusableRows:
             self._file = None
 
 
-def load_inrun_rows(path: str | Path) -> dict[str, np.ndarray]:
-    """The per-(step, example) records of an in-run scores file (``gs.InRun``): (M,) arrays;
-    GradscoreError for a file without them."""
-    try:
-        with h5py.File(path, "r") as f:
-            missing = [f"/{k}" for k in ("scores", "per_checkpoint", "ids") if k not in f] + \
-                [f"attribute {k}" for k in ("config",) if k not in f.attrs]
-            if missing:   # a data set, a checkpoint, a sketch file ...
-                raise GradscoreError(f"{path}: is not a gradscore scores file (it has no {missing[0]}); give one "
-                                     f"written by gradscore run or gs.InRun")
-            return {k: f["inrun"][k][()] for k in f["inrun"]}
-    except (OSError, KeyError) as e:
-        raise GradscoreError(f"{path}: has no in-run records (it was not written by gs.InRun): {e}") from e
-
-
-def load_scores(path: str | Path) -> dict[str, Any]:
-    """Read a finished scores file into memory: ``{"scores": {...}, "per_checkpoint": {...},
-    "ids", "noisy" (or None), "checkpoints": {step, epoch, lr, eta, ref_norm_*...}, "config"}``."""
-    path = Path(path)
+@contextlib.contextmanager
+def _scores_file(path: Path) -> Iterator[h5py.File]:
+    """``path`` open for reading, checked to be a gradscore scores file (GradscoreError naming
+    what it is instead)."""
     if not path.exists():
         raise GradscoreError(f"{path}: no such file or directory")
     if path.is_dir():
         raise GradscoreError(f"{path}: is a directory; give a scores file (written by gradscore run or gs.InRun)")
     if not h5py.is_hdf5(path):
         raise GradscoreError(f"{path}: is not a gradscore scores file (not an HDF5 file)")
+    with h5py.File(path, "r") as f:
+        missing = [f"/{k}" for k in ("scores", "per_checkpoint", "ids") if k not in f] + \
+            [f"attribute {k}" for k in ("config",) if k not in f.attrs]
+        if missing:   # a data set, a checkpoint, a sketch file ...
+            raise GradscoreError(f"{path}: is not a gradscore scores file (it has no {missing[0]}); give one "
+                                 f"written by gradscore run or gs.InRun")
+        yield f
+
+
+def load_inrun_rows(path: str | Path) -> dict[str, np.ndarray]:
+    """The per-(step, example) records of an in-run scores file (``gs.InRun``): (M,) arrays;
+    GradscoreError for a file without them."""
+    path = Path(path)
     try:
-        with h5py.File(path, "r") as f:
-            missing = [f"/{k}" for k in ("scores", "per_checkpoint", "ids") if k not in f] + \
-                [f"attribute {k}" for k in ("config",) if k not in f.attrs]
-            if missing:   # a data set, a checkpoint, a sketch file ...
-                raise GradscoreError(f"{path}: is not a gradscore scores file (it has no {missing[0]}); give one "
-                                     f"written by gradscore run or gs.InRun")
+        with _scores_file(path) as f:
+            if "inrun" not in f:
+                raise GradscoreError(f"{path}: has no in-run records (it was written by gradscore run, not "
+                                     f"gs.InRun)")
+            return {k: f["inrun"][k][()] for k in f["inrun"]}
+    except (OSError, KeyError) as e:
+        raise GradscoreError(f"{path}: has no readable in-run records ({e})") from e
+
+
+def load_scores(path: str | Path) -> dict[str, Any]:
+    """Read a finished scores file into memory: ``{"scores": {...}, "per_checkpoint": {...},
+    "ids", "noisy" (or None), "checkpoints": {step, epoch, lr, eta, ref_norm_*...}, "config"}``."""
+    path = Path(path)
+    try:
+        with _scores_file(path) as f:
             return {
                 "scores": {k: f["scores"][k][()] for k in f["scores"]},
                 "per_checkpoint": {k: f["per_checkpoint"][k][()] for k in f["per_checkpoint"]},
