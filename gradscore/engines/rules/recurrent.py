@@ -111,7 +111,7 @@ def _direction(mode: str, x, out, h0, c0, w_ih, w_hh, b_ih, b_hh, d_out, d_h, d_
     # what the loop carries on from the sequence's first step (δh0) reaches only such steps
     mask = None if valid is None else valid[..., None].to(x.dtype)
     if mode == "LSTM":
-        d_gi = _lstm(x, prev, c0, w_ih, w_hh, b_ih, b_hh, d_out, _ends(d_c, lengths, reverse, T), valid, mask,
+        d_gi = _lstm(x, out, prev, c0, w_ih, w_hh, b_ih, b_hh, d_out, _ends(d_c, lengths, reverse, T), valid, mask,
                      order, reverse)
         return d_gi, prev, d_gi
     if mode == "GRU":
@@ -125,11 +125,12 @@ def _direction(mode: str, x, out, h0, c0, w_ih, w_hh, b_ih, b_hh, d_out, d_h, d_
     return DA, prev, DA
 
 
-def _lstm(x, prev, c0, w_ih, w_hh, b_ih, b_hh, d_out, d_c_end, valid, mask, order, reverse) -> torch.Tensor:
+def _lstm(x, out, prev, c0, w_ih, w_hh, b_ih, b_hh, d_out, d_c_end, valid, mask, order, reverse) -> torch.Tensor:
     """The LSTM's δgi (T, B, 4H): the gates i, f, g, o of every step, then per step
     δh = d_out + δgates_{next} W_hh, δc = δh ⊙ o ⊙ (1 − tanh²c) + δc_{next} ⊙ f_{next} and
-    δgates = (δc, δc, δc, δh) ⊙ P, P the gates' local derivatives, computed in place where
-    they can be (peak memory). d_c_end: the final cell state's gradient at its step, or None."""
+    δgates = (δc, δc, δc, δh) ⊙ P, P the gates' local derivatives (computed in place where
+    they can be, for peak memory; the loop turns P into δgates in place). out: the layer's
+    h_t (T, B, H); d_c_end: the final cell state's gradient at its step, or None."""
     T, B, H = d_out.shape
     s = _gates(x, prev, w_ih, w_hh, b_ih, b_hh)
     g = s[..., 2 * H:3 * H].tanh()
@@ -141,22 +142,25 @@ def _lstm(x, prev, c0, w_ih, w_hh, b_ih, b_hh, d_out, d_c_end, valid, mask, orde
     torch.mul(g, i * (1 - i), out=P[:, :, 0])
     torch.mul(c_prev, f * (1 - f), out=P[:, :, 1])
     torch.mul(i, 1 - g * g, out=P[:, :, 2])
-    tc = c.tanh_()
+    del c, c_prev
+    # tanh(c_t) = h_t / o_t from the layer's output, in place of a tanh (this CPU's slowest op
+    # here). Where o_t underflows to 0, h_t is 0 too and both terms below are 0, as they should be
+    tc = out / o.clamp_min(torch.finfo(o.dtype).tiny)
     torch.mul(tc, o * (1 - o), out=P[:, :, 3])
     A = o * (1 - tc * tc)                                       # ∂h/∂c
     f = f.contiguous()
-    del s, g, i, o, c, c_prev, tc
+    del s, g, i, o, tc
     if mask is not None:
         P.mul_(mask[..., None])
-    DH, DC = torch.empty_like(A), torch.empty_like(A)
     carry_h, carry_c = torch.zeros_like(c0), torch.zeros_like(c0)
     for t in order:
-        dh = torch.add(d_out[t], carry_h, out=DH[t])
-        dc = torch.addcmul(carry_c if d_c_end is None else carry_c + d_c_end[t], dh, A[t], out=DC[t])
-        carry_h = (torch.stack([dc, dc, dc, dh], 1) * P[t]).flatten(1) @ w_hh
+        dh = d_out[t] + carry_h
+        dc = torch.addcmul(carry_c if d_c_end is None else carry_c + d_c_end[t], dh, A[t])
+        gates = P[t]                                 # (B, 4, H), made δgates_t in place
+        gates[:, :3].mul_(dc[:, None])
+        gates[:, 3].mul_(dh)
+        carry_h = gates.view(B, 4 * H) @ w_hh
         carry_c = dc * f[t]
-    P[:, :, :3].mul_(DC[:, :, None])
-    P[:, :, 3].mul_(DH)
     return P.flatten(2)
 
 
@@ -183,8 +187,8 @@ def _gru(x, prev, w_ih, w_hh, b_ih, b_hh, d_out, mask, order) -> tuple[torch.Ten
     DH, carry = torch.empty_like(z), torch.zeros_like(z[0])
     for t in order:
         dh = torch.add(d_out[t], carry, out=DH[t])
-        carry = torch.addmm(dh * z[t], (dh[:, None] * Q[t]).flatten(1), w_hh)
-    return P.mul_(DH[:, :, None]).flatten(2), prev, Q.mul_(DH[:, :, None]).flatten(2)
+        carry = torch.addmm(dh * z[t], Q[t].mul_(dh[:, None]).view(B, 3 * H), w_hh)   # Q[t] made δgh_t
+    return P.mul_(DH[:, :, None]).flatten(2), prev, Q.flatten(2)
 
 
 def _gates(x: torch.Tensor, prev: torch.Tensor, w_ih, w_hh, b_ih, b_hh) -> torch.Tensor:
