@@ -22,7 +22,7 @@ from .exceptions import ConfigError, ConfigMismatchError, DataError, GradscoreEr
 from .io.checkpoints import CheckpointStore
 from .io.datasets import Dataset, check_targets, load_dataset, probe_model, subset
 from .io.journal import read_fingerprint
-from .io.outputs import claim, is_scores_file, lock
+from .io.outputs import claim, is_scores_file, lock, output_path
 from .io.store import HDF5ScoresWriter, ReusableRows, read_ids
 from .losses import resolve_loss
 from .scorer import Scorer
@@ -150,7 +150,7 @@ def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
     """
     with process_group(resolve_device(config.device), required=distributed) as ranks:
         with lock(out) if ranks.main else contextlib.nullcontext():   # one writer per output
-            return _run(config, Path(out), overwrite, progress, ranks)
+            return _run(config, output_path(out), overwrite, progress, ranks)
 
 
 @dataclass
@@ -347,7 +347,7 @@ def reaggregate(scores: str | os.PathLike, out: str | os.PathLike, *, epochs_upt
 
     Possible where ``scores`` holds every checkpoint the new window needs: all of them, or a
     window at least as wide. Raises :class:`ConfigError` naming what a run must compute."""
-    src, out = Path(scores), Path(out)
+    src, out = Path(scores), output_path(out)
     if not src.is_file():
         raise DataError(f"{src}: no such file; give a scores file written by gradscore run")
     if not is_scores_file(src):

@@ -108,6 +108,30 @@ def test_no_output_joins_a_folder_of_checkpoints_under_a_checkpoints_name(scored
         assert main(["info", str(ckpts)]) == 0
 
 
+@pytest.mark.parametrize("command", ["run", "sketch", "costate", "aggregate", "select", "export", "inrun"])
+def test_an_output_path_ending_in_a_slash_is_refused_not_written_as_a_file(scored, tmp_path, capsys, command):
+    # `--out results/` (a folder that does not exist yet) was written as a file named `results`
+    ckpts, data, scores = scored
+    out = str(tmp_path / "results") + os.sep
+    if command == "inrun":
+        import gradscore as gs
+        from gradscore.demos.models import mlp
+        from helpers import MLP_KWARGS
+        with pytest.raises(gs.OutputError, match="ends in"):
+            gs.InRun(mlp(**MLP_KWARGS), out=out)
+    else:
+        argv = {"run": ["run", "--checkpoints", str(ckpts), "--data", str(data), "--quiet"],
+                "sketch": ["sketch", "--checkpoints", str(ckpts), "--data", str(data), "--dim", "8", "--quiet"],
+                "costate": ["costate", "--checkpoints", str(ckpts), "--proxy", str(data), "--target", str(data),
+                            "--quiet"],
+                "aggregate": ["aggregate", str(scores)],
+                "select": ["select", str(scores), "--by", "el2n"],
+                "export": ["export", str(scores), "--format", "csv"]}[command]
+        code, err = _run(argv + ["--out", out], capsys)
+        assert code == 2 and len(err.splitlines()) == 1 and "ends in" in err, err
+    assert not (tmp_path / "results").exists()
+
+
 def test_costate_never_writes_over_its_input(tiny_run, capsys):
     ckpts, data = tiny_run
     before = _digest(data)

@@ -146,6 +146,15 @@ def _same(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
 
 
+def output_path(out: str | os.PathLike) -> Path:
+    """``out``, a file's path, as a Path; :class:`OutputError` if it ends in a separator (a
+    folder's path, which Path would silently turn into a file's: ``results/`` -> ``results``)."""
+    if isinstance(out, str) and out.endswith(tuple(filter(None, (os.sep, os.altsep)))):
+        raise OutputError(f"{out}: ends in '{out[-1]}', a folder's path; give the path of a file (in that folder: "
+                          f"{out}FILE)")
+    return Path(out)
+
+
 def claim(out: str | os.PathLike, kind: str, *, inputs: Mapping[str, Iterable[str | os.PathLike | None]] | None = None,
           overwrite: bool = False, resumable: bool = False) -> Path:
     """Check that ``out`` may be written by a command; return it as a Path.
@@ -154,11 +163,11 @@ def claim(out: str | os.PathLike, kind: str, *, inputs: Mapping[str, Iterable[st
     None and non-paths (a ``module:fn`` factory) are skipped. ``resumable``: an existing
     output of the right kind without ``overwrite`` is the caller's to judge (a finished
     or interrupted run with the same fingerprint). Raises :class:`OutputError` if ``out``
-    is an input, a directory, or an existing file that is not ``kind`` (even with
+    is an input, a directory (or a path ending in a separator), or an existing file that is not ``kind`` (even with
     ``overwrite``), or exists without ``overwrite`` (unless ``resumable``), or is named as
     a checkpoint (``step_<n>.h5``) in a folder of checkpoints, which would then read it.
     """
-    out = Path(out)
+    out = output_path(out)
     what, is_kind = KINDS[kind]
     for role, paths in (inputs or {}).items():
         for p in paths:

@@ -203,7 +203,7 @@ def compute_costate(config: CostateConfig, out: str | Path | None = None, *, ove
     ckpts = CheckpointStore(config.checkpoints)
     if len(ckpts) < 2:
         raise CheckpointError(f"{config.checkpoints}: PDS needs at least two checkpoints (θ_0 and θ_1)")
-    out = claim(Path(out) if out is not None else Path(config.checkpoints) / "costate.h5", "costate",
+    out = claim(out if out is not None else Path(config.checkpoints) / "costate.h5", "costate",
                 overwrite=overwrite, resumable=True,
                 inputs={"the proxy set": [config.proxy], "the target set": [config.target],
                         "a checkpoint": [info.path for info in ckpts.infos]})

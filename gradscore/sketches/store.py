@@ -34,7 +34,7 @@ from ..config import SketchConfig, resolve_device
 from ..exceptions import CheckpointError, ConfigError, DataError, GradscoreWarning, OutputError
 from ..io.checkpoints import CheckpointStore, not_plain_steps
 from ..io.datasets import check_targets, load_dataset, probe_model
-from ..io.outputs import claim, is_sketch_file, lock
+from ..io.outputs import claim, is_sketch_file, lock, output_path
 from ..io.store import HDF5ScoresWriter, read_ids
 from ..losses import resolve_loss
 from ..scorer import Scorer
@@ -70,7 +70,7 @@ def run_sketch(config: SketchConfig, out: str | os.PathLike, *, overwrite: bool 
                progress: bool = True) -> Path:
     """Sketch every example of ``config.data`` at every checkpoint; write ``out``."""
     with lock(out):
-        return _run(config, Path(out), overwrite, progress)
+        return _run(config, output_path(out), overwrite, progress)
 
 
 def _run(config: SketchConfig, out: Path, overwrite: bool, progress: bool) -> Path:
