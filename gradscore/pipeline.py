@@ -148,9 +148,10 @@ def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
     the path of the finished scores file. Under torchrun the work is split by rank (see
     :mod:`gradscore.distributed`); ``distributed=True`` refuses to run without torchrun.
     """
+    out = output_path(out)   # before the lock, which makes the output's folder
     with process_group(resolve_device(config.device), required=distributed) as ranks:
         with lock(out) if ranks.main else contextlib.nullcontext():   # one writer per output
-            return _run(config, output_path(out), overwrite, progress, ranks)
+            return _run(config, out, overwrite, progress, ranks)
 
 
 @dataclass

@@ -110,9 +110,10 @@ def test_no_output_joins_a_folder_of_checkpoints_under_a_checkpoints_name(scored
 
 @pytest.mark.parametrize("command", ["run", "sketch", "costate", "aggregate", "select", "export", "inrun"])
 def test_an_output_path_ending_in_a_slash_is_refused_not_written_as_a_file(scored, tmp_path, capsys, command):
-    # `--out results/` (a folder that does not exist yet) was written as a file named `results`
+    # `--out results/` (a folder that does not exist yet) was written as a file named `results`;
+    # refused, it leaves no folder behind either (run and sketch took their lock, which makes it, first)
     ckpts, data, scores = scored
-    out = str(tmp_path / "results") + os.sep
+    out = str(tmp_path / "new" / "results") + os.sep
     if command == "inrun":
         import gradscore as gs
         from gradscore.demos.models import mlp
@@ -129,7 +130,7 @@ def test_an_output_path_ending_in_a_slash_is_refused_not_written_as_a_file(score
                 "export": ["export", str(scores), "--format", "csv"]}[command]
         code, err = _run(argv + ["--out", out], capsys)
         assert code == 2 and len(err.splitlines()) == 1 and "ends in" in err, err
-    assert not (tmp_path / "results").exists()
+    assert not (tmp_path / "new").exists()
 
 
 def test_costate_never_writes_over_its_input(tiny_run, capsys):

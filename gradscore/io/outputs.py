@@ -163,9 +163,10 @@ def claim(out: str | os.PathLike, kind: str, *, inputs: Mapping[str, Iterable[st
     None and non-paths (a ``module:fn`` factory) are skipped. ``resumable``: an existing
     output of the right kind without ``overwrite`` is the caller's to judge (a finished
     or interrupted run with the same fingerprint). Raises :class:`OutputError` if ``out``
-    is an input, a directory (or a path ending in a separator), or an existing file that is not ``kind`` (even with
-    ``overwrite``), or exists without ``overwrite`` (unless ``resumable``), or is named as
-    a checkpoint (``step_<n>.h5``) in a folder of checkpoints, which would then read it.
+    is an input, a directory (or a path ending in a separator), or an existing file that
+    is not ``kind`` (even with ``overwrite``), or exists without ``overwrite`` (unless
+    ``resumable``), or is named as a checkpoint (``step_<n>.h5``) in a folder of
+    checkpoints, which would then read it.
     """
     out = output_path(out)
     what, is_kind = KINDS[kind]

@@ -69,8 +69,9 @@ def _check_finite(metrics: dict[str, np.ndarray], ids: np.ndarray, ckpt: Path) -
 def run_sketch(config: SketchConfig, out: str | os.PathLike, *, overwrite: bool = False,
                progress: bool = True) -> Path:
     """Sketch every example of ``config.data`` at every checkpoint; write ``out``."""
+    out = output_path(out)   # before the lock, which makes the output's folder
     with lock(out):
-        return _run(config, output_path(out), overwrite, progress)
+        return _run(config, out, overwrite, progress)
 
 
 def _run(config: SketchConfig, out: Path, overwrite: bool, progress: bool) -> Path:
