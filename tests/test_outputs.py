@@ -133,6 +133,39 @@ def test_an_output_path_ending_in_a_slash_is_refused_not_written_as_a_file(score
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("command", ["run", "sketch", "costate"])
+def test_a_command_refused_after_taking_its_lock_leaves_no_folder_behind(tiny_run, tmp_path, capsys, command):
+    # the lock makes the output's folder; a bad --data file refused after it left that folder empty
+    ckpts, data = tiny_run
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"junk")
+    out = str(tmp_path / "new" / "deeper" / "out.h5")
+    argv = {"run": ["run", "--checkpoints", str(ckpts), "--data", str(bad)],
+            "sketch": ["sketch", "--checkpoints", str(ckpts), "--data", str(bad), "--dim", "8"],
+            "costate": ["costate", "--checkpoints", str(ckpts), "--proxy", str(bad), "--target", str(bad)]}[command]
+    code, err = _run(argv + ["--out", out, "--quiet"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "bad.h5" in err, err
+    assert not (tmp_path / "new").exists()
+
+
+def test_the_lock_removes_only_the_empty_folders_it_made(tmp_path):
+    from gradscore.io.outputs import lock
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(RuntimeError):
+        with lock(tmp_path / "mine" / "a" / "b" / "out.h5"):
+            raise RuntimeError
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["mine"]   # the user's folder stays
+    with pytest.raises(RuntimeError):
+        with lock(tmp_path / "mine" / "a" / "b" / "out.h5"):
+            (tmp_path / "mine" / "a" / "keep.txt").write_text("x")   # written meanwhile: kept
+            raise RuntimeError
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["mine", "mine/a",
+                                                                                        "mine/a/keep.txt"]
+    with lock(tmp_path / "new" / "out.h5"):
+        pass
+    assert (tmp_path / "new").is_dir()   # a finished command's folder stays, empty or not
+
+
 def test_costate_never_writes_over_its_input(tiny_run, capsys):
     ckpts, data = tiny_run
     before = _digest(data)

@@ -211,8 +211,9 @@ def lock(out: str | os.PathLike) -> Iterator[None]:
 
     ``<out>.lock`` holds the holder's pid and host; a second writer fails at once with an
     :class:`OutputError` naming them. The lock is the kernel's (``flock``), so it dies with
-    its process: a lock file left by a killed run is taken over. No-op where ``fcntl`` is
-    missing (Windows).
+    its process: a lock file left by a killed run is taken over. The folders it makes for
+    ``out`` are removed again if the block raises and leaves them empty. No-op where
+    ``fcntl`` is missing (Windows).
     """
     try:
         import fcntl
@@ -221,7 +222,23 @@ def lock(out: str | os.PathLike) -> Iterator[None]:
         return
     out = Path(out)
     path = out.with_name(out.name + ".lock")
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]   # deepest first
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _lock_file(path, out, fcntl):
+            yield
+    except BaseException:
+        for folder in made:   # a refused or interrupted command leaves no empty folder of its own
+            try:
+                folder.rmdir()
+            except OSError:   # not empty (or not ours to remove): kept
+                break
+        raise
+
+
+@contextlib.contextmanager
+def _lock_file(path: Path, out: Path, fcntl) -> Iterator[None]:
+    """Hold the flock on ``path``, the lock file of ``out``, for the block; remove the file after."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
