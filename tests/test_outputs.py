@@ -166,6 +166,135 @@ def test_the_lock_removes_only_the_empty_folders_it_made(tmp_path):
     assert (tmp_path / "new").is_dir()   # a finished command's folder stays, empty or not
 
 
+# A write that fails midway (a full disk; here a file-size limit, which fails it the same
+# way with EFBIG): HDF5 then crashed the process (SIGSEGV, h5py#914) or raised a raw traceback.
+_LIMITED = """
+import resource, signal, sys
+sys.path.insert(0, {tests!r})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+"""
+_WRITERS = {
+    "run": "from gradscore.cli import main\n"
+           "print('exit', main(['run', '--checkpoints', {ckpts!r}, '--data', {data!r}, '--out', {out!r}, '--quiet']))",
+    "costate": "from gradscore.cli import main\n"
+               "print('exit', main(['costate', '--checkpoints', {ckpts!r}, '--proxy', {data!r}, '--target', {data!r},"
+               " '--out', {out!r}, '--quiet']))",
+    "checkpoint": "from gradscore.io.checkpoints import write_checkpoint\nfrom gradscore.demos.models import mlp\n"
+                  "from helpers import MLP_KWARGS\n"
+                  "try:\n    write_checkpoint({out!r}, mlp(**MLP_KWARGS), step=0, lr=0.1)\n"
+                  "except OSError as e:\n    print('exit', 2, e.filename)",
+    "dataset": "import gradscore as gs, numpy as np\n"
+               "try:\n    gs.save_dataset({out!r}, np.zeros((600, 20), np.float32), np.zeros(600, np.int64))\n"
+               "except OSError as e:\n    print('exit', 2, e.filename)",
+}
+
+
+def _write_under_limit(command: str, out: Path, ckpts: Path, data: Path, limit: int | None):
+    from helpers import python_child
+    code = _WRITERS[command].format(ckpts=str(ckpts), data=str(data), out=str(out))
+    if limit is not None:
+        code = _LIMITED.format(tests=str(Path(__file__).parent), limit=limit) + code
+    return python_child(code)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
+@pytest.mark.parametrize("short", ["by half", "by one byte"])
+@pytest.mark.parametrize("command", list(_WRITERS))
+def test_a_write_that_fails_midway_is_one_line_and_leaves_nothing(tmp_path, command, short):
+    from helpers import make_run
+    ckpts, data = make_run(tmp_path, n=600)
+    ref = tmp_path / "ref" / "out.h5"
+    ref.parent.mkdir()
+    done = _write_under_limit(command, ref, ckpts, data, None)
+    assert done.returncode == 0 and ref.exists(), done.stderr
+    size = ref.stat().st_size
+    out = tmp_path / "out" / "out.h5"
+    out.parent.mkdir()
+    child = _write_under_limit(command, out, ckpts, data, size // 2 if short == "by half" else size - 1)
+    assert child.returncode == 0, child.stderr[-3000:]   # not killed (SIGSEGV) nor a traceback
+    assert child.stdout.split()[-3 if command in ("checkpoint", "dataset") else -2:][:2] == ["exit", "2"], child.stdout
+    if command in ("run", "costate"):
+        lines = child.stderr.strip().splitlines()
+        assert len(lines) == 1 and str(out) in lines[0] and "too large" in lines[0] and "ulimit" in lines[0], lines
+    else:
+        assert child.stdout.split()[-1] == str(out)
+    assert not out.exists() and not list(out.parent.glob(".*.tmp")), list(out.parent.iterdir())
+    again = _write_under_limit(command, out, ckpts, data, None)   # the rerun (resuming run's journal)
+    assert again.returncode == 0 and out.exists(), again.stderr
+    if command == "run":
+        import gradscore as gs
+        a, b = gs.load_scores(out), gs.load_scores(ref)
+        for k in a["scores"]:
+            np.testing.assert_array_equal(a["scores"][k], b["scores"][k])
+
+
+@pytest.mark.parametrize("share", [0, 0.1, 0.5, 0.99])
+def test_a_full_disk_is_one_line_and_leaves_nothing(tiny_run, tmp_path, capsys, monkeypatch, share):
+    # the disk fills up `share` of the way into the scores file; the journal is kept for the rerun
+    import errno
+    ckpts, data = tiny_run
+    out = tmp_path / "s.h5"
+    assert main(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(tmp_path / "ref.h5"),
+                 "--quiet"]) == 0
+    real, written, after = os.pwrite, [0], int(share * (tmp_path / "ref.h5").stat().st_size)
+
+    def pwrite(fd, data, offset):
+        if written[0] + len(data) > after:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written[0] += len(data)
+        return real(fd, data, offset)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    code, err = _run(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(out), "--quiet"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"{out}: No space left on device; free space on that disk" in err, err
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp")) and out.with_name("s.h5.partial").is_dir()
+    monkeypatch.setattr(os, "pwrite", real)
+    assert main(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(out), "--quiet"]) == 0
+    import gradscore as gs
+    a, b = gs.load_scores(out), gs.load_scores(tmp_path / "ref.h5")
+    for k in b["scores"]:
+        np.testing.assert_array_equal(a["scores"][k], b["scores"][k])
+
+
+def test_the_file_that_holds_write_errors_reads_back_what_was_written(tmp_path, monkeypatch):
+    """After its first failed write, _HeldErrors serves from memory: any sequence of writes,
+    reads, seeks and truncations reads as the same sequence on a plain file."""
+    import errno
+    from gradscore.io import atomic
+    rng = np.random.default_rng(0)
+    real, failed = os.pwrite, 0
+    for trial in range(40):
+        path, budget, written = tmp_path / f"f{trial}", int(rng.integers(0, 1_200_000)), [0]
+        path.write_bytes(b"")
+
+        def pwrite(fd, data, offset):
+            if written[0] + len(data) > budget:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            written[0] += len(data)
+            return real(fd, data, offset)
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        with atomic._HeldErrors(path) as fh, open(tmp_path / f"ref{trial}", "w+b") as ref:
+            fh.PAGE = int(rng.choice([16, 4096, 1 << 16]))
+            for _ in range(60):
+                pos = int(rng.integers(0, 200_000))
+                op = rng.choice(["write", "read", "truncate"], p=[0.6, 0.3, 0.1])
+                fh.seek(pos), ref.seek(pos)
+                if op == "write":
+                    data = rng.integers(0, 256, int(rng.integers(1, 30_000)), dtype=np.uint8).tobytes()
+                    assert fh.write(data) == ref.write(data)
+                elif op == "read":
+                    n = int(rng.integers(0, 30_000))
+                    assert fh.read(n) == ref.read(n)
+                else:
+                    fh.truncate(pos), ref.truncate(pos)
+                assert fh.seek(0, 2) == ref.seek(0, 2)
+            fh.seek(0), ref.seek(0)
+            assert fh.read() == ref.read()
+            failed += fh.error is not None
+    assert 5 < failed < 35   # both kinds of trial ran: writes held in memory, and all on disk
+
+
 def test_costate_never_writes_over_its_input(tiny_run, capsys):
     ckpts, data = tiny_run
     before = _digest(data)

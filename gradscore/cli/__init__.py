@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import os
 import signal
@@ -103,9 +104,18 @@ def run_and_report(command: str, fn: Callable[[Any], int], arg: Any) -> int:
         return 141
     except OSError as e:      # a read-only folder, a full disk: one line naming the file
         where = e.filename or "a file"
-        print(f"gradscore {command}: error: cannot write or read {where}: {e.strerror or e}; "
-              f"check the path and its permissions, or choose another output path", file=sys.stderr)
+        print(f"gradscore {command}: error: cannot write or read {where}: {e.strerror or e}; {_fix(e)}",
+              file=sys.stderr)
         return 2
+
+
+def _fix(e: OSError) -> str:
+    """What to do about an OS error, by its errno."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space on that disk (or choose another output path) and rerun the same command"
+    if e.errno == errno.EFBIG:
+        return "the file system or a limit (ulimit -f) caps a file's size there: choose another output path"
+    return "check the path and its permissions, or choose another output path"
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .._version import __version__
-from ..io.atomic import atomic_path
+from ..io.atomic import atomic_h5, atomic_path
 from ..exceptions import OutputError
 from ..io.journal import Journal, read_fingerprint
 from ..scores import inrun as inrun_scores
@@ -225,7 +225,7 @@ def write(out: Path, rows: dict[str, np.ndarray], *, config: dict[str, Any], fin
     fields["row"] = row.reshape(-1).astype(np.int64)
     found = warnings_of(rows) + _unmeasured(fields, len(ids), config.get("every", 1), wanted)
     scores = inrun_scores.aggregate(fields, len(ids), wanted)
-    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_h5(out) as f:
         f.attrs.update({"config": json.dumps(config, sort_keys=True), "fingerprint": json.dumps(fingerprint,
                                                                                                sort_keys=True),
                         "gradscore_version": __version__, "loss": loss, "warnings": json.dumps(found),

@@ -5,7 +5,10 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    import h5py
 
 
 def _umask() -> int:
@@ -33,6 +36,129 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, target)
+    except OSError as e:
+        if e.filename not in (None, str(tmp_path)):
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(target)) from e   # the user's file, not the temp file
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_h5(target: str | os.PathLike) -> Iterator["h5py.File"]:
+    """A new HDF5 file that replaces ``target`` atomically when the block ends without error.
+
+    A write that fails (a full disk, a file-size limit) raises an :class:`OSError` naming
+    ``target`` once HDF5 has closed the file: HDF5 cannot close a file after a failed write
+    (h5py#914: it crashes the process), so its writes never fail here (:class:`_HeldErrors`).
+    """
+    import h5py
+    with atomic_path(target) as tmp, _HeldErrors(tmp) as fh:
+        try:
+            with h5py.File(fh, "w") as f:
+                yield f
+        finally:
+            fh.raise_held()
+
+
+class _HeldErrors:
+    """A file object for h5py's ``fileobj`` driver whose writes never fail. The first write
+    error is held; from then on writes go to memory (at most the rest of the file), in pages
+    read from the file first, so that HDF5 reads back what it wrote. :meth:`raise_held`
+    raises that error afterwards."""
+
+    PAGE = 1 << 16
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR)
+        self._pos = self._size = 0
+        self._pages: dict[int, bytearray] = {}   # page index -> its bytes, after a write failed
+        self._disk_end = float("inf")            # the file's bytes from here on read as zeros
+        self.error: OSError | None = None
+
+    def __enter__(self) -> "_HeldErrors":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self._fd)
+
+    def raise_held(self) -> None:
+        if self.error is not None:
+            raise OSError(self.error.errno, self.error.strerror, str(self.path)) from self.error
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = pos + (0, self._pos, self._size)[whence]
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def flush(self) -> None:
+        pass
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._pos if size is None else size
+        if self.error is None:
+            try:
+                os.ftruncate(self._fd, size)
+            except OSError as e:
+                self.error = e
+        if self.error is not None:   # the file's bytes from `size` on are gone, held or not
+            self._disk_end = min(self._disk_end, size)
+            self._pages = {p: page for p, page in self._pages.items() if p * self.PAGE < size}
+            page, start = divmod(size, self.PAGE)
+            if page in self._pages:
+                self._pages[page][start:] = bytes(self.PAGE - start)
+        self._size = size
+        return size
+
+    def write(self, data) -> int:
+        data = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                done = 0
+                while done < len(data):
+                    done += os.pwrite(self._fd, data[done:], self._pos + done)
+            except OSError as e:
+                self.error = e
+        if self.error is not None:
+            self._to_pages(data, self._pos)
+        self._pos += len(data)
+        self._size = max(self._size, self._pos)
+        return len(data)
+
+    def readinto(self, buf) -> int:
+        buf = memoryview(buf).cast("B")
+        n = max(0, min(len(buf), self._size - self._pos))
+        self._read(buf[:n], self._pos)
+        self._pos += n
+        return n
+
+    def read(self, n: int = -1) -> bytes:
+        buf = bytearray(max(0, self._size - self._pos) if n is None or n < 0 else n)
+        return bytes(buf[:self.readinto(buf)])
+
+    def _read(self, buf: memoryview, pos: int) -> None:
+        """Fill ``buf`` with the bytes at ``pos``: from memory where a page is held, else the file."""
+        while len(buf):
+            page, start = divmod(pos, self.PAGE)
+            n = min(len(buf), self.PAGE - start) if self._pages else len(buf)
+            if page in self._pages:
+                buf[:n] = self._pages[page][start:start + n]
+            else:   # past the file's end (or a truncation while held): zeros
+                got = os.preadv(self._fd, [buf[:max(0, min(n, self._disk_end - pos))]], pos)
+                buf[got:n] = bytes(n - got)
+            buf, pos = buf[n:], pos + n
+
+    def _to_pages(self, data: memoryview, pos: int) -> None:
+        while len(data):
+            page, start = divmod(pos, self.PAGE)
+            if page not in self._pages:
+                held = bytearray(self.PAGE)
+                self._read(memoryview(held), page * self.PAGE)
+                self._pages[page] = held
+            n = min(len(data), self.PAGE - start)
+            self._pages[page][start:start + n] = data[:n]
+            data, pos = data[n:], pos + n

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import atomic_path
+from .atomic import atomic_h5
 from ..distributed import current_ranks
 from ..exceptions import CheckpointError
 from ..imports import code_fingerprint, import_ref
@@ -87,7 +87,7 @@ def write_checkpoint(path: str | Path, model: nn.Module, *, step: int, lr: float
     params = dict(model.named_parameters())
     aliases = tied_aliases(model)  # a tied tensor is stored once, under its parameter name
     state = {k: v for k, v in model.state_dict().items() if k not in aliases}
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_h5(path) as f:
         f.attrs.update({
             "format_version": FORMAT_VERSION, "step": int(step), "epoch": float(epoch),
             "lr": float(lr), "optimizer": optimizer, "model": model_factory,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import atomic_path
+from .atomic import atomic_h5
 from ..batch import Inputs, call_model, concat, describe, hash_batch, move, take
 from ..exceptions import DataError
 from ..losses import IGNORE_INDEX, Loss
@@ -400,7 +400,7 @@ def save_dataset(path: str | Path, inputs: np.ndarray | Mapping[str, np.ndarray]
         fields.update(ids=ids, noisy=noisy)
     else:
         fields = {"inputs": inputs, "targets": targets, "ids": ids, "noisy": noisy}
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_h5(path) as f:
         for key, arr in fields.items():
             if arr is not None:
                 f.create_dataset(key, data=np.asarray(arr), chunks=True)

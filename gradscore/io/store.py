@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 import h5py
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import atomic_h5, atomic_path
 from ..exceptions import GradscoreError
 from .journal import Journal
 
@@ -114,7 +114,7 @@ class HDF5ScoresWriter(ScoresWriter):
         if self._complete:
             return self.out
         first = self._read_chunk(0, 0)
-        with atomic_path(self.out) as tmp, h5py.File(tmp, "w") as f:
+        with atomic_h5(self.out) as f:
             f.attrs.update({k: (json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v)
                             for k, v in attrs.items()})
             f.attrs["fingerprint"] = json.dumps(self.fingerprint, sort_keys=True)

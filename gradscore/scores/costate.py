@@ -50,7 +50,7 @@ import torch
 from torch.func import grad, jvp
 from tqdm.auto import tqdm
 
-from ..io.atomic import atomic_path
+from ..io.atomic import atomic_h5
 from ..io.checkpoints import CheckpointStore, not_plain_steps
 from ..batch import Inputs, call_functional, move
 from ..engines.workarounds import torch_workarounds
@@ -159,7 +159,7 @@ def hvp(model: torch.nn.Module, loss: str | Loss, ds: Dataset, v: Params, *, bat
 
 
 def _save_unit(path: Path, grad_target: Params, costate: Params | None) -> None:
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_h5(path) as f:
         for group, tensors in (("grad_target", grad_target), ("costate", costate)):
             if tensors is not None:
                 g = f.create_group(group)
@@ -285,7 +285,7 @@ def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite
             _save_unit(unit, g_target, lam)
             lam_next = lam
             bar.update()
-    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_h5(out) as f:
         f.attrs["fingerprint"] = json.dumps(fingerprint, sort_keys=True)
         f.attrs["config"] = json.dumps(asdict(config), sort_keys=True)
         f.attrs["conventions"] = "pds_n = sum_t eta_t <lambda_{t+1}, grad l_n(theta_t)>; see gradscore.scores.costate"

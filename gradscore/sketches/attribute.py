@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from .._version import __version__
 from ..config import AttributeConfig, resolve_device
 from ..exceptions import CheckpointError, DataError, GradscoreWarning
-from ..io.atomic import atomic_path
+from ..io.atomic import atomic_h5
 from ..io.checkpoints import CheckpointStore, not_plain_steps
 from ..io.datasets import check_targets, load_dataset, probe_model
 from ..io.outputs import claim
@@ -147,7 +147,7 @@ def run_attribute(config: AttributeConfig, out: str | os.PathLike, *, overwrite:
     weights = [torch.from_numpy(w.astype(np.float32)) for w in weights]
     top = TopK(M, min(config.top, N))
     out = Path(out)
-    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f, h5py.File(sf.path, "r") as src:
+    with atomic_h5(out) as f, h5py.File(sf.path, "r") as src:
         full = f.create_dataset("scores", (N, M), dtype=np.float32, chunks=(min(N, 4096), M)) if config.full else None
         mean = f.create_dataset("target_dot", (N,), dtype=np.float64)
         for a in tqdm(range(0, N, config.block_size), desc="attributing", disable=None if progress else True):
