@@ -939,6 +939,34 @@ def test_a_read_only_folder_is_refused_before_training(tmp_path):
         subprocess.run(["umount", str(ro)], capture_output=True)
 
 
+@pytest.mark.parametrize("where", ["journal", "scores file"])
+def test_a_close_that_fails_on_a_full_disk_can_be_called_again(tmp_path, monkeypatch, where):
+    # a second close() after a full disk returned the path of a file it never wrote
+    import errno
+    x, y = _data(dtype=torch.float32)
+    files = {}
+    for name in ("ref", "full"):
+        torch.manual_seed(0)
+        model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
+        rec = gs.InRun(model, out=tmp_path / f"{name}.h5", targets=(x[:8], y[:8]))
+        _train(model, x, y, steps=6, batch=12, rec=rec)
+        if name == "full":
+            def full(*args, **kwargs):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            monkeypatch.setattr(os, "pwrite", full) if where == "scores file" else \
+                monkeypatch.setattr(np, "savez", full)
+            with pytest.raises(OSError, match="No space left") as e:
+                rec.close()
+            assert str(tmp_path) in e.value.filename and not rec.out.exists()
+            monkeypatch.undo()
+        files[name] = rec.close()
+    a, b = gs.load_scores(files["full"]), gs.load_scores(files["ref"])
+    assert a["scores"].keys() == b["scores"].keys()
+    for k in b["scores"]:
+        np.testing.assert_array_equal(a["scores"][k], b["scores"][k])
+    assert not (tmp_path / "full.h5.partial").exists()
+
+
 def test_nothing_is_written_when_training_stops(tmp_path):
     x, y = _data(dtype=torch.float32)
     model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)

@@ -446,7 +446,8 @@ class InRun:
         self._pending: list[dict[str, np.ndarray]] = []
         self._held: tuple[int, float, list[dict[str, np.ndarray]]] | None = None   # (step, scale, records)
         self._attached, self._open, self._next, self._keys = None, None, None, ("ids", "labels")
-        self._closed = False
+        self._closed = False    # no more steps (close() or the with-block ended)
+        self._written = False   # close() wrote the scores file, or training stopped in the with-block
         self._warned_groups = False
         self._warned_stray: set[str] = set()   # trainable parameters the optimizer does not hold, named once
         self._busy = False   # the recorder's own forwards are running: its hooks stand aside
@@ -856,15 +857,17 @@ class InRun:
 
     def close(self) -> Path:
         """Write the scores file (atomically), drop the journal and return the path; the
-        recorder is done. Under torch.distributed every rank calls it; rank 0 writes."""
-        if self._closed:
+        recorder is done. Under torch.distributed every rank calls it; rank 0 writes. If
+        writing fails (an OSError: a full disk), the journal is kept: call it again."""
+        if self._written:
             return self.out
-        self.detach()
-        self._edits.remove()
-        self._closed = True
-        if self._held is not None:
-            self._settle(self._loss_scale())   # the scaler's update after the last step has run
-        self._spill()
+        if not self._closed:
+            self.detach()
+            self._edits.remove()
+            self._closed = True
+            if self._held is not None:
+                self._settle(self._loss_scale())   # the scaler's update after the last step has run
+        self._spill()   # keeps the records if it fails
         _barrier()
         failed = None
         if self.rank == 0:
@@ -877,9 +880,10 @@ class InRun:
                 for text in self._warnings:
                     warnings.warn(f"{self.out}: {text}", GradscoreWarning, stacklevel=2)
                 self.journal.finish()
-            except GradscoreError as e:
+            except (GradscoreError, OSError) as e:
                 failed = e
         _raise_everywhere(failed)
+        self._written = True
         return self.out
 
     def __enter__(self) -> "InRun":
@@ -889,7 +893,7 @@ class InRun:
         if exc_type is None:
             self.close()
             return
-        self._closed = True   # training stopped: the flushed steps stay readable in the file
+        self._closed = self._written = True   # training stopped: the flushed steps stay readable in the file
         if self.rank == 0 and not row_files(self.journal):
             self.journal.finish()   # nothing was flushed: no journal left behind
 
