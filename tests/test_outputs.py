@@ -257,6 +257,23 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tiny_run, tmp_path, capsys, 
         np.testing.assert_array_equal(a["scores"][k], b["scores"][k])
 
 
+def test_a_lock_taken_on_a_full_disk_leaves_no_lock_file(tmp_path, monkeypatch):
+    # writing the holder's pid into the lock file failed (ENOSPC) and left the lock file behind
+    import errno
+    from gradscore.io.outputs import lock
+    real = os.write
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(RuntimeError):
+        with lock(tmp_path / "out.h5"):
+            monkeypatch.setattr(os, "write", real)
+            assert (tmp_path / "out.h5.lock").exists()
+            raise RuntimeError   # the command fails later, naming its own file
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_file_that_holds_write_errors_reads_back_what_was_written(tmp_path, monkeypatch):
     """After its first failed write, _HeldErrors serves from memory: any sequence of writes,
     reads, seeks and truncations reads as the same sequence on a plain file."""

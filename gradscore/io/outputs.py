@@ -247,8 +247,9 @@ def _lock_file(path: Path, out: Path, fcntl) -> Iterator[None]:
             holder = os.read(fd, 256).decode(errors="replace").strip() or "another process"
             raise OutputError(f"{out}: another run ({holder}) is writing it; wait for it to finish, "
                               f"or choose another output path") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        with contextlib.suppress(OSError):   # the holder's name only informs; a full disk may refuse it
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
         try:
             yield
         finally:
