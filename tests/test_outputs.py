@@ -274,6 +274,37 @@ def test_a_lock_taken_on_a_full_disk_leaves_no_lock_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("call", [1, 40, 400])
+def test_ctrl_c_inside_an_hdf5_write_is_raised_after_the_file_closes(tmp_path, call):
+    # a KeyboardInterrupt raised inside HDF5's write callback crashed the process (SIGSEGV)
+    from helpers import python_child
+    out = tmp_path / "out.h5"
+    child = python_child(f"""
+import os, signal, numpy as np
+from gradscore.io import atomic
+real, n = atomic._HeldErrors.write, [0]
+def write(self, data):
+    n[0] += 1
+    if n[0] == {call}:
+        signal.raise_signal(signal.SIGINT)   # Ctrl-C, delivered inside the callback
+    return real(self, data)
+atomic._HeldErrors.write = write
+try:
+    with atomic.atomic_h5({str(out)!r}) as f:
+        for j in range(4):
+            d = f.create_dataset(f"x{{j}}", (200, 2000), dtype=np.float32, chunks=(1, 2000))
+            for i in range(200):
+                d[i] = np.full(2000, i, np.float32)
+    print("finished", n[0])
+except KeyboardInterrupt:
+    print("interrupted", n[0])
+print(sorted(os.listdir({str(tmp_path)!r})))
+""")
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stdout.split()[0] == "interrupted" and int(child.stdout.split()[1]) > {1: 1, 40: 40, 400: 400}[call]
+    assert child.stdout.splitlines()[-1] == "[]", child.stdout   # no output, no temp file
+
+
 def test_the_file_that_holds_write_errors_reads_back_what_was_written(tmp_path, monkeypatch):
     """After its first failed write, _HeldErrors serves from memory: any sequence of writes,
     reads, seeks and truncations reads as the same sequence on a plain file."""

@@ -4,16 +4,14 @@ demos), the options several share in :mod:`.common`. Exit codes: 0 success, 2 ba
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import importlib
 import os
-import signal
 import sys
-import threading
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 from ..exceptions import GradscoreError, one_line
+from ..interrupts import interrupt_after
 from . import demos, files, reports, run, sketch
 from .common import warnings_as_lines
 
@@ -27,25 +25,6 @@ A killed `run` resumes where it stopped when rerun with the same options."""
 
 #: what every command loads first (seconds, for torch), with a command's own ``libraries``
 LIBRARIES = ("numpy", "h5py", "torch")
-
-
-@contextlib.contextmanager
-def interrupt_after() -> Iterator[None]:
-    """Hold Ctrl-C (SIGINT) until the block ends, then raise it: an import cut short can leave a
-    library half-loaded, failing later with other errors (a no-op off the main thread, and
-    where Ctrl-C is ignored, as in a background job)."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
-        yield
-        return
-    held: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
-    if held:
-        raise KeyboardInterrupt
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,11 +52,13 @@ def atomic_h5(target: str | os.PathLike) -> Iterator["h5py.File"]:
     A write that fails (a full disk, a file-size limit) raises an :class:`OSError` naming
     ``target`` once HDF5 has closed the file: HDF5 cannot close a file after a failed write
     (h5py#914: it crashes the process), so its writes never fail here (:class:`_HeldErrors`).
+    For the same reason Ctrl-C is held until the file is closed (then removed).
     """
     import h5py
+    from ..interrupts import interrupt_after
     with atomic_path(target) as tmp, _HeldErrors(tmp) as fh:
         try:
-            with h5py.File(fh, "w") as f:
+            with interrupt_after(), h5py.File(fh, "w") as f:   # Ctrl-C once HDF5 has closed it
                 yield f
         finally:
             fh.raise_held()
