@@ -83,6 +83,18 @@ def test_truncated_file(tmp_path):
         gs.CheckpointStore(tmp_path)
 
 
+@pytest.mark.parametrize("thing", ["folder", "broken link"])
+def test_a_folder_or_broken_link_named_as_a_checkpoint_is_named_as_such(tmp_path, thing):
+    # it was called "truncated or corrupt", with the advice to re-save the checkpoint
+    _saved(tmp_path)
+    odd = tmp_path / "step_00000009.h5"
+    odd.mkdir() if thing == "folder" else odd.symlink_to(tmp_path / "gone.h5")
+    match = "is a folder named as a checkpoint" if thing == "folder" else r"is a link to a missing file \(.*gone\.h5\)"
+    with pytest.raises(gs.CheckpointError, match=r"step_00000009\.h5: " + match) as e:
+        gs.CheckpointStore(tmp_path)
+    assert "corrupt" not in str(e.value) and "re-save" not in str(e.value)
+
+
 def test_corrupt_tensor_fails_its_checksum(tmp_path):
     model = mlp(d_in=64, hidden=64, n_classes=4, depth=1)
     path = _saved(tmp_path, model=model, model_kwargs={"d_in": 64, "hidden": 64, "n_classes": 4, "depth": 1})

@@ -236,6 +236,12 @@ class CheckpointInfo:
 
 def read_info(path: Path) -> CheckpointInfo:
     """The attributes of the checkpoint file ``path``; one CheckpointError if it is not one."""
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder named as a checkpoint (step_<n>.h5); rename it or move it "
+                              f"out of {path.parent}")
+    if path.is_symlink() and not path.exists():
+        raise CheckpointError(f"{path}: is a link to a missing file ({os.readlink(path)}); restore that file "
+                              f"or remove the link")
     try:
         with h5py.File(path, "r") as f:
             attrs = dict(f.attrs)
