@@ -135,6 +135,7 @@ class _HeldErrors:
         buf = memoryview(buf).cast("B")
         n = max(0, min(len(buf), self._size - self._pos))
         self._read(buf[:n], self._pos)
+        buf[n:] = bytes(len(buf) - n)   # past the end: zeros, as HDF5 expects of a short read
         self._pos += n
         return n
 
