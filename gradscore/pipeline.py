@@ -23,7 +23,7 @@ from .io.checkpoints import CheckpointStore
 from .io.datasets import Dataset, check_targets, load_dataset, probe_model, subset
 from .io.journal import read_fingerprint
 from .io.outputs import claim, is_scores_file, lock, output_path
-from .io.store import HDF5ScoresWriter, ReusableRows, read_ids
+from .io.store import HDF5ScoresWriter, ReusableRows, damage_named, put, read_ids
 from .losses import resolve_loss
 from .scorer import Scorer
 from .scores import datadiet, registry
@@ -329,7 +329,7 @@ def write_scores(writer: HDF5ScoresWriter, config: RunConfig, *, ids: np.ndarray
     def whole_dataset(f: h5py.File) -> dict[str, np.ndarray]:
         pc = f["per_checkpoint"]   # read metric by metric, only where a score needs it
         if config.allow_nonfinite:
-            f.create_dataset("nonfinite", data=registry.nonfinite(pc))
+            put(f, "nonfinite", registry.nonfinite(pc))
         ck = None if eta is None else {k: f["checkpoints"][k][()] for k in ("ref_norm_target", "ref_norm_costate")
                                        if k in f["checkpoints"]}
         return registry.whole_dataset(pc, window, wanted, ck, config.variants, config.clip_quantile)
@@ -354,7 +354,7 @@ def reaggregate(scores: str | os.PathLike, out: str | os.PathLike, *, epochs_upt
     if not is_scores_file(src):
         raise DataError(f"{src}: is not a gradscore scores file; give one written by gradscore run")
     claim(out, "scores", inputs={"the scores file": [src]}, overwrite=overwrite)
-    with h5py.File(src, "r") as f:
+    with damage_named(src), h5py.File(src, "r") as f:
         if json.loads(f.attrs["config"]).get("inrun"):
             raise ConfigError(f"{src}: is an in-run recording (gs.InRun), whose rows are training steps, not "
                               f"checkpoints; aggregate takes a scores file of `gradscore run`")

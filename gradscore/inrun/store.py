@@ -30,6 +30,7 @@ from .._version import __version__
 from ..io.atomic import atomic_h5, atomic_path
 from ..exceptions import OutputError
 from ..io.journal import Journal, read_fingerprint
+from ..io.store import put, read_ids, write_ids
 from ..scores import inrun as inrun_scores
 
 #: per-row fields and their stored dtype (ids are kept as given: int64 or str)
@@ -159,7 +160,7 @@ def recorded_rows(out: Path) -> dict[str, np.ndarray]:
         if missing:
             raise OutputError(f"{out}: its in-run records lack {', '.join(missing)} (written by an older gradscore), "
                               f"so it cannot be continued; record into another file")
-        ids = f["ids"].asstr()[()] if h5py.check_string_dtype(f["ids"].dtype) else f["ids"][()]
+        ids = read_ids(f["ids"])
         return {"ids": ids[group["row"][()]], **{k: group[k][()] for k in FIELDS if k in group}}
 
 
@@ -230,15 +231,12 @@ def write(out: Path, rows: dict[str, np.ndarray], *, config: dict[str, Any], fin
                                                                                                sort_keys=True),
                         "gradscore_version": __version__, "loss": loss, "warnings": json.dumps(found),
                         "inrun_complete": complete})
-        if ids.dtype.kind in "OUS":
-            f.create_dataset("ids", data=ids.astype(object), dtype=h5py.string_dtype())
-        else:
-            f.create_dataset("ids", data=ids.astype(np.int64))
+        write_ids(f, "ids", ids if ids.dtype.kind in "OUS" else ids.astype(np.int64))
         group = f.create_group("scores")
         for k, v in scores.items():
-            group.create_dataset(k, data=v)
+            put(group, k, v)
         f.create_group("per_checkpoint")   # none: the records are per (step, example)
         rec = f.create_group("inrun")
         for k, v in fields.items():
-            rec.create_dataset(k, data=v, compression="gzip", chunks=True)
+            put(rec, k, v, compression="gzip", chunks=True)
     return found

@@ -58,7 +58,7 @@ def atomic_h5(target: str | os.PathLike) -> Iterator["h5py.File"]:
     from ..interrupts import interrupt_after
     with atomic_path(target) as tmp, _HeldErrors(tmp) as fh:
         try:
-            with interrupt_after(), h5py.File(fh, "w") as f:   # Ctrl-C once HDF5 has closed it
+            with interrupt_after(), h5py.File(fh, "w", libver="v108") as f:   # Ctrl-C once HDF5 has closed it
                 yield f
         finally:
             fh.raise_held()

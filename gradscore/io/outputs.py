@@ -34,7 +34,7 @@ def _hdf5_attrs(path: Path) -> set[str]:
     try:
         with h5py.File(path, "r") as f:
             return set(f.attrs)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RuntimeError, KeyError):   # not HDF5, or damaged: no kind of ours
         return set()
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -32,13 +33,31 @@ from ..exceptions import GradscoreError
 from .journal import Journal
 
 
+def checked(shape: tuple[int, ...], dtype: Any) -> dict[str, Any]:
+    """``create_dataset`` options that checksum every chunk (fletcher32): a damaged file then
+    fails to read instead of giving other numbers. None where HDF5 cannot: a scalar, no
+    elements, strings."""
+    if not shape or 0 in shape or np.dtype(dtype).kind not in "biuf":
+        return {}
+    return {"fletcher32": True}
+
+
+def put(group: h5py.Group, name: str, data: Any = None, *, shape: tuple[int, ...] | None = None,
+        dtype: Any = None, **options: Any) -> h5py.Dataset:
+    """``group.create_dataset`` with :func:`checked`'s checksums."""
+    if data is not None:
+        data = np.asarray(data)
+        shape, dtype = data.shape, data.dtype if dtype is None else dtype
+    return group.create_dataset(name, shape, dtype=dtype, data=data, **checked(shape, dtype), **options)
+
+
 def write_ids(group: h5py.Group, name: str, ids: np.ndarray) -> None:
     """Example ids (any shape) as a dataset: integers as they are, strings (imported guids)
     as HDF5 strings."""
     if ids.dtype.kind in "OUS":
         group.create_dataset(name, data=ids.astype(object), dtype=h5py.string_dtype())
     else:
-        group.create_dataset(name, data=ids)
+        put(group, name, ids)
 
 
 def read_ids(dataset: h5py.Dataset) -> np.ndarray:
@@ -121,34 +140,34 @@ class HDF5ScoresWriter(ScoresWriter):
             pc = f.create_group("per_checkpoint")
             chunks = (1, min(self.n, self.chunk_size))
             # (n,) metrics go to /per_checkpoint (T, N); a wider one (logits (n, C)) to /<name> (T, N, C)
-            dsets = {k: (pc if v.ndim == 1 else f).create_dataset(k, (self.T, self.n, *v.shape[1:]), dtype=v.dtype,
-                                                                   chunks=chunks + v.shape[1:])
+            dsets = {k: put(pc if v.ndim == 1 else f, k, shape=(self.T, self.n, *v.shape[1:]), dtype=v.dtype,
+                            chunks=chunks + v.shape[1:])
                      for k, v in first.items()}
             for t in range(self.T):
                 for c in range(self.n_chunks):
                     a, b = self.chunk_range(c)
                     for k, v in self._read_chunk(t, c).items():
                         dsets[k][t, a:b] = v
-            f.create_dataset("done", data=np.ones((self.T, self.n_chunks), dtype=np.uint8))
+            put(f, "done", np.ones((self.T, self.n_chunks), dtype=np.uint8))
             write_ids(f, "ids", ids)
             for k, v in extras.items():
                 if isinstance(v, dict):
                     g = f.create_group(k)
                     for kk, vv in v.items():
-                        g.create_dataset(kk, data=vv)
+                        put(g, kk, vv)
                 else:
-                    f.create_dataset(k, data=v)
+                    put(f, k, v)
             sg = f.create_group("scores")
             for c in range(self.n_chunks):
                 a, b = self.chunk_range(c)
                 agg = aggregate({k: d[:, a:b] for k, d in dsets.items() if d.ndim == 2})
                 for k, v in agg.items():
                     if k not in sg:
-                        sg.create_dataset(k, (self.n,), dtype=np.float64)
+                        put(sg, k, shape=(self.n,), dtype=np.float64)
                     sg[k][a:b] = v
             if whole is not None:
                 for k, v in whole(f).items():
-                    sg.create_dataset(k, data=v)
+                    put(sg, k, v)
         self.journal.finish()
         return self.out
 
@@ -184,10 +203,11 @@ class ReusableRows:
     def read(self, sha256: str, start: int, stop: int) -> dict[str, np.ndarray]:
         """Every metric of that checkpoint for examples ``start:stop``: {name: (stop-start,)}."""
         assert self._file is not None
-        pc, t = self._file["per_checkpoint"], self._row[sha256]
-        rows = {k: pc[k][t, start:stop] for k in pc}
-        if "logits" in self._file:
-            rows["logits"] = self._file["logits"][t, start:stop]
+        with damage_named(self._file.filename):
+            pc, t = self._file["per_checkpoint"], self._row[sha256]
+            rows = {k: pc[k][t, start:stop] for k in pc}
+            if "logits" in self._file:
+                rows["logits"] = self._file["logits"][t, start:stop]
         return rows
 
     def close(self) -> None:
@@ -215,34 +235,72 @@ def _scores_file(path: Path) -> Iterator[h5py.File]:
         yield f
 
 
+def _damaged(path: Path, e: Exception, what: str = "") -> GradscoreError:
+    return GradscoreError(f"{path}: {what + ' ' if what else ''}is damaged ({e}); restore the file from a copy "
+                          f"or rerun the command that wrote it")
+
+
+@contextlib.contextmanager
+def damage_named(path: str | os.PathLike) -> Iterator[None]:
+    """Read errors of the HDF5 file ``path`` inside the block as one GradscoreError naming it:
+    a dataset or HDF5's metadata failing its checksum (h5py's OSError without a file name,
+    RuntimeError, KeyError "Unable to ..."), an attribute that is not JSON."""
+    try:
+        yield
+    except (OSError, RuntimeError, KeyError, json.JSONDecodeError) as e:
+        if (isinstance(e, OSError) and e.filename) or (isinstance(e, KeyError) and "Unable to" not in str(e)):
+            raise
+        raise _damaged(Path(path), e) from e
+
+
+def _read(f: h5py.File, path: Path, name: str) -> Any:
+    """Dataset ``name`` of the scores file ``f`` (ids as :func:`read_ids` gives them), or a
+    GradscoreError naming it where it fails to read (its checksum: the file is damaged)."""
+    try:
+        return read_ids(f[name]) if name == "ids" else f[name][()]
+    except (OSError, RuntimeError) as e:
+        raise _damaged(path, e, f"/{name}") from e
+
+
+def _json(f: h5py.File, path: Path, name: str, default: str | None = None) -> Any:
+    """The JSON attribute ``name`` of ``f``, or a GradscoreError naming it where it does not parse."""
+    try:
+        return json.loads(f.attrs[name] if default is None else f.attrs.get(name, default))
+    except ValueError as e:
+        raise _damaged(path, f"not JSON: {e}", f"attribute {name}") from e
+
+
 def load_inrun_rows(path: str | Path) -> dict[str, np.ndarray]:
     """The per-(step, example) records of an in-run scores file (``gs.InRun``): (M,) arrays;
     GradscoreError for a file without them."""
     path = Path(path)
     try:
-        with _scores_file(path) as f:
+        with damage_named(path), _scores_file(path) as f:
             if "inrun" not in f:
                 raise GradscoreError(f"{path}: has no in-run records (it was written by gradscore run, not "
                                      f"gs.InRun)")
-            return {k: f["inrun"][k][()] for k in f["inrun"]}
+            return {k: _read(f, path, f"inrun/{k}") for k in f["inrun"]}
     except (OSError, KeyError) as e:
         raise GradscoreError(f"{path}: has no readable in-run records ({e})") from e
 
 
 def load_scores(path: str | Path) -> dict[str, Any]:
     """Read a finished scores file into memory: ``{"scores": {...}, "per_checkpoint": {...},
-    "ids", "noisy" (or None), "checkpoints": {step, epoch, lr, eta, ref_norm_*...}, "config"}``."""
+    "ids", "noisy" (or None), "checkpoints": {step, epoch, lr, eta, ref_norm_*...}, "config"}``.
+    GradscoreError for a file that is not one, or is damaged (a dataset fails its checksum)."""
     path = Path(path)
     try:
-        with _scores_file(path) as f:
+        with damage_named(path), _scores_file(path) as f:
+            def group(name: str) -> dict[str, np.ndarray]:
+                return {k: _read(f, path, f"{name}/{k}") for k in f[name]} if name in f else {}
             return {
-                "scores": {k: f["scores"][k][()] for k in f["scores"]},
-                "per_checkpoint": {k: f["per_checkpoint"][k][()] for k in f["per_checkpoint"]},
-                "ids": read_ids(f["ids"]),
-                "noisy": f["noisy"][()] if "noisy" in f else None,
-                "checkpoints": {k: f["checkpoints"][k][()] for k in f["checkpoints"]} if "checkpoints" in f else {},
-                "config": json.loads(f.attrs["config"]),
-                "warnings": json.loads(f.attrs.get("warnings", "[]")),
+                "scores": group("scores"),
+                "per_checkpoint": group("per_checkpoint"),
+                "ids": _read(f, path, "ids"),
+                "noisy": _read(f, path, "noisy") if "noisy" in f else None,
+                "checkpoints": group("checkpoints"),
+                "config": _json(f, path, "config"),
+                "warnings": _json(f, path, "warnings", "[]"),
             }
     except (OSError, KeyError) as e:
         raise GradscoreError(f"{path}: not a gradscore scores file ({e})") from e

@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 
 from ..exceptions import GradscoreError
+from ..io.store import damage_named
 
 
 def environment() -> dict[str, Any]:
@@ -151,7 +152,12 @@ def _describe_attribution(path: Path) -> str:
 
 def describe(path: Path) -> str:
     """Describe a checkpoint directory, a dataset (.h5/.npz), a scores, sketch or
-    attribution file."""
+    attribution file; a damaged file is one GradscoreError naming it."""
+    with damage_named(path):
+        return _describe(path)
+
+
+def _describe(path: Path) -> str:
     if path.is_dir():
         return _describe_checkpoints(path)
     if not path.exists():

@@ -61,6 +61,7 @@ from ..exceptions import (CheckpointError, ConfigError, DataError, EngineError, 
 from ..losses import Loss, resolve_loss
 from ..io.outputs import claim, lock
 from ..io.journal import Journal, read_fingerprint
+from ..io.store import put
 
 Params = dict[str, torch.Tensor]
 
@@ -164,7 +165,7 @@ def _save_unit(path: Path, grad_target: Params, costate: Params | None) -> None:
             if tensors is not None:
                 g = f.create_group(group)
                 for name, t in tensors.items():
-                    g.create_dataset(name, data=t.detach().cpu().numpy())
+                    put(g, name, t.detach().cpu().numpy())
 
 
 def _load_group(f: h5py.Group, name: str, device, dtype) -> Params | None:

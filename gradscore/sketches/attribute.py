@@ -38,7 +38,7 @@ from ..io.atomic import atomic_h5
 from ..io.checkpoints import CheckpointStore, not_plain_steps
 from ..io.datasets import check_targets, load_dataset, probe_model
 from ..io.outputs import claim
-from ..io.store import write_ids
+from ..io.store import put, write_ids
 from ..scorer import Scorer
 from .store import SketchFile, sketch_chunk
 
@@ -148,8 +148,8 @@ def run_attribute(config: AttributeConfig, out: str | os.PathLike, *, overwrite:
     top = TopK(M, min(config.top, N))
     out = Path(out)
     with atomic_h5(out) as f, h5py.File(sf.path, "r") as src:
-        full = f.create_dataset("scores", (N, M), dtype=np.float32, chunks=(min(N, 4096), M)) if config.full else None
-        mean = f.create_dataset("target_dot", (N,), dtype=np.float64)
+        full = put(f, "scores", shape=(N, M), dtype=np.float32, chunks=(min(N, 4096), M)) if config.full else None
+        mean = put(f, "target_dot", shape=(N,), dtype=np.float64)
         for a in tqdm(range(0, N, config.block_size), desc="attributing", disable=None if progress else True):
             b = min(N, a + config.block_size)
             scores = block_scores([src["sketch"][t, a:b] for t in steps], weights)
@@ -164,8 +164,8 @@ def run_attribute(config: AttributeConfig, out: str | os.PathLike, *, overwrite:
             s, r = (v.numpy() for v in getattr(top, side))
             g = f.create_group(name)
             write_ids(g, "ids", train_ids[r])
-            g.create_dataset("rows", data=r)
-            g.create_dataset("scores", data=s)
+            put(g, "rows", r)
+            put(g, "scores", s)
         f.attrs["config"] = json.dumps(config.to_dict(), sort_keys=True)
         f.attrs["attribution"] = json.dumps({"method": config.method, "checkpoints": steps, "dim": dim,
                                              "seed": sf.spec.seed, "n_train": N, "n_query": M}, sort_keys=True)
