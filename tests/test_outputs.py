@@ -229,27 +229,32 @@ def test_a_write_that_fails_midway_is_one_line_and_leaves_nothing(tmp_path, comm
             np.testing.assert_array_equal(a["scores"][k], b["scores"][k])
 
 
+def _disk_full_after(budget: int, real=os.pwrite):
+    """An os.pwrite that fails with ENOSPC once ``budget`` bytes have been written through it."""
+    import errno
+    written = [0]
+
+    def pwrite(fd, data, offset):
+        if written[0] + len(data) > budget:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written[0] += len(data)
+        return real(fd, data, offset)
+    return pwrite
+
+
 @pytest.mark.parametrize("share", [0, 0.1, 0.5, 0.99])
 def test_a_full_disk_is_one_line_and_leaves_nothing(tiny_run, tmp_path, capsys, monkeypatch, share):
     # the disk fills up `share` of the way into the scores file; the journal is kept for the rerun
-    import errno
     ckpts, data = tiny_run
     out = tmp_path / "s.h5"
     assert main(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(tmp_path / "ref.h5"),
                  "--quiet"]) == 0
-    real, written, after = os.pwrite, [0], int(share * (tmp_path / "ref.h5").stat().st_size)
-
-    def pwrite(fd, data, offset):
-        if written[0] + len(data) > after:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        written[0] += len(data)
-        return real(fd, data, offset)
-    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "pwrite", _disk_full_after(int(share * (tmp_path / "ref.h5").stat().st_size)))
     code, err = _run(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(out), "--quiet"], capsys)
     assert code == 2 and len(err.splitlines()) == 1, err
     assert f"{out}: No space left on device; free space on that disk" in err, err
     assert not out.exists() and not list(tmp_path.glob(".*.tmp")) and out.with_name("s.h5.partial").is_dir()
-    monkeypatch.setattr(os, "pwrite", real)
+    monkeypatch.undo()
     assert main(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(out), "--quiet"]) == 0
     import gradscore as gs
     a, b = gs.load_scores(out), gs.load_scores(tmp_path / "ref.h5")
@@ -308,20 +313,13 @@ print(sorted(os.listdir({str(tmp_path)!r})))
 def test_the_file_that_holds_write_errors_reads_back_what_was_written(tmp_path, monkeypatch):
     """After its first failed write, _HeldErrors serves from memory: any sequence of writes,
     reads, seeks and truncations reads as the same sequence on a plain file."""
-    import errno
     from gradscore.io import atomic
     rng = np.random.default_rng(0)
-    real, failed = os.pwrite, 0
+    failed = 0
     for trial in range(40):
-        path, budget, written = tmp_path / f"f{trial}", int(rng.integers(0, 1_200_000)), [0]
+        path = tmp_path / f"f{trial}"
         path.write_bytes(b"")
-
-        def pwrite(fd, data, offset):
-            if written[0] + len(data) > budget:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            written[0] += len(data)
-            return real(fd, data, offset)
-        monkeypatch.setattr(os, "pwrite", pwrite)
+        monkeypatch.setattr(os, "pwrite", _disk_full_after(int(rng.integers(0, 1_200_000))))
         with atomic._HeldErrors(path) as fh, open(tmp_path / f"ref{trial}", "w+b") as ref:
             fh.PAGE = int(rng.choice([16, 4096, 1 << 16]))
             for _ in range(60):
