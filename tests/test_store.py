@@ -100,3 +100,16 @@ def test_a_damaged_scores_file_fails_to_read_instead_of_giving_other_numbers(tin
             gs.load_scores(bad)
             if writer == "inrun":
                 load_inrun_rows(bad)
+
+
+def test_a_damaged_dataset_file_fails_to_read_instead_of_giving_other_inputs(tiny_run, tmp_path):
+    # a flipped bit in a data file saved by gs.save_dataset was read as other inputs
+    import shutil
+    _, data = tiny_run
+    for name in ("inputs", "targets", "ids", "noisy"):
+        bad = tmp_path / f"bad_{name}.h5"
+        shutil.copy(data, bad)
+        _flip_a_byte_of(bad, name)
+        with pytest.raises(gs.GradscoreError, match=f"{bad.name}: is damaged"):
+            ds = gs.load_dataset(bad)
+            ds.read(0, len(ds)), ds.ids(), ds.noisy()

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic import atomic_h5
+from .store import damage_named, put
 from ..batch import Inputs, call_model, concat, describe, hash_batch, move, take
 from ..exceptions import DataError
 from ..losses import IGNORE_INDEX, Loss
@@ -148,14 +149,19 @@ class ArrayFileDataset(Dataset):
                 if key in keys and tuple(self._arrays[key].shape) != shape:
                     raise DataError(f"{self.path}: field '{key}' has shape {tuple(self._arrays[key].shape)} "
                                     f"but 'input_ids' has {shape}")
-        if "ids" in keys and len(np.unique(self._arrays["ids"][()])) != self._n:
+        if "ids" in keys and len(np.unique(self._get("ids"))) != self._n:
             raise DataError(f"{self.path}: field 'ids' has duplicate values")
 
     def __len__(self) -> int:
         return self._n
 
+    def _get(self, key: str, index: Any = ()) -> np.ndarray:
+        """``field[index]``; one error naming the file where it fails its checksum (damaged)."""
+        with damage_named(self.path):
+            return np.asarray(self._arrays[key][index])
+
     def _field(self, key: str, start: int, stop: int) -> torch.Tensor:
-        return _as_tensor(np.asarray(self._arrays[key][start:stop]))
+        return _as_tensor(self._get(key, slice(start, stop)))
 
     def read(self, start: int, stop: int) -> tuple[Inputs, torch.Tensor]:
         if not self.text:
@@ -170,7 +176,7 @@ class ArrayFileDataset(Dataset):
 
     def ids(self) -> np.ndarray:
         if "ids" in self._arrays:
-            return np.asarray(self._arrays["ids"][()])
+            return self._get("ids")
         return super().ids()
 
     def has_ids(self) -> bool:
@@ -178,7 +184,7 @@ class ArrayFileDataset(Dataset):
 
     def noisy(self) -> np.ndarray | None:
         if "noisy" in self._arrays:
-            return np.asarray(self._arrays["noisy"][()]).astype(bool)
+            return self._get("noisy").astype(bool)
         return None
 
     def fingerprint(self, progress: bool = False) -> dict[str, Any]:
@@ -403,5 +409,5 @@ def save_dataset(path: str | Path, inputs: np.ndarray | Mapping[str, np.ndarray]
     with atomic_h5(path) as f:
         for key, arr in fields.items():
             if arr is not None:
-                f.create_dataset(key, data=np.asarray(arr), chunks=True)
+                put(f, key, arr, chunks=True)
     return path
