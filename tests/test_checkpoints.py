@@ -107,6 +107,29 @@ def test_corrupt_tensor_fails_its_checksum(tmp_path):
         gs.CheckpointStore(tmp_path).build_model(0)
 
 
+def test_a_checkpoint_damaged_anywhere_is_refused_or_reads_the_same(tmp_path):
+    # damaged metadata (now checksummed) raised h5py's KeyError/RuntimeError as a traceback
+    import shutil
+    model = mlp(**MLP_KWARGS)
+    path = _saved(tmp_path / "good", model=model)
+    expected = gs.CheckpointStore(path.parent).build_model(0).state_dict()
+    raw, refused = path.read_bytes(), 0
+    for offset in range(0, len(raw), max(1, len(raw) // 150)):
+        folder = tmp_path / f"bad{offset}"
+        shutil.copytree(path.parent, folder)
+        damaged = bytearray(raw)
+        damaged[offset] ^= 0x08
+        (folder / path.name).write_bytes(bytes(damaged))
+        try:
+            got = gs.CheckpointStore(folder).build_model(0).state_dict()
+        except gs.CheckpointError as e:
+            assert path.name in str(e)
+            refused += 1
+            continue
+        assert all(torch.equal(got[k], expected[k]) for k in expected), offset
+    assert refused > 20   # (the rest of the bytes are padding, or the fill of unused space)
+
+
 def test_empty_and_missing_directory(tmp_path):
     with pytest.raises(gs.CheckpointError, match="no checkpoint files"):
         gs.CheckpointStore(tmp_path)

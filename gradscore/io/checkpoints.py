@@ -234,6 +234,10 @@ class CheckpointInfo:
     source: str = ""   # an imported checkpoint's source file, JSON (``import-checkpoints``)
 
 
+def _unreadable(path: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"{path}: not a readable HDF5 file (truncated or corrupt: {e}); re-save this checkpoint")
+
+
 def read_info(path: Path) -> CheckpointInfo:
     """The attributes of the checkpoint file ``path``; one CheckpointError if it is not one."""
     if path.is_dir():
@@ -246,9 +250,8 @@ def read_info(path: Path) -> CheckpointInfo:
         with h5py.File(path, "r") as f:
             attrs = dict(f.attrs)
             groups = set(f.keys())
-    except OSError as e:
-        raise CheckpointError(f"{path}: not a readable HDF5 file (truncated or corrupt: {e}); "
-                              f"re-save this checkpoint") from e
+    except (OSError, RuntimeError, KeyError) as e:   # KeyError, RuntimeError: HDF5's metadata checksum fails
+        raise _unreadable(path, e) from e
     missing = [a for a in _REQUIRED_ATTRS if a not in attrs]
     if missing:
         raise CheckpointError(f"{path}: missing attribute(s) {', '.join(missing)}; "
@@ -303,9 +306,12 @@ def not_plain_steps(optimizers: list[str], method: str, what: str) -> list[str]:
 def _param_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """{parameter name: shape} of a checkpoint, from its metadata alone."""
     shapes: dict[str, tuple[int, ...]] = {}
-    with h5py.File(path, "r") as f:
-        f["params"].visititems(lambda name, obj: shapes.__setitem__(name, tuple(obj.shape))
-                               if isinstance(obj, h5py.Dataset) else None)
+    try:
+        with h5py.File(path, "r") as f:
+            f["params"].visititems(lambda name, obj: shapes.__setitem__(name, tuple(obj.shape))
+                                   if isinstance(obj, h5py.Dataset) else None)
+    except (OSError, RuntimeError, KeyError) as e:   # its metadata fails HDF5's checksum
+        raise _unreadable(path, e) from e
     return shapes
 
 
@@ -336,7 +342,7 @@ def load_state_dict(path: str | Path, model: nn.Module) -> dict[str, torch.Tenso
                                           f"model_kwargs")
                 try:
                     arr = ds[()]
-                except OSError as e:
+                except (OSError, RuntimeError) as e:
                     raise CheckpointError(f"{path}: tensor '{name}' is corrupt ({e}); "
                                           f"re-save this checkpoint") from e
                 out[name] = torch.as_tensor(np.asarray(arr)).to(ref.dtype)
@@ -344,7 +350,7 @@ def load_state_dict(path: str | Path, model: nn.Module) -> dict[str, torch.Tenso
                 extra = sorted(k.split("/", 1)[1] for k in stored)
                 raise CheckpointError(f"{path}: tensor(s) {', '.join(extra[:5])} are not in "
                                       f"the model; was it saved from another model?")
-    except OSError as e:
+    except (OSError, RuntimeError, KeyError) as e:   # every name was checked: a KeyError is damage
         raise CheckpointError(f"{path}: not a readable HDF5 file ({e})") from e
     out.update({alias: out[name] for alias, name in aliases.items()})
     return out
