@@ -30,7 +30,7 @@ from .._version import __version__
 from ..io.atomic import atomic_h5, atomic_path
 from ..exceptions import OutputError
 from ..io.journal import Journal, read_fingerprint
-from ..io.store import put, read_ids, write_ids
+from ..io.store import damage_named, put, read_ids, write_ids
 from ..scores import inrun as inrun_scores
 
 #: per-row fields and their stored dtype (ids are kept as given: int64 or str)
@@ -145,7 +145,7 @@ def find_recording(out: Path) -> Recording | None:
     fingerprint = read_fingerprint(out) if out.is_file() else None
     if not (isinstance(fingerprint, dict) and "inrun" in fingerprint):
         return None
-    with h5py.File(out, "r") as f:
+    with damage_named(out), h5py.File(out, "r") as f:
         complete = bool(f.attrs.get("inrun_complete", True))
     return Recording(fingerprint, False, 1, complete)
 
@@ -154,7 +154,7 @@ def recorded_rows(out: Path) -> dict[str, np.ndarray]:
     """The rows of the in-run scores file ``out`` (its ``/inrun`` group), in step order, as
     :class:`RowJournal` writes them: what a resumed recording continues when its journal is
     gone (the recording was closed)."""
-    with h5py.File(out, "r") as f:
+    with damage_named(out), h5py.File(out, "r") as f:
         group = f["inrun"]
         missing = [k for k in (*RECORDED, "row") if k not in group]
         if missing:
