@@ -45,10 +45,12 @@ def checked(shape: tuple[int, ...], dtype: Any) -> dict[str, Any]:
 def put(group: h5py.Group, name: str, data: Any = None, *, shape: tuple[int, ...] | None = None,
         dtype: Any = None, **options: Any) -> h5py.Dataset:
     """``group.create_dataset`` with :func:`checked`'s checksums."""
-    if data is not None:
+    if data is not None:   # h5py picks the type of data (strings from objects) unless dtype is given
         data = np.asarray(data)
-        shape, dtype = data.shape, data.dtype if dtype is None else dtype
-    return group.create_dataset(name, shape, dtype=dtype, data=data, **checked(shape, dtype), **options)
+        return group.create_dataset(name, data=data, dtype=dtype,
+                                    **checked(data.shape, data.dtype if dtype is None else dtype),
+                                    **options)
+    return group.create_dataset(name, shape, dtype=dtype, **checked(shape, dtype), **options)
 
 
 def write_ids(group: h5py.Group, name: str, ids: np.ndarray) -> None:
