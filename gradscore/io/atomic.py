@@ -150,7 +150,7 @@ class _HeldErrors:
             n = min(len(buf), self.PAGE - start) if self._pages else len(buf)
             if page in self._pages:
                 buf[:n] = self._pages[page][start:start + n]
-            else:   # past the file's end (or a truncation while held): zeros
+            else:   # from the file: zeros past its end, or past a truncation made while held
                 got = os.preadv(self._fd, [buf[:max(0, min(n, self._disk_end - pos))]], pos)
                 buf[got:n] = bytes(n - got)
             buf, pos = buf[n:], pos + n

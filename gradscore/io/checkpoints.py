@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_h5
+from .store import put
 from ..distributed import current_ranks
 from ..exceptions import CheckpointError
 from ..imports import code_fingerprint, import_ref
@@ -98,10 +99,7 @@ def write_checkpoint(path: str | Path, model: nn.Module, *, step: int, lr: float
         for name, tensor in state.items():
             group = gp if name in params else gb
             arr = _to_numpy(tensor)
-            kw = {"fletcher32": True} if arr.ndim else {}  # scalars cannot be chunked
-            if arr.ndim:
-                kw["chunks"] = True
-            group.create_dataset(name, data=arr, **kw)
+            put(group, name, arr, **({"chunks": True} if arr.ndim else {}))   # scalars cannot be chunked
     return path
 
 

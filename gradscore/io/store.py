@@ -37,7 +37,7 @@ def checked(shape: tuple[int, ...], dtype: Any) -> dict[str, Any]:
     """``create_dataset`` options that checksum every chunk (fletcher32): a damaged file then
     fails to read instead of giving other numbers. None where HDF5 cannot: a scalar, no
     elements, strings."""
-    if not shape or 0 in shape or np.dtype(dtype).kind not in "biuf":
+    if not shape or 0 in shape or np.dtype(dtype).kind not in "biufc":
         return {}
     return {"fletcher32": True}
 
