@@ -23,7 +23,7 @@ from .io.checkpoints import CheckpointStore
 from .io.datasets import Dataset, check_targets, load_dataset, probe_model, subset
 from .io.journal import read_fingerprint
 from .io.outputs import claim, is_scores_file, lock, output_path
-from .io.store import HDF5ScoresWriter, ReusableRows, damage_named, put, read_ids
+from .io.store import HDF5ScoresWriter, ReusableRows, damage_named, put, read_dataset, read_group, read_ids
 from .losses import resolve_loss
 from .scorer import Scorer
 from .scores import datadiet, registry
@@ -362,9 +362,9 @@ def reaggregate(scores: str | os.PathLike, out: str | os.PathLike, *, epochs_upt
             raise ConfigError(f"{src}: has no record of how its rows were made (written by an older gradscore or "
                               f"imported); rerun `gradscore run` with --epochs-upto instead")
         old_fp, rows = json.loads(f.attrs["fingerprint"]), json.loads(f.attrs["rows"])
-        ck = {k: d[()] for k, d in f["checkpoints"].items()}
-        ids = read_ids(f["ids"])
-        noisy = f["noisy"][()] if "noisy" in f else None
+        ck = read_group(f, src, "checkpoints")
+        ids = read_dataset(f, src, "ids")
+        noisy = read_dataset(f, src, "noisy") if "noisy" in f else None
         loss, warnings = str(f.attrs["loss"]), json.loads(f.attrs.get("warnings", "[]"))
     if rows["key"].get("rows_version") != ROWS_VERSION:
         raise ConfigError(f"{src}: its per-checkpoint rows were written by an older gradscore (without the "

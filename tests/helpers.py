@@ -44,6 +44,17 @@ def make_run(root: Path, *, n: int = 90, n_ckpts: int = 3, seed: int = 0,
     return root / "ckpts", data
 
 
+def assert_same_scores_file(a, b) -> None:
+    """Equal scores files, bit for bit: every per-checkpoint row, score and checkpoint field."""
+    ra, rb = gs.load_scores(a), gs.load_scores(b)
+    for group in ("per_checkpoint", "scores", "checkpoints"):
+        assert sorted(ra[group]) == sorted(rb[group]), group
+        for k in ra[group]:
+            np.testing.assert_array_equal(ra[group][k], rb[group][k], err_msg=f"{group}/{k}")
+    np.testing.assert_array_equal(ra["ids"], rb["ids"])
+    assert ra["config"] == rb["config"]
+
+
 def sigkill_when(cmd: list[str], ready, timeout: float = 120.0) -> None:
     """Start ``cmd``, SIGKILL it as soon as ``ready()`` is true; fail if it ends first."""
     import signal

@@ -11,6 +11,8 @@ import gradscore as gs
 from gradscore.io.checkpoints import CheckpointStore
 from gradscore.cli import main
 
+from helpers import assert_same_scores_file
+
 
 @pytest.fixture
 def built(monkeypatch) -> list[int]:
@@ -23,17 +25,6 @@ def built(monkeypatch) -> list[int]:
         return original(self, t, *args, **kwargs)
     monkeypatch.setattr(CheckpointStore, "build_model", build_model)
     return seen
-
-
-def _assert_same_file(a, b) -> None:
-    """Equal scores files, bit for bit: every per-checkpoint row, score and checkpoint field."""
-    ra, rb = gs.load_scores(a), gs.load_scores(b)
-    for group in ("per_checkpoint", "scores", "checkpoints"):
-        assert sorted(ra[group]) == sorted(rb[group]), group
-        for k in ra[group]:
-            np.testing.assert_array_equal(ra[group][k], rb[group][k], err_msg=f"{group}/{k}")
-    np.testing.assert_array_equal(ra["ids"], rb["ids"])
-    assert ra["config"] == rb["config"]
 
 
 OPTS = dict(chunk_size=40, batch_size=16, progress=False)
@@ -58,7 +49,7 @@ def test_adding_a_score_of_the_same_pass_computes_nothing(tiny_run, tmp_path, bu
     assert built == []    # every row came from the existing file; no --overwrite needed to add
     gs.score(ckpts, data, out=tmp_path / "fresh.h5", scores=["el2n", "grand", "loss", "forgetting", "confidence"],
              **OPTS)
-    _assert_same_file(out, tmp_path / "fresh.h5")
+    assert_same_scores_file(out, tmp_path / "fresh.h5")
     assert not (tmp_path / "s.h5.partial").exists()
 
 
@@ -70,7 +61,7 @@ def test_adding_a_gradient_score_reruns_the_gradient_pass_only(tiny_run, tmp_pat
     gs.score(ckpts, data, out=out, scores=["el2n", "grand"], **OPTS)
     assert sorted(set(built)) == [0, 1, 2]
     gs.score(ckpts, data, out=tmp_path / "fresh.h5", scores=["el2n", "grand"], **OPTS)
-    _assert_same_file(out, tmp_path / "fresh.h5")
+    assert_same_scores_file(out, tmp_path / "fresh.h5")
 
 
 def test_a_wider_window_computes_only_the_missing_checkpoints(tiny_run, tmp_path, built):
@@ -83,12 +74,12 @@ def test_a_wider_window_computes_only_the_missing_checkpoints(tiny_run, tmp_path
     gs.score(ckpts, data, out=out, overwrite=True, **OPTS)
     assert sorted(set(built)) == [2]
     gs.score(ckpts, data, out=tmp_path / "fresh.h5", **OPTS)
-    _assert_same_file(out, tmp_path / "fresh.h5")
+    assert_same_scores_file(out, tmp_path / "fresh.h5")
     built.clear()
     gs.score(ckpts, data, out=out, epochs_upto=0, overwrite=True, **OPTS)   # narrower: all reused
     assert built == []
     gs.score(ckpts, data, out=tmp_path / "fresh0.h5", epochs_upto=0, **OPTS)
-    _assert_same_file(out, tmp_path / "fresh0.h5")
+    assert_same_scores_file(out, tmp_path / "fresh0.h5")
 
 
 def test_rows_made_with_other_numerics_are_not_reused(tiny_run, tmp_path, built):
@@ -188,7 +179,7 @@ def test_an_interrupted_incremental_run_resumes(tiny_run, tmp_path, monkeypatch)
     monkeypatch.setattr(HDF5ScoresWriter, "write_chunk", original)
     gs.score(ckpts, data, out=out, scores=["el2n", "grand"], overwrite=True, **OPTS)
     gs.score(ckpts, data, out=tmp_path / "fresh.h5", scores=["el2n", "grand"], **OPTS)
-    _assert_same_file(out, tmp_path / "fresh.h5")
+    assert_same_scores_file(out, tmp_path / "fresh.h5")
 
 
 def test_rows_of_another_rows_version_are_not_reused(tiny_run, tmp_path, built, monkeypatch):
@@ -216,13 +207,13 @@ def test_aggregate_rewrites_the_window_bit_identical_to_a_fresh_run(tiny_run, tm
     assert main(["aggregate", str(full), "--epochs-upto", "1", "--out", str(tmp_path / "early.h5")]) == 0
     assert built == []                               # no model was built: rows only
     gs.score(ckpts, data, out=tmp_path / "fresh.h5", scores=scores, epochs_upto=1, **OPTS)
-    _assert_same_file(tmp_path / "early.h5", tmp_path / "fresh.h5")
+    assert_same_scores_file(tmp_path / "early.h5", tmp_path / "fresh.h5")
     assert hashlib.sha256(full.read_bytes()).hexdigest() == digest     # the input is never modified
     # a narrower window from a windowed file, and other scores of the same pass
     assert main(["aggregate", str(tmp_path / "early.h5"), "--epochs-upto", "0", "--scores", "aum,el2n",
                  "--out", str(tmp_path / "first.h5")]) == 0
     gs.score(ckpts, data, out=tmp_path / "fresh0.h5", scores=["aum", "el2n"], epochs_upto=0, **OPTS)
-    _assert_same_file(tmp_path / "first.h5", tmp_path / "fresh0.h5")
+    assert_same_scores_file(tmp_path / "first.h5", tmp_path / "fresh0.h5")
     capsys.readouterr()
     for argv, says in (([str(tmp_path / "early.h5"), "--epochs-upto", "2"], "holds only the checkpoints with epoch <= 1"),
                        ([str(full), "--scores", "grand"], "need other per-checkpoint metrics"),
@@ -247,7 +238,7 @@ def test_aggregate_keeps_every_checkpoint_for_pds_and_moves_the_window(tmp_path)
     gs.score(ckpts, data, out=tmp_path / "full.h5", scores=scores, **opts)
     gs.reaggregate(tmp_path / "full.h5", tmp_path / "early.h5", epochs_upto=1)
     gs.score(ckpts, data, out=tmp_path / "fresh.h5", scores=scores, epochs_upto=1, **opts)
-    _assert_same_file(tmp_path / "early.h5", tmp_path / "fresh.h5")
+    assert_same_scores_file(tmp_path / "early.h5", tmp_path / "fresh.h5")
     assert gs.load_scores(tmp_path / "early.h5")["checkpoints"]["selected"].tolist() == [True, True, False]
 
 
@@ -260,7 +251,7 @@ def test_a_step_window_in_run_and_aggregate(tiny_run, tmp_path, built, capsys):
                                     **OPTS))
     assert sorted(set(built)) == [1, 2] and fresh["checkpoints"]["step"].tolist() == [1, 2]   # only those scored
     assert main(["aggregate", str(full), "--steps", "1:3", "--out", str(tmp_path / "s.h5")]) == 0
-    _assert_same_file(tmp_path / "s.h5", tmp_path / "fresh.h5")
+    assert_same_scores_file(tmp_path / "s.h5", tmp_path / "fresh.h5")
     both = gs.score(ckpts, data, out=tmp_path / "both.h5", scores=["el2n", "aum"], steps="1:", epochs_upto=1, **OPTS)
     assert gs.load_scores(both)["checkpoints"]["step"].tolist() == [1]
     capsys.readouterr()

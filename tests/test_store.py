@@ -113,3 +113,32 @@ def test_a_damaged_dataset_file_fails_to_read_instead_of_giving_other_inputs(tin
         with pytest.raises(gs.GradscoreError, match=f"{bad.name}: is damaged"):
             ds = gs.load_dataset(bad)
             ds.read(0, len(ds)), ds.ids(), ds.noisy()
+
+
+@pytest.mark.parametrize("group", ["checkpoints", "scores", "per_checkpoint"])
+def test_a_link_to_nothing_in_a_scores_file_is_damage_named_by_every_reader(tiny_run, tmp_path, group):
+    # a damaged link reads as None through h5py's Group.items(): `aggregate` stopped in a
+    # TypeError traceback (found by flipping bits of a scores file)
+    import shutil
+    import h5py
+    from gradscore.cli import main
+    from helpers import assert_same_scores_file
+    ckpts, data = tiny_run
+    good = tmp_path / "good.h5"
+    gs.score(checkpoints=ckpts, data=data, out=good, progress=False)
+    bad = tmp_path / "bad.h5"
+    shutil.copy(good, bad)
+    with h5py.File(bad, "r+") as f:
+        f[f"{group}/lost"] = h5py.SoftLink("/nowhere")
+    expected = f"{bad.name}: .*is damaged"
+    with pytest.raises(gs.GradscoreError, match=expected):
+        gs.load_scores(bad)
+    assert main(["select", str(bad), "--by", "el2n", "--keep", "0.5", "--out", str(tmp_path / "keep.txt")]) == 2
+    again = ["aggregate", str(bad), "--epochs-upto", "1", "--out", str(tmp_path / "again.h5")]
+    if group == "scores":   # aggregate reads the rows and checkpoints alone: the same file as from the intact one
+        assert main(again) == 0
+        gs.reaggregate(good, tmp_path / "from_good.h5", epochs_upto=1)
+        assert_same_scores_file(tmp_path / "again.h5", tmp_path / "from_good.h5")
+    else:
+        assert main(again) == 2 and not (tmp_path / "again.h5").exists()
+    assert not (tmp_path / "keep.txt").exists()

@@ -255,13 +255,19 @@ def damage_named(path: str | os.PathLike) -> Iterator[None]:
         raise _damaged(Path(path), e) from e
 
 
-def _read(f: h5py.File, path: Path, name: str) -> Any:
+def read_dataset(f: h5py.File, path: Path, name: str) -> Any:
     """Dataset ``name`` of the scores file ``f`` (ids as :func:`read_ids` gives them), or a
     GradscoreError naming it where it fails to read (its checksum: the file is damaged)."""
     try:
         return read_ids(f[name]) if name == "ids" else f[name][()]
     except (OSError, RuntimeError) as e:
         raise _damaged(path, e, f"/{name}") from e
+
+
+def read_group(f: h5py.File, path: Path, name: str) -> dict[str, np.ndarray]:
+    """{key: array} of the datasets in group ``name`` of ``f`` ({} without it), each read by
+    :func:`read_dataset`: by name, since h5py's ``Group.items()`` gives None for a damaged link."""
+    return {k: read_dataset(f, path, f"{name}/{k}") for k in f[name]} if name in f else {}
 
 
 def _json(f: h5py.File, path: Path, name: str, default: str | None = None) -> Any:
@@ -281,7 +287,7 @@ def load_inrun_rows(path: str | Path) -> dict[str, np.ndarray]:
             if "inrun" not in f:
                 raise GradscoreError(f"{path}: has no in-run records (it was written by gradscore run, not "
                                      f"gs.InRun)")
-            return {k: _read(f, path, f"inrun/{k}") for k in f["inrun"]}
+            return read_group(f, path, "inrun")
     except (OSError, KeyError) as e:
         raise GradscoreError(f"{path}: has no readable in-run records ({e})") from e
 
@@ -293,14 +299,12 @@ def load_scores(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         with damage_named(path), _scores_file(path) as f:
-            def group(name: str) -> dict[str, np.ndarray]:
-                return {k: _read(f, path, f"{name}/{k}") for k in f[name]} if name in f else {}
             return {
-                "scores": group("scores"),
-                "per_checkpoint": group("per_checkpoint"),
-                "ids": _read(f, path, "ids"),
-                "noisy": _read(f, path, "noisy") if "noisy" in f else None,
-                "checkpoints": group("checkpoints"),
+                "scores": read_group(f, path, "scores"),
+                "per_checkpoint": read_group(f, path, "per_checkpoint"),
+                "ids": read_dataset(f, path, "ids"),
+                "noisy": read_dataset(f, path, "noisy") if "noisy" in f else None,
+                "checkpoints": read_group(f, path, "checkpoints"),
                 "config": _json(f, path, "config"),
                 "warnings": _json(f, path, "warnings", "[]"),
             }
