@@ -76,6 +76,14 @@ def test_without_mask_the_mask_free_parts_run(tmp_path, capsys):
     np.save(tmp_path / "short.npy", np.zeros(5, bool))
     assert main(["diagnose", str(path), "--noisy-mask", str(tmp_path / "short.npy")]) == 2
     assert "noisy mask has 5 entries, the scores file 200" in capsys.readouterr().err
+    np.savez(tmp_path / "mask.npz", noisy=np.arange(200) < 30)   # an .npz, then one damaged
+    assert main(["diagnose", str(path), "--noisy-mask", str(tmp_path / "mask.npz")]) == 0
+    assert "flagging the 30 noisy examples" in capsys.readouterr().out
+    raw = bytearray((tmp_path / "mask.npz").read_bytes())
+    raw[len(raw) // 4] ^= 0x01
+    (tmp_path / "bad.npz").write_bytes(bytes(raw))
+    assert main(["diagnose", str(path), "--noisy-mask", str(tmp_path / "bad.npz")]) == 2
+    assert "bad.npz: cannot read a noisy mask (.npy, or .npz with 'noisy'): damaged: " in capsys.readouterr().err
 
 
 def test_run_variants_equal_direct_computation(tmp_path):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import gradscore as gs
 from gradscore.exceptions import GradscoreWarning
 from gradscore.demos.models import mlp
+from gradscore.io.store import load_inrun_rows
 
 X = torch.randn(48, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 Y = torch.randint(0, 4, (48,), generator=torch.Generator().manual_seed(1))
@@ -227,6 +228,7 @@ _DDP = """
 import os, sys, torch, torch.nn.functional as F
 import gradscore as gs
 from gradscore.demos.models import mlp
+from gradscore.io.store import load_inrun_rows
 torch.distributed.init_process_group("gloo")
 rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 out, phase, state = sys.argv[1:4]
@@ -281,3 +283,32 @@ def test_two_ddp_ranks_resume_their_recording(tmp_path):
     torchrun("r.h5", "resumed")
     _assert_same_file(tmp_path / "r.h5", tmp_path / "whole.h5")
     assert not (tmp_path / "r.h5.partial").exists()
+
+
+def test_a_damaged_row_file_of_the_journal_is_one_error_naming_it(tmp_path):
+    """A row file of the journal damaged on disk: closing or resuming the recording names
+    it (its records cannot be made again) instead of a zip traceback, and the scores file of
+    the last flush is left as it was."""
+    out, a = tmp_path / "r.h5", _batches(range(4), 1)
+    training = _Training()
+    rec = _recorder(training, out)
+    training.run(rec, a, range(2))
+    rec.flush()
+    flushed = out.read_bytes()
+    training.run(rec, a, range(2, 4))
+    rec.flush()
+    first = sorted((tmp_path / "r.h5.partial").glob("rank*.npz"))[0]
+    with np.load(first) as z:
+        lost = set(z["step"].tolist())
+    raw = bytearray(first.read_bytes())
+    raw[len(raw) // 3] ^= 0x04   # inside the stored arrays: zip's CRC-32 fails
+    first.write_bytes(bytes(raw))
+    out.write_bytes(flushed)
+    for attempt in (rec.close, lambda: _recorder(_Training(), out, resume=True)):
+        with pytest.raises(gs.GradscoreError, match=f"{first}: a row file of this in-run recording cannot be "
+                                                    f"read \\(damaged: Bad CRC-32"):
+            attempt()
+        assert out.read_bytes() == flushed and first.exists()
+    first.unlink()   # as the message says: the recording without those records
+    rec.close()
+    assert lost and set(load_inrun_rows(out)["step"].tolist()) == set(range(4)) - lost

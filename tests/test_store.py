@@ -39,6 +39,31 @@ def test_finalize_assembles_and_removes_journal(tmp_path):
     assert _store(tmp_path, {"a": 1}).complete
 
 
+def test_a_damaged_chunk_of_the_journal_is_named_with_its_fix(tmp_path):
+    # a chunk file damaged on disk failed zip's CRC-32 check in a BadZipFile traceback
+    s = _store(tmp_path, {"a": 1})
+    for t in range(2):
+        for c in range(3):
+            a, b = s.chunk_range(c)
+            s.write_chunk(t, c, {"loss": np.arange(a, b, dtype=np.float64) + 10 * t})
+    chunk = sorted(s.partial.glob("*.npz"))[1]
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 3] ^= 0x02
+    chunk.write_bytes(bytes(raw))
+    finish = dict(ids=np.arange(5), extras={}, attrs={"config": {"x": 1}}, aggregate=lambda pc: {"loss": pc["loss"].mean(0)})
+    with pytest.raises(gs.GradscoreError, match=f"{chunk}: unreadable chunk file \\(damaged: .*\\); delete it"):
+        s.finalize(**finish)
+    assert not (tmp_path / "s.h5").exists()
+    chunk.unlink()   # as the message says: the rerun computes it again
+    again = _store(tmp_path, {"a": 1})
+    t, c = (int(part[1:]) for part in chunk.stem.split("_"))
+    assert not again.is_done(t, c)
+    a, b = again.chunk_range(c)
+    again.write_chunk(t, c, {"loss": np.arange(a, b, dtype=np.float64) + 10 * t})
+    again.finalize(**finish)
+    np.testing.assert_array_equal(gs.load_scores(tmp_path / "s.h5")["scores"]["loss"], np.arange(5) + 5.0)
+
+
 def test_store_implements_abc():
     assert issubclass(HDF5ScoresWriter, ScoresWriter) and not HDF5ScoresWriter.__abstractmethods__
 

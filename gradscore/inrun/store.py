@@ -30,7 +30,7 @@ from .._version import __version__
 from ..io.atomic import atomic_h5, atomic_path
 from ..exceptions import OutputError
 from ..io.journal import Journal, read_fingerprint
-from ..io.store import damage_named, put, read_ids, write_ids
+from ..io.store import damage_named, put, read_ids, read_numpy, write_ids
 from ..scores import inrun as inrun_scores
 
 #: per-row fields and their stored dtype (ids are kept as given: int64 or str)
@@ -100,11 +100,14 @@ def read_rows(journal: Journal) -> dict[str, np.ndarray] | None:
     a later segment's steps replace (the module docstring)."""
     parts, starts = [], {}
     for segment, path in _row_files(journal.partial):
-        with np.load(path) as z:
-            rows = {k: z[k] for k in z.files if k != "segment_start"}
-            if "segment_start" in z.files:
-                start = int(z["segment_start"])
-                starts[segment] = min(start, starts.get(segment, start))
+        try:
+            rows = read_numpy(path)
+        except ValueError as e:   # damaged on disk (row files are written atomically)
+            raise OutputError(f"{path}: a row file of this in-run recording cannot be read ({e}); its records "
+                              f"cannot be made again: delete the file to write the recording without them") from e
+        if "segment_start" in rows:
+            start = int(rows.pop("segment_start"))
+            starts[segment] = min(start, starts.get(segment, start))
         parts.append((segment, rows))
     if not parts:
         return None

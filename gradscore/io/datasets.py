@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic import atomic_h5
-from .store import damage_named, put
+from .store import DamagedFile, damage_named, put, read_numpy
 from ..batch import Inputs, call_model, concat, describe, hash_batch, move, take
 from ..exceptions import DataError
 from ..losses import IGNORE_INDEX, Loss
@@ -118,14 +118,19 @@ class ArrayFileDataset(Dataset):
         self._h5: h5py.File | None = None
         try:
             if self.path.suffix == ".npz":
-                with np.load(self.path, allow_pickle=False) as z:
-                    self._arrays: Any = {k: z[k] for k in z.files}
+                self._arrays: Any = read_numpy(self.path)
+                if not isinstance(self._arrays, dict):
+                    raise DataError(f"{self.path}: holds one array (a .npy), not the named fields of a "
+                                    f".npz; save it with np.savez(path, inputs=..., targets=...)")
             elif self.path.suffix in (".h5", ".hdf5"):
                 self._h5 = h5py.File(self.path, "r")
                 self._arrays = self._h5
             else:
                 raise DataError(f"{self.path}: unknown dataset extension '{self.path.suffix}'; "
                                 f"use .h5, .npz or a 'module:fn' factory")
+        except DamagedFile as e:
+            raise DataError(f"{self.path}: cannot read dataset file ({e}); restore it from a copy or save it "
+                            f"again") from e
         except (OSError, ValueError) as e:
             raise DataError(f"{self.path}: cannot read dataset file ({e})") from e
         keys = set(self._arrays.keys())
@@ -268,7 +273,10 @@ def _read_ids(path: Path) -> np.ndarray:
         raise DataError(f"{path}: does not exist; give a file of example ids, one per line (or .npy)")
     try:
         if path.suffix == ".npy":
-            return np.asarray(np.load(path, allow_pickle=False)).reshape(-1)
+            loaded = read_numpy(path)
+            if isinstance(loaded, dict):
+                raise ValueError("a .npz archive, not one array")
+            return np.asarray(loaded).reshape(-1)
         return np.array([line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()])
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot be read as example ids ({e}); give one id per line, or a .npy array") from e

@@ -21,6 +21,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import struct
+import zipfile
+import zlib
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -121,8 +124,7 @@ class HDF5ScoresWriter(ScoresWriter):
     def _read_chunk(self, t: int, c: int) -> dict[str, np.ndarray]:
         path = self._chunk_path(t, c)
         try:
-            with np.load(path) as z:
-                return {k: z[k] for k in z.files}
+            return read_numpy(path)
         except (OSError, ValueError) as e:
             raise GradscoreError(f"{path}: unreadable chunk file ({e}); delete it and rerun "
                                  f"to recompute it") from e
@@ -253,6 +255,45 @@ def damage_named(path: str | os.PathLike) -> Iterator[None]:
         if (isinstance(e, OSError) and e.filename) or (isinstance(e, KeyError) and "Unable to" not in str(e)):
             raise
         raise _damaged(Path(path), e) from e
+
+
+class DamagedFile(ValueError):
+    """A .npy/.npz file whose bytes fail numpy's or zip's checks (:func:`read_numpy`)."""
+
+
+def read_numpy(path: str | os.PathLike) -> np.ndarray | dict[str, np.ndarray]:
+    """The array of a .npy file, or every array of a .npz read whole, without pickles. A
+    damaged file (zip's CRC-32 check, a cut deflate stream, a short file, a header changed
+    into one zip cannot open, a directory that lost members) raises :class:`DamagedFile`,
+    a ValueError, as numpy's other refusals are: callers catch (OSError, ValueError)."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            return loaded
+        with loaded as z:
+            arrays = {k: z[k] for k in z.files}
+            counted = _zip_members(path)
+            if counted is not None and counted != len(z.zip.namelist()):
+                raise DamagedFile(f"damaged: its directory lists {len(z.zip.namelist())} of the {counted} "
+                                  f"members its end record counts")
+            return arrays
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as e:
+        raise DamagedFile(f"damaged: {e}") from e
+
+
+def _zip_members(path: str | os.PathLike) -> int | None:
+    """How many members the zip's end record counts (None for a zip64 count, which lives in
+    another record). zip reads its directory by size, so a damaged length in the directory
+    drops the members after it without an error; this count is the second record of them."""
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, fh.tell() - (22 + 0xFFFF)))   # the end record, after a comment of up to 64 KiB
+        tail = fh.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) < at + 22:
+        raise zipfile.BadZipFile("no end of central directory record")
+    total = struct.unpack_from("<H", tail, at + 10)[0]
+    return None if total == 0xFFFF else total
 
 
 def read_dataset(f: h5py.File, path: Path, name: str) -> Any:

@@ -34,7 +34,7 @@ from ..io.outputs import claim
 from ..scores.inrun import dot_terms as inrun_dot_terms
 from ..scores.pds import DOT_SCORES, decompose, variants
 from .flag import count_line, default_score, estimate, suspicion
-from ..io.store import load_inrun_rows, load_scores
+from ..io.store import load_inrun_rows, load_scores, read_numpy
 
 #: the dot-product score of an in-run file (gs.InRun), diagnosed from its records
 INRUN_SCORE = "inrun_value"
@@ -44,8 +44,8 @@ def _mask(res: dict[str, Any], noisy_mask: str | None, ds: Dataset | None) -> tu
     if noisy_mask is not None:
         path = Path(noisy_mask)
         try:
-            arr = np.load(path)
-            arr = arr["noisy"] if hasattr(arr, "files") else arr
+            arr = read_numpy(path)
+            arr = arr["noisy"] if isinstance(arr, dict) else arr
         except (OSError, ValueError, KeyError) as e:
             raise GradscoreError(f"{path}: cannot read a noisy mask (.npy, or .npz with 'noisy'): {e}") from e
         source = str(path)
