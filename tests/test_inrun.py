@@ -1375,6 +1375,20 @@ for t in range(6):
         F.cross_entropy(model(x[mine]), y[mine]).backward()
     opt.step()
     opt.zero_grad()
+if len(sys.argv) > 3:   # rank 0's disk fills at close (argv[3] bytes): every rank raises; with room, close writes
+    import resource, signal
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if rank == 0:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit fails (EFBIG) as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), limits[1]))
+    try:
+        rec.close()
+    except (OSError, gs.GradscoreError) as e:
+        print(f"rank {rank}: {type(e).__name__}: {e}", flush=True)
+    else:
+        raise SystemExit(f"rank {rank}: close did not fail")
+    if rank == 0:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
 rec.close()
 if world > 1:
     torch.distributed.destroy_process_group()
@@ -1409,6 +1423,33 @@ def test_two_ddp_ranks_record_what_one_process_does(tmp_path, recorded):
         key = [np.lexsort((h["inrun/row"][()], h["inrun/step"][()])) for h in (f, g)]
         for k in ("share", "sq_norm", "dot", "loss"):
             np.testing.assert_allclose(g["inrun"][k][()][key[1]], f["inrun"][k][()][key[0]], rtol=1e-9, err_msg=k)
+    assert not (tmp_path / "two.h5.partial").exists()
+
+
+@pytest.mark.parametrize("limit, failing", [(2000, "two.h5.partial/rank000_"), (30000, "two.h5")])
+def test_two_ddp_ranks_both_stop_when_rank_0_cannot_write_and_both_close_again(tmp_path, limit, failing):
+    """Rank 0's disk fills at close (here a file size limit), in its last row file or in the
+    scores file: rank 1 must not pass on or wait forever. Both raise, rank 1 with rank 0's
+    error; the journal stays, and a second close on both ranks writes what one process
+    writes. At the row file, rank 0 stopped alone before the fix."""
+    import subprocess
+    import sys
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP)
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.h5"), "wrapped"], capture_output=True,
+                         text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          str(script), str(tmp_path / "two.h5"), "wrapped", str(limit)], capture_output=True,
+                         text=True, timeout=300)
+    assert two.returncode == 0, two.stdout[-1000:] + two.stderr[-3000:]
+    said = sorted(line for line in two.stdout.splitlines() if line.startswith("rank "))
+    error = f"[Errno 27] File too large: '{tmp_path / failing}"
+    assert len(said) == 2 and said[0].startswith(f"rank 0: OSError: {error}"), two.stdout
+    assert said[1].startswith(f"rank 1: OutputError: rank 0: {error}"), two.stdout
+    a, b = (gs.load_scores(tmp_path / f) for f in ("one.h5", "two.h5"))
+    for name in a["scores"]:
+        np.testing.assert_allclose(b["scores"][name], a["scores"][name], rtol=1e-9, atol=1e-12, err_msg=name)
     assert not (tmp_path / "two.h5.partial").exists()
 
 

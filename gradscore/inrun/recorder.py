@@ -291,22 +291,18 @@ def _target_grads(J: torch.Tensor, wanted: list[torch.Tensor]) -> tuple:
                           "use_reentrant=False to it (the same gradients), or record without targets") from None
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def _raise_everywhere(error: Exception | None, value: Any = None) -> Any:
-    """Raise rank 0's ``error`` (as it is there, as an OutputError elsewhere) on every rank;
-    else return rank 0's ``value`` on every rank."""
+    """Raise on every rank where any rank has an ``error``: a rank its own, the others an
+    OutputError with the first failed rank's message; else return rank 0's ``value`` on every
+    rank. A collective (every rank calls it; no rank passes it before all have come)."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
-        message = [None if error is None else str(error), value]
-        dist.broadcast_object_list(message, src=0)
-        if message[0] is not None and error is None:
-            raise OutputError(f"rank 0: {message[0]}")
-        value = message[1]
+        said = [None] * dist.get_world_size()
+        dist.all_gather_object(said, (None if error is None else str(error), value))
+        first = next(((rank, message) for rank, (message, _) in enumerate(said) if message is not None), None)
+        if first is not None and error is None:
+            raise OutputError(f"rank {first[0]}: {first[1]}")
+        value = said[0][1]
     if error is not None:
         raise error
     return value
@@ -867,9 +863,12 @@ class InRun:
             self._closed = True
             if self._held is not None:
                 self._settle(self._loss_scale())   # the scaler's update after the last step has run
-        self._spill()   # keeps the records if it fails
-        _barrier()
         failed = None
+        try:
+            self._spill()   # keeps the records if it fails
+        except (GradscoreError, OSError) as e:
+            failed = e
+        _raise_everywhere(failed)   # every rank's rows are in the journal, or every rank stops here
         if self.rank == 0:
             try:
                 if not row_files(self.journal):
