@@ -7,6 +7,7 @@ import os
 import random
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,26 @@ def assert_same_scores_file(a, b) -> None:
             np.testing.assert_array_equal(ra[group][k], rb[group][k], err_msg=f"{group}/{k}")
     np.testing.assert_array_equal(ra["ids"], rb["ids"])
     assert ra["config"] == rb["config"]
+
+
+def flip_a_byte_of(path, name):
+    """Flip one byte inside the stored data of dataset ``name`` of the HDF5 file ``path``."""
+    with h5py.File(path, "r") as f:
+        d = f[name]
+        offset = d.id.get_chunk_info(0).byte_offset if d.chunks else d.id.get_offset()
+        nbytes = d.id.get_chunk_info(0).size if d.chunks else d.id.get_storage_size()
+    raw = bytearray(path.read_bytes())
+    raw[offset + nbytes // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+def numeric_datasets(path) -> list[str]:
+    """Names of the HDF5 file's non-empty numeric datasets."""
+    found = []
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: found.append(name) if isinstance(obj, h5py.Dataset) and obj.size
+                     and obj.dtype.kind in "biuf" else None)
+    return found
 
 
 def sigkill_when(cmd: list[str], ready, timeout: float = 120.0) -> None:

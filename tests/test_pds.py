@@ -329,3 +329,41 @@ def test_target_dot_over_checkpoints_of_momentum_warns_without_pds(tmp_path):
         out = gs.score(ckpts, data, out=tmp_path / "s.h5", target=data, scores=["target_dot"], progress=False)
     assert not CostateFile(ckpts / "target_gradient.h5").has_costates
     assert any("written by SGD(momentum=0.9)" in w for w in gs.load_scores(out)["warnings"])
+
+
+def test_a_damaged_costate_file_is_one_line_and_recomputed_once_deleted(tmp_path, capsys):
+    """A co-state file damaged on disk (a dataset failing its checksum, a link to nothing):
+    `run` reusing it said "cannot write or read a file ...; check the path and its
+    permissions", naming neither the file nor the fix, or stopped in h5py's KeyError
+    traceback. It names the file and says to delete it, after which the rerun computes it
+    again and writes the scores of the intact file."""
+    import shutil
+    import h5py
+    from gradscore.cli import main
+    from helpers import flip_a_byte_of, numeric_datasets
+    ckpts, proxy, target, *_ = _gd_run(tmp_path)
+
+    def run(out):
+        return main(["run", "--checkpoints", str(ckpts), "--data", str(proxy), "--target", str(target),
+                     "--scores", "pds,grand", "--out", str(tmp_path / out), "--quiet"])
+    assert run("good.h5") == 0
+    good, path = (ckpts / "costate.h5").read_bytes(), ckpts / "costate.h5"
+    names = [n for n in numeric_datasets(path) if "/" in n]   # ∇J(θ_t) and λ_t, read per checkpoint
+    assert any("/costate/" in n for n in names) and any("/grad_target/" in n for n in names)
+    for i, name in enumerate(names[::3] + ["link"]):
+        path.write_bytes(good)
+        if name == "link":
+            with h5py.File(path, "r+") as f:
+                f["t_00001/costate/lost"] = h5py.SoftLink("/nowhere")
+        else:
+            flip_a_byte_of(path, name)
+        capsys.readouterr()
+        assert run(f"bad{i}.h5") == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith(f"gradscore run: error: {path}: ") and err.count("\n") == 1, err
+        assert "is damaged" in err and "delete it and rerun: it is computed again" in err, err
+        shutil.rmtree(tmp_path / f"bad{i}.h5.partial", ignore_errors=True)
+    path.unlink()
+    assert run("again.h5") == 0
+    assert np.array_equal(gs.load_scores(tmp_path / "again.h5")["scores"]["pds"],
+                          gs.load_scores(tmp_path / "good.h5")["scores"]["pds"])

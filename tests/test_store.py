@@ -7,6 +7,8 @@ import pytest
 import gradscore as gs
 from gradscore.io.store import HDF5ScoresWriter, ScoresWriter, load_inrun_rows
 
+from helpers import flip_a_byte_of, numeric_datasets
+
 
 def _store(tmp_path, fp, **kw):
     return HDF5ScoresWriter(tmp_path / "s.h5", fp, n=5, T=2, chunk_size=2, **kw)
@@ -68,27 +70,6 @@ def test_store_implements_abc():
     assert issubclass(HDF5ScoresWriter, ScoresWriter) and not HDF5ScoresWriter.__abstractmethods__
 
 
-def _flip_a_byte_of(path, name):
-    """Flip one byte inside the stored data of dataset ``name`` of the HDF5 file ``path``."""
-    import h5py
-    with h5py.File(path, "r") as f:
-        d = f[name]
-        offset = d.id.get_chunk_info(0).byte_offset if d.chunks else d.id.get_offset()
-        nbytes = d.id.get_chunk_info(0).size if d.chunks else d.id.get_storage_size()
-    raw = bytearray(path.read_bytes())
-    raw[offset + nbytes // 2] ^= 0x10
-    path.write_bytes(bytes(raw))
-
-
-def _numeric_datasets(path):
-    import h5py
-    found = []
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: found.append(name) if isinstance(obj, h5py.Dataset) and obj.size
-                     and obj.dtype.kind in "biuf" else None)
-    return found
-
-
 @pytest.mark.parametrize("writer", ["run", "inrun"])
 def test_a_damaged_scores_file_fails_to_read_instead_of_giving_other_numbers(tiny_run, tmp_path, writer):
     # a flipped bit in a scores file changed the scores (and `select`'s picks) without a word
@@ -111,12 +92,12 @@ def test_a_damaged_scores_file_fails_to_read_instead_of_giving_other_numbers(tin
             for t in range(4):
                 with rec.step(ds.ids()[t * 16:(t + 1) * 16], y[t * 16:(t + 1) * 16], lr=0.1):
                     F.cross_entropy(model(x[t * 16:(t + 1) * 16]), y[t * 16:(t + 1) * 16]).backward()
-    names = _numeric_datasets(good)
+    names = numeric_datasets(good)
     assert "scores/el2n" in names and "ids" in names
     for name in names:
         bad = tmp_path / f"bad_{name.replace('/', '_')}.h5"
         shutil.copy(good, bad)
-        _flip_a_byte_of(bad, name)
+        flip_a_byte_of(bad, name)
         with h5py.File(bad, "r") as f, pytest.raises(OSError, match="filter returned failure"):
             f[name][()]   # every dataset is checksummed
         if name == "done":   # the journal's bitmap: not part of the scores
@@ -134,7 +115,7 @@ def test_a_damaged_dataset_file_fails_to_read_instead_of_giving_other_inputs(tin
     for name in ("inputs", "targets", "ids", "noisy"):
         bad = tmp_path / f"bad_{name}.h5"
         shutil.copy(data, bad)
-        _flip_a_byte_of(bad, name)
+        flip_a_byte_of(bad, name)
         with pytest.raises(gs.GradscoreError, match=f"{bad.name}: is damaged"):
             ds = gs.load_dataset(bad)
             ds.read(0, len(ds)), ds.ids(), ds.noisy()

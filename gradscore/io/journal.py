@@ -28,9 +28,9 @@ def read_fingerprint(path: Path) -> dict | None:
 
 def difference(old: dict | None, new: dict) -> str:
     """What differs between two run fingerprints, by field: "scores, engine", "the
-    checkpoints", "the data" …; "the configuration" when it cannot say."""
+    checkpoints", "the data" …; "the settings" when it cannot say."""
     if not isinstance(old, dict):
-        return "the configuration"
+        return "the settings"
     names = {"checkpoints_sha256": "the checkpoints", "data": "the data", "costate": "the co-states",
              "proxy": "the proxy set", "target": "the target set", "files": "the dynamics files"}
     found = []
@@ -45,7 +45,7 @@ def difference(old: dict | None, new: dict) -> str:
             found.append(_code_difference(a if isinstance(a, dict) else {}, b if isinstance(b, dict) else {}))
         else:
             found.append(names.get(key, key))
-    return ", ".join(found) or "the configuration"
+    return ", ".join(found) or "the settings"
 
 
 def _code_difference(a: dict, b: dict) -> str:

@@ -239,22 +239,25 @@ def _scores_file(path: Path) -> Iterator[h5py.File]:
         yield f
 
 
-def _damaged(path: Path, e: Exception, what: str = "") -> GradscoreError:
-    return GradscoreError(f"{path}: {what + ' ' if what else ''}is damaged ({e}); restore the file from a copy "
-                          f"or rerun the command that wrote it")
+#: what to do about a damaged output of gradscore (:func:`damage_named`)
+RESTORE = "restore the file from a copy or rerun the command that wrote it"
+
+
+def _damaged(path: Path, e: Exception | str, what: str = "", fix: str = RESTORE) -> GradscoreError:
+    return GradscoreError(f"{path}: {what + ' ' if what else ''}is damaged ({e}); {fix}")
 
 
 @contextlib.contextmanager
-def damage_named(path: str | os.PathLike) -> Iterator[None]:
-    """Read errors of the HDF5 file ``path`` inside the block as one GradscoreError naming it:
-    a dataset or HDF5's metadata failing its checksum (h5py's OSError without a file name,
-    RuntimeError, KeyError "Unable to ..."), an attribute that is not JSON."""
+def damage_named(path: str | os.PathLike, fix: str = RESTORE) -> Iterator[None]:
+    """Read errors of the HDF5 file ``path`` inside the block as one GradscoreError naming it
+    and ``fix``: a dataset or HDF5's metadata failing its checksum (h5py's OSError without a
+    file name, RuntimeError, KeyError "Unable to ..."), an attribute that is not JSON."""
     try:
         yield
     except (OSError, RuntimeError, KeyError, json.JSONDecodeError) as e:
         if (isinstance(e, OSError) and e.filename) or (isinstance(e, KeyError) and "Unable to" not in str(e)):
             raise
-        raise _damaged(Path(path), e) from e
+        raise _damaged(Path(path), e, fix=fix) from e
 
 
 class DamagedFile(ValueError):

@@ -61,7 +61,7 @@ from ..exceptions import (CheckpointError, ConfigError, DataError, EngineError, 
 from ..losses import Loss, resolve_loss
 from ..io.outputs import claim, lock
 from ..io.journal import Journal, read_fingerprint
-from ..io.store import put
+from ..io.store import damage_named, put
 
 Params = dict[str, torch.Tensor]
 
@@ -353,26 +353,41 @@ class CostateFile:
     """Read a costate file: ``grad_target(t)``, ``costate(t)``, ``eta``, ``grad_target_norm``;
     ``has_costates``: whether it holds λ_t (a file made for target_dot/target_cos only does not)."""
 
+    #: a co-state file is made again where it is missing
+    FIX = "delete it and rerun: it is computed again"
+    _HEADER = ("eta", "grad_target_norm", "costate_norm", "step")
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
             self._f = h5py.File(self.path, "r")
-            self.eta = self._f["eta"][()]
-            self.grad_target_norm = self._f["grad_target_norm"][()]
-            self.costate_norm = self._f["costate_norm"][()]
-            self.steps = self._f["step"][()]
-            self.fingerprint = str(self._f.attrs["fingerprint"])
-            self.warnings: list[str] = json.loads(self._f.attrs.get("warnings", "[]"))
-            self.has_costates = bool(json.loads(self._f.attrs.get("config", "{}")).get("costates", True))
-        except (OSError, KeyError) as e:
+        except OSError as e:
             raise GradscoreError(f"{self.path}: not a gradscore costate file ({e}); "
                                  f"compute it with `gradscore costate`") from e
+        try:
+            with damage_named(self.path, self.FIX):
+                self._read_header()
+        except GradscoreError:
+            self._f.close()
+            raise
+
+    def _read_header(self) -> None:
+        missing = [k for k in self._HEADER if k not in self._f] + [
+            f"attribute {k}" for k in ("fingerprint",) if k not in self._f.attrs]
+        if missing:
+            raise GradscoreError(f"{self.path}: not a gradscore costate file (no {', '.join(missing)}); "
+                                 f"compute it with `gradscore costate`")
+        self.eta, self.grad_target_norm, self.costate_norm, self.steps = (self._f[k][()] for k in self._HEADER)
+        self.fingerprint = str(self._f.attrs["fingerprint"])
+        self.warnings: list[str] = json.loads(self._f.attrs.get("warnings", "[]"))
+        self.has_costates = bool(json.loads(self._f.attrs.get("config", "{}")).get("costates", True))
 
     def _group(self, t: int, name: str) -> dict[str, torch.Tensor] | None:
         key = f"t_{t:05d}/{name}"
-        if key not in self._f:
-            return None
-        return {k: torch.as_tensor(self._f[key][k][()]) for k in self._f[key]}
+        with damage_named(self.path, self.FIX):
+            if key not in self._f:
+                return None
+            return {k: torch.as_tensor(self._f[f"{key}/{k}"][()]) for k in self._f[key]}
 
     def grad_target(self, t: int) -> dict[str, torch.Tensor]:
         """∇J(θ_t) as {parameter name: tensor}."""
