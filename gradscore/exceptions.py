@@ -52,3 +52,12 @@ def cause(e: BaseException, width: int = 200) -> str:
     library's error as the cause part of one of ours."""
     text = str(e).splitlines()[0][:width] if str(e) else ""
     return f"{type(e).__name__}: {text}"
+
+
+#: what to do about a damaged output of gradscore
+RESTORE = "restore the file from a copy or rerun the command that wrote it"
+
+
+def damaged(path: object, e: BaseException | str, what: str = "", fix: str = RESTORE) -> GradscoreError:
+    """The error for a file gradscore wrote that fails its checksums: ``path: what is damaged (e); fix``."""
+    return GradscoreError(f"{path}: {what + ' ' if what else ''}is damaged ({e}); {fix}")

@@ -21,6 +21,7 @@ from .distributed import Ranks, process_group
 from .exceptions import ConfigError, ConfigMismatchError, DataError, GradscoreError
 from .io.checkpoints import CheckpointStore
 from .io.datasets import Dataset, check_targets, load_dataset, probe_model, subset
+from .io.attrs import json_attr
 from .io.journal import read_fingerprint
 from .io.outputs import claim, is_scores_file, lock, output_path
 from .io.store import HDF5ScoresWriter, ReusableRows, damage_named, put, read_dataset, read_group, read_ids
@@ -355,17 +356,17 @@ def reaggregate(scores: str | os.PathLike, out: str | os.PathLike, *, epochs_upt
         raise DataError(f"{src}: is not a gradscore scores file; give one written by gradscore run")
     claim(out, "scores", inputs={"the scores file": [src]}, overwrite=overwrite)
     with damage_named(src), h5py.File(src, "r") as f:
-        if json.loads(f.attrs["config"]).get("inrun"):
+        if json_attr(f, src, "config").get("inrun"):
             raise ConfigError(f"{src}: is an in-run recording (gs.InRun), whose rows are training steps, not "
                               f"checkpoints; aggregate takes a scores file of `gradscore run`")
         if "rows" not in f.attrs:
             raise ConfigError(f"{src}: has no record of how its rows were made (written by an older gradscore or "
                               f"imported); rerun `gradscore run` with --epochs-upto instead")
-        old_fp, rows = json.loads(f.attrs["fingerprint"]), json.loads(f.attrs["rows"])
+        old_fp, rows = json_attr(f, src, "fingerprint"), json_attr(f, src, "rows")
         ck = read_group(f, src, "checkpoints")
         ids = read_dataset(f, src, "ids")
         noisy = read_dataset(f, src, "noisy") if "noisy" in f else None
-        loss, warnings = str(f.attrs["loss"]), json.loads(f.attrs.get("warnings", "[]"))
+        loss, warnings = str(f.attrs["loss"]), json_attr(f, src, "warnings", "[]")
     if rows["key"].get("rows_version") != ROWS_VERSION:
         raise ConfigError(f"{src}: its per-checkpoint rows were written by an older gradscore (without the "
                           f"margin); rerun `gradscore run` with --epochs-upto instead")

@@ -15,6 +15,7 @@ from gradscore.io.store import HDF5ScoresWriter
 from gradscore.sketches import Projection, SketchEngine
 from gradscore.sketches.attribute import attribute
 from gradscore.sketches.store import SketchFile, sketch
+from gradscore.io.attrs import seal
 
 
 def _sketch(tiny_run, tmp_path, name="train.sketch.h5", **kw):
@@ -223,6 +224,7 @@ def test_tracin_over_checkpoints_of_adam_warns_in_the_file_the_cli_and_info(tmp_
     for p in ckpts.glob("step_*.h5"):
         with h5py.File(p, "a") as f:
             f.attrs["optimizer"] = "AdamW"
+            seal(f)   # written so, not damaged
     with pytest.warns(gs.exceptions.GradscoreWarning, match="written by AdamW, not plain gradient steps; TracIn's "
                                                             "self-influence"):
         path = _sketch((ckpts, data), tmp_path / "adam")

@@ -8,6 +8,7 @@ import torch
 import gradscore as gs
 from gradscore.io.checkpoints import load_state_dict
 from gradscore.demos.models import digits_cnn, mlp
+from gradscore.io.attrs import seal
 
 from helpers import MLP_KWARGS
 
@@ -150,6 +151,7 @@ def test_bad_factory_is_named(tmp_path):
     path = next(tmp_path.glob("step_*.h5"))
     with h5py.File(path, "a") as f:
         f.attrs["model"] = "gradscore.demos.models:nope"
+        seal(f)   # written so, not damaged
     with pytest.raises(gs.CheckpointError, match="has no attribute 'nope'"):
         gs.CheckpointStore(tmp_path).build_model(0)
 

@@ -10,6 +10,7 @@ import pytest
 
 import gradscore as gs
 from gradscore.cli import main
+from gradscore.io.attrs import seal
 
 from helpers import MLP_KWARGS, make_run
 
@@ -67,6 +68,7 @@ def test_mismatched_model_in_checkpoint_is_named(tiny_run, tmp_path, capsys):
     path = sorted(ckpts.glob("step_*.h5"))[1]
     with h5py.File(path, "a") as f:
         f.attrs["model_kwargs"] = '{"d_in": 12, "hidden": 9, "n_classes": 4, "depth": 1}'
+        seal(f)   # written so, not damaged
     _fails(capsys, ["run", "--checkpoints", str(ckpts), "--data", str(data), "--out",
                     str(tmp_path / "s.h5"), "--quiet"],
            r"step_00000001\.h5: its model_kwargs .*'hidden': 9.* differs from .*'hidden': 8.* of the first "

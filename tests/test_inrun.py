@@ -1384,7 +1384,7 @@ if len(sys.argv) > 3:   # rank 0's disk fills at close (argv[3] bytes): every ra
     try:
         rec.close()
     except (OSError, gs.GradscoreError) as e:
-        print(f"rank {rank}: {type(e).__name__}: {e}", flush=True)
+        os.write(1, f"rank {rank}: {type(e).__name__}: {e}\\n".encode())   # one write: the ranks' lines stay whole
     else:
         raise SystemExit(f"rank {rank}: close did not fail")
     if rank == 0:

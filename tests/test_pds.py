@@ -11,6 +11,7 @@ from torch.func import functional_call
 import gradscore as gs
 from gradscore.scores.costate import CostateConfig, CostateFile, compute_costate, hvp
 from gradscore.demos.models import mlp
+from gradscore.io.attrs import seal
 
 KW = {"d_in": 5, "hidden": 6, "n_classes": 3, "depth": 1}
 LRS = [0.5, 0.4, 0.6, 0.3, 0.5, 0.45]  # η_t for the 6 steps
@@ -276,6 +277,7 @@ def test_a_warning_is_one_line_of_the_command_once(tmp_path):
     for p in ckpts.glob("step_*.h5"):
         with h5py.File(p, "a") as f:
             f.attrs["optimizer"] = "SGD(momentum=0.9)"
+            seal(f)   # written so, not damaged
     err = subprocess.run([sys.executable, "-W", "default::DeprecationWarning", "-W", "default::FutureWarning",
                           "-m", "gradscore", "costate", "--checkpoints", str(ckpts), "--proxy",
                           str(data), "--target", str(data), "--quiet"], capture_output=True, text=True,
@@ -295,6 +297,7 @@ def test_a_diverging_costate_warns_in_the_file_the_cli_and_diagnose(tmp_path, ca
         with h5py.File(p, "a") as f:
             f.attrs["lr"] = 400.0
             f.attrs["optimizer"] = "SGD(momentum=0.9)"
+            seal(f)   # written so, not damaged
     assert main(["costate", "--checkpoints", str(ckpts), "--proxy", str(data), "--target", str(data),
                  "--quiet"]) == 0
     err = capsys.readouterr().err
@@ -325,6 +328,7 @@ def test_target_dot_over_checkpoints_of_momentum_warns_without_pds(tmp_path):
     for p in ckpts.glob("step_*.h5"):
         with h5py.File(p, "a") as f:
             f.attrs["optimizer"] = "SGD(momentum=0.9)"
+            seal(f)   # written so, not damaged
     with pytest.warns(gs.exceptions.GradscoreWarning, match=r"written by SGD\(momentum=0.9\).*target_dot"):
         out = gs.score(ckpts, data, out=tmp_path / "s.h5", target=data, scores=["target_dot"], progress=False)
     assert not CostateFile(ckpts / "target_gradient.h5").has_costates

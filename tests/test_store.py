@@ -148,3 +148,79 @@ def test_a_link_to_nothing_in_a_scores_file_is_damage_named_by_every_reader(tiny
     else:
         assert main(again) == 2 and not (tmp_path / "again.h5").exists()
     assert not (tmp_path / "keep.txt").exists()
+
+
+def _alter_text_attribute(path, name):
+    """Change one digit (else one letter) of the text attribute ``name`` of the HDF5 file
+    ``path`` in its bytes, as a flipped bit would: its JSON still parses. Where another
+    attribute holds the same text (a fingerprint holds the checkpoints' checksums), it too."""
+    import h5py
+    with h5py.File(path, "r") as f:
+        value = f.attrs[name]
+    raw = bytearray(path.read_bytes())
+    i = next((i for i, ch in enumerate(value) if ch.isdigit()), None)
+    i = next(i for i, ch in enumerate(value) if ch.isalpha()) if i is None else i
+    at = raw.find(value.encode())
+    assert at >= 0, name
+    while at >= 0:
+        raw[at + i] ^= 0x01 if value[i].isdigit() and value[i] not in "89" else 0x02
+        at = raw.find(value.encode(), at + 1)
+    path.write_bytes(bytes(raw))
+    with h5py.File(path, "r") as f:
+        assert f.attrs[name] != value   # HDF5 reads it without a word: no checksum covers a string's bytes
+
+
+def test_a_text_attribute_changed_on_disk_is_damage_not_another_config(tiny_run, tmp_path):
+    # str attributes live in HDF5's global heap, which no checksum covers: a flipped digit of
+    # a sketch's seed gave attributions from another projection, without a word
+    import shutil
+    import h5py
+    from gradscore.io.checkpoints import CheckpointStore
+    from gradscore.scores.costate import CostateConfig, CostateFile, compute_costate
+    from gradscore.sketches.store import SketchFile
+    ckpts, data = tiny_run
+    files = {"scores": gs.score(checkpoints=ckpts, data=data, out=tmp_path / "s.h5", progress=False),
+             "sketch": gs.sketch(ckpts, data, out=tmp_path / "t.sketch.h5", dim=64, seed=123, progress=False),
+             "costate": compute_costate(CostateConfig(checkpoints=str(ckpts), proxy=str(data), target=str(data)),
+                                        tmp_path / "c.h5", progress=False),
+             "checkpoint": sorted(ckpts.glob("step_*.h5"))[0]}
+    readers = {"scores": gs.load_scores, "sketch": SketchFile.open, "costate": CostateFile,
+               "checkpoint": lambda p: CheckpointStore(p.parent)}
+    for kind, good in files.items():
+        with h5py.File(good, "r") as f:
+            names = [k for k, v in f.attrs.items() if isinstance(v, str) and any(c.isalnum() for c in v)]
+        assert names, kind
+        for name in names:
+            folder = tmp_path / f"{kind}_{name}"
+            shutil.copytree(good.parent, folder, ignore=shutil.ignore_patterns("*.partial", "*.lock", "*_*_*"))
+            bad = folder / good.name
+            _alter_text_attribute(bad, name)
+            with pytest.raises(gs.GradscoreError, match=f"{bad}: attribute \\w+ is damaged"):
+                readers[kind](bad)
+
+
+def test_string_ids_changed_on_disk_are_damage_not_other_examples(tmp_path):
+    # string ids, like text attributes, live where no HDF5 checksum reaches: one changed byte
+    # named another example (and `select` would have listed it) without a word
+    from gradscore.demos.models import mlp
+    from helpers import MLP_KWARGS
+    import torch
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 12, generator=g), torch.randint(0, 4, (12,), generator=g)
+    ids = np.array([f"guid-{i:04d}" for i in range(12)])
+    data = gs.save_dataset(tmp_path / "d.h5", x.numpy(), y.numpy(), ids=ids)
+    model = mlp(**MLP_KWARGS)
+    with gs.InRun(model, out=tmp_path / "r.h5") as rec:
+        with rec.step(ids, y, lr=0.1):
+            F.cross_entropy(model(x), y).backward()
+    assert list(gs.load_dataset(data).ids()) == [i.encode() for i in ids]
+    assert list(gs.load_scores(tmp_path / "r.h5")["ids"]) == list(ids)
+    for path, read in ((data, lambda p: gs.load_dataset(p).ids()), (tmp_path / "r.h5", gs.load_scores)):
+        raw = bytearray(path.read_bytes())
+        at = raw.find(b"guid-0007")
+        raw[at + 7] ^= 0x01   # guid-0007 -> guid-0017: an id of no example
+        bad = path.with_name("bad_" + path.name)
+        bad.write_bytes(bytes(raw))
+        with pytest.raises(gs.GradscoreError, match=f"{bad}: .*is damaged \\(/ids: its strings do not match"):
+            read(bad)

@@ -56,10 +56,12 @@ def atomic_h5(target: str | os.PathLike) -> Iterator["h5py.File"]:
     """
     import h5py
     from ..interrupts import interrupt_after
+    from .attrs import seal
     with atomic_path(target) as tmp, _HeldErrors(tmp) as fh:
         try:
             with interrupt_after(), h5py.File(fh, "w", libver="v108") as f:   # Ctrl-C once HDF5 has closed it
                 yield f
+                seal(f)   # the text attributes' checksums, which HDF5 has none of
         finally:
             fh.raise_held()
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_h5
+from .attrs import mismatched
 from .store import put
 from ..distributed import current_ranks
 from ..exceptions import CheckpointError
@@ -248,8 +249,12 @@ def read_info(path: Path) -> CheckpointInfo:
         with h5py.File(path, "r") as f:
             attrs = dict(f.attrs)
             groups = set(f.keys())
+            changed = mismatched(f)
     except (OSError, RuntimeError, KeyError) as e:   # KeyError, RuntimeError: HDF5's metadata checksum fails
         raise _unreadable(path, e) from e
+    if changed is not None:
+        raise CheckpointError(f"{path}: attribute {changed} is damaged (its CRC-32 does not match); re-save this "
+                              f"checkpoint or restore it from a copy")
     missing = [a for a in _REQUIRED_ATTRS if a not in attrs]
     if missing:
         raise CheckpointError(f"{path}: missing attribute(s) {', '.join(missing)}; "

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic import atomic_h5
-from .store import DamagedFile, damage_named, put, read_numpy
+from .store import DamagedFile, checked_strings, damage_named, put, read_numpy, write_ids
 from ..batch import Inputs, call_model, concat, describe, hash_batch, move, take
 from ..exceptions import DataError
 from ..losses import IGNORE_INDEX, Loss
@@ -181,7 +181,11 @@ class ArrayFileDataset(Dataset):
 
     def ids(self) -> np.ndarray:
         if "ids" in self._arrays:
-            return self._get("ids")
+            ids = self._get("ids")
+            if self._h5 is not None:   # strings carry a CRC-32 (io.store.write_ids)
+                with damage_named(self.path):
+                    checked_strings(self._arrays["ids"], ids)
+            return ids
         return super().ids()
 
     def has_ids(self) -> bool:
@@ -417,5 +421,5 @@ def save_dataset(path: str | Path, inputs: np.ndarray | Mapping[str, np.ndarray]
     with atomic_h5(path) as f:
         for key, arr in fields.items():
             if arr is not None:
-                put(f, key, arr, chunks=True)
+                (write_ids if key == "ids" else put)(f, key, np.asarray(arr), chunks=True)
     return path

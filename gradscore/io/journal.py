@@ -15,13 +15,14 @@ import h5py
 
 from ..exceptions import ConfigMismatchError
 from .atomic import atomic_path
+from .attrs import mismatched
 
 
 def read_fingerprint(path: Path) -> dict | None:
     """The fingerprint stored in a finished scores file, or None if unreadable."""
     try:
         with h5py.File(path, "r") as f:
-            return json.loads(f.attrs["fingerprint"])
+            return None if mismatched(f) else json.loads(f.attrs["fingerprint"])
     except (OSError, KeyError, ValueError):
         return None
 

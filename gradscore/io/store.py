@@ -32,7 +32,8 @@ import h5py
 import numpy as np
 
 from .atomic import atomic_h5, atomic_path
-from ..exceptions import GradscoreError
+from .attrs import VALUES_CRC, json_attr, mismatched, values_crc
+from ..exceptions import RESTORE, GradscoreError, damaged
 from .journal import Journal
 
 
@@ -56,18 +57,32 @@ def put(group: h5py.Group, name: str, data: Any = None, *, shape: tuple[int, ...
     return group.create_dataset(name, shape, dtype=dtype, **checked(shape, dtype), **options)
 
 
-def write_ids(group: h5py.Group, name: str, ids: np.ndarray) -> None:
-    """Example ids (any shape) as a dataset: integers as they are, strings (imported guids)
-    as HDF5 strings."""
+def write_ids(group: h5py.Group, name: str, ids: np.ndarray, **options: Any) -> None:
+    """Example ids (any shape) as a dataset: integers as they are (checksummed), strings
+    (imported guids) as HDF5 strings with the CRC-32 of their values (``attrs.VALUES_CRC``:
+    no HDF5 checksum covers a string's bytes)."""
     if ids.dtype.kind in "OUS":
-        group.create_dataset(name, data=ids.astype(object), dtype=h5py.string_dtype())
+        d = group.create_dataset(name, data=ids.astype(object), dtype=h5py.string_dtype(), **options)
+        d.attrs[VALUES_CRC] = np.uint32(values_crc(ids))
     else:
-        put(group, name, ids)
+        put(group, name, ids, **options)
 
 
 def read_ids(dataset: h5py.Dataset) -> np.ndarray:
-    """Ids written by :func:`write_ids`: strings come back as str, not bytes."""
-    return dataset.asstr()[()] if h5py.check_string_dtype(dataset.dtype) else dataset[()]
+    """Ids written by :func:`write_ids`: strings come back as str, not bytes, checked against
+    their CRC-32 (a RuntimeError where they differ: the file is damaged)."""
+    if not h5py.check_string_dtype(dataset.dtype):
+        return dataset[()]
+    ids = dataset.asstr()[()]
+    checked_strings(dataset, ids)
+    return ids
+
+
+def checked_strings(dataset: h5py.Dataset, values: np.ndarray) -> None:
+    """A RuntimeError where the strings ``values`` read from ``dataset`` (all of it) differ
+    from the CRC-32 written with them; nothing for a dataset written without one."""
+    if VALUES_CRC in dataset.attrs and values_crc(values) != int(dataset.attrs[VALUES_CRC]):
+        raise RuntimeError(f"{dataset.name}: its strings do not match their CRC-32")
 
 
 class ScoresWriter(ABC):
@@ -191,7 +206,7 @@ class ReusableRows:
         except (OSError, ValueError):
             return
         try:
-            rows = json.loads(f.attrs.get("rows", "null"))
+            rows = None if mismatched(f) else json.loads(f.attrs.get("rows", "null"))
         except ValueError:
             rows = None
         if not isinstance(rows, dict) or rows.get("key") != key:
@@ -239,14 +254,6 @@ def _scores_file(path: Path) -> Iterator[h5py.File]:
         yield f
 
 
-#: what to do about a damaged output of gradscore (:func:`damage_named`)
-RESTORE = "restore the file from a copy or rerun the command that wrote it"
-
-
-def _damaged(path: Path, e: Exception | str, what: str = "", fix: str = RESTORE) -> GradscoreError:
-    return GradscoreError(f"{path}: {what + ' ' if what else ''}is damaged ({e}); {fix}")
-
-
 @contextlib.contextmanager
 def damage_named(path: str | os.PathLike, fix: str = RESTORE) -> Iterator[None]:
     """Read errors of the HDF5 file ``path`` inside the block as one GradscoreError naming it
@@ -257,7 +264,7 @@ def damage_named(path: str | os.PathLike, fix: str = RESTORE) -> Iterator[None]:
     except (OSError, RuntimeError, KeyError, json.JSONDecodeError) as e:
         if (isinstance(e, OSError) and e.filename) or (isinstance(e, KeyError) and "Unable to" not in str(e)):
             raise
-        raise _damaged(Path(path), e, fix=fix) from e
+        raise damaged(Path(path), e, fix=fix) from e
 
 
 class DamagedFile(ValueError):
@@ -305,21 +312,13 @@ def read_dataset(f: h5py.File, path: Path, name: str) -> Any:
     try:
         return read_ids(f[name]) if name == "ids" else f[name][()]
     except (OSError, RuntimeError) as e:
-        raise _damaged(path, e, f"/{name}") from e
+        raise damaged(path, e, f"/{name}") from e
 
 
 def read_group(f: h5py.File, path: Path, name: str) -> dict[str, np.ndarray]:
     """{key: array} of the datasets in group ``name`` of ``f`` ({} without it), each read by
     :func:`read_dataset`: by name, since h5py's ``Group.items()`` gives None for a damaged link."""
     return {k: read_dataset(f, path, f"{name}/{k}") for k in f[name]} if name in f else {}
-
-
-def _json(f: h5py.File, path: Path, name: str, default: str | None = None) -> Any:
-    """The JSON attribute ``name`` of ``f``, or a GradscoreError naming it where it does not parse."""
-    try:
-        return json.loads(f.attrs[name] if default is None else f.attrs.get(name, default))
-    except ValueError as e:
-        raise _damaged(path, f"not JSON: {e}", f"attribute {name}") from e
 
 
 def load_inrun_rows(path: str | Path) -> dict[str, np.ndarray]:
@@ -349,8 +348,8 @@ def load_scores(path: str | Path) -> dict[str, Any]:
                 "ids": read_dataset(f, path, "ids"),
                 "noisy": read_dataset(f, path, "noisy") if "noisy" in f else None,
                 "checkpoints": read_group(f, path, "checkpoints"),
-                "config": _json(f, path, "config"),
-                "warnings": _json(f, path, "warnings", "[]"),
+                "config": json_attr(f, path, "config"),
+                "warnings": json_attr(f, path, "warnings", "[]"),
             }
     except (OSError, KeyError) as e:
         raise GradscoreError(f"{path}: not a gradscore scores file ({e})") from e

@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 
 from ..exceptions import GradscoreError
+from ..io.attrs import verify
 from ..io.store import damage_named
 
 
@@ -154,6 +155,9 @@ def describe(path: Path) -> str:
     """Describe a checkpoint directory, a dataset (.h5/.npz), a scores, sketch or
     attribution file; a damaged file is one GradscoreError naming it."""
     with damage_named(path):
+        if path.is_file() and path.suffix in (".h5", ".hdf5") and h5py.is_hdf5(path):
+            with h5py.File(path, "r") as f:
+                verify(f, path)
         return _describe(path)
 
 

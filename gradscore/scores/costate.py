@@ -61,6 +61,7 @@ from ..exceptions import (CheckpointError, ConfigError, DataError, EngineError, 
 from ..losses import Loss, resolve_loss
 from ..io.outputs import claim, lock
 from ..io.journal import Journal, read_fingerprint
+from ..io.attrs import verify
 from ..io.store import damage_named, put
 
 Params = dict[str, torch.Tensor]
@@ -372,6 +373,7 @@ class CostateFile:
             raise
 
     def _read_header(self) -> None:
+        verify(self._f, self.path, self.FIX)
         missing = [k for k in self._HEADER if k not in self._f] + [
             f"attribute {k}" for k in ("fingerprint",) if k not in self._f.attrs]
         if missing:

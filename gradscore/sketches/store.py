@@ -35,7 +35,8 @@ from ..exceptions import CheckpointError, ConfigError, DataError, GradscoreWarni
 from ..io.checkpoints import CheckpointStore, not_plain_steps
 from ..io.datasets import check_targets, load_dataset, probe_model
 from ..io.outputs import claim, is_sketch_file, lock, output_path
-from ..io.store import HDF5ScoresWriter, read_ids
+from ..io.attrs import json_attr
+from ..io.store import HDF5ScoresWriter, damage_named, read_dataset, read_ids
 from ..losses import resolve_loss
 from ..scorer import Scorer
 from ..scores.datadiet import classification_metrics
@@ -155,9 +156,10 @@ class SketchFile:
             raise OutputError(f"{path}: no such sketch file; write one with `gradscore sketch`")
         if not is_sketch_file(path):
             raise OutputError(f"{path}: is not a gradscore sketch file (written by `gradscore sketch`)")
-        with h5py.File(path, "r") as f:
-            return cls(path, SketchSpec.from_dict(json.loads(f.attrs["sketch"])), json.loads(f.attrs["config"]),
-                       json.loads(f.attrs["fingerprint"]), read_ids(f["ids"]), f["checkpoints/lr"][:])
+        with damage_named(path), h5py.File(path, "r") as f:
+            return cls(path, SketchSpec.from_dict(json_attr(f, path, "sketch")), json_attr(f, path, "config"),
+                       json_attr(f, path, "fingerprint"), read_dataset(f, path, "ids"),
+                       read_dataset(f, path, "checkpoints/lr"))
 
     def projection(self, model: torch.nn.Module, param_names: list[str], where: str | os.PathLike) -> Projection:
         """The file's Φ for ``model`` (checkpoint ``where``), made once per file; one
