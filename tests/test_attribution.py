@@ -129,6 +129,29 @@ def test_bad_input_is_one_line_and_exit_code_2(tiny_run, tmp_path, capsys):
     assert not (tmp_path / "x.h5").exists()
 
 
+@pytest.mark.parametrize("method", ["tracin", "trak"])
+def test_a_damaged_sketch_file_is_named_not_the_output(tiny_run, tmp_path, capsys, method):
+    # the sketches' checksum failing while the attribution file was being written was
+    # "cannot write or read x.h5: ...": the output named, and a fix for another file
+    import shutil
+    from helpers import flip_a_byte_of
+    _, data = tiny_run
+    path = _sketch(tiny_run, tmp_path)
+    bad = tmp_path / "bad.sketch.h5"
+    shutil.copy(path, bad)
+    with h5py.File(bad, "r") as f:
+        chunks = f["sketch"].id.get_num_chunks()
+    flip_a_byte_of(bad, "sketch")   # the first chunk: checkpoint 0's first rows
+    assert chunks > 1
+    every = ["--trak-checkpoints", "all"] if method == "trak" else []   # TRAK reads the last alone by default
+    assert main(["attribute", "--sketch", str(bad), "--query", str(data), "--method", method, *every, "--out",
+                 str(tmp_path / "x.h5"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"gradscore attribute: error: {bad}: is damaged (") and len(
+        [line for line in err if "error" in line]) == 1, err
+    assert "x.h5" not in err[-1] and not (tmp_path / "x.h5").exists()
+
+
 @pytest.mark.slow   # spawns and kills the CLI; the interrupted-run test above stays in the default set
 def test_a_killed_sketch_run_resumes_bit_identically(tiny_run, tmp_path):
     import subprocess

@@ -37,9 +37,11 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         os.replace(tmp_path, target)
     except OSError as e:
-        if e.filename not in (None, str(tmp_path)):
+        # a write's error without a file name (a full disk under np.savez) or with the temp
+        # file's is the user's file's; one without an errno (h5py reading a damaged input) is not
+        if e.filename not in (None, str(tmp_path)) or (e.filename is None and e.errno is None):
             raise
-        raise OSError(e.errno, e.strerror or str(e), str(target)) from e   # the user's file, not the temp file
+        raise OSError(e.errno, e.strerror or str(e), str(target)) from e
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

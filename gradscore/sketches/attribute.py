@@ -38,7 +38,7 @@ from ..io.atomic import atomic_h5
 from ..io.checkpoints import CheckpointStore, not_plain_steps
 from ..io.datasets import check_targets, load_dataset, probe_model
 from ..io.outputs import claim
-from ..io.store import put, write_ids
+from ..io.store import damage_named, put, write_ids
 from ..scorer import Scorer
 from .store import SketchFile, sketch_chunk
 
@@ -114,7 +114,7 @@ def _trak_weights(sf: SketchFile, t: int, queries: np.ndarray, p_q: np.ndarray, 
     """K⁻¹ S_t[q]ᵀ / (1 − p_q) (dim, M): one pass over the training sketches for K."""
     T, N, dim = sf.shape
     K = np.zeros((dim, dim))
-    with h5py.File(sf.path, "r") as f:
+    with damage_named(sf.path), h5py.File(sf.path, "r") as f:
         p_all = f["per_checkpoint/p_gold"][t]
         for a in tqdm(range(0, N, config.block_size), desc="TRAK kernel", disable=None if progress else True):
             b = min(N, a + config.block_size)
@@ -147,7 +147,7 @@ def run_attribute(config: AttributeConfig, out: str | os.PathLike, *, overwrite:
     weights = [torch.from_numpy(w.astype(np.float32)) for w in weights]
     top = TopK(M, min(config.top, N))
     out = Path(out)
-    with atomic_h5(out) as f, h5py.File(sf.path, "r") as src:
+    with damage_named(sf.path), atomic_h5(out) as f, h5py.File(sf.path, "r") as src:   # damage: the sketch's
         full = put(f, "scores", shape=(N, M), dtype=np.float32, chunks=(min(N, 4096), M)) if config.full else None
         mean = put(f, "target_dot", shape=(N,), dtype=np.float64)
         for a in tqdm(range(0, N, config.block_size), desc="attributing", disable=None if progress else True):

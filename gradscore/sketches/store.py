@@ -176,12 +176,12 @@ class SketchFile:
     @property
     def shape(self) -> tuple[int, int, int]:
         """(T, N, dim)."""
-        with h5py.File(self.path, "r") as f:
+        with damage_named(self.path), h5py.File(self.path, "r") as f:
             return tuple(f["sketch"].shape)
 
     def read(self, t: int, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of checkpoint t's sketches, (n, dim) float32."""
-        with h5py.File(self.path, "r") as f:
+        with damage_named(self.path), h5py.File(self.path, "r") as f:
             return f["sketch"][t, start:stop].astype(np.float32)
 
 
