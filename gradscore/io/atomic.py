@@ -54,7 +54,8 @@ def atomic_h5(target: str | os.PathLike) -> Iterator["h5py.File"]:
     A write that fails (a full disk, a file-size limit) raises an :class:`OSError` naming
     ``target`` once HDF5 has closed the file: HDF5 cannot close a file after a failed write
     (h5py#914: it crashes the process), so its writes never fail here (:class:`_HeldErrors`).
-    For the same reason Ctrl-C is held until the file is closed (then removed).
+    For the same reason Ctrl-C is held until the file is closed (then removed). The root's
+    text attributes are sealed (``io.attrs.seal``) as the block ends.
     """
     import h5py
     from ..interrupts import interrupt_after
