@@ -1364,10 +1364,11 @@ model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
 g = torch.Generator().manual_seed(1)
 x, y = torch.randn(32, 10, generator=g, dtype=torch.float64), torch.randint(0, 4, (32,), generator=g)
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
+flush = 3600 if len(sys.argv) > 3 else 0   # a full disk at close: every row is still to write there
 if sys.argv[2] == "wrapped":   # the recorder on the DDP model: it reads the world size from the wrapper
-    rec = gs.InRun(model, out=sys.argv[1], targets=(x[:6], y[:6]), flush_every=0)
+    rec = gs.InRun(model, out=sys.argv[1], targets=(x[:6], y[:6]), flush_every=flush)
 else:                          # on the network inside it, as a trainer's callback has it: told the world size
-    rec = gs.InRun(net, out=sys.argv[1], targets=(x[:6], y[:6]), flush_every=0, data_parallel=world)
+    rec = gs.InRun(net, out=sys.argv[1], targets=(x[:6], y[:6]), flush_every=flush, data_parallel=world)
 for t in range(6):
     batch = torch.randperm(32, generator=g)[:8]
     mine = batch.chunk(world)[rank]                 # each rank its share of the global batch
