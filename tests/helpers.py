@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import os
 import random
+import re
+import struct
 from pathlib import Path
 
 import h5py
@@ -74,6 +76,14 @@ def numeric_datasets(path) -> list[str]:
         f.visititems(lambda name, obj: found.append(name) if isinstance(obj, h5py.Dataset) and obj.size
                      and obj.dtype.kind in "biuf" else None)
     return found
+
+
+def global_heap(raw: bytes) -> set[int]:
+    """Offsets of HDF5's global heap collections ("GCOL", length at +8): the strings' bytes,
+    which no HDF5 checksum covers (the text seal does), and where a damaged length makes
+    HDF5 itself loop forever (left alone: gradscore cannot catch it)."""
+    return {i for m in re.finditer(b"GCOL", raw)
+            for i in range(m.start(), m.start() + struct.unpack_from("<Q", raw, m.start() + 8)[0])}
 
 
 def sigkill_when(cmd: list[str], ready, timeout: float = 120.0) -> None:

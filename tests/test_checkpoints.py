@@ -10,7 +10,7 @@ from gradscore.io.checkpoints import load_state_dict
 from gradscore.demos.models import digits_cnn, mlp
 from gradscore.io.attrs import seal
 
-from helpers import MLP_KWARGS
+from helpers import MLP_KWARGS, global_heap
 
 
 def test_round_trip_with_buffers_and_attrs(tmp_path):
@@ -109,17 +109,22 @@ def test_corrupt_tensor_fails_its_checksum(tmp_path):
 
 
 def test_a_checkpoint_damaged_anywhere_is_refused_or_reads_the_same(tmp_path):
-    # damaged metadata (now checksummed) raised h5py's KeyError/RuntimeError as a traceback
-    import shutil
+    # damaged metadata (now checksummed) raised h5py's KeyError/RuntimeError as a traceback;
+    # in HDF5's 1.8 format a damaged chunk index (a v1 B-tree, no checksum) read a tensor
+    # as zeros without a word: 63 of the ~13,600 bytes outside the global heap did so
     model = mlp(**MLP_KWARGS)
     path = _saved(tmp_path / "good", model=model)
     expected = gs.CheckpointStore(path.parent).build_model(0).state_dict()
     raw, refused = path.read_bytes(), 0
-    for offset in range(0, len(raw), max(1, len(raw) // 150)):
-        folder = tmp_path / f"bad{offset}"
-        shutil.copytree(path.parent, folder)
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    skipped = global_heap(raw)
+    assert 0 < len(skipped) < len(raw) // 2
+    for offset in range(len(raw)):   # every byte: the tensors are a few hundred of them
+        if offset in skipped:
+            continue
         damaged = bytearray(raw)
-        damaged[offset] ^= 0x08
+        damaged[offset] ^= 0x10
         (folder / path.name).write_bytes(bytes(damaged))
         try:
             got = gs.CheckpointStore(folder).build_model(0).state_dict()
@@ -128,7 +133,7 @@ def test_a_checkpoint_damaged_anywhere_is_refused_or_reads_the_same(tmp_path):
             refused += 1
             continue
         assert all(torch.equal(got[k], expected[k]) for k in expected), offset
-    assert refused > 20   # (the rest of the bytes are padding, or the fill of unused space)
+    assert refused > 500   # (the rest of the bytes are padding, or the fill of unused space)
 
 
 def test_empty_and_missing_directory(tmp_path):

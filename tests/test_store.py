@@ -224,3 +224,34 @@ def test_string_ids_changed_on_disk_are_damage_not_other_examples(tmp_path):
         bad.write_bytes(bytes(raw))
         with pytest.raises(gs.GradscoreError, match=f"{bad}: .*is damaged \\(/ids: its strings do not match"):
             read(bad)
+
+
+def test_a_scores_file_damaged_anywhere_is_refused_or_reads_the_same(tiny_run, tmp_path):
+    # in HDF5's 1.8 format a chunk index is a v1 B-tree without a checksum: of the ~52,000
+    # bytes of a small scores file outside the global heap, 312 flipped read as other
+    # scores without a word (a chunk taken as unwritten reads as the fill value)
+    from helpers import global_heap
+    ckpts, data = tiny_run
+    good = gs.score(checkpoints=ckpts, data=data, out=tmp_path / "good.h5", progress=False)
+    want, raw = gs.load_scores(good), good.read_bytes()
+    skipped, bad, refused = global_heap(raw), tmp_path / "bad.h5", 0
+    for offset in range(0, len(raw), 5):   # every fifth byte (the 1.8 format's misreads were runs of 8)
+        if offset in skipped:
+            continue
+        damaged = bytearray(raw)
+        damaged[offset] ^= 0x10
+        bad.write_bytes(bytes(damaged))
+        try:
+            got = gs.load_scores(bad)
+        except gs.GradscoreError as e:
+            assert str(e).startswith(f"{bad}: "), e
+            refused += 1
+            continue
+        for group in ("scores", "per_checkpoint", "checkpoints"):
+            assert sorted(got[group]) == sorted(want[group]), offset
+            for k in want[group]:
+                np.testing.assert_array_equal(got[group][k], want[group][k], err_msg=f"{offset}: {group}/{k}")
+        np.testing.assert_array_equal(got["ids"], want["ids"])
+        np.testing.assert_array_equal(got["noisy"], want["noisy"])
+        assert got["config"] == want["config"] and got["warnings"] == want["warnings"]
+    assert refused > 500

@@ -55,14 +55,16 @@ def atomic_h5(target: str | os.PathLike) -> Iterator["h5py.File"]:
     ``target`` once HDF5 has closed the file: HDF5 cannot close a file after a failed write
     (h5py#914: it crashes the process), so its writes never fail here (:class:`_HeldErrors`).
     For the same reason Ctrl-C is held until the file is closed (then removed). The root's
-    text attributes are sealed (``io.attrs.seal``) as the block ends.
+    text attributes are sealed (``io.attrs.seal``) as the block ends. The 1.10 file format:
+    its chunk indexes have checksums, the 1.8 format's v1 B-trees do not (a damaged one read
+    a chunk as unwritten, so as zeros).
     """
     import h5py
     from ..interrupts import interrupt_after
     from .attrs import seal
     with atomic_path(target) as tmp, _HeldErrors(tmp) as fh:
         try:
-            with interrupt_after(), h5py.File(fh, "w", libver="v108") as f:   # Ctrl-C once HDF5 has closed it
+            with interrupt_after(), h5py.File(fh, "w", libver="v110") as f:   # Ctrl-C once HDF5 has closed it
                 yield f
                 seal(f)   # the text attributes' checksums, which HDF5 has none of
         finally:
