@@ -1,15 +1,16 @@
 """Text attributes of the HDF5 files gradscore writes, checksummed.
 
 h5py stores a ``str`` attribute (and each string of a string dataset: ids) as a
-variable-length string, whose bytes live in HDF5's global heap: the one part of a
-1.8-format file that no checksum covers. A flipped bit in a JSON config there reads as
-another valid config (a sketch's seed, a checkpoint's ``model_kwargs``: other numbers,
-no error). So every writer's root attributes are sealed when its file is complete (:func:`seal`, called by ``io.atomic.atomic_h5``): a CRC-32 of
-each text attribute's name and of its value, in the numeric attribute :data:`SEAL`,
-which HDF5's metadata checksums do cover. :func:`verify` and :func:`json_attr` check them.
-String ids carry the CRC-32 of their values (:data:`VALUES_CRC`, written by
-``io.store.write_ids``, checked by ``read_ids``). A file written before the seal, or an
-attribute added after it, reads unchecked.
+variable-length string, whose bytes live in HDF5's global heap: the one part of an HDF5
+file that no checksum covers, in any format. A flipped bit in a JSON config there reads
+as another valid config (a sketch's seed, a checkpoint's ``model_kwargs``: other
+numbers, no error). So every writer's root attributes are sealed when its file is
+complete (:func:`seal`, called by ``io.atomic.atomic_h5``): a CRC-32 of each text
+attribute's name and of its value, in the numeric attribute :data:`SEAL`, which HDF5's
+metadata checksums do cover. :func:`verify` and :func:`json_attr` check them. String ids
+carry the CRC-32 of their values (:data:`VALUES_CRC`, written by ``io.store.write_ids``,
+checked by ``read_ids``). A file written before the seal, or an attribute added after
+it, reads unchecked.
 """
 from __future__ import annotations
 
