@@ -21,10 +21,10 @@ from .distributed import Ranks, process_group
 from .exceptions import ConfigError, ConfigMismatchError, DataError, GradscoreError
 from .io.checkpoints import CheckpointStore
 from .io.datasets import Dataset, check_targets, load_dataset, probe_model, subset
-from .io.attrs import json_attr
+from .io.attrs import json_attr, verify
 from .io.journal import read_fingerprint
 from .io.outputs import claim, is_scores_file, lock, output_path
-from .io.store import HDF5ScoresWriter, ReusableRows, damage_named, put, read_dataset, read_group, read_ids
+from .io.store import HDF5ScoresWriter, ReusableRows, damage_named, put, read_dataset, read_group
 from .losses import resolve_loss
 from .scorer import Scorer
 from .scores import datadiet, registry
@@ -356,6 +356,7 @@ def reaggregate(scores: str | os.PathLike, out: str | os.PathLike, *, epochs_upt
         raise DataError(f"{src}: is not a gradscore scores file; give one written by gradscore run")
     claim(out, "scores", inputs={"the scores file": [src]}, overwrite=overwrite)
     with damage_named(src), h5py.File(src, "r") as f:
+        verify(f, src)
         if json_attr(f, src, "config").get("inrun"):
             raise ConfigError(f"{src}: is an in-run recording (gs.InRun), whose rows are training steps, not "
                               f"checkpoints; aggregate takes a scores file of `gradscore run`")

@@ -7,7 +7,7 @@ as another valid config (a sketch's seed, a checkpoint's ``model_kwargs``: other
 numbers, no error). So every writer's root attributes are sealed when its file is
 complete (:func:`seal`, called by ``io.atomic.atomic_h5``): a CRC-32 of each text
 attribute's name and of its value, in the numeric attribute :data:`SEAL`, which HDF5's
-metadata checksums do cover. :func:`verify` and :func:`json_attr` check them. String ids
+metadata checksums do cover. Readers :func:`verify` them. String ids
 carry the CRC-32 of their values (:data:`VALUES_CRC`, written by ``io.store.write_ids``,
 checked by ``read_ids``). A file written before the seal, or an attribute added after
 it, reads unchecked.
@@ -68,8 +68,8 @@ def verify(obj: h5py.HLObject, path: str | os.PathLike, fix: str = RESTORE) -> N
 
 def json_attr(obj: h5py.HLObject, path: str | os.PathLike, name: str, default: str | None = None) -> Any:
     """The JSON attribute ``name`` of ``obj`` (``default``'s JSON where it has none; KeyError
-    without a default), :func:`verify`'d; one that does not parse is a GradscoreError naming it."""
-    verify(obj, path)
+    without a default); one that does not parse is a GradscoreError naming it. Readers
+    :func:`verify` the file's attributes once before reading them."""
     raw = obj.attrs[name] if default is None else obj.attrs.get(name, default)
     try:
         return json.loads(raw)

@@ -32,7 +32,7 @@ import h5py
 import numpy as np
 
 from .atomic import atomic_h5, atomic_path
-from .attrs import VALUES_CRC, json_attr, mismatched, values_crc
+from .attrs import VALUES_CRC, json_attr, mismatched, values_crc, verify
 from ..exceptions import RESTORE, GradscoreError, damaged
 from .journal import Journal
 
@@ -342,6 +342,7 @@ def load_scores(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         with damage_named(path), _scores_file(path) as f:
+            verify(f, path)
             return {
                 "scores": read_group(f, path, "scores"),
                 "per_checkpoint": read_group(f, path, "per_checkpoint"),

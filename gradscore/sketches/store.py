@@ -16,7 +16,6 @@ final file is bit-identical to an uninterrupted one.
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -35,8 +34,8 @@ from ..exceptions import CheckpointError, ConfigError, DataError, GradscoreWarni
 from ..io.checkpoints import CheckpointStore, not_plain_steps
 from ..io.datasets import check_targets, load_dataset, probe_model
 from ..io.outputs import claim, is_sketch_file, lock, output_path
-from ..io.attrs import json_attr
-from ..io.store import HDF5ScoresWriter, damage_named, read_dataset, read_ids
+from ..io.attrs import json_attr, verify
+from ..io.store import HDF5ScoresWriter, damage_named, read_dataset
 from ..losses import resolve_loss
 from ..scorer import Scorer
 from ..scores.datadiet import classification_metrics
@@ -157,6 +156,7 @@ class SketchFile:
         if not is_sketch_file(path):
             raise OutputError(f"{path}: is not a gradscore sketch file (written by `gradscore sketch`)")
         with damage_named(path), h5py.File(path, "r") as f:
+            verify(f, path)
             return cls(path, SketchSpec.from_dict(json_attr(f, path, "sketch")), json_attr(f, path, "config"),
                        json_attr(f, path, "fingerprint"), read_dataset(f, path, "ids"),
                        read_dataset(f, path, "checkpoints/lr"))
