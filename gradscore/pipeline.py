@@ -21,7 +21,7 @@ from .distributed import Ranks, process_group
 from .exceptions import ConfigError, ConfigMismatchError, DataError, GradscoreError
 from .io.checkpoints import CheckpointStore
 from .io.datasets import Dataset, check_targets, load_dataset, probe_model, subset
-from .io.attrs import json_attr, verify
+from .io.attrs import attributes, json_attr, verify
 from .io.journal import read_fingerprint
 from .io.outputs import claim, is_scores_file, lock, output_path
 from .io.store import HDF5ScoresWriter, ReusableRows, damage_named, put, read_dataset, read_group
@@ -352,7 +352,7 @@ def reaggregate(scores: str | os.PathLike, out: str | os.PathLike, *, epochs_upt
     src, out = Path(scores), output_path(out)
     if not src.is_file():
         raise DataError(f"{src}: no such file; give a scores file written by gradscore run")
-    if not is_scores_file(src):
+    if not is_scores_file(src, read=True):
         raise DataError(f"{src}: is not a gradscore scores file; give one written by gradscore run")
     claim(out, "scores", inputs={"the scores file": [src]}, overwrite=overwrite)
     with damage_named(src), h5py.File(src, "r") as f:
@@ -367,7 +367,7 @@ def reaggregate(scores: str | os.PathLike, out: str | os.PathLike, *, epochs_upt
         ck = read_group(f, src, "checkpoints")
         ids = read_dataset(f, src, "ids")
         noisy = read_dataset(f, src, "noisy") if "noisy" in f else None
-        loss, warnings = str(f.attrs["loss"]), json_attr(f, src, "warnings", "[]")
+        loss, warnings = attributes(f)["loss"], json_attr(f, src, "warnings", "[]")
     if rows["key"].get("rows_version") != ROWS_VERSION:
         raise ConfigError(f"{src}: its per-checkpoint rows were written by an older gradscore (without the "
                           f"margin); rerun `gradscore run` with --epochs-upto instead")

@@ -79,9 +79,9 @@ def numeric_datasets(path) -> list[str]:
 
 
 def global_heap(raw: bytes) -> set[int]:
-    """Offsets of HDF5's global heap collections ("GCOL", length at +8): the strings' bytes,
-    which no HDF5 checksum covers (the text seal does), and where a damaged length makes
-    HDF5 itself loop forever (left alone: gradscore cannot catch it)."""
+    """Offsets of HDF5's global heap collections ("GCOL", length at +8): where h5py keeps
+    variable-length strings, which no HDF5 checksum covers, and where a damaged length
+    makes HDF5 itself loop forever. Files gradscore writes have none (fixed-length text)."""
     return {i for m in re.finditer(b"GCOL", raw)
             for i in range(m.start(), m.start() + struct.unpack_from("<Q", raw, m.start() + 8)[0])}
 

@@ -483,7 +483,7 @@ def test_hf_trainer_inrun_callback_preconditions_with_the_trainers_adam(tmp_path
     with h5py.File(tmp_path / "inrun.h5") as f:
         rows = {k: f["inrun"][k][()] for k in f["inrun"]}
         ids = f["ids"][()]
-        assert '"preconditioner": "adam"' in f.attrs["config"]
+        assert '"preconditioner": "adam"' in f.attrs["config"].decode()   # fixed-length UTF-8: h5py gives bytes
     ref = copy.deepcopy(model).eval()
     loss_fn = causal_lm("mean").fn
     params, v = dict(ref.named_parameters()), snapshots[2][1]

@@ -155,8 +155,9 @@ def _alter_text_attribute(path, name):
     ``path`` in its bytes, as a flipped bit would: its JSON still parses. Where another
     attribute holds the same text (a fingerprint holds the checkpoints' checksums), it too."""
     import h5py
+    from gradscore.io.attrs import attributes
     with h5py.File(path, "r") as f:
-        value = f.attrs[name]
+        value = attributes(f)[name]
     raw = bytearray(path.read_bytes())
     i = next((i for i, ch in enumerate(value) if ch.isdigit()), None)
     i = next(i for i, ch in enumerate(value) if ch.isalpha()) if i is None else i
@@ -166,15 +167,28 @@ def _alter_text_attribute(path, name):
         raw[at + i] ^= 0x01 if value[i].isdigit() and value[i] not in "89" else 0x02
         at = raw.find(value.encode(), at + 1)
     path.write_bytes(bytes(raw))
-    with h5py.File(path, "r") as f:
-        assert f.attrs[name] != value   # HDF5 reads it without a word: no checksum covers a string's bytes
 
 
-def test_a_text_attribute_changed_on_disk_is_damage_not_another_config(tiny_run, tmp_path):
-    # str attributes live in HDF5's global heap, which no checksum covers: a flipped digit of
-    # a sketch's seed gave attributions from another projection, without a word
+def _as_earlier_releases_wrote(path):
+    """Rewrite the text attributes of ``path`` as h5py's own str (variable-length, in HDF5's
+    global heap, which no checksum covers), as releases before fixed-length text did."""
+    import h5py
+    from gradscore.io.attrs import attributes
+    with h5py.File(path, "a") as f:
+        for k, v in attributes(f).items():
+            if isinstance(v, str):
+                f.attrs[k] = v
+
+
+@pytest.mark.parametrize("layout", ["fixed", "variable"])
+def test_a_text_attribute_changed_on_disk_is_damage_not_another_config(tiny_run, tmp_path, layout):
+    # str attributes lived in HDF5's global heap, which no checksum covers: a flipped digit of
+    # a sketch's seed gave attributions from another projection, without a word. Files are
+    # now written with fixed-length text (in checksummed headers); the seal still covers the
+    # variable-length text of files from earlier releases
     import shutil
     import h5py
+    from gradscore.io.attrs import attributes
     from gradscore.io.checkpoints import CheckpointStore
     from gradscore.scores.costate import CostateConfig, CostateFile, compute_costate
     from gradscore.sketches.store import SketchFile
@@ -187,21 +201,28 @@ def test_a_text_attribute_changed_on_disk_is_damage_not_another_config(tiny_run,
     readers = {"scores": gs.load_scores, "sketch": SketchFile.open, "costate": CostateFile,
                "checkpoint": lambda p: CheckpointStore(p.parent)}
     for kind, good in files.items():
+        if layout == "variable":
+            _as_earlier_releases_wrote(good)
+            readers[kind](good)   # an intact file of an earlier release reads
         with h5py.File(good, "r") as f:
-            names = [k for k, v in f.attrs.items() if isinstance(v, str) and any(c.isalnum() for c in v)]
+            names = [k for k, v in attributes(f).items() if isinstance(v, str) and any(c.isalnum() for c in v)]
         assert names, kind
         for name in names:
             folder = tmp_path / f"{kind}_{name}"
             shutil.copytree(good.parent, folder, ignore=shutil.ignore_patterns("*.partial", "*.lock", "*_*_*"))
             bad = folder / good.name
             _alter_text_attribute(bad, name)
-            with pytest.raises(gs.GradscoreError, match=f"{bad}: attribute \\w+ is damaged"):
+            with pytest.raises(gs.GradscoreError, match=(f"{bad}: attribute \\w+ is damaged" if layout == "variable"
+                                                         else f"{bad}: .*(damaged|corrupt)")):
                 readers[kind](bad)
 
 
-def test_string_ids_changed_on_disk_are_damage_not_other_examples(tmp_path):
-    # string ids, like text attributes, live where no HDF5 checksum reaches: one changed byte
-    # named another example (and `select` would have listed it) without a word
+@pytest.mark.parametrize("layout", ["fixed", "variable"])
+def test_string_ids_changed_on_disk_are_damage_not_other_examples(tmp_path, layout):
+    # string ids, like text attributes, lived where no HDF5 checksum reaches: one changed byte
+    # named another example (and `select` would have listed it) without a word. They are now
+    # fixed-length (checksummed chunks); their CRC-32 still covers the variable-length ids of
+    # files from earlier releases
     from gradscore.demos.models import mlp
     from helpers import MLP_KWARGS
     import torch
@@ -214,16 +235,76 @@ def test_string_ids_changed_on_disk_are_damage_not_other_examples(tmp_path):
     with gs.InRun(model, out=tmp_path / "r.h5") as rec:
         with rec.step(ids, y, lr=0.1):
             F.cross_entropy(model(x), y).backward()
-    assert list(gs.load_dataset(data).ids()) == [i.encode() for i in ids]
+    assert list(gs.load_dataset(data).ids()) == list(ids)
     assert list(gs.load_scores(tmp_path / "r.h5")["ids"]) == list(ids)
     for path, read in ((data, lambda p: gs.load_dataset(p).ids()), (tmp_path / "r.h5", gs.load_scores)):
+        if layout == "variable":
+            _ids_as_earlier_releases_wrote(path)
+            np.testing.assert_array_equal(read(path) if path == data else read(path)["ids"], ids)
         raw = bytearray(path.read_bytes())
         at = raw.find(b"guid-0007")
-        raw[at + 7] ^= 0x01   # guid-0007 -> guid-0017: an id of no example
+        while at >= 0:   # (every copy: a rewritten file keeps the old one in unused space)
+            raw[at + 7] ^= 0x01   # guid-0007 -> guid-0017: an id of no example
+            at = raw.find(b"guid-0007", at + 1)
         bad = path.with_name("bad_" + path.name)
         bad.write_bytes(bytes(raw))
-        with pytest.raises(gs.GradscoreError, match=f"{bad}: .*is damaged \\(/ids: its strings do not match"):
+        with pytest.raises(gs.GradscoreError, match=f"{bad}: .*is damaged \\(" + (
+                "/ids: its strings do not match" if layout == "variable" else "Can't synchronously read")):
             read(bad)
+
+
+def _ids_as_earlier_releases_wrote(path):
+    """Rewrite ``/ids`` of ``path`` as h5py's variable-length strings (in HDF5's global heap)
+    with their CRC-32, as releases before fixed-length ids did."""
+    import h5py
+    from gradscore.io.attrs import VALUES_CRC
+    with h5py.File(path, "a") as f:
+        ids, crc = f["ids"].asstr()[()], f["ids"].attrs[VALUES_CRC]
+        del f["ids"]
+        f.create_dataset("ids", data=ids.astype(object), dtype=h5py.string_dtype()).attrs[VALUES_CRC] = crc
+
+
+def test_string_ids_round_trip_with_any_text_and_one_ending_in_nul_is_refused(tmp_path):
+    # h5py's variable-length strings refused an embedded NUL in a traceback, at the end of a run
+    import h5py
+    from gradscore.io.store import read_ids, write_ids
+    ids = np.array(["a\0b", "é", "", "x" * 300, "\U0001f600"], dtype=object)
+    with h5py.File(tmp_path / "i.h5", "w") as f:
+        write_ids(f, "ids", ids)
+        write_ids(f, "none", np.array([], dtype=object))
+    with h5py.File(tmp_path / "i.h5") as f:
+        assert list(read_ids(f["ids"])) == list(ids) and f["ids"].fletcher32
+        assert read_ids(f["none"]).shape == (0,)
+    with h5py.File(tmp_path / "j.h5", "w") as f, pytest.raises(ValueError, match=r"'ab\\x00' ends in NUL"):
+        write_ids(f, "ids", np.array(["ab\0"], dtype=object))
+
+
+def test_no_file_gradscore_writes_keeps_text_in_hdf5s_global_heap(tmp_path):
+    # the global heap has no checksum, and one flipped bit in a string's length there made
+    # HDF5 itself loop forever (2 of the first 700 bytes of a checkpoint's heap, each read in
+    # `gradscore run`): every file now keeps its text in checksummed headers and chunks
+    import torch
+    import torch.nn.functional as F
+    from gradscore.demos.models import mlp
+    from helpers import MLP_KWARGS, global_heap, make_run
+    ckpts, data = make_run(tmp_path, n=30)
+    x, y = gs.load_dataset(data).read(0, 30)
+    ids = np.array([f"ex-{i:03d}" for i in range(30)])
+    named = gs.save_dataset(tmp_path / "named.h5", x.numpy(), y.numpy(), ids=ids)
+    scores = gs.score(checkpoints=ckpts, data=named, out=tmp_path / "s.h5", progress=False)
+    sketch = gs.sketch(ckpts, named, out=tmp_path / "t.sketch.h5", dim=30, progress=False)
+    model = mlp(**MLP_KWARGS)
+    with gs.InRun(model, out=tmp_path / "r.h5") as rec:
+        with rec.step(ids[:12], y[:12], lr=0.1):
+            F.cross_entropy(model(torch.as_tensor(x[:12])), y[:12]).backward()
+    files = {"data": named, "scores": scores, "sketch": sketch, "in-run": tmp_path / "r.h5",
+             "checkpoint": sorted(ckpts.glob("step_*.h5"))[0],
+             "aggregate": gs.reaggregate(scores, tmp_path / "a.h5", epochs_upto=0),
+             "attribution": gs.attribute(sketch, named, out=tmp_path / "q.h5", top=2, progress=False),
+             "costate": gs.compute_costate(gs.CostateConfig(checkpoints=str(ckpts), proxy=str(named),
+                                                            target=str(named)), tmp_path / "c.h5", progress=False)}
+    for kind, path in files.items():
+        assert not global_heap(path.read_bytes()), kind
 
 
 def test_a_scores_file_damaged_anywhere_is_refused_or_reads_the_same(tiny_run, tmp_path):
@@ -232,12 +313,14 @@ def test_a_scores_file_damaged_anywhere_is_refused_or_reads_the_same(tiny_run, t
     # scores without a word (a chunk taken as unwritten reads as the fill value)
     from helpers import global_heap
     ckpts, data = tiny_run
+    x, y = gs.load_dataset(data).read(0, len(gs.load_dataset(data)))
+    data = gs.save_dataset(tmp_path / "named.h5", x.numpy(), y.numpy(),   # string ids, fixed-length
+                           ids=np.array([f"ex-{i:04d}" for i in range(len(y))]))
     good = gs.score(checkpoints=ckpts, data=data, out=tmp_path / "good.h5", progress=False)
     want, raw = gs.load_scores(good), good.read_bytes()
-    skipped, bad, refused = global_heap(raw), tmp_path / "bad.h5", 0
+    bad, refused = tmp_path / "bad.h5", 0
+    assert not global_heap(raw)
     for offset in range(0, len(raw), 5):   # every fifth byte (the 1.8 format's misreads were runs of 8)
-        if offset in skipped:
-            continue
         damaged = bytearray(raw)
         damaged[offset] ^= 0x10
         bad.write_bytes(bytes(damaged))

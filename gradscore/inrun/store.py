@@ -28,6 +28,7 @@ import torch
 
 from .._version import __version__
 from ..io.atomic import atomic_h5, atomic_path
+from ..io.attrs import write_attrs
 from ..exceptions import OutputError
 from ..io.journal import Journal, read_fingerprint
 from ..io.store import damage_named, put, read_ids, read_numpy, write_ids
@@ -230,10 +231,8 @@ def write(out: Path, rows: dict[str, np.ndarray], *, config: dict[str, Any], fin
     found = warnings_of(rows) + _unmeasured(fields, len(ids), config.get("every", 1), wanted)
     scores = inrun_scores.aggregate(fields, len(ids), wanted)
     with atomic_h5(out) as f:
-        f.attrs.update({"config": json.dumps(config, sort_keys=True), "fingerprint": json.dumps(fingerprint,
-                                                                                               sort_keys=True),
-                        "gradscore_version": __version__, "loss": loss, "warnings": json.dumps(found),
-                        "inrun_complete": complete})
+        write_attrs(f, {"config": config, "fingerprint": fingerprint, "gradscore_version": __version__,
+                        "loss": loss, "warnings": found, "inrun_complete": complete})
         write_ids(f, "ids", ids if ids.dtype.kind in "OUS" else ids.astype(np.int64))
         group = f.create_group("scores")
         for k, v in scores.items():

@@ -1,16 +1,19 @@
-"""Text attributes of the HDF5 files gradscore writes, checksummed.
+"""Text attributes of the HDF5 files gradscore writes: stored where HDF5's checksums reach.
 
 h5py stores a ``str`` attribute (and each string of a string dataset: ids) as a
 variable-length string, whose bytes live in HDF5's global heap: the one part of an HDF5
-file that no checksum covers, in any format. A flipped bit in a JSON config there reads
-as another valid config (a sketch's seed, a checkpoint's ``model_kwargs``: other
-numbers, no error). So every writer's root attributes are sealed when its file is
-complete (:func:`seal`, called by ``io.atomic.atomic_h5``): a CRC-32 of each text
-attribute's name and of its value, in the numeric attribute :data:`SEAL`, which HDF5's
-metadata checksums do cover. Readers :func:`verify` them. String ids
-carry the CRC-32 of their values (:data:`VALUES_CRC`, written by ``io.store.write_ids``,
-checked by ``read_ids``). A file written before the seal, or an attribute added after
-it, reads unchecked.
+file that no checksum covers, in any format. A flipped bit there read as another valid
+config (a sketch's seed, a checkpoint's ``model_kwargs``: other numbers, no error), and
+one in a string's length made HDF5 itself loop forever. So when a file is complete,
+:func:`seal` (called by ``io.atomic.atomic_h5``) rewrites every text attribute of its
+root as a fixed-length UTF-8 string, which HDF5 keeps in the object header its metadata
+checksums cover (h5py reads it as bytes: :func:`attributes` and :func:`json_attr` give
+str), and records a CRC-32 of each one's name and value in the numeric attribute
+:data:`SEAL`, which readers :func:`verify`: files written before this release hold their
+text in the global heap, where only the seal covers it. String ids are fixed-length too
+(``io.store.write_ids``, checksummed with their chunks) and carry the CRC-32 of their
+values (:data:`VALUES_CRC`, checked by ``read_ids``). A file written before the seal, or
+an attribute added after it, reads unchecked.
 """
 from __future__ import annotations
 
@@ -30,20 +33,64 @@ SEAL = "text_crc32"
 VALUES_CRC = "values_crc32"
 
 
+def utf8(value: Any) -> bytes:
+    """A string's UTF-8 bytes (bytes as they are; lone surrogates kept, as Python's str can hold)."""
+    return value if isinstance(value, bytes) else str(value).encode("utf-8", "surrogatepass")
+
+
+def as_text(value: Any) -> Any:
+    """An attribute's value with its text as str (HDF5's fixed-length strings read as bytes)."""
+    return value.decode("utf-8", "surrogatepass") if isinstance(value, bytes) else value
+
+
+def fixed_utf8(values: Any) -> np.ndarray:
+    """``values`` (a string, or an array of str or bytes) as HDF5 fixed-length UTF-8 strings:
+    stored inline (an attribute in its object header, a dataset in its chunks), where HDF5's
+    checksums reach, not in the global heap. At least one byte wide (HDF5 has no empty type).
+    A string ending in NUL would read back without it: a ValueError naming it."""
+    raw = np.asarray([utf8(v) for v in np.asarray(values, dtype=object).ravel()], dtype=object)
+    ends = [v for v in raw if v.endswith(b"\0")]
+    if ends:
+        raise ValueError(f"{as_text(ends[0])!r} ends in NUL, which a fixed-length string cannot hold; give text "
+                         f"without NUL characters")
+    width = max([1, *map(len, raw)])
+    return raw.astype(h5py.string_dtype("utf-8", width)).reshape(np.shape(values))
+
+
+def write_attrs(obj: h5py.HLObject, values: dict[str, Any]) -> None:
+    """Set ``obj``'s attributes: dicts and lists as JSON (keys sorted), text as fixed-length
+    UTF-8 (:func:`fixed_utf8`), anything else as h5py stores it."""
+    for name, value in values.items():
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value, sort_keys=True)
+        obj.attrs[name] = fixed_utf8(value) if isinstance(value, str) else value
+
+
+def attributes(obj: h5py.HLObject) -> dict[str, Any]:
+    """``obj``'s attributes, text as str whichever way it is stored."""
+    return {k: as_text(v) for k, v in obj.attrs.items()}
+
+
 def _crc(*parts: str) -> int:
     return zlib.crc32("\0".join(parts).encode("utf-8", "surrogatepass"))
 
 
 def values_crc(values: np.ndarray) -> int:
     """CRC-32 of the strings (str or bytes) ``values``, UTF-8, joined by NUL, in C order."""
-    return zlib.crc32(b"\0".join(v if isinstance(v, bytes) else str(v).encode("utf-8", "surrogatepass")
-                                 for v in np.asarray(values, dtype=object).ravel()))
+    return zlib.crc32(b"\0".join(utf8(v) for v in np.asarray(values, dtype=object).ravel()))
+
+
+def _texts(obj: h5py.HLObject) -> dict[str, str]:
+    return {k: v for k, v in attributes(obj).items() if isinstance(v, str)}
 
 
 def seal(obj: h5py.HLObject) -> None:
-    """Record the CRC-32 of every text attribute of ``obj`` (a file's root) in :data:`SEAL`."""
-    rows = [(_crc(k), _crc(k, v)) for k, v in obj.attrs.items() if isinstance(v, str)]
-    obj.attrs[SEAL] = np.array(rows, dtype=np.uint32).reshape(-1, 2)
+    """Store every text attribute of ``obj`` (a file's root) as a fixed-length UTF-8 string
+    (:func:`fixed_utf8`), and record the CRC-32 of each one's name and value in :data:`SEAL`."""
+    texts = _texts(obj)
+    for name in [k for k, v in obj.attrs.items() if isinstance(v, str)]:   # h5py's own str: the global heap
+        obj.attrs[name] = fixed_utf8(texts[name])
+    obj.attrs[SEAL] = np.array([(_crc(k), _crc(k, v)) for k, v in texts.items()], dtype=np.uint32).reshape(-1, 2)
 
 
 def mismatched(obj: h5py.HLObject) -> str | None:
@@ -52,8 +99,8 @@ def mismatched(obj: h5py.HLObject) -> str | None:
     if SEAL not in obj.attrs:
         return None
     sealed = {int(k): int(v) for k, v in np.asarray(obj.attrs[SEAL]).reshape(-1, 2)}
-    for name, value in obj.attrs.items():
-        if isinstance(value, str) and sealed.get(_crc(name), _crc(name, value)) != _crc(name, value):
+    for name, value in _texts(obj).items():
+        if sealed.get(_crc(name), _crc(name, value)) != _crc(name, value):
             return name
     return None
 
@@ -72,6 +119,6 @@ def json_attr(obj: h5py.HLObject, path: str | os.PathLike, name: str, default: s
     :func:`verify` the file's attributes once before reading them."""
     raw = obj.attrs[name] if default is None else obj.attrs.get(name, default)
     try:
-        return json.loads(raw)
+        return json.loads(as_text(raw))
     except ValueError as e:
         raise damaged(path, f"not JSON: {e}", f"attribute {name}") from e

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_h5
-from .attrs import mismatched
+from .attrs import attributes, mismatched, write_attrs
 from .store import put
 from ..distributed import current_ranks
 from ..exceptions import CheckpointError
@@ -90,7 +90,7 @@ def write_checkpoint(path: str | Path, model: nn.Module, *, step: int, lr: float
     aliases = tied_aliases(model)  # a tied tensor is stored once, under its parameter name
     state = {k: v for k, v in model.state_dict().items() if k not in aliases}
     with atomic_h5(path) as f:
-        f.attrs.update({
+        write_attrs(f, {
             "format_version": FORMAT_VERSION, "step": int(step), "epoch": float(epoch),
             "lr": float(lr), "optimizer": optimizer, "model": model_factory,
             "model_kwargs": json.dumps(model_kwargs or {}, sort_keys=True), "loss": loss,
@@ -247,7 +247,7 @@ def read_info(path: Path) -> CheckpointInfo:
                               f"or remove the link")
     try:
         with h5py.File(path, "r") as f:
-            attrs = dict(f.attrs)
+            attrs = attributes(f)
             groups = set(f.keys())
             changed = mismatched(f)
     except (OSError, RuntimeError, KeyError) as e:   # KeyError, RuntimeError: HDF5's metadata checksum fails

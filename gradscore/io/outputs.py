@@ -29,24 +29,33 @@ MARK = "gradscore"
 MARKDOWN_MARK = f"<!-- written by {MARK}"
 
 
-def _hdf5_attrs(path: Path) -> set[str]:
+def _hdf5_attrs(path: Path, read: bool = False) -> set[str]:
+    """The root attribute names of the HDF5 file ``path``; none for a file that is not HDF5,
+    or is damaged. ``read``: a file about to be read, whose damage (an HDF5 file whose
+    attributes fail their checksums) is then one error naming it, not "no kind of ours"."""
     import h5py
+    from .store import damage_named
     try:
+        if read and h5py.is_hdf5(path):
+            with damage_named(path), h5py.File(path, "r") as f:
+                return set(f.attrs)
         with h5py.File(path, "r") as f:
             return set(f.attrs)
     except (OSError, ValueError, RuntimeError, KeyError):   # not HDF5, or damaged: no kind of ours
         return set()
 
 
-def is_scores_file(path: Path) -> bool:
-    """True when ``path`` is a gradscore scores file (HDF5 with a fingerprint and a config)."""
-    attrs = _hdf5_attrs(path)
+def is_scores_file(path: Path, read: bool = False) -> bool:
+    """True when ``path`` is a gradscore scores file (HDF5 with a fingerprint and a config);
+    ``read`` as in :func:`_hdf5_attrs`."""
+    attrs = _hdf5_attrs(path, read)
     return {"fingerprint", "config"} <= attrs and not attrs & {"conventions", "sketch", "attribution"}
 
 
-def is_sketch_file(path: Path) -> bool:
-    """True when ``path`` is a gradscore sketch file (``gradscore sketch``)."""
-    return {"fingerprint", "config", "sketch"} <= _hdf5_attrs(path)
+def is_sketch_file(path: Path, read: bool = False) -> bool:
+    """True when ``path`` is a gradscore sketch file (``gradscore sketch``); ``read`` as in
+    :func:`_hdf5_attrs`."""
+    return {"fingerprint", "config", "sketch"} <= _hdf5_attrs(path, read)
 
 
 def _is_attribution(path: Path) -> bool:

@@ -32,7 +32,7 @@ import h5py
 import numpy as np
 
 from .atomic import atomic_h5, atomic_path
-from .attrs import VALUES_CRC, json_attr, mismatched, values_crc, verify
+from .attrs import VALUES_CRC, as_text, fixed_utf8, json_attr, mismatched, values_crc, verify, write_attrs
 from ..exceptions import RESTORE, GradscoreError, damaged
 from .journal import Journal
 
@@ -40,8 +40,8 @@ from .journal import Journal
 def checked(shape: tuple[int, ...], dtype: Any) -> dict[str, Any]:
     """``create_dataset`` options that checksum every chunk (fletcher32): a damaged file then
     fails to read instead of giving other numbers. None where HDF5 cannot: a scalar, no
-    elements, strings."""
-    if not shape or 0 in shape or np.dtype(dtype).kind not in "biufc":
+    elements, variable-length strings."""
+    if not shape or 0 in shape or np.dtype(dtype).kind not in "biufcS":
         return {}
     return {"fletcher32": True}
 
@@ -58,11 +58,13 @@ def put(group: h5py.Group, name: str, data: Any = None, *, shape: tuple[int, ...
 
 
 def write_ids(group: h5py.Group, name: str, ids: np.ndarray, **options: Any) -> None:
-    """Example ids (any shape) as a dataset: integers as they are (checksummed), strings
-    (imported guids) as HDF5 strings with the CRC-32 of their values (``attrs.VALUES_CRC``:
-    no HDF5 checksum covers a string's bytes)."""
+    """Example ids (any shape) as a dataset, checksummed: integers as they are, strings
+    (imported guids) as fixed-length UTF-8 (``attrs.fixed_utf8``: h5py's variable-length
+    strings live in the global heap, which no checksum covers) with the CRC-32 of their
+    values (``attrs.VALUES_CRC``). An id ending in NUL cannot be stored fixed-length: a
+    ValueError naming it."""
     if ids.dtype.kind in "OUS":
-        d = group.create_dataset(name, data=ids.astype(object), dtype=h5py.string_dtype(), **options)
+        d = put(group, name, fixed_utf8(ids), **options)
         d.attrs[VALUES_CRC] = np.uint32(values_crc(ids))
     else:
         put(group, name, ids, **options)
@@ -73,16 +75,10 @@ def read_ids(dataset: h5py.Dataset) -> np.ndarray:
     their CRC-32 (a RuntimeError where they differ: the file is damaged)."""
     if not h5py.check_string_dtype(dataset.dtype):
         return dataset[()]
-    ids = dataset.asstr()[()]
-    checked_strings(dataset, ids)
-    return ids
-
-
-def checked_strings(dataset: h5py.Dataset, values: np.ndarray) -> None:
-    """A RuntimeError where the strings ``values`` read from ``dataset`` (all of it) differ
-    from the CRC-32 written with them; nothing for a dataset written without one."""
-    if VALUES_CRC in dataset.attrs and values_crc(values) != int(dataset.attrs[VALUES_CRC]):
+    ids = dataset.asstr(errors="surrogatepass")[()]
+    if VALUES_CRC in dataset.attrs and values_crc(ids) != int(dataset.attrs[VALUES_CRC]):
         raise RuntimeError(f"{dataset.name}: its strings do not match their CRC-32")
+    return ids
 
 
 class ScoresWriter(ABC):
@@ -153,9 +149,7 @@ class HDF5ScoresWriter(ScoresWriter):
             return self.out
         first = self._read_chunk(0, 0)
         with atomic_h5(self.out) as f:
-            f.attrs.update({k: (json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v)
-                            for k, v in attrs.items()})
-            f.attrs["fingerprint"] = json.dumps(self.fingerprint, sort_keys=True)
+            write_attrs(f, {**attrs, "fingerprint": self.fingerprint})
             pc = f.create_group("per_checkpoint")
             chunks = (1, min(self.n, self.chunk_size))
             # (n,) metrics go to /per_checkpoint (T, N); a wider one (logits (n, C)) to /<name> (T, N, C)
@@ -206,7 +200,7 @@ class ReusableRows:
         except (OSError, ValueError):
             return
         try:
-            rows = None if mismatched(f) else json.loads(f.attrs.get("rows", "null"))
+            rows = None if mismatched(f) else json.loads(as_text(f.attrs.get("rows", "null")))
         except ValueError:
             rows = None
         if not isinstance(rows, dict) or rows.get("key") != key:

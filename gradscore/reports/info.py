@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 
 from ..exceptions import GradscoreError
-from ..io.attrs import verify
+from ..io.attrs import attributes, verify
 from ..io.store import damage_named
 
 
@@ -85,16 +85,16 @@ def _describe_dataset(path: Path) -> str:
 def _describe_scores(path: Path) -> str:
     import textwrap
     with h5py.File(path, "r") as f:
-        cfg = json.loads(f.attrs["config"])
-        fp = json.loads(f.attrs["fingerprint"])
+        attrs = attributes(f)
+        cfg, fp = json.loads(attrs["config"]), json.loads(attrs["fingerprint"])
         n, T = len(f["ids"]), len(f["checkpoints/step"]) if "checkpoints/step" in f else 0
         subset = fp.get("data", {}).get("subset") if isinstance(fp.get("data"), dict) else None
         total = len(fp.get("checkpoints_sha256", ())) or T
         window = f" (epochs <= {cfg['epochs_upto']:g})" if cfg.get("epochs_upto") is not None else ""
-        head = f"scores file {path} (gradscore {f.attrs.get('gradscore_version', '?')})"
+        head = f"scores file {path} (gradscore {attrs.get('gradscore_version', '?')})"
         if cfg.get("inrun"):   # recorded during training (gs.InRun): rows per (step, example)
             step, with_target = f["inrun/step"][()], np.isfinite(f["inrun/target_norm"][()])
-            state = ("" if f.attrs.get("inrun_complete", True) else
+            state = ("" if attrs.get("inrun_complete", True) else
                      "; interrupted or still recording (gs.InRun(..., resume=True) continues it)")
             lines = [head + f", recorded in training (gs.InRun){state}",
                      f"  {n:,} examples, {len(step):,} records over {len(np.unique(step))} steps, target gradient "
@@ -115,7 +115,7 @@ def _describe_scores(path: Path) -> str:
             stats = (f"mean {s[finite].mean():.4g}, min {s[finite].min():.4g}, max {s[finite].max():.4g}"
                      if finite.any() else "no finite value")
             lines.append(f"  scores/{k}: {stats}" + (f" ({int((~finite).sum())} NaN/Inf)" if not finite.all() else ""))
-        for warning in json.loads(f.attrs.get("warnings", "[]")):
+        for warning in json.loads(attrs.get("warnings", "[]")):
             lines.append(f"  warning: {warning}")
     return "\n".join(lines)
 
@@ -128,27 +128,29 @@ def _describe_sketch(path: Path) -> str:
     for b in sf.spec.blocks:
         kinds[b.kind] = kinds.get(b.kind, 0) + b.k
     with h5py.File(path, "r") as f:
-        lines = [f"sketch file {path} (gradscore {f.attrs.get('gradscore_version', '?')})",
+        attrs = attributes(f)
+        lines = [f"sketch file {path} (gradscore {attrs.get('gradscore_version', '?')})",
                  f"  checkpoints {sf.config['checkpoints']}, data {sf.config['data']}",
                  f"  {T} checkpoints x {N:,} examples x {dim} ({f['sketch'].dtype}), seed {sf.spec.seed}, "
                  f"{len(sf.spec.blocks)} blocks: " + ", ".join(f"{k} {v} rows" for k, v in sorted(kinds.items()))]
         s = f["scores/self_influence"][()]
         lines.append(f"  scores/self_influence: mean {s.mean():.4g}, min {s.min():.4g}, max {s.max():.4g}")
-        lines += [f"  warning: {w}" for w in json.loads(f.attrs.get("warnings", "[]"))]
+        lines += [f"  warning: {w}" for w in json.loads(attrs.get("warnings", "[]"))]
     return "\n".join(lines)
 
 
 def _describe_attribution(path: Path) -> str:
     with h5py.File(path, "r") as f:
-        cfg, facts = json.loads(f.attrs["config"]), json.loads(f.attrs["attribution"])
+        attrs = attributes(f)
+        cfg, facts = json.loads(attrs["config"]), json.loads(attrs["attribution"])
         top = f["proponents/ids"].shape[1]
         full = "; the full N x Q matrix in /scores" if "scores" in f else ""
         return "\n".join([
-            f"attribution file {path} (gradscore {f.attrs.get('gradscore_version', '?')})",
+            f"attribution file {path} (gradscore {attrs.get('gradscore_version', '?')})",
             f"  {facts['method']} over checkpoints {facts['checkpoints']} of sketch {cfg['sketch']} (dim {facts['dim']})",
             f"  {facts['n_query']:,} queries from {cfg['query']} against {facts['n_train']:,} training examples: "
             f"top {top} proponents and opponents each{full}; /target_dot: their mean"]
-            + [f"  warning: {w}" for w in json.loads(f.attrs.get("warnings", "[]"))])
+            + [f"  warning: {w}" for w in json.loads(attrs.get("warnings", "[]"))])
 
 
 def describe(path: Path) -> str:

@@ -61,7 +61,7 @@ from ..exceptions import (CheckpointError, ConfigError, DataError, EngineError, 
 from ..losses import Loss, resolve_loss
 from ..io.outputs import claim, lock
 from ..io.journal import Journal, read_fingerprint
-from ..io.attrs import verify
+from ..io.attrs import attributes, verify, write_attrs
 from ..io.store import damage_named, put
 
 Params = dict[str, torch.Tensor]
@@ -229,7 +229,7 @@ class _Inputs:
     def __init__(self, config: CostateConfig, ckpts: CheckpointStore, progress: bool) -> None:
         from ..io.outputs import is_sketch_file
         from ..sketches.store import SketchTarget
-        self.sketched = is_sketch_file(Path(config.target))
+        self.sketched = is_sketch_file(Path(config.target), read=True)
         self.proxy = load_dataset(config.proxy) if config.costates else None   # only the Hessian products read it
         self.target = (SketchTarget(config.target, ckpts.checksums(), config.checkpoints) if self.sketched
                        else load_dataset(config.target))
@@ -288,9 +288,8 @@ def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite
             lam_next = lam
             bar.update()
     with atomic_h5(out) as f:
-        f.attrs["fingerprint"] = json.dumps(fingerprint, sort_keys=True)
-        f.attrs["config"] = json.dumps(asdict(config), sort_keys=True)
-        f.attrs["conventions"] = "pds_n = sum_t eta_t <lambda_{t+1}, grad l_n(theta_t)>; see gradscore.scores.costate"
+        write_attrs(f, {"fingerprint": fingerprint, "config": asdict(config), "conventions":
+                        "pds_n = sum_t eta_t <lambda_{t+1}, grad l_n(theta_t)>; see gradscore.scores.costate"})
         f["eta"] = eta
         f["step"] = np.array([i.step for i in ckpts], dtype=np.int64)
         norms: dict[str, list[float]] = {"grad_target": [], "costate": []}
@@ -305,7 +304,7 @@ def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite
         kinds = [i.optimizer for i in ckpts]
         found = (stability_warnings(kinds, norms["costate"]) if config.costates else
                  not_plain_steps(kinds, "target_dot, Σ_t η_t ⟨∇J(θ_t), g_n(θ_t)⟩,", "its first-order change of J is"))
-        f.attrs["warnings"] = json.dumps(found)
+        write_attrs(f, {"warnings": found})
     for text in found:
         warnings.warn(f"{out}: {text}", GradscoreWarning, stacklevel=3)
     journal.finish()
@@ -380,9 +379,10 @@ class CostateFile:
             raise GradscoreError(f"{self.path}: not a gradscore costate file (no {', '.join(missing)}); "
                                  f"compute it with `gradscore costate`")
         self.eta, self.grad_target_norm, self.costate_norm, self.steps = (self._f[k][()] for k in self._HEADER)
-        self.fingerprint = str(self._f.attrs["fingerprint"])
-        self.warnings: list[str] = json.loads(self._f.attrs.get("warnings", "[]"))
-        self.has_costates = bool(json.loads(self._f.attrs.get("config", "{}")).get("costates", True))
+        attrs = attributes(self._f)
+        self.fingerprint = attrs["fingerprint"]
+        self.warnings: list[str] = json.loads(attrs.get("warnings", "[]"))
+        self.has_costates = bool(json.loads(attrs.get("config", "{}")).get("costates", True))
 
     def _group(self, t: int, name: str) -> dict[str, torch.Tensor] | None:
         key = f"t_{t:05d}/{name}"

@@ -20,7 +20,6 @@ set as one target: for TracIn, Σ_t η_t ⟨Φ g_n, Φ ∇J(θ_t)⟩ with J the 
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -35,6 +34,7 @@ from .._version import __version__
 from ..config import AttributeConfig, resolve_device
 from ..exceptions import CheckpointError, DataError, GradscoreWarning
 from ..io.atomic import atomic_h5
+from ..io.attrs import write_attrs
 from ..io.checkpoints import CheckpointStore, not_plain_steps
 from ..io.datasets import check_targets, load_dataset, probe_model
 from ..io.outputs import claim
@@ -166,11 +166,9 @@ def run_attribute(config: AttributeConfig, out: str | os.PathLike, *, overwrite:
             write_ids(g, "ids", train_ids[r])
             put(g, "rows", r)
             put(g, "scores", s)
-        f.attrs["config"] = json.dumps(config.to_dict(), sort_keys=True)
-        f.attrs["attribution"] = json.dumps({"method": config.method, "checkpoints": steps, "dim": dim,
-                                             "seed": sf.spec.seed, "n_train": N, "n_query": M}, sort_keys=True)
-        f.attrs["gradscore_version"] = __version__
-        f.attrs["warnings"] = json.dumps(found)
+        write_attrs(f, {"config": config.to_dict(), "gradscore_version": __version__, "warnings": found,
+                        "attribution": {"method": config.method, "checkpoints": steps, "dim": dim,
+                                        "seed": sf.spec.seed, "n_train": N, "n_query": M}})
     for text in found:
         warnings.warn(f"{out}: {text}", GradscoreWarning, stacklevel=2)
     return out

@@ -153,7 +153,7 @@ class SketchFile:
         path = Path(path)
         if not path.is_file():
             raise OutputError(f"{path}: no such sketch file; write one with `gradscore sketch`")
-        if not is_sketch_file(path):
+        if not is_sketch_file(path, read=True):
             raise OutputError(f"{path}: is not a gradscore sketch file (written by `gradscore sketch`)")
         with damage_named(path), h5py.File(path, "r") as f:
             verify(f, path)
