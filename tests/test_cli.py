@@ -207,6 +207,24 @@ def test_info_on_a_subset_and_window_run(tiny_run, tmp_path, capsys):
     assert max(len(line) for line in text.splitlines()[2:]) <= 100, text
 
 
+def test_info_describes_a_costate_file(tiny_run, tmp_path, capsys):
+    # a co-state file was taken for a scores file: "is damaged (... object 'ids' doesn't
+    # exist); restore the file from a copy", of an intact file
+    ckpts, data = tiny_run
+    assert main(["costate", "--checkpoints", str(ckpts), "--proxy", str(data), "--target", str(data),
+                 "--out", str(tmp_path / "c.h5"), "--quiet"]) == 0
+    gs.compute_costate(gs.CostateConfig(checkpoints=str(ckpts), proxy=str(data), target=str(data), costates=False),
+                       tmp_path / "t.h5", progress=False)   # what `run --scores target_dot` makes
+    for name, costates in (("c.h5", True), ("t.h5", False)):
+        out = tmp_path / name
+        capsys.readouterr()
+        assert main(["info", str(out)]) == 0
+        text = capsys.readouterr().out
+        assert text.startswith(f"co-state file {out}") and f"checkpoints {ckpts}" in text, text
+        assert "3 checkpoints (steps 0, 1, 2)" in text and f"target {data}" in text, text
+        assert ("; co-states λ_t" in text) == costates != ("no co-states λ_t" in text) and "‖∇J(θ_t)‖" in text
+
+
 def test_run_has_an_option_for_every_runconfig_field_with_its_default():
     """`run`'s options are checked against RunConfig's fields, so the two cannot drift."""
     from dataclasses import MISSING, fields

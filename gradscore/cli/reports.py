@@ -129,9 +129,11 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="describe a checkpoint dir, dataset or scores file",
-                       description="Describe a checkpoint directory, a dataset file or a scores "
-                       "file; --env prints the kernel backends and library versions.")
-    p.add_argument("path", nargs="?", default=None, help="checkpoint dir, dataset or scores file")
+                       description="Describe a checkpoint directory, a dataset file, or a file gradscore "
+                       "wrote (scores, in-run, co-state, sketch, attribution); --env prints the kernel "
+                       "backends and library versions.")
+    p.add_argument("path", nargs="?", default=None,
+                   help="checkpoint dir, dataset, or a scores, co-state, sketch or attribution file")
     p.add_argument("--env", action="store_true", help="print the environment (kernel backends, versions)")
 
 

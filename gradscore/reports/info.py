@@ -153,8 +153,34 @@ def _describe_attribution(path: Path) -> str:
             + [f"  warning: {w}" for w in json.loads(attrs.get("warnings", "[]"))])
 
 
+def _describe_costate(path: Path) -> str:
+    from ..scores.costate import CostateFile
+    cf = CostateFile(path)
+    try:
+        with h5py.File(path, "r") as f:
+            cfg = json.loads(attributes(f)["config"])
+        steps = [int(s) for s in cf.steps]
+        shown = ", ".join(map(str, steps if len(steps) <= 8 else steps[:3] + ["…"] + steps[-2:]))
+        finite = cf.grad_target_norm[np.isfinite(cf.grad_target_norm)]
+
+        def span(v: np.ndarray) -> str:
+            return f"{v.min():.4g}" if v.min() == v.max() else f"{v.min():.4g}–{v.max():.4g}"
+        lines = [f"co-state file {path}",
+                 f"  checkpoints {cfg['checkpoints']}, proxy {cfg['proxy'] if cf.has_costates else '(not read)'}, "
+                 f"target {cfg['target']}",
+                 f"  {len(steps)} checkpoints (steps {shown}), η_t {span(cf.eta)}"
+                 if len(cf.eta) else f"  {len(steps)} checkpoints (steps {shown})",
+                 f"  ‖∇J(θ_t)‖: {span(finite)}" if len(finite) else "  ‖∇J(θ_t)‖: none finite"]
+        lines[-1] += (f"; co-states λ_t, ‖λ_t‖ up to {cf.costate_norm.max():.4g}" if cf.has_costates else
+                      "; no co-states λ_t (target gradients only: target_dot, target_cos)")
+        lines += [f"  warning: {w}" for w in cf.warnings]
+    finally:
+        cf.close()
+    return "\n".join(lines)
+
+
 def describe(path: Path) -> str:
-    """Describe a checkpoint directory, a dataset (.h5/.npz), a scores, sketch or
+    """Describe a checkpoint directory, a dataset (.h5/.npz), a scores, co-state, sketch or
     attribution file; a damaged file is one GradscoreError naming it."""
     with damage_named(path):
         if path.is_file() and path.suffix in (".h5", ".hdf5") and h5py.is_hdf5(path):
@@ -173,13 +199,16 @@ def _describe(path: Path) -> str:
     try:
         with h5py.File(path, "r") as f:
             kind = ("sketch" if "sketch" in f.attrs else "attribution" if "attribution" in f.attrs else
-                    "scores" if "fingerprint" in f.attrs else "checkpoint" if "params" in f else "dataset")
+                    "costate" if "conventions" in f.attrs else "scores" if "fingerprint" in f.attrs else
+                    "checkpoint" if "params" in f else "dataset")
     except OSError as e:
         raise GradscoreError(f"{path}: not a readable HDF5 file ({e})") from e
     if kind == "sketch":
         return _describe_sketch(path)
     if kind == "attribution":
         return _describe_attribution(path)
+    if kind == "costate":
+        return _describe_costate(path)
     if kind == "scores":
         return _describe_scores(path)
     if kind == "checkpoint":
