@@ -628,6 +628,22 @@ def test_import_checkpoints_never_writes_into_its_source_or_over_another_run(tmp
     assert _run(args + [str(tmp_path / "ck")], capsys)[0] == 0     # the same import again: nothing to do
 
 
+def test_a_damaged_output_is_named_damaged_and_kept(scored, tmp_path, capsys):
+    # a scores file whose root header fails its checksum was "not a gradscore scores file":
+    # kept (gradscore cannot tell its kind), but the line did not say why
+    ckpts, data, out = scored
+    raw = bytearray(out.read_bytes())
+    raw[raw.find(b"OHDR") + 20] ^= 0x10
+    out.write_bytes(bytes(raw))
+    for extra in ([], ["--overwrite"]):
+        code, err = _run(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(out), "--quiet",
+                          *extra], capsys)
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert f"{out}: exists and is damaged (" in err and "cannot tell that it is a gradscore scores file" in err, err
+        assert "move the file away" in err
+    assert out.read_bytes() == bytes(raw)
+
+
 def test_bench_json_is_claimed_before_timing(tmp_path, capsys):
     res = tmp_path / "bench.json"
     res.write_text(json.dumps({"gradscore_version": "0", "rows": []}))

@@ -45,6 +45,17 @@ def _hdf5_attrs(path: Path, read: bool = False) -> set[str]:
         return set()
 
 
+def _damage(path: Path) -> str | None:
+    """Why the HDF5 file ``path`` cannot be read (its metadata fails a checksum); None for a
+    file that reads, or is not HDF5."""
+    from ..exceptions import GradscoreError, cause
+    try:
+        _hdf5_attrs(path, read=True)   # (not HDF5, or not readable at all: no attributes, no error)
+    except GradscoreError as e:
+        return cause(e.__cause__ or e)
+    return None
+
+
 def is_scores_file(path: Path, read: bool = False) -> bool:
     """True when ``path`` is a gradscore scores file (HDF5 with a fingerprint and a config);
     ``read`` as in :func:`_hdf5_attrs`."""
@@ -192,6 +203,11 @@ def claim(out: str | os.PathLike, kind: str, *, inputs: Mapping[str, Iterable[st
                           f"named step_<n>.h5, by every later command on that folder; choose another name")
     if out.exists():
         if not is_kind(out):
+            found = _damage(out)
+            if found:
+                raise OutputError(f"{out}: exists and is damaged ({found}), so gradscore cannot tell that it is "
+                                  f"{what}; it never replaces it, even with --overwrite: choose another output "
+                                  f"path or move the file away")
             raise OutputError(f"{out}: exists and is not {what}; gradscore never replaces it, even with "
                               f"--overwrite: choose another output path or move the file away")
         if not overwrite and not resumable:
