@@ -178,6 +178,8 @@ def _as_earlier_releases_wrote(path):
         for k, v in attributes(f).items():
             if isinstance(v, str):
                 f.attrs[k] = v
+        if "format_version" in f.attrs:   # a checkpoint's
+            f.attrs["format_version"] = 1
 
 
 @pytest.mark.parametrize("layout", ["fixed", "variable"])

@@ -31,7 +31,11 @@ from ..distributed import current_ranks
 from ..exceptions import CheckpointError
 from ..imports import code_fingerprint, import_ref
 
-FORMAT_VERSION = 1
+#: 2: text attributes fixed-length (``io.attrs``); an earlier gradscore refuses it by this number
+#: instead of reading its text as bytes ("unknown loss 'b'cross_entropy''")
+FORMAT_VERSION = 2
+#: the versions this gradscore reads (1: text in HDF5's global heap)
+READS_FORMATS = (1, 2)
 #: the names a checkpoint folder's files have; any other file in the folder is ignored
 CHECKPOINT_NAME = re.compile(r"^step_(\d+)\.h5$")
 _REQUIRED_ATTRS = ("format_version", "step", "epoch", "lr", "model", "model_kwargs", "loss")
@@ -259,9 +263,9 @@ def read_info(path: Path) -> CheckpointInfo:
     if missing:
         raise CheckpointError(f"{path}: missing attribute(s) {', '.join(missing)}; "
                               f"write checkpoints with gradscore.CheckpointWriter")
-    if int(attrs["format_version"]) != FORMAT_VERSION:
+    if int(attrs["format_version"]) not in READS_FORMATS:
         raise CheckpointError(f"{path}: unknown format_version {attrs['format_version']} "
-                              f"(this gradscore reads {FORMAT_VERSION}); upgrade gradscore")
+                              f"(this gradscore reads {' and '.join(map(str, READS_FORMATS))}); upgrade gradscore")
     if "params" not in groups:
         raise CheckpointError(f"{path}: no /params group; write checkpoints with CheckpointWriter")
     try:
