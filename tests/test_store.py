@@ -225,6 +225,7 @@ def test_string_ids_changed_on_disk_are_damage_not_other_examples(tmp_path, layo
     # named another example (and `select` would have listed it) without a word. They are now
     # fixed-length (checksummed chunks); their CRC-32 still covers the variable-length ids of
     # files from earlier releases
+    import h5py
     from gradscore.demos.models import mlp
     from helpers import MLP_KWARGS
     import torch
@@ -244,6 +245,10 @@ def test_string_ids_changed_on_disk_are_damage_not_other_examples(tmp_path, layo
             _ids_as_earlier_releases_wrote(path)
             np.testing.assert_array_equal(read(path) if path == data else read(path)["ids"], ids)
         raw = bytearray(path.read_bytes())
+        if layout == "fixed":   # compressed: a byte in the middle of their chunk
+            with h5py.File(path) as f:
+                chunk = f["ids"].id.get_chunk_info(0)
+            raw[chunk.byte_offset + chunk.size // 2] ^= 0x01
         at = raw.find(b"guid-0007")
         while at >= 0:   # (every copy: a rewritten file keeps the old one in unused space)
             raw[at + 7] ^= 0x01   # guid-0007 -> guid-0017: an id of no example
@@ -279,6 +284,12 @@ def test_string_ids_round_trip_with_any_text_and_one_ending_in_nul_is_refused(tm
         assert read_ids(f["none"]).shape == (0,)
     with h5py.File(tmp_path / "j.h5", "w") as f, pytest.raises(ValueError, match=r"'ab\\x00' ends in NUL"):
         write_ids(f, "ids", np.array(["ab\0"], dtype=object))
+    many = np.array([f"ex-{i}" for i in range(20_000)] + ["x" * 2000], dtype=object)
+    with h5py.File(tmp_path / "k.h5", "w") as f:   # padded to 2000 bytes each: 40 MB uncompressed
+        write_ids(f, "ids", many)
+    assert (tmp_path / "k.h5").stat().st_size < 2**20
+    with h5py.File(tmp_path / "k.h5") as f:
+        assert list(read_ids(f["ids"])) == list(many)
 
 
 def test_no_file_gradscore_writes_keeps_text_in_hdf5s_global_heap(tmp_path):
