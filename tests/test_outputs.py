@@ -641,6 +641,8 @@ def test_a_damaged_output_is_named_damaged_and_kept(scored, tmp_path, capsys):
         assert code == 2 and len(err.splitlines()) == 1, err
         assert f"{out}: exists and is damaged (" in err and "cannot tell that it is a gradscore scores file" in err, err
         assert "move the file away" in err
+    code, err = _run(["aggregate", str(out), "--epochs-upto", "0", "--out", str(tmp_path / "a.h5")], capsys)
+    assert code == 2 and f"{out}: is damaged (" in err and "not a gradscore" not in err, err   # as an input
     assert out.read_bytes() == bytes(raw)
 
 
