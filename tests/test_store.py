@@ -316,6 +316,12 @@ def test_no_file_gradscore_writes_keeps_text_in_hdf5s_global_heap(tmp_path):
              "attribution": gs.attribute(sketch, named, out=tmp_path / "q.h5", top=2, progress=False),
              "costate": gs.compute_costate(gs.CostateConfig(checkpoints=str(ckpts), proxy=str(named),
                                                             target=str(named)), tmp_path / "c.h5", progress=False)}
+    import json
+    from gradscore.io.dynamics import import_dynamics
+    (tmp_path / "dyn").mkdir()
+    (tmp_path / "dyn" / "dynamics_epoch_0.jsonl").write_text("".join(
+        json.dumps({"guid": f"g-{i}", "logits_epoch_0": [1.0, 0.0], "gold": i % 2}) + "\n" for i in range(4)))
+    files["import-dynamics"] = import_dynamics(tmp_path / "dyn", tmp_path / "dyn.h5")
     for kind, path in files.items():
         assert not global_heap(path.read_bytes()), kind
 
