@@ -9,8 +9,9 @@ one in a string's length made HDF5 itself loop forever. So when a file is comple
 root as a fixed-length UTF-8 string, which HDF5 keeps in the object header its metadata
 checksums cover (h5py reads it as bytes: :func:`attributes` and :func:`json_attr` give
 str), and records a CRC-32 of each one's name and value in the numeric attribute
-:data:`SEAL`, which readers :func:`verify`: files written before this release hold their
-text in the global heap, where only the seal covers it. String ids are fixed-length too
+:data:`SEAL`, which readers :func:`verify`: files of earlier releases hold their text in
+the global heap, and with more than 8 attributes HDF5 keeps a text over about 4 KB (a
+fingerprint of many checkpoints) outside its checksums; only the seal covers those. String ids are fixed-length too
 (``io.store.write_ids``, checksummed with their chunks) and carry the CRC-32 of their
 values (:data:`VALUES_CRC`, checked by ``read_ids``). A file written before the seal, or
 an attribute added after it, reads unchecked.
