@@ -271,6 +271,25 @@ def _ids_as_earlier_releases_wrote(path):
         f.create_dataset("ids", data=ids.astype(object), dtype=h5py.string_dtype()).attrs[VALUES_CRC] = crc
 
 
+def test_a_long_text_attribute_outside_hdf5s_checksums_is_covered_by_the_seal(tmp_path):
+    # with more than 8 attributes HDF5 keeps a text over about 4 KB (a fingerprint of many
+    # checkpoints) in its dense storage's "huge objects", which no checksum covers
+    import h5py
+    from gradscore.io.atomic import atomic_h5
+    import json
+    from gradscore.io.attrs import attributes, verify, write_attrs
+    long = {f"sha_{i}": f"{i:064x}" for i in range(100)}
+    with atomic_h5(tmp_path / "f.h5") as f:
+        write_attrs(f, {"fingerprint": long, **{f"n{i}": i for i in range(10)}})
+    raw = bytearray((tmp_path / "f.h5").read_bytes())
+    raw[raw.find(f"{77:064x}".encode()) + 63] ^= 0x01
+    (tmp_path / "bad.h5").write_bytes(bytes(raw))
+    with h5py.File(tmp_path / "bad.h5") as f:
+        assert json.loads(attributes(f)["fingerprint"]) != long   # HDF5 reads it without a word
+        with pytest.raises(gs.GradscoreError, match="bad.h5: attribute fingerprint is damaged"):
+            verify(f, tmp_path / "bad.h5")
+
+
 def test_string_ids_round_trip_with_any_text_and_one_ending_in_nul_is_refused(tmp_path):
     # h5py's variable-length strings refused an embedded NUL in a traceback, at the end of a run
     import h5py
