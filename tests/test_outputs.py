@@ -646,6 +646,28 @@ def test_a_damaged_output_is_named_damaged_and_kept(scored, tmp_path, capsys):
     assert out.read_bytes() == bytes(raw)
 
 
+def test_a_written_file_is_on_the_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    # without fsync a power loss after the rename could find the new name with no bytes (the
+    # old file gone): the file's bytes go to the disk first, then its folder's entry
+    from gradscore.io.atomic import atomic_h5, atomic_path
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))), real_replace(a, b))[1])
+    for write in ("text", "hdf5"):
+        events.clear()
+        out = tmp_path / f"{write}.out"
+        if write == "text":
+            with atomic_path(out) as tmp:
+                tmp.write_text("x")
+        else:
+            with atomic_h5(out) as f:
+                f["x"] = np.arange(3)
+        (_, tmp, target), = [e for e in events if e[0] == "replace"]
+        assert events == [("fsync", tmp), ("replace", tmp, str(out)), ("fsync", str(tmp_path))], events
+
+
 def test_bench_json_is_claimed_before_timing(tmp_path, capsys):
     res = tmp_path / "bench.json"
     res.write_text(json.dumps({"gradscore_version": "0", "rows": []}))

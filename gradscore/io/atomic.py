@@ -1,4 +1,6 @@
-"""Write files atomically: to a temp file beside the target, then ``os.replace``."""
+"""Write files atomically: to a temp file beside the target, flushed to the disk, then
+``os.replace`` (and the folder's entry flushed): after a process kill or a power loss the
+target is the old file or the whole new one, never a part."""
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +13,24 @@ if TYPE_CHECKING:
     import h5py
 
 
+def _fsync(path: Path) -> None:
+    """Flush the file ``path`` to the disk (an OSError: a full disk's delayed allocation)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush ``folder``'s entries (a rename) to the disk where the OS allows it (not Windows,
+    nor some network file systems): the file is in place whether or not this succeeds."""
+    try:
+        _fsync(folder)
+    except OSError:
+        pass
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -19,7 +39,8 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path in ``target``'s directory; on success it replaces ``target``.
+    """Yield a temp path in ``target``'s directory; on success it is flushed to the disk
+    and replaces ``target`` (then the folder's entry is flushed).
 
     On any exception (or a kill) the target is untouched and the temp file is removed
     (after a SIGKILL a ``.tmp`` file may remain; readers ignore ``*.tmp``).
@@ -35,7 +56,9 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _fsync(tmp_path)
         os.replace(tmp_path, target)
+        _fsync_folder(target.parent)
     except OSError as e:
         # a write's error without a file name (a full disk under np.savez) or with the temp
         # file's is the user's file's; one without an errno (h5py reading a damaged input) is not
