@@ -78,6 +78,20 @@ def numeric_datasets(path) -> list[str]:
     return found
 
 
+def unchecked_datasets(path) -> list[str]:
+    """Names of the HDF5 file's datasets whose stored bytes no checksum covers: not empty,
+    neither fletcher32 (chunks) nor compact (inside the checksummed object header)."""
+    found = []
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset) and obj.size and not obj.fletcher32 and (
+                obj.id.get_create_plist().get_layout() != h5py.h5d.COMPACT):
+            found.append(name)
+    with h5py.File(path, "r") as f:
+        f.visititems(visit)
+    return found
+
+
 def global_heap(raw: bytes) -> set[int]:
     """Offsets of HDF5's global heap collections ("GCOL", length at +8): where h5py keeps
     variable-length strings, which no HDF5 checksum covers, and where a damaged length

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import h5py
+import numpy as np
 import pytest
 import torch
 
@@ -132,6 +133,31 @@ def test_a_checkpoint_damaged_anywhere_is_refused_or_reads_the_same(tmp_path):
             continue
         assert all(torch.equal(got[k], expected[k]) for k in expected), offset
     assert refused > 500   # (the rest of the bytes are padding, or the fill of unused space)
+
+
+def test_a_damaged_scalar_parameter_is_refused(tmp_path):
+    # a 0-d tensor (a learned temperature) cannot be chunked, so it had no fletcher32: a
+    # flipped bit read as another value. Scalars are now stored compact, in the checksummed
+    # object header
+    from torch import nn
+
+    class Tempered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.temperature = nn.Linear(3, 2), nn.Parameter(torch.tensor(1.2345678))
+
+        def forward(self, x):
+            return self.linear(x) / self.temperature
+    path = _saved(tmp_path / "good", model=Tempered())
+    raw = bytearray(path.read_bytes())
+    at = raw.find(np.float32(1.2345678).tobytes())
+    assert at >= 0
+    raw[at + 2] ^= 0x10
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / path.name).write_bytes(bytes(raw))
+    with pytest.raises(gs.CheckpointError, match=f"{folder / path.name}: "):
+        gs.CheckpointStore(folder).load_into(Tempered(), 0)
 
 
 def test_empty_and_missing_directory(tmp_path):

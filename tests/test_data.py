@@ -100,6 +100,35 @@ def test_a_damaged_npz_is_refused_in_one_line_or_reads_the_same(tmp_path, save):
     assert refused > 100   # a zip's bytes are nearly all data, names or checked headers
 
 
+def test_a_damaged_h5_dataset_is_refused_in_one_line_or_reads_the_same(tmp_path):
+    # a flipped bit in an object header of a save_dataset file raised h5py's KeyError
+    # ("Unable to synchronously open object") from load_dataset: a traceback from `run`
+    rng = np.random.default_rng(0)
+    arrays = {"inputs": rng.normal(size=(40, 6)).astype(np.float32), "targets": rng.integers(0, 3, 40),
+              "ids": np.array([f"ex-{i}" for i in range(40)], dtype=object), "noisy": rng.random(40) < 0.2}
+    good = gs.save_dataset(tmp_path / "good.h5", arrays["inputs"], arrays["targets"], ids=arrays["ids"],
+                           noisy=arrays["noisy"])
+    raw, refused, bad = good.read_bytes(), 0, tmp_path / "bad.h5"
+    for offset in range(0, len(raw), 3):
+        damaged = bytearray(raw)
+        damaged[offset] ^= 0x10
+        bad.write_bytes(bytes(damaged))
+        try:
+            ds = gs.load_dataset(bad)
+            x, y = ds.read(0, len(ds))
+            got = ds.ids(), ds.noisy()
+            ds.close()
+        except gs.GradscoreError as e:
+            assert str(e).startswith(f"{bad}: "), e
+            refused += 1
+            continue
+        np.testing.assert_array_equal(x.numpy(), arrays["inputs"])
+        np.testing.assert_array_equal(y.numpy(), arrays["targets"])
+        np.testing.assert_array_equal(got[0], arrays["ids"])
+        np.testing.assert_array_equal(got[1], arrays["noisy"])
+    assert refused > 400
+
+
 def test_an_npz_whose_directory_lost_members_is_refused(tmp_path):
     # zip reads its directory by size: a damaged length there hides the members after it, and
     # the data read without its ids (positions in their place) and its noisy mask

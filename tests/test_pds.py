@@ -354,7 +354,9 @@ def test_a_damaged_costate_file_is_one_line_and_recomputed_once_deleted(tmp_path
     good, path = (ckpts / "costate.h5").read_bytes(), ckpts / "costate.h5"
     names = [n for n in numeric_datasets(path) if "/" in n]   # ∇J(θ_t) and λ_t, read per checkpoint
     assert any("/costate/" in n for n in names) and any("/grad_target/" in n for n in names)
-    for i, name in enumerate(names[::3] + ["link"]):
+    header = [n for n in numeric_datasets(path) if "/" not in n]   # η_t, steps, norms: η_t was unchecksummed,
+    assert {"eta", "step"} <= set(header)                           # and a flipped bit gave other PDS scores
+    for i, name in enumerate(names[::3] + header + ["link"]):
         path.write_bytes(good)
         if name == "link":
             with h5py.File(path, "r+") as f:

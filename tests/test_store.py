@@ -311,14 +311,16 @@ def test_string_ids_round_trip_with_any_text_and_one_ending_in_nul_is_refused(tm
         assert list(read_ids(f["ids"])) == list(many)
 
 
-def test_no_file_gradscore_writes_keeps_text_in_hdf5s_global_heap(tmp_path):
+def test_every_byte_of_text_and_numbers_in_every_file_gradscore_writes_is_checksummed(tmp_path):
     # the global heap has no checksum, and one flipped bit in a string's length there made
     # HDF5 itself loop forever (2 of the first 700 bytes of a checkpoint's heap, each read in
-    # `gradscore run`): every file now keeps its text in checksummed headers and chunks
+    # `gradscore run`): every file now keeps its text in checksummed headers and chunks. A
+    # co-state file's η_t, steps and norms were written without fletcher32 (a flipped bit:
+    # other PDS scores); and a scalar cannot be chunked, so is stored compact
     import torch
     import torch.nn.functional as F
     from gradscore.demos.models import mlp
-    from helpers import MLP_KWARGS, global_heap, make_run
+    from helpers import MLP_KWARGS, global_heap, make_run, unchecked_datasets
     ckpts, data = make_run(tmp_path, n=30)
     x, y = gs.load_dataset(data).read(0, 30)
     ids = np.array([f"ex-{i:03d}" for i in range(30)])
@@ -343,6 +345,7 @@ def test_no_file_gradscore_writes_keeps_text_in_hdf5s_global_heap(tmp_path):
     files["import-dynamics"] = import_dynamics(tmp_path / "dyn", tmp_path / "dyn.h5")
     for kind, path in files.items():
         assert not global_heap(path.read_bytes()), kind
+        assert not unchecked_datasets(path), (kind, unchecked_datasets(path))   # η_t of a co-state file was
 
 
 def test_a_scores_file_damaged_anywhere_is_refused_or_reads_the_same(tiny_run, tmp_path):

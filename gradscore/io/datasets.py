@@ -110,6 +110,9 @@ def _as_tensor(arr: np.ndarray) -> torch.Tensor:
 class ArrayFileDataset(Dataset):
     """A ``.h5`` (read lazily) or ``.npz`` (loaded whole) file with the fields above."""
 
+    #: what to do with a damaged dataset file
+    FIX = "restore it from a copy or save it again"
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.source = str(self.path)
@@ -129,10 +132,18 @@ class ArrayFileDataset(Dataset):
                 raise DataError(f"{self.path}: unknown dataset extension '{self.path.suffix}'; "
                                 f"use .h5, .npz or a 'module:fn' factory")
         except DamagedFile as e:
-            raise DataError(f"{self.path}: cannot read dataset file ({e}); restore it from a copy or save it "
-                            f"again") from e
+            raise DataError(f"{self.path}: cannot read dataset file ({e}); {self.FIX}") from e
         except (OSError, ValueError) as e:
             raise DataError(f"{self.path}: cannot read dataset file ({e})") from e
+        try:
+            with damage_named(self.path, fix=self.FIX):   # an HDF5 object header failing its checksum
+                self._check_fields()
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_fields(self) -> None:
+        """The fields are there, of one length (and text's of one shape), ids unique."""
         keys = set(self._arrays.keys())
         self.text = "input_ids" in keys
         required = ("input_ids",) if self.text else REQUIRED_FIELDS

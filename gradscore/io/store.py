@@ -48,13 +48,29 @@ def checked(shape: tuple[int, ...], dtype: Any) -> dict[str, Any]:
 
 def put(group: h5py.Group, name: str, data: Any = None, *, shape: tuple[int, ...] | None = None,
         dtype: Any = None, **options: Any) -> h5py.Dataset:
-    """``group.create_dataset`` with :func:`checked`'s checksums."""
+    """``group.create_dataset`` with :func:`checked`'s checksums; a numeric scalar (which
+    cannot be chunked, so has no fletcher32) is stored compact, in its object header, which
+    HDF5's metadata checksum covers."""
     if data is not None:   # h5py picks the type of data (strings from objects) unless dtype is given
-        data = np.asarray(data)
+        data = np.asarray(data) if dtype is None else np.asarray(data, dtype=dtype)
+        if data.shape == () and data.dtype.kind in "biufc" and not options:
+            return _compact_scalar(group, name, data)
         return group.create_dataset(name, data=data, dtype=dtype,
                                     **checked(data.shape, data.dtype if dtype is None else dtype),
                                     **options)
     return group.create_dataset(name, shape, dtype=dtype, **checked(shape, dtype), **options)
+
+
+def _compact_scalar(group: h5py.Group, name: str, value: np.ndarray) -> h5py.Dataset:
+    """A 0-d dataset in the compact layout (h5py's ``create_dataset`` takes no layout for a
+    scalar): its bytes live in the checksummed object header."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_layout(h5py.h5d.COMPACT)
+    space = h5py.h5s.create(h5py.h5s.SCALAR)
+    dataset = h5py.h5d.create(group.id, name.encode(), h5py.h5t.py_create(value.dtype, logical=True), space,
+                              dcpl=dcpl)
+    dataset.write(h5py.h5s.ALL, h5py.h5s.ALL, np.ascontiguousarray(value))
+    return group[name]
 
 
 def write_ids(group: h5py.Group, name: str, ids: np.ndarray, **options: Any) -> None:

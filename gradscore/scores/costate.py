@@ -290,8 +290,8 @@ def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite
     with atomic_h5(out) as f:
         write_attrs(f, {"fingerprint": fingerprint, "config": asdict(config), "conventions":
                         "pds_n = sum_t eta_t <lambda_{t+1}, grad l_n(theta_t)>; see gradscore.scores.costate"})
-        f["eta"] = eta
-        f["step"] = np.array([i.step for i in ckpts], dtype=np.int64)
+        put(f, "eta", eta)
+        put(f, "step", np.array([i.step for i in ckpts], dtype=np.int64))
         norms: dict[str, list[float]] = {"grad_target": [], "costate": []}
         for t in range(T + 1):
             with h5py.File(journal.unit(f"t{t:05d}.h5"), "r") as u:
@@ -299,8 +299,8 @@ def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite
                     if group in u:
                         u.copy(u[group], f, name=f"t_{t:05d}/{group}")
                     norms[group].append(_norm(u[group]) if group in u else 0.0)
-        f["grad_target_norm"] = np.array(norms["grad_target"])
-        f["costate_norm"] = np.array(norms["costate"])
+        put(f, "grad_target_norm", np.array(norms["grad_target"]))
+        put(f, "costate_norm", np.array(norms["costate"]))
         kinds = [i.optimizer for i in ckpts]
         found = (stability_warnings(kinds, norms["costate"]) if config.costates else
                  not_plain_steps(kinds, "target_dot, Σ_t η_t ⟨∇J(θ_t), g_n(θ_t)⟩,", "its first-order change of J is"))
