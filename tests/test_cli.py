@@ -225,6 +225,15 @@ def test_info_describes_a_costate_file(tiny_run, tmp_path, capsys):
         assert ("; co-states λ_t" in text) == costates != ("no co-states λ_t" in text) and "‖∇J(θ_t)‖" in text
 
 
+def test_info_on_a_file_it_does_not_describe_says_what_it_describes(tmp_path, capsys):
+    # `info sel.json` said "not a readable HDF5 file (... file signature not found)"
+    report = tmp_path / "sel.json"
+    report.write_text("{}")
+    assert main(["info", str(report)]) == 2
+    err = capsys.readouterr().err
+    assert f"{report}: is not an HDF5 file; info describes a checkpoint folder, a dataset" in err, err
+
+
 def test_run_has_an_option_for_every_runconfig_field_with_its_default():
     """`run`'s options are checked against RunConfig's fields, so the two cannot drift."""
     from dataclasses import MISSING, fields

@@ -202,6 +202,10 @@ def _describe(path: Path) -> str:
                     "costate" if "conventions" in f.attrs else "scores" if "fingerprint" in f.attrs else
                     "checkpoint" if "params" in f else "dataset")
     except OSError as e:
+        if not h5py.is_hdf5(path):
+            raise GradscoreError(f"{path}: is not an HDF5 file; info describes a checkpoint folder, a dataset "
+                                 f"(.h5, .npz) or an HDF5 file gradscore wrote (scores, in-run, co-state, sketch, "
+                                 f"attribution)") from e
         raise GradscoreError(f"{path}: not a readable HDF5 file ({e})") from e
     if kind == "sketch":
         return _describe_sketch(path)
