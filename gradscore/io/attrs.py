@@ -4,17 +4,21 @@ h5py stores a ``str`` attribute (and each string of a string dataset: ids) as a
 variable-length string, whose bytes live in HDF5's global heap: the one part of an HDF5
 file that no checksum covers, in any format. A flipped bit there read as another valid
 config (a sketch's seed, a checkpoint's ``model_kwargs``: other numbers, no error), and
-one in a string's length made HDF5 itself loop forever. So when a file is complete,
-:func:`seal` (called by ``io.atomic.atomic_h5``) rewrites every text attribute of its
-root as a fixed-length UTF-8 string, which HDF5 keeps in the object header its metadata
-checksums cover (h5py reads it as bytes: :func:`attributes` and :func:`json_attr` give
-str), and records a CRC-32 of each one's name and value in the numeric attribute
-:data:`SEAL`, which readers :func:`verify`: files of earlier releases hold their text in
-the global heap, and with more than 8 attributes HDF5 keeps a text over about 4 KB (a
-fingerprint of many checkpoints) outside its checksums; only the seal covers those. String ids are fixed-length too
-(``io.store.write_ids``, checksummed with their chunks) and carry the CRC-32 of their
-values (:data:`VALUES_CRC`, checked by ``read_ids``). A file written before the seal, or
-an attribute added after it, reads unchecked.
+one in a string's length made HDF5 itself loop forever. So writers set text with
+:func:`write_attrs`, as fixed-length UTF-8 strings (:func:`fixed_utf8`), which HDF5 keeps
+in the object header its metadata checksums cover; h5py reads them as bytes, and
+:func:`attributes` and :func:`json_attr` give str. (Rewriting an h5py ``str`` later would
+leave its old bytes in an unreferenced heap: set text fixed-length from the start.)
+
+When a file is complete, :func:`seal` (called by ``io.atomic.atomic_h5``) records a
+CRC-32 of each text attribute's name and value in the numeric attribute :data:`SEAL`,
+which readers :func:`verify`. It covers what HDF5's checksums do not: the text of files
+of earlier releases (in the global heap), and, in a file of more than 8 attributes, a text
+over about 4 KB (a fingerprint of many checkpoints), which HDF5 keeps as a "huge object"
+without one. String ids are fixed-length too (``io.store.write_ids``, in checksummed
+chunks) and carry the CRC-32 of their values (:data:`VALUES_CRC`, checked by
+``read_ids``). A file written before the seal, or an attribute added after it, reads
+unchecked.
 """
 from __future__ import annotations
 
@@ -86,8 +90,8 @@ def _texts(obj: h5py.HLObject) -> dict[str, str]:
 
 
 def seal(obj: h5py.HLObject) -> None:
-    """Store every text attribute of ``obj`` (a file's root) as a fixed-length UTF-8 string
-    (:func:`fixed_utf8`), and record the CRC-32 of each one's name and value in :data:`SEAL`."""
+    """Record the CRC-32 of each text attribute's name and value of ``obj`` (a file's root)
+    in :data:`SEAL`; one set as h5py's own ``str`` (by hand) is rewritten fixed-length."""
     texts = _texts(obj)
     for name in [k for k, v in obj.attrs.items() if isinstance(v, str)]:   # h5py's own str: the global heap
         obj.attrs[name] = fixed_utf8(texts[name])

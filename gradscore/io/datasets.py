@@ -192,7 +192,7 @@ class ArrayFileDataset(Dataset):
 
     def ids(self) -> np.ndarray:
         if "ids" in self._arrays and self._h5 is not None:   # strings as str, checked (io.store.read_ids)
-            with damage_named(self.path):
+            with damage_named(self.path, self.FIX):
                 return read_ids(self._arrays["ids"])
         if "ids" in self._arrays:
             return self._get("ids")

@@ -157,8 +157,7 @@ def _describe_costate(path: Path) -> str:
     from ..scores.costate import CostateFile
     cf = CostateFile(path)
     try:
-        with h5py.File(path, "r") as f:
-            cfg = json.loads(attributes(f)["config"])
+        cfg = cf.config
         steps = [int(s) for s in cf.steps]
         shown = ", ".join(map(str, steps if len(steps) <= 8 else steps[:3] + ["…"] + steps[-2:]))
         finite = cf.grad_target_norm[np.isfinite(cf.grad_target_norm)]

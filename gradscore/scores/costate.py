@@ -350,8 +350,9 @@ def _check_fits(model: torch.nn.Module, ds: Dataset, role: str, ckpt: Path, loss
 
 
 class CostateFile:
-    """Read a costate file: ``grad_target(t)``, ``costate(t)``, ``eta``, ``grad_target_norm``;
-    ``has_costates``: whether it holds λ_t (a file made for target_dot/target_cos only does not)."""
+    """Read a costate file: ``grad_target(t)``, ``costate(t)``, ``eta``, ``grad_target_norm``,
+    ``config`` (:class:`CostateConfig`'s fields); ``has_costates``: whether it holds λ_t (a
+    file made for target_dot/target_cos only does not)."""
 
     #: a co-state file is made again where it is missing
     FIX = "delete it and rerun: it is computed again"
@@ -382,7 +383,8 @@ class CostateFile:
         attrs = attributes(self._f)
         self.fingerprint = attrs["fingerprint"]
         self.warnings: list[str] = json.loads(attrs.get("warnings", "[]"))
-        self.has_costates = bool(json.loads(attrs.get("config", "{}")).get("costates", True))
+        self.config: dict = json.loads(attrs.get("config", "{}"))
+        self.has_costates = bool(self.config.get("costates", True))
 
     def _group(self, t: int, name: str) -> dict[str, torch.Tensor] | None:
         key = f"t_{t:05d}/{name}"
