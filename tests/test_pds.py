@@ -335,6 +335,45 @@ def test_target_dot_over_checkpoints_of_momentum_warns_without_pds(tmp_path):
     assert any("written by SGD(momentum=0.9)" in w for w in gs.load_scores(out)["warnings"])
 
 
+def test_a_damaged_unit_of_an_interrupted_costate_run_is_named_with_its_fix(tmp_path, capsys, monkeypatch):
+    """A co-state run resumes from its journal's units (λ_t per checkpoint). A damaged unit
+    said "cannot write or read a file: ...; check the path and its permissions", naming
+    neither the unit nor the fix. It names the unit; deleted, it is computed again."""
+    from gradscore.cli import main
+    from gradscore.scores import costate
+    from helpers import flip_a_byte_of, numeric_datasets
+    ckpts, proxy, target, *_ = _gd_run(tmp_path)
+    config = CostateConfig(checkpoints=str(ckpts), proxy=str(proxy), target=str(target))
+    want = compute_costate(config, tmp_path / "whole.h5", progress=False)
+    saves, save = [], costate._save_unit
+
+    def interrupted(*args):
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+        saves.append(args[0])
+        save(*args)
+    monkeypatch.setattr(costate, "_save_unit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        compute_costate(config, tmp_path / "c.h5", progress=False)
+    monkeypatch.setattr(costate, "_save_unit", save)
+    unit = saves[1]   # λ_t of the second checkpoint from the end, read to go on
+    flip_a_byte_of(unit, next(n for n in numeric_datasets(unit) if n.startswith("costate/")))
+    argv = ["costate", "--checkpoints", str(ckpts), "--proxy", str(proxy), "--target", str(target),
+            "--out", str(tmp_path / "c.h5"), "--quiet"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gradscore costate: error: {unit}: is damaged (") and err.count("\n") == 1, err
+    assert "delete it and rerun: it is computed again" in err, err
+    unit.unlink()
+    assert main(argv) == 0
+    got, ref = CostateFile(tmp_path / "c.h5"), CostateFile(want)
+    for t in range(1, len(got.steps)):
+        for k, v in ref.costate(t).items():
+            torch.testing.assert_close(got.costate(t)[k], v, rtol=1e-12, atol=0)
+    got.close(), ref.close()
+
+
 def test_a_damaged_costate_file_is_one_line_and_recomputed_once_deleted(tmp_path, capsys):
     """A co-state file damaged on disk (a dataset failing its checksum, a link to nothing):
     `run` reusing it said "cannot write or read a file ...; check the path and its

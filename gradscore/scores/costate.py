@@ -265,7 +265,7 @@ def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite
             unit = journal.unit(f"t{t:05d}.h5")
             if unit.exists():
                 if config.costates:
-                    with h5py.File(unit, "r") as f:
+                    with damage_named(unit, CostateFile.FIX), h5py.File(unit, "r") as f:
                         lam_next = _load_group(f, "costate", device, dtype)
                 bar.update()
                 continue
@@ -294,7 +294,8 @@ def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite
         put(f, "step", np.array([i.step for i in ckpts], dtype=np.int64))
         norms: dict[str, list[float]] = {"grad_target": [], "costate": []}
         for t in range(T + 1):
-            with h5py.File(journal.unit(f"t{t:05d}.h5"), "r") as u:
+            unit = journal.unit(f"t{t:05d}.h5")
+            with damage_named(unit, CostateFile.FIX), h5py.File(unit, "r") as u:
                 for group in norms:
                     if group in u:
                         u.copy(u[group], f, name=f"t_{t:05d}/{group}")
