@@ -165,7 +165,7 @@ class ArrayFileDataset(Dataset):
                 if key in keys and tuple(self._arrays[key].shape) != shape:
                     raise DataError(f"{self.path}: field '{key}' has shape {tuple(self._arrays[key].shape)} "
                                     f"but 'input_ids' has {shape}")
-        if "ids" in keys and len(np.unique(self._get("ids"))) != self._n:
+        if "ids" in keys and len(np.unique(self.ids())) != self._n:
             raise DataError(f"{self.path}: field 'ids' has duplicate values")
 
     def __len__(self) -> int:
