@@ -86,8 +86,24 @@ def test_norm_rules_bench_times_the_forms_the_rules_use():
     assert all(r["ratio_rule_form_to_other"] > 0 for r in result["rows"])
 
 
-SCRIPTS = ["conv_plan", "dynamics_scale", "engines", "families", "inrun", "kernels", "large_data", "norm_rules",
-           "sketch"]
+def test_gram_bench_times_forms_that_agree(monkeypatch):
+    """Smoke: on each shape the blocked Grams, the whole Grams and the outer form give the
+    same norms (else the bench would time a wrong candidate); one row per shape."""
+    import bench.gram as bench_gram
+    from gradscore.kernels.ghost_linear import _gram_sq, ghost_linear
+    for B, T, d_in, d_out in bench_gram.CASES:
+        a, d = torch.randn(1, T, d_in, dtype=torch.float64), torch.randn(1, T, d_out, dtype=torch.float64)
+        whole = _gram_sq(a, d, 2**30, [slice(0, T)])
+        torch.testing.assert_close(_gram_sq(a, d, 2**30), whole, rtol=1e-10, atol=0)
+        torch.testing.assert_close(ghost_linear(a, d, None, form="outer")[0], whole, rtol=1e-10, atol=0)
+    monkeypatch.setattr(bench_gram, "CASES", [(3, 50, 8, 6), (2, 20, 5, 4)])
+    rows = bench_gram.run_bench(pairs=2, echo=lambda _: None)["rows"]
+    assert [(r["shape"], r["blocks"]) for r in rows] == [([3, 50, 8, 6], 2), ([2, 20, 5, 4], 1)]
+    assert all(r["blocked_to_whole"] > 0 and r["outer_to_whole"] > 0 for r in rows)
+
+
+SCRIPTS = ["conv_plan", "dynamics_scale", "engines", "families", "gram", "inrun", "kernels", "large_data",
+           "norm_rules", "sketch"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

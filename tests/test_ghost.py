@@ -323,25 +323,25 @@ def formed(monkeypatch) -> list:
     return shapes
 
 
+@pytest.mark.parametrize("T,d", [(4, 8), (64, 96)])
 @pytest.mark.parametrize("layout", ["batch_first", "seq_first_T_eq_B"])
 @pytest.mark.parametrize("K", [0, 2])
-def test_layers_reading_one_input_form_its_gram_once(formed, K, layout):
+def test_layers_reading_one_input_form_its_gram_once(formed, K, layout, T, d):
     """q, k and v read one h: its Gram h hᵀ is formed once per batch and shared (at T = 4,
-    d = 8 the Gram form wins only with it), and every norm still equals the loop, also
-    sequence-first with T == B (the batch moved to dimension 0 of a view)."""
+    d = 8 the Gram form wins only with it; at T = 64 it is formed in blocks), and every norm
+    still equals the loop, also sequence-first with T == B (the batch moved to dimension 0
+    of a view)."""
     torch.manual_seed(0)
-    if layout == "batch_first":
-        model, x, y = QKV(), torch.randn(5, 4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
-        shared = (5, 4, 8)
-    else:
-        model, x, y = QKVSeqFirst(), torch.randn(4, 4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0])   # T == B
-        shared = (4, 4, 8)
+    B = 5 if layout == "batch_first" else T                     # sequence-first: T == B
+    model = (QKV if layout == "batch_first" else QKVSeqFirst)(d)
+    x, shared = torch.randn(B, T, 3, dtype=torch.float64), (B, T, d)
+    y = torch.arange(B) % 3
     scorer = gs.Scorer(model.double().eval(), engine="ghost")
     scorer.score_batch(x, y)     # the first batch lays out the layers
     formed.clear()
     compare_with_loop(model, x, K)
     from gradscore.kernels.ghost_linear import plan
-    assert plan(4, 8, 8, 0) == "outer" and plan(4, 8, 8, 0, readers=3) == "gram"
+    assert plan(T, d, d, 0) == "outer" and plan(T, d, d, 0, readers=3) == "gram"
     if K == 0:
         assert formed.count(shared) == 1, formed   # h hᵀ once for q, k and v
 

@@ -11,7 +11,7 @@ import torch
 
 from gradscore.kernels import (NormDotBackend, available_backends, describe, get_backend,
                                norm_dot, norm_dot_reference)
-from gradscore.kernels.ghost_linear import ghost_linear, ghost_linear_reference, plan
+from gradscore.kernels.ghost_linear import ghost_linear, ghost_linear_reference, gram_blocks, plan
 
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = [("torch", "cpu"), ("numba", "cpu"), ("triton", TRITON_DEVICE)]
@@ -158,7 +158,9 @@ def test_small_blocks_take_torch_ops_only_under_the_default_backend(monkeypatch,
     assert seen == [large.numel()] + 2 * [small.numel()]
 
 
-GHOST_SHAPES = [(3, 5, 7, 6, 2), (2, 1, 40, 33, 0), (2, 20, 17, 9, 3), (1, 3, 5, 4, 16), (4, 17, 33, 18, 1)]
+#: (B, T, d_in, d_out, K); T ≥ 48 forms the Grams in 2 (48, 97) and 4 (520) uneven blocks
+GHOST_SHAPES = [(3, 5, 7, 6, 2), (2, 1, 40, 33, 0), (2, 20, 17, 9, 3), (1, 3, 5, 4, 16), (4, 17, 33, 18, 1),
+                (2, 48, 5, 4, 1), (3, 97, 6, 5, 2), (1, 520, 3, 2, 0)]
 
 
 @pytest.mark.parametrize("B,T,di,do,K", GHOST_SHAPES)
@@ -186,6 +188,15 @@ def test_ghost_linear_triton(B, T, di, do, K, form):
     torch.testing.assert_close(dots.double().cpu(), dots_ref.cpu(), rtol=1e-4, atol=1e-4)
     again = ghost_linear(a, d, V, form=form, backend="triton")
     assert torch.equal(sq, again[0]) and torch.equal(dots, again[1])
+
+
+@pytest.mark.parametrize("T,k", [(1, 1), (47, 1), (48, 2), (97, 2), (511, 2), (512, 4), (1023, 4), (1024, 8), (5000, 32)])
+def test_gram_blocks_tile_the_sequence(T, k):
+    """The row blocks of a blocked Gram: k of them, in order, every position once, sizes within one."""
+    blocks = gram_blocks(T)
+    assert len(blocks) == k
+    assert [t for b in blocks for t in range(T)[b]] == list(range(T))
+    assert max(b.stop - b.start for b in blocks) - min(b.stop - b.start for b in blocks) <= 1
 
 
 def test_ghost_plan_picks_the_cheaper_form():
@@ -220,14 +231,16 @@ def test_numba_property_random_shapes(B, P, K, seed):
         assert ((dots.double() - dots_ref).abs() <= 2e-6 * scale).all()
 
 
+@pytest.mark.parametrize("T", [17, 100])
 @pytest.mark.parametrize("form", ["gram", "outer"])
 @pytest.mark.parametrize("d_in,d_out", [(6, 4), (4, 6)])
-def test_ghost_linear_sub_batches_within_the_memory_budget(form, d_in, d_out):
+def test_ghost_linear_sub_batches_within_the_memory_budget(form, d_in, d_out, T):
     """A budget smaller than one example's block (or one reference's projection): one
-    example (one reference) at a time, same numbers; either side may be the narrower."""
+    example (one reference) at a time, same numbers; either side may be the narrower, and
+    the Grams whole (T = 17) or in blocks (T = 100)."""
     g = torch.Generator().manual_seed(3)
-    a = torch.randn(5, 17, d_in, generator=g, dtype=torch.float64)
-    d = torch.randn(5, 17, d_out, generator=g, dtype=torch.float64)
+    a = torch.randn(5, T, d_in, generator=g, dtype=torch.float64)
+    d = torch.randn(5, T, d_out, generator=g, dtype=torch.float64)
     V = torch.randn(3, d_out, d_in, generator=g, dtype=torch.float64)
     whole = ghost_linear(a, d, V, form=form, backend="torch")
     pieces = ghost_linear(a, d, V, form=form, backend="torch", workspace=8)

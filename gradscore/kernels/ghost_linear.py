@@ -6,7 +6,10 @@ weight gradient is g_b = Σ_t δ_bt a_btᵀ (d_out, d_in). Two ways to get what 
 - outer: materialize g_b (B, d_out, d_in) one sub-batch at a time, then reduce it with
   ``norm_dot``: ‖g_b‖² and ⟨g_b, V_k⟩. Cost ≈ (T + K)·d_in·d_out per example.
 - gram: ‖g_b‖² = Σ_{t,s} (a_bt·a_bs)(δ_bt·δ_bs) in T²·(d_in + d_out), and
-  ⟨g_b, V_k⟩ = Σ_t δ_btᵀ V_k a_bt by projecting a through V in T·K·d_in·d_out.
+  ⟨g_b, V_k⟩ = Σ_t δ_btᵀ V_k a_bt by projecting a through V in T·K·d_in·d_out. Both Grams
+  are symmetric: a long sequence's are formed as the upper triangle of k × k blocks
+  (:func:`gram_blocks`), the blocks off the diagonal counted twice, for (k + 1)/(2k) of
+  the flops.
 
 ``plan`` picks the cheaper by that flop count (gram wins for short sequences and wide
 layers, outer for long sequences or many references). The outer form runs a Triton
@@ -45,11 +48,31 @@ def workspace_bytes(*captured: torch.Tensor) -> int:
     return max(MIN_WORKSPACE_BYTES, sum(t.numel() * t.element_size() for t in captured))
 
 
+#: shortest sequence whose Grams are formed in blocks, and the rows of a block it aims at:
+#: below them, smaller matrix products cost more time than the halved flops save
+MIN_BLOCKED_T, BLOCK_ROWS = 48, 128
+
+
+def gram_blocks(T: int) -> list[slice]:
+    """The k row blocks of a (T, T) Gram formed as its upper triangle of blocks: k = 1
+    below :data:`MIN_BLOCKED_T`, else the power of two ≥ 2 nearest below T/BLOCK_ROWS."""
+    k = 1 if T < MIN_BLOCKED_T else 2 ** max(1, (T // BLOCK_ROWS).bit_length() - 1)
+    edges = [i * T // k for i in range(k + 1)]
+    return [slice(edges[i], edges[i + 1]) for i in range(k)]
+
+
+def gram_cost(T: int, width: float) -> float:
+    """Multiply-adds per example of Grams of (T, width) rows: the (k + 1)/(2k) of T²·width
+    formed in :func:`gram_blocks`."""
+    k = len(gram_blocks(T))
+    return T * T * (k + 1) / (2 * k) * width
+
+
 def plan(T: int, d_in: int, d_out: int, K: int, readers: int = 1) -> str:
     """``"gram"`` or ``"outer"``: whichever costs fewer flops per example; the input's
     Gram counts once over its ``readers`` (layers sharing it, :class:`SharedGrams`)."""
     outer = (T + K) * d_in * d_out
-    gram = T * T * (d_in / max(1, readers) + d_out) + T * K * d_in * d_out
+    gram = gram_cost(T, d_in / max(1, readers) + d_out) + T * K * d_in * d_out
     return "gram" if gram < outer else "outer"
 
 
@@ -61,7 +84,8 @@ def _identity(t: torch.Tensor) -> tuple:
 
 class SharedGrams:
     """One batch's layer inputs (B, T, d_in), how many layers read each, and the Gram
-    a aᵀ (B, T, T) of one read by several, kept from its first reader's rule to its last's.
+    a aᵀ (B, T, T) of one read by several (its blocks, :func:`gram_blocks`), kept from its
+    first reader's rule to its last's.
     An entry holds its input (as the engine's hooks do over the same span), so its storage
     cannot be freed and reused under the same key while kept; an in-place change of the
     input changes the key (its version)."""
@@ -82,8 +106,8 @@ class SharedGrams:
         entry = self._entries.get(_identity(a))
         return 1 if entry is None else entry[0]
 
-    def gram(self, a: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """a aᵀ: ``compute()`` once per input read by several layers."""
+    def gram(self, a: torch.Tensor, compute: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
+        """a aᵀ's blocks: ``compute()`` once per input read by several layers."""
         with self._lock:
             entry = self._entries.get(_identity(a))
             if entry is None or entry[0] < 2:
@@ -143,20 +167,29 @@ def _outer(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor | None, budget: int
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def _gram_sq(a: torch.Tensor, d: torch.Tensor, budget: int) -> torch.Tensor:
+def _gram_sq(a: torch.Tensor, d: torch.Tensor, budget: int, blocks: list[slice] | None = None) -> torch.Tensor:
+    """‖Σ_t δ_bt a_btᵀ‖² (B,) from the upper triangle of the Grams' ``blocks`` (default
+    :func:`gram_blocks`), ``budget`` bytes of Grams at a time."""
     B, T, _ = a.shape
     acc = acc_dtype(a.dtype)
     if T == 1:  # a 2-D input: the (1, 1) Grams are ‖a_b‖² and ‖δ_b‖²
         return norm_dot(a[:, 0])[0] * norm_dot(d[:, 0])[0]
     step = max(1, budget // (2 * T * T * torch.finfo(acc).bits // 8))
     shared = _active if step >= B else None   # one block: the input's Gram may be other layers' too
+    blocks = gram_blocks(T) if blocks is None else blocks
+    pairs = [(i, j) for i in range(len(blocks)) for j in range(i, len(blocks))]
     parts = []
-    for i in range(0, B, step):
-        ai, di = a[i:i + step].to(acc), d[i:i + step].to(acc)
-        def gram(ai=ai):
-            return torch.bmm(ai, ai.transpose(1, 2))
+    for n in range(0, B, step):
+        ai, di = a[n:n + step].to(acc), d[n:n + step].to(acc)
+
+        def gram(x=ai) -> list[torch.Tensor]:   # the upper triangle's blocks of x xᵀ, in ``pairs`` order
+            return [torch.bmm(x[:, blocks[i]], x[:, blocks[j]].transpose(1, 2)) for i, j in pairs]
         A = gram() if shared is None else shared.gram(a, gram)
-        parts.append((A * torch.bmm(di, di.transpose(1, 2))).sum((1, 2)))
+        sq = torch.zeros(len(ai), dtype=acc, device=a.device)
+        for (i, j), A_ij in zip(pairs, A):
+            D_ij = torch.bmm(di[:, blocks[i]], di[:, blocks[j]].transpose(1, 2))
+            sq += (A_ij * D_ij).sum((1, 2)) * (1 if i == j else 2)
+        parts.append(sq)
     return torch.cat(parts)
 
 

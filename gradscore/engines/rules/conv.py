@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...kernels.dispatch import numba_on_cpu
-from ...kernels.ghost_linear import ghost_linear, workspace_bytes
+from ...kernels.ghost_linear import ghost_linear, gram_cost, workspace_bytes
 from ...kernels import acc_dtype, norm_dot
 from ..workarounds import row_major
 from .conv_costs import (DENSITY_SAMPLE, ELEMENTWISE_COST, FEW_INPUTS, GROUPED_COST, GROUPED_FEW_INPUTS_COST,
@@ -139,7 +139,7 @@ def plan(layer: nn.Module, geo: _Geometry, calls: int, K: int, cuda: bool = Fals
     im2col = 0 if k == 1 and geo.stride == (1, 1) and not any(geo.pad) else ELEMENTWISE_COST * L * d_in
     project = K * L * d_in * c_out                          # one convolution per reference
     cost = {"outer": L * d_in * c_out + K * d_in * c_out + im2col,
-            "gram": L * L * (d_in + c_out) + project + im2col}
+            "gram": gram_cost(L, d_in + c_out) + project + im2col}
     if not cuda:
         rate = GROUPED_FEW_INPUTS_COST if c_in < FEW_INPUTS else GROUPED_COST
         cost["grouped"] = rate * L * d_in * c_out + K * d_in * c_out

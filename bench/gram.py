@@ -1,0 +1,66 @@
+"""The Gram form of the Linear ghost norms (``kernels.ghost_linear``) with its Grams formed
+as the upper triangle of blocks (what it does) against the whole Grams, and against the
+outer form, side by side in one run, on transformer layer shapes from T = 64 to 1024.
+
+    python -m bench.gram [--pairs 30] [--json bench/results/gram_cpu.json --overwrite]
+
+Both Grams a aᵀ and δ δᵀ are symmetric: k row blocks need k(k + 1)/2 of the k² block
+products, (k + 1)/(2k) of the flops. A row gives k (``gram_blocks``), the median ratio of
+blocked to whole over the pairs with its quartiles, the same for the outer form, and the
+form ``plan`` picks: the data behind ``MIN_BLOCKED_T`` and ``BLOCK_ROWS``.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+
+import torch
+
+from bench.engines import claim_results, pair_ratios, results_options, run_script, write_results
+from gradscore._version import __version__
+from gradscore.kernels.ghost_linear import _gram_sq, gram_blocks, plan, workspace_bytes
+from gradscore.kernels.ghost_linear import ghost_linear
+
+#: (B, T, d_in, d_out): a d = 128 transformer's attention and MLP layers, GPT-2 small's at longer T
+CASES = [(64, 32, 128, 128), (64, 64, 128, 128), (64, 64, 512, 128), (16, 128, 256, 256),
+         (8, 256, 256, 768), (4, 512, 768, 768), (2, 1024, 768, 768), (2, 1024, 768, 3072)]
+
+
+def run_bench(pairs: int = 30, echo=print) -> dict:
+    """Rows: blocked / whole and outer / whole, median [quartiles] over ``pairs``."""
+    torch.manual_seed(0)
+    rows = []
+    for B, T, d_in, d_out in CASES:
+        a, d = torch.randn(B, T, d_in), torch.randn(B, T, d_out)
+        budget = workspace_bytes(a, d)
+        whole = [slice(0, T)]
+        row = {"shape": [B, T, d_in, d_out], "blocks": len(gram_blocks(T)), "plan": plan(T, d_in, d_out, 0)}
+        for name, fn in (("blocked", lambda: _gram_sq(a, d, budget)),
+                         ("outer", lambda: ghost_linear(a, d, None, form="outer"))):
+            ratios, _, _ = pair_ratios(fn, lambda: _gram_sq(a, d, budget, whole), pairs, alternate=True)
+            q1, median, q3 = statistics.quantiles(ratios, n=4)
+            row[f"{name}_to_whole"], row[f"{name}_quartiles"] = median, [q1, q3]
+        rows.append(row)
+        echo(f"(B, T, d_in, d_out) = {(B, T, d_in, d_out)!s:<22} k = {row['blocks']:<2} "
+             f"blocked / whole {row['blocked_to_whole']:.2f} [{row['blocked_quartiles'][0]:.2f}-"
+             f"{row['blocked_quartiles'][1]:.2f}]  outer / whole {row['outer_to_whole']:.2f}  plan: {row['plan']}")
+    return {"device": "cpu", "device_name": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "gradscore": __version__,
+            "pairs": pairs, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.gram", description=__doc__.split("\n\n")[0])
+    p.add_argument("--pairs", type=int, default=30, help="timed pairs per shape; the median ratio is kept")
+    results_options(p)
+    args = p.parse_args(argv)
+    claim_results(args)
+    result = run_bench(args.pairs)
+    if args.json:
+        write_results(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    run_script(main)
