@@ -259,7 +259,7 @@ def _costate(plan: _Plan, ranks: Ranks, progress: bool, overwrite: bool) -> Cost
         except ConfigMismatchError as e:   # the co-state file's own fix, in run's options
             if e.differ is None:
                 raise
-            raise ConfigMismatchError(f"{plan.costate_path}: was computed with other settings ({e.differ} differ); "
+            raise ConfigMismatchError(f"{plan.costate_path}: was computed with other settings ({e.differ}); "
                                       f"pass --overwrite to recompute it, or --costate FILE to keep it and write "
                                       f"these to FILE") from None
     ranks.barrier()

@@ -183,7 +183,7 @@ def test_resuming_what_cannot_be_continued_is_one_clear_error(tmp_path):
     with pytest.raises(gs.ConfigError, match="resume=True continues the recording in out and overwrite=True "
                                              "replaces it"):
         _recorder(training, out, resume=True, overwrite=True)
-    with pytest.raises(gs.ConfigMismatchError, match=r"other settings \(every \(1 before, 2 now\) differ\)"):
+    with pytest.raises(gs.ConfigMismatchError, match=r"other settings \(every \(1 before, 2 now\) differs\)"):
         _recorder(training, out, resume=True, every=2)
     other = torch.nn.Sequential(torch.nn.Linear(10, 4)).double()
     wider = mlp(d_in=10, hidden=16, n_classes=4, depth=1).double()   # the same parameter names
@@ -193,7 +193,7 @@ def test_resuming_what_cannot_be_continued_is_one_clear_error(tmp_path):
     # another target set of the same size (inrun_value would add up dots with two targets), or its
     # values in another dtype: the same count, other numbers
     for targets in [(X[6:12], Y[6:12]), (X[:6].float(), Y[:6]), (X[:6], (Y[:6] + 1) % 4)]:
-        with pytest.raises(gs.ConfigMismatchError, match=r"other settings \(the target set differ\)"):
+        with pytest.raises(gs.ConfigMismatchError, match=r"other settings \(the target set differs\)"):
             gs.InRun(training.model, out=out, targets=targets, flush_every=0, resume=True)
     # the same examples from a shuffled loader: the same ∇J
     gs.InRun(training.model, out=out, targets=iter([(X[3:6], Y[3:6]), (X[[2, 0, 1]], Y[[2, 0, 1]])]),

@@ -130,6 +130,21 @@ def test_run_scores_only_the_parameters_named(tiny_run, tmp_path, capsys):
     assert "'head.*' matches no parameter" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("old,new,says", [
+    ({"proxy": 1}, {"proxy": 2}, "the proxy set differs"),
+    ({"checkpoints_sha256": 1}, {"checkpoints_sha256": 2}, "the checkpoints differ"),
+    ({"config": {"every": 1}}, {"config": {"every": 2}}, "every (1 before, 2 now) differs"),
+    ({"config": {"scores": ["a"]}}, {"config": {"scores": ["b"]}}, "scores (['a'] before, ['b'] now) differ"),
+    ({"data": 1, "proxy": 1}, {"data": 2, "proxy": 2}, "the data, the proxy set differ"),
+    (None, {"data": 1}, "the settings differ"),
+    ({"data": 1}, {"data": 1}, "the settings differ"),
+])
+def test_a_mismatch_names_what_differs_in_a_clause(old, new, says):
+    """The clause of a mismatch message agrees in number ("the proxy set differ" before)."""
+    from gradscore.io.journal import difference
+    assert difference(old, new) == says
+
+
 def test_a_factory_dataset_whose_examples_changed_is_not_taken_for_the_same(tiny_run, tmp_path, monkeypatch):
     """A `module:fn` dataset was known by its name and length alone: after the user fixed some
     labels, a rerun found its finished scores file "the same" and kept the old numbers."""
@@ -140,7 +155,7 @@ def test_a_factory_dataset_whose_examples_changed_is_not_taken_for_the_same(tiny
     before = gs.load_scores(out)["scores"]["loss"]
     assert gs.score(ckpts, "tests_factory:relabeled", out=out, progress=False) == out   # the same: kept
     monkeypatch.setattr(tests_factory, "LABELS", [0, 1, 2, 2])   # a quarter of the labels fixed
-    with pytest.raises(gs.ConfigMismatchError, match=r"the data differ.*--overwrite"):
+    with pytest.raises(gs.ConfigMismatchError, match=r"the data differs\); pass --overwrite"):
         gs.score(ckpts, "tests_factory:relabeled", out=out, progress=False)
     np.testing.assert_array_equal(gs.load_scores(out)["scores"]["loss"], before)
     gs.score(ckpts, "tests_factory:relabeled", out=out, overwrite=True, progress=False)
@@ -173,12 +188,12 @@ def test_a_rerun_after_the_code_changed_is_not_taken_for_the_same(tmp_path, monk
     assert gs.score(tmp_path / "ckpts", data, out=out, progress=False) == out   # the same code: kept
     module.write_text(v1.replace("return F", "return 2 * F"))   # the user's fix, in a new process
     monkeypatch.delitem(sys.modules, "userloss")
-    with pytest.raises(gs.ConfigMismatchError, match=r"the code .* differ.*--overwrite"):
+    with pytest.raises(gs.ConfigMismatchError, match=r"the code .* differs.*--overwrite"):
         gs.score(tmp_path / "ckpts", data, out=out, progress=False)
     gs.score(tmp_path / "ckpts", data, out=out, overwrite=True, progress=False)
     np.testing.assert_allclose(gs.load_scores(out)["scores"]["loss"], 2 * before)
     monkeypatch.setattr(gradscore.imports, "__version__", "99.0")   # an upgrade of gradscore
-    with pytest.raises(gs.ConfigMismatchError, match=r"the code .* differ"):
+    with pytest.raises(gs.ConfigMismatchError, match=r"the code .* differs\)"):
         gs.score(tmp_path / "ckpts", data, out=out, progress=False)
 
 
@@ -199,7 +214,7 @@ def test_a_rerun_after_the_models_structure_changed_is_not_taken_for_the_same(tm
     gs.score(tmp_path / "ckpts", data, out=tmp_path / "s.h5", progress=False)
     module.write_text(v1.replace("Tanh", "ReLU"))
     monkeypatch.delitem(sys.modules, "usernet")
-    with pytest.raises(gs.ConfigMismatchError, match=r"the code .* differ"):
+    with pytest.raises(gs.ConfigMismatchError, match=r"the code .* differs\)"):
         gs.score(tmp_path / "ckpts", data, out=tmp_path / "s.h5", progress=False)
 
 
@@ -298,7 +313,7 @@ def test_a_rerun_after_code_the_forward_calls_changed_is_not_taken_for_the_same(
     if edit == "unused code":
         assert gs.score(ckpts, data, out=out, progress=False) == out   # kept
         return
-    with pytest.raises(gs.ConfigMismatchError, match=rf"the code \(code they call: {named}\) differ"):
+    with pytest.raises(gs.ConfigMismatchError, match=rf"the code \(code they call: {named}\) differs\)"):
         gs.score(ckpts, data, out=out, progress=False)
 
 

@@ -467,8 +467,8 @@ class InRun:
                 return {**{k: v for k, v in fingerprint.items() if k != "recording"}, "config": config}
             if settings(found.fingerprint) != settings(self.fingerprint):
                 differ = difference(settings(found.fingerprint), settings(self.fingerprint))
-                error = ConfigMismatchError(f"{self.out}: its recording was made with other settings ({differ} "
-                                            f"differ), so this run cannot continue it; record with the same model, "
+                error = ConfigMismatchError(f"{self.out}: its recording was made with other settings ({differ}), "
+                                            f"so this run cannot continue it; record with the same model, "
                                             f"loss, targets and options, pass overwrite=True to replace it, or "
                                             f"choose another out")
                 error.differ = differ

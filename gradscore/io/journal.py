@@ -28,10 +28,11 @@ def read_fingerprint(path: Path) -> dict | None:
 
 
 def difference(old: dict | None, new: dict) -> str:
-    """What differs between two run fingerprints, by field: "scores, engine", "the
-    checkpoints", "the data" …; "the settings" when it cannot say."""
+    """What differs between two run fingerprints, by field, as a clause: "the target set
+    differs", "scores (...), engine (...) differ", "the checkpoints differ" …; "the
+    settings differ" when it cannot say."""
     if not isinstance(old, dict):
-        return "the settings"
+        return "the settings differ"
     names = {"checkpoints_sha256": "the checkpoints", "data": "the data", "costate": "the co-states",
              "proxy": "the proxy set", "target": "the target set", "files": "the dynamics files"}
     found = []
@@ -46,7 +47,10 @@ def difference(old: dict | None, new: dict) -> str:
             found.append(_code_difference(a if isinstance(a, dict) else {}, b if isinstance(b, dict) else {}))
         else:
             found.append(names.get(key, key))
-    return ", ".join(found) or "the settings"
+    if not found:
+        return "the settings differ"
+    plural = len(found) > 1 or found[0].split(" (")[0].endswith("s")   # "the checkpoints", "scores (...)"
+    return ", ".join(found) + (" differ" if plural else " differs")
 
 
 def _code_difference(a: dict, b: dict) -> str:
@@ -96,7 +100,7 @@ class Journal:
                 return
             if not (overwrite or replace):
                 differ = difference(found, fingerprint)
-                error = ConfigMismatchError(f"{self.out}: exists and was made with other settings ({differ} differ); "
+                error = ConfigMismatchError(f"{self.out}: exists and was made with other settings ({differ}); "
                                             f"pass --overwrite to replace it or choose another --out")
                 error.differ = differ
                 raise error
@@ -109,8 +113,8 @@ class Journal:
                 has_work = any(p.name != "meta.json" and not p.name.endswith(".tmp") for p in self.partial.iterdir())
                 if has_work and not (overwrite or discard):
                     raise ConfigMismatchError(
-                        f"{self.partial}: an interrupted run with other settings ({difference(old, fingerprint)} "
-                        f"differ) is in progress here; rerun it with the same options to resume, or pass "
+                        f"{self.partial}: an interrupted run with other settings ({difference(old, fingerprint)}) "
+                        f"is in progress here; rerun it with the same options to resume, or pass "
                         f"--overwrite to discard it")
                 shutil.rmtree(self.partial)
 
