@@ -16,13 +16,16 @@ written after every step, so a kill leaves them too):
    the transformer and GPT-2; the in-run recorder also on GPT-2 with a
    vocabulary of 32768, whose loss terms take the generic path on CUDA. It runs before
    the long steps, so the open issue's figures come back first.
-3. ``bandwidth``: ``norm_dot``'s read bandwidth, Triton kernel and torch reference,
+3. ``gram``: ``bench.gram`` on CUDA: the Linear rules' Gram form with its Grams in blocks
+   against whole Grams (what CUDA uses until this measures where blocks win) and the
+   outer form, T = 32 to 1024.
+4. ``bandwidth``: ``norm_dot``'s read bandwidth, Triton kernel and torch reference,
    against a device-to-device copy of the same bytes timed in the same run; then a sweep
    of ``launch_config``'s block sizes with the best configuration per shape.
-4. ``engines``: ``bench.engines`` (plain forward+backward, ghost K = 0/2, vmap + fused,
+5. ``engines``: ``bench.engines`` (plain forward+backward, ghost K = 0/2, vmap + fused,
    the loop, Opacus and BackPACK when installed) at batch 64, 256 and 1024, with
    ``torch.cuda.max_memory_allocated`` for memory.
-5. ``torchrun``: a 2-process NCCL ``gradscore run`` against one process, bit for bit,
+6. ``torchrun``: a 2-process NCCL ``gradscore run`` against one process, bit for bit,
    where the machine has two GPUs or more.
 """
 from __future__ import annotations
@@ -84,6 +87,9 @@ class Sizes:
         self.sketch_dim = 256 if dry_run else 8192
         # bench.sketch's own cases (a classifier's: the GPT-2 above is a language model, which sketches refuse)
         self.sketch_cases = {"mlp_784_1024_1024": 8} if dry_run else None
+        # bench.gram's shapes (None: its own) and pairs
+        self.gram_cases = [(2, 50, 8, 6)] if dry_run else None
+        self.gram_pairs = 2 if dry_run else 30
 
 
 def step_tests(sizes: Sizes, budget: Budget) -> dict[str, Any]:
@@ -217,6 +223,18 @@ def step_inrun_sketch(sizes: Sizes, budget: Budget) -> dict[str, Any]:
     return out
 
 
+def step_gram(sizes: Sizes, budget: Budget) -> dict[str, Any]:
+    """bench.gram on the device: blocked Grams against whole ones and the outer form."""
+    from bench.gram import run_bench
+    if budget.left < 60:
+        return {"status": "skipped: out of time budget"}
+    try:
+        return {"rows": run_bench(sizes.gram_pairs, echo=lambda _: None, device=sizes.device,
+                                  cases=sizes.gram_cases)["rows"]}
+    except Exception as e:  # noqa: BLE001 - a failure is a result, not the end of the kit
+        return {"status": f"failed: {type(e).__name__}: {str(e)[:200]}"}
+
+
 def step_torchrun(sizes: Sizes, budget: Budget) -> dict[str, Any]:
     """2 NCCL ranks against one process on the same generated run, compared bit for bit."""
     import numpy as np
@@ -258,8 +276,8 @@ def step_torchrun(sizes: Sizes, budget: Budget) -> dict[str, Any]:
 
 
 STEPS: dict[str, Callable[[Sizes, Budget], dict[str, Any]]] = {
-    "tests": step_tests, "inrun_sketch": step_inrun_sketch, "bandwidth": step_bandwidth, "engines": step_engines,
-    "torchrun": step_torchrun}
+    "tests": step_tests, "inrun_sketch": step_inrun_sketch, "gram": step_gram, "bandwidth": step_bandwidth,
+    "engines": step_engines, "torchrun": step_torchrun}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -286,6 +304,12 @@ def markdown(result: dict[str, Any]) -> str:
             out.append(f"| {s['B']} | {s['P']} | {s['dtype']} | {d['BLOCK_B']}, {d['BLOCK_P']}, {d['num_warps']}, "
                        f"{d['n_split']} | {b['BLOCK_B']}, {b['BLOCK_P']}, {b['num_warps']}, {b['n_split']} | "
                        f"{b['read_GBps']:.0f} | {s['incorrect']} |")
+    gram = result.get("gram", {})
+    if gram.get("rows"):
+        out += ["", "| Gram: (B, T, d_in, d_out) | blocks (CPU rule) | blocked / whole | outer / whole | plan |",
+                "|---|---|---|---|---|"]
+        out += [f"| {tuple(r['shape'])} | {r['blocks']} | {r['blocked_to_whole']:.2f} | {r['outer_to_whole']:.2f} | "
+                f"{r['plan']} |" for r in gram["rows"]]
     eng = result.get("engines", {})
     if eng.get("rows"):
         out += ["", "| model | batch | method | × plain | peak × plain |", "|---|---|---|---|---|"]

@@ -2,12 +2,14 @@
 as the upper triangle of blocks (what it does) against the whole Grams, and against the
 outer form, side by side in one run, on transformer layer shapes from T = 64 to 1024.
 
-    python -m bench.gram [--pairs 30] [--json bench/results/gram_cpu.json --overwrite]
+    python -m bench.gram [--pairs 30] [--device cpu|cuda] [--json bench/results/gram_cpu.json --overwrite]
 
 Both Grams a aᵀ and δ δᵀ are symmetric: k row blocks need k(k + 1)/2 of the k² block
-products, (k + 1)/(2k) of the flops. A row gives k (``gram_blocks``), the median ratio of
-blocked to whole over the pairs with its quartiles, the same for the outer form, and the
-form ``plan`` picks: the data behind ``MIN_BLOCKED_T`` and ``BLOCK_ROWS``.
+products, (k + 1)/(2k) of the flops. A row gives k (``gram_blocks``'s CPU rule, timed on
+either device), the median ratio of blocked to whole over the pairs with its quartiles,
+the same for the outer form (on CUDA its Triton kernel), and the form ``plan`` picks on
+the device: the data behind ``MIN_BLOCKED_T`` and ``BLOCK_ROWS``, and behind keeping
+whole Grams on CUDA until measured (the GPU kit runs this).
 """
 from __future__ import annotations
 
@@ -27,25 +29,29 @@ CASES = [(64, 32, 128, 128), (64, 64, 128, 128), (64, 64, 512, 128), (16, 128, 2
          (8, 256, 256, 768), (4, 512, 768, 768), (2, 1024, 768, 768), (2, 1024, 768, 3072)]
 
 
-def run_bench(pairs: int = 30, echo=print) -> dict:
+def run_bench(pairs: int = 30, echo=print, device: str = "cpu", cases: list | None = None) -> dict:
     """Rows: blocked / whole and outer / whole, median [quartiles] over ``pairs``."""
     torch.manual_seed(0)
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     rows = []
-    for B, T, d_in, d_out in CASES:
-        a, d = torch.randn(B, T, d_in), torch.randn(B, T, d_out)
+    for B, T, d_in, d_out in CASES if cases is None else cases:
+        a, d = torch.randn(B, T, d_in, device=device), torch.randn(B, T, d_out, device=device)
         budget = workspace_bytes(a, d)
-        whole = [slice(0, T)]
-        row = {"shape": [B, T, d_in, d_out], "blocks": len(gram_blocks(T)), "plan": plan(T, d_in, d_out, 0)}
-        for name, fn in (("blocked", lambda: _gram_sq(a, d, budget)),
+        blocks, whole = gram_blocks(T), [slice(0, T)]
+        row = {"shape": [B, T, d_in, d_out], "blocks": len(blocks), "plan": plan(T, d_in, d_out, 0, cuda=cuda)}
+        for name, fn in (("blocked", lambda: _gram_sq(a, d, budget, blocks)),
                          ("outer", lambda: ghost_linear(a, d, None, form="outer"))):
-            ratios, _, _ = pair_ratios(fn, lambda: _gram_sq(a, d, budget, whole), pairs, alternate=True)
+            fn()   # warm-up: the Triton kernel's first call compiles it
+            ratios, _, _ = pair_ratios(fn, lambda: _gram_sq(a, d, budget, whole), pairs, sync, alternate=True)
             q1, median, q3 = statistics.quantiles(ratios, n=4)
             row[f"{name}_to_whole"], row[f"{name}_quartiles"] = median, [q1, q3]
         rows.append(row)
         echo(f"(B, T, d_in, d_out) = {(B, T, d_in, d_out)!s:<22} k = {row['blocks']:<2} "
              f"blocked / whole {row['blocked_to_whole']:.2f} [{row['blocked_quartiles'][0]:.2f}-"
              f"{row['blocked_quartiles'][1]:.2f}]  outer / whole {row['outer_to_whole']:.2f}  plan: {row['plan']}")
-    return {"device": "cpu", "device_name": platform.processor() or platform.machine(),
+    return {"device": device,
+            "device_name": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "gradscore": __version__,
             "pairs": pairs, "rows": rows}
 
@@ -53,10 +59,11 @@ def run_bench(pairs: int = 30, echo=print) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gram", description=__doc__.split("\n\n")[0])
     p.add_argument("--pairs", type=int, default=30, help="timed pairs per shape; the median ratio is kept")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the Grams are formed")
     results_options(p)
     args = p.parse_args(argv)
     claim_results(args)
-    result = run_bench(args.pairs)
+    result = run_bench(args.pairs, device=args.device)
     if args.json:
         write_results(args.json, result)
     return 0

@@ -39,8 +39,11 @@ def test_gpu_check_dry_run_takes_every_step_and_writes_its_results(tmp_path):
         assert 1.0 < inrun["norms"]["flops_ratio"] < 1.001
     assert inrun["target_every1"]["flops_ratio"] > inrun["target_every10"]["flops_ratio"] > 1.0
     assert result["inrun_sketch"]["sketch"][0]["sketch_ratio"] > 0
+    assert [(r["shape"], r["blocks"]) for r in result["gram"]["rows"]] == [([2, 50, 8, 6], 2)]
+    assert result["gram"]["rows"][0]["blocked_to_whole"] > 0
     md = (tmp_path / "gpu_dry-run-cpu.md").read_text()
     assert "| B | P | dtype |" in md and "| model | batch |" in md and "| in-run: model |" in md and "| sketch: model |" in md
+    assert "| Gram: (B, T, d_in, d_out) |" in md
 
 
 def test_gpu_check_stops_at_its_budget_with_what_it_has(tmp_path):

@@ -197,6 +197,7 @@ def test_gram_blocks_tile_the_sequence(T, k):
     assert len(blocks) == k
     assert [t for b in blocks for t in range(T)[b]] == list(range(T))
     assert max(b.stop - b.start for b in blocks) - min(b.stop - b.start for b in blocks) <= 1
+    assert gram_blocks(T, cuda=True) == [slice(0, T)]   # whole on CUDA until the GPU kit measures blocks there
 
 
 def test_ghost_plan_picks_the_cheaper_form():

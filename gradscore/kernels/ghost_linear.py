@@ -7,9 +7,9 @@ weight gradient is g_b = Σ_t δ_bt a_btᵀ (d_out, d_in). Two ways to get what 
   ``norm_dot``: ‖g_b‖² and ⟨g_b, V_k⟩. Cost ≈ (T + K)·d_in·d_out per example.
 - gram: ‖g_b‖² = Σ_{t,s} (a_bt·a_bs)(δ_bt·δ_bs) in T²·(d_in + d_out), and
   ⟨g_b, V_k⟩ = Σ_t δ_btᵀ V_k a_bt by projecting a through V in T·K·d_in·d_out. Both Grams
-  are symmetric: a long sequence's are formed as the upper triangle of k × k blocks
-  (:func:`gram_blocks`), the blocks off the diagonal counted twice, for (k + 1)/(2k) of
-  the flops.
+  are symmetric: on CPU a long sequence's are formed as the upper triangle of k × k
+  blocks (:func:`gram_blocks`), the blocks off the diagonal counted twice, for
+  (k + 1)/(2k) of the flops.
 
 ``plan`` picks the cheaper by that flop count (gram wins for short sequences and wide
 layers, outer for long sequences or many references). The outer form runs a Triton
@@ -49,30 +49,33 @@ def workspace_bytes(*captured: torch.Tensor) -> int:
 
 
 #: shortest sequence whose Grams are formed in blocks, and the rows of a block it aims at:
-#: below them, smaller matrix products cost more time than the halved flops save
+#: below them, smaller matrix products cost more time than the halved flops save (on CPU;
+#: ``python -m bench.gram``)
 MIN_BLOCKED_T, BLOCK_ROWS = 48, 128
 
 
-def gram_blocks(T: int) -> list[slice]:
+def gram_blocks(T: int, cuda: bool = False) -> list[slice]:
     """The k row blocks of a (T, T) Gram formed as its upper triangle of blocks: k = 1
-    below :data:`MIN_BLOCKED_T`, else the power of two ≥ 2 nearest below T/BLOCK_ROWS."""
-    k = 1 if T < MIN_BLOCKED_T else 2 ** max(1, (T // BLOCK_ROWS).bit_length() - 1)
+    below :data:`MIN_BLOCKED_T`, else the power of two ≥ 2 nearest below T/BLOCK_ROWS.
+    On CUDA k = 1: more, smaller products add kernel launches, and the GPU kit
+    (``bench.gpu_check``'s ``gram`` step) has not yet measured where blocks win there."""
+    k = 1 if T < MIN_BLOCKED_T or cuda else 2 ** max(1, (T // BLOCK_ROWS).bit_length() - 1)
     edges = [i * T // k for i in range(k + 1)]
     return [slice(edges[i], edges[i + 1]) for i in range(k)]
 
 
-def gram_cost(T: int, width: float) -> float:
+def gram_cost(T: int, width: float, cuda: bool = False) -> float:
     """Multiply-adds per example of Grams of (T, width) rows: the (k + 1)/(2k) of T²·width
     formed in :func:`gram_blocks`."""
-    k = len(gram_blocks(T))
+    k = len(gram_blocks(T, cuda))
     return T * T * (k + 1) / (2 * k) * width
 
 
-def plan(T: int, d_in: int, d_out: int, K: int, readers: int = 1) -> str:
+def plan(T: int, d_in: int, d_out: int, K: int, readers: int = 1, cuda: bool = False) -> str:
     """``"gram"`` or ``"outer"``: whichever costs fewer flops per example; the input's
     Gram counts once over its ``readers`` (layers sharing it, :class:`SharedGrams`)."""
     outer = (T + K) * d_in * d_out
-    gram = gram_cost(T, d_in / max(1, readers) + d_out) + T * K * d_in * d_out
+    gram = gram_cost(T, d_in / max(1, readers) + d_out, cuda) + T * K * d_in * d_out
     return "gram" if gram < outer else "outer"
 
 
@@ -176,7 +179,7 @@ def _gram_sq(a: torch.Tensor, d: torch.Tensor, budget: int, blocks: list[slice] 
         return norm_dot(a[:, 0])[0] * norm_dot(d[:, 0])[0]
     step = max(1, budget // (2 * T * T * torch.finfo(acc).bits // 8))
     shared = _active if step >= B else None   # one block: the input's Gram may be other layers' too
-    blocks = gram_blocks(T) if blocks is None else blocks
+    blocks = gram_blocks(T, a.is_cuda) if blocks is None else blocks
     pairs = [(i, j) for i in range(len(blocks)) for j in range(i, len(blocks))]
     parts = []
     for n in range(0, B, step):
@@ -237,7 +240,7 @@ def ghost_linear(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor | None = None
     if backend not in (None, "torch", "triton"):
         raise ValueError(f"ghost_linear: unknown backend '{backend}'")
     readers = _active.readers(a) if _active is not None else 1
-    form = form or plan(a.shape[1], a.shape[2], d.shape[2], K, readers)
+    form = form or plan(a.shape[1], a.shape[2], d.shape[2], K, readers, a.is_cuda)
     if form not in ("gram", "outer"):
         raise ValueError(f"ghost_linear: unknown form '{form}'")
     budget = workspace if workspace is not None else workspace_bytes(a, d)

@@ -139,7 +139,7 @@ def plan(layer: nn.Module, geo: _Geometry, calls: int, K: int, cuda: bool = Fals
     im2col = 0 if k == 1 and geo.stride == (1, 1) and not any(geo.pad) else ELEMENTWISE_COST * L * d_in
     project = K * L * d_in * c_out                          # one convolution per reference
     cost = {"outer": L * d_in * c_out + K * d_in * c_out + im2col,
-            "gram": gram_cost(L, d_in + c_out) + project + im2col}
+            "gram": gram_cost(L, d_in + c_out, cuda) + project + im2col}
     if not cuda:
         rate = GROUPED_FEW_INPUTS_COST if c_in < FEW_INPUTS else GROUPED_COST
         cost["grouped"] = rate * L * d_in * c_out + K * d_in * c_out
