@@ -12,7 +12,8 @@ equal the loop (or take the fallback, which does): a wrong number is a failure, 
 refusal is not. This found a Linear registered twice whose Parameters torch's
 functional_call replaced (tests/test_engines.py). The same models, in training, go
 through the in-run recorder: every record equals the loop at each step's θ_t, or the
-recorder refuses the model with one GradscoreError.
+recorder refuses the model with one GradscoreError. With every Linear forced into the
+Gram form and T from 48 to 520, the same grid checks the Grams formed in blocks.
 """
 from __future__ import annotations
 
@@ -150,13 +151,14 @@ class RandomModel(nn.Module):
         return self.head({"mean": h.mean(1), "last": h[:, -1], "first": h[:, 0]}[self.pool])
 
 
-def _draw(seed: int, batches: int = 1, extra: int = 0) -> tuple[RandomModel, torch.Tensor, torch.Tensor, int]:
+def _draw(seed: int, batches: int = 1, extra: int = 0, lengths: tuple[int, ...] | None = None
+          ) -> tuple[RandomModel, torch.Tensor, torch.Tensor, int]:
     """Seed's model (float64), ``batches`` batches of its B examples and ``extra`` more, their
-    labels, and B."""
+    labels, and B; T from ``lengths`` (default: 1, B, B + 1, 2 or 5)."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     B = rng.choice([1, 2, 3, 4])
-    T, C, vocab = rng.choice([1, B, B + 1, 2, 5]), rng.choice([2, 4]), rng.choice([0, 0, 7])
+    T, C, vocab = rng.choice(lengths or [1, B, B + 1, 2, 5]), rng.choice([2, 4]), rng.choice([0, 0, 7])
     model = RandomModel(rng, C, vocab, T).double()
     n = batches * B + extra
     x = torch.randint(0, vocab, (n, T)) if vocab else torch.randn(n, T, C, dtype=torch.float64)
@@ -177,6 +179,28 @@ def test_random_models_equal_the_loop(block):
 @pytest.mark.slow
 def test_many_random_models_equal_the_loop():
     assert sum(_check(seed) for seed in range(300, 3300)) > 2400
+
+
+@pytest.fixture
+def gram_form(monkeypatch):
+    """Every Linear with a sequence takes the Gram form (at these widths the plan would pick
+    the outer one): its Grams in blocks from T = 48 on."""
+    from gradscore.kernels import ghost_linear
+    plan = ghost_linear.plan
+    monkeypatch.setattr(ghost_linear, "plan", lambda T, *args, **kw: "gram" if T > 1 else plan(T, *args, **kw))
+
+
+@pytest.mark.parametrize("block", range(2))
+def test_random_models_in_the_blocked_gram_form_equal_the_loop(gram_form, block, tmp_path):
+    """T of 48 to 520 (2 or 4 blocks; a layer called twice joins its calls: 8), every layout
+    of the grid, scored and in training."""
+    lengths = (48, 50, 97, 520)
+    seeds = range(5000 + block * 20, 5000 + block * 20 + 20)
+    assert sum(check_random_model(seed, model.eval(), x, y, f"B={B} T={x.shape[1]}: {model.describe()}",
+                                  engines=("ghost",))
+               for seed in seeds for model, x, y, B in [_draw(seed, lengths=lengths)]) > 15
+    assert sum(check_random_inrun(model, x, y, B, tmp_path / f"{seed}.h5")
+               for seed in seeds[:8] for model, x, y, B in [_draw(seed, batches=3, extra=3, lengths=lengths)]) > 5
 
 
 def _check_inrun(seed: int, tmp_path) -> bool:
