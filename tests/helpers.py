@@ -58,6 +58,20 @@ def assert_same_scores_file(a, b) -> None:
     assert ra["config"] == rb["config"]
 
 
+def per_checkpoint_rows_read(monkeypatch) -> list[str]:
+    """The names of the (T, N) rows of scores files read from now on (``io.store.read_dataset``
+    calls that read, not those that only open a dataset), as a list that fills."""
+    from gradscore.io import store
+    read, plain = [], store.read_dataset
+
+    def spy(f, path, name, read_it=True):
+        if read_it and name.startswith("per_checkpoint/"):
+            read.append(name.split("/", 1)[1])
+        return plain(f, path, name, read_it)
+    monkeypatch.setattr(store, "read_dataset", spy)
+    return read
+
+
 def flip_a_byte_of(path, name):
     """Flip one byte inside the stored data of dataset ``name`` of the HDF5 file ``path``."""
     with h5py.File(path, "r") as f:

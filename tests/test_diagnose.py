@@ -64,6 +64,16 @@ def test_diagnosis_on_planted_mask(tmp_path):
     assert (tmp_path / "diag" / "norm_vs_cos.png").stat().st_size > 5000
 
 
+def test_diagnosis_reads_only_the_rows_it_decomposes(tmp_path, monkeypatch):
+    """The score's dots and the gradient norms, not every (T, N) row of the file."""
+    from helpers import per_checkpoint_rows_read
+    path = _synthetic(tmp_path / "s.h5")[0]
+    read = per_checkpoint_rows_read(monkeypatch)
+    rep = diagnose(path, echo=lambda *_: None)
+    assert rep["decomposition"]["max_abs_error"] < 1e-9
+    assert set(read) == {"dot_costate", "sq_grad_norm"}
+
+
 def test_without_mask_the_mask_free_parts_run(tmp_path, capsys):
     path, *_ = _synthetic(tmp_path / "s.h5", with_mask=False)
     assert main(["diagnose", str(path)]) == 0

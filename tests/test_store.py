@@ -39,6 +39,11 @@ def test_finalize_assembles_and_removes_journal(tmp_path):
     np.testing.assert_array_equal(res["per_checkpoint"]["loss"], [np.arange(5), np.arange(5) + 10])
     np.testing.assert_array_equal(res["scores"]["loss"], np.arange(5) + 5.0)
     assert _store(tmp_path, {"a": 1}).complete
+    # the (T, N) rows on request: none, those named (one name as a str too), or all
+    assert gs.load_scores(tmp_path / "s.h5", per_checkpoint=False)["per_checkpoint"] == {}
+    for keys in (["loss", "other"], "loss"):
+        got = gs.load_scores(tmp_path / "s.h5", per_checkpoint=keys)["per_checkpoint"]
+        assert list(got) == ["loss"] and np.array_equal(got["loss"], res["per_checkpoint"]["loss"])
 
 
 def test_a_damaged_chunk_of_the_journal_is_named_with_its_fix(tmp_path):

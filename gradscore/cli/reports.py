@@ -78,14 +78,14 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     if Path(args.out).suffix.lower() not in (".png", ".svg"):
         raise GradscoreError(f"{args.out}: --out must end in .png or .svg")
     claim(args.out, "figure", inputs={"the scores file": [args.scores]}, overwrite=args.overwrite)
-    res = load_scores(args.scores)
+    res = load_scores(args.scores, per_checkpoint=False)
     s = res["scores"]
     if args.kind == "hist":
         names = split(args.only) if args.only else sorted(s)
         unknown = [k for k in names if k not in s]
         if unknown:
             raise GradscoreError(f"--scores: {', '.join(unknown)} not in {args.scores} (it has: {', '.join(sorted(s))})")
-        n, T = len(res["ids"]), len(next(iter(res["per_checkpoint"].values()), []))
+        n, T = len(res["ids"]), len(res["checkpoints"].get("step", ()))   # the checkpoints the file's rows hold
         span = "recorded in training" if res["config"].get("inrun") else f"over {T} checkpoint{'s' * (T != 1)}"
         score_histograms({k: s[k] for k in names}, res["noisy"], args.out,
                          title=f"score distributions of {n:,} examples {span} — {Path(args.scores).name}")

@@ -100,7 +100,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         from ..io.store import load_scores
         print(f"scores -> {path}")
-        warn("run", load_scores(path)["warnings"])
+        warn("run", load_scores(path, per_checkpoint=False)["warnings"])
     return 0
 
 

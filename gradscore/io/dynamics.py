@@ -194,7 +194,7 @@ def export_scores(scores: str | Path, out: str | Path, *, fmt: str, overwrite: b
     """Write the scores of a scores file as ``td_metrics`` jsonl, ``csv`` or ``parquet`` (an
     existing ``out`` only with ``overwrite``, and only if it is a gradscore export)."""
     claim(out, "export", inputs={"the scores file": [scores]}, overwrite=overwrite)
-    res = load_scores(scores)
+    res = load_scores(scores, per_checkpoint=False)
     ids = [i.decode() if isinstance(i, bytes) else i.item() if hasattr(i, "item") else i for i in res["ids"]]
     s = res["scores"]
     out = Path(out)

@@ -26,7 +26,7 @@ import zipfile
 import zlib
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import h5py
 import numpy as np
@@ -319,19 +319,25 @@ def _zip_members(path: str | os.PathLike) -> int | None:
     return None if total == 0xFFFF else total
 
 
-def read_dataset(f: h5py.File, path: Path, name: str) -> Any:
+def read_dataset(f: h5py.File, path: Path, name: str, read: bool = True) -> Any:
     """Dataset ``name`` of the scores file ``f`` (ids as :func:`read_ids` gives them), or a
-    GradscoreError naming it where it fails to read (its checksum: the file is damaged)."""
+    GradscoreError naming it where it fails to read (its checksum: the file is damaged).
+    ``read=False`` only opens it (its link and header) and gives None."""
     try:
-        return read_ids(f[name]) if name == "ids" else f[name][()]
+        d = f[name]
+        return None if not read else read_ids(d) if name == "ids" else d[()]
     except (OSError, RuntimeError) as e:
         raise damaged(path, e, f"/{name}") from e
 
 
-def read_group(f: h5py.File, path: Path, name: str) -> dict[str, np.ndarray]:
-    """{key: array} of the datasets in group ``name`` of ``f`` ({} without it), each read by
+def read_group(f: h5py.File, path: Path, name: str, keys: Collection[str] | None = None) -> dict[str, np.ndarray]:
+    """{key: array} of the datasets in group ``name`` of ``f`` ({} without it), those in ``keys``
+    only if given (the others opened, not read: a damaged link is still named), each by
     :func:`read_dataset`: by name, since h5py's ``Group.items()`` gives None for a damaged link."""
-    return {k: read_dataset(f, path, f"{name}/{k}") for k in f[name]} if name in f else {}
+    if name not in f:
+        return {}
+    found = {k: read_dataset(f, path, f"{name}/{k}", keys is None or k in keys) for k in f[name]}
+    return {k: v for k, v in found.items() if keys is None or k in keys}
 
 
 def load_inrun_rows(path: str | Path) -> dict[str, np.ndarray]:
@@ -348,17 +354,21 @@ def load_inrun_rows(path: str | Path) -> dict[str, np.ndarray]:
         raise GradscoreError(f"{path}: has no readable in-run records ({e})") from e
 
 
-def load_scores(path: str | Path) -> dict[str, Any]:
+def load_scores(path: str | Path, per_checkpoint: bool | Collection[str] = True) -> dict[str, Any]:
     """Read a finished scores file into memory: ``{"scores": {...}, "per_checkpoint": {...},
     "ids", "noisy" (or None), "checkpoints": {step, epoch, lr, eta, ref_norm_*...}, "config"}``.
+    ``per_checkpoint``: which (T, N) rows to read, all (True), none (False: {}) or those
+    named (the names the file has): 8·T·N bytes each, where the rest is 8·N.
     GradscoreError for a file that is not one, or is damaged (a dataset fails its checksum)."""
+    keys = (None if per_checkpoint is True else () if per_checkpoint is False
+            else {per_checkpoint} if isinstance(per_checkpoint, str) else set(per_checkpoint))
     path = Path(path)
     try:
         with damage_named(path), _scores_file(path) as f:
             verify(f, path)
             return {
                 "scores": read_group(f, path, "scores"),
-                "per_checkpoint": read_group(f, path, "per_checkpoint"),
+                "per_checkpoint": read_group(f, path, "per_checkpoint", keys),
                 "ids": read_dataset(f, path, "ids"),
                 "noisy": read_dataset(f, path, "noisy") if "noisy" in f else None,
                 "checkpoints": read_group(f, path, "checkpoints"),

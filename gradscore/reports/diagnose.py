@@ -93,7 +93,8 @@ def diagnose(scores: str | Path, *, score: str = "pds", noisy_mask: str | None =
             claim(Path(out) / name, kind, inputs=inputs, overwrite=overwrite)
     if score not in (*DOT_SCORES, INRUN_SCORE):
         raise GradscoreError(f"--score must be one of {', '.join((*DOT_SCORES, INRUN_SCORE))}, got '{score}'")
-    res = load_scores(scores)
+    # the rows the decomposition reads: the score's dots and the gradient norms
+    res = load_scores(scores, per_checkpoint=(DOT_SCORES[score][0], "sq_grad_norm") if score in DOT_SCORES else False)
     if score == INRUN_SCORE:
         res["inrun"] = load_inrun_rows(scores)
     ds = load_dataset(data) if data is not None else None

@@ -104,7 +104,7 @@ def flag(scores: str | Path, *, score: str | None = None, data: str | Path | Non
     suspicious first), ``per_class`` (with ``data``), ``against_known_noisy`` (with a mask)."""
     if out is not None:
         claim(out, "json", inputs={"the scores file": [scores], "the --data file": [data]}, overwrite=overwrite)
-    res = load_scores(scores)
+    res = load_scores(scores, per_checkpoint=False)
     name = score or default_score(res["scores"])
     if name is None or name not in res["scores"]:
         raise ConfigError(f"invalid value for 'score': {scores} has no {name or ' or '.join(DEFAULT_SCORES)} score "

@@ -139,7 +139,7 @@ def select(scores: str | Path, *, by: str | None = None, keep: float = 0.5, high
         claim(out, "json", inputs=inputs, overwrite=overwrite)
         if jtt:
             claim(_weights_path(Path(out)), "weights", inputs=inputs, overwrite=overwrite)
-    res = load_scores(scores)
+    res = load_scores(scores, per_checkpoint=("correct",) if jtt else False)   # JTT's error set: one row
     result: dict[str, Any]
     weights = None
     if by is not None:
