@@ -1036,10 +1036,14 @@ def test_a_killed_recording_leaves_a_readable_file_of_the_flushed_steps(tmp_path
     script.write_text(_KILLED)
     partial = tmp_path / "r.h5.partial"
     sigkill_when([sys.executable, str(script), str(out)],
-                 lambda: partial.exists() and len(list(partial.glob("rank*.npz"))) >= 5)
-    res = gs.load_scores(out)                          # complete and readable, the steps flushed before the kill
+                 lambda: out.exists() and partial.exists() and len(list(partial.glob("rank*.npz"))) >= 5)
+    res = gs.load_scores(out)            # complete and readable: the steps of its last rewrite
     steps = h5py.File(out)["inrun/step"][()]
-    assert len(np.unique(steps)) >= 4 and set(res["scores"]) >= {"loss", "aum", "forgetting"}
+    from gradscore.inrun.store import read_rows
+    from gradscore.io.journal import Journal
+    journal = read_rows(Journal.attach(out, {}))["step"]   # every step flushed
+    assert len(np.unique(journal)) >= 5 and set(steps) <= set(journal) and len(steps)
+    assert set(res["scores"]) >= {"loss", "aum", "forgetting"}
     info = subprocess.run([sys.executable, "-m", "gradscore", "info", str(out)], capture_output=True, text=True)
     assert "interrupted or still recording (gs.InRun(..., resume=True) continues it)" in info.stdout
     model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
@@ -1053,6 +1057,26 @@ def test_a_killed_recording_leaves_a_readable_file_of_the_flushed_steps(tmp_path
         F.cross_entropy(model(x[:8]), y[:8]).backward()
     rec.close()
     assert len(h5py.File(out)["inrun/step"]) == 8 and not partial.exists()
+
+
+def test_a_slow_rewrite_does_not_hold_back_the_journal(tmp_path):
+    """Rewriting the scores file reads every record so far: at 10⁷ records it takes about
+    20 s, so rewrites are spaced ten times their duration apart. The journal is not: each
+    rank still appends its records every ``flush_every`` seconds, so a crash loses no more
+    than those, however long the recording (it held them back with the rewrite)."""
+    out = tmp_path / "r.h5"
+    partial = tmp_path / "r.h5.partial"
+    x, y = _data(dtype=torch.float32)
+    model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
+    rec = gs.InRun(model, out=out, flush_every=0)
+    for t in range(6):
+        with rec.step(range(t * 8, t * 8 + 8), y[t * 8:t * 8 + 8], lr=0.1):
+            F.cross_entropy(model(x[t * 8:t * 8 + 8]), y[t * 8:t * 8 + 8]).backward()
+        rec._write_seconds = 3600.0    # as if the last rewrite took an hour
+    assert len(list(partial.glob("rank*.npz"))) == 6                       # every step in the journal
+    assert np.unique(h5py.File(out)["inrun/step"][()]).tolist() == [0]    # the file from the first rewrite
+    rec.close()
+    assert np.unique(h5py.File(out)["inrun/step"][()]).tolist() == list(range(6))
 
 
 def _resume_a_killed_recording(tmp_path, out, partial) -> None:

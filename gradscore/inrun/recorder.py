@@ -48,8 +48,10 @@ Every trainable parameter needs a ghost rule (Linear, Conv, Embedding, norms, at
 recurrent layers, ...); a model with others, a model whose output for an example depends
 on its batch, or train-mode BatchNorm (which does) is refused with the parameters named.
 Records stay on the device until a flush (every ``flush_every`` seconds, and at
-:meth:`InRun.close`) appends them to the journal and rewrites the scores file atomically
-(:mod:`.store`): a killed training leaves a readable file of the flushed steps.
+:meth:`InRun.close`) appends them to the journal, and rank 0 rewrites the scores file
+atomically from the journal (:mod:`.store`) when ten times its last rewrite's duration
+has passed too: a killed training loses at most ``flush_every`` seconds of records (a
+resumed recording reads them from the journal) and leaves a readable file.
 """
 from __future__ import annotations
 
@@ -432,7 +434,8 @@ class InRun:
         self._continued = None if continued is None else continued[1:]
         self._row_files = RowJournal(self.journal, self.rank, segment=0 if continued is None else continued[1])
         self.flush_every = float(flush_every)
-        self._flushed, self._write_seconds, self._warnings = time.monotonic(), 0.0, []
+        self._spilled = self._rewritten = time.monotonic()   # the last journal append, the last file rewrite
+        self._write_seconds, self._warnings = 0.0, []
         self._laid_out = False
         self._count = 0                       # rec.step calls so far
         self._last_step: int | None = None    # the step of the last rec.step
@@ -815,8 +818,11 @@ class InRun:
             if self._held is None:
                 self._held = (step, scale, [])
             self._held[2].append(record)
-        if time.monotonic() - self._flushed >= max(self.flush_every, 10 * self._write_seconds):
-            self.flush()
+        now = time.monotonic()
+        if now - self._spilled >= self.flush_every:   # the journal: a crash loses at most these seconds
+            self._spill()
+            if self.rank == 0 and now - self._rewritten >= max(self.flush_every, 10 * self._write_seconds):
+                self._write(complete=False)
 
     def _settle(self, scale_after: float) -> None:
         """Queue the held step's records: lr 0 if the scale fell after it (the scaler backs off
@@ -830,18 +836,19 @@ class InRun:
 
     def flush(self) -> None:
         """Write the records since the last flush to the journal and (rank 0) rewrite the
-        scores file from all of them; called every ``flush_every`` seconds (at least ten
-        times the last rewrite's duration apart, so rewriting costs at most a tenth of the
-        time); :meth:`close` writes the last of them."""
+        scores file from all of them. Steps do this themselves: the journal every
+        ``flush_every`` seconds, the file then too if at least ten times its last rewrite's
+        duration has passed (a rewrite reads every record so far, so it costs at most a
+        tenth of the time); :meth:`close` writes the last of them."""
         self._spill()
         if self.rank == 0:
             self._write(complete=False)
-        self._flushed = time.monotonic()
 
     def _spill(self) -> None:
         """This rank's records since the last flush, as one row file in the journal."""
         self._row_files.append(self._pending)
         self._pending = []
+        self._spilled = time.monotonic()
 
     def _write(self, complete: bool) -> None:
         t0 = time.monotonic()
@@ -849,7 +856,8 @@ class InRun:
         if rows is not None:
             self._warnings = write(self.out, rows, config=self.config.to_dict(), fingerprint=self.fingerprint,
                                    loss=self.loss.name, wanted=set(self.config.scores), complete=complete)
-        self._write_seconds = time.monotonic() - t0
+        self._rewritten = time.monotonic()
+        self._write_seconds = self._rewritten - t0
 
     def close(self) -> Path:
         """Write the scores file (atomically), drop the journal and return the path; the
