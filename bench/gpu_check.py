@@ -280,6 +280,12 @@ STEPS: dict[str, Callable[[Sizes, Budget], dict[str, Any]]] = {
     "engines": step_engines, "torchrun": step_torchrun}
 
 
+def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
+    """A Markdown table, after an empty line: ``headers``, then one line per row of cells."""
+    return ["", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The results as Markdown tables, for bench/README.md and the closing note."""
     env = result["environment"]
@@ -292,10 +298,9 @@ def markdown(result: dict[str, Any]) -> str:
             out.append(f"- {name}: {result[name]['status']}")
     bw = result.get("bandwidth", {})
     if bw.get("rows"):
-        out += ["", "| B | P | dtype | K | copy GB/s | Triton read GB/s | torch read GB/s | Triton / copy |",
-                "|---|---|---|---|---|---|---|---|"]
-        out += [f"| {r['B']} | {r['P']} | {r['dtype']} | {r['K']} | {r['copy_GBps']:.0f} | {r['triton_read_GBps']:.0f} | "
-                f"{r['torch_read_GBps']:.0f} | {r['triton_over_copy']:.2f} |" for r in bw["rows"]]
+        out += _table(["B", "P", "dtype", "K", "copy GB/s", "Triton read GB/s", "torch read GB/s", "Triton / copy"],
+                      [[r["B"], r["P"], r["dtype"], r["K"], f"{r['copy_GBps']:.0f}", f"{r['triton_read_GBps']:.0f}",
+                        f"{r['torch_read_GBps']:.0f}", f"{r['triton_over_copy']:.2f}"] for r in bw["rows"]])
     if bw.get("sweep"):
         out += ["", "| B | P | dtype | default (B, P, warps, splits) | best | best read GB/s | incorrect configs |",
                 "|---|---|---|---|---|---|---|"]
@@ -306,10 +311,9 @@ def markdown(result: dict[str, Any]) -> str:
                        f"{b['read_GBps']:.0f} | {s['incorrect']} |")
     gram = result.get("gram", {})
     if gram.get("rows"):
-        out += ["", "| Gram: (B, T, d_in, d_out) | blocks (CPU rule) | blocked / whole | outer / whole | plan |",
-                "|---|---|---|---|---|"]
-        out += [f"| {tuple(r['shape'])} | {r['blocks']} | {r['blocked_to_whole']:.2f} | {r['outer_to_whole']:.2f} | "
-                f"{r['plan']} |" for r in gram["rows"]]
+        out += _table(["Gram: (B, T, d_in, d_out)", "blocks (CPU rule)", "blocked / whole", "outer / whole", "plan"],
+                      [[tuple(r["shape"]), r["blocks"], f"{r['blocked_to_whole']:.2f}", f"{r['outer_to_whole']:.2f}",
+                        r["plan"]] for r in gram["rows"]])
     eng = result.get("engines", {})
     if eng.get("rows"):
         out += ["", "| model | batch | method | × plain | peak × plain |", "|---|---|---|---|---|"]
