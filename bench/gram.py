@@ -1,6 +1,6 @@
 """The Gram form of the Linear ghost norms (``kernels.ghost_linear``) with its Grams formed
 as the upper triangle of blocks (what it does) against the whole Grams, and against the
-outer form, side by side in one run, on transformer layer shapes from T = 64 to 1024.
+outer form, side by side in one run, on transformer layer shapes from T = 32 to 1024.
 
     python -m bench.gram [--pairs 30] [--device cpu|cuda] [--json bench/results/gram_cpu.json --overwrite]
 
@@ -21,8 +21,7 @@ import torch
 
 from bench.engines import claim_results, pair_ratios, results_options, run_script, write_results
 from gradscore._version import __version__
-from gradscore.kernels.ghost_linear import _gram_sq, gram_blocks, plan, workspace_bytes
-from gradscore.kernels.ghost_linear import ghost_linear
+from gradscore.kernels.ghost_linear import _gram_sq, ghost_linear, gram_blocks, plan, workspace_bytes
 
 #: (B, T, d_in, d_out): a d = 128 transformer's attention and MLP layers, GPT-2 small's at longer T
 CASES = [(64, 32, 128, 128), (64, 64, 128, 128), (64, 64, 512, 128), (16, 128, 256, 256),
