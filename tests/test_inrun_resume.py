@@ -105,15 +105,20 @@ def test_a_training_resumed_after_a_crash_continues_its_recording(tmp_path):
     assert not (tmp_path / "r.h5.partial").exists()
 
 
-def test_a_closed_recording_continues_and_a_second_crash_resumes_again(tmp_path):
+@pytest.mark.parametrize("chunk_rows", [None, 5])
+def test_a_closed_recording_continues_and_a_second_crash_resumes_again(tmp_path, monkeypatch, chunk_rows):
     """A finished recording (its journal gone) continues with more training; that run
-    crashes after step 6 and resumes from its state before step 5."""
+    crashes after step 6 and resumes from its state before step 5. The finished file's
+    32 records go back into the journal in row files of ``chunk_rows`` (its default: one)."""
     out, a, b, c = tmp_path / "r.h5", _batches(range(10), 1), _batches(range(10), 2), _batches(range(10), 3)
+    if chunk_rows:
+        monkeypatch.setattr(gs.inrun.store, "CHUNK_ROWS", chunk_rows)
     training = _Training()
     rec = _recorder(training, out)
     training.run(rec, a, range(4))
     rec.close()
     rec = _recorder(training, out, resume=True)
+    assert len(list((tmp_path / "r.h5.partial").glob("rank000_*.npz"))) == (7 if chunk_rows else 1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")                  # step 4 follows step 3: nothing replaced, nothing missing
         training.run(rec, b, range(4, 5))

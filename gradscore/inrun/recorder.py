@@ -85,7 +85,7 @@ from ..kernels.reference import acc_dtype
 from ..losses import CLASS_INDEX_DTYPES, IGNORE_INDEX, Loss, PerExampleLoss, resolve_loss
 from ..scores import inrun as inrun_scores
 from ..scores.datadiet import classification_metrics
-from .store import RowJournal, find_recording, read_rows, recorded_rows, row_files, write
+from .store import RowJournal, find_recording, last_step, recorded_rows, row_files, write
 
 DEFAULT_SCORES = ("loss", "grand", "el2n", "aum", "forgetting", "confidence", "variability", "correctness",
                   "inrun_value", "inrun_value_cos")
@@ -485,10 +485,11 @@ class InRun:
         if found is None:
             return None
         if not found.in_journal:   # a closed recording: its rows go back into the journal as segment 0
-            RowJournal(self.journal, 0).append([recorded_rows(self.out)])
-        rows = read_rows(self.journal)
-        kind = "strings" if rows["ids"].dtype.kind in "OUS" else "integers"
-        return fingerprint, found.segment, int(rows["step"].max()), kind
+            rows = RowJournal(self.journal, 0)
+            for chunk in recorded_rows(self.out):
+                rows.append([chunk])
+        last, kind = last_step(self.journal) or (-1, None)   # (none: a recording of batches of no examples)
+        return fingerprint, found.segment, last, kind
 
     @property
     def scaler(self) -> torch.amp.GradScaler | None:
@@ -852,10 +853,9 @@ class InRun:
 
     def _write(self, complete: bool) -> None:
         t0 = time.monotonic()
-        rows = read_rows(self.journal)
-        if rows is not None:
-            self._warnings = write(self.out, rows, config=self.config.to_dict(), fingerprint=self.fingerprint,
-                                   loss=self.loss.name, wanted=set(self.config.scores), complete=complete)
+        found = write(self.out, self.journal, config=self.config.to_dict(), fingerprint=self.fingerprint,
+                      loss=self.loss.name, wanted=set(self.config.scores), complete=complete)
+        self._warnings = self._warnings if found is None else found
         self._rewritten = time.monotonic()
         self._write_seconds = self._rewritten - t0
 

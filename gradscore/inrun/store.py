@@ -13,14 +13,18 @@ A resumed recording (a training restarted from a saved state at step s) writes a
 the training runs steps s, s+1, … again, so the rows of earlier segments from step s on
 are void. That cut is made when rows are read, never by changing a file, so a crash at
 any point leaves the journal consistent.
+
+Rows are read a few row files at a time (:func:`iter_rows`), merged by step across ranks:
+writing the scores file holds O(examples) arrays and those files, never every record.
 """
 from __future__ import annotations
 
 import json
 import re
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection, Iterator
 
 import h5py
 import numpy as np
@@ -83,50 +87,131 @@ class RowJournal:
         self.count += 1
 
 
-def _row_files(partial: Path) -> list[tuple[int, Path]]:
-    """(segment, path) of every row file in the journal folder ``partial``, in (segment,
-    rank, order) order."""
+#: records a closed recording's rows go back into its journal by (one row file each), and the
+#: ids a streamed write gathers before it joins them to those found so far
+CHUNK_ROWS = 1 << 20
+
+
+def _row_files(partial: Path) -> list[tuple[int, int, Path]]:
+    """(segment, rank, path) of every row file in the journal folder ``partial``, in
+    (segment, rank, order) order."""
     found = [(m, p) for p in (partial.iterdir() if partial.is_dir() else ()) if (m := _ROW_FILE.match(p.name))]
     found.sort(key=lambda mp: (int(mp[0][1] or 0), int(mp[0][2]), int(mp[0][3])))
-    return [(int(m[1] or 0), p) for m, p in found]
+    return [(int(m[1] or 0), int(m[2]), p) for m, p in found]
 
 
 def row_files(journal: Journal) -> list[Path]:
     """Every rank's row files in the journal, in (segment, rank, order) order."""
-    return [p for _, p in _row_files(journal.partial)]
+    return [p for _, _, p in _row_files(journal.partial)]
+
+
+def _load(path: Path, keys: Collection[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of the row file ``path`` (those in ``keys`` if given); an OutputError
+    naming it where it is damaged."""
+    try:
+        return read_numpy(path, keys)
+    except ValueError as e:   # damaged on disk (row files are written atomically)
+        raise OutputError(f"{path}: a row file of this in-run recording cannot be read ({e}); its records "
+                          f"cannot be made again: delete the file to write the recording without them") from e
+
+
+def _joined(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One step-ordered chunk from ranks' step-ordered ``parts``, in rank order: sorted
+    by step, stable (a step's rows rank by rank, each in recording order)."""
+    rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if len(parts) > 1 else parts[0]
+    step = rows["step"]
+    if len(parts) > 1 and (step[1:] < step[:-1]).any():
+        order = np.argsort(step, kind="stable")
+        rows = {k: v[order] for k, v in rows.items()}
+    return rows
+
+
+def _merged(streams: dict[int, deque], cut: int | None, keys: Collection[str] | None) -> Iterator[dict]:
+    """Step-ordered chunks of one segment's rows: its ranks' row files (``streams``, rank →
+    paths in order, each rank's steps never decreasing) merged by step, without the rows
+    from step ``cut`` on. Holds about one file per rank: the rows below the least step
+    that a rank with files left has reached are complete, and go."""
+    held: dict[int, dict[str, np.ndarray] | None] = dict.fromkeys(streams)
+
+    reached: dict[int, int] = {}   # per rank, the last step read
+
+    def more(rank: int) -> None:   # the rank's next file, after the rows it holds
+        path = streams[rank].popleft()
+        rows = _load(path, None if keys is None else {*keys, "step"})
+        rows.pop("segment_start", None)
+        if cut is not None:
+            rows = {k: v[rows["step"] < cut] for k, v in rows.items()}
+        step = rows["step"]
+        if len(step) and ((step[1:] < step[:-1]).any() or step[0] < reached.get(rank, step[0])):
+            raise OutputError(f"{path}: its steps go back (a recorder numbers them never decreasing), so this "
+                              f"journal holds rows of another recording; record into another file")
+        reached[rank] = int(step[-1]) if len(step) else reached.get(rank, 0)
+        held[rank] = rows if held[rank] is None else {k: np.concatenate([held[rank][k], v]) for k, v in rows.items()}
+
+    while True:
+        for rank in streams:
+            while streams[rank] and (held[rank] is None or not len(held[rank]["step"])):
+                more(rank)
+        waiting = [r for r in streams if streams[r]]
+        bound = min((held[r]["step"][-1] for r in waiting), default=None)
+        parts = []
+        for rank, rows in held.items():
+            if rows is None or not len(rows["step"]):
+                continue
+            k = len(rows["step"]) if bound is None else int(np.searchsorted(rows["step"], bound))
+            if k:
+                parts.append({f: v[:k] for f, v in rows.items()})
+                held[rank] = {f: v[k:] for f, v in rows.items()}
+        if parts:
+            yield {k: v for k, v in _joined(parts).items() if keys is None or k in keys}
+        if bound is None:
+            return
+        for rank in waiting:
+            if held[rank]["step"][-1] == bound:   # its next file may hold that step too
+                more(rank)
+
+
+def _chunks(files: list[tuple[int, int, Path]], keys: Collection[str] | None = None) -> Iterator[dict]:
+    """Every rank's rows of ``files`` (:func:`_row_files`) in step order, in chunks of a few
+    row files, without the rows that a later segment's steps replace (module docstring):
+    a segment's kept steps come before every later segment's."""
+    starts: dict[int, int] = {}
+    for segment, _, path in files:
+        if segment:
+            start = int(_load(path, ("segment_start",))["segment_start"])
+            starts[segment] = min(start, starts.get(segment, start))
+    for segment in sorted({g for g, _, _ in files}):
+        cut = min((s for g, s in starts.items() if g > segment), default=None)
+        streams: dict[int, deque] = {}
+        for g, rank, path in files:
+            if g == segment:
+                streams.setdefault(rank, deque()).append(path)
+        yield from _merged(streams, cut, keys)
+
+
+def iter_rows(journal: Journal, keys: Collection[str] | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Every rank's rows in the journal in step order, as chunks ({field: (m,) array}, the
+    fields in ``keys`` if given), a few row files at a time (module docstring)."""
+    return _chunks(_row_files(journal.partial), keys)
 
 
 def read_rows(journal: Journal) -> dict[str, np.ndarray] | None:
-    """Every rank's rows in step order (None if there are none yet), without the rows that
-    a later segment's steps replace (the module docstring)."""
-    parts, starts = [], {}
-    for segment, path in _row_files(journal.partial):
-        try:
-            rows = read_numpy(path)
-        except ValueError as e:   # damaged on disk (row files are written atomically)
-            raise OutputError(f"{path}: a row file of this in-run recording cannot be read ({e}); its records "
-                              f"cannot be made again: delete the file to write the recording without them") from e
-        if "segment_start" in rows:
-            start = int(rows.pop("segment_start"))
-            starts[segment] = min(start, starts.get(segment, start))
-        parts.append((segment, rows))
-    if not parts:
-        return None
-    kept = []
-    for segment, rows in parts:
-        cut = min((s for g, s in starts.items() if g > segment), default=None)
-        if cut is not None:
-            rows = {k: v[rows["step"] < cut] for k, v in rows.items()}
-        kept.append(rows)
-    rows = {}
-    for k in list(kept[0]):   # field by field, each file's part let go once joined: one copy at a time
-        rows[k] = np.concatenate([p.pop(k) for p in kept])
-    step = rows["step"]
-    if len(step) and (step[1:] < step[:-1]).any():   # one rank's rows of one segment come in order already
-        order = np.argsort(step, kind="stable")
-        for k in rows:
-            rows[k] = rows[k][order]
-    return rows
+    """Every rank's rows in step order, joined (None if there are none yet): for a look at a
+    small recording; :func:`iter_rows` reads a large one."""
+    chunks = list(iter_rows(journal))
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else None
+
+
+def last_step(journal: Journal) -> tuple[int, str] | None:
+    """The last recorded step in the journal and the kind of its ids ("integers" or
+    "strings"), or None where it has no rows. Reads every field: a damaged row file is
+    named now, not when the recording closes."""
+    last, kind = None, None
+    for rows in iter_rows(journal):
+        if len(rows["step"]):
+            last = int(rows["step"][-1])
+            kind = kind or ("strings" if rows["ids"].dtype.kind in "OUS" else "integers")
+    return None if last is None else (last, kind)
 
 
 @dataclass(frozen=True)
@@ -147,7 +232,7 @@ def find_recording(out: Path) -> Recording | None:
     files = _row_files(Journal.partial_of(out))
     if files:
         try:
-            fingerprint = json.loads((files[0][1].parent / "meta.json").read_text())
+            fingerprint = json.loads((files[0][2].parent / "meta.json").read_text())
         except (OSError, ValueError):
             fingerprint = None
         if isinstance(fingerprint, dict) and "inrun" in fingerprint:
@@ -160,10 +245,10 @@ def find_recording(out: Path) -> Recording | None:
     return Recording(fingerprint, False, 1, complete)
 
 
-def recorded_rows(out: Path) -> dict[str, np.ndarray]:
-    """The rows of the in-run scores file ``out`` (its ``/inrun`` group), in step order, as
-    :class:`RowJournal` writes them: what a resumed recording continues when its journal is
-    gone (the recording was closed)."""
+def recorded_rows(out: Path) -> Iterator[dict[str, np.ndarray]]:
+    """The rows of the in-run scores file ``out`` (its ``/inrun`` group) in step order, in
+    chunks of :data:`CHUNK_ROWS`, as :class:`RowJournal` writes them: what a resumed
+    recording continues when its journal is gone (the recording was closed)."""
     with damage_named(out), h5py.File(out, "r") as f:
         group = f["inrun"]
         missing = [k for k in (*RECORDED, "row") if k not in group]
@@ -171,7 +256,10 @@ def recorded_rows(out: Path) -> dict[str, np.ndarray]:
             raise OutputError(f"{out}: its in-run records lack {', '.join(missing)} (written by an older gradscore), "
                               f"so it cannot be continued; record into another file")
         ids = read_ids(f["ids"])
-        return {"ids": ids[group["row"][()]], **{k: group[k][()] for k in FIELDS if k in group}}
+        fields = [k for k in FIELDS if k in group]
+        for start in range(0, len(group["row"]), CHUNK_ROWS):
+            part = slice(start, start + CHUNK_ROWS)
+            yield {"ids": ids[group["row"][part]], **{k: group[k][part] for k in fields}}
 
 
 def _verb(n: int, one: str, many: str) -> str:
@@ -186,65 +274,118 @@ def _first(rows: dict[str, np.ndarray], mask: np.ndarray) -> str:
     return f"step {int(rows['step'][i])}, id {first.item() if hasattr(first, 'item') else first}"
 
 
+class _Findings:
+    """What the scores leave out or may get wrong (:func:`warnings_of`), counted over chunks
+    of step-ordered records."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.counts = [0, 0, 0, 0]                    # non-finite, share above 1, share 0, share unread
+        self.first: list[str | None] = [None, None, None, None]
+
+    def add(self, rows: dict[str, np.ndarray]) -> None:
+        """Count the records ``rows`` (with ``ids``, ``step``, ``loss``, ``share``, ``share_sq_norm``)."""
+        bad = ~np.isfinite(rows["loss"]) | ~np.isfinite(rows["share_sq_norm"])
+        masks = (bad, (rows["share"] > 1 + 1e-6) & ~bad,   # NaN compares False
+                 (rows["share"] == 0) & ~bad, np.isnan(rows["share"]) & ~bad)
+        self.total += len(bad)
+        for i, m in enumerate(masks):
+            if n := int(m.sum()):
+                self.counts[i] += n
+                self.first[i] = self.first[i] or _first(rows, m)
+
+    def lines(self) -> list[str]:
+        """The warnings, in words."""
+        (bad, above, zero, unread), (at_bad, _, at_zero, _) = self.counts, self.first
+        counted = [
+            (bad, f"a non-finite loss or gradient (first at {at_bad}): a diverging step, a corrupt input, or an "
+                  f"overflow that a loss scaler skips; the scores leave those records out"),
+            (above, "a share above 1 (the step's loss weighs the example more than its own loss): if the loss was "
+                    "scaled (torch.amp.GradScaler, fp16 training), pass scaler= to gs.InRun, as share, "
+                    "share_sq_norm, dot and inrun_value are then the scale times too large"),
+            (zero, f"share 0 (the step's loss leaves the example out: a mask, a detached output, a weight 0; first "
+                   f"at {at_zero}): no gradient of it to read, so its sq_norm is NaN and grand leaves it out; "
+                   f"inrun_value counts it as 0"),
+        ]
+        out = [f"{n} of {self.total} records {_verb(n, 'has', 'have')} {what}" for n, what in counted if n]
+        if unread:
+            out.append(f"{unread} {_verb(unread, 'record is', 'records are')} of examples the loss no longer moves, "
+                       f"with no readable share (a batch of them, or a language model's): their sq_norm is NaN and "
+                       f"grand leaves them out")
+        return out
+
+
 def warnings_of(rows: dict[str, np.ndarray]) -> list[str]:
     """What the scores leave out or may get wrong, in words: records with a non-finite loss or
     gradient (a diverging step, a corrupt input), shares above 1 (a scaled loss), shares of 0
     (examples the step's loss leaves out), and records whose share was unreadable."""
-    bad = ~np.isfinite(rows["loss"]) | ~np.isfinite(rows["share_sq_norm"])
-    counted = [   # (records, what they have), each phrased "n of N records have ..."
-        (bad, lambda m: f"a non-finite loss or gradient (first at {_first(rows, m)}): a diverging step, a corrupt "
-                        f"input, or an overflow that a loss scaler skips; the scores leave those records out"),
-        ((rows["share"] > 1 + 1e-6) & ~bad,     # NaN compares False
-         lambda m: "a share above 1 (the step's loss weighs the example more than its own loss): if the loss was "
-                   "scaled (torch.amp.GradScaler, fp16 training), pass scaler= to gs.InRun, as share, "
-                   "share_sq_norm, dot and inrun_value are then the scale times too large"),
-        ((rows["share"] == 0) & ~bad,
-         lambda m: f"share 0 (the step's loss leaves the example out: a mask, a detached output, a weight 0; first "
-                   f"at {_first(rows, m)}): no gradient of it to read, so its sq_norm is NaN and grand leaves it "
-                   f"out; inrun_value counts it as 0"),
-    ]
-    out = [f"{n} of {len(m)} records {_verb(n, 'has', 'have')} {what(m)}" for m, what in counted if (n := int(m.sum()))]
-    unread = np.isnan(rows["share"]) & ~bad
-    if unread.any():
-        n = int(unread.sum())
-        out.append(f"{n} {_verb(n, 'record is', 'records are')} of examples the loss no longer moves, with no "
-                   f"readable share (a batch of them, or a language model's): their sq_norm is NaN and grand leaves "
-                   f"them out")
-    return out
+    found = _Findings()
+    found.add(rows)
+    return found.lines()
 
 
-def _unmeasured(fields: dict[str, np.ndarray], n: int, every: int, wanted: set[str]) -> list[str]:
-    """A warning naming how many of the ``n`` examples have no measured presentation (their
-    inrun_value and inrun_value_cos are NaN), where a target gradient was recorded."""
-    if not wanted & inrun_scores.TARGET_SCORES or not np.isfinite(fields["target_norm"]).any():
-        return []
-    k = int((np.bincount(fields["row"][inrun_scores.measured(fields)], minlength=n) == 0).sum())
+def _unmeasured(hits: np.ndarray, every: int) -> list[str]:
+    """A warning naming how many examples have no measured presentation (``hits`` (n,): per
+    example, its records with a target gradient; their inrun_value and inrun_value_cos
+    are NaN)."""
+    k = int((hits == 0).sum())
     why = (f"met no step with a target gradient (every={every})" if every > 1
            else "have no finite dot with the target gradient")
-    return [f"{k} of {n} examples {why}: their inrun_value and inrun_value_cos are NaN"
+    return [f"{k} of {len(hits)} examples {why}: their inrun_value and inrun_value_cos are NaN"
             + ("; a smaller every measures more of them" if every > 1 else "")] if k else []
 
 
-def write(out: Path, rows: dict[str, np.ndarray], *, config: dict[str, Any], fingerprint: dict, loss: str,
-          wanted: set[str], complete: bool) -> list[str]:
-    """The scores file ``out`` from step-ordered ``rows``: ``/ids`` (sorted unique), ``/scores``
-    (:mod:`gradscore.scores.inrun`), ``/inrun/<field>`` with ``/inrun/row`` (index into
-    ``/ids``), an empty ``/per_checkpoint`` and the run's attributes, with
-    :func:`warnings_of` the rows; atomically. Returns those warnings."""
-    ids, row = np.unique(rows["ids"], return_inverse=True)
-    fields = {k: v for k, v in rows.items() if k != "ids"}
-    fields["row"] = row.reshape(-1).astype(np.int64)
-    found = warnings_of(rows) + _unmeasured(fields, len(ids), config.get("every", 1), wanted)
-    scores = inrun_scores.aggregate(fields, len(ids), wanted)
+def _ids(files: list[tuple[int, int, Path]]) -> tuple[np.ndarray, int]:
+    """The sorted unique ids of the rows of ``files`` and how many rows there are, joining
+    each chunk's unique ids to those found so far once :data:`CHUNK_ROWS` have gathered."""
+    found, gathered, rows = [], 0, 0
+    for chunk in _chunks(files, ("ids",)):
+        found.append(np.unique(chunk["ids"]))
+        gathered, rows = gathered + len(found[-1]), rows + len(chunk["ids"])
+        if gathered > CHUNK_ROWS and len(found) > 1:
+            found, gathered = [np.unique(np.concatenate(found))], 0
+    return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64), rows
+
+
+def write(out: Path, journal: Journal, *, config: dict[str, Any], fingerprint: dict, loss: str,
+          wanted: set[str], complete: bool) -> list[str] | None:
+    """The scores file ``out`` from the rows in ``journal``: ``/ids`` (sorted unique),
+    ``/scores`` (:mod:`gradscore.scores.inrun`), ``/inrun/<field>`` in step order with
+    ``/inrun/row`` (index into ``/ids``), an empty ``/per_checkpoint`` and the run's
+    attributes, with :func:`warnings_of` the rows; atomically. Two passes over the row
+    files (the ids, then the rest), each a few files at a time. Returns those warnings
+    (None, and nothing written, where the journal has no row files)."""
+    files = _row_files(journal.partial)   # the rows of this moment: other ranks may be adding theirs
+    if not files:
+        return None
+    ids, m = _ids(files)
+    n, found = len(ids), _Findings()
+    targets = bool(wanted & inrun_scores.TARGET_SCORES)
+    hits, any_target = np.zeros(n, np.int64), False
+    like = {k: v.dtype for k, v in _load(files[0][2]).items() if k not in ("ids", "segment_start")}
+    like["row"] = np.dtype(np.int64)
+    scores = inrun_scores.Aggregator(n, wanted, set(like))
     with atomic_h5(out) as f:
-        write_attrs(f, {"config": config, "fingerprint": fingerprint, "gradscore_version": __version__,
-                        "loss": loss, "warnings": found, "inrun_complete": complete})
         write_ids(f, "ids", ids if ids.dtype.kind in "OUS" else ids.astype(np.int64))
+        rec, at = f.create_group("inrun"), 0
+        for k, dtype in like.items():
+            put(rec, k, shape=(m,), dtype=dtype, **({"compression": "gzip", "chunks": (min(m, 1 << 14),)} if m else {}))
+        for chunk in _chunks(files):
+            rows = {k: v for k, v in chunk.items() if k != "ids"}
+            rows["row"] = np.searchsorted(ids, chunk["ids"]).astype(np.int64)
+            found.add(chunk)
+            scores.add(rows)
+            if targets:
+                any_target = any_target or bool(np.isfinite(rows["target_norm"]).any())
+                hits += np.bincount(rows["row"][inrun_scores.measured(rows)], minlength=n)
+            for k, v in rows.items():
+                rec[k][at:at + len(v)] = v
+            at += len(rows["row"])
+        lines = found.lines() + (_unmeasured(hits, config.get("every", 1)) if targets and any_target else [])
+        write_attrs(f, {"config": config, "fingerprint": fingerprint, "gradscore_version": __version__,
+                        "loss": loss, "warnings": lines, "inrun_complete": complete})
         group = f.create_group("scores")
-        for k, v in scores.items():
+        for k, v in scores.result().items():
             put(group, k, v)
         f.create_group("per_checkpoint")   # none: the records are per (step, example)
-        rec = f.create_group("inrun")
-        for k, v in fields.items():
-            put(rec, k, v, compression="gzip", chunks=True)
-    return found
+    return lines

@@ -284,17 +284,18 @@ class DamagedFile(ValueError):
     """A .npy/.npz file whose bytes fail numpy's or zip's checks (:func:`read_numpy`)."""
 
 
-def read_numpy(path: str | os.PathLike) -> np.ndarray | dict[str, np.ndarray]:
-    """The array of a .npy file, or every array of a .npz read whole, without pickles. A
-    damaged file (zip's CRC-32 check, a cut deflate stream, a short file, a header changed
-    into one zip cannot open, a directory that lost members) raises :class:`DamagedFile`,
-    a ValueError, as numpy's other refusals are: callers catch (OSError, ValueError)."""
+def read_numpy(path: str | os.PathLike, keys: Collection[str] | None = None) -> np.ndarray | dict[str, np.ndarray]:
+    """The array of a .npy file, or the arrays of a .npz (all, or those in ``keys``), without
+    pickles. A damaged file (zip's CRC-32 check, a cut deflate stream, a short file, a header
+    changed into one zip cannot open, a directory that lost members) raises
+    :class:`DamagedFile`, a ValueError, as numpy's other refusals are: callers catch
+    (OSError, ValueError)."""
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             return loaded
         with loaded as z:
-            arrays = {k: z[k] for k in z.files}
+            arrays = {k: z[k] for k in z.files if keys is None or k in keys}
             counted = _zip_members(path)
             if counted is not None and counted != len(z.zip.namelist()):
                 raise DamagedFile(f"damaged: its directory lists {len(z.zip.namelist())} of the {counted} "

@@ -32,13 +32,22 @@ NEEDS = {"loss": {"loss"}, "el2n": {"el2n"}, "grand": {"sq_norm"}, "aum": {"marg
          "inrun_value_cos": {"dot", "share_sq_norm", "target_norm"}}
 
 
+def _add(total: np.ndarray, row: np.ndarray, values: np.ndarray) -> None:
+    """``total[row] += values`` one record after another: over chunks of records in order,
+    the same sums to the bit as one ``np.bincount`` over all of them."""
+    np.add.at(total, row, values.astype(np.float64))
+
+
+def _ratio(total: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """total / count, NaN where count is 0."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
 def _mean(values: np.ndarray, row: np.ndarray, n: int) -> np.ndarray:
     """(n,) float64 mean of ``values`` per row, over the finite values (NaN where none)."""
     ok = np.isfinite(values)
-    total = np.bincount(row[ok], values[ok].astype(np.float64), minlength=n)
-    count = np.bincount(row[ok], minlength=n)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    return _ratio(np.bincount(row[ok], values[ok].astype(np.float64), minlength=n), np.bincount(row[ok], minlength=n))
 
 
 def measured(rows: dict[str, np.ndarray]) -> np.ndarray:
@@ -60,48 +69,102 @@ def over_presentations(terms: np.ndarray, ok: np.ndarray, row: np.ndarray, n: in
         return np.where(count > 0, total * seen / np.maximum(count, 1), np.nan)
 
 
-def forgetting(correct: np.ndarray, row: np.ndarray, step: np.ndarray, n: int) -> np.ndarray:
-    """(n,) float64 forgetting events: per example, in step order, the presentations where
-    it was correct and at the next one incorrect; an example never correct gets its number
-    of presentations (as the checkpoint score gives T)."""
-    order = np.lexsort((step, row))
-    r, c = row[order], correct[order].astype(bool)
-    same = r[1:] == r[:-1]
-    events = np.bincount(r[1:][same & c[:-1] & ~c[1:]], minlength=n).astype(np.float64)
-    seen = np.bincount(r, minlength=n)
-    ever = np.bincount(r, c.astype(np.int64), minlength=n) > 0
-    return np.where(ever, events, seen.astype(np.float64))
+class Aggregator:
+    """The ``wanted`` scores (module docstring) over records given in step-ordered chunks:
+    (n,) sums and counts per score, so memory is O(n) however many records there are, and
+    the scores are those of one pass over all records to the bit, however they are chunked.
+    ``have``: the record fields there are (a score needing another is left out)."""
+
+    def __init__(self, n: int, wanted: set[str], have: set[str]) -> None:
+        self.n = n
+        self.pick = {s for s in wanted if s in NEEDS and NEEDS[s] <= have}
+        zeros = lambda: np.zeros(n)   # noqa: E731
+        self.total = {k: zeros() for k in self._means()}          # sums of finite values
+        self.count = {k: np.zeros(n, np.int64) for k in self._means()}
+        self.seen = np.zeros(n, np.int64)                         # presentations
+        self.value, self.measured = zeros(), np.zeros(n, np.int64)   # Σ η·dot, its records
+        self.events, self.ever = zeros(), np.zeros(n, bool)       # forgetting
+        self.last = np.full(n, -1, np.int8)                       # correct at the last presentation; -1: none yet
+
+    def _means(self) -> list[str]:
+        """The per-example means the wanted scores read, by the quantity averaged."""
+        p = self.pick
+        return ([k for k, s in (("loss", "loss"), ("el2n", "el2n"), ("margin", "aum"), ("correct", "correctness"),
+                                ("grand", "grand"), ("cos", "inrun_value_cos")) if s in p]
+                + (["p_gold", "p_gold_sq"] if p & {"confidence", "variability", "threshold_closeness"} else []))
+
+    def add(self, rows: dict[str, np.ndarray]) -> None:
+        """Count the records ``rows`` ((m,) arrays with ``row``, the index of each record's
+        example), the next in step order."""
+        row = rows["row"]
+        self.seen += np.bincount(row, minlength=self.n)
+        for k in self.total:
+            v = self._quantity(k, rows)
+            ok = np.isfinite(v)
+            _add(self.total[k], row[ok], v[ok])
+            self.count[k] += np.bincount(row[ok], minlength=self.n)
+        if "inrun_value" in self.pick:
+            ok = measured(rows)
+            with np.errstate(invalid="ignore", over="ignore"):
+                term = np.where(rows["lr"] == 0, 0.0, rows["lr"].astype(np.float64) * rows["dot"].astype(np.float64))
+            _add(self.value, row[ok], term[ok])
+            self.measured += np.bincount(row[ok], minlength=self.n)
+        if "forgetting" in self.pick:
+            self._forget(row, rows["correct"].astype(bool))
+
+    @staticmethod
+    def _quantity(k: str, rows: dict[str, np.ndarray]) -> np.ndarray:
+        """(m,) float64: the records' values of quantity ``k`` (see :meth:`_means`)."""
+        if k == "grand":
+            return np.sqrt(rows["sq_norm"].astype(np.float64))
+        if k == "cos":
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return (rows["dot"] / (np.sqrt(rows["share_sq_norm"]) * rows["target_norm"])).astype(np.float64)
+        if k == "p_gold_sq":
+            p = rows["p_gold"].astype(np.float64)
+            return p * p
+        return rows[k].astype(np.float64)
+
+    def _forget(self, row: np.ndarray, c: np.ndarray) -> None:
+        """Forgetting events of the chunk: per example, its presentations in order, the first
+        after the one before this chunk (``self.last``)."""
+        order = np.argsort(row, kind="stable")   # per example, in step order
+        r, c = row[order], c[order]
+        first = np.ones(len(r), bool)
+        first[1:] = r[1:] != r[:-1]
+        before = np.empty(len(r), np.int8)
+        before[1:] = c[:-1]
+        before[first] = self.last[r[first]]
+        self.events += np.bincount(r[(before == 1) & ~c], minlength=self.n)
+        self.ever[r[c]] = True
+        final = np.ones(len(r), bool)
+        final[:-1] = r[1:] != r[:-1]
+        self.last[r[final]] = c[final]
+
+    def result(self) -> dict[str, np.ndarray]:
+        """{score: (n,) float64} for the wanted scores whose rows exist."""
+        mean = {k: _ratio(self.total[k], self.count[k]) for k in self.total}
+        out = {s: mean[k] for k, s in (("loss", "loss"), ("el2n", "el2n"), ("margin", "aum"),
+                                       ("correct", "correctness"), ("grand", "grand"), ("cos", "inrun_value_cos"))
+               if s in self.pick}
+        if "p_gold" in mean:
+            p = mean["p_gold"]
+            var = np.maximum(mean["p_gold_sq"] - p * p, 0.0)
+            out.update({k: v for k, v in (("confidence", p), ("variability", np.sqrt(var)),
+                                          ("threshold_closeness", p * (1 - p))) if k in self.pick})
+        if "forgetting" in self.pick:
+            out["forgetting"] = np.where(self.ever, self.events, self.seen.astype(np.float64))
+        if "inrun_value" in self.pick:
+            out["inrun_value"] = _ratio(self.value * self.seen, self.measured)
+        return {s: out[s] for s in sorted(out, key=list(NEEDS).index)}
 
 
 def aggregate(rows: dict[str, np.ndarray], n: int, wanted: set[str]) -> dict[str, np.ndarray]:
-    """{score: (n,) float64} for the ``wanted`` scores whose rows exist (module docstring)."""
-    row = rows["row"]
-    have = {k for k, v in rows.items() if v is not None}
-    out: dict[str, np.ndarray] = {}
-    pick = {s for s in wanted if s in NEEDS and NEEDS[s] <= have}
-    for name, key in (("loss", "loss"), ("el2n", "el2n"), ("aum", "margin"), ("correctness", "correct")):
-        if name in pick:
-            out[name] = _mean(rows[key].astype(np.float64), row, n)
-    if "grand" in pick:
-        out["grand"] = _mean(np.sqrt(rows["sq_norm"].astype(np.float64)), row, n)
-    if pick & {"confidence", "variability", "threshold_closeness"}:
-        p = rows["p_gold"].astype(np.float64)
-        mean = _mean(p, row, n)
-        var = np.maximum(_mean(p * p, row, n) - mean * mean, 0.0)
-        out.update({k: v for k, v in (("confidence", mean), ("variability", np.sqrt(var)),
-                                      ("threshold_closeness", mean * (1 - mean))) if k in pick})
-    if "forgetting" in pick:
-        out["forgetting"] = forgetting(rows["correct"], row, rows["step"], n)
-    if "inrun_value" in pick:
-        ok = measured(rows)
-        with np.errstate(invalid="ignore", over="ignore"):
-            term = np.where(rows["lr"] == 0, 0.0, rows["lr"].astype(np.float64) * rows["dot"].astype(np.float64))
-        out["inrun_value"] = over_presentations(term, ok, row, n)
-    if "inrun_value_cos" in pick:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            cos = rows["dot"] / (np.sqrt(rows["share_sq_norm"]) * rows["target_norm"])
-        out["inrun_value_cos"] = _mean(cos.astype(np.float64), row, n)
-    return out
+    """{score: (n,) float64} for the ``wanted`` scores whose rows exist (module docstring),
+    from step-ordered ``rows``; :class:`Aggregator` gives the same over chunks of them."""
+    scores = Aggregator(n, wanted, {k for k, v in rows.items() if v is not None})
+    scores.add(rows)
+    return scores.result()
 
 
 def dot_terms(rows: dict[str, np.ndarray], n: int, clip_quantile: float = 0.9) -> dict[str, np.ndarray]:

@@ -1,0 +1,184 @@
+"""The in-run store reads its journal a few row files at a time: the same rows in the same
+order, and the same scores to the bit, as reading every record at once, in memory that
+does not grow with the records."""
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import h5py
+import numpy as np
+import pytest
+
+from gradscore.exceptions import OutputError
+from gradscore.inrun import store
+from gradscore.io.journal import Journal
+from gradscore.io.store import read_numpy
+from gradscore.scores import inrun as inrun_scores
+
+N = 37   # examples
+
+
+def _records(rng: np.random.Generator, steps: list[int], batch: int) -> dict[str, np.ndarray]:
+    """A classifier's records of ``batch`` examples at each of ``steps``, with what the
+    scores must skip: non-finite losses, NaN dots (steps without a target), lr 0."""
+    m = len(steps) * batch
+    step = np.repeat(np.asarray(steps, np.int64), batch)
+    target = step % 3 != 1
+    loss = rng.exponential(1, m)
+    loss[rng.random(m) < 0.02] = np.nan
+    return {"ids": rng.integers(0, N, m), "step": step, "lr": np.where(step % 7 == 5, 0.0, 0.1),
+            "loss": loss, "share": np.full(m, 1 / batch), "share_sq_norm": rng.exponential(1, m),
+            "sq_norm": rng.exponential(1, m), "el2n": rng.random(m), "p_gold": rng.random(m),
+            "correct": (rng.random(m) > 0.4).astype(np.int8), "margin": rng.standard_normal(m),
+            "dot": np.where(target, rng.standard_normal(m), np.nan), "target_norm": np.where(target, 2.0, np.nan)}
+
+
+#: (segment, rank, steps of each row file): three ranks in segment 0 (rank 1's micro-batches
+#: of step 6 straddle its files; rank 2 stops early and has a file of no rows), a resume at
+#: step 9 on two ranks, another at step 14 on one
+LAYOUT = [(0, 0, [[0, 1, 2], [3, 4, 5, 6], [7, 8, 9, 10, 11]]),
+          (0, 1, [[0, 1, 2, 3, 4, 5, 6], [6, 6, 7], [8], [9, 10, 11, 12]]),
+          (0, 2, [[0, 1], [], [2, 3]]),
+          (1, 0, [[9, 10], [11, 12, 13, 14, 15]]),
+          (1, 1, [[9, 10, 11], [12, 13, 14]]),
+          (2, 0, [[14, 15, 16], [17, 18]])]
+
+
+def _journal(tmp_path, layout=LAYOUT, batch: int = 4) -> Journal:
+    """A journal of row files as recorders write them (``layout``)."""
+    journal = Journal(tmp_path / "r.h5", {"inrun": 1})
+    journal.open()
+    (journal.partial / "meta.json").write_text(json.dumps({"inrun": 1}))
+    rng = np.random.default_rng(0)
+    for segment, rank, files in layout:
+        rows = store.RowJournal(journal, rank, segment)
+        rows.start = files[0][0]
+        for steps in files:
+            rows.append([_records(rng, steps, batch)])
+    return journal
+
+
+def _all_at_once(journal: Journal) -> dict[str, np.ndarray]:
+    """Every row file read whole, in (segment, rank, order) order, each segment's rows from
+    the first step of any later segment on dropped, then sorted by step (stable)."""
+    files = store._row_files(journal.partial)
+    loaded = [(segment, read_numpy(path)) for segment, _, path in files]
+    starts = {}
+    for segment, rows in loaded:
+        if "segment_start" in rows:
+            starts[segment] = min(int(rows.pop("segment_start")), starts.get(segment, 10**9))
+    kept = []
+    for segment, rows in loaded:
+        cut = min([s for g, s in starts.items() if g > segment], default=None)
+        kept.append({k: v if cut is None else v[rows["step"] < cut] for k, v in rows.items()})
+    rows = {k: np.concatenate([p[k] for p in kept]) for k in kept[0]}
+    order = np.argsort(rows["step"], kind="stable")
+    return {k: v[order] for k, v in rows.items()}
+
+
+def test_the_journal_reads_in_chunks_that_join_into_the_sorted_whole(tmp_path):
+    journal = _journal(tmp_path)
+    whole = _all_at_once(journal)
+    chunks = list(store.iter_rows(journal))
+    assert len(chunks) > 5 and max(len(c["step"]) for c in chunks) <= 6 * 4 * 3   # a file or two per rank
+    for k in whole:
+        np.testing.assert_array_equal(np.concatenate([c[k] for c in chunks]), whole[k], err_msg=k)
+    assert sorted(set(whole["step"])) == list(range(19))
+    assert (whole["step"][:-1] <= whole["step"][1:]).all()
+    assert store.last_step(journal) == (18, "integers")
+    for k in ("ids", "step"):
+        np.testing.assert_array_equal(np.concatenate([c[k] for c in store.iter_rows(journal, (k,))]), whole[k])
+
+
+def test_a_step_split_across_files_keeps_its_rows_in_rank_order(tmp_path):
+    """Rank 0's step 1 straddles two of its files; rank 1 has one file: step 1's rows are rank
+    0's (both files, in order), then rank 1's."""
+    journal = _journal(tmp_path, [(0, 0, [[0, 1], [1, 2]]), (0, 1, [[0, 1, 2]])], batch=2)
+    whole = _all_at_once(journal)
+    chunks = list(store.iter_rows(journal))
+    np.testing.assert_array_equal(np.concatenate([c["ids"] for c in chunks]), whole["ids"])
+    np.testing.assert_array_equal(np.concatenate([c["loss"] for c in chunks]), whole["loss"])
+
+
+def _by_loop(rows: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """Each score from each example's records in step order, one example at a time."""
+    out = {k: np.full(n, np.nan) for k in inrun_scores.NEEDS}
+    for i in range(n):
+        r = {k: v[rows["row"] == i] for k, v in rows.items()}
+        if not len(r["step"]):
+            continue
+        finite_mean = lambda v: v[np.isfinite(v)].mean() if np.isfinite(v).any() else np.nan   # noqa: E731
+        out["loss"][i], out["el2n"][i], out["aum"][i] = (finite_mean(r[k]) for k in ("loss", "el2n", "margin"))
+        out["grand"][i] = finite_mean(np.sqrt(r["sq_norm"]))
+        out["correctness"][i] = r["correct"].mean()
+        p = r["p_gold"]
+        out["confidence"][i], out["variability"][i] = p.mean(), p.std()
+        out["threshold_closeness"][i] = p.mean() * (1 - p.mean())
+        c = r["correct"].astype(bool)
+        out["forgetting"][i] = sum(c[j] and not c[j + 1] for j in range(len(c) - 1)) if c.any() else len(c)
+        terms = [0.0 if lr == 0 else lr * d for lr, d, t in zip(r["lr"], r["dot"], r["target_norm"])
+                 if np.isfinite(t) and (lr == 0 or np.isfinite(lr * d))]
+        out["inrun_value"][i] = sum(terms) * len(c) / len(terms) if terms else np.nan
+        out["inrun_value_cos"][i] = finite_mean(r["dot"] / (np.sqrt(r["share_sq_norm"]) * r["target_norm"]))
+    return out
+
+
+def test_scores_over_chunks_are_one_pass_to_the_bit_and_the_loop(tmp_path):
+    whole = _all_at_once(_journal(tmp_path))
+    ids, row = np.unique(whole.pop("ids"), return_inverse=True)
+    whole["row"] = row
+    wanted = set(inrun_scores.NEEDS)
+    once = inrun_scores.aggregate(whole, len(ids), wanted)
+    assert set(once) == wanted
+    cuts = np.sort(np.random.default_rng(1).choice(len(row), 9, replace=False))
+    chunked = inrun_scores.Aggregator(len(ids), wanted, set(whole))
+    for a, b in zip([0, *cuts], [*cuts, len(row)]):
+        chunked.add({k: v[a:b] for k, v in whole.items()})
+    loop = _by_loop(whole, len(ids))
+    for k, v in chunked.result().items():
+        assert np.array_equal(v, once[k], equal_nan=True), k
+        np.testing.assert_allclose(v, loop[k], rtol=1e-12, atol=1e-15, err_msg=k)
+    assert (once["forgetting"] > 0).any() and np.isfinite(once["inrun_value"]).all()   # the case has something to count
+
+
+def test_the_scores_file_holds_the_rows_in_step_order_and_their_scores(tmp_path):
+    journal = _journal(tmp_path)
+    whole = _all_at_once(journal)
+    out = tmp_path / "r.h5"
+    found = store.write(out, journal, config={"every": 1}, fingerprint={"inrun": 1}, loss="cross_entropy",
+                        wanted=set(inrun_scores.NEEDS), complete=True)
+    ids, row = np.unique(whole["ids"], return_inverse=True)
+    with h5py.File(out) as f:
+        np.testing.assert_array_equal(f["ids"][()], ids)
+        np.testing.assert_array_equal(f["inrun/row"][()], row)
+        for k in store.FIELDS:
+            np.testing.assert_array_equal(f[f"inrun/{k}"][()], whole[k], err_msg=k)
+        assert all(f[f"inrun/{k}"].fletcher32 for k in f["inrun"])
+        scores = {k: f[f"scores/{k}"][()] for k in f["scores"]}
+    fields = {**{k: v for k, v in whole.items() if k != "ids"}, "row": row}
+    for k, v in inrun_scores.aggregate(fields, len(ids), set(inrun_scores.NEEDS)).items():
+        assert np.array_equal(scores[k], v, equal_nan=True), k
+    assert found == store.warnings_of(whole) and found[0].startswith(f"{int(np.isnan(whole['loss']).sum())} of "
+                                                                      f"{len(row)} records have a non-finite loss")
+
+
+def test_writing_a_recording_holds_a_few_row_files_not_every_record(tmp_path):
+    """40 row files of one rank: the rewrite's peak (numpy's allocations) stays under a
+    quarter of the records' bytes (reading them all at once takes more than all of them)."""
+    journal = _journal(tmp_path, [(0, 0, [list(range(10 * k, 10 * k + 10)) for k in range(40)])], batch=512)
+    size = sum(v.nbytes for v in _all_at_once(journal).values())
+    tracemalloc.start()
+    try:
+        store.write(tmp_path / "r.h5", journal, config={}, fingerprint={"inrun": 1}, loss="cross_entropy",
+                    wanted=set(inrun_scores.NEEDS), complete=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < size / 4, (peak, size)
+
+
+def test_row_files_whose_steps_go_back_are_refused_by_name(tmp_path):
+    journal = _journal(tmp_path, [(0, 0, [[0, 1, 2], [1, 2]])])
+    with pytest.raises(OutputError, match=r"rank000_000001\.npz: its steps go back"):
+        list(store.iter_rows(journal))
