@@ -28,7 +28,7 @@ def _records(rng: np.random.Generator, steps: list[int], batch: int) -> dict[str
     loss = rng.exponential(1, m)
     loss[rng.random(m) < 0.02] = np.nan
     return {"ids": rng.integers(0, N, m), "step": step, "lr": np.where(step % 7 == 5, 0.0, 0.1),
-            "loss": loss, "share": np.full(m, 1 / batch), "share_sq_norm": rng.exponential(1, m),
+            "loss": loss, "share": np.full(m, 1 / max(batch, 1)), "share_sq_norm": rng.exponential(1, m),
             "sq_norm": rng.exponential(1, m), "el2n": rng.random(m), "p_gold": rng.random(m),
             "correct": (rng.random(m) > 0.4).astype(np.int8), "margin": rng.standard_normal(m),
             "dot": np.where(target, rng.standard_normal(m), np.nan), "target_norm": np.where(target, 2.0, np.nan)}
@@ -53,10 +53,27 @@ def _journal(tmp_path, layout=LAYOUT, batch: int = 4) -> Journal:
     rng = np.random.default_rng(0)
     for segment, rank, files in layout:
         rows = store.RowJournal(journal, rank, segment)
-        rows.start = files[0][0]
+        rows.start = next(f[0] for f in files if f)
         for steps in files:
             rows.append([_records(rng, steps, batch)])
     return journal
+
+
+def _random_layout(rng: np.random.Generator) -> list:
+    """1–3 segments, each resumed at a step up to two past the last one so far (or before
+    it: a training resumed from an older state), of 1–3 ranks whose steps (some run as two
+    micro-batches) are cut into row files anywhere, empty ones included."""
+    layout, start, last = [], 0, 0
+    for segment in range(rng.integers(1, 4)):
+        if segment:
+            start = int(rng.integers(0, last + 3))
+        for rank in range(rng.integers(1, 4)):
+            end = start + int(rng.integers(2, 12))
+            steps = [t for t in range(start + int(rng.integers(0, 2)), end) for _ in range(rng.integers(1, 3))]
+            cuts = np.sort(rng.integers(0, len(steps) + 1, rng.integers(0, 5)))
+            layout.append((segment, rank, [steps[a:b] for a, b in zip([0, *cuts], [*cuts, len(steps)])]))
+            last = max(last, end - 1)
+    return layout
 
 
 def _all_at_once(journal: Journal) -> dict[str, np.ndarray]:
@@ -89,6 +106,15 @@ def test_the_journal_reads_in_chunks_that_join_into_the_sorted_whole(tmp_path):
     assert store.last_step(journal) == (18, "integers")
     for k in ("ids", "step"):
         np.testing.assert_array_equal(np.concatenate([c[k] for c in store.iter_rows(journal, (k,))]), whole[k])
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_random_journals_read_in_chunks_as_the_sorted_whole(tmp_path, seed):
+    journal = _journal(tmp_path, _random_layout(np.random.default_rng(seed)), batch=int(seed % 3))
+    whole = _all_at_once(journal)
+    chunks = list(store.iter_rows(journal))
+    for k in whole:
+        np.testing.assert_array_equal(np.concatenate([c[k] for c in chunks] or [whole[k][:0]]), whole[k], err_msg=k)
 
 
 def test_a_step_split_across_files_keeps_its_rows_in_rank_order(tmp_path):

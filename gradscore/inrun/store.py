@@ -132,7 +132,6 @@ def _merged(streams: dict[int, deque], cut: int | None, keys: Collection[str] | 
     from step ``cut`` on. Holds about one file per rank: the rows below the least step
     that a rank with files left has reached are complete, and go."""
     held: dict[int, dict[str, np.ndarray] | None] = dict.fromkeys(streams)
-
     reached: dict[int, int] = {}   # per rank, the last step read
 
     def more(rank: int) -> None:   # the rank's next file, after the rows it holds
@@ -145,7 +144,8 @@ def _merged(streams: dict[int, deque], cut: int | None, keys: Collection[str] | 
         if len(step) and ((step[1:] < step[:-1]).any() or step[0] < reached.get(rank, step[0])):
             raise OutputError(f"{path}: its steps go back (a recorder numbers them never decreasing), so this "
                               f"journal holds rows of another recording; record into another file")
-        reached[rank] = int(step[-1]) if len(step) else reached.get(rank, 0)
+        if len(step):
+            reached[rank] = int(step[-1])
         held[rank] = rows if held[rank] is None else {k: np.concatenate([held[rank][k], v]) for k, v in rows.items()}
 
     while True:
