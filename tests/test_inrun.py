@@ -2040,6 +2040,28 @@ def test_the_median_fill_equals_the_per_example_loop(B, block, monkeypatch):
     torch.testing.assert_close(recorder._median_fill(s, readable, None), no_target, equal_nan=True, rtol=0, atol=0)
 
 
+def test_info_and_diagnose_read_only_the_records_they_use(tmp_path, monkeypatch):
+    """An in-run file holds a record per (step, example): 10⁸ of them are gigabytes. `info`
+    counts steps a block of records at a time; `diagnose` reads the fields of its
+    decomposition, not all fourteen."""
+    from helpers import per_checkpoint_rows_read
+    from gradscore.reports import info
+    from gradscore.scores.inrun import DOT_TERM_FIELDS
+    x, y = _data(dtype=torch.float32)
+    model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
+    with pytest.warns(gs.exceptions.GradscoreWarning, match="met no step with a target gradient"):
+        with gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:8], y[:8]), every=3) as rec:
+            _train(model, x, y, steps=12, batch=12, rec=rec)
+    with h5py.File(tmp_path / "r.h5") as f:
+        step, target = f["inrun/step"][()], np.isfinite(f["inrun/target_norm"][()])
+        counted = (len(step), len(np.unique(step)), len(np.unique(step[target])))
+        assert counted == (144, 12, 4)
+        assert info._steps(f["inrun"], block=5) == info._steps(f["inrun"]) == counted
+    read = per_checkpoint_rows_read(monkeypatch, "inrun")
+    gs.diagnose(tmp_path / "r.h5", score="inrun_value", echo=lambda s: None)
+    assert sorted(read) == sorted(DOT_TERM_FIELDS)
+
+
 def test_nonfinite_records_are_named_not_dropped_silently(tmp_path, capsys):
     x, y = _data(dtype=torch.float32)
     model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)

@@ -341,16 +341,16 @@ def read_group(f: h5py.File, path: Path, name: str, keys: Collection[str] | None
     return {k: v for k, v in found.items() if keys is None or k in keys}
 
 
-def load_inrun_rows(path: str | Path) -> dict[str, np.ndarray]:
-    """The per-(step, example) records of an in-run scores file (``gs.InRun``): (M,) arrays;
-    GradscoreError for a file without them."""
+def load_inrun_rows(path: str | Path, keys: Collection[str] | None = None) -> dict[str, np.ndarray]:
+    """The per-(step, example) records of an in-run scores file (``gs.InRun``): (M,) arrays,
+    every field or those in ``keys``; GradscoreError for a file without them."""
     path = Path(path)
     try:
         with damage_named(path), _scores_file(path) as f:
             if "inrun" not in f:
                 raise GradscoreError(f"{path}: has no in-run records (it was written by gradscore run, not "
                                      f"gs.InRun)")
-            return read_group(f, path, "inrun")
+            return read_group(f, path, "inrun", keys)
     except (OSError, KeyError) as e:
         raise GradscoreError(f"{path}: has no readable in-run records ({e})") from e
 

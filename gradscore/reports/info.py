@@ -82,6 +82,17 @@ def _describe_dataset(path: Path) -> str:
     return "\n".join(lines)
 
 
+def _steps(records: h5py.Group, block: int = 1 << 20) -> tuple[int, int, int]:
+    """(records, steps, steps with a target gradient) of an in-run file's ``/inrun``, read
+    ``block`` records at a time."""
+    steps, targeted = set(), set()
+    for a in range(0, len(records["step"]), block):
+        step = records["step"][a:a + block]
+        steps.update(np.unique(step).tolist())
+        targeted.update(np.unique(step[np.isfinite(records["target_norm"][a:a + block])]).tolist())
+    return len(records["step"]), len(steps), len(targeted)
+
+
 def _describe_scores(path: Path) -> str:
     import textwrap
     with h5py.File(path, "r") as f:
@@ -93,12 +104,12 @@ def _describe_scores(path: Path) -> str:
         window = f" (epochs <= {cfg['epochs_upto']:g})" if cfg.get("epochs_upto") is not None else ""
         head = f"scores file {path} (gradscore {attrs.get('gradscore_version', '?')})"
         if cfg.get("inrun"):   # recorded during training (gs.InRun): rows per (step, example)
-            step, with_target = f["inrun/step"][()], np.isfinite(f["inrun/target_norm"][()])
+            records, steps, with_target = _steps(f["inrun"])
             state = ("" if attrs.get("inrun_complete", True) else
                      "; interrupted or still recording (gs.InRun(..., resume=True) continues it)")
             lines = [head + f", recorded in training (gs.InRun){state}",
-                     f"  {n:,} examples, {len(step):,} records over {len(np.unique(step))} steps, target gradient "
-                     f"at {len(np.unique(step[with_target]))} of them (every {cfg['every']}; preconditioner "
+                     f"  {n:,} examples, {records:,} records over {steps} steps, target gradient "
+                     f"at {with_target} of them (every {cfg['every']}; preconditioner "
                      f"{cfg['preconditioner']})"]
         else:
             lines = [head, f"  checkpoints {cfg['checkpoints']}, data {cfg['data']}, engine {cfg['engine']}",

@@ -167,6 +167,10 @@ def aggregate(rows: dict[str, np.ndarray], n: int, wanted: set[str]) -> dict[str
     return scores.result()
 
 
+#: the record fields :func:`dot_terms` reads
+DOT_TERM_FIELDS = ("row", "lr", "dot", "share_sq_norm", "sq_norm", "target_norm")
+
+
 def dot_terms(rows: dict[str, np.ndarray], n: int, clip_quantile: float = 0.9) -> dict[str, np.ndarray]:
     """``inrun_value`` read as norm × direction, per example (N,), over the records with a
     target gradient: ``mean_grad_norm`` (mean ‖∇ℓ_b‖), ``mean_cos``, and the variants of
