@@ -19,9 +19,23 @@ def interrupt_after() -> Iterator[None]:
         return
     held: list[int] = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    _open.append(held)
     try:
         yield
     finally:
+        _open.remove(held)
         signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
     if held:
+        raise KeyboardInterrupt
+
+
+#: the Ctrl-Cs held by the :func:`interrupt_after` blocks open now (on the main thread)
+_open: list[list[int]] = []
+
+
+def stop_if_interrupted() -> None:
+    """Raise KeyboardInterrupt if an open :func:`interrupt_after` block holds a Ctrl-C: a
+    long write calls it between its HDF5 calls, where stopping is safe, so that Ctrl-C
+    stops it there (its atomic file is then dropped) instead of when it ends."""
+    if any(_open):
         raise KeyboardInterrupt

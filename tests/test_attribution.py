@@ -68,6 +68,26 @@ def test_a_stopped_run_resumes_to_the_same_file_bit_for_bit(tiny_run, tmp_path, 
         assert np.array_equal(a["scores/self_influence"][:], b["scores/self_influence"][:])
 
 
+def test_ctrl_c_stops_attributing_at_the_next_block(tiny_run, tmp_path, monkeypatch):
+    """Ctrl-C is held while the output is written (a KeyboardInterrupt inside HDF5's write
+    callback crashes the process): attributing 10⁷ examples stops at its next block, not
+    at its last, and leaves no file."""
+    import signal
+    from gradscore.sketches import attribute as module
+    path = _sketch(tiny_run, tmp_path)
+    blocks, plain = [], module.block_scores
+
+    def scores(*args):
+        blocks.append(1)
+        if len(blocks) == 2:
+            signal.raise_signal(signal.SIGINT)
+        return plain(*args)
+    monkeypatch.setattr(module, "block_scores", scores)
+    with pytest.raises(KeyboardInterrupt):
+        attribute(path, tiny_run[1], out=tmp_path / "a.h5", block_size=7, progress=False)
+    assert len(blocks) == 2 and not [p for p in tmp_path.iterdir() if "a.h5" in p.name]   # nor its .a.h5.*.tmp
+
+
 @pytest.mark.parametrize("method", ["tracin", "trak"])
 def test_scores_equal_the_formula_whatever_the_block_size(tiny_run, tmp_path, method):
     ckpts, data = tiny_run

@@ -204,6 +204,30 @@ def test_writing_a_recording_holds_a_few_row_files_not_every_record(tmp_path):
     assert peak < size / 4, (peak, size)
 
 
+def test_ctrl_c_stops_a_rewrite_at_its_next_chunk_and_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    """Ctrl-C is held while the scores file is written (a KeyboardInterrupt inside HDF5's
+    write callback crashes the process). A rewrite of 10⁸ records takes minutes: it stops at
+    its next chunk of records, the file on disk is the last rewrite's, and no temp file stays."""
+    import signal
+    journal = _journal(tmp_path)
+    out = tmp_path / "r.h5"
+    options = dict(config={}, fingerprint={"inrun": 1}, loss="cross_entropy", wanted={"loss"}, complete=False)
+    store.write(out, journal, **options)
+    before, chunks = out.read_bytes(), len(list(store.iter_rows(journal)))
+    added, plain = [], inrun_scores.Aggregator.add
+
+    def add(self, rows):
+        added.append(len(rows["row"]))
+        if len(added) == 2:
+            signal.raise_signal(signal.SIGINT)
+        plain(self, rows)
+    monkeypatch.setattr(inrun_scores.Aggregator, "add", add)
+    with pytest.raises(KeyboardInterrupt):
+        store.write(out, journal, **options)
+    assert len(added) == 2 < chunks
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["r.h5", "r.h5.partial"]
+
+
 def test_row_files_whose_steps_go_back_are_refused_by_name(tmp_path):
     journal = _journal(tmp_path, [(0, 0, [[0, 1, 2], [1, 2]])])
     with pytest.raises(OutputError, match=r"rank000_000001\.npz: its steps go back"):

@@ -46,6 +46,32 @@ def test_finalize_assembles_and_removes_journal(tmp_path):
         assert list(got) == ["loss"] and np.array_equal(got["loss"], res["per_checkpoint"]["loss"])
 
 
+def test_ctrl_c_stops_the_assembly_at_the_next_chunk_and_it_resumes(tmp_path, monkeypatch):
+    """Ctrl-C is held while the scores file is written (a KeyboardInterrupt inside HDF5's
+    write callback crashes the process); the assembly stops at its next chunk, not at its
+    end, leaving no file and the journal, from which it finishes later."""
+    import signal
+    s = _store(tmp_path, {"a": 1})
+    for t in range(2):
+        for c in range(3):
+            a, b = s.chunk_range(c)
+            s.write_chunk(t, c, {"loss": np.arange(a, b, dtype=np.float32) + 10 * t})
+    reads, plain = [], HDF5ScoresWriter._read_chunk
+
+    def read(self, t, c):
+        reads.append((t, c))
+        if len(reads) == 2:   # the first is finalize's look at the rows' fields
+            signal.raise_signal(signal.SIGINT)
+        return plain(self, t, c)
+    monkeypatch.setattr(HDF5ScoresWriter, "_read_chunk", read)
+    finish = dict(ids=np.arange(5), extras={}, attrs={"config": {"x": 1}}, aggregate=lambda pc: {"loss": pc["loss"].mean(0)})
+    with pytest.raises(KeyboardInterrupt):
+        s.finalize(**finish)
+    assert len(reads) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["s.h5.partial"]
+    s.finalize(**finish)
+    np.testing.assert_array_equal(gs.load_scores(tmp_path / "s.h5")["scores"]["loss"], np.arange(5) + 5.0)
+
+
 def test_a_damaged_chunk_of_the_journal_is_named_with_its_fix(tmp_path):
     # a chunk file damaged on disk failed zip's CRC-32 check in a BadZipFile traceback
     s = _store(tmp_path, {"a": 1})

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .._version import __version__
+from ..interrupts import stop_if_interrupted
 from ..io.atomic import atomic_h5, atomic_path
 from ..io.attrs import write_attrs
 from ..exceptions import OutputError
@@ -371,6 +372,7 @@ def write(out: Path, journal: Journal, *, config: dict[str, Any], fingerprint: d
         for k, dtype in like.items():
             put(rec, k, shape=(m,), dtype=dtype, **({"compression": "gzip", "chunks": (min(m, 1 << 14),)} if m else {}))
         for chunk in _chunks(files):
+            stop_if_interrupted()   # Ctrl-C stops the rewrite here: the file stays the last one
             rows = {k: v for k, v in chunk.items() if k != "ids"}
             rows["row"] = np.searchsorted(ids, chunk["ids"]).astype(np.int64)
             found.add(chunk)

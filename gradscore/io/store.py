@@ -31,6 +31,7 @@ from typing import Any, Callable, Collection, Iterator
 import h5py
 import numpy as np
 
+from ..interrupts import stop_if_interrupted
 from .atomic import atomic_h5, atomic_path
 from .attrs import VALUES_CRC, as_text, fixed_utf8, json_attr, mismatched, values_crc, verify, write_attrs
 from ..exceptions import RESTORE, GradscoreError, damaged
@@ -177,6 +178,7 @@ class HDF5ScoresWriter(ScoresWriter):
                      for k, v in first.items()}
             for t in range(self.T):
                 for c in range(self.n_chunks):
+                    stop_if_interrupted()   # Ctrl-C stops the assembly here; the journal stays
                     a, b = self.chunk_range(c)
                     for k, v in self._read_chunk(t, c).items():
                         dsets[k][t, a:b] = v

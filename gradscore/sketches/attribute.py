@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from .._version import __version__
 from ..config import AttributeConfig, resolve_device
 from ..exceptions import CheckpointError, DataError, GradscoreWarning
+from ..interrupts import stop_if_interrupted
 from ..io.atomic import atomic_h5
 from ..io.attrs import write_attrs
 from ..io.checkpoints import CheckpointStore, not_plain_steps
@@ -151,6 +152,7 @@ def run_attribute(config: AttributeConfig, out: str | os.PathLike, *, overwrite:
         full = put(f, "scores", shape=(N, M), dtype=np.float32, chunks=(min(N, 4096), M)) if config.full else None
         mean = put(f, "target_dot", shape=(N,), dtype=np.float64)
         for a in tqdm(range(0, N, config.block_size), desc="attributing", disable=None if progress else True):
+            stop_if_interrupted()   # Ctrl-C stops here, not after the last block
             b = min(N, a + config.block_size)
             scores = block_scores([src["sketch"][t, a:b] for t in steps], weights)
             top.add(scores, a)
