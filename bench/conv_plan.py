@@ -11,14 +11,13 @@ the fastest, the form the plan takes, and how much slower than the fastest it is
 from __future__ import annotations
 
 import argparse
-import platform
 from unittest import mock
 
 import torch
 from torch import nn
 
 import gradscore as gs
-from bench.engines import best_time, claim_results, results_options, run_script, write_results
+from bench.engines import best_time, claim_results, device_name, results_options, run_script, write_results
 from gradscore.engines.rules import conv
 
 #: (name, C_in, C_out, kernel, stride, image side, groups)
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     mean = sum(r["plan_over_fastest"] for r in rows) / len(rows)
     print(f"plan's pick: {mean:.2f}x the fastest form on average over {len(rows)} layers")
     if args.json:
-        write_results(args.json, {"device": platform.processor() or platform.machine(),
+        write_results(args.json, {"device": device_name(),
                                   "threads": torch.get_num_threads(), "batch": args.batch, "refs": args.refs,
                                   "rows": rows}, indent=2)
 

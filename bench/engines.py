@@ -321,11 +321,24 @@ def run_script(main: Callable[[list[str]], object]) -> None:
     sys.exit(run_and_report("bench", call, sys.argv[1:]))
 
 
+def device_name(device: str = "cpu") -> str:
+    """The name of the machine's GPU (``device`` "cuda") or CPU, for a results file."""
+    return torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+
+
 def write_results(path: str | Path, result: dict, indent: int = 1) -> None:
     """``result`` as a gradscore JSON report (its ``gradscore_version`` lets a rerun replace
     it with ``--overwrite``), written atomically; claim the path before timing anything."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps({**result, "gradscore_version": __version__}, indent=indent, default=str))
+
+
+def saved(args: argparse.Namespace, result: dict) -> dict:
+    """``result``, written to ``args.json`` (if given; indented, its path printed)."""
+    if args.json:
+        write_results(args.json, result, indent=2)
+        print(f"-> {args.json}")
+    return result
 
 
 def best_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
@@ -505,7 +518,7 @@ def run_bench(batches: tuple[int, ...] = (64, 256), repeats: int = 3, device: st
                 peak = f"{row['peak_bytes'] / 2**20:.1f} MB" if row["peak_bytes"] is not None else "n/a"
                 echo(f"  {method:<12} {best * 1e3:>7.1f}ms {row['ratio_to_plain']:>7.2f}x {floor:>6} {flops:>6} "
                      f"{peak:>10} {row.get('peak_ratio_to_plain', float('nan')):>7.2f}x")
-    dev_name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    dev_name = device_name(device)
     return {"device": dev_name, "device_type": device, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "k_refs": K_REFS, "repeats": repeats, "rows": results}
 
@@ -613,9 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.end_to_end:
         result["end_to_end"] = end_to_end(args.epochs, args.repeats)
         result["pds"] = pds_timing(repeats=args.repeats)
-    if args.json:
-        write_results(args.json, result, indent=2)
-        print(f"-> {args.json}")
+    saved(args, result)
     return 0
 
 

@@ -10,7 +10,6 @@ plain, ``auto`` (K = 0 and 2) and the per-example ``loop``, as ratios to plain.
 from __future__ import annotations
 
 import argparse
-import platform
 from collections import Counter
 
 import torch
@@ -18,7 +17,7 @@ from torch import nn
 
 import gradscore as gs
 from gradscore.engines.ghost import GhostEngine
-from bench.engines import TinyViT, claim_results, paired_times, results_options, run_script, write_results
+from bench.engines import TinyViT, claim_results, device_name, paired_times, results_options, run_script, write_results
 from gradscore.demos.models import recurrent_classifier, small_resnet
 
 T, D = 32, 64
@@ -184,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     claim_results(args)
     rows = run(args.batch, args.repeats, args.only)
     if args.json:
-        write_results(args.json, {"device": platform.processor() or platform.machine(),
+        write_results(args.json, {"device": device_name(),
                                   "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows})
 
 

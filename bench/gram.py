@@ -14,12 +14,11 @@ whole Grams on CUDA until measured (the GPU kit runs this).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 
 import torch
 
-from bench.engines import claim_results, pair_ratios, results_options, run_script, write_results
+from bench.engines import claim_results, device_name, pair_ratios, results_options, run_script, write_results
 from gradscore._version import __version__
 from gradscore.kernels.ghost_linear import _gram_sq, ghost_linear, gram_blocks, plan, workspace_bytes
 
@@ -50,7 +49,7 @@ def run_bench(pairs: int = 30, echo=print, device: str = "cpu", cases: list | No
              f"blocked / whole {row['blocked_to_whole']:.2f} [{row['blocked_quartiles'][0]:.2f}-"
              f"{row['blocked_quartiles'][1]:.2f}]  outer / whole {row['outer_to_whole']:.2f}  plan: {row['plan']}")
     return {"device": device,
-            "device_name": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+            "device_name": device_name("cuda" if cuda else "cpu"),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "gradscore": __version__,
             "pairs": pairs, "rows": rows}
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import tempfile
 from pathlib import Path
@@ -43,7 +42,7 @@ from typing import Callable
 import torch
 
 import gradscore as gs
-from bench.engines import (_inputs, _Memory, claim_results, counted_flops, measured_child, model_cases,
+from bench.engines import (_inputs, _Memory, claim_results, counted_flops, device_name, measured_child, model_cases,
                            pair_ratios, results_options, run_script, write_results)
 from gradscore._version import __version__
 from gradscore.batch import call_model
@@ -205,8 +204,7 @@ def run_bench(repeats: int = 15, device: str | None = None, echo=print,
                 f"{m} {row[m]['ratio']:.2f}x" + (f" [flops {row[m]['flops_ratio']:.3f}x]" if row[m]["flops_ratio"] else "")
                 + (f" (floor {row[m]['floor']:.2f})" if row[m]["floor"] else "")
                 + (f" ({row[m]['memory_ratio']:.2f}x mem)" if row[m]["memory_ratio"] else "") for m in times))
-    return {"device": device, "device_name": torch.cuda.get_device_name() if device == "cuda"
-            else platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    return {"device": device, "device_name": device_name(device), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "gradscore": __version__, "rows": rows}
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.engines import claim_results, results_options, run_script, write_results
+from bench.engines import claim_results, device_name, results_options, run_script, saved
 from gradscore.inrun.store import FIELDS, RowJournal
 from gradscore.io.journal import Journal
 
@@ -86,11 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(row)
             print(f"M={m:>11,}: {seconds:6.1f} s  {m / seconds:>10,.0f} records/s  peak {peak / 2**20:6.0f} MB "
                   f"above base, {peak / size:.2f}× the records' {size / 2**20:.0f} MB")
-    result = {"device": platform.processor() or platform.machine(), "rows": rows}
-    if args.json:
-        write_results(args.json, result, indent=2)
-        print(f"-> {args.json}")
-    return result
+    return saved(args, {"device": device_name(), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -11,11 +11,10 @@ in the same run; on CUDA also the fraction of the device's peak memory bandwidth
 from __future__ import annotations
 
 import argparse
-import platform
 
 import torch
 
-from bench.engines import best_time, claim_results, results_options, run_script, write_results
+from bench.engines import best_time, claim_results, device_name, results_options, run_script, saved
 
 
 from gradscore.kernels import get_backend, norm_dot_reference
@@ -68,7 +67,7 @@ def run(device: str, repeats: int) -> dict:
               f"{row['fused_GBs']:>8.1f} GB/s  torch {row['torch_GBs']:>8.1f} GB/s  "
               f"x{row['speedup_vs_torch']:>5.2f}  G.sum {row['sum_GBs']:>8.1f} GB/s"
               + (f"  {row['fused_fraction_of_peak']:.0%} of peak" if peak else ""))
-    name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    name = device_name(device)
     return {"device": name, "device_type": device, "threads": torch.get_num_threads(),
             "peak_GBs": peak, "torch": torch.__version__, "rows": rows}
 
@@ -108,9 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     result = run(args.device, args.repeats)
     if args.sweep:
         result["sweep"] = sweep(args.repeats)
-    if args.json:
-        write_results(args.json, result, indent=2)
-        print(f"-> {args.json}")
+    saved(args, result)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ results go to the journal, then into the output file chunk by chunk.
 from __future__ import annotations
 
 import argparse
-import platform
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 import gradscore as gs
-from bench.engines import claim_results, results_options, run_script, write_results
+from bench.engines import claim_results, device_name, results_options, run_script, saved
 from gradscore.demos.models import mlp
 
 KW = {"d_in": 64, "hidden": 256, "n_classes": 10, "depth": 2}
@@ -82,12 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"N={n:>9,}: {wall:7.1f}s  {row['examples_x_checkpoints_per_second']:>9.0f} ex·ckpt/s  "
                   f"peak RSS {rss / 2**20:7.1f} MB  (data file {row['data_bytes'] / 2**20:.0f} MB)")
             data.unlink()
-    result = {"device": platform.processor() or platform.machine(), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "model": "mlp 64-256-256-10", "rows": rows}
-    if args.json:
-        write_results(args.json, result, indent=2)
-        print(f"-> {args.json}")
-    return result
+    return saved(args, {"device": device_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                        "model": "mlp 64-256-256-10", "rows": rows})
 
 
 if __name__ == "__main__":

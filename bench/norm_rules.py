@@ -15,14 +15,13 @@ ops); a row is the median of the pairs' ratios with its quartiles.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 from typing import Callable
 
 import torch
 from torch.nn import functional as F
 
-from bench.engines import claim_results, pair_ratios, results_options, run_script, write_results
+from bench.engines import claim_results, device_name, pair_ratios, results_options, run_script, write_results
 from gradscore._version import __version__
 from gradscore.engines.rules.norm import _standardize
 from gradscore.kernels.norm_affine_numba import norm_affine_numba
@@ -83,7 +82,7 @@ def run_bench(pairs: int = 200, echo=print) -> dict:
         rows.append({"layer": name, "shape": list(shape), "ratio_rule_form_to_other": median,
                      "quartiles": [q1, q3]})
         echo(f"{name:<34} rule's form / other: {median:.2f} [{q1:.2f}-{q3:.2f}]")
-    return {"device": "cpu", "device_name": platform.processor() or platform.machine(),
+    return {"device": "cpu", "device_name": device_name(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "gradscore": __version__,
             "pairs": pairs, "rows": rows}
 

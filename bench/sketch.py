@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -29,8 +28,8 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 import gradscore as gs
-from bench.engines import (_inputs, claim_results, measured_child, model_cases, results_options, run_script,
-                           write_results)
+from bench.engines import (_inputs, claim_results, device_name, measured_child, model_cases, results_options,
+                           run_script, write_results)
 from gradscore.sketches.attribute import TopK, block_scores
 
 CASES = {"mlp_784_1024_1024": 256, "transformer_d128_T64": 64}
@@ -189,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     att = attribute_row(args.dim, args.n_train, 1000, 8192, args.repeats)
     print(f"attribute 1000 queries x {att['n_train']} rows, k={att['dim']}: {att['fraction_of_gemm']:.0%} of a plain "
           f"float32 GEMM ({att['gemm_gflops']:.0f} GFLOP/s)")
-    result = {"device": device, "device_name": platform.processor() or platform.machine(),
+    result = {"device": device, "device_name": device_name(),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "sketch": rows, "attribute": att}
     if args.storage_n:
         code = ("import json; from pathlib import Path; from bench.sketch import storage_row; "
