@@ -58,15 +58,14 @@ def assert_same_scores_file(a, b) -> None:
     assert ra["config"] == rb["config"]
 
 
-def per_checkpoint_rows_read(monkeypatch, group: str = "per_checkpoint") -> list[str]:
+def per_checkpoint_rows_read(monkeypatch) -> list[str]:
     """The names of the (T, N) rows of scores files read from now on (``io.store.read_dataset``
-    calls that read, not those that only open a dataset), as a list that fills; those of
-    another ``group`` ("inrun": an in-run file's (M,) records) if given."""
+    calls that read, not those that only open a dataset), as a list that fills."""
     from gradscore.io import store
     read, plain = [], store.read_dataset
 
     def spy(f, path, name, read_it=True):
-        if read_it and name.startswith(f"{group}/"):
+        if read_it and name.startswith("per_checkpoint/"):
             read.append(name.split("/", 1)[1])
         return plain(f, path, name, read_it)
     monkeypatch.setattr(store, "read_dataset", spy)

@@ -357,6 +357,29 @@ def load_inrun_rows(path: str | Path, keys: Collection[str] | None = None) -> di
         raise GradscoreError(f"{path}: has no readable in-run records ({e})") from e
 
 
+def inrun_blocks(path: str | Path, keys: Collection[str],
+                 block: int = 1 << 20) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
+    """The fields ``keys`` of an in-run scores file's records, ``block`` records at a time: a
+    function that gives a new iterator of {field: (≤ block,) array} each call (a
+    computation of two passes calls it twice). GradscoreError now for a file without
+    records (as :func:`load_inrun_rows`), and at a block that fails its checksum."""
+    path = Path(path)
+    load_inrun_rows(path, keys=())   # a scores file with in-run records: its links open, nothing read
+
+    def blocks() -> Iterator[dict[str, np.ndarray]]:
+        with h5py.File(path, "r") as f:
+            group = f["inrun"]
+            for a in range(0, len(group["row"]), block):
+                found = {}
+                for k in keys:
+                    try:
+                        found[k] = group[k][a:a + block]
+                    except (OSError, RuntimeError) as e:
+                        raise damaged(path, e, f"/inrun/{k}") from e
+                yield found
+    return blocks
+
+
 def load_scores(path: str | Path, per_checkpoint: bool | Collection[str] = True) -> dict[str, Any]:
     """Read a finished scores file into memory: ``{"scores": {...}, "per_checkpoint": {...},
     "ids", "noisy" (or None), "checkpoints": {step, epoch, lr, eta, ref_norm_*...}, "config"}``.

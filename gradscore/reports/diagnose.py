@@ -34,7 +34,7 @@ from ..io.outputs import claim
 from ..scores.inrun import DOT_TERM_FIELDS as INRUN_DOT_FIELDS, dot_terms as inrun_dot_terms
 from ..scores.pds import DOT_SCORES, decompose, variants
 from .flag import count_line, default_score, estimate, suspicion
-from ..io.store import load_inrun_rows, load_scores, read_numpy
+from ..io.store import inrun_blocks, load_scores, read_numpy
 
 #: the dot-product score of an in-run file (gs.InRun), diagnosed from its records
 INRUN_SCORE = "inrun_value"
@@ -96,7 +96,7 @@ def diagnose(scores: str | Path, *, score: str = "pds", noisy_mask: str | None =
     # the rows the decomposition reads: the score's dots and the gradient norms
     res = load_scores(scores, per_checkpoint=(DOT_SCORES[score][0], "sq_grad_norm") if score in DOT_SCORES else False)
     if score == INRUN_SCORE:
-        res["inrun"] = load_inrun_rows(scores, INRUN_DOT_FIELDS)
+        res["inrun"] = inrun_blocks(scores, INRUN_DOT_FIELDS)   # the records, read block by block
     ds = load_dataset(data) if data is not None else None
     noisy, source = _mask(res, noisy_mask, ds)
     report, var = compute(res, str(scores), score=score, noisy=noisy, source=source, ds=ds,

@@ -21,6 +21,8 @@ steps without a target gradient). Every score is over the presentations of an ex
 """
 from __future__ import annotations
 
+from typing import Callable, Iterable
+
 import numpy as np
 
 #: the scores that need a target gradient (a recorder's ``targets=``)
@@ -44,29 +46,12 @@ def _ratio(total: np.ndarray, count: np.ndarray) -> np.ndarray:
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-def _mean(values: np.ndarray, row: np.ndarray, n: int) -> np.ndarray:
-    """(n,) float64 mean of ``values`` per row, over the finite values (NaN where none)."""
-    ok = np.isfinite(values)
-    return _ratio(np.bincount(row[ok], values[ok].astype(np.float64), minlength=n), np.bincount(row[ok], minlength=n))
-
-
 def measured(rows: dict[str, np.ndarray]) -> np.ndarray:
     """(M,) bool: the records of a step with a target gradient whose dot can be read, or
     that moved nothing (η = 0: a step the loss scaler skipped, whatever its dot)."""
     target = np.isfinite(rows["target_norm"])
     with np.errstate(invalid="ignore", over="ignore"):   # 0 · inf at a skipped step
         return target & ((rows["lr"] == 0) | np.isfinite(rows["lr"] * rows["dot"]))
-
-
-def over_presentations(terms: np.ndarray, ok: np.ndarray, row: np.ndarray, n: int) -> np.ndarray:
-    """(n,) float64: per example, the sum of ``terms`` (M,) over its records ``ok`` (M,) bool
-    times its presentations / those records: the whole sum where every presentation is
-    measured, an estimate of it where some are; NaN where none is."""
-    total = np.bincount(row[ok], terms[ok].astype(np.float64), minlength=n)
-    count = np.bincount(row[ok], minlength=n)
-    seen = np.bincount(row, minlength=n)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, total * seen / np.maximum(count, 1), np.nan)
 
 
 class Aggregator:
@@ -171,28 +156,51 @@ def aggregate(rows: dict[str, np.ndarray], n: int, wanted: set[str]) -> dict[str
 DOT_TERM_FIELDS = ("row", "lr", "dot", "share_sq_norm", "sq_norm", "target_norm")
 
 
-def dot_terms(rows: dict[str, np.ndarray], n: int, clip_quantile: float = 0.9) -> dict[str, np.ndarray]:
+def dot_terms(blocks: Callable[[], Iterable[dict[str, np.ndarray]]], n: int,
+              clip_quantile: float = 0.9) -> dict[str, np.ndarray]:
     """``inrun_value`` read as norm × direction, per example (N,), over the records with a
     target gradient: ``mean_grad_norm`` (mean ‖∇ℓ_b‖), ``mean_cos``, and the variants of
     :func:`gradscore.scores.pds.variants` that records allow (``mean_cos`` η-weighted): ``raw`` (= inrun_value),
     ``cos`` (Σ_t η_t cos) and ``clip`` (each term's ‖∇L_b‖ clipped at the ``clip_quantile``
-    of all records' share norms); each sum over the measured presentations, scaled to all
-    as ``inrun_value`` is (:func:`over_presentations`)."""
-    ok = measured(rows)
-    moved = ok & (rows["lr"] != 0)   # the records that enter the norm, the cosine and the clip
-    row, eta, dot = rows["row"][moved], rows["lr"][moved].astype(np.float64), rows["dot"][moved].astype(np.float64)
-    g = np.sqrt(np.maximum(rows["share_sq_norm"][moved].astype(np.float64), 0.0))
-    denom = g * rows["target_norm"][moved]
-    cos = np.divide(dot, denom, out=np.zeros_like(denom), where=denom > 0)
+    of all records' share norms); each sum over the measured presentations times
+    presentations / measured ones, as ``inrun_value`` is. ``blocks()`` gives the records
+    (:data:`DOT_TERM_FIELDS`) in blocks, anew at each call: two passes, the first for the
+    quantile, so memory is one float per record that moved, not every field."""
+    def moved_of(rows: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:   # the measured, those that moved
+        ok = measured(rows)
+        return ok, ok & (rows["lr"] != 0)   # the records that enter the norm, the cosine and the clip
+
+    def share_norm(rows: dict[str, np.ndarray], moved: np.ndarray) -> np.ndarray:
+        return np.sqrt(np.maximum(rows["share_sq_norm"][moved].astype(np.float64), 0.0))
+
+    norms = [share_norm(rows, moved_of(rows)[1]) for rows in blocks()]
+    g = np.concatenate(norms) if norms else np.zeros(0)
     c = np.quantile(g, clip_quantile) if len(g) else 0.0
-    per = {"raw": eta * dot, "cos": eta * cos, "clip": eta * np.minimum(g, c) * rows["target_norm"][moved] * cos}
-    out = {}
-    for k, v in per.items():   # 0 for the records of skipped steps, then over all presentations
-        terms = np.zeros(len(ok))
-        terms[moved] = v
-        out[k] = over_presentations(terms, ok, rows["row"], n)
-    out["mean_grad_norm"] = _mean(np.sqrt(np.maximum(rows["sq_norm"][moved].astype(np.float64), 0.0)), row, n)
-    weight, total = np.bincount(row, eta, minlength=n), np.bincount(row, per["cos"], minlength=n)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out["mean_cos"] = np.where(weight > 0, total / weight, np.nan)   # η-weighted, as for checkpoints
+    del norms, g
+    sums = {k: np.zeros(n) for k in ("raw", "cos", "clip", "grad_norm", "weight", "weighted_cos")}
+    counts = {k: np.zeros(n, np.int64) for k in ("measured", "seen", "grad_norm")}
+    for rows in blocks():
+        ok, moved = moved_of(rows)
+        row, r = rows["row"], rows["row"][moved]
+        eta, dot, tn = (rows[k][moved].astype(np.float64) for k in ("lr", "dot", "target_norm"))
+        g = share_norm(rows, moved)
+        denom = g * tn
+        cos = np.divide(dot, denom, out=np.zeros_like(denom), where=denom > 0)
+        per = {"raw": eta * dot, "cos": eta * cos, "clip": eta * np.minimum(g, c) * tn * cos}
+        for k, v in per.items():   # 0 for the records of skipped steps, then over all presentations
+            terms = np.zeros(len(ok))
+            terms[moved] = v
+            _add(sums[k], row[ok], terms[ok])
+        counts["measured"] += np.bincount(row[ok], minlength=n)
+        counts["seen"] += np.bincount(row, minlength=n)
+        grad = np.sqrt(np.maximum(rows["sq_norm"][moved].astype(np.float64), 0.0))
+        fin = np.isfinite(grad)
+        _add(sums["grad_norm"], r[fin], grad[fin])
+        counts["grad_norm"] += np.bincount(r[fin], minlength=n)
+        _add(sums["weight"], r, eta)
+        _add(sums["weighted_cos"], r, per["cos"])
+    out = {k: _ratio(sums[k] * counts["seen"], counts["measured"]) for k in ("raw", "cos", "clip")}
+    out["mean_grad_norm"] = _ratio(sums["grad_norm"], counts["grad_norm"])
+    with np.errstate(invalid="ignore", divide="ignore"):   # η-weighted, as for checkpoints
+        out["mean_cos"] = np.where(sums["weight"] > 0, sums["weighted_cos"] / sums["weight"], np.nan)
     return out
