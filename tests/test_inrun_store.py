@@ -228,6 +228,21 @@ def test_ctrl_c_stops_a_rewrite_at_its_next_chunk_and_leaves_the_file_as_it_was(
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["r.h5", "r.h5.partial"]
 
 
+def test_a_row_file_removed_between_the_two_passes_is_named(tmp_path, monkeypatch):
+    journal = _journal(tmp_path)
+    gone, ids = store.row_files(journal)[3], store._ids
+
+    def first_pass(files):
+        found = ids(files)
+        gone.unlink()
+        return found
+    monkeypatch.setattr(store, "_ids", first_pass)
+    with pytest.raises(OutputError, match=rf"{gone.name}: a row file of this in-run recording was removed while"):
+        store.write(tmp_path / "r.h5", journal, config={}, fingerprint={"inrun": 1}, loss="cross_entropy",
+                    wanted={"loss"}, complete=True)
+    assert not (tmp_path / "r.h5").exists()
+
+
 def test_row_files_whose_steps_go_back_are_refused_by_name(tmp_path):
     journal = _journal(tmp_path, [(0, 0, [[0, 1, 2], [1, 2]])])
     with pytest.raises(OutputError, match=r"rank000_000001\.npz: its steps go back"):

@@ -111,6 +111,9 @@ def _load(path: Path, keys: Collection[str] | None = None) -> dict[str, np.ndarr
     naming it where it is damaged."""
     try:
         return read_numpy(path, keys)
+    except FileNotFoundError:   # listed, then removed: by hand, or a recorder with overwrite=True
+        raise OutputError(f"{path}: a row file of this in-run recording was removed while the file was written "
+                          f"from them; write it again (close() or flush()) from the row files there are") from None
     except ValueError as e:   # damaged on disk (row files are written atomically)
         raise OutputError(f"{path}: a row file of this in-run recording cannot be read ({e}); its records "
                           f"cannot be made again: delete the file to write the recording without them") from e
