@@ -6,6 +6,9 @@ import signal
 import threading
 from typing import Iterator
 
+#: the Ctrl-Cs held by the :func:`interrupt_after` blocks open now (on the main thread)
+_open: list[list[int]] = []
+
 
 @contextlib.contextmanager
 def interrupt_after() -> Iterator[None]:
@@ -27,10 +30,6 @@ def interrupt_after() -> Iterator[None]:
         signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
     if held:
         raise KeyboardInterrupt
-
-
-#: the Ctrl-Cs held by the :func:`interrupt_after` blocks open now (on the main thread)
-_open: list[list[int]] = []
 
 
 def stop_if_interrupted() -> None:
