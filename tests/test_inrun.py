@@ -1039,9 +1039,9 @@ def test_a_killed_recording_leaves_a_readable_file_of_the_flushed_steps(tmp_path
                  lambda: out.exists() and partial.exists() and len(list(partial.glob("rank*.npz"))) >= 5)
     res = gs.load_scores(out)            # complete and readable: the steps of its last rewrite
     steps = h5py.File(out)["inrun/step"][()]
-    from gradscore.inrun.store import read_rows
+    from gradscore.inrun.store import iter_rows
     from gradscore.io.journal import Journal
-    journal = read_rows(Journal.attach(out, {}))["step"]   # every step flushed
+    journal = np.concatenate([c["step"] for c in iter_rows(Journal.attach(out, {}), ("step",))])   # every step flushed
     assert len(np.unique(journal)) >= 5 and set(steps) <= set(journal) and len(steps)
     assert set(res["scores"]) >= {"loss", "aum", "forgetting"}
     info = subprocess.run([sys.executable, "-m", "gradscore", "info", str(out)], capture_output=True, text=True)
@@ -1088,7 +1088,8 @@ def _resume_a_killed_recording(tmp_path, out, partial) -> None:
     copy_out.parent.mkdir()
     shutil.copytree(partial, copy_out.with_name("r2.h5.partial"))
     shutil.copy(out, copy_out)
-    before = {k: v for k, v in gs.inrun.store.read_rows(gs.io.journal.Journal.attach(copy_out, {})).items()}
+    chunks = list(gs.inrun.store.iter_rows(gs.io.journal.Journal.attach(copy_out, {}), ("ids", "step")))
+    before = {k: np.concatenate([c[k] for c in chunks]) for k in ("ids", "step")}
     resume_at = int(before["step"].max()) - 1
     model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
     x, y = torch.randn(64, 10), torch.randint(0, 4, (64,))

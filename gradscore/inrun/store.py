@@ -199,13 +199,6 @@ def iter_rows(journal: Journal, keys: Collection[str] | None = None) -> Iterator
     return _chunks(_row_files(journal.partial), keys)
 
 
-def read_rows(journal: Journal) -> dict[str, np.ndarray] | None:
-    """Every rank's rows in step order, joined (None if there are none yet): for a look at a
-    small recording; :func:`iter_rows` reads a large one."""
-    chunks = list(iter_rows(journal))
-    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else None
-
-
 def last_step(journal: Journal) -> tuple[int, str] | None:
     """The last recorded step in the journal and the kind of its ids ("integers" or
     "strings"), or None where it has no rows. Reads every field: a damaged row file is
