@@ -247,3 +247,34 @@ def test_row_files_whose_steps_go_back_are_refused_by_name(tmp_path):
     journal = _journal(tmp_path, [(0, 0, [[0, 1, 2], [1, 2]])])
     with pytest.raises(OutputError, match=r"rank000_000001\.npz: its steps go back"):
         list(store.iter_rows(journal))
+
+
+def test_close_shows_a_progress_bar_and_the_rewrites_in_training_do_not(tmp_path, monkeypatch):
+    """Closing a recording of 10⁸ records writes for minutes: a bar on the terminal (tqdm's
+    own choice, disable=None), over every record. The rewrites during training stay silent:
+    the training's own output is the user's."""
+    import torch
+    import torch.nn.functional as F
+    import gradscore as gs
+    bars = []
+
+    class Bar:
+        def __init__(self, total, disable, **kwargs):
+            self.total, self.disable, self.done = total, disable, 0
+            bars.append(self)
+
+        def update(self, k):
+            self.done += k
+
+        def close(self):
+            pass
+    monkeypatch.setattr(store, "tqdm", Bar)
+    torch.manual_seed(0)
+    model, x, y = torch.nn.Linear(5, 3), torch.randn(8, 5), torch.randint(0, 3, (8,))
+    rec = gs.InRun(model, out=tmp_path / "r.h5", flush_every=0)
+    for t in range(3):
+        with rec.step(range(8), y):
+            F.cross_entropy(model(x), y).backward()
+    assert bars and all(b.disable is True for b in bars)   # the first rewrite at least (the next are spaced)
+    rec.close()
+    assert bars[-1].disable is None and bars[-1].total == bars[-1].done == 24

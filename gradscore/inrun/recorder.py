@@ -854,7 +854,8 @@ class InRun:
     def _write(self, complete: bool) -> None:
         t0 = time.monotonic()
         found = write(self.out, self.journal, config=self.config.to_dict(), fingerprint=self.fingerprint,
-                      loss=self.loss.name, wanted=set(self.config.scores), complete=complete)
+                      loss=self.loss.name, wanted=set(self.config.scores), complete=complete,
+                      progress=complete)   # a bar at close(), not in the training's own output
         self._warnings = self._warnings if found is None else found
         self._rewritten = time.monotonic()
         self._write_seconds = self._rewritten - t0

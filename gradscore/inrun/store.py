@@ -29,6 +29,7 @@ from typing import Any, Collection, Iterator
 import h5py
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..interrupts import stop_if_interrupted
@@ -345,13 +346,14 @@ def _ids(files: list[tuple[int, int, Path]]) -> tuple[np.ndarray, int]:
 
 
 def write(out: Path, journal: Journal, *, config: dict[str, Any], fingerprint: dict, loss: str,
-          wanted: set[str], complete: bool) -> list[str] | None:
+          wanted: set[str], complete: bool, progress: bool = False) -> list[str] | None:
     """The scores file ``out`` from the rows in ``journal``: ``/ids`` (sorted unique),
     ``/scores`` (:mod:`gradscore.scores.inrun`), ``/inrun/<field>`` in step order with
     ``/inrun/row`` (index into ``/ids``), an empty ``/per_checkpoint`` and the run's
     attributes, with :func:`warnings_of` the rows; atomically. Two passes over the row
-    files (the ids, then the rest), each a few files at a time. Returns those warnings
-    (None, and nothing written, where the journal has no row files)."""
+    files (the ids, then the rest), each a few files at a time; ``progress``: a bar over
+    the second on a terminal, once it has taken 5 s. Returns those warnings (None, and
+    nothing written, where the journal has no row files)."""
     files = _row_files(journal.partial)   # the rows of this moment: other ranks may be adding theirs
     if not files:
         return None
@@ -367,8 +369,11 @@ def write(out: Path, journal: Journal, *, config: dict[str, Any], fingerprint: d
         rec, at = f.create_group("inrun"), 0
         for k, dtype in like.items():
             put(rec, k, shape=(m,), dtype=dtype, **({"compression": "gzip", "chunks": (min(m, 1 << 14),)} if m else {}))
+        bar = tqdm(total=m, desc=f"writing {out.name}", unit=" records", unit_scale=True, delay=5,
+                   disable=None if progress else True)
         for chunk in _chunks(files):
             stop_if_interrupted()   # Ctrl-C stops the rewrite here: the file stays the last one
+            bar.update(len(chunk["ids"]))
             rows = {k: v for k, v in chunk.items() if k != "ids"}
             rows["row"] = np.searchsorted(ids, chunk["ids"]).astype(np.int64)
             found.add(chunk)
@@ -379,6 +384,7 @@ def write(out: Path, journal: Journal, *, config: dict[str, Any], fingerprint: d
             for k, v in rows.items():
                 rec[k][at:at + len(v)] = v
             at += len(rows["row"])
+        bar.close()
         lines = found.lines() + (_unmeasured(hits, config.get("every", 1)) if targets and any_target else [])
         write_attrs(f, {"config": config, "fingerprint": fingerprint, "gradscore_version": __version__,
                         "loss": loss, "warnings": lines, "inrun_complete": complete})
