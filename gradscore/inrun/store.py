@@ -324,8 +324,8 @@ def warnings_of(rows: dict[str, np.ndarray]) -> list[str]:
 
 def _unmeasured(hits: np.ndarray, every: int) -> list[str]:
     """A warning naming how many examples have no measured presentation (``hits`` (n,): per
-    example, its records with a target gradient; their inrun_value and inrun_value_cos
-    are NaN)."""
+    example, its records with a target gradient, :attr:`Aggregator.measured`; their
+    inrun_value and inrun_value_cos are NaN)."""
     k = int((hits == 0).sum())
     why = (f"met no step with a target gradient (every={every})" if every > 1
            else "have no finite dot with the target gradient")
@@ -358,12 +358,11 @@ def write(out: Path, journal: Journal, *, config: dict[str, Any], fingerprint: d
     if not files:
         return None
     ids, m = _ids(files)
-    n, found = len(ids), _Findings()
-    targets = bool(wanted & inrun_scores.TARGET_SCORES)
-    hits, any_target = np.zeros(n, np.int64), False
+    n, found, any_target = len(ids), _Findings(), False
     like = {k: v.dtype for k, v in _load(files[0][2]).items() if k not in ("ids", "segment_start")}
     like["row"] = np.dtype(np.int64)
     scores = inrun_scores.Aggregator(n, wanted, set(like))
+    targets = bool(scores.pick & inrun_scores.TARGET_SCORES)   # (its records' fields are always there)
     with atomic_h5(out) as f:
         write_ids(f, "ids", ids if ids.dtype.kind in "OUS" else ids.astype(np.int64))
         rec, at = f.create_group("inrun"), 0
@@ -378,14 +377,12 @@ def write(out: Path, journal: Journal, *, config: dict[str, Any], fingerprint: d
             rows["row"] = np.searchsorted(ids, chunk["ids"]).astype(np.int64)
             found.add(chunk)
             scores.add(rows)
-            if targets:
-                any_target = any_target or bool(np.isfinite(rows["target_norm"]).any())
-                hits += np.bincount(rows["row"][inrun_scores.measured(rows)], minlength=n)
+            any_target = any_target or (targets and bool(np.isfinite(rows["target_norm"]).any()))
             for k, v in rows.items():
                 rec[k][at:at + len(v)] = v
             at += len(rows["row"])
         bar.close()
-        lines = found.lines() + (_unmeasured(hits, config.get("every", 1)) if targets and any_target else [])
+        lines = found.lines() + (_unmeasured(scores.measured, config.get("every", 1)) if any_target else [])
         write_attrs(f, {"config": config, "fingerprint": fingerprint, "gradscore_version": __version__,
                         "loss": loss, "warnings": lines, "inrun_complete": complete})
         group = f.create_group("scores")

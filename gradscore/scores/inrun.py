@@ -40,6 +40,14 @@ def _add(total: np.ndarray, row: np.ndarray, values: np.ndarray) -> None:
     np.add.at(total, row, values.astype(np.float64))
 
 
+def _add_finite(total: np.ndarray, count: np.ndarray, row: np.ndarray, values: np.ndarray) -> None:
+    """Add the finite ``values`` to their rows' ``total`` and count them in ``count``: the
+    running sums of a per-example mean over finite values."""
+    ok = np.isfinite(values)
+    _add(total, row[ok], values[ok])
+    count += np.bincount(row[ok], minlength=len(count))
+
+
 def _ratio(total: np.ndarray, count: np.ndarray) -> np.ndarray:
     """total / count, NaN where count is 0."""
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -52,6 +60,11 @@ def measured(rows: dict[str, np.ndarray]) -> np.ndarray:
     target = np.isfinite(rows["target_norm"])
     with np.errstate(invalid="ignore", over="ignore"):   # 0 · inf at a skipped step
         return target & ((rows["lr"] == 0) | np.isfinite(rows["lr"] * rows["dot"]))
+
+
+#: the per-example means that are scores as they are: (quantity averaged, score)
+_MEAN_SCORES = (("loss", "loss"), ("el2n", "el2n"), ("margin", "aum"), ("correct", "correctness"),
+                ("grand", "grand"), ("cos", "inrun_value_cos"))
 
 
 class Aggregator:
@@ -67,15 +80,14 @@ class Aggregator:
         self.total = {k: zeros() for k in self._means()}          # sums of finite values
         self.count = {k: np.zeros(n, np.int64) for k in self._means()}
         self.seen = np.zeros(n, np.int64)                         # presentations
-        self.value, self.measured = zeros(), np.zeros(n, np.int64)   # Σ η·dot, its records
+        self.value, self.measured = zeros(), np.zeros(n, np.int64)   # Σ η·dot, its (measured) records
         self.events, self.ever = zeros(), np.zeros(n, bool)       # forgetting
         self.last = np.full(n, -1, np.int8)                       # correct at the last presentation; -1: none yet
 
     def _means(self) -> list[str]:
         """The per-example means the wanted scores read, by the quantity averaged."""
         p = self.pick
-        return ([k for k, s in (("loss", "loss"), ("el2n", "el2n"), ("margin", "aum"), ("correct", "correctness"),
-                                ("grand", "grand"), ("cos", "inrun_value_cos")) if s in p]
+        return ([k for k, s in _MEAN_SCORES if s in p]
                 + (["p_gold", "p_gold_sq"] if p & {"confidence", "variability", "threshold_closeness"} else []))
 
     def add(self, rows: dict[str, np.ndarray]) -> None:
@@ -84,16 +96,14 @@ class Aggregator:
         row = rows["row"]
         self.seen += np.bincount(row, minlength=self.n)
         for k in self.total:
-            v = self._quantity(k, rows)
-            ok = np.isfinite(v)
-            _add(self.total[k], row[ok], v[ok])
-            self.count[k] += np.bincount(row[ok], minlength=self.n)
-        if "inrun_value" in self.pick:
+            _add_finite(self.total[k], self.count[k], row, self._quantity(k, rows))
+        if self.pick & TARGET_SCORES:
             ok = measured(rows)
+            self.measured += np.bincount(row[ok], minlength=self.n)
+        if "inrun_value" in self.pick:
             with np.errstate(invalid="ignore", over="ignore"):
                 term = np.where(rows["lr"] == 0, 0.0, rows["lr"].astype(np.float64) * rows["dot"].astype(np.float64))
             _add(self.value, row[ok], term[ok])
-            self.measured += np.bincount(row[ok], minlength=self.n)
         if "forgetting" in self.pick:
             self._forget(row, rows["correct"].astype(bool))
 
@@ -129,9 +139,7 @@ class Aggregator:
     def result(self) -> dict[str, np.ndarray]:
         """{score: (n,) float64} for the wanted scores whose rows exist."""
         mean = {k: _ratio(self.total[k], self.count[k]) for k in self.total}
-        out = {s: mean[k] for k, s in (("loss", "loss"), ("el2n", "el2n"), ("margin", "aum"),
-                                       ("correct", "correctness"), ("grand", "grand"), ("cos", "inrun_value_cos"))
-               if s in self.pick}
+        out = {s: mean[k] for k, s in _MEAN_SCORES if s in self.pick}
         if "p_gold" in mean:
             p = mean["p_gold"]
             var = np.maximum(mean["p_gold_sq"] - p * p, 0.0)
@@ -193,10 +201,8 @@ def dot_terms(blocks: Callable[[], Iterable[dict[str, np.ndarray]]], n: int,
             _add(sums[k], row[ok], terms[ok])
         counts["measured"] += np.bincount(row[ok], minlength=n)
         counts["seen"] += np.bincount(row, minlength=n)
-        grad = np.sqrt(np.maximum(rows["sq_norm"][moved].astype(np.float64), 0.0))
-        fin = np.isfinite(grad)
-        _add(sums["grad_norm"], r[fin], grad[fin])
-        counts["grad_norm"] += np.bincount(r[fin], minlength=n)
+        _add_finite(sums["grad_norm"], counts["grad_norm"], r,
+                    np.sqrt(np.maximum(rows["sq_norm"][moved].astype(np.float64), 0.0)))
         _add(sums["weight"], r, eta)
         _add(sums["weighted_cos"], r, per["cos"])
     out = {k: _ratio(sums[k] * counts["seen"], counts["measured"]) for k in ("raw", "cos", "clip")}
