@@ -37,7 +37,7 @@ from ..io.atomic import atomic_h5, atomic_path
 from ..io.attrs import write_attrs
 from ..exceptions import OutputError
 from ..io.journal import Journal, read_fingerprint
-from ..io.store import damage_named, put, read_ids, read_numpy, write_ids
+from ..io.store import damage_named, inrun_blocks, put, read_ids, read_numpy, write_ids
 from ..scores import inrun as inrun_scores
 
 #: per-row fields and their stored dtype (ids are kept as given: int64 or str)
@@ -255,9 +255,8 @@ def recorded_rows(out: Path) -> Iterator[dict[str, np.ndarray]]:
                               f"so it cannot be continued; record into another file")
         ids = read_ids(f["ids"])
         fields = [k for k in FIELDS if k in group]
-        for start in range(0, len(group["row"]), CHUNK_ROWS):
-            part = slice(start, start + CHUNK_ROWS)
-            yield {"ids": ids[group["row"][part]], **{k: group[k][part] for k in fields}}
+    for block in inrun_blocks(out, [*fields, "row"], CHUNK_ROWS)():
+        yield {"ids": ids[block.pop("row")], **block}
 
 
 def _verb(n: int, one: str, many: str) -> str:
