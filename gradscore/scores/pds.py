@@ -11,7 +11,11 @@ target_cos is in [−1, 1]. A mislabeled example has a large ‖g‖ and therefo
 """
 from __future__ import annotations
 
+from typing import Any, Iterator
+
 import numpy as np
+
+from .quantile import streamed_quantile
 
 
 def aggregate(per_checkpoint: dict[str, np.ndarray], eta: np.ndarray, grad_target_norm: np.ndarray
@@ -49,24 +53,50 @@ def decompose(dot: np.ndarray, sq_norm: np.ndarray, ref_norm: np.ndarray) -> tup
     return g, cos
 
 
-def variants(dot: np.ndarray, sq_norm: np.ndarray, ref_norm: np.ndarray, weight: np.ndarray, *,
-             clip_quantile: float = 0.9) -> dict[str, np.ndarray]:
-    """(N,) variants of the score s_n = Σ_t w_t·dot_nt (w_t = η_t, 0 where a term is absent).
+def dot_terms(dot: Any, sq_norm: Any, ref_norm: np.ndarray, weight: np.ndarray, *,
+              clip_quantile: float = 0.9) -> dict[str, np.ndarray]:
+    """A dot score s_n = Σ_t w_t·dot_nt read as norm × direction, per example (N,) float64:
 
+    - ``raw``: s_n; the variants that remove or bound the norm's influence:
     - ``cos``: Σ_t w_t cos_nt, the direction only;
     - ``clip``: Σ_t w_t min(‖g_nt‖, c)·‖v_t‖·cos_nt with c the ``clip_quantile`` of all ‖g_nt‖;
     - ``rank``: Σ_t w_t r_nt / Σ_t w_t with r_nt the rank of dot_nt among examples at t, in [0, 1];
-    - ``resid``: s_n minus its least-squares fit on log mean_t ‖g_nt‖ (the part the norm explains).
+    - ``resid``: s_n minus its least-squares fit on log mean_t ‖g_nt‖ (the part the norm explains);
+    - ``mean_grad_norm`` (mean_t ‖g_nt‖), ``mean_cos`` (Σ_t w_t cos_nt / Σ_t w_t), and the
+      decomposition's check: ``abs_error`` max_t |‖g_nt‖·‖v_t‖·cos_nt − dot_nt|, ``abs_dot`` max_t |dot_nt|.
+
+    dot, sq_norm: (T, N) arrays or HDF5 datasets, read a checkpoint row (N,) at a time (the
+    norms a few times more for the quantile, :func:`streamed_quantile`): memory is O(N), not
+    O(T·N). ref_norm: (T,) ‖v_t‖; weight: (T,) w_t (η_t, 0 where a term is absent).
     """
-    dot = dot.astype(np.float64)
-    g, cos = decompose(dot, sq_norm, ref_norm)
-    w = weight[:, None]
-    raw = (w * dot).sum(0)
-    c = np.quantile(g, clip_quantile)
-    n = dot.shape[1]
-    ranks = dot.argsort(1, kind="stable").argsort(1, kind="stable") / max(1, n - 1)
-    logg = np.log(np.maximum(g.mean(0), 1e-300))
-    A = np.stack([logg, np.ones(n)], 1)
+    T, n = dot.shape
+    sums = {k: np.zeros(n) for k in ("raw", "cos", "clip", "rank", "grad_norm")}
+    worst = {k: np.zeros(n) for k in ("abs_error", "abs_dot")}
+
+    def norms() -> Iterator[np.ndarray]:
+        return (np.sqrt(np.maximum(np.asarray(sq_norm[t], np.float64), 0.0)) for t in range(T))
+    c = streamed_quantile(norms, clip_quantile, empty=0.0)
+    for t in range(T):   # each sum row by row, as numpy sums a (T, N) array over axis 0
+        d = dot[t]
+        g, cos = (x[0] for x in decompose(d[None], sq_norm[t][None], ref_norm[t:t + 1]))
+        d64, w = d.astype(np.float64), weight[t]
+        ranks = d64.argsort(kind="stable").argsort(kind="stable") / max(1, n - 1)
+        for k, v in (("raw", w * d64), ("cos", w * cos), ("clip", w * np.minimum(g, c) * ref_norm[t] * cos),
+                     ("rank", w * ranks), ("grad_norm", g)):
+            sums[k] += v
+        np.maximum(worst["abs_error"], np.abs(g * ref_norm[t] * cos - d), out=worst["abs_error"])
+        np.maximum(worst["abs_dot"], np.abs(d), out=worst["abs_dot"])
+    raw, total = sums["raw"], weight.sum()
+    mean_g = sums["grad_norm"] / T if T else np.full(n, np.nan)
+    A = np.stack([np.log(np.maximum(mean_g, 1e-300)), np.ones(n)], 1)
     coef, *_ = np.linalg.lstsq(A, raw, rcond=None)
-    return {"cos": (w * cos).sum(0), "clip": (w * np.minimum(g, c) * ref_norm[:, None] * cos).sum(0),
-            "rank": (w * ranks).sum(0) / max(weight.sum(), 1e-300), "resid": raw - A @ coef}
+    return {"raw": raw, "cos": sums["cos"], "clip": sums["clip"], "rank": sums["rank"] / max(total, 1e-300),
+            "resid": raw - A @ coef, "mean_grad_norm": mean_g, "mean_cos": sums["cos"] / total, **worst}
+
+
+def variants(dot: Any, sq_norm: Any, ref_norm: np.ndarray, weight: np.ndarray, *,
+             clip_quantile: float = 0.9) -> dict[str, np.ndarray]:
+    """(N,) ``cos``, ``clip``, ``rank`` and ``resid`` of :func:`dot_terms`: the variants of the
+    score s_n = Σ_t w_t·dot_nt."""
+    terms = dot_terms(dot, sq_norm, ref_norm, weight, clip_quantile=clip_quantile)
+    return {k: terms[k] for k in VARIANTS}

@@ -47,9 +47,14 @@ def aggregate(per_checkpoint: dict[str, np.ndarray], window: Window,
 
 
 def nonfinite(per_checkpoint: Mapping[str, Any]) -> np.ndarray:
-    """(N,) bool: the examples with a NaN/Inf float metric at any checkpoint (one (T, N)
-    array read at a time)."""
-    return np.any([(~np.isfinite(v[()])).any(0) for v in per_checkpoint.values() if v.dtype.kind == "f"], 0)
+    """(N,) bool: the examples with a NaN/Inf float metric at any checkpoint (one checkpoint's
+    row (N,) read at a time)."""
+    bad = np.zeros(next(iter(per_checkpoint.values())).shape[1], bool)
+    for v in per_checkpoint.values():
+        if v.dtype.kind == "f":
+            for t in range(v.shape[0]):
+                bad |= ~np.isfinite(v[t])
+    return bad
 
 
 def whole_dataset(per_checkpoint: Mapping[str, Any], window: Window, wanted: set[str],
@@ -58,14 +63,14 @@ def whole_dataset(per_checkpoint: Mapping[str, Any], window: Window, wanted: set
     """The scores that need every example at once: ``<score>_<variant>`` of the dot scores (ranks, quantile clipping, a regression over all examples; see
     :func:`pds.variants`, with ``window.eta`` and ref_norms {"ref_norm_target",
     "ref_norm_costate"}: (T,) ‖v_t‖). ``per_checkpoint``: (T, N) arrays or the HDF5 group
-    holding them; only the metrics a wanted score needs are read."""
+    holding them; only the metrics a wanted score needs are read, a checkpoint's row at a time.""" 
     out: dict[str, np.ndarray] = {}
     if window.eta is None or ref_norms is None:
         return out
     weight = np.append(window.eta, 0.0)
     for name, (dot_key, norm_key) in pds.DOT_SCORES.items():
         if name in wanted and variant_names:
-            v = pds.variants(per_checkpoint[dot_key][()], per_checkpoint["sq_grad_norm"][()], ref_norms[norm_key],
+            v = pds.variants(per_checkpoint[dot_key], per_checkpoint["sq_grad_norm"], ref_norms[norm_key],
                              weight, clip_quantile=clip_quantile)
             out.update({f"{name}_{k}": v[k] for k in variant_names})
     return out
