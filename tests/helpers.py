@@ -72,6 +72,20 @@ def per_checkpoint_rows_read(monkeypatch) -> list[str]:
     return read
 
 
+def per_checkpoint_reads(monkeypatch) -> list[tuple[str, tuple[int, ...]]]:
+    """(metric, shape read) for every read of a scores file's (T, N) per-checkpoint rows from
+    now on, whole or in part: (N,) is one checkpoint's row, (T, N) all of them."""
+    read, plain = [], h5py.Dataset.__getitem__
+
+    def getitem(self, key):
+        values = plain(self, key)
+        if self.name.startswith("/per_checkpoint/"):
+            read.append((self.name.split("/")[-1], np.shape(values)))
+        return values
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", getitem)
+    return read
+
+
 def flip_a_byte_of(path, name):
     """Flip one byte inside the stored data of dataset ``name`` of the HDF5 file ``path``."""
     with h5py.File(path, "r") as f:

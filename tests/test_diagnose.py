@@ -65,13 +65,16 @@ def test_diagnosis_on_planted_mask(tmp_path):
 
 
 def test_diagnosis_reads_only_the_rows_it_decomposes(tmp_path, monkeypatch):
-    """The score's dots and the gradient norms, not every (T, N) row of the file."""
-    from helpers import per_checkpoint_rows_read
-    path = _synthetic(tmp_path / "s.h5")[0]
-    read = per_checkpoint_rows_read(monkeypatch)
+    """The score's dots and the gradient norms, not every (T, N) row of the file, and those a
+    checkpoint's row (N,) at a time: at 10⁷ examples and 50 checkpoints a (T, N) float64
+    array is 4 GB, and the variants took several (read whole: 2.6 GB at 10⁶ × 50)."""
+    from helpers import per_checkpoint_reads
+    path, noisy, pc, ref, weight = _synthetic(tmp_path / "s.h5")
+    read = per_checkpoint_reads(monkeypatch)
     rep = diagnose(path, echo=lambda *_: None)
     assert rep["decomposition"]["max_abs_error"] < 1e-9
-    assert set(read) == {"dot_costate", "sq_grad_norm"}
+    assert {name for name, _ in read} == {"dot_costate", "sq_grad_norm"}
+    assert {shape for _, shape in read} == {(len(noisy),)}
 
 
 def test_without_mask_the_mask_free_parts_run(tmp_path, capsys):

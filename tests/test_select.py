@@ -9,7 +9,7 @@ import pytest
 import gradscore as gs
 from gradscore.cli import main
 from gradscore.reports.select import by_score, jtt_weights, regions
-from helpers import per_checkpoint_rows_read
+from helpers import per_checkpoint_reads, per_checkpoint_rows_read
 
 
 def test_by_score_exact_indices():
@@ -155,11 +155,12 @@ def test_reports_read_only_the_per_checkpoint_rows_they_use(scores_file, tmp_pat
     """A report loaded every (T, N) per-checkpoint row of the scores file to use (N,) scores:
     at 10⁷ examples and 50 checkpoints, gigabytes per metric (measured: `select` on 10⁶ × 10
     rose 330 MB over import). Each now reads the rows it uses, and nothing else."""
-    read = per_checkpoint_rows_read(monkeypatch)
+    read = per_checkpoint_reads(monkeypatch)
     suffix = {"export": ".csv", "plot": ".png"}.get(command[0], ".json")
     argv = [a.format(s=scores_file) for a in command] + ["--out", str(tmp_path / f"out{suffix}")]
     assert main(argv) == 0, capsys.readouterr().err
-    assert set(read) == reads
+    assert {name for name, _ in read} == reads
+    assert all(len(shape) == 1 for _, shape in read), read   # a checkpoint's row (N,), not all T
 
 
 def test_run_reads_back_no_per_checkpoint_row(tiny_run, tmp_path, monkeypatch, capsys):
@@ -169,3 +170,20 @@ def test_run_reads_back_no_per_checkpoint_row(tiny_run, tmp_path, monkeypatch, c
     assert main(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(tmp_path / "s.h5"),
                  "--scores", "el2n,grand", "--quiet"]) == 0
     assert read == []
+
+
+def test_jtt_on_a_file_without_checkpoints_says_so(tmp_path, capsys):
+    """An in-run recording has records per training step, no per-checkpoint `correct`:
+    `select --jtt` on it was a KeyError traceback (exit 1)."""
+    import torch
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x, y = torch.randn(16, 4), torch.arange(16) % 3
+    with gs.InRun(model, out=tmp_path / "r.h5") as rec:
+        with rec.step(range(16), y):
+            F.cross_entropy(model(x), y).backward()
+    assert main(["select", str(tmp_path / "r.h5"), "--jtt", "--out", str(tmp_path / "j.json")]) == 2
+    err = capsys.readouterr().err
+    assert "r.h5: is an in-run recording (gs.InRun)" in err and "--by correctness" in err, err
+    assert not (tmp_path / "j.json").exists()

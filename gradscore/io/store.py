@@ -403,3 +403,34 @@ def load_scores(path: str | Path, per_checkpoint: bool | Collection[str] = True)
             }
     except (OSError, KeyError) as e:
         raise GradscoreError(f"{path}: not a gradscore scores file ({e})") from e
+
+
+class CheckpointRows:
+    """One (T, N) per-checkpoint metric of a scores file, read a checkpoint at a time:
+    ``rows[t]`` is checkpoint t's (N,) row (t < 0 counts from the end); ``shape``, ``dtype``.
+    A row that fails its checksum is a GradscoreError naming the file and the metric."""
+
+    def __init__(self, path: Path, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.path, self.name, self.shape, self.dtype = path, name, shape, dtype
+
+    def __getitem__(self, t: int) -> np.ndarray:
+        if not -self.shape[0] <= t < self.shape[0]:
+            raise IndexError(f"checkpoint {t} of {self.shape[0]}")
+        with h5py.File(self.path, "r") as f:
+            try:
+                return f["per_checkpoint"][self.name][t % self.shape[0]]
+            except (OSError, RuntimeError) as e:
+                raise damaged(self.path, e, f"/per_checkpoint/{self.name}") from e
+
+
+def checkpoint_rows(path: str | Path, keys: Collection[str]) -> dict[str, CheckpointRows]:
+    """The (T, N) per-checkpoint metrics ``keys`` that the scores file ``path`` holds, each
+    read a checkpoint's row at a time (:class:`CheckpointRows`): memory O(N), not O(T·N).
+    GradscoreError for a file that is not a scores file."""
+    path = Path(path)
+    try:
+        with damage_named(path), _scores_file(path) as f:
+            group = f["per_checkpoint"] if "per_checkpoint" in f else {}
+            return {k: CheckpointRows(path, k, group[k].shape, group[k].dtype) for k in keys if k in group}
+    except (OSError, KeyError) as e:
+        raise GradscoreError(f"{path}: not a gradscore scores file ({e})") from e

@@ -32,9 +32,9 @@ from ..io.datasets import Dataset, load_dataset, positions_of
 from ..exceptions import GradscoreError
 from ..io.outputs import claim
 from ..scores.inrun import DOT_TERM_FIELDS as INRUN_DOT_FIELDS, dot_terms as inrun_dot_terms
-from ..scores.pds import DOT_SCORES, decompose, variants
+from ..scores.pds import DOT_SCORES, VARIANTS, dot_terms
 from .flag import count_line, default_score, estimate, suspicion
-from ..io.store import inrun_blocks, load_scores, read_numpy
+from ..io.store import checkpoint_rows, inrun_blocks, load_scores, read_numpy
 
 #: the dot-product score of an in-run file (gs.InRun), diagnosed from its records
 INRUN_SCORE = "inrun_value"
@@ -93,8 +93,9 @@ def diagnose(scores: str | Path, *, score: str = "pds", noisy_mask: str | None =
             claim(Path(out) / name, kind, inputs=inputs, overwrite=overwrite)
     if score not in (*DOT_SCORES, INRUN_SCORE):
         raise GradscoreError(f"--score must be one of {', '.join((*DOT_SCORES, INRUN_SCORE))}, got '{score}'")
-    # the rows the decomposition reads: the score's dots and the gradient norms
-    res = load_scores(scores, per_checkpoint=(DOT_SCORES[score][0], "sq_grad_norm") if score in DOT_SCORES else False)
+    res = load_scores(scores, per_checkpoint=False)
+    if score in DOT_SCORES:   # what the decomposition reads, a checkpoint at a time: the dots, the norms
+        res["per_checkpoint"] = checkpoint_rows(scores, (DOT_SCORES[score][0], "sq_grad_norm"))
     if score == INRUN_SCORE:
         res["inrun"] = inrun_blocks(scores, INRUN_DOT_FIELDS)   # the records, read block by block
     ds = load_dataset(data) if data is not None else None
@@ -161,16 +162,15 @@ def compute(res: dict[str, Any], source_file: str, *, score: str, noisy: np.ndar
     elif dot_key in pc and "sq_grad_norm" in pc and norm_key in ck and "eta" in ck:
         T = pc[dot_key].shape[0]
         weight = np.append(ck["eta"], np.zeros(T - len(ck["eta"])))
-        dot, sq, ref = pc[dot_key], pc["sq_grad_norm"], ck[norm_key]
-        g, cos = decompose(dot, sq, ref)
-        raw = (weight[:, None] * dot.astype(np.float64)).sum(0)
-        var = {"raw": raw, **variants(dot, sq, ref, weight, clip_quantile=clip_quantile)}
-        mean_g = g.mean(0)
+        terms = dot_terms(pc[dot_key], pc["sq_grad_norm"], ck[norm_key], weight, clip_quantile=clip_quantile)
+        raw, mean_g = terms["raw"], terms["mean_grad_norm"]
+        var = {k: terms[k] for k in ("raw", *VARIANTS)}
         top1 = np.argsort(-mean_g, kind="stable")[:max(1, n // 100)]
-        error = float(np.abs(g * ref[:, None] * cos - dot).max())
+        error = float(terms["abs_error"].max(initial=0.0))
         report["decomposition"] = {
-            "max_abs_error": error, "max_rel_error": error / max(float(np.abs(dot).max()), np.finfo(float).tiny),
-            "mean_grad_norm": mean_g.tolist(), "mean_cos": ((weight[:, None] * cos).sum(0) / weight.sum()).tolist()}
+            "max_abs_error": error,
+            "max_rel_error": error / max(float(terms["abs_dot"].max(initial=0.0)), np.finfo(float).tiny),
+            "mean_grad_norm": mean_g.tolist(), "mean_cos": terms["mean_cos"].tolist()}
         report["inflation"] = {v: {"spearman_abs_score_vs_norm": float(spearmanr(np.abs(x), mean_g)[0]),
                                    "top1pct_norm_share_of_abs_score": float(np.abs(x)[top1].sum() / np.abs(x).sum())}
                                for v, x in var.items()}

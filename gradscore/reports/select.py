@@ -23,7 +23,7 @@ from ..io.atomic import atomic_path
 from ..exceptions import ConfigError, DataError, GradscoreError
 from ..io.datasets import scored_labels
 from ..io.outputs import MARK, claim
-from ..io.store import load_scores
+from ..io.store import checkpoint_rows, load_scores
 
 
 def _weights_path(out: Path) -> Path:
@@ -139,7 +139,15 @@ def select(scores: str | Path, *, by: str | None = None, keep: float = 0.5, high
         claim(out, "json", inputs=inputs, overwrite=overwrite)
         if jtt:
             claim(_weights_path(Path(out)), "weights", inputs=inputs, overwrite=overwrite)
-    res = load_scores(scores, per_checkpoint=("correct",) if jtt else False)   # JTT's error set: one row
+    res = load_scores(scores, per_checkpoint=False)
+    if jtt:   # JTT's error set: one checkpoint's row of `correct`
+        res["per_checkpoint"] = checkpoint_rows(scores, ("correct",))
+        if "correct" not in res["per_checkpoint"]:
+            what = ("is an in-run recording (gs.InRun), whose records are training steps, not checkpoints"
+                    if res["config"].get("inrun") else "has no per-checkpoint `correct` rows")
+            raise ConfigError(f"{scores}: {what}; JTT's error set is a checkpoint's mistakes: score the "
+                              f"checkpoints with `gradscore run`, or select the examples predicted right least "
+                              f"often with --by correctness --lowest")
     result: dict[str, Any]
     weights = None
     if by is not None:
