@@ -278,3 +278,33 @@ def test_close_shows_a_progress_bar_and_the_rewrites_in_training_do_not(tmp_path
     assert bars and all(b.disable is True for b in bars)   # the first rewrite at least (the next are spaced)
     rec.close()
     assert bars[-1].disable is None and bars[-1].total == bars[-1].done == 24
+
+
+def test_diagnose_terms_hold_the_examples_not_a_float_per_record(monkeypatch):
+    """`diagnose --score inrun_value` reads 10⁸ records in blocks: the clip's quantile of the
+    records' norms is selected in passes over them (at most ``quantile.HOLD`` held), so the
+    peak is O(N) and a block, not a float per record; the terms equal one block's to the bit."""
+    from gradscore.scores import quantile
+    n, steps, batch = 500, 8000, 250
+    rng = np.random.default_rng(0)
+    fields = {"row": rng.integers(0, n, steps * batch), "lr": np.full(steps * batch, 0.1, np.float32),
+              "dot": rng.standard_normal(steps * batch).astype(np.float32),
+              "share_sq_norm": rng.exponential(1, steps * batch).astype(np.float32),
+              "sq_norm": rng.exponential(1, steps * batch).astype(np.float32),
+              "target_norm": rng.uniform(1, 2, steps * batch).astype(np.float32)}
+    fields["target_norm"][: 10 * batch] = np.nan   # steps without a target
+    whole = inrun_scores.dot_terms(lambda: [fields], n)
+
+    def blocks():
+        for a in range(0, steps * batch, 4 * batch):
+            yield {k: v[a:a + 4 * batch].copy() for k, v in fields.items()}
+    monkeypatch.setattr(quantile, "HOLD", 2_000)
+    tracemalloc.start()
+    try:
+        terms = inrun_scores.dot_terms(blocks, n)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    for k, v in whole.items():
+        assert np.array_equal(terms[k], v, equal_nan=True), k
+    assert peak < 0.25 * steps * batch * 8, peak / (steps * batch * 8)

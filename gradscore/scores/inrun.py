@@ -21,9 +21,11 @@ steps without a target gradient). Every score is over the presentations of an ex
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
+
+from .quantile import streamed_quantile
 
 #: the scores that need a target gradient (a recorder's ``targets=``)
 TARGET_SCORES = frozenset({"inrun_value", "inrun_value_cos"})
@@ -172,8 +174,9 @@ def dot_terms(blocks: Callable[[], Iterable[dict[str, np.ndarray]]], n: int,
     ``cos`` (Σ_t η_t cos) and ``clip`` (each term's ‖∇L_b‖ clipped at the ``clip_quantile``
     of all records' share norms); each sum over the measured presentations times
     presentations / measured ones, as ``inrun_value`` is. ``blocks()`` gives the records
-    (:data:`DOT_TERM_FIELDS`) in blocks, anew at each call: two passes, the first for the
-    quantile, so memory is one float per record that moved, not every field."""
+    (:data:`DOT_TERM_FIELDS`) in blocks, anew at each call: one pass for the quantile
+    (three where more than :data:`quantile.HOLD` records moved), one for the sums; memory is
+    O(N) and a block, not O(records).""" 
     def moved_of(rows: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:   # the measured, those that moved
         ok = measured(rows)
         return ok, ok & (rows["lr"] != 0)   # the records that enter the norm, the cosine and the clip
@@ -181,10 +184,9 @@ def dot_terms(blocks: Callable[[], Iterable[dict[str, np.ndarray]]], n: int,
     def share_norm(rows: dict[str, np.ndarray], moved: np.ndarray) -> np.ndarray:
         return np.sqrt(np.maximum(rows["share_sq_norm"][moved].astype(np.float64), 0.0))
 
-    norms = [share_norm(rows, moved_of(rows)[1]) for rows in blocks()]
-    g = np.concatenate(norms) if norms else np.zeros(0)
-    c = np.quantile(g, clip_quantile) if len(g) else 0.0
-    del norms, g
+    def norms() -> Iterator[np.ndarray]:
+        return (share_norm(rows, moved_of(rows)[1]) for rows in blocks())
+    c = streamed_quantile(norms, clip_quantile, empty=0.0)
     sums = {k: np.zeros(n) for k in ("raw", "cos", "clip", "grad_norm", "weight", "weighted_cos")}
     counts = {k: np.zeros(n, np.int64) for k in ("measured", "seen", "grad_norm")}
     for rows in blocks():
