@@ -102,8 +102,16 @@ def test_gram_bench_times_forms_that_agree(monkeypatch):
     assert all(r["blocked_to_whole"] > 0 and r["outer_to_whole"] > 0 for r in rows)
 
 
-SCRIPTS = ["conv_plan", "dynamics_scale", "engines", "families", "gram", "inrun", "kernels", "large_data",
-           "norm_rules", "sketch"]
+SCRIPTS = ["conv_plan", "dynamics_scale", "engines", "families", "gram", "inrun", "inrun_store", "kernels",
+           "large_data", "norm_rules", "sketch", "whole_dataset"]
+
+
+def test_whole_dataset_bench_measures_each_step(tmp_path):
+    from bench import whole_dataset
+    report = whole_dataset.main(["--examples", "3000", "--checkpoints", "4", "--json", str(tmp_path / "w.json")])
+    assert [(r["examples"], r["checkpoints"], r["step"]) for r in report["rows"]] == [(3000, 4, "run"),
+                                                                                      (3000, 4, "diagnose")]
+    assert all(r["seconds"] > 0 and r["one_TxN_float64_bytes"] == 8 * 4 * 3000 for r in report["rows"])
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

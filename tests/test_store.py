@@ -410,3 +410,26 @@ def test_a_scores_file_damaged_anywhere_is_refused_or_reads_the_same(tiny_run, t
         np.testing.assert_array_equal(got["noisy"], want["noisy"])
         assert got["config"] == want["config"] and got["warnings"] == want["warnings"]
     assert refused > 500
+
+
+def test_checkpoint_rows_read_the_rows_load_scores_reads_a_checkpoint_at_a_time(tiny_run, tmp_path):
+    ckpts, data = tiny_run
+    path = gs.score(checkpoints=ckpts, data=data, out=tmp_path / "s.h5", progress=False)
+    whole = gs.load_scores(path)["per_checkpoint"]
+    rows = gs.checkpoint_rows(path, ["loss", "correct", "not_a_metric"])
+    assert sorted(rows) == ["correct", "loss"]
+    for k, r in rows.items():
+        assert r.shape == whole[k].shape and r.dtype == whole[k].dtype and len(r) == len(whole[k])
+        for t in range(-len(r), len(r)):
+            np.testing.assert_array_equal(r[t], whole[k][t])
+        with pytest.raises(IndexError):
+            r[len(r)]
+    np.testing.assert_array_equal(np.stack(list(rows["loss"])), whole["loss"])
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(path.read_bytes())
+    flip_a_byte_of(bad, "per_checkpoint/loss")   # checkpoint 0's row
+    rows = gs.checkpoint_rows(bad, ["loss"])["loss"]
+    with pytest.raises(gs.GradscoreError, match="bad.h5: /per_checkpoint/loss is damaged"):
+        rows[0]
+    with pytest.raises(gs.GradscoreError, match="not a gradscore scores file"):
+        gs.checkpoint_rows(data, ["loss"])

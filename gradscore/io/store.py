@@ -413,6 +413,12 @@ class CheckpointRows:
     def __init__(self, path: Path, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
         self.path, self.name, self.shape, self.dtype = path, name, shape, dtype
 
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"CheckpointRows({str(self.path)!r}, {self.name!r}, shape={self.shape}, dtype={self.dtype})"
+
     def __getitem__(self, t: int) -> np.ndarray:
         if not -self.shape[0] <= t < self.shape[0]:
             raise IndexError(f"checkpoint {t} of {self.shape[0]}")
