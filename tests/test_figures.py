@@ -82,3 +82,21 @@ def test_data_map_legend_covers_no_region_label(figures):
     labels = [t for t in ax.texts if t.get_text() in ("easy-to-learn", "hard-to-learn", "ambiguous")]
     assert len(labels) == 3
     assert not any(legend.overlaps(box) for box in _boxes(labels))
+
+
+@pytest.mark.parametrize("lo, hi", [(0.45, 13.0), (0.3, 6.0), (2.2, 9.5), (0.9, 4.0), (0.03, 3.0), (0.05, 0.6),
+                                    (1e-3, 1e3), (1.2, 1.8)])
+def test_norm_vs_cos_labels_every_stretch_of_the_norms(figures, lo, hi):
+    """Clean norms near 1 and noisy ones near 10 (the demo's picture): the labels were 3, 6,
+    9 and 12 (a linear locator on a log axis), none near the clean cluster. No stretch
+    between labels (or to the ends of the values) is over half the log range."""
+    rng = np.random.default_rng(0)
+    g = np.exp(rng.uniform(np.log(lo), np.log(hi), 400))
+    g[:2] = lo, hi
+    plots.norm_vs_cos(g, rng.normal(size=400) * 0.2, "x.png", noisy=rng.random(400) < 0.2, title="t")
+    ax = figures[0].axes[0]
+    labelled = sorted(t.get_loc() for t in ax.xaxis.get_major_ticks()
+                      if t.label1.get_visible() and t.label1.get_text() and lo <= t.get_loc() <= hi)
+    stops = np.log10([lo, *labelled, hi])
+    assert len(labelled) >= 2 and np.diff(stops).max() <= 0.5 * (stops[-1] - stops[0]), \
+        [t.label1.get_text() for t in ax.xaxis.get_major_ticks()]

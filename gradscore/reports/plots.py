@@ -119,16 +119,27 @@ def data_map(confidence: np.ndarray, variability: np.ndarray, correctness: np.nd
 
 
 def _log_x(ax, values: np.ndarray) -> None:
-    """A log x axis whose tick labels never crowd: over less than 1.5 decades a few plain
-    numbers (2, 4, 6, 8), else one labelled tick per decade, minor ticks unlabelled."""
+    """A log x axis whose tick labels never crowd and leave no stretch of the values
+    unlabelled: over 2.5 decades or more one labelled tick per decade; under that plain
+    numbers at 1, 2, 5 × 10^k, or at 1, 2, …, 9 × 10^k where those give fewer than three
+    among the values, or evenly spaced ones over a range too narrow for either; minor
+    ticks unlabelled."""
     from matplotlib import ticker
     ax.set_xscale("log")
     positive = values[np.isfinite(values) & (values > 0)]
-    if len(positive) and np.log10(positive.max() / positive.min()) < 1.5:
-        ax.xaxis.set_major_locator(ticker.MaxNLocator(nbins=5))
-        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
-    else:
+    lo, hi = (positive.min(), positive.max()) if len(positive) else (1.0, np.inf)
+    if np.log10(hi / lo) >= 2.5:
         ax.xaxis.set_major_locator(ticker.LogLocator(base=10, numticks=8))
+    else:
+        locator: ticker.Locator = ticker.MaxNLocator(nbins=5)
+        decades = range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)
+        for subs in ((1, 2, 5), range(1, 10)):
+            ticks = [v for v in (float(f"{s}e{k}") for k in decades for s in subs) if lo <= v <= hi]
+            if len(ticks) >= 3:
+                locator = ticker.FixedLocator(ticks)
+                break
+        ax.xaxis.set_major_locator(locator)
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
 
 
