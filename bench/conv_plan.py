@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import gradscore as gs
-from bench.engines import best_time, claim_results, device_name, results_options, run_script, write_results
+from bench.engines import best_time, device_name, parsed, run_script, write_results
 from gradscore.engines.rules import conv
 
 #: (name, C_in, C_out, kernel, stride, image side, groups)
@@ -66,9 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=64, help="examples per call")
     ap.add_argument("--refs", type=int, default=2, help="reference vectors K")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per form (best kept)")
-    results_options(ap)
-    args = ap.parse_args(argv)
-    claim_results(args)
+    args = parsed(ap, argv)
     rows = measure(args.batch, args.refs, args.repeats)
     mean = sum(r["plan_over_fastest"] for r in rows) / len(rows)
     print(f"plan's pick: {mean:.2f}x the fastest form on average over {len(rows)} layers")

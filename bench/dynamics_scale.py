@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.engines import claim_results, results_options, run_script, write_results
+from bench.engines import parsed, run_script, write_results
 from gradscore.io.dynamics import export_scores, import_dynamics
 
 
@@ -37,9 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--classes", type=int, default=10)
-    results_options(ap)
-    args = ap.parse_args(argv)
-    claim_results(args)
+    args = parsed(ap, argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()

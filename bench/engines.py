@@ -302,6 +302,15 @@ def results_options(p: argparse.ArgumentParser) -> None:
                    help="replace an earlier results file (a gradscore JSON report only)")
 
 
+def parsed(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """A bench script's arguments: ``p``'s and :func:`results_options`', parsed from ``argv``,
+    with ``--json`` checked by :func:`claim_results` before anything is timed."""
+    results_options(p)
+    args = p.parse_args(argv)
+    claim_results(args)
+    return args
+
+
 def claim_results(args: argparse.Namespace) -> None:
     """Check that ``args.json`` may be written (see :func:`gradscore.io.outputs.claim`), before
     anything is timed, not after."""

@@ -17,7 +17,7 @@ from torch import nn
 
 import gradscore as gs
 from gradscore.engines.ghost import GhostEngine
-from bench.engines import TinyViT, claim_results, device_name, paired_times, results_options, run_script, write_results
+from bench.engines import TinyViT, device_name, paired_times, parsed, run_script, write_results
 from gradscore.demos.models import recurrent_classifier, small_resnet
 
 T, D = 32, 64
@@ -176,11 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=64, help="examples per batch (default 64)")
     ap.add_argument("--repeats", type=int, default=7, help="paired calls per method; the best counts (default 7)")
     ap.add_argument("--only", default="", help="run the families whose name contains this text (default: all)")
-    results_options(ap)
-    args = ap.parse_args(argv)
+    args = parsed(ap, argv)
     if args.only and args.json:
         ap.error("--only runs some families: a results file holds all of them (leave out --only)")
-    claim_results(args)
     rows = run(args.batch, args.repeats, args.only)
     if args.json:
         write_results(args.json, {"device": device_name(),

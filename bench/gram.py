@@ -18,7 +18,7 @@ import statistics
 
 import torch
 
-from bench.engines import claim_results, device_name, pair_ratios, results_options, run_script, write_results
+from bench.engines import device_name, pair_ratios, parsed, run_script, write_results
 from gradscore._version import __version__
 from gradscore.kernels.ghost_linear import _gram_sq, ghost_linear, gram_blocks, plan, workspace_bytes
 
@@ -58,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gram", description=__doc__.split("\n\n")[0])
     p.add_argument("--pairs", type=int, default=30, help="timed pairs per shape; the median ratio is kept")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the Grams are formed")
-    results_options(p)
-    args = p.parse_args(argv)
-    claim_results(args)
+    args = parsed(p, argv)
     result = run_bench(args.pairs, device=args.device)
     if args.json:
         write_results(args.json, result)

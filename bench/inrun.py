@@ -42,8 +42,8 @@ from typing import Callable
 import torch
 
 import gradscore as gs
-from bench.engines import (_inputs, _Memory, claim_results, counted_flops, device_name, measured_child, model_cases,
-                           pair_ratios, results_options, run_script, write_results)
+from bench.engines import (_Memory, _inputs, counted_flops, device_name, measured_child, model_cases, pair_ratios,
+                           parsed, run_script, write_results)
 from gradscore._version import __version__
 from gradscore.batch import call_model
 from gradscore.losses import resolve_loss
@@ -213,9 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=15,
                    help="timed pairs (recorder, plain) per method; the median ratio is kept")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    results_options(p)
-    args = p.parse_args(argv)
-    claim_results(args)
+    args = parsed(p, argv)
     result = run_bench(args.repeats, args.device)
     if args.json:
         write_results(args.json, result)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.engines import claim_results, device_name, results_options, run_script, saved
+from bench.engines import device_name, parsed, run_script, saved
 from gradscore.inrun.store import FIELDS, RowJournal
 from gradscore.io.journal import Journal
 
@@ -68,9 +68,7 @@ def make_journal(out: Path, records: int) -> int:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", default="1000000,10000000", help="comma-separated record counts M")
-    results_options(ap)
-    args = ap.parse_args(argv)
-    claim_results(args)
+    args = parsed(ap, argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for m in (int(float(s)) for s in args.records.split(",")):

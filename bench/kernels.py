@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from bench.engines import best_time, claim_results, device_name, results_options, run_script, saved
+from bench.engines import best_time, device_name, parsed, run_script, saved
 
 
 from gradscore.kernels import get_backend, norm_dot_reference
@@ -101,9 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sweep", action="store_true")
-    results_options(ap)
-    args = ap.parse_args(argv)
-    claim_results(args)
+    args = parsed(ap, argv)
     result = run(args.device, args.repeats)
     if args.sweep:
         result["sweep"] = sweep(args.repeats)

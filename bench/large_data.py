@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import gradscore as gs
-from bench.engines import claim_results, device_name, results_options, run_script, saved
+from bench.engines import device_name, parsed, run_script, saved
 from gradscore.demos.models import mlp
 
 KW = {"d_in": 64, "hidden": 256, "n_classes": 10, "depth": 2}
@@ -58,9 +58,7 @@ def make_checkpoints(root: Path) -> Path:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="100000,1000000")
-    results_options(ap)
-    args = ap.parse_args(argv)
-    claim_results(args)
+    args = parsed(ap, argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

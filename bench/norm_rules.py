@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
-from bench.engines import claim_results, device_name, pair_ratios, results_options, run_script, write_results
+from bench.engines import device_name, pair_ratios, parsed, run_script, write_results
 from gradscore._version import __version__
 from gradscore.engines.rules.norm import _standardize
 from gradscore.kernels.norm_affine_numba import norm_affine_numba
@@ -90,9 +90,7 @@ def run_bench(pairs: int = 200, echo=print) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.norm_rules", description=__doc__.split("\n\n")[0])
     p.add_argument("--pairs", type=int, default=200, help="timed pairs per layer; the median ratio is kept")
-    results_options(p)
-    args = p.parse_args(argv)
-    claim_results(args)
+    args = parsed(p, argv)
     result = run_bench(args.pairs)
     if args.json:
         write_results(args.json, result)

@@ -28,8 +28,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 import gradscore as gs
-from bench.engines import (_inputs, claim_results, device_name, measured_child, model_cases, results_options,
-                           run_script, write_results)
+from bench.engines import _inputs, device_name, measured_child, model_cases, parsed, run_script, write_results
 from gradscore.sketches.attribute import TopK, block_scores
 
 CASES = {"mlp_784_1024_1024": 256, "transformer_d128_T64": 64}
@@ -168,9 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="also write and read back a generated sketch file of N examples (10^6: 4 GB at dim 2048)")
     p.add_argument("--storage-dim", type=int, default=2048, help="dim of the generated sketch file")
     p.add_argument("--storage-dir", default=".", metavar="DIR", help="where the generated file is written (then removed)")
-    results_options(p)
-    args = p.parse_args(argv)
-    claim_results(args)
+    args = parsed(p, argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = sketch_rows(args.dim, args.repeats, device)
     for r in rows:

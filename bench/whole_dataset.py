@@ -22,7 +22,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from bench.engines import claim_results, device_name, results_options, run_script, saved
+from bench.engines import device_name, parsed, run_script, saved
 
 CHILD = """
 import resource, sys, time
@@ -60,9 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", default="1000000", help="comma-separated example counts N")
     ap.add_argument("--checkpoints", default="10,50", help="comma-separated checkpoint counts T")
-    results_options(ap)
-    args = ap.parse_args(argv)
-    claim_results(args)
+    args = parsed(ap, argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in (int(float(s)) for s in args.examples.split(",")):
