@@ -25,6 +25,7 @@ def _keys(x: np.ndarray) -> np.ndarray:
 
 
 def _finite_keys(x: np.ndarray) -> np.ndarray:
+    """The keys of the non-NaN values of ``x``."""
     x = np.asarray(x, dtype=np.float64).ravel()
     return _keys(x[~np.isnan(x)])
 
@@ -56,11 +57,13 @@ def _select(blocks: Callable[[], Iterable[np.ndarray]], k: int, hist: np.ndarray
 
 def streamed_quantile(blocks: Callable[[], Iterable[np.ndarray]], q: float, *, hold: int | None = None,
                       empty: float | None = None) -> float:
-    """``np.quantile(np.concatenate(list(blocks())), q)`` (method ``linear``), equal to the bit,
-    NaN where a value is NaN; for no values ``empty``, or ValueError without it. ``blocks()`` gives the values
-    (float arrays of any shape) anew at each call. Up to ``hold`` values, one call and
-    ``np.quantile``; more, about three calls, each value's 8-byte key taken a block at a
-    time: memory is a block and at most ``hold`` values (default :data:`HOLD`)."""
+    """``np.quantile(np.concatenate(list(blocks())), q)`` (method ``linear``, in float64), equal
+    to the bit; NaN where a value is NaN; for no values ``empty``, or ValueError without it.
+
+    ``blocks()`` gives the values (float arrays of any shape) anew at each call. Up to
+    ``hold`` values (default :data:`HOLD`): one call and ``np.quantile``. More: about three
+    calls, each value's 8-byte key taken a block at a time; memory is a block and at most
+    ``hold`` values."""
     hold = HOLD if hold is None else hold
     if not 0 <= q <= 1:
         raise ValueError(f"a quantile is in [0, 1], got {q}")
