@@ -70,8 +70,8 @@ def __dir__() -> list[str]:
 __all__ = [
     "__version__", "Scorer", "ScoreBatch", "Engine", "score", "run", "reaggregate", "RunConfig",
     "CheckpointWriter", "CheckpointStore", "CheckpointInfo", "Dataset", "load_dataset",
-    "save_dataset", "load_scores", "checkpoint_rows", "Loss", "causal_lm", "resolve_loss", "GradscoreError", "ConfigError",
-    "CheckpointError", "DataError", "EngineError", "ConfigMismatchError", "OutputError", "VmapTraceError",
-    "CostateConfig", "CostateFile", "compute_costate", "select", "diagnose", "flag", "InRun",
+    "save_dataset", "load_scores", "checkpoint_rows", "Loss", "causal_lm", "resolve_loss", "GradscoreError",
+    "ConfigError", "CheckpointError", "DataError", "EngineError", "ConfigMismatchError", "OutputError",
+    "VmapTraceError", "CostateConfig", "CostateFile", "compute_costate", "select", "diagnose", "flag", "InRun",
     "sketch", "attribute", "Projection",
 ]

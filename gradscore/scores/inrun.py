@@ -176,7 +176,7 @@ def dot_terms(blocks: Callable[[], Iterable[dict[str, np.ndarray]]], n: int,
     presentations / measured ones, as ``inrun_value`` is. ``blocks()`` gives the records
     (:data:`DOT_TERM_FIELDS`) in blocks, anew at each call: one pass for the quantile
     (three where more than :data:`quantile.HOLD` records moved), one for the sums; memory is
-    O(N) and a block, not O(records).""" 
+    O(N) and a block, not O(records)."""
     def moved_of(rows: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:   # the measured, those that moved
         ok = measured(rows)
         return ok, ok & (rows["lr"] != 0)   # the records that enter the norm, the cosine and the clip

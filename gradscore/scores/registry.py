@@ -60,10 +60,11 @@ def nonfinite(per_checkpoint: Mapping[str, Any]) -> np.ndarray:
 def whole_dataset(per_checkpoint: Mapping[str, Any], window: Window, wanted: set[str],
                   ref_norms: dict[str, np.ndarray] | None = None, variant_names: tuple[str, ...] = (),
                   clip_quantile: float = 0.9) -> dict[str, np.ndarray]:
-    """The scores that need every example at once: ``<score>_<variant>`` of the dot scores (ranks, quantile clipping, a regression over all examples; see
-    :func:`pds.variants`, with ``window.eta`` and ref_norms {"ref_norm_target",
-    "ref_norm_costate"}: (T,) ‖v_t‖). ``per_checkpoint``: (T, N) arrays or the HDF5 group
-    holding them; only the metrics a wanted score needs are read, a checkpoint's row at a time.""" 
+    """The scores that need every example at once: ``<score>_<variant>`` of the dot scores
+    (ranks, quantile clipping, a regression over all examples; see :func:`pds.variants`,
+    with ``window.eta`` and ref_norms {"ref_norm_target", "ref_norm_costate"}: (T,) ‖v_t‖).
+    ``per_checkpoint``: (T, N) arrays or the HDF5 group holding them; only the metrics a
+    wanted score needs are read, a checkpoint's row at a time."""
     out: dict[str, np.ndarray] = {}
     if window.eta is None or ref_norms is None:
         return out
