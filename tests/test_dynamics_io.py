@@ -105,3 +105,22 @@ def test_export_round_trip_preserves_values_and_ids(tmp_path):
     assert t["id"] == ["a", "b", "c"]
     for name, values in res["scores"].items():
         assert t[name] == values.tolist()
+
+
+@pytest.mark.parametrize("fmt", ["td_metrics", "csv"])
+def test_export_shows_a_progress_bar_unless_quiet(tmp_path, monkeypatch, fmt):
+    """10⁷ rows take a minute or more: a bar on the terminal (tqdm's own choice, after 5 s),
+    over every row; --quiet turns it off."""
+    from gradscore.io import dynamics
+    bars = []
+
+    def bar(rows, total, disable, **kwargs):
+        bars.append({"total": total, "disable": disable, "rows": 0})
+        for row in rows:
+            bars[-1]["rows"] += 1
+            yield row
+    monkeypatch.setattr(dynamics, "tqdm", bar)
+    scores = import_dynamics(_write(tmp_path / "dyn"), tmp_path / "s.h5")
+    assert main(["export", str(scores), "--format", fmt, "--out", str(tmp_path / "a")]) == 0
+    assert main(["export", str(scores), "--format", fmt, "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    assert bars == [{"total": 3, "disable": None, "rows": 3}, {"total": 3, "disable": True, "rows": 3}]

@@ -28,6 +28,7 @@ def _add_import_export(sub: argparse._SubParsersAction) -> None:
                    help="td_metrics: jsonl as TrainingDynamics writes; csv or parquet: id and every score")
     p.add_argument("--out", required=True, metavar="FILE", help="file to write")
     add_overwrite(p)
+    add_quiet(p)
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
@@ -38,7 +39,8 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from ..io.dynamics import export_scores
-    print(f"{args.format} -> {export_scores(args.scores, args.out, fmt=args.format, overwrite=args.overwrite)}")
+    out = export_scores(args.scores, args.out, fmt=args.format, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"{args.format} -> {out}")
     return 0
 
 

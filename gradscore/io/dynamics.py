@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .._version import __version__
 from .atomic import atomic_path
@@ -190,14 +191,20 @@ def _as_array(path: Path, rows: list[list]) -> np.ndarray:
         raise DataError(f"{path}: logits are not all numbers ({e})") from e
 
 
-def export_scores(scores: str | Path, out: str | Path, *, fmt: str, overwrite: bool = False) -> Path:
+def export_scores(scores: str | Path, out: str | Path, *, fmt: str, overwrite: bool = False,
+                  progress: bool = True) -> Path:
     """Write the scores of a scores file as ``td_metrics`` jsonl, ``csv`` or ``parquet`` (an
-    existing ``out`` only with ``overwrite``, and only if it is a gradscore export)."""
+    existing ``out`` only with ``overwrite``, and only if it is a gradscore export);
+    ``progress``: a bar over the rows of jsonl and csv on a terminal, after 5 s."""
     claim(out, "export", inputs={"the scores file": [scores]}, overwrite=overwrite)
     res = load_scores(scores, per_checkpoint=False)
     ids = [i.decode() if isinstance(i, bytes) else i.item() if hasattr(i, "item") else i for i in res["ids"]]
     s = res["scores"]
     out = Path(out)
+
+    def rows() -> Iterator[tuple[int, Any]]:
+        return tqdm(enumerate(ids), total=len(ids), disable=None if progress else True, desc=f"writing {out.name}",
+                    unit=" rows", unit_scale=True, delay=5, dynamic_ncols=True)
     if fmt == "td_metrics":
         need = ("threshold_closeness", "confidence", "variability", "correctness", "forgetting")
         missing = [k for k in need if k not in s]
@@ -205,7 +212,7 @@ def export_scores(scores: str | Path, out: str | Path, *, fmt: str, overwrite: b
             raise GradscoreError(f"{scores}: no {', '.join(missing)} scores for td_metrics; rerun `gradscore run "
                                  f"--scores {','.join(need)}`")
         with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            for i, guid in enumerate(ids):
+            for i, guid in rows():
                 f.write(json.dumps({"guid": guid, "index": i, "threshold_closeness": float(s["threshold_closeness"][i]),
                                     "confidence": float(s["confidence"][i]), "variability": float(s["variability"][i]),
                                     "correctness": float(s["correctness"][i]),
@@ -215,7 +222,7 @@ def export_scores(scores: str | Path, out: str | Path, *, fmt: str, overwrite: b
         with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["id", *names])
-            for i, guid in enumerate(ids):
+            for i, guid in rows():
                 w.writerow([guid, *(repr(float(s[k][i])) for k in names)])
     elif fmt == "parquet":
         try:
