@@ -119,8 +119,61 @@ def test_export_shows_a_progress_bar_unless_quiet(tmp_path, monkeypatch, fmt):
         for row in rows:
             bars[-1]["rows"] += 1
             yield row
+    scores = import_dynamics(_write(tmp_path / "dyn"), tmp_path / "s.h5", progress=False)
     monkeypatch.setattr(dynamics, "tqdm", bar)
-    scores = import_dynamics(_write(tmp_path / "dyn"), tmp_path / "s.h5")
     assert main(["export", str(scores), "--format", fmt, "--out", str(tmp_path / "a")]) == 0
     assert main(["export", str(scores), "--format", fmt, "--out", str(tmp_path / "b"), "--quiet"]) == 0
     assert bars == [{"total": 3, "disable": None, "rows": 3}, {"total": 3, "disable": True, "rows": 3}]
+
+
+@pytest.mark.parametrize("epoch", [0, 1])
+def test_a_line_that_is_not_utf8_is_named_and_nothing_is_left(tmp_path, capsys, epoch):
+    """A byte that is not UTF-8 (a file saved as Latin-1) was a UnicodeDecodeError traceback
+    (exit 1); in a later epoch it also left the import's journal behind."""
+    root = _write(tmp_path / "dyn")
+    path = root / "training_dynamics" / f"dynamics_epoch_{epoch}.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[1] = lines[1].replace(b'"b"', b'"b\xe9"')
+    path.write_bytes(b"".join(lines))
+    assert main(["import-dynamics", str(root), "--out", str(tmp_path / "s.h5")]) == 2
+    err = capsys.readouterr().err
+    assert f"dynamics_epoch_{epoch}.jsonl:2: not UTF-8 text" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dyn"]
+
+
+def test_a_byte_order_mark_is_read_as_utf8(tmp_path):
+    """Windows tools often start a UTF-8 file with a byte-order mark."""
+    root = _write(tmp_path / "dyn")
+    plain = gs.load_scores(import_dynamics(root, tmp_path / "a.h5"))
+    for path in (root / "training_dynamics").iterdir():
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    marked = gs.load_scores(import_dynamics(root, tmp_path / "b.h5"))
+    assert marked["ids"].tolist() == plain["ids"].tolist()
+    for k, v in plain["scores"].items():
+        np.testing.assert_array_equal(marked["scores"][k], v)
+
+
+def test_import_shows_a_progress_bar_over_the_bytes_unless_quiet(tmp_path, monkeypatch):
+    """10⁶ examples over 5 epochs take a minute: a bar over the files' bytes on a terminal."""
+    from gradscore.io import dynamics
+    bars = []
+
+    class Bar:
+        def __init__(self, total, disable, **kwargs):
+            self.total, self.disable, self.done = total, disable, 0
+            bars.append(self)
+
+        def update(self, k):
+            self.done += k
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+    monkeypatch.setattr(dynamics, "tqdm", Bar)
+    root = _write(tmp_path / "dyn")
+    size = sum(p.stat().st_size for p in (root / "training_dynamics").iterdir())
+    assert main(["import-dynamics", str(root), "--out", str(tmp_path / "a.h5")]) == 0
+    assert main(["import-dynamics", str(root), "--out", str(tmp_path / "b.h5"), "--quiet"]) == 0
+    assert [(b.total, b.done, b.disable) for b in bars] == [(size, size, None), (size, size, True)]

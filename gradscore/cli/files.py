@@ -19,6 +19,7 @@ def _add_import_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="SCORES.h5", help="scores file to write (HDF5)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a scores file made from other files; never an input, never another kind of file")
+    add_quiet(p)
     p = command(sub, "export", help="write scores as td_metrics jsonl, csv or parquet",
                  description="td_metrics: one JSON line per example with guid, index, "
                  "threshold_closeness, confidence, variability, correctness, forgetfulness "
@@ -33,7 +34,9 @@ def _add_import_export(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_import(args: argparse.Namespace) -> int:
     from ..io.dynamics import import_dynamics
-    print(f"scores -> {import_dynamics(args.directory, args.out, fmt=args.format, overwrite=args.overwrite)}")
+    out = import_dynamics(args.directory, args.out, fmt=args.format, overwrite=args.overwrite,
+                          progress=not args.quiet)
+    print(f"scores -> {out}")
     return 0
 
 

@@ -17,7 +17,7 @@ import csv
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -53,11 +53,18 @@ def _epoch_files(directory: Path, fmt: str) -> list[tuple[int, Path]]:
     return files
 
 
-def _records(path: Path, epoch: int) -> Iterator[tuple[int, Any, int, list]]:
-    """(line number, guid, gold, logits list) per line, validated."""
+def _records(path: Path, epoch: int, advance: Callable[[int], object]) -> Iterator[tuple[int, Any, int, list]]:
+    """(line number, guid, gold, logits list) per line, validated; ``advance(n)`` after each
+    line of n bytes. UTF-8, with or without a byte-order mark."""
     key = f"logits_epoch_{epoch}"
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            advance(len(raw))
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at {e.start}); save the "
+                                f"file as UTF-8") from e
             if not line.strip():
                 continue
             try:
@@ -85,26 +92,30 @@ def _metrics(logits: np.ndarray, gold: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def import_dynamics(directory: str | Path, out: str | Path, *, fmt: str = "cartography",
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, progress: bool = True) -> Path:
     """Read per-epoch dynamics jsonl files into a scores file (see module docstring).
 
     Each epoch is parsed line by line and its metrics written out before the next is
     read. On bad input nothing is left behind: the journal of the import is removed.
+    ``progress``: a bar over the files' bytes on a terminal, after 5 s.
     """
     directory = Path(directory)
     files = _epoch_files(directory, fmt)
     claim(out, "scores", inputs={"a dynamics file": [p for _, p in files]}, overwrite=overwrite, resumable=True)
-    with lock(out):   # one writer per scores file
-        return _import(directory, files, out, fmt, overwrite)
+    with lock(out), tqdm(total=sum(p.stat().st_size for _, p in files), disable=None if progress else True,
+                         desc=f"reading {directory.name or directory}", unit="B", unit_scale=True, delay=5,
+                         dynamic_ncols=True) as bar:   # one writer per scores file
+        return _import(directory, files, out, fmt, overwrite, bar.update)
 
 
-def _import(directory: Path, files: list[tuple[float, Path]], out: str | Path, fmt: str, overwrite: bool) -> Path:
-    """:func:`import_dynamics` once ``out`` is claimed and locked."""
+def _import(directory: Path, files: list[tuple[float, Path]], out: str | Path, fmt: str, overwrite: bool,
+            advance: Callable[[int], object]) -> Path:
+    """:func:`import_dynamics` once ``out`` is claimed and locked; ``advance(n)`` after n bytes read."""
     reader = _EpochReader(files)
     store = None
     try:
         for t, (epoch, path) in enumerate(files):
-            logits = reader.read(t, epoch, path)
+            logits = reader.read(t, epoch, path, advance)
             if store is None:
                 fingerprint = {"import": str(directory.resolve()), "format": fmt,
                                "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for _, p in files]}
@@ -144,12 +155,12 @@ class _EpochReader:
         if not 0 <= gold < self.n_classes:
             raise DataError(f"{path}:{lineno}: gold {gold} outside [0, {self.n_classes})")
 
-    def read(self, t: int, epoch: int, path: Path) -> np.ndarray:
-        """(N, C) float64 logits of one epoch file."""
+    def read(self, t: int, epoch: int, path: Path, advance: Callable[[int], object]) -> np.ndarray:
+        """(N, C) float64 logits of one epoch file; ``advance(n)`` after each line of n bytes."""
         if t == 0:  # learns the guids; N is unknown until the end, so rows go in blocks
             blocks: list[np.ndarray] = []
             rows: list[list] = []
-            for lineno, guid, gold, logits in _records(path, epoch):
+            for lineno, guid, gold, logits in _records(path, epoch, advance):
                 self._check(path, lineno, gold, logits)
                 if guid in self.index:
                     raise DataError(f"{path}:{lineno}: guid {guid!r} appears twice")
@@ -164,7 +175,7 @@ class _EpochReader:
             return np.concatenate(blocks)
         out = np.empty((len(self.index), self.n_classes), dtype=np.float64)
         seen = np.zeros(len(self.index), dtype=bool)
-        for lineno, guid, gold, logits in _records(path, epoch):
+        for lineno, guid, gold, logits in _records(path, epoch, advance):
             self._check(path, lineno, gold, logits)
             row = self.index.get(guid)
             if row is None:
