@@ -48,6 +48,10 @@ def test_bad_inputs_exit_2_with_one_line(tiny_run, tmp_path, capsys):
     out = str(tmp_path / "s.h5")
     _fails(capsys, ["run", "--checkpoints", str(tmp_path / "nope"), "--data", str(data), "--out", out],
            r"nope: checkpoint directory does not exist")
+    _fails(capsys, ["run", "--checkpoints", str(data), "--data", str(data), "--out", out],   # swapped by mistake
+           r"train\.h5: is a file, not a checkpoint directory; give the folder of step_<n>\.h5 files")
+    _fails(capsys, ["run", "--checkpoints", str(ckpts), "--data", str(ckpts), "--out", out],
+           r"ckpts: is a directory, not a dataset file; give an \.h5 or \.npz file")
     np.savez(tmp_path / "bad.npz", x=np.zeros((3, 12)), targets=np.zeros(3))
     _fails(capsys, ["run", "--checkpoints", str(ckpts), "--data", str(tmp_path / "bad.npz"), "--out", out],
            r"bad\.npz: missing field 'inputs'")

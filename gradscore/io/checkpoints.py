@@ -388,6 +388,9 @@ class CheckpointStore:
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
+        if self.directory.is_file():
+            raise CheckpointError(f"{self.directory}: is a file, not a checkpoint directory; give the folder of "
+                                  f"step_<n>.h5 files")
         if not self.directory.is_dir():
             raise CheckpointError(f"{self.directory}: checkpoint directory does not exist")
         files = checkpoint_files(self.directory)

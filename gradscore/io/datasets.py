@@ -116,6 +116,8 @@ class ArrayFileDataset(Dataset):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.source = str(self.path)
+        if self.path.is_dir():
+            raise DataError(f"{self.path}: is a directory, not a dataset file; give an .h5 or .npz file")
         if not self.path.is_file():
             raise DataError(f"{self.path}: dataset file does not exist")
         self._h5: h5py.File | None = None
