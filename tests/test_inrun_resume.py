@@ -317,3 +317,72 @@ def test_a_damaged_row_file_of_the_journal_is_one_error_naming_it(tmp_path):
     first.unlink()   # as the message says: the recording without those records
     rec.close()
     assert lost and set(load_inrun_rows(out)["step"].tolist()) == set(range(4)) - lost
+
+
+def _recorded_ids(out) -> list:
+    """The example id of each record of an in-run file, in step order."""
+    return gs.load_scores(out, per_checkpoint=False)["ids"][load_inrun_rows(out, ["row"])["row"]].tolist()
+
+
+def _step(rec: gs.InRun, model, ids, step: int) -> None:
+    with rec.step(ids, Y[:8], step=step):
+        F.cross_entropy(model(X[:8]), Y[:8]).backward()
+    model.zero_grad()
+
+
+def test_a_second_recorder_of_the_same_file_in_this_process_is_refused_or_replaces_it(tmp_path):
+    """Two recorders of one `out` shared one journal: the first's file held the second's
+    records (ids 100–107 for a recording of 0–7), silently. While one records, a second is
+    refused (resume=True too: the first's last records are not in the journal yet); with
+    overwrite=True it replaces the first, which then records and writes nothing (a cell of
+    a notebook run again). Once a recorder has closed, or its with-block ended in an
+    exception, a new one continues the file."""
+    model = _Training().model
+    out = tmp_path / "r.h5"
+    first = gs.InRun(model, out=out, flush_every=0)
+    _step(first, model, range(8), 0)
+    for options in ({}, {"resume": True}):
+        with pytest.raises(gs.OutputError, match=r"r\.h5: an earlier gs\.InRun of this process records it and is "
+                                                 r"not closed; close\(\) it first, pass overwrite=True"):
+            gs.InRun(model, out=out, **options)
+    _step(first, model, range(8), 1)
+    first.close()
+    assert _recorded_ids(out) == list(range(8)) * 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.h5"]   # no lock file left
+    with pytest.raises(RuntimeError, match="the training broke"):
+        with gs.InRun(model, out=out, resume=True, flush_every=0) as second:
+            _step(second, model, range(100, 108), 2)
+            raise RuntimeError("the training broke")
+    third = gs.InRun(model, out=out, resume=True)
+    _step(third, model, range(8), 3)
+    replacing = gs.InRun(model, out=out, overwrite=True)
+    for call in (lambda: _step(third, model, range(8), 4), third.close):
+        with pytest.raises(gs.OutputError, match="a newer gs.InRun of the same out took over its file"):
+            call()
+    _step(replacing, model, range(200, 208), 0)
+    replacing.close()
+    assert _recorded_ids(out) == list(range(200, 208))
+
+
+def test_a_recording_in_another_process_is_not_taken_over(tmp_path):
+    """A live recorder in another process (its journal not yet flushed, or flushed): a new
+    recorder with overwrite=True or resume=True replaced or continued its journal under it."""
+    from helpers import python_child
+    out = tmp_path / "r.h5"
+    code = ("import sys, time, torch, gradscore as gs; from gradscore.demos.models import mlp; "
+            f"rec = gs.InRun(mlp(d_in=10, hidden=8, n_classes=4, depth=1), out={str(out)!r}); "
+            "print('ready', flush=True); sys.stdin.readline()")
+    import subprocess
+    import sys
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        model = _Training().model
+        for options in ({"overwrite": True}, {"resume": True}):
+            with pytest.raises(gs.OutputError, match=r"r\.h5: another run \(pid \d+ on .*\) is writing it"):
+                gs.InRun(model, out=out, **options)
+    finally:
+        child.communicate("\n", timeout=60)
+    rec = gs.InRun(_Training().model, out=out, overwrite=True)   # the other process has ended: the file is free
+    _step(rec, rec.network, range(8), 0)
+    rec.close()

@@ -79,7 +79,7 @@ from ..exceptions import (ConfigError, ConfigMismatchError, EngineError, Gradsco
                           OutputError, cause)
 from ..distributed import current_ranks
 from ..io.journal import Journal, difference
-from ..io.outputs import claim
+from ..io.outputs import claim, lock
 from ..kernels.dispatch import numba_on_cpu
 from ..kernels.reference import acc_dtype
 from ..losses import CLASS_INDEX_DTYPES, IGNORE_INDEX, Loss, PerExampleLoss, resolve_loss
@@ -101,6 +101,13 @@ _ROW_ROUNDING = 2
 
 #: what a step does with a loss term on activations inside the model (OutputPaths finds one)
 HIDDEN_TERMS = ("refuse", "per_example")
+
+
+#: this process's recorders (rank 0) by their resolved ``out``: an earlier one not closed is
+#: refused a second recorder of its file, or replaced by one with overwrite=True
+_RECORDING: dict[Path, weakref.ref] = {}
+_REPLACED = ("a newer gs.InRun of the same out took over its file (overwrite=True, or resume=True after this "
+             "recorder's close() failed); this one records and writes nothing")
 
 
 @dataclass(frozen=True)
@@ -414,15 +421,37 @@ class InRun:
                             "config": self.config.to_dict(), "target": _targets_sha256(targets),
                             "recording": _recording_id()}
         failed, continued = None, None
+        #: rank 0's lock of ``out`` from here to the written file: one writer (a second recorder
+        #: of it, in this process or another, is refused while this one records)
+        self._lock = contextlib.ExitStack()
+        self._replaced = False   # a newer recorder of the same out took its file over (see _older)
         if self.rank == 0:
             try:
                 self.out = claim(out, "scores", overwrite=overwrite, resumable=True)
-                continued = self._claim_recording(overwrite, resume)
+                older = self._older(overwrite, resume)
+                if older is None:
+                    self._lock.enter_context(lock(self.out))
+                else:   # its lock passes to this recorder, and back if this one fails
+                    self._lock, older._lock = older._lock, self._lock
+                try:
+                    continued = self._claim_recording(overwrite, resume)
+                except BaseException:
+                    if older is not None:
+                        self._lock, older._lock = older._lock, self._lock
+                    raise
+                if older is not None:   # it records and writes nothing more
+                    if not older._closed:
+                        older.detach()
+                        older._edits.remove()
+                    older._closed = older._written = older._replaced = True
+                _RECORDING[self.out.resolve()] = weakref.ref(self)
             except OSError as e:
                 failed = OutputError(f"{e.filename or out}: cannot be written ({e.strerror}); choose a writable "
                                      f"folder for the in-run scores")
             except GradscoreError as e:
                 failed = e
+            if failed is not None:
+                self._lock.close()
         # every rank stops, none waits for rank 0 forever; each learns what rank 0 continues
         continued = _raise_everywhere(failed, continued)
         if continued is not None:
@@ -450,6 +479,20 @@ class InRun:
         self._warned_groups = False
         self._warned_stray: set[str] = set()   # trainable parameters the optimizer does not hold, named once
         self._busy = False   # the recorder's own forwards are running: its hooks stand aside
+
+    def _older(self, overwrite: bool, resume: bool) -> "InRun | None":
+        """An earlier recorder of ``out`` in this process that has not written it: refused,
+        unless ``overwrite`` (its recording is replaced) or, once its close() was called (its
+        records are all in the journal), ``resume`` (continued); then it is returned."""
+        held = _RECORDING.get(self.out.resolve())
+        older = held() if held is not None else None
+        if older is None or older._written:
+            return None
+        if not (overwrite or (resume and older._closed)):
+            raise OutputError(f"{self.out}: an earlier gs.InRun of this process records it and is not closed; "
+                              f"close() it first, pass overwrite=True to replace its recording, or choose another "
+                              f"out")
+        return older
 
     def _claim_recording(self, overwrite: bool, resume: bool) -> tuple[dict, int, int, str | None] | None:
         """Rank 0: open the journal of ``out``, a new recording's or (``resume``) the one found
@@ -601,6 +644,8 @@ class InRun:
         lr: η of the optimizer step that follows (needed for ``inrun_value``); step: the
         optimizer step of the whole run, never decreasing (default: a counter of ``step``
         calls; micro-batches of one optimizer step share it, and its target gradient)."""
+        if self._replaced:
+            raise OutputError(f"{self.out}: {_REPLACED}")
         if self._closed:
             raise ConfigError(f"{self.out}: this recorder is closed; make a new gs.InRun")
         number = self._step_number(step)
@@ -864,6 +909,8 @@ class InRun:
         """Write the scores file (atomically), drop the journal and return the path; the
         recorder is done. Under torch.distributed every rank calls it; rank 0 writes. If
         writing fails (an OSError: a full disk), the journal is kept: call it again."""
+        if self._replaced:
+            raise OutputError(f"{self.out}: {_REPLACED}")
         if self._written:
             return self.out
         if not self._closed:
@@ -882,6 +929,7 @@ class InRun:
             try:
                 if not row_files(self.journal):
                     self.journal.finish()
+                    self._lock.close()
                     raise ConfigError(f"{self.out}: no step was recorded (call rec.step(...) around the training "
                                       f"steps); nothing written")
                 self._write(complete=True)
@@ -889,9 +937,10 @@ class InRun:
                     warnings.warn(f"{self.out}: {text}", GradscoreWarning, stacklevel=2)
                 self.journal.finish()
             except (GradscoreError, OSError) as e:
-                failed = e
+                failed = e   # the journal (and the lock) stay for another close()
         _raise_everywhere(failed)
         self._written = True
+        self._lock.close()
         return self.out
 
     def __enter__(self) -> "InRun":
@@ -904,6 +953,7 @@ class InRun:
         self._closed = self._written = True   # training stopped: the flushed steps stay readable in the file
         if self.rank == 0 and not row_files(self.journal):
             self.journal.finish()   # nothing was flushed: no journal left behind
+        self._lock.close()   # a training resumed in this process may continue the file
 
 
 #: elements of the (rows, B) same-target block :func:`_median_fill` forms at a time
