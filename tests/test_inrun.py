@@ -644,6 +644,7 @@ def test_ids_that_would_be_stored_as_other_ids_are_refused(tmp_path):
     rec = gs.InRun(model, out=tmp_path / "r.h5")
     for ids, why in [(np.array([0.5, 1.5, 0.7, 3.0]), "'ids': 0.5 is not a whole number"),
                      (np.array([np.nan, 1, 2, 3]), "'ids': nan is not a whole number"),
+                     (np.array([1e20, 1, 2, 3]), r"'ids': 1e\+20 is outside ±2\*\*63, the ids stored"),
                      (np.array([2**63 + 1, 5, 6, 7], dtype=np.uint64), "'ids': 9223372036854775809 is above"),
                      (np.array([True, False, True, False]), "'ids': bool ids"),
                      (np.array([None, 1, 2, 3], dtype=object), "'ids': object ids")]:

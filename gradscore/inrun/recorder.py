@@ -1129,7 +1129,9 @@ def example_ids(ids: Any) -> np.ndarray:
     if kind == "f" and len(arr):
         whole = np.isfinite(arr) & (arr == np.round(arr)) & (np.abs(arr) < 2.0**63)
         if not whole.all():
-            raise ConfigError(f"invalid value for 'ids': {arr[~whole][0].item()!r} is not a whole number; {fix}")
+            bad = arr[~whole][0].item()
+            what = "outside ±2**63, the ids stored" if np.isfinite(bad) and bad == round(bad) else "not a whole number"
+            raise ConfigError(f"invalid value for 'ids': {bad!r} is {what}; {fix}")
     elif kind == "u" and len(arr) and arr.max() > np.iinfo(np.int64).max:
         raise ConfigError(f"invalid value for 'ids': {arr.max().item()} is above 2**63 - 1, the largest id "
                           f"stored; {fix}")
