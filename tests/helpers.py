@@ -86,6 +86,37 @@ def per_checkpoint_reads(monkeypatch) -> list[tuple[str, tuple[int, ...]]]:
     return read
 
 
+def progress_bars(monkeypatch, module) -> list:
+    """The tqdm bars ``module`` makes from now on, as a list that fills: each with ``total``,
+    ``disable`` (tqdm's own: None shows it on a terminal, True never) and ``done``, what it
+    was advanced by (``update(n)``, or the items iterated through it)."""
+    bars = []
+
+    class Bar:
+        def __init__(self, iterable=None, total=None, disable=False, **kwargs):
+            self.iterable, self.total, self.disable, self.done = iterable, total, disable, 0
+            bars.append(self)
+
+        def __iter__(self):
+            for item in self.iterable:
+                self.done += 1
+                yield item
+
+        def update(self, n=1):
+            self.done += n
+
+        def close(self):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+    monkeypatch.setattr(module, "tqdm", Bar)
+    return bars
+
+
 def flip_a_byte_of(path, name):
     """Flip one byte inside the stored data of dataset ``name`` of the HDF5 file ``path``."""
     with h5py.File(path, "r") as f:

@@ -112,18 +112,12 @@ def test_export_shows_a_progress_bar_unless_quiet(tmp_path, monkeypatch, fmt):
     """10⁷ rows take a minute or more: a bar on the terminal (tqdm's own choice, after 5 s),
     over every row; --quiet turns it off."""
     from gradscore.io import dynamics
-    bars = []
-
-    def bar(rows, total, disable, **kwargs):
-        bars.append({"total": total, "disable": disable, "rows": 0})
-        for row in rows:
-            bars[-1]["rows"] += 1
-            yield row
+    from helpers import progress_bars
     scores = import_dynamics(_write(tmp_path / "dyn"), tmp_path / "s.h5", progress=False)
-    monkeypatch.setattr(dynamics, "tqdm", bar)
+    bars = progress_bars(monkeypatch, dynamics)
     assert main(["export", str(scores), "--format", fmt, "--out", str(tmp_path / "a")]) == 0
     assert main(["export", str(scores), "--format", fmt, "--out", str(tmp_path / "b"), "--quiet"]) == 0
-    assert bars == [{"total": 3, "disable": None, "rows": 3}, {"total": 3, "disable": True, "rows": 3}]
+    assert [(b.total, b.done, b.disable) for b in bars] == [(3, 3, None), (3, 3, True)]
 
 
 @pytest.mark.parametrize("epoch", [0, 1])
@@ -156,22 +150,8 @@ def test_a_byte_order_mark_is_read_as_utf8(tmp_path):
 def test_import_shows_a_progress_bar_over_the_bytes_unless_quiet(tmp_path, monkeypatch):
     """10⁶ examples over 5 epochs take a minute: a bar over the files' bytes on a terminal."""
     from gradscore.io import dynamics
-    bars = []
-
-    class Bar:
-        def __init__(self, total, disable, **kwargs):
-            self.total, self.disable, self.done = total, disable, 0
-            bars.append(self)
-
-        def update(self, k):
-            self.done += k
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-    monkeypatch.setattr(dynamics, "tqdm", Bar)
+    from helpers import progress_bars
+    bars = progress_bars(monkeypatch, dynamics)
     root = _write(tmp_path / "dyn")
     size = sum(p.stat().st_size for p in (root / "training_dynamics").iterdir())
     assert main(["import-dynamics", str(root), "--out", str(tmp_path / "a.h5")]) == 0

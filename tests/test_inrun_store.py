@@ -256,19 +256,8 @@ def test_close_shows_a_progress_bar_and_the_rewrites_in_training_do_not(tmp_path
     import torch
     import torch.nn.functional as F
     import gradscore as gs
-    bars = []
-
-    class Bar:
-        def __init__(self, total, disable, **kwargs):
-            self.total, self.disable, self.done = total, disable, 0
-            bars.append(self)
-
-        def update(self, k):
-            self.done += k
-
-        def close(self):
-            pass
-    monkeypatch.setattr(store, "tqdm", Bar)
+    from helpers import progress_bars
+    bars = progress_bars(monkeypatch, store)
     torch.manual_seed(0)
     model, x, y = torch.nn.Linear(5, 3), torch.randn(8, 5), torch.randint(0, 3, (8,))
     rec = gs.InRun(model, out=tmp_path / "r.h5", flush_every=0)
