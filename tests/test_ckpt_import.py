@@ -255,3 +255,26 @@ def test_an_import_resumes_only_what_the_same_source_and_options_made(tmp_path, 
     (tmp_path / "ck2" / "step_00000100.h5").write_bytes((ck / "step_00000100.h5").read_bytes())
     assert main(_args(tmp_path / "c", tmp_path / "ck2", "--lr", "0.1")) == 2
     assert "step 100, which" in capsys.readouterr().err
+
+
+class _Opaque:
+    """A Python object pickled into a checkpoint: weights_only=True does not load it."""
+
+
+@pytest.mark.parametrize("content,detail", [(b"not a checkpoint", "Unsupported operand 110"),
+                                            ("object", "Unsupported global: GLOBAL test_ckpt_import._Opaque")])
+def test_a_file_torch_load_refuses_is_named_with_what_to_do(tmp_path, capsys, content, detail):
+    """torch's message for a file weights_only=True refuses is a paragraph that advises
+    weights_only=False ("arbitrary code execution"), which gradscore never does: the line
+    now says why in torch's own words and what to do instead."""
+    src = tmp_path / "src"
+    src.mkdir()
+    if content == "object":
+        torch.save({"state_dict": _states(1)[0], "extra": _Opaque()}, src / "step_9.pt")
+    else:
+        (src / "step_9.pt").write_bytes(content)
+    assert main(_args(src, tmp_path / "ck", "--lr", "0.1")) == 2
+    err = capsys.readouterr().err
+    assert f"step_9.pt: cannot read checkpoint: torch.load(weights_only=True) refuses it ({detail}" in err, err
+    assert "weights_only` set to `False`" not in err and "Check the documentation" not in err, err
+    assert err.count("\n") == 1 and "\x1b" not in err, err

@@ -142,7 +142,19 @@ def _read(path: Path, mapped: bool = False):
                     raise
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - every reader's own error type
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{path}: cannot read checkpoint{_why_unread(e)}") from e
+
+
+def _why_unread(e: Exception) -> str:
+    """Why a source file did not load, in a line: torch's refusal under weights_only=True is a
+    paragraph advising weights_only=False, which gradscore never does (it runs code)."""
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split())   # one line, without torch's terminal bold
+    found = re.search(r"WeightsUnpickler error: (.+?)(?:\. | Check the documentation|\.?$)", text)
+    if "Weights only load failed" in text:
+        return (f": torch.load(weights_only=True) refuses it ({found.group(1) if found else type(e).__name__}); "
+                f"gradscore loads tensors and plain data only: move a file that is not a checkpoint out of the "
+                f"folder, or save the model's state_dict alone with torch.save")
+    return f" ({type(e).__name__}: {text.splitlines()[0] if text else ''})"
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
