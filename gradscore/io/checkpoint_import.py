@@ -149,12 +149,12 @@ def _why_unread(e: Exception) -> str:
     """Why a source file did not load, in a line: torch's refusal under weights_only=True is a
     paragraph advising weights_only=False, which gradscore never does (it runs code)."""
     text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split())   # one line, without torch's terminal bold
+    if "Weights only load failed" not in text:
+        return f" ({type(e).__name__}: {text})"
     found = re.search(r"WeightsUnpickler error: (.+?)(?:\. | Check the documentation|\.?$)", text)
-    if "Weights only load failed" in text:
-        return (f": torch.load(weights_only=True) refuses it ({found.group(1) if found else type(e).__name__}); "
-                f"gradscore loads tensors and plain data only: move a file that is not a checkpoint out of the "
-                f"folder, or save the model's state_dict alone with torch.save")
-    return f" ({type(e).__name__}: {text.splitlines()[0] if text else ''})"
+    return (f": torch.load(weights_only=True) refuses it ({found.group(1) if found else type(e).__name__}); "
+            f"gradscore loads tensors and plain data only: move a file that is not a checkpoint out of the "
+            f"folder, or save the model's state_dict alone with torch.save")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

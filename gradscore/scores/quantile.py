@@ -24,10 +24,10 @@ def _keys(x: np.ndarray) -> np.ndarray:
     return np.where(bits & _SIGN, ~bits, bits | _SIGN)
 
 
-def _finite_keys(x: np.ndarray) -> np.ndarray:
-    """The keys of the non-NaN values of ``x``."""
+def _values(x: np.ndarray) -> np.ndarray:
+    """The non-NaN values of ``x``, (n,) float64."""
     x = np.asarray(x, dtype=np.float64).ravel()
-    return _keys(x[~np.isnan(x)])
+    return x[~np.isnan(x)]
 
 
 def _select(blocks: Callable[[], Iterable[np.ndarray]], k: int, hist: np.ndarray, hold: int) -> float:
@@ -43,14 +43,13 @@ def _select(blocks: Callable[[], Iterable[np.ndarray]], k: int, hist: np.ndarray
         shift -= _BITS   # the bucket is too full to hold: split it on the next bits
         hist = np.zeros(1 << _BITS, np.int64)
         for x in blocks():
-            key = _finite_keys(x)
+            key = _keys(_values(x))
             key = key[(key >> np.uint64(shift + _BITS)) == prefix]
             hist += np.bincount(((key >> np.uint64(shift)) & np.uint64((1 << _BITS) - 1)).astype(np.intp),
                                 minlength=1 << _BITS)
     held = []
     for x in blocks():   # the values in the bucket: at most ``hold`` (or all equal)
-        x = np.asarray(x, np.float64).ravel()
-        x = x[~np.isnan(x)]
+        x = _values(x)
         held.append(x[(_keys(x) >> np.uint64(shift)) == prefix])
     return float(np.partition(np.concatenate(held), k)[k])
 
