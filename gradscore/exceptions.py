@@ -11,7 +11,8 @@ class GradscoreError(Exception):
 
 
 class GradscoreWarning(UserWarning):
-    """Numbers were written, but may not mean what they seem (e.g. a diverged PDS co-state)."""
+    """Numbers were written, but may not mean what they seem (e.g. a diverged PDS co-state),
+    or a step could not be done now and gradscore went on (an in-run flush on a full disk)."""
 
 
 class ConfigError(GradscoreError, ValueError):

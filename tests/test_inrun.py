@@ -968,6 +968,60 @@ def test_a_close_that_fails_on_a_full_disk_can_be_called_again(tmp_path, monkeyp
     assert not (tmp_path / "full.h5.partial").exists()
 
 
+@pytest.mark.parametrize("where", ["journal", "scores file"])
+def test_a_flush_that_fails_during_training_warns_and_training_goes_on(tmp_path, monkeypatch, where):
+    """A full disk at a flush inside a step (the journal's row file, or the scores file's
+    rewrite) stopped the training with the OSError. Now one warning says what is kept, the
+    training continues bit for bit, and the next flush that can writes the records: the
+    file at close equals one recorded without the failure."""
+    import errno
+    x, y = _data(dtype=torch.float32)
+    real = {"journal": (np, "savez"), "scores file": (os, "pwrite")}[where]
+    original = getattr(*real)
+    full_steps = {1, 2, 3}
+    step_now = [0]
+
+    def maybe_full(*args, **kwargs):
+        if step_now[0] in full_steps:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(*args, **kwargs)
+
+    models, files, said = {}, {}, {}
+    for name in ("ref", "full"):
+        torch.manual_seed(0)
+        model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
+        rec = gs.InRun(model, out=tmp_path / f"{name}.h5", targets=(x[:8], y[:8]), flush_every=0)
+        if name == "full":
+            monkeypatch.setattr(*real, maybe_full)
+        optim = torch.optim.SGD(model.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for t in range(6):
+                step_now[0] = t
+                rec._write_seconds = 0.0   # every step's flush rewrites the file (its pace: 10x its duration)
+                idx = torch.randperm(len(y), generator=g)[:12]
+                with rec.step(idx, y[idx], lr=0.1, step=t):
+                    F.cross_entropy(model(x[idx]), y[idx]).backward()
+                optim.step()
+                optim.zero_grad()
+        monkeypatch.undo()
+        said[name] = [str(w.message) for w in caught if issubclass(w.category, gs.GradscoreWarning)]
+        models[name], files[name] = model, rec.close()
+    assert said["ref"] == []
+    assert len(said["full"]) == 1, said["full"]   # once per failing stretch, not every step
+    assert said["full"][0].startswith(f"{tmp_path / 'full.h5'}: ") and "No space left on device" in said["full"][0]
+    assert "training goes on" in said["full"][0]
+    for (n, a), (_, b) in zip(models["ref"].state_dict().items(), models["full"].state_dict().items()):
+        assert torch.equal(a, b), n
+    a, b = gs.load_scores(files["full"]), gs.load_scores(files["ref"])
+    assert a["scores"].keys() == b["scores"].keys()
+    for k in b["scores"]:
+        np.testing.assert_array_equal(a["scores"][k], b["scores"][k])
+    assert not (tmp_path / "full.h5.partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full.h5", "ref.h5"]
+
+
 def test_nothing_is_written_when_training_stops(tmp_path):
     x, y = _data(dtype=torch.float32)
     model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)

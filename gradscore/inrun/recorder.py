@@ -85,7 +85,7 @@ from ..kernels.reference import acc_dtype
 from ..losses import CLASS_INDEX_DTYPES, IGNORE_INDEX, Loss, PerExampleLoss, resolve_loss
 from ..scores import inrun as inrun_scores
 from ..scores.datadiet import classification_metrics
-from .store import RowJournal, find_recording, last_step, recorded_rows, row_files, write
+from .store import RowJournal, find_recording, joined, last_step, recorded_rows, row_files, write
 
 DEFAULT_SCORES = ("loss", "grand", "el2n", "aum", "forgetting", "confidence", "variability", "correctness",
                   "inrun_value", "inrun_value_cos")
@@ -465,6 +465,7 @@ class InRun:
         self.flush_every = float(flush_every)
         self._spilled = self._rewritten = time.monotonic()   # the last journal append, the last file rewrite
         self._write_seconds, self._warnings = 0.0, []
+        self._failing = False   # the last flush inside a step failed (it warned)
         self._laid_out = False
         self._count = 0                       # rec.step calls so far
         self._last_step: int | None = None    # the step of the last rec.step
@@ -866,9 +867,31 @@ class InRun:
             self._held[2].append(record)
         now = time.monotonic()
         if now - self._spilled >= self.flush_every:   # the journal: a crash loses at most these seconds
+            self._flush_in_step(now)
+
+    def _flush_in_step(self, now: float) -> None:
+        """The flush a step makes. A write that fails (an OSError: a full disk) must not stop
+        the training: the records stay for the next flush, on the host as one record, and one
+        warning per failing stretch says so; :meth:`close` raises if it still cannot write."""
+        stage = "the journal"
+        try:
             self._spill()
             if self.rank == 0 and now - self._rewritten >= max(self.flush_every, 10 * self._write_seconds):
+                stage = "the scores file"
                 self._write(complete=False)
+        except OSError as e:
+            self._spilled = self._rewritten = time.monotonic()   # the next try: a flush later
+            if self._pending:
+                self._pending = [joined(self._pending)]   # off the device, while the disk stays full
+            if not self._failing:   # pointed at the with-block of rec.step
+                kept = ("the records since the last flush stay in memory for the next flush (a crash now loses them)"
+                        if stage == "the journal" else
+                        "the journal holds every record; the file on disk stays its last rewrite's")
+                warnings.warn(f"{self.out}: writing {stage} during training failed ({e}); the training goes on, "
+                              f"{kept}, and close() raises if it still cannot write", GradscoreWarning, stacklevel=5)
+            self._failing = True
+        else:
+            self._failing = False
 
     def _settle(self, scale_after: float) -> None:
         """Queue the held step's records: lr 0 if the scale fell after it (the scaler backs off

@@ -59,6 +59,12 @@ def _concat(parts: list) -> np.ndarray:
     return torch.cat([p.double() if p.is_floating_point() else p for p in parts]).cpu().numpy()
 
 
+def joined(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """One record on the host from several (each a dict of (B,) arrays or tensors): each
+    field's parts in order (:func:`_concat`)."""
+    return {k: _concat([r[k] for r in records]) for k in records[0]}
+
+
 #: a row file's name: segment (absent: 0, a recording's first), rank, order
 _ROW_FILE = re.compile(r"^(?:seg(\d+)_)?rank(\d+)_(\d+)\.npz$")
 
@@ -76,7 +82,7 @@ class RowJournal:
         row file."""
         if not records:
             return
-        rows = {k: _concat([r[k] for r in records]) for k in records[0]}
+        rows = joined(records)
         rows = {k: (v if k == "ids" else v.astype(FIELDS[k])) for k, v in rows.items()}
         if rows["ids"].dtype.kind in "OUS":
             rows["ids"] = rows["ids"].astype(str)
