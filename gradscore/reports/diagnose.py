@@ -83,7 +83,8 @@ def diagnose(scores: str | Path, *, score: str = "pds", noisy_mask: str | None =
              out: str | Path | None = None, top_fraction: float = 0.1, clip_quantile: float = 0.9,
              echo: Callable[[str], None] = print, overwrite: bool = False, rerun: str | None = None
              ) -> dict[str, Any]:
-    """Diagnose a scores file (see module docstring); returns what ``diagnosis.json`` holds.
+    """Diagnose a scores file (see module docstring); returns what ``diagnosis.json`` holds,
+    with the decomposition's per-example ``mean_grad_norm`` and ``mean_cos`` ((N,) float64).
     Files already in ``out`` are replaced only with ``overwrite``, and only gradscore's.
     ``rerun``: what gives the dot score where the file has none (default: a ``gradscore run``
     command line with a target)."""
@@ -150,8 +151,8 @@ def compute(res: dict[str, Any], source_file: str, *, score: str, noisy: np.ndar
         mean_cos = np.nan_to_num(terms.pop("mean_cos"))
         var = terms
         top1 = np.argsort(-mean_g, kind="stable")[:max(1, n // 100)]
-        report["decomposition"] = {"max_abs_error": 0.0, "max_rel_error": 0.0, "mean_grad_norm": mean_g.tolist(),
-                                   "mean_cos": mean_cos.tolist()}   # cos is read from the dot: exact by construction
+        report["decomposition"] = {"max_abs_error": 0.0, "max_rel_error": 0.0, "mean_grad_norm": mean_g,
+                                   "mean_cos": mean_cos}   # cos is read from the dot: exact by construction
         report["inflation"] = {v: {"spearman_abs_score_vs_norm": float(spearmanr(np.abs(x), mean_g,
                                                                                  nan_policy="omit")[0]),
                                    "top1pct_norm_share_of_abs_score": float(np.nansum(np.abs(x)[top1])
@@ -170,7 +171,7 @@ def compute(res: dict[str, Any], source_file: str, *, score: str, noisy: np.ndar
         report["decomposition"] = {
             "max_abs_error": error,
             "max_rel_error": error / max(float(terms["abs_dot"].max(initial=0.0)), np.finfo(float).tiny),
-            "mean_grad_norm": mean_g.tolist(), "mean_cos": terms["mean_cos"].tolist()}
+            "mean_grad_norm": mean_g, "mean_cos": terms["mean_cos"]}
         report["inflation"] = {v: {"spearman_abs_score_vs_norm": float(spearmanr(np.abs(x), mean_g)[0]),
                                    "top1pct_norm_share_of_abs_score": float(np.abs(x)[top1].sum() / np.abs(x).sum())}
                                for v, x in var.items()}
@@ -245,7 +246,7 @@ def _write(out: Path, report: dict, res: dict, noisy: np.ndarray | None, var: di
                                       for k in ("max_abs_error", "max_rel_error")} if "decomposition" in report else {}) | {"gradscore_version": __version__},
                                   indent=2))
     if var:
-        norm_vs_cos(np.array(report["decomposition"]["mean_grad_norm"]), np.array(report["decomposition"]["mean_cos"]),
+        norm_vs_cos(report["decomposition"]["mean_grad_norm"], report["decomposition"]["mean_cos"],
                     out / "norm_vs_cos.png", noisy=noisy, title=f"{score}: gradient norm vs direction",
                     over=statistics_over(res))
         score_histograms({f"{score}_{v}": x for v, x in var.items()}, noisy, out / "variants.png")
