@@ -986,6 +986,12 @@ def test_a_flush_that_fails_during_training_warns_and_training_goes_on(tmp_path,
             raise OSError(errno.ENOSPC, "No space left on device")
         return original(*args, **kwargs)
 
+    from gradscore.inrun import recorder
+    joined, moved = recorder.joined, []   # the records each failed flush moves to the host
+
+    def counted(records):
+        moved.append(sum(len(r["ids"]) for r in records))
+        return joined(records)
     models, files, said = {}, {}, {}
     for name in ("ref", "full"):
         torch.manual_seed(0)
@@ -993,6 +999,7 @@ def test_a_flush_that_fails_during_training_warns_and_training_goes_on(tmp_path,
         rec = gs.InRun(model, out=tmp_path / f"{name}.h5", targets=(x[:8], y[:8]), flush_every=0)
         if name == "full":
             monkeypatch.setattr(*real, maybe_full)
+            monkeypatch.setattr(recorder, "joined", counted)
         optim = torch.optim.SGD(model.parameters(), lr=0.1)
         g = torch.Generator().manual_seed(0)
         with warnings.catch_warnings(record=True) as caught:
@@ -1012,6 +1019,8 @@ def test_a_flush_that_fails_during_training_warns_and_training_goes_on(tmp_path,
     assert len(said["full"]) == 1, said["full"]   # once per failing stretch, not every step
     assert said["full"][0].startswith(f"{tmp_path / 'full.h5'}: ") and "No space left on device" in said["full"][0]
     assert "training goes on" in said["full"][0]
+    # a step's 12 records per failed flush (those of the journal), each moved once: not again at every flush
+    assert moved == ([12, 12, 12] if where == "journal" else []), moved
     for (n, a), (_, b) in zip(models["ref"].state_dict().items(), models["full"].state_dict().items()):
         assert torch.equal(a, b), n
     a, b = gs.load_scores(files["full"]), gs.load_scores(files["ref"])

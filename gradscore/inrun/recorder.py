@@ -466,6 +466,7 @@ class InRun:
         self._spilled = self._rewritten = time.monotonic()   # the last journal append, the last file rewrite
         self._write_seconds, self._warnings = 0.0, []
         self._failing = False   # the last flush inside a step failed (it warned)
+        self._on_host = 0       # the first records of _pending: blocks that failed flushes moved to the host
         self._laid_out = False
         self._count = 0                       # rec.step calls so far
         self._last_step: int | None = None    # the step of the last rec.step
@@ -881,8 +882,9 @@ class InRun:
                 self._write(complete=False)
         except OSError as e:
             self._spilled = self._rewritten = time.monotonic()   # the next try: a flush later
-            if self._pending:
-                self._pending = [joined(self._pending)]   # off the device, while the disk stays full
+            if self._pending[self._on_host:]:   # off the device while the disk stays full, a block per flush
+                self._pending[self._on_host:] = [joined(self._pending[self._on_host:])]
+                self._on_host = len(self._pending)
             if not self._failing:   # pointed at the with-block of rec.step
                 kept = ("the records since the last flush stay in memory for the next flush (a crash now loses them)"
                         if stage == "the journal" else
@@ -914,7 +916,12 @@ class InRun:
             self._write(complete=False)
 
     def _spill(self) -> None:
-        """This rank's records since the last flush, as one row file in the journal."""
+        """This rank's records since the last flush, as one row file in the journal; first a
+        row file for each block that failed flushes left on the host (a flush's records each)."""
+        while self._on_host:
+            self._row_files.append(self._pending[:1])
+            del self._pending[0]
+            self._on_host -= 1
         self._row_files.append(self._pending)
         self._pending = []
         self._spilled = time.monotonic()
