@@ -872,8 +872,9 @@ class InRun:
 
     def _flush_in_step(self, now: float) -> None:
         """The flush a step makes. A write that fails (an OSError: a full disk) must not stop
-        the training: the records stay for the next flush, on the host as one record, and one
-        warning per failing stretch says so; :meth:`close` raises if it still cannot write."""
+        the training: the records stay for the next flush, on the host (a block per failed
+        flush), and one warning per failing stretch says so; :meth:`close` raises if it still
+        cannot write."""
         stage = "the journal"
         try:
             self._spill()
