@@ -616,7 +616,7 @@ def test_a_norm_act_at_its_activations_kink_takes_the_side_the_forward_took(kind
     there follows the noise's sign. The rule takes that input from the forward's own
     computation, so its side of the kink is the forward's (found by the random models:
     seed 722, GroupNormAct with ReLU; it recomputed the input by another formula)."""
-    from helpers import ACTS, BatchNormAct, GroupNormAct, LayerNormAct, LayerNormAct2d
+    from helpers import BatchNormAct, GroupNormAct, LayerNormAct, LayerNormAct2d
     torch.manual_seed(0)
     C = 4
     norm = {"gn": lambda: GroupNormAct(C, C, act), "ln": lambda: LayerNormAct(C, act),

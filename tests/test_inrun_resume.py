@@ -367,7 +367,6 @@ def test_a_second_recorder_of_the_same_file_in_this_process_is_refused_or_replac
 def test_a_recording_in_another_process_is_not_taken_over(tmp_path):
     """A live recorder in another process (its journal not yet flushed, or flushed): a new
     recorder with overwrite=True or resume=True replaced or continued its journal under it."""
-    from helpers import python_child
     out = tmp_path / "r.h5"
     code = ("import sys, time, torch, gradscore as gs; from gradscore.demos.models import mlp; "
             f"rec = gs.InRun(mlp(d_in=10, hidden=8, n_classes=4, depth=1), out={str(out)!r}); "
