@@ -1074,6 +1074,56 @@ def test_the_scores_file_works_with_the_commands(tmp_path, capsys, monkeypatch):
     assert overs == ["presentations", "presentations"]   # the data maps of diagnose and plot
 
 
+def test_a_recording_without_targets_with_the_commands(tmp_path, capsys, monkeypatch):
+    """A recording made without targets= (norms, losses, margins) through the commands, where
+    each said the wrong thing: diagnose --score inrun_value printed a decomposition "error
+    0.00e+00" over no records, NaN tables and numpy's warnings; export td_metrics refused for
+    a score it reads from confidence; select, flag and plot told to rerun `gradscore run`,
+    which does not make a recording; plot --scores without --kind hist drew a data map."""
+    import json
+
+    from gradscore.cli import main
+    from gradscore.reports import plots
+    x, y = _data(dtype=torch.float32)
+    model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
+    path = tmp_path / "r.h5"
+    with gs.InRun(model, out=path) as rec:
+        _train(model, x, y, steps=12, batch=12, rec=rec)
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["diagnose", str(path), "--score", "inrun_value"]) == 0
+    text = capsys.readouterr().out
+    assert "decomposition error" not in text and "nan" not in text, text
+    assert (f"skipped: {path} has no inrun_value: it was recorded without a target gradient; record with "
+            f"gs.InRun(..., targets=...) for the decomposition and the variants") in text, text
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
+
+    assert main(["export", str(path), "--format", "td_metrics", "--out", str(tmp_path / "td.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "td.jsonl").read_text().splitlines()]
+    s = gs.load_scores(path)["scores"]
+    assert [r["threshold_closeness"] for r in rows] == (s["confidence"] * (1 - s["confidence"])).tolist()
+
+    advice = {"threshold_closeness": "record it in training: gs.InRun(..., scores=(..., 'threshold_closeness'))",
+              "pds": "pds comes from saved checkpoints: `gradscore run --scores pds`"}
+    for name, says in advice.items():
+        assert main(["select", str(path), "--by", name, "--out", str(tmp_path / "k.json")]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "rerun" not in err, err
+    assert main(["flag", str(path), "--score", "mislabel", "--out", str(tmp_path / "f.json")]) == 2
+    assert "mislabel comes from saved checkpoints: `gradscore run --scores mislabel`" in capsys.readouterr().err
+
+    drawn = []
+    monkeypatch.setattr(plots, "score_histograms", lambda scores, *a, **k: drawn.append(sorted(scores)))
+    assert main(["plot", str(path), "--scores", "el2n,loss", "--out", str(tmp_path / "h.png")]) == 0
+    assert drawn == [["el2n", "loss"]]
+    assert main(["plot", str(path), "--kind", "datamap", "--scores", "el2n", "--out", str(tmp_path / "m.png")]) == 2
+    assert "--scores chooses the histograms of --kind hist" in capsys.readouterr().err
+    assert main(["plot", str(path), "--kind", "hist", "--max-points", "10", "--out", str(tmp_path / "m.png")]) == 2
+    assert "--max-points thins the data map (--kind datamap)" in capsys.readouterr().err
+    assert not (tmp_path / "m.png").exists()
+
+
 _KILLED = """
 import sys, time, torch, torch.nn.functional as F
 import gradscore as gs

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..exceptions import GradscoreError
+from ..config import DATA_MAP_POINTS
 from .common import add_overwrite, command, split, warn
 
 def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
@@ -45,11 +46,13 @@ def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
                  description="--kind datamap: confidence vs variability coloured by correctness, "
                  "regions shaded (needs the dynamics scores); --kind hist: every score, clean vs "
                  "known-noisy when the data marks it. PNG or SVG by the extension of --out.")
-    p.add_argument("scores", metavar="SCORES.h5", help="a scores file written by gradscore run")
-    p.add_argument("--kind", default="datamap", choices=("datamap", "hist"),
-                   help="datamap: confidence vs variability; hist: every score's histogram")
+    p.add_argument("scores", metavar="SCORES.h5", help="a scores file (gradscore run, gs.InRun, import-dynamics)")
+    p.add_argument("--kind", default=None, choices=("datamap", "hist"),
+                   help="datamap: confidence vs variability; hist: every score's histogram (default: hist "
+                   "with --scores, else datamap)")
     p.add_argument("--out", required=True, metavar="FILE.png|svg", help="figure to write (PNG or SVG)")
-    p.add_argument("--max-points", type=int, default=20000, help="datamap: hexbin above this many examples")
+    p.add_argument("--max-points", type=int, default=None,
+                   help=f"datamap: hexbin above this many examples (default: {DATA_MAP_POINTS})")
     p.add_argument("--scores", dest="only", default=None, metavar="NAME,...",
                    help="hist: the scores to show (default: every score in the file)")
     add_overwrite(p)
@@ -75,12 +78,18 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     from ..io.outputs import claim
     from ..reports.plots import data_map, score_histograms, statistics_over
     from ..io.store import load_scores
+    from ..scores.registry import how_to_add
     if Path(args.out).suffix.lower() not in (".png", ".svg"):
         raise GradscoreError(f"{args.out}: --out must end in .png or .svg")
+    kind = args.kind or ("hist" if args.only else "datamap")
+    if kind == "datamap" and args.only:
+        raise GradscoreError("--scores chooses the histograms of --kind hist; leave out --kind datamap, or --scores")
+    if kind == "hist" and args.max_points is not None:
+        raise GradscoreError("--max-points thins the data map (--kind datamap); leave it out with --kind hist")
     claim(args.out, "figure", inputs={"the scores file": [args.scores]}, overwrite=args.overwrite)
     res = load_scores(args.scores, per_checkpoint=False)
     s = res["scores"]
-    if args.kind == "hist":
+    if kind == "hist":
         names = split(args.only) if args.only else sorted(s)
         unknown = [k for k in names if k not in s]
         if unknown:
@@ -92,10 +101,10 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     else:
         missing = [k for k in ("confidence", "variability", "correctness") if k not in s]
         if missing:
-            raise GradscoreError(f"{args.scores}: no {', '.join(missing)} scores; rerun `gradscore run "
-                                 f"--scores confidence,variability,correctness,...`")
+            raise GradscoreError(f"{args.scores}: no {', '.join(missing)} scores for the data map; "
+                                 f"{how_to_add(res['config'], missing)}")
         data_map(s["confidence"], s["variability"], s["correctness"], args.out, noisy=res["noisy"],
-                 max_points=args.max_points, title=Path(args.scores).name,
+                 max_points=args.max_points or DATA_MAP_POINTS, title=Path(args.scores).name,
                  over=statistics_over(res))
     print(f"plot -> {args.out}")
     return 0

@@ -28,7 +28,7 @@ from ..exceptions import DataError, GradscoreError
 from .outputs import MARK, claim, lock
 from ..losses import resolve_loss
 from ..scores import datadiet
-from ..scores.registry import Window, aggregate
+from ..scores.registry import Window, aggregate, how_to_add
 from .store import HDF5ScoresWriter, load_scores
 
 _BLOCK = 65536  # rows of the first epoch converted to an array at a time
@@ -217,11 +217,13 @@ def export_scores(scores: str | Path, out: str | Path, *, fmt: str, overwrite: b
         return tqdm(enumerate(ids), total=len(ids), disable=None if progress else True, desc=f"writing {out.name}",
                     unit=" rows", unit_scale=True, delay=5, dynamic_ncols=True)
     if fmt == "td_metrics":
-        need = ("threshold_closeness", "confidence", "variability", "correctness", "forgetting")
+        need = ("confidence", "variability", "correctness", "forgetting")
         missing = [k for k in need if k not in s]
         if missing:
-            raise GradscoreError(f"{scores}: no {', '.join(missing)} scores for td_metrics; rerun `gradscore run "
-                                 f"--scores {','.join(need)}`")
+            raise GradscoreError(f"{scores}: no {', '.join(missing)} scores for td_metrics; "
+                                 f"{how_to_add(res['config'], missing)}")
+        if "threshold_closeness" not in s:   # its definition (scores.dynamics), from the file's confidence
+            s["threshold_closeness"] = s["confidence"] * (1 - s["confidence"])
         with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for i, guid in rows():
                 f.write(json.dumps({"guid": guid, "index": i, "threshold_closeness": float(s["threshold_closeness"][i]),

@@ -145,7 +145,11 @@ def compute(res: dict[str, Any], source_file: str, *, score: str, noisy: np.ndar
     flags = _flags(res, ds, skip)
     var: dict[str, np.ndarray] = {}
     dot_key, norm_key = DOT_SCORES.get(score, (None, None))
-    if score == INRUN_SCORE and "inrun" in res:   # recorded in training: per (step, example) records
+    recording = bool(res["config"].get("inrun"))
+    if score == INRUN_SCORE and recording and not res["config"].get("targets"):
+        skip(f"{source_file} has no inrun_value: it was recorded without a target gradient; record with "
+             f"gs.InRun(..., targets=...) for the decomposition and the variants")
+    elif score == INRUN_SCORE and "inrun" in res:   # recorded in training: per (step, example) records
         terms = inrun_dot_terms(res["inrun"], n, clip_quantile)
         mean_g = np.nan_to_num(terms.pop("mean_grad_norm"))
         mean_cos = np.nan_to_num(terms.pop("mean_cos"))
@@ -177,6 +181,10 @@ def compute(res: dict[str, Any], source_file: str, *, score: str, noisy: np.ndar
                                for v, x in var.items()}
         flags[f"|{score}|"] = np.abs(raw)
         flags.update({f"-{score}_{v}": -x for v, x in var.items()})
+    elif recording:   # a recording's dot score is inrun_value
+        skip(f"{source_file} is a recording of training steps, without {score}: {score} comes from saved "
+             f"checkpoints (`gradscore run --target FILE --scores {score},grand`); the recording's dot score is "
+             f"--score {INRUN_SCORE}")
     else:
         rerun = rerun or f"rerun `gradscore run --target FILE --scores {score},grand`"
         skip(f"no per-checkpoint {dot_key} with reference norms in {source_file}: {rerun} for the decomposition "

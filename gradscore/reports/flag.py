@@ -22,6 +22,7 @@ from ..io.atomic import atomic_path
 from ..io.datasets import scored_labels
 from ..io.outputs import claim
 from ..io.store import load_scores
+from ..scores.registry import how_to_add
 
 #: +1: higher = more suspicious as stored; -1: lower is (the sign flag applies)
 ORIENTATION = {"mislabel": 1, "aum": -1, "el2n": 1, "loss": 1, "grand": 1, "forgetting": 1, "confidence": -1,
@@ -108,7 +109,8 @@ def flag(scores: str | Path, *, score: str | None = None, data: str | Path | Non
     name = score or default_score(res["scores"])
     if name is None or name not in res["scores"]:
         raise ConfigError(f"invalid value for 'score': {scores} has no {name or ' or '.join(DEFAULT_SCORES)} score "
-                          f"(it has: {', '.join(sorted(res['scores']))}); rerun `gradscore run --scores aum,...`")
+                          f"(it has: {', '.join(sorted(res['scores']))}); "
+                          f"{how_to_add(res['config'], [name or 'aum'])}")
     if name not in ORIENTATION:
         raise ConfigError(f"invalid value for 'score': '{name}' is not a mislabel score; choose from "
                           f"{', '.join(s for s in ORIENTATION if s in res['scores'])}")

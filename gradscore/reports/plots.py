@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from .._version import __version__
+from ..config import DATA_MAP_POINTS
 from ..io.atomic import atomic_path
 from ..io.outputs import MARK
 
@@ -74,7 +75,7 @@ def statistics_over(res: dict) -> str:
 
 def data_map(confidence: np.ndarray, variability: np.ndarray, correctness: np.ndarray,
              path: str | Path, *, noisy: np.ndarray | None = None, fraction: float = 0.33,
-             max_points: int = 20000, title: str = "", over: str = "checkpoints") -> Path:
+             max_points: int = DATA_MAP_POINTS, title: str = "", over: str = "checkpoints") -> Path:
     """Dataset-cartography map: confidence vs variability, coloured by correctness; ``over``:
     what the statistics run over ("checkpoints", or an in-run file's "presentations").
 

@@ -7,11 +7,11 @@ returns the scores it can make from the metrics present and leaves the rest out.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import numpy as np
 
-from . import datadiet, dynamics, mislabel, pds
+from . import datadiet, dynamics, inrun, mislabel, pds
 
 
 @dataclass(frozen=True)
@@ -75,3 +75,23 @@ def whole_dataset(per_checkpoint: Mapping[str, Any], window: Window, wanted: set
                              weight, clip_quantile=clip_quantile)
             out.update({f"{name}_{k}": v[k] for k in variant_names})
     return out
+
+
+def how_to_add(config: Mapping[str, Any], names: Collection[str]) -> str:
+    """What gives the scores ``names`` that a scores file lacks, by what wrote it (its
+    ``config``): a ``gs.InRun`` recording records what training gives, the rest comes from
+    saved checkpoints (``gradscore run``, which on a run's own file computes only what is
+    missing)."""
+    names = list(names)
+    if not (config.get("inrun") or config.get("imported_from")):
+        return f"rerun `gradscore run --scores {','.join(names)}`"
+    recordable = [n for n in names if n in inrun.NEEDS] if config.get("inrun") else []
+    rest = [n for n in names if n not in recordable]
+    said = []
+    if recordable:
+        said.append(f"record {'it' if len(recordable) == 1 else 'them'} in training: gs.InRun(..., scores=(..., "
+                    f"{', '.join(map(repr, recordable))}))")
+    if rest:
+        said.append(f"{', '.join(rest)} {'comes' if len(rest) == 1 else 'come'} from saved checkpoints: "
+                    f"`gradscore run --scores {','.join(rest)}`")
+    return "; ".join(said)
