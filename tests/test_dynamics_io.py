@@ -157,3 +157,12 @@ def test_import_shows_a_progress_bar_over_the_bytes_unless_quiet(tmp_path, monke
     assert main(["import-dynamics", str(root), "--out", str(tmp_path / "a.h5")]) == 0
     assert main(["import-dynamics", str(root), "--out", str(tmp_path / "b.h5"), "--quiet"]) == 0
     assert [(b.total, b.done, b.disable) for b in bars] == [(size, size, None), (size, size, True)]
+
+
+def test_a_score_imported_dynamics_cannot_give_names_the_checkpoints(tmp_path, capsys):
+    """Imported logits give the dynamics scores; select was told to rerun `gradscore run`, as if
+    the file were a run's, for a gradient score."""
+    scores = import_dynamics(_write(tmp_path / "dyn"), tmp_path / "s.h5", progress=False)
+    assert main(["select", str(scores), "--by", "grand", "--out", str(tmp_path / "k.json")]) == 2
+    err = capsys.readouterr().err
+    assert "grand comes from saved checkpoints: `gradscore run --scores grand`" in err and "rerun" not in err, err
