@@ -26,6 +26,8 @@ LM_REDUCTIONS = ("mean", "sum")
 STORE_DTYPES = ("float16", "float32")
 #: ways `gradscore attribute` scores a query against the sketches
 ATTRIBUTION_METHODS = ("tracin", "trak")
+#: the score a sketch file holds (TracIn's self-influence), beside its sketches
+SELF_INFLUENCE = "self_influence"
 #: examples above which a data map is a hexbin instead of a scatter
 DATA_MAP_POINTS = 20000
 #: Scores read from class probabilities: not defined for a language-modelling loss.

@@ -203,6 +203,24 @@ def test_info_describes_sketch_and_attribution_files(tiny_run, tmp_path, capsys)
     assert "attribution file" in text and "tracin" in text and "90 queries" in text and "top 3" in text
 
 
+def test_a_sketch_files_self_influence_works_with_select_and_export(tiny_run, tmp_path, capsys):
+    """docs/formats.md: a sketch file's /scores/self_influence works with select and export.
+    Its csv export (columns id, self_influence) was not known for gradscore's own, so
+    --overwrite refused to replace it ("exists and is not a gradscore export")."""
+    path = _sketch(tiny_run, tmp_path, seed=2)
+    s = gs.load_scores(path)["scores"]["self_influence"]
+    assert main(["select", str(path), "--by", "self_influence", "--keep", "0.5", "--out",
+                 str(tmp_path / "keep.json")]) == 0
+    kept = json.loads((tmp_path / "keep.json").read_text())["indices"]
+    assert sorted(kept) == sorted(np.argsort(s, kind="stable")[-45:].tolist())
+    out = tmp_path / "si.csv"
+    for _ in range(2):   # the second replaces the first
+        assert main(["export", str(path), "--format", "csv", "--out", str(out), "--overwrite"]) == 0, \
+            capsys.readouterr().err
+    rows = out.read_text().splitlines()
+    assert rows[0] == "id,self_influence" and [float(r.split(",")[1]) for r in rows[1:]] == s.tolist()
+
+
 def test_run_takes_its_target_from_a_sketch_file(tiny_run, tmp_path):
     """`run --target T.sketch.h5`: ∇J(θ_t) is Φᵀ m_t, m_t the mean of the target's
     sketches, so each example's dot_target is its own sketch's dot with m_t."""

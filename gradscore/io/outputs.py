@@ -122,11 +122,12 @@ def _is_export(path: Path) -> bool:
 
 def score_names() -> frozenset[str]:
     """Every score a gradscore scores file can hold (a checkpoint run's, an in-run
-    recording's, and the dot scores' variants): the columns of a csv export."""
-    from ..config import AVAILABLE_SCORES
+    recording's, the dot scores' variants, a sketch file's): the columns of a csv export."""
+    from ..config import AVAILABLE_SCORES, SELF_INFLUENCE
     from ..scores import inrun
     from ..scores.pds import DOT_SCORES, VARIANTS
-    return frozenset(AVAILABLE_SCORES) | frozenset(inrun.NEEDS) | {f"{d}_{v}" for d in DOT_SCORES for v in VARIANTS}
+    return (frozenset(AVAILABLE_SCORES) | frozenset(inrun.NEEDS) | {f"{d}_{v}" for d in DOT_SCORES for v in VARIANTS}
+            | {SELF_INFLUENCE})
 
 
 def _is_markdown(path: Path) -> bool:

@@ -79,11 +79,11 @@ def whole_dataset(per_checkpoint: Mapping[str, Any], window: Window, wanted: set
 
 def how_to_add(config: Mapping[str, Any], names: Collection[str]) -> str:
     """What gives the scores ``names`` that a scores file lacks, by what wrote it (its
-    ``config``): a ``gs.InRun`` recording records what training gives, the rest comes from
-    saved checkpoints (``gradscore run``, which on a run's own file computes only what is
-    missing)."""
+    ``config``): a ``gs.InRun`` recording records what training gives; the rest comes from
+    saved checkpoints, by rerunning ``gradscore run`` where it wrote the file (a run's config
+    names its engine; a rerun computes only what is missing)."""
     names = list(names)
-    if not (config.get("inrun") or config.get("imported_from")):
+    if "engine" in config and not config.get("inrun"):
         return f"rerun `gradscore run --scores {','.join(names)}`"
     recordable = [n for n in names if n in inrun.NEEDS] if config.get("inrun") else []
     rest = [n for n in names if n not in recordable]

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..batch import batch_len, take
-from ..config import SketchConfig, resolve_device
+from ..config import SELF_INFLUENCE, SketchConfig, resolve_device
 from ..exceptions import CheckpointError, ConfigError, DataError, GradscoreWarning, OutputError
 from ..io.checkpoints import CheckpointStore, not_plain_steps
 from ..io.datasets import check_targets, load_dataset, probe_model
@@ -119,7 +119,7 @@ def _run(config: SketchConfig, out: Path, overwrite: bool, progress: bool) -> Pa
     path = writer.finalize(
         ids=ids, extras={"checkpoints": {"step": np.array([i.step for i in ckpts], dtype=np.int64),
                                          "epoch": np.array([i.epoch for i in ckpts]), "lr": lr}},
-        aggregate=lambda m: {"self_influence": (lr[:, None] * m["sq_sketch"]).sum(0)},
+        aggregate=lambda m: {SELF_INFLUENCE: (lr[:, None] * m["sq_sketch"]).sum(0)},
         attrs={"config": config.to_dict(), "sketch": projection.spec.to_dict(), "gradscore_version": __version__,
                "loss": ckpts.loss, "warnings": found})
     for text in found:
