@@ -38,6 +38,12 @@ def add_overwrite(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
+def add_scores_file(p: argparse.ArgumentParser) -> None:
+    """The positional scores file of a command that reads any gradscore scores file."""
+    p.add_argument("scores", metavar="SCORES.h5", help="a scores file: of gradscore run, gs.InRun, "
+                   "import-dynamics, or a sketch file (its self_influence)")
+
+
 def add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..exceptions import GradscoreError
-from .common import add_overwrite, add_quiet, command, model_kwargs
+from .common import add_overwrite, add_quiet, add_scores_file, command, model_kwargs
 
 def _add_import_export(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "import-dynamics", help="read training dynamics jsonl (cartography) into a scores file",
@@ -24,7 +24,7 @@ def _add_import_export(sub: argparse._SubParsersAction) -> None:
                  description="td_metrics: one JSON line per example with guid, index, "
                  "threshold_closeness, confidence, variability, correctness, forgetfulness "
                  "(TrainingDynamics); csv/parquet: id and every score.")
-    p.add_argument("scores", metavar="SCORES.h5", help="a scores file written by gradscore run")
+    add_scores_file(p)
     p.add_argument("--format", required=True, choices=("td_metrics", "csv", "parquet"),
                    help="td_metrics: jsonl as TrainingDynamics writes; csv or parquet: id and every score")
     p.add_argument("--out", required=True, metavar="FILE", help="file to write")

@@ -7,14 +7,14 @@ from pathlib import Path
 
 from ..exceptions import GradscoreError
 from ..config import DATA_MAP_POINTS
-from .common import add_overwrite, command, split, warn
+from .common import add_overwrite, add_scores_file, command, split, warn
 
 def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "select", help="choose examples by a score, a data-map region, or JTT",
                  description="Write the selected indices and ids as JSON. One of: --by SCORE "
                  "(keep a fraction by rank), --region easy|ambiguous|hard|all (cartography "
                  "regions), --jtt (error set of a checkpoint and per-example weights).")
-    p.add_argument("scores", metavar="SCORES.h5", help="a scores file written by gradscore run")
+    add_scores_file(p)
     p.add_argument("--out", required=True, metavar="FILE.json", help="where to write the selection (JSON)")
     p.add_argument("--by", default=None, metavar="SCORE", help="e.g. el2n, grand, pds, confidence")
     p.add_argument("--keep", type=float, default=0.5, help="--by: fraction to keep")
@@ -46,7 +46,7 @@ def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
                  description="--kind datamap: confidence vs variability coloured by correctness, "
                  "regions shaded (needs the dynamics scores); --kind hist: every score, clean vs "
                  "known-noisy when the data marks it. PNG or SVG by the extension of --out.")
-    p.add_argument("scores", metavar="SCORES.h5", help="a scores file (gradscore run, gs.InRun, import-dynamics)")
+    add_scores_file(p)
     p.add_argument("--kind", default=None, choices=("datamap", "hist"),
                    help="datamap: confidence vs variability; hist: every score's histogram (default: hist "
                    "with --scores, else datamap)")
@@ -165,7 +165,7 @@ def _add_flag(sub: argparse._SubParsersAction) -> None:
                 "scores, the estimated count and rate, the rate per class (with --data) and precision/recall "
                 "against a known-noisy mask when there is one. Where no suspicious minority separates from the "
                 "rest, it flags nothing and gives no count (which does not mean the labels are clean).")
-    p.add_argument("scores", metavar="SCORES.h5", help="a scores file written by gradscore run")
+    add_scores_file(p)
     p.add_argument("--score", default=None, metavar="NAME",
                    help="the score to flag by (default: the first of mislabel, aum, el2n, loss in the file)")
     p.add_argument("--data", default=None, metavar="FILE", help="the scored data: its labels give the rate per class")
