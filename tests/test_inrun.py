@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import re
 import warnings
 
 import h5py
@@ -1072,6 +1073,35 @@ def test_the_scores_file_works_with_the_commands(tmp_path, capsys, monkeypatch):
     # the histograms' title: a recording has no checkpoints ("over 0 checkpoint(s)" before)
     assert titles == [f"score distributions of {len(scores['ids'])} examples recorded in training — r.h5"]
     assert overs == ["presentations", "presentations"]   # the data maps of diagnose and plot
+
+
+def test_the_commands_say_a_recording_is_unfinished(tmp_path, capsys):
+    """The file of a recording not closed (still training, or killed) holds the steps of its
+    last rewrite. select, flag, export, plot and diagnose read it without a word: a selection
+    made while training goes on, or after a crash, looked like one of the whole training."""
+    from gradscore.cli import main
+    x, y = _data(dtype=torch.float32)
+    model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
+    path = tmp_path / "r.h5"
+    rec = gs.InRun(model, out=path)
+    _train(model, x, y, steps=4, batch=12, rec=rec)
+    rec.flush()
+    says = (f"{path}: an unfinished in-run recording (still recording, or interrupted): its scores are of "
+            f"steps 0 to 3, those flushed so far, not of the whole training")
+    with pytest.warns(gs.GradscoreWarning, match=re.escape(says)):
+        gs.load_scores(path)
+    capsys.readouterr()
+    for argv in (["select", str(path), "--by", "loss", "--keep", "0.5", "--out", str(tmp_path / "k.json")],
+                 ["flag", str(path), "--out", str(tmp_path / "f.json")],
+                 ["export", str(path), "--format", "csv", "--out", str(tmp_path / "r.csv")],
+                 ["plot", str(path), "--out", str(tmp_path / "m.png")],
+                 ["diagnose", str(path), "--score", "inrun_value"]):
+        assert main(argv) == 0, argv
+        assert f"gradscore {argv[0]}: warning: {says}" in capsys.readouterr().err, argv
+    rec.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gs.GradscoreWarning)
+        gs.load_scores(path)   # closed: the whole training
 
 
 def test_a_recording_without_targets_with_the_commands(tmp_path, capsys, monkeypatch):

@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import struct
+import warnings
 import zipfile
 import zlib
 from abc import ABC, abstractmethod
@@ -34,7 +35,7 @@ import numpy as np
 from ..interrupts import stop_if_interrupted
 from .atomic import atomic_h5, atomic_path
 from .attrs import VALUES_CRC, as_text, fixed_utf8, json_attr, mismatched, values_crc, verify, write_attrs
-from ..exceptions import RESTORE, GradscoreError, damaged
+from ..exceptions import RESTORE, GradscoreError, GradscoreWarning, damaged
 from .journal import Journal
 
 
@@ -385,13 +386,16 @@ def load_scores(path: str | Path, per_checkpoint: bool | Collection[str] = True)
     "ids", "noisy" (or None), "checkpoints": {step, epoch, lr, eta, ref_norm_*...}, "config"}``.
     ``per_checkpoint``: which (T, N) rows to read, all (True), none (False: {}) or those
     named (the names the file has): 8·T·N bytes each, where the rest is 8·N.
-    GradscoreError for a file that is not one, or is damaged (a dataset fails its checksum)."""
+    GradscoreError for a file that is not one, or is damaged (a dataset fails its checksum);
+    a GradscoreWarning for an in-run recording not closed (its scores: the steps so far)."""
     keys = (None if per_checkpoint is True else () if per_checkpoint is False
             else {per_checkpoint} if isinstance(per_checkpoint, str) else set(per_checkpoint))
     path = Path(path)
     try:
         with damage_named(path), _scores_file(path) as f:
             verify(f, path)
+            if not f.attrs.get("inrun_complete", True):
+                _warn_unfinished(path, f["inrun/step"])
             return {
                 "scores": read_group(f, path, "scores"),
                 "per_checkpoint": read_group(f, path, "per_checkpoint", keys),
@@ -403,6 +407,15 @@ def load_scores(path: str | Path, per_checkpoint: bool | Collection[str] = True)
             }
     except (OSError, KeyError) as e:
         raise GradscoreError(f"{path}: not a gradscore scores file ({e})") from e
+
+
+def _warn_unfinished(path: Path, steps: h5py.Dataset) -> None:
+    """Say that the recording in ``path`` was not closed: its ``steps`` (in order) are those
+    of its last rewrite, which a selection made from it may not expect."""
+    span = f"steps {int(steps[0])} to {int(steps[-1])}" if len(steps) else "no steps"
+    warnings.warn(f"{path}: an unfinished in-run recording (still recording, or interrupted): its scores are of "
+                  f"{span}, those flushed so far, not of the whole training; gs.InRun(..., resume=True) continues "
+                  f"an interrupted one", GradscoreWarning, stacklevel=3)
 
 
 class CheckpointRows:
