@@ -52,6 +52,20 @@ def test_bad_inputs_exit_2_with_one_line(tiny_run, tmp_path, capsys):
            r"train\.h5: is a file, not a checkpoint directory; give the folder of step_<n>\.h5 files")
     _fails(capsys, ["run", "--checkpoints", str(ckpts), "--data", str(ckpts), "--out", out],
            r"ckpts: is a directory, not a dataset file; give an \.h5 or \.npz file")
+    # a file gradscore wrote, given as the data (a scores file for the target, the sketch for the data)
+    made = str(tmp_path / "made.h5")
+    assert main(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", made, "--scores", "el2n"]) == 0
+    sketched = gs.sketch(ckpts, data, out=tmp_path / "s.sketch.h5", dim=20, progress=False)
+    capsys.readouterr()
+    _fails(capsys, ["run", "--checkpoints", str(ckpts), "--data", str(data), "--target", made, "--scores",
+                    "target_dot", "--out", str(tmp_path / "t.h5")],
+           r"made\.h5: is a gradscore scores file, not a dataset; give the examples' file \(\.h5 or \.npz with "
+           r"'inputs' and 'targets', or 'input_ids'\)")
+    _fails(capsys, ["run", "--checkpoints", str(ckpts), "--data", str(sketched), "--out", str(tmp_path / "t.h5")],
+           r"s\.sketch\.h5: is a gradscore sketch file, not a dataset")
+    _fails(capsys, ["run", "--checkpoints", str(ckpts), "--data", str(ckpts / "step_00000000.h5"),
+                    "--out", str(tmp_path / "t.h5")],
+           r"step_00000000\.h5: is a gradscore checkpoint, not a dataset")
     np.savez(tmp_path / "bad.npz", x=np.zeros((3, 12)), targets=np.zeros(3))
     _fails(capsys, ["run", "--checkpoints", str(ckpts), "--data", str(tmp_path / "bad.npz"), "--out", out],
            r"bad\.npz: missing field 'inputs'")

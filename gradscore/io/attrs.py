@@ -127,3 +127,17 @@ def json_attr(obj: h5py.HLObject, path: str | os.PathLike, name: str, default: s
         return json.loads(as_text(raw))
     except ValueError as e:
         raise damaged(path, f"not JSON: {e}", f"attribute {name}") from e
+
+
+#: what each kind of HDF5 file gradscore writes is called in a message
+KIND_NAMES = {"sketch": "sketch file", "attribution": "attribution file", "costate": "co-state file",
+              "scores": "scores file", "checkpoint": "checkpoint", "dataset": "dataset"}
+
+
+def kind_of(f: h5py.File) -> str:
+    """Which kind of file ``f`` is, from what gradscore writes into each: "sketch",
+    "attribution", "costate", "scores" (a run's, a recording's, imported dynamics), "checkpoint",
+    else "dataset"."""
+    return ("sketch" if "sketch" in f.attrs else "attribution" if "attribution" in f.attrs else
+            "costate" if "conventions" in f.attrs else "scores" if "fingerprint" in f.attrs else
+            "checkpoint" if "params" in f else "dataset")

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic import atomic_h5
+from .attrs import KIND_NAMES, kind_of
 from .store import DamagedFile, damage_named, put, read_ids, read_numpy, write_ids
 from ..batch import Inputs, call_model, concat, describe, hash_batch, move, take
 from ..exceptions import DataError
@@ -150,6 +151,10 @@ class ArrayFileDataset(Dataset):
         self.text = "input_ids" in keys
         required = ("input_ids",) if self.text else REQUIRED_FIELDS
         for key in required:
+            kind = "dataset" if key in keys or self._h5 is None else kind_of(self._h5)
+            if kind != "dataset":   # a file gradscore wrote, given for the examples
+                raise DataError(f"{self.path}: is a gradscore {KIND_NAMES[kind]}, not a dataset; give the examples' "
+                                f"file (.h5 or .npz with 'inputs' and 'targets', or 'input_ids')")
             if key not in keys:
                 raise DataError(f"{self.path}: missing field '{key}' (found: "
                                 f"{', '.join(sorted(keys)) or 'none'}); a dataset needs "

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 
 from ..exceptions import GradscoreError
-from ..io.attrs import attributes, verify
+from ..io.attrs import attributes, kind_of, verify
 from ..io.store import damage_named
 
 
@@ -208,9 +208,7 @@ def _describe(path: Path) -> str:
         return _describe_dataset(path)
     try:
         with h5py.File(path, "r") as f:
-            kind = ("sketch" if "sketch" in f.attrs else "attribution" if "attribution" in f.attrs else
-                    "costate" if "conventions" in f.attrs else "scores" if "fingerprint" in f.attrs else
-                    "checkpoint" if "params" in f else "dataset")
+            kind = kind_of(f)
     except OSError as e:
         if not h5py.is_hdf5(path):
             raise GradscoreError(f"{path}: is not an HDF5 file; info describes a checkpoint folder, a dataset "
