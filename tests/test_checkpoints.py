@@ -72,7 +72,9 @@ def test_extra_tensor_is_refused(tmp_path):
 
 
 def test_mis_shaped_tensor_names_shapes(tmp_path):
-    _saved(tmp_path, model=mlp(**{**MLP_KWARGS, "hidden": 9}))
+    from gradscore.io.checkpoints import write_checkpoint   # below the writer, which refuses it
+    write_checkpoint(tmp_path / "step_00000000.h5", mlp(**{**MLP_KWARGS, "hidden": 9}), step=0, lr=0.1,
+                     model_factory="gradscore.demos.models:mlp", model_kwargs=MLP_KWARGS)
     with pytest.raises(gs.CheckpointError, match=r"tensor '1\.weight' has shape \(9, 12\).*\(8, 12\)"):
         gs.CheckpointStore(tmp_path).build_model(0)
 
@@ -148,7 +150,9 @@ def test_a_damaged_scalar_parameter_is_refused(tmp_path):
 
         def forward(self, x):
             return self.linear(x) / self.temperature
-    path = _saved(tmp_path / "good", model=Tempered())
+    from gradscore.io.checkpoints import write_checkpoint   # a model of its own: below the writer's check
+    (tmp_path / "good").mkdir()
+    path = write_checkpoint(tmp_path / "good" / "step_00000000.h5", Tempered(), step=0, lr=0.1)
     raw = bytearray(path.read_bytes())
     at = raw.find(np.float32(1.2345678).tobytes())
     assert at >= 0
@@ -185,6 +189,38 @@ def test_bad_factory_is_named(tmp_path):
         gs.CheckpointStore(tmp_path).build_model(0)
 
 
+def test_the_writer_refuses_now_what_scoring_would_refuse_after_training(tmp_path):
+    """A misspelled loss, a factory that cannot be imported, model_kwargs JSON cannot hold,
+    a model the factory does not rebuild, a learning rate that is not a finite η ≥ 0: each
+    was written into every checkpoint of the training, and only `gradscore run`, after it,
+    refused them (the loss, factory and kwargs are sealed in the files)."""
+    factory = "gradscore.demos.models:mlp"
+    with pytest.raises(gs.GradscoreError, match="unknown loss 'crossentropy'; use one of cross_entropy"):
+        gs.CheckpointWriter(tmp_path / "a", model_factory=factory, model_kwargs=MLP_KWARGS, loss="crossentropy")
+    with pytest.raises(gs.CheckpointError, match="model_factory 'nope.models:mlp': cannot import module 'nope"):
+        gs.CheckpointWriter(tmp_path / "b", model_factory="nope.models:mlp", model_kwargs=MLP_KWARGS)
+    with pytest.raises(gs.ConfigError, match="model_kwargs.*JSON.*dtype"):
+        gs.CheckpointWriter(tmp_path / "c", model_factory=factory, model_kwargs={**MLP_KWARGS, "dtype": torch.float64})
+    with pytest.raises(gs.ConfigError, match="loss.*name"):
+        gs.CheckpointWriter(tmp_path / "d", model_factory=factory, loss=torch.nn.functional.cross_entropy)
+    w = gs.CheckpointWriter(tmp_path / "e", model_factory=factory, model_kwargs=MLP_KWARGS)
+    with pytest.raises(gs.CheckpointError, match=r"tensor '1\.weight' has shape \(9, 12\), but in the model that "
+                                                 r"model_factory 'gradscore\.demos\.models:mlp' builds from its "
+                                                 r"model_kwargs \(8, 12\); check model_kwargs"):
+        w.save(mlp(**{**MLP_KWARGS, "hidden": 9}), step=0, lr=0.1)
+    with pytest.raises(gs.CheckpointError, match=r"tensor\(s\) weight, bias of the model saved are not in the model "
+                                                 r"that model_factory .* builds"):
+        w.save(torch.nn.Linear(12, 4), step=0, lr=0.1)
+    for lr in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(gs.ConfigError, match="invalid value for 'lr'.*finite learning rate >= 0"):
+            w.save(mlp(**MLP_KWARGS), step=0, lr=lr)
+    assert not list((tmp_path / "e").glob("*.h5"))   # nothing was written
+    assert w.save(mlp(**MLP_KWARGS), step=0, lr=0.0).exists()   # η = 0 (a frozen step) is a learning rate
+    with gs.CheckpointWriter(tmp_path / "f", model_factory="tests_factory:reads_a_value",
+                             model_kwargs=MLP_KWARGS) as w:   # cannot be built on the meta device: not checked
+        w.save(mlp(**MLP_KWARGS), step=0, lr=0.1)
+
+
 def test_load_state_dict_keeps_dtype_of_model(tmp_path):
     path = _saved(tmp_path)
     sd = load_state_dict(path, mlp(**MLP_KWARGS).double())
@@ -195,8 +231,9 @@ def test_write_is_atomic_on_failure(tmp_path):
     class Boom(torch.nn.Module):
         def state_dict(self, *a, **k):
             raise RuntimeError("boom")
+    from gradscore.io.checkpoints import write_checkpoint
     with pytest.raises(RuntimeError):
-        gs.CheckpointWriter(tmp_path, model_factory="x:y").__enter__().save(Boom(), step=1, lr=0.1)
+        write_checkpoint(tmp_path / "step_00000001.h5", Boom(), step=1, lr=0.1)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -233,13 +270,14 @@ def test_missing_lr_attribute(tmp_path):
 
 def test_the_writer_records_the_optimizer_kind(tmp_path):
     import torch
-    model = torch.nn.Linear(3, 2)
+    model = mlp(**MLP_KWARGS)
     for opt, kind in ((torch.optim.SGD(model.parameters(), lr=0.1), "SGD"),
                       (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "SGD(momentum=0.9)"),
                       (torch.optim.Adam(model.parameters()), "Adam"), ("my note", "my note"),
-                      (torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.01}], lr=0.1),
+                      (torch.optim.SGD([{"params": [model[1].weight]}, {"params": [model[1].bias], "lr": 0.01}], lr=0.1),
                        "SGD(lr per group=0.1,0.01)")):
-        with gs.CheckpointWriter(tmp_path / kind, model_factory="gradscore.demos.models:mlp", optimizer=opt) as w:
+        with gs.CheckpointWriter(tmp_path / kind, model_factory="gradscore.demos.models:mlp", model_kwargs=MLP_KWARGS,
+                                 optimizer=opt) as w:
             w.save(model, step=0, lr=0.1)
         assert gs.CheckpointStore(tmp_path / kind)[0].optimizer == kind
 

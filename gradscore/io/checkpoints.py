@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
+import math
 import os
 import re
 import uuid
@@ -28,7 +30,7 @@ from .atomic import atomic_h5
 from .attrs import attributes, mismatched, write_attrs
 from .store import put
 from ..distributed import current_ranks
-from ..exceptions import CheckpointError
+from ..exceptions import CheckpointError, ConfigError
 from ..imports import code_fingerprint, import_ref
 
 #: 2: text attributes fixed-length (``io.attrs``); an earlier gradscore refuses it by this number
@@ -125,15 +127,34 @@ class CheckpointWriter:
     the longer run's last ones beside its own) unless ``overwrite=True``, which removes
     those checkpoints first. Checkpoints before s stay: a run resumed after a stop
     continues them.
+
+    What ``gradscore run`` would refuse after the training is refused before it: a loss it
+    does not know, a factory it cannot import and ``model_kwargs`` JSON cannot hold (here),
+    a learning rate that is not a finite η ≥ 0 (at each save), and a model the factory does
+    not rebuild (at the first save: the factory's model, built on the meta device, must have
+    the saved tensors by name and shape; a factory that cannot build there is not checked).
     """
 
     def __init__(self, directory: str | Path, *, model_factory: str, model_kwargs: dict | None = None,
                  loss: str = "cross_entropy", optimizer: "str | torch.optim.Optimizer" = "",
                  overwrite: bool = False) -> None:
+        from ..losses import resolve_loss
+        if not isinstance(loss, str):
+            raise ConfigError(f"invalid value for 'loss': the checkpoints store the loss by name; give "
+                              f"'cross_entropy' (or another gradscore loss) or a 'module:fn' reference, not a "
+                              f"{type(loss).__name__}")
+        resolve_loss(loss)
+        import_ref(model_factory, "model_factory", CheckpointError)
+        try:
+            json.dumps(model_kwargs or {}, sort_keys=True)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"invalid value for 'model_kwargs': the checkpoints store it as JSON, which cannot "
+                              f"hold it ({e}); give numbers, strings, lists and dicts (a dtype as its name)") from e
         self.directory = Path(directory)
         self.model_factory = model_factory
         self.model_kwargs = dict(model_kwargs or {})
         self.loss = loss
+        self._checked = False   # the first save has compared the model with the factory's
         # the kind is what PDS needs to know: plain gradient steps, or momentum/Adam (a warning)
         self.optimizer = optimizer if isinstance(optimizer, str) else optimizer_kind(optimizer)
         self.overwrite = overwrite
@@ -155,6 +176,11 @@ class CheckpointWriter:
         if current_ranks()[0] != 0:
             self.saved.append(self.directory / checkpoint_filename(step))
             return self.saved[-1]
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+            raise ConfigError(f"invalid value for 'lr': {lr!r}; give η_t, the step's learning rate after θ_t, a "
+                              f"finite learning rate >= 0")
+        if not self._checked:
+            self._check_model(model)
         if self.run is None or int(step) < self._last:   # a run's first save, or a new run's (back at an earlier step)
             self._start_run(step)
         self._last = int(step)
@@ -164,6 +190,41 @@ class CheckpointWriter:
                                 optimizer=self.optimizer, run=self.run)
         self.saved.append(path)
         return path
+
+    def _check_model(self, model: nn.Module) -> None:
+        """The factory's model, built on the meta device (no memory, no weights), has the
+        tensors ``model`` is saved with, by name and shape: what scoring loads it into."""
+        factory = import_ref(self.model_factory, "model_factory", CheckpointError)
+        try:
+            with torch.device("meta"):
+                built = factory(**self.model_kwargs)
+        except TypeError as e:
+            try:
+                inspect.signature(factory).bind(**self.model_kwargs)
+            except (TypeError, ValueError):
+                raise CheckpointError(f"model_factory '{self.model_factory}' rejected model_kwargs "
+                                      f"{self.model_kwargs}: {e}") from e
+            return   # a TypeError of its own on the meta device: not checked
+        except Exception:  # noqa: BLE001 - a factory that cannot build on the meta device: not checked
+            return
+        if not isinstance(built, nn.Module):
+            raise CheckpointError(f"model_factory '{self.model_factory}' did not return an nn.Module")
+        shapes = [{k: tuple(v.shape) for k, v in m.state_dict().items() if k not in tied_aliases(m)}
+                  for m in (unwrapped(model), built)]
+        saved, rebuilt = shapes
+        built_by = f"the model that model_factory '{self.model_factory}' builds from its model_kwargs"
+        fix = "save the model the factory builds, or give the factory and kwargs that build it"
+        extra, missing = [k for k in saved if k not in rebuilt], [k for k in rebuilt if k not in saved]
+        if extra:
+            raise CheckpointError(f"tensor(s) {', '.join(extra[:5])} of the model saved are not in {built_by}; {fix}")
+        if missing:
+            raise CheckpointError(f"tensor(s) {', '.join(missing[:5])} of {built_by} are not in the model saved; "
+                                  f"{fix}")
+        for k, shape in saved.items():
+            if rebuilt[k] != shape:
+                raise CheckpointError(f"tensor '{k}' has shape {shape}, but in {built_by} {rebuilt[k]}; check "
+                                      f"model_kwargs")
+        self._checked = True
 
     def _start_run(self, first: int) -> None:
         """Before a run's first save, at step ``first``: refuse the folder's checkpoints at
