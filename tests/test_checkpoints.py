@@ -211,11 +211,13 @@ def test_the_writer_refuses_now_what_scoring_would_refuse_after_training(tmp_pat
     with pytest.raises(gs.CheckpointError, match=r"tensor\(s\) weight, bias of the model saved are not in the model "
                                                  r"that model_factory .* builds"):
         w.save(torch.nn.Linear(12, 4), step=0, lr=0.1)
-    for lr in (-0.1, float("nan"), float("inf")):
+    for lr in (-0.1, float("nan"), float("inf"), None):
         with pytest.raises(gs.ConfigError, match="invalid value for 'lr'.*finite learning rate >= 0"):
             w.save(mlp(**MLP_KWARGS), step=0, lr=lr)
     assert not list((tmp_path / "e").glob("*.h5"))   # nothing was written
     assert w.save(mlp(**MLP_KWARGS), step=0, lr=0.0).exists()   # η = 0 (a frozen step) is a learning rate
+    for step, lr in enumerate((np.float32(0.1), torch.tensor(0.1), np.float64(0.1)), start=1):   # as schedulers give it
+        assert w.save(mlp(**MLP_KWARGS), step=step, lr=lr).exists()
     with gs.CheckpointWriter(tmp_path / "f", model_factory="tests_factory:reads_a_value",
                              model_kwargs=MLP_KWARGS) as w:   # cannot be built on the meta device: not checked
         w.save(mlp(**MLP_KWARGS), step=0, lr=0.1)

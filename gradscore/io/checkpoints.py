@@ -176,7 +176,11 @@ class CheckpointWriter:
         if current_ranks()[0] != 0:
             self.saved.append(self.directory / checkpoint_filename(step))
             return self.saved[-1]
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+        try:
+            eta = float(lr)   # a numpy or 0-d tensor learning rate too
+        except (TypeError, ValueError):
+            eta = math.nan
+        if not (math.isfinite(eta) and eta >= 0):
             raise ConfigError(f"invalid value for 'lr': {lr!r}; give η_t, the step's learning rate after θ_t, a "
                               f"finite learning rate >= 0")
         if not self._checked:
