@@ -223,6 +223,30 @@ def test_the_writer_refuses_now_what_scoring_would_refuse_after_training(tmp_pat
         w.save(mlp(**MLP_KWARGS), step=0, lr=0.1)
 
 
+def test_a_factory_with_lazy_layers_scores_as_its_eager_twin(tmp_path):
+    """nn.LazyLinear's weight has no shape until a forward: loading a checkpoint into the
+    factory's model failed as "not a readable HDF5 file (Can't access the shape of an
+    uninitialized parameter ...)". It now takes the stored shape, and scores as the same
+    weights in an eager model do."""
+    from tests_factory import eager_net, lazy_net
+    torch.manual_seed(0)
+    model = eager_net()
+    x, y = torch.randn(30, 12), torch.randint(0, 4, (30,))
+    gs.save_dataset(tmp_path / "d.h5", x.numpy(), y.numpy())
+    lazy = lazy_net()
+    lazy(x[:2])   # materialized, as after the training's first step
+    lazy.load_state_dict(model.state_dict())
+    scores = {}
+    for name, net in (("eager", model), ("lazy", lazy)):
+        with gs.CheckpointWriter(tmp_path / name, model_factory=f"tests_factory:{name}_net") as w:
+            for step in range(2):
+                w.save(net, step=step, lr=0.1)
+        scores[name] = gs.load_scores(gs.score(tmp_path / name, tmp_path / "d.h5", out=tmp_path / f"{name}.h5",
+                                               scores=["el2n", "grand", "loss"], progress=False))["scores"]
+    for k in scores["eager"]:
+        np.testing.assert_array_equal(scores["lazy"][k], scores["eager"][k], err_msg=k)
+
+
 def test_load_state_dict_keeps_dtype_of_model(tmp_path):
     path = _saved(tmp_path)
     sd = load_state_dict(path, mlp(**MLP_KWARGS).double())

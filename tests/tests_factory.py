@@ -40,3 +40,13 @@ def reads_a_value(d_in=12, hidden=8, n_classes=4, depth=1):
     model = mlp(d_in=d_in, hidden=hidden, n_classes=n_classes, depth=depth)
     float(next(model.parameters()).detach().sum())
     return model
+
+
+def eager_net():
+    """12 features -> 4 classes, its first layer's shape given."""
+    return torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+
+
+def lazy_net():
+    """:func:`eager_net` with its first layer lazy (nn.LazyLinear: the shape comes from a forward)."""
+    return torch.nn.Sequential(torch.nn.LazyLinear(8), torch.nn.Tanh(), torch.nn.Linear(8, 4))

@@ -213,6 +213,8 @@ class CheckpointWriter:
             return
         if not isinstance(built, nn.Module):
             raise CheckpointError(f"model_factory '{self.model_factory}' did not return an nn.Module")
+        if any(nn.parameter.is_lazy(t) for t in built.state_dict(keep_vars=True).values()):
+            return   # lazy layers (nn.LazyLinear) take their shapes from a first forward: not checked
         shapes = [{k: tuple(v.shape) for k, v in m.state_dict().items() if k not in tied_aliases(m)}
                   for m in (unwrapped(model), built)]
         saved, rebuilt = shapes
@@ -395,7 +397,7 @@ def load_state_dict(path: str | Path, model: nn.Module) -> dict[str, torch.Tenso
     """
     path = Path(path)
     aliases = tied_aliases(model)
-    expected = {k: v for k, v in model.state_dict().items() if k not in aliases}
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in aliases}
     params = dict(model.named_parameters())
     out: dict[str, torch.Tensor] = {}
     try:
@@ -408,7 +410,8 @@ def load_state_dict(path: str | Path, model: nn.Module) -> dict[str, torch.Tenso
                                           f"from the file; was it saved from another model?")
                 stored.discard(key)
                 ds = f[key]
-                if tuple(ds.shape) != tuple(ref.shape):
+                # a lazy layer's tensor (nn.LazyLinear) takes the stored shape as it loads
+                if not nn.parameter.is_lazy(ref) and tuple(ds.shape) != tuple(ref.shape):
                     raise CheckpointError(f"{path}: tensor '{name}' has shape {tuple(ds.shape)} "
                                           f"but the model expects {tuple(ref.shape)}; check "
                                           f"model_kwargs")
