@@ -119,6 +119,28 @@ def test_bad_sources_are_one_line(tmp_path, capsys):
     assert "step_9.pt: cannot read checkpoint" in capsys.readouterr().err
 
 
+def test_what_scoring_would_refuse_is_refused_before_anything_is_written(tmp_path, capsys):
+    """A misspelled loss, a learning rate below 0 or NaN (constant or in the schedule): each
+    was written into every imported checkpoint, and scored as given (a loss only `gradscore
+    run` refused, later). Now one line, exit 2, and no folder."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for step, state in zip((10, 20), _states(2)):
+        torch.save(state, src / f"step_{step}.pt")
+    (tmp_path / "nan.json").write_text('{"10": 0.1, "20": NaN}')
+    (tmp_path / "neg.json").write_text('{"10": 0.1, "20": -0.5}')
+    cases = {("--loss", "crossentropy", "--lr", "0.1"): "unknown loss 'crossentropy'; use one of cross_entropy",
+             ("--lr", "-0.1"): "invalid value for 'lr': -0.1; give",
+             ("--lr", "nan"): "invalid value for 'lr': nan; give",
+             ("--lr-schedule", str(tmp_path / "nan.json")): "invalid value for 'lr' of step 20: nan; give",
+             ("--lr-schedule", str(tmp_path / "neg.json")): "invalid value for 'lr' of step 20: -0.5; give"}
+    for extra, says in cases.items():
+        assert main(_args(src, tmp_path / "ck", *extra)) == 2, extra
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, (extra, err)
+        assert not (tmp_path / "ck").exists(), extra
+
+
 def test_lightning_checkpoints_of_a_real_trainer(tmp_path):
     """A Lightning run's ModelCheckpoint folder as it is: ``epoch=0-step=2.ckpt`` files with
     the model under the LightningModule's attribute (``net.``) and a ``last.ckpt`` copy of

@@ -37,7 +37,8 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoints import CheckpointStore, checkpoint_filename, checkpoint_files, read_info, write_checkpoint
+from .checkpoints import (CheckpointStore, check_rebuildable, checked_lr, checkpoint_filename, checkpoint_files,
+                          read_info, write_checkpoint)
 from ..exceptions import CheckpointError, OutputError
 from ..imports import import_ref
 
@@ -232,18 +233,24 @@ def import_checkpoints(src: str | Path, out: str | Path, *, model_factory: str, 
     """Convert every source checkpoint in ``src`` into ``out/step_<n>.h5``; returns ``out``."""
     if (lr is None) == (schedule is None):
         raise CheckpointError("import-checkpoints: give either a constant lr or a schedule {step: lr}")
+    check_rebuildable(model_factory, model_kwargs, loss)
     factory: Callable = import_ref(model_factory, "model factory", CheckpointError)
     model = factory(**(model_kwargs or {}))
     keys = set(model.state_dict())
     sources = find_sources(src)
+    if schedule is None:
+        checked_lr(lr)
+    for step, path in sources:   # every step's η, before anything is written
+        if schedule is not None and step not in schedule:
+            raise CheckpointError(f"{path}: step {step} has no learning rate in the schedule")
+        if schedule is not None:
+            checked_lr(schedule[step], step)
     made = not Path(out).exists()
     out = _claim_out(Path(src), Path(out), model_factory, model_kwargs or {}, loss)
     _check_earlier_import(out, src, sources)
     run = "import-" + hashlib.sha256(str(Path(src).resolve()).encode()).hexdigest()[:16]   # one run: one source
     try:
         for step, path in tqdm(sources, desc="import", unit="ckpt", disable=None if progress else True):
-            if schedule is not None and step not in schedule:
-                raise CheckpointError(f"{path}: step {step} has no learning rate in the schedule")
             step_lr = float(lr if schedule is None else schedule[step])
             epoch = step / steps_per_epoch if steps_per_epoch else 0.0
             if (out / checkpoint_filename(step)).exists():   # imported before: the same file, the same options

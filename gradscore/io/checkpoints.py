@@ -110,6 +110,38 @@ def write_checkpoint(path: str | Path, model: nn.Module, *, step: int, lr: float
     return path
 
 
+def check_rebuildable(model_factory: str, model_kwargs: dict | None, loss: Any) -> None:
+    """What every checkpoint records so that scoring can rebuild and score it: a loss
+    gradscore knows (by name: the file stores it), a factory it can import, ``model_kwargs``
+    JSON can hold. One GradscoreError naming the fix, before anything is written."""
+    from ..losses import resolve_loss
+    if not isinstance(loss, str):
+        raise ConfigError(f"invalid value for 'loss': the checkpoints store the loss by name; give "
+                          f"'cross_entropy' (or another gradscore loss) or a 'module:fn' reference, not a "
+                          f"{type(loss).__name__}")
+    resolve_loss(loss)
+    import_ref(model_factory, "model_factory", CheckpointError)
+    try:
+        json.dumps(model_kwargs or {}, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid value for 'model_kwargs': the checkpoints store it as JSON, which cannot "
+                          f"hold it ({e}); give numbers, strings, lists and dicts (a dtype as its name)") from e
+
+
+def checked_lr(lr: Any, step: int | None = None) -> float:
+    """η_t as a float (numpy's and a 0-d tensor's too): a finite learning rate >= 0, else one
+    ConfigError (naming ``step`` where given)."""
+    try:
+        eta = float(lr)
+    except (TypeError, ValueError):
+        eta = math.nan
+    if not (math.isfinite(eta) and eta >= 0):
+        of = "" if step is None else f" of step {step}"
+        raise ConfigError(f"invalid value for 'lr'{of}: {lr!r}; give η_t, the step's learning rate after θ_t, a "
+                          f"finite learning rate >= 0")
+    return eta
+
+
 class CheckpointWriter:
     """Save θ_t during training, one atomic HDF5 file per call to :meth:`save`.
 
@@ -138,18 +170,7 @@ class CheckpointWriter:
     def __init__(self, directory: str | Path, *, model_factory: str, model_kwargs: dict | None = None,
                  loss: str = "cross_entropy", optimizer: "str | torch.optim.Optimizer" = "",
                  overwrite: bool = False) -> None:
-        from ..losses import resolve_loss
-        if not isinstance(loss, str):
-            raise ConfigError(f"invalid value for 'loss': the checkpoints store the loss by name; give "
-                              f"'cross_entropy' (or another gradscore loss) or a 'module:fn' reference, not a "
-                              f"{type(loss).__name__}")
-        resolve_loss(loss)
-        import_ref(model_factory, "model_factory", CheckpointError)
-        try:
-            json.dumps(model_kwargs or {}, sort_keys=True)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"invalid value for 'model_kwargs': the checkpoints store it as JSON, which cannot "
-                              f"hold it ({e}); give numbers, strings, lists and dicts (a dtype as its name)") from e
+        check_rebuildable(model_factory, model_kwargs, loss)
         self.directory = Path(directory)
         self.model_factory = model_factory
         self.model_kwargs = dict(model_kwargs or {})
@@ -176,13 +197,7 @@ class CheckpointWriter:
         if current_ranks()[0] != 0:
             self.saved.append(self.directory / checkpoint_filename(step))
             return self.saved[-1]
-        try:
-            eta = float(lr)   # a numpy or 0-d tensor learning rate too
-        except (TypeError, ValueError):
-            eta = math.nan
-        if not (math.isfinite(eta) and eta >= 0):
-            raise ConfigError(f"invalid value for 'lr': {lr!r}; give η_t, the step's learning rate after θ_t, a "
-                              f"finite learning rate >= 0")
+        checked_lr(lr)
         if not self._checked:
             self._check_model(model)
         if self.run is None or int(step) < self._last:   # a run's first save, or a new run's (back at an earlier step)
