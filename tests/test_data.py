@@ -43,6 +43,25 @@ def test_duplicate_ids_and_bad_extension_and_missing_file(tmp_path):
         gs.load_dataset(tmp_path / "nope.h5")
 
 
+def test_save_dataset_refuses_what_loading_refuses_and_writes_nothing(tmp_path):
+    """save_dataset wrote files that load_dataset (and so every command) then refused:
+    repeated ids, targets or a noisy mask of another length, no targets, a text mask of
+    another shape."""
+    x = np.zeros((5, 3), np.float32)
+    cases = {"ids": (dict(ids=[1, 1, 2, 3, 4]), "field 'ids' has duplicate values"),
+             "targets": (dict(targets=np.arange(4)), "field 'targets' has 4 rows but 'inputs' has 5"),
+             "noisy": (dict(noisy=np.zeros(3, bool)), "field 'noisy' has 3 rows but 'inputs' has 5"),
+             "none": (dict(targets=None), "missing field 'targets' \\(found: inputs\\); a dataset needs .*"),
+             "mask": (dict(inputs={"input_ids": np.zeros((5, 4), int), "attention_mask": np.ones((5, 3), int)},
+                           targets=None), "field 'attention_mask' has shape \\(5, 3\\) but 'input_ids' has \\(5, 4\\)")}
+    for name, (kw, says) in cases.items():
+        args = {"inputs": x, "targets": np.arange(5), **kw}
+        with pytest.raises(gs.DataError, match=f"{name}\\.h5: {says}; nothing written"):
+            gs.save_dataset(tmp_path / f"{name}.h5", args.pop("inputs"), args.pop("targets"), **args)
+        assert not (tmp_path / f"{name}.h5").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_labels_out_of_range_name_index():
     ds = gs.load_dataset.__globals__["TorchDataset"]([(torch.zeros(2), 0)] * 3, source="f:g")
     with pytest.raises(gs.DataError, match=r"f:g: field 'targets' has label 7 at index 12"):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import h5py
 import numpy as np
@@ -149,31 +149,17 @@ class ArrayFileDataset(Dataset):
         """The fields are there, of one length (and text's of one shape), ids unique."""
         keys = set(self._arrays.keys())
         self.text = "input_ids" in keys
-        required = ("input_ids",) if self.text else REQUIRED_FIELDS
-        for key in required:
-            kind = "dataset" if key in keys or self._h5 is None else kind_of(self._h5)
-            if kind != "dataset":   # a file gradscore wrote, given for the examples
-                raise DataError(f"{self.path}: is a gradscore {KIND_NAMES[kind]}, not a dataset; give the examples' "
-                                f"file (.h5 or .npz with 'inputs' and 'targets', or 'input_ids')")
-            if key not in keys:
-                raise DataError(f"{self.path}: missing field '{key}' (found: "
-                                f"{', '.join(sorted(keys)) or 'none'}); a dataset needs "
-                                f"'inputs' and 'targets', or 'input_ids' for text")
-        first = required[0]
-        self._n = int(self._arrays[first].shape[0])
-        for key in REQUIRED_FIELDS + OPTIONAL_FIELDS + ("input_ids",):
-            if key in keys and int(self._arrays[key].shape[0]) != self._n:
-                raise DataError(f"{self.path}: field '{key}' has {self._arrays[key].shape[0]} "
-                                f"rows but '{first}' has {self._n}")
+        missing = [k for k in (("input_ids",) if self.text else REQUIRED_FIELDS) if k not in keys]
+        kind = "dataset" if not missing or self._h5 is None else kind_of(self._h5)
+        if kind != "dataset":   # a file gradscore wrote, given for the examples
+            raise DataError(f"{self.path}: is a gradscore {KIND_NAMES[kind]}, not a dataset; give the examples' "
+                            f"file (.h5 or .npz with 'inputs' and 'targets', or 'input_ids')")
+        problem = fields_problem(self._arrays, self.ids)
+        if problem is not None:
+            raise DataError(f"{self.path}: {problem}")
+        self._n = int(self._arrays["input_ids" if self.text else "inputs"].shape[0])
         if self.text:
             self.target_field = "labels" if "labels" in keys or "targets" not in keys else "targets"
-            shape = tuple(self._arrays["input_ids"].shape)
-            for key in ("attention_mask", "labels"):
-                if key in keys and tuple(self._arrays[key].shape) != shape:
-                    raise DataError(f"{self.path}: field '{key}' has shape {tuple(self._arrays[key].shape)} "
-                                    f"but 'input_ids' has {shape}")
-        if "ids" in keys and len(np.unique(self.ids())) != self._n:
-            raise DataError(f"{self.path}: field 'ids' has duplicate values")
 
     def __len__(self) -> int:
         return self._n
@@ -417,6 +403,32 @@ def load_dataset(spec: str | Path | Dataset) -> Dataset:
     raise DataError(f"{s}: dataset file does not exist (and it is not a 'module:fn' factory)")
 
 
+def fields_problem(arrays: Mapping[str, Any], ids: Callable[[], np.ndarray]) -> str | None:
+    """What keeps the fields ``arrays`` (arrays or HDF5 datasets, by name) from being a
+    dataset, or None: a field missing, fields of other lengths (text: other shapes), ids
+    (read by ``ids()``) repeated."""
+    keys = set(arrays.keys())
+    text = "input_ids" in keys
+    required = ("input_ids",) if text else REQUIRED_FIELDS
+    for key in required:
+        if key not in keys:
+            return (f"missing field '{key}' (found: {', '.join(sorted(keys)) or 'none'}); a dataset needs "
+                    f"'inputs' and 'targets', or 'input_ids' for text")
+    first = required[0]
+    n = int(arrays[first].shape[0])
+    for key in REQUIRED_FIELDS + OPTIONAL_FIELDS + ("input_ids",):
+        if key in keys and int(arrays[key].shape[0]) != n:
+            return f"field '{key}' has {arrays[key].shape[0]} rows but '{first}' has {n}"
+    if text:
+        shape = tuple(arrays["input_ids"].shape)
+        for key in ("attention_mask", "labels"):
+            if key in keys and tuple(arrays[key].shape) != shape:
+                return f"field '{key}' has shape {tuple(arrays[key].shape)} but 'input_ids' has {shape}"
+    if "ids" in keys and len(np.unique(ids())) != n:
+        return "field 'ids' has duplicate values"
+    return None
+
+
 def save_dataset(path: str | Path, inputs: np.ndarray | Mapping[str, np.ndarray],
                  targets: np.ndarray | None, *, ids: np.ndarray | None = None,
                  noisy: np.ndarray | None = None) -> Path:
@@ -435,8 +447,11 @@ def save_dataset(path: str | Path, inputs: np.ndarray | Mapping[str, np.ndarray]
         fields.update(ids=ids, noisy=noisy)
     else:
         fields = {"inputs": inputs, "targets": targets, "ids": ids, "noisy": noisy}
+    fields = {k: np.asarray(v) for k, v in fields.items() if v is not None}
+    problem = fields_problem(fields, lambda: fields["ids"])   # what loading it would refuse
+    if problem is not None:
+        raise DataError(f"{path}: {problem}; nothing written")
     with atomic_h5(path) as f:
         for key, arr in fields.items():
-            if arr is not None:
-                (write_ids if key == "ids" else put)(f, key, np.asarray(arr), chunks=True)
+            (write_ids if key == "ids" else put)(f, key, arr, chunks=True)
     return path
