@@ -98,6 +98,12 @@ def test_user_data_and_bad_options(tmp_path, capsys):
     assert "--train, --test and --model together" in capsys.readouterr().err
     assert main(["experiment", "prune", "--mode", "tiny", "--methods", "el3n", "--out", str(tmp_path / "x")]) == 2
     assert "unknown 'el3n'" in capsys.readouterr().err
+    # keeping 90% after excluding the top 20% kept 80% under the 90% column, without a word
+    assert main(["experiment", "prune", "--mode", "tiny", "--methods", "el2n:exclude=0.2", "--fractions", "0.5,0.9",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert ("el2n:exclude=0.2 keeps 0.9 of the examples after excluding the top 0.2, more than are left; give "
+            "fractions of at most 0.8") in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow

@@ -19,6 +19,12 @@ def test_by_score_exact_indices():
     assert by_score(v, keep=0.2, exclude_top=0.1).tolist() == [8, 7]
     with pytest.raises(gs.ConfigError, match="'keep'"):
         by_score(v, keep=1.5)
+    assert by_score(v, keep=0.9, exclude_top=0.1).tolist() == [8, 7, 6, 0, 2, 3, 4, 1, 5]   # all that is left
+    # more than is left after the excluded top: a shorter selection than asked, without a word (0 at 1.0)
+    for keep, exclude in ((0.5, 1.0), (0.7, 0.4), (0.2, 0.9)):
+        with pytest.raises(gs.ConfigError, match=f"invalid value for 'keep': {keep} after exclude_top {exclude} asks "
+                                                 f"for more examples than are left; keep at most {1 - exclude:g}"):
+            by_score(v, keep=keep, exclude_top=exclude)
 
 
 def test_regions_and_jtt_weights():

@@ -75,6 +75,9 @@ def by_score(values: np.ndarray, *, keep: float, highest: bool = True, exclude_t
     """
     _fraction("keep", keep)
     _fraction("exclude_top", exclude_top, allow_zero=True)
+    if keep + exclude_top > 1 + 1e-9:   # else the selection is shorter than asked
+        raise ConfigError(f"invalid value for 'keep': {keep} after exclude_top {exclude_top} asks for more examples "
+                          f"than are left; keep at most {1 - exclude_top:g}")
     if sample not in (None, "gumbel"):
         raise ConfigError(f"invalid value for 'sample': '{sample}'; choose gumbel (or none for the top-k)")
     if sample and not temperature > 0:

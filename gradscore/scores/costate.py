@@ -84,7 +84,8 @@ class CostateConfig:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.batch_size, int) and self.batch_size > 0):
-            raise ConfigError(f"invalid value for 'batch_size': must be a positive integer, got {self.batch_size!r}")
+            raise ConfigError(f"invalid value for 'batch_size' (--hvp-batch): must be a positive integer, got "
+                              f"{self.batch_size!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"invalid value for 'dtype': '{self.dtype}' is not one of {DTYPES}")
         if self.device not in DEVICES:

@@ -85,8 +85,13 @@ def run(out: Path, mode: Mode, *, methods: tuple[str, ...] = DEFAULT_METHODS,
     """Pruning curves into ``out/prune.{json,md,png}``; returns the result dict.
 
     Existing results are replaced only with ``overwrite`` (checked before any training)."""
-    work = claim_results(out, "prune", overwrite)
     parsed = [parse_method(m) for m in methods]
+    for spec, (_, _, exclude, _) in zip(methods, parsed):   # before any training
+        over = [f for f in mode.fractions if f < 1.0 and f + exclude > 1 + 1e-9]
+        if over:
+            raise ConfigError(f"invalid value for 'methods': {spec} keeps {over[0]:g} of the examples after excluding "
+                              f"the top {exclude:g}, more than are left; give fractions of at most {1 - exclude:g}")
+    work = claim_results(out, "prune", overwrite)
     rows = []
     conditions = [("user data", setup)] if setup is not None else [
         (f"{noise:.0%} flipped labels", digits_setup(noise, mode.n_train)) for noise in noise_levels]
