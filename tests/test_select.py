@@ -70,6 +70,27 @@ def test_select_files_and_cli(scores_file, tmp_path, capsys):
     assert "exactly one of" in capsys.readouterr().err
 
 
+def test_an_option_of_another_way_of_selecting_is_refused(scores_file, tmp_path, capsys):
+    """`select --jtt --keep 0.5` took the whole error set, `--by el2n --checkpoint 2` the last
+    checkpoint's el2n, `--region hard --lowest` the same region: each option was dropped
+    without a word. Now one line, exit 2, and no file."""
+    out = str(tmp_path / "k.json")
+    cases = {("--jtt", "--keep", "0.5"): "--keep applies to --by only",
+             ("--region", "hard", "--lowest"): "--highest/--lowest applies to --by only",
+             ("--by", "el2n", "--checkpoint", "2"): "--checkpoint applies to --jtt only",
+             ("--by", "el2n", "--upweight", "5"): "--upweight applies to --jtt only",
+             ("--by", "el2n", "--fraction", "0.5"): "--fraction applies to --region only",
+             ("--by", "el2n", "--temperature", "0.5"): "--temperature applies to --sample only",
+             ("--region", "all", "--per-class", "--data", "x.h5"): "--per-class applies to --by only",
+             ("--jtt", "--allow-nonfinite"): "--allow-nonfinite applies to --by or --region only"}
+    for extra, says in cases.items():
+        assert main(["select", str(scores_file), *extra, "--out", out]) == 2, extra
+        assert says in capsys.readouterr().err, extra
+    assert not (tmp_path / "k.json").exists()
+    assert main(["select", str(scores_file), "--by", "el2n", "--keep", "0.5", "--lowest", "--sample", "gumbel",
+                 "--temperature", "0.5", "--seed", "1", "--out", out]) == 0
+
+
 def test_plots(scores_file, tmp_path, capsys):
     for kind, name in (("datamap", "map.png"), ("datamap", "map.svg"), ("hist", "h.png"), ("hist", "h.svg")):
         assert main(["plot", str(scores_file), "--kind", kind, "--out", str(tmp_path / name)]) == 0

@@ -38,6 +38,36 @@ def add_overwrite(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
+class _Noted:
+    """An action that also notes its option was given (``namespace.given``: dests), where
+    the default cannot tell (``--keep 0.5`` is the default's value too)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        namespace.given = getattr(namespace, "given", set()) | {self.dest}
+
+
+class StoreNoted(_Noted, argparse._StoreAction):
+    """``action="store"``, noted as given."""
+
+
+class StoreTrueNoted(_Noted, argparse._StoreTrueAction):
+    """``action="store_true"``, noted as given."""
+
+
+class StoreFalseNoted(_Noted, argparse._StoreFalseAction):
+    """``action="store_false"``, noted as given."""
+
+
+def refuse_unused(args: argparse.Namespace, belongs: dict[str, tuple[str, str]], used: set[str]) -> None:
+    """One GradscoreError for an option given (noted) whose mode is not used: ``belongs``
+    maps its dest to (its option, the mode it needs, as the user writes it)."""
+    for dest in sorted(getattr(args, "given", ())):
+        if dest in belongs and belongs[dest][1] not in used:
+            option, mode = belongs[dest]
+            raise GradscoreError(f"{option} applies to {mode} only; leave it out, or give {mode}")
+
+
 def add_scores_file(p: argparse.ArgumentParser) -> None:
     """The positional scores file of a command that reads any gradscore scores file."""
     p.add_argument("scores", metavar="SCORES.h5", help="a scores file: of gradscore run, gs.InRun, "

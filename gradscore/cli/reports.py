@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..exceptions import GradscoreError
 from ..config import DATA_MAP_POINTS
-from .common import add_overwrite, add_scores_file, command, split, warn
+from .common import (StoreFalseNoted, StoreNoted, StoreTrueNoted, add_overwrite, add_scores_file, command,
+                     refuse_unused, split, warn)
 
 def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "select", help="choose examples by a score, a data-map region, or JTT",
@@ -17,29 +18,32 @@ def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
     add_scores_file(p)
     p.add_argument("--out", required=True, metavar="FILE.json", help="where to write the selection (JSON)")
     p.add_argument("--by", default=None, metavar="SCORE", help="e.g. el2n, grand, pds, confidence")
-    p.add_argument("--keep", type=float, default=0.5, help="--by: fraction to keep")
+    p.add_argument("--keep", type=float, default=0.5, action=StoreNoted, help="--by: fraction to keep")
     order = p.add_mutually_exclusive_group()
-    order.add_argument("--highest", dest="highest", action="store_true", default=True,
+    order.add_argument("--highest", dest="highest", action=StoreTrueNoted, default=True,
                        help="--by: keep the highest values")
-    order.add_argument("--lowest", dest="highest", action="store_false", help="--by: keep the lowest")
-    p.add_argument("--exclude-top", type=float, default=0.0, help="--by: first drop this fraction at the top")
+    order.add_argument("--lowest", dest="highest", action=StoreFalseNoted, help="--by: keep the lowest")
+    p.add_argument("--exclude-top", type=float, default=0.0, action=StoreNoted,
+                   help="--by: first drop this fraction at the top")
     p.add_argument("--region", default=None, choices=("easy", "ambiguous", "hard", "all"),
                    help="Dataset Cartography region(s) by confidence and variability (needs those scores)")
-    p.add_argument("--fraction", type=float, default=0.33, help="--region: fraction of the data per region")
+    p.add_argument("--fraction", type=float, default=0.33, action=StoreNoted,
+                   help="--region: fraction of the data per region")
     p.add_argument("--jtt", action="store_true", help="JTT: error set and weights (FILE_weights.npz)")
-    p.add_argument("--upweight", type=float, default=20.0, help="--jtt: weight of the error set")
-    p.add_argument("--per-class", action="store_true",
+    p.add_argument("--upweight", type=float, default=20.0, action=StoreNoted, help="--jtt: weight of the error set")
+    p.add_argument("--per-class", action=StoreTrueNoted,
                    help="--by: keep the fraction within each class (the labels of --data), so no class is lost")
     p.add_argument("--data", default=None, metavar="FILE", help="--per-class: the scored data, for its labels")
-    p.add_argument("--sample", default=None, choices=("gumbel",),
+    p.add_argument("--sample", default=None, choices=("gumbel",), action=StoreNoted,
                    help="--by: draw a weighted sample without replacement (weight exp(score / T)) instead of "
                    "the hard top-k, for diversity")
-    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="--sample: T; smaller = closer to top-k")
-    p.add_argument("--seed", type=int, default=0, help="--sample: the random seed")
-    p.add_argument("--allow-nonfinite", action="store_true",
+    p.add_argument("--temperature", type=float, default=1.0, metavar="T", action=StoreNoted,
+                   help="--sample: T; smaller = closer to top-k")
+    p.add_argument("--seed", type=int, default=0, action=StoreNoted, help="--sample: the random seed")
+    p.add_argument("--allow-nonfinite", action=StoreTrueNoted,
                    help="--by/--region: leave out the examples whose score is NaN/Inf (a run with "
                    "--allow-nonfinite) and list them in 'nonfinite_ids'; default: stop, naming them")
-    p.add_argument("--checkpoint", type=int, default=-1,
+    p.add_argument("--checkpoint", type=int, default=-1, action=StoreNoted,
                    help="--jtt: index of the checkpoint whose errors are taken (an early one, as JTT does)")
     add_overwrite(p)
     p = command(sub, "plot", help="data map or score histograms from a scores file",
@@ -58,8 +62,20 @@ def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
     add_overwrite(p)
 
 
+#: select's options that apply to one way of selecting: dest -> (option, the way)
+SELECT_OPTIONS = {"keep": ("--keep", "--by"), "highest": ("--highest/--lowest", "--by"),
+                  "exclude_top": ("--exclude-top", "--by"), "per_class": ("--per-class", "--by"),
+                  "sample": ("--sample", "--by"), "temperature": ("--temperature", "--sample"),
+                  "seed": ("--seed", "--sample"), "fraction": ("--fraction", "--region"),
+                  "upweight": ("--upweight", "--jtt"), "checkpoint": ("--checkpoint", "--jtt"),
+                  "allow_nonfinite": ("--allow-nonfinite", "--by or --region")}
+
+
 def _cmd_select(args: argparse.Namespace) -> int:
     from ..reports.select import select
+    used = ({"--by"} if args.by else set()) | ({"--region"} if args.region else set()) | \
+        ({"--jtt"} if args.jtt else set()) | ({"--sample"} if args.sample else set())
+    refuse_unused(args, SELECT_OPTIONS, used | ({"--by or --region"} if used & {"--by", "--region"} else set()))
     res = select(args.scores, by=args.by, keep=args.keep, highest=args.highest, exclude_top=args.exclude_top,
                  region=args.region, fraction=args.fraction, jtt=args.jtt, upweight=args.upweight,
                  checkpoint=args.checkpoint, out=args.out, overwrite=args.overwrite,
