@@ -43,6 +43,26 @@ def test_run_and_info(tiny_run, tmp_path, capsys):
     assert all(f'"{k}"' in env for k in ("kernels", "cuda_device", "triton", "numba")), env
 
 
+def test_an_option_of_another_kind_is_refused_not_dropped(tiny_run, tmp_path, capsys):
+    """`demo --docs 100` ran the digits demo, `attribute --ridge` ran TracIn, `run
+    --clip-quantile` without the clip variant changed nothing: each option was dropped
+    without a word. Now one line, exit 2, nothing written."""
+    ckpts, data = tiny_run
+    cases = {("demo", "--docs", "100"): "--docs applies to --lm only",
+             ("demo", "--pds", "--epochs", "3"): "--epochs applies to the digits demo or --inrun only",
+             ("demo", "--steps", "3"): "--steps applies to --pds or --lm only",
+             ("attribute", "--sketch", "s.h5", "--query", str(data), "--ridge", "0.5"):
+                 "--ridge applies to --method trak only",
+             ("run", "--checkpoints", str(ckpts), "--data", str(data), "--clip-quantile", "0.5"):
+                 "--clip-quantile applies to --variants clip only; leave it out, or use it with --variants clip"}
+    outs = tmp_path / "outs"
+    outs.mkdir()
+    for argv, says in cases.items():
+        assert main([*argv, "--out", str(outs / "o")]) == 2, argv
+        assert says in capsys.readouterr().err, argv
+    assert list(outs.iterdir()) == []
+
+
 def test_bad_inputs_exit_2_with_one_line(tiny_run, tmp_path, capsys):
     ckpts, data = tiny_run
     out = str(tmp_path / "s.h5")
@@ -131,7 +151,8 @@ def test_a_demo_never_writes_into_a_folder_of_the_users(tmp_path, capsys, kind):
     for name, text in mine.items():
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text(text)
-    assert main(["demo", *kind, "--out", str(tmp_path), "--epochs", "2", "--n-train", "240", "--quiet"]) == 2
+    small = ["--epochs", "2", "--n-train", "240"] if kind in ([], ["--inrun"]) else []   # the options each takes
+    assert main(["demo", *kind, "--out", str(tmp_path), *small, "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("exists and is not a gradscore demo folder; gradscore never writes into it: choose another "
                         "path or move it away") and len(err.splitlines()) == 1

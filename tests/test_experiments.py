@@ -104,6 +104,10 @@ def test_user_data_and_bad_options(tmp_path, capsys):
     assert ("el2n:exclude=0.2 keeps 0.9 of the examples after excluding the top 0.2, more than are left; give "
             "fractions of at most 0.8") in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    # an option of another experiment was dropped without a word
+    assert main(["experiment", "jtt", "--mode", "tiny", "--fractions", "0.5", "--out", str(tmp_path / "x")]) == 2
+    assert "--fractions applies to prune only; leave it out, or use it with prune" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow

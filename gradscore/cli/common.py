@@ -65,7 +65,7 @@ def refuse_unused(args: argparse.Namespace, belongs: dict[str, tuple[str, str]],
     for dest in sorted(getattr(args, "given", ())):
         if dest in belongs and belongs[dest][1] not in used:
             option, mode = belongs[dest]
-            raise GradscoreError(f"{option} applies to {mode} only; leave it out, or give {mode}")
+            raise GradscoreError(f"{option} applies to {mode} only; leave it out, or use it with {mode}")
 
 
 def add_scores_file(p: argparse.ArgumentParser) -> None:

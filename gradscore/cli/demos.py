@@ -6,7 +6,17 @@ from pathlib import Path
 
 from ..config import ENGINES
 from ..exceptions import GradscoreError
-from .common import add_overwrite, add_quiet, command, model_kwargs
+from .common import StoreNoted, add_overwrite, add_quiet, command, model_kwargs, refuse_unused
+
+#: the demo's options that apply to some of its kinds: dest -> (option, the kinds)
+DEMO_OPTIONS = {"docs": ("--docs", "--lm"), "steps": ("--steps", "--pds or --lm"),
+                "epochs": ("--epochs", "the digits demo or --inrun"),
+                "n_train": ("--n-train", "the digits demo or --inrun")}
+#: the experiment's options that apply to some experiments: dest -> (option, the experiments)
+EXPERIMENT_OPTIONS = {"fractions": ("--fractions", "prune"), "methods": ("--methods", "prune"),
+                      "keep": ("--keep", "prune"), "exclude_top": ("--exclude-top", "prune"),
+                      "shifted_test": ("--shifted-test", "regions")}
+
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "demo", help="train on the bundled digits, score, report (no download)",
@@ -18,7 +28,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    help="output directory (default gradscore_demo, gradscore_demo_pds, gradscore_demo_lm or "
                    "gradscore_demo_inrun): new, empty, or one a demo wrote before, whose files a rerun replaces; "
                    "never a folder of yours")
-    p.add_argument("--epochs", type=int, default=15, help="training epochs (one checkpoint each)")
+    p.add_argument("--epochs", type=int, default=15, action=StoreNoted, help="training epochs (one checkpoint each)")
     kind = p.add_mutually_exclusive_group()   # one demo at a time
     kind.add_argument("--pds", action="store_true",
                    help="optimal-control (PDS) demo: full-batch GD on the noisy set, clean "
@@ -31,16 +41,19 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    help="in-run demo: the same digits scored during training by gs.InRun (no checkpoint "
                    "needed), each score's AUROC next to the checkpoint-based one, and the recorder's "
                    "overhead as a ratio of training times in this run")
-    p.add_argument("--docs", type=int, default=800, help="--lm: training documents")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--docs", type=int, default=800, action=StoreNoted, help="--lm: training documents")
+    p.add_argument("--steps", type=int, default=None, action=StoreNoted,
                    help="--pds/--lm: gradient-descent steps (default 30 / 6)")
-    p.add_argument("--n-train", type=int, default=None, help="use only the first N training examples")
+    p.add_argument("--n-train", type=int, default=None, action=StoreNoted, help="use only the first N training examples")
     p.add_argument("--engine", default="auto", choices=ENGINES,
                    help="per-example gradient engine (auto: ghost rules, else vmap, else the loop)")
     add_quiet(p)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    kind = "--lm" if args.lm else "--pds" if args.pds else "--inrun" if args.inrun else "the digits demo"
+    either = "--pds or --lm" if kind in ("--pds", "--lm") else "the digits demo or --inrun"
+    refuse_unused(args, DEMO_OPTIONS, {kind, either})
     if args.lm:
         from ..demos.lm import run_lm_demo
         extra = {} if args.steps is None else {"steps": args.steps}
@@ -82,17 +95,17 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
                    help="fast: 1 seed, 8 epochs, fractions 30/50/100%% (< 3 min on 2 cores); full: 3 seeds, "
                    "15 epochs, 30/50/70/90/100%%; tiny: 300 examples, 2 epochs (a smoke test)")
     p.add_argument("--seeds", type=int, default=None, help="override the mode's number of seeds")
-    p.add_argument("--fractions", default=None, metavar="F,...", help="prune: override the kept fractions")
-    p.add_argument("--methods", default=None, metavar="M,...",
+    p.add_argument("--fractions", default=None, metavar="F,...", action=StoreNoted, help="prune: override the kept fractions")
+    p.add_argument("--methods", default=None, metavar="M,...", action=StoreNoted,
                    help="prune: el2n, grand, forgetting, pds, ambiguous, hard, random, each optionally with "
                    ":lowest (keep the lowest), :exclude=F (drop the top F first) and :per_class (the fraction within "
                    "each class)")
-    p.add_argument("--keep", default="highest", choices=("highest", "lowest"),
+    p.add_argument("--keep", default="highest", choices=("highest", "lowest"), action=StoreNoted,
                    help="prune: direction for methods given without ':lowest'")
-    p.add_argument("--exclude-top", type=float, default=0.0, help="prune: default ':exclude=' for every method")
+    p.add_argument("--exclude-top", type=float, default=0.0, action=StoreNoted, help="prune: default ':exclude=' for every method")
     p.add_argument("--train", default=None, metavar="FILE", help="prune/regions: your training set (.h5/.npz)")
     p.add_argument("--test", default=None, metavar="FILE", help="prune/regions: your test set")
-    p.add_argument("--shifted-test", default=None, metavar="FILE", help="regions: your out-of-distribution test set")
+    p.add_argument("--shifted-test", default=None, metavar="FILE", action=StoreNoted, help="regions: your out-of-distribution test set")
     p.add_argument("--model", default=None, metavar="MODULE:FN", help="with --train: the model factory")
     p.add_argument("--model-kwargs", default="{}", metavar="JSON", help="with --model: its keyword arguments")
     add_overwrite(p)
@@ -102,6 +115,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     import dataclasses
 
     from ..demos.experiments import MODES, file_setup
+    refuse_unused(args, EXPERIMENT_OPTIONS, {args.name})
     mode = MODES[args.mode]
     if args.seeds is not None:
         mode = dataclasses.replace(mode, seeds=args.seeds)

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from ..config import AVAILABLE_SCORES, DEVICES, DTYPES, ENGINES, GRADIENT_SCORES, RunConfig
-from .common import add_lm_reduction, add_overwrite, add_quiet, command, split, warn
+from .common import StoreNoted, add_lm_reduction, add_overwrite, add_quiet, command, refuse_unused, split, warn
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "run", help="score every example at every checkpoint",
@@ -63,7 +63,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variants", default="", metavar="V,...",
                    help="also store pds_<V>/target_dot_<V> for V in cos (direction only), clip (‖g‖ clipped "
                    "at --clip-quantile), rank (per-checkpoint ranks), resid (log‖g‖ regressed out)")
-    p.add_argument("--clip-quantile", type=float, default=0.9, metavar="Q",
+    p.add_argument("--clip-quantile", type=float, default=0.9, metavar="Q", action=StoreNoted,
                    help="the clip variant clips ‖g_nt‖ at this quantile of all ‖g_nt‖")
     add_lm_reduction(p)
     p.add_argument("--store-logits", action="store_true",
@@ -84,6 +84,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from ..pipeline import run
+    refuse_unused(args, {"clip_quantile": ("--clip-quantile", "--variants clip")},
+                  {"--variants clip"} if "clip" in split(args.variants) else set())
     config = RunConfig(checkpoints=args.checkpoints, data=args.data,
                        scores=split(args.scores) if args.scores is not None else _default_scores(args.checkpoints),
                        params=split(args.params or ""),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import ATTRIBUTION_METHODS, DEVICES, DTYPES, STORE_DTYPES, AttributeConfig, SketchConfig
-from .common import add_quiet, command, split
+from .common import StoreNoted, add_quiet, command, refuse_unused, split
 
 
 def _add_sketch(sub: argparse._SubParsersAction) -> None:
@@ -63,9 +63,9 @@ def _add_attribute(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default=d.method, choices=ATTRIBUTION_METHODS, help="tracin: TracIn-CP; trak: TRAK-style")
     p.add_argument("--top", type=int, default=d.top, help="proponents and opponents kept per query")
     p.add_argument("--full", action="store_true", help="also write the whole N x Q score matrix as /scores")
-    p.add_argument("--ridge", type=float, default=d.ridge,
+    p.add_argument("--ridge", type=float, default=d.ridge, action=StoreNoted,
                    help="trak: λ of (XᵀX + λI), relative to the mean of XᵀX's diagonal")
-    p.add_argument("--trak-checkpoints", default=d.trak_checkpoints, choices=("last", "all"),
+    p.add_argument("--trak-checkpoints", default=d.trak_checkpoints, choices=("last", "all"), action=StoreNoted,
                    help="trak: the checkpoints whose estimates are averaged")
     p.add_argument("--block-size", type=int, default=d.block_size, help="training rows per GEMM block")
     p.add_argument("--device", default=d.device, choices=DEVICES, help="where the queries are sketched")
@@ -79,6 +79,8 @@ def _add_attribute(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
     from ..sketches.attribute import run_attribute
+    trak_only = {"ridge": ("--ridge", "--method trak"), "trak_checkpoints": ("--trak-checkpoints", "--method trak")}
+    refuse_unused(args, trak_only, {f"--method {args.method}"})
     config = AttributeConfig(sketch=args.sketch, query=args.query, checkpoints=args.checkpoints, method=args.method,
                              top=args.top, full=args.full, ridge=args.ridge, trak_checkpoints=args.trak_checkpoints,
                              block_size=args.block_size, device=args.device, dtype=args.dtype,
