@@ -1148,9 +1148,9 @@ def test_a_recording_without_targets_with_the_commands(tmp_path, capsys, monkeyp
     assert main(["plot", str(path), "--scores", "el2n,loss", "--out", str(tmp_path / "h.png")]) == 0
     assert drawn == [["el2n", "loss"]]
     assert main(["plot", str(path), "--kind", "datamap", "--scores", "el2n", "--out", str(tmp_path / "m.png")]) == 2
-    assert "--scores chooses the histograms of --kind hist" in capsys.readouterr().err
+    assert "--scores applies to --kind hist only; leave it out, or use it with --kind hist" in capsys.readouterr().err
     assert main(["plot", str(path), "--kind", "hist", "--max-points", "10", "--out", str(tmp_path / "m.png")]) == 2
-    assert "--max-points thins the data map (--kind datamap)" in capsys.readouterr().err
+    assert "--max-points applies to --kind datamap only" in capsys.readouterr().err
     assert not (tmp_path / "m.png").exists()
 
 

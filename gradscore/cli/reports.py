@@ -55,9 +55,9 @@ def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
                    help="datamap: confidence vs variability; hist: every score's histogram (default: hist "
                    "with --scores, else datamap)")
     p.add_argument("--out", required=True, metavar="FILE.png|svg", help="figure to write (PNG or SVG)")
-    p.add_argument("--max-points", type=int, default=None,
-                   help=f"datamap: hexbin above this many examples (default: {DATA_MAP_POINTS})")
-    p.add_argument("--scores", dest="only", default=None, metavar="NAME,...",
+    p.add_argument("--max-points", type=int, default=DATA_MAP_POINTS, action=StoreNoted,
+                   help="datamap: hexbin above this many examples")
+    p.add_argument("--scores", dest="only", default=None, metavar="NAME,...", action=StoreNoted,
                    help="hist: the scores to show (default: every score in the file)")
     add_overwrite(p)
 
@@ -90,6 +90,10 @@ def _cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
+#: plot's options that apply to one kind of figure: dest -> (option, the kind)
+PLOT_OPTIONS = {"max_points": ("--max-points", "--kind datamap"), "only": ("--scores", "--kind hist")}
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from ..io.outputs import claim
     from ..reports.plots import data_map, score_histograms, statistics_over
@@ -97,11 +101,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     from ..scores.registry import how_to_add
     if Path(args.out).suffix.lower() not in (".png", ".svg"):
         raise GradscoreError(f"{args.out}: --out must end in .png or .svg")
-    kind = args.kind or ("hist" if args.only else "datamap")
-    if kind == "datamap" and args.only:
-        raise GradscoreError("--scores chooses the histograms of --kind hist; leave out --kind datamap, or --scores")
-    if kind == "hist" and args.max_points is not None:
-        raise GradscoreError("--max-points thins the data map (--kind datamap); leave it out with --kind hist")
+    kind = args.kind or ("hist" if args.only else "datamap")   # --scores alone: the histograms
+    refuse_unused(args, PLOT_OPTIONS, {f"--kind {kind}"})
     claim(args.out, "figure", inputs={"the scores file": [args.scores]}, overwrite=args.overwrite)
     res = load_scores(args.scores, per_checkpoint=False)
     s = res["scores"]
@@ -120,7 +121,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
             raise GradscoreError(f"{args.scores}: no {', '.join(missing)} scores for the data map; "
                                  f"{how_to_add(res['config'], missing)}")
         data_map(s["confidence"], s["variability"], s["correctness"], args.out, noisy=res["noisy"],
-                 max_points=args.max_points or DATA_MAP_POINTS, title=Path(args.scores).name,
+                 max_points=args.max_points, title=Path(args.scores).name,
                  over=statistics_over(res))
     print(f"plot -> {args.out}")
     return 0
