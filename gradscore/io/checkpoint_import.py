@@ -32,7 +32,6 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -40,7 +39,6 @@ from tqdm.auto import tqdm
 from .checkpoints import (CheckpointStore, check_rebuildable, checked_lr, checkpoint_filename, checkpoint_files,
                           read_info, write_checkpoint)
 from ..exceptions import CheckpointError, OutputError
-from ..imports import import_ref
 
 SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 #: what a Hugging Face Trainer's checkpoint-<step>/ holds beside the model: never its weights
@@ -233,17 +231,16 @@ def import_checkpoints(src: str | Path, out: str | Path, *, model_factory: str, 
     """Convert every source checkpoint in ``src`` into ``out/step_<n>.h5``; returns ``out``."""
     if (lr is None) == (schedule is None):
         raise CheckpointError("import-checkpoints: give either a constant lr or a schedule {step: lr}")
-    check_rebuildable(model_factory, model_kwargs, loss)
-    factory: Callable = import_ref(model_factory, "model factory", CheckpointError)
+    factory = check_rebuildable(model_factory, model_kwargs, loss)
     model = factory(**(model_kwargs or {}))
     keys = set(model.state_dict())
     sources = find_sources(src)
     if schedule is None:
         checked_lr(lr)
-    for step, path in sources:   # every step's η, before anything is written
-        if schedule is not None and step not in schedule:
-            raise CheckpointError(f"{path}: step {step} has no learning rate in the schedule")
-        if schedule is not None:
+    else:
+        for step, path in sources:   # every step's η, before anything is written
+            if step not in schedule:
+                raise CheckpointError(f"{path}: step {step} has no learning rate in the schedule")
             checked_lr(schedule[step], step)
     made = not Path(out).exists()
     out = _claim_out(Path(src), Path(out), model_factory, model_kwargs or {}, loss)

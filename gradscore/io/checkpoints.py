@@ -19,7 +19,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import h5py
 import numpy as np
@@ -110,22 +110,24 @@ def write_checkpoint(path: str | Path, model: nn.Module, *, step: int, lr: float
     return path
 
 
-def check_rebuildable(model_factory: str, model_kwargs: dict | None, loss: Any) -> None:
+def check_rebuildable(model_factory: str, model_kwargs: dict | None, loss: Any) -> Callable[..., Any]:
     """What every checkpoint records so that scoring can rebuild and score it: a loss
     gradscore knows (by name: the file stores it), a factory it can import, ``model_kwargs``
-    JSON can hold. One GradscoreError naming the fix, before anything is written."""
+    JSON can hold. One GradscoreError naming the fix, before anything is written; returns
+    the factory."""
     from ..losses import resolve_loss
     if not isinstance(loss, str):
         raise ConfigError(f"invalid value for 'loss': the checkpoints store the loss by name; give "
                           f"'cross_entropy' (or another gradscore loss) or a 'module:fn' reference, not a "
                           f"{type(loss).__name__}")
     resolve_loss(loss)
-    import_ref(model_factory, "model_factory", CheckpointError)
+    factory = import_ref(model_factory, "model_factory", CheckpointError)
     try:
         json.dumps(model_kwargs or {}, sort_keys=True)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"invalid value for 'model_kwargs': the checkpoints store it as JSON, which cannot "
                           f"hold it ({e}); give numbers, strings, lists and dicts (a dtype as its name)") from e
+    return factory
 
 
 def checked_lr(lr: Any, step: int | None = None) -> float:
@@ -170,7 +172,7 @@ class CheckpointWriter:
     def __init__(self, directory: str | Path, *, model_factory: str, model_kwargs: dict | None = None,
                  loss: str = "cross_entropy", optimizer: "str | torch.optim.Optimizer" = "",
                  overwrite: bool = False) -> None:
-        check_rebuildable(model_factory, model_kwargs, loss)
+        self._factory = check_rebuildable(model_factory, model_kwargs, loss)
         self.directory = Path(directory)
         self.model_factory = model_factory
         self.model_kwargs = dict(model_kwargs or {})
@@ -213,7 +215,7 @@ class CheckpointWriter:
     def _check_model(self, model: nn.Module) -> None:
         """The factory's model, built on the meta device (no memory, no weights), has the
         tensors ``model`` is saved with, by name and shape: what scoring loads it into."""
-        factory = import_ref(self.model_factory, "model_factory", CheckpointError)
+        factory = self._factory
         try:
             with torch.device("meta"):
                 built = factory(**self.model_kwargs)
