@@ -107,6 +107,19 @@ def test_export_round_trip_preserves_values_and_ids(tmp_path):
         assert t[name] == values.tolist()
 
 
+@pytest.mark.parametrize("fmt,name", [("td_metrics", "x.parquet"), ("td_metrics", "x.csv"), ("csv", "x.parquet"),
+                                      ("csv", "x.jsonl"), ("parquet", "x.csv"), ("parquet", "x.JSONL")])
+def test_export_refuses_a_file_name_of_another_format(tmp_path, capsys, fmt, name):
+    """``--format td_metrics --out x.parquet`` wrote jsonl into a file named .parquet, which
+    pandas and pyarrow then failed to read."""
+    scores = import_dynamics(_write(tmp_path / "dyn"), tmp_path / "s.h5", progress=False)
+    assert main(["export", str(scores), "--format", fmt, "--out", str(tmp_path / name)]) == 2
+    err = capsys.readouterr().err
+    assert name in err and f"--format {fmt}" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / name).exists()
+    assert main(["export", str(scores), "--format", fmt, "--out", str(tmp_path / "noext")]) == 0
+
+
 @pytest.mark.parametrize("fmt", ["td_metrics", "csv"])
 def test_export_shows_a_progress_bar_unless_quiet(tmp_path, monkeypatch, fmt):
     """10⁷ rows take a minute or more: a bar on the terminal (tqdm's own choice, after 5 s),

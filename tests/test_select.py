@@ -82,6 +82,7 @@ def test_an_option_of_another_way_of_selecting_is_refused(scores_file, tmp_path,
              ("--by", "el2n", "--fraction", "0.5"): "--fraction applies to --region only",
              ("--by", "el2n", "--temperature", "0.5"): "--temperature applies to --sample only",
              ("--region", "all", "--per-class", "--data", "x.h5"): "--per-class applies to --by only",
+             ("--by", "el2n", "--data", "x.h5"): "--data applies to --per-class only",
              ("--jtt", "--allow-nonfinite"): "--allow-nonfinite applies to --by or --region only"}
     for extra, says in cases.items():
         assert main(["select", str(scores_file), *extra, "--out", out]) == 2, extra

@@ -33,7 +33,8 @@ def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--upweight", type=float, default=20.0, action=StoreNoted, help="--jtt: weight of the error set")
     p.add_argument("--per-class", action=StoreTrueNoted,
                    help="--by: keep the fraction within each class (the labels of --data), so no class is lost")
-    p.add_argument("--data", default=None, metavar="FILE", help="--per-class: the scored data, for its labels")
+    p.add_argument("--data", default=None, metavar="FILE", action=StoreNoted,
+                   help="--per-class: the scored data, for its labels")
     p.add_argument("--sample", default=None, choices=("gumbel",), action=StoreNoted,
                    help="--by: draw a weighted sample without replacement (weight exp(score / T)) instead of "
                    "the hard top-k, for diversity")
@@ -68,13 +69,14 @@ SELECT_OPTIONS = {"keep": ("--keep", "--by"), "highest": ("--highest/--lowest", 
                   "sample": ("--sample", "--by"), "temperature": ("--temperature", "--sample"),
                   "seed": ("--seed", "--sample"), "fraction": ("--fraction", "--region"),
                   "upweight": ("--upweight", "--jtt"), "checkpoint": ("--checkpoint", "--jtt"),
-                  "allow_nonfinite": ("--allow-nonfinite", "--by or --region")}
+                  "allow_nonfinite": ("--allow-nonfinite", "--by or --region"), "data": ("--data", "--per-class")}
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
     from ..reports.select import select
     used = ({"--by"} if args.by else set()) | ({"--region"} if args.region else set()) | \
-        ({"--jtt"} if args.jtt else set()) | ({"--sample"} if args.sample else set())
+        ({"--jtt"} if args.jtt else set()) | ({"--sample"} if args.sample else set()) | \
+        ({"--per-class"} if args.per_class else set())
     refuse_unused(args, SELECT_OPTIONS, used | ({"--by or --region"} if used & {"--by", "--region"} else set()))
     res = select(args.scores, by=args.by, keep=args.keep, highest=args.highest, exclude_top=args.exclude_top,
                  region=args.region, fraction=args.fraction, jtt=args.jtt, upweight=args.upweight,

@@ -202,11 +202,21 @@ def _as_array(path: Path, rows: list[list]) -> np.ndarray:
         raise DataError(f"{path}: logits are not all numbers ({e})") from e
 
 
+#: the suffix each export format writes, and the format a file name's suffix says
+EXPORT_SUFFIX = {"td_metrics": ".jsonl", "csv": ".csv", "parquet": ".parquet"}
+EXPORT_SUFFIXES = {**{v: k for k, v in EXPORT_SUFFIX.items()}, ".json": "td_metrics"}
+
+
 def export_scores(scores: str | Path, out: str | Path, *, fmt: str, overwrite: bool = False,
                   progress: bool = True) -> Path:
     """Write the scores of a scores file as ``td_metrics`` jsonl, ``csv`` or ``parquet`` (an
-    existing ``out`` only with ``overwrite``, and only if it is a gradscore export);
+    existing ``out`` only with ``overwrite``, and only if it is a gradscore export; not a
+    name whose suffix is another format's, ``x.parquet`` for csv);
     ``progress``: a bar over the rows of jsonl and csv on a terminal, after 5 s."""
+    named = EXPORT_SUFFIXES.get(Path(out).suffix.lower())
+    if named is not None and named != fmt:
+        raise GradscoreError(f"{out}: its name says {named}, but --format {fmt} writes "
+                             f"{EXPORT_SUFFIX[fmt]}; name it *{EXPORT_SUFFIX[fmt]} or use --format {named}")
     claim(out, "export", inputs={"the scores file": [scores]}, overwrite=overwrite)
     res = load_scores(scores, per_checkpoint=False)
     ids = [i.decode() if isinstance(i, bytes) else i.item() if hasattr(i, "item") else i for i in res["ids"]]
