@@ -528,7 +528,7 @@ def test_inrun_value_is_over_all_presentations_and_nan_where_none_was_measured()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)   # 0 · inf is no warning to the user
         s = inrun_scores.aggregate(rows, 4, {"inrun_value", "inrun_value_cos"})
-        terms = inrun_scores.dot_terms(lambda: [rows], 4)      # diagnose's reading: raw is inrun_value
+        terms = inrun_scores.dot_terms(lambda keys: [rows], 4)      # diagnose's reading: raw is inrun_value
     want = [1.5 * (0.1 * 1 + 0.3 * 2), 0.1 * 2 - 0.3, nan, 0.0 + 0.2 * 0.5]
     np.testing.assert_allclose(s["inrun_value"], want)
     assert np.isnan(s["inrun_value_cos"][2])
@@ -2041,10 +2041,10 @@ def test_reports_read_the_data_by_id_not_by_position(tmp_path):
     assert diag["n_noisy"] == 8 and "|inrun_value|" in diag["flagging"] and set(diag["inflation"]) == {"raw", "cos",
                                                                                                       "clip"}
     from gradscore.io.store import inrun_blocks, load_inrun_rows
-    from gradscore.scores.inrun import DOT_TERM_FIELDS, dot_terms
-    whole = dot_terms(lambda: [load_inrun_rows(tmp_path / "r.h5")], 40)
+    from gradscore.scores.inrun import dot_terms
+    whole = dot_terms(lambda keys: [load_inrun_rows(tmp_path / "r.h5", keys)], 40)
     np.testing.assert_allclose(whole["raw"], gs.load_scores(tmp_path / "r.h5")["scores"]["inrun_value"], rtol=1e-12)
-    for k, v in dot_terms(inrun_blocks(tmp_path / "r.h5", DOT_TERM_FIELDS, block=7), 40).items():   # to the bit
+    for k, v in dot_terms(inrun_blocks(tmp_path / "r.h5", block=7), 40).items():   # to the bit
         assert np.array_equal(v, whole[k], equal_nan=True), k
     with pytest.raises(gs.DataError, match="no example with id 500"):   # an id the data does not have
         scored_labels(gs.save_dataset(tmp_path / "other.h5", x.numpy(), y.numpy(), ids=np.arange(501, 541)), scored)

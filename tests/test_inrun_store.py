@@ -282,11 +282,13 @@ def test_diagnose_terms_hold_the_examples_not_a_float_per_record(monkeypatch):
               "sq_norm": rng.exponential(1, steps * batch).astype(np.float32),
               "target_norm": rng.uniform(1, 2, steps * batch).astype(np.float32)}
     fields["target_norm"][: 10 * batch] = np.nan   # steps without a target
-    whole = inrun_scores.dot_terms(lambda: [fields], n)
+    whole = inrun_scores.dot_terms(lambda keys: [{k: fields[k] for k in keys}], n)
+    asked = []
 
-    def blocks():
+    def blocks(keys):   # each pass reads only the fields it asks for
+        asked.append(sorted(keys))
         for a in range(0, steps * batch, 4 * batch):
-            yield {k: v[a:a + 4 * batch].copy() for k, v in fields.items()}
+            yield {k: fields[k][a:a + 4 * batch].copy() for k in keys}
     monkeypatch.setattr(quantile, "HOLD", 2_000)
     tracemalloc.start()
     try:
@@ -297,3 +299,6 @@ def test_diagnose_terms_hold_the_examples_not_a_float_per_record(monkeypatch):
     for k, v in whole.items():
         assert np.array_equal(terms[k], v, equal_nan=True), k
     assert peak < 0.25 * steps * batch * 8, peak / (steps * batch * 8)
+    quantile_fields = ["dot", "lr", "share_sq_norm", "target_norm"]   # not the rows, nor the full norms
+    assert len(asked) > 2 and asked[:-1] == [quantile_fields] * (len(asked) - 1), asked
+    assert asked[-1] == sorted(inrun_scores.DOT_TERM_FIELDS)

@@ -261,7 +261,7 @@ def recorded_rows(out: Path) -> Iterator[dict[str, np.ndarray]]:
                               f"so it cannot be continued; record into another file")
         ids = read_ids(f["ids"])
         fields = [k for k in FIELDS if k in group]
-    for block in inrun_blocks(out, [*fields, "row"], CHUNK_ROWS)():
+    for block in inrun_blocks(out, CHUNK_ROWS)([*fields, "row"]):
         yield {"ids": ids[block.pop("row")], **block}
 
 

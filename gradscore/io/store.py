@@ -358,16 +358,17 @@ def load_inrun_rows(path: str | Path, keys: Collection[str] | None = None) -> di
         raise GradscoreError(f"{path}: has no readable in-run records ({e})") from e
 
 
-def inrun_blocks(path: str | Path, keys: Collection[str],
-                 block: int = 1 << 20) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
-    """The fields ``keys`` of an in-run scores file's records, ``block`` records at a time: a
-    function that gives a new iterator of {field: (≤ block,) array} each call (a
-    computation of two passes calls it twice). GradscoreError now for a file without
-    records (as :func:`load_inrun_rows`), and at a block that fails its checksum."""
+def inrun_blocks(path: str | Path,
+                 block: int = 1 << 20) -> Callable[[Collection[str]], Iterator[dict[str, np.ndarray]]]:
+    """An in-run scores file's records, ``block`` records at a time: a function that gives,
+    at each call, a new iterator of {field: (≤ block,) array} of the fields ``keys`` it is
+    given (a computation of two passes calls it twice, each with what it reads).
+    GradscoreError now for a file without records (as :func:`load_inrun_rows`), and at a
+    block that fails its checksum."""
     path = Path(path)
     load_inrun_rows(path, keys=())   # a scores file with in-run records: its links open, nothing read
 
-    def blocks() -> Iterator[dict[str, np.ndarray]]:
+    def blocks(keys: Collection[str]) -> Iterator[dict[str, np.ndarray]]:
         with h5py.File(path, "r") as f:
             group = f["inrun"]
             for a in range(0, len(group["row"]), block):

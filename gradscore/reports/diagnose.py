@@ -31,7 +31,7 @@ from ..io.atomic import atomic_path
 from ..io.datasets import Dataset, load_dataset, positions_of
 from ..exceptions import ConfigError, GradscoreError
 from ..io.outputs import claim
-from ..scores.inrun import DOT_TERM_FIELDS as INRUN_DOT_FIELDS, dot_terms as inrun_dot_terms
+from ..scores.inrun import dot_terms as inrun_dot_terms
 from ..scores.pds import DOT_SCORES, VARIANTS, dot_terms
 from .flag import count_line, default_score, estimate, suspicion
 from ..io.store import checkpoint_rows, inrun_blocks, load_scores, read_numpy
@@ -100,7 +100,7 @@ def diagnose(scores: str | Path, *, score: str = "pds", noisy_mask: str | None =
     if score in DOT_SCORES:   # what the decomposition reads, a checkpoint at a time: the dots, the norms
         res["per_checkpoint"] = checkpoint_rows(scores, (DOT_SCORES[score][0], "sq_grad_norm"))
     if score == INRUN_SCORE:
-        res["inrun"] = inrun_blocks(scores, INRUN_DOT_FIELDS)   # the records, read block by block
+        res["inrun"] = inrun_blocks(scores)   # the records, read block by block
     ds = load_dataset(data) if data is not None else None
     noisy, source = _mask(res, noisy_mask, ds)
     report, var = compute(res, str(scores), score=score, noisy=noisy, source=source, ds=ds,

@@ -21,7 +21,7 @@ steps without a target gradient). Every score is over the presentations of an ex
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Collection, Iterable, Iterator
 
 import numpy as np
 
@@ -164,19 +164,22 @@ def aggregate(rows: dict[str, np.ndarray], n: int, wanted: set[str]) -> dict[str
 
 #: the record fields :func:`dot_terms` reads
 DOT_TERM_FIELDS = ("row", "lr", "dot", "share_sq_norm", "sq_norm", "target_norm")
+#: those the passes for the clip's quantile read: which records moved, and their share norms
+QUANTILE_FIELDS = ("lr", "dot", "share_sq_norm", "target_norm")
 
 
-def dot_terms(blocks: Callable[[], Iterable[dict[str, np.ndarray]]], n: int,
+def dot_terms(blocks: Callable[[Collection[str]], Iterable[dict[str, np.ndarray]]], n: int,
               clip_quantile: float = 0.9) -> dict[str, np.ndarray]:
     """``inrun_value`` read as norm × direction, per example (N,), over the records with a
     target gradient: ``mean_grad_norm`` (mean ‖∇ℓ_b‖), ``mean_cos``, and the variants of
     :func:`gradscore.scores.pds.variants` that records allow (``mean_cos`` η-weighted): ``raw`` (= inrun_value),
     ``cos`` (Σ_t η_t cos) and ``clip`` (each term's ‖∇L_b‖ clipped at the ``clip_quantile``
     of all records' share norms); each sum over the measured presentations times
-    presentations / measured ones, as ``inrun_value`` is. ``blocks()`` gives the records
-    (:data:`DOT_TERM_FIELDS`) in blocks, anew at each call: one pass for the quantile
-    (three where more than :data:`quantile.HOLD` records moved), one for the sums; memory is
-    O(N) and a block, not O(records)."""
+    presentations / measured ones, as ``inrun_value`` is. ``blocks(keys)`` gives those fields
+    of the records in blocks, anew at each call: one pass for the quantile
+    (:data:`QUANTILE_FIELDS`; three passes where more than :data:`quantile.HOLD` records
+    moved), one for the sums (:data:`DOT_TERM_FIELDS`); memory is O(N) and a block, not
+    O(records)."""
     def moved_of(rows: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:   # the measured, those that moved
         ok = measured(rows)
         return ok, ok & (rows["lr"] != 0)   # the records that enter the norm, the cosine and the clip
@@ -185,11 +188,11 @@ def dot_terms(blocks: Callable[[], Iterable[dict[str, np.ndarray]]], n: int,
         return np.sqrt(np.maximum(rows["share_sq_norm"][moved].astype(np.float64), 0.0))
 
     def norms() -> Iterator[np.ndarray]:
-        return (share_norm(rows, moved_of(rows)[1]) for rows in blocks())
+        return (share_norm(rows, moved_of(rows)[1]) for rows in blocks(QUANTILE_FIELDS))
     c = streamed_quantile(norms, clip_quantile, empty=0.0)
     sums = {k: np.zeros(n) for k in ("raw", "cos", "clip", "grad_norm", "weight", "weighted_cos")}
     counts = {k: np.zeros(n, np.int64) for k in ("measured", "seen", "grad_norm")}
-    for rows in blocks():
+    for rows in blocks(DOT_TERM_FIELDS):
         ok, moved = moved_of(rows)
         row, r = rows["row"], rows["row"][moved]
         eta, dot, tn = (rows[k][moved].astype(np.float64) for k in ("lr", "dot", "target_norm"))
