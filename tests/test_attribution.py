@@ -203,6 +203,17 @@ def test_info_describes_sketch_and_attribution_files(tiny_run, tmp_path, capsys)
     assert "attribution file" in text and "tracin" in text and "90 queries" in text and "top 3" in text
 
 
+def test_the_cli_says_how_many_it_kept_where_top_is_above_the_training_set(tiny_run, tmp_path, capsys):
+    """`--top 100000` of 90 training examples kept 90 and said "top 100000"."""
+    _, data = tiny_run
+    path = _sketch(tiny_run, tmp_path)
+    assert main(["attribute", "--sketch", str(path), "--query", str(data), "--top", "100000", "--out",
+                 str(tmp_path / "a.h5"), "--quiet"]) == 0
+    assert "(tracin, top 90 of 90) ->" in capsys.readouterr().out
+    with h5py.File(tmp_path / "a.h5", "r") as f:
+        assert f["proponents/ids"].shape == (90, 90)
+
+
 def test_a_sketch_files_self_influence_works_with_select_and_export(tiny_run, tmp_path, capsys):
     """docs/formats.md: a sketch file's /scores/self_influence works with select and export.
     Its csv export (columns id, self_influence) was not known for gradscore's own, so

@@ -78,6 +78,8 @@ def _add_attribute(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
+    import h5py
+
     from ..sketches.attribute import run_attribute
     trak_only = {"ridge": ("--ridge", "--method trak"), "trak_checkpoints": ("--trak-checkpoints", "--method trak")}
     refuse_unused(args, trak_only, {f"--method {args.method}"})
@@ -86,7 +88,9 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
                              block_size=args.block_size, device=args.device, dtype=args.dtype,
                              batch_size=args.batch_size)
     path = run_attribute(config, args.out, overwrite=args.overwrite, progress=not args.quiet)
-    print(f"attribution ({args.method}, top {args.top}) -> {path}")
+    with h5py.File(path, "r") as f:   # what it kept: --top, or every training example where they are fewer
+        kept, n_train = f["proponents/ids"].shape[1], len(f["train_ids"])
+    print(f"attribution ({args.method}, top {kept} of {n_train}) -> {path}")
     return 0
 
 
