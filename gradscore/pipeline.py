@@ -372,6 +372,10 @@ def reaggregate(scores: str | os.PathLike, out: str | os.PathLike, *, epochs_upt
         raise ConfigError(f"{src}: its per-checkpoint rows were written by an older gradscore (without the "
                           f"margin); rerun `gradscore run` with --epochs-upto instead")
     old = RunConfig.from_dict(old_fp["config"])
+    untargeted = sorted(TARGET_SCORES & set(wanted or ())) if old.target is None else []
+    if untargeted:   # RunConfig's own words name --target, an option of run, not of aggregate
+        raise ConfigError(f"invalid value for 'scores': {', '.join(untargeted)} need target dots, which a run with "
+                          f"--target computes: {src.name} was made without one; use `gradscore run --target FILE`")
     config = RunConfig.from_dict({**old.to_dict(), "epochs_upto": epochs_upto, "steps": steps,
                                   **({"scores": list(wanted)} if wanted else {})})
     if rows_key(config, rows["key"]["device"], rows["key"]["data"], rows["key"]["costate"],

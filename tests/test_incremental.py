@@ -217,6 +217,8 @@ def test_aggregate_rewrites_the_window_bit_identical_to_a_fresh_run(tiny_run, tm
     capsys.readouterr()
     for argv, says in (([str(tmp_path / "early.h5"), "--epochs-upto", "2"], "holds only the checkpoints with epoch <= 1"),
                        ([str(full), "--scores", "grand"], "need other per-checkpoint metrics"),
+                       ([str(full), "--scores", "el2n,pds"], "pds need target dots, which a run with --target "
+                        "computes: full.h5 was made without one; use `gradscore run --target FILE`"),
                        ([str(full), "--epochs-upto", "-1"], "epochs_upto"),
                        ([str(full)], "is the scores file, an input"),
                        ([str(tmp_path / "nope.h5")], "nope.h5: no such file"),
