@@ -99,8 +99,8 @@ class RunConfig:
     variants: tuple[str, ...] = field(default=(), metadata={
         "help": "also store <score>_<variant> for pds/target_dot: cos, clip, rank, resid"})
     clip_quantile: float = field(default=0.9, metadata={"help": "the 'clip' variant's ‖g‖ quantile"})
-    lm_reduction: str = field(default="mean", metadata={
-        "help": "causal_lm loss per example: mean or sum over its predicted tokens"})
+    lm_reduction: str | None = field(default=None, metadata={
+        "help": "causal_lm loss per example: mean or sum over its predicted tokens; None: the checkpoints' own"})
     params: tuple[str, ...] = field(default=(), metadata={
         "help": "names or shell patterns of the parameters to score ('head.*'); empty: every trainable one"})
     allow_nonfinite: bool = field(default=False, metadata={
@@ -136,7 +136,7 @@ class RunConfig:
         for v in self.variants:
             _require(v in ("cos", "clip", "rank", "resid"), "variants",
                      f"unknown variant '{v}'; choose from cos, clip, rank, resid")
-        _require(self.lm_reduction in LM_REDUCTIONS, "lm_reduction",
+        _require(self.lm_reduction is None or self.lm_reduction in LM_REDUCTIONS, "lm_reduction",
                  f"'{self.lm_reduction}' is not one of {LM_REDUCTIONS}")
         _require(0 < self.clip_quantile <= 1, "clip_quantile", f"must be in (0, 1], got {self.clip_quantile!r}")
         _require(not self.variants or bool({"pds", "target_dot"} & set(scores)), "variants",

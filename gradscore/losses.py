@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import LM_REDUCTIONS
-from .exceptions import EngineError
+from .exceptions import ConfigError, EngineError
 from .imports import import_ref
 
 PerExampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -162,13 +162,18 @@ _BUILTIN = {
 def resolve_loss(loss: str | Loss | PerExampleLoss, lm_reduction: str | None = None) -> Loss:
     """Turn a loss name, ``"module:fn"`` reference, callable or :class:`Loss` into a Loss.
 
-    ``lm_reduction`` ("mean"/"sum") overrides the token reduction of ``causal_lm``.
+    ``lm_reduction`` ("mean"/"sum") overrides the token reduction of ``causal_lm`` (a
+    checkpoint folder's loss name); ConfigError for a loss named otherwise.
     """
+    if lm_reduction is not None:
+        if not (isinstance(loss, str) and loss.startswith("causal_lm")):
+            name = loss if isinstance(loss, str) else getattr(loss, "name", type(loss).__name__)
+            raise ConfigError(f"--lm-reduction applies to causal_lm checkpoints; these are of the '{name}' "
+                              f"loss: leave it out")
+        return causal_lm(lm_reduction)
     if isinstance(loss, Loss):
         return loss
     if isinstance(loss, str):
-        if loss.startswith("causal_lm") and lm_reduction is not None:
-            return causal_lm(lm_reduction)
         if loss in _BUILTIN:
             return _BUILTIN[loss]
         if ":" in loss:

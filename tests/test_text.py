@@ -232,6 +232,28 @@ def test_text_dataset_run_end_to_end(tmp_path):
     n_tok = (labels[:, 1:] != -100).sum(1).double()
     torch.testing.assert_close(torch.from_numpy(gs.load_scores(tmp_path / "sum.h5")["per_checkpoint"]["loss"][0]),
                                want * n_tok)
+    # checkpoints written with the sum loss are scored by it; run's default took the mean
+    with gs.CheckpointWriter(tmp_path / "cksum", model_factory="gradscore.integrations.hf:from_config",
+                             model_kwargs={"config": GPT2}, loss="causal_lm_sum") as w:
+        w.save(gs.CheckpointStore(tmp_path / "ck").build_model(0), step=0, lr=0.1)
+    for extra, reduced in (([], want * n_tok), (["--lm-reduction", "mean"], want)):
+        out = tmp_path / f"cksum{len(extra)}.h5"
+        assert main(["run", "--checkpoints", str(tmp_path / "cksum"), "--data", str(tmp_path / "text.h5"),
+                     "--out", str(out), "--scores", "loss", "--dtype", "float64", "--quiet", *extra]) == 0
+        torch.testing.assert_close(torch.from_numpy(gs.load_scores(out)["per_checkpoint"]["loss"][0]), reduced)
+
+
+def test_lm_reduction_of_checkpoints_without_a_token_loss_is_refused(tiny_run, tmp_path, capsys):
+    """`--lm-reduction sum` on a classifier's checkpoints was dropped without a word."""
+    from gradscore.cli import main
+    ckpts, data = tiny_run
+    for argv in (["run", "--data", str(data), "--scores", "loss"], ["costate", "--proxy", str(data), "--target",
+                                                                      str(data)]):
+        assert main([*argv, "--checkpoints", str(ckpts), "--lm-reduction", "sum", "--out", str(tmp_path / "x.h5"),
+                     "--quiet"]) == 2, argv
+        err = capsys.readouterr().err
+        assert "--lm-reduction applies to causal_lm checkpoints" in err and "cross_entropy" in err, err
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x.h5").exists(), err
 
 
 def test_class_scores_refused_for_lm_and_bad_token_ids(tmp_path, capsys):

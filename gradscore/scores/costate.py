@@ -79,7 +79,7 @@ class CostateConfig:
     dtype: str = "float32"
     device: str = "auto"
     lr_scale_steps: bool = False
-    lm_reduction: str = "mean"
+    lm_reduction: str | None = None   # the checkpoints' own (causal_lm: mean; causal_lm_sum: sum)
     costates: bool = True
 
     def __post_init__(self) -> None:
@@ -90,7 +90,7 @@ class CostateConfig:
             raise ConfigError(f"invalid value for 'dtype': '{self.dtype}' is not one of {DTYPES}")
         if self.device not in DEVICES:
             raise ConfigError(f"invalid value for 'device': '{self.device}' is not one of {DEVICES}")
-        if self.lm_reduction not in LM_REDUCTIONS:
+        if self.lm_reduction is not None and self.lm_reduction not in LM_REDUCTIONS:
             raise ConfigError(f"invalid value for 'lm_reduction': '{self.lm_reduction}' is not one of {LM_REDUCTIONS}")
 
 
