@@ -46,7 +46,8 @@ def test_run_and_info(tiny_run, tmp_path, capsys):
 def test_an_option_of_another_kind_is_refused_not_dropped(tiny_run, tmp_path, capsys):
     """`demo --docs 100` ran the digits demo, `attribute --ridge` ran TracIn, `run
     --clip-quantile` without the clip variant changed nothing: each option was dropped
-    without a word. Now one line, exit 2, nothing written."""
+    without a word; so were `run --target`, `--costate` and `--lr-scale-steps` without a
+    score that reads them. Now one line, exit 2, nothing written."""
     ckpts, data = tiny_run
     cases = {("demo", "--docs", "100"): "--docs applies to --lm only",
              ("demo", "--pds", "--epochs", "3"): "--epochs applies to the digits demo or --inrun only",
@@ -54,7 +55,10 @@ def test_an_option_of_another_kind_is_refused_not_dropped(tiny_run, tmp_path, ca
              ("attribute", "--sketch", "s.h5", "--query", str(data), "--ridge", "0.5"):
                  "--ridge applies to --method trak only",
              ("run", "--checkpoints", str(ckpts), "--data", str(data), "--clip-quantile", "0.5"):
-                 "--clip-quantile applies to --variants clip only; leave it out, or use it with --variants clip"}
+                 "--clip-quantile applies to --variants clip only; leave it out, or use it with --variants clip",
+             **{("run", "--checkpoints", str(ckpts), "--data", str(data), "--scores", "el2n,grand", *extra):
+                f"{extra[0]} applies to --scores pds, target_dot or target_cos only"
+                for extra in (("--target", str(data)), ("--costate", "c.h5"), ("--lr-scale-steps",))}}
     outs = tmp_path / "outs"
     outs.mkdir()
     for argv, says in cases.items():

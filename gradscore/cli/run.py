@@ -5,8 +5,8 @@ import contextlib
 import argparse
 import os
 
-from ..config import AVAILABLE_SCORES, DEVICES, DTYPES, ENGINES, GRADIENT_SCORES, RunConfig
-from .common import StoreNoted, add_lm_reduction, add_overwrite, add_quiet, command, refuse_unused, split, warn
+from ..config import AVAILABLE_SCORES, DEVICES, DTYPES, ENGINES, GRADIENT_SCORES, TARGET_SCORES, RunConfig
+from .common import StoreNoted, StoreTrueNoted, add_lm_reduction, add_overwrite, add_quiet, command, refuse_unused, split, warn
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "run", help="score every example at every checkpoint",
@@ -50,15 +50,15 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="aggregate only over checkpoints with epoch <= E (Data Diet's early scores)")
     p.add_argument("--steps", default=None, metavar="A:B",
                    help="aggregate only over checkpoints with A <= step < B (either end may be left out)")
-    p.add_argument("--target", default=None, metavar="FILE",
+    p.add_argument("--target", default=None, metavar="FILE", action=StoreNoted,
                    help="target (downstream) dataset: needed by pds, target_dot, target_cos; or its sketch file "
                    "(gradscore sketch at the same checkpoints): ∇J is then estimated from the sketches")
-    p.add_argument("--costate", default=None, metavar="FILE",
+    p.add_argument("--costate", default=None, metavar="FILE", action=StoreNoted,
                    help="co-state file (default CHECKPOINTS/costate.h5; computed when missing, reused when made "
                    "with these settings, refused when made with others, recomputed then under --overwrite). "
                    "Without pds, target_dot and target_cos need only ∇J(θ_t): CHECKPOINTS/target_gradient.h5 by "
                    "default, with no co-states (no Hessian-vector products over the data)")
-    p.add_argument("--lr-scale-steps", action="store_true",
+    p.add_argument("--lr-scale-steps", action=StoreTrueNoted,
                    help="PDS with sparse checkpoints: η_t = lr × optimizer steps to the next checkpoint")
     p.add_argument("--variants", default="", metavar="V,...",
                    help="also store pds_<V>/target_dot_<V> for V in cos (direction only), clip (‖g‖ clipped "
@@ -82,12 +82,19 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     add_quiet(p)
 
 
+#: the scores that read --target (and its co-states, and their step sizes)
+TARGETED = "--scores pds, target_dot or target_cos"
+#: run's options that apply to some runs only: dest -> (option, the run it needs)
+RUN_OPTIONS = {"clip_quantile": ("--clip-quantile", "--variants clip"), "target": ("--target", TARGETED),
+               "costate": ("--costate", TARGETED), "lr_scale_steps": ("--lr-scale-steps", TARGETED)}
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from ..pipeline import run
-    refuse_unused(args, {"clip_quantile": ("--clip-quantile", "--variants clip")},
-                  {"--variants clip"} if "clip" in split(args.variants) else set())
-    config = RunConfig(checkpoints=args.checkpoints, data=args.data,
-                       scores=split(args.scores) if args.scores is not None else _default_scores(args.checkpoints),
+    scores = split(args.scores) if args.scores is not None else _default_scores(args.checkpoints)
+    refuse_unused(args, RUN_OPTIONS, ({"--variants clip"} if "clip" in split(args.variants) else set())
+                  | ({TARGETED} if TARGET_SCORES & set(scores) else set()))
+    config = RunConfig(checkpoints=args.checkpoints, data=args.data, scores=scores,
                        params=split(args.params or ""),
                        engine=args.engine, device=args.device, dtype=args.dtype,
                        batch_size=args.batch_size, chunk_size=args.chunk_size,
