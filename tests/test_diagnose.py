@@ -94,6 +94,8 @@ def test_without_mask_the_mask_free_parts_run(tmp_path, capsys):
     for bad in ("0", "1.5", "-1"):   # read as one example, as every example, as one
         assert main(["diagnose", str(path), "--top-fraction", bad]) == 2
         assert f"invalid value for 'top_fraction': {float(bad)} is not a fraction in (0, 1]" in capsys.readouterr().err
+    assert main(["diagnose", str(path), "--overwrite"]) == 2   # writes nothing to replace: was dropped
+    assert "--overwrite applies to --out only" in capsys.readouterr().err
     np.save(tmp_path / "short.npy", np.zeros(5, bool))
     assert main(["diagnose", str(path), "--noisy-mask", str(tmp_path / "short.npy")]) == 2
     assert "noisy mask has 5 entries, the scores file 200" in capsys.readouterr().err

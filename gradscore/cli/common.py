@@ -36,7 +36,7 @@ def add_lm_reduction(p: argparse.ArgumentParser) -> None:
 
 
 def add_overwrite(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.add_argument("--overwrite", action=StoreTrueNoted, help=OVERWRITE_HELP)
 
 
 class _Noted:

@@ -150,6 +150,7 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_diagnose(args: argparse.Namespace) -> int:
     from ..reports.diagnose import diagnose
+    refuse_unused(args, {"overwrite": ("--overwrite", "--out")}, {"--out"} if args.out is not None else set())
     diagnose(args.scores, score=args.score, noisy_mask=args.noisy_mask, data=args.data, out=args.out,
              top_fraction=args.top_fraction, overwrite=args.overwrite)
     return 0
