@@ -597,6 +597,11 @@ def test_without_targets_no_target_score_is_written_and_asking_for_one_is_refuse
         with pytest.raises(gs.ConfigError, match=r"invalid value for 'scores': inrun_value.* needs? a target "
                                                  r"gradient; pass targets="):
             gs.InRun(model, out=tmp_path / "s.h5", scores=scores)
+    # every= spaces the target gradient; without one it changed nothing (each step is recorded)
+    with pytest.raises(gs.ConfigError, match=r"invalid value for 'every': 10 spaces the target gradient's steps, "
+                                             r"and there are no targets"):
+        gs.InRun(model, out=tmp_path / "s.h5", every=10)
+    assert not (tmp_path / "s.h5").exists()
 
 
 def test_refusals_are_one_clear_line(tmp_path):

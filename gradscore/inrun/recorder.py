@@ -387,6 +387,9 @@ class InRun:
                               f"the model, 'adam' (the trainer's Adam, handed over by its callback), or leave it out")
         adam = optimizer == "adam" or isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
         targets = None if targets is None else _checked_targets(targets)
+        if targets is None and every != 1:
+            raise ConfigError(f"invalid value for 'every': {every!r} spaces the target gradient's steps, and there "
+                              f"are no targets; every step's records are taken: leave every out, or pass targets=")
         asked = (scores,) if isinstance(scores, str) else tuple(scores)
         if targets is None and scores is DEFAULT_SCORES:
             asked = tuple(s for s in asked if s not in inrun_scores.TARGET_SCORES)  # none without targets
