@@ -100,3 +100,31 @@ def test_norm_vs_cos_labels_every_stretch_of_the_norms(figures, lo, hi):
     stops = np.log10([lo, *labelled, hi])
     assert len(labelled) >= 2 and np.diff(stops).max() <= 0.5 * (stops[-1] - stops[0]), \
         [t.label1.get_text() for t in ax.xaxis.get_major_ticks()]
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_norm_vs_cos_of_many_examples_is_a_hexbin_of_the_noisy_share(figures, with_mask):
+    """10⁶ examples drew 10⁶ dots (a blot, 20 s) and matplotlib warned, on the user's
+    terminal, that placing the legend "can be slow with large amounts of data". Above
+    ``max_points`` a hexbin: the share of known-noisy examples per cell, or the count."""
+    import warnings
+    from matplotlib.collections import PolyCollection
+    rng = np.random.default_rng(0)
+    n = 3000
+    noisy = rng.random(n) < 0.2
+    g = np.where(noisy, 10.0, 1.0) * rng.uniform(0.5, 1.5, n)
+    g[:5] = 0.0   # examples never measured: no place on a log axis
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plots.norm_vs_cos(g, rng.normal(size=n) * 0.2, "x.png", noisy=noisy if with_mask else None, max_points=1000)
+    fig = figures[0]
+    ax = fig.axes[0]
+    (cells,) = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    values = cells.get_array()
+    assert ax.get_xscale() == "log" and ax.get_legend() is None and "hexbin of 2,995 examples" in ax.get_title()
+    assert "5 with no gradient left out" in ax.get_title()
+    label = fig.axes[1].get_ylabel()
+    if with_mask:   # the share of noisy per cell: 1 where the noisy norms are, 0 where the clean ones
+        assert label == "share known noisy" and values.min() == 0 and values.max() == 1
+    else:
+        assert label == "examples" and values.sum() == n - 5

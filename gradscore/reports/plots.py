@@ -145,16 +145,31 @@ def _log_x(ax, values: np.ndarray) -> None:
 
 
 def norm_vs_cos(grad_norm: np.ndarray, cos: np.ndarray, path: str | Path, *, noisy: np.ndarray | None = None,
-                title: str = "", over: str = "checkpoints") -> Path:
+                title: str = "", over: str = "checkpoints", max_points: int = DATA_MAP_POINTS) -> Path:
     """Scatter of mean ‖g‖ (log x) against mean cos with the reference, noisy examples in red;
-    ``over``: what the means run over ("checkpoints", or an in-run file's "presentations")."""
+    ``over``: what the means run over ("checkpoints", or an in-run file's "presentations").
+    Above ``max_points`` examples a hexbin of the share of known-noisy examples per cell (of
+    the count, without ``noisy``); examples without a positive norm (never measured) are
+    left out of it, and counted in the title."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.2, 4.6))
-    clean = np.ones(len(cos), bool) if noisy is None else ~noisy
-    ax.scatter(grad_norm[clean], cos[clean], s=5, alpha=0.5, color="tab:blue", label="clean" if noisy is not None else None)
-    if noisy is not None:
-        ax.scatter(grad_norm[noisy], cos[noisy], s=5, alpha=0.6, color="tab:red", label=f"noisy ({int(noisy.sum())})")
-        ax.legend(fontsize=8)
+    n = len(cos)
+    if n > max_points:
+        shown = np.isfinite(grad_norm) & (grad_norm > 0) & np.isfinite(cos)
+        hb = ax.hexbin(grad_norm[shown], cos[shown], C=None if noisy is None else noisy[shown].astype(float),
+                       reduce_C_function=np.mean, xscale="log", gridsize=70, mincnt=1,
+                       cmap="viridis" if noisy is None else "coolwarm", bins="log" if noisy is None else None)
+        fig.colorbar(hb, ax=ax, label="examples" if noisy is None else "share known noisy")
+        left = n - int(shown.sum())
+        title = ", ".join([*([title] if title else []), f"hexbin of {int(shown.sum()):,} examples"]
+                          + ([f"{left:,} with no gradient left out"] if left else []))
+    else:
+        clean = np.ones(n, bool) if noisy is None else ~noisy
+        ax.scatter(grad_norm[clean], cos[clean], s=5, alpha=0.5, color="tab:blue",
+                   label="clean" if noisy is not None else None)
+        if noisy is not None:
+            ax.scatter(grad_norm[noisy], cos[noisy], s=5, alpha=0.6, color="tab:red", label=f"noisy ({int(noisy.sum())})")
+            ax.legend(fontsize=8)
     _log_x(ax, grad_norm)
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xlabel(f"mean ‖∇ℓ‖ over {over} (log)")
