@@ -162,6 +162,7 @@ class RunConfig:
         return any(s in GRADIENT_SCORES for s in self.scores)
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as JSON types (tuples as lists), as saved beside the scores."""
         d = asdict(self)
         d["scores"] = list(self.scores)
         d["variants"] = list(self.variants)
@@ -169,10 +170,12 @@ class RunConfig:
         return d
 
     def to_json(self) -> str:
+        """:meth:`to_dict` as JSON text, keys sorted (the same config gives the same text)."""
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        """A validated config from :meth:`to_dict`'s dict; keys it does not know are left out."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: (tuple(v) if k in ("scores", "variants") else v) for k, v in d.items() if k in known})
 

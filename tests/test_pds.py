@@ -100,8 +100,9 @@ def test_target_scores_without_pds_compute_no_costate(tmp_path, monkeypatch):
         alone = tmp_path / "target_only.h5"
         gs.score(ckpts, proxy, out=alone, target=target, dtype="float64", scores=["target_dot", "target_cos"],
                  progress=False)
-    gradients = CostateFile(ckpts / "target_gradient.h5")
-    assert not gradients.has_costates and gradients.costate(1) is None and gradients.warnings == []
+    with CostateFile(ckpts / "target_gradient.h5") as gradients:   # closed at the block's end
+        assert not gradients.has_costates and gradients.costate(1) is None and gradients.warnings == []
+    assert not gradients._f.id.valid
     full = gs.load_scores(gs.score(ckpts, proxy, out=tmp_path / "full.h5", target=target, dtype="float64",
                                    scores=["pds", "target_dot", "target_cos"], progress=False))
     res = gs.load_scores(alone)

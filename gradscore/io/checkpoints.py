@@ -307,7 +307,10 @@ class StepRecorder:
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """Attributes of one checkpoint file."""
+    """Attributes of one checkpoint file: its path, the optimizer ``step`` and ``epoch`` it
+    was saved at, the learning rate ``lr`` of the step after it (η_t), the model factory
+    (``model``, ``model_kwargs``) and ``loss`` that rebuild and score it, the optimizer's
+    description, and its training run's id."""
 
     path: Path
     step: int

@@ -404,4 +404,11 @@ class CostateFile:
         return self._group(t, "costate")
 
     def close(self) -> None:
+        """Close the file (also on leaving a ``with CostateFile(path) as c:`` block)."""
         self._f.close()
+
+    def __enter__(self) -> "CostateFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
