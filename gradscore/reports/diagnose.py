@@ -33,7 +33,7 @@ from ..exceptions import ConfigError, GradscoreError
 from ..io.outputs import claim
 from ..scores.inrun import dot_terms as inrun_dot_terms
 from ..scores.pds import DOT_SCORES, VARIANTS, dot_terms
-from .flag import count_line, default_score, estimate, suspicion
+from .flag import count_fields, count_line, default_score, estimate, suspicion
 from ..io.store import checkpoint_rows, inrun_blocks, load_scores, read_numpy
 
 #: the dot-product score of an in-run file (gs.InRun), diagnosed from its records
@@ -195,9 +195,7 @@ def compute(res: dict[str, Any], source_file: str, *, score: str, noisy: np.ndar
     values = None if name is None else suspicion(res["scores"], name)
     if values is not None and np.isfinite(values).sum() >= 10:   # how many look mislabeled (gradscore flag)
         est = estimate(values[np.isfinite(values)])
-        report["flag"] = {"score": name, "n": n, "estimated_count": est["count"], "finding": est["finding"],
-                          "separation": est["separation"],
-                          "estimated_rate": None if est["count"] is None else est["count"] / n}
+        report["flag"] = {"score": name, "n": n, **count_fields(est, n)}
     if noisy is None:
         skip(f"mask-based figures ({source})")
         return report, var

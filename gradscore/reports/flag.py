@@ -4,7 +4,10 @@ The chosen score is oriented so that higher = more suspicious (``aum`` and ``con
 are negated), then a two-component Gaussian mixture is fitted to it (scikit-learn, fixed
 seed). If two components explain the scores better than one (lower BIC), the examples
 more likely in the upper component are flagged; their number is the estimated count.
-Otherwise nothing is flagged and the report says there is no second population. With
+Otherwise nothing is flagged and the report says there is no second population. The
+count is said to be rough where the two components overlap, or where a three-component
+mixture counts more than a quarter more or fewer: a population that is not Gaussian (a
+broad, flat one) is fitted by two components side by side, which a third one moves. With
 the labels (``data``), the estimated noise rate per class; with a known-noisy mask (in
 the scores file or the data), the flagged set's precision and recall against it.
 """
@@ -43,6 +46,8 @@ def suspicion(scores: dict[str, np.ndarray], name: str) -> np.ndarray:
 
 #: Ashman's D of two components at which they separate cleanly; below it the count is rough
 CLEAR_SEPARATION = 2.0
+#: the share of the count by which a three-component fit may move it before the count is rough
+COUNT_SHIFT = 0.25
 #: what :func:`estimate` found, where it gives no count, as a user reads it
 NO_COUNT = {
     "one population": "one component fits the scores as well as two (BIC)",
@@ -55,9 +60,12 @@ def estimate(suspicion: np.ndarray, seed: int = 0) -> dict[str, Any]:
     ``flagged`` (N,) bool, ``count`` (None where no suspicious minority separates: then
     nothing is flagged, which says nothing about how many labels are wrong), ``finding``
     ("two populations" or a key of :data:`NO_COUNT`), ``separation`` (Ashman's D of the two
-    components, √2·|μ₁ − μ₂| / √(σ₁² + σ₂²): under :data:`CLEAR_SEPARATION` they overlap and
-    the count is rough), ``threshold`` (the lowest flagged value, or None) and the BIC of one
-    and two components."""
+    components, √2·|μ₁ − μ₂| / √(σ₁² + σ₂²)), ``count_three`` (the examples most likely in
+    the components of a three-component fit whose means are nearer the upper of the two
+    than the lower; None without a count), ``rough`` (the count can be off by many: a
+    separation under :data:`CLEAR_SEPARATION`, or a ``count_three`` over :data:`COUNT_SHIFT`
+    of the count away from it), ``threshold`` (the lowest flagged value, or None) and the
+    BIC of one and two components."""
     from sklearn.mixture import GaussianMixture
     x = suspicion.reshape(-1, 1).astype(np.float64)
     fits = [GaussianMixture(k, random_state=seed, n_init=3).fit(x) for k in (1, 2)]
@@ -74,11 +82,28 @@ def estimate(suspicion: np.ndarray, seed: int = 0) -> dict[str, Any]:
         finding = "suspicious majority"
     else:
         finding = "two populations"
-    if finding != "two populations":
+    count, three = None, None
+    if finding == "two populations":
+        count = int(flagged.sum())
+        fit3 = GaussianMixture(3, random_state=seed, n_init=3).fit(x)
+        means = fit3.means_[:, 0]
+        nearer_upper = np.abs(means - mu[upper]) < np.abs(means - mu[1 - upper])
+        three = int(nearer_upper[fit3.predict(x)].sum())
+    else:
         flagged = np.zeros(len(x), dtype=bool)
-    out.update(flagged=flagged, finding=finding, count=int(flagged.sum()) if finding == "two populations" else None,
+    out.update(flagged=flagged, finding=finding, count=count, count_three=three,
+               rough=count is not None and (out["separation"] < CLEAR_SEPARATION
+                                            or abs(three - count) > COUNT_SHIFT * count),
                threshold=float(suspicion[flagged].min()) if flagged.any() else None)
     return out
+
+
+def count_fields(est: dict[str, Any], n: int) -> dict[str, Any]:
+    """What a report holds of :func:`estimate`'s count, over ``n`` examples; :func:`count_line`
+    reads it."""
+    return {"estimated_count": est["count"], "finding": est["finding"], "separation": est["separation"],
+            "count_three": est["count_three"], "rough": est["rough"],
+            "estimated_rate": None if est["count"] is None else est["count"] / n}
 
 
 def count_line(report: dict[str, Any]) -> str:
@@ -93,6 +118,10 @@ def count_line(report: dict[str, Any]) -> str:
     if report["separation"] < CLEAR_SEPARATION:
         line += (f", a rough count: the two populations overlap (separation {report['separation']:.2f}, "
                  f"under {CLEAR_SEPARATION:g}), so it can be off by many; rank by {score} instead (gradscore select)")
+    elif report["rough"]:
+        line += (f", a rough count: a three-component mixture counts {report['count_three']}, so the number "
+                 f"depends on the shape of the mixture and can be off by many; rank by {score} instead "
+                 f"(gradscore select)")
     return line
 
 
@@ -125,10 +154,9 @@ def flag(scores: str | Path, *, score: str | None = None, data: str | Path | Non
     ids = res["ids"]
     report: dict[str, Any] = {
         "scores_file": str(scores), "score": name, "orientation": "higher = more suspicious" if ORIENTATION[name] > 0
-        else "lower = more suspicious", "method": "two-component Gaussian mixture on the score (BIC against one)",
-        "n": int(len(values)), "estimated_count": est["count"], "finding": est["finding"],
-        "separation": est["separation"],
-        "estimated_rate": None if est["count"] is None else est["count"] / len(values),
+        else "lower = more suspicious", "method": "two-component Gaussian mixture on the score (BIC against one; "
+        "a three-component one checks the count)",
+        "n": int(len(values)), **count_fields(est, len(values)),
         "bic_one": est["bic_one"], "bic_two": est["bic_two"],
         "threshold": None if est["threshold"] is None else est["threshold"] * ORIENTATION[name],
         "flagged": [{"index": int(i), "id": ids[i].item() if hasattr(ids[i], "item") else ids[i],
