@@ -48,6 +48,11 @@ def suspicion(scores: dict[str, np.ndarray], name: str) -> np.ndarray:
 CLEAR_SEPARATION = 2.0
 #: the share of the count by which a three-component fit may move it before the count is rough
 COUNT_SHIFT = 0.25
+#: the mixtures are fitted on a fixed random sample of at most this many values (their
+#: parameters are then known to a fraction of a percent), and every value is assigned
+FIT_SAMPLE = 1 << 17
+#: values assigned to the components at a time
+ASSIGN_BLOCK = 1 << 20
 #: what :func:`estimate` found, where it gives no count, as a user reads it
 NO_COUNT = {
     "one population": "one component fits the scores as well as two (BIC)",
@@ -65,20 +70,26 @@ def estimate(suspicion: np.ndarray, seed: int = 0) -> dict[str, Any]:
     than the lower; None without a count), ``rough`` (the count can be off by many: a
     separation under :data:`CLEAR_SEPARATION`, or a ``count_three`` over :data:`COUNT_SHIFT`
     of the count away from it), ``threshold`` (the lowest flagged value, or None) and the
-    BIC of one and two components."""
+    BIC of one and two components (over the fitted sample: :data:`FIT_SAMPLE`)."""
     from sklearn.mixture import GaussianMixture
     x = suspicion.reshape(-1, 1).astype(np.float64)
+    if len(x) > FIT_SAMPLE:
+        x = x[np.sort(np.random.default_rng(seed).choice(len(x), FIT_SAMPLE, replace=False))]
     fits = [GaussianMixture(k, random_state=seed, n_init=3).fit(x) for k in (1, 2)]
     bic = [float(m.bic(x)) for m in fits]
+
+    def assigned(fit: GaussianMixture) -> np.ndarray:   # (N,) each value's most likely component
+        return np.concatenate([fit.predict(suspicion[a:a + ASSIGN_BLOCK].reshape(-1, 1).astype(np.float64))
+                               for a in range(0, len(suspicion), ASSIGN_BLOCK)])
     out: dict[str, Any] = {"bic_one": bic[0], "bic_two": bic[1]}
     two = fits[1]
     mu, var = two.means_[:, 0], two.covariances_.reshape(-1)
     out["separation"] = float(np.sqrt(2) * abs(mu[0] - mu[1]) / np.sqrt(var.sum()))
     upper = int(np.argmax(mu))
-    flagged = two.predict_proba(x)[:, upper] > 0.5
+    flagged = assigned(two) == upper   # of two components, the more likely
     if bic[1] >= bic[0]:
         finding = "one population"
-    elif flagged.sum() * 2 > len(x):   # the "suspicious" population cannot be the majority
+    elif flagged.sum() * 2 > len(flagged):   # the "suspicious" population cannot be the majority
         finding = "suspicious majority"
     else:
         finding = "two populations"
@@ -88,9 +99,9 @@ def estimate(suspicion: np.ndarray, seed: int = 0) -> dict[str, Any]:
         fit3 = GaussianMixture(3, random_state=seed, n_init=3).fit(x)
         means = fit3.means_[:, 0]
         nearer_upper = np.abs(means - mu[upper]) < np.abs(means - mu[1 - upper])
-        three = int(nearer_upper[fit3.predict(x)].sum())
+        three = int(nearer_upper[assigned(fit3)].sum())
     else:
-        flagged = np.zeros(len(x), dtype=bool)
+        flagged = np.zeros(len(flagged), dtype=bool)
     out.update(flagged=flagged, finding=finding, count=count, count_three=three,
                rough=count is not None and (out["separation"] < CLEAR_SEPARATION
                                             or abs(three - count) > COUNT_SHIFT * count),
