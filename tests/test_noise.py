@@ -46,4 +46,5 @@ def test_noise_experiment_tiny(tmp_path, capsys):
     for row in res["rows"]:
         assert {"mislabel", "aum", "el2n", "knn", "el2n_early"} <= set(row["detection"])
         assert "gradscore flag (mislabel)" in row["counts"] and "all data" in row["test_accuracy"]
+        assert isinstance(row["counts"]["gradscore flag (mislabel)"]["rough"], bool)
     assert (tmp_path / "noise.md").exists() and (tmp_path / "noise.png").exists()

@@ -119,7 +119,8 @@ def count_fields(est: dict[str, Any], n: int) -> dict[str, Any]:
 
 def count_line(report: dict[str, Any]) -> str:
     """What a user reads of a count (``report``: :func:`flag`'s, or ``diagnose``'s "flag"):
-    the count and rate, said to be rough where the populations overlap, or why there is none."""
+    the count and rate, said to be rough where the populations overlap or a third component
+    moves the count (``rough``), or why there is none."""
     score, count = report["score"], report["estimated_count"]
     if count is None:
         return (f"{score}: no count: {NO_COUNT[report['finding']]}, so nothing is flagged. That does not mean "

@@ -142,6 +142,7 @@ def one_kind(kind: str, mode: Mode, work: Path, echo: Callable[[str], None]) -> 
     detection = {name: {**_metrics(noisy, s), "seconds": times[name]} for name, s in suspicion.items()}
     counts = {name: {"flagged": int(f.sum()), "true": int(noisy.sum()), "precision": float(noisy[f].mean()) if f.any()
                      else 0.0, "recall": float(f[noisy].mean())} for name, f in found.items()}
+    counts["gradscore flag (mislabel)"]["rough"] = flagged["rough"]   # what flag says of its own count
     retrained = {"all data": _retrained(setup, np.ones(len(y_noisy), dtype=bool), mode)}
     retrained.update({f"without {name}": _retrained(setup, ~f, mode) for name, f in found.items()})
     retrained["without the true noisy (oracle)"] = _retrained(setup, ~noisy, mode)
@@ -169,10 +170,11 @@ def run(out: Path, mode: Mode, *, echo: Any = print, overwrite: bool = False) ->
         [m] + [f"{r['detection'][m]['auroc']:.3f} / {r['detection'][m]['ap']:.3f} / "
                f"{r['detection'][m]['precision_at_k']:.3f}" for r in rows]
         + [f"{np.mean([r['detection'][m]['seconds'] for r in rows]):.1f}"] for m in methods]))
-    md.append("\n**How many**: flagged / true (precision, recall)\n")
+    md.append("\n**How many**: flagged / true (precision, recall); *rough*: flag calls its count rough\n")
     md.append(markdown_table(["method"] + [r["kind"] for r in rows], [
         [m] + [f"{r['counts'][m]['flagged']} / {r['counts'][m]['true']} ({r['counts'][m]['precision']:.2f}, "
-               f"{r['counts'][m]['recall']:.2f})" for r in rows] for m in rows[0]["counts"]]))
+               f"{r['counts'][m]['recall']:.2f})" + (", *rough*" if r["counts"][m].get("rough") else "")
+               for r in rows] for m in rows[0]["counts"]]))
     md.append("\n**Test accuracy after removing the flagged examples and retraining**\n")
     md.append(markdown_table(["training set"] + [r["kind"] for r in rows], [
         [m] + [f"{r['test_accuracy'][m]:.3f}" for r in rows] for m in rows[0]["test_accuracy"]]))
