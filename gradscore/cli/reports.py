@@ -184,7 +184,9 @@ def _add_flag(sub: argparse._SubParsersAction) -> None:
                 "as the score says) and flag the examples of the suspicious component; write their ids and "
                 "scores, the estimated count and rate, the rate per class (with --data) and precision/recall "
                 "against a known-noisy mask when there is one. Where no suspicious minority separates from the "
-                "rest, it flags nothing and gives no count (which does not mean the labels are clean).")
+                "rest, it flags nothing and gives no count (which does not mean the labels are clean); where the "
+                "two populations overlap, or a three-component mixture moves the count by over a quarter, it "
+                "calls the count rough.")
     add_scores_file(p)
     p.add_argument("--score", default=None, metavar="NAME",
                    help="the score to flag by (default: the first of mislabel, aum, el2n, loss in the file)")
