@@ -608,18 +608,24 @@ class _Add(torch.autograd.Function):
 
 
 class ScaleNet(nn.Module):
-    """A layer scale between a layer and a head: "last", "inplace", "squared" and "shaped"
-    on sequences (B, 3, 4) through a Linear, in ``layout`` "batch", "seq_first", "TB"
-    (T = B = 3) or "flat" (B, 4); "2d" and "shaped_nchw" on images (B, 2, 3, 4) through a
-    3x3 conv to 4 channels."""
+    """A layer scale between a layer and a head: "last", "inplace", "squared", "shaped" and
+    "prelu" (one PReLU weight) on sequences (B, 3, 4) through a Linear, in ``layout``
+    "batch", "seq_first", "TB" (T = B = 3) or "flat" (B, 4); "prelu_c" (a PReLU weight per
+    channel) "flat" only; "2d", "shaped_nchw" and "prelu_nchw" on images (B, 2, 3, 4)
+    through a 3x3 conv to 4 channels."""
 
     def __init__(self, kind: str, layout: str = "batch", C: int = 4):
         super().__init__()
         self.layout = layout
         self.scale = {"last": lambda: LayerScale(C), "inplace": lambda: LayerScale(C, inplace=True),
                       "squared": lambda: LayerScale(C, squared=True), "shaped": lambda: ShapedScale(C, False),
-                      "2d": lambda: LayerScale2d(C), "shaped_nchw": lambda: ShapedScale(C, True)}[kind]()
-        self.image = kind in ("2d", "shaped_nchw")
+                      "2d": lambda: LayerScale2d(C), "shaped_nchw": lambda: ShapedScale(C, True),
+                      "prelu": lambda: nn.PReLU(), "prelu_c": lambda: nn.PReLU(C), "prelu_nchw": lambda: nn.PReLU(C),
+                      }[kind]()
+        if kind.startswith("prelu"):   # a slope per channel of its own, not torch's 0.25 everywhere
+            with torch.no_grad():
+                self.scale.weight.copy_(torch.linspace(0.1, 0.7, self.scale.weight.numel()))
+        self.image = kind in ("2d", "shaped_nchw", "prelu_nchw")
         self.pre = nn.Conv2d(2, C, 3, padding=1) if self.image else nn.Linear(C, C)
         self.head = nn.Linear(C * 12 if self.image else C, 3)
 

@@ -354,6 +354,8 @@ NORM_ACT_GRID = ([("norm_act", ("bn", act, "batch")) for act in ("none", "relu_i
                  + [("norm_act", ("ln2d_last", "none", "batch")), ("norm_act", ("bn_act_first", "silu", "batch"))])
 SCALE_GRID = ([("scale", ("last", layout)) for layout in ("batch", "seq_first", "TB", "flat")]
               + [("scale", (kind, "batch")) for kind in ("shaped", "2d", "shaped_nchw", "inplace", "squared")])
+PRELU_GRID = ([("scale", ("prelu", layout)) for layout in ("batch", "seq_first", "TB", "flat")]
+              + [("scale", ("prelu_c", "flat")), ("scale", ("prelu_nchw", "batch"))])
 #: (gain, bias, groups, stride, padding, dilation, plain[, padding mode: "_ignored" if the forward pads with zeros])
 STD_CONV_GRID = [("std_conv", c) for c in [(False, False, 1, 1, 1, 1, False), (False, True, 2, 2, 0, 1, False),
                                            (True, True, 1, 1, "same", 2, False), (True, False, 2, 1, 1, 1, False),
@@ -691,6 +693,16 @@ def test_a_layer_scale_takes_its_rule_where_it_computes_x_times_gamma(family, co
         assert why[name].startswith("vmap (") and "does not compute" in why[name], why
     else:
         assert why[name].startswith("ghost (layer_scale rule on scale: "), why
+
+
+@pytest.mark.parametrize("family,config", PRELU_GRID, ids=lambda v: str(v))
+def test_prelu_takes_its_rule_on_every_layout(family, config):
+    """PReLU's slopes (one, or one per channel) went to vmap after the first batch, and
+    in-run scoring refused the model; its rule gives g_b = Σ δ_b ⊙ min(x_b, 0) per
+    channel, equal to the loop on every layout (sequence-first, T == B, flat, images)."""
+    scorer = _agree(family, config)
+    scorer.score_batch(*_prepare(family, config)[1:])
+    assert scorer.explain()["scale.weight"].startswith("ghost (prelu rule on scale: PReLU"), scorer.explain()
 
 
 @pytest.mark.parametrize("family,config", FREE_GRID, ids=lambda v: str(v))

@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils import prune
 
 import gradscore as gs
@@ -22,28 +23,39 @@ def test_ghost_equals_loop(name, K):
     assert all(v.startswith("ghost") for v in scorer.explain().values()), scorer.explain()
 
 
+class _Slope(nn.Module):
+    """A leaky slope of its own (F.prelu in its forward): a class no ghost rule knows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((1,), 0.25))
+
+    def forward(self, x):
+        return F.prelu(x, self.weight)
+
+
 def test_auto_is_the_chain_per_parameter():
     """auto: a ghost rule where one applies, the fallback for exactly the other parameters."""
     model, _ = ghost_case("transformer")
     assert gs.Scorer(model.eval()).engine_name == "ghost"
     torch.manual_seed(0)
-    scorer = compare_with_loop(nn.Sequential(nn.Linear(3, 3), nn.PReLU(), nn.Linear(3, 3)), torch.randn(5, 3), 2,
+    scorer = compare_with_loop(nn.Sequential(nn.Linear(3, 3), _Slope(), nn.Linear(3, 3)), torch.randn(5, 3), 2,
                       engine="auto")
     assert scorer.engine_name == "ghost"
     why = scorer.explain()
     assert why["0.weight"].startswith("ghost") and why["2.bias"].startswith("ghost")
-    assert why["1.weight"] == "vmap (no ghost rule for PReLU)"
+    assert why["1.weight"] == "vmap (no ghost rule for _Slope)"
 
 
 @pytest.mark.parametrize("K", [0, 3])
 def test_unsupported_layers_fall_back_to_vmap_and_say_so(K):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.ConvTranspose2d(2, 3, 3, padding=1), nn.PReLU(),
+    model = nn.Sequential(nn.ConvTranspose2d(2, 3, 3, padding=1), _Slope(),
                           nn.Flatten(), nn.Linear(3 * 5 * 5, 3))
     scorer = compare_with_loop(model, torch.randn(6, 2, 5, 5), K)
     why = scorer.explain()
     assert why["0.weight"] == "vmap (no ghost rule for ConvTranspose2d)"
-    assert why["1.weight"] == "vmap (no ghost rule for PReLU)"
+    assert why["1.weight"] == "vmap (no ghost rule for _Slope)"
     assert why["3.weight"].startswith("ghost (linear rule on 3: Linear)")
 
 

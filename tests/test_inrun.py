@@ -110,6 +110,20 @@ def test_byte_labels_are_recorded_as_the_loop_on_each_path(tmp_path, backend, mo
     check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
 
 
+@pytest.mark.parametrize("slopes", [1, 12])
+def test_prelu_is_recorded_as_the_loop(tmp_path, slopes):
+    """PReLU had no ghost rule: in-run scoring refused any model with one."""
+    torch.manual_seed(0)
+    (x, y) = _data()
+    model = nn.Sequential(nn.Linear(10, 12), nn.PReLU(slopes), nn.Linear(12, 12), nn.PReLU(), nn.Linear(12, 4)).double()
+    with torch.no_grad():
+        model[1].weight.uniform_(-0.5, 0.8)
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:6], y[:6]))
+    snaps: list = []
+    _train(model, x, y, steps=3, batch=8, rec=rec, snapshots=snaps)
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
+
+
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_forwards_without_gradient_inside_a_step_are_left_out(tmp_path, where):
     """Pseudo-labelling (FixMatch) or a metric: the model also runs under torch.no_grad

@@ -1,4 +1,6 @@
-"""Ghost rule for layer scales: y = x ⊙ γ with one 1-D γ broadcast against x (timm's
+"""Ghost rules for per-channel elementwise parameters: layer scales and ``nn.PReLU``.
+
+Layer scales: y = x ⊙ γ with one 1-D γ broadcast against x (timm's
 ``LayerScale`` over the last dimension, ``LayerScale2d`` over the channels, MetaFormer's
 ``Scale`` viewed as its ``shape``). Matched by structure and checked on the first batch,
 in value and gradient (``register_structural``).
@@ -8,6 +10,11 @@ dimension, (C, 1, 1) for a class named ``…2d``, or the layer's own ``shape`` a
 where it has one of C elements. Per example, g_b(γ) = δ_b ⊙ x_b summed to V, formed
 explicitly (C numbers) and reduced with ``norm_dot``. A scale that multiplies its input
 in place (``inplace=True``) is refused: the captured input would be its output.
+
+PReLU: y = max(x, 0) + a ⊙ min(x, 0), with one slope a for every element, or one per
+channel (dimension 1 of x). Per example, g_b(a) = δ_b ⊙ min(x_b, 0) summed to a's
+elements, formed explicitly and reduced with ``norm_dot``. One slope lets the batch be in
+dimension 0 or 1 (a sequence-first input); slopes per channel take the batch in dimension 0.
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ import torch
 from torch import nn
 
 from ...kernels import acc_dtype
-from .registry import computes, reduce_per_example, register_structural, zeros_like_result
+from .registry import computes, reduce_per_example, register_rule, register_structural, zeros_like_result
 
 
 def _gamma(layer: nn.Module) -> tuple[str, nn.Parameter]:
@@ -72,3 +79,21 @@ def layer_scale(layer: nn.Module, acts, grads, refs, K):
     acc = acc_dtype(acts[0].dtype)
     per_example = sum(_summed_to(d.to(acc) * x.to(acc), V) for x, d in zip(acts, grads))   # calls add up
     return reduce_per_example({name: per_example}, refs, K)
+
+
+def _per_slope(prod: torch.Tensor, slopes: int) -> torch.Tensor:
+    """prod (B, *rest) summed to PReLU's slopes: (B, 1) for one, else (B, C) over the
+    dimensions after the channels (dimension 1)."""
+    if slopes == 1:
+        return prod.reshape(len(prod), -1).sum(1, keepdim=True)
+    return prod.reshape(prod.shape[0], prod.shape[1], -1).sum(2)
+
+
+@register_rule(nn.PReLU, batch_dims=lambda m: (0, 1) if m.num_parameters == 1 else (0,), params=("weight",))
+def prelu(layer: nn.PReLU, acts, grads, refs, K):
+    if "weight" not in refs:
+        return zeros_like_result(grads[0], K)
+    acc = acc_dtype(acts[0].dtype)
+    per_example = sum(_per_slope(d.to(acc) * x.to(acc).clamp(max=0), layer.weight.numel())
+                      for x, d in zip(acts, grads))   # calls add up
+    return reduce_per_example({"weight": per_example}, refs, K)
