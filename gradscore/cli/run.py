@@ -6,7 +6,8 @@ import argparse
 import os
 
 from ..config import AVAILABLE_SCORES, DEVICES, DTYPES, ENGINES, GRADIENT_SCORES, TARGET_SCORES, RunConfig
-from .common import StoreNoted, StoreTrueNoted, add_lm_reduction, add_overwrite, add_quiet, command, refuse_unused, split, warn
+from .common import (StoreNoted, StoreTrueNoted, add_lm_reduction, add_overwrite, add_quiet, command, refuse_unused,
+                     split, warn)
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "run", help="score every example at every checkpoint",

@@ -168,7 +168,8 @@ def norm_vs_cos(grad_norm: np.ndarray, cos: np.ndarray, path: str | Path, *, noi
         ax.scatter(grad_norm[clean], cos[clean], s=5, alpha=0.5, color="tab:blue",
                    label="clean" if noisy is not None else None)
         if noisy is not None:
-            ax.scatter(grad_norm[noisy], cos[noisy], s=5, alpha=0.6, color="tab:red", label=f"noisy ({int(noisy.sum())})")
+            ax.scatter(grad_norm[noisy], cos[noisy], s=5, alpha=0.6, color="tab:red",
+                       label=f"noisy ({int(noisy.sum())})")
             ax.legend(fontsize=8)
     _log_x(ax, grad_norm)
     ax.axhline(0, color="k", lw=0.5)
