@@ -445,10 +445,11 @@ def _refs(scorer, K):
             if K else None)
 
 
-def _agree(family, config, engines=("auto", "ghost", "vmap"), edit=None):
+def _agree(family, config, engines=("auto", "ghost", "vmap"), edit=None, n=B):
     """Each of ``engines`` equals the loop on the family's model (after ``edit(model)``, if
-    given, under no_grad), or refuses it (never ``auto``); returns the model's auto scorer."""
-    model, x, y = _prepare(family, config)
+    given, under no_grad) on a batch of ``n``, or refuses it (never ``auto``); returns the
+    model's auto scorer."""
+    model, x, y = _prepare(family, config, n)
     if edit is not None:
         with torch.no_grad():
             edit(model)
@@ -488,7 +489,8 @@ def test_recurrent_layers_with_saturated_gates_equal_the_loop(family, config):
 
 @pytest.mark.parametrize("family,config", [RNN_GRID[0], RNN_GRID[-1], MHA_GRID[0], BAG_GRID[-1], FREE_GRID[0],
                                            CONV_GRID[0], NORM_GRID[0], *OWN_GRID[::7], *NORM_ACT_GRID[::3],
-                                           *SCALE_GRID[::2], *STD_CONV_GRID[::2]], ids=lambda v: str(v))
+                                           *SCALE_GRID[::2], *PRELU_GRID[::2], *STD_CONV_GRID[::2]],
+                         ids=lambda v: str(v))
 @pytest.mark.parametrize("engine", ["auto", "ghost", "vmap", "loop"])
 def test_an_empty_batch_gives_empty_results(family, config, engine):
     model, x, y = _prepare(family, config, n=0)
@@ -700,6 +702,8 @@ def test_prelu_takes_its_rule_on_every_layout(family, config):
     """PReLU's slopes (one, or one per channel) went to vmap after the first batch, and
     in-run scoring refused the model; its rule gives g_b = Σ δ_b ⊙ min(x_b, 0) per
     channel, equal to the loop on every layout (sequence-first, T == B, flat, images)."""
+    for n in (1, 2):   # one example; and a batch of 2, where T = 3 differs from B
+        _agree(family, config, n=n)
     scorer = _agree(family, config)
     scorer.score_batch(*_prepare(family, config)[1:])
     assert scorer.explain()["scale.weight"].startswith("ghost (prelu rule on scale: PReLU"), scorer.explain()
