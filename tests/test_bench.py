@@ -102,8 +102,8 @@ def test_gram_bench_times_forms_that_agree(monkeypatch):
     assert all(r["blocked_to_whole"] > 0 and r["outer_to_whole"] > 0 for r in rows)
 
 
-SCRIPTS = ["conv_plan", "dynamics_scale", "engines", "families", "gram", "inrun", "inrun_store", "kernels",
-           "large_data", "norm_rules", "sketch", "whole_dataset"]
+SCRIPTS = ["conv_plan", "dynamics_scale", "engines", "families", "flag_counts", "gram", "inrun", "inrun_store",
+           "kernels", "large_data", "norm_rules", "sketch", "whole_dataset"]
 
 
 def test_whole_dataset_bench_measures_each_step(tmp_path):
@@ -112,6 +112,15 @@ def test_whole_dataset_bench_measures_each_step(tmp_path):
     assert [(r["examples"], r["checkpoints"], r["step"]) for r in report["rows"]] == [(3000, 4, "run"),
                                                                                       (3000, 4, "diagnose")]
     assert all(r["seconds"] > 0 and r["one_TxN_float64_bytes"] == 8 * 4 * 3000 for r in report["rows"])
+
+
+def test_flag_counts_bench_gives_each_runs_count_against_the_truth(tmp_path):
+    from bench import flag_counts
+    report = flag_counts.main(["--epochs", "2", "--rates", "0.2", "--seeds", "1", "--kinds", "symmetric",
+                               "--json", str(tmp_path / "f.json")])
+    (row,) = report["rows"]
+    assert (row["kind"], row["rate"], row["true"]) == ("symmetric", 0.2, 251) and isinstance(row["rough"], bool)
+    assert report["runs"] == 1 and (tmp_path / "f.json").is_file()
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
