@@ -81,12 +81,10 @@ def layer_scale(layer: nn.Module, acts, grads, refs, K):
     return reduce_per_example({name: per_example}, refs, K)
 
 
-def _per_slope(prod: torch.Tensor, slopes: int) -> torch.Tensor:
-    """prod (B, *rest) summed to PReLU's slopes: (B, 1) for one, else (B, C) over the
-    dimensions after the channels (dimension 1)."""
-    if slopes == 1:
-        return prod.reshape(len(prod), -1).sum(1, keepdim=True)
-    return prod.reshape(prod.shape[0], prod.shape[1], -1).sum(2)
+def _slope_view(slopes: int, dims: int) -> tuple[int, ...]:
+    """PReLU's slopes viewed against an input of ``dims`` dimensions less its batch, for
+    :func:`_summed_to`: one slope for every element, or one per channel (the first)."""
+    return (1,) * dims if slopes == 1 else (slopes,) + (1,) * (dims - 1)
 
 
 @register_rule(nn.PReLU, batch_dims=lambda m: (0, 1) if m.num_parameters == 1 else (0,), params=("weight",))
@@ -94,6 +92,6 @@ def prelu(layer: nn.PReLU, acts, grads, refs, K):
     if "weight" not in refs:
         return zeros_like_result(grads[0], K)
     acc = acc_dtype(acts[0].dtype)
-    per_example = sum(_per_slope(d.to(acc) * x.to(acc).clamp(max=0), layer.weight.numel())
+    per_example = sum(_summed_to(d.to(acc) * x.to(acc).clamp(max=0), _slope_view(layer.weight.numel(), x.dim() - 1))
                       for x, d in zip(acts, grads))   # calls add up
     return reduce_per_example({"weight": per_example}, refs, K)
