@@ -101,7 +101,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                        batch_size=args.batch_size, chunk_size=args.chunk_size,
                        chunk_bytes=args.chunk_mb * 2**20, epochs_upto=args.epochs_upto, steps=args.steps,
                        target=args.target, costate=args.costate, lr_scale_steps=args.lr_scale_steps,
-                       variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
+                       variants=split(args.variants),
                        clip_quantile=args.clip_quantile, lm_reduction=args.lm_reduction,
                        allow_nonfinite=args.allow_nonfinite, ids=args.ids, index_range=args.index_range,
                        store_logits=args.store_logits)
