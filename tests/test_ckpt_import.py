@@ -141,6 +141,24 @@ def test_what_scoring_would_refuse_is_refused_before_anything_is_written(tmp_pat
         assert not (tmp_path / "ck").exists(), extra
 
 
+def test_a_factory_that_rejects_its_kwargs_or_builds_no_module_is_one_line(tmp_path, capsys):
+    """`--model os:getcwd` (no keyword arguments; a string, not a model): a raw TypeError or
+    AttributeError traceback. Now one line naming the factory, exit 2, and no folder."""
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save(_states(1)[0], src / "step_1.pt")
+    cases = {("--model", "os:getcwd"): "model factory 'os:getcwd' rejected model_kwargs",
+             ("--model", "os:getcwd", "--model-kwargs", "{}"): "factory 'os:getcwd' did not return an nn.Module",
+             ("--model-kwargs", '{"d_in": 6, "width": 3}'): "'gradscore.demos.models:mlp' rejected model_kwargs"}
+    for extra, says in cases.items():
+        args = _args(src, tmp_path / "ck", "--lr", "0.1")
+        args += list(extra)   # the later --model / --model-kwargs wins
+        assert main(args) == 2, extra
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1 and "Traceback" not in err, (extra, err)
+        assert not (tmp_path / "ck").exists(), extra
+
+
 def test_lightning_checkpoints_of_a_real_trainer(tmp_path):
     """A Lightning run's ModelCheckpoint folder as it is: ``epoch=0-step=2.ckpt`` files with
     the model under the LightningModule's attribute (``net.``) and a ``last.ckpt`` copy of

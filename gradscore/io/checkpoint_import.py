@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoints import (CheckpointStore, check_rebuildable, checked_lr, checkpoint_filename, checkpoint_files,
-                          read_info, write_checkpoint)
+from .checkpoints import (CheckpointStore, build_model, check_rebuildable, checked_lr, checkpoint_filename,
+                          checkpoint_files, read_info, write_checkpoint)
 from ..exceptions import CheckpointError, OutputError
 
 SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
@@ -232,7 +232,7 @@ def import_checkpoints(src: str | Path, out: str | Path, *, model_factory: str, 
     if (lr is None) == (schedule is None):
         raise CheckpointError("import-checkpoints: give either a constant lr or a schedule {step: lr}")
     factory = check_rebuildable(model_factory, model_kwargs, loss)
-    model = factory(**(model_kwargs or {}))
+    model = build_model(factory, model_kwargs or {}, model_factory)
     keys = set(model.state_dict())
     sources = find_sources(src)
     if schedule is None:

@@ -130,6 +130,18 @@ def check_rebuildable(model_factory: str, model_kwargs: dict | None, loss: Any) 
     return factory
 
 
+def build_model(factory: Callable[..., Any], model_kwargs: dict, ref: str, where: str = "") -> nn.Module:
+    """``factory(**model_kwargs)``: one CheckpointError (prefixed by ``where``, naming the
+    factory ``ref``) where it rejects the keyword arguments or builds no nn.Module."""
+    try:
+        model = factory(**model_kwargs)
+    except TypeError as e:
+        raise CheckpointError(f"{where}model factory '{ref}' rejected model_kwargs {model_kwargs}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"{where}factory '{ref}' did not return an nn.Module, but a {type(model).__name__}")
+    return model
+
+
 def checked_lr(lr: Any, step: int | None = None) -> float:
     """η_t as a float (numpy's and a 0-d tensor's too): a finite learning rate >= 0, else one
     ConfigError (naming ``step`` where given)."""
@@ -561,15 +573,8 @@ class CheckpointStore:
 
     def new_model(self, i: int = 0) -> nn.Module:
         """The model checkpoint ``i``'s factory builds, with its own initial weights."""
-        info, factory = self.infos[i], self.factory(i)
-        try:
-            model = factory(**info.model_kwargs)
-        except TypeError as e:
-            raise CheckpointError(f"{info.path}: model factory '{info.model}' rejected "
-                                  f"model_kwargs {info.model_kwargs}: {e}") from e
-        if not isinstance(model, nn.Module):
-            raise CheckpointError(f"{info.path}: factory '{info.model}' did not return an nn.Module")
-        return model
+        info = self.infos[i]
+        return build_model(self.factory(i), info.model_kwargs, info.model, f"{info.path}: ")
 
     def factory(self, i: int = 0) -> Any:
         """Checkpoint ``i``'s model factory (the function its ``model`` attribute names)."""
