@@ -6,6 +6,7 @@ refused (:class:`~gradscore.exceptions.ConfigMismatchError`) unless ``overwrite`
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -33,6 +34,23 @@ DATA_MAP_POINTS = 20000
 #: Scores read from class probabilities: not defined for a language-modelling loss.
 CLASS_SCORES = frozenset({"el2n", "confidence", "variability", "correctness", "forgetting",
                           "threshold_closeness", "aum", "mislabel"})
+
+
+#: suffixes of dataset files (a name with one is a file even if it holds a ':')
+DATA_SUFFIXES = (".h5", ".hdf5", ".npz")
+
+
+def names_a_factory(spec: str) -> bool:
+    """True when the dataset ``spec`` is a ``"module:fn"`` factory, not a file: a ':' in a
+    name that is no dataset file and no existing path."""
+    return ":" in spec and os.path.splitext(spec)[1] not in DATA_SUFFIXES and not os.path.exists(spec)
+
+
+def absolute_paths(d: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """``d`` with its paths ``names`` absolute and normalized, as fingerprints compare them:
+    `ckpts`, `./ckpts/` and `/work/ckpts` are one input (a dataset factory and None stay)."""
+    return {**d, **{k: os.path.abspath(d[k]) for k in names
+                    if isinstance(d.get(k), str) and d[k] and not names_a_factory(d[k])}}
 
 
 def resolve_device(device: str) -> str:
@@ -162,12 +180,13 @@ class RunConfig:
         return any(s in GRADIENT_SCORES for s in self.scores)
 
     def to_dict(self) -> dict[str, Any]:
-        """The config as JSON types (tuples as lists), as saved beside the scores."""
+        """The config as JSON types (tuples as lists, paths absolute), as saved beside the
+        scores and compared on resume."""
         d = asdict(self)
         d["scores"] = list(self.scores)
         d["variants"] = list(self.variants)
         d["params"] = list(self.params)
-        return d
+        return absolute_paths(d, ("checkpoints", "data", "target", "costate", "ids"))
 
     def to_json(self) -> str:
         """:meth:`to_dict` as JSON text, keys sorted (the same config gives the same text)."""
@@ -205,9 +224,11 @@ class SketchConfig:
         _require(self.chunk_size >= 1, "chunk_size", f"{self.chunk_size}; give a whole number >= 1")
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as JSON types (paths absolute), as saved in the sketch file and
+        compared on resume."""
         d = asdict(self)
         d["params"] = list(self.params)
-        return d
+        return absolute_paths(d, ("checkpoints", "data"))
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ called as ``model(input_ids=…, attention_mask=…)``.
 from __future__ import annotations
 
 import hashlib
+import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -27,6 +28,7 @@ from .atomic import atomic_h5
 from .attrs import KIND_NAMES, kind_of
 from .store import DamagedFile, damage_named, put, read_ids, read_numpy, write_ids
 from ..batch import Inputs, call_model, concat, describe, hash_batch, move, take
+from ..config import DATA_SUFFIXES, names_a_factory
 from ..exceptions import DataError
 from ..losses import IGNORE_INDEX, Loss
 from ..imports import import_ref
@@ -396,10 +398,10 @@ def load_dataset(spec: str | Path | Dataset) -> Dataset:
     if isinstance(spec, Dataset):
         return spec
     s = str(spec)
-    if Path(s).suffix in (".h5", ".hdf5", ".npz") or Path(s).exists():
-        return ArrayFileDataset(s)
-    if ":" in s:
+    if names_a_factory(s):
         return TorchDataset(import_ref(s, "dataset factory", DataError)(), source=s)
+    if os.path.splitext(s)[1] in DATA_SUFFIXES or os.path.exists(s):
+        return ArrayFileDataset(s)
     raise DataError(f"{s}: dataset file does not exist (and it is not a 'module:fn' factory)")
 
 

@@ -54,7 +54,7 @@ from ..io.atomic import atomic_h5
 from ..io.checkpoints import CheckpointStore, not_plain_steps
 from ..batch import Inputs, call_functional, move
 from ..engines.workarounds import torch_workarounds
-from ..config import DEVICES, DTYPES, LM_REDUCTIONS, resolve_device
+from ..config import DEVICES, DTYPES, LM_REDUCTIONS, absolute_paths, resolve_device
 from ..io.datasets import Dataset, check_targets, load_dataset, probe_model
 from ..exceptions import (CheckpointError, ConfigError, DataError, EngineError, GradscoreError, GradscoreWarning,
                           OutputError)
@@ -97,7 +97,7 @@ class CostateConfig:
 def _fingerprinted(config: CostateConfig) -> dict:
     """The config as fingerprinted: ``costates`` only where False, so that the files made
     before it existed (all with co-states) keep their fingerprints."""
-    d = asdict(config)
+    d = absolute_paths(asdict(config), ("checkpoints", "proxy", "target"))
     if d.pop("costates"):
         return d
     return {**d, "costates": False}
