@@ -83,6 +83,22 @@ def test_missing_epoch_file(tmp_path, capsys):
     assert "epoch file(s) [1] missing" in capsys.readouterr().err
 
 
+def test_a_file_given_for_the_folder_is_named_for_what_it_is(tmp_path, capsys):
+    """An epoch file or an exported td_metrics.jsonl given for the folder: "dynamics
+    directory does not exist", of a file that exists. Now what it is, and what to give."""
+    root = _write(tmp_path / "dyn")
+    epoch = root / "training_dynamics" / "dynamics_epoch_0.jsonl"
+    (tmp_path / "td_metrics.jsonl").write_text('{"guid": "a", "confidence": 0.5}\n')
+    cases = {epoch: f"{epoch}: is one epoch's file; give its folder, {epoch.parent}",
+             tmp_path / "td_metrics.jsonl": "td_metrics.jsonl: is a file, not a folder of dynamics_epoch_<e>.jsonl files",
+             tmp_path / "nope": "nope: dynamics directory does not exist"}
+    for path, says in cases.items():
+        assert main(["import-dynamics", str(path), "--out", str(tmp_path / "s.h5")]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, err
+        assert not (tmp_path / "s.h5").exists()
+
+
 def test_export_round_trip_preserves_values_and_ids(tmp_path):
     root = _write(tmp_path / "dyn")
     scores = import_dynamics(root, tmp_path / "s.h5")

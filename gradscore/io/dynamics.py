@@ -41,6 +41,11 @@ def _epoch_files(directory: Path, fmt: str) -> list[tuple[int, Path]]:
         raise GradscoreError(f"unknown dynamics format '{fmt}'; use one of {', '.join(FORMATS)}")
     if fmt == "cartography" and (directory / "training_dynamics").is_dir():
         directory = directory / "training_dynamics"
+    if directory.is_file():
+        raise DataError(f"{directory}: is one epoch's file; give its folder, {directory.parent}"
+                        if _EPOCH_FILE.match(directory.name) else
+                        f"{directory}: is a file, not a folder of dynamics_epoch_<e>.jsonl files (one per epoch, "
+                        f"as cartography and TrainingDynamics write them); give that folder")
     if not directory.is_dir():
         raise DataError(f"{directory}: dynamics directory does not exist")
     files = sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := _EPOCH_FILE.match(p.name)))
