@@ -24,7 +24,8 @@ def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
                        help="--by: keep the highest values")
     order.add_argument("--lowest", dest="highest", action=StoreFalseNoted, help="--by: keep the lowest")
     p.add_argument("--exclude-top", type=float, default=0.0, action=StoreNoted,
-                   help="--by: first drop this fraction at the top")
+                   help="--by: first drop this fraction at the top of the ranking: the highest "
+                        "values (with --lowest, the lowest), e.g. likely mislabeled examples")
     p.add_argument("--region", default=None, choices=("easy", "ambiguous", "hard", "all"),
                    help="Dataset Cartography region(s) by confidence and variability (needs those scores)")
     p.add_argument("--fraction", type=float, default=0.33, action=StoreNoted,

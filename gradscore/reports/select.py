@@ -65,7 +65,8 @@ def by_score(values: np.ndarray, *, keep: float, highest: bool = True, exclude_t
              classes: np.ndarray | None = None, sample: str | None = None, temperature: float = 1.0,
              seed: int = 0) -> np.ndarray:
     """Indices (by rank) of the ``keep`` fraction of examples by ``values``, after dropping
-    the ``exclude_top`` fraction at the top.
+    the ``exclude_top`` fraction at the top of the ranking (the highest values; with
+    ``highest=False``, the lowest).
 
     classes: (N,) labels: the fractions are taken within each class (so a class whose
     scores run high cannot take every slot), the classes' picks concatenated.
