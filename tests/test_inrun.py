@@ -630,6 +630,9 @@ def test_refusals_are_one_clear_line(tmp_path):
     with pytest.raises(gs.ConfigError, match="not a weighted sum"):
         with rec.step(range(8), y[:8]):
             F.cross_entropy(model(x[:8]), y[:8], label_smoothing=0.1).backward()
+    with pytest.raises(gs.ConfigError, match="or a y that is not the loss's targets"):
+        with rec.step(range(8), (y[:8] + 1) % 4):   # the step's y, not the labels the loss used
+            F.cross_entropy(model(x[:8]), y[:8]).backward()
     with pytest.raises(gs.EngineError, match="backward"):
         with rec.step(range(8), y[:8]):
             model(x[:8])

@@ -1438,8 +1438,8 @@ class _Step:
             b = int(bad.nonzero()[0])
             raise ConfigError(f"the step's loss is not a weighted sum of the per-example '{self.rec.loss.name}' "
                               f"losses of the model's output (example {self.ids[b].item()!r}: its output gradient is "
-                              f"not a multiple of ∂ℓ/∂z, e.g. label smoothing); pass loss= the per-example loss "
-                              f"the step uses")
+                              f"not a multiple of ∂ℓ/∂z at its y: label smoothing, another loss, or a y that is not "
+                              f"the loss's targets); pass loss= the per-example loss the step uses, and y= its targets")
         if not readable.all():   # a language model's share follows its token count: no other example's
             fill = (torch.full_like(s, float("nan")) if self.rec.loss.output == "tokens" else
                     _median_fill(s, readable, self.y if self.y.dim() == 1 else None))
