@@ -178,6 +178,20 @@ class Convs(nn.Module):
         return self.head(torch.tanh(self.conv(x)).flatten(1))
 
 
+class ConvTs(nn.Module):
+    """A ConvTranspose1d/2d/3d of 3-wide kernels (padding 1), tanh, a linear head."""
+
+    def __init__(self, dims: int, stride: int, output_padding: int, dilation: int, groups: int, bias: bool):
+        super().__init__()
+        conv_t = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims]
+        self.conv = conv_t(2, 4, 3, stride=stride, padding=1, output_padding=output_padding, dilation=dilation,
+                           groups=groups, bias=bias)
+        self.head = nn.LazyLinear(3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
 class Norms(nn.Module):
     def __init__(self, kind: str, affine: bool, track: bool):
         super().__init__()
@@ -335,6 +349,11 @@ CONV_GRID = ([("conv", c) for c in itertools.product([1, 2, 3], ["same", 1], [1,
              + [("conv", (dims, padding, stride, 2, True, mode))   # the input padded by the mode, then no padding
                 for dims, (padding, stride), mode in itertools.product([1, 2, 3], [("same", 1), (1, 1), (1, 2)],
                                                                        ["reflect", "replicate", "circular"])])
+#: ConvTranspose: stride, output padding (below the stride, or below a larger dilation:
+#: the fallback), dilation, groups, bias
+CONV_T_GRID = [("conv_t", (dims, *c)) for dims in (1, 2, 3)
+               for c in [(1, 0, 1, 1, True), (2, 1, 1, 2, True), (2, 0, 2, 1, False), (2, 1, 2, 2, True),
+                         (1, 1, 2, 1, True), (3, 2, 1, 1, False)]]
 NORM_GRID = [("norm", c) for c in itertools.product(
     ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm", "RMSNorm2"], [True, False], [False, True])]
 AFFINE_GRID = [("affine", c) for c in itertools.product(["Linear", "Conv1D"], [None, 1, T], [True, False],
@@ -366,8 +385,8 @@ STD_CONV_GRID = [("std_conv", c) for c in [(False, False, 1, 1, 1, 1, False), (F
                                            (False, True, 1, 1, 1, 1, False, "reflect_ignored")]]
 #: (how the forward uses pos_embed, layout): see FreeNet
 FREE_GRID = [("free", (kind, layout)) for kind in FreeNet.KINDS for layout in ("batch", "TB", "T1", "seq_first")]
-GRID = (AFFINE_GRID + RNN_GRID + MHA_GRID + CROSS_GRID + BAG_GRID + CONV_GRID + NORM_GRID + OWN_GRID + NORM_ACT_GRID
-        + SCALE_GRID + STD_CONV_GRID + FREE_GRID + [("subclass", ())])
+GRID = (AFFINE_GRID + RNN_GRID + MHA_GRID + CROSS_GRID + BAG_GRID + CONV_GRID + CONV_T_GRID + NORM_GRID + OWN_GRID
+        + NORM_ACT_GRID + SCALE_GRID + STD_CONV_GRID + FREE_GRID + [("subclass", ())])
 
 
 def _build(family, config, n=B):
@@ -392,6 +411,8 @@ def _build(family, config, n=B):
     if family == "conv":
         dims = config[0]
         return Convs(*config), torch.randn(n, 2, *(6,) * dims, generator=g, dtype=torch.float64)
+    if family == "conv_t":
+        return ConvTs(*config), torch.randn(n, 2, *(4,) * config[0], generator=g, dtype=torch.float64)
     if family == "norm":
         model = Norms(*config)
         if isinstance(model.norm, nn.modules.instancenorm._InstanceNorm) and model.norm.track_running_stats:
@@ -488,7 +509,8 @@ def test_recurrent_layers_with_saturated_gates_equal_the_loop(family, config):
 
 
 @pytest.mark.parametrize("family,config", [RNN_GRID[0], RNN_GRID[-1], MHA_GRID[0], BAG_GRID[-1], FREE_GRID[0],
-                                           CONV_GRID[0], NORM_GRID[0], *OWN_GRID[::7], *NORM_ACT_GRID[::3],
+                                           CONV_GRID[0], CONV_T_GRID[1], NORM_GRID[0], *OWN_GRID[::7],
+                                           *NORM_ACT_GRID[::3],
                                            *SCALE_GRID[::2], *PRELU_GRID[::2], *STD_CONV_GRID[::2]],
                          ids=lambda v: str(v))
 @pytest.mark.parametrize("engine", ["auto", "ghost", "vmap", "loop"])
@@ -822,14 +844,34 @@ def test_bad_targets_are_one_gradscore_error_from_every_engine():
             gs.Scorer(model, engine=engine).score_batch(x, torch.tensor([0, 7, 1]))
 
 
+def _output_padding_reaches_stride(config) -> bool:
+    dims, stride, output_padding, *_ = config
+    return output_padding >= stride
+
+
 @pytest.mark.parametrize("family,config", BAG_GRID + CONV_GRID + NORM_GRID + RNN_GRID
-                         + [(f, c) for f, c in MHA_GRID if not c[2]], ids=lambda v: str(v))
+                         + [(f, c) for f, c in MHA_GRID if not c[2]]
+                         + [(f, c) for f, c in CONV_T_GRID if not _output_padding_reaches_stride(c)],
+                         ids=lambda v: str(v))
 def test_families_with_a_rule_take_it(family, config):
     """The agreement above is the rule's own, not the fallback's."""
     model, x, y = _prepare(family, config)
     scorer = gs.Scorer(model, engine="auto")
     scorer.score_batch(x, y)
     assert all(v.startswith("ghost") for v in scorer.explain().values()), scorer.explain()
+
+
+@pytest.mark.parametrize("family,config", [(f, c) for f, c in CONV_T_GRID if _output_padding_reaches_stride(c)],
+                         ids=lambda v: str(v))
+def test_a_transposed_conv_whose_output_padding_reaches_its_stride_falls_back_and_says_why(family, config):
+    """Its adjoint convolution's output would be longer than its input: vmap, with the reason
+    (the values equal the loop: the grid above)."""
+    model, x, y = _prepare(family, config)
+    scorer = gs.Scorer(model, engine="auto")
+    scorer.score_batch(x, y)
+    why = scorer.explain()
+    assert why["conv.weight"].startswith("vmap (output_padding") and "reaches the stride" in why["conv.weight"], why
+    assert why["head.weight"].startswith("ghost"), why
 
 
 class RowNorm(nn.Module):

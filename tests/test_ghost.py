@@ -34,6 +34,17 @@ class _Slope(nn.Module):
         return F.prelu(x, self.weight)
 
 
+class _Pair(nn.Module):
+    """Its layer on the two rows of (B, 2, d): Bilinear's two inputs."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x[:, 0], x[:, 1])
+
+
 def test_auto_is_the_chain_per_parameter():
     """auto: a ghost rule where one applies, the fallback for exactly the other parameters."""
     model, _ = ghost_case("transformer")
@@ -50,13 +61,13 @@ def test_auto_is_the_chain_per_parameter():
 @pytest.mark.parametrize("K", [0, 3])
 def test_unsupported_layers_fall_back_to_vmap_and_say_so(K):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.ConvTranspose2d(2, 3, 3, padding=1), _Slope(),
-                          nn.Flatten(), nn.Linear(3 * 5 * 5, 3))
-    scorer = compare_with_loop(model, torch.randn(6, 2, 5, 5), K)
+    model = nn.Sequential(nn.Unflatten(1, (2, 25)), _Pair(nn.Bilinear(25, 25, 5)), _Slope(),
+                          nn.Flatten(), nn.Linear(5, 3))
+    scorer = compare_with_loop(model, torch.randn(6, 50), K)
     why = scorer.explain()
-    assert why["0.weight"] == "vmap (no ghost rule for ConvTranspose2d)"
-    assert why["1.weight"] == "vmap (no ghost rule for _Slope)"
-    assert why["3.weight"].startswith("ghost (linear rule on 3: Linear)")
+    assert why["1.layer.weight"] == "vmap (no ghost rule for Bilinear)"
+    assert why["2.weight"] == "vmap (no ghost rule for _Slope)"
+    assert why["4.weight"].startswith("ghost (linear rule on 4: Linear)")
 
 
 @pytest.mark.parametrize("K", [0, 2])

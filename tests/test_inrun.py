@@ -124,6 +124,23 @@ def test_prelu_is_recorded_as_the_loop(tmp_path, slopes):
     check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
 
 
+@pytest.mark.parametrize("stride, output_padding, groups", [(1, 0, 1), (2, 1, 2)])
+def test_a_transposed_conv_is_recorded_as_the_loop(tmp_path, stride, output_padding, groups):
+    """ConvTranspose had no ghost rule: in-run scoring refused any model with one (a
+    decoder, a U-Net's up-sampling path)."""
+    torch.manual_seed(0)
+    (x, y) = _data()
+    model = nn.Sequential(nn.Unflatten(1, (2, 5)), nn.ConvTranspose1d(2, 4, 3, stride=stride, padding=1,
+                                                                      output_padding=output_padding, groups=groups),
+                          nn.Tanh(), nn.Flatten(), nn.LazyLinear(4))
+    model(x[:1].float())
+    model = model.double()
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:6], y[:6]))
+    snaps: list = []
+    _train(model, x, y, steps=3, batch=8, rec=rec, snapshots=snaps)
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
+
+
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_forwards_without_gradient_inside_a_step_are_left_out(tmp_path, where):
     """Pseudo-labelling (FixMatch) or a metric: the model also runs under torch.no_grad

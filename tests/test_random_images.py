@@ -263,10 +263,9 @@ def _check(seed: int, dims: int) -> bool:
 
 def _check_inrun(seed: int, dims: int) -> bool:
     """Whether the seed's model in training was recorded and compared with the loop (else
-    refused). No ConvTranspose (no ghost rule, which in-run needs) nor BatchNorm (refused
-    in training). The step's input requires grad: torch's own GroupNorm backward crashes
-    on a channels_last input that does not, in training too."""
-    kinds = tuple(k for k in RandomImageModel.KINDS if k not in ("conv_transpose", "batchnorm", "bn_act"))
+    refused). No BatchNorm (refused in training). The step's input requires grad: torch's
+    own GroupNorm backward crashes on a channels_last input that does not, in training too."""
+    kinds = tuple(k for k in RandomImageModel.KINDS if k not in ("batchnorm", "bn_act"))
     model, x, y, B, _ = _draw(seed, dims, batches=3, extra=3, kinds=kinds, training=True)
     with tempfile.TemporaryDirectory() as work:
         return check_random_inrun(model, x, y, B, Path(work) / "inrun.h5", input_grad=True)

@@ -126,7 +126,8 @@ def test_sketch_equals_projection_of_the_loop_gradient(name, dim):
 
 class _Convs(nn.Module):
     """Conv1d ('same', dilated), a strided and a grouped Conv2d, a Conv2d called twice
-    (its calls add up) and a Conv3d: P_in applied to the patches as a convolution."""
+    (its calls add up), a Conv3d and a strided, grouped ConvTranspose2d with output
+    padding: P_in applied to the patches as a convolution (the adjoint one's for the last)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -135,14 +136,16 @@ class _Convs(nn.Module):
         self.grouped = nn.Conv2d(4, 6, 3, padding=1, groups=2, bias=False)
         self.twice = nn.Conv2d(6, 6, 1)
         self.c3 = nn.Conv3d(1, 2, 2)
-        self.head = nn.Linear(4 + 6 + 2, 3)
+        self.up = nn.ConvTranspose2d(2, 4, 3, stride=2, padding=1, output_padding=1, groups=2)
+        self.head = nn.Linear(4 + 6 + 2 + 4, 3)
 
     def forward(self, x):                   # x (B, 2, 6, 6)
         a = torch.tanh(self.c1(x.flatten(2))).mean(2)
         h = torch.tanh(self.grouped(torch.tanh(self.c2(x))))
         h = self.twice(torch.tanh(self.twice(h))).mean((2, 3))
         v = torch.tanh(self.c3(x[:, :1, None, :3, :3].expand(-1, 1, 3, 3, 3))).mean((2, 3, 4))
-        return self.head(torch.cat([a, h, v], 1))
+        u = torch.tanh(self.up(x)).mean((2, 3))
+        return self.head(torch.cat([a, h, v, u], 1))
 
 
 @pytest.mark.parametrize("dim", [40, 400])
@@ -153,7 +156,7 @@ def test_conv_sketches_equal_projection_of_the_loop_gradient(dim):
     y = torch.arange(5) % 3
     names = [n for n, _ in model.named_parameters()]
     proj = Projection.for_model(model, names, dim, seed=7)
-    assert all(proj.by_name[f"{c}.weight"].kind == "kron" for c in ("c1", "c2", "grouped", "twice", "c3"))
+    assert all(proj.by_name[f"{c}.weight"].kind == "kron" for c in ("c1", "c2", "grouped", "twice", "c3", "up"))
     got = SketchEngine(model, LOSS, names, proj).sketch_batch(x, y).dots
     torch.testing.assert_close(got, proj.apply(loop_grads(model, x, y, names)), rtol=1e-10, atol=1e-12)
 

@@ -25,6 +25,11 @@ forms per layer, whichever costs fewer multiply-adds (:func:`plan`):
   and the plan takes δ's measured density. Where it has few (a first conv, a depthwise
   conv) it is summed densely, as dot products over the output positions.
 
+``nn.ConvTranspose1d/2d/3d`` take the same rule through the convolution they are the
+adjoint of (:func:`conv_transpose`): y = conv_transpose(x, W) gives ⟨δ, y⟩ = ⟨conv(δ, W), x⟩,
+so the transposed layer's weight gradient is the weight gradient of conv(·, W) with input
+δ and output gradient x, and its bias's is Σ_l δ_bl.
+
 Calls of one layer are concatenated along l (the pixel and sparse forms take single calls
 only). ``padding='same'`` and the padding modes other than zeros (reflect, replicate,
 circular) pad the captured input as the layer's forward does (the odd unit on the right)
@@ -335,3 +340,42 @@ def conv(layer: nn.Module, acts, grads, refs, K):
     parts = [_weight_slice(layer, [x[i:i + step] for x in acts], [d[i:i + step] for d in grads], refs, K, form, geo,
                            budget) for i in range(0, B, step)]
     return sq + torch.cat([p[0] for p in parts]), dots + torch.cat([p[1] for p in parts])
+
+
+def _transpose_supports(layer: nn.Module) -> str | None:
+    """Why the adjoint convolution of a transposed layer would not give its gradient: an
+    output padding of a stride or more (allowed with a larger dilation) makes that
+    convolution's output longer than the layer's input."""
+    if any(op >= st for op, st in zip(layer.output_padding, layer.stride)):
+        return (f"output_padding {tuple(layer.output_padding)} reaches the stride {tuple(layer.stride)}: the adjoint "
+                f"convolution's output is longer than the input")
+    return None
+
+
+def _adjoint_conv(layer: nn.Module) -> nn.Module:
+    """The convolution ``layer`` (a ConvTransposeNd) is the adjoint of, with no weights
+    (meta device): C_out → C_in channels, whose weight (C_in, C_out/groups, *k) is shaped
+    as the transposed layer's."""
+    conv_nd = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(layer.kernel_size)]
+    return conv_nd(layer.out_channels, layer.in_channels, layer.kernel_size, stride=layer.stride,
+                   padding=layer.padding, dilation=layer.dilation, groups=layer.groups, bias=False,
+                   device="meta", dtype=layer.weight.dtype)
+
+
+def conv_transpose_sketch(layer: nn.Module, acts, grads, p_out: torch.Tensor, p_in: torch.Tensor) -> torch.Tensor:
+    """P_out g_b P_inᵀ of the weight viewed as (C_in, C_out/groups·k): :func:`conv_sketch`
+    of the adjoint convolution, input and output gradient swapped."""
+    return conv_sketch(_adjoint_conv(layer), grads, acts, p_out, p_in)
+
+
+@register_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, supports=_transpose_supports,
+               sketch=conv_transpose_sketch)
+def conv_transpose(layer: nn.Module, acts, grads, refs, K):
+    """The bias's share from δ; the weight's from :func:`conv` on the adjoint convolution,
+    its input and output gradient swapped (δ in, x out)."""
+    B = grads[0].shape[0]
+    sq, dots = bias_term(cat_calls([d.reshape(B, layer.out_channels, -1) for d in grads], 2).sum(2), refs, K)
+    if "weight" not in refs:
+        return sq, dots
+    w_sq, w_dots = conv(_adjoint_conv(layer), grads, acts, {"weight": refs["weight"]}, K)
+    return sq + w_sq, dots + w_dots
