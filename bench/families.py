@@ -98,6 +98,9 @@ def families(B: int) -> dict[str, tuple[nn.Module, torch.Tensor, str]]:
         "Conv2d padding_mode='reflect'": (Head(Channels(nn.Conv2d(16, 32, 3, padding=1, padding_mode="reflect")), 32),
                                           torch.randn(B, 16, 16, 16), "body."),
         "Conv3d": (Head(Channels(nn.Conv3d(4, 8, 3, padding=1)), 8), torch.randn(B, 4, 8, 8, 8), "body."),
+        "ConvTranspose2d, stride 2": (Head(Channels(nn.ConvTranspose2d(32, 16, 3, stride=2, padding=1,
+                                                                       output_padding=1)), 16),
+                                      torch.randn(B, 32, 8, 8), "body."),
         "GroupNorm": (Head(Channels(nn.GroupNorm(4, 16)), 16), torch.randn(B, 16, 16, 16), "body."),
         "InstanceNorm2d (affine)": (Head(Channels(nn.InstanceNorm2d(16, affine=True)), 16),
                                     torch.randn(B, 16, 16, 16), "body."),
@@ -114,6 +117,10 @@ def families(B: int) -> dict[str, tuple[nn.Module, torch.Tensor, str]]:
         "attention biases picked from a table": (Head(BiasedAttention(D, T), D), seq, "body."),
         "attention biases" + WITHOUT_FREE: (Head(BiasedAttention(D, T), D), seq, "body."),
         "ResNet, BatchNorm (20k)": (small_resnet(), torch.randn(B, 3, 32, 32), ""),
+        "Conv encoder, ConvTranspose decoder": (Head(Channels(nn.Sequential(
+            nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
+            nn.ConvTranspose2d(64, 32, 3, 2, 1, output_padding=1), nn.ReLU(),
+            nn.ConvTranspose2d(32, 16, 3, 2, 1, output_padding=1), nn.ReLU())), 16), torch.randn(B, 3, 32, 32), ""),
         "GRU + attention classifier": (recurrent_classifier(kind="GRU", attention=True), ids, ""),
     }
 
