@@ -309,3 +309,13 @@ def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
     err = proc.communicate(timeout=300)[1]
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == ["gradscore demo: interrupted; rerun the same command to resume"]
+
+
+def test_ctrl_c_says_resume_only_where_a_rerun_resumes(capsys):
+    """`diagnose`, `export`, `flag` … save nothing as they go: "rerun the same command to
+    resume" promised what their rerun does not do."""
+    from gradscore.cli import interrupted
+    for command, says in (("run", "rerun the same command to resume"), ("sketch", "rerun the same command to resume"),
+                          ("diagnose", "rerun the same command"), ("export", "rerun the same command")):
+        assert interrupted(command) == 130
+        assert capsys.readouterr().err == f"gradscore {command}: interrupted; {says}\n"

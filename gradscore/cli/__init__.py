@@ -55,10 +55,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_and_report(args.command, args.func, args)
 
 
+#: commands whose rerun resumes the work an interrupted run saved (a journal of finished units)
+RESUMABLE = frozenset({"run", "sketch", "costate", "import-dynamics", "import-checkpoints", "demo"})
+
+
 def interrupted(command: str | None) -> int:
-    """Ctrl-C: one line on stderr, exit code 130."""
-    print(f"gradscore{f' {command}' if command else ''}: interrupted; rerun the same command to resume",
-          file=sys.stderr)
+    """Ctrl-C: one line on stderr (the rerun resumes, where the command saves its work as it
+    goes), exit code 130."""
+    then = " to resume" if command in RESUMABLE else ""
+    print(f"gradscore{f' {command}' if command else ''}: interrupted; rerun the same command{then}", file=sys.stderr)
     return 130
 
 
