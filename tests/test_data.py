@@ -1,6 +1,8 @@
 """Dataset files: reading, chunking and the errors for bad input."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -41,6 +43,37 @@ def test_duplicate_ids_and_bad_extension_and_missing_file(tmp_path):
         gs.load_dataset(tmp_path / "d.csv")
     with pytest.raises(gs.DataError, match="does not exist"):
         gs.load_dataset(tmp_path / "nope.h5")
+
+
+def test_fields_of_text_are_named_with_the_fix(tmp_path, capsys):
+    """String class names as targets (or inputs) gave a raw TypeError from torch in every
+    command; a column of class indices, an error from inside the engine. Now one line
+    naming the field and the fix, from the file as from the command line."""
+    import h5py
+    from gradscore.cli import main
+    from helpers import make_run
+    ckpts, _ = make_run(tmp_path / "run", n=10, n_ckpts=1)
+    x = np.zeros((3, 12), np.float32)
+    names = np.array(["cat", "dog", "cat"])
+    np.savez(tmp_path / "t.npz", inputs=x, targets=names)
+    with h5py.File(tmp_path / "t.h5", "w") as f:
+        f["inputs"], f["targets"] = x, names.astype("S")
+    np.savez(tmp_path / "i.npz", inputs=np.array([["a"] * 12] * 3), targets=np.arange(3))
+    np.savez(tmp_path / "c.npz", inputs=x, targets=np.arange(3)[:, None])   # a column: "multi-target" from torch
+    cases = {"c.npz": "field 'targets' has per-example shape (1,); the loss 'cross_entropy' takes one class index "
+                      "per example: store them with shape (N,) (targets.reshape(-1) for a column)",
+             "t.npz": "field 'targets' holds text (<U3), not numbers; store class indices "
+                      "(np.unique(targets, return_inverse=True)[1])",
+             "t.h5": "field 'targets' holds text (|S3), not numbers",
+             "i.npz": "field 'inputs' holds text (<U1), not numbers"}
+    for name, says in cases.items():
+        if name != "c.npz":   # a column is a dataset; the loss refuses it
+            with pytest.raises(gs.DataError, match=re.escape(f"{name}: {says}")):
+                gs.load_dataset(tmp_path / name)
+        assert main(["run", "--checkpoints", str(ckpts), "--data", str(tmp_path / name), "--out",
+                     str(tmp_path / "s.h5"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, err
 
 
 def test_save_dataset_refuses_what_loading_refuses_and_writes_nothing(tmp_path):

@@ -390,6 +390,10 @@ def check_targets(ds: Dataset, loss: Loss, start: int, targets: torch.Tensor, n_
                             f"(targets.argmax(1), int64) instead")
         raise DataError(f"{field} holds float values (e.g. {float(targets.flatten()[0]):g} at index {start}); "
                         f"class targets must be integers: store them as int64 (targets.astype('int64'))")
+    if loss.output != "tokens" and targets.dim() != 1:
+        raise DataError(f"{ds.source}: field '{ds.target_field}' has per-example shape {tuple(targets.shape[1:])}; "
+                        f"the loss '{loss.name}' takes one class index per example: store them with shape (N,) "
+                        f"(targets.reshape(-1) for a column)")
     ds.check_labels(start, targets, n_out, IGNORE_INDEX if loss.output == "tokens" else None)
 
 
@@ -407,8 +411,8 @@ def load_dataset(spec: str | Path | Dataset) -> Dataset:
 
 def fields_problem(arrays: Mapping[str, Any], ids: Callable[[], np.ndarray]) -> str | None:
     """What keeps the fields ``arrays`` (arrays or HDF5 datasets, by name) from being a
-    dataset, or None: a field missing, fields of other lengths (text: other shapes), ids
-    (read by ``ids()``) repeated."""
+    dataset, or None: a field missing, fields of other lengths (text: other shapes), inputs
+    or targets that are not numbers, ids (read by ``ids()``) repeated."""
     keys = set(arrays.keys())
     text = "input_ids" in keys
     required = ("input_ids",) if text else REQUIRED_FIELDS
@@ -421,6 +425,11 @@ def fields_problem(arrays: Mapping[str, Any], ids: Callable[[], np.ndarray]) -> 
     for key in REQUIRED_FIELDS + OPTIONAL_FIELDS + ("input_ids",):
         if key in keys and int(arrays[key].shape[0]) != n:
             return f"field '{key}' has {arrays[key].shape[0]} rows but '{first}' has {n}"
+    for key in REQUIRED_FIELDS + ("input_ids", "attention_mask", "labels"):
+        if key in keys and arrays[key].dtype.kind not in "biuf":   # torch reads numbers only
+            fix = ("store class indices (np.unique(targets, return_inverse=True)[1])" if key in ("targets", "labels")
+                   else "store numbers (token ids as 'input_ids' for text)")
+            return f"field '{key}' holds text ({arrays[key].dtype.str}), not numbers; {fix}"
     if text:
         shape = tuple(arrays["input_ids"].shape)
         for key in ("attention_mask", "labels"):
