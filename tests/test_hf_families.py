@@ -5,8 +5,8 @@ For each family, on a batch with padding, a repeated token and an ignored label 
 random pixels): ``auto`` equals the loop (K = 0 and 2 references); ``ghost`` equals it or
 raises one :class:`gradscore.GradscoreError`, never a raw error; ``auto`` on the model in
 float32 is as close to the float64 loop as the float32 loop is (``helpers``). In training,
-the in-run recorder's records equal the loop at θ_t, or it refuses with the error
-:data:`REFUSED_IN_RUN` expects for that family.
+the in-run recorder's records equal the loop at θ_t; the families in :data:`REFUSED_IN_RUN`,
+and only they, are refused with the error it names.
 A family the installed transformers does not know is skipped with that reason. The fast
 set is five families (Mistral, OPT with its fallbacks, RoBERTa, ViT, ConvNeXt); GPT-2,
 BERT, Llama, Qwen2 and Gemma are ``test_text.py``'s; the rest are ``slow``.
