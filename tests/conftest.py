@@ -1,4 +1,5 @@
-"""Fixtures (a tiny training run; the helpers themselves are in helpers.py) and the CUDA skip.
+"""Fixtures (a tiny training run; the helpers themselves are in helpers.py), the CUDA skip,
+and SIGINT handled as in a terminal (for the Ctrl-C tests, also in a background job).
 
 Without a CUDA device, Triton kernels run in its interpreter on CPU tensors; that needs
 TRITON_INTERPRET=1 before triton is first imported, hence before anything else here.
@@ -6,9 +7,16 @@ TRITON_INTERPRET=1 before triton is first imported, hence before anything else h
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import torch
+
+# The Ctrl-C tests send SIGINT to this process and to commands they start. A shell runs a
+# background job (`pytest … &`) with SIGINT ignored, which children inherit through exec:
+# Python's own handler restores it here, and exec gives the children the default again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
