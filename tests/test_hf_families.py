@@ -90,7 +90,6 @@ REFUSED_IN_RUN = {
     "deberta": NO_RULE,        # q_bias and v_bias
     "deberta-v2": NO_RULE,     # relative position embeddings and projections, one for the batch
     "beit": NO_RULE,           # a relative position bias table
-    "convnext": NO_RULE, "convnextv2": NO_RULE,   # a LayerNorm over channels-first (B, C, H, W)
     "swin": NO_RULE, "swinv2": NO_RULE,   # relative position bias tables, logit scale
     "bit": NO_RULE,            # weight-standardized convolutions
     "resnet": BATCH_NORM, "regnet": BATCH_NORM, "mobilenet_v2": BATCH_NORM, "mobilevit": BATCH_NORM,
@@ -201,3 +200,18 @@ def test_a_family_in_training_is_recorded_as_the_loop_scores_it(tmp_path, task, 
         np.testing.assert_allclose(rows["sq_norm"][b], sq, rtol=1e-5)
         np.testing.assert_allclose(rows["dot"][b] / rows["share"][b], dot, rtol=1e-5,
                                    atol=1e-5 * np.sqrt(sq) * rows["target_norm"][b])
+
+
+@pytest.mark.parametrize("name", ["convnext", "convnextv2"])
+def test_convnext_layernorms_over_the_channels_take_a_rule(name):
+    """Hugging Face's ConvNeXt LayerNorm with ``data_format="channels_first"`` (the stem's
+    and each down-sampling layer's) was taken for a LayerNorm over the last dimension, failed
+    that check and went to vmap; in training, the recorder refused the model. It takes the
+    norm-act rule over the channels now (its records: the test above)."""
+    model = build("image_classification", name)
+    x, y = batch("image_classification")
+    scorer = gs.Scorer(model, engine="auto")
+    scorer.score_batch(x, y)
+    why = scorer.explain()
+    assert all(v.startswith("ghost") for v in why.values()), {k: v for k, v in why.items() if not v.startswith("ghost")}
+    assert why[f"{name}.embeddings.layernorm.weight"].startswith("ghost (norm_act rule")

@@ -179,10 +179,11 @@ def hf_rms_norm(layer: nn.Module, acts, grads, refs, K):
 
 def _like_hf_layer_norm(layer: nn.Module) -> bool:
     """Named like a LayerNorm of a class of its own (Cohere's without β, DeBERTa's), with a
-    1-D ``weight`` (and ``bias`` of its size), no submodules and an eps; what it computes is
-    checked by :func:`_computes_layer_norm`."""
+    1-D ``weight`` (and ``bias`` of its size), no submodules and an eps, and not over the
+    channels (:func:`_channels_first`: the norm-act rule's); what it computes is checked by
+    :func:`_computes_layer_norm`."""
     return (type(layer).__name__.endswith("LayerNorm") and _row_affine(layer, {"weight"}, {"weight", "bias"})
-            and _hf_eps(layer) is not None)
+            and _hf_eps(layer) is not None and not _channels_first(layer))
 
 
 def _computes_layer_norm(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> str | None:
@@ -273,9 +274,11 @@ _NORM_PARENTS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, n
 
 
 def _channels_first(layer: nn.Module) -> bool:
-    """A LayerNorm over dimension 1 (its class named ``…2d``, as timm's LayerNorm2d), not the
-    last dimension(s); the name only picks what the first batch's check then confirms."""
-    return isinstance(layer, nn.LayerNorm) and type(layer).__name__.lower().endswith("2d")
+    """A LayerNorm over dimension 1 (its class named ``…2d``, as timm's LayerNorm2d, or its
+    ``data_format`` "channels_first", as Hugging Face's ConvNeXt LayerNorm), not the last
+    dimension(s); the name only picks what the first batch's check then confirms."""
+    return isinstance(layer, nn.LayerNorm) and (type(layer).__name__.lower().endswith("2d")
+                                                or getattr(layer, "data_format", None) == "channels_first")
 
 
 def _like_norm_act(layer: nn.Module) -> bool:
