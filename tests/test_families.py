@@ -192,6 +192,27 @@ class ConvTs(nn.Module):
         return self.head(torch.tanh(self.conv(x)).flatten(1))
 
 
+class Bilinears(nn.Module):
+    """nn.Bilinear on the two halves of x (B, 7) or (B, T, 7), the second time by keyword,
+    tanh, a linear head; ``seq_first``: on (T, B, ·) (the rule's fallback)."""
+
+    def __init__(self, layout: str, bias: bool, twice: bool):
+        super().__init__()
+        self.layer, self.head = nn.Bilinear(3, 4, 5, bias=bias), nn.Linear(5, 3)
+        self.layout, self.twice = layout, twice
+
+    def forward(self, x):
+        x1, x2 = x[..., :3], x[..., 3:]
+        if self.layout == "seq_first":
+            x1, x2 = x1.transpose(0, 1), x2.transpose(0, 1)
+        h = torch.tanh(self.layer(x1, x2))
+        if self.twice:
+            h = h + torch.tanh(self.layer(input1=x1, input2=2 * x2))
+        if self.layout == "seq_first":
+            h = h.transpose(0, 1)
+        return self.head(h if h.dim() == 2 else h.mean(1))
+
+
 class Norms(nn.Module):
     def __init__(self, kind: str, affine: bool, track: bool):
         super().__init__()
@@ -349,6 +370,8 @@ CONV_GRID = ([("conv", c) for c in itertools.product([1, 2, 3], ["same", 1], [1,
              + [("conv", (dims, padding, stride, 2, True, mode))   # the input padded by the mode, then no padding
                 for dims, (padding, stride), mode in itertools.product([1, 2, 3], [("same", 1), (1, 1), (1, 2)],
                                                                        ["reflect", "replicate", "circular"])])
+BILINEAR_GRID = [("bilinear", c) for c in itertools.product(["flat", "seq", "seq_first"], [True, False],
+                                                              [False, True])]
 #: ConvTranspose: stride, output padding (below the stride, or below a larger dilation:
 #: the fallback), dilation, groups, bias
 CONV_T_GRID = [("conv_t", (dims, *c)) for dims in (1, 2, 3)
@@ -385,8 +408,8 @@ STD_CONV_GRID = [("std_conv", c) for c in [(False, False, 1, 1, 1, 1, False), (F
                                            (False, True, 1, 1, 1, 1, False, "reflect_ignored")]]
 #: (how the forward uses pos_embed, layout): see FreeNet
 FREE_GRID = [("free", (kind, layout)) for kind in FreeNet.KINDS for layout in ("batch", "TB", "T1", "seq_first")]
-GRID = (AFFINE_GRID + RNN_GRID + MHA_GRID + CROSS_GRID + BAG_GRID + CONV_GRID + CONV_T_GRID + NORM_GRID + OWN_GRID
-        + NORM_ACT_GRID + SCALE_GRID + STD_CONV_GRID + FREE_GRID + [("subclass", ())])
+GRID = (AFFINE_GRID + RNN_GRID + MHA_GRID + CROSS_GRID + BAG_GRID + CONV_GRID + CONV_T_GRID + BILINEAR_GRID
+        + NORM_GRID + OWN_GRID + NORM_ACT_GRID + SCALE_GRID + STD_CONV_GRID + FREE_GRID + [("subclass", ())])
 
 
 def _build(family, config, n=B):
@@ -411,6 +434,9 @@ def _build(family, config, n=B):
     if family == "conv":
         dims = config[0]
         return Convs(*config), torch.randn(n, 2, *(6,) * dims, generator=g, dtype=torch.float64)
+    if family == "bilinear":
+        shape = (n, 7) if config[0] == "flat" else (n, T, 7)
+        return Bilinears(*config), torch.randn(*shape, generator=g, dtype=torch.float64)
     if family == "conv_t":
         return ConvTs(*config), torch.randn(n, 2, *(4,) * config[0], generator=g, dtype=torch.float64)
     if family == "norm":
@@ -509,7 +535,8 @@ def test_recurrent_layers_with_saturated_gates_equal_the_loop(family, config):
 
 
 @pytest.mark.parametrize("family,config", [RNN_GRID[0], RNN_GRID[-1], MHA_GRID[0], BAG_GRID[-1], FREE_GRID[0],
-                                           CONV_GRID[0], CONV_T_GRID[1], NORM_GRID[0], *OWN_GRID[::7],
+                                           CONV_GRID[0], CONV_T_GRID[1], BILINEAR_GRID[-1], NORM_GRID[0],
+                                           *OWN_GRID[::7],
                                            *NORM_ACT_GRID[::3],
                                            *SCALE_GRID[::2], *PRELU_GRID[::2], *STD_CONV_GRID[::2]],
                          ids=lambda v: str(v))
@@ -851,7 +878,8 @@ def _output_padding_reaches_stride(config) -> bool:
 
 @pytest.mark.parametrize("family,config", BAG_GRID + CONV_GRID + NORM_GRID + RNN_GRID
                          + [(f, c) for f, c in MHA_GRID if not c[2]]
-                         + [(f, c) for f, c in CONV_T_GRID if not _output_padding_reaches_stride(c)],
+                         + [(f, c) for f, c in CONV_T_GRID if not _output_padding_reaches_stride(c)]
+                         + [(f, c) for f, c in BILINEAR_GRID if c[0] != "seq_first"],
                          ids=lambda v: str(v))
 def test_families_with_a_rule_take_it(family, config):
     """The agreement above is the rule's own, not the fallback's."""

@@ -34,15 +34,15 @@ class _Slope(nn.Module):
         return F.prelu(x, self.weight)
 
 
-class _Pair(nn.Module):
-    """Its layer on the two rows of (B, 2, d): Bilinear's two inputs."""
+class _SelfAttention(nn.Module):
+    """MultiheadAttention called as self-attention on (B, T, d)."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
         super().__init__()
-        self.layer = layer
+        self.mha = mha
 
     def forward(self, x):
-        return self.layer(x[:, 0], x[:, 1])
+        return self.mha(x, x, x, need_weights=False)[0]
 
 
 def test_auto_is_the_chain_per_parameter():
@@ -61,13 +61,13 @@ def test_auto_is_the_chain_per_parameter():
 @pytest.mark.parametrize("K", [0, 3])
 def test_unsupported_layers_fall_back_to_vmap_and_say_so(K):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Unflatten(1, (2, 25)), _Pair(nn.Bilinear(25, 25, 5)), _Slope(),
-                          nn.Flatten(), nn.Linear(5, 3))
-    scorer = compare_with_loop(model, torch.randn(6, 50), K)
+    model = nn.Sequential(_SelfAttention(nn.MultiheadAttention(4, 2, add_bias_kv=True, batch_first=True)), _Slope(),
+                          nn.Flatten(), nn.Linear(12, 3))
+    scorer = compare_with_loop(model, torch.randn(6, 3, 4), K)
     why = scorer.explain()
-    assert why["1.layer.weight"] == "vmap (no ghost rule for Bilinear)"
-    assert why["2.weight"] == "vmap (no ghost rule for _Slope)"
-    assert why["4.weight"].startswith("ghost (linear rule on 4: Linear)")
+    assert why["0.mha.bias_k"] == "vmap (MultiheadAttention with add_bias_kv)"
+    assert why["1.weight"] == "vmap (no ghost rule for _Slope)"
+    assert why["3.weight"].startswith("ghost (linear rule on 3: Linear)")
 
 
 @pytest.mark.parametrize("K", [0, 2])

@@ -124,6 +124,28 @@ def test_prelu_is_recorded_as_the_loop(tmp_path, slopes):
     check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
 
 
+class _Bilinear(nn.Module):
+    """nn.Bilinear on the two halves of x (B, 10), tanh, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer, self.head = nn.Bilinear(4, 6, 5), nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.layer(x[:, :4], x[:, 4:])))
+
+
+def test_a_bilinear_layer_is_recorded_as_the_loop(tmp_path):
+    """Bilinear had no ghost rule: in-run scoring refused any model with one."""
+    torch.manual_seed(0)
+    (x, y) = _data()
+    model = _Bilinear().double()
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:6], y[:6]))
+    snaps: list = []
+    _train(model, x, y, steps=3, batch=8, rec=rec, snapshots=snaps)
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
+
+
 @pytest.mark.parametrize("stride, output_padding, groups", [(1, 0, 1), (2, 1, 2)])
 def test_a_transposed_conv_is_recorded_as_the_loop(tmp_path, stride, output_padding, groups):
     """ConvTranspose had no ghost rule: in-run scoring refused any model with one (a

@@ -94,3 +94,19 @@ def _computes_linear(layer: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> str 
 def linear_subclass(layer: nn.Linear, acts, grads, refs, K):
     """A Linear subclass whose own forward computes x Wᵀ + b (checked on the first batch)."""
     return weight_and_bias(acts, grads, refs, K)
+
+
+def _bilinear_inputs(call) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Bilinear call's two inputs, given by position or by name."""
+    args, kwargs = call
+    return (args[0] if args else kwargs["input1"]), (args[1] if len(args) > 1 else kwargs["input2"])
+
+
+@register_rule(nn.Bilinear, call=True)
+def bilinear(layer: nn.Bilinear, calls, grads, refs, K):
+    """y = x1ᵀ W x2 + b is a Linear layer on the outer product x1 ⊗ x2 (d1·d2 features), so
+    g_b(W) = Σ_t δ_bt (x1_bt ⊗ x2_bt)ᵀ: the Linear rule on it, W viewed as (d_out, d1·d2)."""
+    acts = [(x1.unsqueeze(-1) * x2.unsqueeze(-2)).flatten(-2) for x1, x2 in map(_bilinear_inputs, calls)]
+    if refs.get("weight") is not None:
+        refs = {**refs, "weight": refs["weight"].flatten(-2)}
+    return weight_and_bias(acts, grads, refs, K)
