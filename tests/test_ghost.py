@@ -34,15 +34,17 @@ class _Slope(nn.Module):
         return F.prelu(x, self.weight)
 
 
-class _SelfAttention(nn.Module):
-    """MultiheadAttention called as self-attention on (B, T, d)."""
+class _BiasKV(nn.Module):
+    """Self-attention by a MultiheadAttention with ``add_bias_kv`` (no rule takes it), a
+    ``_Slope``, a linear head."""
 
-    def __init__(self, mha: nn.MultiheadAttention) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.mha = mha
+        self.mha = nn.MultiheadAttention(4, 2, add_bias_kv=True, batch_first=True)
+        self.slope, self.head = _Slope(), nn.Linear(12, 3)
 
     def forward(self, x):
-        return self.mha(x, x, x, need_weights=False)[0]
+        return self.head(self.slope(self.mha(x, x, x, need_weights=False)[0]).flatten(1))
 
 
 def test_auto_is_the_chain_per_parameter():
@@ -61,13 +63,11 @@ def test_auto_is_the_chain_per_parameter():
 @pytest.mark.parametrize("K", [0, 3])
 def test_unsupported_layers_fall_back_to_vmap_and_say_so(K):
     torch.manual_seed(0)
-    model = nn.Sequential(_SelfAttention(nn.MultiheadAttention(4, 2, add_bias_kv=True, batch_first=True)), _Slope(),
-                          nn.Flatten(), nn.Linear(12, 3))
-    scorer = compare_with_loop(model, torch.randn(6, 3, 4), K)
+    scorer = compare_with_loop(_BiasKV(), torch.randn(6, 3, 4), K)
     why = scorer.explain()
-    assert why["0.mha.bias_k"] == "vmap (MultiheadAttention with add_bias_kv)"
-    assert why["1.weight"] == "vmap (no ghost rule for _Slope)"
-    assert why["3.weight"].startswith("ghost (linear rule on 3: Linear)")
+    assert why["mha.bias_k"] == "vmap (MultiheadAttention with add_bias_kv)"
+    assert why["slope.weight"] == "vmap (no ghost rule for _Slope)"
+    assert why["head.weight"].startswith("ghost (linear rule on head: Linear)")
 
 
 @pytest.mark.parametrize("K", [0, 2])
