@@ -91,7 +91,6 @@ REFUSED_IN_RUN = {
     "deberta-v2": NO_RULE,     # relative position embeddings and projections, one for the batch
     "beit": NO_RULE,           # a relative position bias table
     "swin": NO_RULE, "swinv2": NO_RULE,   # relative position bias tables, logit scale
-    "bit": NO_RULE,            # weight-standardized convolutions
     "resnet": BATCH_NORM, "regnet": BATCH_NORM, "mobilenet_v2": BATCH_NORM, "mobilevit": BATCH_NORM,
 }
 FAST = {"mistral", "opt", "roberta", "vit", "convnext"}
@@ -202,16 +201,20 @@ def test_a_family_in_training_is_recorded_as_the_loop_scores_it(tmp_path, task, 
                                    atol=1e-5 * np.sqrt(sq) * rows["target_norm"][b])
 
 
-@pytest.mark.parametrize("name", ["convnext", "convnextv2"])
-def test_convnext_layernorms_over_the_channels_take_a_rule(name):
-    """Hugging Face's ConvNeXt LayerNorm with ``data_format="channels_first"`` (the stem's
-    and each down-sampling layer's) was taken for a LayerNorm over the last dimension, failed
-    that check and went to vmap; in training, the recorder refused the model. It takes the
-    norm-act rule over the channels now (its records: the test above)."""
+@pytest.mark.parametrize("name, layer, rule", [
+    ("convnext", "convnext.embeddings.layernorm", "norm_act"),
+    ("convnextv2", "convnextv2.embeddings.layernorm", "norm_act"),
+    ("bit", "bit.embedder.convolution", "std_conv"), ("bit", "bit.embedder.norm", "norm_act")])
+def test_hugging_face_layers_of_their_own_take_a_rule(name, layer, rule):
+    """Layers that compute what a rule assumes under names of their own went to vmap, and in
+    training the recorder refused their models: ConvNeXt's LayerNorm with
+    ``data_format="channels_first"`` (taken for one over the last dimension), BiT's
+    ``WeightStandardizedConv2d`` and its GroupNorm with an ``activation``. Each takes its
+    rule now, checked on the first batch (the records: the test above)."""
     model = build("image_classification", name)
     x, y = batch("image_classification")
     scorer = gs.Scorer(model, engine="auto")
     scorer.score_batch(x, y)
     why = scorer.explain()
     assert all(v.startswith("ghost") for v in why.values()), {k: v for k, v in why.items() if not v.startswith("ghost")}
-    assert why[f"{name}.embeddings.layernorm.weight"].startswith("ghost (norm_act rule")
+    assert why[f"{layer}.weight"].startswith(f"ghost ({rule} rule"), why[f"{layer}.weight"]

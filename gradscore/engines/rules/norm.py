@@ -281,14 +281,27 @@ def _channels_first(layer: nn.Module) -> bool:
                                                 or getattr(layer, "data_format", None) == "channels_first")
 
 
+#: what the norm-act layers name their activation: timm's ``act``, Hugging Face's ``activation`` (BiT's)
+_ACT_NAMES = ("act", "activation")
+
+
+def _parts(layer: nn.Module) -> dict[str, nn.Module | None]:
+    """The layer's ``drop`` and activation submodules (None where it has none), in the order
+    its forward applies them."""
+    drop = getattr(layer, "drop", None)
+    return {"drop": drop if isinstance(drop, nn.Module) else None,
+            "act": next((m for n in _ACT_NAMES if isinstance(m := getattr(layer, n, None), nn.Module)), None)}
+
+
 def _like_norm_act(layer: nn.Module) -> bool:
     """A subclass of a BatchNorm, GroupNorm or LayerNorm (whose own forward kept it from its
     parent's rule), with ``weight`` (and ``bias``) as its only parameters and, as its only
-    submodules, a parameter-free ``drop`` and ``act``; what it computes is checked by
-    :func:`_computes_norm_act`."""
+    submodules, a parameter-free ``drop`` and ``act`` (or ``activation``); what it computes
+    is checked by :func:`_computes_norm_act`."""
     children = dict(layer.named_children())
     return (isinstance(layer, _NORM_PARENTS) and type(layer) not in _NORM_PARENTS
-            and set(children) <= {"drop", "act"} and not any(True for c in children.values() for _ in c.parameters())
+            and set(children) <= {"drop", *_ACT_NAMES} and sum(n in children for n in _ACT_NAMES) <= 1
+            and not any(True for c in children.values() for _ in c.parameters())
             and {n for n, _ in layer.named_parameters(recurse=False)} in ({"weight"}, {"weight", "bias"})
             and (not _channels_first(layer) or len(layer.normalized_shape) == 1))
 
@@ -303,8 +316,7 @@ def _norm_act_supports(layer: nn.Module) -> str | None:
             return f"{name} without running statistics (uses batch statistics)"
         if layer.training:
             return f"{name} in training mode (uses its batch's statistics)"
-    for part in ("drop", "act"):
-        m = getattr(layer, part, None)
+    for part, m in _parts(layer).items():
         if m is None or not m.training or isinstance(m, nn.Identity):
             continue
         if isinstance(m, nn.RReLU) or (part == "drop" and not (isinstance(m, nn.modules.dropout._DropoutNd) and m.p == 0)):
@@ -344,7 +356,7 @@ def _computes_norm_act(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> st
     """None if the layer gives act(drop(γ ⊙ x̂ + β)) with its parent's x̂, in value and gradient."""
     if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.training:   # never run: it would update the statistics
         return f"{type(layer).__name__} in training mode (uses its batch's statistics)"
-    drop, act = getattr(layer, "drop", nn.Identity()), getattr(layer, "act", nn.Identity())
+    drop, act = (m or nn.Identity() for m in _parts(layer).values())
 
     def expected(x, w):
         return act(drop(_forward_pre_act(layer, x, w["weight"], w.get("bias"))))
@@ -359,7 +371,7 @@ def _before_act(layer: nn.Module, x: torch.Tensor, d: torch.Tensor) -> torch.Ten
     (:func:`_forward_pre_act` of its input x), in the dtype they ran in (their output's, that
     of ``d``: float32 after an autocast LayerNorm or GroupNorm of a half input), applied to
     the output gradient ``d``."""
-    parts = [m for m in (getattr(layer, "drop", None), getattr(layer, "act", None))
+    parts = [m for m in _parts(layer).values()
              if m is not None and not isinstance(m, nn.Identity)]
     if not parts:
         return d

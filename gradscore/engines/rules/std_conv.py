@@ -26,11 +26,13 @@ from .registry import bias_term, computes, reduce_per_example, register_structur
 
 
 def _like_std_conv(layer: nn.Module) -> bool:
-    """A Conv2d subclass named like a weight-standardized conv (``…StdConv…``) with an eps, and
+    """A Conv2d subclass named like a weight-standardized conv (``…StdConv…``, Hugging Face's
+    ``WeightStandardizedConv2d``) with an eps, no submodules (a dynamic padding is one), and
     ``weight``, maybe ``bias`` and a per-channel ``gain`` (with a ``scale``) as its parameters."""
     own = {n for n, _ in layer.named_parameters(recurse=False)}
     gain = getattr(layer, "gain", None)
-    return (isinstance(layer, nn.Conv2d) and "stdconv" in type(layer).__name__.lower()
+    name = type(layer).__name__.lower()
+    return (isinstance(layer, nn.Conv2d) and ("stdconv" in name or "weightstandardized" in name)
             and isinstance(getattr(layer, "eps", None), float) and next(layer.children(), None) is None
             and own in ({"weight"}, {"weight", "bias"}, {"weight", "gain"}, {"weight", "bias", "gain"})
             and (gain is None or (gain.numel() == layer.out_channels and isinstance(getattr(layer, "scale", None), float))))
