@@ -356,7 +356,7 @@ def _computes_norm_act(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> st
     """None if the layer gives act(drop(γ ⊙ x̂ + β)) with its parent's x̂, in value and gradient."""
     if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.training:   # never run: it would update the statistics
         return f"{type(layer).__name__} in training mode (uses its batch's statistics)"
-    drop, act = (m or nn.Identity() for m in _parts(layer).values())
+    drop, act = (nn.Identity() if m is None else m for m in _parts(layer).values())
 
     def expected(x, w):
         return act(drop(_forward_pre_act(layer, x, w["weight"], w.get("bias"))))
