@@ -81,6 +81,21 @@ class Channels(nn.Module):
         return self.layer(x).flatten(2).transpose(1, 2)
 
 
+class CellSteps(nn.Module):
+    """A recurrent cell over the steps of (B, T, d), its state fed back: (B, T, hidden)."""
+
+    def __init__(self, cell: nn.RNNCellBase) -> None:
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, x):
+        state, hs = None, []
+        for x_t in x.unbind(1):
+            state = self.cell(x_t, state)
+            hs.append(state[0] if isinstance(state, tuple) else state)
+        return torch.stack(hs, 1)
+
+
 def families(B: int) -> dict[str, tuple[nn.Module, torch.Tensor, str]]:
     """family -> (model, inputs of batch B, the parameter-name prefix of the family's layer)."""
     ids = torch.randint(0, 1000, (B, T))
@@ -112,6 +127,7 @@ def families(B: int) -> dict[str, tuple[nn.Module, torch.Tensor, str]]:
         "RNN": (Head(nn.RNN(D, D, batch_first=True), D), seq, "body."),
         "GRU, 2 layers": (Head(nn.GRU(D, D, 2, batch_first=True), D), seq, "body."),
         "LSTM, bidirectional": (Head(nn.LSTM(D, D, batch_first=True, bidirectional=True), 2 * D), seq, "body."),
+        "LSTMCell in a loop": (Head(CellSteps(nn.LSTMCell(D, D)), D), seq, "body."),
         "ViT tokens (class token, position embedding)": (TinyViT(D, T, layers=1), torch.randn(B, T, 48), ""),
         "ViT tokens" + WITHOUT_FREE: (TinyViT(D, T, layers=1), torch.randn(B, T, 48), ""),
         "attention biases picked from a table": (Head(BiasedAttention(D, T), D), seq, "body."),

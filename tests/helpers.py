@@ -258,6 +258,24 @@ class Reversed(nn.Module):
         return self.head(torch.tanh(self.lin(x.flip(0)).flip(0)))
 
 
+class CellLoop(nn.Module):
+    """A recurrent cell (``kind``) over x (B, 10) read as 5 steps of 2 features, its state
+    fed back, a linear head on the mean hidden state (and the LSTM's last cell state)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.cell = {"RNN": nn.RNNCell, "GRU": nn.GRUCell, "LSTM": nn.LSTMCell}[kind](2, 6)
+        self.head = nn.Linear(12 if kind == "LSTM" else 6, 4)
+
+    def forward(self, x):
+        state, hs = None, []
+        for x_t in x.unflatten(1, (5, 2)).unbind(1):
+            state = self.cell(x_t, state)
+            hs.append(state[0] if isinstance(state, tuple) else state)
+        h = torch.stack(hs).mean(0)
+        return self.head(torch.cat([h, state[1]], 1) if isinstance(state, tuple) else h)
+
+
 class NormIntoRNN(nn.Module):
     """InstanceNorm2d whose output a batch-first RNN reads as a sequence: the RNN's input
     gradient comes back laid out (T, B, C), a layout torch's instance-norm backward

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 
 import pytest
 import torch
@@ -85,6 +86,63 @@ def attention_masks(x: torch.Tensor, kind: str | None, s: int) -> dict:
         if kind == "is_causal_padding":
             kw["key_padding_mask"] = padding
     return kw
+
+
+class Cells(nn.Module):
+    """An RNNCell (tanh or ReLU), GRUCell or LSTMCell (``kind``) in a loop over the steps of
+    x (B, T, D); the head reads the last state (``use="last"``), the mean of all, or the
+    LSTM's last hidden and cell states ("state"); ``hx``: the first state made from the
+    input, else none. ``form``: "seq_first" (the steps of x's (T, B, D) view), "shared"
+    (the same cell runs on over the reversed steps), "stacked" (a second cell reads the
+    first's states), "changed" (each state scaled in place after the call), "T1" (one
+    step), "TB" (T == B on the grid's batch), "per_example" (each example's steps alone, 1-D inputs)."""
+
+    def __init__(self, kind: str, bias: bool, hx: bool, use: str, form: str = "loop"):
+        super().__init__()
+        cls = {"RNN": nn.RNNCell, "RNN_relu": nn.RNNCell, "GRU": nn.GRUCell, "LSTM": nn.LSTMCell}[kind]
+        extra = {"nonlinearity": "relu"} if kind == "RNN_relu" else {}
+        self.cell = cls(D, 4, bias=bias, **extra)
+        self.cell2 = cls(4, 4, bias=bias, **extra) if form == "stacked" else None
+        self.lstm, self.hx, self.use, self.form = kind == "LSTM", hx, use, form
+        self.head = nn.Linear(8 if use == "state" else 4, 3)
+
+    def _first(self, x):
+        if not self.hx:
+            return None
+        h = torch.tanh(x[..., 0, :4])
+        return (h, -h) if self.lstm else h
+
+    def _run(self, steps, state):
+        """The states after each step (the hidden one, or (h, c)), from ``state``."""
+        out = []
+        for x_t in steps:
+            state = self.cell(x_t, state)
+            if self.form == "changed":
+                (state[0] if self.lstm else state).mul_(0.9)
+            out.append(state)
+        return out
+
+    def _features(self, x):
+        steps = list(x.transpose(0, 1) if self.form == "seq_first" else x.unbind(-2))
+        states = self._run(steps, self._first(x))
+        if self.form == "shared":
+            states += self._run(steps[::-1], states[-1])
+        if self.cell2 is not None:
+            upper, state = [], None
+            for s in states:
+                state = self.cell2(s[0] if self.lstm else s, state)
+                upper.append(state)
+            states = upper
+        hs = [s[0] if self.lstm else s for s in states]
+        if self.use == "state":
+            return torch.cat(states[-1], -1)
+        return hs[-1] if self.use == "last" else torch.stack(hs).mean(0)
+
+    def forward(self, x):
+        x = x[:, :1] if self.form == "T1" else x[:, :B] if self.form == "TB" else x
+        if self.form == "per_example":
+            return self.head(torch.stack([self._features(row) for row in x]) if len(x) else x.new_zeros(0, 4))
+        return self.head(self._features(x))
 
 
 class Attention(nn.Module):
@@ -351,6 +409,15 @@ RNN_GRID = ([("recurrent", c) for c in itertools.product(RNN_KINDS, [1, 2], [Fal
             + [("recurrent", (kind, 2, True, True, bf, packed, use, hx))
                for kind, bf, packed, use, hx in itertools.product(RNN_KINDS, [True, False],
                                                                   [False, True], ["state", "both"], [False, True])])
+CELL_KINDS = ["RNN", "RNN_relu", "GRU", "LSTM"]
+CELL_GRID = ([("cells", c) for c in itertools.product(CELL_KINDS, [True, False], [False, True], ["last", "all"])]
+             + [("cells", (kind, True, hx, "all", form)) for kind in CELL_KINDS for hx, form in
+                ((False, "seq_first"), (True, "shared"), (False, "stacked"), (True, "T1"), (False, "TB"))]
+             + [("cells", ("LSTM", bias, hx, "state", form)) for bias, hx, form in
+                ((True, True, "loop"), (False, False, "loop"), (True, True, "shared"), (True, False, "stacked"))]
+             + [("cells", (kind, True, True, "all", "changed")) for kind in ("GRU", "LSTM")])
+#: a cell on one example's 1-D steps: no batch dimension, the fallback
+CELL_UNBATCHED = [("cells", (kind, True, hx, "all", "per_example")) for kind, hx in (("GRU", True), ("LSTM", False))]
 MHA_GRID = ([("attention", c) for c in itertools.product([True, False], [True, False], [False, True], [None, 3])]
             + [("attention", (bf, True, False, kdim, mask, zero, twice))
                for bf, kdim, mask, zero, twice in itertools.product([True, False], [None, 3],
@@ -408,7 +475,8 @@ STD_CONV_GRID = [("std_conv", c) for c in [(False, False, 1, 1, 1, 1, False), (F
                                            (False, True, 1, 1, 1, 1, False, "reflect_ignored")]]
 #: (how the forward uses pos_embed, layout): see FreeNet
 FREE_GRID = [("free", (kind, layout)) for kind in FreeNet.KINDS for layout in ("batch", "TB", "T1", "seq_first")]
-GRID = (AFFINE_GRID + RNN_GRID + MHA_GRID + CROSS_GRID + BAG_GRID + CONV_GRID + CONV_T_GRID + BILINEAR_GRID
+GRID = (AFFINE_GRID + RNN_GRID + CELL_GRID + CELL_UNBATCHED + MHA_GRID + CROSS_GRID + BAG_GRID + CONV_GRID
+        + CONV_T_GRID + BILINEAR_GRID
         + NORM_GRID + OWN_GRID + NORM_ACT_GRID + SCALE_GRID + STD_CONV_GRID + FREE_GRID + [("subclass", ())])
 
 
@@ -420,6 +488,8 @@ def _build(family, config, n=B):
         if n > 1:
             x[1, 2:] = 0   # a shorter sequence (padding)
         return Recurrent(*config), x
+    if family == "cells":
+        return Cells(*config), torch.randn(n, T, D, generator=g, dtype=torch.float64)
     if family == "attention":
         return Attention(*config), torch.randn(n, T, D, generator=g, dtype=torch.float64)
     if family == "cross_attention":
@@ -534,7 +604,8 @@ def test_recurrent_layers_with_saturated_gates_equal_the_loop(family, config):
     _agree(family, config, edit=lambda model: [p.mul_(12) for p in model.rnn.parameters()])
 
 
-@pytest.mark.parametrize("family,config", [RNN_GRID[0], RNN_GRID[-1], MHA_GRID[0], BAG_GRID[-1], FREE_GRID[0],
+@pytest.mark.parametrize("family,config", [RNN_GRID[0], RNN_GRID[-1], CELL_GRID[0], CELL_GRID[-1], MHA_GRID[0],
+                                           BAG_GRID[-1], FREE_GRID[0],
                                            CONV_GRID[0], CONV_T_GRID[1], BILINEAR_GRID[-1], NORM_GRID[0],
                                            *OWN_GRID[::7],
                                            *NORM_ACT_GRID[::3],
@@ -876,7 +947,7 @@ def _output_padding_reaches_stride(config) -> bool:
     return output_padding >= stride
 
 
-@pytest.mark.parametrize("family,config", BAG_GRID + CONV_GRID + NORM_GRID + RNN_GRID
+@pytest.mark.parametrize("family,config", BAG_GRID + CONV_GRID + NORM_GRID + RNN_GRID + CELL_GRID
                          + [(f, c) for f, c in MHA_GRID if not c[2]]
                          + [(f, c) for f, c in CONV_T_GRID if not _output_padding_reaches_stride(c)]
                          + [(f, c) for f, c in BILINEAR_GRID if c[0] != "seq_first"],
@@ -899,6 +970,20 @@ def test_a_transposed_conv_whose_output_padding_reaches_its_stride_falls_back_an
     scorer.score_batch(x, y)
     why = scorer.explain()
     assert why["conv.weight"].startswith("vmap (output_padding") and "reaches the stride" in why["conv.weight"], why
+    assert why["head.weight"].startswith("ghost"), why
+
+
+@pytest.mark.parametrize("family,config", CELL_UNBATCHED, ids=lambda v: str(v))
+def test_a_cell_on_one_examples_unbatched_steps_falls_back_and_says_why(family, config):
+    """A model that runs each example's steps alone (1-D inputs) calls the cell B·T times
+    with no batch dimension: the fallback, with the reason (the values equal the loop: the
+    grid above)."""
+    model, x, y = _prepare(family, config)
+    scorer = gs.Scorer(model, engine="auto")
+    scorer.score_batch(x, y)
+    why = scorer.explain()
+    assert re.match(r"(vmap|loop) \(\w+Cell 'cell' was called with non-tensor or varying inputs",
+                    why["cell.weight_ih"]), why
     assert why["head.weight"].startswith("ghost"), why
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscore as gs
-from helpers import (ChannelsLastNorm, FreeNet, MyStdConv2d, NormActCNN, PatchTokens, Reversed,
+from helpers import (CellLoop, ChannelsLastNorm, FreeNet, MyStdConv2d, NormActCNN, PatchTokens, Reversed,
                      check_inrun_against_loop, inrun_reference)
 from gradscore.demos.models import digits_cnn, mlp, recurrent_classifier
 from gradscore.engines.rules.registry import FactoredRef
@@ -157,6 +157,19 @@ def test_a_transposed_conv_is_recorded_as_the_loop(tmp_path, stride, output_padd
                           nn.Tanh(), nn.Flatten(), nn.LazyLinear(4))
     model(x[:1].float())
     model = model.double()
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:6], y[:6]))
+    snaps: list = []
+    _train(model, x, y, steps=3, batch=8, rec=rec, snapshots=snaps)
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
+
+
+@pytest.mark.parametrize("kind", ["RNN", "GRU", "LSTM"])
+def test_recurrent_cells_in_the_models_loop_are_recorded_as_the_loop(tmp_path, kind):
+    """RNNCell, GRUCell and LSTMCell had no ghost rule: in-run scoring refused any model
+    that runs one in a loop (a decoder, a custom recurrent network)."""
+    torch.manual_seed(0)
+    (x, y) = _data()
+    model = CellLoop(kind).double()
     rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:6], y[:6]))
     snaps: list = []
     _train(model, x, y, steps=3, batch=8, rec=rec, snapshots=snaps)

@@ -13,7 +13,7 @@ from torch import nn
 from gradscore.demos.models import digits_cnn, mlp, recurrent_classifier, tiny_transformer
 from gradscore.losses import resolve_loss
 from gradscore.sketches import Projection, SketchEngine
-from helpers import FreeNet, Reversed, loop_grads
+from helpers import CellLoop, FreeNet, Reversed, loop_grads
 
 LOSS = resolve_loss("cross_entropy")
 
@@ -80,6 +80,8 @@ def _case(name: str, B: int = 6, T: int = 5):
         return recurrent_classifier(kind="GRU", vocab=13, d=8, attention=True, n_classes=3), tokens(13), 3
     if name == "lstm":
         return recurrent_classifier(kind="LSTM", vocab=13, d=8, n_classes=3), tokens(13), 3
+    if name == "lstm_cell":   # a cell in the model's loop: its calls are the steps
+        return CellLoop("LSTM"), torch.randn(B, 10, generator=g), 3
     if name == "fallback":
         return _Scaled(4), torch.randn(B, 4, generator=g), 3
     if name == "tied":
@@ -103,8 +105,8 @@ def _case(name: str, B: int = 6, T: int = 5):
     raise ValueError(name)
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer", "gru_attention", "lstm", "fallback", "tied",
-                                  "seq_first", "weight_norm", "hooked", "tied_functional", "reordered"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer", "gru_attention", "lstm", "lstm_cell", "fallback",
+                                  "tied", "seq_first", "weight_norm", "hooked", "tied_functional", "reordered"])
 @pytest.mark.parametrize("dim", [50, 300])
 def test_sketch_equals_projection_of_the_loop_gradient(name, dim):
     torch.manual_seed(0)

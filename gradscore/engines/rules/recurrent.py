@@ -18,6 +18,12 @@ there δgh_n = r ⊙ δgi_n. A packed input runs packed, each sequence's state h
 end (forward) or before its start (reverse), as the packed kernels do. ``proj_size``
 falls back, and so does dropout between layers in training mode (its masks are drawn
 inside the kernel).
+
+``nn.RNNCell``, ``nn.GRUCell`` and ``nn.LSTMCell``, called once per step in the model's
+own loop, take the same rule one call at a time: autograd has already carried the
+recurrent gradient to each call's output (and cell state), so each call is one step with
+nothing to carry, its δgi and δgh from :func:`_direction` on T = 1, and the calls are
+the steps of the sequence-Linear forms.
 """
 from __future__ import annotations
 
@@ -262,18 +268,74 @@ def _replay(layer: nn.RNNBase, call, output, delta, acc):
     return dict(sorted(result.items()))
 
 
+def _cell_mode(cell: nn.RNNCellBase) -> str:
+    """The cell's equations, by the name :func:`_direction` knows them."""
+    if isinstance(cell, nn.LSTMCell):
+        return "LSTM"
+    if isinstance(cell, nn.GRUCell):
+        return "GRU"
+    return "RNN_TANH" if cell.nonlinearity == "tanh" else "RNN_RELU"
+
+
+def _cell_step(cell: nn.RNNCellBase, call, output, delta, acc):
+    """One call's (x, δgi, h_prev, δgh), each (B, ·): the call as one step of
+    :func:`_direction`. Its new state comes from the call's output where the model did not
+    change it in place since (and it is in ``acc``), else from torch's cell kernel again."""
+    (args, kwargs), mode = call, _cell_mode(cell)
+    bound = dict(zip(("input", "hx"), args)) | kwargs
+    x, hx, lstm = bound["input"].to(acc), bound.get("hx"), mode == "LSTM"
+    zeros = x.new_zeros(x.shape[0], cell.hidden_size)
+    h, c = (zeros, zeros) if hx is None else hx if lstm else (hx, None)
+    h, c = h.to(acc), None if c is None else c.to(acc)
+    w_ih, w_hh = cell.weight_ih.detach().to(acc), cell.weight_hh.detach().to(acc)
+    b_ih, b_hh = ((cell.bias_ih.detach().to(acc), cell.bias_hh.detach().to(acc)) if cell.bias else (None, None))
+    with torch.no_grad():
+        new = output[0] if lstm else output
+        if new is None or new.dtype != acc:
+            kernel = getattr(_VF, {"LSTM": "lstm_cell", "GRU": "gru_cell", "RNN_TANH": "rnn_tanh_cell",
+                                   "RNN_RELU": "rnn_relu_cell"}[mode])
+            new = kernel(x, (h, c) if lstm else h, w_ih, w_hh, b_ih, b_hh)
+            new = new[0] if lstm else new
+        d_h, d_c = delta if lstm else (delta, None)
+        d_h = zeros if d_h is None else d_h.to(acc)
+        d_gi, _, d_gh = _direction(mode, x[None], new[None], h, c, w_ih, w_hh, b_ih, b_hh, d_h[None], None,
+                                   None if d_c is None else d_c.to(acc),
+                                   torch.ones(x.shape[0], dtype=torch.long, device=x.device), None, reverse=False)
+    return x, d_gi[0], h, d_gh[0]
+
+
 @register_rule(nn.RNN, nn.GRU, nn.LSTM, supports=_supports, call=True, probe_all=True,
                output_item=_final_state, batch_dims=(1,), params=lambda m: m._flat_weights_names)
 def recurrent(layer: nn.RNNBase, calls, grads, refs, K):
     acc = acc_dtype(next(d for g in grads for d in _leaves(g)).dtype)
     per_param: dict[tuple, tuple[list, list]] = {}
     for (call, output), delta in zip(calls, grads):
-        for (k, d), (x, d_gi, h_prev, d_gh) in _replay(layer, call, output, delta, acc).items():
-            sfx = f"_l{k}" + ("_reverse" if d else "")
-            for part, a, g in (("ih", x, d_gi), ("hh", h_prev, d_gh)):
-                acts, ds = per_param.setdefault((part, sfx), ([], []))
-                acts.append(a)
-                ds.append(g)
+        for (k, d), step in _replay(layer, call, output, delta, acc).items():
+            _collect(per_param, f"_l{k}" + ("_reverse" if d else ""), *step)
+    return _sums(per_param, refs, K)
+
+
+@register_rule(nn.RNNCell, nn.GRUCell, nn.LSTMCell, call=True, probe_all=True, output_item=0,
+               params=("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+def cell(layer: nn.RNNCellBase, calls, grads, refs, K):
+    acc = acc_dtype(next(d for g in grads for d in _leaves(g)).dtype)
+    per_param: dict[tuple, tuple[list, list]] = {}
+    for (call, output), delta in zip(calls, grads):
+        _collect(per_param, "", *_cell_step(layer, call, output, delta, acc))
+    return _sums(per_param, refs, K)
+
+
+def _collect(per_param: dict, sfx: str, x, d_gi, h_prev, d_gh) -> None:
+    """Add one call's inputs and gate gradients, each (B, [T,] ·), to the weights ``*_ih{sfx}``
+    and ``*_hh{sfx}``."""
+    for part, a, g in (("ih", x, d_gi), ("hh", h_prev, d_gh)):
+        acts, ds = per_param.setdefault((part, sfx), ([], []))
+        acts.append(a)
+        ds.append(g)
+
+
+def _sums(per_param: dict, refs, K):
+    """sq (B,), dots (B, K): each weight's calls as the sequence-Linear form (:func:`.linear.weight_and_bias`)."""
     sq = dots = None
     for (part, sfx), (acts, ds) in per_param.items():
         sub = {local: refs[f"{kind}_{part}{sfx}"] for local, kind in (("weight", "weight"), ("bias", "bias"))
