@@ -258,9 +258,19 @@ class Reversed(nn.Module):
         return self.head(torch.tanh(self.lin(x.flip(0)).flip(0)))
 
 
+def cell_steps(cell: nn.RNNCellBase, x: torch.Tensor, dim: int = 1) -> tuple[torch.Tensor, object]:
+    """``cell`` over the steps of x along ``dim``, its state fed back from none: the hidden
+    states stacked along ``dim``, and the last state (h, or the LSTM's (h, c))."""
+    state, hs = None, []
+    for x_t in x.unbind(dim):
+        state = cell(x_t, state)
+        hs.append(state[0] if isinstance(state, tuple) else state)
+    return torch.stack(hs, dim), state
+
+
 class CellLoop(nn.Module):
-    """A recurrent cell (``kind``) over x (B, 10) read as 5 steps of 2 features, its state
-    fed back, a linear head on the mean hidden state (and the LSTM's last cell state)."""
+    """A recurrent cell (``kind``) over x (B, 10) read as 5 steps of 2 features, a linear
+    head on the mean hidden state (and the LSTM's last cell state)."""
 
     def __init__(self, kind: str) -> None:
         super().__init__()
@@ -268,11 +278,8 @@ class CellLoop(nn.Module):
         self.head = nn.Linear(12 if kind == "LSTM" else 6, 4)
 
     def forward(self, x):
-        state, hs = None, []
-        for x_t in x.unflatten(1, (5, 2)).unbind(1):
-            state = self.cell(x_t, state)
-            hs.append(state[0] if isinstance(state, tuple) else state)
-        h = torch.stack(hs).mean(0)
+        hs, state = cell_steps(self.cell, x.unflatten(1, (5, 2)))
+        h = hs.mean(1)
         return self.head(torch.cat([h, state[1]], 1) if isinstance(state, tuple) else h)
 
 

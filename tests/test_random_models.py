@@ -2,7 +2,8 @@
 
 Each seed builds a model from a few blocks (Linear, a Linear registered twice, LayerNorm,
 RMSNorm, Conv1d with its padding modes, groups and dilation, GroupNorm, multi-head
-attention, RNN/GRU/LSTM, uni- or bidirectional, one or two layers, and the structural
+attention, RNN/GRU/LSTM, uni- or bidirectional, one or two layers, an RNN/GRU/LSTM cell in
+the model's loop over the steps, and the structural
 rules' timm-like GroupNormAct, LayerNormAct and LayerScale, and parameters the forward
 uses directly: a γ, a shift, a class token, a position embedding), each applied to the
 (B, T, C) sequence or to its (T, B, C) transpose, with residuals and pooling; B and T
@@ -23,7 +24,8 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import ACTS, GroupNormAct, LayerNormAct, LayerScale, check_random_inrun, check_random_model
+from helpers import (ACTS, GroupNormAct, LayerNormAct, LayerScale, cell_steps, check_random_inrun,
+                     check_random_model)
 
 
 class Block(nn.Module):
@@ -42,6 +44,8 @@ class Block(nn.Module):
             y = self.layer(x, x, x, need_weights=False)[0]
         elif self.kind == "recurrent":
             y = self.layer(x)[0]
+        elif self.kind == "cell":   # the model's own loop over the steps
+            y = cell_steps(self.layer, x, 0 if self.seq_first else 1)[0]
         else:
             y = self.layer(x)
         y = y.transpose(0, 1) if self.seq_first else y
@@ -112,6 +116,9 @@ def _layer(rng: random.Random, kind: str, C: int, linears: list[nn.Linear], seq_
         return LayerScale(C), C
     if kind == "attention":
         return nn.MultiheadAttention(C, rng.choice([h for h in (1, 2) if C % h == 0]), batch_first=not seq_first, bias=rng.random() < 0.7), C
+    if kind == "cell":
+        H = rng.choice([2, 3])
+        return rng.choice([nn.RNNCell, nn.GRUCell, nn.LSTMCell])(C, H, bias=rng.random() < 0.8), H
     cls, bi, H = rng.choice([nn.RNN, nn.GRU, nn.LSTM]), rng.random() < 0.4, rng.choice([2, 3])
     return cls(C, H, num_layers=rng.choice([1, 2]), batch_first=not seq_first, bidirectional=bi,
                bias=rng.random() < 0.8), H * (2 if bi else 1)
@@ -119,7 +126,7 @@ def _layer(rng: random.Random, kind: str, C: int, linears: list[nn.Linear], seq_
 
 class RandomModel(nn.Module):
     KINDS = ("linear", "linear", "layernorm", "rmsnorm", "conv", "groupnorm", "attention", "recurrent", "twice",
-             "gn_act", "ln_act", "scale", "free")
+             "gn_act", "ln_act", "scale", "free", "cell")
 
     def __init__(self, rng: random.Random, C: int, vocab: int, T: int) -> None:
         super().__init__()
