@@ -309,6 +309,41 @@ class Affine(nn.Module):
         return self.head(h if self.T is None else h.mean(1))
 
 
+class Merged(nn.Module):
+    """A row-wise layer (``kind``: Linear, LayerNorm, RMSNorm, Embedding, Hugging Face's
+    Conv1D) on the rows of (B, T, ·) merged into (B·T, ·), as OPT's MLP calls its Linears,
+    then back to (B, T, ·), tanh and a head on the mean. ``order``: "example" (a reshape),
+    "step" (the steps first: x.transpose(0, 1).reshape(-1, d), rows of all examples
+    interleaved), "twice" (the batch stacked on itself changed: (2B·T, ·)); ``T``: the
+    steps read (1, the grid's B, or all 4)."""
+
+    def __init__(self, kind: str, order: str, T: int):
+        super().__init__()
+        self.kind, self.order, self.T = kind, order, T
+        if kind == "Conv1D":
+            self.layer = pytest.importorskip("transformers.pytorch_utils").Conv1D(4, D)
+        else:
+            self.layer = {"Linear": lambda: nn.Linear(D, 4), "LayerNorm": lambda: nn.LayerNorm(D),
+                          "RMSNorm": lambda: nn.RMSNorm(D), "Embedding": lambda: nn.Embedding(11, D)}[kind]()
+        self.head = nn.Linear(D if kind in ("LayerNorm", "RMSNorm", "Embedding") else 4, 3)
+
+    def forward(self, x):
+        x = x[:, :self.T]
+        B, T = x.shape[:2]
+        if self.order == "step":
+            rows = x.transpose(0, 1).reshape(B * T, *x.shape[2:])
+        elif self.order == "twice":
+            rows = torch.cat([x, x.flip(1)]).reshape(2 * B * T, *x.shape[2:])
+        else:
+            rows = x.reshape(B * T, *x.shape[2:])
+        out = self.layer(rows)
+        if self.order == "step":
+            h = out.reshape(T, B, -1).transpose(0, 1)
+        else:
+            h = out.reshape(-1, B, T, out.shape[-1]).sum(0) if self.order == "twice" else out.reshape(B, T, -1)
+        return self.head(torch.tanh(h).mean(1))
+
+
 class MyLinear(nn.Linear):
     """A user's subclass with the parent's forward."""
 
@@ -474,8 +509,14 @@ STD_CONV_GRID = [("std_conv", c) for c in [(False, False, 1, 1, 1, 1, False), (F
                                            (True, True, 2, 2, 1, 1, False, "circular"),
                                            (False, True, 1, 1, 1, 1, False, "reflect_ignored")]]
 #: (how the forward uses pos_embed, layout): see FreeNet
+MERGED_KINDS = ["Linear", "LayerNorm", "RMSNorm", "Embedding", "Conv1D"]
+#: rows merged with the batch example by example: the rule; in another order: the fallback
+MERGED_GRID = [("merged", (kind, "example", steps)) for kind in MERGED_KINDS for steps in (1, B, T)]
+MERGED_OTHER_ORDER = [("merged", (kind, order, steps)) for kind in ("Linear", "Embedding")
+                      for order in ("step", "twice") for steps in (B, T)]
 FREE_GRID = [("free", (kind, layout)) for kind in FreeNet.KINDS for layout in ("batch", "TB", "T1", "seq_first")]
-GRID = (AFFINE_GRID + RNN_GRID + CELL_GRID + CELL_UNBATCHED + MHA_GRID + CROSS_GRID + BAG_GRID + CONV_GRID
+GRID = (AFFINE_GRID + MERGED_GRID + MERGED_OTHER_ORDER + RNN_GRID + CELL_GRID + CELL_UNBATCHED + MHA_GRID
+        + CROSS_GRID + BAG_GRID + CONV_GRID
         + CONV_T_GRID + BILINEAR_GRID
         + NORM_GRID + OWN_GRID + NORM_ACT_GRID + SCALE_GRID + STD_CONV_GRID + FREE_GRID + [("subclass", ())])
 
@@ -488,6 +529,10 @@ def _build(family, config, n=B):
         if n > 1:
             x[1, 2:] = 0   # a shorter sequence (padding)
         return Recurrent(*config), x
+    if family == "merged":
+        if config[0] == "Embedding":
+            return Merged(*config), torch.randint(0, 11, (n, T), generator=g)
+        return Merged(*config), torch.randn(n, T, D, generator=g, dtype=torch.float64)
     if family == "cells":
         return Cells(*config), torch.randn(n, T, D, generator=g, dtype=torch.float64)
     if family == "attention":
@@ -604,7 +649,8 @@ def test_recurrent_layers_with_saturated_gates_equal_the_loop(family, config):
     _agree(family, config, edit=lambda model: [p.mul_(12) for p in model.rnn.parameters()])
 
 
-@pytest.mark.parametrize("family,config", [RNN_GRID[0], RNN_GRID[-1], CELL_GRID[0], CELL_GRID[-1], MHA_GRID[0],
+@pytest.mark.parametrize("family,config", [RNN_GRID[0], RNN_GRID[-1], CELL_GRID[0], CELL_GRID[-1], MERGED_GRID[4],
+                                           MHA_GRID[0],
                                            BAG_GRID[-1], FREE_GRID[0],
                                            CONV_GRID[0], CONV_T_GRID[1], BILINEAR_GRID[-1], NORM_GRID[0],
                                            *OWN_GRID[::7],
@@ -947,7 +993,7 @@ def _output_padding_reaches_stride(config) -> bool:
     return output_padding >= stride
 
 
-@pytest.mark.parametrize("family,config", BAG_GRID + CONV_GRID + NORM_GRID + RNN_GRID + CELL_GRID
+@pytest.mark.parametrize("family,config", BAG_GRID + CONV_GRID + NORM_GRID + RNN_GRID + CELL_GRID + MERGED_GRID
                          + [(f, c) for f, c in MHA_GRID if not c[2]]
                          + [(f, c) for f, c in CONV_T_GRID if not _output_padding_reaches_stride(c)]
                          + [(f, c) for f, c in BILINEAR_GRID if c[0] != "seq_first"],
@@ -985,6 +1031,31 @@ def test_a_cell_on_one_examples_unbatched_steps_falls_back_and_says_why(family, 
     assert re.match(r"(vmap|loop) \(\w+Cell 'cell' was called with non-tensor or varying inputs",
                     why["cell.weight_ih"]), why
     assert why["head.weight"].startswith("ghost"), why
+
+
+@pytest.mark.parametrize("family,config", MERGED_OTHER_ORDER, ids=lambda v: str(v))
+def test_rows_merged_with_the_batch_in_another_order_fall_back_and_say_why(family, config):
+    """(B·T, ·) rows of the steps first, or of the batch stacked on itself, double with the
+    batch as example-by-example rows do: the batch's first and last examples alone show
+    the order, and the layer goes to the fallback (the values equal the loop: the grid)."""
+    model, x, y = _prepare(family, config)
+    scorer = gs.Scorer(model, engine="auto")
+    scorer.score_batch(x, y)
+    why = scorer.explain()
+    assert why["layer.weight"].startswith("vmap ("), why
+    assert "its rows are not the batch's examples" in why["layer.weight"], why
+    assert why["head.weight"].startswith("ghost"), why
+
+
+def test_rows_merged_with_the_batch_on_a_first_batch_of_one_example_fall_back_and_say_why():
+    """One example cannot show the order of merged rows (its k rows, or k rows of another
+    order, look alike): the fallback, with the reason, and the loop's values."""
+    model, x, y = _prepare("merged", ("Linear", "example", T))
+    scorer = gs.Scorer(model, engine="auto")
+    torch.testing.assert_close(scorer.score_batch(x[:1], y[:1]).sq_norm,
+                               gs.Scorer(model, engine="loop").score_batch(x[:1], y[:1]).sq_norm, rtol=1e-6, atol=0)
+    why = scorer.explain()["layer.weight"]
+    assert why.startswith("vmap (") and "a first batch of one example cannot show" in why, why
 
 
 class RowNorm(nn.Module):

@@ -176,6 +176,30 @@ def test_recurrent_cells_in_the_models_loop_are_recorded_as_the_loop(tmp_path, k
     check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
 
 
+class _MergedRows(nn.Module):
+    """x (B, 10) as 5 steps of 2 features, a Linear and a LayerNorm on the (B·5, ·) rows
+    (as OPT's MLP calls them), back to (B, 5, ·), a head on the mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.norm, self.head = nn.Linear(2, 6), nn.LayerNorm(6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        rows = torch.tanh(self.norm(self.fc(x.reshape(-1, 2))))
+        return self.head(rows.reshape(len(x), 5, 6).mean(1))
+
+
+def test_layers_on_rows_merged_with_the_batch_are_recorded_as_the_loop(tmp_path):
+    """A Linear on (B·T, d) rows had no batch dimension: in-run scoring refused the model."""
+    torch.manual_seed(0)
+    (x, y) = _data()
+    model = _MergedRows().double()
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:6], y[:6]))
+    snaps: list = []
+    _train(model, x, y, steps=3, batch=8, rec=rec, snapshots=snaps)
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
+
+
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_forwards_without_gradient_inside_a_step_are_left_out(tmp_path, where):
     """Pseudo-labelling (FixMatch) or a metric: the model also runs under torch.no_grad

@@ -330,8 +330,9 @@ class GhostEngine(Engine):
         or 'loop (reason; vmap cannot trace this model (…))'. Final after the first batch."""
         uses: dict[str, list[str]] = {}
         for layer in self.layers:
-            where = ("" if layer.layout is None or layer.layout.batch_dim == 0 or layer.rule.probe_all
-                     else f", {layer.layout.describe()}")   # a recurrent layer's layout is its final state's
+            # a recurrent layer's layout is its final state's: not said
+            where = ("" if layer.layout is None or (layer.layout.batch_dim == 0 and not layer.layout.merged)
+                     or layer.rule.probe_all else f", {layer.layout.describe()}")
             for full in layer.params.values():
                 uses.setdefault(full, []).append(f"{layer.rule.name} rule on {layer.name}: "
                                                  f"{type(layer.module).__name__}{where}")
@@ -424,13 +425,14 @@ class GhostEngine(Engine):
             layer.acts, layer.grads, layer.calls, layer.seen, layer.problem = [], {}, 0, 0, None
             layer.skeletons = []
 
-            def on_grad(delta, layer=layer, call=None, dim=0):
+            def on_grad(delta, layer=layer, call=None, layout=None):
                 if state.paths is not None and state.paths.see(layer.name, call, delta):
                     return
                 if not layer.acts:   # its rule ran and let the inputs go: a second backward
                     state.again = True
                     return
-                layer.grads[call] = delta.movedim(dim, 0) if dim else delta
+                moved = layout is not None and (layout.batch_dim or layout.merged)   # as the rule saw the input
+                layer.grads[call] = layout.rows(delta, B) if moved else delta
                 if len(layer.grads) == layer.calls:  # every call's δ is in: reduce now
                     state.run_rule(layer)
 
@@ -448,12 +450,14 @@ class GhostEngine(Engine):
                 if not isinstance(act, torch.Tensor) or not isinstance(output, torch.Tensor):
                     layer.problem = "was called with a non-tensor input or output"
                     return None
-                dim = layer.layout.batch_dim
+                dim, merged = layer.layout.batch_dim, layer.layout.merged
                 shared = dim is None and B > 1
                 if dim is None and (act.shape[:1] != (1,) or output.shape[:1] != (1,)):
                     layer.problem = "returned one row for the whole batch at first, then more"
-                elif dim is not None and (act.dim() <= dim or output.dim() <= dim
-                                          or act.shape[dim] != B or output.shape[dim] != B):
+                elif merged and (layer.layout.rows(act, B) is None or output.shape[:1] != act.shape[:1]):
+                    layer.problem = "was called without rows that the batch's examples share alike in dimension 0"
+                elif dim is not None and not merged and (act.dim() <= dim or output.dim() <= dim
+                                                         or act.shape[dim] != B or output.shape[dim] != B):
                     layer.problem = f"was called without the batch in dimension {dim}"
                 if layer.problem or not output.requires_grad:  # no_grad: no gradient reaches it
                     return None
@@ -461,8 +465,8 @@ class GhostEngine(Engine):
                     act = _map_leaves((args, kwargs), torch.Tensor.detach)   # PackedSequence data too
                 elif shared:  # one row for the whole batch: give each example its copy
                     act, output = act.expand(B, *act.shape[1:]), output.expand(B, *output.shape[1:])
-                elif dim:   # sequence-first: the rule sees the batch in dimension 0
-                    act = act.movedim(dim, 0)
+                elif dim or merged:   # sequence-first, or merged rows: the rule sees the batch in dimension 0
+                    act = layer.layout.rows(act, B)
                 if not probes:      # one zero leaf for every probe of the batch
                     probes.append(torch.zeros((), device=output.device, requires_grad=True))
                 if rule.probe_all:  # every floating output that needs a gradient, each with its own δ
@@ -473,7 +477,7 @@ class GhostEngine(Engine):
                 state.note_input(layer, layer.acts[-1])
                 # reaching z in the backward needs ∂L/∂probed = δ; a broadcast output gets its B rows
                 probed = probe(output.contiguous() if shared else output, probes[0],
-                               lambda d, layer=layer, call=call, dim=dim or 0: on_grad(d, layer, call, dim),
+                               lambda d, layer=layer, call=call: on_grad(d, layer, call, layer.layout),
                                contiguous)
                 if rule.output_item is None:
                     return probed
@@ -503,7 +507,7 @@ class GhostEngine(Engine):
                 return t
             i, layer.calls = index[0], layer.calls + 1
             index[0] += 1
-            return probe(t, z, lambda d: on_grad(d, layer, (call, i), 0), contiguous)
+            return probe(t, z, lambda d: on_grad(d, layer, (call, i)), contiguous)
 
         probed = _map_leaves(whole, probe_leaf)
         counter = iter(range(index[0]))

@@ -10,6 +10,13 @@ data-dependent size (sequence lengths) the same in both runs.
 
 - Exactly one dimension follows, the same in input and output: that is the layer's
   batch dimension (:class:`Layout`); rules accept dimension 0, row-wise ones also 1.
+- None follows, and the first dimension is k > 1 in the first run and 2k in the second,
+  the other dimensions the same, in input and output alike, for a rule that acts on
+  trailing features only: the batch merged with the next dimension, example by example
+  (OPT's MLP calls its Linears on ``h.reshape(-1, d)``, (B·T, d)) (:attr:`Layout.merged`).
+  The engine views each call's rows as (B, k, ...), k read per call. Rows of the steps
+  first, or of the batch stacked on itself, double too: the order check below sends them
+  to the fallback, and so a first batch of one example, which cannot show the order.
 - None follows and the first dimension is 1 in both runs (Hugging Face position ids
   (1, T)): one row for the whole batch. The engine expands it to B rows, which is
   exact only when every use of the output is a sum with a tensor of batch rows: each
@@ -64,11 +71,24 @@ class Layout:
 
     batch_dim: int | None
     dead: tuple[int, ...] = ()
+    merged: bool = False   # dimension 0 holds B·k rows, example by example: viewed as (B, k, ...)
 
     def describe(self) -> str:
         if self.batch_dim is None:
             return "one row for the whole batch, expanded"
+        if self.merged:
+            return "the batch merged with the next dimension in dimension 0, example by example"
         return f"batch in dimension {self.batch_dim}"
+
+    def rows(self, t: torch.Tensor, B: int) -> torch.Tensor | None:
+        """``t`` with the batch in dimension 0 as the rule sees it ((B, k, ...) for merged
+        rows), or None where its shape does not hold B examples' rows in this layout."""
+        dim = self.batch_dim
+        if dim is None or t.is_nested or t.dim() <= dim:
+            return None
+        if self.merged:
+            return t.unflatten(0, (B, t.shape[0] // B)) if B and t.shape[0] % B == 0 else None
+        return (t.movedim(dim, 0) if dim else t) if t.shape[dim] == B else None
 
 
 @dataclass
@@ -234,14 +254,26 @@ def _follows(one: tuple[int, ...], two: tuple[int, ...]) -> list[int]:
     return [i for i, (a, b) in enumerate(zip(one, two)) if a == 1 and b == 2]
 
 
-def _batch_dim(act1, out1, act2, out2) -> tuple[int | None, str | None]:
-    """(batch dim, None), (None, None) for one row for the batch, or (None, reason)."""
+#: the batch merged with the next dimension in dimension 0 (:attr:`Layout.merged`)
+MERGED = "merged"
+
+
+def _doubles(one: tuple[int, ...], two: tuple[int, ...]) -> bool:
+    """Whether dimension 0 is k > 1 in ``one`` and 2k in ``two``, the others the same."""
+    return len(one) == len(two) >= 1 and one[0] > 1 and two[0] == 2 * one[0] and one[1:] == two[1:]
+
+
+def _batch_dim(act1, out1, act2, out2) -> tuple[int | str | None, str | None]:
+    """(batch dim, None), (MERGED, None) for rows merged with the batch, (None, None) for
+    one row for the batch, or (None, reason)."""
     fa, fo = _follows(act1, act2), _follows(out1, out2)
     if len(fa) == 1 and fa == fo:
         return fa[0], None
     if not fa and not fo:
         if act1[:1] == (1,) and out1[:1] == (1,):
             return None, None
+        if _doubles(act1, act2) and _doubles(out1, out2) and act1[0] == out1[0]:
+            return MERGED, None
         return None, "has no batch dimension in its input or output"
     return None, (f"has no single batch dimension (input {act1} -> {act2}, output {out1} -> {out2} "
                   f"for 1 and 2 examples)")
@@ -265,7 +297,9 @@ REORDERED = ("its rows are not the batch's examples in order (the model reorders
              "it): row 0 is not the first example's row alone, or row B − 1 the last's")
 
 
-_Rows = list[tuple[torch.Tensor, torch.Tensor, int] | None]   # per call: input rows, output rows, their dim
+#: per call: input rows, output rows (the batch in dimension 0), whether rows of another shape alone than in
+#: the batch are another example's (merged rows: k rows per example is what the layout assumes)
+_Rows = list[tuple[torch.Tensor, torch.Tensor, bool] | None]
 
 
 class _FreeRows(TorchFunctionMode):
@@ -304,14 +338,14 @@ def _rows(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], found: di
     rows: dict[str, _Rows] = {}
     B = batch_len(x)
 
-    def hook(module, args, kwargs, output, name, rule, dim):
+    def hook(module, args, kwargs, output, name, rule, layout):
         act, output = observed(rule, args, kwargs, output)
-        whole = (all(isinstance(t, torch.Tensor) and not t.is_nested and dim < t.dim() and t.shape[dim] == B
-                     for t in (act, output)))
+        both = [layout.rows(t.detach(), B) if isinstance(t, torch.Tensor) else None for t in (act, output)]
+        whole = all(t is not None for t in both)
         index = torch.tensor(picks, device=output.device) if whole else None
-        rows.setdefault(name, []).append((act.detach().index_select(dim, index),
-                                          output.detach().index_select(dim, index), dim) if whole else None)
-    handles = [module.register_forward_hook(lambda mod, a, kw, o, n=name, r=rule, k=found[name].batch_dim:
+        rows.setdefault(name, []).append((both[0].index_select(0, index), both[1].index_select(0, index),
+                                          layout.merged) if whole else None)
+    handles = [module.register_forward_hook(lambda mod, a, kw, o, n=name, r=rule, k=found[name]:
                                             hook(mod, a, kw, o, n, r, k), with_kwargs=True, prepend=True)
                for name, (module, rule) in layers.items()
                if isinstance(found.get(name), Layout) and found[name].batch_dim is not None]
@@ -323,7 +357,7 @@ def _rows(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], found: di
         for h in handles:
             h.remove()
     for name, results in uses.rows.items():
-        rows[name] = [None if r is None else (r, r, 0) for r in results]
+        rows[name] = [None if r is None else (r, r, False) for r in results]
     return rows, out
 
 
@@ -332,16 +366,20 @@ def _reordered(batch: _Rows, first: _Rows, last: _Rows, model: nn.Module) -> boo
     differ from its rows for the first and last examples alone, by more than the rounding
     of :func:`working_dtype` (under autocast a float32 row may come from half-precision
     matmuls: torch's CPU GRU's); calls that cannot be paired (another count or shape, or
-    not seeing the whole batch) are not compared."""
+    not seeing the whole batch) are not compared, except that rows merged with the batch
+    of another shape alone than in the batch are not the example's own."""
     if not (len(batch) == len(first) == len(last)):
         return False
     for calls in zip(batch, first, last):
         if any(c is None for c in calls):
             continue
-        (a, o, dim), (a0, o0, _), (a1, o1, _) = calls
+        (a, o, strict), (a0, o0, _), (a1, o1, _) = calls
         for both, one, other in ((a, a0, a1), (o, o0, o1)):
-            alone = torch.cat([one, other], dim=dim)
-            if alone.shape == both.shape and not close(alone, both, working_dtype(model, both.dtype)):
+            if one.shape[1:] != other.shape[1:] or one.shape[1:] != both.shape[1:]:
+                if strict:
+                    return True
+                continue
+            if not close(torch.cat([one, other]), both, working_dtype(model, both.dtype)):
                 return True
     return False
 
@@ -389,7 +427,7 @@ def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: In
         if r1.dead != r2.dead:
             out[name] = "gets a gradient in other calls for 1 example than for 2"
             continue
-        found: set[int | None] = set()
+        found: set[int | str | None] = set()
         reason = None
         for i, ((a1, o1), (a2, o2), u1, u2) in enumerate(zip(r1.shapes, r2.shapes, r1.uses, r2.uses)):
             if i in r1.dead:   # no gradient reaches this call: no example's, nothing to lay out
@@ -406,10 +444,15 @@ def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: In
             reason = "was called in different layouts"
         if reason is None:
             dim = found.pop()
-            if dim is not None and dim not in accepted:
+            if dim == MERGED and 1 not in accepted:   # only a rule on trailing features may view rows as (B, k, ...)
+                reason = "has the batch merged with another dimension, which its rule does not take"
+            elif dim == MERGED and batch_len(x) < 2:
+                reason = ("has the batch merged with another dimension, whose order a first batch of one example "
+                          "cannot show")
+            elif dim is not None and dim != MERGED and dim not in accepted:
                 reason = f"has its batch in dimension {dim}, which its rule does not take"
             else:
-                out[name] = Layout(dim, r1.dead)
+                out[name] = Layout(0, r1.dead, merged=True) if dim == MERGED else Layout(dim, r1.dead)
                 continue
         out[name] = reason
     free_out = {name: uses1.unfit.get(name) or uses2.unfit.get(name) or _free_layout(
