@@ -283,6 +283,51 @@ class CellLoop(nn.Module):
         return self.head(torch.cat([h, state[1]], 1) if isinstance(state, tuple) else h)
 
 
+class OwnPositions(nn.Embedding):
+    """A learned position embedding with a forward of its own, as OPT's and BioGPT's: the
+    positions it looks up from ``mask`` (B, T), plus an offset of 2. ``kind``: "mask" (the
+    positions counted along the mask, OPT's), "arange" ((1, T): one row for the batch,
+    BioGPT's), "expand" ((B, T) from one row); the rule's look-alikes: "scaled" (rows
+    times 2), "twice" (two lookups), "no_padding" (F.embedding without its padding_idx),
+    "detached" (no gradient in the weight)."""
+
+    def __init__(self, kind: str, steps: int, d: int):
+        super().__init__(steps + 3, d, padding_idx=0 if kind == "no_padding" else None)
+        self.kind = kind
+
+    def forward(self, mask, position_ids=None):
+        if self.kind in ("arange", "expand"):
+            position_ids = torch.arange(mask.shape[1], device=mask.device)[None]
+            position_ids = position_ids.expand(len(mask), -1) if self.kind == "expand" else position_ids
+        else:
+            position_ids = (mask.cumsum(1) * mask - 1).long()
+        ids = position_ids + 2
+        if self.kind == "scaled":
+            return super().forward(ids) * 2
+        if self.kind == "twice":
+            return super().forward(ids) + super().forward(ids - 1)
+        if self.kind == "no_padding":
+            return F.embedding(ids, self.weight)
+        if self.kind == "detached":
+            return F.embedding(ids, self.weight.detach())
+        return super().forward(ids)
+
+
+class PositionsNet(nn.Module):
+    """Token embeddings (11 ids; 0, masked, is padding) plus :class:`OwnPositions` for up to
+    ``most`` steps, of width d, tanh, a head on the mean; ``steps``: the tokens read."""
+
+    def __init__(self, kind: str, steps: int, most: int = 4, d: int = 5):
+        super().__init__()
+        self.tokens, self.positions, self.steps = nn.Embedding(11, d), OwnPositions(kind, most, d), steps
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, ids):
+        ids = ids[:, :self.steps]
+        mask = (ids != 0).long()
+        return self.head(torch.tanh(self.tokens(ids) + self.positions(mask, position_ids=None)).mean(1))
+
+
 class NormIntoRNN(nn.Module):
     """InstanceNorm2d whose output a batch-first RNN reads as a sequence: the RNN's input
     gradient comes back laid out (T, B, C), a layout torch's instance-norm backward

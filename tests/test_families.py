@@ -19,7 +19,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 import gradscore as gs
 from gradscore.engines.rules import recurrent as recurrent_rule
-from helpers import FreeNet, MyStdConv2d, NormActNet, ScaleNet
+from helpers import FreeNet, MyStdConv2d, NormActNet, PositionsNet, ScaleNet
 
 B, T, D = 3, 4, 5
 
@@ -533,6 +533,11 @@ def _build(family, config, n=B):
         if config[0] == "Embedding":
             return Merged(*config), torch.randint(0, 11, (n, T), generator=g)
         return Merged(*config), torch.randn(n, T, D, generator=g, dtype=torch.float64)
+    if family == "positions":
+        ids = torch.randint(1, 11, (n, T), generator=g)
+        if n > 1:
+            ids[1, 2:] = 0   # a shorter sequence (padding)
+        return PositionsNet(*config), ids
     if family == "cells":
         return Cells(*config), torch.randn(n, T, D, generator=g, dtype=torch.float64)
     if family == "attention":
@@ -979,6 +984,31 @@ def test_a_scaled_embedding_of_its_own_takes_the_rule_only_where_its_weight_gets
     torch.testing.assert_close(scorer.score_batch(x, y).sq_norm, want.sq_norm, rtol=1e-6, atol=1e-12)
     why = scorer.explain()["0.weight"]
     assert why.startswith("vmap (") if detached else why.startswith("ghost (scaled_embedding rule"), why
+
+
+POSITIONS_RULE = [("positions", (kind, steps)) for kind in ("mask", "arange", "expand") for steps in (1, B, T)]
+POSITIONS_LOOK_ALIKES = [("positions", (kind, T)) for kind in ("scaled", "twice", "no_padding", "detached")]
+
+
+@pytest.mark.filterwarnings("ignore:no gradient reaches 'positions.weight'")   # the detached look-alike
+@pytest.mark.parametrize("family,config", POSITIONS_RULE + POSITIONS_LOOK_ALIKES, ids=lambda v: str(v))
+def test_an_embedding_that_computes_its_own_ids_takes_the_rule_only_where_it_returns_their_rows(family, config):
+    """OPT's and BioGPT's position embeddings went to vmap (an Embedding subclass with a
+    forward of its own). The rule reads the ids the forward looks up; a forward that does
+    more than return those rows falls back and says why."""
+    scorer = _agree(family, config)
+    model, x, y = _prepare(family, config)
+    scorer.score_batch(x, y)
+    why = scorer.explain()["positions.weight"]
+    if (family, config) in POSITIONS_RULE:
+        assert why.startswith("ghost (own_embedding rule"), why
+    else:
+        reason = {"scaled": "does not compute its weight's rows at the ids its forward computes",
+                  "twice": "does not read its weight through one F.embedding",
+                  "no_padding": "looks its weight up with other options than its own",
+                  "detached": "does not read its weight through one F.embedding"}[config[0]]
+        assert why.startswith("vmap (") and reason in why, why
+    assert scorer.explain()["tokens.weight"].startswith("ghost (embedding rule"), scorer.explain()
 
 
 def test_bad_targets_are_one_gradscore_error_from_every_engine():

@@ -8,7 +8,7 @@ float32 is as close to the float64 loop as the float32 loop is (``helpers``). In
 the in-run recorder's records equal the loop at θ_t; the families in :data:`REFUSED_IN_RUN`,
 and only they, are refused with the error it names.
 A family the installed transformers does not know is skipped with that reason. The fast
-set is five families (Mistral, OPT with its fallbacks, RoBERTa, ViT, ConvNeXt); GPT-2,
+set is five families (Mistral, OPT, RoBERTa, ViT, ConvNeXt); GPT-2,
 BERT, Llama, Qwen2 and Gemma are ``test_text.py``'s; the rest are ``slow``.
 """
 from __future__ import annotations
@@ -83,8 +83,6 @@ IMAGE_CLASSIFICATION = {
 #: a rule (used by an op of its module's own forward, not by a layer), or train-mode BatchNorm
 NO_RULE, BATCH_NORM = "needs a ghost rule for every trainable parameter", "is in training mode"
 REFUSED_IN_RUN = {
-    "opt": NO_RULE,            # a learned position embedding with a forward of its own; (B·T, d) MLP rows
-    "biogpt": NO_RULE,         # a learned position embedding with a forward of its own
     "mpnet": NO_RULE,          # a relative attention bias: one Embedding for the batch, used by a view
     "squeezebert": NO_RULE,    # a LayerNorm over the channels of (B, C, T)
     "deberta": NO_RULE,        # q_bias and v_bias
@@ -199,6 +197,23 @@ def test_a_family_in_training_is_recorded_as_the_loop_scores_it(tmp_path, task, 
         np.testing.assert_allclose(rows["sq_norm"][b], sq, rtol=1e-5)
         np.testing.assert_allclose(rows["dot"][b] / rows["share"][b], dot, rtol=1e-5,
                                    atol=1e-5 * np.sqrt(sq) * rows["target_norm"][b])
+
+
+@pytest.mark.parametrize("name, layer, rule", [("opt", "model.decoder.embed_positions", "own_embedding"),
+                                              ("opt", "model.decoder.layers.0.fc1", "linear"),
+                                              ("biogpt", "biogpt.embed_positions", "own_embedding")])
+def test_hugging_face_text_layers_of_their_own_take_a_rule(name, layer, rule):
+    """OPT's and BioGPT's learned position embeddings (an Embedding subclass that computes
+    its positions itself) and OPT's MLP, which calls its Linears and LayerNorm on (B·T, d)
+    rows, went to vmap, and in training the recorder refused both models. Each takes its
+    rule now (the records: the test above)."""
+    model = build("causal_lm", name)
+    x, y = batch("causal_lm")
+    scorer = gs.Scorer(model, "causal_lm", engine="auto")
+    scorer.score_batch(x, y)
+    why = scorer.explain()
+    assert all(v.startswith("ghost") for v in why.values()), {k: v for k, v in why.items() if not v.startswith("ghost")}
+    assert why[f"{layer}.weight"].startswith(f"ghost ({rule} rule"), why[f"{layer}.weight"]
 
 
 @pytest.mark.parametrize("name, layer, rule", [

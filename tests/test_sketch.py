@@ -13,7 +13,7 @@ from torch import nn
 from gradscore.demos.models import digits_cnn, mlp, recurrent_classifier, tiny_transformer
 from gradscore.losses import resolve_loss
 from gradscore.sketches import Projection, SketchEngine
-from helpers import CellLoop, FreeNet, Reversed, loop_grads
+from helpers import CellLoop, FreeNet, PositionsNet, Reversed, loop_grads
 
 LOSS = resolve_loss("cross_entropy")
 
@@ -82,6 +82,8 @@ def _case(name: str, B: int = 6, T: int = 5):
         return recurrent_classifier(kind="LSTM", vocab=13, d=8, n_classes=3), tokens(13), 3
     if name == "lstm_cell":   # a cell in the model's loop: its calls are the steps
         return CellLoop("LSTM"), torch.randn(B, 10, generator=g), 3
+    if name == "positions":   # an Embedding with a forward of its own: the ids it looks up (1, T)
+        return PositionsNet("arange", 6, most=6), tokens(11), 3
     if name == "fallback":
         return _Scaled(4), torch.randn(B, 4, generator=g), 3
     if name == "tied":
@@ -105,8 +107,8 @@ def _case(name: str, B: int = 6, T: int = 5):
     raise ValueError(name)
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer", "gru_attention", "lstm", "lstm_cell", "fallback",
-                                  "tied", "seq_first", "weight_norm", "hooked", "tied_functional", "reordered"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer", "gru_attention", "lstm", "lstm_cell", "positions",
+                                  "fallback", "tied", "seq_first", "weight_norm", "hooked", "tied_functional", "reordered"])
 @pytest.mark.parametrize("dim", [50, 300])
 def test_sketch_equals_projection_of_the_loop_gradient(name, dim):
     torch.manual_seed(0)

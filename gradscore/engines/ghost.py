@@ -463,6 +463,8 @@ class GhostEngine(Engine):
                     return None
                 if rule.call:  # the whole call, as the layer saw it
                     act = _map_leaves((args, kwargs), torch.Tensor.detach)   # PackedSequence data too
+                    if shared:   # Rule.expands: the rule expands what it reads of the call
+                        output = output.expand(B, *output.shape[1:])
                 elif shared:  # one row for the whole batch: give each example its copy
                     act, output = act.expand(B, *act.shape[1:]), output.expand(B, *output.shape[1:])
                 elif dim or merged:   # sequence-first, or merged rows: the rule sees the batch in dimension 0

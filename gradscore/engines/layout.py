@@ -194,6 +194,13 @@ def observed(rule: Rule, args: tuple, kwargs: dict, output) -> tuple:
     return (args[0] if args else next(iter(kwargs.values()), None)), output
 
 
+def _detached(arguments):
+    """A call's positional (tuple) or keyword (dict) arguments, their tensors detached."""
+    if isinstance(arguments, dict):
+        return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in arguments.items()}
+    return tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in arguments)
+
+
 def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inputs,
             params: dict[int, tuple[str, tuple[str, ...]]], free: dict[int, str], verify: bool = False,
             plan: dict[str, list[str]] | None = None) -> tuple[dict[str, _Record], _Uses]:
@@ -215,8 +222,8 @@ def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inpu
             return
         record.shapes.append((tuple(act.shape), tuple(output.shape)))
         record.outputs.append(output)   # its autograd node is read after the forward (torch.compile may trace this)
-        if verify and rule.verify is not None and record.sample is None:
-            record.sample = (act.detach(), output.detach())
+        if verify and rule.verify is not None and record.sample is None:   # a whole-call rule: its call
+            record.sample = ((_detached(args), _detached(kwargs)) if rule.call else act.detach(), output.detach())
         uses: list = []
         record.uses.append(uses)
         mode.watch(output, uses)
@@ -438,7 +445,7 @@ def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: In
             if reason:
                 break
             found.add(dim)
-        if reason is None and rule.call and None in found:
+        if reason is None and rule.call and None in found and not rule.expands:
             reason = "returns one row for the whole batch"
         if reason is None and len(found) > 1:
             reason = "was called in different layouts"

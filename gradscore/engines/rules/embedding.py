@@ -6,12 +6,23 @@ gradient. ``max_norm`` (renormalizes the weight in the forward) and
 ``scale_grad_by_freq`` fall back to vmap. Hugging Face's scaled embedding (Gemma's rows
 times √d, in a forward of its own) takes the rule with δ scaled back, matched by
 structure and checked on the first batch (``register_structural``).
+
+An Embedding subclass whose own forward computes the ids it looks up (OPT's and BioGPT's
+learned position embeddings: positions from the attention mask, plus an offset, then
+``super().forward``) takes the rule on those ids: the rule runs the layer's forward
+again on each call, without gradient, and reads the ids of its one ``F.embedding`` of
+the weight (ids of one row for the whole batch, BioGPT's, expanded to the batch's). On
+the first batch the forward must look its weight up once, with the layer's own options,
+and return those rows, in value and gradient.
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from ...kernels import acc_dtype
 from .registry import Factor, computes, register_rule, register_structural
@@ -135,6 +146,72 @@ def _scaled(layer: nn.Module, grads: list[torch.Tensor]) -> list[torch.Tensor]:
                      batch_dims=(0, 1), params=("weight",))
 def scaled_embedding(layer: nn.Embedding, acts, grads, refs, K):
     return embedding(layer, acts, _scaled(layer, grads), refs, K)
+
+
+class _Lookups(TorchFunctionMode):
+    """Records each op that reads ``weight``: (the op, its bound arguments for F.embedding)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight, self.seen = weight, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if any(a is self.weight for a in (*args, *kwargs.values())):
+            bound = inspect.signature(F.embedding).bind(*args, **kwargs).arguments if func is F.embedding else None
+            self.seen.append((func, bound))
+        return func(*args, **kwargs)
+
+
+def _lookup_of(layer: nn.Embedding, call) -> tuple[torch.Tensor | None, str | None]:
+    """(the ids the layer's forward looks its weight up at, on ``call``, or None; why not):
+    its forward run again without gradient, the ops on its weight recorded."""
+    (args, kwargs), mode = call, _Lookups(layer.weight)
+    with torch.no_grad(), mode:
+        type(layer).forward(layer, *args, **kwargs)
+    if len(mode.seen) != 1 or mode.seen[0][1] is None:
+        ops = ", ".join(getattr(f, "__name__", str(f)) for f, _ in mode.seen) or "none"
+        return None, f"does not read its weight through one F.embedding (its forward's ops on it: {ops})"
+    bound = mode.seen[0][1]
+    options = (bound.get("padding_idx"), bound.get("max_norm"), bound.get("scale_grad_by_freq", False))
+    if options != (layer.padding_idx, layer.max_norm, layer.scale_grad_by_freq):
+        return None, "looks its weight up with other options than its own (padding_idx, max_norm, scale_grad_by_freq)"
+    return bound["input"], None
+
+
+def _like_own_embedding(layer: nn.Module) -> bool:
+    """An Embedding subclass with a forward of its own, one ``weight``, no submodules (its
+    forward is run again alone), and not the scaled one (:func:`_like_scaled_embedding`)."""
+    return (isinstance(layer, nn.Embedding) and type(layer).forward is not nn.Embedding.forward
+            and not _like_scaled_embedding(layer) and not any(True for _ in layer.children())
+            and list(dict(layer.named_parameters(recurse=False))) == ["weight"])
+
+
+def _looks_up_its_rows(layer: nn.Embedding, call, output: torch.Tensor) -> str | None:
+    """None if the layer's forward on ``call`` returns its weight's rows at the ids it looks
+    up, in value and gradient; else why not."""
+    try:
+        ids, why = _lookup_of(layer, call)
+    except Exception as e:  # noqa: BLE001 - the layer's own forward, run again
+        return f"could not be run again on its call ({type(e).__name__}: {e})"
+    if why is not None:
+        return why
+    return computes(layer, call, lambda _, w: F.embedding(ids, w["weight"], layer.padding_idx),
+                    "its weight's rows at the ids its forward computes")
+
+
+def _ids_of(layer: nn.Embedding, calls, grads) -> list[torch.Tensor]:
+    """Each call's looked-up ids, with as many rows as its output gradient (one row for the
+    whole batch, BioGPT's (1, T) positions, expanded)."""
+    ids = [_lookup_of(layer, call)[0] for call in calls]
+    return [i.expand(len(g), *i.shape[1:]) if len(i) == 1 else i for i, g in zip(ids, grads)]
+
+
+@register_structural(_like_own_embedding, verify=_looks_up_its_rows, supports=_supports, call=True, expands=True,
+                     factors=lambda layer, calls, grads: embedding_factors(layer, _ids_of(layer, calls, grads), grads),
+                     params=("weight",))
+def own_embedding(layer: nn.Embedding, calls, grads, refs, K):
+    return embedding(layer, _ids_of(layer, calls, grads), grads, refs, K)
 
 
 @register_rule(nn.EmbeddingBag, supports=_supports, call=True)

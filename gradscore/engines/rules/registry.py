@@ -24,7 +24,10 @@ MultiheadAttention's key, value and masks; its batch dimension is then read from
 output alone. ``output_item`` picks the output tensor from a tuple output, and
 ``children`` names submodules whose parameters the rule covers (MultiheadAttention's
 ``out_proj``, which it uses functionally). ``batch_dims`` may also be a function of the
-layer (MultiheadAttention: where its ``batch_first`` puts the batch). ``output_item``
+layer (MultiheadAttention: where its ``batch_first`` puts the batch). A whole-call rule
+with ``expands`` also takes a call whose output is one row for the whole batch (BioGPT's
+position embedding of (1, T) positions): the engine expands the output to B rows, the
+rule expands what it reads of the call. ``output_item``
 may be a function of the output (the recurrent layers: their final hidden state, which
 has the batch in dimension 1 whatever the input's layout). A ``probe_all`` rule gets,
 per call, the output's structure (named tuples as tuples) with each floating leaf's
@@ -64,9 +67,10 @@ A family that libraries copy under many class names (Hugging Face's RMSNorm: Lla
 Mistral's, Qwen's, Gemma's …) is registered by its structure instead
 (:func:`register_structural`): a predicate on the module, tried only where no class
 matches (or a subclass overrides its parent's forward: Gemma's scaled embedding). Such a
-rule is not trusted on its name: its ``verify(layer, input, output)`` runs once on the
-first batch and checks that the layer computes what the rule assumes, else the layer
-falls back with the reason.
+rule is not trusted on its name: its ``verify(layer, input, output)`` (a whole-call
+rule's: ``verify(layer, (args, kwargs), output)``) runs once on the first batch and
+checks that the layer computes what the rule assumes, else the layer falls back with
+the reason.
 
 A rule whose weight's norm may take the Gram form of ``kernels.ghost_linear`` registers
 ``gram_input(input) -> (B, T, d_in) view or None``: the engine counts the layers reading
@@ -154,6 +158,7 @@ class Rule:
     gram_input: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None
     params: tuple[str, ...] | Callable[[nn.Module], Sequence[str]] = ("weight", "bias")
     verify: Optional[Callable[[nn.Module, torch.Tensor, torch.Tensor], Optional[str]]] = None
+    expands: bool = False   # a whole-call rule that also takes one row for the whole batch (see above)
 
     def dims(self, layer: nn.Module) -> tuple[int, ...]:
         """The dimensions that may hold the batch in this layer's input and output."""
@@ -175,7 +180,7 @@ def register_rule(*types: TypeKey, supports: Callable[[nn.Module], Optional[str]
     """Decorator: use ``fn`` as the ghost rule for every class (or qualified class name)
     in ``types``; ``factors`` (optional) lets its weight be tied to another layer's;
     ``options``: the :class:`Rule` fields ``batch_dims``, ``call``, ``output_item``,
-    ``children``, ``probe_all``, ``sketch``, ``gram_input``, ``params``."""
+    ``children``, ``probe_all``, ``sketch``, ``gram_input``, ``params``, ``expands``."""
     def deco(fn: RuleFn) -> RuleFn:
         for t in types:
             _RULES[t] = Rule(fn.__name__, fn, supports, factors, **options)
@@ -231,23 +236,25 @@ def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None = None) ->
     return a.shape == b.shape and torch.allclose(a, b, rtol=tol, atol=tol * max(1.0, scale), equal_nan=True)
 
 
-def computes(layer: nn.Module, x: torch.Tensor,
+def computes(layer: nn.Module, x: torch.Tensor | tuple[tuple, dict],
              expected: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor], what: str) -> str | None:
-    """None if ``layer`` on ``x``, with each of its own parameters p replaced by other values
-    w_p, gives ``expected(x, w)``, in value and in every w_p's gradient (one product with a
-    generic output gradient); else why not, naming ``what`` the rule assumes. The layer is
-    called functionally and left as it is. A float64 output is compared in float32: Hugging
-    Face's norms compute in float32 whatever the model's dtype. A floating x is taken in
-    the weights' dtype (an input that came from an autocast region in its half type)."""
+    """None if ``layer`` on ``x`` (its input, or a whole call (args, kwargs)), with each of
+    its own parameters p replaced by other values w_p, gives ``expected(x, w)``, in value and
+    in every w_p's gradient (one product with a generic output gradient); else why not,
+    naming ``what`` the rule assumes. The layer is called functionally and left as it is. A
+    float64 output is compared in float32: Hugging Face's norms compute in float32 whatever
+    the model's dtype. A floating input x is taken in the weights' dtype (an input that came
+    from an autocast region in its half type)."""
     own = dict(layer.named_parameters(recurse=False))
     weights = [p for p in own.values() if p.is_floating_point()]
-    if x.is_floating_point() and weights:   # an input of autocast's half type: checked in the weights' dtype
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and weights:   # autocast's half type: in the weights'
         x = x.to(weights[0].dtype)
+    args, kwargs = x if isinstance(x, tuple) else ((x,), {})
     try:   # a weight that is not floating (a quantized layer's) fails here, with the reason
         w = {n: torch.linspace(-1.5, 2.0, p.numel(), dtype=p.dtype, device=p.device).reshape(p.shape).requires_grad_()
              for n, p in own.items()}
         with torch.enable_grad():
-            out = torch.func.functional_call(layer, w, (x,))
+            out = torch.func.functional_call(layer, w, args, kwargs)
             want = expected(x, w)
             if not isinstance(out, torch.Tensor) or out.shape != want.shape or not out.requires_grad:
                 return f"does not compute {what}, which its rule assumes"
