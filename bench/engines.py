@@ -144,6 +144,14 @@ def model_cases(device: str) -> dict[str, Case]:
         # the same with a real vocabulary, where the (B, T, V) logits are the step's largest tensors
         cases["gpt2_d64_T128_V8192"] = gpt2(8192, 16)
         cases["gpt2_d64_T128_V32768"] = gpt2(32768, 16)
+        # OPT: a learned position embedding with a forward of its own, and its MLP on (B·T, d) rows
+        cases["opt_d64_T128"] = Case(lambda: from_config(
+            {"model_type": "opt", "vocab_size": VOCAB, "hidden_size": 64, "ffn_dim": 256, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "max_position_embeddings": 128, "word_embed_proj_dim": 64, "dropout": 0.0,
+             "attention_dropout": 0.0}, **MODEL_KWARGS),
+            lambda B: {"input_ids": torch.randint(3, VOCAB - 1, (B, 128), device=device),
+                       "attention_mask": torch.ones(B, 128, dtype=torch.long, device=device)},
+            loss="causal_lm", batches=(32,))
     return cases
 
 
@@ -608,7 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", default="64,256", help="comma-separated batch sizes")
     p.add_argument("--models", default=None, help="comma-separated subset of the models (default: all of "
                    "mlp_784_1024_1024, digits_cnn, digits_cnn_c128, cifar_cnn_dw, transformer_d128_T64, "
-                   "resnet_bn_20k, torch_encoder_d64_T32, lstm_d64_T32, gru_attention_d64_T32, gpt2_d64_T128)")
+                   "resnet_bn_20k, torch_encoder_d64_T32, lstm_d64_T32, gru_attention_d64_T32, gpt2_d64_T128, "
+                   "opt_d64_T128)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (best is kept)")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--epochs", type=int, default=3, help="demo checkpoints for the end-to-end part")
