@@ -286,6 +286,20 @@ def test_layers_that_see_the_batch_reordered_go_to_the_fallback(cls, K):
     assert why["head.weight"].startswith("ghost"), why["head.weight"]
 
 
+@pytest.mark.parametrize("K", [0, 2])
+def test_a_reversed_batch_whose_first_and_last_examples_are_the_same_goes_to_the_fallback(K):
+    """Duplicate examples are common in real data. With the first and last the same, their
+    rows alone equal rows 0 and B − 1 of the reversed batch, and the comparison of values
+    saw no reordering: the rule gave the middle examples each other's gradients (an error
+    of 0.99 on the Linear's). Changing one of the two examples' rows in a pair of them
+    changes the other's output: the fallback."""
+    model = Reversed().double().eval()
+    x = torch.randn(B, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    x[-1] = x[0]
+    why = compare_with_loop(model, x, K, engine="auto").explain()
+    assert "rows are not the batch's examples in order" in why["lin.weight"], why["lin.weight"]
+
+
 class Chunked(nn.Module):
     """A Linear called on chunks of 2 examples: no call sees the whole batch, so the row
     order check has nothing to compare (it raised an IndexError for a while); the scoring

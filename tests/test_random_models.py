@@ -3,7 +3,8 @@
 Each seed builds a model from a few blocks (Linear, a Linear registered twice, LayerNorm,
 RMSNorm, Conv1d with its padding modes, groups and dilation, GroupNorm, multi-head
 attention, RNN/GRU/LSTM, uni- or bidirectional, one or two layers, an RNN/GRU/LSTM cell in
-the model's loop over the steps, and the structural
+the model's loop over the steps, a Linear or LayerNorm on the rows of both leading
+dimensions merged (example by example, or step by step: the fallback), and the structural
 rules' timm-like GroupNormAct, LayerNormAct and LayerScale, and parameters the forward
 uses directly: a γ, a shift, a class token, a position embedding), each applied to the
 (B, T, C) sequence or to its (T, B, C) transpose, with residuals and pooling; B and T
@@ -46,6 +47,8 @@ class Block(nn.Module):
             y = self.layer(x)[0]
         elif self.kind == "cell":   # the model's own loop over the steps
             y = cell_steps(self.layer, x, 0 if self.seq_first else 1)[0]
+        elif self.kind == "merged":   # on the rows of both leading dimensions, (B·T, C) or (T·B, C), as OPT's MLP
+            y = self.layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:2], -1)
         else:
             y = self.layer(x)
         y = y.transpose(0, 1) if self.seq_first else y
@@ -116,6 +119,9 @@ def _layer(rng: random.Random, kind: str, C: int, linears: list[nn.Linear], seq_
         return LayerScale(C), C
     if kind == "attention":
         return nn.MultiheadAttention(C, rng.choice([h for h in (1, 2) if C % h == 0]), batch_first=not seq_first, bias=rng.random() < 0.7), C
+    if kind == "merged":
+        layer = nn.Linear(C, rng.choice([C, 3]), bias=rng.random() < 0.7) if rng.random() < 0.7 else nn.LayerNorm(C)
+        return layer, getattr(layer, "out_features", C)
     if kind == "cell":
         H = rng.choice([2, 3])
         return rng.choice([nn.RNNCell, nn.GRUCell, nn.LSTMCell])(C, H, bias=rng.random() < 0.8), H
@@ -126,7 +132,7 @@ def _layer(rng: random.Random, kind: str, C: int, linears: list[nn.Linear], seq_
 
 class RandomModel(nn.Module):
     KINDS = ("linear", "linear", "layernorm", "rmsnorm", "conv", "groupnorm", "attention", "recurrent", "twice",
-             "gn_act", "ln_act", "scale", "free", "cell")
+             "gn_act", "ln_act", "scale", "free", "cell", "merged")
 
     def __init__(self, rng: random.Random, C: int, vocab: int, T: int) -> None:
         super().__init__()

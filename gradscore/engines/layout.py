@@ -17,6 +17,8 @@ data-dependent size (sequence lengths) the same in both runs.
   The engine views each call's rows as (B, k, ...), k read per call. Rows of the steps
   first, or of the batch stacked on itself, double too: the order check below sends them
   to the fallback, and so a first batch of one example, which cannot show the order.
+  (Rows of nearly equal values can hide another order from that check's comparison of
+  values: see :func:`_leaky` below.)
 - None follows and the first dimension is 1 in both runs (Hugging Face position ids
   (1, T)): one row for the whole batch. The engine expands it to B rows, which is
   exact only when every use of the output is a sum with a tensor of batch rows: each
@@ -30,7 +32,10 @@ Copies of one example cannot show the order of a batch's rows. So the batch itse
 its first and last examples alone, run once more (nothing kept), and each laid-out
 layer's rows 0 and B − 1 must be the first and last examples' own rows: a model that
 sorts its batch (by length, before packing a sequence) or permutes it gives a layer
-another example's row, and that layer goes to the fallback. The outputs of the two
+another example's row, and that layer goes to the fallback. Rows of nearly equal values
+(duplicate examples; a LayerNorm over 2 features) can pass that comparison in another
+order, so the first and last examples also run as a pair with each layer's rows of one
+of them changed: the other's output must stay as it is (:func:`_leaky`). The outputs of the two
 examples alone are what :func:`couples_examples` compares with the batch's.
 
 The same runs watch the ruled parameters: a rule sees its layer's own calls only, so a
@@ -522,7 +527,56 @@ def _check_order(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], fo
                 free_found[name] = "is added to rows that are not the batch's examples in order"
             else:
                 found[name] = REORDERED
+    for name in _leaky(model, layers, found, concat([take(x, 0), take(x, B - 1)]), working):   # after the above
+        found[name] = REORDERED
     return couples_examples(torch.cat([first_out, last_out]), batched, working)
+
+
+def _leaky(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], found: dict[str, Layout | str],
+           pair: Inputs, working: torch.dtype) -> set[str]:
+    """The laid-out layers (with a batch dimension, a tensor output) on ``pair`` (the
+    first and last examples) whose first example's rows, changed, change the model's
+    output for the second, or the other way round: rows that are not each example's own,
+    which rows of nearly equal values (a LayerNorm over 2 features gives ±1 for every row;
+    duplicate examples) hide from the comparison of values. All are changed at once; only
+    where that reaches the other example, each alone."""
+    names = [n for n, f in found.items() if isinstance(f, Layout) and f.batch_dim is not None]
+    if not names:
+        return set()
+    base = _output_changed(model, layers, found, pair, {})
+
+    def leaks(subset: list[str]) -> bool:
+        for block in (0, 1):
+            out = _output_changed(model, layers, found, pair, dict.fromkeys(subset, block))
+            if not close(out[1 - block], base[1 - block], working):
+                return True
+        return False
+    return {n for n in names if leaks([n])} if leaks(names) else set()
+
+
+def _output_changed(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], found: dict[str, Layout | str],
+                    pair: Inputs, blocks: dict[str, int]) -> torch.Tensor:
+    """The model's output (detached) on a ``pair`` of examples, each layer in ``blocks``
+    given an output changed in that example's rows (along its layout's batch dimension)."""
+    def change(module, args, output, layout, block):
+        if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            return None
+        changed = output.detach().clone()
+        rows = layout.rows(changed, 2)   # a view of it
+        if rows is None:
+            return None
+        bump = torch.linspace(0.5, 1.5, rows[block].numel(), dtype=rows.dtype, device=rows.device)
+        rows[block] += bump.reshape(rows[block].shape) * (1 + float(rows.abs().mean()))
+        return changed
+    handles = [layers[name][0].register_forward_hook(lambda m, a, o, k=found[name], b=block: change(m, a, o, k, b),
+                                                     prepend=True)
+               for name, block in blocks.items()]
+    try:
+        with torch.enable_grad():   # the scoring pass's code path, as in _rows
+            return call_model(model, pair).detach()
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def working_dtype(model: nn.Module, output: torch.dtype) -> torch.dtype:
