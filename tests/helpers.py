@@ -531,7 +531,8 @@ class FreeNet(nn.Module):
     token repeated), "exp" (pos.exp()), "sigmoid" (h * pos.sigmoid()), "chain" ((2 ·
     pos[0]).tanh().flip(0)), "const" (h * (pos / c), c a buffer), "widen" (γ (5,) times a
     (n + 1, 5) buffer, its last n rows), "three" (γ (5,) times a (3, 5) buffer, repeated to
-    n rows: 3 rows, as many as the tests' batches, that are not the batch's). Not taken: "linear" (F.linear(h, w), w (1, 5)), "sum" (pos summed over
+    n rows: 3 rows, as many as the tests' batches, that are not the batch's), "none_index"
+    (h * γ[None, None, :], γ (5,): one indexing, three autograd nodes). Not taken: "linear" (F.linear(h, w), w (1, 5)), "sum" (pos summed over
     the tokens), "reorder" (added to the batch's rows reversed), "function" (a custom
     autograd.Function of h and pos: its forward runs without gradients), "tuple"
     (torch.broadcast_tensors, whose result is a tuple), "list" (torch.stack([pos])),
@@ -546,7 +547,7 @@ class FreeNet(nn.Module):
 
     TAKEN = ("vit", "vit_after", "twice", "radd", "inplace", "expand_as", "torch_add", "scale", "squeeze", "rank2",
              "gamma", "reshaped", "cast", "addcmul", "where", "index", "slice", "table", "permute", "repeat", "exp",
-             "sigmoid", "chain", "const", "widen", "three")
+             "sigmoid", "chain", "const", "widen", "three", "none_index")
     KINDS = TAKEN + ("linear", "sum", "reorder", "function", "tuple", "list", "checkpoint", "setitem",
                      "view_setitem", "into", "batch_shaped")
 
@@ -559,7 +560,7 @@ class FreeNet(nn.Module):
         self.cls_token = nn.Parameter(0.5 * torch.randn(1, 1, D))
         n = self.T + (kind != "vit_after")
         shape = ((1, D) if kind in ("linear", "rank2")
-                 else (D,) if kind in ("gamma", "reshaped", "addcmul", "widen", "three")
+                 else (D,) if kind in ("gamma", "reshaped", "addcmul", "widen", "three", "none_index")
                  else (3, D) if kind == "table" else (D, n) if kind == "permute"
                  else ((n + 2, 1, D) if seq else (1, n + 2, D)) if kind == "slice"
                  else (1, 1, D) if seq or kind == "scale" else (1, n, D))
@@ -630,6 +631,8 @@ class FreeNet(nn.Module):
             h = h + (pos * self.c)[1:].unsqueeze(rows)
         elif kind == "three":   # (3, 5): as many rows as the tests' batches have, not the batch's
             h = h + (pos * self.c).repeat(2, 1)[:h.shape[tokens]].unsqueeze(rows)
+        elif kind == "none_index":   # several autograd nodes from one op (DeBERTa's q_bias[None, None, :])
+            h = h * pos[None, None, :]
         elif kind == "sum":
             h = h + pos.sum(tokens, keepdim=True)
         elif kind == "batch_shaped":

@@ -85,7 +85,7 @@ NO_RULE, BATCH_NORM = "needs a ghost rule for every trainable parameter", "is in
 REFUSED_IN_RUN = {
     "mpnet": NO_RULE,          # a relative attention bias: one Embedding for the batch, used by a view
     "squeezebert": NO_RULE,    # a LayerNorm over the channels of (B, C, T)
-    "deberta": NO_RULE,        # q_bias and v_bias
+    "deberta": NO_RULE,        # relative position projections, one for the batch (as deberta-v2's)
     "deberta-v2": NO_RULE,     # relative position embeddings and projections, one for the batch
     "beit": NO_RULE,           # a relative position bias table
     "swin": NO_RULE, "swinv2": NO_RULE,   # relative position bias tables, logit scale

@@ -311,6 +311,29 @@ class Views:
         return None
 
 
+def last_node(inputs) -> int:
+    """The highest sequence number among the autograd nodes of an op's ``inputs`` (through
+    tuples, lists and dicts), read before the op runs (an in-place op gives its input a new
+    node), or -1: every node the op makes has a higher one (:func:`op_nodes`)."""
+    return max((t.grad_fn._sequence_nr() for t in leaves(inputs) if t.grad_fn is not None), default=-1)
+
+
+def op_nodes(out, before: int) -> set:
+    """The autograd nodes one op made for its result ``out``: from each result tensor's node
+    back to, not into, the nodes that existed before it (sequence numbers up to
+    ``before``, :func:`last_node`; all nodes below an input's are older still). One
+    indexing, ``P[None, :, None, None]``, makes several."""
+    found: set = set()
+    stack = [t.grad_fn for t in leaves(out) if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in found or hasattr(node, "variable") or node._sequence_nr() <= before:   # a leaf's AccumulateGrad
+            continue
+        found.add(node)
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return found
+
+
 def graph_nodes(out) -> Iterator:
     """Every node of the autograd graph of ``out`` (the tensors in it, through tuples), once."""
     stack = [t.grad_fn for t in leaves(out) if t.grad_fn is not None]

@@ -454,11 +454,10 @@ class GhostEngine(Engine):
                 shared = dim is None and B > 1
                 if dim is None and (act.shape[:1] != (1,) or output.shape[:1] != (1,)):
                     layer.problem = "returned one row for the whole batch at first, then more"
-                elif merged and (layer.layout.rows(act, B) is None or output.shape[:1] != act.shape[:1]):
-                    layer.problem = "was called without rows that the batch's examples share alike in dimension 0"
-                elif dim is not None and not merged and (act.dim() <= dim or output.dim() <= dim
-                                                         or act.shape[dim] != B or output.shape[dim] != B):
-                    layer.problem = f"was called without the batch in dimension {dim}"
+                elif dim is not None and (layer.layout.rows(act, B) is None or layer.layout.rows(output, B) is None
+                                          or (merged and output.shape[0] != act.shape[0])):
+                    layer.problem = ("was called with rows in dimension 0 that are not the same number per example"
+                                     if merged else f"was called without the batch in dimension {dim}")
                 if layer.problem or not output.requires_grad:  # no_grad: no gradient reaches it
                     return None
                 if rule.call:  # the whole call, as the layer saw it

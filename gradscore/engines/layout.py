@@ -56,7 +56,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..batch import Inputs, batch_len, call_model, concat, take
 from ..kernels.reference import autocast_dtypes, autocast_off
-from .free import Views, graph_nodes, in_place, leaves, misfit, needs_grad, unseen_uses
+from .free import Views, graph_nodes, in_place, last_node, leaves, misfit, needs_grad, op_nodes, unseen_uses
 from .rules import Rule
 from .rules.registry import close
 from .workarounds import torch_workarounds
@@ -150,6 +150,7 @@ class _Uses(TorchFunctionMode):
         seen = self.views.hits(args, kwargs or {})
         tracked = [t for t in seen if t.requires_grad]
         unfit = self.views.unfit(func, args, kwargs or {}, tracked) if tracked else None   # before it runs
+        before = last_node((args, kwargs or {})) if seen else -1
         out = func(*args, **(kwargs or {}))
         if unfit is not None and (needs_grad(out) or in_place(func)):
             for t in tracked:
@@ -162,7 +163,7 @@ class _Uses(TorchFunctionMode):
                 if name is not None and not any(self.running.get(n) for n in layers):
                     self.strays.setdefault(name, _op_name(func))
         if seen and needs_grad(out):
-            self.consumers.update(t.grad_fn for t in leaves(out) if t.grad_fn is not None)
+            self.consumers.update(op_nodes(out, before))
             hits = tracked
             made = (self.views.note(func, args, kwargs or {}, out, planned=True)
                     if hits and self.views.planned_made(hits, self.plan)
