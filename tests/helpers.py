@@ -532,7 +532,8 @@ class FreeNet(nn.Module):
     pos[0]).tanh().flip(0)), "const" (h * (pos / c), c a buffer), "widen" (γ (5,) times a
     (n + 1, 5) buffer, its last n rows), "three" (γ (5,) times a (3, 5) buffer, repeated to
     n rows: 3 rows, as many as the tests' batches, that are not the batch's), "none_index"
-    (h * γ[None, None, :], γ (5,): one indexing, three autograd nodes). Not taken: "linear" (F.linear(h, w), w (1, 5)), "sum" (pos summed over
+    (h * γ[None, None, :], γ (5,): one indexing, three autograd nodes). Not taken:
+    "linear" (F.linear(h, w), w (1, 5)), "sum" (pos summed over
     the tokens), "reorder" (added to the batch's rows reversed), "function" (a custom
     autograd.Function of h and pos: its forward runs without gradients), "tuple"
     (torch.broadcast_tensors, whose result is a tuple), "list" (torch.stack([pos])),

@@ -56,7 +56,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..batch import Inputs, batch_len, call_model, concat, take
 from ..kernels.reference import autocast_dtypes, autocast_off
-from .free import Views, graph_nodes, in_place, last_node, leaves, misfit, needs_grad, op_nodes, unseen_uses
+from .free import Views, graph_nodes, in_place, last_node, misfit, needs_grad, op_nodes, unseen_uses
 from .rules import Rule
 from .rules.registry import close
 from .workarounds import torch_workarounds
