@@ -287,7 +287,8 @@ class OwnPositions(nn.Embedding):
     """A learned position embedding with a forward of its own, as OPT's and BioGPT's: the
     positions it looks up from ``mask`` (B, T), plus an offset of 2. ``kind``: "mask" (the
     positions counted along the mask, OPT's), "arange" ((1, T): one row for the batch,
-    BioGPT's), "expand" ((B, T) from one row); the rule's look-alikes: "scaled" (rows
+    BioGPT's), "expand" ((B, T) from one row, BART's, which reads ``self.weight.device``);
+    the rule's look-alikes: "scaled" (rows
     times 2), "twice" (two lookups), "no_padding" (F.embedding without its padding_idx),
     "detached" (no gradient in the weight)."""
 
@@ -296,8 +297,8 @@ class OwnPositions(nn.Embedding):
         self.kind = kind
 
     def forward(self, mask, position_ids=None):
-        if self.kind in ("arange", "expand"):
-            position_ids = torch.arange(mask.shape[1], device=mask.device)[None]
+        if self.kind in ("arange", "expand"):   # "expand": BART's, on the weight's device (a read of it)
+            position_ids = torch.arange(mask.shape[1], device=self.weight.device)[None]
             position_ids = position_ids.expand(len(mask), -1) if self.kind == "expand" else position_ids
         else:
             position_ids = (mask.cumsum(1) * mask - 1).long()

@@ -78,3 +78,74 @@ def test_tied_to_a_linear_subclass_of_its_own_keeps_the_cross_term():
     why = compare_with_loop(model, torch.randint(0, 9, (5, 6)), 2).explain()["emb.weight"]
     assert why.startswith("ghost (embedding rule on emb: Embedding + linear_subclass rule on head: PlainLinear; "
                           "tied, exact cross term)"), why
+
+
+class SharedVocabulary(nn.Module):
+    """A seq2seq model's vocabulary as Hugging Face's T5 and BART hold it: a ``shared``
+    Embedding that is never called, whose weight the encoder's and decoder's embeddings and
+    the LM head use (``head``: tied too)."""
+
+    def __init__(self, head: bool):
+        super().__init__()
+        self.shared, self.enc, self.dec = nn.Embedding(9, 4), nn.Embedding(9, 4), nn.Embedding(9, 4)
+        self.enc.weight = self.dec.weight = self.shared.weight
+        self.head = nn.Linear(4, 9, bias=False)
+        if head:
+            self.head.weight = self.shared.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.enc(ids) + self.dec(ids.flip(1)))).mean(1)
+
+
+@pytest.mark.parametrize("head", [False, True])
+@pytest.mark.parametrize("K", [0, 2])
+def test_an_owner_of_a_tied_weight_that_is_never_called_adds_nothing(K, head):
+    """T5's and BART's ``shared`` embedding sent the vocabulary to vmap ("was not called"),
+    and the in-run recorder refused the models. Its share is nothing: the owners that are
+    called take their rules, with the exact cross terms."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 9, (5, 6))
+    why = compare_with_loop(SharedVocabulary(head), ids, K).explain()["shared.weight"]
+    assert why.startswith("ghost (embedding rule on enc: Embedding + embedding rule on dec: Embedding"), why
+    assert "tied, exact cross term" in why, why
+
+
+class UsedOutside(SharedVocabulary):
+    """The same, with the vocabulary also read by ``F.linear`` outside every owner's call."""
+
+    def forward(self, ids):
+        h = torch.tanh(self.enc(ids) + self.dec(ids.flip(1)))
+        return (self.head(h) + nn.functional.linear(h, self.shared.weight)).mean(1)
+
+
+def test_a_tied_weight_also_used_outside_its_owners_falls_back():
+    """The uncalled owner is left out only where every use of the weight is a call of an
+    owner: a use outside them sends it to the fallback, with the reason."""
+    torch.manual_seed(0)
+    why = compare_with_loop(UsedOutside(head=False), torch.randint(0, 9, (5, 6)), 2).explain()["shared.weight"]
+    assert why.startswith("vmap (used outside"), why
+
+
+class SharedSometimes(SharedVocabulary):
+    """The same, calling ``shared`` itself too on batches of more than 6 tokens."""
+
+    def forward(self, ids):
+        h = self.enc(ids) + self.dec(ids.flip(1))
+        if ids.shape[1] > 6:
+            h = h + self.shared(ids)
+        return self.head(torch.tanh(h)).mean(1)
+
+
+def test_an_uncalled_owner_called_on_a_later_batch_sends_its_weight_to_the_fallback():
+    """Its share was taken to be nothing on the first batch; a later batch that calls it is
+    scored again with the weight in the fallback, and says why."""
+    torch.manual_seed(0)
+    model = SharedSometimes(head=True).double().eval()
+    scorer, loop = gs.Scorer(model), gs.Scorer(model, engine="loop")
+    for T in (6, 8):
+        ids = torch.randint(0, 9, (5, T), generator=torch.Generator().manual_seed(T))
+        y = torch.randint(0, 9, (5,), generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(scorer.score_batch(ids, y).sq_norm, loop.score_batch(ids, y).sq_norm,
+                                   rtol=1e-9, atol=0)
+    why = scorer.explain()["shared.weight"]
+    assert why.startswith("vmap (Embedding 'shared' was called on this batch, but not on the first"), why

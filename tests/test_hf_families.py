@@ -233,3 +233,59 @@ def test_hugging_face_layers_of_their_own_take_a_rule(name, layer, rule):
     why = scorer.explain()
     assert all(v.startswith("ghost") for v in why.values()), {k: v for k, v in why.items() if not v.startswith("ghost")}
     assert why[f"{layer}.weight"].startswith(f"ghost ({rule} rule"), why[f"{layer}.weight"]
+
+
+SEQ2SEQ = {"d_model": 16, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
+           "decoder_attention_heads": 2, "encoder_ffn_dim": 24, "decoder_ffn_dim": 24, "max_position_embeddings": 32,
+           "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 2}
+
+
+class Seq2Seq(torch.nn.Module):
+    """An encoder-decoder LM on x = (source tokens | decoder input tokens): its logits."""
+
+    def __init__(self, model: torch.nn.Module, source: int) -> None:
+        super().__init__()
+        self.model, self.source = model, source
+
+    def forward(self, x):
+        return self.model(input_ids=x[:, :self.source], decoder_input_ids=x[:, self.source:]).logits
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n == "bart" else pytest.mark.slow)
+                                  for n in ("bart", "mbart", "marian", "pegasus")])
+def test_an_encoder_decoder_takes_ghost_rules_and_is_recorded_as_the_loop(tmp_path, name):
+    """BART, mBART, Marian and Pegasus keep their vocabulary in a ``shared`` embedding that is
+    never called (the encoder's and decoder's embeddings and the LM head hold its weight),
+    and BART's and mBART's position embeddings compute their positions: both went to vmap,
+    and the recorder refused these models. Every parameter takes a ghost rule now; one
+    training step's records equal the loop at θ_t."""
+    if name not in tf.models.auto.configuration_auto.CONFIG_MAPPING:
+        pytest.skip(f"transformers {tf.__version__} has no '{name}' model")
+    torch.manual_seed(0)
+    config = tf.AutoConfig.for_model(name, vocab_size=VOCAB, **SEQ2SEQ, **NO_DROPOUT)
+    model = Seq2Seq(tf.AutoModelForSeq2SeqLM.from_config(config), 7).double().eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(3, VOCAB, (6, 12), generator=g)
+    y = x[:, 7:]
+    loss = resolve_loss("causal_lm").fn
+    scorer = gs.Scorer(model, "causal_lm")
+    got = scorer.score_batch(x, y)
+    torch.testing.assert_close(got.sq_norm, gs.Scorer(model, "causal_lm", engine="loop").score_batch(x, y).sq_norm,
+                               rtol=1e-9, atol=0)
+    assert all(v.startswith("ghost") for v in scorer.explain().values()), scorer.explain()
+    before = copy.deepcopy(model)
+    rec = gs.InRun(model.train(), loss="causal_lm", out=tmp_path / "r.h5", targets=(x[4:], y[4:]))
+    with rec.step(range(4), y[:4], lr=0.1):
+        loss(model(x[:4]), y[:4]).mean().backward()
+    rec.close()
+    with h5py.File(tmp_path / "r.h5") as f:
+        rows = {k: f["inrun"][k][()] for k in f["inrun"]}
+    params = [p for p in before.parameters() if p.requires_grad]
+    gJ = torch.autograd.grad(loss(before(x[4:]), y[4:]).mean(), params, allow_unused=True)
+    for b in range(4):
+        g_b = torch.autograd.grad(loss(before(x[b:b + 1]), y[b:b + 1])[0], params, allow_unused=True)
+        np.testing.assert_allclose(rows["sq_norm"][b], sum(float((gi ** 2).sum()) for gi in g_b if gi is not None),
+                                   rtol=1e-9)
+        np.testing.assert_allclose(rows["dot"][b] / rows["share"][b],
+                                   sum(float((gi * gj).sum()) for gi, gj in zip(g_b, gJ)
+                                       if gi is not None and gj is not None), rtol=1e-7, atol=1e-12)

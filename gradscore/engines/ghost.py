@@ -50,9 +50,9 @@ from ..kernels.reference import autocast_off
 from ..kernels.ghost_linear import SharedGrams, sharing
 from .base import Engine, RefBlocks, ScoreBatch, register_engine
 from .fallback import Fallback
-from .free import FreeUses, candidates
+from .free import FreeUses, candidates, leaves
 from .workarounds import torch_workarounds
-from .layout import Layout, establish, observed
+from .layout import NOT_CALLED, Layout, establish, observed
 from .probe import probe
 from .rules import Factor, Rule, cross, find_rule, has_rule
 
@@ -71,6 +71,7 @@ class _Layer:
     problem: str | None = None   # why this layer must go to the fallback after all
     layout: Layout | None = None  # established on the first batch
     skeletons: list = field(default_factory=list)  # probe_all rules: each call's output, leaves as indices
+    idle: bool = False   # not called on the first batch, its weights tied to owners that were: its share is nothing
 
 
 def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
@@ -329,7 +330,7 @@ class GhostEngine(Engine):
         """{parameter name: path}, e.g. 'ghost (linear rule on fc: Linear)', 'vmap (reason)'
         or 'loop (reason; vmap cannot trace this model (…))'. Final after the first batch."""
         uses: dict[str, list[str]] = {}
-        for layer in self.layers:
+        for layer in (layer for layer in self.layers if not layer.idle):
             # a recurrent layer's layout is its final state's: not said
             where = ("" if layer.layout is None or (layer.layout.batch_dim == 0 and not layer.layout.merged)
                      or layer.rule.probe_all else f", {layer.layout.describe()}")
@@ -439,6 +440,10 @@ class GhostEngine(Engine):
             def hook(module, args, kwargs, output, layer=layer):
                 layer.seen += 1
                 if not torch.is_grad_enabled():   # no gradient reaches this call (in-run: a pseudo-labelling call)
+                    return None
+                if layer.idle:   # its share was taken to be nothing: a call with gradient sends its weight away
+                    if any(t.requires_grad for t in leaves(output)):
+                        layer.problem = "was called on this batch, but not on the first, whose layout is kept"
                     return None
                 rule, whole = layer.rule, output
                 act, output = observed(rule, args, kwargs, whole)
@@ -602,8 +607,11 @@ class GhostEngine(Engine):
                 self._free_to_fallback(full, why)
         self._free_problems.clear()
         for layer in self.layers:
-            reason = ("was not called; its parameters are used by another module"
-                      if after_call and layer.seen == 0 and layer.problem is None else layer.problem)
+            reason = (NOT_CALLED if after_call and layer.seen == 0 and layer.problem is None and not layer.idle
+                      else layer.problem)
+            if reason == NOT_CALLED and self._tied_to_called(layer, after_call):
+                layer.idle, layer.problem = True, None   # T5's and BART's `shared` vocabulary: its owners' calls
+                continue
             if reason is None:
                 continue
             self.fallback.update({full: f"{type(layer.module).__name__} '{layer.name}' {reason}"
@@ -612,6 +620,15 @@ class GhostEngine(Engine):
         if moved:
             self._drop_fallback_params()
         return moved
+
+    def _tied_to_called(self, layer: _Layer, after_call: bool) -> bool:
+        """Whether every parameter of an uncalled ``layer`` is tied to another owner that was
+        called (and laid out): then the layer's share of its gradient is nothing. A use of the
+        weight outside its owners' calls is the op watch's (a stray: the fallback)."""
+        others = [o for o in self.layers if o is not layer and not o.idle and o.problem is None
+                  and (o.seen > 0 or not after_call)]
+        return (bool(layer.params) and set(layer.params) == layer.tied
+                and all(any(full in o.params.values() for o in others) for full in layer.params.values()))
 
     def _drop_fallback_params(self) -> None:
         """Take the fallback's parameters out of the ruled layers (and layers left with none)."""

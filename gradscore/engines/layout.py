@@ -305,6 +305,9 @@ def _sums_with_batch_rows(uses1, uses2) -> str | None:
     return None
 
 
+#: a ruled layer the first batch (or a later one) did not call
+NOT_CALLED = "was not called; its parameters are used by another module"
+
 #: a layer whose batch rows are not the examples' own rows, in order
 REORDERED = ("its rows are not the batch's examples in order (the model reorders or mixes the batch before "
              "it): row 0 is not the first example's row alone, or row B − 1 the last's")
@@ -429,7 +432,7 @@ def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: In
         accepted = rule.dims(module)
         r1, r2 = rec1[name], rec2[name]
         if not r1.shapes:
-            out[name] = "was not called; its parameters are used by another module"
+            out[name] = NOT_CALLED
             continue
         if r1.problem:
             out[name] = r1.problem

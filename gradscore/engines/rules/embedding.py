@@ -149,7 +149,8 @@ def scaled_embedding(layer: nn.Embedding, acts, grads, refs, K):
 
 
 class _Lookups(TorchFunctionMode):
-    """Records each op that reads ``weight``: (the op, its bound arguments for F.embedding)."""
+    """Records each op that makes a tensor of ``weight``: (the op, its bound arguments for
+    F.embedding); a read of a property (``weight.device``) makes none."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
@@ -157,10 +158,11 @@ class _Lookups(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if any(a is self.weight for a in (*args, *kwargs.values())):
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor) and any(a is self.weight for a in (*args, *kwargs.values())):
             bound = inspect.signature(F.embedding).bind(*args, **kwargs).arguments if func is F.embedding else None
             self.seen.append((func, bound))
-        return func(*args, **kwargs)
+        return out
 
 
 def _lookup_of(layer: nn.Embedding, call) -> tuple[torch.Tensor | None, str | None]:
