@@ -52,6 +52,15 @@ def _data(n=48, d=10, c=4, seed=0, dtype=torch.float64, image=False):
     return x, torch.randint(0, c, (n,), generator=g)
 
 
+def _check_three_steps(model, x, y, tmp_path) -> None:
+    """Three SGD steps of 8 examples with the recorder (a target of 6 examples): every
+    record against the per-example loop at each step's θ_t."""
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:6], y[:6]))
+    snaps: list = []
+    _train(model, x, y, steps=3, batch=8, rec=rec, snapshots=snaps)
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
+
+
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 def test_training_is_bit_identical_with_the_recorder(tmp_path, opt):
     x, y = _data(dtype=torch.float32)
@@ -118,10 +127,7 @@ def test_prelu_is_recorded_as_the_loop(tmp_path, slopes):
     model = nn.Sequential(nn.Linear(10, 12), nn.PReLU(slopes), nn.Linear(12, 12), nn.PReLU(), nn.Linear(12, 4)).double()
     with torch.no_grad():
         model[1].weight.uniform_(-0.5, 0.8)
-    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:6], y[:6]))
-    snaps: list = []
-    _train(model, x, y, steps=3, batch=8, rec=rec, snapshots=snaps)
-    check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
+    _check_three_steps(model, x, y, tmp_path)
 
 
 class _Bilinear(nn.Module):
@@ -140,10 +146,7 @@ def test_a_bilinear_layer_is_recorded_as_the_loop(tmp_path):
     torch.manual_seed(0)
     (x, y) = _data()
     model = _Bilinear().double()
-    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:6], y[:6]))
-    snaps: list = []
-    _train(model, x, y, steps=3, batch=8, rec=rec, snapshots=snaps)
-    check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
+    _check_three_steps(model, x, y, tmp_path)
 
 
 @pytest.mark.parametrize("stride, output_padding, groups", [(1, 0, 1), (2, 1, 2)])
@@ -157,10 +160,7 @@ def test_a_transposed_conv_is_recorded_as_the_loop(tmp_path, stride, output_padd
                           nn.Tanh(), nn.Flatten(), nn.LazyLinear(4))
     model(x[:1].float())
     model = model.double()
-    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:6], y[:6]))
-    snaps: list = []
-    _train(model, x, y, steps=3, batch=8, rec=rec, snapshots=snaps)
-    check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
+    _check_three_steps(model, x, y, tmp_path)
 
 
 @pytest.mark.parametrize("kind", ["RNN", "GRU", "LSTM"])
@@ -170,10 +170,7 @@ def test_recurrent_cells_in_the_models_loop_are_recorded_as_the_loop(tmp_path, k
     torch.manual_seed(0)
     (x, y) = _data()
     model = CellLoop(kind).double()
-    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:6], y[:6]))
-    snaps: list = []
-    _train(model, x, y, steps=3, batch=8, rec=rec, snapshots=snaps)
-    check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
+    _check_three_steps(model, x, y, tmp_path)
 
 
 class _MergedRows(nn.Module):
@@ -194,10 +191,7 @@ def test_layers_on_rows_merged_with_the_batch_are_recorded_as_the_loop(tmp_path)
     torch.manual_seed(0)
     (x, y) = _data()
     model = _MergedRows().double()
-    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:6], y[:6]))
-    snaps: list = []
-    _train(model, x, y, steps=3, batch=8, rec=rec, snapshots=snaps)
-    check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
+    _check_three_steps(model, x, y, tmp_path)
 
 
 @pytest.mark.parametrize("where", ["before", "after"])
@@ -310,10 +304,7 @@ def test_a_users_forward_hook_that_changes_a_layers_output_in_training(tmp_path)
     model, (x, y) = mlp(d_in=10, hidden=64, n_classes=4, depth=2).double(), _data()
     model[1].register_forward_hook(lambda mod, args, out: out * 2)
     model[3].register_forward_hook(lambda mod, args, out: torch.tanh(out))
-    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:6], y[:6]))
-    snaps: list = []
-    _train(model, x, y, steps=3, batch=8, rec=rec, snapshots=snaps)
-    check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
+    _check_three_steps(model, x, y, tmp_path)
 
 
 def test_instance_norm_with_running_stats_in_training(tmp_path):
