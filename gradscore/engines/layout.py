@@ -531,9 +531,11 @@ def _check_order(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], fo
                 free_found[name] = "is added to rows that are not the batch's examples in order"
             else:
                 found[name] = REORDERED
+    if couples_examples(torch.cat([first_out, last_out]), batched, working):
+        return True   # every parameter takes the fallback: no layer's order matters
     for name in _leaky(model, layers, found, concat([take(x, 0), take(x, B - 1)]), working):   # after the above
         found[name] = REORDERED
-    return couples_examples(torch.cat([first_out, last_out]), batched, working)
+    return False
 
 
 def _leaky(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], found: dict[str, Layout | str],
