@@ -290,7 +290,7 @@ class OwnPositions(nn.Embedding):
     BioGPT's), "expand" ((B, T) from one row, BART's, which reads ``self.weight.device``);
     the rule's look-alikes: "scaled" (rows
     times 2), "twice" (two lookups), "no_padding" (F.embedding without its padding_idx),
-    "detached" (no gradient in the weight)."""
+    "detached" (no gradient in the weight); "twice_later" (one lookup up to 4 steps, two after)."""
 
     def __init__(self, kind: str, steps: int, d: int):
         super().__init__(steps + 3, d, padding_idx=0 if kind == "no_padding" else None)
@@ -305,7 +305,7 @@ class OwnPositions(nn.Embedding):
         ids = position_ids + 2
         if self.kind == "scaled":
             return super().forward(ids) * 2
-        if self.kind == "twice":
+        if self.kind == "twice" or (self.kind == "twice_later" and mask.shape[1] > 4):
             return super().forward(ids) + super().forward(ids - 1)
         if self.kind == "no_padding":
             return F.embedding(ids, self.weight)

@@ -1011,6 +1011,20 @@ def test_an_embedding_that_computes_its_own_ids_takes_the_rule_only_where_it_ret
     assert scorer.explain()["tokens.weight"].startswith("ghost (embedding rule"), scorer.explain()
 
 
+def test_an_embedding_whose_forward_looks_up_otherwise_on_a_later_batch_is_one_gradscore_error():
+    """Its rule was checked on the first batch; a later batch whose forward looks the weight
+    up twice cannot give its ids: one GradscoreError naming the layer, not a raw error."""
+    torch.manual_seed(0)
+    model = PositionsNet("twice_later", 6, most=6).double().eval()
+    scorer = gs.Scorer(model)
+    ids = torch.randint(1, 11, (3, 6), generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2])
+    scorer.score_batch(ids[:, :4], y)
+    assert scorer.explain()["positions.weight"].startswith("ghost (own_embedding rule"), scorer.explain()
+    with pytest.raises(gs.GradscoreError, match="OwnPositions does not read its weight through one F.embedding"):
+        scorer.score_batch(ids, y)
+
+
 def test_bad_targets_are_one_gradscore_error_from_every_engine():
     model, x, _ = _prepare("recurrent", ("GRU", 1, False, True, True, False))
     for engine in ("auto", "vmap", "loop"):

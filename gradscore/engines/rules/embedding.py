@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from ...exceptions import EngineError
 from ...kernels import acc_dtype
 from .registry import Factor, computes, register_rule, register_structural
 
@@ -204,9 +205,16 @@ def _looks_up_its_rows(layer: nn.Embedding, call, output: torch.Tensor) -> str |
 
 def _ids_of(layer: nn.Embedding, calls, grads) -> list[torch.Tensor]:
     """Each call's looked-up ids, with as many rows as its output gradient (one row for the
-    whole batch, BioGPT's (1, T) positions, expanded)."""
-    ids = [_lookup_of(layer, call)[0] for call in calls]
-    return [i.expand(len(g), *i.shape[1:]) if len(i) == 1 else i for i, g in zip(ids, grads)]
+    whole batch, BioGPT's (1, T) positions, expanded); an EngineError where a later batch's
+    forward no longer looks its weight up as the first batch's did."""
+    out = []
+    for call, g in zip(calls, grads):
+        ids, why = _lookup_of(layer, call)
+        if ids is None:
+            raise EngineError(f"{type(layer).__name__} {why} on this batch, unlike on the first, where its rule was "
+                              f"checked; score with engine='vmap'")
+        out.append(ids.expand(len(g), *ids.shape[1:]) if len(ids) == 1 else ids)
+    return out
 
 
 @register_structural(_like_own_embedding, verify=_looks_up_its_rows, supports=_supports, call=True, expands=True,
