@@ -106,6 +106,21 @@ def leaves(obj) -> Iterator[torch.Tensor]:
             yield from leaves(o)
 
 
+def map_leaves(out, fn, plain: bool = False):
+    """``out`` with every tensor leaf t replaced by fn(t), through tuples, lists, dicts and
+    named tuples (PackedSequence); ``plain``: named tuples become plain tuples."""
+    if isinstance(out, torch.Tensor):
+        return fn(out)
+    if isinstance(out, dict):
+        return {k: map_leaves(v, fn, plain) for k, v in out.items()}
+    if isinstance(out, (tuple, list)):
+        items = [map_leaves(o, fn, plain) for o in out]
+        if isinstance(out, list):
+            return items
+        return type(out)(*items) if hasattr(out, "_fields") and not plain else tuple(items)
+    return out
+
+
 def needs_grad(out) -> bool:
     """Whether any tensor of an op's result (a tuple's too) needs a gradient."""
     return any(t.requires_grad for t in leaves(out))

@@ -50,7 +50,7 @@ from ..kernels.reference import autocast_off
 from ..kernels.ghost_linear import SharedGrams, sharing
 from .base import Engine, RefBlocks, ScoreBatch, register_engine
 from .fallback import Fallback
-from .free import FreeUses, candidates, leaves
+from .free import FreeUses, candidates, leaves, map_leaves
 from .workarounds import torch_workarounds
 from .layout import NOT_CALLED, Layout, establish, observed
 from .probe import probe
@@ -138,26 +138,11 @@ def plan_layers(model: nn.Module, param_names: list[str]) -> tuple[list[_Layer],
     return layers, fallback
 
 
-def _map_leaves(out, fn, plain: bool = False):
-    """``out`` with every tensor leaf t replaced by fn(t), through tuples, lists, dicts and
-    named tuples (PackedSequence); ``plain``: named tuples become plain tuples."""
-    if isinstance(out, torch.Tensor):
-        return fn(out)
-    if isinstance(out, dict):
-        return {k: _map_leaves(v, fn, plain) for k, v in out.items()}
-    if isinstance(out, (tuple, list)):
-        items = [_map_leaves(o, fn, plain) for o in out]
-        if isinstance(out, list):
-            return items
-        return type(out)(*items) if hasattr(out, "_fields") and not plain else tuple(items)
-    return out
-
-
 def _unchanged(out, versions: list[int]):
     """``out`` with each tensor leaf whose version is no longer the one in ``versions``
-    (in :func:`_map_leaves` order) replaced by None."""
+    (in :func:`map_leaves` order) replaced by None."""
     left = iter(versions)
-    return _map_leaves(out, lambda t: t if t._version == next(left) else None)
+    return map_leaves(out, lambda t: t if t._version == next(left) else None)
 
 
 def _deltas_like(skeleton, grads: dict[int, torch.Tensor]):
@@ -466,7 +451,7 @@ class GhostEngine(Engine):
                 if layer.problem or not output.requires_grad:  # no_grad: no gradient reaches it
                     return None
                 if rule.call:  # the whole call, as the layer saw it
-                    act = _map_leaves((args, kwargs), torch.Tensor.detach)   # PackedSequence data too
+                    act = map_leaves((args, kwargs), torch.Tensor.detach)   # PackedSequence data too
                     if shared:   # Rule.expands: the rule expands what it reads of the call
                         output = output.expand(B, *output.shape[1:])
                 elif shared:  # one row for the whole batch: give each example its copy
@@ -505,7 +490,7 @@ class GhostEngine(Engine):
         are keyed (call, leaf index), and its skeleton keeps the structure."""
         call, index, versions = len(layer.acts), [0], []
         # the output too, with its version, which tells whether it is still what the call returned
-        kept = _map_leaves(whole, lambda t: versions.append(t._version) or t.detach(), plain=True)
+        kept = map_leaves(whole, lambda t: versions.append(t._version) or t.detach(), plain=True)
         layer.acts.append((call_inputs, kept, versions))
 
         def probe_leaf(t: torch.Tensor):
@@ -515,9 +500,9 @@ class GhostEngine(Engine):
             index[0] += 1
             return probe(t, z, lambda d: on_grad(d, layer, (call, i)), contiguous)
 
-        probed = _map_leaves(whole, probe_leaf)
+        probed = map_leaves(whole, probe_leaf)
         counter = iter(range(index[0]))
-        layer.skeletons.append(_map_leaves(whole, lambda t: next(counter) if t.is_floating_point()
+        layer.skeletons.append(map_leaves(whole, lambda t: next(counter) if t.is_floating_point()
                                            and t.requires_grad else None, plain=True))
         return probed
 

@@ -56,7 +56,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..batch import Inputs, batch_len, call_model, concat, take
 from ..kernels.reference import autocast_dtypes, autocast_off
-from .free import Views, graph_nodes, in_place, last_node, misfit, needs_grad, op_nodes, unseen_uses
+from .free import Views, graph_nodes, in_place, last_node, map_leaves, misfit, needs_grad, op_nodes, unseen_uses
 from .rules import Rule
 from .rules.registry import close
 from .workarounds import torch_workarounds
@@ -200,13 +200,6 @@ def observed(rule: Rule, args: tuple, kwargs: dict, output) -> tuple:
     return (args[0] if args else next(iter(kwargs.values()), None)), output
 
 
-def _detached(arguments):
-    """A call's positional (tuple) or keyword (dict) arguments, their tensors detached."""
-    if isinstance(arguments, dict):
-        return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in arguments.items()}
-    return tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in arguments)
-
-
 def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inputs,
             params: dict[int, tuple[str, tuple[str, ...]]], free: dict[int, str], verify: bool = False,
             plan: dict[str, list[str]] | None = None) -> tuple[dict[str, _Record], _Uses]:
@@ -229,7 +222,8 @@ def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inpu
         record.shapes.append((tuple(act.shape), tuple(output.shape)))
         record.outputs.append(output)   # its autograd node is read after the forward (torch.compile may trace this)
         if verify and rule.verify is not None and record.sample is None:   # a whole-call rule: its call
-            record.sample = ((_detached(args), _detached(kwargs)) if rule.call else act.detach(), output.detach())
+            record.sample = (map_leaves((args, kwargs), torch.Tensor.detach) if rule.call else act.detach(),
+                             output.detach())
         uses: list = []
         record.uses.append(uses)
         mode.watch(output, uses)
