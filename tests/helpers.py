@@ -533,13 +533,18 @@ class FreeNet(nn.Module):
     pos[0]).tanh().flip(0)), "const" (h * (pos / c), c a buffer), "widen" (γ (5,) times a
     (n + 1, 5) buffer, its last n rows), "three" (γ (5,) times a (3, 5) buffer, repeated to
     n rows: 3 rows, as many as the tests' batches, that are not the batch's), "none_index"
-    (h * γ[None, None, :], γ (5,): one indexing, three autograd nodes). Not taken:
-    "linear" (F.linear(h, w), w (1, 5)), "sum" (pos summed over
-    the tokens), "reorder" (added to the batch's rows reversed), "function" (a custom
-    autograd.Function of h and pos: its forward runs without gradients), "tuple"
-    (torch.broadcast_tensors, whose result is a tuple), "list" (torch.stack([pos])),
-    "checkpoint" (h * pos inside torch.utils.checkpoint, which would recompute it with pos
-    itself), "setitem" (a copy of pos with one token zeroed in place, then added),
+    (h * γ[None, None, :], γ (5,): one indexing, three autograd nodes), "sum" (pos summed over
+    the tokens), "list" (torch.stack([pos])); and made by any other op of pos alone, each
+    use then running that op's backward per example: "embedding" (F.embedding of the ids
+    into a (3, 5) table: T5's relative attention bias), "embedding_twice" (that, added then
+    multiplied), "interpolate" (F.interpolate: BEiT's table), "cat_slices" (torch.cat of
+    two slices, one scaled), "sdpa" (a (T, T) attention mask looked up in the table, for
+    F.scaled_dot_product_attention of the tokens, batch first in every layout). Not taken:
+    "linear" (F.linear(h, w), w (1, 5)), "reorder" (added to the batch's rows reversed),
+    "function" (a custom autograd.Function of h and pos: its forward runs without
+    gradients), "tuple" (torch.broadcast_tensors, whose result is a tuple), "checkpoint"
+    (h * pos inside torch.utils.checkpoint, which would recompute it with pos itself),
+    "setitem" (a copy of pos with one token zeroed in place, then added),
     "view_setitem" (the same through a view of the copy), "into" (pos written into a zero
     tensor, then added), "batch_shaped" (pos times ones of shape (n, B, 5), then example 0's
     slice added: its shape follows the batch's). ``layout``: "batch", "TB" (2 tokens:
@@ -549,9 +554,12 @@ class FreeNet(nn.Module):
 
     TAKEN = ("vit", "vit_after", "twice", "radd", "inplace", "expand_as", "torch_add", "scale", "squeeze", "rank2",
              "gamma", "reshaped", "cast", "addcmul", "where", "index", "slice", "table", "permute", "repeat", "exp",
-             "sigmoid", "chain", "const", "widen", "three", "none_index")
-    KINDS = TAKEN + ("linear", "sum", "reorder", "function", "tuple", "list", "checkpoint", "setitem",
+             "sigmoid", "chain", "const", "widen", "three", "none_index", "sum", "list", "embedding",
+             "embedding_twice", "interpolate", "cat_slices", "sdpa")
+    KINDS = TAKEN + ("linear", "reorder", "function", "tuple", "checkpoint", "setitem",
                      "view_setitem", "into", "batch_shaped")
+    #: taken with the tokens sequence-first too: the use is batch first whatever the layout
+    BATCH_FIRST = ("sdpa",)
 
     def __init__(self, kind: str, layout: str = "batch", D: int = 5):
         super().__init__()
@@ -563,11 +571,13 @@ class FreeNet(nn.Module):
         n = self.T + (kind != "vit_after")
         shape = ((1, D) if kind in ("linear", "rank2")
                  else (D,) if kind in ("gamma", "reshaped", "addcmul", "widen", "three", "none_index")
-                 else (3, D) if kind == "table" else (D, n) if kind == "permute"
+                 else (3, D) if kind in ("table", "embedding", "embedding_twice", "sdpa")
+                 else (D, n) if kind == "permute"
                  else ((n + 2, 1, D) if seq else (1, n + 2, D)) if kind == "slice"
                  else (1, 1, D) if seq or kind == "scale" else (1, n, D))
         self.pos_embed = nn.Parameter(0.5 * torch.randn(*shape))
         self.register_buffer("ids", torch.tensor([0, 2, 1, 2, 0])[:n], persistent=False)
+        self.register_buffer("rel", (torch.arange(n)[:, None] - torch.arange(n)[None]) % 3, persistent=False)
         self.register_buffer("c", 0.5 + torch.rand((n + 1, D) if kind == "widen" else (3, D) if kind == "three"
                                                    else shape), persistent=False)
 
@@ -635,6 +645,19 @@ class FreeNet(nn.Module):
             h = h + (pos * self.c).repeat(2, 1)[:h.shape[tokens]].unsqueeze(rows)
         elif kind == "none_index":   # several autograd nodes from one op (DeBERTa's q_bias[None, None, :])
             h = h * pos[None, None, :]
+        elif kind == "embedding":
+            h = h + F.embedding(self.ids, pos).unsqueeze(rows)
+        elif kind == "embedding_twice":
+            b = F.embedding(self.ids, pos).unsqueeze(rows)
+            h = (h + b) * b
+        elif kind == "interpolate":
+            h = h + F.interpolate(pos, size=2 * pos.shape[-1], mode="linear")[..., ::2]
+        elif kind == "cat_slices":
+            h = h + torch.cat([pos[..., :2], 2 * pos[..., 2:]], -1)
+        elif kind == "sdpa":
+            b = h.movedim(rows, 0)
+            mask = F.embedding(self.rel, pos)[..., 0]
+            h = h + F.scaled_dot_product_attention(b, b, b, attn_mask=mask).movedim(0, rows)
         elif kind == "sum":
             h = h + pos.sum(tokens, keepdim=True)
         elif kind == "batch_shaped":
@@ -667,6 +690,63 @@ class FreeNet(nn.Module):
             q[...] = pos
             h = h + q
         return self.head(torch.tanh(h).mean(tokens))
+
+
+class RelativeBias(nn.Module):
+    """Self-attention on tokens (B, T, 5), 2 heads of 2, whose scores get a bias per head
+    and relative offset from an ``nn.Embedding`` of the (T, T) offsets: one output for the
+    whole batch (T5's and MPNet's relative attention bias), then a head on the mean token.
+    ``kind``: how the bias meets the scores. Taken (the Embedding's weight, by the
+    free-parameter rule through the embedding's backward): "add" (scores + bias), "sdpa"
+    (F.scaled_dot_product_attention's attn_mask), "masked" (a causal mask added to the
+    bias first: T5's decoder), "shared" (a second attention over the first's output,
+    reusing the bias: T5's blocks), "expand" (the bias expanded to (B, 2, T, T): MPNet's).
+    Not taken: "matmul" (bias @ v, not a sum with the scores). ``layout``: "batch",
+    "seq_first" (tokens (T, B, 5) into the projection, attention batch first), "T1" (one
+    token: the Embedding returns one row), "TB" (T == B == 3)."""
+
+    TAKEN = ("add", "sdpa", "masked", "shared", "expand")
+    KINDS = TAKEN + ("matmul",)
+
+    def __init__(self, kind: str, layout: str = "batch"):
+        super().__init__()
+        self.kind, self.layout = kind, layout
+        self.T = {"TB": 3, "T1": 1}.get(layout, 4)
+        self.qkv, self.head = nn.Linear(5, 12), nn.Linear(4, 3)
+        self.rel = nn.Embedding(5, 2)
+        offsets = torch.arange(self.T)[None] - torch.arange(self.T)[:, None]
+        self.register_buffer("buckets", offsets.clamp(-2, 2) + 2, persistent=False)
+        self.register_buffer("causal", -1e4 * torch.ones(self.T, self.T).triu(1), persistent=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """One example's input shape."""
+        return (self.T, 5)
+
+    def _attend(self, q, k, v, bias):
+        if self.kind == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        scores = q @ k.transpose(-1, -2) / 2 ** 0.5
+        if self.kind == "matmul":
+            return scores.softmax(-1) @ v + bias @ v
+        if self.kind == "expand":
+            bias = bias.expand(len(q), -1, -1, -1)
+        return (scores + bias).softmax(-1) @ v
+
+    def forward(self, x):
+        seq = self.layout == "seq_first"
+        q, k, v = self.qkv(x.transpose(0, 1) if seq else x).chunk(3, -1)
+        if seq:
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+        B, T = q.shape[:2]
+        q, k, v = (t.reshape(B, T, 2, 2).transpose(1, 2) for t in (q, k, v))
+        bias = self.rel(self.buckets).permute(2, 0, 1).unsqueeze(0)   # (1, 2, T, T)
+        if self.kind == "masked":
+            bias = bias + self.causal.to(bias.dtype)
+        out = self._attend(q, k, v, bias)
+        if self.kind == "shared":
+            out = self._attend(torch.tanh(out), out, out, bias)
+        return self.head(torch.tanh(out.transpose(1, 2).reshape(B, T, 4)).mean(1))
 
 
 class _Add(torch.autograd.Function):

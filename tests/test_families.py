@@ -19,7 +19,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 import gradscore as gs
 from gradscore.engines.rules import recurrent as recurrent_rule
-from helpers import FreeNet, MyStdConv2d, NormActNet, PositionsNet, ScaleNet
+from helpers import FreeNet, MyStdConv2d, NormActNet, PositionsNet, RelativeBias, ScaleNet
 
 B, T, D = 3, 4, 5
 
@@ -515,10 +515,14 @@ MERGED_GRID = [("merged", (kind, "example", steps)) for kind in MERGED_KINDS for
 MERGED_OTHER_ORDER = [("merged", (kind, order, steps)) for kind in ("Linear", "Embedding")
                       for order in ("step", "twice") for steps in (B, T)]
 FREE_GRID = [("free", (kind, layout)) for kind in FreeNet.KINDS for layout in ("batch", "TB", "T1", "seq_first")]
+#: (how the bias meets the scores, layout): see RelativeBias
+RELATIVE_GRID = [("relative", (kind, layout)) for kind in RelativeBias.KINDS
+                 for layout in ("batch", "seq_first", "T1", "TB")]
 GRID = (AFFINE_GRID + MERGED_GRID + MERGED_OTHER_ORDER + RNN_GRID + CELL_GRID + CELL_UNBATCHED + MHA_GRID
         + CROSS_GRID + BAG_GRID + CONV_GRID
         + CONV_T_GRID + BILINEAR_GRID
-        + NORM_GRID + OWN_GRID + NORM_ACT_GRID + SCALE_GRID + STD_CONV_GRID + FREE_GRID + [("subclass", ())])
+        + NORM_GRID + OWN_GRID + NORM_ACT_GRID + SCALE_GRID + STD_CONV_GRID + FREE_GRID + RELATIVE_GRID
+        + [("subclass", ())])
 
 
 def _build(family, config, n=B):
@@ -583,6 +587,9 @@ def _build(family, config, n=B):
         return model, 2 * torch.randn(n, *model.shape, generator=g, dtype=torch.float64) + 0.5
     if family == "scale":
         model = ScaleNet(*config)
+        return model, torch.randn(n, *model.shape, generator=g, dtype=torch.float64)
+    if family == "relative":
+        model = RelativeBias(*config)
         return model, torch.randn(n, *model.shape, generator=g, dtype=torch.float64)
     if family == "free":
         model = FreeNet(*config)
@@ -900,7 +907,11 @@ def test_a_parameter_the_forward_broadcasts_over_the_batch_takes_the_free_rule(f
         assert why["cls_token"].startswith(("vmap (", "loop (")), why
         assert "as a free parameter it is made by expand into a tensor whose shape follows the batch's ([1, 1, 5] " \
                "for one example, [1, 2, 5] for two)" in why["cls_token"], why
-        assert why["pos_embed"].startswith(("vmap (no ghost rule for FreeNet", "loop (no ghost rule for FreeNet")), why
+        if kind in FreeNet.BATCH_FIRST:
+            assert why["pos_embed"].startswith(free), why
+        else:
+            refused = ("vmap (no ghost rule for FreeNet", "loop (no ghost rule for FreeNet")
+            assert why["pos_embed"].startswith(refused), why
         return
     assert why["cls_token"].startswith(free), why
     if kind in FreeNet.TAKEN:
@@ -916,6 +927,28 @@ def test_a_parameter_the_forward_broadcasts_over_the_batch_takes_the_free_rule(f
                 }.get(kind, ")" if kind != "tuple" else ";")   # no use the rule takes: no ghost rule, nothing added
         assert why["pos_embed"].startswith(("vmap (no ghost rule for FreeNet" + said,   # loop: a Function
                                             "loop (no ghost rule for FreeNet" + said)), why
+
+
+@pytest.mark.parametrize("family,config", RELATIVE_GRID, ids=lambda v: str(v))
+def test_an_embedding_of_the_offsets_one_for_the_batch_takes_the_free_rule_where_it_meets_the_scores(family, config):
+    """An Embedding called on the (T, T) relative offsets returns one bias for the whole
+    batch (T5's and MPNet's relative attention bias): no batch rows for its rule, and it
+    went to vmap. Its weight now takes the free-parameter rule, which follows the
+    embedding, the permute and a mask added, to the sum with each example's scores (an
+    add, an expand, SDPA's attn_mask; used by two attention layers too), and runs the
+    embedding's backward per example there. A bias that meets the values by a matmul
+    still goes to vmap, with the layer's reason. Either way every engine equals the loop."""
+    kind, layout = config
+    scorer = _agree(family, config)
+    scorer.score_batch(*_prepare(family, config)[1:])
+    why = scorer.explain()
+    assert all(v.startswith("ghost (") for n, v in why.items() if n != "rel.weight"), why
+    if kind in RelativeBias.TAKEN:
+        assert why["rel.weight"].startswith("ghost (free-parameter rule"), why
+    else:
+        reason = ("returns one row for the whole batch, used by permute" if layout == "T1"
+                  else "has no batch dimension in its input or output")
+        assert why["rel.weight"].startswith(f"vmap (Embedding 'rel' {reason}"), why
 
 
 @pytest.mark.parametrize("family,config", STD_CONV_GRID, ids=lambda v: str(v))

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscore as gs
-from helpers import (CellLoop, ChannelsLastNorm, FreeNet, MyStdConv2d, NormActCNN, PatchTokens, Reversed,
-                     check_inrun_against_loop, inrun_reference)
+from helpers import (CellLoop, ChannelsLastNorm, FreeNet, MyStdConv2d, NormActCNN, PatchTokens, RelativeBias,
+                     Reversed, check_inrun_against_loop, inrun_reference)
 from gradscore.demos.models import digits_cnn, mlp, recurrent_classifier
 from gradscore.engines.rules.registry import FactoredRef
 from gradscore.scores import inrun as inrun_scores
@@ -1841,24 +1841,26 @@ def test_structural_rules_are_checked_in_full_precision_under_autocast(tmp_path)
 
 
 class _Tokens(nn.Module):
-    """FreeNet on flat inputs (B, T·5), as _train and _data give them."""
+    """FreeNet (or ``net``, RelativeBias) on flat inputs (B, T·5), as _train and _data give them."""
 
-    def __init__(self, kind: str, layout: str = "batch"):
+    def __init__(self, kind: str, layout: str = "batch", net: type = FreeNet):
         super().__init__()
-        self.net = FreeNet(kind, layout)
+        self.net = net(kind, layout)
 
     def forward(self, x):
         return self.net(x.reshape(len(x), *self.net.shape))
 
 
 @pytest.mark.parametrize("kind", ["vit", "twice", "inplace", "torch_add", "scale", "rank2", "gamma", "reshaped",
-                                  "addcmul", "where", "slice", "table", "exp", "chain", "widen"])
+                                  "addcmul", "where", "slice", "table", "exp", "chain", "widen", "embedding",
+                                  "interpolate", "sdpa"])
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 def test_parameters_the_forward_uses_directly_train_bit_identically_with_the_recorder(tmp_path, kind, opt):
     """A ViT's class token and position embedding (the free-parameter rule: expanded over
     the batch in each use) leave training bit for bit what it is without the recorder, in
     float32, one use or two, broadcast over the batch alone or over the tokens too, of the
-    parameter or of a slice, a table's rows or an elementwise function of it."""
+    parameter or of a slice, a table's rows or an elementwise function of it, or of what
+    other ops make of it (whose backward the recorder runs per example within the step's)."""
     x, y = _data(d=20, c=3, dtype=torch.float32)
 
     def fresh():
@@ -1889,7 +1891,36 @@ def test_parameters_the_forward_uses_directly_are_recorded_as_the_loop_scores_th
     check_inrun_against_loop(rec.close(), model, snaps, x, y, targets)
 
 
-@pytest.mark.parametrize("kind", ["sum", "reorder", "checkpoint", "setitem"])
+@pytest.mark.parametrize("kind", RelativeBias.TAKEN)
+def test_an_embedding_of_the_offsets_is_recorded_as_the_loop_scores_it_and_trains_bit_identically(tmp_path, kind):
+    """T5's relative attention bias (one Embedding output for the batch, added to every
+    example's scores), refused before: recorded equal to the loop at θ_t in float64 (two
+    micro-batches a step), and in float32 training stays bit for bit what it is without
+    the recorder, which runs the embedding's backward per example inside the step's."""
+    torch.manual_seed(0)
+    model = _Tokens(kind, "TB", net=RelativeBias).double()
+    x, y = _data(d=15, c=3)
+    targets = (x[40:], y[40:])
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=targets)
+    snaps: list = []
+    _train(model, x, y, steps=3, batch=6, rec=rec, micro=2, snapshots=snaps)
+    assert not rec.engine.fallback and set(rec.engine.free) == {"net.rel.weight"}
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, targets)
+    x, y = _data(d=20, c=3, dtype=torch.float32)
+
+    def fresh():
+        torch.manual_seed(1)
+        return _Tokens(kind, net=RelativeBias)
+    plain = _train(fresh(), x, y, steps=5, batch=12, opt="adam")
+    model = fresh()
+    rec = gs.InRun(model, out=tmp_path / "f.h5", targets=(x[:8], y[:8]))
+    recorded = _train(model, x, y, steps=5, batch=12, opt="adam", rec=rec)
+    for (n, a), (_, b) in zip(plain.state_dict().items(), recorded.state_dict().items()):
+        assert torch.equal(a, b), n
+    rec.close()
+
+
+@pytest.mark.parametrize("kind", ["linear", "reorder", "checkpoint", "setitem"])
 def test_a_parameter_the_forward_uses_otherwise_is_refused_in_training_with_why(tmp_path, kind):
     """Refused before the first step changes anything (a checkpointed use would have
     crashed the step's backward: its recomputation saw other shapes)."""
@@ -1897,7 +1928,7 @@ def test_a_parameter_the_forward_uses_otherwise_is_refused_in_training_with_why(
     model = _Tokens(kind).double()
     before = copy.deepcopy(model.state_dict())
     rec = gs.InRun(model, out=tmp_path / "r.h5")
-    said = {"sum": r"\.", "reorder": "; as a free parameter it is added to rows that are not",
+    said = {"linear": r"\.", "reorder": "; as a free parameter it is added to rows that are not",
             "checkpoint": "; as a free parameter it is used by mul under saved-tensor hooks",
             "setitem": r"; as a free parameter it is changed in place \(its copy or view\) before its use by add"}[kind]
     with pytest.raises(gs.GradscoreError, match="net.pos_embed: no ghost rule for FreeNet" + said):

@@ -181,7 +181,7 @@ def test_sequence_first_with_T_equal_to_B_and_T_1(T):
 @pytest.mark.parametrize("layout", ["batch", "TB", "seq_first"])
 def test_parameters_the_forward_uses_directly_are_sketched_as_the_loop_gives(kind, layout):
     """A class token and position embedding (the free-parameter rule, through a table's
-    rows or an elementwise function too; "sum" and sequence-first: the fallback): their
+    rows, an elementwise function or a sum too; sequence-first: the fallback): their
     dense blocks against each example's gradient."""
     torch.manual_seed(0)
     model = FreeNet(kind, layout).double().eval()
@@ -192,7 +192,7 @@ def test_parameters_the_forward_uses_directly_are_sketched_as_the_loop_gives(kin
     engine = SketchEngine(model, LOSS, names, proj)
     got = engine.sketch_batch(x, y).dots
     torch.testing.assert_close(got, proj.apply(loop_grads(model, x, y, names)), rtol=1e-10, atol=1e-12)
-    taken = layout != "seq_first" and kind != "sum"
+    taken = layout != "seq_first"
     assert ("pos_embed" in engine.free) == taken and ("pos_embed" in engine.fallback) == (not taken)
 
 

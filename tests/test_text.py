@@ -154,8 +154,11 @@ def test_vmap_refusal_is_one_clear_error():
         gs.Scorer(MaskCheck().eval(), engine="vmap").score_batch(torch.randn(3, 4), torch.tensor([0, 1, 2]))
 
 
-def test_shared_row_used_otherwise_falls_back():
-    """A batch-broadcast output that is not simply added to batch rows goes to vmap."""
+@pytest.mark.parametrize("use", ["mul", "matmul"])
+def test_shared_row_used_otherwise_takes_the_free_rule_or_falls_back(use):
+    """A batch-broadcast output that is not simply added to batch rows: multiplied with
+    them, the free-parameter rule takes the embedding's weight (through its backward);
+    through a matmul it goes to vmap, with the layer's reason."""
     from torch import nn
 
     class PosSelect(nn.Module):
@@ -165,7 +168,8 @@ def test_shared_row_used_otherwise_falls_back():
 
         def forward(self, ids):
             p = self.pos(torch.arange(ids.shape[1]).unsqueeze(0))   # (1, T, 4)
-            return self.head(self.tok(ids) * p).mean(1)              # multiplied, not added
+            h = self.tok(ids)
+            return self.head(h * p if use == "mul" else (h @ p.transpose(1, 2)) @ p).mean(1)
 
     torch.manual_seed(0)
     model = PosSelect().double().eval()
@@ -175,8 +179,12 @@ def test_shared_row_used_otherwise_falls_back():
     scorer = gs.Scorer(model, engine="ghost")
     got = scorer.score_batch(ids, y)
     torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-6, atol=1e-12)
-    assert scorer.explain()["pos.weight"].startswith("vmap") and "used by mul" in scorer.explain()["pos.weight"]
-    assert scorer.explain()["tok.weight"].startswith("ghost")
+    why = scorer.explain()
+    if use == "mul":
+        assert why["pos.weight"].startswith("ghost (free-parameter rule"), why
+    else:
+        assert why["pos.weight"].startswith("vmap (Embedding 'pos' returns one row for the whole batch"), why
+    assert why["tok.weight"].startswith("ghost")
 
 
 def test_tied_checkpoint_roundtrip(tmp_path):

@@ -11,11 +11,13 @@ expand's backward is the broadcast's reduction). The probe's δ, summed over eve
 dimension P was broadcast over except the batch's, is each example's gradient of P
 through that use; the uses of a call add up.
 
-Only two kinds of use are taken, where row b of the result reads no other row of P's
+Three kinds of use are taken, where row b of the result reads no other row of P's
 expansion: an elementwise op of P with tensors whose broadcast shape has the batch in
-dimension 0, which P has not (it is 1 there, or P has fewer dimensions), and an
-``expand``/``expand_as`` to such a shape. What the forward makes of P before such a use
-passes P on (:class:`Views`), with a map from its elements to P's:
+dimension 0, which P has not (it is 1 there, or P has fewer dimensions), an
+``expand``/``expand_as`` to such a shape, and ``F.scaled_dot_product_attention`` with P
+as its ``attn_mask`` (a sum with the scores, BEiT's relative position bias). What the
+forward makes of P before such a use passes P on (:class:`Views`), with a map from its
+elements to P's:
 
 - views, casts and copies that keep P's elements in their order (``reshape``, ``view``,
   ``unsqueeze``, ``flatten``, ``to``, ``float``, ``clone``): the identity;
@@ -26,15 +28,26 @@ passes P on (:class:`Views`), with a map from its elements to P's:
 - elementwise functions of P alone, or of P and tensors without a gradient (``P.exp()``,
   ``P.sigmoid()``, ``P / c``): their derivative in each place, from autograd on a copy.
 
+- any other op of P alone (every operand with a gradient is P or made of it:
+  ``F.embedding(ids, P)``, T5's relative attention bias; ``F.interpolate``, ``torch.cat``
+  of P's slices, ``P.sum()``): no map; at each use, the backward of the ops from the used
+  tensor back to P, batched over the examples (:func:`_backward_per_example`).
+
 So each example's gradient of P through a use is its δ summed to the used tensor's
-shape, times the derivatives, added into P's elements by the map. That the batch is in
+shape, times the derivatives, added into P's elements by the map (or through those ops'
+backward). That the batch is in
 dimension 0 is established on the first batch from evidence (:mod:`.layout`: every use
 has 1 row for one example and 2 for two, and what is made of P the same shape for both;
 a sequence-first (T, B, d) never does), and that those rows are the examples' own, in
 order, from the batch's first and last examples run alone. Any other use of P with a
-gradient (``F.linear(x, P)``, ``P.sum()``, ``torch.cat([P, x])``) sends P to the
-fallback, as does a copy changed in place before its use, or a use whose shape is not
-the evidence's at scoring time.
+gradient (``F.linear(h, P)``, ``P @ v``, ``torch.cat([P, h])`` with h the batch's, or an
+op of P and another parameter: Swin-v2's position MLP) sends P to the fallback, as does
+a copy changed in place before its use, or a use whose shape is not the evidence's at
+scoring time.
+
+A layer whose rule finds no batch rows in its output (:func:`.layout.batchless`: an
+``nn.Embedding`` of the (T, T) offsets, T5's and MPNet's) has its weights tried by this
+rule too (:meth:`.ghost.GhostEngine._to_free`).
 """
 from __future__ import annotations
 
@@ -165,6 +178,15 @@ def target_shape(func, args: tuple, kwargs: dict, t: torch.Tensor, B: int,
             return None, f"{name} of another tensor to its shape"
         shape = tuple(args[1].shape) if name == "expand_as" else _expand_shape(args, kwargs)
         what = f"{name} to {list(shape)}"
+    elif name == "scaled_dot_product_attention":   # softmax(q kᵀ / √d + attn_mask) v: a sum with the scores
+        query, key = (*args, None, None)[:2] if len(args) >= 2 else (kwargs.get("query"), kwargs.get("key"))
+        if kwargs.get("attn_mask", args[3] if len(args) > 3 else None) is not t or key is None:
+            return None, f"{name} of it as query, key or value"
+        try:
+            shape = tuple(torch.broadcast_shapes(t.shape, (*query.shape[:-1], key.shape[-2])))
+        except RuntimeError:
+            return None, name
+        what = f"{name} as its attn_mask, into scores of shape {list(shape)}"
     elif name in ELEMENTWISE:
         if (name.endswith("_") or name.startswith("__i")) and args[0] is t:
             return None, f"{name} on itself"
@@ -203,6 +225,11 @@ class Views:
         # the parameter's numel); none: the parameter's elements in their order
         self.maps: dict[int, tuple[torch.Tensor, torch.Tensor | None, int]] = {}
         self.made: dict[str, list[tuple[str, tuple[int, ...]]]] = {}   # name -> (op, shape) of what was made
+        self.roots = set(free)                  # the parameters' own ids
+        self.param: dict[str, torch.Tensor] = {}   # name -> the parameter, once an op has used it
+        # id -> the parameter, for a tensor made of it by other ops (:meth:`_through_graph`): its
+        # gradient per example is the backward of those ops, run per example at each use
+        self.graph: dict[int, torch.Tensor] = {}
         self.steps: dict[str, list[str]] = {}   # name -> each op on it or on what was made of it: "use" or "made"
 
     def hits(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -215,22 +242,27 @@ class Views:
         is not), track ``out`` with its map; whether it did."""
         name = _name(func)
         tracked = self.hits(args, kwargs)
-        if not isinstance(out, torch.Tensor) or not tracked or in_place(func) or "out" in kwargs:
+        if not isinstance(out, torch.Tensor) or not tracked or in_place(func) or "out" in kwargs or (
+                name == "view" and any(isinstance(a, torch.dtype) for a in args[1:])):   # reinterprets bits
             return False
         t = tracked[0]
-        if any(o is not t for o in tracked) or self.changed(t) or (
-                not planned and target_shape(func, args, kwargs, t, self.B, hooks=False)[0] is not None):
+        if any(self.changed(o) for o in tracked) or (not planned and any(
+                target_shape(func, args, kwargs, o, self.B, hooks=False)[0] is not None for o in tracked)):
             return False
-        if name in SAME_ELEMENTS or name in SELECTION:
-            if args[0] is not t or (name == "view" and any(isinstance(a, torch.dtype) for a in args[1:])):
-                return False   # t.view(torch.int32) reinterprets its bits
+        for o in tracked:
+            if id(o) in self.roots:
+                self.param.setdefault(self.of[id(o)], o)
+        mapped = all(o is t for o in tracked) and id(t) not in self.graph
+        made = False
+        if mapped and (name in SAME_ELEMENTS or name in SELECTION) and args[0] is t:
             made = self._picked(func, args, kwargs, t, out)
-        elif name in ELEMENTWISE or name in UNARY:
+        elif mapped and (name in ELEMENTWISE or name in UNARY):
             made = self._derived(func, args, kwargs, t, out)
-        else:
-            return False
         if made is False:
-            return False
+            if not self._through_graph(args, kwargs, tracked, out):
+                return False
+            self.graph[id(out)] = self.param[self.of[id(t)]]
+            made = None
         self.of[id(out)] = self.of[id(t)]
         self.version[id(out)] = out._version
         self.alive.append(out)
@@ -240,6 +272,16 @@ class Views:
             self.made.setdefault(self.of[id(t)], []).append((name, tuple(out.shape)))
         self.step(self.of[id(t)], "made")
         return True
+
+    def _through_graph(self, args: tuple, kwargs: dict, tracked: list[torch.Tensor], out: torch.Tensor) -> bool:
+        """Whether any other op makes a tensor of one parameter (``F.embedding(ids, P)``,
+        ``F.interpolate``, ``torch.cat`` of two of its slices): every operand with a gradient
+        is that parameter or made of it, and the result is floating with a gradient. That
+        its shape does not follow the batch (it reads no example) is the first batch's
+        evidence (:mod:`.layout`); each use then runs the op's backward per example."""
+        if not out.is_floating_point() or not out.requires_grad or len({self.of[id(o)] for o in tracked}) != 1:
+            return False
+        return all(id(o) in self.of for o in leaves((args, kwargs)) if o.requires_grad)
 
     def step(self, name: str, kind: str) -> None:
         """Note an op on parameter ``name`` (or on what was made of it): "use" or "made"."""
@@ -381,6 +423,24 @@ def unseen_uses(out, views: Views, consumers: set) -> dict[str, str]:
     return found
 
 
+def _backward_per_example(made: torch.Tensor, param: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Each example's gradient of ``param`` (B, numel) from its gradient ``g`` (B, made.numel())
+    of a tensor the forward made of it (:meth:`Views._through_graph`): the backward of the
+    ops between them, batched over the examples (one at a time where an op has no batched
+    backward). Run from a use's probe, before autograd reaches those ops: their saved
+    tensors are still there, and ``retain_graph`` leaves them for the backward under way."""
+    B = len(g)
+    if B == 0:
+        return g.new_zeros((0, param.numel()))
+    G = g.reshape(B, *made.shape).to(made.dtype)
+    try:
+        (gp,) = torch.autograd.grad(made, param, G, retain_graph=True, is_grads_batched=True, allow_unused=True)
+    except RuntimeError:
+        gp = torch.stack([torch.autograd.grad(made, param, Gb, retain_graph=True, materialize_grads=True)[0]
+                          for Gb in G])
+    return g.new_zeros((B, param.numel())) if gp is None else gp.detach().to(g.dtype).reshape(B, -1)
+
+
 class FreeUses(TorchFunctionMode):
     """While active (one forward of a batch of B: entered, then :meth:`leave`), each op that
     uses a parameter of ``free`` ({id: name}), or a view of one, gets it expanded to the
@@ -459,12 +519,16 @@ class FreeUses(TorchFunctionMode):
         if not self.leaf:
             self.leaf.append(torch.zeros((), device=t.device, requires_grad=True))
         name, use, made = self.views.of[id(t)], self.uses, self.views.maps.get(id(t))
+        root = self.views.graph.get(id(t))
+        through = None if root is None else (t, root)
         self.uses += 1
         rows = (self.B, *((1,) * (len(shape) - t.dim()) + tuple(t.shape))[1:])   # t's elements, per example
-        return probe(t.expand(shape), self.leaf[0], lambda d: self._add(name, use, d, rows, made), self.contiguous)
+        return probe(t.expand(shape), self.leaf[0], lambda d: self._add(name, use, d, rows, made, through),
+                     self.contiguous)
 
     def _add(self, name: str, use: int, delta: torch.Tensor, rows: tuple[int, ...],
-             made: tuple[torch.Tensor, torch.Tensor | None, int] | None) -> None:
+             made: tuple[torch.Tensor, torch.Tensor | None, int] | None,
+             through: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         if self.see is not None and self.see(name, use, delta):
             return
         if use in self.came:
@@ -478,6 +542,8 @@ class FreeUses(TorchFunctionMode):
                 g = g * slope.reshape(1, -1).to(g)
             # index_put_ with accumulate: the same sums in the same order on every run (CUDA too)
             g = g.new_zeros((numel, self.B)).index_put_((numbers.reshape(-1).to(g.device),), g.T, accumulate=True).T
+        if through is not None:
+            g = _backward_per_example(*through, g)
         self.grads[name] = g if name not in self.grads else self.grads[name] + g
 
     def sums(self, refs: dict[str, torch.Tensor | None], K: int

@@ -52,7 +52,7 @@ from .base import Engine, RefBlocks, ScoreBatch, register_engine
 from .fallback import Fallback
 from .free import FreeUses, candidates, leaves, map_leaves
 from .workarounds import torch_workarounds
-from .layout import NOT_CALLED, Layout, establish, observed
+from .layout import NOT_CALLED, Layout, batchless, establish, observed
 from .probe import probe
 from .rules import Factor, Rule, cross, find_rule, has_rule
 
@@ -362,9 +362,14 @@ class GhostEngine(Engine):
         for layer in self.layers:
             for full in layer.params.values():
                 owners.setdefault(full, []).append(layer)
-        found, self._coupled, strays, free, self._free_plan = establish(
-            self.model, {layer.name: (layer.module, layer.rule) for layer in self.layers}, x,
-            {full: (tensors[full], tuple(layer.name for layer in ls)) for full, ls in owners.items()}, self.free)
+
+        def lay_out():
+            return establish(self.model, {layer.name: (layer.module, layer.rule) for layer in self.layers}, x,
+                             {full: (tensors[full], tuple(layer.name for layer in ls)) for full, ls in owners.items()
+                              if full not in self.free}, self.free)
+        found, self._coupled, strays, free, self._free_plan = lay_out()
+        if self._to_free({layer.name: found[layer.name] for layer in self.layers}, owners, tensors):
+            found, self._coupled, strays, free, self._free_plan = lay_out()
         for full, why in free.items():
             if why is not None:
                 self._free_to_fallback(full, why)
@@ -381,6 +386,22 @@ class GhostEngine(Engine):
         self._laid_out = True
         self._moved_to_fallback(after_call=False)
         self._drop_fallback_params()   # the strays
+
+    def _to_free(self, found: dict[str, Layout | str], owners: dict[str, list[_Layer]],
+                 tensors: dict[str, torch.Tensor]) -> bool:
+        """Give the free-parameter rule the weights of the layers whose output has no batch
+        rows (:func:`.layout.batchless`: T5's and MPNet's relative attention bias, an Embedding
+        of the (T, T) offsets): what the forward makes of them, and how it meets the batch,
+        it follows like any parameter's. Whether any layer moved."""
+        moved = [layer for layer in self.layers if self.takes_free and isinstance(found[layer.name], str)
+                 and batchless(found[layer.name]) and all(len(owners[f]) == 1 for f in layer.params.values())
+                 and all(tensors[f].is_floating_point() for f in layer.params.values())]
+        for layer in moved:
+            self.layers.remove(layer)
+            for full in layer.params.values():
+                self.free[full] = tensors[full]
+                self._free_why[full] = f"{type(layer.module).__name__} '{layer.name}' {found[layer.name]}"
+        return bool(moved)
 
     def _add_free(self, state: _BatchSums) -> None:
         """Add the free parameters' shares of the batch (their δ's, summed over their uses) to its sums."""

@@ -270,6 +270,16 @@ def _doubles(one: tuple[int, ...], two: tuple[int, ...]) -> bool:
     return len(one) == len(two) >= 1 and one[0] > 1 and two[0] == 2 * one[0] and one[1:] == two[1:]
 
 
+#: a layer's output with no batch rows: the same for one example as for two (its reasons; :func:`batchless`)
+NO_BATCH = "has no batch dimension in its input or output"
+ONE_ROW = "returns one row for the whole batch"
+
+
+def batchless(reason: str) -> bool:
+    """Whether a layer's reason for the fallback is that its output has no batch rows."""
+    return reason == NO_BATCH or reason.startswith(ONE_ROW)
+
+
 def _batch_dim(act1, out1, act2, out2) -> tuple[int | str | None, str | None]:
     """(batch dim, None), (MERGED, None) for rows merged with the batch, (None, None) for
     one row for the batch, or (None, reason)."""
@@ -281,7 +291,7 @@ def _batch_dim(act1, out1, act2, out2) -> tuple[int | str | None, str | None]:
             return None, None
         if _doubles(act1, act2) and _doubles(out1, out2) and act1[0] == out1[0]:
             return MERGED, None
-        return None, "has no batch dimension in its input or output"
+        return None, NO_BATCH
     return None, (f"has no single batch dimension (input {act1} -> {act2}, output {out1} -> {out2} "
                   f"for 1 and 2 examples)")
 
@@ -294,8 +304,7 @@ def _sums_with_batch_rows(uses1, uses2) -> str | None:
         ok = (name in _SUMS and len(others1) == 1 == len(others2) and res1 == others1[0]
               and res2 == others2[0] and len(res1) == len(res2) and _follows(res1, res2) == [0])
         if not ok:
-            return (f"returns one row for the whole batch, used by {name} (only a sum with batch "
-                    f"rows is exact)")
+            return f"{ONE_ROW}, used by {name} (only a sum with batch rows is exact)"
     return None
 
 
@@ -449,7 +458,7 @@ def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: In
                 break
             found.add(dim)
         if reason is None and rule.call and None in found and not rule.expands:
-            reason = "returns one row for the whole batch"
+            reason = ONE_ROW
         if reason is None and len(found) > 1:
             reason = "was called in different layouts"
         if reason is None:

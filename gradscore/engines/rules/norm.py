@@ -144,10 +144,10 @@ def _computes_rowwise(layer: nn.Module, x: torch.Tensor, expected, what: str) ->
 
 def _like_hf_rms_norm(layer: nn.Module) -> bool:
     """Named like a Hugging Face RMSNorm (LlamaRMSNorm and its copies, GemmaRMSNorm,
-    T5LayerNorm), with one 1-D ``weight``, no submodules and an eps; what it computes is
-    checked by :func:`_computes_rms_norm`."""
+    T5LayerNorm and its copies: MT5LayerNorm, UMT5LayerNorm, LongT5LayerNorm), with one 1-D
+    ``weight``, no submodules and an eps; what it computes is checked by :func:`_computes_rms_norm`."""
     name = type(layer).__name__
-    return ((name.endswith("RMSNorm") or name == "T5LayerNorm") and _row_affine(layer, {"weight"})
+    return ((name.endswith("RMSNorm") or name.endswith("T5LayerNorm")) and _row_affine(layer, {"weight"})
             and _hf_eps(layer) is not None)
 
 
