@@ -152,6 +152,14 @@ def model_cases(device: str) -> dict[str, Case]:
             lambda B: {"input_ids": torch.randint(3, VOCAB - 1, (B, 128), device=device),
                        "attention_mask": torch.ones(B, 128, dtype=torch.long, device=device)},
             loss="causal_lm", batches=(32,))
+        # MPNet: T5's relative attention bias, an Embedding of the (T, T) offsets, one for the batch
+        cases["mpnet_d64_T128"] = Case(lambda: from_config(
+            {"model_type": "mpnet", "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 256,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 160, "num_labels": 2,
+             "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}, task="sequence_classification"),
+            lambda B: {"input_ids": torch.randint(3, VOCAB - 1, (B, 128), device=device),
+                       "attention_mask": torch.ones(B, 128, dtype=torch.long, device=device)},
+            batches=(32,))
     return cases
 
 
@@ -617,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default=None, help="comma-separated subset of the models (default: all of "
                    "mlp_784_1024_1024, digits_cnn, digits_cnn_c128, cifar_cnn_dw, transformer_d128_T64, "
                    "resnet_bn_20k, torch_encoder_d64_T32, lstm_d64_T32, gru_attention_d64_T32, gpt2_d64_T128, "
-                   "opt_d64_T128)")
+                   "opt_d64_T128, mpnet_d64_T128)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (best is kept)")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--epochs", type=int, default=3, help="demo checkpoints for the end-to-end part")

@@ -23,6 +23,7 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from helpers import (ACTS, GroupNormAct, LayerNormAct, LayerScale, cell_steps, check_random_inrun,
@@ -62,18 +63,24 @@ class Free(nn.Module):
     class token put first (expanded to (B, 1, C), or (1, B, C)), "pos" x + a position
     embedding (1, T, C), or (T, 1, C); "slice" x + the middle T of a (T + 2)-token
     embedding; "table" x + rows of a (3, C) table picked by token (a relative position
-    bias); "gate" x * sigmoid(γ)."""
+    bias); "gate" x * sigmoid(γ); "embed" x + F.embedding of the tokens' ids into a (3, C)
+    table, "interp" x + a position embedding interpolated (both taken through their
+    backward, per example); "rel" (x + an nn.Embedding of the tokens' ids, one output for
+    the batch) * γ (C,)."""
 
-    KINDS = ("gamma", "shift", "cls", "pos", "slice", "table", "gate")
+    KINDS = ("gamma", "shift", "cls", "pos", "slice", "table", "gate", "embed", "interp", "rel")
 
     def __init__(self, kind: str, C: int, T: int, seq_first: bool) -> None:
         super().__init__()
         self.kind, self.seq_first = kind, seq_first
-        shape = {"gamma": (C,), "shift": (1, 1, C), "cls": (1, 1, C), "gate": (C,), "table": (3, C),
-                 "pos": (T, 1, C) if seq_first else (1, T, C),
+        tokens = (T, 1, C) if seq_first else (1, T, C)
+        shape = {"gamma": (C,), "shift": (1, 1, C), "cls": (1, 1, C), "gate": (C,), "table": (3, C), "embed": (3, C),
+                 "rel": (C,), "pos": tokens, "interp": tokens,
                  "slice": (T + 2, 1, C) if seq_first else (1, T + 2, C)}[kind]
-        self.p = nn.Parameter((1.0 if kind == "gamma" else 0.0) + 0.3 * torch.randn(*shape))
+        self.p = nn.Parameter((1.0 if kind in ("gamma", "rel") else 0.0) + 0.3 * torch.randn(*shape))
         self.register_buffer("ids", torch.arange(T) % 3, persistent=False)
+        if kind == "rel":
+            self.rel = nn.Embedding(3, C)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "gamma":
@@ -82,7 +89,13 @@ class Free(nn.Module):
             return x * self.p.sigmoid()
         if self.kind in ("shift", "pos"):
             return x + self.p
+        if self.kind == "interp":
+            return x + F.interpolate(self.p, size=2 * self.p.shape[-1], mode="linear")[..., ::2]
         T = x.shape[0 if self.seq_first else 1]
+        if self.kind in ("embed", "rel"):
+            picked = self.rel(self.ids[:T]) if self.kind == "rel" else F.embedding(self.ids[:T], self.p)
+            picked = picked.unsqueeze(1 if self.seq_first else 0)
+            return (x + picked) * self.p if self.kind == "rel" else x + picked
         if self.kind == "slice":
             return x + (self.p[1:T + 1] if self.seq_first else self.p[:, 1:T + 1])
         if self.kind == "table":
