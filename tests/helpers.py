@@ -540,7 +540,8 @@ class FreeNet(nn.Module):
     multiplied), "interpolate" (F.interpolate: BEiT's table), "cat_slices" (torch.cat of
     two slices, one scaled), "sdpa" (a (T, T) attention mask looked up in the table, for
     F.scaled_dot_product_attention of the tokens, batch first in every layout). Not taken:
-    "linear" (F.linear(h, w), w (1, 5)), "reorder" (added to the batch's rows reversed),
+    "linear" (F.linear(h, w), w (1, 5)), "reorder" (added to the batch's rows reversed;
+    "reorder_table": rows of the table looked up by F.embedding),
     "function" (a custom autograd.Function of h and pos: its forward runs without
     gradients), "tuple" (torch.broadcast_tensors, whose result is a tuple), "checkpoint"
     (h * pos inside torch.utils.checkpoint, which would recompute it with pos itself),
@@ -556,7 +557,7 @@ class FreeNet(nn.Module):
              "gamma", "reshaped", "cast", "addcmul", "where", "index", "slice", "table", "permute", "repeat", "exp",
              "sigmoid", "chain", "const", "widen", "three", "none_index", "sum", "list", "embedding",
              "embedding_twice", "interpolate", "cat_slices", "sdpa")
-    KINDS = TAKEN + ("linear", "reorder", "function", "tuple", "checkpoint", "setitem",
+    KINDS = TAKEN + ("linear", "reorder", "reorder_table", "function", "tuple", "checkpoint", "setitem",
                      "view_setitem", "into", "batch_shaped")
     #: taken with the tokens sequence-first too: the use is batch first whatever the layout
     BATCH_FIRST = ("sdpa",)
@@ -571,7 +572,7 @@ class FreeNet(nn.Module):
         n = self.T + (kind != "vit_after")
         shape = ((1, D) if kind in ("linear", "rank2")
                  else (D,) if kind in ("gamma", "reshaped", "addcmul", "widen", "three", "none_index")
-                 else (3, D) if kind in ("table", "embedding", "embedding_twice", "sdpa")
+                 else (3, D) if kind in ("table", "embedding", "embedding_twice", "sdpa", "reorder_table")
                  else (D, n) if kind == "permute"
                  else ((n + 2, 1, D) if seq else (1, n + 2, D)) if kind == "slice"
                  else (1, 1, D) if seq or kind == "scale" else (1, n, D))
@@ -669,6 +670,8 @@ class FreeNet(nn.Module):
             h = h + pos.exp()
         elif kind == "reorder":
             h = (h.flip(rows) + pos).flip(rows)
+        elif kind == "reorder_table":   # through the backward of F.embedding
+            h = (h.flip(rows) + F.embedding(self.ids, pos).unsqueeze(rows)).flip(rows)
         elif kind == "function":
             h = _Add.apply(h, pos)
         elif kind == "tuple":

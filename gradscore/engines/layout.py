@@ -48,6 +48,7 @@ examples' own.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -323,11 +324,14 @@ _Rows = list[tuple[torch.Tensor, torch.Tensor, bool] | None]
 
 class _FreeRows(TorchFunctionMode):
     """Records rows ``picks`` (dimension 0) of each result with a gradient of an op that uses
-    a free parameter ({id: name}); a result without B rows records None."""
+    a free parameter ({id: name}); a result without B rows records None. ``bumps``:
+    {name: example}: that example's rows of each such result of the parameter's uses are
+    changed (:func:`_leaky`; nothing is recorded then)."""
 
-    def __init__(self, free: dict[int, str], B: int, picks: list[int], plan: dict[str, list[str]]) -> None:
+    def __init__(self, free: dict[int, str], B: int, picks: list[int], plan: dict[str, list[str]],
+                 bumps: dict[str, int] | None = None) -> None:
         super().__init__()
-        self.views, self.B, self.picks, self.plan = Views(free, B), B, picks, plan
+        self.views, self.B, self.picks, self.plan, self.bumps = Views(free, B), B, picks, plan, bumps or {}
         self.rows: dict[str, list[torch.Tensor | None]] = {n: [] for n in free.values()}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -337,12 +341,25 @@ class _FreeRows(TorchFunctionMode):
             return out
         if self.views.planned_made(hits, self.plan):
             self.views.note(func, args, kwargs or {}, out, planned=True)
-        else:
-            whole = out.dim() > 0 and out.shape[0] == self.B and not out.is_nested
-            for t in hits:
-                self.rows[self.views.of[id(t)]].append(out.detach()[self.picks] if whole else None)
-            self.views.used(hits)
+            return out
+        whole = out.dim() > 0 and out.shape[0] == self.B and not out.is_nested and out.is_floating_point()
+        names = list(dict.fromkeys(self.views.of[id(t)] for t in hits))
+        self.views.used(hits)
+        bumped = [self.bumps[n] for n in names if n in self.bumps]
+        if bumped and whole:   # an in-place use (h.add_(P)) returns h: change it where it is
+            out = out if in_place(func) else out.detach().clone()
+            with torch.no_grad():
+                _bump(out[bumped[0]])
+        elif not self.bumps:
+            for name in names:
+                self.rows[name].append(out.detach()[self.picks] if whole else None)
         return out
+
+
+def _bump(rows: torch.Tensor) -> None:
+    """Change ``rows`` (one example's, in place) by more than any rounding."""
+    bump = torch.linspace(0.5, 1.5, rows.numel(), dtype=rows.dtype, device=rows.device)
+    rows += bump.reshape(rows.shape) * (1 + float(rows.abs().mean()))
 
 
 def _rows(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], found: dict[str, Layout | str],
@@ -531,32 +548,43 @@ def _check_order(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], fo
     for name, calls in batch_rows.items():
         if _reordered(calls, first_rows.get(name, []), last_rows.get(name, []), model):
             if name in free_found:
-                free_found[name] = "is added to rows that are not the batch's examples in order"
+                free_found[name] = REORDERED_USES
             else:
                 found[name] = REORDERED
     if couples_examples(torch.cat([first_out, last_out]), batched, working):
         return True   # every parameter takes the fallback: no layer's order matters
-    for name in _leaky(model, layers, found, concat([take(x, 0), take(x, B - 1)]), working):   # after the above
-        found[name] = REORDERED
+    pair = concat([take(x, 0), take(x, B - 1)])
+    for name in _leaky(model, layers, found, pair, working, free, plan):   # after the above
+        if name in free_found:
+            free_found[name] = REORDERED_USES
+        else:
+            found[name] = REORDERED
     return False
 
 
+#: a free parameter whose uses' rows are not the batch's examples in order
+REORDERED_USES = "is added to rows that are not the batch's examples in order"
+
+
 def _leaky(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], found: dict[str, Layout | str],
-           pair: Inputs, working: torch.dtype) -> set[str]:
-    """The laid-out layers (with a batch dimension, a tensor output) on ``pair`` (the
-    first and last examples) whose first example's rows, changed, change the model's
-    output for the second, or the other way round: rows that are not each example's own,
-    which rows of nearly equal values (a LayerNorm over 2 features gives ±1 for every row;
-    duplicate examples) hide from the comparison of values. All are changed at once; only
-    where that reaches the other example, each alone."""
-    names = [n for n, f in found.items() if isinstance(f, Layout) and f.batch_dim is not None]
+           pair: Inputs, working: torch.dtype, free: dict[int, str] | None = None,
+           plan: dict[str, list[str]] | None = None) -> set[str]:
+    """The laid-out layers (with a batch dimension, a tensor output) and the taken free
+    parameters (``free``, {id: name}, following ``plan``) on ``pair`` (the first and last
+    examples) whose first example's rows (of the layer's output, of each use's result),
+    changed, change the model's output for the second, or the other way round: rows that
+    are not each example's own, which rows of nearly equal values (a LayerNorm over 2
+    features gives ±1 for every row; duplicate examples) hide from the comparison of
+    values. All are changed at once; only where that reaches the other example, each alone."""
+    free = free or {}
+    names = [n for n, f in found.items() if isinstance(f, Layout) and f.batch_dim is not None] + list(free.values())
     if not names:
         return set()
-    base = _output_changed(model, layers, found, pair, {})
+    base = _output_changed(model, layers, found, pair, {}, free, plan or {})
 
     def leaks(subset: list[str]) -> bool:
         for block in (0, 1):
-            out = _output_changed(model, layers, found, pair, dict.fromkeys(subset, block))
+            out = _output_changed(model, layers, found, pair, dict.fromkeys(subset, block), free, plan or {})
             if not close(out[1 - block], base[1 - block], working):
                 return True
         return False
@@ -564,9 +592,11 @@ def _leaky(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], found: d
 
 
 def _output_changed(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], found: dict[str, Layout | str],
-                    pair: Inputs, blocks: dict[str, int]) -> torch.Tensor:
+                    pair: Inputs, blocks: dict[str, int], free: dict[int, str], plan: dict[str, list[str]]
+                    ) -> torch.Tensor:
     """The model's output (detached) on a ``pair`` of examples, each layer in ``blocks``
-    given an output changed in that example's rows (along its layout's batch dimension)."""
+    given an output changed in that example's rows (along its layout's batch dimension),
+    and each free parameter in ``blocks`` its uses' results changed there (:class:`_FreeRows`)."""
     def change(module, args, output, layout, block):
         if not isinstance(output, torch.Tensor) or not output.is_floating_point():
             return None
@@ -574,14 +604,14 @@ def _output_changed(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]],
         rows = layout.rows(changed, 2)   # a view of it
         if rows is None:
             return None
-        bump = torch.linspace(0.5, 1.5, rows[block].numel(), dtype=rows.dtype, device=rows.device)
-        rows[block] += bump.reshape(rows[block].shape) * (1 + float(rows.abs().mean()))
+        _bump(rows[block])
         return changed
     handles = [layers[name][0].register_forward_hook(lambda m, a, o, k=found[name], b=block: change(m, a, o, k, b),
                                                      prepend=True)
-               for name, block in blocks.items()]
+               for name, block in blocks.items() if name in layers]
+    uses = _FreeRows(free, 2, [], plan, {n: b for n, b in blocks.items() if n not in layers}) if free else None
     try:
-        with torch.enable_grad():   # the scoring pass's code path, as in _rows
+        with torch.enable_grad(), uses or contextlib.nullcontext():   # the scoring pass's code path, as in _rows
             return call_model(model, pair).detach()
     finally:
         for h in handles:
