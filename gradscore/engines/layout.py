@@ -44,7 +44,8 @@ is running (a tied output head written ``h @ emb.weight.T``, ``F.linear(h, fc.we
 is reported, and goes to the fallback whole. They also watch the free parameters
 (:mod:`.free`): each use with a gradient must broadcast the parameter over 1 row for one
 example and 2 for two, and its result's rows 0 and B − 1 must be the first and last
-examples' own.
+examples' own; in the pair run, one example's rows of each use's result are changed as a
+layer's output is, and the other example's output must not move.
 """
 from __future__ import annotations
 
