@@ -695,6 +695,40 @@ class FreeNet(nn.Module):
         return self.head(torch.tanh(h).mean(tokens))
 
 
+class Windows(nn.Module):
+    """Tokens (B, 4, 5) through a Linear, cut into windows of 2 tokens, (2B, 2, 5) (Swin's
+    windows: the batch merged with the window), a bias per token of the window from a (3,
+    5) table added (the free-parameter rule: k = 2 rows per example), the windows put back,
+    a head on the mean token. ``order``: "example" (each example's windows together: taken)
+    or "step" (the first window of every example, then the second: the fallback).
+    ``kind``: "add" (windows + bias), "inplace" (windows.add_(bias)), "sdpa" (attention
+    within each window, its scores + a (2, 2) bias from the table: SDPA's attn_mask)."""
+
+    def __init__(self, order: str, kind: str = "add"):
+        super().__init__()
+        self.order, self.kind = order, kind
+        self.lin, self.head = nn.Linear(5, 5), nn.Linear(5, 3)
+        self.table = nn.Parameter(0.5 * torch.randn(3, 5))
+        self.register_buffer("ids", torch.tensor([[0, 1], [2, 0]]), persistent=False)
+
+    shape = (4, 5)
+
+    def forward(self, x):
+        h = self.lin(x)
+        B = len(h)
+        w = (h.reshape(B * 2, 2, 5) if self.order == "example"
+             else h.reshape(B, 2, 2, 5).transpose(0, 1).reshape(2 * B, 2, 5))
+        if self.kind == "sdpa":
+            w = w + F.scaled_dot_product_attention(w, w, w, attn_mask=self.table[self.ids][..., 0])
+        elif self.kind == "inplace":
+            w = w.clone()
+            w.add_(self.table[self.ids[0]])
+        else:
+            w = w + self.table[self.ids[0]]
+        h = w.reshape(B, 4, 5) if self.order == "example" else w.reshape(2, B, 2, 5).transpose(0, 1).reshape(B, 4, 5)
+        return self.head(torch.tanh(h).mean(1))
+
+
 class RelativeBias(nn.Module):
     """Self-attention on tokens (B, T, 5), 2 heads of 2, whose scores get a bias per head
     and relative offset from an ``nn.Embedding`` of the (T, T) offsets: one output for the

@@ -19,7 +19,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 import gradscore as gs
 from gradscore.engines.rules import recurrent as recurrent_rule
-from helpers import FreeNet, MyStdConv2d, NormActNet, PositionsNet, RelativeBias, ScaleNet
+from helpers import FreeNet, MyStdConv2d, NormActNet, PositionsNet, RelativeBias, ScaleNet, Windows
 
 B, T, D = 3, 4, 5
 
@@ -515,6 +515,8 @@ MERGED_GRID = [("merged", (kind, "example", steps)) for kind in MERGED_KINDS for
 MERGED_OTHER_ORDER = [("merged", (kind, order, steps)) for kind in ("Linear", "Embedding")
                       for order in ("step", "twice") for steps in (B, T)]
 FREE_GRID = [("free", (kind, layout)) for kind in FreeNet.KINDS for layout in ("batch", "TB", "T1", "seq_first")]
+#: (the windows' order, how the bias meets them): see Windows
+WINDOWS_GRID = [("windows", (order, kind)) for order in ("example", "step") for kind in ("add", "inplace", "sdpa")]
 #: (how the bias meets the scores, layout): see RelativeBias
 RELATIVE_GRID = [("relative", (kind, layout)) for kind in RelativeBias.KINDS
                  for layout in ("batch", "seq_first", "T1", "TB")]
@@ -522,7 +524,7 @@ GRID = (AFFINE_GRID + MERGED_GRID + MERGED_OTHER_ORDER + RNN_GRID + CELL_GRID + 
         + CROSS_GRID + BAG_GRID + CONV_GRID
         + CONV_T_GRID + BILINEAR_GRID
         + NORM_GRID + OWN_GRID + NORM_ACT_GRID + SCALE_GRID + STD_CONV_GRID + FREE_GRID + RELATIVE_GRID
-        + [("subclass", ())])
+        + WINDOWS_GRID + [("subclass", ())])
 
 
 def _build(family, config, n=B):
@@ -588,6 +590,8 @@ def _build(family, config, n=B):
     if family == "scale":
         model = ScaleNet(*config)
         return model, torch.randn(n, *model.shape, generator=g, dtype=torch.float64)
+    if family == "windows":
+        return Windows(*config), torch.randn(n, *Windows.shape, generator=g, dtype=torch.float64)
     if family == "relative":
         model = RelativeBias(*config)
         return model, torch.randn(n, *model.shape, generator=g, dtype=torch.float64)
@@ -950,6 +954,30 @@ def test_an_embedding_of_the_offsets_one_for_the_batch_takes_the_free_rule_where
         reason = ("returns one row for the whole batch, used by permute" if layout == "T1"
                   else "has no batch dimension in its input or output")
         assert why["rel.weight"].startswith(f"vmap (Embedding 'rel' {reason}"), why
+
+
+@pytest.mark.parametrize("family,config", WINDOWS_GRID, ids=lambda v: str(v))
+@pytest.mark.parametrize("n", [B, 2, 1])
+def test_a_parameter_added_to_windows_of_the_batch_takes_the_free_rule_where_each_examples_are_together(
+        family, config, n):
+    """Swin adds its relative position bias to the scores of (B·k, ...) windows, k per
+    example: the rule had to see B rows, and the table went to vmap. A use whose result
+    has k rows for one example and 2k for two is taken, its δ summed over each example's
+    k rows, where each example's windows are together; windows ordered by position
+    (every example's first, then every second) fail the order check and go to the
+    fallback, as does a first batch of one example, which cannot show the order."""
+    order, kind = config
+    scorer = _agree(family, config, n=n)
+    scorer.score_batch(*_prepare(family, config, n)[1:])
+    why = scorer.explain()
+    assert all(v.startswith("ghost (") for k, v in why.items() if k != "table"), why
+    if order == "example" and n > 1:
+        assert why["table"].startswith("ghost (free-parameter rule"), why
+    elif n > 1:
+        assert why["table"].startswith("vmap (no ghost rule for Windows; as a free parameter it is added to rows "
+                                       "that are not the batch's examples in order"), why
+    else:
+        assert "whose order a first batch of one example cannot show" in why["table"], why
 
 
 @pytest.mark.parametrize("family,config", STD_CONV_GRID, ids=lambda v: str(v))

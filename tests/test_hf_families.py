@@ -35,7 +35,7 @@ TEXT = {"vocab_size": VOCAB, "hidden_size": 16, "intermediate_size": 24, "num_hi
 NO_DROPOUT = dict.fromkeys(["hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout",
                             "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout",
                             "activation_dropout", "classifier_dropout", "classifier_dropout_prob", "seq_classif_dropout",
-                            "resid_dropout", "embedding_dropout", "dropout_rate"], 0.0)
+                            "resid_dropout", "embedding_dropout", "dropout_rate", "drop_path_rate"], 0.0)
 GQA = {"num_key_value_heads": 1}
 CAUSAL_LM = {
     "mistral": GQA, "phi": {}, "phi3": GQA, "gpt_neox": {}, "opt": {"ffn_dim": 24, "word_embed_proj_dim": 16},
@@ -86,7 +86,7 @@ REFUSED_IN_RUN = {
     "squeezebert": NO_RULE,    # a LayerNorm over the channels of (B, C, T)
     "deberta": NO_RULE,        # relative position projections, one for the batch (as deberta-v2's)
     "deberta-v2": NO_RULE,     # relative position embeddings and projections, one for the batch
-    "swin": NO_RULE, "swinv2": NO_RULE,   # relative position bias tables, logit scale
+    "swinv2": NO_RULE,   # its position bias MLP: ops of two parameters, one output for the batch
     "resnet": BATCH_NORM, "regnet": BATCH_NORM, "mobilenet_v2": BATCH_NORM, "mobilevit": BATCH_NORM,
 }
 FAST = {"mistral", "opt", "roberta", "vit", "convnext"}

@@ -17,7 +17,7 @@ from torch import nn
 
 import gradscore as gs
 from helpers import (CellLoop, ChannelsLastNorm, FreeNet, MyStdConv2d, NormActCNN, PatchTokens, RelativeBias,
-                     Reversed, check_inrun_against_loop, inrun_reference)
+                     Reversed, Windows, check_inrun_against_loop, inrun_reference)
 from gradscore.demos.models import digits_cnn, mlp, recurrent_classifier
 from gradscore.engines.rules.registry import FactoredRef
 from gradscore.scores import inrun as inrun_scores
@@ -1918,6 +1918,21 @@ def test_an_embedding_of_the_offsets_is_recorded_as_the_loop_scores_it_and_train
     for (n, a), (_, b) in zip(plain.state_dict().items(), recorded.state_dict().items()):
         assert torch.equal(a, b), n
     rec.close()
+
+
+@pytest.mark.parametrize("kind", ["add", "inplace", "sdpa"])
+def test_a_bias_added_to_windows_of_the_batch_is_recorded_as_the_loop_scores_it(tmp_path, kind):
+    """Swin's form: a table added to (B·2, 2, 5) windows, each example's together (refused
+    before: the use had to have B rows): recorded equal to the loop at θ_t."""
+    torch.manual_seed(0)
+    model = _Tokens("example", kind, net=Windows).double()
+    x, y = _data(d=20, c=3)
+    targets = (x[40:], y[40:])
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=targets)
+    snaps: list = []
+    _train(model, x, y, steps=3, batch=6, rec=rec, micro=2, snapshots=snaps)
+    assert not rec.engine.fallback and set(rec.engine.free) == {"net.table"}
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, targets)
 
 
 @pytest.mark.parametrize("kind", ["linear", "reorder", "checkpoint", "setitem"])

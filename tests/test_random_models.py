@@ -66,18 +66,19 @@ class Free(nn.Module):
     bias); "gate" x * sigmoid(γ); "embed" x + F.embedding of the tokens' ids into a (3, C)
     table, "interp" x + a position embedding interpolated (both taken through their
     backward, per example); "rel" (x + an nn.Embedding of the tokens' ids, one output for
-    the batch) * γ (C,)."""
+    the batch) * γ (C,); "rows" x viewed as its (B·T, 1, C) rows (or (T·B, 1, C): the
+    fallback) times γ (1, 1, C), merged with the batch."""
 
-    KINDS = ("gamma", "shift", "cls", "pos", "slice", "table", "gate", "embed", "interp", "rel")
+    KINDS = ("gamma", "shift", "cls", "pos", "slice", "table", "gate", "embed", "interp", "rel", "rows")
 
     def __init__(self, kind: str, C: int, T: int, seq_first: bool) -> None:
         super().__init__()
         self.kind, self.seq_first = kind, seq_first
         tokens = (T, 1, C) if seq_first else (1, T, C)
         shape = {"gamma": (C,), "shift": (1, 1, C), "cls": (1, 1, C), "gate": (C,), "table": (3, C), "embed": (3, C),
-                 "rel": (C,), "pos": tokens, "interp": tokens,
+                 "rel": (C,), "rows": (1, 1, C), "pos": tokens, "interp": tokens,
                  "slice": (T + 2, 1, C) if seq_first else (1, T + 2, C)}[kind]
-        self.p = nn.Parameter((1.0 if kind in ("gamma", "rel") else 0.0) + 0.3 * torch.randn(*shape))
+        self.p = nn.Parameter((1.0 if kind in ("gamma", "rel", "rows") else 0.0) + 0.3 * torch.randn(*shape))
         self.register_buffer("ids", torch.arange(T) % 3, persistent=False)
         if kind == "rel":
             self.rel = nn.Embedding(3, C)
@@ -89,6 +90,8 @@ class Free(nn.Module):
             return x * self.p.sigmoid()
         if self.kind in ("shift", "pos"):
             return x + self.p
+        if self.kind == "rows":
+            return (x.reshape(-1, 1, x.shape[-1]) * self.p).reshape(x.shape)
         if self.kind == "interp":
             return x + F.interpolate(self.p, size=2 * self.p.shape[-1], mode="linear")[..., ::2]
         T = x.shape[0 if self.seq_first else 1]

@@ -13,7 +13,8 @@ through that use; the uses of a call add up.
 
 Three kinds of use are taken, where row b of the result reads no other row of P's
 expansion: an elementwise op of P with tensors whose broadcast shape has the batch in
-dimension 0, which P has not (it is 1 there, or P has fewer dimensions), an
+dimension 0 (B rows, or k·B: k per example, in order, Swin's windows, :data:`MERGED`),
+which P has not (it is 1 there, or P has fewer dimensions), an
 ``expand``/``expand_as`` to such a shape, and ``F.scaled_dot_product_attention`` with P
 as its ``attn_mask`` (a sum with the scores, BEiT's relative position bias). What the
 forward makes of P before such a use passes P on (:class:`Views`), with a map from its
@@ -60,6 +61,10 @@ from torch.overrides import TorchFunctionMode
 from ..kernels import acc_dtype
 from .probe import probe
 
+#: the batch merged with the next dimension in dimension 0, k rows per example in order: a
+#: layer's (:attr:`.layout.Layout.merged`), or a use's result, a step of :class:`FreeUses`'s
+#: plan; established by :mod:`.layout` from k rows for one example and 2k for two
+MERGED = "merged"
 #: elementwise ops that broadcast an operand over the batch rows of another
 ELEMENTWISE = frozenset({
     "add", "sub", "subtract", "mul", "multiply", "div", "divide", "true_divide", "addcmul", "addcdiv", "where",
@@ -162,12 +167,13 @@ def _saving_hooks() -> bool:
 
 
 def target_shape(func, args: tuple, kwargs: dict, t: torch.Tensor, B: int,
-                 hooks: bool = True) -> tuple[tuple[int, ...] | None, str]:
+                 hooks: bool = True, merged: bool = False) -> tuple[tuple[int, ...] | None, str]:
     """(the shape t is expanded to by the op ``func(*args, **kwargs)``, one of whose operands
     is t (a free parameter, or a view of one), None if the rule does not take the op; what
-    the op is): an elementwise op or expand whose result has B rows in dimension 0 and t
-    neither more dimensions nor rows of its own there, and (``hooks``) no saved-tensor
-    hooks active: a checkpoint would recompute the op with t itself and find other shapes."""
+    the op is): an elementwise op or expand whose result has B rows in dimension 0 (with
+    ``merged``, k·B rows: k per example, Swin's windows) and t neither more dimensions nor
+    rows of its own there, and (``hooks``) no saved-tensor hooks active: a checkpoint
+    would recompute the op with t itself and find other shapes."""
     name = _name(func)
     if not any(o is t for o in _operands(args, kwargs)):   # inside a list: torch.cat([P, x])
         return None, name
@@ -198,17 +204,19 @@ def target_shape(func, args: tuple, kwargs: dict, t: torch.Tensor, B: int,
     else:
         return None, name
     own_rows = len(shape) == t.dim() and t.dim() > 0 and t.shape[0] != 1
-    if len(shape) < max(t.dim(), 1) or shape[0] != B or own_rows:
+    if len(shape) < max(t.dim(), 1) or own_rows or not (
+            shape[0] == B or (merged and B > 0 and shape[0] % B == 0)):
         return None, what
     return shape, what
 
 
 def misfit(func, args: tuple, kwargs: dict, t: torch.Tensor, B: int) -> tuple[str | None, bool]:
-    """(None if the rule takes this use of t in a batch of B (:func:`target_shape`), else what
-    it is; whether the use has the form the rule takes, saved-tensor hooks aside)."""
-    shape, what = target_shape(func, args, kwargs, t, B)
-    return (None, True) if shape is not None else (what, target_shape(func, args, kwargs, t, B, hooks=False)[0]
-                                                   is not None)
+    """(None if the rule takes this use of t in a batch of B (:func:`target_shape`, k·B rows
+    too: whether they are k per example, the runs of 1 and 2 examples tell), else what it
+    is; whether the use has the form the rule takes, saved-tensor hooks aside)."""
+    shape, what = target_shape(func, args, kwargs, t, B, merged=True)
+    return (None, True) if shape is not None else (
+        what, target_shape(func, args, kwargs, t, B, hooks=False, merged=True)[0] is not None)
 
 
 class Views:
@@ -293,7 +301,7 @@ class Views:
             self.step(name, "use")
 
     def next_step(self, name: str, plan: dict[str, list[str]]) -> str | None:
-        """What the first batch's op at this place was ("use", "made"; None past its ops)."""
+        """What the first batch's op at this place was ("use", :data:`MERGED`, "made"; None past its ops)."""
         done, planned = len(self.steps.get(name, [])), plan.get(name, [])
         return planned[done] if done < len(planned) else None
 
@@ -497,9 +505,11 @@ class FreeUses(TorchFunctionMode):
                     self.problems.setdefault(name, f"is used by {_name(func)}, which made another tensor of it on "
                                                    f"the first batch")
             return out
-        shapes = {id(t): target_shape(func, args, kwargs, t, self.B) for t in hits}
+        shapes = {id(t): target_shape(func, args, kwargs, t, self.B, merged=planned[self.views.of[id(t)]] == MERGED)
+                  for t in hits}
         bad = {self.views.of[i]: what for i, (shape, what) in shapes.items() if shape is None}
-        bad.update({name: f"{_name(func)}, unlike on the first batch" for name in names if planned[name] != "use"})
+        bad.update({name: f"{_name(func)}, unlike on the first batch" for name in names
+                    if planned[name] not in ("use", MERGED)})
         if bad:   # run as it is; any use with a gradient the rule does not take is a problem
             out = func(*args, **kwargs)
             if needs_grad(out):
@@ -526,6 +536,10 @@ class FreeUses(TorchFunctionMode):
         return probe(t.expand(shape), self.leaf[0], lambda d: self._add(name, use, d, rows, made, through),
                      self.contiguous)
 
+    def _per_example(self, delta: torch.Tensor) -> torch.Tensor:
+        """δ with its k·B rows (a merged use: k per example, in order) summed to B."""
+        return delta if len(delta) == self.B else delta.reshape(self.B, -1, *delta.shape[1:]).sum(1)
+
     def _add(self, name: str, use: int, delta: torch.Tensor, rows: tuple[int, ...],
              made: tuple[torch.Tensor, torch.Tensor | None, int] | None,
              through: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
@@ -535,7 +549,7 @@ class FreeUses(TorchFunctionMode):
             self.again = True
             return
         self.came.add(use)
-        g = delta.detach().to(acc_dtype(delta.dtype)).sum_to_size(rows).reshape(self.B, -1)
+        g = self._per_example(delta.detach().to(acc_dtype(delta.dtype))).sum_to_size(rows).reshape(self.B, -1)
         if made is not None:   # t's elements are some of the parameter's (Views.maps): each share added to its own
             numbers, slope, numel = made
             if slope is not None:

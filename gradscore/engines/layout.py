@@ -58,7 +58,8 @@ from torch.overrides import TorchFunctionMode
 
 from ..batch import Inputs, batch_len, call_model, concat, take
 from ..kernels.reference import autocast_dtypes, autocast_off
-from .free import Views, graph_nodes, in_place, last_node, map_leaves, misfit, needs_grad, op_nodes, unseen_uses
+from .free import (MERGED, Views, graph_nodes, in_place, last_node, map_leaves, misfit, needs_grad, op_nodes,
+                   unseen_uses)
 from .rules import Rule
 from .rules.registry import close
 from .workarounds import torch_workarounds
@@ -143,6 +144,7 @@ class _Uses(TorchFunctionMode):
         self.consumers: set = set()          # the autograd nodes of those uses (and of their views)
         self.unseen: dict[str, str] = {}     # free parameter -> a node that uses it where no op was seen
         self.unfit: dict[str, str] = {}      # free parameter -> why its copy is no longer it (Views.unfit)
+        self.use_rows: dict[str, list[int]] = {}   # free parameter -> each use's result rows (dimension 0)
 
     def watch(self, t: torch.Tensor, uses: list) -> None:
         self.watched[id(t)] = uses
@@ -174,7 +176,10 @@ class _Uses(TorchFunctionMode):
                 fits = [misfit(func, args, kwargs or {}, t, self.B) for t in hits]
                 for t, fit in zip(hits, fits):
                     self.free_uses[self.views.of[id(t)]].append(fit)
-                self.views.used([t for t, (why, _) in zip(hits, fits) if why is None])
+                taken = [t for t, (why, _) in zip(hits, fits) if why is None]
+                for name in dict.fromkeys(self.views.of[id(t)] for t in taken):   # as Views.used: one step per op
+                    self.use_rows.setdefault(name, []).append(out.shape[0] if isinstance(out, torch.Tensor) else -1)
+                self.views.used(taken)
         hit = [t for t in tensors if id(t) in self.watched]
         if not hit or not isinstance(out, torch.Tensor):   # .shape, .dim(), .size(): no data flows on
             return out
@@ -263,8 +268,6 @@ def _follows(one: tuple[int, ...], two: tuple[int, ...]) -> list[int]:
     return [i for i, (a, b) in enumerate(zip(one, two)) if a == 1 and b == 2]
 
 
-#: the batch merged with the next dimension in dimension 0 (:attr:`Layout.merged`)
-MERGED = "merged"
 
 
 def _doubles(one: tuple[int, ...], two: tuple[int, ...]) -> bool:
@@ -333,7 +336,8 @@ class _FreeRows(TorchFunctionMode):
                  bumps: dict[str, int] | None = None) -> None:
         super().__init__()
         self.views, self.B, self.picks, self.plan, self.bumps = Views(free, B), B, picks, plan, bumps or {}
-        self.rows: dict[str, list[torch.Tensor | None]] = {n: [] for n in free.values()}
+        # per use: (rows ``picks``, whether the result has k rows per example, viewed (B, k, ...)) or None
+        self.rows: dict[str, list[tuple[torch.Tensor, bool] | None]] = {n: [] for n in free.values()}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -343,17 +347,23 @@ class _FreeRows(TorchFunctionMode):
         if self.views.planned_made(hits, self.plan):
             self.views.note(func, args, kwargs or {}, out, planned=True)
             return out
-        whole = out.dim() > 0 and out.shape[0] == self.B and not out.is_nested and out.is_floating_point()
         names = list(dict.fromkeys(self.views.of[id(t)] for t in hits))
+        merged = any(self.views.next_step(n, self.plan) == MERGED for n in names)
+        whole = (out.dim() > 0 and not out.is_nested and out.is_floating_point() and self.B > 0
+                 and (out.shape[0] % self.B == 0 if merged else out.shape[0] == self.B))
         self.views.used(hits)
         bumped = [self.bumps[n] for n in names if n in self.bumps]
-        if bumped and whole:   # an in-place use (h.add_(P)) returns h: change it where it is
-            out = out if in_place(func) else out.detach().clone()
+        if bumped and whole:
+            changed = out.detach().clone()
             with torch.no_grad():
-                _bump(out[bumped[0]])
+                _bump(changed.view(self.B, -1, *out.shape[1:])[bumped[0]])   # k rows per example where merged
+                if not in_place(func):
+                    return changed
+                out.copy_(changed)   # an in-place use (h.add_(P)) returns h: change it where it is
         elif not self.bumps:
             for name in names:
-                self.rows[name].append(out.detach()[self.picks] if whole else None)
+                rows = out.detach().reshape(self.B, -1, *out.shape[1:]) if whole and merged else out.detach()
+                self.rows[name].append((rows[self.picks], merged) if whole else None)
         return out
 
 
@@ -393,8 +403,8 @@ def _rows(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], found: di
     finally:
         for h in handles:
             h.remove()
-    for name, results in uses.rows.items():
-        rows[name] = [None if r is None else (r, r, False) for r in results]
+    for name, results in uses.rows.items():   # merged: rows of another shape alone are another example's
+        rows[name] = [None if r is None else (r[0], r[0], r[1]) for r in results]
     return rows, out
 
 
@@ -496,8 +506,35 @@ def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: In
         uses1.free_uses[name], uses2.free_uses[name], uses1.unseen.get(name) or uses2.unseen.get(name),
         (uses1.views.made.get(name, []), uses2.views.made.get(name, [])),
         (uses1.views.steps.get(name, []), uses2.views.steps.get(name, []))) for name in free or {}}
-    plan = {name: uses2.views.steps.get(name, []) for name, why in free_out.items() if why is None}
+    plan = {}
+    for name, why in free_out.items():
+        if why is None:
+            free_out[name], plan[name] = _merged_uses(uses2.views.steps.get(name, []), uses1.use_rows.get(name, []),
+                                                      uses2.use_rows.get(name, []), batch_len(x))
+    plan = {name: steps for name, steps in plan.items() if free_out[name] is None}
     return out, _check_order(model, layers, out, x, free_ids, free_out, plan), uses1.strays, free_out, plan
+
+
+def _merged_uses(steps: list[str], rows1: list[int], rows2: list[int], B: int) -> tuple[str | None, list[str]]:
+    """(None, the plan) if each use's result has 1 row for one example and 2 for two, or
+    k > 1 and 2k (k rows per example, in order: Swin's windows), marked :data:`.free.MERGED`
+    in the plan; else (why not, []). Merged rows need a first batch of two examples or
+    more: with one, the order check cannot see them."""
+    plan, uses = list(steps), iter(zip(rows1, rows2))
+    for i, step in enumerate(steps):
+        if step != "use":
+            continue
+        one, two = next(uses, (-1, -1))
+        if (one, two) == (1, 2):
+            continue
+        if not (one > 1 and two == 2 * one):
+            return (f"is used in a result whose rows do not follow the batch's ({one} for one example, {two} for "
+                    f"two)"), []
+        if B < 2:
+            return ("is used in a result with several rows per example, whose order a first batch of one example "
+                    "cannot show"), []
+        plan[i] = MERGED
+    return None, plan
 
 
 def _free_layout(uses1: list[tuple[str | None, bool]], uses2: list[tuple[str | None, bool]],
