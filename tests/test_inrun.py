@@ -1758,6 +1758,32 @@ def test_autocast_bf16_training_is_recorded_and_unchanged(tmp_path):
     _check_bf16_training(fresh, x, y, tmp_path, backward_inside=True)
 
 
+@pytest.mark.parametrize("kind", ["add", "sdpa"])
+def test_an_embedding_of_the_offsets_trained_under_autocast_is_recorded_near_the_float32_loop(tmp_path, kind):
+    """The relative attention bias under bf16 autocast: the embedding's backward, run per
+    example from a use whose δ is bf16, takes δ in the table's float32. As SDPA's
+    attn_mask it is refused in training under autocast, before the step changes anything:
+    there SDPA reduces a broadcast mask's gradient in bf16, and an expanded mask's
+    gradient is reduced in float32 (the parameters after 3 steps differed)."""
+    x, y = _data(d=20, c=3, dtype=torch.float32)
+
+    def fresh():
+        torch.manual_seed(0)
+        return _Tokens(kind, net=RelativeBias)
+    if kind == "add":
+        _check_bf16_training(fresh, x, y, tmp_path, backward_inside=True)
+        return
+    model = fresh()
+    before = copy.deepcopy(model.state_dict())
+    rec = gs.InRun(model, out=tmp_path / "r.h5")
+    with pytest.raises(gs.GradscoreError, match="scaled_dot_product_attention as its attn_mask, in training under "
+                                                "autocast"):
+        with rec.step(torch.arange(12), y[:12], lr=0.1):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                F.cross_entropy(model(x[:12]), y[:12]).backward()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 @pytest.mark.parametrize("kind", ["RNN", "GRU", "LSTM"])
 def test_recurrent_layers_trained_under_autocast_are_recorded_near_the_float32_loop(tmp_path, kind):
     """Under bf16 autocast torch's CPU GRU takes a float32 input and returns a float32 output

@@ -59,6 +59,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..kernels import acc_dtype
+from ..kernels.reference import autocast_dtypes
 from .probe import probe
 
 #: the batch merged with the next dimension in dimension 0, k rows per example in order: a
@@ -458,8 +459,11 @@ class FreeUses(TorchFunctionMode):
     parameter then goes to the fallback). ``see(name, use, δ)`` (the ghost engine's
     output-path check) may claim a δ first; a δ that comes twice for one use sets
     :attr:`again` (a second backward). ``plan``: for each parameter, what its ops were on the
-    first batch, in order ("use" or "made", :attr:`Views.steps`): an op is taken as the same
-    (a size that equals B by chance is not the batch's), any other is a problem."""
+    first batch, in order ("use", :data:`MERGED` or "made", :attr:`Views.steps`): an op is
+    taken as the same (a size that equals B by chance is not the batch's), any other is a
+    problem. ``contiguous``: the engine's own backward; False: the in-run recorder's
+    training step, which must stay bit for bit what it is (δ passed on as it came, and
+    SDPA's attn_mask is no use under autocast or on an accelerator)."""
 
     def __init__(self, free: dict[int, str], B: int, leaf: list[torch.Tensor], contiguous: bool,
                  problems: dict[str, str], plan: dict[str, list[str]],
@@ -510,6 +514,13 @@ class FreeUses(TorchFunctionMode):
         bad = {self.views.of[i]: what for i, (shape, what) in shapes.items() if shape is None}
         bad.update({name: f"{_name(func)}, unlike on the first batch" for name in names
                     if planned[name] not in ("use", MERGED)})
+        if not self.contiguous and _name(func) == "scaled_dot_product_attention" and (
+                autocast_dtypes() or any(t.device.type != "cpu" for t in hits)):
+            # training (the in-run recorder passes δ on as it came) must stay bit for bit: under
+            # autocast the kernel reduces a broadcast mask's gradient in the half type, an expand in float32
+            bad.update({name: f"{_name(func)} as its attn_mask, in training under autocast or on an accelerator "
+                              f"(there an expanded mask's gradient is not reduced as the mask's: training would "
+                              f"change)" for name in names})
         if bad:   # run as it is; any use with a gradient the rule does not take is a problem
             out = func(*args, **kwargs)
             if needs_grad(out):
