@@ -737,12 +737,13 @@ class RelativeBias(nn.Module):
     free-parameter rule through the embedding's backward): "add" (scores + bias), "sdpa"
     (F.scaled_dot_product_attention's attn_mask), "masked" (a causal mask added to the
     bias first: T5's decoder), "shared" (a second attention over the first's output,
-    reusing the bias: T5's blocks), "expand" (the bias expanded to (B, 2, T, T): MPNet's).
-    Not taken: "matmul" (bias @ v, not a sum with the scores). ``layout``: "batch",
+    reusing the bias: T5's blocks), "expand" (the bias expanded to (B, 2, T, T): MPNet's),
+    "gqa" (SDPA's mask, with one key and value head for the two query heads, enable_gqa,
+    and a scale of its own). Not taken: "matmul" (bias @ v, not a sum with the scores). ``layout``: "batch",
     "seq_first" (tokens (T, B, 5) into the projection, attention batch first), "T1" (one
     token: the Embedding returns one row), "TB" (T == B == 3)."""
 
-    TAKEN = ("add", "sdpa", "masked", "shared", "expand")
+    TAKEN = ("add", "sdpa", "masked", "shared", "expand", "gqa")
     KINDS = TAKEN + ("matmul",)
 
     def __init__(self, kind: str, layout: str = "batch"):
@@ -763,6 +764,8 @@ class RelativeBias(nn.Module):
     def _attend(self, q, k, v, bias):
         if self.kind == "sdpa":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if self.kind == "gqa":
+            return F.scaled_dot_product_attention(q, k[:, :1], v[:, :1], attn_mask=bias, scale=0.3, enable_gqa=True)
         scores = q @ k.transpose(-1, -2) / 2 ** 0.5
         if self.kind == "matmul":
             return scores.softmax(-1) @ v + bias @ v

@@ -59,7 +59,6 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..kernels import acc_dtype
-from ..kernels.reference import autocast_dtypes
 from .probe import probe
 
 #: the batch merged with the next dimension in dimension 0, k rows per example in order: a
@@ -450,6 +449,32 @@ def _backward_per_example(made: torch.Tensor, param: torch.Tensor, g: torch.Tens
     return g.new_zeros((B, param.numel())) if gp is None else gp.detach().to(g.dtype).reshape(B, -1)
 
 
+def _sdpa_options(args: tuple, kwargs: dict) -> tuple:
+    """(query, key, value, dropout_p, is_causal, scale, enable_gqa, attn_mask) of an
+    ``F.scaled_dot_product_attention`` call."""
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    given = {**dict(zip(names, args)), **kwargs}
+    return (given.get("query"), given.get("key"), given.get("value"), given.get("dropout_p", 0.0),
+            given.get("is_causal", False), given.get("scale"), given.get("enable_gqa", False), given.get("attn_mask"))
+
+
+def _scores_gradient(args: tuple, kwargs: dict, delta: torch.Tensor) -> torch.Tensor:
+    """∂L/∂S of SDPA's scores S = q kᵀ · scale + attn_mask, from the call's
+    (detached) arguments and δ = ∂L/∂output, recomputed in float32 (float64 for float64):
+    softmax's backward, P ⊙ (dP − rowsum(dP ⊙ P)) with dP = δ vᵀ; the broadcast shape of
+    the scores, which is the gradient of an attn_mask expanded to it."""
+    q, k, v, _, _, scale, gqa, mask = _sdpa_options(args, kwargs)   # is_causal: torch refuses it with a mask
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k, v, delta = q.to(acc), k.to(acc), v.to(acc), delta.to(acc)
+    if gqa and k.shape[-3] != q.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], -3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], -3)
+    S = q @ k.transpose(-2, -1) * (scale if scale is not None else q.shape[-1] ** -0.5) + mask.to(acc)
+    P = S.softmax(-1)
+    dP = delta @ v.transpose(-2, -1)
+    return P * (dP - (dP * P).sum(-1, keepdim=True))
+
+
 class FreeUses(TorchFunctionMode):
     """While active (one forward of a batch of B: entered, then :meth:`leave`), each op that
     uses a parameter of ``free`` ({id: name}), or a view of one, gets it expanded to the
@@ -514,21 +539,19 @@ class FreeUses(TorchFunctionMode):
         bad = {self.views.of[i]: what for i, (shape, what) in shapes.items() if shape is None}
         bad.update({name: f"{_name(func)}, unlike on the first batch" for name in names
                     if planned[name] not in ("use", MERGED)})
-        if not self.contiguous and _name(func) == "scaled_dot_product_attention" and (
-                autocast_dtypes() or any(t.device.type != "cpu" for t in hits)):
-            # training (the in-run recorder passes δ on as it came) must stay bit for bit: under
-            # autocast the kernel reduces a broadcast mask's gradient in the half type, an expand in float32
-            bad.update({name: f"{_name(func)} as its attn_mask, in training under autocast or on an accelerator "
-                              f"(there an expanded mask's gradient is not reduced as the mask's: training would "
-                              f"change)" for name in names})
+        if _name(func) == "scaled_dot_product_attention" and _sdpa_options(args, kwargs)[3]:
+            bad.update({name: f"{_name(func)} with dropout (its mask's gradient per example cannot be recomputed)"
+                        for name in names})
         if bad:   # run as it is; any use with a gradient the rule does not take is a problem
             out = func(*args, **kwargs)
             if needs_grad(out):
                 for name, what in bad.items():
                     self.problems.setdefault(name, f"is used by {what}")
             return out
-        swap = {}
         self.views.used(hits)
+        if _name(func) == "scaled_dot_product_attention":   # the mask as it is: SDPA reduces its gradient itself
+            return self._attention(func, args, kwargs, hits[0], shapes[id(hits[0])][0])
+        swap = {}
         for t in hits:   # P * P: one expansion
             if id(t) not in swap:
                 swap[id(t)] = self._expanded(t, shapes[id(t)][0])
@@ -546,6 +569,25 @@ class FreeUses(TorchFunctionMode):
         rows = (self.B, *((1,) * (len(shape) - t.dim()) + tuple(t.shape))[1:])   # t's elements, per example
         return probe(t.expand(shape), self.leaf[0], lambda d: self._add(name, use, d, rows, made, through),
                      self.contiguous)
+
+    def _attention(self, func, args: tuple, kwargs: dict, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """SDPA with t, its attn_mask, as it is (an expanded mask would change how the kernel
+        reduces its gradient: in bf16 under autocast, the expand's in float32), the output
+        probed: from its δ, each example's gradient of the scores, which is the mask's
+        (:func:`_scores_gradient`), goes to :meth:`_add` as an expanded mask's δ would."""
+        out = func(*args, **kwargs)
+        if not self.leaf:
+            self.leaf.append(torch.zeros((), device=t.device, requires_grad=True))
+        name, use, made = self.views.of[id(t)], self.uses, self.views.maps.get(id(t))
+        root = self.views.graph.get(id(t))
+        through = None if root is None else (t, root)
+        self.uses += 1
+        rows = (self.B, *((1,) * (len(shape) - t.dim()) + tuple(t.shape))[1:])
+        saved = map_leaves((args, kwargs), torch.Tensor.detach)
+
+        def on_grad(delta: torch.Tensor) -> None:
+            self._add(name, use, _scores_gradient(*saved, delta), rows, made, through)
+        return probe(out, self.leaf[0], on_grad, self.contiguous)
 
     def _per_example(self, delta: torch.Tensor) -> torch.Tensor:
         """δ with its k·B rows (a merged use: k per example, in order) summed to B."""
