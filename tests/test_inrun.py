@@ -1892,19 +1892,25 @@ def test_parameters_the_forward_uses_directly_train_bit_identically_with_the_rec
     rec.close()
 
 
+def _recorded_as_the_loop(model: nn.Module, d: int, free: set[str], tmp_path, micro: int = 2) -> None:
+    """Three SGD steps of 6 examples (``micro`` micro-batches each) of a float64 model on
+    inputs of d features, recorded with a target of 8: the free-parameter rule takes
+    exactly ``free`` and every record equals the loop at the step's θ_t."""
+    x, y = _data(d=d, c=3)
+    targets = (x[40:], y[40:])
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=targets)
+    snaps: list = []
+    _train(model, x, y, steps=3, batch=6, rec=rec, micro=micro, snapshots=snaps)
+    assert not rec.engine.fallback and set(rec.engine.free) == free
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, targets)
+
+
 @pytest.mark.parametrize("kind", FreeNet.TAKEN)
 @pytest.mark.parametrize("micro", [1, 2])
 def test_parameters_the_forward_uses_directly_are_recorded_as_the_loop_scores_them(tmp_path, kind, micro):
     """The free-parameter rule in training (refused before: no ghost rule), equal to the loop at θ_t."""
     torch.manual_seed(0)
-    model = _Tokens(kind).double()
-    x, y = _data(d=20, c=3)
-    targets = (x[40:], y[40:])
-    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=targets)
-    snaps: list = []
-    _train(model, x, y, steps=3, batch=6, rec=rec, micro=micro, snapshots=snaps)
-    assert not rec.engine.fallback
-    check_inrun_against_loop(rec.close(), model, snaps, x, y, targets)
+    _recorded_as_the_loop(_Tokens(kind).double(), 20, {"net.cls_token", "net.pos_embed"}, tmp_path, micro)
 
 
 @pytest.mark.parametrize("kind", RelativeBias.TAKEN)
@@ -1914,14 +1920,7 @@ def test_an_embedding_of_the_offsets_is_recorded_as_the_loop_scores_it_and_train
     micro-batches a step), and in float32 training stays bit for bit what it is without
     the recorder, which runs the embedding's backward per example inside the step's."""
     torch.manual_seed(0)
-    model = _Tokens(kind, "TB", net=RelativeBias).double()
-    x, y = _data(d=15, c=3)
-    targets = (x[40:], y[40:])
-    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=targets)
-    snaps: list = []
-    _train(model, x, y, steps=3, batch=6, rec=rec, micro=2, snapshots=snaps)
-    assert not rec.engine.fallback and set(rec.engine.free) == {"net.rel.weight"}
-    check_inrun_against_loop(rec.close(), model, snaps, x, y, targets)
+    _recorded_as_the_loop(_Tokens(kind, "TB", net=RelativeBias).double(), 15, {"net.rel.weight"}, tmp_path)
     x, y = _data(d=20, c=3, dtype=torch.float32)
 
     def fresh():
@@ -1941,14 +1940,7 @@ def test_a_bias_added_to_windows_of_the_batch_is_recorded_as_the_loop_scores_it(
     """Swin's form: a table added to (B·2, 2, 5) windows, each example's together (refused
     before: the use had to have B rows): recorded equal to the loop at θ_t."""
     torch.manual_seed(0)
-    model = _Tokens("example", kind, net=Windows).double()
-    x, y = _data(d=20, c=3)
-    targets = (x[40:], y[40:])
-    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=targets)
-    snaps: list = []
-    _train(model, x, y, steps=3, batch=6, rec=rec, micro=2, snapshots=snaps)
-    assert not rec.engine.fallback and set(rec.engine.free) == {"net.table"}
-    check_inrun_against_loop(rec.close(), model, snaps, x, y, targets)
+    _recorded_as_the_loop(_Tokens("example", kind, net=Windows).double(), 20, {"net.table"}, tmp_path)
 
 
 @pytest.mark.parametrize("kind", ["linear", "reorder", "checkpoint", "setitem"])

@@ -559,7 +559,11 @@ class FreeUses(TorchFunctionMode):
         kwargs = {k: swap.get(id(v), v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         return func(*args, **kwargs)
 
-    def _expanded(self, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    def _on_use(self, t: torch.Tensor, shape: tuple[int, ...], sdpa: tuple | None = None
+                ) -> Callable[[torch.Tensor], None]:
+        """The callback of a new use of t, expanded to ``shape``: its δ to :meth:`_add`; with
+        ``sdpa`` (the call's detached arguments), SDPA's output δ, from which each
+        example's gradient of the scores is recomputed (:func:`_scores_gradient`)."""
         if not self.leaf:
             self.leaf.append(torch.zeros((), device=t.device, requires_grad=True))
         name, use, made = self.views.of[id(t)], self.uses, self.views.maps.get(id(t))
@@ -567,8 +571,14 @@ class FreeUses(TorchFunctionMode):
         through = None if root is None else (t, root)
         self.uses += 1
         rows = (self.B, *((1,) * (len(shape) - t.dim()) + tuple(t.shape))[1:])   # t's elements, per example
-        return probe(t.expand(shape), self.leaf[0], lambda d: self._add(name, use, d, rows, made, through),
-                     self.contiguous)
+
+        def on_grad(delta: torch.Tensor) -> None:
+            self._add(name, use, delta if sdpa is None else _scores_gradient(*sdpa, delta), rows, made, through)
+        return on_grad
+
+    def _expanded(self, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        on_grad = self._on_use(t, shape)
+        return probe(t.expand(shape), self.leaf[0], on_grad, self.contiguous)
 
     def _attention(self, func, args: tuple, kwargs: dict, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """SDPA with t, its attn_mask, as it is (an expanded mask would change how the kernel
@@ -576,17 +586,7 @@ class FreeUses(TorchFunctionMode):
         probed: from its δ, each example's gradient of the scores, which is the mask's
         (:func:`_scores_gradient`), goes to :meth:`_add` as an expanded mask's δ would."""
         out = func(*args, **kwargs)
-        if not self.leaf:
-            self.leaf.append(torch.zeros((), device=t.device, requires_grad=True))
-        name, use, made = self.views.of[id(t)], self.uses, self.views.maps.get(id(t))
-        root = self.views.graph.get(id(t))
-        through = None if root is None else (t, root)
-        self.uses += 1
-        rows = (self.B, *((1,) * (len(shape) - t.dim()) + tuple(t.shape))[1:])
-        saved = map_leaves((args, kwargs), torch.Tensor.detach)
-
-        def on_grad(delta: torch.Tensor) -> None:
-            self._add(name, use, _scores_gradient(*saved, delta), rows, made, through)
+        on_grad = self._on_use(t, shape, map_leaves((args, kwargs), torch.Tensor.detach))
         return probe(out, self.leaf[0], on_grad, self.contiguous)
 
     def _per_example(self, delta: torch.Tensor) -> torch.Tensor:
