@@ -1,7 +1,8 @@
 """The CUDA paths on a real GPU (`pytest -m cuda`, run by `python -m bench.gpu_check`): every
 Triton kernel against the torch reference (fp32, fp16, bf16; K = 0, 1, 2, 16; odd sizes),
 the ghost, vmap and auto engines against the loop on CUDA for an MLP, a CNN, a tiny GPT-2,
-an LSTM and a GRU, and the in-run recorder's records against the loop.
+an LSTM and a GRU, the in-run recorder's records against the loop, and its training
+with a relative attention bias bit for bit.
 Skipped without a CUDA device; the same kernels run under Triton's interpreter on CPU in
 test_kernels.py, and the engines on CPU everywhere else."""
 from __future__ import annotations
@@ -172,10 +173,12 @@ def test_small_blocks_take_torch_and_the_rest_the_triton_kernel():
 def _family_cases():
     """One case in a few of each layer family's CPU grid (tests/test_families.py; of the
     recurrent grid, every kind, packed and padded), and every case of the structural
-    rules' grids (norm-act, layer scale, weight-standardized conv)."""
+    rules' grids (norm-act, layer scale, weight-standardized conv); some of the free-parameter
+    rule's (parameters used directly, a relative attention bias, windows of the batch)."""
     import test_families as f
     return (f.AFFINE_GRID[::6] + f.RNN_GRID[3::13] + f.MHA_GRID[::9] + f.BAG_GRID[::7] + f.CONV_GRID[::6]
-            + f.NORM_GRID[::4] + f.OWN_GRID[::5] + f.NORM_ACT_GRID + f.SCALE_GRID + f.STD_CONV_GRID)
+            + f.NORM_GRID[::4] + f.OWN_GRID[::5] + f.NORM_ACT_GRID + f.SCALE_GRID + f.STD_CONV_GRID
+            + f.FREE_GRID[::7] + f.RELATIVE_GRID[::3] + f.WINDOWS_GRID)
 
 
 @pytest.mark.parametrize("family,config", _family_cases(), ids=lambda v: str(v))
@@ -267,3 +270,41 @@ def test_inrun_records_of_a_padded_lm_on_cuda_equal_the_loop(tmp_path, kind):
     takes numba's)."""
     from test_inrun import check_tiny_lm_with_padding
     check_tiny_lm_with_padding(tmp_path, kind, INRUN_DEVICE)
+
+
+@pytest.mark.parametrize("kind", ["add", "sdpa", "gqa"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_a_relative_attention_bias_trains_bit_identically_with_the_recorder(tmp_path, kind, autocast):
+    """T5's relative attention bias (an Embedding of the offsets, one output for the batch)
+    on the GPU: the free-parameter rule runs the embedding's backward per example inside
+    the step's, and as SDPA's attn_mask the mask reaches SDPA as it is (each example's
+    gradient of the scores is recomputed from the output's δ). Three Adam steps with and
+    without the recorder end with the same parameters, bit for bit, in float32 and under
+    bf16 autocast (an expanded mask changed them under autocast on CPU)."""
+    import contextlib
+
+    import torch.nn.functional as F
+    from helpers import RelativeBias
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(36, 4, 5, generator=g).to(INRUN_DEVICE)
+    y = torch.randint(0, 3, (36,), generator=g).to(INRUN_DEVICE)
+
+    def train(record: bool) -> dict:
+        torch.manual_seed(0)
+        model = RelativeBias(kind).to(INRUN_DEVICE)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        rec = gs.InRun(model, out=tmp_path / "r.h5") if record else None
+        for t in range(3):
+            idx = torch.arange(12 * t, 12 * t + 12, device=INRUN_DEVICE)
+            with rec.step(range(12 * t, 12 * t + 12), y[idx], lr=1e-2) if rec else contextlib.nullcontext():
+                with torch.autocast(INRUN_DEVICE, dtype=torch.bfloat16, enabled=autocast):
+                    loss = F.cross_entropy(model(x[idx]), y[idx])
+                loss.backward()
+            opt.step()
+            opt.zero_grad()
+        if rec is not None:
+            assert not rec.engine.fallback and set(rec.engine.free) == {"rel.weight"}
+            rec.close()
+        return model.state_dict()
+    plain, recorded = train(False), train(True)
+    assert all(torch.equal(plain[k], recorded[k]) for k in plain)
