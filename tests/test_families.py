@@ -667,7 +667,7 @@ def test_recurrent_layers_with_saturated_gates_equal_the_loop(family, config):
 
 @pytest.mark.parametrize("family,config", [RNN_GRID[0], RNN_GRID[-1], CELL_GRID[0], CELL_GRID[-1], MERGED_GRID[4],
                                            MHA_GRID[0],
-                                           BAG_GRID[-1], FREE_GRID[0],
+                                           BAG_GRID[-1], FREE_GRID[0], RELATIVE_GRID[4], WINDOWS_GRID[2],
                                            CONV_GRID[0], CONV_T_GRID[1], BILINEAR_GRID[-1], NORM_GRID[0],
                                            *OWN_GRID[::7],
                                            *NORM_ACT_GRID[::3],
@@ -954,6 +954,22 @@ def test_an_embedding_of_the_offsets_one_for_the_batch_takes_the_free_rule_where
         reason = ("returns one row for the whole batch, used by permute" if layout == "T1"
                   else "has no batch dimension in its input or output")
         assert why["rel.weight"].startswith(f"vmap (Embedding 'rel' {reason}"), why
+
+
+@pytest.mark.parametrize("family,config", [("relative", ("sdpa", "batch")), ("relative", ("add", "TB")),
+                                           ("windows", ("example", "sdpa")), ("free", ("embedding", "batch")),
+                                           ("free", ("interpolate", "T1"))], ids=lambda v: str(v))
+def test_an_empty_batch_after_the_first_gives_empty_scores_on_the_free_rule(family, config):
+    """B == 0 after a first batch: the per-example backward of a parameter's own ops, the
+    recomputed scores gradient of SDPA's mask and merged rows give (0,) norms and (0, K)
+    dots, and every parameter stays on its ghost path."""
+    model, x, y = _prepare(family, config)
+    scorer = gs.Scorer(model, engine="auto")
+    scorer.score_batch(x, y)
+    before = scorer.explain()
+    out = scorer.score_batch(x[:0], y[:0], refs=_refs(scorer, 2))
+    assert out.sq_norm.shape == (0,) and out.dots.shape == (0, 2)
+    assert scorer.explain() == before and all(v.startswith("ghost") for v in before.values()), before
 
 
 @pytest.mark.parametrize("family,config", WINDOWS_GRID, ids=lambda v: str(v))
