@@ -19,7 +19,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 import gradscore as gs
 from gradscore.engines.rules import recurrent as recurrent_rule
-from helpers import FreeNet, MyStdConv2d, NormActNet, PositionsNet, RelativeBias, ScaleNet, Windows
+from helpers import FreeNet, MyStdConv2d, NormActNet, PositionsNet, RelativeBias, ScaleNet, Windows, compare_with_loop
 
 B, T, D = 3, 4, 5
 
@@ -970,6 +970,30 @@ def test_an_empty_batch_after_the_first_gives_empty_scores_on_the_free_rule(fami
     out = scorer.score_batch(x[:0], y[:0], refs=_refs(scorer, 2))
     assert out.sq_norm.shape == (0,) and out.dots.shape == (0, 2)
     assert scorer.explain() == before and all(v.startswith("ghost") for v in before.values()), before
+
+
+@pytest.mark.parametrize("K", [0, 2])
+def test_an_attention_mask_with_a_row_masked_whole_takes_the_free_rule_as_the_loop(K):
+    """A (4, 4) table plus a buffer of −inf (one query masked whole, one key for another)
+    as SDPA's attn_mask: SDPA gives the row masked whole zeros, and so must the scores'
+    gradient recomputed from the output's δ (a plain softmax gives NaN there)."""
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.head = nn.Linear(5, 6), nn.Linear(6, 3)
+            self.table = nn.Parameter(torch.randn(4, 4))
+            block = torch.zeros(4, 4)
+            block[2], block[0, 3] = float("-inf"), float("-inf")
+            self.register_buffer("block", block)
+
+        def forward(self, x):
+            h = self.lin(x).reshape(len(x), 4, 2, 3).transpose(1, 2)
+            a = F.scaled_dot_product_attention(h, h, h, attn_mask=self.table + self.block)
+            return self.head(torch.tanh(a.transpose(1, 2).reshape(len(x), 4, 6)).mean(1))
+    torch.manual_seed(0)
+    scorer = compare_with_loop(Masked().double().eval(), torch.randn(B, 4, 5, dtype=torch.float64), K,
+                               engine="auto")
+    assert scorer.explain()["table"].startswith("ghost (free-parameter rule"), scorer.explain()
 
 
 @pytest.mark.parametrize("family,config", WINDOWS_GRID, ids=lambda v: str(v))

@@ -185,8 +185,8 @@ def target_shape(func, args: tuple, kwargs: dict, t: torch.Tensor, B: int,
         shape = tuple(args[1].shape) if name == "expand_as" else _expand_shape(args, kwargs)
         what = f"{name} to {list(shape)}"
     elif name == "scaled_dot_product_attention":   # softmax(q kᵀ / √d + attn_mask) v: a sum with the scores
-        query, key = (*args, None, None)[:2] if len(args) >= 2 else (kwargs.get("query"), kwargs.get("key"))
-        if kwargs.get("attn_mask", args[3] if len(args) > 3 else None) is not t or key is None:
+        query, key, *_, mask = _sdpa_options(args, kwargs)
+        if mask is not t or key is None:
             return None, f"{name} of it as query, key or value"
         try:
             shape = tuple(torch.broadcast_shapes(t.shape, (*query.shape[:-1], key.shape[-2])))
@@ -470,7 +470,7 @@ def _scores_gradient(args: tuple, kwargs: dict, delta: torch.Tensor) -> torch.Te
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], -3)
         v = v.repeat_interleave(q.shape[-3] // v.shape[-3], -3)
     S = q @ k.transpose(-2, -1) * (scale if scale is not None else q.shape[-1] ** -0.5) + mask.to(acc)
-    P = S.softmax(-1)
+    P = torch.where(S.amax(-1, keepdim=True) == float("-inf"), 0.0, S.softmax(-1))   # a row masked whole: SDPA's 0
     dP = delta @ v.transpose(-2, -1)
     return P * (dP - (dP * P).sum(-1, keepdim=True))
 

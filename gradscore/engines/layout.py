@@ -268,8 +268,6 @@ def _follows(one: tuple[int, ...], two: tuple[int, ...]) -> list[int]:
     return [i for i, (a, b) in enumerate(zip(one, two)) if a == 1 and b == 2]
 
 
-
-
 def _doubles(one: tuple[int, ...], two: tuple[int, ...]) -> bool:
     """Whether dimension 0 is k > 1 in ``one`` and 2k in ``two``, the others the same."""
     return len(one) == len(two) >= 1 and one[0] > 1 and two[0] == 2 * one[0] and one[1:] == two[1:]
@@ -319,6 +317,8 @@ NOT_CALLED = "was not called; its parameters are used by another module"
 #: a layer whose batch rows are not the examples' own rows, in order
 REORDERED = ("its rows are not the batch's examples in order (the model reorders or mixes the batch before "
              "it): row 0 is not the first example's row alone, or row B − 1 the last's")
+#: a free parameter whose uses' rows are not the batch's examples in order
+REORDERED_USES = "is added to rows that are not the batch's examples in order"
 
 
 #: per call: input rows, output rows (the batch in dimension 0), whether rows of another shape alone than in
@@ -598,10 +598,6 @@ def _check_order(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], fo
         else:
             found[name] = REORDERED
     return False
-
-
-#: a free parameter whose uses' rows are not the batch's examples in order
-REORDERED_USES = "is added to rows that are not the batch's examples in order"
 
 
 def _leaky(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], found: dict[str, Layout | str],
