@@ -1,19 +1,25 @@
-"""`flag`'s count against the true number of flipped labels, over noise kinds, rates and
-seeds: the evidence for ``reports.flag.CLEAR_SEPARATION`` and ``COUNT_SHIFT`` (a count is
-called rough where the two components overlap, or a third component moves it by over a
-quarter).
+"""`flag`'s count against the true number of flipped labels, over noise kinds, rates, seeds,
+scores and how long the model trained: the evidence for ``reports.flag.CLEAR_SEPARATION``,
+``COUNT_SHIFT``, ``FIT_CLEAN`` and ``CALIBRATED`` (a count is called rough where the two
+components overlap, where a third component moves it by over a quarter, where the model
+predicts under 95% of the examples the count calls clean as labelled, or where the score is
+not one whose counts are checked here).
 
-    python -m bench.flag_counts [--epochs 40] [--rates 0.05,0.1,0.2,0.35] [--seeds 2] [--json FILE]
+    python -m bench.flag_counts [--epochs 40] [--ends 1,3,6,12,40] [--scores mislabel,aum,el2n,loss]
+                                [--rates 0.05,0.1,0.2,0.35] [--seeds 2] [--train-seeds 1] [--json FILE]
 
 Each run trains the noise experiment's digits CNN (``gradscore experiment noise``) on one
-noise kind, rate and seed, scores ``mislabel`` and calls ``reports.flag.estimate``; the
-table gives the true count, the count, the three-component count, the separation, whether
-the count is rough, and its error. Instance noise takes the most confusable examples, so
-its seeds are one run.
+noise kind, rate and seed, with a checkpoint per epoch, and scores it once. Each window end
+e of ``--ends`` then stands for a run stopped after e epochs: its scores are aggregated over
+the first e checkpoints, and the fit is read at checkpoint e. A row gives the true count,
+the count, the three-component count, the separation, the fit, whether the count is rough,
+and its error. Instance noise takes the most confusable examples, so its noise seeds are
+one draw; ``--train-seeds`` trains each draw several times.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 import time
 from pathlib import Path
@@ -22,49 +28,87 @@ import numpy as np
 
 from bench.engines import parsed, run_script, saved
 from gradscore.demos.experiments.common import Setup, digits_setup, reference_run
-from gradscore.demos.experiments.noise import SCORES, make_noise
-from gradscore.reports.flag import COUNT_SHIFT, estimate, suspicion
+from gradscore.demos.experiments.noise import make_noise
+from gradscore.reports.flag import CALIBRATED, COUNT_SHIFT, FIT_CLEAN, count_fields, estimate, suspicion
+from gradscore.scores.registry import Window, aggregate
 
 
-def one_run(kind: str, rate: float, seed: int, epochs: int, work: Path) -> dict:
-    """The count of one training run with ``rate`` of its labels flipped by ``kind``."""
+def one_run(kind: str, rate: float, seed: int, train_seed: int, epochs: int, ends: list[int],
+            scores: list[str], work: Path) -> list[dict]:
+    """The counts of one training run (``train_seed``: its initialization and batch order)
+    with ``rate`` of its labels flipped by ``kind`` (``seed``): a row per window end
+    (≤ ``epochs``) and score."""
     base = digits_setup(0.0, None)
     y_noisy, noisy = make_noise(kind, base.x_train, base.y_train, rate, seed=seed)
     setup = Setup(base.x_train, y_noisy, base.x_val, base.y_val, base.x_test, base.y_test, noisy=noisy)
-    ref = reference_run(setup, work, epochs=epochs, scores=tuple(SCORES))
-    est = estimate(suspicion(ref["scores"], "mislabel"))
-    true, count = int(noisy.sum()), est["count"]
-    return {"kind": kind, "rate": rate, "seed": seed, "true": true, "count": count, "count_three": est["count_three"],
-            "separation": est["separation"], "finding": est["finding"], "rough": est["rough"],
-            "relative_error": None if count is None else abs(count - true) / true}
+    # correctness: the per-checkpoint predictions the fit reads
+    ref = reference_run(setup, work, epochs=epochs, scores=(*scores, "correctness"), seed=train_seed)
+    pc = {k: np.asarray(v) for k, v in ref["per_checkpoint"].items()}
+    rows, true = [], int(noisy.sum())
+    for end in sorted({e for e in ends if e <= epochs} | {epochs}):
+        window = aggregate(pc, Window(select=np.arange(len(pc["correct"])) < end))
+        for score in scores:
+            est = estimate(suspicion(window, score))
+            fields = count_fields(est, len(noisy), score, pc["correct"][end - 1].astype(np.float64))
+            count = fields["estimated_count"]
+            rows.append({"kind": kind, "rate": rate, "seed": seed, "train_seed": train_seed, "end": end,
+                         "score": score, "true": true, "count": count, "count_three": est["count_three"],
+                         "separation": round(est["separation"], 3), "finding": est["finding"],
+                         "fit_clean": None if fields["fit_clean"] is None else round(fields["fit_clean"], 4),
+                         "rough": fields["rough"],
+                         "relative_error": None if count is None else round(abs(count - true) / true, 4)})
+    return rows
+
+
+def largest(rows: list[dict], **where: object) -> float | None:
+    """The largest error of a count given without a caution among ``rows`` matching ``where``."""
+    errors = [r["relative_error"] for r in rows if r["count"] is not None and not r["rough"]
+              and all(r[k] == v for k, v in where.items())]
+    return max(errors, default=None)
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=40, help="training epochs per run")
+    ap.add_argument("--epochs", type=int, default=40, help="training epochs per run (one checkpoint each)")
+    ap.add_argument("--ends", default="1,3,6,12,40",
+                    help="window ends in epochs, comma-separated: each stands for a run stopped there")
+    ap.add_argument("--scores", default=",".join((*CALIBRATED, "el2n", "loss")),
+                    help="the scores counted, comma-separated")
     ap.add_argument("--rates", default="0.05,0.1,0.2,0.35", help="noise rates, comma-separated")
     ap.add_argument("--seeds", type=int, default=2, help="noise seeds per kind and rate")
+    ap.add_argument("--train-seeds", type=int, default=1,
+                    help="training runs per noise draw (initialization and batch order)")
     ap.add_argument("--kinds", default="symmetric,pair,instance", help="noise kinds, comma-separated")
     args = parsed(ap, argv)
-    rows, t0 = [], time.perf_counter()
+    ends, scores = [int(e) for e in args.ends.split(",")], args.scores.split(",")
+    rows, runs, t0 = [], 0, time.perf_counter()
     for kind in args.kinds.split(","):
         for rate in (float(r) for r in args.rates.split(",")):
-            for seed in range(args.seeds if kind != "instance" else 1):
+            for seed, train_seed in itertools.product(range(args.seeds if kind != "instance" else 1),
+                                                      range(args.train_seeds)):
                 with tempfile.TemporaryDirectory() as tmp:
-                    row = one_run(kind, rate, seed, args.epochs, Path(tmp))
-                rows.append(row)
-                print(f"{kind:9s} {rate:4.2f} seed {seed}: true {row['true']:4d}  count {row['count']}  "
-                      f"three {row['count_three']}  separation {row['separation']:.2f}  "
-                      f"{'rough' if row['rough'] else row['finding']}", flush=True)
-    clean = [r["relative_error"] for r in rows if r["count"] is not None and not r["rough"]]
+                    run = one_run(kind, rate, seed, train_seed, args.epochs, ends, scores, Path(tmp))
+                rows, runs = rows + run, runs + 1
+                for r in run:
+                    fit = "—" if r["fit_clean"] is None else f"{r['fit_clean']:.3f}"
+                    print(f"{kind:9s} {rate:4.2f} seed {seed}/{train_seed} end {r['end']:2d} {r['score']:8s}: "
+                          f"true {r['true']:4d}  "
+                          f"count {r['count']}  three {r['count_three']}  separation {r['separation']:.2f}  "
+                          f"fit {fit}  {'rough' if r['rough'] else r['finding']}", flush=True)
     rough = [r["relative_error"] for r in rows if r["rough"]]
-    summary = {"count_shift": COUNT_SHIFT, "runs": len(rows),
-               "largest_error_said_without_caution": max(clean, default=None),
+    summary = {"count_shift": COUNT_SHIFT, "fit_clean": FIT_CLEAN, "calibrated": list(CALIBRATED),
+               "runs": runs,
+               "largest_error_said_without_caution": largest(rows),
+               "largest_error_said_without_caution_by_score": {s: largest(rows, score=s) for s in scores},
+               "largest_error_said_without_caution_by_kind": {k: largest(rows, kind=k)
+                                                               for k in args.kinds.split(",")},
                "smallest_error_called_rough": min(rough, default=None), "seconds": time.perf_counter() - t0}
-    print(f"largest error of a count given without a caution: {summary['largest_error_said_without_caution']}; "
-          f"smallest error of a count called rough: {summary['smallest_error_called_rough']}")
-    return saved(args, {"epochs": args.epochs, "rows": rows, **summary, "mean_rough_error":
-                        float(np.mean(rough)) if rough else None})
+    print(f"largest error of a count given without a caution: {summary['largest_error_said_without_caution']} "
+          f"(by score: {summary['largest_error_said_without_caution_by_score']}; by noise kind: "
+          f"{summary['largest_error_said_without_caution_by_kind']}); smallest error of a count called rough: "
+          f"{summary['smallest_error_called_rough']}")
+    return saved(args, {"epochs": args.epochs, "ends": ends, "scores": scores, "rows": rows, **summary,
+                        "mean_rough_error": float(np.mean(rough)) if rough else None})
 
 
 if __name__ == "__main__":

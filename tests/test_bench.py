@@ -116,11 +116,15 @@ def test_whole_dataset_bench_measures_each_step(tmp_path):
 
 def test_flag_counts_bench_gives_each_runs_count_against_the_truth(tmp_path):
     from bench import flag_counts
-    report = flag_counts.main(["--epochs", "2", "--rates", "0.2", "--seeds", "1", "--kinds", "symmetric",
-                               "--json", str(tmp_path / "f.json")])
-    (row,) = report["rows"]
-    assert (row["kind"], row["rate"], row["true"]) == ("symmetric", 0.2, 251) and isinstance(row["rough"], bool)
+    report = flag_counts.main(["--epochs", "2", "--ends", "1,5", "--scores", "aum,loss", "--rates", "0.2",
+                               "--seeds", "1", "--kinds", "symmetric", "--json", str(tmp_path / "f.json")])
+    rows = report["rows"]
+    assert [(r["end"], r["score"]) for r in rows] == [(1, "aum"), (1, "loss"), (2, "aum"), (2, "loss")]
+    for row in rows:
+        assert (row["kind"], row["rate"], row["true"]) == ("symmetric", 0.2, 251) and isinstance(row["rough"], bool)
+        assert row["count"] is None or (0 <= row["fit_clean"] <= 1 and (row["score"] == "aum" or row["rough"]))
     assert report["runs"] == 1 and (tmp_path / "f.json").is_file()
+    assert set(report["largest_error_said_without_caution_by_score"]) == {"aum", "loss"}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

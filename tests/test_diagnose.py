@@ -65,15 +65,17 @@ def test_diagnosis_on_planted_mask(tmp_path):
 
 
 def test_diagnosis_reads_only_the_rows_it_decomposes(tmp_path, monkeypatch):
-    """The score's dots and the gradient norms, not every (T, N) row of the file, and those a
-    checkpoint's row (N,) at a time: at 10⁷ examples and 50 checkpoints a (T, N) float64
-    array is 4 GB, and the variants took several (read whole: 2.6 GB at 10⁶ × 50)."""
+    """The score's dots and the gradient norms (and the last checkpoint's predictions, for the
+    flag count's fit), not every (T, N) row of the file, and those a checkpoint's row (N,) at
+    a time: at 10⁷ examples and 50 checkpoints a (T, N) float64 array is 4 GB, and the
+    variants took several (read whole: 2.6 GB at 10⁶ × 50)."""
     from helpers import per_checkpoint_reads
     path, noisy, pc, ref, weight = _synthetic(tmp_path / "s.h5")
     read = per_checkpoint_reads(monkeypatch)
     rep = diagnose(path, echo=lambda *_: None)
     assert rep["decomposition"]["max_abs_error"] < 1e-9
-    assert {name for name, _ in read} == {"dot_costate", "sq_grad_norm"}
+    assert {name for name, _ in read} == {"dot_costate", "sq_grad_norm", "correct"}
+    assert [name for name, _ in read].count("correct") == 1   # the flag count's fit: the last checkpoint's row
     assert {shape for _, shape in read} == {(len(noisy),)}
     # the per-example decomposition as (N,) float64 arrays: a Python float each took 32 bytes, 0.6 GB at 10⁷
     d = rep["decomposition"]

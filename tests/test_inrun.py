@@ -2193,6 +2193,38 @@ def test_reports_read_the_data_by_id_not_by_position(tmp_path):
         scored_labels(gs.save_dataset(tmp_path / "other.h5", x.numpy(), y.numpy(), ids=np.arange(501, 541)), scored)
 
 
+def test_flag_reads_a_recordings_fit_at_the_last_step_each_example_was_in(tmp_path):
+    """In a recording, the model's fit at the end is each example's prediction at the last
+    step it was in (the step's own forward): flag's ``fit_clean`` is the share of the
+    examples it does not flag that were predicted as labelled there."""
+    from gradscore.io.store import load_inrun_rows
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(60) % 4
+    x = torch.randn(4, 10, generator=g)[y] * 2 + torch.randn(60, 10, generator=g)
+    given = torch.where(torch.arange(60) < 10, (y + 1) % 4, y)
+    torch.manual_seed(0)
+    model = mlp(d_in=10, hidden=16, n_classes=4, depth=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gs.InRun(model, out=tmp_path / "r.h5") as rec:
+        for _ in range(60):
+            idx = torch.randperm(60, generator=g)[:20]
+            with rec.step(idx, given[idx]):
+                F.cross_entropy(model(x[idx]), given[idx]).backward()
+            opt.step()
+            opt.zero_grad()
+    rows = load_inrun_rows(tmp_path / "r.h5", ("row", "step", "correct"))
+    assert np.all(np.diff(rows["step"]) >= 0) and len(np.unique(rows["row"])) == 60
+    first, last = {}, {}
+    for r, c in zip(rows["row"].tolist(), rows["correct"].tolist()):
+        first.setdefault(r, c)
+        last[r] = c                                             # the later record wins
+    report = gs.flag(tmp_path / "r.h5", score="aum")
+    assert report["estimated_count"] == 10
+    unflagged = sorted(set(range(60)) - {f["index"] for f in report["flagged"]})
+    assert report["fit_clean"] == pytest.approx(np.mean([last[i] for i in unflagged]))
+    assert np.mean([first[i] for i in unflagged]) < report["fit_clean"] - 0.2   # early steps do not count
+
+
 def test_examples_the_loss_no_longer_moves_keep_the_batch_share(tmp_path):
     """A fit example (p_gold = 1 − 2·10⁻⁷) has 1 − p at float32's rounding in its output
     gradient: its share cannot be read from it. It takes its batch's share; nothing is
@@ -2333,7 +2365,7 @@ def test_the_median_fill_equals_the_per_example_loop(B, block, monkeypatch):
 def test_info_and_diagnose_read_only_the_records_they_use(tmp_path, monkeypatch):
     """An in-run file holds a record per (step, example): 10⁸ of them are gigabytes. `info`
     counts steps a block of records at a time; `diagnose` reads the fields of its
-    decomposition, not all fourteen."""
+    decomposition and the predictions of its flag count, not all fourteen."""
     from gradscore.reports import info
     from gradscore.scores.inrun import DOT_TERM_FIELDS
     x, y = _data(dtype=torch.float32)
@@ -2354,7 +2386,7 @@ def test_info_and_diagnose_read_only_the_records_they_use(tmp_path, monkeypatch)
         return plain(self, key)
     monkeypatch.setattr(h5py.Dataset, "__getitem__", getitem)
     gs.diagnose(tmp_path / "r.h5", score="inrun_value", echo=lambda s: None)
-    assert sorted(read) == sorted(DOT_TERM_FIELDS)
+    assert read == {*DOT_TERM_FIELDS, "correct"}   # correct: the flag count's fit, at each example's last step
 
 
 def test_nonfinite_records_are_named_not_dropped_silently(tmp_path, capsys):

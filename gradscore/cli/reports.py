@@ -185,9 +185,13 @@ def _add_flag(sub: argparse._SubParsersAction) -> None:
                 "as the score says) and flag the examples of the suspicious component; write their ids and "
                 "scores, the estimated count and rate, the rate per class (with --data) and precision/recall "
                 "against a known-noisy mask when there is one. Where no suspicious minority separates from the "
-                "rest, it flags nothing and gives no count (which does not mean the labels are clean); where the "
-                "two populations overlap, or a three-component mixture moves the count by over a quarter, it "
-                "calls the count rough.")
+                "rest, it flags nothing and gives no count (which does not mean the labels are clean). It calls "
+                "the count rough where the two populations overlap, where a three-component mixture moves it by "
+                "over a quarter, where the model predicts under 95% of the examples the count calls clean as "
+                "labelled (it has not fit its data: train longer), and for a score other than mislabel or aum "
+                "(whose counts bench/flag_counts.py checks against the truth). Under instance-dependent noise "
+                "(labels flipped on the most confusable examples) a count can still be several times the truth "
+                "with no caution: rank instead (gradscore select).")
     add_scores_file(p)
     p.add_argument("--score", default=None, metavar="NAME",
                    help="the score to flag by (default: the first of mislabel, aum, el2n, loss in the file)")

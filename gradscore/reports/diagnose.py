@@ -33,7 +33,7 @@ from ..exceptions import ConfigError, GradscoreError
 from ..io.outputs import claim
 from ..scores.inrun import dot_terms as inrun_dot_terms
 from ..scores.pds import DOT_SCORES, VARIANTS, dot_terms
-from .flag import count_fields, count_line, default_score, estimate, suspicion
+from .flag import ORIENTATION, count_fields, count_line, default_score, estimate, last_correct, suspicion
 from ..io.store import checkpoint_rows, inrun_blocks, load_scores, read_numpy
 
 #: the dot-product score of an in-run file (gs.InRun), diagnosed from its records
@@ -116,11 +116,7 @@ def diagnose(scores: str | Path, *, score: str = "pds", noisy_mask: str | None =
 def _flags(res: dict[str, Any], ds: Dataset | None, skip: Callable[[str], None]) -> dict[str, np.ndarray]:
     """Candidates for flagging noisy examples, each (N,), higher = more suspicious."""
     s = res["scores"]
-    flags = {name: s[name] for name in ("el2n", "grand", "loss", "forgetting") if name in s}
-    if "confidence" in s:
-        flags["-confidence"] = -s["confidence"]
-    if "target_cos" in s:
-        flags["-target_cos"] = -s["target_cos"]
+    flags = {name if sign > 0 else f"-{name}": suspicion(s, name) for name, sign in ORIENTATION.items() if name in s}
     if ds is not None:
         norms = [x.reshape(len(x), -1).double().norm(dim=1).numpy() for _, x, _ in ds.chunks()
                  if isinstance(x, torch.Tensor)]
@@ -194,8 +190,10 @@ def compute(res: dict[str, Any], source_file: str, *, score: str, noisy: np.ndar
     name = default_score(res["scores"])
     values = None if name is None else suspicion(res["scores"], name)
     if values is not None and np.isfinite(values).sum() >= 10:   # how many look mislabeled (gradscore flag)
-        est = estimate(values[np.isfinite(values)])
-        report["flag"] = {"score": name, "n": n, **count_fields(est, n)}
+        finite = np.isfinite(values)
+        correct = last_correct(source_file, res)
+        report["flag"] = {"score": name, "n": n, **count_fields(estimate(values[finite]), n, name,
+                                                                None if correct is None else correct[finite])}
     if noisy is None:
         skip(f"mask-based figures ({source})")
         return report, var

@@ -7,9 +7,13 @@ more likely in the upper component are flagged; their number is the estimated co
 Otherwise nothing is flagged and the report says there is no second population. The
 count is said to be rough where the two components overlap, or where a three-component
 mixture counts more than a quarter more or fewer: a population that is not Gaussian (a
-broad, flat one) is fitted by two components side by side, which a third one moves. With
-the labels (``data``), the estimated noise rate per class; with a known-noisy mask (in
-the scores file or the data), the flagged set's precision and recall against it.
+broad, flat one) is fitted by two components side by side, which a third one moves. It is
+also rough where the model has not fit its data (at the end of what the scores average
+over, it predicts under :data:`FIT_CLEAN` of the examples the count calls clean as
+labelled: clean examples it has not learned score as mislabeled ones do), and for a score
+whose counts ``bench.flag_counts`` has not checked against the truth (:data:`CALIBRATED`).
+With the labels (``data``), the estimated noise rate per class; with a known-noisy mask
+(in the scores file or the data), the flagged set's precision and recall against it.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from ..exceptions import ConfigError, DataError
 from ..io.atomic import atomic_path
 from ..io.datasets import scored_labels
 from ..io.outputs import claim
-from ..io.store import load_scores
+from ..io.store import checkpoint_rows, inrun_blocks, load_scores
 from ..scores.registry import how_to_add
 
 #: +1: higher = more suspicious as stored; -1: lower is (the sign flag applies)
@@ -48,6 +52,11 @@ def suspicion(scores: dict[str, np.ndarray], name: str) -> np.ndarray:
 CLEAR_SEPARATION = 2.0
 #: the share of the count by which a three-component fit may move it before the count is rough
 COUNT_SHIFT = 0.25
+#: the share of the examples a count calls clean that the model must predict as labelled at
+#: the end of the scores' window; below it the model has not fit its data and the count is rough
+FIT_CLEAN = 0.95
+#: the scores whose counts ``bench.flag_counts`` checks against the truth; a count by another is rough
+CALIBRATED = ("mislabel", "aum")
 #: the mixtures are fitted on a fixed random sample of at most this many values (their
 #: parameters are then known to a fraction of a percent), and every value is assigned
 FIT_SAMPLE = 1 << 17
@@ -109,11 +118,34 @@ def estimate(suspicion: np.ndarray, seed: int = 0) -> dict[str, Any]:
     return out
 
 
-def count_fields(est: dict[str, Any], n: int) -> dict[str, Any]:
-    """What a report holds of :func:`estimate`'s count, over ``n`` examples; :func:`count_line`
-    reads it."""
+def last_correct(path: str | Path, res: dict[str, Any]) -> np.ndarray | None:
+    """(N,) float64 of the scores file ``path`` (``res``: its :func:`load_scores`): 1 where the
+    model predicted the example's given label at the end of what its scores average over
+    (the last selected checkpoint; in a recording of training steps, the last step the
+    example was in), 0 where it did not, NaN for an example never seen; None where the file
+    holds no predictions."""
+    if res["config"].get("inrun"):
+        out = np.full(len(res["ids"]), np.nan)
+        for block in inrun_blocks(path)(("row", "correct")):   # in step order: the later record wins
+            out[block["row"]] = block["correct"]
+        return out
+    rows = checkpoint_rows(path, ("correct",)).get("correct")
+    selected = np.flatnonzero(res["checkpoints"].get("selected", np.ones(0 if rows is None else len(rows), bool)))
+    return None if rows is None or not len(selected) else rows[int(selected[-1])].astype(np.float64)
+
+
+def count_fields(est: dict[str, Any], n: int, score: str, correct: np.ndarray | None = None) -> dict[str, Any]:
+    """What a report holds of :func:`estimate`'s count of ``score``, over ``n`` examples;
+    :func:`count_line` reads it. ``correct``: :func:`last_correct` of the estimated examples
+    (as ``est["flagged"]``), or None: then the fit is not checked (``fit_clean`` None)."""
+    fit = None
+    if correct is not None and est["count"] is not None:
+        seen = ~est["flagged"] & np.isfinite(correct)
+        fit = float(correct[seen].mean()) if seen.any() else None
     return {"estimated_count": est["count"], "finding": est["finding"], "separation": est["separation"],
-            "count_three": est["count_three"], "rough": est["rough"],
+            "count_three": est["count_three"], "fit_clean": fit, "calibrated": score in CALIBRATED,
+            "rough": est["count"] is not None and (est["rough"] or score not in CALIBRATED
+                                                   or (fit is not None and fit < FIT_CLEAN)),
             "estimated_rate": None if est["count"] is None else est["count"] / n}
 
 
@@ -127,7 +159,16 @@ def count_line(report: dict[str, Any]) -> str:
                 f"the labels are clean: where clean and mislabeled examples score alike, their number cannot be "
                 f"read from the scores; rank by {score} instead (gradscore select)")
     line = f"{score}: estimated {count} mislabeled of {report['n']} ({report['estimated_rate']:.1%})"
-    if report["separation"] < CLEAR_SEPARATION:
+    fit = report.get("fit_clean")
+    if fit is not None and fit < FIT_CLEAN:
+        line += (f", a rough count: the model predicts {fit:.1%} of the examples it calls clean as labelled "
+                 f"(under {FIT_CLEAN:.0%}), so the examples it has not learned count as mislabeled; train longer, "
+                 f"or rank by {score} instead (gradscore select)")
+    elif not report.get("calibrated", True):
+        line += (f", a rough count: counts by {score} are not checked against the truth (by {' or '.join(CALIBRATED)} "
+                 f"they are: bench.flag_counts), so it can be off by many; flag by {' or '.join(CALIBRATED)}, "
+                 f"or rank by {score} instead (gradscore select)")
+    elif report["separation"] < CLEAR_SEPARATION:
         line += (f", a rough count: the two populations overlap (separation {report['separation']:.2f}, "
                  f"under {CLEAR_SEPARATION:g}), so it can be off by many; rank by {score} instead (gradscore select)")
     elif report["rough"]:
@@ -160,6 +201,7 @@ def flag(scores: str | Path, *, score: str | None = None, data: str | Path | Non
     if finite.sum() < 10:
         raise DataError(f"{scores}: {int(finite.sum())} finite '{name}' values; flagging needs at least 10")
     est = estimate(values[finite])
+    correct = last_correct(scores, res)
     flagged = np.zeros(len(values), dtype=bool)
     flagged[np.flatnonzero(finite)[est["flagged"]]] = True
     order = np.flatnonzero(flagged)[np.argsort(-values[flagged], kind="stable")]
@@ -168,7 +210,7 @@ def flag(scores: str | Path, *, score: str | None = None, data: str | Path | Non
         "scores_file": str(scores), "score": name, "orientation": "higher = more suspicious" if ORIENTATION[name] > 0
         else "lower = more suspicious", "method": "two-component Gaussian mixture on the score (BIC against one; "
         "a three-component one checks the count)",
-        "n": int(len(values)), **count_fields(est, len(values)),
+        "n": int(len(values)), **count_fields(est, len(values), name, None if correct is None else correct[finite]),
         "bic_one": est["bic_one"], "bic_two": est["bic_two"],
         "threshold": None if est["threshold"] is None else est["threshold"] * ORIENTATION[name],
         "flagged": [{"index": int(i), "id": ids[i].item() if hasattr(ids[i], "item") else ids[i],
