@@ -184,10 +184,14 @@ def test_a_count_by_a_score_whose_counts_were_not_checked_is_rough(tmp_path, cap
     assert main(["flag", str(path), "--score", score, "--out", str(tmp_path / "f.json")]) == 0
     line = capsys.readouterr().out.splitlines()[0]
     assert line.startswith(f"{score}: estimated 250 mislabeled of 1000") and "a rough count" in line, line
-    assert "mislabel or aum" in line, line
+    assert "flag by mislabel or aum (--score aum)" in line, line
     assert json.loads((tmp_path / "f.json").read_text())["rough"]
     assert main(["flag", str(path), "--score", "aum", "--out", str(tmp_path / "f.json"), "--overwrite"]) == 0
     assert "rough" not in capsys.readouterr().out.splitlines()[0]
+    alone = _planted(tmp_path / "alone.h5", np.arange(n), noisy, {score: values})   # no calibrated score
+    assert main(["flag", str(alone), "--score", score, "--out", str(tmp_path / "f.json"), "--overwrite"]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith(f"{score}: estimated 250") and "flag by mislabel or aum (" in line, line
 
 
 def test_flag_through_the_cli_writes_ids_rates_and_precision(tiny_run, tmp_path, capsys):

@@ -173,7 +173,7 @@ def test_select_per_class_through_the_cli(scores_file, tmp_path, capsys):
     (["select", "{s}", "--by", "el2n", "--keep", "0.5"], set()),
     (["select", "{s}", "--region", "all"], set()),
     (["select", "{s}", "--jtt", "--checkpoint", "0"], {"correct"}),
-    (["flag", "{s}"], set()),
+    (["flag", "{s}"], {"correct"}),   # the count's fit: the last selected checkpoint's row
     (["export", "{s}", "--format", "csv"], set()),
     (["plot", "{s}", "--kind", "hist"], set()),
     (["plot", "{s}"], set()),

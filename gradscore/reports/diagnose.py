@@ -193,7 +193,7 @@ def compute(res: dict[str, Any], source_file: str, *, score: str, noisy: np.ndar
         finite = np.isfinite(values)
         correct = last_correct(source_file, res)
         report["flag"] = {"score": name, "n": n, **count_fields(estimate(values[finite]), n, name,
-                                                                None if correct is None else correct[finite])}
+                                                                None if correct is None else correct[finite], res)}
     if noisy is None:
         skip(f"mask-based figures ({source})")
         return report, var

@@ -134,16 +134,27 @@ def last_correct(path: str | Path, res: dict[str, Any]) -> np.ndarray | None:
     return None if rows is None or not len(selected) else rows[int(selected[-1])].astype(np.float64)
 
 
-def count_fields(est: dict[str, Any], n: int, score: str, correct: np.ndarray | None = None) -> dict[str, Any]:
+def flag_by(res: dict[str, Any]) -> str:
+    """How to count by a score of :data:`CALIBRATED` in the scores file of ``res``
+    (:func:`load_scores`): the option, or the command that adds one."""
+    have = [s for s in CALIBRATED if s in res["scores"]]
+    return f"--score {have[0]}" if have else how_to_add(res["config"], list(CALIBRATED))
+
+
+def count_fields(est: dict[str, Any], n: int, score: str, correct: np.ndarray | None = None,
+                 res: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a report holds of :func:`estimate`'s count of ``score``, over ``n`` examples;
     :func:`count_line` reads it. ``correct``: :func:`last_correct` of the estimated examples
-    (as ``est["flagged"]``), or None: then the fit is not checked (``fit_clean`` None)."""
+    (as ``est["flagged"]``), or None: then the fit is not checked (``fit_clean`` None);
+    ``res``: the scores file's :func:`load_scores`, for ``flag_by`` (:func:`flag_by`) where
+    ``score`` is not calibrated."""
     fit = None
     if correct is not None and est["count"] is not None:
         seen = ~est["flagged"] & np.isfinite(correct)
         fit = float(correct[seen].mean()) if seen.any() else None
     return {"estimated_count": est["count"], "finding": est["finding"], "separation": est["separation"],
             "count_three": est["count_three"], "fit_clean": fit, "calibrated": score in CALIBRATED,
+            "flag_by": None if score in CALIBRATED or res is None else flag_by(res),
             "rough": est["count"] is not None and (est["rough"] or score not in CALIBRATED
                                                    or (fit is not None and fit < FIT_CLEAN)),
             "estimated_rate": None if est["count"] is None else est["count"] / n}
@@ -166,8 +177,9 @@ def count_line(report: dict[str, Any]) -> str:
                  f"or rank by {score} instead (gradscore select)")
     elif not report.get("calibrated", True):
         line += (f", a rough count: counts by {score} are not checked against the truth (by {' or '.join(CALIBRATED)} "
-                 f"they are: bench.flag_counts), so it can be off by many; flag by {' or '.join(CALIBRATED)}, "
-                 f"or rank by {score} instead (gradscore select)")
+                 f"they are: bench.flag_counts), so it can be off by many; flag by {' or '.join(CALIBRATED)}"
+                 + (f" ({report['flag_by']})" if report.get("flag_by") else "")
+                 + f", or rank by {score} instead (gradscore select)")
     elif report["separation"] < CLEAR_SEPARATION:
         line += (f", a rough count: the two populations overlap (separation {report['separation']:.2f}, "
                  f"under {CLEAR_SEPARATION:g}), so it can be off by many; rank by {score} instead (gradscore select)")
@@ -210,7 +222,8 @@ def flag(scores: str | Path, *, score: str | None = None, data: str | Path | Non
         "scores_file": str(scores), "score": name, "orientation": "higher = more suspicious" if ORIENTATION[name] > 0
         else "lower = more suspicious", "method": "two-component Gaussian mixture on the score (BIC against one; "
         "a three-component one checks the count)",
-        "n": int(len(values)), **count_fields(est, len(values), name, None if correct is None else correct[finite]),
+        "n": int(len(values)), **count_fields(est, len(values), name, None if correct is None else correct[finite],
+                                              res),
         "bic_one": est["bic_one"], "bic_two": est["bic_two"],
         "threshold": None if est["threshold"] is None else est["threshold"] * ORIENTATION[name],
         "flagged": [{"index": int(i), "id": ids[i].item() if hasattr(ids[i], "item") else ids[i],
