@@ -194,7 +194,7 @@ def run_pds_demo(out: str | Path = "gradscore_demo_pds", *, steps: int = 30, eng
     echo(f"SGD warm-up, then full-batch GD for {steps} steps with a checkpoint at every step "
          f"(PDS is exact for this trajectory) -> {out / 'ckpts'}")
     path = score(out / "ckpts", proxy, out=out / "scores.h5", target=target, engine=engine,
-                 scores=("pds", "target_dot", "target_cos", "grand", "el2n"), overwrite=True,
+                 scores=("pds", "target_dot", "target_cos", "grand", "el2n", "mislabel", "aum"), overwrite=True,
                  variants=("cos", "clip", "rank", "resid"), progress=progress)
     res = load_scores(path)
     s, noisy = res["scores"], res["noisy"]

@@ -195,8 +195,12 @@ def flag(scores: str | Path, *, score: str | None = None, data: str | Path | Non
     """Estimate how many examples of ``scores`` are mislabeled and which (see the module
     docstring); write the report as JSON to ``out`` if given. Returns the report:
     ``estimated_count`` and ``estimated_rate`` (None, with ``finding`` saying why, where no
-    suspicious minority separates), ``flagged`` (index, id, score, most
-    suspicious first), ``per_class`` (with ``data``), ``against_known_noisy`` (with a mask)."""
+    suspicious minority separates), ``rough`` (the count can be off by many: see the module
+    docstring), ``separation``, ``count_three``, ``fit_clean`` (the share of the examples
+    not flagged that the model predicts as labelled at the end; None where the file holds
+    no predictions), ``calibrated`` and ``flag_by`` (how to count by a calibrated score),
+    ``flagged`` (index, id, score, most suspicious first), ``per_class`` (with ``data``),
+    ``against_known_noisy`` (with a mask)."""
     if out is not None:
         claim(out, "json", inputs={"the scores file": [scores], "the --data file": [data]}, overwrite=overwrite)
     res = load_scores(scores, per_checkpoint=False)
