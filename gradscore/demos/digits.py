@@ -104,8 +104,9 @@ def run_demo(out: str | Path = "gradscore_demo", *, epochs: int = 15, n_train: i
     echo(f"trained digits_cnn for {epochs} epochs ({t_train:.1f}s), clean test accuracy "
          f"{acc:.3f}; checkpoints -> {ckpt_dir}")
     t1 = time.perf_counter()
-    scores_path = score(ckpt_dir, train_path, out=out / "scores.h5", scores=("el2n", "grand", "loss", "mislabel", "aum")
-                        + DYNAMICS, engine=engine, overwrite=True, progress=progress)
+    scores_path = score(ckpt_dir, train_path, out=out / "scores.h5",
+                        scores=("el2n", "grand", "loss", "mislabel", "aum", *DYNAMICS), engine=engine,
+                        overwrite=True, progress=progress)
     t_score = time.perf_counter() - t1
     res = load_scores(scores_path)
     noisy = res["noisy"]

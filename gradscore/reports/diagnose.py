@@ -33,7 +33,7 @@ from ..exceptions import ConfigError, GradscoreError
 from ..io.outputs import claim
 from ..scores.inrun import dot_terms as inrun_dot_terms
 from ..scores.pds import DOT_SCORES, VARIANTS, dot_terms
-from .flag import ORIENTATION, count_fields, count_line, default_score, estimate, last_correct, suspicion
+from .flag import ORIENTATION, count_line, counted, default_score, suspicion
 from ..io.store import checkpoint_rows, inrun_blocks, load_scores, read_numpy
 
 #: the dot-product score of an in-run file (gs.InRun), diagnosed from its records
@@ -190,10 +190,7 @@ def compute(res: dict[str, Any], source_file: str, *, score: str, noisy: np.ndar
     name = default_score(res["scores"])
     values = None if name is None else suspicion(res["scores"], name)
     if values is not None and np.isfinite(values).sum() >= 10:   # how many look mislabeled (gradscore flag)
-        finite = np.isfinite(values)
-        correct = last_correct(source_file, res)
-        report["flag"] = {"score": name, "n": n, **count_fields(estimate(values[finite]), n, name,
-                                                                None if correct is None else correct[finite], res)}
+        report["flag"] = {"score": name, "n": n, **counted(source_file, res, name, values)[1]}
     if noisy is None:
         skip(f"mask-based figures ({source})")
         return report, var

@@ -130,8 +130,10 @@ def last_correct(path: str | Path, res: dict[str, Any]) -> np.ndarray | None:
             out[block["row"]] = block["correct"]
         return out
     rows = checkpoint_rows(path, ("correct",)).get("correct")
-    selected = np.flatnonzero(res["checkpoints"].get("selected", np.ones(0 if rows is None else len(rows), bool)))
-    return None if rows is None or not len(selected) else rows[int(selected[-1])].astype(np.float64)
+    if rows is None:
+        return None
+    selected = np.flatnonzero(res["checkpoints"].get("selected", np.ones(len(rows), bool)))
+    return rows[int(selected[-1])].astype(np.float64) if len(selected) else None
 
 
 def flag_by(res: dict[str, Any]) -> str:
@@ -158,6 +160,16 @@ def count_fields(est: dict[str, Any], n: int, score: str, correct: np.ndarray | 
             "rough": est["count"] is not None and (est["rough"] or score not in CALIBRATED
                                                    or (fit is not None and fit < FIT_CLEAN)),
             "estimated_rate": None if est["count"] is None else est["count"] / n}
+
+
+def counted(path: str | Path, res: dict[str, Any], name: str, values: np.ndarray) -> tuple[dict, dict]:
+    """:func:`estimate` on the finite of ``values`` (N,) (score ``name`` of the scores file
+    ``path``, ``res`` its :func:`load_scores`, oriented by :func:`suspicion`) and what a
+    report holds of it (:func:`count_fields`, with the model's fit)."""
+    finite = np.isfinite(values)
+    est = estimate(values[finite])
+    correct = last_correct(path, res)
+    return est, count_fields(est, len(values), name, None if correct is None else correct[finite], res)
 
 
 def count_line(report: dict[str, Any]) -> str:
@@ -216,8 +228,7 @@ def flag(scores: str | Path, *, score: str | None = None, data: str | Path | Non
     finite = np.isfinite(values)
     if finite.sum() < 10:
         raise DataError(f"{scores}: {int(finite.sum())} finite '{name}' values; flagging needs at least 10")
-    est = estimate(values[finite])
-    correct = last_correct(scores, res)
+    est, fields = counted(scores, res, name, values)
     flagged = np.zeros(len(values), dtype=bool)
     flagged[np.flatnonzero(finite)[est["flagged"]]] = True
     order = np.flatnonzero(flagged)[np.argsort(-values[flagged], kind="stable")]
@@ -226,8 +237,7 @@ def flag(scores: str | Path, *, score: str | None = None, data: str | Path | Non
         "scores_file": str(scores), "score": name, "orientation": "higher = more suspicious" if ORIENTATION[name] > 0
         else "lower = more suspicious", "method": "two-component Gaussian mixture on the score (BIC against one; "
         "a three-component one checks the count)",
-        "n": int(len(values)), **count_fields(est, len(values), name, None if correct is None else correct[finite],
-                                              res),
+        "n": int(len(values)), **fields,
         "bic_one": est["bic_one"], "bic_two": est["bic_two"],
         "threshold": None if est["threshold"] is None else est["threshold"] * ORIENTATION[name],
         "flagged": [{"index": int(i), "id": ids[i].item() if hasattr(ids[i], "item") else ids[i],
