@@ -159,6 +159,13 @@ _BUILTIN = {
 }
 
 
+def builtin_output(name: str) -> str | None:
+    """The output kind of the built-in loss ``name`` ("logits", "log_probs", "regression" or
+    "tokens"); None for any other (a user's loss is not imported to find out)."""
+    loss = _BUILTIN.get(name)
+    return None if loss is None else loss.output
+
+
 def resolve_loss(loss: str | Loss | PerExampleLoss, lm_reduction: str | None = None) -> Loss:
     """Turn a loss name, ``"module:fn"`` reference, callable or :class:`Loss` into a Loss.
 

@@ -10,6 +10,7 @@ import pytest
 import gradscore as gs
 from gradscore.cli import main
 from gradscore.io.store import HDF5ScoresWriter
+from gradscore.demos.models import mlp
 from gradscore.reports.flag import estimate
 
 
@@ -129,13 +130,15 @@ def test_flag_says_when_the_score_gives_no_count(tmp_path, capsys):
     assert "no count" in text and "0 of 1000" not in text, text
 
 
-def _planted(path, ids, noisy, scores: dict[str, np.ndarray], correct: np.ndarray | None = None):
+def _planted(path, ids, noisy, scores: dict[str, np.ndarray], correct: np.ndarray | None = None,
+             config: dict | None = None):
     """A scores file holding ``scores`` (N,) for ``ids``, and the known-noisy mask; with
-    ``correct`` (N,) bool, the model's predictions at its one checkpoint."""
+    ``correct`` (N,) bool, the model's predictions at its one checkpoint; ``config``: the
+    run's (default: none)."""
     store = HDF5ScoresWriter(path, {"synthetic": 0}, n=len(ids), T=1, chunk_size=len(ids))
     rows = {k: v.astype(np.float64) for k, v in scores.items()}
     store.write_chunk(0, 0, rows if correct is None else {**rows, "correct": correct.astype(np.int8)})
-    store.finalize(ids=np.asarray(ids), extras={"noisy": noisy}, attrs={"config": {}},
+    store.finalize(ids=np.asarray(ids), extras={"noisy": noisy}, attrs={"config": config or {}},
                    aggregate=lambda p: {k: v[0] for k, v in p.items() if k in scores})
     return path
 
@@ -188,10 +191,18 @@ def test_a_count_by_a_score_whose_counts_were_not_checked_is_rough(tmp_path, cap
     assert json.loads((tmp_path / "f.json").read_text())["rough"]
     assert main(["flag", str(path), "--score", "aum", "--out", str(tmp_path / "f.json"), "--overwrite"]) == 0
     assert "rough" not in capsys.readouterr().out.splitlines()[0]
-    alone = _planted(tmp_path / "alone.h5", np.arange(n), noisy, {score: values})   # no calibrated score
-    assert main(["flag", str(alone), "--score", score, "--out", str(tmp_path / "f.json"), "--overwrite"]) == 0
-    line = capsys.readouterr().out.splitlines()[0]
-    assert line.startswith(f"{score}: estimated 250") and "flag by mislabel or aum (" in line, line
+    for loss, hint in (("cross_entropy", "flag by mislabel or aum (rerun `gradscore run --scores mislabel,aum`)"),
+                       ("causal_lm", None), ("mse", None)):   # no classes: no margin to count by
+        ckpts = tmp_path / loss
+        with gs.CheckpointWriter(ckpts, model_factory="gradscore.demos.models:mlp", model_kwargs={"d_in": 2},
+                                 loss=loss) as w:
+            w.save(mlp(d_in=2), step=0, lr=0.1)
+        alone = _planted(tmp_path / f"{loss}.h5", np.arange(n), noisy, {score: values},   # no calibrated score
+                         config={"engine": "auto", "checkpoints": str(ckpts)})
+        assert main(["flag", str(alone), "--score", score, "--out", str(tmp_path / "f.json"), "--overwrite"]) == 0
+        line = capsys.readouterr().out.splitlines()[0]
+        assert line.startswith(f"{score}: estimated 250") and "a rough count" in line, line
+        assert (hint in line) if hint else ("flag by" not in line and f"rank by {score} instead" in line), line
 
 
 def test_flag_through_the_cli_writes_ids_rates_and_precision(tiny_run, tmp_path, capsys):

@@ -17,6 +17,7 @@ With the labels (``data``), the estimated noise rate per class; with a known-noi
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,13 @@ from typing import Any
 import numpy as np
 
 from .._version import __version__
-from ..exceptions import ConfigError, DataError
+from ..exceptions import ConfigError, DataError, GradscoreError
 from ..io.atomic import atomic_path
 from ..io.datasets import scored_labels
 from ..io.outputs import claim
+from ..io.checkpoints import checkpoint_files, read_info
 from ..io.store import checkpoint_rows, inrun_blocks, load_scores
+from ..losses import builtin_output
 from ..scores.registry import how_to_add
 
 #: +1: higher = more suspicious as stored; -1: lower is (the sign flag applies)
@@ -136,11 +139,21 @@ def last_correct(path: str | Path, res: dict[str, Any]) -> np.ndarray | None:
     return rows[int(selected[-1])].astype(np.float64) if len(selected) else None
 
 
-def flag_by(res: dict[str, Any]) -> str:
+def flag_by(res: dict[str, Any]) -> str | None:
     """How to count by a score of :data:`CALIBRATED` in the scores file of ``res``
-    (:func:`load_scores`): the option, or the command that adds one."""
+    (:func:`load_scores`): the option, or the command that adds one; None where the loss
+    has no classes to take a margin over (language modelling, regression)."""
     have = [s for s in CALIBRATED if s in res["scores"]]
-    return f"--score {have[0]}" if have else how_to_add(res["config"], list(CALIBRATED))
+    if have:
+        return f"--score {have[0]}"
+    config, loss = res["config"], None
+    if config.get("inrun"):
+        loss = config.get("loss")
+    elif config.get("checkpoints"):   # the run's checkpoints, where they still are
+        files = checkpoint_files(config["checkpoints"])
+        with contextlib.suppress(GradscoreError):
+            loss = read_info(next(iter(files.values()))).loss if files else None
+    return None if builtin_output(str(loss)) in ("tokens", "regression") else how_to_add(config, list(CALIBRATED))
 
 
 def count_fields(est: dict[str, Any], n: int, score: str, correct: np.ndarray | None = None,
@@ -188,10 +201,11 @@ def count_line(report: dict[str, Any]) -> str:
                  f"(under {FIT_CLEAN:.0%}), so the examples it has not learned count as mislabeled; train longer, "
                  f"or rank by {score} instead (gradscore select)")
     elif not report.get("calibrated", True):
+        how = report.get("flag_by")
         line += (f", a rough count: counts by {score} are not checked against the truth (by {' or '.join(CALIBRATED)} "
-                 f"they are: bench.flag_counts), so it can be off by many; flag by {' or '.join(CALIBRATED)}"
-                 + (f" ({report['flag_by']})" if report.get("flag_by") else "")
-                 + f", or rank by {score} instead (gradscore select)")
+                 f"they are: bench.flag_counts), so it can be off by many; "
+                 + (f"flag by {' or '.join(CALIBRATED)} ({how}), or " if how else "")
+                 + f"rank by {score} instead (gradscore select)")
     elif report["separation"] < CLEAR_SEPARATION:
         line += (f", a rough count: the two populations overlap (separation {report['separation']:.2f}, "
                  f"under {CLEAR_SEPARATION:g}), so it can be off by many; rank by {score} instead (gradscore select)")
