@@ -150,8 +150,8 @@ def flag_by(res: dict[str, Any]) -> str | None:
     if config.get("inrun"):
         loss = config.get("loss")
     elif config.get("checkpoints"):   # the run's checkpoints, where they still are
-        files = checkpoint_files(config["checkpoints"])
-        with contextlib.suppress(GradscoreError):
+        with contextlib.suppress(GradscoreError, OSError):   # moved, damaged: the plain hint
+            files = checkpoint_files(config["checkpoints"])
             loss = read_info(next(iter(files.values()))).loss if files else None
     return None if builtin_output(str(loss)) in ("tokens", "regression") else how_to_add(config, list(CALIBRATED))
 
