@@ -55,6 +55,21 @@ def cause(e: BaseException, width: int = 200) -> str:
     return f"{type(e).__name__}: {text}"
 
 
+def model_fix(e: BaseException) -> str | None:
+    """The fix for a model whose own backward fails in eval mode, where gradscore takes its
+    gradients, whatever the engine (torch's error ``e``); None for another failure."""
+    text = str(e)
+    if "modified by an inplace operation" in text:
+        return ("in eval mode the model changes in place a tensor its backward reads (Hugging Face's RWKV "
+                "updates its cached state so: set model.config.use_cache = False before scoring)")
+    if "backward through the graph a second time" in text:
+        return ("the model reads a tensor the model kept from an earlier call (a cache or a state kept between calls, "
+                "as timm's LeViT and EfficientViT-M cache attention biases in eval mode), whose graph that call's "
+                "backward freed; each example's gradient needs a forward of its own: clear the cache (for those, "
+                "model.train(); model.eval()), or score with engine 'ghost', which takes a batch in one call")
+    return None
+
+
 #: what to do about a damaged output of gradscore
 RESTORE = "restore the file from a copy or rerun the command that wrote it"
 

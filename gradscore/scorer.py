@@ -10,7 +10,7 @@ from torch import nn
 
 from .batch import Inputs, batch_len, call_model, check_batch, describe, move, take
 from .engines import ScoreBatch, check_eval_mode, engine_class
-from .exceptions import EngineError, GradscoreError, GradscoreWarning, cause
+from .exceptions import EngineError, GradscoreError, GradscoreWarning, cause, model_fix
 from .losses import Loss, PerExampleLoss, resolve_loss
 
 #: examples of the first scored batch that :meth:`Scorer._check_first_batch` checks
@@ -218,13 +218,7 @@ class Scorer:
             what = cause(e)
             if isinstance(e, torch.OutOfMemoryError):
                 fix = "use a smaller batch or chunk_bytes"
-            elif "backward through the graph a second time" in str(e):
-                fix = ("the model reads a tensor the model kept from an earlier call (a cache or a state kept "
-                       "between calls, as timm's LeViT and EfficientViT-M cache attention biases in eval mode), "
-                       "whose graph that call's backward freed; each example's gradient needs a forward of its "
-                       "own: clear the cache (for those, model.train(); model.eval()), or score with engine "
-                       "'ghost', which takes a batch in one call")
             else:
-                fix = (f"check that the inputs ({describe(x)}) and targets (shape {tuple(y.shape[1:])}, "
-                       f"{y.dtype}) fit the model and loss")
+                fix = model_fix(e) or (f"check that the inputs ({describe(x)}) and targets (shape "
+                                       f"{tuple(y.shape[1:])}, {y.dtype}) fit the model and loss")
             raise EngineError(f"engine '{self.engine_name}' failed on this batch ({what}); {fix}") from e

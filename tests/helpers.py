@@ -200,6 +200,21 @@ class NoGradPart(nn.Module):
         return self.b(torch.tanh(h))
 
 
+class EvalStateInPlace(nn.Module):
+    """In eval mode, updates in place a tensor its backward needs, as Hugging Face's RWKV
+    updates its cached state (``config.use_cache``): a backward in eval mode fails."""
+
+    def __init__(self, use_cache: bool = True):
+        super().__init__()
+        self.a, self.b, self.use_cache = nn.Linear(6, 5), nn.Linear(5, 3), use_cache
+
+    def forward(self, x):
+        h = torch.sigmoid(self.a(x))   # sigmoid's backward reads its output
+        if not self.training and self.use_cache:
+            h.mul_(1.0)
+        return self.b(h)
+
+
 class SharedTwice(nn.Module):
     """One Linear applied twice (tied weights) plus a head."""
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import gradscore as gs
-from helpers import (ChannelsLastNorm, PatchTokens, batch_forward_gradients, channels_last_equals_contiguous,
-                     python_child)
+from helpers import (ChannelsLastNorm, EvalStateInPlace, PatchTokens, batch_forward_gradients,
+                     channels_last_equals_contiguous, python_child)
 from gradscore.engines import Engine, engine_class
 from gradscore.engines.base import _ENGINES
 from gradscore.demos.models import digits_cnn, mlp
@@ -290,6 +290,22 @@ def test_per_example_gradients_that_do_not_add_up_are_warned_of(engine):
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0])
     with pytest.warns(gs.exceptions.GradscoreWarning, match=r"do not add up|no gradient reaches 'table'"):
         gs.Scorer(model, engine=engine).score_batch(x, y)
+
+
+@pytest.mark.parametrize("engine", ["auto", "ghost", "vmap", "loop"])
+def test_a_model_that_changes_in_place_what_its_backward_reads_gets_the_fix(engine):
+    """Hugging Face's RWKV in eval mode updates its cached state in place, so its backward
+    fails: the error said to check that the inputs fit the model (vmap: to use 'auto', which
+    failed too). It names the cause and the fix; with the cache off, it scores as the loop."""
+    torch.manual_seed(0)
+    model = EvalStateInPlace().double().eval()
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0])
+    with pytest.raises(gs.EngineError, match=r"modified by an inplace.*changes in place.*use_cache = False"):
+        gs.Scorer(model, engine=engine).score_batch(x, y)
+    model.use_cache = False
+    want = gs.Scorer(model, engine="loop").score_batch(x, y)
+    torch.testing.assert_close(gs.Scorer(model, engine=engine).score_batch(x, y).sq_norm, want.sq_norm,
+                               rtol=1e-10, atol=0)
 
 
 @pytest.mark.parametrize("engine", ["auto", "vmap", "loop"])

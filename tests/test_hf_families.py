@@ -48,6 +48,15 @@ CAUSAL_LM = {
     "biogpt": {}, "cohere": GQA, "granite": GQA, "persimmon": {}, "mpt": {"d_model": 16, "n_heads": 2,
                                                                           "n_layers": 2, "max_seq_len": 32},
     "smollm3": GQA, "glm": {**GQA, "head_dim": 8}, "helium": {**GQA, "head_dim": 8},
+    "gemma3_text": {**GQA, "head_dim": 8, "sliding_window": 4}, "nemotron": GQA,
+    # mixtures of experts: the experts' float32-only grouped matmul swapped for their loop
+    "mixtral": {**GQA, "num_local_experts": 4, "num_experts_per_tok": 2, "experts_implementation": "eager"},
+    "qwen2_moe": {**GQA, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8,
+                  "shared_expert_intermediate_size": 8, "experts_implementation": "eager"},
+    # state space and recurrent: Mamba's selective scan, RWKV with its cache off (in eval mode
+    # it updates its state in place, which a backward refuses)
+    "mamba": {"state_size": 4, "expand": 2, "conv_kernel": 3},
+    "rwkv": {"attention_hidden_size": 16, "context_length": 32, "use_cache": False},
 }
 SEQUENCE_CLASSIFICATION = {
     "roberta": {}, "distilbert": {"dim": 16, "hidden_dim": 24, "n_layers": 2, "n_heads": 2},
@@ -87,6 +96,9 @@ REFUSED_IN_RUN = {
     "deberta": NO_RULE,        # relative position projections, one for the batch (as deberta-v2's)
     "deberta-v2": NO_RULE,     # relative position embeddings and projections, one for the batch
     "swinv2": NO_RULE,   # its position bias MLP: ops of two parameters, one output for the batch
+    "mixtral": NO_RULE, "qwen2_moe": NO_RULE,   # the router and the experts' stacked weights
+    "mamba": NO_RULE,    # its Conv1d, dt_proj and D weights are read by the scan, not called
+    "nemotron": NO_RULE,   # LayerNorm1P: a LayerNorm of weight + 1
     "resnet": BATCH_NORM, "regnet": BATCH_NORM, "mobilenet_v2": BATCH_NORM, "mobilevit": BATCH_NORM,
 }
 FAST = {"mistral", "opt", "roberta", "vit", "convnext"}

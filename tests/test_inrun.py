@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscore as gs
-from helpers import (CellLoop, ChannelsLastNorm, FreeNet, MyStdConv2d, NormActCNN, PatchTokens, RelativeBias,
-                     Reversed, Windows, check_inrun_against_loop, inrun_reference)
+from helpers import (CellLoop, ChannelsLastNorm, EvalStateInPlace, FreeNet, MyStdConv2d, NormActCNN, PatchTokens,
+                     RelativeBias, Reversed, Windows, check_inrun_against_loop, inrun_reference)
 from gradscore.demos.models import digits_cnn, mlp, recurrent_classifier
 from gradscore.engines.rules.registry import FactoredRef
 from gradscore.scores import inrun as inrun_scores
@@ -2523,6 +2523,27 @@ def test_a_layer_or_parameter_replaced_during_training(tmp_path):
         at = rows["step"] == t
         np.testing.assert_allclose(rows["sq_norm"][at], want[:, 1], rtol=1e-9, err_msg=f"step {t}")
         np.testing.assert_allclose(rows["dot"][at], want[:, 2] / len(idx), rtol=1e-9, atol=1e-14, err_msg=f"step {t}")
+
+
+def test_a_target_gradient_the_model_cannot_take_in_eval_mode_gets_one_error(tmp_path):
+    """The target gradient is taken in eval mode, where Hugging Face's RWKV (its cache on)
+    updates its state in place: torch's RuntimeError came out of the recorder raw. One
+    EngineError names the cause and the fix; the hooks are gone and the model is left in
+    training mode; with the cache off the step records as the loop."""
+    torch.manual_seed(0)
+    x, y = _data(d=6, c=3)
+    model, targets = EvalStateInPlace().double().train(), (x[:6], y[:6])
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=targets)
+    with pytest.raises(gs.EngineError, match=r"target gradient.*modified by an inplace.*use_cache = False"):
+        with rec.step(range(8), y[:8], lr=0.1):
+            F.cross_entropy(model(x[:8]), y[:8]).backward()
+    assert not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in model.modules())
+    assert model.training
+    model.use_cache = False
+    rec = gs.InRun(model, out=tmp_path / "s.h5", targets=targets)
+    snaps: list = []
+    _train(model, x, y, steps=2, batch=8, rec=rec, snapshots=snaps)
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, targets)
 
 
 class _Checkpointed(nn.Module):

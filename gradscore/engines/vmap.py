@@ -9,7 +9,7 @@ import torch
 from torch.func import grad, vmap
 
 from ..batch import Inputs, batch_len, call_functional, take, unsqueeze
-from ..exceptions import EngineError, GradscoreError, cause
+from ..exceptions import EngineError, GradscoreError, cause, model_fix
 from ..kernels import norm_dot
 from .base import Engine, RefBlocks, ScoreBatch, register_engine
 
@@ -63,7 +63,6 @@ class VmapEngine(Engine):
         except Exception as plain:
             raise EngineError(f"the model or loss fails on this batch ({cause(plain)}); check that "
                               f"the inputs and targets fit the model") from plain
-        raise VmapTraceError(f"vmap cannot trace this model ({cause(e)}); use engine='auto', which "
-                             f"falls back to the per-example loop, or engine='loop' (for Hugging "
-                             f"Face models with an attention_mask, attn_implementation='eager' "
-                             f"also works)") from e
+        fix = model_fix(e) or ("use engine='auto', which falls back to the per-example loop, or engine='loop' "
+                               "(for Hugging Face models with an attention_mask, attn_implementation='eager' also works)")
+        raise VmapTraceError(f"vmap cannot trace this model ({cause(e)}); {fix}") from e

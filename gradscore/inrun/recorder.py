@@ -76,7 +76,7 @@ from ..engines.ghost import GhostEngine, probe
 from ..engines.workarounds import torch_workarounds, wrong_in_torch
 from ..engines.rules.registry import FactoredRef
 from ..exceptions import (ConfigError, ConfigMismatchError, EngineError, GradscoreError, GradscoreWarning,
-                          OutputError, cause)
+                          OutputError, cause, model_fix)
 from ..distributed import current_ranks
 from ..io.journal import Journal, difference
 from ..io.outputs import claim, lock
@@ -287,17 +287,21 @@ def _batchnorms(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _target_grads(J: torch.Tensor, wanted: list[torch.Tensor]) -> tuple:
     """∂J/∂wanted (None where unused): torch.autograd.grad, which leaves ``.grad`` alone. A
-    reentrant torch.utils.checkpoint refuses it: one EngineError naming the fix."""
+    reentrant torch.utils.checkpoint refuses it, and a model's backward can fail in eval
+    mode (a state updated in place): one EngineError with the cause and the fix."""
     if not wanted:
         return ()
     try:
         return torch.autograd.grad(J, wanted, allow_unused=True)
     except RuntimeError as e:
-        if "use_reentrant=True" not in str(e):
+        if "use_reentrant=True" in str(e):
+            raise EngineError("the target gradient: the model calls torch.utils.checkpoint with use_reentrant=True, "
+                              "which refuses torch.autograd.grad (the recorder's way to leave .grad alone); pass "
+                              "use_reentrant=False to it (the same gradients), or record without targets") from None
+        if isinstance(e, torch.OutOfMemoryError):
             raise
-        raise EngineError("the target gradient: the model calls torch.utils.checkpoint with use_reentrant=True, "
-                          "which refuses torch.autograd.grad (the recorder's way to leave .grad alone); pass "
-                          "use_reentrant=False to it (the same gradients), or record without targets") from None
+        fix = model_fix(e) or "the model's backward fails on the target batch: record without targets"
+        raise EngineError(f"the target gradient, taken in eval mode, failed ({cause(e)}); {fix}") from e
 
 
 def _raise_everywhere(error: Exception | None, value: Any = None) -> Any:
