@@ -25,8 +25,8 @@ _LAZY = {
     "CheckpointInfo": "io.checkpoints", "CheckpointStore": "io.checkpoints", "CheckpointWriter": "io.checkpoints",
     "RunConfig": "config", "Dataset": "io.datasets", "load_dataset": "io.datasets", "save_dataset": "io.datasets",
     "Engine": "engines", "ScoreBatch": "engines", "VmapTraceError": "engines.vmap", "Loss": "losses",
-    "causal_lm": "losses", "resolve_loss": "losses", "Scorer": "scorer", "load_scores": "io.store",
-    "checkpoint_rows": "io.store",
+    "causal_lm": "losses", "masked_lm": "losses", "resolve_loss": "losses", "Scorer": "scorer",
+    "load_scores": "io.store", "checkpoint_rows": "io.store",
     "reaggregate": "pipeline", "run": "pipeline", "score": "pipeline", "CostateConfig": "scores.costate",
     "CostateFile": "scores.costate", "compute_costate": "scores.costate", "select": "reports.select",
     "diagnose": "reports.diagnose", "flag": "reports.flag", "InRun": "inrun", "sketch": "sketches.store",
@@ -42,7 +42,7 @@ if TYPE_CHECKING:   # the same names, for type checkers and editors
     from .io.checkpoints import CheckpointInfo, CheckpointStore, CheckpointWriter
     from .io.datasets import Dataset, load_dataset, save_dataset
     from .io.store import checkpoint_rows, load_scores
-    from .losses import Loss, causal_lm, resolve_loss
+    from .losses import Loss, causal_lm, masked_lm, resolve_loss
     from .pipeline import reaggregate, run, score
     from .reports.diagnose import diagnose
     from .reports.flag import flag
@@ -70,8 +70,9 @@ def __dir__() -> list[str]:
 __all__ = [
     "__version__", "Scorer", "ScoreBatch", "Engine", "score", "run", "reaggregate", "RunConfig",
     "CheckpointWriter", "CheckpointStore", "CheckpointInfo", "Dataset", "load_dataset",
-    "save_dataset", "load_scores", "checkpoint_rows", "Loss", "causal_lm", "resolve_loss", "GradscoreError",
-    "ConfigError", "CheckpointError", "DataError", "EngineError", "ConfigMismatchError", "OutputError",
+    "save_dataset", "load_scores", "checkpoint_rows", "Loss", "causal_lm", "masked_lm", "resolve_loss",
+    "GradscoreError", "ConfigError", "CheckpointError", "DataError", "EngineError",
+    "ConfigMismatchError", "OutputError",
     "GradscoreWarning",
     "VmapTraceError", "CostateConfig", "CostateFile", "compute_costate", "select", "diagnose", "flag", "InRun",
     "sketch", "attribute", "Projection",

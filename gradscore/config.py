@@ -118,7 +118,8 @@ class RunConfig:
         "help": "also store <score>_<variant> for pds/target_dot: cos, clip, rank, resid"})
     clip_quantile: float = field(default=0.9, metadata={"help": "the 'clip' variant's ‖g‖ quantile"})
     lm_reduction: str | None = field(default=None, metadata={
-        "help": "causal_lm loss per example: mean or sum over its predicted tokens; None: the checkpoints' own"})
+        "help": "token loss (causal_lm, masked_lm) per example: mean or sum over its predicted tokens; None: "
+                "the checkpoints' own"})
     params: tuple[str, ...] = field(default=(), metadata={
         "help": "names or shell patterns of the parameters to score ('head.*'); empty: every trainable one"})
     allow_nonfinite: bool = field(default=False, metadata={

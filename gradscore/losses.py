@@ -12,6 +12,9 @@ A loss maps ``(output (B, ...), target (B, ...)) -> (B,)`` per-example losses. B
   Hugging Face does); label −100 is ignored. Per example: the mean over its
   non-ignored predicted tokens (``lm_reduction="sum"``: their sum). An example with no
   token to predict has loss 0 and gradient 0.
+- ``masked_lm``: as ``causal_lm`` without the shift: labels[:, t] is position t's own
+  target (a ``…ForMaskedLM`` head), −100 where the position is not masked
+  (``lm_reduction="sum"``: the sum over its masked tokens).
 - ``"module:fn"``: any callable with the signature above, taking its targets as it reads
   them; classification metrics are computed from ``softmax(output)`` when the output is
   (B, C) with C ≥ 2 and targets are integers. It is the user's function whatever its name
@@ -113,11 +116,26 @@ def causal_lm(reduction: str = "mean") -> Loss:
     Position t predicts labels[:, t + 1]; labels equal to −100 are ignored.
     ``reduction``: "mean" over the example's predicted tokens, or their "sum".
     """
+    return _token_loss("causal_lm", reduction, shift=1)
+
+
+def masked_lm(reduction: str = "mean") -> Loss:
+    """Masked-token cross-entropy per example: logits (B, T, V), labels (B, T) -> (B,).
+
+    Position t predicts labels[:, t] (no shift, as a ``…ForMaskedLM`` head); labels equal
+    to −100 (the positions not masked) are ignored. ``reduction``: "mean" over the
+    example's predicted tokens, or their "sum".
+    """
+    return _token_loss("masked_lm", reduction, shift=0)
+
+
+def _token_loss(name: str, reduction: str, shift: int) -> Loss:
+    """Token cross-entropy per example where position t predicts labels[:, t + shift]."""
     if reduction not in LM_REDUCTIONS:
         raise EngineError(f"invalid value for 'lm_reduction': '{reduction}' is not one of {LM_REDUCTIONS}")
 
     def fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits, labels = out[:, :-1], y[:, 1:]
+        logits, labels = out[:, :out.shape[1] - shift], y[:, shift:]
         tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                               ignore_index=IGNORE_INDEX, reduction="none").reshape(labels.shape)
         total = tok.sum(1)
@@ -126,23 +144,23 @@ def causal_lm(reduction: str = "mean") -> Loss:
         return total / (labels != IGNORE_INDEX).sum(1).clamp(min=1).to(total.dtype)
 
     def weights_sq(y: torch.Tensor) -> torch.Tensor:   # each predicted token weighs 1/n_b (mean) or 1
-        n = (y[:, 1:] != IGNORE_INDEX).sum(1).clamp(min=1).double()
+        n = (y[:, shift:] != IGNORE_INDEX).sum(1).clamp(min=1).double()
         return n if reduction == "sum" else 1 / n
 
     def softmax_rows(y: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Position t's label is y[:, t + 1]; the last position and ignored labels: −1.
-        None where y is not (B, T) class indices in [0, classes) or −100, of a dtype
-        F.cross_entropy takes (``fn`` says why)."""
+        """Position t's label is y[:, t + shift]; the last ``shift`` positions and ignored
+        labels: −1. None where y is not (B, T) class indices in [0, classes) or −100, of a
+        dtype F.cross_entropy takes (``fn`` says why)."""
         if y.dtype not in CLASS_INDEX_DTYPES or y.dim() != 2:
             return None
-        predicted = y[:, 1:]
+        predicted = y[:, shift:]
         if ((predicted != IGNORE_INDEX) & ((predicted < 0) | (predicted >= classes))).any():
             return None
         labels = torch.full(y.shape, -1, dtype=torch.int64, device=y.device)
-        labels[:, :-1] = predicted.masked_fill(predicted == IGNORE_INDEX, -1)
+        labels[:, :y.shape[1] - shift] = predicted.masked_fill(predicted == IGNORE_INDEX, -1)
         n = (labels >= 0).sum(1).clamp(min=1).double()
         return labels, (torch.ones_like(n) if reduction == "sum" else 1 / n)
-    return Loss("causal_lm" if reduction == "mean" else "causal_lm_sum", fn, "tokens", weights_sq, softmax_rows)
+    return Loss(name if reduction == "mean" else f"{name}_sum", fn, "tokens", weights_sq, softmax_rows)
 
 
 def _one_row(y: torch.Tensor) -> float:
@@ -156,7 +174,37 @@ _BUILTIN = {
     "mse": Loss("mse", _mse, "regression"),
     "causal_lm": causal_lm("mean"),
     "causal_lm_sum": causal_lm("sum"),
+    "masked_lm": masked_lm("mean"),
+    "masked_lm_sum": masked_lm("sum"),
 }
+#: the token losses by name, each a function of the reduction
+TOKEN_LOSSES = {"causal_lm": causal_lm, "masked_lm": masked_lm}
+
+
+#: Hugging Face heads that predict tokens, by the end of their class name, and the token
+#: loss that scores what each predicts; then the causal heads named otherwise (XLNet's and
+#: XLM's ``…LMHeadModel`` do not shift their labels, so the name's end does not say)
+TOKEN_HEADS = {"ForCausalLM": "causal_lm", "ForMaskedLM": "masked_lm", "GPT2LMHeadModel": "causal_lm",
+               "OpenAIGPTLMHeadModel": "causal_lm", "CTRLLMHeadModel": "causal_lm", "BertLMHeadModel": "causal_lm"}
+
+
+def token_family(loss: Loss) -> str | None:
+    """"causal_lm" or "masked_lm" for those built-in token losses (either reduction), else None."""
+    return next((f for f in TOKEN_LOSSES if loss.name in (f, f"{f}_sum")), None)
+
+
+def check_head(model: torch.nn.Module, loss: Loss) -> None:
+    """ConfigError where a Hugging Face model's head predicts other tokens than the token
+    loss scores: a ``…ForMaskedLM`` by ``causal_lm`` (which shifts the labels by one) or a
+    ``…ForCausalLM`` by ``masked_lm`` (:data:`TOKEN_HEADS`). Either runs, and every number
+    would be of a task the model was not trained for."""
+    family = token_family(loss)
+    cls = type(model).__name__
+    wants = next((w for end, w in TOKEN_HEADS.items() if cls.endswith(end)), family)
+    if family is not None and wants != family:
+        shift = "the token after its position" if wants == "causal_lm" else "its own position's token"
+        raise ConfigError(f"invalid value for 'loss': '{loss.name}' does not score what {cls} predicts (at each "
+                          f"position, {shift}); use loss '{wants}{loss.name[len(family):]}'")
 
 
 def builtin_output(name: str) -> str | None:
@@ -169,15 +217,16 @@ def builtin_output(name: str) -> str | None:
 def resolve_loss(loss: str | Loss | PerExampleLoss, lm_reduction: str | None = None) -> Loss:
     """Turn a loss name, ``"module:fn"`` reference, callable or :class:`Loss` into a Loss.
 
-    ``lm_reduction`` ("mean"/"sum") overrides the token reduction of ``causal_lm`` (a
-    checkpoint folder's loss name); ConfigError for a loss named otherwise.
+    ``lm_reduction`` ("mean"/"sum") overrides the token reduction of ``causal_lm`` or
+    ``masked_lm`` (a checkpoint folder's loss name); ConfigError for a loss named otherwise.
     """
     if lm_reduction is not None:
-        if not (isinstance(loss, str) and loss.startswith("causal_lm")):
+        family = loss.removesuffix("_sum") if isinstance(loss, str) else None
+        if family not in TOKEN_LOSSES:
             name = loss if isinstance(loss, str) else getattr(loss, "name", type(loss).__name__)
-            raise ConfigError(f"--lm-reduction applies to causal_lm checkpoints; these are of the '{name}' "
-                              f"loss: leave it out")
-        return causal_lm(lm_reduction)
+            raise ConfigError(f"--lm-reduction applies to causal_lm and masked_lm checkpoints; these are of the "
+                              f"'{name}' loss: leave it out")
+        return TOKEN_LOSSES[family](lm_reduction)
     if isinstance(loss, Loss):
         return loss
     if isinstance(loss, str):

@@ -11,7 +11,7 @@ from torch import nn
 from .batch import Inputs, batch_len, call_model, check_batch, describe, move, take
 from .engines import ScoreBatch, check_eval_mode, engine_class
 from .exceptions import EngineError, GradscoreError, GradscoreWarning, cause, model_fix
-from .losses import Loss, PerExampleLoss, resolve_loss
+from .losses import Loss, PerExampleLoss, check_head, resolve_loss
 
 #: examples of the first scored batch that :meth:`Scorer._check_first_batch` checks
 REACH_EXAMPLES = 8
@@ -27,7 +27,8 @@ class Scorer:
     Args:
         model: an ``nn.Module`` in eval mode; it is never wrapped or modified.
         loss: ``"cross_entropy"``, ``"nll"``, ``"mse"``, ``"causal_lm"`` (per-example
-            mean over predicted tokens; ``"causal_lm_sum"``: their sum), ``"module:fn"``
+            mean over predicted tokens; ``"causal_lm_sum"``: their sum), ``"masked_lm"``
+            (the same over masked tokens, without the shift; ``"masked_lm_sum"``), ``"module:fn"``
             or a callable ``(output (B, ...), target (B, ...)) -> (B,)``. The output is
             the model's tensor output, or the ``.logits`` of a Hugging Face output.
         engine: ``"auto"`` or ``"ghost"`` (the same chain, per parameter: a ghost rule
@@ -49,6 +50,7 @@ class Scorer:
                  params: Sequence[str] | None = None) -> None:
         self.model = model
         self.loss = resolve_loss(loss)
+        check_head(model, self.loss)
         named = dict(model.named_parameters())
         trainable = [n for n, p in named.items() if p.requires_grad]
         if params is None:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import gradscore as gs
-from helpers import compare_with_loop
+from helpers import check_random_inrun, compare_with_loop
 
 
 class Tied(nn.Module):
@@ -149,3 +149,43 @@ def test_an_uncalled_owner_called_on_a_later_batch_sends_its_weight_to_the_fallb
                                    rtol=1e-9, atol=0)
     why = scorer.explain()["shared.weight"]
     assert why.startswith("vmap (Embedding 'shared' was called on this batch, but not on the first"), why
+
+
+class HeldBias(nn.Module):
+    """An MLM head as BERT's: it registers its decoder's bias as its own (``self.decoder.bias
+    = self.bias``) and never uses it itself; ``uses``: it also adds it to the output."""
+
+    def __init__(self, uses: bool = False):
+        super().__init__()
+        self.emb, self.decoder, self.uses = nn.Embedding(9, 4), nn.Linear(4, 9), uses
+        self.bias = nn.Parameter(torch.randn(9))
+        self.decoder.bias = self.bias
+
+    def forward(self, ids):
+        out = self.decoder(torch.tanh(self.emb(ids))).mean(1)
+        return out + self.bias if self.uses else out
+
+
+@pytest.mark.parametrize("K", [0, 2])
+def test_a_bias_that_its_layers_parent_only_holds_takes_the_layers_rule(K, tmp_path):
+    """BERT's, RoBERTa's and ALBERT's MLM heads register the decoder's bias as their own:
+    the bias went to the per-example loop (vmap cannot trace BERT), and the recorder refused
+    the models. The head only holds it: the decoder's rule takes it, in training too."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 9, (12, 6))
+    why = compare_with_loop(HeldBias(), ids[:5], K).explain()["bias"]
+    assert why.startswith("ghost (linear rule on decoder: Linear)"), why
+    y = torch.randint(0, 9, (12,), generator=torch.Generator().manual_seed(1))
+    assert check_random_inrun(HeldBias().double(), ids, y, 3, tmp_path / "r.h5")
+
+
+def test_a_held_bias_that_its_holder_also_uses_falls_back(tmp_path):
+    """Where the holder also uses the bias in its own forward, that use is outside the
+    decoder's calls: the bias goes to the fallback (the recorder refuses it), never to the
+    decoder's rule alone."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 9, (12, 6))
+    why = compare_with_loop(HeldBias(uses=True), ids[:5], 2).explain()["bias"]
+    assert why.startswith("vmap (used outside Linear 'decoder'"), why
+    y = torch.randint(0, 9, (12,), generator=torch.Generator().manual_seed(1))
+    assert not check_random_inrun(HeldBias(uses=True).double(), ids, y, 3, tmp_path / "r.h5")

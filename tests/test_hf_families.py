@@ -1,5 +1,5 @@
 """Hugging Face model families built from config (no download), against the per-example
-loop in float64: causal LMs, sequence classifiers and image classifiers.
+loop in float64: causal LMs, sequence classifiers, masked LMs and image classifiers.
 
 For each family, on a batch with padding, a repeated token and an ignored label (images:
 random pixels): ``auto`` equals the loop (K = 0 and 2 references); ``ghost`` equals it or
@@ -8,7 +8,7 @@ float32 is as close to the float64 loop as the float32 loop is (``helpers``). In
 the in-run recorder's records equal the loop at θ_t; the families in :data:`REFUSED_IN_RUN`,
 and only they, are refused with the error it names.
 A family the installed transformers does not know is skipped with that reason. The fast
-set is five families (Mistral, OPT, RoBERTa, ViT, ConvNeXt); GPT-2,
+set is five families (Mistral, OPT, RoBERTa, ViT, ConvNeXt; RoBERTa as a classifier and as a masked LM); GPT-2,
 BERT, Llama, Qwen2 and Gemma are ``test_text.py``'s; the rest are ``slow``.
 """
 from __future__ import annotations
@@ -68,6 +68,13 @@ SEQUENCE_CLASSIFICATION = {
     "deberta": {"relative_attention": True, "pos_att_type": ["p2c", "c2p"], "max_relative_positions": 8},
     "deberta-v2": {"relative_attention": True, "pos_att_type": ["p2c", "c2p"], "max_relative_positions": 8},
 }
+#: masked language models: the labels are the masked positions' tokens (the masked_lm loss)
+MASKED_LM = {
+    "bert": {}, "roberta": {}, "distilbert": SEQUENCE_CLASSIFICATION["distilbert"],
+    "albert": SEQUENCE_CLASSIFICATION["albert"], "electra": {}, "mpnet": {},
+    "modernbert": {"layer_types": ["full_attention", "sliding_attention"], "local_attention": 4,
+                   "cls_token_id": 1, "sep_token_id": 2},
+}
 IMAGE = {"num_labels": 3, "image_size": 16, "num_channels": 3}
 IMAGE_CLASSIFICATION = {
     "vit": {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 24,
@@ -102,7 +109,7 @@ REFUSED_IN_RUN = {
     "resnet": BATCH_NORM, "regnet": BATCH_NORM, "mobilenet_v2": BATCH_NORM, "mobilevit": BATCH_NORM,
 }
 FAST = {"mistral", "opt", "roberta", "vit", "convnext"}
-TASKS = {"causal_lm": CAUSAL_LM, "sequence_classification": SEQUENCE_CLASSIFICATION,
+TASKS = {"causal_lm": CAUSAL_LM, "sequence_classification": SEQUENCE_CLASSIFICATION, "masked_lm": MASKED_LM,
          "image_classification": IMAGE_CLASSIFICATION}
 CASES = [pytest.param(task, name, id=f"{task}-{name}",
                       marks=() if name in FAST else pytest.mark.slow)
@@ -137,13 +144,17 @@ def batch(task: str, B: int = 5, T: int = 9) -> tuple[dict[str, torch.Tensor], t
     if task == "causal_lm":
         labels = ids.masked_fill(mask == 0, -100)
         labels[0, 3] = -100
+    elif task == "masked_lm":   # a third of the positions masked (token 3 in the inputs), the rest ignored
+        masked = ((torch.arange(T) + torch.arange(B)[:, None]) % 3 == 0) & (mask == 1)
+        labels = ids.masked_fill(~masked, -100)
+        ids = ids.masked_fill(masked, 3)
     else:
         labels = torch.randint(0, 3, (B,), generator=g)
     return {"input_ids": ids, "attention_mask": mask}, labels
 
 
 def loss_of(task: str) -> str:
-    return "causal_lm" if task == "causal_lm" else "cross_entropy"
+    return task if task in ("causal_lm", "masked_lm") else "cross_entropy"
 
 
 @pytest.mark.parametrize("task, name", CASES)

@@ -1450,26 +1450,27 @@ def test_a_float32_lm_with_a_real_vocabulary_has_readable_shares(tmp_path):
         np.testing.assert_allclose(rows["sq_norm"][b], sq, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["causal_lm", "masked_lm"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("B,T,V", [(4, 9, 31), (3, 1, 5), (0, 4, 7), (2, 6, 1)])
-def test_language_model_terms_in_one_pass_equal_the_generic_path(B, T, V, reduction):
-    """On CPU a causal LM's loss, ‖∂ℓ_b/∂z‖², ⟨δ_b, ∂ℓ_b/∂z⟩ and ‖δ_b‖² come from one pass
-    over the logits and δ (``kernels.softmax_ce_numba``): equal, in float64, to the generic
-    path (the loss's autograd), with ignored labels, an example without a predicted token,
-    T = 1 and B = 0. Targets the loss refuses (out of range, or int32 and bool labels) take
-    the generic path, which says why."""
+def test_language_model_terms_in_one_pass_equal_the_generic_path(B, T, V, reduction, family):
+    """On CPU a causal or masked LM's loss, ‖∂ℓ_b/∂z‖², ⟨δ_b, ∂ℓ_b/∂z⟩ and ‖δ_b‖² come from
+    one pass over the logits and δ (``kernels.softmax_ce_numba``): equal, in float64, to the
+    generic path (the loss's autograd), with ignored labels, an example without a predicted
+    token, T = 1 and B = 0. Targets the loss refuses (out of range, or int32 and bool
+    labels) take the generic path, which says why."""
     import dataclasses
 
     from gradscore.inrun.recorder import _LossTerms
-    from gradscore.losses import causal_lm
-    loss = causal_lm(reduction)
+    from gradscore.losses import TOKEN_LOSSES
+    loss = TOKEN_LOSSES[family](reduction)
     generic = dataclasses.replace(loss, softmax_rows=None)
     g = torch.Generator().manual_seed(B * 100 + T)
     z = 2 * torch.randn(B, T, V, generator=g, dtype=torch.float64)
     y = torch.randint(0, V, (B, T), generator=g)
     if B > 1:
         y[0, 3:] = -100       # a short example
-        y[1, 1:] = -100       # none to predict
+        y[1] = -100           # none to predict
     leaf = z.clone().requires_grad_(True)
     (loss.fn(leaf, y).sum() / max(B, 1)).backward()
     delta = leaf.grad + 1e-3 * torch.randn(z.shape, generator=g, dtype=torch.float64)  # not a multiple of d

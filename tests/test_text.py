@@ -251,6 +251,80 @@ def test_text_dataset_run_end_to_end(tmp_path):
         torch.testing.assert_close(torch.from_numpy(gs.load_scores(out)["per_checkpoint"]["loss"][0]), reduced)
 
 
+def _masked(vocab, B=5, T=9):
+    """_batch's tokens with a third of the positions masked (token 1 in the inputs): the
+    labels are their tokens, −100 elsewhere (and at padding)."""
+    x, labels = _batch(vocab, B, T)
+    masked = ((torch.arange(T) + torch.arange(B)[:, None]) % 3 == 0) & (x["attention_mask"] == 1)
+    return {**x, "input_ids": x["input_ids"].masked_fill(masked, 1)}, x["input_ids"].masked_fill(~masked, -100)
+
+
+@pytest.mark.parametrize("K", [0, 2])
+def test_a_masked_lm_is_scored_by_its_own_loss(K):
+    """The task 'masked_lm' had no loss: causal_lm ran on it without a word, scoring each
+    position's guess of the next position's label. masked_lm is the model's own loss on
+    each example alone, and ghost equals the loop (the head's bias, which it holds for its
+    decoder, by the decoder's rule)."""
+    torch.manual_seed(0)
+    model = from_config(BERT, task="masked_lm")
+    x, y = _masked(29)
+    scorer = _check(model, "masked_lm", x, y, K)
+    assert all(v.startswith("ghost") for v in scorer.explain().values()), scorer.explain()
+    got = scorer.score_batch(x, y)
+    own = torch.stack([model(**{k: v[b:b + 1] for k, v in x.items()}, labels=y[b:b + 1]).loss for b in range(5)])
+    torch.testing.assert_close(got.loss, own.detach(), rtol=1e-12, atol=0)
+    n_masked = (y != -100).sum(1).double()
+    total = gs.Scorer(model, gs.masked_lm("sum")).score_batch(x, y)
+    torch.testing.assert_close(total.loss, got.loss * n_masked)
+    torch.testing.assert_close(total.sq_norm, got.sq_norm * n_masked ** 2)
+    assert gs.resolve_loss("masked_lm", "sum").name == "masked_lm_sum"
+
+
+@pytest.mark.parametrize("head, loss, fix", [("masked_lm", "causal_lm", "masked_lm"),
+                                             ("masked_lm", "causal_lm_sum", "masked_lm_sum"),
+                                             ("causal_lm", "masked_lm", "causal_lm")])
+def test_a_token_loss_that_does_not_score_what_the_head_predicts_is_refused(tmp_path, head, loss, fix):
+    """Either runs: every number would be of a task the model was not trained for. The
+    Scorer, the recorder and the Trainer callback refuse it, naming the loss to use; the
+    callback's default loss is the task's."""
+    from gradscore.integrations.hf_trainer import GradscoreCallback
+    model = from_config(BERT if head == "masked_lm" else GPT2, task=head)
+    with pytest.raises(gs.ConfigError, match=f"'{loss}' does not score what .* predicts.*use loss '{fix}'$"):
+        gs.Scorer(model, loss)
+    with pytest.raises(gs.ConfigError, match=f"use loss '{fix}'$"):
+        gs.InRun(model.train(), loss=loss, out=tmp_path / "r.h5")
+    with pytest.raises(gs.ConfigError, match=f"use loss '{fix}'$"):
+        GradscoreCallback.for_model(str(tmp_path / "ck"), model, task=head, loss=loss)
+    assert not (tmp_path / "r.h5").exists() and not (tmp_path / "ck").exists()
+    assert GradscoreCallback.for_model(str(tmp_path / "ck"), model, task=head).writer.loss == head
+
+
+def test_a_masked_lm_run_end_to_end(tmp_path, capsys):
+    """`gradscore run` on a masked LM's checkpoints equals the loop; a text file without
+    labels (which would score every visible token) is one line naming the field."""
+    from gradscore.cli import main
+    torch.manual_seed(0)
+    with gs.CheckpointWriter(tmp_path / "ck", model_factory="gradscore.integrations.hf:from_config",
+                             model_kwargs={"config": BERT, "task": "masked_lm"}, loss="masked_lm") as w:
+        w.save(from_config(BERT, task="masked_lm"), step=0, lr=0.1)
+    x, y = _masked(29, B=7)
+    gs.save_dataset(tmp_path / "mlm.h5", {**{k: v.numpy() for k, v in x.items()}, "labels": y.numpy()}, None)
+    gs.save_dataset(tmp_path / "ids.h5", {k: v.numpy() for k, v in x.items()}, None)
+    assert main(["run", "--checkpoints", str(tmp_path / "ck"), "--data", str(tmp_path / "mlm.h5"), "--out",
+                 str(tmp_path / "s.h5"), "--scores", "loss,grand", "--dtype", "float64", "--quiet"]) == 0
+    want = gs.Scorer(gs.CheckpointStore(tmp_path / "ck").build_model(0, dtype=torch.float64), "masked_lm",
+                     engine="loop").score_batch(x, y)
+    got = gs.load_scores(tmp_path / "s.h5")["per_checkpoint"]
+    torch.testing.assert_close(torch.from_numpy(got["loss"][0]), want.loss)
+    torch.testing.assert_close(torch.from_numpy(got["sq_grad_norm"][0]), want.sq_norm, rtol=1e-9, atol=0)
+    capsys.readouterr()
+    assert main(["run", "--checkpoints", str(tmp_path / "ck"), "--data", str(tmp_path / "ids.h5"), "--out",
+                 str(tmp_path / "t.h5"), "--scores", "loss", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no field 'labels'" in err and "masked LM" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "t.h5").exists()
+
+
 def test_lm_reduction_of_checkpoints_without_a_token_loss_is_refused(tiny_run, tmp_path, capsys):
     """`--lm-reduction sum` on a classifier's checkpoints was dropped without a word."""
     from gradscore.cli import main
@@ -260,7 +334,7 @@ def test_lm_reduction_of_checkpoints_without_a_token_loss_is_refused(tiny_run, t
         assert main([*argv, "--checkpoints", str(ckpts), "--lm-reduction", "sum", "--out", str(tmp_path / "x.h5"),
                      "--quiet"]) == 2, argv
         err = capsys.readouterr().err
-        assert "--lm-reduction applies to causal_lm checkpoints" in err and "cross_entropy" in err, err
+        assert "--lm-reduction applies to causal_lm and masked_lm checkpoints" in err and "cross_entropy" in err, err
         assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x.h5").exists(), err
 
 

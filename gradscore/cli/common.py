@@ -30,8 +30,8 @@ def command(sub: argparse._SubParsersAction, name: str, **kwargs) -> argparse.Ar
 
 def add_lm_reduction(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lm-reduction", default=None, choices=LM_REDUCTIONS,
-                   help="causal_lm checkpoints: an example's loss is the mean (or sum) of its "
-                   "predicted tokens' losses; sum weighs long documents more (default: the checkpoints' "
+                   help="causal_lm and masked_lm checkpoints: an example's loss is the mean (or sum) of "
+                   "its predicted tokens' losses; sum weighs long documents more (default: the checkpoints' "
                    "loss: mean for causal_lm, sum for causal_lm_sum)")
 
 

@@ -62,7 +62,7 @@ def _add_import_checkpoints(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, metavar="MODULE:FN", help="factory that rebuilds the model")
     p.add_argument("--model-kwargs", default="{}", metavar="JSON", help="keyword arguments of the factory")
     p.add_argument("--loss", default="cross_entropy",
-                   help="cross_entropy, nll, mse, causal_lm or module:fn (per-example losses)")
+                   help="cross_entropy, nll, mse, causal_lm, masked_lm or module:fn (per-example losses)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the gradscore checkpoints into")
     lr = p.add_mutually_exclusive_group(required=True)
     lr.add_argument("--lr", type=float, help="constant learning rate η_t")

@@ -92,15 +92,27 @@ def plan_layers(model: nn.Module, param_names: list[str]) -> tuple[list[_Layer],
     the output layer) gets the sum of the uses as its gradient, g = g₁ + g₂: each owner's
     rule gives ‖g_i‖² and ⟨g_i, V⟩, and the cross terms 2⟨g_i, g_j⟩ come from the rules'
     factors (``rules.registry.cross``). Owners without factors send the tensor to vmap.
+    An owner without a rule that is an ancestor of one with a rule only holds the tensor
+    (BERT's MLM head registers its decoder's bias as its own): the ruled owners take it,
+    and a use of it by the ancestor's own ops is a stray at the layout (the fallback).
     """
     canonical = {id(p): n for n, p in model.named_parameters()}  # the de-duplicated names
     wanted = set(param_names)
     fallback: dict[str, str] = {}
     tied: set[str] = set()
+    held: set[tuple[int, int]] = set()   # (id(module), id(parameter)): the module only holds it
     for i, mods in _owners(model).items():
         if len(mods) < 2 or canonical[i] not in wanted:
             continue
         found = [find_rule(m) for _, m in mods]
+        ruled = [(n, m) for (n, m), (r, _) in zip(mods, found) if r is not None]
+        holders = [(n, m) for (n, m), (r, _) in zip(mods, found)
+                   if r is None and any(o.startswith(f"{n}.") or n == type(model).__name__ for o, _ in ruled)]
+        if ruled and len(ruled) + len(holders) == len(mods):
+            held.update((id(m), i) for _, m in holders)
+            mods, found = ruled, [find_rule(m) for _, m in ruled]
+            if len(mods) < 2:
+                continue
         if all(r is not None and r.factors is not None for r, _ in found):
             tied.add(canonical[i])
         else:
@@ -112,7 +124,8 @@ def plan_layers(model: nn.Module, param_names: list[str]) -> tuple[list[_Layer],
         if id(module) in claimed:
             continue
         rule, reason = find_rule(module)
-        own = {local: canonical[id(p)] for local, p in module.named_parameters(recurse=False)}
+        own = {local: canonical[id(p)] for local, p in module.named_parameters(recurse=False)
+               if (id(module), id(p)) not in held}
         for child in rule.children if rule is not None else ():   # submodules the rule uses functionally
             claimed.add(id(module.get_submodule(child)))
             own.update({f"{child}.{local}": canonical[id(p)]

@@ -82,7 +82,7 @@ from ..io.journal import Journal, difference
 from ..io.outputs import claim, lock
 from ..kernels.dispatch import numba_on_cpu
 from ..kernels.reference import acc_dtype
-from ..losses import CLASS_INDEX_DTYPES, IGNORE_INDEX, Loss, PerExampleLoss, resolve_loss
+from ..losses import CLASS_INDEX_DTYPES, IGNORE_INDEX, Loss, PerExampleLoss, check_head, resolve_loss
 from ..scores import inrun as inrun_scores
 from ..scores.datadiet import classification_metrics
 from .store import RowJournal, find_recording, joined, last_step, recorded_rows, row_files, write
@@ -409,6 +409,7 @@ class InRun:
         # the recorder's own forwards (layout, target gradient) call the network inside a DDP
         # wrapper directly, so that they never touch DDP's gradient reducer
         self.network = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        check_head(self.network, self.loss)
         names = [n for n, p in self.network.named_parameters() if p.requires_grad]
         if not names:
             raise ConfigError("the model has no trainable parameters; nothing is learned, nothing to record")

@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 
 from ..inrun.recorder import step_lr
 from ..io.checkpoints import CheckpointWriter, checkpoint_filename
+from ..losses import TOKEN_LOSSES, check_head, resolve_loss
 
 FACTORY = "gradscore.integrations.hf:from_config"
 
@@ -39,12 +40,15 @@ class GradscoreCallback(TrainerCallback):
     def for_model(cls, directory: str, model: Any, *, task: str = "causal_lm", loss: str | None = None,
                   every_n_steps: int = 1, attn_implementation: str | None = None,
                   overwrite: bool = False) -> "GradscoreCallback":
-        """A callback whose checkpoints rebuild ``model`` from its config (no weights download)."""
+        """A callback whose checkpoints rebuild ``model`` from its config (no weights download).
+        ``loss``: default the task's token loss (``causal_lm``, ``masked_lm``), else
+        ``cross_entropy``; one that does not score what the model's head predicts is refused."""
         kwargs: dict[str, Any] = {"config": json.loads(model.config.to_json_string(use_diff=False)), "task": task}
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
-        default_loss = "causal_lm" if task == "causal_lm" else "cross_entropy"
-        return cls(directory, model_factory=FACTORY, model_kwargs=kwargs, loss=loss or default_loss,
+        loss = loss or (task if task in TOKEN_LOSSES else "cross_entropy")
+        check_head(model, resolve_loss(loss))   # now, not when the checkpoints are scored
+        return cls(directory, model_factory=FACTORY, model_kwargs=kwargs, loss=loss,
                    every_n_steps=every_n_steps, overwrite=overwrite)
 
     @staticmethod

@@ -8,7 +8,8 @@ files are loaded whole (zip members cannot be memory-mapped).
 Text (token sequences) instead of ``inputs``: ``input_ids`` (N, T) int, optional
 ``attention_mask`` (N, T) (1 = real token, 0 = padding), and either ``labels`` (N, T)
 for language modelling (−100 = no loss at that position; default: ``input_ids`` with
-padding set to −100) or ``targets`` (N,) for sequence classification. The model is then
+padding set to −100; a masked LM's are needed: the masked positions' tokens, −100 at the
+others) or ``targets`` (N,) for sequence classification. The model is then
 called as ``model(input_ids=…, attention_mask=…)``.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .store import DamagedFile, damage_named, put, read_ids, read_numpy, write_i
 from ..batch import Inputs, call_model, concat, describe, hash_batch, move, take
 from ..config import DATA_SUFFIXES, names_a_factory
 from ..exceptions import DataError
-from ..losses import IGNORE_INDEX, Loss
+from ..losses import IGNORE_INDEX, Loss, token_family
 from ..imports import import_ref
 
 REQUIRED_FIELDS = ("inputs", "targets")
@@ -48,6 +49,8 @@ class Dataset(ABC):
     source: str
     #: the field that holds the targets, used in error messages
     target_field: str = "targets"
+    #: text without a labels field: the labels are the input_ids (padding ignored)
+    default_labels: bool = False
 
     @abstractmethod
     def __len__(self) -> int: ...
@@ -162,6 +165,7 @@ class ArrayFileDataset(Dataset):
         self._n = int(self._arrays["input_ids" if self.text else "inputs"].shape[0])
         if self.text:
             self.target_field = "labels" if "labels" in keys or "targets" not in keys else "targets"
+            self.default_labels = self.target_field not in keys
 
     def __len__(self) -> int:
         return self._n
@@ -250,6 +254,7 @@ class SubsetDataset(Dataset):
     def __init__(self, base: Dataset, positions: np.ndarray, what: str) -> None:
         self.base, self.positions, self.what = base, np.asarray(positions, dtype=np.int64), what
         self.source, self.target_field = f"{base.source} ({what})", base.target_field
+        self.default_labels = base.default_labels
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -378,6 +383,10 @@ def check_targets(ds: Dataset, loss: Loss, start: int, targets: torch.Tensor, n_
     class metrics do."""
     if not (loss.is_classification or loss.output == "tokens"):
         return
+    if ds.default_labels and token_family(loss) == "masked_lm":
+        raise DataError(f"{ds.source}: no field 'labels', and a masked LM's labels say which positions are "
+                        f"masked: store 'labels' (N, T), the masked positions' tokens and −100 at the others, "
+                        f"with those positions masked in 'input_ids'")
     if loss.output != "tokens" and not loss.indexes_classes:   # a user's function reads its targets its own way
         if not targets.dtype.is_floating_point and n_out >= 2:   # the class metrics index the outputs with them
             ds.check_labels(start, targets, n_out)
