@@ -77,7 +77,17 @@ class Loss:
         return None
 
 
+def one_logit(shape: tuple[int, ...]) -> EngineError:
+    """The error for the ``cross_entropy`` loss on an output of ``shape`` (B, 1)."""
+    return EngineError(f"the 'cross_entropy' loss of one logit per example (output {shape}) is 0 for every "
+                       f"example, a softmax over one class: a binary classifier with one logit needs a binary loss, "
+                       f"a 'module:fn' returning F.binary_cross_entropy_with_logits(out[:, 0], y.float(), "
+                       f"reduction='none'); a regression head, 'mse'")
+
+
 def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if out.dim() >= 2 and out.shape[1] == 1:   # a softmax over one class: every loss and gradient 0
+        raise one_logit(tuple(out.shape))
     return F.cross_entropy(out, y, reduction="none")
 
 

@@ -145,6 +145,23 @@ def test_mse_of_one_output_per_example_against_a_target_vector(engine):
         gs.Scorer(wide, loss="mse", engine=engine).score_batch(x, y)
 
 
+@pytest.mark.parametrize("engine", ["auto", "ghost", "vmap", "loop"])
+def test_cross_entropy_of_one_logit_is_refused(engine, tmp_path):
+    """A binary classifier with one logit (trained with BCE), scored by the default loss:
+    a softmax over one class is 1, so every loss and gradient was 0, without a word (with
+    labels of 0 only; a label 1 was refused as out of range). One EngineError names the
+    fix; in training too."""
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.zeros(6, dtype=torch.long)
+    with pytest.raises(gs.EngineError, match=r"one logit per example.*is 0 for every example.*binary"):
+        gs.Scorer(model.eval(), engine=engine).score_batch(x, y)
+    if engine == "auto":
+        rec = gs.InRun(model.train(), out=tmp_path / "r.h5")
+        with pytest.raises(gs.EngineError, match=r"one logit per example"):
+            with rec.step(range(6), y, lr=0.1):
+                nn.functional.binary_cross_entropy_with_logits(model(x)[:, 0], y.double()).backward()
+
+
 class _Scaled(nn.Module):
     def __init__(self):
         super().__init__()

@@ -1499,8 +1499,8 @@ def test_classifier_terms_in_one_call_equal_the_generic_path(B, C, dtype, monkey
     """On CPU a small classifier's loss, ‖∂ℓ_b/∂z‖², ⟨δ_b, ∂ℓ_b/∂z⟩, ‖δ_b‖² and metrics (el2n,
     p_gold, correct, margin: the keys of ``classification_metrics``) come from one numba call:
     equal to the generic path (softmax in float64, then torch), with a tie at the top and
-    B = 0 and C = 1. Labels outside [0, C), or of a dtype F.cross_entropy refuses (int32,
-    bool), take the generic path, which says why."""
+    B = 0. One logit (C = 1, where every loss is 0), labels outside [0, C), or of a dtype
+    F.cross_entropy refuses (int32, bool), take the generic path, which says why."""
     from gradscore.inrun.recorder import _LossTerms
     from gradscore.kernels import softmax_ce_numba
     from gradscore.losses import resolve_loss
@@ -1511,6 +1511,11 @@ def test_classifier_terms_in_one_call_equal_the_generic_path(B, C, dtype, monkey
     if B > 2 and C > 2:
         y[1], z[1, 0], z[1, 1] = 1, z[1].max() + 1, z[1].max() + 1   # a tie: argmax is class 0
     delta = torch.randn(B, C, generator=g, dtype=torch.float64).to(dtype)
+    if C == 1:
+        assert _LossTerms._classifier_rows(loss, z, delta, y) is None
+        with pytest.raises(gs.EngineError, match="one logit per example"):
+            _LossTerms.of(loss, z, delta, y)
+        return
     assert _LossTerms._classifier_rows(loss, z, delta, y) is not None
     fast = _LossTerms.of(loss, z, delta, y)
     monkeypatch.setattr(softmax_ce_numba, "CLASSIFIER_ELEMENTS", -1)

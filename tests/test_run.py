@@ -104,6 +104,25 @@ def test_a_users_loss_on_one_output_takes_its_targets_as_it_reads_them(tmp_path,
     assert not {"aum", "confidence", "margin", "el2n"} & set(scores["scores"])   # meanings the loss does not give
 
 
+def test_a_one_logit_classifier_scored_by_cross_entropy_is_one_line_naming_the_fix(tmp_path, capsys):
+    """Its 0/1 labels were said to be out of range for the model's one output; with labels
+    of 0 only, every loss and norm was 0. One line names the binary loss to use."""
+    import tests_factory
+
+    from gradscore.cli import main
+    g = np.random.RandomState(0)
+    with gs.CheckpointWriter(tmp_path / "ckpts", model_factory="tests_factory:one_logit", model_kwargs={},
+                             loss="cross_entropy") as w:
+        w.save(tests_factory.one_logit(), step=0, lr=0.1, epoch=0)
+    for y in ((g.rand(12) > 0.5).astype(np.int64), np.zeros(12, np.int64)):
+        data = gs.save_dataset(tmp_path / "d.h5", g.randn(12, 5).astype(np.float32), y)
+        assert main(["run", "--checkpoints", str(tmp_path / "ckpts"), "--data", str(data), "--out",
+                     str(tmp_path / "s.h5"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "one logit per example" in err and "binary_cross_entropy_with_logits" in err, err
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "s.h5").exists()
+
+
 def test_labels_out_of_range_fail_before_writing(tmp_path):
     from helpers import make_run
     ckpts, _ = make_run(tmp_path)

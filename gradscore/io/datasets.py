@@ -31,7 +31,7 @@ from .store import DamagedFile, damage_named, put, read_ids, read_numpy, write_i
 from ..batch import Inputs, call_model, concat, describe, hash_batch, move, take
 from ..config import DATA_SUFFIXES, names_a_factory
 from ..exceptions import DataError
-from ..losses import IGNORE_INDEX, Loss, token_family
+from ..losses import IGNORE_INDEX, Loss, one_logit, token_family
 from ..imports import import_ref
 
 REQUIRED_FIELDS = ("inputs", "targets")
@@ -383,6 +383,8 @@ def check_targets(ds: Dataset, loss: Loss, start: int, targets: torch.Tensor, n_
     class metrics do."""
     if not (loss.is_classification or loss.output == "tokens"):
         return
+    if loss.is_cross_entropy and n_out == 1:   # before its labels are said to be out of range
+        raise one_logit((len(targets), 1))
     if ds.default_labels and token_family(loss) == "masked_lm":
         raise DataError(f"{ds.source}: no field 'labels', and a masked LM's labels say which positions are "
                         f"masked: store 'labels' (N, T), the masked positions' tokens and −100 at the others, "
