@@ -6,7 +6,8 @@ predicts under 95% of the examples the count calls clean as labelled, or where t
 not one whose counts are checked here).
 
     python -m bench.flag_counts [--epochs 40] [--ends 1,3,6,12,40] [--scores mislabel,aum,el2n,loss]
-                                [--rates 0.05,0.1,0.2,0.35] [--seeds 2] [--train-seeds 1] [--json FILE]
+                                [--rates 0.05,0.1,0.2,0.35] [--seeds 2] [--train-seeds 1] [--inrun]
+                                [--json FILE]
 
 Each run trains the noise experiment's digits CNN (``gradscore experiment noise``) on one
 noise kind, rate and seed, with a checkpoint per epoch, and scores it once. Each window end
@@ -14,7 +15,10 @@ e of ``--ends`` then stands for a run stopped after e epochs: its scores are agg
 the first e checkpoints, and the fit is read at checkpoint e. A row gives the true count,
 the count, the three-component count, the separation, the fit, whether the count is rough,
 and its error. Instance noise takes the most confusable examples, so its noise seeds are
-one draw; ``--train-seeds`` trains each draw several times.
+one draw; ``--train-seeds`` trains each draw several times. ``--inrun`` records the same
+training with ``gs.InRun`` (training is bit-identical with it) and counts by its AUM too
+(score ``inrun_aum``: the mean margin of each example's records in the first e epochs, the
+fit read at each example's last record there, as ``flag`` reads a recording).
 """
 from __future__ import annotations
 
@@ -27,36 +31,57 @@ from pathlib import Path
 import numpy as np
 
 from bench.engines import parsed, run_script, saved
+import gradscore as gs
 from gradscore.demos.experiments.common import Setup, digits_setup, reference_run
 from gradscore.demos.experiments.noise import make_noise
+from gradscore.io.store import load_inrun_rows
 from gradscore.reports.flag import CALIBRATED, COUNT_SHIFT, FIT_CLEAN, count_fields, estimate, suspicion
 from gradscore.scores.registry import Window, aggregate
 
 
 def one_run(kind: str, rate: float, seed: int, train_seed: int, epochs: int, ends: list[int],
-            scores: list[str], work: Path) -> list[dict]:
+            scores: list[str], work: Path, inrun: bool = False) -> list[dict]:
     """The counts of one training run (``train_seed``: its initialization and batch order)
     with ``rate`` of its labels flipped by ``kind`` (``seed``): a row per window end
-    (≤ ``epochs``) and score."""
+    (≤ ``epochs``) and score, and with ``inrun`` per end by the recording's AUM."""
     base = digits_setup(0.0, None)
     y_noisy, noisy = make_noise(kind, base.x_train, base.y_train, rate, seed=seed)
     setup = Setup(base.x_train, y_noisy, base.x_val, base.y_val, base.x_test, base.y_test, noisy=noisy)
+    recorders: list = []
+
+    def record(model):
+        recorders.append(gs.InRun(model, out=work / "inrun.h5", scores=("aum",), overwrite=True))
+        return recorders[-1]
     # correctness: the per-checkpoint predictions the fit reads
-    ref = reference_run(setup, work, epochs=epochs, scores=(*scores, "correctness"), seed=train_seed)
+    ref = reference_run(setup, work, epochs=epochs, scores=(*scores, "correctness"), seed=train_seed,
+                        record=record if inrun else None)
     pc = {k: np.asarray(v) for k, v in ref["per_checkpoint"].items()}
-    rows, true = [], int(noisy.sum())
+    records = load_inrun_rows(recorders[0].close(), ("step", "row", "margin", "correct")) if inrun else None
+    rows, true, n = [], int(noisy.sum()), len(noisy)
+
+    def row(end: int, score: str, values: np.ndarray, correct: np.ndarray) -> dict:
+        est = estimate(suspicion({score: values}, score))
+        fields = count_fields(est, n, score, correct)
+        count = fields["estimated_count"]
+        return {"kind": kind, "rate": rate, "seed": seed, "train_seed": train_seed, "end": end,
+                "score": score, "true": true, "count": count, "count_three": est["count_three"],
+                "separation": round(est["separation"], 3), "finding": est["finding"],
+                "fit_clean": None if fields["fit_clean"] is None else round(fields["fit_clean"], 4),
+                "rough": fields["rough"],
+                "relative_error": None if count is None else round(abs(count - true) / true, 4)}
     for end in sorted({e for e in ends if e <= epochs} | {epochs}):
         window = aggregate(pc, Window(select=np.arange(len(pc["correct"])) < end))
-        for score in scores:
-            est = estimate(suspicion(window, score))
-            fields = count_fields(est, len(noisy), score, pc["correct"][end - 1].astype(np.float64))
-            count = fields["estimated_count"]
-            rows.append({"kind": kind, "rate": rate, "seed": seed, "train_seed": train_seed, "end": end,
-                         "score": score, "true": true, "count": count, "count_three": est["count_three"],
-                         "separation": round(est["separation"], 3), "finding": est["finding"],
-                         "fit_clean": None if fields["fit_clean"] is None else round(fields["fit_clean"], 4),
-                         "rough": fields["rough"],
-                         "relative_error": None if count is None else round(abs(count - true) / true, 4)})
+        rows += [row(end, score, window[score], pc["correct"][end - 1].astype(np.float64)) for score in scores]
+        if records is not None:   # the steps of the first `end` epochs: as many as the checkpoints' steps
+            steps = int(ref["checkpoints"]["step"][end - 1])
+            at = records["step"] < steps
+            sums, seen = np.zeros(n), np.zeros(n)
+            np.add.at(sums, records["row"][at], records["margin"][at])
+            np.add.at(seen, records["row"][at], 1)
+            last = np.full(n, np.nan)
+            last[records["row"][at]] = records["correct"][at]   # in step order: the last record wins
+            aum = np.where(seen > 0, sums / np.maximum(seen, 1), np.nan)
+            rows.append({**row(end, "aum", aum, last), "score": "inrun_aum"})
     return rows
 
 
@@ -79,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--train-seeds", type=int, default=1,
                     help="training runs per noise draw (initialization and batch order)")
     ap.add_argument("--kinds", default="symmetric,pair,instance", help="noise kinds, comma-separated")
+    ap.add_argument("--inrun", action="store_true",
+                    help="also record each training with gs.InRun and count by its AUM (score inrun_aum)")
     args = parsed(ap, argv)
     ends, scores = [int(e) for e in args.ends.split(",")], args.scores.split(",")
     rows, runs, t0 = [], 0, time.perf_counter()
@@ -87,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
             for seed, train_seed in itertools.product(range(args.seeds if kind != "instance" else 1),
                                                       range(args.train_seeds)):
                 with tempfile.TemporaryDirectory() as tmp:
-                    run = one_run(kind, rate, seed, train_seed, args.epochs, ends, scores, Path(tmp))
+                    run = one_run(kind, rate, seed, train_seed, args.epochs, ends, scores, Path(tmp), args.inrun)
                 rows, runs = rows + run, runs + 1
                 for r in run:
                     fit = "—" if r["fit_clean"] is None else f"{r['fit_clean']:.3f}"
@@ -99,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"count_shift": COUNT_SHIFT, "fit_clean": FIT_CLEAN, "calibrated": list(CALIBRATED),
                "runs": runs,
                "largest_error_said_without_caution": largest(rows),
-               "largest_error_said_without_caution_by_score": {s: largest(rows, score=s) for s in scores},
+               "largest_error_said_without_caution_by_score": {s: largest(rows, score=s) for s in
+                                                               [*scores, *(["inrun_aum"] if args.inrun else [])]},
                "largest_error_said_without_caution_by_kind": {k: largest(rows, kind=k)
                                                                for k in args.kinds.split(",")},
                "smallest_error_called_rough": min(rough, default=None), "seconds": time.perf_counter() - t0}

@@ -196,9 +196,10 @@ def _run(config: RunConfig, out: Path, overwrite: bool, progress: bool, ranks: R
 def _plan(config: RunConfig, out: Path, overwrite: bool, progress: bool = False) -> _Plan:
     """Phase 1: open and check the checkpoints and data, claim ``out``; no work yet."""
     ckpts = CheckpointStore(config.checkpoints)
-    if resolve_loss(ckpts.loss).output == "tokens" and CLASS_SCORES & set(config.scores):
-        raise ConfigError(f"invalid value for 'scores': {', '.join(sorted(CLASS_SCORES & set(config.scores)))} "
-                          f"need class probabilities; the loss '{ckpts.loss}' of {config.checkpoints} "
+    if resolve_loss(ckpts.loss).output == "tokens" and (refused := sorted(CLASS_SCORES & set(config.scores))):
+        raise ConfigError(f"invalid value for 'scores': {', '.join(refused)} "
+                          f"need{'s' if len(refused) == 1 else ''} class probabilities; the loss '{ckpts.loss}' of "
+                          f"{config.checkpoints} "
                           f"is a language-modelling loss (use loss, grand, pds, target_dot, target_cos)")
     # target_dot and target_cos need ∇J(θ_t) alone: no co-states (their Hessian products over the data)
     given = _costate_kind(Path(config.costate)) if config.costate else None

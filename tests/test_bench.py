@@ -115,16 +115,22 @@ def test_whole_dataset_bench_measures_each_step(tmp_path):
 
 
 def test_flag_counts_bench_gives_each_runs_count_against_the_truth(tmp_path):
+    """With --inrun the same training is recorded (the checkpoints' rows do not change) and
+    counted by the recording's AUM too."""
     from bench import flag_counts
-    report = flag_counts.main(["--epochs", "2", "--ends", "1,5", "--scores", "aum,loss", "--rates", "0.2",
-                               "--seeds", "1", "--kinds", "symmetric", "--json", str(tmp_path / "f.json")])
+    argv = ["--epochs", "2", "--ends", "1,5", "--scores", "aum,loss", "--rates", "0.2", "--seeds", "1",
+            "--kinds", "symmetric"]
+    plain = flag_counts.main([*argv, "--json", str(tmp_path / "p.json")])
+    report = flag_counts.main([*argv, "--inrun", "--json", str(tmp_path / "f.json")])
     rows = report["rows"]
-    assert [(r["end"], r["score"]) for r in rows] == [(1, "aum"), (1, "loss"), (2, "aum"), (2, "loss")]
+    assert [(r["end"], r["score"]) for r in rows] == [(1, "aum"), (1, "loss"), (1, "inrun_aum"),
+                                                      (2, "aum"), (2, "loss"), (2, "inrun_aum")]
+    assert [r for r in rows if r["score"] != "inrun_aum"] == plain["rows"]
     for row in rows:
         assert (row["kind"], row["rate"], row["true"]) == ("symmetric", 0.2, 251) and isinstance(row["rough"], bool)
-        assert row["count"] is None or (0 <= row["fit_clean"] <= 1 and (row["score"] == "aum" or row["rough"]))
+        assert row["count"] is None or (0 <= row["fit_clean"] <= 1 and (row["score"] != "loss" or row["rough"]))
     assert report["runs"] == 1 and (tmp_path / "f.json").is_file()
-    assert set(report["largest_error_said_without_caution_by_score"]) == {"aum", "loss"}
+    assert set(report["largest_error_said_without_caution_by_score"]) == {"aum", "loss", "inrun_aum"}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

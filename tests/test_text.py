@@ -348,7 +348,7 @@ def test_class_scores_refused_for_lm_and_bad_token_ids(tmp_path, capsys):
     gs.save_dataset(tmp_path / "text.h5", {k: v.numpy() for k, v in x.items()}, None)
     args = ["run", "--checkpoints", str(tmp_path / "ck"), "--data", str(tmp_path / "text.h5"), "--quiet"]
     assert main(args + ["--out", str(tmp_path / "a.h5"), "--scores", "el2n,loss"]) == 2
-    assert "el2n need class probabilities" in capsys.readouterr().err
+    assert "el2n needs class probabilities" in capsys.readouterr().err
     assert main(args + ["--out", str(tmp_path / "d.h5")]) == 0   # the default scores fit the loss
     assert sorted(gs.load_scores(tmp_path / "d.h5")["scores"]) == ["grand", "loss"]
     y[2, 4] = 40   # beyond the vocabulary of 31

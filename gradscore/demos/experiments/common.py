@@ -109,11 +109,13 @@ def file_setup(train: str, test: str, model: str, model_kwargs: dict | None = No
 
 def fit(setup: Setup, idx: np.ndarray, *, epochs: int, seed: int, lr: float = 0.05, batch_size: int = 64,
         counts: np.ndarray | None = None,
-        on_epoch: Callable[[torch.nn.Module, int, int], None] | None = None) -> torch.nn.Module:
+        on_epoch: Callable[[torch.nn.Module, int, int], None] | None = None,
+        record: Callable[[torch.nn.Module], Any] | None = None) -> torch.nn.Module:
     """Train a fresh model on the examples ``idx`` of the training set; deterministic.
 
     counts: (len(idx),) int, how often each appears per epoch (upsampling); on_epoch:
-    called as (model, epoch, optimizer steps) after every epoch.
+    called as (model, epoch, optimizer steps) after every epoch; record: gives the fresh
+    model's :class:`gradscore.InRun`, which records every step (ids: training set indices).
     """
     torch.manual_seed(seed)
     model = setup.model()
@@ -121,7 +123,8 @@ def fit(setup: Setup, idx: np.ndarray, *, epochs: int, seed: int, lr: float = 0.
     if counts is None and len(order) < len(setup.y_train):   # same number of steps as the full set
         epochs = int(np.ceil(epochs * len(setup.y_train) / max(1, len(order))))
     return train_sgd(model, torch.from_numpy(setup.x_train), torch.from_numpy(setup.y_train), order,
-                     epochs=epochs, seed=seed, lr=lr, batch_size=batch_size, on_epoch=on_epoch)
+                     epochs=epochs, seed=seed, lr=lr, batch_size=batch_size, on_epoch=on_epoch,
+                     recorder=None if record is None else record(model))
 
 
 def predict(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
@@ -133,24 +136,27 @@ def accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     return float((predict(model, x) == y).mean())
 
 
-def checkpointed_run(setup: Setup, work: Path, *, epochs: int, seed: int = 0, lr: float = 0.05) -> tuple[Path, Path]:
+def checkpointed_run(setup: Setup, work: Path, *, epochs: int, seed: int = 0, lr: float = 0.05,
+                     record: Callable[[torch.nn.Module], Any] | None = None) -> tuple[Path, Path]:
     """Train on the whole training set with a checkpoint per epoch: (``work/ckpts``, the
-    training set written as ``work/train.h5``)."""
+    training set written as ``work/train.h5``); ``record``: as :func:`fit`'s (training is
+    the same with it)."""
     train = save_dataset(work / "train.h5", setup.x_train, setup.y_train, noisy=setup.noisy)
     with CheckpointWriter(work / "ckpts", model_factory=setup.model_factory, model_kwargs=setup.model_kwargs,
                           loss="cross_entropy", optimizer="SGD(momentum=0.9)", overwrite=True) as w:
         fit(setup, np.arange(len(setup.y_train)), epochs=epochs, seed=seed, lr=lr,
-            on_epoch=lambda m, e, s: w.save(m, step=s, lr=lr, epoch=e))
+            on_epoch=lambda m, e, s: w.save(m, step=s, lr=lr, epoch=e), record=record)
     return work / "ckpts", train
 
 
 def reference_run(setup: Setup, work: Path, *, epochs: int, scores: tuple[str, ...], seed: int = 0,
-                  **options: Any) -> dict[str, Any]:
+                  record: Callable[[torch.nn.Module], Any] | None = None, **options: Any) -> dict[str, Any]:
     """Train on the whole training set with a checkpoint per epoch, then score every
-    training example with ``gradscore.score`` (PDS target: the validation set)."""
+    training example with ``gradscore.score`` (PDS target: the validation set);
+    ``record``: as :func:`fit`'s."""
     from ...pipeline import score
     from ...io.store import load_scores
-    ckpts, train = checkpointed_run(setup, work, epochs=epochs, seed=seed)
+    ckpts, train = checkpointed_run(setup, work, epochs=epochs, seed=seed, record=record)
     if {"pds", "target_dot", "target_cos"} & set(scores):
         options.update(target=save_dataset(work / "val.h5", setup.x_val, setup.y_val), lr_scale_steps=True)
     path = score(work / "ckpts", train, out=work / f"scores_{len(scores)}_{options.get('epochs_upto')}.h5",
