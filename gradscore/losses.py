@@ -206,15 +206,21 @@ def token_family(loss: Loss) -> str | None:
 def check_head(model: torch.nn.Module, loss: Loss) -> None:
     """ConfigError where a Hugging Face model's head predicts other tokens than the token
     loss scores: a ``…ForMaskedLM`` by ``causal_lm`` (which shifts the labels by one) or a
-    ``…ForCausalLM`` by ``masked_lm`` (:data:`TOKEN_HEADS`). Either runs, and every number
-    would be of a task the model was not trained for."""
+    ``…ForCausalLM`` by ``masked_lm`` (:data:`TOKEN_HEADS`); an encoder-decoder's
+    ``…ForConditionalGeneration`` (T5, BART: it shifts its labels right into its decoder's
+    inputs, so its logits are aligned with them) by ``causal_lm``. Each runs, and every
+    number would be of a task the model was not trained for."""
     family = token_family(loss)
     cls = type(model).__name__
-    wants = next((w for end, w in TOKEN_HEADS.items() if cls.endswith(end)), family)
+    seq2seq = cls.endswith("ForConditionalGeneration") and getattr(getattr(model, "config", None),
+                                                                  "is_encoder_decoder", False) is True
+    wants = "masked_lm" if seq2seq else next((w for end, w in TOKEN_HEADS.items() if cls.endswith(end)), family)
     if family is not None and wants != family:
         shift = "the token after its position" if wants == "causal_lm" else "its own position's token"
+        how = (", its labels shifted right into its decoder's inputs: give the labels in the inputs "
+               "(model(input_ids=…, labels=…)) and" if seq2seq else ";")
         raise ConfigError(f"invalid value for 'loss': '{loss.name}' does not score what {cls} predicts (at each "
-                          f"position, {shift}); use loss '{wants}{loss.name[len(family):]}'")
+                          f"position, {shift}){how} use loss '{wants}{loss.name[len(family):]}'")
 
 
 def builtin_output(name: str) -> str | None:

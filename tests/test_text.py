@@ -299,6 +299,36 @@ def test_a_token_loss_that_does_not_score_what_the_head_predicts_is_refused(tmp_
     assert GradscoreCallback.for_model(str(tmp_path / "ck"), model, task=head).writer.loss == head
 
 
+def test_an_encoder_decoder_given_its_labels_is_scored_by_masked_lm(tmp_path):
+    """BART called as Hugging Face trains it, model(input_ids=…, labels=…): it shifts the
+    labels right into its decoder's inputs, so its logits are aligned with them. causal_lm
+    ran on it without a word, shifting them once more; masked_lm is its own loss on each
+    example alone (ghost, equal to the loop), and causal_lm is refused, naming the fix."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("bart", vocab_size=31, d_model=16, encoder_layers=1, decoder_layers=1,
+                                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=24,
+                                  decoder_ffn_dim=24, max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
+                                  eos_token_id=2, decoder_start_token_id=2, dropout=0.0, attention_dropout=0.0)
+    model = AutoModelForSeq2SeqLM.from_config(config).double().eval()
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(3, 31, (5, 6), generator=g)
+    labels[1, 4:] = -100
+    x = {"input_ids": torch.randint(3, 31, (5, 8), generator=g), "labels": labels}
+    own = torch.stack([model(**{k: v[b:b + 1] for k, v in x.items()}).loss for b in range(5)]).detach()
+    scorer = gs.Scorer(model, "masked_lm")
+    got = scorer.score_batch(x, labels)
+    torch.testing.assert_close(got.loss, own, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got.sq_norm, gs.Scorer(model, "masked_lm", engine="loop").score_batch(x, labels).sq_norm,
+                               rtol=1e-9, atol=0)
+    assert all(v.startswith("ghost") for v in scorer.explain().values())
+    with pytest.raises(gs.ConfigError, match=r"'causal_lm' does not score what BartForConditionalGeneration .*labels "
+                                             r"shifted right into its decoder's inputs.*use loss 'masked_lm'$"):
+        gs.Scorer(model, "causal_lm")
+    with pytest.raises(gs.ConfigError, match="use loss 'masked_lm'$"):
+        gs.InRun(model.train(), loss="causal_lm", out=tmp_path / "r.h5")
+
+
 def test_a_masked_lm_run_end_to_end(tmp_path, capsys):
     """`gradscore run` on a masked LM's checkpoints equals the loop; a text file without
     labels (which would score every visible token) is one line naming the field."""
