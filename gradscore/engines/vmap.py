@@ -63,6 +63,6 @@ class VmapEngine(Engine):
         except Exception as plain:
             raise EngineError(f"the model or loss fails on this batch ({cause(plain)}); check that "
                               f"the inputs and targets fit the model") from plain
-        fix = model_fix(e) or ("use engine='auto', which falls back to the per-example loop, or engine='loop' "
-                               "(for Hugging Face models with an attention_mask, attn_implementation='eager' also works)")
+        fix = model_fix(e) or ("use engine='auto', which falls back to the per-example loop, or engine='loop' (for "
+                               "Hugging Face models with an attention_mask, attn_implementation='eager' also works)")
         raise VmapTraceError(f"vmap cannot trace this model ({cause(e)}); {fix}") from e

@@ -1104,9 +1104,9 @@ class _LossTerms:
         """A small classifier's terms and metrics in one numba call
         (``kernels.softmax_ce_numba.classifier_rows_numba``; numba on), where a step's fixed costs
         dominate; None elsewhere, and for one logit per example, labels outside [0, C) or of a
-        dtype the loss refuses (the generic path says why). On a GPU, z, δ and y come to the host and the terms go back in
-        one copy each: the generic path's ~30 small ops are each a kernel launch there, and it
-        waits for δ too (its label check)."""
+        dtype the loss refuses (the generic path says why). On a GPU, z, δ and y come to the
+        host and the terms go back in one copy each: the generic path's ~30 small ops are each
+        a kernel launch there, and it waits for δ too (its label check)."""
         from ..kernels.softmax_ce_numba import CLASSIFIER_ELEMENTS, classifier_rows_numba
         if (not loss.is_cross_entropy or z.dim() != 2 or z.shape[1] < 2 or y.shape != z.shape[:1]
                 or y.dtype not in CLASS_INDEX_DTYPES or z.numel() > CLASSIFIER_ELEMENTS):
