@@ -301,6 +301,9 @@ def _user_code_run(tmp_path: Path, monkeypatch, files: dict[str, str]) -> tuple[
     """The user's model code ``files`` ({name: text}, as :data:`USERNET` and :data:`USERHELP`)
     written and imported fresh, one checkpoint of ``usernet:make`` and a dataset: (ckpts, data)."""
     import sys
+    # no bytecode: Python takes a .pyc whose source has the same size and mtime in whole
+    # seconds, so an edit of the same size within the second of the first import was not seen
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     monkeypatch.syspath_prepend(str(tmp_path))
