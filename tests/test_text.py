@@ -285,10 +285,16 @@ def test_a_masked_lm_is_scored_by_its_own_loss(K):
                                              ("causal_lm", "masked_lm", "causal_lm")])
 def test_a_token_loss_that_does_not_score_what_the_head_predicts_is_refused(tmp_path, head, loss, fix):
     """Either runs: every number would be of a task the model was not trained for. The
-    Scorer, the recorder and the Trainer callback refuse it, naming the loss to use; the
-    callback's default loss is the task's."""
+    Scorer, the recorder, the Trainer callback and a CheckpointWriter's first save refuse
+    it, naming the loss to use; the callback's default loss is the task's."""
     from gradscore.integrations.hf_trainer import GradscoreCallback
     model = from_config(BERT if head == "masked_lm" else GPT2, task=head)
+    with pytest.raises(gs.ConfigError, match=f"use loss '{fix}'$"):
+        with gs.CheckpointWriter(tmp_path / "w", model_factory="gradscore.integrations.hf:from_config",
+                                 model_kwargs={"config": BERT if head == "masked_lm" else GPT2, "task": head},
+                                 loss=loss) as w:
+            w.save(model, step=0, lr=0.1)
+    assert not list(tmp_path.glob("w/*.h5"))
     with pytest.raises(gs.ConfigError, match=f"'{loss}' does not score what .* predicts.*use loss '{fix}'$"):
         gs.Scorer(model, loss)
     with pytest.raises(gs.ConfigError, match=f"use loss '{fix}'$"):

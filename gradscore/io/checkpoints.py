@@ -226,7 +226,10 @@ class CheckpointWriter:
 
     def _check_model(self, model: nn.Module) -> None:
         """The factory's model, built on the meta device (no memory, no weights), has the
-        tensors ``model`` is saved with, by name and shape: what scoring loads it into."""
+        tensors ``model`` is saved with, by name and shape: what scoring loads it into; and
+        the loss scores what its head predicts (:func:`gradscore.losses.check_head`)."""
+        from ..losses import check_head, resolve_loss
+        check_head(model, resolve_loss(self.loss))   # at the first save, not when the run is scored
         factory = self._factory
         try:
             with torch.device("meta"):
