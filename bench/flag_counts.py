@@ -36,6 +36,7 @@ from gradscore.demos.experiments.common import Setup, digits_setup, reference_ru
 from gradscore.demos.experiments.noise import make_noise
 from gradscore.io.store import load_inrun_rows
 from gradscore.reports.flag import CALIBRATED, COUNT_SHIFT, FIT_CLEAN, count_fields, estimate, suspicion
+from gradscore.scores.inrun import aggregate as inrun_aggregate
 from gradscore.scores.registry import Window, aggregate
 
 
@@ -75,12 +76,9 @@ def one_run(kind: str, rate: float, seed: int, train_seed: int, epochs: int, end
         if records is not None:   # the steps of the first `end` epochs: as many as the checkpoints' steps
             steps = int(ref["checkpoints"]["step"][end - 1])
             at = records["step"] < steps
-            sums, seen = np.zeros(n), np.zeros(n)
-            np.add.at(sums, records["row"][at], records["margin"][at])
-            np.add.at(seen, records["row"][at], 1)
+            aum = inrun_aggregate({k: v[at] for k, v in records.items()}, n, {"aum"})["aum"]
             last = np.full(n, np.nan)
             last[records["row"][at]] = records["correct"][at]   # in step order: the last record wins
-            aum = np.where(seen > 0, sums / np.maximum(seen, 1), np.nan)
             rows.append({**row(end, "aum", aum, last), "score": "inrun_aum"})
     return rows
 
