@@ -70,6 +70,26 @@ class BiasedAttention(nn.Module):
         return self.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, d))
 
 
+class QKVBiasAttention(BiasedAttention):
+    """BEiT's and EVA's self-attention: ``qkv`` is never called; the forward multiplies x by
+    its weight itself, with a bias concatenated from ``q_bias``, zeros and ``v_bias``
+    (parameters the forward uses directly: the free-parameter rule's products and ops of
+    several parameters)."""
+
+    def __init__(self, d: int, T: int, heads: int = 4) -> None:
+        super().__init__(d, T, heads)
+        self.qkv.bias = None
+        self.q_bias, self.v_bias = nn.Parameter(torch.zeros(d)), nn.Parameter(torch.zeros(d))
+        self.register_buffer("k_bias", torch.zeros(d), persistent=False)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        qkv = nn.functional.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+        q, k, v = qkv.reshape(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5 + self.attention_biases[:, self.offsets]
+        return self.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, d))
+
+
 class Channels(nn.Module):
     """A channels-first layer followed by moving channels last."""
 
@@ -132,6 +152,8 @@ def families(B: int) -> dict[str, tuple[nn.Module, torch.Tensor, str]]:
         "ViT tokens" + WITHOUT_FREE: (TinyViT(D, T, layers=1), torch.randn(B, T, 48), ""),
         "attention biases picked from a table": (Head(BiasedAttention(D, T), D), seq, "body."),
         "attention biases" + WITHOUT_FREE: (Head(BiasedAttention(D, T), D), seq, "body."),
+        "BEiT attention (F.linear by qkv's weight)": (Head(QKVBiasAttention(D, T), D), seq, "body."),
+        "BEiT attention" + WITHOUT_FREE: (Head(QKVBiasAttention(D, T), D), seq, "body."),
         "ResNet, BatchNorm (20k)": (small_resnet(), torch.randn(B, 3, 32, 32), ""),
         "Conv encoder, ConvTranspose decoder": (Head(Channels(nn.Sequential(
             nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),

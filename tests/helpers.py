@@ -554,8 +554,17 @@ class FreeNet(nn.Module):
     into a (3, 5) table: T5's relative attention bias), "embedding_twice" (that, added then
     multiplied), "interpolate" (F.interpolate: BEiT's table), "cat_slices" (torch.cat of
     two slices, one scaled), "sdpa" (a (T, T) attention mask looked up in the table, for
-    F.scaled_dot_product_attention of the tokens, batch first in every layout). Not taken:
-    "linear" (F.linear(h, w), w (1, 5)), "reorder" (added to the batch's rows reversed;
+    F.scaled_dot_product_attention of the tokens, batch first in every layout); and the
+    batch's rows times it: "linear" (F.linear(h, w), w (1, 5)), "linear_bias" (F.linear(h,
+    a constant, β), β (5,)), "matmul" (h @ W, W (5, 5)), "matmul_t" (torch.matmul(h, W.t())),
+    "cosine" (F.linear of h and W normalized row by row: a cosine classifier), "mm"
+    (torch.mm of the (B·T, 5) rows by W, k = T rows per example); and made of it and
+    cls_token together: "cat_params" (torch.cat of pos (2,), a zero and 2 elements of
+    cls_token: BEiT's q_bias, k_bias, v_bias), "mlp" (tanh(F.linear(coords, pos, cls_token)),
+    coords a (1, T, 5) buffer: Swin-v2's position MLP), "mlp_inplace" (that with
+    F.relu(inplace=True) for tanh). Not taken: "inplace_after_use" (F.linear(coords, pos)
+    added, then doubled in place and multiplied: a change after a use), "einsum"
+    (torch.einsum of h and W), "left" (W @ hᵀ: W is the rows), "reorder" (added to the batch's rows reversed;
     "reorder_table": rows of the table looked up by F.embedding),
     "function" (a custom autograd.Function of h and pos: its forward runs without
     gradients), "tuple" (torch.broadcast_tensors, whose result is a tuple), "checkpoint"
@@ -571,8 +580,9 @@ class FreeNet(nn.Module):
     TAKEN = ("vit", "vit_after", "twice", "radd", "inplace", "expand_as", "torch_add", "scale", "squeeze", "rank2",
              "gamma", "reshaped", "cast", "addcmul", "where", "index", "slice", "table", "permute", "repeat", "exp",
              "sigmoid", "chain", "const", "widen", "three", "none_index", "sum", "list", "embedding",
-             "embedding_twice", "interpolate", "cat_slices", "sdpa")
-    KINDS = TAKEN + ("linear", "reorder", "reorder_table", "function", "tuple", "checkpoint", "setitem",
+             "embedding_twice", "interpolate", "cat_slices", "sdpa", "linear", "linear_bias", "matmul", "matmul_t",
+             "cosine", "mm", "cat_params", "mlp", "mlp_inplace")
+    KINDS = TAKEN + ("inplace_after_use", "einsum", "left", "reorder", "reorder_table", "function", "tuple", "checkpoint", "setitem",
                      "view_setitem", "into", "batch_shaped")
     #: taken with the tokens sequence-first too: the use is batch first whatever the layout
     BATCH_FIRST = ("sdpa",)
@@ -586,7 +596,10 @@ class FreeNet(nn.Module):
         self.cls_token = nn.Parameter(0.5 * torch.randn(1, 1, D))
         n = self.T + (kind != "vit_after")
         shape = ((1, D) if kind in ("linear", "rank2")
-                 else (D,) if kind in ("gamma", "reshaped", "addcmul", "widen", "three", "none_index")
+                 else (D, D) if kind in ("matmul", "matmul_t", "cosine", "mm", "einsum", "left", "mlp", "mlp_inplace",
+                                       "inplace_after_use")
+                 else (2,) if kind == "cat_params"
+                 else (D,) if kind in ("gamma", "reshaped", "addcmul", "widen", "three", "none_index", "linear_bias")
                  else (3, D) if kind in ("table", "embedding", "embedding_twice", "sdpa", "reorder_table")
                  else (D, n) if kind == "permute"
                  else ((n + 2, 1, D) if seq else (1, n + 2, D)) if kind == "slice"
@@ -594,6 +607,7 @@ class FreeNet(nn.Module):
         self.pos_embed = nn.Parameter(0.5 * torch.randn(*shape))
         self.register_buffer("ids", torch.tensor([0, 2, 1, 2, 0])[:n], persistent=False)
         self.register_buffer("rel", (torch.arange(n)[:, None] - torch.arange(n)[None]) % 3, persistent=False)
+        self.register_buffer("coords", torch.linspace(-1, 1, n * D).reshape(1, n, D), persistent=False)
         self.register_buffer("c", 0.5 + torch.rand((n + 1, D) if kind == "widen" else (3, D) if kind == "three"
                                                    else shape), persistent=False)
 
@@ -681,6 +695,31 @@ class FreeNet(nn.Module):
             h = h + wide.select(1, 0).unsqueeze(rows)
         elif kind == "linear":
             h = h + F.linear(h, pos)
+        elif kind == "linear_bias":
+            h = h + F.linear(h, 0.5 * torch.eye(h.shape[-1], dtype=h.dtype), pos)
+        elif kind == "matmul":
+            h = h + h @ pos
+        elif kind == "matmul_t":
+            h = h + torch.matmul(h, pos.t())
+        elif kind == "cosine":
+            h = h + F.linear(F.normalize(h, dim=-1), F.normalize(pos, dim=-1))
+        elif kind == "mm":
+            h = h + torch.mm(h.reshape(-1, h.shape[-1]), pos).reshape(h.shape)
+        elif kind == "cat_params":
+            h = h + torch.cat([pos, torch.zeros(1, dtype=pos.dtype), self.cls_token.view(-1)[:2]])
+        elif kind == "mlp":
+            h = h + torch.tanh(F.linear(self.coords, pos, self.cls_token.view(-1))).movedim(1, tokens)
+        elif kind == "mlp_inplace":
+            h = h + F.relu(F.linear(self.coords, pos, self.cls_token.view(-1)), inplace=True).movedim(1, tokens)
+        elif kind == "inplace_after_use":
+            b = F.linear(self.coords, pos).movedim(1, tokens)
+            h = h + b
+            b.mul_(2)
+            h = h * b
+        elif kind == "einsum":
+            h = h + torch.einsum("btd,ed->bte", h, pos)
+        elif kind == "left":
+            h = h + (pos @ h.transpose(-1, -2)).transpose(-1, -2)
         elif kind == "exp":
             h = h + pos.exp()
         elif kind == "reorder":

@@ -929,6 +929,8 @@ def test_a_parameter_the_forward_broadcasts_over_the_batch_takes_the_free_rule(f
                 "setitem": "; as a free parameter it " + changed, "view_setitem": "; as a free parameter it " + changed,
                 "into": "; as a free parameter it is written into another tensor by __setitem__)",
                 "batch_shaped": "; as a free parameter it is made by mul into a tensor whose shape follows the batch's",
+                "inplace_after_use": "; as a free parameter it is changed in place (its copy or view) before its use "
+                                     "by mul)",
                 }.get(kind, ")" if kind != "tuple" else ";")   # no use the rule takes: no ghost rule, nothing added
         assert why["pos_embed"].startswith(("vmap (no ghost rule for FreeNet" + said,   # loop: a Function
                                             "loop (no ghost rule for FreeNet" + said)), why

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from torch.nn.utils import prune
 
 import gradscore as gs
-from helpers import GHOST_CASES, compare_with_loop, ghost_case
+from helpers import GHOST_CASES, check_random_inrun, compare_with_loop, ghost_case
 
 
 @pytest.mark.parametrize("K", [0, 1, 3])
@@ -83,19 +83,45 @@ def test_torch_transformer_layer_is_ghost_throughout(K):
     assert why["0.linear1.weight"].startswith("ghost") and why["0.norm1.weight"].startswith("ghost")
 
 
-def test_linear_used_without_its_forward_falls_back():
-    class Functional(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin, self.head = nn.Linear(6, 5), nn.Linear(5, 3)
+class _QKVBias(nn.Module):
+    """BEiT's and EVA's attention input: a Linear not called, whose weight its parent uses in
+    ``F.linear(x, qkv.weight, cat(q_bias, zeros, v_bias))``; ``cat``: the bias made of two
+    parameters, else ``qkv.bias`` itself."""
 
-        def forward(self, x):
-            return self.head(torch.tanh(nn.functional.linear(x, self.lin.weight, self.lin.bias)))
+    def __init__(self, cat: bool, d: int = 4) -> None:
+        super().__init__()
+        self.cat = cat
+        self.qkv, self.head = nn.Linear(d, 3 * d, bias=not cat), nn.Linear(3 * d, 3)
+        if cat:
+            self.q_bias, self.v_bias = nn.Parameter(torch.randn(d)), nn.Parameter(torch.randn(d))
+            self.register_buffer("k_bias", torch.zeros(d), persistent=False)
 
+    def forward(self, x):
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias)) if self.cat else self.qkv.bias
+        return self.head(torch.tanh(nn.functional.linear(x, self.qkv.weight, bias)).mean(1))
+
+
+@pytest.mark.parametrize("K", [0, 2])
+@pytest.mark.parametrize("T", [1, 3, 5])
+@pytest.mark.parametrize("cat", [False, True])
+def test_a_linear_its_parent_calls_functionally_takes_the_free_rule(cat, T, K):
+    """A Linear whose weight its parent uses in F.linear, the layer itself never called,
+    with its own bias or one concatenated from two parameters (vmap before): the
+    free-parameter rule, equal to the loop, T == B too."""
     torch.manual_seed(0)
-    scorer = compare_with_loop(Functional(), torch.randn(5, 6), 2)
-    assert "'lin' was not called" in scorer.explain()["lin.weight"]
-    assert scorer.explain()["head.weight"].startswith("ghost")
+    why = compare_with_loop(_QKVBias(cat), torch.randn(5, T, 4), K).explain()
+    assert all(v.startswith("ghost") for v in why.values()), why
+    free = ["qkv.weight"] + (["q_bias", "v_bias"] if cat else ["qkv.bias"])
+    assert all(why[n].startswith("ghost (free-parameter rule") for n in free), why
+
+
+@pytest.mark.parametrize("cat", [False, True])
+def test_a_linear_its_parent_calls_functionally_is_recorded_in_training_as_the_loop_scores_it(tmp_path, cat):
+    """The same model in training, through the recorder (refused before): every record
+    equals the loop at the step's θ_t."""
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 3, 4, dtype=torch.float64), torch.arange(12) % 3
+    assert check_random_inrun(_QKVBias(cat).double(), x, y, 3, tmp_path / "r.h5")
 
 
 def test_frozen_layers_and_param_patterns():

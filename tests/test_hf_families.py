@@ -102,7 +102,6 @@ REFUSED_IN_RUN = {
     "squeezebert": NO_RULE,    # a LayerNorm over the channels of (B, C, T)
     "deberta": NO_RULE,        # relative position projections, one for the batch (as deberta-v2's)
     "deberta-v2": NO_RULE,     # relative position embeddings and projections, one for the batch
-    "swinv2": NO_RULE,   # its position bias MLP: ops of two parameters, one output for the batch
     "mixtral": NO_RULE, "qwen2_moe": NO_RULE,   # the router and the experts' stacked weights
     "mamba": NO_RULE,    # its Conv1d, dt_proj and D weights are read by the scan, not called
     "nemotron": NO_RULE,   # LayerNorm1P: a LayerNorm of weight + 1

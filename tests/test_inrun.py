@@ -1780,6 +1780,19 @@ def test_an_embedding_of_the_offsets_trained_under_autocast_is_recorded_near_the
     _check_bf16_training(fresh, x, y, tmp_path, backward_inside=True)
 
 
+@pytest.mark.parametrize("kind", ["linear_bias", "matmul", "cosine"])
+def test_a_product_by_a_free_parameter_trained_under_autocast_is_recorded_near_the_float32_loop(tmp_path, kind):
+    """The batch's rows times a parameter (F.linear, matmul: bf16 under autocast) as it is,
+    its output probed: training unchanged, each example's weight gradient from the bf16 δ
+    and the rows in float32."""
+    x, y = _data(d=20, c=3, dtype=torch.float32)
+
+    def fresh():
+        torch.manual_seed(0)
+        return _Tokens(kind)
+    _check_bf16_training(fresh, x, y, tmp_path, backward_inside=True)
+
+
 @pytest.mark.parametrize("kind", ["RNN", "GRU", "LSTM"])
 def test_recurrent_layers_trained_under_autocast_are_recorded_near_the_float32_loop(tmp_path, kind):
     """Under bf16 autocast torch's CPU GRU takes a float32 input and returns a float32 output
@@ -1875,14 +1888,16 @@ class _Tokens(nn.Module):
 
 @pytest.mark.parametrize("kind", ["vit", "twice", "inplace", "torch_add", "scale", "rank2", "gamma", "reshaped",
                                   "addcmul", "where", "slice", "table", "exp", "chain", "widen", "embedding",
-                                  "interpolate", "sdpa"])
+                                  "interpolate", "sdpa", "linear_bias", "matmul", "cosine", "mm",
+                                  "cat_params", "mlp"])
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 def test_parameters_the_forward_uses_directly_train_bit_identically_with_the_recorder(tmp_path, kind, opt):
     """A ViT's class token and position embedding (the free-parameter rule: expanded over
     the batch in each use) leave training bit for bit what it is without the recorder, in
     float32, one use or two, broadcast over the batch alone or over the tokens too, of the
     parameter or of a slice, a table's rows or an elementwise function of it, or of what
-    other ops make of it (whose backward the recorder runs per example within the step's)."""
+    other ops make of it (whose backward the recorder runs per example within the step's),
+    or the batch's rows times it (F.linear, matmul: its output probed, the op as it is)."""
     x, y = _data(d=20, c=3, dtype=torch.float32)
 
     def fresh():
@@ -1949,7 +1964,7 @@ def test_a_bias_added_to_windows_of_the_batch_is_recorded_as_the_loop_scores_it(
     _recorded_as_the_loop(_Tokens("example", kind, net=Windows).double(), 20, {"net.table"}, tmp_path)
 
 
-@pytest.mark.parametrize("kind", ["linear", "reorder", "checkpoint", "setitem"])
+@pytest.mark.parametrize("kind", ["einsum", "reorder", "checkpoint", "setitem"])
 def test_a_parameter_the_forward_uses_otherwise_is_refused_in_training_with_why(tmp_path, kind):
     """Refused before the first step changes anything (a checkpointed use would have
     crashed the step's backward: its recomputation saw other shapes)."""
@@ -1957,7 +1972,7 @@ def test_a_parameter_the_forward_uses_otherwise_is_refused_in_training_with_why(
     model = _Tokens(kind).double()
     before = copy.deepcopy(model.state_dict())
     rec = gs.InRun(model, out=tmp_path / "r.h5")
-    said = {"linear": r"\.", "reorder": "; as a free parameter it is added to rows that are not",
+    said = {"einsum": r"\.", "reorder": "; as a free parameter it is added to rows that are not",
             "checkpoint": "; as a free parameter it is used by mul under saved-tensor hooks",
             "setitem": r"; as a free parameter it is changed in place \(its copy or view\) before its use by add"}[kind]
     with pytest.raises(gs.GradscoreError, match="net.pos_embed: no ghost rule for FreeNet" + said):

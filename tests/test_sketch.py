@@ -177,11 +177,13 @@ def test_sequence_first_with_T_equal_to_B_and_T_1(T):
     torch.testing.assert_close(got, proj.apply(loop_grads(model, x, y, names)), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["vit", "twice", "gamma", "reshaped", "table", "chain", "sum"])
+@pytest.mark.parametrize("kind", ["vit", "twice", "gamma", "reshaped", "table", "chain", "sum", "matmul", "cosine",
+                                  "mm", "cat_params", "mlp"])
 @pytest.mark.parametrize("layout", ["batch", "TB", "seq_first"])
 def test_parameters_the_forward_uses_directly_are_sketched_as_the_loop_gives(kind, layout):
     """A class token and position embedding (the free-parameter rule, through a table's
-    rows, an elementwise function or a sum too; sequence-first: the fallback): their
+    rows, an elementwise function or a sum too, or the batch's rows times it;
+    sequence-first: the fallback): their
     dense blocks against each example's gradient."""
     torch.manual_seed(0)
     model = FreeNet(kind, layout).double().eval()

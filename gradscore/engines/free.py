@@ -52,6 +52,7 @@ rule too (:meth:`.ghost.GhostEngine._to_free`).
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Iterator
 
 import torch
@@ -72,6 +73,8 @@ ELEMENTWISE = frozenset({
     "add_", "sub_", "mul_", "div_", "addcmul_", "addcdiv_", "__iadd__", "__isub__", "__imul__", "__itruediv__"})
 #: ops that repeat a tensor over the batch rows
 EXPAND = frozenset({"expand", "expand_as"})
+#: products of the batch's rows by a (d_in, d_out) matrix, or F.linear's by a (d_out, d_in) weight and its bias
+PRODUCTS = frozenset({"linear", "matmul", "__matmul__", "mm"})
 #: ops whose result holds a tensor's elements in their order (views, casts, copies): it stands for the parameter
 SAME_ELEMENTS = frozenset({"reshape", "view", "view_as", "unsqueeze", "squeeze", "flatten", "to", "type_as",
                            "float", "double", "half", "bfloat16", "contiguous", "clone"})
@@ -101,10 +104,12 @@ def _name(func) -> str:
     return getattr(func, "__name__", str(func))
 
 
-def in_place(func) -> bool:
-    """Whether an op writes into its first argument (``x[i] = v``, ``x.add_(v)``, ``x += v``)."""
+def in_place(func, kwargs: dict | None = None) -> bool:
+    """Whether an op writes into its first argument (``x[i] = v``, ``x.add_(v)``, ``x += v``,
+    ``F.relu(x, inplace=True)``)."""
     name = _name(func)
-    return name == "__setitem__" or (name.endswith("_") and not name.startswith("__")) or name.startswith("__i")
+    return (name == "__setitem__" or (name.endswith("_") and not name.startswith("__")) or name.startswith("__i")
+            or (kwargs or {}).get("inplace") is True)
 
 
 def _operands(args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -166,6 +171,21 @@ def _saving_hooks() -> bool:
         return top() is not None
 
 
+def _product_operands(name: str, args: tuple, kwargs: dict) -> tuple:
+    """(the rows h, the matrix w, F.linear's bias or None) of a :data:`PRODUCTS` call."""
+    keys = ("input", "weight", "bias") if name == "linear" else ("input", "mat2" if name == "mm" else "other")
+    given = {**dict(zip(keys, args)), **kwargs}
+    return given.get("input", given.get("self")), given.get(keys[1]), given.get("bias")
+
+
+def _product_shape(name: str, h, w) -> tuple[int, ...] | None:
+    """The shape of the product of rows ``h`` (…, d_in) by a 2-D ``w``, or None for another form."""
+    if not (isinstance(h, torch.Tensor) and isinstance(w, torch.Tensor)) or h.dim() < 2 or w.dim() != 2:
+        return None
+    d_in, d_out = (w.shape[1], w.shape[0]) if name == "linear" else tuple(w.shape)
+    return (*h.shape[:-1], d_out) if h.shape[-1] == d_in else None
+
+
 def target_shape(func, args: tuple, kwargs: dict, t: torch.Tensor, B: int,
                  hooks: bool = True, merged: bool = False) -> tuple[tuple[int, ...] | None, str]:
     """(the shape t is expanded to by the op ``func(*args, **kwargs)``, one of whose operands
@@ -193,6 +213,14 @@ def target_shape(func, args: tuple, kwargs: dict, t: torch.Tensor, B: int,
         except RuntimeError:
             return None, name
         what = f"{name} as its attn_mask, into scores of shape {list(shape)}"
+    elif name in PRODUCTS:   # the batch's rows h times t (or plus t, F.linear's bias): t has no rows of the batch
+        h, w, bias = _product_operands(name, args, kwargs)
+        shape = _product_shape(name, h, w)
+        if h is t or shape is None or not (t is w or t is bias):
+            return None, f"{name} of it by the batch's rows" if h is t else name
+        what = f"{name} of rows of shape {list(h.shape)} by it, into shape {list(shape)}"
+        fits = len(shape) > 0 and (shape[0] == B or (merged and B > 0 and shape[0] % B == 0))
+        return (shape if fits else None), what
     elif name in ELEMENTWISE:
         if (name.endswith("_") or name.startswith("__i")) and args[0] is t:
             return None, f"{name} on itself"
@@ -222,10 +250,11 @@ def misfit(func, args: tuple, kwargs: dict, t: torch.Tensor, B: int) -> tuple[st
 class Views:
     """The free parameters ({id: name}) and what the forward makes of them (:data:`SAME_ELEMENTS`,
     :data:`SELECTION`, elementwise functions) in one forward of a batch of B, each with the
-    map of its elements to its parameter's (:attr:`maps`)."""
+    map of its elements to its parameter's (:attr:`maps`), or made by other ops of one or
+    more of them (:attr:`graph`)."""
 
     def __init__(self, free: dict[int, str], B: int) -> None:
-        self.of: dict[int, str] = dict(free)
+        self.of: dict[int, tuple[str, ...]] = {i: (n,) for i, n in free.items()}   # id -> the parameters it is made of
         self.B = B
         self.alive: list[torch.Tensor] = []   # keeps the views' ids from being reused
         self.version: dict[int, int] = {}     # a view or copy -> its version counter when it was made
@@ -235,14 +264,21 @@ class Views:
         self.made: dict[str, list[tuple[str, tuple[int, ...]]]] = {}   # name -> (op, shape) of what was made
         self.roots = set(free)                  # the parameters' own ids
         self.param: dict[str, torch.Tensor] = {}   # name -> the parameter, once an op has used it
-        # id -> the parameter, for a tensor made of it by other ops (:meth:`_through_graph`): its
-        # gradient per example is the backward of those ops, run per example at each use
-        self.graph: dict[int, torch.Tensor] = {}
+        # id -> the parameters, for a tensor made of them by other ops (:meth:`_through_graph`): their
+        # gradients per example are the backward of those ops, run per example at each use
+        self.graph: dict[int, tuple[torch.Tensor, ...]] = {}
         self.steps: dict[str, list[str]] = {}   # name -> each op on it or on what was made of it: "use" or "made"
+        # tracked tensors an op has read (used, or made another of): changed in place after, a use's
+        # backward through the ops that made them would run through the change too
+        self.read: set[int] = set()
 
     def hits(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         """The tensors among the arguments (lists too) that are a free parameter or a view of one."""
         return [t for t in leaves((args, kwargs)) if id(t) in self.of]
+
+    def names(self, tracked: list[torch.Tensor]) -> list[str]:
+        """The parameters the tracked tensors are made of, each once, in order."""
+        return list(dict.fromkeys(n for t in tracked for n in self.of[id(t)]))
 
     def note(self, func, args: tuple, kwargs: dict, out, planned: bool = False) -> bool:
         """If ``func`` makes ``out`` from a tracked tensor in a way the rule follows (and is
@@ -250,16 +286,19 @@ class Views:
         is not), track ``out`` with its map; whether it did."""
         name = _name(func)
         tracked = self.hits(args, kwargs)
-        if not isinstance(out, torch.Tensor) or not tracked or in_place(func) or "out" in kwargs or (
+        if not isinstance(out, torch.Tensor) or not tracked or kwargs.get("out") is not None or (
                 name == "view" and any(isinstance(a, torch.dtype) for a in args[1:])):   # reinterprets bits
             return False
         t = tracked[0]
-        if any(self.changed(o) for o in tracked) or (not planned and any(
+        if in_place(func, kwargs):   # on a tensor made by other ops that nothing read yet (Swin-v2's ReLU(inplace=True))
+            if not (args and out is args[0] and id(out) in self.graph and id(out) not in self.read):
+                return False
+        elif any(self.changed(o) for o in tracked) or (not planned and any(
                 target_shape(func, args, kwargs, o, self.B, hooks=False)[0] is not None for o in tracked)):
             return False
         for o in tracked:
             if id(o) in self.roots:
-                self.param.setdefault(self.of[id(o)], o)
+                self.param.setdefault(self.of[id(o)][0], o)
         mapped = all(o is t for o in tracked) and id(t) not in self.graph
         made = False
         if mapped and (name in SAME_ELEMENTS or name in SELECTION) and args[0] is t:
@@ -269,25 +308,30 @@ class Views:
         if made is False:
             if not self._through_graph(args, kwargs, tracked, out):
                 return False
-            self.graph[id(out)] = self.param[self.of[id(t)]]
+            self.graph[id(out)] = tuple(self.param[n] for n in self.names(tracked))
             made = None
-        self.of[id(out)] = self.of[id(t)]
+        self.of[id(out)] = tuple(self.names(tracked))
         self.version[id(out)] = out._version
+        if not in_place(func, kwargs):
+            self.read.update(id(o) for o in tracked)
         self.alive.append(out)
         if made is not None:
             self.maps[id(out)] = made
-        if name not in SAME_ELEMENTS:
-            self.made.setdefault(self.of[id(t)], []).append((name, tuple(out.shape)))
-        self.step(self.of[id(t)], "made")
+        for n in self.of[id(out)]:
+            if name not in SAME_ELEMENTS:
+                self.made.setdefault(n, []).append((name, tuple(out.shape)))
+            self.step(n, "made")
         return True
 
     def _through_graph(self, args: tuple, kwargs: dict, tracked: list[torch.Tensor], out: torch.Tensor) -> bool:
-        """Whether any other op makes a tensor of one parameter (``F.embedding(ids, P)``,
-        ``F.interpolate``, ``torch.cat`` of two of its slices): every operand with a gradient
-        is that parameter or made of it, and the result is floating with a gradient. That
-        its shape does not follow the batch (it reads no example) is the first batch's
-        evidence (:mod:`.layout`); each use then runs the op's backward per example."""
-        if not out.is_floating_point() or not out.requires_grad or len({self.of[id(o)] for o in tracked}) != 1:
+        """Whether any other op makes a tensor of free parameters (``F.embedding(ids, P)``,
+        ``F.interpolate``, ``torch.cat`` of two of its slices, BEiT's ``torch.cat((q_bias,
+        zeros, v_bias))``, Swin-v2's position MLP, in place too on what nothing read yet):
+        every operand with a gradient is one of them or made of them, and the result is
+        floating with a gradient. That its shape
+        does not follow the batch (it reads no example) is the first batch's evidence
+        (:mod:`.layout`); each use then runs the op's backward per example."""
+        if not out.is_floating_point() or not out.requires_grad:
             return False
         return all(id(o) in self.of for o in leaves((args, kwargs)) if o.requires_grad)
 
@@ -297,7 +341,8 @@ class Views:
 
     def used(self, hits: list[torch.Tensor]) -> None:
         """Note a use of the tracked tensors ``hits``: once per parameter (``P * P`` is one)."""
-        for name in dict.fromkeys(self.of[id(t)] for t in hits):
+        self.read.update(id(t) for t in hits)
+        for name in self.names(hits):
             self.step(name, "use")
 
     def next_step(self, name: str, plan: dict[str, list[str]]) -> str | None:
@@ -308,7 +353,7 @@ class Views:
     def planned_made(self, hits: list[torch.Tensor], plan: dict[str, list[str]] | None) -> bool:
         """Whether ``plan`` says that the op on ``hits`` makes another tensor of them: its
         shapes do not decide (a size that equals B by chance is not the batch's)."""
-        return plan is not None and all(self.next_step(self.of[id(t)], plan) == "made" for t in hits)
+        return plan is not None and all(self.next_step(n, plan) == "made" for n in self.names(hits))
 
     def _numbers(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         """t's map; for a tensor that holds its parameter's elements in order, their numbers."""
@@ -371,7 +416,7 @@ class Views:
         stale = next((t for t in hits if self.changed(t)), None)
         if stale is not None:
             return f"is changed in place (its copy or view) before its use by {name}"
-        if in_place(func) and name not in ELEMENTWISE and any(t is not (args[0] if args else None) for t in hits):
+        if in_place(func, kwargs) and name not in ELEMENTWISE and any(t is not (args[0] if args else None) for t in hits):
             return f"is written into another tensor by {name}"
         return None
 
@@ -383,17 +428,25 @@ def last_node(inputs) -> int:
     return max((t.grad_fn._sequence_nr() for t in leaves(inputs) if t.grad_fn is not None), default=-1)
 
 
+def cast_of_leaf(node) -> bool:
+    """Whether an autograd node is a cast of a leaf: autocast's of a parameter, which it makes
+    once per autocast region and keeps for the ops after (a matmul's weight in bf16)."""
+    return node.name() == "ToCopyBackward0" and all(
+        nxt is None or hasattr(nxt, "variable") for nxt, _ in node.next_functions)
+
+
 def op_nodes(out, before: int) -> set:
     """The autograd nodes one op made for its result ``out``: from each result tensor's node
     back to, not into, the nodes that existed before it (sequence numbers up to
-    ``before``, :func:`last_node`; all nodes below an input's are older still). One
-    indexing, ``P[None, :, None, None]``, makes several."""
+    ``before``, :func:`last_node`; all nodes below an input's are older still), and
+    autocast's cast of a parameter it used (:func:`cast_of_leaf`), made by an earlier op.
+    One indexing, ``P[None, :, None, None]``, makes several."""
     found: set = set()
     stack = [t.grad_fn for t in leaves(out) if t.grad_fn is not None]
     while stack:
         node = stack.pop()
-        if node in found or hasattr(node, "variable") or node._sequence_nr() <= before:   # a leaf's AccumulateGrad
-            continue
+        if node in found or hasattr(node, "variable") or (node._sequence_nr() <= before and not cast_of_leaf(node)):
+            continue   # a leaf's AccumulateGrad, or older
         found.add(node)
         stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
     return found
@@ -418,35 +471,42 @@ def unseen_uses(out, views: Views, consumers: set) -> dict[str, str]:
     nodes of the uses the op watch saw: a use inside a custom ``autograd.Function`` (whose
     forward runs without gradients) or inside another function's ``__torch_function__``
     handler, which the rule would miss."""
-    tracked = {t.grad_fn: views.of[id(t)] for t in views.alive if t.grad_fn is not None}
+    tracked = {t.grad_fn: views.of[id(t)] for t in views.alive if t.grad_fn is not None}   # node -> its names
+    # autocast's casts of a parameter are tracked as copies of it: every op that takes one is a use
+    tracked.update({node: views.of[id(nxt.variable)] for node in consumers if cast_of_leaf(node)
+                    for nxt, _ in node.next_functions if nxt is not None and id(nxt.variable) in views.of})
     found: dict[str, str] = {}
     for node in graph_nodes(out):
         for nxt, _ in node.next_functions:
             if nxt is None:
                 continue
             var = getattr(nxt, "variable", None)
-            name = views.of.get(id(var)) if var is not None else tracked.get(nxt)
-            if name is not None and node not in consumers:
-                found.setdefault(name, node.name())
+            names = views.of.get(id(var)) if var is not None else tracked.get(nxt)
+            if names is not None and node not in consumers:
+                for name in names:
+                    found.setdefault(name, node.name())
     return found
 
 
-def _backward_per_example(made: torch.Tensor, param: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Each example's gradient of ``param`` (B, numel) from its gradient ``g`` (B, made.numel())
-    of a tensor the forward made of it (:meth:`Views._through_graph`): the backward of the
-    ops between them, batched over the examples (one at a time where an op has no batched
-    backward). Run from a use's probe, before autograd reaches those ops: their saved
-    tensors are still there, and ``retain_graph`` leaves them for the backward under way."""
+def _backward_per_example(made: torch.Tensor, params: tuple[torch.Tensor, ...], g: torch.Tensor
+                          ) -> list[torch.Tensor]:
+    """Each example's gradient of each of ``params`` [(B, numel)] from its gradient ``g`` (B,
+    made.numel()) of a tensor the forward made of them (:meth:`Views._through_graph`): the
+    backward of the ops between them, batched over the examples (one at a time where an op
+    has no batched backward). Run from a use's probe, before autograd reaches those ops:
+    their saved tensors are still there, and ``retain_graph`` leaves them for the backward
+    under way."""
     B = len(g)
     if B == 0:
-        return g.new_zeros((0, param.numel()))
+        return [g.new_zeros((0, p.numel())) for p in params]
     G = g.reshape(B, *made.shape).to(made.dtype)
     try:
-        (gp,) = torch.autograd.grad(made, param, G, retain_graph=True, is_grads_batched=True, allow_unused=True)
+        got = torch.autograd.grad(made, params, G, retain_graph=True, is_grads_batched=True, allow_unused=True)
     except RuntimeError:
-        gp = torch.stack([torch.autograd.grad(made, param, Gb, retain_graph=True, materialize_grads=True)[0]
-                          for Gb in G])
-    return g.new_zeros((B, param.numel())) if gp is None else gp.detach().to(g.dtype).reshape(B, -1)
+        each = [torch.autograd.grad(made, params, Gb, retain_graph=True, materialize_grads=True) for Gb in G]
+        got = [torch.stack(gs) for gs in zip(*each)]
+    return [g.new_zeros((B, p.numel())) if gp is None else gp.detach().to(g.dtype).reshape(B, -1)
+            for gp, p in zip(got, params)]
 
 
 def _sdpa_options(args: tuple, kwargs: dict) -> tuple:
@@ -473,6 +533,16 @@ def _scores_gradient(args: tuple, kwargs: dict, delta: torch.Tensor) -> torch.Te
     P = torch.where(S.amax(-1, keepdim=True) == float("-inf"), 0.0, S.softmax(-1))   # a row masked whole: SDPA's 0
     dP = delta @ v.transpose(-2, -1)
     return P * (dP - (dP * P).sum(-1, keepdim=True))
+
+
+def _weight_grads(h: torch.Tensor, B: int, linear: bool, delta: torch.Tensor) -> torch.Tensor:
+    """(B, *w.shape) each example's gradient of w in the product of the rows h (…, d_in), k per
+    example in order, by w: F.linear's (d_out, d_in) weight (``linear``), Σ_r δ_r h_rᵀ, or
+    matmul's (d_in, d_out), Σ_r h_r δ_rᵀ; δ = ∂L/∂output (…, d_out). In float32 (float64 for float64)."""
+    acc = acc_dtype(delta.dtype)
+    k = h.shape[:-1].numel() // B if B else 0
+    a, d = h.to(acc).reshape(B, k, h.shape[-1]), delta.to(acc).reshape(B, k, delta.shape[-1])
+    return d.transpose(1, 2) @ a if linear else a.transpose(1, 2) @ d
 
 
 class FreeUses(TorchFunctionMode):
@@ -521,11 +591,11 @@ class FreeUses(TorchFunctionMode):
         unfit = self.views.unfit(func, args, kwargs, hits)
         if unfit is not None:
             out = func(*args, **kwargs)
-            if needs_grad(out) or in_place(func):   # .shape of a changed copy is no use; out[...] = P returns None
-                for t in hits:
-                    self.problems.setdefault(self.views.of[id(t)], unfit)
+            if needs_grad(out) or in_place(func, kwargs):   # .shape of a changed copy is no use; out[...] = P returns None
+                for name in self.views.names(hits):
+                    self.problems.setdefault(name, unfit)
             return out
-        names = {self.views.of[id(t)] for t in hits}
+        names = self.views.names(hits)
         planned = {name: self.views.next_step(name, self.plan) for name in names}
         if all(kind == "made" for kind in planned.values()):   # what the first batch made of it (Views.planned_made)
             out = func(*args, **kwargs)
@@ -534,9 +604,9 @@ class FreeUses(TorchFunctionMode):
                     self.problems.setdefault(name, f"is used by {_name(func)}, which made another tensor of it on "
                                                    f"the first batch")
             return out
-        shapes = {id(t): target_shape(func, args, kwargs, t, self.B, merged=planned[self.views.of[id(t)]] == MERGED)
-                  for t in hits}
-        bad = {self.views.of[i]: what for i, (shape, what) in shapes.items() if shape is None}
+        shapes = {id(t): target_shape(func, args, kwargs, t, self.B,
+                                      merged=any(planned[n] == MERGED for n in self.views.of[id(t)])) for t in hits}
+        bad = {n: what for i, (shape, what) in shapes.items() if shape is None for n in self.views.of[i]}
         bad.update({name: f"{_name(func)}, unlike on the first batch" for name in names
                     if planned[name] not in ("use", MERGED)})
         if _name(func) == "scaled_dot_product_attention" and _sdpa_options(args, kwargs)[3]:
@@ -551,6 +621,8 @@ class FreeUses(TorchFunctionMode):
         self.views.used(hits)
         if _name(func) == "scaled_dot_product_attention":   # the mask as it is: SDPA reduces its gradient itself
             return self._attention(func, args, kwargs, hits[0], shapes[id(hits[0])][0])
+        if _name(func) in PRODUCTS:
+            return self._product(func, args, kwargs, hits)
         swap = {}
         for t in hits:   # P * P: one expansion
             if id(t) not in swap:
@@ -559,21 +631,21 @@ class FreeUses(TorchFunctionMode):
         kwargs = {k: swap.get(id(v), v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         return func(*args, **kwargs)
 
-    def _on_use(self, t: torch.Tensor, shape: tuple[int, ...], sdpa: tuple | None = None
-                ) -> Callable[[torch.Tensor], None]:
+    def _on_use(self, t: torch.Tensor, shape: tuple[int, ...],
+                transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Callable[[torch.Tensor], None]:
         """The callback of a new use of t, expanded to ``shape``: its δ to :meth:`_add`; with
-        ``sdpa`` (the call's detached arguments), SDPA's output δ, from which each
-        example's gradient of the scores is recomputed (:func:`_scores_gradient`)."""
+        ``transform``, the gradient of t expanded to ``shape`` that it makes of the probed
+        output's δ (SDPA's scores, :func:`_scores_gradient`; a product's weight, :func:`_weight_grads`)."""
         if not self.leaf:
             self.leaf.append(torch.zeros((), device=t.device, requires_grad=True))
-        name, use, made = self.views.of[id(t)], self.uses, self.views.maps.get(id(t))
-        root = self.views.graph.get(id(t))
-        through = None if root is None else (t, root)
+        names, use, made = self.views.of[id(t)], self.uses, self.views.maps.get(id(t))
+        roots = self.views.graph.get(id(t))
+        through = None if roots is None else (t, roots)
         self.uses += 1
         rows = (self.B, *((1,) * (len(shape) - t.dim()) + tuple(t.shape))[1:])   # t's elements, per example
 
         def on_grad(delta: torch.Tensor) -> None:
-            self._add(name, use, delta if sdpa is None else _scores_gradient(*sdpa, delta), rows, made, through)
+            self._add(names, use, delta if transform is None else transform(delta), rows, made, through)
         return on_grad
 
     def _expanded(self, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -586,17 +658,31 @@ class FreeUses(TorchFunctionMode):
         probed: from its δ, each example's gradient of the scores, which is the mask's
         (:func:`_scores_gradient`), goes to :meth:`_add` as an expanded mask's δ would."""
         out = func(*args, **kwargs)
-        on_grad = self._on_use(t, shape, map_leaves((args, kwargs), torch.Tensor.detach))
+        on_grad = self._on_use(t, shape, partial(_scores_gradient, *map_leaves((args, kwargs), torch.Tensor.detach)))
         return probe(out, self.leaf[0], on_grad, self.contiguous)
+
+    def _product(self, func, args: tuple, kwargs: dict, hits: list[torch.Tensor]) -> torch.Tensor:
+        """A product of the batch's rows h by t (``F.linear``'s weight or bias, ``h @ t``) as
+        it is, its output probed: from the output's δ, each example's gradient of the weight,
+        Σ_r δ_r h_rᵀ over its rows (:func:`_weight_grads`), and of the bias, δ summed over them."""
+        out = func(*args, **kwargs)
+        name = _name(func)
+        h, w, _ = _product_operands(name, args, kwargs)
+        calls = [self._on_use(t, (self.B, *t.shape), partial(_weight_grads, h.detach(), self.B, name == "linear"))
+                 if t is w else self._on_use(t, tuple(out.shape)) for t in {id(t): t for t in hits}.values()]
+        return probe(out, self.leaf[0], lambda delta: [call(delta) for call in calls], self.contiguous)
 
     def _per_example(self, delta: torch.Tensor) -> torch.Tensor:
         """δ with its k·B rows (a merged use: k per example, in order) summed to B."""
         return delta if len(delta) == self.B else delta.reshape(self.B, -1, *delta.shape[1:]).sum(1)
 
-    def _add(self, name: str, use: int, delta: torch.Tensor, rows: tuple[int, ...],
+    def _add(self, names: tuple[str, ...], use: int, delta: torch.Tensor, rows: tuple[int, ...],
              made: tuple[torch.Tensor, torch.Tensor | None, int] | None,
-             through: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        if self.see is not None and self.see(name, use, delta):
+             through: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None) -> None:
+        """Add each example's gradient through one use (δ of the used tensor, ``rows`` its
+        elements per example) to the parameters ``names`` it is made of: by the map ``made``,
+        or through the ops between (``through``: the used tensor and the parameters)."""
+        if self.see is not None and self.see(names[0], use, delta):
             return
         if use in self.came:
             self.again = True
@@ -609,9 +695,8 @@ class FreeUses(TorchFunctionMode):
                 g = g * slope.reshape(1, -1).to(g)
             # index_put_ with accumulate: the same sums in the same order on every run (CUDA too)
             g = g.new_zeros((numel, self.B)).index_put_((numbers.reshape(-1).to(g.device),), g.T, accumulate=True).T
-        if through is not None:
-            g = _backward_per_example(*through, g)
-        self.grads[name] = g if name not in self.grads else self.grads[name] + g
+        for name, gp in zip(names, [g] if through is None else _backward_per_example(*through, g)):
+            self.grads[name] = gp if name not in self.grads else self.grads[name] + gp
 
     def sums(self, refs: dict[str, torch.Tensor | None], K: int
              ) -> tuple[torch.Tensor, torch.Tensor] | None:

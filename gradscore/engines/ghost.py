@@ -337,7 +337,7 @@ class GhostEngine(Engine):
                                                  f"{type(layer.module).__name__}{where}")
         out = {full: f"ghost ({' + '.join(u)}{'; tied, exact cross term' if len(u) > 1 else ''})"
                for full, u in uses.items()}
-        out.update({full: "ghost (free-parameter rule: expanded over the batch's rows in each use)"
+        out.update({full: "ghost (free-parameter rule: per example in each use)"
                     for full in self.free})
         chain = self._fallbacks.get(self._fallback_key())
         reasons = ({n: "the model's output for an example depends on the rest of its batch" for n in self.param_names}
@@ -404,10 +404,12 @@ class GhostEngine(Engine):
                  tensors: dict[str, torch.Tensor]) -> bool:
         """Give the free-parameter rule the weights of the layers whose output has no batch
         rows (:func:`.layout.batchless`: T5's and MPNet's relative attention bias, an Embedding
-        of the (T, T) offsets): what the forward makes of them, and how it meets the batch,
-        it follows like any parameter's. Whether any layer moved."""
+        of the (T, T) offsets), and of the layers not called whose weights another module uses
+        (BEiT's ``F.linear(x, self.qkv.weight, bias)``): what the forward makes of them, and how
+        it meets the batch, it follows like any parameter's. Whether any layer moved."""
         moved = [layer for layer in self.layers if self.takes_free and isinstance(found[layer.name], str)
-                 and batchless(found[layer.name]) and all(len(owners[f]) == 1 for f in layer.params.values())
+                 and (batchless(found[layer.name]) or found[layer.name] == NOT_CALLED)
+                 and all(len(owners[f]) == 1 for f in layer.params.values())
                  and all(tensors[f].is_floating_point() for f in layer.params.values())]
         for layer in moved:
             self.layers.remove(layer)

@@ -156,9 +156,9 @@ class _Uses(TorchFunctionMode):
         unfit = self.views.unfit(func, args, kwargs or {}, tracked) if tracked else None   # before it runs
         before = last_node((args, kwargs or {})) if seen else -1
         out = func(*args, **(kwargs or {}))
-        if unfit is not None and (needs_grad(out) or in_place(func)):
-            for t in tracked:
-                self.unfit.setdefault(self.views.of[id(t)], unfit)
+        if unfit is not None and (needs_grad(out) or in_place(func, kwargs)):
+            for name in self.views.names(tracked):
+                self.unfit.setdefault(name, unfit)
             return out
         tensors = _tensors(args, kwargs)
         if isinstance(out, torch.Tensor) and out.requires_grad:   # .dtype, .shape, .detach(): no gradient flows
@@ -175,9 +175,10 @@ class _Uses(TorchFunctionMode):
             if not made:   # a use; where the run of 2 made another tensor here, the steps differ (_free_layout)
                 fits = [misfit(func, args, kwargs or {}, t, self.B) for t in hits]
                 for t, fit in zip(hits, fits):
-                    self.free_uses[self.views.of[id(t)]].append(fit)
+                    for name in self.views.of[id(t)]:
+                        self.free_uses[name].append(fit)
                 taken = [t for t, (why, _) in zip(hits, fits) if why is None]
-                for name in dict.fromkeys(self.views.of[id(t)] for t in taken):   # as Views.used: one step per op
+                for name in self.views.names(taken):   # as Views.used: one step per op
                     self.use_rows.setdefault(name, []).append(out.shape[0] if isinstance(out, torch.Tensor) else -1)
                 self.views.used(taken)
         hit = [t for t in tensors if id(t) in self.watched]
@@ -347,7 +348,7 @@ class _FreeRows(TorchFunctionMode):
         if self.views.planned_made(hits, self.plan):
             self.views.note(func, args, kwargs or {}, out, planned=True)
             return out
-        names = list(dict.fromkeys(self.views.of[id(t)] for t in hits))
+        names = self.views.names(hits)
         merged = any(self.views.next_step(n, self.plan) == MERGED for n in names)
         whole = (out.dim() > 0 and not out.is_nested and out.is_floating_point() and self.B > 0
                  and (out.shape[0] % self.B == 0 if merged else out.shape[0] == self.B))
@@ -357,7 +358,7 @@ class _FreeRows(TorchFunctionMode):
             changed = out.detach().clone()
             with torch.no_grad():
                 _bump(changed.view(self.B, -1, *out.shape[1:])[bumped[0]])   # k rows per example where merged
-                if not in_place(func):
+                if not in_place(func, kwargs):
                     return changed
                 out.copy_(changed)   # an in-place use (h.add_(P)) returns h: change it where it is
         elif not self.bumps:
