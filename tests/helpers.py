@@ -582,8 +582,8 @@ class FreeNet(nn.Module):
              "sigmoid", "chain", "const", "widen", "three", "none_index", "sum", "list", "embedding",
              "embedding_twice", "interpolate", "cat_slices", "sdpa", "linear", "linear_bias", "matmul", "matmul_t",
              "cosine", "mm", "cat_params", "mlp", "mlp_inplace")
-    KINDS = TAKEN + ("inplace_after_use", "einsum", "left", "reorder", "reorder_table", "function", "tuple", "checkpoint", "setitem",
-                     "view_setitem", "into", "batch_shaped")
+    KINDS = TAKEN + ("inplace_after_use", "einsum", "left", "reorder", "reorder_table", "function", "tuple",
+                     "checkpoint", "setitem", "view_setitem", "into", "batch_shaped")
     #: taken with the tokens sequence-first too: the use is batch first whatever the layout
     BATCH_FIRST = ("sdpa",)
 

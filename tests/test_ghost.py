@@ -115,6 +115,19 @@ def test_a_linear_its_parent_calls_functionally_takes_the_free_rule(cat, T, K):
     assert all(why[n].startswith("ghost (free-parameter rule") for n in free), why
 
 
+@pytest.mark.parametrize("K", [0, 2])
+def test_a_weight_whose_one_op_is_a_product_is_scored_without_its_per_example_gradients(monkeypatch, K):
+    """qkv.weight's one op is F.linear: its norms and dots take the Linear rule's forms on
+    the rows and δ, never the (B, d_out · d_in) gradients (the concatenated bias's are formed)."""
+    import gradscore.engines.free as free
+
+    def boom(*a, **k):
+        raise AssertionError("per-example gradient of a product's weight materialized")
+    monkeypatch.setattr(free, "_weight_grads", boom)
+    torch.manual_seed(0)
+    compare_with_loop(_QKVBias(cat=True), torch.randn(5, 3, 4), K)
+
+
 @pytest.mark.parametrize("cat", [False, True])
 def test_a_linear_its_parent_calls_functionally_is_recorded_in_training_as_the_loop_scores_it(tmp_path, cat):
     """The same model in training, through the recorder (refused before): every record

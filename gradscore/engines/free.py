@@ -61,6 +61,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..kernels import acc_dtype
 from .probe import probe
+from .rules.linear import weight_and_bias
 
 #: the batch merged with the next dimension in dimension 0, k rows per example in order: a
 #: layer's (:attr:`.layout.Layout.merged`), or a use's result, a step of :class:`FreeUses`'s
@@ -290,7 +291,7 @@ class Views:
                 name == "view" and any(isinstance(a, torch.dtype) for a in args[1:])):   # reinterprets bits
             return False
         t = tracked[0]
-        if in_place(func, kwargs):   # on a tensor made by other ops that nothing read yet (Swin-v2's ReLU(inplace=True))
+        if in_place(func, kwargs):   # on a tensor made by other ops that nothing read yet (Swin-v2's in-place ReLU)
             if not (args and out is args[0] and id(out) in self.graph and id(out) not in self.read):
                 return False
         elif any(self.changed(o) for o in tracked) or (not planned and any(
@@ -416,7 +417,8 @@ class Views:
         stale = next((t for t in hits if self.changed(t)), None)
         if stale is not None:
             return f"is changed in place (its copy or view) before its use by {name}"
-        if in_place(func, kwargs) and name not in ELEMENTWISE and any(t is not (args[0] if args else None) for t in hits):
+        first = args[0] if args else None
+        if in_place(func, kwargs) and name not in ELEMENTWISE and any(t is not first for t in hits):
             return f"is written into another tensor by {name}"
         return None
 
@@ -567,6 +569,8 @@ class FreeUses(TorchFunctionMode):
         self.views, self.B, self.leaf, self.contiguous, self.see = Views(free, B), B, leaf, contiguous, see
         self.plan = plan
         self.grads: dict[str, torch.Tensor] = {}   # name -> Σ over its uses of each example's gradient (B, numel)
+        # name -> (h (B, k, d_in), δ (B, k, d_out), F.linear's or not) of a parameter whose one op is a product
+        self.products: dict[str, tuple[torch.Tensor, torch.Tensor, bool]] = {}
         self.problems = problems
         self.uses = 0
         self.came: set[int] = set()
@@ -591,7 +595,7 @@ class FreeUses(TorchFunctionMode):
         unfit = self.views.unfit(func, args, kwargs, hits)
         if unfit is not None:
             out = func(*args, **kwargs)
-            if needs_grad(out) or in_place(func, kwargs):   # .shape of a changed copy is no use; out[...] = P returns None
+            if needs_grad(out) or in_place(func, kwargs):   # a changed copy's .shape is no use; out[...] = P: None
                 for name in self.views.names(hits):
                     self.problems.setdefault(name, unfit)
             return out
@@ -636,8 +640,7 @@ class FreeUses(TorchFunctionMode):
         """The callback of a new use of t, expanded to ``shape``: its δ to :meth:`_add`; with
         ``transform``, the gradient of t expanded to ``shape`` that it makes of the probed
         output's δ (SDPA's scores, :func:`_scores_gradient`; a product's weight, :func:`_weight_grads`)."""
-        if not self.leaf:
-            self.leaf.append(torch.zeros((), device=t.device, requires_grad=True))
+        self._make_leaf(t.device)
         names, use, made = self.views.of[id(t)], self.uses, self.views.maps.get(id(t))
         roots = self.views.graph.get(id(t))
         through = None if roots is None else (t, roots)
@@ -647,6 +650,11 @@ class FreeUses(TorchFunctionMode):
         def on_grad(delta: torch.Tensor) -> None:
             self._add(names, use, delta if transform is None else transform(delta), rows, made, through)
         return on_grad
+
+    def _make_leaf(self, device: torch.device) -> None:
+        """The zero leaf the probes hang on, made on the first use."""
+        if not self.leaf:
+            self.leaf.append(torch.zeros((), device=device, requires_grad=True))
 
     def _expanded(self, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         on_grad = self._on_use(t, shape)
@@ -664,13 +672,47 @@ class FreeUses(TorchFunctionMode):
     def _product(self, func, args: tuple, kwargs: dict, hits: list[torch.Tensor]) -> torch.Tensor:
         """A product of the batch's rows h by t (``F.linear``'s weight or bias, ``h @ t``) as
         it is, its output probed: from the output's δ, each example's gradient of the weight,
-        Σ_r δ_r h_rᵀ over its rows (:func:`_weight_grads`), and of the bias, δ summed over them."""
+        Σ_r δ_r h_rᵀ over its rows (:func:`_weight_grads`), and of the bias, δ summed over them.
+        A parameter whose one op this is keeps h and δ instead (:attr:`products`): its norms
+        and dots then take the Linear rule's forms, without its (B, d_out · d_in) gradients."""
         out = func(*args, **kwargs)
         name = _name(func)
         h, w, _ = _product_operands(name, args, kwargs)
-        calls = [self._on_use(t, (self.B, *t.shape), partial(_weight_grads, h.detach(), self.B, name == "linear"))
-                 if t is w else self._on_use(t, tuple(out.shape)) for t in {id(t): t for t in hits}.values()]
+        calls = []
+        for t in {id(t): t for t in hits}.values():
+            if t is not w:
+                calls.append(self._on_use(t, tuple(out.shape)))
+            elif id(t) in self.views.roots and self.plan.get(self.views.of[id(t)][0]) in (["use"], [MERGED]):
+                calls.append(self._on_product(t, h.detach(), name == "linear"))
+            else:
+                calls.append(self._on_use(t, (self.B, *t.shape),
+                                          partial(_weight_grads, h.detach(), self.B, name == "linear")))
         return probe(out, self.leaf[0], lambda delta: [call(delta) for call in calls], self.contiguous)
+
+    def _on_product(self, t: torch.Tensor, h: torch.Tensor, linear: bool) -> Callable[[torch.Tensor], None]:
+        """The callback of the one use of parameter t, a product of the rows h: keeps them and δ, per example."""
+        self._make_leaf(t.device)
+        (name,), use = self.views.of[id(t)], self.uses
+        self.uses += 1
+
+        def on_grad(delta: torch.Tensor) -> None:
+            if self._first(name, use, delta):
+                acc = acc_dtype(delta.dtype)
+                k = h.shape[:-1].numel() // self.B if self.B else 0
+                self.products[name] = (h.to(acc).reshape(self.B, k, h.shape[-1]),
+                                       delta.detach().to(acc).reshape(self.B, k, delta.shape[-1]), linear)
+        return on_grad
+
+    def _first(self, name: str, use: int, delta: torch.Tensor) -> bool:
+        """Whether a use's δ is to be added: not claimed by the output-path check, and the
+        first of its use (a second sets :attr:`again`)."""
+        if self.see is not None and self.see(name, use, delta):
+            return False
+        if use in self.came:
+            self.again = True
+            return False
+        self.came.add(use)
+        return True
 
     def _per_example(self, delta: torch.Tensor) -> torch.Tensor:
         """δ with its k·B rows (a merged use: k per example, in order) summed to B."""
@@ -682,12 +724,8 @@ class FreeUses(TorchFunctionMode):
         """Add each example's gradient through one use (δ of the used tensor, ``rows`` its
         elements per example) to the parameters ``names`` it is made of: by the map ``made``,
         or through the ops between (``through``: the used tensor and the parameters)."""
-        if self.see is not None and self.see(names[0], use, delta):
+        if not self._first(names[0], use, delta):
             return
-        if use in self.came:
-            self.again = True
-            return
-        self.came.add(use)
         g = self._per_example(delta.detach().to(acc_dtype(delta.dtype))).sum_to_size(rows).reshape(self.B, -1)
         if made is not None:   # t's elements are some of the parameter's (Views.maps): each share added to its own
             numbers, slope, numel = made
@@ -698,14 +736,29 @@ class FreeUses(TorchFunctionMode):
         for name, gp in zip(names, [g] if through is None else _backward_per_example(*through, g)):
             self.grads[name] = gp if name not in self.grads else self.grads[name] + gp
 
+    def terms(self, name: str, V: torch.Tensor | None, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(‖g_b‖² (B,), ⟨g_b, V_k⟩ (B, K)) of parameter ``name`` (one in :meth:`names`); V: its
+        (K, *shape) reference block or None."""
+        if name in self.products:   # the Linear rule's forms on h and δ (matmul's weight: W a for y = a W)
+            a, d, linear = self.products[name]
+            return weight_and_bias([a], [d], {"weight": V}, K, transposed=not linear)
+        G = self.grads[name]
+        return (G * G).sum(1), (G.new_zeros((len(G), K)) if V is None else G @ V.reshape(K, -1).to(G.dtype).T)
+
+    def names(self) -> list[str]:
+        """The parameters whose δ came in this batch's backward."""
+        return [*self.grads, *self.products]
+
+    def clear(self) -> None:
+        """Drop the batch's gradients and products."""
+        self.grads, self.products = {}, {}
+
     def sums(self, refs: dict[str, torch.Tensor | None], K: int
              ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(‖g_b‖² (B,), ⟨g_b, V_k⟩ (B, K)) over the parameters whose δ came; ``refs``: name ->
         its (K, *shape) reference block or None. None if no δ came."""
         sq = dots = None
-        for name, G in self.grads.items():
-            s = (G * G).sum(1)
-            V = refs.get(name)
-            d = G.new_zeros((len(G), K)) if V is None else G @ V.reshape(K, -1).to(G.dtype).T
-            sq, dots = (s, d) if sq is None else (sq + s, dots + d)
+        for name in self.names():
+            s, d = self.terms(name, refs.get(name), K)
+            sq, dots = (s, d) if sq is None else (sq + s, dots + d.to(dots.dtype))
         return None if sq is None else (sq, dots)

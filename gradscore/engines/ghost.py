@@ -422,11 +422,11 @@ class GhostEngine(Engine):
         """Add the free parameters' shares of the batch (their δ's, summed over their uses) to its sums."""
         if state.free is None:
             return
-        refs = {n: (state.refs[state.index[n]] if state.refs is not None else None) for n in state.free.grads}
+        refs = {n: (state.refs[state.index[n]] if state.refs is not None else None) for n in state.free.names()}
         sums = state.free.sums(refs, state.K)
         if sums is not None:
             state.add(*sums)
-        state.free.grads = {}
+        state.free.clear()
 
     def _free_to_fallback(self, full: str, why: str) -> None:
         """``why``: what the free-parameter rule found ("": nothing worth adding to the reason no rule took it)."""

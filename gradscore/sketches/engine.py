@@ -86,17 +86,17 @@ class SketchEngine(GhostEngine):
         return fn
 
     def _add_free(self, state) -> None:
-        """Each free parameter's dense block: its per-example gradients (B, numel) against the block's rows."""
+        """Each free parameter's dense block: its per-example gradients against the block's rows."""
         if state.free is None:
             return
         named = dict(self.model.named_parameters())
         parts = []
-        for name, G in state.free.grads.items():
+        for name in state.free.names():
             block = self.projection.by_name[name]
-            V = self.projection.dense(name, named[name]).reshape(block.k, -1)
-            parts.append((block, G @ V.to(G.dtype).T))
+            V = self.projection.dense(name, named[name]).reshape(block.k, *named[name].shape)
+            parts.append((block, state.free.terms(name, V, block.k)[1]))
         self._place(parts)
-        state.free.grads = {}
+        state.free.clear()
 
     def _fallback(self, x, y, refs) -> ScoreBatch | None:
         """The fallback parameters' dense blocks, stacked as one reference set."""
