@@ -913,12 +913,15 @@ class MyStdConv2d(nn.Conv2d):
     StdConv2d's structure; ``gain``: ScaledStdConv2d's, a per-channel gain times 1/√fan-in);
     ``plain``: named so but not standardizing (not what the rule assumes). Its forward
     calls ``F.conv2d`` with its padding, as timm's does, which pads with zeros whatever its
-    ``padding_mode``; ``by_mode``: through ``_conv_forward``, as torch's Conv2d pads."""
+    ``padding_mode``; ``by_mode``: through ``_conv_forward``, as torch's Conv2d pads.
+    ``same_pad``: timm's ScaledStdConv2dSame, which pads its input TensorFlow's "SAME" way
+    first (the extra row and column of an odd padding after); "left": before, not SAME."""
 
     def __init__(self, *args, gain: bool = False, plain: bool = False, eps: float = 1e-5, by_mode: bool = False,
-                 **kwargs):
+                 same_pad: bool | str = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.eps, self.plain, self.by_mode = eps, plain, by_mode
+        self.eps, self.plain, self.by_mode, self.same_pad = eps, plain, by_mode, bool(same_pad)
+        self.left = same_pad == "left"
         if gain:
             self.gain = nn.Parameter(torch.linspace(0.5, 1.5, self.out_channels).reshape(-1, 1, 1, 1))
             self.scale = self.weight[0].numel() ** -0.5
@@ -929,6 +932,12 @@ class MyStdConv2d(nn.Conv2d):
         c = (self.gain * self.scale).view(-1) if hasattr(self, "gain") else None
         w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, weight=c, training=True,
                          momentum=0.0, eps=self.eps).reshape_as(self.weight)
+        if self.same_pad:
+            pads = []
+            for size, k, st, dil in zip(x.shape[:1:-1], self.kernel_size[::-1], self.stride[::-1], self.dilation[::-1]):
+                total = max((-(-size // st) - 1) * st + (k - 1) * dil + 1 - size, 0)
+                pads += [total - total // 2, total // 2] if self.left else [total // 2, total - total // 2]
+            x = F.pad(x, pads)
         if self.by_mode:
             return self._conv_forward(x, w, self.bias)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)

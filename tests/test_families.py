@@ -507,7 +507,11 @@ STD_CONV_GRID = [("std_conv", c) for c in [(False, False, 1, 1, 1, 1, False), (F
                                            # padding modes: its forward pads by the mode, or ignores it (zeros)
                                            (False, True, 1, 1, 1, 1, False, "reflect"),
                                            (True, True, 2, 2, 1, 1, False, "circular"),
-                                           (False, True, 1, 1, 1, 1, False, "reflect_ignored")]]
+                                           (False, True, 1, 1, 1, 1, False, "reflect_ignored"),
+                                           # timm's ScaledStdConv2dSame: TensorFlow's SAME padding in its forward
+                                           (True, True, 1, 2, 0, 1, False, "same_pad"),
+                                           (True, False, 2, 2, 0, 2, False, "same_pad"),
+                                           (False, True, 1, 2, 0, 1, False, "same_pad_left")]]
 #: (how the forward uses pos_embed, layout): see FreeNet
 MERGED_KINDS = ["Linear", "LayerNorm", "RMSNorm", "Embedding", "Conv1D"]
 #: rows merged with the batch example by example: the rule; in another order: the fallback
@@ -601,9 +605,10 @@ def _build(family, config, n=B):
     if family == "std_conv":
         gain, bias, groups, stride, padding, dilation, plain, *mode = config
         mode = mode[0] if mode else "zeros"
+        same = {"same_pad": True, "same_pad_left": "left"}.get(mode, False)
         layer = MyStdConv2d(4, 8, 3, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias,
-                            gain=gain, plain=plain, padding_mode=mode.removesuffix("_ignored"),
-                            by_mode=not mode.endswith("_ignored"))
+                            gain=gain, plain=plain, padding_mode="zeros" if same else mode.removesuffix("_ignored"),
+                            by_mode=not mode.endswith("_ignored"), same_pad=same)
         return (nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)),
                 torch.randn(n, 4, 7, 6, generator=g, dtype=torch.float64))
     raise KeyError(family)
@@ -1026,14 +1031,15 @@ def test_a_parameter_added_to_windows_of_the_batch_takes_the_free_rule_where_eac
 def test_a_weight_standardized_conv_takes_its_rule_where_it_standardizes(family, config):
     """A Conv2d whose forward standardizes its weight per output channel (timm's StdConv2d,
     and ScaledStdConv2d with a gain) takes the std-conv rule: its weight's gradient through
-    the standardization, its gain's and bias's, with any padding mode; one named so that
-    does not standardize, or whose forward pads with zeros in spite of its padding mode,
-    goes to the fallback with why."""
+    the standardization, its gain's and bias's, with any padding mode, and with TensorFlow's
+    SAME padding of its input in its forward (timm's ScaledStdConv2dSame, NFNets: vmap
+    before); one named so that does not standardize, or whose forward pads with zeros in
+    spite of its padding mode, or pads otherwise than SAME, goes to the fallback with why."""
     scorer = _agree(family, config)
     scorer.score_batch(*_prepare(family, config)[1:])
     why = scorer.explain()
     conv = {k: v for k, v in why.items() if k.startswith("0.")}
-    if config[6] or config[-1] == "reflect_ignored":   # not standardizing, or padding with zeros all the same
+    if config[6] or config[-1] in ("reflect_ignored", "same_pad_left"):   # not standardizing, or padding otherwise
         assert all(v.startswith("vmap (") and "does not compute" in v for v in conv.values()), why
     else:
         assert all(v.startswith("ghost (std_conv rule on 0: ") for v in conv.values()), why

@@ -1980,13 +1980,17 @@ def test_a_parameter_the_forward_uses_otherwise_is_refused_in_training_with_why(
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
-def test_weight_standardized_convs_are_recorded_as_the_loop_scores_them(tmp_path):
+@pytest.mark.parametrize("same", [False, True])
+def test_weight_standardized_convs_are_recorded_as_the_loop_scores_them(tmp_path, same):
     """Convs that standardize their weight in their forward (timm's StdConv2d, and
-    ScaledStdConv2d with a gain: BiT ResNets, NFNets) have the std-conv rule: recorded in
+    ScaledStdConv2d with a gain: BiT ResNets, NFNets; ``same``: ScaledStdConv2dSame, which
+    pads its input TensorFlow's SAME way first) have the std-conv rule: recorded in
     training (refused before: no ghost rule), equal to the loop at θ_t."""
     torch.manual_seed(0)
-    model = nn.Sequential(MyStdConv2d(1, 4, 3, padding=1), nn.SiLU(), MyStdConv2d(4, 4, 3, stride=2, groups=2, gain=True),
-                          nn.Flatten(), nn.Linear(36, 4)).double()
+    second = MyStdConv2d(4, 4, 3, stride=2, groups=2, gain=True, same_pad=True) if same else \
+        MyStdConv2d(4, 4, 3, stride=2, groups=2, gain=True)
+    model = nn.Sequential(MyStdConv2d(1, 4, 3, padding=1), nn.SiLU(), second,
+                          nn.Flatten(), nn.Linear(64 if same else 36, 4)).double()
     x, y = _data(image=True)
     rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[40:], y[40:]))
     assert not rec.engine.fallback

@@ -12,7 +12,10 @@ P = I − 11ᵀ/d − ŵŵᵀ/d (symmetric; s_r = √(var + eps)), so
 
 S1_r = Σ_j g_rj = Σ_t δ_rt (1·a_t) and S2_r = Σ_j g_rj ŵ_rj = Σ_t δ_rt conv(x, ŵ)_rt: two
 convolutions of the input. The first terms are the convolution rule's on δ scaled by c/s
-per channel, with the references P V; the bias is the convolution's own.
+per channel, with the references P V; the bias is the convolution's own. A layer with
+``same_pad`` (timm's ``ScaledStdConv2dSame``: NFNets) pads its input TensorFlow's "SAME"
+way in its forward first; the rule pads it so too (:func:`_padded`), which the check of
+the first batch confirms.
 """
 from __future__ import annotations
 
@@ -38,6 +41,19 @@ def _like_std_conv(layer: nn.Module) -> bool:
             and (gain is None or (gain.numel() == layer.out_channels and isinstance(getattr(layer, "scale", None), float))))
 
 
+def _padded(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The convolution's input: x, or with ``same_pad`` x padded with zeros to ⌈size/stride⌉
+    outputs per dimension, half the padding before and the rest (one more where odd) after."""
+    if not getattr(layer, "same_pad", False):
+        return x
+    pads = []
+    for size, k, stride, dilation in zip(x.shape[:1:-1], layer.kernel_size[::-1], layer.stride[::-1],
+                                         layer.dilation[::-1]):
+        total = max((-(-size // stride) - 1) * stride + (k - 1) * dilation + 1 - size, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads)
+
+
 def _standardized(layer: nn.Module, w: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
     """W_s from the weight w (and gain), as the layer's forward forms it."""
     c = None if gain is None else (gain * layer.scale).reshape(-1)
@@ -47,7 +63,8 @@ def _standardized(layer: nn.Module, w: torch.Tensor, gain: torch.Tensor | None) 
 
 def _computes_std_conv(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> str | None:
     """None if the layer gives conv(x, W_s) + b (module docstring), in value and gradient."""
-    return computes(layer, x, lambda x, w: layer._conv_forward(x, _standardized(layer, w["weight"], w.get("gain")),
+    return computes(layer, x, lambda x, w: layer._conv_forward(_padded(layer, x),
+                                                               _standardized(layer, w["weight"], w.get("gain")),
                                                                w.get("bias")),
                     "a convolution with its weight standardized per output channel (a StdConv2d)")
 
@@ -55,6 +72,7 @@ def _computes_std_conv(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> st
 @register_structural(_like_std_conv, verify=_computes_std_conv,
                      params=lambda m: [n for n, _ in m.named_parameters(recurse=False)])
 def std_conv(layer: nn.Module, acts, grads, refs, K):
+    acts = [_padded(layer, x) for x in acts]
     B, C = acts[0].shape[0], layer.out_channels
     acc = acc_dtype(acts[0].dtype)
     with torch.no_grad():
