@@ -445,12 +445,13 @@ class LayerNormAct2d(nn.LayerNorm):
 class LayerNormAct(nn.LayerNorm):
     """A LayerNorm over the last dimension, then an activation (timm's LayerNormAct)."""
 
-    def __init__(self, D: int, act: str = "none", bias: bool = True):
+    def __init__(self, D: int, act: str = "none", bias: bool = True, one_plus: bool = False):
         super().__init__(D, bias=bias)
-        self.act = ACTS[act]()
+        self.act, self.one_plus = ACTS[act](), one_plus
 
     def forward(self, x):
-        return self.act(F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps))
+        weight = self.weight + 1 if self.one_plus else self.weight   # Nemotron's LayerNorm1P: (1 + γ)
+        return self.act(F.layer_norm(x, self.normalized_shape, weight, self.bias, self.eps))
 
 
 class NormActNet(nn.Module):
@@ -465,7 +466,8 @@ class NormActNet(nn.Module):
         self.norm = {"bn": lambda: BatchNormAct(C, act), "bn_act_first": lambda: BatchNormAct(C, act, act_first=True),
                      "gn": lambda: GroupNormAct(C, 2, act), "gn1": lambda: GroupNormOne(C),
                      "ln2d": lambda: LayerNormAct2d(C, act), "ln2d_last": lambda: LayerNormAct2d(C, act, over_last=True),
-                     "ln": lambda: LayerNormAct(C, act), "ln_nobias": lambda: LayerNormAct(C, act, bias=False)}[kind]()
+                     "ln": lambda: LayerNormAct(C, act), "ln_nobias": lambda: LayerNormAct(C, act, bias=False),
+                     "ln1p": lambda: LayerNormAct(C, act, one_plus=True)}[kind]()
         self.pre = nn.Linear(C, C) if kind.startswith("ln") and not kind.startswith("ln2d") else nn.Conv2d(2, C, 3, padding=1)
         self.head = nn.Linear(C if isinstance(self.pre, nn.Linear) else C * 12, 3)
         g = torch.Generator().manual_seed(5)

@@ -495,7 +495,9 @@ NORM_ACT_GRID = ([("norm_act", ("bn", act, "batch")) for act in ("none", "relu_i
                  + [("norm_act", ("gn1", "none", "batch")), ("norm_act", ("ln_nobias", "none", "batch"))]
                  + [("norm_act", ("ln2d", act, "batch")) for act in ("none", "gelu")]
                  + [("norm_act", ("ln", "gelu", layout)) for layout in ("batch", "seq_first", "TB")]
-                 + [("norm_act", ("ln2d_last", "none", "batch")), ("norm_act", ("bn_act_first", "silu", "batch"))])
+                 + [("norm_act", ("ln2d_last", "none", "batch")), ("norm_act", ("bn_act_first", "silu", "batch"))]
+                 + [("norm_act", ("ln1p", "none", layout)) for layout in ("batch", "seq_first", "TB")]
+                 + [("norm_act", ("ln1p", "gelu", "batch"))])
 SCALE_GRID = ([("scale", ("last", layout)) for layout in ("batch", "seq_first", "TB", "flat")]
               + [("scale", (kind, "batch")) for kind in ("shaped", "2d", "shaped_nchw", "inplace", "squared")])
 PRELU_GRID = ([("scale", ("prelu", layout)) for layout in ("batch", "seq_first", "TB", "flat")]
@@ -785,12 +787,14 @@ def test_a_norm_subclass_with_its_own_forward_takes_the_norm_act_rule_where_it_c
     """A BatchNorm, GroupNorm or LayerNorm subclass with a forward of its own (timm's
     BatchNormAct2d, GroupNormAct, GroupNorm1, LayerNorm2d, LayerNormAct: the norm, then
     its own drop and act) takes the norm-act rule, the output gradient taken back through
-    the activation; one that computes something else (a "2d" norm over the last dimension,
-    the activation before the norm) goes to the fallback with why."""
+    the activation; so does one that scales by 1 + γ without an activation (Nemotron's
+    LayerNorm1P: γ's gradient is the same); one that computes something else (a "2d" norm
+    over the last dimension, the activation before the norm, 1 + γ before an activation,
+    whose kink the rule would take at γ) goes to the fallback with why."""
     scorer = _agree(family, config)
     scorer.score_batch(*_prepare(family, config)[1:])
     why = scorer.explain()
-    if config[0] in ("ln2d_last", "bn_act_first"):
+    if config[0] in ("ln2d_last", "bn_act_first") or config[:2] == ("ln1p", "gelu"):
         assert why["norm.weight"].startswith("vmap (") and "does not compute" in why["norm.weight"], why
     else:
         assert why["norm.weight"].startswith("ghost (norm_act rule on norm: "), why

@@ -104,7 +104,6 @@ REFUSED_IN_RUN = {
     "deberta-v2": NO_RULE,     # relative position embeddings and projections, one for the batch
     "mixtral": NO_RULE, "qwen2_moe": NO_RULE,   # the router and the experts' stacked weights
     "mamba": NO_RULE,    # its Conv1d, dt_proj and D weights are read by the scan, not called
-    "nemotron": NO_RULE,   # LayerNorm1P: a LayerNorm of weight + 1
     "resnet": BATCH_NORM, "regnet": BATCH_NORM, "mobilenet_v2": BATCH_NORM, "mobilevit": BATCH_NORM,
 }
 FAST = {"mistral", "opt", "roberta", "vit", "convnext"}

@@ -363,7 +363,12 @@ def _computes_norm_act(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> st
     parent = next(c for c in type(layer).__mro__ if c in _NORM_PARENTS).__name__
     over_last = isinstance(layer, nn.LayerNorm) and not _channels_first(layer)
     where = "its last dimension(s)" if over_last else "its channels (dimension 1)"
-    return computes(layer, x, expected, f"a {parent} over {where}, then its own drop and act")
+    why = computes(layer, x, expected, f"a {parent} over {where}, then its own drop and act")
+    if why is None or any(m is not None and not isinstance(m, nn.Identity) for m in _parts(layer).values()):
+        return why
+    # (1 + γ) ⊙ x̂ + β (Nemotron's LayerNorm1P): γ's gradient is δ ⊙ x̂ too; an act would take its kink elsewhere
+    one_plus = computes(layer, x, lambda x, w: _forward_pre_act(layer, x, 1 + w["weight"], w.get("bias")), "")
+    return None if one_plus is None else why
 
 
 def _before_act(layer: nn.Module, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
