@@ -329,9 +329,9 @@ class Views:
         ``F.interpolate``, ``torch.cat`` of two of its slices, BEiT's ``torch.cat((q_bias,
         zeros, v_bias))``, Swin-v2's position MLP, in place too on what nothing read yet):
         every operand with a gradient is one of them or made of them, and the result is
-        floating with a gradient. That its shape
-        does not follow the batch (it reads no example) is the first batch's evidence
-        (:mod:`.layout`); each use then runs the op's backward per example."""
+        floating with a gradient. That its shape does not follow the batch (it reads no
+        example) is the first batch's evidence (:mod:`.layout`); each use then runs the op's
+        backward per example."""
         if not out.is_floating_point() or not out.requires_grad:
             return False
         return all(id(o) in self.of for o in leaves((args, kwargs)) if o.requires_grad)
