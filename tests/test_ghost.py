@@ -115,6 +115,27 @@ def test_a_linear_its_parent_calls_functionally_takes_the_free_rule(cat, T, K):
     assert all(why[n].startswith("ghost (free-parameter rule") for n in free), why
 
 
+class _EinsumWeight(nn.Module):
+    """A Linear not called, whose weight its parent uses in torch.einsum (not a product the rule takes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(torch.einsum("btd,od->bto", x, self.lin.weight) + self.lin.bias).mean(1))
+
+
+@pytest.mark.parametrize("K", [0, 2])
+def test_a_linear_its_parent_uses_otherwise_falls_back_with_why(K):
+    torch.manual_seed(0)
+    why = compare_with_loop(_EinsumWeight(), torch.randn(5, 3, 4), K).explain()
+    assert why["lin.weight"].startswith("vmap (Linear 'lin' was not called; its parameters are used by another "
+                                        "module; as a free parameter it is made by einsum into a tensor whose "
+                                        "shape follows the batch's"), why
+    assert why["lin.bias"].startswith("ghost (free-parameter rule") and why["head.weight"].startswith("ghost"), why
+
+
 @pytest.mark.parametrize("K", [0, 2])
 def test_a_weight_whose_one_op_is_a_product_is_scored_without_its_per_example_gradients(monkeypatch, K):
     """qkv.weight's one op is F.linear: its norms and dots take the Linear rule's forms on
