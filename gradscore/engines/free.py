@@ -11,12 +11,15 @@ expand's backward is the broadcast's reduction). The probe's δ, summed over eve
 dimension P was broadcast over except the batch's, is each example's gradient of P
 through that use; the uses of a call add up.
 
-Three kinds of use are taken, where row b of the result reads no other row of P's
+Four kinds of use are taken, where row b of the result reads no other row of P's
 expansion: an elementwise op of P with tensors whose broadcast shape has the batch in
 dimension 0 (B rows, or k·B: k per example, in order, Swin's windows, :data:`MERGED`),
 which P has not (it is 1 there, or P has fewer dimensions), an
-``expand``/``expand_as`` to such a shape, and ``F.scaled_dot_product_attention`` with P
-as its ``attn_mask`` (a sum with the scores, BEiT's relative position bias). What the
+``expand``/``expand_as`` to such a shape, ``F.scaled_dot_product_attention`` with P
+as its ``attn_mask`` (a sum with the scores, BEiT's relative position bias), and a
+product of the batch's rows h by P (``F.linear(h, P, b)``, ``h @ P``, :data:`PRODUCTS`):
+the op runs as it is, its output probed, and each example's gradient is Σ_r δ_r h_rᵀ
+(kept as h and δ for the Linear rule's forms where the product is P's one op). What the
 forward makes of P before such a use passes P on (:class:`Views`), with a map from its
 elements to P's:
 
@@ -29,10 +32,12 @@ elements to P's:
 - elementwise functions of P alone, or of P and tensors without a gradient (``P.exp()``,
   ``P.sigmoid()``, ``P / c``): their derivative in each place, from autograd on a copy.
 
-- any other op of P alone (every operand with a gradient is P or made of it:
-  ``F.embedding(ids, P)``, T5's relative attention bias; ``F.interpolate``, ``torch.cat``
-  of P's slices, ``P.sum()``): no map; at each use, the backward of the ops from the used
-  tensor back to P, batched over the examples (:func:`_backward_per_example`).
+- any other op of free parameters alone (every operand with a gradient is one of them
+  or made of them: ``F.embedding(ids, P)``, T5's relative attention bias;
+  ``F.interpolate``, ``torch.cat`` of P's slices, ``P.sum()``; BEiT's ``torch.cat((q_bias,
+  k_bias, v_bias))``, Swin-v2's position MLP; in place too, before any op read the
+  tensor): no map; at each use, the backward of the ops from the used tensor back to
+  each parameter, batched over the examples (:func:`_backward_per_example`).
 
 So each example's gradient of P through a use is its δ summed to the used tensor's
 shape, times the derivatives, added into P's elements by the map (or through those ops'
@@ -41,10 +46,9 @@ dimension 0 is established on the first batch from evidence (:mod:`.layout`: eve
 has 1 row for one example and 2 for two, and what is made of P the same shape for both;
 a sequence-first (T, B, d) never does), and that those rows are the examples' own, in
 order, from the batch's first and last examples run alone. Any other use of P with a
-gradient (``F.linear(h, P)``, ``P @ v``, ``torch.cat([P, h])`` with h the batch's, or an
-op of P and another parameter: Swin-v2's position MLP) sends P to the fallback, as does
-a copy changed in place before its use, or a use whose shape is not the evidence's at
-scoring time.
+gradient (``P @ v`` with P as the rows, ``torch.einsum``, ``torch.cat([P, h])`` with h
+the batch's) sends P to the fallback, as does a copy changed in place before its use,
+or a use whose shape is not the evidence's at scoring time.
 
 A layer whose rule finds no batch rows in its output (:func:`.layout.batchless`: an
 ``nn.Embedding`` of the (T, T) offsets, T5's and MPNet's) has its weights tried by this
