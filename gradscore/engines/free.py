@@ -294,8 +294,8 @@ class Views:
         if not isinstance(out, torch.Tensor) or not tracked or kwargs.get("out") is not None or (
                 name == "view" and any(isinstance(a, torch.dtype) for a in args[1:])):   # reinterprets bits
             return False
-        t = tracked[0]
-        if in_place(func, kwargs):   # on a tensor made by other ops that nothing read yet (Swin-v2's in-place ReLU)
+        t, inplace = tracked[0], in_place(func, kwargs)
+        if inplace:   # on a tensor made by other ops that nothing read yet (Swin-v2's in-place ReLU)
             if not (args and out is args[0] and id(out) in self.graph and id(out) not in self.read):
                 return False
         elif any(self.changed(o) for o in tracked) or (not planned and any(
@@ -304,6 +304,7 @@ class Views:
         for o in tracked:
             if id(o) in self.roots:
                 self.param.setdefault(self.of[id(o)][0], o)
+        names = tuple(self.names(tracked))
         mapped = all(o is t for o in tracked) and id(t) not in self.graph
         made = False
         if mapped and (name in SAME_ELEMENTS or name in SELECTION) and args[0] is t:
@@ -313,16 +314,16 @@ class Views:
         if made is False:
             if not self._through_graph(args, kwargs, tracked, out):
                 return False
-            self.graph[id(out)] = tuple(self.param[n] for n in self.names(tracked))
+            self.graph[id(out)] = tuple(self.param[n] for n in names)
             made = None
-        self.of[id(out)] = tuple(self.names(tracked))
+        self.of[id(out)] = names
         self.version[id(out)] = out._version
-        if not in_place(func, kwargs):
+        if not inplace:
             self.read.update(id(o) for o in tracked)
         self.alive.append(out)
         if made is not None:
             self.maps[id(out)] = made
-        for n in self.of[id(out)]:
+        for n in names:
             if name not in SAME_ELEMENTS:
                 self.made.setdefault(n, []).append((name, tuple(out.shape)))
             self.step(n, "made")
