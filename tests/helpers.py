@@ -564,15 +564,21 @@ class FreeNet(nn.Module):
     cls_token together: "cat_params" (torch.cat of pos (2,), a zero and 2 elements of
     cls_token: BEiT's q_bias, k_bias, v_bias), "mlp" (tanh(F.linear(coords, pos, cls_token)),
     coords a (1, T, 5) buffer: Swin-v2's position MLP), "mlp_inplace" (that with
-    F.relu(inplace=True) for tanh). Not taken: "inplace_after_use" (F.linear(coords, pos)
-    added, then doubled in place and multiplied: a change after a use), "einsum"
+    F.relu(inplace=True) for tanh); changed in place before any use: "setitem" (a copy of
+    pos with one token zeroed, then added), "view_setitem" (the same through a view of the
+    copy), "slice_zero" (F.linear's bias a copy of pos, (5,), with a slice zeroed by
+    ``zero_()``: torchvision's Swin-v2 k bias), "read_then_inplace" (G = torch.cat of pos's
+    slices, E = 2·G made, then G.relu_(), both added: E keeps the values and gradient from
+    before the change). Not taken: "inplace_after_use" (F.linear(coords, pos)
+    added, then doubled in place and multiplied: a change after a use), "setitem_after_use"
+    (a copy of pos added, then a token of it zeroed, then multiplied), "view_before_setitem"
+    (a view of the copy made, then a token of the copy zeroed, then the view added), "einsum"
     (torch.einsum of h and W), "left" (W @ hᵀ: W is the rows), "reorder" (added to the batch's rows reversed;
     "reorder_table": rows of the table looked up by F.embedding),
     "function" (a custom autograd.Function of h and pos: its forward runs without
     gradients), "tuple" (torch.broadcast_tensors, whose result is a tuple), "checkpoint"
     (h * pos inside torch.utils.checkpoint, which would recompute it with pos itself),
-    "setitem" (a copy of pos with one token zeroed in place, then added),
-    "view_setitem" (the same through a view of the copy), "into" (pos written into a zero
+    "into" (pos written into a zero
     tensor, then added), "batch_shaped" (pos times ones of shape (n, B, 5), then example 0's
     slice added: its shape follows the batch's). ``layout``: "batch", "TB" (2 tokens:
     B = 3 with the class token), "T1" (1 token), "seq_first" (tokens (T, B, 5) inside; the
@@ -583,9 +589,10 @@ class FreeNet(nn.Module):
              "gamma", "reshaped", "cast", "addcmul", "where", "index", "slice", "table", "permute", "repeat", "exp",
              "sigmoid", "chain", "const", "widen", "three", "none_index", "sum", "list", "embedding",
              "embedding_twice", "interpolate", "cat_slices", "sdpa", "linear", "linear_bias", "matmul", "matmul_t",
-             "cosine", "mm", "cat_params", "mlp", "mlp_inplace")
-    KINDS = TAKEN + ("inplace_after_use", "einsum", "left", "reorder", "reorder_table", "function", "tuple",
-                     "checkpoint", "setitem", "view_setitem", "into", "batch_shaped")
+             "cosine", "mm", "cat_params", "mlp", "mlp_inplace", "setitem", "view_setitem", "slice_zero",
+             "read_then_inplace")
+    KINDS = TAKEN + ("inplace_after_use", "setitem_after_use", "view_before_setitem", "einsum", "left", "reorder", "reorder_table",
+                     "function", "tuple", "checkpoint", "into", "batch_shaped")
     #: taken with the tokens sequence-first too: the use is batch first whatever the layout
     BATCH_FIRST = ("sdpa",)
 
@@ -601,7 +608,8 @@ class FreeNet(nn.Module):
                  else (D, D) if kind in ("matmul", "matmul_t", "cosine", "mm", "einsum", "left", "mlp", "mlp_inplace",
                                        "inplace_after_use")
                  else (2,) if kind == "cat_params"
-                 else (D,) if kind in ("gamma", "reshaped", "addcmul", "widen", "three", "none_index", "linear_bias")
+                 else (D,) if kind in ("gamma", "reshaped", "addcmul", "widen", "three", "none_index", "linear_bias",
+                                       "slice_zero")
                  else (3, D) if kind in ("table", "embedding", "embedding_twice", "sdpa", "reorder_table")
                  else (D, n) if kind == "permute"
                  else ((n + 2, 1, D) if seq else (1, n + 2, D)) if kind == "slice"
@@ -744,6 +752,25 @@ class FreeNet(nn.Module):
             q = pos.clone()
             q.view(-1)[:2] = 0
             h = h + q
+        elif kind == "slice_zero":
+            q = pos.clone()
+            q[1:3].zero_()
+            h = h + F.linear(h, 0.5 * torch.eye(h.shape[-1], dtype=h.dtype), q)
+        elif kind == "read_then_inplace":
+            g = torch.cat([pos[..., :2], pos[..., 2:]], -1)
+            e = 2 * g
+            g.relu_()
+            h = h + e + g
+        elif kind == "view_before_setitem":
+            q = pos.clone()
+            v = q.view(-1)
+            q[..., 0] = 0
+            h = h + v.view(q.shape)
+        elif kind == "setitem_after_use":
+            q = pos.clone()
+            h = h + q
+            q[..., 0] = 0
+            h = h * q
         elif kind == "into":
             q = torch.zeros_like(pos)
             q[...] = pos

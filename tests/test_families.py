@@ -930,12 +930,14 @@ def test_a_parameter_the_forward_broadcasts_over_the_batch_takes_the_free_rule(f
     if kind in FreeNet.TAKEN:
         assert why["pos_embed"].startswith(free), why
     else:
-        changed = "is changed in place (its copy or view) before its use by add)"
         reordered = "; as a free parameter it is added to rows that are not the batch's examples in order"
         said = {"reorder": reordered, "reorder_table": reordered,
                 "function": "; as a free parameter it is used by _AddBackward, which the op watch cannot see",
                 "checkpoint": "; as a free parameter it is used by mul under saved-tensor hooks (torch.utils.",
-                "setitem": "; as a free parameter it " + changed, "view_setitem": "; as a free parameter it " + changed,
+                "setitem_after_use": "; as a free parameter it is changed in place (its copy or view) before its use "
+                                     "by mul)",
+                "view_before_setitem": "; as a free parameter it is changed in place (its copy or view) before its "
+                                       "use by view)",
                 "into": "; as a free parameter it is written into another tensor by __setitem__)",
                 "batch_shaped": "; as a free parameter it is made by mul into a tensor whose shape follows the batch's",
                 "inplace_after_use": "; as a free parameter it is changed in place (its copy or view) before its use "

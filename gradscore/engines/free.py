@@ -35,9 +35,10 @@ elements to P's:
 - any other op of free parameters alone (every operand with a gradient is one of them
   or made of them: ``F.embedding(ids, P)``, T5's relative attention bias;
   ``F.interpolate``, ``torch.cat`` of P's slices, ``P.sum()``; BEiT's ``torch.cat((q_bias,
-  k_bias, v_bias))``, Swin-v2's position MLP; in place too, before any op read the
-  tensor): no map; at each use, the backward of the ops from the used tensor back to
-  each parameter, batched over the examples (:func:`_backward_per_example`).
+  k_bias, v_bias))``, Swin-v2's position MLP; and an in-place op on such a tensor, or on
+  a copy of P, before any use read its storage: ``q = P.clone(); q[k:2 * k].zero_()``,
+  torchvision's Swin-v2): no map; at each use, the backward of the ops from the used
+  tensor back to each parameter, batched over the examples (:func:`_backward_per_example`).
 
 So each example's gradient of P through a use is its δ summed to the used tensor's
 shape, times the derivatives, added into P's elements by the map (or through those ops'
@@ -47,8 +48,9 @@ has 1 row for one example and 2 for two, and what is made of P the same shape fo
 a sequence-first (T, B, d) never does), and that those rows are the examples' own, in
 order, from the batch's first and last examples run alone. Any other use of P with a
 gradient (``P @ v`` with P as the rows, ``torch.einsum``, ``torch.cat([P, h])`` with h
-the batch's) sends P to the fallback, as does a copy changed in place before its use,
-or a use whose shape is not the evidence's at scoring time.
+the batch's) sends P to the fallback, as does a copy changed in place after a use read
+it, or a view of it made before the change and used after, or a use whose shape is not
+the evidence's at scoring time.
 
 A layer whose rule finds no batch rows in its output (:func:`.layout.batchless`: an
 ``nn.Embedding`` of the (T, T) offsets, T5's and MPNet's) has its weights tried by this
@@ -115,6 +117,16 @@ def in_place(func, kwargs: dict | None = None) -> bool:
     name = _name(func)
     return (name == "__setitem__" or (name.endswith("_") and not name.startswith("__")) or name.startswith("__i")
             or (kwargs or {}).get("inplace") is True)
+
+
+def result(func, args: tuple, kwargs: dict | None, out):
+    """An op's result: the tensor an in-place op wrote into where it returns None (``x[i] = v``)."""
+    return args[0] if out is None and args and in_place(func, kwargs) else out
+
+
+def _storage(t: torch.Tensor) -> int:
+    """Which storage t is a view of (its address)."""
+    return t.untyped_storage().data_ptr()
 
 
 def _operands(args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -273,9 +285,9 @@ class Views:
         # gradients per example are the backward of those ops, run per example at each use
         self.graph: dict[int, tuple[torch.Tensor, ...]] = {}
         self.steps: dict[str, list[str]] = {}   # name -> each op on it or on what was made of it: "use" or "made"
-        # tracked tensors an op has read (used, or made another of): changed in place after, a use's
-        # backward through the ops that made them would run through the change too
-        self.read: set[int] = set()
+        # the storages of the tracked tensors a use has read: changed in place after, the use's backward
+        # through the ops that made them would run through the change too
+        self.used_storage: set[int] = set()
 
     def hits(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         """The tensors among the arguments (lists too) that are a free parameter or a view of one."""
@@ -295,8 +307,8 @@ class Views:
                 name == "view" and any(isinstance(a, torch.dtype) for a in args[1:])):   # reinterprets bits
             return False
         t, inplace = tracked[0], in_place(func, kwargs)
-        if inplace:   # on a tensor made by other ops that nothing read yet (Swin-v2's in-place ReLU)
-            if not (args and out is args[0] and id(out) in self.graph and id(out) not in self.read):
+        if inplace:
+            if not (args and out is args[0] and self._rewritable(out)):
                 return False
         elif any(self.changed(o) for o in tracked) or (not planned and any(
                 target_shape(func, args, kwargs, o, self.B, hooks=False)[0] is not None for o in tracked)):
@@ -305,21 +317,26 @@ class Views:
             if id(o) in self.roots:
                 self.param.setdefault(self.of[id(o)][0], o)
         names = tuple(self.names(tracked))
-        mapped = all(o is t for o in tracked) and id(t) not in self.graph
+        mapped = not inplace and all(o is t for o in tracked) and id(t) not in self.graph
         made = False
         if mapped and (name in SAME_ELEMENTS or name in SELECTION) and args[0] is t:
             made = self._picked(func, args, kwargs, t, out)
         elif mapped and (name in ELEMENTWISE or name in UNARY):
             made = self._derived(func, args, kwargs, t, out)
+        changed = [out]
         if made is False:
             if not self._through_graph(args, kwargs, tracked, out):
                 return False
-            self.graph[id(out)] = tuple(self.param[n] for n in names)
+            if inplace and id(out._base) in self.of:   # a view's base changes with it (``q[1:3].zero_()``)
+                changed.append(out._base)
+                names = tuple(dict.fromkeys(names + self.of[id(out._base)]))
             made = None
-        self.of[id(out)] = names
-        self.version[id(out)] = out._version
-        if not inplace:
-            self.read.update(id(o) for o in tracked)
+        for o in changed:   # what was changed in place is made by the ops in its autograd graph now
+            self.of[id(o)] = names
+            self.version[id(o)] = o._version
+            self.maps.pop(id(o), None)
+            if made is None:
+                self.graph[id(o)] = tuple(self.param[n] for n in names)
         self.alive.append(out)
         if made is not None:
             self.maps[id(out)] = made
@@ -329,10 +346,18 @@ class Views:
             self.step(n, "made")
         return True
 
+    def _rewritable(self, t: torch.Tensor) -> bool:
+        """Whether an in-place op may change tracked t (Swin-v2's in-place ReLU, torchvision's
+        ``qkv_bias[k:2k].zero_()`` on a copy): made of free parameters, neither a parameter nor
+        a view of one, and no use has read its storage (the use's backward through the ops
+        that made it would run through the change)."""
+        base = t if t._base is None else t._base
+        return id(t) in self.of and not {id(t), id(base)} & self.roots and _storage(t) not in self.used_storage
+
     def _through_graph(self, args: tuple, kwargs: dict, tracked: list[torch.Tensor], out: torch.Tensor) -> bool:
         """Whether any other op makes a tensor of free parameters (``F.embedding(ids, P)``,
         ``F.interpolate``, ``torch.cat`` of two of its slices, BEiT's ``torch.cat((q_bias,
-        zeros, v_bias))``, Swin-v2's position MLP, in place too on what nothing read yet):
+        zeros, v_bias))``, Swin-v2's position MLP; in place too, :meth:`_rewritable`):
         every operand with a gradient is one of them or made of them, and the result is
         floating with a gradient. That its shape does not follow the batch (it reads no
         example) is the first batch's evidence (:mod:`.layout`); each use then runs the op's
@@ -347,7 +372,7 @@ class Views:
 
     def used(self, hits: list[torch.Tensor]) -> None:
         """Note a use of the tracked tensors ``hits``: once per parameter (``P * P`` is one)."""
-        self.read.update(id(t) for t in hits)
+        self.used_storage.update(_storage(t) for t in hits)
         for name in self.names(hits):
             self.step(name, "use")
 
@@ -608,7 +633,8 @@ class FreeUses(TorchFunctionMode):
         planned = {name: self.views.next_step(name, self.plan) for name in names}
         if all(kind == "made" for kind in planned.values()):   # what the first batch made of it (Views.planned_made)
             out = func(*args, **kwargs)
-            if not self.views.note(func, args, kwargs, out, planned=True) and needs_grad(out):
+            made = result(func, args, kwargs, out)
+            if not self.views.note(func, args, kwargs, made, planned=True) and needs_grad(made):
                 for name in names:
                     self.problems.setdefault(name, f"is used by {_name(func)}, which made another tensor of it on "
                                                    f"the first batch")

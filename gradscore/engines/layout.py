@@ -59,7 +59,7 @@ from torch.overrides import TorchFunctionMode
 from ..batch import Inputs, batch_len, call_model, concat, take
 from ..kernels.reference import autocast_dtypes, autocast_off
 from .free import (MERGED, Views, graph_nodes, in_place, last_node, map_leaves, misfit, needs_grad, op_nodes,
-                   unseen_uses)
+                   result, unseen_uses)
 from .rules import Rule
 from .rules.registry import close
 from .workarounds import torch_workarounds
@@ -166,12 +166,13 @@ class _Uses(TorchFunctionMode):
                 name, layers = self.params.get(id(t), (None, ()))
                 if name is not None and not any(self.running.get(n) for n in layers):
                     self.strays.setdefault(name, _op_name(func))
-        if seen and needs_grad(out):
-            self.consumers.update(op_nodes(out, before))
+        res = result(func, args, kwargs, out)   # x[i] = v: x
+        if seen and needs_grad(res):
+            self.consumers.update(op_nodes(res, before))
             hits = tracked
-            made = (self.views.note(func, args, kwargs or {}, out, planned=True)
+            made = (self.views.note(func, args, kwargs or {}, res, planned=True)
                     if hits and self.views.planned_made(hits, self.plan)
-                    else self.plan is None and self.views.note(func, args, kwargs or {}, out))
+                    else self.plan is None and self.views.note(func, args, kwargs or {}, res))
             if not made:   # a use; where the run of 2 made another tensor here, the steps differ (_free_layout)
                 fits = [misfit(func, args, kwargs or {}, t, self.B) for t in hits]
                 for t, fit in zip(hits, fits):
