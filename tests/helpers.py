@@ -591,8 +591,8 @@ class FreeNet(nn.Module):
              "embedding_twice", "interpolate", "cat_slices", "sdpa", "linear", "linear_bias", "matmul", "matmul_t",
              "cosine", "mm", "cat_params", "mlp", "mlp_inplace", "setitem", "view_setitem", "slice_zero",
              "read_then_inplace")
-    KINDS = TAKEN + ("inplace_after_use", "setitem_after_use", "view_before_setitem", "einsum", "left", "reorder", "reorder_table",
-                     "function", "tuple", "checkpoint", "into", "batch_shaped")
+    KINDS = TAKEN + ("inplace_after_use", "setitem_after_use", "view_before_setitem", "einsum", "left", "reorder",
+                     "reorder_table", "function", "tuple", "checkpoint", "into", "batch_shaped")
     #: taken with the tokens sequence-first too: the use is batch first whatever the layout
     BATCH_FIRST = ("sdpa",)
 
