@@ -560,7 +560,9 @@ class FreeNet(nn.Module):
     batch's rows times it: "linear" (F.linear(h, w), w (1, 5)), "linear_bias" (F.linear(h,
     a constant, β), β (5,)), "matmul" (h @ W, W (5, 5)), "matmul_t" (torch.matmul(h, W.t())),
     "cosine" (F.linear of h and W normalized row by row: a cosine classifier), "mm"
-    (torch.mm of the (B·T, 5) rows by W, k = T rows per example); and made of it and
+    (torch.mm of the (B·T, 5) rows by W, k = T rows per example), "einsum"
+    (torch.einsum("btd,ed->bte", h, W)), "einsum_w_first" (torch.einsum("de,...d->...e", W,
+    h)); and made of it and
     cls_token together: "cat_params" (torch.cat of pos (2,), a zero and 2 elements of
     cls_token: BEiT's q_bias, k_bias, v_bias), "mlp" (tanh(F.linear(coords, pos, cls_token)),
     coords a (1, T, 5) buffer: Swin-v2's position MLP), "mlp_inplace" (that with
@@ -572,9 +574,10 @@ class FreeNet(nn.Module):
     before the change). Not taken: "inplace_after_use" (F.linear(coords, pos)
     added, then doubled in place and multiplied: a change after a use), "setitem_after_use"
     (a copy of pos added, then a token of it zeroed, then multiplied), "view_before_setitem"
-    (a view of the copy made, then a token of the copy zeroed, then the view added), "einsum"
-    (torch.einsum of h and W), "left" (W @ hᵀ: W is the rows), "reorder" (added to the batch's rows reversed;
-    "reorder_table": rows of the table looked up by F.embedding),
+    (a view of the copy made, then a token of the copy zeroed, then the view added),
+    "einsum_outer" (torch.einsum("btd,de->btde", h, W) summed over e: no contraction), "left"
+    (W @ hᵀ: W is the rows), "reorder" (added to the batch's rows reversed; "reorder_table":
+    rows of the table looked up by F.embedding),
     "function" (a custom autograd.Function of h and pos: its forward runs without
     gradients), "tuple" (torch.broadcast_tensors, whose result is a tuple), "checkpoint"
     (h * pos inside torch.utils.checkpoint, which would recompute it with pos itself),
@@ -590,8 +593,8 @@ class FreeNet(nn.Module):
              "sigmoid", "chain", "const", "widen", "three", "none_index", "sum", "list", "embedding",
              "embedding_twice", "interpolate", "cat_slices", "sdpa", "linear", "linear_bias", "matmul", "matmul_t",
              "cosine", "mm", "cat_params", "mlp", "mlp_inplace", "setitem", "view_setitem", "slice_zero",
-             "read_then_inplace")
-    KINDS = TAKEN + ("inplace_after_use", "setitem_after_use", "view_before_setitem", "einsum", "left", "reorder",
+             "read_then_inplace", "einsum", "einsum_w_first")
+    KINDS = TAKEN + ("inplace_after_use", "setitem_after_use", "view_before_setitem", "einsum_outer", "left", "reorder",
                      "reorder_table", "function", "tuple", "checkpoint", "into", "batch_shaped")
     #: taken with the tokens sequence-first too: the use is batch first whatever the layout
     BATCH_FIRST = ("sdpa",)
@@ -605,8 +608,8 @@ class FreeNet(nn.Module):
         self.cls_token = nn.Parameter(0.5 * torch.randn(1, 1, D))
         n = self.T + (kind != "vit_after")
         shape = ((1, D) if kind in ("linear", "rank2")
-                 else (D, D) if kind in ("matmul", "matmul_t", "cosine", "mm", "einsum", "left", "mlp", "mlp_inplace",
-                                       "inplace_after_use")
+                 else (D, D) if kind in ("matmul", "matmul_t", "cosine", "mm", "einsum", "einsum_w_first",
+                                       "einsum_outer", "left", "mlp", "mlp_inplace", "inplace_after_use")
                  else (2,) if kind == "cat_params"
                  else (D,) if kind in ("gamma", "reshaped", "addcmul", "widen", "three", "none_index", "linear_bias",
                                        "slice_zero")
@@ -728,6 +731,10 @@ class FreeNet(nn.Module):
             h = h * b
         elif kind == "einsum":
             h = h + torch.einsum("btd,ed->bte", h, pos)
+        elif kind == "einsum_w_first":
+            h = h + torch.einsum("de,...d->...e", pos, h)
+        elif kind == "einsum_outer":
+            h = h + torch.einsum("btd,de->btde", h, pos).sum(-1)
         elif kind == "left":
             h = h + (pos @ h.transpose(-1, -2)).transpose(-1, -2)
         elif kind == "exp":

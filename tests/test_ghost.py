@@ -116,14 +116,16 @@ def test_a_linear_its_parent_calls_functionally_takes_the_free_rule(cat, T, K):
 
 
 class _EinsumWeight(nn.Module):
-    """A Linear not called, whose weight its parent uses in torch.einsum (not a product the rule takes)."""
+    """A Linear not called, whose weight its parent uses in torch.einsum with the output's
+    indices in another order than the rows' and then the weight's (not a product the rule takes)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.lin, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
 
     def forward(self, x):
-        return self.head(torch.tanh(torch.einsum("btd,od->bto", x, self.lin.weight) + self.lin.bias).mean(1))
+        h = torch.einsum("btd,od->bot", x, self.lin.weight).transpose(1, 2)
+        return self.head(torch.tanh(h + self.lin.bias).mean(1))
 
 
 @pytest.mark.parametrize("K", [0, 2])

@@ -1889,7 +1889,7 @@ class _Tokens(nn.Module):
 @pytest.mark.parametrize("kind", ["vit", "twice", "inplace", "torch_add", "scale", "rank2", "gamma", "reshaped",
                                   "addcmul", "where", "slice", "table", "exp", "chain", "widen", "embedding",
                                   "interpolate", "sdpa", "linear_bias", "matmul", "cosine", "mm",
-                                  "cat_params", "mlp", "setitem", "slice_zero", "read_then_inplace"])
+                                  "cat_params", "mlp", "setitem", "slice_zero", "read_then_inplace", "einsum"])
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 def test_parameters_the_forward_uses_directly_train_bit_identically_with_the_recorder(tmp_path, kind, opt):
     """A ViT's class token and position embedding (the free-parameter rule: expanded over
@@ -1964,7 +1964,7 @@ def test_a_bias_added_to_windows_of_the_batch_is_recorded_as_the_loop_scores_it(
     _recorded_as_the_loop(_Tokens("example", kind, net=Windows).double(), 20, {"net.table"}, tmp_path)
 
 
-@pytest.mark.parametrize("kind", ["einsum", "reorder", "checkpoint", "setitem_after_use"])
+@pytest.mark.parametrize("kind", ["einsum_outer", "reorder", "checkpoint", "setitem_after_use"])
 def test_a_parameter_the_forward_uses_otherwise_is_refused_in_training_with_why(tmp_path, kind):
     """Refused before the first step changes anything (a checkpointed use would have
     crashed the step's backward: its recomputation saw other shapes)."""
@@ -1972,7 +1972,7 @@ def test_a_parameter_the_forward_uses_otherwise_is_refused_in_training_with_why(
     model = _Tokens(kind).double()
     before = copy.deepcopy(model.state_dict())
     rec = gs.InRun(model, out=tmp_path / "r.h5")
-    said = {"einsum": r"\.", "reorder": "; as a free parameter it is added to rows that are not",
+    said = {"einsum_outer": r"\.", "reorder": "; as a free parameter it is added to rows that are not",
             "checkpoint": "; as a free parameter it is used by mul under saved-tensor hooks",
             "setitem_after_use": r"; as a free parameter it is changed in place \(its copy or view\) before its use "
                                  "by mul"}[kind]

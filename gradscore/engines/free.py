@@ -17,7 +17,7 @@ dimension 0 (B rows, or k·B: k per example, in order, Swin's windows, :data:`ME
 which P has not (it is 1 there, or P has fewer dimensions), an
 ``expand``/``expand_as`` to such a shape, ``F.scaled_dot_product_attention`` with P
 as its ``attn_mask`` (a sum with the scores, BEiT's relative position bias), and a
-product of the batch's rows h by P (``F.linear(h, P, b)``, ``h @ P``, :data:`PRODUCTS`):
+product of the batch's rows h by P (``F.linear(h, P, b)``, ``h @ P``, such an einsum, :data:`PRODUCTS`):
 the op runs as it is, its output probed, and each example's gradient is Σ_r δ_r h_rᵀ
 (kept as h and δ for the Linear rule's forms where the product is P's one op). What the
 forward makes of P before such a use passes P on (:class:`Views`), with a map from its
@@ -47,7 +47,7 @@ dimension 0 is established on the first batch from evidence (:mod:`.layout`: eve
 has 1 row for one example and 2 for two, and what is made of P the same shape for both;
 a sequence-first (T, B, d) never does), and that those rows are the examples' own, in
 order, from the batch's first and last examples run alone. Any other use of P with a
-gradient (``P @ v`` with P as the rows, ``torch.einsum``, ``torch.cat([P, h])`` with h
+gradient (``P @ v`` with P as the rows, another ``torch.einsum``, ``torch.cat([P, h])`` with h
 the batch's) sends P to the fallback, as does a copy changed in place after a use read
 it, or a view of it made before the change and used after, or a use whose shape is not
 the evidence's at scoring time.
@@ -80,8 +80,9 @@ ELEMENTWISE = frozenset({
     "add_", "sub_", "mul_", "div_", "addcmul_", "addcdiv_", "__iadd__", "__isub__", "__imul__", "__itruediv__"})
 #: ops that repeat a tensor over the batch rows
 EXPAND = frozenset({"expand", "expand_as"})
-#: products of the batch's rows by a (d_in, d_out) matrix, or F.linear's by a (d_out, d_in) weight and its bias
-PRODUCTS = frozenset({"linear", "matmul", "__matmul__", "mm"})
+#: products of the batch's rows by a (d_in, d_out) matrix, or F.linear's by a (d_out, d_in) weight and its bias,
+#: or an einsum that is one of those (``"btd,ed->bte"``, :func:`_einsum_product`)
+PRODUCTS = frozenset({"linear", "matmul", "__matmul__", "mm", "einsum"})
 #: ops whose result holds a tensor's elements in their order (views, casts, copies): it stands for the parameter
 SAME_ELEMENTS = frozenset({"reshape", "view", "view_as", "unsqueeze", "squeeze", "flatten", "to", "type_as",
                            "float", "double", "half", "bfloat16", "contiguous", "clone"})
@@ -188,18 +189,45 @@ def _saving_hooks() -> bool:
         return top() is not None
 
 
+def _einsum_product(args: tuple, kwargs: dict) -> tuple:
+    """(the rows h, the matrix w, whether w is (d_out, d_in) as F.linear's) of ``torch.einsum(eq,
+    h, w)`` (or ``(eq, w, h)``) that is a product of h's rows by the 2-D w: h's last index
+    contracted with one of w's, the output h's other indices in their order and then w's
+    other (``"btd,ed->bte"``, ``"...d,de->...e"``); (None, None, False) for any other einsum."""
+    eq = args[0].replace(" ", "") if len(args) == 3 and not kwargs and isinstance(args[0], str) else ""
+    ins, _, out = eq.partition("->")
+    parts = ins.split(",")
+    if not out or len(parts) != 2:
+        return None, None, False
+    for i in (0, 1):
+        rows, mat = parts[i], parts[1 - i]
+        letters = rows.removeprefix("...")
+        if (len(mat) != 2 or not letters.isalpha() or len(set(letters)) != len(letters) or rows[-1] not in mat
+                or mat[0] == mat[1]):
+            continue
+        other = mat.replace(rows[-1], "")
+        if other not in rows and out == rows[:-1] + other:
+            return args[1 + i], args[2 - i], mat == other + rows[-1]
+    return None, None, False
+
+
 def _product_operands(name: str, args: tuple, kwargs: dict) -> tuple:
-    """(the rows h, the matrix w, F.linear's bias or None) of a :data:`PRODUCTS` call."""
+    """(the rows h, the matrix w, F.linear's bias or None, whether w is (d_out, d_in) as
+    F.linear's) of a :data:`PRODUCTS` call."""
+    if name == "einsum":
+        h, w, linear = _einsum_product(args, kwargs)
+        return h, w, None, linear
     keys = ("input", "weight", "bias") if name == "linear" else ("input", "mat2" if name == "mm" else "other")
     given = {**dict(zip(keys, args)), **kwargs}
-    return given.get("input", given.get("self")), given.get(keys[1]), given.get("bias")
+    return given.get("input", given.get("self")), given.get(keys[1]), given.get("bias"), name == "linear"
 
 
-def _product_shape(name: str, h, w) -> tuple[int, ...] | None:
-    """The shape of the product of rows ``h`` (…, d_in) by a 2-D ``w``, or None for another form."""
+def _product_shape(h, w, linear: bool) -> tuple[int, ...] | None:
+    """The shape of the product of rows ``h`` (…, d_in) by a 2-D ``w`` ((d_out, d_in) if
+    ``linear``, else (d_in, d_out)), or None for another form."""
     if not (isinstance(h, torch.Tensor) and isinstance(w, torch.Tensor)) or h.dim() < 2 or w.dim() != 2:
         return None
-    d_in, d_out = (w.shape[1], w.shape[0]) if name == "linear" else tuple(w.shape)
+    d_in, d_out = (w.shape[1], w.shape[0]) if linear else tuple(w.shape)
     return (*h.shape[:-1], d_out) if h.shape[-1] == d_in else None
 
 
@@ -231,8 +259,8 @@ def target_shape(func, args: tuple, kwargs: dict, t: torch.Tensor, B: int,
             return None, name
         what = f"{name} as its attn_mask, into scores of shape {list(shape)}"
     elif name in PRODUCTS:   # the batch's rows h times t (or plus t, F.linear's bias): t has no rows of the batch
-        h, w, bias = _product_operands(name, args, kwargs)
-        shape = _product_shape(name, h, w)
+        h, w, bias, linear = _product_operands(name, args, kwargs)
+        shape = _product_shape(h, w, linear)
         if h is t or shape is None or not (t is w or t is bias):
             return None, f"{name} of it by the batch's rows" if h is t else name
         what = f"{name} of rows of shape {list(h.shape)} by it, into shape {list(shape)}"
@@ -701,23 +729,23 @@ class FreeUses(TorchFunctionMode):
         return probe(out, self.leaf[0], on_grad, self.contiguous)
 
     def _product(self, func, args: tuple, kwargs: dict, hits: list[torch.Tensor]) -> torch.Tensor:
-        """A product of the batch's rows h by t (``F.linear``'s weight or bias, ``h @ t``) as
-        it is, its output probed: from the output's δ, each example's gradient of the weight,
+        """A product of the batch's rows h by t (``F.linear``'s weight or bias, ``h @ t``, such an
+        einsum) as it is, its output probed: from the output's δ, each example's gradient of the weight,
         Σ_r δ_r h_rᵀ over its rows (:func:`_weight_grads`), and of the bias, δ summed over them.
         A parameter whose one op this is keeps h and δ instead (:attr:`products`): its norms
         and dots then take the Linear rule's forms, without its (B, d_out · d_in) gradients."""
         out = func(*args, **kwargs)
         name = _name(func)
-        h, w, _ = _product_operands(name, args, kwargs)
+        h, w, _, linear = _product_operands(name, args, kwargs)
         calls = []
         for t in {id(t): t for t in hits}.values():
             if t is not w:
                 calls.append(self._on_use(t, tuple(out.shape)))
             elif id(t) in self.views.roots and self.plan.get(self.views.of[id(t)][0]) in (["use"], [MERGED]):
-                calls.append(self._on_product(t, h.detach(), name == "linear"))
+                calls.append(self._on_product(t, h.detach(), linear))
             else:
                 calls.append(self._on_use(t, (self.B, *t.shape),
-                                          partial(_weight_grads, h.detach(), self.B, name == "linear")))
+                                          partial(_weight_grads, h.detach(), self.B, linear)))
         return probe(out, self.leaf[0], lambda delta: [call(delta) for call in calls], self.contiguous)
 
     def _on_product(self, t: torch.Tensor, h: torch.Tensor, linear: bool) -> Callable[[torch.Tensor], None]:
