@@ -562,7 +562,14 @@ class FreeNet(nn.Module):
     "cosine" (F.linear of h and W normalized row by row: a cosine classifier), "mm"
     (torch.mm of the (B·T, 5) rows by W, k = T rows per example), "einsum"
     (torch.einsum("btd,ed->bte", h, W)), "einsum_w_first" (torch.einsum("de,...d->...e", W,
-    h)); and made of it and
+    h)), "stacked" (torch.matmul of the rows repeated to (B, 2, n, 5) by W (1, 2, 5, 5):
+    DeBERTa's position keys), "stacked_3d" (the same with W (2, 5, 5)); repeated over the
+    batch: "tiled_bmm" (W (2, 5, 5) repeated to (2B, 5, 5), torch.bmm of the rows repeated
+    twice per example by it: DeBERTa-v2's position keys), "tiled_t" (the same transposed),
+    "tiled_add" (pos (1, n, 5) repeated to (B, n, 5), added), "tiled_reshape" (pos (1, 5, n)
+    repeated, reshaped to (B, -1, n) and permuted, added: XCiT's position encoding),
+    "tiled_const" (pos repeated twice, whatever the batch, then averaged: not over the
+    batch, though the count is the batch's for two examples); and made of it and
     cls_token together: "cat_params" (torch.cat of pos (2,), a zero and 2 elements of
     cls_token: BEiT's q_bias, k_bias, v_bias), "mlp" (tanh(F.linear(coords, pos, cls_token)),
     coords a (1, T, 5) buffer: Swin-v2's position MLP), "mlp_inplace" (that with
@@ -575,15 +582,15 @@ class FreeNet(nn.Module):
     added, then doubled in place and multiplied: a change after a use), "setitem_after_use"
     (a copy of pos added, then a token of it zeroed, then multiplied), "view_before_setitem"
     (a view of the copy made, then a token of the copy zeroed, then the view added),
-    "einsum_outer" (torch.einsum("btd,de->btde", h, W) summed over e: no contraction), "left"
-    (W @ hᵀ: W is the rows), "reorder" (added to the batch's rows reversed; "reorder_table":
-    rows of the table looked up by F.embedding),
-    "function" (a custom autograd.Function of h and pos: its forward runs without
-    gradients), "tuple" (torch.broadcast_tensors, whose result is a tuple), "checkpoint"
-    (h * pos inside torch.utils.checkpoint, which would recompute it with pos itself),
-    "into" (pos written into a zero
-    tensor, then added), "batch_shaped" (pos times ones of shape (n, B, 5), then example 0's
-    slice added: its shape follows the batch's). ``layout``: "batch", "TB" (2 tokens:
+    "einsum_outer" (torch.einsum("btd,de->btde", h, W) summed over e: no contraction),
+    "tiled_inplace" (as "tiled_bmm" of a copy of W doubled in place after the repeat), "left"
+    (W @ hᵀ: W is the rows), "reorder" (added to the batch's rows reversed; "reorder_table": rows of the
+    table looked up by F.embedding), "function" (a custom autograd.Function of h and pos:
+    its forward runs without gradients), "tuple" (torch.broadcast_tensors, whose result is
+    a tuple), "checkpoint" (h * pos inside torch.utils.checkpoint, which would recompute it
+    with pos itself), "into" (pos written into a zero tensor, then added), "batch_shaped"
+    (pos times ones of shape (n, B, 5), then example 0's slice added: its shape follows the
+    batch's). ``layout``: "batch", "TB" (2 tokens:
     B = 3 with the class token), "T1" (1 token), "seq_first" (tokens (T, B, 5) inside; the
     class token expanded to (1, B, 5), the embedding broadcast over T: neither is over the
     batch)."""
@@ -593,11 +600,13 @@ class FreeNet(nn.Module):
              "sigmoid", "chain", "const", "widen", "three", "none_index", "sum", "list", "embedding",
              "embedding_twice", "interpolate", "cat_slices", "sdpa", "linear", "linear_bias", "matmul", "matmul_t",
              "cosine", "mm", "cat_params", "mlp", "mlp_inplace", "setitem", "view_setitem", "slice_zero",
-             "read_then_inplace", "einsum", "einsum_w_first")
-    KINDS = TAKEN + ("inplace_after_use", "setitem_after_use", "view_before_setitem", "einsum_outer", "left", "reorder",
-                     "reorder_table", "function", "tuple", "checkpoint", "into", "batch_shaped")
+             "read_then_inplace", "einsum", "einsum_w_first", "stacked", "stacked_3d", "tiled_bmm", "tiled_t",
+             "tiled_add", "tiled_reshape", "tiled_const")
+    KINDS = TAKEN + ("inplace_after_use", "setitem_after_use", "view_before_setitem", "einsum_outer",
+                     "tiled_inplace", "left", "reorder", "reorder_table", "function", "tuple", "checkpoint", "into",
+                     "batch_shaped")
     #: taken with the tokens sequence-first too: the use is batch first whatever the layout
-    BATCH_FIRST = ("sdpa",)
+    BATCH_FIRST = ("sdpa", "tiled_bmm", "tiled_t")
 
     def __init__(self, kind: str, layout: str = "batch", D: int = 5):
         super().__init__()
@@ -611,6 +620,9 @@ class FreeNet(nn.Module):
                  else (D, D) if kind in ("matmul", "matmul_t", "cosine", "mm", "einsum", "einsum_w_first",
                                        "einsum_outer", "left", "mlp", "mlp_inplace", "inplace_after_use")
                  else (2,) if kind == "cat_params"
+                 else (1, 2, D, D) if kind == "stacked"
+                 else (2, D, D) if kind in ("stacked_3d", "tiled_bmm", "tiled_t", "tiled_inplace")
+                 else (1, D, n) if kind == "tiled_reshape"
                  else (D,) if kind in ("gamma", "reshaped", "addcmul", "widen", "three", "none_index", "linear_bias",
                                        "slice_zero")
                  else (3, D) if kind in ("table", "embedding", "embedding_twice", "sdpa", "reorder_table")
@@ -731,6 +743,22 @@ class FreeNet(nn.Module):
             h = h * b
         elif kind == "einsum":
             h = h + torch.einsum("btd,ed->bte", h, pos)
+        elif kind in ("tiled_bmm", "tiled_t", "tiled_inplace"):
+            b = h.movedim(rows, 0)
+            copy = pos.clone()
+            keys = (copy if kind == "tiled_inplace" else pos).repeat(B, 1, 1)
+            copy.mul_(2)
+            keys = keys.transpose(-1, -2) if kind == "tiled_t" else keys
+            q = b.unsqueeze(1).expand(-1, 2, -1, -1).reshape(2 * B, *b.shape[1:])
+            h = h + torch.bmm(q, keys).reshape(B, 2, *b.shape[1:]).mean(1).movedim(0, rows)
+        elif kind == "tiled_add":
+            h = h + pos.repeat(B, 1, 1).movedim(0, rows)
+        elif kind == "tiled_reshape":
+            h = h + pos.repeat(B, 1, 1).reshape(B, -1, pos.shape[-1]).permute(0, 2, 1).movedim(0, rows)
+        elif kind == "tiled_const":
+            h = h + pos.repeat(2, 1, 1).mean(0, keepdim=True)
+        elif kind in ("stacked", "stacked_3d"):
+            h = h + torch.matmul(h.unsqueeze(1).repeat(1, 2, 1, 1), pos).mean(1)
         elif kind == "einsum_w_first":
             h = h + torch.einsum("de,...d->...e", pos, h)
         elif kind == "einsum_outer":

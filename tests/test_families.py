@@ -938,6 +938,7 @@ def test_a_parameter_the_forward_broadcasts_over_the_batch_takes_the_free_rule(f
                                      "by mul)",
                 "view_before_setitem": "; as a free parameter it is changed in place (its copy or view) before its "
                                        "use by view)",
+                "tiled_inplace": "; as a free parameter it is used by mul_ on itself",
                 "into": "; as a free parameter it is written into another tensor by __setitem__)",
                 "batch_shaped": "; as a free parameter it is made by mul into a tensor whose shape follows the batch's",
                 "inplace_after_use": "; as a free parameter it is changed in place (its copy or view) before its use "

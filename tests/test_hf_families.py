@@ -100,8 +100,6 @@ IMAGE_CLASSIFICATION = {
 NO_RULE, BATCH_NORM = "needs a ghost rule for every trainable parameter", "is in training mode"
 REFUSED_IN_RUN = {
     "squeezebert": NO_RULE,    # a LayerNorm over the channels of (B, C, T)
-    "deberta": NO_RULE,        # relative position projections, one for the batch (as deberta-v2's)
-    "deberta-v2": NO_RULE,     # relative position embeddings and projections, one for the batch
     "mixtral": NO_RULE, "qwen2_moe": NO_RULE,   # the router and the experts' stacked weights
     "mamba": NO_RULE,    # its Conv1d, dt_proj and D weights are read by the scan, not called
     "resnet": BATCH_NORM, "regnet": BATCH_NORM, "mobilenet_v2": BATCH_NORM, "mobilevit": BATCH_NORM,
@@ -216,6 +214,65 @@ def test_a_family_in_training_is_recorded_as_the_loop_scores_it(tmp_path, task, 
         np.testing.assert_allclose(rows["sq_norm"][b], sq, rtol=1e-5)
         np.testing.assert_allclose(rows["dot"][b] / rows["share"][b], dot, rtol=1e-5,
                                    atol=1e-5 * np.sqrt(sq) * rows["target_norm"][b])
+
+
+#: DeBERTa-v3's configuration: its query and key projections also project the relative position
+#: embeddings (normalized by the encoder's LayerNorm), bucketed
+DEBERTA_V3 = {**SEQUENCE_CLASSIFICATION["deberta-v2"], "share_att_key": True, "norm_rel_ebd": "layer_norm",
+              "position_buckets": 4}
+
+
+def test_deberta_v3_is_ghost_throughout_and_scored_and_recorded_as_the_loop(monkeypatch, tmp_path):
+    """DeBERTa-v2's disentangled attention repeats its position keys and queries, (heads, 2k,
+    d) made of the relative position embeddings, over the batch (``.repeat(B, 1, 1)``) for a
+    ``torch.bmm`` with each example's queries and keys. In DeBERTa-v3's configuration the
+    attention's own query and key projections make them, so those weights, the embeddings
+    and the LayerNorm (11 parameters of this 2-layer model) went to vmap on checkpoints and
+    the recorder refused the model. Each takes the free-parameter rule now, and equals the
+    loop on checkpoints and in training."""
+    monkeypatch.setitem(SEQUENCE_CLASSIFICATION, "deberta-v2", DEBERTA_V3)
+    model = build("sequence_classification", "deberta-v2")
+    assert model.config.share_att_key
+    scorer = gs.Scorer(model.eval(), engine="auto")
+    scorer.score_batch(*batch("sequence_classification"))
+    why = scorer.explain()
+    assert all(v.startswith("ghost") for v in why.values()), {k: v for k, v in why.items() if not v.startswith("ghost")}
+    assert why["deberta.encoder.layer.0.attention.self.key_proj.weight"].startswith("ghost (free-parameter rule"), why
+    test_a_family_is_scored_as_the_loop_scores_it("sequence_classification", "deberta-v2")
+    test_a_family_in_training_is_recorded_as_the_loop_scores_it(tmp_path, "sequence_classification", "deberta-v2")
+
+
+def test_deberta_v3_trains_bit_identically_with_the_recorder(monkeypatch, tmp_path):
+    """The recorder probes the repeated position keys and queries as they are and runs
+    their backward per example within the step's: three Adam steps in float32 leave every
+    parameter bit for bit what it is without it."""
+    monkeypatch.setitem(SEQUENCE_CLASSIFICATION, "deberta-v2", DEBERTA_V3)
+    x, y = batch("sequence_classification", B=10)
+
+    def train(rec=None):
+        model = build("sequence_classification", "deberta-v2", train=True).float()
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        for step in range(3):
+            part = slice(2 * step, 2 * step + 4)
+            inputs = {k: v[part] for k, v in x.items()}
+            if rec is None:
+                model(**inputs, labels=y[part]).loss.backward()
+            else:
+                with rec(model).step(range(part.start, part.stop), y[part], lr=0.01, step=step):
+                    model(**inputs, labels=y[part]).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return model
+    recorders = []
+
+    def recorder(model):
+        if not recorders:
+            recorders.append(gs.InRun(model, out=tmp_path / "r.h5", targets=({k: v[8:] for k, v in x.items()}, y[8:])))
+        return recorders[0]
+    plain, recorded = train(), train(recorder)
+    recorders[0].close()
+    for (n, a), (_, b) in zip(plain.state_dict().items(), recorded.state_dict().items()):
+        assert torch.equal(a, b), n
 
 
 @pytest.mark.parametrize("name, layer, rule", [("opt", "model.decoder.embed_positions", "own_embedding"),

@@ -178,7 +178,8 @@ def test_sequence_first_with_T_equal_to_B_and_T_1(T):
 
 
 @pytest.mark.parametrize("kind", ["vit", "twice", "gamma", "reshaped", "table", "chain", "sum", "matmul", "cosine",
-                                  "mm", "cat_params", "mlp", "einsum_w_first", "slice_zero"])
+                                  "mm", "cat_params", "mlp", "einsum_w_first", "slice_zero", "stacked", "tiled_t",
+                                  "tiled_add"])
 @pytest.mark.parametrize("layout", ["batch", "TB", "seq_first"])
 def test_parameters_the_forward_uses_directly_are_sketched_as_the_loop_gives(kind, layout):
     """A class token and position embedding (the free-parameter rule, through a table's
@@ -194,7 +195,7 @@ def test_parameters_the_forward_uses_directly_are_sketched_as_the_loop_gives(kin
     engine = SketchEngine(model, LOSS, names, proj)
     got = engine.sketch_batch(x, y).dots
     torch.testing.assert_close(got, proj.apply(loop_grads(model, x, y, names)), rtol=1e-10, atol=1e-12)
-    taken = layout != "seq_first"
+    taken = layout != "seq_first" or kind in FreeNet.BATCH_FIRST
     assert ("pos_embed" in engine.free) == taken and ("pos_embed" in engine.fallback) == (not taken)
 
 

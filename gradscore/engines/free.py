@@ -40,6 +40,12 @@ elements to P's:
   torchvision's Swin-v2): no map; at each use, the backward of the ops from the used
   tensor back to each parameter, batched over the examples (:func:`_backward_per_example`).
 
+- a repeat of such a tensor S (k, ...) over the batch (``S.repeat(B, 1, 1)``: DeBERTa-v2's
+  position keys; :data:`TILED`, :meth:`Views._note_tiled`), k rows per example, then
+  transposed, permuted or reshaped with each row in its place: its uses (a ``torch.bmm``
+  with the batch's stacked matrices, an elementwise op) are probed as they are, and each
+  example's k rows of δ are its gradient of S.
+
 So each example's gradient of P through a use is its δ summed to the used tensor's
 shape, times the derivatives, added into P's elements by the map (or through those ops'
 backward). That the batch is in
@@ -94,6 +100,16 @@ SELECTION = frozenset({
     "__getitem__", "select", "narrow", "permute", "transpose", "t", "movedim", "moveaxis", "swapaxes", "swapdims",
     "index_select", "gather", "take", "take_along_dim", "flip", "fliplr", "flipud", "roll", "repeat", "tile",
     "diagonal", "unfold", "expand", "expand_as", "broadcast_to", "repeat_interleave", "unflatten", "reshape_as"})
+#: repeats of a tensor (k, ...) over the batch, (B, 1, …, 1) times: k rows per example, the same for each
+#: (DeBERTa-v2's position keys, XCiT's position encoding), :data:`TILED`
+REPEATS = frozenset({"repeat", "tile"})
+#: the step of a repeat over the batch in :class:`Views`'s plan (its op kinds: "use", :data:`MERGED`, "made", this)
+TILED = "tiled"
+#: ops that may follow such a repeat, each example's k rows staying its own (:meth:`Views._tiled_op`)
+TILED_OPS = frozenset({"transpose", "swapaxes", "swapdims", "permute", "movedim", "moveaxis", "contiguous", "clone",
+                       "to", "type_as", "float", "double", "half", "bfloat16", "reshape", "view"})
+#: products of matrices stacked in dimension 0 with another stack of as many: a use of a repeat over the batch
+STACKED_PRODUCTS = frozenset({"bmm", "matmul", "__matmul__"})
 #: elementwise functions of one tensor (and numbers): with ELEMENTWISE, what the forward may make of a parameter
 UNARY = frozenset({
     "exp", "exp2", "expm1", "log", "log1p", "log2", "log10", "sigmoid", "tanh", "sin", "cos", "tan", "sinh", "cosh",
@@ -224,11 +240,21 @@ def _product_operands(name: str, args: tuple, kwargs: dict) -> tuple:
 
 def _product_shape(h, w, linear: bool) -> tuple[int, ...] | None:
     """The shape of the product of rows ``h`` (…, d_in) by a 2-D ``w`` ((d_out, d_in) if
-    ``linear``, else (d_in, d_out)), or None for another form."""
-    if not (isinstance(h, torch.Tensor) and isinstance(w, torch.Tensor)) or h.dim() < 2 or w.dim() != 2:
+    ``linear``, else (d_in, d_out)), or by a stack of matrices ``w`` (…, d_in, d_out) that
+    matmul broadcasts over h's leading dimensions, the first of them at least (it has none
+    there, or 1: DeBERTa's (1, heads, d, 2k) position keys); None for another form."""
+    if not (isinstance(h, torch.Tensor) and isinstance(w, torch.Tensor)) or h.dim() < 2 or w.dim() < 2:
         return None
-    d_in, d_out = (w.shape[1], w.shape[0]) if linear else tuple(w.shape)
-    return (*h.shape[:-1], d_out) if h.shape[-1] == d_in else None
+    if w.dim() == 2:
+        d_in, d_out = (w.shape[1], w.shape[0]) if linear else tuple(w.shape)
+        return (*h.shape[:-1], d_out) if h.shape[-1] == d_in else None
+    if linear or w.dim() > h.dim() or (w.dim() == h.dim() and w.shape[0] != 1) or h.shape[-1] != w.shape[-2]:
+        return None
+    try:
+        lead = torch.broadcast_shapes(h.shape[:-2], w.shape[:-2])
+    except RuntimeError:
+        return None
+    return (*h.shape[:-1], w.shape[-1]) if lead == h.shape[:-2] else None
 
 
 def target_shape(func, args: tuple, kwargs: dict, t: torch.Tensor, B: int,
@@ -298,9 +324,10 @@ class Views:
     map of its elements to its parameter's (:attr:`maps`), or made by other ops of one or
     more of them (:attr:`graph`)."""
 
-    def __init__(self, free: dict[int, str], B: int) -> None:
+    def __init__(self, free: dict[int, str], B: int, untiled: frozenset[str] = frozenset()) -> None:
         self.of: dict[int, tuple[str, ...]] = {i: (n,) for i, n in free.items()}   # id -> the parameters it is made of
         self.B = B
+        self.untiled = untiled   # the parameters whose repeats B times are not over the batch (the evidence's)
         self.alive: list[torch.Tensor] = []   # keeps the views' ids from being reused
         self.version: dict[int, int] = {}     # a view or copy -> its version counter when it was made
         # id -> (each element's number in the parameter, the derivative of the element by it or None,
@@ -312,7 +339,10 @@ class Views:
         # id -> the parameters, for a tensor made of them by other ops (:meth:`_through_graph`): their
         # gradients per example are the backward of those ops, run per example at each use
         self.graph: dict[int, tuple[torch.Tensor, ...]] = {}
-        self.steps: dict[str, list[str]] = {}   # name -> each op on it or on what was made of it: "use" or "made"
+        self.steps: dict[str, list[str]] = {}   # name -> each op on it or on what was made of it: "use", "made", …
+        # id -> (one example's block S (k, ...), k) of a tensor the same k rows for every example, S repeated
+        # over the batch (or made of such a repeat by TILED_OPS): its uses' δ, per example, is S's
+        self.tiled: dict[int, tuple[torch.Tensor, int]] = {}
         # the storages of the tracked tensors a use has read: changed in place after, the use's backward
         # through the ops that made them would run through the change too
         self.used_storage: set[int] = set()
@@ -325,10 +355,11 @@ class Views:
         """The parameters the tracked tensors are made of, each once, in order."""
         return list(dict.fromkeys(n for t in tracked for n in self.of[id(t)]))
 
-    def note(self, func, args: tuple, kwargs: dict, out, planned: bool = False) -> bool:
+    def note(self, func, args: tuple, kwargs: dict, out, planned: str | None = None) -> bool:
         """If ``func`` makes ``out`` from a tracked tensor in a way the rule follows (and is
-        not a use, :func:`target_shape`, unless ``planned``: the first batch showed that it
-        is not), track ``out`` with its map; whether it did."""
+        not a use, :func:`target_shape`, unless ``planned``, the first batch's kind of this
+        op: "made", or :data:`TILED` for a repeat over the batch), track ``out`` with its
+        map; whether it did."""
         name = _name(func)
         tracked = self.hits(args, kwargs)
         if not isinstance(out, torch.Tensor) or not tracked or kwargs.get("out") is not None or (
@@ -345,6 +376,9 @@ class Views:
             if id(o) in self.roots:
                 self.param.setdefault(self.of[id(o)][0], o)
         names = tuple(self.names(tracked))
+        if any(id(o) in self.tiled for o in tracked) or planned == TILED or (
+                planned is None and self._over_batch(func, args, kwargs, t, out)):
+            return self._note_tiled(func, args, kwargs, t, out, planned, names, inplace or len(tracked) > 1)
         mapped = not inplace and all(o is t for o in tracked) and id(t) not in self.graph
         made = False
         if mapped and (name in SAME_ELEMENTS or name in SELECTION) and args[0] is t:
@@ -373,6 +407,112 @@ class Views:
                 self.made.setdefault(n, []).append((name, tuple(out.shape)))
             self.step(n, "made")
         return True
+
+    def _over_batch(self, func, args: tuple, kwargs: dict, t: torch.Tensor, out) -> bool:
+        """Whether ``func`` repeats t (k, ...) over the batch: ``t.repeat(B, 1, …, 1)`` or
+        ``t.tile((B, 1, …, 1))``, k rows per example (:data:`REPEATS`)."""
+        if _name(func) not in REPEATS or not args or args[0] is not t or kwargs or t.dim() == 0 or (
+                set(self.of[id(t)]) & self.untiled):
+            return False
+        sizes = tuple(args[1]) if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)) else args[1:]
+        return (len(sizes) == t.dim() and all(isinstance(n, int) for n in sizes) and sizes[0] == self.B
+                and all(n == 1 for n in sizes[1:]) and tuple(out.shape) == (self.B * t.shape[0], *t.shape[1:]))
+
+    def _note_tiled(self, func, args: tuple, kwargs: dict, t: torch.Tensor, out: torch.Tensor, planned: str | None,
+                    names: tuple[str, ...], mixed: bool) -> bool:
+        """Track ``out``, a repeat of t over the batch (:meth:`_over_batch`), or an op of
+        :data:`TILED_OPS` on such a repeat t that keeps each example's rows its own, with one
+        example's block (:attr:`tiled`); whether it did (``mixed``: in place, or of another
+        tracked tensor too: never)."""
+        if mixed:
+            return False
+        if id(t) in self.tiled:
+            if planned == TILED:
+                return False
+            block = self._tiled_op(func, args, kwargs, t, out)
+            kind = "made"
+        else:
+            if planned is not None and planned != TILED or not self._over_batch(func, args, kwargs, t, out):
+                return False
+            block, kind = (t, t.shape[0]), TILED
+        if block is None:
+            return False
+        # the uses of out run their backward from the block: a change in place to it after would be in it
+        self.used_storage.add(_storage(block[0]))
+        self.of[id(out)] = names
+        self.version[id(out)] = out._version
+        self.alive.append(out)
+        self.tiled[id(out)] = block
+        for n in names:
+            self.made.setdefault(n, []).append((f"{_name(func)} per example", tuple(block[0].shape)))
+            self.step(n, kind)
+        return True
+
+    def _tiled_op(self, func, args: tuple, kwargs: dict, t: torch.Tensor, out: torch.Tensor
+                  ) -> tuple[torch.Tensor, int] | None:
+        """One example's block of ``out``, an op of :data:`TILED_OPS` on t, a repeat over the
+        batch of its block S: the same op on S (a view's or reshape's first size, t's k·B
+        rows, read as k: each row's elements stay in it), tracked as made of S; None where
+        the op is another, or moves dimension 0 (the same op on a tensor of distinct sizes says)."""
+        name = _name(func)
+        S, k = self.tiled[id(t)]
+        if name not in TILED_OPS or args[0] is not t or not isinstance(out, torch.Tensor) or out.dim() == 0:
+            return None
+        rest = args[1:]
+        if name in ("reshape", "view"):
+            sizes = tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list, torch.Size)) else rest
+            if kwargs or not sizes or sizes[0] != t.shape[0]:
+                return None
+            rest = (k, *sizes[1:])
+        elif name not in SAME_ELEMENTS:   # a permutation of the dimensions: dimension 0 stays where it is
+            try:   # on a tensor of distinct sizes, which say where each dimension went
+                moved = func(torch.empty(tuple(range(2, 2 + t.dim())), device="meta"), *args[1:], **kwargs)
+            except (RuntimeError, TypeError, IndexError, ValueError):
+                return None
+            if not isinstance(moved, torch.Tensor) or moved.shape[0] != 2:
+                return None
+        try:
+            block = func(S, *rest, **kwargs)
+        except (RuntimeError, TypeError, IndexError, ValueError):
+            return None
+        if not isinstance(block, torch.Tensor) or tuple(block.shape) != (k, *out.shape[1:]):
+            return None
+        self.of[id(block)] = self.of[id(S)]
+        self.version[id(block)] = block._version
+        self.alive.append(block)
+        if id(S) in self.graph:
+            self.graph[id(block)] = self.graph[id(S)]
+        else:
+            made = self._picked(func, (S, *rest), kwargs, S, block)
+            if made is False:
+                return None
+            if made is not None:
+                self.maps[id(block)] = made
+        return block, k
+
+    def tiled_fit(self, func, args: tuple, kwargs: dict, t: torch.Tensor) -> tuple[str | None, bool]:
+        """(None if the rule takes this use of t, a repeat over the batch (:attr:`tiled`), else
+        what it is; whether it has a form the rule takes): a product with a stack of as many
+        matrices (:data:`STACKED_PRODUCTS`: ``torch.bmm(q, t)``), or an elementwise op whose
+        result has t's dimensions: each of t's rows meets the result's row of the same number."""
+        name = _name(func)
+        others = [o for o in _operands(args, kwargs) if o is not t]
+        if not any(o is t for o in _operands(args, kwargs)):
+            return f"{name} of a tensor repeated over the batch, inside a list", False
+        if name in STACKED_PRODUCTS:
+            fits = len(others) == 1 and others[0].dim() == t.dim() >= 3 and others[0].shape[0] == t.shape[0]
+        elif name in ELEMENTWISE and not ((name.endswith("_") or name.startswith("__i")) and args[0] is t):
+            try:
+                shape = torch.broadcast_shapes(*(o.shape for o in _operands(args, kwargs)))
+            except RuntimeError:
+                return name, False
+            fits = len(shape) == t.dim() and shape[0] == t.shape[0]
+        else:
+            return f"{name} of a tensor repeated over the batch", False
+        what = f"{name} of a tensor repeated over the batch"
+        if fits and _saving_hooks():
+            return f"{what}, under saved-tensor hooks (torch.utils.checkpoint, save_on_cpu)", True
+        return (None, True) if fits else (what, False)
 
     def _rewritable(self, t: torch.Tensor) -> bool:
         """Whether an in-place op may change tracked t (Swin-v2's in-place ReLU, torchvision's
@@ -409,10 +549,12 @@ class Views:
         done, planned = len(self.steps.get(name, [])), plan.get(name, [])
         return planned[done] if done < len(planned) else None
 
-    def planned_made(self, hits: list[torch.Tensor], plan: dict[str, list[str]] | None) -> bool:
-        """Whether ``plan`` says that the op on ``hits`` makes another tensor of them: its
-        shapes do not decide (a size that equals B by chance is not the batch's)."""
-        return plan is not None and all(self.next_step(n, plan) == "made" for n in self.names(hits))
+    def planned_made(self, hits: list[torch.Tensor], plan: dict[str, list[str]] | None) -> str | None:
+        """What ``plan`` says the op on ``hits`` makes of them ("made", or :data:`TILED`: a repeat
+        over the batch), or None for a use: its shapes do not decide (a size that equals B by
+        chance is not the batch's)."""
+        kinds = {self.next_step(n, plan) for n in self.names(hits)} if plan is not None else set()
+        return kinds.pop() if len(kinds) == 1 and kinds <= {"made", TILED} else None
 
     def _numbers(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         """t's map; for a tensor that holds its parameter's elements in order, their numbers."""
@@ -595,11 +737,17 @@ def _scores_gradient(args: tuple, kwargs: dict, delta: torch.Tensor) -> torch.Te
     return P * (dP - (dP * P).sum(-1, keepdim=True))
 
 
-def _weight_grads(h: torch.Tensor, B: int, linear: bool, delta: torch.Tensor) -> torch.Tensor:
+def _weight_grads(h: torch.Tensor, B: int, linear: bool, delta: torch.Tensor, stacked: bool = False
+                  ) -> torch.Tensor:
     """(B, *w.shape) each example's gradient of w in the product of the rows h (…, d_in), k per
     example in order, by w: F.linear's (d_out, d_in) weight (``linear``), Σ_r δ_r h_rᵀ, or
-    matmul's (d_in, d_out), Σ_r h_r δ_rᵀ; δ = ∂L/∂output (…, d_out). In float32 (float64 for float64)."""
+    matmul's (d_in, d_out), Σ_r h_r δ_rᵀ; δ = ∂L/∂output (…, d_out). ``stacked``: w is a stack
+    of matrices that matmul broadcasts over h's leading dimensions (:func:`_product_shape`):
+    hᵀ δ per matrix, (*h.shape[:-2], d_in, d_out), its rows per example still to be summed.
+    In float32 (float64 for float64)."""
     acc = acc_dtype(delta.dtype)
+    if stacked:
+        return h.to(acc).transpose(-1, -2) @ delta.to(acc)
     k = h.shape[:-1].numel() // B if B else 0
     a, d = h.to(acc).reshape(B, k, h.shape[-1]), delta.to(acc).reshape(B, k, delta.shape[-1])
     return d.transpose(1, 2) @ a if linear else a.transpose(1, 2) @ d
@@ -659,14 +807,17 @@ class FreeUses(TorchFunctionMode):
             return out
         names = self.views.names(hits)
         planned = {name: self.views.next_step(name, self.plan) for name in names}
-        if all(kind == "made" for kind in planned.values()):   # what the first batch made of it (Views.planned_made)
+        kind = self.views.planned_made(hits, self.plan)
+        if kind is not None:   # what the first batch made of it
             out = func(*args, **kwargs)
             made = result(func, args, kwargs, out)
-            if not self.views.note(func, args, kwargs, made, planned=True) and needs_grad(made):
+            if not self.views.note(func, args, kwargs, made, planned=kind) and needs_grad(made):
                 for name in names:
                     self.problems.setdefault(name, f"is used by {_name(func)}, which made another tensor of it on "
                                                    f"the first batch")
             return out
+        if any(id(t) in self.views.tiled for t in hits):
+            return self._tiled_use(func, args, kwargs, hits, planned)
         shapes = {id(t): target_shape(func, args, kwargs, t, self.B,
                                       merged=any(planned[n] == MERGED for n in self.views.of[id(t)])) for t in hits}
         bad = {n: what for i, (shape, what) in shapes.items() if shape is None for n in self.views.of[i]}
@@ -693,6 +844,46 @@ class FreeUses(TorchFunctionMode):
         args = tuple(swap.get(id(a), a) if isinstance(a, torch.Tensor) else a for a in args)
         kwargs = {k: swap.get(id(v), v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         return func(*args, **kwargs)
+
+    def _tiled_use(self, func, args: tuple, kwargs: dict, hits: list[torch.Tensor],
+                   planned: dict[str, str | None]) -> torch.Tensor:
+        """A use of tensors repeated over the batch (:attr:`Views.tiled`), every tracked operand
+        one, in a form :meth:`Views.tiled_fit` takes: each probed as it is, whose δ's k rows per
+        example are that example's gradient of the repeated block; else run as it is, a problem."""
+        fits = [self.views.tiled_fit(func, args, kwargs, t)[0] if id(t) in self.views.tiled
+                else f"{_name(func)} of a tensor repeated over the batch and another made of a free parameter"
+                for t in hits]
+        why = next((w for w in fits if w is not None), None)
+        if why is None and any(kind not in ("use", MERGED) for kind in planned.values()):
+            why = f"{_name(func)}, unlike on the first batch"
+        if why is not None:
+            out = func(*args, **kwargs)
+            if needs_grad(out):
+                for name in self.views.names(hits):
+                    self.problems.setdefault(name, f"is used by {why}")
+            return out
+        self.views.used(hits)
+        self._make_leaf(hits[0].device)
+        swap = {}
+        for t in hits:
+            if id(t) not in swap:
+                swap[id(t)] = probe(t, self.leaf[0], self._on_tiled(t), self.contiguous)
+        args = tuple(swap.get(id(a), a) if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: swap.get(id(v), v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+    def _on_tiled(self, t: torch.Tensor) -> Callable[[torch.Tensor], None]:
+        """The callback of a new use of t, a repeat over the batch of the block S (k, ...):
+        its δ (k·B, ...), k rows per example, is each example's gradient of S."""
+        S, k = self.views.tiled[id(t)]
+        names, use = self.views.of[id(t)], self.uses
+        made, roots = self.views.maps.get(id(S)), self.views.graph.get(id(S))
+        self.uses += 1
+        rows = (self.B, *S.shape)
+
+        def on_grad(delta: torch.Tensor) -> None:
+            self._add(names, use, delta.reshape(rows), rows, made, None if roots is None else (S, roots))
+        return on_grad
 
     def _on_use(self, t: torch.Tensor, shape: tuple[int, ...],
                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Callable[[torch.Tensor], None]:
@@ -739,13 +930,16 @@ class FreeUses(TorchFunctionMode):
         h, w, _, linear = _product_operands(name, args, kwargs)
         calls = []
         for t in {id(t): t for t in hits}.values():
+            stacked = t.dim() > 2
             if t is not w:
                 calls.append(self._on_use(t, tuple(out.shape)))
-            elif id(t) in self.views.roots and self.plan.get(self.views.of[id(t)][0]) in (["use"], [MERGED]):
+            elif (not stacked and id(t) in self.views.roots
+                  and self.plan.get(self.views.of[id(t)][0]) in (["use"], [MERGED])):
                 calls.append(self._on_product(t, h.detach(), linear))
-            else:
-                calls.append(self._on_use(t, (self.B, *t.shape),
-                                          partial(_weight_grads, h.detach(), self.B, linear)))
+            else:   # a stack of matrices: its gradient as matmul broadcasts it over h's leading dimensions
+                shape = (*h.shape[:-2], *t.shape[-2:]) if stacked else (self.B, *t.shape)
+                calls.append(self._on_use(t, shape, partial(_weight_grads, h.detach(), self.B, linear,
+                                                            stacked=stacked)))
         return probe(out, self.leaf[0], lambda delta: [call(delta) for call in calls], self.contiguous)
 
     def _on_product(self, t: torch.Tensor, h: torch.Tensor, linear: bool) -> Callable[[torch.Tensor], None]:

@@ -58,7 +58,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..batch import Inputs, batch_len, call_model, concat, take
 from ..kernels.reference import autocast_dtypes, autocast_off
-from .free import (MERGED, Views, graph_nodes, in_place, last_node, map_leaves, misfit, needs_grad, op_nodes,
+from .free import (MERGED, TILED, Views, graph_nodes, in_place, last_node, map_leaves, misfit, needs_grad, op_nodes,
                    result, unseen_uses)
 from .rules import Rule
 from .rules.registry import close
@@ -130,7 +130,7 @@ class _Uses(TorchFunctionMode):
     whose rule covers it)), the first op that uses one while none of those layers runs."""
 
     def __init__(self, params: dict[int, tuple[str, tuple[str, ...]]], free: dict[int, str], B: int,
-                 plan: dict[str, list[str]] | None = None) -> None:
+                 plan: dict[str, list[str]] | None = None, untiled: frozenset[str] = frozenset()) -> None:
         super().__init__()
         self.plan = plan   # the free parameters' ops ("use", "made") in a run of 2 examples, which this one follows
         self.watched: dict[int, list] = {}   # id(tensor) -> that call's list of uses
@@ -138,7 +138,7 @@ class _Uses(TorchFunctionMode):
         self.params = params
         self.running: dict[str, int] = {}    # layer name -> its calls under way
         self.strays: dict[str, str] = {}     # parameter name -> the op that used it outside its layers
-        self.views, self.B = Views(free, B), B  # free parameters {id: name}, what is made of them, the batch
+        self.views, self.B = Views(free, B, untiled), B  # free parameters {id: name}, what is made of them, the batch
         # per use: (what does not fit or None, whether it has the form the rule takes)
         self.free_uses: dict[str, list[tuple[str | None, bool]]] = {n: [] for n in free.values()}
         self.consumers: set = set()          # the autograd nodes of those uses (and of their views)
@@ -170,11 +170,12 @@ class _Uses(TorchFunctionMode):
         if seen and needs_grad(res):
             self.consumers.update(op_nodes(res, before))
             hits = tracked
-            made = (self.views.note(func, args, kwargs or {}, res, planned=True)
-                    if hits and self.views.planned_made(hits, self.plan)
+            kind = self.views.planned_made(hits, self.plan) if hits else None
+            made = (self.views.note(func, args, kwargs or {}, res, planned=kind) if kind is not None
                     else self.plan is None and self.views.note(func, args, kwargs or {}, res))
             if not made:   # a use; where the run of 2 made another tensor here, the steps differ (_free_layout)
-                fits = [misfit(func, args, kwargs or {}, t, self.B) for t in hits]
+                fits = [self.views.tiled_fit(func, args, kwargs or {}, t) if id(t) in self.views.tiled
+                        else misfit(func, args, kwargs or {}, t, self.B) for t in hits]
                 for t, fit in zip(hits, fits):
                     for name in self.views.of[id(t)]:
                         self.free_uses[name].append(fit)
@@ -211,12 +212,14 @@ def observed(rule: Rule, args: tuple, kwargs: dict, output) -> tuple:
 
 def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inputs,
             params: dict[int, tuple[str, tuple[str, ...]]], free: dict[int, str], verify: bool = False,
-            plan: dict[str, list[str]] | None = None) -> tuple[dict[str, _Record], _Uses]:
+            plan: dict[str, list[str]] | None = None, untiled: frozenset[str] = frozenset()
+            ) -> tuple[dict[str, _Record], _Uses]:
     """Each ruled layer's call shapes and output uses on ``x``, and the op watch (the
     parameters used outside their layers, the free parameters' uses, following ``plan``
-    if given, :class:`_Uses`); with ``verify``, each rule's :attr:`Rule.verify` of its first call."""
+    if given, their repeats never taken as over the batch for ``untiled``, :class:`_Uses`);
+    with ``verify``, each rule's :attr:`Rule.verify` of its first call."""
     records = {name: _Record() for name in layers}
-    mode = _Uses(params, free, batch_len(x), plan)
+    mode = _Uses(params, free, batch_len(x), plan, untiled)
 
     def enter(name):
         mode.running[name] = mode.running.get(name, 0) + 1
@@ -346,8 +349,9 @@ class _FreeRows(TorchFunctionMode):
         hits = [t for t in self.views.hits(args, kwargs or {}) if t.requires_grad]
         if not hits or not isinstance(out, torch.Tensor) or not out.requires_grad:
             return out
-        if self.views.planned_made(hits, self.plan):
-            self.views.note(func, args, kwargs or {}, out, planned=True)
+        kind = self.views.planned_made(hits, self.plan)
+        if kind is not None:
+            self.views.note(func, args, kwargs or {}, out, planned=kind)
             return out
         names = self.views.names(hits)
         merged = any(self.views.next_step(n, self.plan) == MERGED for n in names)
@@ -457,6 +461,12 @@ def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: In
         # 2 examples first: with one, any tensor of one row looks like the batch's (a (1, T, d) embedding)
         rec2, uses2 = _record(model, layers, concat([first, first]), watched, free_ids)
         rec1, uses1 = _record(model, layers, first, watched, free_ids, verify=True, plan=uses2.views.steps)
+        # a repeat twice whatever the batch looks like one over the batch of two: not for one example
+        untiled = frozenset(n for n in free or {} if _tiled_count(uses1, n) != _tiled_count(uses2, n))
+        if untiled:
+            rec2, uses2 = _record(model, layers, concat([first, first]), watched, free_ids, untiled=untiled)
+            rec1, uses1 = _record(model, layers, first, watched, free_ids, verify=True, plan=uses2.views.steps,
+                                  untiled=untiled)
     except Exception as e:   # the fallback meets the same model and says what fails
         why = f"the model did not run on 1 and 2 copies of an example ({type(e).__name__}: {e})".splitlines()[0][:300]
         return {name: why for name in layers}, False, {}, {name: f"was not checked: {why}" for name in free or {}}, {}
@@ -515,6 +525,11 @@ def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: In
                                                       uses2.use_rows.get(name, []), batch_len(x))
     plan = {name: steps for name, steps in plan.items() if free_out[name] is None}
     return out, _check_order(model, layers, out, x, free_ids, free_out, plan), uses1.strays, free_out, plan
+
+
+def _tiled_count(uses: _Uses, name: str) -> int:
+    """How many repeats over the batch (:data:`.free.TILED`) the run saw of free parameter ``name``."""
+    return uses.views.steps.get(name, []).count(TILED)
 
 
 def _merged_uses(steps: list[str], rows1: list[int], rows2: list[int], B: int) -> tuple[str | None, list[str]]:
