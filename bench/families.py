@@ -90,6 +90,39 @@ class QKVBiasAttention(BiasedAttention):
         return self.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, d))
 
 
+class RelativePositionAttention(nn.Module):
+    """DeBERTa-v2's (and -v3's) disentangled self-attention on (B, T, d): the relative
+    position embeddings (2T, d), layer-normalized, go once for the batch through the
+    attention's own query and key Linears, are repeated over the batch (``.repeat(B, 1,
+    1)``) and meet each example's heads by ``torch.bmm`` (content to position, position to
+    content): the free-parameter rule's repeats over the batch."""
+
+    def __init__(self, d: int, T: int, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.proj = (nn.Linear(d, d) for _ in range(4))
+        self.rel, self.norm = nn.Parameter(0.02 * torch.randn(2 * T, d)), nn.LayerNorm(d)
+        offsets = (torch.arange(T)[:, None] - torch.arange(T)[None] + T).clamp(0, 2 * T - 1)
+        self.register_buffer("offsets", offsets, persistent=False)
+
+    def _split(self, t: torch.Tensor) -> torch.Tensor:
+        """(n, T, d) -> (n · heads, T, d / heads)."""
+        n, T, d = t.shape
+        return t.reshape(n, T, self.heads, d // self.heads).permute(0, 2, 1, 3).reshape(-1, T, d // self.heads)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        q, k, v = self._split(self.q(x)), self._split(self.k(x)), self._split(self.v(x))
+        rel = self.norm(self.rel)[None]
+        pos_k, pos_q = self._split(self.k(rel)).repeat(B, 1, 1), self._split(self.q(rel)).repeat(B, 1, 1)
+        at = self.offsets.expand(B * self.heads, T, T)
+        c2p = torch.gather(torch.bmm(q, pos_k.transpose(-1, -2)), -1, at)
+        p2c = torch.gather(torch.bmm(k, pos_q.transpose(-1, -2)), -1, at).transpose(-1, -2)
+        scores = (torch.bmm(q, k.transpose(-1, -2)) + c2p + p2c) * (3 * d // self.heads) ** -0.5
+        out = torch.bmm(scores.softmax(-1), v).reshape(B, self.heads, T, d // self.heads)
+        return self.proj(out.transpose(1, 2).reshape(B, T, d))
+
+
 class Channels(nn.Module):
     """A channels-first layer followed by moving channels last."""
 
@@ -154,6 +187,8 @@ def families(B: int) -> dict[str, tuple[nn.Module, torch.Tensor, str]]:
         "attention biases" + WITHOUT_FREE: (Head(BiasedAttention(D, T), D), seq, "body."),
         "BEiT attention (F.linear by qkv's weight)": (Head(QKVBiasAttention(D, T), D), seq, "body."),
         "BEiT attention" + WITHOUT_FREE: (Head(QKVBiasAttention(D, T), D), seq, "body."),
+        "DeBERTa-v2 attention (position keys repeated)": (Head(RelativePositionAttention(D, T), D), seq, "body."),
+        "DeBERTa-v2 attention" + WITHOUT_FREE: (Head(RelativePositionAttention(D, T), D), seq, "body."),
         "ResNet, BatchNorm (20k)": (small_resnet(), torch.randn(B, 3, 32, 32), ""),
         "Conv encoder, ConvTranspose decoder": (Head(Channels(nn.Sequential(
             nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
