@@ -61,6 +61,22 @@ def test_histograms_are_a_grid_with_a_title(figures):
     assert not _overlap(_boxes([ax.title for ax in visible] + [fig._suptitle]))
 
 
+@pytest.mark.parametrize("scale", [1e-6, 8e-3, 9e-3, 0.15, 0.9, 3e4])
+def test_histogram_tick_labels_never_overlap(figures, scale):
+    """Scores of both signs in a narrow panel (the cosine variant of a PDS score spans
+    ±0.008: its labels "-0.0075" to "0.0075" ran into each other)."""
+    rng = np.random.default_rng(0)
+    scores = {f"s{k}": scale * np.concatenate([rng.normal(-0.6, 0.18, 100), rng.normal(0.6, 0.18, 100)])
+              for k in range(5)}
+    plots.score_histograms(scores, rng.random(200) < 0.2, "x.png")
+    for ax in figures[0].axes:
+        if ax.get_visible():
+            for axis in (ax.xaxis, ax.yaxis):
+                lo, hi = axis.get_view_interval()
+                labels = [t.label1 for t in axis.get_major_ticks() if lo <= t.get_loc() <= hi]
+                assert not _overlap(_boxes(labels)), [t.get_text() for t in labels if t.get_text()]
+
+
 def test_the_histogram_legend_counts_what_its_panel_draws(figures):
     rng = np.random.default_rng(0)
     noisy = np.arange(100) < 20

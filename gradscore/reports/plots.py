@@ -36,6 +36,7 @@ def score_histograms(scores: dict[str, np.ndarray], noisy: np.ndarray | None, pa
     """One histogram per score in a grid of ``ncols`` columns, clean vs known-noisy examples
     overlaid (as densities) when ``noisy`` is given; NaN/Inf values are left out and counted.
     PNG or SVG by the extension of ``path``."""
+    from matplotlib import ticker
     plt = pyplot()
     names = list(scores)
     ncols = max(1, min(ncols, len(names)))
@@ -59,7 +60,9 @@ def score_histograms(scores: dict[str, np.ndarray], noisy: np.ndarray | None, pa
                     color="tab:red", density=True)
             if k == 0:
                 ax.legend(fontsize=8)
-        ax.tick_params(labelsize=8)
+        ax.tick_params(labelsize=8)   # few ticks, and a ×10ⁿ offset for small or large scores: labels that fit
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(nbins=4))
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3), useMathText=True)
         if k % ncols == 0:
             ax.set_ylabel("density" if noisy is not None else "count")
     if title:
