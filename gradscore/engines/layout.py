@@ -132,7 +132,7 @@ class _Uses(TorchFunctionMode):
     def __init__(self, params: dict[int, tuple[str, tuple[str, ...]]], free: dict[int, str], B: int,
                  plan: dict[str, list[str]] | None = None, untiled: frozenset[str] = frozenset()) -> None:
         super().__init__()
-        self.plan = plan   # the free parameters' ops ("use", "made") in a run of 2 examples, which this one follows
+        self.plan = plan   # the free parameters' ops ("use", "made", …) in a run of 2 examples, which this one follows
         self.watched: dict[int, list] = {}   # id(tensor) -> that call's list of uses
         self.alive: list[torch.Tensor] = []  # keeps ids from being reused during the run
         self.params = params
