@@ -183,15 +183,16 @@ def needs_grad(out) -> bool:
     return any(t.requires_grad for t in leaves(out))
 
 
+def _sizes(rest: tuple) -> tuple:
+    """The sizes of ``t.op(*sizes)`` or ``t.op(sizes)`` (expand, repeat, view, reshape) from its
+    arguments after t."""
+    return tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list, torch.Size)) else tuple(rest)
+
+
 def _expand_shape(args: tuple, kwargs: dict) -> tuple[int, ...]:
     """The shape ``t.expand(*sizes)`` (or ``t.expand(sizes)``) gives, −1 resolved."""
     t = args[0]
-    if "size" in kwargs:
-        sizes = tuple(kwargs["size"])
-    elif len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)):
-        sizes = tuple(args[1])
-    else:
-        sizes = tuple(args[1:])
+    sizes = tuple(kwargs["size"]) if "size" in kwargs else _sizes(args[1:])
     lead = len(sizes) - t.dim()
     return tuple(t.shape[i - lead] if s == -1 and i >= lead else s for i, s in enumerate(sizes))
 
@@ -414,7 +415,7 @@ class Views:
         if _name(func) not in REPEATS or not args or args[0] is not t or kwargs or t.dim() == 0 or (
                 set(self.of[id(t)]) & self.untiled):
             return False
-        sizes = tuple(args[1]) if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)) else args[1:]
+        sizes = _sizes(args[1:])
         return (len(sizes) == t.dim() and all(isinstance(n, int) for n in sizes) and sizes[0] == self.B
                 and all(n == 1 for n in sizes[1:]) and tuple(out.shape) == (self.B * t.shape[0], *t.shape[1:]))
 
@@ -460,7 +461,7 @@ class Views:
             return None
         rest = args[1:]
         if name in ("reshape", "view"):
-            sizes = tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list, torch.Size)) else rest
+            sizes = _sizes(rest)
             if kwargs or not sizes or sizes[0] != t.shape[0]:
                 return None
             rest = (k, *sizes[1:])
@@ -711,6 +712,13 @@ def _backward_per_example(made: torch.Tensor, params: tuple[torch.Tensor, ...], 
             for gp, p in zip(got, params)]
 
 
+def _call_swapped(func, args: tuple, kwargs: dict, swap: dict[int, torch.Tensor]):
+    """``func`` on its arguments with each tensor whose id is in ``swap`` replaced by its swap (its probe)."""
+    args = tuple(swap.get(id(a), a) if isinstance(a, torch.Tensor) else a for a in args)
+    kwargs = {k: swap.get(id(v), v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    return func(*args, **kwargs)
+
+
 def _sdpa_options(args: tuple, kwargs: dict) -> tuple:
     """(query, key, value, dropout_p, is_causal, scale, enable_gqa, attn_mask) of an
     ``F.scaled_dot_product_attention`` call."""
@@ -841,9 +849,7 @@ class FreeUses(TorchFunctionMode):
         for t in hits:   # P * P: one expansion
             if id(t) not in swap:
                 swap[id(t)] = self._expanded(t, shapes[id(t)][0])
-        args = tuple(swap.get(id(a), a) if isinstance(a, torch.Tensor) else a for a in args)
-        kwargs = {k: swap.get(id(v), v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        return func(*args, **kwargs)
+        return _call_swapped(func, args, kwargs, swap)
 
     def _tiled_use(self, func, args: tuple, kwargs: dict, hits: list[torch.Tensor],
                    planned: dict[str, str | None]) -> torch.Tensor:
@@ -868,9 +874,7 @@ class FreeUses(TorchFunctionMode):
         for t in hits:
             if id(t) not in swap:
                 swap[id(t)] = probe(t, self.leaf[0], self._on_tiled(t), self.contiguous)
-        args = tuple(swap.get(id(a), a) if isinstance(a, torch.Tensor) else a for a in args)
-        kwargs = {k: swap.get(id(v), v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        return func(*args, **kwargs)
+        return _call_swapped(func, args, kwargs, swap)
 
     def _on_tiled(self, t: torch.Tensor) -> Callable[[torch.Tensor], None]:
         """The callback of a new use of t, a repeat over the batch of the block S (k, ...):
