@@ -972,11 +972,14 @@ def test_an_embedding_of_the_offsets_one_for_the_batch_takes_the_free_rule_where
 
 @pytest.mark.parametrize("family,config", [("relative", ("sdpa", "batch")), ("relative", ("add", "TB")),
                                            ("windows", ("example", "sdpa")), ("free", ("embedding", "batch")),
-                                           ("free", ("interpolate", "T1"))], ids=lambda v: str(v))
+                                           ("free", ("interpolate", "T1")), ("free", ("tiled_bmm", "batch")),
+                                           ("free", ("tiled_reshape", "TB")), ("free", ("stacked", "T1")),
+                                           ("free", ("slice_zero", "batch"))], ids=lambda v: str(v))
 def test_an_empty_batch_after_the_first_gives_empty_scores_on_the_free_rule(family, config):
     """B == 0 after a first batch: the per-example backward of a parameter's own ops, the
-    recomputed scores gradient of SDPA's mask and merged rows give (0,) norms and (0, K)
-    dots, and every parameter stays on its ghost path."""
+    recomputed scores gradient of SDPA's mask, merged rows, a repeat over the batch (zero
+    times) and a stack of matrices give (0,) norms and (0, K) dots, and every parameter
+    stays on its ghost path."""
     model, x, y = _prepare(family, config)
     scorer = gs.Scorer(model, engine="auto")
     scorer.score_batch(x, y)
