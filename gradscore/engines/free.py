@@ -433,7 +433,7 @@ class Views:
             block = self._tiled_op(func, args, kwargs, t, out)
             kind = "made"
         else:
-            if planned is not None and planned != TILED or not self._over_batch(func, args, kwargs, t, out):
+            if not self._over_batch(func, args, kwargs, t, out):   # planned TILED, or found so by note
                 return False
             block, kind = (t, t.shape[0]), TILED
         if block is None:
@@ -550,7 +550,7 @@ class Views:
         done, planned = len(self.steps.get(name, [])), plan.get(name, [])
         return planned[done] if done < len(planned) else None
 
-    def planned_made(self, hits: list[torch.Tensor], plan: dict[str, list[str]] | None) -> str | None:
+    def planned_kind(self, hits: list[torch.Tensor], plan: dict[str, list[str]] | None) -> str | None:
         """What ``plan`` says the op on ``hits`` makes of them ("made", or :data:`TILED`: a repeat
         over the batch), or None for a use: its shapes do not decide (a size that equals B by
         chance is not the batch's)."""
@@ -815,7 +815,7 @@ class FreeUses(TorchFunctionMode):
             return out
         names = self.views.names(hits)
         planned = {name: self.views.next_step(name, self.plan) for name in names}
-        kind = self.views.planned_made(hits, self.plan)
+        kind = self.views.planned_kind(hits, self.plan)
         if kind is not None:   # what the first batch made of it
             out = func(*args, **kwargs)
             made = result(func, args, kwargs, out)
