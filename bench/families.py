@@ -10,6 +10,7 @@ plain, ``auto`` (K = 0 and 2) and the per-example ``loop``, as ratios to plain.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from collections import Counter
 
 import torch
@@ -123,6 +124,26 @@ class RelativePositionAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, T, d))
 
 
+class MixtureOfExperts(nn.Module):
+    """Hugging Face Mixtral's sparse MLP on (B, T, d): a router Linear picks the top 2 of 8
+    experts per token, and ``MixtralExperts`` runs them on the B·T rows (the experts rule)."""
+
+    def __init__(self, d: int, experts: int = 8) -> None:
+        super().__init__()
+        from transformers.models.mixtral import modeling_mixtral as mixtral
+        config = mixtral.MixtralConfig(hidden_size=d, intermediate_size=2 * d, num_local_experts=experts)
+        config._experts_implementation = "eager"
+        self.router, self.experts = nn.Linear(d, experts, bias=False), mixtral.MixtralExperts(config)
+        with torch.no_grad():
+            for p in self.experts.parameters():
+                p.normal_(0, d ** -0.5)
+
+    def forward(self, x):
+        rows = x.reshape(-1, x.shape[-1])
+        w, index = self.router(rows).softmax(-1).topk(2, -1)
+        return self.experts(rows, index, w / w.sum(-1, keepdim=True)).reshape(x.shape)
+
+
 class Channels(nn.Module):
     """A channels-first layer followed by moving channels last."""
 
@@ -189,6 +210,8 @@ def families(B: int) -> dict[str, tuple[nn.Module, torch.Tensor, str]]:
         "BEiT attention" + WITHOUT_FREE: (Head(QKVBiasAttention(D, T), D), seq, "body."),
         "DeBERTa-v2 attention (position keys repeated)": (Head(RelativePositionAttention(D, T), D), seq, "body."),
         "DeBERTa-v2 attention" + WITHOUT_FREE: (Head(RelativePositionAttention(D, T), D), seq, "body."),
+        **({"Mixture of experts (Mixtral's, 8 experts, top 2)": (Head(MixtureOfExperts(D), D), seq, "body.experts.")}
+           if importlib.util.find_spec("transformers") else {}),
         "ResNet, BatchNorm (20k)": (small_resnet(), torch.randn(B, 3, 32, 32), ""),
         "Conv encoder, ConvTranspose decoder": (Head(Channels(nn.Sequential(
             nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),

@@ -140,7 +140,7 @@ class Scorer:
         if not gradients:
             return self._guarded(lambda: self.engine.forward(x, y), x, y)
         out = self._guarded(lambda: self.engine.score_batch(x, y, blocks), x, y)
-        if not self._reach_checked:
+        if not self._reach_checked and batch_len(x):   # an empty batch shows nothing of where gradients reach
             self._reach_checked = True
             self._check_first_batch(x, y)
         return out

@@ -532,6 +532,53 @@ class ShapedScale(nn.Module):
         return x * self.scale.view(self.shape)
 
 
+class ExpertsNet(nn.Module):
+    """A mixture of experts as Hugging Face's MoE models call it: a router (Linear) scores 4
+    experts per row, the top 2 weights normalized, one of Hugging Face's experts layers on the
+    rows (``kind``: "mixtral" gated, "gpt_oss" its own gate on interleaved columns, transposed
+    weights with biases, "nemotron_h" ungated), then tanh and a head on the mean. ``layout``:
+    "merged" (the B·T rows of (B, T, D), example by example), "flat" (one row per example),
+    "T1" and "TB" (merged, T = 1 and T = B = 3), "step" (the rows steps first: the fallback),
+    "twice" (the experts called on the rows and on their negation). ``impl``: the experts'
+    implementation as Hugging Face's config names it ("eager", "batched_mm", "grouped_mm",
+    which needs rows of a multiple of 16 bytes); ``D``, ``I``: the rows' and the experts' widths."""
+
+    def __init__(self, kind: str, layout: str = "merged", impl: str = "eager", D: int = 5, I: int = 6):
+        super().__init__()
+        import importlib
+        tf = importlib.import_module(f"transformers.models.{kind}.modeling_{kind}")
+        self.shape, E = (4, D), 4
+        if kind == "mixtral":
+            config, cls = tf.MixtralConfig(hidden_size=D, intermediate_size=I, num_local_experts=E), tf.MixtralExperts
+        elif kind == "gpt_oss":
+            config, cls = tf.GptOssConfig(hidden_size=D, intermediate_size=I, num_local_experts=E), tf.GptOssExperts
+        else:
+            config, cls = tf.NemotronHConfig(hidden_size=D, moe_intermediate_size=I, n_routed_experts=E), \
+                tf.NemotronHExperts
+        config._experts_implementation = impl
+        self.layout, self.router, self.experts, self.head = layout, nn.Linear(D, E), cls(config), nn.Linear(D, 3)
+        with torch.no_grad():
+            for p in self.experts.parameters():
+                p.normal_(0, 0.5)
+
+    def route(self, rows: torch.Tensor) -> torch.Tensor:
+        w, index = F.softmax(self.router(rows), -1).topk(2, -1)
+        return self.experts(rows, index, w / w.sum(-1, keepdim=True))
+
+    def forward(self, x):
+        B, T, D = x.shape
+        if self.layout == "flat":
+            return self.head(torch.tanh(self.route(x[:, 0])))
+        x = x[:, :{"T1": 1, "TB": 3}.get(self.layout, T)]
+        T = x.shape[1]
+        if self.layout == "step":
+            h = self.route(x.transpose(0, 1).reshape(T * B, D)).reshape(T, B, D).transpose(0, 1)
+        else:
+            rows = x.reshape(B * T, D)
+            h = self.route(rows) + (self.route(-rows) if self.layout == "twice" else 0)
+        return self.head(torch.tanh(h.reshape(B, T, D)).mean(1))
+
+
 class FreeNet(nn.Module):
     """A ViT's start on tokens (B, T, 5): a Linear, a class token expanded and concatenated,
     a position embedding (or another parameter the forward uses directly), then a head on

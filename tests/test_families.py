@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import itertools
 import re
+import warnings
 
 import pytest
 import torch
@@ -19,7 +20,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 import gradscore as gs
 from gradscore.engines.rules import recurrent as recurrent_rule
-from helpers import FreeNet, MyStdConv2d, NormActNet, PositionsNet, RelativeBias, ScaleNet, Windows, compare_with_loop
+from helpers import (ExpertsNet, FreeNet, MyStdConv2d, NormActNet, PositionsNet, RelativeBias, ScaleNet, Windows,
+                     compare_with_loop)
 
 B, T, D = 3, 4, 5
 
@@ -526,16 +528,22 @@ WINDOWS_GRID = [("windows", (order, kind)) for order in ("example", "step") for 
 #: (how the bias meets the scores, layout): see RelativeBias
 RELATIVE_GRID = [("relative", (kind, layout)) for kind in RelativeBias.KINDS
                  for layout in ("batch", "seq_first", "T1", "TB")]
+#: Hugging Face's experts layers (kind, how the rows meet the batch, implementation): see ExpertsNet
+EXPERTS_GRID = [("experts", (kind, layout, impl)) for kind in ("mixtral", "gpt_oss", "nemotron_h")
+                for layout in ("merged", "flat", "T1", "TB", "step", "twice") for impl in ("eager", "batched_mm")]
 GRID = (AFFINE_GRID + MERGED_GRID + MERGED_OTHER_ORDER + RNN_GRID + CELL_GRID + CELL_UNBATCHED + MHA_GRID
         + CROSS_GRID + BAG_GRID + CONV_GRID
         + CONV_T_GRID + BILINEAR_GRID
         + NORM_GRID + OWN_GRID + NORM_ACT_GRID + SCALE_GRID + STD_CONV_GRID + FREE_GRID + RELATIVE_GRID
-        + WINDOWS_GRID + [("subclass", ())])
+        + WINDOWS_GRID + EXPERTS_GRID + [("subclass", ())])
 
 
 def _build(family, config, n=B):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
+    if family == "experts":
+        pytest.importorskip("transformers")
+        return ExpertsNet(*config), torch.randn(n, T, D, generator=g, dtype=torch.float64)
     if family == "recurrent":
         x = torch.randn(n, T, D, generator=g, dtype=torch.float64)
         if n > 1:
@@ -676,15 +684,19 @@ def test_recurrent_layers_with_saturated_gates_equal_the_loop(family, config):
                                            MHA_GRID[0],
                                            BAG_GRID[-1], FREE_GRID[0], RELATIVE_GRID[4], WINDOWS_GRID[2],
                                            CONV_GRID[0], CONV_T_GRID[1], BILINEAR_GRID[-1], NORM_GRID[0],
+                                           EXPERTS_GRID[0], EXPERTS_GRID[-1],
                                            *OWN_GRID[::7],
                                            *NORM_ACT_GRID[::3],
                                            *SCALE_GRID[::2], *PRELU_GRID[::2], *STD_CONV_GRID[::2]],
                          ids=lambda v: str(v))
 @pytest.mark.parametrize("engine", ["auto", "ghost", "vmap", "loop"])
 def test_an_empty_batch_gives_empty_results(family, config, engine):
+    """... and no warning: a first batch of no examples shows nothing of where gradients reach."""
     model, x, y = _prepare(family, config, n=0)
     scorer = gs.Scorer(model, engine=engine)
-    out = scorer.score_batch(x, y, refs=_refs(scorer, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gs.GradscoreWarning)
+        out = scorer.score_batch(x, y, refs=_refs(scorer, 2))
     assert out.sq_norm.shape == (0,) and out.dots.shape == (0, 2) and out.loss.shape[0] == 0
 
 
@@ -1299,3 +1311,64 @@ def test_float32_row_norms_take_the_fused_kernel_and_equal_the_loop(kind, layout
         if K:
             torch.testing.assert_close(out.dots.double(), ref.dots, rtol=1e-4, atol=1e-6)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("family,config", EXPERTS_GRID, ids=lambda v: str(v))
+def test_hugging_face_experts_take_their_rule_where_the_rows_are_each_examples_own(family, config):
+    """Mixtral's, GPT-OSS's and Nemotron-H's experts (gated, interleaved and transposed with
+    biases, ungated) take the experts rule on merged rows, one row per example, T = 1, T = B
+    and two calls; rows of the steps first go to the fallback, saying why (the values equal
+    the loop: the grid above)."""
+    model, x, y = _prepare(family, config)
+    scorer = gs.Scorer(model, engine="auto")
+    scorer.score_batch(x, y)
+    why = scorer.explain()
+    for name in ("experts.down_proj", "experts.gate_up_proj" if config[0] != "nemotron_h" else "experts.up_proj"):
+        if config[1] == "step":
+            assert "rows are not the batch's examples in order" in why[name], why
+        else:
+            assert why[name].startswith("ghost (experts rule on experts"), why
+    assert all(v.startswith("ghost") for n, v in why.items() if n.startswith("head.")), why
+    assert why["router.weight"].startswith("ghost") == (config[1] != "step"), why
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+def test_experts_in_float32_on_hugging_faces_grouped_matmul_equal_the_float64_loop(kind):
+    """Hugging Face's grouped matmul takes float32 and half types only: the model in float32
+    on it, scored by ``auto`` (the rule, checked against that forward), against the float64
+    loop on the eager experts, K = 0 and 2."""
+    torch.manual_seed(0)
+    model = ExpertsNet(kind, D=8, I=8).double().eval()
+    x, y = torch.randn(5, 4, 8, dtype=torch.float64), torch.arange(5) % 3
+    loop = gs.Scorer(model, engine="loop")
+    m32 = copy.deepcopy(model).float()
+    m32.experts.config._experts_implementation = "grouped_mm"
+    scorer = gs.Scorer(m32, engine="auto")
+    for K in (0, 2):
+        V = _refs(loop, K)
+        ref = loop.score_batch(x, y, refs=V)
+        out = scorer.score_batch(x.float(), y, refs=None if V is None else V.float())
+        torch.testing.assert_close(out.sq_norm.double(), ref.sq_norm, rtol=1e-4, atol=0)
+        if K:
+            torch.testing.assert_close(out.dots.double(), ref.dots, rtol=1e-4, atol=1e-4 * float(ref.dots.abs().max()))
+    assert scorer.explain()["experts.down_proj"].startswith("ghost (experts rule"), scorer.explain()
+
+
+def test_experts_of_the_same_structure_that_compute_otherwise_fall_back_and_say_why():
+    """A look-alike of Mixtral's experts whose own forward doubles the routing weights is
+    not what the rule replays: its check on the first batch sends it to the fallback, with
+    the reason, and the values equal the loop."""
+    mixtral = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
+
+    class Doubled(mixtral.MixtralExperts):
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            return super().forward(hidden_states, top_k_index, 2 * top_k_weights)
+
+    model, x, y = _prepare("experts", ("mixtral", "merged", "eager"))
+    model.experts.__class__ = Doubled
+    want = gs.Scorer(model, engine="loop").score_batch(x, y)
+    scorer = gs.Scorer(model, engine="auto")
+    got = scorer.score_batch(x, y)
+    torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-10, atol=0)
+    why = scorer.explain()["experts.down_proj"]
+    assert why.startswith(("vmap", "loop")) and "does not compute its experts' gated projections" in why, why

@@ -100,7 +100,6 @@ IMAGE_CLASSIFICATION = {
 NO_RULE, BATCH_NORM = "needs a ghost rule for every trainable parameter", "is in training mode"
 REFUSED_IN_RUN = {
     "squeezebert": NO_RULE,    # a LayerNorm over the channels of (B, C, T)
-    "mixtral": NO_RULE, "qwen2_moe": NO_RULE,   # the router and the experts' stacked weights
     "mamba": NO_RULE,    # its Conv1d, dt_proj and D weights are read by the scan, not called
     "resnet": BATCH_NORM, "regnet": BATCH_NORM, "mobilenet_v2": BATCH_NORM, "mobilevit": BATCH_NORM,
 }

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscore as gs
-from helpers import (CellLoop, ChannelsLastNorm, EvalStateInPlace, FreeNet, MyStdConv2d, NormActCNN, PatchTokens,
-                     RelativeBias, Reversed, Windows, check_inrun_against_loop, inrun_reference)
+from helpers import (CellLoop, ChannelsLastNorm, EvalStateInPlace, ExpertsNet, FreeNet, MyStdConv2d, NormActCNN,
+                     PatchTokens, RelativeBias, Reversed, Windows, check_inrun_against_loop, inrun_reference)
 from gradscore.demos.models import digits_cnn, mlp, recurrent_classifier
 from gradscore.engines.rules.registry import FactoredRef
 from gradscore.scores import inrun as inrun_scores
@@ -262,9 +262,9 @@ def test_a_loss_that_reaches_the_model_other_than_through_its_output_is_refused(
 
 @pytest.mark.parametrize("router_loss", [True, False])
 def test_a_mixture_of_experts_router_loss_is_refused(tmp_path, router_loss):
-    """A Hugging Face Mixtral fine-tuned with its experts frozen: with
-    output_router_logits=True its loss adds the router's load-balancing term, which reaches
-    the layers before each router; without it the step is recorded."""
+    """A Hugging Face Mixtral fine-tuned whole: with output_router_logits=True its loss adds
+    the router's load-balancing term, which reaches the layers before each router; without
+    it the step is recorded (the experts take their rule, the router the free-parameter rule)."""
     pytest.importorskip("transformers")
     from gradscore.integrations.hf import from_config
     torch.manual_seed(0)
@@ -272,8 +272,6 @@ def test_a_mixture_of_experts_router_loss_is_refused(tmp_path, router_loss):
                          "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
                          "max_position_embeddings": 16, "num_local_experts": 4, "num_experts_per_tok": 2,
                          "output_router_logits": router_loss}, attn_implementation="eager").train()
-    for name, p in model.named_parameters():
-        p.requires_grad_(".mlp." not in name)   # no ghost rule for the experts
     ids = torch.randint(1, 31, (4, 9), generator=torch.Generator().manual_seed(0))
     rec = gs.InRun(model, loss="causal_lm", out=tmp_path / "r.h5")
     with contextlib.ExitStack() as refused:
@@ -1933,6 +1931,29 @@ def test_parameters_the_forward_uses_directly_are_recorded_as_the_loop_scores_th
     """The free-parameter rule in training (refused before: no ghost rule), equal to the loop at θ_t."""
     torch.manual_seed(0)
     _recorded_as_the_loop(_Tokens(kind).double(), 20, {"net.cls_token", "net.pos_embed"}, tmp_path, micro)
+
+
+@pytest.mark.parametrize("kind, layout", [("mixtral", "merged"), ("gpt_oss", "twice"), ("nemotron_h", "flat")])
+def test_hugging_face_experts_are_recorded_as_the_loop_scores_them_and_train_bit_identically(tmp_path, kind, layout):
+    """A mixture of Hugging Face's experts (refused before: no ghost rule) in training: every
+    record equals the loop at θ_t in float64, and training with the recorder is bit for bit
+    training without it (float32, SGD and Adam)."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    _recorded_as_the_loop(_Tokens(kind, layout, net=ExpertsNet).double(), 20, set(), tmp_path)
+    x, y = _data(d=20, c=3, dtype=torch.float32)
+    for opt in ("sgd", "adam"):
+        def fresh():
+            torch.manual_seed(1)
+            return _Tokens(kind, layout, net=ExpertsNet)
+        plain = _train(fresh(), x, y, steps=4, batch=12, opt=opt)
+        model = fresh()
+        rec = gs.InRun(model, out=tmp_path / f"{opt}.h5", targets=(x[:8], y[:8]))
+        recorded = _train(model, x, y, steps=4, batch=12, opt=opt, rec=rec)
+        assert not rec.engine.fallback and rec.engine.explain()["net.experts.down_proj"].startswith("ghost (experts")
+        for (n, a), (_, b) in zip(plain.state_dict().items(), recorded.state_dict().items()):
+            assert torch.equal(a, b), n
+        rec.close()
 
 
 @pytest.mark.parametrize("kind", RelativeBias.TAKEN)

@@ -13,7 +13,7 @@ from torch import nn
 from gradscore.demos.models import digits_cnn, mlp, recurrent_classifier, tiny_transformer
 from gradscore.losses import resolve_loss
 from gradscore.sketches import Projection, SketchEngine
-from helpers import CellLoop, FreeNet, PositionsNet, Reversed, loop_grads
+from helpers import CellLoop, ExpertsNet, FreeNet, PositionsNet, Reversed, loop_grads
 
 LOSS = resolve_loss("cross_entropy")
 
@@ -197,6 +197,23 @@ def test_parameters_the_forward_uses_directly_are_sketched_as_the_loop_gives(kin
     torch.testing.assert_close(got, proj.apply(loop_grads(model, x, y, names)), rtol=1e-10, atol=1e-12)
     taken = layout != "seq_first" or kind in FreeNet.BATCH_FIRST
     assert ("pos_embed" in engine.free) == taken and ("pos_embed" in engine.fallback) == (not taken)
+
+
+@pytest.mark.parametrize("kind, layout", [("mixtral", "merged"), ("gpt_oss", "twice"), ("nemotron_h", "flat")])
+def test_hugging_face_experts_are_sketched_as_the_loop_gives(kind, layout):
+    """The experts' stacked weights (E, ·, ·) are dense blocks: the experts rule's dots with
+    the block's rows, against each example's gradient."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = ExpertsNet(kind, layout).double().eval()
+    x = torch.randn(3, *model.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    y = torch.arange(3) % 3
+    names = [n for n, _ in model.named_parameters()]
+    proj = Projection.for_model(model, names, 60, seed=5)
+    engine = SketchEngine(model, LOSS, names, proj)
+    got = engine.sketch_batch(x, y).dots
+    torch.testing.assert_close(got, proj.apply(loop_grads(model, x, y, names)), rtol=1e-10, atol=1e-12)
+    assert not engine.fallback and not engine.free
 
 
 def test_an_empty_batch_gives_an_empty_sketch():
