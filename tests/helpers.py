@@ -608,11 +608,18 @@ class FreeNet(nn.Module):
     a constant, β), β (5,)), "matmul" (h @ W, W (5, 5)), "matmul_t" (torch.matmul(h, W.t())),
     "cosine" (F.linear of h and W normalized row by row: a cosine classifier), "mm"
     (torch.mm of the (B·T, 5) rows by W, k = T rows per example), "einsum"
-    (torch.einsum("btd,ed->bte", h, W)), "einsum_w_first" (torch.einsum("de,...d->...e", W,
-    h)), "stacked" (torch.matmul of the rows repeated to (B, 2, n, 5) by W (1, 2, 5, 5):
-    DeBERTa's position keys), "stacked_3d" (the same with W (2, 5, 5)); repeated over the
-    batch: "tiled_bmm" (W (2, 5, 5) repeated to (2B, 5, 5), torch.bmm of the rows repeated
-    twice per example by it: DeBERTa-v2's position keys), "tiled_t" (the same transposed),
+    (torch.einsum("btd,ed->bte", h, W)), "einsum_w_first" (torch.einsum("de,...d->...e", W, h)),
+    "left" (W @ hᵀ, transposed back: Mamba's time-step projection), "conv1d" (F.conv1d of the
+    tokens as channels (B, 5, n) by pos (5, 1, 3) through squeeze and unsqueeze, depthwise, padded
+    2, its first n outputs: Mamba's causal conv), "conv_strided" (F.conv1d by pos (5, 5, 2) with
+    stride 2, averaged over the positions), "conv2d" (F.conv2d of the tokens as a one-channel
+    image by pos (1, 1, 3, 3), padded 1), "train_cast" (added, after a cast of pos in training
+    mode only, whose result nothing reads: eval mode, where the rule's plan is made, has one op
+    fewer), "stacked" (torch.matmul of
+    the rows repeated to (B, 2, n, 5) by W (1, 2, 5, 5): DeBERTa's position keys), "stacked_3d"
+    (the same with W (2, 5, 5)); repeated over the batch: "tiled_bmm" (W (2, 5, 5) repeated to
+    (2B, 5, 5), torch.bmm of the rows repeated twice per example by it: DeBERTa-v2's position
+    keys), "tiled_t" (the same transposed),
     "tiled_add" (pos (1, n, 5) repeated to (B, n, 5), added), "tiled_reshape" (pos (1, 5, n)
     repeated, reshaped to (B, -1, n) and permuted, added: XCiT's position encoding),
     "tiled_const" (pos repeated twice, whatever the batch, then averaged: not over the
@@ -630,10 +637,12 @@ class FreeNet(nn.Module):
     (a copy of pos added, then a token of it zeroed, then multiplied), "view_before_setitem"
     (a view of the copy made, then a token of the copy zeroed, then the view added),
     "einsum_outer" (torch.einsum("btd,de->btde", h, W) summed over e: no contraction),
-    "tiled_inplace" (as "tiled_bmm" of a copy of W doubled in place after the repeat), "left"
-    (W @ hᵀ: W is the rows), "reorder" (added to the batch's rows reversed; "reorder_table": rows of the
-    table looked up by F.embedding), "function" (a custom autograd.Function of h and pos:
-    its forward runs without gradients), "tuple" (torch.broadcast_tensors, whose result is
+    "tiled_inplace" (as "tiled_bmm" of a copy of W doubled in place after the repeat),
+    "conv_even_same" (F.conv1d by pos (5, 5, 2) with padding="same": one more position after
+    than before), "reorder"
+    (added to the batch's rows reversed; "reorder_table": rows of the table looked up by
+    F.embedding), "function" (a custom autograd.Function of h and pos: its forward runs
+    without gradients), "tuple" (torch.broadcast_tensors, whose result is
     a tuple), "checkpoint" (h * pos inside torch.utils.checkpoint, which would recompute it
     with pos itself), "into" (pos written into a zero tensor, then added), "batch_shaped"
     (pos times ones of shape (n, B, 5), then example 0's slice added: its shape follows the
@@ -648,12 +657,12 @@ class FreeNet(nn.Module):
              "embedding_twice", "interpolate", "cat_slices", "sdpa", "linear", "linear_bias", "matmul", "matmul_t",
              "cosine", "mm", "cat_params", "mlp", "mlp_inplace", "setitem", "view_setitem", "slice_zero",
              "read_then_inplace", "einsum", "einsum_w_first", "stacked", "stacked_3d", "tiled_bmm", "tiled_t",
-             "tiled_add", "tiled_reshape", "tiled_const")
+             "tiled_add", "tiled_reshape", "tiled_const", "left", "conv1d", "conv_strided", "conv2d", "train_cast")
     KINDS = TAKEN + ("inplace_after_use", "setitem_after_use", "view_before_setitem", "einsum_outer",
-                     "tiled_inplace", "left", "reorder", "reorder_table", "function", "tuple", "checkpoint", "into",
-                     "batch_shaped")
+                     "tiled_inplace", "conv_even_same", "reorder", "reorder_table", "function", "tuple", "checkpoint",
+                     "into", "batch_shaped")
     #: taken with the tokens sequence-first too: the use is batch first whatever the layout
-    BATCH_FIRST = ("sdpa", "tiled_bmm", "tiled_t")
+    BATCH_FIRST = ("sdpa", "tiled_bmm", "tiled_t", "conv1d", "conv_strided", "conv2d")
 
     def __init__(self, kind: str, layout: str = "batch", D: int = 5):
         super().__init__()
@@ -673,6 +682,9 @@ class FreeNet(nn.Module):
                  else (D,) if kind in ("gamma", "reshaped", "addcmul", "widen", "three", "none_index", "linear_bias",
                                        "slice_zero")
                  else (3, D) if kind in ("table", "embedding", "embedding_twice", "sdpa", "reorder_table")
+                 else (D, 1, 3) if kind == "conv1d"
+                 else (D, D, 2) if kind in ("conv_strided", "conv_even_same")
+                 else (1, 1, 3, 3) if kind == "conv2d"
                  else (D, n) if kind == "permute"
                  else ((n + 2, 1, D) if seq else (1, n + 2, D)) if kind == "slice"
                  else (1, 1, D) if seq or kind == "scale" else (1, n, D))
@@ -812,8 +824,22 @@ class FreeNet(nn.Module):
             h = h + torch.einsum("btd,de->btde", h, pos).sum(-1)
         elif kind == "left":
             h = h + (pos @ h.transpose(-1, -2)).transpose(-1, -2)
+        elif kind in ("conv1d", "conv_strided", "conv_even_same"):   # channels (B, 5, n), batch first in any layout
+            c = h.movedim(rows, 0).transpose(1, 2)
+            if kind == "conv1d":   # Mamba's causal depthwise conv: the weight through its views, the first n outputs
+                c = F.conv1d(c, pos.squeeze(1).unsqueeze(1), padding=2, groups=c.shape[1])[..., :c.shape[-1]]
+            else:
+                c = F.conv1d(c, pos, **({"stride": 2} if kind == "conv_strided" else {"padding": "same"}))
+                c = c.mean(-1, keepdim=True)
+            h = h + c.transpose(1, 2).movedim(0, rows)
+        elif kind == "conv2d":   # the tokens as a one-channel image (B, 1, n, 5)
+            h = h + F.conv2d(h.movedim(rows, 0).unsqueeze(1), pos, padding=1).squeeze(1).movedim(0, rows)
         elif kind == "exp":
             h = h + pos.exp()
+        elif kind == "train_cast":   # Mamba's: a cast in training mode only, for a fused kernel that is absent
+            if self.training:
+                pos.float()
+            h = h + pos
         elif kind == "reorder":
             h = (h.flip(rows) + pos).flip(rows)
         elif kind == "reorder_table":   # through the backward of F.embedding

@@ -986,7 +986,9 @@ def test_an_embedding_of_the_offsets_one_for_the_batch_takes_the_free_rule_where
                                            ("windows", ("example", "sdpa")), ("free", ("embedding", "batch")),
                                            ("free", ("interpolate", "T1")), ("free", ("tiled_bmm", "batch")),
                                            ("free", ("tiled_reshape", "TB")), ("free", ("stacked", "T1")),
-                                           ("free", ("slice_zero", "batch"))], ids=lambda v: str(v))
+                                           ("free", ("slice_zero", "batch")), ("free", ("left", "batch")),
+                                           ("free", ("conv1d", "T1")), ("free", ("conv2d", "batch"))],
+                         ids=lambda v: str(v))
 def test_an_empty_batch_after_the_first_gives_empty_scores_on_the_free_rule(family, config):
     """B == 0 after a first batch: the per-example backward of a parameter's own ops, the
     recomputed scores gradient of SDPA's mask, merged rows, a repeat over the batch (zero

@@ -1888,7 +1888,7 @@ class _Tokens(nn.Module):
                                   "addcmul", "where", "slice", "table", "exp", "chain", "widen", "embedding",
                                   "interpolate", "sdpa", "linear_bias", "matmul", "cosine", "mm",
                                   "cat_params", "mlp", "setitem", "slice_zero", "read_then_inplace", "einsum",
-                                  "stacked", "tiled_bmm", "tiled_reshape"])
+                                  "stacked", "tiled_bmm", "tiled_reshape", "left", "conv1d", "conv2d"])
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 def test_parameters_the_forward_uses_directly_train_bit_identically_with_the_recorder(tmp_path, kind, opt):
     """A ViT's class token and position embedding (the free-parameter rule: expanded over

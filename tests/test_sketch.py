@@ -179,7 +179,7 @@ def test_sequence_first_with_T_equal_to_B_and_T_1(T):
 
 @pytest.mark.parametrize("kind", ["vit", "twice", "gamma", "reshaped", "table", "chain", "sum", "matmul", "cosine",
                                   "mm", "cat_params", "mlp", "einsum_w_first", "slice_zero", "stacked", "tiled_t",
-                                  "tiled_add"])
+                                  "tiled_add", "left", "conv1d", "conv_strided"])
 @pytest.mark.parametrize("layout", ["batch", "TB", "seq_first"])
 def test_parameters_the_forward_uses_directly_are_sketched_as_the_loop_gives(kind, layout):
     """A class token and position embedding (the free-parameter rule, through a table's

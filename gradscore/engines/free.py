@@ -17,9 +17,11 @@ dimension 0 (B rows, or k·B: k per example, in order, Swin's windows, :data:`ME
 which P has not (it is 1 there, or P has fewer dimensions), an
 ``expand``/``expand_as`` to such a shape, ``F.scaled_dot_product_attention`` with P
 as its ``attn_mask`` (a sum with the scores, BEiT's relative position bias), and a
-product of the batch's rows h by P (``F.linear(h, P, b)``, ``h @ P``, such an einsum, :data:`PRODUCTS`):
-the op runs as it is, its output probed, and each example's gradient is Σ_r δ_r h_rᵀ
-(kept as h and δ for the Linear rule's forms where the product is P's one op). What the
+product of the batch's rows h by P (``F.linear(h, P, b)``, ``h @ P``, ``P @ X`` as
+``F.linear(Xᵀ, P)`` transposed, such an einsum, :data:`PRODUCTS`; a convolution ``F.conv1d(x,
+P, b)``, :data:`CONVS`): the op runs as it is, its output probed, and each example's gradient
+is Σ_r δ_r h_rᵀ (kept as h and δ for the Linear rule's forms where the product is P's one
+op), or the convolution's weight gradient per example. What the
 forward makes of P before such a use passes P on (:class:`Views`), with a map from its
 elements to P's:
 
@@ -53,7 +55,7 @@ dimension 0 is established on the first batch from evidence (:mod:`.layout`: eve
 has 1 row for one example and 2 for two, and what is made of P the same shape for both;
 a sequence-first (T, B, d) never does), and that those rows are the examples' own, in
 order, from the batch's first and last examples run alone. Any other use of P with a
-gradient (``P @ v`` with P as the rows, another ``torch.einsum``, ``torch.cat([P, h])`` with h
+gradient (another ``torch.einsum``, ``torch.cat([P, h])`` with h
 the batch's) sends P to the fallback, as does a copy changed in place after a use read
 it, or a view of it made before the change and used after, or a use whose shape is not
 the evidence's at scoring time.
@@ -89,6 +91,10 @@ EXPAND = frozenset({"expand", "expand_as"})
 #: products of the batch's rows by a (d_in, d_out) matrix, or F.linear's by a (d_out, d_in) weight and its bias,
 #: or an einsum that is one of those (``"btd,ed->bte"``, :func:`_einsum_product`)
 PRODUCTS = frozenset({"linear", "matmul", "__matmul__", "mm", "einsum"})
+#: convolutions of the batch's inputs (B, C_in, *S) by a weight (C_out, C_in / groups, *k) and its bias:
+#: products too (Mamba's depthwise ``F.conv1d(x, conv1d.weight, …)``), each example's weight gradient a
+#: convolution's (:func:`_conv_weight_grads`)
+CONVS = frozenset({"conv1d", "conv2d", "conv3d"})
 #: ops whose result holds a tensor's elements in their order (views, casts, copies): it stands for the parameter
 SAME_ELEMENTS = frozenset({"reshape", "view", "view_as", "unsqueeze", "squeeze", "flatten", "to", "type_as",
                            "float", "double", "half", "bfloat16", "contiguous", "clone"})
@@ -230,13 +236,19 @@ def _einsum_product(args: tuple, kwargs: dict) -> tuple:
 
 def _product_operands(name: str, args: tuple, kwargs: dict) -> tuple:
     """(the rows h, the matrix w, F.linear's bias or None, whether w is (d_out, d_in) as
-    F.linear's) of a :data:`PRODUCTS` call."""
+    F.linear's, whether w is on the left) of a :data:`PRODUCTS` call. A 2-D matrix on the
+    left of a matmul of batched matrices X (…, d_in, T), ``W @ X`` (Mamba's time-step
+    projection), is F.linear of the rows h = Xᵀ by W, transposed: ``left``."""
     if name == "einsum":
         h, w, linear = _einsum_product(args, kwargs)
-        return h, w, None, linear
+        return h, w, None, linear, False
     keys = ("input", "weight", "bias") if name == "linear" else ("input", "mat2" if name == "mm" else "other")
     given = {**dict(zip(keys, args)), **kwargs}
-    return given.get("input", given.get("self")), given.get(keys[1]), given.get("bias"), name == "linear"
+    h, w = given.get("input", given.get("self")), given.get(keys[1])
+    if (name in ("matmul", "__matmul__") and isinstance(h, torch.Tensor) and isinstance(w, torch.Tensor)
+            and h.dim() == 2 and w.dim() >= 3):
+        return w.transpose(-1, -2), h, None, True, True
+    return h, w, given.get("bias"), name == "linear", False
 
 
 def _product_shape(h, w, linear: bool) -> tuple[int, ...] | None:
@@ -256,6 +268,52 @@ def _product_shape(h, w, linear: bool) -> tuple[int, ...] | None:
     except RuntimeError:
         return None
     return (*h.shape[:-1], w.shape[-1]) if lead == h.shape[:-2] else None
+
+
+def _conv_operands(args: tuple, kwargs: dict) -> tuple:
+    """(input, weight, bias, stride, padding, dilation, groups) of an ``F.convNd`` call, the
+    sizes as tuples of the convolution's dimensions; padding None where it is not one
+    number per side for both sides (an even kernel's ``padding="same"``)."""
+    given = {**dict(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args)), **kwargs}
+    x, w = given.get("input"), given.get("weight")
+    n = w.dim() - 2 if isinstance(w, torch.Tensor) else 0
+
+    def sizes(v, default):
+        v = default if v is None else v
+        return tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * n
+    stride, dilation = sizes(given.get("stride"), 1), sizes(given.get("dilation"), 1)
+    padding = given.get("padding", 0)
+    if padding == "valid":
+        padding = 0
+    if padding == "same":   # torch pads (d·(k − 1)) in all, the odd one after: taken where it is even
+        total = [d * (k - 1) for d, k in zip(dilation, w.shape[2:])] if n else []
+        padding = tuple(p // 2 for p in total) if all(p % 2 == 0 for p in total) else None
+    elif padding is not None:
+        padding = sizes(padding, 0)
+    return x, w, given.get("bias"), stride, padding, dilation, int(given.get("groups", 1) or 1)
+
+
+def _conv_shape(x, w, stride, padding, dilation) -> tuple[int, ...] | None:
+    """The output shape of a convolution of a batched input x (B, C_in, *S) by w, or None."""
+    if not (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor)) or padding is None or x.dim() != w.dim():
+        return None
+    out = [(size + 2 * p - d * (k - 1) - 1) // s + 1
+           for size, k, s, p, d in zip(x.shape[2:], w.shape[2:], stride, padding, dilation)]
+    return (x.shape[0], w.shape[0], *out)
+
+
+def _conv_weight_grads(x: torch.Tensor, shape: tuple[int, ...], options: tuple, B: int, delta: torch.Tensor
+                       ) -> torch.Tensor:
+    """(B, *shape) each example's gradient of the weight of a convolution of x (B, C_in, *S)
+    with ``options`` (stride, padding, dilation, groups), δ its output's (B, C_out, *S'): the
+    batch as groups of one convolution, its weight's gradient by torch. In float32 (float64 for float64)."""
+    stride, padding, dilation, groups = options
+    acc = acc_dtype(delta.dtype)
+    weight_grad = {3: torch.nn.grad.conv1d_weight, 4: torch.nn.grad.conv2d_weight,
+                   5: torch.nn.grad.conv3d_weight}[len(shape)]
+    g = weight_grad(x.to(acc).reshape(1, -1, *x.shape[2:]), (B * shape[0], *shape[1:]),
+                    delta.to(acc).reshape(1, -1, *delta.shape[2:]), stride, padding, dilation, groups * B)
+    return g.reshape(B, *shape)
 
 
 def target_shape(func, args: tuple, kwargs: dict, t: torch.Tensor, B: int,
@@ -286,13 +344,22 @@ def target_shape(func, args: tuple, kwargs: dict, t: torch.Tensor, B: int,
             return None, name
         what = f"{name} as its attn_mask, into scores of shape {list(shape)}"
     elif name in PRODUCTS:   # the batch's rows h times t (or plus t, F.linear's bias): t has no rows of the batch
-        h, w, bias, linear = _product_operands(name, args, kwargs)
+        h, w, bias, linear, left = _product_operands(name, args, kwargs)
         shape = _product_shape(h, w, linear)
         if h is t or shape is None or not (t is w or t is bias):
             return None, f"{name} of it by the batch's rows" if h is t else name
+        shape = (*shape[:-2], shape[-1], shape[-2]) if left else shape
         what = f"{name} of rows of shape {list(h.shape)} by it, into shape {list(shape)}"
         fits = len(shape) > 0 and (shape[0] == B or (merged and B > 0 and shape[0] % B == 0))
         return (shape if fits else None), what
+    elif name in CONVS:   # the batch's inputs convolved by t (or plus t, the bias): t has no rows of the batch
+        x, w, bias, stride, padding, dilation, _ = _conv_operands(args, kwargs)
+        shape = _conv_shape(x, w, stride, padding, dilation)
+        if x is t or shape is None or not (t is w or t is bias):
+            return None, (f"{name} of it by a weight" if x is t else f"{name} with an even kernel's padding='same'"
+                          if isinstance(w, torch.Tensor) and padding is None else name)
+        what = f"{name} of inputs of shape {list(x.shape)} by it, into shape {list(shape)}"
+        return (shape if len(shape) > 0 and shape[0] == B else None), what
     elif name in ELEMENTWISE:
         if (name.endswith("_") or name.startswith("__i")) and args[0] is t:
             return None, f"{name} on itself"
@@ -406,8 +473,15 @@ class Views:
         for n in names:
             if name not in SAME_ELEMENTS:
                 self.made.setdefault(n, []).append((name, tuple(out.shape)))
-            self.step(n, "made")
+            if name not in CASTS:   # a cast is no step: training may cast where eval does not (Mamba's D.float())
+                self.step(n, "made")
         return True
+
+    @staticmethod
+    def cast(func, args: tuple, hits: list[torch.Tensor]) -> bool:
+        """Whether ``func`` casts one tracked tensor (:data:`CASTS`): always made, never a use,
+        and no step of the plan."""
+        return _name(func) in CASTS and bool(args) and all(t is args[0] for t in hits)
 
     def _over_batch(self, func, args: tuple, kwargs: dict, t: torch.Tensor, out) -> bool:
         """Whether ``func`` repeats t (k, ...) over the batch: ``t.repeat(B, 1, …, 1)`` or
@@ -815,7 +889,7 @@ class FreeUses(TorchFunctionMode):
             return out
         names = self.views.names(hits)
         planned = {name: self.views.next_step(name, self.plan) for name in names}
-        kind = self.views.planned_kind(hits, self.plan)
+        kind = "made" if self.views.cast(func, args, hits) else self.views.planned_kind(hits, self.plan)
         if kind is not None:   # what the first batch made of it
             out = func(*args, **kwargs)
             made = result(func, args, kwargs, out)
@@ -845,6 +919,8 @@ class FreeUses(TorchFunctionMode):
             return self._attention(func, args, kwargs, hits[0], shapes[id(hits[0])][0])
         if _name(func) in PRODUCTS:
             return self._product(func, args, kwargs, hits)
+        if _name(func) in CONVS:
+            return self._conv(func, args, kwargs, hits)
         swap = {}
         for t in hits:   # P * P: one expansion
             if id(t) not in swap:
@@ -931,7 +1007,7 @@ class FreeUses(TorchFunctionMode):
         and dots then take the Linear rule's forms, without its (B, d_out · d_in) gradients."""
         out = func(*args, **kwargs)
         name = _name(func)
-        h, w, _, linear = _product_operands(name, args, kwargs)
+        h, w, _, linear, left = _product_operands(name, args, kwargs)
         calls = []
         for t in {id(t): t for t in hits}.values():
             stacked = t.dim() > 2
@@ -944,6 +1020,21 @@ class FreeUses(TorchFunctionMode):
                 shape = (*h.shape[:-2], *t.shape[-2:]) if stacked else (self.B, *t.shape)
                 calls.append(self._on_use(t, shape, partial(_weight_grads, h.detach(), self.B, linear,
                                                             stacked=stacked)))
+            if left and t is w:   # W @ X is (Xᵀ Wᵀ)ᵀ: the rows' δ is the output's, transposed
+                calls[-1] = partial(lambda call, delta: call(delta.transpose(-1, -2)), calls[-1])
+        return probe(out, self.leaf[0], lambda delta: [call(delta) for call in calls], self.contiguous)
+
+    def _conv(self, func, args: tuple, kwargs: dict, hits: list[torch.Tensor]) -> torch.Tensor:
+        """A convolution of the batch's inputs by t (its weight or bias) as it is, its output
+        probed: from the output's δ, each example's gradient of the weight (:func:`_conv_weight_grads`)
+        and of the bias, δ summed over the positions."""
+        out = func(*args, **kwargs)
+        x, w, _, stride, padding, dilation, groups = _conv_operands(args, kwargs)
+        calls = []
+        for t in {id(t): t for t in hits}.values():
+            grads = (partial(_conv_weight_grads, x.detach(), tuple(w.shape), (stride, padding, dilation, groups),
+                             self.B) if t is w else lambda delta: delta.sum(tuple(range(2, delta.dim()))))
+            calls.append(self._on_use(t, (self.B, *t.shape), grads))
         return probe(out, self.leaf[0], lambda delta: [call(delta) for call in calls], self.contiguous)
 
     def _on_product(self, t: torch.Tensor, h: torch.Tensor, linear: bool) -> Callable[[torch.Tensor], None]:
