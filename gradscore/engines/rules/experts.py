@@ -29,6 +29,7 @@ from ...kernels import acc_dtype
 from .linear import weight_and_bias
 from .registry import computes, register_structural, zeros_like_result
 
+
 def _up(layer: nn.Module) -> str:
     return "gate_up_proj" if layer.has_gate else "up_proj"
 
@@ -130,14 +131,14 @@ def experts(layer: nn.Module, calls, grads, refs, K):
     B = grads[0].shape[0]
     if B == 0:
         return zeros_like_result(grads[0], K)
-    live = {n: p.detach().to(acc) for n, p in layer.named_parameters(recurse=False)}
+    live = {n: p.detach() for n, p in layer.named_parameters(recurse=False)}   # cast per expert, as used
     rows: dict[int, list[list[torch.Tensor]]] = {}   # expert -> [examples, a_up, δ_up, a_down, δ_down]
     for call, delta in zip(calls, grads):
         hidden, index, weights = _bind(layer, call)
         per = len(hidden) // B    # rows per example: k where merged (δ viewed as (B, k, d)), else 1
         delta = delta.reshape(-1, delta.shape[-1]).to(acc)
         for e, n, p in _routes(index, layer.num_experts):
-            w_up, b_up, w_down, b_down = _weights(layer, live, e)
+            w_up, b_up, w_down, b_down = (None if w is None else w.to(acc) for w in _weights(layer, live, e))
             x = hidden[n].to(acc)
             with torch.enable_grad():
                 z = _affine(x, w_up, b_up, layer.is_transposed).requires_grad_()
