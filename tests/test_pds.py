@@ -1,6 +1,7 @@
 """PDS scores: exact against autograd through unrolled full-batch gradient descent."""
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -147,6 +148,29 @@ def test_hvp_equals_formed_hessian():
         i += s.numel()
     hv = hvp(model, "cross_entropy", ds, vd, batch_size=3, weight=0.1)
     torch.testing.assert_close(torch.cat([hv[n].reshape(-1) for n in names]), H @ v, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+def test_hvp_of_hugging_face_experts_on_their_fused_matmuls_is_the_eager_experts(impl):
+    """Hugging Face's grouped matmul of a mixture's experts (Mixtral's default) has no
+    forward-mode derivative, which the co-states' Hessian-vector products need: `run
+    --scores pds` stopped on a Mixtral trained with it, with a fix (attn_implementation)
+    the user had already applied. The experts now run their eager loop during the product
+    (the same function: the product equals the eager model's), and the model's setting is
+    given back after."""
+    pytest.importorskip("transformers")
+    from helpers import ExpertsNet
+    torch.manual_seed(0)
+    model = ExpertsNet("mixtral", impl=impl, D=8, I=8).eval()
+    eager = copy.deepcopy(model)
+    eager.experts.config._experts_implementation = "eager"
+    x, y = torch.randn(6, 4, 8), torch.arange(6) % 3
+    ds = gs.load_dataset.__globals__["TorchDataset"](list(zip(x, y)))
+    v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    got, want = hvp(model, "cross_entropy", ds, v, batch_size=3), hvp(eager, "cross_entropy", ds, v, batch_size=3)
+    for n in v:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6)
+    assert model.experts.config._experts_implementation == impl
 
 
 def test_step_size_scaling_and_missing_target(tmp_path):

@@ -113,6 +113,23 @@ def step_sizes(ckpts: CheckpointStore, lr_scale_steps: bool = False) -> np.ndarr
     return lr
 
 
+@contextlib.contextmanager
+def _eager_experts(model: torch.nn.Module) -> Iterator[None]:
+    """Hugging Face's mixture-of-experts layers run their eager loop meanwhile: their grouped
+    and batched matmuls have no forward-mode derivative, which a Hessian-vector product
+    needs. The same function; the model's config is given its setting back after."""
+    configs = {id(m.config): m.config for m in model.modules()
+               if hasattr(m, "has_gate") and hasattr(getattr(m, "config", None), "_experts_implementation")}
+    kept = {k: c._experts_implementation for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._experts_implementation = "eager"
+        yield
+    finally:
+        for k, c in configs.items():
+            c._experts_implementation = kept[k]
+
+
 class _Objective:
     """Σ_b w·ℓ_b over chunks of a dataset, as a function of the scored parameters."""
 
@@ -144,14 +161,17 @@ class _Objective:
     def hvp(self, params: Params, v: Params) -> Params:
         """(∇²_θ Σ_b w·ℓ_b) v, forward-over-reverse, chunk by chunk."""
         try:
-            with warnings.catch_warnings():   # torch's own jvp decompositions call its deprecated jit.script
+            with warnings.catch_warnings(), _eager_experts(self.model):
+                # torch's own jvp decompositions call its deprecated jit.script
                 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
                 return self._accumulate(lambda x, y: jvp(lambda p: grad(self._f)(p, x, y), (params,), (v,))[1])
         except NotImplementedError as e:
-            raise EngineError(f"the co-states need Hessian-vector products, i.e. forward-mode "
-                              f"derivatives of every op of the model, and torch lacks one here "
-                              f"({str(e).splitlines()[0][:160]}); for Hugging Face models pass "
-                              f"attn_implementation='eager' in model_kwargs") from e
+            what = str(e).splitlines()[0][:160]
+            fix = ("for a Hugging Face mixture of experts put 'experts_implementation': 'eager' in its config"
+                   if "grouped_mm" in what else "for Hugging Face models pass attn_implementation='eager' in "
+                   "model_kwargs")
+            raise EngineError(f"the co-states need Hessian-vector products, i.e. forward-mode derivatives of "
+                              f"every op of the model, and torch lacks one here ({what}); {fix}") from e
 
 
 def hvp(model: torch.nn.Module, loss: str | Loss, ds: Dataset, v: Params, *, batch_size: int = 256,
