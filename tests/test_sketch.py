@@ -177,6 +177,19 @@ def test_sequence_first_with_T_equal_to_B_and_T_1(T):
     torch.testing.assert_close(got, proj.apply(loop_grads(model, x, y, names)), rtol=1e-10, atol=1e-12)
 
 
+def _sketched_as_the_loop(model: nn.Module) -> SketchEngine:
+    """The sketch engine's sketches of 3 examples against the projection of the loop's
+    per-example gradients (assert); the engine, for its paths."""
+    x = torch.randn(3, *model.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    y = torch.arange(3) % 3
+    names = [n for n, _ in model.named_parameters()]
+    proj = Projection.for_model(model, names, 60, seed=5)
+    engine = SketchEngine(model, LOSS, names, proj)
+    got = engine.sketch_batch(x, y).dots
+    torch.testing.assert_close(got, proj.apply(loop_grads(model, x, y, names)), rtol=1e-10, atol=1e-12)
+    return engine
+
+
 @pytest.mark.parametrize("kind", ["vit", "twice", "gamma", "reshaped", "table", "chain", "sum", "matmul", "cosine",
                                   "mm", "cat_params", "mlp", "einsum_w_first", "slice_zero", "stacked", "tiled_t",
                                   "tiled_add", "left", "conv1d", "conv_strided"])
@@ -187,14 +200,7 @@ def test_parameters_the_forward_uses_directly_are_sketched_as_the_loop_gives(kin
     sequence-first: the fallback): their
     dense blocks against each example's gradient."""
     torch.manual_seed(0)
-    model = FreeNet(kind, layout).double().eval()
-    x = torch.randn(3, *model.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    y = torch.arange(3) % 3
-    names = [n for n, _ in model.named_parameters()]
-    proj = Projection.for_model(model, names, 60, seed=5)
-    engine = SketchEngine(model, LOSS, names, proj)
-    got = engine.sketch_batch(x, y).dots
-    torch.testing.assert_close(got, proj.apply(loop_grads(model, x, y, names)), rtol=1e-10, atol=1e-12)
+    engine = _sketched_as_the_loop(FreeNet(kind, layout).double().eval())
     taken = layout != "seq_first" or kind in FreeNet.BATCH_FIRST
     assert ("pos_embed" in engine.free) == taken and ("pos_embed" in engine.fallback) == (not taken)
 
@@ -205,14 +211,7 @@ def test_hugging_face_experts_are_sketched_as_the_loop_gives(kind, layout):
     the block's rows, against each example's gradient."""
     pytest.importorskip("transformers")
     torch.manual_seed(0)
-    model = ExpertsNet(kind, layout).double().eval()
-    x = torch.randn(3, *model.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    y = torch.arange(3) % 3
-    names = [n for n, _ in model.named_parameters()]
-    proj = Projection.for_model(model, names, 60, seed=5)
-    engine = SketchEngine(model, LOSS, names, proj)
-    got = engine.sketch_batch(x, y).dots
-    torch.testing.assert_close(got, proj.apply(loop_grads(model, x, y, names)), rtol=1e-10, atol=1e-12)
+    engine = _sketched_as_the_loop(ExpertsNet(kind, layout).double().eval())
     assert not engine.fallback and not engine.free
 
 
