@@ -288,8 +288,8 @@ def _conv_operands(args: tuple, kwargs: dict) -> tuple:
     if padding == "same":   # torch pads (d·(k − 1)) in all, the odd one after: taken where it is even
         total = [d * (k - 1) for d, k in zip(dilation, w.shape[2:])] if n else []
         padding = tuple(p // 2 for p in total) if all(p % 2 == 0 for p in total) else None
-    elif padding is not None:
-        padding = sizes(padding, 0)
+    elif padding is not None:   # a string torch does not know: its own error, when the op runs
+        padding = None if isinstance(padding, str) else sizes(padding, 0)
     return x, w, given.get("bias"), stride, padding, dilation, int(given.get("groups", 1) or 1)
 
 
