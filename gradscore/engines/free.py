@@ -477,12 +477,6 @@ class Views:
                 self.step(n, "made")
         return True
 
-    @staticmethod
-    def cast(func, args: tuple, hits: list[torch.Tensor]) -> bool:
-        """Whether ``func`` casts one tracked tensor (:data:`CASTS`): always made, never a use,
-        and no step of the plan."""
-        return _name(func) in CASTS and bool(args) and all(t is args[0] for t in hits)
-
     def _over_batch(self, func, args: tuple, kwargs: dict, t: torch.Tensor, out) -> bool:
         """Whether ``func`` repeats t (k, ...) over the batch: ``t.repeat(B, 1, …, 1)`` or
         ``t.tile((B, 1, …, 1))``, k rows per example (:data:`REPEATS`)."""
@@ -624,10 +618,15 @@ class Views:
         done, planned = len(self.steps.get(name, [])), plan.get(name, [])
         return planned[done] if done < len(planned) else None
 
-    def planned_kind(self, hits: list[torch.Tensor], plan: dict[str, list[str]] | None) -> str | None:
-        """What ``plan`` says the op on ``hits`` makes of them ("made", or :data:`TILED`: a repeat
-        over the batch), or None for a use: its shapes do not decide (a size that equals B by
-        chance is not the batch's)."""
+    def planned_kind(self, func, args: tuple, hits: list[torch.Tensor], plan: dict[str, list[str]] | None
+                     ) -> str | None:
+        """What the op ``func`` on ``hits`` makes of them: "made" for a cast of one (:data:`CASTS`:
+        never a use, and no step of the plan: training may cast where eval does not, Mamba's
+        ``D.float()``); else what ``plan`` says ("made", or :data:`TILED`: a repeat over the
+        batch), or None for a use: its shapes do not decide (a size that equals B by chance is
+        not the batch's)."""
+        if _name(func) in CASTS and args and all(t is args[0] for t in hits):
+            return "made"
         kinds = {self.next_step(n, plan) for n in self.names(hits)} if plan is not None else set()
         return kinds.pop() if len(kinds) == 1 and kinds <= {"made", TILED} else None
 
@@ -889,7 +888,7 @@ class FreeUses(TorchFunctionMode):
             return out
         names = self.views.names(hits)
         planned = {name: self.views.next_step(name, self.plan) for name in names}
-        kind = "made" if self.views.cast(func, args, hits) else self.views.planned_kind(hits, self.plan)
+        kind = self.views.planned_kind(func, args, hits, self.plan)
         if kind is not None:   # what the first batch made of it
             out = func(*args, **kwargs)
             made = result(func, args, kwargs, out)

@@ -170,7 +170,7 @@ class _Uses(TorchFunctionMode):
         if seen and needs_grad(res):
             self.consumers.update(op_nodes(res, before))
             hits = tracked
-            kind = "made" if self.views.cast(func, args, hits) else self.views.planned_kind(hits, self.plan)
+            kind = self.views.planned_kind(func, args, hits, self.plan)
             made = (self.views.note(func, args, kwargs or {}, res, planned=kind) if kind is not None
                     else self.plan is None and self.views.note(func, args, kwargs or {}, res))
             if not made:   # a use; where the run of 2 made another tensor here, the steps differ (_free_layout)
@@ -349,7 +349,7 @@ class _FreeRows(TorchFunctionMode):
         hits = [t for t in self.views.hits(args, kwargs or {}) if t.requires_grad]
         if not hits or not isinstance(out, torch.Tensor) or not out.requires_grad:
             return out
-        kind = "made" if self.views.cast(func, args, hits) else self.views.planned_kind(hits, self.plan)
+        kind = self.views.planned_kind(func, args, hits, self.plan)
         if kind is not None:
             self.views.note(func, args, kwargs or {}, out, planned=kind)
             return out
