@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 from ..io.atomic import atomic_h5
 from ..io.checkpoints import CheckpointStore, not_plain_steps
 from ..batch import Inputs, call_functional, move
+from ..engines.rules.experts import like_experts
 from ..engines.workarounds import torch_workarounds
 from ..config import DEVICES, DTYPES, LM_REDUCTIONS, absolute_paths, resolve_device
 from ..io.datasets import Dataset, check_targets, load_dataset, probe_model
@@ -119,7 +120,7 @@ def _eager_experts(model: torch.nn.Module) -> Iterator[None]:
     and batched matmuls have no forward-mode derivative, which a Hessian-vector product
     needs. The same function; the model's config is given its setting back after."""
     configs = {id(m.config): m.config for m in model.modules()
-               if hasattr(m, "has_gate") and hasattr(getattr(m, "config", None), "_experts_implementation")}
+               if like_experts(m) and hasattr(getattr(m, "config", None), "_experts_implementation")}
     kept = {k: c._experts_implementation for k, c in configs.items()}
     try:
         for c in configs.values():

@@ -34,7 +34,8 @@ def _up(layer: nn.Module) -> str:
     return "gate_up_proj" if layer.has_gate else "up_proj"
 
 
-def _like_experts(m: nn.Module) -> bool:
+def like_experts(m: nn.Module) -> bool:
+    """Whether ``m`` has the structure ``use_experts_implementation`` gives a layer."""
     if not all(hasattr(m, a) for a in ("has_gate", "has_bias", "is_transposed", "num_experts")):
         return False
     weights = [getattr(m, name, None) for name in (_up(m), "down_proj")]
@@ -75,14 +76,15 @@ def _routes(index: torch.Tensor, E: int):
         yield e, n, p
 
 
-def _weights(layer: nn.Module, w: dict[str, torch.Tensor], e: int) -> tuple:
-    up, down = _params(layer)[0], "down_proj"
-    return (w[up][e], w[f"{up}_bias"][e] if layer.has_bias else None,
-            w[down][e], w[f"{down}_bias"][e] if layer.has_bias else None)
-
-
-def _gate(layer: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    return layer._apply_gate(z) if layer.has_gate else layer.act_fn(z)
+def _expert(layer: nn.Module, w: dict[str, torch.Tensor], e: int, x: torch.Tensor, leaf: bool = False) -> tuple:
+    """Expert e of the parameters ``w`` (local names) on rows x, in x's dtype: its up
+    projection z (a leaf needing a gradient where ``leaf``), gated h, and output y."""
+    up = _up(layer)
+    bias = {n: w[f"{n}_bias"][e].to(x.dtype) if layer.has_bias else None for n in (up, "down_proj")}
+    z = _affine(x, w[up][e].to(x.dtype), bias[up], layer.is_transposed)
+    z = z.detach().requires_grad_() if leaf else z
+    h = layer._apply_gate(z) if layer.has_gate else layer.act_fn(z)
+    return z, h, _affine(h, w["down_proj"][e].to(x.dtype), bias["down_proj"], layer.is_transposed)
 
 
 def _replay(layer: nn.Module, w: dict[str, torch.Tensor], hidden: torch.Tensor, index: torch.Tensor,
@@ -90,9 +92,7 @@ def _replay(layer: nn.Module, w: dict[str, torch.Tensor], hidden: torch.Tensor, 
     """The layer's output (N, d) from its parameters ``w``, as the rule assumes it computes."""
     out = torch.zeros_like(hidden, dtype=torch.promote_types(hidden.dtype, w["down_proj"].dtype))
     for e, n, p in _routes(index, layer.num_experts):
-        w_up, b_up, w_down, b_down = _weights(layer, w, e)
-        h = _gate(layer, _affine(hidden[n].to(w_up.dtype), w_up, b_up, layer.is_transposed))
-        y = _affine(h, w_down, b_down, layer.is_transposed) * weights[n, p, None]
+        y = _expert(layer, w, e, hidden[n].to(w["down_proj"].dtype))[2] * weights[n, p, None]
         out = out.index_add(0, n, y.to(out.dtype))
     return out.to(hidden.dtype)
 
@@ -121,7 +121,7 @@ def _pad(example: torch.Tensor, rows: torch.Tensor, B: int) -> torch.Tensor:
     return out
 
 
-@register_structural(_like_experts, verify=_computes_experts, supports=_supports, call=True,
+@register_structural(like_experts, verify=_computes_experts, supports=_supports, call=True,
                      batch_dims=(0, 1), params=_params)
 def experts(layer: nn.Module, calls, grads, refs, K):
     """Per expert e, its up projection's (a, δ) and its down projection's (h, w·δ_out) rows,
@@ -131,24 +131,22 @@ def experts(layer: nn.Module, calls, grads, refs, K):
     B = grads[0].shape[0]
     if B == 0:
         return zeros_like_result(grads[0], K)
-    live = {n: p.detach() for n, p in layer.named_parameters(recurse=False)}   # cast per expert, as used
+    live = {n: p.detach() for n, p in layer.named_parameters(recurse=False)}
     rows: dict[int, list[list[torch.Tensor]]] = {}   # expert -> [examples, a_up, δ_up, a_down, δ_down]
     for call, delta in zip(calls, grads):
         hidden, index, weights = _bind(layer, call)
         per = len(hidden) // B    # rows per example: k where merged (δ viewed as (B, k, d)), else 1
         delta = delta.reshape(-1, delta.shape[-1]).to(acc)
         for e, n, p in _routes(index, layer.num_experts):
-            w_up, b_up, w_down, b_down = (None if w is None else w.to(acc) for w in _weights(layer, live, e))
             x = hidden[n].to(acc)
             with torch.enable_grad():
-                z = _affine(x, w_up, b_up, layer.is_transposed).requires_grad_()
-                h = _gate(layer, z)
+                z, h, y = _expert(layer, live, e, x, leaf=True)   # each expert's weights cast as it is used
                 d_y = delta[n] * weights[n, p, None].to(acc)
-                d_z, = torch.autograd.grad(_affine(h, w_down, b_down, layer.is_transposed), z, d_y)
+                d_z, = torch.autograd.grad(y, z, d_y)
             for part, t in zip(rows.setdefault(e, [[] for _ in range(5)]), (n // per, x, d_z, h.detach(), d_y)):
                 part.append(t)
     sq, dots = grads[0].new_zeros(B, dtype=acc), grads[0].new_zeros((B, K), dtype=acc)
-    up = _params(layer)[0]
+    up = _up(layer)
     for e, parts in rows.items():
         example, a_up, d_up, a_down, d_down = (torch.cat(t) for t in parts)
         for name, a, d in ((up, a_up, d_up), ("down_proj", a_down, d_down)):
