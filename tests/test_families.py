@@ -353,13 +353,17 @@ class MyLinear(nn.Linear):
 class OwnLinear(nn.Linear):
     """A Linear subclass with a forward of its own: ``form`` "same" computes x Wᵀ + b
     (Falcon's), "scaled" x (2W)ᵀ + b, "detached" the same values with no gradient in W,
-    "relu" relu(x) Wᵀ + b."""
+    "relu" relu(x) Wᵀ + b, "router" returns (x Wᵀ + b, its top-2 softmax weights, their
+    indices), as PhiMoE's router does."""
 
     def __init__(self, form: str, bias: bool):
         super().__init__(D, D, bias=bias)
         self.form = form
 
     def forward(self, x):
+        if self.form == "router":
+            logits = super().forward(x)
+            return logits, *torch.topk(logits.softmax(-1), 2)
         w = {"scaled": 2 * self.weight, "detached": self.weight.detach()}.get(self.form, self.weight)
         y = (x.relu() if self.form == "relu" else x) @ w.T
         return y if self.bias is None else y + self.bias
@@ -436,6 +440,8 @@ class Own(nn.Module):
         seq_first = self.layout == "seq_first"
         h = self.pre(x.transpose(0, 1) if seq_first else x)
         h = self.own(h.transpose(1, 2) if self.channels else h)
+        if isinstance(h, tuple):   # a router's (logits, top-k weights, their indices)
+            h = h[0] * h[1].sum(-1, keepdim=True)
         h = torch.tanh(h.transpose(1, 2) if self.channels else h)
         return self.head(h if self.layout == "flat" else h.mean(0 if seq_first else 1))
 
@@ -485,13 +491,15 @@ NORM_GRID = [("norm", c) for c in itertools.product(
     ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm", "RMSNorm2"], [True, False], [False, True])]
 AFFINE_GRID = [("affine", c) for c in itertools.product(["Linear", "Conv1D"], [None, 1, T], [True, False],
                                                         [False, True])]
-OWN_GRID = [("own", (kind, form, bias)) for kind, forms in (("linear", ["same", "scaled", "detached", "relu"]),
+OWN_GRID = [("own", (kind, form, bias)) for kind, forms in (("linear", ["same", "scaled", "detached", "relu",
+                                                                        "router"]),
                                                              ("layer_norm", ["same", "rms", "channels"]),
                                                              ("rms_norm", ["same", "gemma", "detached"]),
                                                              ("no_norm", ["same", "square"]))
             for form in forms for bias in ((True, False) if kind in ("linear", "layer_norm") else (False,))]
 OWN_GRID += [("own", (kind, "same", True, layout)) for kind in ("linear", "layer_norm", "rms_norm", "no_norm")
              for layout in ("seq_first", "flat", "T1", "TB")]
+OWN_GRID += [("own", ("linear", "router", True, layout)) for layout in ("seq_first", "flat", "T1", "TB")]
 NORM_ACT_GRID = ([("norm_act", ("bn", act, "batch")) for act in ("none", "relu_inplace", "gelu", "silu")]
                  + [("norm_act", ("gn", act, "batch")) for act in ("none", "hardswish")]
                  + [("norm_act", ("gn1", "none", "batch")), ("norm_act", ("ln_nobias", "none", "batch"))]
@@ -780,7 +788,9 @@ def test_a_layer_class_of_its_own_takes_the_rule_only_where_it_computes_what_the
     (Falcon's, DeBERTa's, Cohere's, Llama's), takes the Linear or norm rule where it computes
     x Wᵀ + b, γ ⊙ x̂ + β or γ ⊙ x̂ in value and gradient (checked on the first batch, with
     other weights); any other computation (with a weight that gets no gradient too) goes to
-    the fallback with why."""
+    the fallback with why. One that returns a tuple (PhiMoE's router) takes the free-parameter
+    rule: its weight's use in ``F.linear`` is followed like any parameter's (on batch-first
+    rows: sequence-first ones go to the fallback, with why)."""
     scorer = _agree(family, config)
     scorer.score_batch(*_prepare(family, config)[1:])
     kind, form = config[:2]
@@ -789,6 +799,10 @@ def test_a_layer_class_of_its_own_takes_the_rule_only_where_it_computes_what_the
         rule = {"linear": "linear_subclass", "layer_norm": "hf_layer_norm", "rms_norm": "hf_rms_norm",
                 "no_norm": "no_norm"}[kind]
         assert why.startswith(f"ghost ({rule} rule on own: "), why
+    elif form == "router" and config[3:] == ("seq_first",):   # the free rule takes products of batch-first rows
+        assert why.startswith("vmap (OwnLinear 'own' returns a tuple") and "rows do not follow the batch" in why, why
+    elif form == "router":
+        assert why == "ghost (free-parameter rule: per example in each use)", why
     else:
         assert why.startswith("vmap (") and "does not compute" in why, why
     assert scorer.explain()["head.weight"].startswith("ghost")

@@ -5,7 +5,8 @@ For each family, on a batch with padding, a repeated token and an ignored label 
 random pixels): ``auto`` equals the loop (K = 0 and 2 references); ``ghost`` equals it or
 raises one :class:`gradscore.GradscoreError`, never a raw error; ``auto`` on the model in
 float32 is as close to the float64 loop as the float32 loop is (``helpers``). In training,
-the in-run recorder's records equal the loop at θ_t; the families in :data:`REFUSED_IN_RUN`,
+the in-run recorder's records equal the loop at θ_t (those of :data:`SAMPLED_IN_TRAINING` sum to
+the step's gradient); the families in :data:`REFUSED_IN_RUN`,
 and only they, are refused with the error it names.
 A family the installed transformers does not know is skipped with that reason. The fast
 set is five families (Mistral, OPT, RoBERTa, ViT, ConvNeXt; RoBERTa as a classifier and as a masked LM); GPT-2,
@@ -53,6 +54,8 @@ CAUSAL_LM = {
     "mixtral": {**GQA, "num_local_experts": 4, "num_experts_per_tok": 2, "experts_implementation": "eager"},
     "qwen2_moe": {**GQA, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8,
                   "shared_expert_intermediate_size": 8, "experts_implementation": "eager"},
+    # its router, a Linear subclass returning a tuple, takes the free-parameter rule
+    "phimoe": {**GQA, "num_local_experts": 4, "num_experts_per_tok": 2, "experts_implementation": "eager"},
     "gpt_oss": {**GQA, "num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 8, "sliding_window": 4,
                 "layer_types": ["full_attention", "sliding_attention"], "experts_implementation": "eager"},
     "deepseek_v3": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8, "n_group": 1,
@@ -129,6 +132,9 @@ REFUSED_IN_RUN = {
 #: the loss's rtol for families whose Mamba scan computes in float32 whatever the model's dtype: an
 #: example's loss alone and in its batch differ by float32's rounding
 SCAN_IN_FLOAT32 = dict.fromkeys(["mamba", "mamba2", "nemotron_h"], 1e-6)
+#: families whose training forward draws each token's experts at random (PhiMoE's Gumbel sampling): a loop
+#: cannot redraw a step's choices, so their records are checked to sum to the step's own gradient's dot
+SAMPLED_IN_TRAINING = {"phimoe"}
 FAST = {"mistral", "opt", "roberta", "vit", "convnext"}
 TASKS = {"causal_lm": CAUSAL_LM, "sequence_classification": SEQUENCE_CLASSIFICATION, "masked_lm": MASKED_LM,
          "image_classification": IMAGE_CLASSIFICATION}
@@ -227,6 +233,12 @@ def test_a_family_in_training_is_recorded_as_the_loop_scores_it(tmp_path, task, 
         return per_example(m(**inputs).logits, labels)
     params = [p for p in before.parameters() if p.requires_grad]   # RoFormer's sinusoidal table is frozen
     gJ = torch.autograd.grad(loss(before.eval(), *target).mean(), params, allow_unused=True)
+    if name in SAMPLED_IN_TRAINING:   # Σ_b ⟨∇L_b, ∇J⟩ = ⟨∇L, ∇J⟩, ∇L the step's .grad
+        step = [p.grad for p in model.parameters() if p.requires_grad]
+        dot = sum(float((gi * gj).sum()) for gi, gj in zip(step, gJ) if gi is not None and gj is not None)
+        np.testing.assert_allclose(rows["dot"].sum(), dot, rtol=1e-6)
+        assert np.all(rows["sq_norm"] > 0)
+        return
     before.train()
     for b in range(4):
         lb = loss(before, {k: v[b:b + 1] for k, v in x.items()}, y[b:b + 1])[0]

@@ -228,6 +228,8 @@ def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inpu
         mode.running[name] -= 1
         act, output = observed(rule, args, kwargs, output)
         if not isinstance(act, torch.Tensor) or not isinstance(output, torch.Tensor):
+            if isinstance(act, torch.Tensor) and record.problem is None:
+                record.problem = NOT_ONE_OUTPUT
             record.shapes.append(((), ()))
             record.outputs.append(None)
             return
@@ -315,6 +317,9 @@ def _sums_with_batch_rows(uses1, uses2) -> str | None:
             return f"{ONE_ROW}, used by {name} (only a sum with batch rows is exact)"
     return None
 
+
+#: a ruled layer whose call returns no tensor for its rule to read (a subclass's forward returning a tuple)
+NOT_ONE_OUTPUT = "returns a tuple or another non-tensor, not the one output its rule reads"
 
 #: a ruled layer the first batch (or a later one) did not call
 NOT_CALLED = "was not called; its parameters are used by another module"
