@@ -1122,7 +1122,7 @@ def channels_last_equals_contiguous(plain: nn.Module, x, y, params=None, batches
     V = torch.randn(2, ref.num_params, dtype=torch.float64)
     for batch in batches:
         want = ref.score_batch(x[batch], y[batch], refs=V)
-        for engine in ("loop", "ghost", "auto", "vmap"):
+        for engine in ("loop", "auto", "vmap"):
             got = gs.Scorer(model, engine=engine, params=params).score_batch(
                 x[batch].contiguous(memory_format=torch.channels_last), y[batch], refs=V)
             where = f"{engine}, params {params}, batch {batch}"
@@ -1224,7 +1224,7 @@ def random_selection(seed: int, model: nn.Module) -> list[str] | None:
     return None
 
 
-def check_random_model(seed: int, model: nn.Module, x, y, what: str, engines=("auto", "ghost")) -> bool:
+def check_random_model(seed: int, model: nn.Module, x, y, what: str, engines=("auto",)) -> bool:
     """A random float64 model in eval mode, on the parameters :func:`random_selection` draws:
     each of ``engines`` equals the loop (assert, ``what`` describes the model) on a batch
     that follows an empty one, or torch refused it; ``vmap`` may refuse a model it cannot

@@ -48,9 +48,11 @@ class _BiasKV(nn.Module):
 
 
 def test_auto_is_the_chain_per_parameter():
-    """auto: a ghost rule where one applies, the fallback for exactly the other parameters."""
+    """auto: a ghost rule where one applies, the fallback for exactly the other parameters.
+    ``engine="ghost"`` names the same engine (the other tests run ``auto`` alone)."""
     model, _ = ghost_case("transformer")
     assert gs.Scorer(model.eval()).engine_name == "ghost"
+    assert type(gs.Scorer(model.eval(), engine="ghost").engine) is type(gs.Scorer(model.eval()).engine)
     torch.manual_seed(0)
     scorer = compare_with_loop(nn.Sequential(nn.Linear(3, 3), _Slope(), nn.Linear(3, 3)), torch.randn(5, 3), 2,
                       engine="auto")
