@@ -501,14 +501,15 @@ class MyRMSNorm(nn.Module):
 @pytest.mark.parametrize("kind", ["plain", "gated", "idle"])
 def test_a_layer_named_like_an_rms_norm_takes_its_rule_only_if_it_computes_one(kind, K):
     """The structural rule is checked on the first batch with another weight: a gated or
-    an idle layer of that name falls back, named, and every engine equals the loop."""
+    an idle layer of that name is a layer without a rule (the free-parameter rule follows
+    its weight), and every engine equals the loop."""
     torch.manual_seed(0)
     model = _Pooled(nn.Sequential(nn.Linear(5, 6), MyRMSNorm(6, kind), nn.Tanh(), nn.Linear(6, 3)))
     why = compare_with_loop(model, torch.randn(7, 4, 5), K).explain()
     if kind == "plain":
         assert why["net.1.weight"] == "ghost (hf_rms_norm rule on net.1: MyRMSNorm)", why
     else:
-        assert why["net.1.weight"].startswith("vmap (MyRMSNorm 'net.1' does not compute weight · x / √(mean(x²)"), why
+        assert why["net.1.weight"] == "ghost (free-parameter rule: per example in each use)", why
 
 
 class MyScaledWordEmbedding(nn.Embedding):
@@ -533,7 +534,9 @@ def test_a_scaled_embedding_takes_its_rule_only_if_it_computes_one(kind, K):
     if kind == "plain":
         assert why["net.0.weight"] == "ghost (scaled_embedding rule on net.0: MyScaledWordEmbedding)", why
     else:
+        # nor does the free-parameter rule take a lookup (F.embedding) of the weight: both reasons
         assert why["net.0.weight"].startswith("vmap (MyScaledWordEmbedding 'net.0' does not compute embed_scale"), why
+        assert "; as a free parameter it is made by embedding into a tensor" in why["net.0.weight"], why
 
 
 class _Pooled(nn.Module):

@@ -1933,6 +1933,46 @@ def test_parameters_the_forward_uses_directly_are_recorded_as_the_loop_scores_th
     _recorded_as_the_loop(_Tokens(kind).double(), 20, {"net.cls_token", "net.pos_embed"}, tmp_path, micro)
 
 
+class _ScaledLinear(nn.Linear):
+    """A Linear subclass whose own forward scales its weight: not x Wᵀ + b."""
+
+    def forward(self, x):
+        return F.linear(x, 2 * self.weight, self.bias)
+
+
+class _GatedRMSNorm(nn.Module):
+    """Named like Hugging Face's RMSNorm, gated by its input: not w · x̂."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight, self.variance_epsilon = nn.Parameter(torch.linspace(0.5, 1.5, d)), 1e-6
+
+    def forward(self, x):
+        x_hat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x_hat * torch.sigmoid(x.mean(-1, keepdim=True))
+
+
+class _LookAlikes(nn.Module):
+    """A :class:`_ScaledLinear`, a :class:`_GatedRMSNorm` and a head on (B, 4, 5) rows."""
+    shape = (4, 5)
+
+    def __init__(self, kind: str = "", layout: str = "batch"):
+        super().__init__()
+        self.lin, self.norm, self.head = _ScaledLinear(5, 6), _GatedRMSNorm(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.norm(self.lin(x))).mean(1))
+
+
+def test_look_alikes_their_rules_checks_refuse_are_recorded_as_the_loop_scores_them(tmp_path):
+    """A layer whose structural rule's check finds it computes something else is a layer
+    without a rule (refused before): the free-parameter rule follows its weights, and every
+    record equals the loop at θ_t."""
+    torch.manual_seed(0)
+    _recorded_as_the_loop(_Tokens("", net=_LookAlikes).double(), 20,
+                          {"net.lin.weight", "net.lin.bias", "net.norm.weight"}, tmp_path)
+
+
 @pytest.mark.parametrize("kind, layout", [("mixtral", "merged"), ("gpt_oss", "twice"), ("nemotron_h", "flat")])
 def test_hugging_face_experts_are_recorded_as_the_loop_scores_them_and_train_bit_identically(tmp_path, kind, layout):
     """A mixture of Hugging Face's experts (refused before: no ghost rule) in training: every

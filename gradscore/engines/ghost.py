@@ -54,7 +54,7 @@ from .free import FreeUses, candidates, leaves, map_leaves
 from .workarounds import torch_workarounds
 from .layout import NOT_CALLED, NOT_ONE_OUTPUT, Layout, batchless, establish, observed
 from .probe import probe
-from .rules import Factor, Rule, cross, find_rule, has_rule
+from .rules import Factor, Rule, computes_otherwise, cross, find_rule, has_rule
 
 
 @dataclass
@@ -405,11 +405,14 @@ class GhostEngine(Engine):
         """Give the free-parameter rule the weights of the layers whose output has no batch
         rows (:func:`.layout.batchless`: T5's and MPNet's relative attention bias, an Embedding
         of the (T, T) offsets), of the layers not called whose weights another module uses
-        (BEiT's ``F.linear(x, self.qkv.weight, bias)``), and of the layers whose forward returns
-        a tuple (PhiMoE's router, a Linear subclass): what the forward makes of them, and how it
-        meets the batch, it follows like any parameter's. Whether any layer moved."""
+        (BEiT's ``F.linear(x, self.qkv.weight, bias)``), of the layers whose forward returns a
+        tuple (PhiMoE's router, a Linear subclass), and of the look-alikes whose structural
+        rule's check found they compute something else (layers without a rule): what the
+        forward makes of them, and how it meets the batch, it follows like any parameter's.
+        Whether any layer moved."""
         moved = [layer for layer in self.layers if self.takes_free and isinstance(found[layer.name], str)
-                 and (batchless(found[layer.name]) or found[layer.name] in (NOT_CALLED, NOT_ONE_OUTPUT))
+                 and (batchless(found[layer.name]) or found[layer.name] in (NOT_CALLED, NOT_ONE_OUTPUT)
+                      or computes_otherwise(found[layer.name]))
                  and all(len(owners[f]) == 1 for f in layer.params.values())
                  and all(tensors[f].is_floating_point() for f in layer.params.values())]
         for layer in moved:

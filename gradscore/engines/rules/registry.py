@@ -69,8 +69,9 @@ Mistral's, Qwen's, Gemma's …) is registered by its structure instead
 matches (or a subclass overrides its parent's forward: Gemma's scaled embedding). Such a
 rule is not trusted on its name: its ``verify(layer, input, output)`` (a whole-call
 rule's: ``verify(layer, (args, kwargs), output)``) runs once on the first batch and
-checks that the layer computes what the rule assumes, else the layer falls back with
-the reason.
+checks that the layer computes what the rule assumes. One that does not is a layer
+without a rule: its parameters take the free-parameter rule (``engines/free.py``) where
+it takes their uses, else the fallback, with both reasons.
 
 A rule whose weight's norm may take the Gram form of ``kernels.ghost_linear`` registers
 ``gram_input(input) -> (B, T, d_in) view or None``: the engine counts the layers reading
@@ -236,6 +237,16 @@ def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None = None) ->
     return a.shape == b.shape and torch.allclose(a, b, rtol=tol, atol=tol * max(1.0, scale), equal_nan=True)
 
 
+#: the start of a structural rule's reason where its check found the layer computes something else
+COMPUTES_OTHERWISE = "does not compute "
+
+
+def computes_otherwise(reason: str) -> bool:
+    """Whether a layer's reason for the fallback is that its check found it computes something
+    other than its rule assumes (a look-alike: a layer without a rule)."""
+    return reason.startswith(COMPUTES_OTHERWISE)
+
+
 def computes(layer: nn.Module, x: torch.Tensor | tuple[tuple, dict],
              expected: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor], what: str) -> str | None:
     """None if ``layer`` on ``x`` (its input, or a whole call (args, kwargs)), with each of
@@ -257,7 +268,7 @@ def computes(layer: nn.Module, x: torch.Tensor | tuple[tuple, dict],
             out = torch.func.functional_call(layer, w, args, kwargs)
             want = expected(x, w)
             if not isinstance(out, torch.Tensor) or out.shape != want.shape or not out.requires_grad:
-                return f"does not compute {what}, which its rule assumes"
+                return f"{COMPUTES_OTHERWISE}{what}, which its rule assumes"
             r = torch.linspace(-1.0, 1.3, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
             got_g = torch.autograd.grad((out * r).sum(), list(w.values()), allow_unused=True)
             want_g = torch.autograd.grad((want * r).sum(), list(w.values()), allow_unused=True)
@@ -270,7 +281,7 @@ def computes(layer: nn.Module, x: torch.Tensor | tuple[tuple, dict],
         return close(a.float() if a.dtype == torch.float64 else a, b)
     if same(out, want) and all(same(a, b) for a, b in zip(got_g, want_g)):
         return None
-    return f"does not compute {what}, which its rule assumes"
+    return f"{COMPUTES_OTHERWISE}{what}, which its rule assumes"
 
 
 def kernel_dropout(module: nn.Module) -> str | None:
