@@ -1365,8 +1365,12 @@ def inrun_reference(model, snapshot, x, y, targets, keep_modes=False):
     each module in the mode it has in ``model``, a frozen BatchNorm's eval), J in eval mode.
     Under gradscore's workarounds for torch's own CPU norm bugs, as the loop engine runs
     (each checked against a contiguous model in test_engines.py)."""
+    for module in model.modules():   # weight_norm's and prune's weight, made again by each forward's pre-hook
+        for name, t in [(k, v) for k, v in vars(module).items() if isinstance(v, torch.Tensor) and not v.is_leaf]:
+            setattr(module, name, t.detach())   # (a tensor of the graph, which deepcopy refuses)
     m = copy.deepcopy(model).eval()
-    m.load_state_dict(snapshot)
+    missing, unexpected = m.load_state_dict(snapshot, strict=False)   # a snapshot of parameters may leave out buffers
+    assert not unexpected and set(missing) <= {n for n, _ in m.named_buffers()}, (missing, unexpected)
     params = [p for p in m.parameters() if p.requires_grad]   # what the step trains
     xt, yt = targets
     out = []

@@ -195,16 +195,22 @@ def _reparametrized(layer: str, how: str) -> tuple[nn.Module, torch.Tensor]:
 @pytest.mark.parametrize("K", [0, 2])
 @pytest.mark.parametrize("how", ["weight_norm", "prune"])
 @pytest.mark.parametrize("layer", ["linear", "conv", "embedding"])
-def test_a_weight_recomputed_from_other_parameters_falls_back(layer, how, K):
+def test_a_weight_recomputed_from_other_parameters_takes_the_free_rule_where_it_follows_them(layer, how, K):
     """A rule knows the gradient of the parameters its layer defines (``weight``, ``bias``);
-    weight_g, weight_v or weight_orig, from which a pre-hook makes ``weight``, go to the
-    fallback, named, and the scores equal the loop's."""
+    weight_g, weight_v or weight_orig, from which a pre-hook makes ``weight``, take the
+    free-parameter rule, which follows them into the layer's F.linear or F.conv2d (vmap
+    before); into F.embedding, a lookup it does not take, they go to the fallback with both
+    reasons. The scores equal the loop's."""
     model, x = _reparametrized(layer, how)
     why = compare_with_loop(model, x, K).explain()
     names = ["0.weight_g", "0.weight_v"] if how == "weight_norm" else ["0.weight_orig"]
     assert {n for n in why if n.startswith("0.")} == set(names + (["0.bias"] if layer != "embedding" else []))
     for n in names:
-        assert why[n].startswith("vmap (") and f"'{n[2:]}'" in why[n], why[n]
+        if layer == "embedding":
+            assert why[n].startswith(f"vmap ('{n[2:]}' is not a parameter of Embedding"), why[n]
+            assert "; as a free parameter it is made by embedding" in why[n], why[n]
+        else:
+            assert why[n] == "ghost (free-parameter rule: per example in each use)", why[n]
     assert layer == "embedding" or why["0.bias"].startswith("ghost"), why["0.bias"]
 
 

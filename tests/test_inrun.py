@@ -755,18 +755,40 @@ def test_ids_that_would_be_stored_as_other_ids_are_refused(tmp_path):
     assert gs.load_scores(rec.close())["ids"].tolist() == ["a", "b"]
 
 
-def test_a_weight_made_from_other_parameters_is_refused_not_misread(tmp_path):
-    """Legacy weight_norm's weight_g and weight_v have no rule of their own (the Linear
-    rule gives the gradient of the weight made from them): one line naming them."""
-    import warnings
-    model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
+@pytest.mark.parametrize("how", ["weight_norm", "prune"])
+def test_a_weight_made_from_other_parameters_is_recorded_as_the_loop_scores_it(tmp_path, how):
+    """Legacy weight_norm's weight_g and weight_v, or prune's weight_orig, have no rule of
+    their own (the Linear rule gives the gradient of the weight made from them): the
+    free-parameter rule follows them into the layer's F.linear (refused before)."""
+    from torch.nn.utils import prune
+    torch.manual_seed(0)
+    model = mlp(d_in=20, hidden=8, n_classes=3, depth=1).double()
+    if how == "prune":
+        prune.random_unstructured(model[1], "weight", 0.4)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            nn.utils.weight_norm(model[1])
+    names = {"1.weight_g", "1.weight_v"} if how == "weight_norm" else {"1.weight_orig"}
+    _recorded_as_the_loop(model, 20, names, tmp_path)
+
+
+def test_a_weight_made_from_other_parameters_that_the_free_rule_cannot_follow_is_refused(tmp_path):
+    """An Embedding's weight_norm: its weight_g and weight_v go into a lookup, which the
+    free-parameter rule does not take: one line naming them and both reasons, at the
+    first step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(20, 3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        nn.utils.weight_norm(model[1])
-    with pytest.raises(gs.EngineError, match="needs a ghost rule for every trainable parameter; "
-                                             "1.weight_g: 'weight_g' is not a parameter of Linear"):
-        gs.InRun(model, out=tmp_path / "r.h5")
-    assert not (tmp_path / "r.h5").exists()
+        nn.utils.weight_norm(model[0])
+    x, y = torch.randint(0, 10, (6, 5)), torch.arange(6) % 3
+    rec = gs.InRun(model, out=tmp_path / "r.h5")
+    with pytest.raises(gs.EngineError, match="needs a ghost rule for every trainable parameter; 0.weight_g: "
+                                             "'weight_g' is not a parameter of Embedding .*; as a free parameter "
+                                             "it is made by embedding"):
+        with rec.step(range(6), y):
+            F.cross_entropy(model(x), y).backward()
 
 
 def test_a_weight_used_outside_its_layer_is_refused_not_misread(tmp_path):
@@ -1940,6 +1962,17 @@ class _ScaledLinear(nn.Linear):
         return F.linear(x, 2 * self.weight, self.bias)
 
 
+class _LoRALinear(nn.Linear):
+    """A Linear subclass with a low-rank update of its own: x Wᵀ + b + (x Aᵀ) Bᵀ."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__(d_in, d_out)
+        self.lora_A, self.lora_B = nn.Parameter(0.3 * torch.randn(2, d_in)), nn.Parameter(0.3 * torch.randn(d_out, 2))
+
+    def forward(self, x):
+        return super().forward(x) + (x @ self.lora_A.T) @ self.lora_B.T
+
+
 class _GatedRMSNorm(nn.Module):
     """Named like Hugging Face's RMSNorm, gated by its input: not w · x̂."""
 
@@ -1953,24 +1986,28 @@ class _GatedRMSNorm(nn.Module):
 
 
 class _LookAlikes(nn.Module):
-    """A :class:`_ScaledLinear`, a :class:`_GatedRMSNorm` and a head on (B, 4, 5) rows."""
+    """A :class:`_ScaledLinear`, a :class:`_LoRALinear`, a :class:`_GatedRMSNorm` and a head
+    on (B, 4, 5) rows."""
     shape = (4, 5)
 
     def __init__(self, kind: str = "", layout: str = "batch"):
         super().__init__()
-        self.lin, self.norm, self.head = _ScaledLinear(5, 6), _GatedRMSNorm(6), nn.Linear(6, 3)
+        self.lin, self.lora, self.norm = _ScaledLinear(5, 6), _LoRALinear(6, 6), _GatedRMSNorm(6)
+        self.head = nn.Linear(6, 3)
 
     def forward(self, x):
-        return self.head(torch.tanh(self.norm(self.lin(x))).mean(1))
+        return self.head(torch.tanh(self.norm(self.lora(self.lin(x)))).mean(1))
 
 
 def test_look_alikes_their_rules_checks_refuse_are_recorded_as_the_loop_scores_them(tmp_path):
     """A layer whose structural rule's check finds it computes something else is a layer
-    without a rule (refused before): the free-parameter rule follows its weights, and every
-    record equals the loop at θ_t."""
+    without a rule (refused before): the free-parameter rule follows its weights, and those
+    of its own forward that its rule did not know (a LoRA look-alike's ``lora_A``), and
+    every record equals the loop at θ_t."""
     torch.manual_seed(0)
     _recorded_as_the_loop(_Tokens("", net=_LookAlikes).double(), 20,
-                          {"net.lin.weight", "net.lin.bias", "net.norm.weight"}, tmp_path)
+                          {"net.lin.weight", "net.lin.bias", "net.norm.weight", "net.lora.weight", "net.lora.bias",
+                           "net.lora.lora_A", "net.lora.lora_B"}, tmp_path)
 
 
 @pytest.mark.parametrize("kind, layout", [("mixtral", "merged"), ("gpt_oss", "twice"), ("nemotron_h", "flat")])

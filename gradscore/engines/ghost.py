@@ -85,6 +85,11 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
     return owners
 
 
+#: the end of the reason of a ruled layer's parameter that its rule does not differentiate: the
+#: free-parameter rule follows it instead, as it does a parameter of a layer without a rule
+NOT_DIFFERENTIATED = " (a reparametrization such as weight_norm or prune, or a parameter of its own forward)"
+
+
 def plan_layers(model: nn.Module, param_names: list[str]) -> tuple[list[_Layer], dict[str, str]]:
     """Split scored parameters into ruled layers and {fallback parameter: reason}.
 
@@ -139,8 +144,7 @@ def plan_layers(model: nn.Module, param_names: list[str]) -> tuple[list[_Layer],
         known = rule.knows(module)
         for local in [k for k in own if k not in known]:   # e.g. weight_norm's weight_g: `weight` is made from it
             fallback[own.pop(local)] = (f"'{local}' is not a parameter of {type(module).__name__} that its "
-                                        f"{rule.name} rule differentiates (a reparametrization such as "
-                                        f"weight_norm or prune)")
+                                        f"{rule.name} rule differentiates{NOT_DIFFERENTIATED}")
         if not own:
             continue
         layers.append(_Layer(mname, module, rule, own, {k for k, v in own.items() if v in tied}))
@@ -315,7 +319,8 @@ class GhostEngine(Engine):
         # free parameters (of modules without a rule), until the first batch shows how they are used
         owners = _owners(model)
         self.free = {n: p for n, p in candidates(model, list(self.fallback)).items()
-                     if not any(has_rule(m) for _, m in owners[id(p)])} if self.takes_free else {}
+                     if not any(has_rule(m) for _, m in owners[id(p)])
+                     or self.fallback[n].endswith(NOT_DIFFERENTIATED)} if self.takes_free else {}
         self._free_why = {n: self.fallback.pop(n) for n in self.free}   # why no layer rule took each
         self._free_problems: dict[str, str] = {}   # a use the rule does not take, seen while scoring
         self._free_plan: dict[str, list[str]] = {}   # each free parameter's ops on the first batch (FreeUses)
@@ -409,17 +414,24 @@ class GhostEngine(Engine):
         tuple (PhiMoE's router, a Linear subclass), and of the look-alikes whose structural
         rule's check found they compute something else (layers without a rule): what the
         forward makes of them, and how it meets the batch, it follows like any parameter's.
-        Whether any layer moved."""
+        A moved layer's other parameters, which its rule did not differentiate (a LoRA
+        look-alike's ``lora_A``), go with its weights. Whether any layer moved."""
         moved = [layer for layer in self.layers if self.takes_free and isinstance(found[layer.name], str)
                  and (batchless(found[layer.name]) or found[layer.name] in (NOT_CALLED, NOT_ONE_OUTPUT)
                       or computes_otherwise(found[layer.name]))
                  and all(len(owners[f]) == 1 for f in layer.params.values())
                  and all(tensors[f].is_floating_point() for f in layer.params.values())]
+        names, modules = {id(t): n for n, t in tensors.items()}, _owners(self.model)
         for layer in moved:
             self.layers.remove(layer)
             for full in layer.params.values():
                 self.free[full] = tensors[full]
                 self._free_why[full] = f"{type(layer.module).__name__} '{layer.name}' {found[layer.name]}"
+            for p in layer.module.parameters(recurse=False):
+                full = names.get(id(p))
+                if full in self.fallback and p.is_floating_point() and len(modules[id(p)]) == 1:
+                    self.free[full] = p
+                    self._free_why[full] = self.fallback.pop(full)
         return bool(moved)
 
     def _add_free(self, state: _BatchSums) -> None:

@@ -55,10 +55,10 @@ as a convolution); a rule with ``factors`` gets it from them (:mod:`gradscore.sk
 
 ``params`` (default ``("weight", "bias")``, or a function of the layer) names the
 parameters, as the layer's class defines them, whose gradients the rule gives. Any other
-parameter of the layer goes to the fallback: ``torch.nn.utils.weight_norm`` (legacy) and
-``prune`` replace ``weight`` by parameters of other names (weight_g and weight_v,
-weight_orig) and rebuild it in a forward pre-hook, so the rule's gradient of ``weight`` is
-not theirs.
+parameter of the layer takes the free-parameter rule, else the fallback:
+``torch.nn.utils.weight_norm`` (legacy) and ``prune`` replace ``weight`` by parameters of
+other names (weight_g and weight_v, weight_orig) and rebuild it in a forward pre-hook, so
+the rule's gradient of ``weight`` is not theirs.
 
 Classes from optional packages are registered by qualified name
 (``"transformers.pytorch_utils.Conv1D"``), so the package is never imported here.
