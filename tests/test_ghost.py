@@ -174,9 +174,10 @@ def test_frozen_layers_and_param_patterns():
 
 
 def _reparametrized(layer: str, how: str) -> tuple[nn.Module, torch.Tensor]:
-    """A small model whose first layer's weight is recomputed in a forward pre-hook from
-    parameters of other names: legacy ``weight_norm`` (weight_g, weight_v) or ``prune``
-    (weight_orig and a mask)."""
+    """A small model whose first layer's weight is recomputed from parameters of other
+    names: in a forward pre-hook by legacy ``weight_norm`` (weight_g, weight_v) or ``prune``
+    (weight_orig and a mask), or by ``parametrizations.weight_norm`` (original0, original1,
+    of a submodule)."""
     torch.manual_seed(0)
     first, rest, x = {
         "linear": (nn.Linear(4, 5), [nn.Tanh(), nn.Linear(5, 3)], torch.randn(6, 4)),
@@ -187,13 +188,15 @@ def _reparametrized(layer: str, how: str) -> tuple[nn.Module, torch.Tensor]:
         with warnings.catch_warnings():   # deprecated in favour of parametrizations, still in wide use
             warnings.simplefilter("ignore", FutureWarning)
             nn.utils.weight_norm(first)
+    elif how == "parametrizations":
+        nn.utils.parametrizations.weight_norm(first)
     else:
         prune.random_unstructured(first, "weight", amount=0.4)
     return nn.Sequential(first, *rest), x
 
 
 @pytest.mark.parametrize("K", [0, 2])
-@pytest.mark.parametrize("how", ["weight_norm", "prune"])
+@pytest.mark.parametrize("how", ["weight_norm", "prune", "parametrizations"])
 @pytest.mark.parametrize("layer", ["linear", "conv", "embedding"])
 def test_a_weight_recomputed_from_other_parameters_takes_the_free_rule_where_it_follows_them(layer, how, K):
     """A rule knows the gradient of the parameters its layer defines (``weight``, ``bias``);
@@ -203,11 +206,13 @@ def test_a_weight_recomputed_from_other_parameters_takes_the_free_rule_where_it_
     reasons. The scores equal the loop's."""
     model, x = _reparametrized(layer, how)
     why = compare_with_loop(model, x, K).explain()
-    names = ["0.weight_g", "0.weight_v"] if how == "weight_norm" else ["0.weight_orig"]
+    names = {"weight_norm": ["0.weight_g", "0.weight_v"], "prune": ["0.weight_orig"],
+             "parametrizations": ["0.parametrizations.weight.original0", "0.parametrizations.weight.original1"]}[how]
     assert {n for n in why if n.startswith("0.")} == set(names + (["0.bias"] if layer != "embedding" else []))
     for n in names:
         if layer == "embedding":
-            assert why[n].startswith(f"vmap ('{n[2:]}' is not a parameter of Embedding"), why[n]
+            assert why[n].startswith("vmap (" if how == "parametrizations" else
+                                     f"vmap ('{n[2:]}' is not a parameter of Embedding"), why[n]
             assert "; as a free parameter it is made by embedding" in why[n], why[n]
         else:
             assert why[n] == "ghost (free-parameter rule: per example in each use)", why[n]

@@ -755,21 +755,25 @@ def test_ids_that_would_be_stored_as_other_ids_are_refused(tmp_path):
     assert gs.load_scores(rec.close())["ids"].tolist() == ["a", "b"]
 
 
-@pytest.mark.parametrize("how", ["weight_norm", "prune"])
+@pytest.mark.parametrize("how", ["weight_norm", "prune", "parametrizations"])
 def test_a_weight_made_from_other_parameters_is_recorded_as_the_loop_scores_it(tmp_path, how):
     """Legacy weight_norm's weight_g and weight_v, or prune's weight_orig, have no rule of
     their own (the Linear rule gives the gradient of the weight made from them): the
-    free-parameter rule follows them into the layer's F.linear (refused before)."""
+    free-parameter rule follows them into the layer's F.linear (refused before), as it
+    follows ``parametrizations.weight_norm``'s original0 and original1."""
     from torch.nn.utils import prune
     torch.manual_seed(0)
     model = mlp(d_in=20, hidden=8, n_classes=3, depth=1).double()
     if how == "prune":
         prune.random_unstructured(model[1], "weight", 0.4)
+    elif how == "parametrizations":
+        nn.utils.parametrizations.weight_norm(model[1])
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             nn.utils.weight_norm(model[1])
-    names = {"1.weight_g", "1.weight_v"} if how == "weight_norm" else {"1.weight_orig"}
+    names = {"weight_norm": {"1.weight_g", "1.weight_v"}, "prune": {"1.weight_orig"},
+             "parametrizations": {"1.parametrizations.weight.original0", "1.parametrizations.weight.original1"}}[how]
     _recorded_as_the_loop(model, 20, names, tmp_path)
 
 
