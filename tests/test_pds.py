@@ -173,6 +173,53 @@ def test_hvp_of_hugging_face_experts_on_their_fused_matmuls_is_the_eager_experts
     assert model.experts.config._experts_implementation == impl
 
 
+class _ExplicitWeightNorm(torch.nn.Module):
+    """A Linear whose weight is g · v / ‖v‖ (per output row) written out: every op has a
+    forward-mode derivative."""
+
+    def __init__(self, layer: torch.nn.Module, names: tuple[str, str]):
+        super().__init__()
+        g, v = (dict(layer.named_parameters())[n] for n in names)
+        self.weight_g, self.weight_v = (torch.nn.Parameter(t.detach().clone()) for t in (g, v))
+        self.bias = torch.nn.Parameter(layer.bias.detach().clone())
+
+    def forward(self, x):
+        w = self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
+        return torch.nn.functional.linear(x, w, self.bias)
+
+
+@pytest.mark.parametrize("how", ["legacy", "parametrizations"])
+def test_hvp_through_weight_norm_is_the_explicit_weight_norms(how):
+    """torch's fused weight norm (``_weight_norm_interface``, legacy ``weight_norm`` and
+    ``parametrizations.weight_norm`` on CPU) has no forward-mode derivative: `run --scores
+    pds` stopped, and told the user to set a Hugging Face attention option. The product
+    now runs weight norm's own composite form, v · (g / ‖v‖), the same function: it equals
+    the product on the weight norm written out."""
+    import warnings
+    torch.manual_seed(0)
+    model = mlp(d_in=6, hidden=5, n_classes=3, depth=1).double().eval()
+    explicit = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        if how == "legacy":
+            torch.nn.utils.weight_norm(model[1])
+        else:
+            torch.nn.utils.parametrizations.weight_norm(model[1])
+    names = ("weight_g", "weight_v") if how == "legacy" else ("parametrizations.weight.original0",
+                                                               "parametrizations.weight.original1")
+    explicit[1] = _ExplicitWeightNorm(model[1], names)
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.arange(8) % 3
+    ds = gs.load_dataset.__globals__["TorchDataset"](list(zip(x, y)))
+    v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    rename = {f"1.{names[0]}": "1.weight_g", f"1.{names[1]}": "1.weight_v"}
+    got = hvp(model, "cross_entropy", ds, v, batch_size=3)
+    renamed = {rename.get(n, n): t for n, t in v.items()}
+    want = hvp(explicit.eval(), "cross_entropy", ds, {n: renamed[n] for n, _ in explicit.named_parameters()},
+               batch_size=3)
+    for n in v:
+        torch.testing.assert_close(got[n], want[rename.get(n, n)], rtol=1e-10, atol=1e-12)
+
+
 def test_step_size_scaling_and_missing_target(tmp_path):
     ckpts, proxy, target, *_ = _gd_run(tmp_path)
     from gradscore.scores.costate import step_sizes

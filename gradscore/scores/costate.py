@@ -48,6 +48,7 @@ import h5py
 import numpy as np
 import torch
 from torch.func import grad, jvp
+from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from ..io.atomic import atomic_h5
@@ -131,6 +132,20 @@ def _eager_experts(model: torch.nn.Module) -> Iterator[None]:
             c._experts_implementation = kept[k]
 
 
+class _CompositeWeightNorm(TorchFunctionMode):
+    """``torch._weight_norm(v, g, dim)`` as its composite form v · (g / ‖v‖ over all but
+    ``dim``), the same function: torch's fused kernel (legacy ``weight_norm`` and
+    ``parametrizations.weight_norm`` on CPU) has no forward-mode derivative, which a
+    Hessian-vector product needs."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch._weight_norm:
+            v, g, dim = (*args, kwargs.get("dim", 0))[:3]
+            return v * (g / torch.norm_except_dim(v, 2, dim))
+        return func(*args, **kwargs)
+
+
 class _Objective:
     """Σ_b w·ℓ_b over chunks of a dataset, as a function of the scored parameters."""
 
@@ -162,15 +177,18 @@ class _Objective:
     def hvp(self, params: Params, v: Params) -> Params:
         """(∇²_θ Σ_b w·ℓ_b) v, forward-over-reverse, chunk by chunk."""
         try:
-            with warnings.catch_warnings(), _eager_experts(self.model):
+            with warnings.catch_warnings(), _eager_experts(self.model), _CompositeWeightNorm():
                 # torch's own jvp decompositions call its deprecated jit.script
                 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
                 return self._accumulate(lambda x, y: jvp(lambda p: grad(self._f)(p, x, y), (params,), (v,))[1])
         except NotImplementedError as e:
             what = str(e).splitlines()[0][:160]
-            fix = ("for a Hugging Face mixture of experts put 'experts_implementation': 'eager' in its config"
-                   if "grouped_mm" in what else "for Hugging Face models pass attn_implementation='eager' in "
-                   "model_kwargs")
+            if "grouped_mm" in what:
+                fix = "for a Hugging Face mixture of experts put 'experts_implementation': 'eager' in its config"
+            elif "attention" in what or "flash" in what:
+                fix = "for Hugging Face models pass attn_implementation='eager' in model_kwargs"
+            else:
+                fix = "write that op another way, or leave pds out of the scores"
             raise EngineError(f"the co-states need Hessian-vector products, i.e. forward-mode derivatives of "
                               f"every op of the model, and torch lacks one here ({what}); {fix}") from e
 
