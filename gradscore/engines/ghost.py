@@ -413,25 +413,19 @@ class GhostEngine(Engine):
         (BEiT's ``F.linear(x, self.qkv.weight, bias)``), of the layers whose forward returns a
         tuple (PhiMoE's router, a Linear subclass), and of the look-alikes whose structural
         rule's check found they compute something else (layers without a rule): what the
-        forward makes of them, and how it meets the batch, it follows like any parameter's.
-        A moved layer's other parameters, which its rule did not differentiate (a LoRA
-        look-alike's ``lora_A``), go with its weights. Whether any layer moved."""
+        forward makes of them, and how it meets the batch, it follows like any parameter's
+        (as it follows their other parameters, which their rule does not differentiate, from
+        the start). Whether any layer moved."""
         moved = [layer for layer in self.layers if self.takes_free and isinstance(found[layer.name], str)
                  and (batchless(found[layer.name]) or found[layer.name] in (NOT_CALLED, NOT_ONE_OUTPUT)
                       or computes_otherwise(found[layer.name]))
                  and all(len(owners[f]) == 1 for f in layer.params.values())
                  and all(tensors[f].is_floating_point() for f in layer.params.values())]
-        names, modules = {id(t): n for n, t in tensors.items()}, _owners(self.model)
         for layer in moved:
             self.layers.remove(layer)
             for full in layer.params.values():
                 self.free[full] = tensors[full]
                 self._free_why[full] = f"{type(layer.module).__name__} '{layer.name}' {found[layer.name]}"
-            for p in layer.module.parameters(recurse=False):
-                full = names.get(id(p))
-                if full in self.fallback and p.is_floating_point() and len(modules[id(p)]) == 1:
-                    self.free[full] = p
-                    self._free_why[full] = self.fallback.pop(full)
         return bool(moved)
 
     def _add_free(self, state: _BatchSums) -> None:
