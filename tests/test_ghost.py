@@ -282,6 +282,46 @@ def test_a_weight_used_outside_its_layer_falls_back(K):
     assert why["fc.bias"].startswith("ghost") and why["head.weight"].startswith("ghost"), why
 
 
+class _SkippedOnSomeBatches(nn.Module):
+    """A block that a batch skips as a whole by what it holds (``skip``: ``"not"`` calls
+    nothing, ``"linear"`` uses the block's weight in ``F.linear`` outside its call)."""
+
+    def __init__(self, skip: str) -> None:
+        super().__init__()
+        self.skip, self.block, self.head = skip, nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x + torch.tanh(self.block(x))
+        elif self.skip == "linear":
+            x = x + F.linear(x, self.block.weight)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("skip", ["not", "linear"])
+@pytest.mark.parametrize("K", [0, 2])
+def test_a_layer_a_later_batch_does_not_call(skip, K):
+    """A layer laid out on the first batch and not called on a later one: where nothing
+    reaches its parameters, its share of that batch is nothing and it keeps its rule for the
+    batches after (it went to the fallback for good); where its weight is used otherwise on
+    that batch, that weight goes to the fallback. Every batch equals the loop."""
+    torch.manual_seed(0)
+    model = _SkippedOnSomeBatches(skip).double().eval()
+    scorer, ref = gs.Scorer(model), gs.Scorer(model, engine="loop")
+    x, y = torch.randn(6, 4, dtype=torch.float64).abs(), torch.randint(0, 3, (6,))
+    V = torch.randn(K, ref.num_params, dtype=torch.float64) if K else None
+    for batch in (x, -x, x):
+        got, want = scorer.score_batch(batch, y, refs=V), ref.score_batch(batch, y, refs=V)
+        torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-10, atol=0)
+        if K:
+            torch.testing.assert_close(got.dots, want.dots, rtol=1e-10, atol=1e-14)
+    why = scorer.explain()
+    if skip == "not":
+        assert all(v.startswith("ghost") for v in why.values()), why
+    else:
+        assert "(Linear 'block' was not called; its parameters are used by another module" in why["block.weight"]
+
+
 @pytest.mark.parametrize("training", [False, True])
 def test_instance_norm_with_running_stats_normalizes_as_its_mode_does(training):
     """InstanceNorm with ``track_running_stats`` normalizes by its running statistics in

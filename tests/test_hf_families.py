@@ -408,3 +408,84 @@ def test_an_encoder_decoder_takes_ghost_rules_and_is_recorded_as_the_loop(tmp_pa
         np.testing.assert_allclose(rows["dot"][b] / rows["share"][b],
                                    sum(float((gi * gj).sum()) for gi, gj in zip(g_b, gJ)
                                        if gi is not None and gj is not None), rtol=1e-7, atol=1e-12)
+
+
+class _Audio(torch.nn.Module):
+    """An audio classifier called on raw waveforms (B, L): its logits."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(input_values=x).logits
+
+
+def _layerdrop_model(name: str) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, str]:
+    """A float64 model of family ``name`` with LayerDrop 0.5 (each step skips each layer with
+    probability 0.5), a batch x, y of 12 examples and its per-example loss's name."""
+    drop = {"attention_dropout": 0.0, "activation_dropout": 0.0}
+    if name == "wav2vec2":
+        config = tf.AutoConfig.for_model(name, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                         intermediate_size=24, conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3),
+                                         num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, num_labels=3,
+                                         classifier_proj_size=8, layerdrop=0.5, hidden_dropout=0.0,
+                                         feat_proj_dropout=0.0, final_dropout=0.0, mask_time_prob=0.0, **drop)
+        model = _Audio(tf.AutoModelForAudioClassification.from_config(config))
+        g = torch.Generator().manual_seed(0)
+        return model.double(), torch.randn(12, 200, generator=g), torch.randint(0, 3, (12,), generator=g), \
+            "cross_entropy"
+    config = tf.AutoConfig.for_model(name, vocab_size=VOCAB, **{**SEQ2SEQ, "encoder_layers": 3, "decoder_layers": 3},
+                                     encoder_layerdrop=0.5, decoder_layerdrop=0.5, dropout=0.0, **drop)
+    model = Seq2Seq(tf.AutoModelForSeq2SeqLM.from_config(config), 7)
+    x = torch.randint(3, VOCAB, (12, 12), generator=torch.Generator().manual_seed(0))
+    return model.double(), x, x[:, 7:], "causal_lm"
+
+
+@pytest.mark.parametrize("name", ["bart", pytest.param("m2m_100", marks=pytest.mark.slow),
+                                  pytest.param("wav2vec2", marks=pytest.mark.slow)])
+def test_layers_that_layerdrop_skips_are_recorded_as_the_loop_scores_them(tmp_path, name):
+    """LayerDrop skips whole layers in a training step (M2M100's default 0.05, wav2vec2's
+    0.1); the recorder refused such a step before ("was not called"). With 0.5, over three
+    steps: some layers are skipped, none leaves its ghost rule, and every example's loss,
+    ‖∇ℓ_b‖² and dot with the target equal the loop at θ_t, run from the step's random state
+    (so each example skips what its step skipped)."""
+    from gradscore.io.store import load_inrun_rows
+    if name not in tf.models.auto.configuration_auto.CONFIG_MAPPING:
+        pytest.skip(f"transformers {tf.__version__} has no '{name}' model")
+    torch.manual_seed(0)
+    model, x, y, loss_name = _layerdrop_model(name)
+    x = x.double() if x.is_floating_point() else x
+    loss = resolve_loss(loss_name).fn
+    layers = [m for n, m in model.named_modules() if n.split(".")[-2:-1] == ["layers"]]
+    calls = [0]
+    for m in layers:
+        m.register_forward_pre_hook(lambda mod, _: calls.__setitem__(0, calls[0] + mod.training))   # the step's
+    target = (x[8:], y[8:])
+    rec = gs.InRun(model.train(), loss=loss_name, out=tmp_path / "r.h5", targets=target)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps = []
+    for t in range(3):
+        idx = torch.arange(4) + 4 * (t % 2)
+        steps.append((copy.deepcopy(model), torch.get_rng_state(), idx))
+        with rec.step(idx, y[idx], lr=0.1):
+            loss(model(x[idx]), y[idx]).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert 0 < calls[0] < 3 * len(layers), (calls, len(layers))   # some skipped
+    assert not rec.engine.fallback, rec.engine.fallback
+    rows = load_inrun_rows(rec.close())
+    for t, (before, state, idx) in enumerate(steps):
+        at = rows["step"] == t
+        params = [p for p in before.parameters() if p.requires_grad]
+        gJ = torch.autograd.grad(loss(before.eval()(target[0]), target[1]).mean(), params, allow_unused=True)
+        before.train()
+        for b, i in enumerate(idx.tolist()):
+            torch.set_rng_state(state)   # the step's draws: the same layers skipped
+            lb = loss(before(x[i:i + 1]), y[i:i + 1])[0]
+            g = torch.autograd.grad(lb, params, allow_unused=True)
+            sq = sum(float((gi ** 2).sum()) for gi in g if gi is not None)
+            dot = sum(float((gi * gj).sum()) for gi, gj in zip(g, gJ) if gi is not None and gj is not None)
+            np.testing.assert_allclose(rows["loss"][at][b], lb.item(), rtol=1e-10)
+            np.testing.assert_allclose(rows["sq_norm"][at][b], sq, rtol=1e-9)
+            np.testing.assert_allclose(rows["dot"][at][b] / rows["share"][at][b], dot, rtol=1e-8, atol=1e-14)

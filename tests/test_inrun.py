@@ -2014,6 +2014,49 @@ def test_look_alikes_their_rules_checks_refuse_are_recorded_as_the_loop_scores_t
                            "net.lora.lora_A", "net.lora.lora_B"}, tmp_path)
 
 
+class _LayerDrop(nn.Module):
+    """Residual blocks that a training step skips as a whole (LayerDrop: wav2vec2's
+    ``layerdrop``, M2M100's): the skipped ones in the buffer ``drop``, which the test sets
+    before each step, so that the loop at θ_t (the step's parameters and buffers) skips them
+    too. In eval mode (the layout's and the target's forwards) none is skipped."""
+
+    def __init__(self, d: int = 10, c: int = 4) -> None:
+        super().__init__()
+        self.blocks, self.head = nn.ModuleList(nn.Linear(d, d) for _ in range(3)), nn.Linear(d, c)
+        self.register_buffer("drop", torch.zeros(3, dtype=torch.bool))
+
+    def forward(self, x):
+        for block, drop in zip(self.blocks, self.drop.tolist()):
+            if not (self.training and drop):
+                x = x + torch.tanh(block(x))
+        return self.head(x)
+
+
+def test_layers_a_step_skips_are_recorded_as_the_loop_scores_them(tmp_path):
+    """A step that skips layers (LayerDrop) gives them no share, and they keep their rule:
+    refused before ("was not called"), at the first step that skipped one. Every record
+    equals the loop at θ_t, the first step's skipped layer and a step that skips them all
+    included."""
+    torch.manual_seed(0)
+    model = _LayerDrop().double()
+    x, y = _data()
+    targets = (x[:6], y[:6])
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=targets)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    snaps: list = []
+    for t, drop in enumerate([(1,), (), (0, 2), (0, 1, 2)]):
+        model.drop[:] = False
+        model.drop[list(drop)] = True
+        idx = torch.arange(8 * t, 8 * t + 8)
+        snaps.append(({k: v.clone() for k, v in model.state_dict().items()}, idx))
+        with rec.step(idx, y[idx], lr=0.1):
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        opt.zero_grad()
+    assert not rec.engine.fallback and all(v.startswith("ghost") for v in rec.engine.explain().values())
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, targets)
+
+
 @pytest.mark.parametrize("kind, layout", [("mixtral", "merged"), ("gpt_oss", "twice"), ("nemotron_h", "flat")])
 def test_hugging_face_experts_are_recorded_as_the_loop_scores_them_and_train_bit_identically(tmp_path, kind, layout):
     """A mixture of Hugging Face's experts (refused before: no ghost rule) in training: every

@@ -50,7 +50,7 @@ from ..kernels.reference import autocast_off
 from ..kernels.ghost_linear import SharedGrams, sharing
 from .base import Engine, RefBlocks, ScoreBatch, register_engine
 from .fallback import Fallback
-from .free import FreeUses, candidates, leaves, map_leaves
+from .free import FreeUses, candidates, graph_nodes, leaves, map_leaves
 from .workarounds import torch_workarounds
 from .layout import NOT_CALLED, NOT_ONE_OUTPUT, Layout, batchless, establish, observed
 from .probe import probe
@@ -72,6 +72,7 @@ class _Layer:
     layout: Layout | None = None  # established on the first batch
     skeletons: list = field(default_factory=list)  # probe_all rules: each call's output, leaves as indices
     idle: bool = False   # not called on the first batch, its weights tied to owners that were: its share is nothing
+    absent: bool = False   # not called on this batch, and its loss reaches none of its parameters: no share in it
 
 
 def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
@@ -455,6 +456,7 @@ class GhostEngine(Engine):
             handles.append(self.model.register_forward_hook(lambda *_: state.free.leave()))
         for layer in self.layers:
             layer.acts, layer.grads, layer.calls, layer.seen, layer.problem = [], {}, 0, 0, None
+            layer.absent = False
             layer.skeletons = []
 
             def on_grad(delta, layer=layer, call=None, layout=None):
@@ -587,6 +589,18 @@ class GhostEngine(Engine):
         if state.factors:
             state.add_cross_terms()
 
+    def note_output(self, out) -> None:
+        """After a call of the model, before its backward: the layers it did not call whose
+        parameters nothing of ``out`` (its output, or the losses) reaches have no share in this
+        batch (a block skipped by LayerDrop) and keep their rule; the others that it did not
+        call go to the fallback after the call (their weights used some other way)."""
+        uncalled = [layer for layer in self.layers if layer.seen == 0 and not layer.idle and layer.problem is None]
+        if not uncalled:
+            return
+        reached = {id(node.variable) for node in graph_nodes(out) if hasattr(node, "variable")}
+        for layer in uncalled:
+            layer.absent = not any(id(layer.module.get_parameter(local)) in reached for local in layer.params)
+
     def moved_to_fallback(self) -> bool:
         """After a call of the model under :meth:`recording`: send the layers it showed a
         problem with (or did not call) to the fallback; True if any moved."""
@@ -604,6 +618,7 @@ class GhostEngine(Engine):
             with torch.enable_grad():
                 out = call_model(self.model, x)
                 losses = self.loss.fn(out, y)
+            self.note_output(losses)
             if losses.shape != (B,):
                 raise EngineError(f"the loss returned shape {tuple(losses.shape)}; it must return one "
                                   f"loss per example, shape ({B},)")
@@ -639,6 +654,7 @@ class GhostEngine(Engine):
         self._free_problems.clear()
         for layer in self.layers:
             reason = (NOT_CALLED if after_call and layer.seen == 0 and layer.problem is None and not layer.idle
+                      and not layer.absent
                       else layer.problem)
             if reason == NOT_CALLED and self._tied_to_called(layer, after_call):
                 layer.idle, layer.problem = True, None   # T5's and BART's `shared` vocabulary: its owners' calls
