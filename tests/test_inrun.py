@@ -795,6 +795,39 @@ def test_a_weight_made_from_other_parameters_that_the_free_rule_cannot_follow_is
             F.cross_entropy(model(x), y).backward()
 
 
+class _TrainingOnly(nn.Module):
+    """A parameter the forward uses in training mode only, after a Linear (B, T, d): written
+    into masked steps (wav2vec2's SpecAugment, ``h[mask] = masked_spec_embed``) or added."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how, self.lin, self.head = how, nn.Linear(4, 4), nn.Linear(4, 3)
+        self.embed = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        h = self.lin(x)
+        if self.training and self.how == "mask":
+            h[torch.arange(h.shape[1]) % 2 == 0 & torch.ones(h.shape[:2], dtype=torch.bool)] = self.embed.to(h.dtype)
+        elif self.training:
+            h = h + self.embed
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("how", ["mask", "add"])
+def test_a_parameter_used_in_training_mode_only_is_refused_with_the_fixes(tmp_path, how):
+    """The recorder lays the model out in eval mode, where such a parameter is not used, so
+    its use in the step has no layout: one line naming it, what uses it, and the fixes."""
+    torch.manual_seed(0)
+    model = _TrainingOnly(how)
+    x, y = torch.randn(6, 5, 4), torch.arange(6) % 3
+    rec = gs.InRun(model, out=tmp_path / "r.h5")
+    op = "__setitem__" if how == "mask" else "add"
+    with pytest.raises(gs.EngineError, match=f"embed: .*it is used by {op} on a later batch, not on the first\\. .*"
+                                             f"in training mode only.* freeze it \\(requires_grad_\\(False\\)\\)"):
+        with rec.step(range(6), y):
+            F.cross_entropy(model(x), y).backward()
+
+
 def test_a_weight_used_outside_its_layer_is_refused_not_misread(tmp_path):
     """A tied output head written h @ E.T uses the embedding's weight outside its layer,
     where no rule sees it: one line naming it, at the first step."""

@@ -81,6 +81,9 @@ from .rules.linear import weight_and_bias
 #: layer's (:attr:`.layout.Layout.merged`), or a use's result, a step of :class:`FreeUses`'s
 #: plan; established by :mod:`.layout` from k rows for one example and 2k for two
 MERGED = "merged"
+#: the end of a free parameter's problem where the first batch did not use it at all, so that
+#: no use of it has a layout (the in-run recorder's first step lays the model out in eval mode)
+UNPLANNED = "on a later batch, not on the first"
 #: elementwise ops that broadcast an operand over the batch rows of another
 ELEMENTWISE = frozenset({
     "add", "sub", "subtract", "mul", "multiply", "div", "divide", "true_divide", "addcmul", "addcdiv", "where",
@@ -880,6 +883,9 @@ class FreeUses(TorchFunctionMode):
         if not hits or not torch.is_grad_enabled():
             return func(*args, **kwargs)
         unfit = self.views.unfit(func, args, kwargs, hits)
+        unplanned = [n for n in self.views.names(hits) if not self.plan.get(n)]
+        if unplanned and self.views.planned_kind(func, args, hits, self.plan) != "made":   # (a cast is no use)
+            unfit = f"is used by {_name(func)} {UNPLANNED}"
         if unfit is not None:
             out = func(*args, **kwargs)
             if needs_grad(out) or in_place(func, kwargs):   # a changed copy's .shape is no use; out[...] = P: None

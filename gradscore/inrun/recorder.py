@@ -72,6 +72,7 @@ import torch
 from torch import nn
 
 from ..batch import Inputs, batch_len, call_model, check_batch, hash_batch, move, output_tensor, take
+from ..engines.free import UNPLANNED
 from ..engines.ghost import GhostEngine, probe
 from ..engines.workarounds import torch_workarounds, wrong_in_torch
 from ..engines.rules.registry import FactoredRef
@@ -640,10 +641,15 @@ class InRun:
                 by_reason.setdefault(why, []).append(name)
             listed = "; ".join(f"{', '.join(names)}: {why}" for why, names in list(by_reason.items())[:4])
             more = sum(len(names) for names in list(by_reason.values())[4:])
+            # the first step lays the model out in eval mode: a use in training mode only has no layout
+            training_only = ("A parameter the forward uses in training mode only (wav2vec2's masked_spec_embed, "
+                             "with mask_time_prob > 0) is not used where the recorder lays the model out, in eval "
+                             "mode at the first step: freeze it (requires_grad_(False)) or turn that use off in "
+                             "training; or score" if any(UNPLANNED in why for why in by_reason) else "Score")
             raise EngineError(f"in-run scoring needs a ghost rule for every trainable parameter; "
-                              f"{listed}{f'; and {more} more' if more > 0 else ''}. Score saved checkpoints "
-                              f"instead (gradscore run), where these parameters take the fallback (vmap, else the "
-                              f"per-example loop)")
+                              f"{listed}{f'; and {more} more' if more > 0 else ''}. {training_only} saved "
+                              f"checkpoints instead (gradscore run), where these parameters take the fallback "
+                              f"(vmap, else the per-example loop)")
 
     def step(self, ids: Sequence | np.ndarray | torch.Tensor, y: torch.Tensor, *, lr: float | None = None,
              step: int | None = None) -> "_Step":
