@@ -1299,7 +1299,7 @@ class _Step:
     def _post(self, module, args, output):
         if self.rec._busy or not torch.is_grad_enabled() or self.B == 0:
             return None
-        self.rec.engine.note_output(output)   # the layers this call skipped (LayerDrop), if none of their weights counts
+        self.rec.engine.note_output(output)   # the layers this call skipped (LayerDrop) whose weights nothing reaches
         try:
             output = output_tensor(output)
         except TypeError as e:
