@@ -201,6 +201,7 @@ def families(B: int) -> dict[str, tuple[nn.Module, torch.Tensor, str]]:
         "RNN": (Head(nn.RNN(D, D, batch_first=True), D), seq, "body."),
         "GRU, 2 layers": (Head(nn.GRU(D, D, 2, batch_first=True), D), seq, "body."),
         "LSTM, bidirectional": (Head(nn.LSTM(D, D, batch_first=True, bidirectional=True), 2 * D), seq, "body."),
+        "LSTM with proj_size": (Head(nn.LSTM(D, D, batch_first=True, proj_size=D // 2), D // 2), seq, "body."),
         "LSTMCell in a loop": (Head(CellSteps(nn.LSTMCell(D, D)), D), seq, "body."),
         "ViT tokens (class token, position embedding)": (TinyViT(D, T, layers=1), torch.randn(B, T, 48), ""),
         "ViT tokens" + WITHOUT_FREE: (TinyViT(D, T, layers=1), torch.randn(B, T, 48), ""),

@@ -27,19 +27,20 @@ B, T, D = 3, 4, 5
 
 
 class Recurrent(nn.Module):
-    """RNN/GRU/LSTM (``kind``, "RNN_relu": the RNN with ReLU) on batch-first inputs (B, T, D)
-    whose zero rows are padding; the head reads the mean output, the final states
-    (``use="state"``) or both; ``hx``: an initial state made from the input."""
+    """RNN/GRU/LSTM (``kind``, "RNN_relu": the RNN with ReLU, "LSTM_proj": the LSTM with
+    ``proj_size`` 3, its hidden size 4) on batch-first inputs (B, T, D) whose zero rows are
+    padding; the head reads the mean output, the final states (``use="state"``) or both;
+    ``hx``: an initial state made from the input."""
 
     def __init__(self, kind: str, layers: int, bidirectional: bool, bias: bool, batch_first: bool,
                  packed: bool, use: str = "output", hx: bool = False):
         super().__init__()
         self.batch_first, self.packed, self.use, self.hx = batch_first, packed, use, hx
-        cls, relu = getattr(nn, kind.removesuffix("_relu")), kind.endswith("_relu")
+        cls, relu = getattr(nn, kind.removesuffix("_relu").removesuffix("_proj")), kind.endswith("_relu")
         self.rnn = cls(D, 4, num_layers=layers, bidirectional=bidirectional, bias=bias, batch_first=batch_first,
-                       **({"nonlinearity": "relu"} if relu else {}))
-        n = layers * (2 if bidirectional else 1)
-        self.head = nn.Linear(4 * (2 if bidirectional else 1) + 4 * n * (2 if kind == "LSTM" else 1), 3)
+                       **({"nonlinearity": "relu"} if relu else {"proj_size": 3} if kind == "LSTM_proj" else {}))
+        n, h = layers * (2 if bidirectional else 1), self.rnn.proj_size or 4
+        self.head = nn.Linear(h * (2 if bidirectional else 1) + n * (h + (4 if kind.startswith("LSTM") else 0)), 3)
 
     def forward(self, x):
         h = x if self.batch_first else x.transpose(0, 1)
@@ -50,7 +51,7 @@ class Recurrent(nn.Module):
         h0 = None
         if self.hx:
             h0 = torch.tanh(x[:, 0, :4]).unsqueeze(0).expand(n, -1, -1).contiguous()
-            h0 = (h0, -h0) if isinstance(self.rnn, nn.LSTM) else h0
+            h0 = (h0[..., :self.rnn.proj_size or 4], -h0) if isinstance(self.rnn, nn.LSTM) else h0
         out, state = self.rnn(h, h0)
         if self.packed:
             out, _ = pad_packed_sequence(out, batch_first=self.batch_first, total_length=x.shape[1])
@@ -446,7 +447,7 @@ class Own(nn.Module):
         return self.head(h if self.layout == "flat" else h.mean(0 if seq_first else 1))
 
 
-RNN_KINDS = ["RNN", "RNN_relu", "GRU", "LSTM"]
+RNN_KINDS = ["RNN", "RNN_relu", "GRU", "LSTM", "LSTM_proj"]
 RNN_GRID = ([("recurrent", c) for c in itertools.product(RNN_KINDS, [1, 2], [False, True],
                                                          [True, False], [True, False], [False, True])]
             + [("recurrent", (kind, 2, True, True, bf, packed, use, hx))
@@ -718,19 +719,23 @@ def test_an_empty_batch_gives_empty_results(family, config, engine):
     assert out.sq_norm.shape == (0,) and out.dots.shape == (0, 2) and out.loss.shape[0] == 0
 
 
-def test_a_recurrent_layer_vmap_cannot_trace_goes_to_the_loop_and_says_why():
-    """An LSTM with proj_size has no rule; vmap cannot trace it: the loop, with the reason."""
+def test_a_recurrent_kernel_called_on_weights_of_ones_own_takes_the_fallback_and_says_why():
+    """torch's LSTM kernel (with a projection) called on weights of one's own: no layer, so
+    no rule, and the free-parameter rule does not take the op: the fallback (vmap), equal
+    to the loop, with the reason."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.LSTM(D, 4, proj_size=2, batch_first=True)).double().eval()
 
-    class Last(nn.Module):
+    class Functional(nn.Module):
         def __init__(self):
             super().__init__()
-            self.rnn, self.head = model[0], nn.Linear(2, 3)
+            self.w_ih, self.w_hh = nn.Parameter(torch.randn(16, D) / 3), nn.Parameter(torch.randn(16, 2) / 3)
+            self.w_hr, self.head = nn.Parameter(torch.randn(2, 4) / 3), nn.Linear(2, 3)
 
         def forward(self, x):
-            return self.head(self.rnn(x)[0].mean(1))
-    m = Last().double().eval()
+            h0, c0 = x.new_zeros(1, x.shape[0], 2), x.new_zeros(1, x.shape[0], 4)
+            out = torch.lstm(x, (h0, c0), [self.w_ih, self.w_hh, self.w_hr], False, 1, 0.0, False, False, True)[0]
+            return self.head(out.mean(1))
+    m = Functional().double().eval()
     x = torch.randn(B, T, D, dtype=torch.float64)
     y = torch.tensor([0, 1, 2])
     ref = gs.Scorer(m, engine="loop").score_batch(x, y)
@@ -738,7 +743,7 @@ def test_a_recurrent_layer_vmap_cannot_trace_goes_to_the_loop_and_says_why():
     torch.testing.assert_close(scorer.score_batch(x, y).sq_norm, ref.sq_norm, rtol=1e-6, atol=1e-12)
     why = scorer.explain()
     assert why["head.weight"].startswith("ghost")
-    assert why["rnn.weight_ih_l0"].startswith("loop (LSTM with proj_size; vmap cannot trace this model")
+    assert why["w_ih"] == why["w_hr"] == "vmap (no ghost rule for Functional)", why
 
 
 def test_vmap_on_a_recurrent_model_is_one_gradscore_error():

@@ -2288,13 +2288,15 @@ class _TorchFamily(nn.Module):
                                                    norm_first=kind == "encoder_pre_norm")
         elif kind == "lstm_2_layers":
             self.body = nn.LSTM(8, 8, num_layers=2, batch_first=batch_first)
+        elif kind == "lstm_projected":   # proj_size: h_t = W_hr (o_t ⊙ tanh c_t), bidirectional
+            self.body = nn.LSTM(8, 6, num_layers=2, batch_first=batch_first, proj_size=4, bidirectional=True)
         else:   # "attention": nn.MultiheadAttention, its projections used functionally, then LayerNorm
             self.body, self.norm = nn.MultiheadAttention(8, 2, batch_first=batch_first), nn.LayerNorm(8)
         self.head = nn.Linear(8, 3)
 
     def forward(self, ids):
         h = self.emb(ids if self.batch_first else ids.T)
-        if self.kind == "lstm_2_layers":
+        if self.kind.startswith("lstm"):
             h = self.body(h)[0]
         elif self.kind == "attention":
             h = self.norm(self.body(h, h, h, need_weights=False)[0] + h)
@@ -2305,7 +2307,8 @@ class _TorchFamily(nn.Module):
 
 @pytest.mark.parametrize("T", [4, 1])
 @pytest.mark.parametrize("batch_first", [True, False])
-@pytest.mark.parametrize("kind", ["encoder_post_norm", "encoder_pre_norm", "lstm_2_layers", "attention"])
+@pytest.mark.parametrize("kind", ["encoder_post_norm", "encoder_pre_norm", "lstm_2_layers", "lstm_projected",
+                                  "attention"])
 def test_torch_layer_families_in_training_equal_the_loop(tmp_path, kind, batch_first, T):
     """In training the recorder passes δ on as it came (the checkpoint engines make it
     contiguous), so torch's own layers get their in-run check too: B = 4 = T and T = 1,

@@ -14,10 +14,12 @@ backpropagation through time, one short loop of a matmul and a few small ops per
 gives every δgi (:func:`_direction`, with the cells' equations as torch documents them,
 in the accumulation dtype): one extra forward and backward of this layer, nothing of
 the rest of the model. δgh is δgi, but for the GRU's new gate, which reads r ⊙ gh_n:
-there δgh_n = r ⊙ δgi_n. A packed input runs packed, each sequence's state held past its
-end (forward) or before its start (reverse), as the packed kernels do. ``proj_size``
-falls back, and so does dropout between layers in training mode (its masks are drawn
-inside the kernel).
+there δgh_n = r ⊙ δgi_n. An LSTM with ``proj_size`` P has h_t = W_hr m_t, m_t = o_t ⊙
+tanh(c_t) (hidden size H, state P): W_hr's per-example gradient is the sequence-Linear
+form Σ_t δh_bt m_btᵀ, δh_t the full gradient of h_t that the loop carries. A packed input
+runs packed, each sequence's state held past its end (forward) or before its start
+(reverse), as the packed kernels do. Dropout between layers in training mode falls back
+(its masks are drawn inside the kernel).
 
 ``nn.RNNCell``, ``nn.GRUCell`` and ``nn.LSTMCell``, called once per step in the model's
 own loop, take the same rule one call at a time: autograd has already carried the
@@ -38,8 +40,6 @@ from .registry import kernel_dropout, register_rule
 
 
 def _supports(m: nn.RNNBase) -> str | None:
-    if getattr(m, "proj_size", 0):
-        return "LSTM with proj_size"
     return kernel_dropout(m)
 
 
@@ -97,13 +97,16 @@ def _ends(d_final: torch.Tensor | None, lengths: torch.Tensor, reverse: bool, T:
     return out
 
 
-def _direction(mode: str, x, out, h0, c0, w_ih, w_hh, b_ih, b_hh, d_out, d_h, d_c, lengths, valid, reverse):
-    """One layer and direction's (δgi, h_prev, δgh), each (T, B, ·), by hand-written
-    backpropagation through time: every quantity of the forward comes in one batched op
-    from torch's own outputs ``out`` (T, B, H), then one short loop carries the recurrent
-    gradient. x: its input (T, B, d); h0, c0: (B, H); d_out: the gradient of ``out``;
-    d_h, d_c: of the final states (B, H) or None; lengths: (B,) the sequences' lengths;
-    valid: (T, B) the steps inside each sequence, or None (all)."""
+def _direction(mode: str, x, out, h0, c0, w_ih, w_hh, b_ih, b_hh, d_out, d_h, d_c, lengths, valid, reverse,
+               w_hr=None):
+    """One layer and direction's (δgi, h_prev, δgh, projection), each (T, B, ·), by
+    hand-written backpropagation through time: every quantity of the forward comes in one
+    batched op from torch's own outputs ``out`` (T, B, H, or P with a projection), then one
+    short loop carries the recurrent gradient. x: its input (T, B, d); h0: (B, H or P), c0:
+    (B, H); d_out: the gradient of ``out``; d_h, d_c: of the final states or None; lengths:
+    (B,) the sequences' lengths; valid: (T, B) the steps inside each sequence, or None
+    (all); w_hr: an LSTM's projection (P, H), whose (m, δh) (T, B, H) and (T, B, P) are the
+    fourth item (else None)."""
     T = x.shape[0]
     if reverse:   # the step before t is t + 1; at each sequence's end it is the initial state
         prev = torch.cat([out[1:], h0[None]])
@@ -117,27 +120,29 @@ def _direction(mode: str, x, out, h0, c0, w_ih, w_hh, b_ih, b_hh, d_out, d_h, d_
     # what the loop carries on from the sequence's first step (δh0) reaches only such steps
     mask = None if valid is None else valid[..., None].to(x.dtype)
     if mode == "LSTM":
-        d_gi = _lstm(x, out, prev, c0, w_ih, w_hh, b_ih, b_hh, d_out, _ends(d_c, lengths, reverse, T), valid, mask,
-                     order, reverse)
-        return d_gi, prev, d_gi
+        d_gi, projection = _lstm(x, out, prev, c0, w_ih, w_hh, b_ih, b_hh, d_out, _ends(d_c, lengths, reverse, T),
+                                 valid, mask, order, reverse, w_hr)
+        return d_gi, prev, d_gi, projection
     if mode == "GRU":
-        return _gru(x, prev, w_ih, w_hh, b_ih, b_hh, d_out, mask, order)
+        return (*_gru(x, prev, w_ih, w_hh, b_ih, b_hh, d_out, mask, order), None)
     P = 1 - out * out if mode == "RNN_TANH" else (out > 0).to(x.dtype)   # h = relu(a) > 0 where a > 0
     if mask is not None:
         P.mul_(mask)
     DA, carry = torch.empty_like(P), torch.zeros_like(h0)
     for t in order:
         carry = torch.mul(d_out[t] + carry, P[t], out=DA[t]) @ w_hh
-    return DA, prev, DA
+    return DA, prev, DA, None
 
 
-def _lstm(x, out, prev, c0, w_ih, w_hh, b_ih, b_hh, d_out, d_c_end, valid, mask, order, reverse) -> torch.Tensor:
+def _lstm(x, out, prev, c0, w_ih, w_hh, b_ih, b_hh, d_out, d_c_end, valid, mask, order, reverse, w_hr=None
+          ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """The LSTM's δgi (T, B, 4H): the gates i, f, g, o of every step, then per step
-    δh = d_out + δgates_{next} W_hh, δc = δh ⊙ o ⊙ (1 − tanh²c) + δc_{next} ⊙ f_{next} and
-    δgates = (δc, δc, δc, δh) ⊙ P, P the gates' local derivatives (computed in place where
-    they can be, for peak memory; the loop turns P into δgates in place). out: the layer's
-    h_t (T, B, H); d_c_end: the final cell state's gradient at its step, or None."""
-    T, B, H = d_out.shape
+    δh = d_out + δgates_{next} W_hh, δm = δh (W_hr with a projection, h = W_hr m; else m = h),
+    δc = δm ⊙ o ⊙ (1 − tanh²c) + δc_{next} ⊙ f_{next} and δgates = (δc, δc, δc, δm) ⊙ P, P
+    the gates' local derivatives (computed in place where they can be, for peak memory; the
+    loop turns P into δgates in place). out: the layer's h_t (T, B, H or P); d_c_end: the
+    final cell state's gradient at its step, or None. With ``w_hr`` (P, H), also (m, δh)."""
+    T, B, H = d_out.shape[0], d_out.shape[1], c0.shape[-1]
     s = _gates(x, prev, w_ih, w_hh, b_ih, b_hh)
     g = s[..., 2 * H:3 * H].tanh()
     s.sigmoid_()                                                # i, f, o (its g part unused)
@@ -148,26 +153,32 @@ def _lstm(x, out, prev, c0, w_ih, w_hh, b_ih, b_hh, d_out, d_c_end, valid, mask,
     torch.mul(g, i * (1 - i), out=P[:, :, 0])
     torch.mul(c_prev, f * (1 - f), out=P[:, :, 1])
     torch.mul(i, 1 - g * g, out=P[:, :, 2])
-    del c, c_prev
     # tanh(c_t) = h_t / o_t from the layer's output, in place of a tanh (this CPU's slowest op
-    # here). Where o_t underflows to 0, h_t is 0 too and both terms below are 0, as they should be
-    tc = out / o.clamp_min(torch.finfo(o.dtype).tiny)
+    # here). Where o_t underflows to 0, h_t is 0 too and both terms below are 0, as they should be.
+    # With a projection h_t is W_hr m_t: tanh(c_t) itself, and m_t = o_t ⊙ tanh(c_t), W_hr's input
+    tc = out / o.clamp_min(torch.finfo(o.dtype).tiny) if w_hr is None else c.tanh()
+    m = None if w_hr is None else o * tc
+    del c, c_prev
     torch.mul(tc, o * (1 - o), out=P[:, :, 3])
-    A = o * (1 - tc * tc)                                       # ∂h/∂c
+    A = o * (1 - tc * tc)                                       # ∂m/∂c
     f = f.contiguous()
     del s, g, i, o, tc
     if mask is not None:
         P.mul_(mask[..., None])
-    carry_h, carry_c = torch.zeros_like(c0), torch.zeros_like(c0)
+    DH = None if w_hr is None else torch.empty_like(d_out)
+    carry_h, carry_c = torch.zeros_like(d_out[0]), torch.zeros_like(c0)
     for t in order:
-        dh = d_out[t] + carry_h
-        dc = torch.addcmul(carry_c if d_c_end is None else carry_c + d_c_end[t], dh, A[t])
+        dh = torch.add(d_out[t], carry_h, out=None if DH is None else DH[t])
+        dm = dh if w_hr is None else dh @ w_hr
+        dc = torch.addcmul(carry_c if d_c_end is None else carry_c + d_c_end[t], dm, A[t])
         gates = P[t]                                 # (B, 4, H), made δgates_t in place
         gates[:, :3].mul_(dc[:, None])
-        gates[:, 3].mul_(dh)
+        gates[:, 3].mul_(dm)
         carry_h = gates.view(B, 4 * H) @ w_hh
         carry_c = dc * f[t]
-    return P.flatten(2)
+    if DH is not None and mask is not None:   # no step past a sequence's end was computed
+        DH.mul_(mask)
+    return P.flatten(2), None if w_hr is None else (m, DH)
 
 
 def _gru(x, prev, w_ih, w_hh, b_ih, b_hh, d_out, mask, order) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -218,7 +229,8 @@ def _cell_states(f: torch.Tensor, ig: torch.Tensor, c0: torch.Tensor, valid: tor
 
 
 def _replay(layer: nn.RNNBase, call, output, delta, acc):
-    """{(layer k, direction): (x, δgi, h_prev, δgh)}, each (B, T, ·), for one call: each
+    """{(layer k, direction): (x, δgi, h_prev, δgh, projection)}, each (B, T, ·), for one
+    call (projection: an LSTM's (m, δh) with ``proj_size``, else None): each
     layer's outputs (the last one's is the call's ``output``, if still what the call
     returned and in ``acc``; else from torch's kernel, as those below it), then its
     gradients from the last layer back."""
@@ -228,8 +240,9 @@ def _replay(layer: nn.RNNBase, call, output, delta, acc):
     X, lengths = _padded(layer, x_in, acc)
     T, B = X.shape[:2]
     D, H, lstm = 2 if layer.bidirectional else 1, layer.hidden_size, layer.mode == "LSTM"
+    S = layer.proj_size or H   # the state h_t's size (a projected LSTM's P)
     if hx is None:
-        h0 = c0 = X.new_zeros(layer.num_layers * D, B, H)
+        h0, c0 = X.new_zeros(layer.num_layers * D, B, S), X.new_zeros(layer.num_layers * D, B, H)
     else:
         h0, c0 = (hx if lstm else (hx, None))
         h0, c0 = h0.to(acc), None if c0 is None else c0.to(acc)
@@ -256,12 +269,14 @@ def _replay(layer: nn.RNNBase, call, output, delta, acc):
                 w_ih, w_hh = (getattr(layer, f"weight_{n}{sfx}").detach().to(acc) for n in ("ih", "hh"))
                 b_ih, b_hh = ((getattr(layer, f"bias_{n}{sfx}").detach().to(acc) if layer.bias else None)
                               for n in ("ih", "hh"))
-                j, cols = k * D + d, slice(d * H, (d + 1) * H)
-                d_gi, prev, d_gh = _direction(
+                w_hr = getattr(layer, f"weight_hr{sfx}").detach().to(acc) if layer.proj_size else None
+                j, cols = k * D + d, slice(d * S, (d + 1) * S)
+                d_gi, prev, d_gh, projection = _direction(
                     layer.mode, x, inputs[k + 1][..., cols], h0[j], c0[j] if lstm else None, w_ih, w_hh, b_ih, b_hh,
                     d_out[..., cols], None if d_h is None else d_h[j].to(acc),
-                    None if d_c is None else d_c[j].to(acc), lengths, valid, reverse=d == 1)
-                result[(k, d)] = (batch(x), batch(d_gi), batch(prev), batch(d_gh))
+                    None if d_c is None else d_c[j].to(acc), lengths, valid, reverse=d == 1, w_hr=w_hr)
+                result[(k, d)] = (batch(x), batch(d_gi), batch(prev), batch(d_gh),
+                                  None if projection is None else tuple(map(batch, projection)))
                 if k:   # the gradient of the layer below's output
                     d_x = d_gi @ w_ih if d_x is None else d_x + d_gi @ w_ih
             d_out = d_x
@@ -298,10 +313,10 @@ def _cell_step(cell: nn.RNNCellBase, call, output, delta, acc):
             new = new[0] if lstm else new
         d_h, d_c = delta if lstm else (delta, None)
         d_h = zeros if d_h is None else d_h.to(acc)
-        d_gi, _, d_gh = _direction(mode, x[None], new[None], h, c, w_ih, w_hh, b_ih, b_hh, d_h[None], None,
-                                   None if d_c is None else d_c.to(acc),
-                                   torch.ones(x.shape[0], dtype=torch.long, device=x.device), None, reverse=False)
-    return x, d_gi[0], h, d_gh[0]
+        d_gi, _, d_gh, _ = _direction(mode, x[None], new[None], h, c, w_ih, w_hh, b_ih, b_hh, d_h[None], None,
+                                      None if d_c is None else d_c.to(acc),
+                                      torch.ones(x.shape[0], dtype=torch.long, device=x.device), None, reverse=False)
+    return x, d_gi[0], h, d_gh[0], None
 
 
 @register_rule(nn.RNN, nn.GRU, nn.LSTM, supports=_supports, call=True, probe_all=True,
@@ -325,10 +340,12 @@ def cell(layer: nn.RNNCellBase, calls, grads, refs, K):
     return _sums(per_param, refs, K)
 
 
-def _collect(per_param: dict, sfx: str, x, d_gi, h_prev, d_gh) -> None:
+def _collect(per_param: dict, sfx: str, x, d_gi, h_prev, d_gh, projection) -> None:
     """Add one call's inputs and gate gradients, each (B, [T,] ·), to the weights ``*_ih{sfx}``
-    and ``*_hh{sfx}``."""
-    for part, a, g in (("ih", x, d_gi), ("hh", h_prev, d_gh)):
+    and ``*_hh{sfx}``, and a projected LSTM's (m, δh) to ``weight_hr{sfx}``."""
+    for part, a, g in (("ih", x, d_gi), ("hh", h_prev, d_gh), ("hr", *(projection or (None, None)))):
+        if a is None:
+            continue
         acts, ds = per_param.setdefault((part, sfx), ([], []))
         acts.append(a)
         ds.append(g)
