@@ -153,12 +153,16 @@ def _lstm(x, out, prev, c0, w_ih, w_hh, b_ih, b_hh, d_out, d_c_end, valid, mask,
     torch.mul(g, i * (1 - i), out=P[:, :, 0])
     torch.mul(c_prev, f * (1 - f), out=P[:, :, 1])
     torch.mul(i, 1 - g * g, out=P[:, :, 2])
+    del c_prev
     # tanh(c_t) = h_t / o_t from the layer's output, in place of a tanh (this CPU's slowest op
     # here). Where o_t underflows to 0, h_t is 0 too and both terms below are 0, as they should be.
-    # With a projection h_t is W_hr m_t: tanh(c_t) itself, and m_t = o_t ⊙ tanh(c_t), W_hr's input
-    tc = out / o.clamp_min(torch.finfo(o.dtype).tiny) if w_hr is None else c.tanh()
-    m = None if w_hr is None else o * tc
-    del c, c_prev
+    # With a projection h_t is W_hr m_t: tanh(c_t) itself (in c's place), and m_t = o_t ⊙ tanh(c_t)
+    if w_hr is None:
+        del c
+        tc, m = out / o.clamp_min(torch.finfo(o.dtype).tiny), None
+    else:
+        tc = c.tanh_()
+        m = o * tc
     torch.mul(tc, o * (1 - o), out=P[:, :, 3])
     A = o * (1 - tc * tc)                                       # ∂m/∂c
     f = f.contiguous()
