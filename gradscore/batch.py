@@ -4,7 +4,9 @@ Images and tabular data give ``x`` as one tensor (B, ...). Text gives a dict of 
 keyword arguments, e.g. ``{"input_ids": (B, T) int64, "attention_mask": (B, T)}``,
 every value batch-first. These helpers let every engine slice, move and feed both
 kinds the same way, and read a model's output as one tensor: a plain tensor, or the
-``.logits`` of a Hugging Face output (or the ``"logits"`` entry of a dict).
+``.logits`` of a Hugging Face output (or the ``"logits"`` entry of a dict). A dict may
+also hold keywords that are not tensors (in-run, a step's ``task="b"`` or a flag): they
+go with every slice unchanged.
 """
 from __future__ import annotations
 
@@ -17,13 +19,15 @@ Inputs = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 
 
 def _map(x: Inputs, fn: Callable[[torch.Tensor], torch.Tensor]) -> Inputs:
-    return {k: fn(v) for k, v in x.items()} if isinstance(x, Mapping) else fn(x)
+    if isinstance(x, Mapping):
+        return {k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in x.items()}
+    return fn(x)
 
 
 def batch_len(x: Inputs) -> int:
-    """B, the number of examples in ``x``."""
+    """B, the number of examples in ``x`` (a dict without tensors: 0)."""
     if isinstance(x, Mapping):
-        return int(next(iter(x.values())).shape[0])
+        return next((int(v.shape[0]) for v in x.values() if isinstance(v, torch.Tensor)), 0)
     return int(x.shape[0])
 
 
@@ -36,7 +40,7 @@ def take(x: Inputs, start: int, stop: int | None = None) -> Inputs:
 def concat(parts: list[Inputs]) -> Inputs:
     """Concatenate batches along the batch dimension."""
     if isinstance(parts[0], Mapping):
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return {k: torch.cat([p[k] for p in parts]) if isinstance(v, torch.Tensor) else v for k, v in parts[0].items()}
     return torch.cat(parts)
 
 

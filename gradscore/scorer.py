@@ -148,9 +148,9 @@ class Scorer:
     def _check_first_batch(self, x: Inputs, y: torch.Tensor) -> None:
         """Warn (:class:`GradscoreWarning`) where the engine's per-example gradients of the first
         :data:`REACH_EXAMPLES` examples disagree with plain autograd on their summed loss:
-        parameters no gradient reaches (every engine counts them as zero: right for a head
-        the forward does not use, wrong for one read through a tensor the model cached in an
-        earlier call), or Σ_b ⟨g_b, G⟩ ≠ ‖G‖² for G = ∇ Σ_b ℓ_b (a model whose examples
+        parameters no gradient reaches (every engine counts them as zero there: right for a
+        head the forward does not use on them, wrong for one read through a tensor the model
+        cached in an earlier call), or Σ_b ⟨g_b, G⟩ ≠ ‖G‖² for G = ∇ Σ_b ℓ_b (a model whose examples
         interact, or whose cache a functional call does not see)."""
         from .engines.workarounds import torch_workarounds
         named = dict(self.model.named_parameters())
@@ -175,9 +175,10 @@ class Scorer:
             names = ", ".join(f"'{name}'" for name in unreached[:5]) + (f" and {len(unreached) - 5} more"
                                                                       if len(unreached) > 5 else "")
             warnings.warn(f"no gradient reaches {names} from the loss of the first batch's examples, so every "
-                          f"engine counts their per-example gradients as zero. Right for a parameter the forward "
-                          f"does not use (an auxiliary head in eval mode): leave it out with params=. Wrong if "
-                          f"{cached}", GradscoreWarning, stacklevel=3)
+                          f"engine counts their per-example gradients there as zero. Right for a parameter the "
+                          f"forward does not use on them (an auxiliary head in eval mode, the head of another "
+                          f"task); leave one that no example uses out with params=. Wrong if {cached}",
+                          GradscoreWarning, stacklevel=3)
         if getattr(self.engine, "coupled", False):   # known, and explained: each example is scored alone
             return
         grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]

@@ -299,18 +299,22 @@ class _SkippedOnSomeBatches(nn.Module):
 
 
 @pytest.mark.parametrize("skip", ["not", "linear"])
+@pytest.mark.parametrize("first", ["calls", "skips"])
 @pytest.mark.parametrize("K", [0, 2])
-def test_a_layer_a_later_batch_does_not_call(skip, K):
-    """A layer laid out on the first batch and not called on a later one: where nothing
-    reaches its parameters, its share of that batch is nothing and it keeps its rule for the
-    batches after (it went to the fallback for good); where its weight is used otherwise on
-    that batch, that weight goes to the fallback. Every batch equals the loop."""
+def test_a_layer_a_batch_does_not_call(skip, first, K):
+    """A layer that some batches do not call. Laid out on the first batch and not called on a
+    later one: where nothing reaches its parameters, its share of that batch is nothing and
+    it keeps its rule for the batches after (it went to the fallback for good); where its
+    weight is used otherwise on that batch, that weight goes to the fallback. Not called on
+    the first batch, nor its weight used: laid out on the first batch that calls it (it went
+    to the fallback); its weight used there, but not its bias: both go to the fallback on the
+    batch that calls it. Every batch equals the loop."""
     torch.manual_seed(0)
     model = _SkippedOnSomeBatches(skip).double().eval()
     scorer, ref = gs.Scorer(model), gs.Scorer(model, engine="loop")
     x, y = torch.randn(6, 4, dtype=torch.float64).abs(), torch.randint(0, 3, (6,))
     V = torch.randn(K, ref.num_params, dtype=torch.float64) if K else None
-    for batch in (x, -x, x):
+    for batch in ((x, -x, x) if first == "calls" else (-x, x, -x, x)):
         got, want = scorer.score_batch(batch, y, refs=V), ref.score_batch(batch, y, refs=V)
         torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-10, atol=0)
         if K:
@@ -318,8 +322,11 @@ def test_a_layer_a_later_batch_does_not_call(skip, K):
     why = scorer.explain()
     if skip == "not":
         assert all(v.startswith("ghost") for v in why.values()), why
-    else:
+        assert why["block.weight"] == "ghost (linear rule on block: Linear)"
+    elif first == "calls":
         assert "(Linear 'block' was not called; its parameters are used by another module" in why["block.weight"]
+    else:
+        assert "is used by linear on a later batch, not on the first" in why["block.bias"], why
 
 
 @pytest.mark.parametrize("training", [False, True])

@@ -797,32 +797,38 @@ def test_a_weight_made_from_other_parameters_that_the_free_rule_cannot_follow_is
 
 class _TrainingOnly(nn.Module):
     """A parameter the forward uses in training mode only, after a Linear (B, T, d): written
-    into masked steps (wav2vec2's SpecAugment, ``h[mask] = masked_spec_embed``) or added."""
+    into masked steps (wav2vec2's SpecAugment, ``h[mask] = masked_spec_embed``) or added;
+    or an auxiliary head called in training mode only (``how="head"``)."""
 
     def __init__(self, how: str) -> None:
         super().__init__()
-        self.how, self.lin, self.head = how, nn.Linear(4, 4), nn.Linear(4, 3)
+        self.how, self.lin, self.head, self.aux = how, nn.Linear(4, 4), nn.Linear(4, 3), nn.Linear(4, 3)
         self.embed = nn.Parameter(torch.randn(4))
 
     def forward(self, x):
         h = self.lin(x)
         if self.training and self.how == "mask":
             h[torch.arange(h.shape[1]) % 2 == 0 & torch.ones(h.shape[:2], dtype=torch.bool)] = self.embed.to(h.dtype)
-        elif self.training:
+        elif self.training and self.how == "add":
             h = h + self.embed
-        return self.head(torch.tanh(h).mean(1))
+        z = self.head(torch.tanh(h).mean(1))
+        return z + self.aux(h.mean(1)) if self.training and self.how == "head" else z
 
 
-@pytest.mark.parametrize("how", ["mask", "add"])
+@pytest.mark.parametrize("how", ["mask", "add", "head"])
 def test_a_parameter_used_in_training_mode_only_is_refused_with_the_fixes(tmp_path, how):
     """The recorder lays the model out in eval mode, where such a parameter is not used, so
     its use in the step has no layout: one line naming it, what uses it, and the fixes."""
     torch.manual_seed(0)
     model = _TrainingOnly(how)
+    if how == "head":
+        model.embed.requires_grad_(False)
     x, y = torch.randn(6, 5, 4), torch.arange(6) % 3
     rec = gs.InRun(model, out=tmp_path / "r.h5")
     op = "__setitem__" if how == "mask" else "add"
-    with pytest.raises(gs.EngineError, match=f"embed: .*it is used by {op} on a later batch, not on the first\\. .*"
+    what = ("Linear 'aux' was called on this batch, but not when the model ran again on its examples to lay it out"
+            if how == "head" else f"it is used by {op} on a later batch, not on the first")
+    with pytest.raises(gs.EngineError, match=f"{'aux.weight, aux.bias' if how == 'head' else 'embed'}: .*{what}\\. .*"
                                              f"in training mode only.* freeze it \\(requires_grad_\\(False\\)\\)"):
         with rec.step(range(6), y):
             F.cross_entropy(model(x), y).backward()
@@ -2088,6 +2094,117 @@ def test_layers_a_step_skips_are_recorded_as_the_loop_scores_them(tmp_path):
         opt.zero_grad()
     assert not rec.engine.fallback and all(v.startswith("ghost") for v in rec.engine.explain().values())
     check_inrun_against_loop(rec.close(), model, snaps, x, y, targets)
+
+
+class _Tasks(nn.Module):
+    """A shared encoder and a head per task; each step trains one task (the buffer ``task``,
+    which the test sets before each step). Head 1 reads its input sequence-first, (2, B, 5);
+    head 2 no step calls. ``scale``: a parameter of the model's own (the free-parameter rule's),
+    used before the heads. ``p``: dropout on the logits, after the heads."""
+
+    def __init__(self, d: int = 10, c: int = 4, p: float = 0.0) -> None:
+        super().__init__()
+        self.p, self.encoder, self.scale = p, nn.Linear(d, d), nn.Parameter(torch.linspace(0.5, 1.5, d))
+        self.heads = nn.ModuleList([nn.Linear(d, c), nn.Sequential(nn.Linear(5, 5), nn.Tanh()), nn.Linear(d, c)])
+        self.out = nn.Linear(d, c)   # head 1's last layer
+        self.register_buffer("task", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x, task=None):
+        h = torch.tanh(self.encoder(x)) * self.scale
+        task = int(self.task) if task is None else task
+        if task != 1:
+            return F.dropout(self.heads[task](h), self.p, self.training)
+        seq = self.heads[1](h.view(len(h), 2, 5).transpose(0, 1))   # (2, B, 5): sequence-first
+        return F.dropout(self.out(seq.transpose(0, 1).reshape(len(h), -1)), self.p, self.training)
+
+
+def test_the_head_of_a_task_a_later_step_trains_first_is_recorded_as_the_loop_scores_it(tmp_path):
+    """Multi-task training, one task a step: the first step does not call the other task's
+    head, which is laid out on the step that first calls it (refused before: "was not called;
+    its parameters are used by another module"), there with T == B == 2 in a sequence-first
+    layout. Every record equals the loop at θ_t; a head no step calls stays waiting. With
+    dropout after the heads, training is bit for bit what it is without the recorder (whose
+    layout runs inside the step's forward)."""
+    torch.manual_seed(0)
+    model = _Tasks().double()
+    x, y = _data()
+    targets = (x[:6], y[:6])
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=targets)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    snaps: list = []
+    for t, (task, B) in enumerate([(0, 8), (1, 2), (0, 8), (1, 5)]):
+        model.task.fill_(task)
+        idx = torch.arange(8 * t, 8 * t + B)
+        snaps.append(({k: v.clone() for k, v in model.state_dict().items()}, idx))
+        with rec.step(idx, y[idx], lr=0.1):
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        opt.zero_grad()
+    why = rec.engine.explain()
+    assert not rec.engine.fallback and all(v.startswith("ghost") for v in why.values()), why
+    assert why["heads.1.0.weight"] == "ghost (linear rule on heads.1.0: Linear, batch in dimension 1)"
+    assert why["heads.2.weight"].endswith("not called yet: laid out on the first batch that calls it)")
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, targets)
+
+    def train(model, rec=None):
+        torch.manual_seed(2)   # the dropout masks
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        for t, task in enumerate([0, 1, 0, 1]):
+            model.task.fill_(task)
+            idx = torch.arange(8 * t, 8 * t + 8)
+            with rec.step(idx, y[idx], lr=0.01) if rec else contextlib.nullcontext():
+                F.cross_entropy(model(x[idx].float()), y[idx]).backward()
+            opt.step()
+            opt.zero_grad()
+        return model
+
+    def fresh():
+        torch.manual_seed(1)
+        return _Tasks(p=0.3)
+    plain, model = train(fresh()), fresh()
+    rec = gs.InRun(model, out=tmp_path / "bits.h5", targets=(x[:6].float(), y[:6]))
+    train(model, rec)
+    assert rec.engine.explain()["out.weight"] == "ghost (linear rule on out: Linear)"
+    for (n, a), (_, b) in zip(plain.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), n
+    rec.close()
+
+
+def test_a_task_given_as_a_keyword_reaches_the_recorders_runs_of_the_model(tmp_path):
+    """The step's keywords that are not tensors (``model(x=x, task=1)``) go with the batch to
+    the recorder's own runs of the model: left out before, those ran the default task, whose
+    head is not the step's, and the step was refused. Each example's loss, ‖∇ℓ_b‖² and
+    target dot equal the loop's at θ_t, the target's J at the default task."""
+    from gradscore.io.store import load_inrun_rows
+    torch.manual_seed(0)
+    model = _Tasks().double()
+    x, y = _data()
+    targets = (x[:6], y[:6])
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=targets)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    snaps: list = []
+    for t, task in enumerate([0, 1, 1]):
+        idx = torch.arange(8 * t, 8 * t + 8)
+        snaps.append((copy.deepcopy(model), idx, task))
+        with rec.step(idx, y[idx], lr=0.1):
+            F.cross_entropy(model(x=x[idx], task=task), y[idx]).backward()
+        opt.step()
+        opt.zero_grad()
+    assert rec.engine.explain()["out.weight"] == "ghost (linear rule on out: Linear)"
+    rows = load_inrun_rows(rec.close())
+    for t, (m, idx, task) in enumerate(snaps):
+        params = list(m.parameters())
+        gJ = torch.autograd.grad(F.cross_entropy(m(targets[0]), targets[1]), params, allow_unused=True)
+        gJ = [torch.zeros_like(p) if g is None else g for p, g in zip(params, gJ)]
+        at = rows["step"] == t
+        for j, i in enumerate(idx.tolist()):
+            loss = F.cross_entropy(m(x=x[i:i + 1], task=task), y[i:i + 1])
+            g = torch.autograd.grad(loss, params, allow_unused=True)
+            g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g)]
+            np.testing.assert_allclose(rows["loss"][at][j], float(loss.detach()), rtol=1e-10)
+            np.testing.assert_allclose(rows["sq_norm"][at][j], float(sum((gi ** 2).sum() for gi in g)), rtol=1e-9)
+            dot = float(sum((gi * gj).sum() for gi, gj in zip(g, gJ)))
+            np.testing.assert_allclose(rows["dot"][at][j] * len(idx), dot, rtol=1e-9, atol=1e-14)
 
 
 @pytest.mark.parametrize("kind, layout", [("mixtral", "merged"), ("gpt_oss", "twice"), ("nemotron_h", "flat")])

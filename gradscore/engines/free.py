@@ -866,6 +866,7 @@ class FreeUses(TorchFunctionMode):
         self.came: set[int] = set()
         self.again = False
         self.active = False
+        self.paused = False   # the engine's own forwards inside this one (a late layout): no substitution
 
     def __enter__(self):
         self.active = True
@@ -879,6 +880,8 @@ class FreeUses(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.paused:
+            return func(*args, **kwargs)
         hits = [t for t in self.views.hits(args, kwargs) if t.requires_grad]
         if not hits or not torch.is_grad_enabled():
             return func(*args, **kwargs)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -73,6 +73,7 @@ class _Layer:
     skeletons: list = field(default_factory=list)  # probe_all rules: each call's output, leaves as indices
     idle: bool = False   # not called on the first batch, its weights tied to owners that were: its share is nothing
     absent: bool = False   # not called on this batch, and its loss reaches none of its parameters: no share in it
+    pending: bool = False   # not called on the first batch, its parameters not used there: laid out when first called
 
 
 def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
@@ -85,6 +86,13 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
                 mods.append((mname or type(model).__name__, module))
     return owners
 
+
+#: a layer called on a later batch that cannot be laid out there
+LATE = "was called on this batch, but not on the first, whose layout is kept"
+
+#: a layer called on a batch, but not by the model's runs on its examples that lay it out (in-run:
+#: in eval mode, where a layer of training mode only is not called)
+UNREPEATED = "was called on this batch, but not when the model ran again on its examples to lay it out"
 
 #: the end of the reason of a ruled layer's parameter that its rule does not differentiate: the
 #: free-parameter rule follows it instead, as it does a parameter of a layer without a rule
@@ -250,6 +258,9 @@ class _BatchSums:
         self.again = False           # a δ came after its layer's rule had run: a second backward
         self.paths: OutputPaths | None = None   # in-run: the check that the loss reaches layers only through z
         self.free: FreeUses | None = None       # the free parameters' uses in this batch's forward
+        # the batch's inputs and the context of the engine's own forwards on them: a layer first called on
+        # this batch is laid out on it (None: such a call sends its layer to the fallback)
+        self.late: tuple[Inputs, Callable[[], ContextManager]] | None = None
 
     def note_input(self, layer: _Layer, act) -> None:
         """A call of ``layer`` reads ``act``: counted, if its rule may form the input's Gram."""
@@ -329,14 +340,17 @@ class GhostEngine(Engine):
         self._index = {n: i for i, n in enumerate(self.param_names)}
         self._laid_out = False
         self._coupled = False   # an example's output depends on its batch: everything to the fallback
+        self._aside = False     # the engine's own forwards run inside a batch's (a late layout): hooks off
 
     def explain(self) -> dict[str, str]:
         """{parameter name: path}, e.g. 'ghost (linear rule on fc: Linear)', 'vmap (reason)'
-        or 'loop (reason; vmap cannot trace this model (…))'. Final after the first batch."""
+        or 'loop (reason; vmap cannot trace this model (…))'. Final after the first batch, but for
+        a layer not called yet, laid out on the first batch that calls it."""
         uses: dict[str, list[str]] = {}
         for layer in (layer for layer in self.layers if not layer.idle):
             # a recurrent layer's layout is its final state's: not said
-            where = ("" if layer.layout is None or (layer.layout.batch_dim == 0 and not layer.layout.merged)
+            where = (", not called yet: laid out on the first batch that calls it" if layer.pending
+                     else "" if layer.layout is None or (layer.layout.batch_dim == 0 and not layer.layout.merged)
                      or layer.rule.probe_all else f", {layer.layout.describe()}")
             for full in layer.params.values():
                 uses.setdefault(full, []).append(f"{layer.rule.name} rule on {layer.name}: "
@@ -387,7 +401,7 @@ class GhostEngine(Engine):
                              {full: (tensors[full], tuple(layer.name for layer in ls)) for full, ls in owners.items()
                               if full not in self.free}, self.free)
         found, self._coupled, strays, free, self._free_plan = lay_out()
-        if self._to_free({layer.name: found[layer.name] for layer in self.layers}, owners, tensors):
+        if self._to_free({layer.name: found[layer.name] for layer in self.layers}, owners, tensors, strays):
             found, self._coupled, strays, free, self._free_plan = lay_out()
         for full, why in free.items():
             if why is not None:
@@ -407,18 +421,19 @@ class GhostEngine(Engine):
         self._drop_fallback_params()   # the strays
 
     def _to_free(self, found: dict[str, Layout | str], owners: dict[str, list[_Layer]],
-                 tensors: dict[str, torch.Tensor]) -> bool:
+                 tensors: dict[str, torch.Tensor], strays: dict[str, str]) -> bool:
         """Give the free-parameter rule the weights of the layers whose output has no batch
         rows (:func:`.layout.batchless`: T5's and MPNet's relative attention bias, an Embedding
-        of the (T, T) offsets), of the layers not called whose weights another module uses
-        (BEiT's ``F.linear(x, self.qkv.weight, bias)``), of the layers whose forward returns a
+        of the (T, T) offsets), of the layers not called whose weights another op uses (``strays``:
+        BEiT's ``F.linear(x, self.qkv.weight, bias)``), of the layers whose forward returns a
         tuple (PhiMoE's router, a Linear subclass), and of the look-alikes whose structural
         rule's check found they compute something else (layers without a rule): what the
         forward makes of them, and how it meets the batch, it follows like any parameter's
         (as it follows their other parameters, which their rule does not differentiate, from
         the start). Whether any layer moved."""
         moved = [layer for layer in self.layers if self.takes_free and isinstance(found[layer.name], str)
-                 and (batchless(found[layer.name]) or found[layer.name] in (NOT_CALLED, NOT_ONE_OUTPUT)
+                 and (batchless(found[layer.name]) or found[layer.name] == NOT_ONE_OUTPUT
+                      or (found[layer.name] == NOT_CALLED and any(f in strays for f in layer.params.values()))
                       or computes_otherwise(found[layer.name]))
                  and all(len(owners[f]) == 1 for f in layer.params.values())
                  and all(tensors[f].is_floating_point() for f in layer.params.values())]
@@ -428,6 +443,51 @@ class GhostEngine(Engine):
                 self.free[full] = tensors[full]
                 self._free_why[full] = f"{type(layer.module).__name__} '{layer.name}' {found[layer.name]}"
         return bool(moved)
+
+    def _lay_out_late(self, state: _BatchSums) -> None:
+        """Lay out the pending layers (:attr:`_Layer.pending`) on ``state``'s batch, the first
+        that calls one of them, inside its forward: the same runs as the first batch's, on
+        the ruled layers not laid out yet. A layer called here that gets no layout its rule
+        takes (or whose parameters another op uses, or a model whose output for an example
+        depends on its batch) is given the reason: it goes to the fallback after the call."""
+        pending = [layer for layer in self.layers if layer.pending]
+        if state.late is None or torch._C._current_graph_task_id() != -1:   # no batch given; a backward's recompute
+            for layer in pending:
+                layer.pending, layer.problem = (False, LATE) if layer.seen else (True, None)
+            return
+        x, aside = state.late
+        tensors = dict(self.model.named_parameters())
+        owners = {full: tuple(o.name for o in self.layers if full in o.params.values())
+                  for layer in pending for full in layer.params.values()}
+        self._aside = True
+        if state.free is not None:
+            state.free.paused = True
+        try:
+            with aside():
+                found, coupled, strays, _, _ = establish(
+                    self.model, {layer.name: (layer.module, layer.rule) for layer in pending}, x,
+                    {full: (tensors[full], names) for full, names in owners.items()})
+        finally:
+            self._aside = False
+            if state.free is not None:
+                state.free.paused = False
+        for layer in pending:
+            result = found[layer.name]
+            if result == NOT_CALLED and not layer.seen:   # not called on this batch either
+                continue
+            layer.pending = False
+            stray = next((op for full, op in strays.items() if full in layer.params.values()), None)
+            if result == NOT_CALLED:
+                layer.problem = UNREPEATED
+            elif coupled:
+                self._coupled = True
+                layer.problem = "is first called on a batch where an example's output depends on the rest of it"
+            elif stray is not None:
+                layer.problem = f"is first called on a later batch, where its parameters are also used by {stray}"
+            elif isinstance(result, Layout):
+                layer.layout = result
+            else:
+                layer.problem = f"{result} (on a later batch, the first that called it)"
 
     def _add_free(self, state: _BatchSums) -> None:
         """Add the free parameters' shares of the batch (their δ's, summed over their uses) to its sums."""
@@ -453,7 +513,7 @@ class GhostEngine(Engine):
             state.free = FreeUses({id(t): n for n, t in self.free.items()}, B, probes, contiguous, self._free_problems,
                                   self._free_plan, None if state.paths is None else state.paths.see)
             state.free.__enter__()
-            handles.append(self.model.register_forward_hook(lambda *_: state.free.leave()))
+            handles.append(self.model.register_forward_hook(lambda *_: None if self._aside else state.free.leave()))
         for layer in self.layers:
             layer.acts, layer.grads, layer.calls, layer.seen, layer.problem = [], {}, 0, 0, None
             layer.absent = False
@@ -471,13 +531,19 @@ class GhostEngine(Engine):
                     state.run_rule(layer)
 
             def hook(module, args, kwargs, output, layer=layer):
+                if self._aside:   # the engine's own forwards (a late layout)
+                    return None
                 layer.seen += 1
                 if not torch.is_grad_enabled():   # no gradient reaches this call (in-run: a pseudo-labelling call)
                     return None
                 if layer.idle:   # its share was taken to be nothing: a call with gradient sends its weight away
                     if any(t.requires_grad for t in leaves(output)):
-                        layer.problem = "was called on this batch, but not on the first, whose layout is kept"
+                        layer.problem = LATE
                     return None
+                if layer.pending:   # its first call: laid out now, on this batch
+                    self._lay_out_late(state)
+                    if layer.problem is not None:
+                        return None
                 rule, whole = layer.rule, output
                 act, output = observed(rule, args, kwargs, whole)
                 if layer.seen - 1 in layer.layout.dead:   # the first batch showed no gradient reaches this call
@@ -568,16 +634,20 @@ class GhostEngine(Engine):
         return self._coupled
 
     @contextlib.contextmanager
-    def recording(self, B: int, refs: RefBlocks | None, check_paths: bool = False) -> Iterator[_BatchSums]:
+    def recording(self, B: int, refs: RefBlocks | None, check_paths: bool = False, x: Inputs | None = None,
+                  aside: Callable[[], ContextManager] = contextlib.nullcontext) -> Iterator[_BatchSums]:
         """The hooks of one batch of B examples whose forward and backward the caller runs
         (in-run scoring: the training step's own). Yields the batch's sums; after the block
         every rule that received its δ has run (``.sq`` (B,), ``.dots`` (B, K), None if no
         δ arrived). ``check_paths``: ``.paths`` is an :class:`OutputPaths` whose ``run`` the
-        caller calls when ∂L/∂z comes. Needs :meth:`lay_out` first; the caller checks
-        :attr:`fallback`."""
+        caller calls when ∂L/∂z comes. ``x``: the batch's inputs, on which a layer the first
+        batch did not call is laid out if this one calls it (inside ``aside()``: in-run, eval
+        mode and the random state forked); without, such a layer goes to the fallback.
+        Needs :meth:`lay_out` first; the caller checks :attr:`fallback`."""
         K = 0 if refs is None else refs[0].shape[0]
         state, probes = _BatchSums(refs, self._index, K), []
         state.paths = OutputPaths(probes) if check_paths else None
+        state.late = None if x is None else (x, aside)
         with self._hooks(state, probes, B, contiguous=False), sharing(state.grams):   # δ passed on as it came
             yield state
             if state.again or (state.free is not None and state.free.again):
@@ -614,6 +684,7 @@ class GhostEngine(Engine):
         K = 0 if refs is None else refs[0].shape[0]
         B = batch_len(x)
         state, probes = _BatchSums(refs, self._index, K), []
+        state.late = (x, contextlib.nullcontext)
         with self._hooks(state, probes, B), torch_workarounds():
             with torch.enable_grad():
                 out = call_model(self.model, x)
@@ -658,6 +729,9 @@ class GhostEngine(Engine):
                       else layer.problem)
             if reason == NOT_CALLED and self._tied_to_called(layer, after_call):
                 layer.idle, layer.problem = True, None   # T5's and BART's `shared` vocabulary: its owners' calls
+                continue
+            if reason == NOT_CALLED and not after_call and not any(f in self.fallback for f in layer.params.values()):
+                layer.pending, layer.problem = True, None   # a head of another task, a branch of other data
                 continue
             if reason is None:
                 continue

@@ -73,7 +73,7 @@ from torch import nn
 
 from ..batch import Inputs, batch_len, call_model, check_batch, hash_batch, move, output_tensor, take
 from ..engines.free import UNPLANNED
-from ..engines.ghost import GhostEngine, probe
+from ..engines.ghost import UNREPEATED, GhostEngine, probe
 from ..engines.workarounds import torch_workarounds, wrong_in_torch
 from ..engines.rules.registry import FactoredRef
 from ..exceptions import (ConfigError, ConfigMismatchError, EngineError, GradscoreError, GradscoreWarning,
@@ -641,11 +641,12 @@ class InRun:
                 by_reason.setdefault(why, []).append(name)
             listed = "; ".join(f"{', '.join(names)}: {why}" for why, names in list(by_reason.items())[:4])
             more = sum(len(names) for names in list(by_reason.values())[4:])
-            # the first step lays the model out in eval mode: a use in training mode only has no layout
-            training_only = ("A parameter the forward uses in training mode only (wav2vec2's masked_spec_embed, "
-                             "with mask_time_prob > 0) is not used where the recorder lays the model out, in eval "
-                             "mode at the first step: freeze it (requires_grad_(False)) or turn that use off in "
-                             "training; or score" if any(UNPLANNED in why for why in by_reason) else "Score")
+            # the recorder lays the model out in eval mode: a use in training mode only has no layout
+            training_only = ("A parameter or layer the forward uses in training mode only (wav2vec2's "
+                             "masked_spec_embed, with mask_time_prob > 0; an auxiliary head) is not used where the "
+                             "recorder lays the model out, in eval mode: freeze it (requires_grad_(False)) or turn "
+                             "that use off in training; or score" if any(UNPLANNED in why or UNREPEATED in why
+                                                                         for why in by_reason) else "Score")
             raise EngineError(f"in-run scoring needs a ghost rule for every trainable parameter; "
                               f"{listed}{f'; and {more} more' if more > 0 else ''}. {training_only} saved "
                               f"checkpoints instead (gradscore run), where these parameters take the fallback "
@@ -714,6 +715,17 @@ class InRun:
     def set_step(self, step: int, lr: float | None) -> None:
         """The optimizer step and learning rate of the forwards that follow (attached mode)."""
         self._next = (int(step), lr)
+
+    @contextlib.contextmanager
+    def _own_forwards(self) -> Iterator[None]:
+        """The recorder's forwards of the model (a layout): its hooks stand aside, and the
+        model runs in eval mode with the random state forked (:func:`_aside`)."""
+        self._busy = True
+        try:
+            with _aside(self.model):
+                yield
+        finally:
+            self._busy = False
 
     def end_step(self) -> None:
         """Record the open step of attached mode (after its backward); no-op if none is open."""
@@ -1256,8 +1268,10 @@ class _Step:
             raise EngineError("the model was called twice inside one rec.step; wrap each forward+backward "
                               "(each micro-batch) in its own rec.step")
         x = _inputs(args, kwargs)
-        if isinstance(x, dict):   # the batch's tensors; other keywords (a Trainer's num_items_in_batch) stay out
-            x = {k: v for k, v in x.items() if isinstance(v, torch.Tensor) and v.dim() and len(v) == len(self.ids)}
+        if isinstance(x, dict):   # the batch's tensors, and the keywords that are not tensors (task="b"): the
+            # recorder's runs of the model take them; other tensors (a Trainer's num_items_in_batch) stay out
+            x = {k: v for k, v in x.items() if (isinstance(v, torch.Tensor) and v.dim() and len(v) == len(self.ids))
+                 or isinstance(v, (str, bool, int, float, type(None)))}
         self.B = batch_len(x)
         if self.B != len(self.ids):
             raise ConfigError(f"invalid value for 'ids': {len(self.ids)} ids for a batch of {self.B}; give one id "
@@ -1276,20 +1290,17 @@ class _Step:
         if not rec._laid_out:
             self._lay_out(x)
         self.target = rec._target_refs(self.step, self.lr, self.B)   # after the layout: it picks each layer's form
-        self.state = self.stack.enter_context(rec.engine.recording(self.B, None if self.target is None
-                                                                   else self.target[0], check_paths=check))
+        self.state = self.stack.enter_context(rec.engine.recording(
+            self.B, None if self.target is None else self.target[0], check_paths=check, x=x,
+            aside=rec._own_forwards))   # a layer the first step did not call is laid out on the step that does
         return None
 
     def _lay_out(self, x: Inputs) -> None:
         """First step: each layer's batch dimension, and whether an example's output depends
         on its batch, checked in eval mode on this batch."""
         rec = self.rec
-        rec._busy = True
-        try:
-            with _aside(rec.model):
-                rec.engine.lay_out(x)
-        finally:
-            rec._busy = False
+        with rec._own_forwards():
+            rec.engine.lay_out(x)
         if rec.engine.coupled:
             raise EngineError("the model's output for an example depends on the rest of its batch; in-run "
                               "scoring cannot give it a gradient of its own")
