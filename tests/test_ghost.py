@@ -220,6 +220,25 @@ def test_a_weight_recomputed_from_other_parameters_takes_the_free_rule_where_it_
 
 
 @pytest.mark.parametrize("K", [0, 2])
+@pytest.mark.parametrize("layer, how", [("linear", "spectral_norm"), ("linear", "orthogonal"),
+                                        ("linear", "weight_norm"), ("conv", "spectral_norm"), ("conv", "weight_norm")])
+def test_a_weight_of_two_rows_made_of_parameters_alone_is_not_taken_for_the_batch(layer, how, K):
+    """``parametrizations.spectral_norm`` makes W / σ(W): an op whose operands are all made of
+    the layer's parameters, its result as many rows as W. For a layer of 2 outputs that is
+    the layout's batch of 2 copies, and the op was taken for a use over the batch that W's
+    own rows do not fit: the weight went to vmap (in training, refused). An op of the
+    parameters alone makes a tensor, whatever its rows. The scores equal the loop's."""
+    torch.manual_seed(0)
+    P = nn.utils.parametrizations
+    first, x = ((nn.Linear(4, 2), torch.randn(6, 4)) if layer == "linear" else
+                (nn.Conv1d(3, 2, 3, padding=1), torch.randn(6, 3, 5)))
+    getattr(P, how)(first)
+    model = nn.Sequential(first, nn.Tanh(), nn.Flatten(), nn.Linear(2 if layer == "linear" else 10, 3))
+    why = compare_with_loop(model, x, K).explain()
+    assert all(v.startswith("ghost") for v in why.values()), why
+
+
+@pytest.mark.parametrize("K", [0, 2])
 def test_a_users_forward_hook_that_changes_a_layers_output(K):
     """A forward hook the user registered before scoring may return a new output (o·2,
     o + c): a rule's δ must be the gradient of the layer's own output, before that hook."""

@@ -777,6 +777,30 @@ def test_a_weight_made_from_other_parameters_is_recorded_as_the_loop_scores_it(t
     _recorded_as_the_loop(model, 20, names, tmp_path)
 
 
+def test_a_spectral_norm_of_two_rows_is_recorded_as_the_loop_scores_it(tmp_path):
+    """``parametrizations.spectral_norm`` on a Linear of 2 outputs: W / σ(W) has 2 rows, as
+    the layout's batch of 2 copies does, and was refused as a use over the batch. Recorded
+    equal to the loop at θ_t (the layer in eval mode: σ from its stored vectors)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 6), nn.Tanh(), nn.Linear(6, 2), nn.Tanh(), nn.Linear(2, 4)).double()
+    nn.utils.parametrizations.spectral_norm(model[2])
+    x, y = _data()
+    targets = (x[:6], y[:6])
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=targets)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model[2].eval()   # no power iteration in the step: the loop at θ_t meets the same σ
+    snaps: list = []
+    for t in range(3):
+        idx = torch.arange(8 * t, 8 * t + 8)
+        snaps.append(({k: v.clone() for k, v in model.state_dict().items()}, idx))
+        with rec.step(idx, y[idx], lr=0.1):
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        opt.zero_grad()
+    assert set(rec.engine.free) == {"2.parametrizations.weight.original"} and not rec.engine.fallback
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, targets, keep_modes=True)
+
+
 def test_a_weight_made_from_other_parameters_that_the_free_rule_cannot_follow_is_refused(tmp_path):
     """An Embedding's weight_norm: its weight_g and weight_v go into a lookup, which the
     free-parameter rule does not take: one line naming them and both reasons, at the
@@ -2168,6 +2192,53 @@ def test_the_head_of_a_task_a_later_step_trains_first_is_recorded_as_the_loop_sc
     for (n, a), (_, b) in zip(plain.state_dict().items(), model.state_dict().items()):
         assert torch.equal(a, b), n
     rec.close()
+
+
+class _TaskAdapters(nn.Module):
+    """Blocks under activation checkpointing, each with an adapter per task (the buffer
+    ``task``): the first step that trains task 1 calls its adapters inside the checkpoint."""
+
+    def __init__(self, d: int = 10, c: int = 4) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({"lin": nn.Linear(d, d), "adapters": nn.ModuleList(
+            nn.Linear(d, d) for _ in range(2))}) for _ in range(2))
+        self.head = nn.Linear(d, c)
+        self.register_buffer("task", torch.zeros((), dtype=torch.long))
+
+    @staticmethod
+    def _block(block, h, task):
+        h = torch.tanh(block["lin"](h))
+        return h + block["adapters"][task](h)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+        for block in self.blocks:
+            x = checkpoint(self._block, block, x, int(self.task), use_reentrant=False)
+        return self.head(x)
+
+
+def test_the_adapters_of_a_task_a_later_step_trains_first_under_checkpointing(tmp_path):
+    """A layer first called inside ``torch.utils.checkpoint`` is laid out there: the
+    recorder's runs of the model save nothing into the checkpoint (which raised "a
+    different number of tensors was saved during the original forward and recomputation"
+    in the step's backward). Every record equals the loop at θ_t."""
+    torch.manual_seed(0)
+    model = _TaskAdapters().double()
+    x, y = _data()
+    targets = (x[:6], y[:6])
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=targets)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    snaps: list = []
+    for t, task in enumerate([0, 1, 1, 0]):
+        model.task.fill_(task)
+        idx = torch.arange(8 * t, 8 * t + 8)
+        snaps.append(({k: v.clone() for k, v in model.state_dict().items()}, idx))
+        with rec.step(idx, y[idx], lr=0.1):
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        opt.zero_grad()
+    assert not rec.engine.fallback and all(v.startswith("ghost") for v in rec.engine.explain().values())
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, targets)
 
 
 def test_a_task_given_as_a_keyword_reaches_the_recorders_runs_of_the_model(tmp_path):

@@ -395,7 +395,8 @@ class Views:
     map of its elements to its parameter's (:attr:`maps`), or made by other ops of one or
     more of them (:attr:`graph`)."""
 
-    def __init__(self, free: dict[int, str], B: int, untiled: frozenset[str] = frozenset()) -> None:
+    def __init__(self, free: dict[int, str], B: int, untiled: frozenset[str] = frozenset(),
+                 constants: frozenset[int] = frozenset()) -> None:
         self.of: dict[int, tuple[str, ...]] = {i: (n,) for i, n in free.items()}   # id -> the parameters it is made of
         self.B = B
         self.untiled = untiled   # the parameters whose repeats B times are not over the batch (the evidence's)
@@ -406,6 +407,9 @@ class Views:
         self.maps: dict[int, tuple[torch.Tensor, torch.Tensor | None, int]] = {}
         self.made: dict[str, list[tuple[str, tuple[int, ...]]]] = {}   # name -> (op, shape) of what was made
         self.roots = set(free)                  # the parameters' own ids
+        # ids of the parameters, of ``constants`` (the model's buffers) and of what ops of these alone made:
+        # no rows of the batch
+        self.pure = set(free) | constants
         self.param: dict[str, torch.Tensor] = {}   # name -> the parameter, once an op has used it
         # id -> the parameters, for a tensor made of them by other ops (:meth:`_through_graph`): their
         # gradients per example are the backward of those ops, run per example at each use
@@ -440,8 +444,10 @@ class Views:
         if inplace:
             if not (args and out is args[0] and self._rewritable(out)):
                 return False
-        elif any(self.changed(o) for o in tracked) or (not planned and any(
-                target_shape(func, args, kwargs, o, self.B, hooks=False)[0] is not None for o in tracked)):
+        elif any(self.changed(o) for o in tracked) or (not planned and not self._of_parameters(func, args, kwargs)
+                                                        and any(target_shape(func, args, kwargs, o, self.B,
+                                                                             hooks=False)[0] is not None
+                                                                for o in tracked)):
             return False
         for o in tracked:
             if id(o) in self.roots:
@@ -457,6 +463,7 @@ class Views:
         elif mapped and (name in ELEMENTWISE or name in UNARY):
             made = self._derived(func, args, kwargs, t, out)
         changed = [out]
+        pure = all(id(o) in self.pure for o in leaves((args, kwargs)))   # in place: out was pure too
         if made is False:
             if not self._through_graph(args, kwargs, tracked, out):
                 return False
@@ -465,6 +472,7 @@ class Views:
                 names = tuple(dict.fromkeys(names + self.of[id(out._base)]))
             made = None
         for o in changed:   # what was changed in place is made by the ops in its autograd graph now
+            (self.pure.add if pure else self.pure.discard)(id(o))
             self.of[id(o)] = names
             self.version[id(o)] = o._version
             self.maps.pop(id(o), None)
@@ -479,6 +487,25 @@ class Views:
             if name not in CASTS:   # a cast is no step: training may cast where eval does not (Mamba's D.float())
                 self.step(n, "made")
         return True
+
+    def follow_constants(self, args: tuple, kwargs: dict, out) -> None:
+        """An op on no free parameter: its result is :attr:`pure` if its operands are (a
+        buffer's clone, spectral norm's ``self._u.clone()``)."""
+        if not isinstance(out, torch.Tensor):
+            return
+        operands = list(leaves((args, kwargs)))
+        if operands and all(id(o) in self.pure for o in operands):
+            self.pure.add(id(out))
+            self.alive.append(out)
+        else:   # changed in place by another tensor (``u.add_(x)``), or a new tensor
+            self.pure.discard(id(out))
+
+    def _of_parameters(self, func, args: tuple, kwargs: dict) -> bool:
+        """Whether every tensor operand of ``func`` is a free parameter, a buffer of the model, or
+        made by ops of these alone (:attr:`pure`), and the op is no expand: its result has no rows of the batch,
+        whatever its shape (spectral norm's W / σ(W), 2 rows of W where the batch has 2 examples)."""
+        operands = list(leaves((args, kwargs)))
+        return _name(func) not in EXPAND and bool(operands) and all(id(o) in self.pure for o in operands)
 
     def _over_batch(self, func, args: tuple, kwargs: dict, t: torch.Tensor, out) -> bool:
         """Whether ``func`` repeats t (k, ...) over the batch: ``t.repeat(B, 1, …, 1)`` or

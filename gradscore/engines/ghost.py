@@ -87,6 +87,10 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
     return owners
 
 
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 #: a layer called on a later batch that cannot be laid out there
 LATE = "was called on this batch, but not on the first, whose layout is kept"
 
@@ -462,8 +466,8 @@ class GhostEngine(Engine):
         self._aside = True
         if state.free is not None:
             state.free.paused = True
-        try:
-            with aside():
+        try:   # the runs save no tensor into an activation checkpoint the layer may be called in
+            with aside(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
                 found, coupled, strays, _, _ = establish(
                     self.model, {layer.name: (layer.module, layer.rule) for layer in pending}, x,
                     {full: (tensors[full], names) for full, names in owners.items()})

@@ -130,7 +130,8 @@ class _Uses(TorchFunctionMode):
     whose rule covers it)), the first op that uses one while none of those layers runs."""
 
     def __init__(self, params: dict[int, tuple[str, tuple[str, ...]]], free: dict[int, str], B: int,
-                 plan: dict[str, list[str]] | None = None, untiled: frozenset[str] = frozenset()) -> None:
+                 plan: dict[str, list[str]] | None = None, untiled: frozenset[str] = frozenset(),
+                 constants: frozenset[int] = frozenset()) -> None:
         super().__init__()
         self.plan = plan   # the free parameters' ops ("use", "made", …) in a run of 2 examples, which this one follows
         self.watched: dict[int, list] = {}   # id(tensor) -> that call's list of uses
@@ -138,7 +139,8 @@ class _Uses(TorchFunctionMode):
         self.params = params
         self.running: dict[str, int] = {}    # layer name -> its calls under way
         self.strays: dict[str, str] = {}     # parameter name -> the op that used it outside its layers
-        self.views, self.B = Views(free, B, untiled), B  # free parameters {id: name}, what is made of them, the batch
+        # free parameters {id: name}, what is made of them (the model's buffers ``constants`` no batch's), the batch
+        self.views, self.B = Views(free, B, untiled, constants), B
         # per use: (what does not fit or None, whether it has the form the rule takes)
         self.free_uses: dict[str, list[tuple[str | None, bool]]] = {n: [] for n in free.values()}
         self.consumers: set = set()          # the autograd nodes of those uses (and of their views)
@@ -167,6 +169,8 @@ class _Uses(TorchFunctionMode):
                 if name is not None and not any(self.running.get(n) for n in layers):
                     self.strays.setdefault(name, _op_name(func))
         res = result(func, args, kwargs, out)   # x[i] = v: x
+        if not seen:
+            self.views.follow_constants(args, kwargs or {}, res)
         if seen and needs_grad(res):
             self.consumers.update(op_nodes(res, before))
             hits = tracked
@@ -219,7 +223,7 @@ def _record(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: Inpu
     if given, their repeats never taken as over the batch for ``untiled``, :class:`_Uses`);
     with ``verify``, each rule's :attr:`Rule.verify` of its first call."""
     records = {name: _Record() for name in layers}
-    mode = _Uses(params, free, batch_len(x), plan, untiled)
+    mode = _Uses(params, free, batch_len(x), plan, untiled, frozenset(id(b) for b in model.buffers()))
 
     def enter(name):
         mode.running[name] = mode.running.get(name, 0) + 1
