@@ -448,6 +448,7 @@ class GhostEngine(Engine):
                 self._free_why[full] = f"{type(layer.module).__name__} '{layer.name}' {found[layer.name]}"
         return bool(moved)
 
+    @torch.compiler.disable   # eager inside a compiled forward: its runs of the model are the engine's own
     def _lay_out_late(self, state: _BatchSums) -> None:
         """Lay out the pending layers (:attr:`_Layer.pending`) on ``state``'s batch, the first
         that calls one of them, inside its forward: the same runs as the first batch's, on
