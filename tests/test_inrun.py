@@ -52,6 +52,27 @@ def _data(n=48, d=10, c=4, seed=0, dtype=torch.float64, image=False):
     return x, torch.randint(0, c, (n,), generator=g)
 
 
+def _steps_as_the_loop(model, x, y, tmp_path, settings, prepare=lambda setting: None, keep_modes=False):
+    """SGD steps with the recorder (a target of 6 examples), one per ``settings`` item
+    (setting, B): ``prepare(setting)`` before the step (the layers it skips, the task it
+    trains), then B examples. Every record against the per-example loop at each step's
+    θ_t (``keep_modes`` as for :func:`inrun_reference`); returns the closed recorder."""
+    targets = (x[:6], y[:6])
+    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=targets)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    snaps: list = []
+    for t, (setting, B) in enumerate(settings):
+        prepare(setting)
+        idx = torch.arange(8 * t, 8 * t + B)
+        snaps.append(({k: v.clone() for k, v in model.state_dict().items()}, idx))
+        with rec.step(idx, y[idx], lr=0.1):
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        opt.zero_grad()
+    check_inrun_against_loop(rec.close(), model, snaps, x, y, targets, keep_modes=keep_modes)
+    return rec
+
+
 def _check_three_steps(model, x, y, tmp_path) -> None:
     """Three SGD steps of 8 examples with the recorder (a target of 6 examples): every
     record against the per-example loop at each step's θ_t."""
@@ -785,20 +806,10 @@ def test_a_spectral_norm_of_two_rows_is_recorded_as_the_loop_scores_it(tmp_path)
     model = nn.Sequential(nn.Linear(10, 6), nn.Tanh(), nn.Linear(6, 2), nn.Tanh(), nn.Linear(2, 4)).double()
     nn.utils.parametrizations.spectral_norm(model[2])
     x, y = _data()
-    targets = (x[:6], y[:6])
-    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=targets)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
     model[2].eval()   # no power iteration in the step: the loop at θ_t meets the same σ
-    snaps: list = []
-    for t in range(3):
-        idx = torch.arange(8 * t, 8 * t + 8)
-        snaps.append(({k: v.clone() for k, v in model.state_dict().items()}, idx))
-        with rec.step(idx, y[idx], lr=0.1):
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-        opt.zero_grad()
+    rec = _steps_as_the_loop(model, x, y, tmp_path, [(None, 8)] * 3, keep_modes=True)
     assert set(rec.engine.free) == {"2.parametrizations.weight.original"} and not rec.engine.fallback
-    check_inrun_against_loop(rec.close(), model, snaps, x, y, targets, keep_modes=True)
 
 
 def test_a_weight_made_from_other_parameters_that_the_free_rule_cannot_follow_is_refused(tmp_path):
@@ -2103,21 +2114,12 @@ def test_layers_a_step_skips_are_recorded_as_the_loop_scores_them(tmp_path):
     torch.manual_seed(0)
     model = _LayerDrop().double()
     x, y = _data()
-    targets = (x[:6], y[:6])
-    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=targets)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    snaps: list = []
-    for t, drop in enumerate([(1,), (), (0, 2), (0, 1, 2)]):
+
+    def skip(drop):
         model.drop[:] = False
         model.drop[list(drop)] = True
-        idx = torch.arange(8 * t, 8 * t + 8)
-        snaps.append(({k: v.clone() for k, v in model.state_dict().items()}, idx))
-        with rec.step(idx, y[idx], lr=0.1):
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-        opt.zero_grad()
+    rec = _steps_as_the_loop(model, x, y, tmp_path, [((1,), 8), ((), 8), ((0, 2), 8), ((0, 1, 2), 8)], skip)
     assert not rec.engine.fallback and all(v.startswith("ghost") for v in rec.engine.explain().values())
-    check_inrun_against_loop(rec.close(), model, snaps, x, y, targets)
 
 
 class _Tasks(nn.Module):
@@ -2152,23 +2154,11 @@ def test_the_head_of_a_task_a_later_step_trains_first_is_recorded_as_the_loop_sc
     torch.manual_seed(0)
     model = _Tasks().double()
     x, y = _data()
-    targets = (x[:6], y[:6])
-    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=targets)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    snaps: list = []
-    for t, (task, B) in enumerate([(0, 8), (1, 2), (0, 8), (1, 5)]):
-        model.task.fill_(task)
-        idx = torch.arange(8 * t, 8 * t + B)
-        snaps.append(({k: v.clone() for k, v in model.state_dict().items()}, idx))
-        with rec.step(idx, y[idx], lr=0.1):
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-        opt.zero_grad()
+    rec = _steps_as_the_loop(model, x, y, tmp_path, [(0, 8), (1, 2), (0, 8), (1, 5)], model.task.fill_)
     why = rec.engine.explain()
     assert not rec.engine.fallback and all(v.startswith("ghost") for v in why.values()), why
     assert why["heads.1.0.weight"] == "ghost (linear rule on heads.1.0: Linear, batch in dimension 1)"
     assert why["heads.2.weight"].endswith("not called yet: laid out on the first batch that calls it)")
-    check_inrun_against_loop(rec.close(), model, snaps, x, y, targets)
 
     def train(model, rec=None):
         torch.manual_seed(2)   # the dropout masks
@@ -2225,20 +2215,8 @@ def test_the_adapters_of_a_task_a_later_step_trains_first_under_checkpointing(tm
     torch.manual_seed(0)
     model = _TaskAdapters().double()
     x, y = _data()
-    targets = (x[:6], y[:6])
-    rec = gs.InRun(model, out=tmp_path / "r.h5", targets=targets)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    snaps: list = []
-    for t, task in enumerate([0, 1, 1, 0]):
-        model.task.fill_(task)
-        idx = torch.arange(8 * t, 8 * t + 8)
-        snaps.append(({k: v.clone() for k, v in model.state_dict().items()}, idx))
-        with rec.step(idx, y[idx], lr=0.1):
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-        opt.zero_grad()
+    rec = _steps_as_the_loop(model, x, y, tmp_path, [(0, 8), (1, 8), (1, 8), (0, 8)], model.task.fill_)
     assert not rec.engine.fallback and all(v.startswith("ghost") for v in rec.engine.explain().values())
-    check_inrun_against_loop(rec.close(), model, snaps, x, y, targets)
 
 
 def test_a_task_given_as_a_keyword_reaches_the_recorders_runs_of_the_model(tmp_path):
