@@ -238,6 +238,31 @@ def test_a_weight_of_two_rows_made_of_parameters_alone_is_not_taken_for_the_batc
     assert all(v.startswith("ghost") for v in why.values()), why
 
 
+class _BufferOfTheBatchsSize(nn.Module):
+    """A parameter of the model's own added to a tensor that a buffer makes at the batch's
+    size (``buf.new_zeros(B, d)``): a use over the batch, though every operand of the add
+    comes from the model's own tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+        self.shift = nn.Parameter(torch.linspace(-1, 1, 5))
+        self.register_buffer("base", torch.ones(5))
+
+    def forward(self, x):
+        offset = self.shift + self.base.new_zeros(len(x), 5)
+        return self.head(torch.tanh(self.lin(x) + offset))
+
+
+@pytest.mark.parametrize("K", [0, 2])
+def test_a_parameter_added_to_a_buffers_tensor_of_the_batchs_size_is_a_use(K):
+    """Only a tensor no larger than the model's own tensors it is made of is taken to have
+    no rows of the batch: the add is a use of the parameter, which the free-parameter rule
+    takes, equal to the loop."""
+    why = compare_with_loop(_BufferOfTheBatchsSize(), torch.randn(6, 4), K).explain()
+    assert why["shift"] == "ghost (free-parameter rule: per example in each use)", why
+
+
 @pytest.mark.parametrize("K", [0, 2])
 def test_a_users_forward_hook_that_changes_a_layers_output(K):
     """A forward hook the user registered before scoring may return a new output (o·2,

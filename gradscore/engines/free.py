@@ -463,7 +463,7 @@ class Views:
         elif mapped and (name in ELEMENTWISE or name in UNARY):
             made = self._derived(func, args, kwargs, t, out)
         changed = [out]
-        pure = all(id(o) in self.pure for o in leaves((args, kwargs)))   # in place: out was pure too
+        pure = self._stays_pure(args, kwargs, out)
         if made is False:
             if not self._through_graph(args, kwargs, tracked, out):
                 return False
@@ -493,17 +493,25 @@ class Views:
         buffer's clone, spectral norm's ``self._u.clone()``)."""
         if not isinstance(out, torch.Tensor):
             return
-        operands = list(leaves((args, kwargs)))
-        if operands and all(id(o) in self.pure for o in operands):
+        if self._stays_pure(args, kwargs, out):
             self.pure.add(id(out))
             self.alive.append(out)
         else:   # changed in place by another tensor (``u.add_(x)``), or a new tensor
             self.pure.discard(id(out))
 
+    def _stays_pure(self, args: tuple, kwargs: dict, out: torch.Tensor) -> bool:
+        """Whether ``out`` is :attr:`pure`: its op's operands are (in place: out itself too), and
+        it is no larger than the largest of them (``buf.new_zeros(B, d)`` or an expand may
+        take the batch's size)."""
+        operands = list(leaves((args, kwargs)))
+        return (bool(operands) and all(id(o) in self.pure for o in operands)
+                and out.numel() <= max(o.numel() for o in operands))
+
     def _of_parameters(self, func, args: tuple, kwargs: dict) -> bool:
         """Whether every tensor operand of ``func`` is a free parameter, a buffer of the model, or
-        made by ops of these alone (:attr:`pure`), and the op is no expand: its result has no rows of the batch,
-        whatever its shape (spectral norm's W / σ(W), 2 rows of W where the batch has 2 examples)."""
+        made by ops of these alone (:attr:`pure`), and the op is no expand: its result has no
+        rows of the batch, whatever its shape (spectral norm's W / σ(W), 2 rows of W where the
+        batch has 2 examples)."""
         operands = list(leaves((args, kwargs)))
         return _name(func) not in EXPAND and bool(operands) and all(id(o) in self.pure for o in operands)
 
