@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import gradscore as gs
 from gradscore.exceptions import GradscoreWarning
 from gradscore.demos.models import mlp
+from gradscore.io.journal import Journal
 from gradscore.io.store import load_inrun_rows
 
 X = torch.randn(48, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -137,15 +138,19 @@ def test_a_closed_recording_continues_and_a_second_crash_resumes_again(tmp_path,
 
 def test_a_journal_left_by_a_recorder_that_never_stepped_is_not_the_recordings(tmp_path):
     """A finished recording; then a recorder with other options (overwrite=True) is made
-    and dropped before its first step, leaving a journal with its settings and no records.
-    A resume continues the finished recording, and so does a resume after that one's crash."""
+    and dropped before its first step. It leaves no journal; one with its settings and no
+    records (a crash between the journal's fingerprint and its first rows) is not the
+    recording's: a resume continues the finished recording, and so does a resume after
+    that one's crash."""
     out, a = tmp_path / "r.h5", _batches(range(6), 1)
     training = _Training()
     rec = _recorder(training, out)
     training.run(rec, a, range(2))
     rec.close()
-    _recorder(_Training(), out, overwrite=True, every=2)
-    assert (tmp_path / "r.h5.partial" / "meta.json").exists()
+    dropped = _recorder(_Training(), out, overwrite=True, every=2)
+    assert not (tmp_path / "r.h5.partial").exists()
+    Journal.attach(out, dropped.fingerprint).open()
+    del dropped
     rec = _recorder(training, out, resume=True)
     training.run(rec, a, range(2, 4))
     rec.flush()
@@ -362,6 +367,37 @@ def test_a_second_recorder_of_the_same_file_in_this_process_is_refused_or_replac
     _step(replacing, model, range(200, 208), 0)
     replacing.close()
     assert _recorded_ids(out) == list(range(200, 208))
+
+
+@pytest.mark.parametrize("then", ["same recorder", "new recorder", "new recorder after close"])
+def test_a_recorder_refused_at_its_first_step_leaves_no_journal_and_gives_way(tmp_path, then):
+    """A recorder refused at its first step (BatchNorm in training mode) left ``r.h5.partial``
+    behind, and a new recorder of the same out made after the fix in the same process (a
+    notebook cell run again) was refused as "not closed", even after close(). A recorder
+    that has recorded nothing leaves no journal on disk and gives way to a new one; the
+    refused recorder itself still records once the model is fixed."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 4)).double()
+    out = tmp_path / "r.h5"
+    refused = gs.InRun(model, out=out, flush_every=0)
+    assert not (tmp_path / "r.h5.partial").exists()
+    with pytest.raises(gs.EngineError, match="is in training mode"):
+        _step(refused, model, range(8), 0)
+    assert not (tmp_path / "r.h5.partial").exists()
+    model[1].eval()   # the fix: frozen statistics
+    rec = refused
+    if then != "same recorder":
+        if then == "new recorder after close":
+            with pytest.raises(gs.ConfigError, match="no step was recorded"):
+                refused.close()
+        rec = gs.InRun(model, out=out, flush_every=0)
+    _step(rec, model, range(8), 0)
+    rec.close()
+    assert _recorded_ids(out) == list(range(8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.h5"]
+    if rec is not refused and then == "new recorder":
+        with pytest.raises(gs.OutputError, match="a newer gs.InRun of the same out took over its file"):
+            _step(refused, model, range(8), 1)
 
 
 def test_a_recording_in_another_process_is_not_taken_over(tmp_path):

@@ -493,13 +493,15 @@ class InRun:
 
     def _older(self, overwrite: bool, resume: bool) -> "InRun | None":
         """An earlier recorder of ``out`` in this process that has not written it: refused,
-        unless ``overwrite`` (its recording is replaced) or, once its close() was called (its
-        records are all in the journal), ``resume`` (continued); then it is returned."""
+        unless it holds no records (refused at its first step: it gives way), ``overwrite``
+        (its recording is replaced) or, once its close() was called (its records are all in
+        the journal), ``resume`` (continued); then it is returned."""
         held = _RECORDING.get(self.out.resolve())
         older = held() if held is not None else None
         if older is None or older._written:
             return None
-        if not (overwrite or (resume and older._closed)):
+        empty = not older._pending and older._held is None and not row_files(older.journal)
+        if not (empty or overwrite or (resume and older._closed)):
             raise OutputError(f"{self.out}: an earlier gs.InRun of this process records it and is not closed; "
                               f"close() it first, pass overwrite=True to replace its recording, or choose another "
                               f"out")
@@ -537,6 +539,7 @@ class InRun:
         self.journal = Journal(self.out, fingerprint, overwrite=overwrite, replace=found is not None)
         self.journal.open()   # a read-only folder fails now, not at the first flush
         if found is None:
+            self.journal.finish()   # made again by the first flush: a refused first step leaves no journal
             return None
         if not found.in_journal:   # a closed recording: its rows go back into the journal as segment 0
             rows = RowJournal(self.journal, 0)
