@@ -124,6 +124,25 @@ def test_argparse_errors_exit_2(capsys):
     assert e.value.code == 2
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["select", "s.h5", "--score", "grand", "--out", "x.json"], "unrecognized arguments: --score grand"),
+    (["export", "s.h5", "--format", "csv", "--out", "x.csv", "--overwirte"],
+     "unrecognized arguments: --overwirte (did you mean --overwrite?)"),
+    (["run", "--checkpoints", "c", "--data", "d", "--out", "o.h5", "--batchsize=8"],
+     "unrecognized arguments: --batchsize=8 (did you mean --batch-size?)"),
+])
+def test_an_unknown_option_is_named_with_its_commands_usage(capsys, argv, says):
+    """An option the command does not have was refused with the top-level usage ("usage:
+    gradscore [-h] [--version] COMMAND ...") and "gradscore: error:", which names neither
+    the command nor its options; now the command's own usage and error line, with the
+    nearest option where one is near."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: gradscore {argv[0]} ") and f"gradscore {argv[0]}: error: {says}\n" in err, err
+
+
 def test_demo_fast_mode(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "2", "--n-train", "240",
                  "--quiet"]) == 0

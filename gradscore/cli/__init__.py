@@ -4,6 +4,7 @@ demos), the options several share in :mod:`.common`. Exit codes: 0 success, 2 ba
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import importlib
 import os
@@ -38,7 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in (run, sketch, reports, files, demos):
         group.add(sub)
+    parser.set_defaults(command_parsers=sub.choices)   # {command: its parser}, for refuse_unknown
     return parser
+
+
+def refuse_unknown(command: argparse.ArgumentParser, unknown: list[str]) -> None:
+    """Exit 2 with ``command``'s own usage and error line naming the arguments it does not
+    take, and the nearest of its options to each unknown one (a typo) where one is near."""
+    options = {o.lstrip("-"): o for action in command._actions for o in action.option_strings if o.startswith("--")}
+    near = [options[m[0]] for arg in unknown if arg.startswith("--")
+            for m in [difflib.get_close_matches(arg.split("=")[0].lstrip("-"), options, n=1, cutoff=0.75)] if m]
+    hint = f" (did you mean {', '.join(dict.fromkeys(near))}?)" if near else ""
+    command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,7 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser = build_parser()
     except KeyboardInterrupt:
         return interrupted(argv[0] if argv and not argv[0].startswith("-") else None)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:   # argparse would answer with the top-level usage, naming neither the command nor its options
+        refuse_unknown(args.command_parsers[args.command], unknown)
     return run_and_report(args.command, args.func, args)
 
 
