@@ -143,6 +143,22 @@ def test_an_unknown_option_is_named_with_its_commands_usage(capsys, argv, says):
     assert err.startswith(f"usage: gradscore {argv[0]} ") and f"gradscore {argv[0]}: error: {says}\n" in err, err
 
 
+@pytest.mark.parametrize("argv, near", [
+    (["select", "{s}", "--by", "grnad", "--out", "{o}.json"], "grand"),
+    (["flag", "{s}", "--score", "el2m", "--out", "{o}.json"], "el2n"),
+    (["plot", "{s}", "--kind", "hist", "--scores", "los,grand", "--out", "{o}.png"], "loss"),
+])
+def test_a_misspelled_score_is_answered_with_the_nearest_the_file_has(tiny_run, tmp_path, capsys, argv, near):
+    """A typo in a score's name was answered with "rerun `gradscore run --scores grnad`",
+    which fails in turn (no such score); now with the nearest of the file's scores."""
+    ckpts, data = tiny_run
+    scores = tmp_path / "scores.h5"
+    assert main(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(scores), "--quiet"]) == 0
+    capsys.readouterr()
+    err = _fails(capsys, [a.format(s=scores, o=tmp_path / "out") for a in argv], f"; did you mean {near}\\?$")
+    assert "rerun" not in err and "(it has: el2n, grand, loss)" in err, err
+
+
 def test_demo_fast_mode(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "2", "--n-train", "240",
                  "--quiet"]) == 0

@@ -101,7 +101,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     from ..io.outputs import claim
     from ..reports.plots import data_map, score_histograms, statistics_over
     from ..io.store import load_scores
-    from ..scores.registry import how_to_add
+    from ..scores.registry import how_to_add, missing_scores_fix
     if Path(args.out).suffix.lower() not in (".png", ".svg"):
         raise GradscoreError(f"{args.out}: --out must end in .png or .svg")
     kind = args.kind or ("hist" if args.only else "datamap")   # --scores alone: the histograms
@@ -113,7 +113,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         names = split(args.only) if args.only else sorted(s)
         unknown = [k for k in names if k not in s]
         if unknown:
-            raise GradscoreError(f"--scores: {', '.join(unknown)} not in {args.scores} (it has: {', '.join(sorted(s))})")
+            raise GradscoreError(f"--scores: {', '.join(unknown)} not in {args.scores} (it has: {', '.join(sorted(s))}); "
+                                 f"{missing_scores_fix(res['config'], unknown, s)}")
         n, T = len(res["ids"]), len(res["checkpoints"].get("step", ()))   # the checkpoints the file's rows hold
         span = "recorded in training" if res["config"].get("inrun") else f"over {T} checkpoint{'s' * (T != 1)}"
         score_histograms({k: s[k] for k in names}, res["noisy"], args.out,

@@ -32,7 +32,7 @@ from ..io.outputs import claim
 from ..io.checkpoints import checkpoint_files, read_info
 from ..io.store import checkpoint_rows, inrun_blocks, load_scores
 from ..losses import builtin_output
-from ..scores.registry import how_to_add
+from ..scores.registry import how_to_add, missing_scores_fix
 
 #: +1: higher = more suspicious as stored; -1: lower is (the sign flag applies)
 ORIENTATION = {"mislabel": 1, "aum": -1, "el2n": 1, "loss": 1, "grand": 1, "forgetting": 1, "confidence": -1,
@@ -234,7 +234,7 @@ def flag(scores: str | Path, *, score: str | None = None, data: str | Path | Non
     if name is None or name not in res["scores"]:
         raise ConfigError(f"invalid value for 'score': {scores} has no {name or ' or '.join(DEFAULT_SCORES)} score "
                           f"(it has: {', '.join(sorted(res['scores']))}); "
-                          f"{how_to_add(res['config'], [name or 'aum'])}")
+                          f"{missing_scores_fix(res['config'], [name or 'aum'], res['scores'])}")
     if name not in ORIENTATION:
         raise ConfigError(f"invalid value for 'score': '{name}' is not a mislabel score; choose from "
                           f"{', '.join(s for s in ORIENTATION if s in res['scores'])}")

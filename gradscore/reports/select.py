@@ -24,7 +24,7 @@ from ..exceptions import ConfigError, DataError, GradscoreError
 from ..io.datasets import scored_labels
 from ..io.outputs import MARK, claim
 from ..io.store import checkpoint_rows, load_scores
-from ..scores.registry import how_to_add
+from ..scores.registry import missing_scores_fix
 
 
 def _weights_path(out: Path) -> Path:
@@ -45,7 +45,7 @@ def _fraction(name: str, value: float, allow_zero: bool = False) -> float:
 def _score(res: dict[str, Any], name: str) -> np.ndarray:
     if name not in res["scores"]:
         raise GradscoreError(f"score '{name}' is not in the scores file (it has: "
-                             f"{', '.join(sorted(res['scores']))}); {how_to_add(res['config'], [name])}")
+                             f"{', '.join(sorted(res['scores']))}); {missing_scores_fix(res['config'], [name], res['scores'])}")
     return res["scores"][name]
 
 

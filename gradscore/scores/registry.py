@@ -6,12 +6,18 @@ returns the scores it can make from the metrics present and leaves the rest out.
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Mapping
 
 import numpy as np
 
+from ..config import AVAILABLE_SCORES
 from . import datadiet, dynamics, inrun, mislabel, pds
+
+#: every score a writer of a scores file makes: a name outside it is a typo, not a score to compute
+KNOWN_SCORES = frozenset(AVAILABLE_SCORES) | set(inrun.NEEDS) | {f"{d}_{v}" for d in pds.DOT_SCORES
+                                                                 for v in pds.VARIANTS}
 
 
 @dataclass(frozen=True)
@@ -95,3 +101,11 @@ def how_to_add(config: Mapping[str, Any], names: Collection[str]) -> str:
         said.append(f"{', '.join(rest)} {'comes' if len(rest) == 1 else 'come'} from saved checkpoints: "
                     f"`gradscore run --scores {','.join(rest)}`")
     return "; ".join(said)
+
+
+def missing_scores_fix(config: Mapping[str, Any], names: Collection[str], present: Collection[str]) -> str:
+    """What to do about the scores ``names`` a file lacks: where one is no score at all
+    but near one of the file's ``present`` (a typo), that one; else :func:`how_to_add`."""
+    near = [m[0] for n in names if n not in KNOWN_SCORES
+            for m in [difflib.get_close_matches(n, sorted(present), n=1, cutoff=0.75)] if m]
+    return f"did you mean {', '.join(near)}?" if near else how_to_add(config, names)
