@@ -22,6 +22,7 @@ A loss maps ``(output (B, ...), target (B, ...)) -> (B,)`` per-example losses. B
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import LM_REDUCTIONS
-from .exceptions import ConfigError, EngineError
+from .exceptions import ConfigError, EngineError, GradscoreWarning
 from .imports import import_ref
 
 PerExampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -43,7 +44,8 @@ class Loss:
     ``weights_sq(target) -> (B,)``: Σ_t w_bt² over the output rows t (positions) whose
     per-row loss ℓ_b weighs by w_bt (a classifier's one row: 1; a mean over n_b tokens:
     1/n_b), which bounds the rounding of ∂ℓ_b/∂output, or one float for every example;
-    None where unknown.
+    None where unknown. ``per_example``: an example's loss is a function of its own output
+    row alone (the built-ins); a user's loss is checked for that (:func:`reads_the_batch`).
     """
 
     name: str
@@ -51,6 +53,7 @@ class Loss:
     output: str  # "logits", "log_probs", "regression" or "tokens" (language modelling)
     weights_sq: Callable[[torch.Tensor], torch.Tensor | float] | None = None
     softmax_rows: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor] | None] | None = None
+    per_example: bool = False
 
     @property
     def is_classification(self) -> bool:
@@ -170,7 +173,7 @@ def _token_loss(name: str, reduction: str, shift: int) -> Loss:
         labels[:, :y.shape[1] - shift] = predicted.masked_fill(predicted == IGNORE_INDEX, -1)
         n = (labels >= 0).sum(1).clamp(min=1).double()
         return labels, (torch.ones_like(n) if reduction == "sum" else 1 / n)
-    return Loss(name if reduction == "mean" else f"{name}_sum", fn, "tokens", weights_sq, softmax_rows)
+    return Loss(name if reduction == "mean" else f"{name}_sum", fn, "tokens", weights_sq, softmax_rows, per_example=True)
 
 
 def _one_row(y: torch.Tensor) -> float:
@@ -179,9 +182,9 @@ def _one_row(y: torch.Tensor) -> float:
 
 
 _BUILTIN = {
-    "cross_entropy": Loss("cross_entropy", _cross_entropy, "logits", _one_row),
-    "nll": Loss("nll", _nll, "log_probs", _one_row),
-    "mse": Loss("mse", _mse, "regression"),
+    "cross_entropy": Loss("cross_entropy", _cross_entropy, "logits", _one_row, per_example=True),
+    "nll": Loss("nll", _nll, "log_probs", _one_row, per_example=True),
+    "mse": Loss("mse", _mse, "regression", per_example=True),
     "causal_lm": causal_lm("mean"),
     "causal_lm_sum": causal_lm("sum"),
     "masked_lm": masked_lm("mean"),
@@ -221,6 +224,79 @@ def check_head(model: torch.nn.Module, loss: Loss) -> None:
                "(model(input_ids=…, labels=…)) and" if seq2seq else ";")
         raise ConfigError(f"invalid value for 'loss': '{loss.name}' does not score what {cls} predicts (at each "
                           f"position, {shift}){how} use loss '{wants}{loss.name[len(family):]}'")
+
+
+#: rows of a batch on which a user's loss is compared with the same rows alone
+CHECKED_ROWS = 8
+#: relative tolerance of that comparison, by dtype: a loss per example differs by rounding alone
+_ROWS_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+def reads_the_batch(loss: Loss, out: object, y: object) -> str | None:
+    """What differs where a user's loss gives one of the first :data:`CHECKED_ROWS` examples
+    of a batch another value, or another gradient by its output row, than it gives the
+    example alone (a softmax, mean or normalization over the batch's dimension); None where
+    they agree, and for a built-in loss, a batch of one row, an output or target that is
+    not a tensor, a loss that does not return (B,), or one that fails on a row alone (the
+    per-example loop then fails too, and says why)."""
+    if (loss.per_example or not isinstance(out, torch.Tensor) or not isinstance(y, torch.Tensor)
+            or not out.is_floating_point() or out.dim() == 0 or len(out) < 2 or len(y) != len(out)):
+        return None
+    n, rtol = min(len(out), CHECKED_ROWS), _ROWS_RTOL.get(out.dtype, 1e-2)
+    try:
+        with torch.enable_grad():
+            z = out.detach().requires_grad_()
+            batch = loss.fn(z, y)
+            if not isinstance(batch, torch.Tensor) or batch.shape != (len(out),):
+                return None
+            (g_batch,) = torch.autograd.grad(batch.sum(), z, allow_unused=True)
+            alone, g_alone = [], []
+            for b in range(n):
+                zb = out[b:b + 1].detach().requires_grad_()
+                lb = loss.fn(zb, y[b:b + 1]).reshape(1)
+                alone.append(lb.detach())
+                g_alone.append(torch.autograd.grad(lb.sum(), zb, allow_unused=True)[0])
+    except Exception:  # noqa: BLE001 - not this check's to report
+        return None
+    values, alone = batch.detach()[:n].double(), torch.cat(alone).double()
+    tol = rtol * float(values.abs().max() + alone.abs().max()) + 1e-30
+    if (values - alone).abs().max() > tol:
+        return "the loss of a row in its batch is not its loss alone"
+    zero = torch.zeros_like(z[:1])
+    g_batch = (torch.zeros_like(z) if g_batch is None else g_batch)[:n].double()
+    g_alone = torch.cat([zero if g is None else g for g in g_alone]).double()
+    tol = rtol * float(g_batch.abs().max() + g_alone.abs().max()) + 1e-30
+    if (g_batch - g_alone).abs().max() > tol:
+        return "the gradient of a row's loss in its batch is not its gradient alone"
+    return None
+
+
+class BatchLosses:
+    """A loss's (B,) values from a batch's output (B, ...): on the whole batch, or row by
+    row where a user's loss reads the other rows of its batch (:func:`reads_the_batch`,
+    checked on the first batch of two or more rows, with a warning), as the per-example
+    loop takes it."""
+
+    def __init__(self, loss: Loss) -> None:
+        self.loss = loss
+        self.alone: bool | None = None   # taken row by row; None: not checked yet
+
+    def check(self, out: torch.Tensor, y: torch.Tensor) -> None:
+        """Decide on this batch (if not yet, and it has two or more rows)."""
+        if self.alone is None and isinstance(out, torch.Tensor) and out.dim() and len(out) > 1:
+            why = reads_the_batch(self.loss, out, y)
+            self.alone = why is not None
+            if why is not None:
+                warnings.warn(f"the loss '{self.loss.name}' for an example depends on the other examples of its "
+                              f"batch ({why}; a softmax, mean or normalization over dimension 0?); every example's "
+                              f"loss is taken alone, as the per-example loop takes it: fix the loss if the batch "
+                              f"was not meant", GradscoreWarning, stacklevel=4)
+
+    def __call__(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.check(out, y)
+        if self.alone:
+            return torch.cat([self.loss.fn(out[b:b + 1], y[b:b + 1]).reshape(1) for b in range(len(out))])
+        return self.loss.fn(out, y)
 
 
 def builtin_output(name: str) -> str | None:

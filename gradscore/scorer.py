@@ -162,7 +162,7 @@ class Scorer:
                   "those, model.train(); model.eval())")
         try:
             with torch.enable_grad(), torch_workarounds():
-                loss = self.loss.fn(call_model(self.model, first), y_first).sum()
+                loss = self.engine.losses(call_model(self.model, first), y_first).sum()
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
         except RuntimeError as e:
             if "backward through the graph a second time" in str(e):

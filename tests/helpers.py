@@ -1104,6 +1104,14 @@ class PatchTokens(nn.Module):
         return self.head(self.ln(h.flatten(2).transpose(1, 2) + self.pos).mean(1))
 
 
+#: users' losses (out (B, C), y (B,)) -> (B,) whose value for an example reads the other rows of its batch
+BATCH_LOSSES = {
+    "log_softmax over dim 0": lambda z, y: -torch.log_softmax(z, 0).gather(1, y[:, None])[:, 0],   # a common slip
+    "minus the batch mean": lambda z, y: (lambda l: l - l.mean())(F.cross_entropy(z, y, reduction="none")),
+    "batch-normalized logits": lambda z, y: F.cross_entropy(z - z.mean(0).detach(), y, reduction="none"),
+}
+
+
 def batch_forward_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(B, P) each example's gradient of its cross-entropy, from the whole batch's forward
     and a backward of its loss alone (for a model whose examples do not interact), in

@@ -6,10 +6,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import gradscore as gs
-from helpers import (ChannelsLastNorm, EvalStateInPlace, PatchTokens, batch_forward_gradients,
+from helpers import (BATCH_LOSSES, ChannelsLastNorm, EvalStateInPlace, PatchTokens, batch_forward_gradients,
                      channels_last_equals_contiguous, python_child)
 from gradscore.engines import Engine, engine_class
 from gradscore.engines.base import _ENGINES
@@ -123,6 +124,40 @@ def test_custom_and_mse_losses_match_loop():
         a = gs.Scorer(model, loss=loss, engine="vmap").score_batch(x, y)
         b = gs.Scorer(model, loss=loss, engine="loop").score_batch(x, y)
         torch.testing.assert_close(a.sq_norm, b.sq_norm, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("engine", ["auto", "ghost", "vmap", "loop"])
+@pytest.mark.parametrize("name", [*BATCH_LOSSES, "per example"])
+def test_a_loss_that_reads_the_batch_is_taken_per_example_by_every_engine(engine, name):
+    """A user's loss whose value for an example reads the other rows of its batch
+    (log_softmax over dim 0 instead of the classes) was taken on the whole batch by ghost
+    and by every forward-only score, and on each example alone by vmap and the loop: the
+    engines gave other losses and norms (ghost's losses 3.26 against the loop's 1.45),
+    silently. Every engine now takes each example's loss alone, as the loop does, and the
+    engines that see the batch say so in a warning; a loss that is per example runs as
+    before, without one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double().eval()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    fn = BATCH_LOSSES.get(name, lambda z, y: F.cross_entropy(z, y, reduction="none"))
+    params = list(model.parameters())
+    losses = [fn(model(x[b:b + 1]), y[b:b + 1])[0] for b in range(6)]
+    want = torch.stack([sum((g ** 2).sum() for g in torch.autograd.grad(l, params, allow_unused=True)
+                            if g is not None) for l in losses])
+    scorer = gs.Scorer(model, loss=fn, engine=engine)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = scorer.score_batch(x, y)
+        alone = scorer.score_batch(x, y, gradients=False)
+    said = [str(w.message) for w in caught if issubclass(w.category, gs.GradscoreWarning)]
+    torch.testing.assert_close(got.loss, torch.stack(losses).detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(alone.loss, torch.stack(losses).detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got.sq_norm, want, rtol=1e-10, atol=1e-20)
+    if name == "per example":
+        assert not said, said
+    else:
+        assert len(said) <= 1 and all("depends on the other examples of its batch" in s for s in said), said
+        assert said or engine in ("vmap", "loop"), said
 
 
 @pytest.mark.parametrize("engine", ["auto", "vmap", "loop"])

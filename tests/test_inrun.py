@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscore as gs
-from helpers import (CellLoop, ChannelsLastNorm, EvalStateInPlace, ExpertsNet, FreeNet, MyStdConv2d, NormActCNN,
-                     PatchTokens, RelativeBias, Reversed, Windows, check_inrun_against_loop, inrun_reference)
+from helpers import (BATCH_LOSSES, CellLoop, ChannelsLastNorm, EvalStateInPlace, ExpertsNet, FreeNet, MyStdConv2d,
+                     NormActCNN, PatchTokens, RelativeBias, Reversed, Windows, check_inrun_against_loop, inrun_reference)
 from gradscore.demos.models import digits_cnn, mlp, recurrent_classifier
 from gradscore.engines.rules.registry import FactoredRef
 from gradscore.scores import inrun as inrun_scores
@@ -279,6 +279,28 @@ def test_a_loss_that_reaches_the_model_other_than_through_its_output_is_refused(
                 loss = loss + 0.3 * F.cross_entropy(model.aux_out, y[:8])
             loss.backward()
     assert model.a.weight.grad is not None   # the step's own backward ran to the end
+
+
+@pytest.mark.parametrize("name", ["log_softmax over dim 0", "batch-normalized logits", "per example"])
+def test_a_loss_that_reads_the_batch_is_refused_in_training(tmp_path, name):
+    """A user's loss whose value for an example reads the other rows of its batch, given to
+    the recorder and trained with: the output gradient of each example was the batch's, so
+    every share check passed and the records were of no per-example loss (the loop at θ_t
+    gives others). Refused with the cause on the first step; a per-example loss of the
+    user's own is recorded."""
+    torch.manual_seed(0)
+    model, (x, y) = mlp(d_in=10, hidden=8, n_classes=4, depth=1).double(), _data()
+    fn = BATCH_LOSSES.get(name, lambda z, t: F.cross_entropy(z, t, reduction="none"))
+    rec = gs.InRun(model, loss=fn, out=tmp_path / "r.h5")
+    with contextlib.ExitStack() as refused:
+        if name != "per example":
+            refused.enter_context(pytest.raises(gs.ConfigError, match=r"loss for an example depends on the other "
+                                                                    r"examples of its batch \(the (loss|gradient) of a row"))
+        with rec.step(torch.arange(8), y[:8], lr=0.1):
+            fn(model(x[:8]), y[:8]).mean().backward()
+    if name == "per example":
+        rec.close()
+        assert len(gs.load_scores(tmp_path / "r.h5")["ids"]) == 8
 
 
 @pytest.mark.parametrize("router_loss", [True, False])

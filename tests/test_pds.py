@@ -150,6 +150,36 @@ def test_hvp_equals_formed_hessian():
     torch.testing.assert_close(torch.cat([hv[n].reshape(-1) for n in names]), H @ v, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("batch_size", [3, 10])
+def test_the_costates_objective_takes_a_loss_that_reads_the_batch_per_example(batch_size):
+    """A user's loss that reads the other rows of its batch (weighed by the batch's losses):
+    the co-states' Σ_n ℓ_n and its Hessian-vector product were of the loss on each chunk of
+    batch_size examples, so they changed with batch_size and were not the per-example
+    losses the scores take. Now each example's loss alone, whatever the chunks."""
+    from gradscore.scores.costate import _Objective
+    from gradscore.losses import resolve_loss
+    torch.manual_seed(0)
+    model = mlp(d_in=3, hidden=4, n_classes=3, depth=1).double().eval()
+    x, y = torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 3, (10,))
+    ds = gs.load_dataset.__globals__["TorchDataset"](list(zip(x, y)))
+
+    def centred(z, t):
+        ce = torch.nn.functional.cross_entropy(z, t, reduction="none")
+        return ce + ce * ce / ce.sum()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    v = {n: torch.randn_like(p) for n, p in params.items()}
+    total = lambda p: sum(centred(functional_call(model, p, (x[b:b + 1],)), y[b:b + 1])[0] for b in range(10))
+    want_g = torch.func.grad(total)(params)
+    want_hv = torch.func.jvp(torch.func.grad(total), (params,), (v,))[1]
+    with pytest.warns(gs.GradscoreWarning, match="depends on the other examples of its batch"):
+        objective = _Objective(model, resolve_loss(centred), ds, batch_size, 1.0)
+        got_g = objective.gradient(params)
+    got_hv = objective.hvp(params, v)
+    for n in params:
+        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got_hv[n], want_hv[n], rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
 def test_hvp_of_hugging_face_experts_on_their_fused_matmuls_is_the_eager_experts(impl):
     """Hugging Face's grouped matmul of a mixture's experts (Mixtral's default) has no

@@ -11,7 +11,7 @@ from torch import nn
 from ..batch import Inputs, batch_len, call_model
 from ..exceptions import EngineError
 from ..kernels import acc_dtype
-from ..losses import Loss
+from ..losses import BatchLosses, Loss
 from .rules.registry import kernel_dropout
 
 #: Per-parameter reference blocks: refs[i] has shape (K, *param_i.shape).
@@ -82,6 +82,8 @@ class Engine(ABC):
         self.loss = loss
         self.param_names = list(param_names)
         self.chunk_bytes = int(chunk_bytes)
+        #: (B,) losses from a batch's output: row by row where a user's loss reads the batch
+        self.losses = BatchLosses(loss)
 
     def score_batch(self, x: Inputs, y: torch.Tensor, refs: RefBlocks | None) -> ScoreBatch:
         """Per-example loss (B,), sq_norm (B,), dots (B, K) or None, logits.
@@ -117,4 +119,4 @@ class Engine(ABC):
         """Forward pass only: per-example loss and logits, no gradients."""
         with torch.no_grad():
             out = call_model(self.model, x)
-            return ScoreBatch(loss=self.loss.fn(out, y), sq_norm=None, dots=None, logits=out)
+            return ScoreBatch(loss=self.losses(out, y), sq_norm=None, dots=None, logits=out)

@@ -693,7 +693,7 @@ class GhostEngine(Engine):
         with self._hooks(state, probes, B), torch_workarounds():
             with torch.enable_grad():
                 out = call_model(self.model, x)
-                losses = self.loss.fn(out, y)
+                losses = self.losses(out, y)
             self.note_output(losses)
             if losses.shape != (B,):
                 raise EngineError(f"the loss returned shape {tuple(losses.shape)}; it must return one "

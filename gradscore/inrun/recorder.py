@@ -83,7 +83,7 @@ from ..io.journal import Journal, difference
 from ..io.outputs import claim, lock
 from ..kernels.dispatch import numba_on_cpu
 from ..kernels.reference import acc_dtype
-from ..losses import CLASS_INDEX_DTYPES, IGNORE_INDEX, Loss, PerExampleLoss, check_head, resolve_loss
+from ..losses import CLASS_INDEX_DTYPES, IGNORE_INDEX, Loss, PerExampleLoss, check_head, reads_the_batch, resolve_loss
 from ..scores import inrun as inrun_scores
 from ..scores.datadiet import classification_metrics
 from .store import RowJournal, find_recording, joined, last_step, recorded_rows, row_files, write
@@ -490,6 +490,7 @@ class InRun:
         self._warned_groups = False
         self._warned_stray: set[str] = set()   # trainable parameters the optimizer does not hold, named once
         self._busy = False   # the recorder's own forwards are running: its hooks stand aside
+        self._loss_checked = False   # whether a user's loss reads the batch (_Step._check_loss)
 
     def _older(self, overwrite: bool, resume: bool) -> "InRun | None":
         """An earlier recorder of ``out`` in this process that has not written it: refused,
@@ -1369,6 +1370,7 @@ class _Step:
                 return
             z = z.to(grad.dtype)    # an upcast copy: the values the loss read, exactly
         try:
+            self._check_loss(z)
             self.terms = _LossTerms.of(self.rec.loss, z, grad, self.y.to(z.device))
         except GradscoreError as e:   # raised by __exit__, outside autograd's engine
             self.error = e
@@ -1377,6 +1379,20 @@ class _Step:
                                      f"the model's output and these targets ({cause(e)}); give y as the step's "
                                      f"own loss takes it (shape {tuple(self.y.shape)}, {self.y.dtype} here)")
         self.output = None
+
+    def _check_loss(self, z: torch.Tensor) -> None:
+        """On the first step of two or more examples: ConfigError where the recorder's loss
+        for an example reads the other rows of its batch (:func:`reads_the_batch`)."""
+        rec = self.rec
+        if rec._loss_checked or rec.loss.per_example or len(z) < 2:
+            return
+        rec._loss_checked = True
+        why = reads_the_batch(rec.loss, z, self.y.to(z.device))
+        if why is not None:
+            raise ConfigError(f"the '{rec.loss.name}' loss for an example depends on the other examples of its batch "
+                              f"({why}; a softmax, mean or normalization over dimension 0?); in-run scoring records "
+                              f"each example's share of a sum of per-example losses: pass loss= a loss of each "
+                              f"example's own output row")
 
     def __exit__(self, exc_type, exc, tb) -> None:
         for h in self.handles:

@@ -53,14 +53,14 @@ from tqdm.auto import tqdm
 
 from ..io.atomic import atomic_h5
 from ..io.checkpoints import CheckpointStore, not_plain_steps
-from ..batch import Inputs, call_functional, move
+from ..batch import Inputs, call_functional, call_model, move
 from ..engines.rules.experts import like_experts
 from ..engines.workarounds import torch_workarounds
 from ..config import DEVICES, DTYPES, LM_REDUCTIONS, absolute_paths, resolve_device
 from ..io.datasets import Dataset, check_targets, load_dataset, probe_model
 from ..exceptions import (CheckpointError, ConfigError, DataError, EngineError, GradscoreError, GradscoreWarning,
                           OutputError)
-from ..losses import Loss, resolve_loss
+from ..losses import BatchLosses, Loss, resolve_loss
 from ..io.outputs import claim, lock
 from ..io.journal import Journal, read_fingerprint
 from ..io.attrs import attributes, verify, write_attrs
@@ -147,20 +147,27 @@ class _CompositeWeightNorm(TorchFunctionMode):
 
 
 class _Objective:
-    """Σ_b w·ℓ_b over chunks of a dataset, as a function of the scored parameters."""
+    """Σ_b w·ℓ_b over chunks of a dataset, as a function of the scored parameters; each
+    ℓ_b alone where a user's loss reads the other rows of its batch (:class:`BatchLosses`,
+    decided on the first chunk, outside the function transforms)."""
 
     def __init__(self, model: torch.nn.Module, loss: Loss, ds: Dataset, batch_size: int, weight: float) -> None:
         self.model, self.loss, self.ds, self.batch, self.weight = model, loss, ds, batch_size, weight
         self.like = next(model.parameters())   # device and dtype of the inputs
         self.fixed = dict(model.named_buffers())
+        self.losses = BatchLosses(loss)
 
     def _chunks(self):
         for _, x, y in self.ds.chunks(self.batch):
-            yield move(x, self.like), y.to(self.like.device)
+            x, y = move(x, self.like), y.to(self.like.device)
+            if self.losses.alone is None and not self.loss.per_example:
+                with torch.no_grad(), torch_workarounds():
+                    self.losses.check(call_model(self.model, x), y)
+            yield x, y
 
     def _f(self, params: Params, x: Inputs, y: torch.Tensor) -> torch.Tensor:
         out = call_functional(self.model, (params, self.fixed), x)
-        return self.loss.fn(out, y).sum() * self.weight
+        return self.losses(out, y).sum() * self.weight
 
     def _accumulate(self, fn: Callable[[torch.Tensor, torch.Tensor], Params]) -> Params:
         total: Params | None = None
