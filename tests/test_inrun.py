@@ -2241,6 +2241,53 @@ def test_the_adapters_of_a_task_a_later_step_trains_first_under_checkpointing(tm
     assert not rec.engine.fallback and all(v.startswith("ghost") for v in rec.engine.explain().values())
 
 
+class _SharedMask(nn.Module):
+    """Self-attention under a mask its caller gives as a keyword, shared by the batch: (T, T)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.att, self.out = nn.Linear(5, 8), nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.inp(x)
+        return self.out((h + self.att(h, h, h, attn_mask=mask, need_weights=False)[0])[:, 0])
+
+
+@pytest.mark.parametrize("B, T", [(4, 6), (6, 4), (4, 4)])
+def test_a_mask_the_batch_shares_given_as_a_keyword(tmp_path, B, T):
+    """``model(x=x, mask=causal)``, the (T, T) mask shared by the batch: where T != B every
+    record equals the loop's with the mask; where T == B the recorder takes the mask's rows
+    for the examples', and its runs of the model fail: refused, and the refusal now says
+    that this may be why and what to do (it named only the layers and torch's error)."""
+    torch.manual_seed(0)
+    model, x, y = _SharedMask().double(), torch.randn(3 * B, T, 5, dtype=torch.float64), torch.randint(0, 3, (3 * B,))
+    mask = torch.triu(torch.full((T, T), -1e9, dtype=torch.float64), 1)
+    opt, snaps = torch.optim.SGD(model.parameters(), lr=0.1), []
+    rec = gs.InRun(model, out=tmp_path / "r.h5")
+    with contextlib.ExitStack() as refused:
+        if T == B:
+            refused.enter_context(pytest.raises(gs.EngineError, match=r"If the keyword 'mask' \(4, 4\) is one tensor "
+                                                                    r"the whole batch shares"))
+        for t in range(3):
+            idx = torch.arange(t * B, t * B + B)
+            snaps.append(({k: v.clone() for k, v in model.state_dict().items()}, idx))
+            with rec.step(idx, y[idx], lr=0.1, step=t):
+                F.cross_entropy(model(x=x[idx], mask=mask), y[idx]).backward()
+            opt.step()
+            opt.zero_grad()
+    if T == B:
+        return
+    rec.close()
+    from gradscore.io.store import load_inrun_rows
+    rows = load_inrun_rows(tmp_path / "r.h5")
+    for t, (snap, idx) in enumerate(snaps):
+        m = copy.deepcopy(model)
+        m.load_state_dict(snap)
+        want = [sum((g ** 2).sum() for g in torch.autograd.grad(
+            F.cross_entropy(m(x=x[b:b + 1], mask=mask), y[b:b + 1]), list(m.parameters()))) for b in idx]
+        np.testing.assert_allclose(rows["sq_norm"][rows["step"] == t], torch.stack(want).detach(), rtol=1e-9)
+
+
 def test_a_task_given_as_a_keyword_reaches_the_recorders_runs_of_the_model(tmp_path):
     """The step's keywords that are not tensors (``model(x=x, task=1)``) go with the batch to
     the recorder's own runs of the model: left out before, those ran the default task, whose

@@ -1308,7 +1308,17 @@ class _Step:
         if rec.engine.coupled:
             raise EngineError("the model's output for an example depends on the rest of its batch; in-run "
                               "scoring cannot give it a gradient of its own")
-        rec._refuse_fallback()
+        try:
+            rec._refuse_fallback()
+        except EngineError as e:
+            square = [f"'{k}' {tuple(v.shape)}" for k, v in (x.items() if isinstance(x, dict) else ())
+                      if isinstance(v, torch.Tensor) and v.shape == (self.B, self.B)]
+            if not square:
+                raise
+            raise EngineError(f"{e}. If the keyword {' or '.join(square)} is one tensor the whole batch shares (a "
+                              f"(T, T) attention mask, with T == B here), the recorder took its rows for the "
+                              f"examples': make it inside the model's forward, or keep it on the model, rather than "
+                              f"pass it as a keyword") from None
         rec._laid_out = True
 
     def _post(self, module, args, output):
