@@ -437,7 +437,7 @@ def test_mlp_norms_never_materialize_per_example_gradients(monkeypatch):
 
 def test_loss_must_be_per_example():
     model = nn.Linear(3, 2).eval()
-    with pytest.raises(gs.EngineError, match="one loss per example"):
+    with pytest.raises(gs.EngineError, match=r"one loss per example, shape \(4,\): reduction='none'"):
         gs.Scorer(model, loss=lambda out, y: nn.functional.cross_entropy(out, y),
                   engine="ghost").score_batch(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
 

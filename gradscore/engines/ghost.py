@@ -697,7 +697,8 @@ class GhostEngine(Engine):
             self.note_output(losses)
             if losses.shape != (B,):
                 raise EngineError(f"the loss returned shape {tuple(losses.shape)}; it must return one "
-                                  f"loss per example, shape ({B},)")
+                                  f"loss per example, shape ({B},): reduction='none', each example's other "
+                                  f"terms summed (or averaged) over its own dimensions")
             replan = self._moved_to_fallback()
             if probes and not replan:
                 with sharing(state.grams):
