@@ -230,6 +230,8 @@ def check_head(model: torch.nn.Module, loss: Loss) -> None:
 CHECKED_ROWS = 8
 #: relative tolerance of that comparison, by dtype: a loss per example differs by rounding alone
 _ROWS_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+#: largest output whose gradient the comparison forms (a language model's (B, T, V) logits: values only)
+_ROWS_GRAD_ELEMENTS = 2**22
 
 
 def reads_the_batch(loss: Loss, out: object, y: object) -> str | None:
@@ -238,30 +240,34 @@ def reads_the_batch(loss: Loss, out: object, y: object) -> str | None:
     example alone (a softmax, mean or normalization over the batch's dimension); None where
     they agree, and for a built-in loss, a batch of one row, an output or target that is
     not a tensor, a loss that does not return (B,), or one that fails on a row alone (the
-    per-example loop then fails too, and says why)."""
+    per-example loop then fails too, and says why). Gradients are compared for outputs of up
+    to :data:`_ROWS_GRAD_ELEMENTS` elements."""
     if (loss.per_example or not isinstance(out, torch.Tensor) or not isinstance(y, torch.Tensor)
             or not out.is_floating_point() or out.dim() == 0 or len(out) < 2 or len(y) != len(out)):
         return None
     n, rtol = min(len(out), CHECKED_ROWS), _ROWS_RTOL.get(out.dtype, 1e-2)
+    grads = out.numel() <= _ROWS_GRAD_ELEMENTS
     try:
         with torch.enable_grad():
-            z = out.detach().requires_grad_()
+            z = out.detach().requires_grad_(grads)
             batch = loss.fn(z, y)
             if not isinstance(batch, torch.Tensor) or batch.shape != (len(out),):
                 return None
-            (g_batch,) = torch.autograd.grad(batch.sum(), z, allow_unused=True)
+            g_batch = torch.autograd.grad(batch.sum(), z, allow_unused=True)[0] if grads else None
             alone, g_alone = [], []
             for b in range(n):
-                zb = out[b:b + 1].detach().requires_grad_()
+                zb = out[b:b + 1].detach().requires_grad_(grads)
                 lb = loss.fn(zb, y[b:b + 1]).reshape(1)
                 alone.append(lb.detach())
-                g_alone.append(torch.autograd.grad(lb.sum(), zb, allow_unused=True)[0])
+                g_alone.append(torch.autograd.grad(lb.sum(), zb, allow_unused=True)[0] if grads else None)
     except Exception:  # noqa: BLE001 - not this check's to report
         return None
     values, alone = batch.detach()[:n].double(), torch.cat(alone).double()
     tol = rtol * float(values.abs().max() + alone.abs().max()) + 1e-30
     if (values - alone).abs().max() > tol:
         return "the loss of a row in its batch is not its loss alone"
+    if not grads:
+        return None
     zero = torch.zeros_like(z[:1])
     g_batch = (torch.zeros_like(z) if g_batch is None else g_batch)[:n].double()
     g_alone = torch.cat([zero if g is None else g for g in g_alone]).double()

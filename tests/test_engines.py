@@ -160,6 +160,19 @@ def test_a_loss_that_reads_the_batch_is_taken_per_example_by_every_engine(engine
         assert said or engine in ("vmap", "loop"), said
 
 
+def test_above_its_size_an_outputs_gradient_is_not_formed_to_check_the_loss(monkeypatch):
+    """The check of a user's loss forms its output's gradient (B, ...) only up to a size (a
+    language model's (B, T, V) logits: the values alone); the built-ins are not checked."""
+    from gradscore import losses
+    z, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    check = {n: losses.resolve_loss(fn) for n, fn in BATCH_LOSSES.items()}
+    assert all(losses.reads_the_batch(loss, z, y) for loss in check.values())
+    assert losses.reads_the_batch(losses.resolve_loss("cross_entropy"), z, y) is None
+    monkeypatch.setattr(losses, "_ROWS_GRAD_ELEMENTS", z.numel() - 1)
+    assert losses.reads_the_batch(check["gradient by the batch"], z, y) is None   # its values are cross_entropy's
+    assert all(losses.reads_the_batch(loss, z, y) for n, loss in check.items() if n != "gradient by the batch")
+
+
 @pytest.mark.parametrize("engine", ["auto", "vmap", "loop"])
 def test_mse_of_one_output_per_example_against_a_target_vector(engine):
     """A regressor's output (B, 1) against targets (B,), the usual layout of y: the loss of

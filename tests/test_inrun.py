@@ -281,7 +281,7 @@ def test_a_loss_that_reaches_the_model_other_than_through_its_output_is_refused(
     assert model.a.weight.grad is not None   # the step's own backward ran to the end
 
 
-@pytest.mark.parametrize("name", ["log_softmax over dim 0", "batch-normalized logits", "per example"])
+@pytest.mark.parametrize("name", [*BATCH_LOSSES, "per example"])
 def test_a_loss_that_reads_the_batch_is_refused_in_training(tmp_path, name):
     """A user's loss whose value for an example reads the other rows of its batch, given to
     the recorder and trained with: the output gradient of each example was the batch's, so
