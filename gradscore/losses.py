@@ -173,7 +173,8 @@ def _token_loss(name: str, reduction: str, shift: int) -> Loss:
         labels[:, :y.shape[1] - shift] = predicted.masked_fill(predicted == IGNORE_INDEX, -1)
         n = (labels >= 0).sum(1).clamp(min=1).double()
         return labels, (torch.ones_like(n) if reduction == "sum" else 1 / n)
-    return Loss(name if reduction == "mean" else f"{name}_sum", fn, "tokens", weights_sq, softmax_rows, per_example=True)
+    return Loss(name if reduction == "mean" else f"{name}_sum", fn, "tokens", weights_sq, softmax_rows,
+                per_example=True)
 
 
 def _one_row(y: torch.Tensor) -> float:
@@ -235,7 +236,7 @@ _ROWS_GRAD_ELEMENTS = 2**22
 
 
 def reads_the_batch(loss: Loss, out: object, y: object) -> str | None:
-    """What differs where a user's loss gives one of the first :data:`CHECKED_ROWS` examples
+    """Why, where a user's loss gives one of the first :data:`CHECKED_ROWS` examples
     of a batch another value, or another gradient by its output row, than it gives the
     example alone (a softmax, mean or normalization over the batch's dimension); None where
     they agree, and for a built-in loss, a batch of one row, an output or target that is
@@ -265,7 +266,7 @@ def reads_the_batch(loss: Loss, out: object, y: object) -> str | None:
     values, alone = batch.detach()[:n].double(), torch.cat(alone).double()
     tol = rtol * float(values.abs().max() + alone.abs().max()) + 1e-30
     if (values - alone).abs().max() > tol:
-        return "the loss of a row in its batch is not its loss alone"
+        return _reads_the_batch(loss, "the loss of a row in its batch is not its loss alone")
     if not grads:
         return None
     zero = torch.zeros_like(z[:1])
@@ -273,8 +274,14 @@ def reads_the_batch(loss: Loss, out: object, y: object) -> str | None:
     g_alone = torch.cat([zero if g is None else g for g in g_alone]).double()
     tol = rtol * float(g_batch.abs().max() + g_alone.abs().max()) + 1e-30
     if (g_batch - g_alone).abs().max() > tol:
-        return "the gradient of a row's loss in its batch is not its gradient alone"
+        return _reads_the_batch(loss, "the gradient of a row's loss in its batch is not its gradient alone")
     return None
+
+
+def _reads_the_batch(loss: Loss, what: str) -> str:
+    """The cause, for a warning or a refusal: ``what`` differs, and the likely slip."""
+    return (f"the '{loss.name}' loss for an example depends on the other examples of its batch ({what}; a softmax, "
+            f"mean or normalization over dimension 0?)")
 
 
 class BatchLosses:
@@ -293,10 +300,8 @@ class BatchLosses:
             why = reads_the_batch(self.loss, out, y)
             self.alone = why is not None
             if why is not None:
-                warnings.warn(f"the loss '{self.loss.name}' for an example depends on the other examples of its "
-                              f"batch ({why}; a softmax, mean or normalization over dimension 0?); every example's "
-                              f"loss is taken alone, as the per-example loop takes it: fix the loss if the batch "
-                              f"was not meant", GradscoreWarning, stacklevel=4)
+                warnings.warn(f"{why}; every example's loss is taken alone, as the per-example loop takes it: fix "
+                              f"the loss if the batch was not meant", GradscoreWarning, stacklevel=4)
 
     def __call__(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.check(out, y)

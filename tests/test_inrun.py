@@ -17,7 +17,8 @@ from torch import nn
 
 import gradscore as gs
 from helpers import (BATCH_LOSSES, CellLoop, ChannelsLastNorm, EvalStateInPlace, ExpertsNet, FreeNet, MyStdConv2d,
-                     NormActCNN, PatchTokens, RelativeBias, Reversed, Windows, check_inrun_against_loop, inrun_reference)
+                     NormActCNN, PatchTokens, RelativeBias, Reversed, Windows, check_inrun_against_loop,
+                     inrun_reference)
 from gradscore.demos.models import digits_cnn, mlp, recurrent_classifier
 from gradscore.engines.rules.registry import FactoredRef
 from gradscore.scores import inrun as inrun_scores
@@ -295,7 +296,8 @@ def test_a_loss_that_reads_the_batch_is_refused_in_training(tmp_path, name):
     with contextlib.ExitStack() as refused:
         if name != "per example":
             refused.enter_context(pytest.raises(gs.ConfigError, match=r"loss for an example depends on the other "
-                                                                    r"examples of its batch \(the (loss|gradient) of a row"))
+                                                                    r"examples of its batch \(the (loss|gradient) "
+                                                                    r"of a row"))
         with rec.step(torch.arange(8), y[:8], lr=0.1):
             fn(model(x[:8]), y[:8]).mean().backward()
     if name == "per example":

@@ -113,8 +113,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         names = split(args.only) if args.only else sorted(s)
         unknown = [k for k in names if k not in s]
         if unknown:
-            raise GradscoreError(f"--scores: {', '.join(unknown)} not in {args.scores} (it has: {', '.join(sorted(s))}); "
-                                 f"{missing_scores_fix(res['config'], unknown, s)}")
+            raise GradscoreError(f"--scores: {', '.join(unknown)} not in {args.scores} (it has: "
+                                 f"{', '.join(sorted(s))}); {missing_scores_fix(res['config'], unknown, s)}")
         n, T = len(res["ids"]), len(res["checkpoints"].get("step", ()))   # the checkpoints the file's rows hold
         span = "recorded in training" if res["config"].get("inrun") else f"over {T} checkpoint{'s' * (T != 1)}"
         score_histograms({k: s[k] for k in names}, res["noisy"], args.out,

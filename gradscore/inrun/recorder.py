@@ -1399,10 +1399,8 @@ class _Step:
         rec._loss_checked = True
         why = reads_the_batch(rec.loss, z, self.y.to(z.device))
         if why is not None:
-            raise ConfigError(f"the '{rec.loss.name}' loss for an example depends on the other examples of its batch "
-                              f"({why}; a softmax, mean or normalization over dimension 0?); in-run scoring records "
-                              f"each example's share of a sum of per-example losses: pass loss= a loss of each "
-                              f"example's own output row")
+            raise ConfigError(f"{why}; in-run scoring records each example's share of a sum of per-example "
+                              f"losses: pass loss= a loss of each example's own output row")
 
     def __exit__(self, exc_type, exc, tb) -> None:
         for h in self.handles:

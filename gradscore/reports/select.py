@@ -44,8 +44,8 @@ def _fraction(name: str, value: float, allow_zero: bool = False) -> float:
 
 def _score(res: dict[str, Any], name: str) -> np.ndarray:
     if name not in res["scores"]:
-        raise GradscoreError(f"score '{name}' is not in the scores file (it has: "
-                             f"{', '.join(sorted(res['scores']))}); {missing_scores_fix(res['config'], [name], res['scores'])}")
+        raise GradscoreError(f"score '{name}' is not in the scores file (it has: {', '.join(sorted(res['scores']))}); "
+                             f"{missing_scores_fix(res['config'], [name], res['scores'])}")
     return res["scores"][name]
 
 
