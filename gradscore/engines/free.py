@@ -499,21 +499,24 @@ class Views:
         else:   # changed in place by another tensor (``u.add_(x)``), or a new tensor
             self.pure.discard(id(out))
 
+    def _pure_operands(self, args: tuple, kwargs: dict) -> list[torch.Tensor] | None:
+        """An op's tensor operands where it has some and every one is :attr:`pure`, else None."""
+        operands = list(leaves((args, kwargs)))
+        return operands if operands and all(id(o) in self.pure for o in operands) else None
+
     def _stays_pure(self, args: tuple, kwargs: dict, out: torch.Tensor) -> bool:
         """Whether ``out`` is :attr:`pure`: its op's operands are (in place: out itself too), and
         it is no larger than the largest of them (``buf.new_zeros(B, d)`` or an expand may
         take the batch's size)."""
-        operands = list(leaves((args, kwargs)))
-        return (bool(operands) and all(id(o) in self.pure for o in operands)
-                and out.numel() <= max(o.numel() for o in operands))
+        operands = self._pure_operands(args, kwargs)
+        return operands is not None and out.numel() <= max(o.numel() for o in operands)
 
     def _of_parameters(self, func, args: tuple, kwargs: dict) -> bool:
         """Whether every tensor operand of ``func`` is a free parameter, a buffer of the model, or
         made by ops of these alone (:attr:`pure`), and the op is no expand: its result has no
         rows of the batch, whatever its shape (spectral norm's W / σ(W), 2 rows of W where the
         batch has 2 examples)."""
-        operands = list(leaves((args, kwargs)))
-        return _name(func) not in EXPAND and bool(operands) and all(id(o) in self.pure for o in operands)
+        return _name(func) not in EXPAND and self._pure_operands(args, kwargs) is not None
 
     def _over_batch(self, func, args: tuple, kwargs: dict, t: torch.Tensor, out) -> bool:
         """Whether ``func`` repeats t (k, ...) over the batch: ``t.repeat(B, 1, …, 1)`` or
