@@ -62,6 +62,8 @@ class Sizes:
 
     def __init__(self, dry_run: bool) -> None:
         self.device = "cpu" if dry_run else "cuda"
+        # the dry run collects one file of CUDA tests (they skip): the whole suite's collection takes 10 s
+        self.tests = "tests/test_cuda.py" if dry_run else "tests"
         # the first two: blocks of a small layer, where a call is its launch (CUDA_SMALL_BLOCK's rows);
         # the next two: 2 and 8 times CUDA_SMALL_BLOCK, where torch and the kernel may cross
         self.shapes = [(8, 1000)] if dry_run else [(256, 1024), (4096, 1024), (1024, 8192), (256, 1 << 17),
@@ -94,7 +96,7 @@ class Sizes:
 
 def step_tests(sizes: Sizes, budget: Budget) -> dict[str, Any]:
     """``pytest -m cuda``: its summary line and exit code (5: nothing collected)."""
-    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "tests"]
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", sizes.tests]
     try:
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(30.0, budget.left - 60))
     except subprocess.TimeoutExpired:
