@@ -417,12 +417,9 @@ def _check_finite(metrics: dict[str, np.ndarray], ds: Dataset, start: int, ckpt:
             bad |= ~np.isfinite(v).reshape(len(v), -1).all(1)
     if bad.any():
         where = np.flatnonzero(bad)
-        ids = ds.ids()[start + where[:5]]
         names = sorted(k for k, v in metrics.items() if v.dtype.kind == "f" and not np.isfinite(v[where]).all())
-        raise DataError(f"{ds.source}: {len(where)} example(s) (ids {', '.join(map(str, ids))}"
-                        f"{', …' if len(where) > 5 else ''}) give non-finite {', '.join(names)} at checkpoint "
-                        f"{ckpt}: NaN/Inf in their inputs, or a diverged checkpoint; fix them, or pass "
-                        f"--allow-nonfinite to keep going and record them in /nonfinite")
+        raise ds.nonfinite(start + where, ", ".join(names), ckpt,
+                           "fix them, or pass --allow-nonfinite to keep going and record them in /nonfinite")
 
 
 def _refs(costate: CostateFile | None, t: int, T: int) -> list[dict[str, torch.Tensor]] | None:

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -552,6 +553,37 @@ def test_nonfinite_inputs_stop_with_their_ids_or_are_recorded(tiny_run, tmp_path
     res = json.loads(sel.read_text())
     assert res["n_selected"] == 88 and res["nonfinite_ids"] == [int(ids[3]), int(ids[40])]
     assert not {3, 40} & set(res["indices"])
+
+
+@pytest.mark.parametrize("command", ["sketch", "attribute", "costate --proxy", "costate --target"])
+def test_nonfinite_inputs_stop_sketch_attribute_and_costate_with_their_ids(tiny_run, tmp_path, capsys, command):
+    """NaN in two examples: the query's attribution was NaN scores ranked as proponents, and
+    the co-states a 'diverged' warning blaming the learning rate, each with exit code 0."""
+    import h5py
+    import gradscore as gs
+    ckpts, data = tiny_run
+    with h5py.File(data) as f:
+        x, y, ids = f["inputs"][()], f["targets"][()], f["ids"][()]
+    x[[3, 40]] = np.nan
+    bad = gs.save_dataset(tmp_path / "nan.h5", x, y, ids=ids)
+    out = tmp_path / "out.h5"
+    if command == "sketch":
+        argv = ["sketch", "--checkpoints", str(ckpts), "--data", str(bad), "--dim", "64"]
+    elif command == "attribute":
+        sketch = tmp_path / "sketch.h5"
+        assert _run(["sketch", "--checkpoints", str(ckpts), "--data", str(data), "--dim", "64", "--out", str(sketch),
+                     "--quiet"], capsys)[0] == 0
+        argv = ["attribute", "--sketch", str(sketch), "--query", str(bad)]
+    else:
+        argv = ["costate", "--checkpoints", str(ckpts), "--proxy", str(data), "--target", str(data)]
+        argv[argv.index(command.split()[1]) + 1] = str(bad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gs.GradscoreWarning)   # the checkpoints' momentum
+        code, err = _run(argv + ["--out", str(out), "--quiet"], capsys)
+    lines = [line for line in err.splitlines() if "warning:" not in line]
+    assert code == 2 and len(lines) == 1 and str(bad) in lines[0] and f"{ids[3]}, {ids[40]}" in lines[0], err
+    assert "non-finite" in lines[0] and "learning rate" not in err, err
+    assert not out.exists() and not list(tmp_path.glob("out.h5.*")), list(tmp_path.iterdir())
 
 
 def test_float_and_one_hot_targets_are_refused_in_one_line(tiny_run, tmp_path, capsys):

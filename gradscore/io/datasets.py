@@ -89,6 +89,14 @@ class Dataset(ABC):
                 bar.update(len(y))
         return {"source": self.source, "n": len(self), "sha256": h.hexdigest()}
 
+    def nonfinite(self, rows: np.ndarray, what: str, ckpt: str | os.PathLike, fix: str) -> DataError:
+        """The DataError for the examples at positions ``rows`` whose ``what`` is NaN or
+        infinite at checkpoint ``ckpt``: their count, their first five ids, and ``fix``."""
+        ids = ", ".join(map(str, self.ids()[rows[:5]]))
+        return DataError(f"{self.source}: {len(rows)} example(s) (ids {ids}{', …' if len(rows) > 5 else ''}) give "
+                         f"non-finite {what} at checkpoint {ckpt}: NaN/Inf in their inputs, or a diverged "
+                         f"checkpoint; {fix}")
+
     def check_labels(self, start: int, targets: torch.Tensor, n_classes: int,
                      ignore_index: int | None = None) -> None:
         """Raise :class:`DataError` if integer targets fall outside ``[0, n_classes)``

@@ -177,6 +177,26 @@ class _Objective:
                 total = part if total is None else {k: total[k] + part[k] for k in total}
         return total
 
+    def check_finite(self, what: str, ckpt: Path) -> None:
+        """A DataError naming the examples whose loss is NaN or infinite at the model's
+        parameters (checkpoint ``ckpt``): one makes this set's ``what`` non-finite."""
+        rows = [np.zeros(0, dtype=np.int64)]
+        with torch.no_grad(), torch_workarounds():
+            for start, x, y in self.ds.chunks(self.batch):
+                losses = self.losses(call_model(self.model, move(x, self.like)), y.to(self.like.device))
+                rows.append(start + np.flatnonzero(~torch.isfinite(losses).cpu().numpy()))
+        bad = np.concatenate(rows)
+        if len(bad):
+            raise self.ds.nonfinite(bad, "losses", ckpt, f"fix or drop them: one such example makes the {what} of "
+                                                         f"the whole set non-finite")
+
+    def finite(self, v: Params, what: str, ckpt: Path) -> Params:
+        """``v``, this set's ``what`` at ``ckpt``, checked (:meth:`check_finite`) where it is
+        not finite; with finite losses, a co-state that overflows, which its warning names."""
+        if not all(bool(torch.isfinite(t).all()) for t in v.values()):
+            self.check_finite(what, ckpt)
+        return v
+
     def gradient(self, params: Params) -> Params:
         """∇_θ Σ_b w·ℓ_b."""
         return self._accumulate(lambda x, y: grad(self._f)(params, x, y))
@@ -301,8 +321,9 @@ def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite
     T = len(ckpts) - 1
     if not sketched:   # bad input fails before anything is written
         _check_fits(last, target, "target", ckpts[T].path, loss)
-    if proxy is not None:
+    if proxy is not None:   # its first Hessian product comes after the journal's first unit: its losses now
         _check_fits(last, proxy, "proxy", ckpts[T].path, loss)
+        _Objective(last, loss, proxy, config.batch_size, 1.0).check_finite("Hessian product", ckpts[T].path)
     journal = Journal(out, fingerprint, overwrite=overwrite, replace=replace, discard=replace)
     if journal.complete:
         return out
@@ -318,15 +339,19 @@ def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite
                 continue
             model = ckpts.build_model(t, dtype=dtype, device=device)
             params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-            g_target = (target.gradient(t, model, params) if sketched else
-                        _Objective(model, loss, target, config.batch_size, 1.0 / len(target)).gradient(params))
+            if sketched:
+                g_target = target.gradient(t, model, params)
+            else:
+                objective = _Objective(model, loss, target, config.batch_size, 1.0 / len(target))
+                g_target = objective.finite(objective.gradient(params), "target gradient", ckpts[t].path)
             if not config.costates:
                 lam = None
             elif t == T:
                 lam = g_target
             elif t >= 1:
                 v = {k: lam_next[k] for k in params}  # the tangent must mirror params' structure
-                h = _Objective(model, loss, proxy, config.batch_size, 1.0 / len(proxy)).hvp(params, v)
+                objective = _Objective(model, loss, proxy, config.batch_size, 1.0 / len(proxy))
+                h = objective.finite(objective.hvp(params, v), "Hessian product", ckpts[t].path)
                 lam = {k: g_target[k] + lam_next[k] - eta[t] * h[k] for k in params}
             else:
                 lam = None  # λ_0 is never used: only ∇J(θ_0), for target_dot

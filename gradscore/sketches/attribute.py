@@ -41,7 +41,7 @@ from ..io.datasets import check_targets, load_dataset, probe_model
 from ..io.outputs import claim
 from ..io.store import damage_named, put, write_ids
 from ..scorer import Scorer
-from .store import SketchFile, sketch_chunk
+from .store import SketchFile, check_finite, sketch_chunk
 
 MIN_ONE_MINUS_P = 1e-6
 
@@ -77,6 +77,7 @@ def sketch_queries(config: AttributeConfig, sf: SketchFile, ckpts: CheckpointSto
         projection = sf.projection(model, scorer.param_names, ckpts[t].path)
         check_targets(ds, scorer.loss, 0, y, probe_model(model, ds, x, ckpts[t].path, role="query"))
         chunk = sketch_chunk(scorer, projection, x, y, config.batch_size, "float32")
+        check_finite(chunk, ds, 0, ckpts[t].path, "float32")
         sketches[t], p_gold[t] = chunk["sketch"], chunk["p_gold"]
     return ds.ids(), sketches, p_gold
 

@@ -32,7 +32,7 @@ from ..batch import batch_len, take
 from ..config import SELF_INFLUENCE, SketchConfig, resolve_device
 from ..exceptions import CheckpointError, ConfigError, DataError, GradscoreWarning, OutputError
 from ..io.checkpoints import CheckpointStore, not_plain_steps
-from ..io.datasets import check_targets, load_dataset, probe_model
+from ..io.datasets import Dataset, check_targets, load_dataset, probe_model
 from ..io.outputs import claim, is_sketch_file, lock, output_path
 from ..io.attrs import json_attr, verify
 from ..io.store import HDF5ScoresWriter, damage_named, read_dataset
@@ -58,12 +58,14 @@ def sketch_chunk(scorer: Scorer, projection: Projection, x, y: torch.Tensor, bat
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def _check_finite(metrics: dict[str, np.ndarray], ids: np.ndarray, ckpt: Path) -> None:
+def check_finite(metrics: dict[str, np.ndarray], ds: Dataset, start: int, ckpt: Path, store_dtype: str) -> None:
+    """One DataError naming the examples of ``ds`` from ``start`` on whose loss or sketch
+    (in ``store_dtype``) is NaN or infinite at ``ckpt``."""
     bad = ~np.isfinite(metrics["sq_sketch"]) | ~np.isfinite(metrics["loss"])
     if bad.any():
-        raise DataError(f"{ckpt}: examples {', '.join(map(str, ids[bad][:5]))} have a non-finite loss or "
-                        f"gradient sketch (also out of float16's range, 65504, with --store-dtype float16); "
-                        f"check these inputs, or use --store-dtype float32")
+        fix = ("fix them, or use --store-dtype float32 (float16 holds values up to 65504)" if store_dtype == "float16"
+               else "fix them")
+        raise ds.nonfinite(start + np.flatnonzero(bad), "loss or gradient sketch", ckpt, fix)
 
 
 def run_sketch(config: SketchConfig, out: str | os.PathLike, *, overwrite: bool = False,
@@ -110,7 +112,7 @@ def _run(config: SketchConfig, out: Path, overwrite: bool, progress: bool) -> Pa
                 n_out = n_out or probe_model(model, ds, x, ckpts[t].path)
                 check_targets(ds, loss, a, y, n_out)
                 metrics = sketch_chunk(scorer, projection, x, y, config.batch_size, config.store_dtype)
-                _check_finite(metrics, ids[a:b], ckpts[t].path)
+                check_finite(metrics, ds, a, ckpts[t].path, config.store_dtype)
                 writer.write_chunk(t, c, metrics)
                 bar.update(b - a)
     lr = np.array([i.lr for i in ckpts], dtype=np.float64)
