@@ -64,6 +64,12 @@ def test_guid_order_may_differ_between_epochs(tmp_path):
     ('{"guid": "b", "logits_epoch_1": [0, 0, 2]}', r"dynamics_epoch_1\.jsonl:2: record has no 'gold'"),
     ('{"guid": "b", "logits_epoch_1": [0, 2], "gold": 1}', r"dynamics_epoch_1\.jsonl:2: 2 logits where earlier records have 3"),
     ('{"guid": "z", "logits_epoch_1": [0, 0, 2], "gold": 1}', r"dynamics_epoch_1\.jsonl:2: guid 'z' is not in"),
+    # a diverged epoch's logits: imported, they were NaN scores, and "never learned" forgetting
+    ('{"guid": "b", "logits_epoch_1": [NaN, 0, 2], "gold": 1}', r"dynamics_epoch_1\.jsonl: guid 'b' has logit nan, "
+                                                                 r"not finite .* and 0 more"),
+    ('{"guid": "b", "logits_epoch_1": [0, -Infinity, 2], "gold": 1}',
+     r"dynamics_epoch_1\.jsonl: guid 'b' has logit -inf, not finite"),
+    ('{"guid": "b", "logits_epoch_1": [0, "nan", 2], "gold": 1}', r"dynamics_epoch_1\.jsonl: guid 'b' has logit nan"),
 ])
 def test_malformed_lines_name_file_and_line(tmp_path, line, pattern):
     root = _write(tmp_path / "dyn")
@@ -74,6 +80,16 @@ def test_malformed_lines_name_file_and_line(tmp_path, line, pattern):
     with pytest.raises(gs.DataError, match=pattern):
         import_dynamics(root, tmp_path / "s.h5")
     assert not (tmp_path / "s.h5").exists() and not (tmp_path / "s.h5.partial").exists()
+
+
+def test_info_describes_an_imported_file(tmp_path, capsys):
+    """`gradscore info` on an imported file ended in a KeyError traceback (no checkpoints)."""
+    scores = import_dynamics(_write(tmp_path / "dyn"), tmp_path / "s.h5", progress=False)
+    assert main(["info", str(scores)]) == 0
+    out = capsys.readouterr().out
+    assert f"(gradscore {gs.__version__}), imported from {tmp_path / 'dyn'} (cartography)" in out, out
+    assert "3 examples, 3 epochs" in out, out
+    assert "scores/forgetting: mean 1.333, min 0, max 3" in out, out
 
 
 def test_missing_epoch_file(tmp_path, capsys):

@@ -139,7 +139,8 @@ def _import(directory: Path, files: list[tuple[float, Path]], out: str | Path, f
            else np.array([str(g) for g in guids], dtype=object))
     return store.finalize(ids=ids, extras={"checkpoints": {"epoch": np.array([e for e, _ in files])}},
                           aggregate=lambda pc: aggregate(pc, window),
-                          attrs={"config": {"imported_from": str(directory), "format": fmt}})
+                          attrs={"config": {"imported_from": str(directory), "format": fmt},
+                                 "gradscore_version": __version__})
 
 
 class _EpochReader:
@@ -177,7 +178,7 @@ class _EpochReader:
                     rows = []
             blocks.append(_as_array(path, rows).reshape(len(rows), self.n_classes or 0))
             self.gold = np.asarray(self.golds)
-            return np.concatenate(blocks)
+            return self._finite(path, np.concatenate(blocks))
         out = np.empty((len(self.index), self.n_classes), dtype=np.float64)
         seen = np.zeros(len(self.index), dtype=bool)
         for lineno, guid, gold, logits in _records(path, epoch, advance):
@@ -197,7 +198,19 @@ class _EpochReader:
         if not seen.all():
             missing = next(g for g, r in self.index.items() if not seen[r])
             raise DataError(f"{path}: {int((~seen).sum())} guid(s) of {self.first} are missing, e.g. {missing!r}")
-        return out
+        return self._finite(path, out)
+
+    def _finite(self, path: Path, logits: np.ndarray) -> np.ndarray:
+        """``logits`` (N, C) of ``path``; a DataError naming the first example with a NaN or
+        infinite logit (whose scores would be NaN, and its forgetting "never learned")."""
+        bad = np.flatnonzero(~np.isfinite(logits).all(1))
+        if len(bad):
+            guid = next(g for g, r in self.index.items() if r == bad[0])
+            value = logits[bad[0]][~np.isfinite(logits[bad[0]])][0]
+            raise DataError(f"{path}: guid {guid!r} has logit {value}, not finite (a diverged epoch?), and "
+                            f"{len(bad) - 1} more example(s): fix the records, or leave those examples out of "
+                            f"every epoch's file")
+        return logits
 
 
 def _as_array(path: Path, rows: list[list]) -> np.ndarray:

@@ -111,6 +111,10 @@ def _describe_scores(path: Path) -> str:
                      f"  {n:,} examples, {records:,} records over {steps} steps, target gradient "
                      f"at {with_target} of them (every {cfg['every']}; preconditioner "
                      f"{cfg['preconditioner']})"]
+        elif "imported_from" in cfg:   # gradscore import-dynamics: one row per epoch, no checkpoints
+            epochs = len(f["checkpoints/epoch"]) if "checkpoints/epoch" in f else 0
+            lines = [head + f", imported from {fp.get('import', cfg['imported_from'])} ({cfg['format']})",
+                     f"  {n:,} examples, {epochs} epochs"]
         else:
             lines = [head, f"  checkpoints {cfg['checkpoints']}, data {cfg['data']}, engine {cfg['engine']}",
                      f"  {n:,} examples{f' ({subset})' if subset else ''}, {T} of {total} checkpoints{window}"]
