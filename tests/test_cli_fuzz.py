@@ -47,6 +47,7 @@ def files(tmp_path_factory):
                  ["export", str(root / "scores.h5"), "--format", "td_metrics", "--out", str(root / "td.jsonl")]):
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             assert main(argv + (["--quiet"] if argv[0] != "export" else [])) == 0, argv
+    _other_scores_files(root, ckpts, data)
     (root / "torch").mkdir()
     torch.save(gs.CheckpointStore(ckpts).build_model(0).state_dict(), root / "torch" / "step_1.pt")
     np.save(root / "mask.npy", np.arange(40) % 7 == 0)
@@ -55,6 +56,59 @@ def files(tmp_path_factory):
     (root / "empty.h5").write_bytes(b"")
     (root / "folder").mkdir()
     return root
+
+
+def _other_scores_files(root, ckpts, data) -> None:
+    """The scores files no `run` writes: imported dynamics (and its jsonl folder), in-run,
+    and an aggregate of a window."""
+    x, y, ids = (gs.load_dataset(data).read(0, 40) + (gs.load_dataset(data).ids(),))
+    model = gs.CheckpointStore(ckpts).build_model(0)
+    (root / "dyn").mkdir()
+    for e in range(2):
+        with torch.no_grad():
+            logits = model(x).tolist()
+        (root / "dyn" / f"dynamics_epoch_{e}.jsonl").write_text(
+            "".join(json.dumps({"guid": int(i), "gold": int(t), f"logits_epoch_{e}": z}) + "\n"
+                    for i, t, z in zip(ids, y, logits)))
+    rec = gs.InRun(model, loss="cross_entropy", out=root / "inrun.h5", targets=(x[:4], y[:4]))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(3):
+        b = slice(step * 10, step * 10 + 10)
+        with rec.step(torch.from_numpy(ids[b]), y[b], lr=0.1):
+            torch.nn.functional.cross_entropy(model(x[b]), y[b]).backward()
+        opt.step()
+        opt.zero_grad()
+    rec.close()
+    for argv in (["import-dynamics", str(root / "dyn"), "--out", str(root / "imported.h5"), "--quiet"],
+                 ["aggregate", str(root / "scores.h5"), "--steps", "0:1", "--out", str(root / "window.h5")]):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            assert main(argv) == 0, argv
+
+
+#: the scores files of every kind, for every command that reads one
+SCORES_FILES = ("scores.h5", "pds.h5", "imported.h5", "inrun.h5", "window.h5")
+READERS = {"info": [], "diagnose": ["--out", "{out}/d"], "select --by": ["--by", "el2n", "--out", "{out}/s.json"],
+           "select --region": ["--region", "ambiguous", "--out", "{out}/s.json"],
+           "select --jtt": ["--jtt", "--out", "{out}/s.json"], "flag": ["--out", "{out}/f.json"],
+           "plot": ["--out", "{out}/p.png"], "plot --kind hist": ["--kind", "hist", "--out", "{out}/h.png"],
+           "export": ["--format", "csv", "--out", "{out}/e.csv"],
+           "aggregate": ["--steps", "0:1", "--out", "{out}/a.h5"]}
+
+
+@pytest.mark.parametrize("kind", SCORES_FILES)
+def test_every_command_that_reads_a_scores_file_takes_each_kind(files, tmp_path, capsys, kind):
+    """Each reader on each kind of scores file: exit 0, or 2 with one line saying why
+    (`info` on an imported file raised KeyError 'checkpoints'). `info` always describes it."""
+    before = _digests(files)
+    for i, (command, options) in enumerate(READERS.items()):   # each its own folder: no output exists
+        argv = [command.split()[0], str(files / kind), *(o.format(out=tmp_path / str(i)) for o in options)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            code = main(argv + (["--quiet"] if command == "export" else []))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 0 or (code == 2 and len(err) == 1 and "error: " in err[0]), (argv, code, err)
+        assert command != "info" or code == 0, err
+    assert _digests(files) == before
 
 
 def _value(action, rng, paths, outs):
