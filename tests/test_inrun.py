@@ -305,6 +305,33 @@ def test_a_loss_that_reads_the_batch_is_refused_in_training(tmp_path, name):
         assert len(gs.load_scores(tmp_path / "r.h5")["ids"]) == 8
 
 
+@pytest.mark.parametrize("where", ["first batch", "second batch"])
+def test_a_target_example_whose_loss_is_nan_is_refused_with_its_position(tmp_path, where):
+    """A NaN in the target batch made the target gradient, so every dot and every
+    example's inrun_value, NaN, with no warning. Refused at the first target step with the
+    positions (over the target batches in order); a model that diverged (its parameters
+    NaN) is not the targets' fault: its records say so, as before."""
+    torch.manual_seed(0)
+    model, (x, y) = mlp(d_in=10, hidden=8, n_classes=4, depth=1).double(), _data()
+    xt = x[30:40].clone()
+    xt[[2, 7] if where == "first batch" else [7]] = float("nan")
+    targets = (xt, y[30:40]) if where == "first batch" else iter([(xt[:5], y[30:35]), (xt[5:], y[35:40])])
+    rec = gs.InRun(model, loss="cross_entropy", out=tmp_path / "r.h5", targets=targets)
+    said = r"positions 2, 7 \(of 10\)" if where == "first batch" else r"position 7 \(of 10\)"
+    with pytest.raises(gs.DataError, match=rf"invalid value for 'targets': target example\(s\) at {said} give a "
+                                           rf"non-finite loss at step 0"):
+        with rec.step(torch.arange(8), y[:8], lr=0.1):
+            F.cross_entropy(model(x[:8]), y[:8]).backward()
+    rec = gs.InRun(model, loss="cross_entropy", out=tmp_path / "d.h5", targets=(x[30:40], y[30:40]))
+    for step in range(2):
+        if step == 1:   # diverged: recorded, and named in the warnings
+            torch.nn.init.constant_(next(model.parameters()), float("nan"))
+        with rec.step(torch.arange(8 * step, 8 * step + 8), y[:8], lr=0.1):
+            F.cross_entropy(model(x[:8]), y[:8]).backward()
+    with pytest.warns(gs.GradscoreWarning, match="8 of 16 records have a non-finite loss"):
+        rec.close()
+
+
 @pytest.mark.parametrize("router_loss", [True, False])
 def test_a_mixture_of_experts_router_loss_is_refused(tmp_path, router_loss):
     """A Hugging Face Mixtral fine-tuned whole: with output_router_logits=True its loss adds

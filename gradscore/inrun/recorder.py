@@ -76,7 +76,7 @@ from ..engines.free import UNPLANNED
 from ..engines.ghost import UNREPEATED, GhostEngine, probe
 from ..engines.workarounds import torch_workarounds, wrong_in_torch
 from ..engines.rules.registry import FactoredRef
-from ..exceptions import (ConfigError, ConfigMismatchError, EngineError, GradscoreError, GradscoreWarning,
+from ..exceptions import (ConfigError, ConfigMismatchError, DataError, EngineError, GradscoreError, GradscoreWarning,
                           OutputError, cause, model_fix)
 from ..distributed import current_ranks
 from ..io.journal import Journal, difference
@@ -815,8 +815,32 @@ class InRun:
                       for n in names]
         sq = sum(float(torch.linalg.vector_norm(b).double() ** 2) for b in blocks.values())
         norm = (sq + sum(r.sq_norm() for r in refs if isinstance(r, FactoredRef))) ** 0.5
+        if not math.isfinite(norm):
+            self._check_target_losses(step)
         self._refs = (step, refs, norm)
         return refs, norm
+
+    def _check_target_losses(self, step: int) -> None:
+        """Where ∇J is NaN/Inf at finite parameters: a DataError naming the target examples
+        whose loss is (one makes every dot, so every inrun_value, NaN). A model that diverged
+        is not its targets' fault: its records are non-finite, and named as such."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.params.values()):
+            return
+        like, rows, start = next(iter(self.params.values())), [], 0
+        with _aside(self.model), torch.no_grad(), torch_workarounds():
+            for x, y in self.targets:
+                self._busy = True
+                try:
+                    losses = self.loss.fn(call_model(self.network, move(x, like)), y.to(like.device))
+                finally:
+                    self._busy = False
+                rows += (start + torch.nonzero(~torch.isfinite(losses.reshape(len(y), -1)).all(1))[:, 0]).tolist()
+                start += len(y)
+        if rows:
+            where = f"position{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows[:5]))}{', …' * (len(rows) > 5)}"
+            raise DataError(f"invalid value for 'targets': target example(s) at {where} (of {start}) give a "
+                            f"non-finite loss at step {step} (NaN/Inf in their inputs?); fix or drop them: one makes "
+                            f"the target gradient, and so every inrun_value, NaN")
 
     @contextlib.contextmanager
     def _capture_linear(self, captured: dict[str, _TargetFactors]) -> Iterator[torch.Tensor]:
