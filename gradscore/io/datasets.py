@@ -372,13 +372,30 @@ def probe_model(model: torch.nn.Module, ds: Dataset, x: Inputs, ckpt: str | Path
     """
     x = take(x, 0)
     field = "input_ids" if isinstance(x, Mapping) else "inputs"
+    like = next(model.parameters())
     try:
         with torch.no_grad():
-            out = call_model(model, move(x, next(model.parameters())))
+            out = call_model(model, move(x, like))
     except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        said = f"{e}"
+        if _fits_as_floats(model, x, like):   # images stored as uint8: torch names only the two dtypes
+            said = (f"its inputs are integers, the model's parameters {str(like.dtype).removeprefix('torch.')}: "
+                    f"store them as float32, scaled as in training ({e})")
         raise DataError(f"{ds.source}: {role + ' ' if role else ''}field '{field}' (per-example "
-                        f"{describe(x)}) does not fit the model of {ckpt}: {e}") from e
+                        f"{describe(x)}) does not fit the model of {ckpt}: {said}") from e
     return int(out.shape[-1])
+
+
+def _fits_as_floats(model: torch.nn.Module, x: Inputs, like: torch.Tensor) -> bool:
+    """Whether integer inputs ``x`` that ``model`` refused run as ``like``'s float dtype."""
+    if not (isinstance(x, torch.Tensor) and not x.is_floating_point() and like.is_floating_point()):
+        return False
+    try:
+        with torch.no_grad():
+            call_model(model, move(x.to(like.dtype), like))
+    except Exception:  # noqa: BLE001 - they do not: torch's own error is the message
+        return False
+    return True
 
 
 def check_targets(ds: Dataset, loss: Loss, start: int, targets: torch.Tensor, n_out: int) -> None:
