@@ -526,14 +526,21 @@ def test_a_failure_before_any_work_leaves_no_journal_and_a_changed_setting_is_na
     assert _run(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(out), "--quiet"], capsys)[0] == 0
 
 
-def test_nonfinite_inputs_stop_with_their_ids_or_are_recorded(tiny_run, tmp_path, capsys):
+@pytest.fixture
+def nan_data(tiny_run, tmp_path):
+    """The tiny run's data with NaN inputs at positions 3 and 40: (its file, the ids)."""
     import h5py
     import gradscore as gs
-    ckpts, data = tiny_run
-    with h5py.File(data) as f:
+    with h5py.File(tiny_run[1]) as f:
         x, y, ids = f["inputs"][()], f["targets"][()], f["ids"][()]
     x[[3, 40]] = np.nan
-    bad = gs.save_dataset(tmp_path / "nan.h5", x, y, ids=ids)
+    return gs.save_dataset(tmp_path / "nan.h5", x, y, ids=ids), ids
+
+
+def test_nonfinite_inputs_stop_with_their_ids_or_are_recorded(tiny_run, nan_data, tmp_path, capsys):
+    import h5py
+    ckpts, _ = tiny_run
+    bad, ids = nan_data
     out = tmp_path / "s.h5"
     argv = ["run", "--checkpoints", str(ckpts), "--data", str(bad), "--out", str(out), "--quiet"]
     code, err = _run(argv, capsys)
@@ -556,16 +563,13 @@ def test_nonfinite_inputs_stop_with_their_ids_or_are_recorded(tiny_run, tmp_path
 
 
 @pytest.mark.parametrize("command", ["sketch", "attribute", "costate --proxy", "costate --target"])
-def test_nonfinite_inputs_stop_sketch_attribute_and_costate_with_their_ids(tiny_run, tmp_path, capsys, command):
+def test_nonfinite_inputs_stop_sketch_attribute_and_costate_with_their_ids(tiny_run, nan_data, tmp_path, capsys,
+                                                                          command):
     """NaN in two examples: the query's attribution was NaN scores ranked as proponents, and
     the co-states a 'diverged' warning blaming the learning rate, each with exit code 0."""
-    import h5py
     import gradscore as gs
     ckpts, data = tiny_run
-    with h5py.File(data) as f:
-        x, y, ids = f["inputs"][()], f["targets"][()], f["ids"][()]
-    x[[3, 40]] = np.nan
-    bad = gs.save_dataset(tmp_path / "nan.h5", x, y, ids=ids)
+    bad, ids = nan_data
     out = tmp_path / "out.h5"
     if command == "sketch":
         argv = ["sketch", "--checkpoints", str(ckpts), "--data", str(bad), "--dim", "64"]
