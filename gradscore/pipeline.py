@@ -422,6 +422,16 @@ def _check_finite(metrics: dict[str, np.ndarray], ds: Dataset, start: int, ckpt:
                            "fix them, or pass --allow-nonfinite to keep going and record them in /nonfinite")
 
 
+def _check_refs(refs: list[dict[str, torch.Tensor]], costate: CostateFile, ckpt: Path) -> None:
+    """A DataError where a vector ``costate`` holds for checkpoint ``ckpt`` is NaN/Inf (a
+    co-state that overflowed going backwards): every example's dot with it would be too."""
+    for name, ref in zip(("∇J(θ_t)", "λ_t+1"), refs):
+        if not all(bool(torch.isfinite(v).all()) for v in ref.values()):
+            raise DataError(f"{costate.path}: {name} of checkpoint {ckpt.name} is not finite (its warnings say why: "
+                            f"gradscore info {costate.path}), so every example's dot with it would be NaN; leave "
+                            f"the scores that read it out, or pass --allow-nonfinite to record them")
+
+
 def _refs(costate: CostateFile | None, t: int, T: int) -> list[dict[str, torch.Tensor]] | None:
     """(∇J(θ_t), λ_{t+1}) for checkpoint t; λ_{T+1} does not exist: zeros at the last one.
     (∇J(θ_t),) alone from a file without co-states."""
@@ -475,6 +485,8 @@ def _score_chunks(plan: _Plan, writer: HDF5ScoresWriter, costate: CostateFile | 
             scorer = Scorer(model, loss=resolve_loss(ckpts.loss, config.lm_reduction),
                             engine=config.engine, chunk_bytes=config.chunk_bytes, params=config.params or None)
             refs = _refs(costate, k, len(ckpts))
+            if refs is not None and not config.allow_nonfinite:
+                _check_refs(refs, costate, ckpts[k].path)
             blocks = scorer.ref_blocks(refs) if refs is not None else None
             n_classes = None
             for c, (a, b, x, y) in zip(chunks, _prefetched(ds, [writer.chunk_range(c) for c in chunks])):

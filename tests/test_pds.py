@@ -417,6 +417,35 @@ def test_a_diverging_costate_warns_in_the_file_the_cli_and_diagnose(tmp_path, ca
     assert report["warnings"] and report["decomposition_max_rel_error"] < 1e-6
 
 
+def test_a_costate_that_overflowed_stops_run_with_its_cause(tmp_path, capsys):
+    """η so large that λ_t overflows to Inf/NaN going backwards: `costate` warns; `run`
+    then stopped with every example's pds non-finite, blaming "NaN/Inf in their inputs, or
+    a diverged checkpoint". It names the co-state file and the checkpoint instead, and
+    --allow-nonfinite still records the NaN values."""
+    import h5py
+    from helpers import make_run
+    from gradscore.cli import main
+    ckpts, data = make_run(tmp_path, n_ckpts=4)
+    for p in ckpts.glob("step_*.h5"):
+        with h5py.File(p, "a") as f:
+            f.attrs["lr"] = 1e30
+            seal(f)   # written so, not damaged
+    costate = tmp_path / "c.h5"
+    assert main(["costate", "--checkpoints", str(ckpts), "--proxy", str(data), "--target", str(data),
+                 "--out", str(costate), "--quiet"]) == 0
+    assert "the co-state diverged to NaN/Inf going backwards" in capsys.readouterr().err
+    out = tmp_path / "s.h5"
+    argv = ["run", "--checkpoints", str(ckpts), "--data", str(data), "--target", str(data), "--costate", str(costate),
+            "--out", str(out), "--scores", "pds,grand", "--quiet"]
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if ": warning: " not in line]
+    assert len(err) == 1 and f"{costate}: λ_t+1 of checkpoint step_0000000" in err[0], err
+    assert "is not finite" in err[0] and "their inputs" not in err[0] and "--allow-nonfinite" in err[0], err
+    assert not out.exists()
+    assert main(argv + ["--allow-nonfinite"]) == 0
+    assert not np.isfinite(gs.load_scores(out)["scores"]["pds"]).all()
+
+
 def test_target_dot_over_checkpoints_of_momentum_warns_without_pds(tmp_path):
     """target_dot weighs ⟨∇J(θ_t), g_n⟩ by η_t as for plain gradient steps, with or without
     the co-states: checkpoints of SGD with momentum say so in a target_dot-only run too."""
