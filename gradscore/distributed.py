@@ -22,11 +22,11 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
-from .exceptions import ConfigError
+from .exceptions import ConfigError, OutputError
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,23 @@ def current_ranks() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def raise_everywhere(error: Exception | None, value: Any = None) -> Any:
+    """Raise on every rank where any rank has an ``error``: a rank its own, the others an
+    OutputError with the first failed rank's message; else return rank 0's ``value`` on every
+    rank. A collective (every rank calls it; no rank passes it before all have come)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        said = [None] * dist.get_world_size()
+        dist.all_gather_object(said, (None if error is None else str(error), value))
+        first = next(((rank, message) for rank, (message, _) in enumerate(said) if message is not None), None)
+        if first is not None and error is None:
+            raise OutputError(f"rank {first[0]}: {first[1]}")
+        value = said[0][1]
+    if error is not None:
+        raise error
+    return value
 
 
 def env_ranks() -> Ranks | None:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ._version import __version__
 from .batch import Inputs, batch_len, take
 from .config import CLASS_SCORES, TARGET_SCORES, RunConfig, parse_range, resolve_device
-from .distributed import Ranks, process_group
+from .distributed import Ranks, process_group, raise_everywhere
 from .exceptions import ConfigError, ConfigMismatchError, DataError, GradscoreError
 from .io.checkpoints import CheckpointStore
 from .io.datasets import Dataset, check_targets, load_dataset, probe_model, subset
@@ -178,13 +178,16 @@ def _run(config: RunConfig, out: Path, overwrite: bool, progress: bool, ranks: R
     plan = _plan(config, out, overwrite, progress)             # 1. inputs checked, output claimed
     costate = _costate(plan, ranks, progress, overwrite)       # 2. co-states (rank 0 computes)
     writer = _open_writer(plan, costate, ranks, overwrite)     # 3. a new, resumed or finished journal
+    failed = None
     if not writer.complete:                                    # 4. score (or reuse) every missing chunk
         reusable = ReusableRows(out, plan.rows["key"])
         try:
             _score_chunks(plan, writer, costate, reusable, ranks.share(writer.n_chunks), progress and ranks.main)
+        except GradscoreError as e:   # bad data in one rank's range: every rank stops, in one line
+            failed = e
         finally:
             reusable.close()
-    ranks.barrier()
+    raise_everywhere(failed)
     if not ranks.main:
         ranks.barrier()  # rank 0 assembles the file meanwhile
         return writer.out
@@ -248,6 +251,7 @@ def _costate(plan: _Plan, ranks: Ranks, progress: bool, overwrite: bool) -> Cost
     config = plan.config
     if not config.needs_target:
         return None
+    failed = None
     if ranks.main:
         try:
             with (beside_checkpoints(config.checkpoints, "--costate FILE") if config.costate is None
@@ -258,12 +262,12 @@ def _costate(plan: _Plan, ranks: Ranks, progress: bool, overwrite: bool) -> Cost
                     lr_scale_steps=config.lr_scale_steps, lm_reduction=config.lm_reduction, costates=plan.costates),
                     plan.costate_path, replace=overwrite, progress=progress)
         except ConfigMismatchError as e:   # the co-state file's own fix, in run's options
-            if e.differ is None:
-                raise
-            raise ConfigMismatchError(f"{plan.costate_path}: was computed with other settings ({e.differ}); "
-                                      f"pass --overwrite to recompute it, or --costate FILE to keep it and write "
-                                      f"these to FILE") from None
-    ranks.barrier()
+            failed = e if e.differ is None else ConfigMismatchError(
+                f"{plan.costate_path}: was computed with other settings ({e.differ}); pass --overwrite to recompute "
+                f"it, or --costate FILE to keep it and write these to FILE")
+        except GradscoreError as e:   # the other ranks wait for the file: every rank stops, in one line
+            failed = e
+    raise_everywhere(failed)
     costate = CostateFile(plan.costate_path)
     plan.fingerprint["costate"] = json.loads(costate.fingerprint)
     return costate

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
 from gradscore.cli import main
 from helpers import make_run
@@ -99,6 +100,32 @@ def test_two_ranks_equal_one_process_and_a_killed_rank_resumes(tmp_path):
     again = subprocess.run(_torchrun(killed), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     _assert_identical(tmp_path / "one_loop.h5", tmp_path / "killed.h5")
+
+
+@pytest.mark.parametrize("where", ["--data", "--target"])
+def test_bad_data_on_one_rank_stops_every_rank_in_one_line(tmp_path, where):
+    """A NaN example in rank 1's range of --data (or in --target, whose co-state file rank 0
+    computes): the rank with it said so in one line, and the other died in the barrier
+    with a raw traceback of torch's connection error. Now each rank prints one line (the
+    other's names the failed rank) and exits 2."""
+    import gradscore as gs
+    ckpts, data = make_run(tmp_path, n=90, n_ckpts=2)
+    with h5py.File(data) as f:
+        x, y, ids = f["inputs"][()], f["targets"][()], f["ids"][()]
+    x[70] = np.nan   # chunk 4 of 6: rank 1's
+    bad = gs.save_dataset(tmp_path / "nan.h5", x, y, ids=ids)
+    args = ["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(tmp_path / "s.h5"),
+            "--chunk-size", "16", "--quiet"]
+    if where == "--data":
+        args[args.index("--data") + 1] = str(bad)
+    else:
+        args += ["--target", str(bad), "--scores", "target_dot"]
+    done = subprocess.run(_torchrun(args), capture_output=True, text=True, timeout=300)
+    said = [line for line in done.stderr.splitlines() if line.startswith("gradscore run: error: ")]
+    # torchrun ends the other rank once one exits, which may be before it prints its line
+    assert done.returncode != 0 and 1 <= len(said) <= 2, done.stderr[-3000:]
+    assert all(f"ids {ids[70]})" in line for line in said), said
+    assert "]: Traceback" not in done.stderr and "exitcode  : 2" in done.stderr, done.stderr[-3000:]
 
 
 def test_distributed_flag_needs_torchrun(tiny_run, tmp_path, capsys, monkeypatch):

@@ -78,7 +78,7 @@ from ..engines.workarounds import torch_workarounds, wrong_in_torch
 from ..engines.rules.registry import FactoredRef
 from ..exceptions import (ConfigError, ConfigMismatchError, DataError, EngineError, GradscoreError, GradscoreWarning,
                           OutputError, cause, model_fix)
-from ..distributed import current_ranks
+from ..distributed import current_ranks, raise_everywhere
 from ..io.journal import Journal, difference
 from ..io.outputs import claim, lock
 from ..kernels.dispatch import numba_on_cpu
@@ -305,23 +305,6 @@ def _target_grads(J: torch.Tensor, wanted: list[torch.Tensor]) -> tuple:
         raise EngineError(f"the target gradient, taken in eval mode, failed ({cause(e)}); {fix}") from e
 
 
-def _raise_everywhere(error: Exception | None, value: Any = None) -> Any:
-    """Raise on every rank where any rank has an ``error``: a rank its own, the others an
-    OutputError with the first failed rank's message; else return rank 0's ``value`` on every
-    rank. A collective (every rank calls it; no rank passes it before all have come)."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        said = [None] * dist.get_world_size()
-        dist.all_gather_object(said, (None if error is None else str(error), value))
-        first = next(((rank, message) for rank, (message, _) in enumerate(said) if message is not None), None)
-        if first is not None and error is None:
-            raise OutputError(f"rank {first[0]}: {first[1]}")
-        value = said[0][1]
-    if error is not None:
-        raise error
-    return value
-
-
 def _recording_id() -> str:
     """One id for a recording, the same on every rank (rank 0's, broadcast)."""
     import torch.distributed as dist
@@ -462,7 +445,7 @@ class InRun:
             if failed is not None:
                 self._lock.close()
         # every rank stops, none waits for rank 0 forever; each learns what rank 0 continues
-        continued = _raise_everywhere(failed, continued)
+        continued = raise_everywhere(failed, continued)
         if continued is not None:
             self.fingerprint = continued[0]
         if self.rank != 0:
@@ -1009,7 +992,7 @@ class InRun:
             self._spill()   # keeps the records if it fails
         except (GradscoreError, OSError) as e:
             failed = e
-        _raise_everywhere(failed)   # every rank's rows are in the journal, or every rank stops here
+        raise_everywhere(failed)   # every rank's rows are in the journal, or every rank stops here
         if self.rank == 0:
             try:
                 if not row_files(self.journal):
@@ -1023,7 +1006,7 @@ class InRun:
                 self.journal.finish()
             except (GradscoreError, OSError) as e:
                 failed = e   # the journal (and the lock) stay for another close()
-        _raise_everywhere(failed)
+        raise_everywhere(failed)
         self._written = True
         self._lock.close()
         return self.out
