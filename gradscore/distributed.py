@@ -22,11 +22,13 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
-from .exceptions import ConfigError, OutputError
+from .exceptions import ConfigError, GradscoreError, OutputError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,19 @@ class Ranks:
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()
+
+    def on_main(self, fn: Callable[[], T]) -> T | None:
+        """``fn()`` on rank 0 while the other ranks wait (None on them); a GradscoreError it
+        raises is raised on every rank (:func:`raise_everywhere`), not left to end rank 0
+        alone while the others die in a barrier."""
+        value, failed = None, None
+        if self.main:
+            try:
+                value = fn()
+            except GradscoreError as e:
+                failed = e
+        raise_everywhere(failed)
+        return value
 
 
 def current_ranks() -> tuple[int, int]:

@@ -188,12 +188,8 @@ def _run(config: RunConfig, out: Path, overwrite: bool, progress: bool, ranks: R
         finally:
             reusable.close()
     raise_everywhere(failed)
-    if not ranks.main:
-        ranks.barrier()  # rank 0 assembles the file meanwhile
-        return writer.out
-    path = _assemble(plan, writer, costate)                    # 5. rows -> scores file
-    ranks.barrier()
-    return path
+    path = ranks.on_main(lambda: _assemble(plan, writer, costate))   # 5. rows -> scores file
+    return path if ranks.main else writer.out
 
 
 def _plan(config: RunConfig, out: Path, overwrite: bool, progress: bool = False) -> _Plan:
@@ -251,8 +247,8 @@ def _costate(plan: _Plan, ranks: Ranks, progress: bool, overwrite: bool) -> Cost
     config = plan.config
     if not config.needs_target:
         return None
-    failed = None
-    if ranks.main:
+
+    def compute() -> None:
         try:
             with (beside_checkpoints(config.checkpoints, "--costate FILE") if config.costate is None
                   else contextlib.nullcontext()):
@@ -262,12 +258,12 @@ def _costate(plan: _Plan, ranks: Ranks, progress: bool, overwrite: bool) -> Cost
                     lr_scale_steps=config.lr_scale_steps, lm_reduction=config.lm_reduction, costates=plan.costates),
                     plan.costate_path, replace=overwrite, progress=progress)
         except ConfigMismatchError as e:   # the co-state file's own fix, in run's options
-            failed = e if e.differ is None else ConfigMismatchError(
-                f"{plan.costate_path}: was computed with other settings ({e.differ}); pass --overwrite to recompute "
-                f"it, or --costate FILE to keep it and write these to FILE")
-        except GradscoreError as e:   # the other ranks wait for the file: every rank stops, in one line
-            failed = e
-    raise_everywhere(failed)
+            if e.differ is None:
+                raise
+            raise ConfigMismatchError(f"{plan.costate_path}: was computed with other settings ({e.differ}); "
+                                      f"pass --overwrite to recompute it, or --costate FILE to keep it and write "
+                                      f"these to FILE") from None
+    ranks.on_main(compute)
     costate = CostateFile(plan.costate_path)
     plan.fingerprint["costate"] = json.loads(costate.fingerprint)
     return costate
@@ -284,9 +280,7 @@ def _open_writer(plan: _Plan, costate: CostateFile | None, ranks: Ranks, overwri
     def open_writer(discard: bool) -> HDF5ScoresWriter:
         return HDF5ScoresWriter(plan.out, fp, n=len(plan.ds), T=len(plan.scored), chunk_size=plan.config.chunk_size,
                                 overwrite=discard, replace=replace)
-    if ranks.main:  # rank 0 sets up (or discards) the journal before the others open it
-        writer = open_writer(overwrite)
-    ranks.barrier()
+    writer = ranks.on_main(lambda: open_writer(overwrite))   # rank 0 sets up (or discards) the journal first
     return writer if ranks.main else open_writer(False)
 
 

@@ -102,12 +102,13 @@ def test_two_ranks_equal_one_process_and_a_killed_rank_resumes(tmp_path):
     _assert_identical(tmp_path / "one_loop.h5", tmp_path / "killed.h5")
 
 
-@pytest.mark.parametrize("where", ["--data", "--target"])
-def test_bad_data_on_one_rank_stops_every_rank_in_one_line(tmp_path, where):
-    """A NaN example in rank 1's range of --data (or in --target, whose co-state file rank 0
-    computes): the rank with it said so in one line, and the other died in the barrier
-    with a raw traceback of torch's connection error. Now each rank prints one line (the
-    other's names the failed rank) and exits 2."""
+@pytest.mark.parametrize("where", ["--data", "--target", "--out"])
+def test_bad_input_on_one_rank_stops_every_rank_in_one_line(tmp_path, where):
+    """A NaN example in rank 1's range of --data, or in --target (rank 0 computes the
+    co-state file while the others wait), or an --out made with other options (rank 0 opens
+    the journal first): the rank that found it said so in one line, and the other died in
+    a barrier with a raw traceback of torch's connection error. Now each rank prints one
+    line (the other's names the failed rank) and exits 2."""
     import gradscore as gs
     ckpts, data = make_run(tmp_path, n=90, n_ckpts=2)
     with h5py.File(data) as f:
@@ -118,13 +119,17 @@ def test_bad_data_on_one_rank_stops_every_rank_in_one_line(tmp_path, where):
             "--chunk-size", "16", "--quiet"]
     if where == "--data":
         args[args.index("--data") + 1] = str(bad)
-    else:
+    elif where == "--target":
         args += ["--target", str(bad), "--scores", "target_dot"]
+    else:
+        assert subprocess.run(_torchrun(args), capture_output=True, timeout=300).returncode == 0
+        args += ["--batch-size", "7"]
     done = subprocess.run(_torchrun(args), capture_output=True, text=True, timeout=300)
     said = [line for line in done.stderr.splitlines() if line.startswith("gradscore run: error: ")]
     # torchrun ends the other rank once one exits, which may be before it prints its line
     assert done.returncode != 0 and 1 <= len(said) <= 2, done.stderr[-3000:]
-    assert all(f"ids {ids[70]})" in line for line in said), said
+    cause = "batch_size (256 before, 7 now)" if where == "--out" else f"ids {ids[70]})"
+    assert all(cause in line for line in said), said
     assert "]: Traceback" not in done.stderr and "exitcode  : 2" in done.stderr, done.stderr[-3000:]
 
 
