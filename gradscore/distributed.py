@@ -11,7 +11,8 @@ under torchrun) sets RANK, WORLD_SIZE and LOCAL_RANK; gradscore joins the proces
 - every rank writes its chunks, atomically, into the run's journal ``<out>.partial/``:
   each finished (checkpoint, chunk) is one file, so the journal is every rank's shard
   and done-bitmap at once, safe under SIGKILL;
-- rank 0 joins them into ``<out>`` after a barrier.
+- rank 0 joins them into ``<out>`` once every rank is done; an error on one rank
+  (bad data in its range) is raised on every rank (:func:`raise_everywhere`).
 
 A chunk's numbers do not depend on which rank computed it, so the joined file is
 bit-identical to a one-process run, and a rerun of the same command after a crash
@@ -47,10 +48,6 @@ class Ranks:
         """The contiguous chunk indices of this rank (the first ranks take one more)."""
         lo = self.rank * n_chunks // self.world
         return range(lo, (self.rank + 1) * n_chunks // self.world)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
 
     def on_main(self, fn: Callable[[], T]) -> T | None:
         """``fn()`` on rank 0 while the other ranks wait (None on them); a GradscoreError it
