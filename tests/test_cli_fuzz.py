@@ -109,6 +109,12 @@ def test_every_command_that_reads_a_scores_file_takes_each_kind(files, tmp_path,
         assert code == 0 or (code == 2 and len(err) == 1 and "error: " in err[0]), (argv, code, err)
         assert command != "info" or code == 0, err
     assert _digests(files) == before
+    for made in sorted(p for p in tmp_path.rglob("*") if p.is_file()):   # info on each output the readers wrote
+        code = main(["info", str(made)])
+        err = capsys.readouterr().err.strip().splitlines()
+        # a JTT weights file was described as a dataset "missing field 'inputs'"
+        assert code == 0 if made.suffix == ".h5" else (code == 2 and len(err) == 1 and ": is a gradscore " in err[0]
+                                                        and "open this one as it is" in err[0]), (made, err)
 
 
 def _value(action, rng, paths, outs):

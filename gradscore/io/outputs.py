@@ -160,6 +160,18 @@ KINDS: dict[str, tuple[str, Callable[[Path], bool]]] = {
 }
 
 
+#: the outputs other than HDF5 files, by the suffixes their commands write
+_BY_SUFFIX = {".json": "json", ".png": "figure", ".svg": "figure", ".jsonl": "export", ".csv": "export",
+              ".parquet": "export", ".npz": "weights", ".md": "markdown"}
+
+
+def written_kind(path: Path) -> str | None:
+    """What ``path`` is where gradscore wrote it and it is no HDF5 file ("a gradscore JSON
+    report", "… figure", "… export", "… JTT weights file", "… Markdown report"); else None."""
+    kind = _BY_SUFFIX.get(path.suffix.lower())
+    return KINDS[kind][0] if kind is not None and KINDS[kind][1](path) else None
+
+
 def _same(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)

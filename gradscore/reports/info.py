@@ -12,6 +12,7 @@ import numpy as np
 
 from ..exceptions import GradscoreError
 from ..io.attrs import attributes, kind_of, verify
+from ..io.outputs import written_kind
 from ..io.store import damage_named
 
 
@@ -208,6 +209,9 @@ def _describe(path: Path) -> str:
         return _describe_checkpoints(path)
     if not path.exists():
         raise GradscoreError(f"{path}: no such file or directory")
+    if (what := written_kind(path)) is not None:   # a report or weights, which were read as a dataset
+        raise GradscoreError(f"{path}: is {what}; info describes a checkpoint folder, a dataset (.h5, .npz) or an "
+                             f"HDF5 file gradscore wrote: open this one as it is")
     if path.suffix == ".npz":
         return _describe_dataset(path)
     try:
