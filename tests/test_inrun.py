@@ -332,6 +332,20 @@ def test_a_target_example_whose_loss_is_nan_is_refused_with_its_position(tmp_pat
         rec.close()
 
 
+def test_a_model_that_diverged_before_its_first_recorded_step_is_recorded_and_named(tmp_path):
+    """NaN parameters at the first step: the loss-path check compared NaN fingerprints, which
+    differ, and refused the step for a loss term "other than through the model's output".
+    Nothing can be compared there; the records are non-finite and the warnings name them."""
+    torch.manual_seed(0)
+    model, (x, y) = mlp(d_in=10, hidden=8, n_classes=4, depth=1).double(), _data()
+    torch.nn.init.constant_(next(model.parameters()), float("nan"))
+    rec = gs.InRun(model, loss="cross_entropy", out=tmp_path / "r.h5")
+    with rec.step(torch.arange(8), y[:8], lr=0.1):
+        F.cross_entropy(model(x[:8]), y[:8]).backward()
+    with pytest.warns(gs.GradscoreWarning, match="8 of 8 records have a non-finite loss"):
+        rec.close()
+
+
 @pytest.mark.parametrize("router_loss", [True, False])
 def test_a_mixture_of_experts_router_loss_is_refused(tmp_path, router_loss):
     """A Hugging Face Mixtral fine-tuned whole: with output_router_logits=True its loss adds

@@ -37,6 +37,7 @@ are removed by a context manager; nothing is stored on the model.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Iterator
 
@@ -238,7 +239,10 @@ def _fingerprint(delta: torch.Tensor) -> tuple:
 
 def _same_fingerprint(a: tuple, b: tuple) -> bool:
     """Fingerprints of the same δ up to rounding (10⁻⁴ of ‖δ‖: the same backward, its
-    ops in any order)."""
+    ops in any order). Two that are both NaN/Inf (a model that diverged) compare nothing:
+    the same, and the step's records say they are not finite."""
+    if not (math.isfinite(a[1]) or math.isfinite(b[1])):
+        return a[0] == b[0]
     tol = 1e-4 * max(a[1], b[1]) + 1e-30
     return a[0] == b[0] and abs(a[1] - b[1]) <= tol and abs(a[2] - b[2]) <= tol
 
