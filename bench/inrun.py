@@ -146,8 +146,8 @@ def target_pass_steps(rec: gs.InRun, plain: Callable[[], None], repeats: int, sy
     recomputed at a step that has one) in plain training steps: the median over ``repeats``
     pairs of (target pass / a plain call of ``steps`` steps next to it), times ``steps``."""
     def once():
-        rec._refs = None
-        rec._target_refs(0, rows=rows)
+        rec.target_gradient.cached = None
+        rec.target_gradient.refs(rec, 0, rows=rows)
     once()
     ratios, _, _ = pair_ratios(once, plain, repeats, sync)
     return steps * statistics.median(ratios)

@@ -122,7 +122,7 @@ def test_every_recorded_quantity_equals_the_per_example_loop(tmp_path, family, m
     rec = gs.InRun(model, out=tmp_path / "r.h5", targets=targets)
     snaps: list = []
     _train(model, x, y, steps=4, batch=8, rec=rec, micro=micro, snapshots=snaps)
-    forms = {type(r).__name__ for r in rec._refs[1]}
+    forms = {type(r).__name__ for r in rec.target_gradient.cached[1]}
     assert (FactoredRef.__name__ in forms) == (family != "mlp") and "Tensor" in forms
     check_inrun_against_loop(rec.close(), model, snaps, x, y, targets)
 
@@ -414,8 +414,8 @@ def test_instance_norm_with_running_stats_in_training(tmp_path):
 def test_loss_terms_read_a_few_examples_at_a_time_equal_the_loop(tmp_path, monkeypatch):
     """The output and its gradient are read in blocks of examples (a large vocabulary's
     float64 copies stay small): blocks of 2 examples give the loop's records too."""
-    from gradscore.inrun import recorder
-    monkeypatch.setattr(recorder, "_TERM_ELEMENTS", 8)     # 4 classes: 2 examples per block
+    from gradscore.inrun import shares
+    monkeypatch.setattr(shares, "_TERM_ELEMENTS", 8)     # 4 classes: 2 examples per block
     torch.manual_seed(0)
     model, (x, y) = mlp(d_in=10, hidden=12, n_classes=4, depth=2).double(), _data()
     rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:6], y[:6]))
@@ -566,7 +566,7 @@ def test_parameter_groups_with_their_own_learning_rates(tmp_path, wide):
         opt.step()
         opt.zero_grad()
     if wide:
-        assert any(isinstance(r, FactoredRef) for r in rec._refs[1])
+        assert any(isinstance(r, FactoredRef) for r in rec.target_gradient.cached[1])
     rec.close()
     with h5py.File(tmp_path / "r.h5") as f:
         dot, lr = f["inrun/dot"][()], f["inrun/lr"][()]
@@ -1624,7 +1624,7 @@ def test_language_model_terms_in_one_pass_equal_the_generic_path(B, T, V, reduct
     labels) take the generic path, which says why."""
     import dataclasses
 
-    from gradscore.inrun.recorder import _LossTerms
+    from gradscore.inrun.shares import LossTerms
     from gradscore.losses import TOKEN_LOSSES
     loss = TOKEN_LOSSES[family](reduction)
     generic = dataclasses.replace(loss, softmax_rows=None)
@@ -1637,8 +1637,8 @@ def test_language_model_terms_in_one_pass_equal_the_generic_path(B, T, V, reduct
     leaf = z.clone().requires_grad_(True)
     (loss.fn(leaf, y).sum() / max(B, 1)).backward()
     delta = leaf.grad + 1e-3 * torch.randn(z.shape, generator=g, dtype=torch.float64)  # not a multiple of d
-    assert _LossTerms._softmax_rows(loss, z, delta, y) is not None
-    fast, slow = _LossTerms.of(loss, z, delta, y), _LossTerms.of(generic, z, delta, y)
+    assert LossTerms._softmax_rows(loss, z, delta, y) is not None
+    fast, slow = LossTerms.of(loss, z, delta, y), LossTerms.of(generic, z, delta, y)
     for name in ("losses", "d_sq", "dot", "delta_sq"):
         torch.testing.assert_close(getattr(fast, name), getattr(slow, name), rtol=1e-12, atol=1e-300)
     assert fast.metrics == slow.metrics == {} and fast.width == T * V and fast.dtype == torch.float64
@@ -1646,14 +1646,14 @@ def test_language_model_terms_in_one_pass_equal_the_generic_path(B, T, V, reduct
         for wrong in (V, -1):                    # out of the vocabulary; a negative label not -100
             bad = y.clone()
             bad[-1, -1] = wrong
-            assert _LossTerms._softmax_rows(loss, z, delta, bad) is None
+            assert LossTerms._softmax_rows(loss, z, delta, bad) is None
             with pytest.raises((IndexError, RuntimeError)):
-                _LossTerms.of(loss, z, delta, bad)
-        assert _LossTerms._softmax_rows(loss, z, delta, y.double()) is None
+                LossTerms.of(loss, z, delta, bad)
+        assert LossTerms._softmax_rows(loss, z, delta, y.double()) is None
         for kind in (torch.int32, torch.bool):   # label dtypes F.cross_entropy refuses: refused here too
-            assert _LossTerms._softmax_rows(loss, z, delta, (y > 0).to(kind)) is None
+            assert LossTerms._softmax_rows(loss, z, delta, (y > 0).to(kind)) is None
             with pytest.raises(RuntimeError, match="expected target dtype"):
-                _LossTerms.of(loss, z, delta, (y > 0).to(kind))
+                LossTerms.of(loss, z, delta, (y > 0).to(kind))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -1664,7 +1664,7 @@ def test_classifier_terms_in_one_call_equal_the_generic_path(B, C, dtype, monkey
     equal to the generic path (softmax in float64, then torch), with a tie at the top and
     B = 0. One logit (C = 1, where every loss is 0), labels outside [0, C), or of a dtype
     F.cross_entropy refuses (int32, bool), take the generic path, which says why."""
-    from gradscore.inrun.recorder import _LossTerms
+    from gradscore.inrun.shares import LossTerms
     from gradscore.kernels import softmax_ce_numba
     from gradscore.losses import resolve_loss
     loss = resolve_loss("cross_entropy")
@@ -1675,15 +1675,15 @@ def test_classifier_terms_in_one_call_equal_the_generic_path(B, C, dtype, monkey
         y[1], z[1, 0], z[1, 1] = 1, z[1].max() + 1, z[1].max() + 1   # a tie: argmax is class 0
     delta = torch.randn(B, C, generator=g, dtype=torch.float64).to(dtype)
     if C == 1:
-        assert _LossTerms._classifier_rows(loss, z, delta, y) is None
+        assert LossTerms._classifier_rows(loss, z, delta, y) is None
         with pytest.raises(gs.EngineError, match="one logit per example"):
-            _LossTerms.of(loss, z, delta, y)
+            LossTerms.of(loss, z, delta, y)
         return
-    assert _LossTerms._classifier_rows(loss, z, delta, y) is not None
-    fast = _LossTerms.of(loss, z, delta, y)
+    assert LossTerms._classifier_rows(loss, z, delta, y) is not None
+    fast = LossTerms.of(loss, z, delta, y)
     monkeypatch.setattr(softmax_ce_numba, "CLASSIFIER_ELEMENTS", -1)
-    assert _LossTerms._classifier_rows(loss, z, delta, y) is None
-    slow = _LossTerms.of(loss, z, delta, y)
+    assert LossTerms._classifier_rows(loss, z, delta, y) is None
+    slow = LossTerms.of(loss, z, delta, y)
     rtol = 1e-12 if dtype == torch.float64 else 2e-6   # the generic loss and margin are in z's dtype
     for name in ("losses", "d_sq", "dot", "delta_sq"):
         torch.testing.assert_close(getattr(fast, name).double(), getattr(slow, name).double(), rtol=rtol, atol=1e-300)
@@ -1698,29 +1698,29 @@ def test_classifier_terms_in_one_call_equal_the_generic_path(B, C, dtype, monkey
         monkeypatch.undo()
         bad = y.clone()
         bad[-1] = C
-        assert _LossTerms._classifier_rows(loss, z, delta, bad) is None
+        assert LossTerms._classifier_rows(loss, z, delta, bad) is None
         with pytest.raises((IndexError, RuntimeError)):
-            _LossTerms.of(loss, z, delta, bad)
+            LossTerms.of(loss, z, delta, bad)
         for kind in (torch.int32, torch.bool):   # label dtypes F.cross_entropy refuses: refused here too
-            assert _LossTerms._classifier_rows(loss, z, delta, (y > 0).to(kind)) is None
+            assert LossTerms._classifier_rows(loss, z, delta, (y > 0).to(kind)) is None
             with pytest.raises(RuntimeError, match="expected target dtype"):
-                _LossTerms.of(loss, z, delta, (y > 0).to(kind))
-        byte = _LossTerms.of(loss, z, delta, y.to(torch.uint8))   # either path, as the backend chose
+                LossTerms.of(loss, z, delta, (y > 0).to(kind))
+        byte = LossTerms.of(loss, z, delta, y.to(torch.uint8))   # either path, as the backend chose
         torch.testing.assert_close(byte.losses.double(), fast.losses.double(), rtol=rtol, atol=1e-300)
 
 
 def test_language_model_losses_of_bfloat16_logits_keep_float32_digits():
     """bfloat16 logits (a step under autocast): the one-pass losses come in float32, equal to
     the cross-entropy of the same bfloat16 values in float64, not rounded to 3 digits."""
-    from gradscore.inrun.recorder import _LossTerms
+    from gradscore.inrun.shares import LossTerms
     from gradscore.losses import causal_lm
     g = torch.Generator().manual_seed(0)
     z = (3 * torch.randn(3, 7, 50, generator=g)).bfloat16()
     y = torch.randint(0, 50, (3, 7), generator=g)
     delta = torch.randn(z.shape, generator=g).bfloat16()
     loss = causal_lm("mean")
-    terms = _LossTerms.of(loss, z, delta, y)
-    assert _LossTerms._softmax_rows(loss, z, delta, y) is not None and terms.losses.dtype == torch.float32
+    terms = LossTerms.of(loss, z, delta, y)
+    assert LossTerms._softmax_rows(loss, z, delta, y) is not None and terms.losses.dtype == torch.float32
     torch.testing.assert_close(terms.losses.double(), loss.fn(z.double(), y), rtol=1e-6, atol=0)
 
 
@@ -1731,7 +1731,7 @@ def test_generic_path_losses_of_bfloat16_logits_keep_float32_digits(kind, monkey
     float64, not rounded to 3 digits; δ's terms agree with the one-pass path's."""
     import dataclasses
 
-    from gradscore.inrun.recorder import _LossTerms
+    from gradscore.inrun.shares import LossTerms
     from gradscore.kernels import softmax_ce_numba
     from gradscore.losses import causal_lm, resolve_loss
     g = torch.Generator().manual_seed(0)
@@ -1743,9 +1743,9 @@ def test_generic_path_losses_of_bfloat16_logits_keep_float32_digits(kind, monkey
         loss = fast = generic = resolve_loss("cross_entropy")
         z, y = (3 * torch.randn(9, 50, generator=g)).bfloat16(), torch.randint(0, 50, (9,), generator=g)
     delta = torch.randn(z.shape, generator=g).bfloat16()
-    one_pass = _LossTerms.of(fast, z, delta, y)
+    one_pass = LossTerms.of(fast, z, delta, y)
     monkeypatch.setattr(softmax_ce_numba, "CLASSIFIER_ELEMENTS", -1)
-    terms = _LossTerms.of(generic, z, delta, y)
+    terms = LossTerms.of(generic, z, delta, y)
     assert terms.losses.dtype == torch.float32
     torch.testing.assert_close(terms.losses.double(), loss.fn(z.double(), y), rtol=1e-6, atol=0)
     for name in ("d_sq", "dot", "delta_sq"):
@@ -2867,8 +2867,8 @@ def test_the_median_fill_equals_the_per_example_loop(B, block, monkeypatch):
     """The batched fill of the unreadable shares, in blocks of any size, equals the loop over
     examples it replaced: the median over readable examples of the same target, else over
     all readable ones, else NaN."""
-    from gradscore.inrun import recorder
-    monkeypatch.setattr(recorder, "_FILL_ELEMENTS", block)
+    from gradscore.inrun import shares
+    monkeypatch.setattr(shares, "_FILL_ELEMENTS", block)
     g = torch.Generator().manual_seed(B)
     s = torch.rand(B, dtype=torch.float64, generator=g)
     readable, y = torch.rand(B, generator=g) > 0.6, torch.randint(0, 4, (B,), generator=g)
@@ -2878,9 +2878,9 @@ def test_the_median_fill_equals_the_per_example_loop(B, block, monkeypatch):
         pool = s[same] if same.any() else s[readable]
         if len(pool):
             expected[b] = pool.median()
-    torch.testing.assert_close(recorder._median_fill(s, readable, y), expected, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(shares.median_fill(s, readable, y), expected, equal_nan=True, rtol=0, atol=0)
     no_target = torch.full_like(s, s[readable].median() if readable.any() else float("nan"))
-    torch.testing.assert_close(recorder._median_fill(s, readable, None), no_target, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(shares.median_fill(s, readable, None), no_target, equal_nan=True, rtol=0, atol=0)
 
 
 def test_info_and_diagnose_read_only_the_records_they_use(tmp_path, monkeypatch):

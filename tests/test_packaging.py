@@ -23,7 +23,7 @@ def test_every_package_is_listed_in_pyproject():
 
 def _module_imports() -> dict[str, set[str]]:
     """{module: modules it imports, at import time or inside a function}, for gradscore,
-    from the source."""
+    from the source; not those under ``if TYPE_CHECKING:``, which annotations alone read."""
     import ast
     files = {}
     for path in (ROOT / "gradscore").rglob("*.py"):
@@ -33,7 +33,12 @@ def _module_imports() -> dict[str, set[str]]:
     for mod, path in files.items():
         package = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
         edges = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                       and getattr(block.test, "id", "") == "TYPE_CHECKING" for n in ast.walk(block)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             if isinstance(node, ast.ImportFrom) and node.level:
                 base = package.split(".")
                 base = ".".join(base[:len(base) - node.level + 1] + ([node.module] if node.module else []))

@@ -56,8 +56,6 @@ resumed recording reads them from the journal) and leaves a readable file.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import math
 import shutil
 import time
 import uuid
@@ -71,35 +69,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..batch import Inputs, batch_len, call_model, check_batch, hash_batch, move, output_tensor, take
+from ..batch import Inputs
 from ..engines.free import UNPLANNED
-from ..engines.ghost import UNREPEATED, GhostEngine, probe
-from ..engines.workarounds import torch_workarounds, wrong_in_torch
-from ..engines.rules.registry import FactoredRef
-from ..exceptions import (ConfigError, ConfigMismatchError, DataError, EngineError, GradscoreError, GradscoreWarning,
-                          OutputError, cause, model_fix)
+from ..engines.ghost import UNREPEATED, GhostEngine
+from ..exceptions import ConfigError, ConfigMismatchError, EngineError, GradscoreError, GradscoreWarning, OutputError
 from ..distributed import current_ranks, raise_everywhere
 from ..io.journal import Journal, difference
 from ..io.outputs import claim, lock
-from ..kernels.dispatch import numba_on_cpu
-from ..kernels.reference import acc_dtype
-from ..losses import CLASS_INDEX_DTYPES, IGNORE_INDEX, Loss, PerExampleLoss, check_head, reads_the_batch, resolve_loss
+from ..losses import Loss, PerExampleLoss, check_head, resolve_loss
 from ..scores import inrun as inrun_scores
-from ..scores.datadiet import classification_metrics
+from .step import Step
 from .store import RowJournal, find_recording, joined, last_step, recorded_rows, row_files, write
+from .targets import TargetGradient, aside, checked_targets, targets_sha256
 
 DEFAULT_SCORES = ("loss", "grand", "el2n", "aum", "forgetting", "confidence", "variability", "correctness",
                   "inrun_value", "inrun_value_cos")
-#: relative residual of δ_b − s_b ∂ℓ_b/∂z_b allowed, by the output gradient's dtype (others, under
-#: autocast: 3e-2). 1e-3 also for float64: a loss may compute in float32 (Hugging Face's upcasts
-#: its logits with .float()); a loss that is not a weighted sum is off by far more.
-_SHARE_TOL = {torch.float64: 1e-3, torch.float32: 1e-3}
-#: a softmax loss's ∂ℓ_b/∂z is off by up to ~2 eps per output row, in units of the row's weight in
-#: ℓ_b (p − 1 at the label, and the other classes' relative rounding together): a share is read
-#: where that stays below the tolerance
-_ROW_ROUNDING = 2
-
-
 #: what a step does with a loss term on activations inside the model (OutputPaths finds one)
 HIDDEN_TERMS = ("refuse", "per_example")
 
@@ -143,111 +127,6 @@ class InRunConfig:
         return d
 
 
-@contextlib.contextmanager
-def _aside(model: nn.Module) -> Iterator[None]:
-    """Run the recorder's own forwards in eval mode with the random state forked: the
-    training's dropout masks, random numbers and BatchNorm statistics are untouched. A
-    module whose class has a ``train`` of its own is given its mode back through it: what
-    it keeps from an eval forward (timm's LeViT and EfficientFormer cache their attention
-    biases until ``train(True)``) would otherwise be read, stale, by the user's next eval."""
-    modes = [(m, m.training) for m in model.modules()]
-    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
-    with torch.random.fork_rng(devices=cuda):
-        model.eval()
-        try:
-            yield
-        finally:
-            for m, mode in modes:
-                if type(m).train is not nn.Module.train:
-                    m.train(mode)
-            for m, mode in modes:   # each module's own mode again (train() sets its children's too)
-                m.training = mode
-
-
-class _TargetFactors:
-    """A Linear layer's inputs and output gradients in the target's forward and backward:
-    ∇J(W) = Σ_rows δ aᵀ, whatever the layout, since J sums over all of them."""
-
-    def __init__(self, layer: nn.Linear) -> None:
-        self.layer, self.acts, self.deltas = layer, [], {}
-        self.off = False   # the layer takes the dense form: nothing more to capture
-
-    def cheaper(self, scale: float = 1.0) -> bool:
-        """Whether the Gram form (M·(d_out + d_in) per position, M rows: those seen so far
-        times ``scale``) beats forming ∇J."""
-        M = scale * sum(a.numel() // a.shape[-1] for a in self.acts)
-        rows, cols = self.layer.out_features, self.layer.in_features
-        return M * (rows + cols) < rows * cols
-
-    def ref(self) -> FactoredRef:
-        """The factors as one reference block; a call whose δ never came (its output did
-        not reach J) adds nothing."""
-        rows, cols = self.layer.out_features, self.layer.in_features
-        calls = sorted(self.deltas)
-        if not calls:
-            like = self.layer.weight
-            return FactoredRef(like.new_zeros((0, rows)), like.new_zeros((0, cols)))
-        return FactoredRef(torch.cat([self.deltas[c].reshape(-1, rows) for c in calls]),
-                           torch.cat([self.acts[c].reshape(-1, cols) for c in calls]))
-
-
-def _checked_targets(targets: Any) -> list[tuple[Inputs, torch.Tensor]]:
-    """The target batches [(x, y)], each y a tensor: ``targets`` is one pair (x, y) (a tuple or
-    list), or any other iterable of batches (a DataLoader, a generator), read once now; a
-    batch is a pair, or a dict holding 'labels' (the other keys are x). One ConfigError
-    unless there is at least one example, every batch with its examples in dimension 0 of
-    every input and of y, and no DistributedSampler (every rank needs the same ∇J)."""
-    fix = "give the target batch as a pair (x, y), or several batches as a DataLoader or iter([...])"
-    if isinstance(targets, (tuple, list)):
-        batches, where = [targets], ""
-    elif isinstance(targets, (torch.Tensor, dict, str)) or not hasattr(targets, "__iter__"):
-        raise ConfigError(f"invalid value for 'targets': {type(targets).__name__}; {fix}")
-    elif isinstance(getattr(targets, "sampler", None), torch.utils.data.distributed.DistributedSampler):
-        raise ConfigError("invalid value for 'targets': a loader with a DistributedSampler gives each rank other "
-                          "target examples, so other ∇J; give every rank the same target batches")
-    else:
-        batches, where = list(targets), "of the target batches "
-    out = []
-    for i, batch in enumerate(batches):
-        at = f"batch {i} {where}" if where else ""
-        if isinstance(batch, dict) and "labels" in batch and where:
-            batch = ({k: v for k, v in batch.items() if k != "labels"}, batch["labels"])
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            what = f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) else \
-                type(batch).__name__
-            raise ConfigError(f"invalid value for 'targets': {at or 'it '}is {what}; {fix}")
-        try:
-            x, y = batch[0], torch.as_tensor(batch[1])
-        except (TypeError, ValueError, RuntimeError):
-            raise ConfigError(f"invalid value for 'targets': {at}its y ({type(batch[1]).__name__}) is not a tensor "
-                              f"of targets; {fix}") from None
-        try:
-            check_batch(x, y)
-        except GradscoreError as e:
-            raise ConfigError(f"invalid value for 'targets': {at.rstrip() + ': ' if at else ''}{e}") from None
-        if len(y):
-            out.append((x, y))
-    if not out:
-        raise ConfigError("invalid value for 'targets': no examples; give at least one target example, or leave "
-                          "targets out")
-    return out
-
-
-def _targets_sha256(targets: list[tuple[Inputs, torch.Tensor]] | None) -> str | None:
-    """SHA-256 of the target examples (their values, dtypes and shapes) in any order and
-    batching (a shuffled loader's): a resumed recording needs the same ∇J, not only as many
-    target examples."""
-    if targets is None:
-        return None
-    digests = []
-    for x, y in targets:
-        for i in range(len(y)):
-            h = hashlib.sha256()
-            hash_batch(h, take(x, i, i + 1), y[i:i + 1])
-            digests.append(h.digest())
-    return hashlib.sha256(b"".join(sorted(digests))).hexdigest()
-
-
 class _ModelEdits:
     """Whether a module registered a parameter or a submodule since the last :meth:`seen`
     (a loop that puts a new head or weight on the model between steps), from torch's global
@@ -286,25 +165,6 @@ def _batchnorms(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def _target_grads(J: torch.Tensor, wanted: list[torch.Tensor]) -> tuple:
-    """∂J/∂wanted (None where unused): torch.autograd.grad, which leaves ``.grad`` alone. A
-    reentrant torch.utils.checkpoint refuses it, and a model's backward can fail in eval
-    mode (a state updated in place): one EngineError with the cause and the fix."""
-    if not wanted:
-        return ()
-    try:
-        return torch.autograd.grad(J, wanted, allow_unused=True)
-    except RuntimeError as e:
-        if "use_reentrant=True" in str(e):
-            raise EngineError("the target gradient: the model calls torch.utils.checkpoint with use_reentrant=True, "
-                              "which refuses torch.autograd.grad (the recorder's way to leave .grad alone); pass "
-                              "use_reentrant=False to it (the same gradients), or record without targets") from None
-        if isinstance(e, torch.OutOfMemoryError):
-            raise
-        fix = model_fix(e) or "the model's backward fails on the target batch: record without targets"
-        raise EngineError(f"the target gradient, taken in eval mode, failed ({cause(e)}); {fix}") from e
-
-
 def _recording_id() -> str:
     """One id for a recording, the same on every rank (rank 0's, broadcast)."""
     import torch.distributed as dist
@@ -312,15 +172,6 @@ def _recording_id() -> str:
     if dist.is_available() and dist.is_initialized():
         dist.broadcast_object_list(token, src=0)
     return token[0]
-
-
-def _inputs(args: tuple, kwargs: dict) -> Inputs:
-    if len(args) == 1 and not kwargs:
-        return args[0]
-    if not args and kwargs:
-        return kwargs
-    raise EngineError("in-run scoring needs the model called as model(x) or model(**inputs); "
-                      f"it was called with {len(args)} positional and {len(kwargs)} keyword arguments")
 
 
 class InRun:
@@ -374,7 +225,7 @@ class InRun:
             raise ConfigError(f"invalid value for 'optimizer': {optimizer!r}; give the torch optimizer that steps "
                               f"the model, 'adam' (the trainer's Adam, handed over by its callback), or leave it out")
         adam = optimizer == "adam" or isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
-        targets = None if targets is None else _checked_targets(targets)
+        targets = None if targets is None else checked_targets(targets)
         if targets is None and every != 1:
             raise ConfigError(f"invalid value for 'every': {every!r} spaces the target gradient's steps, and there "
                               f"are no targets; every step's records are taken: leave every out, or pass targets=")
@@ -389,7 +240,8 @@ class InRun:
                                   targets=0 if targets is None else sum(len(y) for _, y in targets),
                                   preconditioner="adam" if adam else "none", hidden_terms=hidden_terms)
         self.optimizer = None if optimizer == "adam" else optimizer   # "adam": the trainer's, set later
-        self.targets = targets
+        #: ∇J of the target examples, each ``every`` steps (None: no targets)
+        self.target_gradient = None if targets is None else TargetGradient(targets, every, self.config.preconditioner)
         # the recorder's own forwards (layout, target gradient) call the network inside a DDP
         # wrapper directly, so that they never touch DDP's gradient reducer
         self.network = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -410,7 +262,7 @@ class InRun:
                               self.world if isinstance(model, nn.parallel.DistributedDataParallel) else 1)
         self.fingerprint = {"inrun": type(model).__name__,   # shapes too: a resize keeps the names
                             "parameters": [[n, list(self.params[n].shape)] for n in names],
-                            "config": self.config.to_dict(), "target": _targets_sha256(targets),
+                            "config": self.config.to_dict(), "target": targets_sha256(targets),
                             "recording": _recording_id()}
         failed, continued = None, None
         #: rank 0's lock of ``out`` from here to the written file: one writer (a second recorder
@@ -464,16 +316,13 @@ class InRun:
         self._last_step: int | None = None    # the step of the last rec.step
         # "integers" or "strings": the ids of every step (a continued recording's, from its rows)
         self._id_kind: str | None = None if continued is None else continued[3]
-        self._refs: tuple[Any, list[torch.Tensor], float] | None = None   # (step, refs, ‖∇J‖) cached
         self._pending: list[dict[str, np.ndarray]] = []
         self._held: tuple[int, float, list[dict[str, np.ndarray]]] | None = None   # (step, scale, records)
         self._attached, self._open, self._next, self._keys = None, None, None, ("ids", "labels")
         self._closed = False    # no more steps (close() or the with-block ended)
         self._written = False   # close() wrote the scores file, or training stopped in the with-block
-        self._warned_groups = False
-        self._warned_stray: set[str] = set()   # trainable parameters the optimizer does not hold, named once
         self._busy = False   # the recorder's own forwards are running: its hooks stand aside
-        self._loss_checked = False   # whether a user's loss reads the batch (_Step._check_loss)
+        self._loss_checked = False   # whether a user's loss reads the batch (Step._check_loss)
 
     def _older(self, overwrite: bool, resume: bool) -> "InRun | None":
         """An earlier recorder of ``out`` in this process that has not written it: refused,
@@ -588,7 +437,7 @@ class InRun:
             self.optimizer = optimizer
         if world_size > 1 and self.data_parallel == 1:
             self.data_parallel = world_size
-        if clipping and self.targets is not None and "inrun_value" in self.config.scores:
+        if clipping and self.target_gradient is not None and "inrun_value" in self.config.scores:
             warnings.warn(f"{clipping}: the trainer clips the gradient, so a clipped step moves θ less than its "
                           f"learning rate says, and inrun_value (Σ_t η_t ⟨∇L_b, ∇J⟩) weighs every step by η_t "
                           f"alone; turn clipping off for the exact first-order value (inrun_value_cos, a mean "
@@ -618,7 +467,9 @@ class InRun:
                               f"nothing to record")
         self.engine = GhostEngine(self.network, self.loss, names)
         self._refuse_fallback()
-        self._trains, self._laid_out, self._refs = trains, False, None
+        self._trains, self._laid_out = trains, False
+        if self.target_gradient is not None:   # of other parameters now
+            self.target_gradient.cached = None
 
     def _refuse_fallback(self) -> None:
         """One line naming the parameters without a ghost rule, those with one reason together."""
@@ -640,7 +491,7 @@ class InRun:
                               f"(vmap, else the per-example loop)")
 
     def step(self, ids: Sequence | np.ndarray | torch.Tensor, y: torch.Tensor, *, lr: float | None = None,
-             step: int | None = None) -> "_Step":
+             step: int | None = None) -> Step:
         """The context of one training step (or micro-batch) over the examples ``ids`` (B,)
         with targets ``y`` (B,): call the model once and ``backward`` once inside it.
         ids: integers (whole-number floats are their integers) or strings, one kind in every
@@ -654,7 +505,7 @@ class InRun:
             raise ConfigError(f"{self.out}: this recorder is closed; make a new gs.InRun")
         number = self._step_number(step)
         self._count += 1
-        return _Step(self, ids, y, lr, number)
+        return Step(self, ids, y, lr, number)
 
     def _step_number(self, step: int | None) -> int:
         """``step`` as given, else the count of steps so far; a continued recording needs it given."""
@@ -706,10 +557,10 @@ class InRun:
     @contextlib.contextmanager
     def _own_forwards(self) -> Iterator[None]:
         """The recorder's forwards of the model (a layout): its hooks stand aside, and the
-        model runs in eval mode with the random state forked (:func:`_aside`)."""
+        model runs in eval mode with the random state forked (:func:`.targets.aside`)."""
         self._busy = True
         try:
-            with _aside(self.model):
+            with aside(self.model):
                 yield
         finally:
             self._busy = False
@@ -739,158 +590,11 @@ class InRun:
                               f"compute_loss of your own must pass them to the model)")
         step, lr = self._next if self._next is not None else (self._step_number(None), None)
         self._count += 1
-        opened = _Step(self, ids, kwargs[labels_key], lr, step, auto=True)
+        opened = Step(self, ids, kwargs[labels_key], lr, step, auto=True)
         opened.__enter__()
         self._open = opened
         opened._pre(module, args, kwargs)
         return args, kwargs
-
-    def _target_refs(self, step: int, lr: float | None = None,
-                     rows: int | None = None) -> tuple[list[torch.Tensor], float] | None:
-        """[(1, *shape)] target blocks in the engine's parameter order and their norm, computed
-        at every ``every``-th step (micro-batches of one step share it); None elsewhere. A wide
-        Linear weight's block is the target batch's factors (:class:`FactoredRef`), whose
-        dense gradient the backward then never forms. Each block is ∇J of its parameter,
-        preconditioned by Adam's Γ_t (if asked) and weighed by η_g/η (:meth:`_lr_weights`,
-        ``lr``: the step's η). The target examples go through the model ``rows`` at a time
-        (the step's batch: the target pass then holds no more than the training step)."""
-        if self.targets is None or step % self.config.every:
-            return None
-        if self._refs is not None and self._refs[0] == step:
-            return self._refs[1], self._refs[2]
-        like = next(iter(self.params.values()))
-        names, N = self.engine.param_names, self.config.targets
-        captured: dict[str, _TargetFactors] = {}
-        blocks: dict[str, torch.Tensor] = {}
-        with _aside(self.model), torch.enable_grad(), self._capture_linear(captured) as z, \
-                torch_workarounds():
-            size = rows or max(len(y) for _, y in self.targets)
-            chunks = ((take(x, a, a + size), y[a:a + size]) for x, y in self.targets for a in range(0, len(y), size))
-            for i, (x, y) in enumerate(chunks):   # J = Σ over the chunks of their summed losses / N
-                x, y = move(x, like), y.to(like.device)   # the model's device and dtype
-                self._busy = True
-                try:
-                    J = self.loss.fn(call_model(self.network, x), y).sum() / N
-                except (GradscoreError, torch.OutOfMemoryError):
-                    raise
-                except Exception as e:  # noqa: BLE001 - the user's targets do not fit the model or loss
-                    raise ConfigError(f"invalid value for 'targets': the model or the '{self.loss.name}' loss failed "
-                                      f"on them ({cause(e)}); give (x, y) as the training batches are given") from e
-                finally:
-                    self._busy = False
-                if i == 0:   # each layer's form, from the first chunk's rows as a share of all N examples
-                    factored = {w for w, c in captured.items() if c.cheaper(N / len(y))}
-                    for w in set(captured) - factored:
-                        captured.pop(w).off = True
-                    dense = [n for n in names if n not in factored]
-                    wanted = [self.params[n] for n in dense] + ([z] if factored else [])
-                grads = _target_grads(J, wanted)
-                for n, g in zip(dense, grads):
-                    if g is not None:
-                        blocks[n] = g.detach() if n not in blocks else blocks[n] + g.detach()
-        blocks = {n: blocks[n] if n in blocks else torch.zeros_like(self.params[n]) for n in dense}
-        groups = {} if self.optimizer is None else {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
-        if self.config.preconditioner == "adam":
-            blocks = {n: self._precondition(b, self.params[n], groups) for n, b in blocks.items()}
-        weights = self._lr_weights(lr, groups)
-        blocks = {n: b * weights[n] if n in weights else b for n, b in blocks.items()}
-        refs: list = [(captured[n].ref().scaled(weights.get(n, 1.0)) if n in factored else blocks[n].unsqueeze(0))
-                      for n in names]
-        sq = sum(float(torch.linalg.vector_norm(b).double() ** 2) for b in blocks.values())
-        norm = (sq + sum(r.sq_norm() for r in refs if isinstance(r, FactoredRef))) ** 0.5
-        if not math.isfinite(norm):
-            self._check_target_losses(step)
-        self._refs = (step, refs, norm)
-        return refs, norm
-
-    def _check_target_losses(self, step: int) -> None:
-        """Where ∇J is NaN/Inf at finite parameters: a DataError naming the target examples
-        whose loss is (one makes every dot, so every inrun_value, NaN). A model that diverged
-        is not its targets' fault: its records are non-finite, and named as such."""
-        if not all(bool(torch.isfinite(p).all()) for p in self.params.values()):
-            return
-        like, rows, start = next(iter(self.params.values())), [], 0
-        with _aside(self.model), torch.no_grad(), torch_workarounds():
-            for x, y in self.targets:
-                self._busy = True
-                try:
-                    losses = self.loss.fn(call_model(self.network, move(x, like)), y.to(like.device))
-                finally:
-                    self._busy = False
-                rows += (start + torch.nonzero(~torch.isfinite(losses.reshape(len(y), -1)).all(1))[:, 0]).tolist()
-                start += len(y)
-        if rows:
-            where = f"position{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows[:5]))}{', …' * (len(rows) > 5)}"
-            raise DataError(f"invalid value for 'targets': target example(s) at {where} (of {start}) give a "
-                            f"non-finite loss at step {step} (NaN/Inf in their inputs?); fix or drop them: one makes "
-                            f"the target gradient, and so every inrun_value, NaN")
-
-    @contextlib.contextmanager
-    def _capture_linear(self, captured: dict[str, _TargetFactors]) -> Iterator[torch.Tensor]:
-        """During the target's forward and backward, each untied, batch-first nn.Linear's (or
-        checked subclass's) inputs and output gradients (the factors of ∇J for its weight), keyed by the weight's
-        name; nothing with Adam's preconditioning (Γ ∇J has no such factors). Yields the zero
-        leaf whose gradient, asked for, sends δ through every probed output."""
-        device = next(iter(self.params.values())).device
-        handles, z = [], torch.zeros((), device=device, requires_grad=True)
-        if self.config.preconditioner == "none":
-            for layer in self.engine.layers:
-                if (layer.rule.name not in ("linear", "linear_subclass") or layer.tied or "weight" not in layer.params
-                        or layer.layout is None or layer.layout.batch_dim != 0):
-                    continue
-                factors = captured[layer.params["weight"]] = _TargetFactors(layer.module)
-
-                def hook(module, args, output, factors=factors):
-                    if factors.off or not output.requires_grad:   # dense form, or no gradient reaches it
-                        return None
-                    call = len(factors.acts)
-                    factors.acts.append(args[0].detach())
-                    return probe(output, z, lambda d, call=call: factors.deltas.__setitem__(call, d.detach()))
-                handles.append(layer.module.register_forward_hook(hook, prepend=True))   # before a user's hook
-        try:
-            yield z
-        finally:
-            for h in handles:
-                h.remove()
-
-    def _precondition(self, g: torch.Tensor, p: torch.Tensor, groups: dict[int, dict]) -> torch.Tensor:
-        """Γ_t g with Γ_t = diag(1/(√v̂ + ε)) from Adam's state of ``p`` before this step; g
-        unchanged where the state is still empty (the first step) or Adam does not hold p."""
-        if self.optimizer is None:
-            raise ConfigError("invalid value for 'optimizer': 'adam' asks for the trainer's Adam, which no callback "
-                              "has given; in a plain loop pass the optimizer itself (gs.InRun(..., optimizer=opt))")
-        state = self.optimizer.state.get(p, {})
-        if "exp_avg_sq" not in state:
-            return g
-        beta2, eps = groups[id(p)]["betas"][1], groups[id(p)]["eps"]
-        v_hat = state["exp_avg_sq"] / (1 - beta2 ** float(state["step"]))
-        return g / (v_hat.sqrt() + eps)
-
-    def _lr_weights(self, lr: float | None, groups: dict[int, dict]) -> dict[str, float]:
-        """{parameter name: η_g/η} for the parameters the optimizer moves by another learning
-        rate η_g than the step's η (its group's; 0 where it holds no such parameter), so that
-        η·dot is the first-order change of J; {} without an optimizer or η, or where the
-        optimizer holds none of the parameters (a warning: it steps copies of them)."""
-        if self.optimizer is None or not lr:
-            return {}
-        names = self.engine.param_names
-        if not any(id(self.params[n]) in groups for n in names):
-            if not self._warned_groups:
-                self._warned_groups = True
-                warnings.warn(f"the optimizer ({type(self.optimizer).__name__}) holds none of the model's "
-                              f"parameters, so their learning rates are unknown; inrun_value weighs every parameter "
-                              f"by the step's lr", GradscoreWarning, stacklevel=2)
-            return {}
-        held = [id(self.params[n]) in groups for n in names]
-        stray = [n for n, h in zip(names, held) if not h]
-        if stray and set(stray) != self._warned_stray:   # once per set: a new head the loop's new optimizer steps
-            self._warned_stray = set(stray)
-            listed = ", ".join(stray[:6]) + (f" and {len(stray) - 6} more" if len(stray) > 6 else "")
-            warnings.warn(f"{listed} require grad, but the optimizer ({type(self.optimizer).__name__}) does "
-                          f"not hold them, so inrun_value weighs them 0 (they do not move); if the loop steps another "
-                          f"optimizer now, set rec.optimizer to it", GradscoreWarning, stacklevel=2)
-        rates = {n: float(groups[id(self.params[n])]["lr"]) if h else 0.0 for n, h in zip(names, held)}
-        return {n: r / lr for n, r in rates.items() if r != lr}
 
     def _add(self, record: dict[str, np.ndarray], step: int, scale: float) -> None:
         """Queue a step's ``record``; with a loss scaler, hold the latest step's records until
@@ -1024,10 +728,6 @@ class InRun:
         self._lock.close()   # a training resumed in this process may continue the file
 
 
-#: elements of the (rows, B) same-target block :func:`_median_fill` forms at a time
-_FILL_ELEMENTS = 2**22
-
-
 def step_lr(optimizer: Any) -> float:
     """The step's η that a trainer's callback records: the largest learning rate among the
     optimizer's parameter groups (the recorder weighs each group by its own over it, so a
@@ -1035,470 +735,3 @@ def step_lr(optimizer: Any) -> float:
     if optimizer is None:
         return 0.0
     return max(float(g["lr"]) for g in optimizer.param_groups)
-
-
-def _median_fill(s: torch.Tensor, readable: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-    """(B,) for each example: the median (the lower one, as ``torch.median``) of ``s`` over the
-    ``readable`` examples with its target ``y``, else over all readable ones, else NaN; in
-    batched ops, without a pass per example (late in training most of a batch may be fit)."""
-    nan = s.new_tensor(float("nan"))
-    pool = torch.where(readable, s, nan)
-    fill = torch.nanmedian(pool).expand_as(s)
-    if y is None:
-        return fill
-    rows = max(1, _FILL_ELEMENTS // len(s))
-    parts = [torch.nanmedian(torch.where(y[i:i + rows, None] == y[None, :], pool[None, :], nan), dim=1).values
-             for i in range(0, len(s), rows)]
-    by_target = torch.cat(parts)
-    return torch.where(torch.isnan(by_target), fill, by_target)
-
-
-#: elements of the model output whose loss gradient :class:`_LossTerms` forms at a time
-_TERM_ELEMENTS = 2**20
-
-
-def _cast_from(t: torch.Tensor) -> tuple[Any, int] | None:
-    """(autograd node, output index) of the tensor that ``t`` is a dtype or device copy of
-    (``s.float()``, as Accelerate converts a model's outputs under mixed precision, after the
-    model computed its loss from s), or None: the δ a loss sends to s does not pass
-    through t."""
-    fn = t.grad_fn
-    if fn is None or type(fn).__name__ != "ToCopyBackward0" or len(fn.next_functions) != 1:
-        return None
-    node, index = fn.next_functions[0]
-    return None if node is None else (node, index)
-
-
-def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(n,) Σ_j a_ij b_ij as a batched matrix product (BLAS dots; ``vecdot`` is several
-    times slower on CPU for long rows)."""
-    return torch.bmm(a[:, None, :], b[:, :, None]).reshape(len(a))
-
-
-@dataclass
-class _LossTerms:
-    """What a step's record reads from its output z and output gradient δ, per example:
-    ℓ_b (B,), the classification metrics, and, in float64, ‖d_b‖², ⟨δ_b, d_b⟩ and ‖δ_b‖²
-    (B,) with d_b = ∂ℓ_b/∂z_b; ``dtype``: δ's; ``width``: output elements per example."""
-
-    losses: torch.Tensor
-    metrics: dict[str, torch.Tensor]
-    d_sq: torch.Tensor
-    dot: torch.Tensor
-    delta_sq: torch.Tensor
-    dtype: torch.dtype
-    width: int
-
-    @classmethod
-    def of(cls, loss: Loss, z: torch.Tensor, delta: torch.Tensor, y: torch.Tensor) -> "_LossTerms":
-        """From z and δ (B, ...) and the targets y (B, ...), a block of examples at a time:
-        the float64 copies stay at :data:`_TERM_ELEMENTS` elements, whatever the vocabulary."""
-        width = math.prod(z.shape[1:])
-        fused = None
-        if numba_on_cpu():   # the one-pass numba paths (a small classifier's on a GPU's outputs too)
-            fused = cls._softmax_rows(loss, z, delta, y) if z.device.type == "cpu" else None
-            if fused is None:
-                fused = cls._classifier_rows(loss, z, delta, y)
-        if fused is not None:
-            return cls(*fused, delta.dtype, width)
-        blocks = -(-len(z) * width // _TERM_ELEMENTS)   # as few as fit, of equal size
-        rows = -(-len(z) // max(1, blocks))
-        if rows >= len(z):   # one block (a classifier's batch): no copies into a whole
-            return cls(*cls._block(loss, z, delta, y), delta.dtype, width)
-        parts = [cls._block(loss, z[i:i + rows], delta[i:i + rows], y[i:i + rows]) for i in range(0, len(z), rows)]
-        losses, metrics, d_sq, dot, delta_sq = zip(*parts)
-        return cls(torch.cat(losses), {k: torch.cat([m[k] for m in metrics]) for k in metrics[0]},
-                   torch.cat(d_sq), torch.cat(dot), torch.cat(delta_sq), delta.dtype, width)
-
-    @staticmethod
-    def _softmax_rows(loss: Loss, z: torch.Tensor, delta: torch.Tensor, y: torch.Tensor):
-        """A language model's terms in one pass over z and δ (``kernels.softmax_ce_numba``; CPU
-        tensors, numba on), where ℓ_b is a weighted sum of its rows' cross-entropies; None elsewhere."""
-        if loss.softmax_rows is None or z.dim() != 3 or y.shape != z.shape[:2]:
-            return None
-        rows = loss.softmax_rows(y, z.shape[2])
-        if rows is None:   # targets the loss refuses: the generic path says why
-            return None
-        from ..kernels.softmax_ce_numba import softmax_ce_rows_numba
-        labels, w = rows
-        B, T, V = z.shape
-        losses, d_sq, dot, delta_sq = softmax_ce_rows_numba(z.reshape(B * T, V), delta.reshape(B * T, V),
-                                                            labels.reshape(-1)).reshape(B, T, 4).sum(1).unbind(1)
-        # float32 at least: a bfloat16 output's losses keep their digits (autocast's loss is float32 too)
-        return ((losses * w).to(acc_dtype(z.dtype)), classification_metrics(loss, z, y), d_sq * w ** 2, dot * w,
-                delta_sq)
-
-    @staticmethod
-    def _classifier_rows(loss: Loss, z: torch.Tensor, delta: torch.Tensor, y: torch.Tensor):
-        """A small classifier's terms and metrics in one numba call
-        (``kernels.softmax_ce_numba.classifier_rows_numba``; numba on), where a step's fixed costs
-        dominate; None elsewhere, and for one logit per example, labels outside [0, C) or of a
-        dtype the loss refuses (the generic path says why). On a GPU, z, δ and y come to the
-        host and the terms go back in one copy each: the generic path's ~30 small ops are each
-        a kernel launch there, and it waits for δ too (its label check)."""
-        from ..kernels.softmax_ce_numba import CLASSIFIER_ELEMENTS, classifier_rows_numba
-        if (not loss.is_cross_entropy or z.dim() != 2 or z.shape[1] < 2 or y.shape != z.shape[:1]
-                or y.dtype not in CLASS_INDEX_DTYPES or z.numel() > CLASSIFIER_ELEMENTS):
-            return None
-        device = z.device
-        rows = classifier_rows_numba(z.cpu(), delta.cpu(), y.cpu())
-        if rows is None:
-            return None
-        losses, d_sq, dot, delta_sq, margin, p_gold, correct = rows.to(device).unbind(1)
-        # the keys and meaning of classification_metrics (a test holds the two paths equal)
-        metrics = {"el2n": d_sq.sqrt(), "p_gold": p_gold, "correct": correct.to(torch.int8), "margin": margin}
-        return losses, metrics, d_sq, dot, delta_sq
-
-    @staticmethod
-    def _block(loss: Loss, z: torch.Tensor, delta: torch.Tensor, y: torch.Tensor):
-        probs = None
-        z = z.to(acc_dtype(z.dtype))   # float32 at least: a bfloat16 output's losses keep their digits
-        if loss.indexes_classes and z.dim() == 2 and not y.dtype.is_floating_point:
-            unlabeled = int((y == IGNORE_INDEX).sum())
-            if unlabeled:   # the loss leaves them out, but they have no loss or margin of their own to record
-                raise ConfigError(f"invalid value for 'y': {unlabeled} of {len(y)} labels are {IGNORE_INDEX}, the "
-                                  f"loss's ignore_index (unlabeled examples), which have no loss, margin or gradient "
-                                  f"of their own; in-run scoring records labeled examples: record the steps over "
-                                  f"them, or give every example of a recorded step its label")
-        if loss.is_cross_entropy and z.dim() == 2 and not y.dtype.is_floating_point:
-            losses = loss.fn(z, y)    # ∂ℓ_b/∂z_b = softmax(z_b) − onehot(y_b), without a backward
-            probs = torch.softmax(z.double(), 1)
-            column = y[:, None].long()   # an index: uint8 labels, which the loss takes, too
-            d = probs.scatter(1, column, (probs.gather(1, column) - 1))
-        else:
-            with torch.enable_grad():
-                leaf = z.detach().requires_grad_(True)
-                losses = loss.fn(leaf, y)
-                if losses.shape != (len(z),):   # a per-pixel loss (segmentation), say
-                    raise ConfigError(f"the '{loss.name}' loss gives shape {tuple(losses.shape)} for an output of "
-                                      f"{tuple(z.shape)}; in-run scoring needs one loss per example, ({len(z)},): "
-                                      f"pass loss= a function of (output, y) that reduces each example's terms")
-                (d,) = torch.autograd.grad(losses.sum(), leaf)
-            losses = losses.detach()
-        width = math.prod(z.shape[1:])
-        d, delta = d.reshape(len(z), width).double(), delta.reshape(len(z), width).double()
-        return (losses, classification_metrics(loss, z, y, probs), _row_dot(d, d), _row_dot(delta, d),
-                _row_dot(delta, delta))
-
-
-def example_ids(ids: Any) -> np.ndarray:
-    """A step's example ids (B,) as they are stored: int64, or str. Ids that would be stored
-    as another id are refused: a fraction (0.5 would be 0), an unsigned id above 2⁶³ − 1
-    (it would wrap), bools, and objects that are neither integers nor strings."""
-    arr = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids).reshape(-1)
-    if arr.dtype.kind == "O":   # Python objects: all strings, or all integers
-        if all(isinstance(i, str) for i in arr):
-            arr = arr.astype(str)
-        elif all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in arr):
-            arr = np.asarray(arr.tolist())
-    kind, fix = arr.dtype.kind, "give each example's index in the dataset (integers) or its id string"
-    if kind == "U" or kind == "S":
-        return arr.astype(str)
-    if kind == "f" and len(arr):
-        whole = np.isfinite(arr) & (arr == np.round(arr)) & (np.abs(arr) < 2.0**63)
-        if not whole.all():
-            bad = arr[~whole][0].item()
-            what = "outside ±2**63, the ids stored" if np.isfinite(bad) and bad == round(bad) else "not a whole number"
-            raise ConfigError(f"invalid value for 'ids': {bad!r} is {what}; {fix}")
-    elif kind == "u" and len(arr) and arr.max() > np.iinfo(np.int64).max:
-        raise ConfigError(f"invalid value for 'ids': {arr.max().item()} is above 2**63 - 1, the largest id "
-                          f"stored; {fix}")
-    elif kind not in "iuf":
-        raise ConfigError(f"invalid value for 'ids': {arr.dtype.name if kind != 'O' else 'object'} ids; {fix}")
-    return arr.astype(np.int64, copy=False)
-
-
-class _Step:
-    """One training step's hooks (see :meth:`InRun.step`)."""
-
-    def __init__(self, rec: InRun, ids, y: torch.Tensor, lr: float | None, step: int, auto: bool = False) -> None:
-        y = y if isinstance(y, torch.Tensor) else torch.as_tensor(y)
-        self.rec, self.y, self.lr, self.step, self.auto = rec, y, lr, step, auto
-        self.ids = example_ids(ids)
-        if len(self.ids) != len(y):
-            raise ConfigError(f"invalid value for 'ids': {len(self.ids)} ids for {len(y)} targets y; give one id "
-                              f"per example of the batch")
-        ordered = np.sort(self.ids)   # neighbors: a tenth of np.unique's cost on a batch
-        repeated = ordered[1:][ordered[1:] == ordered[:-1]]
-        if len(repeated):
-            times = int((self.ids == repeated[0]).sum())
-            raise ConfigError(f"invalid value for 'ids': {repeated[0].item()!r} appears {times} times in "
-                              f"one step; each example of a batch needs its own id (its index in the dataset)")
-        kind = "strings" if self.ids.dtype.kind == "U" else "integers"
-        if len(self.ids) and rec._id_kind not in (None, kind):   # 1 and "1" would be one example
-            raise ConfigError(f"invalid value for 'ids': {kind} in step {step}, {rec._id_kind} before; give "
-                              f"every step's ids as one kind (integers or strings)")
-        rec._id_kind = rec._id_kind or (kind if len(self.ids) else None)
-        if rec.targets is not None and lr is None and "inrun_value" in rec.config.scores:
-            raise ConfigError("invalid value for 'lr': inrun_value needs the step's learning rate; pass "
-                              "rec.step(ids, y, lr=...)")
-        if lr is not None:
-            self.lr = lr = float(lr)
-            if not (math.isfinite(lr) and lr >= 0):
-                raise ConfigError(f"invalid value for 'lr': {lr}; give the step's learning rate, a finite "
-                                  f"learning rate >= 0")
-        if rec._last_step is not None and step < rec._last_step:   # a target is shared by one step's micro-batches
-            raise ConfigError(f"invalid value for 'step': {step} after {rec._last_step}; steps number the optimizer "
-                              f"steps of the whole run and never go back (pass e.g. epoch * steps_per_epoch + i, "
-                              f"or leave step out to count rec.step calls)")
-        if rec._last_step is None and rec._continued is not None:
-            rec._resumed_at(step)
-        rec._last_step = step
-        self.stack = contextlib.ExitStack()
-        self.state, self.target = None, None
-        self.calls = 0
-        self.output: torch.Tensor | None = None
-        self.live: torch.Tensor | None = None   # the output itself, on a step that checks the loss's paths
-        self.terms: _LossTerms | None = None
-        self.scale = 1.0                      # the loss scale of this step's backward
-        self.error: Exception | None = None
-        self.wrong: list[tuple[str, str]] = []   # (module, norm) whose backward torch may get wrong here
-
-    def __enter__(self) -> "_Step":
-        rec = self.rec
-        for name, m in rec.batchnorms:
-            if m.training:
-                raise EngineError(f"layer '{name}' ({type(m).__name__}) is in training mode: it normalizes "
-                                  f"each example with its batch's statistics, so no example has a gradient "
-                                  f"of its own. Use GroupNorm or LayerNorm, or freeze its statistics "
-                                  f"(call .eval() on the BatchNorm layers after model.train()), or score "
-                                  f"saved checkpoints in eval mode (gradscore run)")
-        self.handles = [rec.model.register_forward_hook(self._post)]
-        if len(self.ids) == 1:   # where torch's backward of a batch of one is wrong
-            self.stack.enter_context(wrong_in_torch(rec.model, self.wrong))
-        if not self.auto:   # attached: the recorder's own pre-hook calls _pre
-            self.handles.append(rec.model.register_forward_pre_hook(self._pre, with_kwargs=True))
-        return self
-
-    def _pre(self, module, args, kwargs):
-        rec = self.rec
-        if rec._busy or not torch.is_grad_enabled():   # a call under no_grad (pseudo-labels) adds no gradient
-            return None
-        self.calls += 1
-        if self.calls > 1:
-            raise EngineError("the model was called twice inside one rec.step; wrap each forward+backward "
-                              "(each micro-batch) in its own rec.step")
-        x = _inputs(args, kwargs)
-        if isinstance(x, dict):   # the batch's tensors, and the keywords that are not tensors (task="b"): the
-            # recorder's runs of the model take them; other tensors (a Trainer's num_items_in_batch) stay out
-            x = {k: v for k, v in x.items() if (isinstance(v, torch.Tensor) and v.dim() and len(v) == len(self.ids))
-                 or isinstance(v, (str, bool, int, float, type(None)))}
-        self.B = batch_len(x)
-        if self.B != len(self.ids):
-            raise ConfigError(f"invalid value for 'ids': {len(self.ids)} ids for a batch of {self.B}; give one id "
-                              f"per example of the batch")
-        if self.B == 0:
-            return None
-        rec._follow_training(self.step)
-        for layer in rec.engine.layers:   # in the forward's mode a rule may not apply (dropout inside attention)
-            reason = layer.rule.supports(layer.module)
-            if reason:
-                raise EngineError(f"layer '{layer.name}': {reason}")
-        # the scale this step's backward will use: a trainer may update its scaler before __exit__,
-        # and reading it here, not in the backward, keeps a device sync out of the backward
-        self.scale = rec._loss_scale()
-        check = not rec._laid_out and rec.config.hidden_terms == "refuse"   # the loss's paths (OutputPaths)
-        if not rec._laid_out:
-            self._lay_out(x)
-        self.target = rec._target_refs(self.step, self.lr, self.B)   # after the layout: it picks each layer's form
-        self.state = self.stack.enter_context(rec.engine.recording(
-            self.B, None if self.target is None else self.target[0], check_paths=check, x=x,
-            aside=rec._own_forwards))   # a layer the first step did not call is laid out on the step that does
-        return None
-
-    def _lay_out(self, x: Inputs) -> None:
-        """First step: each layer's batch dimension, and whether an example's output depends
-        on its batch, checked in eval mode on this batch."""
-        rec = self.rec
-        with rec._own_forwards():
-            rec.engine.lay_out(x)
-        if rec.engine.coupled:
-            raise EngineError("the model's output for an example depends on the rest of its batch; in-run "
-                              "scoring cannot give it a gradient of its own")
-        try:
-            rec._refuse_fallback()
-        except EngineError as e:
-            square = [f"'{k}' {tuple(v.shape)}" for k, v in (x.items() if isinstance(x, dict) else ())
-                      if isinstance(v, torch.Tensor) and v.shape == (self.B, self.B)]
-            if not square:
-                raise
-            raise EngineError(f"{e}. If the keyword {' or '.join(square)} is one tensor the whole batch shares (a "
-                              f"(T, T) attention mask, with T == B here), the recorder took its rows for the "
-                              f"examples': make it inside the model's forward, or keep it on the model, rather than "
-                              f"pass it as a keyword") from None
-        rec._laid_out = True
-
-    def _post(self, module, args, output):
-        if self.rec._busy or not torch.is_grad_enabled() or self.B == 0:
-            return None
-        self.rec.engine.note_output(output)   # the layers this call skipped (LayerDrop) whose weights nothing reaches
-        try:
-            output = output_tensor(output)
-        except TypeError as e:
-            raise EngineError(f"in-run scoring reads the model's logits: {e}") from None
-        self.output = output.detach()
-        if self.state is not None and self.state.paths is not None:   # a backward of z alone starts from it
-            self.live = output
-        if output.requires_grad:   # the first δ to come is read: the output's own, else (below) its source's
-            output.register_hook(self._grab)
-        source = _cast_from(output)
-        if source is not None:   # a cast copy the loss may not read (Accelerate's float32 outputs, made after
-            node, index = source  # the model's own loss): δ of the values the model computed
-            node.register_prehook(lambda grads: self._grab(grads[index], (node, index))
-                                  if grads[index] is not None else None)
-        return None
-
-    def _check_paths(self, grad: torch.Tensor, edge: tuple | None) -> None:
-        """On a plan's first step, before the backward goes on from z: a backward of z alone
-        with the same ∂L/∂z, whose δ's the engine compares with the step's (OutputPaths). A
-        model that refuses a second backward (a reentrant checkpoint) is not checked."""
-        paths, live, self.live = self.state.paths, self.live, None
-        if paths is None or paths.ran or live is None:
-            return
-        if edge is not None:   # δ came to the cast's source: start from that edge of the graph
-            live = torch.autograd.graph.GradientEdge(*edge)
-        try:
-            paths.run(live, grad)
-        except RuntimeError as e:
-            paths.alone.clear()
-            why = ("a reentrant torch.utils.checkpoint refuses it: pass use_reentrant=False (the same gradients) "
-                   "to have it checked" if "use_reentrant=True" in str(e) else cause(e))
-            warnings.warn(f"could not check that the step's loss reaches the model only through its output ({why}); "
-                          f"a loss term on an activation inside the model would go unseen", GradscoreWarning,
-                          stacklevel=2)
-
-    def _grab(self, grad: torch.Tensor, edge: tuple | None = None) -> None:
-        """δ = ∂L/∂z has come: read what the record needs from z and δ now, in row blocks, and
-        let both go (a language model's (B, T, V) logits and their gradient are the step's
-        largest tensors). An error is raised after the backward, not inside it. ``edge``: (node,
-        input) where δ came to the source of a cast copy of z."""
-        if self.output is None:   # read by an earlier backward of this step, which the engine refuses
-            return
-        if self.state is not None and self.state.paths is not None and self.state.paths.running:
-            return                 # the backward of z alone (_check_paths) passes z too
-        self._check_paths(grad, edge)
-        z, grad = self.output, grad.detach().to(self.output.device)
-        if z.dtype != grad.dtype:   # the model returned a cast copy of its output
-            if torch.promote_types(z.dtype, grad.dtype) != z.dtype:   # not an exact upcast (bf16 ↔ fp16 neither)
-                self.error = EngineError(f"the model returns its output in {z.dtype}, a rounded copy of the "
-                                         f"{grad.dtype} values its loss used; in-run scoring reads the loss from "
-                                         f"the output, so return it in {grad.dtype}")
-                self.output = None
-                return
-            z = z.to(grad.dtype)    # an upcast copy: the values the loss read, exactly
-        try:
-            self._check_loss(z)
-            self.terms = _LossTerms.of(self.rec.loss, z, grad, self.y.to(z.device))
-        except GradscoreError as e:   # raised by __exit__, outside autograd's engine
-            self.error = e
-        except Exception as e:  # noqa: BLE001 - the targets do not fit the loss: the user's y
-            self.error = ConfigError(f"invalid value for 'y': the recorder's '{self.rec.loss.name}' loss failed on "
-                                     f"the model's output and these targets ({cause(e)}); give y as the step's "
-                                     f"own loss takes it (shape {tuple(self.y.shape)}, {self.y.dtype} here)")
-        self.output = None
-
-    def _check_loss(self, z: torch.Tensor) -> None:
-        """On the first step of two or more examples: ConfigError where the recorder's loss
-        for an example reads the other rows of its batch (:func:`reads_the_batch`)."""
-        rec = self.rec
-        if rec._loss_checked or rec.loss.per_example or len(z) < 2:
-            return
-        rec._loss_checked = True
-        why = reads_the_batch(rec.loss, z, self.y.to(z.device))
-        if why is not None:
-            raise ConfigError(f"{why}; in-run scoring records each example's share of a sum of per-example "
-                              f"losses: pass loss= a loss of each example's own output row")
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        for h in self.handles:
-            h.remove()
-        self.stack.close()                      # the hooks go; the rules of the δ's that came run
-        if exc_type is not None or getattr(self, "B", 1) == 0:
-            return None
-        if self.calls == 0:
-            raise EngineError("rec.step saw no call of the model; run the forward and backward inside it")
-        if self.rec.engine.moved_to_fallback():   # a layer not called, or called another way
-            self.rec._refuse_fallback()
-        if self.error is not None:
-            raise self.error
-        if self.wrong:
-            name, norm = self.wrong[0]
-            module = self.rec.model.get_submodule(name)
-            where = f"layer '{name}'" if name else "the model"
-            kind = {"instance_norm": nn.modules.instancenorm._InstanceNorm,
-                    "batch_norm": nn.modules.batchnorm._BatchNorm}[norm]
-            if not isinstance(module, kind):   # F.instance_norm / F.batch_norm in its forward
-                where = f"F.{norm} in the forward of {where}"
-            label = {"instance_norm": "InstanceNorm", "batch_norm": "BatchNorm"}[norm]
-            raise EngineError(f"{where} ({type(module).__name__}): torch's CPU {label} backward can be wrong for "
-                              f"a batch of one example whose output gradient comes channels_last (a model in "
-                              f"channels_last, or tokens made by flatten(2).transpose(1, 2) after the norm), so "
-                              f"this step's gradient (the training's own) and the records of the layers before "
-                              f"the norm would be wrong; nothing is recorded for it. Train on batches of two or "
-                              f"more (drop_last=True keeps a last batch of one out)")
-        if self.terms is None or self.state is None or self.state.sq is None:
-            raise EngineError("no backward reached the model inside rec.step; call loss.backward() inside the "
-                              "`with rec.step(...)` block")
-        if self.state.paths is not None and self.state.paths.other is not None:
-            raise EngineError(f"the step's loss reaches layer '{self.state.paths.other}' other than through the "
-                              f"model's output: a term on an activation inside the model (a penalty, a batch term "
-                              f"such as MoE load balancing, an auxiliary head) adds gradient there that is no "
-                              f"example's share of the output's loss. "
-                              f"If each such term is one example's (deep supervision, an activation penalty), pass "
-                              f"gs.InRun(..., hidden_terms='per_example') to record it in that example's gradient; "
-                              f"else score saved checkpoints (gradscore run), which differentiate the per-example "
-                              f"loss alone")
-        self._record()
-        return None
-
-    def _record(self) -> None:
-        rec, t = self.rec, self.terms
-        local = self._share(t)                      # s_b in the loss this backward ran on
-        sq_local = self.state.sq.double()           # ‖∇(s_b ℓ_b)‖²
-        # the update's gradient is the backward's over the loss scale and the W ranks DDP averages
-        divisor = self.scale * rec.data_parallel
-        share, share_sq = local / divisor, sq_local / divisor ** 2
-        dot = None if self.state.dots is None else self.state.dots / divisor
-        # device tensors until the flush: no host copy (nor CUDA sync) per step for these
-        record = {"ids": self.ids, "step": np.full(self.B, self.step, dtype=np.int64),
-                  "lr": np.full(self.B, np.nan if self.lr is None else self.lr),
-                  "loss": t.losses, "share": share, "share_sq_norm": share_sq,
-                  "sq_norm": sq_local / local ** 2, **t.metrics}
-        if self.target is not None:
-            record["dot"] = dot[:, 0]
-            record["target_norm"] = np.full(self.B, self.target[1])
-        else:
-            record["dot"] = record["target_norm"] = np.full(self.B, np.nan)
-        rec._add(record, self.step, self.scale)
-
-    def _share(self, t: "_LossTerms") -> torch.Tensor:
-        """(B,) s_b with δ_b = s_b d_b (δ: the output gradient of the step's loss, d: of ℓ_b),
-        refused where δ_b is not such a multiple. δ carries its dtype's rounding (a float32
-        softmax near 1 keeps ~7 digits of 1 − p), so s_b is read only where ‖d_b‖ makes that
-        rounding below the tolerance: a few eps per output row in units of the row's weight
-        (``Loss.weights_sq``; one eps per output element for a loss that does not say); an example
-        the loss no longer moves takes the median share of its batch's readable examples of the
-        same target (of all, else NaN); a language model's, whose share follows its token
-        count, NaN."""
-        tol = _SHARE_TOL.get(t.dtype, 3e-2)
-        eps = torch.finfo(t.dtype).eps
-        d_sq, dot, delta_sq = t.d_sq, t.dot, t.delta_sq
-        weights_sq = self.rec.loss.weights_sq      # the rounding grows with the rows ℓ_b sums, not their width
-        weights = None if weights_sq is None else weights_sq(self.y)
-        units = (t.width if weights is None else _ROW_ROUNDING ** 2 *
-                 (weights.to(d_sq) if isinstance(weights, torch.Tensor) else weights))
-        readable = d_sq > (eps / tol) ** 2 * units
-        s = dot / d_sq.clamp(min=torch.finfo(torch.float64).tiny)
-        resid_sq = delta_sq - s * dot               # ‖δ − s d‖² (float64: no cancellation at tol² ≥ 1e-6)
-        bad = readable & (resid_sq > tol ** 2 * delta_sq)
-        if bad.any():
-            b = int(bad.nonzero()[0])
-            raise ConfigError(f"the step's loss is not a weighted sum of the per-example '{self.rec.loss.name}' "
-                              f"losses of the model's output (example {self.ids[b].item()!r}: its output gradient is "
-                              f"not a multiple of ∂ℓ/∂z at its y: label smoothing, another loss, or a y that is not "
-                              f"the loss's targets); pass loss= the per-example loss the step uses, and y= its targets")
-        if not readable.all():   # a language model's share follows its token count: no other example's
-            fill = (torch.full_like(s, float("nan")) if self.rec.loss.output == "tokens" else
-                    _median_fill(s, readable, self.y if self.y.dim() == 1 else None))
-            s = torch.where(readable, s, fill)
-        return s
