@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -70,6 +70,7 @@ class Scorer:
         self._sketcher = None   # a SketchEngine, made by the first sketch_batch
         self._shapes = [named[n].shape for n in self.param_names]
         self._reach_checked = False   # whether the first gradient batch was checked (_check_first_batch)
+        self._random_checked = False   # whether the forward was checked for random draws (_check_random)
 
     def explain(self) -> dict[str, str]:
         """{parameter name: how its per-example gradient is computed} (engine, rule, reason)."""
@@ -138,12 +139,36 @@ class Scorer:
         check_batch(x, y)
         blocks = self.ref_blocks(refs)
         if not gradients:
-            return self._guarded(lambda: self.engine.forward(x, y), x, y)
-        out = self._guarded(lambda: self.engine.score_batch(x, y, blocks), x, y)
+            return self._checked(lambda: self.engine.forward(x, y), x, y)
+        out = self._checked(lambda: self.engine.score_batch(x, y, blocks), x, y)
         if not self._reach_checked and batch_len(x):   # an empty batch shows nothing of where gradients reach
             self._reach_checked = True
             self._check_first_batch(x, y)
         return out
+
+    def _checked(self, call: Callable[[], ScoreBatch], x: Inputs, y: torch.Tensor) -> ScoreBatch:
+        """``call()`` (:meth:`_guarded`), then :meth:`_check_random`; that also where the engine
+        failed (vmap's randomness error), whose cause to name is then the forward's. After the
+        engine, so that its first forwards see the model as it was given (a cache it fills)."""
+        try:
+            out = self._guarded(call, x, y)
+        except GradscoreError:
+            self._check_random(x)
+            raise
+        self._check_random(x)
+        return out
+
+    def _check_random(self, x: Inputs) -> None:
+        """On the first batch with examples: an :class:`EngineError` where the model's forward is
+        random in eval mode (:func:`.engines.layout.random_in_eval`), whose every score, by any
+        engine, would be a random draw (a batch so scored is not returned)."""
+        from .engines.layout import RANDOM_IN_EVAL, RANDOM_IN_EVAL_FIX, random_in_eval
+        if self._random_checked or not batch_len(x):
+            return
+        if random_in_eval(self.model, x):
+            raise EngineError(f"{RANDOM_IN_EVAL}, so every per-example score would be a random draw; "
+                              f"{RANDOM_IN_EVAL_FIX}")
+        self._random_checked = True
 
     def _check_first_batch(self, x: Inputs, y: torch.Tensor) -> None:
         """Warn (:class:`GradscoreWarning`) where the engine's per-example gradients of the first
@@ -209,7 +234,7 @@ class Scorer:
         if self._sketcher is None or self._sketcher.projection is not projection:
             self._sketcher = SketchEngine(self.model, self.loss, self.param_names, projection,
                                           self.engine.chunk_bytes)
-        return self._guarded(lambda: self._sketcher.sketch_batch(x, y, dtype), x, y)
+        return self._checked(lambda: self._sketcher.sketch_batch(x, y, dtype), x, y)
 
     def _guarded(self, call, x: Inputs, y: torch.Tensor) -> ScoreBatch:
         """``call()``; an error of torch's becomes one :class:`EngineError` with its cause and fix."""

@@ -110,6 +110,27 @@ def test_bad_inputs_exit_2_with_one_line(tiny_run, tmp_path, capsys):
     assert not (tmp_path / "s.h5").exists()
 
 
+def test_a_model_random_in_eval_mode_stops_run_sketch_and_costate_in_one_line(tiny_run, tmp_path, capsys):
+    """A model whose forward calls F.dropout(h, p) without training=self.training scored
+    every example as a random draw (the same checkpoint twice gave other scores), exit 0;
+    the auto engine put it to the per-example loop as one "whose output depends on the rest
+    of its batch". `costate` made co-states of random draws of the losses. Now each stops
+    in one line with the cause and the fix."""
+    from tests_factory import drops_in_eval
+    _, data = tiny_run
+    with gs.CheckpointWriter(tmp_path / "random", model_factory="tests_factory:drops_in_eval") as w:
+        for step in range(2):   # the co-states need two
+            w.save(drops_in_eval(), step=step, lr=0.1, epoch=step)
+    says = (r"the model's output differs between two forwards of the same examples in eval mode: its forward "
+            r"draws random numbers \(F\.dropout\(x, p\) without training=self\.training.*which model\.eval\(\) "
+            r"turns off$")
+    for command in (["run", "--data", str(data)], ["sketch", "--dim", "8", "--data", str(data)],
+                    ["costate", "--proxy", str(data), "--target", str(data)]):
+        _fails(capsys, [*command, "--checkpoints", str(tmp_path / "random"), "--quiet",
+                        "--out", str(tmp_path / "out.h5")], says)
+    assert not (tmp_path / "out.h5").exists()
+
+
 def test_mismatched_model_in_checkpoint_is_named(tiny_run, tmp_path, capsys):
     import h5py
     ckpts, data = tiny_run

@@ -95,6 +95,37 @@ def test_train_mode_coupling_layers_are_refused(layer):
         gs.Scorer(model).score_batch(torch.randn(3, 4), torch.tensor([0, 1, 2]))
 
 
+class _NoiseInEval(nn.Module):
+    """Noise added to the hidden layer in eval mode too (a noise-injection regularizer
+    without a ``self.training`` check)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h + 0.3 * torch.randn_like(h))
+
+
+@pytest.mark.parametrize("engine", ["auto", "ghost", "vmap", "loop"])
+@pytest.mark.parametrize("kind", ["F.dropout", "noise"])
+def test_a_forward_random_in_eval_mode_is_refused_by_every_engine(engine, kind):
+    """A forward that draws random numbers in eval mode gives every score as a random draw
+    (the same example scored twice differs): every engine refuses it, before scoring, with
+    the cause and the fix, and nothing is refused of a forward that is deterministic."""
+    from tests_factory import drops_in_eval
+    model = (drops_in_eval(d_in=6, hidden=8, n_classes=3) if kind == "F.dropout" else _NoiseInEval()).double().eval()
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    scorer = gs.Scorer(model, engine=engine)
+    for gradients in (True, False):
+        with pytest.raises(gs.EngineError, match=r"differs between two forwards of the same examples in eval "
+                                                 r"mode.*F\.dropout\(x, p, training=self\.training\)"):
+            scorer.score_batch(x, y, gradients=gradients)
+    fixed = mlp(d_in=6, hidden=8, n_classes=3, depth=1).double().eval()
+    gs.Scorer(fixed, engine=engine).score_batch(x, y)
+
+
 def test_bad_refs_are_refused():
     model = mlp(d_in=6, hidden=5, n_classes=3, depth=1).eval()
     scorer = gs.Scorer(model)

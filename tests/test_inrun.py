@@ -952,6 +952,28 @@ def test_a_weight_used_outside_its_layer_is_refused_not_misread(tmp_path):
             F.cross_entropy(model(ids), y).backward()
 
 
+def test_a_forward_random_in_eval_mode_is_refused_with_its_cause(tmp_path):
+    """A forward that calls F.dropout(h, p) without training=self.training is random in eval
+    mode too, where the recorder lays the model out: it was refused as one "whose output for
+    an example depends on the rest of its batch", a wrong cause with no fix. Now its cause
+    and fix; the same model with nn.Dropout trains with the recorder."""
+    from tests_factory import drops_in_eval
+    model = drops_in_eval(d_in=6, hidden=8, n_classes=3)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    rec = gs.InRun(model.train(), out=tmp_path / "r.h5")
+    with pytest.raises(gs.EngineError, match=r"differs between two forwards of the same examples in eval mode: "
+                                             r"its forward draws random numbers.*the recorder checks each layer's "
+                                             r"batch dimension there.*F\.dropout\(x, p, training=self\.training\)"):
+        with rec.step(range(8), y):
+            F.cross_entropy(model(x), y).backward()
+    torch.manual_seed(0)
+    fixed = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3)).train()
+    rec = gs.InRun(fixed, out=tmp_path / "fixed.h5")
+    with rec.step(range(8), y):
+        F.cross_entropy(fixed(x), y).backward()
+    assert np.isfinite(gs.load_scores(rec.close())["scores"]["grand"]).all()
+
+
 @pytest.mark.parametrize("kind", ["attention", "lstm"])
 def test_dropout_inside_a_replayed_layer_is_refused_in_training(tmp_path, kind):
     """MultiheadAttention's attention dropout and a 2-layer LSTM's dropout between layers

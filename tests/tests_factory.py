@@ -50,3 +50,21 @@ def eager_net():
 def lazy_net():
     """:func:`eager_net` with its first layer lazy (nn.LazyLinear: the shape comes from a forward)."""
     return torch.nn.Sequential(torch.nn.LazyLinear(8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+
+
+class _DropsInEval(torch.nn.Module):
+    """An MLP whose forward calls ``F.dropout(h, 0.5)`` without ``training=self.training``
+    (F.dropout's default is training=True): random in eval mode too, a common slip."""
+
+    def __init__(self, d_in: int, hidden: int, n_classes: int) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(d_in, hidden), torch.nn.Linear(hidden, n_classes)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.dropout(torch.tanh(self.a(x)), 0.5))
+
+
+def drops_in_eval(d_in=12, hidden=8, n_classes=4):
+    """:class:`_DropsInEval`, seeded."""
+    torch.manual_seed(0)
+    return _DropsInEval(d_in, hidden, n_classes)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..batch import Inputs, batch_len, output_tensor
+from ..engines.layout import RANDOM_IN_EVAL, RANDOM_IN_EVAL_FIX, random_in_eval
 from ..engines.workarounds import wrong_in_torch
 from ..exceptions import ConfigError, EngineError, GradscoreError, GradscoreWarning, cause
 from ..losses import reads_the_batch
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 
 def _inputs(args: tuple, kwargs: dict) -> Inputs:
+    """The batch of a forward call: its one positional argument x, or its keywords."""
     if len(args) == 1 and not kwargs:
         return args[0]
     if not args and kwargs:
@@ -175,6 +177,11 @@ class Step:
         rec = self.rec
         with rec._own_forwards():
             rec.engine.lay_out(x)
+            # a forward random in eval mode looks coupled there: two runs of one example differ
+            if rec.engine.coupled and random_in_eval(rec.network, x):
+                raise EngineError(f"{RANDOM_IN_EVAL}; the recorder checks each layer's batch dimension there, "
+                                  f"which needs the same output twice; {RANDOM_IN_EVAL_FIX} (the training's own "
+                                  f"random draws, such as nn.Dropout's, are recorded as drawn)")
         if rec.engine.coupled:
             raise EngineError("the model's output for an example depends on the rest of its batch; in-run "
                               "scoring cannot give it a gradient of its own")
