@@ -106,6 +106,33 @@ def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (out - target.to(out.dtype)).pow(2).reshape(out.shape[0], -1).sum(1)
 
 
+#: how far a row may be from a probability row (sum 1) or a log-probability row (logsumexp 0) and
+#: still read as one, by the output's dtype (others: bfloat16, float16)
+_KIND_TOL = {torch.float64: 1e-3, torch.float32: 1e-3}
+
+
+def misread_output(loss: Loss, out: object) -> str | None:
+    """Why the built-in classification loss reads a model output (B, C) as what it is not,
+    with the fix: probabilities (every row >= 0 and summing to 1: a softmax at the model's
+    end) given to 'cross_entropy', which applies its own softmax; or rows that are not
+    log-probabilities (logsumexp not 0) given to 'nll'. None otherwise, and for a user's loss."""
+    if (not loss.indexes_classes or not isinstance(out, torch.Tensor) or not out.is_floating_point()
+            or out.dim() != 2 or out.shape[1] < 2 or not len(out)):
+        return None
+    tol, o = _KIND_TOL.get(out.dtype, 3e-2), out.detach().double()
+    if loss.fn is _cross_entropy and bool((o >= 0).all()) and float((o.sum(1) - 1).abs().max()) <= tol:
+        return ("the model's outputs are probabilities (each row >= 0, summing to 1: a softmax at its end), and "
+                "'cross_entropy' takes logits: it applies its own softmax, so every loss, EL2N and gradient is of "
+                "the softmax of probabilities; score the logits (the model without its last softmax), or their log "
+                "with loss='nll'")
+    lse = float(torch.logsumexp(o, 1).abs().max())
+    if loss.fn is _nll and lse > tol:
+        return (f"'nll' takes log-probabilities (a log_softmax at the model's end), and the model's output rows are "
+                f"not: their logsumexp reaches {lse:.3g} (0 for log-probabilities), so a loss -output[y] is no "
+                f"log-likelihood, nor p_gold exp(output[y]) a probability; score logits with loss='cross_entropy'")
+    return None
+
+
 def target_like(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
     """``y`` in the shape of ``out`` where it holds one value per output value, up to single
     dimensions ((B,) for an output (B, 1)); None for any other layout."""

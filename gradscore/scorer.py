@@ -11,7 +11,7 @@ from torch import nn
 from .batch import Inputs, batch_len, call_model, check_batch, describe, move, take
 from .engines import ScoreBatch, check_eval_mode, engine_class
 from .exceptions import EngineError, GradscoreError, GradscoreWarning, cause, model_fix
-from .losses import Loss, PerExampleLoss, check_head, resolve_loss
+from .losses import Loss, PerExampleLoss, check_head, misread_output, resolve_loss
 
 #: examples of the first scored batch that :meth:`Scorer._check_first_batch` checks
 REACH_EXAMPLES = 8
@@ -155,7 +155,11 @@ class Scorer:
         except GradscoreError:
             self._check_random(x)
             raise
+        first = not self._random_checked and batch_len(x)
         self._check_random(x)
+        why = misread_output(self.loss, out.logits) if first else None
+        if why is not None:
+            warnings.warn(why, GradscoreWarning, stacklevel=3)
         return out
 
     def _check_random(self, x: Inputs) -> None:

@@ -1,6 +1,7 @@
 """Every fast engine against the per-example autograd loop, in float64."""
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -618,3 +619,33 @@ def test_recurrent_layers_run_without_cudnn_only_inside_the_workarounds(monkeypa
     kernel(torch.zeros(1).as_subclass(cuda_like))
     kernel(torch.zeros(1))
     assert seen == [False, True] and torch.backends.cudnn.enabled
+
+
+@pytest.mark.parametrize("head, loss, says", [
+    (nn.Softmax(dim=1), "cross_entropy", r"outputs are probabilities \(each row >= 0, summing to 1: a softmax at "
+                                         r"its end\), and 'cross_entropy' takes logits"),
+    (nn.Identity(), "nll", r"'nll' takes log-probabilities .* their logsumexp reaches [0-9.]+ \(0 for "
+                           r"log-probabilities\)"),
+    (nn.Softmax(dim=1), "nll", r"'nll' takes log-probabilities"),
+    (nn.Identity(), "cross_entropy", None),
+    (nn.LogSoftmax(dim=1), "cross_entropy", None),   # softmax(log_softmax(z)) = softmax(z): the same loss
+    (nn.LogSoftmax(dim=1), "nll", None),
+])
+def test_an_output_the_loss_reads_as_another_kind_is_named_once(head, loss, says):
+    """A classifier ending in a softmax scored with the default 'cross_entropy' (which
+    applies its own) gave every loss, EL2N and gradient of softmax(probabilities), without a
+    word; so did logits given to 'nll'. Now one warning, from the first batch, with the fix;
+    none where the loss reads the output as what it is."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), head).double().eval()
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0])
+    scorer = gs.Scorer(model, loss=loss)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        scorer.score_batch(x, y)
+        scorer.score_batch(x, y)
+    said = [str(w.message) for w in seen if issubclass(w.category, gs.exceptions.GradscoreWarning)]
+    if says is None:
+        assert said == [], said
+    else:
+        assert len(said) == 1 and re.search(says, said[0]), said

@@ -952,6 +952,24 @@ def test_a_weight_used_outside_its_layer_is_refused_not_misread(tmp_path):
             F.cross_entropy(model(ids), y).backward()
 
 
+def test_a_softmax_output_given_to_cross_entropy_is_named_once(tmp_path):
+    """A classifier ending in a softmax, recorded with the default 'cross_entropy': one
+    warning at the first step, as gs.Scorer gives (test_engines.py), and the steps are
+    recorded (they are of the loss as given)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Softmax(dim=1))
+    x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    rec = gs.InRun(model, out=tmp_path / "r.h5")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            with rec.step(range(8), y):
+                F.cross_entropy(model(x), y).backward()
+    said = [str(w.message) for w in seen if issubclass(w.category, gs.exceptions.GradscoreWarning)]
+    assert len(said) == 1 and "outputs are probabilities" in said[0], said
+    assert len(gs.load_scores(rec.close())["ids"]) == 8
+
+
 def test_a_forward_random_in_eval_mode_is_refused_with_its_cause(tmp_path):
     """A forward that calls F.dropout(h, p) without training=self.training is random in eval
     mode too, where the recorder lays the model out: it was refused as one "whose output for

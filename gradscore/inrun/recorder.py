@@ -323,6 +323,7 @@ class InRun:
         self._written = False   # close() wrote the scores file, or training stopped in the with-block
         self._busy = False   # the recorder's own forwards are running: its hooks stand aside
         self._loss_checked = False   # whether a user's loss reads the batch (Step._check_loss)
+        self._output_checked = False   # whether the loss reads the output as its kind (Step._check_loss)
 
     def _older(self, overwrite: bool, resume: bool) -> "InRun | None":
         """An earlier recorder of ``out`` in this process that has not written it: refused,

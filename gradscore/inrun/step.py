@@ -16,7 +16,7 @@ from ..batch import Inputs, batch_len, output_tensor
 from ..engines.layout import RANDOM_IN_EVAL, RANDOM_IN_EVAL_FIX, random_in_eval
 from ..engines.workarounds import wrong_in_torch
 from ..exceptions import ConfigError, EngineError, GradscoreError, GradscoreWarning, cause
-from ..losses import reads_the_batch
+from ..losses import misread_output, reads_the_batch
 from .shares import LossTerms, read_shares
 
 if TYPE_CHECKING:
@@ -268,9 +268,16 @@ class Step:
         self.output = None
 
     def _check_loss(self, z: torch.Tensor) -> None:
-        """On the first step of two or more examples: ConfigError where the recorder's loss
-        for an example reads the other rows of its batch (:func:`reads_the_batch`)."""
+        """On the first step: a warning where the loss reads the output as another kind
+        (:func:`misread_output`: probabilities given to 'cross_entropy'); on the first of two or
+        more examples, a ConfigError where the recorder's loss for an example reads the other
+        rows of its batch (:func:`reads_the_batch`)."""
         rec = self.rec
+        if not rec._output_checked and len(z):
+            rec._output_checked = True
+            why = misread_output(rec.loss, z)
+            if why is not None:
+                warnings.warn(why, GradscoreWarning, stacklevel=2)
         if rec._loss_checked or rec.loss.per_example or len(z) < 2:
             return
         rec._loss_checked = True
