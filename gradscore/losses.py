@@ -125,8 +125,8 @@ def misread_output(loss: Loss, out: object) -> str | None:
                 "'cross_entropy' takes logits: it applies its own softmax, so every loss, EL2N and gradient is of "
                 "the softmax of probabilities; score the logits (the model without its last softmax), or their log "
                 "with loss='nll'")
-    lse = float(torch.logsumexp(o, 1).abs().max())
-    if loss.fn is _nll and lse > tol:
+    lse = float(torch.logsumexp(o, 1).abs().max()) if loss.fn is _nll else 0.0
+    if lse > tol:
         return (f"'nll' takes log-probabilities (a log_softmax at the model's end), and the model's output rows are "
                 f"not: their logsumexp reaches {lse:.3g} (0 for log-probabilities), so a loss -output[y] is no "
                 f"log-likelihood, nor p_gold exp(output[y]) a probability; score logits with loss='cross_entropy'")

@@ -149,7 +149,9 @@ class Scorer:
     def _checked(self, call: Callable[[], ScoreBatch], x: Inputs, y: torch.Tensor) -> ScoreBatch:
         """``call()`` (:meth:`_guarded`), then :meth:`_check_random`; that also where the engine
         failed (vmap's randomness error), whose cause to name is then the forward's. After the
-        engine, so that its first forwards see the model as it was given (a cache it fills)."""
+        engine, so that its first forwards see the model as it was given (a cache it fills).
+        On the first batch, a warning where the loss reads the output as another kind
+        (:func:`.losses.misread_output`: probabilities given to 'cross_entropy')."""
         try:
             out = self._guarded(call, x, y)
         except GradscoreError:
