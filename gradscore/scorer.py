@@ -166,14 +166,12 @@ class Scorer:
 
     def _check_random(self, x: Inputs) -> None:
         """On the first batch with examples: an :class:`EngineError` where the model's forward is
-        random in eval mode (:func:`.engines.layout.random_in_eval`), whose every score, by any
-        engine, would be a random draw (a batch so scored is not returned)."""
-        from .engines.layout import RANDOM_IN_EVAL, RANDOM_IN_EVAL_FIX, random_in_eval
+        random in eval mode (:func:`.engines.layout.refuse_random_in_eval`), whose every score,
+        by any engine, would be a random draw (a batch so scored is not returned)."""
+        from .engines.layout import refuse_random_in_eval
         if self._random_checked or not batch_len(x):
             return
-        if random_in_eval(self.model, x):
-            raise EngineError(f"{RANDOM_IN_EVAL}, so every per-example score would be a random draw; "
-                              f"{RANDOM_IN_EVAL_FIX}")
+        refuse_random_in_eval(self.model, x, ", so every per-example score would be a random draw")
         self._random_checked = True
 
     def _check_first_batch(self, x: Inputs, y: torch.Tensor) -> None:

@@ -56,7 +56,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..batch import Inputs, batch_len, call_model, concat, take
+from ..batch import Inputs, batch_len, call_model, concat, move, take
+from ..exceptions import EngineError
 from ..kernels.reference import autocast_dtypes, autocast_off
 from .free import (MERGED, TILED, Views, graph_nodes, in_place, last_node, map_leaves, misfit, needs_grad, op_nodes,
                    result, unseen_uses)
@@ -686,29 +687,29 @@ def working_dtype(model: nn.Module, output: torch.dtype) -> torch.dtype:
     return max((d for d in dtypes if d.is_floating_point), key=lambda d: torch.finfo(d).eps, default=output)
 
 
-#: why a forward random in eval mode is refused, and (below) the fix
-RANDOM_IN_EVAL = ("the model's output differs between two forwards of the same examples in eval mode: its forward "
-                  "draws random numbers (F.dropout(x, p) without training=self.training, whose default is True; "
-                  "noise injection; sampling)")
-RANDOM_IN_EVAL_FIX = ("make the forward deterministic in eval mode: F.dropout(x, p, training=self.training), or "
-                      "nn.Dropout, which model.eval() turns off")
-
-
-def random_in_eval(model: nn.Module, x: Inputs) -> bool:
-    """Whether two forwards of x's first examples (two at most) give outputs that differ by
-    more than rounding (:func:`close`): a forward that draws random numbers in the mode it
-    is in. False where the model does not run on them (the engine then says why) or x has
-    no examples. With gradients on, as the engines' own forwards run: a model that caches a
-    tensor in eval mode (timm's LeViT) keeps what a scoring forward would have made."""
+def refuse_random_in_eval(model: nn.Module, x: Inputs, consequence: str, where: str = "") -> None:
+    """An EngineError where two forwards of x's first examples (two at most, moved to the
+    model's device and dtype) give outputs that differ by more than rounding (:func:`close`):
+    a forward that draws random numbers in the mode it is in. The message is ``where`` (a
+    prefix naming the model), the cause, ``consequence`` (what that makes of the results,
+    from its leading punctuation) and the fix. Nothing where the model does not run on them
+    (the engine then says why) or x has no examples. With gradients on, as the engines' own
+    forwards run: a model that caches a tensor in eval mode (timm's LeViT) keeps what a
+    scoring forward would have made."""
     if not batch_len(x):
-        return False
-    few = take(x, 0, min(2, batch_len(x)))
+        return
+    few = move(take(x, 0, min(2, batch_len(x))), next(model.parameters()))
     try:
         with torch.enable_grad():
             first, second = call_model(model, few).detach(), call_model(model, few).detach()
     except Exception:  # noqa: BLE001 - a model that fails here fails where it is scored, with the cause
-        return False
-    return not close(second, first, working_dtype(model, first.dtype))
+        return
+    if not close(second, first, working_dtype(model, first.dtype)):
+        raise EngineError(f"{where}the model's output differs between two forwards of the same examples in eval "
+                          f"mode: its forward draws random numbers (F.dropout(x, p) without training=self.training, "
+                          f"whose default is True; noise injection; sampling){consequence}; make the forward "
+                          f"deterministic in eval mode: F.dropout(x, p, training=self.training), or nn.Dropout, which "
+                          f"model.eval() turns off")
 
 
 def couples_examples(alone: torch.Tensor, batched: torch.Tensor, working: torch.dtype | None = None) -> bool:

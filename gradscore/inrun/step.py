@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..batch import Inputs, batch_len, output_tensor
-from ..engines.layout import RANDOM_IN_EVAL, RANDOM_IN_EVAL_FIX, random_in_eval
+from ..engines.layout import refuse_random_in_eval
 from ..engines.workarounds import wrong_in_torch
 from ..exceptions import ConfigError, EngineError, GradscoreError, GradscoreWarning, cause
 from ..losses import misread_output, reads_the_batch
@@ -178,10 +178,10 @@ class Step:
         with rec._own_forwards():
             rec.engine.lay_out(x)
             # a forward random in eval mode looks coupled there: two runs of one example differ
-            if rec.engine.coupled and random_in_eval(rec.network, x):
-                raise EngineError(f"{RANDOM_IN_EVAL}; the recorder checks each layer's batch dimension there, "
-                                  f"which needs the same output twice; {RANDOM_IN_EVAL_FIX} (the training's own "
-                                  f"random draws, such as nn.Dropout's, are recorded as drawn)")
+            if rec.engine.coupled:
+                refuse_random_in_eval(rec.network, x, "; the recorder checks each layer's batch dimension there, "
+                                      "which needs the same output twice (the training's own random draws, such "
+                                      "as nn.Dropout's, are recorded as drawn)")
         if rec.engine.coupled:
             raise EngineError("the model's output for an example depends on the rest of its batch; in-run "
                               "scoring cannot give it a gradient of its own")

@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from ..io.atomic import atomic_h5
 from ..io.checkpoints import CheckpointStore, not_plain_steps
 from ..batch import Inputs, call_functional, call_model, move
-from ..engines.layout import RANDOM_IN_EVAL, RANDOM_IN_EVAL_FIX, random_in_eval
+from ..engines.layout import refuse_random_in_eval
 from ..engines.rules.experts import like_experts
 from ..engines.workarounds import torch_workarounds
 from ..config import DEVICES, DTYPES, LM_REDUCTIONS, absolute_paths, resolve_device
@@ -416,14 +416,13 @@ def _norm(group: h5py.Group) -> float:
 
 def _check_fits(model: torch.nn.Module, ds: Dataset, role: str, ckpt: Path, loss: Loss) -> None:
     """Inputs that do not fit the model, or labels outside its outputs: one DataError; a model
-    random in eval mode (:func:`.engines.layout.random_in_eval`): one EngineError."""
+    random in eval mode (:func:`.engines.layout.refuse_random_in_eval`): one EngineError."""
     n_out = None
     for start, x, y in ds.chunks():  # streamed: the data need not fit in memory
         if n_out is None:
             n_out = probe_model(model, ds, x, ckpt, role)
-            if random_in_eval(model, move(x, next(model.parameters()))):
-                raise EngineError(f"the model of {ckpt}: {RANDOM_IN_EVAL}, so the co-states would be of a random "
-                                  f"draw of the losses; {RANDOM_IN_EVAL_FIX}")
+            refuse_random_in_eval(model, x, ", so the co-states would be of a random draw of the losses",
+                                  where=f"the model of {ckpt}: ")
         check_targets(ds, loss, start, y, n_out)
 
 
