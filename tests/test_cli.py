@@ -233,6 +233,27 @@ def test_console_script_help_and_exit_code(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().endswith("no such file or directory")
 
 
+def test_run_and_a_recorder_import_no_compiler_they_do_not_use(tmp_path):
+    """torch's compiler (dynamo) takes ~2 s to import, more than the rest of `gradscore run`
+    on a small run: the ghost engine asks for it only inside a compiled forward. The child
+    scores with `run` and records a step with gs.InRun; what torch itself imports counts."""
+    from helpers import python_child
+    ckpts, data = make_run(tmp_path)
+    code = ("import sys, torch, torch.nn.functional as F\n"
+            "before = 'torch._dynamo' in sys.modules\n"
+            "import gradscore as gs\nfrom gradscore.cli import main\nfrom gradscore.demos.models import mlp\n"
+            f"assert main(['run', '--checkpoints', {str(ckpts)!r}, '--data', {str(data)!r}, '--out', "
+            f"{str(tmp_path / 's.h5')!r}, '--quiet']) == 0\n"
+            "model = mlp(d_in=5, hidden=4, n_classes=3, depth=1)\n"
+            f"rec = gs.InRun(model, out={str(tmp_path / 'r.h5')!r})\n"
+            "x, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 0])\n"
+            "with rec.step(range(4), y):\n    F.cross_entropy(model(x), y).backward()\nrec.close()\n"
+            "print(before, 'torch._dynamo' in sys.modules)")
+    done = python_child(code)
+    assert done.returncode == 0, done.stderr[-3000:]
+    before, after = done.stdout.split()[-2:]
+    assert after == before, "gradscore imported torch._dynamo"
+
 @pytest.mark.parametrize("argv", [["flag", "{x}", "--out", "{o}.json"], ["select", "{x}", "--by", "el2n", "--out",
                                    "{o}.json"], ["export", "{x}", "--format", "csv", "--out", "{o}.csv"],
                                   ["diagnose", "{x}"], ["plot", "{x}", "--out", "{o}.png"]])

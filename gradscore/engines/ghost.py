@@ -253,6 +253,12 @@ def _got_gradient(layer: _Layer) -> None:
                                       "output in the step's loss?)")
 
 
+def _eager(fn: Callable[..., None]) -> Callable[..., None]:
+    """``fn``, run eagerly where torch.compile traces its caller (a hook in a compiled
+    forward). torch.compiler.disable imports dynamo, which takes seconds: applied only there."""
+    return torch.compiler.disable(fn) if torch.compiler.is_compiling() else fn
+
+
 class _BatchSums:
     """One batch's accumulator: the running sums of the rules' ‖g‖² (B,) and dots (B, K), and the
     factors of tied weights until all their owners have reported."""
@@ -452,7 +458,6 @@ class GhostEngine(Engine):
                 self._free_why[full] = f"{type(layer.module).__name__} '{layer.name}' {found[layer.name]}"
         return bool(moved)
 
-    @torch.compiler.disable   # eager inside a compiled forward: its runs of the model are the engine's own
     def _lay_out_late(self, state: _BatchSums) -> None:
         """Lay out the pending layers (:attr:`_Layer.pending`) on ``state``'s batch, the first
         that calls one of them, inside its forward: the same runs as the first batch's, on
@@ -550,7 +555,7 @@ class GhostEngine(Engine):
                         layer.problem = LATE
                     return None
                 if layer.pending:   # its first call: laid out now, on this batch
-                    self._lay_out_late(state)
+                    _eager(self._lay_out_late)(state)   # its runs of the model are the engine's own
                     if layer.problem is not None:
                         return None
                 rule, whole = layer.rule, output
