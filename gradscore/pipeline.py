@@ -286,7 +286,8 @@ def _open_writer(plan: _Plan, costate: CostateFile | None, ranks: Ranks, overwri
 
 def _assemble(plan: _Plan, writer: HDF5ScoresWriter, costate: CostateFile | None) -> Path:
     """Phase 5: the per-checkpoint rows, the scores the registry aggregates from them, the
-    checkpoints' facts and the run's attributes, into ``out``."""
+    checkpoints' facts and the run's attributes (with the warnings of the co-states and of
+    the scorers' first batches, those of earlier processes too), into ``out``."""
     infos = [plan.ckpts[t] for t in plan.scored]
     checkpoints: dict[str, np.ndarray] = {
         "step": np.array([i.step for i in infos], dtype=np.int64),
@@ -296,9 +297,10 @@ def _assemble(plan: _Plan, writer: HDF5ScoresWriter, costate: CostateFile | None
         checkpoints.update(eta=costate.eta, ref_norm_target=costate.grad_target_norm)
         if costate.has_costates:   # ‖λ_{t+1}‖, 0 at the last
             checkpoints["ref_norm_costate"] = np.append(costate.costate_norm[1:], 0.0)
+    found = (costate.warnings if costate is not None else []) + writer.notes()   # the co-states', the scorers'
     return write_scores(writer, plan.config, ids=plan.ds.ids(), noisy=plan.ds.noisy(), checkpoints=checkpoints,
                         loss=plan.ckpts.loss, rows=plan.rows, checksums=plan.fingerprint["checkpoints_sha256"],
-                        warnings=costate.warnings if costate is not None else [])
+                        warnings=list(dict.fromkeys(found)))
 
 
 def _within(old_epochs: float | None, old_steps: str | None, epochs: float | None, steps: str | None) -> bool:
@@ -472,6 +474,8 @@ def _score_chunks(plan: _Plan, writer: HDF5ScoresWriter, costate: CostateFile | 
                 continue
             k, sha = int(plan.scored[t]), checksums[t]
             if reusable.has(sha):
+                if reusable.warnings:   # given when they were made
+                    writer.note(t, chunks[0], reusable.warnings)
                 for c in chunks:
                     metrics = reusable.read(sha, *writer.chunk_range(c))
                     if not config.allow_nonfinite:
@@ -491,10 +495,13 @@ def _score_chunks(plan: _Plan, writer: HDF5ScoresWriter, costate: CostateFile | 
                 if n_classes is None:
                     n_classes = probe_model(model, ds, x, ckpts[k].path)
                 check_targets(ds, scorer.loss, a, y, n_classes)
+                given = len(scorer.warnings)
                 metrics = score_chunk(scorer, x, y, batch_size=config.batch_size,
                                       gradients=config.needs_gradients, blocks=blocks, logits=config.store_logits)
                 if not config.allow_nonfinite:
                     _check_finite(metrics, ds, a, ckpts[k].path)
+                if len(scorer.warnings) > given:
+                    writer.note(t, c, scorer.warnings[given:])
                 writer.write_chunk(t, c, metrics)
                 bar.update(b - a)
 

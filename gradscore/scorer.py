@@ -42,7 +42,8 @@ class Scorer:
             (default: all with requires_grad; frozen ones are skipped either way). The set
             is fixed when the Scorer is made: make a new one after freezing layers.
 
-    Gradients are of the per-example loss ℓ(x_b, y_b; θ), not of a batch mean.
+    Gradients are of the per-example loss ℓ(x_b, y_b; θ), not of a batch mean. The
+    warnings its checks of the first batch give are also kept, in order, in ``warnings``.
     """
 
     def __init__(self, model: nn.Module, loss: str | Loss | PerExampleLoss = "cross_entropy",
@@ -71,6 +72,7 @@ class Scorer:
         self._shapes = [named[n].shape for n in self.param_names]
         self._reach_checked = False   # whether the first gradient batch was checked (_check_first_batch)
         self._random_checked = False   # whether the forward was checked for random draws (_check_random)
+        self.warnings: list[str] = []   # the texts of the warnings given (_warn): a scores file keeps them
 
     def explain(self) -> dict[str, str]:
         """{parameter name: how its per-example gradient is computed} (engine, rule, reason)."""
@@ -161,8 +163,13 @@ class Scorer:
         self._check_random(x)
         why = misread_output(self.loss, out.logits) if first else None
         if why is not None:
-            warnings.warn(why, GradscoreWarning, stacklevel=3)
+            self._warn(why)
         return out
+
+    def _warn(self, text: str) -> None:
+        """A :class:`GradscoreWarning` to the caller of the public method, kept in :attr:`warnings`."""
+        self.warnings.append(text)
+        warnings.warn(text, GradscoreWarning, stacklevel=4)
 
     def _check_random(self, x: Inputs) -> None:
         """On the first batch with examples: an :class:`EngineError` where the model's forward is
@@ -195,7 +202,7 @@ class Scorer:
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
         except RuntimeError as e:
             if "backward through the graph a second time" in str(e):
-                warnings.warn(f"the scores may be wrong: {cached}", GradscoreWarning, stacklevel=3)
+                self._warn(f"the scores may be wrong: {cached}")
             return
         except Exception:  # noqa: BLE001 - the check only informs; the batch itself was scored
             return
@@ -203,11 +210,10 @@ class Scorer:
         if unreached:
             names = ", ".join(f"'{name}'" for name in unreached[:5]) + (f" and {len(unreached) - 5} more"
                                                                       if len(unreached) > 5 else "")
-            warnings.warn(f"no gradient reaches {names} from the loss of the first batch's examples, so every "
-                          f"engine counts their per-example gradients there as zero. Right for a parameter the "
-                          f"forward does not use on them (an auxiliary head in eval mode, the head of another "
-                          f"task); leave one that no example uses out with params=. Wrong if {cached}",
-                          GradscoreWarning, stacklevel=3)
+            self._warn(f"no gradient reaches {names} from the loss of the first batch's examples, so every "
+                       f"engine counts their per-example gradients there as zero. Right for a parameter the "
+                       f"forward does not use on them (an auxiliary head in eval mode, the head of another "
+                       f"task); leave one that no example uses out with params=. Wrong if {cached}")
         if getattr(self.engine, "coupled", False):   # known, and explained: each example is scored alone
             return
         grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
@@ -220,11 +226,11 @@ class Scorer:
             return
         got, scale = float(dots.sum()), float(dots.abs().sum()) + want
         if abs(got - want) > _SUM_TOL.get(params[0].dtype, 1e-2) * scale:
-            warnings.warn(f"the engine's per-example gradients of the first {n} examples do not add up to the "
-                          f"gradient G of their summed loss (Σ_b ⟨g_b, G⟩ = {got:.6g} against ‖G‖² = {want:.6g}). "
-                          f"Either the model's output for an example depends on the other examples of its batch "
-                          f"(then each example is scored alone, as the per-example loop scores it), or the scores "
-                          f"are wrong: {cached}", GradscoreWarning, stacklevel=3)
+            self._warn(f"the engine's per-example gradients of the first {n} examples do not add up to the "
+                       f"gradient G of their summed loss (Σ_b ⟨g_b, G⟩ = {got:.6g} against ‖G‖² = {want:.6g}). "
+                       f"Either the model's output for an example depends on the other examples of its batch "
+                       f"(then each example is scored alone, as the per-example loop scores it), or the scores "
+                       f"are wrong: {cached}")
 
     def sketch_batch(self, x: Inputs, y: torch.Tensor, projection, dtype: torch.dtype | None = None) -> ScoreBatch:
         """Sketches of B examples' gradients: a :class:`ScoreBatch` whose ``dots`` are

@@ -131,6 +131,46 @@ def test_a_model_random_in_eval_mode_stops_run_sketch_and_costate_in_one_line(ti
     assert not (tmp_path / "out.h5").exists()
 
 
+def test_a_first_batch_warning_is_kept_in_the_scores_file(tiny_run, tmp_path, capsys, monkeypatch):
+    """A warning the scorer gives on a checkpoint's first batch (here: the outputs of a model
+    ending in a softmax, read by cross_entropy as logits) was printed once and lost: the
+    scores file did not hold it, so `info` and `diagnose` showed nothing, and neither did
+    the file of a resumed run or of one that reused the rows. Now the file holds it."""
+    from gradscore.io.store import HDF5ScoresWriter
+    from tests_factory import ends_in_softmax
+    _, data = tiny_run
+    with gs.CheckpointWriter(tmp_path / "soft", model_factory="tests_factory:ends_in_softmax") as w:
+        for step in range(2):
+            w.save(ends_in_softmax(), step=step, lr=0.1, epoch=step)
+    out = tmp_path / "s.h5"
+    argv = ["run", "--checkpoints", str(tmp_path / "soft"), "--data", str(data), "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "outputs are probabilities" in err[0], err   # once: not again from the file
+    stored = gs.load_scores(out)["warnings"]
+    assert len(stored) == 1 and err[0].endswith(stored[0]), stored
+    for command in (["info", str(out)], ["diagnose", str(out)]):
+        assert main(command) == 0 and f"warning: {stored[0]}" in capsys.readouterr().out, command
+    # a run whose chunks were all scored before it stopped: the rerun scores nothing
+    with monkeypatch.context() as m:
+        m.setattr(HDF5ScoresWriter, "finalize", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert main([*argv, "--overwrite"]) == 130
+    capsys.readouterr()
+    assert main(argv) == 0 and gs.load_scores(out)["warnings"] == stored
+    # a narrower window, its checkpoint's rows taken from the file
+    assert main([*argv, "--epochs-upto", "0", "--overwrite"]) == 0
+    assert gs.load_scores(out)["warnings"] == stored and "probabilities" in capsys.readouterr().err
+    # the sketch file, and the attribution file (its queries' sketches)
+    sketch, attribution = tmp_path / "k.h5", tmp_path / "a.h5"
+    assert main(["sketch", "--checkpoints", str(tmp_path / "soft"), "--data", str(data), "--dim", "8",
+                 "--out", str(sketch), "--quiet"]) == 0
+    assert main(["attribute", "--sketch", str(sketch), "--query", str(data), "--out", str(attribution),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    for path in (sketch, attribution):
+        assert main(["info", str(path)]) == 0 and f"warning: {stored[0]}" in capsys.readouterr().out, path
+
+
 def test_mismatched_model_in_checkpoint_is_named(tiny_run, tmp_path, capsys):
     import h5py
     ckpts, data = tiny_run

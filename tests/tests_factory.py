@@ -68,3 +68,10 @@ def drops_in_eval(d_in=12, hidden=8, n_classes=4):
     """:class:`_DropsInEval`, seeded."""
     torch.manual_seed(0)
     return _DropsInEval(d_in, hidden, n_classes)
+
+
+def ends_in_softmax(d_in=12, hidden=8, n_classes=4):
+    """The helpers' MLP with a softmax at its end (its outputs are probabilities), seeded."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(d_in, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, n_classes),
+                               torch.nn.Softmax(-1))

@@ -153,6 +153,24 @@ class HDF5ScoresWriter(ScoresWriter):
         with atomic_path(self._chunk_path(t, c)) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **metrics)
 
+    def note(self, t: int, c: int, lines: list[str]) -> None:
+        """Keep the warnings given while checkpoint t, chunk c was scored, in the journal
+        (a rerun that finds the chunk done does not give them again); :meth:`notes` reads them."""
+        self.journal.open()
+        with atomic_path(self.journal.unit(f"t{t:05d}_c{c:07d}.warnings.json")) as tmp:
+            tmp.write_text(json.dumps(lines))
+
+    def notes(self) -> list[str]:
+        """The warnings kept by :meth:`note` (every rank's), by checkpoint and chunk, each once."""
+        found: list[str] = []
+        for path in sorted(self.partial.glob("t*_c*.warnings.json")):
+            try:
+                found += json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                raise GradscoreError(f"{path}: unreadable warnings of a chunk ({e}); delete the chunk's files "
+                                     f"({path.name.split('.')[0]}.*) and rerun to recompute it") from e
+        return list(dict.fromkeys(found))
+
     def _read_chunk(self, t: int, c: int) -> dict[str, np.ndarray]:
         path = self._chunk_path(t, c)
         try:
@@ -217,6 +235,7 @@ class ReusableRows:
     def __init__(self, path: str | Path, key: dict) -> None:
         self._file: h5py.File | None = None
         self._row: dict[str, int] = {}
+        self.warnings: list[str] = []
         try:
             f = h5py.File(path, "r")
         except (OSError, ValueError):
@@ -230,6 +249,7 @@ class ReusableRows:
             return
         self._file = f
         self._row = {sha: t for t, sha in enumerate(rows["checkpoints_sha256"])}
+        self.warnings = json_attr(f, Path(path), "warnings", "[]")   # what making them warned of
 
     def has(self, sha256: str) -> bool:
         """True when the rows of the checkpoint with this checksum can be taken."""

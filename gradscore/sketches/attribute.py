@@ -63,14 +63,15 @@ def _checked_checkpoints(config: AttributeConfig, sf: SketchFile) -> CheckpointS
 
 
 def sketch_queries(config: AttributeConfig, sf: SketchFile, ckpts: CheckpointStore, steps: list[int],
-                   progress: bool) -> tuple[np.ndarray, dict[int, np.ndarray], dict[int, np.ndarray]]:
-    """(query ids, {t: sketches (M, dim) float32}, {t: p_gold (M,)}) with the sketch file's Φ."""
+                   progress: bool) -> tuple[np.ndarray, dict[int, np.ndarray], dict[int, np.ndarray], list[str]]:
+    """(query ids, {t: sketches (M, dim) float32}, {t: p_gold (M,)}, the scorers' warnings, each
+    once) with the sketch file's Φ."""
     ds = load_dataset(config.query)
     if len(ds) == 0:
         raise DataError(f"{config.query}: has no examples; there is nothing to attribute")
     device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
     x, y = ds.read(0, len(ds))
-    sketches, p_gold = {}, {}
+    sketches, p_gold, given = {}, {}, []
     for t in tqdm(steps, desc="sketching queries", disable=None if progress else True, dynamic_ncols=True):
         model = ckpts.build_model(t, dtype=dtype, device=device)
         scorer = Scorer(model, loss=ckpts.loss, params=tuple(sf.config["params"]) or None)
@@ -79,7 +80,8 @@ def sketch_queries(config: AttributeConfig, sf: SketchFile, ckpts: CheckpointSto
         chunk = sketch_chunk(scorer, projection, x, y, config.batch_size, "float32")
         check_finite(chunk, ds, 0, ckpts[t].path, "float32")
         sketches[t], p_gold[t] = chunk["sketch"], chunk["p_gold"]
-    return ds.ids(), sketches, p_gold
+        given += scorer.warnings
+    return ds.ids(), sketches, p_gold, list(dict.fromkeys(given))
 
 
 class TopK:
@@ -137,7 +139,7 @@ def run_attribute(config: AttributeConfig, out: str | os.PathLike, *, overwrite:
     ckpts = _checked_checkpoints(config, sf)
     T, N, dim = sf.shape
     steps = list(range(T)) if config.method == "tracin" or config.trak_checkpoints == "all" else [T - 1]
-    query_ids, Q, p_q = sketch_queries(config, sf, ckpts, steps, progress)
+    query_ids, Q, p_q, given = sketch_queries(config, sf, ckpts, steps, progress)
     M = len(query_ids)
     found: list[str] = []
     if config.method == "tracin":
@@ -169,7 +171,7 @@ def run_attribute(config: AttributeConfig, out: str | os.PathLike, *, overwrite:
             write_ids(g, "ids", train_ids[r])
             put(g, "rows", r)
             put(g, "scores", s)
-        write_attrs(f, {"config": config.to_dict(), "gradscore_version": __version__, "warnings": found,
+        write_attrs(f, {"config": config.to_dict(), "gradscore_version": __version__, "warnings": given + found,
                         "attribution": {"method": config.method, "checkpoints": steps, "dim": dim,
                                         "seed": sf.spec.seed, "n_train": N, "n_query": M}})
     for text in found:

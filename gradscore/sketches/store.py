@@ -111,8 +111,11 @@ def _run(config: SketchConfig, out: Path, overwrite: bool, progress: bool) -> Pa
                 x, y = ds.read(a, b)
                 n_out = n_out or probe_model(model, ds, x, ckpts[t].path)
                 check_targets(ds, loss, a, y, n_out)
+                given = len(scorer.warnings)
                 metrics = sketch_chunk(scorer, projection, x, y, config.batch_size, config.store_dtype)
                 check_finite(metrics, ds, a, ckpts[t].path, config.store_dtype)
+                if len(scorer.warnings) > given:
+                    writer.note(t, c, scorer.warnings[given:])
                 writer.write_chunk(t, c, metrics)
                 bar.update(b - a)
     lr = np.array([i.lr for i in ckpts], dtype=np.float64)
@@ -123,7 +126,7 @@ def _run(config: SketchConfig, out: Path, overwrite: bool, progress: bool) -> Pa
                                          "epoch": np.array([i.epoch for i in ckpts]), "lr": lr}},
         aggregate=lambda m: {SELF_INFLUENCE: (lr[:, None] * m["sq_sketch"]).sum(0)},
         attrs={"config": config.to_dict(), "sketch": projection.spec.to_dict(), "gradscore_version": __version__,
-               "loss": ckpts.loss, "warnings": found})
+               "loss": ckpts.loss, "warnings": list(dict.fromkeys(found + writer.notes()))})
     for text in found:
         warnings.warn(f"{path}: {text}", GradscoreWarning, stacklevel=3)
     return path
