@@ -955,7 +955,8 @@ def test_a_weight_used_outside_its_layer_is_refused_not_misread(tmp_path):
 def test_a_softmax_output_given_to_cross_entropy_is_named_once(tmp_path):
     """A classifier ending in a softmax, recorded with the default 'cross_entropy': one
     warning at the first step, as gs.Scorer gives (test_engines.py), and the steps are
-    recorded (they are of the loss as given)."""
+    recorded (they are of the loss as given). The file keeps the warning (it did not: a
+    reader of the scores never saw it), once, before what its records show."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 4), nn.Softmax(dim=1))
     x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
@@ -967,7 +968,8 @@ def test_a_softmax_output_given_to_cross_entropy_is_named_once(tmp_path):
                 F.cross_entropy(model(x), y).backward()
     said = [str(w.message) for w in seen if issubclass(w.category, gs.exceptions.GradscoreWarning)]
     assert len(said) == 1 and "outputs are probabilities" in said[0], said
-    assert len(gs.load_scores(rec.close())["ids"]) == 8
+    scores = gs.load_scores(rec.close())
+    assert len(scores["ids"]) == 8 and scores["warnings"] == said, scores["warnings"]
 
 
 def test_a_forward_random_in_eval_mode_is_refused_with_its_cause(tmp_path):

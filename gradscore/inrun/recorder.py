@@ -308,7 +308,8 @@ class InRun:
         self._row_files = RowJournal(self.journal, self.rank, segment=0 if continued is None else continued[1])
         self.flush_every = float(flush_every)
         self._spilled = self._rewritten = time.monotonic()   # the last journal append, the last file rewrite
-        self._write_seconds, self._warnings = 0.0, []
+        self._write_seconds, self._warnings = 0.0, []   # ... what the last rewrite's records show (write)
+        self._given: list[str] = []   # the warnings about its scores this rank's steps gave (_warn), each once
         self._failing = False   # the last flush inside a step failed (it warned)
         self._on_host = 0       # the first records of _pending: blocks that failed flushes moved to the host
         self._laid_out = False
@@ -439,10 +440,17 @@ class InRun:
         if world_size > 1 and self.data_parallel == 1:
             self.data_parallel = world_size
         if clipping and self.target_gradient is not None and "inrun_value" in self.config.scores:
-            warnings.warn(f"{clipping}: the trainer clips the gradient, so a clipped step moves θ less than its "
-                          f"learning rate says, and inrun_value (Σ_t η_t ⟨∇L_b, ∇J⟩) weighs every step by η_t "
-                          f"alone; turn clipping off for the exact first-order value (inrun_value_cos, a mean "
-                          f"cosine, is unaffected)", GradscoreWarning, stacklevel=3)
+            self._warn(f"{clipping}: the trainer clips the gradient, so a clipped step moves θ less than its "
+                       f"learning rate says, and inrun_value (Σ_t η_t ⟨∇L_b, ∇J⟩) weighs every step by η_t "
+                       f"alone; turn clipping off for the exact first-order value (inrun_value_cos, a mean "
+                       f"cosine, is unaffected)", stacklevel=3)
+
+    def _warn(self, text: str, stacklevel: int = 2) -> None:
+        """A :class:`GradscoreWarning` about the scores (to the frame ``stacklevel`` above the
+        caller), kept for the scores file's ``warnings``."""
+        if text not in self._given:
+            self._given.append(text)
+        warnings.warn(text, GradscoreWarning, stacklevel=stacklevel + 1)
 
     def _loss_scale(self) -> float:
         """The loss scale the next backward uses (1 without an enabled scaler)."""
@@ -672,7 +680,7 @@ class InRun:
     def _write(self, complete: bool) -> None:
         t0 = time.monotonic()
         found = write(self.out, self.journal, config=self.config.to_dict(), fingerprint=self.fingerprint,
-                      loss=self.loss.name, wanted=set(self.config.scores), complete=complete,
+                      loss=self.loss.name, wanted=set(self.config.scores), complete=complete, given=self._given,
                       progress=complete)   # a bar at close(), not in the training's own output
         self._warnings = self._warnings if found is None else found
         self._rewritten = time.monotonic()

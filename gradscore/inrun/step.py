@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -15,7 +14,7 @@ from torch import nn
 from ..batch import Inputs, batch_len, output_tensor
 from ..engines.layout import refuse_random_in_eval
 from ..engines.workarounds import wrong_in_torch
-from ..exceptions import ConfigError, EngineError, GradscoreError, GradscoreWarning, cause
+from ..exceptions import ConfigError, EngineError, GradscoreError, cause
 from ..losses import misread_output, reads_the_batch
 from .shares import LossTerms, read_shares
 
@@ -233,9 +232,8 @@ class Step:
             paths.alone.clear()
             why = ("a reentrant torch.utils.checkpoint refuses it: pass use_reentrant=False (the same gradients) "
                    "to have it checked" if "use_reentrant=True" in str(e) else cause(e))
-            warnings.warn(f"could not check that the step's loss reaches the model only through its output ({why}); "
-                          f"a loss term on an activation inside the model would go unseen", GradscoreWarning,
-                          stacklevel=2)
+            self.rec._warn(f"could not check that the step's loss reaches the model only through its output "
+                           f"({why}); a loss term on an activation inside the model would go unseen", stacklevel=3)
 
     def _grab(self, grad: torch.Tensor, edge: tuple | None = None) -> None:
         """δ = ∂L/∂z has come: read what the record needs from z and δ now, in row blocks, and
@@ -277,7 +275,7 @@ class Step:
             rec._output_checked = True
             why = misread_output(rec.loss, z)
             if why is not None:
-                warnings.warn(why, GradscoreWarning, stacklevel=2)
+                rec._warn(why, stacklevel=3)
         if rec._loss_checked or rec.loss.per_example or len(z) < 2:
             return
         rec._loss_checked = True

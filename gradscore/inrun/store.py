@@ -24,7 +24,7 @@ import re
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection, Iterator
+from typing import Any, Collection, Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -351,14 +351,15 @@ def _ids(files: list[tuple[int, int, Path]]) -> tuple[np.ndarray, int]:
 
 
 def write(out: Path, journal: Journal, *, config: dict[str, Any], fingerprint: dict, loss: str,
-          wanted: set[str], complete: bool, progress: bool = False) -> list[str] | None:
+          wanted: set[str], complete: bool, progress: bool = False, given: Sequence[str] = ()) -> list[str] | None:
     """The scores file ``out`` from the rows in ``journal``: ``/ids`` (sorted unique),
     ``/scores`` (:mod:`gradscore.scores.inrun`), ``/inrun/<field>`` in step order with
     ``/inrun/row`` (index into ``/ids``), an empty ``/per_checkpoint`` and the run's
-    attributes, with :func:`warnings_of` the rows; atomically. Two passes over the row
-    files (the ids, then the rest), each a few files at a time; ``progress``: a bar over
-    the second on a terminal, once it has taken 5 s. Returns those warnings (None, and
-    nothing written, where the journal has no row files)."""
+    attributes, with ``given`` (what the recorder warned of) and :func:`warnings_of` the
+    rows as its ``warnings``; atomically. Two passes over the row files (the ids, then the
+    rest), each a few files at a time; ``progress``: a bar over the second on a terminal,
+    once it has taken 5 s. Returns the rows' warnings (None, and nothing written, where the
+    journal has no row files)."""
     files = _row_files(journal.partial)   # the rows of this moment: other ranks may be adding theirs
     if not files:
         return None
@@ -389,7 +390,7 @@ def write(out: Path, journal: Journal, *, config: dict[str, Any], fingerprint: d
         bar.close()
         lines = found.lines() + (_unmeasured(scores.measured, config.get("every", 1)) if any_target else [])
         write_attrs(f, {"config": config, "fingerprint": fingerprint, "gradscore_version": __version__,
-                        "loss": loss, "warnings": lines, "inrun_complete": complete})
+                        "loss": loss, "warnings": [*given, *lines], "inrun_complete": complete})
         group = f.create_group("scores")
         for k, v in scores.result().items():
             put(group, k, v)

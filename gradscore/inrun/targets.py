@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import warnings
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
@@ -17,7 +16,7 @@ from ..batch import Inputs, call_model, check_batch, hash_batch, move, take
 from ..engines.ghost import probe
 from ..engines.rules.registry import FactoredRef
 from ..engines.workarounds import torch_workarounds
-from ..exceptions import ConfigError, DataError, EngineError, GradscoreError, GradscoreWarning, cause, model_fix
+from ..exceptions import ConfigError, DataError, EngineError, GradscoreError, cause, model_fix
 
 if TYPE_CHECKING:
     from .recorder import InRun
@@ -295,17 +294,17 @@ class TargetGradient:
         if not any(id(rec.params[n]) in groups for n in names):
             if not self._warned_groups:
                 self._warned_groups = True
-                warnings.warn(f"the optimizer ({type(rec.optimizer).__name__}) holds none of the model's "
-                              f"parameters, so their learning rates are unknown; inrun_value weighs every parameter "
-                              f"by the step's lr", GradscoreWarning, stacklevel=2)
+                rec._warn(f"the optimizer ({type(rec.optimizer).__name__}) holds none of the model's "
+                          f"parameters, so their learning rates are unknown; inrun_value weighs every parameter "
+                          f"by the step's lr", stacklevel=3)
             return {}
         held = [id(rec.params[n]) in groups for n in names]
         stray = [n for n, h in zip(names, held) if not h]
         if stray and set(stray) != self._warned_stray:   # once per set: a new head the loop's new optimizer steps
             self._warned_stray = set(stray)
             listed = ", ".join(stray[:6]) + (f" and {len(stray) - 6} more" if len(stray) > 6 else "")
-            warnings.warn(f"{listed} require grad, but the optimizer ({type(rec.optimizer).__name__}) does "
-                          f"not hold them, so inrun_value weighs them 0 (they do not move); if the loop steps another "
-                          f"optimizer now, set rec.optimizer to it", GradscoreWarning, stacklevel=2)
+            rec._warn(f"{listed} require grad, but the optimizer ({type(rec.optimizer).__name__}) does "
+                      f"not hold them, so inrun_value weighs them 0 (they do not move); if the loop steps another "
+                      f"optimizer now, set rec.optimizer to it", stacklevel=3)
         rates = {n: float(groups[id(rec.params[n])]["lr"]) if h else 0.0 for n, h in zip(names, held)}
         return {n: r / lr for n, r in rates.items() if r != lr}
