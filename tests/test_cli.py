@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 
@@ -151,6 +152,14 @@ def test_a_first_batch_warning_is_kept_in_the_scores_file(tiny_run, tmp_path, ca
     assert len(stored) == 1 and err[0].endswith(stored[0]), stored
     for command in (["info", str(out)], ["diagnose", str(out)]):
         assert main(command) == 0 and f"warning: {stored[0]}" in capsys.readouterr().out, command
+    # the commands that act on the scores say it too, and a selection or a flag report keeps it
+    for command in (["select", str(out), "--by", "el2n", "--out", str(tmp_path / "sel.json")],
+                    ["flag", str(out), "--score", "el2n", "--out", str(tmp_path / "flag.json")],
+                    ["plot", str(out), "--kind", "hist", "--out", str(tmp_path / "h.png")]):
+        assert main(command) == 0, command
+        assert f"gradscore {command[0]}: warning: {stored[0]}" in capsys.readouterr().err.splitlines(), command
+    for report in ("sel.json", "flag.json"):
+        assert json.loads((tmp_path / report).read_text())["warnings"] == stored
     # a run whose chunks were all scored before it stopped: the rerun scores nothing
     with monkeypatch.context() as m:
         m.setattr(HDF5ScoresWriter, "finalize", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))

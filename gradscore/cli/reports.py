@@ -84,6 +84,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
                  checkpoint=args.checkpoint, out=args.out, overwrite=args.overwrite,
                  allow_nonfinite=args.allow_nonfinite, per_class=args.per_class, data=args.data,
                  sample=args.sample, temperature=args.temperature, seed=args.seed)
+    warn("select", res["warnings"])
     if res.get("nonfinite_ids"):
         warn("select", [f"left out {len(res['nonfinite_ids'])} example(s) with a NaN/Inf score "
                          f"(listed in 'nonfinite_ids')"])
@@ -108,6 +109,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     refuse_unused(args, PLOT_OPTIONS, {f"--kind {kind}"})
     claim(args.out, "figure", inputs={"the scores file": [args.scores]}, overwrite=args.overwrite)
     res = load_scores(args.scores, per_checkpoint=False)
+    warn("plot", res["warnings"])
     s = res["scores"]
     if kind == "hist":
         names = split(args.only) if args.only else sorted(s)
@@ -204,6 +206,7 @@ def _add_flag(sub: argparse._SubParsersAction) -> None:
 def _cmd_flag(args: argparse.Namespace) -> int:
     from ..reports.flag import count_line, flag
     rep = flag(args.scores, score=args.score, data=args.data, out=args.out, overwrite=args.overwrite)
+    warn("flag", rep["warnings"])
     known = rep.get("against_known_noisy")
     print(count_line(rep) + (f"; against the {known['true_count']} known: precision {known['precision']:.3f}, "
                              f"recall {known['recall']:.3f}" if known and rep["estimated_count"] is not None else ""))

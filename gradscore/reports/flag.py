@@ -226,7 +226,7 @@ def flag(scores: str | Path, *, score: str | None = None, data: str | Path | Non
     not flagged that the model predicts as labelled at the end; None where the file holds
     no predictions), ``calibrated`` and ``flag_by`` (how to count by a calibrated score),
     ``flagged`` (index, id, score, most suspicious first), ``per_class`` (with ``data``),
-    ``against_known_noisy`` (with a mask)."""
+    ``against_known_noisy`` (with a mask), ``warnings`` (the scores file's)."""
     if out is not None:
         claim(out, "json", inputs={"the scores file": [scores], "the --data file": [data]}, overwrite=overwrite)
     res = load_scores(scores, per_checkpoint=False)
@@ -255,7 +255,8 @@ def flag(scores: str | Path, *, score: str | None = None, data: str | Path | Non
         "bic_one": est["bic_one"], "bic_two": est["bic_two"],
         "threshold": None if est["threshold"] is None else est["threshold"] * ORIENTATION[name],
         "flagged": [{"index": int(i), "id": ids[i].item() if hasattr(ids[i], "item") else ids[i],
-                     "score": float(res["scores"][name][i])} for i in order]}
+                     "score": float(res["scores"][name][i])} for i in order],
+        "warnings": res["warnings"]}   # what the scores file warns of
     noisy = res["noisy"]
     if data is not None:
         labels, data_noisy = scored_labels(data, res["ids"])

@@ -132,7 +132,8 @@ def select(scores: str | Path, *, by: str | None = None, keep: float = 0.5, high
     score are refused (:class:`DataError`), or with ``allow_nonfinite`` left out, the
     fractions then taken of the rest, and listed in ``nonfinite_ids``. ``by`` only:
     ``per_class`` takes the fraction within each class of ``data``'s labels; ``sample``,
-    ``temperature``, ``seed``: see :func:`by_score`.
+    ``temperature``, ``seed``: see :func:`by_score`. The result's ``warnings`` are the scores
+    file's (what its run warned of about the scores).
     """
     if per_class and data is None:
         raise ConfigError("--per-class needs --data, the scored data whose labels give the classes")
@@ -184,6 +185,7 @@ def select(scores: str | Path, *, by: str | None = None, keep: float = 0.5, high
                   "n_errors": int(len(err)), "error_set": err.tolist(), "error_ids": _ids(res, err)}
     if by is not None or region is not None:
         result["nonfinite_ids"] = _ids(res, np.setdiff1d(np.arange(len(res["ids"])), finite))
+    result["warnings"] = res["warnings"]   # what the scores file warns of: a selection made from it carries it
     if out is not None:
         out = Path(out)
         with atomic_path(out) as tmp:
