@@ -201,7 +201,7 @@ def _write_under_limit(command: str, out: Path, ckpts: Path, data: Path, limit: 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
 @pytest.mark.parametrize("short", ["by half", pytest.param("by one byte", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("command", list(_WRITERS))
+@pytest.mark.parametrize("command", ["run", *(pytest.param(c, marks=pytest.mark.slow) for c in _WRITERS if c != "run")])
 def test_a_write_that_fails_midway_is_one_line_and_leaves_nothing(tmp_path, command, short):
     from helpers import make_run
     ckpts, data = make_run(tmp_path, n=600)
