@@ -2,12 +2,14 @@
 SIGKILL helper, and the ghost engine's model cases with their comparison to the loop."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import random
 import re
 import struct
 from pathlib import Path
+from typing import Callable, Iterator
 
 import h5py
 import numpy as np
@@ -173,6 +175,34 @@ def sigkill_when(cmd: list[str], ready, timeout: float = 120.0) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
+
+
+@contextlib.contextmanager
+def read_only_folder(path: Path, fill: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """``path``, a folder no file can be created in, holding what ``fill(path)`` wrote: a tmpfs
+    mounted there, then made read-only (root, which no chmod stops, may mount), else chmod 500;
+    a pytest skip where neither holds."""
+    import shutil
+    import subprocess
+    import pytest
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(path)], capture_output=True).returncode == 0
+    try:
+        if fill is not None:
+            fill(path)
+        if mounted:
+            assert subprocess.run(["mount", "-o", "remount,ro", str(path)], capture_output=True).returncode == 0
+        else:
+            os.chmod(path, 0o500)
+            if os.access(path, os.W_OK):
+                pytest.skip("cannot make a read-only folder here")
+        yield path
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(path)], capture_output=True)
+        else:
+            os.chmod(path, 0o700)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def python_child(code: str, timeout: float = 3000):

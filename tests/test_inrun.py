@@ -1221,18 +1221,10 @@ def test_arguments_a_user_may_get_wrong_are_refused_at_once(tmp_path):
 
 
 def test_a_read_only_folder_is_refused_before_training(tmp_path):
-    import subprocess
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(ro)], capture_output=True).returncode:
-        os.chmod(ro, 0o500)
-        if os.access(ro, os.W_OK):
-            pytest.skip("cannot make a read-only folder here")
-    try:
-        with pytest.raises(gs.OutputError, match="cannot be written.*writable folder"):
-            gs.InRun(mlp(d_in=10, hidden=8, n_classes=4, depth=1), out=ro / "r.h5")
-    finally:
-        subprocess.run(["umount", str(ro)], capture_output=True)
+    from helpers import read_only_folder
+    with read_only_folder(tmp_path / "ro") as ro, pytest.raises(gs.OutputError, match="cannot be written.*writable "
+                                                                                      "folder"):
+        gs.InRun(mlp(d_in=10, hidden=8, n_classes=4, depth=1), out=ro / "r.h5")
 
 
 @pytest.mark.parametrize("where", ["journal", "scores file"])

@@ -419,6 +419,57 @@ def test_an_unwritable_output_is_one_line(scored, tmp_path, capsys, monkeypatch)
         assert code == 2 and len(err.splitlines()) == 1 and "Permission denied" in err, err
 
 
+@pytest.mark.parametrize("command", ["diagnose", "flag", "attribute", "select", "plot", "export", "run", "sketch"])
+def test_a_read_only_folder_stops_a_command_before_its_work(scored, tmp_path, capsys, command):
+    """An output in a folder this process may not write (a real read-only file system):
+    `diagnose` printed its whole diagnosis and then failed on its first file; `attribute`
+    and `flag` did all their work first. Now each stops before it, in one line."""
+    from helpers import read_only_folder
+    ckpts, data, scores = scored
+    sketch = tmp_path / "k.h5"
+    if command == "attribute":
+        assert main(["sketch", "--checkpoints", str(ckpts), "--data", str(data), "--dim", "8", "--out", str(sketch),
+                     "--quiet"]) == 0
+    with read_only_folder(tmp_path / "ro") as ro:
+        argv = {"diagnose": ["diagnose", str(scores), "--out", str(ro / "dg")],
+                "flag": ["flag", str(scores), "--score", "el2n", "--out", str(ro / "f.json")],
+                "attribute": ["attribute", "--sketch", str(sketch), "--query", str(data), "--out", str(ro / "a.h5")],
+                "select": ["select", str(scores), "--by", "el2n", "--out", str(ro / "s.json")],
+                "plot": ["plot", str(scores), "--kind", "hist", "--out", str(ro / "h.png")],
+                "export": ["export", str(scores), "--format", "csv", "--out", str(ro / "s.csv")],
+                "run": ["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(ro / "s.h5")],
+                "sketch": ["sketch", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(ro / "k.h5")],
+                }[command]
+        capsys.readouterr()
+        assert main(argv + (["--quiet"] if command in ("attribute", "run", "sketch") else [])) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.strip().splitlines()) == 1, (out, err)
+        if command in ("run", "sketch"):   # their lock, taken first, is refused: as early
+            assert f"cannot write or read {ro / argv[-1]}.lock: Read-only file system" in err, err
+        else:
+            assert "cannot be written" in err and f"({ro} does not let this process create files" in err, err
+
+
+def test_a_finished_costate_file_in_a_real_read_only_folder_is_read(tiny_run, tmp_path, capsys):
+    """As the test below, on a read-only file system: the folder check leaves a finished
+    output that a run only reads alone."""
+    import shutil
+    from helpers import read_only_folder
+    ckpts, data = tiny_run
+    argv = ["run", "--checkpoints", str(tmp_path / "archived"), "--data", str(data), "--target", str(data),
+            "--scores", "pds", "--quiet", "--out"]
+
+    def archive(to: Path) -> None:   # the run's checkpoints, and its co-states beside them
+        shutil.copytree(ckpts, to, dirs_exist_ok=True)
+        assert _run(argv + [str(tmp_path / "before.h5")], capsys)[0] == 0 and (to / "costate.h5").exists()
+    with read_only_folder(tmp_path / "archived", fill=archive):
+        code, err = _run(argv + [str(tmp_path / "after.h5")], capsys)
+        assert code == 0, err
+    import gradscore as gs
+    before, after = gs.load_scores(tmp_path / "before.h5"), gs.load_scores(tmp_path / "after.h5")
+    np.testing.assert_array_equal(before["scores"]["pds"], after["scores"]["pds"])
+
+
 def _read_only(folder: Path, monkeypatch) -> None:
     """Nothing can be created in ``folder`` (simulated: the tests run as root, which no chmod
     stops): os.open with O_CREAT, a temp file, a new directory."""

@@ -188,6 +188,17 @@ def output_path(out: str | os.PathLike) -> Path:
     return Path(out)
 
 
+def _check_writable(out: Path) -> None:
+    """An :class:`OutputError` where the folder ``out`` would be written into (its nearest
+    existing one) does not let this process create files: before any work, not after it."""
+    folder = out.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{out}: cannot be written ({folder} does not let this process create files: permission "
+                          f"denied, or a read-only file system); choose an output path in a writable folder")
+
+
 def claim(out: str | os.PathLike, kind: str, *, inputs: Mapping[str, Iterable[str | os.PathLike | None]] | None = None,
           overwrite: bool = False, resumable: bool = False) -> Path:
     """Check that ``out`` may be written by a command; return it as a Path.
@@ -199,7 +210,7 @@ def claim(out: str | os.PathLike, kind: str, *, inputs: Mapping[str, Iterable[st
     is an input, a directory (or a path ending in a separator), or an existing file that
     is not ``kind`` (even with ``overwrite``), or exists without ``overwrite`` (unless
     ``resumable``), or is named as a checkpoint (``step_<n>.h5``) in a folder of
-    checkpoints, which would then read it.
+    checkpoints, which would then read it, or lies in a folder this process may not write.
     """
     out = output_path(out)
     what, is_kind = KINDS[kind]
@@ -214,6 +225,8 @@ def claim(out: str | os.PathLike, kind: str, *, inputs: Mapping[str, Iterable[st
     if CHECKPOINT_NAME.match(out.name) and checkpoint_files(out.parent):
         raise OutputError(f"{out}: would be read as a checkpoint of {out.parent}, which holds checkpoints "
                           f"named step_<n>.h5, by every later command on that folder; choose another name")
+    if not (resumable and out.exists()):   # a finished output may be only read (an archived run's)
+        _check_writable(out)
     if out.exists():
         if not is_kind(out):
             found = _damage(out)
