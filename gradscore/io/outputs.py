@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import os
 import socket
@@ -189,14 +190,15 @@ def output_path(out: str | os.PathLike) -> Path:
 
 
 def _check_writable(out: Path) -> None:
-    """An :class:`OutputError` where the folder ``out`` would be written into (its nearest
-    existing one) does not let this process create files: before any work, not after it."""
+    """The error writing ``out`` would raise, before any work rather than after it, where the
+    folder it goes into (its nearest existing one) does not let this process create files: a
+    PermissionError (EROFS on a read-only file system, else EACCES) naming that folder."""
     folder = out.absolute().parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"{out}: cannot be written ({folder} does not let this process create files: permission "
-                          f"denied, or a read-only file system); choose an output path in a writable folder")
+        code = errno.EROFS if os.statvfs(folder).f_flag & os.ST_RDONLY else errno.EACCES
+        raise PermissionError(code, os.strerror(code), str(folder))
 
 
 def claim(out: str | os.PathLike, kind: str, *, inputs: Mapping[str, Iterable[str | os.PathLike | None]] | None = None,
@@ -210,7 +212,8 @@ def claim(out: str | os.PathLike, kind: str, *, inputs: Mapping[str, Iterable[st
     is an input, a directory (or a path ending in a separator), or an existing file that
     is not ``kind`` (even with ``overwrite``), or exists without ``overwrite`` (unless
     ``resumable``), or is named as a checkpoint (``step_<n>.h5``) in a folder of
-    checkpoints, which would then read it, or lies in a folder this process may not write.
+    checkpoints, which would then read it; the PermissionError of :func:`_check_writable` if it
+    lies in a folder this process may not write (unless ``resumable`` and it exists).
     """
     out = output_path(out)
     what, is_kind = KINDS[kind]
