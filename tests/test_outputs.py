@@ -451,7 +451,7 @@ def test_a_read_only_folder_stops_a_command_before_its_work(scored, tmp_path, ca
 
 def test_a_finished_costate_file_in_a_real_read_only_folder_is_read(tiny_run, tmp_path, capsys):
     """As the test below, on a read-only file system: the folder check leaves a finished
-    output that a run only reads alone."""
+    output that a run only reads alone, and a new one is refused with the co-state's fix."""
     import shutil
     from helpers import read_only_folder
     ckpts, data = tiny_run
@@ -464,6 +464,10 @@ def test_a_finished_costate_file_in_a_real_read_only_folder_is_read(tiny_run, tm
     with read_only_folder(tmp_path / "archived", fill=archive):
         code, err = _run(argv + [str(tmp_path / "after.h5")], capsys)
         assert code == 0, err
+        # other settings need a new file: the folder refuses it, and the error names the way out
+        code, err = _run(argv + [str(tmp_path / "other.h5"), "--lr-scale-steps"], capsys)
+        assert code == 2 and len(err.splitlines()) == 1 and "Read-only file system" in err, err
+        assert "where it goes by default; pass --costate FILE" in err, err
     import gradscore as gs
     before, after = gs.load_scores(tmp_path / "before.h5"), gs.load_scores(tmp_path / "after.h5")
     np.testing.assert_array_equal(before["scores"]["pds"], after["scores"]["pds"])
