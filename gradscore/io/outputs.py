@@ -197,7 +197,8 @@ def _check_writable(out: Path) -> None:
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
-        code = errno.EROFS if os.statvfs(folder).f_flag & os.ST_RDONLY else errno.EACCES
+        read_only = hasattr(os, "statvfs") and os.statvfs(folder).f_flag & os.ST_RDONLY   # POSIX only
+        code = errno.EROFS if read_only else errno.EACCES
         raise PermissionError(code, os.strerror(code), str(folder))
 
 
