@@ -70,21 +70,23 @@ def current_ranks() -> tuple[int, int]:
     return 0, 1
 
 
-def raise_everywhere(error: Exception | None, value: Any = None) -> Any:
+def raise_everywhere(error: Exception | None, value: Any = None, *, every: bool = False) -> Any:
     """Raise on every rank where any rank has an ``error``: a rank its own, the others an
     OutputError with the first failed rank's message; else return rank 0's ``value`` on every
-    rank. A collective (every rank calls it; no rank passes it before all have come)."""
+    rank (``every``: the list of every rank's, in rank order). A collective (every rank calls
+    it; no rank passes it before all have come)."""
     dist = torch.distributed
+    values = [value]
     if dist.is_available() and dist.is_initialized():
         said = [None] * dist.get_world_size()
         dist.all_gather_object(said, (None if error is None else str(error), value))
         first = next(((rank, message) for rank, (message, _) in enumerate(said) if message is not None), None)
         if first is not None and error is None:
             raise OutputError(f"rank {first[0]}: {first[1]}")
-        value = said[0][1]
+        values = [v for _, v in said]
     if error is not None:
         raise error
-    return value
+    return values if every else values[0]
 
 
 def env_ranks() -> Ranks | None:

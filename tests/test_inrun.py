@@ -1830,6 +1830,8 @@ if sys.argv[2] == "wrapped":   # the recorder on the DDP model: it reads the wor
     rec = gs.InRun(model, out=sys.argv[1], targets=(x[:6], y[:6]), flush_every=flush)
 else:                          # on the network inside it, as a trainer's callback has it: told the world size
     rec = gs.InRun(net, out=sys.argv[1], targets=(x[:6], y[:6]), flush_every=flush, data_parallel=world)
+if rank == 1:   # an optimizer of none of the model's parameters: the same weights, and a warning on rank 1 alone
+    rec.optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
 for t in range(6):
     batch = torch.randperm(32, generator=g)[:8]
     mine = batch.chunk(world)[rank]                 # each rank its share of the global batch
@@ -1866,7 +1868,8 @@ def test_two_ddp_ranks_record_what_one_process_does(tmp_path, recorded):
     """Two gloo ranks, each recording its half of every global batch, give what one process
     gives on the whole batches: DDP averages the ranks' gradients, so each share is the
     local one / 2, whether the recorder is on the DDP model or (told ``data_parallel``) on
-    the network inside it, as the Hugging Face and Lightning callbacks have it."""
+    the network inside it, as the Hugging Face and Lightning callbacks have it. A warning
+    about the scores given on rank 1 alone is in the file (only rank 0's were)."""
     import subprocess
     import sys
     script = tmp_path / "ddp.py"
@@ -1880,6 +1883,9 @@ def test_two_ddp_ranks_record_what_one_process_does(tmp_path, recorded):
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = (gs.load_scores(tmp_path / f) for f in ("one.h5", "two.h5"))
     assert np.array_equal(a["ids"], b["ids"])
+    assert [w for w in b["warnings"] if w not in a["warnings"]] == [   # rank 1's warning is kept too
+        "the optimizer (SGD) holds none of the model's parameters, so their learning rates are unknown; "
+        "inrun_value weighs every parameter by the step's lr"], b["warnings"]
     for name in a["scores"]:    # the same trajectory up to the all-reduce's rounding, in float64
         np.testing.assert_allclose(b["scores"][name], a["scores"][name], rtol=1e-9, atol=1e-12, err_msg=name)
     with h5py.File(tmp_path / "one.h5") as f, h5py.File(tmp_path / "two.h5") as g:

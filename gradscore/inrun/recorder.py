@@ -705,8 +705,10 @@ class InRun:
             self._spill()   # keeps the records if it fails
         except (GradscoreError, OSError) as e:
             failed = e
-        raise_everywhere(failed)   # every rank's rows are in the journal, or every rank stops here
+        # every rank's rows are in the journal, or every rank stops here; rank 0 writes every rank's warnings
+        given = raise_everywhere(failed, self._given, every=True)
         if self.rank == 0:
+            self._given = list(dict.fromkeys(text for texts in given for text in texts))
             try:
                 if not row_files(self.journal):
                     self.journal.finish()
