@@ -5,6 +5,7 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,6 +166,14 @@ def test_a_first_batch_warning_is_kept_in_the_scores_file(tiny_run, tmp_path, ca
         m.setattr(HDF5ScoresWriter, "finalize", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
         assert main([*argv, "--overwrite"]) == 130
     capsys.readouterr()
+    kept = Path(str(out) + ".partial") / "t00000_c0000000.warnings.json"
+    assert json.loads(kept.read_text()) == stored
+    kept.write_text('["cut short')   # damaged on disk: named, with the way to recompute it
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{kept}: unreadable warnings of a chunk" in err, err
+    for path in kept.parent.glob("t00000_c0000000.*"):
+        path.unlink()
     assert main(argv) == 0 and gs.load_scores(out)["warnings"] == stored
     # a narrower window, its checkpoint's rows taken from the file
     assert main([*argv, "--epochs-upto", "0", "--overwrite"]) == 0
