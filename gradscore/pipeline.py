@@ -474,8 +474,7 @@ def _score_chunks(plan: _Plan, writer: HDF5ScoresWriter, costate: CostateFile | 
                 continue
             k, sha = int(plan.scored[t]), checksums[t]
             if reusable.has(sha):
-                if reusable.warnings:   # given when they were made
-                    writer.note(t, chunks[0], reusable.warnings)
+                writer.note(t, chunks[0], reusable.warnings)   # given when they were made
                 for c in chunks:
                     metrics = reusable.read(sha, *writer.chunk_range(c))
                     if not config.allow_nonfinite:
@@ -500,8 +499,7 @@ def _score_chunks(plan: _Plan, writer: HDF5ScoresWriter, costate: CostateFile | 
                                       gradients=config.needs_gradients, blocks=blocks, logits=config.store_logits)
                 if not config.allow_nonfinite:
                     _check_finite(metrics, ds, a, ckpts[k].path)
-                if len(scorer.warnings) > given:
-                    writer.note(t, c, scorer.warnings[given:])
+                writer.note(t, c, scorer.warnings[given:])
                 writer.write_chunk(t, c, metrics)
                 bar.update(b - a)
 

@@ -155,7 +155,10 @@ class HDF5ScoresWriter(ScoresWriter):
 
     def note(self, t: int, c: int, lines: list[str]) -> None:
         """Keep the warnings given while checkpoint t, chunk c was scored, in the journal
-        (a rerun that finds the chunk done does not give them again); :meth:`notes` reads them."""
+        (a rerun that finds the chunk done does not give them again); :meth:`notes` reads them.
+        None given: nothing written."""
+        if not lines:
+            return
         self.journal.open()
         with atomic_path(self.journal.unit(f"t{t:05d}_c{c:07d}.warnings.json")) as tmp:
             tmp.write_text(json.dumps(lines))

@@ -114,8 +114,7 @@ def _run(config: SketchConfig, out: Path, overwrite: bool, progress: bool) -> Pa
                 given = len(scorer.warnings)
                 metrics = sketch_chunk(scorer, projection, x, y, config.batch_size, config.store_dtype)
                 check_finite(metrics, ds, a, ckpts[t].path, config.store_dtype)
-                if len(scorer.warnings) > given:
-                    writer.note(t, c, scorer.warnings[given:])
+                writer.note(t, c, scorer.warnings[given:])
                 writer.write_chunk(t, c, metrics)
                 bar.update(b - a)
     lr = np.array([i.lr for i in ckpts], dtype=np.float64)
