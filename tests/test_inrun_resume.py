@@ -3,6 +3,7 @@ file, and the file then equals one recording of the steps the training kept."""
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import h5py
@@ -134,6 +135,52 @@ def test_a_closed_recording_continues_and_a_second_crash_resumes_again(tmp_path,
     rec.close()
     _reference(tmp_path / "ref.h5", [(a, range(4)), (b, range(4, 5)), (c, range(5, 9))])
     _assert_same_file(out, tmp_path / "ref.h5")
+
+
+def _given(out) -> list[str]:
+    """The warnings of the in-run file ``out`` about the optimizer (the recorder's own), read
+    as they are stored (load_scores warns of an unfinished recording)."""
+    with h5py.File(out) as f:
+        return [w for w in json.loads(f.attrs["warnings"]) if "optimizer" in w]
+
+
+def test_a_warning_given_before_a_crash_or_a_close_stays_in_the_resumed_file(tmp_path):
+    """The recorder's optimizer holds none of the parameters (a warning), then the training
+    crashes; the resumed training steps with its own optimizer (no warning). The records of
+    the first steps were weighed without the optimizer's rates, so the resumed file keeps
+    the warning: written during the training, at close, and after the closed recording is
+    continued once more. Before, only the process that gave it wrote it: the resumed file
+    had none. A damaged warnings file of the journal is one error naming it and the fix."""
+    out, a = tmp_path / "r.h5", _batches(range(8), 1)
+    training = _Training()
+    rec = _recorder(training, out)
+    rec.optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)   # steps no parameter of the model
+    with pytest.warns(GradscoreWarning, match="holds none of the model's parameters") as seen:
+        training.run(rec, a, range(3))
+    said = [str(w.message) for w in seen]
+    rec.flush()
+    del rec                                             # the crash
+    for step in (3, 5):   # resumed after the crash, then after the close
+        rec = _recorder(training, out, resume=True, optimizer=training.opt)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")              # this process gives no warning
+            training.run(rec, a, range(step, step + 1))
+            rec.flush()
+            assert _given(out) == said
+            training.run(rec, a, range(step + 1, step + 2))
+            rec.close()
+        assert _given(out) == said
+    rec = _recorder(training, out, resume=True, optimizer=training.opt)
+    training.run(rec, a, range(7, 8))
+    rec.flush()
+    kept = tmp_path / "r.h5.partial" / "rank000.warnings.json"
+    kept.write_text('["the optimizer')
+    with pytest.raises(gs.GradscoreError, match=f"{kept}: unreadable warnings of the recording .*delete it: the "
+                                                f"recording keeps its records"):
+        rec.close()
+    kept.unlink()
+    rec.close()
+    assert _given(out) == [] and len(load_inrun_rows(out)["step"]) == 8 * 8
 
 
 def test_a_journal_left_by_a_recorder_that_never_stepped_is_not_the_recordings(tmp_path):

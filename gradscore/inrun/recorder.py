@@ -310,6 +310,7 @@ class InRun:
         self._spilled = self._rewritten = time.monotonic()   # the last journal append, the last file rewrite
         self._write_seconds, self._warnings = 0.0, []   # ... what the last rewrite's records show (write)
         self._given: list[str] = []   # the warnings about its scores this rank's steps gave (_warn), each once
+        self._noted = 0               # ... of which the journal keeps the first (_spill)
         self._failing = False   # the last flush inside a step failed (it warned)
         self._on_host = 0       # the first records of _pending: blocks that failed flushes moved to the host
         self._laid_out = False
@@ -380,6 +381,7 @@ class InRun:
             rows = RowJournal(self.journal, 0)
             for chunk in recorded_rows(self.out):
                 rows.append([chunk])
+            rows.note(list(found.given))
         last, kind = last_step(self.journal) or (-1, None)   # (none: a recording of batches of no examples)
         return fingerprint, found.segment, last, kind
 
@@ -675,6 +677,9 @@ class InRun:
             self._on_host -= 1
         self._row_files.append(self._pending)
         self._pending = []
+        if self._row_files.count and len(self._given) > self._noted:   # beside rows: a journal of them
+            self._row_files.note(self._given)
+            self._noted = len(self._given)
         self._spilled = time.monotonic()
 
     def _write(self, complete: bool) -> None:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from .._version import __version__
 from ..interrupts import stop_if_interrupted
 from ..io.atomic import atomic_h5, atomic_path
-from ..io.attrs import write_attrs
+from ..io.attrs import json_attr, write_attrs
 from ..exceptions import OutputError
 from ..io.journal import Journal, read_fingerprint
 from ..io.store import damage_named, inrun_blocks, put, read_ids, read_numpy, write_ids
@@ -86,14 +86,28 @@ class RowJournal:
         rows = {k: (v if k == "ids" else v.astype(FIELDS[k])) for k, v in rows.items()}
         if rows["ids"].dtype.kind in "OUS":
             rows["ids"] = rows["ids"].astype(str)
-        name = f"rank{self.rank:03d}_{self.count:06d}.npz"
+        name = f"{self._prefix}_{self.count:06d}.npz"
         if self.segment:
-            name, rows["segment_start"] = f"seg{self.segment:03d}_{name}", np.int64(self.start)
+            rows["segment_start"] = np.int64(self.start)
         self.journal.open()
         with atomic_path(self.journal.unit(name)) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **rows)
         self.count += 1
 
+    def note(self, lines: list[str]) -> None:
+        """Keep ``lines``, every warning about the scores this rank gave in this segment so far,
+        beside its row files (``<prefix>.warnings.json``, rewritten): a resumed recording's
+        file keeps those a crashed or closed one gave. :func:`write` reads them."""
+        self.journal.keep_warnings(self._prefix, lines)
+
+    @property
+    def _prefix(self) -> str:
+        """The names' start: ``rank<r>``, or ``seg<g>_rank<r>`` after the first segment."""
+        return f"seg{self.segment:03d}_rank{self.rank:03d}" if self.segment else f"rank{self.rank:03d}"
+
+
+#: the fix for a damaged warnings file of a recording's journal (:meth:`RowJournal.note`)
+_LOSE_WARNINGS = "delete it: the recording keeps its records, without the warnings given while they were made"
 
 #: records a closed recording's rows go back into its journal by (one row file each), and the
 #: ids a streamed write gathers before it joins them to those found so far
@@ -222,12 +236,13 @@ def last_step(journal: Journal) -> tuple[int, str] | None:
 class Recording:
     """An in-run recording found at ``out``: its fingerprint, whether its rows are in the
     journal (an interrupted recording's; else only in the finished scores file), its next
-    segment and whether it ended (:meth:`InRun.close`)."""
+    segment, whether it ended (:meth:`InRun.close`) and, closed, what its recorders warned of."""
 
     fingerprint: dict
     in_journal: bool
     segment: int
     complete: bool
+    given: tuple[str, ...] = ()   # a closed recording's: the warnings its recorders gave (:func:`write`)
 
 
 def find_recording(out: Path) -> Recording | None:
@@ -246,7 +261,8 @@ def find_recording(out: Path) -> Recording | None:
         return None
     with damage_named(out), h5py.File(out, "r") as f:
         complete = bool(f.attrs.get("inrun_complete", True))
-    return Recording(fingerprint, False, 1, complete)
+        given = json_attr(f, out, "inrun_given", "[]")   # (none in a file of gradscore 0.1.0 before it)
+    return Recording(fingerprint, False, 1, complete, tuple(given))
 
 
 def recorded_rows(out: Path) -> Iterator[dict[str, np.ndarray]]:
@@ -356,13 +372,15 @@ def write(out: Path, journal: Journal, *, config: dict[str, Any], fingerprint: d
     ``/scores`` (:mod:`gradscore.scores.inrun`), ``/inrun/<field>`` in step order with
     ``/inrun/row`` (index into ``/ids``), an empty ``/per_checkpoint`` and the run's
     attributes, with ``given`` (what the recorder warned of) and :func:`warnings_of` the
-    rows as its ``warnings``; atomically. Two passes over the row files (the ids, then the
+    rows as its ``warnings``; atomically. ``given`` joins the warnings that every rank's
+    row journal kept (:meth:`RowJournal.note`), and is kept alone as ``inrun_given``. Two passes over the row files (the ids, then the
     rest), each a few files at a time; ``progress``: a bar over the second on a terminal,
     once it has taken 5 s. Returns the rows' warnings (None, and nothing written, where the
     journal has no row files)."""
     files = _row_files(journal.partial)   # the rows of this moment: other ranks may be adding theirs
     if not files:
         return None
+    given = list(dict.fromkeys([*journal.kept_warnings("warnings of the recording", _LOSE_WARNINGS), *given]))
     ids, m = _ids(files)
     n, found, any_target = len(ids), _Findings(), False
     like = {k: v.dtype for k, v in _load(files[0][2]).items() if k not in ("ids", "segment_start")}
@@ -390,7 +408,8 @@ def write(out: Path, journal: Journal, *, config: dict[str, Any], fingerprint: d
         bar.close()
         lines = found.lines() + (_unmeasured(scores.measured, config.get("every", 1)) if any_target else [])
         write_attrs(f, {"config": config, "fingerprint": fingerprint, "gradscore_version": __version__,
-                        "loss": loss, "warnings": [*given, *lines], "inrun_complete": complete})
+                        "loss": loss, "warnings": [*given, *lines], "inrun_given": given,
+                        "inrun_complete": complete})
         group = f.create_group("scores")
         for k, v in scores.result().items():
             put(group, k, v)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import h5py
 
-from ..exceptions import ConfigMismatchError
+from ..exceptions import ConfigMismatchError, GradscoreError
 from .atomic import atomic_path
 from .attrs import mismatched
 
@@ -147,6 +147,32 @@ class Journal:
 
     def done(self, name: str) -> bool:
         return self.complete or (self.partial / name).exists()
+
+    def keep_warnings(self, name: str, lines: list[str]) -> None:
+        """Keep the warnings ``lines`` given while a unit of work was made, as the unit
+        ``<name>.warnings.json`` (a rerun or resumed run that finds the work done does not give
+        them again); None given: nothing written. :meth:`kept_warnings` reads them."""
+        if not lines:
+            return
+        self.open()
+        with atomic_path(self.unit(f"{name}.warnings.json")) as tmp:
+            tmp.write_text(json.dumps(lines))
+
+    def kept_warnings(self, what: str, fix: str) -> list[str]:
+        """The warnings kept by :meth:`keep_warnings`, by unit name, each once. A damaged unit:
+        a GradscoreError naming it, ``what`` it held and ``fix`` (formatted with ``{name}``, the
+        unit's name without ``.warnings.json``)."""
+        found: list[str] = []
+        for path in sorted(self.partial.glob("*.warnings.json")):
+            try:
+                lines = json.loads(path.read_text())
+                if not (isinstance(lines, list) and all(isinstance(line, str) for line in lines)):
+                    raise ValueError("not a list of strings")
+            except (OSError, ValueError) as e:
+                raise GradscoreError(f"{path}: unreadable {what} ({e}); "
+                                     + fix.format(name=path.name[:-len(".warnings.json")])) from e
+            found += lines
+        return list(dict.fromkeys(found))
 
     def finish(self) -> None:
         """Drop the journal once ``out`` has been written."""

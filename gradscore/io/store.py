@@ -157,22 +157,12 @@ class HDF5ScoresWriter(ScoresWriter):
         """Keep the warnings given while checkpoint t, chunk c was scored, in the journal
         (a rerun that finds the chunk done does not give them again); :meth:`notes` reads them.
         None given: nothing written."""
-        if not lines:
-            return
-        self.journal.open()
-        with atomic_path(self.journal.unit(f"t{t:05d}_c{c:07d}.warnings.json")) as tmp:
-            tmp.write_text(json.dumps(lines))
+        self.journal.keep_warnings(f"t{t:05d}_c{c:07d}", lines)
 
     def notes(self) -> list[str]:
         """The warnings kept by :meth:`note` (every rank's), by checkpoint and chunk, each once."""
-        found: list[str] = []
-        for path in sorted(self.partial.glob("t*_c*.warnings.json")):
-            try:
-                found += json.loads(path.read_text())
-            except (OSError, ValueError) as e:
-                raise GradscoreError(f"{path}: unreadable warnings of a chunk ({e}); delete the chunk's files "
-                                     f"({path.name.split('.')[0]}.*) and rerun to recompute it") from e
-        return list(dict.fromkeys(found))
+        return self.journal.kept_warnings("warnings of a chunk",
+                                          "delete the chunk's files ({name}.*) and rerun to recompute it")
 
     def _read_chunk(self, t: int, c: int) -> dict[str, np.ndarray]:
         path = self._chunk_path(t, c)
