@@ -153,10 +153,11 @@ def test_a_first_batch_warning_is_kept_in_the_scores_file(tiny_run, tmp_path, ca
     assert len(stored) == 1 and err[0].endswith(stored[0]), stored
     for command in (["info", str(out)], ["diagnose", str(out)]):
         assert main(command) == 0 and f"warning: {stored[0]}" in capsys.readouterr().out, command
-    # the commands that act on the scores say it too, and a selection or a flag report keeps it
+    # the commands that act on the scores or pass them on say it too; a selection or a flag report keeps it
     for command in (["select", str(out), "--by", "el2n", "--out", str(tmp_path / "sel.json")],
                     ["flag", str(out), "--score", "el2n", "--out", str(tmp_path / "flag.json")],
-                    ["plot", str(out), "--kind", "hist", "--out", str(tmp_path / "h.png")]):
+                    ["plot", str(out), "--kind", "hist", "--out", str(tmp_path / "h.png")],
+                    ["export", str(out), "--format", "csv", "--out", str(tmp_path / "s.csv")]):
         assert main(command) == 0, command
         assert f"gradscore {command[0]}: warning: {stored[0]}" in capsys.readouterr().err.splitlines(), command
     for report in ("sel.json", "flag.json"):

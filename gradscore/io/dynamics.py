@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from .atomic import atomic_path
-from ..exceptions import DataError, GradscoreError
+from ..exceptions import DataError, GradscoreError, GradscoreWarning
 from .outputs import MARK, claim, lock
 from ..losses import resolve_loss
 from ..scores import datadiet
@@ -230,13 +231,17 @@ def export_scores(scores: str | Path, out: str | Path, *, fmt: str, overwrite: b
     """Write the scores of a scores file as ``td_metrics`` jsonl, ``csv`` or ``parquet`` (an
     existing ``out`` only with ``overwrite``, and only if it is a gradscore export; not a
     name whose suffix is another format's, ``x.parquet`` for csv);
-    ``progress``: a bar over the rows of jsonl and csv on a terminal, after 5 s."""
+    ``progress``: a bar over the rows of jsonl and csv on a terminal, after 5 s. The scores
+    file's warnings (what made its scores wrong or partial) are given as GradscoreWarnings:
+    the export has no place for them."""
     named = EXPORT_SUFFIXES.get(Path(out).suffix.lower())
     if named is not None and named != fmt:
         raise GradscoreError(f"{out}: its name says {named}, but --format {fmt} writes "
                              f"{EXPORT_SUFFIX[fmt]}; name it *{EXPORT_SUFFIX[fmt]} or use --format {named}")
     claim(out, "export", inputs={"the scores file": [scores]}, overwrite=overwrite)
     res = load_scores(scores, per_checkpoint=False)
+    for text in res["warnings"]:
+        warnings.warn(text, GradscoreWarning, stacklevel=2)
     ids = [i.decode() if isinstance(i, bytes) else i.item() if hasattr(i, "item") else i for i in res["ids"]]
     s = res["scores"]
     out = Path(out)
