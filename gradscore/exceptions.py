@@ -5,6 +5,10 @@ line on stderr and exits with code 2 for any :class:`GradscoreError`.
 """
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
 
 class GradscoreError(Exception):
     """Base class of every error gradscore raises on bad input or state."""
@@ -13,6 +17,28 @@ class GradscoreError(Exception):
 class GradscoreWarning(UserWarning):
     """Numbers were written, but may not mean what they seem (e.g. a diverged PDS co-state),
     or a step could not be done now and gradscore went on (an in-run flush on a full disk)."""
+
+
+#: the folders whose frames a warning is not pointed at: gradscore's and torch's (a recorder's
+#: checks run inside torch's forward and backward, at no fixed depth below the user's line)
+_INTERNAL = (os.path.dirname(os.path.abspath(__file__)) + os.sep,)
+
+
+def warn(text: str) -> None:
+    """A :class:`GradscoreWarning`, pointed at the user's line: the first frame outside
+    gradscore and torch (the outermost one there is, where a thread runs only theirs)."""
+    frame, level = sys._getframe(1), 2
+    internal = _INTERNAL + _torch_folder()
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(internal):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(text, GradscoreWarning, stacklevel=level)
+
+
+def _torch_folder() -> tuple[str, ...]:
+    """torch's package folder, if torch is loaded (a warning before it needs none)."""
+    torch = sys.modules.get("torch")
+    path = getattr(torch, "__file__", None)
+    return (os.path.dirname(os.path.abspath(path)) + os.sep,) if path else ()
 
 
 class ConfigError(GradscoreError, ValueError):

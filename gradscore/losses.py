@@ -22,7 +22,6 @@ A loss maps ``(output (B, ...), target (B, ...)) -> (B,)`` per-example losses. B
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import LM_REDUCTIONS
-from .exceptions import ConfigError, EngineError, GradscoreWarning
+from .exceptions import ConfigError, EngineError, warn
 from .imports import import_ref
 
 PerExampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -327,8 +326,8 @@ class BatchLosses:
             why = reads_the_batch(self.loss, out, y)
             self.alone = why is not None
             if why is not None:
-                warnings.warn(f"{why}; every example's loss is taken alone, as the per-example loop takes it: fix "
-                              f"the loss if the batch was not meant", GradscoreWarning, stacklevel=4)
+                warn(f"{why}; every example's loss is taken alone, as the per-example loop takes it: fix "
+                     f"the loss if the batch was not meant")
 
     def __call__(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.check(out, y)

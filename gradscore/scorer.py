@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import fnmatch
-import warnings
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -10,7 +9,7 @@ from torch import nn
 
 from .batch import Inputs, batch_len, call_model, check_batch, describe, move, take
 from .engines import ScoreBatch, check_eval_mode, engine_class
-from .exceptions import EngineError, GradscoreError, GradscoreWarning, cause, model_fix
+from .exceptions import EngineError, GradscoreError, cause, model_fix, warn
 from .losses import Loss, PerExampleLoss, check_head, misread_output, resolve_loss
 
 #: examples of the first scored batch that :meth:`Scorer._check_first_batch` checks
@@ -167,9 +166,9 @@ class Scorer:
         return out
 
     def _warn(self, text: str) -> None:
-        """A :class:`GradscoreWarning` to the caller of the public method, kept in :attr:`warnings`."""
+        """A :class:`GradscoreWarning` at the user's line (:func:`.exceptions.warn`), kept in :attr:`warnings`."""
         self.warnings.append(text)
-        warnings.warn(text, GradscoreWarning, stacklevel=4)
+        warn(text)
 
     def _check_random(self, x: Inputs) -> None:
         """On the first batch with examples: an :class:`EngineError` where the model's forward is

@@ -972,6 +972,31 @@ def test_a_softmax_output_given_to_cross_entropy_is_named_once(tmp_path):
     assert len(scores["ids"]) == 8 and scores["warnings"] == said, scores["warnings"]
 
 
+def test_a_warning_points_at_the_users_line(tmp_path):
+    """A recorder's checks run inside torch's forward and backward, at no fixed depth below
+    the user's line: a fixed stacklevel pointed the softmax warning at torch's
+    autograd/graph.py and the optimizer's at gradscore's inrun/step.py. Every warning now
+    names the line of the user's code that led to it, here and from gs.Scorer."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    softmax = nn.Sequential(nn.Linear(6, 4), nn.Softmax(dim=1))
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 4))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        rec = gs.InRun(softmax, out=tmp_path / "a.h5")
+        with rec.step(range(8), y):
+            F.cross_entropy(softmax(x), y).backward()
+        rec.close()
+        rec = gs.InRun(model, out=tmp_path / "b.h5", targets=(x[:3], y[:3]),
+                       optimizer=torch.optim.SGD(model[0].parameters(), lr=0.1))   # holds half of the model
+        with rec.step(range(8), y, lr=0.1):
+            F.cross_entropy(model(x), y).backward()
+        rec.close()
+        gs.Scorer(softmax).score_batch(x, y)
+    found = [(str(w.message)[:40], w.filename) for w in seen if issubclass(w.category, gs.exceptions.GradscoreWarning)]
+    assert len(found) == 3 and all(where == __file__ for _, where in found), found
+
+
 def test_a_forward_random_in_eval_mode_is_refused_with_its_cause(tmp_path):
     """A forward that calls F.dropout(h, p) without training=self.training is random in eval
     mode too, where the recorder lays the model out: it was refused as one "whose output for

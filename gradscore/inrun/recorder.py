@@ -59,7 +59,6 @@ import contextlib
 import shutil
 import time
 import uuid
-import warnings
 import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,7 +71,7 @@ from torch import nn
 from ..batch import Inputs
 from ..engines.free import UNPLANNED
 from ..engines.ghost import UNREPEATED, GhostEngine
-from ..exceptions import ConfigError, ConfigMismatchError, EngineError, GradscoreError, GradscoreWarning, OutputError
+from ..exceptions import ConfigError, ConfigMismatchError, EngineError, GradscoreError, OutputError, warn
 from ..distributed import current_ranks, raise_everywhere
 from ..io.journal import Journal, difference
 from ..io.outputs import claim, lock
@@ -445,14 +444,14 @@ class InRun:
             self._warn(f"{clipping}: the trainer clips the gradient, so a clipped step moves θ less than its "
                        f"learning rate says, and inrun_value (Σ_t η_t ⟨∇L_b, ∇J⟩) weighs every step by η_t "
                        f"alone; turn clipping off for the exact first-order value (inrun_value_cos, a mean "
-                       f"cosine, is unaffected)", stacklevel=3)
+                       f"cosine, is unaffected)")
 
-    def _warn(self, text: str, stacklevel: int = 2) -> None:
-        """A :class:`GradscoreWarning` about the scores (to the frame ``stacklevel`` above the
-        caller), kept for the scores file's ``warnings``."""
+    def _warn(self, text: str) -> None:
+        """A :class:`GradscoreWarning` about the scores (at the user's line), kept for the scores
+        file's ``warnings``."""
         if text not in self._given:
             self._given.append(text)
-        warnings.warn(text, GradscoreWarning, stacklevel=stacklevel + 1)
+        warn(text)
 
     def _loss_scale(self) -> float:
         """The loss scale the next backward uses (1 without an enabled scaler)."""
@@ -534,12 +533,12 @@ class InRun:
         if self.rank != 0:
             return
         if step <= last:
-            warnings.warn(f"{self.out}: resumed at step {step}: the records of steps {step} to {last} made before the "
-                          f"interruption are replaced by this run's", GradscoreWarning, stacklevel=4)
+            warn(f"{self.out}: resumed at step {step}: the records of steps {step} to {last} made before the "
+                 f"interruption are replaced by this run's")
         elif step > last + 1:
-            warnings.warn(f"{self.out}: resumed at step {step}, and the last recorded step is {last}: steps {last + 1} "
-                          f"to {step - 1} have no records (trained after the last flush before the interruption), "
-                          f"so the scores miss those presentations", GradscoreWarning, stacklevel=4)
+            warn(f"{self.out}: resumed at step {step}, and the last recorded step is {last}: steps {last + 1} "
+                 f"to {step - 1} have no records (trained after the last flush before the interruption), "
+                 f"so the scores miss those presentations")
 
     def attach(self, *, ids_key: str = "ids", labels_key: str = "labels") -> None:
         """Record every training forward of the model from now on, without ``rec.step``: for
@@ -642,8 +641,8 @@ class InRun:
                 kept = ("the records since the last flush stay in memory for the next flush (a crash now loses them)"
                         if stage == "the journal" else
                         "the journal holds every record; the file on disk stays its last rewrite's")
-                warnings.warn(f"{self.out}: writing {stage} during training failed ({e}); the training goes on, "
-                              f"{kept}, and close() raises if it still cannot write", GradscoreWarning, stacklevel=5)
+                warn(f"{self.out}: writing {stage} during training failed ({e}); the training goes on, "
+                     f"{kept}, and close() raises if it still cannot write")
             self._failing = True
         else:
             self._failing = False
@@ -722,7 +721,7 @@ class InRun:
                                       f"steps); nothing written")
                 self._write(complete=True)
                 for text in self._warnings:
-                    warnings.warn(f"{self.out}: {text}", GradscoreWarning, stacklevel=2)
+                    warn(f"{self.out}: {text}")
                 self.journal.finish()
             except (GradscoreError, OSError) as e:
                 failed = e   # the journal (and the lock) stay for another close()

@@ -233,7 +233,7 @@ class Step:
             why = ("a reentrant torch.utils.checkpoint refuses it: pass use_reentrant=False (the same gradients) "
                    "to have it checked" if "use_reentrant=True" in str(e) else cause(e))
             self.rec._warn(f"could not check that the step's loss reaches the model only through its output "
-                           f"({why}); a loss term on an activation inside the model would go unseen", stacklevel=3)
+                           f"({why}); a loss term on an activation inside the model would go unseen")
 
     def _grab(self, grad: torch.Tensor, edge: tuple | None = None) -> None:
         """δ = ∂L/∂z has come: read what the record needs from z and δ now, in row blocks, and
@@ -275,7 +275,7 @@ class Step:
             rec._output_checked = True
             why = misread_output(rec.loss, z)
             if why is not None:
-                rec._warn(why, stacklevel=3)
+                rec._warn(why)
         if rec._loss_checked or rec.loss.per_example or len(z) < 2:
             return
         rec._loss_checked = True

@@ -296,7 +296,7 @@ class TargetGradient:
                 self._warned_groups = True
                 rec._warn(f"the optimizer ({type(rec.optimizer).__name__}) holds none of the model's "
                           f"parameters, so their learning rates are unknown; inrun_value weighs every parameter "
-                          f"by the step's lr", stacklevel=3)
+                          f"by the step's lr")
             return {}
         held = [id(rec.params[n]) in groups for n in names]
         stray = [n for n, h in zip(names, held) if not h]
@@ -305,6 +305,6 @@ class TargetGradient:
             listed = ", ".join(stray[:6]) + (f" and {len(stray) - 6} more" if len(stray) > 6 else "")
             rec._warn(f"{listed} require grad, but the optimizer ({type(rec.optimizer).__name__}) does "
                       f"not hold them, so inrun_value weighs them 0 (they do not move); if the loop steps another "
-                      f"optimizer now, set rec.optimizer to it", stacklevel=3)
+                      f"optimizer now, set rec.optimizer to it")
         rates = {n: float(groups[id(rec.params[n])]["lr"]) if h else 0.0 for n, h in zip(names, held)}
         return {n: r / lr for n, r in rates.items() if r != lr}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from .atomic import atomic_path
-from ..exceptions import DataError, GradscoreError, GradscoreWarning
+from ..exceptions import DataError, GradscoreError, warn
 from .outputs import MARK, claim, lock
 from ..losses import resolve_loss
 from ..scores import datadiet
@@ -241,7 +240,7 @@ def export_scores(scores: str | Path, out: str | Path, *, fmt: str, overwrite: b
     claim(out, "export", inputs={"the scores file": [scores]}, overwrite=overwrite)
     res = load_scores(scores, per_checkpoint=False)
     for text in res["warnings"]:
-        warnings.warn(text, GradscoreWarning, stacklevel=2)
+        warn(text)
     ids = [i.decode() if isinstance(i, bytes) else i.item() if hasattr(i, "item") else i for i in res["ids"]]
     s = res["scores"]
     out = Path(out)

@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import struct
-import warnings
 import zipfile
 import zlib
 from abc import ABC, abstractmethod
@@ -35,7 +34,7 @@ import numpy as np
 from ..interrupts import stop_if_interrupted
 from .atomic import atomic_h5, atomic_path
 from .attrs import VALUES_CRC, as_text, fixed_utf8, json_attr, mismatched, values_crc, verify, write_attrs
-from ..exceptions import RESTORE, GradscoreError, GradscoreWarning, damaged
+from ..exceptions import RESTORE, GradscoreError, damaged, warn
 from .journal import Journal
 
 
@@ -427,9 +426,9 @@ def _warn_unfinished(path: Path, steps: h5py.Dataset) -> None:
     """Say that the recording in ``path`` was not closed: its ``steps`` (in order) are those
     of its last rewrite, which a selection made from it may not expect."""
     span = f"steps {int(steps[0])} to {int(steps[-1])}" if len(steps) else "no steps"
-    warnings.warn(f"{path}: an unfinished in-run recording (still recording, or interrupted): its scores are of "
-                  f"{span}, those flushed so far, not of the whole training; gs.InRun(..., resume=True) continues "
-                  f"an interrupted one", GradscoreWarning, stacklevel=3)
+    warn(f"{path}: an unfinished in-run recording (still recording, or interrupted): its scores are of "
+         f"{span}, those flushed so far, not of the whole training; gs.InRun(..., resume=True) continues "
+         f"an interrupted one")
 
 
 class CheckpointRows:

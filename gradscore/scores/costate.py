@@ -59,8 +59,8 @@ from ..engines.rules.experts import like_experts
 from ..engines.workarounds import torch_workarounds
 from ..config import DEVICES, DTYPES, LM_REDUCTIONS, absolute_paths, resolve_device
 from ..io.datasets import Dataset, check_targets, load_dataset, probe_model
-from ..exceptions import (CheckpointError, ConfigError, DataError, EngineError, GradscoreError, GradscoreWarning,
-                          OutputError)
+from ..exceptions import (CheckpointError, ConfigError, DataError, EngineError, GradscoreError, OutputError,
+                          warn)
 from ..losses import BatchLosses, Loss, resolve_loss
 from ..io.outputs import claim, lock
 from ..io.journal import Journal, read_fingerprint
@@ -380,7 +380,7 @@ def _compute(config: CostateConfig, out: Path, ckpts: CheckpointStore, overwrite
                  not_plain_steps(kinds, "target_dot, Σ_t η_t ⟨∇J(θ_t), g_n(θ_t)⟩,", "its first-order change of J is"))
         write_attrs(f, {"warnings": found})
     for text in found:
-        warnings.warn(f"{out}: {text}", GradscoreWarning, stacklevel=3)
+        warn(f"{out}: {text}")
     journal.finish()
     return out
 

@@ -21,7 +21,6 @@ set as one target: for TracIn, Σ_t η_t ⟨Φ g_n, Φ ∇J(θ_t)⟩ with J the 
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..config import AttributeConfig, resolve_device
-from ..exceptions import CheckpointError, DataError, GradscoreWarning
+from ..exceptions import CheckpointError, DataError, warn
 from ..interrupts import stop_if_interrupted
 from ..io.atomic import atomic_h5
 from ..io.attrs import write_attrs
@@ -175,7 +174,7 @@ def run_attribute(config: AttributeConfig, out: str | os.PathLike, *, overwrite:
                         "attribution": {"method": config.method, "checkpoints": steps, "dim": dim,
                                         "seed": sf.spec.seed, "n_train": N, "n_query": M}})
     for text in found:
-        warnings.warn(f"{out}: {text}", GradscoreWarning, stacklevel=2)
+        warn(f"{out}: {text}")
     return out
 
 

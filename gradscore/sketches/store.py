@@ -17,7 +17,6 @@ final file is bit-identical to an uninterrupted one.
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from tqdm.auto import tqdm
 from .._version import __version__
 from ..batch import batch_len, take
 from ..config import SELF_INFLUENCE, SketchConfig, resolve_device
-from ..exceptions import CheckpointError, ConfigError, DataError, GradscoreWarning, OutputError
+from ..exceptions import CheckpointError, ConfigError, DataError, OutputError, warn
 from ..io.checkpoints import CheckpointStore, not_plain_steps
 from ..io.datasets import Dataset, check_targets, load_dataset, probe_model
 from ..io.outputs import claim, is_sketch_file, lock, output_path
@@ -127,7 +126,7 @@ def _run(config: SketchConfig, out: Path, overwrite: bool, progress: bool) -> Pa
         attrs={"config": config.to_dict(), "sketch": projection.spec.to_dict(), "gradscore_version": __version__,
                "loss": ckpts.loss, "warnings": list(dict.fromkeys(found + writer.notes()))})
     for text in found:
-        warnings.warn(f"{path}: {text}", GradscoreWarning, stacklevel=3)
+        warn(f"{path}: {text}")
     return path
 
 
