@@ -9,7 +9,7 @@ from torch import nn
 
 from .batch import Inputs, batch_len, call_model, check_batch, describe, move, take
 from .engines import ScoreBatch, check_eval_mode, engine_class
-from .exceptions import EngineError, GradscoreError, cause, model_fix, warn
+from .exceptions import EngineError, GradscoreError, cause, checked_model, model_fix, warn
 from .losses import Loss, PerExampleLoss, check_head, misread_output, resolve_loss
 
 #: examples of the first scored batch that :meth:`Scorer._check_first_batch` checks
@@ -48,7 +48,7 @@ class Scorer:
     def __init__(self, model: nn.Module, loss: str | Loss | PerExampleLoss = "cross_entropy",
                  engine: str = "auto", *, chunk_bytes: int = 256 * 2**20,
                  params: Sequence[str] | None = None) -> None:
-        self.model = model
+        self.model = checked_model(model)
         self.loss = resolve_loss(loss)
         check_head(model, self.loss)
         named = dict(model.named_parameters())

@@ -141,6 +141,20 @@ def test_bad_refs_are_refused():
         gs.Scorer(model, loss="hinge")
 
 
+@pytest.mark.parametrize("given", [lambda x: x, "model.pt", None], ids=["function", "path", "none"])
+def test_what_is_not_a_module_is_refused_where_a_model_is_given(tmp_path, given):
+    """A function, a checkpoint's path or None given as the model raised torch's or Python's
+    AttributeError ('function' object has no attribute 'named_parameters') from inside
+    gs.Scorer, gs.InRun and CheckpointWriter.save: one ConfigError naming the value and the fix."""
+    writer = gs.CheckpointWriter(tmp_path / "ckpts", model_factory="gradscore.demos.models:mlp",
+                                 model_kwargs={"d_in": 6, "hidden": 4, "n_classes": 3})
+    for give in (gs.Scorer, lambda m: gs.InRun(m, out=tmp_path / "r.h5"), lambda m: writer.save(m, step=0, lr=0.1)):
+        with pytest.raises(gs.ConfigError, match=rf"invalid value for 'model': a {type(given).__name__}; give the "
+                                                 rf"torch.nn.Module"):
+            give(given)
+    assert not any(tmp_path.iterdir()) or [p.name for p in tmp_path.iterdir()] == ["ckpts"]
+
+
 def test_every_engine_implements_the_abc():
     assert {"vmap", "loop"} <= set(_ENGINES)
     for name, cls in _ENGINES.items():

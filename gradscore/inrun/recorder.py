@@ -71,7 +71,8 @@ from torch import nn
 from ..batch import Inputs
 from ..engines.free import UNPLANNED
 from ..engines.ghost import UNREPEATED, GhostEngine
-from ..exceptions import ConfigError, ConfigMismatchError, EngineError, GradscoreError, OutputError, warn
+from ..exceptions import (ConfigError, ConfigMismatchError, EngineError, GradscoreError, OutputError, checked_model,
+                          warn)
 from ..distributed import current_ranks, raise_everywhere
 from ..io.journal import Journal, difference
 from ..io.outputs import claim, lock
@@ -218,7 +219,7 @@ class InRun:
         if resume and overwrite:
             raise ConfigError("invalid value for 'resume': resume=True continues the recording in out and "
                               "overwrite=True replaces it; pass one of them")
-        self.model, self.loss = model, resolve_loss(loss)
+        self.model, self.loss = checked_model(model), resolve_loss(loss)
         self.scaler = scaler
         if isinstance(optimizer, str) and optimizer != "adam":
             raise ConfigError(f"invalid value for 'optimizer': {optimizer!r}; give the torch optimizer that steps "

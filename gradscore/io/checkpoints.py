@@ -30,7 +30,7 @@ from .atomic import atomic_h5
 from .attrs import attributes, mismatched, write_attrs
 from .store import put
 from ..distributed import current_ranks
-from ..exceptions import CheckpointError, ConfigError
+from ..exceptions import CheckpointError, ConfigError, checked_model
 from ..imports import code_fingerprint, import_ref
 
 #: 2: text attributes fixed-length (``io.attrs``); an earlier gradscore refuses it by this number
@@ -212,6 +212,7 @@ class CheckpointWriter:
             self.saved.append(self.directory / checkpoint_filename(step))
             return self.saved[-1]
         checked_lr(lr)
+        checked_model(model)
         if not self._checked:
             self._check_model(model)
         if self.run is None or int(step) < self._last:   # a run's first save, or a new run's (back at an earlier step)
