@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Iterable
 
 from .exceptions import ConfigError
 
@@ -61,6 +61,14 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("invalid value for 'device': cuda was asked for but torch sees no CUDA device")
     return device
+
+
+def as_names(value: str | Iterable[str]) -> tuple[str, ...]:
+    """Names given as one string (one name, or several separated by commas, as on the command
+    line) or as a sequence of them, as a tuple; a string is never taken letter by letter."""
+    if isinstance(value, str):
+        return tuple(s.strip() for s in value.split(",") if s.strip())
+    return tuple(value)
 
 
 def _require(ok: bool, name: str, why: str) -> None:
@@ -135,7 +143,7 @@ class RunConfig:
         for name in ("checkpoints", "data", "target", "costate", "ids"):  # accept os.PathLike
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, str(getattr(self, name)))
-        scores = tuple(self.scores)
+        scores = as_names(self.scores)
         object.__setattr__(self, "scores", scores)
         _require(len(scores) > 0, "scores", "give at least one score")
         for s in scores:
@@ -150,8 +158,8 @@ class RunConfig:
             _require(isinstance(v, int) and v > 0, name, f"must be a positive integer, got {v!r}")
         _require(self.epochs_upto is None or self.epochs_upto >= 0, "epochs_upto",
                  f"must be >= 0, got {self.epochs_upto!r}")
-        object.__setattr__(self, "variants", tuple(self.variants))
-        object.__setattr__(self, "params", tuple(self.params))
+        object.__setattr__(self, "variants", as_names(self.variants))
+        object.__setattr__(self, "params", as_names(self.params))
         for v in self.variants:
             _require(v in ("cos", "clip", "rank", "resid"), "variants",
                      f"unknown variant '{v}'; choose from cos, clip, rank, resid")
@@ -216,6 +224,7 @@ class SketchConfig:
     chunk_size: int = 4096
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "params", as_names(self.params))
         _require(isinstance(self.dim, int) and self.dim >= 1, "dim", f"{self.dim!r}; give a whole number >= 1")
         _require(isinstance(self.seed, int) and self.seed >= 0, "seed", f"{self.seed!r}; give a whole number >= 0")
         _require(self.store_dtype in STORE_DTYPES, "store_dtype", f"{self.store_dtype!r}; choose {STORE_DTYPES}")

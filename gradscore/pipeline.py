@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ._version import __version__
 from .batch import Inputs, batch_len, take
-from .config import CLASS_SCORES, TARGET_SCORES, RunConfig, parse_range, resolve_device
+from .config import CLASS_SCORES, TARGET_SCORES, RunConfig, as_names, parse_range, resolve_device
 from .distributed import Ranks, process_group, raise_everywhere
 from .exceptions import ConfigError, ConfigMismatchError, DataError, GradscoreError
 from .io.checkpoints import CheckpointStore
@@ -373,7 +373,8 @@ def reaggregate(scores: str | os.PathLike, out: str | os.PathLike, *, epochs_upt
         raise ConfigError(f"{src}: its per-checkpoint rows were written by an older gradscore (without the "
                           f"margin); rerun `gradscore run` with --epochs-upto instead")
     old = RunConfig.from_dict(old_fp["config"])
-    untargeted = sorted(TARGET_SCORES & set(wanted or ())) if old.target is None else []
+    wanted = as_names(wanted or ())
+    untargeted = sorted(TARGET_SCORES & set(wanted)) if old.target is None else []
     if untargeted:   # RunConfig's own words name --target, an option of run, not of aggregate
         raise ConfigError(f"invalid value for 'scores': {', '.join(untargeted)} need target dots, which a run with "
                           f"--target computes: {src.name} was made without one; use `gradscore run --target FILE`")
@@ -519,5 +520,5 @@ def score(checkpoints: str | os.PathLike, data: str | os.PathLike, *, out: str |
     are reused, so the file is bit-identical to a fresh run. A run that only adds scores
     replaces ``out`` without ``overwrite``; one that would change a score in it needs it.
     """
-    config = RunConfig(checkpoints=str(checkpoints), data=str(data), scores=tuple(scores), **options)
+    config = RunConfig(checkpoints=str(checkpoints), data=str(data), scores=scores, **options)
     return run(config, out, overwrite=overwrite, progress=progress)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .batch import Inputs, batch_len, call_model, check_batch, describe, move, take
+from .config import as_names
 from .engines import ScoreBatch, check_eval_mode, engine_class
 from .exceptions import EngineError, GradscoreError, cause, checked_model, model_fix, warn
 from .losses import Loss, PerExampleLoss, check_head, misread_output, resolve_loss
@@ -37,9 +38,10 @@ class Scorer:
             (every parameter; a :class:`VmapTraceError` where it cannot trace) or
             ``"loop"`` (the slow reference).
         chunk_bytes: memory budget of one materialized (b, P) gradient block.
-        params: names or shell-style patterns (``"fc.*"``) of the parameters to score
-            (default: all with requires_grad; frozen ones are skipped either way). The set
-            is fixed when the Scorer is made: make a new one after freezing layers.
+        params: names or shell-style patterns (``"fc.*"``; in one string, separated by commas)
+            of the parameters to score (default: all with requires_grad; frozen ones are
+            skipped either way). The set is fixed when the Scorer is made: make a new one
+            after freezing layers.
 
     Gradients are of the per-example loss ℓ(x_b, y_b; θ), not of a batch mean. The
     warnings its checks of the first batch give are also kept, in order, in ``warnings``.
@@ -56,6 +58,7 @@ class Scorer:
         if params is None:
             self.param_names = trainable
         else:
+            params = as_names(params)
             for pattern in params:
                 if not fnmatch.filter(named, pattern):
                     raise EngineError(f"params: '{pattern}' matches no parameter of the model "

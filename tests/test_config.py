@@ -29,3 +29,21 @@ def test_round_trip_and_gradient_need():
     assert RunConfig(checkpoints="c", data="my.module:make").to_dict()["data"] == "my.module:make"
     assert not cfg.needs_gradients
     assert RunConfig(checkpoints="c", data="d").needs_gradients
+
+
+def test_names_given_as_one_string_are_names_not_letters(tmp_path):
+    """``scores="el2n"`` was taken letter by letter ("unknown score 'e'"), ``params="2.*"``
+    as the patterns '2', '.' and '*'. A string is now one name, or several separated by
+    commas as on the command line, wherever the Python API takes names."""
+    import gradscore as gs
+    from gradscore.config import SketchConfig
+    cfg = RunConfig(checkpoints="c", data="d", scores="el2n, pds", variants="cos", params="2.*", target="t.h5")
+    assert (cfg.scores, cfg.variants, cfg.params) == (("el2n", "pds"), ("cos",), ("2.*",))
+    cfg = RunConfig(checkpoints="c", data="d", scores="pds", target="t.h5")
+    assert cfg.scores == ("pds",)
+    assert SketchConfig(checkpoints="c", data="d", params="2.*").params == ("2.*",)
+    from gradscore.demos.models import mlp
+    model = mlp(d_in=6, hidden=4, n_classes=3, depth=1)
+    assert gs.Scorer(model, params="3.*").param_names == ["3.weight", "3.bias"]
+    rec = gs.InRun(model, out=tmp_path / "r.h5", scores="loss,grand")
+    assert rec.config.scores == ("loss", "grand")

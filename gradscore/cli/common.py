@@ -111,11 +111,6 @@ def warnings_as_lines(command: str) -> Iterator[None]:
         warnings.showwarning = python_show
 
 
-def split(text: str) -> tuple[str, ...]:
-    """A comma-separated option as a tuple of its non-empty items."""
-    return tuple(s.strip() for s in text.split(",") if s.strip())
-
-
 def model_kwargs(text: str) -> dict:
     """--model-kwargs: a JSON object, or one line and exit 2."""
     try:

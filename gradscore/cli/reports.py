@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 from ..exceptions import GradscoreError
-from ..config import DATA_MAP_POINTS
+from ..config import DATA_MAP_POINTS, as_names
 from .common import (StoreFalseNoted, StoreNoted, StoreTrueNoted, add_overwrite, add_scores_file, command,
-                     refuse_unused, split, warn)
+                     refuse_unused, warn)
 
 def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "select", help="choose examples by a score, a data-map region, or JTT",
@@ -112,14 +112,14 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     warn("plot", res["warnings"])
     s = res["scores"]
     if kind == "hist":
-        names = split(args.only) if args.only else sorted(s)
-        unknown = [k for k in names if k not in s]
+        shown = as_names(args.only) if args.only else sorted(s)
+        unknown = [k for k in shown if k not in s]
         if unknown:
             raise GradscoreError(f"--scores: {', '.join(unknown)} not in {args.scores} (it has: "
                                  f"{', '.join(sorted(s))}); {missing_scores_fix(res['config'], unknown, s)}")
         n, T = len(res["ids"]), len(res["checkpoints"].get("step", ()))   # the checkpoints the file's rows hold
         span = "recorded in training" if res["config"].get("inrun") else f"over {T} checkpoint{'s' * (T != 1)}"
-        score_histograms({k: s[k] for k in names}, res["noisy"], args.out,
+        score_histograms({k: s[k] for k in shown}, res["noisy"], args.out,
                          title=f"score distributions of {n:,} examples {span} — {Path(args.scores).name}")
     else:
         missing = [k for k in ("confidence", "variability", "correctness") if k not in s]

@@ -5,9 +5,10 @@ import contextlib
 import argparse
 import os
 
-from ..config import AVAILABLE_SCORES, DEVICES, DTYPES, ENGINES, GRADIENT_SCORES, TARGET_SCORES, RunConfig
+from ..config import (AVAILABLE_SCORES, DEVICES, DTYPES, ENGINES, GRADIENT_SCORES, TARGET_SCORES, RunConfig,
+                      as_names)
 from .common import (StoreNoted, StoreTrueNoted, add_lm_reduction, add_overwrite, add_quiet, command, refuse_unused,
-                     split, warn)
+                     warn)
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "run", help="score every example at every checkpoint",
@@ -92,16 +93,16 @@ RUN_OPTIONS = {"clip_quantile": ("--clip-quantile", "--variants clip"), "target"
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from ..pipeline import run
-    scores = split(args.scores) if args.scores is not None else _default_scores(args.checkpoints)
-    refuse_unused(args, RUN_OPTIONS, ({"--variants clip"} if "clip" in split(args.variants) else set())
+    scores = as_names(args.scores) if args.scores is not None else _default_scores(args.checkpoints)
+    refuse_unused(args, RUN_OPTIONS, ({"--variants clip"} if "clip" in as_names(args.variants) else set())
                   | ({TARGETED} if TARGET_SCORES & set(scores) else set()))
     config = RunConfig(checkpoints=args.checkpoints, data=args.data, scores=scores,
-                       params=split(args.params or ""),
+                       params=as_names(args.params or ""),
                        engine=args.engine, device=args.device, dtype=args.dtype,
                        batch_size=args.batch_size, chunk_size=args.chunk_size,
                        chunk_bytes=args.chunk_mb * 2**20, epochs_upto=args.epochs_upto, steps=args.steps,
                        target=args.target, costate=args.costate, lr_scale_steps=args.lr_scale_steps,
-                       variants=split(args.variants),
+                       variants=as_names(args.variants),
                        clip_quantile=args.clip_quantile, lm_reduction=args.lm_reduction,
                        allow_nonfinite=args.allow_nonfinite, ids=args.ids, index_range=args.index_range,
                        store_logits=args.store_logits)
@@ -180,7 +181,7 @@ def _add_aggregate(sub: argparse._SubParsersAction) -> None:
 def _cmd_aggregate(args: argparse.Namespace) -> int:
     from ..pipeline import reaggregate
     path = reaggregate(args.scores, args.out, epochs_upto=args.epochs_upto, steps=args.steps,
-                       wanted=split(args.wanted) if args.wanted else None, overwrite=args.overwrite)
+                       wanted=as_names(args.wanted) if args.wanted else None, overwrite=args.overwrite)
     print(f"scores -> {path}")
     return 0
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import ATTRIBUTION_METHODS, DEVICES, DTYPES, STORE_DTYPES, AttributeConfig, SketchConfig
-from .common import StoreNoted, add_quiet, command, refuse_unused, split
+from ..config import ATTRIBUTION_METHODS, DEVICES, DTYPES, STORE_DTYPES, AttributeConfig, SketchConfig, as_names
+from .common import StoreNoted, add_quiet, command, refuse_unused
 
 
 def _add_sketch(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +40,7 @@ def _add_sketch(sub: argparse._SubParsersAction) -> None:
 def _cmd_sketch(args: argparse.Namespace) -> int:
     from ..sketches.store import SketchFile, run_sketch
     config = SketchConfig(checkpoints=args.checkpoints, data=args.data, dim=args.dim, seed=args.seed,
-                          store_dtype=args.store_dtype, params=split(args.params or ""), device=args.device,
+                          store_dtype=args.store_dtype, params=as_names(args.params or ""), device=args.device,
                           dtype=args.dtype, batch_size=args.batch_size, chunk_size=args.chunk_size)
     path = run_sketch(config, args.out, overwrite=args.overwrite, progress=not args.quiet)
     T, N, dim = SketchFile.open(path).shape

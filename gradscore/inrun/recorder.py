@@ -69,6 +69,7 @@ import torch
 from torch import nn
 
 from ..batch import Inputs
+from ..config import as_names
 from ..engines.free import UNPLANNED
 from ..engines.ghost import UNREPEATED, GhostEngine
 from ..exceptions import (ConfigError, ConfigMismatchError, EngineError, GradscoreError, OutputError, checked_model,
@@ -229,7 +230,7 @@ class InRun:
         if targets is None and every != 1:
             raise ConfigError(f"invalid value for 'every': {every!r} spaces the target gradient's steps, and there "
                               f"are no targets; every step's records are taken: leave every out, or pass targets=")
-        asked = (scores,) if isinstance(scores, str) else tuple(scores)
+        asked = as_names(scores)
         if targets is None and scores is DEFAULT_SCORES:
             asked = tuple(s for s in asked if s not in inrun_scores.TARGET_SCORES)  # none without targets
         elif targets is None and (needs := [s for s in asked if s in inrun_scores.TARGET_SCORES]):
