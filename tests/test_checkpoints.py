@@ -214,10 +214,21 @@ def test_the_writer_refuses_now_what_scoring_would_refuse_after_training(tmp_pat
     for lr in (-0.1, float("nan"), float("inf"), None):
         with pytest.raises(gs.ConfigError, match="invalid value for 'lr'.*finite learning rate >= 0"):
             w.save(mlp(**MLP_KWARGS), step=0, lr=lr)
+    # a step of 1.5 was saved as step_00000001.h5, and one of 1.75 then replaced it; -1 was step_-0000001.h5
+    for step in (1.5, -1, "3", None, True):
+        with pytest.raises(gs.ConfigError, match=r"invalid value for 'step': .*; give the optimizer step, a whole "
+                                                 r"number >= 0 \(a fraction of an epoch goes in epoch=\)"):
+            w.save(mlp(**MLP_KWARGS), step=step, lr=0.1)
+    for epoch in (float("nan"), -1.0, "1", None):   # a NaN epoch fell out of every --epochs-upto window
+        with pytest.raises(gs.ConfigError, match=r"invalid value for 'epoch': .*; give the epoch θ_t is at, a "
+                                                 r"finite number >= 0"):
+            w.save(mlp(**MLP_KWARGS), step=0, lr=0.1, epoch=epoch)
     assert not list((tmp_path / "e").glob("*.h5"))   # nothing was written
     assert w.save(mlp(**MLP_KWARGS), step=0, lr=0.0).exists()   # η = 0 (a frozen step) is a learning rate
     for step, lr in enumerate((np.float32(0.1), torch.tensor(0.1), np.float64(0.1)), start=1):   # as schedulers give it
         assert w.save(mlp(**MLP_KWARGS), step=step, lr=lr).exists()
+    for step, epoch in ((np.int64(4), np.float32(0.5)), (torch.tensor(5), torch.tensor(1.5))):   # as trainers count
+        assert w.save(mlp(**MLP_KWARGS), step=step, lr=0.1, epoch=epoch).name == f"step_{int(step):08d}.h5"
     with gs.CheckpointWriter(tmp_path / "f", model_factory="tests_factory:reads_a_value",
                              model_kwargs=MLP_KWARGS) as w:   # cannot be built on the meta device: not checked
         w.save(mlp(**MLP_KWARGS), step=0, lr=0.1)

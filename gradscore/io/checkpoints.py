@@ -14,6 +14,7 @@ import hashlib
 import inspect
 import json
 import math
+import operator
 import os
 import re
 import uuid
@@ -156,6 +157,31 @@ def checked_lr(lr: Any, step: int | None = None) -> float:
     return eta
 
 
+def checked_step(step: Any) -> int:
+    """The optimizer step as an int (numpy's and a 0-d integer tensor's too): a whole number
+    >= 0, else one ConfigError. A float is refused, not truncated: 1.5 and 1.75 would name
+    one file, the second replacing the first."""
+    try:
+        t = None if isinstance(step, bool) else operator.index(step)
+    except TypeError:
+        t = None
+    if t is None or t < 0:
+        raise ConfigError(f"invalid value for 'step': {step!r}; give the optimizer step, a whole number >= 0 (a "
+                          f"fraction of an epoch goes in epoch=)")
+    return t
+
+
+def checked_epoch(epoch: Any) -> float:
+    """The epoch as a float: a finite number >= 0 (a NaN fell out of every window), else one ConfigError."""
+    try:
+        e = math.nan if isinstance(epoch, (str, bytes)) else float(epoch)
+    except (TypeError, ValueError):
+        e = math.nan
+    if not (math.isfinite(e) and e >= 0):
+        raise ConfigError(f"invalid value for 'epoch': {epoch!r}; give the epoch θ_t is at, a finite number >= 0")
+    return e
+
+
 class CheckpointWriter:
     """Save θ_t during training, one atomic HDF5 file per call to :meth:`save`.
 
@@ -208,6 +234,7 @@ class CheckpointWriter:
         """Write θ_t = ``model`` as ``step_<step>.h5``; ``lr`` is η_t used after θ_t. Under
         torch.distributed only rank 0 writes (DDP: every rank holds the same θ); the others
         return the path it writes."""
+        step, epoch = checked_step(step), checked_epoch(epoch)
         if current_ranks()[0] != 0:
             self.saved.append(self.directory / checkpoint_filename(step))
             return self.saved[-1]
