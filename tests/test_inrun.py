@@ -1085,6 +1085,11 @@ def test_a_step_number_that_goes_back_is_refused(tmp_path):
             F.cross_entropy(model(x[:4]), y[:4]).backward()
     with pytest.raises(gs.ConfigError, match="invalid value for 'step': 0 after 2; .*never go back"):
         rec.step(range(4), y[:4], lr=0.1, step=0)
+    # 3.5 was taken as 3, so a step 3.75 after it shared its target gradient as a micro-batch of one step
+    for step in (3.5, -1, "4"):
+        with pytest.raises(gs.ConfigError, match=r"invalid value for 'step': .*; give the optimizer step, a whole "
+                                                 r"number >= 0"):
+            rec.step(range(4), y[:4], lr=0.1, step=step)
 
 
 def test_targets_that_do_not_fit_are_one_config_error_naming_them(tmp_path):
@@ -1106,6 +1111,9 @@ def test_targets_that_do_not_fit_are_one_config_error_naming_them(tmp_path):
         one_step("range", y[:8] + 10)
     with pytest.raises(gs.ConfigError, match="invalid value for 'y'.*RuntimeError"):
         one_step("float", y[:8].float())
+    with pytest.raises(gs.ConfigError, match=r"invalid value for 'y': None; give the step's targets, one per "
+                                             r"example \(a tensor, an array or a list\)"):   # was torch's RuntimeError
+        one_step("none", None)
     with pytest.raises(gs.ConfigError, match="invalid value for 'targets': the model or the 'cross_entropy' loss "
                                              "failed on them.*RuntimeError: mat1 and mat2 shapes"):
         one_step("shape", y[:8], targets=(x[:4, :5], y[:4]))

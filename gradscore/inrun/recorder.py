@@ -75,6 +75,7 @@ from ..engines.ghost import UNREPEATED, GhostEngine
 from ..exceptions import (ConfigError, ConfigMismatchError, EngineError, GradscoreError, OutputError, checked_model,
                           warn)
 from ..distributed import current_ranks, raise_everywhere
+from ..io.checkpoints import checked_step
 from ..io.journal import Journal, difference
 from ..io.outputs import claim, lock
 from ..losses import Loss, PerExampleLoss, check_head, resolve_loss
@@ -525,7 +526,7 @@ class InRun:
             raise ConfigError("invalid value for 'step': this recording continues an earlier one, so each step needs "
                               "its number in the whole run; pass rec.step(..., step=...), the optimizer step the "
                               "training resumed at and on (a trainer's global step)")
-        return self._count if step is None else int(step)
+        return self._count if step is None else checked_step(step)
 
     def _resumed_at(self, step: int) -> None:
         """The first step of a continued recording: its rows from ``step`` on are this run's

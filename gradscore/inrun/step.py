@@ -4,7 +4,7 @@ the step's ids, batch and loss, and the step's records."""
 from __future__ import annotations
 
 import contextlib
-import math
+import reprlib
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -15,6 +15,7 @@ from ..batch import Inputs, batch_len, output_tensor
 from ..engines.layout import refuse_random_in_eval
 from ..engines.workarounds import wrong_in_torch
 from ..exceptions import ConfigError, EngineError, GradscoreError, cause
+from ..io.checkpoints import checked_lr
 from ..losses import misread_output, reads_the_batch
 from .shares import LossTerms, read_shares
 
@@ -75,7 +76,11 @@ class Step:
     """One training step's hooks (see :meth:`InRun.step`)."""
 
     def __init__(self, rec: "InRun", ids, y: torch.Tensor, lr: float | None, step: int, auto: bool = False) -> None:
-        y = y if isinstance(y, torch.Tensor) else torch.as_tensor(y)
+        try:
+            y = y if isinstance(y, torch.Tensor) else torch.as_tensor(y)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"invalid value for 'y': {reprlib.repr(y)}; give the step's targets, one per example (a "
+                              f"tensor, an array or a list)") from e
         self.rec, self.y, self.lr, self.step, self.auto = rec, y, lr, step, auto
         self.ids = example_ids(ids)
         if len(self.ids) != len(y):
@@ -96,10 +101,7 @@ class Step:
             raise ConfigError("invalid value for 'lr': inrun_value needs the step's learning rate; pass "
                               "rec.step(ids, y, lr=...)")
         if lr is not None:
-            self.lr = lr = float(lr)
-            if not (math.isfinite(lr) and lr >= 0):
-                raise ConfigError(f"invalid value for 'lr': {lr}; give the step's learning rate, a finite "
-                                  f"learning rate >= 0")
+            self.lr = lr = checked_lr(lr)
         if rec._last_step is not None and step < rec._last_step:   # a target is shared by one step's micro-batches
             raise ConfigError(f"invalid value for 'step': {step} after {rec._last_step}; steps number the optimizer "
                               f"steps of the whole run and never go back (pass e.g. epoch * steps_per_epoch + i, "

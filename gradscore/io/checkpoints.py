@@ -166,8 +166,7 @@ def checked_step(step: Any) -> int:
     except TypeError:
         t = None
     if t is None or t < 0:
-        raise ConfigError(f"invalid value for 'step': {step!r}; give the optimizer step, a whole number >= 0 (a "
-                          f"fraction of an epoch goes in epoch=)")
+        raise ConfigError(f"invalid value for 'step': {step!r}; give the optimizer step, a whole number >= 0")
     return t
 
 
