@@ -1243,6 +1243,14 @@ def test_arguments_a_user_may_get_wrong_are_refused_at_once(tmp_path):
                           "DistributedSampler")]:
         with pytest.raises(gs.ConfigError, match=f"invalid value for 'targets': .*{why}"):
             gs.InRun(model, out=tmp_path / "t.h5", targets=targets)
+    # a NaN flush_every never flushed (a crash lost every record); no score recorded nothing
+    for kwargs, why in [({"flush_every": float("nan")}, "'flush_every': nan; give the seconds between"),
+                        ({"flush_every": -1}, "'flush_every': -1; give the seconds between"),
+                        ({"flush_every": "x"}, "'flush_every': 'x'; give the seconds between"),
+                        ({"scores": ()}, "'scores': give at least one score"),
+                        ({"scores": "loss,grand,loss"}, "'scores': loss is listed twice")]:
+        with pytest.raises(gs.ConfigError, match=f"invalid value for {why}"):
+            gs.InRun(model, out=tmp_path / "f.h5", **kwargs)
     rec = gs.InRun(model, out=tmp_path / "r.h5", targets=(x[:4], y[:4]), scores="inrun_value")
     assert rec.config.scores == ("inrun_value",)
     for lr in (-0.1, float("nan"), float("inf")):

@@ -769,3 +769,20 @@ def test_bench_json_is_claimed_before_timing(tmp_path, capsys):
     code, err = _run(argv + ["--overwrite"], capsys)
     assert code == 2 and "is not a gradscore" in err, err
     assert res.read_text() == "not json"
+
+
+@pytest.mark.parametrize("out", [None, 3], ids=["none", "int"])
+def test_an_out_that_is_not_a_path_is_one_config_error(scored, tmp_path, out):
+    """The Python API given out=None (a variable not set) or a number raised Python's
+    "expected str, bytes or os.PathLike object" from inside: one ConfigError naming 'out'."""
+    import torch
+    import gradscore as gs
+    ckpts, data, scores = scored
+    calls = [lambda: gs.score(ckpts, data, out=out, progress=False),
+             lambda: gs.sketch(ckpts, data, out=out, dim=8, progress=False),
+             lambda: gs.InRun(torch.nn.Linear(3, 2), out=out),
+             lambda: gs.reaggregate(scores, out, epochs_upto=1)]
+    for call in calls:
+        with pytest.raises(gs.ConfigError, match=rf"invalid value for 'out': {out!r}; give the path of the file "
+                                                 rf"to write"):
+            call()

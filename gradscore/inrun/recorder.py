@@ -56,6 +56,7 @@ resumed recording reads them from the journal) and leaves a readable file.
 from __future__ import annotations
 
 import contextlib
+import math
 import shutil
 import time
 import uuid
@@ -118,6 +119,11 @@ class InRunConfig:
         if self.hidden_terms not in HIDDEN_TERMS:
             raise ConfigError(f"invalid value for 'hidden_terms': {self.hidden_terms!r}; give 'refuse' or "
                               f"'per_example'")
+        if not self.scores:
+            raise ConfigError("invalid value for 'scores': give at least one score")
+        twice = sorted({s for s in self.scores if self.scores.count(s) > 1})
+        if twice:
+            raise ConfigError(f"invalid value for 'scores': {', '.join(twice)} is listed twice; name each score once")
         unknown = sorted(set(self.scores) - set(inrun_scores.NEEDS))
         if unknown:
             raise ConfigError(f"invalid value for 'scores': {', '.join(unknown)} cannot be recorded in-run; "
@@ -127,6 +133,18 @@ class InRunConfig:
         d = asdict(self)
         d["scores"] = list(self.scores)
         return d
+
+
+def _seconds(flush_every: Any) -> float:
+    """``flush_every`` as seconds >= 0 (inf: at close only), else one ConfigError: a NaN never flushed."""
+    try:
+        seconds = math.nan if isinstance(flush_every, (str, bytes)) else float(flush_every)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not seconds >= 0:
+        raise ConfigError(f"invalid value for 'flush_every': {flush_every!r}; give the seconds between flushes to "
+                          f"disk, a number >= 0 (0: after every step)")
+    return seconds
 
 
 class _ModelEdits:
@@ -308,7 +326,7 @@ class InRun:
         #: the continued recording's (segment of this run's rows, last step recorded, kind of ids); None: a new one
         self._continued = None if continued is None else continued[1:]
         self._row_files = RowJournal(self.journal, self.rank, segment=0 if continued is None else continued[1])
-        self.flush_every = float(flush_every)
+        self.flush_every = _seconds(flush_every)
         self._spilled = self._rewritten = time.monotonic()   # the last journal append, the last file rewrite
         self._write_seconds, self._warnings = 0.0, []   # ... what the last rewrite's records show (write)
         self._given: list[str] = []   # the warnings about its scores this rank's steps gave (_warn), each once
