@@ -95,7 +95,9 @@ def warn(command: str, found: list[str]) -> None:
 @contextlib.contextmanager
 def warnings_as_lines(command: str) -> Iterator[None]:
     """While ``command`` runs, gradscore's Python warnings print as its warning lines (:func:`warn`),
-    not as Python's file-and-source-line display; other warnings as Python shows them."""
+    not as Python's file-and-source-line display; other warnings as Python shows them. Each
+    command prints its own: Python's once-per-line registry would hide a second command's,
+    run from the same line (``main`` called in a loop)."""
     _shown.clear()
     python_show = warnings.showwarning
 
@@ -104,11 +106,10 @@ def warnings_as_lines(command: str) -> Iterator[None]:
             warn(command, [str(message)])
         else:
             python_show(message, category, filename, lineno, file, line)
-    warnings.showwarning = show
-    try:
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", GradscoreWarning)
+        warnings.showwarning = show
         yield
-    finally:
-        warnings.showwarning = python_show
 
 
 def model_kwargs(text: str) -> dict:
