@@ -6,7 +6,9 @@ refused (:class:`~gradscore.exceptions.ConfigMismatchError`) unless ``overwrite`
 from __future__ import annotations
 
 import json
+import numbers
 import os
+from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterable
 
@@ -69,6 +71,24 @@ def as_names(value: str | Iterable[str]) -> tuple[str, ...]:
     if isinstance(value, str):
         return tuple(s.strip() for s in value.split(",") if s.strip())
     return tuple(value)
+
+
+def as_path(value: str | os.PathLike, name: str) -> Path:
+    """``value`` as a Path; a ConfigError naming the argument ``name`` where it is no path
+    (None: a variable not set), not pathlib's TypeError."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(f"invalid value for '{name}': {value!r}; give a path")
+    return Path(value)
+
+
+def checked_fraction(name: str, value: float, allow_zero: bool = False) -> float:
+    """``value``, a number in (0, 1] ([0, 1] with ``allow_zero``), else one ConfigError naming ``name``."""
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)   # numpy's too
+    lo_ok = number and (value >= 0 if allow_zero else value > 0)
+    if not (lo_ok and value <= 1):
+        raise ConfigError(f"invalid value for '{name}': {value!r} is not a fraction in "
+                          f"{'[0, 1]' if allow_zero else '(0, 1]'}")
+    return value
 
 
 def _require(ok: bool, name: str, why: str) -> None:

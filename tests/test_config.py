@@ -47,3 +47,17 @@ def test_names_given_as_one_string_are_names_not_letters(tmp_path):
     assert gs.Scorer(model, params="3.*").param_names == ["3.weight", "3.bias"]
     rec = gs.InRun(model, out=tmp_path / "r.h5", scores="loss,grand")
     assert rec.config.scores == ("loss", "grand")
+
+
+@pytest.mark.parametrize("given", [None, 3], ids=["none", "int"])
+def test_a_path_that_is_none_or_a_number_is_one_config_error(tmp_path, given):
+    """load_scores, select, diagnose, flag, CheckpointStore and CheckpointWriter given None (a
+    variable not set) or a number for their file or folder raised pathlib's TypeError."""
+    import gradscore as gs
+    calls = {"path": lambda: gs.load_scores(given), "scores": lambda: gs.select(given, by="el2n"),
+             "scores ": lambda: gs.diagnose(given), "scores  ": lambda: gs.flag(given),
+             "directory": lambda: gs.CheckpointStore(given),
+             "directory ": lambda: gs.CheckpointWriter(given, model_factory="gradscore.demos.models:mlp")}
+    for name, call in calls.items():
+        with pytest.raises(ConfigError, match=rf"invalid value for '{name.strip()}': {given!r}; give a path"):
+            call()

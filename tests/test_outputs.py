@@ -783,6 +783,5 @@ def test_an_out_that_is_not_a_path_is_one_config_error(scored, tmp_path, out):
              lambda: gs.InRun(torch.nn.Linear(3, 2), out=out),
              lambda: gs.reaggregate(scores, out, epochs_upto=1)]
     for call in calls:
-        with pytest.raises(gs.ConfigError, match=rf"invalid value for 'out': {out!r}; give the path of the file "
-                                                 rf"to write"):
+        with pytest.raises(gs.ConfigError, match=rf"invalid value for 'out': {out!r}; give a path"):
             call()

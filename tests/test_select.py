@@ -19,6 +19,10 @@ def test_by_score_exact_indices():
     assert by_score(v, keep=0.2, exclude_top=0.1).tolist() == [8, 7]
     with pytest.raises(gs.ConfigError, match="'keep'"):
         by_score(v, keep=1.5)
+    for keep in ("0.5", None, True):   # a string compared with 0 was Python's TypeError
+        with pytest.raises(gs.ConfigError, match=f"invalid value for 'keep': {keep!r} is not a fraction in"):
+            by_score(v, keep=keep)
+    assert by_score(v, keep=np.float32(0.3)).tolist() == [9, 8, 7]
     assert by_score(v, keep=0.9, exclude_top=0.1).tolist() == [8, 7, 6, 0, 2, 3, 4, 1, 5]   # all that is left
     # more than is left after the excluded top: a shorter selection than asked, without a word (0 at 1.0)
     for keep, exclude in ((0.5, 1.0), (0.7, 0.4), (0.2, 0.9)):

@@ -31,6 +31,7 @@ from .atomic import atomic_h5
 from .attrs import attributes, mismatched, write_attrs
 from .store import put
 from ..distributed import current_ranks
+from ..config import as_path
 from ..exceptions import CheckpointError, ConfigError, checked_model
 from ..imports import code_fingerprint, import_ref
 
@@ -209,8 +210,8 @@ class CheckpointWriter:
     def __init__(self, directory: str | Path, *, model_factory: str, model_kwargs: dict | None = None,
                  loss: str = "cross_entropy", optimizer: "str | torch.optim.Optimizer" = "",
                  overwrite: bool = False) -> None:
+        self.directory = as_path(directory, "directory")
         self._factory = check_rebuildable(model_factory, model_kwargs, loss)
-        self.directory = Path(directory)
         self.model_factory = model_factory
         self.model_kwargs = dict(model_kwargs or {})
         self.loss = loss
@@ -517,7 +518,7 @@ class CheckpointStore:
     """
 
     def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
+        self.directory = as_path(directory, "directory")
         if self.directory.is_file():
             raise CheckpointError(f"{self.directory}: is a file, not a checkpoint directory; give the folder of "
                                   f"step_<n>.h5 files")

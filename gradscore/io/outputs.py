@@ -22,7 +22,8 @@ import socket
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
-from ..exceptions import ConfigError, OutputError
+from ..config import as_path
+from ..exceptions import OutputError
 
 #: the text a figure's metadata carries, and what marks a JSON report or a parquet export
 MARK = "gradscore"
@@ -184,8 +185,7 @@ def output_path(out: str | os.PathLike) -> Path:
     """``out``, a file's path, as a Path; :class:`OutputError` if it ends in a separator (a
     folder's path, which Path would silently turn into a file's: ``results/`` -> ``results``);
     :class:`ConfigError` if it is no path at all (None: a variable not set)."""
-    if not isinstance(out, (str, os.PathLike)):
-        raise ConfigError(f"invalid value for 'out': {out!r}; give the path of the file to write")
+    out = as_path(out, "out") if not isinstance(out, str) else out
     if isinstance(out, str) and out.endswith(tuple(filter(None, (os.sep, os.altsep)))):
         raise OutputError(f"{out}: ends in '{out[-1]}', a folder's path; give the path of a file (in that folder: "
                           f"{out}FILE)")

@@ -34,6 +34,7 @@ import numpy as np
 from ..interrupts import stop_if_interrupted
 from .atomic import atomic_h5, atomic_path
 from .attrs import VALUES_CRC, as_text, fixed_utf8, json_attr, mismatched, values_crc, verify, write_attrs
+from ..config import as_path
 from ..exceptions import RESTORE, GradscoreError, damaged, warn
 from .journal import Journal
 
@@ -403,7 +404,7 @@ def load_scores(path: str | Path, per_checkpoint: bool | Collection[str] = True)
     a GradscoreWarning for an in-run recording not closed (its scores: the steps so far)."""
     keys = (None if per_checkpoint is True else () if per_checkpoint is False
             else {per_checkpoint} if isinstance(per_checkpoint, str) else set(per_checkpoint))
-    path = Path(path)
+    path = as_path(path, "path")
     try:
         with damage_named(path), _scores_file(path) as f:
             verify(f, path)

@@ -27,9 +27,10 @@ import numpy as np
 import torch
 
 from .._version import __version__
+from ..config import as_path, checked_fraction
 from ..io.atomic import atomic_path
 from ..io.datasets import Dataset, load_dataset, positions_of
-from ..exceptions import ConfigError, GradscoreError
+from ..exceptions import GradscoreError
 from ..io.outputs import claim
 from ..scores.inrun import dot_terms as inrun_dot_terms
 from ..scores.pds import DOT_SCORES, VARIANTS, dot_terms
@@ -92,11 +93,10 @@ def diagnose(scores: str | Path, *, score: str = "pds", noisy_mask: str | None =
         inputs = {"the scores file": [scores], "the --data file": [data], "the noisy mask": [noisy_mask]}
         for name, kind in OUTPUT_FILES.items():
             claim(Path(out) / name, kind, inputs=inputs, overwrite=overwrite)
-    if not 0 < top_fraction <= 1:   # each tail's share; 0 read as one example, 1.5 as every one
-        raise ConfigError(f"invalid value for 'top_fraction': {top_fraction} is not a fraction in (0, 1]")
+    checked_fraction("top_fraction", top_fraction)   # each tail's share; 0 read as one example, 1.5 as every one
     if score not in (*DOT_SCORES, INRUN_SCORE):
         raise GradscoreError(f"--score must be one of {', '.join((*DOT_SCORES, INRUN_SCORE))}, got '{score}'")
-    res = load_scores(scores, per_checkpoint=False)
+    res = load_scores(as_path(scores, "scores"), per_checkpoint=False)
     if score in DOT_SCORES:   # what the decomposition reads, a checkpoint at a time: the dots, the norms
         res["per_checkpoint"] = checkpoint_rows(scores, (DOT_SCORES[score][0], "sq_grad_norm"))
     if score == INRUN_SCORE:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .._version import __version__
+from ..config import as_path
 from ..exceptions import ConfigError, DataError, GradscoreError
 from ..io.atomic import atomic_path
 from ..io.datasets import scored_labels
@@ -229,7 +230,7 @@ def flag(scores: str | Path, *, score: str | None = None, data: str | Path | Non
     ``against_known_noisy`` (with a mask), ``warnings`` (the scores file's)."""
     if out is not None:
         claim(out, "json", inputs={"the scores file": [scores], "the --data file": [data]}, overwrite=overwrite)
-    res = load_scores(scores, per_checkpoint=False)
+    res = load_scores(as_path(scores, "scores"), per_checkpoint=False)
     name = score or default_score(res["scores"])
     if name is None or name not in res["scores"]:
         raise ConfigError(f"invalid value for 'score': {scores} has no {name or ' or '.join(DEFAULT_SCORES)} score "

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .._version import __version__
+from ..config import as_path, checked_fraction
 from ..io.atomic import atomic_path
 from ..exceptions import ConfigError, DataError, GradscoreError
 from ..io.datasets import scored_labels
@@ -32,14 +33,6 @@ def _weights_path(out: Path) -> Path:
     return out.with_name(out.stem + "_weights.npz")
 
 REGIONS = ("easy", "ambiguous", "hard")
-
-
-def _fraction(name: str, value: float, allow_zero: bool = False) -> float:
-    lo_ok = value >= 0 if allow_zero else value > 0
-    if not (lo_ok and value <= 1):
-        raise ConfigError(f"invalid value for '{name}': {value} is not a fraction in "
-                          f"{'[0, 1]' if allow_zero else '(0, 1]'}")
-    return value
 
 
 def _score(res: dict[str, Any], name: str) -> np.ndarray:
@@ -74,8 +67,8 @@ def by_score(values: np.ndarray, *, keep: float, highest: bool = True, exclude_t
     example n drawn with weight exp(±value_n / temperature) (the Gumbel-top-k trick,
     seeded); temperature → 0 gives the top-k back.
     """
-    _fraction("keep", keep)
-    _fraction("exclude_top", exclude_top, allow_zero=True)
+    checked_fraction("keep", keep)
+    checked_fraction("exclude_top", exclude_top, allow_zero=True)
     if keep + exclude_top > 1 + 1e-9:   # else the selection is shorter than asked
         raise ConfigError(f"invalid value for 'keep': {keep} after exclude_top {exclude_top} asks for more examples "
                           f"than are left; keep at most {1 - exclude_top:g}")
@@ -99,7 +92,7 @@ def by_score(values: np.ndarray, *, keep: float, highest: bool = True, exclude_t
 
 def regions(confidence: np.ndarray, variability: np.ndarray, fraction: float = 0.33) -> dict[str, np.ndarray]:
     """{region: indices} of the three data-map regions, each ``fraction`` of the data."""
-    _fraction("fraction", fraction)
+    checked_fraction("fraction", fraction)
     k = int(round(fraction * len(confidence)))
     return {"easy": np.argsort(-confidence, kind="stable")[:k],
             "ambiguous": np.argsort(-variability, kind="stable")[:k],
@@ -145,7 +138,7 @@ def select(scores: str | Path, *, by: str | None = None, keep: float = 0.5, high
         claim(out, "json", inputs=inputs, overwrite=overwrite)
         if jtt:
             claim(_weights_path(Path(out)), "weights", inputs=inputs, overwrite=overwrite)
-    res = load_scores(scores, per_checkpoint=False)
+    res = load_scores(as_path(scores, "scores"), per_checkpoint=False)
     if jtt:   # JTT's error set: one checkpoint's row of `correct`
         res["per_checkpoint"] = checkpoint_rows(scores, ("correct",))
         if "correct" not in res["per_checkpoint"]:
