@@ -5,6 +5,7 @@ line on stderr and exits with code 2 for any :class:`GradscoreError`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
@@ -20,9 +21,10 @@ class GradscoreWarning(UserWarning):
     or a step could not be done now and gradscore went on (an in-run flush on a full disk)."""
 
 
-#: the folders whose frames a warning is not pointed at: gradscore's and torch's (a recorder's
+#: where the frames a warning is not pointed at run: gradscore, and contextlib between a with
+#: statement and a context manager of gradscore's (torch too: :func:`_torch_folder`; a recorder's
 #: checks run inside torch's forward and backward, at no fixed depth below the user's line)
-_INTERNAL = (os.path.dirname(os.path.abspath(__file__)) + os.sep,)
+_INTERNAL = (os.path.dirname(os.path.abspath(__file__)) + os.sep, contextlib.__file__)
 
 
 def warn(text: str) -> None:
