@@ -91,6 +91,16 @@ def checked_fraction(name: str, value: float, allow_zero: bool = False) -> float
     return value
 
 
+def checked_model(model: Any) -> Any:
+    """``model`` where it is a torch.nn.Module, else a ConfigError naming what it is: where
+    gs.Scorer, gs.InRun and CheckpointWriter.save take the user's model."""
+    from torch import nn
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"invalid value for 'model': a {type(model).__name__}; give the torch.nn.Module itself "
+                          f"(not a function that builds it, a path or a state_dict)")
+    return model
+
+
 def _require(ok: bool, name: str, why: str) -> None:
     if not ok:
         raise ConfigError(f"invalid value for '{name}': {why}")

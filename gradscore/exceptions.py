@@ -9,7 +9,6 @@ import contextlib
 import os
 import sys
 import warnings
-from typing import Any
 
 
 class GradscoreError(Exception):
@@ -106,13 +105,3 @@ RESTORE = "restore the file from a copy or rerun the command that wrote it"
 def damaged(path: object, e: BaseException | str, what: str = "", fix: str = RESTORE) -> GradscoreError:
     """The error for a file gradscore wrote that fails its checksums: ``path: what is damaged (e); fix``."""
     return GradscoreError(f"{path}: {what + ' ' if what else ''}is damaged ({e}); {fix}")
-
-
-def checked_model(model: Any) -> Any:
-    """``model`` where it is a torch.nn.Module, else a ConfigError naming what it is: where
-    gs.Scorer, gs.InRun and CheckpointWriter.save take the user's model."""
-    from torch import nn
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"invalid value for 'model': a {type(model).__name__}; give the torch.nn.Module itself "
-                          f"(not a function that builds it, a path or a state_dict)")
-    return model

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from .batch import Inputs, batch_len, call_model, check_batch, describe, move, take
-from .config import as_names
+from .config import as_names, checked_model
 from .engines import ScoreBatch, check_eval_mode, engine_class
-from .exceptions import EngineError, GradscoreError, cause, checked_model, model_fix, warn
+from .exceptions import EngineError, GradscoreError, cause, model_fix, warn
 from .losses import Loss, PerExampleLoss, check_head, misread_output, resolve_loss
 
 #: examples of the first scored batch that :meth:`Scorer._check_first_batch` checks

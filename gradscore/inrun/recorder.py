@@ -70,11 +70,10 @@ import torch
 from torch import nn
 
 from ..batch import Inputs
-from ..config import as_names
+from ..config import as_names, checked_model
 from ..engines.free import UNPLANNED
 from ..engines.ghost import UNREPEATED, GhostEngine
-from ..exceptions import (ConfigError, ConfigMismatchError, EngineError, GradscoreError, OutputError, checked_model,
-                          warn)
+from ..exceptions import ConfigError, ConfigMismatchError, EngineError, GradscoreError, OutputError, warn
 from ..distributed import current_ranks, raise_everywhere
 from ..io.checkpoints import checked_step
 from ..io.journal import Journal, difference

@@ -109,6 +109,7 @@ class RowJournal:
 #: the fix for a damaged warnings file of a recording's journal (:meth:`RowJournal.note`)
 _LOSE_WARNINGS = "delete it: the recording keeps its records, without the warnings given while they were made"
 
+
 #: records a closed recording's rows go back into its journal by (one row file each), and the
 #: ids a streamed write gathers before it joins them to those found so far
 CHUNK_ROWS = 1 << 20

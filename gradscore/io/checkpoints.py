@@ -31,8 +31,8 @@ from .atomic import atomic_h5
 from .attrs import attributes, mismatched, write_attrs
 from .store import put
 from ..distributed import current_ranks
-from ..config import as_path
-from ..exceptions import CheckpointError, ConfigError, checked_model
+from ..config import as_path, checked_model
+from ..exceptions import CheckpointError, ConfigError
 from ..imports import code_fingerprint, import_ref
 
 #: 2: text attributes fixed-length (``io.attrs``); an earlier gradscore refuses it by this number
