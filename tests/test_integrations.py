@@ -582,3 +582,17 @@ def test_inrun_callbacks_give_the_recorder_the_ranks_ddp_averages(tmp_path):
     with pytest.raises(gs.ConfigError, match="'data_parallel': 0; give the number of processes"):
         gs.InRun(model, out=tmp_path / "bad.h5", data_parallel=0)
     assert not (tmp_path / "bad.h5").exists()
+
+
+@pytest.mark.parametrize("given", ["inrun.h5", None], ids=["path", "none"])
+@pytest.mark.parametrize("needs,module,name", [("lightning", "lightning", "GradscoreInRun"),
+                                               ("transformers", "hf_trainer", "GradscoreInRunCallback")])
+def test_a_callback_given_something_else_than_a_recorder_is_refused_when_made(given, needs, module, name):
+    """The in-run callbacks given the file's path (or None) for the recorder took it, and the
+    trainer then failed inside its own loop with an AttributeError: one ConfigError at once."""
+    import importlib
+    pytest.importorskip(needs)
+    callback = getattr(importlib.import_module(f"gradscore.integrations.{module}"), name)
+    with pytest.raises(gs.ConfigError, match=rf"invalid value for 'recorder': {given!r}; give the gs.InRun "
+                                             rf"that records the training"):
+        callback(given)

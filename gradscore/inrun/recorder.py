@@ -770,3 +770,12 @@ def step_lr(optimizer: Any) -> float:
     if optimizer is None:
         return 0.0
     return max(float(g["lr"]) for g in optimizer.param_groups)
+
+
+def checked_recorder(recorder: Any) -> InRun:
+    """``recorder`` where it is a :class:`InRun`, else one ConfigError: what a trainer's
+    callback checks when it is made, not inside the trainer's loop."""
+    if not isinstance(recorder, InRun):
+        raise ConfigError(f"invalid value for 'recorder': {recorder!r}; give the gs.InRun that records the training "
+                          f"(gs.InRun(model, out=...))")
+    return recorder

@@ -16,7 +16,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ..inrun.recorder import step_lr
+from ..inrun.recorder import checked_recorder, step_lr
 from ..io.checkpoints import CheckpointWriter, checkpoint_filename
 from ..losses import TOKEN_LOSSES, check_head, resolve_loss
 
@@ -84,7 +84,7 @@ class GradscoreInRunCallback(TrainerCallback):
     """
 
     def __init__(self, recorder: Any, *, ids_key: str = "ids", labels_key: str = "labels") -> None:
-        self.recorder, self.keys = recorder, {"ids_key": ids_key, "labels_key": labels_key}
+        self.recorder, self.keys = checked_recorder(recorder), {"ids_key": ids_key, "labels_key": labels_key}
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         # Accelerate's optimizer wraps the torch one and holds fp16's GradScaler

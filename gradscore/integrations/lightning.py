@@ -16,7 +16,7 @@ from typing import Any
 
 from lightning.pytorch import Callback
 
-from ..inrun.recorder import step_lr
+from ..inrun.recorder import checked_recorder, step_lr
 from ..io.checkpoints import CheckpointWriter, checkpoint_filename
 
 
@@ -70,7 +70,7 @@ class GradscoreInRun(Callback):
     """
 
     def __init__(self, recorder: Any, *, ids_and_targets: Any = None) -> None:
-        self.recorder = recorder
+        self.recorder = checked_recorder(recorder)
         self.ids_and_targets = ids_and_targets or (lambda batch: (batch[0], batch[-1]))
         self._step: Any = None
 
