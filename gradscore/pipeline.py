@@ -205,10 +205,10 @@ def _plan(config: RunConfig, out: Path, overwrite: bool, progress: bool = False)
     costates = "pds" in config.scores or given is True
     costate_path = (Path(config.costate) if config.costate else
                     Path(config.checkpoints) / ("costate.h5" if costates else "target_gradient.h5"))
-    if "pds" in config.scores and given is False:
+    if "pds" in config.scores and given is False and not overwrite:   # overwrite: recomputed (_costate)
         raise ConfigError(f"{costate_path}: holds ∇J(θ_t) alone (made for target_dot and target_cos), not the "
-                          f"co-states pds needs; leave out --costate (default CHECKPOINTS/costate.h5) or give "
-                          f"another path")
+                          f"co-states pds needs; leave out --costate (default CHECKPOINTS/costate.h5), give "
+                          f"another path, or pass --overwrite to recompute it with the co-states")
     claim(out, "scores", overwrite=overwrite, resumable=True, inputs={
         "the --data file": [config.data], "the --target file": [config.target],
         "the co-state file": [costate_path if config.needs_target else None],

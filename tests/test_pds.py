@@ -117,9 +117,16 @@ def test_target_scores_without_pds_compute_no_costate(tmp_path, monkeypatch):
     np.testing.assert_array_equal(both["scores"]["pds"], full["scores"]["pds"])
     with pytest.raises(gs.ConfigError, match="pds need other per-checkpoint metrics"):
         gs.reaggregate(alone, tmp_path / "again.h5", wanted=["pds"])
-    with pytest.raises(gs.ConfigError, match="target_gradient.h5: holds ∇J.* alone"):
-        gs.score(ckpts, proxy, out=tmp_path / "pds.h5", target=target, scores=["pds"],
-                 costate=ckpts / "target_gradient.h5", progress=False)
+    kept = ckpts / "kept_gradient.h5"   # a ∇J-only file the user named, then named again for pds
+    shutil.copy(ckpts / "target_gradient.h5", kept)
+    with pytest.raises(gs.ConfigError, match="kept_gradient.h5: holds ∇J.* alone .*, or pass --overwrite to "
+                                             "recompute it with the co-states"):
+        gs.score(ckpts, proxy, out=tmp_path / "pds.h5", target=target, scores=["pds"], costate=kept, progress=False)
+    # as its fix says: the file is made again, with the co-states (it was refused under --overwrite too)
+    again = gs.load_scores(gs.score(ckpts, proxy, out=tmp_path / "pds.h5", target=target, dtype="float64",
+                                    scores=["pds"], costate=kept, overwrite=True, progress=False))
+    np.testing.assert_array_equal(again["scores"]["pds"], full["scores"]["pds"])
+    assert CostateFile(kept).has_costates
     assert gs.load_scores(gs.reaggregate(tmp_path / "full.h5", tmp_path / "dots.h5",
                                          wanted=["target_dot"]))["scores"]["target_dot"].shape == (14,)
 
