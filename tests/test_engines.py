@@ -139,6 +139,10 @@ def test_bad_refs_are_refused():
         gs.Scorer(model, engine="nope")
     with pytest.raises(gs.EngineError, match="unknown loss"):
         gs.Scorer(model, loss="hinge")
+    for budget in ("x", float("nan"), 0, -5, 1.5):   # "x" and NaN were int()'s ValueError; 0 and -5 taken
+        with pytest.raises(gs.ConfigError, match=f"invalid value for 'chunk_bytes': {budget!r}; give the memory "
+                                                 f"budget of one block of per-example gradients in bytes"):
+            gs.Scorer(model, chunk_bytes=budget)
 
 
 @pytest.mark.parametrize("given", [lambda x: x, "model.pt", None], ids=["function", "path", "none"])
