@@ -527,8 +527,9 @@ class InRun:
         ids: integers (whole-number floats are their integers) or strings, one kind in every
         step, as the data's ids are, since reports pair the file's examples with it by id.
         lr: η of the optimizer step that follows (needed for ``inrun_value``); step: the
-        optimizer step of the whole run, never decreasing (default: a counter of ``step``
-        calls; micro-batches of one optimizer step share it, and its target gradient)."""
+        optimizer step of the whole run, a whole number >= 0, never decreasing (default: a
+        counter of ``step`` calls; micro-batches of one optimizer step share it, and its
+        target gradient)."""
         if self._replaced:
             raise OutputError(f"{self.out}: {_REPLACED}")
         if self._closed:
