@@ -232,9 +232,8 @@ class CheckpointWriter:
 
     def save(self, model: nn.Module, *, step: int, lr: float, epoch: float = 0.0) -> Path:
         """Write θ_t = ``model`` as ``step_<step>.h5`` (``step`` a whole number >= 0, ``epoch`` a
-        finite number >= 0); ``lr`` is η_t used after θ_t. Under
-        torch.distributed only rank 0 writes (DDP: every rank holds the same θ); the others
-        return the path it writes."""
+        finite number >= 0); ``lr`` is η_t used after θ_t. Under torch.distributed only rank 0
+        writes (DDP: every rank holds the same θ); the others return the path it writes."""
         step, epoch = checked_step(step), checked_epoch(epoch)
         if current_ranks()[0] != 0:
             self.saved.append(self.directory / checkpoint_filename(step))
