@@ -6,6 +6,7 @@ refused (:class:`~gradscore.exceptions.ConfigMismatchError`) unless ``overwrite`
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import os
 from pathlib import Path
@@ -99,6 +100,18 @@ def checked_model(model: Any) -> Any:
         raise ConfigError(f"invalid value for 'model': a {type(model).__name__}; give the torch.nn.Module itself "
                           f"(not a function that builds it, a path or a state_dict)")
     return model
+
+
+def nonnegative(value: Any, finite: bool = True) -> float | None:
+    """``value`` as a float where it is a number >= 0, finite unless not ``finite`` (numpy's
+    and a 0-d tensor's too); None for anything else: a string, None, NaN, a negative."""
+    if isinstance(value, (str, bytes, bool)):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):   # RuntimeError: a tensor of several values
+        return None
+    return number if number >= 0 and (math.isfinite(number) or not finite) else None
 
 
 def _require(ok: bool, name: str, why: str) -> None:

@@ -211,7 +211,7 @@ def test_the_writer_refuses_now_what_scoring_would_refuse_after_training(tmp_pat
     with pytest.raises(gs.CheckpointError, match=r"tensor\(s\) weight, bias of the model saved are not in the model "
                                                  r"that model_factory .* builds"):
         w.save(torch.nn.Linear(12, 4), step=0, lr=0.1)
-    for lr in (-0.1, float("nan"), float("inf"), None):
+    for lr in (-0.1, float("nan"), float("inf"), None, "0.1"):
         with pytest.raises(gs.ConfigError, match="invalid value for 'lr'.*finite learning rate >= 0"):
             w.save(mlp(**MLP_KWARGS), step=0, lr=lr)
     # a step of 1.5 was saved as step_00000001.h5, and one of 1.75 then replaced it; -1 was step_-0000001.h5

@@ -56,7 +56,6 @@ resumed recording reads them from the journal) and leaves a readable file.
 from __future__ import annotations
 
 import contextlib
-import math
 import shutil
 import time
 import uuid
@@ -70,7 +69,7 @@ import torch
 from torch import nn
 
 from ..batch import Inputs
-from ..config import as_names, checked_model
+from ..config import as_names, checked_model, nonnegative
 from ..engines.free import UNPLANNED
 from ..engines.ghost import UNREPEATED, GhostEngine
 from ..exceptions import ConfigError, ConfigMismatchError, EngineError, GradscoreError, OutputError, warn
@@ -136,11 +135,8 @@ class InRunConfig:
 
 def _seconds(flush_every: Any) -> float:
     """``flush_every`` as seconds >= 0 (inf: at close only), else one ConfigError: a NaN never flushed."""
-    try:
-        seconds = math.nan if isinstance(flush_every, (str, bytes)) else float(flush_every)
-    except (TypeError, ValueError):
-        seconds = math.nan
-    if not seconds >= 0:
+    seconds = nonnegative(flush_every, finite=False)
+    if seconds is None:
         raise ConfigError(f"invalid value for 'flush_every': {flush_every!r}; give the seconds between flushes to "
                           f"disk, a number >= 0 (0: after every step)")
     return seconds

@@ -13,7 +13,6 @@ import functools
 import hashlib
 import inspect
 import json
-import math
 import operator
 import os
 import re
@@ -31,7 +30,7 @@ from .atomic import atomic_h5
 from .attrs import attributes, mismatched, write_attrs
 from .store import put
 from ..distributed import current_ranks
-from ..config import as_path, checked_model
+from ..config import as_path, checked_model, nonnegative
 from ..exceptions import CheckpointError, ConfigError
 from ..imports import code_fingerprint, import_ref
 
@@ -147,11 +146,8 @@ def build_model(factory: Callable[..., Any], model_kwargs: dict, ref: str, where
 def checked_lr(lr: Any, step: int | None = None) -> float:
     """η_t as a float (numpy's and a 0-d tensor's too): a finite learning rate >= 0, else one
     ConfigError (naming ``step`` where given)."""
-    try:
-        eta = float(lr)
-    except (TypeError, ValueError):
-        eta = math.nan
-    if not (math.isfinite(eta) and eta >= 0):
+    eta = nonnegative(lr)
+    if eta is None:
         of = "" if step is None else f" of step {step}"
         raise ConfigError(f"invalid value for 'lr'{of}: {lr!r}; give η_t, the step's learning rate after θ_t, a "
                           f"finite learning rate >= 0")
@@ -173,11 +169,8 @@ def checked_step(step: Any) -> int:
 
 def checked_epoch(epoch: Any) -> float:
     """The epoch as a float: a finite number >= 0 (a NaN fell out of every window), else one ConfigError."""
-    try:
-        e = math.nan if isinstance(epoch, (str, bytes)) else float(epoch)
-    except (TypeError, ValueError):
-        e = math.nan
-    if not (math.isfinite(e) and e >= 0):
+    e = nonnegative(epoch)
+    if e is None:
         raise ConfigError(f"invalid value for 'epoch': {epoch!r}; give the epoch θ_t is at, a finite number >= 0")
     return e
 
