@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields
@@ -84,12 +83,11 @@ def as_path(value: str | os.PathLike, name: str) -> Path:
 
 def checked_fraction(name: str, value: float, allow_zero: bool = False) -> float:
     """``value``, a number in (0, 1] ([0, 1] with ``allow_zero``), else one ConfigError naming ``name``."""
-    number = isinstance(value, numbers.Real) and not isinstance(value, bool)   # numpy's too
-    lo_ok = number and (value >= 0 if allow_zero else value > 0)
-    if not (lo_ok and value <= 1):
+    number = nonnegative(value)
+    if number is None or number > 1 or (number == 0 and not allow_zero):
         raise ConfigError(f"invalid value for '{name}': {value!r} is not a fraction in "
                           f"{'[0, 1]' if allow_zero else '(0, 1]'}")
-    return value
+    return number
 
 
 def checked_model(model: Any) -> Any:

@@ -262,7 +262,7 @@ def find_recording(out: Path) -> Recording | None:
         return None
     with damage_named(out), h5py.File(out, "r") as f:
         complete = bool(f.attrs.get("inrun_complete", True))
-        given = json_attr(f, out, "inrun_given", "[]")   # (none in a file of gradscore 0.1.0 before it)
+        given = json_attr(f, out, "inrun_given", "[]")   # (none in a file written before it was kept)
     return Recording(fingerprint, False, 1, complete, tuple(given))
 
 
@@ -374,9 +374,9 @@ def write(out: Path, journal: Journal, *, config: dict[str, Any], fingerprint: d
     ``/inrun/row`` (index into ``/ids``), an empty ``/per_checkpoint`` and the run's
     attributes, with ``given`` (what the recorder warned of) and :func:`warnings_of` the
     rows as its ``warnings``; atomically. ``given`` joins the warnings that every rank's
-    row journal kept (:meth:`RowJournal.note`), and is kept alone as ``inrun_given``. Two passes over the row files (the ids, then the
-    rest), each a few files at a time; ``progress``: a bar over the second on a terminal,
-    once it has taken 5 s. Returns the rows' warnings (None, and nothing written, where the
+    row journal kept (:meth:`RowJournal.note`), and is kept alone as ``inrun_given``. Two
+    passes over the row files (the ids, then the rest), each a few files at a time;
+    ``progress``: a bar over the second on a terminal, once it has taken 5 s. Returns the rows' warnings (None, and nothing written, where the
     journal has no row files)."""
     files = _row_files(journal.partial)   # the rows of this moment: other ranks may be adding theirs
     if not files:
