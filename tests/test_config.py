@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
 from gradscore import ConfigError, RunConfig
@@ -51,13 +52,15 @@ def test_names_given_as_one_string_are_names_not_letters(tmp_path):
 
 @pytest.mark.parametrize("given", [None, 3], ids=["none", "int"])
 def test_a_path_that_is_none_or_a_number_is_one_config_error(tmp_path, given):
-    """load_scores, select, diagnose, flag, CheckpointStore and CheckpointWriter given None (a
-    variable not set) or a number for their file or folder raised pathlib's TypeError."""
+    """load_scores, select, diagnose, flag, CheckpointStore, CheckpointWriter and save_dataset
+    given None (a variable not set) or a number for their file or folder raised pathlib's
+    TypeError."""
     import gradscore as gs
     calls = {"path": lambda: gs.load_scores(given), "scores": lambda: gs.select(given, by="el2n"),
              "scores ": lambda: gs.diagnose(given), "scores  ": lambda: gs.flag(given),
              "directory": lambda: gs.CheckpointStore(given),
-             "directory ": lambda: gs.CheckpointWriter(given, model_factory="gradscore.demos.models:mlp")}
+             "directory ": lambda: gs.CheckpointWriter(given, model_factory="gradscore.demos.models:mlp"),
+             "path ": lambda: gs.save_dataset(given, np.zeros((3, 2), np.float32), np.arange(3))}
     for name, call in calls.items():
         with pytest.raises(ConfigError, match=rf"invalid value for '{name.strip()}': {given!r}; give a path"):
             call()

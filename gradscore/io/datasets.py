@@ -29,7 +29,7 @@ from .atomic import atomic_h5
 from .attrs import KIND_NAMES, kind_of
 from .store import DamagedFile, damage_named, put, read_ids, read_numpy, write_ids
 from ..batch import Inputs, call_model, concat, describe, hash_batch, move, take
-from ..config import DATA_SUFFIXES, names_a_factory
+from ..config import DATA_SUFFIXES, as_path, names_a_factory
 from ..exceptions import DataError
 from ..losses import IGNORE_INDEX, Loss, one_logit, token_family
 from ..imports import import_ref
@@ -485,7 +485,7 @@ def save_dataset(path: str | Path, inputs: np.ndarray | Mapping[str, np.ndarray]
     optionally ``attention_mask`` (N, T); its ``targets`` are then written as ``labels``
     when they are per token (N, T), else as ``targets`` (N,); None: default LM labels.
     """
-    path = Path(path)
+    path = as_path(path, "path")
     if isinstance(inputs, Mapping):
         fields = dict(inputs)
         if targets is not None:
