@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields
@@ -110,6 +111,17 @@ def nonnegative(value: Any, finite: bool = True) -> float | None:
     except (TypeError, ValueError, RuntimeError):   # RuntimeError: a tensor of several values
         return None
     return number if number >= 0 and (math.isfinite(number) or not finite) else None
+
+
+def whole(value: Any) -> int | None:
+    """``value`` as an int where it is a whole number (an int, numpy's, a 0-d integer
+    tensor); None for anything else: a float, a string, None, a bool."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def _require(ok: bool, name: str, why: str) -> None:

@@ -219,3 +219,24 @@ def test_jtt_on_a_file_without_checkpoints_says_so(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "r.h5: is an in-run recording (gs.InRun)" in err and "--by correctness" in err, err
     assert not (tmp_path / "j.json").exists()
+
+
+def test_jtt_and_sampling_options_of_the_wrong_kind_are_refused(scores_file):
+    """`upweight=nan` wrote a weights file of NaNs, and `upweight=1` reported an empty error
+    set; a checkpoint of 1.5, "1" or None, a temperature of "2", and a seed of -1, 1.5 or "x"
+    were Python's or numpy's TypeError. The error set is the examples the checkpoint gets
+    wrong, whatever their weight."""
+    res = gs.load_scores(scores_file)
+    wrong = np.flatnonzero(res["per_checkpoint"]["correct"][-1] == 0)
+    assert len(wrong) and gs.select(scores_file, jtt=True, upweight=1)["error_set"] == wrong.tolist()
+    for upweight in (float("nan"), float("inf"), "2", 0, -1):
+        with pytest.raises(gs.ConfigError, match=f"invalid value for 'upweight': {upweight!r}; give a finite number > 0"):
+            gs.select(scores_file, jtt=True, upweight=upweight)
+    for checkpoint in (1.5, "1", None):
+        with pytest.raises(gs.ConfigError, match=f"invalid value for 'checkpoint': {checkpoint!r}; give a whole number"):
+            gs.select(scores_file, jtt=True, checkpoint=checkpoint)
+    with pytest.raises(gs.ConfigError, match="invalid value for 'temperature': '2'; give a finite number > 0"):
+        gs.select(scores_file, by="el2n", sample="gumbel", temperature="2")
+    for seed in (-1, 1.5, "x"):
+        with pytest.raises(gs.ConfigError, match=f"invalid value for 'seed': {seed!r}; give a whole number >= 0"):
+            gs.select(scores_file, by="el2n", sample="gumbel", seed=seed)

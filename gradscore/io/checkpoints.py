@@ -13,7 +13,6 @@ import functools
 import hashlib
 import inspect
 import json
-import operator
 import os
 import re
 import uuid
@@ -30,7 +29,7 @@ from .atomic import atomic_h5
 from .attrs import attributes, mismatched, write_attrs
 from .store import put
 from ..distributed import current_ranks
-from ..config import as_path, checked_model, nonnegative
+from ..config import as_path, checked_model, nonnegative, whole
 from ..exceptions import CheckpointError, ConfigError
 from ..imports import code_fingerprint, import_ref
 
@@ -158,10 +157,7 @@ def checked_step(step: Any) -> int:
     """The optimizer step as an int (numpy's and a 0-d integer tensor's too): a whole number
     >= 0, else one ConfigError. A float is refused, not truncated: 1.5 and 1.75 would name
     one file, the second replacing the first."""
-    try:
-        t = None if isinstance(step, bool) else operator.index(step)
-    except TypeError:
-        t = None
+    t = whole(step)
     if t is None or t < 0:
         raise ConfigError(f"invalid value for 'step': {step!r}; give the optimizer step, a whole number >= 0")
     return t

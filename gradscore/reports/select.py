@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .._version import __version__
-from ..config import as_path, checked_fraction
+from ..config import as_path, checked_fraction, nonnegative, whole
 from ..io.atomic import atomic_path
 from ..exceptions import ConfigError, DataError, GradscoreError
 from ..io.datasets import scored_labels
@@ -74,8 +74,10 @@ def by_score(values: np.ndarray, *, keep: float, highest: bool = True, exclude_t
                           f"than are left; keep at most {1 - exclude_top:g}")
     if sample not in (None, "gumbel"):
         raise ConfigError(f"invalid value for 'sample': '{sample}'; choose gumbel (or none for the top-k)")
-    if sample and not temperature > 0:
-        raise ConfigError(f"invalid value for 'temperature': {temperature} must be positive")
+    if sample:
+        temperature = _positive("temperature", temperature)
+        if whole(seed) is None or seed < 0:
+            raise ConfigError(f"invalid value for 'seed': {seed!r}; give a whole number >= 0")
     if classes is not None:
         parts = [members[by_score(values[members], keep=keep, highest=highest, exclude_top=exclude_top,
                                   sample=sample, temperature=temperature, seed=seed + int(c))]
@@ -99,11 +101,17 @@ def regions(confidence: np.ndarray, variability: np.ndarray, fraction: float = 0
             "hard": np.argsort(confidence, kind="stable")[:k]}
 
 
+def _positive(name: str, value: float) -> float:
+    """``value`` as a float where it is a finite number > 0, else one ConfigError naming ``name``."""
+    number = nonnegative(value)
+    if not number:   # None, or 0
+        raise ConfigError(f"invalid value for '{name}': {value!r}; give a finite number > 0")
+    return number
+
+
 def jtt_weights(correct: np.ndarray, upweight: float) -> np.ndarray:
     """(N,) float64 weights: ``upweight`` for the error set (correct == 0), 1 otherwise."""
-    if upweight <= 0:
-        raise ConfigError(f"invalid value for 'upweight': {upweight} must be positive")
-    return np.where(correct.astype(bool), 1.0, float(upweight))
+    return np.where(correct.astype(bool), 1.0, _positive("upweight", upweight))
 
 
 def _ids(res: dict[str, Any], idx: np.ndarray) -> list:
@@ -169,11 +177,14 @@ def select(scores: str | Path, *, by: str | None = None, keep: float = 0.5, high
         result.update({f"{r}_ids": _ids(res, found[r]) for r in names})
     else:
         correct = res["per_checkpoint"]["correct"]
+        if whole(checkpoint) is None:
+            raise ConfigError(f"invalid value for 'checkpoint': {checkpoint!r}; give a whole number (the position "
+                              f"of a checkpoint of the scores file; -1: the last)")
         if not -correct.shape[0] <= checkpoint < correct.shape[0]:
             raise ConfigError(f"invalid value for 'checkpoint': {checkpoint} is not one of the "
                               f"{correct.shape[0]} checkpoints")
         weights = jtt_weights(correct[checkpoint], upweight)
-        err = np.flatnonzero(weights != 1.0)
+        err = np.flatnonzero(~correct[checkpoint].astype(bool))   # upweight 1 leaves them at weight 1
         result = {"jtt_checkpoint": checkpoint % correct.shape[0], "upweight": upweight,
                   "n_errors": int(len(err)), "error_set": err.tolist(), "error_ids": _ids(res, err)}
     if by is not None or region is not None:
