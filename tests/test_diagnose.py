@@ -96,6 +96,9 @@ def test_without_mask_the_mask_free_parts_run(tmp_path, capsys):
     for bad in ("0", "1.5", "-1"):   # read as one example, as every example, as one
         assert main(["diagnose", str(path), "--top-fraction", bad]) == 2
         assert f"invalid value for 'top_fraction': {float(bad)} is not a fraction in (0, 1]" in capsys.readouterr().err
+    for bad in (1.5, float("nan"), "0.9", 0):   # were "a quantile is in [0, 1]" (ValueError) and a TypeError
+        with pytest.raises(gs.ConfigError, match=f"invalid value for 'clip_quantile': {bad!r} is not a fraction"):
+            gs.diagnose(path, clip_quantile=bad, echo=lambda line: None)
     assert main(["diagnose", str(path), "--overwrite"]) == 2   # writes nothing to replace: was dropped
     assert "--overwrite applies to --out only" in capsys.readouterr().err
     np.save(tmp_path / "short.npy", np.zeros(5, bool))

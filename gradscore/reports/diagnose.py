@@ -94,6 +94,7 @@ def diagnose(scores: str | Path, *, score: str = "pds", noisy_mask: str | None =
         for name, kind in OUTPUT_FILES.items():
             claim(Path(out) / name, kind, inputs=inputs, overwrite=overwrite)
     checked_fraction("top_fraction", top_fraction)   # each tail's share; 0 read as one example, 1.5 as every one
+    checked_fraction("clip_quantile", clip_quantile)   # as RunConfig checks it for the variants
     if score not in (*DOT_SCORES, INRUN_SCORE):
         raise GradscoreError(f"--score must be one of {', '.join((*DOT_SCORES, INRUN_SCORE))}, got '{score}'")
     res = load_scores(as_path(scores, "scores"), per_checkpoint=False)
