@@ -129,6 +129,12 @@ def _require(ok: bool, name: str, why: str) -> None:
         raise ConfigError(f"invalid value for '{name}': {why}")
 
 
+def _require_whole(value: Any, name: str, minimum: int) -> None:
+    """A ConfigError naming ``name`` unless ``value`` is a whole number >= ``minimum`` (:func:`whole`)."""
+    number = whole(value)
+    _require(number is not None and number >= minimum, name, f"{value!r}; give a whole number >= {minimum}")
+
+
 def parse_range(text: str, name: str = "range") -> tuple[int | None, int | None]:
     """"A:B" -> (A, B) of a half-open range of positions (or steps); an end left out is None."""
     parts = text.split(":")
@@ -208,7 +214,7 @@ class RunConfig:
         _require(self.dtype in DTYPES, "dtype", f"'{self.dtype}' is not one of {DTYPES}")
         for name in ("batch_size", "chunk_size", "chunk_bytes"):
             v = getattr(self, name)
-            _require(isinstance(v, int) and v > 0, name, f"must be a positive integer, got {v!r}")
+            _require(whole(v) is not None and v > 0, name, f"must be a positive integer, got {v!r}")
         _require(self.epochs_upto is None or self.epochs_upto >= 0, "epochs_upto",
                  f"must be >= 0, got {self.epochs_upto!r}")
         object.__setattr__(self, "variants", as_names(self.variants))
@@ -278,13 +284,13 @@ class SketchConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", as_names(self.params))
-        _require(isinstance(self.dim, int) and self.dim >= 1, "dim", f"{self.dim!r}; give a whole number >= 1")
-        _require(isinstance(self.seed, int) and self.seed >= 0, "seed", f"{self.seed!r}; give a whole number >= 0")
+        _require_whole(self.dim, "dim", 1)
+        _require_whole(self.seed, "seed", 0)
         _require(self.store_dtype in STORE_DTYPES, "store_dtype", f"{self.store_dtype!r}; choose {STORE_DTYPES}")
         _require(self.device in DEVICES, "device", f"{self.device!r}; choose {DEVICES}")
         _require(self.dtype in DTYPES, "dtype", f"{self.dtype!r}; choose {DTYPES}")
-        _require(self.batch_size >= 1, "batch_size", f"{self.batch_size}; give a whole number >= 1")
-        _require(self.chunk_size >= 1, "chunk_size", f"{self.chunk_size}; give a whole number >= 1")
+        _require_whole(self.batch_size, "batch_size", 1)
+        _require_whole(self.chunk_size, "chunk_size", 1)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as JSON types (paths absolute), as saved in the sketch file and
@@ -313,11 +319,12 @@ class AttributeConfig:
 
     def __post_init__(self) -> None:
         _require(self.method in ATTRIBUTION_METHODS, "method", f"{self.method!r}; choose {', '.join(ATTRIBUTION_METHODS)}")
-        _require(isinstance(self.top, int) and self.top >= 1, "top", f"{self.top!r}; give a whole number >= 1")
-        _require(self.ridge > 0, "ridge", f"{self.ridge!r}; give a number > 0")
+        _require_whole(self.top, "top", 1)
+        _require(bool(nonnegative(self.ridge)), "ridge", f"{self.ridge!r}; give a number > 0")
         _require(self.trak_checkpoints in ("last", "all"), "trak_checkpoints",
                  f"{self.trak_checkpoints!r}; choose last or all")
-        _require(self.block_size >= 1, "block_size", f"{self.block_size}; give a whole number >= 1")
+        _require_whole(self.block_size, "block_size", 1)
+        _require_whole(self.batch_size, "batch_size", 1)
         _require(self.device in DEVICES, "device", f"{self.device!r}; choose {DEVICES}")
         _require(self.dtype in DTYPES, "dtype", f"{self.dtype!r}; choose {DTYPES}")
 

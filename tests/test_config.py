@@ -64,3 +64,17 @@ def test_a_path_that_is_none_or_a_number_is_one_config_error(tmp_path, given):
     for name, call in calls.items():
         with pytest.raises(ConfigError, match=rf"invalid value for '{name.strip()}': {given!r}; give a path"):
             call()
+
+
+@pytest.mark.parametrize("config,field,value", [
+    ("SketchConfig", "batch_size", 1.5), ("SketchConfig", "batch_size", "8"), ("SketchConfig", "chunk_size", "8"),
+    ("SketchConfig", "dim", True), ("AttributeConfig", "batch_size", 0), ("AttributeConfig", "batch_size", "8"),
+    ("AttributeConfig", "block_size", 1.5), ("AttributeConfig", "ridge", "1"), ("AttributeConfig", "top", True),
+    ("RunConfig", "batch_size", True), ("RunConfig", "chunk_size", 2.0)])
+def test_a_number_of_the_wrong_kind_names_its_field(config, field, value):
+    """`gs.sketch(batch_size=1.5)` or "8" and `gs.attribute(batch_size=0)` were Python's
+    TypeError or range()'s ValueError from inside; `dim=True` sketched one dimension."""
+    from gradscore import config as configs
+    paths = ({"checkpoints": "c", "data": "d"} if config != "AttributeConfig" else {"sketch": "s", "query": "q"})
+    with pytest.raises(ConfigError, match=f"invalid value for '{field}': "):
+        getattr(configs, config)(**paths, **{field: value})
