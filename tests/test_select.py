@@ -230,10 +230,12 @@ def test_jtt_and_sampling_options_of_the_wrong_kind_are_refused(scores_file):
     wrong = np.flatnonzero(res["per_checkpoint"]["correct"][-1] == 0)
     assert len(wrong) and gs.select(scores_file, jtt=True, upweight=1)["error_set"] == wrong.tolist()
     for upweight in (float("nan"), float("inf"), "2", 0, -1):
-        with pytest.raises(gs.ConfigError, match=f"invalid value for 'upweight': {upweight!r}; give a finite number > 0"):
+        with pytest.raises(gs.ConfigError, match=f"invalid value for 'upweight': {upweight!r}; give a finite "
+                                                 f"number > 0"):
             gs.select(scores_file, jtt=True, upweight=upweight)
     for checkpoint in (1.5, "1", None):
-        with pytest.raises(gs.ConfigError, match=f"invalid value for 'checkpoint': {checkpoint!r}; give a whole number"):
+        with pytest.raises(gs.ConfigError, match=f"invalid value for 'checkpoint': {checkpoint!r}; give a whole "
+                                                 f"number"):
             gs.select(scores_file, jtt=True, checkpoint=checkpoint)
     with pytest.raises(gs.ConfigError, match="invalid value for 'temperature': '2'; give a finite number > 0"):
         gs.select(scores_file, by="el2n", sample="gumbel", temperature="2")

@@ -376,8 +376,8 @@ def write(out: Path, journal: Journal, *, config: dict[str, Any], fingerprint: d
     rows as its ``warnings``; atomically. ``given`` joins the warnings that every rank's
     row journal kept (:meth:`RowJournal.note`), and is kept alone as ``inrun_given``. Two
     passes over the row files (the ids, then the rest), each a few files at a time;
-    ``progress``: a bar over the second on a terminal, once it has taken 5 s. Returns the rows' warnings (None, and nothing written, where the
-    journal has no row files)."""
+    ``progress``: a bar over the second on a terminal, once it has taken 5 s. Returns the
+    rows' warnings (None, and nothing written, where the journal has no row files)."""
     files = _row_files(journal.partial)   # the rows of this moment: other ranks may be adding theirs
     if not files:
         return None
