@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import fnmatch
-import numbers
 from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .batch import Inputs, batch_len, call_model, check_batch, describe, move, take
-from .config import as_names, checked_model
+from .config import as_names, checked_model, whole
 from .engines import ScoreBatch, check_eval_mode, engine_class
 from .exceptions import ConfigError, EngineError, GradscoreError, cause, model_fix, warn
 from .losses import Loss, PerExampleLoss, check_head, misread_output, resolve_loss
@@ -67,7 +66,7 @@ class Scorer:
             self.param_names = [n for n in trainable if any(fnmatch.fnmatchcase(n, p) for p in params)]
         if not self.param_names:
             raise EngineError("no trainable parameters to score (all frozen or none selected)")
-        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, numbers.Integral) or chunk_bytes < 1:
+        if whole(chunk_bytes) is None or chunk_bytes < 1:
             raise ConfigError(f"invalid value for 'chunk_bytes': {chunk_bytes!r}; give the memory budget of one "
                               f"block of per-example gradients in bytes, a whole number >= 1")
         if engine == "auto":
