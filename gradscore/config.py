@@ -92,12 +92,19 @@ def checked_fraction(name: str, value: float, allow_zero: bool = False) -> float
 
 
 def checked_model(model: Any) -> Any:
-    """``model`` where it is a torch.nn.Module, else a ConfigError naming what it is: where
-    gs.Scorer, gs.InRun and CheckpointWriter.save take the user's model."""
+    """``model`` where it is a torch.nn.Module whose parameters have their shapes, else a
+    ConfigError naming what it is or the lazy layer not yet run: where gs.Scorer, gs.InRun
+    and CheckpointWriter.save take the user's model."""
     from torch import nn
     if not isinstance(model, nn.Module):
         raise ConfigError(f"invalid value for 'model': a {type(model).__name__}; give the torch.nn.Module itself "
                           f"(not a function that builds it, a path or a state_dict)")
+    for prefix, module in model.named_modules():
+        for name, t in module.named_parameters(prefix=prefix, recurse=False):
+            if nn.parameter.is_lazy(t):
+                raise ConfigError(f"parameter '{name}' of a lazy layer ({type(module).__name__}) has no shape yet: run "
+                                  f"the model on one batch before giving it here (as torch asks before making the "
+                                  f"optimizer)")
     return model
 
 

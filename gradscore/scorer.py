@@ -10,6 +10,7 @@ from torch import nn
 from .batch import Inputs, batch_len, call_model, check_batch, describe, move, take
 from .config import as_names, checked_model, whole
 from .engines import ScoreBatch, check_eval_mode, engine_class
+from .engines.base import param_grads
 from .exceptions import ConfigError, EngineError, GradscoreError, cause, model_fix, warn
 from .losses import Loss, PerExampleLoss, check_head, misread_output, resolve_loss
 
@@ -204,7 +205,7 @@ class Scorer:
         try:
             with torch.enable_grad(), torch_workarounds():
                 loss = self.engine.losses(call_model(self.model, first), y_first).sum()
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                grads = param_grads(loss, params)
         except RuntimeError as e:
             if "backward through the graph a second time" in str(e):
                 self._warn(f"the scores may be wrong: {cached}")

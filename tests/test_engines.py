@@ -159,6 +159,24 @@ def test_what_is_not_a_module_is_refused_where_a_model_is_given(tmp_path, given)
     assert not any(tmp_path.iterdir()) or [p.name for p in tmp_path.iterdir()] == ["ckpts"]
 
 
+def test_a_lazy_layer_not_yet_run_is_refused_where_a_model_is_given(tmp_path):
+    """nn.LazyLinear has no shape until a forward: gs.Scorer, gs.InRun and
+    CheckpointWriter.save raised torch's RuntimeError or ValueError from inside. One
+    ConfigError naming the parameter and the fix; after one forward all three work."""
+    from tests_factory import lazy_net
+    writer = gs.CheckpointWriter(tmp_path / "ckpts", model_factory="tests_factory:lazy_net")
+    model = lazy_net()
+    gives = (gs.Scorer, lambda m: gs.InRun(m, out=tmp_path / "r.h5"), lambda m: writer.save(m, step=0, lr=0.1))
+    for give in gives:
+        with pytest.raises(gs.ConfigError, match=r"parameter '0.weight' of a lazy layer \(LazyLinear\) has no shape "
+                                                 r"yet: run the model on one batch before"):
+            give(model)
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+    model(torch.randn(2, 12))
+    for give in gives:
+        give(model)
+
+
 def test_every_engine_implements_the_abc():
     assert {"vmap", "loop"} <= set(_ENGINES)
     for name, cls in _ENGINES.items():
@@ -667,3 +685,47 @@ def test_an_output_the_loss_reads_as_another_kind_is_named_once(head, loss, says
         assert said == [], said
     else:
         assert len(said) == 1 and re.search(says, said[0]), said
+
+
+def test_sparse_embedding_gradients_score_as_their_dense_twin(tmp_path):
+    """nn.Embedding / EmbeddingBag(sparse=True) give sparse parameter gradients: every engine,
+    the in-run targets and the co-states (pds, target_dot) score the model as the same model
+    with dense gradients. (torch has no forward-mode derivative of embedding_bag, which the
+    co-states need: their model has no bag.)"""
+    from tests_factory import embeddings
+    g = torch.Generator().manual_seed(0)
+    tokens, y = torch.randint(0, 11, (24, 5), generator=g), torch.randint(0, 3, (24,), generator=g)
+    tokens[:, 1] = tokens[:, 0]    # a token twice in one example
+    gs.save_dataset(tmp_path / "train.h5", tokens.numpy(), y.numpy())
+    gs.save_dataset(tmp_path / "val.h5", tokens[:6].numpy(), y[:6].numpy())
+    V = torch.randn(2, sum(p.numel() for p in embeddings().parameters()), dtype=torch.float64, generator=g)
+    got = {}
+    for sparse in (False, True):
+        model, root = embeddings(sparse).double(), tmp_path / str(sparse)
+        for engine in ("loop", "vmap", "ghost", "auto"):
+            out = gs.Scorer(model, engine=engine).score_batch(tokens, y, refs=V)
+            got[sparse, engine] = torch.cat([out.sq_norm[:, None], out.dots], 1)
+        rec = gs.InRun(model, loss="cross_entropy", out=root / "inrun.h5", targets=(tokens[:6], y[:6]))
+        ckpts, writer = embeddings(sparse, bag=False).double(), gs.CheckpointWriter(
+            root / "ckpts", model_factory="tests_factory:embeddings", model_kwargs={"sparse": sparse, "bag": False},
+            loss="cross_entropy")
+        opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (model, ckpts)]
+        for t in range(3):
+            writer.save(ckpts, step=t, lr=0.5, epoch=t)
+            with rec.step(torch.arange(24), y, lr=0.5):
+                F.cross_entropy(model(tokens), y).backward()
+            F.cross_entropy(ckpts(tokens), y).backward()
+            for opt in opts:
+                opt.step()
+                opt.zero_grad()
+        rec.close()
+        gs.score(root / "ckpts", tmp_path / "train.h5", out=root / "s.h5", scores=("grand", "pds", "target_dot"),
+                 target=tmp_path / "val.h5", dtype="float64", progress=False)
+        got[sparse, "file"] = gs.load_scores(root / "s.h5")["scores"]
+        got[sparse, "inrun"] = gs.load_scores(root / "inrun.h5")["scores"]
+    for engine in ("loop", "vmap", "ghost", "auto"):
+        torch.testing.assert_close(got[True, engine], got[False, "loop"], rtol=1e-10, atol=1e-14)
+    for kind, names in (("file", ("grand", "pds", "target_dot")), ("inrun", ("grand", "inrun_value"))):
+        for name in names:
+            np.testing.assert_allclose(got[True, kind][name], got[False, kind][name], rtol=1e-10, atol=1e-14)
+            assert np.isfinite(got[True, kind][name]).all() and np.abs(got[True, kind][name]).max() > 0

@@ -1,12 +1,15 @@
 """The engine ABC, the engine registry and the per-batch result type."""
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..batch import Inputs, batch_len, call_model
 from ..exceptions import EngineError
@@ -50,6 +53,32 @@ def engine_class(name: str) -> type["Engine"]:
     if name not in _ENGINES:
         raise EngineError(f"unknown engine '{name}'; choose from {', '.join(sorted(_ENGINES))}")
     return _ENGINES[name]
+
+
+class _DenseEmbeddings(TorchFunctionMode):
+    """F.embedding / F.embedding_bag with ``sparse=False``: the same values and gradient, dense."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.embedding or func is F.embedding_bag:
+            kwargs = {**kwargs, "sparse": False}
+        return func(*args, **kwargs)
+
+
+def dense_embeddings(model: nn.Module) -> contextlib.AbstractContextManager:
+    """While it runs, the model's nn.Embedding / EmbeddingBag(sparse=True) ask for a dense
+    gradient: torch.func's vmap and forward mode cannot trace a sparse one. A no-op (no
+    per-op cost) for a model without one."""
+    sparse = any(getattr(m, "sparse", False) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)))
+    return _DenseEmbeddings() if sparse else contextlib.nullcontext()
+
+
+def param_grads(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+    """∂loss/∂params, None where unused; ``.grad`` left alone. Dense: nn.Embedding /
+    EmbeddingBag(sparse=True) give their weight a sparse gradient, which reshape, norms and
+    dots refuse."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [g if g is None or g.layout == torch.strided else g.to_dense() for g in grads]
 
 
 def check_eval_mode(model: nn.Module) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..batch import Inputs, batch_len, call_model, take
-from .base import Engine, RefBlocks, ScoreBatch, register_engine
+from .base import Engine, RefBlocks, ScoreBatch, param_grads, register_engine
 from .workarounds import torch_workarounds
 
 
@@ -23,7 +23,7 @@ class LoopEngine(Engine):
             for b in range(batch_len(x)):
                 out = call_model(self.model, take(x, b))
                 loss = self.loss.fn(out, y[b:b + 1]).sum()
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                grads = param_grads(loss, params)
                 g = torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1)
                                for p, gi in zip(params, grads)])
                 losses.append(loss.detach())

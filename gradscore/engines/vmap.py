@@ -11,7 +11,7 @@ from torch.func import grad, vmap
 from ..batch import Inputs, batch_len, call_functional, take, unsqueeze
 from ..exceptions import EngineError, GradscoreError, cause, model_fix
 from ..kernels import norm_dot
-from .base import Engine, RefBlocks, ScoreBatch, register_engine
+from .base import Engine, RefBlocks, ScoreBatch, dense_embeddings, register_engine
 
 
 class VmapTraceError(EngineError):
@@ -45,7 +45,8 @@ class VmapEngine(Engine):
         for i in range(0, batch_len(x), step):
             xs, ys = take(x, i, i + step), y[i:i + step]
             try:
-                grads, (loss, out) = per_example(scored, xs, ys)
+                with dense_embeddings(model):
+                    grads, (loss, out) = per_example(scored, xs, ys)
             except GradscoreError:
                 raise
             except Exception as e:

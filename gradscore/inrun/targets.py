@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..batch import Inputs, call_model, check_batch, hash_batch, move, take
+from ..engines.base import param_grads
 from ..engines.ghost import probe
 from ..engines.rules.registry import FactoredRef
 from ..engines.workarounds import torch_workarounds
@@ -134,7 +135,7 @@ def _target_grads(J: torch.Tensor, wanted: list[torch.Tensor]) -> tuple:
     if not wanted:
         return ()
     try:
-        return torch.autograd.grad(J, wanted, allow_unused=True)
+        return tuple(param_grads(J, wanted))
     except RuntimeError as e:
         if "use_reentrant=True" in str(e):
             raise EngineError("the target gradient: the model calls torch.utils.checkpoint with use_reentrant=True, "

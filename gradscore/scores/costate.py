@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 from ..io.atomic import atomic_h5
 from ..io.checkpoints import CheckpointStore, not_plain_steps
 from ..batch import Inputs, call_functional, call_model, move
+from ..engines.base import dense_embeddings
 from ..engines.layout import refuse_random_in_eval
 from ..engines.rules.experts import like_experts
 from ..engines.workarounds import torch_workarounds
@@ -172,7 +173,7 @@ class _Objective:
 
     def _accumulate(self, fn: Callable[[torch.Tensor, torch.Tensor], Params]) -> Params:
         total: Params | None = None
-        with torch_workarounds():
+        with torch_workarounds(), dense_embeddings(self.model):
             for x, y in self._chunks():
                 part = fn(x, y)
                 total = part if total is None else {k: total[k] + part[k] for k in total}
