@@ -177,6 +177,25 @@ def test_a_lazy_layer_not_yet_run_is_refused_where_a_model_is_given(tmp_path):
         give(model)
 
 
+def test_torchs_missing_batching_rule_notes_stay_inside_the_vmap_engine():
+    """torch.func.vmap says 'There is a performance drop because we have not yet implemented
+    the batching rule for aten::embedding_renorm_' (nn.Embedding(max_norm=...)) and for
+    EmbeddingBag: a note to torch's developers, printed to a user of auto (which takes vmap
+    there) at every batch. The scores are the loop's, with no warning (vmap itself cannot
+    trace max_norm's in-place renorm: auto's fallback takes the loop)."""
+    from tests_factory import embeddings
+    model = embeddings().double()
+    model.emb.max_norm = 0.5
+    tokens, y = torch.randint(0, 11, (6, 5), generator=torch.Generator().manual_seed(0)), torch.arange(6) % 3
+    want = gs.Scorer(model, engine="loop").score_batch(tokens, y).sq_norm
+    with warnings.catch_warnings(record=True) as given:   # recorded: an error would only change the path taken
+        warnings.simplefilter("always")
+        torch.testing.assert_close(gs.Scorer(model, engine="auto").score_batch(tokens, y).sq_norm, want)
+        with pytest.raises(gs.EngineError, match="vmap cannot trace this model .*embedding_renorm_.*use engine='auto'"):
+            gs.Scorer(model, engine="vmap").score_batch(tokens, y)
+    assert [str(w.message) for w in given] == []
+
+
 def test_every_engine_implements_the_abc():
     assert {"vmap", "loop"} <= set(_ENGINES)
     for name, cls in _ENGINES.items():

@@ -5,6 +5,8 @@ The block stays a list of per-parameter tensors: nothing is flattened or concate
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.func import grad, vmap
 
@@ -45,7 +47,9 @@ class VmapEngine(Engine):
         for i in range(0, batch_len(x), step):
             xs, ys = take(x, i, i + step), y[i:i + step]
             try:
-                with dense_embeddings(model):
+                with dense_embeddings(model), warnings.catch_warnings():
+                    # torch's note to its own developers (an op without a batching rule), at every batch
+                    warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
                     grads, (loss, out) = per_example(scored, xs, ys)
             except GradscoreError:
                 raise
