@@ -11,7 +11,7 @@ import operator
 import os
 from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .exceptions import ConfigError
 
@@ -136,10 +136,23 @@ def _require(ok: bool, name: str, why: str) -> None:
         raise ConfigError(f"invalid value for '{name}': {why}")
 
 
-def _require_whole(value: Any, name: str, minimum: int) -> None:
-    """A ConfigError naming ``name`` unless ``value`` is a whole number >= ``minimum`` (:func:`whole`)."""
+def whole_field(config: Any, name: str, minimum: int) -> None:
+    """A ConfigError naming ``name`` unless the frozen dataclass ``config``'s field is a whole
+    number >= ``minimum`` (:func:`whole`); kept as a plain int (numpy's does not save as JSON)."""
+    value = getattr(config, name)
     number = whole(value)
     _require(number is not None and number >= minimum, name, f"{value!r}; give a whole number >= {minimum}")
+    object.__setattr__(config, name, number)
+
+
+def number_field(config: Any, name: str, ok: Callable[[float], bool], want: str) -> None:
+    """As :func:`whole_field` for a finite number >= 0 that ``ok`` accepts (``want`` says
+    which); kept as a plain float. None (an option not given) stays."""
+    value = getattr(config, name)
+    if value is not None:
+        number = nonnegative(value)
+        _require(number is not None and ok(number), name, f"{value!r}; give {want}")
+        object.__setattr__(config, name, number)
 
 
 def parse_range(text: str, name: str = "range") -> tuple[int | None, int | None]:
@@ -220,10 +233,8 @@ class RunConfig:
         _require(self.device in DEVICES, "device", f"'{self.device}' is not one of {DEVICES}")
         _require(self.dtype in DTYPES, "dtype", f"'{self.dtype}' is not one of {DTYPES}")
         for name in ("batch_size", "chunk_size", "chunk_bytes"):
-            v = getattr(self, name)
-            _require(whole(v) is not None and v > 0, name, f"must be a positive integer, got {v!r}")
-        _require(self.epochs_upto is None or self.epochs_upto >= 0, "epochs_upto",
-                 f"must be >= 0, got {self.epochs_upto!r}")
+            whole_field(self, name, 1)
+        number_field(self, "epochs_upto", lambda v: True, "an epoch >= 0")
         object.__setattr__(self, "variants", as_names(self.variants))
         object.__setattr__(self, "params", as_names(self.params))
         for v in self.variants:
@@ -231,7 +242,7 @@ class RunConfig:
                      f"unknown variant '{v}'; choose from cos, clip, rank, resid")
         _require(self.lm_reduction is None or self.lm_reduction in LM_REDUCTIONS, "lm_reduction",
                  f"'{self.lm_reduction}' is not one of {LM_REDUCTIONS}")
-        _require(0 < self.clip_quantile <= 1, "clip_quantile", f"must be in (0, 1], got {self.clip_quantile!r}")
+        number_field(self, "clip_quantile", lambda v: 0 < v <= 1, "a quantile in (0, 1]")
         _require(not self.variants or bool({"pds", "target_dot"} & set(scores)), "variants",
                  "variants apply to pds or target_dot; ask for one of them in scores")
         _require(self.ids is None or self.index_range is None, "ids",
@@ -291,13 +302,13 @@ class SketchConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", as_names(self.params))
-        _require_whole(self.dim, "dim", 1)
-        _require_whole(self.seed, "seed", 0)
+        whole_field(self, "dim", 1)
+        whole_field(self, "seed", 0)
         _require(self.store_dtype in STORE_DTYPES, "store_dtype", f"{self.store_dtype!r}; choose {STORE_DTYPES}")
         _require(self.device in DEVICES, "device", f"{self.device!r}; choose {DEVICES}")
         _require(self.dtype in DTYPES, "dtype", f"{self.dtype!r}; choose {DTYPES}")
-        _require_whole(self.batch_size, "batch_size", 1)
-        _require_whole(self.chunk_size, "chunk_size", 1)
+        whole_field(self, "batch_size", 1)
+        whole_field(self, "chunk_size", 1)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as JSON types (paths absolute), as saved in the sketch file and
@@ -326,12 +337,12 @@ class AttributeConfig:
 
     def __post_init__(self) -> None:
         _require(self.method in ATTRIBUTION_METHODS, "method", f"{self.method!r}; choose {', '.join(ATTRIBUTION_METHODS)}")
-        _require_whole(self.top, "top", 1)
-        _require(bool(nonnegative(self.ridge)), "ridge", f"{self.ridge!r}; give a number > 0")
+        whole_field(self, "top", 1)
+        number_field(self, "ridge", lambda v: v > 0, "a number > 0")
         _require(self.trak_checkpoints in ("last", "all"), "trak_checkpoints",
                  f"{self.trak_checkpoints!r}; choose last or all")
-        _require_whole(self.block_size, "block_size", 1)
-        _require_whole(self.batch_size, "batch_size", 1)
+        whole_field(self, "block_size", 1)
+        whole_field(self, "batch_size", 1)
         _require(self.device in DEVICES, "device", f"{self.device!r}; choose {DEVICES}")
         _require(self.dtype in DTYPES, "dtype", f"{self.dtype!r}; choose {DTYPES}")
 

@@ -107,7 +107,7 @@ def test_bad_inputs_exit_2_with_one_line(tiny_run, tmp_path, capsys):
     _fails(capsys, ["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", out,
                     "--scores", "el2n,magic"], r"invalid value for 'scores': unknown score 'magic'")
     _fails(capsys, ["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", out,
-                    "--batch-size", "0"], r"'batch_size': must be a positive integer")
+                    "--batch-size", "0"], r"'batch_size': 0; give a whole number >= 1")
     _fails(capsys, ["info", str(tmp_path / "missing.h5")], r"no such file")
     assert not (tmp_path / "s.h5").exists()
 

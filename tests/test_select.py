@@ -242,3 +242,20 @@ def test_jtt_and_sampling_options_of_the_wrong_kind_are_refused(scores_file):
     for seed in (-1, 1.5, "x"):
         with pytest.raises(gs.ConfigError, match=f"invalid value for 'seed': {seed!r}; give a whole number >= 0"):
             gs.select(scores_file, by="el2n", sample="gumbel", seed=seed)
+
+
+def test_numpy_numbers_as_options_write_the_same_selection(scores_file, tmp_path):
+    """`select(keep=np.float32(0.5))`, a numpy seed, upweight or checkpoint (a value a user
+    computed with numpy) chose the examples and then crashed writing the JSON (float32 /
+    int64 is not JSON serializable). The file and the result are a plain-number call's (the
+    values exact in float32)."""
+    calls = {"by": dict(by="el2n", keep=0.5, exclude_top=0.25, sample="gumbel", temperature=2.0, seed=3),
+             "jtt": dict(jtt=True, upweight=3.0, checkpoint=1)}
+    for name, options in calls.items():
+        plain = gs.select(scores_file, out=tmp_path / f"{name}.json", **options)
+        given = {k: (np.float32(v) if isinstance(v, float) else np.int64(v) if type(v) is int else v)
+                 for k, v in options.items()}
+        numpy = gs.select(scores_file, out=tmp_path / f"{name}_np.json", **given)
+        assert {k: v for k, v in numpy.items() if k != "weights_file"} == {
+            k: v for k, v in plain.items() if k != "weights_file"}
+        assert json.loads((tmp_path / f"{name}_np.json").read_text()) == json.loads((tmp_path / f"{name}.json").read_text())

@@ -69,7 +69,7 @@ import torch
 from torch import nn
 
 from ..batch import Inputs
-from ..config import as_names, checked_model, nonnegative
+from ..config import as_names, checked_model, nonnegative, whole, whole_field
 from ..engines.free import UNPLANNED
 from ..engines.ghost import UNREPEATED, GhostEngine
 from ..exceptions import ConfigError, ConfigMismatchError, EngineError, GradscoreError, OutputError, warn
@@ -112,8 +112,7 @@ class InRunConfig:
     inrun: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.every, int) or self.every < 1:
-            raise ConfigError(f"invalid value for 'every': {self.every!r}; give a whole number of steps >= 1")
+        whole_field(self, "every", 1)
         if self.hidden_terms not in HIDDEN_TERMS:
             raise ConfigError(f"invalid value for 'hidden_terms': {self.hidden_terms!r}; give 'refuse' or "
                               f"'per_example'")
@@ -419,7 +418,7 @@ class InRun:
 
     @data_parallel.setter
     def data_parallel(self, processes: int) -> None:
-        if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        if (whole(processes) or 0) < 1:
             raise ConfigError(f"invalid value for 'data_parallel': {processes!r}; give the number of processes whose "
                               f"gradients each update averages (DDP's world size), a whole number >= 1")
         self._data_parallel = processes

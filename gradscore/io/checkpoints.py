@@ -317,7 +317,7 @@ class CheckpointWriter:
         ...     rec(model, step=step, lr=opt.param_groups[0]["lr"])   # before opt.step()
         ...     loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()
         """
-        if not (isinstance(n_steps, int) and n_steps > 0):
+        if (whole(n_steps) or 0) < 1:
             raise CheckpointError(f"every: n_steps must be a positive integer, got {n_steps!r}")
         self.directory.mkdir(parents=True, exist_ok=True)
         return StepRecorder(self, n_steps)

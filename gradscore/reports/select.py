@@ -162,8 +162,10 @@ def select(scores: str | Path, *, by: str | None = None, keep: float = 0.5, high
         classes = scored_labels(data, res["ids"])[0][finite] if per_class else None
         idx = finite[by_score(_score(res, by)[finite], keep=keep, highest=highest, exclude_top=exclude_top,
                               classes=classes, sample=sample, temperature=temperature, seed=seed)]
-        result = {"by": by, "highest": highest, "keep": keep, "exclude_top": exclude_top, "per_class": per_class,
-                  "sample": sample, "temperature": temperature if sample else None, "seed": seed if sample else None,
+        # the numbers by_score checked, as JSON's: a user's numpy float32 or int64 does not save
+        result = {"by": by, "highest": highest, "keep": float(keep), "exclude_top": float(exclude_top),
+                  "per_class": per_class, "sample": sample, "temperature": float(temperature) if sample else None,
+                  "seed": int(seed) if sample else None,
                   "n_selected": int(len(idx)), "indices": idx.tolist(), "ids": _ids(res, idx)}
     elif region is not None:
         if region not in REGIONS + ("all",):
@@ -185,7 +187,7 @@ def select(scores: str | Path, *, by: str | None = None, keep: float = 0.5, high
                               f"{correct.shape[0]} checkpoints")
         weights = jtt_weights(correct[checkpoint], upweight)
         err = np.flatnonzero(~correct[checkpoint].astype(bool))   # upweight 1 leaves them at weight 1
-        result = {"jtt_checkpoint": checkpoint % correct.shape[0], "upweight": upweight,
+        result = {"jtt_checkpoint": int(checkpoint) % correct.shape[0], "upweight": float(upweight),
                   "n_errors": int(len(err)), "error_set": err.tolist(), "error_ids": _ids(res, err)}
     if by is not None or region is not None:
         result["nonfinite_ids"] = _ids(res, np.setdiff1d(np.arange(len(res["ids"])), finite))

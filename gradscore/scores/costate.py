@@ -58,7 +58,7 @@ from ..engines.base import dense_embeddings
 from ..engines.layout import refuse_random_in_eval
 from ..engines.rules.experts import like_experts
 from ..engines.workarounds import torch_workarounds
-from ..config import DEVICES, DTYPES, LM_REDUCTIONS, absolute_paths, resolve_device
+from ..config import DEVICES, DTYPES, LM_REDUCTIONS, absolute_paths, resolve_device, whole_field
 from ..io.datasets import Dataset, check_targets, load_dataset, probe_model
 from ..exceptions import (CheckpointError, ConfigError, DataError, EngineError, GradscoreError, OutputError,
                           warn)
@@ -87,9 +87,7 @@ class CostateConfig:
     costates: bool = True
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.batch_size, int) and self.batch_size > 0):
-            raise ConfigError(f"invalid value for 'batch_size' (--hvp-batch): must be a positive integer, got "
-                              f"{self.batch_size!r}")
+        whole_field(self, "batch_size", 1)
         if self.dtype not in DTYPES:
             raise ConfigError(f"invalid value for 'dtype': '{self.dtype}' is not one of {DTYPES}")
         if self.device not in DEVICES:
