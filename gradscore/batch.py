@@ -18,7 +18,29 @@ from torch import nn
 Inputs = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 
 
+def refuse_positional(x: Any, model: nn.Module | None = None) -> None:
+    """One DataError where ``x`` is a tuple or list of tensors (a model with several
+    positional inputs): inputs are one tensor, called as ``model(x)``, or a dict, called as
+    ``model(**x)``; the fix names ``model``'s forward arguments where it is given."""
+    if isinstance(x, (tuple, list)) and x and all(hasattr(v, "shape") for v in x):
+        from .exceptions import DataError
+        names = ", ".join(f"{n!r}: ..." for n in forward_names(model, len(x)))
+        raise DataError(f"invalid inputs: a {type(x).__name__} of {len(x)} tensors; give a model's several inputs as "
+                        f"a dict by the names of its forward's arguments, {{{names}}} (called as model(**x)), or one "
+                        f"tensor")
+
+
+def forward_names(model: nn.Module | None, n: int) -> list[str]:
+    """The names of the first ``n`` arguments of ``model.forward`` that a keyword can give
+    (placeholders where there are fewer, or no model): for a fix that passes them by name."""
+    import inspect
+    names = [] if model is None else [p.name for p in inspect.signature(model.forward).parameters.values()
+                                      if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)][:n]
+    return names if len(names) == n else [f"<argument {i + 1}>" for i in range(n)]
+
+
 def _map(x: Inputs, fn: Callable[[torch.Tensor], torch.Tensor]) -> Inputs:
+    refuse_positional(x)
     if isinstance(x, Mapping):
         return {k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in x.items()}
     return fn(x)
@@ -26,6 +48,7 @@ def _map(x: Inputs, fn: Callable[[torch.Tensor], torch.Tensor]) -> Inputs:
 
 def batch_len(x: Inputs) -> int:
     """B, the number of examples in ``x`` (a dict without tensors: 0)."""
+    refuse_positional(x)
     if isinstance(x, Mapping):
         return next((int(v.shape[0]) for v in x.values() if isinstance(v, torch.Tensor)), 0)
     return int(x.shape[0])
@@ -62,6 +85,7 @@ def check_batch(x: Inputs, y: torch.Tensor) -> None:
     as many as the targets ``y`` (B, ...); a constant (a temperature, a flag) belongs to
     the model, not to the batch, which every engine slices by example."""
     from .exceptions import DataError
+    refuse_positional(x)
     if y.dim() == 0:
         raise DataError("invalid targets: one number for the batch; give one target per example, shape (B, ...)")
     for name, v in (x.items() if isinstance(x, Mapping) else [("x", x)]):

@@ -7,7 +7,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .batch import Inputs, batch_len, call_model, check_batch, describe, move, take
+from .batch import Inputs, batch_len, call_model, check_batch, describe, move, refuse_positional, take
 from .config import as_names, checked_model, whole
 from .engines import ScoreBatch, check_eval_mode, engine_class
 from .engines.base import param_grads
@@ -125,6 +125,7 @@ class Scorer:
         return blocks
 
     def _inputs(self, x: Inputs) -> Inputs:
+        refuse_positional(x, self.model)
         return move(x, self._param_like())
 
     def output(self, x: Inputs) -> torch.Tensor:

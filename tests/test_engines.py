@@ -196,6 +196,42 @@ def test_torchs_missing_batching_rule_notes_stay_inside_the_vmap_engine():
     assert [str(w.message) for w in given] == []
 
 
+class _TwoInputs(nn.Module):
+    """forward(image, meta): a model with two positional inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(2, 4)
+
+    def forward(self, image, meta):
+        return self.a(image) + self.b(meta)
+
+
+def test_inputs_given_as_a_tuple_name_the_forwards_arguments(tmp_path):
+    """A tuple (image, meta) of inputs was torch's 'only one element tensors can be converted
+    to Python scalars' from inside gs.Scorer and gs.InRun's targets, and the recorder's step
+    refused model(image, meta) without the fix. One error naming the dict to give (a dict
+    works: the model is called as model(**x)), and it scores as the loop."""
+    model = _TwoInputs().double()
+    g = torch.Generator().manual_seed(0)
+    image, meta = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 2, generator=g, dtype=torch.float64)
+    y = torch.arange(5) % 4
+    given = r"a (tuple|list) of 2 tensors; give a model's several inputs as a dict by the names of its forward's arguments, " \
+            r"\{'image': \.\.\., 'meta': \.\.\.\} \(called as model\(\*\*x\)\)"
+    for call in (lambda: gs.Scorer(model).score_batch((image, meta), y), lambda: gs.Scorer(model).output([image, meta]),
+                 lambda: gs.InRun(model, out=tmp_path / "r.h5", targets=((image, meta), y))):
+        with pytest.raises(gs.GradscoreError, match=given):
+            call()
+    rec = gs.InRun(model, out=tmp_path / "r.h5")
+    with pytest.raises(gs.EngineError, match=r"called with 2 positional and 0 keyword arguments: pass them all by "
+                                             r"name, model\(image=\.\.\., meta=\.\.\.\)"):
+        with rec.step(torch.arange(5), y, lr=0.1):
+            F.cross_entropy(model(image, meta), y).backward()
+    as_dict = {"image": image, "meta": meta}
+    torch.testing.assert_close(gs.Scorer(model).score_batch(as_dict, y).sq_norm,
+                               gs.Scorer(model, engine="loop").score_batch(as_dict, y).sq_norm)
+
+
 def test_every_engine_implements_the_abc():
     assert {"vmap", "loop"} <= set(_ENGINES)
     for name, cls in _ENGINES.items():

@@ -239,7 +239,7 @@ class InRun:
             raise ConfigError(f"invalid value for 'optimizer': {optimizer!r}; give the torch optimizer that steps "
                               f"the model, 'adam' (the trainer's Adam, handed over by its callback), or leave it out")
         adam = optimizer == "adam" or isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
-        targets = None if targets is None else checked_targets(targets)
+        targets = None if targets is None else checked_targets(targets, self.model)
         if targets is None and every != 1:
             raise ConfigError(f"invalid value for 'every': {every!r} spaces the target gradient's steps, and there "
                               f"are no targets; every step's records are taken: leave every out, or pass targets=")

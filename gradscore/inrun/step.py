@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..batch import Inputs, batch_len, output_tensor
+from ..batch import Inputs, batch_len, forward_names, output_tensor
 from ..engines.layout import refuse_random_in_eval
 from ..engines.workarounds import wrong_in_torch
 from ..exceptions import ConfigError, EngineError, GradscoreError, cause
@@ -23,14 +23,16 @@ if TYPE_CHECKING:
     from .recorder import InRun
 
 
-def _inputs(args: tuple, kwargs: dict) -> Inputs:
+def _inputs(model: nn.Module, args: tuple, kwargs: dict) -> Inputs:
     """The batch of a forward call: its one positional argument x, or its keywords."""
     if len(args) == 1 and not kwargs:
         return args[0]
     if not args and kwargs:
         return kwargs
-    raise EngineError("in-run scoring needs the model called as model(x) or model(**inputs); "
-                      f"it was called with {len(args)} positional and {len(kwargs)} keyword arguments")
+    names = [*forward_names(model, len(args)), *kwargs]
+    raise EngineError(f"in-run scoring needs the model called as model(x) or model(**inputs); it was called with "
+                      f"{len(args)} positional and {len(kwargs)} keyword arguments: pass them all by name, "
+                      f"model({', '.join(f'{n}=...' for n in names)})")
 
 
 def _cast_from(t: torch.Tensor) -> tuple[Any, int] | None:
@@ -143,7 +145,7 @@ class Step:
         if self.calls > 1:
             raise EngineError("the model was called twice inside one rec.step; wrap each forward+backward "
                               "(each micro-batch) in its own rec.step")
-        x = _inputs(args, kwargs)
+        x = _inputs(module, args, kwargs)
         if isinstance(x, dict):   # the batch's tensors, and the keywords that are not tensors (task="b"): the
             # recorder's runs of the model take them; other tensors (a Trainer's num_items_in_batch) stay out
             x = {k: v for k, v in x.items() if (isinstance(v, torch.Tensor) and v.dim() and len(v) == len(self.ids))

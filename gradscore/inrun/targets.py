@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from torch import nn
 
-from ..batch import Inputs, call_model, check_batch, hash_batch, move, take
+from ..batch import Inputs, call_model, check_batch, hash_batch, move, refuse_positional, take
 from ..engines.base import param_grads
 from ..engines.ghost import probe
 from ..engines.rules.registry import FactoredRef
@@ -71,12 +71,13 @@ class _TargetFactors:
                            torch.cat([self.acts[c].reshape(-1, cols) for c in calls]))
 
 
-def checked_targets(targets: Any) -> list[tuple[Inputs, torch.Tensor]]:
+def checked_targets(targets: Any, model: nn.Module | None = None) -> list[tuple[Inputs, torch.Tensor]]:
     """The target batches [(x, y)], each y a tensor: ``targets`` is one pair (x, y) (a tuple or
     list), or any other iterable of batches (a DataLoader, a generator), read once now; a
     batch is a pair, or a dict holding 'labels' (the other keys are x). One ConfigError
     unless there is at least one example, every batch with its examples in dimension 0 of
-    every input and of y, and no DistributedSampler (every rank needs the same ∇J)."""
+    every input and of y, and no DistributedSampler (every rank needs the same ∇J); a fix
+    names ``model``'s forward arguments."""
     fix = "give the target batch as a pair (x, y), or several batches as a DataLoader or iter([...])"
     if isinstance(targets, (tuple, list)):
         batches, where = [targets], ""
@@ -102,6 +103,7 @@ def checked_targets(targets: Any) -> list[tuple[Inputs, torch.Tensor]]:
             raise ConfigError(f"invalid value for 'targets': {at}its y ({type(batch[1]).__name__}) is not a tensor "
                               f"of targets; {fix}") from None
         try:
+            refuse_positional(x, model)
             check_batch(x, y)
         except GradscoreError as e:
             raise ConfigError(f"invalid value for 'targets': {at.rstrip() + ': ' if at else ''}{e}") from None
