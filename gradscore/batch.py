@@ -113,7 +113,8 @@ def describe(x: Inputs) -> str:
 
 
 def output_tensor(out: Any) -> torch.Tensor:
-    """The model output as a tensor: itself, ``out.logits`` or ``out["logits"]``."""
+    """The model output as a tensor: itself, ``out.logits`` or ``out["logits"]``; else one
+    EngineError with the fix."""
     if isinstance(out, torch.Tensor):
         return out
     logits = getattr(out, "logits", None)
@@ -121,8 +122,11 @@ def output_tensor(out: Any) -> torch.Tensor:
         logits = out.get("logits")
     if isinstance(logits, torch.Tensor):
         return logits
-    raise TypeError(f"the model returned {type(out).__name__}; gradscore needs a tensor or an "
-                    f"output with a 'logits' tensor")
+    from .exceptions import EngineError
+    what = f"a {type(out).__name__}" + (f" of {len(out)}" if isinstance(out, (tuple, list, Mapping)) else "")
+    raise EngineError(f"the model returned {what}; gradscore reads its output as one tensor of logits, or the "
+                      f"'logits' of a Hugging Face output or dict: give gradscore a model whose forward returns "
+                      f"the logits (a small nn.Module that calls yours and returns that output)")
 
 
 def call_model(model: nn.Module, x: Inputs) -> torch.Tensor:

@@ -232,6 +232,37 @@ def test_inputs_given_as_a_tuple_name_the_forwards_arguments(tmp_path):
                                gs.Scorer(model, engine="loop").score_batch(as_dict, y).sq_norm)
 
 
+class _TwoOutputs(nn.Module):
+    """forward returns (logits, features) or {"out": logits, "feat": features}."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.a, self.kind = nn.Linear(3, 4), kind
+
+    def forward(self, x):
+        h = self.a(x)
+        return (h, torch.tanh(h)) if self.kind == "tuple" else {"out": h, "feat": torch.tanh(h)}
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+def test_an_output_gradscore_cannot_read_is_one_error_with_the_fix(tmp_path, kind):
+    """A model returning (logits, features) was a TypeError that every engine wrapped as 'check
+    that the inputs fit the model and loss', and that the recorder reported as 'Linear 'a'
+    the model did not run on 1 and 2 copies': neither the cause nor the fix."""
+    model = _TwoOutputs(kind)
+    x, y = torch.randn(5, 3), torch.arange(5) % 4
+    says = rf"the model returned a {kind} of 2; gradscore reads its output as one tensor of logits, or the 'logits' " \
+           rf"of a Hugging Face output or dict: give gradscore a model whose forward returns the logits"
+    for engine in ("auto", "ghost", "vmap", "loop"):
+        with pytest.raises(gs.EngineError, match=says):
+            gs.Scorer(model, engine=engine).score_batch(x, y)
+    rec = gs.InRun(model, out=tmp_path / "r.h5")
+    with pytest.raises(gs.EngineError, match=says):
+        with rec.step(torch.arange(5), y, lr=0.1):
+            out = model(x)
+            F.cross_entropy(out[0] if kind == "tuple" else out["out"], y).backward()
+
+
 def test_every_engine_implements_the_abc():
     assert {"vmap", "loop"} <= set(_ENGINES)
     for name, cls in _ENGINES.items():

@@ -57,7 +57,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..batch import Inputs, batch_len, call_model, concat, move, take
-from ..exceptions import EngineError
+from ..exceptions import EngineError, GradscoreError
 from ..kernels.reference import autocast_dtypes, autocast_off
 from .free import (MERGED, TILED, Views, graph_nodes, in_place, last_node, map_leaves, misfit, needs_grad, op_nodes,
                    result, unseen_uses)
@@ -477,6 +477,8 @@ def establish(model: nn.Module, layers: dict[str, tuple[nn.Module, Rule]], x: In
             rec2, uses2 = _record(model, layers, concat([first, first]), watched, free_ids, untiled=untiled)
             rec1, uses1 = _record(model, layers, first, watched, free_ids, verify=True, plan=uses2.views.steps,
                                   untiled=untiled)
+    except GradscoreError:   # gradscore's own word on the model (an output it cannot read): as it is
+        raise
     except Exception as e:   # the fallback meets the same model and says what fails
         why = f"the model did not run on 1 and 2 copies of an example ({type(e).__name__}: {e})".splitlines()[0][:300]
         return {name: why for name in layers}, False, {}, {name: f"was not checked: {why}" for name in free or {}}, {}
