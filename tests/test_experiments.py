@@ -3,6 +3,7 @@ the same seed gives the same numbers."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -111,6 +112,25 @@ def test_user_data_and_bad_options(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("args,says", [
+    (["prune", "--seeds", "0"], "'seeds': 0; give a whole number >= 1"),
+    (["regions", "--seeds", "-1"], "'seeds': -1; give a whole number >= 1"),
+    (["prune", "--fractions", "0.5,1.5"], "'fractions': 1.5 is not a fraction in \\(0, 1\\]"),
+    (["prune", "--fractions", "0.5,nan"], "'fractions': nan is not a fraction in \\(0, 1\\]"),
+    (["prune", "--exclude-top", "2"], "'exclude': 2.0 is not a fraction in \\[0, 1\\]"),
+    (["prune", "--methods", "el2n:exclude=-0.1"], "'exclude': -0.1 is not a fraction in \\[0, 1\\]"),
+    (["prune", "--methods", "el2n:exclude=x"], "'exclude': 'x' is not a fraction in \\[0, 1\\]")])
+def test_seeds_fractions_and_exclusions_outside_their_range_are_refused_before_training(tmp_path, capsys, args,
+                                                                                       says):
+    """`--seeds 0` trained nothing and wrote a table of NaN with exit 0; `--seeds -1` was a
+    raw IndexError; `--fractions 0.5,1.5` kept "150%" as all; `--exclude-top 2` said "give
+    fractions of at most -1"; `exclude=x` was float()'s ValueError."""
+    assert main(["experiment", *args[:1], "--mode", "tiny", *args[1:], "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"gradscore experiment: error: invalid value for {says}.*\n", err), err
+    assert not (tmp_path / "x").exists()
+
+
 def test_fast_modes_run(tmp_path):
     for name in ("prune", "regions", "jtt"):
         assert main(["experiment", name, "--out", str(tmp_path)]) == 0

@@ -121,9 +121,10 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         mode = dataclasses.replace(mode, seeds=args.seeds)
     if args.fractions is not None:
         try:
-            mode = dataclasses.replace(mode, fractions=tuple(float(f) for f in args.fractions.split(",")))
+            fractions = tuple(float(f) for f in args.fractions.split(","))
         except ValueError as e:
             raise GradscoreError(f"--fractions: '{args.fractions}' is not a comma-separated list of numbers") from e
+        mode = dataclasses.replace(mode, fractions=fractions)
     setup = None
     if args.train or args.test or args.model:
         if not (args.train and args.test and args.model) or args.name in ("jtt", "noise", "attribution"):

@@ -25,6 +25,7 @@ from ...io.outputs import MARKDOWN_MARK, claim, claim_folder
 from ...io.checkpoints import CheckpointWriter
 from ...io.datasets import load_dataset, save_dataset
 from ..digits import flip_labels, load_digit_images
+from ...config import checked_fraction, whole_field
 from ...exceptions import ConfigError
 from ...imports import import_ref
 from ..training import train_sgd
@@ -39,6 +40,13 @@ class Mode:
     seeds: int
     fractions: tuple[float, ...]
     n_train: int | None = None
+
+    def __post_init__(self) -> None:
+        whole_field(self, "epochs", 1)
+        whole_field(self, "seeds", 1)
+        if self.n_train is not None:
+            whole_field(self, "n_train", 1)
+        object.__setattr__(self, "fractions", tuple(checked_fraction("fractions", f) for f in self.fractions))
 
 
 MODES = {

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ...config import checked_fraction
 from ...exceptions import ConfigError
 from ...reports.select import by_score
 from .common import (Mode, Setup, accuracy, cell, digits_setup, fit, markdown_table, mean_std,
@@ -51,7 +52,12 @@ def parse_method(spec: str) -> tuple[str, bool, float, bool]:
         elif m == "per_class":
             per_class = True
         elif m.startswith("exclude="):
-            exclude = float(m.split("=", 1)[1])
+            text = m.split("=", 1)[1]
+            try:
+                value: float | str = float(text)
+            except ValueError:   # not a number: named as given
+                value = text
+            exclude = checked_fraction("exclude", value, allow_zero=True)
         else:
             raise ConfigError(f"invalid value for 'methods': unknown modifier '{m}' in '{spec}'")
     return name, highest, exclude, per_class
