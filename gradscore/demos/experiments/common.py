@@ -23,11 +23,12 @@ from ..._version import __version__
 from ...io.atomic import atomic_path
 from ...io.outputs import MARKDOWN_MARK, claim, claim_folder
 from ...io.checkpoints import CheckpointWriter
-from ...io.datasets import load_dataset, save_dataset
+from ...io.datasets import check_targets, load_dataset, probe_model, save_dataset
 from ..digits import flip_labels, load_digit_images
 from ...config import checked_fraction, whole_field
 from ...exceptions import ConfigError
 from ...imports import import_ref
+from ...losses import resolve_loss
 from ..training import train_sgd
 
 
@@ -75,7 +76,17 @@ class Setup:
     groups_test: np.ndarray | None = None
 
     def model(self) -> torch.nn.Module:
-        return import_ref(self.model_factory, "model factory", ConfigError)(**self.model_kwargs)
+        return build_model(self.model_factory, self.model_kwargs)
+
+
+def build_model(factory: str, kwargs: dict | None) -> torch.nn.Module:
+    """``factory(**kwargs)`` (a 'module:fn' reference); one ConfigError where it fails."""
+    fn = import_ref(factory, "model factory", ConfigError)
+    try:
+        return fn(**(kwargs or {}))
+    except Exception as e:  # noqa: BLE001 - the user's factory: its error, named
+        raise ConfigError(f"--model {factory} with --model-kwargs {json.dumps(kwargs or {})} failed "
+                          f"({type(e).__name__}: {e}); give the keyword arguments it takes") from e
 
 
 def digits_splits(seed: int = 0) -> dict[str, np.ndarray]:
@@ -98,10 +109,15 @@ def digits_setup(noise: float = 0.0, n_train: int | None = None, seed: int = 0) 
 
 def file_setup(train: str, test: str, model: str, model_kwargs: dict | None = None,
                val: str | None = None, shifted: str | None = None) -> Setup:
-    """A user's data: .h5/.npz files with inputs/targets (validation: 10% of train if not given)."""
+    """A user's data: .h5/.npz files with inputs/targets (validation: 10% of train if not given).
+    The model is built and run on each file's first example, and the labels checked against
+    its outputs, before any training: a mismatch is one DataError naming the file."""
+    built = build_model(model, model_kwargs)
+
     def arrays(path: str) -> tuple[np.ndarray, np.ndarray]:
         ds = load_dataset(path)
         x, y = ds.read(0, len(ds))
+        check_targets(ds, resolve_loss("cross_entropy"), 0, y, probe_model(built, ds, x, f"--model {model}"))
         return x.numpy(), y.numpy()
     x, y = arrays(train)
     if val is None:
