@@ -92,9 +92,9 @@ def checked_fraction(name: str, value: float, allow_zero: bool = False) -> float
 
 
 def checked_model(model: Any) -> Any:
-    """``model`` where it is a torch.nn.Module whose parameters have their shapes, else a
-    ConfigError naming what it is or the lazy layer not yet run: where gs.Scorer, gs.InRun
-    and CheckpointWriter.save take the user's model."""
+    """``model`` where it is a torch.nn.Module whose parameters have their shapes and values,
+    else a ConfigError naming what it is, the lazy layer not yet run or the parameter on the
+    meta device: where gs.Scorer, gs.InRun and CheckpointWriter.save take the user's model."""
     from torch import nn
     if not isinstance(model, nn.Module):
         raise ConfigError(f"invalid value for 'model': a {type(model).__name__}; give the torch.nn.Module itself "
@@ -105,6 +105,9 @@ def checked_model(model: Any) -> Any:
                 raise ConfigError(f"parameter '{name}' of a lazy layer ({type(module).__name__}) has no shape yet: run "
                                   f"the model on one batch before giving it here (as torch asks before making the "
                                   f"optimizer)")
+            if t.is_meta:
+                raise ConfigError(f"parameter '{name}' is on the meta device, a shape without values: load the "
+                                  f"weights first (model.to_empty(device=...) and load_state_dict)")
     return model
 
 
@@ -147,12 +150,13 @@ def whole_field(config: Any, name: str, minimum: int) -> None:
 
 def number_field(config: Any, name: str, ok: Callable[[float], bool], want: str) -> None:
     """As :func:`whole_field` for a finite number >= 0 that ``ok`` accepts (``want`` says
-    which); kept as a plain float. None (an option not given) stays."""
+    which); a plain int or float kept as given (the saved config's text stays the same),
+    numpy's and a tensor's as a float. None (an option not given) stays."""
     value = getattr(config, name)
     if value is not None:
         number = nonnegative(value)
         _require(number is not None and ok(number), name, f"{value!r}; give {want}")
-        object.__setattr__(config, name, number)
+        object.__setattr__(config, name, value if type(value) in (int, float) else number)
 
 
 def parse_range(text: str, name: str = "range") -> tuple[int | None, int | None]:

@@ -159,7 +159,7 @@ def test_what_is_not_a_module_is_refused_where_a_model_is_given(tmp_path, given)
     assert not any(tmp_path.iterdir()) or [p.name for p in tmp_path.iterdir()] == ["ckpts"]
 
 
-def test_a_lazy_layer_not_yet_run_is_refused_where_a_model_is_given(tmp_path):
+def test_a_lazy_layer_not_yet_run_or_a_meta_model_is_refused_where_a_model_is_given(tmp_path):
     """nn.LazyLinear has no shape until a forward: gs.Scorer, gs.InRun and
     CheckpointWriter.save raised torch's RuntimeError or ValueError from inside. One
     ConfigError naming the parameter and the fix; after one forward all three work."""
@@ -175,6 +175,9 @@ def test_a_lazy_layer_not_yet_run_is_refused_where_a_model_is_given(tmp_path):
     model(torch.randn(2, 12))
     for give in gives:
         give(model)
+    with pytest.raises(gs.ConfigError, match=r"parameter '0.weight' is on the meta device, a shape without values: "
+                                             r"load the weights first"):
+        gs.Scorer(model.to("meta"))   # was Tensor.item()'s RuntimeError at the first batch
 
 
 def test_torchs_missing_batching_rule_notes_stay_inside_the_vmap_engine():
