@@ -596,3 +596,35 @@ def test_a_callback_given_something_else_than_a_recorder_is_refused_when_made(gi
     with pytest.raises(gs.ConfigError, match=rf"invalid value for 'recorder': {given!r}; give the gs.InRun "
                                              rf"that records the training"):
         callback(given)
+
+
+class _ByName(torch.nn.Module):
+    """An MLP called with keywords, as a Trainer calls a model: model(x=..., labels=...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp(d_in=6, hidden=4, n_classes=3)
+
+    def forward(self, x, labels=None):
+        return self.net(x)
+
+
+def test_the_attached_recorder_names_a_missing_ids_column_and_refuses_a_fractional_step(tmp_path):
+    """A training set without an 'ids' column was told to keep a column it does not have
+    (remove_unused_columns=False); set_step(1.5) was taken as step 1 (the next 1.75 would
+    have shared its target gradient)."""
+    model = _ByName()
+    rec = gs.InRun(model, out=tmp_path / "r.h5")
+    rec.attach()
+    x, y = torch.randn(4, 6), torch.arange(4) % 3
+    with pytest.raises(gs.ConfigError, match=r"called without 'ids', the examples' ids the attached recorder reads: "
+                                             r"give the training set an 'ids' column .*, and keep it"):
+        model(x=x, labels=y)
+    for step in (1.5, -1, "2"):
+        with pytest.raises(gs.ConfigError, match="invalid value for 'step'"):
+            rec.set_step(step, 0.1)
+    rec.set_step(np.int64(0), 0.1)
+    torch.nn.functional.cross_entropy(model(x=x, labels=y, ids=torch.arange(4)), y).backward()
+    rec.detach()
+    rec.close()
+    assert gs.load_scores(tmp_path / "r.h5")["ids"].tolist() == [0, 1, 2, 3]

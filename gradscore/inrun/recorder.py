@@ -577,8 +577,9 @@ class InRun:
             self._attached = None
 
     def set_step(self, step: int, lr: float | None) -> None:
-        """The optimizer step and learning rate of the forwards that follow (attached mode)."""
-        self._next = (int(step), lr)
+        """The optimizer step (a whole number >= 0) and learning rate of the forwards that
+        follow (attached mode)."""
+        self._next = (checked_step(step), lr)
 
     @contextlib.contextmanager
     def _own_forwards(self) -> Iterator[None]:
@@ -603,7 +604,8 @@ class InRun:
         ids_key, labels_key = self._keys
         if ids_key not in kwargs:
             raise ConfigError(f"invalid input: the model was called without '{ids_key}', the examples' ids the "
-                              f"attached recorder reads (keep that column: remove_unused_columns=False)")
+                              f"attached recorder reads: give the training set an '{ids_key}' column (each example's "
+                              f"index or id), and keep it (a Trainer: remove_unused_columns=False)")
         kwargs = dict(kwargs)
         ids = kwargs.pop(ids_key)
         if not (module.training and torch.is_grad_enabled()):   # evaluation: not a training step
