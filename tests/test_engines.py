@@ -217,10 +217,11 @@ def test_inputs_given_as_a_tuple_name_the_forwards_arguments(tmp_path):
     works: the model is called as model(**x)), and it scores as the loop."""
     model = _TwoInputs().double()
     g = torch.Generator().manual_seed(0)
-    image, meta = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 2, generator=g, dtype=torch.float64)
+    image = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    meta = torch.randn(5, 2, generator=g, dtype=torch.float64)
     y = torch.arange(5) % 4
-    given = r"a (tuple|list) of 2 tensors; give a model's several inputs as a dict by the names of its forward's arguments, " \
-            r"\{'image': \.\.\., 'meta': \.\.\.\} \(called as model\(\*\*x\)\)"
+    given = (r"a (tuple|list) of 2 tensors; give a model's several inputs as a dict by the names of its forward's "
+             r"arguments, \{'image': \.\.\., 'meta': \.\.\.\} \(called as model\(\*\*x\)\)")
     for call in (lambda: gs.Scorer(model).score_batch((image, meta), y), lambda: gs.Scorer(model).output([image, meta]),
                  lambda: gs.InRun(model, out=tmp_path / "r.h5", targets=((image, meta), y))):
         with pytest.raises(gs.GradscoreError, match=given):

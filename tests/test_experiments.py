@@ -131,8 +131,8 @@ def test_seeds_fractions_and_exclusions_outside_their_range_are_refused_before_t
 
 
 @pytest.mark.parametrize("kwargs,says", [
-    ('{"d_in": 5, "n_classes": 3}', r"train.h5: field 'inputs' \(per-example shape \(6,\), torch.float32\) does not fit "
-                                    r"the model of --model gradscore.demos.models:mlp: mat1 and mat2 shapes"),
+    ('{"d_in": 5, "n_classes": 3}', r"train.h5: field 'inputs' \(per-example shape \(6,\), torch.float32\) does not "
+                                    r"fit the model of --model gradscore.demos.models:mlp: mat1 and mat2 shapes"),
     ('{"d_in": 6, "n_classes": 2}', r"train.h5: field 'targets' has label 2 at index \d+, outside \[0, 2\) of the "
                                     r"model's 2 outputs"),
     ('{"d_in": 6, "classes": 3}', r"--model gradscore.demos.models:mlp with --model-kwargs \{\"d_in\": 6, \"classes\": "
