@@ -628,3 +628,20 @@ def test_the_attached_recorder_names_a_missing_ids_column_and_refuses_a_fraction
     rec.detach()
     rec.close()
     assert gs.load_scores(tmp_path / "r.h5")["ids"].tolist() == [0, 1, 2, 3]
+
+
+def test_lightning_ids_and_targets_that_do_not_give_a_pair_are_one_error(tmp_path):
+    """`ids_and_targets` returning the whole (ids, x, y) batch was Python's 'too many values
+    to unpack' from inside the trainer's loop, and a batch without positions (a dict) met
+    the default's batch[0] as a KeyError; a value that cannot be called failed there too."""
+    L = pytest.importorskip("lightning")
+    from gradscore.integrations.lightning import GradscoreInRun
+    x, y, _ = _data(tmp_path)
+    with pytest.raises(gs.ConfigError, match=r"invalid value for 'ids_and_targets': 3; give a function"):
+        GradscoreInRun(gs.InRun(mlp(**KW), out=tmp_path / "r.h5"), ids_and_targets=3)
+    for pick, says in ((lambda b: b, r"returned a list of 3; it must return the pair \(ids, y\)"),
+                       (lambda b: b["y"], r"failed on the batch \(a list of 3\): TypeError")):
+        module = _inrun_module(L)
+        with pytest.raises(gs.ConfigError, match=rf"invalid value for 'ids_and_targets': .*{says}"):
+            _fit(L, module, x, y, [GradscoreInRun(gs.InRun(module.net, out=tmp_path / "r.h5", overwrite=True),
+                                                  ids_and_targets=pick)])

@@ -18,6 +18,7 @@ from lightning.pytorch import Callback
 
 from ..inrun.recorder import checked_recorder, step_lr
 from ..io.checkpoints import CheckpointWriter, checkpoint_filename
+from ..exceptions import ConfigError
 
 
 class GradscoreCheckpoint(Callback):
@@ -71,8 +72,27 @@ class GradscoreInRun(Callback):
 
     def __init__(self, recorder: Any, *, ids_and_targets: Any = None) -> None:
         self.recorder = checked_recorder(recorder)
+        if ids_and_targets is not None and not callable(ids_and_targets):
+            raise ConfigError(f"invalid value for 'ids_and_targets': {ids_and_targets!r}; give a function of the "
+                              f"batch that returns (ids, y), e.g. lambda batch: (batch['idx'], batch['y'])")
         self.ids_and_targets = ids_and_targets or (lambda batch: (batch[0], batch[-1]))
         self._step: Any = None
+
+    def _pair(self, batch: Any) -> tuple[Any, Any]:
+        """(ids, y) of ``batch`` from ``ids_and_targets``; one ConfigError where it fails or
+        gives something else."""
+        what = f"a {type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, (tuple, list, dict)) else "")
+        fix = "pass ids_and_targets=, a function of the batch that returns (ids, y)"
+        try:
+            pair = self.ids_and_targets(batch)
+        except Exception as e:  # noqa: BLE001 - the user's function (or the default) on the user's batch
+            raise ConfigError(f"invalid value for 'ids_and_targets': it failed on the batch ({what}): "
+                              f"{type(e).__name__}: {e}; {fix}") from e
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            got = f"a {type(pair).__name__}" + (f" of {len(pair)}" if isinstance(pair, (tuple, list)) else "")
+            raise ConfigError(f"invalid value for 'ids_and_targets': on the batch ({what}) it returned {got}; it "
+                              f"must return the pair (ids, y); {fix}")
+        return pair[0], pair[1]
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         clip = trainer.gradient_clip_val
@@ -82,7 +102,7 @@ class GradscoreInRun(Callback):
             clipping=f"Trainer(gradient_clip_val={clip})" if clip else None)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        ids, y = self.ids_and_targets(batch)
+        ids, y = self._pair(batch)
         self._step = self.recorder.step(ids, y, lr=step_lr(trainer.optimizers[0]), step=int(trainer.global_step))
         self._step.__enter__()
 
