@@ -645,3 +645,18 @@ def test_lightning_ids_and_targets_that_do_not_give_a_pair_are_one_error(tmp_pat
         with pytest.raises(gs.ConfigError, match=rf"invalid value for 'ids_and_targets': .*{says}"):
             _fit(L, module, x, y, [GradscoreInRun(gs.InRun(module.net, out=tmp_path / "r.h5", overwrite=True),
                                                   ids_and_targets=pick)])
+
+
+def test_lightning_checkpoint_callback_names_an_attr_the_module_does_not_have(tmp_path):
+    """`GradscoreCheckpoint(..., attr="model")` on a module whose network is `net` was
+    Python's AttributeError from inside the trainer's first batch."""
+    L = pytest.importorskip("lightning")
+    from gradscore.integrations.lightning import GradscoreCheckpoint
+    x, y, _ = _data(tmp_path)
+    module = _inrun_module(L)
+    cb = GradscoreCheckpoint(str(tmp_path / "ck"), model_factory="gradscore.demos.models:mlp", model_kwargs=KW,
+                             attr="model")
+    with pytest.raises(gs.ConfigError, match=r"invalid value for 'attr': the LightningModule has no 'model'; give "
+                                             r"the attribute that holds the network \(its submodules: 'net'\)"):
+        _fit(L, module, x, y, [cb])
+    assert not (tmp_path / "ck").exists() or not any((tmp_path / "ck").iterdir())

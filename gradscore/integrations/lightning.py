@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback
 
 from ..inrun.recorder import checked_recorder, step_lr
@@ -37,7 +38,13 @@ class GradscoreCheckpoint(Callback):
         self.attr = attr
 
     def _state(self, trainer: Any, pl_module: Any, batch_idx: int) -> dict[str, Any]:
-        module = getattr(pl_module, self.attr) if self.attr else pl_module
+        module = pl_module
+        if self.attr:
+            module = getattr(pl_module, self.attr, None)
+            if not isinstance(module, torch.nn.Module):
+                children = ", ".join(f"'{n}'" for n, _ in pl_module.named_children()) or "none"
+                raise ConfigError(f"invalid value for 'attr': the LightningModule has no '{self.attr}'; give the "
+                                  f"attribute that holds the network (its submodules: {children})")
         n_batches = trainer.num_training_batches or 1
         return {"model": module, "step": int(trainer.global_step),
                 "lr": float(trainer.optimizers[0].param_groups[0]["lr"]),
