@@ -40,7 +40,6 @@ def forward_names(model: nn.Module | None, n: int) -> list[str]:
 
 
 def _map(x: Inputs, fn: Callable[[torch.Tensor], torch.Tensor]) -> Inputs:
-    refuse_positional(x)
     if isinstance(x, Mapping):
         return {k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in x.items()}
     return fn(x)
@@ -48,7 +47,6 @@ def _map(x: Inputs, fn: Callable[[torch.Tensor], torch.Tensor]) -> Inputs:
 
 def batch_len(x: Inputs) -> int:
     """B, the number of examples in ``x`` (a dict without tensors: 0)."""
-    refuse_positional(x)
     if isinstance(x, Mapping):
         return next((int(v.shape[0]) for v in x.values() if isinstance(v, torch.Tensor)), 0)
     return int(x.shape[0])
