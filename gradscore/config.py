@@ -139,23 +139,35 @@ def _require(ok: bool, name: str, why: str) -> None:
         raise ConfigError(f"invalid value for '{name}': {why}")
 
 
-def whole_field(config: Any, name: str, minimum: int) -> None:
-    """A ConfigError naming ``name`` unless the frozen dataclass ``config``'s field is a whole
-    number >= ``minimum`` (:func:`whole`); kept as a plain int (numpy's does not save as JSON)."""
-    value = getattr(config, name)
+def checked_whole(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int where it is a whole number >= ``minimum`` (:func:`whole`), else one
+    ConfigError naming ``name``."""
     number = whole(value)
     _require(number is not None and number >= minimum, name, f"{value!r}; give a whole number >= {minimum}")
-    object.__setattr__(config, name, number)
+    return number
+
+
+def checked_number(name: str, value: Any, ok: Callable[[float], bool], want: str) -> float:
+    """``value`` as a float where it is a finite number >= 0 that ``ok`` accepts, else one
+    ConfigError naming ``name`` and what to give (``want``)."""
+    number = nonnegative(value)
+    _require(number is not None and ok(number), name, f"{value!r}; give {want}")
+    return number
+
+
+def whole_field(config: Any, name: str, minimum: int) -> None:
+    """:func:`checked_whole` on the frozen dataclass ``config``'s field, kept as a plain int
+    (numpy's does not save as JSON)."""
+    object.__setattr__(config, name, checked_whole(name, getattr(config, name), minimum))
 
 
 def number_field(config: Any, name: str, ok: Callable[[float], bool], want: str) -> None:
-    """As :func:`whole_field` for a finite number >= 0 that ``ok`` accepts (``want`` says
-    which); a plain int or float kept as given (the saved config's text stays the same),
-    numpy's and a tensor's as a float. None (an option not given) stays."""
+    """:func:`checked_number` on the frozen dataclass ``config``'s field; a plain int or float
+    kept as given (the saved config's text stays the same), numpy's and a tensor's as a
+    float. None (an option not given) stays."""
     value = getattr(config, name)
     if value is not None:
-        number = nonnegative(value)
-        _require(number is not None and ok(number), name, f"{value!r}; give {want}")
+        number = checked_number(name, value, ok, want)
         object.__setattr__(config, name, value if type(value) in (int, float) else number)
 
 

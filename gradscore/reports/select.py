@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .._version import __version__
-from ..config import as_path, checked_fraction, nonnegative, whole
+from ..config import as_path, checked_fraction, checked_number, checked_whole, whole
 from ..io.atomic import atomic_path
 from ..exceptions import ConfigError, DataError, GradscoreError
 from ..io.datasets import scored_labels
@@ -76,8 +76,7 @@ def by_score(values: np.ndarray, *, keep: float, highest: bool = True, exclude_t
         raise ConfigError(f"invalid value for 'sample': '{sample}'; choose gumbel (or none for the top-k)")
     if sample:
         temperature = _positive("temperature", temperature)
-        if whole(seed) is None or seed < 0:
-            raise ConfigError(f"invalid value for 'seed': {seed!r}; give a whole number >= 0")
+        seed = checked_whole("seed", seed, 0)
     if classes is not None:
         parts = [members[by_score(values[members], keep=keep, highest=highest, exclude_top=exclude_top,
                                   sample=sample, temperature=temperature, seed=seed + int(c))]
@@ -103,10 +102,7 @@ def regions(confidence: np.ndarray, variability: np.ndarray, fraction: float = 0
 
 def _positive(name: str, value: float) -> float:
     """``value`` as a float where it is a finite number > 0, else one ConfigError naming ``name``."""
-    number = nonnegative(value)
-    if not number:   # None, or 0
-        raise ConfigError(f"invalid value for '{name}': {value!r}; give a finite number > 0")
-    return number
+    return checked_number(name, value, lambda v: v > 0, "a finite number > 0")
 
 
 def jtt_weights(correct: np.ndarray, upweight: float) -> np.ndarray:
