@@ -17,6 +17,7 @@ from gradscore.demos.experiments.jtt import spurious_setup
 from gradscore.demos.experiments.prune import parse_method, subset
 
 TINY = MODES["tiny"]
+MLP = "gradscore.demos.models:mlp"
 
 
 def test_splits_and_variants_are_exact():
@@ -130,24 +131,26 @@ def test_seeds_fractions_and_exclusions_outside_their_range_are_refused_before_t
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("kwargs,says", [
+@pytest.mark.parametrize("model,kwargs,says", [(MLP, *case) for case in [
     ('{"d_in": 5, "n_classes": 3}', r"train.h5: field 'inputs' \(per-example shape \(6,\), torch.float32\) does not "
                                     r"fit the model of --model gradscore.demos.models:mlp: mat1 and mat2 shapes"),
     ('{"d_in": 6, "n_classes": 2}', r"train.h5: field 'targets' has label 2 at index \d+, outside \[0, 2\) of the "
                                     r"model's 2 outputs"),
-    ('{"d_in": 6, "classes": 3}', r"--model gradscore.demos.models:mlp with --model-kwargs \{\"d_in\": 6, \"classes\": "
-                                  r"3\} failed \(TypeError: .*unexpected keyword argument 'classes'\)")])
-def test_user_data_that_does_not_fit_the_model_is_one_error_before_training(tmp_path, capsys, kwargs, says):
+    ('{"d_in": 6, "classes": 3}', r"model factory 'gradscore.demos.models:mlp' rejected model_kwargs \{'d_in': 6, "
+                                  r"'classes': 3\}: mlp\(\) got an unexpected keyword argument 'classes'")]] + [
+    ("tests_factory:odd_width", '{"width": 3}', r"model factory 'tests_factory:odd_width' failed on model_kwargs "
+                                                r"\{'width': 3\} \(ValueError: width must be even\)")])
+def test_user_data_that_does_not_fit_the_model_is_one_error_before_training(tmp_path, capsys, model, kwargs, says):
     """A --model that does not take the --train inputs, has fewer outputs than its labels,
-    or refuses its --model-kwargs was torch's or Python's raw traceback (exit 1) from
-    inside the training."""
+    or refuses its --model-kwargs (a TypeError, or a check of the factory's own) was torch's
+    or Python's raw traceback (exit 1) from inside the training."""
     import gradscore as gs
     rng = np.random.default_rng(0)
     for name, n in (("train", 60), ("test", 20)):
         gs.save_dataset(tmp_path / f"{name}.h5", rng.standard_normal((n, 6)).astype(np.float32), np.arange(n) % 3)
     assert main(["experiment", "regions", "--mode", "tiny", "--out", str(tmp_path / "o"),
                  "--train", str(tmp_path / "train.h5"), "--test", str(tmp_path / "test.h5"),
-                 "--model", "gradscore.demos.models:mlp", "--model-kwargs", kwargs]) == 2
+                 "--model", model, "--model-kwargs", kwargs]) == 2
     err = capsys.readouterr().err
     assert re.fullmatch(rf"gradscore experiment: error: (.*/)?{says}.*\n", err), err
     assert not (tmp_path / "o").exists()

@@ -22,11 +22,11 @@ from sklearn.model_selection import train_test_split
 from ..._version import __version__
 from ...io.atomic import atomic_path
 from ...io.outputs import MARKDOWN_MARK, claim, claim_folder
-from ...io.checkpoints import CheckpointWriter
+from ...io.checkpoints import CheckpointWriter, build_model as checkpoint_model
 from ...io.datasets import check_targets, load_dataset, probe_model, save_dataset
 from ..digits import flip_labels, load_digit_images
 from ...config import checked_fraction, whole_field
-from ...exceptions import ConfigError
+from ...exceptions import ConfigError, GradscoreError
 from ...imports import import_ref
 from ...losses import resolve_loss
 from ..training import train_sgd
@@ -80,13 +80,17 @@ class Setup:
 
 
 def build_model(factory: str, kwargs: dict | None) -> torch.nn.Module:
-    """``factory(**kwargs)`` (a 'module:fn' reference); one ConfigError where it fails."""
-    fn = import_ref(factory, "model factory", ConfigError)
+    """``factory(**kwargs)`` of a 'module:fn' reference (:func:`gradscore.io.checkpoints.build_model`:
+    one error where it rejects the keyword arguments or builds no nn.Module), and one
+    ConfigError where the factory's own check fails on them."""
+    kwargs = dict(kwargs or {})
     try:
-        return fn(**(kwargs or {}))
-    except Exception as e:  # noqa: BLE001 - the user's factory: its error, named
-        raise ConfigError(f"--model {factory} with --model-kwargs {json.dumps(kwargs or {})} failed "
-                          f"({type(e).__name__}: {e}); give the keyword arguments it takes") from e
+        return checkpoint_model(import_ref(factory, "model factory", ConfigError), kwargs, factory)
+    except GradscoreError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's factory: its own error, named
+        raise ConfigError(f"model factory '{factory}' failed on model_kwargs {kwargs} ({type(e).__name__}: "
+                          f"{e})") from e
 
 
 def digits_splits(seed: int = 0) -> dict[str, np.ndarray]:
