@@ -103,5 +103,23 @@ RESTORE = "restore the file from a copy or rerun the command that wrote it"
 
 
 def damaged(path: object, e: BaseException | str, what: str = "", fix: str = RESTORE) -> GradscoreError:
-    """The error for a file gradscore wrote that fails its checksums: ``path: what is damaged (e); fix``."""
+    """The error for a file gradscore wrote that fails its checksums: ``path: what is damaged (e); fix``.
+    A file HDF5 could not open because another process holds it (:func:`held_elsewhere`) is
+    whole: its error is :class:`HeldOpenError` instead."""
+    if held_elsewhere(e):
+        return HeldOpenError(path)
     return GradscoreError(f"{path}: {what + ' ' if what else ''}is damaged ({e}); {fix}")
+
+
+class HeldOpenError(GradscoreError):
+    """An HDF5 file another process holds open, which HDF5's file lock keeps from being opened
+    here (a notebook's ``h5py.File(path, "a")``, a running writer): the file is whole."""
+
+    def __init__(self, path: object) -> None:
+        super().__init__(f"{path}: another process holds it open (HDF5's file lock refused it here); close the "
+                         f"file there (e.g. a notebook's h5py.File) or let that process end, then rerun the same command")
+
+
+def held_elsewhere(e: BaseException | str) -> bool:
+    """Whether ``e`` is HDF5's refusal to open a file that another process holds locked."""
+    return isinstance(e, OSError) and "unable to lock file" in str(e)

@@ -6,6 +6,7 @@ files on disk afterwards (inputs unchanged bit for bit, nothing half-written).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -402,6 +403,47 @@ def test_own_outputs_are_replaced_only_with_overwrite(scored, tmp_path, capsys):
     assert code == 2 and "made with other settings (scores (" in err and "['loss'] now) differ" in err
     assert _run(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(scores),
                  "--scores", "loss", "--quiet", "--overwrite"], capsys)[0] == 0
+
+
+@contextlib.contextmanager
+def _held_for_writing(path: Path):
+    """``path`` open for writing in another process (a notebook's ``h5py.File(path, "a")``):
+    HDF5 locks the file until that process closes it."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, h5py; f = h5py.File(sys.argv[1], 'a'); "
+                               "print('open', flush=True); sys.stdin.read()", str(path)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        yield
+    finally:
+        holder.communicate("", timeout=60)
+
+
+def test_a_file_another_process_holds_open_for_writing_is_named_busy_not_damaged(scored, tmp_path, capsys):
+    """Every command said of a file open for writing elsewhere that it "is damaged" and to
+    restore it or rerun what wrote it (of a data file: "cannot read"), and ``run`` would
+    never replace it. The file is whole: the fix is to close it there."""
+    ckpts, data, scores = scored
+    first = sorted(ckpts.glob("step_*.h5"))[0]
+    new = str(tmp_path / "new.h5")
+    run = ["run", "--checkpoints", str(ckpts), "--data", str(data), "--quiet",
+           "--scores", "el2n,grand,loss,confidence,variability,correctness"]
+    cases = {scores: [["info", str(scores)], ["diagnose", str(scores), "--out", str(tmp_path / "d")],
+                      ["plot", str(scores), "--kind", "hist", "--out", str(tmp_path / "h.png")],
+                      ["select", str(scores), "--by", "el2n", "--out", str(tmp_path / "s.json")],
+                      ["export", str(scores), "--format", "csv", "--out", str(tmp_path / "s.csv")],
+                      ["flag", str(scores), "--out", str(tmp_path / "f.json")],
+                      [*run, "--out", str(scores)], [*run, "--out", str(scores), "--overwrite"]],
+             data: [["info", str(data)], [*run, "--out", new]],
+             first: [["info", str(ckpts)], [*run, "--out", new]]}
+    for path, commands in cases.items():
+        before = _digest(path)
+        with _held_for_writing(path):
+            for argv in commands:
+                code, err = _run(argv, capsys)
+                assert code == 2 and len(err.splitlines()) == 1, (argv, err)
+                assert f"{path.name}: another process holds it open" in err and "damaged" not in err, err
+        assert _digest(path) == before and not Path(new).exists()
 
 
 def test_an_unwritable_output_is_one_line(scored, tmp_path, capsys, monkeypatch):
