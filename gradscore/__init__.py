@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from ._version import __version__
 from .exceptions import (CheckpointError, ConfigError, ConfigMismatchError, DataError, EngineError, GradscoreError,
-                         GradscoreWarning, HeldOpenError, OutputError)
+                         FileLockError, GradscoreWarning, OutputError)
 
 #: the rest of the public API, by the module that defines it: imported on first use, so that
 #: ``import gradscore`` (and the command line) is ready before torch loads; Ctrl-C while it
@@ -72,7 +72,7 @@ __all__ = [
     "CheckpointWriter", "CheckpointStore", "CheckpointInfo", "Dataset", "load_dataset",
     "save_dataset", "load_scores", "checkpoint_rows", "Loss", "causal_lm", "masked_lm", "resolve_loss",
     "GradscoreError", "ConfigError", "CheckpointError", "DataError", "EngineError",
-    "ConfigMismatchError", "OutputError", "HeldOpenError",
+    "ConfigMismatchError", "OutputError", "FileLockError",
     "GradscoreWarning",
     "VmapTraceError", "CostateConfig", "CostateFile", "compute_costate", "select", "diagnose", "flag", "InRun",
     "sketch", "attribute", "Projection",

@@ -6,6 +6,7 @@ line on stderr and exits with code 2 for any :class:`GradscoreError`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import warnings
@@ -104,22 +105,31 @@ RESTORE = "restore the file from a copy or rerun the command that wrote it"
 
 def damaged(path: object, e: BaseException | str, what: str = "", fix: str = RESTORE) -> GradscoreError:
     """The error for a file gradscore wrote that fails its checksums: ``path: what is damaged (e); fix``.
-    A file HDF5 could not open because another process holds it (:func:`held_elsewhere`) is
-    whole: its error is :class:`HeldOpenError` instead."""
-    if held_elsewhere(e):
-        return HeldOpenError(path)
-    return GradscoreError(f"{path}: {what + ' ' if what else ''}is damaged ({e}); {fix}")
+    A file whose lock HDF5 could not take is whole: its error is :func:`lock_refused`'s."""
+    return lock_refused(path, e) or GradscoreError(f"{path}: {what + ' ' if what else ''}is damaged ({e}); {fix}")
 
 
-class HeldOpenError(GradscoreError):
-    """An HDF5 file another process holds open, which HDF5's file lock keeps from being opened
-    here (a notebook's ``h5py.File(path, "a")``, a running writer): the file is whole."""
-
-    def __init__(self, path: object) -> None:
-        super().__init__(f"{path}: another process holds it open (HDF5's file lock refused it here); close the "
-                         f"file there (e.g. a notebook's h5py.File) or let that process end, then rerun the same command")
+class FileLockError(GradscoreError):
+    """HDF5 could not take its lock on a file, which is whole: another process holds it open
+    (a notebook's ``h5py.File(path, "a")``, a running writer), or the file system has no locks."""
 
 
-def held_elsewhere(e: BaseException | str) -> bool:
-    """Whether ``e`` is HDF5's refusal to open a file that another process holds locked."""
-    return isinstance(e, OSError) and "unable to lock file" in str(e)
+#: errnos of a file system without the locks HDF5 takes (some network file systems)
+NO_LOCKS = frozenset({errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP})
+
+
+def lock_fix(e: BaseException | str) -> str | None:
+    """Why HDF5 refused to lock a file (``e``, h5py's OSError) and what to do; None for another error."""
+    if not (isinstance(e, OSError) and "unable to lock file" in str(e)):
+        return None
+    if e.errno in NO_LOCKS:
+        return (f"this file system does not support the file locks HDF5 takes ({os.strerror(e.errno)}); "
+                f"set HDF5_USE_FILE_LOCKING=FALSE in the environment and rerun")
+    return ("another process holds it open (HDF5's file lock refused it here); close the file there "
+            "(e.g. a notebook's h5py.File) or let that process end, then rerun")
+
+
+def lock_refused(path: object, e: BaseException | str) -> FileLockError | None:
+    """The error for HDF5's refusal to lock ``path`` (``e``); None for another error."""
+    fix = lock_fix(e)
+    return FileLockError(f"{path}: {fix}") if fix else None

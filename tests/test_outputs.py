@@ -446,6 +446,31 @@ def test_a_file_another_process_holds_open_for_writing_is_named_busy_not_damaged
         assert _digest(path) == before and not Path(new).exists()
 
 
+@pytest.mark.parametrize("command", ["info", "diagnose", "select", "run", "run --overwrite", "sketch"])
+def test_a_file_system_without_hdf5s_locks_is_named_with_its_fix(scored, tmp_path, capsys, monkeypatch, command):
+    """Some network file systems refuse the lock HDF5 takes on every open (errno ENOLCK or
+    ENOSYS): each file was called damaged. The fix is HDF5_USE_FILE_LOCKING=FALSE."""
+    import h5py
+    ckpts, data, scores = scored
+
+    class NoLocks(h5py.File):
+        def __init__(self, *args, **kwargs):
+            raise OSError(38, "Unable to synchronously open file (unable to lock file, errno = 38, "
+                              "error message = 'Function not implemented')")
+    monkeypatch.setattr(h5py, "File", NoLocks)
+    name, *extra = command.split()
+    argv = {"info": ["info", str(scores)], "diagnose": ["diagnose", str(scores), "--out", str(tmp_path / "d")],
+            "select": ["select", str(scores), "--by", "el2n", "--out", str(tmp_path / "s.json")],
+            "run": ["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(scores), "--quiet",
+                    "--scores", "loss"],
+            "sketch": ["sketch", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(tmp_path / "k.h5"),
+                       "--quiet"]}[name]
+    code, err = _run(argv + extra, capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "does not support the file locks HDF5 takes" in err and "HDF5_USE_FILE_LOCKING=FALSE" in err, err
+    assert "damaged" not in err
+
+
 def test_an_unwritable_output_is_one_line(scored, tmp_path, capsys, monkeypatch):
     """A read-only folder (simulated: the tests run as root, which no chmod stops)."""
     import tempfile

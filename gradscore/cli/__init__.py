@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
-from ..exceptions import GradscoreError, held_elsewhere, one_line
+from ..exceptions import GradscoreError, lock_fix, one_line
 from ..interrupts import interrupt_after
 from . import demos, files, reports, run, sketch
 from .common import warnings_as_lines
@@ -109,8 +109,8 @@ def run_and_report(command: str, fn: Callable[[Any], int], arg: Any) -> int:
 
 def _fix(e: OSError) -> str:
     """What to do about an OS error, by its errno (or HDF5's refusal of a file another process holds)."""
-    if held_elsewhere(e):
-        return "another process holds it open (HDF5's file lock): close it there or let that process end, then rerun"
+    if lock_fix(e):
+        return lock_fix(e)
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return "free space on that disk (or choose another output path) and rerun the same command"
     if e.errno == errno.EFBIG:

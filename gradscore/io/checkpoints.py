@@ -30,7 +30,7 @@ from .attrs import attributes, mismatched, write_attrs
 from .store import put
 from ..distributed import current_ranks
 from ..config import as_path, checked_model, nonnegative, whole
-from ..exceptions import CheckpointError, ConfigError, GradscoreError, HeldOpenError, held_elsewhere
+from ..exceptions import CheckpointError, ConfigError, GradscoreError, lock_refused
 from ..imports import code_fingerprint, import_ref
 
 #: 2: text attributes fixed-length (``io.attrs``); an earlier gradscore refuses it by this number
@@ -357,9 +357,7 @@ class CheckpointInfo:
 
 
 def _unreadable(path: Path, e: Exception) -> GradscoreError:
-    if held_elsewhere(e):   # whole, but locked by the process that holds it
-        return HeldOpenError(path)
-    return CheckpointError(f"{path}: not a readable HDF5 file (truncated or corrupt: {e}); re-save this checkpoint")
+    return lock_refused(path, e) or CheckpointError(f"{path}: not a readable HDF5 file (truncated or corrupt: {e}); re-save this checkpoint")
 
 
 def read_info(path: Path) -> CheckpointInfo:
@@ -480,9 +478,7 @@ def load_state_dict(path: str | Path, model: nn.Module) -> dict[str, torch.Tenso
                 raise CheckpointError(f"{path}: tensor(s) {', '.join(extra[:5])} are not in "
                                       f"the model; was it saved from another model?")
     except (OSError, RuntimeError, KeyError) as e:   # every name was checked: a KeyError is damage
-        if held_elsewhere(e):
-            raise HeldOpenError(path) from e
-        raise CheckpointError(f"{path}: not a readable HDF5 file ({e})") from e
+        raise lock_refused(path, e) or CheckpointError(f"{path}: not a readable HDF5 file ({e})") from e
     out.update({alias: out[name] for alias, name in aliases.items()})
     return out
 

@@ -30,7 +30,7 @@ from .attrs import KIND_NAMES, kind_of
 from .store import DamagedFile, damage_named, put, read_ids, read_numpy, write_ids
 from ..batch import Inputs, call_model, concat, describe, hash_batch, move, take
 from ..config import DATA_SUFFIXES, as_path, names_a_factory
-from ..exceptions import DataError, HeldOpenError, held_elsewhere
+from ..exceptions import DataError, lock_refused
 from ..losses import IGNORE_INDEX, Loss, one_logit, token_family
 from ..imports import import_ref
 
@@ -150,9 +150,7 @@ class ArrayFileDataset(Dataset):
         except DamagedFile as e:
             raise DataError(f"{self.path}: cannot read dataset file ({e}); {self.FIX}") from e
         except (OSError, ValueError) as e:
-            if held_elsewhere(e):
-                raise HeldOpenError(self.path) from e
-            raise DataError(f"{self.path}: cannot read dataset file ({e})") from e
+            raise lock_refused(self.path, e) or DataError(f"{self.path}: cannot read dataset file ({e})") from e
         try:
             with damage_named(self.path, fix=self.FIX):   # an HDF5 object header failing its checksum
                 self._check_fields()

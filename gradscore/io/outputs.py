@@ -50,10 +50,10 @@ def _hdf5_attrs(path: Path, read: bool = False) -> set[str]:
 def _damage(path: Path) -> str | None:
     """Why the HDF5 file ``path`` cannot be read (its metadata fails a checksum); None for a
     file that reads, or is not HDF5."""
-    from ..exceptions import GradscoreError, HeldOpenError, cause
+    from ..exceptions import FileLockError, GradscoreError, cause
     try:
         _hdf5_attrs(path, read=True)   # (not HDF5, or not readable at all: no attributes, no error)
-    except HeldOpenError:
+    except FileLockError:
         raise
     except GradscoreError as e:
         return cause(e.__cause__ or e)
