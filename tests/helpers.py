@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import random
 import re
@@ -1455,3 +1456,10 @@ def check_inrun_against_loop(path, model, snaps, x, y, targets, dot_rtol=1e-9, r
         np.testing.assert_allclose(rows["dot"][at], want[:, 2] / len(idx), rtol=dot_rtol, atol=1e-14)
         np.testing.assert_allclose(rows["margin"][at], want[:, 3], rtol=1e-10)
         np.testing.assert_allclose(rows["target_norm"][at], want[:, 4], rtol=1e-10)
+
+
+def strict_json(text: str):
+    """``text`` read as standard JSON, which has no NaN or Infinity (jq and JavaScript refuse them)."""
+    def refuse(token: str):
+        raise ValueError(f"{token} is not JSON")
+    return json.loads(text, parse_constant=refuse)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from gradscore.cli import main
 from gradscore import diagnose
 from gradscore.scores.pds import variants
 from gradscore.io.store import HDF5ScoresWriter
+from helpers import strict_json
 
 
 def _synthetic(path, *, with_mask=True, seed=0):
@@ -130,3 +132,22 @@ def test_run_variants_equal_direct_computation(tmp_path):
         g * ck["ref_norm_costate"][:, None] > 0, g * ck["ref_norm_costate"][:, None], 1)), pc["dot_costate"], rtol=1e-10)
     with pytest.raises(gs.ConfigError, match="'variants'"):
         gs.score(ckpts, proxy, out=tmp_path / "t.h5", scores=["grand"], variants=["cos"], progress=False)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_score_constant_over_the_examples_is_diagnosed_without_a_python_warning(tmp_path, capsys, n):
+    """Two examples (the residual variant is then constant) or one: scipy's
+    ConstantInputWarning was printed with its source line under the table."""
+    from helpers import make_run
+    ckpts, data = make_run(tmp_path, n=n, n_ckpts=2)
+    out = tmp_path / "s.h5"
+    assert main(["run", "--checkpoints", str(ckpts), "--data", str(data), "--target", str(data), "--out", str(out),
+                 "--scores", "target_dot,grand,el2n", "--quiet"]) == 0
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["diagnose", str(out), "--score", "target_dot", "--out", str(tmp_path / "d")]) == 0
+    assert capsys.readouterr().err == ""
+    report = strict_json((tmp_path / "d" / "diagnosis.json").read_text())   # NaN was written as NaN, not JSON
+    rho = {v: r["spearman_abs_score_vs_norm"] for v, r in report["inflation"].items()}
+    assert rho["resid"] is None and (n == 1) == (rho["raw"] is None), rho   # undefined: null

@@ -2,6 +2,8 @@
 covers no region label, and log-scale tick labels that never overlap."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -85,6 +87,18 @@ def test_the_histogram_legend_counts_what_its_panel_draws(figures):
     plots.score_histograms({"s": s}, noisy, "x.png")
     labels = [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()]
     assert labels == ["clean (70)", "known noisy (15)"]
+
+
+@pytest.mark.parametrize("noisy", [np.zeros(30, bool), np.ones(30, bool)])
+def test_a_histogram_with_no_clean_or_no_noisy_example_warns_nothing(figures, noisy):
+    """A data set whose noisy mask is all False (a clean split), or one example: numpy's
+    "invalid value encountered in divide" (the density of no values) was on stderr."""
+    s = np.random.default_rng(0).normal(size=30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plots.score_histograms({"s": s}, noisy, "x.png")
+    labels = [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()]
+    assert labels == [f"clean ({int((~noisy).sum())})", f"known noisy ({int(noisy.sum())})"]
 
 
 def test_data_map_legend_covers_no_region_label(figures):

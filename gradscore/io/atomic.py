@@ -4,10 +4,12 @@ target is the old file or the whole new one, never a part."""
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 if TYPE_CHECKING:
     import h5py
@@ -68,6 +70,32 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def json_text(obj: Any, indent: int | None = None, default: Callable[[Any], Any] | None = None) -> str:
+    """``obj`` as standard JSON: numpy numbers and arrays as Python's, NaN and ±Inf as null
+    (JSON has neither: jq and JavaScript refuse Python's NaN token)."""
+    return json.dumps(_plain(obj), indent=indent, default=default, allow_nan=False)
+
+
+def _plain(o: Any) -> Any:
+    """``o`` with numpy's numbers and arrays as Python's and non-finite floats as None."""
+    if isinstance(o, dict):
+        return {k: _plain(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_plain(v) for v in o]
+    if hasattr(o, "tolist") and hasattr(o, "dtype"):   # a numpy array or number
+        return _plain(o.tolist())
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o
+
+
+def atomic_json(target: str | os.PathLike, obj: Any, indent: int | None = None,
+                default: Callable[[Any], Any] | None = None) -> None:
+    """Write ``obj`` to ``target`` as standard JSON (:func:`json_text`), atomically."""
+    with atomic_path(target) as tmp:
+        tmp.write_text(json_text(obj, indent, default))
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .._version import __version__
-from .atomic import atomic_path
+from .atomic import atomic_path, json_text
 from ..exceptions import DataError, GradscoreError, warn
 from .outputs import MARK, claim, lock
 from ..losses import resolve_loss
@@ -258,10 +258,10 @@ def export_scores(scores: str | Path, out: str | Path, *, fmt: str, overwrite: b
             s["threshold_closeness"] = s["confidence"] * (1 - s["confidence"])
         with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for i, guid in rows():
-                f.write(json.dumps({"guid": guid, "index": i, "threshold_closeness": float(s["threshold_closeness"][i]),
-                                    "confidence": float(s["confidence"][i]), "variability": float(s["variability"][i]),
-                                    "correctness": float(s["correctness"][i]),
-                                    "forgetfulness": float(s["forgetting"][i])}) + "\n")
+                f.write(json_text({"guid": guid, "index": i, "threshold_closeness": float(s["threshold_closeness"][i]),
+                                   "confidence": float(s["confidence"][i]), "variability": float(s["variability"][i]),
+                                   "correctness": float(s["correctness"][i]),
+                                   "forgetfulness": float(s["forgetting"][i])}) + "\n")
     elif fmt == "csv":
         names = sorted(s)
         with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:

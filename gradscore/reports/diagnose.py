@@ -19,7 +19,6 @@ Output: a text table, ``diagnosis.json`` and plots in ``--out``.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,7 +27,7 @@ import torch
 
 from .._version import __version__
 from ..config import as_path, checked_fraction
-from ..io.atomic import atomic_path
+from ..io.atomic import atomic_json
 from ..io.datasets import Dataset, load_dataset, positions_of
 from ..exceptions import GradscoreError
 from ..io.outputs import claim
@@ -128,6 +127,22 @@ def _flags(res: dict[str, Any], ds: Dataset | None, skip: Callable[[str], None])
     return flags
 
 
+def _inflation(var: dict[str, np.ndarray], mean_g: np.ndarray, top1: np.ndarray) -> dict[str, dict[str, float]]:
+    """How much each variant's |score| follows the gradient norm ``mean_g``: Spearman's ρ of
+    the two and the share of Σ|score| held by the ``top1`` examples by norm, over the finite
+    values; NaN where undefined (fewer than two values, a constant, a Σ|score| of 0)."""
+    from scipy.stats import spearmanr
+    out = {}
+    for v, x in var.items():
+        a = np.abs(x)
+        ok = np.isfinite(a) & np.isfinite(mean_g)
+        varies = ok.sum() > 1 and np.ptp(a[ok]) > 0 and np.ptp(mean_g[ok]) > 0
+        total = np.nansum(a)
+        out[v] = {"spearman_abs_score_vs_norm": float(spearmanr(a[ok], mean_g[ok])[0]) if varies else np.nan,
+                  "top1pct_norm_share_of_abs_score": float(np.nansum(a[top1]) / total) if total > 0 else np.nan}
+    return out
+
+
 def compute(res: dict[str, Any], source_file: str, *, score: str, noisy: np.ndarray | None, source: str,
             ds: Dataset | None = None, top_fraction: float = 0.1, clip_quantile: float = 0.9,
             rerun: str | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -135,7 +150,6 @@ def compute(res: dict[str, Any], source_file: str, *, score: str, noisy: np.ndar
     ``rerun`` as in :func:`diagnose`.
 
     Nothing is printed or written: :func:`render` turns the report into text lines."""
-    from scipy.stats import spearmanr
     pc, ck = res["per_checkpoint"], res["checkpoints"]
     n = len(res["ids"])
     report: dict[str, Any] = {"scores_file": source_file, "n": n, "score": score, "skipped": [],
@@ -156,11 +170,7 @@ def compute(res: dict[str, Any], source_file: str, *, score: str, noisy: np.ndar
         top1 = np.argsort(-mean_g, kind="stable")[:max(1, n // 100)]
         report["decomposition"] = {"max_abs_error": 0.0, "max_rel_error": 0.0, "mean_grad_norm": mean_g,
                                    "mean_cos": mean_cos}   # cos is read from the dot: exact by construction
-        report["inflation"] = {v: {"spearman_abs_score_vs_norm": float(spearmanr(np.abs(x), mean_g,
-                                                                                 nan_policy="omit")[0]),
-                                   "top1pct_norm_share_of_abs_score": float(np.nansum(np.abs(x)[top1])
-                                                                            / max(np.nansum(np.abs(x)), 1e-300))}
-                               for v, x in var.items()}   # over the examples a target step met (NaN: none)
+        report["inflation"] = _inflation(var, mean_g, top1)   # over the examples a target step met (NaN: none)
         flags[f"|{score}|"] = np.abs(var["raw"])
         flags.update({f"-{score}_{v}": -x for v, x in var.items()})
     elif dot_key in pc and "sq_grad_norm" in pc and norm_key in ck and "eta" in ck:
@@ -175,9 +185,7 @@ def compute(res: dict[str, Any], source_file: str, *, score: str, noisy: np.ndar
             "max_abs_error": error,
             "max_rel_error": error / max(float(terms["abs_dot"].max(initial=0.0)), np.finfo(float).tiny),
             "mean_grad_norm": mean_g, "mean_cos": terms["mean_cos"]}
-        report["inflation"] = {v: {"spearman_abs_score_vs_norm": float(spearmanr(np.abs(x), mean_g)[0]),
-                                   "top1pct_norm_share_of_abs_score": float(np.abs(x)[top1].sum() / np.abs(x).sum())}
-                               for v, x in var.items()}
+        report["inflation"] = _inflation(var, mean_g, top1)
         flags[f"|{score}|"] = np.abs(raw)
         flags.update({f"-{score}_{v}": -x for v, x in var.items()})
     elif recording:   # a recording's dot score is inrun_value
@@ -244,11 +252,10 @@ OUTPUT_FILES = {"diagnosis.json": "json", "norm_vs_cos.png": "figure", "variants
 def _write(out: Path, report: dict, res: dict, noisy: np.ndarray | None, var: dict, score: str) -> None:
     from .plots import data_map, norm_vs_cos, score_histograms, statistics_over
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "diagnosis.json") as tmp:
-        tmp.write_text(json.dumps({k: v for k, v in report.items() if k != "decomposition"}
-                                  | ({f"decomposition_{k}": report["decomposition"][k]
-                                      for k in ("max_abs_error", "max_rel_error")} if "decomposition" in report else {}) | {"gradscore_version": __version__},
-                                  indent=2))
+    decomposition = report.get("decomposition", {})
+    atomic_json(out / "diagnosis.json", {k: v for k, v in report.items() if k != "decomposition"}
+                | {f"decomposition_{k}": decomposition[k] for k in ("max_abs_error", "max_rel_error") if decomposition}
+                | {"gradscore_version": __version__}, indent=2)
     if var:
         norm_vs_cos(report["decomposition"]["mean_grad_norm"], report["decomposition"]["mean_cos"],
                     out / "norm_vs_cos.png", noisy=noisy, title=f"{score}: gradient norm vs direction",

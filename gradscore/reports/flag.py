@@ -18,7 +18,6 @@ With the labels (``data``), the estimated noise rate per class; with a known-noi
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ import numpy as np
 from .._version import __version__
 from ..config import as_path
 from ..exceptions import ConfigError, DataError, GradscoreError
-from ..io.atomic import atomic_path
+from ..io.atomic import atomic_json
 from ..io.datasets import scored_labels
 from ..io.outputs import claim
 from ..io.checkpoints import checkpoint_files, read_info
@@ -272,6 +271,5 @@ def flag(scores: str | Path, *, score: str | None = None, data: str | Path | Non
                                          "precision": hit / max(1, int(flagged.sum())),
                                          "recall": hit / max(1, int(noisy.sum()))}
     if out is not None:
-        with atomic_path(Path(out)) as tmp:
-            tmp.write_text(json.dumps({**report, "gradscore_version": __version__}, indent=1))
+        atomic_json(Path(out), {**report, "gradscore_version": __version__}, indent=1)
     return report

@@ -54,10 +54,9 @@ def score_histograms(scores: dict[str, np.ndarray], noisy: np.ndarray | None, pa
         if noisy is None:
             ax.hist(s[finite], bins=bins, color="tab:blue")
         else:
-            ax.hist(s[finite & ~noisy], bins=bins, alpha=0.6, label=f"clean ({int((finite & ~noisy).sum())})",
-                    color="tab:blue", density=True)   # the counts of what this panel draws
-            ax.hist(s[finite & noisy], bins=bins, alpha=0.6, label=f"known noisy ({int((finite & noisy).sum())})",
-                    color="tab:red", density=True)
+            for label, group, color in (("clean", finite & ~noisy, "tab:blue"), ("known noisy", finite & noisy, "tab:red")):
+                n = int(group.sum())   # the counts of what this panel draws; no density of no values
+                ax.hist(s[group], bins=bins, alpha=0.6, label=f"{label} ({n})", color=color, density=n > 0)
             if k == 0:
                 ax.legend(fontsize=8)
         ax.tick_params(labelsize=8)   # few ticks, and a ×10ⁿ offset for small or large scores: labels that fit

@@ -12,7 +12,6 @@ Indices are row positions in the scores file; ids are the data's ``ids``.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import numpy as np
 
 from .._version import __version__
 from ..config import as_path, checked_fraction, checked_number, checked_whole, whole
-from ..io.atomic import atomic_path
+from ..io.atomic import atomic_json, atomic_path
 from ..exceptions import ConfigError, DataError, GradscoreError
 from ..io.datasets import scored_labels
 from ..io.outputs import MARK, claim
@@ -190,8 +189,7 @@ def select(scores: str | Path, *, by: str | None = None, keep: float = 0.5, high
     result["warnings"] = res["warnings"]   # what the scores file warns of: a selection made from it carries it
     if out is not None:
         out = Path(out)
-        with atomic_path(out) as tmp:
-            tmp.write_text(json.dumps({**result, "gradscore_version": __version__}))
+        atomic_json(out, {**result, "gradscore_version": __version__})
         if weights is not None:
             wpath = _weights_path(out)
             with atomic_path(wpath) as tmp, open(tmp, "wb") as fh:

@@ -10,7 +10,6 @@ example of integer weight w appears w times per epoch (those runs keep their epo
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +19,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from ..._version import __version__
-from ...io.atomic import atomic_path
+from ...io.atomic import atomic_json, atomic_path
 from ...io.outputs import MARKDOWN_MARK, claim, claim_folder
 from ...io.checkpoints import CheckpointWriter, build_model as checkpoint_model
 from ...io.datasets import check_targets, load_dataset, probe_model, save_dataset
@@ -217,18 +216,13 @@ def write_results(out: Path, name: str, result: dict[str, Any], markdown: str) -
     """``out/<name>.json`` and ``out/<name>.md``, atomically; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{name}.json", "md": out / f"{name}.md"}
-    with atomic_path(paths["json"]) as tmp:
-        tmp.write_text(json.dumps({**result, "gradscore_version": __version__}, indent=2, default=_jsonable))
+    atomic_json(paths["json"], {**result, "gradscore_version": __version__}, indent=2, default=_jsonable)
     with atomic_path(paths["md"]) as tmp:
         tmp.write_text(f"{MARKDOWN_MARK} {__version__} -->\n{markdown}\n")
     return paths
 
 
 def _jsonable(o: Any) -> Any:
-    if isinstance(o, (np.integer, np.floating)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
     if isinstance(o, Mode):
         return asdict(o)
     raise TypeError(type(o).__name__)
