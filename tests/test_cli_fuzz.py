@@ -100,14 +100,7 @@ def test_every_command_that_reads_a_scores_file_takes_each_kind(files, tmp_path,
     """Each reader on each kind of scores file: exit 0, or 2 with one line saying why
     (`info` on an imported file raised KeyError 'checkpoints'). `info` always describes it."""
     before = _digests(files)
-    for i, (command, options) in enumerate(READERS.items()):   # each its own folder: no output exists
-        argv = [command.split()[0], str(files / kind), *(o.format(out=tmp_path / str(i)) for o in options)]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            code = main(argv + (["--quiet"] if command == "export" else []))
-        err = capsys.readouterr().err.strip().splitlines()
-        assert code == 0 or (code == 2 and len(err) == 1 and "error: " in err[0]), (argv, code, err)
-        assert command != "info" or code == 0, err
+    _each_reader(files / kind, tmp_path, capsys)
     assert _digests(files) == before
     for made in sorted(p for p in tmp_path.rglob("*") if p.is_file()):   # info on each output the readers wrote
         code = main(["info", str(made)])
@@ -115,6 +108,42 @@ def test_every_command_that_reads_a_scores_file_takes_each_kind(files, tmp_path,
         # a JTT weights file was described as a dataset "missing field 'inputs'"
         assert code == 0 if made.suffix == ".h5" else (code == 2 and len(err) == 1 and ": is a gradscore " in err[0]
                                                         and "open this one as it is" in err[0]), (made, err)
+
+
+def _each_reader(scores, tmp_path, capsys) -> None:
+    """Every command of READERS on the scores file ``scores``: exit 0, or 2 with one line;
+    ``info`` 0; numpy's and scipy's RuntimeWarnings (an undefined figure) are failures."""
+    for i, (command, options) in enumerate(READERS.items()):   # each its own folder: no output exists
+        argv = [command.split()[0], str(scores), *(o.format(out=tmp_path / str(i)) for o in options)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("error", RuntimeWarning)
+            code = main(argv + (["--quiet"] if command == "export" else []))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 0 or (code == 2 and len(err) == 1 and "error: " in err[0]), (argv, code, err)
+        assert command != "info" or code == 0, err
+
+
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("kind", ["run", "inrun"])
+def test_every_reader_takes_a_scores_file_of_one_or_two_examples(tmp_path, capsys, n, kind):
+    """A figure undefined over one or two examples (a rank correlation, a density) is NaN
+    or absent, without numpy's or scipy's warning under the command's output."""
+    ckpts, data = make_run(tmp_path, n=n, n_ckpts=2)
+    if kind == "run":
+        assert main(["run", "--checkpoints", str(ckpts), "--data", str(data), "--target", str(data), "--quiet",
+                     "--scores", "el2n,grand,loss,confidence,variability,correctness,forgetting,target_dot,pds",
+                     "--out", str(tmp_path / "s.h5")]) == 0
+    else:
+        x, y = gs.load_dataset(data).read(0, n)
+        model = gs.CheckpointStore(ckpts).build_model(0)
+        rec = gs.InRun(model, loss="cross_entropy", out=tmp_path / "s.h5", targets=(x, y))
+        for _ in range(3):
+            with rec.step(range(n), y, lr=0.1):
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+            model.zero_grad()
+        rec.close()
+    _each_reader(tmp_path / "s.h5", tmp_path / "out", capsys)
 
 
 def _value(action, rng, paths, outs):
