@@ -98,6 +98,40 @@ def test_one_population_flags_nothing_and_gives_no_count():
     assert est["finding"] == "one population"
 
 
+@pytest.mark.parametrize("unit", [1e-6, 1e-4, 1e-3, 1e3, 1e150])
+def test_the_count_does_not_depend_on_the_scores_unit(unit):
+    """A score of small spread (a GraNd or an in-run value late in training, a variability)
+    was "one population" or a wrong count (15 of 100 at 1e-3): the mixtures' covariance floor
+    (scikit-learn's reg_covar, 1e-6) outweighed the spread. A huge one overflowed (a raw
+    traceback). The mixtures now fit the standardized values: the same count in any unit."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 1, 900), rng.normal(4, 1, 100)])
+    want, got = estimate(x), estimate(x * unit + 5 * unit)
+    assert want["finding"] == "two populations" and abs(want["count"] - 100) <= 10
+    assert np.array_equal(got["flagged"], want["flagged"]) and got["count"] == want["count"]
+    assert got["count_three"] == want["count_three"] and got["rough"] == want["rough"]
+    assert got["separation"] == pytest.approx(want["separation"], rel=1e-9)
+    assert got["threshold"] == pytest.approx(want["threshold"] * unit + 5 * unit, rel=1e-12)
+    # the BIC in the score's own unit: each shifts by 2 N log(unit), their difference not
+    shift = 2 * len(x) * np.log(unit)
+    assert got["bic_two"] - got["bic_one"] == pytest.approx(want["bic_two"] - want["bic_one"], rel=1e-6, abs=1e-6)
+    assert got["bic_one"] == pytest.approx(want["bic_one"] + shift, rel=1e-9)
+
+
+@pytest.mark.parametrize("values", [np.zeros(100), np.r_[np.zeros(90), np.ones(10)], np.r_[np.zeros(98), 1.0, 2.0]])
+def test_a_constant_or_few_valued_score_is_estimated_without_scikit_learns_warnings(values):
+    """A count of events (forgetting), a correctness of one checkpoint: scikit-learn's
+    "Number of distinct clusters found smaller than n_clusters" was printed three times."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est = estimate(values)
+    if np.ptp(values) == 0:
+        assert est["finding"] == "one population" and est["count"] is None and not est["flagged"].any()
+    elif (values == 1).sum() == 10:
+        assert est["count"] == 10 and est["flagged"][90:].all()
+
+
 def test_a_suspicious_majority_flags_nothing_and_gives_no_count():
     """Two components, but the upper one holds most examples: no minority to call
     mislabeled, and no count (not 0, which would say the labels are clean)."""

@@ -18,6 +18,7 @@ With the labels (``data``), the estimated noise rate per class; with a known-noi
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -82,16 +83,35 @@ def estimate(suspicion: np.ndarray, seed: int = 0) -> dict[str, Any]:
     than the lower; None without a count), ``rough`` (the count can be off by many: a
     separation under :data:`CLEAR_SEPARATION`, or a ``count_three`` over :data:`COUNT_SHIFT`
     of the count away from it), ``threshold`` (the lowest flagged value, or None) and the
-    BIC of one and two components (over the fitted sample: :data:`FIT_SAMPLE`)."""
+    BIC of one and two components (over the fitted sample: :data:`FIT_SAMPLE`; NaN for a
+    constant score, which is one population without a fit).
+
+    The mixtures fit the standardized values (median 0, standard deviation 1): the result is
+    the same in any unit of the score (scikit-learn's covariance floor, ``reg_covar``, is set
+    for unit-scale data), and the BICs are given in the score's own unit."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.mixture import GaussianMixture
-    x = suspicion.reshape(-1, 1).astype(np.float64)
+    x = suspicion.astype(np.float64)
     if len(x) > FIT_SAMPLE:
         x = x[np.sort(np.random.default_rng(seed).choice(len(x), FIT_SAMPLE, replace=False))]
-    fits = [GaussianMixture(k, random_state=seed, n_init=3).fit(x) for k in (1, 2)]
-    bic = [float(m.bic(x)) for m in fits]
+    center, spread = float(np.median(x)), float(np.ptp(x))
+    if not spread > 0:   # a constant: one population, and no mixture to fit
+        return {"bic_one": np.nan, "bic_two": np.nan, "separation": np.nan, "flagged": np.zeros(len(suspicion), bool),
+                "finding": "one population", "count": None, "count_three": None, "rough": False, "threshold": None}
+    scale = float(np.std((x - center) / spread)) * spread   # (the ptp first: no overflow of a huge score's square)
+
+    def standard(v: np.ndarray) -> np.ndarray:
+        return ((v.astype(np.float64) - center) / scale).reshape(-1, 1)
+
+    def fitted(k: int) -> GaussianMixture:   # a score of fewer distinct values than k: a fit all the same
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            return GaussianMixture(k, random_state=seed, n_init=3).fit(standard(x))
+    fits = [fitted(k) for k in (1, 2)]
+    bic = [float(m.bic(standard(x))) + 2 * len(x) * np.log(scale) for m in fits]   # in the score's unit
 
     def assigned(fit: GaussianMixture) -> np.ndarray:   # (N,) each value's most likely component
-        return np.concatenate([fit.predict(suspicion[a:a + ASSIGN_BLOCK].reshape(-1, 1).astype(np.float64))
+        return np.concatenate([fit.predict(standard(suspicion[a:a + ASSIGN_BLOCK]))
                                for a in range(0, len(suspicion), ASSIGN_BLOCK)])
     out: dict[str, Any] = {"bic_one": bic[0], "bic_two": bic[1]}
     two = fits[1]
@@ -108,7 +128,7 @@ def estimate(suspicion: np.ndarray, seed: int = 0) -> dict[str, Any]:
     count, three = None, None
     if finding == "two populations":
         count = int(flagged.sum())
-        fit3 = GaussianMixture(3, random_state=seed, n_init=3).fit(x)
+        fit3 = fitted(3)
         means = fit3.means_[:, 0]
         nearer_upper = np.abs(means - mu[upper]) < np.abs(means - mu[1 - upper])
         three = int(nearer_upper[assigned(fit3)].sum())
