@@ -357,7 +357,8 @@ class CheckpointInfo:
 
 
 def _unreadable(path: Path, e: Exception) -> GradscoreError:
-    return lock_refused(path, e) or CheckpointError(f"{path}: not a readable HDF5 file (truncated or corrupt: {e}); re-save this checkpoint")
+    return lock_refused(path, e) or CheckpointError(f"{path}: not a readable HDF5 file (truncated or corrupt: {e}); "
+                                                    f"re-save this checkpoint")
 
 
 def read_info(path: Path) -> CheckpointInfo:

@@ -54,7 +54,8 @@ def score_histograms(scores: dict[str, np.ndarray], noisy: np.ndarray | None, pa
         if noisy is None:
             ax.hist(s[finite], bins=bins, color="tab:blue")
         else:
-            for label, group, color in (("clean", finite & ~noisy, "tab:blue"), ("known noisy", finite & noisy, "tab:red")):
+            groups = (("clean", finite & ~noisy, "tab:blue"), ("known noisy", finite & noisy, "tab:red"))
+            for label, group, color in groups:
                 n = int(group.sum())   # the counts of what this panel draws; no density of no values
                 ax.hist(s[group], bins=bins, alpha=0.6, label=f"{label} ({n})", color=color, density=n > 0)
             if k == 0:
