@@ -102,7 +102,7 @@ def test_two_ranks_equal_one_process_and_a_killed_rank_resumes(tmp_path):
     _assert_identical(tmp_path / "one_loop.h5", tmp_path / "killed.h5")
 
 
-@pytest.mark.parametrize("where", ["--data", pytest.param("--target", marks=pytest.mark.slow), "--out"])
+@pytest.mark.parametrize("where", ["--data", *(pytest.param(w, marks=pytest.mark.slow) for w in ("--target", "--out"))])
 def test_bad_input_on_one_rank_stops_every_rank_in_one_line(tmp_path, where):
     """A NaN example in rank 1's range of --data, or in --target (rank 0 computes the
     co-state file while the others wait), or an --out made with other options (rank 0 opens

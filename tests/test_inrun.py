@@ -2711,6 +2711,7 @@ def test_a_compiled_model_is_recorded_as_the_loop_and_trains_unchanged(tmp_path,
     check_inrun_against_loop(rec.close(), model, snaps, x, y, (x[:6], y[:6]))
 
 
+@pytest.mark.slow   # compiles again; the compiled model's fast check is the test above
 def test_the_head_of_a_task_a_later_step_trains_first_in_a_compiled_model(tmp_path):
     """The layout of a layer first called on a later step runs inside the compiled forward,
     eagerly (dynamo failed tracing it: "is already tracked for mutation"). Training is

@@ -200,14 +200,14 @@ def _check(seed: int) -> bool:
     return check_random_model(seed, model.eval(), x, y, f"B={B} T={x.shape[1]}: {model.describe()}")
 
 
-@pytest.mark.parametrize("block", range(4))
+@pytest.mark.parametrize("block", range(2))
 def test_random_models_equal_the_loop(block):
     assert sum(_check(seed) for seed in range(block * 75, block * 75 + 75)) > 60   # most are compared
 
 
 @pytest.mark.slow
 def test_many_random_models_equal_the_loop():
-    assert sum(_check(seed) for seed in range(300, 3300)) > 2400
+    assert sum(_check(seed) for seed in range(150, 3300)) > 2500
 
 
 @pytest.fixture
@@ -219,7 +219,7 @@ def gram_form(monkeypatch):
     monkeypatch.setattr(ghost_linear, "plan", lambda T, *args, **kw: "gram" if T > 1 else plan(T, *args, **kw))
 
 
-@pytest.mark.parametrize("block", range(2))
+@pytest.mark.parametrize("block", [pytest.param(0, marks=pytest.mark.slow), 1])
 def test_random_models_in_the_blocked_gram_form_equal_the_loop(gram_form, block, tmp_path):
     """T of 48 to 520 (2 or 4 blocks; a layer called twice joins its calls: 8), every layout
     of the grid, scored and in training."""
