@@ -109,8 +109,9 @@ def run_and_report(command: str, fn: Callable[[Any], int], arg: Any) -> int:
 
 def _fix(e: OSError) -> str:
     """What to do about an OS error, by its errno (or HDF5's refusal of a file another process holds)."""
-    if lock_fix(e):
-        return lock_fix(e)
+    fix = lock_fix(e)
+    if fix:
+        return fix
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return "free space on that disk (or choose another output path) and rerun the same command"
     if e.errno == errno.EFBIG:

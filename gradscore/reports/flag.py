@@ -103,12 +103,14 @@ def estimate(suspicion: np.ndarray, seed: int = 0) -> dict[str, Any]:
     def standard(v: np.ndarray) -> np.ndarray:
         return ((v.astype(np.float64) - center) / scale).reshape(-1, 1)
 
+    z = standard(x)
+
     def fitted(k: int) -> GaussianMixture:   # a score of fewer distinct values than k: a fit all the same
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            return GaussianMixture(k, random_state=seed, n_init=3).fit(standard(x))
+            return GaussianMixture(k, random_state=seed, n_init=3).fit(z)
     fits = [fitted(k) for k in (1, 2)]
-    bic = [float(m.bic(standard(x))) + 2 * len(x) * np.log(scale) for m in fits]   # in the score's unit
+    bic = [float(m.bic(z)) + 2 * len(z) * np.log(scale) for m in fits]   # in the score's unit
 
     def assigned(fit: GaussianMixture) -> np.ndarray:   # (N,) each value's most likely component
         return np.concatenate([fit.predict(standard(suspicion[a:a + ASSIGN_BLOCK]))
