@@ -61,6 +61,11 @@ class GradscoreCheckpoint(Callback):
             self.writer.save(state.pop("model"), **state)
 
 
+def _kind(obj: Any) -> str:
+    """``obj``'s type, and its length where it is a tuple, list or dict: "a tuple of 3"."""
+    return f"a {type(obj).__name__}" + (f" of {len(obj)}" if isinstance(obj, (tuple, list, dict)) else "")
+
+
 class GradscoreInRun(Callback):
     """Record in-run scores (:class:`gradscore.InRun`) of every training step, from the
     step's own backward, with no change to the LightningModule.
@@ -88,17 +93,15 @@ class GradscoreInRun(Callback):
     def _pair(self, batch: Any) -> tuple[Any, Any]:
         """(ids, y) of ``batch`` from ``ids_and_targets``; one ConfigError where it fails or
         gives something else."""
-        what = f"a {type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, (tuple, list, dict)) else "")
         fix = "pass ids_and_targets=, a function of the batch that returns (ids, y)"
         try:
             pair = self.ids_and_targets(batch)
         except Exception as e:  # noqa: BLE001 - the user's function (or the default) on the user's batch
-            raise ConfigError(f"invalid value for 'ids_and_targets': it failed on the batch ({what}): "
+            raise ConfigError(f"invalid value for 'ids_and_targets': it failed on the batch ({_kind(batch)}): "
                               f"{type(e).__name__}: {e}; {fix}") from e
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-            got = f"a {type(pair).__name__}" + (f" of {len(pair)}" if isinstance(pair, (tuple, list)) else "")
-            raise ConfigError(f"invalid value for 'ids_and_targets': on the batch ({what}) it returned {got}; it "
-                              f"must return the pair (ids, y); {fix}")
+            raise ConfigError(f"invalid value for 'ids_and_targets': on the batch ({_kind(batch)}) it returned "
+                              f"{_kind(pair)}; it must return the pair (ids, y); {fix}")
         return pair[0], pair[1]
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
