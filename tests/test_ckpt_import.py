@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import pytest
 import torch
@@ -157,6 +158,25 @@ def test_a_factory_that_rejects_its_kwargs_or_builds_no_module_is_one_line(tmp_p
         err = capsys.readouterr().err
         assert says in err and err.count("\n") == 1 and "Traceback" not in err, (extra, err)
         assert not (tmp_path / "ck").exists(), extra
+
+
+def test_a_factory_that_raises_its_own_error_is_one_line_naming_where(tmp_path, capsys):
+    """A factory's own check of its keyword arguments (``raise ValueError("width must be
+    even")``) was a raw traceback, exit 1. Now one line naming the factory, its error and
+    the line of the factory's file that raised it, exit 2, and no folder."""
+    import tests_factory
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save(torch.nn.Linear(4, 3).state_dict(), src / "step_1.pt")
+    args = ["import-checkpoints", str(src), "--model", "tests_factory:odd_width", "--model-kwargs", '{"width": 3}',
+            "--out", str(tmp_path / "ck"), "--quiet", "--lr", "0.1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    line = tests_factory.odd_width.__code__.co_firstlineno + 3   # its `raise`
+    assert re.fullmatch(r"gradscore import-checkpoints: error: model factory 'tests_factory:odd_width' failed on "
+                        r"model_kwargs \{'width': 3\} \(ValueError: width must be even; raised at "
+                        rf"\S*tests_factory.py:{line}\)\n", err), err
+    assert not (tmp_path / "ck").exists()
 
 
 def test_lightning_checkpoints_of_a_real_trainer(tmp_path):

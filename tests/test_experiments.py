@@ -139,7 +139,8 @@ def test_seeds_fractions_and_exclusions_outside_their_range_are_refused_before_t
     ('{"d_in": 6, "classes": 3}', r"model factory 'gradscore.demos.models:mlp' rejected model_kwargs \{'d_in': 6, "
                                   r"'classes': 3\}: mlp\(\) got an unexpected keyword argument 'classes'")]] + [
     ("tests_factory:odd_width", '{"width": 3}', r"model factory 'tests_factory:odd_width' failed on model_kwargs "
-                                                r"\{'width': 3\} \(ValueError: width must be even\)")])
+                                                r"\{'width': 3\} \(ValueError: width must be even; raised at "
+                                                r"\S*tests_factory.py:\d+\)")])
 def test_user_data_that_does_not_fit_the_model_is_one_error_before_training(tmp_path, capsys, model, kwargs, says):
     """A --model that does not take the --train inputs, has fewer outputs than its labels,
     or refuses its --model-kwargs (a TypeError, or a check of the factory's own) was torch's

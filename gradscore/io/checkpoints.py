@@ -15,6 +15,8 @@ import inspect
 import json
 import os
 import re
+import sys
+import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,14 +134,45 @@ def check_rebuildable(model_factory: str, model_kwargs: dict | None, loss: Any) 
 
 def build_model(factory: Callable[..., Any], model_kwargs: dict, ref: str, where: str = "") -> nn.Module:
     """``factory(**model_kwargs)``: one CheckpointError (prefixed by ``where``, naming the
-    factory ``ref``) where it rejects the keyword arguments or builds no nn.Module."""
+    factory ``ref``) where it rejects the keyword arguments, fails with an error of its own
+    (named with the line of the factory's file that raised it) or builds no nn.Module."""
     try:
         model = factory(**model_kwargs)
-    except TypeError as e:
-        raise CheckpointError(f"{where}model factory '{ref}' rejected model_kwargs {model_kwargs}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - the user's factory: its own error, named
+        if isinstance(e, TypeError) and not _takes(factory, model_kwargs):
+            raise CheckpointError(f"{where}model factory '{ref}' rejected model_kwargs {model_kwargs}: {e}") from e
+        raise CheckpointError(_failed(where, ref, model_kwargs, e, factory)) from e
     if not isinstance(model, nn.Module):
         raise CheckpointError(f"{where}factory '{ref}' did not return an nn.Module, but a {type(model).__name__}")
     return model
+
+
+def _takes(factory: Callable[..., Any], model_kwargs: dict) -> bool:
+    """Whether ``factory``'s signature takes these keyword arguments (one it cannot inspect: yes)."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return True
+    try:
+        signature.bind(**model_kwargs)
+    except TypeError:
+        return False
+    return True
+
+
+def _failed(where: str, ref: str, model_kwargs: dict, e: Exception, factory: Callable[..., Any]) -> str:
+    """The line for a factory that raised ``e``: its error, and where in the factory's own
+    file it was raised (the innermost such frame; else the innermost outside torch and gradscore)."""
+    frames = traceback.extract_tb(e.__traceback__)
+    try:
+        own = inspect.getsourcefile(factory)
+    except TypeError:   # a builtin or a C callable: no file of its own
+        own = None
+    libraries = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules["gradscore"]))
+    at = next((f for f in reversed(frames) if own and f.filename == own), None) or next(
+        (f for f in reversed(frames) if not f.filename.startswith(libraries)), None)
+    place = f"; raised at {at.filename}:{at.lineno}" if at else ""
+    return f"{where}model factory '{ref}' failed on model_kwargs {model_kwargs} ({type(e).__name__}: {e}{place})"
 
 
 def checked_lr(lr: Any, step: int | None = None) -> float:
@@ -252,9 +285,7 @@ class CheckpointWriter:
             with torch.device("meta"):
                 built = factory(**self.model_kwargs)
         except TypeError as e:
-            try:
-                inspect.signature(factory).bind(**self.model_kwargs)
-            except (TypeError, ValueError):
+            if not _takes(factory, self.model_kwargs):
                 raise CheckpointError(f"model_factory '{self.model_factory}' rejected model_kwargs "
                                       f"{self.model_kwargs}: {e}") from e
             return   # a TypeError of its own on the meta device: not checked
@@ -614,13 +645,13 @@ class CheckpointStore:
         """The model's structure, for what its classes are (no weights): built on the meta
         device, which allocates nothing (a GPT-2-small in a fraction of a second, not
         seconds); a factory that cannot build there (one that reads a file) is built as usual."""
+        factory = self.factory()
         try:
             with torch.device("meta"):
-                return self.new_model()
-        except CheckpointError:
-            raise
+                built = factory(**self.infos[0].model_kwargs)
         except Exception:  # noqa: BLE001 - any failure on the meta device: the ordinary build says what is wrong
-            return self.new_model()
+            built = None
+        return built if isinstance(built, nn.Module) else self.new_model()
 
     def checksums(self) -> list[str]:
         """SHA-256 of every checkpoint file, in step order."""

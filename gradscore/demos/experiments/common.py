@@ -25,7 +25,7 @@ from ...io.checkpoints import CheckpointWriter, build_model as checkpoint_model
 from ...io.datasets import check_targets, load_dataset, probe_model, save_dataset
 from ..digits import flip_labels, load_digit_images
 from ...config import checked_fraction, whole_field
-from ...exceptions import ConfigError, GradscoreError
+from ...exceptions import ConfigError
 from ...imports import import_ref
 from ...losses import resolve_loss
 from ..training import train_sgd
@@ -79,17 +79,10 @@ class Setup:
 
 
 def build_model(factory: str, kwargs: dict | None) -> torch.nn.Module:
-    """``factory(**kwargs)`` of a 'module:fn' reference (:func:`gradscore.io.checkpoints.build_model`:
-    one error where it rejects the keyword arguments or builds no nn.Module), and one
-    ConfigError where the factory's own check fails on them."""
-    kwargs = dict(kwargs or {})
-    try:
-        return checkpoint_model(import_ref(factory, "model factory", ConfigError), kwargs, factory)
-    except GradscoreError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the user's factory: its own error, named
-        raise ConfigError(f"model factory '{factory}' failed on model_kwargs {kwargs} ({type(e).__name__}: "
-                          f"{e})") from e
+    """``factory(**kwargs)`` of a 'module:fn' reference: one error where it cannot be imported,
+    rejects the keyword arguments, fails its own check or builds no nn.Module
+    (:func:`gradscore.io.checkpoints.build_model`)."""
+    return checkpoint_model(import_ref(factory, "model factory", ConfigError), dict(kwargs or {}), factory)
 
 
 def digits_splits(seed: int = 0) -> dict[str, np.ndarray]:
