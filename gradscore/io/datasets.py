@@ -77,6 +77,11 @@ class Dataset(ABC):
         """(N,) bool known-corrupted mask, or None."""
         return None
 
+    def stored_dtype(self, field: str) -> str | None:
+        """The numpy dtype name ``field`` has in the file (``read`` widens integers and bools
+        to int64), or None where the data is not a file."""
+        return None
+
     def fingerprint(self, progress: bool = False) -> dict[str, Any]:
         """What identifies these examples, for refusing to resume on other data: the SHA-256
         of every example's inputs and target (one pass over the data; a factory's data can
@@ -207,6 +212,9 @@ class ArrayFileDataset(Dataset):
 
     def has_ids(self) -> bool:
         return "ids" in self._arrays
+
+    def stored_dtype(self, field: str) -> str | None:
+        return str(self._arrays[field].dtype) if field in self._arrays else None
 
     def noisy(self) -> np.ndarray | None:
         if "noisy" in self._arrays:
@@ -381,8 +389,11 @@ def probe_model(model: torch.nn.Module, ds: Dataset, x: Inputs, ckpt: str | Path
         if _fits_as_floats(model, x, like):   # images stored as uint8: torch names only the two dtypes
             said = (f"its inputs are integers, the model's parameters {str(like.dtype).removeprefix('torch.')}: "
                     f"store them as float32, scaled as in training ({e})")
+        stored = None if isinstance(x, Mapping) else ds.stored_dtype(field)
+        what = describe(x) if stored in (None, str(x.dtype).removeprefix("torch.")) else \
+            f"shape {tuple(x.shape[1:])}, {stored} in the file"
         raise DataError(f"{ds.source}: {role + ' ' if role else ''}field '{field}' (per-example "
-                        f"{describe(x)}) does not fit the model of {ckpt}: {said}") from e
+                        f"{what}) does not fit the model of {ckpt}: {said}") from e
     return int(out.shape[-1])
 
 
