@@ -11,7 +11,7 @@ import operator
 import os
 from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from .exceptions import ConfigError
 
@@ -74,12 +74,34 @@ def as_names(value: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(value)
 
 
-def as_path(value: str | os.PathLike, name: str) -> Path:
+#: what to give for a field of examples (the configs' ``data``, ``target``, ``proxy``, ``query``)
+EXAMPLES_PATH = ("the path of a dataset file (.h5/.npz) or a 'module:fn' factory; examples held in memory: "
+                 "write them with gs.save_dataset(path, inputs, targets), or name a function that returns them")
+
+
+def shown(value: Any) -> str:
+    """``value`` for an error line: its repr where it is a short scalar, else its type
+    (a list of tensors is not printed whole)."""
+    text = repr(value) if value is None or isinstance(value, (bool, int, float, str)) else ""
+    return text if text and len(text) <= 80 else f"a {type(value).__name__}"
+
+
+def as_path(value: str | os.PathLike, name: str, want: str = "a path") -> Path:
     """``value`` as a Path; a ConfigError naming the argument ``name`` where it is no path
-    (None: a variable not set), not pathlib's TypeError."""
+    (None: a variable not set; a list of examples), not pathlib's TypeError."""
     if not isinstance(value, (str, os.PathLike)):
-        raise ConfigError(f"invalid value for '{name}': {value!r}; give a path")
+        raise ConfigError(f"invalid value for '{name}': {shown(value)}; give {want}")
     return Path(value)
+
+
+def path_fields(config: Any, names: Sequence[str], want: str = "a path") -> None:
+    """The frozen dataclass ``config``'s fields ``names`` as str paths (os.PathLike's text);
+    None (an option not given) stays; anything else is one ConfigError (:func:`as_path`)."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None:
+            object.__setattr__(config, name, os.fspath(as_path(value, name, want)) if not isinstance(value, str)
+                               else value)
 
 
 def checked_fraction(name: str, value: float, allow_zero: bool = False) -> float:
@@ -235,9 +257,8 @@ class RunConfig:
         "help": "score only the examples at positions A:B of the data (either end may be left out)"})
 
     def __post_init__(self) -> None:
-        for name in ("checkpoints", "data", "target", "costate", "ids"):  # accept os.PathLike
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, str(getattr(self, name)))
+        path_fields(self, ("checkpoints", "costate", "ids"))
+        path_fields(self, ("data", "target"), EXAMPLES_PATH)
         scores = as_names(self.scores)
         object.__setattr__(self, "scores", scores)
         _require(len(scores) > 0, "scores", "give at least one score")
@@ -317,6 +338,8 @@ class SketchConfig:
     chunk_size: int = 4096
 
     def __post_init__(self) -> None:
+        path_fields(self, ("checkpoints",))
+        path_fields(self, ("data",), EXAMPLES_PATH)
         object.__setattr__(self, "params", as_names(self.params))
         whole_field(self, "dim", 1)
         whole_field(self, "seed", 0)
@@ -352,6 +375,8 @@ class AttributeConfig:
     batch_size: int = 256
 
     def __post_init__(self) -> None:
+        path_fields(self, ("sketch", "checkpoints"))
+        path_fields(self, ("query",), EXAMPLES_PATH)
         _require(self.method in ATTRIBUTION_METHODS, "method", f"{self.method!r}; choose {', '.join(ATTRIBUTION_METHODS)}")
         whole_field(self, "top", 1)
         number_field(self, "ridge", lambda v: v > 0, "a number > 0")

@@ -520,5 +520,5 @@ def score(checkpoints: str | os.PathLike, data: str | os.PathLike, *, out: str |
     are reused, so the file is bit-identical to a fresh run. A run that only adds scores
     replaces ``out`` without ``overwrite``; one that would change a score in it needs it.
     """
-    config = RunConfig(checkpoints=str(checkpoints), data=str(data), scores=scores, **options)
+    config = RunConfig(checkpoints=checkpoints, data=data, scores=scores, **options)
     return run(config, out, overwrite=overwrite, progress=progress)

@@ -67,6 +67,31 @@ def test_a_path_that_is_none_or_a_number_is_one_config_error(tmp_path, given):
             call()
 
 
+def test_examples_held_in_memory_are_refused_with_the_way_to_give_them(tmp_path):
+    """gs.score and gs.sketch given a list or a torch Dataset for ``data`` turned it into a
+    path with str(): OSError "File name too long" printing every tensor. The configs took
+    any object for a path. Now one ConfigError naming the field and what it is (not its
+    repr), and how to give such examples (gs.save_dataset or a 'module:fn' factory)."""
+    from gradscore.scores.costate import CostateConfig
+    examples = [(torch.zeros(64), 1)] * 3
+    calls = {"data": [lambda d: gs.score("ck", d, out=tmp_path / "s.h5"),
+                      lambda d: gs.sketch("ck", d, out=tmp_path / "k.h5"),
+                      lambda d: gs.RunConfig(checkpoints="ck", data=d), gs.load_dataset],
+             "target": [lambda d: gs.RunConfig(checkpoints="ck", data="d.h5", scores=("pds",), target=d)],
+             "proxy": [lambda d: CostateConfig(checkpoints="ck", proxy=d, target="t.h5")],
+             "checkpoints": [lambda d: gs.score(d, "d.h5", out=tmp_path / "s.h5")],
+             "query": [lambda d: gs.attribute("k.h5", d, out=tmp_path / "a.h5")]}
+    for given, shown in ((examples, "a list"), (torch.utils.data.TensorDataset(torch.zeros(3, 2)), "a TensorDataset")):
+        for name, ways in calls.items():
+            for call in ways:
+                with pytest.raises(ConfigError) as e:
+                    call(given)
+                said = str(e.value)
+                assert said.startswith(f"invalid value for '{name}': {shown}; give ") and len(said) < 300, said
+                assert name == "checkpoints" or "gs.save_dataset" in said, said
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("config,field,value", [
     ("SketchConfig", "batch_size", 1.5), ("SketchConfig", "batch_size", "8"), ("SketchConfig", "chunk_size", "8"),
     ("SketchConfig", "dim", True), ("AttributeConfig", "batch_size", 0), ("AttributeConfig", "batch_size", "8"),

@@ -29,7 +29,7 @@ from .atomic import atomic_h5
 from .attrs import KIND_NAMES, kind_of
 from .store import DamagedFile, damage_named, put, read_ids, read_numpy, write_ids
 from ..batch import Inputs, call_model, concat, describe, hash_batch, move, take
-from ..config import DATA_SUFFIXES, as_path, names_a_factory
+from ..config import DATA_SUFFIXES, EXAMPLES_PATH, as_path, names_a_factory
 from ..exceptions import DataError, lock_refused
 from ..losses import IGNORE_INDEX, Loss, one_logit, token_family
 from ..imports import import_ref
@@ -448,7 +448,7 @@ def load_dataset(spec: str | Path | Dataset) -> Dataset:
     """Open a dataset from a ``.h5``/``.npz`` path or a ``"module:fn"`` factory."""
     if isinstance(spec, Dataset):
         return spec
-    s = str(spec)
+    s = os.fspath(as_path(spec, "data", EXAMPLES_PATH))
     if names_a_factory(s):
         return TorchDataset(import_ref(s, "dataset factory", DataError)(), source=s)
     if os.path.splitext(s)[1] in DATA_SUFFIXES or os.path.exists(s):

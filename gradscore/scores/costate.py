@@ -58,7 +58,8 @@ from ..engines.base import dense_embeddings
 from ..engines.layout import refuse_random_in_eval
 from ..engines.rules.experts import like_experts
 from ..engines.workarounds import torch_workarounds
-from ..config import DEVICES, DTYPES, LM_REDUCTIONS, absolute_paths, resolve_device, whole_field
+from ..config import (DEVICES, DTYPES, EXAMPLES_PATH, LM_REDUCTIONS, absolute_paths, path_fields, resolve_device,
+                      whole_field)
 from ..io.datasets import Dataset, check_targets, load_dataset, probe_model
 from ..exceptions import (CheckpointError, ConfigError, DataError, EngineError, GradscoreError, OutputError,
                           warn)
@@ -87,6 +88,8 @@ class CostateConfig:
     costates: bool = True
 
     def __post_init__(self) -> None:
+        path_fields(self, ("checkpoints",))
+        path_fields(self, ("proxy", "target"), EXAMPLES_PATH)
         whole_field(self, "batch_size", 1)
         if self.dtype not in DTYPES:
             raise ConfigError(f"invalid value for 'dtype': '{self.dtype}' is not one of {DTYPES}")

@@ -183,5 +183,5 @@ def attribute(sketch: str | os.PathLike, query: str | os.PathLike, *, out: str |
               **options: Any) -> Path:
     """Top proponents and opponents of every query (see :mod:`gradscore.sketches.attribute`);
     ``options``: the other :class:`AttributeConfig` fields. Returns the file's path."""
-    config = AttributeConfig(sketch=str(sketch), query=str(query), method=method, top=top, **options)
+    config = AttributeConfig(sketch=sketch, query=query, method=method, top=top, **options)
     return run_attribute(config, out, overwrite=overwrite, progress=progress)

@@ -135,7 +135,7 @@ def sketch(checkpoints: str | os.PathLike, data: str | os.PathLike, *, out: str 
     """Sketch every example of ``data`` at every checkpoint in ``checkpoints`` (see
     :mod:`gradscore.sketches.store`); ``options``: the other :class:`SketchConfig` fields
     (store_dtype, params, device, dtype, batch_size, chunk_size). Returns the file's path."""
-    config = SketchConfig(checkpoints=str(checkpoints), data=str(data), dim=dim, seed=seed, **options)
+    config = SketchConfig(checkpoints=checkpoints, data=data, dim=dim, seed=seed, **options)
     return run_sketch(config, out, overwrite=overwrite, progress=progress)
 
 
