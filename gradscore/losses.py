@@ -70,6 +70,14 @@ class Loss:
         nll); a user's function may read its targets otherwise (one logit and 0/1 labels)."""
         return self.fn is _cross_entropy or self.fn is _nll
 
+    def class_indices(self, y: torch.Tensor) -> torch.Tensor:
+        """``y`` as int64 where a built-in loss reads it as class indices (cross_entropy, nll,
+        the token losses) and it holds them in another integer dtype or as bools, which torch
+        refuses (int32: "expected target dtype to be Long"; uint8 in a gather); else ``y``."""
+        if y.dtype == torch.int64 or y.is_floating_point() or y.is_complex():
+            return y
+        return y.long() if self.indexes_classes or token_family(self) is not None else y
+
     def probs(self, output: torch.Tensor) -> torch.Tensor | None:
         """Class probabilities (B, C) from the model output, None for regression losses."""
         if self.output == "logits":

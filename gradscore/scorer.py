@@ -144,7 +144,7 @@ class Scorer:
         logits. With ``gradients=False`` only a forward pass runs (sq_norm is None).
         """
         check_eval_mode(self.model)
-        x, y = self._inputs(x), torch.as_tensor(y).to(self._param_like().device)
+        x, y = self._inputs(x), self.loss.class_indices(torch.as_tensor(y).to(self._param_like().device))
         check_batch(x, y)
         blocks = self.ref_blocks(refs)
         if not gradients:

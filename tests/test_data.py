@@ -196,3 +196,50 @@ def test_an_npz_whose_directory_lost_members_is_refused(tmp_path):
                                            f"of the 4 members"):
         gs.load_dataset(bad)
     assert gs.load_dataset(good).ids()[0] == 100
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool])
+def test_class_labels_of_any_integer_dtype_score_as_int64(tmp_path, dtype):
+    """Labels held as int32 (or int16, bool) by a dataset factory or given to gs.Scorer: torch's
+    cross-entropy refuses them ("expected target dtype to be Long or Byte, but got Int"), exit
+    2, while the same labels in a file (read as int64) scored. They are class indices: each
+    built-in loss that indexes classes now takes them as int64, with every engine."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double().eval()
+    x = torch.randn(7, 6, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 0, 1, 0, 1]) if dtype == torch.bool else torch.arange(7) % 3
+    log_probs = torch.nn.Sequential(model, torch.nn.LogSoftmax(-1))
+    tokens = torch.randint(0, 3, (7, 4))
+    lm = torch.nn.Sequential(torch.nn.Embedding(3, 5), torch.nn.Linear(5, 3)).double().eval()
+    for net, inputs, labels, loss in ((model, x, y, "cross_entropy"), (log_probs, x, y, "nll"),
+                                      (lm, tokens, tokens.masked_fill(torch.rand(7, 4) < 0.2, -100), "causal_lm")):
+        if loss == "causal_lm" and dtype in (torch.uint8, torch.bool):
+            continue   # −100 (an ignored token) does not fit these dtypes
+        for engine in ("ghost", "vmap", "loop"):
+            scorer = gs.Scorer(net, loss=loss, engine=engine)
+            want = scorer.score_batch(inputs, labels)
+            got = scorer.score_batch(inputs, labels.to(dtype))
+            assert torch.equal(got.loss, want.loss) and torch.equal(got.sq_norm, want.sq_norm), (loss, engine)
+
+
+def test_an_in_run_recording_takes_class_labels_of_any_integer_dtype(tmp_path):
+    """gs.InRun's step given int32 or int16 labels (the user's own loss takes y.long()): "the
+    recorder's 'cross_entropy' loss failed … expected target dtype to be Long". The file is
+    now the one int64 labels give."""
+    x, y = torch.randn(16, 6, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 3
+    files = {}
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        rec = gs.InRun(model, out=tmp_path / f"{dtype}.h5", scores=("loss", "grand", "aum"))
+        for _ in range(2):
+            with rec.step(torch.arange(16), y.to(dtype), lr=0.1):
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        files[dtype] = gs.load_scores(rec.close())["scores"]
+    for dtype in (torch.int32, torch.int16):
+        assert files[dtype].keys() == files[torch.int64].keys()
+        for name, values in files[torch.int64].items():
+            assert np.array_equal(files[dtype][name], values), (dtype, name)

@@ -83,6 +83,7 @@ class Step:
         except (TypeError, ValueError, RuntimeError) as e:
             raise ConfigError(f"invalid value for 'y': {reprlib.repr(y)}; give the step's targets, one per example (a "
                               f"tensor, an array or a list)") from e
+        y = rec.loss.class_indices(y)
         self.rec, self.y, self.lr, self.step, self.auto = rec, y, lr, step, auto
         self.ids = example_ids(ids)
         if len(self.ids) != len(y):
