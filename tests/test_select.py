@@ -31,6 +31,23 @@ def test_by_score_exact_indices():
             by_score(v, keep=keep, exclude_top=exclude)
 
 
+def test_the_kept_and_the_excluded_fractions_partition_the_ranking():
+    """exclude_top and keep were each rounded to a count: keep 0.5 after exclude_top 0.5 of 5
+    examples kept ranks 2-3 and silently dropped rank 4, though the two fractions cover the
+    whole ranking. The kept slice now ends at round((exclude_top + keep)·n), so kept and
+    excluded always partition the ranking, and keep + exclude_top = 1 keeps all the rest."""
+    for n in range(1, 40):
+        v = np.random.default_rng(n).standard_normal(n)
+        for exclude in (0.0, 0.1, 0.25, 0.3, 0.5, 0.7):
+            picked = by_score(v, keep=1 - exclude, exclude_top=exclude)
+            dropped = np.argsort(-v, kind="stable")[:int(round(exclude * n))]
+            assert sorted([*picked, *dropped]) == list(range(n)), (n, exclude)
+            for keep in (0.1, 0.3, 1 - exclude):
+                if keep + exclude <= 1:
+                    assert len(by_score(v, keep=keep, exclude_top=exclude)) == int(round((exclude + keep) * n)) - \
+                        int(round(exclude * n)), (n, exclude, keep)
+
+
 def test_regions_and_jtt_weights():
     conf = np.array([0.9, 0.1, 0.5, 0.8, 0.2, 0.6])
     var = np.array([0.01, 0.02, 0.3, 0.05, 0.25, 0.1])

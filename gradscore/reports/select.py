@@ -58,7 +58,8 @@ def by_score(values: np.ndarray, *, keep: float, highest: bool = True, exclude_t
              seed: int = 0) -> np.ndarray:
     """Indices (by rank) of the ``keep`` fraction of examples by ``values``, after dropping
     the ``exclude_top`` fraction at the top of the ranking (the highest values; with
-    ``highest=False``, the lowest).
+    ``highest=False``, the lowest): ranks round(exclude_top·n) up to (not including)
+    round((exclude_top + keep)·n), Python's round (half to even).
 
     classes: (N,) labels: the fractions are taken within each class (so a class whose
     scores run high cannot take every slot), the classes' picks concatenated.
@@ -86,8 +87,8 @@ def by_score(values: np.ndarray, *, keep: float, highest: bool = True, exclude_t
     if sample == "gumbel":
         signed = signed / temperature + np.random.default_rng(seed).gumbel(size=n)
     order = np.argsort(-signed, kind="stable")
-    start = int(round(exclude_top * n))
-    return order[start:start + int(round(keep * n))]
+    start = int(round(exclude_top * n))   # the slice's ends rounded, so kept and excluded partition the ranking
+    return order[start:int(round((exclude_top + keep) * n))]
 
 
 def regions(confidence: np.ndarray, variability: np.ndarray, fraction: float = 0.33) -> dict[str, np.ndarray]:
