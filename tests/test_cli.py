@@ -101,9 +101,9 @@ def test_bad_inputs_exit_2_with_one_line(tiny_run, tmp_path, capsys):
     # images stored as uint8: read as integers, which a float model refuses with torch's dtype error alone
     np.savez(tmp_path / "u8.npz", inputs=np.zeros((3, 12), np.uint8), targets=np.zeros(3, np.int64))
     _fails(capsys, ["run", "--checkpoints", str(ckpts), "--data", str(tmp_path / "u8.npz"), "--out", out],
-           r"u8\.npz: field .inputs. \(per-example shape \(12,\), uint8 in the file\) does not fit the model of "
-           r".*: its inputs are integers, the model's parameters float32: store them as float32, scaled as in "
-           r"training \(.*\)$")
+           r"u8\.npz: field .inputs. \(per-example shape \(12,\), uint8 in the file, read as torch\.int64\) does not "
+           r"fit the model of .*: its inputs are integers, the model's parameters float32: store them as float32, "
+           r"scaled as in training \(.*\)$")
     _fails(capsys, ["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", out,
                     "--scores", "el2n,magic"], r"invalid value for 'scores': unknown score 'magic'")
     _fails(capsys, ["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", out,
@@ -408,6 +408,16 @@ def test_info_describes_a_costate_file(tiny_run, tmp_path, capsys):
         assert text.startswith(f"co-state file {out}") and f"checkpoints {ckpts}" in text, text
         assert "3 checkpoints (steps 0, 1, 2)" in text and f"target {data}" in text, text
         assert ("; co-states λ_t" in text) == costates != ("no co-states λ_t" in text) and "‖∇J(θ_t)‖" in text
+
+
+def test_info_names_the_dtype_a_field_has_in_the_file(tmp_path, capsys):
+    """`info` said torch.int64 for uint8 images and int32 labels: the type they are read as."""
+    np.savez(tmp_path / "d.npz", inputs=np.zeros((3, 2, 2), np.uint8), targets=np.arange(3, dtype=np.int32),
+             noisy=np.zeros(3, bool))
+    assert main(["info", str(tmp_path / "d.npz")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:3] == ["  inputs: per-example shape (2, 2), uint8 in the file, read as torch.int64",
+                          "  targets: per-example shape (), int32 in the file, read as torch.int64"], lines
 
 
 def test_info_on_a_file_it_does_not_describe_says_what_it_describes(tmp_path, capsys):

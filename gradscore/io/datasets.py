@@ -389,12 +389,18 @@ def probe_model(model: torch.nn.Module, ds: Dataset, x: Inputs, ckpt: str | Path
         if _fits_as_floats(model, x, like):   # images stored as uint8: torch names only the two dtypes
             said = (f"its inputs are integers, the model's parameters {str(like.dtype).removeprefix('torch.')}: "
                     f"store them as float32, scaled as in training ({e})")
-        stored = None if isinstance(x, Mapping) else ds.stored_dtype(field)
-        what = describe(x) if stored in (None, str(x.dtype).removeprefix("torch.")) else \
-            f"shape {tuple(x.shape[1:])}, {stored} in the file"
         raise DataError(f"{ds.source}: {role + ' ' if role else ''}field '{field}' (per-example "
-                        f"{what}) does not fit the model of {ckpt}: {said}") from e
+                        f"{described(ds, field, x)}) does not fit the model of {ckpt}: {said}") from e
     return int(out.shape[-1])
+
+
+def described(ds: Dataset, field: str, x: Inputs) -> str:
+    """``x``'s per-example shapes and dtypes (:func:`~gradscore.batch.describe`), with the
+    dtype ``field`` has in the file where reading widened it (uint8 images read as int64)."""
+    stored = None if isinstance(x, Mapping) else ds.stored_dtype(field)
+    if stored in (None, str(x.dtype).removeprefix("torch.")):
+        return describe(x)
+    return f"shape {tuple(x.shape[1:])}, {stored} in the file, read as {x.dtype}"
 
 
 def _fits_as_floats(model: torch.nn.Module, x: Inputs, like: torch.Tensor) -> bool:

@@ -62,14 +62,13 @@ def _fold(name: str, items: dict[str, Any], width: int = 96, sep: str = "=") -> 
 
 
 def _describe_dataset(path: Path) -> str:
-    from ..batch import describe
-    from ..io.datasets import ArrayFileDataset
+    from ..io.datasets import ArrayFileDataset, described
     from ..losses import IGNORE_INDEX
     ds = ArrayFileDataset(path)
     x, y = ds.read(0, min(len(ds), 1))
     lines = [f"dataset {path}: {len(ds)} examples{' (text)' if ds.text else ''}",
-             f"  inputs: per-example {describe(x)}",
-             f"  {ds.target_field}: per-example shape {tuple(y.shape[1:])}, {y.dtype}"]
+             f"  inputs: per-example {described(ds, 'inputs', x)}",
+             f"  {ds.target_field}: per-example {described(ds, ds.target_field, y)}"]
     if not y.dtype.is_floating_point:
         ranges = [(int(v.min()), int(v.max())) for _, _, yc in ds.chunks()
                   for v in [yc[yc != IGNORE_INDEX]] if v.numel()]
@@ -163,7 +162,8 @@ def _describe_attribution(path: Path) -> str:
         full = "; the full N x Q matrix in /scores" if "scores" in f else ""
         return "\n".join([
             f"attribution file {path} (gradscore {attrs.get('gradscore_version', '?')})",
-            f"  {facts['method']} over checkpoints {facts['checkpoints']} of sketch {cfg['sketch']} (dim {facts['dim']})",
+            f"  {facts['method']} over checkpoints {facts['checkpoints']} of sketch {cfg['sketch']} "
+            f"(dim {facts['dim']})",
             f"  {facts['n_query']:,} queries from {cfg['query']} against {facts['n_train']:,} training examples: "
             f"top {top} proponents and opponents each{full}; /target_dot: their mean"]
             + [f"  warning: {w}" for w in json.loads(attrs.get("warnings", "[]"))])
