@@ -223,16 +223,17 @@ def test_class_labels_of_any_integer_dtype_score_as_int64(tmp_path, dtype):
 
 
 def test_an_in_run_recording_takes_class_labels_of_any_integer_dtype(tmp_path):
-    """gs.InRun's step given int32 or int16 labels (the user's own loss takes y.long()): "the
-    recorder's 'cross_entropy' loss failed … expected target dtype to be Long". The file is
-    now the one int64 labels give."""
+    """gs.InRun's step and its target batch given int32 or int16 labels (the user's own loss
+    takes y.long()): "the recorder's 'cross_entropy' loss failed … expected target dtype to
+    be Long". The file is now the one int64 labels give."""
     x, y = torch.randn(16, 6, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 3
     files = {}
     for dtype in (torch.int64, torch.int32, torch.int16):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        rec = gs.InRun(model, out=tmp_path / f"{dtype}.h5", scores=("loss", "grand", "aum"))
+        rec = gs.InRun(model, out=tmp_path / f"{dtype}.h5", scores=("loss", "grand", "aum", "inrun_value"),
+                       targets=(x[:4], y[:4].to(dtype)))
         for _ in range(2):
             with rec.step(torch.arange(16), y.to(dtype), lr=0.1):
                 torch.nn.functional.cross_entropy(model(x), y).backward()

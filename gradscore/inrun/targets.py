@@ -194,7 +194,7 @@ class TargetGradient:
             size = rows or max(len(y) for _, y in self.batches)
             chunks = ((take(x, a, a + size), y[a:a + size]) for x, y in self.batches for a in range(0, len(y), size))
             for i, (x, y) in enumerate(chunks):   # J = Σ over the chunks of their summed losses / N
-                x, y = move(x, like), y.to(like.device)   # the model's device and dtype
+                x, y = move(x, like), rec.loss.class_indices(y.to(like.device))   # the model's device and dtype
                 try:
                     J = rec.loss.fn(self._outputs(rec, x), y).sum() / N
                 except (GradscoreError, torch.OutOfMemoryError):
