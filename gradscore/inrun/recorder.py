@@ -255,7 +255,8 @@ class InRun:
                                   preconditioner="adam" if adam else "none", hidden_terms=hidden_terms)
         self.optimizer = None if optimizer == "adam" else optimizer   # "adam": the trainer's, set later
         #: ∇J of the target examples, each ``every`` steps (None: no targets)
-        self.target_gradient = None if targets is None else TargetGradient(targets, every, self.config.preconditioner)
+        self.target_gradient = None if targets is None else \
+            TargetGradient(targets, every, self.config.preconditioner, self.loss)
         # the recorder's own forwards (layout, target gradient) call the network inside a DDP
         # wrapper directly, so that they never touch DDP's gradient reducer
         self.network = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

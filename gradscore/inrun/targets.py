@@ -18,6 +18,7 @@ from ..engines.ghost import probe
 from ..engines.rules.registry import FactoredRef
 from ..engines.workarounds import torch_workarounds
 from ..exceptions import ConfigError, DataError, EngineError, GradscoreError, cause, model_fix
+from ..losses import Loss
 
 if TYPE_CHECKING:
     from .recorder import InRun
@@ -157,8 +158,10 @@ class TargetGradient:
     and optimizer of the moment), which does not hold it back: a recorder dropped unclosed is
     freed at once, and with it its claim on ``out``."""
 
-    def __init__(self, batches: list[tuple[Inputs, torch.Tensor]], every: int, preconditioner: str) -> None:
-        self.batches, self.every, self.preconditioner = batches, every, preconditioner
+    def __init__(self, batches: list[tuple[Inputs, torch.Tensor]], every: int, preconditioner: str,
+                 loss: Loss) -> None:
+        self.batches = [(x, loss.class_indices(y)) for x, y in batches]   # int32 labels as the loss takes them
+        self.every, self.preconditioner = every, preconditioner
         self.N = sum(len(y) for _, y in batches)
         self.cached: tuple[int, list[Any], float] | None = None   # (step, refs, ‖∇J‖)
         self._warned_groups = False
@@ -194,7 +197,7 @@ class TargetGradient:
             size = rows or max(len(y) for _, y in self.batches)
             chunks = ((take(x, a, a + size), y[a:a + size]) for x, y in self.batches for a in range(0, len(y), size))
             for i, (x, y) in enumerate(chunks):   # J = Σ over the chunks of their summed losses / N
-                x, y = move(x, like), rec.loss.class_indices(y.to(like.device))   # the model's device and dtype
+                x, y = move(x, like), y.to(like.device)   # the model's device and dtype
                 try:
                     J = rec.loss.fn(self._outputs(rec, x), y).sum() / N
                 except (GradscoreError, torch.OutOfMemoryError):
