@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -128,6 +128,13 @@ class Scorer:
         refuse_positional(x, self.model)
         return move(x, self._param_like())
 
+    def _batch(self, x: Inputs, y: Any) -> tuple[Inputs, torch.Tensor]:
+        """(x, y) on the model's device (x in its dtype; class labels as int64,
+        :meth:`Loss.class_indices`), one example per row of each: else one error."""
+        x, y = self._inputs(x), self.loss.class_indices(torch.as_tensor(y).to(self._param_like().device))
+        check_batch(x, y)
+        return x, y
+
     def output(self, x: Inputs) -> torch.Tensor:
         """The model output (its ``.logits`` for Hugging Face models) for inputs x, without gradients."""
         with torch.no_grad():
@@ -144,8 +151,7 @@ class Scorer:
         logits. With ``gradients=False`` only a forward pass runs (sq_norm is None).
         """
         check_eval_mode(self.model)
-        x, y = self._inputs(x), self.loss.class_indices(torch.as_tensor(y).to(self._param_like().device))
-        check_batch(x, y)
+        x, y = self._batch(x, y)
         blocks = self.ref_blocks(refs)
         if not gradients:
             return self._checked(lambda: self.engine.forward(x, y), x, y)
@@ -246,8 +252,7 @@ class Scorer:
         float32, float64 for a float64 model)."""
         from .sketches.engine import SketchEngine
         check_eval_mode(self.model)
-        x, y = self._inputs(x), torch.as_tensor(y).to(self._param_like().device)
-        check_batch(x, y)
+        x, y = self._batch(x, y)
         if self._sketcher is None or self._sketcher.projection is not projection:
             self._sketcher = SketchEngine(self.model, self.loss, self.param_names, projection,
                                           self.engine.chunk_bytes)

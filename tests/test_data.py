@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import gradscore as gs
+from gradscore.cli import main
 
 
 def test_h5_and_npz_read_the_same(tmp_path):
@@ -244,3 +245,35 @@ def test_an_in_run_recording_takes_class_labels_of_any_integer_dtype(tmp_path):
         assert files[dtype].keys() == files[torch.int64].keys()
         for name, values in files[torch.int64].items():
             assert np.array_equal(files[dtype][name], values), (dtype, name)
+
+
+def test_a_factorys_int32_labels_score_sketch_and_attribute_as_int64(tmp_path):
+    """A dataset factory's int32 labels: `run` stopped ("expected target dtype to be Long"),
+    the co-states of pds with a raw traceback (exit 1), `sketch` too. Each now writes what the
+    same labels as int64 give."""
+    from helpers import make_run
+    ckpts, _ = make_run(tmp_path)
+    files = {}
+    for kind in ("relabeled", "relabeled_int32"):
+        data = f"tests_factory:{kind}"
+        out = tmp_path / kind
+        for argv in (["run", "--checkpoints", str(ckpts), "--data", data, "--target", data, "--costate",
+                      str(out) + ".costate.h5", "--scores", "el2n,grand,loss,pds,target_dot", "--out", f"{out}.h5"],
+                     ["sketch", "--checkpoints", str(ckpts), "--data", data, "--dim", "16", "--out", f"{out}.sk.h5"],
+                     ["attribute", "--sketch", f"{out}.sk.h5", "--query", data, "--top", "3", "--out", f"{out}.at.h5"]):
+            assert main([*argv, "--quiet"]) == 0, argv
+        files[kind] = (gs.load_scores(f"{out}.h5")["scores"], _arrays(f"{out}.sk.h5"), _arrays(f"{out}.at.h5"))
+    for want, got in zip(files["relabeled"], files["relabeled_int32"]):
+        assert want.keys() == got.keys() and want
+        for name in want:
+            assert np.array_equal(want[name], got[name]), name
+
+
+def _arrays(path) -> dict:
+    """Every numeric dataset of an HDF5 file, by its path in the file."""
+    import h5py
+    found = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: found.update({name: obj[()]}) if isinstance(obj, h5py.Dataset)
+                     and obj.dtype.kind in "fiub" else None)
+    return found

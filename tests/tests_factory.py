@@ -33,6 +33,12 @@ def relabeled():
     return [(x[i], LABELS[i % len(LABELS)]) for i in range(90)]
 
 
+def relabeled_int32():
+    """:func:`relabeled`'s examples, their labels as int32 tensors (as a loader of a parquet
+    column or of a numpy int32 array gives them)."""
+    return [(x, torch.tensor(y, dtype=torch.int32)) for x, y in relabeled()]
+
+
 def reads_a_value(d_in=12, hidden=8, n_classes=4, depth=1):
     """The helpers' MLP from a factory that reads a value while it builds (as one that loads a
     file would): it cannot be built on the meta device."""

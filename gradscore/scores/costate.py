@@ -160,9 +160,13 @@ class _Objective:
         self.fixed = dict(model.named_buffers())
         self.losses = BatchLosses(loss)
 
+    def _moved(self) -> Iterator[tuple[int, Inputs, torch.Tensor]]:
+        """(start, x, y) of each chunk on the model's device (x in its dtype, class labels as int64)."""
+        for start, x, y in self.ds.chunks(self.batch):
+            yield start, move(x, self.like), self.loss.class_indices(y.to(self.like.device))
+
     def _chunks(self):
-        for _, x, y in self.ds.chunks(self.batch):
-            x, y = move(x, self.like), y.to(self.like.device)
+        for _, x, y in self._moved():
             if self.losses.alone is None and not self.loss.per_example:
                 with torch.no_grad(), torch_workarounds():
                     self.losses.check(call_model(self.model, x), y)
@@ -185,8 +189,8 @@ class _Objective:
         parameters (checkpoint ``ckpt``): one makes this set's ``what`` non-finite."""
         rows = [np.zeros(0, dtype=np.int64)]
         with torch.no_grad(), torch_workarounds():
-            for start, x, y in self.ds.chunks(self.batch):
-                losses = self.losses(call_model(self.model, move(x, self.like)), y.to(self.like.device))
+            for start, x, y in self._moved():
+                losses = self.losses(call_model(self.model, x), y)
                 rows.append(start + np.flatnonzero(~torch.isfinite(losses).cpu().numpy()))
         bad = np.concatenate(rows)
         if len(bad):
