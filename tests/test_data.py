@@ -262,18 +262,16 @@ def test_a_factorys_int32_labels_score_sketch_and_attribute_as_int64(tmp_path):
                      ["sketch", "--checkpoints", str(ckpts), "--data", data, "--dim", "16", "--out", f"{out}.sk.h5"],
                      ["attribute", "--sketch", f"{out}.sk.h5", "--query", data, "--top", "3", "--out", f"{out}.at.h5"]):
             assert main([*argv, "--quiet"]) == 0, argv
-        files[kind] = (gs.load_scores(f"{out}.h5")["scores"], _arrays(f"{out}.sk.h5"), _arrays(f"{out}.at.h5"))
+        files[kind] = (gs.load_scores(f"{out}.h5")["scores"], _numbers(f"{out}.sk.h5"), _numbers(f"{out}.at.h5"))
     for want, got in zip(files["relabeled"], files["relabeled_int32"]):
         assert want.keys() == got.keys() and want
         for name in want:
             assert np.array_equal(want[name], got[name]), name
 
 
-def _arrays(path) -> dict:
-    """Every numeric dataset of an HDF5 file, by its path in the file."""
+def _numbers(path) -> dict:
+    """Every non-empty numeric dataset of an HDF5 file, by its path in the file."""
     import h5py
-    found = {}
+    from helpers import numeric_datasets
     with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: found.update({name: obj[()]}) if isinstance(obj, h5py.Dataset)
-                     and obj.dtype.kind in "fiub" else None)
-    return found
+        return {name: f[name][()] for name in numeric_datasets(path)}
