@@ -61,7 +61,7 @@ from gradscore._version import __version__
 from gradscore.batch import Inputs, call_model, take
 from gradscore.exceptions import GradscoreError
 from gradscore.engines.workarounds import torch_workarounds
-from gradscore.io.atomic import atomic_path
+from gradscore.io.atomic import atomic_json
 from gradscore.io.outputs import claim
 from gradscore.losses import resolve_loss
 from gradscore.demos.models import digits_cnn, mlp, recurrent_classifier, small_resnet, tiny_transformer
@@ -353,9 +353,9 @@ def device_name(device: str = "cpu") -> str:
 
 def write_results(path: str | Path, result: dict, indent: int = 1) -> None:
     """``result`` as a gradscore JSON report (its ``gradscore_version`` lets a rerun replace
-    it with ``--overwrite``), written atomically; claim the path before timing anything."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps({**result, "gradscore_version": __version__}, indent=indent, default=str))
+    it with ``--overwrite``), standard JSON (an undefined figure as null), written atomically;
+    claim the path before timing anything."""
+    atomic_json(path, {**result, "gradscore_version": __version__}, indent=indent, default=str)
 
 
 def saved(args: argparse.Namespace, result: dict) -> dict:
