@@ -77,6 +77,23 @@ def test_fields_of_text_are_named_with_the_fix(tmp_path, capsys):
         assert says in err and err.count("\n") == 1, err
 
 
+def test_save_dataset_takes_torch_tensors_as_training_holds_them(tmp_path):
+    """Tensors that require grad (features computed by a model) and bfloat16 tensors (a bf16
+    model's embeddings) were numpy's RuntimeError and TypeError. They are saved as their
+    values: bfloat16 as float32 (HDF5 has no bfloat16; every bfloat16 is a float32)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, generator=g)
+    features = (x * 2).requires_grad_()
+    y = torch.arange(5, dtype=torch.int32)
+    cases = {"grad": (features, features.detach()), "bf16": (x.bfloat16(), x.bfloat16().float()),
+             "half": (x.half(), x.half())}
+    for name, (given, want) in cases.items():
+        ds = gs.load_dataset(gs.save_dataset(tmp_path / f"{name}.h5", given, y, noisy=torch.tensor([1, 0, 0, 1, 0])))
+        got, labels = ds.read(0, 5)
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+        assert labels.tolist() == [0, 1, 2, 3, 4] and ds.noisy().tolist() == [True, False, False, True, False]
+
+
 def test_save_dataset_refuses_what_loading_refuses_and_writes_nothing(tmp_path):
     """save_dataset wrote files that load_dataset (and so every command) then refused:
     repeated ids, targets or a noisy mask of another length, no targets, a text mask of

@@ -493,10 +493,21 @@ def fields_problem(arrays: Mapping[str, Any], ids: Callable[[], np.ndarray]) -> 
     return None
 
 
+def _as_array(values: Any) -> np.ndarray:
+    """``values`` as a numpy array; a tensor by its values (one that requires grad, on a GPU),
+    bfloat16 as float32 (HDF5 has no bfloat16; the float32 holds each value exactly)."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu()
+        values = values.float() if values.dtype == torch.bfloat16 else values
+        return values.numpy()
+    return np.asarray(values)
+
+
 def save_dataset(path: str | Path, inputs: np.ndarray | Mapping[str, np.ndarray],
                  targets: np.ndarray | None, *, ids: np.ndarray | None = None,
                  noisy: np.ndarray | None = None) -> Path:
-    """Write a dataset HDF5 file atomically (chunked, so it can be read lazily).
+    """Write a dataset HDF5 file atomically (chunked, so it can be read lazily). Each field
+    is a numpy array, a list or a torch tensor (saved by its values; bfloat16 as float32).
 
     ``inputs``: an array (N, ...), or for text a dict with ``input_ids`` (N, T) and
     optionally ``attention_mask`` (N, T); its ``targets`` are then written as ``labels``
@@ -511,7 +522,7 @@ def save_dataset(path: str | Path, inputs: np.ndarray | Mapping[str, np.ndarray]
         fields.update(ids=ids, noisy=noisy)
     else:
         fields = {"inputs": inputs, "targets": targets, "ids": ids, "noisy": noisy}
-    fields = {k: np.asarray(v) for k, v in fields.items() if v is not None}
+    fields = {k: _as_array(v) for k, v in fields.items() if v is not None}
     problem = fields_problem(fields, lambda: fields["ids"])   # what loading it would refuse
     if problem is not None:
         raise DataError(f"{path}: {problem}; nothing written")
