@@ -398,7 +398,7 @@ def described(ds: Dataset, field: str, x: Inputs) -> str:
     """``x``'s per-example shapes and dtypes (:func:`~gradscore.batch.describe`), with the
     dtype ``field`` has in the file where reading widened it (uint8 images read as int64)."""
     stored = None if isinstance(x, Mapping) else ds.stored_dtype(field)
-    if stored in (None, str(x.dtype).removeprefix("torch.")):
+    if stored is None or stored == str(x.dtype).removeprefix("torch."):
         return describe(x)
     return f"shape {tuple(x.shape[1:])}, {stored} in the file, read as {x.dtype}"
 
