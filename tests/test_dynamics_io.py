@@ -140,10 +140,11 @@ def test_export_round_trip_preserves_values_and_ids(tmp_path):
 
 
 @pytest.mark.parametrize("fmt,name", [("td_metrics", "x.parquet"), ("td_metrics", "x.csv"), ("csv", "x.parquet"),
-                                      ("csv", "x.jsonl"), ("parquet", "x.csv"), ("parquet", "x.JSONL")])
+                                      ("csv", "x.jsonl"), ("parquet", "x.csv"), ("parquet", "x.JSONL"),
+                                      ("csv", "x.h5"), ("td_metrics", "x.npz"), ("parquet", "x.png")])
 def test_export_refuses_a_file_name_of_another_format(tmp_path, capsys, fmt, name):
     """``--format td_metrics --out x.parquet`` wrote jsonl into a file named .parquet, which
-    pandas and pyarrow then failed to read."""
+    pandas and pyarrow then failed to read; ``--format csv --out x.h5`` wrote CSV as x.h5."""
     scores = import_dynamics(_write(tmp_path / "dyn"), tmp_path / "s.h5", progress=False)
     assert main(["export", str(scores), "--format", fmt, "--out", str(tmp_path / name)]) == 2
     err = capsys.readouterr().err

@@ -135,6 +135,44 @@ def test_an_output_path_ending_in_a_slash_is_refused_not_written_as_a_file(score
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("command,name,says", [
+    ("run", "scores.json", "JSON"), ("sketch", "s.csv", "CSV"), ("costate", "c.npz", "NumPy"),
+    ("aggregate", "a.parquet", "Parquet"), ("select", "keep.csv", "CSV"), ("flag", "flagged.h5", "HDF5"),
+    ("attribute", "a.png", "PNG"), ("inrun", "inrun.json", "JSON")])
+def test_an_output_named_as_another_format_is_refused(scored, tmp_path, capsys, command, name, says):
+    """`select --out keep.csv` wrote JSON into keep.csv, and `run --out scores.json` HDF5:
+    a file whose name says another format than the one it holds, which the next tool that
+    opens it by its name misreads. Refused in one line that names the format written, as
+    `plot` and `export` already did; a name without a format's suffix stays the user's."""
+    ckpts, data, scores = scored
+    out = tmp_path / name
+    writes = {"run": "HDF5", "sketch": "HDF5", "costate": "HDF5", "aggregate": "HDF5", "select": "JSON",
+              "flag": "JSON", "attribute": "HDF5", "inrun": "HDF5"}[command]
+    if command == "inrun":
+        import gradscore as gs
+        from gradscore.demos.models import mlp
+        from helpers import MLP_KWARGS
+        with pytest.raises(gs.OutputError, match=f"its name says {says}, but it would hold {writes}"):
+            gs.InRun(mlp(**MLP_KWARGS), out=out)
+    else:
+        sketch = tmp_path / "k.h5"
+        if command == "attribute":
+            assert main(["sketch", "--checkpoints", str(ckpts), "--data", str(data), "--dim", "8", "--quiet",
+                         "--out", str(sketch)]) == 0
+        argv = {"run": ["run", "--checkpoints", str(ckpts), "--data", str(data), "--quiet"],
+                "sketch": ["sketch", "--checkpoints", str(ckpts), "--data", str(data), "--dim", "8", "--quiet"],
+                "costate": ["costate", "--checkpoints", str(ckpts), "--proxy", str(data), "--target", str(data),
+                            "--quiet"],
+                "aggregate": ["aggregate", str(scores)],
+                "select": ["select", str(scores), "--by", "el2n"],
+                "flag": ["flag", str(scores), "--score", "el2n"],
+                "attribute": ["attribute", "--sketch", str(sketch), "--query", str(data), "--quiet"]}[command]
+        code, err = _run(argv + ["--out", str(out)], capsys)
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert f"{out}: its name says {says}, but it would hold {writes}" in err, err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("command", ["run", "sketch", "costate"])
 def test_a_command_refused_after_taking_its_lock_leaves_no_folder_behind(tiny_run, tmp_path, capsys, command):
     # the lock makes the output's folder; a bad --data file refused after it left that folder empty

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .._version import __version__
 from .atomic import atomic_path, json_text
 from ..exceptions import DataError, GradscoreError, warn
-from .outputs import MARK, claim, lock
+from .outputs import MARK, SUFFIX_FORMATS, claim, lock
 from ..losses import resolve_loss
 from ..scores import datadiet
 from ..scores.registry import Window, aggregate, how_to_add
@@ -233,11 +233,15 @@ def export_scores(scores: str | Path, out: str | Path, *, fmt: str, overwrite: b
     ``progress``: a bar over the rows of jsonl and csv on a terminal, after 5 s. The scores
     file's warnings (what made its scores wrong or partial) are given as GradscoreWarnings:
     the export has no place for them."""
-    named = EXPORT_SUFFIXES.get(Path(out).suffix.lower())
+    claim(out, "export", inputs={"the scores file": [scores]}, overwrite=overwrite)
+    suffix = Path(out).suffix.lower()
+    named = EXPORT_SUFFIXES.get(suffix)
     if named is not None and named != fmt:
         raise GradscoreError(f"{out}: its name says {named}, but --format {fmt} writes "
                              f"{EXPORT_SUFFIX[fmt]}; name it *{EXPORT_SUFFIX[fmt]} or use --format {named}")
-    claim(out, "export", inputs={"the scores file": [scores]}, overwrite=overwrite)
+    if named is None and suffix in SUFFIX_FORMATS:   # x.h5, x.npz: no export format at all
+        raise GradscoreError(f"{out}: its name says {SUFFIX_FORMATS[suffix]}, but --format {fmt} writes "
+                             f"{EXPORT_SUFFIX[fmt]}; name it *{EXPORT_SUFFIX[fmt]}")
     res = load_scores(scores, per_checkpoint=False)
     for text in res["warnings"]:
         warn(text)

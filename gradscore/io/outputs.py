@@ -176,6 +176,28 @@ def written_kind(path: Path) -> str | None:
     return KINDS[kind][0] if kind is not None and KINDS[kind][1](path) else None
 
 
+#: the format a file's name says by its suffix, and the formats each kind of output is written in
+#: (an export's by its --format: :func:`gradscore.io.dynamics.export_scores` checks its name)
+SUFFIX_FORMATS = {".h5": "HDF5", ".hdf5": "HDF5", ".json": "JSON", ".jsonl": "JSON lines", ".csv": "CSV",
+                  ".parquet": "Parquet", ".npz": "NumPy", ".npy": "NumPy", ".png": "PNG", ".svg": "SVG",
+                  ".pdf": "PDF", ".md": "Markdown", ".pt": "torch.save", ".pth": "torch.save",
+                  ".safetensors": "safetensors"}
+_KIND_FORMATS = {"scores": ("HDF5",), "costate": ("HDF5",), "sketch": ("HDF5",), "attribution": ("HDF5",),
+                 "json": ("JSON",), "figure": ("PNG", "SVG"), "weights": ("NumPy",), "markdown": ("Markdown",)}
+
+
+def _misnamed(out: Path, kind: str) -> str | None:
+    """Why ``out``'s name does not fit the ``kind`` of file it would hold (its suffix says
+    another format: JSON written to ``keep.csv``), else None; a name without a known suffix
+    is the user's choice."""
+    says, formats = SUFFIX_FORMATS.get(out.suffix.lower()), _KIND_FORMATS.get(kind)
+    if says is None or formats is None or says in formats:
+        return None
+    suffixes = [s for s, f in SUFFIX_FORMATS.items() if f == formats[0]]
+    return (f"{out}: its name says {says}, but it would hold {formats[0]} ({KINDS[kind][0]}); name it "
+            f"{out.stem}{suffixes[0]}, or give a name without another format's suffix")
+
+
 def _same(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -218,7 +240,8 @@ def claim(out: str | os.PathLike, kind: str, *, inputs: Mapping[str, Iterable[st
     is an input, a directory (or a path ending in a separator), or an existing file that
     is not ``kind`` (even with ``overwrite``), or exists without ``overwrite`` (unless
     ``resumable``), or is named as a checkpoint (``step_<n>.h5``) in a folder of
-    checkpoints, which would then read it; the PermissionError of :func:`_check_writable` if it
+    checkpoints, which would then read it, or as a file of another format (:func:`_misnamed`:
+    JSON in ``keep.csv``); the PermissionError of :func:`_check_writable` if it
     lies in a folder this process may not write (unless ``resumable`` and it exists).
     """
     out = output_path(out)
@@ -234,6 +257,9 @@ def claim(out: str | os.PathLike, kind: str, *, inputs: Mapping[str, Iterable[st
     if CHECKPOINT_NAME.match(out.name) and checkpoint_files(out.parent):
         raise OutputError(f"{out}: would be read as a checkpoint of {out.parent}, which holds checkpoints "
                           f"named step_<n>.h5, by every later command on that folder; choose another name")
+    wrong = _misnamed(out, kind)
+    if wrong:
+        raise OutputError(wrong)
     if not (resumable and out.exists()):   # a finished output may be only read (an archived run's)
         _check_writable(out)
     if out.exists():
