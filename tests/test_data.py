@@ -94,6 +94,35 @@ def test_save_dataset_takes_torch_tensors_as_training_holds_them(tmp_path):
         assert labels.tolist() == [0, 1, 2, 3, 4] and ds.noisy().tolist() == [True, False, False, True, False]
 
 
+def test_save_dataset_replaces_only_a_dataset_it_wrote(tmp_path):
+    """gs.save_dataset wrote over any file at its path: a scores file, a checkpoint, the
+    user's own HDF5 data, a text file, all lost without a word. It now replaces only a
+    dataset file it wrote (a script run again), and refuses any other file in one
+    OutputError, leaving it as it was; a name it would write in another format than HDF5
+    (``.npz``, which the readers then open with numpy) is refused too."""
+    import h5py
+    from helpers import make_run
+    ckpts, data = make_run(tmp_path / "run", n=12, n_ckpts=1)
+    scores = tmp_path / "s.h5"
+    assert main(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(scores), "--quiet"]) == 0
+    own = tmp_path / "own.h5"
+    with h5py.File(own, "w") as f:   # the user's data, written by h5py
+        f["inputs"], f["targets"] = np.zeros((2, 3), np.float32), np.arange(2)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    x, y = np.ones((4, 3), np.float32), np.arange(4)
+    for path, says in ((scores, "is not a gradscore dataset"), (ckpts / "step_00000000.h5", "read as a checkpoint"),
+                       (own, "is not a gradscore dataset"), (notes, "is not a gradscore dataset"),
+                       (tmp_path / "d.npz", "its name says NumPy, but it would hold HDF5")):
+        before = path.read_bytes() if path.exists() else None
+        with pytest.raises(gs.OutputError, match=re.escape(says)):
+            gs.save_dataset(path, x, y)
+        assert (path.read_bytes() if path.exists() else None) == before, path
+    again = gs.save_dataset(data, x, y)   # its own file, saved again
+    got, labels = gs.load_dataset(again).read(0, 4)
+    assert torch.equal(got, torch.from_numpy(x)) and labels.tolist() == [0, 1, 2, 3]
+
+
 def test_save_dataset_refuses_what_loading_refuses_and_writes_nothing(tmp_path):
     """save_dataset wrote files that load_dataset (and so every command) then refused:
     repeated ids, targets or a noisy mask of another length, no targets, a text mask of

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_h5
 from .attrs import KIND_NAMES, kind_of
+from .outputs import claim
 from .store import DamagedFile, damage_named, put, read_ids, read_numpy, write_ids
 from ..batch import Inputs, call_model, concat, describe, hash_batch, move, take
 from ..config import DATA_SUFFIXES, EXAMPLES_PATH, as_path, names_a_factory
@@ -508,12 +509,14 @@ def save_dataset(path: str | Path, inputs: np.ndarray | Mapping[str, np.ndarray]
                  noisy: np.ndarray | None = None) -> Path:
     """Write a dataset HDF5 file atomically (chunked, so it can be read lazily). Each field
     is a numpy array, a list or a torch tensor (saved by its values; bfloat16 as float32).
+    An existing file at ``path`` is replaced only where it is a dataset this function
+    wrote; any other is refused (:class:`~gradscore.exceptions.OutputError`), left as it was.
 
     ``inputs``: an array (N, ...), or for text a dict with ``input_ids`` (N, T) and
     optionally ``attention_mask`` (N, T); its ``targets`` are then written as ``labels``
     when they are per token (N, T), else as ``targets`` (N,); None: default LM labels.
     """
-    path = as_path(path, "path")
+    path = claim(as_path(path, "path"), "dataset", overwrite=True)   # never over a file of another kind
     if isinstance(inputs, Mapping):
         fields = dict(inputs)
         if targets is not None:

@@ -81,6 +81,12 @@ def _is_costate(path: Path) -> bool:
     return {"fingerprint", "config", "conventions"} <= _hdf5_attrs(path)
 
 
+def _is_dataset(path: Path) -> bool:
+    """A dataset file :func:`gradscore.save_dataset` wrote: HDF5 whose only root attribute
+    is the seal of gradscore's writer (a checkpoint's and every output's hold more)."""
+    return _hdf5_attrs(path) == {"text_crc32"}
+
+
 def _is_json_report(path: Path) -> bool:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
@@ -161,6 +167,7 @@ KINDS: dict[str, tuple[str, Callable[[Path], bool]]] = {
     "markdown": ("a gradscore Markdown report", _is_markdown),
     "sketch": ("a gradscore sketch file", is_sketch_file),
     "attribution": ("a gradscore attribution file", _is_attribution),
+    "dataset": ("a gradscore dataset", _is_dataset),
 }
 
 
@@ -183,6 +190,7 @@ SUFFIX_FORMATS = {".h5": "HDF5", ".hdf5": "HDF5", ".json": "JSON", ".jsonl": "JS
                   ".pdf": "PDF", ".md": "Markdown", ".pt": "torch.save", ".pth": "torch.save",
                   ".safetensors": "safetensors"}
 _KIND_FORMATS = {"scores": ("HDF5",), "costate": ("HDF5",), "sketch": ("HDF5",), "attribution": ("HDF5",),
+                 "dataset": ("HDF5",),
                  "json": ("JSON",), "figure": ("PNG", "SVG"), "weights": ("NumPy",), "markdown": ("Markdown",)}
 
 
