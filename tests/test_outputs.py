@@ -79,6 +79,19 @@ def test_run_never_writes_over_its_input_even_with_overwrite(tiny_run, capsys, t
     assert not victim.with_name(victim.name + ".partial").exists()
 
 
+def _argv(command, ckpts, data, scores, sketch=None):
+    """A command's arguments but ``--out`` on the tiny run (``scored``)."""
+    return {"run": ["run", "--checkpoints", str(ckpts), "--data", str(data), "--quiet"],
+            "sketch": ["sketch", "--checkpoints", str(ckpts), "--data", str(data), "--dim", "8", "--quiet"],
+            "costate": ["costate", "--checkpoints", str(ckpts), "--proxy", str(data), "--target", str(data),
+                        "--quiet"],
+            "aggregate": ["aggregate", str(scores)],
+            "select": ["select", str(scores), "--by", "el2n"],
+            "flag": ["flag", str(scores), "--score", "el2n"],
+            "export": ["export", str(scores), "--format", "csv"],
+            "attribute": ["attribute", "--sketch", str(sketch), "--query", str(data), "--quiet"]}[command]
+
+
 @pytest.mark.parametrize("command", ["run", "sketch", "costate", "select", "export", "inrun"])
 def test_no_output_joins_a_folder_of_checkpoints_under_a_checkpoints_name(scored, tmp_path, capsys, command):
     # a scores file written as ckpts/step_00000009.h5 was read as a checkpoint by every later
@@ -86,12 +99,6 @@ def test_no_output_joins_a_folder_of_checkpoints_under_a_checkpoints_name(scored
     ckpts, data, scores = scored
     before = {p.name: _digest(p) for p in ckpts.iterdir()}
     out = ckpts / "step_00000009.h5"
-    argv = {"run": ["run", "--checkpoints", str(ckpts), "--data", str(data), "--quiet"],
-            "sketch": ["sketch", "--checkpoints", str(ckpts), "--data", str(data), "--dim", "8", "--quiet"],
-            "costate": ["costate", "--checkpoints", str(ckpts), "--proxy", str(data), "--target", str(data),
-                        "--quiet"],
-            "select": ["select", str(scores), "--by", "el2n"],
-            "export": ["export", str(scores), "--format", "csv"]}
     if command == "inrun":
         import gradscore as gs
         from gradscore.demos.models import mlp
@@ -99,14 +106,14 @@ def test_no_output_joins_a_folder_of_checkpoints_under_a_checkpoints_name(scored
         with pytest.raises(gs.OutputError, match="read as a checkpoint"):
             gs.InRun(mlp(**MLP_KWARGS), out=out)
     else:
-        code, err = _run(argv[command] + ["--out", str(out), "--overwrite"], capsys)
+        code, err = _run(_argv(command, ckpts, data, scores) + ["--out", str(out), "--overwrite"], capsys)
         assert code == 2 and len(err.splitlines()) == 1, err
         assert "read as a checkpoint" in err and "step_00000009.h5" in err, err
     assert {p.name: _digest(p) for p in ckpts.iterdir()} == before
     assert main(["info", str(ckpts)]) == 0
     elsewhere = ckpts / "scores.h5"   # another name in the same folder is the user's choice
     if command == "run":
-        assert main(argv["run"] + ["--out", str(elsewhere)]) == 0
+        assert main(_argv("run", ckpts, data, scores) + ["--out", str(elsewhere)]) == 0
         assert main(["info", str(ckpts)]) == 0
 
 
@@ -123,14 +130,7 @@ def test_an_output_path_ending_in_a_slash_is_refused_not_written_as_a_file(score
         with pytest.raises(gs.OutputError, match="ends in"):
             gs.InRun(mlp(**MLP_KWARGS), out=out)
     else:
-        argv = {"run": ["run", "--checkpoints", str(ckpts), "--data", str(data), "--quiet"],
-                "sketch": ["sketch", "--checkpoints", str(ckpts), "--data", str(data), "--dim", "8", "--quiet"],
-                "costate": ["costate", "--checkpoints", str(ckpts), "--proxy", str(data), "--target", str(data),
-                            "--quiet"],
-                "aggregate": ["aggregate", str(scores)],
-                "select": ["select", str(scores), "--by", "el2n"],
-                "export": ["export", str(scores), "--format", "csv"]}[command]
-        code, err = _run(argv + ["--out", out], capsys)
+        code, err = _run(_argv(command, ckpts, data, scores) + ["--out", out], capsys)
         assert code == 2 and len(err.splitlines()) == 1 and "ends in" in err, err
     assert not (tmp_path / "new").exists()
 
@@ -159,15 +159,7 @@ def test_an_output_named_as_another_format_is_refused(scored, tmp_path, capsys, 
         if command == "attribute":
             assert main(["sketch", "--checkpoints", str(ckpts), "--data", str(data), "--dim", "8", "--quiet",
                          "--out", str(sketch)]) == 0
-        argv = {"run": ["run", "--checkpoints", str(ckpts), "--data", str(data), "--quiet"],
-                "sketch": ["sketch", "--checkpoints", str(ckpts), "--data", str(data), "--dim", "8", "--quiet"],
-                "costate": ["costate", "--checkpoints", str(ckpts), "--proxy", str(data), "--target", str(data),
-                            "--quiet"],
-                "aggregate": ["aggregate", str(scores)],
-                "select": ["select", str(scores), "--by", "el2n"],
-                "flag": ["flag", str(scores), "--score", "el2n"],
-                "attribute": ["attribute", "--sketch", str(sketch), "--query", str(data), "--quiet"]}[command]
-        code, err = _run(argv + ["--out", str(out)], capsys)
+        code, err = _run(_argv(command, ckpts, data, scores, sketch) + ["--out", str(out)], capsys)
         assert code == 2 and len(err.splitlines()) == 1, err
         assert f"{out}: its name says {says}, but it would hold {writes}" in err, err
     assert not out.exists()
