@@ -3,6 +3,7 @@ as the upper triangle of blocks (what it does) against the whole Grams, and agai
 outer form, side by side in one run, on transformer layer shapes from T = 32 to 1024.
 
     python -m bench.gram [--pairs 30] [--device cpu|cuda] [--json bench/results/gram_cpu.json --overwrite]
+    python -m bench.gram --rounding [--json bench/results/gram_rounding_cpu.json --overwrite]
 
 Both Grams a aᵀ and δ δᵀ are symmetric: k row blocks need k(k + 1)/2 of the k² block
 products, (k + 1)/(2k) of the flops. A row gives k (``gram_blocks``'s CPU rule, timed on
@@ -10,16 +11,25 @@ either device), the median ratio of blocked to whole over the pairs with its qua
 the same for the outer form (on CUDA its Triton kernel), and the form ``plan`` picks on
 the device: the data behind ``MIN_BLOCKED_T`` and ``BLOCK_ROWS``, and behind keeping
 whole Grams on CUDA until measured (the GPU kit runs this).
+
+``--rounding`` measures instead what the float32 Gram form keeps of a result whose terms
+cancel: positions in pairs (a, δ), (a + ε n, −δ), so ‖g_b‖² is a small share of its terms
+Σ_t ‖a_t‖²‖δ_t‖². A row gives the median share, the largest relative error of the float32
+Grams (with the float64 rerun of ``cancellation_checked`` off) and k = error · share / u:
+the constant of ``cancelled_share``.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
+from unittest import mock
 
 import torch
 
 from bench.engines import device_name, pair_ratios, parsed, run_script, write_results
 from gradscore._version import __version__
+from gradscore.kernels import ghost_linear as kernel
 from gradscore.kernels.ghost_linear import _gram_sq, ghost_linear, gram_blocks, plan, workspace_bytes
 
 #: (B, T, d_in, d_out): a d = 128 transformer's attention and MLP layers, GPT-2 small's at longer T
@@ -54,12 +64,48 @@ def run_bench(pairs: int = 30, echo=print, device: str = "cpu", cases: list | No
             "pairs": pairs, "rows": rows}
 
 
+#: (d_in, d_out) of the rounding rows, each at P = 1, 4, 32 pairs and ε = 10⁻¹, 10⁻², 10⁻³
+ROUNDING_WIDTHS = [(64, 64), (128, 512), (768, 3072), (16, 2048)]
+
+
+def run_rounding(echo=print, B: int = 64) -> dict:
+    """Rows: the float32 Gram form's largest relative error at a share of its terms (module
+    docstring), against the float64 Gram of the same float32 inputs."""
+    torch.manual_seed(0)
+    u = torch.finfo(torch.float32).eps / 2
+    rows = []
+    for d_in, d_out in ROUNDING_WIDTHS:
+        for P in (1, 4, 32):
+            for eps in (1e-1, 1e-2, 1e-3):
+                a = torch.randn(B, P, d_in, dtype=torch.float64) * torch.rand(B, P, 1, dtype=torch.float64) * 10
+                d = torch.randn(B, P, d_out, dtype=torch.float64)
+                near = a + eps * torch.randn_like(a) * a.norm(dim=2, keepdim=True) / math.sqrt(d_in)
+                a32, d32 = torch.cat([a, near], 1).float(), torch.cat([d, -d], 1).float()
+                want = _gram_sq(a32.double(), d32.double(), 2**30)
+                with mock.patch.object(kernel, "cancelled_share", lambda dtype: 0.0):   # the float32 rows as formed
+                    got = _gram_sq(a32, d32, 2**30).double()
+                share = want / (a32.double().pow(2).sum(2) * d32.double().pow(2).sum(2)).sum(1)
+                error = (got - want).abs() / want
+                row = {"d_in": d_in, "d_out": d_out, "pairs": P, "eps": eps, "share": float(share.median()),
+                       "max_relative_error": float(error.max()), "k": float((error * share).max() / u)}
+                rows.append(row)
+                echo(f"(d_in, d_out) = {(d_in, d_out)!s:<12} pairs {P:<3} share {row['share']:.1e}  "
+                     f"largest error {row['max_relative_error']:.1e}  k {row['k']:.1f}")
+    k = max(r["k"] for r in rows)
+    echo(f"largest k {k:.1f}: at cancelled_share (float32: {kernel.cancelled_share(torch.float32):.3f}) the "
+         f"error is at most {k * u / kernel.cancelled_share(torch.float32):.1e} (GRAM_RTOL {kernel.GRAM_RTOL:.0e})")
+    return {"device": "cpu", "device_name": device_name("cpu"), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "gradscore": __version__, "examples": B, "largest_k": k, "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gram", description=__doc__.split("\n\n")[0])
     p.add_argument("--pairs", type=int, default=30, help="timed pairs per shape; the median ratio is kept")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the Grams are formed")
+    p.add_argument("--rounding", action="store_true",
+                   help="measure the float32 Gram form's rounding where its terms cancel, not its time (CPU)")
     args = parsed(p, argv)
-    result = run_bench(args.pairs, device=args.device)
+    result = run_rounding() if args.rounding else run_bench(args.pairs, device=args.device)
     if args.json:
         write_results(args.json, result)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import random
 import re
@@ -1323,6 +1324,22 @@ def check_float32(model: nn.Module, x, y, params, V, want, where: str, loss: str
                               want, V)
     assert max(got_sq, got_dot) < max(1e-4, 100 * loop_err), (
         f"{where}: relative error {got_sq:.2e} (‖g‖²), {got_dot:.2e} (dots); the float32 loop's {loop_err:.2e}")
+
+
+def _normal(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def cancelling(B: int, P: int, width: int, seed: int, dtype=torch.float32, least: float = 1e-4
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions whose gradient terms cancel: a (B, 2P, width) and δ (B, 2P, 2·width), P pairs
+    (a_t, δ_t), (a_t + ε_b n_t, −δ_t) with ε_b from 10⁻¹ down to ``least`` over the examples,
+    so g_b = −ε_b Σ_t δ_t n_tᵀ is up to 1/least² times smaller than Σ_t ‖a_t‖²‖δ_t‖²."""
+    eps = torch.logspace(-1, math.log10(least), B, dtype=torch.float64)[:, None, None]
+    a = _normal(B, P, width, seed=seed) * 10
+    d = _normal(B, P, 2 * width, seed=seed + 1)
+    near = a + eps * _normal(B, P, width, seed=seed + 2)
+    return torch.cat([a, near], 1).to(dtype), torch.cat([d, -d], 1).to(dtype)
 
 
 def loop_grads(model: nn.Module, x, y, names: list[str]) -> dict[str, torch.Tensor]:

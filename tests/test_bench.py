@@ -102,6 +102,18 @@ def test_gram_bench_times_forms_that_agree(monkeypatch):
     assert all(r["blocked_to_whole"] > 0 and r["outer_to_whole"] > 0 for r in rows)
 
 
+def test_gram_rounding_bench_finds_the_constant_of_cancelled_share(monkeypatch):
+    """Smoke: one row per (pairs, ε), the float32 rows measured as formed (not rerun in
+    float64: else their error would be 0), and a constant k below the 16 that
+    ``cancelled_share`` assumes."""
+    import bench.gram as bench_gram
+    monkeypatch.setattr(bench_gram, "ROUNDING_WIDTHS", [(32, 64)])
+    result = bench_gram.run_rounding(echo=lambda _: None, B=16)
+    assert [(r["pairs"], r["eps"]) for r in result["rows"]] == [(p, e) for p in (1, 4, 32) for e in (1e-1, 1e-2, 1e-3)]
+    assert all(r["max_relative_error"] > 0 for r in result["rows"])
+    assert 0 < result["largest_k"] < 16
+
+
 SCRIPTS = ["conv_plan", "dynamics_scale", "engines", "families", "flag_counts", "gram", "inrun", "inrun_store",
            "kernels", "large_data", "norm_rules", "sketch", "whole_dataset"]
 

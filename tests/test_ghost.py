@@ -47,6 +47,32 @@ class _BiasKV(nn.Module):
         return self.head(self.slope(self.mha(x, x, x, need_weights=False)[0]).flatten(1))
 
 
+class _PooledTokens(nn.Module):
+    """A bias-free linear map of each token, averaged over the tokens: a Gram-form layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(64, 512, bias=False)
+
+    def forward(self, x):
+        return self.proj(x).mean(1)
+
+
+@pytest.mark.parametrize("engine", ["ghost", "auto"])
+def test_tokens_whose_gradients_cancel_score_as_the_float64_loop(engine):
+    """Tokens v, −v, v, −v(1 + 10⁻⁵) of size 100: each example's float32 ‖g_b‖² within 10⁻⁴
+    of the float64 loop's (the Gram form gave 0.0078 or −0.0039 for 4.6·10⁻⁶, the float32
+    loop 3·10⁻⁴ off), so no GraNd is NaN or noise."""
+    torch.manual_seed(0)
+    model = _PooledTokens().eval()
+    v = torch.randn(8, 1, 64) * 100
+    x, y = torch.cat([v, -v, v, -v * (1 + 1e-5)], 1), torch.randint(0, 512, (8,))
+    got = gs.Scorer(model, "cross_entropy", engine=engine).score_batch(x, y).sq_norm
+    want = gs.Scorer(model.double(), "cross_entropy", engine="loop").score_batch(x.double(), y).sq_norm
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=0)
+
+
 def test_auto_is_the_chain_per_parameter():
     """auto: a ghost rule where one applies, the fallback for exactly the other parameters.
     ``engine="ghost"`` names the same engine (the other tests run ``auto`` alone)."""

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from gradscore.demos.models import digits_cnn
-from helpers import compare_with_loop, ghost_case
+from helpers import cancelling, compare_with_loop, ghost_case
 
 
 def test_conv_in_slices_equals_one_piece(monkeypatch):
@@ -114,6 +114,26 @@ def test_every_conv_form_equals_loop(monkeypatch, name, form, K):
                         form if calls == 1 or not single else "outer")
     model, x = (ConvTwice(), torch.randn(5, 3, 9, 10)) if name == "conv_twice" else ghost_case(name)
     compare_with_loop(model, x, K)
+
+
+@pytest.mark.parametrize("dtype, least", [(torch.float32, 1e-4), (torch.float64, 1e-8)])
+@pytest.mark.parametrize("form", ["outer", "gram", "pixel", "grouped", "sparse"])
+def test_every_conv_form_keeps_rows_whose_terms_cancel_exact(monkeypatch, form, dtype, least):
+    """A 2x2 conv of stride 2 whose patches come in pairs (p, δ), (p + ε n, −δ): ‖g_b‖² within
+    10⁻⁵ of the float64 per-example gradient of those very inputs for the Gram forms (their
+    rows were noise there, some below 0); the forms that form g_b, within what they keep."""
+    from gradscore.engines.rules import conv
+    monkeypatch.setattr(conv, "plan", lambda *args, **kwargs: form)
+    C, k, P = 3, 2, 3
+    a, d = cancelling(6, P, C * k * k, seed=5, dtype=dtype, least=least)          # (6, 2P, 12), (6, 2P, 24)
+    x = a.reshape(6, 2 * P, C, k, k).permute(0, 2, 3, 1, 4).reshape(6, C, k, 2 * P * k)   # patch t: columns tk..
+    delta = d.transpose(1, 2).reshape(6, 2 * C * k * k, 1, 2 * P)
+    layer = nn.Conv2d(C, 2 * C * k * k, k, stride=k, bias=False).to(dtype)
+    sq = conv.conv(layer, [x], [delta], {"weight": None}, 0)[0]
+    want = torch.stack([torch.nn.grad.conv2d_weight(x[b:b + 1].double(), layer.weight.shape, delta[b:b + 1].double(),
+                                                    stride=k).pow(2).sum() for b in range(6)])
+    assert sq.dtype == dtype
+    torch.testing.assert_close(sq.double(), want, rtol=1e-5 if form in ("gram", "pixel") else 1e-2, atol=0)
 
 
 @pytest.mark.parametrize("K", [0, 2])

@@ -12,6 +12,7 @@ import torch
 from gradscore.kernels import (NormDotBackend, available_backends, describe, get_backend,
                                norm_dot, norm_dot_reference)
 from gradscore.kernels.ghost_linear import ghost_linear, ghost_linear_reference, gram_blocks, plan
+from helpers import cancelling
 
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = [("torch", "cpu"), ("numba", "cpu"), ("triton", TRITON_DEVICE)]
@@ -174,6 +175,37 @@ def test_ghost_linear_torch_float64_equals_per_example_loop(B, T, di, do, K, for
         assert sq[b].item() == pytest.approx(float((g * g).sum()), rel=1e-10)
         for k in range(K):
             assert dots[b, k].item() == pytest.approx(float((g * V[k]).sum()), rel=1e-9, abs=1e-9)
+
+
+@pytest.mark.parametrize("P, width", [(1, 64), (2, 300), (32, 16)])   # T = 64: the blocked Grams
+@pytest.mark.parametrize("form", ["gram", "outer"])
+@pytest.mark.parametrize("dtype, least", [(torch.float32, 1e-4), (torch.float64, 1e-8)])
+def test_ghost_linear_rows_whose_terms_cancel_are_exact(P, width, form, dtype, least):
+    """Inputs whose per-position terms cancel: ‖g_b‖² within 10⁻⁵ of the float64 sum of those
+    very inputs (the Gram form's rows were noise there, some below 0), in float32 as in
+    float64; the outer form, which rounds to u / √share, within what it keeps."""
+    a, d = cancelling(6, P, width, seed=P, dtype=dtype, least=least)
+    sq, _ = ghost_linear(a, d, None, form=form)
+    want, _ = ghost_linear_reference(a.double(), d.double())
+    assert sq.dtype == dtype
+    torch.testing.assert_close(sq.double(), want, rtol=1e-5 if form == "gram" else 1e-2, atol=0)
+
+
+@pytest.mark.parametrize("form", ["pairs", "rows"])
+@pytest.mark.parametrize("dtype, least", [(torch.float32, 1e-4), (torch.float64, 1e-8)])
+def test_embedding_rows_whose_terms_cancel_are_exact(form, dtype, least):
+    """Token ids in pairs (id, δ), (id, −δ + ε n): an embedding's ‖g_b‖² within 10⁻⁵ of the
+    float64 sums of those very δ by the pair form (CUDA's, whose rows were noise there); the
+    row form, which sums the δ of each id first, within what it keeps."""
+    from gradscore.engines.rules.embedding import sq_norms_by_pairs, sq_norms_by_rows
+    _, d = cancelling(6, 4, 8, seed=3, dtype=torch.float64, least=least)      # (6, 8, 16): pairs (δ, −δ)
+    eps = torch.logspace(-1, math.log10(least), 6, dtype=torch.float64)[:, None, None]
+    d[:, 4:] += eps * _rand(6, 4, 16, seed=4, dtype=torch.float64)
+    ids = torch.arange(4).repeat(6, 2)                                        # position t and t + 4: one id
+    sq = (sq_norms_by_pairs if form == "pairs" else sq_norms_by_rows)(ids, d.to(dtype))
+    want = sq_norms_by_rows(ids, d.to(dtype).double())
+    assert sq.dtype == dtype
+    torch.testing.assert_close(sq.double(), want, rtol=1e-5 if form == "pairs" else 1e-2, atol=0)
 
 
 @pytest.mark.parametrize("B,T,di,do,K", GHOST_SHAPES)

@@ -170,9 +170,32 @@ def _outer(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor | None, budget: int
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
+#: the error a Gram form's ‖g_b‖² may keep, relative to it: rows with more are made again
+GRAM_RTOL = 1e-5
+
+
+def cancelled_share(dtype: torch.dtype) -> float:
+    """The share of its terms without cancellation (Σ_t ‖a_bt‖²‖δ_bt‖², the Grams' diagonals)
+    below which a Gram form's ‖g_b‖² in ``dtype`` is made again: the Grams' entries round to
+    u of ‖a_t‖‖a_s‖, which leaves about 16 u / share of the result (``python -m bench.gram
+    --rounding``), :data:`GRAM_RTOL` at this share (float32: 0.095; float64: 1.8·10⁻¹⁰)."""
+    return 16 * torch.finfo(dtype).eps / 2 / GRAM_RTOL
+
+
+def cancellation_checked(sq: torch.Tensor, terms: torch.Tensor, again: Callable[[torch.Tensor], torch.Tensor]
+                         ) -> torch.Tensor:
+    """A Gram form's ‖g_b‖² ``sq`` (B,) with each row below :func:`cancelled_share` of its
+    ``terms`` (B,) (Σ_t of the squared norms of its rank-one terms) replaced by
+    ``again(rows)``: those examples' ‖g_b‖² made more precisely (float32 rows: the float64
+    Gram form; float64 rows: the per-example gradients, whose rounding is u / √share)."""
+    rows = (sq < cancelled_share(sq.dtype) * terms).nonzero()[:, 0]
+    return sq.index_copy(0, rows, again(rows).to(sq.dtype)) if len(rows) else sq
+
+
 def _gram_sq(a: torch.Tensor, d: torch.Tensor, budget: int, blocks: list[slice] | None = None) -> torch.Tensor:
     """‖Σ_t δ_bt a_btᵀ‖² (B,) from the upper triangle of the Grams' ``blocks`` (default
-    :func:`gram_blocks`), ``budget`` bytes of Grams at a time."""
+    :func:`gram_blocks`), ``budget`` bytes of Grams at a time; float32 rows whose terms
+    cancel are made again (:func:`cancellation_checked`)."""
     B, T, _ = a.shape
     acc = acc_dtype(a.dtype)
     if T == 1:  # a 2-D input: the (1, 1) Grams are ‖a_b‖² and ‖δ_b‖²
@@ -181,7 +204,7 @@ def _gram_sq(a: torch.Tensor, d: torch.Tensor, budget: int, blocks: list[slice] 
     shared = _active if step >= B else None   # one block: the input's Gram may be other layers' too
     blocks = gram_blocks(T, a.is_cuda) if blocks is None else blocks
     pairs = [(i, j) for i in range(len(blocks)) for j in range(i, len(blocks))]
-    parts = []
+    parts, terms = [], []
     for n in range(0, B, step):
         ai, di = a[n:n + step].to(acc), d[n:n + step].to(acc)
 
@@ -189,11 +212,19 @@ def _gram_sq(a: torch.Tensor, d: torch.Tensor, budget: int, blocks: list[slice] 
             return [torch.bmm(x[:, blocks[i]], x[:, blocks[j]].transpose(1, 2)) for i, j in pairs]
         A = gram() if shared is None else shared.gram(a, gram)
         sq = torch.zeros(len(ai), dtype=acc, device=a.device)
+        diagonal = torch.zeros_like(sq)
         for (i, j), A_ij in zip(pairs, A):
-            D_ij = torch.bmm(di[:, blocks[i]], di[:, blocks[j]].transpose(1, 2))
-            sq += (A_ij * D_ij).sum((1, 2)) * (1 if i == j else 2)
+            terms_ij = A_ij * torch.bmm(di[:, blocks[i]], di[:, blocks[j]].transpose(1, 2))
+            sq += terms_ij.sum((1, 2)) * (1 if i == j else 2)
+            if i == j:   # the positions' own terms ‖a_t‖²‖δ_t‖²
+                diagonal += terms_ij.diagonal(0, 1, 2).sum(1)
         parts.append(sq)
-    return torch.cat(parts)
+        terms.append(diagonal)
+    def again(rows: torch.Tensor) -> torch.Tensor:
+        if acc == torch.float64:
+            return _outer(a[rows], d[rows], None, budget)[0]
+        return _gram_sq(a[rows].double(), d[rows].double(), budget, blocks)
+    return cancellation_checked(torch.cat(parts), torch.cat(terms), again)
 
 
 def _project_dots(a: torch.Tensor, d: torch.Tensor, V: torch.Tensor, budget: int) -> torch.Tensor:

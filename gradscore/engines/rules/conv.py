@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...kernels.dispatch import numba_on_cpu
-from ...kernels.ghost_linear import ghost_linear, gram_cost, workspace_bytes
+from ...kernels.ghost_linear import cancellation_checked, ghost_linear, gram_cost, workspace_bytes
 from ...kernels import acc_dtype, norm_dot
 from ..workarounds import row_major
 from .conv_costs import (DENSITY_SAMPLE, ELEMENTWISE_COST, FEW_INPUTS, GROUPED_COST, GROUPED_FEW_INPUTS_COST,
@@ -180,7 +180,8 @@ def _density(layer: nn.Module, acts, grads) -> float | None:
 
 
 def _pixel_sq(layer: nn.Module, x: torch.Tensor, d: torch.Tensor, geo: _Geometry) -> torch.Tensor:
-    """‖g_b(W)‖² (B,) from the Gram of input pixels, summed over kernel offsets."""
+    """‖g_b(W)‖² (B,) from the Gram of input pixels, summed over kernel offsets; rows whose
+    terms cancel are made again (``kernels.ghost_linear.cancellation_checked``)."""
     acc = acc_dtype(x.dtype)
     (kh, kw), (rh, rw), (sh, sw) = geo.k, geo.dil, geo.stride
     G, Hp, Wp, Ho, Wo = layer.groups, geo.Hp, geo.Wp, geo.Ho, geo.Wo
@@ -196,7 +197,15 @@ def _pixel_sq(layer: nn.Module, x: torch.Tensor, d: torch.Tensor, geo: _Geometry
     # Σ over row offsets i -> the Gram of patches, (n, t, t', w, w')
     P = P.as_strided((B * G, kh, Ho, Ho, Wo, Wo), (n, rh * (s1 + s2), sh * s1, sh * s2, s3, s4)).sum(1)
     D = torch.bmm(dg.transpose(1, 2), dg).view(-1, Ho, Wo, Ho, Wo).permute(0, 1, 3, 2, 4)
-    return (P * D).sum((1, 2, 3, 4)).view(B, G).sum(1)
+    sq = (P * D).sum((1, 2, 3, 4)).view(B, G).sum(1)
+    # each position's own term ‖patch_t‖²‖δ_t‖², (n, w, t) on the Grams' diagonals
+    terms = (P.diagonal(0, 1, 2).diagonal(0, 1, 2) * D.diagonal(0, 1, 2).diagonal(0, 1, 2)).sum((1, 2))
+
+    def again(rows: torch.Tensor) -> torch.Tensor:
+        if acc == torch.float64:
+            return _grouped(layer, [x[rows]], [d[rows]], None)[0]
+        return _pixel_sq(layer, x[rows].double(), d[rows].double(), geo)
+    return cancellation_checked(sq, terms.view(B, G).sum(1), again)
 
 
 def _conv_dots(layer: nn.Module, x: torch.Tensor, d: torch.Tensor, V: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 from ...exceptions import EngineError
 from ...kernels import acc_dtype
+from ...kernels.ghost_linear import cancellation_checked
 from .registry import Factor, computes, register_rule, register_structural
 
 
@@ -55,9 +56,14 @@ def embedding_factors(layer: nn.Embedding, acts, grads) -> dict[str, Factor]:
 
 def sq_norms_by_pairs(ids: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """(B,) ‖g_b‖² = Σ_{t,s: id_bt = id_bs} δ_bt·δ_bs for ids (B, T) and δ (B, T, dim):
-    O(B·T²·dim), a batched product (deterministic on CUDA, where index_add is not)."""
+    O(B·T²·dim), a batched product (deterministic on CUDA, where index_add is not); rows
+    whose terms cancel are made again (``kernels.ghost_linear.cancellation_checked``)."""
     same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(d.dtype)                      # (B, T, T)
-    return (torch.bmm(d, d.transpose(1, 2)) * same).sum((1, 2))
+    D = torch.bmm(d, d.transpose(1, 2))
+
+    def again(rows: torch.Tensor) -> torch.Tensor:
+        return (sq_norms_by_rows if d.dtype == torch.float64 else sq_norms_by_pairs)(ids[rows], d[rows].double())
+    return cancellation_checked((D * same).sum((1, 2)), D.diagonal(0, 1, 2).sum(1), again)
 
 
 def sq_norms_by_rows(ids: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
