@@ -191,6 +191,18 @@ def test_ghost_linear_rows_whose_terms_cancel_are_exact(P, width, form, dtype, l
     torch.testing.assert_close(sq.double(), want, rtol=1e-5 if form == "gram" else 1e-2, atol=0)
 
 
+@pytest.mark.parametrize("dtype, least", [(torch.float32, 1e-4), (torch.float64, 1e-8)])
+def test_a_factored_target_gradients_norm_whose_rows_cancel_is_exact(dtype, least):
+    """‖V‖² of a gradient held as its rows' factors (the in-run recorder's target gradient of a
+    wide Linear, whose norm divides every cosine), its rows in pairs that cancel: within
+    10⁻⁵ of the float64 norm of V formed from those very factors (the float32 Gram was noise)."""
+    from gradscore.engines.rules.registry import FactoredRef
+    a, d = cancelling(6, 4, 16, seed=7, dtype=dtype, least=least)      # 6 gradients of 8 rows each
+    for b in range(6):
+        want = float((d[b].double().T @ a[b].double()).pow(2).sum())
+        assert FactoredRef(d[b], a[b]).sq_norm() == pytest.approx(want, rel=1e-5, abs=0), b
+
+
 @pytest.mark.parametrize("form", ["pairs", "rows"])
 @pytest.mark.parametrize("dtype, least", [(torch.float32, 1e-4), (torch.float64, 1e-8)])
 def test_embedding_rows_whose_terms_cancel_are_exact(form, dtype, least):

@@ -189,7 +189,7 @@ def cancellation_checked(sq: torch.Tensor, terms: torch.Tensor, again: Callable[
     ``again(rows)``: those examples' ‖g_b‖² made more precisely (float32 rows: the float64
     Gram form; float64 rows: the per-example gradients, whose rounding is u / √share)."""
     rows = (sq < cancelled_share(sq.dtype) * terms).nonzero()[:, 0]
-    return sq.index_copy(0, rows, again(rows).to(sq.dtype)) if len(rows) else sq
+    return sq.index_copy(0, rows, again(rows).to(sq.device, sq.dtype)) if len(rows) else sq
 
 
 def _gram_sq(a: torch.Tensor, d: torch.Tensor, budget: int, blocks: list[slice] | None = None) -> torch.Tensor:

@@ -87,6 +87,7 @@ import torch
 from torch import nn
 
 from ...kernels import acc_dtype, norm_dot
+from ...kernels.ghost_linear import cancellation_checked
 
 RuleFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -132,10 +133,19 @@ class FactoredRef:
         return self if c == 1.0 else FactoredRef(self.left * c, self.right)
 
     def sq_norm(self) -> float:
-        """‖V‖² = Σ_{m,m'} (left_m·left_m')(right_m·right_m'), in M²·(rows + cols) flops."""
+        """‖V‖² = Σ_{m,m'} (left_m·left_m')(right_m·right_m'), in M²·(rows + cols) flops; where
+        the rows' terms cancel (a target batch whose examples pull apart) it is made again
+        more precisely (``kernels.ghost_linear.cancellation_checked``): float32 in float64,
+        float64 from V itself."""
         acc = acc_dtype(self.right.dtype)
         left, right = self.left.to(acc), self.right.to(acc)
-        return float(((left @ left.T) * (right @ right.T)).sum())
+        terms = (left @ left.T) * (right @ right.T)
+
+        def again(rows: torch.Tensor) -> torch.Tensor:
+            if acc == torch.float64:
+                return (left.T @ right).pow(2).sum().reshape(1)
+            return torch.tensor([FactoredRef(left.double(), right.double()).sq_norm()], dtype=torch.float64)
+        return float(cancellation_checked(terms.sum().reshape(1), terms.diagonal().sum().reshape(1), again))
 
     def cheaper(self) -> bool:
         """Whether the Gram form costs fewer flops per position than the reference-vector
