@@ -116,6 +116,34 @@ def test_without_mask_the_mask_free_parts_run(tmp_path, capsys):
     assert "bad.npz: cannot read a noisy mask (.npy, or .npz with 'noisy'): damaged: " in capsys.readouterr().err
 
 
+def test_a_noisy_mask_of_labels_or_indices_is_refused_not_read_as_bools(tmp_path, capsys):
+    """A noisy mask holding labels (0..9) or indices was read as bools, every nonzero one
+    noisy, and every AUROC and precision was of that; a column (N, 1) was "200 entries, the
+    scores file 200". Each is one line and exit 2; 0/1 numbers are a mask as bools are."""
+    path, *_ = _synthetic(tmp_path / "s.h5", with_mask=False)
+    bad = {"labels": np.arange(200) % 10, "column": (np.arange(200) < 30)[:, None], "nan": np.where(
+           np.arange(200) < 30, 1.0, np.nan), "text": np.array(["yes", "no"] * 100)}
+    says = {"labels": "holds 2 at position 2, not only 0 and 1", "column": "has shape (200, 1)",
+            "nan": "holds nan at position 30, not only 0 and 1", "text": "holds <U3 values, not True/False"}
+    for name, values in bad.items():
+        np.save(tmp_path / f"{name}.npy", values)
+        assert main(["diagnose", str(path), "--noisy-mask", str(tmp_path / f"{name}.npy")]) == 2, name
+        err = capsys.readouterr().err
+        assert f"{name}.npy: noisy mask {says[name]}; give True for each known-noisy example" in err, err
+        assert "mask[indices] = True" in err and len(err.strip().splitlines()) == 1
+    np.save(tmp_path / "numbers.npy", (np.arange(200) < 30).astype(np.float32))
+    assert main(["diagnose", str(path), "--noisy-mask", str(tmp_path / "numbers.npy")]) == 0
+    assert "flagging the 30 noisy examples" in capsys.readouterr().out
+    refused = r"field .noisy. holds 2 at position 2, not only 0 and 1; give .*; nothing written"
+    with pytest.raises(gs.DataError, match=refused):
+        gs.save_dataset(tmp_path / "d.h5", np.zeros((200, 3), np.float32), np.zeros(200, np.int64),
+                        noisy=np.arange(200) % 10)
+    np.savez(tmp_path / "d.npz", inputs=np.zeros((200, 3), np.float32), targets=np.zeros(200, np.int64),
+             noisy=np.arange(200) % 10)
+    with pytest.raises(gs.DataError, match="d.npz: field 'noisy' holds 2 at position 2"):
+        gs.load_dataset(tmp_path / "d.npz")
+
+
 def test_run_variants_equal_direct_computation(tmp_path):
     from test_pds import _gd_run
     ckpts, proxy, target, *_ = _gd_run(tmp_path)

@@ -491,6 +491,31 @@ def fields_problem(arrays: Mapping[str, Any], ids: Callable[[], np.ndarray]) -> 
                 return f"field '{key}' has shape {tuple(arrays[key].shape)} but 'input_ids' has {shape}"
     if "ids" in keys and len(np.unique(ids())) != n:
         return "field 'ids' has duplicate values"
+    if "noisy" in keys:
+        problem = mask_problem(np.asarray(arrays["noisy"][()]))
+        if problem is not None:
+            return f"field 'noisy' {problem}"
+    return None
+
+
+#: how to make a known-noisy mask, in what :func:`mask_problem` says
+MASK_FIX = "give True for each known-noisy example, one entry per example (from indices: mask = np.zeros(N, bool); " \
+           "mask[indices] = True)"
+
+
+def mask_problem(values: np.ndarray) -> str | None:
+    """What keeps ``values`` from being a known-noisy mask (N,) (bools, or numbers 0 and 1
+    only), or None: read as bools, a field of labels or of indices would mark every
+    nonzero one noisy, and every figure against the mask would be of that."""
+    if values.ndim != 1:
+        return f"has shape {values.shape}; {MASK_FIX}"
+    if values.dtype == bool:
+        return None
+    if values.dtype.kind not in "iuf":
+        return f"holds {values.dtype.str} values, not True/False; {MASK_FIX}"
+    other = (values != 0) & (values != 1)
+    if other.any():
+        return f"holds {values[other][0].item()!r} at position {int(np.argmax(other))}, not only 0 and 1; {MASK_FIX}"
     return None
 
 

@@ -28,7 +28,7 @@ import torch
 from .._version import __version__
 from ..config import as_path, checked_fraction
 from ..io.atomic import atomic_json
-from ..io.datasets import Dataset, load_dataset, positions_of
+from ..io.datasets import Dataset, load_dataset, mask_problem, positions_of
 from ..exceptions import GradscoreError
 from ..io.outputs import claim
 from ..scores.inrun import dot_terms as inrun_dot_terms
@@ -58,10 +58,14 @@ def _mask(res: dict[str, Any], noisy_mask: str | None, ds: Dataset | None) -> tu
         return res["noisy"].astype(bool), "the scores file"
     else:
         return None, "no noisy mask in the scores file; pass --noisy-mask FILE or --data FILE"
-    arr = np.asarray(arr).astype(bool)
+    arr = np.asarray(arr)
+    problem = mask_problem(arr) if noisy_mask is not None else None   # a dataset's field: checked at its opening
+    if problem is not None:
+        raise GradscoreError(f"{source}: noisy mask {problem}")
     if arr.shape != res["ids"].shape:
-        raise GradscoreError(f"{source}: noisy mask has {arr.shape[0]} entries, the scores file {len(res['ids'])}")
-    return arr, source
+        raise GradscoreError(f"{source}: noisy mask has {arr.shape[0]} entries, the scores file {len(res['ids'])}; "
+                             f"give one per example of the scores file, in its order")
+    return arr.astype(bool), source
 
 
 def _flag_metrics(noisy: np.ndarray, s: np.ndarray) -> dict[str, float]:
