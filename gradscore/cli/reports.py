@@ -144,7 +144,8 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--score", default="pds", choices=("pds", "target_dot", "inrun_value"),
                    help="the dot-product score to diagnose (inrun_value: a file written by gs.InRun)")
     mask = p.add_mutually_exclusive_group()
-    mask.add_argument("--noisy-mask", default=None, metavar="FILE", help="the known-noisy examples: a .npy mask (bool, or 0 and 1), one entry per example of the "
+    mask.add_argument("--noisy-mask", default=None, metavar="FILE",
+                      help="the known-noisy examples: a .npy mask (bool, or 0 and 1), one entry per example of the "
                            "scores file in its order, or an .npz with it as 'noisy'")
     mask.add_argument("--data", default=None, metavar="FILE",
                       help="the scored dataset: its 'noisy' field, and ‖x‖ as a baseline score")

@@ -194,8 +194,8 @@ def cancellation_checked(sq: torch.Tensor, terms: torch.Tensor, again: Callable[
 
 def _gram_sq(a: torch.Tensor, d: torch.Tensor, budget: int, blocks: list[slice] | None = None) -> torch.Tensor:
     """‖Σ_t δ_bt a_btᵀ‖² (B,) from the upper triangle of the Grams' ``blocks`` (default
-    :func:`gram_blocks`), ``budget`` bytes of Grams at a time; float32 rows whose terms
-    cancel are made again (:func:`cancellation_checked`)."""
+    :func:`gram_blocks`), ``budget`` bytes of Grams at a time; rows whose terms cancel are
+    made again (:func:`cancellation_checked`)."""
     B, T, _ = a.shape
     acc = acc_dtype(a.dtype)
     if T == 1:  # a 2-D input: the (1, 1) Grams are ‖a_b‖² and ‖δ_b‖²
@@ -220,6 +220,7 @@ def _gram_sq(a: torch.Tensor, d: torch.Tensor, budget: int, blocks: list[slice] 
                 diagonal += terms_ij.diagonal(0, 1, 2).sum(1)
         parts.append(sq)
         terms.append(diagonal)
+
     def again(rows: torch.Tensor) -> torch.Tensor:
         if acc == torch.float64:
             return _outer(a[rows], d[rows], None, budget)[0]

@@ -198,7 +198,7 @@ def _pixel_sq(layer: nn.Module, x: torch.Tensor, d: torch.Tensor, geo: _Geometry
     P = P.as_strided((B * G, kh, Ho, Ho, Wo, Wo), (n, rh * (s1 + s2), sh * s1, sh * s2, s3, s4)).sum(1)
     D = torch.bmm(dg.transpose(1, 2), dg).view(-1, Ho, Wo, Ho, Wo).permute(0, 1, 3, 2, 4)
     sq = (P * D).sum((1, 2, 3, 4)).view(B, G).sum(1)
-    # each position's own term ‖patch_t‖²‖δ_t‖², (n, w, t) on the Grams' diagonals
+    # each position's own term ‖patch_t‖²‖δ_t‖², (n, t, w) on the Grams' diagonals
     terms = (P.diagonal(0, 1, 2).diagonal(0, 1, 2) * D.diagonal(0, 1, 2).diagonal(0, 1, 2)).sum((1, 2))
 
     def again(rows: torch.Tensor) -> torch.Tensor:
