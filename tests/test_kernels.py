@@ -203,6 +203,25 @@ def test_a_factored_target_gradients_norm_whose_rows_cancel_is_exact(dtype, leas
         assert FactoredRef(d[b], a[b]).sq_norm() == pytest.approx(want, rel=1e-5, abs=0), b
 
 
+@pytest.mark.parametrize("dtype, least", [(torch.float32, 1e-4), (torch.float64, 1e-8)])
+def test_a_tied_weights_uses_whose_terms_cancel_are_exact(dtype, least):
+    """A vocabulary used by an embedding (ids, δ) and by a layer whose lefts are those ids'
+    one-hot rows, with −δ + ε n: ‖g_b‖² of the sum within 10⁻⁵ of the float64 sum of those
+    very factors (the uses' cross term rounded to 39× off in float32, 2.7× in float64)."""
+    from gradscore.engines.rules import tied_sq
+    from gradscore.engines.rules.registry import Factor
+    _, d = cancelling(6, 4, 8, seed=5, dtype=torch.float64, least=least)      # (6, 8, 16): pairs (δ, −δ)
+    eps = torch.logspace(-1, math.log10(least), 6, dtype=torch.float64)[:, None, None]
+    ids = torch.randint(0, 7, (6, 4), generator=torch.Generator().manual_seed(5))
+    hot = torch.nn.functional.one_hot(ids, 9).to(dtype)
+    first, second = d[:, :4].to(dtype), (d[:, 4:] + eps * _rand(6, 4, 16, seed=6, dtype=torch.float64)).to(dtype)
+    g = [hot.double().transpose(1, 2) @ r.double() for r in (first, second)]   # (6, 9, 16), exact in float64
+    own = [x.pow(2).sum((1, 2)).to(dtype) for x in g]
+    sq = tied_sq([Factor(ids, first, left_ids=True), Factor(hot, second)], own)
+    assert sq.dtype == dtype
+    torch.testing.assert_close(sq.double(), (g[0] + g[1]).pow(2).sum((1, 2)), rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("form", ["pairs", "rows"])
 @pytest.mark.parametrize("dtype, least", [(torch.float32, 1e-4), (torch.float64, 1e-8)])
 def test_embedding_rows_whose_terms_cancel_are_exact(form, dtype, least):

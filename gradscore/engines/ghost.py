@@ -55,7 +55,7 @@ from .free import FreeUses, candidates, graph_nodes, leaves, map_leaves
 from .workarounds import torch_workarounds
 from .layout import NOT_CALLED, NOT_ONE_OUTPUT, Layout, batchless, establish, observed
 from .probe import probe
-from .rules import Factor, Rule, computes_otherwise, cross, find_rule, has_rule
+from .rules import Factor, Rule, computes_otherwise, find_rule, has_rule, tied_sq
 
 
 @dataclass
@@ -110,7 +110,7 @@ def plan_layers(model: nn.Module, param_names: list[str]) -> tuple[list[_Layer],
     A tensor owned by several modules (tied weights, e.g. an input embedding reused as
     the output layer) gets the sum of the uses as its gradient, g = g₁ + g₂: each owner's
     rule gives ‖g_i‖² and ⟨g_i, V⟩, and the cross terms 2⟨g_i, g_j⟩ come from the rules'
-    factors (``rules.registry.cross``). Owners without factors send the tensor to vmap.
+    factors (``rules.tied_sq``). Owners without factors send the tensor to vmap.
     An owner without a rule that is an ancestor of one with a rule only holds the tensor
     (BERT's MLM head registers its decoder's bias as its own): the ruled owners take it,
     and a use of it by the ancestor's own ops is a stray at the layout (the fallback).
@@ -267,7 +267,7 @@ class _BatchSums:
         self.refs, self.index, self.K = refs, index, K
         self.sq: torch.Tensor | None = None
         self.dots: torch.Tensor | None = None
-        self.factors: dict[str, list[Factor]] = {}   # tied weight -> one factor per owner
+        self.tied: dict[str, list[tuple[Factor, torch.Tensor]]] = {}   # tied weight -> (factor, ‖g_i‖²) per owner
         self.grams = SharedGrams()   # inputs read by several layers: their Grams, formed once
         self.again = False           # a δ came after its layer's rule had run: a second backward
         self.paths: OutputPaths | None = None   # in-run: the check that the loss reaches layers only through z
@@ -288,9 +288,11 @@ class _BatchSums:
             return None
         return layer.rule.gram_input(act)
 
-    def add(self, sq: torch.Tensor, dots: torch.Tensor | None) -> None:
-        """Add a share; ``dots`` None: the rule kept its dots itself (the sketch engine's buffer)."""
-        self.sq = sq if self.sq is None else self.sq + sq
+    def add(self, sq: torch.Tensor | None, dots: torch.Tensor | None) -> None:
+        """Add a share; ``dots`` None: the rule kept its dots itself (the sketch engine's buffer);
+        ``sq`` None: added later (a tied weight's)."""
+        if sq is not None:
+            self.sq = sq if self.sq is None else self.sq + sq
         if dots is not None:
             self.dots = dots if self.dots is None else self.dots + dots
 
@@ -310,25 +312,29 @@ class _BatchSums:
             if layer.rule.probe_all:   # ((args, kwargs), output), each output leaf changed in place since: None
                 acts = [(call, _unchanged(out, versions)) for call, out, versions in acts]
             with autocast_off():   # in the dtypes the rule chooses (float32 for half types), not the region's
-                self.add(*layer.rule.fn(layer.module, acts, grads, lrefs, self.K))
+                own = {local: ref for local, ref in lrefs.items() if local not in layer.tied}
+                if own:
+                    self.add(*layer.rule.fn(layer.module, acts, grads, own, self.K))
+                if layer.tied:   # a tied weight's ‖g_i‖² is kept until every owner of it has reported
+                    fs = layer.rule.factors(layer.module, acts, grads)
+                for local in layer.tied:
+                    sq, dots = layer.rule.fn(layer.module, acts, grads, {local: lrefs[local]}, self.K)
+                    self.add(None, dots)
+                    self.tied.setdefault(layer.params[local], []).append((fs[local], sq))
             for act in acts:
                 seq = self._gram_input(layer, act)
                 if seq is not None:
                     self.grams.used(seq)
-            if layer.tied:  # kept until every owner of the weight has reported
-                fs = layer.rule.factors(layer.module, acts, grads)
-                for local in layer.tied:
-                    self.factors.setdefault(layer.params[local], []).append(fs[local])
         layer.acts, layer.grads, layer.skeletons = [], {}, []
 
     def add_cross_terms(self) -> None:
-        """‖Σ_i g_i‖² = Σ_i ‖g_i‖² + 2 Σ_{i<j} ⟨g_i, g_j⟩ for each tied weight."""
+        """Add each tied weight's ‖Σ_i g_i‖² = Σ_i ‖g_i‖² + 2 Σ_{i<j} ⟨g_i, g_j⟩ (``rules.tied_sq``);
+        its dots, linear, were added by each owner."""
         with autocast_off():
-            for fs in self.factors.values():
-                for i in range(len(fs)):
-                    for j in range(i + 1, len(fs)):
-                        self.sq = self.sq + 2 * cross(fs[i], fs[j]).to(self.sq.dtype)   # dots are linear: no cross term
-        self.factors = {}
+            for uses in self.tied.values():
+                fs, own = zip(*uses)
+                self.add(tied_sq(list(fs), list(own)), None)
+        self.tied = {}
 
 
 @register_engine("ghost")
@@ -670,7 +676,7 @@ class GhostEngine(Engine):
             for layer in self.layers:
                 state.run_rule(layer)
             self._add_free(state)
-        if state.factors:
+        if state.tied:
             state.add_cross_terms()
 
     def note_output(self, out) -> None:
@@ -718,7 +724,7 @@ class GhostEngine(Engine):
             for layer in self.layers:  # calls whose output did not reach the loss add nothing
                 state.run_rule(layer)
             self._add_free(state)
-        if state.factors:
+        if state.tied:
             state.add_cross_terms()
         fb = self._fallback(x, y, refs)
         if fb is not None:

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from ...kernels import norm_dot
 from ...kernels.ghost_linear import ghost_linear, ghost_linear_dots
-from .registry import Factor, FactoredRef, bias_term, computes, register_rule, register_structural
+from .registry import Factor, FactoredRef, bias_factor, bias_term, computes, register_rule, register_structural
 
 
 def cat_calls(xs: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -37,8 +37,9 @@ def sequence_view(x: torch.Tensor) -> torch.Tensor | None:
 
 
 def linear_factors(layer: nn.Linear, acts, grads) -> dict[str, Factor]:
-    """weight (d_out, d_in): g_b = Σ_t δ_bt a_btᵀ."""
-    return {"weight": Factor(as_sequence(grads), as_sequence(acts))}
+    """weight (d_out, d_in): g_b = Σ_t δ_bt a_btᵀ; bias: Σ_t δ_bt."""
+    d = as_sequence(grads)
+    return {"weight": Factor(d, as_sequence(acts)), "bias": bias_factor(d)}
 
 
 def weight_and_bias(acts, grads, refs, K, *, transposed: bool = False):

@@ -43,10 +43,12 @@ A layer whose ``forward`` was replaced on the instance has no rule (Accelerate's
 hook excepted: it moves tensors and calls the class's forward).
 
 A rule whose weight gradient is a sum of outer products, g_b = Σ_t l_bt r_btᵀ, also
-registers ``factors(layer, acts, grads) -> {local name: Factor}``: the engine needs them
-for a weight shared by several modules (tied weights), whose per-example gradient is
-the sum of both uses g₁ + g₂, so that ‖g‖² = ‖g₁‖² + ‖g₂‖² + 2⟨g₁, g₂⟩; the rules give
-the first two terms and :func:`cross` the last one, exactly.
+registers ``factors(layer, acts, grads) -> {local name: Factor}``, one per parameter it
+gives (a bias as Σ_t δ_bt 1ᵀ, :func:`bias_factor`): the engine needs them for a parameter
+shared by several modules (tied weights), whose per-example gradient is the sum of both
+uses g₁ + g₂, so that ‖g‖² = ‖g₁‖² + ‖g₂‖² + 2⟨g₁, g₂⟩; the rules give the first two
+terms and :func:`cross` the last one, and :func:`tied_sq` makes again the rows where
+they cancel.
 
 A rule may also register ``sketch(layer, acts, grads, p_out, p_in) -> (B, k_out, k_in)``:
 the Kronecker-factored projection P_out g_b P_inᵀ of its weight's per-example gradient
@@ -352,6 +354,46 @@ def cross(f: Factor, g: Factor) -> torch.Tensor:
         return Factor(x.left if x.left_ids else x.left.to(acc), x.right.to(acc), x.left_ids)
     f, g = cast(f), cast(g)
     return (_left_gram(f, g) * torch.bmm(f.right, g.right.transpose(1, 2))).sum((1, 2))
+
+
+def bias_factor(d: torch.Tensor) -> Factor:
+    """A bias's g_b = Σ_t δ_bt as a (d_out, 1) weight's factor, for δ (B, T, d_out)."""
+    return Factor(d, d.new_ones((*d.shape[:2], 1)))
+
+
+def _terms(f: Factor) -> torch.Tensor:
+    """Σ_t ‖l_bt‖²‖r_bt‖² (B,): the squared norms of g_b's rank-one terms, in the accumulation dtype."""
+    acc = acc_dtype(f.right.dtype)   # norms reduced in place: an LM head's δ (B, T, vocab) is never copied
+    right = torch.linalg.vector_norm(f.right, dim=2, dtype=acc).pow(2)
+    return (right if f.left_ids else torch.linalg.vector_norm(f.left, dim=2, dtype=acc).pow(2) * right).sum(1)
+
+
+def _dense(f: Factor, rows: int) -> torch.Tensor:
+    """g_b = Σ_t l_bt r_btᵀ (B, rows, cols), formed (one-hot lefts: their rows added)."""
+    if not f.left_ids:
+        return torch.bmm(f.left.to(f.right.dtype).transpose(1, 2), f.right)
+    B, T, cols = f.right.shape
+    at = (torch.arange(B, device=f.left.device)[:, None] * rows + f.left).reshape(-1)
+    return f.right.new_zeros((B * rows, cols)).index_add_(0, at, f.right.reshape(B * T, cols)).reshape(B, rows, cols)
+
+
+def tied_sq(fs: list[Factor], own: list[torch.Tensor]) -> torch.Tensor:
+    """‖Σ_i g_i‖² (B,) of a parameter that several layers use, from each use's factors ``fs``
+    and its own ‖g_i‖² ``own`` (B,): Σ_i own_i + 2 Σ_{i<j} ⟨g_i, g_j⟩ (:func:`cross`). Rows
+    where the uses cancel are made again (``kernels.ghost_linear.cancellation_checked``):
+    float32 by the float64 Gram form over all uses, float64 from the summed gradient."""
+    sq = sum(own) + 2 * sum((cross(fs[i], fs[j]) for i in range(len(fs)) for j in range(i + 1, len(fs))),
+                            torch.zeros_like(own[0]))
+
+    def again(rows: torch.Tensor) -> torch.Tensor:
+        sub = [Factor(f.left[rows], f.right[rows], f.left_ids) for f in fs]
+        if sq.dtype != torch.float64:
+            wide = [Factor(f.left if f.left_ids else f.left.double(), f.right.double(), f.left_ids) for f in sub]
+            return sum(cross(f, g) for f in wide for g in wide)
+        n = max(int(f.left.max()) + 1 if f.left_ids else f.left.shape[2] for f in sub if f.left.numel())
+        one = [[Factor(f.left[r:r + 1], f.right[r:r + 1], f.left_ids) for f in sub] for r in range(len(rows))]
+        return torch.stack([sum(_dense(f, n) for f in uses).pow(2).sum() for uses in one])   # a gradient at a time
+    return cancellation_checked(sq.to(own[0].dtype), sum(_terms(f) for f in fs).to(own[0].dtype), again)
 
 
 def reduce_per_example(grads: dict[str, torch.Tensor], refs: dict[str, torch.Tensor | None], K: int
