@@ -258,6 +258,18 @@ class SharedTwice(nn.Module):
         return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
 
 
+class SharedBias(nn.Module):
+    """Two Linear layers that share their bias (not their weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+        self.b.bias = self.a.bias
+
+    def forward(self, x):
+        return self.a(x) * torch.tanh(self.b(x))
+
+
 class Seq1d(nn.Module):
     """Conv1d, GroupNorm, bias-free Linear on (B, T, d) sequences, LayerNorm on 2-D."""
 

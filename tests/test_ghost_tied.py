@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import gradscore as gs
-from helpers import check_random_inrun, compare_with_loop
+from helpers import SharedBias, check_random_inrun, compare_with_loop
 
 
 class Tied(nn.Module):
@@ -190,18 +190,6 @@ def test_a_held_bias_that_its_holder_also_uses_falls_back(tmp_path):
     assert why.startswith("vmap (used outside Linear 'decoder'"), why
     y = torch.randint(0, 9, (12,), generator=torch.Generator().manual_seed(1))
     assert not check_random_inrun(HeldBias(uses=True).double(), ids, y, 3, tmp_path / "r.h5")
-
-
-class SharedBias(nn.Module):
-    """Two Linear layers that share their bias (not their weights)."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
-        self.b.bias = self.a.bias
-
-    def forward(self, x):
-        return self.a(x) * torch.tanh(self.b(x))
 
 
 @pytest.mark.parametrize("K", [0, 2])

@@ -13,7 +13,7 @@ from torch import nn
 from gradscore.demos.models import digits_cnn, mlp, recurrent_classifier, tiny_transformer
 from gradscore.losses import resolve_loss
 from gradscore.sketches import Projection, SketchEngine
-from helpers import CellLoop, ExpertsNet, FreeNet, PositionsNet, Reversed, loop_grads
+from helpers import CellLoop, ExpertsNet, FreeNet, PositionsNet, Reversed, SharedBias, loop_grads
 
 LOSS = resolve_loss("cross_entropy")
 
@@ -88,6 +88,8 @@ def _case(name: str, B: int = 6, T: int = 5):
         return _Scaled(4), torch.randn(B, 4, generator=g), 3
     if name == "tied":
         return _Tied(), tokens(7), 7
+    if name == "tied_bias":   # two Linear layers' one bias: a dense block from both rules
+        return SharedBias(), torch.randn(B, 4, generator=g), 3
     if name == "weight_norm":   # weight_g, weight_v: the fallback's, not the Linear rule's
         model = mlp(d_in=9, hidden=7, n_classes=3, depth=2)
         with warnings.catch_warnings():
@@ -108,7 +110,8 @@ def _case(name: str, B: int = 6, T: int = 5):
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "transformer", "gru_attention", "lstm", "lstm_cell", "positions",
-                                  "fallback", "tied", "seq_first", "weight_norm", "hooked", "tied_functional", "reordered"])
+                                  "fallback", "tied", "tied_bias", "seq_first", "weight_norm", "hooked", "tied_functional",
+                                  "reordered"])
 @pytest.mark.parametrize("dim", [50, 300])
 def test_sketch_equals_projection_of_the_loop_gradient(name, dim):
     torch.manual_seed(0)
