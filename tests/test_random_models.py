@@ -1,6 +1,7 @@
 """Random small sequence models in random layouts against the per-example loop, float64.
 
-Each seed builds a model from a few blocks (Linear, a Linear registered twice, LayerNorm,
+Each seed builds a model from a few blocks (Linear, a Linear registered twice, a Linear tied
+to an earlier one by its weight, its bias or both, LayerNorm,
 RMSNorm, Conv1d with its padding modes, groups and dilation, GroupNorm, multi-head
 attention, RNN/GRU/LSTM, uni- or bidirectional, one or two layers, an RNN/GRU/LSTM cell in
 the model's loop over the steps, a Linear or LayerNorm on the rows of both leading
@@ -116,6 +117,15 @@ def _layer(rng: random.Random, kind: str, C: int, linears: list[nn.Linear], seq_
         return layer, layer.out_features
     if kind == "twice":
         return rng.choice([lin for lin in linears if lin.in_features == lin.out_features == C]), C
+    if kind == "tied":   # a Linear of its own whose weight (and bias, or the bias alone) is an earlier one's
+        lin = rng.choice([lin for lin in linears if lin.in_features == C])
+        layer = nn.Linear(C, lin.out_features, bias=lin.bias is not None)
+        share = rng.choice(["weight", "both", "bias"] if lin.bias is not None else ["weight"])
+        if share != "bias":
+            layer.weight = lin.weight
+        if share != "weight":
+            layer.bias = lin.bias
+        return layer, lin.out_features
     if kind == "layernorm":
         return nn.LayerNorm(C, bias=rng.random() < 0.5), C
     if kind == "rmsnorm":
@@ -148,7 +158,7 @@ def _layer(rng: random.Random, kind: str, C: int, linears: list[nn.Linear], seq_
 
 class RandomModel(nn.Module):
     KINDS = ("linear", "linear", "layernorm", "rmsnorm", "conv", "groupnorm", "attention", "recurrent", "twice",
-             "gn_act", "ln_act", "scale", "free", "cell", "merged")
+             "gn_act", "ln_act", "scale", "free", "cell", "merged", "tied")
 
     def __init__(self, rng: random.Random, C: int, vocab: int, T: int) -> None:
         super().__init__()
@@ -157,6 +167,8 @@ class RandomModel(nn.Module):
         for _ in range(rng.randint(1, 4)):
             kind, seq_first = rng.choice(self.KINDS), rng.random() < 0.5
             if kind == "twice" and not any(lin.in_features == lin.out_features == C for lin in linears):
+                kind = "linear"
+            if kind == "tied" and not any(lin.in_features == C for lin in linears):
                 kind = "linear"
             if kind == "free":
                 layer, out = Free(rng.choice(Free.KINDS), C, T, seq_first), C
