@@ -125,6 +125,7 @@ def _layer(rng: random.Random, kind: str, C: int, linears: list[nn.Linear], seq_
             layer.weight = lin.weight
         if share != "weight":
             layer.bias = lin.bias
+        linears.append(layer)   # called twice or tied again later: more calls, a third owner
         return layer, lin.out_features
     if kind == "layernorm":
         return nn.LayerNorm(C, bias=rng.random() < 0.5), C
