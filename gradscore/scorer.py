@@ -41,8 +41,9 @@ class Scorer:
         chunk_bytes: memory budget of one materialized (b, P) gradient block.
         params: names or shell-style patterns (``"fc.*"``; in one string, separated by commas)
             of the parameters to score (default: all with requires_grad; frozen ones are
-            skipped either way). The set is fixed when the Scorer is made: make a new one
-            after freezing layers.
+            skipped either way). A tensor several layers hold (a head tied to the embedding)
+            matches by any of their names and is scored, as a whole, under its first. The
+            set is fixed when the Scorer is made: make a new one after freezing layers.
 
     Gradients are of the per-example loss ℓ(x_b, y_b; θ), not of a batch mean. The
     warnings its checks of the first batch give are also kept, in order, in ``warnings``.
@@ -56,15 +57,8 @@ class Scorer:
         check_head(model, self.loss)
         named = dict(model.named_parameters())
         trainable = [n for n, p in named.items() if p.requires_grad]
-        if params is None:
-            self.param_names = trainable
-        else:
-            params = as_names(params)
-            for pattern in params:
-                if not fnmatch.filter(named, pattern):
-                    raise EngineError(f"params: '{pattern}' matches no parameter of the model "
-                                      f"(names look like '{next(iter(named), '')}')")
-            self.param_names = [n for n in trainable if any(fnmatch.fnmatchcase(n, p) for p in params)]
+        self.warnings: list[str] = []   # the texts of the warnings given (_warn): a scores file keeps them
+        self.param_names = trainable if params is None else self._picked(model, as_names(params), trainable)
         if not self.param_names:
             raise EngineError("no trainable parameters to score (all frozen or none selected)")
         if whole(chunk_bytes) is None or chunk_bytes < 1:
@@ -78,7 +72,22 @@ class Scorer:
         self._shapes = [named[n].shape for n in self.param_names]
         self._reach_checked = False   # whether the first gradient batch was checked (_check_first_batch)
         self._random_checked = False   # whether the forward was checked for random draws (_check_random)
-        self.warnings: list[str] = []   # the texts of the warnings given (_warn): a scores file keeps them
+
+    def _picked(self, model: nn.Module, patterns: tuple[str, ...], trainable: list[str]) -> list[str]:
+        """The trainable parameters that ``patterns`` match by any of their names: a tied
+        tensor (a head that is the embedding) by its other owners' names too, with a warning."""
+        canonical = {id(p): n for n, p in model.named_parameters()}
+        names = {n: canonical[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
+        for pattern in patterns:
+            if not fnmatch.filter(names, pattern):
+                raise EngineError(f"params: '{pattern}' matches no parameter of the model "
+                                  f"(names look like '{next(iter(names), '')}')")
+        matched = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        for alias in [n for n in matched if names[n] != n and names[n] not in matched]:
+            self._warn(f"params: '{alias}' is the tensor '{names[alias]}' (tied weights): its gradient, the sum "
+                       f"over all its uses, is scored under the name '{names[alias]}'")
+        picked = {names[n] for n in matched}
+        return [n for n in trainable if n in picked]
 
     def explain(self) -> dict[str, str]:
         """{parameter name: how its per-example gradient is computed} (engine, rule, reason)."""

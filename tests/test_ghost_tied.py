@@ -3,6 +3,7 @@ sum of both uses, and the cross term of its norm is computed, never dropped."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -232,3 +233,19 @@ def test_a_tied_weight_whose_uses_cancel_is_exact(dtype, least):
     want = gs.Scorer(model.double(), "cross_entropy", engine="loop").score_batch(x.double(), y).sq_norm
     assert got.dtype == dtype
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=0)
+
+
+def test_a_tied_weight_is_picked_by_any_of_its_names():
+    """``params="head.*"`` on a head tied to the embedding matched no parameter (named_parameters
+    names the tensor once, ``emb.weight``): any of its names picks it, with a warning that
+    its gradient is the sum of all its uses, scored under its first name."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 9, (5, 6))
+    with pytest.warns(gs.GradscoreWarning, match=r"'head.weight' is the tensor 'emb.weight' \(tied"):
+        scorer = compare_with_loop(Tied(), ids, 2, params=["head.*"])
+    assert list(scorer.explain()) == ["emb.weight"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # the tensor's first name: nothing to say
+        assert gs.Scorer(Tied(), params="emb.*,head.*").param_names == ["emb.weight"]
+    with pytest.raises(gs.EngineError, match="matches no parameter"):
+        gs.Scorer(Tied(), params=["tail.*"])

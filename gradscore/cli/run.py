@@ -34,8 +34,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="score only the examples at positions A up to (not including) B, e.g. 0:1000 "
                    "or 5000: (the output holds those examples, with their ids); not with --ids")
     p.add_argument("--params", default=None, metavar="PATTERN,...",
-                   help="score only the parameters whose names match these shell patterns ('head.*'); "
-                   "default: every trainable parameter")
+                   help="score only the parameters whose names match these shell patterns ('head.*'; a weight "
+                   "tied to another layer's matches by either layer's name); default: every trainable parameter")
     p.add_argument("--engine", default=d.engine, choices=ENGINES,
                    help="per-example gradient engine: auto (= ghost) takes a ghost rule per layer, else vmap, "
                    "else the per-example loop, per parameter; vmap everywhere; loop, the slow reference")

@@ -26,7 +26,8 @@ def _add_sketch(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store-dtype", default=d.store_dtype, choices=STORE_DTYPES,
                    help="how the sketches are stored (float16 halves the file; float32 for TRAK on well-fit data)")
     p.add_argument("--params", default=None, metavar="PATTERN,...",
-                   help="sketch only the parameters whose names match these shell patterns; default: all trainable")
+                   help="sketch only the parameters whose names match these shell patterns (a tied weight: by "
+                   "any of its layers' names); default: all trainable")
     p.add_argument("--device", default=d.device, choices=DEVICES, help="auto takes cuda when available")
     p.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="the model's dtype while sketching")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per forward+backward")
