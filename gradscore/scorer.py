@@ -11,6 +11,7 @@ from .batch import Inputs, batch_len, call_model, check_batch, describe, move, r
 from .config import as_names, checked_model, whole
 from .engines import ScoreBatch, check_eval_mode, engine_class
 from .engines.base import param_grads
+from .io.checkpoints import unwrapped
 from .exceptions import ConfigError, EngineError, GradscoreError, cause, model_fix, warn
 from .losses import Loss, PerExampleLoss, check_head, misread_output, resolve_loss
 
@@ -26,7 +27,9 @@ class Scorer:
     """Per-example loss, squared gradient norm and dot products for a model.
 
     Args:
-        model: an ``nn.Module`` in eval mode; it is never wrapped or modified.
+        model: an ``nn.Module`` in eval mode; it is never wrapped or modified. Given through
+            torch.compile's or (Distributed)DataParallel's wrapper, the module inside is
+            scored (eagerly, on one device, under its own parameter names).
         loss: ``"cross_entropy"``, ``"nll"``, ``"mse"``, ``"causal_lm"`` (per-example
             mean over predicted tokens; ``"causal_lm_sum"``: their sum), ``"masked_lm"``
             (the same over masked tokens, without the shift; ``"masked_lm_sum"``), ``"module:fn"``
@@ -52,7 +55,7 @@ class Scorer:
     def __init__(self, model: nn.Module, loss: str | Loss | PerExampleLoss = "cross_entropy",
                  engine: str = "auto", *, chunk_bytes: int = 256 * 2**20,
                  params: Sequence[str] | None = None) -> None:
-        self.model = checked_model(model)
+        self.model = model = checked_model(unwrapped(model))   # the engines' hooks and forwards: eager, one device
         self.loss = resolve_loss(loss)
         check_head(model, self.loss)
         named = dict(model.named_parameters())

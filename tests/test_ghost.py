@@ -188,6 +188,24 @@ def test_a_linear_its_parent_calls_functionally_is_recorded_in_training_as_the_l
     assert check_random_inrun(_QKVBias(cat).double(), x, y, 3, tmp_path / "r.h5")
 
 
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel"])
+def test_a_compiled_or_data_parallel_model_is_scored_as_the_model_inside(wrap):
+    """A model given through torch.compile's wrapper ran the engine's hooks under dynamo (31
+    lines of graph-break warnings and seconds of compiling, for a 3-layer MLP) and named its
+    parameters ``_orig_mod.*``; DataParallel's would split the batch over GPUs. The Scorer
+    scores the module inside, under its own names, with the same numbers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double().eval()
+    wrapped = torch.compile(model) if wrap == "compile" else nn.DataParallel(model)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    scorer = gs.Scorer(wrapped, params="2.*")
+    assert scorer.model is model and list(scorer.explain()) == ["2.weight", "2.bias"]
+    want = gs.Scorer(model, engine="loop", params="2.*").score_batch(x, y).sq_norm
+    torch.testing.assert_close(scorer.score_batch(x, y).sq_norm, want, rtol=1e-10, atol=0)
+    assert gs.Projection.for_model(wrapped, scorer.param_names, 9).spec == gs.Projection.for_model(
+        model, scorer.param_names, 9).spec
+
+
 def test_frozen_layers_and_param_patterns():
     model, x = ghost_case("mlp_inplace_relu")
     model[0].weight.requires_grad_(False)

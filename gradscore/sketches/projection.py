@@ -33,6 +33,7 @@ from torch import nn
 from ..engines.ghost import plan_layers
 from ..engines.rules import Factor
 from ..exceptions import ConfigError
+from ..io.checkpoints import unwrapped
 from ..kernels import acc_dtype
 
 #: the most entries one dense block may have (a larger one needs a Kronecker rule)
@@ -142,8 +143,9 @@ class Projection:
     @classmethod
     def for_model(cls, model: nn.Module, param_names: list[str], dim: int, seed: int = 0,
                   factored: bool = True) -> "Projection":
-        """Φ of about ``dim`` rows for ``param_names`` (see :func:`plan_blocks`)."""
-        blocks = plan_blocks(model, list(param_names), dim, factored)
+        """Φ of about ``dim`` rows for ``param_names`` (see :func:`plan_blocks`) of ``model`` (a
+        wrapped one's: of the module inside, as :class:`gradscore.Scorer` names them)."""
+        blocks = plan_blocks(unwrapped(model), list(param_names), dim, factored)
         return cls(SketchSpec(int(seed), sum(b.k for b in blocks), tuple(blocks)))
 
     @property
