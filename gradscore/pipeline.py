@@ -490,17 +490,17 @@ def _score_chunks(plan: _Plan, writer: HDF5ScoresWriter, costate: CostateFile | 
             if refs is not None and not config.allow_nonfinite:
                 _check_refs(refs, costate, ckpts[k].path)
             blocks = scorer.ref_blocks(refs) if refs is not None else None
-            n_classes = None
+            n_classes, given = None, 0   # the Scorer's own warnings (params) go with its first chunk's
             for c, (a, b, x, y) in zip(chunks, _prefetched(ds, [writer.chunk_range(c) for c in chunks])):
                 if n_classes is None:
                     n_classes = probe_model(model, ds, x, ckpts[k].path)
                 check_targets(ds, scorer.loss, a, y, n_classes)
-                given = len(scorer.warnings)
                 metrics = score_chunk(scorer, x, y, batch_size=config.batch_size,
                                       gradients=config.needs_gradients, blocks=blocks, logits=config.store_logits)
                 if not config.allow_nonfinite:
                     _check_finite(metrics, ds, a, ckpts[k].path)
                 writer.note(t, c, scorer.warnings[given:])
+                given = len(scorer.warnings)
                 writer.write_chunk(t, c, metrics)
                 bar.update(b - a)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import gradscore as gs
 from gradscore.cli import main
@@ -131,6 +132,26 @@ def test_a_model_random_in_eval_mode_stops_run_sketch_and_costate_in_one_line(ti
         _fails(capsys, [*command, "--checkpoints", str(tmp_path / "random"), "--quiet",
                         "--out", str(tmp_path / "out.h5")], says)
     assert not (tmp_path / "out.h5").exists()
+
+
+def test_params_named_after_a_tied_head_score_the_shared_weight_and_say_so(tmp_path, capsys):
+    """``--params 'head.*'`` on a head tied to the embedding failed ("matches no parameter");
+    it scores the shared tensor, says so in one line, and the scores file keeps the line."""
+    from tests_factory import tied_head
+    torch.manual_seed(0)
+    ids, y = torch.randint(0, 9, (20, 5)), torch.randint(0, 9, (20,))
+    data = gs.save_dataset(tmp_path / "tokens.h5", ids.numpy(), y.numpy())
+    with gs.CheckpointWriter(tmp_path / "tied", model_factory="tests_factory:tied_head") as w:
+        model = tied_head()
+        w.save(model, step=0, lr=0.1, epoch=0)
+    out = tmp_path / "s.h5"
+    assert main(["run", "--checkpoints", str(tmp_path / "tied"), "--data", str(data), "--out", str(out), "--quiet",
+                 "--scores", "grand", "--params", "head.*"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'head.weight' is the tensor 'emb.weight' (tied weights)" in err[0], err
+    assert gs.load_scores(out)["warnings"] == [err[0].split("warning: ", 1)[1]]
+    want = gs.Scorer(model.eval(), engine="loop", params="emb.weight").score_batch(ids, y).sq_norm
+    np.testing.assert_allclose(gs.load_scores(out)["scores"]["grand"], want.sqrt().numpy(), rtol=1e-5)
 
 
 def test_a_first_batch_warning_is_kept_in_the_scores_file(tiny_run, tmp_path, capsys, monkeypatch):

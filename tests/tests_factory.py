@@ -107,3 +107,19 @@ def odd_width(width=4):
     if width % 2:
         raise ValueError("width must be even")
     return torch.nn.Linear(width, 3)
+
+
+class _TiedHead(torch.nn.Module):
+    def __init__(self, vocab: int, d: int) -> None:
+        super().__init__()
+        self.emb, self.mid = torch.nn.Embedding(vocab, d), torch.nn.Linear(d, d)
+        self.head = torch.nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mid(self.emb(ids))).mean(1))
+
+
+def tied_head(vocab=9, d=4):
+    """Token ids (B, T) to one of ``vocab`` classes by a head tied to the input embedding."""
+    return _TiedHead(vocab, d)
