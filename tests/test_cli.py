@@ -152,6 +152,11 @@ def test_params_named_after_a_tied_head_score_the_shared_weight_and_say_so(tmp_p
     assert gs.load_scores(out)["warnings"] == [err[0].split("warning: ", 1)[1]]
     want = gs.Scorer(model.eval(), engine="loop", params="emb.weight").score_batch(ids, y).sq_norm
     np.testing.assert_allclose(gs.load_scores(out)["scores"]["grand"], want.sqrt().numpy(), rtol=1e-5)
+    sketch = tmp_path / "k.h5"   # the sketches of the same tensor, the same line kept
+    assert main(["sketch", "--checkpoints", str(tmp_path / "tied"), "--data", str(data), "--out", str(sketch),
+                 "--quiet", "--dim", "8", "--params", "head.*"]) == 0
+    assert capsys.readouterr().err.strip().splitlines() == [err[0].replace("gradscore run:", "gradscore sketch:")]
+    assert main(["info", str(sketch)]) == 0 and err[0].split("warning: ", 1)[1] in capsys.readouterr().out
 
 
 def test_a_first_batch_warning_is_kept_in_the_scores_file(tiny_run, tmp_path, capsys, monkeypatch):

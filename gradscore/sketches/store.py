@@ -104,16 +104,16 @@ def _run(config: SketchConfig, out: Path, overwrite: bool, progress: bool) -> Pa
             scorer = Scorer(model, loss=loss, params=config.params or None)
             if projection is None:   # one Φ for every checkpoint: its matrices are drawn once
                 projection = Projection.for_model(model, scorer.param_names, config.dim, config.seed)
-            n_out = None
+            n_out, given = None, 0   # the Scorer's own warnings (params) go with its first chunk's
             for c in todo[t]:
                 a, b = writer.chunk_range(c)
                 x, y = ds.read(a, b)
                 n_out = n_out or probe_model(model, ds, x, ckpts[t].path)
                 check_targets(ds, loss, a, y, n_out)
-                given = len(scorer.warnings)
                 metrics = sketch_chunk(scorer, projection, x, y, config.batch_size, config.store_dtype)
                 check_finite(metrics, ds, a, ckpts[t].path, config.store_dtype)
                 writer.note(t, c, scorer.warnings[given:])
+                given = len(scorer.warnings)
                 writer.write_chunk(t, c, metrics)
                 bar.update(b - a)
     lr = np.array([i.lr for i in ckpts], dtype=np.float64)
