@@ -55,13 +55,19 @@ class Scorer:
     def __init__(self, model: nn.Module, loss: str | Loss | PerExampleLoss = "cross_entropy",
                  engine: str = "auto", *, chunk_bytes: int = 256 * 2**20,
                  params: Sequence[str] | None = None) -> None:
-        self.model = model = checked_model(unwrapped(model))   # the engines' hooks and forwards: eager, one device
+        given, model = model, checked_model(unwrapped(model))   # the engines' hooks and forwards: eager, one device
+        self.model = model
+        canonical = {id(p): n for n, p in model.named_parameters()}
+        inner = {n: canonical[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
+        #: every name the user may give a parameter (a tied one's other owners', a wrapper's) -> its name here
+        self._aliases = inner | {n: canonical[id(p)] for n, p in given.named_parameters(remove_duplicate=False)}
+        self._tied = {n for n, c in inner.items() if n != c}   # the names of tied tensors' other owners
         self.loss = resolve_loss(loss)
         check_head(model, self.loss)
         named = dict(model.named_parameters())
         trainable = [n for n, p in named.items() if p.requires_grad]
         self.warnings: list[str] = []   # the texts of the warnings given (_warn): a scores file keeps them
-        self.param_names = trainable if params is None else self._picked(model, as_names(params), trainable)
+        self.param_names = trainable if params is None else self._picked(as_names(params), trainable)
         if not self.param_names:
             raise EngineError("no trainable parameters to score (all frozen or none selected)")
         if whole(chunk_bytes) is None or chunk_bytes < 1:
@@ -76,17 +82,17 @@ class Scorer:
         self._reach_checked = False   # whether the first gradient batch was checked (_check_first_batch)
         self._random_checked = False   # whether the forward was checked for random draws (_check_random)
 
-    def _picked(self, model: nn.Module, patterns: tuple[str, ...], trainable: list[str]) -> list[str]:
+    def _picked(self, patterns: tuple[str, ...], trainable: list[str]) -> list[str]:
         """The trainable parameters that ``patterns`` match by any of their names: a tied
-        tensor (a head that is the embedding) by its other owners' names too, with a warning."""
-        canonical = {id(p): n for n, p in model.named_parameters()}
-        names = {n: canonical[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
+        tensor (a head that is the embedding) by its other owners' names too, with a warning;
+        a wrapped model's by the wrapper's names (``_orig_mod.fc.weight``)."""
+        names = self._aliases
         for pattern in patterns:
             if not fnmatch.filter(names, pattern):
                 raise EngineError(f"params: '{pattern}' matches no parameter of the model "
                                   f"(names look like '{next(iter(names), '')}')")
         matched = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-        for alias in [n for n in matched if names[n] != n and names[n] not in matched]:
+        for alias in [n for n in matched if n in self._tied and names[n] not in matched]:
             self._warn(f"params: '{alias}' is the tensor '{names[alias]}' (tied weights): its gradient, the sum "
                        f"over all its uses, is scored under the name '{names[alias]}'")
         picked = {names[n] for n in matched}
@@ -110,7 +116,8 @@ class Scorer:
         """Normalize refs to per-parameter blocks ``[(K, *shape_i)]`` (views where possible).
 
         refs: None; a (K, P) tensor in ``param_names`` flattening order; or a list of K
-        dicts ``{param_name: tensor shaped like the parameter}``.
+        dicts ``{param_name: tensor shaped like the parameter}`` (keyed by any of its names:
+        a tied tensor's other owners', a wrapped model's ``_orig_mod.``/``module.`` ones).
         """
         if refs is None:
             return None
@@ -125,8 +132,9 @@ class Scorer:
             return [b.reshape(refs.shape[0], *s) for b, s in zip(refs.split(sizes, dim=1), self._shapes)]
         blocks = []
         for name, shape in zip(self.param_names, self._shapes):
-            try:
-                vs = [torch.as_tensor(r[name]) for r in refs]
+            keys = [name] + [n for n, c in self._aliases.items() if c == name and n != name]
+            try:   # keyed by its name, or by another (a tied owner's, the wrapper's)
+                vs = [torch.as_tensor(r[next((k for k in keys if k in r), name)]) for r in refs]
             except KeyError as e:
                 raise EngineError(f"a reference dict has no entry for parameter {e}") from e
             for v in vs:

@@ -200,8 +200,12 @@ def test_a_compiled_or_data_parallel_model_is_scored_as_the_model_inside(wrap):
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
     scorer = gs.Scorer(wrapped, params="2.*")
     assert scorer.model is model and list(scorer.explain()) == ["2.weight", "2.bias"]
-    want = gs.Scorer(model, engine="loop", params="2.*").score_batch(x, y).sq_norm
-    torch.testing.assert_close(scorer.score_batch(x, y).sq_norm, want, rtol=1e-10, atol=0)
+    want = gs.Scorer(model, engine="loop", params="2.*").score_batch(x, y, refs=[dict(model.named_parameters())])
+    got = scorer.score_batch(x, y, refs=[dict(wrapped.named_parameters())])   # keyed by the wrapper's names
+    torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-10, atol=0)
+    torch.testing.assert_close(got.dots, want.dots, rtol=1e-10, atol=0)
+    prefix = "_orig_mod." if wrap == "compile" else "module."   # the wrapper's names pick them too
+    assert gs.Scorer(wrapped, params=f"{prefix}2.*").param_names == ["2.weight", "2.bias"]
     assert gs.Projection.for_model(wrapped, scorer.param_names, 9).spec == gs.Projection.for_model(
         model, scorer.param_names, 9).spec
 

@@ -244,6 +244,10 @@ def test_a_tied_weight_is_picked_by_any_of_its_names():
     with pytest.warns(gs.GradscoreWarning, match=r"'head.weight' is the tensor 'emb.weight' \(tied"):
         scorer = compare_with_loop(Tied(), ids, 2, params=["head.*"])
     assert list(scorer.explain()) == ["emb.weight"]
+    y, V = torch.randint(0, 3, (5,)), torch.randn(9, 4, dtype=torch.float64)   # references keyed by any name
+    want = gs.Scorer(scorer.model, engine="loop", params="emb.*").score_batch(ids, y, refs=[{"emb.weight": V}])
+    got = scorer.score_batch(ids, y, refs=[{"head.weight": V}])
+    torch.testing.assert_close(got.dots, want.dots, rtol=1e-10, atol=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")   # the tensor's first name: nothing to say
         assert gs.Scorer(Tied(), params="emb.*,head.*").param_names == ["emb.weight"]
