@@ -11,8 +11,8 @@ from .batch import Inputs, batch_len, call_model, check_batch, describe, move, r
 from .config import as_names, checked_model, whole
 from .engines import ScoreBatch, check_eval_mode, engine_class
 from .engines.base import param_grads
-from .io.checkpoints import unwrapped
 from .exceptions import ConfigError, EngineError, GradscoreError, cause, model_fix, warn
+from .io.checkpoints import unwrapped
 from .losses import Loss, PerExampleLoss, check_head, misread_output, resolve_loss
 
 #: examples of the first scored batch that :meth:`Scorer._check_first_batch` checks

@@ -317,10 +317,10 @@ class _BatchSums:
                     self.add(*layer.rule.fn(layer.module, acts, grads, own, self.K))
                 if layer.tied:   # a tied weight's ‖g_i‖² is kept until every owner of it has reported
                     fs = layer.rule.factors(layer.module, acts, grads)
-                for local in layer.tied:
-                    sq, dots = layer.rule.fn(layer.module, acts, grads, {local: lrefs[local]}, self.K)
-                    self.add(None, dots)
-                    self.tied.setdefault(layer.params[local], []).append((fs[local], sq))
+                    for local in layer.tied:
+                        sq, dots = layer.rule.fn(layer.module, acts, grads, {local: lrefs[local]}, self.K)
+                        self.add(None, dots)
+                        self.tied.setdefault(layer.params[local], []).append((fs[local], sq))
             for act in acts:
                 seq = self._gram_input(layer, act)
                 if seq is not None:
