@@ -61,7 +61,9 @@ class Scorer:
         inner = {n: canonical[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
         #: every name the user may give a parameter (a tied one's other owners', a wrapper's) -> its name here
         self._aliases = inner | {n: canonical[id(p)] for n, p in given.named_parameters(remove_duplicate=False)}
-        self._tied = {n for n, c in inner.items() if n != c}   # the names of tied tensors' other owners
+        prefix = next((f"{n}." for n, m in given.named_modules() if m is model and n), "")   # _orig_mod., module.
+        own = {n: n if n in inner else n.removeprefix(prefix) for n in self._aliases}   # each name's inner name
+        self._tied = {n for n, m in own.items() if inner.get(m, m) != m}   # tied tensors' other owners' names
         self.loss = resolve_loss(loss)
         check_head(model, self.loss)
         named = dict(model.named_parameters())
@@ -88,7 +90,7 @@ class Scorer:
         a wrapped model's by the wrapper's names (``_orig_mod.fc.weight``)."""
         names = self._aliases
         for pattern in patterns:
-            if not fnmatch.filter(names, pattern):
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
                 raise EngineError(f"params: '{pattern}' matches no parameter of the model "
                                   f"(names look like '{next(iter(names), '')}')")
         matched = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]

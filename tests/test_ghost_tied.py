@@ -253,3 +253,15 @@ def test_a_tied_weight_is_picked_by_any_of_its_names():
         assert gs.Scorer(Tied(), params="emb.*,head.*").param_names == ["emb.weight"]
     with pytest.raises(gs.EngineError, match="matches no parameter"):
         gs.Scorer(Tied(), params=["tail.*"])
+
+
+@pytest.mark.parametrize("wrap, prefix", [(torch.nn.DataParallel, "module."), (torch.compile, "_orig_mod.")])
+def test_a_tied_weight_picked_by_a_wrappers_name_says_so_too(wrap, prefix):
+    """The wrapper's name of a tied head (``_orig_mod.head.weight``, ``module.head.weight``)
+    picked the embedding without the warning its inner name gives; the wrapper's name of
+    the tensor's first owner still says nothing."""
+    with pytest.warns(gs.GradscoreWarning, match=rf"'{prefix}head.weight' is the tensor 'emb.weight' \(tied"):
+        assert gs.Scorer(wrap(Tied()), params=[prefix + "head.*"]).param_names == ["emb.weight"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gs.GradscoreWarning)
+        assert gs.Scorer(wrap(Tied()), params=[prefix + "emb.*"]).param_names == ["emb.weight"]
