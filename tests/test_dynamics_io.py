@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,3 +213,21 @@ def test_a_score_imported_dynamics_cannot_give_names_the_checkpoints(tmp_path, c
     assert main(["select", str(scores), "--by", "grand", "--out", str(tmp_path / "k.json")]) == 2
     err = capsys.readouterr().err
     assert "grand comes from saved checkpoints: `gradscore run --scores grand`" in err and "rerun" not in err, err
+
+
+@pytest.mark.parametrize("name, fmt", [("s.csv", "csv"), ("s.parquet", "parquet"), ("td.jsonl", "td_metrics"),
+                                       ("td.JSON", "td_metrics")])
+def test_export_takes_its_format_from_the_out_name(tmp_path, capsys, name, fmt):
+    """``export s.h5 --out s.csv`` failed with argparse's "--format is required" although the
+    name says csv: the suffix now names the format; a name that says none (``noext``,
+    ``x.png``) is one line asking for --format, and writes nothing."""
+    scores = import_dynamics(_write(tmp_path / "dyn"), tmp_path / "s.h5", progress=False)
+    assert main(["export", str(scores), "--out", str(tmp_path / name), "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith(f"{fmt} -> ")
+    export_scores(scores, tmp_path / f"api{Path(name).suffix}")
+    assert (tmp_path / name).read_bytes() == (tmp_path / f"api{Path(name).suffix}").read_bytes()
+    for other in ("noext", "x.png"):
+        assert main(["export", str(scores), "--out", str(tmp_path / other)]) == 2
+        err = capsys.readouterr().err
+        assert other in err and "--format" in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / other).exists()

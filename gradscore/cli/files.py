@@ -25,8 +25,9 @@ def _add_import_export(sub: argparse._SubParsersAction) -> None:
                  "threshold_closeness, confidence, variability, correctness, forgetfulness "
                  "(TrainingDynamics); csv/parquet: id and every score.")
     add_scores_file(p)
-    p.add_argument("--format", required=True, choices=("td_metrics", "csv", "parquet"),
-                   help="td_metrics: jsonl as TrainingDynamics writes; csv or parquet: id and every score")
+    p.add_argument("--format", default=None, choices=("td_metrics", "csv", "parquet"),
+                   help="td_metrics: jsonl as TrainingDynamics writes; csv or parquet: id and every score "
+                   "(default: the one --out's suffix names: .jsonl, .csv, .parquet)")
     p.add_argument("--out", required=True, metavar="FILE", help="file to write")
     add_overwrite(p)
     add_quiet(p)
@@ -41,9 +42,9 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from ..io.dynamics import export_scores
+    from ..io.dynamics import EXPORT_SUFFIXES, export_scores
     out = export_scores(args.scores, args.out, fmt=args.format, overwrite=args.overwrite, progress=not args.quiet)
-    print(f"{args.format} -> {out}")
+    print(f"{args.format or EXPORT_SUFFIXES[out.suffix.lower()]} -> {out}")
     return 0
 
 

@@ -225,17 +225,22 @@ EXPORT_SUFFIX = {"td_metrics": ".jsonl", "csv": ".csv", "parquet": ".parquet"}
 EXPORT_SUFFIXES = {**{v: k for k, v in EXPORT_SUFFIX.items()}, ".json": "td_metrics"}
 
 
-def export_scores(scores: str | Path, out: str | Path, *, fmt: str, overwrite: bool = False,
+def export_scores(scores: str | Path, out: str | Path, *, fmt: str | None = None, overwrite: bool = False,
                   progress: bool = True) -> Path:
     """Write the scores of a scores file as ``td_metrics`` jsonl, ``csv`` or ``parquet`` (an
     existing ``out`` only with ``overwrite``, and only if it is a gradscore export; not a
-    name whose suffix is another format's, ``x.parquet`` for csv);
+    name whose suffix is another format's, ``x.parquet`` for csv); ``fmt`` None: the one
+    ``out``'s suffix names (.jsonl or .json, .csv, .parquet);
     ``progress``: a bar over the rows of jsonl and csv on a terminal, after 5 s. The scores
     file's warnings (what made its scores wrong or partial) are given as GradscoreWarnings:
     the export has no place for them."""
-    claim(out, "export", inputs={"the scores file": [scores]}, overwrite=overwrite)
     suffix = Path(out).suffix.lower()
     named = EXPORT_SUFFIXES.get(suffix)
+    if fmt is None and named is None:
+        raise GradscoreError(f"{out}: its name says no export format; name it *.jsonl (td_metrics), *.csv or "
+                             f"*.parquet, or give --format td_metrics, csv or parquet")
+    fmt = fmt or named
+    claim(out, "export", inputs={"the scores file": [scores]}, overwrite=overwrite)
     if named is not None and named != fmt:
         raise GradscoreError(f"{out}: its name says {named}, but --format {fmt} writes "
                              f"{EXPORT_SUFFIX[fmt]}; name it *{EXPORT_SUFFIX[fmt]} or use --format {named}")
