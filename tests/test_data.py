@@ -149,6 +149,18 @@ def test_labels_out_of_range_name_index():
     ds.check_labels(0, torch.tensor([0, 3]), 4)
 
 
+def test_labels_out_of_range_say_the_fix():
+    """The error named the first bad label (a −100 "ignore" label of a classification set, a
+    class the model has no output for) but no fix: it says what to do now."""
+    ds = gs.load_dataset.__globals__["TorchDataset"]([(torch.zeros(2), 0)] * 3, source="f:g")
+    with pytest.raises(gs.DataError, match=r"f:g: field 'targets' has label -100 at index 11, outside \[0, 4\) "
+                                           r"of the model's 4 outputs; relabel or drop those examples \(run --ids scores the others\), or give a model "
+                                           r"with an output per class"):
+        ds.check_labels(10, torch.tensor([0, -100, 7]), 4)
+    with pytest.raises(gs.DataError, match=r"at index 12, outside \[0, 4\) of the model's 4 outputs; relabel"):
+        ds.check_labels(10, torch.tensor([0, 1, 7]), 4)
+
+
 def test_factory_dataset():
     ds = gs.load_dataset("tests_factory:make")
     x, y = ds.read(1, 3)

@@ -116,7 +116,8 @@ class Dataset(ABC):
             j = int(bad.nonzero()[0, 0])
             raise DataError(f"{self.source}: field '{self.target_field}' has label "
                             f"{int(targets.flatten()[bad.flatten()][0])} at index {start + j}, outside "
-                            f"[0, {n_classes}) of the model's {n_classes} outputs")
+                            f"[0, {n_classes}) of the model's {n_classes} outputs; relabel or drop those "
+                            f"examples (run --ids scores the others), or give a model with an output per class")
 
 
 def _as_tensor(arr: np.ndarray) -> torch.Tensor:
