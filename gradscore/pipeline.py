@@ -358,9 +358,10 @@ def reaggregate(scores: str | os.PathLike, out: str | os.PathLike, *, epochs_upt
     claim(out, "scores", inputs={"the scores file": [src]}, overwrite=overwrite)
     with damage_named(src), h5py.File(src, "r") as f:
         verify(f, src)
-        if json_attr(f, src, "config").get("inrun"):
-            raise ConfigError(f"{src}: is an in-run recording (gs.InRun), whose rows are training steps, not "
-                              f"checkpoints; aggregate takes a scores file of `gradscore run`")
+        inrun = bool(json_attr(f, src, "config").get("inrun"))
+    if inrun:
+        return _inrun_window(src, out, epochs_upto, steps, wanted)
+    with damage_named(src), h5py.File(src, "r") as f:
         if "rows" not in f.attrs:
             raise ConfigError(f"{src}: has no record of how its rows were made (written by an older gradscore or "
                               f"imported); rerun `gradscore run` with --epochs-upto instead")
@@ -408,6 +409,17 @@ def reaggregate(scores: str | os.PathLike, out: str | os.PathLike, *, epochs_upt
             source.close()
         return write_scores(writer, config, ids=ids, noisy=noisy, checkpoints=checkpoints, loss=loss,
                             rows=new_rows, checksums=old_fp["checkpoints_sha256"], warnings=warnings)
+
+
+def _inrun_window(src: Path, out: Path, epochs_upto: float | None, steps: str | None,
+                  wanted: Sequence[str] | None) -> Path:
+    """:func:`reaggregate` of an in-run recording: its records at the ``steps`` window."""
+    from .inrun.store import write_window
+    if epochs_upto is not None or steps is None:
+        raise ConfigError(f"invalid value for 'epochs_upto': {src} is an in-run recording (gs.InRun), whose records "
+                          f"are numbered by training step, not epoch; give the window as --steps A:B")
+    with lock(out):
+        return write_window(src, out, steps, wanted=as_names(wanted or ()))
 
 
 def _check_finite(metrics: dict[str, np.ndarray], ds: Dataset, start: int, ckpt: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import re
 import warnings
@@ -3013,20 +3014,92 @@ def test_nonfinite_records_are_named_not_dropped_silently(tmp_path, capsys):
     assert "warning: 1 of 16 records" in capsys.readouterr().out
 
 
-def test_aggregate_says_an_inrun_file_is_not_a_runs(tmp_path, capsys):
-    """It said the file was "written by an older gradscore or imported" and to rerun `gradscore run`."""
-    from gradscore.cli import main
+def _train_recorded(out, recorded, every=2, **kw):
+    """6 SGD steps (2 epochs of 3 batches of 8) of a small MLP with a target every ``every``
+    steps, recorded into ``out`` at the steps in ``recorded`` only (the others train plain)."""
     torch.manual_seed(0)
-    model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
-    x, y = torch.randn(8, 10), torch.randint(0, 4, (8,))
-    rec = gs.InRun(model, out=tmp_path / "r.h5")
-    with rec.step(range(8), y):
-        F.cross_entropy(model(x), y).backward()
-    rec.close()
-    assert main(["aggregate", str(tmp_path / "r.h5"), "--steps", "0:1", "--out", str(tmp_path / "a.h5")]) == 2
+    model = mlp(d_in=10, hidden=8, n_classes=4, depth=1).double()
+    x, y = torch.randn(24, 10, dtype=torch.float64), torch.randint(0, 4, (24,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    rec = gs.InRun(model, out=out, targets=(x[:4], y[:4]), every=every, **kw)
+    for t in range(6):
+        idx = torch.randperm(24, generator=torch.Generator().manual_seed(t // 3))[t % 3 * 8:t % 3 * 8 + 8]
+        with rec.step(idx, y[idx], lr=0.3, step=t) if t in recorded else contextlib.nullcontext():
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        opt.zero_grad()
+    return rec.close()
+
+
+def _datasets(path):
+    """{name: array} of every dataset in the HDF5 file ``path``, and its config and warnings."""
+    found = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda k, v: found.__setitem__(k, v[()]) if isinstance(v, h5py.Dataset) else None)
+        return found, json.loads(f.attrs["config"]), json.loads(f.attrs["warnings"])
+
+
+def test_aggregate_cuts_an_inrun_recording_to_a_window_of_steps(tmp_path, capsys):
+    """`aggregate --steps A:B` on an in-run file was refused ("whose rows are training steps"),
+    so early-training in-run scores (Data Diet's) needed another recording. It writes what a
+    recording of those steps alone writes: the ids they met, their records, the scores over
+    them, to the bit (the training is bit-identical with and without the recorder)."""
+    from gradscore.cli import main
+    whole = _train_recorded(tmp_path / "whole.h5", range(6))
+    late = _train_recorded(tmp_path / "late.h5", range(3, 6))
+    assert main(["aggregate", str(whole), "--steps", "3:", "--out", str(tmp_path / "cut.h5")]) == 0
+    (got, config, warned), (want, late_config, late_warned) = _datasets(tmp_path / "cut.h5"), _datasets(late)
+    assert sorted(got) == sorted(want) and config == {**late_config, "steps": "3:", "out": config["out"]}
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert warned == late_warned
+    assert main(["info", str(tmp_path / "cut.h5")]) == 0
+    assert "(steps 3: of the recording)" in capsys.readouterr().out
+    # the whole window gives the recording's scores; an early one meets fewer examples
+    assert main(["aggregate", str(whole), "--steps", "0:", "--out", str(tmp_path / "all.h5")]) == 0
+    everything, _, _ = _datasets(whole)
+    for k, v in _datasets(tmp_path / "all.h5")[0].items():
+        np.testing.assert_array_equal(v, everything[k], err_msg=k)
+    assert main(["aggregate", str(whole), "--steps", ":1", "--scores", "loss,inrun_value", "--out",
+                 str(tmp_path / "first.h5")]) == 0
+    first = gs.load_scores(tmp_path / "first.h5")
+    assert len(first["ids"]) == 8 and sorted(first["scores"]) == ["inrun_value", "loss"]
+    assert np.isfinite(first["scores"]["inrun_value"]).all()   # step 0 has a target gradient (every 2)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--epochs-upto", "1"], "whole.h5 is an in-run recording (gs.InRun), whose records are numbered by training "
+                             "step, not epoch; give the window as --steps A:B"),
+    ([], "give the window as --steps A:B"),
+    (["--steps", "7:"], "whole.h5 has no record at steps 7: (it holds steps 0 to 5)"),
+    (["--steps", "0:3", "--scores", "loss,pds"], "pds cannot be made from the records of"),
+    (["--steps", "1:2", "--out", "{whole}"], "whole.h5: is the scores file, an input of this command"),
+])
+def test_aggregate_of_an_inrun_recording_refuses_what_it_cannot_cut(tmp_path, capsys, argv, says):
+    from gradscore.cli import main
+    whole = _train_recorded(tmp_path / "whole.h5", range(6))
+    before = whole.read_bytes()
+    argv = [a.format(whole=whole) for a in argv]
+    out = [] if "--out" in argv else ["--out", str(tmp_path / "cut.h5")]
+    assert main(["aggregate", str(whole), *argv, *out]) == 2
     err = capsys.readouterr().err
-    assert "r.h5: is an in-run recording (gs.InRun), whose rows are training steps" in err and err.count("\n") == 1
-    assert not (tmp_path / "a.h5").exists()
+    assert says in err and err.count("\n") == 1, err
+    assert not (tmp_path / "cut.h5").exists() and whole.read_bytes() == before
+
+
+def test_a_window_of_an_inrun_recording_is_cut_no_wider_nor_continued(tmp_path, capsys):
+    """A file cut to steps 2:5 holds no record outside them: a wider window of it, and a
+    recorder resuming it (it would continue a recording of some steps), are refused."""
+    from gradscore.cli import main
+    whole = _train_recorded(tmp_path / "whole.h5", range(6))
+    assert main(["aggregate", str(whole), "--steps", "2:5", "--out", str(tmp_path / "cut.h5")]) == 0
+    for window in ("1:5", "2:", "2:6"):
+        assert main(["aggregate", str(tmp_path / "cut.h5"), "--steps", window, "--out", str(tmp_path / "w.h5")]) == 2
+        assert "holds the records of steps 2:5 only" in capsys.readouterr().err
+    assert main(["aggregate", str(tmp_path / "cut.h5"), "--steps", "3:4", "--out", str(tmp_path / "w.h5")]) == 0
+    assert gs.load_scores(tmp_path / "w.h5")["config"]["steps"] == "3:4"
+    with pytest.raises(gs.ConfigMismatchError, match="other settings"):
+        _train_recorded(tmp_path / "cut.h5", range(5, 6), resume=True)
 
 
 def test_demo_kinds_are_one_at_a_time(capsys):

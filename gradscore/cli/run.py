@@ -165,12 +165,16 @@ def _add_aggregate(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "aggregate", help="another checkpoint window from a scores file's rows, without recomputing",
                 description="Write a scores file for another --epochs-upto window (and, optionally, other scores "
                 "of the same per-checkpoint pass) from the per-checkpoint rows of SCORES.h5: bit for bit what "
-                "`gradscore run` with that window writes, without the model or the data. SCORES.h5 is not modified.")
-    p.add_argument("scores", metavar="SCORES.h5", help="a scores file written by gradscore run")
+                "`gradscore run` with that window writes, without the model or the data. Of an in-run recording "
+                "(gs.InRun), --steps A:B keeps the records of those training steps: what a recording of them "
+                "alone writes (the examples they met, the scores over them). SCORES.h5 is not modified.")
+    p.add_argument("scores", metavar="SCORES.h5", help="a scores file written by gradscore run, or by gs.InRun")
     p.add_argument("--epochs-upto", type=float, default=None, metavar="E",
-                   help="aggregate over the checkpoints with epoch <= E (default: every checkpoint in the file)")
+                   help="aggregate over the checkpoints with epoch <= E (default: every checkpoint in the file; "
+                   "an in-run recording has no epochs: give --steps)")
     p.add_argument("--steps", default=None, metavar="A:B",
-                   help="aggregate only over checkpoints with A <= step < B (either end may be left out)")
+                   help="aggregate only over checkpoints (in-run: training steps) with A <= step < B (either end "
+                   "may be left out)")
     p.add_argument("--scores", dest="wanted", default=None, metavar="NAME,...",
                    help="the scores to write (default: those of SCORES.h5); they must need the same "
                    "per-checkpoint metrics (forward only, gradients, or target dots)")

@@ -24,7 +24,7 @@ import re
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection, Iterator, Sequence
+from typing import Any, Collection, Iterable, Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 from .._version import __version__
 from ..interrupts import stop_if_interrupted
 from ..io.atomic import atomic_h5, atomic_path
-from ..io.attrs import json_attr, write_attrs
-from ..exceptions import OutputError
+from ..io.attrs import attributes, json_attr, write_attrs
+from ..exceptions import ConfigError, OutputError
 from ..io.journal import Journal, read_fingerprint
 from ..io.store import damage_named, inrun_blocks, put, read_ids, read_numpy, write_ids
 from ..scores import inrun as inrun_scores
@@ -369,23 +369,34 @@ def _ids(files: list[tuple[int, int, Path]]) -> tuple[np.ndarray, int]:
 
 def write(out: Path, journal: Journal, *, config: dict[str, Any], fingerprint: dict, loss: str,
           wanted: set[str], complete: bool, progress: bool = False, given: Sequence[str] = ()) -> list[str] | None:
-    """The scores file ``out`` from the rows in ``journal``: ``/ids`` (sorted unique),
-    ``/scores`` (:mod:`gradscore.scores.inrun`), ``/inrun/<field>`` in step order with
-    ``/inrun/row`` (index into ``/ids``), an empty ``/per_checkpoint`` and the run's
-    attributes, with ``given`` (what the recorder warned of) and :func:`warnings_of` the
-    rows as its ``warnings``; atomically. ``given`` joins the warnings that every rank's
-    row journal kept (:meth:`RowJournal.note`), and is kept alone as ``inrun_given``. Two
-    passes over the row files (the ids, then the rest), each a few files at a time;
-    ``progress``: a bar over the second on a terminal, once it has taken 5 s. Returns the
-    rows' warnings (None, and nothing written, where the journal has no row files)."""
+    """The scores file ``out`` from the rows in ``journal`` (:func:`_write_rows`), with ``given``
+    (what the recorder warned of) joined to the warnings that every rank's row journal kept
+    (:meth:`RowJournal.note`). Two passes over the row files (the ids, then the rest), each
+    a few files at a time. Returns the rows' warnings (None, and nothing written, where the
+    journal has no row files)."""
     files = _row_files(journal.partial)   # the rows of this moment: other ranks may be adding theirs
     if not files:
         return None
     given = list(dict.fromkeys([*journal.kept_warnings("warnings of the recording", _LOSE_WARNINGS), *given]))
     ids, m = _ids(files)
-    n, found, any_target = len(ids), _Findings(), False
     like = {k: v.dtype for k, v in _load(files[0][2]).items() if k not in ("ids", "segment_start")}
-    like["row"] = np.dtype(np.int64)
+    chunks = ({**c, "row": np.searchsorted(ids, c["ids"]).astype(np.int64)} for c in _chunks(files))
+    return _write_rows(out, ids, m, like, chunks, config=config, fingerprint=fingerprint, loss=loss, wanted=wanted,
+                       complete=complete, progress=progress, given=given)
+
+
+def _write_rows(out: Path, ids: np.ndarray, m: int, like: dict[str, np.dtype], chunks: Iterable[dict[str, np.ndarray]],
+                *, config: dict[str, Any], fingerprint: dict, loss: str, wanted: set[str], complete: bool,
+                progress: bool, given: list[str]) -> list[str]:
+    """The scores file ``out``, atomically: ``/ids`` (sorted unique), ``/scores``
+    (:mod:`gradscore.scores.inrun`), ``/inrun/<field>`` (dtypes ``like``) in step order with
+    ``/inrun/row`` (index into ``/ids``), an empty ``/per_checkpoint`` and the run's
+    attributes, with ``given`` and :func:`warnings_of` the rows as its ``warnings``;
+    ``given`` is kept alone as ``inrun_given``. ``chunks``: the m records in step order, each
+    chunk with its ``ids`` and ``row``. ``progress``: a bar on a terminal, once it has taken
+    5 s. Returns the rows' warnings."""
+    n, found, any_target = len(ids), _Findings(), False
+    like = {**like, "row": np.dtype(np.int64)}
     scores = inrun_scores.Aggregator(n, wanted, set(like))
     targets = bool(scores.pick & inrun_scores.TARGET_SCORES)   # (its records' fields are always there)
     with atomic_h5(out) as f:
@@ -395,11 +406,10 @@ def write(out: Path, journal: Journal, *, config: dict[str, Any], fingerprint: d
             put(rec, k, shape=(m,), dtype=dtype, **({"compression": "gzip", "chunks": (min(m, 1 << 14),)} if m else {}))
         bar = tqdm(total=m, desc=f"writing {out.name}", unit=" records", unit_scale=True, delay=5,
                    disable=None if progress else True)
-        for chunk in _chunks(files):
+        for chunk in chunks:
             stop_if_interrupted()   # Ctrl-C stops the rewrite here: the file stays the last one
             bar.update(len(chunk["ids"]))
             rows = {k: v for k, v in chunk.items() if k != "ids"}
-            rows["row"] = np.searchsorted(ids, chunk["ids"]).astype(np.int64)
             found.add(chunk)
             scores.add(rows)
             any_target = any_target or (targets and bool(np.isfinite(rows["target_norm"]).any()))
@@ -416,3 +426,56 @@ def write(out: Path, journal: Journal, *, config: dict[str, Any], fingerprint: d
             put(group, k, v)
         f.create_group("per_checkpoint")   # none: the records are per (step, example)
     return lines
+
+
+def write_window(src: Path, out: Path, steps: str, *, wanted: Sequence[str] = (), progress: bool = False) -> Path:
+    """The in-run scores file ``out`` from the records of the in-run scores file ``src`` at
+    steps A <= step < B (``steps``, "A:B", either end may be left out): what a recording of
+    those steps alone writes (the ids they met, the scores over them, their records), with
+    ``src``'s recorder warnings; ``wanted``: scores to write instead of ``src``'s (those its
+    records allow). ``src`` is only read. ConfigError for a window with no record, or one
+    wider than a window ``src`` was cut to."""
+    from ..config import parse_range
+    with damage_named(src), h5py.File(src, "r") as f:
+        config, fingerprint = json_attr(f, src, "config"), json_attr(f, src, "fingerprint")
+        loss, complete = attributes(f)["loss"], bool(f.attrs.get("inrun_complete", True))
+        given = json_attr(f, src, "inrun_given", "[]")
+        group, ids = f["inrun"], read_ids(f["ids"])
+        like, have = {k: group[k].dtype for k in FIELDS if k in group}, set(group)
+    if missing := [k for k in (*RECORDED, "row") if k not in have]:
+        raise OutputError(f"{src}: its in-run records lack {', '.join(missing)} (written by an older gradscore); "
+                          f"record the training again to cut it into windows")
+    (a, b), (a0, b0) = parse_range(steps, "steps"), parse_range(config.get("steps") or ":", "steps")
+    if (a or 0) < (a0 or 0) or (b0 is not None and (b is None or b > b0)):
+        raise ConfigError(f"invalid value for 'steps': {src} holds the records of steps {config['steps']} only; "
+                          f"give a window inside it, or aggregate the recording it was cut from")
+    can = [s for s, need in inrun_scores.NEEDS.items() if need <= set(like)]
+    if unknown := sorted(set(wanted) - set(can)):
+        raise ConfigError(f"invalid value for 'scores': {', '.join(unknown)} cannot be made from the records of "
+                          f"{src}; choose from {', '.join(can)}")
+    blocks = inrun_blocks(src, CHUNK_ROWS)
+
+    def inside(step: np.ndarray) -> np.ndarray:
+        return (step >= (a or 0)) & (step < b if b is not None else True)
+    met, m, span = np.zeros(len(ids), bool), 0, [None, None]
+    for block in blocks(("step", "row")):   # first pass: the examples the window meets
+        keep = inside(block["step"])
+        met[block["row"][keep]] = True
+        m += int(keep.sum())
+        if len(block["step"]):
+            span = [block["step"][0] if span[0] is None else span[0], block["step"][-1]]
+    if not m:
+        held = f"steps {span[0]} to {span[1]}" if span[0] is not None else "no record"
+        raise ConfigError(f"invalid value for 'steps': {src} has no record at steps {steps} (it holds {held}); "
+                          f"give a window that meets its steps")
+    new_row, kept = np.cumsum(met) - 1, ids[met]   # an example's index among those met; their ids
+
+    def chunks() -> Iterator[dict[str, np.ndarray]]:
+        for block in blocks([*like, "row"]):
+            keep = inside(block["step"])
+            row = new_row[block["row"][keep]]
+            yield {**{k: block[k][keep] for k in like}, "row": row, "ids": kept[row]}
+    config = {**config, "steps": steps, **({"scores": list(wanted)} if wanted else {})}
+    _write_rows(out, kept, m, like, chunks(), config=config, fingerprint={**fingerprint, "config": config},
+                loss=loss, wanted=set(config["scores"]), complete=complete, progress=progress, given=list(given))
+    return out

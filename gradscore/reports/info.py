@@ -105,10 +105,11 @@ def _describe_scores(path: Path) -> str:
         head = f"scores file {path} (gradscore {attrs.get('gradscore_version', '?')})"
         if cfg.get("inrun"):   # recorded during training (gs.InRun): rows per (step, example)
             records, steps, with_target = _steps(f["inrun"])
+            cut = f" (steps {cfg['steps']} of the recording)" if cfg.get("steps") else ""
             state = ("" if attrs.get("inrun_complete", True) else
                      "; interrupted or still recording (gs.InRun(..., resume=True) continues it)")
             lines = [head + f", recorded in training (gs.InRun){state}",
-                     f"  {n:,} examples, {records:,} records over {steps} steps, target gradient "
+                     f"  {n:,} examples, {records:,} records over {steps} steps{cut}, target gradient "
                      f"at {with_target} of them (every {cfg['every']}; preconditioner "
                      f"{cfg['preconditioner']})"]
         elif "imported_from" in cfg:   # gradscore import-dynamics: one row per epoch, no checkpoints
