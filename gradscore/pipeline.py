@@ -349,7 +349,9 @@ def reaggregate(scores: str | os.PathLike, out: str | os.PathLike, *, epochs_upt
     file, bit for bit, as ``gradscore run`` with that window. ``scores`` is never modified.
 
     Possible where ``scores`` holds every checkpoint the new window needs: all of them, or a
-    window at least as wide. Raises :class:`ConfigError` naming what a run must compute."""
+    window at least as wide. Raises :class:`ConfigError` naming what a run must compute.
+    Of an in-run recording, ``steps`` ("A:B") keeps the records of those training steps
+    (:func:`gradscore.inrun.store.write_window`)."""
     src, out = Path(scores), output_path(out)
     if not src.is_file():
         raise DataError(f"{src}: no such file; give a scores file written by gradscore run")
