@@ -3021,7 +3021,7 @@ def _train_recorded(out, recorded, every=2, **kw):
     model = mlp(d_in=10, hidden=8, n_classes=4, depth=1).double()
     x, y = torch.randn(24, 10, dtype=torch.float64), torch.randint(0, 4, (24,))
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
-    rec = gs.InRun(model, out=out, targets=(x[:4], y[:4]), every=every, **kw)
+    rec = gs.InRun(model, out=out, **{"targets": (x[:4], y[:4]), "every": every, **kw})
     for t in range(6):
         idx = torch.randperm(24, generator=torch.Generator().manual_seed(t // 3))[t % 3 * 8:t % 3 * 8 + 8]
         with rec.step(idx, y[idx], lr=0.3, step=t) if t in recorded else contextlib.nullcontext():
@@ -3049,7 +3049,7 @@ def test_aggregate_cuts_an_inrun_recording_to_a_window_of_steps(tmp_path, capsys
     late = _train_recorded(tmp_path / "late.h5", range(3, 6))
     assert main(["aggregate", str(whole), "--steps", "3:", "--out", str(tmp_path / "cut.h5")]) == 0
     (got, config, warned), (want, late_config, late_warned) = _datasets(tmp_path / "cut.h5"), _datasets(late)
-    assert sorted(got) == sorted(want) and config == {**late_config, "steps": "3:", "out": config["out"]}
+    assert sorted(got) == sorted(want) and config == {**late_config, "steps": "3:", "out": str(tmp_path / "cut.h5")}
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
     assert warned == late_warned
@@ -3100,6 +3100,10 @@ def test_a_window_of_an_inrun_recording_is_cut_no_wider_nor_continued(tmp_path, 
     assert gs.load_scores(tmp_path / "w.h5")["config"]["steps"] == "3:4"
     with pytest.raises(gs.ConfigMismatchError, match="other settings"):
         _train_recorded(tmp_path / "cut.h5", range(5, 6), resume=True)
+    untargeted = _train_recorded(tmp_path / "plain.h5", range(6), every=1, targets=None)
+    assert main(["aggregate", str(untargeted), "--steps", "1:", "--scores", "loss,inrun_value", "--out",
+                 str(tmp_path / "v.h5")]) == 2
+    assert "inrun_value cannot be made from the records of" in capsys.readouterr().err
 
 
 def test_demo_kinds_are_one_at_a_time(capsys):

@@ -449,7 +449,8 @@ def write_window(src: Path, out: Path, steps: str, *, wanted: Sequence[str] = ()
     if (a or 0) < (a0 or 0) or (b0 is not None and (b is None or b > b0)):
         raise ConfigError(f"invalid value for 'steps': {src} holds the records of steps {config['steps']} only; "
                           f"give a window inside it, or aggregate the recording it was cut from")
-    can = [s for s, need in inrun_scores.NEEDS.items() if need <= set(like)]
+    can = [s for s, need in inrun_scores.NEEDS.items()
+           if need <= set(like) and (config.get("targets") or s not in inrun_scores.TARGET_SCORES)]
     if unknown := sorted(set(wanted) - set(can)):
         raise ConfigError(f"invalid value for 'scores': {', '.join(unknown)} cannot be made from the records of "
                           f"{src}; choose from {', '.join(can)}")
@@ -475,7 +476,7 @@ def write_window(src: Path, out: Path, steps: str, *, wanted: Sequence[str] = ()
             keep = inside(block["step"])
             row = new_row[block["row"][keep]]
             yield {**{k: block[k][keep] for k in like}, "row": row, "ids": kept[row]}
-    config = {**config, "steps": steps, **({"scores": list(wanted)} if wanted else {})}
+    config = {**config, "out": str(out), "steps": steps, **({"scores": list(wanted)} if wanted else {})}
     _write_rows(out, kept, m, like, chunks(), config=config, fingerprint={**fingerprint, "config": config},
                 loss=loss, wanted=set(config["scores"]), complete=complete, progress=progress, given=list(given))
     return out
