@@ -780,8 +780,7 @@ def test_an_output_the_loss_reads_as_another_kind_is_named_once(head, loss, says
 def test_sparse_embedding_gradients_score_as_their_dense_twin(tmp_path):
     """nn.Embedding / EmbeddingBag(sparse=True) give sparse parameter gradients: every engine,
     the in-run targets and the co-states (pds, target_dot) score the model as the same model
-    with dense gradients. (torch has no forward-mode derivative of embedding_bag, which the
-    co-states need: their model has no bag.)"""
+    with dense gradients."""
     from tests_factory import embeddings
     g = torch.Generator().manual_seed(0)
     tokens, y = torch.randint(0, 11, (24, 5), generator=g), torch.randint(0, 3, (24,), generator=g)
@@ -796,8 +795,8 @@ def test_sparse_embedding_gradients_score_as_their_dense_twin(tmp_path):
             out = gs.Scorer(model, engine=engine).score_batch(tokens, y, refs=V)
             got[sparse, engine] = torch.cat([out.sq_norm[:, None], out.dots], 1)
         rec = gs.InRun(model, loss="cross_entropy", out=root / "inrun.h5", targets=(tokens[:6], y[:6]))
-        ckpts, writer = embeddings(sparse, bag=False).double(), gs.CheckpointWriter(
-            root / "ckpts", model_factory="tests_factory:embeddings", model_kwargs={"sparse": sparse, "bag": False},
+        ckpts, writer = embeddings(sparse).double(), gs.CheckpointWriter(
+            root / "ckpts", model_factory="tests_factory:embeddings", model_kwargs={"sparse": sparse},
             loss="cross_entropy")
         opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (model, ckpts)]
         for t in range(3):

@@ -257,6 +257,81 @@ def test_hvp_through_weight_norm_is_the_explicit_weight_norms(how):
         torch.testing.assert_close(got[n], want[rename.get(n, n)], rtol=1e-10, atol=1e-12)
 
 
+class _Bags(torch.nn.Module):
+    """Tokens (0 = padding where ``pad``) -> an EmbeddingBag, in the ``layout`` given ("rows":
+    (B, L) ids; "offsets": the non-padding ids of every row, one bag each, an empty bag for
+    an all-padding row; "last": the same with ``include_last_offset``), -> 3 classes. With
+    ``explicit``, the same bags written out with nn.Embedding, one bag at a time."""
+
+    def __init__(self, mode: str, layout: str, weighted: bool, pad: bool, explicit: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.bag = torch.nn.EmbeddingBag(9, 4, mode=mode, padding_idx=0 if pad and layout == "rows" else None,
+                                         include_last_offset=layout == "last")
+        self.head = torch.nn.Linear(4, 3)
+        self.layout, self.weighted, self.explicit = layout, weighted, explicit
+
+    def forward(self, tokens):
+        psw = (1 + tokens.double() / 3).to(self.bag.weight.dtype) if self.weighted else None
+        if self.explicit:
+            return self.head(torch.tanh(torch.stack([self._one(row, None if psw is None else psw[i])
+                                                     for i, row in enumerate(tokens)])))
+        if self.layout == "rows":
+            return self.head(torch.tanh(self.bag(tokens, per_sample_weights=psw)))
+        kept = tokens != 0
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), kept.sum(1).cumsum(0)])
+        offsets = offsets if self.layout == "last" else offsets[:-1]
+        return self.head(torch.tanh(self.bag(tokens[kept], offsets, per_sample_weights=None if psw is None
+                                             else psw[kept])))
+
+    def _one(self, row, psw):
+        """The row's bag: its rows of the table (not padding, weighted), summed, averaged or
+        maximized; 0 for none."""
+        padded = self.layout != "rows" or self.bag.padding_idx is not None
+        kept = row != 0 if padded else torch.ones_like(row, dtype=torch.bool)
+        rows = torch.nn.functional.embedding(row[kept], self.bag.weight)
+        if psw is not None:
+            rows = rows * psw[kept].unsqueeze(1)
+        if not len(rows):
+            return self.bag.weight.new_zeros(4)
+        return {"sum": rows.sum(0), "mean": rows.mean(0), "max": rows.amax(0)}[self.bag.mode]
+
+
+@pytest.mark.parametrize("mode, layout, weighted, pad", [("sum", "rows", True, False), ("sum", "offsets", True, True),
+                                                         ("mean", "rows", False, True), ("mean", "last", False, True),
+                                                         ("max", "offsets", False, True), ("max", "rows", False, False),
+                                                         ("max", "rows", False, True)])
+def test_hvp_through_an_embedding_bag_is_its_bags_written_out(mode, layout, weighted, pad):
+    """torch has no forward-mode derivative of embedding_bag, so `run --scores pds` refused a
+    model with an nn.EmbeddingBag (PyTorch's text-classification tutorial). The product
+    now runs the bags as index ops, the same function: it equals the product on the bags
+    written out with nn.Embedding, one at a time, for sums (weighted), means and maxima,
+    rows and offsets, padding, an empty bag and an id twice in a bag."""
+    g = torch.Generator().manual_seed(1)
+    tokens, y = torch.randint(1, 9, (7, 5), generator=g), torch.arange(7) % 3
+    tokens[1, 2:], tokens[2, 1] = 0, tokens[2, 0]      # padding; an id twice in a bag
+    tokens[4] = tokens[4] if layout == "rows" else 0   # an empty bag
+    model, explicit = (_Bags(mode, layout, weighted, pad, e).double().eval() for e in (False, True))
+    torch.testing.assert_close(model(tokens), explicit(tokens), rtol=1e-14, atol=0)
+    ds = gs.load_dataset.__globals__["TorchDataset"](list(zip(tokens, y)))
+    v = {n: torch.randn(p.shape, dtype=p.dtype, generator=g) for n, p in model.named_parameters()}
+    got, want = hvp(model, "cross_entropy", ds, v, batch_size=3), hvp(explicit, "cross_entropy", ds, v, batch_size=3)
+    for n in v:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-12)
+        assert want[n].abs().max() > 0
+
+
+def test_hvp_refuses_an_embedding_bag_whose_composite_is_another_function():
+    """max_norm renormalizes the table in place and scale_grad_by_freq scales the gradient:
+    the product keeps torch's op there, and its refusal says so."""
+    for kwargs in ({"max_norm": 1.0}, {"scale_grad_by_freq": True}):
+        model = torch.nn.Sequential(torch.nn.EmbeddingBag(9, 4, mode="sum", **kwargs), torch.nn.Linear(4, 3)).double()
+        ds = gs.load_dataset.__globals__["TorchDataset"](list(zip(torch.randint(0, 9, (4, 3)), torch.arange(4) % 3)))
+        v = {n: torch.ones_like(p) for n, p in model.named_parameters()}
+        with pytest.raises(gs.EngineError, match="forward-mode derivatives .* torch lacks one here"):
+            hvp(model, "cross_entropy", ds, v)
+
+
 def test_step_size_scaling_and_missing_target(tmp_path):
     ckpts, proxy, target, *_ = _gd_run(tmp_path)
     from gradscore.scores.costate import step_sizes

@@ -83,23 +83,22 @@ def ends_in_softmax(d_in=12, hidden=8, n_classes=4):
                                torch.nn.Softmax(-1))
 
 
-def embeddings(sparse=False, bag=True):
-    """Tokens (ids < 11) -> 3 classes through nn.Embedding and (``bag``) nn.EmbeddingBag, all
-    with ``sparse`` gradients or all dense; seeded, so the two kinds hold the same weights."""
+def embeddings(sparse=False):
+    """Tokens (ids < 11) -> 3 classes through nn.Embedding and nn.EmbeddingBag, both with
+    ``sparse`` gradients or both dense; seeded, so the two kinds hold the same weights."""
     torch.manual_seed(0)
-    return _Embeddings(sparse, bag)
+    return _Embeddings(sparse)
 
 
 class _Embeddings(torch.nn.Module):
-    def __init__(self, sparse: bool, bag: bool) -> None:
+    def __init__(self, sparse: bool) -> None:
         super().__init__()
         self.emb = torch.nn.Embedding(11, 4, sparse=sparse)
-        self.bag = torch.nn.EmbeddingBag(11, 4, mode="sum", sparse=sparse) if bag else None
+        self.bag = torch.nn.EmbeddingBag(11, 4, mode="sum", sparse=sparse)
         self.head = torch.nn.Linear(4, 3)
 
     def forward(self, tokens):
-        h = self.emb(tokens).mean(1)
-        return self.head(torch.tanh(h if self.bag is None else h + self.bag(tokens)))
+        return self.head(torch.tanh(self.emb(tokens).mean(1) + self.bag(tokens)))
 
 
 def odd_width(width=4):

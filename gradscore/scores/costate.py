@@ -48,7 +48,6 @@ import h5py
 import numpy as np
 import torch
 from torch.func import grad, jvp
-from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from ..io.atomic import atomic_h5
@@ -56,7 +55,6 @@ from ..io.checkpoints import CheckpointStore, not_plain_steps
 from ..batch import Inputs, call_functional, call_model, move
 from ..engines.base import dense_embeddings
 from ..engines.layout import refuse_random_in_eval
-from ..engines.rules.experts import like_experts
 from ..engines.workarounds import torch_workarounds
 from ..config import (DEVICES, DTYPES, EXAMPLES_PATH, LM_REDUCTIONS, absolute_paths, path_fields, resolve_device,
                       whole_field)
@@ -68,6 +66,7 @@ from ..io.outputs import claim, lock
 from ..io.journal import Journal, read_fingerprint
 from ..io.attrs import attributes, verify, write_attrs
 from ..io.store import damage_named, put
+from .forward_forms import forward_forms
 
 Params = dict[str, torch.Tensor]
 
@@ -116,37 +115,6 @@ def step_sizes(ckpts: CheckpointStore, lr_scale_steps: bool = False) -> np.ndarr
         steps = np.array([i.step for i in ckpts], dtype=np.float64)
         lr = lr * np.diff(steps)
     return lr
-
-
-@contextlib.contextmanager
-def _eager_experts(model: torch.nn.Module) -> Iterator[None]:
-    """Hugging Face's mixture-of-experts layers run their eager loop meanwhile: their grouped
-    and batched matmuls have no forward-mode derivative, which a Hessian-vector product
-    needs. The same function; the model's config is given its setting back after."""
-    configs = {id(m.config): m.config for m in model.modules()
-               if like_experts(m) and hasattr(getattr(m, "config", None), "_experts_implementation")}
-    kept = {k: c._experts_implementation for k, c in configs.items()}
-    try:
-        for c in configs.values():
-            c._experts_implementation = "eager"
-        yield
-    finally:
-        for k, c in configs.items():
-            c._experts_implementation = kept[k]
-
-
-class _CompositeWeightNorm(TorchFunctionMode):
-    """``torch._weight_norm(v, g, dim)`` as its composite form v · (g / ‖v‖ over all but
-    ``dim``), the same function: torch's fused kernel (legacy ``weight_norm`` and
-    ``parametrizations.weight_norm`` on CPU) has no forward-mode derivative, which a
-    Hessian-vector product needs."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch._weight_norm:
-            v, g, dim = (*args, kwargs.get("dim", 0))[:3]
-            return v * (g / torch.norm_except_dim(v, 2, dim))
-        return func(*args, **kwargs)
 
 
 class _Objective:
@@ -211,7 +179,7 @@ class _Objective:
     def hvp(self, params: Params, v: Params) -> Params:
         """(∇²_θ Σ_b w·ℓ_b) v, forward-over-reverse, chunk by chunk."""
         try:
-            with warnings.catch_warnings(), _eager_experts(self.model), _CompositeWeightNorm():
+            with warnings.catch_warnings(), forward_forms(self.model):
                 # torch's own jvp decompositions call its deprecated jit.script
                 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
                 return self._accumulate(lambda x, y: jvp(lambda p: grad(self._f)(p, x, y), (params,), (v,))[1])

@@ -1,0 +1,99 @@
+"""Forms with a forward-mode derivative of the ops torch has none for, while the co-states'
+Hessian-vector products (``jvp`` of ``grad``) run: each the same function, so the same
+product, computed another way.
+
+- Hugging Face's mixture-of-experts layers: their eager loop (their grouped and batched
+  matmuls have none); the model's config is given its setting back after.
+- ``torch._weight_norm(v, g, dim)`` (legacy ``weight_norm`` and
+  ``parametrizations.weight_norm`` on CPU): its composite v · (g / ‖v‖ over all but ``dim``).
+- ``F.embedding_bag`` (``nn.EmbeddingBag``): the rows looked up, weighted
+  (``per_sample_weights``), and summed, averaged or maximized per bag with index ops;
+  padding rows left out and empty bags 0, as torch's. With ``max_norm`` (it renormalizes
+  the weight in place) or ``scale_grad_by_freq`` (it scales the gradient, not the
+  function) the op stays torch's, which refuses.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from ..engines.rules.experts import like_experts
+
+
+@contextlib.contextmanager
+def _eager_experts(model: torch.nn.Module) -> Iterator[None]:
+    """Hugging Face's mixture-of-experts layers of ``model`` run their eager loop meanwhile."""
+    configs = {id(m.config): m.config for m in model.modules()
+               if like_experts(m) and hasattr(getattr(m, "config", None), "_experts_implementation")}
+    kept = {k: c._experts_implementation for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._experts_implementation = "eager"
+        yield
+    finally:
+        for k, c in configs.items():
+            c._experts_implementation = kept[k]
+
+
+_BAG = inspect.signature(F.embedding_bag)
+
+
+def embedding_bag(*args, **kwargs) -> torch.Tensor | None:
+    """``F.embedding_bag(*args, **kwargs)`` with index ops that have forward-mode
+    derivatives: (bags, d) of the ``weight`` rows of ``input`` per bag (a row of a 2-D
+    ``input``, or ``offsets`` into a 1-D one). None where that would be another function
+    (``max_norm``, ``scale_grad_by_freq``) or torch refuses the arguments anyway."""
+    a = _BAG.bind(*args, **kwargs)
+    a.apply_defaults()
+    ids, weight, offsets, psw, mode, pad = (a.arguments[k] for k in ("input", "weight", "offsets",
+                                                                     "per_sample_weights", "mode", "padding_idx"))
+    if (a.arguments["max_norm"] is not None or a.arguments["scale_grad_by_freq"] or mode not in ("sum", "mean", "max")
+            or (psw is not None and mode != "sum") or ids.dim() not in (1, 2) or (ids.dim() == 2) != (offsets is None)):
+        return None
+    if ids.dim() == 2:   # one bag per row
+        bags, bag = len(ids), torch.arange(len(ids), device=ids.device).repeat_interleave(ids.shape[1])
+    else:
+        starts = offsets[:-1] if a.arguments["include_last_offset"] else offsets
+        n = int(offsets[-1]) if a.arguments["include_last_offset"] and len(offsets) else len(ids)
+        bags, ids = len(starts), ids[:n]
+        bag = torch.searchsorted(starts, torch.arange(n, device=ids.device), right=True) - 1
+        psw = None if psw is None else psw[:n]
+    ids, keep = ids.reshape(-1), torch.ones(bag.shape, dtype=torch.bool, device=bag.device)
+    if pad is not None:
+        keep = ids != (pad if pad >= 0 else len(weight) + pad)
+    rows = weight.index_select(0, ids[keep])
+    if psw is not None:
+        rows = rows * psw.reshape(-1)[keep].unsqueeze(1)
+    bag = bag[keep]
+    out = weight.new_zeros((bags, weight.shape[1]))
+    if mode == "max":
+        return out.scatter_reduce(0, bag.unsqueeze(1).expand_as(rows), rows, "amax", include_self=False)
+    out = out.index_add(0, bag, rows)
+    if mode == "mean":
+        out = out / torch.bincount(bag, minlength=bags).clamp(min=1).unsqueeze(1).to(out.dtype)
+    return out
+
+
+class _Composites(TorchFunctionMode):
+    """``torch._weight_norm`` and ``F.embedding_bag`` as their composite forms (module docstring)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch._weight_norm:
+            v, g, dim = (*args, kwargs.get("dim", 0))[:3]
+            return v * (g / torch.norm_except_dim(v, 2, dim))
+        if func is F.embedding_bag and (out := embedding_bag(*args, **kwargs)) is not None:
+            return out
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def forward_forms(model: torch.nn.Module) -> Iterator[None]:
+    """While it runs, ``model``'s ops take the forms of the module docstring."""
+    with _eager_experts(model), _Composites():
+        yield
