@@ -332,6 +332,51 @@ def test_hvp_refuses_an_embedding_bag_whose_composite_is_another_function():
             hvp(model, "cross_entropy", ds, v)
 
 
+class _Attention(torch.nn.Module):
+    """Tokens' features -> ``kind`` ("encoder": an nn.TransformerEncoderLayer, whose
+    attention calls F.scaled_dot_product_attention; "causal": that function with
+    is_causal; "masked": with a float mask) -> mean -> 3 classes."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind, self.inp, self.head = kind, torch.nn.Linear(3, 8), torch.nn.Linear(8, 3)
+        if kind == "encoder":
+            self.layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+
+    def forward(self, x):
+        h = self.inp(x)
+        if self.kind == "encoder":
+            return self.head(self.layer(h).mean(1))
+        q = h.unflatten(-1, (2, 4)).transpose(1, 2)
+        mask = None if self.kind == "causal" else torch.linspace(-1, 1, x.shape[1] ** 2).reshape(x.shape[1], -1)
+        a = torch.nn.functional.scaled_dot_product_attention(q, q.flip(-1), q, attn_mask=mask,
+                                                             is_causal=self.kind == "causal")
+        return self.head(a.transpose(1, 2).flatten(2).mean(1))
+
+
+@pytest.mark.parametrize("kind", ["encoder", "causal", "masked"])
+def test_hvp_through_scaled_dot_product_attention_is_the_gradients_difference(kind):
+    """torch's CPU flash kernel of F.scaled_dot_product_attention has no forward-mode
+    derivative, so `run --scores pds` refused every nn.TransformerEncoderLayer (and told
+    the user to set a Hugging Face option). The product now runs that function on torch's
+    math kernel, the same function: it equals the central difference of the gradient."""
+    from torch.func import functional_call, grad
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(6, 5, 3, dtype=torch.float64, generator=g), torch.arange(6) % 3
+    model = _Attention(kind).double().eval()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    v = {n: torch.randn(p.shape, dtype=p.dtype, generator=g) for n, p in params.items()}
+    got = hvp(model, "cross_entropy", gs.load_dataset.__globals__["TorchDataset"](list(zip(x, y))), v, batch_size=4)
+    loss = lambda p: torch.nn.functional.cross_entropy(functional_call(model, p, (x,)), y, reduction="sum")  # noqa: E731
+    eps = 1e-5
+    plus, minus = (grad(loss)({n: t + sign * eps * v[n] for n, t in params.items()}) for sign in (1, -1))
+    for n in params:
+        want = (plus[n] - minus[n]) / (2 * eps)
+        torch.testing.assert_close(got[n], want, rtol=1e-6, atol=1e-7 * float(want.abs().max()))
+        assert want.abs().max() > 1e-3
+
+
 def test_step_size_scaling_and_missing_target(tmp_path):
     ckpts, proxy, target, *_ = _gd_run(tmp_path)
     from gradscore.scores.costate import step_sizes

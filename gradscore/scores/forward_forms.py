@@ -6,6 +6,8 @@ product, computed another way.
   matmuls have none); the model's config is given its setting back after.
 - ``torch._weight_norm(v, g, dim)`` (legacy ``weight_norm`` and
   ``parametrizations.weight_norm`` on CPU): its composite v · (g / ‖v‖ over all but ``dim``).
+- ``F.scaled_dot_product_attention`` (``nn.TransformerEncoderLayer``'s attention, Hugging
+  Face's "sdpa"): torch's math kernel (its CPU flash kernel has none).
 - ``F.embedding_bag`` (``nn.EmbeddingBag``): the rows looked up, weighted
   (``per_sample_weights``), and summed, averaged or maximized per bag with index ops;
   padding rows left out and empty bags 0, as torch's. With ``max_norm`` (it renormalizes
@@ -20,6 +22,7 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from ..engines.rules.experts import like_experts
@@ -95,5 +98,5 @@ class _Composites(TorchFunctionMode):
 @contextlib.contextmanager
 def forward_forms(model: torch.nn.Module) -> Iterator[None]:
     """While it runs, ``model``'s ops take the forms of the module docstring."""
-    with _eager_experts(model), _Composites():
+    with _eager_experts(model), _Composites(), sdpa_kernel(SDPBackend.MATH):
         yield
