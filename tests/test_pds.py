@@ -355,16 +355,10 @@ class _Attention(torch.nn.Module):
         return self.head(a.transpose(1, 2).flatten(2).mean(1))
 
 
-@pytest.mark.parametrize("kind", ["encoder", "causal", "masked"])
-def test_hvp_through_scaled_dot_product_attention_is_the_gradients_difference(kind):
-    """torch's CPU flash kernel of F.scaled_dot_product_attention has no forward-mode
-    derivative, so `run --scores pds` refused every nn.TransformerEncoderLayer (and told
-    the user to set a Hugging Face option). The product now runs that function on torch's
-    math kernel, the same function: it equals the central difference of the gradient."""
+def _assert_hvp_is_the_gradients_difference(model, x, y, g):
+    """hvp of ``model`` (float64) on (x, y) equals the central difference of its gradient
+    (functional_call, torch's own ops) along a random direction."""
     from torch.func import functional_call, grad
-    g = torch.Generator().manual_seed(2)
-    x, y = torch.randn(6, 5, 3, dtype=torch.float64, generator=g), torch.arange(6) % 3
-    model = _Attention(kind).double().eval()
     params = {n: p.detach() for n, p in model.named_parameters()}
     v = {n: torch.randn(p.shape, dtype=p.dtype, generator=g) for n, p in params.items()}
     got = hvp(model, "cross_entropy", gs.load_dataset.__globals__["TorchDataset"](list(zip(x, y))), v, batch_size=4)
@@ -375,6 +369,55 @@ def test_hvp_through_scaled_dot_product_attention_is_the_gradients_difference(ki
         want = (plus[n] - minus[n]) / (2 * eps)
         torch.testing.assert_close(got[n], want, rtol=1e-6, atol=1e-7 * float(want.abs().max()))
         assert want.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["encoder", "causal", "masked"])
+def test_hvp_through_scaled_dot_product_attention_is_the_gradients_difference(kind):
+    """torch's CPU flash kernel of F.scaled_dot_product_attention has no forward-mode
+    derivative, so `run --scores pds` refused every nn.TransformerEncoderLayer (and told
+    the user to set a Hugging Face option). The product now runs that function on torch's
+    math kernel, the same function: it equals the central difference of the gradient."""
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(6, 5, 3, dtype=torch.float64, generator=g), torch.arange(6) % 3
+    _assert_hvp_is_the_gradients_difference(_Attention(kind).double().eval(), x, y, g)
+
+
+class _SqueezeExcite(torch.nn.Module):
+    """A Linear, a squeeze-and-excitation gate through nn.Hardsigmoid (MobileNetV3's; in
+    place where ``inplace``), and a prototype head: minus the distances (torch.cdist, p)
+    to 3 learned prototypes, one of them an example's features exactly."""
+
+    def __init__(self, p: float, inplace: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.gate = torch.nn.Linear(3, 4), torch.nn.Linear(4, 4)
+        self.act, self.p = torch.nn.Hardsigmoid(inplace=inplace), p
+        self.prototypes = torch.nn.Parameter(torch.randn(3, 4))
+
+    def features(self, x):
+        h = torch.tanh(self.lin(x))
+        return h * self.act(3 * self.gate(h))
+
+    def forward(self, x):
+        return -torch.cdist(self.features(x), self.prototypes, p=self.p)
+
+
+@pytest.mark.parametrize("p, inplace", [(2.0, False), (1.0, True), (3.0, False), (float("inf"), False)])
+def test_hvp_through_hardsigmoid_and_cdist_is_the_gradients_difference(p, inplace):
+    """torch has no forward-mode derivative of hardsigmoid's backward (MobileNetV3's
+    squeeze-and-excitation gate) or of cdist (prototype and cosine classifiers): `run
+    --scores pds` refused them. The product now runs their composite forms, the same
+    functions (a distance of 0 has the gradient 0, as torch's)."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(6, 3, dtype=torch.float64, generator=g), torch.arange(6) % 3
+    model = _SqueezeExcite(p, inplace).double().eval()
+    _assert_hvp_is_the_gradients_difference(model, x, y, g)
+    with torch.no_grad():   # a distance of exactly 0: its gradient is 0 in both
+        model.prototypes[0] = model.features(x[:1])[0]
+        assert float(model(x[:1])[0, 0]) == 0
+    v = {n: torch.ones_like(t) for n, t in model.named_parameters()}
+    got = hvp(model, "cross_entropy", gs.load_dataset.__globals__["TorchDataset"](list(zip(x, y))), v)
+    assert all(bool(torch.isfinite(t).all()) for t in got.values())
 
 
 def test_step_size_scaling_and_missing_target(tmp_path):

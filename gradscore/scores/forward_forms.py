@@ -8,6 +8,9 @@ product, computed another way.
   ``parametrizations.weight_norm`` on CPU): its composite v · (g / ‖v‖ over all but ``dim``).
 - ``F.scaled_dot_product_attention`` (``nn.TransformerEncoderLayer``'s attention, Hugging
   Face's "sdpa"): torch's math kernel (its CPU flash kernel has none).
+- ``F.hardsigmoid`` (MobileNetV3's gates): clamp(x + 3, 0, 6) / 6 (its backward has none).
+- ``torch.cdist`` (prototype classifiers), for p ≥ 1: (Σ|x − y|^p)^(1/p) from the
+  differences, with the gradient 0 at a distance of 0, as torch's.
 - ``F.embedding_bag`` (``nn.EmbeddingBag``): the rows looked up, weighted
   (``per_sample_weights``), and summed, averaged or maximized per bag with index ops;
   padding rows left out and empty bags 0, as torch's. With ``max_norm`` (it renormalizes
@@ -82,15 +85,34 @@ def embedding_bag(*args, **kwargs) -> torch.Tensor | None:
     return out
 
 
+def _hardsigmoid(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    out = torch.clamp(x + 3, 0, 6) / 6
+    return x.copy_(out) if inplace else out
+
+
+def _cdist(x1: torch.Tensor, x2: torch.Tensor, p: float = 2.0, compute_mode: str | None = None) -> torch.Tensor | None:
+    """(…, P, R) distances of the rows of x1 (…, P, M) and x2 (…, R, M); None for p < 1."""
+    if not p >= 1:
+        return None
+    diff = (x1.unsqueeze(-2) - x2.unsqueeze(-3)).abs()
+    if p == float("inf"):
+        return diff.amax(-1)
+    s = diff.pow(p).sum(-1)
+    ok = s > 0   # a root's derivative is infinite at 0, where torch's cdist gives 0
+    return torch.where(ok, s, 1).pow(1 / p) * ok
+
+
+#: {torch function: its composite form, or None where it cannot take those arguments}
+_FORMS = {torch._weight_norm: lambda v, g, dim=0: v * (g / torch.norm_except_dim(v, 2, dim)),
+          F.hardsigmoid: _hardsigmoid, torch.cdist: _cdist, F.embedding_bag: embedding_bag}
+
+
 class _Composites(TorchFunctionMode):
-    """``torch._weight_norm`` and ``F.embedding_bag`` as their composite forms (module docstring)."""
+    """The functions of :data:`_FORMS` as their composite forms (module docstring)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch._weight_norm:
-            v, g, dim = (*args, kwargs.get("dim", 0))[:3]
-            return v * (g / torch.norm_except_dim(v, 2, dim))
-        if func is F.embedding_bag and (out := embedding_bag(*args, **kwargs)) is not None:
+        if func in _FORMS and (out := _FORMS[func](*args, **kwargs)) is not None:
             return out
         return func(*args, **kwargs)
 
