@@ -343,10 +343,12 @@ def write_scores(writer: HDF5ScoresWriter, config: RunConfig, *, ids: np.ndarray
 
 
 def reaggregate(scores: str | os.PathLike, out: str | os.PathLike, *, epochs_upto: float | None = None,
-                steps: str | None = None, wanted: Sequence[str] | None = None, overwrite: bool = False) -> Path:
+                steps: str | None = None, wanted: Sequence[str] | None = None, overwrite: bool = False,
+                progress: bool = False) -> Path:
     """A scores file for another checkpoint window (and, optionally, other scores of the same
     per-checkpoint pass) from the rows of ``scores``, without a model or the data: the same
     file, bit for bit, as ``gradscore run`` with that window. ``scores`` is never modified.
+    ``progress``: a bar on a terminal, once it has taken 5 s.
 
     Possible where ``scores`` holds every checkpoint the new window needs: all of them, or a
     window at least as wide. Raises :class:`ConfigError` naming what a run must compute.
@@ -362,7 +364,7 @@ def reaggregate(scores: str | os.PathLike, out: str | os.PathLike, *, epochs_upt
         verify(f, src)
         inrun = bool(json_attr(f, src, "config").get("inrun"))
     if inrun:
-        return _inrun_window(src, out, epochs_upto, steps, wanted)
+        return _inrun_window(src, out, epochs_upto, steps, wanted, progress)
     with damage_named(src), h5py.File(src, "r") as f:
         if "rows" not in f.attrs:
             raise ConfigError(f"{src}: has no record of how its rows were made (written by an older gradscore or "
@@ -403,25 +405,29 @@ def reaggregate(scores: str | os.PathLike, out: str | os.PathLike, *, epochs_upt
         if writer.complete:
             return writer.out
         source = ReusableRows(src, rows["key"])   # a chunk of rows at a time, as run reuses them
+        bar = tqdm(total=len(keep) * writer.n_chunks, desc=f"writing {out.name}", unit=" chunks", delay=5,
+                   disable=None if progress else True)
         try:
             for t, sha in enumerate(new_rows["checkpoints_sha256"]):
                 for c in range(writer.n_chunks):
                     writer.write_chunk(t, c, source.read(sha, *writer.chunk_range(c)))
+                    bar.update()
         finally:
+            bar.close()
             source.close()
         return write_scores(writer, config, ids=ids, noisy=noisy, checkpoints=checkpoints, loss=loss,
                             rows=new_rows, checksums=old_fp["checkpoints_sha256"], warnings=warnings)
 
 
 def _inrun_window(src: Path, out: Path, epochs_upto: float | None, steps: str | None,
-                  wanted: Sequence[str] | None) -> Path:
+                  wanted: Sequence[str] | None, progress: bool) -> Path:
     """:func:`reaggregate` of an in-run recording: its records at the ``steps`` window."""
     from .inrun.store import write_window
     if epochs_upto is not None or steps is None:
         raise ConfigError(f"invalid value for 'epochs_upto': {src} is an in-run recording (gs.InRun), whose records "
                           f"are numbered by training step, not epoch; give the window as --steps A:B")
     with lock(out):
-        return write_window(src, out, steps, wanted=as_names(wanted or ()))
+        return write_window(src, out, steps, wanted=as_names(wanted or ()), progress=progress)
 
 
 def _check_finite(metrics: dict[str, np.ndarray], ds: Dataset, start: int, ckpt: Path) -> None:

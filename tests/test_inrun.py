@@ -3067,6 +3067,35 @@ def test_aggregate_cuts_an_inrun_recording_to_a_window_of_steps(tmp_path, capsys
     assert np.isfinite(first["scores"]["inrun_value"]).all()   # step 0 has a target gradient (every 2)
 
 
+def test_aggregate_shows_a_progress_bar_unless_quiet(tmp_path, monkeypatch):
+    """Cutting 10⁸ records (or rewriting the rows of many checkpoints) takes minutes: a bar
+    on the terminal (tqdm's own choice, after 5 s), over every record (every chunk of every
+    checkpoint); --quiet turns it off, as on run and export."""
+    from gradscore import pipeline
+    from gradscore.cli import main
+    from gradscore.inrun import store
+    from helpers import progress_bars
+    whole = _train_recorded(tmp_path / "whole.h5", range(6))
+    bars = progress_bars(monkeypatch, store)
+    assert main(["aggregate", str(whole), "--steps", "1:", "--out", str(tmp_path / "a.h5")]) == 0
+    assert main(["aggregate", str(whole), "--steps", "1:", "--out", str(tmp_path / "b.h5"), "--quiet"]) == 0
+    assert [(b.total, b.done, b.disable) for b in bars] == [(40, 40, None), (40, 40, True)]
+    ckpts, data = tmp_path / "ckpts", tmp_path / "train.h5"
+    torch.manual_seed(0)
+    model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
+    gs.save_dataset(data, torch.randn(10, 10).numpy(), torch.randint(0, 4, (10,)).numpy())
+    with gs.CheckpointWriter(ckpts, model_factory="gradscore.demos.models:mlp",
+                             model_kwargs={"d_in": 10, "hidden": 8, "n_classes": 4, "depth": 1}) as writer:
+        for t in range(3):
+            writer.save(model, step=t, lr=0.1, epoch=t)
+    gs.score(ckpts, data, out=tmp_path / "s.h5", scores=("loss",), chunk_size=4, progress=False)
+    bars = progress_bars(monkeypatch, pipeline)
+    assert main(["aggregate", str(tmp_path / "s.h5"), "--steps", "1:", "--out", str(tmp_path / "c.h5")]) == 0
+    assert main(["aggregate", str(tmp_path / "s.h5"), "--steps", "1:", "--out", str(tmp_path / "d.h5"),
+                 "--quiet"]) == 0
+    assert [(b.total, b.done, b.disable) for b in bars] == [(6, 6, None), (6, 6, True)]   # 2 checkpoints × 3 chunks
+
+
 @pytest.mark.parametrize("argv, says", [
     (["--epochs-upto", "1"], "whole.h5 is an in-run recording (gs.InRun), whose records are numbered by training "
                              "step, not epoch; give the window as --steps A:B"),

@@ -180,12 +180,14 @@ def _add_aggregate(sub: argparse._SubParsersAction) -> None:
                    "per-checkpoint metrics (forward only, gradients, or target dots)")
     p.add_argument("--out", required=True, metavar="FILE", help="the scores file to write (HDF5)")
     add_overwrite(p)
+    add_quiet(p)
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> int:
     from ..pipeline import reaggregate
     path = reaggregate(args.scores, args.out, epochs_upto=args.epochs_upto, steps=args.steps,
-                       wanted=as_names(args.wanted) if args.wanted else None, overwrite=args.overwrite)
+                       wanted=as_names(args.wanted) if args.wanted else None, overwrite=args.overwrite,
+                       progress=not args.quiet)
     print(f"scores -> {path}")
     return 0
 
