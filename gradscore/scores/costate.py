@@ -192,7 +192,7 @@ class _Objective:
             else:
                 fix = "write that op another way, or leave pds out of the scores"
             raise EngineError(f"the co-states need Hessian-vector products, i.e. forward-mode derivatives of "
-                              f"every op of the model, and torch lacks one here ({what}); {fix}") from e
+                              f"every op of the model and loss, and torch lacks one here ({what}); {fix}") from e
 
 
 def hvp(model: torch.nn.Module, loss: str | Loss, ds: Dataset, v: Params, *, batch_size: int = 256,

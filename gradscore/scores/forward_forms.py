@@ -11,6 +11,9 @@ product, computed another way.
 - ``F.hardsigmoid`` (MobileNetV3's gates): clamp(x + 3, 0, 6) / 6 (its backward has none).
 - ``torch.cdist`` (prototype classifiers), for p ≥ 1: (Σ|x − y|^p)^(1/p) from the
   differences, with the gradient 0 at a distance of 0, as torch's.
+- ``F.huber_loss``, ``F.soft_margin_loss``, ``F.multi_margin_loss`` (a user's per-example
+  loss): their definitions (torch's docs) in elementwise ops; the legacy ``size_average``
+  and ``reduce`` arguments keep torch's op.
 - ``F.embedding_bag`` (``nn.EmbeddingBag``): the rows looked up, weighted
   (``per_sample_weights``), and summed, averaged or maximized per bag with index ops;
   padding rows left out and empty bags 0, as torch's. With ``max_norm`` (it renormalizes
@@ -102,9 +105,43 @@ def _cdist(x1: torch.Tensor, x2: torch.Tensor, p: float = 2.0, compute_mode: str
     return torch.where(ok, s, 1).pow(1 / p) * ok
 
 
+def _reduced(loss: torch.Tensor, reduction: str) -> torch.Tensor | None:
+    return {"none": loss, "mean": loss.mean(), "sum": loss.sum()}.get(reduction) if isinstance(reduction, str) else None
+
+
+def _huber(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean", delta: float = 1.0,
+           weight: torch.Tensor | None = None) -> torch.Tensor | None:
+    d = input - target
+    loss = torch.where(d.abs() < delta, 0.5 * d * d, delta * (d.abs() - 0.5 * delta))
+    return _reduced(loss if weight is None else loss * weight, reduction)
+
+
+def _soft_margin(input: torch.Tensor, target: torch.Tensor, size_average=None, reduce=None,
+                 reduction: str = "mean") -> torch.Tensor | None:
+    if size_average is not None or reduce is not None:
+        return None
+    return _reduced(torch.log1p(torch.exp(-target * input)), reduction)
+
+
+def _multi_margin(input: torch.Tensor, target: torch.Tensor, p: int = 1, margin: float = 1.0,
+                  weight: torch.Tensor | None = None, size_average=None, reduce=None,
+                  reduction: str = "mean") -> torch.Tensor | None:
+    """Σ_{i ≠ y} max(0, w_y (margin − x_y + x_i))^p / C per row of x (C,) or (B, C)."""
+    if size_average is not None or reduce is not None or p not in (1, 2) or input.dim() not in (1, 2):
+        return None
+    x, y = input.reshape(-1, input.shape[-1]), target.reshape(-1, 1)
+    z = margin - x.gather(1, y) + x
+    if weight is not None:
+        z = z * weight[y]
+    z = z.clamp(min=0).pow(p).scatter(1, y, 0.0)   # i = y left out
+    loss = z.sum(1) / x.shape[1]
+    return _reduced(loss.reshape(()) if input.dim() == 1 else loss, reduction)
+
+
 #: {torch function: its composite form, or None where it cannot take those arguments}
 _FORMS = {torch._weight_norm: lambda v, g, dim=0: v * (g / torch.norm_except_dim(v, 2, dim)),
-          F.hardsigmoid: _hardsigmoid, torch.cdist: _cdist, F.embedding_bag: embedding_bag}
+          F.hardsigmoid: _hardsigmoid, torch.cdist: _cdist, F.embedding_bag: embedding_bag, F.huber_loss: _huber,
+          F.soft_margin_loss: _soft_margin, F.multi_margin_loss: _multi_margin}
 
 
 class _Composites(TorchFunctionMode):
