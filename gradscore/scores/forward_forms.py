@@ -52,7 +52,7 @@ def _eager_experts(model: torch.nn.Module) -> Iterator[None]:
 _BAG = inspect.signature(F.embedding_bag)
 
 
-def embedding_bag(*args, **kwargs) -> torch.Tensor | None:
+def _embedding_bag(*args, **kwargs) -> torch.Tensor | None:
     """``F.embedding_bag(*args, **kwargs)`` with index ops that have forward-mode
     derivatives: (bags, d) of the ``weight`` rows of ``input`` per bag (a row of a 2-D
     ``input``, or ``offsets`` into a 1-D one). None where that would be another function
@@ -106,11 +106,16 @@ def _cdist(x1: torch.Tensor, x2: torch.Tensor, p: float = 2.0, compute_mode: str
 
 
 def _reduced(loss: torch.Tensor, reduction: str) -> torch.Tensor | None:
-    return {"none": loss, "mean": loss.mean(), "sum": loss.sum()}.get(reduction) if isinstance(reduction, str) else None
+    """``loss`` reduced as torch's losses do; None for another ``reduction`` (torch's op says why)."""
+    if reduction == "none":
+        return loss
+    return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else None
 
 
 def _huber(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean", delta: float = 1.0,
            weight: torch.Tensor | None = None) -> torch.Tensor | None:
+    if weight is not None and weight.size() != input.size():
+        return None
     d = input - target
     loss = torch.where(d.abs() < delta, 0.5 * d * d, delta * (d.abs() - 0.5 * delta))
     return _reduced(loss if weight is None else loss * weight, reduction)
@@ -140,7 +145,7 @@ def _multi_margin(input: torch.Tensor, target: torch.Tensor, p: int = 1, margin:
 
 #: {torch function: its composite form, or None where it cannot take those arguments}
 _FORMS = {torch._weight_norm: lambda v, g, dim=0: v * (g / torch.norm_except_dim(v, 2, dim)),
-          F.hardsigmoid: _hardsigmoid, torch.cdist: _cdist, F.embedding_bag: embedding_bag, F.huber_loss: _huber,
+          F.hardsigmoid: _hardsigmoid, torch.cdist: _cdist, F.embedding_bag: _embedding_bag, F.huber_loss: _huber,
           F.soft_margin_loss: _soft_margin, F.multi_margin_loss: _multi_margin}
 
 
