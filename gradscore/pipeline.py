@@ -424,7 +424,8 @@ def _inrun_window(src: Path, out: Path, epochs_upto: float | None, steps: str | 
     """:func:`reaggregate` of an in-run recording: its records at the ``steps`` window."""
     from .inrun.store import write_window
     if epochs_upto is not None or steps is None:
-        raise ConfigError(f"invalid value for 'epochs_upto': {src} is an in-run recording (gs.InRun), whose records "
+        field = "epochs_upto" if epochs_upto is not None else "steps"
+        raise ConfigError(f"invalid value for '{field}': {src} is an in-run recording (gs.InRun), whose records "
                           f"are numbered by training step, not epoch; give the window as --steps A:B")
     with lock(out):
         return write_window(src, out, steps, wanted=as_names(wanted or ()), progress=progress)

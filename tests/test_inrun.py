@@ -3099,7 +3099,7 @@ def test_aggregate_shows_a_progress_bar_unless_quiet(tmp_path, monkeypatch):
 @pytest.mark.parametrize("argv, says", [
     (["--epochs-upto", "1"], "whole.h5 is an in-run recording (gs.InRun), whose records are numbered by training "
                              "step, not epoch; give the window as --steps A:B"),
-    ([], "give the window as --steps A:B"),
+    ([], "invalid value for 'steps': "),
     (["--steps", "7:"], "whole.h5 has no record at steps 7: (it holds steps 0 to 5)"),
     (["--steps", "0:3", "--scores", "loss,pds"], "pds cannot be made from the records of"),
     (["--steps", "1:2", "--out", "{whole}"], "whole.h5: is the scores file, an input of this command"),
