@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 
 import pytest
@@ -338,3 +339,127 @@ def test_a_file_torch_load_refuses_is_named_with_what_to_do(tmp_path, capsys, co
     assert f"step_9.pt: cannot read checkpoint: torch.load(weights_only=True) refuses it ({detail}" in err, err
     assert "weights_only` set to `False`" not in err and "Check the documentation" not in err, err
     assert err.count("\n") == 1 and "\x1b" not in err, err
+
+
+def _tied_args(src, out, *extra):
+    return ["import-checkpoints", str(src), "--model", "tests_factory:tied_head", "--out", str(out), "--quiet",
+            "--lr", "0.1", *extra]
+
+
+def _tied_states(n=2):
+    from tests_factory import tied_head
+    torch.manual_seed(0)
+    model = tied_head()
+    out = []
+    for _ in range(n):
+        out.append({k: v.clone() for k, v in model.state_dict().items()})
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1)
+    return out
+
+
+def test_a_tied_weight_stored_once_is_imported_under_both_names(tmp_path):
+    """Hugging Face's save_pretrained and safetensors' save_model keep one name of a tied
+    tensor (GPT-2 drops ``lm_head.weight``): every tied language model's Trainer checkpoint
+    was refused as missing a key."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    from tests_factory import tied_head
+    states = _tied_states()
+    src = tmp_path / "src"
+    (src / "checkpoint-10").mkdir(parents=True)
+    model = tied_head()
+    model.load_state_dict(states[0])
+    safetensors.save_model(model, str(src / "checkpoint-10" / "model.safetensors"))   # one name kept
+    torch.save({k: v for k, v in states[1].items() if k != "emb.weight"}, src / "step_20.pt")   # the other
+    assert main(_tied_args(src, tmp_path / "ck")) == 0
+    store = gs.CheckpointStore(tmp_path / "ck")
+    for i, want in enumerate(states):
+        got = store.build_model(i).state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        assert got["head.weight"].data_ptr() == got["emb.weight"].data_ptr()
+
+
+def test_two_different_tensors_for_one_tied_weight_are_refused(tmp_path, capsys):
+    """A model trained untied, imported into a factory that ties: loading both names into the
+    one tensor kept the last one silently."""
+    state = _tied_states(1)[0]
+    state["head.weight"] = state["head.weight"] + 1
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save(state, src / "step_3.pt")
+    assert main(_tied_args(src, tmp_path / "ck")) == 2
+    err = capsys.readouterr().err
+    assert "step_3.pt: 'emb.weight' and 'head.weight' are one tensor in tests_factory:tied_head" in err
+    assert err.count("\n") == 1 and not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+def test_sharded_checkpoints_are_one_checkpoint(tmp_path, capsys, suffix):
+    """A large model's save_pretrained writes model-00001-of-00003.safetensors and its
+    siblings (pytorch_model-…bin before safetensors): each step was refused as two files."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    states = _states(2)
+    src = tmp_path / "src"
+    stem = "model" if suffix == ".safetensors" else "pytorch_model"
+    for step, state in zip((100, 200), states):
+        folder = src / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        keys = sorted(state)
+        for i, part in enumerate((keys[:1], keys[1:3], keys[3:]), start=1):
+            shard = {k: state[k] for k in part}
+            name = folder / f"{stem}-{i:05d}-of-00003{suffix}"
+            safetensors.save_file(shard, str(name)) if suffix == ".safetensors" else torch.save(shard, name)
+        (folder / f"{stem}{suffix}.index.json").write_text(json.dumps({"weight_map": {}}))
+    assert main(_args(src, tmp_path / "ck", "--lr", "0.1")) == 0
+    store = gs.CheckpointStore(tmp_path / "ck")
+    assert [i.step for i in store] == [100, 200]
+    for i, want in enumerate(states):
+        got = store.build_model(i).state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    # a rerun finds them imported; a shard changed since is named
+    assert main(_args(src, tmp_path / "ck", "--lr", "0.1")) == 0
+    shard = src / "checkpoint-200" / f"{stem}-00002-of-00003{suffix}"
+    shard.write_bytes(shard.read_bytes())
+    os.utime(shard, ns=(1, 1))
+    assert main(_args(src, tmp_path / "ck", "--lr", "0.1")) == 2
+    assert "has changed since" in capsys.readouterr().err
+    # a missing shard, or one key in two shards: one line each, nothing written
+    (src / "checkpoint-200" / f"{stem}-00003-of-00003{suffix}").unlink()
+    assert main(_args(src, tmp_path / "ck2", "--lr", "0.1")) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint-200/{stem}-00003-of-00003{suffix} is missing" in err and err.count("\n") == 1
+    assert not (tmp_path / "ck2").exists()
+    one = {k: states[1][k] for k in sorted(states[1])[:2]}
+    name = src / "checkpoint-200" / f"{stem}-00003-of-00003{suffix}"
+    safetensors.save_file(one, str(name)) if suffix == ".safetensors" else torch.save(one, name)
+    assert main(_args(src, tmp_path / "ck2", "--lr", "0.1")) == 2
+    err = capsys.readouterr().err
+    assert "is in two shards" in err and err.count("\n") == 1
+
+
+def test_a_hugging_face_language_models_trainer_checkpoints(tmp_path):
+    """GPT-2 saved by save_pretrained, whole and in shards: its tied head is stored once."""
+    pytest.importorskip("transformers")
+    from gradscore.integrations.hf import from_config
+    config = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 8, "vocab_size": 16, "n_positions": 8,
+              "bos_token_id": 0, "eos_token_id": 0}
+    torch.manual_seed(0)
+    model = from_config(config)
+    states = []
+    for step in (5, 10):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01)
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        model.save_pretrained(tmp_path / "whole" / f"checkpoint-{step}")
+        model.save_pretrained(tmp_path / "shards" / f"checkpoint-{step}", max_shard_size="2KB")
+    assert len(list((tmp_path / "shards" / "checkpoint-5").glob("*-of-*.safetensors"))) > 1
+    for kind in ("whole", "shards"):
+        assert main(["import-checkpoints", str(tmp_path / kind), "--model", "gradscore.integrations.hf:from_config",
+                     "--model-kwargs", json.dumps({"config": config}), "--loss", "causal_lm", "--lr", "0.1",
+                     "--out", str(tmp_path / f"ck_{kind}"), "--quiet"]) == 0
+        store = gs.CheckpointStore(tmp_path / f"ck_{kind}")
+        for i, want in enumerate(states):
+            got = store.build_model(i).state_dict()
+            assert all(torch.equal(got[k], want[k]) for k in want)

@@ -52,7 +52,8 @@ def _add_import_checkpoints(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "import-checkpoints", help="convert torch.save / Lightning / safetensors checkpoints",
                  description="Convert a directory of existing checkpoints (torch.save state_dicts: .pt, "
                  ".pth, .bin; Lightning's .ckpt; safetensors; directly in SRC_DIR or in subdirectories like "
-                 "checkpoint-1200/) into gradscore checkpoints. The step is the one a torch.save dict records "
+                 "checkpoint-1200/; a checkpoint in shards, model-00001-of-00003.safetensors and its siblings, as one) "
+                 "into gradscore checkpoints. The step is the one a torch.save dict records "
                  "(global_step, else step), else the number the file (or subdirectory) name marks as one "
                  "(step_1200, step=1200, iter1200, checkpoint-1200), else its last number (a name with a decimal "
                  "number, a metric, needs the mark); a LightningModule's model is found "

@@ -6,7 +6,11 @@ DistributedDataParallel (``module.``) or ``torch.compile`` (``_orig_mod.``) mode
 stripped, nested either way), Lightning's ``.ckpt`` files and safetensors files, directly
 in SRC_DIR or one level down (Hugging Face's ``checkpoint-1200/model.safetensors``; the
 Trainer's ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``, ``training_args.bin`` beside
-it are not the model and are left alone).
+it are not the model and are left alone). A checkpoint saved in shards
+(``model-00001-of-00003.safetensors``, ``pytorch_model-00001-of-00002.bin``) is one checkpoint,
+refused while a shard is missing. A tied tensor stored under one of its names (``save_pretrained``
+keeps ``transformer.wte.weight`` of GPT-2's tied ``lm_head.weight``) is loaded under each; a file
+holding two different tensors for one tied weight (a model trained untied) is refused.
 
 The step is the one a ``torch.save`` dict records at its top level (``global_step``, as
 Lightning's ``.ckpt`` files do, else ``step``); else the number the file's name (or its
@@ -31,13 +35,14 @@ import hashlib
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .checkpoints import (CheckpointStore, build_model, check_rebuildable, checked_lr, checkpoint_filename,
-                          checkpoint_files, read_info, write_checkpoint)
+                          checkpoint_files, read_info, tied_aliases, write_checkpoint)
 from ..exceptions import CheckpointError, OutputError
 
 SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
@@ -46,19 +51,59 @@ _TRAINER_FILES = re.compile(r"(optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(
 _NESTED = ("state_dict", "model_state_dict", "model")
 #: key prefixes of wrapped models' state_dicts: DistributedDataParallel, torch.compile
 _WRAPPERS = ("module.", "_orig_mod.")
+#: one shard of a checkpoint saved in several: <stem>-<i>-of-<count>
+_SHARD = re.compile(r"(.+)-(\d+)-of-(\d+)")
 
 
-def find_sources(src: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every checkpoint file in ``src`` (or one directory down), by step."""
+@dataclass(frozen=True)
+class Source:
+    """One checkpoint to import: a file, or the shards of one (Hugging Face's
+    ``model-00001-of-00003.safetensors`` and its siblings), in order."""
+
+    files: tuple[Path, ...]
+
+    def __str__(self) -> str:
+        if len(self.files) == 1:
+            return str(self.files[0])
+        first = self.files[0]
+        stem, _, count = _SHARD.fullmatch(first.stem).groups()
+        return str(first.parent / f"{stem}-*-of-{count}{first.suffix}")
+
+
+def _checkpoints(paths: list[Path]) -> list[Source]:
+    """The checkpoints among ``paths``: each file, and each set of shards together, all of
+    them present."""
+    found, shards = [], {}
+    for path in paths:
+        match = _SHARD.fullmatch(path.stem)
+        if match is None:
+            found.append(Source((path,)))
+        else:
+            stem, i, count = match.groups()
+            shards.setdefault((path.parent, stem, count, path.suffix), {})[int(i)] = path
+    for (folder, stem, count, suffix), parts in shards.items():
+        missing = [i for i in range(1, int(count) + 1) if i not in parts]
+        if missing:
+            name = folder / f"{stem}-{missing[0]:0{len(count)}d}-of-{count}{suffix}"
+            raise CheckpointError(f"{name} is missing: a checkpoint saved in {int(count)} shards needs all of them "
+                                  f"(copy it back, or move the folder's other shards out)")
+        found.append(Source(tuple(parts[i] for i in sorted(parts))))
+    return found
+
+
+def find_sources(src: str | Path) -> list[tuple[int, Source]]:
+    """(step, source) of every checkpoint in ``src`` (or one directory down), by step."""
     src = Path(src)
     if not src.is_dir():
         raise CheckpointError(f"{src}: source directory does not exist")
-    found: dict[int, Path] = {}
-    for path in sorted(list(src.glob("*")) + list(src.glob("*/*"))):
-        if path.suffix not in SUFFIXES or not path.is_file() or _TRAINER_FILES.fullmatch(path.name):
-            continue
+    candidates = [path for path in sorted(list(src.glob("*")) + list(src.glob("*/*")))
+                  if path.suffix in SUFFIXES and path.is_file() and not _TRAINER_FILES.fullmatch(path.name)]
+    found: dict[int, Source] = {}
+    for source in _checkpoints(candidates):
+        path = source.files[0]
         rel = path.relative_to(src)
-        name = rel.parts[0] if len(rel.parts) > 1 else rel.stem
+        name = rel.parts[0] if len(rel.parts) > 1 else rel.stem if len(source.files) == 1 else \
+            _SHARD.fullmatch(rel.stem).group(1)
         step = None if path.suffix == ".safetensors" else _recorded_step(path)
         marked = _MARKED_STEP.findall(name)
         if step is None:
@@ -67,11 +112,12 @@ def find_sources(src: str | Path) -> list[tuple[int, Path]]:
             raise CheckpointError(f"{path}: the name says step {marked[-1]}, the file records step {step}; keep the "
                                   f"two in agreement")
         if step in found:
-            copies = [p for p in (found[step], path) if p.suffix == ".ckpt" and p.stem.startswith("last")]
+            copies = [s for s in (found[step], source) if s.files[0].suffix == ".ckpt"
+                      and s.files[0].stem.startswith("last")]
             if len(copies) != 1:
-                raise CheckpointError(f"{path}: step {step} also names {found[step]}; keep one file per step")
-            path = found[step] if copies[0] == path else path   # Lightning's last.ckpt repeats a named file
-        found[step] = path
+                raise CheckpointError(f"{source}: step {step} also names {found[step]}; keep one file per step")
+            source = found[step] if copies[0] == source else source   # Lightning's last.ckpt repeats a named file
+        found[step] = source
     if not found:
         raise CheckpointError(f"{src}: no checkpoint files ({', '.join(SUFFIXES)})")
     return sorted(found.items())
@@ -108,15 +154,36 @@ def _recorded_step(path: Path) -> int | None:
     return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
-def model_keys(state: dict[str, torch.Tensor], keys: set[str], path: Path) -> dict[str, torch.Tensor]:
-    """``state`` as the model's keys ``keys``: itself where its keys are those, else the part
-    under the one first key component (``net.``) whose keys are exactly those; unchanged
-    where none is (the strict load then names the mismatch)."""
-    if set(state) == keys:
-        return state
+def _tie_groups(model: torch.nn.Module) -> list[list[str]]:
+    """The state_dict names of each tensor the model holds under several (tied weights:
+    GPT-2's ``transformer.wte.weight`` and ``lm_head.weight``), its parameter name first."""
+    groups: dict[str, list[str]] = {}
+    for alias, name in tied_aliases(model).items():
+        groups.setdefault(name, [name]).append(alias)
+    return list(groups.values())
+
+
+def _with_ties(state: dict[str, torch.Tensor], ties: list[list[str]]) -> dict[str, torch.Tensor]:
+    """``state`` with a tied tensor under each of its names where the file keeps only some
+    (``save_pretrained`` and safetensors' ``save_model`` keep one)."""
+    out = dict(state)
+    for names in ties:
+        kept = next((n for n in names if n in state), None)
+        if kept is not None:
+            out.update({n: state[kept] for n in names if n not in state})
+    return out
+
+
+def model_keys(state: dict[str, torch.Tensor], keys: set[str], ties: list[list[str]],
+               path: Source) -> dict[str, torch.Tensor]:
+    """``state`` as the model's keys ``keys`` (its tied names ``ties`` filled in): itself where
+    its keys are those, else the part under the one first key component (``net.``) whose keys
+    are exactly those; unchanged where none is (the strict load then names the mismatch)."""
+    if set(whole := _with_ties(state, ties)) == keys:
+        return whole
     under = {}
     for prefix in sorted({k.split(".", 1)[0] + "." for k in state if "." in k}):
-        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        part = _with_ties({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, ties)
         if set(part) == keys:
             under[prefix] = part
     if len(under) > 1:
@@ -124,6 +191,18 @@ def model_keys(state: dict[str, torch.Tensor], keys: set[str], path: Path) -> di
                               f"save the one to score as its own state_dict "
                               f"(torch.save(module.<name>.state_dict(), ...)) and import that")
     return next(iter(under.values()), state)
+
+
+def _check_ties(state: dict[str, torch.Tensor], ties: list[list[str]], path: Source, model_factory: str) -> None:
+    """Each tied tensor's names hold one value in ``state``: loading two different ones into
+    the model's one tensor would keep the last silently."""
+    for first, *others in ties:
+        other = next((n for n in others if first in state and n in state and not torch.equal(state[first], state[n])),
+                     None)
+        if other is not None:
+            raise CheckpointError(f"{path}: '{first}' and '{other}' are one tensor in {model_factory}, but the file "
+                                  f"holds two different ones (a model trained untied); build the model untied "
+                                  f"(Hugging Face: \"tie_word_embeddings\": false in its config)")
 
 
 def _read(path: Path, mapped: bool = False):
@@ -156,8 +235,22 @@ def _why_unread(e: Exception) -> str:
             f"folder, or save the model's state_dict alone with torch.save")
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of one source file (see the module docstring)."""
+def read_state_dict(source: Source) -> dict[str, torch.Tensor]:
+    """The tensors of one checkpoint (see the module docstring), its shards' together."""
+    state: dict[str, torch.Tensor] = {}
+    for path in source.files:
+        part = _file_state_dict(path)
+        twice = next((k for k in part if k in state), None)
+        if twice is not None:
+            raise CheckpointError(f"{path}: tensor '{twice}' is in two shards of {source}; keep the shards of one "
+                                  f"save_pretrained together, and nothing else under their names")
+        state.update(part)
+    return state
+
+
+def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one file: a dict nested under a key of :data:`_NESTED` found, the
+    wrappers' key prefixes stripped."""
     state = _read(path)
     for key in _NESTED:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -188,12 +281,15 @@ def _claim_out(src: Path, out: Path, model_factory: str, model_kwargs: dict, los
     return out
 
 
-def _source_of(path: Path) -> str:
-    """What an imported checkpoint records of the file it came from (JSON): its path, size
-    and modification time, which change when a training run writes it anew."""
-    st = path.stat()
-    return json.dumps({"file": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns},
-                      sort_keys=True)
+def _source_of(source: Source) -> str:
+    """What an imported checkpoint records of the file (or shards) it came from (JSON): the
+    path, size and modification time, which change when a training run writes it anew."""
+    stats = [path.stat() for path in source.files]
+    record = {"file": [str(p.resolve()) for p in source.files], "bytes": [st.st_size for st in stats],
+              "mtime_ns": [st.st_mtime_ns for st in stats]}
+    if len(source.files) == 1:   # one file: as imports before shards recorded it
+        record = {k: v[0] for k, v in record.items()}
+    return json.dumps(record, sort_keys=True)
 
 
 def _check_earlier_import(out: Path, src: Path, sources: list[tuple[int, Path]]) -> None:
@@ -204,7 +300,7 @@ def _check_earlier_import(out: Path, src: Path, sources: list[tuple[int, Path]])
                           f"and a folder holds one run; choose another --out")
 
 
-def _check_imported(done: Path, path: Path, lr: float, epoch: float) -> None:
+def _check_imported(done: Path, path: Source, lr: float, epoch: float) -> None:
     """``done`` (a checkpoint in --out at ``path``'s step) is ``path`` imported as this
     import would: from that file as it is now, with its learning rate and epoch; else one
     OutputError, since keeping it would put another run's weights in the folder."""
@@ -216,7 +312,7 @@ def _check_imported(done: Path, path: Path, lr: float, epoch: float) -> None:
         raise OutputError(f"{done}: was not imported from {path} (gradscore.CheckpointWriter wrote it); {fix}") from None
     now = json.loads(_source_of(path))
     if was["file"] != now["file"]:
-        raise OutputError(f"{done}: was imported from {was['file']}, not {now['file']}; {fix}")
+        raise OutputError(f"{done}: was imported from {was['file']}, not {path}; {fix}")
     if was != now:
         raise OutputError(f"{done}: was imported from {path}, which has changed since; {fix}")
     differ = [f"{k} {getattr(info, k):g}, not {v:g}" for k, v in (("lr", lr), ("epoch", epoch)) if getattr(info, k) != v]
@@ -233,7 +329,7 @@ def import_checkpoints(src: str | Path, out: str | Path, *, model_factory: str, 
         raise CheckpointError("import-checkpoints: give either a constant lr or a schedule {step: lr}")
     factory = check_rebuildable(model_factory, model_kwargs, loss)
     model = build_model(factory, model_kwargs or {}, model_factory)
-    keys = set(model.state_dict())
+    keys, ties = set(model.state_dict()), _tie_groups(model)
     sources = find_sources(src)
     if schedule is None:
         checked_lr(lr)
@@ -254,7 +350,9 @@ def import_checkpoints(src: str | Path, out: str | Path, *, model_factory: str, 
                 _check_imported(out / checkpoint_filename(step), path, step_lr, epoch)
                 continue
             try:
-                model.load_state_dict(model_keys(read_state_dict(path), keys, path), strict=True)
+                state = model_keys(read_state_dict(path), keys, ties, path)
+                _check_ties(state, ties, path, model_factory)
+                model.load_state_dict(state, strict=True)
             except RuntimeError as e:
                 raise CheckpointError(f"{path}: does not fit {model_factory}({model_kwargs or {}}): "
                                       f"{' '.join(str(e).split())[:300]}") from e
