@@ -365,13 +365,15 @@ def test_a_tied_weight_stored_once_is_imported_under_both_names(tmp_path):
     was refused as missing a key."""
     safetensors = pytest.importorskip("safetensors.torch")
     from tests_factory import tied_head
-    states = _tied_states()
+    states = _tied_states(3)
     src = tmp_path / "src"
     (src / "checkpoint-10").mkdir(parents=True)
     model = tied_head()
     model.load_state_dict(states[0])
     safetensors.save_model(model, str(src / "checkpoint-10" / "model.safetensors"))   # one name kept
     torch.save({k: v for k, v in states[1].items() if k != "emb.weight"}, src / "step_20.pt")   # the other
+    lightning = {"net." + k: v for k, v in states[2].items() if k != "head.weight"}   # under a LightningModule's net
+    torch.save({"global_step": 30, "state_dict": {**lightning, "loss_fn.weight": torch.ones(9)}}, src / "last.ckpt")
     assert main(_tied_args(src, tmp_path / "ck")) == 0
     store = gs.CheckpointStore(tmp_path / "ck")
     for i, want in enumerate(states):
