@@ -146,6 +146,72 @@ def test_lightning_callback(tmp_path):
     assert [i.step for i in gs.CheckpointStore(tmp_path / "ck")] == [0, 3, 4]
 
 
+def test_lightning_callback_records_the_optimizer_and_the_largest_rate(tmp_path):
+    """The checkpoints recorded the optimizer as "lightning", which PDS and target_dot take for
+    plain gradient steps: an Adam fit's co-states came without their warning. The learning
+    rate was the first parameter group's: a first group frozen at lr 0 made every η_t 0."""
+    L = pytest.importorskip("lightning")
+    from gradscore.integrations.lightning import GradscoreCheckpoint
+    x, y, data = _data(tmp_path)
+
+    def fit(optimizer, folder, **trainer_kw):
+        class Module(L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.net = mlp(**KW)
+
+            def training_step(self, batch, batch_idx):
+                return torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+            def configure_optimizers(self):
+                return optimizer(self.net)
+
+        torch.manual_seed(0)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=10)
+        cb = GradscoreCheckpoint(str(tmp_path / folder), model_factory="gradscore.demos.models:mlp", model_kwargs=KW,
+                                 every_n_steps=2, attr="net")
+        L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, callbacks=[cb], **trainer_kw).fit(Module(), loader)
+        return list(gs.CheckpointStore(tmp_path / folder))
+
+    def frozen_first(net):
+        first, rest = list(net.parameters())[:2], list(net.parameters())[2:]
+        return torch.optim.SGD([{"params": first, "lr": 0.0}, {"params": rest, "lr": 0.1}])
+
+    infos = fit(frozen_first, "frozen")
+    assert [i.lr for i in infos] == [0.1] * 3 and all(i.optimizer == "SGD(lr per group=0,0.1)" for i in infos)
+    infos = fit(lambda net: torch.optim.SGD(net.parameters(), lr=0.1), "sgd")
+    assert all(i.optimizer == "SGD" for i in infos)
+    infos = fit(lambda net: torch.optim.SGD(net.parameters(), lr=0.1), "clipped", gradient_clip_val=1.0)
+    assert all(i.optimizer == "SGD(clipped)" for i in infos)
+    infos = fit(lambda net: torch.optim.Adam(net.parameters(), lr=0.01), "adam")
+    assert all(i.optimizer == "Adam" for i in infos)
+    assert main(["run", "--checkpoints", str(tmp_path / "adam"), "--data", str(data), "--target", str(data),
+                 "--scores", "target_dot", "--out", str(tmp_path / "s.h5"), "--quiet"]) == 0
+    assert any("written by Adam, not plain gradient steps" in w for w in gs.load_scores(tmp_path / "s.h5")["warnings"])
+
+
+def test_hf_trainer_callback_records_the_largest_rate(tmp_path):
+    """A Trainer given its optimizer with a first group frozen at lr 0: every η_t was 0."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    from gradscore.integrations.hf import from_config
+    from gradscore.integrations.hf_trainer import GradscoreCallback
+    torch.manual_seed(0)
+    model = from_config(GPT2).train()
+    ids = torch.randint(0, 31, (16, 12), generator=torch.Generator().manual_seed(0))
+    params = list(model.parameters())
+    opt = torch.optim.SGD([{"params": params[:1], "lr": 0.0}, {"params": params[1:], "lr": 0.05}])
+    cb = GradscoreCallback.for_model(str(tmp_path / "ck"), model, every_n_steps=1)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=8,
+                             report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in ids], callbacks=[cb],
+            optimizers=(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))).train()
+    assert [i.lr for i in gs.CheckpointStore(tmp_path / "ck")] == [0.05, 0.05, 0.05]
+
+
 def test_hf_trainer_callback(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")

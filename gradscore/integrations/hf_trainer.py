@@ -51,17 +51,13 @@ class GradscoreCallback(TrainerCallback):
         return cls(directory, model_factory=FACTORY, model_kwargs=kwargs, loss=loss,
                    every_n_steps=every_n_steps, overwrite=overwrite)
 
-    @staticmethod
-    def _lr(optimizer: Any) -> float:
-        return float(optimizer.param_groups[0]["lr"]) if optimizer is not None else 0.0
-
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        self.record(model, step=int(state.global_step), lr=self._lr(optimizer), epoch=float(state.epoch or 0.0))
+        self.record(model, step=int(state.global_step), lr=step_lr(optimizer), epoch=float(state.epoch or 0.0))
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         name = checkpoint_filename(state.global_step)
         if not self.writer.saved or self.writer.saved[-1].name != name:
-            self.writer.save(model, step=int(state.global_step), lr=self._lr(optimizer),
+            self.writer.save(model, step=int(state.global_step), lr=step_lr(optimizer),
                              epoch=float(state.epoch or 0.0))
 
 

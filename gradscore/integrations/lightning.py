@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch import Callback
 
 from ..inrun.recorder import checked_recorder, step_lr
-from ..io.checkpoints import CheckpointWriter, checkpoint_filename
+from ..io.checkpoints import CheckpointWriter, checkpoint_filename, optimizer_kind
 from ..exceptions import ConfigError
 
 
@@ -46,8 +46,10 @@ class GradscoreCheckpoint(Callback):
                 raise ConfigError(f"invalid value for 'attr': the LightningModule has no '{self.attr}'; give the "
                                   f"attribute that holds the network (its submodules: {children})")
         n_batches = trainer.num_training_batches or 1
-        return {"model": module, "step": int(trainer.global_step),
-                "lr": float(trainer.optimizers[0].param_groups[0]["lr"]),
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        if optimizer is not None:   # what PDS and target_dot need to know: plain steps, or not (a warning)
+            self.writer.optimizer = optimizer_kind(optimizer, clipped=bool(trainer.gradient_clip_val))
+        return {"model": module, "step": int(trainer.global_step), "lr": step_lr(optimizer),
                 "epoch": trainer.current_epoch + batch_idx / n_batches}
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:

@@ -434,20 +434,23 @@ def _steps(steps: list[int]) -> str:
     return ", ".join(map(str, steps)) if len(steps) <= 4 else f"{steps[0]}, {steps[1]}, …, {steps[-1]}"
 
 
-def optimizer_kind(optimizer: object) -> str:
-    """What a checkpoint records of the optimizer: its class, with SGD's momentum and the
-    learning rates of parameter groups that have their own (a step is then not θ − η ∇L)."""
+def optimizer_kind(optimizer: object, clipped: bool = False) -> str:
+    """What a checkpoint records of the optimizer: its class, with SGD's momentum, the
+    learning rates of parameter groups that have their own, and ``clipped`` gradients (a
+    step is then not θ − η ∇L)."""
     kind = type(optimizer).__name__
     groups = getattr(optimizer, "param_groups", None) or [{}]
     momentum = groups[0].get("momentum", 0)
     rates = list(dict.fromkeys(float(g["lr"]) for g in groups if "lr" in g))
     notes = ([f"momentum={momentum:g}"] if kind == "SGD" and momentum else []) + (
-        [f"lr per group={','.join(f'{r:g}' for r in rates)}"] if len(rates) > 1 else [])
+        [f"lr per group={','.join(f'{r:g}' for r in rates)}"] if len(rates) > 1 else []) + (
+        ["clipped"] if clipped else [])
     return f"{kind}({', '.join(notes)})" if notes else kind
 
 
 #: recorded optimizer kinds whose step is not the plain θ − η ∇L (:func:`optimizer_kind`)
-_NOT_PLAIN = re.compile(r"adam|momentum|nesterov|rmsprop|adagrad|adadelta|lamb|lion|lars|trainer|per group", re.I)
+_NOT_PLAIN = re.compile(r"adam|momentum|nesterov|rmsprop|adagrad|adadelta|lamb|lion|lars|trainer|per group|clipped",
+                        re.I)
 
 
 def not_plain_steps(optimizers: list[str], method: str, what: str) -> list[str]:
