@@ -41,8 +41,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoints import (CheckpointStore, build_model, check_rebuildable, checked_lr, checkpoint_filename,
-                          checkpoint_files, read_info, tied_aliases, write_checkpoint)
+from .checkpoints import (IMPORTED, CheckpointStore, build_model, check_rebuildable, checked_lr,
+                          checkpoint_filename, checkpoint_files, read_info, tied_aliases, write_checkpoint)
 from ..exceptions import CheckpointError, OutputError
 
 SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
@@ -358,7 +358,7 @@ def import_checkpoints(src: str | Path, out: str | Path, *, model_factory: str, 
                                       f"{' '.join(str(e).split())[:300]}") from e
             write_checkpoint(out / checkpoint_filename(step), model, step=step, lr=step_lr, epoch=epoch,
                              model_factory=model_factory, model_kwargs=model_kwargs, loss=loss,
-                             optimizer="imported", source=_source_of(path), run=run)
+                             optimizer=IMPORTED, source=_source_of(path), run=run)
     except BaseException:
         if made and not any(out.iterdir()):   # a folder made for nothing goes with the failure
             out.rmdir()

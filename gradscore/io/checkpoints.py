@@ -448,6 +448,8 @@ def optimizer_kind(optimizer: object, clipped: bool = False) -> str:
     return f"{kind}({', '.join(notes)})" if notes else kind
 
 
+#: the optimizer kind ``import-checkpoints`` records: the training's is not known
+IMPORTED = "imported"
 #: recorded optimizer kinds whose step is not the plain θ − η ∇L (:func:`optimizer_kind`)
 _NOT_PLAIN = re.compile(r"adam|momentum|nesterov|rmsprop|adagrad|adadelta|lamb|lion|lars|trainer|per group|clipped",
                         re.I)
@@ -457,11 +459,15 @@ def not_plain_steps(optimizers: list[str], method: str, what: str) -> list[str]:
     """[one warning] where a checkpoint was written by an optimizer whose step is not
     θ_t+1 = θ_t − η_t ∇L(θ_t), which ``method`` assumes, so ``what`` is only an
     approximation; [] where every recorded kind is plain (or unrecorded)."""
+    assumes = f"{method} assumes θ_t+1 = θ_t − η_t ∇L(θ_t)"
+    if IMPORTED in optimizers:
+        return [f"the checkpoints were imported, so their optimizer is not recorded; {assumes}, so {what} only an "
+                f"approximation unless they were plain gradient steps"]
     odd = sorted({o for o in optimizers if o and _NOT_PLAIN.search(o)})
     if not odd:
         return []
-    return [f"the checkpoints were written by {', '.join(odd)}, not plain gradient steps; {method} assumes "
-            f"θ_t+1 = θ_t − η_t ∇L(θ_t), so {what} only an approximation"]
+    return [f"the checkpoints were written by {', '.join(odd)}, not plain gradient steps; {assumes}, so {what} only "
+            f"an approximation"]
 
 
 def _param_shapes(path: Path) -> dict[str, tuple[int, ...]]:
