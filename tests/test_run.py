@@ -1,6 +1,7 @@
 """The scoring pipeline through the Python API: engines agree, store semantics hold."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -389,3 +390,38 @@ def test_what_the_fingerprint_reads_of_a_modules_globals(tmp_path, monkeypatch):
     assert act.startswith("torch.") and act.endswith(".tanh")
     assert found == {"userglobals.RATE": "0.5", "userglobals.SIZES": "tuple(1, 2)",
                      "userglobals.KINDS": "frozenset('a', 'b')"}
+
+
+def test_run_says_how_the_mean_loss_went_and_when_it_rose(tmp_path, capsys):
+    """Examples saved otherwise than the model was trained on (labels shifted, inputs scaled,
+    images transposed) score without an error, every number wrong. Their mean loss rises
+    from the first checkpoint to the last where training data's falls: `run` and `info`
+    say how it went, and `run` says so where it rose."""
+    from helpers import make_run
+
+    from gradscore.cli import main
+    ckpts, data = make_run(tmp_path)
+
+    def summary(path):
+        res = gs.load_scores(path)
+        loss, correct, step = res["per_checkpoint"]["loss"].mean(1), res["per_checkpoint"]["correct"].mean(1), \
+            res["checkpoints"]["step"]
+        return loss, (f"mean loss {loss[0]:.3g} at step {step[0]} -> {loss[-1]:.3g} at step {step[-1]}; accuracy "
+                      f"on the given labels {correct[0]:.0%} -> {correct[-1]:.0%}")
+
+    assert main(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", str(tmp_path / "s.h5"),
+                 "--quiet"]) == 0
+    out = capsys.readouterr()
+    loss, line = summary(tmp_path / "s.h5")
+    assert loss[-1] < loss[0] and line in out.out and "rose" not in out.err
+    assert main(["info", str(tmp_path / "s.h5")]) == 0 and line in capsys.readouterr().out
+    with h5py.File(data) as f:
+        shifted = gs.save_dataset(tmp_path / "shifted.h5", f["inputs"][()], (f["targets"][()] + 1) % 4)
+    assert main(["run", "--checkpoints", str(ckpts), "--data", str(shifted), "--out", str(tmp_path / "t.h5"),
+                 "--quiet"]) == 0
+    out = capsys.readouterr()
+    loss, line = summary(tmp_path / "t.h5")
+    assert loss[-1] > loss[0] and line in out.out
+    assert (f"warning: the examples' mean loss rose from {loss[0]:.3g} at the first checkpoint to {loss[-1]:.3g} at "
+            f"the last") in out.err and "label ids" in out.err and out.err.count("\n") == 1
+    assert "rose" not in json.dumps(gs.load_scores(tmp_path / "t.h5")["warnings"])   # a hint, not the file's

@@ -109,9 +109,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     path = run(config, args.out, overwrite=args.overwrite, progress=not args.quiet,
                distributed=args.distributed)
     if int(os.environ.get("RANK", "0")) == 0:
+        import h5py
+
         from ..io.store import load_scores
+        from ..reports.info import loss_trend
         print(f"scores -> {path}")
         warn("run", load_scores(path, per_checkpoint=False)["warnings"])
+        with h5py.File(path, "r") as f:
+            trend = loss_trend(f)
+        if trend is not None:
+            print(trend[0])
+            warn("run", [trend[1]] if trend[1] else [])
     return 0
 
 

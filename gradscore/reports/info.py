@@ -93,6 +93,34 @@ def _steps(records: h5py.Group, block: int = 1 << 20) -> tuple[int, int, int]:
     return len(records["step"]), len(steps), len(targeted)
 
 
+def loss_trend(f: h5py.File) -> tuple[str, str | None] | None:
+    """How a checkpoint run's scored examples' mean loss, and the share of them classified as
+    labeled, went from the first checkpoint to the last (scores file ``f``): (that line, the
+    warning where the loss rose, else None); None without per-checkpoint losses. A rise is
+    what mislabeled and held-out examples show, and also examples saved otherwise than the
+    model was trained on them, whose every score is then wrong without an error."""
+    if "per_checkpoint/loss" not in f or "checkpoints/step" not in f or 0 in f["per_checkpoint/loss"].shape:
+        return None
+    step = f["checkpoints/step"][()]
+
+    def mean(name: str, t: int) -> float:
+        row = f["per_checkpoint"][name][t].astype(np.float64)
+        return float(row[np.isfinite(row)].mean()) if np.isfinite(row).any() else float("nan")
+
+    shown = [0, len(step) - 1] if len(step) > 1 else [0]
+    losses = " -> ".join(f"{mean('loss', t):.3g} at step {step[t]}" for t in shown)
+    line = f"mean loss {losses}"
+    if "correct" in f["per_checkpoint"]:
+        line += "; accuracy on the given labels " + " -> ".join(f"{mean('correct', t):.0%}" for t in shown)
+    first, last = mean("loss", 0), mean("loss", -1)
+    if not last > first:
+        return line, None
+    return line, (f"the examples' mean loss rose from {first:.3g} at the first checkpoint to {last:.3g} at the "
+                  f"last: so it does for mislabeled or held-out examples, and for examples saved otherwise than "
+                  f"the model was trained on them (input scaling, channel order, label ids), whose every score "
+                  f"is then wrong; if these are the training examples, check how they were saved")
+
+
 def _describe_scores(path: Path) -> str:
     import textwrap
     with h5py.File(path, "r") as f:
@@ -125,6 +153,9 @@ def _describe_scores(path: Path) -> str:
         else:
             lines += _fold("per_checkpoint (T×N)", {k: "×".join(map(str, f["per_checkpoint"][k].shape))
                                                     for k in f["per_checkpoint"]}, sep=" ")
+            trend = loss_trend(f)
+            if trend is not None:
+                lines.append(f"  {trend[0]}")
         for k in f["scores"]:
             s = f["scores"][k][()]
             finite = np.isfinite(s)
