@@ -317,3 +317,20 @@ def test_tracin_over_checkpoints_of_adam_warns_in_the_file_the_cli_and_info(tmp_
                           "--out", str(tmp_path / "cli.h5"), "--quiet"], capture_output=True, text=True,
                          check=True).stderr
     assert err.count("written by AdamW") == 1 and err.startswith("gradscore attribute: warning: "), err
+
+
+def test_sketch_says_how_the_mean_loss_went_and_when_it_rose(tiny_run, tmp_path, capsys):
+    """`sketch` reads the examples as `run` does, and is as wrong on ones saved otherwise
+    than the model was trained on them (here: labels shifted): it says so as `run` does."""
+    ckpts, data = tiny_run
+    with h5py.File(data) as f:
+        shifted = gs.save_dataset(tmp_path / "shifted.h5", f["inputs"][()], (f["targets"][()] + 1) % 4)
+    for name, d in (("s.h5", data), ("t.h5", shifted)):
+        assert main(["sketch", "--checkpoints", str(ckpts), "--data", str(d), "--dim", "16", "--out",
+                     str(tmp_path / name), "--quiet"]) == 0
+        out = capsys.readouterr()
+        with h5py.File(tmp_path / name) as f:
+            loss, step = f["per_checkpoint/loss"][()].mean(1), f["checkpoints/step"][()]
+        assert f"mean loss {loss[0]:.3g} at step {step[0]} -> {loss[-1]:.3g} at step {step[-1]}\n" in out.out
+        assert ("the examples' mean loss rose" in out.err) == (loss[-1] > loss[0]) == (d == shifted)
+        assert main(["info", str(tmp_path / name)]) == 0 and f"mean loss {loss[0]:.3g}" in capsys.readouterr().out

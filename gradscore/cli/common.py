@@ -92,6 +92,19 @@ def warn(command: str, found: list[str]) -> None:
         print(f"gradscore {command}: warning: {text}", file=sys.stderr)
 
 
+def show_loss_trend(command: str, path) -> None:
+    """Print how the scored examples' mean loss went over the checkpoints of output ``path``
+    (:func:`~gradscore.reports.info.loss_trend`), and warn where it rose."""
+    import h5py
+
+    from ..reports.info import loss_trend
+    with h5py.File(path, "r") as f:
+        trend = loss_trend(f)
+    if trend is not None:
+        print(trend[0])
+        warn(command, [trend[1]] if trend[1] else [])
+
+
 @contextlib.contextmanager
 def warnings_as_lines(command: str) -> Iterator[None]:
     """While ``command`` runs, gradscore's Python warnings print as its warning lines (:func:`warn`),

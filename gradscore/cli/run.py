@@ -8,7 +8,7 @@ import os
 from ..config import (AVAILABLE_SCORES, DEVICES, DTYPES, ENGINES, GRADIENT_SCORES, TARGET_SCORES, RunConfig,
                       as_names)
 from .common import (StoreNoted, StoreTrueNoted, add_lm_reduction, add_overwrite, add_quiet, command, refuse_unused,
-                     warn)
+                     show_loss_trend, warn)
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "run", help="score every example at every checkpoint",
@@ -109,17 +109,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     path = run(config, args.out, overwrite=args.overwrite, progress=not args.quiet,
                distributed=args.distributed)
     if int(os.environ.get("RANK", "0")) == 0:
-        import h5py
-
         from ..io.store import load_scores
-        from ..reports.info import loss_trend
         print(f"scores -> {path}")
         warn("run", load_scores(path, per_checkpoint=False)["warnings"])
-        with h5py.File(path, "r") as f:
-            trend = loss_trend(f)
-        if trend is not None:
-            print(trend[0])
-            warn("run", [trend[1]] if trend[1] else [])
+        show_loss_trend("run", path)
     return 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import ATTRIBUTION_METHODS, DEVICES, DTYPES, STORE_DTYPES, AttributeConfig, SketchConfig, as_names
-from .common import StoreNoted, add_quiet, command, refuse_unused
+from .common import StoreNoted, add_quiet, command, refuse_unused, show_loss_trend
 
 
 def _add_sketch(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +46,7 @@ def _cmd_sketch(args: argparse.Namespace) -> int:
     path = run_sketch(config, args.out, overwrite=args.overwrite, progress=not args.quiet)
     T, N, dim = SketchFile.open(path).shape
     print(f"sketches ({T} checkpoints x {N} examples x {dim}) -> {path}")
+    show_loss_trend("sketch", path)
     return 0
 
 

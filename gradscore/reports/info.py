@@ -180,6 +180,8 @@ def _describe_sketch(path: Path) -> str:
                  f"  checkpoints {sf.config['checkpoints']}, data {sf.config['data']}",
                  f"  {T} checkpoints x {N:,} examples x {dim} ({f['sketch'].dtype}), seed {sf.spec.seed}, "
                  f"{len(sf.spec.blocks)} blocks: " + ", ".join(f"{k} {v} rows" for k, v in sorted(kinds.items()))]
+        trend = loss_trend(f)
+        lines += [f"  {trend[0]}"] if trend is not None else []
         s = f["scores/self_influence"][()]
         lines.append(f"  scores/self_influence: mean {s.mean():.4g}, min {s.min():.4g}, max {s.max():.4g}")
         lines += [f"  warning: {w}" for w in json.loads(attrs.get("warnings", "[]"))]
