@@ -443,6 +443,9 @@ def test_sharded_checkpoints_are_one_checkpoint(tmp_path, capsys, suffix):
     assert main(_args(src, tmp_path / "ck2", "--lr", "0.1")) == 2
     err = capsys.readouterr().err
     assert "is in two shards" in err and err.count("\n") == 1
+    name.rename(src / "checkpoint-200" / f"{stem}-00004-of-00003{suffix}")
+    assert main(_args(src, tmp_path / "ck2", "--lr", "0.1")) == 2
+    assert f"{stem}-00004-of-00003{suffix}: shard 4 of 3?" in capsys.readouterr().err
 
 
 def test_a_hugging_face_language_models_trainer_checkpoints(tmp_path):

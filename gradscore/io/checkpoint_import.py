@@ -82,6 +82,10 @@ def _checkpoints(paths: list[Path]) -> list[Source]:
             stem, i, count = match.groups()
             shards.setdefault((path.parent, stem, count, path.suffix), {})[int(i)] = path
     for (folder, stem, count, suffix), parts in shards.items():
+        extra = sorted(i for i in parts if not 1 <= i <= int(count))
+        if extra:
+            raise CheckpointError(f"{parts[extra[0]]}: shard {extra[0]} of {int(count)}? keep the shards of one "
+                                  f"save_pretrained together, and nothing else under their names")
         missing = [i for i in range(1, int(count) + 1) if i not in parts]
         if missing:
             name = folder / f"{stem}-{missing[0]:0{len(count)}d}-of-{count}{suffix}"
