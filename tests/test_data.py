@@ -333,3 +333,33 @@ def _numbers(path) -> dict:
     from helpers import numeric_datasets
     with h5py.File(path, "r") as f:
         return {name: f[name][()] for name in numeric_datasets(path)}
+
+
+def test_a_dataset_whose_items_are_random_draws_is_refused(tmp_path, capsys):
+    """A map-style dataset built with its training transform (random crops, flips) gives
+    another input each time an example is read: every score would be of a random draw, and
+    the fingerprint pass differs from the scoring pass. Refused in one line; the global
+    random states are as they were."""
+    import random
+
+    from gradscore.cli import main
+    from gradscore.io.datasets import load_dataset
+    torch.manual_seed(0)
+    np.random.seed(0)   # the flips are drawn: 12 equal by chance is 2^-12, and not with these seeds
+    model = torch.nn.Linear(6, 3)
+    with gs.CheckpointWriter(tmp_path / "ck", model_factory="tests_factory:odd_width", model_kwargs={"width": 6}) as w:
+        w.save(model, step=0, lr=0.1)
+    for name in ("augmented", "augmented_numpy"):
+        states = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+        with pytest.raises(gs.DataError, match="random"):
+            load_dataset(f"tests_factory:{name}")
+        assert torch.equal(states[0], torch.get_rng_state()) and np.array_equal(states[1], np.random.get_state()[1])
+        assert states[2] == random.getstate()
+        assert main(["run", "--checkpoints", str(tmp_path / "ck"), "--data", f"tests_factory:{name}", "--out",
+                     str(tmp_path / "s.h5"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert (re.search(f"tests_factory:{name}: example \\d+ differs between two reads", err)
+                and "evaluation transform" in err
+                and err.count("\n") == 1 and not (tmp_path / "s.h5").exists())
+    assert main(["run", "--checkpoints", str(tmp_path / "ck"), "--data", "tests_factory:not_augmented", "--out",
+                 str(tmp_path / "s.h5"), "--quiet"]) == 0

@@ -1,4 +1,5 @@
 """A 'module:fn' dataset factory used by the tests (importable from tests/)."""
+import numpy as np
 import torch
 
 
@@ -122,3 +123,32 @@ class _TiedHead(torch.nn.Module):
 def tied_head(vocab=9, d=4):
     """Token ids (B, T) to one of ``vocab`` classes by a head tied to the input embedding."""
     return _TiedHead(vocab, d)
+
+
+class _Flipped(torch.utils.data.Dataset):
+    """12 examples of 6 features, each flipped in sign at random when read (``augment``),
+    as a training transform's random flips are; ``numpy``: the draw is numpy's."""
+
+    def __init__(self, augment: bool, numpy: bool = False) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(12, 6, generator=g), torch.randint(0, 3, (12,), generator=g)
+        self.augment, self.numpy = augment, numpy
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        flip = (np.random.rand() < 0.5) if self.numpy else bool(torch.rand(()) < 0.5)
+        return (-self.x[i] if self.augment and flip else self.x[i]), self.y[i]
+
+
+def augmented():
+    return _Flipped(True)
+
+
+def augmented_numpy():
+    return _Flipped(True, numpy=True)
+
+
+def not_augmented():
+    return _Flipped(False)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -250,6 +251,30 @@ class TorchDataset(Dataset):
             self._n = len(dataset)
         except TypeError as e:
             raise DataError(f"{source}: dataset has no len(); give a map-style Dataset") from e
+        self._check_repeatable()
+
+    def _check_repeatable(self, n: int = 16) -> None:
+        """A DataError where one of the first ``n`` examples differs between two reads (a
+        random transform: every score would be of a random draw). torch's, numpy's and
+        Python's global random states are left as they were."""
+        n = min(n, self._n)
+        if not n:
+            return
+        kept = np.random.get_state(), random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                reads = [self.read(0, n), self.read(0, n)]
+        finally:
+            np.random.set_state(kept[0])
+            random.setstate(kept[1])
+        for i in range(n):
+            a, b = ([hashlib.sha256() for _ in reads])
+            for h, (x, y) in zip((a, b), reads):
+                hash_batch(h, take(x, i, i + 1), y[i:i + 1])
+            if a.digest() != b.digest():
+                raise DataError(f"{self.source}: example {i} differs between two reads (a random transform, such as "
+                                f"training's crops or flips?), so every score would be of a random draw; give the "
+                                f"dataset with its evaluation transform")
 
     def __len__(self) -> int:
         return self._n
