@@ -473,3 +473,16 @@ def test_a_hugging_face_language_models_trainer_checkpoints(tmp_path):
         for i, want in enumerate(states):
             got = store.build_model(i).state_dict()
             assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_scoring_a_folder_of_other_checkpoints_names_the_import(tmp_path, capsys):
+    """`run` (or `info`) on a Trainer's output_dir said only that it held no step_<n>.h5."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    (tmp_path / "out" / "checkpoint-500").mkdir(parents=True)
+    safetensors.save_file(_states(1)[0], str(tmp_path / "out" / "checkpoint-500" / "model.safetensors"))
+    for argv in (["info", str(tmp_path / "out")],
+                 ["run", "--checkpoints", str(tmp_path / "out"), "--data", "x.h5", "--out", str(tmp_path / "s.h5")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "holds checkpoints of another format (checkpoint-500/model.safetensors)" in err
+        assert "gradscore import-checkpoints" in err and err.count("\n") == 1

@@ -556,6 +556,14 @@ class CheckpointStore:
             raise CheckpointError(f"{self.directory}: checkpoint directory does not exist")
         files = checkpoint_files(self.directory)
         if not files:
+            from .checkpoint_import import SUFFIXES
+            other = next((p for p in sorted([*self.directory.glob("*"), *self.directory.glob("*/*")])
+                          if p.suffix in SUFFIXES and p.is_file()), None)
+            if other is not None:
+                raise CheckpointError(f"{self.directory}: no checkpoint files (step_<n>.h5) found; it holds "
+                                      f"checkpoints of another format ({other.relative_to(self.directory)}): "
+                                      f"convert them with gradscore import-checkpoints {self.directory} --model "
+                                      f"MODULE:FN --lr LR --out DIR")
             raise CheckpointError(f"{self.directory}: no checkpoint files (step_<n>.h5) found; "
                                   f"save them with gradscore.CheckpointWriter")
         infos = [read_info(p) for p in files.values()]
