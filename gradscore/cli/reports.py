@@ -21,7 +21,7 @@ def _add_select_and_plot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep", type=float, default=0.5, action=StoreNoted, help="--by: fraction to keep")
     order = p.add_mutually_exclusive_group()
     order.add_argument("--highest", dest="highest", action=StoreTrueNoted, default=True,
-                       help="--by: keep the highest values")
+                       help="--by: keep the highest values (the default)")
     order.add_argument("--lowest", dest="highest", action=StoreFalseNoted, help="--by: keep the lowest")
     p.add_argument("--exclude-top", type=float, default=0.0, action=StoreNoted,
                    help="--by: first drop this fraction at the top of the ranking: the highest "
