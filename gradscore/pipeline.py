@@ -18,7 +18,7 @@ from ._version import __version__
 from .batch import Inputs, batch_len, take
 from .config import CLASS_SCORES, TARGET_SCORES, RunConfig, as_names, parse_range, resolve_device
 from .distributed import Ranks, process_group, raise_everywhere
-from .exceptions import ConfigError, ConfigMismatchError, DataError, GradscoreError
+from .exceptions import ConfigError, ConfigMismatchError, DataError, GradscoreError, warn
 from .io.checkpoints import CheckpointStore
 from .io.datasets import Dataset, check_targets, load_dataset, probe_model, subset
 from .io.attrs import attributes, json_attr, verify
@@ -542,4 +542,10 @@ def score(checkpoints: str | os.PathLike, data: str | os.PathLike, *, out: str |
     replaces ``out`` without ``overwrite``; one that would change a score in it needs it.
     """
     config = RunConfig(checkpoints=checkpoints, data=data, scores=scores, **options)
-    return run(config, out, overwrite=overwrite, progress=progress)
+    path = run(config, out, overwrite=overwrite, progress=progress)
+    from .reports.info import loss_trend
+    with h5py.File(path, "r") as f:
+        trend = loss_trend(f)
+    if trend is not None and trend[1] is not None:   # examples saved otherwise than trained on? (a hint)
+        warn(trend[1])
+    return path

@@ -425,3 +425,5 @@ def test_run_says_how_the_mean_loss_went_and_when_it_rose(tmp_path, capsys):
     assert (f"warning: the examples' mean loss rose from {loss[0]:.3g} at the first checkpoint to {loss[-1]:.3g} at "
             f"the last") in out.err and "label ids" in out.err and out.err.count("\n") == 1
     assert "rose" not in json.dumps(gs.load_scores(tmp_path / "t.h5")["warnings"])   # a hint, not the file's
+    with pytest.warns(gs.GradscoreWarning, match="the examples' mean loss rose"):   # in Python too
+        gs.score(ckpts, shifted, out=tmp_path / "u.h5", progress=False)
