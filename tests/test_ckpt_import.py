@@ -12,13 +12,15 @@ import torch
 import gradscore as gs
 from gradscore.cli import main
 from gradscore.demos.models import mlp
+from tests_factory import tied_head
 
 KW = {"d_in": 6, "hidden": 8, "n_classes": 3, "depth": 1}
 
 
-def _states(n=3):
+def _states(n=3, make=lambda: mlp(**KW)):
+    """``n`` state_dicts of ``make()``'s model, 0.1 apart in every parameter."""
     torch.manual_seed(0)
-    model = mlp(**KW)
+    model = make()
     out = []
     for _ in range(n):
         out.append({k: v.clone() for k, v in model.state_dict().items()})
@@ -351,26 +353,12 @@ def _tied_args(src, out, *extra):
             "--lr", "0.1", *extra]
 
 
-def _tied_states(n=2):
-    from tests_factory import tied_head
-    torch.manual_seed(0)
-    model = tied_head()
-    out = []
-    for _ in range(n):
-        out.append({k: v.clone() for k, v in model.state_dict().items()})
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.1)
-    return out
-
-
 def test_a_tied_weight_stored_once_is_imported_under_both_names(tmp_path):
     """Hugging Face's save_pretrained and safetensors' save_model keep one name of a tied
     tensor (GPT-2 drops ``lm_head.weight``): every tied language model's Trainer checkpoint
     was refused as missing a key."""
     safetensors = pytest.importorskip("safetensors.torch")
-    from tests_factory import tied_head
-    states = _tied_states(3)
+    states = _states(3, tied_head)
     src = tmp_path / "src"
     (src / "checkpoint-10").mkdir(parents=True)
     model = tied_head()
@@ -390,7 +378,7 @@ def test_a_tied_weight_stored_once_is_imported_under_both_names(tmp_path):
 def test_two_different_tensors_for_one_tied_weight_are_refused(tmp_path, capsys):
     """A model trained untied, imported into a factory that ties: loading both names into the
     one tensor kept the last one silently."""
-    state = _tied_states(1)[0]
+    state = _states(1, tied_head)[0]
     state["head.weight"] = state["head.weight"] + 1
     src = tmp_path / "src"
     src.mkdir()
