@@ -107,11 +107,9 @@ def test_plain_loop_every_n_steps(tmp_path):
         rec.writer.every(0)
 
 
-def test_lightning_callback(tmp_path):
-    L = pytest.importorskip("lightning")
-    from gradscore.integrations.lightning import GradscoreCheckpoint
-    x, y, data = _data(tmp_path)
-
+def _mlp_module(L, optimizer=lambda net: torch.optim.SGD(net.parameters(), lr=0.1)):
+    """A LightningModule class that trains an MLP (its ``net``) by cross-entropy with
+    ``optimizer(net)``."""
     class Module(L.LightningModule):
         def __init__(self):
             super().__init__()
@@ -121,8 +119,17 @@ def test_lightning_callback(tmp_path):
             return torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
 
         def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
+            return optimizer(self.net)
 
+    return Module
+
+
+def test_lightning_callback(tmp_path):
+    L = pytest.importorskip("lightning")
+    from gradscore.integrations.lightning import GradscoreCheckpoint
+    x, y, data = _data(tmp_path)
+
+    Module = _mlp_module(L)
     torch.manual_seed(0)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=10)
     cb = GradscoreCheckpoint(str(tmp_path / "ck"), model_factory="gradscore.demos.models:mlp", model_kwargs=KW,
@@ -155,17 +162,7 @@ def test_lightning_callback_records_the_optimizer_and_the_largest_rate(tmp_path)
     x, y, data = _data(tmp_path)
 
     def fit(optimizer, folder, **trainer_kw):
-        class Module(L.LightningModule):
-            def __init__(self):
-                super().__init__()
-                self.net = mlp(**KW)
-
-            def training_step(self, batch, batch_idx):
-                return torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
-
-            def configure_optimizers(self):
-                return optimizer(self.net)
-
+        Module = _mlp_module(L, optimizer)
         torch.manual_seed(0)
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=10)
         cb = GradscoreCheckpoint(str(tmp_path / folder), model_factory="gradscore.demos.models:mlp", model_kwargs=KW,
