@@ -363,3 +363,16 @@ def test_a_dataset_whose_items_are_random_draws_is_refused(tmp_path, capsys):
                 and err.count("\n") == 1 and not (tmp_path / "s.h5").exists())
     assert main(["run", "--checkpoints", str(tmp_path / "ck"), "--data", "tests_factory:not_augmented", "--out",
                  str(tmp_path / "s.h5"), "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("factory, said", [("text_labels", "target of example 0 is a str ('cat')"),
+                                           ("ragged", "inputs of examples 0 to 4 differ in shape: (6,), (7,)")])
+def test_a_factory_dataset_whose_items_do_not_stack_is_one_line(tmp_path, capsys, factory, said):
+    """A target that is a class name, or inputs of different shapes, raised torch's own
+    error from inside the reader: a traceback."""
+    with gs.CheckpointWriter(tmp_path / "ck", model_factory="tests_factory:odd_width", model_kwargs={"width": 6}) as w:
+        w.save(torch.nn.Linear(6, 3), step=0, lr=0.1)
+    assert main(["run", "--checkpoints", str(tmp_path / "ck"), "--data", f"tests_factory:{factory}", "--out",
+                 str(tmp_path / "s.h5"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"tests_factory:{factory}: {said}" in err and err.count("\n") == 1

@@ -152,3 +152,13 @@ def augmented_numpy():
 
 def not_augmented():
     return _Flipped(False)
+
+
+def text_labels():
+    """Items whose targets are class names, not indices."""
+    return [(torch.full((6,), float(i)), "cat") for i in range(5)]
+
+
+def ragged():
+    """Items whose inputs differ in shape (a transform that does not resize)."""
+    return [(torch.zeros(6 + i % 2), 0) for i in range(5)]

@@ -19,7 +19,7 @@ import os
 import random
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -285,10 +285,32 @@ class TorchDataset(Dataset):
             xs, ys = zip(*items)
         except (TypeError, ValueError) as e:
             raise DataError(f"{self.source}: items must be (input, target) pairs") from e
-        ys_t = torch.stack([torch.as_tensor(y) for y in ys])
+        ys_t = self._stacked(ys, ("target", "targets"), start)
         if isinstance(xs[0], Mapping):  # text: dicts of model keyword inputs
-            return {k: torch.stack([torch.as_tensor(x[k]) for x in xs]) for k in xs[0]}, ys_t
-        return torch.stack([torch.as_tensor(x) for x in xs]), ys_t
+            return {k: self._stacked([x[k] for x in xs], (f"input '{k}'", f"inputs '{k}'"), start)
+                    for k in xs[0]}, ys_t
+        return self._stacked(xs, ("input", "inputs"), start), ys_t
+
+    def _stacked(self, values: Sequence[Any], names: tuple[str, str], start: int) -> torch.Tensor:
+        """``values`` (examples ``start``…) as one tensor (B, ...); a value torch does not read
+        as numbers, or values of other shapes, one DataError naming the example (``names``:
+        what a value is, in the singular and the plural)."""
+        one, what = names
+        tensors = []
+        for i, v in enumerate(values):
+            try:
+                tensors.append(torch.as_tensor(v))
+            except (TypeError, ValueError, RuntimeError) as e:
+                fix = "class indices (ints)" if one == "target" else "tensors or arrays (a transform such as ToTensor)"
+                raise DataError(f"{self.source}: {one} of example {start + i} is a "
+                                f"{type(v).__name__} ({repr(v)[:40]}), which torch does not read as numbers; give "
+                                f"{fix}") from e
+        shapes = list(dict.fromkeys(tuple(t.shape) for t in tensors))
+        if len(shapes) > 1:
+            raise DataError(f"{self.source}: {what} of examples {start} to {start + len(values) - 1} differ in shape: "
+                            f"{', '.join(map(str, shapes[:3]))}; give examples of one shape (resize them, or pad "
+                            f"to one length)")
+        return torch.stack(tensors)
 
 
 class SubsetDataset(Dataset):
