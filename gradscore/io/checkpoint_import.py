@@ -179,7 +179,7 @@ def _with_ties(state: dict[str, torch.Tensor], ties: list[list[str]]) -> dict[st
 
 
 def model_keys(state: dict[str, torch.Tensor], keys: set[str], ties: list[list[str]],
-               path: Source) -> dict[str, torch.Tensor]:
+               source: Source) -> dict[str, torch.Tensor]:
     """``state`` as the model's keys ``keys`` (its tied names ``ties`` filled in): itself where
     its keys are those, else the part under the one first key component (``net.``) whose keys
     are exactly those; unchanged where none is (the strict load then names the mismatch)."""
@@ -191,20 +191,20 @@ def model_keys(state: dict[str, torch.Tensor], keys: set[str], ties: list[list[s
         if set(part) == keys:
             under[prefix] = part
     if len(under) > 1:
-        raise CheckpointError(f"{path}: the model's weights are under each of {', '.join(map(repr, under))}; "
+        raise CheckpointError(f"{source}: the model's weights are under each of {', '.join(map(repr, under))}; "
                               f"save the one to score as its own state_dict "
                               f"(torch.save(module.<name>.state_dict(), ...)) and import that")
     return next(iter(under.values()), state)
 
 
-def _check_ties(state: dict[str, torch.Tensor], ties: list[list[str]], path: Source, model_factory: str) -> None:
+def _check_ties(state: dict[str, torch.Tensor], ties: list[list[str]], source: Source, model_factory: str) -> None:
     """Each tied tensor's names hold one value in ``state``: loading two different ones into
     the model's one tensor would keep the last silently."""
     for first, *others in ties:
         other = next((n for n in others if first in state and n in state and not torch.equal(state[first], state[n])),
                      None)
         if other is not None:
-            raise CheckpointError(f"{path}: '{first}' and '{other}' are one tensor in {model_factory}, but the file "
+            raise CheckpointError(f"{source}: '{first}' and '{other}' are one tensor in {model_factory}, but the file "
                                   f"holds two different ones (a model trained untied); build the model untied "
                                   f"(Hugging Face: \"tie_word_embeddings\": false in its config)")
 
@@ -296,7 +296,7 @@ def _source_of(source: Source) -> str:
     return json.dumps(record, sort_keys=True)
 
 
-def _check_earlier_import(out: Path, src: Path, sources: list[tuple[int, Path]]) -> None:
+def _check_earlier_import(out: Path, src: Path, sources: list[tuple[int, Source]]) -> None:
     """A resumed import's folder holds no step that ``src`` lacks (another run's)."""
     stale = sorted(set(checkpoint_files(out)) - {s for s, _ in sources})
     if stale:
@@ -304,8 +304,8 @@ def _check_earlier_import(out: Path, src: Path, sources: list[tuple[int, Path]])
                           f"and a folder holds one run; choose another --out")
 
 
-def _check_imported(done: Path, path: Source, lr: float, epoch: float) -> None:
-    """``done`` (a checkpoint in --out at ``path``'s step) is ``path`` imported as this
+def _check_imported(done: Path, source: Source, lr: float, epoch: float) -> None:
+    """``done`` (a checkpoint in --out at ``source``'s step) is ``source`` imported as this
     import would: from that file as it is now, with its learning rate and epoch; else one
     OutputError, since keeping it would put another run's weights in the folder."""
     info = read_info(done)
@@ -313,12 +313,12 @@ def _check_imported(done: Path, path: Source, lr: float, epoch: float) -> None:
     try:
         was = json.loads(info.source)
     except ValueError:
-        raise OutputError(f"{done}: was not imported from {path} (gradscore.CheckpointWriter wrote it); {fix}") from None
-    now = json.loads(_source_of(path))
+        raise OutputError(f"{done}: was not imported from {source} (gradscore.CheckpointWriter wrote it); {fix}") from None
+    now = json.loads(_source_of(source))
     if was["file"] != now["file"]:
-        raise OutputError(f"{done}: was imported from {was['file']}, not {path}; {fix}")
+        raise OutputError(f"{done}: was imported from {was['file']}, not {source}; {fix}")
     if was != now:
-        raise OutputError(f"{done}: was imported from {path}, which has changed since; {fix}")
+        raise OutputError(f"{done}: was imported from {source}, which has changed since; {fix}")
     differ = [f"{k} {getattr(info, k):g}, not {v:g}" for k, v in (("lr", lr), ("epoch", epoch)) if getattr(info, k) != v]
     if differ:
         raise OutputError(f"{done}: was imported with {', and '.join(differ)}; {fix}")
@@ -338,31 +338,31 @@ def import_checkpoints(src: str | Path, out: str | Path, *, model_factory: str, 
     if schedule is None:
         checked_lr(lr)
     else:
-        for step, path in sources:   # every step's η, before anything is written
+        for step, source in sources:   # every step's η, before anything is written
             if step not in schedule:
-                raise CheckpointError(f"{path}: step {step} has no learning rate in the schedule")
+                raise CheckpointError(f"{source}: step {step} has no learning rate in the schedule")
             checked_lr(schedule[step], step)
     made = not Path(out).exists()
     out = _claim_out(Path(src), Path(out), model_factory, model_kwargs or {}, loss)
     _check_earlier_import(out, src, sources)
     run = "import-" + hashlib.sha256(str(Path(src).resolve()).encode()).hexdigest()[:16]   # one run: one source
     try:
-        for step, path in tqdm(sources, desc="import", unit="ckpt", disable=None if progress else True):
+        for step, source in tqdm(sources, desc="import", unit="ckpt", disable=None if progress else True):
             step_lr = float(lr if schedule is None else schedule[step])
             epoch = step / steps_per_epoch if steps_per_epoch else 0.0
             if (out / checkpoint_filename(step)).exists():   # imported before: the same file, the same options
-                _check_imported(out / checkpoint_filename(step), path, step_lr, epoch)
+                _check_imported(out / checkpoint_filename(step), source, step_lr, epoch)
                 continue
             try:
-                state = model_keys(read_state_dict(path), keys, ties, path)
-                _check_ties(state, ties, path, model_factory)
+                state = model_keys(read_state_dict(source), keys, ties, source)
+                _check_ties(state, ties, source, model_factory)
                 model.load_state_dict(state, strict=True)
             except RuntimeError as e:
-                raise CheckpointError(f"{path}: does not fit {model_factory}({model_kwargs or {}}): "
+                raise CheckpointError(f"{source}: does not fit {model_factory}({model_kwargs or {}}): "
                                       f"{' '.join(str(e).split())[:300]}") from e
             write_checkpoint(out / checkpoint_filename(step), model, step=step, lr=step_lr, epoch=epoch,
                              model_factory=model_factory, model_kwargs=model_kwargs, loss=loss,
-                             optimizer=IMPORTED, source=_source_of(path), run=run)
+                             optimizer=IMPORTED, source=_source_of(source), run=run)
     except BaseException:
         if made and not any(out.iterdir()):   # a folder made for nothing goes with the failure
             out.rmdir()
