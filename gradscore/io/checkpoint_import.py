@@ -313,7 +313,8 @@ def _check_imported(done: Path, source: Source, lr: float, epoch: float) -> None
     try:
         was = json.loads(info.source)
     except ValueError:
-        raise OutputError(f"{done}: was not imported from {source} (gradscore.CheckpointWriter wrote it); {fix}") from None
+        raise OutputError(f"{done}: was not imported from {source} (gradscore.CheckpointWriter wrote it); "
+                          f"{fix}") from None
     now = json.loads(_source_of(source))
     if was["file"] != now["file"]:
         raise OutputError(f"{done}: was imported from {was['file']}, not {source}; {fix}")
