@@ -6,6 +6,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -474,3 +475,28 @@ def test_scoring_a_folder_of_other_checkpoints_names_the_import(tmp_path, capsys
         err = capsys.readouterr().err
         assert "holds checkpoints of another format (checkpoint-500/model.safetensors)" in err
         assert "gradscore import-checkpoints" in err and err.count("\n") == 1
+
+
+def test_a_checkpoint_finer_than_the_models_dtype_is_imported_unrounded(tmp_path):
+    """float32 weights loaded into a model built in bfloat16 (a config saying "dtype":
+    "bfloat16") were rounded: every score was of a model that never was. They are stored as
+    they are (as CheckpointWriter stores a float32 model), and scored unrounded."""
+    from gradscore.io.checkpoints import load_state_dict
+    states = _states(2)
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save(states[0], src / "step_3.pt")
+    torch.save({k: v.to(torch.bfloat16) for k, v in states[1].items()}, src / "step_6.pt")   # bfloat16 in both
+    assert main(["import-checkpoints", str(src), "--model", "tests_factory:in_dtype", "--model-kwargs",
+                 json.dumps({**KW, "dtype": "bfloat16"}), "--out", str(tmp_path / "ck"), "--lr", "0.1",
+                 "--quiet"]) == 0
+    for step, want in zip((3, 6), (states[0], {k: v.to(torch.bfloat16).float() for k, v in states[1].items()})):
+        got = load_state_dict(tmp_path / "ck" / f"step_{step:08d}.h5", mlp(**KW))
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    data = gs.save_dataset(tmp_path / "d.h5", x.numpy(), y.numpy())
+    gs.score(tmp_path / "ck", data, out=tmp_path / "s.h5", scores=["loss"], progress=False)
+    model = mlp(**KW)
+    model.load_state_dict(states[0])
+    want = torch.nn.functional.cross_entropy(model(x), y, reduction="none").detach().numpy()
+    np.testing.assert_allclose(gs.load_scores(tmp_path / "s.h5")["per_checkpoint"]["loss"][0], want, rtol=1e-6)

@@ -162,3 +162,9 @@ def text_labels():
 def ragged():
     """Items whose inputs differ in shape (a transform that does not resize)."""
     return [(torch.zeros(6 + i % 2), 0) for i in range(5)]
+
+
+def in_dtype(dtype="float32", **kwargs):
+    """The demos' MLP built in ``dtype`` (as a Hugging Face config's "dtype" builds it)."""
+    from gradscore.demos.models import mlp
+    return mlp(**kwargs).to(getattr(torch, dtype))

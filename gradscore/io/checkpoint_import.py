@@ -10,7 +10,9 @@ it are not the model and are left alone). A checkpoint saved in shards
 (``model-00001-of-00003.safetensors``, ``pytorch_model-00001-of-00002.bin``) is one checkpoint,
 refused while a shard is missing. A tied tensor stored under one of its names (``save_pretrained``
 keeps ``transformer.wte.weight`` of GPT-2's tied ``lm_head.weight``) is loaded under each; a file
-holding two different tensors for one tied weight (a model trained untied) is refused.
+holding two different tensors for one tied weight (a model trained untied) is refused. Tensors
+finer than the factory's model (float32 weights, a config's "dtype" bfloat16) are stored as they
+are, not rounded to it.
 
 The step is the one a ``torch.save`` dict records at its top level (``global_step``, as
 Lightning's ``.ckpt`` files do, else ``step``); else the number the file's name (or its
@@ -209,6 +211,16 @@ def _check_ties(state: dict[str, torch.Tensor], ties: list[list[str]], source: S
                                   f"(Hugging Face: \"tie_word_embeddings\": false in its config)")
 
 
+def _finer(state: dict[str, torch.Tensor], model: torch.nn.Module) -> torch.dtype | None:
+    """The float dtype of ``state`` to build ``model`` in, where one of its tensors is finer
+    than the model's own (float32 weights for a model built in bfloat16, by a config's
+    "dtype"): loading would round it. None where loading rounds nothing."""
+    own = model.state_dict()
+    finer = [t.dtype for name, t in state.items() if name in own and t.is_floating_point()
+             and own[name].is_floating_point() and torch.finfo(t.dtype).eps < torch.finfo(own[name].dtype).eps]
+    return min(finer, key=lambda d: torch.finfo(d).eps, default=None)
+
+
 def _read(path: Path, mapped: bool = False):
     """What one source file holds, on the CPU (tensors and plain data only). ``mapped``: a
     ``torch.save`` file's tensors mapped, not read (one in torch's legacy format is read)."""
@@ -357,6 +369,9 @@ def import_checkpoints(src: str | Path, out: str | Path, *, model_factory: str, 
             try:
                 state = model_keys(read_state_dict(source), keys, ties, source)
                 _check_ties(state, ties, source, model_factory)
+                finer = _finer(state, model)
+                if finer is not None:   # stored as trained, as CheckpointWriter stores the training's model
+                    model = model.to(finer)
                 model.load_state_dict(state, strict=True)
             except RuntimeError as e:
                 raise CheckpointError(f"{source}: does not fit {model_factory}({model_kwargs or {}}): "
