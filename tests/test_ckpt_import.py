@@ -500,3 +500,31 @@ def test_a_checkpoint_finer_than_the_models_dtype_is_imported_unrounded(tmp_path
     model.load_state_dict(states[0])
     want = torch.nn.functional.cross_entropy(model(x), y, reduction="none").detach().numpy()
     np.testing.assert_allclose(gs.load_scores(tmp_path / "s.h5")["per_checkpoint"]["loss"][0], want, rtol=1e-6)
+
+
+def test_a_trainers_classifier_imports_by_its_saved_config_alone(tmp_path, capsys):
+    """A sequence classifier's config.json names its class ("architectures"), but from_config
+    built a causal LM unless given "task": the import failed, printing the whole config in
+    its one line. The task is read from the class now, and the line is short."""
+    pytest.importorskip("transformers")
+    from gradscore.integrations.hf import from_config
+    config = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 8, "vocab_size": 16, "n_positions": 8,
+              "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, "num_labels": 3}
+    torch.manual_seed(0)
+    model = from_config(config, task="sequence_classification")
+    model.save_pretrained(tmp_path / "out" / "checkpoint-5")
+    saved = json.loads((tmp_path / "out" / "checkpoint-5" / "config.json").read_text())
+    assert type(from_config(saved)).__name__ == "GPT2ForSequenceClassification"
+    assert type(from_config({**saved, "architectures": ["GPT2LMHeadModel"]})).__name__ == "GPT2LMHeadModel"
+    assert type(from_config(config)).__name__ == "GPT2LMHeadModel"   # no class named: a causal LM, as before
+    argv = ["import-checkpoints", str(tmp_path / "out"), "--model", "gradscore.integrations.hf:from_config",
+            "--model-kwargs", json.dumps({"config": saved}), "--lr", "0.1", "--out", str(tmp_path / "ck"), "--quiet"]
+    assert main(argv) == 0
+    got = gs.CheckpointStore(tmp_path / "ck").build_model(0).state_dict()
+    assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
+    argv[argv.index("--model-kwargs") + 1] = json.dumps({"config": saved, "task": "causal_lm"})   # told otherwise
+    argv[argv.index("--out") + 1] = str(tmp_path / "ck2")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "does not fit gradscore.integrations.hf:from_config({'config': {...}, 'task': 'causal_lm'})" in err
+    assert len(err) < 600

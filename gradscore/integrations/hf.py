@@ -30,16 +30,32 @@ def require_transformers():
     return transformers
 
 
-def from_config(config: dict[str, Any], task: str = "causal_lm",
+#: the end of a transformers class name (a saved config's "architectures") -> its task
+_CLASS_TASKS = {"ForCausalLM": "causal_lm", "LMHeadModel": "causal_lm",
+                "ForSequenceClassification": "sequence_classification", "ForMaskedLM": "masked_lm",
+                "ForImageClassification": "image_classification"}
+
+
+def _task_of(config: dict[str, Any]) -> str:
+    """The task of the class a saved config names (its ``architectures``); ``causal_lm``
+    where it names none of :data:`TASKS`."""
+    names = config.get("architectures") or []
+    found = [t for name in names for end, t in _CLASS_TASKS.items() if isinstance(name, str) and name.endswith(end)]
+    return found[0] if found else "causal_lm"
+
+
+def from_config(config: dict[str, Any], task: str | None = None,
                 attn_implementation: str | None = None) -> nn.Module:
     """A randomly initialized transformers model from a config dict, in eval mode.
 
-    config: ``{"model_type": "gpt2" | "bert" | …, **config fields}``; task: one of
-    ``causal_lm``, ``sequence_classification``, ``masked_lm``,
-    ``image_classification``; attn_implementation:
-    e.g. "eager" or "sdpa" (default: the library's choice).
+    config: ``{"model_type": "gpt2" | "bert" | …, **config fields}`` (a ``config.json`` that
+    ``save_pretrained`` wrote, as it is); task: one of ``causal_lm``,
+    ``sequence_classification``, ``masked_lm``, ``image_classification`` (default: the
+    task of the class the config's ``architectures`` names, else ``causal_lm``);
+    attn_implementation: e.g. "eager" or "sdpa" (default: the library's choice).
     """
     tf = require_transformers()
+    task = _task_of(config) if task is None else task
     cfg = dict(config)
     model_type = cfg.pop("model_type", None)
     if model_type is None:

@@ -44,7 +44,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoints import (IMPORTED, CheckpointStore, build_model, check_rebuildable, checked_lr,
-                          checkpoint_filename, checkpoint_files, read_info, tied_aliases, write_checkpoint)
+                          checkpoint_filename, checkpoint_files, kwargs_text, read_info, tied_aliases,
+                          write_checkpoint)
 from ..exceptions import CheckpointError, OutputError
 
 SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
@@ -291,7 +292,8 @@ def _claim_out(src: Path, out: Path, model_factory: str, model_kwargs: dict, los
     if found:
         first = read_info(next(iter(found.values())))
         if (first.model, first.model_kwargs, first.loss) != (model_factory, model_kwargs, loss):
-            raise OutputError(f"{out}: holds the checkpoints of another model ({first.model}({first.model_kwargs}), "
+            raise OutputError(f"{out}: holds the checkpoints of another model "
+                              f"({first.model}({kwargs_text(first.model_kwargs)}), "
                               f"loss {first.loss}); choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -374,7 +376,7 @@ def import_checkpoints(src: str | Path, out: str | Path, *, model_factory: str, 
                     model = model.to(finer)
                 model.load_state_dict(state, strict=True)
             except RuntimeError as e:
-                raise CheckpointError(f"{source}: does not fit {model_factory}({model_kwargs or {}}): "
+                raise CheckpointError(f"{source}: does not fit {model_factory}({kwargs_text(model_kwargs or {})}): "
                                       f"{' '.join(str(e).split())[:300]}") from e
             write_checkpoint(out / checkpoint_filename(step), model, step=step, lr=step_lr, epoch=epoch,
                              model_factory=model_factory, model_kwargs=model_kwargs, loss=loss,

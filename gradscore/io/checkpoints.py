@@ -140,11 +140,23 @@ def build_model(factory: Callable[..., Any], model_kwargs: dict, ref: str, where
         model = factory(**model_kwargs)
     except Exception as e:  # noqa: BLE001 - the user's factory: its own error, named
         if isinstance(e, TypeError) and not _takes(factory, model_kwargs):
-            raise CheckpointError(f"{where}model factory '{ref}' rejected model_kwargs {model_kwargs}: {e}") from e
+            raise CheckpointError(f"{where}model factory '{ref}' rejected model_kwargs {kwargs_text(model_kwargs)}: "
+                                  f"{e}") from e
         raise CheckpointError(_failed(where, ref, model_kwargs, e, factory)) from e
     if not isinstance(model, nn.Module):
         raise CheckpointError(f"{where}factory '{ref}' did not return an nn.Module, but a {type(model).__name__}")
     return model
+
+
+def kwargs_text(model_kwargs: dict) -> str:
+    """``model_kwargs`` for a one-line message: as repr writes it, a value longer than 60
+    characters (a Hugging Face config) shortened to ``{...}``."""
+    def short(v: Any) -> str:
+        text = repr(v)
+        if len(text) <= 60:
+            return text
+        return {dict: "{...}", list: "[...]", tuple: "(...)"}.get(type(v), text[:57] + "...")
+    return "{" + ", ".join(f"{k!r}: {short(v)}" for k, v in model_kwargs.items()) + "}"
 
 
 def _takes(factory: Callable[..., Any], model_kwargs: dict) -> bool:
@@ -172,7 +184,8 @@ def _failed(where: str, ref: str, model_kwargs: dict, e: Exception, factory: Cal
     at = next((f for f in reversed(frames) if own and f.filename == own), None) or next(
         (f for f in reversed(frames) if not f.filename.startswith(libraries)), None)
     place = f"; raised at {at.filename}:{at.lineno}" if at else ""
-    return f"{where}model factory '{ref}' failed on model_kwargs {model_kwargs} ({type(e).__name__}: {e}{place})"
+    return (f"{where}model factory '{ref}' failed on model_kwargs {kwargs_text(model_kwargs)} "
+            f"({type(e).__name__}: {e}{place})")
 
 
 def checked_lr(lr: Any, step: int | None = None) -> float:
@@ -287,7 +300,7 @@ class CheckpointWriter:
         except TypeError as e:
             if not _takes(factory, self.model_kwargs):
                 raise CheckpointError(f"model_factory '{self.model_factory}' rejected model_kwargs "
-                                      f"{self.model_kwargs}: {e}") from e
+                                      f"{kwargs_text(self.model_kwargs)}: {e}") from e
             return   # a TypeError of its own on the meta device: not checked
         except Exception:  # noqa: BLE001 - a factory that cannot build on the meta device: not checked
             return
