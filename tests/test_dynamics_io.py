@@ -19,13 +19,13 @@ LOGITS = {  # guid -> per-epoch logits (3 classes), gold
 }
 
 
-def _write(root, key="logits_epoch_{e}", subdir="training_dynamics", order=None):
+def _write(root, key="logits_epoch_{e}", subdir="training_dynamics", order=None, table=LOGITS):
     d = root / subdir if subdir else root
     d.mkdir(parents=True, exist_ok=True)
     for e in range(3):
         with open(d / f"dynamics_epoch_{e}.jsonl", "w") as f:
-            for guid in (order or list(LOGITS)):
-                logits, gold = LOGITS[guid]
+            for guid in (order or list(table)):
+                logits, gold = table[guid]
                 f.write(json.dumps({"guid": guid, key.format(e=e): logits[e], "gold": gold}) + "\n")
     return root
 
@@ -231,3 +231,27 @@ def test_export_takes_its_format_from_the_out_name(tmp_path, capsys, name, fmt):
         err = capsys.readouterr().err
         assert other in err and "--format" in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / other).exists()
+
+
+def test_probabilities_recorded_for_logits_are_refused_or_read_as_such(tmp_path, capsys):
+    """Files of softmax outputs (each row >= 0, summing to 1) read as logits gave the softmax
+    of probabilities: every p_gold squeezed toward 1/C, every score wrong, silently."""
+    def softmax(z):
+        z = np.exp(np.asarray(z, float) - np.max(z))
+        return (z / z.sum()).tolist()
+    probs = {g: ([softmax(z) for z in zs], gold) for g, (zs, gold) in LOGITS.items()}
+    root = _write(tmp_path / "p", table=probs)
+    argv = ["import-dynamics", str(root), "--out", str(tmp_path / "s.h5"), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "dynamics_epoch_0.jsonl: every example's logits are probabilities" in err and "--probabilities" in err
+    assert err.count("\n") == 1 and not (tmp_path / "s.h5").exists()
+    assert main(argv + ["--probabilities"]) == 0
+    res = gs.load_scores(tmp_path / "s.h5")
+    p = np.array([[_softmax_gold(LOGITS[g][0][e], LOGITS[g][1]) for g in LOGITS] for e in range(3)])
+    np.testing.assert_allclose(res["per_checkpoint"]["p_gold"], p, rtol=1e-6)
+    np.testing.assert_array_equal(res["scores"]["forgetting"], [0, 1, 3])
+    assert main(["import-dynamics", str(_write(tmp_path / "z")), "--out", str(tmp_path / "t.h5"), "--quiet",
+                 "--probabilities"]) == 2   # logits said to be probabilities
+    err = capsys.readouterr().err
+    assert "dynamics_epoch_0.jsonl: guid 'a' has [3.0, 0.0, 0.0], not probabilities" in err and err.count("\n") == 1

@@ -17,6 +17,9 @@ def _add_import_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="cartography", choices=("cartography", "trainingdynamics"),
                    help="cartography: dynamics_epoch_<e>.jsonl; trainingdynamics: training_dynamics/ files")
     p.add_argument("--out", required=True, metavar="SCORES.h5", help="scores file to write (HDF5)")
+    p.add_argument("--probabilities", action="store_true",
+                   help="the records hold class probabilities (softmax outputs), not logits; without it, files "
+                   "whose every first-epoch row is a probability vector are refused")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a scores file made from other files; never an input, never another kind of file")
     add_quiet(p)
@@ -36,7 +39,7 @@ def _add_import_export(sub: argparse._SubParsersAction) -> None:
 def _cmd_import(args: argparse.Namespace) -> int:
     from ..io.dynamics import import_dynamics
     out = import_dynamics(args.directory, args.out, fmt=args.format, overwrite=args.overwrite,
-                          progress=not args.quiet)
+                          progress=not args.quiet, probabilities=args.probabilities)
     print(f"scores -> {out}")
     return 0
 

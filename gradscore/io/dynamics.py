@@ -97,12 +97,15 @@ def _metrics(logits: np.ndarray, gold: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def import_dynamics(directory: str | Path, out: str | Path, *, fmt: str = "cartography",
-                    overwrite: bool = False, progress: bool = True) -> Path:
+                    overwrite: bool = False, progress: bool = True, probabilities: bool = False) -> Path:
     """Read per-epoch dynamics jsonl files into a scores file (see module docstring).
 
     Each epoch is parsed line by line and its metrics written out before the next is
     read. On bad input nothing is left behind: the journal of the import is removed.
-    ``progress``: a bar over the files' bytes on a terminal, after 5 s.
+    ``progress``: a bar over the files' bytes on a terminal, after 5 s. ``probabilities``:
+    the records hold each example's class probabilities, not logits (read as their logs);
+    without it, files whose every row of the first epoch is a probability vector are
+    refused, since the softmax of probabilities is not the model's.
     """
     directory = Path(directory)
     files = _epoch_files(directory, fmt)
@@ -110,20 +113,28 @@ def import_dynamics(directory: str | Path, out: str | Path, *, fmt: str = "carto
     with lock(out), tqdm(total=sum(p.stat().st_size for _, p in files), disable=None if progress else True,
                          desc=f"reading {directory.name or directory}", unit="B", unit_scale=True, delay=5,
                          dynamic_ncols=True) as bar:   # one writer per scores file
-        return _import(directory, files, out, fmt, overwrite, bar.update)
+        return _import(directory, files, out, fmt, overwrite, bar.update, probabilities)
 
 
 def _import(directory: Path, files: list[tuple[float, Path]], out: str | Path, fmt: str, overwrite: bool,
-            advance: Callable[[int], object]) -> Path:
+            advance: Callable[[int], object], probabilities: bool) -> Path:
     """:func:`import_dynamics` once ``out`` is claimed and locked; ``advance(n)`` after n bytes read."""
     reader = _EpochReader(files)
     store = None
     try:
         for t, (epoch, path) in enumerate(files):
             logits = reader.read(t, epoch, path, advance)
+            if probabilities:
+                logits = reader.logs(path, logits)
+            elif t == 0 and logits.shape[1] >= 2 and _probability_rows(logits).all():
+                raise DataError(f"{path}: every example's logits are probabilities (each row >= 0, summing to 1), "
+                                f"and the softmax of probabilities is not the model's: every score would be wrong; "
+                                f"record the logits (or their log-softmax), or pass --probabilities to read them "
+                                f"as probabilities")
             if store is None:
                 fingerprint = {"import": str(directory.resolve()), "format": fmt,
-                               "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for _, p in files]}
+                               "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for _, p in files],
+                               **({"probabilities": True} if probabilities else {})}
                 store = HDF5ScoresWriter(out, fingerprint, n=len(reader.index), T=len(files),
                                        chunk_size=max(1, len(reader.index)), overwrite=overwrite)
             m = _metrics(logits, reader.gold)
@@ -139,7 +150,8 @@ def _import(directory: Path, files: list[tuple[float, Path]], out: str | Path, f
            else np.array([str(g) for g in guids], dtype=object))
     return store.finalize(ids=ids, extras={"checkpoints": {"epoch": np.array([e for e, _ in files])}},
                           aggregate=lambda pc: aggregate(pc, window),
-                          attrs={"config": {"imported_from": str(directory), "format": fmt},
+                          attrs={"config": {"imported_from": str(directory), "format": fmt,
+                                            **({"probabilities": True} if probabilities else {})},
                                  "gradscore_version": __version__})
 
 
@@ -200,6 +212,16 @@ class _EpochReader:
             raise DataError(f"{path}: {int((~seen).sum())} guid(s) of {self.first} are missing, e.g. {missing!r}")
         return self._finite(path, out)
 
+    def logs(self, path: Path, probs: np.ndarray) -> np.ndarray:
+        """(N, C) logits whose softmax is ``probs``: their logs (0 as the smallest float64);
+        a DataError naming the first example whose row is not a probability vector."""
+        bad = np.flatnonzero(~_probability_rows(probs))
+        if len(bad):
+            guid = next(g for g, r in self.index.items() if r == bad[0])
+            raise DataError(f"{path}: guid {guid!r} has {probs[bad[0]].tolist()}, not probabilities (each >= 0, "
+                            f"summing to 1); without --probabilities, records are read as logits")
+        return np.log(np.maximum(probs, np.finfo(np.float64).tiny))
+
     def _finite(self, path: Path, logits: np.ndarray) -> np.ndarray:
         """``logits`` (N, C) of ``path``; a DataError naming the first example with a NaN or
         infinite logit (whose scores would be NaN, and its forgetting "never learned")."""
@@ -211,6 +233,12 @@ class _EpochReader:
                             f"{len(bad) - 1} more example(s): fix the records, or leave those examples out of "
                             f"every epoch's file")
         return logits
+
+
+def _probability_rows(values: np.ndarray) -> np.ndarray:
+    """(N,) whether each row of ``values`` (N, C) is a probability vector: >= 0, summing to 1
+    (to 1e-3: probabilities written in float32)."""
+    return (values >= 0).all(1) & (np.abs(values.sum(1) - 1) <= 1e-3)
 
 
 def _as_array(path: Path, rows: list[list]) -> np.ndarray:
