@@ -528,3 +528,25 @@ def test_a_trainers_classifier_imports_by_its_saved_config_alone(tmp_path, capsy
     err = capsys.readouterr().err
     assert "does not fit gradscore.integrations.hf:from_config({'config': {...}, 'task': 'causal_lm'})" in err
     assert len(err) < 600
+
+
+def test_an_accelerate_save_state_folder_as_it_is(tmp_path):
+    """Accelerate's save_state writes, beside the model, optimizer.bin, scheduler.bin and
+    sampler.bin: each was taken for a second checkpoint of the step, and the step refused."""
+    accelerate = pytest.importorskip("accelerate")
+    states = _states(2)
+    model = mlp(**KW)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 6)), batch_size=4, shuffle=True)
+    acc = accelerate.Accelerator(cpu=True)
+    model, opt, sched, loader = acc.prepare(model, opt, sched, loader)
+    for step, state in zip((100, 200), states):
+        acc.unwrap_model(model).load_state_dict(state)
+        acc.save_state(str(tmp_path / "src" / f"checkpoint_{step}"))
+    names = {p.name for p in (tmp_path / "src" / "checkpoint_100").iterdir()}
+    assert {"model.safetensors", "optimizer.bin", "scheduler.bin"} <= names, names
+    assert main(_args(tmp_path / "src", tmp_path / "ck", "--lr", "0.1")) == 0
+    store = gs.CheckpointStore(tmp_path / "ck")
+    assert [i.step for i in store] == [100, 200]
+    assert all(torch.equal(store.build_model(1).state_dict()[k], v) for k, v in states[1].items())

@@ -6,7 +6,8 @@ DistributedDataParallel (``module.``) or ``torch.compile`` (``_orig_mod.``) mode
 stripped, nested either way), Lightning's ``.ckpt`` files and safetensors files, directly
 in SRC_DIR or one level down (Hugging Face's ``checkpoint-1200/model.safetensors``; the
 Trainer's ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``, ``training_args.bin`` beside
-it are not the model and are left alone). A checkpoint saved in shards
+it, and Accelerate's ``optimizer.bin``, ``scheduler.bin``, ``sampler.bin``, are not the model and
+are left alone). A checkpoint saved in shards
 (``model-00001-of-00003.safetensors``, ``pytorch_model-00001-of-00002.bin``) is one checkpoint,
 refused while a shard is missing. A tied tensor stored under one of its names (``save_pretrained``
 keeps ``transformer.wte.weight`` of GPT-2's tied ``lm_head.weight``) is loaded under each; a file
@@ -49,8 +50,10 @@ from .checkpoints import (IMPORTED, CheckpointStore, build_model, check_rebuilda
 from ..exceptions import CheckpointError, OutputError
 
 SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
-#: what a Hugging Face Trainer's checkpoint-<step>/ holds beside the model: never its weights
-_TRAINER_FILES = re.compile(r"(optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|training_args\.bin)")
+#: what a Hugging Face Trainer's checkpoint-<step>/ and Accelerate's save_state hold beside the
+#: model: never its weights
+_TRAINER_FILES = re.compile(r"(optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|training_args\.bin"
+                            r"|(optimizer|scheduler|sampler)(_\d+)?\.bin)")
 _NESTED = ("state_dict", "model_state_dict", "model")
 #: key prefixes of wrapped models' state_dicts: DistributedDataParallel, torch.compile
 _WRAPPERS = ("module.", "_orig_mod.")
