@@ -31,6 +31,7 @@ _LAZY = {
     "CostateFile": "scores.costate", "compute_costate": "scores.costate", "select": "reports.select",
     "diagnose": "reports.diagnose", "flag": "reports.flag", "InRun": "inrun", "sketch": "sketches.store",
     "attribute": "sketches.attribute", "Projection": "sketches.projection",
+    "import_checkpoints": "io.checkpoint_import", "import_dynamics": "io.dynamics", "export_scores": "io.dynamics",
 }
 
 
@@ -39,8 +40,10 @@ if TYPE_CHECKING:   # the same names, for type checkers and editors
     from .engines import Engine, ScoreBatch
     from .engines.vmap import VmapTraceError
     from .inrun import InRun
+    from .io.checkpoint_import import import_checkpoints
     from .io.checkpoints import CheckpointInfo, CheckpointStore, CheckpointWriter
     from .io.datasets import Dataset, load_dataset, save_dataset
+    from .io.dynamics import export_scores, import_dynamics
     from .io.store import checkpoint_rows, load_scores
     from .losses import Loss, causal_lm, masked_lm, resolve_loss
     from .pipeline import reaggregate, run, score
@@ -75,5 +78,5 @@ __all__ = [
     "ConfigMismatchError", "OutputError", "FileLockError",
     "GradscoreWarning",
     "VmapTraceError", "CostateConfig", "CostateFile", "compute_costate", "select", "diagnose", "flag", "InRun",
-    "sketch", "attribute", "Projection",
+    "sketch", "attribute", "Projection", "import_checkpoints", "import_dynamics", "export_scores",
 ]

@@ -44,12 +44,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoints import (IMPORTED, CheckpointStore, build_model, check_rebuildable, checked_lr,
+from .checkpoints import (IMPORTED, SUFFIXES, CheckpointStore, build_model, check_rebuildable, checked_lr,
                           checkpoint_filename, checkpoint_files, kwargs_text, read_info, tied_aliases,
                           write_checkpoint)
 from ..exceptions import CheckpointError, OutputError
 
-SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 #: what a Hugging Face Trainer's checkpoint-<step>/ and Accelerate's save_state hold beside the
 #: model: never its weights
 _TRAINER_FILES = re.compile(r"(optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|training_args\.bin"

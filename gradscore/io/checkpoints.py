@@ -461,6 +461,8 @@ def optimizer_kind(optimizer: object, clipped: bool = False) -> str:
     return f"{kind}({', '.join(notes)})" if notes else kind
 
 
+#: the files ``import-checkpoints`` reads: torch.save, Lightning, safetensors
+SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 #: the optimizer kind ``import-checkpoints`` records: the training's is not known
 IMPORTED = "imported"
 #: recorded optimizer kinds whose step is not the plain θ − η ∇L (:func:`optimizer_kind`)
@@ -569,7 +571,6 @@ class CheckpointStore:
             raise CheckpointError(f"{self.directory}: checkpoint directory does not exist")
         files = checkpoint_files(self.directory)
         if not files:
-            from .checkpoint_import import SUFFIXES
             other = next((p for p in sorted([*self.directory.glob("*"), *self.directory.glob("*/*")])
                           if p.suffix in SUFFIXES and p.is_file()), None)
             if other is not None:
