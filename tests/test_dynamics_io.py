@@ -251,6 +251,9 @@ def test_probabilities_recorded_for_logits_are_refused_or_read_as_such(tmp_path,
     p = np.array([[_softmax_gold(LOGITS[g][0][e], LOGITS[g][1]) for g in LOGITS] for e in range(3)])
     np.testing.assert_allclose(res["per_checkpoint"]["p_gold"], p, rtol=1e-6)
     np.testing.assert_array_equal(res["scores"]["forgetting"], [0, 1, 3])
+    one_hot = {g: ([[float(i == gold) for i in range(3)]] * 3, gold) for g, (_, gold) in LOGITS.items()}
+    assert main(["import-dynamics", str(_write(tmp_path / "h", table=one_hot)), "--out", str(tmp_path / "h.h5"),
+                 "--quiet"]) == 0   # one-hot rows are as likely logits: read as such
     assert main(["import-dynamics", str(_write(tmp_path / "z")), "--out", str(tmp_path / "t.h5"), "--quiet",
                  "--probabilities"]) == 2   # logits said to be probabilities
     err = capsys.readouterr().err

@@ -126,7 +126,7 @@ def _import(directory: Path, files: list[tuple[float, Path]], out: str | Path, f
             logits = reader.read(t, epoch, path, advance)
             if probabilities:
                 logits = reader.logs(path, logits)
-            elif t == 0 and logits.shape[1] >= 2 and _probability_rows(logits).all():
+            elif t == 0 and _probabilities(logits):
                 raise DataError(f"{path}: every example's logits are probabilities (each row >= 0, summing to 1), "
                                 f"and the softmax of probabilities is not the model's: every score would be wrong; "
                                 f"record the logits (or their log-softmax), or pass --probabilities to read them "
@@ -233,6 +233,13 @@ class _EpochReader:
                             f"{len(bad) - 1} more example(s): fix the records, or leave those examples out of "
                             f"every epoch's file")
         return logits
+
+
+def _probabilities(logits: np.ndarray) -> bool:
+    """Whether an epoch's (N, C) logits look like probabilities: every row one, and some row
+    not one-hot (one-hot rows, [1, 0], are as likely logits)."""
+    return (logits.shape[1] >= 2 and bool(_probability_rows(logits).all())
+            and bool(((logits > 0) & (logits < 1)).any()))
 
 
 def _probability_rows(values: np.ndarray) -> np.ndarray:
