@@ -246,13 +246,18 @@ def check_head(model: torch.nn.Module, loss: Loss) -> None:
     loss scores: a ``…ForMaskedLM`` by ``causal_lm`` (which shifts the labels by one) or a
     ``…ForCausalLM`` by ``masked_lm`` (:data:`TOKEN_HEADS`); an encoder-decoder's
     ``…ForConditionalGeneration`` (T5, BART: it shifts its labels right into its decoder's
-    inputs, so its logits are aligned with them) by ``causal_lm``. Each runs, and every
-    number would be of a task the model was not trained for."""
+    inputs, so its logits are aligned with them) by ``causal_lm``; any of those by a
+    built-in loss of one target per example (``cross_entropy``, the default). Each runs, or
+    fails later on the data, and every number would be of a task the model was not trained for."""
     family = token_family(loss)
     cls = type(model).__name__
     seq2seq = cls.endswith("ForConditionalGeneration") and getattr(getattr(model, "config", None),
                                                                   "is_encoder_decoder", False) is True
     wants = "masked_lm" if seq2seq else next((w for end, w in TOKEN_HEADS.items() if cls.endswith(end)), family)
+    per_example = family is None and wants is not None and builtin_output(loss.name) not in (None, "tokens")
+    if per_example:   # a built-in loss of one target per example (the default cross_entropy) on a token head
+        raise ConfigError(f"invalid value for 'loss': '{loss.name}' does not score what {cls} predicts (a token at "
+                          f"each position; '{loss.name}' scores one target per example); use loss '{wants}'")
     if family is not None and wants != family:
         shift = "the token after its position" if wants == "causal_lm" else "its own position's token"
         how = (", its labels shifted right into its decoder's inputs: give the labels in the inputs "

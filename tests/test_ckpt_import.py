@@ -517,17 +517,24 @@ def test_a_trainers_classifier_imports_by_its_saved_config_alone(tmp_path, capsy
     assert type(from_config(saved)).__name__ == "GPT2ForSequenceClassification"
     assert type(from_config({**saved, "architectures": ["GPT2LMHeadModel"]})).__name__ == "GPT2LMHeadModel"
     assert type(from_config(config)).__name__ == "GPT2LMHeadModel"   # no class named: a causal LM, as before
-    argv = ["import-checkpoints", str(tmp_path / "out"), "--model", "gradscore.integrations.hf:from_config",
-            "--model-kwargs", json.dumps({"config": saved}), "--lr", "0.1", "--out", str(tmp_path / "ck"), "--quiet"]
-    assert main(argv) == 0
+    def argv(src, kwargs, out, *extra):
+        return ["import-checkpoints", str(tmp_path / src), "--model", "gradscore.integrations.hf:from_config",
+                "--model-kwargs", json.dumps(kwargs), "--lr", "0.1", "--out", str(tmp_path / out), "--quiet", *extra]
+    assert main(argv("out", {"config": saved}, "ck")) == 0
     got = gs.CheckpointStore(tmp_path / "ck").build_model(0).state_dict()
     assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
-    argv[argv.index("--model-kwargs") + 1] = json.dumps({"config": saved, "task": "causal_lm"})   # told otherwise
-    argv[argv.index("--out") + 1] = str(tmp_path / "ck2")
-    assert main(argv) == 2
+    told_otherwise = {"config": saved, "task": "causal_lm"}
+    assert main(argv("out", told_otherwise, "ck2", "--loss", "causal_lm")) == 2
     err = capsys.readouterr().err
     assert "does not fit gradscore.integrations.hf:from_config({'config': {...}, 'task': 'causal_lm'})" in err
     assert len(err) < 600
+    # a causal LM imported with the default loss, cross_entropy: `run` refused its data, naming another fix
+    from_config(config).save_pretrained(tmp_path / "lm" / "checkpoint-5")
+    assert main(argv("lm", {"config": config}, "ck3")) == 2
+    err = capsys.readouterr().err
+    assert "'cross_entropy' does not score what GPT2LMHeadModel predicts" in err and "use loss 'causal_lm'" in err
+    assert not (tmp_path / "ck3").exists()
+    assert main(argv("lm", {"config": config}, "ck3", "--loss", "causal_lm")) == 0
 
 
 def test_an_accelerate_save_state_folder_as_it_is(tmp_path):

@@ -280,7 +280,9 @@ def test_a_masked_lm_is_scored_by_its_own_loss(K):
 
 @pytest.mark.parametrize("head, loss, fix", [("masked_lm", "causal_lm", "masked_lm"),
                                              ("masked_lm", "causal_lm_sum", "masked_lm_sum"),
-                                             ("causal_lm", "masked_lm", "causal_lm")])
+                                             ("causal_lm", "masked_lm", "causal_lm"),
+                                             ("causal_lm", "cross_entropy", "causal_lm"),
+                                             ("masked_lm", "nll", "masked_lm")])
 def test_a_token_loss_that_does_not_score_what_the_head_predicts_is_refused(tmp_path, head, loss, fix):
     """Either runs: every number would be of a task the model was not trained for. The
     Scorer, the recorder, the Trainer callback and a CheckpointWriter's first save refuse

@@ -48,6 +48,7 @@ from .checkpoints import (IMPORTED, SUFFIXES, CheckpointStore, build_model, chec
                           checkpoint_filename, checkpoint_files, kwargs_text, read_info, tied_aliases,
                           write_checkpoint)
 from ..exceptions import CheckpointError, OutputError
+from ..losses import check_head, resolve_loss
 
 #: what a Hugging Face Trainer's checkpoint-<step>/ and Accelerate's save_state hold beside the
 #: model: never its weights
@@ -350,6 +351,7 @@ def import_checkpoints(src: str | Path, out: str | Path, *, model_factory: str, 
         raise CheckpointError("import-checkpoints: give either a constant lr or a schedule {step: lr}")
     factory = check_rebuildable(model_factory, model_kwargs, loss)
     model = build_model(factory, model_kwargs or {}, model_factory)
+    check_head(model, resolve_loss(loss))   # now, not when the checkpoints are scored
     keys, ties = set(model.state_dict()), _tie_groups(model)
     sources = find_sources(src)
     if schedule is None:
