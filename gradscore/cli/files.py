@@ -55,14 +55,17 @@ def _add_import_checkpoints(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "import-checkpoints", help="convert torch.save / Lightning / safetensors checkpoints",
                  description="Convert a directory of existing checkpoints (torch.save state_dicts: .pt, "
                  ".pth, .bin; Lightning's .ckpt; safetensors; directly in SRC_DIR or in subdirectories like "
-                 "checkpoint-1200/; a checkpoint in shards, model-00001-of-00003.safetensors and its siblings, as one) "
+                 "checkpoint-1200/, as a Hugging Face Trainer or Accelerate's save_state writes them; a checkpoint in "
+                 "shards, model-00001-of-00003.safetensors and its siblings, as one) "
                  "into gradscore checkpoints. The step is the one a torch.save dict records "
                  "(global_step, else step), else the number the file (or subdirectory) name marks as one "
                  "(step_1200, step=1200, iter1200, checkpoint-1200), else its last number (a name with a decimal "
                  "number, a metric, needs the mark); a LightningModule's model is found "
                  "under the attribute that holds it. The learning rate is --lr or --lr-schedule. Resumable: a rerun imports "
                  "the steps still missing, and refuses an --out that another source, a changed file or other "
-                 "options filled.")
+                 "options filled. A Trainer's model rebuilds from the config.json it saved: --model "
+                 "gradscore.integrations.hf:from_config --model-kwargs \"{\\\"config\\\": $(cat "
+                 "SRC_DIR/checkpoint-N/config.json)}\" --loss causal_lm.")
     p.add_argument("src", metavar="SRC_DIR", help="folder of torch.save / Lightning / safetensors checkpoints")
     p.add_argument("--model", required=True, metavar="MODULE:FN", help="factory that rebuilds the model")
     p.add_argument("--model-kwargs", default="{}", metavar="JSON", help="keyword arguments of the factory")
