@@ -62,10 +62,13 @@ def test_torch_save_files_nested_and_ddp_prefixed(tmp_path):
                for w in gs.load_scores(tmp_path / "t.h5")["warnings"])
 
 
-@pytest.mark.parametrize("prefix", ["_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module._orig_mod.", "_orig_mod.module.", "net._orig_mod.",
+                                    "net.module._orig_mod."])
 def test_compiled_and_ddp_wrapper_prefixes_are_stripped(tmp_path, prefix):
     """A torch.compile'd model saves its keys under ``_orig_mod.``; under DDP the two
-    wrappers nest either way round."""
+    wrappers nest either way round; a LightningModule's compiled network (``self.net =
+    torch.compile(net)``) saves them under its attribute (refused before: ``net.`` was
+    found, the wrappers inside it were not stripped)."""
     state = _states(1)[0]
     src = tmp_path / "src"
     src.mkdir()

@@ -3,8 +3,8 @@
 Sources: ``torch.save`` state_dicts (``.pt``, ``.pth``, ``.bin``; a dict nested under
 ``state_dict``/``model``/``model_state_dict`` is found; the key prefixes of a
 DistributedDataParallel (``module.``) or ``torch.compile`` (``_orig_mod.``) model are
-stripped, nested either way), Lightning's ``.ckpt`` files and safetensors files, directly
-in SRC_DIR or one level down (Hugging Face's ``checkpoint-1200/model.safetensors``; the
+stripped, nested either way, also under a LightningModule's attribute), Lightning's ``.ckpt``
+files and safetensors files, directly in SRC_DIR or one level down (Hugging Face's ``checkpoint-1200/model.safetensors``; the
 Trainer's ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``, ``training_args.bin`` beside
 it, and Accelerate's ``optimizer.bin``, ``scheduler.bin``, ``sampler.bin``, are not the model and
 are left alone). A checkpoint saved in shards
@@ -193,7 +193,7 @@ def model_keys(state: dict[str, torch.Tensor], keys: set[str], ties: list[list[s
         return whole
     under = {}
     for prefix in sorted({k.split(".", 1)[0] + "." for k in state if "." in k}):
-        part = _with_ties({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, ties)
+        part = _with_ties(_unwrapped({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}), ties)
         if set(part) == keys:
             under[prefix] = part
     if len(under) > 1:
@@ -278,6 +278,12 @@ def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: not a state_dict of tensors")
+    return _unwrapped(state)
+
+
+def _unwrapped(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the key prefixes of :data:`_WRAPPERS` that all its keys share, nested
+    either way round."""
     while state and (prefix := next((w for w in _WRAPPERS if all(k.startswith(w) for k in state)), None)):
         state = {k[len(prefix):]: v for k, v in state.items()}
     return state
