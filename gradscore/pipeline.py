@@ -544,8 +544,7 @@ def score(checkpoints: str | os.PathLike, data: str | os.PathLike, *, out: str |
     config = RunConfig(checkpoints=checkpoints, data=data, scores=scores, **options)
     path = run(config, out, overwrite=overwrite, progress=progress)
     from .reports.info import loss_trend
-    with h5py.File(path, "r") as f:
-        trend = loss_trend(f)
+    trend = loss_trend(path)
     if trend is not None and trend[1] is not None:   # examples saved otherwise than trained on? (a hint)
         warn(trend[1])
     return path

@@ -95,11 +95,8 @@ def warn(command: str, found: list[str]) -> None:
 def show_loss_trend(command: str, path) -> None:
     """Print how the scored examples' mean loss went over the checkpoints of output ``path``
     (:func:`~gradscore.reports.info.loss_trend`), and warn where it rose."""
-    import h5py
-
     from ..reports.info import loss_trend
-    with h5py.File(path, "r") as f:
-        trend = loss_trend(f)
+    trend = loss_trend(path)
     if trend is not None:
         print(trend[0])
         warn(command, [trend[1]] if trend[1] else [])

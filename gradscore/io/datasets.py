@@ -268,10 +268,12 @@ class TorchDataset(Dataset):
             np.random.set_state(kept[0])
             random.setstate(kept[1])
         for i in range(n):
-            a, b = ([hashlib.sha256() for _ in reads])
-            for h, (x, y) in zip((a, b), reads):
+            digests = []
+            for x, y in reads:
+                h = hashlib.sha256()
                 hash_batch(h, take(x, i, i + 1), y[i:i + 1])
-            if a.digest() != b.digest():
+                digests.append(h.digest())
+            if digests[0] != digests[1]:
                 raise DataError(f"{self.source}: example {i} differs between two reads (a random transform, such as "
                                 f"training's crops or flips?), so every score would be of a random draw; give the "
                                 f"dataset with its evaluation transform")

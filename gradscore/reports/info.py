@@ -93,12 +93,16 @@ def _steps(records: h5py.Group, block: int = 1 << 20) -> tuple[int, int, int]:
     return len(records["step"]), len(steps), len(targeted)
 
 
-def loss_trend(f: h5py.File) -> tuple[str, str | None] | None:
-    """How a checkpoint run's scored examples' mean loss, and the share of them classified as
-    labeled, went from the first checkpoint to the last (scores file ``f``): (that line, the
-    warning where the loss rose, else None); None without per-checkpoint losses. A rise is
-    what mislabeled and held-out examples show, and also examples saved otherwise than the
-    model was trained on them, whose every score is then wrong without an error."""
+def loss_trend(f: h5py.File | str | os.PathLike) -> tuple[str, str | None] | None:
+    """How a checkpoint run's scored examples' mean loss, and their accuracy on the given
+    labels, went from the first checkpoint to the last (scores or sketch file ``f``, open or
+    by its path): (that line, the warning where the loss rose, else None); None without
+    per-checkpoint losses. A rise is what mislabeled and held-out examples show, and also
+    examples saved otherwise than the model was trained on them, whose every score is then
+    wrong without an error."""
+    if not isinstance(f, h5py.Group):
+        with h5py.File(f, "r") as opened:
+            return loss_trend(opened)
     if "per_checkpoint/loss" not in f or "checkpoints/step" not in f or 0 in f["per_checkpoint/loss"].shape:
         return None
     step = f["checkpoints/step"][()]
