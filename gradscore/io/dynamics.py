@@ -104,8 +104,8 @@ def import_dynamics(directory: str | Path, out: str | Path, *, fmt: str = "carto
     read. On bad input nothing is left behind: the journal of the import is removed.
     ``progress``: a bar over the files' bytes on a terminal, after 5 s. ``probabilities``:
     the records hold each example's class probabilities, not logits (read as their logs);
-    without it, files whose every row of the first epoch is a probability vector are
-    refused, since the softmax of probabilities is not the model's.
+    without it, files whose every row of the first epoch is a probability vector (and some
+    row not one-hot) are refused, since the softmax of probabilities is not the model's.
     """
     directory = Path(directory)
     files = _epoch_files(directory, fmt)
@@ -121,6 +121,7 @@ def _import(directory: Path, files: list[tuple[float, Path]], out: str | Path, f
     """:func:`import_dynamics` once ``out`` is claimed and locked; ``advance(n)`` after n bytes read."""
     reader = _EpochReader(files)
     store = None
+    read_as = {"probabilities": True} if probabilities else {}   # in the fingerprint and config where set
     try:
         for t, (epoch, path) in enumerate(files):
             logits = reader.read(t, epoch, path, advance)
@@ -134,7 +135,7 @@ def _import(directory: Path, files: list[tuple[float, Path]], out: str | Path, f
             if store is None:
                 fingerprint = {"import": str(directory.resolve()), "format": fmt,
                                "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for _, p in files],
-                               **({"probabilities": True} if probabilities else {})}
+                               **read_as}
                 store = HDF5ScoresWriter(out, fingerprint, n=len(reader.index), T=len(files),
                                        chunk_size=max(1, len(reader.index)), overwrite=overwrite)
             m = _metrics(logits, reader.gold)
@@ -150,8 +151,7 @@ def _import(directory: Path, files: list[tuple[float, Path]], out: str | Path, f
            else np.array([str(g) for g in guids], dtype=object))
     return store.finalize(ids=ids, extras={"checkpoints": {"epoch": np.array([e for e, _ in files])}},
                           aggregate=lambda pc: aggregate(pc, window),
-                          attrs={"config": {"imported_from": str(directory), "format": fmt,
-                                            **({"probabilities": True} if probabilities else {})},
+                          attrs={"config": {"imported_from": str(directory), "format": fmt, **read_as},
                                  "gradscore_version": __version__})
 
 
