@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -277,3 +278,28 @@ def test_numpy_numbers_as_options_write_the_same_selection(scores_file, tmp_path
             k: v for k, v in plain.items() if k != "weights_file"}
         written = [json.loads((tmp_path / f"{name}{kind}.json").read_text()) for kind in ("_np", "")]
         assert written[0] == written[1]
+
+
+def test_a_data_file_other_than_the_scored_one_is_said_to_be(tiny_run, scores_file, tmp_path, capsys):
+    """select --per-class, flag --data and diagnose --data match the --data file's labels and
+    noisy mask to the scored examples by id: another dataset holding the same ids (a
+    validation file of the same length) gave every per-class figure of its labels, silently.
+    They say so now; of the scored data itself, nothing."""
+    import h5py
+    ckpts, data = tiny_run
+    with h5py.File(data) as f:
+        other = gs.save_dataset(tmp_path / "val.h5", f["inputs"][()] + 1, f["targets"][()][::-1].copy(),
+                                ids=f["ids"][()], noisy=f["noisy"][()])
+    dots = gs.score(ckpts, data, target=data, scores=["target_dot"], out=tmp_path / "t.h5", progress=False)
+    commands = (["select", str(scores_file), "--by", "el2n", "--per-class", "--out", str(tmp_path / "k.json"),
+                 "--overwrite", "--data"],
+                ["flag", str(scores_file), "--score", "el2n", "--out", str(tmp_path / "f.json"), "--overwrite",
+                 "--data"],
+                ["diagnose", str(dots), "--score", "target_dot", "--data"])
+    for command in commands:
+        assert main([*command, str(data)]) == 0
+        assert "is not the data" not in capsys.readouterr().err
+        assert main([*command, str(other)]) == 0
+        err = capsys.readouterr().err
+        scored = scores_file if command[0] != "diagnose" else dots
+        assert f"{other}: is not the data {scored} was scored from ({Path(data).resolve()})" in err, err

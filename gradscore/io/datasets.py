@@ -15,6 +15,7 @@ called as ``model(input_ids=…, attention_mask=…)``.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 from abc import ABC, abstractmethod
@@ -27,12 +28,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic import atomic_h5
-from .attrs import KIND_NAMES, kind_of
+from .attrs import KIND_NAMES, attributes, kind_of
 from .outputs import claim
 from .store import DamagedFile, damage_named, put, read_ids, read_numpy, write_ids
 from ..batch import Inputs, call_model, concat, describe, hash_batch, move, take
 from ..config import DATA_SUFFIXES, EXAMPLES_PATH, as_path, names_a_factory
-from ..exceptions import DataError, lock_refused
+from ..exceptions import DataError, lock_refused, warn
 from ..losses import IGNORE_INDEX, Loss, one_logit, token_family
 from ..imports import import_ref
 
@@ -414,10 +415,32 @@ def positions_of(ds: Dataset, ids: np.ndarray) -> np.ndarray:
                     f"that was scored")
 
 
-def scored_labels(data: str | Path | Dataset, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+def check_scored(ds: Dataset, scores: str | Path) -> None:
+    """A GradscoreWarning where ``ds`` is not the dataset the scores (or sketch) file ``scores``
+    was computed from, by the fingerprint it records (the file's SHA-256, else its size and
+    time; a factory's content hash): its labels and noisy mask are matched to the scored
+    examples by id, so another dataset's would be read as theirs. A file that records no
+    dataset (in-run, imported dynamics) is not checked."""
+    with h5py.File(scores, "r") as f:
+        recorded = json.loads(attributes(f).get("fingerprint", "{}")).get("data")
+    if not isinstance(recorded, dict):
+        return
+    given = ds.fingerprint()
+    keys = ("sha256",) if "sha256" in recorded and "sha256" in given else ("size", "mtime_ns")
+    if all(k in recorded and k in given for k in keys) and any(recorded[k] != given[k] for k in keys):
+        warn(f"{ds.source}: is not the data {scores} was scored from ({recorded.get('file', recorded.get('source'))}),"
+             f" or has changed since: its labels and noisy mask are matched to the scored examples by id (by row, "
+             f"where it has no ids); if it is another dataset, every figure read from them is of its examples")
+
+
+def scored_labels(data: str | Path | Dataset, ids: np.ndarray,
+                  scores: str | Path | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """(N,) labels and the known-noisy mask (or None) of the scores file's examples ``ids``
-    (N,), read from the data they were scored from, matched by id."""
+    (N,), read from the data they were scored from, matched by id; ``scores``: that file,
+    against whose record the data is checked (:func:`check_scored`)."""
     ds = load_dataset(data) if not isinstance(data, Dataset) else data
+    if scores is not None:
+        check_scored(ds, scores)
     pos = positions_of(ds, np.asarray(ids))
     labels = np.concatenate([y.numpy() for _, _, y in ds.chunks()])
     noisy = ds.noisy()

@@ -28,7 +28,7 @@ import torch
 from .._version import __version__
 from ..config import as_path, checked_fraction
 from ..io.atomic import atomic_json
-from ..io.datasets import Dataset, load_dataset, mask_problem, positions_of
+from ..io.datasets import Dataset, check_scored, load_dataset, mask_problem, positions_of
 from ..exceptions import GradscoreError
 from ..io.outputs import claim
 from ..scores.inrun import dot_terms as inrun_dot_terms
@@ -106,6 +106,8 @@ def diagnose(scores: str | Path, *, score: str = "pds", noisy_mask: str | None =
     if score == INRUN_SCORE:
         res["inrun"] = inrun_blocks(scores)   # the records, read block by block
     ds = load_dataset(data) if data is not None else None
+    if ds is not None:
+        check_scored(ds, scores)
     noisy, source = _mask(res, noisy_mask, ds)
     report, var = compute(res, str(scores), score=score, noisy=noisy, source=source, ds=ds,
                           top_fraction=top_fraction, clip_quantile=clip_quantile, rerun=rerun)

@@ -281,7 +281,7 @@ def flag(scores: str | Path, *, score: str | None = None, data: str | Path | Non
         "warnings": res["warnings"]}   # what the scores file warns of
     noisy = res["noisy"]
     if data is not None:
-        labels, data_noisy = scored_labels(data, res["ids"])
+        labels, data_noisy = scored_labels(data, res["ids"], scores)
         report["per_class"] = {int(c): {"n": int((labels == c).sum()), "flagged": int(flagged[labels == c].sum()),
                                         "estimated_rate": None if est["count"] is None
                                         else float(flagged[labels == c].mean())}

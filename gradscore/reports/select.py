@@ -155,7 +155,7 @@ def select(scores: str | Path, *, by: str | None = None, keep: float = 0.5, high
     weights = None
     if by is not None:
         finite = np.flatnonzero(_finite(res, (by,), allow_nonfinite))
-        classes = scored_labels(data, res["ids"])[0][finite] if per_class else None
+        classes = scored_labels(data, res["ids"], scores)[0][finite] if per_class else None
         idx = finite[by_score(_score(res, by)[finite], keep=keep, highest=highest, exclude_top=exclude_top,
                               classes=classes, sample=sample, temperature=temperature, seed=seed)]
         # the numbers by_score checked, as JSON's: a user's numpy float32 or int64 does not save
