@@ -112,8 +112,8 @@ def find_sources(src: str | Path) -> list[tuple[int, Source]]:
     for source in _checkpoints(candidates):
         path = source.files[0]
         rel = path.relative_to(src)
-        name = rel.parts[0] if len(rel.parts) > 1 else rel.stem if len(source.files) == 1 else \
-            _SHARD.fullmatch(rel.stem).group(1)
+        stem = rel.stem if len(source.files) == 1 else _SHARD.fullmatch(rel.stem).group(1)   # shards: their stem
+        name = rel.parts[0] if len(rel.parts) > 1 else stem
         step = None if path.suffix == ".safetensors" else _recorded_step(path)
         marked = _MARKED_STEP.findall(name)
         if step is None:
