@@ -504,6 +504,10 @@ def test_a_checkpoint_finer_than_the_models_dtype_is_imported_unrounded(tmp_path
     want = torch.nn.functional.cross_entropy(model(x), y, reduction="none").detach().numpy()
     np.testing.assert_allclose(gs.load_scores(tmp_path / "s.h5")["per_checkpoint"]["loss"][0], want, rtol=1e-6)
 
+    store = gs.CheckpointStore(tmp_path / "ck")   # the public build: θ_t as stored, not rounded to the factory's
+    built = store.build_model(0)
+    assert all(torch.equal(p.detach(), states[0][k]) for k, p in built.named_parameters())
+    assert next(store.build_model(0, dtype=torch.bfloat16).parameters()).dtype == torch.bfloat16   # asked for
 
 def test_a_trainers_classifier_imports_by_its_saved_config_alone(tmp_path, capsys):
     """A sequence classifier's config.json names its class ("architectures"), but from_config

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoints import (IMPORTED, SUFFIXES, CheckpointStore, build_model, check_rebuildable, checked_lr,
+from .checkpoints import (IMPORTED, SUFFIXES, CheckpointStore, build_model, check_rebuildable, checked_lr, finer_dtype,
                           checkpoint_filename, checkpoint_files, kwargs_text, read_info, tied_aliases,
                           write_checkpoint)
 from ..exceptions import CheckpointError, OutputError
@@ -215,16 +215,6 @@ def _check_ties(state: dict[str, torch.Tensor], ties: list[list[str]], source: S
                                   f"(Hugging Face: \"tie_word_embeddings\": false in its config)")
 
 
-def _finer(state: dict[str, torch.Tensor], model: torch.nn.Module) -> torch.dtype | None:
-    """The float dtype of ``state`` to build ``model`` in, where one of its tensors is finer
-    than the model's own (float32 weights for a model built in bfloat16, by a config's
-    "dtype"): loading would round it. None where loading rounds nothing."""
-    own = model.state_dict()
-    finer = [t.dtype for name, t in state.items() if name in own and t.is_floating_point()
-             and own[name].is_floating_point() and torch.finfo(t.dtype).eps < torch.finfo(own[name].dtype).eps]
-    return min(finer, key=lambda d: torch.finfo(d).eps, default=None)
-
-
 def _read(path: Path, mapped: bool = False):
     """What one source file holds, on the CPU (tensors and plain data only). ``mapped``: a
     ``torch.save`` file's tensors mapped, not read (one in torch's legacy format is read)."""
@@ -381,7 +371,7 @@ def import_checkpoints(src: str | Path, out: str | Path, *, model_factory: str, 
             try:
                 state = model_keys(read_state_dict(source), keys, ties, source)
                 _check_ties(state, ties, source, model_factory)
-                finer = _finer(state, model)
+                finer = finer_dtype(state, model)
                 if finer is not None:   # stored as trained, as CheckpointWriter stores the training's model
                     model = model.to(finer)
                 model.load_state_dict(state, strict=True)

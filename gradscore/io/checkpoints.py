@@ -497,8 +497,9 @@ def _param_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def load_state_dict(path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
-    """Read the tensors of checkpoint ``path`` validated against ``model``'s state_dict.
+def load_state_dict(path: str | Path, model: nn.Module, cast: bool = True) -> dict[str, torch.Tensor]:
+    """Read the tensors of checkpoint ``path`` validated against ``model``'s state_dict, in
+    the model's dtypes (``cast=False``: as stored).
 
     Raises :class:`CheckpointError` naming the file and tensor for a missing, extra,
     mis-shaped or corrupt (checksum) tensor.
@@ -528,7 +529,8 @@ def load_state_dict(path: str | Path, model: nn.Module) -> dict[str, torch.Tenso
                 except (OSError, RuntimeError) as e:
                     raise CheckpointError(f"{path}: tensor '{name}' is corrupt ({e}); "
                                           f"re-save this checkpoint") from e
-                out[name] = torch.as_tensor(np.asarray(arr)).to(ref.dtype)
+                out[name] = torch.as_tensor(np.asarray(arr))
+                out[name] = out[name].to(ref.dtype) if cast else out[name]
             if stored:
                 extra = sorted(k.split("/", 1)[1] for k in stored)
                 raise CheckpointError(f"{path}: tensor(s) {', '.join(extra[:5])} are not in "
@@ -537,6 +539,17 @@ def load_state_dict(path: str | Path, model: nn.Module) -> dict[str, torch.Tenso
         raise lock_refused(path, e) or CheckpointError(f"{path}: not a readable HDF5 file ({e})") from e
     out.update({alias: out[name] for alias, name in aliases.items()})
     return out
+
+
+def finer_dtype(state: dict[str, torch.Tensor], model: nn.Module) -> torch.dtype | None:
+    """The float dtype to hold ``state`` in ``model`` unrounded, where loading would round
+    one of its tensors (float32 weights into a model built in bfloat16, by a config's
+    "dtype"): the finest such tensor's. None where loading rounds nothing."""
+    own = model.state_dict()
+    finer = [t.dtype for name, t in state.items() if name in own and t.is_floating_point()
+             and own[name].is_floating_point() and torch.finfo(t.dtype).eps < torch.finfo(own[name].dtype).eps
+             and not torch.equal(t.to(own[name].dtype).to(t.dtype), t)]
+    return min(finer, key=lambda d: torch.finfo(d).eps, default=None)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -647,11 +660,15 @@ class CheckpointStore:
 
     def build_model(self, i: int, *, dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu") -> nn.Module:
-        """Build the model from the checkpoint's factory, load θ_i, put it in eval mode."""
+        """Build the model from the checkpoint's factory, load θ_i, put it in eval mode: in
+        ``dtype``, else the factory's, or the checkpoint's where that would round θ_i."""
         model = self.new_model(i)
         if dtype is not None:  # cast first, so float64 checkpoints load without rounding
             model = model.to(dtype)
-        self.load_into(model, i)
+        state = load_state_dict(self.infos[i].path, model, cast=dtype is not None)
+        finer = finer_dtype(state, model) if dtype is None else None
+        model = model.to(finer) if finer is not None else model
+        model.load_state_dict(state)
         return model.to(device).eval()
 
     def new_model(self, i: int = 0) -> nn.Module:
