@@ -22,8 +22,10 @@ MOVED = {"gradscore.models": "gradscore.demos.models", "gradscore.demo_lm": "gra
          "gradscore.demo": "gradscore.demos.digits"}
 
 
-def import_ref(ref: str, what: str, error: type[GradscoreError] = GradscoreError) -> Callable[..., Any]:
-    """Import ``"package.module:attr"``; raise ``error`` naming ``what`` on failure."""
+def import_ref(ref: str, what: str, error: type[GradscoreError] = GradscoreError,
+               root: str = "") -> Callable[..., Any]:
+    """Import ``"package.module:attr"``; raise ``error`` naming ``what`` on failure (``root``:
+    the folder it was imported from when a file recorded it, named in the fix)."""
     if not isinstance(ref, str) or ref.count(":") != 1:
         raise error(f"{what} '{ref}' is not of the form 'package.module:name'")
     module_name, attr = ref.split(":")
@@ -31,8 +33,9 @@ def import_ref(ref: str, what: str, error: type[GradscoreError] = GradscoreError
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise error(f"{what} '{ref}': cannot import module '{module_name}' ({e}); "
-                    f"install it or put it on PYTHONPATH") from e
+        fix = (f"run from {root} or put it on PYTHONPATH (PYTHONPATH={root} gradscore ...), where it was imported "
+               f"from" if root else "install it or put it on PYTHONPATH")
+        raise error(f"{what} '{ref}': cannot import module '{module_name}' ({e}); {fix}") from e
     try:
         obj = getattr(module, attr)
     except AttributeError as e:
@@ -94,6 +97,18 @@ def _is_user_module(name: str | None) -> bool:
         return False
     file = getattr(sys.modules.get(name), "__file__", None)
     return name == "__main__" if file is None else not _installed_file(file)
+
+
+def import_root(ref: str) -> str:
+    """The folder that puts the imported module of ``"package.module:attr"`` on the import
+    path (the parent of its top package), for a module of the user's own files; "" for an
+    installed one, or one not imported."""
+    top = ref.split(":")[0].split(".")[0]
+    file = getattr(sys.modules.get(top), "__file__", None)
+    if file is None or _installed_file(file) or not _is_user_module(top):
+        return ""
+    file = os.path.realpath(file)
+    return os.path.dirname(os.path.dirname(file) if os.path.basename(file) == "__init__.py" else file)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -317,6 +318,33 @@ def test_console_script_help_and_exit_code(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().endswith("no such file or directory")
 
+
+
+def test_a_factory_in_a_file_of_the_working_folder_imports_under_the_console_script(tmp_path, monkeypatch):
+    """`python -m gradscore` has the working folder on its import path, the `gradscore`
+    console script had not: checkpoints of a model factory in the user's own file
+    ("mymodels:net") failed to import in the very folder they were written from. From
+    another folder the refusal names the one the factory was imported from."""
+    script = Path(sys.executable).parent / "gradscore"
+    assert script.exists(), "the install puts the console script beside python"
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "gs_user_models.py").write_text("from gradscore.demos.models import mlp\n\n\ndef net():\n"
+                                            "    return mlp(d_in=6, hidden=5, n_classes=3, depth=1)\n")
+    monkeypatch.syspath_prepend(str(proj))
+    monkeypatch.delitem(sys.modules, "gs_user_models", raising=False)
+    import gs_user_models
+    with gs.CheckpointWriter(proj / "ck", model_factory="gs_user_models:net", loss="cross_entropy") as w:
+        w.save(gs_user_models.net(), step=0, lr=0.1)
+    gs.save_dataset(proj / "d.h5", np.random.default_rng(0).random((8, 6), dtype=np.float32), np.arange(8) % 3)
+    argv = [str(script), "run", "--checkpoints", "ck", "--data", "d.h5", "--scores", "loss", "--quiet"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([*argv, "--out", "s.h5"], cwd=proj, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    argv = [a if a not in ("ck", "d.h5") else str(proj / a) for a in argv]
+    r = subprocess.run([*argv, "--out", str(tmp_path / "s.h5")], cwd=tmp_path, env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and f"PYTHONPATH={proj.resolve()} gradscore" in r.stderr, r.stderr
 
 def test_run_and_a_recorder_import_no_compiler_they_do_not_use(tmp_path):
     """torch's compiler (dynamo) takes ~2 s to import, more than the rest of `gradscore run`

@@ -56,6 +56,7 @@ def refuse_unknown(command: argparse.ArgumentParser, unknown: list[str]) -> None
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gradscore`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    working_folder_importable()
     if argv[:1] == ["bench"]:   # the checkout's benchmark parses its own options
         return run_and_report("bench", demos.run_bench, argv[1:])
     try:
@@ -67,6 +68,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:   # argparse would answer with the top-level usage, naming neither the command nor its options
         refuse_unknown(args.command_parsers[args.command], unknown)
     return run_and_report(args.command, args.func, args)
+
+
+def working_folder_importable() -> None:
+    """Put the working folder on the import path, after the installed packages, as
+    ``python -m gradscore`` has it (first): a model factory, loss or dataset in the user's
+    own file there ("mymodels:net") imports, and shadows no installed package."""
+    try:
+        here = os.getcwd()
+    except OSError:   # a removed working folder: nothing to import from it
+        return
+    if "" not in sys.path and here not in sys.path:
+        sys.path.append(here)
 
 
 #: commands whose rerun resumes the work an interrupted run saved (a journal of finished units)

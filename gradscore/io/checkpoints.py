@@ -33,7 +33,7 @@ from .store import put
 from ..distributed import current_ranks
 from ..config import as_path, checked_model, nonnegative, whole
 from ..exceptions import CheckpointError, ConfigError, GradscoreError, lock_refused
-from ..imports import code_fingerprint, import_ref
+from ..imports import code_fingerprint, import_ref, import_root
 
 #: 2: text attributes fixed-length (``io.attrs``); an earlier gradscore refuses it by this number
 #: instead of reading its text as bytes ("unknown loss 'b'cross_entropy''")
@@ -103,6 +103,7 @@ def write_checkpoint(path: str | Path, model: nn.Module, *, step: int, lr: float
             "lr": float(lr), "optimizer": optimizer, "model": model_factory,
             "model_kwargs": json.dumps(model_kwargs or {}, sort_keys=True), "loss": loss,
             **({"source": source} if source else {}), **({"run": run} if run else {}),
+            **({"model_root": root} if (root := import_root(model_factory)) else {}),
         })
         gp, gb = f.create_group("params"), f.create_group("buffers")
         for name, tensor in state.items():
@@ -398,6 +399,7 @@ class CheckpointInfo:
     optimizer: str
     run: str = ""      # the training run's id ("" in checkpoints written before runs had one)
     source: str = ""   # an imported checkpoint's source file, JSON (``import-checkpoints``)
+    model_root: str = ""   # the folder the factory's module was imported from, where it is the user's own file
 
 
 def _unreadable(path: Path, e: Exception) -> GradscoreError:
@@ -439,7 +441,8 @@ def read_info(path: Path) -> CheckpointInfo:
     return CheckpointInfo(path=path, step=int(attrs["step"]), epoch=float(attrs["epoch"]),
                           lr=float(attrs["lr"]), model=str(attrs["model"]), model_kwargs=kwargs,
                           loss=str(attrs["loss"]), optimizer=str(attrs.get("optimizer", "")),
-                          run=str(attrs.get("run", "")), source=str(attrs.get("source", "")))
+                          run=str(attrs.get("run", "")), source=str(attrs.get("source", "")),
+                          model_root=str(attrs.get("model_root", "")))
 
 
 def _steps(steps: list[int]) -> str:
@@ -682,7 +685,7 @@ class CheckpointStore:
         if not info.model:
             raise CheckpointError(f"{info.path}: no 'model' factory attribute; save with "
                                   f"CheckpointWriter(model_factory='package.module:fn')")
-        return import_ref(info.model, f"{info.path}: model factory", CheckpointError)
+        return import_ref(info.model, f"{info.path}: model factory", CheckpointError, info.model_root)
 
     def code(self, loss_fn: Any, model: nn.Module | None = None) -> dict[str, str]:
         """:func:`~gradscore.imports.code_fingerprint` of these checkpoints' model (``model``,
