@@ -1,10 +1,12 @@
 """Resolve ``"package.module:attr"`` references (model factories, losses, datasets)."""
 from __future__ import annotations
 
+import ast
 import dis
 import functools
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import os
 import site
@@ -30,6 +32,11 @@ def import_ref(ref: str, what: str, error: type[GradscoreError] = GradscoreError
         raise error(f"{what} '{ref}' is not of the form 'package.module:name'")
     module_name, attr = ref.split(":")
     module_name = MOVED.get(module_name, module_name)
+    if module_name not in sys.modules:
+        why = _runs_on_import(module_name)
+        if why:
+            raise error(f"{what} '{ref}': {why}; move '{attr}' into a module of its own (models.py), or put the "
+                        f"script's work under if __name__ == \"__main__\":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -97,6 +104,74 @@ def _is_user_module(name: str | None) -> bool:
         return False
     file = getattr(sys.modules.get(name), "__file__", None)
     return name == "__main__" if file is None else not _installed_file(file)
+
+
+#: calls that train, where a file makes them outside any function: a training script's
+TRAINS = frozenset({"backward", "fit", "train", "CheckpointWriter", "InRun"})
+
+
+def _runs_on_import(module_name: str) -> str:
+    """Why importing the user's file ``module_name`` would run a training ("" where it
+    would not): it is the running script, with no ``__main__`` guard, or it calls one of
+    :data:`TRAINS` outside any function and guard. Read, not run; an installed module or
+    a file that does not parse is the import's to judge."""
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return ""
+    origin = getattr(spec, "origin", None)
+    if not origin or not origin.endswith(".py") or _installed_file(origin):
+        return ""
+    try:
+        with open(origin, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), origin)
+    except (OSError, SyntaxError, ValueError):
+        return ""
+    name = os.path.basename(origin)
+    guarded = any(isinstance(node, ast.If) and _is_main_guard(node.test) for node in tree.body)
+    script = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not guarded and script and os.path.realpath(script) == os.path.realpath(origin):
+        return f"importing {name} would run the script again (it is the running script, and has no __main__ guard)"
+    call = _training_call(tree.body)
+    return f"importing {name} would run it: line {call[0]} calls {call[1]}() outside any function" if call else ""
+
+
+def _is_main_guard(test: ast.expr) -> bool:
+    """Whether ``test`` is ``__name__ == "__main__"`` (either side)."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = {ast.dump(test.left), ast.dump(test.comparators[0])}
+    return sides == {ast.dump(ast.Name("__name__", ast.Load())), ast.dump(ast.Constant("__main__"))}
+
+
+def _training_call(body: list[ast.stmt]) -> tuple[int, str] | None:
+    """(line, name) of the first call of :data:`TRAINS` that ``body`` makes when its module
+    is imported: outside functions, classes and ``__main__`` guards."""
+    for stmt in body:
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        if isinstance(stmt, ast.If) and _is_main_guard(stmt.test):
+            found = _training_call(stmt.orelse)
+        else:
+            found = next(((node.lineno, called) for node in _run_at_import(stmt) if isinstance(node, ast.Call)
+                          and (called := _called(node.func)) in TRAINS), None)
+        if found:
+            return found
+    return None
+
+
+def _run_at_import(node: ast.AST) -> Iterable[ast.AST]:
+    """``node`` and the nodes in it, but not the bodies of the functions, lambdas and classes
+    it defines (their calls run when called)."""
+    yield node
+    for child in ast.iter_child_nodes(node):
+        if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            yield from _run_at_import(child)
+
+
+def _called(func: ast.expr) -> str:
+    """The name a call's function goes by: ``f`` of ``f(...)`` and of ``a.b.f(...)``."""
+    return func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
 
 
 def import_root(ref: str) -> str:

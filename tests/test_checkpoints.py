@@ -1,13 +1,17 @@
 """Checkpoint round trip and every validation error."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import h5py
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import gradscore as gs
-from gradscore.io.checkpoints import load_state_dict
+from gradscore.io.checkpoints import load_state_dict, write_checkpoint
 from gradscore.demos.models import digits_cnn, mlp
 from gradscore.io.attrs import seal
 
@@ -439,3 +443,55 @@ def test_the_model_skeleton_comes_without_weights_or_from_an_ordinary_build(tmp_
     skeleton = store.model_skeleton()
     assert [type(m) for m in skeleton.modules()] == [type(m) for m in store.new_model().modules()]
     assert next(skeleton.parameters()).is_meta == (factory.endswith("mlp"))
+
+
+SCRIPT = """import torch, gradscore as gs
+open("ran.txt", "a").write(__name__ + "\\n")
+
+
+def net():
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+
+
+{guard}with gs.CheckpointWriter("ck", model_factory="train:net", loss="cross_entropy") as w:
+{indent}    model = net()
+{indent}    for step in range(2):
+{indent}        w.save(model, step=step, lr=0.1)
+{indent}        torch.nn.functional.cross_entropy(model(torch.randn(4, 6)), torch.arange(4) % 3).backward()
+"""
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_a_factory_in_the_training_script_itself_never_runs_the_training_again(tmp_path, guarded):
+    """A training script naming a factory of its own ("train:net") had the writer import
+    it: without an ``if __name__ == "__main__":`` guard that ran the whole training again,
+    nested, which wrote the checkpoints the outer run then refused. Such a script is
+    refused before it runs twice; a guarded one imports as any module."""
+    guard, indent = ('if __name__ == "__main__":\n    ', "    ") if guarded else ("", "")
+    (tmp_path / "train.py").write_text(SCRIPT.format(guard=guard, indent=indent))
+    r = subprocess.run([sys.executable, "train.py"], cwd=tmp_path, capture_output=True, text=True)
+    ran = (tmp_path / "ran.txt").read_text().split()
+    if guarded:
+        assert r.returncode == 0 and ran == ["__main__", "train"], r.stderr
+        assert len(gs.CheckpointStore(tmp_path / "ck")) == 2
+    else:
+        assert r.returncode == 1 and ran == ["__main__"], r.stderr
+        assert "model_factory 'train:net': importing train.py would run the script again" in r.stderr
+        assert not (tmp_path / "ck").exists()
+
+
+def test_scoring_never_runs_a_training_script_named_as_the_factory(tmp_path):
+    """Checkpoints (or `import-checkpoints --model`) naming a factory in a training script
+    without a guard: `run` imported the script, which trained again, for as long as the
+    training took. It is refused with the line that would train, the script not run."""
+    (tmp_path / "train.py").write_text(SCRIPT.format(guard="", indent=""))
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    ckpts = tmp_path / "ck"
+    ckpts.mkdir()
+    write_checkpoint(ckpts / "step_00000000.h5", model, step=0, lr=0.1, model_factory="train:net",
+                     loss="cross_entropy")
+    data = gs.save_dataset(tmp_path / "d.h5", np.zeros((4, 6), np.float32), np.arange(4) % 3)
+    r = subprocess.run([sys.executable, "-m", "gradscore", "run", "--checkpoints", "ck", "--data", str(data),
+                        "--out", "s.h5", "--quiet"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 2 and not (tmp_path / "ran.txt").exists(), r.stderr
+    assert "importing train.py would run it: line 9 calls CheckpointWriter() outside any function" in r.stderr
