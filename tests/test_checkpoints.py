@@ -193,8 +193,9 @@ def test_bad_factory_is_named(tmp_path):
         gs.CheckpointStore(tmp_path).build_model(0)
 
 
-def test_the_writer_refuses_now_what_scoring_would_refuse_after_training(tmp_path):
-    """A misspelled loss, a factory that cannot be imported, model_kwargs JSON cannot hold,
+def test_the_writer_refuses_now_what_scoring_would_refuse_after_training(tmp_path, monkeypatch):
+    """A misspelled loss, a factory that cannot be imported (one in ``__main__``, a notebook's:
+    an error about '__main__' after the training), model_kwargs JSON cannot hold,
     a model the factory does not rebuild, a learning rate that is not a finite η ≥ 0: each
     was written into every checkpoint of the training, and only `gradscore run`, after it,
     refused them (the loss, factory and kwargs are sealed in the files)."""
@@ -203,6 +204,15 @@ def test_the_writer_refuses_now_what_scoring_would_refuse_after_training(tmp_pat
         gs.CheckpointWriter(tmp_path / "a", model_factory=factory, model_kwargs=MLP_KWARGS, loss="crossentropy")
     with pytest.raises(gs.CheckpointError, match="model_factory 'nope.models:mlp': cannot import module 'nope"):
         gs.CheckpointWriter(tmp_path / "b", model_factory="nope.models:mlp", model_kwargs=MLP_KWARGS)
+    # a notebook's or the running script's own function: `run` imports its own __main__, which has no 'mlp'
+    monkeypatch.setattr(sys.modules["__main__"], "mlp", mlp, raising=False)
+    with pytest.raises(gs.ConfigError, match=r"model_factory '__main__:mlp' is in __main__ \(a notebook or the "
+                                             r"running script\), which scoring cannot import: move it into a module "
+                                             r"of its own \(models\.py\) and give 'models:mlp'$"):
+        gs.CheckpointWriter(tmp_path / "b", model_factory="__main__:mlp", model_kwargs=MLP_KWARGS)
+    with pytest.raises(gs.ConfigError, match=r"model_factory: give the reference 'gradscore\.demos\.models:mlp', "
+                                             r"which the checkpoints store, not the function itself$"):
+        gs.CheckpointWriter(tmp_path / "b", model_factory=mlp, model_kwargs=MLP_KWARGS)
     with pytest.raises(gs.ConfigError, match="model_kwargs.*JSON.*dtype"):
         gs.CheckpointWriter(tmp_path / "c", model_factory=factory, model_kwargs={**MLP_KWARGS, "dtype": torch.float64})
     with pytest.raises(gs.ConfigError, match="loss.*name"):

@@ -124,6 +124,15 @@ def check_rebuildable(model_factory: str, model_kwargs: dict | None, loss: Any) 
                           f"'cross_entropy' (or another gradscore loss) or a 'module:fn' reference, not a "
                           f"{type(loss).__name__}")
     resolve_loss(loss)
+    ref = (f"{getattr(model_factory, '__module__', 'models')}:{getattr(model_factory, '__qualname__', 'net')}"
+           if callable(model_factory) else str(model_factory))
+    if ref.startswith("__main__:"):
+        raise ConfigError(f"model_factory '{ref}' is in __main__ (a notebook or the running script), which scoring "
+                          f"cannot import: move it into a module of its own (models.py) and give "
+                          f"'models:{ref.split(':', 1)[1]}'")
+    if callable(model_factory):
+        raise ConfigError(f"model_factory: give the reference '{ref}', which the checkpoints store, not the "
+                          f"function itself")
     factory = import_ref(model_factory, "model_factory", CheckpointError)
     try:
         json.dumps(model_kwargs or {}, sort_keys=True)
