@@ -1492,3 +1492,84 @@ def strict_json(text: str):
     def refuse(token: str):
         raise ValueError(f"{token} is not JSON")
     return json.loads(text, parse_constant=refuse)
+
+
+#: the user's own model code, in two files of their folder: a model, the helpers its forward calls
+USERHELP = """import torch
+
+SCALE = 1.0
+GAIN = 1.0
+KINDS = frozenset({"tanh", "sin", "cos", "relu"})   # its order differs between processes
+squash = torch.tanh
+
+
+def act(x):
+    assert "tanh" in KINDS
+    return squash(x) * SCALE
+"""
+USERNET = """import torch
+from torch import nn
+
+import userhelp
+from userhelp import act
+
+
+class Base(nn.Module):
+    def mix(self, h):
+        return h
+
+
+class Net(Base):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(12, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.b(self.mix(_local(act(self.a(x))))) * userhelp.GAIN
+
+
+def _local(h):
+    return h
+
+
+def unused():
+    return 1
+
+
+def make():
+    torch.manual_seed(0)
+    return Net()
+"""
+#: (file, text, replacement, the name a refusal gives): a user's edit of code the model's forward runs
+FORWARD_EDITS = {
+    "a helper beside the model": ("usernet.py", "    return h\n\n\ndef unused", "    return 2 * h\n\n\ndef unused",
+                                  "usernet._local"),
+    "a helper imported from another file": ("userhelp.py", "squash(x) * SCALE", "squash(x) * SCALE + 1",
+                                            "userhelp.act"),
+    "a library function bound to a name": ("userhelp.py", "squash = torch.tanh", "squash = torch.sin",
+                                           "userhelp.squash"),
+    "an inherited method": ("usernet.py", "def mix(self, h):\n        return h", "def mix(self, h):\n        return h + 1",
+                            "usernet.Base"),
+    "a constant read through its module": ("userhelp.py", "GAIN = 1.0", "GAIN = 2.0", "userhelp.GAIN"),
+    "a constant a helper reads": ("userhelp.py", "SCALE = 1.0", "SCALE = 0.5", "userhelp.SCALE"),
+}
+
+
+def user_code_run(tmp_path: Path, monkeypatch, files: dict[str, str]) -> tuple[Path, Path]:
+    """The user's model code ``files`` ({name: text}, as :data:`USERNET` and :data:`USERHELP`)
+    written and imported fresh, one checkpoint of ``usernet:make`` and a dataset: (ckpts, data)."""
+    import sys
+    # no bytecode: Python takes a .pyc whose source has the same size and mtime in whole
+    # seconds, so an edit of the same size within the second of the first import was not seen
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("usernet", "userhelp"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    import usernet
+    with gs.CheckpointWriter(tmp_path / "ckpts", model_factory="usernet:make") as w:
+        w.save(usernet.make(), step=0, lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    data = gs.save_dataset(tmp_path / "d.h5", torch.randn(10, 12, generator=g).numpy(), np.arange(10) % 4)
+    return tmp_path / "ckpts", data

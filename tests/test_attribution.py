@@ -17,6 +17,8 @@ from gradscore.sketches.attribute import attribute
 from gradscore.sketches.store import SketchFile, sketch
 from gradscore.io.attrs import seal
 
+from helpers import FORWARD_EDITS, USERHELP, USERNET, user_code_run
+
 
 def _sketch(tiny_run, tmp_path, name="train.sketch.h5", **kw):
     ckpts, data = tiny_run
@@ -334,3 +336,21 @@ def test_sketch_says_how_the_mean_loss_went_and_when_it_rose(tiny_run, tmp_path,
         assert f"mean loss {loss[0]:.3g} at step {step[0]} -> {loss[-1]:.3g} at step {step[-1]}\n" in out.out
         assert ("the examples' mean loss rose" in out.err) == (loss[-1] > loss[0]) == (d == shifted)
         assert main(["info", str(tmp_path / name)]) == 0 and f"mean loss {loss[0]:.3g}" in capsys.readouterr().out
+
+
+def test_attributing_with_other_model_code_than_the_sketch_was_made_with_is_refused(tmp_path, monkeypatch):
+    """The queries are sketched by the checkpoints' model as its code is now: after the user
+    edited a helper the forward calls, between `sketch` and `attribute`, queries and training
+    examples were sketched by two different models, and every score mixed them, silently."""
+    import sys
+    files = {"usernet.py": USERNET, "userhelp.py": USERHELP}
+    ckpts, data = user_code_run(tmp_path, monkeypatch, files)
+    path = sketch(ckpts, data, out=tmp_path / "s.sketch.h5", dim=16, progress=False)
+    name, old, new, named = FORWARD_EDITS["a helper beside the model"]
+    (tmp_path / name).write_text(files[name].replace(old, new))
+    for module in ("usernet", "userhelp"):   # the user's next process
+        monkeypatch.delitem(sys.modules, module)
+    with pytest.raises(gs.CheckpointError, match=rf"s\.sketch\.h5: was sketched with other model code than now "
+                                                 rf"\(code they call: {named}\); restore that code, or sketch again"):
+        attribute(path, data, out=tmp_path / "a.h5", progress=False)
+    assert not (tmp_path / "a.h5").exists()

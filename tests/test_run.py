@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -11,6 +10,8 @@ import pytest
 import torch
 
 import gradscore as gs
+
+from helpers import FORWARD_EDITS, USERHELP, USERNET, user_code_run
 
 
 def test_run_vmap_and_ghost_equal_loop_and_direct_scorer(tiny_run, tmp_path):
@@ -238,86 +239,6 @@ def test_a_rerun_after_the_models_structure_changed_is_not_taken_for_the_same(tm
         gs.score(tmp_path / "ckpts", data, out=tmp_path / "s.h5", progress=False)
 
 
-USERHELP = """import torch
-
-SCALE = 1.0
-GAIN = 1.0
-KINDS = frozenset({"tanh", "sin", "cos", "relu"})   # its order differs between processes
-squash = torch.tanh
-
-
-def act(x):
-    assert "tanh" in KINDS
-    return squash(x) * SCALE
-"""
-USERNET = """import torch
-from torch import nn
-
-import userhelp
-from userhelp import act
-
-
-class Base(nn.Module):
-    def mix(self, h):
-        return h
-
-
-class Net(Base):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(12, 8), nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.b(self.mix(_local(act(self.a(x))))) * userhelp.GAIN
-
-
-def _local(h):
-    return h
-
-
-def unused():
-    return 1
-
-
-def make():
-    torch.manual_seed(0)
-    return Net()
-"""
-#: (file, text, replacement, the name a refusal gives): a user's edit of code the model's forward runs
-FORWARD_EDITS = {
-    "a helper beside the model": ("usernet.py", "    return h\n\n\ndef unused", "    return 2 * h\n\n\ndef unused",
-                                  "usernet._local"),
-    "a helper imported from another file": ("userhelp.py", "squash(x) * SCALE", "squash(x) * SCALE + 1",
-                                            "userhelp.act"),
-    "a library function bound to a name": ("userhelp.py", "squash = torch.tanh", "squash = torch.sin",
-                                           "userhelp.squash"),
-    "an inherited method": ("usernet.py", "def mix(self, h):\n        return h", "def mix(self, h):\n        return h + 1",
-                            "usernet.Base"),
-    "a constant read through its module": ("userhelp.py", "GAIN = 1.0", "GAIN = 2.0", "userhelp.GAIN"),
-    "a constant a helper reads": ("userhelp.py", "SCALE = 1.0", "SCALE = 0.5", "userhelp.SCALE"),
-}
-
-
-def _user_code_run(tmp_path: Path, monkeypatch, files: dict[str, str]) -> tuple[Path, Path]:
-    """The user's model code ``files`` ({name: text}, as :data:`USERNET` and :data:`USERHELP`)
-    written and imported fresh, one checkpoint of ``usernet:make`` and a dataset: (ckpts, data)."""
-    import sys
-    # no bytecode: Python takes a .pyc whose source has the same size and mtime in whole
-    # seconds, so an edit of the same size within the second of the first import was not seen
-    monkeypatch.setattr(sys, "dont_write_bytecode", True)
-    for name, text in files.items():
-        (tmp_path / name).write_text(text)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    for name in ("usernet", "userhelp"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    import usernet
-    with gs.CheckpointWriter(tmp_path / "ckpts", model_factory="usernet:make") as w:
-        w.save(usernet.make(), step=0, lr=0.1)
-    g = torch.Generator().manual_seed(0)
-    data = gs.save_dataset(tmp_path / "d.h5", torch.randn(10, 12, generator=g).numpy(), np.arange(10) % 4)
-    return tmp_path / "ckpts", data
-
-
 @pytest.mark.parametrize("edit", [*FORWARD_EDITS, "unused code"])
 def test_a_rerun_after_code_the_forward_calls_changed_is_not_taken_for_the_same(tmp_path, monkeypatch, edit):
     """The code fingerprint read the source of the model's own classes alone: after the user
@@ -326,7 +247,7 @@ def test_a_rerun_after_code_the_forward_calls_changed_is_not_taken_for_the_same(
     of code the model never runs changes nothing."""
     import sys
     files = {"usernet.py": USERNET, "userhelp.py": USERHELP}
-    ckpts, data = _user_code_run(tmp_path, monkeypatch, files)
+    ckpts, data = user_code_run(tmp_path, monkeypatch, files)
     out = gs.score(ckpts, data, out=tmp_path / "s.h5", progress=False)
     name, old, new, named = FORWARD_EDITS.get(edit, ("usernet.py", "return 1", "return 2", None))
     assert old in files[name]
@@ -339,6 +260,31 @@ def test_a_rerun_after_code_the_forward_calls_changed_is_not_taken_for_the_same(
     with pytest.raises(gs.ConfigMismatchError, match=rf"the code \(code they call: {named}\) differs\)"):
         gs.score(ckpts, data, out=out, progress=False)
 
+
+
+@pytest.mark.parametrize("edit", [*FORWARD_EDITS, "unused code"])
+def test_scoring_says_where_the_models_code_changed_since_the_training(tmp_path, monkeypatch, edit):
+    """Checkpoints hold weights, the factory rebuilds the code: after the user edited what
+    the forward runs (a helper, a method, a constant) between training and scoring, every
+    score was of a model that was never trained, silently. The writer records the code's
+    fingerprint; scoring warns, naming what changed. An edit of code the model never runs
+    says nothing."""
+    import sys
+    import warnings
+    files = {"usernet.py": USERNET, "userhelp.py": USERHELP}
+    ckpts, data = user_code_run(tmp_path, monkeypatch, files)
+    name, old, new, named = FORWARD_EDITS.get(edit, ("usernet.py", "return 1", "return 2", None))
+    (tmp_path / name).write_text(files[name].replace(old, new))
+    for module in ("usernet", "userhelp"):   # the user's scoring process
+        monkeypatch.delitem(sys.modules, module)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gs.score(ckpts, data, out=tmp_path / "s.h5", scores=["loss"], progress=False)
+    said = [str(w.message) for w in caught if "since the checkpoints were written" in str(w.message)]
+    if named is None:
+        assert said == []
+    else:
+        assert len(said) == 1 and f"code they call: {named}" in said[0], said
 
 def test_the_code_fingerprint_is_the_same_in_every_process(tmp_path):
     """A resume runs in a new process: what the fingerprint reads of the user's code (a
@@ -364,7 +310,7 @@ def test_state_the_users_code_keeps_in_its_module_is_not_code(tmp_path, monkeypa
     counting = USERNET.replace("def _local(h):\n    return h", (
         "CALLS = 0\nSEEN = []\n\n\ndef _local(h):\n    global CALLS\n    CALLS += 1\n"
         "    SEEN.append(h.shape[0])\n    return h"))
-    ckpts, data = _user_code_run(tmp_path, monkeypatch, {"usernet.py": counting, "userhelp.py": USERHELP})
+    ckpts, data = user_code_run(tmp_path, monkeypatch, {"usernet.py": counting, "userhelp.py": USERHELP})
     import usernet
     out = gs.score(ckpts, data, out=tmp_path / "s.h5", progress=False)
     assert usernet.CALLS > 0 and usernet.SEEN

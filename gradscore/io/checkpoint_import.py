@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import (IMPORTED, SUFFIXES, CheckpointStore, build_model, check_rebuildable, checked_lr, finer_dtype,
                           checkpoint_filename, checkpoint_files, kwargs_text, read_info, tied_aliases,
-                          write_checkpoint)
+                          trained_code, write_checkpoint)
 from ..exceptions import CheckpointError, OutputError
 from ..losses import check_head, resolve_loss
 
@@ -348,6 +348,7 @@ def import_checkpoints(src: str | Path, out: str | Path, *, model_factory: str, 
     factory = check_rebuildable(model_factory, model_kwargs, loss)
     model = build_model(factory, model_kwargs or {}, model_factory)
     check_head(model, resolve_loss(loss))   # now, not when the checkpoints are scored
+    code = trained_code(model, factory, resolve_loss(loss).fn)   # the code at import: scoring says if it changes
     keys, ties = set(model.state_dict()), _tie_groups(model)
     sources = find_sources(src)
     if schedule is None:
@@ -380,7 +381,7 @@ def import_checkpoints(src: str | Path, out: str | Path, *, model_factory: str, 
                                       f"{' '.join(str(e).split())[:300]}") from e
             write_checkpoint(out / checkpoint_filename(step), model, step=step, lr=step_lr, epoch=epoch,
                              model_factory=model_factory, model_kwargs=model_kwargs, loss=loss,
-                             optimizer=IMPORTED, source=_source_of(source), run=run)
+                             optimizer=IMPORTED, source=_source_of(source), run=run, code=code)
     except BaseException:
         if made and not any(out.iterdir()):   # a folder made for nothing goes with the failure
             out.rmdir()

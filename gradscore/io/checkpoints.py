@@ -5,7 +5,9 @@ Layout: ``/params/<name>`` and ``/buffers/<name>`` (state_dict names), attrs ``s
 ``model`` (``"package.module:factory"``), ``model_kwargs`` (JSON), ``loss`` and
 ``format_version``; ``run``, the id of the training run (one per folder, checked); an
 imported checkpoint also ``source`` (JSON: the file it was converted from, its size and
-modification time). Files are written atomically with fletcher32 checksums.
+modification time); ``model_root``, the folder of a factory in the user's own file;
+``model_code`` (JSON: the fingerprint of the code the factory's model runs, compared when
+it is scored). Files are written atomically with fletcher32 checksums.
 """
 from __future__ import annotations
 
@@ -32,8 +34,9 @@ from .attrs import attributes, mismatched, write_attrs
 from .store import put
 from ..distributed import current_ranks
 from ..config import as_path, checked_model, nonnegative, whole
-from ..exceptions import CheckpointError, ConfigError, GradscoreError, lock_refused
+from ..exceptions import CheckpointError, ConfigError, GradscoreError, lock_refused, warn
 from ..imports import code_fingerprint, import_ref, import_root
+from .journal import code_difference
 
 #: 2: text attributes fixed-length (``io.attrs``); an earlier gradscore refuses it by this number
 #: instead of reading its text as bytes ("unknown loss 'b'cross_entropy''")
@@ -88,11 +91,13 @@ def unwrapped(model: nn.Module) -> nn.Module:
 
 def write_checkpoint(path: str | Path, model: nn.Module, *, step: int, lr: float,
                      epoch: float = 0.0, model_factory: str = "", model_kwargs: dict | None = None,
-                     loss: str = "cross_entropy", optimizer: str = "", source: str = "", run: str = "") -> Path:
+                     loss: str = "cross_entropy", optimizer: str = "", source: str = "", run: str = "",
+                     code: dict | None = None) -> Path:
     """Write ``model``'s parameters and persistent buffers to ``path`` atomically (of the
     model inside a compile or DataParallel wrapper: what its factory rebuilds). ``source``:
     the file an imported checkpoint was converted from (``import-checkpoints``); ``run``:
-    the training run's id, the same in every checkpoint of one run."""
+    the training run's id, the same in every checkpoint of one run; ``code``: the fingerprint
+    of the code the factory's model runs (:func:`trained_code`)."""
     path, model = Path(path), unwrapped(model)
     params = dict(model.named_parameters())
     aliases = tied_aliases(model)  # a tied tensor is stored once, under its parameter name
@@ -104,6 +109,7 @@ def write_checkpoint(path: str | Path, model: nn.Module, *, step: int, lr: float
             "model_kwargs": json.dumps(model_kwargs or {}, sort_keys=True), "loss": loss,
             **({"source": source} if source else {}), **({"run": run} if run else {}),
             **({"model_root": root} if (root := import_root(model_factory)) else {}),
+            **({"model_code": json.dumps(code, sort_keys=True)} if code else {}),
         })
         gp, gb = f.create_group("params"), f.create_group("buffers")
         for name, tensor in state.items():
@@ -261,6 +267,7 @@ class CheckpointWriter:
         self.model_kwargs = dict(model_kwargs or {})
         self.loss = loss
         self._checked = False   # the first save has compared the model with the factory's
+        self._code: dict | None = None   # the fingerprint of the factory's model's code (first save)
         # the kind is what PDS needs to know: plain gradient steps, or momentum/Adam (a warning)
         self.optimizer = optimizer if isinstance(optimizer, str) else optimizer_kind(optimizer)
         self.overwrite = overwrite
@@ -293,7 +300,7 @@ class CheckpointWriter:
         path = write_checkpoint(self.directory / checkpoint_filename(step), model, step=step,
                                 lr=lr, epoch=epoch, model_factory=self.model_factory,
                                 model_kwargs=self.model_kwargs, loss=self.loss,
-                                optimizer=self.optimizer, run=self.run)
+                                optimizer=self.optimizer, run=self.run, code=self._code)
         self.saved.append(path)
         return path
 
@@ -333,6 +340,7 @@ class CheckpointWriter:
             if rebuilt[k] != shape:
                 raise CheckpointError(f"tensor '{k}' has shape {shape}, but in {built_by} {rebuilt[k]}; check "
                                       f"model_kwargs")
+        self._code = trained_code(built, factory, resolve_loss(self.loss).fn)
         self._checked = True
 
     def _start_run(self, first: int) -> None:
@@ -409,6 +417,7 @@ class CheckpointInfo:
     run: str = ""      # the training run's id ("" in checkpoints written before runs had one)
     source: str = ""   # an imported checkpoint's source file, JSON (``import-checkpoints``)
     model_root: str = ""   # the folder the factory's module was imported from, where it is the user's own file
+    model_code: str = ""   # JSON: the fingerprint of the code the factory's model ran (:func:`trained_code`)
 
 
 def _unreadable(path: Path, e: Exception) -> GradscoreError:
@@ -451,7 +460,7 @@ def read_info(path: Path) -> CheckpointInfo:
                           lr=float(attrs["lr"]), model=str(attrs["model"]), model_kwargs=kwargs,
                           loss=str(attrs["loss"]), optimizer=str(attrs.get("optimizer", "")),
                           run=str(attrs.get("run", "")), source=str(attrs.get("source", "")),
-                          model_root=str(attrs.get("model_root", "")))
+                          model_root=str(attrs.get("model_root", "")), model_code=str(attrs.get("model_code", "")))
 
 
 def _steps(steps: list[int]) -> str:
@@ -553,6 +562,18 @@ def load_state_dict(path: str | Path, model: nn.Module, cast: bool = True) -> di
     return out
 
 
+def trained_code(model: nn.Module, factory: Callable[..., Any], loss_fn: Callable) -> dict:
+    """What a checkpoint records of the code that made it: the model's and the loss's
+    :func:`~gradscore.imports.code_fingerprint`, without gradscore's version (a new
+    gradscore scores the same model)."""
+    return without_version(code_fingerprint(model, factory, loss_fn))
+
+
+def without_version(code: dict) -> dict:
+    """A code fingerprint without gradscore's version: the user's code alone."""
+    return {k: v for k, v in code.items() if k != "gradscore"}
+
+
 def finer_dtype(state: dict[str, torch.Tensor], model: nn.Module) -> torch.dtype | None:
     """The float dtype to hold ``state`` in ``model`` unrounded, where loading would round
     one of its tensors (float32 weights into a model built in bfloat16, by a config's
@@ -611,6 +632,7 @@ class CheckpointStore:
                 raise CheckpointError(f"{info.path}: the file name says step {named} but its 'step' "
                                       f"attribute is {info.step}; rename or re-save it")
         self.infos: list[CheckpointInfo] = infos   # in step order: the names' steps, checked equal
+        self._code_said = False   # whether :meth:`code` compared the code with the checkpoints' own
         self._check_one_run()
         for prev, cur in zip(self.infos, self.infos[1:]):
             if cur.epoch < prev.epoch:
@@ -699,7 +721,18 @@ class CheckpointStore:
     def code(self, loss_fn: Any, model: nn.Module | None = None) -> dict[str, str]:
         """:func:`~gradscore.imports.code_fingerprint` of these checkpoints' model (``model``,
         one built already, else :meth:`model_skeleton`), its factory and ``loss_fn``."""
-        return code_fingerprint(self.model_skeleton() if model is None else model, self.factory(), loss_fn)
+        code = code_fingerprint(self.model_skeleton() if model is None else model, self.factory(), loss_fn)
+        if not self._code_said:   # once per store: run, co-states and sketches each ask
+            self._code_said, now, changed = True, without_version(code), {}
+            for info in self.infos:
+                then = json.loads(info.model_code) if info.model_code else None
+                if then is not None and then != now:
+                    changed.setdefault(code_difference(then, now), []).append(info.step)
+            for what, steps in changed.items():
+                warn(f"{self.directory}: {what.removeprefix('the code (').removesuffix(')')} changed since the "
+                     f"checkpoints were written (at steps {_steps(steps)}): the factory rebuilds the model with the "
+                     f"code as it is now, so every score is of a model that was not trained; restore that code")
+        return code
 
     def model_skeleton(self) -> nn.Module:
         """The model's structure, for what its classes are (no weights): built on the meta

@@ -44,7 +44,7 @@ def difference(old: dict | None, new: dict) -> str:
             found += [f"{f} ({a.get(f)!r} before, {b.get(f)!r} now)" for f in sorted(set(a) | set(b))
                       if a.get(f) != b.get(f)]
         elif key == "code":
-            found.append(_code_difference(a if isinstance(a, dict) else {}, b if isinstance(b, dict) else {}))
+            found.append(code_difference(a if isinstance(a, dict) else {}, b if isinstance(b, dict) else {}))
         else:
             found.append(names.get(key, key))
     if not found:
@@ -53,7 +53,7 @@ def difference(old: dict | None, new: dict) -> str:
     return ", ".join(found) + (" differ" if plural else " differs")
 
 
-def _code_difference(a: dict, b: dict) -> str:
+def code_difference(a: dict, b: dict) -> str:
     """Which part of two code fingerprints (:func:`gradscore.imports.code_fingerprint`)
     differs: gradscore's version, the model's code, the loss's, or by name the user's code
     they call."""

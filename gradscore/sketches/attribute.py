@@ -33,9 +33,11 @@ from .._version import __version__
 from ..config import AttributeConfig, resolve_device
 from ..exceptions import CheckpointError, DataError, warn
 from ..interrupts import stop_if_interrupted
+from ..losses import resolve_loss
 from ..io.atomic import atomic_h5
 from ..io.attrs import write_attrs
-from ..io.checkpoints import CheckpointStore, not_plain_steps
+from ..io.checkpoints import CheckpointStore, not_plain_steps, without_version
+from ..io.journal import code_difference
 from ..io.datasets import check_targets, load_dataset, probe_model
 from ..io.outputs import claim
 from ..io.store import damage_named, put, write_ids
@@ -58,6 +60,11 @@ def _checked_checkpoints(config: AttributeConfig, sf: SketchFile) -> CheckpointS
         if a != b:
             raise CheckpointError(f"{ckpts[t].path}: differs from the checkpoint {sf.path} was sketched at "
                                   f"(its sha256 changed); give the checkpoints it was made from")
+    then, now = sf.fingerprint.get("code"), ckpts.code(resolve_loss(ckpts.loss).fn)
+    if then is not None and without_version(then) != without_version(now):   # the queries: by the same model
+        what = code_difference(then, now).removeprefix("the code (").removesuffix(")")
+        raise CheckpointError(f"{sf.path}: was sketched with other model code than now ({what}); restore that code, "
+                              f"or sketch again")
     return ckpts
 
 
