@@ -65,6 +65,10 @@ def test_prune_tiny(tmp_path):
     noisy = [r for r in res["rows"] if r["condition"] == "20% flipped labels" and r["fraction"] < 1]
     assert all(0 <= r["flipped_share"] <= 1 for r in noisy)
     assert (tmp_path / "prune.png").stat().st_size > 0 and "| el2n:exclude=0.1 |" in (tmp_path / "prune.md").read_text()
+    # what the scoring said of its PDS (momentum: an approximation) travels with the rows, not only to stderr
+    assert any("SGD(momentum=0.9), not plain gradient steps" in w for w in res["warnings"])
+    md = (tmp_path / "prune.md").read_text()
+    assert "**What the scoring warned of in this run**" in md and "SGD(momentum=0.9), not plain gradient steps" in md
 
 
 def test_regions_tiny(tmp_path):

@@ -10,6 +10,7 @@ example of integer weight w appears w times per epoch (those runs keep their epo
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +26,7 @@ from ...io.checkpoints import CheckpointWriter, build_model as checkpoint_model
 from ...io.datasets import check_targets, load_dataset, probe_model, save_dataset
 from ..digits import flip_labels, load_digit_images
 from ...config import checked_fraction, whole_field
-from ...exceptions import ConfigError
+from ...exceptions import ConfigError, GradscoreWarning
 from ...imports import import_ref
 from ...losses import resolve_loss
 from ..training import train_sgd
@@ -173,15 +174,20 @@ def reference_run(setup: Setup, work: Path, *, epochs: int, scores: tuple[str, .
                   record: Callable[[torch.nn.Module], Any] | None = None, **options: Any) -> dict[str, Any]:
     """Train on the whole training set with a checkpoint per epoch, then score every
     training example with ``gradscore.score`` (PDS target: the validation set);
-    ``record``: as :func:`fit`'s."""
+    ``record``: as :func:`fit`'s. The scores file's contents, and under "warnings" what the
+    scoring warned of (a diverging co-state: its PDS is not meaningful), for the results."""
     from ...pipeline import score
     from ...io.store import load_scores
     ckpts, train = checkpointed_run(setup, work, epochs=epochs, seed=seed, record=record)
     if {"pds", "target_dot", "target_cos"} & set(scores):
         options.update(target=save_dataset(work / "val.h5", setup.x_val, setup.y_val), lr_scale_steps=True)
-    path = score(work / "ckpts", train, out=work / f"scores_{len(scores)}_{options.get('epochs_upto')}.h5",
-                 scores=scores, overwrite=True, progress=False, **options)
-    return load_scores(path)
+    with warnings.catch_warnings(record=True) as caught:
+        path = score(work / "ckpts", train, out=work / f"scores_{len(scores)}_{options.get('epochs_upto')}.h5",
+                     scores=scores, overwrite=True, progress=False, **options)
+    for w in caught:   # shown as they would have been, and kept for the results
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    said = [str(w.message) for w in caught if issubclass(w.category, GradscoreWarning)]
+    return {**load_scores(path), "warnings": said}
 
 
 def mean_std(values: list[float]) -> dict[str, float]:
@@ -205,8 +211,15 @@ def claim_results(out: Path, name: str, overwrite: bool = False) -> Path:
     return claim_folder(out / "work", ".gradscore-experiment", "a gradscore experiment's scratch folder")
 
 
-def write_results(out: Path, name: str, result: dict[str, Any], markdown: str) -> dict[str, Path]:
-    """``out/<name>.json`` and ``out/<name>.md``, atomically; returns their paths."""
+def write_results(out: Path, name: str, result: dict[str, Any], markdown: str,
+                  said: list[str] | tuple[str, ...] = ()) -> dict[str, Path]:
+    """``out/<name>.json`` and ``out/<name>.md``, atomically, with what the scoring warned of
+    (``said``, each once: the rows it concerns are read with it); returns their paths."""
+    said = list(dict.fromkeys(said))
+    if said:
+        result = {**result, "warnings": said}
+        markdown += "\n\n**What the scoring warned of in this run** (read the rows it concerns with it):\n\n" + \
+            "\n".join(f"- {text}" for text in said)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{name}.json", "md": out / f"{name}.md"}
     atomic_json(paths["json"], {**result, "gradscore_version": __version__}, indent=2, default=_jsonable)

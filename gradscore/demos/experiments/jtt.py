@@ -56,7 +56,7 @@ def run(out: Path, mode: Mode, *, upweights: tuple[int, ...] = UPWEIGHTS, early_
                         [[r["method"], str(r["error_set"]) if r["upweight"] else "—", cell(r["average"]),
                           cell(r["worst_group"])] for r in rows])
     paths = write_results(out, "jtt", result, f"binary digit ≥ 5 with a spurious corner patch (95% agreement in "
-                          f"training, 50% in test); mean ± std over {mode.seeds} seed(s)\n\n{md}")
+                          f"training, 50% in test); mean ± std over {mode.seeds} seed(s)\n\n{md}", ref["warnings"])
     paired_bars(rows, ("average", "worst_group"), ("average", "worst group"), [r["method"] for r in rows],
                 "ERM vs JTT, spurious corner patch", "test accuracy", out / "jtt.png")
     echo(f"-> {paths['json']}, {paths['md']}, {out / 'jtt.png'}")

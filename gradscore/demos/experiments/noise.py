@@ -151,7 +151,8 @@ def one_kind(kind: str, mode: Mode, work: Path, echo: Callable[[str], None]) -> 
          f"best {best} {detection[best]['auroc']:.3f}; flag {counts['gradscore flag (mislabel)']['flagged']} of "
          f"{int(noisy.sum())}")
     return {"kind": kind, "rate": KINDS[kind], "n_train": len(y_noisy), "n_noisy": int(noisy.sum()),
-            "early_epochs": early, "detection": detection, "counts": counts, "test_accuracy": retrained}
+            "early_epochs": early, "detection": detection, "counts": counts, "test_accuracy": retrained,
+            "warnings": ref["warnings"]}
 
 
 def run(out: Path, mode: Mode, *, echo: Any = print, overwrite: bool = False) -> dict[str, Any]:
@@ -178,7 +179,7 @@ def run(out: Path, mode: Mode, *, echo: Any = print, overwrite: bool = False) ->
     md.append("\n**Test accuracy after removing the flagged examples and retraining**\n")
     md.append(markdown_table(["training set"] + [r["kind"] for r in rows], [
         [m] + [f"{r['test_accuracy'][m]:.3f}" for r in rows] for m in rows[0]["test_accuracy"]]))
-    paths = write_results(out, "noise", result, "\n".join(md))
+    paths = write_results(out, "noise", result, "\n".join(md), [w for r in rows for w in r["warnings"]])
     _plot(rows, methods, out / "noise.png")
     echo(f"-> {paths['json']}, {paths['md']}, {out / 'noise.png'}")
     return result

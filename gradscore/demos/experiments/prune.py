@@ -63,14 +63,15 @@ def parse_method(spec: str) -> tuple[str, bool, float, bool]:
     return name, highest, exclude, per_class
 
 
-def rankings(setup: Setup, work: Path, mode: Mode, early: float) -> dict[str, np.ndarray]:
-    """(N,) values per method from two scoring runs (early checkpoints, all checkpoints)."""
+def rankings(setup: Setup, work: Path, mode: Mode, early: float) -> tuple[dict[str, np.ndarray], list[str]]:
+    """(N,) values per method from two scoring runs (early checkpoints, all checkpoints),
+    and what the runs warned of."""
     late = reference_run(setup, work, epochs=mode.epochs, scores=(
         "forgetting", "pds", "confidence", "variability"))
     first = reference_run(setup, work, epochs=mode.epochs, scores=("el2n", "grand"),
                           epochs_upto=max(1.0, early * mode.epochs))
     s = {**late["scores"], **first["scores"]}
-    return {m: sign * s[key] for m, (key, sign) in RANKINGS.items()}
+    return {m: sign * s[key] for m, (key, sign) in RANKINGS.items()}, late["warnings"] + first["warnings"]
 
 
 def subset(method: str, values: dict[str, np.ndarray], fraction: float, n: int, seed: int,
@@ -98,12 +99,13 @@ def run(out: Path, mode: Mode, *, methods: tuple[str, ...] = DEFAULT_METHODS,
             raise ConfigError(f"invalid value for 'methods': {spec} keeps {over[0]:g} of the examples after excluding "
                               f"the top {exclude:g}, more than are left; give fractions of at most {1 - exclude:g}")
     work = claim_results(out, "prune", overwrite)
-    rows = []
+    rows, said = [], []
     conditions = [("user data", setup)] if setup is not None else [
         (f"{noise:.0%} flipped labels", digits_setup(noise, mode.n_train)) for noise in noise_levels]
     for label, st in conditions:
         n = len(st.y_train)
-        values = rankings(st, work / label.replace(" ", "_").replace("%", "pct"), mode, early)
+        values, warned = rankings(st, work / label.replace(" ", "_").replace("%", "pct"), mode, early)
+        said += warned
         full = [accuracy(fit(st, np.arange(n), epochs=mode.epochs, seed=s), st.x_test, st.y_test)
                 for s in range(mode.seeds)]
         for spec, (name, highest, exclude, per_class) in zip(methods, parsed):
@@ -127,7 +129,7 @@ def run(out: Path, mode: Mode, *, methods: tuple[str, ...] = DEFAULT_METHODS,
         md.append(markdown_table(["method"] + [f"{f:.0%}" for f in mode.fractions], [
             [spec] + [cell(r) for r in rows if r["condition"] == label and r["method"] == spec]
             for spec in methods]) + "\n")
-    paths = write_results(out, "prune", result, "\n".join(md))
+    paths = write_results(out, "prune", result, "\n".join(md), said)
     _plot(rows, methods, [c for c, _ in conditions], out / "prune.png")
     echo(f"-> {paths['json']}, {paths['md']}, {out / 'prune.png'}")
     return result

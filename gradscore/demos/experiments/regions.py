@@ -27,8 +27,8 @@ def run(out: Path, mode: Mode, *, fraction: float = 0.33, noise: float = 0.0, se
     if st.x_shift is None:
         st = dataclasses.replace(st, x_shift=shift(st.x_test), y_shift=st.y_test)
     n = len(st.y_train)
-    s = reference_run(st, work / "regions", epochs=mode.epochs,
-                      scores=("confidence", "variability", "correctness"))["scores"]
+    ref = reference_run(st, work / "regions", epochs=mode.epochs, scores=("confidence", "variability", "correctness"))
+    s = ref["scores"]
     chosen = data_map_regions(s["confidence"], s["variability"], fraction)
     rows = []
     for name in SUBSETS:
@@ -50,7 +50,8 @@ def run(out: Path, mode: Mode, *, fraction: float = 0.33, noise: float = 0.0, se
     result = {"experiment": "regions", "mode": mode, "fraction": fraction, "noise": noise, "rows": rows}
     md = markdown_table(["training subset", "examples", "test (ID)", "shifted test (OOD)"],
                         [[r["subset"], str(r["n_train"]), cell(r["id"]), cell(r["ood"])] for r in rows])
-    paths = write_results(out, "regions", result, f"test accuracy, mean ± std over {mode.seeds} seed(s)\n\n{md}")
+    paths = write_results(out, "regions", result, f"test accuracy, mean ± std over {mode.seeds} seed(s)\n\n{md}",
+                          ref["warnings"])
     paired_bars(rows, ("id", "ood"), ("test (ID)", "shifted test (OOD)"), [r["subset"] for r in rows],
                 "training on data-map regions", "accuracy", out / "regions.png")
     echo(f"-> {paths['json']}, {paths['md']}, {out / 'regions.png'}")
