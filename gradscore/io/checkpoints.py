@@ -564,9 +564,12 @@ def load_state_dict(path: str | Path, model: nn.Module, cast: bool = True) -> di
 
 def trained_code(model: nn.Module, factory: Callable[..., Any], loss_fn: Callable) -> dict:
     """What a checkpoint records of the code that made it: the model's and the loss's
-    :func:`~gradscore.imports.code_fingerprint`, without gradscore's version (a new
-    gradscore scores the same model)."""
-    return without_version(code_fingerprint(model, factory, loss_fn))
+    :func:`~gradscore.imports.code_fingerprint`, without gradscore's version and its own
+    losses (a new gradscore scores the same model)."""
+    code = without_version(code_fingerprint(model, factory, loss_fn))
+    if getattr(loss_fn, "__module__", "").split(".")[0] == "gradscore":
+        code.pop("loss", None)
+    return code
 
 
 def without_version(code: dict) -> dict:
@@ -723,9 +726,10 @@ class CheckpointStore:
         one built already, else :meth:`model_skeleton`), its factory and ``loss_fn``."""
         code = code_fingerprint(self.model_skeleton() if model is None else model, self.factory(), loss_fn)
         if not self._code_said:   # once per store: run, co-states and sketches each ask
-            self._code_said, now, changed = True, without_version(code), {}
+            self._code_said, changed = True, {}
             for info in self.infos:
                 then = json.loads(info.model_code) if info.model_code else None
+                now = {k: code.get(k) for k in then or ()}   # what the checkpoint recorded, as it is now
                 if then is not None and then != now:
                     changed.setdefault(code_difference(then, now), []).append(info.step)
             for what, steps in changed.items():
