@@ -79,7 +79,8 @@ def test_bad_inputs_exit_2_with_one_line(tiny_run, tmp_path, capsys):
     _fails(capsys, ["run", "--checkpoints", str(data), "--data", str(data), "--out", out],   # swapped by mistake
            r"train\.h5: is a file, not a checkpoint directory; give the folder of step_<n>\.h5 files")
     _fails(capsys, ["run", "--checkpoints", str(ckpts), "--data", str(ckpts), "--out", out],
-           r"ckpts: is a directory, not a dataset file; give an \.h5 or \.npz file")
+           r"ckpts: is a directory, not a dataset file; give an \.h5 or \.npz file, or a 'module:fn' factory that "
+           r"returns a torch Dataset \(an ImageFolder with its evaluation transform\)$")
     # a file gradscore wrote, given as the data (a scores file for the target, the sketch for the data)
     made = str(tmp_path / "made.h5")
     assert main(["run", "--checkpoints", str(ckpts), "--data", str(data), "--out", made, "--scores", "el2n"]) == 0

@@ -140,7 +140,9 @@ class ArrayFileDataset(Dataset):
         self.path = Path(path)
         self.source = str(self.path)
         if self.path.is_dir():
-            raise DataError(f"{self.path}: is a directory, not a dataset file; give an .h5 or .npz file")
+            raise DataError(f"{self.path}: is a directory, not a dataset file; give an .h5 or .npz file, or a "
+                            f"'module:fn' factory that returns a torch Dataset (an ImageFolder with its evaluation "
+                            f"transform)")
         if not self.path.is_file():
             raise DataError(f"{self.path}: dataset file does not exist")
         self._h5: h5py.File | None = None
