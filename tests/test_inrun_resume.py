@@ -468,3 +468,26 @@ def test_a_recording_in_another_process_is_not_taken_over(tmp_path):
     rec = gs.InRun(_Training().model, out=out, overwrite=True)   # the other process has ended: the file is free
     _step(rec, rec.network, range(8), 0)
     rec.close()
+
+
+def test_a_recording_never_closed_is_written_when_the_script_ends(tmp_path):
+    """A script that recorded its training and ended without rec.close() (forgotten, or an
+    exception) left nothing: the records of a short training (under flush_every) were in
+    memory alone, silently. At exit the recorder flushes them as an interrupted recording,
+    and says so; resume=True and close() then finish it as one uninterrupted recording."""
+    from helpers import python_child
+    out = tmp_path / "r.h5"
+    code = ("import torch, test_inrun_resume as T\n"
+            "training = T._Training()\n"
+            f"rec = T.gs.InRun(training.model, out={str(out)!r}, targets=T.TARGETS)\n"   # flush_every: 60 s
+            "training.run(rec, T._batches(range(6), 0), range(6))\n"
+            "print('trained', flush=True)\n")
+    done = python_child(code, timeout=600)
+    assert done.returncode == 0 and "trained" in done.stdout, done.stderr
+    assert "r.h5: the recording was not closed (call rec.close() after the training)" in done.stderr, done.stderr
+    with pytest.warns(GradscoreWarning, match="an unfinished in-run recording .*: its scores are of steps 0 to 5"):
+        gs.load_scores(out)
+    rec = _recorder(_Training(), out, resume=True)
+    rec.close()
+    _reference(tmp_path / "ref.h5", [(_batches(range(6), 0), range(6))])
+    _assert_same_file(out, tmp_path / "ref.h5")

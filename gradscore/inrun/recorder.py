@@ -55,6 +55,7 @@ resumed recording reads them from the journal) and leaves a readable file.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import shutil
 import time
@@ -341,6 +342,7 @@ class InRun:
         self._busy = False   # the recorder's own forwards are running: its hooks stand aside
         self._loss_checked = False   # whether a user's loss reads the batch (Step._check_loss)
         self._output_checked = False   # whether the loss reads the output as its kind (Step._check_loss)
+        atexit.register(_write_unclosed, weakref.ref(self))   # a recording never closed is not lost at exit
 
     def _older(self, overwrite: bool, resume: bool) -> "InRun | None":
         """An earlier recorder of ``out`` in this process that has not written it: refused,
@@ -760,6 +762,25 @@ class InRun:
         if self.rank == 0 and not row_files(self.journal):
             self.journal.finish()   # nothing was flushed: no journal left behind
         self._lock.close()   # a training resumed in this process may continue the file
+
+
+def _write_unclosed(ref: "weakref.ref[InRun]") -> None:
+    """At the interpreter's exit, a recorder that stepped and was never closed (forgotten, or
+    an error ended the training) writes its records as an interrupted recording, and says
+    so: a training shorter than ``flush_every`` had them in memory alone."""
+    rec = ref()
+    if rec is None or rec._closed or rec._written or not rec._count:
+        return
+    try:
+        if rec._held is not None:
+            rec._settle(rec._loss_scale())
+        rec.flush()
+    except Exception as e:  # noqa: BLE001 - the exit goes on: say what is lost
+        warn(f"{rec.out}: the recording was not closed, and writing it at exit failed ({e}); the records since its "
+             f"last flush are lost")
+        return
+    warn(f"{rec.out}: the recording was not closed (call rec.close() after the training): its steps so far are "
+         f"written as an interrupted recording; gs.InRun(..., resume=True).close() finishes it")
 
 
 def step_lr(optimizer: Any) -> float:
