@@ -842,6 +842,32 @@ def test_ids_that_would_be_stored_as_other_ids_are_refused(tmp_path):
     assert gs.load_scores(rec.close())["ids"].tolist() == ["a", "b"]
 
 
+@pytest.mark.parametrize("ids", ["positions", "dataset"])
+def test_ids_that_are_batch_positions_are_said_to_mix_examples(tmp_path, ids):
+    """rec.step(torch.arange(len(xb)), yb) over a shuffled loader, the batch's positions for
+    ids: every step's "example 3" was another example, and every score mixed a dozen of
+    them, silently. The records keep each example's label now, and an id met with two
+    labels is named in the file's warnings and at close()."""
+    x, y = _data(n=64, dtype=torch.float32)
+    torch.manual_seed(0)
+    model = mlp(d_in=10, hidden=8, n_classes=4, depth=1)
+    rec = gs.InRun(model, out=tmp_path / "r.h5")
+    for step, idx in enumerate(torch.randperm(64, generator=torch.Generator().manual_seed(0)).split(16) * 2):
+        with rec.step(torch.arange(16) if ids == "positions" else idx, y[idx], step=step):
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+        model.zero_grad()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = gs.load_scores(rec.close())
+    said = [str(w.message) for w in caught if "more than one label" in str(w.message)]
+    stored = [w for w in res["warnings"] if "more than one label" in w]
+    if ids == "dataset":
+        assert said == stored == []
+        return
+    assert len(said) == 1 and len(stored) == 1 and said[0].endswith(stored[0])
+    assert re.search(r"1[0-9] of 16 ids were given more than one label \(id \d+: \d and \d\): the ids must name the "
+                     r"examples \(their indices in the dataset\), not their places in the batch", stored[0])
+
 @pytest.mark.parametrize("how", ["weight_norm", "prune", "parametrizations"])
 def test_a_weight_made_from_other_parameters_is_recorded_as_the_loop_scores_it(tmp_path, how):
     """Legacy weight_norm's weight_g and weight_v, or prune's weight_orig, have no rule of

@@ -27,7 +27,8 @@ def _records(rng: np.random.Generator, steps: list[int], batch: int) -> dict[str
     target = step % 3 != 1
     loss = rng.exponential(1, m)
     loss[rng.random(m) < 0.02] = np.nan
-    return {"ids": rng.integers(0, N, m), "step": step, "lr": np.where(step % 7 == 5, 0.0, 0.1),
+    ids = rng.integers(0, N, m)
+    return {"ids": ids, "label": ids % 3, "step": step, "lr": np.where(step % 7 == 5, 0.0, 0.1),
             "loss": loss, "share": np.full(m, 1 / max(batch, 1)), "share_sq_norm": rng.exponential(1, m),
             "sq_norm": rng.exponential(1, m), "el2n": rng.random(m), "p_gold": rng.random(m),
             "correct": (rng.random(m) > 0.4).astype(np.int8), "margin": rng.standard_normal(m),

@@ -765,11 +765,11 @@ class InRun:
 
 
 def _write_unclosed(ref: "weakref.ref[InRun]") -> None:
-    """At the interpreter's exit, a recorder that stepped and was never closed (forgotten, or
+    """At the interpreter's exit, a recorder with records that was never closed (forgotten, or
     an error ended the training) writes its records as an interrupted recording, and says
     so: a training shorter than ``flush_every`` had them in memory alone."""
     rec = ref()
-    if rec is None or rec._closed or rec._written or not rec._count:
+    if rec is None or rec._closed or rec._written or not (rec._pending or rec._held or rec._row_files.count):
         return
     try:
         if rec._held is not None:

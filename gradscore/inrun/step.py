@@ -344,6 +344,8 @@ class Step:
                   "lr": np.full(self.B, np.nan if self.lr is None else self.lr),
                   "loss": t.losses, "share": share, "share_sq_norm": share_sq,
                   "sq_norm": sq_local / local ** 2, **t.metrics}
+        if "margin" in t.metrics:   # a class label per example: the store checks that an id keeps its label
+            record["label"] = self.y
         if self.target is not None:
             record["dot"] = dot[:, 0]
             record["target_norm"] = np.full(self.B, self.target[1])

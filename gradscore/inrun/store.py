@@ -43,8 +43,8 @@ from ..scores import inrun as inrun_scores
 #: per-row fields and their stored dtype (ids are kept as given: int64 or str)
 FIELDS = {"step": np.int64, "lr": np.float64, "loss": np.float64, "share": np.float64, "share_sq_norm": np.float64,
           "sq_norm": np.float64, "el2n": np.float64, "p_gold": np.float64, "correct": np.int8,
-          "margin": np.float64, "dot": np.float64, "target_norm": np.float64}
-#: the fields every record has (a classifier's loss adds el2n, p_gold, correct and margin)
+          "margin": np.float64, "dot": np.float64, "target_norm": np.float64, "label": np.int64}
+#: the fields every record has (a classifier's loss adds el2n, p_gold, correct, margin and label)
 RECORDED = ("step", "lr", "loss", "share", "share_sq_norm", "sq_norm", "dot", "target_norm")
 
 
@@ -298,10 +298,14 @@ class _Findings:
     """What the scores leave out or may get wrong (:func:`warnings_of`), counted over chunks
     of step-ordered records."""
 
-    def __init__(self) -> None:
+    def __init__(self, ids: np.ndarray | None = None) -> None:
         self.total = 0
         self.counts = [0, 0, 0, 0]                    # non-finite, share above 1, share 0, share unread
         self.first: list[str | None] = [None, None, None, None]
+        self.ids = np.zeros(0, np.int64) if ids is None else ids   # the rows' ids
+        self.label = np.full(len(self.ids), -1, np.int64)   # each id's first label (-1: none yet), where recorded
+        self.relabeled = np.zeros(len(self.ids), bool)      # ids met with a second label
+        self.two_labels: str | None = None                  # the first such id, and its two labels
 
     def add(self, rows: dict[str, np.ndarray]) -> None:
         """Count the records ``rows`` (with ``ids``, ``step``, ``loss``, ``share``, ``share_sq_norm``)."""
@@ -313,6 +317,21 @@ class _Findings:
             if n := int(m.sum()):
                 self.counts[i] += n
                 self.first[i] = self.first[i] or _first(rows, m)
+        if "label" in rows and "row" in rows and len(self.label):
+            self._labels(rows["row"], rows["label"])
+
+    def _labels(self, row: np.ndarray, label: np.ndarray) -> None:
+        """Note the ids whose records give them a second label: ids that are not the examples'."""
+        known = self.label[row]
+        clash = (known >= 0) & (known != label)
+        new = known < 0
+        self.label[row[new]] = label[new]   # of an id first met twice in these records: one of its labels
+        clash |= new & (self.label[row] != label)
+        if clash.any():
+            i = int(np.argmax(clash))
+            a, b = sorted((int(self.label[row[i]]), int(label[i])))
+            self.relabeled[row[clash]] = True
+            self.two_labels = self.two_labels or f"id {self.ids[row[i]]}: {a} and {b}"
 
     def lines(self) -> list[str]:
         """The warnings, in words."""
@@ -328,6 +347,11 @@ class _Findings:
                    f"inrun_value counts it as 0"),
         ]
         out = [f"{n} of {self.total} records {_verb(n, 'has', 'have')} {what}" for n, what in counted if n]
+        if relabeled := int(self.relabeled.sum()):
+            out.append(f"{relabeled} of {len(self.label)} ids {_verb(relabeled, 'was', 'were')} given more than one "
+                       f"label ({self.two_labels}): the ids must name the examples "
+                       f"(their indices in the dataset), not their places in the batch; every score of such an id "
+                       f"mixes the examples that came under it")
         if unread:
             out.append(f"{unread} {_verb(unread, 'record is', 'records are')} of examples the loss no longer moves, "
                        f"with no readable share (a batch of them, or a language model's): their sq_norm is NaN and "
@@ -395,7 +419,7 @@ def _write_rows(out: Path, ids: np.ndarray, m: int, like: dict[str, np.dtype], c
     ``given`` is kept alone as ``inrun_given``. ``chunks``: the m records in step order, each
     chunk with its ``ids`` and ``row``. ``progress``: a bar on a terminal, once it has taken
     5 s. Returns the rows' warnings."""
-    n, found, any_target = len(ids), _Findings(), False
+    n, found, any_target = len(ids), _Findings(ids), False
     like = {**like, "row": np.dtype(np.int64)}
     scores = inrun_scores.Aggregator(n, wanted, set(like))
     targets = bool(scores.pick & inrun_scores.TARGET_SCORES)   # (its records' fields are always there)
