@@ -200,6 +200,10 @@ def _alter_text_attribute(path, name):
     path.write_bytes(bytes(raw))
 
 
+#: text attributes first written after text became fixed-length: no earlier release's file holds them
+WRITTEN_SINCE_FIXED_TEXT = frozenset({"model_code", "model_root"})
+
+
 def _as_earlier_releases_wrote(path):
     """Rewrite the text attributes of ``path`` as h5py's own str (variable-length, in HDF5's
     global heap, which no checksum covers), as releases before fixed-length text did."""
@@ -238,7 +242,8 @@ def test_a_text_attribute_changed_on_disk_is_damage_not_another_config(tiny_run,
             _as_earlier_releases_wrote(good)
             readers[kind](good)   # an intact file of an earlier release reads
         with h5py.File(good, "r") as f:
-            names = [k for k, v in attributes(f).items() if isinstance(v, str) and any(c.isalnum() for c in v)]
+            names = [k for k, v in attributes(f).items() if isinstance(v, str) and any(c.isalnum() for c in v)
+                     and not (layout == "variable" and k in WRITTEN_SINCE_FIXED_TEXT)]
         assert names, kind
         for name in names:
             folder = tmp_path / f"{kind}_{name}"
