@@ -107,14 +107,18 @@ def _is_user_module(name: str | None) -> bool:
 
 
 #: calls that train, where a file makes them outside any function: a training script's
-TRAINS = frozenset({"backward", "fit", "train", "CheckpointWriter", "InRun"})
+TRAINS = frozenset({"backward", "CheckpointWriter", "InRun"})
+#: ... and these, called on a trainer (``trainer.fit(model)``, ``Trainer(...).train()``), not on a
+#: scaler or a model (``StandardScaler().fit(X)``, ``model.train()``)
+TRAINER_CALLS = frozenset({"fit", "train"})
 
 
 def _runs_on_import(module_name: str) -> str:
     """Why importing the user's file ``module_name`` would run a training ("" where it
     would not): it is the running script, with no ``__main__`` guard, or it calls one of
-    :data:`TRAINS` outside any function and guard. Read, not run; an installed module or
-    a file that does not parse is the import's to judge."""
+    :data:`TRAINS` (or a trainer's :data:`TRAINER_CALLS`) outside any function and guard.
+    Read, not run; an installed module or a file that does not parse is the import's to
+    judge."""
     try:
         spec = importlib.util.find_spec(module_name)
     except (ImportError, ValueError):
@@ -154,7 +158,9 @@ def _training_call(body: list[ast.stmt]) -> tuple[int, str] | None:
             found = _training_call(stmt.orelse)
         else:
             found = next(((node.lineno, called) for node in _run_at_import(stmt) if isinstance(node, ast.Call)
-                          and (called := _called(node.func)) in TRAINS), None)
+                          and (called := _called(node.func)) in TRAINS | TRAINER_CALLS
+                          and (called in TRAINS or isinstance(node.func, ast.Attribute)
+                               and "trainer" in ast.unparse(node.func.value).lower())), None)
         if found:
             return found
     return None

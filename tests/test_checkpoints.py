@@ -505,3 +505,23 @@ def test_scoring_never_runs_a_training_script_named_as_the_factory(tmp_path):
                         "--out", "s.h5", "--quiet"], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 2 and not (tmp_path / "ran.txt").exists(), r.stderr
     assert "importing train.py would run it: line 9 calls CheckpointWriter() outside any function" in r.stderr
+
+
+def test_a_module_that_fits_a_preprocessor_at_import_is_not_taken_for_a_training_script(tmp_path, monkeypatch):
+    """The check that keeps a training script from running again read any `.fit(` or
+    `.train(` outside a function as a training: a factory's module that fits a scaler at
+    import (scikit-learn) or puts a model in train mode was refused. A trainer's fit or
+    train is a training; those are not."""
+    (tmp_path / "gs_prep_models.py").write_text(
+        "import numpy as np\nimport torch\nfrom sklearn.preprocessing import StandardScaler\n\n"
+        "SCALER = StandardScaler().fit(np.arange(12.0).reshape(6, 2))\nNET = torch.nn.Linear(6, 3)\nNET.train()\n\n\n"
+        "def net():\n    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))\n")
+    (tmp_path / "gs_fit_script.py").write_text(
+        "import lightning\n\n\ndef net():\n    return None\n\n\ntrainer = lightning.Trainer(max_epochs=1)\n"
+        "trainer.fit(net())\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with gs.CheckpointWriter(tmp_path / "ck", model_factory="gs_prep_models:net", loss="cross_entropy") as w:
+        w.save(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)), step=0, lr=0.1)
+    with pytest.raises(gs.CheckpointError, match=r"importing gs_fit_script\.py would run it: line 9 calls fit\(\) "
+                                                 r"outside any function"):
+        gs.CheckpointWriter(tmp_path / "ck2", model_factory="gs_fit_script:net", loss="cross_entropy")
