@@ -210,6 +210,12 @@ def test_the_writer_refuses_now_what_scoring_would_refuse_after_training(tmp_pat
                                              r"running script\), which scoring cannot import: move it into a module "
                                              r"of its own \(models\.py\) and give 'models:mlp'$"):
         gs.CheckpointWriter(tmp_path / "b", model_factory="__main__:mlp", model_kwargs=MLP_KWARGS)
+    monkeypatch.setattr(sys.modules["__main__"], "my_loss", lambda out, y: torch.nn.functional.cross_entropy(
+        out, y, reduction="none"), raising=False)
+    with pytest.raises(gs.ConfigError, match=r"loss '__main__:my_loss' is in __main__ \(a notebook or the running "
+                                             r"script\), which scoring cannot import: move it into a module of its "
+                                             r"own \(losses\.py\) and give 'losses:my_loss'$"):
+        gs.CheckpointWriter(tmp_path / "b", model_factory=factory, model_kwargs=MLP_KWARGS, loss="__main__:my_loss")
     with pytest.raises(gs.ConfigError, match=r"model_factory: give the reference 'gradscore\.demos\.models:mlp', "
                                              r"which the checkpoints store, not the function itself$"):
         gs.CheckpointWriter(tmp_path / "b", model_factory=mlp, model_kwargs=MLP_KWARGS)

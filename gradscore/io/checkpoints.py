@@ -129,13 +129,14 @@ def check_rebuildable(model_factory: str, model_kwargs: dict | None, loss: Any) 
         raise ConfigError(f"invalid value for 'loss': the checkpoints store the loss by name; give "
                           f"'cross_entropy' (or another gradscore loss) or a 'module:fn' reference, not a "
                           f"{type(loss).__name__}")
-    resolve_loss(loss)
     ref = (f"{getattr(model_factory, '__module__', 'models')}:{getattr(model_factory, '__qualname__', 'net')}"
            if callable(model_factory) else str(model_factory))
-    if ref.startswith("__main__:"):
-        raise ConfigError(f"model_factory '{ref}' is in __main__ (a notebook or the running script), which scoring "
-                          f"cannot import: move it into a module of its own (models.py) and give "
-                          f"'models:{ref.split(':', 1)[1]}'")
+    for what, named, module in (("loss", loss, "losses"), ("model_factory", ref, "models")):
+        if named.startswith("__main__:"):
+            raise ConfigError(f"{what} '{named}' is in __main__ (a notebook or the running script), which scoring "
+                              f"cannot import: move it into a module of its own ({module}.py) and give "
+                              f"'{module}:{named.split(':', 1)[1]}'")
+    resolve_loss(loss)
     if callable(model_factory):
         raise ConfigError(f"model_factory: give the reference '{ref}', which the checkpoints store, not the "
                           f"function itself")
