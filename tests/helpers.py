@@ -1495,16 +1495,18 @@ def check_inrun_against_loop(path, model, snaps, x, y, targets, dot_rtol=1e-9, r
         at = rows["step"] == t
         assert ids[rows["row"][at]].tolist() == idx.tolist()     # recorded in the batch's order
         want = inrun_reference(model, snap, x[idx], y[idx], targets, keep_modes)
-        np.testing.assert_allclose(rows["loss"][at], want[:, 0], rtol=1e-10)
+        # a loss near 0 is a difference of logits (logsumexp − z_y): float64 keeps it to ~1e-15 of them, not of it
+        np.testing.assert_allclose(rows["loss"][at], want[:, 0], rtol=1e-10, atol=1e-13)
         # no share is read for a batch the loss no longer moves at all (documented: NaN, and a warning)
         read = ~np.isnan(rows["share"][at])
         assert (want[~read, 1] < 1e-18).all(), (t, want[~read, 1])
         assert np.isnan(rows["sq_norm"][at][~read]).all()
         np.testing.assert_allclose(rows["sq_norm"][at][read], want[read, 1], rtol=rtol)
-        np.testing.assert_allclose(rows["share"][at][read], 1 / len(idx), rtol=1e-12)    # a mean over B (·micro)
+        # a mean over B (·micro); read as a ratio of ∂L/∂z to ∂ℓ/∂z, which a confident example has near 0
+        np.testing.assert_allclose(rows["share"][at][read], 1 / len(idx), rtol=1e-9)
         np.testing.assert_allclose(rows["share_sq_norm"][at], want[:, 1] / len(idx) ** 2, rtol=rtol)  # ‖∇L_b‖²: all
         np.testing.assert_allclose(rows["dot"][at], want[:, 2] / len(idx), rtol=dot_rtol, atol=1e-14)
-        np.testing.assert_allclose(rows["margin"][at], want[:, 3], rtol=1e-10)
+        np.testing.assert_allclose(rows["margin"][at], want[:, 3], rtol=1e-10, atol=1e-13)
         np.testing.assert_allclose(rows["target_norm"][at], want[:, 4], rtol=1e-10)
 
 
