@@ -775,9 +775,10 @@ def _write_unclosed(ref: "weakref.ref[InRun]") -> None:
         if rec._held is not None:
             rec._settle(rec._loss_scale())
         rec.flush()
-    except Exception as e:  # noqa: BLE001 - the exit goes on: say what is lost
-        warn(f"{rec.out}: the recording was not closed, and writing it at exit failed ({e}); the records since its "
-             f"last flush are lost")
+    # the exit goes on, after a second Ctrl-C too: say what is lost
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
+        warn(f"{rec.out}: the recording was not closed, and writing it at exit failed ({e or type(e).__name__}); "
+             f"the records since its last flush are lost")
         return
     warn(f"{rec.out}: the recording was not closed (call rec.close() after the training): its steps so far are "
          f"written as an interrupted recording; gs.InRun(..., resume=True).close() finishes it")
