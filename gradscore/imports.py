@@ -149,8 +149,9 @@ def _is_main_guard(test: ast.expr) -> bool:
 
 
 def _training_call(body: list[ast.stmt]) -> tuple[int, str] | None:
-    """(line, name) of the first call of :data:`TRAINS` that ``body`` makes when its module
-    is imported: outside functions, classes and ``__main__`` guards."""
+    """(line, name) of the first call of :data:`TRAINS` (or a trainer's :data:`TRAINER_CALLS`)
+    that ``body`` makes when its module is imported: outside functions, classes and
+    ``__main__`` guards."""
     for stmt in body:
         if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             continue
@@ -186,7 +187,7 @@ def import_root(ref: str) -> str:
     installed one, or one not imported."""
     top = ref.split(":")[0].split(".")[0]
     file = getattr(sys.modules.get(top), "__file__", None)
-    if file is None or _installed_file(file) or not _is_user_module(top):
+    if file is None or not _is_user_module(top):
         return ""
     file = os.path.realpath(file)
     return os.path.dirname(os.path.dirname(file) if os.path.basename(file) == "__init__.py" else file)

@@ -36,7 +36,7 @@ from ..distributed import current_ranks
 from ..config import as_path, checked_model, nonnegative, whole
 from ..exceptions import CheckpointError, ConfigError, GradscoreError, lock_refused, warn
 from ..imports import code_fingerprint, import_ref, import_root
-from .journal import code_difference
+from .journal import code_parts
 
 #: 2: text attributes fixed-length (``io.attrs``); an earlier gradscore refuses it by this number
 #: instead of reading its text as bytes ("unknown loss 'b'cross_entropy''")
@@ -732,11 +732,11 @@ class CheckpointStore:
                 then = json.loads(info.model_code) if info.model_code else None
                 now = {k: code.get(k) for k in then or ()}   # what the checkpoint recorded, as it is now
                 if then is not None and then != now:
-                    changed.setdefault(code_difference(then, now), []).append(info.step)
+                    changed.setdefault(code_parts(then, now), []).append(info.step)
             for what, steps in changed.items():
-                warn(f"{self.directory}: {what.removeprefix('the code (').removesuffix(')')} changed since the "
-                     f"checkpoints were written (at steps {_steps(steps)}): the factory rebuilds the model with the "
-                     f"code as it is now, so every score is of a model that was not trained; restore that code")
+                warn(f"{self.directory}: {what} changed since the checkpoints were written (at steps "
+                     f"{_steps(steps)}): the factory rebuilds the model with the code as it is now, so every score "
+                     f"is of a model that was not trained; restore that code")
         return code
 
     def model_skeleton(self) -> nn.Module:

@@ -54,6 +54,11 @@ def difference(old: dict | None, new: dict) -> str:
 
 
 def code_difference(a: dict, b: dict) -> str:
+    """"the code (...)", with :func:`code_parts` of two code fingerprints."""
+    return f"the code ({code_parts(a, b)})"
+
+
+def code_parts(a: dict, b: dict) -> str:
     """Which part of two code fingerprints (:func:`gradscore.imports.code_fingerprint`)
     differs: gradscore's version, the model's code, the loss's, or by name the user's code
     they call."""
@@ -70,7 +75,7 @@ def code_difference(a: dict, b: dict) -> str:
     if changed:
         more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
         parts.append(f"code they call: {', '.join(changed[:5])}{more}")
-    return f"the code ({'; '.join(parts) or 'the model or the loss'})"
+    return '; '.join(parts) or 'the model or the loss'
 
 
 class Journal:

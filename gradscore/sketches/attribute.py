@@ -37,7 +37,7 @@ from ..losses import resolve_loss
 from ..io.atomic import atomic_h5
 from ..io.attrs import write_attrs
 from ..io.checkpoints import CheckpointStore, not_plain_steps, without_version
-from ..io.journal import code_difference
+from ..io.journal import code_parts
 from ..io.datasets import check_targets, load_dataset, probe_model
 from ..io.outputs import claim
 from ..io.store import damage_named, put, write_ids
@@ -62,7 +62,7 @@ def _checked_checkpoints(config: AttributeConfig, sf: SketchFile) -> CheckpointS
                                   f"(its sha256 changed); give the checkpoints it was made from")
     then, now = sf.fingerprint.get("code"), ckpts.code(resolve_loss(ckpts.loss).fn)
     if then is not None and without_version(then) != without_version(now):   # the queries: by the same model
-        what = code_difference(then, now).removeprefix("the code (").removesuffix(")")
+        what = code_parts(then, now)
         raise CheckpointError(f"{sf.path}: was sketched with other model code than now ({what}); restore that code, "
                               f"or sketch again")
     return ckpts
