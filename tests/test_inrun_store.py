@@ -303,3 +303,20 @@ def test_diagnose_terms_hold_the_examples_not_a_float_per_record(monkeypatch):
     quantile_fields = ["dot", "lr", "share_sq_norm", "target_norm"]   # not the rows, nor the full norms
     assert len(asked) > 2 and asked[:-1] == [quantile_fields] * (len(asked) - 1), asked
     assert asked[-1] == sorted(inrun_scores.DOT_TERM_FIELDS)
+
+
+def test_a_recording_resumed_by_a_newer_gradscore_writes_its_older_rows(tmp_path, monkeypatch):
+    """A recording continued after an upgrade: its first rows, written before records kept
+    the label, lack the field its later rows have. The rewrite took the fields of the first
+    row file and stopped at the first later row's label (a KeyError). It writes them all,
+    without the label check the older rows cannot have."""
+    import sys
+    real = _records
+    monkeypatch.setattr(sys.modules[__name__], "_records", lambda rng, steps, batch: {   # segment 1 on: upgraded
+        k: v for k, v in real(rng, steps, batch).items() if k != "label" or min(steps, default=0) >= 9})
+    journal = _journal(tmp_path)
+    out = tmp_path / "r.h5"
+    store.write(out, journal, config={"every": 1}, fingerprint={"inrun": 1}, loss="cross_entropy",
+                wanted=set(inrun_scores.NEEDS), complete=True)
+    with h5py.File(out) as f:
+        assert "label" not in f["inrun"] and len(f["inrun/step"]) == len(f["inrun/loss"]) > 0

@@ -144,7 +144,9 @@ def _load(path: Path, keys: Collection[str] | None = None) -> dict[str, np.ndarr
 def _joined(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """One step-ordered chunk from ranks' step-ordered ``parts``, in rank order: sorted
     by step, stable (a step's rows rank by rank, each in recording order)."""
-    rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if len(parts) > 1 else parts[0]
+    # the fields all parts have (a recording resumed by a newer gradscore adds fields to its later rows)
+    rows = ({k: np.concatenate([p[k] for p in parts]) for k in parts[0] if all(k in p for p in parts)}
+            if len(parts) > 1 else parts[0])
     step = rows["step"]
     if len(parts) > 1 and (step[1:] < step[:-1]).any():
         order = np.argsort(step, kind="stable")
@@ -172,7 +174,8 @@ def _merged(streams: dict[int, deque], cut: int | None, keys: Collection[str] | 
                               f"journal holds rows of another recording; record into another file")
         if len(step):
             reached[rank] = int(step[-1])
-        held[rank] = rows if held[rank] is None else {k: np.concatenate([held[rank][k], v]) for k, v in rows.items()}
+        held[rank] = rows if held[rank] is None else {k: np.concatenate([held[rank][k], v]) for k, v in rows.items()
+                                                      if k in held[rank]}
 
     while True:
         for rank in streams:
@@ -438,7 +441,8 @@ def _write_rows(out: Path, ids: np.ndarray, m: int, like: dict[str, np.dtype], c
             scores.add(rows)
             any_target = any_target or (targets and bool(np.isfinite(rows["target_norm"]).any()))
             for k, v in rows.items():
-                rec[k][at:at + len(v)] = v
+                if k in like:   # a field the first rows lack (written by an older gradscore, resumed): not stored
+                    rec[k][at:at + len(v)] = v
             at += len(rows["row"])
         bar.close()
         lines = found.lines() + (_unmeasured(scores.measured, config.get("every", 1)) if any_target else [])
