@@ -347,8 +347,9 @@ def import_checkpoints(src: str | Path, out: str | Path, *, model_factory: str, 
         raise CheckpointError("import-checkpoints: give either a constant lr or a schedule {step: lr}")
     factory = check_rebuildable(model_factory, model_kwargs, loss)
     model = build_model(factory, model_kwargs or {}, model_factory)
-    check_head(model, resolve_loss(loss))   # now, not when the checkpoints are scored
-    code = trained_code(model, factory, resolve_loss(loss).fn)   # the code at import: scoring says if it changes
+    resolved = resolve_loss(loss)
+    check_head(model, resolved)   # now, not when the checkpoints are scored
+    code = trained_code(model, factory, resolved.fn)   # the code at import: scoring says if it changes
     keys, ties = set(model.state_dict()), _tie_groups(model)
     sources = find_sources(src)
     if schedule is None:

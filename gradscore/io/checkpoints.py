@@ -551,8 +551,8 @@ def load_state_dict(path: str | Path, model: nn.Module, cast: bool = True) -> di
                 except (OSError, RuntimeError) as e:
                     raise CheckpointError(f"{path}: tensor '{name}' is corrupt ({e}); "
                                           f"re-save this checkpoint") from e
-                out[name] = torch.as_tensor(np.asarray(arr))
-                out[name] = out[name].to(ref.dtype) if cast else out[name]
+                tensor = torch.as_tensor(np.asarray(arr))
+                out[name] = tensor.to(ref.dtype) if cast else tensor
             if stored:
                 extra = sorted(k.split("/", 1)[1] for k in stored)
                 raise CheckpointError(f"{path}: tensor(s) {', '.join(extra[:5])} are not in "
